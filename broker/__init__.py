@@ -1,0 +1,1 @@
+"""The embedded MQTT broker (hardened aMQTT) and generated production broker configuration."""

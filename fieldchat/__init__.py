@@ -1,0 +1,1 @@
+"""The fieldchat command line: composes the sub-commands of each package."""

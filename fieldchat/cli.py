@@ -1,0 +1,17 @@
+"""``fieldchat``: the root command. Each package contributes a sub-app; this only composes."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(
+    name="fieldchat",
+    help="End-to-end encrypted chat over MQTT for devices, field technicians and web users.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+@app.callback()
+def _root() -> None:
+    """End-to-end encrypted chat over MQTT."""

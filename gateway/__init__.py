@@ -1,0 +1,1 @@
+"""The gateway: encrypted history archive, history API, accounts and the WebSocket bridge."""

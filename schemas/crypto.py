@@ -1,0 +1,179 @@
+"""The primitives layer: the only module that imports ``cryptography``.
+
+It lives in ``schemas`` rather than ``device`` because the broker and the gateway
+must verify roster and envelope signatures and may not import ``device`` (they
+never hold keys). It is stateless: keys are passed in and nothing is kept, so
+``schemas`` still stores no secrets. Every failure to authenticate or decrypt
+raises :class:`~schemas.errors.CryptoError` ``from None`` with one fixed message,
+so callers and attackers cannot tell which check failed (PROTOCOL.md §7).
+
+The Wycheproof vectors run through these functions (tests/device/test_primitives.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from functools import lru_cache
+
+from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import mlkem
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from schemas.errors import CryptoError, WeakKey
+
+__all__ = [
+    "AES_KEY_BYTES",
+    "ED25519_PUBLIC_BYTES",
+    "MLKEM768_CIPHERTEXT_BYTES",
+    "MLKEM768_PUBLIC_BYTES",
+    "MLKEM768_SEED_BYTES",
+    "NONCE_BYTES",
+    "X25519_PUBLIC_BYTES",
+    "Signer",
+    "aead_open",
+    "aead_seal",
+    "ed25519_verify",
+    "hkdf_sha256",
+    "hmac_sha256",
+    "mlkem768_decapsulate",
+    "mlkem768_encapsulate",
+    "mlkem768_public_from_seed",
+    "sha256",
+    "x25519_exchange",
+    "x25519_public_from_private",
+]
+
+AES_KEY_BYTES = 32
+NONCE_BYTES = 12
+ED25519_PUBLIC_BYTES = 32
+X25519_PUBLIC_BYTES = 32
+MLKEM768_PUBLIC_BYTES = 1184
+MLKEM768_CIPHERTEXT_BYTES = 1088
+MLKEM768_SEED_BYTES = 64
+_AUTH_FAILED = "authentication failed"
+
+
+def sha256(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def hmac_sha256(key: bytes, data: bytes) -> bytes:
+    """HMAC-SHA256; also HKDF-Expand for one block: ``HMAC(prk, info || 0x01)``."""
+    return hmac.digest(key, data, "sha256")
+
+
+def hkdf_sha256(ikm: bytes, *, salt: bytes | None, info: bytes, length: int) -> bytes:
+    """HKDF-SHA256 (RFC 5869) extract-and-expand."""
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(ikm)
+
+
+def aead_seal(key: bytes, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
+    """AES-256-GCM with a 96-bit nonce; returns ciphertext || 16-byte tag."""
+    return AESGCM(key).encrypt(nonce, plaintext, aad)
+
+
+def aead_open(key: bytes, nonce: bytes, sealed: bytes, aad: bytes) -> bytes:
+    """Inverse of :func:`aead_seal`.
+
+    Raises:
+        CryptoError: wrong key, nonce, associated data or a modified ciphertext.
+    """
+    try:
+        return AESGCM(key).decrypt(nonce, sealed, aad)
+    except (InvalidTag, ValueError, OverflowError):
+        raise CryptoError(_AUTH_FAILED) from None
+
+
+@lru_cache(maxsize=4096)
+def _ed25519_public(raw: bytes) -> Ed25519PublicKey:
+    return Ed25519PublicKey.from_public_bytes(raw)
+
+
+def ed25519_verify(public: bytes, signature: bytes, data: bytes) -> None:
+    """Verify an Ed25519 signature (RFC 8032, as OpenSSL checks it).
+
+    Public key objects are cached: a receiver verifies many envelopes per sender.
+
+    Raises:
+        CryptoError: invalid key or signature.
+    """
+    try:
+        _ed25519_public(bytes(public)).verify(bytes(signature), data)
+    except (InvalidSignature, ValueError, TypeError):
+        raise CryptoError(_AUTH_FAILED) from None
+
+
+class Signer:
+    """An Ed25519 signing key made from a 32-byte seed."""
+
+    __slots__ = ("_key", "public")
+
+    def __init__(self, seed: bytes) -> None:
+        self._key = Ed25519PrivateKey.from_private_bytes(seed)
+        self.public = self._key.public_key().public_bytes_raw()
+
+    def sign(self, data: bytes) -> bytes:
+        return self._key.sign(data)
+
+    def __repr__(self) -> str:  # never show key material
+        return f"Signer(public={self.public.hex()[:16]}…)"
+
+
+def x25519_public_from_private(private: bytes) -> bytes:
+    return X25519PrivateKey.from_private_bytes(private).public_key().public_bytes_raw()
+
+
+def x25519_exchange(private: bytes, public: bytes) -> bytes:
+    """X25519 key agreement (RFC 7748).
+
+    Raises:
+        WeakKey: the peer key is malformed or yields the all-zero shared secret
+            (a low-order point, RFC 7748 §6.1).
+    """
+    try:
+        shared = X25519PrivateKey.from_private_bytes(private).exchange(
+            X25519PublicKey.from_public_bytes(public)
+        )
+    except ValueError:
+        raise WeakKey("X25519 key agreement rejected") from None
+    if not any(shared):  # OpenSSL already refuses this; keep the rule explicit
+        raise WeakKey("X25519 key agreement rejected")
+    return shared
+
+
+def mlkem768_public_from_seed(seed: bytes) -> bytes:
+    """The encapsulation key of the ML-KEM-768 key made from a 64-byte seed (d || z)."""
+    return mlkem.MLKEM768PrivateKey.from_seed_bytes(seed).public_key().public_bytes_raw()
+
+
+def mlkem768_encapsulate(public: bytes) -> tuple[bytes, bytes]:
+    """Return ``(shared_secret, ciphertext)`` for an ML-KEM-768 encapsulation key.
+
+    Raises:
+        WeakKey: the encapsulation key is malformed (FIPS 203 §7.2 modulus check).
+    """
+    try:
+        key = mlkem.MLKEM768PublicKey.from_public_bytes(public)
+    except ValueError:
+        raise WeakKey("ML-KEM-768 public key rejected") from None
+    return key.encapsulate()
+
+
+def mlkem768_decapsulate(seed: bytes, ciphertext: bytes) -> bytes:
+    """Decapsulate with the key made from ``seed`` (implicit rejection on a bad ciphertext).
+
+    Raises:
+        CryptoError: the ciphertext has the wrong length.
+    """
+    try:
+        return mlkem.MLKEM768PrivateKey.from_seed_bytes(seed).decapsulate(ciphertext)
+    except ValueError:
+        raise CryptoError(_AUTH_FAILED) from None

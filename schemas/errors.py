@@ -1,0 +1,196 @@
+"""The one error hierarchy of fieldchat.
+
+Every failure a caller can act on is a subclass of :class:`FieldchatError`. Foreign
+errors (OSError, paho, database drivers) are mapped to one of these once, at the
+boundary, with ``raise Mapped(...) from exc``. Each class carries a short
+``reason`` used as the label of rejection counters (metrics and engine stats).
+
+    FieldchatError
+    ├── WireError                     bytes that are not a valid fieldchat object
+    │   ├── UnsupportedVersion        first byte is not a version we speak
+    │   └── LimitExceeded             a size or count limit of PROTOCOL.md §8
+    ├── InvalidId                     a pid/cid/topic that does not parse
+    ├── CryptoError                   authentication or decryption failed (opaque)
+    │   └── WeakKey                   all-zero X25519 shared secret, invalid public key
+    ├── ProtocolError                 authentic bytes that break a protocol rule
+    │   ├── NotAMember                sender or recipient not in the roster
+    │   ├── RosterRejected            roster not signed by an admin of the previous one
+    │   ├── GrantRejected             grant for the wrong recipient, epoch or roster
+    │   ├── StaleEpoch                envelope of a removed member after rotation
+    │   ├── ForwardJumpTooLarge       step beyond the forward-jump limit
+    │   ├── SkippedKeyMissing         step behind the chain whose key is gone
+    │   ├── MissingKey                no grant yet for this chain (may come later)
+    │   ├── SignatureRequired         policy says signed, envelope is not
+    │   └── UnknownConversation       no state for this cid
+    ├── KeyStoreError                 the key store failed or is corrupt
+    ├── ConfigError                   bad configuration file, flag or variable
+    └── TransportError                broker or network failure (mapped at the edge)
+        ├── ConnectFailed
+        └── NotAuthorized
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigError",
+    "ConnectFailed",
+    "CryptoError",
+    "FieldchatError",
+    "ForwardJumpTooLarge",
+    "GrantRejected",
+    "InvalidId",
+    "KeyStoreError",
+    "LimitExceeded",
+    "MissingKey",
+    "NotAMember",
+    "NotAuthorized",
+    "ProtocolError",
+    "RosterRejected",
+    "SignatureRequired",
+    "SkippedKeyMissing",
+    "StaleEpoch",
+    "TransportError",
+    "UnknownConversation",
+    "UnsupportedVersion",
+    "WeakKey",
+    "WireError",
+]
+
+
+class FieldchatError(Exception):
+    """Root of every error fieldchat raises on purpose."""
+
+    reason = "error"
+
+
+class WireError(FieldchatError):
+    """Bytes that do not decode to a valid fieldchat object."""
+
+    reason = "malformed"
+
+
+class UnsupportedVersion(WireError):
+    """The version byte is not one this implementation speaks."""
+
+    reason = "version"
+
+
+class LimitExceeded(WireError):
+    """A named size or count limit was exceeded (PROTOCOL.md §8)."""
+
+    reason = "limit"
+
+
+class InvalidId(FieldchatError):
+    """A participant id, conversation id or topic that does not parse."""
+
+    reason = "invalid_id"
+
+
+class CryptoError(FieldchatError):
+    """Authentication or decryption failed.
+
+    Deliberately opaque: the message never says which check failed, so that an
+    attacker learns nothing from the error (as Fernet's ``InvalidToken``).
+    """
+
+    reason = "auth"
+
+
+class WeakKey(CryptoError):
+    """A public key or key agreement result that must not be used."""
+
+    reason = "weak_key"
+
+
+class ProtocolError(FieldchatError):
+    """Authentic input that breaks a rule of the protocol."""
+
+    reason = "protocol"
+
+
+class NotAMember(ProtocolError):
+    """The sender or recipient is not a member of the conversation's roster."""
+
+    reason = "not_member"
+
+
+class RosterRejected(ProtocolError):
+    """A roster that does not follow from the previous one (forged, stale, bad signer)."""
+
+    reason = "roster"
+
+
+class GrantRejected(ProtocolError):
+    """A key grant that is not addressed to us or does not match the roster."""
+
+    reason = "grant"
+
+
+class StaleEpoch(ProtocolError):
+    """An envelope from an epoch whose sender has since been removed."""
+
+    reason = "stale_epoch"
+
+
+class ForwardJumpTooLarge(ProtocolError):
+    """A step further ahead of the chain than ``MAX_FORWARD_JUMP``."""
+
+    reason = "forward_jump"
+
+
+class SkippedKeyMissing(ProtocolError):
+    """A step behind the chain whose key was used or evicted from the window."""
+
+    reason = "old_step"
+
+
+class MissingKey(ProtocolError):
+    """No key for this chain yet: the grant may still be on its way.
+
+    Callers hold such envelopes and retry after the next grant is accepted.
+    """
+
+    reason = "missing_key"
+
+
+class SignatureRequired(ProtocolError):
+    """The conversation policy requires a signature this envelope lacks."""
+
+    reason = "unsigned"
+
+
+class UnknownConversation(ProtocolError):
+    """No local state for this conversation id."""
+
+    reason = "unknown_conversation"
+
+
+class KeyStoreError(FieldchatError):
+    """The key store could not be read or written, or holds corrupt state."""
+
+    reason = "keystore"
+
+
+class ConfigError(FieldchatError):
+    """A configuration file, flag or environment variable is invalid."""
+
+    reason = "config"
+
+
+class TransportError(FieldchatError):
+    """The broker or network failed; mapped from paho/aiomqtt/OSError at the edge."""
+
+    reason = "transport"
+
+
+class ConnectFailed(TransportError):
+    """The broker could not be reached."""
+
+    reason = "connect"
+
+
+class NotAuthorized(TransportError):
+    """The broker refused the credentials or the operation."""
+
+    reason = "not_authorized"

@@ -1,0 +1,143 @@
+"""Key grants: a chain key delivered to one member's inbox (PROTOCOL.md §5.3).
+
+    version | 0x10 | msgpack[mode, cid, granter_key, recipient, ephemeral, kem_ct, sealed] | sig
+
+``mode`` says how the AES-GCM key was agreed: ``HYBRID`` (X25519 + ML-KEM-768) or
+``X25519`` (the recipient has no ML-KEM key; rosters mark such members). The
+signature by the granter's identity key covers every other byte.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from typing import Annotated
+
+from pydantic import Field, model_validator
+
+from schemas import _codec, _signed
+from schemas._codec import build
+from schemas._model import WireModel
+from schemas.crypto import MLKEM768_CIPHERTEXT_BYTES, ed25519_verify
+from schemas.errors import WireError
+from schemas.ids import pid_for
+from schemas.kinds import ObjectKind
+from schemas.roster import Pid
+
+__all__ = ["ChainGrant", "Grant", "GrantMode"]
+
+_FIELDS = 7
+MAX_GRANT_SEALED = 1024
+
+
+class GrantMode(enum.IntEnum):
+    HYBRID = 1
+    X25519 = 2
+
+
+class Grant(WireModel):
+    mode: GrantMode
+    cid: Pid
+    granter_key: Annotated[bytes, Field(min_length=32, max_length=32)]
+    recipient: Pid
+    ephemeral: Annotated[bytes, Field(min_length=32, max_length=32)]
+    kem_ciphertext: bytes | None
+    sealed: Annotated[bytes, Field(min_length=16, max_length=MAX_GRANT_SEALED)]
+    signature: Annotated[bytes, Field(min_length=64, max_length=64)]
+
+    @model_validator(mode="after")
+    def _check_mode(self) -> Grant:
+        if self.mode is GrantMode.HYBRID:
+            if self.kem_ciphertext is None or len(self.kem_ciphertext) != MLKEM768_CIPHERTEXT_BYTES:
+                raise ValueError("a hybrid grant carries a 1088-byte ML-KEM ciphertext")
+        elif self.kem_ciphertext is not None:
+            raise ValueError("an X25519 grant carries no ML-KEM ciphertext")
+        return self
+
+    @property
+    def granter(self) -> str:
+        return pid_for(self.granter_key)
+
+    @staticmethod
+    def header_body(
+        mode: GrantMode, cid: str, granter_key: bytes, recipient: str, ephemeral: bytes,
+        kem_ciphertext: bytes | None,
+    ) -> bytes:
+        """The transcript of the key agreement: everything but the sealed payload."""
+        return _codec.pack((int(mode), cid, granter_key, recipient, ephemeral, kem_ciphertext))
+
+    @classmethod
+    def create(
+        cls, *, mode: GrantMode, cid: str, granter_key: bytes, recipient: str,
+        ephemeral: bytes, kem_ciphertext: bytes | None, sealed: bytes,
+        sign: Callable[[bytes], bytes],
+    ) -> Grant:
+        body = _signed.to_be_signed(
+            ObjectKind.GRANT,
+            (int(mode), cid, granter_key, recipient, ephemeral, kem_ciphertext, sealed),
+        )
+        return cls(
+            mode=mode, cid=cid, granter_key=granter_key, recipient=recipient,
+            ephemeral=ephemeral, kem_ciphertext=kem_ciphertext, sealed=sealed,
+            signature=sign(body),
+        )
+
+    def signed_bytes(self) -> bytes:
+        return _signed.to_be_signed(
+            ObjectKind.GRANT,
+            (int(self.mode), self.cid, self.granter_key, self.recipient, self.ephemeral,
+             self.kem_ciphertext, self.sealed),
+        )
+
+    def to_bytes(self) -> bytes:
+        return self.signed_bytes() + self.signature
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Grant:
+        """Decode and verify the granter's signature.
+
+        Raises:
+            UnsupportedVersion, WireError: malformed.
+            CryptoError: the signature does not verify.
+        """
+        body, signed, signature = _signed.split(data, ObjectKind.GRANT, _FIELDS)
+        mode, cid, granter_key, recipient, ephemeral, kem_ct, sealed = body
+        if mode not in (1, 2) or isinstance(mode, bool):
+            raise WireError(f"unknown grant mode {mode!r}"[:60])
+        grant = build(
+            cls, "grant", mode=GrantMode(mode), cid=cid, granter_key=granter_key,
+            recipient=recipient, ephemeral=ephemeral, kem_ciphertext=kem_ct, sealed=sealed,
+            signature=signature,
+        )
+        ed25519_verify(grant.granter_key, signature, signed)
+        return grant
+
+
+class ChainGrant(WireModel):
+    """The plaintext of a grant: the granter's sending chain for one epoch, from ``step``.
+
+    ``roster`` is the digest of that epoch's roster, binding the key to one membership.
+    """
+
+    epoch: Annotated[int, Field(ge=0, lt=2**28)]
+    roster: Annotated[bytes, Field(min_length=32, max_length=32)]
+    sender: Annotated[int, Field(ge=0, lt=2**28)]
+    chain: Annotated[int, Field(ge=0, lt=2**28)]
+    step: Annotated[int, Field(ge=0, lt=2**28)]
+    key: Annotated[bytes, Field(min_length=32, max_length=32)]
+
+    def to_bytes(self) -> bytes:
+        return _codec.pack(
+            (self.epoch, self.roster, self.sender, self.chain, self.step, self.key)
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> ChainGrant:
+        """Raises: WireError: malformed."""
+        epoch, roster, sender, chain, step, key = _codec.fields(
+            _codec.unpack(data, "chain grant"), 6, "chain grant"
+        )
+        return build(
+            cls, "chain grant", epoch=epoch, roster=roster, sender=sender, chain=chain,
+            step=step, key=key,
+        )
