@@ -114,10 +114,11 @@ def ed25519_verify(public: bytes, signature: bytes, data: bytes) -> None:
 class Signer:
     """An Ed25519 signing key made from a 32-byte seed."""
 
-    __slots__ = ("_key", "public")
+    __slots__ = ("_key", "public", "seed")
 
     def __init__(self, seed: bytes) -> None:
         self._key = Ed25519PrivateKey.from_private_bytes(seed)
+        self.seed = seed
         self.public = self._key.public_key().public_bytes_raw()
 
     def sign(self, data: bytes) -> bytes:

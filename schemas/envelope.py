@@ -19,7 +19,9 @@ import enum
 from dataclasses import dataclass
 
 from schemas import _varint
-from schemas.errors import LimitExceeded, UnsupportedVersion, WireError
+from schemas.crypto import ed25519_verify
+from schemas.errors import CryptoError, LimitExceeded, UnsupportedVersion, WireError
+from schemas.ids import decode_id
 
 __all__ = [
     "FLAG_COMPRESSED",
@@ -31,6 +33,7 @@ __all__ = [
     "VERSION",
     "Envelope",
     "EnvelopeKind",
+    "verify_envelope_signature",
 ]
 
 VERSION = 0x01
@@ -211,3 +214,20 @@ def parse(data: bytes) -> tuple[Envelope, int]:
         padded=bool(flags & FLAG_PADDED),
     )
     return envelope, pos
+
+
+def verify_envelope_signature(data: bytes, cid: str, signer_key: bytes) -> None:
+    """Check a signed envelope's Ed25519 signature without decrypting it.
+
+    For the archive and the broker, which hold no conversation keys: the signature
+    covers ``header || ciphertext || cid`` (PROTOCOL.md §3.3), so it proves who sent
+    these exact bytes to this conversation.
+
+    Raises:
+        WireError, UnsupportedVersion, LimitExceeded: malformed envelope.
+        CryptoError: unsigned, or the signature does not verify.
+    """
+    envelope, _ = parse(data)
+    if envelope.signature is None:
+        raise CryptoError("authentication failed")
+    ed25519_verify(signer_key, envelope.signature, bytes(data[:-SIGNATURE_BYTES]) + decode_id(cid))

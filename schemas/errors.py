@@ -21,7 +21,8 @@ boundary, with ``raise Mapped(...) from exc``. Each class carries a short
     │   ├── SkippedKeyMissing         step behind the chain whose key is gone
     │   ├── MissingKey                no grant yet for this chain (may come later)
     │   ├── SignatureRequired         policy says signed, envelope is not
-    │   └── UnknownConversation       no state for this cid
+    │   ├── UnknownConversation       no state for this cid
+    │   └── UnknownParticipant        no bundle known for this pid
     ├── KeyStoreError                 the key store failed or is corrupt
     ├── ConfigError                   bad configuration file, flag or variable
     └── TransportError                broker or network failure (mapped at the edge)
@@ -51,6 +52,7 @@ __all__ = [
     "StaleEpoch",
     "TransportError",
     "UnknownConversation",
+    "UnknownParticipant",
     "UnsupportedVersion",
     "WeakKey",
     "WireError",
@@ -164,6 +166,12 @@ class UnknownConversation(ProtocolError):
     """No local state for this conversation id."""
 
     reason = "unknown_conversation"
+
+
+class UnknownParticipant(ProtocolError):
+    """No bundle is known for this participant: fetch ``p/{pid}/bundle`` first."""
+
+    reason = "unknown_participant"
 
 
 class KeyStoreError(FieldchatError):

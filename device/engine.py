@@ -1,0 +1,758 @@
+"""The end-to-end engine: conversations, rosters, grants, sealing and opening.
+
+Pure: no network and no files except through the injected :class:`KeyStore`.
+Methods return what must be published (:class:`Publication`) instead of sending it,
+so the MQTT client, the gateway tests, the benchmarks and the vector generator all
+drive the same code. Every rejection raises a :class:`~schemas.FieldchatError`
+subclass and is counted in :attr:`Engine.counters` under its ``reason``; duplicates
+return ``None`` and are counted as ``duplicate``. See PROTOCOL.md §5-§7.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import threading
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import ParamSpec, TypeVar
+
+from schemas import (
+    Bundle,
+    ChainGrant,
+    Control,
+    ControlOp,
+    Grant,
+    GrantMode,
+    Member,
+    Message,
+    Policy,
+    Roster,
+    Topics,
+    cid_for,
+    decode_id,
+    decode_plaintext,
+    encode_plaintext,
+    verify_roster_chain,
+)
+from schemas._codec import fields, pack, unpack
+from schemas.crypto import aead_open, aead_seal, ed25519_verify
+from schemas.envelope import SIGNATURE_BYTES, header_bytes, parse
+from schemas.errors import (
+    FieldchatError,
+    GrantRejected,
+    KeyStoreError,
+    MissingKey,
+    NotAMember,
+    RosterRejected,
+    SignatureRequired,
+    StaleEpoch,
+    UnknownConversation,
+    UnknownParticipant,
+    WireError,
+)
+from schemas.messages import kind_of
+
+from device.chains import RESERVE_STEPS, RecvChain, SendChain, advance
+from device.grants import accept_grant, make_grant
+from device.identity import Identity
+from device.keystore import KeyStore, MemoryKeyStore
+
+__all__ = [
+    "KEEP_EPOCHS",
+    "MAX_PENDING_GRANTS",
+    "BundleStatus",
+    "BundleUpdate",
+    "Engine",
+    "GrantResult",
+    "Opened",
+    "Publication",
+]
+
+KEEP_EPOCHS = 4  # older epochs (rosters and receiving chains) are dropped
+MAX_PENDING_GRANTS = 256  # grants held per conversation until its roster arrives
+AUTO_FLUSH_OPENS = 1_000  # receiving-chain state is written at least this often
+
+
+@dataclass(frozen=True, slots=True)
+class Publication:
+    """Something the engine wants published: topic, payload, retain flag (QoS 1)."""
+
+    topic: str
+    payload: bytes
+    retain: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Opened:
+    """A decrypted, authenticated envelope."""
+
+    cid: str
+    sender: str
+    epoch: int
+    sender_index: int
+    chain: int
+    step: int
+    message: Message
+    signed: bool
+
+    @property
+    def dedupe_key(self) -> tuple[str, int, int, int, int]:
+        return (self.cid, self.epoch, self.sender_index, self.chain, self.step)
+
+
+class BundleStatus(enum.Enum):
+    NEW = "new"
+    SAME = "same"
+    UPDATED = "updated"  # newer bundle, same keys
+    KEY_CHANGED = "key_changed"  # newer bundle with different X25519/ML-KEM keys: warn loudly
+    OLDER = "older"  # an older bundle than the one known: ignored
+
+
+@dataclass(frozen=True, slots=True)
+class BundleUpdate:
+    pid: str
+    status: BundleStatus
+    fingerprint: str
+    previous_fingerprint: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GrantResult:
+    """``needs_roster``: the grant is held until the roster of its epoch arrives."""
+
+    cid: str
+    installed: bool
+    needs_roster: bool = False
+
+
+@dataclass(slots=True)
+class _Conversation:
+    cid: str
+    cid_raw: bytes
+    epoch: int
+    rosters: dict[int, Roster]
+    removed: bool = False
+    send: SendChain | None = None
+    grant_base: tuple[int, bytes] | None = None  # (step, key) still owed to some members
+    owed: set[str] = field(default_factory=set)
+    recv: dict[tuple[int, int, int], RecvChain] = field(default_factory=dict)
+    pending: list[bytes] = field(default_factory=list)
+
+    @property
+    def roster(self) -> Roster:
+        return self.rosters[self.epoch]
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _counted(method: Callable[P, R]) -> Callable[P, R]:
+    """Count FieldchatErrors by reason and hold the engine lock (entry points only)."""
+
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        engine = args[0]
+        assert isinstance(engine, Engine)
+        with engine._lock:
+            try:
+                return method(*args, **kwargs)
+            except FieldchatError as exc:
+                engine.counters[exc.reason] += 1
+                raise
+
+    wrapper.__doc__ = method.__doc__
+    wrapper.__name__ = method.__name__
+    return wrapper
+
+
+class Engine:
+    """One participant's end-to-end state.
+
+    Args:
+        identity: our keys.
+        store: where state is persisted (default: in memory).
+        topics: topic names for the publications.
+        clock, random: injectable for reproducible vectors and tests.
+    """
+
+    def __init__(
+        self,
+        identity: Identity,
+        *,
+        store: KeyStore | None = None,
+        topics: Topics | None = None,
+        clock: Callable[[], float] = time.time,
+        random: Callable[[int], bytes] = os.urandom,
+    ) -> None:
+        self.identity = identity
+        self.store: KeyStore = store if store is not None else MemoryKeyStore()
+        self.topics = topics or Topics()
+        self.counters: Counter[str] = Counter()
+        self._clock = clock
+        self._random = random
+        self._lock = threading.RLock()
+        self._bundles: dict[str, Bundle] = {identity.pid: identity.bundle}
+        self._verified: set[str] = set()
+        self._convs: dict[str, _Conversation] = {}
+        self._dirty: set[tuple[str, tuple[int, int, int]]] = set()
+        self._opens_since_flush = 0
+        self._load()
+
+    @classmethod
+    def open_store(
+        cls,
+        store: KeyStore,
+        *,
+        topics: Topics | None = None,
+        post_quantum: bool = True,
+        clock: Callable[[], float] = time.time,
+        random: Callable[[int], bytes] = os.urandom,
+    ) -> Engine:
+        """The engine of the identity in ``store``, creating one on first use."""
+        raw = store.load("identity")
+        if raw is None:
+            identity = Identity.generate(random=random, clock=clock, post_quantum=post_quantum)
+            store.save({"identity": identity.to_secret_bytes()})
+        else:
+            identity = Identity.from_secret_bytes(raw)
+        return cls(identity, store=store, topics=topics, clock=clock, random=random)
+
+    # -- identities -------------------------------------------------------------------
+
+    @property
+    def pid(self) -> str:
+        return self.identity.pid
+
+    def bundle_publication(self) -> Publication:
+        return Publication(self.topics.bundle(self.pid), self.identity.bundle.to_bytes(), True)
+
+    def bundle_of(self, pid: str) -> Bundle | None:
+        return self._bundles.get(pid)
+
+    def is_verified(self, pid: str) -> bool:
+        return pid in self._verified
+
+    @_counted
+    def mark_verified(self, pid: str) -> None:
+        """Record that ``pid``'s fingerprint was compared out of band.
+
+        Raises:
+            UnknownParticipant: no bundle known for ``pid``.
+        """
+        if pid not in self._bundles:
+            raise UnknownParticipant(f"no bundle known for {pid}")
+        self._verified.add(pid)
+        self.store.save({f"verified/{pid}": self._bundles[pid].fingerprint().encode()})
+
+    @_counted
+    def learn_bundle(self, data: bytes) -> BundleUpdate:
+        """Accept a participant's bundle, trusting it on first use.
+
+        A newer bundle with different keys is accepted (keys rotate) but reported
+        as ``KEY_CHANGED`` so the caller warns loudly; the pid itself cannot change
+        keys, it is the hash of the identity key.
+
+        Raises:
+            WireError, CryptoError: malformed or badly signed bundle.
+        """
+        bundle = Bundle.from_bytes(data)
+        known = self._bundles.get(bundle.pid)
+        if known is None:
+            status = BundleStatus.NEW
+        elif known == bundle:
+            return BundleUpdate(bundle.pid, BundleStatus.SAME, bundle.fingerprint())
+        elif bundle.created_at <= known.created_at:
+            return BundleUpdate(bundle.pid, BundleStatus.OLDER, known.fingerprint())
+        elif (known.x25519, known.mlkem768) != (bundle.x25519, bundle.mlkem768):
+            status = BundleStatus.KEY_CHANGED
+            self._verified.discard(bundle.pid)
+        else:
+            status = BundleStatus.UPDATED
+        self._bundles[bundle.pid] = bundle
+        self.store.save(
+            {f"bundle/{bundle.pid}": data}
+            | ({f"verified/{bundle.pid}": None} if status is BundleStatus.KEY_CHANGED else {})
+        )
+        return BundleUpdate(
+            bundle.pid, status, bundle.fingerprint(), known.fingerprint() if known else None
+        )
+
+    # -- conversations ----------------------------------------------------------------
+
+    def conversations(self) -> list[str]:
+        return sorted(self._convs)
+
+    def roster(self, cid: str) -> Roster:
+        """The current roster of ``cid``.
+
+        Raises:
+            UnknownConversation: no state for ``cid``.
+        """
+        return self._conv(cid).roster
+
+    def is_member(self, cid: str) -> bool:
+        conv = self._convs.get(cid)
+        return conv is not None and not conv.removed
+
+    def owed_grants(self, cid: str) -> set[str]:
+        """Members we still owe our chain to because their bundle is unknown."""
+        return set(self._conv(cid).owed)
+
+    @_counted
+    def create_conversation(
+        self, members: Sequence[str] = (), *, policy: Policy | None = None,
+        admins: Iterable[str] = (),
+    ) -> tuple[str, list[Publication]]:
+        """Found a conversation with us as admin; return its cid and what to publish.
+
+        Raises:
+            UnknownParticipant: a member's bundle has not been learned yet.
+            NotAMember: ``policy.require_pq`` and a member has no ML-KEM key.
+        """
+        policy = policy or Policy()
+        nonce = self._random(16)
+        cid = cid_for(self.pid, nonce)
+        admin_set = {self.pid, *admins}
+        roster_members = self._members([self.pid, *members], admin_set, policy)
+        roster = Roster.create(
+            cid=cid, epoch=0, nonce=nonce, prev=b"", members=roster_members, policy=policy,
+            issued_at=int(self._clock()), signer_key=self.identity.public,
+            sign=self.identity.sign,
+        )
+        verify_roster_chain(roster, None)
+        conv = _Conversation(cid=cid, cid_raw=decode_id(cid), epoch=0, rosters={})
+        self._convs[cid] = conv
+        return cid, [self._roster_publication(roster), *self._enter_epoch(conv, roster)]
+
+    @_counted
+    def add_members(self, cid: str, pids: Sequence[str]) -> list[Publication]:
+        """Invite members: a new epoch whose roster lists them (admins only).
+
+        Raises:
+            NotAMember: we are not an admin, or policy requires ML-KEM they lack.
+            UnknownParticipant: a bundle has not been learned yet.
+        """
+        conv = self._conv(cid)
+        current = conv.roster
+        new = [p for p in pids if p not in current.pids]
+        admins = {m.pid for m in current.members if m.admin}
+        return self._rotate(conv, [*current.pids, *new], admins, current.policy)
+
+    @_counted
+    def remove_members(self, cid: str, pids: Sequence[str]) -> list[Publication]:
+        """Remove members: a new epoch without them; every remaining member re-keys.
+
+        Raises:
+            NotAMember: we are not an admin of the current roster.
+        """
+        conv = self._conv(cid)
+        current = conv.roster
+        drop = set(pids)
+        keep = [p for p in current.pids if p not in drop]
+        admins = {m.pid for m in current.members if m.admin} - drop
+        return self._rotate(conv, keep, admins, current.policy)
+
+    @_counted
+    def set_policy(self, cid: str, policy: Policy) -> list[Publication]:
+        """Change the conversation policy (a new epoch, admins only)."""
+        conv = self._conv(cid)
+        current = conv.roster
+        admins = {m.pid for m in current.members if m.admin}
+        return self._rotate(conv, list(current.pids), admins, policy)
+
+    def _rotate(
+        self, conv: _Conversation, pids: list[str], admins: set[str], policy: Policy
+    ) -> list[Publication]:
+        current = conv.roster
+        if conv.removed or not current.is_admin(self.pid):
+            raise NotAMember(f"only an admin of {conv.cid} can change its roster")
+        if not admins & set(pids):
+            admins = {self.pid} if self.pid in pids else {pids[0]}
+        roster = Roster.create(
+            cid=conv.cid, epoch=current.epoch + 1, nonce=b"", prev=current.digest(),
+            members=self._members(pids, admins, policy), policy=policy,
+            issued_at=int(self._clock()), signer_key=self.identity.public,
+            sign=self.identity.sign,
+        )
+        verify_roster_chain(roster, current)
+        return [self._roster_publication(roster), *self._enter_epoch(conv, roster)]
+
+    def _members(self, pids: Sequence[str], admins: set[str], policy: Policy) -> tuple[Member, ...]:
+        out = []
+        for pid in dict.fromkeys(pids):
+            bundle = self._bundles.get(pid)
+            if bundle is None:
+                raise UnknownParticipant(f"no bundle known for {pid}: fetch it first")
+            if policy.require_pq and not bundle.post_quantum:
+                raise NotAMember(f"{pid} has no ML-KEM key and the policy requires one")
+            out.append(Member(pid=pid, admin=pid in admins, pq=bundle.post_quantum))
+        return tuple(out)
+
+    def _roster_publication(self, roster: Roster) -> Publication:
+        return Publication(self.topics.roster(roster.cid), roster.to_bytes(), True)
+
+    @_counted
+    def handle_roster(self, data: bytes) -> list[Publication]:
+        """Accept a roster from ``c/{cid}/roster``; return our grants for its epoch.
+
+        Raises:
+            WireError, CryptoError: malformed or badly signed.
+            RosterRejected: does not follow the known roster (forged, stale, bad signer).
+            NotAMember: a conversation we are not in.
+        """
+        roster = Roster.from_bytes(data)
+        conv = self._convs.get(roster.cid)
+        if conv is None or not conv.rosters:
+            if self.pid not in roster.pids:
+                raise NotAMember(f"not a member of {roster.cid}")
+            if roster.epoch == 0:
+                verify_roster_chain(roster, None)
+            # Joining later: the first roster seen is trusted as the base (it lists us
+            # and is signed); the broker only retains rosters that chain (PROTOCOL.md §5.2).
+            pending = conv.pending if conv else []
+            conv = _Conversation(
+                cid=roster.cid, cid_raw=decode_id(roster.cid), epoch=roster.epoch, rosters={},
+                pending=pending,
+            )
+            self._convs[roster.cid] = conv
+            return self._enter_epoch(conv, roster)
+        if roster.epoch <= conv.epoch:
+            known = conv.rosters.get(roster.epoch)
+            if known is not None and known.digest() == roster.digest():
+                self.counters["duplicate"] += 1
+                return []
+            raise RosterRejected(f"roster epoch {roster.epoch} is not newer than {conv.epoch}")
+        if roster.epoch == conv.epoch + 1:
+            verify_roster_chain(roster, conv.roster)
+        elif not conv.roster.is_admin(roster.signer):
+            raise RosterRejected(f"roster epoch {roster.epoch} skips epochs and its signer is unknown")
+        return self._enter_epoch(conv, roster)
+
+    def _enter_epoch(self, conv: _Conversation, roster: Roster) -> list[Publication]:
+        conv.rosters[roster.epoch] = roster
+        conv.epoch = roster.epoch
+        current = set(roster.pids)
+        writes: dict[str, bytes | None] = {
+            f"roster/{conv.cid}/{roster.epoch:08d}": roster.to_bytes(),
+        }
+        for old in sorted(conv.rosters)[:-KEEP_EPOCHS]:
+            del conv.rosters[old]
+            writes[f"roster/{conv.cid}/{old:08d}"] = None
+        for key, chain in list(conv.recv.items()):
+            sender = conv.rosters.get(chain.epoch)
+            if sender is None or sender.member_at(chain.sender).pid not in current:
+                del conv.recv[key]
+                self._dirty.discard((conv.cid, key))
+                writes[self._recv_key(conv.cid, key)] = None
+        publications: list[Publication] = []
+        if self.pid not in current:
+            conv.removed = True
+            conv.send = None
+            conv.grant_base = None
+            conv.owed = set()
+        else:
+            conv.removed = False
+            key0 = self._random(32)
+            conv.send = SendChain(roster.epoch, 0, 0, key0, 0)
+            conv.grant_base = (0, key0)
+            conv.owed = current - {self.pid}
+            publications = self._pay_grants(conv)
+        writes.update(self._send_record(conv))
+        self.store.save(writes)
+        pending, conv.pending = conv.pending, []
+        for data in pending:
+            try:
+                self._handle_grant(data)
+            except FieldchatError as exc:
+                self.counters[exc.reason] += 1
+        return publications
+
+    def _pay_grants(self, conv: _Conversation) -> list[Publication]:
+        if conv.send is None or conv.grant_base is None:
+            return []
+        roster = conv.roster
+        step, key = conv.grant_base
+        payload = ChainGrant(
+            epoch=roster.epoch, roster=roster.digest(), sender=roster.index_of(self.pid),
+            chain=conv.send.chain, step=step, key=key,
+        )
+        out = []
+        for pid in sorted(conv.owed):
+            bundle = self._bundles.get(pid)
+            if bundle is None:
+                continue
+            grant = make_grant(self.identity, bundle, conv.cid, payload, random=self._random)
+            out.append(Publication(self.topics.inbox(pid), grant.to_bytes()))
+            conv.owed.discard(pid)
+        if not conv.owed:
+            conv.grant_base = None  # forget the old chain key: forward secrecy (§6.2)
+        return out
+
+    @_counted
+    def pay_owed_grants(self, cid: str | None = None) -> list[Publication]:
+        """Grants owed to members whose bundles have arrived since (all or one cid)."""
+        out: list[Publication] = []
+        for conv in [self._conv(cid)] if cid else list(self._convs.values()):
+            if conv.owed:
+                before = len(conv.owed)
+                out += self._pay_grants(conv)
+                if len(conv.owed) != before:
+                    self.store.save(self._send_record(conv))
+        return out
+
+    # -- grants -----------------------------------------------------------------------
+
+    @_counted
+    def handle_grant(self, data: bytes) -> GrantResult:
+        """Accept a grant from our inbox.
+
+        Raises:
+            WireError, CryptoError, WeakKey: malformed, forged or undecryptable.
+            GrantRejected: not for us, from a non-member, for another roster or
+                downgraded to X25519 for a post-quantum member.
+        """
+        return self._handle_grant(data)
+
+    def _handle_grant(self, data: bytes) -> GrantResult:
+        grant = Grant.from_bytes(data)
+        payload = accept_grant(self.identity, grant)
+        conv = self._convs.get(grant.cid)
+        roster = conv.rosters.get(payload.epoch) if conv else None
+        if roster is None:
+            if conv is None or payload.epoch > conv.epoch:
+                if conv is None:
+                    conv = _Conversation(
+                        cid=grant.cid, cid_raw=decode_id(grant.cid), epoch=-1, rosters={},
+                        removed=True,
+                    )
+                    self._convs[grant.cid] = conv
+                if len(conv.pending) >= MAX_PENDING_GRANTS:
+                    raise GrantRejected(f"too many grants waiting for the roster of {grant.cid}")
+                conv.pending.append(bytes(data))
+                return GrantResult(grant.cid, installed=False, needs_roster=True)
+            raise GrantRejected(f"grant for epoch {payload.epoch}, which is no longer kept")
+        if roster.digest() != payload.roster:
+            raise GrantRejected("grant for another roster of this epoch")
+        try:
+            member = roster.member_at(payload.sender)
+        except NotAMember:
+            raise GrantRejected("grant for a sender index outside the roster") from None
+        if member.pid != grant.granter or member.pid == self.pid:
+            raise GrantRejected("grant signed by someone other than the chain's member")
+        me = roster.members[roster.index_of(self.pid)] if self.pid in roster.pids else None
+        if me is None:
+            raise GrantRejected("grant for an epoch we are not a member of")
+        if me.pq and grant.mode is not GrantMode.HYBRID:
+            raise GrantRejected("X25519-only grant to a post-quantum member (downgrade)")
+        key = (payload.epoch, payload.sender, payload.chain)
+        if key in conv.recv:  # type: ignore[union-attr]
+            self.counters["duplicate"] += 1
+            return GrantResult(grant.cid, installed=False)
+        chain = RecvChain(
+            payload.epoch, payload.sender, payload.chain, payload.step, payload.key,
+            grant.granter_key,
+        )
+        conv.recv[key] = chain  # type: ignore[union-attr]
+        self.store.save({self._recv_key(grant.cid, key): self._recv_record(chain)})
+        return GrantResult(grant.cid, installed=True)
+
+    # -- messages ---------------------------------------------------------------------
+
+    @_counted
+    def seal(self, cid: str, message: Message) -> bytes:
+        """Encrypt (and per policy sign) ``message`` for ``cid``; the envelope bytes.
+
+        The chain step is persisted (in reservations of RESERVE_STEPS) before the
+        envelope is returned, so no key or nonce is ever used twice (§6.3).
+
+        Raises:
+            UnknownConversation, NotAMember: no sending chain for ``cid``.
+            LimitExceeded: the message is too large.
+            KeyStoreError: the reservation could not be persisted (nothing is sealed).
+        """
+        conv = self._conv(cid)
+        chain = conv.send
+        if chain is None or conv.removed:
+            raise NotAMember(f"not a member of {cid}")
+        if chain.step >= chain.reserved:
+            until = chain.step + RESERVE_STEPS
+            chain.reserved = until
+            try:
+                self.store.save(self._send_record(conv))
+            except KeyStoreError:
+                chain.reserved = chain.step
+                raise
+        roster = conv.roster
+        policy = roster.policy
+        plaintext, compressed, padded = encode_plaintext(
+            message, compress=policy.compress, pad=policy.pad
+        )
+        step, key, nonce = chain.next_key()
+        signed = policy.sign_every != 0 and step % policy.sign_every == 0
+        header = header_bytes(
+            kind_of(message), conv.epoch, roster.index_of(self.pid), chain.chain, step,
+            signed=signed, compressed=compressed, padded=padded,
+        )
+        body = header + aead_seal(key, nonce, plaintext, header + conv.cid_raw)
+        if signed:
+            return body + self.identity.sign(body + conv.cid_raw)
+        return body
+
+    @_counted
+    def open(self, cid: str, data: bytes) -> Opened | None:
+        """Authenticate and decrypt an envelope of ``cid``.
+
+        Returns ``None`` for a duplicate or our own envelope echoed by the broker.
+
+        Raises:
+            WireError, UnsupportedVersion, LimitExceeded: malformed bytes.
+            CryptoError: tampered, wrong key, bad signature (opaque).
+            MissingKey: no grant (or roster) for this chain yet: hold and retry.
+            StaleEpoch: from a member removed since; NotAMember: bad sender index.
+            SignatureRequired, ForwardJumpTooLarge, SkippedKeyMissing: policy/limits.
+            UnknownConversation: no state for ``cid``.
+        """
+        conv = self._conv(cid)
+        envelope, header_len = parse(data)
+        roster = conv.rosters.get(envelope.epoch)
+        if roster is None:
+            if envelope.epoch > conv.epoch:
+                raise MissingKey(f"roster of epoch {envelope.epoch} not known yet")
+            raise StaleEpoch(f"epoch {envelope.epoch} is no longer kept")
+        if conv.removed and envelope.epoch >= conv.epoch:
+            raise NotAMember(f"removed from {cid} at epoch {conv.epoch}")
+        sender = roster.member_at(envelope.sender).pid
+        if sender == self.pid:
+            self.counters["own"] += 1
+            return None
+        if envelope.epoch < conv.epoch and (conv.removed or sender not in conv.roster.pids):
+            raise StaleEpoch(f"{sender} was removed after epoch {envelope.epoch}")
+        chain = conv.recv.get((envelope.epoch, envelope.sender, envelope.chain))
+        if chain is None:
+            raise MissingKey(f"no grant yet for {sender} in epoch {envelope.epoch}")
+        if envelope.signature is None:
+            if roster.policy.must_sign(envelope.step):
+                raise SignatureRequired("the conversation policy requires a signature")
+        else:
+            ed25519_verify(
+                chain.signer_key, envelope.signature,
+                bytes(data[:-SIGNATURE_BYTES]) + conv.cid_raw,
+            )
+        derived = chain.key_for(envelope.step)
+        if derived is None:
+            self.counters["duplicate"] += 1
+            return None
+        key, nonce, commit = derived
+        plaintext = aead_open(key, nonce, envelope.ciphertext, bytes(data[:header_len]) + conv.cid_raw)
+        commit.apply()
+        self._dirty.add((cid, (envelope.epoch, envelope.sender, envelope.chain)))
+        self._opens_since_flush += 1
+        if self._opens_since_flush >= AUTO_FLUSH_OPENS:
+            self._flush()
+        message = decode_plaintext(
+            envelope.kind, plaintext, compressed=envelope.compressed, padded=envelope.padded
+        )
+        return Opened(
+            cid=cid, sender=sender, epoch=envelope.epoch, sender_index=envelope.sender,
+            chain=envelope.chain, step=envelope.step, message=message,
+            signed=envelope.signature is not None,
+        )
+
+    def leave(self, cid: str) -> bytes:
+        """A sealed LEAVE control: admins remove us in the next epoch on receipt."""
+        return self.seal(cid, Control(op=ControlOp.LEAVE))
+
+    @_counted
+    def flush(self) -> None:
+        """Persist receiving-chain state changed since the last flush (batched writes)."""
+        self._flush()
+
+    def _flush(self) -> None:
+        writes: dict[str, bytes | None] = {}
+        for cid, key in self._dirty:
+            conv = self._convs.get(cid)
+            chain = conv.recv.get(key) if conv else None
+            if chain is not None:
+                writes[self._recv_key(cid, key)] = self._recv_record(chain)
+        if writes:
+            self.store.save(writes)
+        self._dirty.clear()
+        self._opens_since_flush = 0
+
+    # -- persistence ------------------------------------------------------------------
+
+    def _conv(self, cid: str) -> _Conversation:
+        conv = self._convs.get(cid)
+        if conv is None or conv.epoch < 0:
+            raise UnknownConversation(f"unknown conversation {cid[:40]}")
+        return conv
+
+    @staticmethod
+    def _recv_key(cid: str, key: tuple[int, int, int]) -> str:
+        return f"recv/{cid}/{key[0]}/{key[1]}/{key[2]}"
+
+    @staticmethod
+    def _recv_record(chain: RecvChain) -> bytes:
+        return pack(
+            (chain.epoch, chain.sender, chain.chain, chain.step, chain.key, chain.signer_key,
+             chain.evicted, tuple(chain.skipped.items()))
+        )
+
+    def _send_record(self, conv: _Conversation) -> dict[str, bytes | None]:
+        key = f"send/{conv.cid}"
+        chain = conv.send
+        if chain is None:
+            return {key: pack((conv.epoch, None, None, None, None, ()))}
+        reserved_key = advance(chain.key, chain.reserved - chain.step)
+        return {
+            key: pack(
+                (conv.epoch, chain.chain, chain.reserved, reserved_key,
+                 conv.grant_base, tuple(sorted(conv.owed)))
+            )
+        }
+
+    def _load(self) -> None:
+        try:
+            self._load_records()
+        except (WireError, TypeError, ValueError, KeyError) as exc:
+            raise KeyStoreError("the key store holds corrupt engine state") from exc
+
+    def _load_records(self) -> None:
+        for key, raw in self.store.load_prefix("bundle/").items():
+            bundle = Bundle.from_bytes(raw)
+            self._bundles[bundle.pid] = bundle
+        for key in self.store.load_prefix("verified/"):
+            self._verified.add(key.split("/", 1)[1])
+        for key, raw in sorted(self.store.load_prefix("roster/").items()):
+            roster = Roster.from_bytes(raw)
+            conv = self._convs.get(roster.cid)
+            if conv is None:
+                conv = _Conversation(roster.cid, decode_id(roster.cid), roster.epoch, {})
+                self._convs[roster.cid] = conv
+            conv.rosters[roster.epoch] = roster
+            conv.epoch = max(conv.epoch, roster.epoch)
+        for key, raw in self.store.load_prefix("send/").items():
+            conv = self._convs[key.split("/", 1)[1]]
+            epoch, chain_no, reserved, reserved_key, grant_base, owed = fields(
+                unpack(raw, "send record"), 6, "send record"
+            )
+            conv.removed = chain_no is None or self.pid not in conv.roster.pids
+            if chain_no is not None and epoch == conv.epoch:
+                # Resume at the reservation: steps before it may have been used (§6.3).
+                conv.send = SendChain(epoch, chain_no, reserved, reserved_key, reserved)
+                conv.grant_base = tuple(grant_base) if grant_base else None  # type: ignore[assignment]
+                conv.owed = set(owed)
+        for key, raw in self.store.load_prefix("recv/").items():
+            cid = key.split("/")[1]
+            epoch, sender, chain_no, step, ck, signer, evicted, skipped = fields(
+                unpack(raw, "recv record"), 8, "recv record"
+            )
+            conv = self._convs.get(cid)
+            if conv is None or epoch not in conv.rosters:
+                continue
+            conv.recv[(epoch, sender, chain_no)] = RecvChain(
+                epoch, sender, chain_no, step, ck, signer, OrderedDict(skipped), evicted
+            )

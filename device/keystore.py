@@ -1,0 +1,141 @@
+"""Where the engine keeps its secrets: a small key-value protocol and two stores.
+
+The engine serializes its own records; a store only has to write a batch of them
+atomically and durably. :class:`SqliteKeyStore` is the file-backed one: mode 0600,
+WAL, ``synchronous=FULL`` (a committed reservation survives power loss, not just a
+process crash) and ``secure_delete`` so dropped chain keys are overwritten on disk.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Protocol
+
+from schemas.errors import KeyStoreError
+
+__all__ = ["KeyStore", "MemoryKeyStore", "SqliteKeyStore"]
+
+
+class KeyStore(Protocol):
+    """Durable key-value records of the engine."""
+
+    def load(self, key: str) -> bytes | None:
+        """The record under ``key``, or ``None``."""
+        ...
+
+    def load_prefix(self, prefix: str) -> dict[str, bytes]:
+        """Every record whose key starts with ``prefix``."""
+        ...
+
+    def save(self, items: Mapping[str, bytes | None]) -> None:
+        """Write all items atomically and durably before returning; ``None`` deletes."""
+        ...
+
+
+class MemoryKeyStore:
+    """In-memory store for tests and benchmarks (nothing survives the process)."""
+
+    def __init__(self) -> None:
+        self._data: dict[str, bytes] = {}
+        self.writes = 0
+
+    def load(self, key: str) -> bytes | None:
+        return self._data.get(key)
+
+    def load_prefix(self, prefix: str) -> dict[str, bytes]:
+        return {k: v for k, v in self._data.items() if k.startswith(prefix)}
+
+    def save(self, items: Mapping[str, bytes | None]) -> None:
+        self.writes += 1
+        for key, value in items.items():
+            if value is None:
+                self._data.pop(key, None)
+            else:
+                self._data[key] = value
+
+
+class SqliteKeyStore:
+    """Key store in one SQLite file created with mode 0600.
+
+    Raises:
+        KeyStoreError: from the constructor when the file cannot be opened or is
+            readable by others; from ``save``/``load`` when SQLite fails.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # Create the file 0600 before SQLite opens it, so it is never world-readable.
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            os.close(fd)
+            mode = self.path.stat().st_mode & 0o777
+            if mode & 0o077:
+                raise KeyStoreError(
+                    f"key store {self.path} is readable by others (mode {mode:o}); "
+                    f"run: chmod 600 {self.path}"
+                )
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA secure_delete=ON")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS records (key TEXT PRIMARY KEY, value BLOB NOT NULL)"
+            )
+        except (OSError, sqlite3.Error) as exc:
+            raise KeyStoreError(f"cannot open key store {self.path}: {exc}") from exc
+        self._lock = threading.Lock()
+        for suffix in ("-wal", "-shm"):
+            side = Path(str(self.path) + suffix)
+            if side.exists():
+                side.chmod(0o600)
+
+    def load(self, key: str) -> bytes | None:
+        try:
+            with self._lock:
+                row = self._db.execute(
+                    "SELECT value FROM records WHERE key = ?", (key,)
+                ).fetchone()
+        except sqlite3.Error as exc:
+            raise KeyStoreError(f"key store read failed: {exc}") from exc
+        return None if row is None else bytes(row[0])
+
+    def load_prefix(self, prefix: str) -> dict[str, bytes]:
+        upper = prefix + "\U0010ffff"
+        try:
+            with self._lock:
+                rows = self._db.execute(
+                    "SELECT key, value FROM records WHERE key >= ? AND key < ?", (prefix, upper)
+                ).fetchall()
+        except sqlite3.Error as exc:
+            raise KeyStoreError(f"key store read failed: {exc}") from exc
+        return {k: bytes(v) for k, v in rows}
+
+    def save(self, items: Mapping[str, bytes | None]) -> None:
+        try:
+            with self._lock:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    for key, value in items.items():
+                        if value is None:
+                            self._db.execute("DELETE FROM records WHERE key = ?", (key,))
+                        else:
+                            self._db.execute(
+                                "INSERT INTO records (key, value) VALUES (?, ?) "
+                                "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                                (key, value),
+                            )
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+        except sqlite3.Error as exc:
+            raise KeyStoreError(f"key store write failed: {exc}") from exc
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
