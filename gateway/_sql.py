@@ -1,0 +1,520 @@
+"""The history and account store on SQLAlchemy Core: SQLite (WAL) and PostgreSQL.
+
+Both implement :class:`~gateway._store.HistoryStore` and
+:class:`~gateway._store.AccountStore`; they differ only where the engines do:
+
+* SQLite has one writer. Writes from this process are serialised by an asyncio
+  lock, so a deferred transaction never has to upgrade its lock and fail with
+  "database is locked"; readers run in parallel under WAL.
+* PostgreSQL lets several gateways write at once. An archive commit takes a
+  transaction-level advisory lock before it draws sequence numbers, so ``seq``
+  order is commit order and a reader following "seq > cursor" skips nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Collection, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
+from typing import Any
+from urllib.parse import urlsplit
+
+from sqlalchemy import Select, and_, delete, event, func, select, text, update
+from sqlalchemy.dialects import postgresql as pg_dialect
+from sqlalchemy.dialects import sqlite as sqlite_dialect
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from gateway._errors import NameTaken, StorageError
+from gateway._schema import (
+    MIGRATIONS,
+    accounts,
+    bundles,
+    conv_heads,
+    envelopes,
+    grants,
+    participants,
+    pending,
+    roster_members,
+    rosters,
+    schema_version,
+    sessions,
+)
+from gateway._store import (
+    Account,
+    ArchiveBatch,
+    ArchiveResult,
+    PendingEnvelope,
+    RosterRecord,
+    StoredEnvelope,
+    StoredGrant,
+)
+from schemas import Bundle
+from schemas.errors import ConfigError
+
+__all__ = ["PostgresStore", "SqliteStore", "SqlStore", "open_store"]
+
+_ARCHIVE_LOCK = 0x66_63_61_72  # "fcar": pg_advisory_xact_lock key of archive commits
+_MIGRATE_LOCK = 0x66_63_6D_67  # "fcmg": gateways starting together migrate once
+_ENVELOPE_COLUMNS = (
+    envelopes.c.seq, envelopes.c.cid, envelopes.c.epoch, envelopes.c.sender,
+    envelopes.c.sender_pid, envelopes.c.chain, envelopes.c.step, envelopes.c.data,
+)
+
+
+@asynccontextmanager
+async def _mapped(what: str) -> AsyncIterator[None]:
+    """Map driver and SQLAlchemy errors to :class:`StorageError` once, here."""
+    try:
+        yield
+    except (SQLAlchemyError, OSError) as exc:
+        raise StorageError(f"database error while {what}: {type(exc).__name__}") from exc
+
+
+def _envelope(row: Any) -> StoredEnvelope:  # noqa: ANN401 - a SQLAlchemy Row
+    return StoredEnvelope(
+        seq=row.seq, cid=row.cid, epoch=row.epoch, sender=row.sender,
+        sender_pid=row.sender_pid, chain=row.chain, step=row.step, data=bytes(row.data),
+    )
+
+
+class SqlStore:
+    """Shared SQL of both engines; use :func:`open_store` or a subclass."""
+
+    dialect_insert: Any = None  # the dialect's ``insert`` (ON CONFLICT support)
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    # -- engine-specific hooks ---------------------------------------------------------
+
+    def _write_lock(self) -> AbstractAsyncContextManager[None]:
+        return nullcontext()
+
+    async def _serialise_archive(self, conn: AsyncConnection) -> None:
+        """Make seq order equal commit order (see module docstring)."""
+
+    async def _migration_lock(self, conn: AsyncConnection) -> None:
+        """Keep concurrent starts from migrating twice."""
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def migrate(self) -> int:
+        """Apply the missing migrations in order; return the schema version.
+
+        Raises:
+            StorageError: the database failed.
+        """
+        async with _mapped("migrating"), self._write_lock(), self.engine.begin() as conn:
+            await self._migration_lock(conn)
+            await conn.run_sync(lambda c: schema_version.create(c, checkfirst=True))
+            current = (await conn.execute(select(func.max(schema_version.c.version)))).scalar()
+            version = current or 0
+            for number, _what, step in MIGRATIONS:
+                if number > version:
+                    await conn.run_sync(step)
+                    version = number
+            if version != (current or 0):
+                await conn.execute(delete(schema_version))
+                await conn.execute(schema_version.insert().values(version=version))
+            return version
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    async def ping(self) -> None:
+        async with _mapped("pinging"), self.engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+
+    # -- archive -----------------------------------------------------------------------
+
+    async def commit(self, batch: ArchiveBatch) -> ArchiveResult:
+        """Write one archive batch in one transaction (see ``HistoryStore.commit``).
+
+        Raises:
+            StorageError: nothing was written.
+        """
+        ins = self.dialect_insert
+        archived = roster_count = grant_count = 0
+        max_seq: int | None = None
+        async with _mapped("archiving"), self._write_lock(), self.engine.begin() as conn:
+            await self._serialise_archive(conn)
+            if batch.rosters:
+                result = await conn.execute(
+                    ins(rosters).on_conflict_do_nothing().returning(rosters.c.cid),
+                    [{"cid": r.cid, "epoch": r.epoch, "digest": r.digest, "data": r.data}
+                     for r in batch.rosters],
+                )
+                roster_count = len(result.all())
+                await conn.execute(
+                    ins(roster_members).on_conflict_do_nothing(),
+                    [{"cid": r.cid, "epoch": r.epoch, "pid": pid}
+                     for r in batch.rosters for pid in r.members],
+                )
+                heads: dict[str, int] = {}
+                for r in batch.rosters:
+                    heads[r.cid] = max(r.epoch, heads.get(r.cid, -1))
+                stmt = ins(conv_heads)
+                await conn.execute(
+                    stmt.on_conflict_do_update(
+                        index_elements=[conv_heads.c.cid],
+                        set_={"epoch": stmt.excluded.epoch},
+                        where=conv_heads.c.epoch < stmt.excluded.epoch,
+                    ),
+                    [{"cid": c, "epoch": e} for c, e in heads.items()],
+                )
+            if batch.bundles:
+                newest: dict[str, tuple[int, bytes]] = {}
+                for pid, created_at, data in batch.bundles:
+                    if pid not in newest or newest[pid][0] < created_at:
+                        newest[pid] = (created_at, data)
+                stmt = ins(bundles)
+                await conn.execute(
+                    stmt.on_conflict_do_update(
+                        index_elements=[bundles.c.pid],
+                        set_={"created_at": stmt.excluded.created_at, "data": stmt.excluded.data},
+                        where=bundles.c.created_at < stmt.excluded.created_at,
+                    ),
+                    [{"pid": p, "created_at": c, "data": d} for p, (c, d) in newest.items()],
+                )
+            if batch.grants:
+                result = await conn.execute(
+                    ins(grants).on_conflict_do_nothing().returning(grants.c.seq),
+                    [{"recipient": g.recipient, "cid": g.cid, "granter": g.granter,
+                      "digest": g.digest, "data": g.data, "received_at": g.received_at}
+                     for g in batch.grants],
+                )
+                grant_count = len(result.all())
+            if batch.resolved:
+                await conn.execute(delete(pending).where(pending.c.id.in_(batch.resolved)))
+            if batch.pending:
+                await conn.execute(
+                    pending.insert(),
+                    [{"cid": p.cid, "epoch": p.epoch, "sender": p.sender,
+                      "sender_pid": p.sender_pid, "data": p.data, "received_at": p.received_at}
+                     for p in batch.pending],
+                )
+            if batch.envelopes:
+                result = await conn.execute(
+                    ins(envelopes).on_conflict_do_nothing().returning(envelopes.c.seq),
+                    [{"cid": e.cid, "epoch": e.epoch, "sender": e.sender,
+                      "sender_pid": e.sender_pid, "chain": e.chain, "step": e.step,
+                      "data": e.data, "received_at": e.received_at}
+                     for e in batch.envelopes],
+                )
+                seqs = [row[0] for row in result.all()]
+                archived = len(seqs)
+                max_seq = max(seqs, default=None)
+        return ArchiveResult(
+            archived=archived, duplicates=len(batch.envelopes) - archived,
+            rosters=roster_count, grants=grant_count, max_seq=max_seq,
+        )
+
+    # -- reads -------------------------------------------------------------------------
+
+    async def _scalar(self, stmt: Select[Any], what: str) -> Any:  # noqa: ANN401
+        async with _mapped(what), self.engine.connect() as conn:
+            return (await conn.execute(stmt)).scalar()
+
+    async def _rows(self, stmt: Select[Any], what: str) -> Sequence[Any]:
+        async with _mapped(what), self.engine.connect() as conn:
+            return (await conn.execute(stmt)).all()
+
+    async def roster(self, cid: str, epoch: int) -> bytes | None:
+        data = await self._scalar(
+            select(rosters.c.data).where(rosters.c.cid == cid, rosters.c.epoch == epoch),
+            "reading a roster",
+        )
+        return bytes(data) if data is not None else None
+
+    async def rosters(self, cid: str) -> list[RosterRecord]:
+        rows = await self._rows(
+            select(rosters).where(rosters.c.cid == cid).order_by(rosters.c.epoch),
+            "reading rosters",
+        )
+        members = await self._rows(
+            select(roster_members.c.epoch, roster_members.c.pid).where(
+                roster_members.c.cid == cid
+            ),
+            "reading roster members",
+        )
+        by_epoch: dict[int, list[str]] = {}
+        for m in members:
+            by_epoch.setdefault(m.epoch, []).append(m.pid)
+        return [
+            RosterRecord(r.cid, r.epoch, bytes(r.digest), tuple(by_epoch.get(r.epoch, ())),
+                         bytes(r.data))
+            for r in rows
+        ]
+
+    async def bundle(self, pid: str) -> bytes | None:
+        data = await self._scalar(select(bundles.c.data).where(bundles.c.pid == pid),
+                                  "reading a bundle")
+        return bytes(data) if data is not None else None
+
+    async def pending(
+        self, *, cids: Collection[str] = (), pids: Collection[str] = (), limit: int = 1000
+    ) -> list[PendingEnvelope]:
+        stmt = select(pending).order_by(pending.c.id).limit(limit)
+        if cids or pids:
+            conds = []
+            if cids:
+                conds.append(pending.c.cid.in_(list(cids)))
+            if pids:
+                conds.append(pending.c.sender_pid.in_(list(pids)))
+            stmt = stmt.where(conds[0] if len(conds) == 1 else conds[0] | conds[1])
+        rows = await self._rows(stmt, "reading pending envelopes")
+        return [
+            PendingEnvelope(cid=r.cid, epoch=r.epoch, sender=r.sender, data=bytes(r.data),
+                            received_at=r.received_at, sender_pid=r.sender_pid, id=r.id)
+            for r in rows
+        ]
+
+    async def pending_count(self) -> int:
+        return int(await self._scalar(select(func.count()).select_from(pending),
+                                      "counting pending envelopes"))
+
+    async def history(
+        self, cid: str, *, before: int | None = None, after: int | None = None, limit: int = 50
+    ) -> list[StoredEnvelope]:
+        stmt = select(*_ENVELOPE_COLUMNS).where(envelopes.c.cid == cid).limit(limit)
+        if after is not None:
+            stmt = stmt.where(envelopes.c.seq > after).order_by(envelopes.c.seq)
+        else:
+            if before is not None:
+                stmt = stmt.where(envelopes.c.seq < before)
+            stmt = stmt.order_by(envelopes.c.seq.desc())
+        return [_envelope(r) for r in await self._rows(stmt, "reading history")]
+
+    async def since(
+        self, after: int, *, cids: Collection[str] | None = None, limit: int = 1000
+    ) -> list[StoredEnvelope]:
+        stmt = (
+            select(*_ENVELOPE_COLUMNS).where(envelopes.c.seq > after)
+            .order_by(envelopes.c.seq).limit(limit)
+        )
+        if cids is not None:
+            stmt = stmt.where(envelopes.c.cid.in_(list(cids)))
+        return [_envelope(r) for r in await self._rows(stmt, "reading new envelopes")]
+
+    async def max_seq(self) -> int:
+        return int(await self._scalar(select(func.max(envelopes.c.seq)), "reading seq") or 0)
+
+    async def grants_for(
+        self, recipients: Collection[str], *, after: int = 0, limit: int = 100
+    ) -> list[StoredGrant]:
+        rows = await self._rows(
+            select(grants.c.seq, grants.c.recipient, grants.c.cid, grants.c.granter,
+                   grants.c.data)
+            .where(grants.c.recipient.in_(list(recipients)), grants.c.seq > after)
+            .order_by(grants.c.seq).limit(limit),
+            "reading grants",
+        )
+        return [StoredGrant(r.seq, r.recipient, r.cid, r.granter, bytes(r.data)) for r in rows]
+
+    async def conversations_of(self, pids: Collection[str]) -> dict[str, tuple[str, ...]]:
+        if not pids:
+            return {}
+        head = and_(roster_members.c.cid == conv_heads.c.cid,
+                    roster_members.c.epoch == conv_heads.c.epoch)
+        mine = (
+            select(conv_heads.c.cid).join(roster_members, head)
+            .where(roster_members.c.pid.in_(list(pids)))
+        )
+        rows = await self._rows(
+            select(conv_heads.c.cid, roster_members.c.pid).join(roster_members, head)
+            .where(conv_heads.c.cid.in_(mine)),
+            "reading conversations",
+        )
+        out: dict[str, list[str]] = {}
+        for r in rows:
+            out.setdefault(r.cid, []).append(r.pid)
+        return {cid: tuple(members) for cid, members in out.items()}
+
+    async def was_member(self, cid: str, pids: Collection[str]) -> bool:
+        if not pids:
+            return False
+        found = await self._scalar(
+            select(roster_members.c.pid)
+            .where(roster_members.c.cid == cid, roster_members.c.pid.in_(list(pids)))
+            .limit(1),
+            "checking membership",
+        )
+        return found is not None
+
+    # -- accounts ----------------------------------------------------------------------
+
+    async def create_account(self, username: str, password_hash: str, *, is_admin: bool) -> int:
+        """Raises: NameTaken, StorageError."""
+        try:
+            async with _mapped("creating an account"), self._write_lock(), \
+                    self.engine.begin() as conn:
+                result = await conn.execute(
+                    accounts.insert().returning(accounts.c.id),
+                    {"username": username, "password_hash": password_hash,
+                     "is_admin": is_admin, "created_at": time.time()},
+                )
+                return int(result.scalar_one())
+        except StorageError as exc:
+            if isinstance(exc.__cause__, IntegrityError):
+                raise NameTaken(f"user name {username!r} is taken") from None
+            raise
+
+    async def account_login(self, username: str) -> tuple[int, str] | None:
+        rows = await self._rows(
+            select(accounts.c.id, accounts.c.password_hash)
+            .where(accounts.c.username == username),
+            "reading an account",
+        )
+        return (int(rows[0].id), str(rows[0].password_hash)) if rows else None
+
+    async def set_password_hash(self, account_id: int, password_hash: str) -> None:
+        async with _mapped("updating a password"), self._write_lock(), \
+                self.engine.begin() as conn:
+            await conn.execute(
+                update(accounts).where(accounts.c.id == account_id)
+                .values(password_hash=password_hash)
+            )
+
+    async def account(self, account_id: int) -> Account | None:
+        rows = await self._rows(
+            select(accounts.c.id, accounts.c.username, accounts.c.is_admin)
+            .where(accounts.c.id == account_id),
+            "reading an account",
+        )
+        if not rows:
+            return None
+        pids = await self._rows(
+            select(participants.c.pid).where(participants.c.account_id == account_id)
+            .order_by(participants.c.pid),
+            "reading participants",
+        )
+        row = rows[0]
+        return Account(int(row.id), row.username, bool(row.is_admin), tuple(p.pid for p in pids))
+
+    async def add_participant(self, account_id: int, pid: str, bundle: bytes) -> None:
+        """Own ``pid`` and keep its bundle (so its envelopes verify at once).
+
+        Raises:
+            NameTaken: another account owns ``pid``.
+            StorageError: the database failed.
+        """
+        created_at = Bundle.from_bytes(bundle).created_at
+        try:
+            async with _mapped("adding a participant"), self._write_lock(), \
+                    self.engine.begin() as conn:
+                owner = (await conn.execute(
+                    select(participants.c.account_id).where(participants.c.pid == pid)
+                )).scalar()
+                if owner is not None and owner != account_id:
+                    raise NameTaken(f"participant {pid} belongs to another account")
+                if owner is None:
+                    await conn.execute(participants.insert(),
+                                       {"pid": pid, "account_id": account_id})
+                stmt = self.dialect_insert(bundles)
+                await conn.execute(
+                    stmt.on_conflict_do_update(
+                        index_elements=[bundles.c.pid],
+                        set_={"created_at": stmt.excluded.created_at, "data": stmt.excluded.data},
+                        where=bundles.c.created_at < stmt.excluded.created_at,
+                    ),
+                    {"pid": pid, "created_at": created_at, "data": bundle},
+                )
+        except StorageError as exc:
+            if isinstance(exc.__cause__, IntegrityError):
+                raise NameTaken(f"participant {pid} belongs to another account") from None
+            raise
+
+    async def create_session(self, token_hash: bytes, account_id: int, expires_at: float) -> None:
+        async with _mapped("creating a session"), self._write_lock(), \
+                self.engine.begin() as conn:
+            await conn.execute(delete(sessions).where(sessions.c.expires_at < time.time()))
+            await conn.execute(sessions.insert(), {"token_hash": token_hash,
+                                                   "account_id": account_id,
+                                                   "expires_at": expires_at})
+
+    async def session_account(self, token_hash: bytes, now: float) -> Account | None:
+        account_id = await self._scalar(
+            select(sessions.c.account_id)
+            .where(sessions.c.token_hash == token_hash, sessions.c.expires_at > now),
+            "reading a session",
+        )
+        return await self.account(int(account_id)) if account_id is not None else None
+
+    async def delete_session(self, token_hash: bytes) -> None:
+        async with _mapped("deleting a session"), self._write_lock(), \
+                self.engine.begin() as conn:
+            await conn.execute(delete(sessions).where(sessions.c.token_hash == token_hash))
+
+    async def list_accounts(self) -> list[Account]:
+        rows = await self._rows(
+            select(accounts.c.id, accounts.c.username, accounts.c.is_admin)
+            .order_by(accounts.c.id),
+            "listing accounts",
+        )
+        return [Account(int(r.id), r.username, bool(r.is_admin)) for r in rows]
+
+
+class SqliteStore(SqlStore):
+    """The embedded default: one SQLite file in WAL mode."""
+
+    dialect_insert = staticmethod(sqlite_dialect.insert)
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        super().__init__(engine)
+        self._lock = asyncio.Lock()
+
+        @event.listens_for(engine.sync_engine, "connect")
+        def _pragmas(dbapi_conn: Any, _record: Any) -> None:  # noqa: ANN401
+            cursor = dbapi_conn.cursor()
+            # WAL: readers never block the archiver; NORMAL is durable at each WAL
+            # checkpoint and loses nothing on a process crash (only on power loss).
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA busy_timeout=10000")
+            cursor.close()
+
+    @classmethod
+    def from_path(cls, path: str) -> SqliteStore:
+        return cls(create_async_engine(f"sqlite+aiosqlite:///{path}"))
+
+    def _write_lock(self) -> AbstractAsyncContextManager[None]:
+        return self._lock
+
+
+class PostgresStore(SqlStore):
+    """PostgreSQL through asyncpg; several gateways may share one database."""
+
+    dialect_insert = staticmethod(pg_dialect.insert)
+
+    @classmethod
+    def from_url(cls, url: str, *, pool_size: int = 10) -> PostgresStore:
+        return cls(create_async_engine(url, pool_size=pool_size, pool_pre_ping=True))
+
+    async def _serialise_archive(self, conn: AsyncConnection) -> None:
+        await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _ARCHIVE_LOCK})
+
+    async def _migration_lock(self, conn: AsyncConnection) -> None:
+        await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATE_LOCK})
+
+
+def open_store(url: str) -> SqliteStore | PostgresStore:
+    """The store for a ``sqlite:///path`` or ``postgresql://…`` URL (not yet migrated).
+
+    Raises:
+        ConfigError: another scheme.
+    """
+    parts = urlsplit(url)
+    scheme = parts.scheme.split("+")[0]
+    if scheme == "sqlite":
+        path = url.split(":///", 1)[1] if ":///" in url else ""
+        if not path:
+            raise ConfigError("sqlite URL needs a file path: sqlite:///path/to/history.db")
+        return SqliteStore.from_path(path)
+    if scheme in ("postgresql", "postgres"):
+        rest = url.split("://", 1)[1]
+        return PostgresStore.from_url(f"postgresql+asyncpg://{rest}")
+    raise ConfigError(f"unsupported database URL scheme {parts.scheme!r}")
+

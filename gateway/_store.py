@@ -1,0 +1,232 @@
+"""The storage interfaces of the gateway and the records that cross them.
+
+Two protocols, one implementation per database engine (``gateway._sql``):
+
+* :class:`HistoryStore` — ciphertext only: envelopes with their routing fields and a
+  server sequence number (``seq``), envelopes waiting for a roster or bundle, rosters,
+  bundles and inbox grants.
+* :class:`AccountStore` — web accounts, the browser participants they own, sessions.
+
+``seq`` is global and increases in commit order (PostgreSQL serialises archive
+commits, SQLite has one writer), so "everything after cursor N" never skips a row
+that commits later with a smaller number. It is the cursor of the history API and
+of the WebSocket bridge.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+__all__ = [
+    "Account",
+    "AccountStore",
+    "ArchiveBatch",
+    "ArchiveResult",
+    "GrantRecord",
+    "HistoryStore",
+    "NewEnvelope",
+    "PendingEnvelope",
+    "RosterRecord",
+    "StoredEnvelope",
+    "StoredGrant",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class NewEnvelope:
+    """A verified envelope to archive, verbatim, with its routing fields."""
+
+    cid: str
+    epoch: int
+    sender: int
+    sender_pid: str
+    chain: int
+    step: int
+    data: bytes
+    received_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEnvelope:
+    seq: int
+    cid: str
+    epoch: int
+    sender: int
+    sender_pid: str
+    chain: int
+    step: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class PendingEnvelope:
+    """Structurally valid, not yet verifiable: its roster or its sender's bundle is missing.
+
+    Stored (and acknowledged to the broker) so nothing valid is lost while it waits;
+    ``id`` is ``None`` before it is stored.
+    """
+
+    cid: str
+    epoch: int
+    sender: int
+    data: bytes
+    received_at: float
+    sender_pid: str | None = None
+    id: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RosterRecord:
+    cid: str
+    epoch: int
+    digest: bytes
+    members: tuple[str, ...]
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class GrantRecord:
+    recipient: str
+    cid: str
+    granter: str
+    digest: bytes
+    data: bytes
+    received_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class StoredGrant:
+    seq: int
+    recipient: str
+    cid: str
+    granter: str
+    data: bytes
+
+
+@dataclass(slots=True)
+class ArchiveBatch:
+    """Everything one archive commit writes, in one transaction.
+
+    Rosters and bundles are written before envelopes; ``resolved`` are pending ids
+    that this batch settles (archived or rejected) and deletes.
+    """
+
+    envelopes: list[NewEnvelope] = field(default_factory=list)
+    pending: list[PendingEnvelope] = field(default_factory=list)
+    resolved: list[int] = field(default_factory=list)
+    rosters: list[RosterRecord] = field(default_factory=list)
+    bundles: list[tuple[str, int, bytes]] = field(default_factory=list)  # pid, created_at, data
+    grants: list[GrantRecord] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(
+            self.envelopes or self.pending or self.resolved or self.rosters or self.bundles
+            or self.grants
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ArchiveResult:
+    archived: int  # new envelope rows
+    duplicates: int  # envelopes already archived (redelivery, a second gateway)
+    rosters: int
+    grants: int
+    max_seq: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    id: int
+    username: str
+    is_admin: bool
+    pids: tuple[str, ...] = ()
+
+
+class HistoryStore(Protocol):
+    """The encrypted history. Every method may raise :class:`~schemas.TransportError`
+    (database unreachable); nothing here decrypts or sees keys."""
+
+    async def migrate(self) -> int:
+        """Bring the schema to the latest version; return it."""
+        ...
+
+    async def close(self) -> None: ...
+
+    async def ping(self) -> None:
+        """Raises TransportError when the database does not answer."""
+        ...
+
+    async def commit(self, batch: ArchiveBatch) -> ArchiveResult:
+        """Write one archive batch atomically; envelopes idempotently."""
+        ...
+
+    async def roster(self, cid: str, epoch: int) -> bytes | None: ...
+
+    async def rosters(self, cid: str) -> list[RosterRecord]: ...
+
+    async def bundle(self, pid: str) -> bytes | None: ...
+
+    async def pending(
+        self, *, cids: Collection[str] = (), pids: Collection[str] = (), limit: int = 1000
+    ) -> list[PendingEnvelope]:
+        """Pending envelopes of these conversations or senders (all when both are empty)."""
+        ...
+
+    async def pending_count(self) -> int: ...
+
+    async def history(
+        self, cid: str, *, before: int | None = None, after: int | None = None, limit: int = 50
+    ) -> list[StoredEnvelope]:
+        """Newest first below ``before``; or oldest first above ``after`` (gap filling)."""
+        ...
+
+    async def since(
+        self, after: int, *, cids: Collection[str] | None = None, limit: int = 1000
+    ) -> list[StoredEnvelope]:
+        """Envelopes with ``seq > after`` in seq order, optionally of some conversations."""
+        ...
+
+    async def max_seq(self) -> int: ...
+
+    async def grants_for(
+        self, recipients: Collection[str], *, after: int = 0, limit: int = 100
+    ) -> list[StoredGrant]: ...
+
+    async def conversations_of(self, pids: Collection[str]) -> dict[str, tuple[str, ...]]:
+        """Conversations whose latest roster lists one of ``pids``: cid -> its members."""
+        ...
+
+    async def was_member(self, cid: str, pids: Collection[str]) -> bool:
+        """True when any archived roster of ``cid`` lists one of ``pids``."""
+        ...
+
+
+class AccountStore(Protocol):
+    """Web accounts. Passwords arrive already hashed; session tokens as their SHA-256."""
+
+    async def create_account(self, username: str, password_hash: str, *, is_admin: bool) -> int:
+        """Raises: NameTaken: the user name exists."""
+        ...
+
+    async def account_login(self, username: str) -> tuple[int, str] | None:
+        """``(account id, password hash)`` or ``None``."""
+        ...
+
+    async def set_password_hash(self, account_id: int, password_hash: str) -> None: ...
+
+    async def account(self, account_id: int) -> Account | None: ...
+
+    async def add_participant(self, account_id: int, pid: str, bundle: bytes) -> None:
+        """Raises: NameTaken: the pid belongs to another account."""
+        ...
+
+    async def create_session(self, token_hash: bytes, account_id: int, expires_at: float) -> None:
+        ...
+
+    async def session_account(self, token_hash: bytes, now: float) -> Account | None: ...
+
+    async def delete_session(self, token_hash: bytes) -> None: ...
+
+    async def list_accounts(self) -> Sequence[Account]: ...
