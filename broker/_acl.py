@@ -1,0 +1,242 @@
+"""Who may publish, subscribe and receive what (DESIGN.md, topic table).
+
+Participants (username = pid):
+
+=========================  =================  ==================  ===================
+topic                      publish            subscribe           receive
+=========================  =================  ==================  ===================
+``p/{pid}/bundle|status``  own pid only       any pid (no ``+``)  yes
+``p/{pid}/inbox``          any pid            own pid only        own pid only
+``c/{cid}/roster``         member, and the    member              member
+                           roster must chain
+``c/{cid}/msg``            member             member              member
+anything else, ``$…``,     no (disconnect)    no                  no
+wildcards
+=========================  =================  ==================  ===================
+
+Gateways (username ``gw-<name>``) act for web participants, whose own access the
+gateway checks: they may publish to every fieldchat topic (rosters must still chain)
+and subscribe to concrete fieldchat topics, to the wildcard filters
+``{prefix}/c/+/msg``, ``c/+/roster``, ``p/+/bundle``, ``p/+/status``, ``p/+/inbox``,
+and to the same under ``$share/<group>/`` so replicas split the archive work.
+
+Membership of ``cid`` = (pids of the current roster, plus ``allow`` overrides) minus
+``deny`` overrides. Receive is checked again at every delivery (live, queued and
+retained), so a member removed by a newer roster or ``deny`` stops receiving at
+once, even through subscriptions made while it was a member.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from broker._store import Role
+from schemas.errors import FieldchatError, InvalidId
+from schemas.roster import Roster, verify_roster_chain
+from schemas.topics import Topic, TopicKind, Topics
+
+__all__ = ["Deny", "Identity", "Membership", "Rules", "gateway_filters"]
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """An authenticated client."""
+
+    username: str
+    role: Role
+
+    @property
+    def is_gateway(self) -> bool:
+        return self.role == "gateway"
+
+
+class Deny(enum.StrEnum):
+    """Why a publish or subscription was refused; the label of the denial counter.
+
+    ``FORBIDDEN`` and ``NOT_OWNER`` can only be bugs or attacks (the publisher is
+    disconnected); ``NOT_MEMBER`` and ``ROSTER`` can be races with a roster change.
+    """
+
+    FORBIDDEN = "forbidden_topic"
+    NOT_OWNER = "not_owner"
+    NOT_MEMBER = "not_member"
+    ROSTER = "roster"
+    TOO_MANY = "too_many_subscriptions"
+
+    @property
+    def is_race(self) -> bool:
+        return self in (Deny.NOT_MEMBER, Deny.ROSTER)
+
+
+@dataclass
+class Membership:
+    """Conversation membership: signed rosters plus admin overrides."""
+
+    rosters: dict[str, Roster] = field(default_factory=dict)
+    allowed: dict[str, set[str]] = field(default_factory=dict)
+    denied: dict[str, set[str]] = field(default_factory=dict)
+    _members: dict[str, frozenset[str]] = field(default_factory=dict)
+
+    @classmethod
+    def build(
+        cls, rosters: dict[str, Roster], overrides: Iterable[tuple[str, str, bool]]
+    ) -> Membership:
+        membership = cls(rosters=dict(rosters))
+        for pid, cid, allow in overrides:
+            (membership.allowed if allow else membership.denied).setdefault(cid, set()).add(pid)
+        membership._members = {cid: membership._compute(cid) for cid in membership.cids()}
+        return membership
+
+    def cids(self) -> set[str]:
+        return set(self.rosters) | set(self.allowed) | set(self.denied)
+
+    def _compute(self, cid: str) -> frozenset[str]:
+        roster = self.rosters.get(cid)
+        pids = set(roster.pids) if roster else set()
+        return frozenset((pids | self.allowed.get(cid, set())) - self.denied.get(cid, set()))
+
+    def members(self, cid: str) -> frozenset[str]:
+        return self._members.get(cid, frozenset())
+
+    def is_member(self, pid: str, cid: str) -> bool:
+        return pid in self._members.get(cid, ())
+
+    def check_roster(self, data: bytes, cid: str) -> Roster | None:
+        """Validate a roster published on ``c/{cid}/roster``.
+
+        Returns the roster when it advances the conversation, ``None`` when it is
+        the current roster again (an idempotent republish).
+
+        Raises:
+            FieldchatError: malformed, bad signature, another cid, stale, forked or
+                not signed by an admin of the previous epoch.
+        """
+        roster = Roster.from_bytes(data)
+        if roster.cid != cid:
+            raise InvalidId("roster published on another conversation's topic")
+        current = self.rosters.get(cid)
+        if current is not None and roster.to_bytes() == current.to_bytes():
+            return None
+        verify_roster_chain(roster, current)
+        return roster
+
+    def adopt(self, roster: Roster) -> frozenset[str]:
+        """Make ``roster`` current; return the pids that lost membership."""
+        before = self.members(roster.cid)
+        self.rosters[roster.cid] = roster
+        self._members[roster.cid] = self._compute(roster.cid)
+        return before - self._members[roster.cid]
+
+    def set_overrides(self, overrides: Iterable[tuple[str, str, bool]]) -> dict[str, set[str]]:
+        """Replace the overrides; return ``{cid: pids that lost membership}``."""
+        before = dict(self._members)
+        self.allowed, self.denied = {}, {}
+        for pid, cid, allow in overrides:
+            (self.allowed if allow else self.denied).setdefault(cid, set()).add(pid)
+        self._members = {cid: self._compute(cid) for cid in self.cids()}
+        lost = {}
+        for cid, pids in before.items():
+            gone = pids - self._members.get(cid, frozenset())
+            if gone:
+                lost[cid] = set(gone)
+        return lost
+
+
+def gateway_filters(topics: Topics) -> frozenset[str]:
+    """The wildcard filters a gateway may subscribe to (also under ``$share/<g>/``)."""
+    return frozenset(
+        {
+            topics.all_msgs(),
+            topics.all_rosters(),
+            topics.all_bundles(),
+            topics.all_statuses(),
+            f"{topics.prefix}/p/+/inbox",
+        }
+    )
+
+
+class Rules:
+    """The ACL of the table above, over a :class:`Membership` view."""
+
+    def __init__(self, topics: Topics, membership: Membership) -> None:
+        self.topics = topics
+        self.membership = membership
+        self._gateway_filters = gateway_filters(topics)
+
+    def parse(self, topic: str) -> Topic | None:
+        try:
+            return self.topics.parse(topic)
+        except InvalidId:
+            return None
+
+    def publish(
+        self, who: Identity, topic: str, payload: bytes
+    ) -> tuple[Deny | None, Roster | None]:
+        """Check a PUBLISH; return ``(denial or None, roster to adopt or None)``."""
+        parsed = self.parse(topic)
+        if parsed is None:
+            return Deny.FORBIDDEN, None
+        if parsed.kind is TopicKind.ROSTER:
+            return self._roster(who, parsed, payload)
+        if who.is_gateway:
+            return None, None
+        if parsed.kind in (TopicKind.BUNDLE, TopicKind.STATUS):
+            return (None if parsed.pid == who.username else Deny.NOT_OWNER), None
+        if parsed.kind is TopicKind.INBOX:
+            return None, None
+        assert parsed.cid is not None
+        ok = self.membership.is_member(who.username, parsed.cid)
+        return (None if ok else Deny.NOT_MEMBER), None
+
+    def _roster(
+        self, who: Identity, parsed: Topic, payload: bytes
+    ) -> tuple[Deny | None, Roster | None]:
+        assert parsed.cid is not None
+        if not payload:  # a roster is never cleared: that would erase the conversation
+            return Deny.ROSTER, None
+        try:
+            roster = self.membership.check_roster(payload, parsed.cid)
+        except FieldchatError:
+            return Deny.ROSTER, None
+        if who.is_gateway:
+            return None, roster
+        current = self.membership.rosters.get(parsed.cid)
+        listed = (roster is not None and who.username in roster.pids) or (
+            current is not None and who.username in current.pids
+        )
+        if not listed and not self.membership.is_member(who.username, parsed.cid):
+            return Deny.NOT_MEMBER, None
+        return None, roster
+
+    def subscribe(self, who: Identity, topic_filter: str) -> Deny | None:
+        """Check one SUBSCRIBE filter."""
+        if who.is_gateway:
+            if topic_filter.startswith("$share/"):
+                parts = topic_filter.split("/", 2)
+                if len(parts) != 3 or not parts[1] or "+" in parts[1] or "#" in parts[1]:
+                    return Deny.FORBIDDEN
+                topic_filter = parts[2]
+            if topic_filter in self._gateway_filters:
+                return None
+        parsed = None if "+" in topic_filter or "#" in topic_filter else self.parse(topic_filter)
+        if parsed is None:
+            return Deny.FORBIDDEN
+        if who.is_gateway:
+            return None
+        return (
+            None
+            if self.receive(who, parsed)
+            else (Deny.NOT_MEMBER if parsed.cid is not None else Deny.NOT_OWNER)
+        )
+
+    def receive(self, who: Identity, parsed: Topic) -> bool:
+        """May ``who`` be sent a message on this (parsed) topic now?"""
+        if who.is_gateway:
+            return True
+        if parsed.cid is not None:
+            return self.membership.is_member(who.username, parsed.cid)
+        if parsed.kind is TopicKind.INBOX:
+            return parsed.pid == who.username
+        return True

@@ -1,0 +1,391 @@
+"""One client connection: CONNECT handling, the read loop, acknowledgements.
+
+Order of a CONNECT, fixing aMQTT 0.12.1 (which touches the session first):
+
+1. the CONNECT must arrive within ``connect_timeout_s`` (a silent socket is closed);
+2. the credential is checked, and the client id must equal the username; a failure
+   gets a CONNACK refusal and touches no session;
+3. the will topic must be one the client may publish to;
+4. only then is an existing connection of that client id closed (takeover, without
+   its will: the client is still there) and the session resumed or replaced.
+
+Keep-alive: a client silent for 1.5 times its keep-alive (MQTT-3.1.2-24) is closed and
+its will is published, as for any close without DISCONNECT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+
+from broker import _codec as codec
+from broker._acl import Deny, Identity
+from broker._credentials import verify_credential
+from broker._engine import Engine
+from broker._errors import MalformedPacket, PacketTooLarge
+from broker._session import Message, Session
+from broker._transport import Transport
+
+__all__ = ["Connection"]
+
+log = logging.getLogger("broker")
+
+_ACCEPTED = 0
+_BAD_PROTOCOL = 1
+_ID_REJECTED = 2
+_BAD_CREDENTIALS = 4
+_NOT_AUTHORIZED = 5
+_SUBACK_FAILURE = 0x80
+
+
+class _Close(Exception):  # noqa: N818 - control flow inside this module only
+    """Close the connection; ``reason`` labels the metric."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Connection:
+    """Drives one transport until it closes."""
+
+    def __init__(self, engine: Engine, transport: Transport) -> None:
+        self.engine = engine
+        self.transport = transport
+        self.session: Session | None = None
+        self.identity: Identity | None = None
+        self.will: codec.Will | None = None
+        self.send_will = True
+        self._keep_alive = 0.0
+        self._last_rx = 0.0
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._acks: deque[tuple[bytes, asyncio.Future[None] | None]] = deque()
+        self._qos2: set[int] = set()
+        self._closed = False
+        self._loop = asyncio.get_running_loop()
+
+    # lifecycle ------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        reason = "closed"
+        try:
+            await self._serve()
+        except _Close as close:
+            reason = close.reason
+        except PacketTooLarge:
+            reason = "too_large"
+        except MalformedPacket as exc:
+            log.info("%s: malformed packet (%s); closing", self._who(), exc)
+            reason = "malformed"
+        except (asyncio.IncompleteReadError, ConnectionError, OSError):
+            reason = "network"
+        except asyncio.CancelledError:
+            reason = "shutdown"
+            raise
+        finally:
+            self._finish(reason)
+
+    async def _serve(self) -> None:
+        engine = self.engine
+        if len(engine.connections) >= engine.limits.max_connections:
+            raise _Close("max_connections")
+        engine.connections.add(self)
+        engine.metrics.connections.inc()
+        try:
+            async with asyncio.timeout(engine.limits.connect_timeout_s):
+                ptype, _, body = await codec.read_packet(
+                    self.transport, engine.limits.max_packet_bytes
+                )
+        except TimeoutError:
+            raise _Close("connect_timeout") from None
+        if ptype != codec.CONNECT:  # MQTT-3.1.0-1
+            raise _Close("not_connect")
+        await self._connect(codec.parse_connect(body))
+        await self._read_loop()
+
+    def _finish(self, reason: str) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        engine = self.engine
+        engine.connections.discard(self)
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        if reason not in ("closed", "disconnect", "network"):
+            engine.metrics.disconnects.labels(reason).inc()
+        session = self.session
+        if session is not None and session.conn is self:
+            engine.metrics.connected.dec()
+            session.conn = None
+            if self.will is not None and self.send_will and reason != "disconnect":
+                self._publish_will(self.will)
+            if not session.persistent:
+                engine.drop_session(session)
+        if reason in ("disconnect", "refused"):
+            self.transport.close()
+        else:
+            self.transport.abort()
+
+    def kick(self, reason: str) -> None:
+        """Close from the broker side without the will (takeover, revocation, shutdown)."""
+        self.send_will = False
+        self._finish(reason)
+
+    def _who(self) -> str:
+        return self.identity.username if self.identity else self.transport.peer
+
+    # CONNECT ------------------------------------------------------------------------
+
+    async def _connect(self, connect: codec.Connect) -> None:
+        engine = self.engine
+        metrics = engine.metrics
+        if connect.protocol_level != 4:  # MQTT 3.1.1 only (MQTT-3.1.2-2)
+            self._refuse(_BAD_PROTOCOL, "protocol")
+        account = engine.accounts.get(connect.username or "")
+        ok = False
+        if account is not None and connect.password is not None:
+            ok = await asyncio.to_thread(verify_credential, connect.password, account.hash)
+            # The account may have been revoked while we were hashing.
+            ok = ok and engine.accounts.get(account.username) is account
+        if not ok:
+            log.info(
+                "login refused for %r from %s", (connect.username or "")[:64], self.transport.peer
+            )
+            await asyncio.sleep(engine.limits.auth_failure_delay_s)
+            self._refuse(_BAD_CREDENTIALS, "auth")
+        assert account is not None
+        if connect.client_id != account.username:
+            self._refuse(_ID_REJECTED, "client_id")
+        identity = Identity(account.username, account.role)
+        if connect.will is not None:
+            denial, roster = engine.rules.publish(
+                identity, connect.will.topic, connect.will.payload
+            )
+            if denial is not None or roster is not None:
+                self._refuse(_NOT_AUTHORIZED, "will")
+        self.identity = identity
+        self.will = connect.will
+        # Authenticated: now, and only now, touch the session (takeover).
+        session = engine.sessions.get(identity.username)
+        if session is not None and session.conn is not None:
+            log.info("%s connected again: closing its previous connection", identity.username)
+            session.conn.kick("takeover")
+        present = False
+        if session is not None and (connect.clean_session or not session.persistent):
+            engine.drop_session(session)
+            session = None
+        if session is None:
+            session = Session(identity.username, identity, persistent=not connect.clean_session)
+            engine.sessions[session.client_id] = session
+        else:
+            present = True
+            session.identity = identity
+        engine.persist_session(session)
+        self.session = session
+        session.conn = self
+        metrics.connected.inc()
+        self.transport.write(codec.connack(present, _ACCEPTED))
+        self._keep_alive = connect.keep_alive * engine.limits.keepalive_factor
+        self._last_rx = self._loop.time()
+        if self._keep_alive:
+            self._watchdog = self._loop.call_later(self._keep_alive, self._check_keep_alive)
+        # MQTT-4.4.0-1: resend unacknowledged PUBLISH packets (DUP set), in order.
+        for packet_id, message in list(session.inflight.items()):
+            self._write_publish(message, packet_id, dup=True)
+        engine.pump(session)
+
+    def _refuse(self, code: int, reason: str) -> None:
+        self.engine.metrics.denials.labels(reason).inc()
+        self.transport.write(codec.connack(False, code))
+        self.transport.close()
+        raise _Close("refused")
+
+    def _check_keep_alive(self) -> None:
+        idle = self._loop.time() - self._last_rx
+        if idle >= self._keep_alive:
+            log.info("%s silent for %.1f s (keep-alive): closing", self._who(), idle)
+            self._finish("keepalive")
+            return
+        self._watchdog = self._loop.call_later(self._keep_alive - idle, self._check_keep_alive)
+
+    def _publish_will(self, will: codec.Will) -> None:
+        engine = self.engine
+        parsed = engine.parse(will.topic)
+        if parsed is None:
+            return
+        engine.metrics.messages_in.inc()
+        engine.route(will.topic, will.payload, will.qos, parsed)
+        if will.retain:
+            engine.retain(will.topic, will.payload, will.qos)
+
+    # read loop ---------------------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        engine = self.engine
+        limit = engine.limits.max_packet_bytes
+        read = codec.read_packet
+        transport = self.transport
+        session = self.session
+        assert session is not None
+        while not self._closed:
+            ptype, flags, body = await read(transport, limit)
+            self._last_rx = self._loop.time()
+            if ptype == codec.PUBLISH:
+                self._on_publish(codec.parse_publish(flags, body))
+            elif ptype == codec.PUBACK:
+                if session.conn is self:
+                    engine.acked(session, codec.packet_id_only(body))
+            elif ptype == codec.PINGREQ:
+                transport.write(codec.pingresp())
+            elif ptype == codec.SUBSCRIBE:
+                self._on_subscribe(*codec.parse_subscribe(body))
+            elif ptype == codec.UNSUBSCRIBE:
+                self._on_unsubscribe(*codec.parse_unsubscribe(body))
+            elif ptype == codec.PUBREL:
+                packet_id = codec.packet_id_only(body)
+                self._qos2.discard(packet_id)
+                self._ack(codec.pubcomp(packet_id), None)
+            elif ptype == codec.DISCONNECT:
+                raise _Close("disconnect")
+            else:  # a second CONNECT (MQTT-3.1.0-2), or PUBREC/PUBCOMP we never asked for
+                raise MalformedPacket(f"unexpected packet type {ptype}")
+
+    def _on_publish(self, packet: codec.Publish) -> None:
+        engine = self.engine
+        identity = self.identity
+        assert identity is not None
+        if packet.qos == 2 and packet.packet_id in self._qos2:  # a resent QoS 2: PUBREC again
+            self._ack(codec.pubrec(packet.packet_id), None)
+            return
+        denial, roster = engine.rules.publish(identity, packet.topic, packet.payload)
+        if denial is not None:
+            self._denied(packet, denial)
+            return
+        if roster is not None:
+            engine.adopt_roster(roster)
+        parsed = engine.parse(packet.topic)
+        assert parsed is not None
+        engine.metrics.messages_in.inc()
+        wrote = engine.route(packet.topic, packet.payload, packet.qos, parsed)
+        if packet.retain:
+            wrote = engine.retain(packet.topic, packet.payload, packet.qos) or wrote
+        if packet.qos == 0 or packet.packet_id is None:
+            return
+        pending = engine.writer.committed() if wrote and engine.writer is not None else None
+        if packet.qos == 1:
+            self._ack(codec.puback(packet.packet_id), pending)
+        else:
+            self._qos2.add(packet.packet_id)
+            self._ack(codec.pubrec(packet.packet_id), pending)
+
+    def _denied(self, packet: codec.Publish, denial: Deny) -> None:
+        engine = self.engine
+        engine.metrics.denials.labels(denial.value).inc()
+        log.info("%s may not publish to %r (%s)", self._who(), packet.topic[:120], denial.value)
+        if not denial.is_race or engine.config.on_not_member == "disconnect":
+            raise _Close("denied_publish")
+        if packet.qos == 1 and packet.packet_id is not None:
+            self._ack(codec.puback(packet.packet_id), None)
+        elif packet.qos == 2 and packet.packet_id is not None:
+            self._qos2.add(packet.packet_id)
+            self._ack(codec.pubrec(packet.packet_id), None)
+
+    def _ack(self, data: bytes, pending: asyncio.Future[None] | None) -> None:
+        """Acknowledge in PUBLISH order (MQTT-4.6.0-2), after ``pending`` commits."""
+        if pending is None and not self._acks:
+            self.transport.write(data)
+            return
+        self._acks.append((data, pending))
+        if pending is not None and not pending.done():
+            pending.add_done_callback(self._flush_acks)
+        else:
+            self._flush_acks()
+
+    def _flush_acks(self, _: object = None) -> None:
+        acks = self._acks
+        while acks and not self._closed:
+            data, pending = acks[0]
+            if pending is not None:
+                if not pending.done():
+                    return
+                if pending.cancelled() or pending.exception() is not None:
+                    log.error("store write failed: closing %s without acknowledging", self._who())
+                    self._finish("store_error")
+                    return
+            acks.popleft()
+            self.transport.write(data)
+
+    def _on_subscribe(self, packet_id: int, filters: list[tuple[str, int]]) -> None:
+        engine = self.engine
+        session = self.session
+        identity = self.identity
+        assert session is not None
+        assert identity is not None
+        codes: list[int] = []
+        granted: list[tuple[str, int]] = []
+        for topic_filter, qos in filters:
+            denial = None if _valid_filter(topic_filter) else Deny.FORBIDDEN
+            denial = denial or engine.rules.subscribe(identity, topic_filter)
+            if denial is None and (
+                topic_filter not in session.subscriptions
+                and len(session.subscriptions) >= engine.limits.max_subscriptions
+            ):
+                denial = Deny.TOO_MANY
+            if denial is not None:
+                engine.metrics.denials.labels(denial.value).inc()
+                log.info("%s may not subscribe to %r (%s)", self._who(), topic_filter[:120], denial)
+                codes.append(_SUBACK_FAILURE)
+                continue
+            grant = min(qos, 1)  # QoS 2 is granted as 1 (MQTT-3.9.3: the server may grant less)
+            engine.add_subscription(session, topic_filter, grant)
+            codes.append(grant)
+            granted.append((topic_filter, grant))
+        engine.persist_session(session)
+        self.transport.write(codec.suback(packet_id, codes))
+        for topic_filter, qos in granted:  # MQTT-3.3.1-6, after the SUBACK
+            engine.replay_retained(session, topic_filter, qos)
+
+    def _on_unsubscribe(self, packet_id: int, filters: list[str]) -> None:
+        session = self.session
+        assert session is not None
+        for topic_filter in filters:
+            self.engine.remove_subscription(session, topic_filter)
+        self.engine.persist_session(session)
+        self.transport.write(codec.unsuback(packet_id))
+
+    # sending -------------------------------------------------------------------------
+
+    def send_message(self, message: Message) -> None:
+        session = self.session
+        assert session is not None
+        packet_id = session.allocate_id()
+        session.inflight[packet_id] = message
+        self._write_publish(message, packet_id, dup=False)
+
+    def _write_publish(self, message: Message, packet_id: int, *, dup: bool) -> None:
+        self.transport.write(
+            codec.publish(
+                message.topic_bytes, message.payload, 1, packet_id, retain=message.retain, dup=dup
+            )
+        )
+        self.engine.metrics.messages_out.inc()
+
+    def send_qos0(self, topic: str, payload: bytes, *, retain: bool) -> None:
+        self.transport.write(
+            codec.publish(topic.encode(), payload, 0, None, retain=retain, dup=False)
+        )
+        self.engine.metrics.messages_out.inc()
+
+
+def _valid_filter(topic_filter: str) -> bool:
+    """MQTT §4.7.1: non-empty; ``#`` only alone as the last level; ``+`` only alone."""
+    if not topic_filter:
+        return False
+    levels = topic_filter.split("/")
+    for i, level in enumerate(levels):
+        if "#" in level and (level != "#" or i != len(levels) - 1):
+            return False
+        if "+" in level and level != "+":
+            return False
+    return True

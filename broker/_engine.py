@@ -1,0 +1,388 @@
+"""The routing core: sessions, subscriptions, retained messages, membership, state.
+
+One :class:`Engine` per broker, used only from the event loop thread (no locks).
+:class:`~broker._connection.Connection` drives it from the network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import TYPE_CHECKING, Any
+
+from broker._acl import Identity, Membership, Rules
+from broker._config import BrokerConfig
+from broker._metrics import Metrics
+from broker._session import Message, Session
+from broker._store import Account, Store, WriteBehind
+from schemas.roster import Roster
+from schemas.topics import Topic, Topics
+
+if TYPE_CHECKING:
+    from broker._connection import Connection
+
+__all__ = ["Engine", "matches"]
+
+log = logging.getLogger("broker")
+
+_PARSE_CACHE_MAX = 65_536
+_QOS0_BUFFER_MAX = 1 << 20  # a socket this far behind drops QoS 0 (counted)
+
+
+def matches(topic: str, topic_filter: str) -> bool:
+    """MQTT §4.7 topic filter matching (``$`` topics never match a leading wildcard)."""
+    if topic_filter == topic:
+        return True
+    if topic.startswith("$") and topic_filter[:1] in ("+", "#"):
+        return False
+    t_levels = topic.split("/")
+    f_levels = topic_filter.split("/")
+    for i, level in enumerate(f_levels):
+        if level == "#":
+            return True
+        if i >= len(t_levels) or (level != "+" and level != t_levels[i]):
+            return False
+    return len(t_levels) == len(f_levels)
+
+
+class Engine:
+    """Routing and session state of one broker."""
+
+    def __init__(self, config: BrokerConfig, metrics: Metrics) -> None:
+        self.config = config
+        self.limits = config.limits
+        self.metrics = metrics
+        self.topics = Topics(config.prefix)
+        self.sessions: dict[str, Session] = {}
+        self.connections: set[Connection] = set()
+        self.exact: dict[str, dict[str, int]] = {}
+        self.wild: dict[str, dict[str, int]] = {}
+        self.shared: dict[tuple[str, str], dict[str, int]] = {}
+        self._next_in_group: dict[tuple[str, str], int] = {}
+        self.retained: dict[str, tuple[bytes, int]] = {}
+        self.accounts: dict[str, Account] = {}
+        self.membership = Membership()
+        self.rules = Rules(self.topics, self.membership)
+        self.store: Store | None = None
+        self.writer: WriteBehind | None = None
+        self._seq = 0
+        self._parsed: dict[str, Topic | None] = {}
+        self._data_version = -1
+        self._drop_logged: dict[str, int] = {}
+        metrics.queued.set_function(
+            lambda: float(sum(len(s.queue) + len(s.inflight) for s in self.sessions.values()))
+        )
+
+    # state ----------------------------------------------------------------------
+
+    def open(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Open the store and load accounts, memberships and (if persistent) state.
+
+        Raises:
+            ConfigError: the database cannot be opened.
+        """
+        self.store = Store(self.config.db_path)
+        self.accounts = self.store.accounts()
+        self.membership = Membership.build(self.store.rosters(), self.store.overrides())
+        self.rules = Rules(self.topics, self.membership)
+        self._data_version = self.store.data_version()
+        if not self.config.persistence:
+            return
+        self.retained = self.store.retained()
+        for client_id, (username, subscriptions) in self.store.sessions().items():
+            account = self.accounts.get(username)
+            if account is None or username != client_id:
+                continue
+            session = Session(client_id, Identity(username, account.role), persistent=True)
+            self.sessions[client_id] = session
+            for topic_filter, qos in subscriptions.items():
+                self.add_subscription(session, topic_filter, int(qos))
+        restored = 0
+        for client_id, stored in self.store.queued().items():
+            maybe = self.sessions.get(client_id)
+            for item in stored:
+                self._seq = max(self._seq, item.seq)
+                if maybe is not None:
+                    maybe.queue.append(
+                        Message(item.seq, item.topic, item.payload, retain=item.retain)
+                    )
+                    maybe.queued_bytes += len(item.payload)
+                    restored += 1
+        log.info(
+            "restored %d sessions, %d queued messages, %d retained messages",
+            len(self.sessions),
+            restored,
+            len(self.retained),
+        )
+        self.writer = WriteBehind(self.config.db_path, loop)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+
+    def reload(self) -> None:
+        """Apply account and override changes made by admin commands (any process)."""
+        if self.store is None:
+            return
+        version = self.store.data_version()
+        if version == self._data_version:
+            return
+        self._data_version = version
+        accounts = self.store.accounts()
+        changed = {
+            u for u, a in self.accounts.items() if u not in accounts or accounts[u].hash != a.hash
+        }
+        self.accounts = accounts
+        for username in changed:
+            session = self.sessions.get(username)
+            if session is None:
+                continue
+            if session.conn is not None:
+                log.info("credential of %s revoked or replaced: disconnecting it", username)
+                session.conn.kick("revoked")
+            if username not in accounts:
+                self.drop_session(session)
+        for cid, pids in self.membership.set_overrides(self.store.overrides()).items():
+            self.revoke_membership(cid, pids)
+
+    def parse(self, topic: str) -> Topic | None:
+        try:
+            return self._parsed[topic]
+        except KeyError:
+            if len(self._parsed) >= _PARSE_CACHE_MAX:
+                self._parsed.clear()
+            parsed = self._parsed[topic] = self.rules.parse(topic)
+            return parsed
+
+    # membership -------------------------------------------------------------------
+
+    def adopt_roster(self, roster: Roster) -> None:
+        lost = self.membership.adopt(roster)
+        if self.writer is not None:
+            self.writer.put("roster", roster.cid, roster.epoch, roster.to_bytes())
+        elif self.store is not None:
+            self.store.record_roster(roster)
+        log.info("conversation %s: roster epoch %d adopted", roster.cid, roster.epoch)
+        self.revoke_membership(roster.cid, lost)
+
+    def revoke_membership(self, cid: str, pids: set[str] | frozenset[str]) -> None:
+        """Remove the subscriptions of members who lost access to ``cid``."""
+        for pid in pids:
+            session = self.sessions.get(pid)
+            if session is None or session.identity.is_gateway:
+                continue
+            for topic_filter in list(session.subscriptions):
+                parsed = self.parse(topic_filter)
+                if parsed is not None and parsed.cid == cid:
+                    self.remove_subscription(session, topic_filter)
+            self.persist_session(session)
+            log.info("%s is no longer a member of %s: its subscriptions there are gone", pid, cid)
+
+    # sessions and subscriptions ---------------------------------------------------
+
+    def persist_session(self, session: Session) -> None:
+        if session.persistent and self.writer is not None:
+            self.writer.put(
+                "session",
+                session.client_id,
+                session.identity.username,
+                json.dumps(session.subscriptions),
+            )
+
+    def drop_session(self, session: Session) -> None:
+        """Forget a session: subscriptions, queue, in-flight, stored state."""
+        for topic_filter in list(session.subscriptions):
+            self.remove_subscription(session, topic_filter)
+        if self.sessions.get(session.client_id) is session:
+            del self.sessions[session.client_id]
+        if session.persistent and self.writer is not None:
+            self.writer.put("unsession", session.client_id)
+            self.writer.put("queue*", session.client_id)
+        session.queue.clear()
+        session.inflight.clear()
+
+    def add_subscription(self, session: Session, topic_filter: str, qos: int) -> None:
+        key, index = self._index(topic_filter)
+        index.setdefault(key, {})[session.client_id] = qos
+        session.subscriptions[topic_filter] = qos
+
+    def remove_subscription(self, session: Session, topic_filter: str) -> bool:
+        key, index = self._index(topic_filter)
+        subs = index.get(key)
+        if subs is not None:
+            subs.pop(session.client_id, None)
+            if not subs:
+                del index[key]
+        return session.subscriptions.pop(topic_filter, None) is not None
+
+    def _index(self, topic_filter: str) -> tuple[Any, dict[Any, dict[str, int]]]:
+        if topic_filter.startswith("$share/"):
+            _, group, real = topic_filter.split("/", 2)
+            return (group, real), self.shared
+        if "+" in topic_filter or "#" in topic_filter:
+            return topic_filter, self.wild
+        return topic_filter, self.exact
+
+    # routing ------------------------------------------------------------------------
+
+    def route(self, topic: str, payload: bytes, qos: int, parsed: Topic) -> bool:
+        """Deliver a message to every subscribed session allowed to receive it.
+
+        Returns whether queued copies were written to the store (the publisher's
+        PUBACK then waits for the commit).
+        """
+        targets: dict[str, int] = {}
+        subs = self.exact.get(topic)
+        if subs:
+            targets.update(subs)
+        for topic_filter, subs in self.wild.items():
+            if matches(topic, topic_filter):
+                for client_id, sub_qos in subs.items():
+                    if sub_qos > targets.get(client_id, -1):
+                        targets[client_id] = sub_qos
+        for key, subs in self.shared.items():
+            if subs and matches(topic, key[1]):
+                client_id = self._pick(key, subs)
+                if subs[client_id] > targets.get(client_id, -1):
+                    targets[client_id] = subs[client_id]
+        wrote = False
+        sessions = self.sessions
+        receive = self.rules.receive
+        for client_id, sub_qos in targets.items():
+            session = sessions.get(client_id)
+            if session is not None and receive(session.identity, parsed):
+                wrote |= self.deliver(session, topic, payload, min(qos, sub_qos), retain=False)
+        return wrote
+
+    def _pick(self, key: tuple[str, str], subs: dict[str, int]) -> str:
+        """Round robin over a shared group, preferring connected members."""
+        members = sorted(subs)
+        start = self._next_in_group.get(key, 0)
+        self._next_in_group[key] = start + 1
+        for i in range(len(members)):
+            candidate = members[(start + i) % len(members)]
+            session = self.sessions.get(candidate)
+            if session is not None and session.conn is not None:
+                return candidate
+        return members[start % len(members)]
+
+    def deliver(
+        self, session: Session, topic: str, payload: bytes, qos: int, *, retain: bool
+    ) -> bool:
+        """Send or queue one message for one session; QoS 0 is never queued offline."""
+        conn = session.conn
+        if qos == 0:
+            if conn is not None:
+                if conn.transport.buffered() > _QOS0_BUFFER_MAX:
+                    self.metrics.queue_drops.labels("slow_consumer").inc()
+                else:
+                    conn.send_qos0(topic, payload, retain=retain)
+            return False
+        self._seq += 1
+        message = Message(self._seq, topic, payload, retain=retain)
+        wrote = False
+        if session.persistent and self.writer is not None:
+            self.writer.put(
+                "queue+", session.client_id, message.seq, topic, payload, 1, int(retain)
+            )
+            wrote = True
+        if (
+            conn is not None
+            and not session.queue
+            and len(session.inflight) < self.limits.max_inflight
+        ):
+            conn.send_message(message)
+        else:
+            session.queue.append(message)
+            session.queued_bytes += len(payload)
+            if (
+                len(session.queue) > self.limits.max_queued_messages
+                or session.queued_bytes > self.limits.max_queued_bytes
+            ):
+                self._overflow(session)
+        return wrote
+
+    def _overflow(self, session: Session) -> None:
+        limits = self.limits
+        while session.queue and (
+            len(session.queue) > limits.max_queued_messages
+            or session.queued_bytes > limits.max_queued_bytes
+        ):
+            old = session.queue.popleft()
+            session.queued_bytes -= len(old.payload)
+            if session.persistent and self.writer is not None:
+                self.writer.put("queue-", session.client_id, old.seq)
+            self.metrics.queue_drops.labels("overflow").inc()
+            dropped = self._drop_logged.get(session.client_id, 0) + 1
+            self._drop_logged[session.client_id] = dropped
+            if dropped == 1 or dropped % 1000 == 0:
+                log.warning(
+                    "queue of %s is full (%d messages, %d bytes): dropped its oldest message "
+                    "(%d dropped so far)",
+                    session.client_id,
+                    len(session.queue),
+                    session.queued_bytes,
+                    dropped,
+                )
+
+    def acked(self, session: Session, packet_id: int) -> None:
+        message = session.inflight.pop(packet_id, None)
+        if message is None:
+            log.debug("%s acknowledged unknown packet id %d", session.client_id, packet_id)
+            return
+        if session.persistent and self.writer is not None:
+            self.writer.put("queue-", session.client_id, message.seq)
+        self.pump(session)
+
+    def pump(self, session: Session) -> None:
+        """Move queued messages into the in-flight window, checking access again."""
+        conn = session.conn
+        if conn is None:
+            return
+        window = self.limits.max_inflight
+        while session.queue and len(session.inflight) < window:
+            message = session.queue.popleft()
+            session.queued_bytes -= len(message.payload)
+            parsed = self.parse(message.topic)
+            if parsed is None or not self.rules.receive(session.identity, parsed):
+                if session.persistent and self.writer is not None:
+                    self.writer.put("queue-", session.client_id, message.seq)
+                continue
+            conn.send_message(message)
+        if not session.queue:
+            self._drop_logged.pop(session.client_id, None)
+
+    # retained ---------------------------------------------------------------------
+
+    def retain(self, topic: str, payload: bytes, qos: int) -> bool:
+        """Store or clear (empty payload, MQTT-3.3.1-10) a retained message."""
+        if payload:
+            self.retained[topic] = (payload, qos)
+        else:
+            self.retained.pop(topic, None)
+        if self.writer is None:
+            return False
+        if payload:
+            self.writer.put("retain", topic, payload, qos)
+        else:
+            self.writer.put("unretain", topic)
+        return True
+
+    def replay_retained(self, session: Session, topic_filter: str, granted: int) -> None:
+        """Send the retained messages matching a new subscription that ``session`` may read."""
+        if topic_filter.startswith("$share/"):
+            return  # shared subscriptions get no retained messages (MQTT 5 §4.8.2)
+        if "+" in topic_filter or "#" in topic_filter:
+            found = [(t, v) for t, v in self.retained.items() if matches(t, topic_filter)]
+        else:
+            value = self.retained.get(topic_filter)
+            found = [(topic_filter, value)] if value is not None else []
+        for topic, (payload, qos) in found:
+            parsed = self.parse(topic)
+            if parsed is not None and self.rules.receive(session.identity, parsed):
+                self.deliver(session, topic, payload, min(qos, granted), retain=True)

@@ -1,0 +1,135 @@
+"""Byte streams under one interface: TCP (plain or TLS) and WebSocket.
+
+aMQTT's adapters make every write awaitable and buffer WebSocket reads through a
+BytesIO per call; the broker writes from synchronous callbacks (PUBACK after a
+store commit), so these are synchronous to write and asynchronous only to read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+
+__all__ = ["TcpTransport", "Transport", "WsTransport"]
+
+log = logging.getLogger(__name__)
+
+
+class Transport:
+    """Base: ``readexactly`` raises ``asyncio.IncompleteReadError`` at end of stream."""
+
+    peer: str = "?"
+
+    async def readexactly(self, n: int) -> bytes:
+        raise NotImplementedError
+
+    def write(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def buffered(self) -> int:
+        """Bytes written but not yet handed to the kernel."""
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        """Close now, dropping anything unsent."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Close after sending what is buffered."""
+        raise NotImplementedError
+
+    async def wait_closed(self) -> None:
+        raise NotImplementedError
+
+
+class TcpTransport(Transport):
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._transport = writer.transport
+        peer = writer.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?"
+
+    async def readexactly(self, n: int) -> bytes:
+        return await self._reader.readexactly(n)
+
+    def write(self, data: bytes) -> None:
+        if not self._transport.is_closing():
+            self._transport.write(data)
+
+    def buffered(self) -> int:
+        return self._transport.get_write_buffer_size()
+
+    def abort(self) -> None:
+        self._transport.abort()
+
+    def close(self) -> None:
+        self._writer.close()
+
+    async def wait_closed(self) -> None:
+        with contextlib.suppress(OSError, asyncio.CancelledError):
+            await self._writer.wait_closed()
+
+
+class WsTransport(Transport):
+    """MQTT over WebSocket (binary frames; a frame may hold parts of packets, MQTT §6)."""
+
+    def __init__(self, ws: ServerConnection) -> None:
+        self._ws = ws
+        self._buf = bytearray()
+        self._out = bytearray()
+        self._flushing: asyncio.Task[None] | None = None
+        addr = ws.remote_address
+        self.peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else "?"
+
+    async def readexactly(self, n: int) -> bytes:
+        while len(self._buf) < n:
+            try:
+                frame = await self._ws.recv()
+            except ConnectionClosed:
+                raise asyncio.IncompleteReadError(bytes(self._buf), n) from None
+            if isinstance(frame, str):  # MQTT-6.0.0-1: binary frames only
+                raise asyncio.IncompleteReadError(bytes(self._buf), n)
+            self._buf += frame
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
+        return out
+
+    def write(self, data: bytes) -> None:
+        self._out += data
+        if self._flushing is None or self._flushing.done():
+            self._flushing = asyncio.get_running_loop().create_task(self._flush())
+
+    async def _flush(self) -> None:
+        while self._out:
+            data, self._out = bytes(self._out), bytearray()
+            try:
+                await self._ws.send(data)
+            except ConnectionClosed:
+                self._out.clear()
+                return
+
+    def buffered(self) -> int:
+        return len(self._out)
+
+    def abort(self) -> None:
+        self._out.clear()
+        self._ws.transport.abort()
+
+    def close(self) -> None:
+        asyncio.get_running_loop().create_task(self._close())
+
+    async def _close(self) -> None:
+        if self._flushing is not None:
+            with contextlib.suppress(Exception):
+                await self._flushing
+        with contextlib.suppress(Exception):
+            await self._ws.close()
+
+    async def wait_closed(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._ws.wait_closed()
