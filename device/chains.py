@@ -2,22 +2,25 @@
 
 Step *i* of a chain with key ``CK_i`` gives
 
-    message key  = HKDF-Expand(CK_i, "fc msg key", 32)
-    nonce        = HKDF-Expand(CK_i, "fc msg nonce", 12)
-    CK_{i+1}     = HKDF-Expand(CK_i, "fc chain next", 32)
+    message key_i || CK_{i+1} = HMAC-SHA512("fieldchat chain step v1", CK_i)
+    nonce_i                   = i as 12 bytes, big-endian
 
-(one-block HKDF-Expand is ``HMAC-SHA256(CK, label || 0x01)``). Old chain keys are
+one HMAC per step, in HKDF-Extract form (label as salt, chain key as input keying
+material; see ``schemas.crypto.chain_step``). Signal's symmetric ratchet makes two
+HMAC-SHA256 calls for the same 64 bytes.
+Every message key is used for exactly one message, so the nonce only has to be
+unique per key; deriving it from the step keeps it off the wire. Old chain keys are
 dropped as the chain advances, so a key stolen later cannot open earlier messages.
-No nonce travels: the step in the header is enough, and a step is never reused
-because the sender persists a reservation before using it (see ``SendChain``).
+A step is never reused because the sender persists a reservation before using it
+(see ``SendChain``).
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
-from schemas.crypto import hmac_sha256
+from schemas.crypto import aead_open, chain_step
 from schemas.errors import ForwardJumpTooLarge, SkippedKeyMissing
 
 __all__ = [
@@ -27,27 +30,29 @@ __all__ = [
     "RecvChain",
     "SendChain",
     "advance",
-    "message_key",
+    "nonce",
+    "step_keys",
 ]
 
 MAX_SKIPPED_KEYS = 2_000  # per receiving chain, as libsignal's MAX_MESSAGE_KEYS
 MAX_FORWARD_JUMP = 25_000  # as libsignal's MAX_FORWARD_JUMPS
 RESERVE_STEPS = 64  # steps a sender reserves per key-store write
 
-_KEY = b"fc msg key\x01"
-_NONCE = b"fc msg nonce\x01"
-_NEXT = b"fc chain next\x01"
+def step_keys(chain_key: bytes) -> tuple[bytes, bytes]:
+    """``(message key, next chain key)`` of the step whose chain key is ``chain_key``."""
+    out = chain_step(chain_key)
+    return out[:32], out[32:]
 
 
-def message_key(chain_key: bytes) -> tuple[bytes, bytes]:
-    """``(AES-256 key, 96-bit nonce)`` of the step whose chain key is ``chain_key``."""
-    return hmac_sha256(chain_key, _KEY), hmac_sha256(chain_key, _NONCE)[:12]
+def nonce(step: int) -> bytes:
+    """The AES-GCM nonce of ``step`` (unique per message key, which is single-use)."""
+    return step.to_bytes(12, "big")
 
 
 def advance(chain_key: bytes, steps: int = 1) -> bytes:
     """The chain key ``steps`` steps later."""
     for _ in range(steps):
-        chain_key = hmac_sha256(chain_key, _NEXT)
+        chain_key = chain_step(chain_key)[32:]
     return chain_key
 
 
@@ -55,10 +60,13 @@ def advance(chain_key: bytes, steps: int = 1) -> bytes:
 class SendChain:
     """Our own sending chain in one epoch.
 
-    ``reserved`` is the first step not yet covered by the key store: before step
-    ``reserved`` is used, the store must hold ``(reserved + RESERVE_STEPS,
-    CK at that step)``. After a crash the chain resumes there, skipping the unused
-    reserved steps rather than ever reusing one.
+    ``key`` is the chain key at step ``reserved``; the message keys of steps
+    ``step .. reserved-1`` wait in ``ahead``. Before a step at or past
+    ``reserved`` is used, the engine persists the next reservation
+    ``(reserved + RESERVE_STEPS, CK at that step)`` (:meth:`plan`, then
+    :meth:`commit`). After a crash the chain resumes at the persisted reservation,
+    skipping unused reserved steps rather than ever reusing one, and the disk never
+    holds a key for a step already sent (forward secrecy).
     """
 
     epoch: int
@@ -66,22 +74,31 @@ class SendChain:
     step: int
     key: bytes
     reserved: int
+    ahead: deque[bytes] = field(default_factory=deque)
 
     def needs_reservation(self) -> bool:
         return self.step >= self.reserved
 
-    def reservation(self) -> tuple[int, bytes]:
-        """The next reservation point ``(step, chain key)`` to persist."""
-        until = self.step + RESERVE_STEPS
-        return until, advance(self.key, until - self.step)
+    def plan(self) -> tuple[int, bytes, list[bytes]]:
+        """Compute the next reservation ``(until, CK at until, message keys)``."""
+        keys = []
+        ck = self.key
+        for _ in range(RESERVE_STEPS):
+            key, ck = step_keys(ck)
+            keys.append(key)
+        return self.reserved + RESERVE_STEPS, ck, keys
+
+    def commit(self, until: int, chain_key: bytes, keys: list[bytes]) -> None:
+        """Adopt a reservation once it is persisted."""
+        self.ahead.extend(keys)
+        self.key = chain_key
+        self.reserved = until
 
     def next_key(self) -> tuple[int, bytes, bytes]:
-        """Use the current step: ``(step, message key, nonce)``, then advance."""
+        """Use the current step: ``(step, message key, nonce)``; needs a reservation."""
         step = self.step
-        key, nonce = message_key(self.key)
-        self.key = hmac_sha256(self.key, _NEXT)
         self.step = step + 1
-        return step, key, nonce
+        return step, self.ahead.popleft(), nonce(step)
 
 
 @dataclass(slots=True)
@@ -102,17 +119,24 @@ class RecvChain:
     skipped: OrderedDict[int, bytes] = field(default_factory=OrderedDict)
     evicted: int = -1
 
-    def key_for(self, step: int) -> tuple[bytes, bytes, Commit] | None:
-        """Keys for ``step`` without changing state; ``None`` for a duplicate.
+    def open(self, step: int, sealed: bytes, aad: bytes) -> bytes | None:
+        """Decrypt the envelope of ``step``; ``None`` when it was already opened.
 
-        The returned commit is applied only after the envelope authenticates, so
-        forged envelopes cannot move the chain.
+        The chain moves (and skipped keys are stored) only after AES-GCM has
+        authenticated the envelope, so forged envelopes cannot move it.
 
         Raises:
             ForwardJumpTooLarge: ``step`` is more than MAX_FORWARD_JUMP ahead.
             SkippedKeyMissing: ``step`` is behind and its key left the window.
+            CryptoError: the envelope does not authenticate.
         """
-        if step >= self.step:
+        if step == self.step:  # in order: the common case
+            out = chain_step(self.key)
+            plaintext = aead_open(out[:32], nonce(step), sealed, aad)
+            self.key = out[32:]
+            self.step = step + 1
+            return plaintext
+        if step > self.step:
             jump = step - self.step
             if jump > MAX_FORWARD_JUMP:
                 raise ForwardJumpTooLarge(f"step {step} is {jump} ahead of the chain")
@@ -120,37 +144,25 @@ class RecvChain:
             passed: list[tuple[int, bytes]] = []
             for s in range(self.step, step):
                 passed.append((s, ck))
-                ck = hmac_sha256(ck, _NEXT)
-            key, nonce = message_key(ck)
-            return key, nonce, Commit(self, step, hmac_sha256(ck, _NEXT), passed)
+                ck = chain_step(ck)[32:]
+            out = chain_step(ck)
+            plaintext = aead_open(out[:32], nonce(step), sealed, aad)
+            skipped = self.skipped
+            for s, key in passed[-MAX_SKIPPED_KEYS:]:
+                skipped[s] = key
+            if len(passed) > MAX_SKIPPED_KEYS:
+                self.evicted = max(self.evicted, passed[-MAX_SKIPPED_KEYS - 1][0])
+            while len(skipped) > MAX_SKIPPED_KEYS:
+                old, _ = skipped.popitem(last=False)
+                self.evicted = max(self.evicted, old)
+            self.key = out[32:]
+            self.step = step + 1
+            return plaintext
         ck = self.skipped.get(step)
         if ck is None:
             if step <= self.evicted:
                 raise SkippedKeyMissing(f"step {step} is older than the skipped-key window")
             return None
-        key, nonce = message_key(ck)
-        return key, nonce, Commit(self, step, None, [])
-
-
-@dataclass(slots=True)
-class Commit:
-    """A pending state change of a :class:`RecvChain` (see ``RecvChain.key_for``)."""
-
-    chain: RecvChain
-    step: int
-    next_key: bytes | None
-    passed: list[tuple[int, bytes]]
-
-    def apply(self) -> None:
-        chain = self.chain
-        if self.next_key is None:
-            del chain.skipped[self.step]
-            return
-        skipped = chain.skipped
-        for s, ck in self.passed:
-            skipped[s] = ck
-        while len(skipped) > MAX_SKIPPED_KEYS:
-            old, _ = skipped.popitem(last=False)
-            chain.evicted = max(chain.evicted, old)
-        chain.key = self.next_key
-        chain.step = self.step + 1
+        plaintext = aead_open(chain_step(ck)[:32], nonce(step), sealed, aad)
+        del self.skipped[step]
+        return plaintext

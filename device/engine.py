@@ -17,7 +17,7 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import ParamSpec, TypeVar
+from typing import NamedTuple, ParamSpec, TypeVar
 
 from schemas import (
     Bundle,
@@ -38,8 +38,17 @@ from schemas import (
     verify_roster_chain,
 )
 from schemas._codec import fields, pack, unpack
-from schemas.crypto import aead_open, aead_seal, ed25519_verify
-from schemas.envelope import SIGNATURE_BYTES, header_bytes, parse
+from schemas.crypto import aead_seal, ed25519_verify
+from schemas._varint import encode as varint
+from schemas.envelope import (
+    FLAG_COMPRESSED,
+    FLAG_PADDED,
+    FLAG_SIGNED,
+    SIGNATURE_BYTES,
+    VERSION,
+    read_header,
+    step_bytes,
+)
 from schemas.errors import (
     FieldchatError,
     GrantRejected,
@@ -55,7 +64,7 @@ from schemas.errors import (
 )
 from schemas.messages import kind_of
 
-from device.chains import RESERVE_STEPS, RecvChain, SendChain, advance
+from device.chains import RecvChain, SendChain
 from device.grants import accept_grant, make_grant
 from device.identity import Identity
 from device.keystore import KeyStore, MemoryKeyStore
@@ -85,9 +94,8 @@ class Publication:
     retain: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class Opened:
-    """A decrypted, authenticated envelope."""
+class Opened(NamedTuple):
+    """A decrypted, authenticated envelope (a named tuple: built once per message)."""
 
     cid: str
     sender: str
@@ -140,6 +148,10 @@ class _Conversation:
     owed: set[str] = field(default_factory=set)
     recv: dict[tuple[int, int, int], RecvChain] = field(default_factory=dict)
     pending: list[bytes] = field(default_factory=list)
+    # Sealing fast path, set on entering an epoch: encoded ``epoch|sender|chain``.
+    header_mid: bytes = b""
+    # Opening fast path: member pids of each kept epoch, by sender index.
+    pids: dict[int, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def roster(self) -> Roster:
@@ -148,6 +160,10 @@ class _Conversation:
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+
+def _mid(roster: Roster, pid: str, chain: int) -> bytes:
+    return varint(roster.epoch) + varint(roster.index_of(pid)) + varint(chain)
 
 
 def _counted(method: Callable[P, R]) -> Callable[P, R]:
@@ -433,6 +449,7 @@ class Engine:
 
     def _enter_epoch(self, conv: _Conversation, roster: Roster) -> list[Publication]:
         conv.rosters[roster.epoch] = roster
+        conv.pids[roster.epoch] = roster.pids
         conv.epoch = roster.epoch
         current = set(roster.pids)
         writes: dict[str, bytes | None] = {
@@ -440,6 +457,7 @@ class Engine:
         }
         for old in sorted(conv.rosters)[:-KEEP_EPOCHS]:
             del conv.rosters[old]
+            conv.pids.pop(old, None)
             writes[f"roster/{conv.cid}/{old:08d}"] = None
         for key, chain in list(conv.recv.items()):
             sender = conv.rosters.get(chain.epoch)
@@ -457,6 +475,7 @@ class Engine:
             conv.removed = False
             key0 = self._random(32)
             conv.send = SendChain(roster.epoch, 0, 0, key0, 0)
+            conv.header_mid = _mid(roster, self.pid, 0)
             conv.grant_base = (0, key0)
             conv.owed = current - {self.pid}
             publications = self._pay_grants(conv)
@@ -561,7 +580,6 @@ class Engine:
 
     # -- messages ---------------------------------------------------------------------
 
-    @_counted
     def seal(self, cid: str, message: Message) -> bytes:
         """Encrypt (and per policy sign) ``message`` for ``cid``; the envelope bytes.
 
@@ -573,35 +591,41 @@ class Engine:
             LimitExceeded: the message is too large.
             KeyStoreError: the reservation could not be persisted (nothing is sealed).
         """
+        # Inlined lock and counting (not @_counted): this is the per-message path.
+        with self._lock:
+            try:
+                return self._seal(cid, message)
+            except FieldchatError as exc:
+                self.counters[exc.reason] += 1
+                raise
+
+    def _seal(self, cid: str, message: Message) -> bytes:
         conv = self._conv(cid)
         chain = conv.send
         if chain is None or conv.removed:
             raise NotAMember(f"not a member of {cid}")
         if chain.step >= chain.reserved:
-            until = chain.step + RESERVE_STEPS
-            chain.reserved = until
-            try:
-                self.store.save(self._send_record(conv))
-            except KeyStoreError:
-                chain.reserved = chain.step
-                raise
-        roster = conv.roster
-        policy = roster.policy
+            until, chain_key, keys = chain.plan()
+            self.store.save(self._send_record(conv, (until, chain_key)))
+            chain.commit(until, chain_key, keys)
+        policy = conv.roster.policy
         plaintext, compressed, padded = encode_plaintext(
             message, compress=policy.compress, pad=policy.pad
         )
         step, key, nonce = chain.next_key()
         signed = policy.sign_every != 0 and step % policy.sign_every == 0
-        header = header_bytes(
-            kind_of(message), conv.epoch, roster.index_of(self.pid), chain.chain, step,
-            signed=signed, compressed=compressed, padded=padded,
+        kind_byte = (
+            kind_of(message)
+            | (FLAG_SIGNED if signed else 0)
+            | (FLAG_COMPRESSED if compressed else 0)
+            | (FLAG_PADDED if padded else 0)
         )
+        header = bytes((VERSION, kind_byte)) + conv.header_mid + step_bytes(step)
         body = header + aead_seal(key, nonce, plaintext, header + conv.cid_raw)
         if signed:
             return body + self.identity.sign(body + conv.cid_raw)
         return body
 
-    @_counted
     def open(self, cid: str, data: bytes) -> Opened | None:
         """Authenticate and decrypt an envelope of ``cid``.
 
@@ -615,50 +639,55 @@ class Engine:
             SignatureRequired, ForwardJumpTooLarge, SkippedKeyMissing: policy/limits.
             UnknownConversation: no state for ``cid``.
         """
+        with self._lock:
+            try:
+                return self._open(cid, data)
+            except FieldchatError as exc:
+                self.counters[exc.reason] += 1
+                raise
+
+    def _open(self, cid: str, data: bytes) -> Opened | None:
         conv = self._conv(cid)
-        envelope, header_len = parse(data)
-        roster = conv.rosters.get(envelope.epoch)
-        if roster is None:
-            if envelope.epoch > conv.epoch:
-                raise MissingKey(f"roster of epoch {envelope.epoch} not known yet")
-            raise StaleEpoch(f"epoch {envelope.epoch} is no longer kept")
-        if conv.removed and envelope.epoch >= conv.epoch:
+        kind, flags, epoch, sender_index, chain_no, step, header_len = read_header(data)
+        data = bytes(data)
+        pids = conv.pids.get(epoch)
+        if pids is None:
+            if epoch > conv.epoch:
+                raise MissingKey(f"roster of epoch {epoch} not known yet")
+            raise StaleEpoch(f"epoch {epoch} is no longer kept")
+        if conv.removed and epoch >= conv.epoch:
             raise NotAMember(f"removed from {cid} at epoch {conv.epoch}")
-        sender = roster.member_at(envelope.sender).pid
+        if sender_index >= len(pids):
+            raise NotAMember(f"no member {sender_index} in {cid} at epoch {epoch}")
+        sender = pids[sender_index]
         if sender == self.pid:
             self.counters["own"] += 1
             return None
-        if envelope.epoch < conv.epoch and (conv.removed or sender not in conv.roster.pids):
-            raise StaleEpoch(f"{sender} was removed after epoch {envelope.epoch}")
-        chain = conv.recv.get((envelope.epoch, envelope.sender, envelope.chain))
+        if epoch < conv.epoch and (conv.removed or sender not in conv.pids[conv.epoch]):
+            raise StaleEpoch(f"{sender} was removed after epoch {epoch}")
+        chain = conv.recv.get((epoch, sender_index, chain_no))
         if chain is None:
-            raise MissingKey(f"no grant yet for {sender} in epoch {envelope.epoch}")
-        if envelope.signature is None:
-            if roster.policy.must_sign(envelope.step):
-                raise SignatureRequired("the conversation policy requires a signature")
-        else:
-            ed25519_verify(
-                chain.signer_key, envelope.signature,
-                bytes(data[:-SIGNATURE_BYTES]) + conv.cid_raw,
-            )
-        derived = chain.key_for(envelope.step)
-        if derived is None:
+            raise MissingKey(f"no grant yet for {sender} in epoch {epoch}")
+        end = len(data)
+        if flags & FLAG_SIGNED:
+            end -= SIGNATURE_BYTES
+            ed25519_verify(chain.signer_key, data[end:], data[:end] + conv.cid_raw)
+        elif conv.rosters[epoch].policy.must_sign(step):
+            raise SignatureRequired("the conversation policy requires a signature")
+        plaintext = chain.open(step, data[header_len:end], data[:header_len] + conv.cid_raw)
+        if plaintext is None:
             self.counters["duplicate"] += 1
             return None
-        key, nonce, commit = derived
-        plaintext = aead_open(key, nonce, envelope.ciphertext, bytes(data[:header_len]) + conv.cid_raw)
-        commit.apply()
-        self._dirty.add((cid, (envelope.epoch, envelope.sender, envelope.chain)))
+        self._dirty.add((cid, (epoch, sender_index, chain_no)))
         self._opens_since_flush += 1
         if self._opens_since_flush >= AUTO_FLUSH_OPENS:
             self._flush()
         message = decode_plaintext(
-            envelope.kind, plaintext, compressed=envelope.compressed, padded=envelope.padded
+            kind, plaintext, compressed=bool(flags & FLAG_COMPRESSED),
+            padded=bool(flags & FLAG_PADDED),
         )
         return Opened(
-            cid=cid, sender=sender, epoch=envelope.epoch, sender_index=envelope.sender,
-            chain=envelope.chain, step=envelope.step, message=message,
-            signed=envelope.signature is not None,
+            cid, sender, epoch, sender_index, chain_no, step, message, bool(flags & FLAG_SIGNED)
         )
 
     def leave(self, cid: str) -> bytes:
@@ -701,15 +730,17 @@ class Engine:
              chain.evicted, tuple(chain.skipped.items()))
         )
 
-    def _send_record(self, conv: _Conversation) -> dict[str, bytes | None]:
+    def _send_record(
+        self, conv: _Conversation, reservation: tuple[int, bytes] | None = None
+    ) -> dict[str, bytes | None]:
         key = f"send/{conv.cid}"
         chain = conv.send
         if chain is None:
             return {key: pack((conv.epoch, None, None, None, None, ()))}
-        reserved_key = advance(chain.key, chain.reserved - chain.step)
+        reserved, chain_key = reservation or (chain.reserved, chain.key)
         return {
             key: pack(
-                (conv.epoch, chain.chain, chain.reserved, reserved_key,
+                (conv.epoch, chain.chain, reserved, chain_key,
                  conv.grant_base, tuple(sorted(conv.owed)))
             )
         }
@@ -733,6 +764,7 @@ class Engine:
                 conv = _Conversation(roster.cid, decode_id(roster.cid), roster.epoch, {})
                 self._convs[roster.cid] = conv
             conv.rosters[roster.epoch] = roster
+            conv.pids[roster.epoch] = roster.pids
             conv.epoch = max(conv.epoch, roster.epoch)
         for key, raw in self.store.load_prefix("send/").items():
             conv = self._convs[key.split("/", 1)[1]]
@@ -743,6 +775,7 @@ class Engine:
             if chain_no is not None and epoch == conv.epoch:
                 # Resume at the reservation: steps before it may have been used (§6.3).
                 conv.send = SendChain(epoch, chain_no, reserved, reserved_key, reserved)
+                conv.header_mid = _mid(conv.roster, self.pid, chain_no)
                 conv.grant_base = tuple(grant_base) if grant_base else None  # type: ignore[assignment]
                 conv.owed = set(owed)
         for key, raw in self.store.load_prefix("recv/").items():

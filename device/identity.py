@@ -33,7 +33,7 @@ class Identity:
     such a participant receives X25519-only grants.
     """
 
-    __slots__ = ("_signer", "bundle", "mlkem_seed", "x25519_private")
+    __slots__ = ("_signer", "bundle", "mlkem_seed", "pid", "x25519_private")
 
     def __init__(
         self,
@@ -53,6 +53,7 @@ class Identity:
             created_at=created_at,
             sign=self._signer.sign,
         )
+        self.pid = self.bundle.pid
 
     @classmethod
     def from_seed(
@@ -77,10 +78,6 @@ class Identity:
     ) -> Identity:
         """A fresh identity from the operating system's CSPRNG."""
         return cls.from_seed(random(32), created_at=int(clock()), post_quantum=post_quantum)
-
-    @property
-    def pid(self) -> str:
-        return self.bundle.pid
 
     @property
     def public(self) -> bytes:

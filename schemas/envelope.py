@@ -140,6 +140,15 @@ class Envelope:
         return parse(data)[0]
 
 
+def step_bytes(step: int) -> bytes:
+    """The varint of a step; inline fast path for the one- and two-byte cases."""
+    if step < 0x80:
+        return bytes((step,))
+    if step < 0x4000:
+        return bytes(((step & 0x7F) | 0x80, step >> 7))
+    return _varint.encode(step)
+
+
 def header_bytes(
     kind: EnvelopeKind,
     epoch: int,
@@ -167,41 +176,64 @@ def header_bytes(
     )
 
 
-def parse(data: bytes) -> tuple[Envelope, int]:
-    """Decode wire bytes; return the envelope and the header length.
+def _varint_at(data: bytes, pos: int) -> tuple[int, int]:
+    byte = data[pos]  # IndexError is mapped by the caller
+    if byte < 0x80:
+        return byte, pos + 1
+    second = data[pos + 1]
+    if 0 < second < 0x80:  # two bytes: steps 128..16383
+        return (byte & 0x7F) | (second << 7), pos + 2
+    return _varint.decode(data, pos)
 
-    The header length lets the opener take the associated data as a slice of the
-    received bytes instead of encoding it again.
+
+def read_header(data: bytes) -> tuple[EnvelopeKind, int, int, int, int, int, int]:
+    """Decode the header only: ``(kind, flags, epoch, sender, chain, step, header_len)``.
+
+    The opener's fast path: no :class:`Envelope` is built, and the header length
+    lets it take the associated data as a slice of the received bytes.
 
     Raises:
         UnsupportedVersion, LimitExceeded, WireError: see :meth:`Envelope.from_bytes`.
     """
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise WireError(f"envelope must be bytes, not {type(data).__name__}")
-    data = bytes(data)
-    if not data:
+    if type(data) is not bytes:
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise WireError(f"envelope must be bytes, not {type(data).__name__}")
+        data = bytes(data)
+    size = len(data)
+    if not size:
         raise WireError("empty envelope")
     if data[0] != VERSION:
         raise UnsupportedVersion(f"unsupported envelope version 0x{data[0]:02x}")
-    if len(data) > MAX_ENVELOPE_BYTES:
-        raise LimitExceeded(f"envelope of {len(data)} bytes exceeds {MAX_ENVELOPE_BYTES}")
-    if len(data) < 2:
-        raise WireError("truncated envelope header")
-    kind_byte = data[1]
+    if size > MAX_ENVELOPE_BYTES:
+        raise LimitExceeded(f"envelope of {size} bytes exceeds {MAX_ENVELOPE_BYTES}")
+    try:
+        kind_byte = data[1]
+        epoch, pos = _varint_at(data, 2)
+        sender, pos = _varint_at(data, pos)
+        chain, pos = _varint_at(data, pos)
+        step, pos = _varint_at(data, pos)
+    except IndexError:
+        raise WireError("truncated envelope header") from None
     kind = _KINDS.get(kind_byte & _KIND_MASK)
     if kind is None:
         raise WireError(f"unknown envelope kind {kind_byte & _KIND_MASK}")
     flags = kind_byte & _FLAGS_MASK
-    dec = _varint.decode
-    epoch, pos = dec(data, 2)
-    sender, pos = dec(data, pos)
-    chain, pos = dec(data, pos)
-    step, pos = dec(data, pos)
-    signed = bool(flags & FLAG_SIGNED)
-    sig_len = SIGNATURE_BYTES if signed else 0
-    end = len(data) - sig_len
-    if end - pos < TAG_BYTES:
+    sig_len = SIGNATURE_BYTES if flags & FLAG_SIGNED else 0
+    if size - sig_len - pos < TAG_BYTES:
         raise WireError("envelope too short for its ciphertext")
+    return kind, flags, epoch, sender, chain, step, pos
+
+
+def parse(data: bytes) -> tuple[Envelope, int]:
+    """Decode wire bytes; return the envelope and the header length.
+
+    Raises:
+        UnsupportedVersion, LimitExceeded, WireError: see :meth:`Envelope.from_bytes`.
+    """
+    kind, flags, epoch, sender, chain, step, pos = read_header(data)
+    data = bytes(data)
+    signed = bool(flags & FLAG_SIGNED)
+    end = len(data) - (SIGNATURE_BYTES if signed else 0)
     envelope = Envelope(
         kind=kind,
         epoch=epoch,
