@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import typer
 
+from broker.cli import broker_app
+
 app = typer.Typer(
     name="fieldchat",
     help="End-to-end encrypted chat over MQTT for devices, field technicians and web users.",
@@ -15,3 +17,6 @@ app = typer.Typer(
 @app.callback()
 def _root() -> None:
     """End-to-end encrypted chat over MQTT."""
+
+
+app.add_typer(broker_app, name="broker")
