@@ -1,0 +1,1033 @@
+"""The device: the E2E engine on an MQTT link with a durable outbox.
+
+    app threads ──send()──▶ seal + outbox row (one commit) ──▶ worker ──▶ paho
+    paho thread ──message/ack──▶ queue ──▶ worker: open + store + ack, in batches
+
+Delivery (DESIGN.md, Delivery): a message is durable before :meth:`Device.send`
+returns and leaves in outbox order whenever a connection is up; rows are deleted
+only when the broker acknowledges them, so a crash or a lost connection means
+publishing again, never losing. Receivers commit every message (deduplicated on
+``(cid, epoch, sender, chain, step)``) *before* sending the PUBACK, so the broker
+redelivers what a crash interrupted and the screen still shows it once. Because a
+broker may acknowledge and then lose a message (Mosquitto between snapshots, aMQTT
+in flight), own messages keep their ciphertext until every member has receipted
+them, and those not receipted are published again after a reconnect.
+
+Only the worker thread mutates the link-side state; every engine call that may
+write happens inside a :meth:`DeviceState.transaction` so the engine's records
+commit atomically with the client's rows (and locks are always taken state first,
+then engine).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import sqlite3
+import threading
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from device.config import BrokerOptions, LinkOptions
+from device.engine import BundleStatus, Engine, Opened, Publication
+from device.events import (
+    Connected,
+    Disconnected,
+    Event,
+    GapDetected,
+    Joined,
+    KeyChanged,
+    MessageReceived,
+    ReceiptReceived,
+    Removed,
+)
+from device.link import Connection, Link, Will
+from device.state import DeviceState, Gap, OutboxRow, ReceivedRow, SentRow
+from schemas import (
+    Control,
+    ControlOp,
+    Grant,
+    Policy,
+    Receipt,
+    ReceiptRange,
+    ReceiptType,
+    TextMessage,
+    Topics,
+)
+from schemas.envelope import read_header
+from schemas.errors import (
+    ConnectFailed,
+    FieldchatError,
+    KeyStoreError,
+    MissingKey,
+    NotAuthorized,
+    TransportError,
+    UnknownConversation,
+    UnknownParticipant,
+)
+from schemas.messages import MAX_RECEIPT_RANGES
+from schemas.topics import DEFAULT_PREFIX, TopicKind
+
+__all__ = ["ConversationInfo", "Device", "HistorySource", "SentMessage"]
+
+log = logging.getLogger("fieldchat.device")
+
+MAX_QUEUE = 10_000  # inbound packets waiting for the worker; paho's thread blocks past it
+BATCH = 256  # inbound packets per transaction (one fsync)
+MAX_RESEND = 2_000  # own messages published again per reconnect
+STATUS_ONLINE = b"online"
+STATUS_OFFLINE = b"offline"
+_TICK_S = 0.05
+
+
+class HistorySource(Protocol):
+    """Where missing steps are asked for: the gateway's history API (a seam for now).
+
+    ``request`` returns the envelopes it has for the gap's range (possibly none);
+    the device opens them like live ones, so duplicates and forgeries cost nothing.
+    """
+
+    def request(self, gap: Gap) -> Iterable[bytes]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class SentMessage:
+    """An own message, durable in the outbox: ``id`` in ``sent``, its chain position."""
+
+    id: int
+    cid: str
+    epoch: int
+    chain: int
+    step: int
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationInfo:
+    cid: str
+    epoch: int
+    members: tuple[str, ...]
+    admins: tuple[str, ...]
+    member: bool
+    policy: Policy | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Up:
+    conn: Connection
+    session_present: bool
+
+
+@dataclass(frozen=True, slots=True)
+class _Down:
+    conn: Connection
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Msg:
+    conn: Connection
+    mid: int
+    topic: str
+    payload: bytes
+    qos: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Acked:
+    conn: Connection
+    mid: int
+    ok: bool
+
+
+@dataclass(frozen=True, slots=True)
+class _Wake:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class _Stop:
+    pass
+
+
+_Item = _Up | _Down | _Msg | _Acked | _Wake | _Stop
+
+
+@dataclass(slots=True)
+class _Batch:
+    """Side effects of one worker transaction, applied after it commits."""
+
+    acks: list[tuple[Connection, int]]
+    events: list[Event]
+    subscribe: set[str]
+    unsubscribe: set[str]
+    retry_held: bool = False
+
+
+class Device:
+    """One participant on an MQTT broker.
+
+    Args:
+        state: the state file (path or an open :class:`DeviceState`).
+        broker: where to connect and with which credential.
+        link: timing, batching and low-bandwidth tuning.
+        prefix: topic prefix shared by every participant of a deployment.
+        on_event: called on the worker thread for each :mod:`device.events` event.
+        history: where to ask for missing ranges (the gateway, later).
+        post_quantum: whether a new identity gets an ML-KEM-768 key.
+
+    Raises:
+        KeyStoreError: the state file cannot be opened or is corrupt.
+    """
+
+    def __init__(
+        self,
+        state: DeviceState | str | os.PathLike[str],
+        broker: BrokerOptions | None = None,
+        *,
+        link: LinkOptions | None = None,
+        prefix: str = DEFAULT_PREFIX,
+        on_event: Callable[[Event], None] | None = None,
+        history: HistorySource | None = None,
+        post_quantum: bool = True,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.state = state if isinstance(state, DeviceState) else DeviceState(Path(state))
+        self.broker = broker or BrokerOptions()
+        self.options = link or LinkOptions()
+        self.topics = Topics(prefix)
+        self.on_event = on_event
+        self.history = history
+        self._clock = clock
+        with self.state.transaction():
+            self.engine = Engine.open_store(
+                self.state, topics=self.topics, post_quantum=post_quantum
+            )
+        self.counters: Counter[str] = Counter()
+        self._queue: queue.Queue[_Item] = queue.Queue(MAX_QUEUE)
+        self._send_lock = threading.Lock()
+        self._receipts_lock = threading.Lock()  # never held while taking another lock
+        self._subs_lock = threading.Lock()
+        self._subs: set[str] = set()
+        self._changed = threading.Condition()
+        self._bundle_seen: set[str] = set()
+        self._conn: Connection | None = None
+        self._inflight: dict[int, int] = {}
+        self._cursor = 0
+        self._high = self.state.high_steps()
+        self._receipts: dict[tuple[str, ReceiptType], set[tuple[int, int, int, int]]] = (
+            defaultdict(set)
+        )
+        self._next_receipts = 0.0
+        self._resend: tuple[float, float] | None = None  # (due, published before)
+        self._next_housekeeping = 0.0
+        self._fatal: KeyStoreError | None = None
+        self._worker: threading.Thread | None = None
+        self._link: Link | None = None
+        self._closed = False
+        self._init_subscriptions()
+
+    # -- identity ---------------------------------------------------------------------
+
+    @property
+    def pid(self) -> str:
+        return self.engine.pid
+
+    def fingerprint(self, pid: str | None = None) -> str:
+        """Our fingerprint, or a known participant's.
+
+        Raises:
+            UnknownParticipant: no bundle known for ``pid``.
+        """
+        if pid is None or pid == self.pid:
+            return self.engine.identity.fingerprint()
+        bundle = self.engine.bundle_of(pid)
+        if bundle is None:
+            raise UnknownParticipant(f"no bundle known for {pid}: it has not connected yet")
+        return bundle.fingerprint()
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    def start(self) -> Device:
+        """Start the worker and the link (connects in the background)."""
+        if self._worker is not None:
+            return self
+        self._worker = threading.Thread(target=self._work, name="fieldchat-device", daemon=True)
+        self._worker.start()
+        protocol = self.state.get_meta("protocol") if self.broker.protocol == "auto" else None
+        self._link = Link(
+            self.pid, self.broker, self.options, self,
+            will=Will(self.topics.status(self.pid), STATUS_OFFLINE),
+            protocol=protocol,
+            on_protocol=lambda p: self.state.set_meta({"protocol": p}),
+        )
+        self._link.farewell = lambda conn: conn.publish_status(
+            self.topics.status(self.pid), STATUS_OFFLINE
+        )
+        self._link.start()
+        return self
+
+    def close(self) -> None:
+        """Stop the link (clean disconnect), the worker, and close the state file."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._link is not None:
+            self._link.stop()
+        if self._worker is not None:
+            self._queue.put(_Stop())
+            self._worker.join(10)
+            self._worker = None
+        try:
+            with self.state.transaction():
+                self._flush_receipts()
+                self.engine.flush()
+        except FieldchatError as exc:
+            log.warning("could not save state on close: %s", exc)
+        self.state.close()
+
+    def __enter__(self) -> Device:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None
+
+    @property
+    def protocol(self) -> str | None:
+        conn = self._conn
+        return conn.protocol if conn else None
+
+    def wait_connected(self, timeout: float = 10.0) -> None:
+        """Block until connected.
+
+        Raises:
+            NotAuthorized: the broker refused our credential.
+            ConnectFailed: not connected within ``timeout`` (the last reason).
+        """
+        end = time.monotonic() + timeout
+        with self._changed:
+            while self._conn is None:
+                error = self._link.last_error if self._link else None
+                if isinstance(error, NotAuthorized):
+                    raise error
+                left = end - time.monotonic()
+                if left <= 0:
+                    if error is not None:
+                        raise type(error)(str(error))
+                    raise ConnectFailed(
+                        f"no connection to {self.broker.host}:{self.broker.port} in {timeout:g} s"
+                    )
+                self._changed.wait(min(left, 0.1))
+        self._raise_fatal()
+
+    def wait_drained(self, timeout: float = 10.0) -> bool:
+        """Wait until the broker acknowledged the whole outbox; whether it did."""
+        end = time.monotonic() + timeout
+        with self._changed:
+            while self.state.outbox_count():
+                left = end - time.monotonic()
+                if left <= 0:
+                    return False
+                self._changed.wait(min(left, 0.1))
+        return True
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        """Wait until ``predicate()`` holds (checked whenever the worker made progress)."""
+        end = time.monotonic() + timeout
+        with self._changed:
+            while not predicate():
+                left = end - time.monotonic()
+                if left <= 0:
+                    return False
+                self._changed.wait(min(left, 0.1))
+        return True
+
+    # -- sending ----------------------------------------------------------------------
+
+    def send(self, cid: str, text: str) -> SentMessage:
+        """Seal ``text`` for ``cid`` and make it durable; it leaves as soon as it can.
+
+        Raises:
+            UnknownConversation, NotAMember: not a member of ``cid``.
+            LimitExceeded: the text is too long.
+            KeyStoreError: the state file could not be written (nothing was queued).
+        """
+        return self.send_many(cid, [text])[0]
+
+    def send_many(self, cid: str, texts: Sequence[str]) -> list[SentMessage]:
+        """Like :meth:`send` for several texts, with one fsync for all of them."""
+        self._raise_fatal()
+        topic = self.topics.msg(cid)
+        out = []
+        with self._send_lock, self.state.transaction() as db:
+            for text in texts:
+                now = self._clock()
+                envelope = self.engine.seal(cid, TextMessage(sent_at=int(now), text=text))
+                _, _, epoch, index, chain, step, _ = read_header(envelope)
+                seq = self.state.add_outbox(db, topic, envelope, cid=cid, what="msg")
+                row = self.state.add_sent(
+                    db, cid, epoch, index, chain, step, text, topic, envelope, seq
+                )
+                out.append(SentMessage(row, cid, epoch, chain, step))
+        self._wake()
+        return out
+
+    def mark_read(self, cid: str) -> int:
+        """Mark received texts of ``cid`` read; queue read receipts. How many."""
+        with self.state.transaction() as db:
+            keys = self.state.mark_read(db, cid)
+        if self.options.read_receipts and keys:
+            with self._receipts_lock:
+                self._receipts[(cid, ReceiptType.READ)].update(keys)
+        return len(keys)
+
+    # -- conversations ----------------------------------------------------------------
+
+    def fetch_bundles(self, pids: Iterable[str], timeout: float = 10.0) -> None:
+        """Learn the bundles of ``pids`` (retained on ``p/{pid}/bundle``).
+
+        Raises:
+            UnknownParticipant: a bundle did not arrive in time.
+        """
+        missing = [p for p in dict.fromkeys(pids) if self.engine.bundle_of(p) is None]
+        if not missing:
+            return
+        self._subscribe([self.topics.bundle(p) for p in missing])
+        self.wait_for(lambda: all(self.engine.bundle_of(p) for p in missing), timeout)
+        absent = [p for p in missing if self.engine.bundle_of(p) is None]
+        if absent:
+            raise UnknownParticipant(
+                f"no bundle for {absent[0]} within {timeout:g} s: has that device "
+                f"connected to this broker once?"
+            )
+
+    def create_conversation(
+        self, members: Sequence[str] = (), *, policy: Policy | None = None,
+        timeout: float = 10.0,
+    ) -> str:
+        """Found a conversation with ``members``; its cid (roster and grants queued).
+
+        Raises:
+            UnknownParticipant: a member's bundle could not be fetched.
+        """
+        self.fetch_bundles(members, timeout)
+        with self.state.transaction() as db:
+            cid, pubs = self.engine.create_conversation(members, policy=policy)
+            self._queue_publications(db, pubs, cid)
+        self._follow(cid)
+        return cid
+
+    def invite(self, cid: str, pids: Sequence[str], *, timeout: float = 10.0) -> None:
+        """Add members (admins only): a new epoch listing them, keys granted.
+
+        Raises:
+            UnknownConversation, NotAMember: no such conversation, or we are no admin.
+            UnknownParticipant: a bundle could not be fetched.
+        """
+        self.engine.roster(cid)
+        self.fetch_bundles(pids, timeout)
+        with self.state.transaction() as db:
+            self._queue_publications(db, self.engine.add_members(cid, pids), cid)
+        self._follow(cid)
+
+    def remove(self, cid: str, pids: Sequence[str]) -> None:
+        """Remove members (admins only): a new epoch, every remaining member re-keys.
+
+        Raises:
+            UnknownConversation, NotAMember: no such conversation, or we are no admin.
+        """
+        with self.state.transaction() as db:
+            self._queue_publications(db, self.engine.remove_members(cid, pids), cid)
+        self._wake()
+
+    def set_policy(self, cid: str, policy: Policy) -> None:
+        """Change the conversation's policy (admins only, a new epoch)."""
+        with self.state.transaction() as db:
+            self._queue_publications(db, self.engine.set_policy(cid, policy), cid)
+        self._wake()
+
+    def leave(self, cid: str) -> None:
+        """Leave ``cid``: an admin removes us from the next epoch.
+
+        An admin leaving publishes that roster itself (handing admin on if needed).
+
+        Raises:
+            UnknownConversation, NotAMember: not a member of ``cid``.
+        """
+        roster = self.engine.roster(cid)
+        with self.state.transaction() as db:
+            if roster.is_admin(self.pid) and len(roster.pids) > 1:
+                pubs = self.engine.remove_members(cid, [self.pid])
+            else:
+                envelope = self.engine.leave(cid)
+                pubs = [Publication(self.topics.msg(cid), envelope)]
+            self._queue_publications(db, pubs, cid)
+        self._wake()
+
+    def conversations(self) -> list[ConversationInfo]:
+        out = []
+        for cid in self.engine.conversations():
+            try:
+                roster = self.engine.roster(cid)
+            except UnknownConversation:
+                out.append(ConversationInfo(cid, -1, (), (), member=False, policy=None))
+                continue
+            out.append(ConversationInfo(
+                cid, roster.epoch, roster.pids,
+                tuple(m.pid for m in roster.members if m.admin),
+                member=self.engine.is_member(cid), policy=roster.policy,
+            ))
+        return out
+
+    def verify(self, pid: str, fingerprint: str) -> bool:
+        """Compare ``pid``'s fingerprint with one read out of band; mark it verified.
+
+        Raises:
+            UnknownParticipant: no bundle known for ``pid``.
+        """
+        known = self.fingerprint(pid)
+        if _digits(known) != _digits(fingerprint):
+            return False
+        with self.state.transaction():
+            self.engine.mark_verified(pid)
+        return True
+
+    # -- local views ------------------------------------------------------------------
+
+    def outbox(self) -> list[OutboxRow]:
+        return self.state.outbox_from(0, 1_000_000)
+
+    def messages(self, cid: str | None = None, *, after_id: int = 0) -> list[ReceivedRow]:
+        return self.state.received(cid, after_id=after_id)
+
+    def sent(self, cid: str | None = None) -> list[SentRow]:
+        return self.state.sent(cid)
+
+    def gaps(self, cid: str | None = None) -> list[Gap]:
+        return self.state.gaps(cid)
+
+    # -- the link handler (paho thread: enqueue only) ----------------------------------
+
+    def link_connected(self, conn: Connection, session_present: bool) -> None:
+        self._queue.put(_Up(conn, session_present))
+
+    def link_message(self, conn: Connection, mid: int, topic: str, payload: bytes,
+                     qos: int) -> None:
+        self._queue.put(_Msg(conn, mid, topic, payload, qos))
+
+    def link_published(self, conn: Connection, mid: int, ok: bool) -> None:
+        self._queue.put(_Acked(conn, mid, ok))
+
+    def link_disconnected(self, conn: Connection, reason: str) -> None:
+        self._queue.put(_Down(conn, reason))
+
+    def link_failed(self, error: TransportError) -> None:
+        with self._changed:
+            self._changed.notify_all()
+
+    # -- the worker -------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            items: list[_Item] = []
+            try:
+                items.append(self._queue.get(timeout=_TICK_S))
+            except queue.Empty:
+                pass
+            while items and len(items) < BATCH:
+                try:
+                    items.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            stop = any(isinstance(item, _Stop) for item in items)
+            try:
+                self._process(items)
+                if not stop:
+                    self._pump()
+                    self._tick()
+            except KeyStoreError as exc:
+                log.critical("state file failure, the device stops: %s", exc)
+                self._fatal = exc
+                if self._link is not None:
+                    threading.Thread(target=self._link.stop, daemon=True).start()
+                stop = True
+            except Exception:  # the worker must not die with the device still open
+                log.exception("device worker error")
+            with self._changed:
+                self._changed.notify_all()
+            if stop:
+                return
+
+    def _process(self, items: list[_Item]) -> None:
+        batch = _Batch([], [], set(), set())
+        pending: list[_Msg | _Acked] = []
+        for item in items:
+            if isinstance(item, (_Msg, _Acked)):
+                pending.append(item)
+            elif isinstance(item, (_Up, _Down)):
+                self._commit(pending, batch)
+                pending = []
+                self._control(item, batch)
+        self._commit(pending, batch)
+        self._after(batch)
+
+    def _commit(self, items: list[_Msg | _Acked], batch: _Batch) -> None:
+        if not items:
+            return
+        acked: list[int] = []
+        with self.state.transaction() as db:
+            for item in items:
+                if isinstance(item, _Msg):
+                    self._on_message(db, item.topic, item.payload, batch)
+                    if item.qos:
+                        batch.acks.append((item.conn, item.mid))
+                    continue
+                if item.conn is not self._conn:
+                    continue
+                seq = self._inflight.pop(item.mid, None)
+                if seq is None:
+                    continue
+                if not item.ok:
+                    self.counters["refused_by_broker"] += 1
+                    log.warning("the broker refused outbox message %d; dropped", seq)
+                acked.append(seq)
+            if acked:
+                self.state.acknowledged(db, acked, self._clock())
+            self.engine.flush()
+
+    def _after(self, batch: _Batch) -> None:
+        # Acknowledge only now that the transaction committed (exactly-once on screen).
+        for conn, mid in batch.acks:
+            if conn.connected:
+                conn.ack(mid)
+        if batch.subscribe:
+            self._subscribe(sorted(batch.subscribe))
+        if batch.unsubscribe:
+            with self._subs_lock:
+                self._subs -= batch.unsubscribe
+            current = self._conn
+            if current is not None:
+                current.unsubscribe(sorted(batch.unsubscribe))
+        for event in batch.events:
+            self._emit(event)
+        if batch.retry_held:
+            self._retry_held()
+
+    def _control(self, item: _Up | _Down, batch: _Batch) -> None:
+        conn = item.conn
+        if isinstance(item, _Up):
+            self._conn = conn
+            self._inflight = {}
+            self._cursor = 0
+            with self._subs_lock:
+                topics = sorted(self._subs)
+            conn.subscribe(topics, no_local=[t for t in topics if t.endswith("/msg")])
+            conn.publish(self.topics.bundle(self.pid), self.engine.identity.bundle.to_bytes(),
+                         retain=True)
+            conn.publish_status(self.topics.status(self.pid), STATUS_ONLINE)
+            if self._link is not None and self._link.connects > 1:
+                now = self._clock()
+                self._resend = (now + self.options.resend_after_s, now)
+            self.counters["connects"] += 1
+            batch.events.append(Connected(conn.protocol, item.session_present))
+            log.info("connected (MQTT %s, session %s)", conn.protocol,
+                     "resumed" if item.session_present else "new")
+        elif conn is self._conn:
+            self._conn = None
+            self._inflight = {}
+            batch.events.append(Disconnected(item.reason))
+            log.info("disconnected: %s", item.reason)
+
+    # -- inbound ----------------------------------------------------------------------
+
+    def _on_message(self, db: sqlite3.Connection, topic: str, payload: bytes, batch: _Batch) -> None:
+        try:
+            parsed = self.topics.parse(topic)
+        except FieldchatError:
+            self.counters["foreign_topic"] += 1
+            return
+        try:
+            if parsed.kind is TopicKind.MSG:
+                assert parsed.cid is not None
+                self._open(db, parsed.cid, payload, batch)
+            elif parsed.kind is TopicKind.ROSTER:
+                self._on_roster(db, payload, batch)
+            elif parsed.kind is TopicKind.INBOX:
+                self._on_grant(db, payload, batch)
+            elif parsed.kind is TopicKind.BUNDLE:
+                self._on_bundle(db, payload, batch)
+        except KeyStoreError:
+            raise
+        except FieldchatError as exc:
+            self.counters[f"rejected_{exc.reason}"] += 1
+            log.debug("rejected %s: %s", topic, exc)
+
+    def _open(self, db: sqlite3.Connection, cid: str, payload: bytes, batch: _Batch,
+              *, late_ok: bool = False) -> bool:
+        """Open and store one envelope; False when it must be held for a key."""
+        try:
+            opened = self.engine.open(cid, payload)
+        except MissingKey:
+            dropped = self.state.hold(db, cid, payload)
+            if dropped:
+                self.counters["held_dropped"] += dropped
+                log.warning("held-envelope limit reached: %d oldest dropped", dropped)
+            return False
+        if opened is None:
+            self.counters["duplicate"] += 1
+            return True
+        message = opened.message
+        text = message.text if isinstance(message, TextMessage) else None
+        sent_at = message.sent_at if isinstance(message, TextMessage) else None
+        row = self.state.add_received(
+            db, cid, opened.epoch, opened.sender_index, opened.chain, opened.step,
+            opened.sender, int(_kind(message)), sent_at, text,
+        )
+        if row is None:
+            self.counters["duplicate"] += 1
+            return True
+        late = self._sequence(db, opened, batch)
+        if isinstance(message, TextMessage):
+            self.counters["received"] += 1
+            key = (opened.epoch, opened.sender_index, opened.chain, opened.step)
+            with self._receipts_lock:
+                self._receipts[(cid, ReceiptType.DELIVERED)].add(key)
+            batch.events.append(MessageReceived(
+                row, cid, opened.sender, message.text, message.sent_at, opened.epoch,
+                opened.sender_index, opened.chain, opened.step, opened.signed, late,
+            ))
+        elif isinstance(message, Receipt):
+            self._on_receipt(db, opened, message, batch)
+        elif isinstance(message, Control) and message.op is ControlOp.LEAVE:
+            self._on_leave(db, opened, batch)
+        return True
+
+    def _sequence(self, db: sqlite3.Connection, opened: Opened, batch: _Batch) -> bool:
+        """Per-sender sequence: record gaps, fill them; whether this one was late."""
+        key = (opened.cid, opened.epoch, opened.sender_index, opened.chain)
+        high = self._high.get(key)
+        step = opened.step
+        if high is None or step == high + 1:
+            self._high[key] = step if high is None else max(high, step)
+            return False
+        if step > high + 1:
+            gap = Gap(opened.cid, opened.epoch, opened.sender_index, opened.chain, high + 1,
+                      step - 1, opened.sender, self._clock())
+            self.state.add_gap(db, gap)
+            self._high[key] = step
+            self.counters["gaps"] += 1
+            batch.events.append(GapDetected(
+                gap.cid, gap.sender, gap.epoch, gap.chain, gap.first, gap.last
+            ))
+            return False
+        self.state.fill_gap(db, opened.cid, opened.epoch, opened.sender_index, opened.chain, step)
+        self.counters["late"] += 1
+        return True
+
+    def _on_receipt(self, db: sqlite3.Connection, opened: Opened, receipt: Receipt,
+                    batch: _Batch) -> None:
+        steps = 0
+        mine: dict[tuple[int, int], bool] = {}
+        for r in receipt.ranges:
+            key = (r.epoch, r.sender)
+            if key not in mine:
+                mine[key] = self.state.was_sender(opened.cid, r.epoch, r.sender)
+            if not mine[key]:
+                continue  # a receipt for another member's messages
+            self.state.add_receipt(
+                db, opened.cid, opened.sender, int(receipt.type), r.epoch, r.chain, r.first,
+                r.last,
+            )
+            steps += r.last - r.first + 1
+        if steps:
+            batch.events.append(ReceiptReceived(
+                opened.cid, opened.sender, receipt.type.name.lower(), steps
+            ))
+
+    def _on_leave(self, db: sqlite3.Connection, opened: Opened, batch: _Batch) -> None:
+        roster = self.engine.roster(opened.cid)
+        if opened.sender not in roster.pids:
+            return
+        acting = [m.pid for m in roster.members if m.admin and m.pid != opened.sender]
+        if acting and acting[0] == self.pid:
+            pubs = self.engine.remove_members(opened.cid, [opened.sender])
+            self._queue_publications(db, pubs, opened.cid)
+
+    def _on_roster(self, db: sqlite3.Connection, payload: bytes, batch: _Batch) -> None:
+        before = self._positions()
+        pubs = self.engine.handle_roster(payload)
+        self._queue_publications(db, pubs, None)
+        for cid, position in self._positions().items():
+            if before.get(cid) != position:
+                self._membership(cid, batch)
+        batch.retry_held = True
+
+    def _positions(self) -> dict[str, tuple[int, bool]]:
+        out = {}
+        for info in self.conversations():
+            out[info.cid] = (info.epoch, info.member)
+        return out
+
+    def _membership(self, cid: str, batch: _Batch) -> None:
+        try:
+            roster = self.engine.roster(cid)
+        except UnknownConversation:
+            return
+        if self.engine.is_member(cid):
+            batch.subscribe |= {self.topics.roster(cid), self.topics.msg(cid)}
+            batch.subscribe |= {self.topics.bundle(p) for p in roster.pids if p != self.pid}
+            batch.events.append(Joined(cid, roster.epoch, roster.pids))
+        else:
+            batch.unsubscribe.add(self.topics.msg(cid))
+            batch.events.append(Removed(cid, roster.epoch))
+
+    def _on_grant(self, db: sqlite3.Connection, payload: bytes, batch: _Batch) -> None:
+        result = self.engine.handle_grant(payload)
+        if result.needs_roster:
+            batch.subscribe.add(self.topics.roster(result.cid))
+        if result.installed:
+            batch.retry_held = True
+            # A member grants its chain only after subscribing to the conversation (its
+            # SUBSCRIBE precedes its grants on one connection, so the broker has it):
+            # what we sent in this epoch before it was listening is published again.
+            granter = Grant.from_bytes(payload).granter
+            epoch = self.engine.roster(result.cid).epoch
+            again = self.state.unreceipted(result.cid, epoch, granter, MAX_RESEND)
+            for topic, envelope in again:
+                self.state.add_outbox(db, topic, envelope, cid=result.cid, what="msg")
+            self.counters["resent"] += len(again)
+
+    def _on_bundle(self, db: sqlite3.Connection, payload: bytes, batch: _Batch) -> None:
+        update = self.engine.learn_bundle(payload)
+        if update.status is BundleStatus.KEY_CHANGED:
+            self.counters["key_changed"] += 1
+            log.warning(
+                "KEY CHANGED for %s: was %s, now %s — verify with `fieldchat device verify %s`",
+                update.pid, update.previous_fingerprint, update.fingerprint, update.pid,
+            )
+            batch.events.append(KeyChanged(
+                update.pid, update.previous_fingerprint, update.fingerprint
+            ))
+        if update.status in (BundleStatus.NEW, BundleStatus.KEY_CHANGED, BundleStatus.UPDATED):
+            self._queue_publications(db, self.engine.pay_owed_grants(), None)
+
+    def _retry_held(self) -> None:
+        held = self.state.held()
+        if not held:
+            return
+        batch = _Batch([], [], set(), set())
+        with self.state.transaction() as db:
+            done = [i for i, cid, payload in held if self._open_held(db, cid, payload, batch)]
+            self.state.unhold(db, done)
+            self.engine.flush()
+        batch.retry_held = False
+        self._after(batch)
+
+    def _open_held(self, db: sqlite3.Connection, cid: str, payload: bytes, batch: _Batch) -> bool:
+        # The held copy is re-held by _open on MissingKey; drop this one either way then.
+        try:
+            opened = self._open(db, cid, payload, batch)
+        except KeyStoreError:
+            raise
+        except FieldchatError as exc:
+            self.counters[f"rejected_{exc.reason}"] += 1
+            return True
+        if not opened:
+            self.counters["held_again"] += 1
+        return True
+
+    # -- outbound ---------------------------------------------------------------------
+
+    def _queue_publications(self, db: sqlite3.Connection, pubs: list[Publication], cid: str | None) -> None:
+        for pub in pubs:
+            what = "roster" if pub.retain else "grant" if "/p/" in pub.topic else "msg"
+            self.state.add_outbox(db, pub.topic, pub.payload, retain=pub.retain, cid=cid,
+                                  what=what)
+
+    def _pump(self) -> None:
+        conn = self._conn
+        if conn is None or not conn.connected:
+            return
+        window = min(self.options.window, conn.receive_max)
+        while len(self._inflight) < window:
+            rows = self.state.outbox_from(self._cursor, window - len(self._inflight))
+            if not rows:
+                return
+            for row in rows:
+                mid = conn.publish(row.topic, row.payload, retain=row.retain,
+                                   alias=row.what in ("msg", "receipt"))
+                self._inflight[mid] = row.seq
+                self._cursor = row.seq + 1
+
+    def _tick(self) -> None:
+        now = self._clock()
+        if now >= self._next_receipts:
+            self._next_receipts = now + self.options.receipt_interval_s
+            if any(self._receipts.values()):
+                with self.state.transaction():
+                    self._flush_receipts()
+                self._pump()
+        if self._resend is not None and now >= self._resend[0] and self._conn is not None:
+            _, before = self._resend
+            self._resend = None
+            self._resend_unconfirmed(before)
+        if now >= self._next_housekeeping:
+            self._next_housekeeping = now + 10.0
+            self._housekeeping(now)
+
+    def _flush_receipts(self) -> None:
+        """Seal the pending receipts as one message per conversation and type."""
+        with self._receipts_lock:
+            pending = {k: v for k, v in self._receipts.items() if v}
+            self._receipts.clear()
+        with self.state.transaction() as db:
+            for (cid, rtype), keys in pending.items():
+                if not self.engine.is_member(cid):
+                    continue
+                ranges = _ranges(keys)
+                for i in range(0, len(ranges), MAX_RECEIPT_RANGES):
+                    receipt = Receipt(type=rtype, ranges=tuple(ranges[i : i + MAX_RECEIPT_RANGES]))
+                    envelope = self.engine.seal(cid, receipt)
+                    self.state.add_outbox(db, self.topics.msg(cid), envelope, cid=cid,
+                                          what="receipt")
+                    self.counters["receipts_sent"] += 1
+
+    def _resend_unconfirmed(self, before: float) -> None:
+        """Publish again own messages some current member has not receipted."""
+        rows = self.state.unconfirmed(before, before - self.options.resend_window_s, MAX_RESEND)
+        again, done = [], []
+        for rid, cid, topic, payload, epoch, chain, step in rows:
+            try:
+                roster = self.engine.roster(cid)
+            except FieldchatError:
+                done.append(rid)
+                continue
+            if roster.epoch != epoch or not self.engine.is_member(cid):
+                done.append(rid)
+                continue
+            want = set(roster.pids) - {self.pid}
+            if want <= self.state.receipted_by(cid, epoch, chain, step):
+                done.append(rid)
+            else:
+                again.append((cid, topic, payload))
+        with self.state.transaction() as db:
+            for cid, topic, payload in again:
+                self.state.add_outbox(db, topic, payload, cid=cid, what="msg")
+            self.state.forget_payloads(db, done)
+        if again:
+            self.counters["resent"] += len(again)
+            log.info("published %d unreceipted messages again after reconnecting", len(again))
+        self._pump()
+
+    def _housekeeping(self, now: float) -> None:
+        old = self.state.unconfirmed(now - self.options.resend_window_s, 0.0, 10_000)
+        stale = [g for g in self.state.gaps() if g.since < now - self.options.gap_timeout_s]
+        with self.state.transaction() as db:
+            self.state.forget_payloads(db, [row[0] for row in old])
+            for gap in stale:
+                self.state.drop_gap(db, gap)
+        for gap in stale:
+            self._ask_history(gap)
+
+    def _ask_history(self, gap: Gap) -> None:
+        """The seam for the gateway's history: fetch a missing range, open it."""
+        if self.history is None:
+            self.counters["gaps_expired"] += 1
+            log.info("gap %s %d..%d of %s not filled (no history source)",
+                     gap.cid, gap.first, gap.last, gap.sender)
+            return
+        batch = _Batch([], [], set(), set())
+        try:
+            envelopes = list(self.history.request(gap))
+        except FieldchatError as exc:
+            log.info("history request failed: %s", exc)
+            return
+        with self.state.transaction() as db:
+            for envelope in envelopes:
+                try:
+                    self._open(db, gap.cid, envelope, batch)
+                except KeyStoreError:
+                    raise
+                except FieldchatError as exc:
+                    self.counters[f"rejected_{exc.reason}"] += 1
+            self.engine.flush()
+        self._after(batch)
+
+    # -- subscriptions ----------------------------------------------------------------
+
+    def _init_subscriptions(self) -> None:
+        subs = {self.topics.inbox(self.pid)}
+        for info in self.conversations():
+            if info.epoch < 0:
+                subs.add(self.topics.roster(info.cid))
+            elif info.member:
+                subs |= {self.topics.roster(info.cid), self.topics.msg(info.cid)}
+                subs |= {self.topics.bundle(p) for p in info.members if p != self.pid}
+        self._subs = subs
+
+    def _follow(self, cid: str) -> None:
+        roster = self.engine.roster(cid)
+        self._subscribe([
+            self.topics.roster(cid), self.topics.msg(cid),
+            *(self.topics.bundle(p) for p in roster.pids if p != self.pid),
+        ])
+        self._wake()
+
+    def _subscribe(self, topics: Sequence[str]) -> None:
+        with self._subs_lock:
+            new = [t for t in topics if t not in self._subs]
+            self._subs.update(new)
+        conn = self._conn
+        if new and conn is not None:
+            conn.subscribe(new, no_local=[t for t in new if t.endswith("/msg")])
+
+    # -- helpers ----------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        try:
+            self._queue.put_nowait(_Wake())
+        except queue.Full:
+            pass
+
+    def _emit(self, event: Event) -> None:
+        if self.on_event is None:
+            return
+        try:
+            self.on_event(event)
+        except Exception:  # an application callback must not stop delivery
+            log.exception("on_event callback failed")
+
+    def _raise_fatal(self) -> None:
+        if self._fatal is not None:
+            raise KeyStoreError(f"the device stopped after a state file failure: {self._fatal}")
+
+
+def _kind(message: TextMessage | Receipt | Control) -> int:
+    return 1 if isinstance(message, TextMessage) else 2 if isinstance(message, Receipt) else 3
+
+
+def _ranges(keys: set[tuple[int, int, int, int]]) -> list[ReceiptRange]:
+    """Collapse ``(epoch, sender, chain, step)`` keys into inclusive step ranges."""
+    out: list[ReceiptRange] = []
+    for epoch, sender, chain, step in sorted(keys):
+        last = out[-1] if out else None
+        if (last is not None and (last.epoch, last.sender, last.chain) == (epoch, sender, chain)
+                and last.last + 1 == step):
+            out[-1] = ReceiptRange(epoch=epoch, sender=sender, chain=chain, first=last.first,
+                                   last=step)
+        else:
+            out.append(ReceiptRange(epoch=epoch, sender=sender, chain=chain, first=step,
+                                    last=step))
+    return out
+
+
+def _digits(fingerprint: str) -> str:
+    return "".join(ch for ch in fingerprint if ch.isdigit())

@@ -1,0 +1,211 @@
+"""Device configuration: frozen option groups for the library, settings for the edge.
+
+The library (:class:`device.client.Device`) takes :class:`BrokerOptions` and
+:class:`LinkOptions`; it never reads the environment. :class:`DeviceSettings` is
+the pydantic-settings model the CLI builds from flags, ``FIELDCHAT_*`` variables
+and a TOML file (in that order of precedence), then turns into option groups.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from schemas.errors import ConfigError
+from schemas.roster import Policy
+from schemas.topics import DEFAULT_PREFIX
+
+__all__ = [
+    "DEFAULT_STATE",
+    "BrokerOptions",
+    "DeviceSettings",
+    "LinkOptions",
+    "TlsOptions",
+    "low_bandwidth_policy",
+    "parse_broker_url",
+]
+
+DEFAULT_STATE = Path("~/.local/share/fieldchat/device.sqlite3")
+DEFAULT_CONFIG = Path("~/.config/fieldchat/device.toml")
+
+Protocol = Literal["auto", "5", "3.1.1"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class TlsOptions(_Frozen):
+    """TLS to the broker. ``ca_file`` ``None`` uses the system trust store."""
+
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+
+class BrokerOptions(_Frozen):
+    """Where and how to log in. ``username`` defaults to the device's pid."""
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 1883
+    tls: TlsOptions | None = None
+    username: str | None = None
+    credential: SecretStr | None = None
+    protocol: Protocol = "auto"
+
+
+class LinkOptions(_Frozen):
+    """Timing and batching of the link; :meth:`low_bandwidth` tunes it for slow links.
+
+    ``keepalive_s``: MQTT keep-alive; a slow link wants fewer PINGREQs.
+    ``backoff_min_s``/``backoff_max_s``: reconnect delay, doubled per failure, with
+    full jitter so a fleet that lost its broker does not come back in lock step.
+    ``receipt_interval_s``: delivered/read receipts are batched this long.
+    ``resend_after_s``: after a reconnect, own messages published before it that
+    some member has not receipted are published again this much later (the broker
+    may have lost them: Mosquitto's snapshot, aMQTT's in-flight QoS 1).
+    ``resend_window_s``: only messages this recent are resent that way; older ones
+    are left to the gateway's history.
+    ``window``: PUBLISH packets in flight (unacknowledged) at once.
+    """
+
+    keepalive_s: Annotated[int, Field(ge=5, le=65535)] = 60
+    connect_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    backoff_min_s: Annotated[float, Field(gt=0)] = 0.5
+    backoff_max_s: Annotated[float, Field(gt=0)] = 30.0
+    receipt_interval_s: Annotated[float, Field(gt=0)] = 1.0
+    read_receipts: bool = True
+    resend_after_s: Annotated[float, Field(ge=0)] = 5.0
+    resend_window_s: Annotated[float, Field(ge=0)] = 120.0
+    gap_timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    window: Annotated[int, Field(ge=1, le=1024)] = 64
+    topic_aliases: bool = True
+
+    @classmethod
+    def low_bandwidth(cls) -> LinkOptions:
+        """Slow-link tuning: rare pings, receipts batched for 30 s, no read receipts."""
+        return cls(
+            keepalive_s=600, connect_timeout_s=60.0, backoff_min_s=2.0, backoff_max_s=300.0,
+            receipt_interval_s=30.0, read_receipts=False, resend_after_s=60.0,
+        )
+
+
+def low_bandwidth_policy(*, sign_every: int = 32) -> Policy:
+    """Conversation policy for slow links: compressed plaintext, one signature per 32.
+
+    Unsigned steps are still authenticated against outsiders by AES-GCM; only other
+    members could forge them (DESIGN.md, Sender authentication).
+    """
+    return Policy(compress=True, sign_every=sign_every)
+
+
+def parse_broker_url(url: str) -> tuple[str, int, bool]:
+    """``mqtt://host[:port]`` or ``mqtts://host[:port]`` to ``(host, port, tls)``.
+
+    Raises:
+        ConfigError: another scheme, or no host.
+    """
+    parts = urlsplit(url if "://" in url else f"mqtt://{url}")
+    if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+        raise ConfigError(f"broker URL {url!r}: use mqtt://host:port or mqtts://host:port")
+    tls = parts.scheme in ("mqtts", "ssl")
+    try:
+        port = parts.port or (8883 if tls else 1883)
+    except ValueError:
+        raise ConfigError(f"broker URL {url!r} has an invalid port") from None
+    if not parts.hostname:
+        raise ConfigError(f"broker URL {url!r} has no host")
+    return parts.hostname, port, tls
+
+
+class DeviceSettings(BaseSettings):
+    """Everything the CLI needs; read at the edge only.
+
+    Sources, highest first: flags, ``FIELDCHAT_*`` environment variables, the TOML
+    file (``--config``, ``FIELDCHAT_CONFIG`` or ``~/.config/fieldchat/device.toml``),
+    then values saved in the state file by ``fieldchat device init``.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="FIELDCHAT_", extra="forbid")
+
+    state: Path = DEFAULT_STATE
+    broker: str | None = None
+    credential: SecretStr | None = None
+    username: str | None = None
+    prefix: str = DEFAULT_PREFIX
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    protocol: Protocol = "auto"
+    low_bandwidth: bool = False
+    keepalive: int | None = None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+    @classmethod
+    def load(cls, config_file: Path | None = None, **flags: object) -> DeviceSettings:
+        """Settings from flags (``None`` means not given), environment and TOML.
+
+        Raises:
+            ConfigError: unreadable TOML, unknown keys or invalid values.
+        """
+        path = (config_file or DEFAULT_CONFIG).expanduser()
+        if config_file is not None and not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        bound = type(
+            "BoundDeviceSettings",
+            (cls,),
+            {"model_config": {**cls.model_config, "toml_file": path if path.is_file() else None}},
+        )
+        given = {k: v for k, v in flags.items() if v is not None}
+        try:
+            settings = bound(**given)
+        except ValueError as exc:  # pydantic ValidationError and TOML decode errors
+            first = str(exc).splitlines()
+            raise ConfigError(f"invalid configuration: {' '.join(first[:3])}") from None
+        return cls.model_validate(settings.model_dump())
+
+    def broker_options(self, saved_broker: str | None, saved_credential: str | None) -> BrokerOptions:
+        """Option group for the library, completing missing values from the state file.
+
+        Raises:
+            ConfigError: bad broker URL.
+        """
+        url = self.broker or saved_broker or "mqtt://127.0.0.1:1883"
+        host, port, tls = parse_broker_url(url)
+        tls_options = None
+        if tls or self.ca_file or self.cert_file:
+            tls_options = TlsOptions(
+                ca_file=self.ca_file, cert_file=self.cert_file, key_file=self.key_file
+            )
+        credential = self.credential or (
+            SecretStr(saved_credential) if saved_credential else None
+        )
+        return BrokerOptions(
+            host=host, port=port, tls=tls_options, username=self.username,
+            credential=credential, protocol=self.protocol,
+        )
+
+    def link_options(self) -> LinkOptions:
+        base = LinkOptions.low_bandwidth() if self.low_bandwidth else LinkOptions()
+        if self.keepalive is not None:
+            base = base.model_copy(update={"keepalive_s": self.keepalive})
+        return base

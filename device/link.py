@@ -1,0 +1,350 @@
+"""The MQTT link of a device: one thread that connects, runs paho's network loop and
+reconnects with exponential backoff and full jitter.
+
+Each connection is a fresh paho client (:class:`Connection`). The device's outbox,
+not paho's memory, is what survives a lost connection: after a reconnect the device
+publishes again everything the broker had not acknowledged. A fresh client per
+connection also makes MQTT 5 topic aliases safe (they are scoped to one connection,
+MQTT 5 §3.3.2.3.4, and paho would retransmit an aliased PUBLISH with an empty topic
+on a new connection) and lets ``protocol="auto"`` fall back to MQTT 3.1.1 when a
+broker (aMQTT) does not speak 5.
+
+Callbacks run on the link thread and must be quick: the device only enqueues.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from device.config import BrokerOptions, LinkOptions
+from schemas.errors import ConnectFailed, NotAuthorized, TransportError
+
+__all__ = ["SESSION_EXPIRY_S", "Connection", "Link", "LinkHandler"]
+
+log = logging.getLogger("fieldchat.device.link")
+
+SESSION_EXPIRY_S = 7 * 24 * 3600  # MQTT 5 session expiry: a week offline keeps the queue
+_LOOP_TIMEOUT_S = 0.05
+_SUBSCRIBE_CHUNK = 64
+# CONNACK reason codes (MQTT 5 §3.2.2.2; paho maps 3.1.1 return codes 4/5 to 134/135).
+_BAD_CREDENTIALS = frozenset({134, 135, 138})
+_UNSUPPORTED_PROTOCOL = 132
+
+
+class LinkHandler(Protocol):
+    """What the link tells the device (called on the link thread)."""
+
+    def link_connected(self, conn: Connection, session_present: bool) -> None: ...
+
+    def link_message(
+        self, conn: Connection, mid: int, topic: str, payload: bytes, qos: int
+    ) -> None: ...
+
+    def link_published(self, conn: Connection, mid: int, ok: bool) -> None: ...
+
+    def link_disconnected(self, conn: Connection, reason: str) -> None: ...
+
+    def link_failed(self, error: TransportError) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Will:
+    topic: str
+    payload: bytes
+
+
+class Connection:
+    """One MQTT connection (one paho client). Thread-safe for publish/subscribe/ack."""
+
+    def __init__(self, number: int, client: mqtt.Client, protocol: str) -> None:
+        self.number = number
+        self.client = client
+        self.protocol = protocol
+        self.alias_max = 0
+        self.receive_max = 65_535
+        self.connected = False
+        self._aliases: dict[str, int] = {}
+        self._alias_lock = threading.Lock()
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False,
+                alias: bool = False) -> int:
+        """Publish with QoS 1; the packet id, matched later by ``link_published``.
+
+        With ``alias`` on an MQTT 5 connection whose broker allows topic aliases, the
+        topic travels once and then as a two-byte alias (MQTT 5 §3.3.2.3.4).
+        """
+        properties = None
+        if alias and self.alias_max:
+            with self._alias_lock:
+                number = self._aliases.get(topic)
+                if number is not None:
+                    topic_out = ""
+                elif len(self._aliases) < self.alias_max:
+                    number = self._aliases[topic] = len(self._aliases) + 1
+                    topic_out = topic
+            if number is not None:
+                properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+                properties.TopicAlias = number
+                topic = topic_out
+        info = self.client.publish(topic, payload, qos=1, retain=retain, properties=properties)
+        return info.mid
+
+    def publish_status(self, topic: str, payload: bytes) -> mqtt.MQTTMessageInfo:
+        return self.client.publish(topic, payload, qos=1, retain=True)
+
+    def subscribe(self, topics: Sequence[str], *, no_local: Sequence[str] = ()) -> None:
+        """Subscribe with QoS 1; ``no_local`` topics do not echo our own publishes (MQTT 5)."""
+        local = set(no_local)
+        for i in range(0, len(topics), _SUBSCRIBE_CHUNK):
+            chunk = topics[i : i + _SUBSCRIBE_CHUNK]
+            if self.protocol == "5":
+                self.client.subscribe(
+                    [(t, SubscribeOptions(qos=1, noLocal=t in local)) for t in chunk]
+                )
+            else:
+                self.client.subscribe([(t, 1) for t in chunk])
+
+    def unsubscribe(self, topics: Sequence[str]) -> None:
+        if topics:
+            self.client.unsubscribe(list(topics))
+
+    def ack(self, mid: int) -> None:
+        """PUBACK a received message (manual acknowledgement, after it is durable)."""
+        self.client.ack(mid, 1)
+
+
+class Link:
+    """Keeps one MQTT connection up until :meth:`stop`.
+
+    Args:
+        client_id: also the default username: the device's pid.
+        will: published by the broker if we vanish (presence).
+    """
+
+    def __init__(
+        self,
+        client_id: str,
+        broker: BrokerOptions,
+        options: LinkOptions,
+        handler: LinkHandler,
+        *,
+        will: Will | None = None,
+        protocol: str | None = None,
+        on_protocol: Callable[[str], None] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.client_id = client_id
+        self.broker = broker
+        self.options = options
+        self.handler = handler
+        self.will = will
+        self._protocol = protocol or ("3.1.1" if broker.protocol == "3.1.1" else "5")
+        self._on_protocol = on_protocol
+        self._rng = rng or random.SystemRandom()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._number = 0
+        self.connection: Connection | None = None
+        self.farewell: Callable[[Connection], object] | None = None
+        self.last_error: TransportError | None = None
+        self.connects = 0
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="fieldchat-link", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Disconnect cleanly (after ``farewell``) and end the thread."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def kick(self) -> None:
+        """Drop the current connection (tests, or after a protocol error)."""
+        conn = self.connection
+        if conn is not None:
+            conn.client.disconnect()
+
+    # -- the link thread --------------------------------------------------------------
+
+    def _run(self) -> None:
+        failures = 0
+        while not self._stop.is_set():
+            outcome = self._connect_once()
+            if self._stop.is_set():
+                break
+            if outcome == "ok":
+                failures = 0
+            elif outcome == "switch":
+                continue  # immediately retry with the other protocol
+            else:
+                failures += 1
+            ceiling = min(self.options.backoff_max_s, self.options.backoff_min_s * 2**min(failures, 20))
+            delay = max(0.05, self._rng.uniform(0, ceiling))  # full jitter
+            self._stop.wait(delay)
+
+    def _new_client(self) -> mqtt.Client:
+        v5 = self._protocol == "5"
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+            clean_session=None if v5 else False,
+            manual_ack=True,
+        )
+        client.max_inflight_messages = 0  # the device windows its outbox itself
+        client.connect_timeout = self.options.connect_timeout_s
+        username = self.broker.username or self.client_id
+        password = self.broker.credential.get_secret_value() if self.broker.credential else None
+        client.username_pw_set(username, password)
+        if self.will is not None:
+            client.will_set(self.will.topic, self.will.payload, qos=1, retain=True)
+        tls = self.broker.tls
+        if tls is not None:
+            client.tls_set(
+                ca_certs=str(tls.ca_file) if tls.ca_file else None,
+                certfile=str(tls.cert_file) if tls.cert_file else None,
+                keyfile=str(tls.key_file) if tls.key_file else None,
+            )
+        return client
+
+    def _connect_once(self) -> str:
+        """One connection from CONNECT to its end: ``ok``, ``fail`` or ``switch``."""
+        self._number += 1
+        client = self._new_client()
+        conn = Connection(self._number, client, self._protocol)
+        state: dict[str, Any] = {"connack": None}
+
+        def on_connect(_c: mqtt.Client, _u: object, flags: mqtt.ConnectFlags,
+                       rc: ReasonCode, props: Properties | None) -> None:
+            state["connack"] = rc.value
+            if rc.is_failure:
+                return
+            if props is not None and conn.protocol == "5":
+                if self.options.topic_aliases:
+                    conn.alias_max = int(getattr(props, "TopicAliasMaximum", 0) or 0)
+                conn.receive_max = int(getattr(props, "ReceiveMaximum", 65_535) or 65_535)
+            conn.connected = True
+            self.connection = conn
+            self.connects += 1
+            self.last_error = None
+            self.handler.link_connected(conn, flags.session_present)
+
+        def on_message(_c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
+            self.handler.link_message(conn, msg.mid, msg.topic, bytes(msg.payload), msg.qos)
+
+        def on_publish(_c: mqtt.Client, _u: object, mid: int, rc: ReasonCode,
+                       _p: Properties | None) -> None:
+            self.handler.link_published(conn, mid, not rc.is_failure)
+
+        client.on_connect = on_connect
+        client.on_message = on_message
+        client.on_publish = on_publish
+        where = f"{self.broker.host}:{self.broker.port}"
+        try:
+            if conn.protocol == "5":
+                props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+                props.SessionExpiryInterval = SESSION_EXPIRY_S
+                client.connect(self.broker.host, self.broker.port, self.options.keepalive_s,
+                               clean_start=False, properties=props)
+            else:
+                client.connect(self.broker.host, self.broker.port, self.options.keepalive_s)
+        except ssl.SSLError as exc:
+            return self._fail(ConnectFailed(f"TLS handshake with {where} failed: {exc.reason}"))
+        except (OSError, socket.timeout) as exc:
+            reason = exc.strerror or type(exc).__name__
+            return self._fail(ConnectFailed(f"cannot reach broker at {where}: {reason}"))
+        deadline = time.monotonic() + self.options.connect_timeout_s
+        reason = "connection lost"
+        try:
+            while not self._stop.is_set():
+                rc = client.loop(timeout=_LOOP_TIMEOUT_S)
+                if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                    reason = mqtt.error_string(rc)
+                    break
+                if state["connack"] is None and time.monotonic() > deadline:
+                    reason = "no CONNACK in time"
+                    break
+        except (OSError, ValueError) as exc:  # paho raises ValueError on malformed packets
+            reason = str(exc) or type(exc).__name__
+        if self._stop.is_set() and conn.connected:
+            self._goodbye(conn)
+        conn.connected = False
+        if self.connection is conn:
+            self.connection = None
+        _close_client(client)
+        connack = state["connack"]
+        if connack == 0:
+            self.handler.link_disconnected(conn, reason)
+            return "ok"
+        if connack in _BAD_CREDENTIALS:
+            return self._fail(NotAuthorized(
+                f"broker at {where} refused the credential for {self.broker.username or self.client_id}"
+            ))
+        if self.broker.protocol == "auto" and (connack is None or connack == _UNSUPPORTED_PROTOCOL):
+            # Reached the broker but got no usable CONNACK: try the other protocol.
+            self._protocol = "3.1.1" if self._protocol == "5" else "5"
+            if self._on_protocol is not None:
+                self._on_protocol(self._protocol)
+            self._fail(ConnectFailed(f"broker at {where} closed the connection ({reason})"))
+            return "switch" if self._protocol == "3.1.1" else "fail"
+        if connack is None:
+            return self._fail(ConnectFailed(f"broker at {where} closed the connection ({reason})"))
+        return self._fail(ConnectFailed(f"broker at {where} refused the connection (code {connack})"))
+
+    def _goodbye(self, conn: Connection) -> None:
+        """Clean disconnect: farewell publications, then DISCONNECT (no will)."""
+        if self.farewell is not None:
+            try:
+                self.farewell(conn)
+                end = time.monotonic() + 1.0
+                while time.monotonic() < end and conn.client.want_write():
+                    conn.client.loop(timeout=_LOOP_TIMEOUT_S)
+                for _ in range(4):
+                    conn.client.loop(timeout=_LOOP_TIMEOUT_S)
+            except (OSError, ValueError):
+                return
+        conn.client.disconnect()
+        try:
+            conn.client.loop(timeout=_LOOP_TIMEOUT_S)
+        except (OSError, ValueError):
+            pass
+
+    def _fail(self, error: TransportError) -> str:
+        self.last_error = error
+        log.info("link: %s", error)
+        self.handler.link_failed(error)
+        return "fail"
+
+
+def _close_client(client: mqtt.Client) -> None:
+    """Close paho's socket pair and socket (paho leaves them to the garbage collector)."""
+    sock = client.socket()
+    if sock is not None:
+        try:
+            sock.close()
+        except OSError:
+            pass
+    for name in ("_sockpairR", "_sockpairW"):
+        pair = getattr(client, name, None)
+        if pair is not None:
+            try:
+                pair.close()
+            except OSError:
+                pass

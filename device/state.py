@@ -1,0 +1,503 @@
+"""A device's on-disk state: one SQLite file, mode 0600.
+
+It holds the engine's key-store records (the same ``records`` table as
+:class:`device.keystore.SqliteKeyStore`, so it *is* the engine's
+:class:`~device.keystore.KeyStore`) next to the client's tables:
+
+    outbox    publications not yet acknowledged by the broker, in send order
+    sent      our own text messages (history; payload kept until every member receipted)
+    received  messages of others, unique on the dedupe key (cid, epoch, sender, chain, step)
+    receipts  delivered/read ranges other members sent us for our messages
+    held      envelopes whose grant or roster has not arrived yet
+    gaps      missing step ranges per sender chain (to ask the gateway's history for)
+    meta      small settings (saved broker URL and credential, detected protocol)
+
+Atomicity is what makes delivery exactly-once on screen: the client opens a
+transaction, lets the engine open envelopes inside it (the engine's own writes join
+the transaction, see :meth:`DeviceState.save`), inserts the received rows, and
+commits before acknowledging anything to the broker. Sending is symmetric: the
+chain reservation and the outbox row commit together, so an envelope exists on disk
+only with its step reserved. ``synchronous=FULL`` makes each commit one fsync;
+callers batch (one transaction per burst of received messages, ``send_many``).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from schemas.errors import KeyStoreError
+
+__all__ = ["MAX_HELD", "DeviceState", "Gap", "OutboxRow", "ReceivedRow", "SentRow"]
+
+MAX_HELD = 10_000  # envelopes held for a missing grant; past it the oldest are dropped (logged)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS records (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS outbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, payload BLOB NOT NULL,
+    retain INTEGER NOT NULL, cid TEXT, what TEXT NOT NULL, created_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS sent (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, cid TEXT NOT NULL, epoch INTEGER NOT NULL,
+    sender_index INTEGER NOT NULL, chain INTEGER NOT NULL, step INTEGER NOT NULL,
+    text TEXT NOT NULL, sent_at REAL NOT NULL,
+    topic TEXT NOT NULL, payload BLOB, outbox_seq INTEGER NOT NULL, published_at REAL,
+    UNIQUE (cid, epoch, chain, step));
+CREATE INDEX IF NOT EXISTS sent_published ON sent (published_at) WHERE payload IS NOT NULL;
+CREATE TABLE IF NOT EXISTS received (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, cid TEXT NOT NULL, epoch INTEGER NOT NULL,
+    sender_index INTEGER NOT NULL, chain INTEGER NOT NULL, step INTEGER NOT NULL,
+    sender TEXT NOT NULL, kind INTEGER NOT NULL, sent_at INTEGER, text TEXT,
+    received_at REAL NOT NULL, read INTEGER NOT NULL DEFAULT 0,
+    UNIQUE (cid, epoch, sender_index, chain, step));
+CREATE TABLE IF NOT EXISTS receipts (
+    cid TEXT NOT NULL, pid TEXT NOT NULL, type INTEGER NOT NULL, epoch INTEGER NOT NULL,
+    chain INTEGER NOT NULL, first INTEGER NOT NULL, last INTEGER NOT NULL,
+    received_at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS receipts_chain ON receipts (cid, epoch, chain);
+CREATE TABLE IF NOT EXISTS held (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, cid TEXT NOT NULL, payload BLOB NOT NULL,
+    held_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS gaps (
+    cid TEXT NOT NULL, epoch INTEGER NOT NULL, sender_index INTEGER NOT NULL,
+    chain INTEGER NOT NULL, first INTEGER NOT NULL, last INTEGER NOT NULL,
+    sender TEXT NOT NULL, since REAL NOT NULL,
+    PRIMARY KEY (cid, epoch, sender_index, chain, first));
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    seq: int
+    topic: str
+    payload: bytes
+    retain: bool
+    cid: str | None
+    what: str
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class SentRow:
+    id: int
+    cid: str
+    epoch: int
+    chain: int
+    step: int
+    text: str
+    sent_at: float
+    published_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class ReceivedRow:
+    """One stored message of another member (``text`` is ``None`` for receipts/controls)."""
+
+    id: int
+    cid: str
+    epoch: int
+    sender_index: int
+    chain: int
+    step: int
+    sender: str
+    kind: int
+    sent_at: int | None
+    text: str | None
+    received_at: float
+    read: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Gap:
+    """Steps ``first..last`` of one sender chain that have not arrived (yet)."""
+
+    cid: str
+    epoch: int
+    sender_index: int
+    chain: int
+    first: int
+    last: int
+    sender: str
+    since: float
+
+
+class DeviceState:
+    """The state file. Thread-safe; one connection guarded by a re-entrant lock.
+
+    Raises:
+        KeyStoreError: from the constructor when the file cannot be opened or is
+            readable by others; from any method when SQLite fails.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path).expanduser()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # Created 0600 before SQLite opens it, so it is never readable by others.
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+            mode = self.path.stat().st_mode & 0o777
+            if mode & 0o077:
+                raise KeyStoreError(
+                    f"state file {self.path} is readable by others (mode {mode:o}); "
+                    f"run: chmod 600 {self.path}"
+                )
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA secure_delete=ON")
+            self._db.execute("PRAGMA busy_timeout=10000")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            raise KeyStoreError(f"cannot open state file {self.path}: {exc}") from exc
+        except OSError as exc:
+            raise KeyStoreError(f"cannot open state file {self.path}: {exc.strerror}") from exc
+        self._lock = threading.RLock()
+        self._depth = 0
+        self.commits = 0
+        for suffix in ("-wal", "-shm"):
+            side = Path(f"{self.path}{suffix}")
+            if side.exists():
+                side.chmod(0o600)
+
+    # -- transactions -----------------------------------------------------------------
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One atomic, durable unit; nested calls join the outer transaction.
+
+        Raises:
+            KeyStoreError: SQLite failed (the transaction is rolled back).
+        """
+        with self._lock:
+            if self._depth:
+                self._depth += 1
+                try:
+                    yield self._db
+                finally:
+                    self._depth -= 1
+                return
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise KeyStoreError(f"state file write failed: {exc}") from exc
+            self._depth = 1
+            try:
+                yield self._db
+            except BaseException:
+                self._depth = 0
+                self._db.execute("ROLLBACK")
+                raise
+            self._depth = 0
+            try:
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._db.execute("ROLLBACK")
+                raise KeyStoreError(f"state file write failed: {exc}") from exc
+            self.commits += 1
+
+    def _read(self, sql: str, args: Sequence[object] = ()) -> list[Any]:
+        try:
+            with self._lock:
+                return list(self._db.execute(sql, args).fetchall())
+        except sqlite3.Error as exc:
+            raise KeyStoreError(f"state file read failed: {exc}") from exc
+
+    # -- the engine's KeyStore protocol -----------------------------------------------
+
+    def load(self, key: str) -> bytes | None:
+        rows = self._read("SELECT value FROM records WHERE key = ?", (key,))
+        return bytes(rows[0][0]) if rows else None
+
+    def load_prefix(self, prefix: str) -> dict[str, bytes]:
+        rows = self._read(
+            "SELECT key, value FROM records WHERE key >= ? AND key < ?",
+            (prefix, prefix + "\U0010ffff"),
+        )
+        return {str(k): bytes(v) for k, v in rows}
+
+    def save(self, items: Mapping[str, bytes | None]) -> None:
+        """Write engine records; joins the caller's transaction when one is open."""
+        try:
+            with self.transaction() as db:
+                for key, value in items.items():
+                    if value is None:
+                        db.execute("DELETE FROM records WHERE key = ?", (key,))
+                    else:
+                        db.execute(
+                            "INSERT INTO records (key, value) VALUES (?, ?) "
+                            "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                            (key, value),
+                        )
+        except sqlite3.Error as exc:
+            raise KeyStoreError(f"state file write failed: {exc}") from exc
+
+    # -- meta -------------------------------------------------------------------------
+
+    def get_meta(self, key: str) -> str | None:
+        rows = self._read("SELECT value FROM meta WHERE key = ?", (key,))
+        return str(rows[0][0]) if rows else None
+
+    def set_meta(self, values: Mapping[str, str | None]) -> None:
+        with self.transaction() as db:
+            for key, value in values.items():
+                if value is None:
+                    db.execute("DELETE FROM meta WHERE key = ?", (key,))
+                else:
+                    db.execute(
+                        "INSERT INTO meta (key, value) VALUES (?, ?) "
+                        "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                        (key, value),
+                    )
+
+    # -- outbox and sent (callers hold a transaction for writes) -----------------------
+
+    @staticmethod
+    def add_outbox(
+        db: sqlite3.Connection, topic: str, payload: bytes, *, retain: bool = False,
+        cid: str | None = None, what: str = "msg",
+    ) -> int:
+        cur = db.execute(
+            "INSERT INTO outbox (topic, payload, retain, cid, what, created_at) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (topic, payload, int(retain), cid, what, time.time()),
+        )
+        assert cur.lastrowid is not None
+        return cur.lastrowid
+
+    @staticmethod
+    def add_sent(
+        db: sqlite3.Connection, cid: str, epoch: int, sender_index: int, chain: int, step: int,
+        text: str, topic: str, payload: bytes, outbox_seq: int,
+    ) -> int:
+        cur = db.execute(
+            "INSERT INTO sent (cid, epoch, sender_index, chain, step, text, sent_at, topic,"
+            " payload, outbox_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (cid, epoch, sender_index, chain, step, text, time.time(), topic, payload,
+             outbox_seq),
+        )
+        assert cur.lastrowid is not None
+        return cur.lastrowid
+
+    def outbox_from(self, seq: int, limit: int) -> list[OutboxRow]:
+        """Rows with ``seq`` at least ``seq``, oldest first."""
+        rows = self._read(
+            "SELECT seq, topic, payload, retain, cid, what, created_at FROM outbox "
+            "WHERE seq >= ? ORDER BY seq LIMIT ?",
+            (seq, limit),
+        )
+        return [
+            OutboxRow(int(s), str(t), bytes(p), bool(r), None if c is None else str(c), str(w),
+                      float(at))
+            for s, t, p, r, c, w, at in rows
+        ]
+
+    def outbox_count(self) -> int:
+        return int(self._read("SELECT COUNT(*) FROM outbox")[0][0])
+
+    @staticmethod
+    def acknowledged(db: sqlite3.Connection, seqs: Sequence[int], at: float) -> None:
+        """The broker acknowledged these outbox rows: drop them, date the sent rows."""
+        db.executemany("DELETE FROM outbox WHERE seq = ?", [(s,) for s in seqs])
+        db.executemany(
+            "UPDATE sent SET published_at = ? WHERE outbox_seq = ? AND published_at IS NULL",
+            [(at, s) for s in seqs],
+        )
+
+    def sent(self, cid: str | None = None, *, limit: int = 1_000_000) -> list[SentRow]:
+        rows = self._read(
+            "SELECT id, cid, epoch, chain, step, text, sent_at, published_at FROM sent "
+            "WHERE (? IS NULL OR cid = ?) ORDER BY id LIMIT ?",
+            (cid, cid, limit),
+        )
+        return [SentRow(*row) for row in rows]
+
+    def unconfirmed(
+        self, before: float, after: float, limit: int
+    ) -> list[tuple[int, str, str, bytes, int, int, int]]:
+        """Published own messages in ``(after, before)`` still keeping their payload:
+        ``(id, cid, topic, payload, epoch, chain, step)``, oldest first."""
+        return self._read(
+            "SELECT id, cid, topic, payload, epoch, chain, step FROM sent "
+            "WHERE payload IS NOT NULL AND published_at IS NOT NULL "
+            "AND published_at < ? AND published_at > ? ORDER BY id LIMIT ?",
+            (before, after, limit),
+        )
+
+    def was_sender(self, cid: str, epoch: int, sender_index: int) -> bool:
+        """Whether we sent messages as ``sender_index`` in ``epoch`` of ``cid``."""
+        return bool(self._read(
+            "SELECT 1 FROM sent WHERE cid = ? AND epoch = ? AND sender_index = ? LIMIT 1",
+            (cid, epoch, sender_index),
+        ))
+
+    def unreceipted(self, cid: str, epoch: int, pid: str, limit: int) -> list[tuple[str, bytes]]:
+        """Own messages of ``cid``/``epoch`` still kept that ``pid`` has not receipted."""
+        rows = self._read(
+            "SELECT s.topic, s.payload FROM sent s WHERE s.cid = ? AND s.epoch = ? "
+            "AND s.payload IS NOT NULL AND NOT EXISTS (SELECT 1 FROM receipts r WHERE "
+            "r.cid = s.cid AND r.pid = ? AND r.epoch = s.epoch AND r.chain = s.chain "
+            "AND r.first <= s.step AND r.last >= s.step) ORDER BY s.id LIMIT ?",
+            (cid, epoch, pid, limit),
+        )
+        return [(str(t), bytes(p)) for t, p in rows]
+
+    def receipted_by(self, cid: str, epoch: int, chain: int, step: int) -> set[str]:
+        rows = self._read(
+            "SELECT DISTINCT pid FROM receipts WHERE cid = ? AND epoch = ? AND chain = ? "
+            "AND first <= ? AND last >= ?",
+            (cid, epoch, chain, step, step),
+        )
+        return {str(r[0]) for r in rows}
+
+    @staticmethod
+    def forget_payloads(db: sqlite3.Connection, ids: Sequence[int]) -> None:
+        """Drop the kept ciphertext of messages that need no resending any more."""
+        db.executemany("UPDATE sent SET payload = NULL WHERE id = ?", [(i,) for i in ids])
+
+    @staticmethod
+    def add_receipt(
+        db: sqlite3.Connection, cid: str, pid: str, rtype: int, epoch: int, chain: int,
+        first: int, last: int,
+    ) -> None:
+        db.execute(
+            "INSERT INTO receipts (cid, pid, type, epoch, chain, first, last, received_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (cid, pid, rtype, epoch, chain, first, last, time.time()),
+        )
+
+    # -- received ---------------------------------------------------------------------
+
+    @staticmethod
+    def add_received(
+        db: sqlite3.Connection, cid: str, epoch: int, sender_index: int, chain: int, step: int,
+        sender: str, kind: int, sent_at: int | None, text: str | None,
+    ) -> int | None:
+        """Insert a received message; its id, or ``None`` when it is a duplicate."""
+        cur = db.execute(
+            "INSERT OR IGNORE INTO received (cid, epoch, sender_index, chain, step, sender, kind,"
+            " sent_at, text, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (cid, epoch, sender_index, chain, step, sender, kind, sent_at, text, time.time()),
+        )
+        return cur.lastrowid if cur.rowcount == 1 else None
+
+    def received(
+        self, cid: str | None = None, *, after_id: int = 0, limit: int = 1_000_000,
+    ) -> list[ReceivedRow]:
+        rows = self._read(
+            "SELECT id, cid, epoch, sender_index, chain, step, sender, kind, sent_at, text,"
+            " received_at, read FROM received WHERE (? IS NULL OR cid = ?) AND id > ?"
+            " AND text IS NOT NULL ORDER BY id LIMIT ?",
+            (cid, cid, after_id, limit),
+        )
+        return [
+            ReceivedRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10],
+                        bool(r[11]))
+            for r in rows
+        ]
+
+    def high_steps(self) -> dict[tuple[str, int, int, int], int]:
+        """Highest received step per (cid, epoch, sender_index, chain)."""
+        rows = self._read(
+            "SELECT cid, epoch, sender_index, chain, MAX(step) FROM received "
+            "GROUP BY cid, epoch, sender_index, chain"
+        )
+        return {(str(c), int(e), int(s), int(ch)): int(m) for c, e, s, ch, m in rows}
+
+    @staticmethod
+    def mark_read(db: sqlite3.Connection, cid: str) -> list[tuple[int, int, int, int]]:
+        """Mark every unread text of ``cid`` read: ``(epoch, sender_index, chain, step)``."""
+        rows = db.execute(
+            "SELECT epoch, sender_index, chain, step FROM received "
+            "WHERE cid = ? AND read = 0 AND text IS NOT NULL",
+            (cid,),
+        ).fetchall()
+        db.execute("UPDATE received SET read = 1 WHERE cid = ? AND read = 0", (cid,))
+        return [(int(a), int(b), int(c), int(d)) for a, b, c, d in rows]
+
+    # -- held envelopes ---------------------------------------------------------------
+
+    @staticmethod
+    def hold(db: sqlite3.Connection, cid: str, payload: bytes) -> int:
+        """Keep an envelope for later; returns how many were dropped to stay in MAX_HELD."""
+        db.execute(
+            "INSERT INTO held (cid, payload, held_at) VALUES (?, ?, ?)",
+            (cid, payload, time.time()),
+        )
+        (count,) = db.execute("SELECT COUNT(*) FROM held").fetchone()
+        excess = int(count) - MAX_HELD
+        if excess > 0:
+            db.execute(
+                "DELETE FROM held WHERE id IN (SELECT id FROM held ORDER BY id LIMIT ?)",
+                (excess,),
+            )
+        return max(0, excess)
+
+    def held(self) -> list[tuple[int, str, bytes]]:
+        rows = self._read("SELECT id, cid, payload FROM held ORDER BY id")
+        return [(int(i), str(c), bytes(p)) for i, c, p in rows]
+
+    @staticmethod
+    def unhold(db: sqlite3.Connection, ids: Sequence[int]) -> None:
+        db.executemany("DELETE FROM held WHERE id = ?", [(i,) for i in ids])
+
+    # -- gaps -------------------------------------------------------------------------
+
+    @staticmethod
+    def add_gap(db: sqlite3.Connection, gap: Gap) -> None:
+        db.execute(
+            "INSERT OR REPLACE INTO gaps (cid, epoch, sender_index, chain, first, last, sender,"
+            " since) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (gap.cid, gap.epoch, gap.sender_index, gap.chain, gap.first, gap.last, gap.sender,
+             gap.since),
+        )
+
+    @staticmethod
+    def fill_gap(
+        db: sqlite3.Connection, cid: str, epoch: int, sender_index: int, chain: int, step: int,
+    ) -> bool:
+        """Remove ``step`` from the gap containing it (splitting it); whether one did."""
+        row = db.execute(
+            "SELECT first, last, sender, since FROM gaps WHERE cid = ? AND epoch = ? AND "
+            "sender_index = ? AND chain = ? AND first <= ? AND last >= ?",
+            (cid, epoch, sender_index, chain, step, step),
+        ).fetchone()
+        if row is None:
+            return False
+        first, last, sender, since = row
+        db.execute(
+            "DELETE FROM gaps WHERE cid = ? AND epoch = ? AND sender_index = ? AND chain = ? "
+            "AND first = ?",
+            (cid, epoch, sender_index, chain, first),
+        )
+        for lo, hi in ((first, step - 1), (step + 1, last)):
+            if lo <= hi:
+                DeviceState.add_gap(db, Gap(cid, epoch, sender_index, chain, lo, hi, sender, since))
+        return True
+
+    def gaps(self, cid: str | None = None) -> list[Gap]:
+        rows = self._read(
+            "SELECT cid, epoch, sender_index, chain, first, last, sender, since FROM gaps "
+            "WHERE (? IS NULL OR cid = ?) ORDER BY cid, epoch, sender_index, chain, first",
+            (cid, cid),
+        )
+        return [Gap(*row) for row in rows]
+
+    @staticmethod
+    def drop_gap(db: sqlite3.Connection, gap: Gap) -> None:
+        db.execute(
+            "DELETE FROM gaps WHERE cid = ? AND epoch = ? AND sender_index = ? AND chain = ? "
+            "AND first = ?",
+            (gap.cid, gap.epoch, gap.sender_index, gap.chain, gap.first),
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

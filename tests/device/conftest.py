@@ -1,0 +1,196 @@
+"""Fixtures for the device client and CLI tests: a real Mosquitto on 127.0.0.1.
+
+Each test gets its own broker process (it starts in a few milliseconds) on an
+ephemeral port, with its own configuration, password file and persistence folder,
+so tests can stop, restart and SIGKILL it without disturbing each other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from device.client import Device
+from device.config import BrokerOptions, LinkOptions
+from device.events import Event
+from pydantic import SecretStr
+
+MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+MOSQUITTO_PASSWD = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
+FIELDCHAT = str(Path(sys.executable).parent / "fieldchat")
+
+# Fast link timings for tests: reconnect quickly, receipts often, resend soon.
+FAST = LinkOptions(
+    keepalive_s=10, connect_timeout_s=3.0, backoff_min_s=0.1, backoff_max_s=1.0,
+    receipt_interval_s=0.2, resend_after_s=1.0, gap_timeout_s=60.0,
+)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str = "condition") -> None:
+    end = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+class Mosquitto:
+    """A Mosquitto process with persistence, a password file and a bounded queue."""
+
+    def __init__(self, workdir: Path, *, anonymous: bool = False,
+                 max_queued: int = 20_000) -> None:
+        self.dir = workdir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.passwords = self.dir / "passwd"
+        self.passwords.touch(mode=0o600)
+        self.users: dict[str, str] = {}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.config = self.dir / "mosquitto.conf"
+        self.config.write_text(
+            f"listener {self.port} 127.0.0.1\n"
+            f"allow_anonymous {'true' if anonymous else 'false'}\n"
+            + ("" if anonymous else f"password_file {self.passwords}\n")
+            + f"persistence true\npersistence_location {self.dir}/\n"
+            "autosave_interval 1\n"
+            # Deliberate: above the tests' largest offline burst, but bounded.
+            f"max_queued_messages {max_queued}\n"
+            "max_inflight_messages 100\n"
+            f"log_dest file {self.dir}/mosquitto.log\n"
+            "log_type error\nlog_type warning\nlog_type notice\n"
+            # As root, Mosquitto would drop to user "mosquitto", who cannot write tmp_path.
+            + ("user root\n" if os.getuid() == 0 else "")
+        )
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def options(self, pid: str, *, protocol: str = "auto") -> BrokerOptions:
+        return BrokerOptions(
+            host="127.0.0.1", port=self.port, credential=SecretStr(self.user(pid)),
+            protocol=protocol,  # type: ignore[arg-type]
+        )
+
+    def user(self, name: str) -> str:
+        """The credential of ``name``, enrolling it (and reloading) on first use."""
+        if name not in self.users:
+            self.users[name] = f"cred-{name[:8]}-{os.urandom(6).hex()}"
+            subprocess.run(
+                [MOSQUITTO_PASSWD, "-b", str(self.passwords), name, self.users[name]],
+                check=True, capture_output=True,
+            )
+            if self.proc is not None and self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGHUP)
+                time.sleep(0.2)
+        return self.users[name]
+
+    def start(self) -> Mosquitto:
+        self.proc = subprocess.Popen(
+            [MOSQUITTO, "-c", str(self.config)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        end = time.monotonic() + 10
+        while time.monotonic() < end:
+            with contextlib.suppress(OSError), socket.create_connection(
+                ("127.0.0.1", self.port), timeout=0.2
+            ):
+                return self
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mosquitto exited: {self.log()}")
+            time.sleep(0.02)
+        raise RuntimeError("mosquitto did not start")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def log(self) -> str:
+        path = self.dir / "mosquitto.log"
+        return path.read_text() if path.exists() else ""
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
+    broker = Mosquitto(tmp_path / "mosquitto").start()
+    yield broker
+    broker.stop()
+
+
+class Devices:
+    """Makes in-process devices on a broker and closes them at the end."""
+
+    def __init__(self, tmp_path: Path, broker: Mosquitto) -> None:
+        self.tmp = tmp_path
+        self.broker = broker
+        self.open: list[Device] = []
+        self.events: dict[str, list[Event]] = {}
+
+    def make(self, name: str, *, link: LinkOptions = FAST, protocol: str = "auto",
+             start: bool = True, prefix: str = "fc/v1") -> Device:
+        path = self.tmp / f"{name}.sqlite3"
+        probe = Device(path, prefix=prefix)  # learn the pid to enroll it
+        pid = probe.pid
+        probe.close()
+        events: list[Event] = []
+        device = Device(
+            path, self.broker.options(pid, protocol=protocol), link=link, prefix=prefix,
+            on_event=events.append,
+        )
+        self.events[device.pid] = events
+        self.open.append(device)
+        if start:
+            device.start()
+            device.wait_connected(10)
+        return device
+
+    def reopen(self, device: Device, *, link: LinkOptions = FAST) -> Device:
+        device.close()
+        self.open.remove(device)
+        events = self.events[device.pid]
+        again = Device(device.state.path, device.broker, link=link,
+                       prefix=device.topics.prefix, on_event=events.append)
+        self.open.append(again)
+        return again.start()
+
+    def close(self) -> None:
+        for device in self.open:
+            device.close()
+
+
+@pytest.fixture
+def devices(tmp_path: Path, mosquitto: Mosquitto) -> Iterator[Devices]:
+    made = Devices(tmp_path, mosquitto)
+    yield made
+    made.close()
+
+
+def texts(device: Device, cid: str | None = None) -> list[str]:
+    return [row.text or "" for row in device.messages(cid)]

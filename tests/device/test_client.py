@@ -1,0 +1,35 @@
+"""The Device library against a real Mosquitto on 127.0.0.1."""
+
+from __future__ import annotations
+
+import pytest
+
+from device.events import Joined, MessageReceived, ReceiptReceived
+from tests.device.conftest import Devices, texts, wait_until
+
+pytestmark = pytest.mark.mosquitto
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_two_devices_talk_both_ways(devices: Devices, protocol: str) -> None:
+    alice = devices.make("alice", protocol=protocol)
+    bob = devices.make("bob", protocol=protocol)
+    assert alice.protocol == protocol
+
+    cid = alice.create_conversation([bob.pid])
+    wait_until(lambda: bob.engine.is_member(cid), 10, "bob joins")
+    alice.send(cid, "hello bob")
+    wait_until(lambda: texts(bob, cid) == ["hello bob"], 10, "bob receives")
+    bob.send(cid, "hi alice")
+    wait_until(lambda: texts(alice, cid) == ["hi alice"], 10, "alice receives")
+
+    received = [e for e in devices.events[bob.pid] if isinstance(e, MessageReceived)]
+    assert [(e.sender, e.text, e.signed) for e in received] == [(alice.pid, "hello bob", True)]
+    assert any(isinstance(e, Joined) and e.cid == cid for e in devices.events[bob.pid])
+    # Bob's delivery receipt comes back to Alice, encrypted like any message.
+    wait_until(
+        lambda: any(isinstance(e, ReceiptReceived) and e.sender == bob.pid
+                    for e in devices.events[alice.pid]),
+        10, "a delivery receipt",
+    )
+    assert alice.wait_drained(5)
