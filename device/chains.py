@@ -38,6 +38,7 @@ MAX_SKIPPED_KEYS = 2_000  # per receiving chain, as libsignal's MAX_MESSAGE_KEYS
 MAX_FORWARD_JUMP = 25_000  # as libsignal's MAX_FORWARD_JUMPS
 RESERVE_STEPS = 64  # steps a sender reserves per key-store write
 
+
 def step_keys(chain_key: bytes) -> tuple[bytes, bytes]:
     """``(message key, next chain key)`` of the step whose chain key is ``chain_key``."""
     out = chain_step(chain_key)
@@ -158,11 +159,11 @@ class RecvChain:
             self.key = out[32:]
             self.step = step + 1
             return plaintext
-        ck = self.skipped.get(step)
-        if ck is None:
+        skipped_key = self.skipped.get(step)
+        if skipped_key is None:
             if step <= self.evicted:
                 raise SkippedKeyMissing(f"step {step} is older than the skipped-key window")
             return None
-        plaintext = aead_open(chain_step(ck)[:32], nonce(step), sealed, aad)
+        plaintext = aead_open(chain_step(skipped_key)[:32], nonce(step), sealed, aad)
         del self.skipped[step]
         return plaintext

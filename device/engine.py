@@ -19,6 +19,10 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, ParamSpec, TypeVar
 
+from device.chains import RecvChain, SendChain
+from device.grants import accept_grant, make_grant
+from device.identity import Identity
+from device.keystore import KeyStore, MemoryKeyStore
 from schemas import (
     Bundle,
     ChainGrant,
@@ -38,8 +42,8 @@ from schemas import (
     verify_roster_chain,
 )
 from schemas._codec import fields, pack, unpack
-from schemas.crypto import aead_seal, ed25519_verify
 from schemas._varint import encode as varint
+from schemas.crypto import aead_seal, ed25519_verify
 from schemas.envelope import (
     FLAG_COMPRESSED,
     FLAG_PADDED,
@@ -63,11 +67,6 @@ from schemas.errors import (
     WireError,
 )
 from schemas.messages import kind_of
-
-from device.chains import RecvChain, SendChain
-from device.grants import accept_grant, make_grant
-from device.identity import Identity
-from device.keystore import KeyStore, MemoryKeyStore
 
 __all__ = [
     "KEEP_EPOCHS",
@@ -319,7 +318,10 @@ class Engine:
 
     @_counted
     def create_conversation(
-        self, members: Sequence[str] = (), *, policy: Policy | None = None,
+        self,
+        members: Sequence[str] = (),
+        *,
+        policy: Policy | None = None,
         admins: Iterable[str] = (),
     ) -> tuple[str, list[Publication]]:
         """Found a conversation with us as admin; return its cid and what to publish.
@@ -334,8 +336,14 @@ class Engine:
         admin_set = {self.pid, *admins}
         roster_members = self._members([self.pid, *members], admin_set, policy)
         roster = Roster.create(
-            cid=cid, epoch=0, nonce=nonce, prev=b"", members=roster_members, policy=policy,
-            issued_at=int(self._clock()), signer_key=self.identity.public,
+            cid=cid,
+            epoch=0,
+            nonce=nonce,
+            prev=b"",
+            members=roster_members,
+            policy=policy,
+            issued_at=int(self._clock()),
+            signer_key=self.identity.public,
             sign=self.identity.sign,
         )
         verify_roster_chain(roster, None)
@@ -388,9 +396,14 @@ class Engine:
         if not admins & set(pids):
             admins = {self.pid} if self.pid in pids else {pids[0]}
         roster = Roster.create(
-            cid=conv.cid, epoch=current.epoch + 1, nonce=b"", prev=current.digest(),
-            members=self._members(pids, admins, policy), policy=policy,
-            issued_at=int(self._clock()), signer_key=self.identity.public,
+            cid=conv.cid,
+            epoch=current.epoch + 1,
+            nonce=b"",
+            prev=current.digest(),
+            members=self._members(pids, admins, policy),
+            policy=policy,
+            issued_at=int(self._clock()),
+            signer_key=self.identity.public,
             sign=self.identity.sign,
         )
         verify_roster_chain(roster, current)
@@ -430,7 +443,10 @@ class Engine:
             # and is signed); the broker only retains rosters that chain (PROTOCOL.md §5.2).
             pending = conv.pending if conv else []
             conv = _Conversation(
-                cid=roster.cid, cid_raw=decode_id(roster.cid), epoch=roster.epoch, rosters={},
+                cid=roster.cid,
+                cid_raw=decode_id(roster.cid),
+                epoch=roster.epoch,
+                rosters={},
                 pending=pending,
             )
             self._convs[roster.cid] = conv
@@ -444,7 +460,9 @@ class Engine:
         if roster.epoch == conv.epoch + 1:
             verify_roster_chain(roster, conv.roster)
         elif not conv.roster.is_admin(roster.signer):
-            raise RosterRejected(f"roster epoch {roster.epoch} skips epochs and its signer is unknown")
+            raise RosterRejected(
+                f"roster epoch {roster.epoch} skips epochs and its signer is unknown"
+            )
         return self._enter_epoch(conv, roster)
 
     def _enter_epoch(self, conv: _Conversation, roster: Roster) -> list[Publication]:
@@ -495,8 +513,12 @@ class Engine:
         roster = conv.roster
         step, key = conv.grant_base
         payload = ChainGrant(
-            epoch=roster.epoch, roster=roster.digest(), sender=roster.index_of(self.pid),
-            chain=conv.send.chain, step=step, key=key,
+            epoch=roster.epoch,
+            roster=roster.digest(),
+            sender=roster.index_of(self.pid),
+            chain=conv.send.chain,
+            step=step,
+            key=key,
         )
         out = []
         for pid in sorted(conv.owed):
@@ -537,6 +559,9 @@ class Engine:
 
     def _handle_grant(self, data: bytes) -> GrantResult:
         grant = Grant.from_bytes(data)
+        if self.identity.mlkem_seed is not None and grant.mode is not GrantMode.HYBRID:
+            # We publish an ML-KEM key, so an X25519-only grant to us is a downgrade.
+            raise GrantRejected("X25519-only grant to a post-quantum member (downgrade)")
         payload = accept_grant(self.identity, grant)
         conv = self._convs.get(grant.cid)
         roster = conv.rosters.get(payload.epoch) if conv else None
@@ -544,7 +569,10 @@ class Engine:
             if conv is None or payload.epoch > conv.epoch:
                 if conv is None:
                     conv = _Conversation(
-                        cid=grant.cid, cid_raw=decode_id(grant.cid), epoch=-1, rosters={},
+                        cid=grant.cid,
+                        cid_raw=decode_id(grant.cid),
+                        epoch=-1,
+                        rosters={},
                         removed=True,
                     )
                     self._convs[grant.cid] = conv
@@ -561,17 +589,18 @@ class Engine:
             raise GrantRejected("grant for a sender index outside the roster") from None
         if member.pid != grant.granter or member.pid == self.pid:
             raise GrantRejected("grant signed by someone other than the chain's member")
-        me = roster.members[roster.index_of(self.pid)] if self.pid in roster.pids else None
-        if me is None:
+        if self.pid not in roster.pids:
             raise GrantRejected("grant for an epoch we are not a member of")
-        if me.pq and grant.mode is not GrantMode.HYBRID:
-            raise GrantRejected("X25519-only grant to a post-quantum member (downgrade)")
         key = (payload.epoch, payload.sender, payload.chain)
         if key in conv.recv:  # type: ignore[union-attr]
             self.counters["duplicate"] += 1
             return GrantResult(grant.cid, installed=False)
         chain = RecvChain(
-            payload.epoch, payload.sender, payload.chain, payload.step, payload.key,
+            payload.epoch,
+            payload.sender,
+            payload.chain,
+            payload.step,
+            payload.key,
             grant.granter_key,
         )
         conv.recv[key] = chain  # type: ignore[union-attr]
@@ -683,7 +712,9 @@ class Engine:
         if self._opens_since_flush >= AUTO_FLUSH_OPENS:
             self._flush()
         message = decode_plaintext(
-            kind, plaintext, compressed=bool(flags & FLAG_COMPRESSED),
+            kind,
+            plaintext,
+            compressed=bool(flags & FLAG_COMPRESSED),
             padded=bool(flags & FLAG_PADDED),
         )
         return Opened(
@@ -726,8 +757,16 @@ class Engine:
     @staticmethod
     def _recv_record(chain: RecvChain) -> bytes:
         return pack(
-            (chain.epoch, chain.sender, chain.chain, chain.step, chain.key, chain.signer_key,
-             chain.evicted, tuple(chain.skipped.items()))
+            (
+                chain.epoch,
+                chain.sender,
+                chain.chain,
+                chain.step,
+                chain.key,
+                chain.signer_key,
+                chain.evicted,
+                tuple(chain.skipped.items()),
+            )
         )
 
     def _send_record(
@@ -740,8 +779,14 @@ class Engine:
         reserved, chain_key = reservation or (chain.reserved, chain.key)
         return {
             key: pack(
-                (conv.epoch, chain.chain, reserved, chain_key,
-                 conv.grant_base, tuple(sorted(conv.owed)))
+                (
+                    conv.epoch,
+                    chain.chain,
+                    reserved,
+                    chain_key,
+                    conv.grant_base,
+                    tuple(sorted(conv.owed)),
+                )
             )
         }
 
@@ -752,12 +797,12 @@ class Engine:
             raise KeyStoreError("the key store holds corrupt engine state") from exc
 
     def _load_records(self) -> None:
-        for key, raw in self.store.load_prefix("bundle/").items():
+        for raw in self.store.load_prefix("bundle/").values():
             bundle = Bundle.from_bytes(raw)
             self._bundles[bundle.pid] = bundle
         for key in self.store.load_prefix("verified/"):
             self._verified.add(key.split("/", 1)[1])
-        for key, raw in sorted(self.store.load_prefix("roster/").items()):
+        for _, raw in sorted(self.store.load_prefix("roster/").items()):
             roster = Roster.from_bytes(raw)
             conv = self._convs.get(roster.cid)
             if conv is None:
@@ -776,7 +821,7 @@ class Engine:
                 # Resume at the reservation: steps before it may have been used (§6.3).
                 conv.send = SendChain(epoch, chain_no, reserved, reserved_key, reserved)
                 conv.header_mid = _mid(conv.roster, self.pid, chain_no)
-                conv.grant_base = tuple(grant_base) if grant_base else None  # type: ignore[assignment]
+                conv.grant_base = tuple(grant_base) if grant_base else None
                 conv.owed = set(owed)
         for key, raw in self.store.load_prefix("recv/").items():
             cid = key.split("/")[1]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
+from device.identity import Identity
 from schemas import Bundle, ChainGrant, Grant, GrantMode
 from schemas.crypto import (
     aead_open,
@@ -32,8 +33,6 @@ from schemas.crypto import (
 )
 from schemas.errors import CryptoError, GrantRejected
 
-from device.identity import Identity
-
 __all__ = ["accept_grant", "make_grant"]
 
 _SALT = b"fieldchat grant v1"
@@ -45,8 +44,12 @@ def _derive(shared: bytes, transcript_hash: bytes) -> tuple[bytes, bytes]:
 
 
 def _transcript(
-    mode: GrantMode, cid: str, granter_key: bytes, recipient: Bundle | Identity,
-    ephemeral: bytes, kem_ct: bytes | None,
+    mode: GrantMode,
+    cid: str,
+    granter_key: bytes,
+    recipient: Bundle | Identity,
+    ephemeral: bytes,
+    kem_ct: bytes | None,
 ) -> bytes:
     bundle = recipient if isinstance(recipient, Bundle) else recipient.bundle
     return sha256(
@@ -80,9 +83,14 @@ def make_grant(
     th = _transcript(mode, cid, granter.public, recipient, ephemeral, kem_ct)
     key, nonce = _derive(shared, th)
     return Grant.create(
-        mode=mode, cid=cid, granter_key=granter.public, recipient=recipient.pid,
-        ephemeral=ephemeral, kem_ciphertext=kem_ct,
-        sealed=aead_seal(key, nonce, payload.to_bytes(), th), sign=granter.sign,
+        mode=mode,
+        cid=cid,
+        granter_key=granter.public,
+        recipient=recipient.pid,
+        ephemeral=ephemeral,
+        kem_ciphertext=kem_ct,
+        sealed=aead_seal(key, nonce, payload.to_bytes(), th),
+        sign=granter.sign,
     )
 
 

@@ -56,9 +56,7 @@ class Identity:
         self.pid = self.bundle.pid
 
     @classmethod
-    def from_seed(
-        cls, seed: bytes, *, created_at: int = 0, post_quantum: bool = True
-    ) -> Identity:
+    def from_seed(cls, seed: bytes, *, created_at: int = 0, post_quantum: bool = True) -> Identity:
         """Derive every key from one 32-byte seed (test vectors, reproducible demos)."""
         okm = hkdf_sha256(seed, salt=None, info=_SEED_INFO, length=64 + MLKEM768_SEED_BYTES)
         return cls(

@@ -97,9 +97,7 @@ class SqliteKeyStore:
     def load(self, key: str) -> bytes | None:
         try:
             with self._lock:
-                row = self._db.execute(
-                    "SELECT value FROM records WHERE key = ?", (key,)
-                ).fetchone()
+                row = self._db.execute("SELECT value FROM records WHERE key = ?", (key,)).fetchone()
         except sqlite3.Error as exc:
             raise KeyStoreError(f"key store read failed: {exc}") from exc
         return None if row is None else bytes(row[0])

@@ -22,7 +22,7 @@ T = TypeVar("T", bound=BaseModel)
 MAX_OBJECT_BYTES = 65_536
 
 
-def _no_ext(code: int, data: bytes) -> Any:
+def _no_ext(_code: int, _data: bytes) -> Any:
     raise WireError("msgpack extension types are not used")
 
 
@@ -37,7 +37,7 @@ def pack(value: Any) -> bytes:
     packer = getattr(_local, "packer", None)
     if packer is None:
         packer = _local.packer = msgpack.Packer(use_bin_type=True, autoreset=True)
-    return packer.pack(value)  # type: ignore[no-any-return]
+    return packer.pack(value)
 
 
 def unpack(data: bytes, what: str) -> Any:

@@ -84,7 +84,12 @@ class Bundle(WireModel):
         """
         (ed, x, kem, created), signed, signature = _signed.split(data, ObjectKind.BUNDLE, _FIELDS)
         bundle = build(
-            cls, "bundle", ed25519=ed, x25519=x, mlkem768=kem, created_at=created,
+            cls,
+            "bundle",
+            ed25519=ed,
+            x25519=x,
+            mlkem768=kem,
+            created_at=created,
             signature=signature,
         )
         ed25519_verify(bundle.ed25519, signature, signed)

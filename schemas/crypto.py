@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from schemas.errors import CryptoError, WeakKey
+from schemas.errors import CryptoError, LimitExceeded, WeakKey
 
 __all__ = [
     "AES_KEY_BYTES",
@@ -40,10 +40,10 @@ __all__ = [
     "Signer",
     "aead_open",
     "aead_seal",
+    "chain_step",
     "ed25519_verify",
     "hkdf_sha256",
     "hmac_sha256",
-    "chain_step",
     "mlkem768_decapsulate",
     "mlkem768_encapsulate",
     "mlkem768_public_from_seed",
@@ -95,7 +95,13 @@ def chain_step(chain_key: bytes) -> bytes:
 
 
 def hkdf_sha256(ikm: bytes, *, salt: bytes | None, info: bytes, length: int) -> bytes:
-    """HKDF-SHA256 (RFC 5869) extract-and-expand."""
+    """HKDF-SHA256 (RFC 5869) extract-and-expand.
+
+    Raises:
+        LimitExceeded: ``length`` is not between 1 and 255 * 32 bytes.
+    """
+    if not 0 < length <= 255 * 32:
+        raise LimitExceeded(f"HKDF-SHA256 output of {length} bytes is not possible")
     return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(ikm)
 
 

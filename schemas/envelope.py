@@ -167,13 +167,7 @@ def header_bytes(
         | (FLAG_PADDED if padded else 0)
     )
     enc = _varint.encode
-    return (
-        bytes((VERSION, flags | int(kind)))
-        + enc(epoch)
-        + enc(sender)
-        + enc(chain)
-        + enc(step)
-    )
+    return bytes((VERSION, flags | int(kind))) + enc(epoch) + enc(sender) + enc(chain) + enc(step)
 
 
 def _varint_at(data: bytes, pos: int) -> tuple[int, int]:

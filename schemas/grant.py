@@ -60,7 +60,11 @@ class Grant(WireModel):
 
     @staticmethod
     def header_body(
-        mode: GrantMode, cid: str, granter_key: bytes, recipient: str, ephemeral: bytes,
+        mode: GrantMode,
+        cid: str,
+        granter_key: bytes,
+        recipient: str,
+        ephemeral: bytes,
         kem_ciphertext: bytes | None,
     ) -> bytes:
         """The transcript of the key agreement: everything but the sealed payload."""
@@ -68,8 +72,15 @@ class Grant(WireModel):
 
     @classmethod
     def create(
-        cls, *, mode: GrantMode, cid: str, granter_key: bytes, recipient: str,
-        ephemeral: bytes, kem_ciphertext: bytes | None, sealed: bytes,
+        cls,
+        *,
+        mode: GrantMode,
+        cid: str,
+        granter_key: bytes,
+        recipient: str,
+        ephemeral: bytes,
+        kem_ciphertext: bytes | None,
+        sealed: bytes,
         sign: Callable[[bytes], bytes],
     ) -> Grant:
         body = _signed.to_be_signed(
@@ -77,16 +88,28 @@ class Grant(WireModel):
             (int(mode), cid, granter_key, recipient, ephemeral, kem_ciphertext, sealed),
         )
         return cls(
-            mode=mode, cid=cid, granter_key=granter_key, recipient=recipient,
-            ephemeral=ephemeral, kem_ciphertext=kem_ciphertext, sealed=sealed,
+            mode=mode,
+            cid=cid,
+            granter_key=granter_key,
+            recipient=recipient,
+            ephemeral=ephemeral,
+            kem_ciphertext=kem_ciphertext,
+            sealed=sealed,
             signature=sign(body),
         )
 
     def signed_bytes(self) -> bytes:
         return _signed.to_be_signed(
             ObjectKind.GRANT,
-            (int(self.mode), self.cid, self.granter_key, self.recipient, self.ephemeral,
-             self.kem_ciphertext, self.sealed),
+            (
+                int(self.mode),
+                self.cid,
+                self.granter_key,
+                self.recipient,
+                self.ephemeral,
+                self.kem_ciphertext,
+                self.sealed,
+            ),
         )
 
     def to_bytes(self) -> bytes:
@@ -105,8 +128,15 @@ class Grant(WireModel):
         if mode not in (1, 2) or isinstance(mode, bool):
             raise WireError(f"unknown grant mode {mode!r}"[:60])
         grant = build(
-            cls, "grant", mode=GrantMode(mode), cid=cid, granter_key=granter_key,
-            recipient=recipient, ephemeral=ephemeral, kem_ciphertext=kem_ct, sealed=sealed,
+            cls,
+            "grant",
+            mode=GrantMode(mode),
+            cid=cid,
+            granter_key=granter_key,
+            recipient=recipient,
+            ephemeral=ephemeral,
+            kem_ciphertext=kem_ct,
+            sealed=sealed,
             signature=signature,
         )
         ed25519_verify(grant.granter_key, signature, signed)
@@ -127,9 +157,7 @@ class ChainGrant(WireModel):
     key: Annotated[bytes, Field(min_length=32, max_length=32)]
 
     def to_bytes(self) -> bytes:
-        return _codec.pack(
-            (self.epoch, self.roster, self.sender, self.chain, self.step, self.key)
-        )
+        return _codec.pack((self.epoch, self.roster, self.sender, self.chain, self.step, self.key))
 
     @classmethod
     def from_bytes(cls, data: bytes) -> ChainGrant:
@@ -138,6 +166,12 @@ class ChainGrant(WireModel):
             _codec.unpack(data, "chain grant"), 6, "chain grant"
         )
         return build(
-            cls, "chain grant", epoch=epoch, roster=roster, sender=sender, chain=chain,
-            step=step, key=key,
+            cls,
+            "chain grant",
+            epoch=epoch,
+            roster=roster,
+            sender=sender,
+            chain=chain,
+            step=step,
+            key=key,
         )

@@ -49,9 +49,7 @@ def encode_id(raw: bytes) -> str:
 def is_valid_id(text: object) -> bool:
     """True when ``text`` is the canonical text form of a 16-byte id."""
     return (
-        isinstance(text, str)
-        and _ID_RE.fullmatch(text) is not None
-        and text[-1] in _LAST_CHAR_OK
+        isinstance(text, str) and _ID_RE.fullmatch(text) is not None and text[-1] in _LAST_CHAR_OK
     )
 
 

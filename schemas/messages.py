@@ -195,8 +195,15 @@ def decode_plaintext(
         for raw in raw_ranges:
             epoch, sender, chain, first, last = fields(raw, 5, "receipt range")
             ranges.append(
-                build(ReceiptRange, "receipt range", epoch=epoch, sender=sender, chain=chain,
-                      first=first, last=last)
+                build(
+                    ReceiptRange,
+                    "receipt range",
+                    epoch=epoch,
+                    sender=sender,
+                    chain=chain,
+                    first=first,
+                    last=last,
+                )
             )
         return build(Receipt, "receipt", type=ReceiptType(rtype), ranges=tuple(ranges))
     (op,) = fields(value, 1, "control")

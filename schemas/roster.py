@@ -114,8 +114,14 @@ class Roster(WireModel):
 
     @staticmethod
     def body(
-        cid: str, epoch: int, nonce: bytes, prev: bytes, members: tuple[Member, ...],
-        policy: Policy, issued_at: int, signer_key: bytes,
+        cid: str,
+        epoch: int,
+        nonce: bytes,
+        prev: bytes,
+        members: tuple[Member, ...],
+        policy: Policy,
+        issued_at: int,
+        signer_key: bytes,
     ) -> bytes:
         pflags = (
             (_P_COMPRESS if policy.compress else 0)
@@ -125,29 +131,55 @@ class Roster(WireModel):
         return _signed.to_be_signed(
             ObjectKind.ROSTER,
             (
-                cid, epoch, nonce, prev,
+                cid,
+                epoch,
+                nonce,
+                prev,
                 tuple((m.pid, (_ADMIN if m.admin else 0) | (_PQ if m.pq else 0)) for m in members),
                 (policy.sign_every, pflags),
-                issued_at, signer_key,
+                issued_at,
+                signer_key,
             ),
         )
 
     @classmethod
     def create(
-        cls, *, cid: str, epoch: int, nonce: bytes, prev: bytes, members: tuple[Member, ...],
-        policy: Policy, issued_at: int, signer_key: bytes, sign: Callable[[bytes], bytes],
+        cls,
+        *,
+        cid: str,
+        epoch: int,
+        nonce: bytes,
+        prev: bytes,
+        members: tuple[Member, ...],
+        policy: Policy,
+        issued_at: int,
+        signer_key: bytes,
+        sign: Callable[[bytes], bytes],
     ) -> Roster:
         """Build and sign (the signer's key is embedded)."""
         body = cls.body(cid, epoch, nonce, prev, members, policy, issued_at, signer_key)
         return cls(
-            cid=cid, epoch=epoch, nonce=nonce, prev=prev, members=members, policy=policy,
-            issued_at=issued_at, signer_key=signer_key, signature=sign(body),
+            cid=cid,
+            epoch=epoch,
+            nonce=nonce,
+            prev=prev,
+            members=members,
+            policy=policy,
+            issued_at=issued_at,
+            signer_key=signer_key,
+            signature=sign(body),
         )
 
     def signed_bytes(self) -> bytes:
         return self.body(
-            self.cid, self.epoch, self.nonce, self.prev, self.members, self.policy,
-            self.issued_at, self.signer_key,
+            self.cid,
+            self.epoch,
+            self.nonce,
+            self.prev,
+            self.members,
+            self.policy,
+            self.issued_at,
+            self.signer_key,
         )
 
     def to_bytes(self) -> bytes:
@@ -175,19 +207,37 @@ class Roster(WireModel):
             if not isinstance(flags, int) or isinstance(flags, bool) or flags & ~(_ADMIN | _PQ):
                 raise WireError("invalid roster member flags")
             members.append(
-                build(Member, "roster member", pid=pid, admin=bool(flags & _ADMIN),
-                      pq=bool(flags & _PQ))
+                build(
+                    Member,
+                    "roster member",
+                    pid=pid,
+                    admin=bool(flags & _ADMIN),
+                    pq=bool(flags & _PQ),
+                )
             )
         sign_every, pflags = fields(raw_policy, 2, "roster policy")
         if not isinstance(pflags, int) or isinstance(pflags, bool) or pflags & ~7:
             raise WireError("invalid roster policy flags")
         policy = build(
-            Policy, "roster policy", sign_every=sign_every, compress=bool(pflags & _P_COMPRESS),
-            pad=bool(pflags & _P_PAD), require_pq=bool(pflags & _P_REQUIRE_PQ),
+            Policy,
+            "roster policy",
+            sign_every=sign_every,
+            compress=bool(pflags & _P_COMPRESS),
+            pad=bool(pflags & _P_PAD),
+            require_pq=bool(pflags & _P_REQUIRE_PQ),
         )
         roster = build(
-            cls, "roster", cid=cid, epoch=epoch, nonce=nonce, prev=prev, members=tuple(members),
-            policy=policy, issued_at=issued_at, signer_key=signer_key, signature=signature,
+            cls,
+            "roster",
+            cid=cid,
+            epoch=epoch,
+            nonce=nonce,
+            prev=prev,
+            members=tuple(members),
+            policy=policy,
+            issued_at=issued_at,
+            signer_key=signer_key,
+            signature=signature,
         )
         ed25519_verify(roster.signer_key, signature, signed)
         return roster

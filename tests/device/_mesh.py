@@ -1,0 +1,51 @@
+"""An in-memory stand-in for the broker's routing, for engine tests (no network).
+
+It only routes what the engines publish: rosters to everyone who accepts them,
+grants to the addressed inbox. The real brokers are exercised by the client tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from device.engine import Engine, Publication
+from device.identity import Identity
+from schemas import FieldchatError, TopicKind, Topics
+
+
+class Mesh:
+    def __init__(self, *names: str, post_quantum: Iterable[str] = ()) -> None:
+        pq = set(post_quantum) if post_quantum else set(names)
+        self.engines = {name: Engine(Identity.generate(post_quantum=name in pq)) for name in names}
+        self.topics = Topics()
+        for engine in self.engines.values():
+            for other in self.engines.values():
+                engine.learn_bundle(other.identity.bundle.to_bytes())
+        self.errors: list[tuple[str, FieldchatError]] = []
+
+    def __getitem__(self, name: str) -> Engine:
+        return self.engines[name]
+
+    def deliver(self, publications: Iterable[Publication]) -> None:
+        queue = list(publications)
+        while queue:
+            pub = queue.pop(0)
+            topic = self.topics.parse(pub.topic)
+            for name, engine in self.engines.items():
+                try:
+                    if topic.kind is TopicKind.ROSTER:
+                        queue += engine.handle_roster(pub.payload)
+                    elif topic.kind is TopicKind.INBOX and topic.pid == engine.pid:
+                        engine.handle_grant(pub.payload)
+                except FieldchatError as exc:
+                    self.errors.append((name, exc))
+
+    def create(self, creator: str, *members: str, **policy: object) -> str:
+        from schemas import Policy
+
+        cid, pubs = self[creator].create_conversation(
+            [self[m].pid for m in members],
+            policy=Policy(**policy),  # type: ignore[arg-type]
+        )
+        self.deliver(pubs)
+        return cid

@@ -1,0 +1,384 @@
+"""The E2E engine: a conversation of three, removal, and each attack of issue 2."""
+
+from __future__ import annotations
+
+import pytest
+
+from device.chains import MAX_FORWARD_JUMP, MAX_SKIPPED_KEYS
+from device.engine import BundleStatus, Engine
+from device.grants import make_grant
+from device.identity import Identity
+from schemas import (
+    ChainGrant,
+    CryptoError,
+    FieldchatError,
+    ForwardJumpTooLarge,
+    Grant,
+    GrantRejected,
+    Member,
+    MissingKey,
+    NotAMember,
+    Policy,
+    Receipt,
+    ReceiptRange,
+    ReceiptType,
+    Roster,
+    RosterRejected,
+    SignatureRequired,
+    SkippedKeyMissing,
+    StaleEpoch,
+    TextMessage,
+    UnknownConversation,
+    WeakKey,
+)
+from schemas.envelope import FLAG_SIGNED, read_header
+from tests.device._mesh import Mesh
+
+
+def text(s: str, t: int = 1) -> TextMessage:
+    return TextMessage(sent_at=t, text=s)
+
+
+@pytest.fixture
+def mesh() -> Mesh:
+    return Mesh("alice", "bob", "carol", "mallory")
+
+
+def test_three_members_exchange_messages(mesh):
+    cid = mesh.create("alice", "bob", "carol")
+    for sender in ("alice", "bob", "carol"):
+        envelope = mesh[sender].seal(cid, text(f"hi from {sender}"))
+        for reader in ("alice", "bob", "carol"):
+            opened = mesh[reader].open(cid, envelope)
+            if reader == sender:
+                assert opened is None  # own echo from the broker
+            else:
+                assert opened is not None
+                assert opened.message.text == f"hi from {sender}"
+                assert opened.sender == mesh[sender].pid
+                assert opened.signed
+    assert not mesh.errors or all(isinstance(e, NotAMember) for _, e in mesh.errors)
+
+
+def test_outsider_cannot_open(mesh):
+    cid = mesh.create("alice", "bob")
+    envelope = mesh["alice"].seal(cid, text("members only"))
+    with pytest.raises(UnknownConversation):
+        mesh["mallory"].open(cid, envelope)
+
+
+def test_removed_member_cannot_read_what_follows_and_others_continue(mesh):
+    cid = mesh.create("alice", "bob", "carol")
+    before = mesh["bob"].seal(cid, text("before"))
+    assert mesh["carol"].open(cid, before).message.text == "before"
+
+    mesh.deliver(mesh["alice"].remove_members(cid, [mesh["carol"].pid]))
+    assert not mesh["carol"].is_member(cid)
+    roster = mesh["alice"].roster(cid)
+    assert roster.epoch == 1 and mesh["carol"].pid not in roster.pids
+
+    for sender, reader in (("alice", "bob"), ("bob", "alice")):
+        after = mesh[sender].seal(cid, text(f"after from {sender}"))
+        assert mesh[reader].open(cid, after).message.text == f"after from {sender}"
+        with pytest.raises((NotAMember, MissingKey)):
+            mesh["carol"].open(cid, after)
+    # Even with every chain key carol ever held, the new epoch's keys are not among them.
+    carol_keys = {c.key for c in mesh["carol"]._convs[cid].recv.values()}
+    assert all(c.epoch == 0 for c in mesh["carol"]._convs[cid].recv.values())
+    assert mesh["bob"]._convs[cid].send.key not in carol_keys
+
+
+def test_envelope_from_removed_member_after_rotation_is_rejected(mesh):
+    cid = mesh.create("alice", "bob", "carol")
+    mesh.deliver(mesh["alice"].remove_members(cid, [mesh["carol"].pid]))
+    # Carol still holds her epoch-0 chain; she keeps sending on it.
+    conv = mesh["carol"]._convs[cid]
+    conv.removed = False
+    from device.chains import SendChain
+
+    conv.send = SendChain(0, 0, 50, b"\x01" * 32, 50)
+    stale = mesh["bob"]._convs[cid]
+    assert stale.epoch == 1
+    forged = _seal_with_old_chain(mesh, cid)
+    with pytest.raises(StaleEpoch):
+        mesh["bob"].open(cid, forged)
+    assert mesh["bob"].counters["stale_epoch"] == 1
+
+
+def _seal_with_old_chain(mesh: Mesh, cid: str) -> bytes:
+    """An epoch-0 envelope carol could still produce after her removal."""
+    from schemas.crypto import aead_seal
+    from schemas.envelope import EnvelopeKind, header_bytes
+    from schemas.ids import decode_id
+    from schemas.messages import encode_plaintext
+
+    carol = mesh["carol"]
+    roster0 = mesh["bob"]._convs[cid].rosters[0]
+    index = roster0.index_of(carol.pid)
+    chain = mesh["bob"]._convs[cid]  # bob no longer keeps carol's chain: key is irrelevant
+    assert (0, index, 0) not in chain.recv
+    header = header_bytes(EnvelopeKind.TEXT, 0, index, 0, 7, signed=True)
+    pt, _, _ = encode_plaintext(text("still here"))
+    body = header + aead_seal(b"\x02" * 32, bytes(12), pt, header + decode_id(cid))
+    return body + carol.identity.sign(body + decode_id(cid))
+
+
+def test_tampered_header_and_ciphertext_are_rejected(mesh):
+    cid = mesh.create("alice", "bob")
+    envelope = bytearray(mesh["alice"].seal(cid, text("integrity")))
+    # kind byte, step, ciphertext, signature: each flip is refused with a typed error.
+    for index in (1, 5, 10, len(envelope) - 70, len(envelope) - 1):
+        tampered = bytearray(envelope)
+        tampered[index] ^= 0x01
+        with pytest.raises(FieldchatError):
+            mesh["bob"].open(cid, bytes(tampered))
+    assert mesh["bob"].counters["auth"] >= 3
+    assert mesh["bob"].open(cid, bytes(envelope)).message.text == "integrity"
+
+
+def test_unsigned_tampering_is_caught_by_aes_gcm():
+    mesh = Mesh("alice", "bob")
+    cid = mesh.create("alice", "bob", sign_every=0)
+    envelope = mesh["alice"].seal(cid, text("no signature"))
+    assert not read_header(envelope)[1] & FLAG_SIGNED
+    tampered = envelope[:-1] + bytes([envelope[-1] ^ 1])
+    with pytest.raises(CryptoError):
+        mesh["bob"].open(cid, tampered)
+    assert mesh["bob"].counters["auth"] == 1
+    assert mesh["bob"].open(cid, envelope).message.text == "no signature"
+
+
+def test_swapped_sender_is_rejected(mesh):
+    cid = mesh.create("alice", "bob", "carol")
+    envelope = mesh["alice"].seal(cid, text("from alice"))
+    kind, flags, epoch, sender, chain, step, hlen = read_header(envelope)
+    carol_index = mesh["bob"].roster(cid).index_of(mesh["carol"].pid)
+    swapped = envelope[:3] + bytes([carol_index]) + envelope[4:]
+    with pytest.raises(CryptoError):
+        mesh["bob"].open(cid, swapped)
+
+
+def test_replay_is_dropped_quietly_and_counted(mesh):
+    cid = mesh.create("alice", "bob")
+    envelope = mesh["alice"].seal(cid, text("once"))
+    assert mesh["bob"].open(cid, envelope) is not None
+    assert mesh["bob"].open(cid, envelope) is None
+    assert mesh["bob"].counters["duplicate"] >= 1
+
+
+def test_out_of_order_within_the_window_and_evicted_beyond_it():
+    mesh = Mesh("alice", "bob")
+    cid = mesh.create("alice", "bob", sign_every=0)
+    envelopes = [mesh["alice"].seal(cid, text(str(i))) for i in range(MAX_SKIPPED_KEYS + 5)]
+    assert mesh["bob"].open(cid, envelopes[3]).message.text == "3"
+    assert mesh["bob"].open(cid, envelopes[1]).message.text == "1"
+    assert mesh["bob"].open(cid, envelopes[-1]).message.text == str(MAX_SKIPPED_KEYS + 4)
+    with pytest.raises(SkippedKeyMissing):
+        mesh["bob"].open(cid, envelopes[0])
+    assert mesh["bob"].open(cid, envelopes[-2]).message.text == str(MAX_SKIPPED_KEYS + 3)
+
+
+def test_jump_past_the_forward_limit_is_rejected():
+    mesh = Mesh("alice", "bob")
+    cid = mesh.create("alice", "bob", sign_every=0)
+    conv = mesh["alice"]._convs[cid]
+    chain = conv.send
+    # Advance alice's chain past the limit without publishing anything.
+    from device.chains import advance
+
+    chain.key = advance(chain.key, MAX_FORWARD_JUMP + 2)
+    chain.step = chain.reserved = MAX_FORWARD_JUMP + 2
+    chain.ahead.clear()
+    far = mesh["alice"].seal(cid, text("far ahead"))
+    with pytest.raises(ForwardJumpTooLarge):
+        mesh["bob"].open(cid, far)
+    assert mesh["bob"].counters["forward_jump"] == 1
+
+
+def test_forged_roster_is_rejected(mesh):
+    cid = mesh.create("alice", "bob", "mallory")
+    current = mesh["bob"].roster(cid)
+    mallory = mesh["mallory"]
+    forged = Roster.create(
+        cid=cid,
+        epoch=current.epoch + 1,
+        nonce=b"",
+        prev=current.digest(),
+        members=(Member(pid=mallory.pid, admin=True), Member(pid=mesh["bob"].pid)),
+        policy=Policy(),
+        issued_at=2,
+        signer_key=mallory.identity.public,
+        sign=mallory.identity.sign,
+    )
+    with pytest.raises(RosterRejected):
+        mesh["bob"].handle_roster(forged.to_bytes())
+    assert mesh["bob"].roster(cid).epoch == current.epoch
+    # A roster whose signature does not match its signer key.
+    tampered = bytearray(forged.to_bytes())
+    tampered[-1] ^= 1
+    with pytest.raises(CryptoError):
+        mesh["bob"].handle_roster(bytes(tampered))
+    assert mesh["bob"].counters["roster"] == 1 and mesh["bob"].counters["auth"] == 1
+
+
+def test_grant_signed_by_a_non_member_is_rejected(mesh):
+    cid = mesh.create("alice", "bob")
+    roster = mesh["bob"].roster(cid)
+    payload = ChainGrant(
+        epoch=roster.epoch,
+        roster=roster.digest(),
+        sender=roster.index_of(mesh["alice"].pid),
+        chain=1,
+        step=0,
+        key=b"\x05" * 32,
+    )
+    forged = make_grant(mesh["mallory"].identity, mesh["bob"].identity.bundle, cid, payload)
+    with pytest.raises(GrantRejected):
+        mesh["bob"].handle_grant(forged.to_bytes())
+    assert mesh["bob"].counters["grant"] == 1
+
+
+def test_downgraded_grant_to_a_post_quantum_member_is_rejected(mesh):
+    cid = mesh.create("alice", "bob")
+    roster = mesh["bob"].roster(cid)
+    payload = ChainGrant(
+        epoch=roster.epoch,
+        roster=roster.digest(),
+        sender=roster.index_of(mesh["alice"].pid),
+        chain=3,
+        step=0,
+        key=b"\x06" * 32,
+    )
+    bundle = mesh["bob"].identity.bundle
+    x_only = bundle.model_copy(update={"mlkem768": None})
+    downgraded = make_grant(mesh["alice"].identity, x_only, cid, payload)
+    with pytest.raises(GrantRejected):
+        mesh["bob"].handle_grant(downgraded.to_bytes())
+
+
+def test_all_zero_x25519_shared_secret_is_rejected():
+    """A grant whose ephemeral key is a low-order point gives the all-zero secret."""
+    alice, bob = Identity.generate(), Identity.generate(post_quantum=False)
+    payload = ChainGrant(epoch=0, roster=bytes(32), sender=0, chain=0, step=0, key=bytes(32))
+    grant = make_grant(alice, bob.bundle, "a" * 26, payload)
+    low_order = bytes(32)  # the identity point
+    body = grant.model_copy(update={"ephemeral": low_order})
+    forged = Grant.create(
+        mode=body.mode,
+        cid=body.cid,
+        granter_key=alice.public,
+        recipient=body.recipient,
+        ephemeral=low_order,
+        kem_ciphertext=None,
+        sealed=body.sealed,
+        sign=alice.sign,
+    )
+    engine = Engine(bob)
+    with pytest.raises(WeakKey):
+        engine.handle_grant(forged.to_bytes())
+    assert engine.counters["weak_key"] == 1
+    with pytest.raises(WeakKey):
+        make_grant(alice, bob.bundle.model_copy(update={"x25519": low_order}), "a" * 26, payload)
+
+
+def test_signature_policy_every_nth():
+    mesh = Mesh("alice", "bob")
+    cid = mesh.create("alice", "bob", sign_every=4)
+    signed = []
+    for i in range(8):
+        envelope = mesh["alice"].seal(cid, text(str(i)))
+        signed.append(bool(read_header(envelope)[1] & FLAG_SIGNED))
+        assert mesh["bob"].open(cid, envelope).signed == signed[-1]
+    assert signed == [True, False, False, False, True, False, False, False]
+
+
+def test_stripping_a_required_signature_is_rejected(mesh):
+    cid = mesh.create("alice", "bob")
+    envelope = mesh["alice"].seal(cid, text("signed"))
+    stripped = envelope[:1] + bytes([envelope[1] & ~FLAG_SIGNED]) + envelope[2:-64]
+    with pytest.raises(SignatureRequired):
+        mesh["bob"].open(cid, stripped)
+
+
+def test_compression_and_padding_round_trip_and_hide_length():
+    mesh = Mesh("alice", "bob")
+    cid = mesh.create("alice", "bob", compress=True, pad=True, sign_every=0)
+    sizes = set()
+    for n in (33, 40, 50, 60):
+        envelope = mesh["alice"].seal(cid, text("ab" * n))
+        sizes.add(len(envelope))
+        assert mesh["bob"].open(cid, envelope).message.text == "ab" * n
+    assert len(sizes) < 4
+
+
+def test_receipts_and_control_messages_round_trip(mesh):
+    cid = mesh.create("alice", "bob")
+    receipt = Receipt(
+        type=ReceiptType.READ, ranges=(ReceiptRange(epoch=0, sender=0, chain=0, first=0, last=9),)
+    )
+    assert mesh["alice"].open(cid, mesh["bob"].seal(cid, receipt)).message == receipt
+    opened = mesh["alice"].open(cid, mesh["bob"].leave(cid))
+    assert opened.message.op.name == "LEAVE"
+
+
+def test_grants_arriving_before_the_roster_are_held():
+    mesh = Mesh("alice", "bob")
+    cid, pubs = mesh["alice"].create_conversation([mesh["bob"].pid])
+    roster = next(p for p in pubs if p.topic.endswith("/roster"))
+    grant = next(p for p in pubs if p.topic.endswith("/inbox"))
+    result = mesh["bob"].handle_grant(grant.payload)
+    assert result.needs_roster and not result.installed
+    replies = mesh["bob"].handle_roster(roster.payload)
+    mesh.deliver(replies)
+    assert (
+        mesh["bob"].open(cid, mesh["alice"].seal(cid, text("in order"))).message.text == "in order"
+    )
+
+
+def test_tofu_reports_key_changes_loudly():
+    alice = Engine(Identity.generate())
+    bob = Identity.from_seed(b"\x09" * 32, created_at=10)
+    assert alice.learn_bundle(bob.bundle.to_bytes()).status is BundleStatus.NEW
+    assert alice.learn_bundle(bob.bundle.to_bytes()).status is BundleStatus.SAME
+    alice.mark_verified(bob.pid)
+    from schemas import Bundle
+
+    rotated = Bundle.create(
+        ed25519=bob.bundle.ed25519,
+        x25519=b"\x42" * 32,
+        mlkem768=None,
+        created_at=20,
+        sign=bob.sign,
+    )
+    update = alice.learn_bundle(rotated.to_bytes())
+    assert update.status is BundleStatus.KEY_CHANGED
+    assert update.previous_fingerprint == bob.fingerprint()
+    assert not alice.is_verified(bob.pid)
+    assert alice.learn_bundle(bob.bundle.to_bytes()).status is BundleStatus.OLDER
+
+
+def test_browser_participant_without_mlkem_gets_x25519_grants_and_roster_says_so():
+    mesh = Mesh("alice", "web", post_quantum=["alice"])
+    cid = mesh.create("alice", "web")
+    roster = mesh["web"].roster(cid)
+    flags = {m.pid: m.pq for m in roster.members}
+    assert flags == {mesh["alice"].pid: True, mesh["web"].pid: False}
+    assert mesh["web"].open(cid, mesh["alice"].seal(cid, text("hi web"))).message.text == "hi web"
+    with pytest.raises(NotAMember):
+        mesh["alice"].create_conversation([mesh["web"].pid], policy=Policy(require_pq=True))
+
+
+def test_add_member_later_reads_from_then_on_not_before(mesh):
+    cid = mesh.create("alice", "bob")
+    early = mesh["alice"].seal(cid, text("before carol"))
+    mesh.deliver(mesh["alice"].add_members(cid, [mesh["carol"].pid]))
+    late = mesh["alice"].seal(cid, text("with carol"))
+    assert mesh["carol"].open(cid, late).message.text == "with carol"
+    with pytest.raises(StaleEpoch):
+        mesh["carol"].open(cid, early)
+
+
+def test_non_admin_cannot_change_the_roster(mesh):
+    cid = mesh.create("alice", "bob")
+    with pytest.raises(NotAMember):
+        mesh["bob"].remove_members(cid, [mesh["alice"].pid])

@@ -1,0 +1,123 @@
+"""The file-backed key store and the engine's persistence through it."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from device.chains import RESERVE_STEPS
+from device.engine import Engine
+from device.keystore import SqliteKeyStore
+from schemas import KeyStoreError, TextMessage
+from schemas.envelope import read_header
+
+
+def test_store_file_is_private(tmp_path):
+    path = tmp_path / "keys.db"
+    store = SqliteKeyStore(path)
+    store.save({"a": b"1"})
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    for side in tmp_path.glob("keys.db-*"):
+        assert stat.S_IMODE(side.stat().st_mode) == 0o600
+    store.close()
+
+
+def test_store_refuses_a_world_readable_file(tmp_path):
+    path = tmp_path / "keys.db"
+    path.touch()
+    os.chmod(path, 0o644)
+    with pytest.raises(KeyStoreError, match="chmod 600"):
+        SqliteKeyStore(path)
+
+
+def test_save_is_atomic_and_deletes(tmp_path):
+    store = SqliteKeyStore(tmp_path / "k.db")
+    store.save({"x/1": b"a", "x/2": b"b", "y": b"c"})
+    store.save({"x/1": None, "x/2": b"B"})
+    assert store.load_prefix("x/") == {"x/2": b"B"}
+    assert store.load("y") == b"c" and store.load("x/1") is None
+    store.close()
+
+
+def test_engine_state_survives_a_restart(tmp_path):
+    alice = Engine.open_store(SqliteKeyStore(tmp_path / "alice.db"))
+    bob_store = SqliteKeyStore(tmp_path / "bob.db")
+    bob = Engine.open_store(bob_store)
+    alice.learn_bundle(bob.identity.bundle.to_bytes())
+    bob.learn_bundle(alice.identity.bundle.to_bytes())
+    cid, pubs = alice.create_conversation([bob.pid])
+    for pub in pubs:
+        if pub.topic.endswith("/roster"):
+            for reply in bob.handle_roster(pub.payload):
+                alice.handle_grant(reply.payload)
+        else:
+            bob.handle_grant(pub.payload)
+    first = alice.seal(cid, TextMessage(sent_at=1, text="one"))
+    assert bob.open(cid, first).message.text == "one"
+    bob.flush()
+
+    bob_again = Engine.open_store(SqliteKeyStore(tmp_path / "bob.db"))
+    assert bob_again.pid == bob.pid and bob_again.conversations() == [cid]
+    assert bob_again.open(cid, first) is None  # the flushed chain remembers step 0
+    second = alice.seal(cid, TextMessage(sent_at=2, text="two"))
+    assert bob_again.open(cid, second).message.text == "two"
+    reply = bob_again.seal(cid, TextMessage(sent_at=3, text="back"))
+    assert alice.open(cid, reply).message.text == "back"
+
+
+CRASHING_SENDER = textwrap.dedent(
+    """
+    import os, sys
+    from device.engine import Engine
+    from device.keystore import SqliteKeyStore
+    from schemas import TextMessage
+    engine = Engine.open_store(SqliteKeyStore(sys.argv[1]))
+    cid = engine.conversations()[0]
+    count = int(sys.argv[2])
+    for i in range(count):
+        data = engine.seal(cid, TextMessage(sent_at=i, text=str(i)))
+        sys.stdout.write(data.hex() + "\\n")
+    sys.stdout.flush()
+    os._exit(0)  # no flush, no close: as abrupt as a power cut after the writes
+    """
+)
+
+
+def test_a_crashed_sender_never_reuses_a_step(tmp_path):
+    """The reservation is persisted before the envelope leaves, so steps only move on."""
+    alice = Engine.open_store(SqliteKeyStore(tmp_path / "alice.db"))
+    bob = Engine.open_store(SqliteKeyStore(tmp_path / "bob.db"))
+    alice.learn_bundle(bob.identity.bundle.to_bytes())
+    bob.learn_bundle(alice.identity.bundle.to_bytes())
+    cid, pubs = alice.create_conversation([bob.pid])
+    for pub in pubs:
+        if pub.topic.endswith("/roster"):
+            bob.handle_roster(pub.payload)
+        else:
+            bob.handle_grant(pub.payload)
+    del alice
+
+    seen: set[int] = set()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    for run, count in enumerate((5, RESERVE_STEPS + 3, 1, 20)):
+        out = subprocess.run(
+            [sys.executable, "-c", CRASHING_SENDER, str(tmp_path / "alice.db"), str(count)],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=env,
+            timeout=60,
+        ).stdout.split()
+        assert len(out) == count
+        for line in out:
+            data = bytes.fromhex(line)
+            step = read_header(data)[5]
+            assert step not in seen, f"step {step} reused after restart {run}"
+            seen.add(step)
+            assert bob.open(cid, data) is not None
+    assert len(seen) == 5 + RESERVE_STEPS + 3 + 1 + 20

@@ -1,0 +1,176 @@
+"""Generate the protocol test vectors from fixed seeds (PROTOCOL.md §9).
+
+    python -m tests.vectors.generate          # rewrites tests/vectors/protocol.json
+
+Everything is deterministic (seeded randomness, fixed clock, deterministic Ed25519
+and AES-GCM) except ML-KEM encapsulation, whose randomness ``cryptography`` does not
+let us inject: hybrid grants are recorded once and checked by opening them.
+The browser client checks the same file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from device.chains import nonce, step_keys
+from device.engine import Engine
+from device.grants import make_grant
+from device.identity import Identity
+from schemas import ChainGrant, Policy, TextMessage
+from schemas.crypto import chain_step
+from schemas.envelope import read_header
+
+PATH = Path(__file__).with_name("protocol.json")
+CLOCK = 1_700_000_000
+
+
+class SeededRandom:
+    """Deterministic stand-in for ``os.urandom``: SHAKE-256 of a seed and a counter."""
+
+    def __init__(self, seed: bytes) -> None:
+        self._seed = seed
+        self._counter = 0
+
+    def __call__(self, n: int) -> bytes:
+        self._counter += 1
+        return hashlib.shake_256(self._seed + self._counter.to_bytes(8, "big")).digest(n)
+
+
+def identity(tag: int, *, post_quantum: bool = True) -> Identity:
+    return Identity.from_seed(bytes([tag]) * 32, created_at=CLOCK, post_quantum=post_quantum)
+
+
+def _identity_vector(name: str, tag: int, ident: Identity) -> dict[str, Any]:
+    b = ident.bundle
+    return {
+        "name": name,
+        "seed": (bytes([tag]) * 32).hex(),
+        "post_quantum": b.post_quantum,
+        "pid": ident.pid,
+        "ed25519_public": b.ed25519.hex(),
+        "x25519_public": b.x25519.hex(),
+        "mlkem768_public_sha256": hashlib.sha256(b.mlkem768).hexdigest() if b.mlkem768 else None,
+        "bundle": b.to_bytes().hex(),
+        "fingerprint": b.fingerprint(),
+    }
+
+
+def build(hybrid_grant: str | None = None) -> dict[str, Any]:
+    """The vectors; ``hybrid_grant`` reuses a recorded hybrid grant (hex) if given."""
+    alice, bob, web = identity(1), identity(2), identity(3, post_quantum=False)
+    out: dict[str, Any] = {
+        "about": "fieldchat protocol vectors v1; see PROTOCOL.md §9. All byte strings are hex.",
+        "identities": [
+            _identity_vector("alice", 1, alice),
+            _identity_vector("bob", 2, bob),
+            _identity_vector("web", 3, web),
+        ],
+    }
+
+    ck = bytes(range(32))
+    steps = []
+    for step in range(4):
+        key, nxt = step_keys(ck)
+        steps.append(
+            {
+                "step": step,
+                "chain_key": ck.hex(),
+                "hmac_sha512": chain_step(ck).hex(),
+                "message_key": key.hex(),
+                "nonce": nonce(step).hex(),
+                "next_chain_key": nxt.hex(),
+            }
+        )
+        ck = nxt
+    out["chain"] = steps
+
+    envelopes = []
+    conversations = []
+    policies = {
+        "signed": Policy(),
+        "unsigned_compressed_padded": Policy(sign_every=0, compress=True, pad=True),
+    }
+    for label, policy in policies.items():
+        engine = Engine(alice, clock=lambda: CLOCK, random=SeededRandom(label.encode()))
+        for other in (bob, web):
+            engine.learn_bundle(other.bundle.to_bytes())
+        cid, pubs = engine.create_conversation([bob.pid, web.pid], policy=policy)
+        roster = engine.roster(cid)
+        conv = engine._convs[cid]
+        assert conv.send is not None
+        chain_key = conv.send.key
+        web_grant = next(p for p in pubs if p.topic.endswith(f"{web.pid}/inbox"))
+        conversations.append(
+            {
+                "label": label,
+                "cid": cid,
+                "roster": roster.to_bytes().hex(),
+                "creator": "alice",
+                "sender_chain_key": chain_key.hex(),
+                "grant_to_web_x25519": web_grant.payload.hex(),
+            }
+        )
+        texts = ["hello", "Pump 3 at 4.2 bar; valve B closed. Back on site 14:30 ✓", "x" * 300]
+        for i, text in enumerate(texts):
+            sealed = engine.seal(cid, TextMessage(sent_at=CLOCK + i, text=text))
+            kind, flags, epoch, sender, chain, step, hlen = read_header(sealed)
+            envelopes.append(
+                {
+                    "conversation": label,
+                    "cid": cid,
+                    "sender_pid": alice.pid,
+                    "sender_ed25519": alice.bundle.ed25519.hex(),
+                    "epoch": epoch,
+                    "sender_index": sender,
+                    "chain": chain,
+                    "step": step,
+                    "kind": int(kind),
+                    "flags": flags,
+                    "header": sealed[:hlen].hex(),
+                    "message": {"sent_at": CLOCK + i, "text": text},
+                    "envelope": sealed.hex(),
+                }
+            )
+    out["conversations"] = conversations
+    out["envelopes"] = envelopes
+
+    payload = ChainGrant(epoch=0, roster=bytes(32), sender=0, chain=0, step=5, key=bytes(32))
+    x_grant = make_grant(alice, web.bundle, "a" * 26, payload, random=SeededRandom(b"grant"))
+    if hybrid_grant is None:
+        hybrid_grant = make_grant(alice, bob.bundle, "a" * 26, payload).to_bytes().hex()
+    out["grants"] = [
+        {
+            "mode": "x25519",
+            "granter": "alice",
+            "recipient": "web",
+            "cid": "a" * 26,
+            "ephemeral_private": SeededRandom(b"grant")(32).hex(),
+            "payload": payload.to_bytes().hex(),
+            "grant": x_grant.to_bytes().hex(),
+            "deterministic": True,
+        },
+        {
+            "mode": "hybrid",
+            "granter": "alice",
+            "recipient": "bob",
+            "cid": "a" * 26,
+            "payload": payload.to_bytes().hex(),
+            "grant": hybrid_grant,
+            "deterministic": False,
+        },
+    ]
+    return out
+
+
+def main() -> None:
+    previous = json.loads(PATH.read_text()) if PATH.exists() else None
+    recorded = previous["grants"][1]["grant"] if previous else None
+    PATH.write_text(json.dumps(build(recorded), indent=1, ensure_ascii=False) + "\n")
+    print(f"wrote {PATH}")
+
+
+if __name__ == "__main__":
+    main()
