@@ -1,1 +1,48 @@
-"""The gateway: encrypted history archive, history API, accounts and the WebSocket bridge."""
+"""The gateway: encrypted history archive, history API, accounts and the WebSocket bridge.
+
+It never decrypts: it stores and relays ciphertext, verifying structure and signatures
+only. See docs/gateway.md.
+"""
+
+from gateway._app import create_app
+from gateway._archiver import ArchiveListener, Archiver, MqttFactory, mqtt_factory
+from gateway._auth import SIGNING_LABEL, signed_message
+from gateway._errors import Forbidden, NameTaken, StorageError
+from gateway._settings import GatewaySettings, load_settings
+from gateway._sql import PostgresStore, SqliteStore, open_store
+from gateway._store import (
+    Account,
+    AccountStore,
+    ArchiveBatch,
+    ArchiveResult,
+    GatewayStore,
+    HistoryStore,
+    StoredEnvelope,
+    StoredGrant,
+)
+
+__all__ = [
+    "SIGNING_LABEL",
+    "Account",
+    "AccountStore",
+    "ArchiveBatch",
+    "ArchiveListener",
+    "ArchiveResult",
+    "Archiver",
+    "Forbidden",
+    "GatewaySettings",
+    "GatewayStore",
+    "HistoryStore",
+    "MqttFactory",
+    "NameTaken",
+    "PostgresStore",
+    "SqliteStore",
+    "StorageError",
+    "StoredEnvelope",
+    "StoredGrant",
+    "create_app",
+    "load_settings",
+    "mqtt_factory",
+    "open_store",
+    "signed_message",
+]

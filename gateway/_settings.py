@@ -8,7 +8,7 @@ are :class:`~pydantic.SecretStr` and never logged.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator
@@ -50,6 +50,9 @@ class GatewaySettings(BaseSettings):
     mqtt_username: str | None = None
     mqtt_password: SecretStr | None = None
     mqtt_client_id: str = "fieldchat-gateway"
+    # "5" (Mosquitto, clustered brokers: session expiry, Receive Maximum) or "3.1.1"
+    # (the embedded aMQTT broker speaks only 3.1.1; persistence via clean_session=False).
+    mqtt_protocol: Literal["5", "3.1.1"] = "5"
     topic_prefix: str = DEFAULT_PREFIX
     share_group: str | None = None
     # MQTT v5 session expiry: the broker keeps our queue this long while we are away.
@@ -118,8 +121,8 @@ class GatewaySettings(BaseSettings):
         settings_cls: type[BaseSettings],
         init_settings: PydanticBaseSettingsSource,
         env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,  # noqa: ARG003 - no .env files: explicit
+        file_secret_settings: PydanticBaseSettingsSource,  # noqa: ARG003 - sources only
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         toml = settings_cls.model_config.get("toml_file")
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]

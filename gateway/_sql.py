@@ -53,7 +53,7 @@ from gateway._store import (
 from schemas import Bundle
 from schemas.errors import ConfigError
 
-__all__ = ["PostgresStore", "SqliteStore", "SqlStore", "open_store"]
+__all__ = ["PostgresStore", "SqlStore", "SqliteStore", "open_store"]
 
 _ARCHIVE_LOCK = 0x66_63_61_72  # "fcar": pg_advisory_xact_lock key of archive commits
 _MIGRATE_LOCK = 0x66_63_6D_67  # "fcmg": gateways starting together migrate once
@@ -219,7 +219,8 @@ class SqlStore:
 
     async def _rows(self, stmt: Select[Any], what: str) -> Sequence[Any]:
         async with _mapped(what), self.engine.connect() as conn:
-            return (await conn.execute(stmt)).all()
+            rows: Sequence[Any] = (await conn.execute(stmt)).all()
+            return rows
 
     async def roster(self, cid: str, epoch: int) -> bytes | None:
         data = await self._scalar(
@@ -301,6 +302,9 @@ class SqlStore:
     async def max_seq(self) -> int:
         return int(await self._scalar(select(func.max(envelopes.c.seq)), "reading seq") or 0)
 
+    async def max_grant_seq(self) -> int:
+        return int(await self._scalar(select(func.max(grants.c.seq)), "reading seq") or 0)
+
     async def grants_for(
         self, recipients: Collection[str], *, after: int = 0, limit: int = 100
     ) -> list[StoredGrant]:
@@ -324,7 +328,8 @@ class SqlStore:
         )
         rows = await self._rows(
             select(conv_heads.c.cid, roster_members.c.pid).join(roster_members, head)
-            .where(conv_heads.c.cid.in_(mine)),
+            .where(conv_heads.c.cid.in_(mine))
+            .order_by(conv_heads.c.cid, roster_members.c.pid),
             "reading conversations",
         )
         out: dict[str, list[str]] = {}

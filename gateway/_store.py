@@ -24,6 +24,7 @@ __all__ = [
     "AccountStore",
     "ArchiveBatch",
     "ArchiveResult",
+    "GatewayStore",
     "GrantRecord",
     "HistoryStore",
     "NewEnvelope",
@@ -190,6 +191,8 @@ class HistoryStore(Protocol):
 
     async def max_seq(self) -> int: ...
 
+    async def max_grant_seq(self) -> int: ...
+
     async def grants_for(
         self, recipients: Collection[str], *, after: int = 0, limit: int = 100
     ) -> list[StoredGrant]: ...
@@ -230,3 +233,7 @@ class AccountStore(Protocol):
     async def delete_session(self, token_hash: bytes) -> None: ...
 
     async def list_accounts(self) -> Sequence[Account]: ...
+
+
+class GatewayStore(HistoryStore, AccountStore, Protocol):
+    """Both interfaces over one database (what ``create_app(store=…)`` takes)."""

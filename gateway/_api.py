@@ -1,0 +1,328 @@
+"""The HTTP API: history, key objects, accounts (OpenAPI at ``/docs`` and ``/openapi.json``).
+
+Byte strings (envelopes, rosters, bundles, grants) travel as standard base64. Cursors
+are the server sequence numbers (``seq``): non-negative integers, opaque to clients.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from gateway._accounts import MAX_PASSWORD, MAX_USERNAME, MIN_PASSWORD, SESSION_COOKIE
+from gateway._auth import Caller, authenticate
+from gateway._errors import Forbidden
+from gateway._state import Gateway
+from gateway._store import StoredEnvelope
+from schemas import Bundle
+
+__all__ = ["MAX_PAGE", "router"]
+
+MAX_PAGE = 500
+MAX_CURSOR = 2**63 - 1
+IdPath = Annotated[str, Path(pattern=r"^[a-z2-7]{25}[aeimquy4]$")]
+Cursor = Annotated[int | None, Query(ge=0, le=MAX_CURSOR)]
+
+router = APIRouter(prefix="/v1")
+
+
+def gateway(request: Request) -> Gateway:
+    state: Gateway = request.app.state.gateway
+    return state
+
+
+GatewayDep = Annotated[Gateway, Depends(gateway)]
+
+
+async def caller(request: Request, gw: GatewayDep) -> Caller:
+    found = await authenticate(request, gw.accounts, gw.archiver.bundle,
+                               skew_s=gw.settings.request_clock_skew_s)
+    if found is None:
+        raise HTTPException(401, "log in, or sign the request as a participant")
+    return found
+
+
+CallerDep = Annotated[Caller, Depends(caller)]
+
+
+async def account_caller(who: CallerDep) -> Caller:
+    if who.account is None:
+        raise HTTPException(401, "this needs a web session")
+    return who
+
+
+AccountDep = Annotated[Caller, Depends(account_caller)]
+
+
+# -- models ---------------------------------------------------------------------------
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class EnvelopeOut(_Out):
+    seq: int = Field(description="Server sequence number; the cursor.")
+    cid: str
+    epoch: int
+    sender: int = Field(description="The sender's index in the roster of `epoch`.")
+    sender_pid: str
+    chain: int
+    step: int
+    envelope: str = Field(description="The envelope bytes exactly as published, base64.")
+
+    @classmethod
+    def of(cls, e: StoredEnvelope) -> EnvelopeOut:
+        return cls(seq=e.seq, cid=e.cid, epoch=e.epoch, sender=e.sender,
+                   sender_pid=e.sender_pid, chain=e.chain, step=e.step,
+                   envelope=_b64(e.data))
+
+
+class EnvelopePage(_Out):
+    items: list[EnvelopeOut]
+    more: bool = Field(description="True when a full page was returned: ask again.")
+    next_before: int | None = Field(description="Cursor for the next older page.")
+    next_after: int | None = Field(description="Cursor for the next newer page.")
+
+
+class RosterOut(_Out):
+    cid: str
+    epoch: int
+    members: list[str]
+    roster: str
+
+
+class GrantOut(_Out):
+    seq: int
+    cid: str
+    recipient: str
+    granter: str
+    grant: str
+
+
+class GrantPage(_Out):
+    items: list[GrantOut]
+    more: bool
+    next_after: int
+
+
+class BundleOut(_Out):
+    pid: str
+    bundle: str
+
+
+class Credentials(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    username: Annotated[str, Field(min_length=3, max_length=MAX_USERNAME,
+                                   pattern=r"^[A-Za-z0-9_.-]+$")]
+    password: Annotated[str, Field(min_length=MIN_PASSWORD, max_length=MAX_PASSWORD)]
+
+
+class NewAccount(Credentials):
+    is_admin: bool = False
+
+
+class AccountOut(_Out):
+    id: int
+    username: str
+    is_admin: bool
+    pids: list[str]
+
+
+class ParticipantIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    bundle: Annotated[str, Field(max_length=16_384, description="The signed bundle, base64.")]
+
+
+class ConversationsOut(_Out):
+    conversations: dict[str, list[str]] = Field(description="cid -> members of its roster.")
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise HTTPException(400, "not valid base64") from None
+
+
+async def _member(gw: Gateway, cid: str, who: Caller) -> None:
+    if not await gw.store.was_member(cid, who.pids):
+        raise Forbidden("not a member of this conversation")
+
+
+# -- history --------------------------------------------------------------------------
+
+
+@router.get("/conversations", tags=["history"])
+async def list_conversations(gw: GatewayDep, who: CallerDep) -> ConversationsOut:
+    """Conversations whose current roster lists one of the caller's participants."""
+    found = await gw.store.conversations_of(who.pids)
+    return ConversationsOut(conversations={c: list(m) for c, m in found.items()})
+
+
+@router.get("/conversations/{cid}/envelopes", tags=["history"])
+async def history(
+    cid: IdPath,
+    gw: GatewayDep,
+    who: CallerDep,
+    before: Cursor = None,
+    after: Cursor = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
+) -> EnvelopePage:
+    """Archived envelopes of a conversation, cursor-paginated.
+
+    Without cursors: the newest ``limit``, newest first. ``before=N``: the next older
+    page, newest first. ``after=N``: envelopes archived after cursor N, oldest first —
+    gap filling for a device or browser that was away (repeat while ``more``).
+    """
+    if before is not None and after is not None:
+        raise HTTPException(400, "give before or after, not both")
+    await _member(gw, cid, who)
+    rows = await gw.store.history(cid, before=before, after=after, limit=limit)
+    more = len(rows) == limit
+    if after is not None:
+        return EnvelopePage(items=[EnvelopeOut.of(r) for r in rows], more=more,
+                            next_before=None, next_after=rows[-1].seq if rows else after)
+    return EnvelopePage(items=[EnvelopeOut.of(r) for r in rows], more=more,
+                        next_before=rows[-1].seq if rows else None,
+                        next_after=rows[0].seq if rows else None)
+
+
+@router.get("/conversations/{cid}/rosters", tags=["history"])
+async def rosters(cid: IdPath, gw: GatewayDep, who: CallerDep) -> list[RosterOut]:
+    """Every archived roster of a conversation, oldest epoch first."""
+    await _member(gw, cid, who)
+    return [RosterOut(cid=r.cid, epoch=r.epoch, members=list(r.members), roster=_b64(r.data))
+            for r in await gw.store.rosters(cid)]
+
+
+@router.get("/participants/{pid}/bundle", tags=["history"])
+async def bundle(pid: IdPath, gw: GatewayDep) -> BundleOut:
+    """A participant's newest archived bundle (public, as on ``p/{pid}/bundle``)."""
+    data = await gw.store.bundle(pid)
+    if data is None:
+        raise HTTPException(404, "no bundle archived for this participant")
+    return BundleOut(pid=pid, bundle=_b64(data))
+
+
+@router.get("/grants", tags=["history"])
+async def grants(
+    gw: GatewayDep,
+    who: CallerDep,
+    after: Annotated[int, Query(ge=0, le=MAX_CURSOR)] = 0,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
+) -> GrantPage:
+    """Key grants addressed to the caller's participants, oldest first after a cursor."""
+    rows = await gw.store.grants_for(who.pids, after=after, limit=limit)
+    return GrantPage(
+        items=[GrantOut(seq=g.seq, cid=g.cid, recipient=g.recipient, granter=g.granter,
+                        grant=_b64(g.data)) for g in rows],
+        more=len(rows) == limit, next_after=rows[-1].seq if rows else after,
+    )
+
+
+# -- accounts -------------------------------------------------------------------------
+
+
+def _account_out(who: Caller) -> AccountOut:
+    assert who.account is not None
+    a = who.account
+    return AccountOut(id=a.id, username=a.username, is_admin=a.is_admin, pids=list(a.pids))
+
+
+@router.post("/accounts", status_code=201, tags=["accounts"])
+async def register(body: Credentials, gw: GatewayDep) -> dict[str, Any]:
+    """Create a web account (when ``allow_registration``)."""
+    if not gw.settings.allow_registration:
+        raise HTTPException(403, "registration is closed; ask an administrator")
+    account_id = await gw.accounts.create(body.username, body.password)
+    return {"id": account_id, "username": body.username}
+
+
+@router.post("/session", tags=["accounts"])
+async def login(body: Credentials, request: Request, response: Response,
+                gw: GatewayDep) -> AccountOut:
+    """Log in: sets the ``fc_session`` cookie (HttpOnly, SameSite=Strict, Secure with TLS).
+
+    Failed attempts are limited per user name and per client address; past the limit
+    the answer is 429 with ``Retry-After``, before any password is checked.
+    """
+    keys = (f"user:{body.username.lower()}",
+            f"addr:{request.client.host if request.client else '?'}")
+    wait = gw.accounts.limiter.retry_after(*keys)
+    if wait > 0:
+        gw.metrics.logins.labels(outcome="limited").inc()
+        raise HTTPException(429, "too many failed logins; wait",
+                            headers={"Retry-After": str(int(wait) + 1)})
+    account_id = await gw.accounts.check_password(body.username, body.password)
+    if account_id is None:
+        gw.accounts.limiter.failed(*keys)
+        gw.metrics.logins.labels(outcome="failed").inc()
+        raise HTTPException(401, "wrong user name or password")
+    gw.accounts.limiter.succeeded(keys[0])
+    gw.metrics.logins.labels(outcome="ok").inc()
+    token = await gw.accounts.new_session(account_id)
+    response.set_cookie(
+        SESSION_COOKIE, token, max_age=gw.settings.session_ttl_s, path="/", httponly=True,
+        samesite="strict", secure=gw.settings.secure_cookies,
+    )
+    account = await gw.store.account(account_id)
+    assert account is not None
+    return _account_out(Caller(frozenset(account.pids), account))
+
+
+@router.delete("/session", status_code=204, tags=["accounts"])
+async def logout(response: Response, gw: GatewayDep, who: AccountDep) -> None:
+    """End the session and clear its cookie."""
+    assert who.session_token is not None
+    await gw.accounts.end_session(who.session_token)
+    response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict",
+                           secure=gw.settings.secure_cookies)
+
+
+@router.get("/me", tags=["accounts"])
+async def me(who: AccountDep) -> AccountOut:
+    """The logged-in account and the participants it owns."""
+    return _account_out(who)
+
+
+@router.post("/me/participants", status_code=201, tags=["accounts"])
+async def add_participant(body: ParticipantIn, gw: GatewayDep, who: AccountDep) -> BundleOut:
+    """Register a browser participant: its signed bundle (made in the browser) proves
+    the pid. The bundle is archived and published, retained, on ``p/{pid}/bundle``."""
+    assert who.account is not None
+    data = _unb64(body.bundle)
+    parsed = Bundle.from_bytes(data)
+    await gw.store.add_participant(who.account.id, parsed.pid, data)
+    gw.archiver.learn_bundle(parsed)
+    await gw.publish_best_effort(gw.topics.bundle(parsed.pid), data, retain=True)
+    return BundleOut(pid=parsed.pid, bundle=body.bundle)
+
+
+async def _admin(who: AccountDep) -> Caller:
+    assert who.account is not None
+    if not who.account.is_admin:
+        raise Forbidden("administrators only")
+    return who
+
+
+@router.get("/admin/accounts", tags=["admin"])
+async def list_accounts(gw: GatewayDep, _: Annotated[Caller, Depends(_admin)]
+                        ) -> list[AccountOut]:
+    return [AccountOut(id=a.id, username=a.username, is_admin=a.is_admin, pids=[])
+            for a in await gw.store.list_accounts()]
+
+
+@router.post("/admin/accounts", status_code=201, tags=["admin"])
+async def create_account(body: NewAccount, gw: GatewayDep,
+                         _: Annotated[Caller, Depends(_admin)]) -> dict[str, Any]:
+    account_id = await gw.accounts.create(body.username, body.password, is_admin=body.is_admin)
+    return {"id": account_id, "username": body.username}

@@ -1,0 +1,167 @@
+"""The live side: fans archived envelopes, grants, rosters and presence out to
+WebSocket subscriptions.
+
+The hub follows the archive, not MQTT: it reads ``seq > cursor`` from the store when
+this gateway commits (an in-process wake-up) or every ``feed_poll_s`` (commits by
+other gateways sharing the database). So a browser sees envelopes in archive order
+with their ``seq``, and one number resumes it after a drop. A subscriber whose queue
+overflows is cut off (its cursor tells it where to resume); nothing is dropped
+silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Collection
+from dataclasses import dataclass, field
+
+from gateway._archiver import ArchiveListener
+from gateway._metrics import Metrics
+from gateway._store import HistoryStore, RosterRecord, StoredEnvelope, StoredGrant
+from schemas.errors import FieldchatError
+
+__all__ = ["Event", "Hub", "Subscription"]
+
+log = logging.getLogger("fieldchat.gateway.hub")
+_READ_LIMIT = 1000
+_PRESENCE_MAX = 200_000
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One thing to send to a browser: ``kind`` is envelope, grant, roster or presence."""
+
+    kind: str
+    envelope: StoredEnvelope | None = None
+    grant: StoredGrant | None = None
+    roster: RosterRecord | None = None
+    pid: str | None = None
+    status: bytes | None = None
+
+
+@dataclass(eq=False)
+class Subscription:
+    """One WebSocket client: the account's participants and their conversations."""
+
+    pids: frozenset[str]
+    conversations: dict[str, tuple[str, ...]]  # cid -> members
+    queue: asyncio.Queue[Event]
+    overflowed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def peers(self) -> set[str]:
+        return {p for members in self.conversations.values() for p in members}
+
+    def offer(self, event: Event) -> None:
+        if self.overflowed.is_set():
+            return
+        try:
+            self.queue.put_nowait(event)
+        except asyncio.QueueFull:
+            log.warning("WebSocket client too slow (%d queued); closing it", self.queue.maxsize)
+            self.overflowed.set()
+
+
+class Hub(ArchiveListener):
+    """Reads what the archive committed and offers it to the subscriptions."""
+
+    def __init__(
+        self, store: HistoryStore, metrics: Metrics, *, poll_s: float, queue_max: int
+    ) -> None:
+        self.store = store
+        self.metrics = metrics
+        self.poll_s = poll_s
+        self.queue_max = queue_max
+        self.presence_of: dict[str, bytes] = {}
+        self._subs: set[Subscription] = set()
+        self._wake = asyncio.Event()
+        self._cursor: int | None = None  # None while nobody listens
+        self._grant_cursor: int | None = None
+
+    # -- ArchiveListener ---------------------------------------------------------------
+
+    def committed(self, max_seq: int | None, grants: int) -> None:  # noqa: ARG002
+        self._wake.set()
+
+    def roster(self, record: RosterRecord) -> None:
+        event = Event("roster", roster=record)
+        for sub in list(self._subs):
+            listed = sub.pids & set(record.members)
+            known = record.cid in sub.conversations
+            if listed:
+                sub.conversations[record.cid] = record.members
+            elif known:
+                del sub.conversations[record.cid]
+            if listed or known:
+                sub.offer(event)
+
+    def presence(self, pid: str, payload: bytes) -> None:
+        if pid not in self.presence_of and len(self.presence_of) >= _PRESENCE_MAX:
+            self.presence_of.pop(next(iter(self.presence_of)))
+        self.presence_of[pid] = payload
+        event = Event("presence", pid=pid, status=payload)
+        for sub in list(self._subs):
+            if pid in sub.peers:
+                sub.offer(event)
+
+    # -- subscriptions -----------------------------------------------------------------
+
+    async def subscribe(self, pids: Collection[str]) -> Subscription:
+        """Register a client first, so nothing committed from now on can be missed;
+        the caller then backfills from its own cursor and skips what it already sent."""
+        conversations = await self.store.conversations_of(pids)
+        if self._cursor is None:
+            self._cursor = await self.store.max_seq()
+            self._grant_cursor = await self.store.max_grant_seq()
+        sub = Subscription(frozenset(pids), dict(conversations), asyncio.Queue(self.queue_max))
+        self._subs.add(sub)
+        self.metrics.ws_clients.set(len(self._subs))
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        self._subs.discard(sub)
+        self.metrics.ws_clients.set(len(self._subs))
+        if not self._subs:
+            self._cursor = self._grant_cursor = None
+
+    # -- the loop ----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Follow the archive until cancelled."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=self.poll_s)
+            self._wake.clear()
+            if not self._subs:
+                continue
+            try:
+                await self._deliver()
+            except FieldchatError as exc:
+                log.warning("live feed read failed: %s", exc)
+
+    async def _deliver(self) -> None:
+        while self._subs and self._cursor is not None:
+            rows = await self.store.since(self._cursor, limit=_READ_LIMIT)
+            for row in rows:
+                event = Event("envelope", envelope=row)
+                for sub in list(self._subs):
+                    if row.cid in sub.conversations:
+                        sub.offer(event)
+                self._cursor = row.seq
+            if len(rows) < _READ_LIMIT:
+                break
+        await self._deliver_grants()
+
+    async def _deliver_grants(self) -> None:
+        pids = {p for sub in self._subs for p in sub.pids}
+        if not pids or self._grant_cursor is None:
+            return
+        grants = await self.store.grants_for(pids, after=self._grant_cursor, limit=_READ_LIMIT)
+        for grant in grants:
+            event = Event("grant", grant=grant)
+            for sub in list(self._subs):
+                if grant.recipient in sub.pids:
+                    sub.offer(event)
+            self._grant_cursor = grant.seq

@@ -1,0 +1,63 @@
+"""Entry points the CLI calls: serve the app, migrate, bootstrap an administrator."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import uvicorn
+
+from gateway._accounts import Accounts
+from gateway._app import create_app
+from gateway._settings import GatewaySettings
+from gateway._sql import open_store
+
+__all__ = ["bootstrap_admin", "migrate", "serve"]
+
+
+def serve(settings: GatewaySettings) -> None:
+    """Run the gateway until SIGINT/SIGTERM (uvicorn handles both gracefully)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    config = uvicorn.Config(
+        create_app(settings), host=settings.host, port=settings.port, lifespan="on",
+        ssl_certfile=str(settings.tls_certfile) if settings.tls_certfile else None,
+        ssl_keyfile=str(settings.tls_keyfile) if settings.tls_keyfile else None,
+        log_level="info", ws="websockets-sansio", proxy_headers=False,
+    )
+    uvicorn.Server(config).run()
+
+
+def migrate(settings: GatewaySettings) -> int:
+    """Create or upgrade the database schema; return its version.
+
+    Raises:
+        StorageError: the database failed.
+    """
+
+    async def go() -> int:
+        store = open_store(settings.database_url)
+        try:
+            return await store.migrate()
+        finally:
+            await store.close()
+
+    return asyncio.run(go())
+
+
+def bootstrap_admin(settings: GatewaySettings, username: str, password: str) -> int:
+    """Create an administrator account (the first one, typically); return its id.
+
+    Raises:
+        NameTaken: the user name exists.
+        StorageError: the database failed.
+    """
+
+    async def go() -> int:
+        store = open_store(settings.database_url)
+        try:
+            await store.migrate()
+            return await Accounts(store, settings).create(username, password, is_admin=True)
+        finally:
+            await store.close()
+
+    return asyncio.run(go())

@@ -1,0 +1,39 @@
+"""The resources of one running gateway, opened in the app's lifespan and handed down."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from gateway._accounts import Accounts
+from gateway._archiver import Archiver
+from gateway._hub import Hub
+from gateway._metrics import Metrics
+from gateway._settings import GatewaySettings
+from gateway._store import GatewayStore
+from schemas import Topics
+from schemas.errors import TransportError
+
+__all__ = ["Gateway"]
+
+log = logging.getLogger("fieldchat.gateway")
+
+
+@dataclass(frozen=True, slots=True)
+class Gateway:
+    settings: GatewaySettings
+    store: GatewayStore
+    accounts: Accounts
+    metrics: Metrics
+    archiver: Archiver
+    hub: Hub
+    topics: Topics
+
+    async def publish_best_effort(self, topic: str, payload: bytes, *, retain: bool) -> bool:
+        """Publish when the broker is reachable; log and return False otherwise."""
+        try:
+            await self.archiver.publish(topic, payload, retain=retain)
+        except TransportError as exc:
+            log.warning("could not publish to %s: %s", topic, exc)
+            return False
+        return True

@@ -1,0 +1,318 @@
+"""The WebSocket bridge ``/ws``: browsers publish what they sealed and receive their
+conversations live.
+
+Authenticated by the session cookie (and the ``Origin`` must be this host, against
+cross-site WebSocket hijacking). Frames are JSON text; byte strings are base64.
+
+Connect with ``/ws?cursor=N&grant_cursor=M`` to resume: the gateway first sends
+everything archived after ``N`` in the account's conversations (and grants after
+``M``), then ``caught_up``, then live events. Each envelope carries its ``seq``; the
+largest seq seen is the cursor to resume with after a drop. Without ``cursor`` the
+stream starts at the present.
+
+Server → browser::
+
+    {"op":"hello","cursor":N,"grant_cursor":M,"pids":[…],"conversations":{cid:[pid…]}}
+    {"op":"envelope","seq":…,"cid":…,"epoch":…,"sender":…,"sender_pid":…,"chain":…,
+     "step":…,"data":b64}
+    {"op":"grant","seq":…,"cid":…,"recipient":…,"granter":…,"data":b64}
+    {"op":"roster","cid":…,"epoch":…,"members":[…],"data":b64}
+    {"op":"presence","pid":…,"status":b64}
+    {"op":"caught_up","cursor":N}
+    {"op":"ack","id":…}   {"op":"error","id":…,"reason":…,"detail":…}   {"op":"pong"}
+
+Browser → server::
+
+    {"op":"publish","id":…,"kind":"msg","cid":…,"data":b64}   sealed envelope
+    {"op":"publish","id":…,"kind":"roster"|"grant"|"bundle","data":b64}
+    {"op":"publish","id":…,"kind":"status","pid":…,"data":b64}
+    {"op":"ping"}
+
+A publish is checked before it goes out: an envelope's sender (roster index of its
+epoch) must be one of the account's participants and its signature must verify
+against that participant's bundle; a roster, grant or bundle must be signed by one.
+``ack`` follows the broker's PUBACK. Frames that are not the protocol get an
+``error``; after ``MAX_BAD_FRAMES`` the socket is closed (1008).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+from typing import Any
+from urllib.parse import urlsplit
+
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+
+from gateway._auth import Caller, authenticate
+from gateway._errors import Forbidden
+from gateway._hub import Event, Subscription
+from gateway._state import Gateway
+from gateway._verify import MAX_STATUS_BYTES
+from schemas import MAX_ENVELOPE_BYTES, Bundle, Envelope, Grant, Roster, validate_id
+from schemas.envelope import verify_envelope_signature
+from schemas.errors import FieldchatError, LimitExceeded, NotAMember, SignatureRequired, WireError
+
+__all__ = ["MAX_BAD_FRAMES", "MAX_FRAME_BYTES", "websocket_endpoint"]
+
+log = logging.getLogger("fieldchat.gateway.ws")
+
+MAX_FRAME_BYTES = 4 * MAX_ENVELOPE_BYTES // 3 + 1024  # a base64 envelope and its JSON
+MAX_BAD_FRAMES = 16
+_BACKFILL_PAGE = 500
+CLOSE_POLICY = 1008
+CLOSE_LAGGING = 4000  # resume from your cursor
+CLOSE_UNAUTHENTICATED = 4401
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _same_origin(ws: WebSocket) -> bool:
+    origin = ws.headers.get("origin")
+    if origin is None:  # not a browser (browsers always send Origin on WebSockets)
+        return True
+    return urlsplit(origin).netloc == ws.headers.get("host", "")
+
+
+def _frame(event: Event) -> dict[str, Any]:
+    if event.kind == "envelope":
+        e = event.envelope
+        assert e is not None
+        return {"op": "envelope", "seq": e.seq, "cid": e.cid, "epoch": e.epoch,
+                "sender": e.sender, "sender_pid": e.sender_pid, "chain": e.chain,
+                "step": e.step, "data": _b64(e.data)}
+    if event.kind == "grant":
+        g = event.grant
+        assert g is not None
+        return {"op": "grant", "seq": g.seq, "cid": g.cid, "recipient": g.recipient,
+                "granter": g.granter, "data": _b64(g.data)}
+    if event.kind == "roster":
+        r = event.roster
+        assert r is not None
+        return {"op": "roster", "cid": r.cid, "epoch": r.epoch, "members": list(r.members),
+                "data": _b64(r.data)}
+    assert event.status is not None
+    return {"op": "presence", "pid": event.pid, "status": _b64(event.status)}
+
+
+class _BadFrame(FieldchatError):
+    reason = "bad_frame"
+
+
+def _cursor(ws: WebSocket, name: str) -> int | None:
+    raw = ws.query_params.get(name)
+    if raw is None:
+        return None
+    if not raw.isdigit() or len(raw) > 19:
+        raise _BadFrame(f"{name} must be a non-negative integer")
+    return int(raw)
+
+
+class _Session:
+    """One connected browser."""
+
+    def __init__(self, ws: WebSocket, gw: Gateway, who: Caller, sub: Subscription) -> None:
+        self.ws = ws
+        self.gw = gw
+        self.who = who
+        self.sub = sub
+        self.sent_seq = 0
+        self.sent_grant = 0
+        self.bad_frames = 0
+
+    async def send(self, frame: dict[str, Any]) -> None:
+        await self.ws.send_text(json.dumps(frame, separators=(",", ":")))
+
+    async def backfill(self, cursor: int, grant_cursor: int) -> None:
+        store = self.gw.store
+        self.sent_seq, self.sent_grant = cursor, grant_cursor
+        cids = list(self.sub.conversations)
+        while cids:
+            rows = await store.since(self.sent_seq, cids=cids, limit=_BACKFILL_PAGE)
+            for row in rows:
+                await self.send(_frame(Event("envelope", envelope=row)))
+                self.sent_seq = row.seq
+            self.gw.metrics.ws_sent.inc(len(rows))
+            if len(rows) < _BACKFILL_PAGE:
+                break
+        while self.who.pids:
+            grants = await store.grants_for(self.who.pids, after=self.sent_grant,
+                                            limit=_BACKFILL_PAGE)
+            for g in grants:
+                await self.send(_frame(Event("grant", grant=g)))
+                self.sent_grant = g.seq
+            if len(grants) < _BACKFILL_PAGE:
+                break
+        for pid in self.sub.peers:
+            status = self.gw.hub.presence_of.get(pid)
+            if status is not None:
+                await self.send(_frame(Event("presence", pid=pid, status=status)))
+        await self.send({"op": "caught_up", "cursor": self.sent_seq})
+
+    async def writer(self) -> None:
+        while True:
+            event = await self.sub.queue.get()
+            if event.envelope is not None:
+                if event.envelope.seq <= self.sent_seq:
+                    continue
+                self.sent_seq = event.envelope.seq
+                self.gw.metrics.ws_sent.inc()
+            elif event.grant is not None:
+                if event.grant.seq <= self.sent_grant:
+                    continue
+                self.sent_grant = event.grant.seq
+            await self.send(_frame(event))
+
+    async def reader(self) -> None:  # noqa: PLR0912 - one branch per frame outcome
+        while True:
+            message = await self.ws.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            text = message.get("text")
+            ref: Any = None
+            try:
+                if text is None:
+                    raise _BadFrame("binary frames are not part of the protocol")
+                if len(text) > MAX_FRAME_BYTES:
+                    raise LimitExceeded("frame too large")
+                try:
+                    frame = json.loads(text)
+                except ValueError:
+                    raise _BadFrame("not JSON") from None
+                if not isinstance(frame, dict):
+                    raise _BadFrame("a frame is a JSON object")
+                ref = frame.get("id")
+                if not isinstance(ref, (str, int, type(None))) or (
+                    isinstance(ref, str) and len(ref) > 64
+                ):
+                    ref = None
+                    raise _BadFrame("id must be a short string or an integer")
+                op = frame.get("op")
+                if op == "ping":
+                    await self.send({"op": "pong"})
+                elif op == "publish":
+                    await self.publish(frame)
+                    await self.send({"op": "ack", "id": ref})
+                else:
+                    raise _BadFrame("unknown op")
+            except FieldchatError as exc:
+                self.gw.metrics.reject("ws", exc.reason)
+                await self.send({"op": "error", "id": ref, "reason": exc.reason,
+                                 "detail": str(exc)[:200]})
+                if isinstance(exc, (_BadFrame, WireError)):
+                    self.bad_frames += 1
+                    if self.bad_frames >= MAX_BAD_FRAMES:
+                        await self.ws.close(CLOSE_POLICY, "too many bad frames")
+                        return
+
+    async def publish(self, frame: dict[str, Any]) -> None:  # noqa: PLR0912 - one per kind
+        kind = frame.get("kind")
+        raw = frame.get("data")
+        if not isinstance(raw, str):
+            raise _BadFrame("data must be a base64 string")
+        try:
+            data = base64.b64decode(raw, validate=True)
+        except (binascii.Error, ValueError):
+            raise _BadFrame("data is not base64") from None
+        gw, mine = self.gw, self.who.pids
+        if kind == "msg":
+            cid = validate_id(frame.get("cid"), "cid")
+            await self._check_envelope(cid, data)
+            await gw.archiver.publish(gw.topics.msg(cid), data)
+        elif kind == "roster":
+            roster = Roster.from_bytes(data)
+            if roster.signer not in mine:
+                raise Forbidden("the roster is not signed by your participant")
+            await gw.archiver.publish(gw.topics.roster(roster.cid), data, retain=True)
+        elif kind == "grant":
+            grant = Grant.from_bytes(data)
+            if grant.granter not in mine:
+                raise Forbidden("the grant is not signed by your participant")
+            await gw.archiver.publish(gw.topics.inbox(grant.recipient), data)
+        elif kind == "bundle":
+            bundle = Bundle.from_bytes(data)
+            if bundle.pid not in mine:
+                raise Forbidden("not your participant's bundle")
+            await gw.archiver.publish(gw.topics.bundle(bundle.pid), data, retain=True)
+        elif kind == "status":
+            pid = validate_id(frame.get("pid"), "pid")
+            if pid not in mine:
+                raise Forbidden("not your participant")
+            if len(data) > MAX_STATUS_BYTES:
+                raise LimitExceeded("status too large")
+            await gw.archiver.publish(gw.topics.status(pid), data, retain=True)
+        else:
+            raise _BadFrame("kind must be msg, roster, grant, bundle or status")
+        gw.metrics.ws_published.labels(kind=kind).inc()
+
+    async def _check_envelope(self, cid: str, data: bytes) -> None:
+        envelope = Envelope.from_bytes(data)
+        roster = await self.gw.archiver.roster(cid, envelope.epoch)
+        if roster is None:
+            raise NotAMember("no roster archived for this conversation and epoch")
+        sender = roster.member_at(envelope.sender).pid
+        if sender not in self.who.pids:
+            raise Forbidden("the envelope's sender is not your participant")
+        if envelope.signature is None:
+            if roster.policy.must_sign(envelope.step):
+                raise SignatureRequired("the conversation policy requires a signature")
+            return
+        bundle = await self.gw.archiver.bundle(sender)
+        if bundle is None:
+            raise NotAMember("no bundle for your participant: register it first")
+        # CryptoError (reason "auth") when it does not verify; off the event loop.
+        await asyncio.to_thread(verify_envelope_signature, data, cid, bundle.ed25519)
+
+
+async def websocket_endpoint(ws: WebSocket) -> None:
+    """``/ws``: see the module docstring."""
+    gw: Gateway = ws.app.state.gateway
+    if not _same_origin(ws):
+        gw.metrics.reject("ws", "origin")
+        await ws.close(CLOSE_POLICY, "cross-origin WebSocket refused")
+        return
+    who = await authenticate(ws, gw.accounts, gw.archiver.bundle,
+                             skew_s=gw.settings.request_clock_skew_s)
+    if who is None or who.account is None:
+        gw.metrics.reject("ws", "unauthenticated")
+        await ws.close(CLOSE_UNAUTHENTICATED, "log in first")
+        return
+    try:
+        cursor = _cursor(ws, "cursor")
+        grant_cursor = _cursor(ws, "grant_cursor")
+    except _BadFrame as exc:
+        gw.metrics.reject("ws", exc.reason)
+        await ws.close(CLOSE_POLICY, str(exc))
+        return
+    await ws.accept()
+    sub = await gw.hub.subscribe(who.pids)
+    session = _Session(ws, gw, who, sub)
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        start = cursor if cursor is not None else await gw.store.max_seq()
+        await session.send({"op": "hello", "cursor": start, "grant_cursor": grant_cursor or 0,
+                            "pids": sorted(who.pids),
+                            "conversations": {c: list(m) for c, m in
+                                              sub.conversations.items()}})
+        await session.backfill(start, grant_cursor or 0)
+        tasks = [asyncio.create_task(session.reader()), asyncio.create_task(session.writer()),
+                 asyncio.create_task(sub.overflowed.wait())]  # type: ignore[arg-type]
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        if tasks[2] in done and ws.client_state is WebSocketState.CONNECTED:
+            await ws.close(CLOSE_LAGGING, "too slow: reconnect with your cursor")
+        for task in done:
+            error = None if task.cancelled() else task.exception()
+            if error is not None and not isinstance(error, WebSocketDisconnect):
+                log.warning("WebSocket session ended: %r", error)
+    except WebSocketDisconnect:
+        pass
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        gw.hub.unsubscribe(sub)
