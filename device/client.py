@@ -145,6 +145,12 @@ class _Acked:
 
 
 @dataclass(frozen=True, slots=True)
+class _Refused:
+    conn: Connection
+    topics: list[str]
+
+
+@dataclass(frozen=True, slots=True)
 class _Wake:
     pass
 
@@ -154,7 +160,7 @@ class _Stop:
     pass
 
 
-_Item = _Up | _Down | _Msg | _Acked | _Wake | _Stop
+_Item = _Up | _Down | _Msg | _Acked | _Refused | _Wake | _Stop
 
 
 @dataclass(slots=True)
@@ -213,6 +219,8 @@ class Device:
         self._receipts_lock = threading.Lock()  # never held while taking another lock
         self._subs_lock = threading.Lock()
         self._subs: set[str] = set()
+        self._subs_pending: set[str] = set()  # subscribed after the next outbox pump
+        self._refused: dict[str, float] = {}  # topic -> when to subscribe again
         self._changed = threading.Condition()
         self._bundle_seen: set[str] = set()
         self._conn: Connection | None = None
@@ -253,9 +261,14 @@ class Device:
     # -- lifecycle --------------------------------------------------------------------
 
     def start(self) -> Device:
-        """Start the worker and the link (connects in the background)."""
+        """Start the worker and the link (connects in the background).
+
+        Raises:
+            ConfigError: another process is using the same state file.
+        """
         if self._worker is not None:
             return self
+        self.state.lock()
         self._worker = threading.Thread(target=self._work, name="fieldchat-device", daemon=True)
         self._worker.start()
         protocol = self.state.get_meta("protocol") if self.broker.protocol == "auto" else None
@@ -529,6 +542,9 @@ class Device:
     def link_disconnected(self, conn: Connection, reason: str) -> None:
         self._queue.put(_Down(conn, reason))
 
+    def link_refused(self, conn: Connection, topics: list[str]) -> None:
+        self._queue.put(_Refused(conn, topics))
+
     def link_failed(self, error: TransportError) -> None:
         with self._changed:
             self._changed.notify_all()
@@ -572,6 +588,12 @@ class Device:
         for item in items:
             if isinstance(item, (_Msg, _Acked)):
                 pending.append(item)
+            elif isinstance(item, _Refused):
+                # The broker may learn our membership (from the roster) only after our
+                # SUBSCRIBE: try again soon, while we still want the topic.
+                for topic in item.topics:
+                    self._refused[topic] = self._clock() + 1.0
+                    self.counters["subscribe_refused"] += 1
             elif isinstance(item, (_Up, _Down)):
                 self._commit(pending, batch)
                 pending = []
@@ -627,12 +649,18 @@ class Device:
             self._conn = conn
             self._inflight = {}
             self._cursor = 0
-            with self._subs_lock:
-                topics = sorted(self._subs)
-            conn.subscribe(topics, no_local=[t for t in topics if t.endswith("/msg")])
             conn.publish(self.topics.bundle(self.pid), self.engine.identity.bundle.to_bytes(),
                          retain=True)
             conn.publish_status(self.topics.status(self.pid), STATUS_ONLINE)
+            # Outbox first (a new conversation's roster), then SUBSCRIBE: a broker that
+            # learns membership from rosters then already knows us (same connection,
+            # packets processed in order).
+            self._refused.clear()
+            self._pump()
+            with self._subs_lock:
+                self._subs_pending.clear()
+                topics = sorted(self._subs)
+            conn.subscribe(topics, no_local=[t for t in topics if t.endswith("/msg")])
             if self._link is not None and self._link.connects > 1:
                 now = self._clock()
                 self._resend = (now + self.options.resend_after_s, now)
@@ -860,12 +888,21 @@ class Device:
         while len(self._inflight) < window:
             rows = self.state.outbox_from(self._cursor, window - len(self._inflight))
             if not rows:
-                return
+                break
             for row in rows:
                 mid = conn.publish(row.topic, row.payload, retain=row.retain,
                                    alias=row.what in ("msg", "receipt"))
                 self._inflight[mid] = row.seq
                 self._cursor = row.seq + 1
+        now = self._clock()
+        with self._subs_lock:
+            due = {t for t, at in self._refused.items() if at <= now and t in self._subs}
+            pending = sorted(self._subs_pending | due)
+            self._subs_pending.clear()
+        for topic in due:
+            del self._refused[topic]
+        if pending:
+            conn.subscribe(pending, no_local=[t for t in pending if t.endswith("/msg")])
 
     def _tick(self) -> None:
         now = self._clock()
@@ -974,11 +1011,14 @@ class Device:
         self._subs = subs
 
     def _follow(self, cid: str) -> None:
+        """Subscribe to a conversation we just changed, after its roster is published."""
         roster = self.engine.roster(cid)
-        self._subscribe([
-            self.topics.roster(cid), self.topics.msg(cid),
-            *(self.topics.bundle(p) for p in roster.pids if p != self.pid),
-        ])
+        topics = {self.topics.roster(cid), self.topics.msg(cid)}
+        topics |= {self.topics.bundle(p) for p in roster.pids if p != self.pid}
+        with self._subs_lock:
+            new = topics - self._subs
+            self._subs |= new
+            self._subs_pending |= new
         self._wake()
 
     def _subscribe(self, topics: Sequence[str]) -> None:

@@ -59,6 +59,8 @@ class LinkHandler(Protocol):
 
     def link_disconnected(self, conn: Connection, reason: str) -> None: ...
 
+    def link_refused(self, conn: Connection, topics: list[str]) -> None: ...
+
     def link_failed(self, error: TransportError) -> None: ...
 
 
@@ -80,6 +82,7 @@ class Connection:
         self.connected = False
         self._aliases: dict[str, int] = {}
         self._alias_lock = threading.Lock()
+        self.pending_subscribes: dict[int, list[str]] = {}
 
     def publish(self, topic: str, payload: bytes, *, retain: bool = False,
                 alias: bool = False) -> int:
@@ -111,13 +114,16 @@ class Connection:
         """Subscribe with QoS 1; ``no_local`` topics do not echo our own publishes (MQTT 5)."""
         local = set(no_local)
         for i in range(0, len(topics), _SUBSCRIBE_CHUNK):
-            chunk = topics[i : i + _SUBSCRIBE_CHUNK]
-            if self.protocol == "5":
-                self.client.subscribe(
-                    [(t, SubscribeOptions(qos=1, noLocal=t in local)) for t in chunk]
-                )
-            else:
-                self.client.subscribe([(t, 1) for t in chunk])
+            chunk = list(topics[i : i + _SUBSCRIBE_CHUNK])
+            with self._alias_lock:  # the SUBACK may arrive before subscribe() returns
+                if self.protocol == "5":
+                    _, mid = self.client.subscribe(
+                        [(t, SubscribeOptions(qos=1, noLocal=t in local)) for t in chunk]
+                    )
+                else:
+                    _, mid = self.client.subscribe([(t, 1) for t in chunk])
+                if mid is not None:
+                    self.pending_subscribes[mid] = chunk
 
     def unsubscribe(self, topics: Sequence[str]) -> None:
         if topics:
@@ -253,7 +259,16 @@ class Link:
                        _p: Properties | None) -> None:
             self.handler.link_published(conn, mid, not rc.is_failure)
 
+        def on_subscribe(_c: mqtt.Client, _u: object, mid: int, codes: list[ReasonCode],
+                         _p: Properties | None) -> None:
+            with conn._alias_lock:
+                topics = conn.pending_subscribes.pop(mid, [])
+            refused = [t for t, rc in zip(topics, codes, strict=False) if rc.is_failure]
+            if refused:
+                self.handler.link_refused(conn, refused)
+
         client.on_connect = on_connect
+        client.on_subscribe = on_subscribe
         client.on_message = on_message
         client.on_publish = on_publish
         where = f"{self.broker.host}:{self.broker.port}"

@@ -23,6 +23,7 @@ callers batch (one transaction per burst of received messages, ``send_many``).
 
 from __future__ import annotations
 
+import fcntl
 import os
 import sqlite3
 import threading
@@ -31,9 +32,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-from schemas.errors import KeyStoreError
+from schemas.errors import ConfigError, KeyStoreError
 
 __all__ = ["MAX_HELD", "DeviceState", "Gap", "OutboxRow", "ReceivedRow", "SentRow"]
 
@@ -160,6 +161,7 @@ class DeviceState:
         except OSError as exc:
             raise KeyStoreError(f"cannot open state file {self.path}: {exc.strerror}") from exc
         self._lock = threading.RLock()
+        self._lockfile: IO[str] | None = None
         self._depth = 0
         self.commits = 0
         for suffix in ("-wal", "-shm"):
@@ -498,6 +500,27 @@ class DeviceState:
             (gap.cid, gap.epoch, gap.sender_index, gap.chain, gap.first),
         )
 
+    def lock(self) -> None:
+        """Claim the state file for this process (one connection per identity).
+
+        Raises:
+            ConfigError: another process holds it.
+        """
+        if self._lockfile is not None:
+            return
+        handle = open(f"{self.path}.lock", "a")  # noqa: SIM115 - held until close()
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            raise ConfigError(
+                f"state file {self.path} is in use by another fieldchat process"
+            ) from None
+        self._lockfile = handle
+
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            if self._lockfile is not None:
+                self._lockfile.close()
+                self._lockfile = None

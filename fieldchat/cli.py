@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from broker.cli import broker_app
+from device.cli import device_app
 from gateway._cli import gateway_app
 
 app = typer.Typer(
@@ -21,4 +22,5 @@ def _root() -> None:
 
 
 app.add_typer(broker_app, name="broker")
+app.add_typer(device_app, name="device")
 app.add_typer(gateway_app, name="gateway")

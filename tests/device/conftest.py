@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -24,6 +25,9 @@ from device.client import Device
 from device.config import BrokerOptions, LinkOptions
 from device.events import Event
 from pydantic import SecretStr
+
+if TYPE_CHECKING:
+    from broker import BrokerThread
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 MOSQUITTO_PASSWD = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
@@ -137,6 +141,57 @@ class Mosquitto:
         return path.read_text() if path.exists() else ""
 
 
+class Embedded:
+    """The embedded broker (``broker.BrokerThread``) behind the same interface.
+
+    It speaks MQTT 3.1.1 only, so devices on ``protocol="auto"`` fall back to it.
+    """
+
+    def __init__(self, workdir: Path) -> None:
+        from broker.testing import make_config
+
+        self.config = make_config(workdir)
+        self.users: dict[str, str] = {}
+        self.thread: BrokerThread | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def options(self, pid: str, *, protocol: str = "auto") -> BrokerOptions:
+        return BrokerOptions(
+            host="127.0.0.1", port=self.port, credential=SecretStr(self.user(pid)),
+            protocol=protocol,  # type: ignore[arg-type]
+        )
+
+    def user(self, name: str) -> str:
+        if name not in self.users:
+            assert self.thread is not None
+            self.users[name] = self.thread.enroll(name)
+        return self.users[name]
+
+    def start(self) -> Embedded:
+        from broker import BrokerThread
+
+        if self.port:
+            self.config = self.config.model_copy(update={"port": self.port})
+        self.thread = BrokerThread(self.config)
+        self.thread.start()
+        self.port = self.thread.port
+        return self
+
+    def stop(self) -> None:
+        if self.thread is not None:
+            self.thread.stop()
+            self.thread = None
+
+    kill = stop
+
+
+Broker = Mosquitto | Embedded
+
+
 @pytest.fixture
 def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
     broker = Mosquitto(tmp_path / "mosquitto").start()
@@ -144,10 +199,21 @@ def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
     broker.stop()
 
 
+@pytest.fixture(params=["mosquitto", "embedded"])
+def any_broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Broker]:
+    """Each test twice: on Mosquitto and on the embedded broker."""
+    broker: Broker = (
+        Mosquitto(tmp_path / "mosquitto") if request.param == "mosquitto"
+        else Embedded(tmp_path / "embedded")
+    ).start()
+    yield broker
+    broker.stop()
+
+
 class Devices:
     """Makes in-process devices on a broker and closes them at the end."""
 
-    def __init__(self, tmp_path: Path, broker: Mosquitto) -> None:
+    def __init__(self, tmp_path: Path, broker: Broker) -> None:
         self.tmp = tmp_path
         self.broker = broker
         self.open: list[Device] = []
@@ -186,7 +252,14 @@ class Devices:
 
 
 @pytest.fixture
-def devices(tmp_path: Path, mosquitto: Mosquitto) -> Iterator[Devices]:
+def devices(tmp_path: Path, any_broker: Broker) -> Iterator[Devices]:
+    made = Devices(tmp_path, any_broker)
+    yield made
+    made.close()
+
+
+@pytest.fixture
+def mosquitto_devices(tmp_path: Path, mosquitto: Mosquitto) -> Iterator[Devices]:
     made = Devices(tmp_path, mosquitto)
     yield made
     made.close()
@@ -194,3 +267,29 @@ def devices(tmp_path: Path, mosquitto: Mosquitto) -> Iterator[Devices]:
 
 def texts(device: Device, cid: str | None = None) -> list[str]:
     return [row.text or "" for row in device.messages(cid)]
+
+
+def cli_env(**values: str) -> dict[str, str]:
+    """A clean environment for ``fieldchat device`` subprocesses (no inherited FIELDCHAT_*)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FIELDCHAT_")}
+    env.update({f"FIELDCHAT_{k.upper()}": v for k, v in values.items()})
+    env["FIELDCHAT_CONFIG"] = values.get("config", "/nonexistent-fieldchat-config.toml")
+    if "config" not in values:
+        del env["FIELDCHAT_CONFIG"]
+    env["HOME"] = env.get("FIELDCHAT_HOME_FOR_TESTS", env.get("HOME", "/tmp"))
+    return env
+
+
+def run_cli(args: list[str], env: dict[str, str], *, input: str | None = None,
+            timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [FIELDCHAT, "device", *args], env=env, input=input, capture_output=True, text=True,
+        timeout=timeout, check=False,
+    )
+
+
+def start_cli(args: list[str], env: dict[str, str], **kwargs: object) -> subprocess.Popen[str]:
+    return subprocess.Popen(  # type: ignore[call-overload, no-any-return]
+        [FIELDCHAT, "device", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, **kwargs,
+    )

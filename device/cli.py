@@ -1,0 +1,478 @@
+"""``fieldchat device …``: the participant CLI. It parses options, builds settings and
+calls :class:`device.client.Device`; every :class:`~schemas.FieldchatError` becomes
+one line on stderr and a non-zero exit code (1: usage of fieldchat, 2: configuration,
+3: broker or network).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import queue
+import select
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from device.client import Device
+from device.config import DeviceSettings, low_bandwidth_policy
+from device.events import Event, KeyChanged, MessageReceived, ReceiptReceived
+from device.state import DeviceState, ReceivedRow
+from schemas import Policy
+from schemas.errors import ConfigError, FieldchatError, TransportError
+
+__all__ = ["device_app"]
+
+device_app = typer.Typer(
+    name="device",
+    help="A fieldchat participant: identity, conversations, sending and listening.",
+    no_args_is_help=True,
+)
+conv_app = typer.Typer(help="Create, change and list conversations.", no_args_is_help=True)
+device_app.add_typer(conv_app, name="conv")
+
+JsonOut = Annotated[bool, typer.Option("--json", help="Machine-readable output (JSON lines).")]
+Timeout = Annotated[float, typer.Option(help="Seconds to wait for the broker.")]
+_CURSOR = "listen_cursor"
+
+
+@dataclass
+class _Options:
+    config: Path | None = None
+    flags: dict[str, object] | None = None
+    settings: DeviceSettings | None = None
+
+    def load(self) -> DeviceSettings:
+        if self.settings is None:
+            self.settings = DeviceSettings.load(self.config, **(self.flags or {}))
+        return self.settings
+
+
+_options = _Options()
+
+
+@device_app.callback()
+def _device(  # noqa: PLR0917 - typer maps each option to a parameter
+    state: Annotated[Path | None, typer.Option(
+        envvar="FIELDCHAT_STATE", help="State file (identity, keys, outbox).")] = None,
+    broker: Annotated[str | None, typer.Option(
+        envvar="FIELDCHAT_BROKER", help="mqtt://host:port or mqtts://host:port.")] = None,
+    credential: Annotated[str | None, typer.Option(
+        envvar="FIELDCHAT_CREDENTIAL", help="From `fieldchat broker enroll PID`.",
+        show_default=False)] = None,
+    config: Annotated[Path | None, typer.Option(
+        envvar="FIELDCHAT_CONFIG", help="TOML file with these settings.")] = None,
+    prefix: Annotated[str | None, typer.Option(
+        envvar="FIELDCHAT_PREFIX", help="Topic prefix (default fc/v1).")] = None,
+    protocol: Annotated[str | None, typer.Option(
+        envvar="FIELDCHAT_PROTOCOL", help="auto, 5 or 3.1.1.")] = None,
+    ca_file: Annotated[Path | None, typer.Option(
+        envvar="FIELDCHAT_CA_FILE", help="CA certificate for TLS.")] = None,
+    cert_file: Annotated[Path | None, typer.Option(
+        envvar="FIELDCHAT_CERT_FILE", help="Client certificate for TLS.")] = None,
+    key_file: Annotated[Path | None, typer.Option(
+        envvar="FIELDCHAT_KEY_FILE", help="Client key for TLS.")] = None,
+    low_bandwidth: Annotated[bool | None, typer.Option(
+        "--low-bandwidth/--normal-bandwidth", envvar="FIELDCHAT_LOW_BANDWIDTH",
+        help="Tune the link for slow links (rare pings, batched receipts).")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log the link.")] = False,
+) -> None:
+    """A fieldchat participant. Settings: flags, FIELDCHAT_* variables, a TOML file."""
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
+        format="%(levelname)s %(message)s",
+    )
+    _options.config = config
+    _options.settings = None
+    _options.flags = {
+        "state": state, "broker": broker, "credential": credential, "prefix": prefix,
+        "protocol": protocol, "ca_file": ca_file, "cert_file": cert_file, "key_file": key_file,
+        "low_bandwidth": low_bandwidth,
+    }
+
+
+@contextlib.contextmanager
+def _errors() -> Iterator[None]:
+    """One line per failure a user can cause, and an exit code by kind."""
+    try:
+        yield
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except TransportError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(3) from None
+    except FieldchatError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
+def _device_for(on_event: object = None) -> Device:
+    settings = _options.load()
+    state = DeviceState(settings.state)
+    try:
+        broker = settings.broker_options(state.get_meta("broker"), state.get_meta("credential"))
+        return Device(
+            state, broker, link=settings.link_options(), prefix=settings.prefix,
+            on_event=on_event,  # type: ignore[arg-type]
+        )
+    except BaseException:
+        state.close()
+        raise
+
+
+@contextlib.contextmanager
+def _connected(timeout: float, on_event: object = None) -> Iterator[Device]:
+    device = _device_for(on_event)
+    try:
+        device.start()
+        device.wait_connected(timeout)
+        yield device
+    finally:
+        device.close()
+
+
+def _finish(device: Device, timeout: float) -> None:
+    """Wait until the broker has everything we queued."""
+    if not device.wait_drained(timeout):
+        waiting = len(device.outbox())
+        raise TransportError(
+            f"{waiting} publication(s) still in the outbox after {timeout:g} s; "
+            "they leave with the next command that connects"
+        )
+
+
+# -- identity ----------------------------------------------------------------------------
+
+
+@device_app.command()
+def init(
+    post_quantum: Annotated[bool, typer.Option(
+        "--pq/--no-pq", help="Give the identity an ML-KEM-768 key.")] = True,
+    json_out: JsonOut = False,
+) -> None:
+    """Create this device's identity (once) and save the broker URL and credential."""
+    with _errors():
+        settings = _options.load()
+        state = DeviceState(settings.state)
+        try:
+            saved: dict[str, str | None] = {}
+            if settings.broker:
+                settings.broker_options(None, None)  # validate the URL
+                saved["broker"] = settings.broker
+            if settings.credential:
+                saved["credential"] = settings.credential.get_secret_value()
+            if saved:
+                state.set_meta(saved)
+            existed = state.load("identity") is not None
+            device = Device(state, prefix=settings.prefix, post_quantum=post_quantum)
+            pid, fingerprint = device.pid, device.fingerprint()
+            device.close()
+        except BaseException:
+            state.close()
+            raise
+    if json_out:
+        typer.echo(json.dumps({"pid": pid, "fingerprint": fingerprint, "new": not existed,
+                               "state": str(settings.state)}))
+        return
+    typer.echo(f"pid          {pid}")
+    typer.echo(f"fingerprint  {fingerprint}")
+    typer.echo(f"state        {settings.state}")
+    if not existed and not settings.credential:
+        typer.echo(f"next: on the broker run `fieldchat broker enroll {pid}`, then "
+                   f"`fieldchat device --credential … init` to save the credential")
+
+
+@device_app.command()
+def whoami(json_out: JsonOut = False) -> None:
+    """Print this device's pid and fingerprint."""
+    with _errors():
+        device = _device_for()
+        pid, fingerprint = device.pid, device.fingerprint()
+        device.close()
+    if json_out:
+        typer.echo(json.dumps({"pid": pid, "fingerprint": fingerprint}))
+    else:
+        typer.echo(f"pid          {pid}\nfingerprint  {fingerprint}")
+
+
+@device_app.command()
+def verify(
+    pid: str,
+    fingerprint: Annotated[str | None, typer.Argument(
+        help="The fingerprint read out by its owner; omit to just show it.")] = None,
+    timeout: Timeout = 10.0,
+) -> None:
+    """Show PID's fingerprint, or compare it with one read out of band."""
+    with _errors():
+        device = _device_for()
+        try:
+            if device.engine.bundle_of(pid) is None:
+                device.start()
+                device.wait_connected(timeout)
+                device.fetch_bundles([pid], timeout)
+            known = device.fingerprint(pid)
+            ok = device.verify(pid, fingerprint) if fingerprint else None
+        finally:
+            device.close()
+    typer.echo(f"{pid}  {known}")
+    if ok is False:
+        typer.echo("error: FINGERPRINTS DIFFER: do not trust this participant", err=True)
+        raise typer.Exit(1)
+    if ok:
+        typer.echo("verified")
+
+
+# -- conversations -----------------------------------------------------------------------
+
+
+@conv_app.command("create")
+def conv_create(
+    members: Annotated[list[str] | None, typer.Argument(help="Pids to invite.")] = None,
+    compress: Annotated[bool, typer.Option(help="Compress plaintexts.")] = False,
+    sign_every: Annotated[int, typer.Option(
+        help="Sign every Nth envelope (1: all, 0: none).")] = 1,
+    low_bandwidth: Annotated[bool, typer.Option(
+        "--low-bandwidth", help="Compressed, one signature in 32.")] = False,
+    timeout: Timeout = 10.0,
+    json_out: JsonOut = False,
+) -> None:
+    """Create a conversation (you are its admin) and print its id."""
+    policy = (low_bandwidth_policy() if low_bandwidth
+              else Policy(compress=compress, sign_every=sign_every))
+    with _errors(), _connected(timeout) as device:
+        cid = device.create_conversation(members or [], policy=policy, timeout=timeout)
+        _finish(device, timeout)
+    typer.echo(json.dumps({"cid": cid}) if json_out else cid)
+
+
+@conv_app.command("invite")
+def conv_invite(cid: str, pids: list[str], timeout: Timeout = 10.0) -> None:
+    """Add members to a conversation (admins only)."""
+    with _errors(), _connected(timeout) as device:
+        device.invite(cid, pids, timeout=timeout)
+        _finish(device, timeout)
+
+
+@conv_app.command("remove")
+def conv_remove(cid: str, pids: list[str], timeout: Timeout = 10.0) -> None:
+    """Remove members; everyone left re-keys (admins only)."""
+    with _errors(), _connected(timeout) as device:
+        device.remove(cid, pids)
+        _finish(device, timeout)
+
+
+@conv_app.command("leave")
+def conv_leave(cid: str, timeout: Timeout = 10.0) -> None:
+    """Leave a conversation."""
+    with _errors(), _connected(timeout) as device:
+        device.leave(cid)
+        _finish(device, timeout)
+
+
+@conv_app.command("list")
+def conv_list(json_out: JsonOut = False) -> None:
+    """List known conversations (no network)."""
+    with _errors():
+        device = _device_for()
+        infos = device.conversations()
+        me = device.pid
+        device.close()
+    for info in infos:
+        if json_out:
+            typer.echo(json.dumps({
+                "cid": info.cid, "epoch": info.epoch, "members": list(info.members),
+                "admins": list(info.admins), "member": info.member,
+            }))
+        else:
+            state = "member" if info.member else "invited" if info.epoch < 0 else "left"
+            admin = " admin" if me in info.admins else ""
+            typer.echo(f"{info.cid}  epoch {info.epoch}  {len(info.members)} members  "
+                       f"{state}{admin}")
+
+
+# -- messages ----------------------------------------------------------------------------
+
+
+def _stdin_batches(limit: int = 100) -> Iterator[list[str]]:
+    """Lines of stdin in batches: whatever arrived within 50 ms, at most ``limit``."""
+    batch: list[str] = []
+    while True:
+        ready = not batch or select.select([sys.stdin], [], [], 0.05)[0]
+        if ready:
+            line = sys.stdin.readline()
+            if not line:
+                break
+            text = line.rstrip("\n")
+            if text:
+                batch.append(text)
+            if len(batch) < limit:
+                continue
+        if batch:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+@device_app.command()
+def send(
+    cid: str,
+    text: Annotated[str | None, typer.Argument(
+        help="The text; omit or '-' to read lines from stdin.")] = None,
+    timeout: Timeout = 10.0,
+) -> None:
+    """Send a message (durable at once; delivered when the broker is reachable)."""
+    with _errors():
+        device = _device_for()
+        try:
+            if text is not None and text != "-":
+                device.send(cid, text)
+                device.start()
+            else:
+                device.start()
+                for batch in _stdin_batches():
+                    device.send_many(cid, batch)
+            try:
+                device.wait_connected(timeout)
+            except TransportError as exc:
+                waiting = len(device.outbox())
+                raise type(exc)(f"{exc}; {waiting} message(s) kept in the outbox") from None
+            _finish(device, timeout)
+        finally:
+            device.close()
+
+
+def _print(row: MessageReceived | ReceivedRow, json_out: bool) -> None:
+    if json_out:
+        if isinstance(row, MessageReceived):
+            data = row.to_json()
+        else:
+            data = {"type": "message", "id": row.id, "cid": row.cid, "sender": row.sender,
+                    "text": row.text, "sent_at": row.sent_at, "epoch": row.epoch,
+                    "sender_index": row.sender_index, "chain": row.chain, "step": row.step}
+        typer.echo(json.dumps(data))
+    else:
+        clock = time.strftime("%H:%M:%S", time.localtime(row.sent_at or 0))
+        typer.echo(f"[{clock}] {row.sender[:8]}: {row.text}")
+    sys.stdout.flush()
+
+
+def _note(event: Event, json_out: bool) -> None:
+    if isinstance(event, MessageReceived):
+        return
+    if json_out:
+        typer.echo(json.dumps(event.to_json()))
+        sys.stdout.flush()
+    elif isinstance(event, KeyChanged):
+        typer.echo(f"WARNING: the keys of {event.pid} CHANGED. Compare fingerprints: "
+                   f"fieldchat device verify {event.pid}", err=True)
+    elif not isinstance(event, ReceiptReceived):
+        typer.echo(f"-- {event.type}: {event.to_json()}", err=True)
+
+
+@device_app.command()
+def listen(
+    cid: Annotated[str | None, typer.Argument(help="Only this conversation.")] = None,
+    json_out: JsonOut = False,
+    count: Annotated[int | None, typer.Option(help="Exit after this many messages.")] = None,
+    duration: Annotated[float | None, typer.Option(help="Exit after this many seconds.")] = None,
+    timeout: Timeout = 10.0,
+) -> None:
+    """Print messages as they arrive (each exactly once, across runs)."""
+    events: queue.Queue[Event] = queue.Queue()
+    shown = 0
+    with _errors():
+        device = _device_for(events.put)
+        try:
+            if cid is not None and cid not in device.engine.conversations():
+                raise ConfigError(f"unknown conversation {cid}")
+            cursor = saved = int(device.state.get_meta(_CURSOR) or 0)
+            device.start()
+            device.wait_connected(timeout)
+            end = time.monotonic() + duration if duration is not None else None
+            while count is None or shown < count:
+                # Stored rows past the cursor first: messages that arrived while another
+                # command (send, conv …) was running are shown here, once.
+                for row in device.messages(cid, after_id=cursor)[: None if count is None
+                                                                   else count - shown]:
+                    _print(row, json_out)
+                    cursor = row.id
+                    shown += 1
+                if shown and cursor != saved:
+                    device.state.set_meta({_CURSOR: str(cursor)})
+                    saved = cursor
+                if count is not None and shown >= count:
+                    break
+                left = None if end is None else end - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                try:
+                    event = events.get(timeout=0.5 if left is None else min(left, 0.5))
+                except queue.Empty:
+                    continue
+                _note(event, json_out)
+        finally:
+            device.close()
+
+
+@device_app.command()
+def chat(cid: str, timeout: Timeout = 10.0) -> None:
+    """Interactive chat: type lines to send them; incoming ones are printed."""
+    with _errors():
+        device = _device_for()
+        try:
+            if cid not in device.engine.conversations():
+                raise ConfigError(f"unknown conversation {cid}")
+            cursor = int(device.state.get_meta(_CURSOR) or 0)
+
+            def on_event(event: Event) -> None:
+                nonlocal cursor
+                if isinstance(event, MessageReceived) and event.cid == cid and event.id > cursor:
+                    _print(event, json_out=False)
+                    cursor = event.id
+                else:
+                    _note(event, json_out=False)
+
+            for row in device.messages(cid, after_id=cursor):
+                _print(row, json_out=False)
+                cursor = row.id
+            device.on_event = on_event
+            device.start()
+            device.wait_connected(timeout)
+            typer.echo(f"-- chatting in {cid} as {device.pid[:8]}; Ctrl-D to quit", err=True)
+            for line in sys.stdin:
+                if line.strip():
+                    device.send(cid, line.rstrip("\n"))
+                device.mark_read(cid)
+            device.mark_read(cid)
+            device.state.set_meta({_CURSOR: str(cursor)})
+            _finish(device, timeout)
+        finally:
+            device.close()
+
+
+@device_app.command()
+def outbox(json_out: JsonOut = False) -> None:
+    """What is waiting for the broker (no network)."""
+    with _errors():
+        device = _device_for()
+        rows = device.outbox()
+        device.close()
+    for row in rows:
+        if json_out:
+            typer.echo(json.dumps({"seq": row.seq, "what": row.what, "cid": row.cid,
+                                   "topic": row.topic, "bytes": len(row.payload),
+                                   "queued_at": row.created_at}))
+        else:
+            age = time.time() - row.created_at
+            typer.echo(f"{row.seq:6d}  {row.what:7s}  {row.cid or '-':26s}  "
+                       f"{len(row.payload):5d} B  {age:6.0f} s ago")
+    if not json_out:
+        typer.echo(f"{len(rows)} waiting", err=True)
