@@ -119,6 +119,7 @@ class RecvChain:
     signer_key: bytes
     skipped: OrderedDict[int, bytes] = field(default_factory=OrderedDict)
     evicted: int = -1
+    dirty: bool = False  # changed since the engine last persisted it
 
     def open(self, step: int, sealed: bytes, aad: bytes) -> bytes | None:
         """Decrypt the envelope of ``step``; ``None`` when it was already opened.
@@ -133,7 +134,7 @@ class RecvChain:
         """
         if step == self.step:  # in order: the common case
             out = chain_step(self.key)
-            plaintext = aead_open(out[:32], nonce(step), sealed, aad)
+            plaintext = aead_open(out[:32], step.to_bytes(12, "big"), sealed, aad)
             self.key = out[32:]
             self.step = step + 1
             return plaintext

@@ -147,8 +147,11 @@ class _Conversation:
     owed: set[str] = field(default_factory=set)
     recv: dict[tuple[int, int, int], RecvChain] = field(default_factory=dict)
     pending: list[bytes] = field(default_factory=list)
-    # Sealing fast path, set on entering an epoch: encoded ``epoch|sender|chain``.
+    # Sealing fast path, set on entering an epoch: encoded ``epoch|sender|chain``,
+    # and the ``version|kind|epoch|sender|chain`` prefixes built from it per kind byte.
     header_mid: bytes = b""
+    prefixes: dict[int, bytes] = field(default_factory=dict)
+    sign_every: dict[int, int] = field(default_factory=dict)
     # Opening fast path: member pids of each kept epoch, by sender index.
     pids: dict[int, tuple[str, ...]] = field(default_factory=dict)
 
@@ -203,6 +206,7 @@ class Engine:
         random: Callable[[int], bytes] = os.urandom,
     ) -> None:
         self.identity = identity
+        self._pid = identity.pid
         self.store: KeyStore = store if store is not None else MemoryKeyStore()
         self.topics = topics or Topics()
         self.counters: Counter[str] = Counter()
@@ -468,6 +472,7 @@ class Engine:
     def _enter_epoch(self, conv: _Conversation, roster: Roster) -> list[Publication]:
         conv.rosters[roster.epoch] = roster
         conv.pids[roster.epoch] = roster.pids
+        conv.sign_every[roster.epoch] = roster.policy.sign_every
         conv.epoch = roster.epoch
         current = set(roster.pids)
         writes: dict[str, bytes | None] = {
@@ -476,6 +481,7 @@ class Engine:
         for old in sorted(conv.rosters)[:-KEEP_EPOCHS]:
             del conv.rosters[old]
             conv.pids.pop(old, None)
+            conv.sign_every.pop(old, None)
             writes[f"roster/{conv.cid}/{old:08d}"] = None
         for key, chain in list(conv.recv.items()):
             sender = conv.rosters.get(chain.epoch)
@@ -494,6 +500,7 @@ class Engine:
             key0 = self._random(32)
             conv.send = SendChain(roster.epoch, 0, 0, key0, 0)
             conv.header_mid = _mid(roster, self.pid, 0)
+            conv.prefixes = {}
             conv.grant_base = (0, key0)
             conv.owed = current - {self.pid}
             publications = self._pay_grants(conv)
@@ -637,10 +644,13 @@ class Engine:
             until, chain_key, keys = chain.plan()
             self.store.save(self._send_record(conv, (until, chain_key)))
             chain.commit(until, chain_key, keys)
-        policy = conv.roster.policy
-        plaintext, compressed, padded = encode_plaintext(
-            message, compress=policy.compress, pad=policy.pad
-        )
+        policy = conv.rosters[conv.epoch].policy
+        if policy.compress or policy.pad:
+            plaintext, compressed, padded = encode_plaintext(
+                message, compress=policy.compress, pad=policy.pad
+            )
+        else:
+            plaintext, compressed, padded = encode_plaintext(message)
         step, key, nonce = chain.next_key()
         signed = policy.sign_every != 0 and step % policy.sign_every == 0
         kind_byte = (
@@ -649,7 +659,10 @@ class Engine:
             | (FLAG_COMPRESSED if compressed else 0)
             | (FLAG_PADDED if padded else 0)
         )
-        header = bytes((VERSION, kind_byte)) + conv.header_mid + step_bytes(step)
+        prefix = conv.prefixes.get(kind_byte)
+        if prefix is None:
+            prefix = conv.prefixes[kind_byte] = bytes((VERSION, kind_byte)) + conv.header_mid
+        header = prefix + (bytes((step,)) if step < 0x80 else step_bytes(step))
         body = header + aead_seal(key, nonce, plaintext, header + conv.cid_raw)
         if signed:
             return body + self.identity.sign(body + conv.cid_raw)
@@ -675,8 +688,11 @@ class Engine:
                 self.counters[exc.reason] += 1
                 raise
 
-    def _open(self, cid: str, data: bytes) -> Opened | None:
-        conv = self._conv(cid)
+    def _open(self, cid: str, data: bytes) -> Opened | None:  # noqa: PLR0912
+        # One function on purpose: this is the per-message path (PROTOCOL.md §6.4).
+        conv = self._convs.get(cid)
+        if conv is None or conv.epoch < 0:
+            raise UnknownConversation(f"unknown conversation {cid[:40]}")
         kind, flags, epoch, sender_index, chain_no, step, header_len = read_header(data)
         data = bytes(data)
         pids = conv.pids.get(epoch)
@@ -689,7 +705,7 @@ class Engine:
         if sender_index >= len(pids):
             raise NotAMember(f"no member {sender_index} in {cid} at epoch {epoch}")
         sender = pids[sender_index]
-        if sender == self.pid:
+        if sender == self._pid:
             self.counters["own"] += 1
             return None
         if epoch < conv.epoch and (conv.removed or sender not in conv.pids[conv.epoch]):
@@ -701,22 +717,27 @@ class Engine:
         if flags & FLAG_SIGNED:
             end -= SIGNATURE_BYTES
             ed25519_verify(chain.signer_key, data[end:], data[:end] + conv.cid_raw)
-        elif conv.rosters[epoch].policy.must_sign(step):
+        elif (every := conv.sign_every[epoch]) and step % every == 0:
             raise SignatureRequired("the conversation policy requires a signature")
         plaintext = chain.open(step, data[header_len:end], data[:header_len] + conv.cid_raw)
         if plaintext is None:
             self.counters["duplicate"] += 1
             return None
-        self._dirty.add((cid, (epoch, sender_index, chain_no)))
+        if not chain.dirty:
+            chain.dirty = True
+            self._dirty.add((cid, (epoch, sender_index, chain_no)))
         self._opens_since_flush += 1
         if self._opens_since_flush >= AUTO_FLUSH_OPENS:
             self._flush()
-        message = decode_plaintext(
-            kind,
-            plaintext,
-            compressed=bool(flags & FLAG_COMPRESSED),
-            padded=bool(flags & FLAG_PADDED),
-        )
+        if flags & (FLAG_COMPRESSED | FLAG_PADDED):
+            message = decode_plaintext(
+                kind,
+                plaintext,
+                compressed=bool(flags & FLAG_COMPRESSED),
+                padded=bool(flags & FLAG_PADDED),
+            )
+        else:
+            message = decode_plaintext(kind, plaintext)
         return Opened(
             cid, sender, epoch, sender_index, chain_no, step, message, bool(flags & FLAG_SIGNED)
         )
@@ -736,6 +757,7 @@ class Engine:
             conv = self._convs.get(cid)
             chain = conv.recv.get(key) if conv else None
             if chain is not None:
+                chain.dirty = False
                 writes[self._recv_key(cid, key)] = self._recv_record(chain)
         if writes:
             self.store.save(writes)
@@ -810,6 +832,7 @@ class Engine:
                 self._convs[roster.cid] = conv
             conv.rosters[roster.epoch] = roster
             conv.pids[roster.epoch] = roster.pids
+            conv.sign_every[roster.epoch] = roster.policy.sign_every
             conv.epoch = max(conv.epoch, roster.epoch)
         for key, raw in self.store.load_prefix("send/").items():
             conv = self._convs[key.split("/", 1)[1]]
@@ -821,6 +844,7 @@ class Engine:
                 # Resume at the reservation: steps before it may have been used (§6.3).
                 conv.send = SendChain(epoch, chain_no, reserved, reserved_key, reserved)
                 conv.header_mid = _mid(conv.roster, self.pid, chain_no)
+                conv.prefixes = {}
                 conv.grant_base = tuple(grant_base) if grant_base else None
                 conv.owed = set(owed)
         for key, raw in self.store.load_prefix("recv/").items():

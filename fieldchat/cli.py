@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
 from broker.cli import broker_app
@@ -19,6 +21,16 @@ app = typer.Typer(
 @app.callback()
 def _root() -> None:
     """End-to-end encrypted chat over MQTT."""
+
+
+@app.command()
+def demo(
+    pause: Annotated[float, typer.Option(help="Seconds to wait between messages.")] = 0.0,
+) -> None:
+    """Walk through the protocol locally: three participants, no network, bytes shown."""
+    from device.demo import run_local_demo
+
+    run_local_demo(typer.echo, pause=pause)
 
 
 app.add_typer(broker_app, name="broker")

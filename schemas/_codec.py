@@ -22,7 +22,8 @@ T = TypeVar("T", bound=BaseModel)
 MAX_OBJECT_BYTES = 65_536
 
 
-def _no_ext(_code: int, _data: bytes) -> Any:
+def no_ext(_code: int, _data: bytes) -> Any:
+    """``ext_hook`` refusing msgpack extension types."""
     raise WireError("msgpack extension types are not used")
 
 
@@ -55,7 +56,7 @@ def unpack(data: bytes, what: str) -> Any:
             raw=False,
             use_list=False,
             strict_map_key=True,
-            ext_hook=_no_ext,
+            ext_hook=no_ext,
             max_map_len=0,
         )
     except WireError:

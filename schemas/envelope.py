@@ -202,10 +202,14 @@ def read_header(data: bytes) -> tuple[EnvelopeKind, int, int, int, int, int, int
         raise LimitExceeded(f"envelope of {size} bytes exceeds {MAX_ENVELOPE_BYTES}")
     try:
         kind_byte = data[1]
-        epoch, pos = _varint_at(data, 2)
-        sender, pos = _varint_at(data, pos)
-        chain, pos = _varint_at(data, pos)
-        step, pos = _varint_at(data, pos)
+        epoch, sender, chain, step = data[2], data[3], data[4], data[5]
+        if epoch | sender | chain < 0x80 and step < 0x80:  # the usual one-byte header
+            pos = 6
+        else:
+            epoch, pos = _varint_at(data, 2)
+            sender, pos = _varint_at(data, pos)
+            chain, pos = _varint_at(data, pos)
+            step, pos = _varint_at(data, pos)
     except IndexError:
         raise WireError("truncated envelope header") from None
     kind = _KINDS.get(kind_byte & _KIND_MASK)
