@@ -8,6 +8,7 @@ import typer
 
 from broker.cli import broker_app
 from device.cli import device_app
+from device.demo import run_local_demo
 from gateway._cli import gateway_app
 
 app = typer.Typer(
@@ -28,8 +29,6 @@ def demo(
     pause: Annotated[float, typer.Option(help="Seconds to wait between messages.")] = 0.0,
 ) -> None:
     """Walk through the protocol locally: three participants, no network, bytes shown."""
-    from device.demo import run_local_demo
-
     run_local_demo(typer.echo, pause=pause)
 
 

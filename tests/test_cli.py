@@ -30,6 +30,8 @@ def test_local_demo_shows_the_removed_member_locked_out():
 def test_installed_console_script_runs():
     """``make`` installs the project, so ``.venv/bin/fieldchat`` exists beside python."""
     script = Path(sys.executable).with_name("fieldchat")
-    out = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [script, "--help"], capture_output=True, text=True, timeout=60, check=False
+    )
     assert out.returncode == 0, out.stderr
     assert "demo" in out.stdout
