@@ -164,6 +164,11 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
+def _is_pq(roster: Roster, pid: str) -> bool:
+    """Whether the roster lists ``pid`` as post-quantum (unknown pids count as such)."""
+    return next((m.pq for m in roster.members if m.pid == pid), True)
+
+
 def _mid(roster: Roster, pid: str, chain: int) -> bytes:
     return varint(roster.epoch) + varint(roster.index_of(pid)) + varint(chain)
 
@@ -566,9 +571,14 @@ class Engine:
 
     def _handle_grant(self, data: bytes) -> GrantResult:
         grant = Grant.from_bytes(data)
-        if self.identity.mlkem_seed is not None and grant.mode is not GrantMode.HYBRID:
-            # We publish an ML-KEM key, so an X25519-only grant to us is a downgrade.
-            raise GrantRejected("X25519-only grant to a post-quantum member (downgrade)")
+        if grant.mode is not GrantMode.HYBRID and self.identity.mlkem_seed is not None:
+            # We publish an ML-KEM key. An X25519-only grant is right only from a
+            # member without ML-KEM (a browser); from anyone else it is a downgrade.
+            # Checked before decrypting against the newest roster, and after against
+            # the grant's own epoch.
+            known = self._convs.get(grant.cid)
+            if known is None or not known.rosters or _is_pq(known.roster, grant.granter):
+                raise GrantRejected("X25519-only grant to a post-quantum member (downgrade)")
         payload = accept_grant(self.identity, grant)
         conv = self._convs.get(grant.cid)
         roster = conv.rosters.get(payload.epoch) if conv else None
@@ -598,6 +608,8 @@ class Engine:
             raise GrantRejected("grant signed by someone other than the chain's member")
         if self.pid not in roster.pids:
             raise GrantRejected("grant for an epoch we are not a member of")
+        if grant.mode is not GrantMode.HYBRID and member.pq and self.identity.mlkem_seed:
+            raise GrantRejected("X25519-only grant to a post-quantum member (downgrade)")
         key = (payload.epoch, payload.sender, payload.chain)
         if key in conv.recv:  # type: ignore[union-attr]
             self.counters["duplicate"] += 1

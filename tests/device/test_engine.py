@@ -382,3 +382,13 @@ def test_non_admin_cannot_change_the_roster(mesh):
     cid = mesh.create("alice", "bob")
     with pytest.raises(NotAMember):
         mesh["bob"].remove_members(cid, [mesh["alice"].pid])
+
+
+def test_browser_member_grants_x25519_to_post_quantum_members():
+    """A member without ML-KEM can only make X25519 grants; they are accepted from it."""
+    mesh = Mesh("alice", "bob", "web", post_quantum=["alice", "bob"])
+    cid = mesh.create("alice", "bob", "web")
+    assert not [e for _, e in mesh.errors if e.reason == "grant"]
+    envelope = mesh["web"].seal(cid, text("from the browser"))
+    for reader in ("alice", "bob"):
+        assert mesh[reader].open(cid, envelope).message.text == "from the browser"
