@@ -232,43 +232,35 @@ class Archiver:
             self.connected.set()
             self.metrics.mqtt_connected.set(1)
             log.info("archiver connected as %s", self.settings.mqtt_client_id)
-            messages = client.messages
+            inbox = _Receiver(client.messages)
             sweep_at = time.monotonic() + self.settings.pending_retry_s
-            while True:
-                batch = await self._collect(messages, sweep_at)
-                if batch:
-                    await self._process(batch)
-                    for message in batch:  # in receive order (MQTT 5 §4.6)
-                        if message.qos > 0:
-                            paho.ack(message.mid, message.qos)
-                if time.monotonic() >= sweep_at:
-                    await self._sweep()
-                    sweep_at = time.monotonic() + self.settings.pending_retry_s
+            try:
+                while True:
+                    batch = await self._collect(inbox, sweep_at)
+                    if batch:
+                        await self._process(batch)
+                        for message in batch:  # in receive order (MQTT 5 §4.6)
+                            if message.qos > 0:
+                                paho.ack(message.mid, message.qos)
+                    if time.monotonic() >= sweep_at:
+                        await self._sweep()
+                        sweep_at = time.monotonic() + self.settings.pending_retry_s
+            finally:
+                await inbox.close()
 
-    async def _collect(
-        self, messages: aiomqtt.client.MessagesIterator, sweep_at: float
-    ) -> list[aiomqtt.Message]:
+    async def _collect(self, inbox: _Receiver, sweep_at: float) -> list[aiomqtt.Message]:
         """Up to ``batch_max`` messages: wait for the first, then at most ``batch_wait_s``."""
         loop = asyncio.get_running_loop()
-        try:
-            first = await asyncio.wait_for(
-                anext(messages), timeout=max(0.0, sweep_at - time.monotonic()) + 0.01
-            )
-        except TimeoutError:
+        first = await inbox.get(max(0.0, sweep_at - time.monotonic()) + 0.01)
+        if first is None:
             return []
         batch = [first]
         deadline = loop.time() + self.settings.batch_wait_s
         while len(batch) < self.settings.batch_max:
-            if len(messages):
-                batch.append(await anext(messages))
-                continue
-            remaining = deadline - loop.time()
-            if remaining <= 0:
+            message = await inbox.get(max(0.0, deadline - loop.time()))
+            if message is None:
                 break
-            try:
-                batch.append(await asyncio.wait_for(anext(messages), timeout=remaining))
-            except TimeoutError:
-                break
+            batch.append(message)
         return batch
 
     # -- processing --------------------------------------------------------------------
@@ -467,6 +459,34 @@ class Archiver:
         await self._resolve(map(_Work.from_pending, waiting), out, fresh=False,
                             expire_before=time.time() - self.settings.pending_ttl_s)
         await self._commit(out)
+
+
+class _Receiver:
+    """Waits for the next message with a timeout without ever losing one.
+
+    ``asyncio.wait_for(anext(messages))`` can drop a message: when the timeout fires
+    just as the queue hands one over, cancelling discards it (and, unacknowledged, it
+    would stall until the next reconnect). Here the pending read survives timeouts.
+    """
+
+    def __init__(self, messages: aiomqtt.client.MessagesIterator) -> None:
+        self._messages = messages
+        self._next: asyncio.Task[aiomqtt.Message] | None = None
+
+    async def get(self, timeout: float) -> aiomqtt.Message | None:
+        if self._next is None:
+            self._next = asyncio.ensure_future(anext(self._messages))
+        done, _ = await asyncio.wait({self._next}, timeout=timeout)
+        if not done:
+            return None
+        task, self._next = self._next, None
+        return task.result()
+
+    async def close(self) -> None:
+        # A message read but not processed is not acknowledged: the broker redelivers it.
+        if self._next is not None:
+            self._next.cancel()
+            await asyncio.gather(self._next, return_exceptions=True)
 
 
 @dataclass(frozen=True, slots=True)
