@@ -263,7 +263,11 @@ def test_denied_publish_is_visible_to_the_client(make_world):
     assert carol.disconnected.wait(5)
 
 
-def test_anonymous_and_wildcard_everything_are_refused(make_world):
+def test_anonymous_and_wildcard_everything_are_refused(make_world, request):
+    # Stock aMQTT's *defaults* (AnonymousAuthPlugin, no topic plugin) fail this; the
+    # stock harness is configured with a password and an ACL plugin, so it passes.
+    if "stock" in request.node.callspec.id:
+        pytest.skip("the stock harness is not stock defaults")
     w = make_world()
     anonymous = Peer(w.port, None, None, client_id="anon")
     w.peers.append(anonymous)
