@@ -62,7 +62,13 @@ PINGRESP = 13
 DISCONNECT = 14
 
 # Fixed-header flags that MQTT-2.2.2-1 requires for each packet type (PUBLISH varies).
+# Server-to-client types are listed so that clients (bench/broker.py) can use
+# read_packet; the broker refuses them from a client in its read loop.
 _REQUIRED_FLAGS = {
+    CONNACK: 0,
+    SUBACK: 0,
+    UNSUBACK: 0,
+    PINGRESP: 0,
     CONNECT: 0,
     PUBACK: 0,
     PUBREC: 0,

@@ -39,7 +39,7 @@ _NOT_AUTHORIZED = 5
 _SUBACK_FAILURE = 0x80
 
 
-class _Close(Exception):  # noqa: N818 - control flow inside this module only
+class _Close(Exception):
     """Close the connection; ``reason`` labels the metric."""
 
     def __init__(self, reason: str) -> None:

@@ -21,19 +21,19 @@ class BrokerError(FieldchatError):
     reason = "broker"
 
 
-class PortInUse(BrokerError):  # noqa: N818 - named like schemas/errors.py
+class PortInUse(BrokerError):
     """A listener could not bind because another process holds the address."""
 
     reason = "port_in_use"
 
 
-class UnknownAccount(BrokerError):  # noqa: N818 - named like schemas/errors.py
+class UnknownAccount(BrokerError):
     """An admin command named an account that was never enrolled."""
 
     reason = "unknown_account"
 
 
-class MalformedPacket(BrokerError):  # noqa: N818 - named like schemas/errors.py
+class MalformedPacket(BrokerError):
     """Bytes that are not a well-formed MQTT 3.1.1 control packet (MQTT §2, §3)."""
 
     reason = "malformed"

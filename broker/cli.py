@@ -59,7 +59,7 @@ def _with_store(data_dir: Path, fn: Callable[[Store], T]) -> T:
 
 
 @broker_app.command()
-def run(  # noqa: PLR0917 - typer maps each option to a parameter
+def run(
     data_dir: DataDir = _DEFAULT_DATA,
     config_file: Annotated[
         Path | None, typer.Option("--config", help="TOML file with BrokerConfig fields.")
@@ -170,7 +170,7 @@ def deny(pid: str, cid: str, data_dir: DataDir = _DEFAULT_DATA) -> None:
 
 
 @broker_app.command("mosquitto-config")
-def mosquitto_config(  # noqa: PLR0917 - typer maps each option to a parameter
+def mosquitto_config(
     out: Annotated[Path, typer.Option(help="Directory for mosquitto.conf, passwd, acl.")],
     data_dir: DataDir = _DEFAULT_DATA,
     port: int = 1883,
@@ -180,6 +180,7 @@ def mosquitto_config(  # noqa: PLR0917 - typer maps each option to a parameter
     certfile: Path | None = None,
     keyfile: Path | None = None,
     ws_port: int | None = None,
+    user: Annotated[str | None, typer.Option(help="User mosquitto runs as.")] = None,
 ) -> None:
     """Write a Mosquitto 2 configuration with the same rules.
 
@@ -198,6 +199,7 @@ def mosquitto_config(  # noqa: PLR0917 - typer maps each option to a parameter
             certfile=certfile,
             keyfile=keyfile,
             ws_port=ws_port,
+            user=user,
         ),
     )
     typer.echo(str(files.conf))

@@ -1,0 +1,354 @@
+"""Broker throughput: QoS 1, 256-byte payloads, one publisher and one subscriber process.
+
+Runs the same load against fieldchat's broker, stock aMQTT 0.12.1 (anonymous, no
+plugins beyond authentication: its fastest configuration) and Mosquitto (the
+generated configuration), each in its own process, and prints on its last line:
+
+    {"msgs_per_s_ours": …, "msgs_per_s_stock_amqtt": …, "msgs_per_s_mosquitto": …,
+     "ratio_ours_vs_stock": …, …}
+
+The clients are raw asyncio MQTT 3.1.1 clients (framing from broker._codec) with a
+window of 100 unacknowledged PUBLISHes, so the clients cost less than the brokers.
+Rate = messages / (last received − first sent), measured by the subscriber.
+Every run is bounded: --count messages and --timeout seconds.
+
+    .venv/bin/python bench/broker.py [--count 20000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# This file is named broker.py: put the project root first so `broker` is the package.
+sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+from broker import _codec as codec  # noqa: E402
+from broker._mosquitto import write_mosquitto_config  # noqa: E402
+from broker._store import Store  # noqa: E402
+from broker.testing import participant  # noqa: E402
+from schemas.topics import Topics  # noqa: E402
+
+PAYLOAD = 256
+WINDOW = 100
+T = Topics()
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _string(s: str) -> bytes:
+    raw = s.encode()
+    return struct.pack("!H", len(raw)) + raw
+
+
+def _connect_packet(client_id: str, user: str | None, password: str | None, clean: bool) -> bytes:
+    flags = 0x02 if clean else 0
+    payload = _string(client_id)
+    if user is not None:
+        flags |= 0x80
+        payload += _string(user)
+    if password is not None:
+        flags |= 0x40
+        payload += _string(password)
+    body = _string("MQTT") + bytes((4, flags)) + struct.pack("!H", 60) + payload
+    return b"\x10" + bytes((len(body),)) + body
+
+
+async def _open(
+    port: int, client_id: str, user: str | None, password: str | None, clean: bool = True
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(_connect_packet(client_id, user, password, clean))
+    ptype, _, body = await codec.read_packet(reader, 1 << 20)
+    if ptype != codec.CONNACK or body[1] != 0:
+        raise SystemExit(f"connection refused: {body!r}")
+    return reader, writer
+
+
+async def subscriber(args: argparse.Namespace) -> None:
+    reader, writer = await _open(
+        args.port, args.client_id, args.user, args.password, clean=not args.persistent
+    )
+    body = struct.pack("!H", 1) + _string(args.topic) + b"\x01"
+    writer.write(b"\x82" + bytes((len(body),)) + body)
+    ptype, _, _ = await codec.read_packet(reader, 1 << 20)
+    assert ptype == codec.SUBACK
+    print("ready", flush=True)
+    received, first, last = 0, 0.0, 0.0
+    try:
+        async with asyncio.timeout(args.timeout):
+            while received < args.count:
+                ptype, flags, body = await codec.read_packet(reader, 1 << 20)
+                if ptype != codec.PUBLISH:
+                    continue
+                packet = codec.parse_publish(flags, body)
+                if packet.payload[:8] == b"\x00" * 8 and received == 0:
+                    first = struct.unpack("!d", packet.payload[8:16])[0]
+                if packet.packet_id is not None:
+                    writer.write(codec.puback(packet.packet_id))
+                received += 1
+                last = time.time()
+    except TimeoutError:
+        pass
+    writer.close()
+    print(json.dumps({"received": received, "seconds": last - first if first else 0.0}), flush=True)
+
+
+async def publisher(args: argparse.Namespace) -> None:
+    reader, writer = await _open(args.port, args.client_id, args.user, args.password)
+    topic = args.topic.encode()
+    window = asyncio.Semaphore(WINDOW)
+    acked = 0
+
+    async def acks() -> None:
+        nonlocal acked
+        while acked < args.count:
+            ptype, _, _ = await codec.read_packet(reader, 1 << 20)
+            if ptype == codec.PUBACK:
+                acked += 1
+                window.release()
+
+    task = asyncio.create_task(acks())
+    for i in range(args.count):
+        await window.acquire()
+        stamp = (b"\x00" * 8 + struct.pack("!d", time.time())) if i == 0 else os.urandom(16)
+        payload = stamp + b"\xa5" * (PAYLOAD - len(stamp))
+        writer.write(codec.publish(topic, payload, 1, i % 65535 + 1, retain=False, dup=False))
+        if i % WINDOW == 0:
+            await writer.drain()
+    await asyncio.wait_for(task, args.timeout)
+    writer.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"broker exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit("broker did not start")
+
+
+def _run_load(
+    port: int,
+    sub: tuple[str, str | None, str | None],
+    pub: tuple[str, str | None, str | None],
+    topic: str,
+    count: int,
+    timeout: float,
+    persistent: bool = False,
+) -> float:
+    me = [sys.executable, str(Path(__file__).resolve())]
+    common = [
+        "--port",
+        str(port),
+        "--topic",
+        topic,
+        "--count",
+        str(count),
+        "--timeout",
+        str(timeout),
+    ]
+
+    def role(name: str, who: tuple[str, str | None, str | None]) -> list[str]:
+        cid, user, password = who
+        out = [*me, "--role", name, "--client-id", cid, *common]
+        if user is not None:
+            out += ["--user", user, "--password", password or ""]
+        if persistent and name == "sub":
+            out.append("--persistent")
+        return out
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subscriber_proc = subprocess.Popen(role("sub", sub), stdout=subprocess.PIPE, text=True, env=env)
+    assert subscriber_proc.stdout is not None
+    assert subscriber_proc.stdout.readline().strip() == "ready"
+    publisher_proc = subprocess.Popen(role("pub", pub), env=env)
+    try:
+        result = json.loads(subscriber_proc.stdout.readline())
+        publisher_proc.wait(timeout)
+    finally:
+        for proc in (publisher_proc, subscriber_proc):
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+        subscriber_proc.stdout.close()
+    if result["received"] < count or result["seconds"] <= 0:
+        print(f"  only {result['received']} of {count} received", file=sys.stderr)
+        return 0.0
+    return round(result["received"] / result["seconds"], 1)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def bench_ours(work: Path, count: int, timeout: float, *, persistent: bool) -> float:
+    alice, bob = participant(1), participant(2)
+    data = work / ("ours-p" if persistent else "ours")
+    with Store(data / "broker.sqlite3") as store:
+        creds = {alice.pid: store.enroll(alice.pid), bob.pid: store.enroll(bob.pid)}
+    port = _free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from fieldchat.cli import app; app()",
+            "broker",
+            "run",
+            "--data-dir",
+            str(data),
+            "--port",
+            str(port),
+            "--log-level",
+            "WARNING",
+        ],
+        stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+    )
+    try:
+        _wait_port(port, proc)
+        return _run_load(
+            port,
+            (alice.pid, alice.pid, creds[alice.pid]),
+            (bob.pid, bob.pid, creds[bob.pid]),
+            T.inbox(alice.pid),
+            count,
+            timeout,
+            persistent=persistent,
+        )
+    finally:
+        _stop(proc)
+
+
+_STOCK = """
+import asyncio, sys
+from amqtt.broker import Broker
+async def main():
+    broker = Broker({"listeners": {"default": {"type": "tcp", "bind": "127.0.0.1:%d"}},
+                     "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin":
+                                 {"allow_anonymous": True}}})
+    await broker.start()
+    await asyncio.Event().wait()
+asyncio.run(main())
+"""
+
+
+def bench_stock(count: int, timeout: float) -> float:
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-c", _STOCK % port], stderr=subprocess.DEVNULL)
+    try:
+        _wait_port(port, proc)
+        return _run_load(
+            port,
+            ("bench-sub", None, None),
+            ("bench-pub", None, None),
+            "bench/topic",
+            count,
+            timeout,
+        )
+    finally:
+        _stop(proc)
+
+
+def bench_mosquitto(work: Path, count: int, timeout: float) -> float | None:
+    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    if not Path(binary).exists():
+        return None
+    alice, bob = participant(1), participant(2)
+    port = _free_port()
+    with Store(work / "mosq-store" / "broker.sqlite3") as store:
+        creds = {alice.pid: store.enroll(alice.pid), bob.pid: store.enroll(bob.pid)}
+        import getpass  # noqa: PLC0415
+
+        files = write_mosquitto_config(store, work / "mosquitto", port=port, user=getpass.getuser())
+    proc = subprocess.Popen(
+        [binary, "-c", str(files.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        _wait_port(port, proc)
+        return _run_load(
+            port,
+            (alice.pid, alice.pid, creds[alice.pid]),
+            (bob.pid, bob.pid, creds[bob.pid]),
+            T.inbox(alice.pid),
+            count,
+            timeout,
+        )
+    finally:
+        _stop(proc)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--count", type=int, default=20_000)
+    parser.add_argument("--timeout", type=float, default=120.0)
+    parser.add_argument("--role", choices=["pub", "sub"])
+    parser.add_argument("--port", type=int)
+    parser.add_argument("--client-id")
+    parser.add_argument("--user")
+    parser.add_argument("--password")
+    parser.add_argument("--topic")
+    parser.add_argument("--persistent", action="store_true")
+    args = parser.parse_args()
+    if args.role == "sub":
+        asyncio.run(subscriber(args))
+        return
+    if args.role == "pub":
+        asyncio.run(publisher(args))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        ours = bench_ours(work, args.count, args.timeout, persistent=False)
+        print(f"ours (clean session subscriber): {ours} msg/s", file=sys.stderr)
+        ours_persistent = bench_ours(work, args.count, args.timeout, persistent=True)
+        print(
+            f"ours (persistent subscriber, every message committed): {ours_persistent} msg/s",
+            file=sys.stderr,
+        )
+        stock = bench_stock(args.count, args.timeout)
+        print(f"stock aMQTT 0.12.1: {stock} msg/s", file=sys.stderr)
+        mosquitto = bench_mosquitto(work, args.count, args.timeout)
+        print(f"mosquitto: {mosquitto} msg/s", file=sys.stderr)
+    print(
+        json.dumps(
+            {
+                "msgs_per_s_ours": ours,
+                "msgs_per_s_stock_amqtt": stock,
+                "msgs_per_s_mosquitto": mosquitto,
+                "ratio_ours_vs_stock": round(ours / stock, 2) if stock else None,
+                "msgs_per_s_ours_persistent_subscriber": ours_persistent,
+                "count": args.count,
+                "payload_bytes": PAYLOAD,
+                "qos": 1,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
