@@ -21,6 +21,7 @@ then engine).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -227,6 +228,14 @@ class Device:
         self._inflight: dict[int, int] = {}
         self._cursor = 0
         self._high = self.state.high_steps()
+        # Envelopes that overtook a missing step: chain -> step -> (held row, deadline).
+        self._waiting: dict[tuple[str, int, int, int], dict[int, tuple[int, float]]] = (
+            defaultdict(dict)
+        )
+        for row, cid, payload, until in self.state.held(reordering=True):
+            with contextlib.suppress(FieldchatError):
+                _, _, epoch, index, chain, step, _ = read_header(payload)
+                self._waiting[(cid, epoch, index, chain)][step] = (row, until or 0.0)
         self._receipts: dict[tuple[str, ReceiptType], set[tuple[int, int, int, int]]] = (
             defaultdict(set)
         )
@@ -699,15 +708,66 @@ class Device:
             log.debug("rejected %s: %s", topic, exc)
 
     def _open(self, db: sqlite3.Connection, cid: str, payload: bytes, batch: _Batch,
-              *, late_ok: bool = False) -> bool:
-        """Open and store one envelope; False when it must be held for a key."""
+              *, in_order: bool = True) -> bool:
+        """Open and store an envelope, then any held ones it lets through, in step order.
+
+        With ``in_order``, an envelope more than one step ahead of its sender's chain is
+        held (up to ``reorder_window_s``) for the missing steps to arrive first: brokers
+        may reorder a redelivered backlog, and the screen keeps each sender's order.
+        False when it must wait for a key.
+        """
+        if in_order:
+            try:
+                _, _, epoch, index, chain, step, _ = read_header(payload)
+            except FieldchatError:
+                pass  # the engine rejects and counts it below
+            else:
+                key = (cid, epoch, index, chain)
+                high = self._high.get(key)
+                if high is not None and step > high + 1 and step not in self._waiting[key]:
+                    until = self._clock() + self.options.reorder_window_s
+                    row, dropped = self.state.hold(db, cid, payload, until)
+                    self._dropped(dropped)
+                    self._waiting[key][step] = (row, until)
+                    return True
+        done = self._open_one(db, cid, payload, batch)
+        self._release(db, batch)
+        return done
+
+    def _release(self, db: sqlite3.Connection, batch: _Batch, *, expired: bool = False) -> None:
+        """Open held envelopes whose turn came (or, ``expired``, whose wait is over)."""
+        now = self._clock()
+        progress = True
+        while progress:
+            progress = False
+            for key, steps in list(self._waiting.items()):
+                if not steps:
+                    del self._waiting[key]
+                    continue
+                first = min(steps)
+                row, until = steps[first]
+                if first > self._high.get(key, first - 1) + 1 and not (expired and until <= now):
+                    continue
+                del steps[first]
+                payload = self.state.held_payload(row)
+                self.state.unhold(db, [row])
+                if payload is not None:
+                    with contextlib.suppress(FieldchatError):
+                        self._open_one(db, key[0], payload, batch)
+                progress = True
+
+    def _dropped(self, count: int) -> None:
+        if count:
+            self.counters["held_dropped"] += count
+            log.warning("held-envelope limit reached: %d oldest dropped", count)
+
+    def _open_one(self, db: sqlite3.Connection, cid: str, payload: bytes,
+                  batch: _Batch) -> bool:
         try:
             opened = self.engine.open(cid, payload)
         except MissingKey:
-            dropped = self.state.hold(db, cid, payload)
-            if dropped:
-                self.counters["held_dropped"] += dropped
-                log.warning("held-envelope limit reached: %d oldest dropped", dropped)
+            _, dropped = self.state.hold(db, cid, payload)
+            self._dropped(dropped)
             return False
         if opened is None:
             self.counters["duplicate"] += 1
@@ -853,7 +913,7 @@ class Device:
             return
         batch = _Batch([], [], set(), set())
         with self.state.transaction() as db:
-            done = [i for i, cid, payload in held if self._open_held(db, cid, payload, batch)]
+            done = [i for i, cid, payload, _ in held if self._open_held(db, cid, payload, batch)]
             self.state.unhold(db, done)
             self.engine.flush()
         batch.retry_held = False
@@ -916,6 +976,12 @@ class Device:
             _, before = self._resend
             self._resend = None
             self._resend_unconfirmed(before)
+        if any(until <= now for steps in self._waiting.values() for _, until in steps.values()):
+            batch = _Batch([], [], set(), set())
+            with self.state.transaction() as db:
+                self._release(db, batch, expired=True)
+                self.engine.flush()
+            self._after(batch)
         if now >= self._next_housekeeping:
             self._next_housekeeping = now + 10.0
             self._housekeeping(now)

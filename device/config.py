@@ -75,6 +75,8 @@ class LinkOptions(_Frozen):
     may have lost them: Mosquitto's snapshot, aMQTT's in-flight QoS 1).
     ``resend_window_s``: only messages this recent are resent that way; older ones
     are left to the gateway's history.
+    ``reorder_window_s``: a message that overtook a missing one of the same sender
+    waits this long for it before it is shown (and the gap recorded).
     ``window``: PUBLISH packets in flight (unacknowledged) at once.
     """
 
@@ -87,6 +89,7 @@ class LinkOptions(_Frozen):
     resend_after_s: Annotated[float, Field(ge=0)] = 5.0
     resend_window_s: Annotated[float, Field(ge=0)] = 120.0
     gap_timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    reorder_window_s: Annotated[float, Field(ge=0)] = 2.0
     window: Annotated[int, Field(ge=1, le=1024)] = 64
     topic_aliases: bool = True
 

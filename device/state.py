@@ -8,7 +8,8 @@ It holds the engine's key-store records (the same ``records`` table as
     sent      our own text messages (history; payload kept until every member receipted)
     received  messages of others, unique on the dedupe key (cid, epoch, sender, chain, step)
     receipts  delivered/read ranges other members sent us for our messages
-    held      envelopes whose grant or roster has not arrived yet
+    held      envelopes whose grant or roster has not arrived yet (``until`` NULL), or
+              that arrived ahead of a missing step and wait for it until ``until``
     gaps      missing step ranges per sender chain (to ask the gateway's history for)
     meta      small settings (saved broker URL and credential, detected protocol)
 
@@ -66,7 +67,7 @@ CREATE TABLE IF NOT EXISTS receipts (
 CREATE INDEX IF NOT EXISTS receipts_chain ON receipts (cid, epoch, chain);
 CREATE TABLE IF NOT EXISTS held (
     id INTEGER PRIMARY KEY AUTOINCREMENT, cid TEXT NOT NULL, payload BLOB NOT NULL,
-    held_at REAL NOT NULL);
+    held_at REAL NOT NULL, until REAL);
 CREATE TABLE IF NOT EXISTS gaps (
     cid TEXT NOT NULL, epoch INTEGER NOT NULL, sender_index INTEGER NOT NULL,
     chain INTEGER NOT NULL, first INTEGER NOT NULL, last INTEGER NOT NULL,
@@ -427,11 +428,14 @@ class DeviceState:
     # -- held envelopes ---------------------------------------------------------------
 
     @staticmethod
-    def hold(db: sqlite3.Connection, cid: str, payload: bytes) -> int:
-        """Keep an envelope for later; returns how many were dropped to stay in MAX_HELD."""
-        db.execute(
-            "INSERT INTO held (cid, payload, held_at) VALUES (?, ?, ?)",
-            (cid, payload, time.time()),
+    def hold(
+        db: sqlite3.Connection, cid: str, payload: bytes, until: float | None = None
+    ) -> tuple[int, int]:
+        """Keep an envelope for later: its row id, and how many of the oldest rows
+        were dropped to stay within MAX_HELD (the caller logs them)."""
+        cur = db.execute(
+            "INSERT INTO held (cid, payload, held_at, until) VALUES (?, ?, ?, ?)",
+            (cid, payload, time.time(), until),
         )
         (count,) = db.execute("SELECT COUNT(*) FROM held").fetchone()
         excess = int(count) - MAX_HELD
@@ -440,11 +444,20 @@ class DeviceState:
                 "DELETE FROM held WHERE id IN (SELECT id FROM held ORDER BY id LIMIT ?)",
                 (excess,),
             )
-        return max(0, excess)
+        assert cur.lastrowid is not None
+        return cur.lastrowid, max(0, excess)
 
-    def held(self) -> list[tuple[int, str, bytes]]:
-        rows = self._read("SELECT id, cid, payload FROM held ORDER BY id")
-        return [(int(i), str(c), bytes(p)) for i, c, p in rows]
+    def held(self, *, reordering: bool = False) -> list[tuple[int, str, bytes, float | None]]:
+        """Held envelopes: waiting for a key, or (``reordering``) for a missing step."""
+        rows = self._read(
+            "SELECT id, cid, payload, until FROM held WHERE (until IS NULL) = ? ORDER BY id",
+            (0 if reordering else 1,),
+        )
+        return [(int(i), str(c), bytes(p), u) for i, c, p, u in rows]
+
+    def held_payload(self, row: int) -> bytes | None:
+        rows = self._read("SELECT payload FROM held WHERE id = ?", (row,))
+        return bytes(rows[0][0]) if rows else None
 
     @staticmethod
     def unhold(db: sqlite3.Connection, ids: Sequence[int]) -> None:

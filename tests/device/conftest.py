@@ -8,6 +8,7 @@ so tests can stop, restart and SIGKILL it without disturbing each other.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -218,6 +219,7 @@ class Devices:
         self.broker = broker
         self.open: list[Device] = []
         self.events: dict[str, list[Event]] = {}
+        self.broker_prefix = "fc/v1"
 
     def make(self, name: str, *, link: LinkOptions = FAST, protocol: str = "auto",
              start: bool = True, prefix: str = "fc/v1") -> Device:
@@ -293,3 +295,64 @@ def start_cli(args: list[str], env: dict[str, str], **kwargs: object) -> subproc
         [FIELDCHAT, "device", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True, **kwargs,
     )
+
+
+PEER = str(Path(__file__).with_name("_peer.py"))
+
+
+class Peer:
+    """A device process running ``_peer.py`` on a state file made in-process first."""
+
+    def __init__(self, state: Path, broker: Broker, pid: str, cid: str, *,
+                 prefix: str = "fc/v1") -> None:
+        self.state, self.broker, self.pid, self.cid, self.prefix = state, broker, pid, cid, prefix
+        self.proc: subprocess.Popen[str] | None = None
+        self.lines: list[dict[str, object]] = []
+
+    def start(self, *, send: str = "", count: int = 0, expect: int = 0, batch: int = 1,
+              pace: float = 0.0, duration: float = 150.0, resend_after: float = 1.0) -> Peer:
+        self.proc = subprocess.Popen(
+            [sys.executable, PEER, "--state", str(self.state), "--port", str(self.broker.port),
+             "--credential", self.broker.user(self.pid), "--cid", self.cid,
+             "--prefix", self.prefix, "--send", send or self.pid[:6], "--count", str(count),
+             "--expect", str(expect), "--batch", str(batch), "--pace", str(pace),
+             "--duration", str(duration), "--resend-after", str(resend_after)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: no clean disconnect, no flush, nothing."""
+        assert self.proc is not None
+        self.proc.kill()
+        out, _ = self.proc.communicate()
+        self.lines += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        self.proc = None
+
+    def wait(self, timeout: float = 180) -> list[dict[str, object]]:
+        assert self.proc is not None
+        out, err = self.proc.communicate(timeout=timeout)
+        code = self.proc.returncode
+        self.proc = None
+        self.lines += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        assert code == 0, err[-2000:]
+        return self.lines
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+        if self.proc is not None:
+            self.proc.communicate()
+            self.proc = None
+
+
+def conversation(devices: Devices, *names: str) -> tuple[str, list[Device]]:
+    """In-process devices, the first founding a conversation with the others; all joined."""
+    made = [devices.make(name) for name in names]
+    cid = made[0].create_conversation([d.pid for d in made[1:]])
+    for device in made[1:]:
+        wait_until(lambda d=device: d.engine.is_member(cid), 15, "members join")
+    # Every member holds every other member's chain before the processes take over.
+    wait_until(lambda: all(len(d.engine._convs[cid].recv) == len(made) - 1 for d in made), 15,
+               "grants")
+    return cid, made
