@@ -9,7 +9,7 @@ generated configuration), each in its own process, and prints on its last line:
 
 The clients are raw asyncio MQTT 3.1.1 clients (framing from broker._codec) with a
 window of 100 unacknowledged PUBLISHes, so the clients cost less than the brokers.
-Rate = messages / (last received − first sent), measured by the subscriber.
+Rate = messages / (last received - first sent), measured by the subscriber.
 Every run is bounded: --count messages and --timeout seconds.
 
     .venv/bin/python bench/broker.py [--count 20000]
@@ -142,9 +142,10 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) ->
             raise SystemExit(f"broker exited with {proc.returncode}")
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
         except OSError:
             time.sleep(0.05)
+        else:
+            return
     raise SystemExit("broker did not start")
 
 
