@@ -155,7 +155,11 @@ class Archiver:
                 log.warning("broker connection lost (%s); retrying in %.1fs", exc, delay)
             except TransportError as exc:
                 log.warning("archive failed (%s); reconnecting in %.1fs", exc, delay)
+            except Exception:  # a long-running loop: log and keep serving (STYLE.md)
+                log.exception("archiver failed; reconnecting in %.1fs", delay)
             finally:
+                if self.connected.is_set():
+                    delay = 0.2  # it worked for a while: retry promptly
                 self._client = None
                 self.connected.clear()
                 self.metrics.mqtt_connected.set(0)
@@ -321,18 +325,20 @@ class Archiver:
             )
 
     async def _accept_roster(self, roster: Roster, data: bytes) -> RosterRecord | None:
-        """Check a roster against its archived neighbours; ``None`` when refused or known.
+        """Check a roster against its archived neighbours; ``None`` when refused.
 
         Chains are verified where the previous epoch is archived; a later epoch seen
         without its predecessor (the gateway joined late, the broker retains only the
         newest roster) is accepted as a base, as members do (PROTOCOL.md §5.2).
         """
         digest = roster.digest()
+        record = RosterRecord(roster.cid, roster.epoch, digest, roster.pids, data)
         known = await self.roster(roster.cid, roster.epoch)
         if known is not None:
             if known.digest() != digest:
                 self._reject("roster_conflict")
-            return None
+                return None
+            return record  # archived already (by us, or another gateway): still news here
         try:
             if roster.epoch == 0:
                 verify_roster_chain(roster, None)
@@ -348,7 +354,7 @@ class Archiver:
             self._reject(exc.reason)
             return None
         self._rosters.put((roster.cid, roster.epoch), roster)
-        return RosterRecord(roster.cid, roster.epoch, digest, roster.pids, data)
+        return record
 
     async def _resolve(  # noqa: PLR0912 - the verification decision table, kept in one place
         self, items: Iterable[_Work], out: ArchiveBatch, *, fresh: bool,

@@ -140,6 +140,8 @@ class Hub(ArchiveListener):
                 await self._deliver()
             except FieldchatError as exc:
                 log.warning("live feed read failed: %s", exc)
+            except Exception:  # a long-running loop: log and keep serving (STYLE.md)
+                log.exception("live feed failed; retrying")
 
     async def _deliver(self) -> None:
         while self._subs and self._cursor is not None:
