@@ -23,9 +23,9 @@ import asyncpg
 import httpx
 import pytest
 import uvicorn
+
 from device.engine import Engine, Publication
 from device.identity import Identity
-
 from gateway import GatewaySettings, create_app, open_store, signed_message
 from schemas import Topics
 
@@ -80,7 +80,7 @@ class Mosquitto:
         return f"mqtt://127.0.0.1:{self.port}"
 
     def start(self) -> Mosquitto:
-        self.proc = subprocess.Popen(  # noqa: S603 - fixed binary, config we wrote
+        self.proc = subprocess.Popen(
             [MOSQUITTO, "-c", str(self.dir / "mosquitto.conf")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
@@ -269,7 +269,7 @@ async def serve_gateway(settings: GatewaySettings, **kw: Any) -> AsyncIterator[R
     port = server.servers[0].sockets[0].getsockname()[1]
     gw = RunningGateway(app, server, port)
     try:
-        await eventually(lambda: gw.state.archiver.connected.is_set(), "the archiver to connect")
+        await eventually(gw.state.archiver.connected.is_set, "the archiver to connect")
         yield gw
     finally:
         server.should_exit = True
@@ -332,7 +332,7 @@ class GatewayProcess:
     def start(self) -> GatewayProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("FIELDCHAT_")}
         with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(  # noqa: S603 - our own CLI
+            self.proc = subprocess.Popen(
                 [sys.executable, "-c", "from fieldchat.cli import app; app()", "gateway", "run",
                  "--config", str(self.config)],
                 stdout=log, stderr=subprocess.STDOUT, env=env,

@@ -149,16 +149,12 @@ async def test_another_accounts_cookie_cannot_read_a_conversation(gateway, mosqu
 
 async def test_admin_bootstrap_from_the_cli(mosquitto, prefix, tmp_path):
     url = f"sqlite:///{tmp_path / 'admin.db'}"
-    result = await asyncio.to_thread(
-        CliRunner().invoke, cli, ["gateway", "create-admin", "--username", "root-admin", "--database-url", url,
-              "--password-stdin"], input="admin password 1\n",
-    )
+    args = ["gateway", "create-admin", "--username", "root-admin", "--database-url", url,
+            "--password-stdin"]
+    result = await asyncio.to_thread(CliRunner().invoke, cli, args, input="admin password 1\n")
     assert result.exit_code == 0, result.output
     assert "admin password" not in result.output
-    again = await asyncio.to_thread(
-        CliRunner().invoke, cli, ["gateway", "create-admin", "--username", "root-admin", "--database-url", url,
-              "--password-stdin"], input="admin password 1\n",
-    )
+    again = await asyncio.to_thread(CliRunner().invoke, cli, args, input="admin password 1\n")
     assert again.exit_code == 1 and "taken" in again.output
     settings = make_settings(mosquitto, prefix, url, allow_registration=False)
     async with serve_gateway(settings) as gw, gw.client() as http:

@@ -125,8 +125,8 @@ async def test_grants_are_archived_for_their_recipient_only(gateway, mosquitto, 
     topics = Topics(prefix)
     a, b, outsider = Party(topics), Party(topics), Party(topics)
     conv = converse(topics, [a, b])
-    await publish_all(mosquitto.url, pubs(conv.publications)
-                      + [(topics.bundle(outsider.pid), outsider.bundle, True)])
+    await publish_all(mosquitto.url, [*pubs(conv.publications),
+                                      (topics.bundle(outsider.pid), outsider.bundle, True)])
     sent_to_b = [p.payload for p in conv.publications if p.topic == topics.inbox(b.pid)]
     assert sent_to_b
 

@@ -8,9 +8,9 @@ import time
 import pytest
 
 from gateway import ArchiveBatch, NameTaken
+from gateway._store import GrantRecord, NewEnvelope, PendingEnvelope, RosterRecord
 from schemas import Topics
 from tests.gateway._support import Party
-from gateway._store import GrantRecord, NewEnvelope, PendingEnvelope, RosterRecord
 
 CID = "a" * 25 + "a"
 OTHER = "b" * 25 + "a"

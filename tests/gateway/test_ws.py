@@ -180,15 +180,19 @@ async def test_bad_frames_and_forged_envelopes_are_refused(gateway, mosquitto, p
             await eventually(lambda: _has(gateway, conv.cid, good), "the good envelope")
             # enough garbage closes the socket
             with pytest.raises(ConnectionClosed) as closed:
-                for _ in range(40):
-                    await web.ws.send("{]")
-                    await web.next("error")
+                await _send_garbage(web, 40)
             assert closed.value.rcvd.code == 1008
         for reason in ("forbidden", "auth", "unsigned", "bad_frame"):
             assert m.rejected_count("ws", reason) >= 1, reason
         assert await _count_exact(gateway, conv.cid) == 1  # only the good one was archived
     finally:
         await http.aclose()
+
+
+async def _send_garbage(web, count):
+    for _ in range(count):
+        await web.ws.send("{]")
+        await web.next("error")
 
 
 async def _has(gw, cid, data):

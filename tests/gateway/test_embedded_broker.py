@@ -1,0 +1,63 @@
+"""The archiver against the embedded broker (hardened aMQTT, MQTT 3.1.1, gateway role
+with its own credential): what devices publish is archived, and a browser's envelope
+goes out through the gateway's credential."""
+
+from __future__ import annotations
+
+import aiomqtt
+
+from broker.testing import broker_config, embedded_broker  # noqa: F401 - fixtures
+from gateway import GatewaySettings
+from schemas import TextMessage, Topics
+from tests.gateway._support import FAST_ARGON2, Party, converse, eventually, login, serve_gateway
+from tests.gateway.test_ws import Browser
+
+
+async def _publish_as(broker, party: Party, credential: str, items) -> None:
+    async with aiomqtt.Client("127.0.0.1", broker.port, identifier=party.pid,
+                              username=party.pid, password=credential,
+                              protocol=aiomqtt.ProtocolVersion.V311) as client:
+        for topic, payload, retain in items:
+            await client.publish(topic, payload, qos=1, retain=retain)
+
+
+async def test_archive_through_the_embedded_broker(embedded_broker, tmp_path):  # noqa: F811
+    broker = embedded_broker
+    topics = Topics(broker.config.prefix)
+    user, credential = broker.add_gateway("archive-1")
+    settings = GatewaySettings(
+        mqtt_url=f"mqtt://127.0.0.1:{broker.port}", mqtt_protocol="3.1.1",
+        mqtt_username=user, mqtt_password=credential, mqtt_client_id=user,
+        topic_prefix=topics.prefix, database_url=f"sqlite:///{tmp_path / 'h.db'}",
+        feed_poll_s=0.2, pending_retry_s=1.0, **FAST_ARGON2,
+    )
+    device, web = Party(topics), Party(topics, post_quantum=False)
+    conv = converse(topics, [device, web])
+    async with serve_gateway(settings) as gw:
+        http = await login(gw, "webuser", web)  # also publishes web's bundle via the gateway
+        try:
+            # everything but the browser's bundle, which the gateway published at
+            # registration (a device may not publish on another participant's p/…)
+            await _publish_as(broker, device, broker.enroll(device.pid),
+                              [(p.topic, p.payload, p.retain) for p in conv.publications
+                               if p.topic != topics.bundle(web.pid)])
+            sealed = [conv.seal(device, f"n{i}") for i in range(5)]
+            await _publish_as(broker, device, broker.enroll(device.pid),
+                              [(topics.msg(conv.cid), s, False) for s in sealed])
+            rows = await eventually(lambda: _all(gw, conv.cid, 5), "the device's envelopes")
+            assert sorted(r.data for r in rows) == sorted(sealed)
+            # the browser's own sealed envelope, published by the gateway for it
+            mine = web.engine.seal(conv.cid, TextMessage(sent_at=1, text="from the web"))
+            async with Browser(gw, http) as socket:
+                await socket.next("caught_up")
+                assert (await socket.publish("msg", mine, cid=conv.cid))["op"] == "ack"
+            rows = await eventually(lambda: _all(gw, conv.cid, 6), "the browser's envelope")
+            assert mine in [r.data for r in rows]
+            assert device.engine.open(conv.cid, mine).message.text == "from the web"
+        finally:
+            await http.aclose()
+
+
+async def _all(gw, cid, n):
+    rows = await gw.state.store.history(cid, after=0, limit=100)
+    return rows if len(rows) >= n else None
