@@ -167,13 +167,28 @@ def test_plaintext_of_the_wrong_shape_is_a_wire_error():
             decode_plaintext(kind, pack(value))
 
 
-def test_text_models_are_strict_and_frozen():
+def test_models_are_strict_and_frozen():
+    import dataclasses
+
     from pydantic import ValidationError
 
-    with pytest.raises(ValidationError):
-        TextMessage(sent_at="1", text="x")  # type: ignore[arg-type]
-    with pytest.raises(ValidationError):
+    for bad in (
+        {"sent_at": "1", "text": "x"},
+        {"sent_at": True, "text": "x"},
+        {"sent_at": -1, "text": "x"},
+        {"sent_at": 1, "text": b"x"},
+    ):
+        with pytest.raises(WireError):
+            TextMessage(**bad)  # type: ignore[arg-type]
+    with pytest.raises(LimitExceeded):
+        TextMessage(sent_at=1, text="x" * 16_385)
+    with pytest.raises(TypeError):
         TextMessage(sent_at=1, text="x", extra=1)  # type: ignore[call-arg]
     message = TextMessage(sent_at=1, text="x")
-    with pytest.raises(ValidationError):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         message.text = "y"  # type: ignore[misc]
+    with pytest.raises(ValidationError):
+        Control(op=1, extra=2)  # type: ignore[call-arg]
+    control = Control(op=ControlOp.LEAVE)
+    with pytest.raises(ValidationError):
+        control.op = ControlOp.REKEY  # type: ignore[misc]
