@@ -43,7 +43,7 @@ from schemas import (
 )
 from schemas._codec import fields, pack, unpack
 from schemas._varint import encode as varint
-from schemas.crypto import aead_seal, ed25519_verify
+from schemas.crypto import aead_seal, ed25519_verify, sha256
 from schemas.envelope import (
     FLAG_COMPRESSED,
     FLAG_PADDED,
@@ -162,6 +162,10 @@ class _Conversation:
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+
+def _pending_key(cid: str, grant: bytes) -> str:
+    return f"pending/{cid}/{sha256(grant).hex()[:32]}"
 
 
 def _is_pq(roster: Roster, pid: str) -> bool:
@@ -512,6 +516,9 @@ class Engine:
         writes.update(self._send_record(conv))
         self.store.save(writes)
         pending, conv.pending = conv.pending, []
+        if pending:
+            # Grants still early are held again (and re-saved) by _handle_grant.
+            self.store.save({_pending_key(conv.cid, data): None for data in pending})
         for data in pending:
             try:
                 self._handle_grant(data)
@@ -596,6 +603,8 @@ class Engine:
                 if len(conv.pending) >= MAX_PENDING_GRANTS:
                     raise GrantRejected(f"too many grants waiting for the roster of {grant.cid}")
                 conv.pending.append(bytes(data))
+                # Held durably: the inbox message is gone once the client acknowledges it.
+                self.store.save({_pending_key(grant.cid, data): bytes(data)})
                 return GrantResult(grant.cid, installed=False, needs_roster=True)
             raise GrantRejected(f"grant for epoch {payload.epoch}, which is no longer kept")
         if roster.digest() != payload.roster:
@@ -859,6 +868,13 @@ class Engine:
                 conv.prefixes = {}
                 conv.grant_base = tuple(grant_base) if grant_base else None
                 conv.owed = set(owed)
+        for key, raw in self.store.load_prefix("pending/").items():
+            cid = key.split("/")[1]
+            held = self._convs.get(cid)
+            if held is None:
+                held = _Conversation(cid, decode_id(cid), -1, {}, removed=True)
+                self._convs[cid] = held
+            held.pending.append(raw)
         for key, raw in self.store.load_prefix("recv/").items():
             cid = key.split("/")[1]
             epoch, sender, chain_no, step, ck, signer, evicted, skipped = fields(

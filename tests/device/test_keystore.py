@@ -121,3 +121,22 @@ def test_a_crashed_sender_never_reuses_a_step(tmp_path):
             seen.add(step)
             assert bob.open(cid, data) is not None
     assert len(seen) == 5 + RESERVE_STEPS + 3 + 1 + 20
+
+
+def test_grants_waiting_for_their_roster_survive_a_restart(tmp_path):
+    alice = Engine.open_store(SqliteKeyStore(tmp_path / "alice.db"))
+    bob = Engine.open_store(SqliteKeyStore(tmp_path / "bob.db"))
+    alice.learn_bundle(bob.identity.bundle.to_bytes())
+    bob.learn_bundle(alice.identity.bundle.to_bytes())
+    cid, pubs = alice.create_conversation([bob.pid])
+    roster = next(p for p in pubs if p.topic.endswith("/roster"))
+    grant = next(p for p in pubs if p.topic.endswith("/inbox"))
+    assert bob.handle_grant(grant.payload).needs_roster
+    del bob
+
+    bob = Engine.open_store(SqliteKeyStore(tmp_path / "bob.db"))
+    for reply in bob.handle_roster(roster.payload):
+        alice.handle_grant(reply.payload)
+    sealed = alice.seal(cid, TextMessage(sent_at=1, text="after restart"))
+    assert bob.open(cid, sealed).message.text == "after restart"
+    assert not bob.store.load_prefix("pending/")
