@@ -38,7 +38,8 @@ class Metrics:
                               registry=r)
         self.archive_lag = Histogram(
             "fieldchat_gateway_archive_lag_seconds",
-            "Time from receiving an envelope to its commit.", buckets=_LAG_BUCKETS, registry=r,
+            "Receipt-to-commit time of the oldest envelope of each commit.",
+            buckets=_LAG_BUCKETS, registry=r,
         )
         self.batch_size = Histogram(
             "fieldchat_gateway_archive_batch_size", "Messages per archive commit.",
