@@ -34,6 +34,7 @@ from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from broker import _codec as codec  # noqa: E402
+from broker._errors import MalformedPacket  # noqa: E402
 from broker._mosquitto import write_mosquitto_config  # noqa: E402
 from broker._store import Store  # noqa: E402
 from broker.testing import participant  # noqa: E402
@@ -97,8 +98,8 @@ async def subscriber(args: argparse.Namespace) -> None:
                     writer.write(codec.puback(packet.packet_id))
                 received += 1
                 last = time.time()
-    except TimeoutError:
-        pass
+    except (TimeoutError, OSError, asyncio.IncompleteReadError, MalformedPacket) as exc:
+        print(f"  subscriber stopped: {exc!r}", file=sys.stderr)
     writer.close()
     print(json.dumps({"received": received, "seconds": last - first if first else 0.0}), flush=True)
 
@@ -174,7 +175,7 @@ def _run_load(
         cid, user, password = who
         out = [*me, "--role", name, "--client-id", cid, *common]
         if user is not None:
-            out += ["--user", user, "--password", password or ""]
+            out += [f"--user={user}", f"--password={password or ''}"]  # may start with -
         if persistent and name == "sub":
             out.append("--persistent")
         return out
@@ -185,7 +186,8 @@ def _run_load(
     assert subscriber_proc.stdout.readline().strip() == "ready"
     publisher_proc = subprocess.Popen(role("pub", pub), env=env)
     try:
-        result = json.loads(subscriber_proc.stdout.readline())
+        line = subscriber_proc.stdout.readline()
+        result = json.loads(line) if line.strip() else {"received": 0, "seconds": 0.0}
         publisher_proc.wait(timeout)
     finally:
         for proc in (publisher_proc, subscriber_proc):
