@@ -1,0 +1,224 @@
+// Checks tests/vectors/protocol.json with the browser's own code (PROTOCOL.md §9).
+// Returns one {name, ok, detail} per check; the Python test asserts them all.
+
+import * as bytes from "/js/bytes.js";
+import { chainStep, importPrivate, publicOfPrivate, stepNonce } from "/js/crypto.js";
+import { Engine, MemoryStore, acceptGrant, identityFromSeed, makeGrant } from "/js/engine.js";
+import { pack, unpack } from "/js/msgpack.js";
+import * as wire from "/js/wire.js";
+
+const { fromHex, hex, equal } = bytes;
+const CLOCK = 1700000000;
+
+export async function check(v) {
+  const results = [];
+  const run = async (name, fn) => {
+    try {
+      const detail = await fn();
+      results.push({ name, ok: detail === true, detail: detail === true ? "" : String(detail) });
+    } catch (err) {
+      results.push({ name, ok: false, detail: `${err.name}: ${err.message}` });
+    }
+  };
+  const expectError = async (fn, cls, reason) => {
+    try { await fn(); } catch (err) {
+      if (err instanceof cls && (!reason || err.reason === reason)) return true;
+      return `wrong error ${err.name} ${err.reason} ${err.message}`;
+    }
+    return "no error";
+  };
+
+  for (const id of v.identities) {
+    await run(`identity ${id.name}: bundle decodes, pid, fingerprint, canonical bytes`, async () => {
+      const b = await wire.decodeBundle(fromHex(id.bundle));
+      if (b.pid !== id.pid) return `pid ${b.pid}`;
+      if ((await wire.fingerprint(b)) !== id.fingerprint) return "fingerprint";
+      if (b.postQuantum !== id.post_quantum) return "post_quantum";
+      const again = bytes.concat(wire.bundleBody(b.ed25519, b.x25519, b.mlkem768, b.createdAt), b.signature);
+      return equal(again, fromHex(id.bundle)) || "re-encoded bundle differs";
+    });
+    await run(`identity ${id.name}: keys derived from the seed`, async () => {
+      const okm = await (await import("/js/crypto.js")).hkdf(fromHex(id.seed), null, bytes.utf8("fieldchat identity v1"), 64);
+      const ed = await publicOfPrivate("ed25519", okm.slice(0, 32));
+      const x = await publicOfPrivate("x25519", okm.slice(32, 64));
+      return (hex(ed) === id.ed25519_public && hex(x) === id.x25519_public) || "derived keys differ";
+    });
+  }
+  await run("identity web: the browser rebuilds the exact bundle from the seed", async () => {
+    const web = v.identities.find((i) => i.name === "web");
+    const ident = await identityFromSeed(fromHex(web.seed), CLOCK);
+    return (ident.pid === web.pid && hex(ident.bundle) === web.bundle) || "bundle differs";
+  });
+
+  for (const c of v.chain) {
+    await run(`chain step ${c.step}`, async () => {
+      const out = await chainStep(fromHex(c.chain_key));
+      if (hex(out) !== c.hmac_sha512) return "hmac";
+      if (hex(out.subarray(0, 32)) !== c.message_key || hex(out.subarray(32)) !== c.next_chain_key) return "split";
+      return hex(stepNonce(c.step)) === c.nonce || "nonce";
+    });
+  }
+
+  for (const conv of v.conversations) {
+    await run(`roster ${conv.label}: verifies, founds its cid, re-encodes canonically`, async () => {
+      const r = await wire.decodeRoster(fromHex(conv.roster));
+      await wire.verifyRosterChain(r, null);
+      if (r.cid !== conv.cid) return "cid";
+      const again = bytes.concat(wire.rosterBody(r), r.signature);
+      return equal(again, fromHex(conv.roster)) || "re-encoded roster differs";
+    });
+  }
+
+  for (const e of v.envelopes) {
+    await run(`envelope ${e.conversation} step ${e.step}: opens with the chain key alone`, async () => {
+      const conv = v.conversations.find((c) => c.label === e.conversation);
+      const data = fromHex(e.envelope);
+      const h = wire.readHeader(data);
+      if (h.epoch !== e.epoch || h.sender !== e.sender_index || h.chain !== e.chain || h.step !== e.step) return "header";
+      if (h.kind !== e.kind || h.flags !== e.flags || hex(data.subarray(0, h.headerLength)) !== e.header) return "kind/flags";
+      let ck = fromHex(conv.sender_chain_key);
+      for (let i = 0; i < h.step; i++) ck = (await chainStep(ck)).slice(32);
+      const mk = (await chainStep(ck)).subarray(0, 32);
+      const end = data.length - (h.flags & wire.FLAG.signed ? 64 : 0);
+      const { aeadOpen } = await import("/js/crypto.js");
+      const pt = await aeadOpen(mk, stepNonce(h.step), data.subarray(h.headerLength, end),
+                                bytes.concat(data.subarray(0, h.headerLength), bytes.decodeId(e.cid)));
+      const m = await wire.decodePlaintext(h.kind, pt, { compressed: !!(h.flags & 0x40), padded: !!(h.flags & 0x20) });
+      return (m.text === e.message.text && m.sentAt === e.message.sent_at) || "message differs";
+    });
+  }
+
+  for (const conv of v.conversations) {
+    await run(`engine of web opens every envelope of ${conv.label} after its X25519 grant`, async () => {
+      const webVec = v.identities.find((i) => i.name === "web");
+      const alice = v.identities.find((i) => i.name === "alice");
+      const engine = await Engine.open(new MemoryStore(), { identity: await identityFromSeed(fromHex(webVec.seed), CLOCK) });
+      await engine.learnBundle(fromHex(alice.bundle));
+      const grants = await engine.handleRoster(fromHex(conv.roster));
+      // web is a member of the epoch: it grants its own chain, X25519-only, to every
+      // member whose bundle it knows (alice here).
+      if (grants.length !== 1 || grants[0].recipient !== alice.pid) return "own grants";
+      const g = await wire.decodeGrant(grants[0].data);
+      if (g.mode !== wire.GRANT_MODE.x25519 || g.kemCiphertext !== null) return "own grant mode";
+      const result = await engine.handleGrant(fromHex(conv.grant_to_web_x25519));
+      if (!result.installed) return "grant not installed";
+      for (const e of v.envelopes.filter((x) => x.conversation === conv.label)) {
+        const opened = await engine.open(conv.cid, fromHex(e.envelope));
+        if (!opened || opened.message.text !== e.message.text || opened.sender !== e.sender_pid) return `step ${e.step}`;
+        if (opened.signed !== !!(e.flags & 0x80)) return "signed flag";
+      }
+      const again = await engine.open(conv.cid, fromHex(v.envelopes.find((x) => x.conversation === conv.label).envelope));
+      if (again !== null) return "a replayed envelope opened twice";
+      return engine.counters.duplicate === 1 || "duplicate not counted";
+    });
+  }
+
+  await run("an envelope that overtakes earlier ones opens, and the earlier ones after it", async () => {
+    const conv = v.conversations[0];
+    const webVec = v.identities.find((i) => i.name === "web");
+    const engine = await Engine.open(new MemoryStore(), { identity: await identityFromSeed(fromHex(webVec.seed), CLOCK) });
+    await engine.learnBundle(fromHex(v.identities[0].bundle));
+    await engine.handleRoster(fromHex(conv.roster));
+    await engine.handleGrant(fromHex(conv.grant_to_web_x25519));
+    const envs = v.envelopes.filter((x) => x.conversation === conv.label).reverse();
+    for (const e of envs) {
+      const opened = await engine.open(conv.cid, fromHex(e.envelope));
+      if (!opened || opened.message.text !== e.message.text) return `step ${e.step}`;
+    }
+    return true;
+  });
+
+  await run("a grant arriving before its roster is held and applied with the roster", async () => {
+    const conv = v.conversations[1];
+    const webVec = v.identities.find((i) => i.name === "web");
+    const engine = await Engine.open(new MemoryStore(), { identity: await identityFromSeed(fromHex(webVec.seed), CLOCK) });
+    const held = await engine.handleGrant(fromHex(conv.grant_to_web_x25519));
+    if (!held.needsRoster) return "not held";
+    await engine.handleRoster(fromHex(conv.roster));
+    const e = v.envelopes.find((x) => x.conversation === conv.label);
+    const opened = await engine.open(conv.cid, fromHex(e.envelope));
+    return (opened && opened.message.text === e.message.text) || "not opened";
+  });
+
+  const x = v.grants.find((g) => g.mode === "x25519");
+  await run("X25519 grant: web accepts it; the browser re-creates it byte for byte", async () => {
+    const webVec = v.identities.find((i) => i.name === "web");
+    const alice = v.identities.find((i) => i.name === "alice");
+    const web = await identityFromSeed(fromHex(webVec.seed), CLOCK);
+    const grant = await wire.decodeGrant(fromHex(x.grant));
+    const payload = await acceptGrant(web, grant);
+    if (!equal(wire.chainGrantBytes(payload), fromHex(x.payload))) return "payload";
+    const aliceId = await identityFromSeed(fromHex(alice.seed), CLOCK);
+    const eph = { privateKey: await importPrivate("x25519", fromHex(x.ephemeral_private)),
+                  publicRaw: await publicOfPrivate("x25519", fromHex(x.ephemeral_private)) };
+    const made = await makeGrant(aliceId, await wire.decodeBundle(fromHex(webVec.bundle)), x.cid,
+                                 wire.decodeChainGrant(fromHex(x.payload)), eph);
+    return hex(made) === x.grant || "re-created grant differs";
+  });
+  await run("hybrid grant: signature verifies; the browser (no ML-KEM) cannot be its recipient", async () => {
+    const h = v.grants.find((g) => g.mode === "hybrid");
+    const grant = await wire.decodeGrant(fromHex(h.grant));
+    if (grant.mode !== wire.GRANT_MODE.hybrid || grant.kemCiphertext.length !== 1088) return "mode";
+    const webVec = v.identities.find((i) => i.name === "web");
+    const web = await identityFromSeed(fromHex(webVec.seed), CLOCK);
+    return expectError(() => acceptGrant(web, { ...grant, recipient: web.pid }), bytes.ProtocolError, "grant");
+  });
+
+  // Refusals: each is a typed error, never a crash or a wrong plaintext.
+  const signedEnv = fromHex(v.envelopes[0].envelope);
+  const prepared = async () => {
+    const conv = v.conversations[0];
+    const webVec = v.identities.find((i) => i.name === "web");
+    const engine = await Engine.open(new MemoryStore(), { identity: await identityFromSeed(fromHex(webVec.seed), CLOCK) });
+    await engine.learnBundle(fromHex(v.identities[0].bundle));
+    await engine.handleRoster(fromHex(conv.roster));
+    await engine.handleGrant(fromHex(conv.grant_to_web_x25519));
+    return [engine, conv.cid];
+  };
+  await run("a tampered ciphertext is refused opaquely and moves nothing", async () => {
+    const [engine, cid] = await prepared();
+    const bad = signedEnv.slice();
+    bad[8] ^= 1;
+    const err = await expectError(() => engine.open(cid, bad), bytes.CryptoError, "auth");
+    if (err !== true) return err;
+    return (await engine.open(cid, signedEnv))?.message.text === v.envelopes[0].message.text || "chain moved";
+  });
+  await run("a stripped signature is refused (policy signs every step)", async () => {
+    const [engine, cid] = await prepared();
+    const bad = signedEnv.slice(0, -64);
+    bad[1] &= ~0x80;
+    return expectError(() => engine.open(cid, bad), bytes.FieldchatError);
+  });
+  await run("an unknown version is UnsupportedVersion; a non-minimal varint is WireError", async () => {
+    const v2 = signedEnv.slice(); v2[0] = 2;
+    const a = await expectError(() => wire.readHeader(v2), bytes.UnsupportedVersion);
+    const b = await expectError(() => bytes.readVarint(Uint8Array.of(0x80, 0x00), 0), bytes.WireError);
+    const c = await expectError(() => unpack(Uint8Array.of(0x81, 0xa1, 0x61, 0x01)), bytes.WireError);
+    const d = await expectError(() => unpack(Uint8Array.of(0x91, 0x01, 0x02)), bytes.WireError);
+    return [a, b, c, d].every((r) => r === true) || JSON.stringify([a, b, c, d]);
+  });
+  await run("msgpack: canonical forms for every size class round-trip", async () => {
+    const values = [0, 127, 128, 255, 256, 65535, 65536, 2 ** 32 - 1, 2 ** 32, 2 ** 40, -1, -32, -33,
+                    -128, -129, -32768, -32769, -(2 ** 31), null, true, false, "", "x".repeat(31),
+                    "x".repeat(32), "é".repeat(200), new Uint8Array(300), Array(15).fill(1), Array(16).fill(1)];
+    for (const value of values) {
+      const back = unpack(pack([value]))[0];
+      const same = value instanceof Uint8Array ? equal(back, value) : JSON.stringify(back) === JSON.stringify(value);
+      if (!same) return `value ${String(value).slice(0, 20)}`;
+    }
+    return hex(pack([1, "a", new Uint8Array([2]), null, [true]])) === "9501a161c40102c091c3" || "encoding";
+  });
+  await run("ids: base32 round trip and the self-certifying pid", async () => {
+    const raw = fromHex("00112233445566778899aabbccddeeff");
+    const id = bytes.encodeId(raw);
+    return (bytes.isValidId(id) && equal(bytes.decodeId(id), raw)) || id;
+  });
+  await run("padding: Padmé lengths as Python computes them", async () => {
+    const expected = { 1: 32, 32: 32, 33: 36, 100: 104, 1000: 1024, 5000: 5120, 30000: 30720 };
+    for (const [n, want] of Object.entries(expected)) {
+      if (wire.padmeLength(Number(n)) !== want) return `${n} -> ${wire.padmeLength(Number(n))}`;
+    }
+    return true;
+  });
+  return results;
+}

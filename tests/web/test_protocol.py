@@ -1,0 +1,41 @@
+"""The browser's protocol code (gateway/web/js) against the project's vectors, in real
+headless Chromium: the same file tests/test_vectors.py checks in Python."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+VECTORS = json.loads((Path(__file__).parents[1] / "vectors" / "protocol.json").read_text())
+
+pytestmark = pytest.mark.chromium
+
+
+@pytest.fixture(scope="module")
+def results(browser, tmp_path_factory):
+    from tests.web._stack import running_stack
+
+    with running_stack(tmp_path_factory.mktemp("vectors")) as stack:
+        page = browser.new_page()
+        try:
+            page.goto(f"{stack.base}/_tests/harness.html")
+            found = page.evaluate(
+                "async (v) => (await import('/_tests/vectors.js')).check(v)", VECTORS
+            )
+        finally:
+            page.close()
+    return {r["name"]: r for r in found}
+
+
+def test_every_vector_check_ran(results):
+    names = list(results)
+    assert len(names) >= 30
+    assert any(n.startswith("identity web") for n in names)
+    assert any("X25519 grant" in n for n in names)
+
+
+def test_vectors_pass_in_chromium(results):
+    failed = {n: r["detail"] for n, r in results.items() if not r["ok"]}
+    assert not failed
