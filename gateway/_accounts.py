@@ -26,6 +26,8 @@ MAX_USERNAME = 64
 MAX_PASSWORD = 1024
 MIN_PASSWORD = 8
 _LIMITER_KEYS = 100_000
+_SESSION_CACHE_S = 2.0  # a logout elsewhere takes effect here within this time
+_SESSION_CACHE_MAX = 10_000
 
 
 class LoginLimiter:
@@ -85,6 +87,9 @@ class Accounts:
         )
         self.limiter = LoginLimiter(settings.login_attempts, settings.login_window_s)
         self._dummy: str | None = None
+        # Every API call and socket resolves its session: keep recent answers briefly
+        # instead of three queries per request.
+        self._sessions: OrderedDict[bytes, tuple[float, Account]] = OrderedDict()
 
     async def hash_password(self, password: str) -> str:
         return await asyncio.to_thread(self.hasher.hash, password)
@@ -131,7 +136,26 @@ class Accounts:
     async def session(self, token: str | None) -> Account | None:
         if not token or len(token) > 128:
             return None
-        return await self.store.session_account(token_hash(token), time.time())
+        key = token_hash(token)
+        now = time.monotonic()
+        cached = self._sessions.get(key)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        account = await self.store.session_account(key, time.time())
+        if account is None:
+            self._sessions.pop(key, None)
+            return None
+        self._sessions[key] = (now + _SESSION_CACHE_S, account)
+        self._sessions.move_to_end(key)
+        while len(self._sessions) > _SESSION_CACHE_MAX:
+            self._sessions.popitem(last=False)
+        return account
+
+    def forget(self, account_id: int) -> None:
+        """Drop cached sessions of an account (its participants changed)."""
+        for key in [k for k, (_, a) in self._sessions.items() if a.id == account_id]:
+            del self._sessions[key]
 
     async def end_session(self, token: str) -> None:
+        self._sessions.pop(token_hash(token), None)
         await self.store.delete_session(token_hash(token))

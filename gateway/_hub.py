@@ -29,9 +29,13 @@ _READ_LIMIT = 1000
 _PRESENCE_MAX = 200_000
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(eq=False, slots=True)
 class Event:
-    """One thing to send to a browser: ``kind`` is envelope, grant, roster or presence."""
+    """One thing to send to a browser: ``kind`` is envelope, grant, roster or presence.
+
+    ``text`` caches the encoded frame: one event goes to every socket of its
+    conversation, so it is encoded once, not once per socket.
+    """
 
     kind: str
     envelope: StoredEnvelope | None = None
@@ -39,6 +43,7 @@ class Event:
     roster: RosterRecord | None = None
     pid: str | None = None
     status: bytes | None = None
+    text: str | None = None
 
 
 @dataclass(eq=False)

@@ -79,6 +79,12 @@ def _same_origin(ws: WebSocket) -> bool:
     return urlsplit(origin).netloc == ws.headers.get("host", "")
 
 
+def _encode(event: Event) -> str:
+    if event.text is None:
+        event.text = json.dumps(_frame(event), separators=(",", ":"))
+    return event.text
+
+
 def _frame(event: Event) -> dict[str, Any]:
     if event.kind == "envelope":
         e = event.envelope
@@ -166,7 +172,7 @@ class _Session:
                 if event.grant.seq <= self.sent_grant:
                     continue
                 self.sent_grant = event.grant.seq
-            await self.send(_frame(event))
+            await self.ws.send_text(_encode(event))
 
     async def reader(self) -> None:  # noqa: PLR0912 - one branch per frame outcome
         while True:
