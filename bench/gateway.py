@@ -16,6 +16,8 @@ time. Usage: python bench/gateway.py [--messages N] [--store-rows N] [--ws-clien
 [--ws-seconds S] [--skip-postgres]
 """
 
+# ruff: noqa: ANN401 - multiprocessing queues/events and paho callbacks are untyped here
+
 from __future__ import annotations
 
 import argparse
@@ -43,6 +45,7 @@ import httpx
 import paho.mqtt.client as paho
 import uvicorn
 from paho.mqtt.enums import CallbackAPIVersion
+from websockets.asyncio.client import connect
 
 # This file is named like the package it measures: import the package, not itself.
 sys.path[0] = str(Path(__file__).resolve().parent.parent)
@@ -322,7 +325,6 @@ async def history_latency(port: int, rows: int, requests: int) -> tuple[float, f
 def ws_clients_proc(url: str, cookie: str, n: int, expected: int, deadline: float,
                     ready: Any, out: Any) -> None:
     """Child process: ``n`` sockets; record the receive time of every envelope frame."""
-    from websockets.asyncio.client import connect
 
     async def main() -> dict[str, list[float]]:
         seen: dict[str, list[float]] = {}
