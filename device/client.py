@@ -60,7 +60,7 @@ from schemas import (
     TextMessage,
     Topics,
 )
-from schemas.envelope import read_header
+from schemas.envelope import EnvelopeKind, read_header
 from schemas.errors import (
     ConnectFailed,
     FieldchatError,
@@ -533,6 +533,21 @@ class Device:
     def sent(self, cid: str | None = None) -> list[SentRow]:
         return self.state.sent(cid)
 
+    @property
+    def receipts_pending(self) -> bool:
+        """Whether receipts wait for the next batch (``receipt_interval_s``)."""
+        with self._receipts_lock:
+            return any(self._receipts.values())
+
+    def undelivered(self, cid: str) -> int:
+        """Own messages of the current epoch some current member has not receipted yet."""
+        roster = self.engine.roster(cid)
+        missing: set[bytes] = set()
+        for pid in roster.pids:
+            if pid != self.pid:
+                missing |= {p for _, p in self.state.unreceipted(cid, roster.epoch, pid, 100_000)}
+        return len(missing)
+
     def gaps(self, cid: str | None = None) -> list[Gap]:
         return self.state.gaps(cid)
 
@@ -724,7 +739,10 @@ class Device:
             else:
                 key = (cid, epoch, index, chain)
                 high = self._high.get(key)
-                if high is not None and step > high + 1 and step not in self._waiting[key]:
+                if step in self._waiting.get(key, {}):
+                    self._duplicate(cid, payload)  # a copy of one already waiting
+                    return True
+                if high is not None and step > high + 1:
                     until = self._clock() + self.options.reorder_window_s
                     row, dropped = self.state.hold(db, cid, payload, until)
                     self._dropped(dropped)
@@ -756,6 +774,21 @@ class Device:
                         self._open_one(db, key[0], payload, batch)
                 progress = True
 
+    def _duplicate(self, cid: str, payload: bytes) -> None:
+        """A text seen before came again: its sender may have missed our receipt (a
+        broker lost it), so it is receipted again in the next batch."""
+        self.counters["duplicate"] += 1
+        try:
+            kind, _, epoch, index, chain, step, _ = read_header(payload)
+        except FieldchatError:
+            return
+        if kind is EnvelopeKind.TEXT and self.engine.is_member(cid):
+            with contextlib.suppress(FieldchatError):
+                if self.engine.roster(cid).member_at(index).pid == self.pid:
+                    return  # our own echo
+            with self._receipts_lock:
+                self._receipts[(cid, ReceiptType.DELIVERED)].add((epoch, index, chain, step))
+
     def _dropped(self, count: int) -> None:
         if count:
             self.counters["held_dropped"] += count
@@ -770,7 +803,7 @@ class Device:
             self._dropped(dropped)
             return False
         if opened is None:
-            self.counters["duplicate"] += 1
+            self._duplicate(cid, payload)
             return True
         message = opened.message
         text = message.text if isinstance(message, TextMessage) else None
@@ -780,7 +813,7 @@ class Device:
             opened.sender, int(_kind(message)), sent_at, text,
         )
         if row is None:
-            self.counters["duplicate"] += 1
+            self._duplicate(cid, payload)
             return True
         late = self._sequence(db, opened, batch)
         if isinstance(message, TextMessage):

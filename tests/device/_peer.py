@@ -36,6 +36,8 @@ def main() -> int:
     parser.add_argument("--expect", type=int, default=0)
     parser.add_argument("--duration", type=float, default=120.0)
     parser.add_argument("--resend-after", type=float, default=1.0)
+    parser.add_argument("--await-receipts", action="store_true",
+                        help="exit only when every member receipted every message")
     args = parser.parse_args()
 
     link = LinkOptions(
@@ -66,7 +68,9 @@ def main() -> int:
                 sys.stdout.flush()
                 printed += len(rows)
                 device.state.set_meta({_CURSOR: str(cursor), _CURSOR + "_n": str(printed)})
-            if not todo and printed >= args.expect and not device.outbox():
+            if (not todo and printed >= args.expect and not device.receipts_pending
+                    and not device.outbox()
+                    and not (args.await_receipts and device.undelivered(args.cid))):
                 return 0
             if not todo and not rows:
                 device.wait_for(lambda: False, 0.05)

@@ -310,13 +310,15 @@ class Peer:
         self.lines: list[dict[str, object]] = []
 
     def start(self, *, send: str = "", count: int = 0, expect: int = 0, batch: int = 1,
-              pace: float = 0.0, duration: float = 150.0, resend_after: float = 1.0) -> Peer:
+              pace: float = 0.0, duration: float = 150.0, resend_after: float = 1.0,
+              await_receipts: bool = False) -> Peer:
         self.proc = subprocess.Popen(
             [sys.executable, PEER, "--state", str(self.state), "--port", str(self.broker.port),
              "--credential", self.broker.user(self.pid), "--cid", self.cid,
              "--prefix", self.prefix, "--send", send or self.pid[:6], "--count", str(count),
              "--expect", str(expect), "--batch", str(batch), "--pace", str(pace),
-             "--duration", str(duration), "--resend-after", str(resend_after)],
+             "--duration", str(duration), "--resend-after", str(resend_after),
+             *(["--await-receipts"] if await_receipts else [])],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         return self
