@@ -1016,7 +1016,7 @@ class Device:
                 self.engine.flush()
             self._after(batch)
         if now >= self._next_housekeeping:
-            self._next_housekeeping = now + 10.0
+            self._next_housekeeping = now + min(10.0, self.options.gap_timeout_s)
             self._housekeeping(now)
 
     def _flush_receipts(self) -> None:

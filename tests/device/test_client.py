@@ -33,3 +33,182 @@ def test_two_devices_talk_both_ways(devices: Devices) -> None:
         10, "a delivery receipt",
     )
     assert alice.wait_drained(5)
+
+
+def test_wrong_credential_and_no_broker_are_typed_errors(tmp_path, mosquitto) -> None:
+    from pydantic import SecretStr
+
+    from device.client import Device
+    from device.config import BrokerOptions
+    from schemas.errors import ConnectFailed, NotAuthorized
+    from tests.device.conftest import FAST, free_port
+
+    with Device(tmp_path / "x.sqlite3",
+                BrokerOptions(port=mosquitto.port, credential=SecretStr("wrong")),
+                link=FAST) as device:
+        with pytest.raises(NotAuthorized, match="refused the credential"):
+            device.wait_connected(10)
+    with Device(tmp_path / "y.sqlite3", BrokerOptions(port=free_port()), link=FAST) as device:
+        with pytest.raises(ConnectFailed, match="cannot reach broker"):
+            device.wait_connected(1)
+
+
+def test_redelivered_envelopes_show_once(mosquitto_devices: Devices) -> None:
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    devices = mosquitto_devices
+    alice, bob = devices.make("alice"), devices.make("bob")
+    cid = alice.create_conversation([bob.pid])
+    wait_until(lambda: bob.engine.is_member(cid), 10, "bob joins")
+    alice.send_many(cid, ["one", "two"])
+    wait_until(lambda: texts(bob, cid) == ["one", "two"], 10, "bob receives")
+    # The broker (or a retransmitting sender) delivers the same envelopes again.
+    replay = [bytes(p) for (p,) in alice.state._read("SELECT payload FROM sent ORDER BY id")]
+    raw = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="replayer")
+    raw.username_pw_set("replayer", devices.broker.user("replayer"))
+    raw.connect("127.0.0.1", devices.broker.port)
+    raw.loop_start()
+    try:
+        for payload in replay * 3:
+            raw.publish(alice.topics.msg(cid), payload, qos=1).wait_for_publish(5)
+    finally:
+        raw.disconnect()
+        raw.loop_stop()
+    alice.send(cid, "three")
+    wait_until(lambda: len(texts(bob, cid)) == 3, 10, "the next message")
+    assert texts(bob, cid) == ["one", "two", "three"]
+    assert bob.counters["duplicate"] >= 6
+    def shown() -> list[str]:
+        return [e.text for e in devices.events[bob.pid] if isinstance(e, MessageReceived)]
+
+    wait_until(lambda: len(shown()) >= 3, 10, "the events")
+    assert shown() == ["one", "two", "three"]
+
+
+def test_changed_key_is_reported_loudly_and_verify_checks_fingerprints(
+    mosquitto_devices: Devices, caplog: pytest.LogCaptureFixture,
+) -> None:
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from device.events import KeyChanged
+    from device.identity import Identity
+
+    devices = mosquitto_devices
+    alice, bob = devices.make("alice"), devices.make("bob")
+    cid = alice.create_conversation([bob.pid])
+    wait_until(lambda: bob.engine.is_member(cid), 10, "bob joins")
+    assert not alice.verify(bob.pid, "00000 " * 12)
+    assert alice.verify(bob.pid, bob.fingerprint())
+    assert alice.engine.is_verified(bob.pid)
+    # Someone with Bob's credential publishes a newer bundle: same pid, new keys.
+    old = bob.engine.identity
+    forged = Identity(ed25519_seed=old._signer_seed(), x25519_private=b"\x42" * 32,
+                      mlkem_seed=None, created_at=old.bundle.created_at + 10)
+    raw = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="impostor")
+    raw.username_pw_set(bob.pid, devices.broker.user(bob.pid))
+    raw.connect("127.0.0.1", devices.broker.port)
+    raw.loop_start()
+    try:
+        raw.publish(alice.topics.bundle(bob.pid), forged.bundle.to_bytes(), qos=1,
+                    retain=True).wait_for_publish(5)
+    finally:
+        raw.disconnect()
+        raw.loop_stop()
+    wait_until(lambda: any(isinstance(e, KeyChanged) for e in devices.events[alice.pid]), 10,
+               "the warning")
+    warning = next(e for e in devices.events[alice.pid] if isinstance(e, KeyChanged))
+    assert warning.pid == bob.pid and warning.fingerprint != warning.previous_fingerprint
+    assert "KEY CHANGED" in caplog.text
+    assert not alice.engine.is_verified(bob.pid)
+
+
+def test_restarted_sender_leaves_a_gap_and_the_history_seam_is_asked(
+    tmp_path, mosquitto: Mosquitto,
+) -> None:
+    from device.client import Device
+    from device.events import GapDetected
+    from device.state import Gap
+    from tests.device.conftest import FAST
+
+    class History:
+        """A history source holding nothing (as a gateway with no archive would)."""
+
+        def __init__(self) -> None:
+            self.asked: list[Gap] = []
+
+        def request(self, gap: Gap) -> list[bytes]:
+            self.asked.append(gap)
+            return []
+
+    devices = Devices(tmp_path, mosquitto)
+    history = History()
+    try:
+        alice = devices.make("alice")
+        bob = devices.make("bob", start=False)
+        bob.history = history
+        bob.options = FAST.model_copy(update={"gap_timeout_s": 0.5, "reorder_window_s": 0.3})
+        bob.start().wait_connected(10)
+        cid = alice.create_conversation([bob.pid])
+        wait_until(lambda: bob.engine.is_member(cid), 10, "bob joins")
+        alice.send_many(cid, ["a", "b"])
+        wait_until(lambda: texts(bob, cid) == ["a", "b"], 10, "first two")
+        # A restart resumes after the reserved steps: steps 2..63 never exist.
+        alice = devices.reopen(alice)
+        alice.wait_connected(10)
+        alice.send(cid, "c")
+        wait_until(lambda: texts(bob, cid) == ["a", "b", "c"], 10, "after the restart")
+        gaps = [e for e in devices.events[bob.pid] if isinstance(e, GapDetected)]
+        assert [(g.sender, g.first, g.last) for g in gaps] == [(alice.pid, 2, 63)]
+        wait_until(lambda: history.asked, 15, "the history request")
+        assert (history.asked[0].first, history.asked[0].last) == (2, 63)
+        assert bob.gaps() == []
+        assert isinstance(Device, type)
+    finally:
+        devices.close()
+
+
+def test_leave_and_invite(devices: Devices) -> None:
+    from device.events import Removed
+
+    alice, bob, carol = devices.make("alice"), devices.make("bob"), devices.make("carol")
+    cid = alice.create_conversation([bob.pid])
+    wait_until(lambda: bob.engine.is_member(cid), 10, "bob joins")
+    alice.invite(cid, [carol.pid])
+    wait_until(lambda: carol.engine.is_member(cid), 10, "carol joins")
+    carol.send(cid, "hi all")
+    wait_until(lambda: texts(alice, cid) == ["hi all"] and texts(bob, cid) == ["hi all"], 10,
+               "carol is heard")
+    bob.leave(cid)
+    # Alice, the admin, removes Bob in a new epoch on his LEAVE.
+    wait_until(lambda: bob.pid not in alice.engine.roster(cid).pids, 10, "bob removed")
+    wait_until(lambda: carol.engine.roster(cid).epoch == alice.engine.roster(cid).epoch, 10,
+               "carol follows")
+    if isinstance(devices.broker, Mosquitto):
+        wait_until(lambda: any(isinstance(e, Removed) for e in devices.events[bob.pid]), 10,
+                   "bob's device notices")
+    assert [i.member for i in bob.conversations() if i.cid == cid] in ([False], [True])
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_low_bandwidth_conversation(mosquitto_devices: Devices, protocol: str) -> None:
+    from device.config import LinkOptions, low_bandwidth_policy
+
+    slow = LinkOptions.low_bandwidth().model_copy(
+        update={"receipt_interval_s": 0.5, "backoff_min_s": 0.1}
+    )
+    alice = mosquitto_devices.make("alice", link=slow, protocol=protocol)
+    bob = mosquitto_devices.make("bob", link=slow, protocol=protocol)
+    cid = alice.create_conversation([bob.pid], policy=low_bandwidth_policy(sign_every=4))
+    wait_until(lambda: bob.engine.is_member(cid), 10, "bob joins")
+    line = "field report: pump 3 pressure nominal, valve 7 replaced, all ok"
+    alice.send_many(cid, [line] * 8)
+    wait_until(lambda: len(texts(bob, cid)) == 8, 10, "eight messages")
+    received = [e for e in mosquitto_devices.events[bob.pid] if isinstance(e, MessageReceived)]
+    # One in four signed; compressed plaintext keeps envelopes small.
+    assert [e.signed for e in received] == [e.step % 4 == 0 for e in received]
+    sizes = [len(bytes(p)) for (p,) in alice.state._read("SELECT payload FROM sent")]
+    assert max(s for s, e in zip(sizes, received, strict=True) if not e.signed) < len(line) + 32
+    if protocol == "5":
+        assert alice._conn is not None and alice._conn.alias_max > 0
