@@ -1,0 +1,798 @@
+// The chat page. Message text only ever reaches the DOM through textContent (never as
+// HTML), and the page loads nothing but its own files (CSP in gateway/_web.py).
+
+import { FieldchatError, b64, fromB64, isValidId, utf8 } from "./bytes.js";
+import { Engine } from "./engine.js";
+import { Bridge, HttpError, api } from "./net.js";
+import { openStore } from "./store.js";
+import { MSG, decodeRoster, readHeader, verifyRosterChain } from "./wire.js";
+
+const PAGE = 100; // envelopes per history page
+const MAX_HELD = 2000; // envelopes waiting for their grant or roster, per conversation
+const RECEIPT_MS = 500;
+const RETRY_MS = 1000;
+const MAX_ATTEMPTS = 30; // publishes refused for a transient reason are retried this often
+
+const $ = (id) => document.getElementById(id);
+
+function h(tag, attrs = {}, ...children) {
+  const el = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k === "class") el.className = v;
+    else if (k.startsWith("data-")) el.setAttribute(k, v);
+    else if (k === "title") el.title = v;
+    else if (k === "onclick") el.addEventListener("click", v);
+    else el.setAttribute(k, v);
+  }
+  for (const c of children) {
+    if (c === null || c === undefined || c === false) continue;
+    el.append(typeof c === "string" || typeof c === "number" ? document.createTextNode(String(c)) : c);
+  }
+  return el;
+}
+
+const short = (pid) => pid.slice(0, 8);
+const time = (s) => new Date(s * 1000).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+
+// -- state ----------------------------------------------------------------------------------
+
+const S = {
+  account: null, store: null, engine: null, bridge: null,
+  cursor: null, grantCursor: 0,
+  convs: new Map(), // cid -> {cid, members, removed, unread, messages: Map id->msg, loaded, historyBefore, historyDone}
+  active: null,
+  presence: new Map(),
+  held: new Map(), // cid -> [{seq, data}]
+  receipts: new Map(), // `${cid}|${type}` -> Set of "epoch/sender/chain/step"
+  keyChanged: new Map(), // pid -> previous fingerprint
+  caughtUp: false,
+  queue: Promise.resolve(),
+  flushing: false,
+  online: navigator.onLine,
+};
+
+// Frames and history pages are handled one at a time, in order.
+function serial(fn) {
+  const run = S.queue.then(fn, fn);
+  S.queue = run.catch((err) => console.warn("fieldchat:", err));
+  return run;
+}
+
+function conv(cid) {
+  let c = S.convs.get(cid);
+  if (!c) {
+    c = { cid, members: [], removed: false, messages: new Map(), loaded: false, historyBefore: null,
+          historyDone: false, rosterSynced: false };
+    S.convs.set(cid, c);
+  }
+  return c;
+}
+
+// -- boot -----------------------------------------------------------------------------------
+
+async function boot() {
+  bindUi();
+  try {
+    await start(await api("GET", "/v1/me"));
+  } catch (err) {
+    if (err instanceof HttpError && err.status === 401) showLogin();
+    else showLogin(String(err.message || err));
+  }
+}
+
+function showLogin(message = "") {
+  $("app").hidden = true;
+  $("login").hidden = false;
+  $("login-error").textContent = message;
+  $("username").focus();
+}
+
+async function login(register) {
+  const username = $("username").value.trim();
+  const password = $("password").value;
+  $("login-error").textContent = "";
+  try {
+    if (register) await api("POST", "/v1/accounts", { username, password });
+    await start(await api("POST", "/v1/session", { username, password }));
+  } catch (err) {
+    $("login-error").textContent = err.message || String(err);
+  }
+}
+
+async function start(account) {
+  S.account = account;
+  S.store = await openStore(account.username);
+  S.engine = await Engine.open(S.store);
+  if (!account.pids.includes(S.engine.pid)) {
+    // A new browser for this account: register the participant it just made.
+    await api("POST", "/v1/me/participants", { bundle: b64(S.engine.bundle) });
+  }
+  S.cursor = (await S.store.get("ui/cursor")) ?? null;
+  S.grantCursor = (await S.store.get("ui/grantCursor")) ?? 0;
+  for (const [key, prev] of await S.store.entries("ui/keychanged/")) S.keyChanged.set(key.slice(14), prev);
+  for (const [, c] of await S.store.entries("ui/conv/")) Object.assign(conv(c.cid), c);
+  $("login").hidden = true;
+  $("app").hidden = false;
+  $("me-name").textContent = account.username;
+  $("me-pid").textContent = S.engine.pid;
+  $("me-fp").textContent = await S.engine.fingerprintOf(S.engine.pid);
+  S.bridge = new Bridge({
+    onFrame: (f) => serial(() => onFrame(f)),
+    onState: onConnection,
+    cursors: () => ({ cursor: S.cursor, grantCursor: S.grantCursor }),
+  });
+  if (S.online) S.bridge.start();
+  else onConnection("offline");
+  renderList();
+  setInterval(() => serial(flushReceipts), RECEIPT_MS);
+}
+
+function onConnection(state) {
+  S.caughtUp = false;
+  const banner = $("banner");
+  $("connection").classList.toggle("online", false);
+  if (state === "unauthenticated") { S.bridge.stop(); showLogin("Your session ended; log in again."); return; }
+  banner.hidden = false;
+  banner.className = state === "offline" ? "banner offline" : "banner";
+  banner.textContent = state === "offline"
+    ? "Offline. Messages you write are kept and sent when the connection is back."
+    : "Connecting…";
+}
+
+function caughtUp() {
+  S.caughtUp = true;
+  $("banner").hidden = true;
+  $("connection").classList.toggle("online", true);
+  publishStatus("online");
+  flushOutbox();
+}
+
+// -- frames ---------------------------------------------------------------------------------
+
+async function onFrame(f) {
+  switch (f.op) {
+    case "hello":
+      if (S.cursor === null) { S.cursor = f.cursor; await S.store.put("ui/cursor", S.cursor); }
+      for (const [cid, members] of Object.entries(f.conversations)) {
+        conv(cid).members = members;
+        await syncConversation(cid);
+      }
+      await payOwed();
+      renderList();
+      break;
+    case "envelope":
+      await onEnvelope(f.cid, f.seq, fromB64(f.data), true);
+      if (f.seq > (S.cursor ?? 0)) { S.cursor = f.seq; await S.store.put("ui/cursor", S.cursor); }
+      break;
+    case "grant":
+      await onGrant(fromB64(f.data));
+      if (f.seq > S.grantCursor) { S.grantCursor = f.seq; await S.store.put("ui/grantCursor", f.seq); }
+      break;
+    case "roster":
+      await onRoster(f.cid, fromB64(f.data));
+      break;
+    case "presence": {
+      let text = "";
+      try { text = new TextDecoder().decode(fromB64(f.status)); } catch { /* not ours to judge */ }
+      S.presence.set(f.pid, text === "online");
+      renderHeader();
+      renderMembers();
+      break;
+    }
+    case "caught_up":
+      caughtUp();
+      break;
+    default:
+      break;
+  }
+}
+
+// The rosters of a conversation from the gateway, checked as one chain from epoch 0
+// (the engine verifies each signature and link as it goes; §5.2).
+async function syncConversation(cid) {
+  const c = conv(cid);
+  let rosters;
+  try {
+    rosters = await api("GET", `/v1/conversations/${cid}/rosters`);
+  } catch {
+    return;
+  }
+  // The archive keeps every epoch: check the whole chain from the creator's epoch 0,
+  // even the epochs before we were invited (the engine alone trusts its first roster).
+  const decoded = [];
+  try {
+    for (const r of rosters) decoded.push(await decodeRoster(fromB64(r.roster)));
+    for (let i = 0; i < decoded.length; i++) {
+      if (i || decoded[0].epoch === 0) await verifyRosterChain(decoded[i], i ? decoded[i - 1] : null);
+    }
+  } catch (err) {
+    if (!(err instanceof FieldchatError)) throw err;
+    note(cid, "This conversation's membership history does not verify; it is ignored.");
+    return;
+  }
+  const known = S.engine.convs.get(cid);
+  const from = known && known.rosters.size ? known.epoch : -1;
+  for (const r of decoded) if (r.epoch > from) await applyRoster(cid, r.bytes, false);
+  c.rosterSynced = true;
+  await fetchBundles(cid);
+}
+
+async function onRoster(cid, data) {
+  let roster;
+  try { roster = await decodeRoster(data); } catch { return; }
+  const known = S.engine.convs.get(cid);
+  if (!known || !known.rosters.size || roster.epoch > known.epoch + 1) {
+    await syncConversation(cid); // new to us, or we missed epochs: fetch the whole chain
+  } else {
+    await applyRoster(cid, data, true);
+    await fetchBundles(cid);
+  }
+  await payOwed();
+  renderList();
+}
+
+async function applyRoster(cid, data, live) {
+  let publications = [];
+  try {
+    publications = await S.engine.handleRoster(data);
+  } catch (err) {
+    if (!(err instanceof FieldchatError)) throw err;
+    return;
+  }
+  const c = conv(cid);
+  c.removed = !S.engine.isMember(cid);
+  const roster = S.engine.convs.get(cid)?.rosters.get(S.engine.convs.get(cid).epoch);
+  const before = new Set(c.members);
+  if (roster) c.members = roster.members.map((m) => m.pid);
+  // The gateway tells a participant's presence to those who share a conversation with
+  // it; new members learn ours when we say it again.
+  if (S.caughtUp && c.members.some((p) => !before.has(p))) publishStatus("online");
+  await saveConv(c);
+  await publishAll(publications);
+  if (live && c.removed) note(cid, "You were removed from this conversation.");
+  await retryHeld(cid);
+  renderList();
+  if (S.active === cid) { renderHeader(); renderMembers(); }
+}
+
+async function onGrant(data) {
+  let result;
+  try {
+    result = await S.engine.handleGrant(data);
+  } catch (err) {
+    if (!(err instanceof FieldchatError)) throw err;
+    return;
+  }
+  if (result.installed) await retryHeld(result.cid);
+}
+
+async function fetchBundles(cid) {
+  const roster = S.engine.isMember(cid) || S.engine.convs.get(cid)?.epoch >= 0 ? S.engine.roster(cid) : null;
+  if (!roster) return;
+  for (const m of roster.members) {
+    if (m.pid !== S.engine.pid) await learnBundle(m.pid);
+  }
+}
+
+async function learnBundle(pid) {
+  let found;
+  try {
+    found = await api("GET", `/v1/participants/${pid}/bundle`);
+  } catch {
+    return false;
+  }
+  const update = await S.engine.learnBundle(fromB64(found.bundle));
+  if (update.status === "key_changed") {
+    S.keyChanged.set(pid, update.previousFingerprint);
+    await S.store.put(`ui/keychanged/${pid}`, update.previousFingerprint);
+    renderHeader();
+  }
+  return true;
+}
+
+async function payOwed() {
+  await publishAll(await S.engine.payOwedGrants());
+}
+
+// -- envelopes ------------------------------------------------------------------------------
+
+const idOf = (cid, h) => `${cid}/${h.epoch}/${h.sender}/${h.chain}/${h.step}`;
+
+async function onEnvelope(cid, seq, data, live) {
+  let header;
+  try { header = readHeader(data); } catch { return; }
+  const id = idOf(cid, header);
+  const c = conv(cid);
+  const stored = c.messages.get(id) ?? await S.store.message(id);
+  if (S.engine.senderOf(cid, data) === S.engine.pid || stored) {
+    if (stored && stored.seq == null) { // our own echo, or a copy now archived
+      stored.seq = seq;
+      if (stored.state === "queued") stored.state = "sent";
+      await keep(stored);
+    }
+    return;
+  }
+  let opened;
+  try {
+    opened = await S.engine.open(cid, data);
+  } catch (err) {
+    if (!(err instanceof FieldchatError)) throw err;
+    if (err.reason === "missing_key" || err.reason === "unknown_conversation") hold(cid, seq, data);
+    return;
+  }
+  if (!opened) return;
+  const m = opened.message;
+  if (m.kind === MSG.text) {
+    const reading = live && S.active === cid && document.visibilityState === "visible";
+    await keep({ id, cid, seq, sender: opened.sender, sentAt: m.sentAt, text: m.text, mine: false,
+                 read: reading, epoch: opened.epoch, senderIndex: opened.senderIndex,
+                 chain: opened.chain, step: opened.step });
+    addReceipt(cid, 1, opened);
+    if (reading) addReceipt(cid, 2, opened);
+  } else if (m.kind === MSG.receipt) {
+    await onReceipt(cid, opened.sender, m);
+  } else if (m.kind === MSG.control && m.op === 1) {
+    note(cid, `${short(opened.sender)} left the conversation.`);
+  }
+}
+
+function hold(cid, seq, data) {
+  const list = S.held.get(cid) ?? [];
+  if (list.length >= MAX_HELD) list.shift(); // oldest dropped; history has it
+  list.push({ seq, data });
+  S.held.set(cid, list);
+}
+
+async function retryHeld(cid) {
+  const list = S.held.get(cid);
+  if (!list) return;
+  S.held.delete(cid);
+  for (const { seq, data } of list) await onEnvelope(cid, seq, data, true);
+}
+
+async function onReceipt(cid, from, receipt) {
+  const c = await loadConv(cid);
+  for (const [epoch, sender, chain, first, last] of receipt.ranges) {
+    for (let step = first; step <= last && step - first < 10000; step++) {
+      const m = c.messages.get(`${cid}/${epoch}/${sender}/${chain}/${step}`);
+      if (!m || !m.mine) continue;
+      m.receipts ??= {};
+      const before = m.receipts[from] ?? 0;
+      if (receipt.type > before) {
+        m.receipts[from] = receipt.type;
+        m.state = stateOf(c, m);
+        await keep(m);
+      }
+    }
+  }
+}
+
+// delivered when every other member has it, read when every other member read it.
+function stateOf(c, m) {
+  if (!m.seq && m.state === "queued") return "queued";
+  const others = c.members.filter((p) => p !== S.engine.pid);
+  const r = m.receipts ?? {};
+  if (others.length && others.every((p) => r[p] === 2)) return "read";
+  if (others.length && others.every((p) => r[p] >= 1)) return "delivered";
+  return m.state === "failed" ? "failed" : "sent";
+}
+
+function addReceipt(cid, type, o) {
+  const key = `${cid}|${type}`;
+  const set = S.receipts.get(key) ?? new Set();
+  set.add(`${o.epoch}/${o.senderIndex}/${o.chain}/${o.step}`);
+  S.receipts.set(key, set);
+}
+
+async function flushReceipts() {
+  if (!S.caughtUp || !S.receipts.size) return;
+  const pending = [...S.receipts];
+  S.receipts.clear();
+  for (const [key, set] of pending) {
+    const [cid, type] = key.split("|");
+    if (!S.engine.isMember(cid)) continue;
+    const steps = [...set].map((s) => s.split("/").map(Number))
+      .sort((a, b) => a[0] - b[0] || a[1] - b[1] || a[2] - b[2] || a[3] - b[3]);
+    const ranges = [];
+    for (const [e, s, ch, st] of steps) {
+      const last = ranges[ranges.length - 1];
+      if (last && last[0] === e && last[1] === s && last[2] === ch && last[4] === st - 1) last[4] = st;
+      else ranges.push([e, s, ch, st, st]);
+    }
+    for (let i = 0; i < ranges.length; i += 256) {
+      try {
+        const sealed = await S.engine.seal(cid, { kind: MSG.receipt, type: Number(type), ranges: ranges.slice(i, i + 256) });
+        await S.bridge.publish("msg", sealed.data, { cid });
+      } catch { /* receipts are best effort */ }
+    }
+  }
+}
+
+// -- messages in memory, in IndexedDB and on screen -------------------------------------------
+
+async function keep(m) {
+  const c = conv(m.cid);
+  c.messages.set(m.id, m);
+  await S.store.putMessage(m);
+  if (S.active === m.cid) renderMessage(m);
+  else renderList();
+}
+
+function note(cid, text) {
+  const id = `note/${cid}/${Date.now()}/${Math.random()}`;
+  keep({ id, cid, seq: Infinity, note: true, text, sentAt: Math.floor(Date.now() / 1000), read: true });
+}
+
+async function loadConv(cid) {
+  const c = conv(cid);
+  if (!c.loaded) {
+    for (const m of await S.store.messagesOf(cid)) if (!c.messages.has(m.id)) c.messages.set(m.id, m);
+    c.loaded = true;
+  }
+  return c;
+}
+
+async function saveConv(c) {
+  await S.store.put(`ui/conv/${c.cid}`, { cid: c.cid, members: c.members, removed: c.removed,
+    historyBefore: c.historyBefore, historyDone: c.historyDone });
+}
+
+// A page of history, newest first from the gateway, opened oldest first (chains run forward).
+async function loadHistory(cid) {
+  const c = conv(cid);
+  if (c.historyDone) return 0;
+  const q = new URLSearchParams({ limit: PAGE });
+  if (c.historyBefore !== null) q.set("before", c.historyBefore);
+  const page = await api("GET", `/v1/conversations/${cid}/envelopes?${q}`);
+  for (const item of [...page.items].reverse()) await onEnvelope(cid, item.seq, fromB64(item.envelope), false);
+  c.historyBefore = page.next_before;
+  c.historyDone = !page.more;
+  await saveConv(c);
+  return page.items.length;
+}
+
+// -- sending ---------------------------------------------------------------------------------
+
+async function send(cid, text) {
+  const sealed = await S.engine.seal(cid, { kind: MSG.text, sentAt: Math.floor(Date.now() / 1000), text });
+  const [, epoch, sender, chain, step] = sealed.key;
+  const id = sealed.key.join("/");
+  await keep({ id, cid, seq: null, sender: S.engine.pid, sentAt: Math.floor(Date.now() / 1000), text,
+               mine: true, read: true, state: "queued", receipts: {}, epoch, senderIndex: sender, chain, step,
+               local: Date.now() });
+  await S.store.queue({ kind: "msg", cid, id, data: sealed.data, attempts: 0 });
+  flushOutbox();
+}
+
+async function publishAll(publications) {
+  for (const p of publications) await S.store.queue({ kind: p.kind, data: p.data, attempts: 0 });
+  if (publications.length) flushOutbox();
+}
+
+// The outbox leaves in order whenever the bridge is caught up; an entry is deleted only
+// after the gateway's ack (the broker's PUBACK), so a drop means sending again, and the
+// archive and every receiver deduplicate on (cid, epoch, sender, chain, step).
+async function flushOutbox() {
+  if (S.flushing) return;
+  S.flushing = true;
+  try {
+    for (let round = 0; round < 1000 && S.caughtUp; round++) {
+      const items = await S.store.outbox();
+      if (!items.length) break;
+      const item = items[0];
+      try {
+        await S.bridge.publish(item.kind, item.data, item.cid ? { cid: item.cid } : {});
+        await S.store.unqueue(item.n);
+        if (item.id) await markSent(item.cid, item.id);
+      } catch (err) {
+        const transient = ["transport", "not_member", "unavailable"].includes(err.reason);
+        item.attempts = (item.attempts || 0) + 1;
+        if (transient && item.attempts < MAX_ATTEMPTS) {
+          await S.store.update(item);
+          if (!S.bridge.open) break;
+          await new Promise((r) => setTimeout(r, RETRY_MS));
+        } else {
+          await S.store.unqueue(item.n);
+          if (item.id) await markFailed(item.cid, item.id);
+        }
+      }
+    }
+  } finally {
+    S.flushing = false;
+  }
+}
+
+async function markSent(cid, id) {
+  const c = await loadConv(cid);
+  const m = c.messages.get(id);
+  if (m && m.state === "queued") { m.state = "sent"; await keep(m); }
+}
+
+async function markFailed(cid, id) {
+  const c = await loadConv(cid);
+  const m = c.messages.get(id);
+  if (m) { m.state = "failed"; await keep(m); }
+}
+
+async function publishStatus(text) {
+  try { await S.bridge.publish("status", utf8(text), { pid: S.engine.pid }); } catch { /* presence is best effort */ }
+}
+
+// -- conversations: create, invite, remove -----------------------------------------------------
+
+async function createConversation(pids) {
+  for (const pid of pids) {
+    if (!(await learnBundle(pid))) throw new Error(`No participant ${pid} is known to the gateway.`);
+  }
+  const { cid, publications } = await S.engine.createConversation(pids);
+  const c = conv(cid);
+  c.members = [S.engine.pid, ...pids];
+  c.historyDone = true; // nothing before its first roster
+  await saveConv(c);
+  await publishAll(publications);
+  renderList();
+  await openConversation(cid);
+}
+
+async function invite(cid, pid) {
+  if (!(await learnBundle(pid))) throw new Error(`No participant ${pid} is known to the gateway.`);
+  await publishAll(await S.engine.addMembers(cid, [pid]));
+  await afterRotation(cid);
+}
+
+async function removeMember(cid, pid) {
+  await publishAll(await S.engine.removeMembers(cid, [pid]));
+  await afterRotation(cid);
+}
+
+async function afterRotation(cid) {
+  const c = conv(cid);
+  c.members = S.engine.roster(cid).members.map((m) => m.pid);
+  await saveConv(c);
+  renderHeader();
+  renderMembers();
+  renderList();
+}
+
+// -- rendering -----------------------------------------------------------------------------------
+
+function convName(c) {
+  const others = c.members.filter((p) => p !== S.engine.pid);
+  return others.length ? others.map(short).join(", ") : "Just you";
+}
+
+function unreadOf(c) {
+  let n = 0;
+  for (const m of c.messages.values()) if (!m.mine && !m.note && !m.read) n++;
+  return n;
+}
+
+function renderList() {
+  const list = $("conversations");
+  const items = [...S.convs.values()].filter((c) => c.members.length || S.engine.convs.has(c.cid));
+  list.replaceChildren(...items.map((c) => {
+    const n = unreadOf(c);
+    return h("li", { "data-cid": c.cid, class: c.cid === S.active ? "active" : "",
+                     onclick: () => serial(() => openConversation(c.cid)) },
+      h("span", { class: "name" }, convName(c)),
+      c.removed ? h("span", { class: "badge" }, "removed") : null,
+      n ? h("span", { class: "unread", "data-unread": n }, n) : null);
+  }));
+}
+
+function renderHeader() {
+  if (!S.active) return;
+  const c = conv(S.active);
+  $("conv-title").textContent = convName(c);
+  const online = c.members.filter((p) => p !== S.engine.pid && S.presence.get(p)).length;
+  $("conv-sub").textContent = `${c.members.length} members, ${online} online${c.removed ? " · you were removed" : ""}`;
+  const changed = c.members.filter((p) => S.keyChanged.has(p));
+  const warning = $("key-warning");
+  warning.hidden = !changed.length;
+  warning.textContent = changed.length
+    ? `⚠ The keys of ${changed.map(short).join(", ")} changed. Compare fingerprints again before trusting them.`
+    : "";
+  $("composer").hidden = c.removed;
+}
+
+async function renderMembers() {
+  if (!S.active || $("members").hidden) return;
+  const cid = S.active;
+  const c = conv(cid);
+  const engineConv = S.engine.convs.get(cid);
+  const roster = engineConv?.rosters.get(engineConv.epoch);
+  const admin = roster?.members.some((m) => m.pid === S.engine.pid && m.admin) && !c.removed;
+  const rows = [];
+  for (const m of roster?.members ?? []) {
+    const me = m.pid === S.engine.pid;
+    const fp = await S.engine.fingerprintOf(m.pid);
+    rows.push(h("li", { "data-pid": m.pid },
+      h("div", { class: "head" },
+        h("span", { class: `dot${me || S.presence.get(m.pid) ? " online" : ""}` }),
+        h("code", {}, m.pid), me ? h("span", { class: "badge" }, "you") : null,
+        m.admin ? h("span", { class: "badge" }, "admin") : null,
+        h("span", { class: `badge${m.pq ? " pq" : ""}` }, m.pq ? "post-quantum" : "X25519 only"),
+        S.keyChanged.has(m.pid) ? h("span", { class: "badge changed" }, "key changed") : null,
+        S.engine.verified.has(m.pid) ? h("span", { class: "badge pq" }, "verified") : null),
+      h("code", { class: "fp", "data-fingerprint": m.pid }, fp ?? "fingerprint unknown"),
+      h("div", { class: "row" },
+        !me && fp && !S.engine.verified.has(m.pid)
+          ? h("button", { class: "link", type: "button", onclick: () => serial(async () => {
+              await S.engine.markVerified(m.pid);
+              S.keyChanged.delete(m.pid);
+              await S.store.delete(`ui/keychanged/${m.pid}`);
+              renderHeader(); renderMembers();
+            }) }, "Mark verified")
+          : null,
+        admin && !me
+          ? h("button", { class: "link", type: "button", "data-remove": m.pid, onclick: () => serial(async () => {
+              try { await removeMember(cid, m.pid); } catch (err) { $("members-error").textContent = err.message; }
+            }) }, "Remove")
+          : null)));
+  }
+  if (S.active === cid) $("member-list").replaceChildren(...rows);
+  $("invite").hidden = !admin;
+}
+
+function messageNode(m) {
+  if (m.note) return h("li", { class: "note", "data-id": m.id }, h("span", { class: "text" }, m.text));
+  const state = m.mine ? (m.state ?? "sent") : null;
+  const label = { queued: "queued", sent: "✓ sent", delivered: "✓✓ delivered", read: "✓✓ read", failed: "not sent" };
+  return h("li", { class: m.mine ? "mine" : "", "data-id": m.id },
+    m.mine ? null : h("div", { class: "sender", title: m.sender }, short(m.sender)),
+    h("div", { class: "text" }, m.text),
+    h("div", { class: "meta" }, time(m.sentAt),
+      state ? h("span", { class: "state", "data-state": state }, ` ${label[state] ?? state}`) : null));
+}
+
+const order = (a, b) => (a.seq ?? Infinity) - (b.seq ?? Infinity) || (a.local ?? 0) - (b.local ?? 0) || (a.id < b.id ? -1 : 1);
+
+// Archive order (seq) is the order everyone sees; each sender's messages are kept in
+// step order within the places they take in it (the broker may reorder a burst).
+function arranged(c) {
+  const list = [...c.messages.values()].sort(order);
+  const chains = new Map();
+  list.forEach((m, i) => {
+    if (m.note || m.step === undefined) return;
+    const key = `${m.epoch}/${m.senderIndex}/${m.chain}`;
+    if (!chains.has(key)) chains.set(key, []);
+    chains.get(key).push(i);
+  });
+  const out = list.slice();
+  for (const places of chains.values()) {
+    const ms = places.map((i) => list[i]).sort((a, b) => a.step - b.step);
+    places.forEach((place, j) => { out[place] = ms[j]; });
+  }
+  return out;
+}
+
+function renderMessages() {
+  clearTimeout(S.renderTimer);
+  S.renderTimer = null;
+  if (!S.active) return;
+  const c = conv(S.active);
+  const scroller = $("scroller");
+  const atBottom = scroller.scrollHeight - scroller.scrollTop - scroller.clientHeight < 80;
+  $("messages").replaceChildren(...arranged(c).map(messageNode));
+  $("older").hidden = c.historyDone;
+  if (atBottom || S.stickToBottom) scroller.scrollTop = scroller.scrollHeight;
+  S.stickToBottom = false;
+}
+
+function renderMessage(m) {
+  S.renderTimer ??= setTimeout(renderMessages, 16);
+  if (m.mine) S.stickToBottom = true;
+  if (!m.mine && !m.note && !m.read && document.visibilityState === "visible") markRead(m.cid);
+}
+
+async function markRead(cid) {
+  const c = conv(cid);
+  for (const m of c.messages.values()) {
+    if (!m.mine && !m.note && !m.read) {
+      m.read = true;
+      await S.store.putMessage(m);
+      addReceipt(cid, 2, m);
+    }
+  }
+  renderList();
+}
+
+async function openConversation(cid) {
+  S.active = cid;
+  $("app").classList.add("in-conversation");
+  $("conversation").hidden = false;
+  $("empty").hidden = true;
+  $("members-error").textContent = "";
+  const c = await loadConv(cid);
+  if (!c.rosterSynced && S.engine.convs.get(cid)?.epoch === undefined) await syncConversation(cid);
+  renderHeader();
+  renderMessages();
+  $("scroller").scrollTop = $("scroller").scrollHeight;
+  if (!c.historyDone && c.historyBefore === null) {
+    await loadHistory(cid);
+    renderMessages();
+    $("scroller").scrollTop = $("scroller").scrollHeight;
+  }
+  for (const m of c.messages.values()) if (m.mine && m.state !== "queued") m.state = stateOf(c, m);
+  await markRead(cid);
+  renderMembers();
+  renderList();
+  $("compose").focus();
+}
+
+// -- UI events ------------------------------------------------------------------------------------
+
+function bindUi() {
+  $("login-form").addEventListener("submit", (e) => { e.preventDefault(); login(false); });
+  $("register-button").addEventListener("click", () => login(true));
+  $("logout").addEventListener("click", async () => {
+    await publishStatus("offline");
+    S.bridge?.stop();
+    await api("DELETE", "/v1/session").catch(() => {});
+    location.reload();
+  });
+  $("back").addEventListener("click", () => {
+    S.active = null;
+    $("app").classList.remove("in-conversation");
+    $("conversation").hidden = true;
+    $("empty").hidden = false;
+    renderList();
+  });
+  $("members-toggle").addEventListener("click", () => {
+    $("members").hidden = !$("members").hidden;
+    renderMembers();
+  });
+  $("new-conv").addEventListener("submit", (e) => {
+    e.preventDefault();
+    const pids = $("new-members").value.split(/[\s,]+/).filter(Boolean);
+    if (!pids.every(isValidId)) { alertIn("new-members", "Participant ids are 26 letters a-z and digits 2-7."); return; }
+    serial(async () => {
+      try { await createConversation(pids); $("new-members").value = ""; } catch (err) { alertIn("new-members", err.message); }
+    });
+  });
+  $("invite").addEventListener("submit", (e) => {
+    e.preventDefault();
+    const pid = $("invite-pid").value.trim();
+    const cid = S.active;
+    if (!isValidId(pid)) { $("members-error").textContent = "Not a participant id."; return; }
+    serial(async () => {
+      try { await invite(cid, pid); $("invite-pid").value = ""; } catch (err) { $("members-error").textContent = err.message; }
+    });
+  });
+  const submit = () => {
+    const text = $("compose").value;
+    if (!text.trim() || !S.active) return;
+    $("compose").value = "";
+    const cid = S.active;
+    serial(() => send(cid, text)).catch((err) => { $("compose").value = text; alertIn("compose", err.message); });
+  };
+  $("composer").addEventListener("submit", (e) => { e.preventDefault(); submit(); });
+  $("compose").addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); submit(); }
+  });
+  $("older").addEventListener("click", () => serial(async () => {
+    if (!S.active) return;
+    const scroller = $("scroller");
+    const from = scroller.scrollHeight - scroller.scrollTop;
+    await loadHistory(S.active);
+    renderMessages();
+    scroller.scrollTop = scroller.scrollHeight - from;
+  }));
+  $("scroller").addEventListener("scroll", () => {
+    if ($("scroller").scrollTop === 0 && S.active && !conv(S.active).historyDone) $("older").click();
+  });
+  window.addEventListener("offline", () => { S.online = false; S.bridge?.stop(); onConnection("offline"); });
+  window.addEventListener("online", () => { S.online = true; S.bridge?.start(); });
+  document.addEventListener("visibilitychange", () => {
+    if (document.visibilityState === "visible" && S.active) markRead(S.active);
+  });
+}
+
+function alertIn(id, message) {
+  const el = $(id);
+  el.setCustomValidity(message);
+  el.reportValidity();
+  setTimeout(() => el.setCustomValidity(""), 3000);
+}
+
+boot();
