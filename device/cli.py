@@ -58,7 +58,7 @@ _options = _Options()
 
 
 @device_app.callback()
-def _device(  # noqa: PLR0917 - typer maps each option to a parameter
+def _device(
     state: Annotated[Path | None, typer.Option(
         envvar="FIELDCHAT_STATE", help="State file (identity, keys, outbox).")] = None,
     broker: Annotated[str | None, typer.Option(

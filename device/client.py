@@ -569,7 +569,7 @@ class Device:
     def link_refused(self, conn: Connection, topics: list[str]) -> None:
         self._queue.put(_Refused(conn, topics))
 
-    def link_failed(self, error: TransportError) -> None:
+    def link_failed(self, error: TransportError) -> None:  # noqa: ARG002 - read via the link
         with self._changed:
             self._changed.notify_all()
 
@@ -578,10 +578,8 @@ class Device:
     def _work(self) -> None:
         while True:
             items: list[_Item] = []
-            try:
+            with contextlib.suppress(queue.Empty):
                 items.append(self._queue.get(timeout=_TICK_S))
-            except queue.Empty:
-                pass
             while items and len(items) < BATCH:
                 try:
                     items.append(self._queue.get_nowait())
@@ -700,7 +698,9 @@ class Device:
 
     # -- inbound ----------------------------------------------------------------------
 
-    def _on_message(self, db: sqlite3.Connection, topic: str, payload: bytes, batch: _Batch) -> None:
+    def _on_message(
+        self, db: sqlite3.Connection, topic: str, payload: bytes, batch: _Batch
+    ) -> None:
         try:
             parsed = self.topics.parse(topic)
         except FieldchatError:
@@ -828,7 +828,7 @@ class Device:
         elif isinstance(message, Receipt):
             self._on_receipt(db, opened, message, batch)
         elif isinstance(message, Control) and message.op is ControlOp.LEAVE:
-            self._on_leave(db, opened, batch)
+            self._on_leave(db, opened)
         return True
 
     def _sequence(self, db: sqlite3.Connection, opened: Opened, batch: _Batch) -> bool:
@@ -873,7 +873,7 @@ class Device:
                 opened.cid, opened.sender, receipt.type.name.lower(), steps
             ))
 
-    def _on_leave(self, db: sqlite3.Connection, opened: Opened, batch: _Batch) -> None:
+    def _on_leave(self, db: sqlite3.Connection, opened: Opened) -> None:
         roster = self.engine.roster(opened.cid)
         if opened.sender not in roster.pids:
             return
@@ -967,7 +967,9 @@ class Device:
 
     # -- outbound ---------------------------------------------------------------------
 
-    def _queue_publications(self, db: sqlite3.Connection, pubs: list[Publication], cid: str | None) -> None:
+    def _queue_publications(
+        self, db: sqlite3.Connection, pubs: list[Publication], cid: str | None
+    ) -> None:
         for pub in pubs:
             what = "roster" if pub.retain else "grant" if "/p/" in pub.topic else "msg"
             self.state.add_outbox(db, pub.topic, pub.payload, retain=pub.retain, cid=cid,
@@ -1131,10 +1133,8 @@ class Device:
     # -- helpers ----------------------------------------------------------------------
 
     def _wake(self) -> None:
-        try:
+        with contextlib.suppress(queue.Full):  # a wake-up is already pending
             self._queue.put_nowait(_Wake())
-        except queue.Full:
-            pass
 
     def _emit(self, event: Event) -> None:
         if self.on_event is None:

@@ -158,8 +158,8 @@ class DeviceSettings(BaseSettings):
         settings_cls: type[BaseSettings],
         init_settings: PydanticBaseSettingsSource,
         env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,  # noqa: ARG003 - no .env files
+        file_secret_settings: PydanticBaseSettingsSource,  # noqa: ARG003 - nor secret dirs
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
 
@@ -186,7 +186,9 @@ class DeviceSettings(BaseSettings):
             raise ConfigError(f"invalid configuration: {' '.join(first[:3])}") from None
         return cls.model_validate(settings.model_dump())
 
-    def broker_options(self, saved_broker: str | None, saved_credential: str | None) -> BrokerOptions:
+    def broker_options(
+        self, saved_broker: str | None, saved_credential: str | None
+    ) -> BrokerOptions:
         """Option group for the library, completing missing values from the state file.
 
         Raises:

@@ -14,9 +14,9 @@ Callbacks run on the link thread and must be quick: the device only enqueues.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
-import socket
 import ssl
 import threading
 import time
@@ -201,7 +201,9 @@ class Link:
                 continue  # immediately retry with the other protocol
             else:
                 failures += 1
-            ceiling = min(self.options.backoff_max_s, self.options.backoff_min_s * 2**min(failures, 20))
+            ceiling = min(
+                self.options.backoff_max_s, self.options.backoff_min_s * 2 ** min(failures, 20)
+            )
             delay = max(0.05, self._rng.uniform(0, ceiling))  # full jitter
             self._stop.wait(delay)
 
@@ -230,7 +232,7 @@ class Link:
             )
         return client
 
-    def _connect_once(self) -> str:
+    def _connect_once(self) -> str:  # noqa: PLR0911, PLR0912, PLR0915 - one connection's story
         """One connection from CONNECT to its end: ``ok``, ``fail`` or ``switch``."""
         self._number += 1
         client = self._new_client()
@@ -282,7 +284,7 @@ class Link:
                 client.connect(self.broker.host, self.broker.port, self.options.keepalive_s)
         except ssl.SSLError as exc:
             return self._fail(ConnectFailed(f"TLS handshake with {where} failed: {exc.reason}"))
-        except (OSError, socket.timeout) as exc:
+        except (TimeoutError, OSError) as exc:
             reason = exc.strerror or type(exc).__name__
             return self._fail(ConnectFailed(f"cannot reach broker at {where}: {reason}"))
         deadline = time.monotonic() + self.options.connect_timeout_s
@@ -309,9 +311,8 @@ class Link:
             self.handler.link_disconnected(conn, reason)
             return "ok"
         if connack in _BAD_CREDENTIALS:
-            return self._fail(NotAuthorized(
-                f"broker at {where} refused the credential for {self.broker.username or self.client_id}"
-            ))
+            user = self.broker.username or self.client_id
+            return self._fail(NotAuthorized(f"broker at {where} refused the credential for {user}"))
         if self.broker.protocol == "auto" and (connack is None or connack == _UNSUPPORTED_PROTOCOL):
             # Reached the broker but got no usable CONNACK: try the other protocol.
             self._protocol = "3.1.1" if self._protocol == "5" else "5"
@@ -321,7 +322,9 @@ class Link:
             return "switch" if self._protocol == "3.1.1" else "fail"
         if connack is None:
             return self._fail(ConnectFailed(f"broker at {where} closed the connection ({reason})"))
-        return self._fail(ConnectFailed(f"broker at {where} refused the connection (code {connack})"))
+        return self._fail(
+            ConnectFailed(f"broker at {where} refused the connection (code {connack})")
+        )
 
     def _goodbye(self, conn: Connection) -> None:
         """Clean disconnect: farewell publications, then DISCONNECT (no will)."""
@@ -336,10 +339,8 @@ class Link:
             except (OSError, ValueError):
                 return
         conn.client.disconnect()
-        try:
+        with contextlib.suppress(OSError, ValueError):
             conn.client.loop(timeout=_LOOP_TIMEOUT_S)
-        except (OSError, ValueError):
-            pass
 
     def _fail(self, error: TransportError) -> str:
         self.last_error = error
@@ -352,14 +353,10 @@ def _close_client(client: mqtt.Client) -> None:
     """Close paho's socket pair and socket (paho leaves them to the garbage collector)."""
     sock = client.socket()
     if sock is not None:
-        try:
+        with contextlib.suppress(OSError):
             sock.close()
-        except OSError:
-            pass
     for name in ("_sockpairR", "_sockpairW"):
         pair = getattr(client, name, None)
         if pair is not None:
-            try:
+            with contextlib.suppress(OSError):
                 pair.close()
-            except OSError:
-                pass

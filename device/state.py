@@ -54,6 +54,7 @@ CREATE TABLE IF NOT EXISTS sent (
     topic TEXT NOT NULL, payload BLOB, outbox_seq INTEGER NOT NULL, published_at REAL,
     UNIQUE (cid, epoch, chain, step));
 CREATE INDEX IF NOT EXISTS sent_published ON sent (published_at) WHERE payload IS NOT NULL;
+CREATE INDEX IF NOT EXISTS sent_outbox ON sent (outbox_seq);
 CREATE TABLE IF NOT EXISTS received (
     id INTEGER PRIMARY KEY AUTOINCREMENT, cid TEXT NOT NULL, epoch INTEGER NOT NULL,
     sender_index INTEGER NOT NULL, chain INTEGER NOT NULL, step INTEGER NOT NULL,

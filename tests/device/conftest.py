@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from pydantic import SecretStr
 
 from device.client import Device
 from device.config import BrokerOptions, LinkOptions
 from device.events import Event
-from pydantic import SecretStr
 
 if TYPE_CHECKING:
     from broker import BrokerThread

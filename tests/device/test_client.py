@@ -45,12 +45,13 @@ def test_wrong_credential_and_no_broker_are_typed_errors(tmp_path, mosquitto) ->
 
     with Device(tmp_path / "x.sqlite3",
                 BrokerOptions(port=mosquitto.port, credential=SecretStr("wrong")),
-                link=FAST) as device:
-        with pytest.raises(NotAuthorized, match="refused the credential"):
-            device.wait_connected(10)
-    with Device(tmp_path / "y.sqlite3", BrokerOptions(port=free_port()), link=FAST) as device:
-        with pytest.raises(ConnectFailed, match="cannot reach broker"):
-            device.wait_connected(1)
+                link=FAST) as device, pytest.raises(NotAuthorized, match="refused the credential"):
+        device.wait_connected(10)
+    with (
+        Device(tmp_path / "y.sqlite3", BrokerOptions(port=free_port()), link=FAST) as device,
+        pytest.raises(ConnectFailed, match="cannot reach broker"),
+    ):
+        device.wait_connected(1)
 
 
 def test_redelivered_envelopes_show_once(mosquitto_devices: Devices) -> None:

@@ -1,0 +1,434 @@
+"""Device benchmark: fieldchat devices vs bare paho over one local Mosquitto.
+
+Run: ``.venv/bin/python bench/device.py`` (needs ``mosquitto`` on PATH or in
+/usr/sbin). The last line is a JSON object with ``e2e_msgs_per_s``,
+``raw_paho_msgs_per_s``, ``throughput_ratio``, ``added_latency_p50_ms``,
+``added_latency_p99_ms``, ``rss_mb_device``, ``rss_mb_bare_paho`` and
+``wire_bytes_per_message`` (per protocol and policy). Every loop is bounded in count
+and time. Throughput runs sender and receiver in separate processes (as the facts in
+issue 4 were measured); latency runs both ends in one process so they share a clock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+# This file is named after what it measures, which shadows the ``device`` package
+# when run as a script: take its own folder off the import path first.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
+
+import paho.mqtt.client as mqtt  # noqa: E402
+from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
+
+from device.client import Device  # noqa: E402
+from device.config import BrokerOptions, LinkOptions, low_bandwidth_policy  # noqa: E402
+from device.events import Event, MessageReceived  # noqa: E402
+from schemas import Policy  # noqa: E402
+
+TEXT = "field report: pump 3 pressure nominal, valve 7 replaced, ok"  # 60 chars
+N_THROUGHPUT = 3_000
+N_LATENCY = 300  # at 50 messages/s: 6 s
+N_WIRE = 400
+LINK = LinkOptions(receipt_interval_s=1.0, backoff_min_s=0.1, backoff_max_s=1.0)
+
+
+def _port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class Broker:
+    def __init__(self, workdir: Path) -> None:
+        self.port = _port()
+        conf = workdir / "mosquitto.conf"
+        conf.write_text(
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+            "max_queued_messages 100000\nmax_inflight_messages 100\n"
+            + ("user root\n" if os.getuid() == 0 else "")
+        )
+        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        self.proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        end = time.monotonic() + 10
+        while time.monotonic() < end:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+            except OSError:
+                time.sleep(0.02)
+            else:
+                return
+        raise RuntimeError("mosquitto did not start")
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+class Proxy:
+    """A TCP relay counting the bytes a client exchanges with the broker."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.bytes = 0
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                with self._lock:
+                    self.bytes += len(data)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for end in (src, dst):
+                with contextlib.suppress(OSError):
+                    end.close()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def _device(path: Path, port: int, *, protocol: str = "auto",
+            on_event: object = None, link: LinkOptions = LINK) -> Device:
+    device = Device(path, BrokerOptions(port=port, protocol=protocol),  # type: ignore[arg-type]
+                    link=link, on_event=on_event)  # type: ignore[arg-type]
+    device.start()
+    device.wait_connected(10)
+    return device
+
+
+def _pair(tmp: Path, port: int, policy: Policy, *, protocol: str = "auto",
+          sender_port: int | None = None) -> tuple[Device, Device, str, list[Event]]:
+    events: list[Event] = []
+    alice = _device(tmp / f"a-{os.urandom(3).hex()}.db", sender_port or port, protocol=protocol)
+    bob = _device(tmp / f"b-{os.urandom(3).hex()}.db", port, protocol=protocol,
+                  on_event=events.append)
+    cid = alice.create_conversation([bob.pid], policy=policy)
+    end = time.monotonic() + 15
+    while not (bob.engine.is_member(cid) and alice.engine._convs[cid].recv) and (
+        time.monotonic() < end
+    ):
+        time.sleep(0.02)
+    time.sleep(0.3)
+    return alice, bob, cid, events
+
+
+# -- roles run in child processes ---------------------------------------------------------
+
+
+def role_raw_sub(port: int, n: int) -> None:
+    got = 0
+    first = last = 0.0
+    done = threading.Event()
+
+    def on_message(_c: mqtt.Client, _u: object, _m: mqtt.MQTTMessage) -> None:
+        nonlocal got, first, last
+        got += 1
+        now = time.time()
+        if got == 1:
+            first = now
+        last = now
+        if got >= n:
+            done.set()
+
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="raw-sub")
+    client.on_message = on_message
+    client.connect("127.0.0.1", port)
+    client.subscribe("bench/raw", qos=1)
+    client.loop_start()
+    print("ready", flush=True)
+    done.wait(120)
+    client.disconnect()
+    client.loop_stop()
+    print(json.dumps({"got": got, "last": last}), flush=True)
+
+
+def role_raw_pub(port: int, n: int, size: int) -> None:
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="raw-pub")
+    client.max_inflight_messages_set(64)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    payload = os.urandom(size)
+    print(json.dumps({"start": time.time()}), flush=True)
+    infos = [client.publish("bench/raw", payload, qos=1) for _ in range(n)]
+    infos[-1].wait_for_publish(60)
+    client.disconnect()
+    client.loop_stop()
+
+
+def role_e2e_recv(state: str, port: int, n: int) -> None:
+    got = 0
+    first = last = 0.0
+    done = threading.Event()
+
+    def on_event(event: Event) -> None:
+        nonlocal got, first, last
+        if isinstance(event, MessageReceived):
+            got += 1
+            now = time.time()
+            if got == 1:
+                first = now
+            last = now
+            if got >= n:
+                done.set()
+
+    device = Device(state, BrokerOptions(port=port), link=LINK, on_event=on_event)
+    device.start()
+    device.wait_connected(10)
+    print("ready", flush=True)
+    done.wait(120)
+    device.close()
+    print(json.dumps({"got": got, "last": last}), flush=True)
+
+
+def role_e2e_send(state: str, port: int, n: int, cid: str) -> None:
+    device = Device(state, BrokerOptions(port=port), link=LINK)
+    device.start()
+    device.wait_connected(10)
+    print(json.dumps({"start": time.time()}), flush=True)
+    for _ in range(n // 50):
+        device.send_many(cid, [TEXT] * 50)
+    device.wait_drained(60)
+    device.close()
+
+
+def role_rss(kind: str, port: int, state: str) -> None:
+    if kind == "device":
+        device = Device(state, BrokerOptions(port=port), link=LINK)
+        device.start()
+        device.wait_connected(10)
+        time.sleep(1.0)
+        print(json.dumps({"rss_mb": _rss_mb()}), flush=True)
+        device.close()
+    else:
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="rss-paho")
+        client.connect("127.0.0.1", port)
+        client.subscribe("bench/rss", qos=1)
+        client.loop_start()
+        time.sleep(1.0)
+        print(json.dumps({"rss_mb": _rss_mb()}), flush=True)
+        client.disconnect()
+        client.loop_stop()
+
+
+# -- the measurements -----------------------------------------------------------------
+
+
+def _child(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE,
+                            text=True)
+
+
+def _result(proc: subprocess.Popen[str]) -> dict[str, float]:
+    out, _ = proc.communicate(timeout=180)
+    return json.loads(out.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def _wait_ready(proc: subprocess.Popen[str]) -> None:
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if line.strip() != "ready":
+        raise RuntimeError(f"child failed: {line!r}")
+
+
+def throughput(tmp: Path, port: int) -> tuple[float, float, int]:
+    alice, bob, cid, _ = _pair(tmp, port, Policy())
+    alice.send(cid, TEXT)
+    size = len(alice.sent(cid)[-1].text) and len(
+        bytes(alice.state._read("SELECT payload FROM sent ORDER BY id DESC LIMIT 1")[0][0])
+    )
+    a_path, b_path = alice.state.path, bob.state.path
+    alice.close()
+    bob.close()
+    recv = _child("e2e-recv", str(b_path), str(port), str(N_THROUGHPUT))
+    _wait_ready(recv)
+    send = _child("e2e-send", str(a_path), str(port), str(N_THROUGHPUT), cid)
+    started = _result(send)["start"]
+    done = _result(recv)
+    e2e = done["got"] / (done["last"] - started)
+    sub = _child("raw-sub", str(port), str(N_THROUGHPUT), str(size))
+    _wait_ready(sub)
+    pub = _child("raw-pub", str(port), str(N_THROUGHPUT), str(size))
+    started = _result(pub)["start"]
+    done = _result(sub)
+    raw = done["got"] / (done["last"] - started)
+    return e2e, raw, size
+
+
+_lat_dev: list[float] = []
+
+
+def _on_latency_event(event: Event) -> None:
+    if isinstance(event, MessageReceived):
+        _lat_dev.append(time.perf_counter() - float(event.text[:20]))
+
+
+def _pct(values: list[float], pct: int) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * pct / 100))]
+
+
+def rss(tmp: Path, port: int) -> tuple[float, float]:
+    path = tmp / "rss.db"
+    Device(path).close()
+    dev = _result(_child("rss", "device", str(port), str(path)))["rss_mb"]
+    bare = _result(_child("rss", "paho", str(port), str(path)))["rss_mb"]
+    return dev, bare
+
+
+def wire(tmp: Path, port: int, protocol: str, policy: Policy) -> float:
+    proxy = Proxy(port)
+    try:
+        alice, bob, cid, _ = _pair(tmp, port, policy, protocol=protocol,
+                                        sender_port=proxy.port)
+        for _ in range(20):  # warm-up: aliases assigned, first receipts exchanged
+            alice.send(cid, TEXT)
+        time.sleep(1.5)
+        start = proxy.bytes
+        for _ in range(N_WIRE):
+            alice.send(cid, TEXT)
+            time.sleep(0.005)
+        alice.wait_drained(30)
+        time.sleep(2.5)  # receipts for the run come back
+        used = proxy.bytes - start
+        alice.close()
+        bob.close()
+        return used / N_WIRE
+    finally:
+        proxy.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("role", nargs="?", default="main")
+    parser.add_argument("args", nargs="*")
+    ns = parser.parse_args()
+    if ns.role == "raw-sub":
+        role_raw_sub(int(ns.args[0]), int(ns.args[1]))
+        return
+    if ns.role == "raw-pub":
+        role_raw_pub(int(ns.args[0]), int(ns.args[1]), int(ns.args[2]))
+        return
+    if ns.role == "e2e-recv":
+        role_e2e_recv(ns.args[0], int(ns.args[1]), int(ns.args[2]))
+        return
+    if ns.role == "e2e-send":
+        role_e2e_send(ns.args[0], int(ns.args[1]), int(ns.args[2]), ns.args[3])
+        return
+    if ns.role == "rss":
+        role_rss(ns.args[0], int(ns.args[1]), ns.args[2])
+        return
+    with tempfile.TemporaryDirectory() as name:
+        tmp = Path(name)
+        broker = Broker(tmp)
+        try:
+            e2e, raw, size = throughput(tmp, broker.port)
+            print(f"throughput: e2e {e2e:.0f}/s, raw paho {raw:.0f}/s ({size} B payload)",
+                  file=sys.stderr)
+            _lat_dev.clear()
+            p50, p99 = _latency(tmp, broker.port)
+            print(f"added latency p50 {p50:.2f} ms, p99 {p99:.2f} ms", file=sys.stderr)
+            rss_dev, rss_paho = rss(tmp, broker.port)
+            wires = {}
+            for protocol, label in (("3.1.1", "mqtt311"), ("5", "mqtt5_aliases")):
+                for policy, pname in ((Policy(), "signed"),
+                                      (low_bandwidth_policy(), "low_bandwidth")):
+                    wires[f"{label}_{pname}"] = round(wire(tmp, broker.port, protocol, policy), 1)
+            print(f"wire bytes per message: {wires}", file=sys.stderr)
+        finally:
+            broker.close()
+    print(json.dumps({
+        "e2e_msgs_per_s": round(e2e, 1),
+        "raw_paho_msgs_per_s": round(raw, 1),
+        "throughput_ratio": round(e2e / raw, 3) if raw else None,
+        "added_latency_p50_ms": round(p50, 3),
+        "added_latency_p99_ms": round(p99, 3),
+        "rss_mb_device": round(rss_dev, 1),
+        "rss_mb_bare_paho": round(rss_paho, 1),
+        "wire_bytes_per_message": wires,
+    }))
+
+
+def _latency(tmp: Path, port: int) -> tuple[float, float]:
+    lat_raw: list[float] = []
+    sub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="lat-sub")
+    sub.on_message = lambda _c, _u, m: lat_raw.append(
+        time.perf_counter() - float(m.payload[:20].decode())
+    )
+    sub.connect("127.0.0.1", port)
+    sub.subscribe("bench/lat", qos=1)
+    sub.loop_start()
+    pub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="lat-pub")
+    pub.connect("127.0.0.1", port)
+    pub.loop_start()
+    time.sleep(0.3)
+    for _ in range(N_LATENCY):
+        pub.publish("bench/lat", f"{time.perf_counter():20.6f}".encode() + b"x" * 120, qos=1)
+        time.sleep(0.02)
+    time.sleep(0.5)
+    for client in (pub, sub):
+        client.disconnect()
+        client.loop_stop()
+    alice = _device(tmp / "lat-a.db", port)
+    bob = _device(tmp / "lat-b.db", port, on_event=_on_latency_event)
+    cid = alice.create_conversation([bob.pid])
+    end = time.monotonic() + 15
+    while not (bob.engine.is_member(cid) and alice.engine._convs[cid].recv) and (
+        time.monotonic() < end
+    ):
+        time.sleep(0.02)
+    time.sleep(1.2)  # past the first receipt batch
+    for _ in range(N_LATENCY):
+        alice.send(cid, f"{time.perf_counter():20.6f}".ljust(60, "x"))
+        time.sleep(0.02)
+    end = time.monotonic() + 10
+    while len(_lat_dev) < N_LATENCY and time.monotonic() < end:
+        time.sleep(0.05)
+    alice.close()
+    bob.close()
+    if not _lat_dev or not lat_raw:
+        raise RuntimeError("no messages in the latency run")
+    dev, raw = _lat_dev[20:], lat_raw[20:]  # past warm-up
+    p50 = statistics.median(dev) - statistics.median(raw)
+    p99 = _pct(dev, 99) - _pct(raw, 99)
+    return p50 * 1000, p99 * 1000
+
+
+if __name__ == "__main__":
+    main()
