@@ -39,7 +39,11 @@ CHROMIUM_ARGS = [
 PAGES = Path(__file__).with_name("pages")
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
 DEADLINE_S = 30.0
-FAST_ARGON2 = {"argon2_time_cost": 1, "argon2_memory_kib": 64, "argon2_parallelism": 1}
+FAST_ARGON2: dict[str, Any] = {
+    "argon2_time_cost": 1,
+    "argon2_memory_kib": 64,
+    "argon2_parallelism": 1,
+}
 FAST_LINK = LinkOptions(
     receipt_interval_s=0.2,
     backoff_min_s=0.1,
@@ -88,7 +92,7 @@ class GatewayThread:
             ws="websockets-sansio",
         )
         self.server = uvicorn.Server(config)
-        self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        # uvicorn installs signal handlers only on the main thread: this one is not.
         self.thread = threading.Thread(
             target=lambda: asyncio.run(self.server.serve()), name="gateway", daemon=True
         )

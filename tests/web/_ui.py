@@ -34,9 +34,13 @@ class WebUser:
 
     def _watch(self, page: Any) -> None:
         page.on("websocket", self._on_socket)
-        page.on("dialog", lambda d: (self.dialogs.append(d.message), d.dismiss()))
+        page.on("dialog", self._on_dialog)
         page.on("pageerror", lambda e: self.errors.append(str(e)))
         page.on("request", lambda r: self.requests.append(r.url))
+
+    def _on_dialog(self, dialog: Any) -> None:
+        self.dialogs.append(dialog.message)
+        dialog.dismiss()
 
     def _on_socket(self, ws: Any) -> None:
         ws.on("framesent", lambda payload: self.frames.append(str(payload)))
@@ -91,8 +95,9 @@ class WebUser:
     def wait_texts(self, wanted: list[str]) -> list[str]:
         """Wait until every text in ``wanted`` is shown; return all shown texts."""
         self.page.wait_for_function(
-            "want => { const shown = [...document.querySelectorAll('#messages li:not(.note) .text')]"
-            ".map(e => e.textContent); return want.every(w => shown.includes(w)); }",
+            "want => { const shown = [...document.querySelectorAll("
+            "'#messages li:not(.note) .text')].map(e => e.textContent);"
+            " return want.every(w => shown.includes(w)); }",
             arg=wanted,
         )
         return self.texts()
@@ -101,8 +106,8 @@ class WebUser:
         return str(
             self.page.evaluate(
                 "t => { for (const li of document.querySelectorAll('#messages li.mine')) {"
-                " if (li.querySelector('.text').textContent === t) return li.querySelector('.state')"
-                ".dataset.state; } return null; }",
+                " if (li.querySelector('.text').textContent === t)"
+                " return li.querySelector('.state').dataset.state; } return null; }",
                 text,
             )
         )
