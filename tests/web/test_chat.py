@@ -66,6 +66,10 @@ def test_three_participants_live_and_after_reload(chat, stack):
     alice.open(cid)
     assert alice.wait_texts(expected) == expected
     assert not alice.errors and not bob.errors
+    alice.wait_state("hello from alice", "delivered")
+    ARTIFACTS.mkdir(exist_ok=True)  # for people reviewing changes (gitignored)
+    alice.page.screenshot(path=str(ARTIFACTS / "web-conversation.png"))
+    assert (ARTIFACTS / "web-conversation.png").stat().st_size > 10_000
 
 
 def test_markup_is_shown_as_text_and_runs_nothing(chat):
@@ -253,5 +257,4 @@ def test_history_scroll_back_and_screenshot(chat, stack, browser):
         alice.page.wait_for_timeout(200)
     shown = alice.wait_texts(texts)
     assert [t for t in shown if t.startswith("report")] == texts
-    alice.page.screenshot(path=str(ARTIFACTS / "web-conversation.png"))
-    assert (ARTIFACTS / "web-conversation.png").stat().st_size > 10_000
+    alice.page.screenshot(path=str(ARTIFACTS / "web-history.png"))
