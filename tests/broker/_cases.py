@@ -118,7 +118,8 @@ def run_cases(
             payload = b"case-%d\x00\xff" % next(counter)
             expected[payload] = case
             peer = connect(case.actor)
-            peer.publish(case.topic, payload)
+            if not peer.publish(case.topic, payload) and case.allowed:
+                failures.append(f"{case}: not acknowledged ({peer.refusal or 'timeout'})")
             peer.disconnect()
         seen = {m.payload: m.topic for m in observer.drain(1.0)}
         for payload, case in expected.items():

@@ -65,6 +65,7 @@ class Peer:
         self.client.on_subscribe = self._on_subscribe
         self.client.on_disconnect = self._on_disconnect
         self.connected = False
+        self.refusal: str | None = None
 
     def _on_connect(self, client, userdata, flags, reason_code, properties):
         self.connack.put((not reason_code.is_failure, reason_code.value, flags.session_present))
@@ -102,11 +103,15 @@ class Peer:
         if qos == 0:
             return True
         deadline = time.monotonic() + WAIT_S
-        while not info.is_published() and time.monotonic() < deadline:
-            if self.disconnected.is_set():
-                return False
-            time.sleep(0.005)
-        return info.is_published()
+        try:
+            while not info.is_published() and time.monotonic() < deadline:
+                if self.disconnected.is_set():
+                    return False
+                time.sleep(0.005)
+            return info.is_published()
+        except RuntimeError as exc:  # paho: "not currently connected" (a refused publish)
+            self.refusal = str(exc)
+            return False
 
     def expect(self, count: int, timeout: float = WAIT_S) -> list[Received]:
         out: list[Received] = []
