@@ -12,8 +12,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# ARGS passes flags through, e.g. make run ARGS="--mqtt-port 1884" when 1883 is taken.
 run: $(STAMP)
-	$(BIN)/fieldchat demo
+	$(BIN)/fieldchat up $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

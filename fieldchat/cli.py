@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -9,7 +11,9 @@ import typer
 from broker.cli import broker_app
 from device.cli import device_app
 from device.demo import run_local_demo
+from fieldchat.stack import StackOptions, run_stack
 from gateway._cli import gateway_app
+from schemas.errors import FieldchatError
 
 app = typer.Typer(
     name="fieldchat",
@@ -22,6 +26,32 @@ app = typer.Typer(
 @app.callback()
 def _root() -> None:
     """End-to-end encrypted chat over MQTT."""
+
+
+@app.command()
+def up(
+    data_dir: Annotated[
+        Path, typer.Option(envvar="FIELDCHAT_DATA", help="Folder for all state.")
+    ] = Path("fieldchat-data"),
+    host: Annotated[str, typer.Option(envvar="FIELDCHAT_HOST", help="Address to listen on.")] = (
+        "127.0.0.1"
+    ),
+    mqtt_port: Annotated[
+        int, typer.Option(envvar="FIELDCHAT_MQTT_PORT", help="MQTT port (0: any free one).")
+    ] = 1883,
+    http_port: Annotated[
+        int, typer.Option(envvar="FIELDCHAT_HTTP_PORT", help="Web port (0: any free one).")
+    ] = 8080,
+) -> None:
+    """Run the embedded broker and the gateway (SQLite) until Ctrl-C."""
+    options = StackOptions(data_dir=data_dir, host=host, mqtt_port=mqtt_port, http_port=http_port)
+    try:
+        asyncio.run(run_stack(options, typer.echo))
+    except KeyboardInterrupt:
+        typer.echo("fieldchat stopped.")
+    except FieldchatError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
 
 
 @app.command()

@@ -1,0 +1,149 @@
+"""``fieldchat up``: the embedded broker and the gateway in one process, one data folder.
+
+The broker and the gateway keep their own state under ``data_dir`` (``broker/`` and
+``gateway.db``); the gateway's broker credential is issued once and kept in
+``gateway.credential`` (mode 0600), so the gateway's persistent MQTT session and
+queue survive restarts. Ctrl-C stops the gateway first (it commits what it has
+archived and acknowledges it), then the broker (which persists sessions, queues and
+retained messages).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import os
+import socket
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import uvicorn
+from pydantic import SecretStr
+
+from broker import BrokerConfig, EmbeddedBroker, PortInUse
+from gateway import GatewaySettings, create_app
+from schemas.errors import ConfigError
+
+__all__ = ["StackOptions", "run_stack"]
+
+GATEWAY_NAME = "up"
+
+
+@dataclass(frozen=True, slots=True)
+class StackOptions:
+    """Where the stack listens and keeps its data."""
+
+    data_dir: Path = Path("fieldchat-data")
+    host: str = "127.0.0.1"
+    mqtt_port: int = 1883
+    http_port: int = 8080
+
+
+def _check_http_port(host: str, port: int) -> None:
+    """Fail early and clearly, before the broker starts, when the web port is taken."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise PortInUse(
+                    f"web port {host}:{port} is already in use by another process; "
+                    "pass --http-port with a free port (or 0 for any)"
+                ) from None
+            raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+
+
+def _gateway_credential(data_dir: Path, broker: EmbeddedBroker) -> tuple[str, str]:
+    """The gateway's broker login, issued on first start and kept 0600 in the data folder."""
+    path = data_dir / "gateway.credential"
+    if path.exists():
+        try:
+            saved = json.loads(path.read_text())
+            return str(saved["username"]), str(saved["credential"])
+        except (ValueError, KeyError, TypeError):
+            raise ConfigError(f"{path} is corrupt; delete it to issue a new one") from None
+    username, credential = broker.add_gateway(GATEWAY_NAME)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        json.dump({"username": username, "credential": credential}, out)
+    return username, credential
+
+
+def _banner(web: str, mqtt: str, data_dir: Path) -> str:
+    broker_dir = data_dir / "broker"
+    state = "pi.db"
+    return "\n".join(
+        [
+            "fieldchat is up.",
+            f"  web   {web}",
+            f"  mqtt  {mqtt}",
+            f"  data  {data_dir}/",
+            "",
+            "Enroll a device and send a first message (in another terminal):",
+            f"  fieldchat device --state {state} --broker {mqtt} init",
+            f'  fieldchat device --state {state} --credential "$(fieldchat broker enroll'
+            f' --data-dir {broker_dir} $(fieldchat device --state {state} whoami --pid))" init',
+            f"  fieldchat device --state {state} send $(fieldchat device --state {state}"
+            ' conv create PEER_PID) "hello from the Pi"',
+            "",
+            "PEER_PID: another device's pid (`whoami --pid`) or a web user's, shown on its page.",
+            "Ctrl-C stops everything; nothing is lost.",
+        ]
+    )
+
+
+async def run_stack(options: StackOptions, echo: Callable[[str], None] = print) -> None:
+    """Run broker and gateway until SIGINT/SIGTERM.
+
+    Raises:
+        PortInUse: the MQTT or web port is taken (the message says which flag to pass).
+        ConfigError: the data folder holds a corrupt gateway credential.
+    """
+    data_dir = options.data_dir
+    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.chmod(0o700)  # accounts, sessions and credentials live here
+    _check_http_port(options.host, options.http_port)
+    config = BrokerConfig(data_dir=data_dir / "broker", host=options.host, port=options.mqtt_port)
+    async with AsyncExitStack() as stack:
+        try:
+            broker = await stack.enter_async_context(EmbeddedBroker(config))
+        except PortInUse:
+            raise PortInUse(
+                f"MQTT port {options.host}:{options.mqtt_port} is already in use by another"
+                " process (a system Mosquitto holds 1883 on many machines); pass --mqtt-port"
+                " with a free port, or 0 for any"
+            ) from None
+        username, credential = _gateway_credential(data_dir, broker)
+        mqtt_url = f"mqtt://{options.host}:{broker.port}"
+        settings = GatewaySettings(
+            host=options.host,
+            port=options.http_port,
+            database_url=f"sqlite:///{(data_dir / 'gateway.db').resolve()}",
+            mqtt_url=mqtt_url,
+            mqtt_username=username,
+            mqtt_password=SecretStr(credential),
+            mqtt_client_id=username,
+            mqtt_protocol="3.1.1",  # the embedded broker speaks MQTT 3.1.1
+        )
+        server = uvicorn.Server(
+            uvicorn.Config(
+                create_app(settings),
+                host=options.host,
+                port=options.http_port,
+                lifespan="on",
+                ws="websockets-sansio",
+                log_level="warning",
+            )
+        )
+        serving = asyncio.ensure_future(server.serve())
+        while not server.started and not serving.done():
+            await asyncio.sleep(0.05)
+        if server.started:
+            port = server.servers[0].sockets[0].getsockname()[1]
+            echo(_banner(f"http://{options.host}:{port}/", mqtt_url, data_dir))
+        await serving
+    echo("fieldchat stopped: gateway and broker state saved.")

@@ -1,0 +1,86 @@
+"""``fieldchat up``: broker and gateway in one command, clear errors on taken ports."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+FIELDCHAT = Path(sys.executable).with_name("fieldchat")
+
+
+def start(tmp_path: Path, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [FIELDCHAT, "up", "--data-dir", str(tmp_path / "data"), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def read_banner(proc: subprocess.Popen[str], timeout: float = 60) -> str:
+    assert proc.stdout is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if line.startswith("Ctrl-C"):
+            return "".join(lines)
+    raise AssertionError("no banner: " + "".join(lines))
+
+
+def test_up_serves_web_and_mqtt_and_stops_cleanly(tmp_path):
+    proc = start(tmp_path, "--mqtt-port", "0", "--http-port", "0")
+    try:
+        banner = read_banner(proc)
+        web = re.search(r"web\s+(http://\S+)", banner).group(1)
+        mqtt = re.search(r"mqtt\s+mqtt://127\.0\.0\.1:(\d+)", banner).group(1)
+        with urllib.request.urlopen(web + "healthz", timeout=10) as response:
+            assert json.loads(response.read()) == {"broker": True, "database": True}
+        with socket.create_connection(("127.0.0.1", int(mqtt)), timeout=5):
+            pass
+        assert "fieldchat device --state pi.db" in banner
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert "stopped" in out
+    data = tmp_path / "data"
+    assert oct(data.stat().st_mode & 0o777) == "0o700"
+    assert oct((data / "gateway.credential").stat().st_mode & 0o777) == "0o600"
+
+
+@pytest.mark.parametrize("flag", ["--mqtt-port", "--http-port"])
+def test_a_taken_port_is_a_clear_error(tmp_path, flag):
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = str(holder.getsockname()[1])
+        other = "--http-port" if flag == "--mqtt-port" else "--mqtt-port"
+        proc = start(tmp_path, flag, taken, other, "0")
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert "already in use" in out and f"pass {flag}" in out
+    assert len(out.strip().splitlines()[-1]) < 200
+
+
+def test_the_gateway_credential_is_never_printed(tmp_path):
+    proc = start(tmp_path, "--mqtt-port", "0", "--http-port", "0")
+    try:
+        banner = read_banner(proc)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    credential = json.loads((tmp_path / "data" / "gateway.credential").read_text())["credential"]
+    assert credential not in banner + out
