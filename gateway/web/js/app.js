@@ -111,6 +111,8 @@ async function start(account) {
   S.grantCursor = (await S.store.get("ui/grantCursor")) ?? 0;
   for (const [key, prev] of await S.store.entries("ui/keychanged/")) S.keyChanged.set(key.slice(14), prev);
   for (const [, c] of await S.store.entries("ui/conv/")) Object.assign(conv(c.cid), c);
+  for (const [key, list] of (await S.store.get("ui/receipts")) ?? []) S.receipts.set(key, new Set(list));
+  for (const [key, list] of await S.store.entries("ui/held/")) S.held.set(key.slice(8), list);
   $("login").hidden = true;
   $("app").hidden = false;
   $("me-name").textContent = account.username;
@@ -341,12 +343,14 @@ function hold(cid, seq, data) {
   if (list.length >= MAX_HELD) list.shift(); // oldest dropped; history has it
   list.push({ seq, data });
   S.held.set(cid, list);
+  S.store.put(`ui/held/${cid}`, list); // the cursor moves past it: keep it across a reload
 }
 
 async function retryHeld(cid) {
   const list = S.held.get(cid);
   if (!list) return;
   S.held.delete(cid);
+  await S.store.delete(`ui/held/${cid}`);
   for (const { seq, data } of list) await onEnvelope(cid, seq, data, true);
 }
 
@@ -382,6 +386,12 @@ function addReceipt(cid, type, o) {
   const set = S.receipts.get(key) ?? new Set();
   set.add(`${o.epoch}/${o.senderIndex}/${o.chain}/${o.step}`);
   S.receipts.set(key, set);
+  saveReceipts();
+}
+
+// Receipts owed survive a reload: the messages are already marked read on this side.
+function saveReceipts() {
+  return S.store.put("ui/receipts", [...S.receipts].map(([k, set]) => [k, [...set]]));
 }
 
 async function flushReceipts() {
@@ -399,13 +409,19 @@ async function flushReceipts() {
       if (last && last[0] === e && last[1] === s && last[2] === ch && last[4] === st - 1) last[4] = st;
       else ranges.push([e, s, ch, st, st]);
     }
-    for (let i = 0; i < ranges.length; i += 256) {
-      try {
+    try {
+      for (let i = 0; i < ranges.length; i += 256) {
         const sealed = await S.engine.seal(cid, { kind: MSG.receipt, type: Number(type), ranges: ranges.slice(i, i + 256) });
         await S.bridge.publish("msg", sealed.data, { cid });
-      } catch { /* receipts are best effort */ }
+      }
+    } catch (err) {
+      if (err.reason !== "transport") continue; // refused: dropping it is all we can do
+      const again = S.receipts.get(key) ?? new Set();
+      for (const s of set) again.add(s);
+      S.receipts.set(key, again);
     }
   }
+  await saveReceipts();
 }
 
 // -- messages in memory, in IndexedDB and on screen -------------------------------------------
