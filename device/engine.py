@@ -583,8 +583,10 @@ class Engine:
             # member without ML-KEM (a browser); from anyone else it is a downgrade.
             # Checked before decrypting against the newest roster, and after against
             # the grant's own epoch.
+            # A grant for a conversation we have no roster of yet is held and checked
+            # when the roster arrives (a browser may have founded the conversation).
             known = self._convs.get(grant.cid)
-            if known is None or not known.rosters or _is_pq(known.roster, grant.granter):
+            if known is not None and known.rosters and _is_pq(known.roster, grant.granter):
                 raise GrantRejected("X25519-only grant to a post-quantum member (downgrade)")
         payload = accept_grant(self.identity, grant)
         conv = self._convs.get(grant.cid)

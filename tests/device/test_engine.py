@@ -392,3 +392,29 @@ def test_browser_member_grants_x25519_to_post_quantum_members():
     envelope = mesh["web"].seal(cid, text("from the browser"))
     for reader in ("alice", "bob"):
         assert mesh[reader].open(cid, envelope).message.text == "from the browser"
+
+
+def test_post_quantum_member_joins_a_conversation_a_browser_founded():
+    """The browser's X25519 grant may arrive before the roster; it is held, then checked."""
+    mesh = Mesh("web", "alice", post_quantum=["alice"])
+    cid, pubs = mesh["web"].create_conversation([mesh["alice"].pid])
+    grant = next(p for p in pubs if p.topic.endswith("/inbox"))
+    roster = next(p for p in pubs if p.topic.endswith("/roster"))
+    assert mesh["alice"].handle_grant(grant.payload).needs_roster
+    mesh.deliver(mesh["alice"].handle_roster(roster.payload))
+    envelope = mesh["web"].seal(cid, text("hello from the browser"))
+    assert mesh["alice"].open(cid, envelope).message.text == "hello from the browser"
+
+
+def test_grant_whose_transcript_omits_the_recipients_mlkem_key_does_not_open():
+    mesh = Mesh("alice", "bob")
+    cid, pubs = mesh["alice"].create_conversation([mesh["bob"].pid])
+    roster_pub = next(p for p in pubs if p.topic.endswith("/roster"))
+    roster = Roster.from_bytes(roster_pub.payload)
+    payload = ChainGrant(
+        epoch=0, roster=roster.digest(), sender=0, chain=4, step=0, key=b"\x07" * 32
+    )
+    x_only = mesh["bob"].identity.bundle.model_copy(update={"mlkem768": None})
+    downgraded = make_grant(mesh["alice"].identity, x_only, cid, payload)
+    with pytest.raises(CryptoError):  # transcript names bob's ML-KEM key, so it cannot open
+        mesh["bob"].handle_grant(downgraded.to_bytes())
