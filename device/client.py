@@ -308,6 +308,7 @@ class Device:
             with self.state.transaction():
                 self._flush_receipts()
                 self.engine.flush()
+            self.state.sync()
         except FieldchatError as exc:
             log.warning("could not save state on close: %s", exc)
         self.state.close()
@@ -627,7 +628,9 @@ class Device:
         if not items:
             return
         acked: list[int] = []
-        with self.state.transaction() as db:
+        # No fsync here: the batch is shown once committed (a process crash keeps it)
+        # and made power-safe by one sync() before its PUBACKs leave (_after).
+        with self.state.transaction(durable=False) as db:
             for item in items:
                 if isinstance(item, _Msg):
                     self._on_message(db, item.topic, item.payload, batch)
@@ -648,7 +651,13 @@ class Device:
             self.engine.flush()
 
     def _after(self, batch: _Batch) -> None:
-        # Acknowledge only now that the transaction committed (exactly-once on screen).
+        # Shown once committed: a restarted process finds them stored and drops the
+        # broker's redelivery, so each is shown once.
+        for event in batch.events:
+            self._emit(event)
+        # Acknowledged only once durable: after a power cut the broker still has them.
+        if batch.acks:
+            self.state.sync()
         for conn, mid in batch.acks:
             if conn.connected:
                 conn.ack(mid)
@@ -660,8 +669,6 @@ class Device:
             current = self._conn
             if current is not None:
                 current.unsubscribe(sorted(batch.unsubscribe))
-        for event in batch.events:
-            self._emit(event)
         if batch.retry_held:
             self._retry_held()
 
@@ -980,6 +987,8 @@ class Device:
         if conn is None or not conn.connected:
             return
         window = min(self.options.window, conn.receive_max)
+        if len(self._inflight) < window and self.state.outbox_unsynced:
+            self.state.sync()  # a grant or roster from a worker batch: durable first
         while len(self._inflight) < window:
             rows = self.state.outbox_from(self._cursor, window - len(self._inflight))
             if not rows:

@@ -20,6 +20,19 @@ commits before acknowledging anything to the broker. Sending is symmetric: the
 chain reservation and the outbox row commit together, so an envelope exists on disk
 only with its step reserved. ``synchronous=FULL`` makes each commit one fsync;
 callers batch (one transaction per burst of received messages, ``send_many``).
+
+Two levels of durability (the WAL makes both atomic):
+
+    transaction()               one fsync at COMMIT: survives a power cut.
+    transaction(durable=False)  no fsync: survives a crash of the process (the WAL
+                                frames are in the kernel), not a power cut, until the
+                                next :meth:`DeviceState.sync` or durable commit.
+
+The worker commits received batches and broker acknowledgements without an fsync,
+shows them, and calls :meth:`sync` (one fsync of the WAL, covering every earlier
+frame) before anything leaves the device that depends on them: a PUBACK, or an
+outbox row added by such a transaction. A power cut in between loses only state
+nobody outside has seen acknowledged, so the broker delivers it again.
 """
 
 from __future__ import annotations
@@ -165,7 +178,13 @@ class DeviceState:
         self._lock = threading.RLock()
         self._lockfile: IO[str] | None = None
         self._depth = 0
+        self._durable = True  # of the open transaction
+        self._written = 0  # commits without an fsync so far
+        self._synced = 0  # ... of which this many are known durable
+        self._outbox_unsynced = False  # an outbox row not durable yet
+        self._sync_lock = threading.Lock()
         self.commits = 0
+        self.fsyncs = 0
         for suffix in ("-wal", "-shm"):
             side = Path(f"{self.path}{suffix}")
             if side.exists():
@@ -174,8 +193,11 @@ class DeviceState:
     # -- transactions -----------------------------------------------------------------
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """One atomic, durable unit; nested calls join the outer transaction.
+    def transaction(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """One atomic unit; nested calls join the outer transaction (and its durability).
+
+        ``durable``: fsync at COMMIT; without it the commit survives a process crash
+        and becomes power-safe at the next :meth:`sync` or durable commit.
 
         Raises:
             KeyStoreError: SQLite failed (the transaction is rolled back).
@@ -189,6 +211,11 @@ class DeviceState:
                     self._depth -= 1
                 return
             try:
+                if durable != self._durable:
+                    # Takes effect for this connection's next COMMIT (SQLite, PRAGMA
+                    # synchronous: in WAL mode NORMAL syncs only at checkpoints).
+                    self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+                    self._durable = durable
                 self._db.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as exc:
                 raise KeyStoreError(f"state file write failed: {exc}") from exc
@@ -206,6 +233,51 @@ class DeviceState:
                 self._db.execute("ROLLBACK")
                 raise KeyStoreError(f"state file write failed: {exc}") from exc
             self.commits += 1
+            self._written += 1
+            if durable:  # the fsync of the WAL covers every earlier frame too
+                self._synced = self._written
+                self._outbox_unsynced = False
+
+    @property
+    def unsynced(self) -> bool:
+        """Whether a commit since the last fsync is not power-safe yet."""
+        return self._synced != self._written
+
+    @property
+    def outbox_unsynced(self) -> bool:
+        """Whether an outbox row was committed without an fsync (sync before publishing)."""
+        return self._outbox_unsynced
+
+    def sync(self) -> None:
+        """Make every commit so far durable: one fsync of the WAL, if anything is pending.
+
+        The fsync runs outside the connection lock, so senders and the worker keep
+        committing meanwhile; concurrent callers share one fsync where they can.
+
+        Raises:
+            KeyStoreError: the fsync failed.
+        """
+        with self._sync_lock:
+            with self._lock:
+                target = self._written
+                outbox = self._outbox_unsynced
+                if self._synced >= target:
+                    return
+            try:
+                # Opened per call: SQLite may replace the WAL file between calls (a new
+                # inode when the last connection of another process closes it).
+                fd = os.open(f"{self.path}-wal", os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                raise KeyStoreError(f"state file sync failed: {exc.strerror}") from exc
+            with self._lock:
+                self.fsyncs += 1
+                self._synced = max(self._synced, target)
+                if outbox and self._synced == self._written:
+                    self._outbox_unsynced = False
 
     def _read(self, sql: str, args: Sequence[object] = ()) -> list[Any]:
         try:
@@ -263,11 +335,12 @@ class DeviceState:
 
     # -- outbox and sent (callers hold a transaction for writes) -----------------------
 
-    @staticmethod
     def add_outbox(
-        db: sqlite3.Connection, topic: str, payload: bytes, *, retain: bool = False,
+        self, db: sqlite3.Connection, topic: str, payload: bytes, *, retain: bool = False,
         cid: str | None = None, what: str = "msg",
     ) -> int:
+        if not self._durable:
+            self._outbox_unsynced = True
         cur = db.execute(
             "INSERT INTO outbox (topic, payload, retain, cid, what, created_at) "
             "VALUES (?, ?, ?, ?, ?, ?)",
