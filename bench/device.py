@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,10 +37,14 @@ from device.client import Device  # noqa: E402
 from device.config import BrokerOptions, LinkOptions, low_bandwidth_policy  # noqa: E402
 from device.events import Event, MessageReceived  # noqa: E402
 from schemas import Policy  # noqa: E402
+from schemas.envelope import EnvelopeKind, read_header  # noqa: E402
+from schemas.errors import FieldchatError  # noqa: E402
 
 TEXT = "field report: pump 3 pressure nominal, valve 7 replaced, ok"  # 60 chars
 N_THROUGHPUT = 3_000
-N_LATENCY = 300  # at 50 messages/s: 6 s
+N_LATENCY = 200  # per stream and round, at 50 messages/s each: 4 s
+LATENCY_ROUNDS = 4
+LATENCY_WARMUP = 10
 N_WIRE = 400
 LINK = LinkOptions(receipt_interval_s=1.0, backoff_min_s=0.1, backoff_max_s=1.0)
 
@@ -87,13 +90,20 @@ class Broker:
 
 
 class Proxy:
-    """A TCP relay counting the bytes a client exchanges with the broker."""
+    """A TCP relay counting the bytes a client exchanges with the broker.
 
-    def __init__(self, target: int) -> None:
+    With ``echo``, it also counts the bytes of our own texts the broker sends back
+    to us on MQTT 3.1.1 (which has no no-local subscription option): each such
+    PUBLISH (parsed per MQTT 3.1.1 §3.3) plus the 4-byte PUBACK we answer it with.
+    """
+
+    def __init__(self, target: int, *, echo: bool = False) -> None:
         self.target = target
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.bytes = 0
+        self.echo_bytes = 0
+        self._echo = echo
         self._lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -104,21 +114,53 @@ class Proxy:
             except OSError:
                 return
             upstream = socket.create_connection(("127.0.0.1", self.target))
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+            for a, b, down in ((client, upstream, False), (upstream, client, True)):
+                threading.Thread(target=self._pipe, args=(a, b, down and self._echo),
+                                 daemon=True).start()
 
-    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket, parse: bool) -> None:
+        buf = b""
         try:
             while data := src.recv(65536):
                 with self._lock:
                     self.bytes += len(data)
                 dst.sendall(data)
+                if parse:
+                    buf = self._scan(buf + data)
         except OSError:
             pass
         finally:
             for end in (src, dst):
                 with contextlib.suppress(OSError):
                     end.close()
+
+    def _scan(self, buf: bytes) -> bytes:
+        """Count echoed texts among the complete packets in ``buf``; the rest."""
+        while len(buf) >= 2:
+            length, shift, i = 0, 0, 1
+            while True:  # remaining length: at most 4 bytes (MQTT 3.1.1 §2.2.3)
+                if i >= len(buf) or i > 4:
+                    return buf
+                length |= (buf[i] & 0x7F) << shift
+                shift += 7
+                i += 1
+                if not buf[i - 1] & 0x80:
+                    break
+            if len(buf) < i + length:
+                return buf
+            packet, buf = buf[: i + length], buf[i + length :]
+            if packet[0] >> 4 != 3:  # not a PUBLISH
+                continue
+            topic_len = int.from_bytes(packet[i : i + 2], "big")
+            topic = packet[i + 2 : i + 2 + topic_len]
+            start = i + 2 + topic_len + (2 if (packet[0] >> 1) & 3 else 0)
+            with contextlib.suppress(FieldchatError):
+                if topic.endswith(b"/msg") and read_header(packet[start:])[0] is (
+                    EnvelopeKind.TEXT
+                ):
+                    with self._lock:
+                        self.echo_bytes += len(packet) + 4
+        return buf
 
     def close(self) -> None:
         self.listener.close()
@@ -291,14 +333,6 @@ def throughput(tmp: Path, port: int) -> tuple[float, float, int]:
     return e2e, raw, size
 
 
-_lat_dev: list[float] = []
-
-
-def _on_latency_event(event: Event) -> None:
-    if isinstance(event, MessageReceived):
-        _lat_dev.append(time.perf_counter() - float(event.text[:20]))
-
-
 def _pct(values: list[float], pct: int) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(len(ordered) * pct / 100))]
@@ -312,24 +346,26 @@ def rss(tmp: Path, port: int) -> tuple[float, float]:
     return dev, bare
 
 
-def wire(tmp: Path, port: int, protocol: str, policy: Policy) -> float:
-    proxy = Proxy(port)
+def wire(tmp: Path, port: int, protocol: str, policy: Policy) -> tuple[float, float]:
+    """Bytes per message the sender exchanges, and of those its own echo (3.1.1)."""
+    proxy = Proxy(port, echo=protocol == "3.1.1")
     try:
         alice, bob, cid, _ = _pair(tmp, port, policy, protocol=protocol,
                                         sender_port=proxy.port)
         for _ in range(20):  # warm-up: aliases assigned, first receipts exchanged
             alice.send(cid, TEXT)
         time.sleep(1.5)
-        start = proxy.bytes
+        start, echo_start = proxy.bytes, proxy.echo_bytes
         for _ in range(N_WIRE):
             alice.send(cid, TEXT)
             time.sleep(0.005)
         alice.wait_drained(30)
         time.sleep(2.5)  # receipts for the run come back
         used = proxy.bytes - start
+        echo = proxy.echo_bytes - echo_start
         alice.close()
         bob.close()
-        return used / N_WIRE
+        return used / N_WIRE, echo / N_WIRE
     finally:
         proxy.close()
 
@@ -354,6 +390,19 @@ def main() -> None:
     if ns.role == "rss":
         role_rss(ns.args[0], int(ns.args[1]), ns.args[2])
         return
+    if ns.role in ("latency", "throughput"):  # one part alone, while tuning
+        with tempfile.TemporaryDirectory() as name:
+            broker = Broker(Path(name))
+            try:
+                if ns.role == "latency":
+                    print(json.dumps(_latency(Path(name), broker.port)))
+                else:
+                    e2e, raw, _ = throughput(Path(name), broker.port)
+                    print(json.dumps({"e2e": round(e2e), "raw": round(raw),
+                                      "ratio": round(e2e / raw, 3)}))
+            finally:
+                broker.close()
+        return
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
         broker = Broker(tmp)
@@ -361,15 +410,16 @@ def main() -> None:
             e2e, raw, size = throughput(tmp, broker.port)
             print(f"throughput: e2e {e2e:.0f}/s, raw paho {raw:.0f}/s ({size} B payload)",
                   file=sys.stderr)
-            _lat_dev.clear()
-            p50, p99 = _latency(tmp, broker.port)
-            print(f"added latency p50 {p50:.2f} ms, p99 {p99:.2f} ms", file=sys.stderr)
+            lat = _latency(tmp, broker.port)
             rss_dev, rss_paho = rss(tmp, broker.port)
             wires = {}
             for protocol, label in (("3.1.1", "mqtt311"), ("5", "mqtt5_aliases")):
                 for policy, pname in ((Policy(), "signed"),
                                       (low_bandwidth_policy(), "low_bandwidth")):
-                    wires[f"{label}_{pname}"] = round(wire(tmp, broker.port, protocol, policy), 1)
+                    used, echo = wire(tmp, broker.port, protocol, policy)
+                    wires[f"{label}_{pname}"] = round(used, 1)
+                    if echo:  # included above; what no-local would save (MQTT 5 only)
+                        wires[f"{label}_{pname}_own_echo"] = round(echo, 1)
             print(f"wire bytes per message: {wires}", file=sys.stderr)
         finally:
             broker.close()
@@ -377,16 +427,43 @@ def main() -> None:
         "e2e_msgs_per_s": round(e2e, 1),
         "raw_paho_msgs_per_s": round(raw, 1),
         "throughput_ratio": round(e2e / raw, 3) if raw else None,
-        "added_latency_p50_ms": round(p50, 3),
-        "added_latency_p99_ms": round(p99, 3),
+        "added_latency_p50_ms": _added(lat, "p50"),
+        "added_latency_p99_ms": _added(lat, "p99"),
+        "latency_ms": {k: round(v, 3) for k, v in lat.items()},
         "rss_mb_device": round(rss_dev, 1),
         "rss_mb_bare_paho": round(rss_paho, 1),
         "wire_bytes_per_message": wires,
     }))
 
 
-def _latency(tmp: Path, port: int) -> tuple[float, float]:
+def _latency(tmp: Path, port: int) -> dict[str, float]:
+    """Device and bare paho latency, measured interleaved in one run.
+
+    Both streams run at 50 messages/s each over the same broker, their sends
+    alternating every 10 ms, so both see the same machine (other processes, CPU
+    frequency, the broker's state): a stall hits both rather than whichever
+    happened to run then. Percentiles pool ``LATENCY_ROUNDS`` rounds (past each
+    round's warm-up); the added latency is the difference of the pooled
+    percentiles, and a negative difference is reported as invalid (``None``), never
+    as a gain.
+    """
+    lat_dev: list[float] = []
     lat_raw: list[float] = []
+
+    def on_event(event: Event) -> None:
+        if isinstance(event, MessageReceived):
+            lat_dev.append(time.perf_counter() - float(event.text[:20]))
+
+    alice = _device(tmp / "lat-a.db", port)
+    bob = _device(tmp / "lat-b.db", port, on_event=on_event)
+    cid = alice.create_conversation([bob.pid])
+    end = time.monotonic() + 15
+    while not (bob.engine.is_member(cid) and alice.engine._convs[cid].recv) and (
+        time.monotonic() < end
+    ):
+        time.sleep(0.02)
+    alice.send(cid, "warm-up".ljust(60, "x"))
+    size = len(bytes(alice.state._read("SELECT payload FROM sent ORDER BY id DESC LIMIT 1")[0][0]))
     sub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="lat-sub")
     sub.on_message = lambda _c, _u, m: lat_raw.append(
         time.perf_counter() - float(m.payload[:20].decode())
@@ -397,37 +474,53 @@ def _latency(tmp: Path, port: int) -> tuple[float, float]:
     pub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="lat-pub")
     pub.connect("127.0.0.1", port)
     pub.loop_start()
-    time.sleep(0.3)
-    for _ in range(N_LATENCY):
-        pub.publish("bench/lat", f"{time.perf_counter():20.6f}".encode() + b"x" * 120, qos=1)
-        time.sleep(0.02)
-    time.sleep(0.5)
-    for client in (pub, sub):
-        client.disconnect()
-        client.loop_stop()
-    alice = _device(tmp / "lat-a.db", port)
-    bob = _device(tmp / "lat-b.db", port, on_event=_on_latency_event)
-    cid = alice.create_conversation([bob.pid])
-    end = time.monotonic() + 15
-    while not (bob.engine.is_member(cid) and alice.engine._convs[cid].recv) and (
-        time.monotonic() < end
-    ):
-        time.sleep(0.02)
     time.sleep(1.2)  # past the first receipt batch
-    for _ in range(N_LATENCY):
-        alice.send(cid, f"{time.perf_counter():20.6f}".ljust(60, "x"))
-        time.sleep(0.02)
-    end = time.monotonic() + 10
-    while len(_lat_dev) < N_LATENCY and time.monotonic() < end:
-        time.sleep(0.05)
-    alice.close()
-    bob.close()
-    if not _lat_dev or not lat_raw:
+    dev: list[float] = []
+    raw: list[float] = []
+    try:
+        for _ in range(LATENCY_ROUNDS):
+            lat_dev.clear()
+            lat_raw.clear()
+            tick = time.perf_counter()
+            for _ in range(N_LATENCY):
+                stamp = f"{time.perf_counter():20.6f}"
+                pub.publish("bench/lat", stamp.encode().ljust(size, b"x"), qos=1)
+                tick += 0.01
+                time.sleep(max(0.0, tick - time.perf_counter()))
+                alice.send(cid, f"{time.perf_counter():20.6f}".ljust(60, "x"))
+                tick += 0.01
+                time.sleep(max(0.0, tick - time.perf_counter()))
+            end = time.monotonic() + 10
+            while (len(lat_dev) < N_LATENCY or len(lat_raw) < N_LATENCY) and (
+                time.monotonic() < end
+            ):
+                time.sleep(0.05)
+            dev += lat_dev[LATENCY_WARMUP:]
+            raw += lat_raw[LATENCY_WARMUP:]
+    finally:
+        for client in (pub, sub):
+            client.disconnect()
+            client.loop_stop()
+        alice.close()
+        bob.close()
+    if not dev or not raw:
         raise RuntimeError("no messages in the latency run")
-    dev, raw = _lat_dev[20:], lat_raw[20:]  # past warm-up
-    p50 = statistics.median(dev) - statistics.median(raw)
-    p99 = _pct(dev, 99) - _pct(raw, 99)
-    return p50 * 1000, p99 * 1000
+    out = {
+        "device_p50_ms": _pct(dev, 50) * 1000, "device_p99_ms": _pct(dev, 99) * 1000,
+        "raw_p50_ms": _pct(raw, 50) * 1000, "raw_p99_ms": _pct(raw, 99) * 1000,
+        "samples": float(min(len(dev), len(raw))),
+    }
+    print(f"latency (ms): {out}", file=sys.stderr)
+    return out
+
+
+def _added(lat: dict[str, float], pct: str) -> float | None:
+    added = lat[f"device_{pct}_ms"] - lat[f"raw_{pct}_ms"]
+    if added < 0:  # within the noise of the reference: not a measurement of anything
+        print(f"added latency {pct} came out negative ({added:.2f} ms): reported as null",
+              file=sys.stderr)
+        return None
+    return round(added, 3)
 
 
 if __name__ == "__main__":
