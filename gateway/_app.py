@@ -31,6 +31,7 @@ from gateway._settings import GatewaySettings
 from gateway._sql import open_store
 from gateway._state import Gateway
 from gateway._store import GatewayStore
+from gateway._web import web_app
 from gateway._ws import websocket_endpoint
 from schemas import Topics
 from schemas.errors import FieldchatError, InvalidId, ProtocolError, TransportError, WireError
@@ -197,4 +198,5 @@ def create_app(
         """Prometheus text exposition."""
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    app.mount("/", web_app())  # the browser client; last, so API routes take precedence
     return app
