@@ -24,7 +24,6 @@ from broker.testing import make_config
 from device.client import Device
 from device.config import BrokerOptions, LinkOptions
 from gateway import GatewaySettings, create_app
-from gateway._web import web_app
 from schemas.topics import DEFAULT_PREFIX
 
 CHROMIUM = "/usr/bin/chromium"
@@ -76,13 +75,12 @@ def chromium_missing() -> str | None:
 
 
 class GatewayThread:
-    """The gateway app, with ``app.mount("/", web_app())``, under uvicorn in a thread."""
+    """The gateway app (which mounts the web client at ``/``) under uvicorn in a thread."""
 
     def __init__(self, settings: GatewaySettings, *, extra_static: Path | None = None) -> None:
         self.app = create_app(settings)
-        if extra_static is not None:  # test pages, only in tests
-            self.app.router.routes.append(Mount("/_tests", StaticFiles(directory=extra_static)))
-        self.app.mount("/", web_app())
+        if extra_static is not None:  # test pages, only in tests; before the "/" mount
+            self.app.router.routes.insert(0, Mount("/_tests", StaticFiles(directory=extra_static)))
         config = uvicorn.Config(
             self.app,
             host="127.0.0.1",
