@@ -48,6 +48,9 @@ def test_up_serves_web_and_mqtt_and_stops_cleanly(tmp_path):
         mqtt = re.search(r"mqtt\s+mqtt://127\.0\.0\.1:(\d+)", banner).group(1)
         with urllib.request.urlopen(web + "healthz", timeout=10) as response:
             assert json.loads(response.read()) == {"broker": True, "database": True}
+        with urllib.request.urlopen(web, timeout=10) as response:  # the browser client
+            assert "script-src 'self'" in response.headers["Content-Security-Policy"]
+            assert b"<html" in response.read().lower()
         with socket.create_connection(("127.0.0.1", int(mqtt)), timeout=5):
             pass
         assert "fieldchat device --state pi.db" in banner
