@@ -10,8 +10,13 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
+
+# bench/device.py would shadow the ``device`` package: import from the project root.
+sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
