@@ -33,12 +33,12 @@ from pathlib import Path
 # This file is named broker.py: put the project root first so `broker` is the package.
 sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from broker import _codec as codec  # noqa: E402
-from broker._errors import MalformedPacket  # noqa: E402
-from broker._mosquitto import write_mosquitto_config  # noqa: E402
-from broker._store import Store  # noqa: E402
-from broker.testing import participant  # noqa: E402
-from schemas.topics import Topics  # noqa: E402
+from broker import _codec as codec
+from broker._errors import MalformedPacket
+from broker._mosquitto import write_mosquitto_config
+from broker._store import Store
+from broker.testing import participant
+from schemas.topics import Topics
 
 PAYLOAD = 256
 WINDOW = 100
