@@ -386,11 +386,23 @@ class Device:
         return self.send_many(cid, [text])[0]
 
     def send_many(self, cid: str, texts: Sequence[str]) -> list[SentMessage]:
-        """Like :meth:`send` for several texts, with one fsync for all of them."""
+        """Like :meth:`send` for several texts, with one fsync for all of them.
+
+        The rows commit without an fsync, then one fsync of the WAL makes them
+        durable outside the state file's lock: the worker keeps publishing and
+        committing acknowledgements meanwhile, and concurrent senders share an fsync
+        (group commit). Nothing is published before that fsync.
+
+        Raises:
+            UnknownConversation, NotAMember: not a member of ``cid``.
+            LimitExceeded: a text is too long (none of them was queued).
+            KeyStoreError: the state file could not be written (nothing was queued)
+                or synced (queued, not known durable: the device stops).
+        """
         self._raise_fatal()
         topic = self.topics.msg(cid)
         out = []
-        with self._send_lock, self.state.transaction() as db:
+        with self._send_lock, self.state.transaction(durable=False) as db:
             for text in texts:
                 now = self._clock()
                 envelope = self.engine.seal(cid, TextMessage(sent_at=int(now), text=text))
@@ -400,6 +412,11 @@ class Device:
                     db, cid, epoch, index, chain, step, text, topic, envelope, seq
                 )
                 out.append(SentMessage(row, cid, epoch, chain, step))
+        try:
+            self.state.sync()
+        except KeyStoreError as exc:
+            self._fatal = exc  # the worker publishes nothing it cannot sync either
+            raise
         self._wake()
         return out
 

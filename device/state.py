@@ -181,7 +181,8 @@ class DeviceState:
         self._durable = True  # of the open transaction
         self._written = 0  # commits without an fsync so far
         self._synced = 0  # ... of which this many are known durable
-        self._outbox_unsynced = False  # an outbox row not durable yet
+        self._txn_outbox = False  # the open transaction added an outbox row
+        self._outbox_gen = 0  # the last commit without fsync that added outbox rows
         self._sync_lock = threading.Lock()
         self.commits = 0
         self.fsyncs = 0
@@ -220,6 +221,7 @@ class DeviceState:
             except sqlite3.Error as exc:
                 raise KeyStoreError(f"state file write failed: {exc}") from exc
             self._depth = 1
+            self._txn_outbox = False
             try:
                 yield self._db
             except BaseException:
@@ -236,7 +238,8 @@ class DeviceState:
             self._written += 1
             if durable:  # the fsync of the WAL covers every earlier frame too
                 self._synced = self._written
-                self._outbox_unsynced = False
+            elif self._txn_outbox:
+                self._outbox_gen = self._written
 
     @property
     def unsynced(self) -> bool:
@@ -246,7 +249,7 @@ class DeviceState:
     @property
     def outbox_unsynced(self) -> bool:
         """Whether an outbox row was committed without an fsync (sync before publishing)."""
-        return self._outbox_unsynced
+        return self._synced < self._outbox_gen
 
     def sync(self) -> None:
         """Make every commit so far durable: one fsync of the WAL, if anything is pending.
@@ -260,7 +263,6 @@ class DeviceState:
         with self._sync_lock:
             with self._lock:
                 target = self._written
-                outbox = self._outbox_unsynced
                 if self._synced >= target:
                     return
             try:
@@ -276,8 +278,6 @@ class DeviceState:
             with self._lock:
                 self.fsyncs += 1
                 self._synced = max(self._synced, target)
-                if outbox and self._synced == self._written:
-                    self._outbox_unsynced = False
 
     def _read(self, sql: str, args: Sequence[object] = ()) -> list[Any]:
         try:
@@ -339,8 +339,7 @@ class DeviceState:
         self, db: sqlite3.Connection, topic: str, payload: bytes, *, retain: bool = False,
         cid: str | None = None, what: str = "msg",
     ) -> int:
-        if not self._durable:
-            self._outbox_unsynced = True
+        self._txn_outbox = True
         cur = db.execute(
             "INSERT INTO outbox (topic, payload, retain, cid, what, created_at) "
             "VALUES (?, ?, ?, ?, ?, ?)",
