@@ -479,7 +479,7 @@ def _latency(tmp: Path, port: int) -> dict[str, float]:
         time.monotonic() < end
     ):
         time.sleep(0.02)
-    alice.send(cid, "warm-up".ljust(60, "x"))
+    alice.send(cid, f"{time.perf_counter():20.6f}".ljust(60, "x"))  # warm-up
     size = len(bytes(alice.state._read("SELECT payload FROM sent ORDER BY id DESC LIMIT 1")[0][0]))
     sub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="lat-sub")
     sub.on_message = lambda _c, _u, m: lat_raw.append(
