@@ -159,7 +159,8 @@ def test_credentials_and_protocol_version(nats: Cluster, raw: list[Raw]) -> None
 
 
 def test_topic_rules_retained_and_qos1_across_nodes(nats: Cluster, raw: list[Raw]) -> None:
-    alice_pw, bob_pw = nats.device(ALICE), nats.device(BOB)
+    # Enrolled before the start: a reload (SIGHUP) applies asynchronously.
+    alice_pw, bob_pw, carol_pw = nats.device(ALICE), nats.device(BOB), nats.device(CAROL)
     nats.start()
     alice = Raw(nats.nodes[0].mqtt_port, ALICE, alice_pw).connected()
     raw.append(alice)
@@ -194,7 +195,7 @@ def test_topic_rules_retained_and_qos1_across_nodes(nats: Cluster, raw: list[Raw
     assert not [m for m in bob.messages if m[1] == b"forged"]
 
     # A late subscriber on the third node gets the newest retained bundle.
-    late = Raw(nats.nodes[2].mqtt_port, CAROL, nats.device(CAROL)).connected()
+    late = Raw(nats.nodes[2].mqtt_port, CAROL, carol_pw).connected()
     raw.append(late)
     assert late.subscribe(f"{PREFIX}/p/{ALICE}/bundle") == 1
     late.wait(lambda: bool(late.messages), "the retained bundle on node 3")
