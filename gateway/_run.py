@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 
 import uvicorn
@@ -23,7 +24,13 @@ def serve(settings: GatewaySettings) -> None:
         ssl_certfile=str(settings.tls_certfile) if settings.tls_certfile else None,
         ssl_keyfile=str(settings.tls_keyfile) if settings.tls_keyfile else None,
         log_level="info", ws="websockets-sansio", proxy_headers=False,
+        # Frames carry ciphertext (base64): permessage-deflate would compress each
+        # frame once per socket for almost no gain, the largest cost of a fan-out.
+        ws_per_message_deflate=False,
     )
+    # Everything imported and built so far lives as long as the process: keep it out
+    # of the cyclic collector, so full collections under load stay short.
+    gc.freeze()
     uvicorn.Server(config).run()
 
 
