@@ -1,1 +1,5 @@
-"""The participant side of fieldchat: identity, key store, the E2E engine and (soon) the MQTT client."""
+"""The participant side of fieldchat.
+
+Identity and key store, the pure E2E engine, and the paho-mqtt ``Device`` client
+with its durable outbox (see docs/device.md).
+"""

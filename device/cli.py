@@ -23,6 +23,7 @@ import typer
 from device.client import Device
 from device.config import DeviceSettings, low_bandwidth_policy
 from device.events import Event, KeyChanged, MessageReceived, ReceiptReceived
+from device.history import GatewayHistory, gateway_base
 from device.state import DeviceState, ReceivedRow
 from schemas import Policy
 from schemas.errors import ConfigError, FieldchatError, TransportError
@@ -59,40 +60,75 @@ _options = _Options()
 
 @device_app.callback()
 def _device(
-    state: Annotated[Path | None, typer.Option(
-        envvar="FIELDCHAT_STATE", help="State file (identity, keys, outbox).")] = None,
-    broker: Annotated[str | None, typer.Option(
-        envvar="FIELDCHAT_BROKER", help="mqtt://host:port or mqtts://host:port.")] = None,
-    credential: Annotated[str | None, typer.Option(
-        envvar="FIELDCHAT_CREDENTIAL", help="From `fieldchat broker enroll PID`.",
-        show_default=False)] = None,
-    config: Annotated[Path | None, typer.Option(
-        envvar="FIELDCHAT_CONFIG", help="TOML file with these settings.")] = None,
-    prefix: Annotated[str | None, typer.Option(
-        envvar="FIELDCHAT_PREFIX", help="Topic prefix (default fc/v1).")] = None,
-    protocol: Annotated[str | None, typer.Option(
-        envvar="FIELDCHAT_PROTOCOL", help="auto, 5 or 3.1.1.")] = None,
-    ca_file: Annotated[Path | None, typer.Option(
-        envvar="FIELDCHAT_CA_FILE", help="CA certificate for TLS.")] = None,
-    cert_file: Annotated[Path | None, typer.Option(
-        envvar="FIELDCHAT_CERT_FILE", help="Client certificate for TLS.")] = None,
-    key_file: Annotated[Path | None, typer.Option(
-        envvar="FIELDCHAT_KEY_FILE", help="Client key for TLS.")] = None,
-    low_bandwidth: Annotated[bool | None, typer.Option(
-        "--low-bandwidth/--normal-bandwidth", envvar="FIELDCHAT_LOW_BANDWIDTH",
-        help="Tune the link for slow links (rare pings, batched receipts).")] = None,
+    state: Annotated[
+        Path | None,
+        typer.Option(envvar="FIELDCHAT_STATE", help="State file (identity, keys, outbox)."),
+    ] = None,
+    broker: Annotated[
+        str | None,
+        typer.Option(envvar="FIELDCHAT_BROKER", help="mqtt://host:port or mqtts://host:port."),
+    ] = None,
+    credential: Annotated[
+        str | None,
+        typer.Option(
+            envvar="FIELDCHAT_CREDENTIAL",
+            help="From `fieldchat broker enroll PID`.",
+            show_default=False,
+        ),
+    ] = None,
+    gateway: Annotated[
+        str | None,
+        typer.Option(
+            envvar="FIELDCHAT_GATEWAY",
+            help="http(s)://host:port of the gateway, for history (what was sent while away).",
+        ),
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option(envvar="FIELDCHAT_CONFIG", help="TOML file with these settings.")
+    ] = None,
+    prefix: Annotated[
+        str | None, typer.Option(envvar="FIELDCHAT_PREFIX", help="Topic prefix (default fc/v1).")
+    ] = None,
+    protocol: Annotated[
+        str | None, typer.Option(envvar="FIELDCHAT_PROTOCOL", help="auto, 5 or 3.1.1.")
+    ] = None,
+    ca_file: Annotated[
+        Path | None, typer.Option(envvar="FIELDCHAT_CA_FILE", help="CA certificate for TLS.")
+    ] = None,
+    cert_file: Annotated[
+        Path | None, typer.Option(envvar="FIELDCHAT_CERT_FILE", help="Client certificate for TLS.")
+    ] = None,
+    key_file: Annotated[
+        Path | None, typer.Option(envvar="FIELDCHAT_KEY_FILE", help="Client key for TLS.")
+    ] = None,
+    low_bandwidth: Annotated[
+        bool | None,
+        typer.Option(
+            "--low-bandwidth/--normal-bandwidth",
+            envvar="FIELDCHAT_LOW_BANDWIDTH",
+            help="Tune the link for slow links (rare pings, batched receipts).",
+        ),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log the link.")] = False,
 ) -> None:
     """A fieldchat participant. Settings: flags, FIELDCHAT_* variables, a TOML file."""
     logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
+        level=logging.INFO if verbose else logging.WARNING,
+        stream=sys.stderr,
         format="%(levelname)s %(message)s",
     )
     _options.config = config
     _options.settings = None
     _options.flags = {
-        "state": state, "broker": broker, "credential": credential, "prefix": prefix,
-        "protocol": protocol, "ca_file": ca_file, "cert_file": cert_file, "key_file": key_file,
+        "state": state,
+        "broker": broker,
+        "credential": credential,
+        "gateway": gateway,
+        "prefix": prefix,
+        "protocol": protocol,
+        "ca_file": ca_file,
+        "cert_file": cert_file,
+        "key_file": key_file,
         "low_bandwidth": low_bandwidth,
     }
 
@@ -118,13 +154,32 @@ def _device_for(on_event: object = None) -> Device:
     state = DeviceState(settings.state)
     try:
         broker = settings.broker_options(state.get_meta("broker"), state.get_meta("credential"))
-        return Device(
-            state, broker, link=settings.link_options(), prefix=settings.prefix,
+        device = Device(
+            state,
+            broker,
+            link=settings.link_options(),
+            prefix=settings.prefix,
             on_event=on_event,  # type: ignore[arg-type]
         )
     except BaseException:
         state.close()
         raise
+    gateway = settings.gateway or state.get_meta("gateway")
+    if gateway:
+        try:
+            device.history = GatewayHistory(gateway, device.engine.identity)
+        except BaseException:
+            device.close()
+            raise
+    return device
+
+
+def _saved_credential(path: Path) -> bool:
+    state = DeviceState(path)
+    try:
+        return state.get_meta("credential") is not None
+    finally:
+        state.close()
 
 
 @contextlib.contextmanager
@@ -153,8 +208,9 @@ def _finish(device: Device, timeout: float) -> None:
 
 @device_app.command()
 def init(
-    post_quantum: Annotated[bool, typer.Option(
-        "--pq/--no-pq", help="Give the identity an ML-KEM-768 key.")] = True,
+    post_quantum: Annotated[
+        bool, typer.Option("--pq/--no-pq", help="Give the identity an ML-KEM-768 key.")
+    ] = True,
     json_out: JsonOut = False,
 ) -> None:
     """Create this device's identity (once) and save the broker URL and credential."""
@@ -168,6 +224,8 @@ def init(
                 saved["broker"] = settings.broker
             if settings.credential:
                 saved["credential"] = settings.credential.get_secret_value()
+            if settings.gateway:
+                saved["gateway"] = gateway_base(settings.gateway)
             if saved:
                 state.set_meta(saved)
             existed = state.load("identity") is not None
@@ -177,26 +235,53 @@ def init(
         except BaseException:
             state.close()
             raise
+        registered = False
+        if settings.credential or (settings.broker and _saved_credential(settings.state)):
+            # Connect once: publish our bundle (retained) and open the persistent session
+            # on our inbox, so others can invite us while we are away.
+            with _connected(10.0) as online:
+                _finish(online, 10.0)
+            registered = True
     if json_out:
-        typer.echo(json.dumps({"pid": pid, "fingerprint": fingerprint, "new": not existed,
-                               "state": str(settings.state)}))
+        typer.echo(
+            json.dumps(
+                {
+                    "pid": pid,
+                    "fingerprint": fingerprint,
+                    "new": not existed,
+                    "state": str(settings.state),
+                    "registered": registered,
+                }
+            )
+        )
         return
     typer.echo(f"pid          {pid}")
     typer.echo(f"fingerprint  {fingerprint}")
     typer.echo(f"state        {settings.state}")
+    if registered:
+        typer.echo("registered   bundle published; invitations wait for this device")
     if not existed and not settings.credential:
-        typer.echo(f"next: on the broker run `fieldchat broker enroll {pid}`, then "
-                   f"`fieldchat device --credential … init` to save the credential")
+        typer.echo(
+            f"next: on the broker run `fieldchat broker enroll {pid}`, then "
+            f"`fieldchat device --credential … init` to save the credential"
+        )
 
 
 @device_app.command()
-def whoami(json_out: JsonOut = False) -> None:
+def whoami(
+    json_out: JsonOut = False,
+    pid_only: Annotated[
+        bool, typer.Option("--pid", help="Print only the pid (for scripts and enrollment).")
+    ] = False,
+) -> None:
     """Print this device's pid and fingerprint."""
     with _errors():
         device = _device_for()
         pid, fingerprint = device.pid, device.fingerprint()
         device.close()
-    if json_out:
+    if pid_only:
+        typer.echo(pid)
+    elif json_out:
         typer.echo(json.dumps({"pid": pid, "fingerprint": fingerprint}))
     else:
         typer.echo(f"pid          {pid}\nfingerprint  {fingerprint}")
@@ -205,8 +290,10 @@ def whoami(json_out: JsonOut = False) -> None:
 @device_app.command()
 def verify(
     pid: str,
-    fingerprint: Annotated[str | None, typer.Argument(
-        help="The fingerprint read out by its owner; omit to just show it.")] = None,
+    fingerprint: Annotated[
+        str | None,
+        typer.Argument(help="The fingerprint read out by its owner; omit to just show it."),
+    ] = None,
     timeout: Timeout = 10.0,
 ) -> None:
     """Show PID's fingerprint, or compare it with one read out of band."""
@@ -236,16 +323,19 @@ def verify(
 def conv_create(
     members: Annotated[list[str] | None, typer.Argument(help="Pids to invite.")] = None,
     compress: Annotated[bool, typer.Option(help="Compress plaintexts.")] = False,
-    sign_every: Annotated[int, typer.Option(
-        help="Sign every Nth envelope (1: all, 0: none).")] = 1,
-    low_bandwidth: Annotated[bool, typer.Option(
-        "--low-bandwidth", help="Compressed, one signature in 32.")] = False,
+    sign_every: Annotated[int, typer.Option(help="Sign every Nth envelope (1: all, 0: none).")] = 1,
+    low_bandwidth: Annotated[
+        bool, typer.Option("--low-bandwidth", help="Compressed, one signature in 32.")
+    ] = False,
     timeout: Timeout = 10.0,
     json_out: JsonOut = False,
 ) -> None:
     """Create a conversation (you are its admin) and print its id."""
-    policy = (low_bandwidth_policy() if low_bandwidth
-              else Policy(compress=compress, sign_every=sign_every))
+    policy = (
+        low_bandwidth_policy()
+        if low_bandwidth
+        else Policy(compress=compress, sign_every=sign_every)
+    )
     with _errors(), _connected(timeout) as device:
         cid = device.create_conversation(members or [], policy=policy, timeout=timeout)
         _finish(device, timeout)
@@ -286,15 +376,23 @@ def conv_list(json_out: JsonOut = False) -> None:
         device.close()
     for info in infos:
         if json_out:
-            typer.echo(json.dumps({
-                "cid": info.cid, "epoch": info.epoch, "members": list(info.members),
-                "admins": list(info.admins), "member": info.member,
-            }))
+            typer.echo(
+                json.dumps(
+                    {
+                        "cid": info.cid,
+                        "epoch": info.epoch,
+                        "members": list(info.members),
+                        "admins": list(info.admins),
+                        "member": info.member,
+                    }
+                )
+            )
         else:
             state = "member" if info.member else "invited" if info.epoch < 0 else "left"
             admin = " admin" if me in info.admins else ""
-            typer.echo(f"{info.cid}  epoch {info.epoch}  {len(info.members)} members  "
-                       f"{state}{admin}")
+            typer.echo(
+                f"{info.cid}  epoch {info.epoch}  {len(info.members)} members  {state}{admin}"
+            )
 
 
 # -- messages ----------------------------------------------------------------------------
@@ -324,8 +422,9 @@ def _stdin_batches(limit: int = 100) -> Iterator[list[str]]:
 @device_app.command()
 def send(
     cid: str,
-    text: Annotated[str | None, typer.Argument(
-        help="The text; omit or '-' to read lines from stdin.")] = None,
+    text: Annotated[
+        str | None, typer.Argument(help="The text; omit or '-' to read lines from stdin.")
+    ] = None,
     timeout: Timeout = 10.0,
 ) -> None:
     """Send a message (durable at once; delivered when the broker is reachable)."""
@@ -354,9 +453,18 @@ def _print(row: MessageReceived | ReceivedRow, json_out: bool) -> None:
         if isinstance(row, MessageReceived):
             data = row.to_json()
         else:
-            data = {"type": "message", "id": row.id, "cid": row.cid, "sender": row.sender,
-                    "text": row.text, "sent_at": row.sent_at, "epoch": row.epoch,
-                    "sender_index": row.sender_index, "chain": row.chain, "step": row.step}
+            data = {
+                "type": "message",
+                "id": row.id,
+                "cid": row.cid,
+                "sender": row.sender,
+                "text": row.text,
+                "sent_at": row.sent_at,
+                "epoch": row.epoch,
+                "sender_index": row.sender_index,
+                "chain": row.chain,
+                "step": row.step,
+            }
         typer.echo(json.dumps(data))
     else:
         clock = time.strftime("%H:%M:%S", time.localtime(row.sent_at or 0))
@@ -371,8 +479,11 @@ def _note(event: Event, json_out: bool) -> None:
         typer.echo(json.dumps(event.to_json()))
         sys.stdout.flush()
     elif isinstance(event, KeyChanged):
-        typer.echo(f"WARNING: the keys of {event.pid} CHANGED. Compare fingerprints: "
-                   f"fieldchat device verify {event.pid}", err=True)
+        typer.echo(
+            f"WARNING: the keys of {event.pid} CHANGED. Compare fingerprints: "
+            f"fieldchat device verify {event.pid}",
+            err=True,
+        )
     elif not isinstance(event, ReceiptReceived):
         typer.echo(f"-- {event.type}: {event.to_json()}", err=True)
 
@@ -400,8 +511,9 @@ def listen(
             while count is None or shown < count:
                 # Stored rows past the cursor first: messages that arrived while another
                 # command (send, conv …) was running are shown here, once.
-                for row in device.messages(cid, after_id=cursor)[: None if count is None
-                                                                   else count - shown]:
+                for row in device.messages(cid, after_id=cursor)[
+                    : None if count is None else count - shown
+                ]:
                     _print(row, json_out)
                     cursor = row.id
                     shown += 1
@@ -467,12 +579,23 @@ def outbox(json_out: JsonOut = False) -> None:
         device.close()
     for row in rows:
         if json_out:
-            typer.echo(json.dumps({"seq": row.seq, "what": row.what, "cid": row.cid,
-                                   "topic": row.topic, "bytes": len(row.payload),
-                                   "queued_at": row.created_at}))
+            typer.echo(
+                json.dumps(
+                    {
+                        "seq": row.seq,
+                        "what": row.what,
+                        "cid": row.cid,
+                        "topic": row.topic,
+                        "bytes": len(row.payload),
+                        "queued_at": row.created_at,
+                    }
+                )
+            )
         else:
             age = time.time() - row.created_at
-            typer.echo(f"{row.seq:6d}  {row.what:7s}  {row.cid or '-':26s}  "
-                       f"{len(row.payload):5d} B  {age:6.0f} s ago")
+            typer.echo(
+                f"{row.seq:6d}  {row.what:7s}  {row.cid or '-':26s}  "
+                f"{len(row.payload):5d} B  {age:6.0f} s ago"
+            )
     if not json_out:
         typer.echo(f"{len(rows)} waiting", err=True)

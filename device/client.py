@@ -30,7 +30,7 @@ import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -87,13 +87,18 @@ _TICK_S = 0.05
 
 
 class HistorySource(Protocol):
-    """Where missing steps are asked for: the gateway's history API (a seam for now).
+    """Where missing envelopes are asked for: the gateway's history API
+    (:class:`device.history.GatewayHistory`).
 
-    ``request`` returns the envelopes it has for the gap's range (possibly none);
-    the device opens them like live ones, so duplicates and forgeries cost nothing.
+    ``request`` returns the envelopes it has for the gap's range (possibly more);
+    ``conversation`` what was archived for a conversation we just joined (sent before
+    our subscription existed). The device opens them like live ones, so duplicates
+    and forgeries cost nothing.
     """
 
     def request(self, gap: Gap) -> Iterable[bytes]: ...
+
+    def conversation(self, cid: str) -> Iterable[bytes]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +178,7 @@ class _Batch:
     subscribe: set[str]
     unsubscribe: set[str]
     retry_held: bool = False
+    backfill: set[str] = field(default_factory=set)
 
 
 class Device:
@@ -229,15 +235,15 @@ class Device:
         self._cursor = 0
         self._high = self.state.high_steps()
         # Envelopes that overtook a missing step: chain -> step -> (held row, deadline).
-        self._waiting: dict[tuple[str, int, int, int], dict[int, tuple[int, float]]] = (
-            defaultdict(dict)
+        self._waiting: dict[tuple[str, int, int, int], dict[int, tuple[int, float]]] = defaultdict(
+            dict
         )
         for row, cid, payload, until in self.state.held(reordering=True):
             with contextlib.suppress(FieldchatError):
                 _, _, epoch, index, chain, step, _ = read_header(payload)
                 self._waiting[(cid, epoch, index, chain)][step] = (row, until or 0.0)
-        self._receipts: dict[tuple[str, ReceiptType], set[tuple[int, int, int, int]]] = (
-            defaultdict(set)
+        self._receipts: dict[tuple[str, ReceiptType], set[tuple[int, int, int, int]]] = defaultdict(
+            set
         )
         self._next_receipts = 0.0
         self._resend: tuple[float, float] | None = None  # (due, published before)
@@ -282,7 +288,10 @@ class Device:
         self._worker.start()
         protocol = self.state.get_meta("protocol") if self.broker.protocol == "auto" else None
         self._link = Link(
-            self.pid, self.broker, self.options, self,
+            self.pid,
+            self.broker,
+            self.options,
+            self,
             will=Will(self.topics.status(self.pid), STATUS_OFFLINE),
             protocol=protocol,
             on_protocol=lambda p: self.state.set_meta({"protocol": p}),
@@ -450,7 +459,10 @@ class Device:
             )
 
     def create_conversation(
-        self, members: Sequence[str] = (), *, policy: Policy | None = None,
+        self,
+        members: Sequence[str] = (),
+        *,
+        policy: Policy | None = None,
         timeout: float = 10.0,
     ) -> str:
         """Found a conversation with ``members``; its cid (roster and grants queued).
@@ -520,11 +532,16 @@ class Device:
             except UnknownConversation:
                 out.append(ConversationInfo(cid, -1, (), (), member=False, policy=None))
                 continue
-            out.append(ConversationInfo(
-                cid, roster.epoch, roster.pids,
-                tuple(m.pid for m in roster.members if m.admin),
-                member=self.engine.is_member(cid), policy=roster.policy,
-            ))
+            out.append(
+                ConversationInfo(
+                    cid,
+                    roster.epoch,
+                    roster.pids,
+                    tuple(m.pid for m in roster.members if m.admin),
+                    member=self.engine.is_member(cid),
+                    policy=roster.policy,
+                )
+            )
         return out
 
     def verify(self, pid: str, fingerprint: str) -> bool:
@@ -574,8 +591,9 @@ class Device:
     def link_connected(self, conn: Connection, session_present: bool) -> None:
         self._queue.put(_Up(conn, session_present))
 
-    def link_message(self, conn: Connection, mid: int, topic: str, payload: bytes,
-                     qos: int) -> None:
+    def link_message(
+        self, conn: Connection, mid: int, topic: str, payload: bytes, qos: int
+    ) -> None:
         self._queue.put(_Msg(conn, mid, topic, payload, qos))
 
     def link_published(self, conn: Connection, mid: int, ok: bool) -> None:
@@ -688,6 +706,8 @@ class Device:
                 current.unsubscribe(sorted(batch.unsubscribe))
         if batch.retry_held:
             self._retry_held()
+        for cid in sorted(batch.backfill):
+            self._backfill(cid)
 
     def _control(self, item: _Up | _Down, batch: _Batch) -> None:
         conn = item.conn
@@ -695,8 +715,9 @@ class Device:
             self._conn = conn
             self._inflight = {}
             self._cursor = 0
-            conn.publish(self.topics.bundle(self.pid), self.engine.identity.bundle.to_bytes(),
-                         retain=True)
+            conn.publish(
+                self.topics.bundle(self.pid), self.engine.identity.bundle.to_bytes(), retain=True
+            )
             conn.publish_status(self.topics.status(self.pid), STATUS_ONLINE)
             # Outbox first (a new conversation's roster), then SUBSCRIBE: a broker that
             # learns membership from rosters then already knows us (same connection,
@@ -712,8 +733,11 @@ class Device:
                 self._resend = (now + self.options.resend_after_s, now)
             self.counters["connects"] += 1
             batch.events.append(Connected(conn.protocol, item.session_present))
-            log.info("connected (MQTT %s, session %s)", conn.protocol,
-                     "resumed" if item.session_present else "new")
+            log.info(
+                "connected (MQTT %s, session %s)",
+                conn.protocol,
+                "resumed" if item.session_present else "new",
+            )
         elif conn is self._conn:
             self._conn = None
             self._inflight = {}
@@ -746,8 +770,15 @@ class Device:
             self.counters[f"rejected_{exc.reason}"] += 1
             log.debug("rejected %s: %s", topic, exc)
 
-    def _open(self, db: sqlite3.Connection, cid: str, payload: bytes, batch: _Batch,
-              *, in_order: bool = True) -> bool:
+    def _open(
+        self,
+        db: sqlite3.Connection,
+        cid: str,
+        payload: bytes,
+        batch: _Batch,
+        *,
+        in_order: bool = True,
+    ) -> bool:
         """Open and store an envelope, then any held ones it lets through, in step order.
 
         With ``in_order``, an envelope more than one step ahead of its sender's chain is
@@ -818,8 +849,7 @@ class Device:
             self.counters["held_dropped"] += count
             log.warning("held-envelope limit reached: %d oldest dropped", count)
 
-    def _open_one(self, db: sqlite3.Connection, cid: str, payload: bytes,
-                  batch: _Batch) -> bool:
+    def _open_one(self, db: sqlite3.Connection, cid: str, payload: bytes, batch: _Batch) -> bool:
         try:
             opened = self.engine.open(cid, payload)
         except MissingKey:
@@ -833,8 +863,16 @@ class Device:
         text = message.text if isinstance(message, TextMessage) else None
         sent_at = message.sent_at if isinstance(message, TextMessage) else None
         row = self.state.add_received(
-            db, cid, opened.epoch, opened.sender_index, opened.chain, opened.step,
-            opened.sender, int(_kind(message)), sent_at, text,
+            db,
+            cid,
+            opened.epoch,
+            opened.sender_index,
+            opened.chain,
+            opened.step,
+            opened.sender,
+            int(_kind(message)),
+            sent_at,
+            text,
         )
         if row is None:
             self._duplicate(cid, payload)
@@ -845,10 +883,21 @@ class Device:
             key = (opened.epoch, opened.sender_index, opened.chain, opened.step)
             with self._receipts_lock:
                 self._receipts[(cid, ReceiptType.DELIVERED)].add(key)
-            batch.events.append(MessageReceived(
-                row, cid, opened.sender, message.text, message.sent_at, opened.epoch,
-                opened.sender_index, opened.chain, opened.step, opened.signed, late,
-            ))
+            batch.events.append(
+                MessageReceived(
+                    row,
+                    cid,
+                    opened.sender,
+                    message.text,
+                    message.sent_at,
+                    opened.epoch,
+                    opened.sender_index,
+                    opened.chain,
+                    opened.step,
+                    opened.signed,
+                    late,
+                )
+            )
         elif isinstance(message, Receipt):
             self._on_receipt(db, opened, message, batch)
         elif isinstance(message, Control) and message.op is ControlOp.LEAVE:
@@ -864,21 +913,30 @@ class Device:
             self._high[key] = step if high is None else max(high, step)
             return False
         if step > high + 1:
-            gap = Gap(opened.cid, opened.epoch, opened.sender_index, opened.chain, high + 1,
-                      step - 1, opened.sender, self._clock())
+            gap = Gap(
+                opened.cid,
+                opened.epoch,
+                opened.sender_index,
+                opened.chain,
+                high + 1,
+                step - 1,
+                opened.sender,
+                self._clock(),
+            )
             self.state.add_gap(db, gap)
             self._high[key] = step
             self.counters["gaps"] += 1
-            batch.events.append(GapDetected(
-                gap.cid, gap.sender, gap.epoch, gap.chain, gap.first, gap.last
-            ))
+            batch.events.append(
+                GapDetected(gap.cid, gap.sender, gap.epoch, gap.chain, gap.first, gap.last)
+            )
             return False
         self.state.fill_gap(db, opened.cid, opened.epoch, opened.sender_index, opened.chain, step)
         self.counters["late"] += 1
         return True
 
-    def _on_receipt(self, db: sqlite3.Connection, opened: Opened, receipt: Receipt,
-                    batch: _Batch) -> None:
+    def _on_receipt(
+        self, db: sqlite3.Connection, opened: Opened, receipt: Receipt, batch: _Batch
+    ) -> None:
         steps = 0
         mine: dict[tuple[int, int], bool] = {}
         for r in receipt.ranges:
@@ -888,14 +946,20 @@ class Device:
             if not mine[key]:
                 continue  # a receipt for another member's messages
             self.state.add_receipt(
-                db, opened.cid, opened.sender, int(receipt.type), r.epoch, r.chain, r.first,
+                db,
+                opened.cid,
+                opened.sender,
+                int(receipt.type),
+                r.epoch,
+                r.chain,
+                r.first,
                 r.last,
             )
             steps += r.last - r.first + 1
         if steps:
-            batch.events.append(ReceiptReceived(
-                opened.cid, opened.sender, receipt.type.name.lower(), steps
-            ))
+            batch.events.append(
+                ReceiptReceived(opened.cid, opened.sender, receipt.type.name.lower(), steps)
+            )
 
     def _on_leave(self, db: sqlite3.Connection, opened: Opened) -> None:
         roster = self.engine.roster(opened.cid)
@@ -930,6 +994,7 @@ class Device:
             batch.subscribe |= {self.topics.roster(cid), self.topics.msg(cid)}
             batch.subscribe |= {self.topics.bundle(p) for p in roster.pids if p != self.pid}
             batch.events.append(Joined(cid, roster.epoch, roster.pids))
+            batch.backfill.add(cid)
         else:
             batch.unsubscribe.add(self.topics.msg(cid))
             batch.events.append(Removed(cid, roster.epoch))
@@ -956,11 +1021,14 @@ class Device:
             self.counters["key_changed"] += 1
             log.warning(
                 "KEY CHANGED for %s: was %s, now %s — verify with `fieldchat device verify %s`",
-                update.pid, update.previous_fingerprint, update.fingerprint, update.pid,
+                update.pid,
+                update.previous_fingerprint,
+                update.fingerprint,
+                update.pid,
             )
-            batch.events.append(KeyChanged(
-                update.pid, update.previous_fingerprint, update.fingerprint
-            ))
+            batch.events.append(
+                KeyChanged(update.pid, update.previous_fingerprint, update.fingerprint)
+            )
         if update.status in (BundleStatus.NEW, BundleStatus.KEY_CHANGED, BundleStatus.UPDATED):
             self._queue_publications(db, self.engine.pay_owed_grants(), None)
 
@@ -996,8 +1064,7 @@ class Device:
     ) -> None:
         for pub in pubs:
             what = "roster" if pub.retain else "grant" if "/p/" in pub.topic else "msg"
-            self.state.add_outbox(db, pub.topic, pub.payload, retain=pub.retain, cid=cid,
-                                  what=what)
+            self.state.add_outbox(db, pub.topic, pub.payload, retain=pub.retain, cid=cid, what=what)
 
     def _pump(self) -> None:
         conn = self._conn
@@ -1011,8 +1078,9 @@ class Device:
             if not rows:
                 break
             for row in rows:
-                mid = conn.publish(row.topic, row.payload, retain=row.retain,
-                                   alias=row.what in ("msg", "receipt"))
+                mid = conn.publish(
+                    row.topic, row.payload, retain=row.retain, alias=row.what in ("msg", "receipt")
+                )
                 self._inflight[mid] = row.seq
                 self._cursor = row.seq + 1
         now = self._clock()
@@ -1060,8 +1128,9 @@ class Device:
                 for i in range(0, len(ranges), MAX_RECEIPT_RANGES):
                     receipt = Receipt(type=rtype, ranges=tuple(ranges[i : i + MAX_RECEIPT_RANGES]))
                     envelope = self.engine.seal(cid, receipt)
-                    self.state.add_outbox(db, self.topics.msg(cid), envelope, cid=cid,
-                                          what="receipt")
+                    self.state.add_outbox(
+                        db, self.topics.msg(cid), envelope, cid=cid, what="receipt"
+                    )
                     self.counters["receipts_sent"] += 1
 
     def _resend_unconfirmed(self, before: float) -> None:
@@ -1102,22 +1171,44 @@ class Device:
             self._ask_history(gap)
 
     def _ask_history(self, gap: Gap) -> None:
-        """The seam for the gateway's history: fetch a missing range, open it."""
+        """Fetch a missing range from the gateway's history and open it."""
         if self.history is None:
             self.counters["gaps_expired"] += 1
-            log.info("gap %s %d..%d of %s not filled (no history source)",
-                     gap.cid, gap.first, gap.last, gap.sender)
+            log.info(
+                "gap %s %d..%d of %s not filled (no history source)",
+                gap.cid,
+                gap.first,
+                gap.last,
+                gap.sender,
+            )
             return
-        batch = _Batch([], [], set(), set())
         try:
             envelopes = list(self.history.request(gap))
         except FieldchatError as exc:
             log.info("history request failed: %s", exc)
             return
+        self._open_fetched(gap.cid, envelopes)
+
+    def _backfill(self, cid: str) -> None:
+        """On joining: what the conversation said before our subscription existed."""
+        if self.history is None:
+            return
+        try:
+            envelopes = list(self.history.conversation(cid))
+        except FieldchatError as exc:
+            self.counters["backfill_failed"] += 1
+            log.info("history backfill of %s failed: %s", cid, exc)
+            return
+        self._open_fetched(cid, envelopes)
+
+    def _open_fetched(self, cid: str, envelopes: list[bytes]) -> None:
+        if not envelopes:
+            return
+        batch = _Batch([], [], set(), set())
         with self.state.transaction() as db:
             for envelope in envelopes:
                 try:
-                    self._open(db, gap.cid, envelope, batch)
+                    self._open(db, cid, envelope, batch)
                 except KeyStoreError:
                     raise
                 except FieldchatError as exc:
@@ -1184,13 +1275,16 @@ def _ranges(keys: set[tuple[int, int, int, int]]) -> list[ReceiptRange]:
     out: list[ReceiptRange] = []
     for epoch, sender, chain, step in sorted(keys):
         last = out[-1] if out else None
-        if (last is not None and (last.epoch, last.sender, last.chain) == (epoch, sender, chain)
-                and last.last + 1 == step):
-            out[-1] = ReceiptRange(epoch=epoch, sender=sender, chain=chain, first=last.first,
-                                   last=step)
+        if (
+            last is not None
+            and (last.epoch, last.sender, last.chain) == (epoch, sender, chain)
+            and last.last + 1 == step
+        ):
+            out[-1] = ReceiptRange(
+                epoch=epoch, sender=sender, chain=chain, first=last.first, last=step
+            )
         else:
-            out.append(ReceiptRange(epoch=epoch, sender=sender, chain=chain, first=step,
-                                    last=step))
+            out.append(ReceiptRange(epoch=epoch, sender=sender, chain=chain, first=step, last=step))
     return out
 
 

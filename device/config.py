@@ -143,6 +143,7 @@ class DeviceSettings(BaseSettings):
     state: Path = DEFAULT_STATE
     broker: str | None = None
     credential: SecretStr | None = None
+    gateway: str | None = None  # http(s)://host:port: history for what was sent while away
     username: str | None = None
     prefix: str = DEFAULT_PREFIX
     ca_file: Path | None = None

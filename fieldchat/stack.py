@@ -84,7 +84,7 @@ def _banner(web: str, mqtt: str, data_dir: Path) -> str:
             f"  data  {data_dir}/",
             "",
             "Enroll a device and send a first message (in another terminal):",
-            f"  fieldchat device --state {state} --broker {mqtt} init",
+            f"  fieldchat device --state {state} --broker {mqtt} --gateway {web} init",
             f'  fieldchat device --state {state} --credential "$(fieldchat broker enroll'
             f' --data-dir {broker_dir} $(fieldchat device --state {state} whoami --pid))" init',
             f"  fieldchat device --state {state} send $(fieldchat device --state {state}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import socket
@@ -87,3 +88,36 @@ def test_the_gateway_credential_is_never_printed(tmp_path):
         out, _ = proc.communicate(timeout=60)
     credential = json.loads((tmp_path / "data" / "gateway.credential").read_text())["credential"]
     assert credential not in banner + out
+
+
+def test_the_printed_commands_enroll_a_device_and_send_a_first_message(tmp_path):
+    """Run the banner's commands as a newcomer would, with a second device as the peer."""
+    proc = start(tmp_path, "--mqtt-port", "0", "--http-port", "0")
+    env = {**os.environ, "PATH": f"{FIELDCHAT.parent}{os.pathsep}{os.environ['PATH']}"}
+
+    def sh(command: str) -> str:
+        done = subprocess.run(
+            ["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True,
+            timeout=120, check=False,
+        )
+        assert done.returncode == 0, f"{command}\n{done.stdout}\n{done.stderr}"
+        return done.stdout
+
+    try:
+        banner = read_banner(proc)
+        commands = [line.strip() for line in banner.splitlines() if line.startswith("  fieldchat")]
+        assert len(commands) == 3
+        # The peer: another device set up with the same first two commands.
+        for command in commands[:2]:
+            sh(command.replace("pi.db", "peer.db"))
+        peer = sh("fieldchat device --state peer.db whoami --pid").strip()
+        for command in commands[:2]:
+            sh(command)
+        sh(commands[2].replace("PEER_PID", peer))
+        received = sh(
+            "fieldchat device --state peer.db listen --json --count 1 --duration 60"
+        )
+        assert "hello from the Pi" in received
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)

@@ -1,0 +1,101 @@
+"""device.history.GatewayHistory: signed requests, and clear errors for bad answers.
+
+The end-to-end path (a device joins late and reads what was sent before) runs in
+tests/fieldchat/test_up.py against the real gateway.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import ClassVar
+
+import pytest
+
+from device.history import GatewayHistory
+from device.identity import Identity
+from schemas import ConfigError, NotAuthorized, TransportError, WireError
+from schemas.crypto import ed25519_verify
+
+CID = "a" * 26
+
+
+class _Gateway(BaseHTTPRequestHandler):
+    answers: ClassVar[list[tuple[int, bytes]]] = []
+    seen: ClassVar[list[tuple[str, dict[str, str]]]] = []
+
+    def do_GET(self) -> None:
+        self.seen.append((self.path, dict(self.headers)))
+        status, body = self.answers.pop(0)
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def gateway() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Gateway)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    _Gateway.answers, _Gateway.seen = [], []
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def page(envelopes: list[bytes], next_after: int, more: bool) -> bytes:
+    items = [{"envelope": base64.b64encode(e).decode()} for e in envelopes]
+    return json.dumps({"items": items, "next_after": next_after, "more": more}).encode()
+
+
+def test_pages_are_followed_signed_and_the_cursor_is_kept(gateway):
+    me = Identity.generate(post_quantum=False)
+    history = GatewayHistory(gateway, me, clock=lambda: 1_800_000_000)
+    _Gateway.answers = [
+        (200, page([b"one"], 7, True)),
+        (200, page([b"two"], 9, False)),
+        (200, page([], 9, False)),
+    ]
+    assert history.conversation(CID) == [b"one", b"two"]
+    assert history.conversation(CID) == []
+    paths = [path for path, _ in _Gateway.seen]
+    assert paths[0].endswith("after=0&limit=500") and paths[2].endswith("after=9&limit=500")
+    path, headers = _Gateway.seen[0]
+    assert headers["X-Fieldchat-Pid"] == me.pid
+    signature = base64.urlsafe_b64decode(headers["X-Fieldchat-Signature"] + "==")
+    ed25519_verify(me.public, signature, f"fieldchat-http-v1\nGET\n{path}\n1800000000".encode())
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "error"),
+    [
+        (403, b"{}", NotAuthorized),
+        (500, b"{}", TransportError),
+        (200, b"not json", WireError),
+        (200, b'{"items": [{"envelope": "!!"}], "next_after": 1, "more": false}', WireError),
+    ],
+)
+def test_bad_answers_are_typed_errors(gateway, status, body, error):
+    history = GatewayHistory(gateway, Identity.generate(post_quantum=False))
+    _Gateway.answers = [(status, body)]
+    with pytest.raises(error):
+        history.conversation(CID)
+
+
+def test_unreachable_gateway_and_bad_urls():
+    me = Identity.generate(post_quantum=False)
+    with pytest.raises(TransportError):
+        GatewayHistory("http://127.0.0.1:9/", me, timeout=2).conversation(CID)
+    for url in ("ftp://x", "127.0.0.1:8080", "http://"):
+        with pytest.raises(ConfigError):
+            GatewayHistory(url, me)
