@@ -206,7 +206,12 @@ def test_low_bandwidth_conversation(mosquitto_devices: Devices, protocol: str) -
     line = "field report: pump 3 pressure nominal, valve 7 replaced, all ok"
     alice.send_many(cid, [line] * 8)
     wait_until(lambda: len(texts(bob, cid)) == 8, 10, "eight messages")
-    received = [e for e in mosquitto_devices.events[bob.pid] if isinstance(e, MessageReceived)]
+
+    def shown() -> list[MessageReceived]:  # events follow the commit that texts() reads
+        return [e for e in mosquitto_devices.events[bob.pid] if isinstance(e, MessageReceived)]
+
+    wait_until(lambda: len(shown()) == 8, 10, "eight message events")
+    received = shown()
     # One in four signed; compressed plaintext keeps envelopes small.
     assert [e.signed for e in received] == [e.step % 4 == 0 for e in received]
     sizes = [len(bytes(p)) for (p,) in alice.state._read("SELECT payload FROM sent")]
