@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import Protocol
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
@@ -19,34 +20,34 @@ __all__ = ["TcpTransport", "Transport", "WsTransport"]
 log = logging.getLogger(__name__)
 
 
-class Transport:
-    """Base: ``readexactly`` raises ``asyncio.IncompleteReadError`` at end of stream."""
+class Transport(Protocol):
+    """What a connection needs of its byte stream.
 
-    peer: str = "?"
+    ``readexactly`` raises ``asyncio.IncompleteReadError`` at end of stream.
+    """
 
-    async def readexactly(self, n: int) -> bytes:
-        raise NotImplementedError
+    peer: str
 
-    def write(self, data: bytes) -> None:
-        raise NotImplementedError
+    async def readexactly(self, n: int) -> bytes: ...
+
+    def write(self, data: bytes) -> None: ...
 
     def buffered(self) -> int:
         """Bytes written but not yet handed to the kernel."""
-        raise NotImplementedError
+        ...
 
     def abort(self) -> None:
         """Close now, dropping anything unsent."""
-        raise NotImplementedError
+        ...
 
     def close(self) -> None:
         """Close after sending what is buffered."""
-        raise NotImplementedError
+        ...
 
-    async def wait_closed(self) -> None:
-        raise NotImplementedError
+    async def wait_closed(self) -> None: ...
 
 
-class TcpTransport(Transport):
+class TcpTransport:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._reader = reader
         self._writer = writer
@@ -75,7 +76,7 @@ class TcpTransport(Transport):
             await self._writer.wait_closed()
 
 
-class WsTransport(Transport):
+class WsTransport:
     """MQTT over WebSocket (binary frames; a frame may hold parts of packets, MQTT §6)."""
 
     def __init__(self, ws: ServerConnection) -> None:
