@@ -23,7 +23,11 @@ def serve(settings: GatewaySettings) -> None:
         create_app(settings), host=settings.host, port=settings.port, lifespan="on",
         ssl_certfile=str(settings.tls_certfile) if settings.tls_certfile else None,
         ssl_keyfile=str(settings.tls_keyfile) if settings.tls_keyfile else None,
-        log_level="info", ws="websockets-sansio", proxy_headers=False,
+        log_level="info", ws="websockets-sansio",
+        # Behind a reverse proxy, trust its X-Forwarded-For (only from the addresses
+        # named), so the per-address login limit sees clients, not the proxy.
+        proxy_headers=settings.forwarded_allow_ips is not None,
+        forwarded_allow_ips=settings.forwarded_allow_ips,
         # Frames carry ciphertext (base64): permessage-deflate would compress each
         # frame once per socket for almost no gain, the largest cost of a fan-out.
         ws_per_message_deflate=False,

@@ -41,6 +41,9 @@ class GatewaySettings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 8080
+    # Reverse proxies whose X-Forwarded-For/-Proto is trusted (comma-separated
+    # addresses, as uvicorn's --forwarded-allow-ips); None: no proxy headers are read.
+    forwarded_allow_ips: str | None = None
     tls_certfile: Path | None = None
     tls_keyfile: Path | None = None
 
