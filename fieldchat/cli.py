@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from broker.cli import broker_app
 from device.cli import device_app
 from device.demo import run_local_demo
+from fieldchat.demo import run_demo
 from fieldchat.stack import StackOptions, run_stack
 from gateway._cli import gateway_app
 from schemas.errors import FieldchatError
@@ -28,25 +30,20 @@ def _root() -> None:
     """End-to-end encrypted chat over MQTT."""
 
 
-@app.command()
-def up(
-    data_dir: Annotated[
-        Path, typer.Option(envvar="FIELDCHAT_DATA", help="Folder for all state.")
-    ] = Path("fieldchat-data"),
-    host: Annotated[str, typer.Option(envvar="FIELDCHAT_HOST", help="Address to listen on.")] = (
-        "127.0.0.1"
-    ),
-    mqtt_port: Annotated[
-        int, typer.Option(envvar="FIELDCHAT_MQTT_PORT", help="MQTT port (0: any free one).")
-    ] = 1883,
-    http_port: Annotated[
-        int, typer.Option(envvar="FIELDCHAT_HTTP_PORT", help="Web port (0: any free one).")
-    ] = 8080,
-) -> None:
-    """Run the embedded broker and the gateway (SQLite) until Ctrl-C."""
-    options = StackOptions(data_dir=data_dir, host=host, mqtt_port=mqtt_port, http_port=http_port)
+DataDir = Annotated[Path, typer.Option(envvar="FIELDCHAT_DATA", help="Folder for all state.")]
+Host = Annotated[str, typer.Option(envvar="FIELDCHAT_HOST", help="Address to listen on.")]
+MqttPort = Annotated[
+    int, typer.Option(envvar="FIELDCHAT_MQTT_PORT", help="MQTT port (0: any free one).")
+]
+HttpPort = Annotated[
+    int, typer.Option(envvar="FIELDCHAT_HTTP_PORT", help="Web port (0: any free one).")
+]
+
+
+def _serve(main: Coroutine[Any, Any, None]) -> None:
+    """Run a stack until Ctrl-C; a FieldchatError is one line and exit code 1."""
     try:
-        asyncio.run(run_stack(options, typer.echo))
+        asyncio.run(main)
     except KeyboardInterrupt:
         typer.echo("fieldchat stopped.")
     except FieldchatError as exc:
@@ -55,11 +52,34 @@ def up(
 
 
 @app.command()
-def demo(
-    pause: Annotated[float, typer.Option(help="Seconds to wait between messages.")] = 0.0,
+def up(
+    data_dir: DataDir = Path("fieldchat-data"),
+    host: Host = "127.0.0.1",
+    mqtt_port: MqttPort = 1883,
+    http_port: HttpPort = 8080,
 ) -> None:
-    """Walk through the protocol locally: three participants, no network, bytes shown."""
-    run_local_demo(typer.echo, pause=pause)
+    """Run the embedded broker and the gateway (SQLite) until Ctrl-C."""
+    options = StackOptions(data_dir=data_dir, host=host, mqtt_port=mqtt_port, http_port=http_port)
+    _serve(run_stack(options, typer.echo))
+
+
+@app.command()
+def demo(
+    data_dir: DataDir = Path("fieldchat-data"),
+    host: Host = "127.0.0.1",
+    mqtt_port: MqttPort = 1883,
+    http_port: HttpPort = 8080,
+    local: Annotated[
+        bool, typer.Option("--local", help="No network: walk through the protocol in-process.")
+    ] = False,
+    pause: Annotated[float, typer.Option(help="With --local: seconds between messages.")] = 0.0,
+) -> None:
+    """The stack plus two devices chatting; web users who register are invited at once."""
+    if local:
+        run_local_demo(typer.echo, pause=pause)
+        return
+    options = StackOptions(data_dir=data_dir, host=host, mqtt_port=mqtt_port, http_port=http_port)
+    _serve(run_demo(options, typer.echo))
 
 
 app.add_typer(broker_app, name="broker")

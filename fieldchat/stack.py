@@ -15,19 +15,20 @@ import errno
 import json
 import os
 import socket
-from collections.abc import Callable
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import uvicorn
+from fastapi import FastAPI
 from pydantic import SecretStr
 
 from broker import BrokerConfig, EmbeddedBroker, PortInUse
 from gateway import GatewaySettings, create_app
 from schemas.errors import ConfigError
 
-__all__ = ["StackOptions", "run_stack"]
+__all__ = ["Stack", "StackOptions", "open_stack", "run_stack"]
 
 GATEWAY_NAME = "up"
 
@@ -96,8 +97,20 @@ def _banner(web: str, mqtt: str, data_dir: Path) -> str:
     )
 
 
-async def run_stack(options: StackOptions, echo: Callable[[str], None] = print) -> None:
-    """Run broker and gateway until SIGINT/SIGTERM.
+@dataclass(frozen=True, slots=True)
+class Stack:
+    """A running stack: the broker (for admin calls), the URLs, the gateway's app."""
+
+    broker: EmbeddedBroker
+    mqtt_url: str
+    web_url: str
+    app: FastAPI
+    serving: asyncio.Future[None]
+
+
+@asynccontextmanager
+async def open_stack(options: StackOptions) -> AsyncIterator[Stack]:
+    """Start broker and gateway; stop them (gateway first) when the block ends.
 
     Raises:
         PortInUse: the MQTT or web port is taken (the message says which flag to pass).
@@ -129,21 +142,40 @@ async def run_stack(options: StackOptions, echo: Callable[[str], None] = print) 
             mqtt_client_id=username,
             mqtt_protocol="3.1.1",  # the embedded broker speaks MQTT 3.1.1
         )
+        app = create_app(settings)
         server = uvicorn.Server(
             uvicorn.Config(
-                create_app(settings),
+                app,
                 host=options.host,
                 port=options.http_port,
                 lifespan="on",
                 ws="websockets-sansio",
+                ws_per_message_deflate=False,
                 log_level="warning",
             )
         )
         serving = asyncio.ensure_future(server.serve())
-        while not server.started and not serving.done():
-            await asyncio.sleep(0.05)
-        if server.started:
+        try:
+            while not server.started and not serving.done():
+                await asyncio.sleep(0.05)
+            if serving.done():
+                await serving  # startup failed: its error, not a hang
+                raise ConfigError("the gateway stopped during startup")
             port = server.servers[0].sockets[0].getsockname()[1]
-            echo(_banner(f"http://{options.host}:{port}/", mqtt_url, data_dir))
-        await serving
+            yield Stack(broker, mqtt_url, f"http://{options.host}:{port}/", app, serving)
+        finally:
+            server.should_exit = True
+            await serving
+
+
+async def run_stack(options: StackOptions, echo: Callable[[str], None] = print) -> None:
+    """Run broker and gateway until SIGINT/SIGTERM.
+
+    Raises:
+        PortInUse: the MQTT or web port is taken (the message says which flag to pass).
+        ConfigError: the data folder holds a corrupt gateway credential.
+    """
+    async with open_stack(options) as stack:
+        echo(_banner(stack.web_url, stack.mqtt_url, options.data_dir))
+        await asyncio.shield(stack.serving)
     echo("fieldchat stopped: gateway and broker state saved.")

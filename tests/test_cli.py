@@ -21,7 +21,7 @@ def test_help_lists_every_sub_app():
 
 
 def test_local_demo_shows_the_removed_member_locked_out():
-    result = runner.invoke(app, ["demo"])
+    result = runner.invoke(app, ["demo", "--local"])
     assert result.exit_code == 0, result.output
     assert "reads 'Pump 3 pressure 4.2 bar, valve B closed.'" in result.output
     assert "web-ana      cannot read it (NotAMember)" in result.output
