@@ -1,7 +1,8 @@
 """Broker credentials: random tokens, stored only as Mosquitto-compatible hashes.
 
-A credential is 32 random bytes (``secrets.token_urlsafe``), printed once at
-enrollment. The store keeps ``$7$<iterations>$<salt>$<hash>``: PBKDF2-HMAC-SHA512,
+A credential is 32 random bytes in lowercase base32 (52 characters of a-z and 2-7),
+printed once at enrollment. Not URL-safe base64: a token starting with ``-`` read
+as an option by command lines (``--credential -x…``) broke one login in 64. The store keeps ``$7$<iterations>$<salt>$<hash>``: PBKDF2-HMAC-SHA512,
 the format of Mosquitto 2's password file, so ``fieldchat broker mosquitto-config``
 can write a password file without ever keeping a secret. A memory-hard hash
 (argon2id) protects low-entropy human passwords; a 256-bit random token cannot be
@@ -24,8 +25,8 @@ _PREFIX = "$7$"
 
 
 def new_credential() -> str:
-    """A fresh 256-bit credential (43 URL-safe characters)."""
-    return secrets.token_urlsafe(32)
+    """A fresh 256-bit credential (52 characters of a-z and 2-7)."""
+    return base64.b32encode(secrets.token_bytes(32)).decode().rstrip("=").lower()
 
 
 def hash_credential(credential: str, *, salt: bytes | None = None) -> str:

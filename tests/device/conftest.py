@@ -314,7 +314,7 @@ class Peer:
               await_receipts: bool = False) -> Peer:
         self.proc = subprocess.Popen(
             [sys.executable, PEER, "--state", str(self.state), "--port", str(self.broker.port),
-             "--credential", self.broker.user(self.pid), "--cid", self.cid,
+             f"--credential={self.broker.user(self.pid)}", "--cid", self.cid,
              "--prefix", self.prefix, "--send", send or self.pid[:6], "--count", str(count),
              "--expect", str(expect), "--batch", str(batch), "--pace", str(pace),
              "--duration", str(duration), "--resend-after", str(resend_after),
