@@ -1,13 +1,15 @@
 """Broker credentials: random tokens, stored only as Mosquitto-compatible hashes.
 
 A credential is 32 random bytes in lowercase base32 (52 characters of a-z and 2-7),
-printed once at enrollment. Not URL-safe base64: a token starting with ``-`` read
-as an option by command lines (``--credential -x…``) broke one login in 64. The store keeps ``$7$<iterations>$<salt>$<hash>``: PBKDF2-HMAC-SHA512,
-the format of Mosquitto 2's password file, so ``fieldchat broker mosquitto-config``
-can write a password file without ever keeping a secret. A memory-hard hash
-(argon2id) protects low-entropy human passwords; a 256-bit random token cannot be
-guessed whatever the hash costs, so a cheap hash is safe here and keeps a burst of
-reconnecting devices (or of bad logins) from exhausting a Pi's CPU.
+printed once at enrollment. Not URL-safe base64: a token starting with ``-`` was read
+as an option by command lines (``--credential -x…``), one login in 64.
+
+The store keeps ``$7$<iterations>$<salt>$<hash>``: PBKDF2-HMAC-SHA512, the format of
+Mosquitto 2's password file, so ``fieldchat broker mosquitto-config`` can write a
+password file without ever keeping a secret. A memory-hard hash (argon2id) protects
+low-entropy human passwords; a 256-bit random token cannot be guessed whatever the
+hash costs, so a cheap hash is safe here and keeps a burst of reconnecting devices
+(or of bad logins) from exhausting a Pi's CPU.
 """
 
 from __future__ import annotations
