@@ -14,7 +14,9 @@ $(STAMP): pyproject.toml
 
 # ARGS passes flags through, e.g. make run ARGS="--mqtt-port 1884" when 1883 is taken.
 run: $(STAMP)
-	$(BIN)/fieldchat up $(ARGS)
+	@$(BIN)/fieldchat up $(ARGS) || { status=$$?; \
+	  echo 'with make, pass flags through ARGS, e.g. make run ARGS="--mqtt-port 1884"' >&2; \
+	  exit $$status; }
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
