@@ -22,8 +22,8 @@ from websockets.typing import Origin
 
 from gateway import open_store
 from schemas import Topics
+from tests._tls import client_context, self_signed
 from tests.deploy._nginx import NGINX, Nginx, render
-from tests.deploy._tls import client_context, self_signed
 from tests.gateway._support import (
     FAST_ARGON2,
     GatewayProcess,
