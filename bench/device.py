@@ -80,8 +80,9 @@ class Broker:
             + ("user root\n" if os.getuid() == 0 else "")
         )
         binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        self.proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         end = time.monotonic() + 10
         while time.monotonic() < end:
             try:
@@ -123,8 +124,9 @@ class Proxy:
                 return
             upstream = socket.create_connection(("127.0.0.1", self.target))
             for a, b, down in ((client, upstream, False), (upstream, client, True)):
-                threading.Thread(target=self._pipe, args=(a, b, down and self._echo),
-                                 daemon=True).start()
+                threading.Thread(
+                    target=self._pipe, args=(a, b, down and self._echo), daemon=True
+                ).start()
 
     def _pipe(self, src: socket.socket, dst: socket.socket, parse: bool) -> None:
         buf = b""
@@ -174,21 +176,33 @@ class Proxy:
         self.listener.close()
 
 
-def _device(path: Path, port: int, *, protocol: str = "auto",
-            on_event: object = None, link: LinkOptions = LINK) -> Device:
-    device = Device(path, BrokerOptions(port=port, protocol=protocol),  # type: ignore[arg-type]
-                    link=link, on_event=on_event)  # type: ignore[arg-type]
+def _device(
+    path: Path,
+    port: int,
+    *,
+    protocol: str = "auto",
+    on_event: object = None,
+    link: LinkOptions = LINK,
+) -> Device:
+    device = Device(
+        path,
+        BrokerOptions(port=port, protocol=protocol),  # type: ignore[arg-type]
+        link=link,
+        on_event=on_event,
+    )  # type: ignore[arg-type]
     device.start()
     device.wait_connected(10)
     return device
 
 
-def _pair(tmp: Path, port: int, policy: Policy, *, protocol: str = "auto",
-          sender_port: int | None = None) -> tuple[Device, Device, str, list[Event]]:
+def _pair(
+    tmp: Path, port: int, policy: Policy, *, protocol: str = "auto", sender_port: int | None = None
+) -> tuple[Device, Device, str, list[Event]]:
     events: list[Event] = []
     alice = _device(tmp / f"a-{os.urandom(3).hex()}.db", sender_port or port, protocol=protocol)
-    bob = _device(tmp / f"b-{os.urandom(3).hex()}.db", port, protocol=protocol,
-                  on_event=events.append)
+    bob = _device(
+        tmp / f"b-{os.urandom(3).hex()}.db", port, protocol=protocol, on_event=events.append
+    )
     cid = alice.create_conversation([bob.pid], policy=policy)
     end = time.monotonic() + 15
     while not (bob.engine.is_member(cid) and alice.engine._convs[cid].recv) and (
@@ -301,8 +315,7 @@ def role_rss(kind: str, port: int, state: str) -> None:
 
 
 def _child(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE,
-                            text=True)
+    return subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True)
 
 
 def _result(proc: subprocess.Popen[str]) -> dict[str, float]:
@@ -344,8 +357,10 @@ def throughput(tmp: Path, port: int) -> tuple[float, float, float, int]:
         started = _result(pub)["start"]
         done = _result(sub)
         raws.append(done["got"] / (done["last"] - started))
-    print(f"throughput rounds: e2e {[round(x) for x in e2es]}, raw {[round(x) for x in raws]}",
-          file=sys.stderr)
+    print(
+        f"throughput rounds: e2e {[round(x) for x in e2es]}, raw {[round(x) for x in raws]}",
+        file=sys.stderr,
+    )
     ratio = statistics.median(e / r for e, r in zip(e2es, raws, strict=True))
     return statistics.median(e2es), statistics.median(raws), ratio, size
 
@@ -367,8 +382,7 @@ def wire(tmp: Path, port: int, protocol: str, policy: Policy) -> tuple[float, fl
     """Bytes per message the sender exchanges, and of those its own echo (3.1.1)."""
     proxy = Proxy(port, echo=protocol == "3.1.1")
     try:
-        alice, bob, cid, _ = _pair(tmp, port, policy, protocol=protocol,
-                                        sender_port=proxy.port)
+        alice, bob, cid, _ = _pair(tmp, port, policy, protocol=protocol, sender_port=proxy.port)
         for _ in range(20):  # warm-up: aliases assigned, first receipts exchanged
             alice.send(cid, TEXT)
         time.sleep(1.5)
@@ -415,8 +429,9 @@ def main() -> None:
                     print(json.dumps(_latency(Path(name), broker.port)))
                 else:
                     e2e, raw, ratio, _ = throughput(Path(name), broker.port)
-                    print(json.dumps({"e2e": round(e2e), "raw": round(raw),
-                                      "ratio": round(ratio, 3)}))
+                    print(
+                        json.dumps({"e2e": round(e2e), "raw": round(raw), "ratio": round(ratio, 3)})
+                    )
             finally:
                 broker.close()
         return
@@ -425,14 +440,18 @@ def main() -> None:
         broker = Broker(tmp)
         try:
             e2e, raw, ratio, size = throughput(tmp, broker.port)
-            print(f"throughput: e2e {e2e:.0f}/s, raw paho {raw:.0f}/s ({size} B payload)",
-                  file=sys.stderr)
+            print(
+                f"throughput: e2e {e2e:.0f}/s, raw paho {raw:.0f}/s ({size} B payload)",
+                file=sys.stderr,
+            )
             lat = _latency(tmp, broker.port)
             rss_dev, rss_paho = rss(tmp, broker.port)
             wires = {}
             for protocol, label in (("3.1.1", "mqtt311"), ("5", "mqtt5_aliases")):
-                for policy, pname in ((Policy(), "signed"),
-                                      (low_bandwidth_policy(), "low_bandwidth")):
+                for policy, pname in (
+                    (Policy(), "signed"),
+                    (low_bandwidth_policy(), "low_bandwidth"),
+                ):
                     used, echo = wire(tmp, broker.port, protocol, policy)
                     wires[f"{label}_{pname}"] = round(used, 1)
                     if echo:  # included above; what no-local would save (MQTT 5 only)
@@ -440,17 +459,21 @@ def main() -> None:
             print(f"wire bytes per message: {wires}", file=sys.stderr)
         finally:
             broker.close()
-    print(json.dumps({
-        "e2e_msgs_per_s": round(e2e, 1),
-        "raw_paho_msgs_per_s": round(raw, 1),
-        "throughput_ratio": round(ratio, 3),
-        "added_latency_p50_ms": _added(lat, "p50"),
-        "added_latency_p99_ms": _added(lat, "p99"),
-        "latency_ms": {k: round(v, 3) for k, v in lat.items()},
-        "rss_mb_device": round(rss_dev, 1),
-        "rss_mb_bare_paho": round(rss_paho, 1),
-        "wire_bytes_per_message": wires,
-    }))
+    print(
+        json.dumps(
+            {
+                "e2e_msgs_per_s": round(e2e, 1),
+                "raw_paho_msgs_per_s": round(raw, 1),
+                "throughput_ratio": round(ratio, 3),
+                "added_latency_p50_ms": _added(lat, "p50"),
+                "added_latency_p99_ms": _added(lat, "p99"),
+                "latency_ms": {k: round(v, 3) for k, v in lat.items()},
+                "rss_mb_device": round(rss_dev, 1),
+                "rss_mb_bare_paho": round(rss_paho, 1),
+                "wire_bytes_per_message": wires,
+            }
+        )
+    )
 
 
 def _latency(tmp: Path, port: int) -> dict[str, float]:
@@ -523,8 +546,10 @@ def _latency(tmp: Path, port: int) -> dict[str, float]:
     if not dev or not raw:
         raise RuntimeError("no messages in the latency run")
     out = {
-        "device_p50_ms": _pct(dev, 50) * 1000, "device_p99_ms": _pct(dev, 99) * 1000,
-        "raw_p50_ms": _pct(raw, 50) * 1000, "raw_p99_ms": _pct(raw, 99) * 1000,
+        "device_p50_ms": _pct(dev, 50) * 1000,
+        "device_p99_ms": _pct(dev, 99) * 1000,
+        "raw_p50_ms": _pct(raw, 50) * 1000,
+        "raw_p99_ms": _pct(raw, 99) * 1000,
         "samples": float(min(len(dev), len(raw))),
     }
     print(f"latency (ms): {out}", file=sys.stderr)
@@ -534,8 +559,10 @@ def _latency(tmp: Path, port: int) -> dict[str, float]:
 def _added(lat: dict[str, float], pct: str) -> float | None:
     added = lat[f"device_{pct}_ms"] - lat[f"raw_{pct}_ms"]
     if added < 0:  # within the noise of the reference: not a measurement of anything
-        print(f"added latency {pct} came out negative ({added:.2f} ms): reported as null",
-              file=sys.stderr)
+        print(
+            f"added latency {pct} came out negative ({added:.2f} ms): reported as null",
+            file=sys.stderr,
+        )
         return None
     return round(added, 3)
 

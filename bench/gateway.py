@@ -96,8 +96,9 @@ def start_mosquitto(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
         "max_queued_messages 1000000\nmax_inflight_messages 0\nuser root\n"
         f"log_dest file {workdir}/mosquitto.log\n"
     )
-    proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     end = time.monotonic() + 10
     while time.monotonic() < end:
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
@@ -128,8 +129,9 @@ def conversation(topics: Topics, *, browser: bool = False) -> tuple[Engine, Engi
     return a, b, cid, [(p.topic, p.payload, p.retain) for p in out]
 
 
-def publish_proc(port: int, items: list[tuple[str, bytes, bool]], out: Any,
-                 rate: float | None = None) -> None:
+def publish_proc(
+    port: int, items: list[tuple[str, bytes, bool]], out: Any, rate: float | None = None
+) -> None:
     """Child process: publish QoS 1 as fast as allowed (or at ``rate``/s); report times."""
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"pub-{uuid.uuid4().hex[:6]}")
     client.max_inflight_messages_set(1000)
@@ -153,8 +155,9 @@ def publish_proc(port: int, items: list[tuple[str, bytes, bool]], out: Any,
     out.put((start, times))
 
 
-def run_publisher(port: int, items: list[tuple[str, bytes, bool]],
-                  rate: float | None = None) -> tuple[mp.Process, Any]:
+def run_publisher(
+    port: int, items: list[tuple[str, bytes, bool]], rate: float | None = None
+) -> tuple[mp.Process, Any]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=publish_proc, args=(port, items, queue, rate))
@@ -200,11 +203,16 @@ def broker_rate(port: int, prefix: str, stream: list) -> float:
     return len(stream) / (got[1] - start)
 
 
-async def archive_rate(port: int, prefix: str, database_url: str, setup: list,
-                       stream: list) -> float:
-    settings = GatewaySettings(mqtt_url=f"mqtt://127.0.0.1:{port}", topic_prefix=prefix,
-                               database_url=database_url, mqtt_client_id=f"arch-{prefix}",
-                               **FAST)
+async def archive_rate(
+    port: int, prefix: str, database_url: str, setup: list, stream: list
+) -> float:
+    settings = GatewaySettings(
+        mqtt_url=f"mqtt://127.0.0.1:{port}",
+        topic_prefix=prefix,
+        database_url=database_url,
+        mqtt_client_id=f"arch-{prefix}",
+        **FAST,
+    )
     store = open_store(database_url)
     await store.migrate()
     archiver = Archiver(settings, store, Metrics())
@@ -267,8 +275,10 @@ async def build_store(path: Path, rows: int, pid: str, conversations: int) -> li
     store = open_store(f"sqlite:///{path}")
     await store.migrate()
     await store.close()
-    cids = [base64.b32encode(uuid.uuid4().bytes).decode().rstrip("=").lower()
-            for _ in range(conversations)]
+    cids = [
+        base64.b32encode(uuid.uuid4().bytes).decode().rstrip("=").lower()
+        for _ in range(conversations)
+    ]
     db = sqlite3.connect(path)
     db.execute("PRAGMA synchronous=OFF")
     template = os.urandom(110)
@@ -278,11 +288,14 @@ async def build_store(path: Path, rows: int, pid: str, conversations: int) -> li
         db.executemany(
             "INSERT INTO envelopes (cid, epoch, sender, sender_pid, chain, step, data, "
             "received_at) VALUES (?, 0, 0, ?, 0, ?, ?, ?)",
-            ((cids[i % conversations], pid, i, i.to_bytes(8, "big") + template, now)
-             for i in range(start, min(rows, start + batch))),
+            (
+                (cids[i % conversations], pid, i, i.to_bytes(8, "big") + template, now)
+                for i in range(start, min(rows, start + batch))
+            ),
         )
-    db.executemany("INSERT INTO roster_members (cid, epoch, pid) VALUES (?, 0, ?)",
-                   ((c, pid) for c in cids))
+    db.executemany(
+        "INSERT INTO roster_members (cid, epoch, pid) VALUES (?, 0, ?)", ((c, pid) for c in cids)
+    )
     db.executemany("INSERT INTO conv_heads (cid, epoch) VALUES (?, 0)", ((c,) for c in cids))
     db.commit()
     db.close()
@@ -294,12 +307,14 @@ async def history_latency(port: int, rows: int, requests: int) -> tuple[float, f
     try:
         browser = Engine(Identity.generate(post_quantum=False))
         cids = await build_store(work / "history.db", rows, browser.pid, 1000)
-        settings = GatewaySettings(mqtt_url=f"mqtt://127.0.0.1:{port}",
-                                   database_url=f"sqlite:///{work / 'history.db'}",
-                                   topic_prefix=f"h{uuid.uuid4().hex[:6]}/v1", **FAST)
+        settings = GatewaySettings(
+            mqtt_url=f"mqtt://127.0.0.1:{port}",
+            database_url=f"sqlite:///{work / 'history.db'}",
+            topic_prefix=f"h{uuid.uuid4().hex[:6]}/v1",
+            **FAST,
+        )
         app = create_app(settings)
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0,
-                                               log_level="warning"))
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
         server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         task = asyncio.create_task(server.serve())
         while not server.started:
@@ -310,8 +325,10 @@ async def history_latency(port: int, rows: int, requests: int) -> tuple[float, f
                 creds = {"username": "bench", "password": "bench password"}
                 await http.post("/v1/accounts", json=creds)
                 await http.post("/v1/session", json=creds)
-                await http.post("/v1/me/participants", json={
-                    "bundle": base64.b64encode(browser.identity.bundle.to_bytes()).decode()})
+                await http.post(
+                    "/v1/me/participants",
+                    json={"bundle": base64.b64encode(browser.identity.bundle.to_bytes()).decode()},
+                )
                 rng = random.Random(5)
                 api, direct = [], []
                 store = app.state.gateway.store
@@ -350,8 +367,14 @@ class _LightWebSocket(asyncio.Protocol):
     parsed and every envelope frame is recorded with the time its bytes arrived.
     """
 
-    def __init__(self, request: bytes, accept: bytes, seen: dict[bytes, list[float]],
-                 caught_up: asyncio.Future[None], expected: int) -> None:
+    def __init__(
+        self,
+        request: bytes,
+        accept: bytes,
+        seen: dict[bytes, list[float]],
+        caught_up: asyncio.Future[None],
+        expected: int,
+    ) -> None:
         self.request, self.accept, self.seen = request, accept, seen
         self.caught_up, self.expected = caught_up, expected
         self.transport: asyncio.Transport | None = None
@@ -435,8 +458,9 @@ class _LightWebSocket(asyncio.Protocol):
             self.caught_up.set_result(None)
 
 
-def ws_clients_proc(host: str, port: int, cookie: str, n: int, expected: int,
-                    deadline: float, ready: Any, out: Any) -> None:
+def ws_clients_proc(
+    host: str, port: int, cookie: str, n: int, expected: int, deadline: float, ready: Any, out: Any
+) -> None:
     """Child process: ``n`` sockets; record the receive time of every envelope frame."""
 
     async def main() -> dict[bytes, list[float]]:
@@ -481,9 +505,20 @@ async def ws_fanout(port: int, clients: int, seconds: int, rate: int) -> dict[st
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("FIELDCHAT_")}
     log = (work / "gw.log").open("wb")
-    gw = subprocess.Popen([sys.executable, "-c", "from fieldchat.cli import app; app()",
-                           "gateway", "run", "--config", str(work / "gw.toml")],
-                          stdout=log, stderr=subprocess.STDOUT, env=env)
+    gw = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from fieldchat.cli import app; app()",
+            "gateway",
+            "run",
+            "--config",
+            str(work / "gw.toml"),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
     base = f"http://127.0.0.1:{gw_port}"
     ctx = mp.get_context("spawn")
     try:
@@ -500,8 +535,10 @@ async def ws_fanout(port: int, clients: int, seconds: int, rate: int) -> dict[st
             creds = {"username": "fanout", "password": "bench password"}
             await http.post("/v1/accounts", json=creds)
             await http.post("/v1/session", json=creds)
-            r = await http.post("/v1/me/participants", json={
-                "bundle": base64.b64encode(web.identity.bundle.to_bytes()).decode()})
+            r = await http.post(
+                "/v1/me/participants",
+                json={"bundle": base64.b64encode(web.identity.bundle.to_bytes()).decode()},
+            )
             assert r.status_code == 201, r.text
             cookie = http.cookies.get("fc_session")
             proc, queue = run_publisher(port, setup)
@@ -510,12 +547,16 @@ async def ws_fanout(port: int, clients: int, seconds: int, rate: int) -> dict[st
             while not (await http.get("/v1/conversations")).json()["conversations"]:
                 await asyncio.sleep(0.1)
         total = seconds * rate
-        stream = [(topics.msg(cid), device.seal(cid, TextMessage(sent_at=i, text=TEXT)), False)
-                  for i in range(total)]
+        stream = [
+            (topics.msg(cid), device.seal(cid, TextMessage(sent_at=i, text=TEXT)), False)
+            for i in range(total)
+        ]
         ready, results = ctx.Event(), ctx.Queue()
         deadline = time.time() + 180 + seconds
-        clients_proc = ctx.Process(target=ws_clients_proc, args=(
-            "127.0.0.1", gw_port, cookie, clients, total, deadline, ready, results))
+        clients_proc = ctx.Process(
+            target=ws_clients_proc,
+            args=("127.0.0.1", gw_port, cookie, clients, total, deadline, ready, results),
+        )
         clients_proc.start()
         if not await asyncio.to_thread(ready.wait, 180):
             raise RuntimeError("the WebSocket clients did not connect")
@@ -556,8 +597,12 @@ async def ws_fanout(port: int, clients: int, seconds: int, rate: int) -> dict[st
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="fc-bench-"))
     mosq, port = start_mosquitto(work)
-    result: dict[str, Any] = {"messages": args.messages, "store_rows": args.store_rows,
-                              "ws_clients": args.ws_clients, "ws_seconds": args.ws_seconds}
+    result: dict[str, Any] = {
+        "messages": args.messages,
+        "store_rows": args.store_rows,
+        "ws_clients": args.ws_clients,
+        "ws_seconds": args.ws_seconds,
+    }
     try:
         prefix = f"b{uuid.uuid4().hex[:6]}/v1"
         setup, stream = sealed_stream(args.messages, Topics(prefix))
@@ -565,17 +610,30 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         print("broker", result["broker_msgs_per_s"], file=sys.stderr)
         sqlite_url = f"sqlite:///{work / 'archive.db'}"
         result["archive_msgs_per_s_sqlite"] = round(
-            await archive_rate(port, prefix + "s", sqlite_url, _retopic(setup, prefix, "s"),
-                               _retopic(stream, prefix, "s")))
+            await archive_rate(
+                port,
+                prefix + "s",
+                sqlite_url,
+                _retopic(setup, prefix, "s"),
+                _retopic(stream, prefix, "s"),
+            )
+        )
         result["archive_ratio_sqlite"] = round(
-            result["archive_msgs_per_s_sqlite"] / result["broker_msgs_per_s"], 3)
+            result["archive_msgs_per_s_sqlite"] / result["broker_msgs_per_s"], 3
+        )
         print("sqlite", result["archive_msgs_per_s_sqlite"], file=sys.stderr)
         if not args.skip_postgres:
             async with postgres_database() as pg:
                 if pg is not None:
-                    result["archive_msgs_per_s_postgres"] = round(await archive_rate(
-                        port, prefix + "p", pg, _retopic(setup, prefix, "p"),
-                        _retopic(stream, prefix, "p")))
+                    result["archive_msgs_per_s_postgres"] = round(
+                        await archive_rate(
+                            port,
+                            prefix + "p",
+                            pg,
+                            _retopic(setup, prefix, "p"),
+                            _retopic(stream, prefix, "p"),
+                        )
+                    )
                     print("postgres", result["archive_msgs_per_s_postgres"], file=sys.stderr)
         api, direct = await history_latency(port, args.store_rows, args.history_requests)
         result["history_page_p99_ms"] = round(api, 2)

@@ -97,8 +97,13 @@ class LinkOptions(_Frozen):
     def low_bandwidth(cls) -> LinkOptions:
         """Slow-link tuning: rare pings, receipts batched for 30 s, no read receipts."""
         return cls(
-            keepalive_s=600, connect_timeout_s=60.0, backoff_min_s=2.0, backoff_max_s=300.0,
-            receipt_interval_s=30.0, read_receipts=False, resend_after_s=60.0,
+            keepalive_s=600,
+            connect_timeout_s=60.0,
+            backoff_min_s=2.0,
+            backoff_max_s=300.0,
+            receipt_interval_s=30.0,
+            read_receipts=False,
+            resend_after_s=60.0,
         )
 
 
@@ -202,12 +207,14 @@ class DeviceSettings(BaseSettings):
             tls_options = TlsOptions(
                 ca_file=self.ca_file, cert_file=self.cert_file, key_file=self.key_file
             )
-        credential = self.credential or (
-            SecretStr(saved_credential) if saved_credential else None
-        )
+        credential = self.credential or (SecretStr(saved_credential) if saved_credential else None)
         return BrokerOptions(
-            host=host, port=port, tls=tls_options, username=self.username,
-            credential=credential, protocol=self.protocol,
+            host=host,
+            port=port,
+            tls=tls_options,
+            username=self.username,
+            credential=credential,
+            protocol=self.protocol,
         )
 
     def link_options(self) -> LinkOptions:

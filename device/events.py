@@ -113,6 +113,12 @@ class Disconnected(_Base):
 
 
 Event = (
-    MessageReceived | ReceiptReceived | KeyChanged | Joined | Removed | GapDetected
-    | Connected | Disconnected
+    MessageReceived
+    | ReceiptReceived
+    | KeyChanged
+    | Joined
+    | Removed
+    | GapDetected
+    | Connected
+    | Disconnected
 )

@@ -84,8 +84,9 @@ class Connection:
         self._alias_lock = threading.Lock()
         self.pending_subscribes: dict[int, list[str]] = {}
 
-    def publish(self, topic: str, payload: bytes, *, retain: bool = False,
-                alias: bool = False) -> int:
+    def publish(
+        self, topic: str, payload: bytes, *, retain: bool = False, alias: bool = False
+    ) -> int:
         """Publish with QoS 1; the packet id, matched later by ``link_published``.
 
         With ``alias`` on an MQTT 5 connection whose broker allows topic aliases, the
@@ -239,8 +240,13 @@ class Link:
         conn = Connection(self._number, client, self._protocol)
         state: dict[str, Any] = {"connack": None}
 
-        def on_connect(_c: mqtt.Client, _u: object, flags: mqtt.ConnectFlags,
-                       rc: ReasonCode, props: Properties | None) -> None:
+        def on_connect(
+            _c: mqtt.Client,
+            _u: object,
+            flags: mqtt.ConnectFlags,
+            rc: ReasonCode,
+            props: Properties | None,
+        ) -> None:
             state["connack"] = rc.value
             if rc.is_failure:
                 return
@@ -257,12 +263,14 @@ class Link:
         def on_message(_c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
             self.handler.link_message(conn, msg.mid, msg.topic, bytes(msg.payload), msg.qos)
 
-        def on_publish(_c: mqtt.Client, _u: object, mid: int, rc: ReasonCode,
-                       _p: Properties | None) -> None:
+        def on_publish(
+            _c: mqtt.Client, _u: object, mid: int, rc: ReasonCode, _p: Properties | None
+        ) -> None:
             self.handler.link_published(conn, mid, not rc.is_failure)
 
-        def on_subscribe(_c: mqtt.Client, _u: object, mid: int, codes: list[ReasonCode],
-                         _p: Properties | None) -> None:
+        def on_subscribe(
+            _c: mqtt.Client, _u: object, mid: int, codes: list[ReasonCode], _p: Properties | None
+        ) -> None:
             with conn._alias_lock:
                 topics = conn.pending_subscribes.pop(mid, [])
             refused = [t for t, rc in zip(topics, codes, strict=False) if rc.is_failure]
@@ -278,8 +286,13 @@ class Link:
             if conn.protocol == "5":
                 props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
                 props.SessionExpiryInterval = SESSION_EXPIRY_S
-                client.connect(self.broker.host, self.broker.port, self.options.keepalive_s,
-                               clean_start=False, properties=props)
+                client.connect(
+                    self.broker.host,
+                    self.broker.port,
+                    self.options.keepalive_s,
+                    clean_start=False,
+                    properties=props,
+                )
             else:
                 client.connect(self.broker.host, self.broker.port, self.options.keepalive_s)
         except ssl.SSLError as exc:

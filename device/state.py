@@ -336,8 +336,14 @@ class DeviceState:
     # -- outbox and sent (callers hold a transaction for writes) -----------------------
 
     def add_outbox(
-        self, db: sqlite3.Connection, topic: str, payload: bytes, *, retain: bool = False,
-        cid: str | None = None, what: str = "msg",
+        self,
+        db: sqlite3.Connection,
+        topic: str,
+        payload: bytes,
+        *,
+        retain: bool = False,
+        cid: str | None = None,
+        what: str = "msg",
     ) -> int:
         self._txn_outbox = True
         cur = db.execute(
@@ -350,14 +356,21 @@ class DeviceState:
 
     @staticmethod
     def add_sent(
-        db: sqlite3.Connection, cid: str, epoch: int, sender_index: int, chain: int, step: int,
-        text: str, topic: str, payload: bytes, outbox_seq: int,
+        db: sqlite3.Connection,
+        cid: str,
+        epoch: int,
+        sender_index: int,
+        chain: int,
+        step: int,
+        text: str,
+        topic: str,
+        payload: bytes,
+        outbox_seq: int,
     ) -> int:
         cur = db.execute(
             "INSERT INTO sent (cid, epoch, sender_index, chain, step, text, sent_at, topic,"
             " payload, outbox_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (cid, epoch, sender_index, chain, step, text, time.time(), topic, payload,
-             outbox_seq),
+            (cid, epoch, sender_index, chain, step, text, time.time(), topic, payload, outbox_seq),
         )
         assert cur.lastrowid is not None
         return cur.lastrowid
@@ -370,8 +383,9 @@ class DeviceState:
             (seq, limit),
         )
         return [
-            OutboxRow(int(s), str(t), bytes(p), bool(r), None if c is None else str(c), str(w),
-                      float(at))
+            OutboxRow(
+                int(s), str(t), bytes(p), bool(r), None if c is None else str(c), str(w), float(at)
+            )
             for s, t, p, r, c, w, at in rows
         ]
 
@@ -409,10 +423,12 @@ class DeviceState:
 
     def was_sender(self, cid: str, epoch: int, sender_index: int) -> bool:
         """Whether we sent messages as ``sender_index`` in ``epoch`` of ``cid``."""
-        return bool(self._read(
-            "SELECT 1 FROM sent WHERE cid = ? AND epoch = ? AND sender_index = ? LIMIT 1",
-            (cid, epoch, sender_index),
-        ))
+        return bool(
+            self._read(
+                "SELECT 1 FROM sent WHERE cid = ? AND epoch = ? AND sender_index = ? LIMIT 1",
+                (cid, epoch, sender_index),
+            )
+        )
 
     def unreceipted(self, cid: str, epoch: int, pid: str, limit: int) -> list[tuple[str, bytes]]:
         """Own messages of ``cid``/``epoch`` still kept that ``pid`` has not receipted."""
@@ -440,8 +456,14 @@ class DeviceState:
 
     @staticmethod
     def add_receipt(
-        db: sqlite3.Connection, cid: str, pid: str, rtype: int, epoch: int, chain: int,
-        first: int, last: int,
+        db: sqlite3.Connection,
+        cid: str,
+        pid: str,
+        rtype: int,
+        epoch: int,
+        chain: int,
+        first: int,
+        last: int,
     ) -> None:
         db.execute(
             "INSERT INTO receipts (cid, pid, type, epoch, chain, first, last, received_at) "
@@ -453,8 +475,16 @@ class DeviceState:
 
     @staticmethod
     def add_received(
-        db: sqlite3.Connection, cid: str, epoch: int, sender_index: int, chain: int, step: int,
-        sender: str, kind: int, sent_at: int | None, text: str | None,
+        db: sqlite3.Connection,
+        cid: str,
+        epoch: int,
+        sender_index: int,
+        chain: int,
+        step: int,
+        sender: str,
+        kind: int,
+        sent_at: int | None,
+        text: str | None,
     ) -> int | None:
         """Insert a received message; its id, or ``None`` when it is a duplicate."""
         cur = db.execute(
@@ -465,7 +495,11 @@ class DeviceState:
         return cur.lastrowid if cur.rowcount == 1 else None
 
     def received(
-        self, cid: str | None = None, *, after_id: int = 0, limit: int = 1_000_000,
+        self,
+        cid: str | None = None,
+        *,
+        after_id: int = 0,
+        limit: int = 1_000_000,
     ) -> list[ReceivedRow]:
         rows = self._read(
             "SELECT id, cid, epoch, sender_index, chain, step, sender, kind, sent_at, text,"
@@ -474,8 +508,9 @@ class DeviceState:
             (cid, cid, after_id, limit),
         )
         return [
-            ReceivedRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10],
-                        bool(r[11]))
+            ReceivedRow(
+                r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10], bool(r[11])
+            )
             for r in rows
         ]
 
@@ -543,13 +578,26 @@ class DeviceState:
         db.execute(
             "INSERT OR REPLACE INTO gaps (cid, epoch, sender_index, chain, first, last, sender,"
             " since) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (gap.cid, gap.epoch, gap.sender_index, gap.chain, gap.first, gap.last, gap.sender,
-             gap.since),
+            (
+                gap.cid,
+                gap.epoch,
+                gap.sender_index,
+                gap.chain,
+                gap.first,
+                gap.last,
+                gap.sender,
+                gap.since,
+            ),
         )
 
     @staticmethod
     def fill_gap(
-        db: sqlite3.Connection, cid: str, epoch: int, sender_index: int, chain: int, step: int,
+        db: sqlite3.Connection,
+        cid: str,
+        epoch: int,
+        sender_index: int,
+        chain: int,
+        step: int,
     ) -> bool:
         """Remove ``step`` from the gap containing it (splitting it); whether one did."""
         row = db.execute(

@@ -39,8 +39,9 @@ GatewayDep = Annotated[Gateway, Depends(gateway)]
 
 
 async def caller(request: Request, gw: GatewayDep) -> Caller:
-    found = await authenticate(request, gw.accounts, gw.archiver.bundle,
-                               skew_s=gw.settings.request_clock_skew_s)
+    found = await authenticate(
+        request, gw.accounts, gw.archiver.bundle, skew_s=gw.settings.request_clock_skew_s
+    )
     if found is None:
         raise HTTPException(401, "log in, or sign the request as a participant")
     return found
@@ -77,9 +78,16 @@ class EnvelopeOut(_Out):
 
     @classmethod
     def of(cls, e: StoredEnvelope) -> EnvelopeOut:
-        return cls(seq=e.seq, cid=e.cid, epoch=e.epoch, sender=e.sender,
-                   sender_pid=e.sender_pid, chain=e.chain, step=e.step,
-                   envelope=_b64(e.data))
+        return cls(
+            seq=e.seq,
+            cid=e.cid,
+            epoch=e.epoch,
+            sender=e.sender,
+            sender_pid=e.sender_pid,
+            chain=e.chain,
+            step=e.step,
+            envelope=_b64(e.data),
+        )
 
 
 class EnvelopePage(_Out):
@@ -117,8 +125,9 @@ class BundleOut(_Out):
 
 class Credentials(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    username: Annotated[str, Field(min_length=3, max_length=MAX_USERNAME,
-                                   pattern=r"^[A-Za-z0-9_.-]+$")]
+    username: Annotated[
+        str, Field(min_length=3, max_length=MAX_USERNAME, pattern=r"^[A-Za-z0-9_.-]+$")
+    ]
     password: Annotated[str, Field(min_length=MIN_PASSWORD, max_length=MAX_PASSWORD)]
 
 
@@ -189,19 +198,28 @@ async def history(
     rows = await gw.store.history(cid, before=before, after=after, limit=limit)
     more = len(rows) == limit
     if after is not None:
-        return EnvelopePage(items=[EnvelopeOut.of(r) for r in rows], more=more,
-                            next_before=None, next_after=rows[-1].seq if rows else after)
-    return EnvelopePage(items=[EnvelopeOut.of(r) for r in rows], more=more,
-                        next_before=rows[-1].seq if rows else None,
-                        next_after=rows[0].seq if rows else None)
+        return EnvelopePage(
+            items=[EnvelopeOut.of(r) for r in rows],
+            more=more,
+            next_before=None,
+            next_after=rows[-1].seq if rows else after,
+        )
+    return EnvelopePage(
+        items=[EnvelopeOut.of(r) for r in rows],
+        more=more,
+        next_before=rows[-1].seq if rows else None,
+        next_after=rows[0].seq if rows else None,
+    )
 
 
 @router.get("/conversations/{cid}/rosters", tags=["history"])
 async def rosters(cid: IdPath, gw: GatewayDep, who: CallerDep) -> list[RosterOut]:
     """Every archived roster of a conversation, oldest epoch first."""
     await _member(gw, cid, who)
-    return [RosterOut(cid=r.cid, epoch=r.epoch, members=list(r.members), roster=_b64(r.data))
-            for r in await gw.store.rosters(cid)]
+    return [
+        RosterOut(cid=r.cid, epoch=r.epoch, members=list(r.members), roster=_b64(r.data))
+        for r in await gw.store.rosters(cid)
+    ]
 
 
 @router.get("/participants/{pid}/bundle", tags=["history"])
@@ -223,9 +241,14 @@ async def grants(
     """Key grants addressed to the caller's participants, oldest first after a cursor."""
     rows = await gw.store.grants_for(who.pids, after=after, limit=limit)
     return GrantPage(
-        items=[GrantOut(seq=g.seq, cid=g.cid, recipient=g.recipient, granter=g.granter,
-                        grant=_b64(g.data)) for g in rows],
-        more=len(rows) == limit, next_after=rows[-1].seq if rows else after,
+        items=[
+            GrantOut(
+                seq=g.seq, cid=g.cid, recipient=g.recipient, granter=g.granter, grant=_b64(g.data)
+            )
+            for g in rows
+        ],
+        more=len(rows) == limit,
+        next_after=rows[-1].seq if rows else after,
     )
 
 
@@ -248,20 +271,24 @@ async def register(body: Credentials, gw: GatewayDep) -> dict[str, Any]:
 
 
 @router.post("/session", tags=["accounts"])
-async def login(body: Credentials, request: Request, response: Response,
-                gw: GatewayDep) -> AccountOut:
+async def login(
+    body: Credentials, request: Request, response: Response, gw: GatewayDep
+) -> AccountOut:
     """Log in: sets the ``fc_session`` cookie (HttpOnly, SameSite=Strict, Secure with TLS).
 
     Failed attempts are limited per user name and per client address; past the limit
     the answer is 429 with ``Retry-After``, before any password is checked.
     """
-    keys = (f"user:{body.username.lower()}",
-            f"addr:{request.client.host if request.client else '?'}")
+    keys = (
+        f"user:{body.username.lower()}",
+        f"addr:{request.client.host if request.client else '?'}",
+    )
     wait = gw.accounts.limiter.retry_after(*keys)
     if wait > 0:
         gw.metrics.logins.labels(outcome="limited").inc()
-        raise HTTPException(429, "too many failed logins; wait",
-                            headers={"Retry-After": str(int(wait) + 1)})
+        raise HTTPException(
+            429, "too many failed logins; wait", headers={"Retry-After": str(int(wait) + 1)}
+        )
     account_id = await gw.accounts.check_password(body.username, body.password)
     if account_id is None:
         gw.accounts.limiter.failed(*keys)
@@ -271,8 +298,13 @@ async def login(body: Credentials, request: Request, response: Response,
     gw.metrics.logins.labels(outcome="ok").inc()
     token = await gw.accounts.new_session(account_id)
     response.set_cookie(
-        SESSION_COOKIE, token, max_age=gw.settings.session_ttl_s, path="/", httponly=True,
-        samesite="strict", secure=gw.settings.secure_cookies,
+        SESSION_COOKIE,
+        token,
+        max_age=gw.settings.session_ttl_s,
+        path="/",
+        httponly=True,
+        samesite="strict",
+        secure=gw.settings.secure_cookies,
     )
     account = await gw.store.account(account_id)
     assert account is not None
@@ -284,8 +316,13 @@ async def logout(response: Response, gw: GatewayDep, who: AccountDep) -> None:
     """End the session and clear its cookie."""
     assert who.session_token is not None
     await gw.accounts.end_session(who.session_token)
-    response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict",
-                           secure=gw.settings.secure_cookies)
+    response.delete_cookie(
+        SESSION_COOKIE,
+        path="/",
+        httponly=True,
+        samesite="strict",
+        secure=gw.settings.secure_cookies,
+    )
 
 
 @router.get("/me", tags=["accounts"])
@@ -316,14 +353,16 @@ async def _admin(who: AccountDep) -> Caller:
 
 
 @router.get("/admin/accounts", tags=["admin"])
-async def list_accounts(gw: GatewayDep, _: Annotated[Caller, Depends(_admin)]
-                        ) -> list[AccountOut]:
-    return [AccountOut(id=a.id, username=a.username, is_admin=a.is_admin, pids=[])
-            for a in await gw.store.list_accounts()]
+async def list_accounts(gw: GatewayDep, _: Annotated[Caller, Depends(_admin)]) -> list[AccountOut]:
+    return [
+        AccountOut(id=a.id, username=a.username, is_admin=a.is_admin, pids=[])
+        for a in await gw.store.list_accounts()
+    ]
 
 
 @router.post("/admin/accounts", status_code=201, tags=["admin"])
-async def create_account(body: NewAccount, gw: GatewayDep,
-                         _: Annotated[Caller, Depends(_admin)]) -> dict[str, Any]:
+async def create_account(
+    body: NewAccount, gw: GatewayDep, _: Annotated[Caller, Depends(_admin)]
+) -> dict[str, Any]:
     account_id = await gw.accounts.create(body.username, body.password, is_admin=body.is_admin)
     return {"id": account_id, "username": body.username}

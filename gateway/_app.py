@@ -137,11 +137,18 @@ def create_app(
             hub = Hub(db, metrics, poll_s=settings.feed_poll_s, queue_max=settings.ws_queue_max)
             archiver = Archiver(settings, db, metrics, listener=hub, mqtt=mqtt)
             app.state.gateway = Gateway(
-                settings=settings, store=db, accounts=Accounts(db, settings), metrics=metrics,
-                archiver=archiver, hub=hub, topics=Topics(settings.topic_prefix),
+                settings=settings,
+                store=db,
+                accounts=Accounts(db, settings),
+                metrics=metrics,
+                archiver=archiver,
+                hub=hub,
+                topics=Topics(settings.topic_prefix),
             )
-            tasks = [asyncio.create_task(archiver.run(), name="fieldchat-archiver"),
-                     asyncio.create_task(hub.run(), name="fieldchat-hub")]
+            tasks = [
+                asyncio.create_task(archiver.run(), name="fieldchat-archiver"),
+                asyncio.create_task(hub.run(), name="fieldchat-hub"),
+            ]
             yield
         finally:
             for task in tasks:
@@ -170,8 +177,9 @@ def create_app(
 
     @app.exception_handler(FieldchatError)
     async def _fieldchat_error(_request: Request, exc: FieldchatError) -> JSONResponse:
-        return JSONResponse({"error": exc.reason, "detail": str(exc)[:200]},
-                            status_code=_status_of(exc))
+        return JSONResponse(
+            {"error": exc.reason, "detail": str(exc)[:200]}, status_code=_status_of(exc)
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -190,8 +198,10 @@ def create_app(
         except TransportError:
             database = False
         broker = gw.archiver.connected.is_set()
-        return JSONResponse({"broker": broker, "database": database},
-                            status_code=200 if broker and database else 503)
+        return JSONResponse(
+            {"broker": broker, "database": database},
+            status_code=200 if broker and database else 503,
+        )
 
     @app.get("/metrics", tags=["operations"])
     async def prometheus() -> Response:

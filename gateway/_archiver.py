@@ -82,19 +82,31 @@ def mqtt_factory(settings: GatewaySettings) -> MqttFactory:
     def make() -> aiomqtt.Client:
         password = settings.mqtt_password.get_secret_value() if settings.mqtt_password else None
         common: dict[str, Any] = {
-            "identifier": settings.mqtt_client_id, "username": settings.mqtt_username,
-            "password": password, "keepalive": 30, "timeout": 10,
+            "identifier": settings.mqtt_client_id,
+            "username": settings.mqtt_username,
+            "password": password,
+            "keepalive": 30,
+            "timeout": 10,
         }
         if settings.mqtt_protocol == "3.1.1":
-            return aiomqtt.Client(settings.mqtt_host, settings.mqtt_port,
-                                  protocol=aiomqtt.ProtocolVersion.V311, clean_session=False,
-                                  **common)
+            return aiomqtt.Client(
+                settings.mqtt_host,
+                settings.mqtt_port,
+                protocol=aiomqtt.ProtocolVersion.V311,
+                clean_session=False,
+                **common,
+            )
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = settings.session_expiry_s
         props.ReceiveMaximum = settings.receive_maximum
-        return aiomqtt.Client(settings.mqtt_host, settings.mqtt_port,
-                              protocol=aiomqtt.ProtocolVersion.V5, clean_start=False,
-                              properties=props, **common)
+        return aiomqtt.Client(
+            settings.mqtt_host,
+            settings.mqtt_port,
+            protocol=aiomqtt.ProtocolVersion.V5,
+            clean_start=False,
+            properties=props,
+            **common,
+        )
 
     return make
 
@@ -222,8 +234,13 @@ class Archiver:
         if self.settings.share_group:
             msgs = f"$share/{self.settings.share_group}/{msgs}"
         inboxes = f"{t.prefix}/p/+/inbox"
-        return [(t.all_rosters(), 1), (t.all_bundles(), 1), (t.all_statuses(), 1),
-                (inboxes, 1), (msgs, 1)]
+        return [
+            (t.all_rosters(), 1),
+            (t.all_bundles(), 1),
+            (t.all_statuses(), 1),
+            (inboxes, 1),
+            (msgs, 1),
+        ]
 
     async def _session(self) -> None:
         client = self._make_client()
@@ -282,8 +299,10 @@ class Archiver:
 
     async def _process(self, batch: Sequence[aiomqtt.Message]) -> None:
         now = time.time()
-        items = [(str(m.topic), bytes(m.payload) if isinstance(m.payload, (bytes, bytearray))
-                  else b"") for m in batch]
+        items = [
+            (str(m.topic), bytes(m.payload) if isinstance(m.payload, (bytes, bytearray)) else b"")
+            for m in batch
+        ]
         topics = self.topics
         parsed: list[Parsed | Rejected] = await self._in_thread(
             lambda: [classify(topics, t, d, now) for t, d in items]
@@ -315,10 +334,16 @@ class Archiver:
             elif p.kind is TopicKind.INBOX:
                 assert p.grant is not None
                 g = p.grant
-                out.grants.append(GrantRecord(g.recipient, g.cid, g.granter,
-                                              hashlib.sha256(p.data).digest(), p.data, now))
-        work = [_Work(p.cid, p.envelope, p.data, now)
-                for p in envelopes if p.envelope is not None and p.cid is not None]
+                out.grants.append(
+                    GrantRecord(
+                        g.recipient, g.cid, g.granter, hashlib.sha256(p.data).digest(), p.data, now
+                    )
+                )
+        work = [
+            _Work(p.cid, p.envelope, p.data, now)
+            for p in envelopes
+            if p.envelope is not None and p.cid is not None
+        ]
         await self._resolve(work, out, fresh=True)
         await self._commit(out)
         for record in new_rosters:
@@ -361,7 +386,11 @@ class Archiver:
         return record
 
     async def _resolve(  # noqa: PLR0912 - the verification decision table, kept in one place
-        self, items: Iterable[_Work], out: ArchiveBatch, *, fresh: bool,
+        self,
+        items: Iterable[_Work],
+        out: ArchiveBatch,
+        *,
+        fresh: bool,
         expire_before: float | None = None,
     ) -> None:
         """Sort envelopes into archive, pending (fresh ones only) or rejected."""
@@ -394,13 +423,20 @@ class Archiver:
             elif fresh:
                 if self._pending_count + len(out.pending) >= self.settings.pending_max:
                     self._reject("pending_full")
-                    log.warning("pending store full (%d); refusing an envelope",
-                                self.settings.pending_max)
+                    log.warning(
+                        "pending store full (%d); refusing an envelope", self.settings.pending_max
+                    )
                 else:
-                    out.pending.append(PendingEnvelope(
-                        cid=item.cid, epoch=env.epoch, sender=env.sender, data=item.data,
-                        received_at=item.received_at, sender_pid=sender_pid,
-                    ))
+                    out.pending.append(
+                        PendingEnvelope(
+                            cid=item.cid,
+                            epoch=env.epoch,
+                            sender=env.sender,
+                            data=item.data,
+                            received_at=item.received_at,
+                            sender_pid=sender_pid,
+                        )
+                    )
         if not jobs:
             return
         workers = self.settings.verify_workers
@@ -416,10 +452,18 @@ class Archiver:
 
     def _archive(self, item: _Work, sender_pid: str, out: ArchiveBatch) -> None:
         env = item.envelope
-        out.envelopes.append(NewEnvelope(
-            cid=item.cid, epoch=env.epoch, sender=env.sender, sender_pid=sender_pid,
-            chain=env.chain, step=env.step, data=item.data, received_at=item.received_at,
-        ))
+        out.envelopes.append(
+            NewEnvelope(
+                cid=item.cid,
+                epoch=env.epoch,
+                sender=env.sender,
+                sender_pid=sender_pid,
+                chain=env.chain,
+                step=env.step,
+                data=item.data,
+                received_at=item.received_at,
+            )
+        )
         if item.pending_id is not None:
             out.resolved.append(item.pending_id)
 
@@ -466,8 +510,12 @@ class Archiver:
             return
         waiting = await self.store.pending(limit=_SWEEP_LIMIT)
         out = ArchiveBatch()
-        await self._resolve(map(_Work.from_pending, waiting), out, fresh=False,
-                            expire_before=time.time() - self.settings.pending_ttl_s)
+        await self._resolve(
+            map(_Work.from_pending, waiting),
+            out,
+            fresh=False,
+            expire_before=time.time() - self.settings.pending_ttl_s,
+        )
         await self._commit(out)
 
 

@@ -82,8 +82,9 @@ async def authenticate(  # noqa: PLR0911 - each failed proof returns None
     method = conn.scope.get("method", "GET")
     query = conn.scope.get("query_string", b"").decode("latin-1")
     try:
-        ed25519_verify(bundle.ed25519, signature,
-                       signed_message(method, conn.url.path, query, stamp))
+        ed25519_verify(
+            bundle.ed25519, signature, signed_message(method, conn.url.path, query, stamp)
+        )
     except CryptoError:
         return None
     return Caller(frozenset({pid}))

@@ -20,10 +20,18 @@ gateway_app = typer.Typer(
     no_args_is_help=True,
 )
 
-ConfigOpt = Annotated[Path | None, typer.Option(
-    "--config", envvar="FIELDCHAT_GATEWAY_CONFIG", help="TOML file with gateway settings.")]
-DbOpt = Annotated[str | None, typer.Option(
-    "--database-url", help="sqlite:///path.db (default) or postgresql://user@host/db.")]
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config", envvar="FIELDCHAT_GATEWAY_CONFIG", help="TOML file with gateway settings."
+    ),
+]
+DbOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--database-url", help="sqlite:///path.db (default) or postgresql://user@host/db."
+    ),
+]
 
 
 def _settings(config: Path | None, **flags: object) -> GatewaySettings:
@@ -42,20 +50,31 @@ def run(
     database_url: DbOpt = None,
     mqtt_url: Annotated[str | None, typer.Option(help="mqtt://host:port of the broker.")] = None,
     mqtt_username: Annotated[str | None, typer.Option(help="Broker user (gateway role).")] = None,
-    mqtt_client_id: Annotated[str | None, typer.Option(
-        help="MQTT client id: unique per gateway, stable across restarts.")] = None,
+    mqtt_client_id: Annotated[
+        str | None, typer.Option(help="MQTT client id: unique per gateway, stable across restarts.")
+    ] = None,
     topic_prefix: Annotated[str | None, typer.Option(help="Topic prefix (fc/v1).")] = None,
-    share_group: Annotated[str | None, typer.Option(
-        help="Share envelope archiving with other gateways ($share/GROUP/…).")] = None,
+    share_group: Annotated[
+        str | None,
+        typer.Option(help="Share envelope archiving with other gateways ($share/GROUP/…)."),
+    ] = None,
     tls_certfile: Annotated[Path | None, typer.Option(help="TLS certificate (PEM).")] = None,
     tls_keyfile: Annotated[Path | None, typer.Option(help="TLS private key (PEM).")] = None,
 ) -> None:
     """Serve the gateway. The broker password comes from FIELDCHAT_GATEWAY_MQTT_PASSWORD
     or the TOML file, never from a flag (flags show in process lists)."""
     settings = _settings(
-        config, host=host, port=port, database_url=database_url, mqtt_url=mqtt_url,
-        mqtt_username=mqtt_username, mqtt_client_id=mqtt_client_id, topic_prefix=topic_prefix,
-        share_group=share_group, tls_certfile=tls_certfile, tls_keyfile=tls_keyfile,
+        config,
+        host=host,
+        port=port,
+        database_url=database_url,
+        mqtt_url=mqtt_url,
+        mqtt_username=mqtt_username,
+        mqtt_client_id=mqtt_client_id,
+        topic_prefix=topic_prefix,
+        share_group=share_group,
+        tls_certfile=tls_certfile,
+        tls_keyfile=tls_keyfile,
     )
     serve(settings)
 
@@ -77,8 +96,9 @@ def create_admin(
     username: Annotated[str, typer.Option(help="The administrator's user name.")],
     config: ConfigOpt = None,
     database_url: DbOpt = None,
-    password_stdin: Annotated[bool, typer.Option(
-        "--password-stdin", help="Read the password from standard input.")] = False,
+    password_stdin: Annotated[
+        bool, typer.Option("--password-stdin", help="Read the password from standard input.")
+    ] = False,
 ) -> None:
     """Create an administrator account (bootstrap). Prompts for the password."""
     settings = _settings(config, database_url=database_url)
@@ -87,8 +107,9 @@ def create_admin(
     else:
         password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
     if not MIN_PASSWORD <= len(password) <= MAX_PASSWORD:
-        typer.echo(f"error: the password needs {MIN_PASSWORD} to {MAX_PASSWORD} characters",
-                   err=True)
+        typer.echo(
+            f"error: the password needs {MIN_PASSWORD} to {MAX_PASSWORD} characters", err=True
+        )
         raise typer.Exit(2)
     try:
         account_id = bootstrap_admin(settings, username, password)

@@ -1,11 +1,11 @@
 """Errors of the gateway, under the project hierarchy (``schemas.errors``).
 
-    FieldchatError
-    ├── ProtocolError
-    │   └── Forbidden            the caller may not see or send this
-    ├── NameTaken                a user name or pid that is already registered
-    └── TransportError
-        └── StorageError         the database failed (mapped from SQLAlchemy/drivers)
+FieldchatError
+├── ProtocolError
+│   └── Forbidden            the caller may not see or send this
+├── NameTaken                a user name or pid that is already registered
+└── TransportError
+    └── StorageError         the database failed (mapped from SQLAlchemy/drivers)
 """
 
 from __future__ import annotations

@@ -17,49 +17,73 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.archived = Counter(
-            "fieldchat_gateway_envelopes_archived", "Envelopes newly written to the archive.",
+            "fieldchat_gateway_envelopes_archived",
+            "Envelopes newly written to the archive.",
             registry=r,
         )
         self.duplicates = Counter(
             "fieldchat_gateway_envelopes_duplicate",
-            "Envelopes already archived (broker redelivery or another gateway).", registry=r,
+            "Envelopes already archived (broker redelivery or another gateway).",
+            registry=r,
         )
         self.rejected = Counter(
-            "fieldchat_gateway_rejected", "Input refused, by source and reason.",
-            ["source", "reason"], registry=r,
+            "fieldchat_gateway_rejected",
+            "Input refused, by source and reason.",
+            ["source", "reason"],
+            registry=r,
         )
         self.pending = Gauge(
             "fieldchat_gateway_envelopes_pending",
-            "Envelopes stored until their roster or the sender's bundle arrives.", registry=r,
+            "Envelopes stored until their roster or the sender's bundle arrives.",
+            registry=r,
         )
-        self.rosters = Counter("fieldchat_gateway_rosters_archived", "Rosters archived.",
-                               registry=r)
-        self.grants = Counter("fieldchat_gateway_grants_archived", "Inbox grants archived.",
-                              registry=r)
+        self.rosters = Counter(
+            "fieldchat_gateway_rosters_archived", "Rosters archived.", registry=r
+        )
+        self.grants = Counter(
+            "fieldchat_gateway_grants_archived", "Inbox grants archived.", registry=r
+        )
         self.archive_lag = Histogram(
             "fieldchat_gateway_archive_lag_seconds",
             "Receipt-to-commit time of the oldest envelope of each commit.",
-            buckets=_LAG_BUCKETS, registry=r,
+            buckets=_LAG_BUCKETS,
+            registry=r,
         )
         self.batch_size = Histogram(
-            "fieldchat_gateway_archive_batch_size", "Messages per archive commit.",
-            buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000), registry=r,
+            "fieldchat_gateway_archive_batch_size",
+            "Messages per archive commit.",
+            buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000),
+            registry=r,
         )
-        self.ws_clients = Gauge("fieldchat_gateway_ws_clients", "Connected WebSocket clients.",
-                                registry=r)
-        self.ws_sent = Counter("fieldchat_gateway_ws_envelopes_sent",
-                               "Envelopes sent to WebSocket clients.", registry=r)
-        self.ws_published = Counter("fieldchat_gateway_ws_published",
-                                    "Objects browsers published through the bridge.", ["kind"],
-                                    registry=r)
-        self.mqtt_connected = Gauge("fieldchat_gateway_mqtt_connected",
-                                    "1 while the archiver is connected to the broker.", registry=r)
+        self.ws_clients = Gauge(
+            "fieldchat_gateway_ws_clients", "Connected WebSocket clients.", registry=r
+        )
+        self.ws_sent = Counter(
+            "fieldchat_gateway_ws_envelopes_sent",
+            "Envelopes sent to WebSocket clients.",
+            registry=r,
+        )
+        self.ws_published = Counter(
+            "fieldchat_gateway_ws_published",
+            "Objects browsers published through the bridge.",
+            ["kind"],
+            registry=r,
+        )
+        self.mqtt_connected = Gauge(
+            "fieldchat_gateway_mqtt_connected",
+            "1 while the archiver is connected to the broker.",
+            registry=r,
+        )
         self.http_latency = Histogram(
-            "fieldchat_gateway_http_request_seconds", "HTTP request latency.",
-            ["method", "route", "status"], buckets=_HTTP_BUCKETS, registry=r,
+            "fieldchat_gateway_http_request_seconds",
+            "HTTP request latency.",
+            ["method", "route", "status"],
+            buckets=_HTTP_BUCKETS,
+            registry=r,
         )
-        self.logins = Counter("fieldchat_gateway_logins", "Login attempts by outcome.",
-                              ["outcome"], registry=r)
+        self.logins = Counter(
+            "fieldchat_gateway_logins", "Login attempts by outcome.", ["outcome"], registry=r
+        )
 
     def reject(self, source: str, reason: str) -> None:
         self.rejected.labels(source=source, reason=reason).inc()

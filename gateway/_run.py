@@ -20,10 +20,14 @@ def serve(settings: GatewaySettings) -> None:
     """Run the gateway until SIGINT/SIGTERM (uvicorn handles both gracefully)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = uvicorn.Config(
-        create_app(settings), host=settings.host, port=settings.port, lifespan="on",
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        lifespan="on",
         ssl_certfile=str(settings.tls_certfile) if settings.tls_certfile else None,
         ssl_keyfile=str(settings.tls_keyfile) if settings.tls_keyfile else None,
-        log_level="info", ws="websockets-sansio",
+        log_level="info",
+        ws="websockets-sansio",
         # Behind a reverse proxy, trust its X-Forwarded-For (only from the addresses
         # named), so the per-address login limit sees clients, not the proxy.
         proxy_headers=settings.forwarded_allow_ips is not None,

@@ -48,9 +48,7 @@ Id = String(26)
 
 metadata = MetaData()
 
-schema_version = Table(
-    "fieldchat_schema", metadata, Column("version", Integer, nullable=False)
-)
+schema_version = Table("fieldchat_schema", metadata, Column("version", Integer, nullable=False))
 
 envelopes = Table(
     "envelopes",
@@ -142,8 +140,7 @@ participants = Table(
     "participants",
     metadata,
     Column("pid", Id, primary_key=True),
-    Column("account_id", ForeignKey("accounts.id", ondelete="CASCADE"), nullable=False,
-           index=True),
+    Column("account_id", ForeignKey("accounts.id", ondelete="CASCADE"), nullable=False, index=True),
 )
 
 sessions = Table(

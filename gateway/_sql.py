@@ -68,8 +68,14 @@ _HISTORY_AFTER = _HISTORY_COLUMNS + " WHERE cid = ? AND seq > ? ORDER BY seq LIM
 _HISTORY_BEFORE = _HISTORY_COLUMNS + " WHERE cid = ? AND seq < ? ORDER BY seq DESC LIMIT ?"
 _HISTORY_NEWEST = _HISTORY_COLUMNS + " WHERE cid = ? ORDER BY seq DESC LIMIT ?"
 _ENVELOPE_COLUMNS = (
-    envelopes.c.seq, envelopes.c.cid, envelopes.c.epoch, envelopes.c.sender,
-    envelopes.c.sender_pid, envelopes.c.chain, envelopes.c.step, envelopes.c.data,
+    envelopes.c.seq,
+    envelopes.c.cid,
+    envelopes.c.epoch,
+    envelopes.c.sender,
+    envelopes.c.sender_pid,
+    envelopes.c.chain,
+    envelopes.c.step,
+    envelopes.c.data,
 )
 
 
@@ -84,8 +90,14 @@ async def _mapped(what: str) -> AsyncIterator[None]:
 
 def _envelope(row: Any) -> StoredEnvelope:  # noqa: ANN401 - a SQLAlchemy Row
     return StoredEnvelope(
-        seq=row.seq, cid=row.cid, epoch=row.epoch, sender=row.sender,
-        sender_pid=row.sender_pid, chain=row.chain, step=row.step, data=bytes(row.data),
+        seq=row.seq,
+        cid=row.cid,
+        epoch=row.epoch,
+        sender=row.sender,
+        sender_pid=row.sender_pid,
+        chain=row.chain,
+        step=row.step,
+        data=bytes(row.data),
     )
 
 
@@ -169,14 +181,19 @@ class SqlStore:
             if batch.rosters:
                 result = await conn.execute(
                     ins(rosters).on_conflict_do_nothing().returning(rosters.c.cid),
-                    [{"cid": r.cid, "epoch": r.epoch, "digest": r.digest, "data": r.data}
-                     for r in batch.rosters],
+                    [
+                        {"cid": r.cid, "epoch": r.epoch, "digest": r.digest, "data": r.data}
+                        for r in batch.rosters
+                    ],
                 )
                 roster_count = len(result.all())
                 await conn.execute(
                     ins(roster_members).on_conflict_do_nothing(),
-                    [{"cid": r.cid, "epoch": r.epoch, "pid": pid}
-                     for r in batch.rosters for pid in r.members],
+                    [
+                        {"cid": r.cid, "epoch": r.epoch, "pid": pid}
+                        for r in batch.rosters
+                        for pid in r.members
+                    ],
                 )
                 heads: dict[str, int] = {}
                 for r in batch.rosters:
@@ -207,9 +224,17 @@ class SqlStore:
             if batch.grants:
                 result = await conn.execute(
                     ins(grants).on_conflict_do_nothing().returning(grants.c.seq),
-                    [{"recipient": g.recipient, "cid": g.cid, "granter": g.granter,
-                      "digest": g.digest, "data": g.data, "received_at": g.received_at}
-                     for g in batch.grants],
+                    [
+                        {
+                            "recipient": g.recipient,
+                            "cid": g.cid,
+                            "granter": g.granter,
+                            "digest": g.digest,
+                            "data": g.data,
+                            "received_at": g.received_at,
+                        }
+                        for g in batch.grants
+                    ],
                 )
                 grant_count = len(result.all())
             if batch.resolved:
@@ -217,24 +242,44 @@ class SqlStore:
             if batch.pending:
                 await conn.execute(
                     pending.insert(),
-                    [{"cid": p.cid, "epoch": p.epoch, "sender": p.sender,
-                      "sender_pid": p.sender_pid, "data": p.data, "received_at": p.received_at}
-                     for p in batch.pending],
+                    [
+                        {
+                            "cid": p.cid,
+                            "epoch": p.epoch,
+                            "sender": p.sender,
+                            "sender_pid": p.sender_pid,
+                            "data": p.data,
+                            "received_at": p.received_at,
+                        }
+                        for p in batch.pending
+                    ],
                 )
             if batch.envelopes:
                 result = await conn.execute(
                     ins(envelopes).on_conflict_do_nothing().returning(envelopes.c.seq),
-                    [{"cid": e.cid, "epoch": e.epoch, "sender": e.sender,
-                      "sender_pid": e.sender_pid, "chain": e.chain, "step": e.step,
-                      "data": e.data, "received_at": e.received_at}
-                     for e in batch.envelopes],
+                    [
+                        {
+                            "cid": e.cid,
+                            "epoch": e.epoch,
+                            "sender": e.sender,
+                            "sender_pid": e.sender_pid,
+                            "chain": e.chain,
+                            "step": e.step,
+                            "data": e.data,
+                            "received_at": e.received_at,
+                        }
+                        for e in batch.envelopes
+                    ],
                 )
                 seqs = [row[0] for row in result.all()]
                 archived = len(seqs)
                 max_seq = max(seqs, default=None)
         return ArchiveResult(
-            archived=archived, duplicates=len(batch.envelopes) - archived,
-            rosters=roster_count, grants=grant_count, max_seq=max_seq,
+            archived=archived,
+            duplicates=len(batch.envelopes) - archived,
+            rosters=roster_count,
+            grants=grant_count,
+            max_seq=max_seq,
         )
 
     # -- reads -------------------------------------------------------------------------
@@ -261,23 +306,23 @@ class SqlStore:
             "reading rosters",
         )
         members = await self._rows(
-            select(roster_members.c.epoch, roster_members.c.pid).where(
-                roster_members.c.cid == cid
-            ),
+            select(roster_members.c.epoch, roster_members.c.pid).where(roster_members.c.cid == cid),
             "reading roster members",
         )
         by_epoch: dict[int, list[str]] = {}
         for m in members:
             by_epoch.setdefault(m.epoch, []).append(m.pid)
         return [
-            RosterRecord(r.cid, r.epoch, bytes(r.digest), tuple(by_epoch.get(r.epoch, ())),
-                         bytes(r.data))
+            RosterRecord(
+                r.cid, r.epoch, bytes(r.digest), tuple(by_epoch.get(r.epoch, ())), bytes(r.data)
+            )
             for r in rows
         ]
 
     async def bundle(self, pid: str) -> bytes | None:
-        data = await self._scalar(select(bundles.c.data).where(bundles.c.pid == pid),
-                                  "reading a bundle")
+        data = await self._scalar(
+            select(bundles.c.data).where(bundles.c.pid == pid), "reading a bundle"
+        )
         return bytes(data) if data is not None else None
 
     async def pending(
@@ -293,14 +338,24 @@ class SqlStore:
             stmt = stmt.where(conds[0] if len(conds) == 1 else conds[0] | conds[1])
         rows = await self._rows(stmt, "reading pending envelopes")
         return [
-            PendingEnvelope(cid=r.cid, epoch=r.epoch, sender=r.sender, data=bytes(r.data),
-                            received_at=r.received_at, sender_pid=r.sender_pid, id=r.id)
+            PendingEnvelope(
+                cid=r.cid,
+                epoch=r.epoch,
+                sender=r.sender,
+                data=bytes(r.data),
+                received_at=r.received_at,
+                sender_pid=r.sender_pid,
+                id=r.id,
+            )
             for r in rows
         ]
 
     async def pending_count(self) -> int:
-        return int(await self._scalar(select(func.count()).select_from(pending),
-                                      "counting pending envelopes"))
+        return int(
+            await self._scalar(
+                select(func.count()).select_from(pending), "counting pending envelopes"
+            )
+        )
 
     async def history(
         self, cid: str, *, before: int | None = None, after: int | None = None, limit: int = 50
@@ -318,8 +373,10 @@ class SqlStore:
         self, after: int, *, cids: Collection[str] | None = None, limit: int = 1000
     ) -> list[StoredEnvelope]:
         stmt = (
-            select(*_ENVELOPE_COLUMNS).where(envelopes.c.seq > after)
-            .order_by(envelopes.c.seq).limit(limit)
+            select(*_ENVELOPE_COLUMNS)
+            .where(envelopes.c.seq > after)
+            .order_by(envelopes.c.seq)
+            .limit(limit)
         )
         if cids is not None:
             stmt = stmt.where(envelopes.c.cid.in_(list(cids)))
@@ -335,10 +392,10 @@ class SqlStore:
         self, recipients: Collection[str], *, after: int = 0, limit: int = 100
     ) -> list[StoredGrant]:
         rows = await self._rows(
-            select(grants.c.seq, grants.c.recipient, grants.c.cid, grants.c.granter,
-                   grants.c.data)
+            select(grants.c.seq, grants.c.recipient, grants.c.cid, grants.c.granter, grants.c.data)
             .where(grants.c.recipient.in_(list(recipients)), grants.c.seq > after)
-            .order_by(grants.c.seq).limit(limit),
+            .order_by(grants.c.seq)
+            .limit(limit),
             "reading grants",
         )
         return [StoredGrant(r.seq, r.recipient, r.cid, r.granter, bytes(r.data)) for r in rows]
@@ -346,14 +403,17 @@ class SqlStore:
     async def conversations_of(self, pids: Collection[str]) -> dict[str, tuple[str, ...]]:
         if not pids:
             return {}
-        head = and_(roster_members.c.cid == conv_heads.c.cid,
-                    roster_members.c.epoch == conv_heads.c.epoch)
+        head = and_(
+            roster_members.c.cid == conv_heads.c.cid, roster_members.c.epoch == conv_heads.c.epoch
+        )
         mine = (
-            select(conv_heads.c.cid).join(roster_members, head)
+            select(conv_heads.c.cid)
+            .join(roster_members, head)
             .where(roster_members.c.pid.in_(list(pids)))
         )
         rows = await self._rows(
-            select(conv_heads.c.cid, roster_members.c.pid).join(roster_members, head)
+            select(conv_heads.c.cid, roster_members.c.pid)
+            .join(roster_members, head)
             .where(conv_heads.c.cid.in_(mine))
             .order_by(conv_heads.c.cid, roster_members.c.pid),
             "reading conversations",
@@ -384,12 +444,19 @@ class SqlStore:
     async def create_account(self, username: str, password_hash: str, *, is_admin: bool) -> int:
         """Raises: NameTaken, StorageError."""
         try:
-            async with _mapped("creating an account"), self._write_lock(), \
-                    self.engine.begin() as conn:
+            async with (
+                _mapped("creating an account"),
+                self._write_lock(),
+                self.engine.begin() as conn,
+            ):
                 result = await conn.execute(
                     accounts.insert().returning(accounts.c.id),
-                    {"username": username, "password_hash": password_hash,
-                     "is_admin": is_admin, "created_at": time.time()},
+                    {
+                        "username": username,
+                        "password_hash": password_hash,
+                        "is_admin": is_admin,
+                        "created_at": time.time(),
+                    },
                 )
                 return int(result.scalar_one())
         except StorageError as exc:
@@ -399,30 +466,31 @@ class SqlStore:
 
     async def account_login(self, username: str) -> tuple[int, str] | None:
         rows = await self._rows(
-            select(accounts.c.id, accounts.c.password_hash)
-            .where(accounts.c.username == username),
+            select(accounts.c.id, accounts.c.password_hash).where(accounts.c.username == username),
             "reading an account",
         )
         return (int(rows[0].id), str(rows[0].password_hash)) if rows else None
 
     async def set_password_hash(self, account_id: int, password_hash: str) -> None:
-        async with _mapped("updating a password"), self._write_lock(), \
-                self.engine.begin() as conn:
+        async with _mapped("updating a password"), self._write_lock(), self.engine.begin() as conn:
             await conn.execute(
-                update(accounts).where(accounts.c.id == account_id)
+                update(accounts)
+                .where(accounts.c.id == account_id)
                 .values(password_hash=password_hash)
             )
 
     async def account(self, account_id: int) -> Account | None:
         rows = await self._rows(
-            select(accounts.c.id, accounts.c.username, accounts.c.is_admin)
-            .where(accounts.c.id == account_id),
+            select(accounts.c.id, accounts.c.username, accounts.c.is_admin).where(
+                accounts.c.id == account_id
+            ),
             "reading an account",
         )
         if not rows:
             return None
         pids = await self._rows(
-            select(participants.c.pid).where(participants.c.account_id == account_id)
+            select(participants.c.pid)
+            .where(participants.c.account_id == account_id)
             .order_by(participants.c.pid),
             "reading participants",
         )
@@ -438,16 +506,22 @@ class SqlStore:
         """
         created_at = Bundle.from_bytes(bundle).created_at
         try:
-            async with _mapped("adding a participant"), self._write_lock(), \
-                    self.engine.begin() as conn:
-                owner = (await conn.execute(
-                    select(participants.c.account_id).where(participants.c.pid == pid)
-                )).scalar()
+            async with (
+                _mapped("adding a participant"),
+                self._write_lock(),
+                self.engine.begin() as conn,
+            ):
+                owner = (
+                    await conn.execute(
+                        select(participants.c.account_id).where(participants.c.pid == pid)
+                    )
+                ).scalar()
                 if owner is not None and owner != account_id:
                     raise NameTaken(f"participant {pid} belongs to another account")
                 if owner is None:
-                    await conn.execute(participants.insert(),
-                                       {"pid": pid, "account_id": account_id})
+                    await conn.execute(
+                        participants.insert(), {"pid": pid, "account_id": account_id}
+                    )
                 stmt = self.dialect_insert(bundles)
                 await conn.execute(
                     stmt.on_conflict_do_update(
@@ -463,30 +537,29 @@ class SqlStore:
             raise
 
     async def create_session(self, token_hash: bytes, account_id: int, expires_at: float) -> None:
-        async with _mapped("creating a session"), self._write_lock(), \
-                self.engine.begin() as conn:
+        async with _mapped("creating a session"), self._write_lock(), self.engine.begin() as conn:
             await conn.execute(delete(sessions).where(sessions.c.expires_at < time.time()))
-            await conn.execute(sessions.insert(), {"token_hash": token_hash,
-                                                   "account_id": account_id,
-                                                   "expires_at": expires_at})
+            await conn.execute(
+                sessions.insert(),
+                {"token_hash": token_hash, "account_id": account_id, "expires_at": expires_at},
+            )
 
     async def session_account(self, token_hash: bytes, now: float) -> Account | None:
         account_id = await self._scalar(
-            select(sessions.c.account_id)
-            .where(sessions.c.token_hash == token_hash, sessions.c.expires_at > now),
+            select(sessions.c.account_id).where(
+                sessions.c.token_hash == token_hash, sessions.c.expires_at > now
+            ),
             "reading a session",
         )
         return await self.account(int(account_id)) if account_id is not None else None
 
     async def delete_session(self, token_hash: bytes) -> None:
-        async with _mapped("deleting a session"), self._write_lock(), \
-                self.engine.begin() as conn:
+        async with _mapped("deleting a session"), self._write_lock(), self.engine.begin() as conn:
             await conn.execute(delete(sessions).where(sessions.c.token_hash == token_hash))
 
     async def list_accounts(self) -> list[Account]:
         rows = await self._rows(
-            select(accounts.c.id, accounts.c.username, accounts.c.is_admin)
-            .order_by(accounts.c.id),
+            select(accounts.c.id, accounts.c.username, accounts.c.is_admin).order_by(accounts.c.id),
             "listing accounts",
         )
         return [Account(int(r.id), r.username, bool(r.is_admin)) for r in rows]
@@ -622,4 +695,3 @@ def open_store(url: str) -> SqliteStore | PostgresStore:
         rest = url.split("://", 1)[1]
         return PostgresStore.from_url(f"postgresql+asyncpg://{rest}")
     raise ConfigError(f"unsupported database URL scheme {parts.scheme!r}")
-

@@ -123,7 +123,11 @@ class ArchiveBatch:
 
     def __bool__(self) -> bool:
         return bool(
-            self.envelopes or self.pending or self.resolved or self.rosters or self.bundles
+            self.envelopes
+            or self.pending
+            or self.resolved
+            or self.rosters
+            or self.bundles
             or self.grants
         )
 
@@ -225,8 +229,9 @@ class AccountStore(Protocol):
         """Raises: NameTaken: the pid belongs to another account."""
         ...
 
-    async def create_session(self, token_hash: bytes, account_id: int, expires_at: float) -> None:
-        ...
+    async def create_session(
+        self, token_hash: bytes, account_id: int, expires_at: float
+    ) -> None: ...
 
     async def session_account(self, token_hash: bytes, now: float) -> Account | None: ...
 

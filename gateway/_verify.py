@@ -71,8 +71,7 @@ def classify(  # noqa: PLR0911, PLR0912 - one outcome per topic kind, flat on pu
             envelope, _ = parse(data)
             return Parsed(where.kind, data, received_at, cid=where.cid, envelope=envelope)
         if not data and where.kind in (TopicKind.BUNDLE, TopicKind.ROSTER, TopicKind.STATUS):
-            return Parsed(where.kind, data, received_at, cid=where.cid, pid=where.pid,
-                          cleared=True)
+            return Parsed(where.kind, data, received_at, cid=where.cid, pid=where.pid, cleared=True)
         if where.kind is TopicKind.STATUS:
             if len(data) > MAX_STATUS_BYTES:
                 raise LimitExceeded("status too large")

@@ -89,19 +89,38 @@ def _frame(event: Event) -> dict[str, Any]:
     if event.kind == "envelope":
         e = event.envelope
         assert e is not None
-        return {"op": "envelope", "seq": e.seq, "cid": e.cid, "epoch": e.epoch,
-                "sender": e.sender, "sender_pid": e.sender_pid, "chain": e.chain,
-                "step": e.step, "data": _b64(e.data)}
+        return {
+            "op": "envelope",
+            "seq": e.seq,
+            "cid": e.cid,
+            "epoch": e.epoch,
+            "sender": e.sender,
+            "sender_pid": e.sender_pid,
+            "chain": e.chain,
+            "step": e.step,
+            "data": _b64(e.data),
+        }
     if event.kind == "grant":
         g = event.grant
         assert g is not None
-        return {"op": "grant", "seq": g.seq, "cid": g.cid, "recipient": g.recipient,
-                "granter": g.granter, "data": _b64(g.data)}
+        return {
+            "op": "grant",
+            "seq": g.seq,
+            "cid": g.cid,
+            "recipient": g.recipient,
+            "granter": g.granter,
+            "data": _b64(g.data),
+        }
     if event.kind == "roster":
         r = event.roster
         assert r is not None
-        return {"op": "roster", "cid": r.cid, "epoch": r.epoch, "members": list(r.members),
-                "data": _b64(r.data)}
+        return {
+            "op": "roster",
+            "cid": r.cid,
+            "epoch": r.epoch,
+            "members": list(r.members),
+            "data": _b64(r.data),
+        }
     assert event.status is not None
     return {"op": "presence", "pid": event.pid, "status": _b64(event.status)}
 
@@ -147,8 +166,9 @@ class _Session:
             if len(rows) < _BACKFILL_PAGE:
                 break
         while self.who.pids:
-            grants = await store.grants_for(self.who.pids, after=self.sent_grant,
-                                            limit=_BACKFILL_PAGE)
+            grants = await store.grants_for(
+                self.who.pids, after=self.sent_grant, limit=_BACKFILL_PAGE
+            )
             for g in grants:
                 await self.send(_frame(Event("grant", grant=g)))
                 self.sent_grant = g.seq
@@ -219,8 +239,9 @@ class _Session:
                     raise _BadFrame("unknown op")
             except FieldchatError as exc:
                 self.gw.metrics.reject("ws", exc.reason)
-                await self.send({"op": "error", "id": ref, "reason": exc.reason,
-                                 "detail": str(exc)[:200]})
+                await self.send(
+                    {"op": "error", "id": ref, "reason": exc.reason, "detail": str(exc)[:200]}
+                )
                 if isinstance(exc, (_BadFrame, WireError)):
                     self.bad_frames += 1
                     if self.bad_frames >= MAX_BAD_FRAMES:
@@ -293,8 +314,9 @@ async def websocket_endpoint(ws: WebSocket) -> None:
         gw.metrics.reject("ws", "origin")
         await ws.close(CLOSE_POLICY, "cross-origin WebSocket refused")
         return
-    who = await authenticate(ws, gw.accounts, gw.archiver.bundle,
-                             skew_s=gw.settings.request_clock_skew_s)
+    who = await authenticate(
+        ws, gw.accounts, gw.archiver.bundle, skew_s=gw.settings.request_clock_skew_s
+    )
     if who is None or who.account is None:
         gw.metrics.reject("ws", "unauthenticated")
         await ws.close(CLOSE_UNAUTHENTICATED, "log in first")
@@ -312,13 +334,21 @@ async def websocket_endpoint(ws: WebSocket) -> None:
     tasks: list[asyncio.Task[None]] = []
     try:
         start = cursor if cursor is not None else await gw.store.max_seq()
-        await session.send({"op": "hello", "cursor": start, "grant_cursor": grant_cursor or 0,
-                            "pids": sorted(who.pids),
-                            "conversations": {c: list(m) for c, m in
-                                              sub.conversations.items()}})
+        await session.send(
+            {
+                "op": "hello",
+                "cursor": start,
+                "grant_cursor": grant_cursor or 0,
+                "pids": sorted(who.pids),
+                "conversations": {c: list(m) for c, m in sub.conversations.items()},
+            }
+        )
         await session.backfill(start, grant_cursor or 0)
-        tasks = [asyncio.create_task(session.reader()), asyncio.create_task(session.writer()),
-                 asyncio.create_task(sub.overflowed.wait())]  # type: ignore[arg-type]
+        tasks = [
+            asyncio.create_task(session.reader()),
+            asyncio.create_task(session.writer()),
+            asyncio.create_task(sub.overflowed.wait()),
+        ]  # type: ignore[arg-type]
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         if tasks[2] in done and ws.client_state is WebSocketState.CONNECTED:
             await ws.close(CLOSE_LAGGING, "too slow: reconnect with your cursor")

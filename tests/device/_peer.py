@@ -36,13 +36,20 @@ def main() -> int:
     parser.add_argument("--expect", type=int, default=0)
     parser.add_argument("--duration", type=float, default=120.0)
     parser.add_argument("--resend-after", type=float, default=1.0)
-    parser.add_argument("--await-receipts", action="store_true",
-                        help="exit only when every member receipted every message")
+    parser.add_argument(
+        "--await-receipts",
+        action="store_true",
+        help="exit only when every member receipted every message",
+    )
     args = parser.parse_args()
 
     link = LinkOptions(
-        keepalive_s=5, connect_timeout_s=3.0, backoff_min_s=0.1, backoff_max_s=1.0,
-        receipt_interval_s=0.2, resend_after_s=args.resend_after,
+        keepalive_s=5,
+        connect_timeout_s=3.0,
+        backoff_min_s=0.1,
+        backoff_max_s=1.0,
+        receipt_interval_s=0.2,
+        resend_after_s=args.resend_after,
     )
     broker = BrokerOptions(port=args.port, credential=SecretStr(args.credential))
     device = Device(args.state, broker, link=link, prefix=args.prefix)
@@ -61,21 +68,36 @@ def main() -> int:
                     time.sleep(args.pace)
             rows = device.messages(args.cid, after_id=cursor)
             for row in rows:
-                sys.stdout.write(json.dumps({"sender": row.sender, "text": row.text,
-                                             "step": row.step, "epoch": row.epoch}) + "\n")
+                sys.stdout.write(
+                    json.dumps(
+                        {
+                            "sender": row.sender,
+                            "text": row.text,
+                            "step": row.step,
+                            "epoch": row.epoch,
+                        }
+                    )
+                    + "\n"
+                )
                 cursor = row.id
             if rows:
                 sys.stdout.flush()
                 printed += len(rows)
                 device.state.set_meta({_CURSOR: str(cursor), _CURSOR + "_n": str(printed)})
-            if (not todo and printed >= args.expect and not device.receipts_pending
-                    and not device.outbox()
-                    and not (args.await_receipts and device.undelivered(args.cid))):
+            if (
+                not todo
+                and printed >= args.expect
+                and not device.receipts_pending
+                and not device.outbox()
+                and not (args.await_receipts and device.undelivered(args.cid))
+            ):
                 return 0
             if not todo and not rows:
                 device.wait_for(lambda: False, 0.05)
-        sys.stderr.write(f"peer timed out: printed {printed}/{args.expect}, "
-                         f"{len(todo)} to send, {len(device.outbox())} in outbox\n")
+        sys.stderr.write(
+            f"peer timed out: printed {printed}/{args.expect}, "
+            f"{len(todo)} to send, {len(device.outbox())} in outbox\n"
+        )
         return 1
     finally:
         device.close()

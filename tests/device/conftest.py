@@ -36,8 +36,13 @@ FIELDCHAT = str(Path(sys.executable).parent / "fieldchat")
 
 # Fast link timings for tests: reconnect quickly, receipts often, resend soon.
 FAST = LinkOptions(
-    keepalive_s=10, connect_timeout_s=3.0, backoff_min_s=0.1, backoff_max_s=1.0,
-    receipt_interval_s=0.2, resend_after_s=1.0, gap_timeout_s=60.0,
+    keepalive_s=10,
+    connect_timeout_s=3.0,
+    backoff_min_s=0.1,
+    backoff_max_s=1.0,
+    receipt_interval_s=0.2,
+    resend_after_s=1.0,
+    gap_timeout_s=60.0,
 )
 
 
@@ -58,8 +63,7 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str = "condi
 class Mosquitto:
     """A Mosquitto process with persistence, a password file and a bounded queue."""
 
-    def __init__(self, workdir: Path, *, anonymous: bool = False,
-                 max_queued: int = 20_000) -> None:
+    def __init__(self, workdir: Path, *, anonymous: bool = False, max_queued: int = 20_000) -> None:
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -80,7 +84,7 @@ class Mosquitto:
             f"log_dest file {self.dir}/mosquitto.log\n"
             "log_type error\nlog_type warning\nlog_type notice\n"
             # As root, Mosquitto would drop to user "mosquitto", who cannot write tmp_path.
-            + ("user root\n" if os.getuid() == 0 else "")
+             + ("user root\n" if os.getuid() == 0 else "")
         )
 
     @property
@@ -89,7 +93,9 @@ class Mosquitto:
 
     def options(self, pid: str, *, protocol: str = "auto") -> BrokerOptions:
         return BrokerOptions(
-            host="127.0.0.1", port=self.port, credential=SecretStr(self.user(pid)),
+            host="127.0.0.1",
+            port=self.port,
+            credential=SecretStr(self.user(pid)),
             protocol=protocol,  # type: ignore[arg-type]
         )
 
@@ -99,7 +105,8 @@ class Mosquitto:
             self.users[name] = f"cred-{name[:8]}-{os.urandom(6).hex()}"
             subprocess.run(
                 [MOSQUITTO_PASSWD, "-b", str(self.passwords), name, self.users[name]],
-                check=True, capture_output=True,
+                check=True,
+                capture_output=True,
             )
             if self.proc is not None and self.proc.poll() is None:
                 self.proc.send_signal(signal.SIGHUP)
@@ -109,12 +116,14 @@ class Mosquitto:
     def start(self) -> Mosquitto:
         self.proc = subprocess.Popen(
             [MOSQUITTO, "-c", str(self.config)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         end = time.monotonic() + 10
         while time.monotonic() < end:
-            with contextlib.suppress(OSError), socket.create_connection(
-                ("127.0.0.1", self.port), timeout=0.2
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2),
             ):
                 return self
             if self.proc.poll() is not None:
@@ -162,7 +171,9 @@ class Embedded:
 
     def options(self, pid: str, *, protocol: str = "auto") -> BrokerOptions:
         return BrokerOptions(
-            host="127.0.0.1", port=self.port, credential=SecretStr(self.user(pid)),
+            host="127.0.0.1",
+            port=self.port,
+            credential=SecretStr(self.user(pid)),
             protocol=protocol,  # type: ignore[arg-type]
         )
 
@@ -204,7 +215,8 @@ def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
 def any_broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Broker]:
     """Each test twice: on Mosquitto and on the embedded broker."""
     broker: Broker = (
-        Mosquitto(tmp_path / "mosquitto") if request.param == "mosquitto"
+        Mosquitto(tmp_path / "mosquitto")
+        if request.param == "mosquitto"
         else Embedded(tmp_path / "embedded")
     ).start()
     yield broker
@@ -221,15 +233,25 @@ class Devices:
         self.events: dict[str, list[Event]] = {}
         self.broker_prefix = "fc/v1"
 
-    def make(self, name: str, *, link: LinkOptions = FAST, protocol: str = "auto",
-             start: bool = True, prefix: str = "fc/v1") -> Device:
+    def make(
+        self,
+        name: str,
+        *,
+        link: LinkOptions = FAST,
+        protocol: str = "auto",
+        start: bool = True,
+        prefix: str = "fc/v1",
+    ) -> Device:
         path = self.tmp / f"{name}.sqlite3"
         probe = Device(path, prefix=prefix)  # learn the pid to enroll it
         pid = probe.pid
         probe.close()
         events: list[Event] = []
         device = Device(
-            path, self.broker.options(pid, protocol=protocol), link=link, prefix=prefix,
+            path,
+            self.broker.options(pid, protocol=protocol),
+            link=link,
+            prefix=prefix,
             on_event=events.append,
         )
         self.events[device.pid] = events
@@ -243,8 +265,13 @@ class Devices:
         device.close()
         self.open.remove(device)
         events = self.events[device.pid]
-        again = Device(device.state.path, device.broker, link=link,
-                       prefix=device.topics.prefix, on_event=events.append)
+        again = Device(
+            device.state.path,
+            device.broker,
+            link=link,
+            prefix=device.topics.prefix,
+            on_event=events.append,
+        )
         self.open.append(again)
         return again.start()
 
@@ -282,18 +309,28 @@ def cli_env(**values: str) -> dict[str, str]:
     return env
 
 
-def run_cli(args: list[str], env: dict[str, str], *, input: str | None = None,
-            timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    args: list[str], env: dict[str, str], *, input: str | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [FIELDCHAT, "device", *args], env=env, input=input, capture_output=True, text=True,
-        timeout=timeout, check=False,
+        [FIELDCHAT, "device", *args],
+        env=env,
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
 
 
 def start_cli(args: list[str], env: dict[str, str], **kwargs: object) -> subprocess.Popen[str]:
     return subprocess.Popen(  # type: ignore[call-overload, no-any-return]
-        [FIELDCHAT, "device", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, **kwargs,
+        [FIELDCHAT, "device", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
     )
 
 
@@ -303,23 +340,57 @@ PEER = str(Path(__file__).with_name("_peer.py"))
 class Peer:
     """A device process running ``_peer.py`` on a state file made in-process first."""
 
-    def __init__(self, state: Path, broker: Broker, pid: str, cid: str, *,
-                 prefix: str = "fc/v1") -> None:
+    def __init__(
+        self, state: Path, broker: Broker, pid: str, cid: str, *, prefix: str = "fc/v1"
+    ) -> None:
         self.state, self.broker, self.pid, self.cid, self.prefix = state, broker, pid, cid, prefix
         self.proc: subprocess.Popen[str] | None = None
         self.lines: list[dict[str, object]] = []
 
-    def start(self, *, send: str = "", count: int = 0, expect: int = 0, batch: int = 1,
-              pace: float = 0.0, duration: float = 150.0, resend_after: float = 1.0,
-              await_receipts: bool = False) -> Peer:
+    def start(
+        self,
+        *,
+        send: str = "",
+        count: int = 0,
+        expect: int = 0,
+        batch: int = 1,
+        pace: float = 0.0,
+        duration: float = 150.0,
+        resend_after: float = 1.0,
+        await_receipts: bool = False,
+    ) -> Peer:
         self.proc = subprocess.Popen(
-            [sys.executable, PEER, "--state", str(self.state), "--port", str(self.broker.port),
-             f"--credential={self.broker.user(self.pid)}", "--cid", self.cid,
-             "--prefix", self.prefix, "--send", send or self.pid[:6], "--count", str(count),
-             "--expect", str(expect), "--batch", str(batch), "--pace", str(pace),
-             "--duration", str(duration), "--resend-after", str(resend_after),
-             *(["--await-receipts"] if await_receipts else [])],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [
+                sys.executable,
+                PEER,
+                "--state",
+                str(self.state),
+                "--port",
+                str(self.broker.port),
+                f"--credential={self.broker.user(self.pid)}",
+                "--cid",
+                self.cid,
+                "--prefix",
+                self.prefix,
+                "--send",
+                send or self.pid[:6],
+                "--count",
+                str(count),
+                "--expect",
+                str(expect),
+                "--batch",
+                str(batch),
+                "--pace",
+                str(pace),
+                "--duration",
+                str(duration),
+                "--resend-after",
+                str(resend_after),
+                *(["--await-receipts"] if await_receipts else []),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         return self
 
@@ -355,6 +426,7 @@ def conversation(devices: Devices, *names: str) -> tuple[str, list[Device]]:
     for device in made[1:]:
         wait_until(lambda d=device: d.engine.is_member(cid), 15, "members join")
     # Every member holds every other member's chain before the processes take over.
-    wait_until(lambda: all(len(d.engine._convs[cid].recv) == len(made) - 1 for d in made), 15,
-               "grants")
+    wait_until(
+        lambda: all(len(d.engine._convs[cid].recv) == len(made) - 1 for d in made), 15, "grants"
+    )
     return cid, made

@@ -50,7 +50,8 @@ def test_walkthrough_two_devices_talk(tmp_path: Path, any_broker: Broker) -> Non
             listener.communicate()
     messages = [m for m in lines if m["type"] == "message"]
     assert [(m["sender"], m["text"], m["cid"]) for m in messages] == [
-        (alice, "hello from alice", cid), (alice, "second line", cid),
+        (alice, "hello from alice", cid),
+        (alice, "second line", cid),
     ]
     listed = run_cli(["conv", "list", "--json"], bob_env)
     assert json.loads(listed.stdout)["members"] == [alice, bob]
@@ -85,7 +86,8 @@ def test_errors_are_one_line_with_exit_codes(tmp_path: Path, mosquitto: Mosquitt
 
 
 def test_send_without_broker_keeps_the_message_and_the_next_command_sends_it(
-    tmp_path: Path, mosquitto: Mosquitto,
+    tmp_path: Path,
+    mosquitto: Mosquitto,
 ) -> None:
     pid, env = _init(tmp_path, "dave", mosquitto)
     created = run_cli(["conv", "create", "--json"], env)
@@ -112,8 +114,10 @@ def test_settings_from_a_toml_file(tmp_path: Path, mosquitto: Mosquitto) -> None
     out = run_cli(["conv", "create", "--json", "--low-bandwidth"], cli_env(config=str(config)))
     assert out.returncode == 0, out.stderr
     # A flag wins over the file.
-    out = run_cli(["--broker", "mqtt://127.0.0.1:1", "conv", "create", "--timeout", "1"],
-                  cli_env(config=str(config)))
+    out = run_cli(
+        ["--broker", "mqtt://127.0.0.1:1", "conv", "create", "--timeout", "1"],
+        cli_env(config=str(config)),
+    )
     assert out.returncode == 3 and "127.0.0.1:1" in out.stderr
     bad = tmp_path / "bad.toml"
     bad.write_text("colour = 'blue'\n")

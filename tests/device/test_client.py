@@ -28,9 +28,12 @@ def test_two_devices_talk_both_ways(devices: Devices) -> None:
     assert any(isinstance(e, Joined) and e.cid == cid for e in devices.events[bob.pid])
     # Bob's delivery receipt comes back to Alice, encrypted like any message.
     wait_until(
-        lambda: any(isinstance(e, ReceiptReceived) and e.sender == bob.pid
-                    for e in devices.events[alice.pid]),
-        10, "a delivery receipt",
+        lambda: any(
+            isinstance(e, ReceiptReceived) and e.sender == bob.pid
+            for e in devices.events[alice.pid]
+        ),
+        10,
+        "a delivery receipt",
     )
     assert alice.wait_drained(5)
 
@@ -43,9 +46,14 @@ def test_wrong_credential_and_no_broker_are_typed_errors(tmp_path, mosquitto) ->
     from schemas.errors import ConnectFailed, NotAuthorized
     from tests.device.conftest import FAST, free_port
 
-    with Device(tmp_path / "x.sqlite3",
-                BrokerOptions(port=mosquitto.port, credential=SecretStr("wrong")),
-                link=FAST) as device, pytest.raises(NotAuthorized, match="refused the credential"):
+    with (
+        Device(
+            tmp_path / "x.sqlite3",
+            BrokerOptions(port=mosquitto.port, credential=SecretStr("wrong")),
+            link=FAST,
+        ) as device,
+        pytest.raises(NotAuthorized, match="refused the credential"),
+    ):
         device.wait_connected(10)
     with (
         Device(tmp_path / "y.sqlite3", BrokerOptions(port=free_port()), link=FAST) as device,
@@ -80,6 +88,7 @@ def test_redelivered_envelopes_show_once(mosquitto_devices: Devices) -> None:
     wait_until(lambda: len(texts(bob, cid)) == 3, 10, "the next message")
     assert texts(bob, cid) == ["one", "two", "three"]
     assert bob.counters["duplicate"] >= 6
+
     def shown() -> list[str]:
         return [e.text for e in devices.events[bob.pid] if isinstance(e, MessageReceived)]
 
@@ -88,7 +97,8 @@ def test_redelivered_envelopes_show_once(mosquitto_devices: Devices) -> None:
 
 
 def test_changed_key_is_reported_loudly_and_verify_checks_fingerprints(
-    mosquitto_devices: Devices, caplog: pytest.LogCaptureFixture,
+    mosquitto_devices: Devices,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
@@ -105,20 +115,26 @@ def test_changed_key_is_reported_loudly_and_verify_checks_fingerprints(
     assert alice.engine.is_verified(bob.pid)
     # Someone with Bob's credential publishes a newer bundle: same pid, new keys.
     old = bob.engine.identity
-    forged = Identity(ed25519_seed=old._signer_seed(), x25519_private=b"\x42" * 32,
-                      mlkem_seed=None, created_at=old.bundle.created_at + 10)
+    forged = Identity(
+        ed25519_seed=old._signer_seed(),
+        x25519_private=b"\x42" * 32,
+        mlkem_seed=None,
+        created_at=old.bundle.created_at + 10,
+    )
     raw = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="impostor")
     raw.username_pw_set(bob.pid, devices.broker.user(bob.pid))
     raw.connect("127.0.0.1", devices.broker.port)
     raw.loop_start()
     try:
-        raw.publish(alice.topics.bundle(bob.pid), forged.bundle.to_bytes(), qos=1,
-                    retain=True).wait_for_publish(5)
+        raw.publish(
+            alice.topics.bundle(bob.pid), forged.bundle.to_bytes(), qos=1, retain=True
+        ).wait_for_publish(5)
     finally:
         raw.disconnect()
         raw.loop_stop()
-    wait_until(lambda: any(isinstance(e, KeyChanged) for e in devices.events[alice.pid]), 10,
-               "the warning")
+    wait_until(
+        lambda: any(isinstance(e, KeyChanged) for e in devices.events[alice.pid]), 10, "the warning"
+    )
     warning = next(e for e in devices.events[alice.pid] if isinstance(e, KeyChanged))
     assert warning.pid == bob.pid and warning.fingerprint != warning.previous_fingerprint
     assert "KEY CHANGED" in caplog.text
@@ -126,7 +142,8 @@ def test_changed_key_is_reported_loudly_and_verify_checks_fingerprints(
 
 
 def test_restarted_sender_leaves_a_gap_and_the_history_seam_is_asked(
-    tmp_path, mosquitto: Mosquitto,
+    tmp_path,
+    mosquitto: Mosquitto,
 ) -> None:
     from device.client import Device
     from device.events import GapDetected
@@ -179,16 +196,25 @@ def test_leave_and_invite(devices: Devices) -> None:
     alice.invite(cid, [carol.pid])
     wait_until(lambda: carol.engine.is_member(cid), 10, "carol joins")
     carol.send(cid, "hi all")
-    wait_until(lambda: texts(alice, cid) == ["hi all"] and texts(bob, cid) == ["hi all"], 10,
-               "carol is heard")
+    wait_until(
+        lambda: texts(alice, cid) == ["hi all"] and texts(bob, cid) == ["hi all"],
+        10,
+        "carol is heard",
+    )
     bob.leave(cid)
     # Alice, the admin, removes Bob in a new epoch on his LEAVE.
     wait_until(lambda: bob.pid not in alice.engine.roster(cid).pids, 10, "bob removed")
-    wait_until(lambda: carol.engine.roster(cid).epoch == alice.engine.roster(cid).epoch, 10,
-               "carol follows")
+    wait_until(
+        lambda: carol.engine.roster(cid).epoch == alice.engine.roster(cid).epoch,
+        10,
+        "carol follows",
+    )
     if isinstance(devices.broker, Mosquitto):
-        wait_until(lambda: any(isinstance(e, Removed) for e in devices.events[bob.pid]), 10,
-                   "bob's device notices")
+        wait_until(
+            lambda: any(isinstance(e, Removed) for e in devices.events[bob.pid]),
+            10,
+            "bob's device notices",
+        )
     assert [i.member for i in bob.conversations() if i.cid == cid] in ([False], [True])
 
 

@@ -112,7 +112,8 @@ def test_offline_device_gets_500_in_order_exactly_once(devices: Devices) -> None
 
 @pytest.mark.slow
 def test_sigkill_sender_1000_exactly_once_no_key_reuse(
-    tmp_path: Path, mosquitto_devices: Devices,
+    tmp_path: Path,
+    mosquitto_devices: Devices,
 ) -> None:
     devices = mosquitto_devices
     cid, (alice, bob) = conversation(devices, "alice", "bob")
@@ -192,8 +193,14 @@ def test_removed_member_cannot_read_later_messages(devices: Devices) -> None:
         wait_until(lambda: not carol.engine.is_member(cid), 15, "carol removed")
     wait_until(lambda: bob.engine.roster(cid).epoch == 1, 15, "bob in the new epoch")
     # Bob's chain of the new epoch reaches Alice before he speaks in it.
-    wait_until(lambda: (1, 1, 0) in alice.engine._convs[cid].recv or
-               any(k[0] == 1 for k in alice.engine._convs[cid].recv), 15, "bob's new grant")
+    wait_until(
+        lambda: (
+            (1, 1, 0) in alice.engine._convs[cid].recv
+            or any(k[0] == 1 for k in alice.engine._convs[cid].recv)
+        ),
+        15,
+        "bob's new grant",
+    )
     alice.send(cid, "after, from alice")
     bob.send(cid, "after, from bob")
     wait_until(lambda: texts(bob, cid) == ["before", "after, from alice"], 15, "bob continues")
@@ -228,4 +235,3 @@ def test_outage_outbox_holds_then_drains_in_order(devices: Devices, outage_s: fl
     wait_until(lambda: len(texts(bob, cid)) == sent, 60, "the outbox drains")
     assert texts(bob, cid) == [f"o-{i:03d}" for i in range(sent)]
     assert alice.wait_drained(15)
-

@@ -97,8 +97,13 @@ def test_the_printed_commands_enroll_a_device_and_send_a_first_message(tmp_path)
 
     def sh(command: str) -> str:
         done = subprocess.run(
-            ["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True,
-            timeout=120, check=False,
+            ["bash", "-c", command],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
         )
         assert done.returncode == 0, f"{command}\n{done.stdout}\n{done.stderr}"
         return done.stdout
@@ -114,9 +119,7 @@ def test_the_printed_commands_enroll_a_device_and_send_a_first_message(tmp_path)
         for command in commands[:2]:
             sh(command)
         sh(commands[2].replace("PEER_PID", peer))
-        received = sh(
-            "fieldchat device --state peer.db listen --json --count 1 --duration 60"
-        )
+        received = sh("fieldchat device --state peer.db listen --json --count 1 --duration 60")
         assert "hello from the Pi" in received
     finally:
         proc.send_signal(signal.SIGINT)

@@ -30,7 +30,10 @@ from gateway import GatewaySettings, create_app, open_store, signed_message
 from schemas import Topics
 
 MOSQUITTO = "/usr/sbin/mosquitto"
-PG_ADMIN_URLS = ("postgresql://postgres@127.0.0.1:5432/test", "postgresql://root@127.0.0.1:5432/test")
+PG_ADMIN_URLS = (
+    "postgresql://postgres@127.0.0.1:5432/test",
+    "postgresql://root@127.0.0.1:5432/test",
+)
 FAST_ARGON2 = {"argon2_time_cost": 1, "argon2_memory_kib": 64, "argon2_parallelism": 1}
 DEADLINE_S = 30.0
 
@@ -82,12 +85,14 @@ class Mosquitto:
     def start(self) -> Mosquitto:
         self.proc = subprocess.Popen(
             [MOSQUITTO, "-c", str(self.dir / "mosquitto.conf")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         end = time.monotonic() + 10
         while time.monotonic() < end:
-            with contextlib.suppress(OSError), socket.create_connection(
-                ("127.0.0.1", self.port), timeout=0.2
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2),
             ):
                 return self
             if self.proc.poll() is not None:
@@ -183,8 +188,11 @@ class Party:
     def sign_request(self, method: str, path: str, query: str = "") -> dict[str, str]:
         stamp = str(int(time.time()))
         sig = self.engine.identity.sign(signed_message(method, path, query, stamp))
-        return {"x-fieldchat-pid": self.pid, "x-fieldchat-time": stamp,
-                "x-fieldchat-signature": base64.urlsafe_b64encode(sig).decode().rstrip("=")}
+        return {
+            "x-fieldchat-pid": self.pid,
+            "x-fieldchat-time": stamp,
+            "x-fieldchat-signature": base64.urlsafe_b64encode(sig).decode().rstrip("="),
+        }
 
 
 @dataclass
@@ -258,8 +266,9 @@ class RunningGateway:
 @contextlib.asynccontextmanager
 async def serve_gateway(settings: GatewaySettings, **kw: Any) -> AsyncIterator[RunningGateway]:
     app = create_app(settings, **kw)
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="on", log_level="warning",
-                            ws="websockets-sansio")
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=0, lifespan="on", log_level="warning", ws="websockets-sansio"
+    )
     server = uvicorn.Server(config)
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     task = asyncio.create_task(server.serve())
@@ -276,26 +285,37 @@ async def serve_gateway(settings: GatewaySettings, **kw: Any) -> AsyncIterator[R
         await asyncio.wait_for(task, 30)
 
 
-def make_settings(mosquitto: Mosquitto, prefix: str, database_url: str, **kw: Any
-                  ) -> GatewaySettings:
+def make_settings(
+    mosquitto: Mosquitto, prefix: str, database_url: str, **kw: Any
+) -> GatewaySettings:
     values: dict[str, Any] = {
-        "mqtt_url": mosquitto.url, "topic_prefix": prefix, "database_url": database_url,
-        "mqtt_client_id": f"gw-{uuid.uuid4().hex[:8]}", "feed_poll_s": 0.2,
-        "pending_retry_s": 1.0, "batch_wait_s": 0.01, **FAST_ARGON2,
+        "mqtt_url": mosquitto.url,
+        "topic_prefix": prefix,
+        "database_url": database_url,
+        "mqtt_client_id": f"gw-{uuid.uuid4().hex[:8]}",
+        "feed_poll_s": 0.2,
+        "pending_retry_s": 1.0,
+        "batch_wait_s": 0.01,
+        **FAST_ARGON2,
     }
     values.update(kw)
     return GatewaySettings(**values)
 
 
 @pytest.fixture
-async def gateway(mosquitto: Mosquitto, prefix: str, database_url: str
-                  ) -> AsyncIterator[RunningGateway]:
+async def gateway(
+    mosquitto: Mosquitto, prefix: str, database_url: str
+) -> AsyncIterator[RunningGateway]:
     async with serve_gateway(make_settings(mosquitto, prefix, database_url)) as gw:
         yield gw
 
 
-async def login(gw: RunningGateway, username: str, party: Party | None = None,
-                password: str = "correct horse battery") -> httpx.AsyncClient:
+async def login(
+    gw: RunningGateway,
+    username: str,
+    party: Party | None = None,
+    password: str = "correct horse battery",
+) -> httpx.AsyncClient:
     """Register, log in, optionally register ``party`` as the account's participant."""
     client = gw.client()
     r = await client.post("/v1/accounts", json={"username": username, "password": password})
@@ -303,8 +323,9 @@ async def login(gw: RunningGateway, username: str, party: Party | None = None,
     r = await client.post("/v1/session", json={"username": username, "password": password})
     assert r.status_code == 200, r.text
     if party is not None:
-        r = await client.post("/v1/me/participants",
-                              json={"bundle": base64.b64encode(party.bundle).decode()})
+        r = await client.post(
+            "/v1/me/participants", json={"bundle": base64.b64encode(party.bundle).decode()}
+        )
         assert r.status_code == 201, r.text
     return client
 
@@ -321,10 +342,12 @@ class GatewayProcess:
         self.config = workdir / "gateway.toml"
         lines = [f"port = {self.port}", 'host = "127.0.0.1"']
         for key, value in settings.items():
-            lines.append(f"{key} = {value!r}" if not isinstance(value, str)
-                         else f'{key} = "{value}"')
-        self.config.write_text("\n".join(lines).replace("True", "true").replace("False", "false")
-                               + "\n")
+            lines.append(
+                f"{key} = {value!r}" if not isinstance(value, str) else f'{key} = "{value}"'
+            )
+        self.config.write_text(
+            "\n".join(lines).replace("True", "true").replace("False", "false") + "\n"
+        )
         self.log = workdir / "gateway.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.base = f"http://127.0.0.1:{self.port}"
@@ -333,9 +356,18 @@ class GatewayProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("FIELDCHAT_")}
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-c", "from fieldchat.cli import app; app()", "gateway", "run",
-                 "--config", str(self.config)],
-                stdout=log, stderr=subprocess.STDOUT, env=env,
+                [
+                    sys.executable,
+                    "-c",
+                    "from fieldchat.cli import app; app()",
+                    "gateway",
+                    "run",
+                    "--config",
+                    str(self.config),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
             )
         return self
 

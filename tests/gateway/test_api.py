@@ -33,8 +33,7 @@ pytestmark = pytest.mark.mosquitto
 async def test_session_cookie_is_httponly_strict_and_secure_with_tls(gateway):
     async with gateway.client() as http:
         await http.post("/v1/accounts", json={"username": "carol", "password": "long enough pw"})
-        r = await http.post("/v1/session", json={"username": "carol",
-                                                  "password": "long enough pw"})
+        r = await http.post("/v1/session", json={"username": "carol", "password": "long enough pw"})
         assert r.status_code == 200
         cookie = r.headers["set-cookie"].lower()
         assert "httponly" in cookie and "samesite=strict" in cookie
@@ -45,12 +44,12 @@ async def test_session_cookie_is_httponly_strict_and_secure_with_tls(gateway):
 
 
 async def test_secure_cookie_when_configured(mosquitto, prefix, tmp_path):
-    settings = make_settings(mosquitto, prefix, f"sqlite:///{tmp_path / 'h.db'}",
-                             cookie_secure=True)
+    settings = make_settings(
+        mosquitto, prefix, f"sqlite:///{tmp_path / 'h.db'}", cookie_secure=True
+    )
     async with serve_gateway(settings) as gw, gw.client() as http:
         await http.post("/v1/accounts", json={"username": "dave", "password": "long enough pw"})
-        r = await http.post("/v1/session", json={"username": "dave",
-                                                  "password": "long enough pw"})
+        r = await http.post("/v1/session", json={"username": "dave", "password": "long enough pw"})
         assert "secure" in r.headers["set-cookie"].lower()
 
 
@@ -58,19 +57,24 @@ async def test_wrong_passwords_at_a_high_rate_are_limited(gateway):
     async with gateway.client() as http:
         await http.post("/v1/accounts", json={"username": "erin", "password": "the real one!"})
         codes = [
-            (await http.post("/v1/session", json={"username": "erin",
-                                                   "password": f"guess {i:04d}"})).status_code
+            (
+                await http.post(
+                    "/v1/session", json={"username": "erin", "password": f"guess {i:04d}"}
+                )
+            ).status_code
             for i in range(12)
         ]
         assert codes[:5] == [401] * 5
         assert set(codes[5:]) == {429}
-        limited = await http.post("/v1/session", json={"username": "erin",
-                                                        "password": "the real one!"})
+        limited = await http.post(
+            "/v1/session", json={"username": "erin", "password": "the real one!"}
+        )
         assert limited.status_code == 429  # even the right password waits
         assert int(limited.headers["retry-after"]) >= 1
     m = gateway.state.metrics
-    assert m.registry.get_sample_value("fieldchat_gateway_logins_total",
-                                       {"outcome": "limited"}) >= 7
+    assert (
+        m.registry.get_sample_value("fieldchat_gateway_logins_total", {"outcome": "limited"}) >= 7
+    )
 
 
 async def test_csrf_cross_origin_and_form_posts_are_refused(gateway, prefix):
@@ -78,14 +82,17 @@ async def test_csrf_cross_origin_and_form_posts_are_refused(gateway, prefix):
     http = await login(gateway, "frank")
     try:
         body = {"bundle": base64.b64encode(party.bundle).decode()}
-        r = await http.post("/v1/me/participants", json=body,
-                            headers={"origin": "https://evil.example"})
+        r = await http.post(
+            "/v1/me/participants", json=body, headers={"origin": "https://evil.example"}
+        )
         assert r.status_code == 403
-        r = await http.post("/v1/me/participants", content=b"bundle=x",
-                            headers={"content-type": "application/x-www-form-urlencoded"})
+        r = await http.post(
+            "/v1/me/participants",
+            content=b"bundle=x",
+            headers={"content-type": "application/x-www-form-urlencoded"},
+        )
         assert r.status_code == 415
-        r = await http.post("/v1/me/participants", json=body,
-                            headers={"origin": gateway.base})
+        r = await http.post("/v1/me/participants", json=body, headers={"origin": gateway.base})
         assert r.status_code == 201
         assert (await http.get("/v1/me")).json()["pids"] == [party.pid]
     finally:
@@ -101,14 +108,20 @@ async def test_bad_queries_get_clear_errors(gateway, mosquitto, prefix):
     path = f"/v1/conversations/{conv.cid}/envelopes"
     async with gateway.client() as http:
         for query, status in [
-            ("before=-1", 422), ("after=abc", 422), ("before=99999999999999999999999", 422),
-            ("limit=1000000", 422), ("limit=0", 422), ("before=1&after=1", 400),
+            ("before=-1", 422),
+            ("after=abc", 422),
+            ("before=99999999999999999999999", 422),
+            ("limit=1000000", 422),
+            ("limit=0", 422),
+            ("before=1&after=1", 400),
         ]:
             r = await http.get(f"{path}?{query}", headers=a.sign_request("GET", path, query))
             assert r.status_code == status, (query, r.text)
             assert "error" in r.json() or "detail" in r.json()
-        r = await http.get("/v1/conversations/not-an-id/envelopes",
-                           headers=a.sign_request("GET", "/v1/conversations/not-an-id/envelopes"))
+        r = await http.get(
+            "/v1/conversations/not-an-id/envelopes",
+            headers=a.sign_request("GET", "/v1/conversations/not-an-id/envelopes"),
+        )
         assert r.status_code == 422
         assert (await http.get(path)).status_code == 401  # no credentials
         forged = a.sign_request("GET", path)
@@ -139,8 +152,9 @@ async def test_another_accounts_cookie_cannot_read_a_conversation(gateway, mosqu
         assert (await mallory_http.get("/v1/conversations")).json()["conversations"] == {}
         assert conv.cid in (await bob_http.get("/v1/conversations")).json()["conversations"]
         # mallory cannot claim bob's participant either
-        r = await mallory_http.post("/v1/me/participants",
-                                    json={"bundle": base64.b64encode(bob.bundle).decode()})
+        r = await mallory_http.post(
+            "/v1/me/participants", json={"bundle": base64.b64encode(bob.bundle).decode()}
+        )
         assert r.status_code == 409
     finally:
         await bob_http.aclose()
@@ -149,8 +163,15 @@ async def test_another_accounts_cookie_cannot_read_a_conversation(gateway, mosqu
 
 async def test_admin_bootstrap_from_the_cli(mosquitto, prefix, tmp_path):
     url = f"sqlite:///{tmp_path / 'admin.db'}"
-    args = ["gateway", "create-admin", "--username", "root-admin", "--database-url", url,
-            "--password-stdin"]
+    args = [
+        "gateway",
+        "create-admin",
+        "--username",
+        "root-admin",
+        "--database-url",
+        url,
+        "--password-stdin",
+    ]
     result = await asyncio.to_thread(CliRunner().invoke, cli, args, input="admin password 1\n")
     assert result.exit_code == 0, result.output
     assert "admin password" not in result.output
@@ -158,13 +179,16 @@ async def test_admin_bootstrap_from_the_cli(mosquitto, prefix, tmp_path):
     assert again.exit_code == 1 and "taken" in again.output
     settings = make_settings(mosquitto, prefix, url, allow_registration=False)
     async with serve_gateway(settings) as gw, gw.client() as http:
-        assert (await http.post("/v1/accounts", json={"username": "x" * 5,
-                                                      "password": "y" * 10})).status_code == 403
-        r = await http.post("/v1/session", json={"username": "root-admin",
-                                                  "password": "admin password 1"})
+        assert (
+            await http.post("/v1/accounts", json={"username": "x" * 5, "password": "y" * 10})
+        ).status_code == 403
+        r = await http.post(
+            "/v1/session", json={"username": "root-admin", "password": "admin password 1"}
+        )
         assert r.status_code == 200 and r.json()["is_admin"]
-        r = await http.post("/v1/admin/accounts", json={"username": "worker",
-                                                        "password": "worker password"})
+        r = await http.post(
+            "/v1/admin/accounts", json={"username": "worker", "password": "worker password"}
+        )
         assert r.status_code == 201
         names = [a["username"] for a in (await http.get("/v1/admin/accounts")).json()]
         assert names == ["root-admin", "worker"]
@@ -178,9 +202,12 @@ async def test_health_metrics_and_openapi(gateway):
         r = await http.get("/healthz")
         assert r.status_code == 200 and r.json() == {"broker": True, "database": True}
         text = (await http.get("/metrics")).text
-        for name in ("fieldchat_gateway_envelopes_archived_total",
-                     "fieldchat_gateway_ws_clients", "fieldchat_gateway_archive_lag_seconds",
-                     "fieldchat_gateway_http_request_seconds_bucket"):
+        for name in (
+            "fieldchat_gateway_envelopes_archived_total",
+            "fieldchat_gateway_ws_clients",
+            "fieldchat_gateway_archive_lag_seconds",
+            "fieldchat_gateway_http_request_seconds_bucket",
+        ):
             assert name in text
         paths = (await http.get("/openapi.json")).json()["paths"]
         assert "/v1/conversations/{cid}/envelopes" in paths and "/v1/grants" in paths
@@ -188,11 +215,14 @@ async def test_health_metrics_and_openapi(gateway):
 
 async def test_health_reports_an_unreachable_broker(tmp_path, prefix):
     settings = GatewaySettings(
-        mqtt_url=f"mqtt://127.0.0.1:{free_port()}", topic_prefix=prefix,
-        database_url=f"sqlite:///{tmp_path / 'h.db'}", **FAST_ARGON2,
+        mqtt_url=f"mqtt://127.0.0.1:{free_port()}",
+        topic_prefix=prefix,
+        database_url=f"sqlite:///{tmp_path / 'h.db'}",
+        **FAST_ARGON2,
     )
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=0,
-                                           log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(settings), host="127.0.0.1", port=0, log_level="warning")
+    )
     server.install_signal_handlers = lambda: None
     task = asyncio.create_task(server.serve())
     await eventually(lambda: server.started, "uvicorn")

@@ -37,15 +37,20 @@ async def test_envelopes_are_archived_once_and_served_verbatim(gateway, mosquitt
     await publish_all(mosquitto.url, items + items)  # every envelope twice
 
     await eventually(lambda: _count(gateway, conv.cid, 10), "10 archived envelopes")
-    await eventually(lambda: gateway.state.archiver.counters["duplicate"] >= 10,
-                     f"the duplicates to be seen {gateway.state.archiver.counters}")
+    await eventually(
+        lambda: gateway.state.archiver.counters["duplicate"] >= 10,
+        f"the duplicates to be seen {gateway.state.archiver.counters}",
+    )
     assert len(await archived(gateway, conv.cid)) == 10
 
     # b fills its gap over plain HTTP, signing the request with its identity key
     path = f"/v1/conversations/{conv.cid}/envelopes"
     async with gateway.client() as http:
-        r = await http.get(path, params={"after": 0, "limit": 100},
-                           headers=b.sign_request("GET", path, "after=0&limit=100"))
+        r = await http.get(
+            path,
+            params={"after": 0, "limit": 100},
+            headers=b.sign_request("GET", path, "after=0&limit=100"),
+        )
     assert r.status_code == 200, r.text
     body = r.json()
     assert sorted(base64.b64decode(i["envelope"]) for i in body["items"]) == sorted(sealed)
@@ -69,8 +74,9 @@ async def test_an_envelope_before_its_roster_waits_and_is_archived(gateway, mosq
     conv = converse(topics, [a, b])
     early = conv.seal(a, "early")
     await publish_all(mosquitto.url, [(topics.msg(conv.cid), early, False)])
-    await eventually(lambda: gateway.state.metrics.pending._value.get() >= 1,
-                     "the early envelope to be pending")
+    await eventually(
+        lambda: gateway.state.metrics.pending._value.get() >= 1, "the early envelope to be pending"
+    )
     assert await archived(gateway, conv.cid) == []
     await publish_all(mosquitto.url, pubs(conv.publications))
     rows = await eventually(lambda: archived(gateway, conv.cid), "the early envelope")
@@ -102,8 +108,12 @@ async def test_bad_input_is_refused_counted_and_valid_survive(gateway, mosquitto
         (f"{prefix}/c/NOT-AN-ID/msg", good[0], False),
         (topics.roster(conv.cid), bytes(bad_roster), True),
     ]
-    mixed = [item for pair in itertools.zip_longest(bad, [(msg, g, False) for g in good])
-             for item in pair if item is not None]
+    mixed = [
+        item
+        for pair in itertools.zip_longest(bad, [(msg, g, False) for g in good])
+        for item in pair
+        if item is not None
+    ]
     await publish_all(mosquitto.url, mixed)
 
     rows = await eventually(lambda: _count(gateway, conv.cid, 6), "the six good envelopes")
@@ -111,8 +121,10 @@ async def test_bad_input_is_refused_counted_and_valid_survive(gateway, mosquitto
     assert sorted(r.data for r in await archived(gateway, conv.cid)) == sorted(good)
     m = gateway.state.metrics
     reasons = ("version", "malformed", "limit", "auth", "not_member", "unsigned", "topic")
-    await eventually(lambda: sum(m.rejected_count("mqtt", r) for r in reasons) >= len(bad),
-                     "every bad message to be counted")
+    await eventually(
+        lambda: sum(m.rejected_count("mqtt", r) for r in reasons) >= len(bad),
+        "every bad message to be counted",
+    )
     for reason in reasons:
         assert m.rejected_count("mqtt", reason) >= 1, reason
     assert m.rejected_count("mqtt", "auth") == 2  # the forged envelope and the forged roster
@@ -125,8 +137,10 @@ async def test_grants_are_archived_for_their_recipient_only(gateway, mosquitto, 
     topics = Topics(prefix)
     a, b, outsider = Party(topics), Party(topics), Party(topics)
     conv = converse(topics, [a, b])
-    await publish_all(mosquitto.url, [*pubs(conv.publications),
-                                      (topics.bundle(outsider.pid), outsider.bundle, True)])
+    await publish_all(
+        mosquitto.url,
+        [*pubs(conv.publications), (topics.bundle(outsider.pid), outsider.bundle, True)],
+    )
     sent_to_b = [p.payload for p in conv.publications if p.topic == topics.inbox(b.pid)]
     assert sent_to_b
 
@@ -144,7 +158,9 @@ async def test_grants_are_archived_for_their_recipient_only(gateway, mosquitto, 
     async with gateway.client() as http:
         r = await http.get(path, headers=outsider.sign_request("GET", path))
         assert r.status_code == 403
-        r = await http.get(f"/v1/conversations/{conv.cid}/rosters",
-                           headers=b.sign_request("GET", f"/v1/conversations/{conv.cid}/rosters"))
+        r = await http.get(
+            f"/v1/conversations/{conv.cid}/rosters",
+            headers=b.sign_request("GET", f"/v1/conversations/{conv.cid}/rosters"),
+        )
         assert r.status_code == 200
         assert sorted(r.json()[0]["members"]) == sorted([a.pid, b.pid])

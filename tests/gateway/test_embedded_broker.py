@@ -14,9 +14,14 @@ from tests.gateway.test_ws import Browser
 
 
 async def _publish_as(broker, party: Party, credential: str, items) -> None:
-    async with aiomqtt.Client("127.0.0.1", broker.port, identifier=party.pid,
-                              username=party.pid, password=credential,
-                              protocol=aiomqtt.ProtocolVersion.V311) as client:
+    async with aiomqtt.Client(
+        "127.0.0.1",
+        broker.port,
+        identifier=party.pid,
+        username=party.pid,
+        password=credential,
+        protocol=aiomqtt.ProtocolVersion.V311,
+    ) as client:
         for topic, payload, retain in items:
             await client.publish(topic, payload, qos=1, retain=retain)
 
@@ -26,10 +31,16 @@ async def test_archive_through_the_embedded_broker(embedded_broker, tmp_path):  
     topics = Topics(broker.config.prefix)
     user, credential = broker.add_gateway("archive-1")
     settings = GatewaySettings(
-        mqtt_url=f"mqtt://127.0.0.1:{broker.port}", mqtt_protocol="3.1.1",
-        mqtt_username=user, mqtt_password=credential, mqtt_client_id=user,
-        topic_prefix=topics.prefix, database_url=f"sqlite:///{tmp_path / 'h.db'}",
-        feed_poll_s=0.2, pending_retry_s=1.0, **FAST_ARGON2,
+        mqtt_url=f"mqtt://127.0.0.1:{broker.port}",
+        mqtt_protocol="3.1.1",
+        mqtt_username=user,
+        mqtt_password=credential,
+        mqtt_client_id=user,
+        topic_prefix=topics.prefix,
+        database_url=f"sqlite:///{tmp_path / 'h.db'}",
+        feed_poll_s=0.2,
+        pending_retry_s=1.0,
+        **FAST_ARGON2,
     )
     device, web = Party(topics), Party(topics, post_quantum=False)
     conv = converse(topics, [device, web])
@@ -38,12 +49,23 @@ async def test_archive_through_the_embedded_broker(embedded_broker, tmp_path):  
         try:
             # everything but the browser's bundle, which the gateway published at
             # registration (a device may not publish on another participant's p/…)
-            await _publish_as(broker, device, broker.enroll(device.pid),
-                              [(p.topic, p.payload, p.retain) for p in conv.publications
-                               if p.topic != topics.bundle(web.pid)])
+            await _publish_as(
+                broker,
+                device,
+                broker.enroll(device.pid),
+                [
+                    (p.topic, p.payload, p.retain)
+                    for p in conv.publications
+                    if p.topic != topics.bundle(web.pid)
+                ],
+            )
             sealed = [conv.seal(device, f"n{i}") for i in range(5)]
-            await _publish_as(broker, device, broker.enroll(device.pid),
-                              [(topics.msg(conv.cid), s, False) for s in sealed])
+            await _publish_as(
+                broker,
+                device,
+                broker.enroll(device.pid),
+                [(topics.msg(conv.cid), s, False) for s in sealed],
+            )
             rows = await eventually(lambda: _all(gw, conv.cid, 5), "the device's envelopes")
             assert sorted(r.data for r in rows) == sorted(sealed)
             # the browser's own sealed envelope, published by the gateway for it

@@ -32,9 +32,16 @@ N_KILL = 1500
 
 
 def _settings(mosquitto, prefix, database_url, client_id, **kw):
-    return {"mqtt_url": mosquitto.url, "topic_prefix": prefix, "database_url": database_url,
-            "mqtt_client_id": client_id, "feed_poll_s": 0.2, "pending_retry_s": 1.0,
-            **FAST_ARGON2, **kw}
+    return {
+        "mqtt_url": mosquitto.url,
+        "topic_prefix": prefix,
+        "database_url": database_url,
+        "mqtt_client_id": client_id,
+        "feed_poll_s": 0.2,
+        "pending_retry_s": 1.0,
+        **FAST_ARGON2,
+        **kw,
+    }
 
 
 async def _archived_total(base: str) -> float:
@@ -51,8 +58,9 @@ async def _web_account(base: str, name: str, party: Party) -> None:
         assert r.status_code == 201, r.text
         r = await http.post("/v1/session", json={"username": name, "password": password})
         assert r.status_code == 200, r.text
-        r = await http.post("/v1/me/participants",
-                            json={"bundle": base64.b64encode(party.bundle).decode()})
+        r = await http.post(
+            "/v1/me/participants", json={"bundle": base64.b64encode(party.bundle).decode()}
+        )
         assert r.status_code == 201, r.text
 
 
@@ -74,9 +82,16 @@ async def test_two_gateways_share_the_archive_exactly_once(mosquitto, prefix, pg
 
     topics = Topics(prefix)
     gws = [
-        GatewayProcess(tmp_path / f"gw{i}", **_settings(
-            mosquitto, prefix, pg_url, f"gw-{i}-{uuid.uuid4().hex[:6]}", share_group="archive",
-        )).start()
+        GatewayProcess(
+            tmp_path / f"gw{i}",
+            **_settings(
+                mosquitto,
+                prefix,
+                pg_url,
+                f"gw-{i}-{uuid.uuid4().hex[:6]}",
+                share_group="archive",
+            ),
+        ).start()
         for i in (1, 2)
     ]
     try:
@@ -116,12 +131,16 @@ async def test_two_gateways_share_the_archive_exactly_once(mosquitto, prefix, pg
 
 async def _socket(gw: GatewayProcess, name: str):
     async with httpx.AsyncClient(base_url=gw.base, timeout=20) as http:
-        r = await http.post("/v1/session", json={"username": name,
-                                                  "password": "long enough password"})
+        r = await http.post(
+            "/v1/session", json={"username": name, "password": "long enough password"}
+        )
         assert r.status_code == 200
         cookie = http.cookies.get("fc_session")
-    return await connect(f"ws://127.0.0.1:{gw.port}/ws",
-                         additional_headers={"Cookie": f"fc_session={cookie}"}, max_queue=None)
+    return await connect(
+        f"ws://127.0.0.1:{gw.port}/ws",
+        additional_headers={"Cookie": f"fc_session={cookie}"},
+        max_queue=None,
+    )
 
 
 async def _all(store, cid: str, n: int):
@@ -143,8 +162,7 @@ async def test_sigkill_mid_stream_then_restart_archives_everything_once(
 
     topics = Topics(prefix)
     url = f"sqlite:///{tmp_path / 'history.db'}"
-    settings = _settings(mosquitto, prefix, url, f"gw-kill-{uuid.uuid4().hex[:6]}",
-                         batch_max=50)
+    settings = _settings(mosquitto, prefix, url, f"gw-kill-{uuid.uuid4().hex[:6]}", batch_max=50)
     gw = GatewayProcess(tmp_path / "gw", **settings).start()
     store = open_store(url)
     try:
@@ -167,8 +185,9 @@ async def test_sigkill_mid_stream_then_restart_archives_everything_once(
         await publish_all(mosquitto.url, [(msg, s, False) for s in sealed[half:]])
         gw.start()  # same client id: the broker kept its session and queue
         await gw.healthy()
-        rows = await eventually(lambda: _all(store, conv.cid, N_KILL), "every envelope",
-                                timeout=120)
+        rows = await eventually(
+            lambda: _all(store, conv.cid, N_KILL), "every envelope", timeout=120
+        )
         assert len(rows) == N_KILL
         assert sorted(r.data for r in rows) == sorted(sealed)
         assert await store.pending_count() == 0

@@ -19,8 +19,16 @@ PID2 = "d" * 25 + "a"
 
 
 def env(step: int, cid: str = CID, sender: int = 0) -> NewEnvelope:
-    return NewEnvelope(cid=cid, epoch=0, sender=sender, sender_pid=PID, chain=0, step=step,
-                       data=b"\x01\x81" + bytes([step % 256]) * 40, received_at=time.time())
+    return NewEnvelope(
+        cid=cid,
+        epoch=0,
+        sender=sender,
+        sender_pid=PID,
+        chain=0,
+        step=step,
+        data=b"\x01\x81" + bytes([step % 256]) * 40,
+        received_at=time.time(),
+    )
 
 
 async def test_archive_is_idempotent_and_pages_newest_first(store):
@@ -74,8 +82,7 @@ async def test_bundles_keep_the_newest(store):
 
 
 async def test_pending_envelopes_wait_and_resolve(store):
-    p = PendingEnvelope(cid=CID, epoch=0, sender=0, data=b"x" * 40, received_at=1.0,
-                        sender_pid=PID)
+    p = PendingEnvelope(cid=CID, epoch=0, sender=0, data=b"x" * 40, received_at=1.0, sender_pid=PID)
     await store.commit(ArchiveBatch(pending=[p, p]))
     assert await store.pending_count() == 2
     waiting = await store.pending(pids=[PID])

@@ -58,8 +58,17 @@ class Browser:
 
     async def publish(self, kind: str, data: bytes, **fields) -> dict:
         ref = uuid.uuid4().hex[:8]
-        await self.ws.send(json.dumps({"op": "publish", "id": ref, "kind": kind,
-                                       "data": base64.b64encode(data).decode(), **fields}))
+        await self.ws.send(
+            json.dumps(
+                {
+                    "op": "publish",
+                    "id": ref,
+                    "kind": kind,
+                    "data": base64.b64encode(data).decode(),
+                    **fields,
+                }
+            )
+        )
         while True:
             frame = await self.next()
             if frame.get("id") == ref and frame["op"] in ("ack", "error"):
@@ -73,8 +82,9 @@ async def setup(gateway, mosquitto, prefix):
     http = await login(gateway, f"web{uuid.uuid4().hex[:6]}", browser)
     conv = converse(topics, [device, browser])
     await publish_all(mosquitto.url, pubs(conv.publications))
-    await eventually(lambda: gateway.state.store.conversations_of([browser.pid]),
-                     "the roster to be archived")
+    await eventually(
+        lambda: gateway.state.store.conversations_of([browser.pid]), "the roster to be archived"
+    )
     return topics, device, browser, http, conv
 
 
@@ -82,8 +92,10 @@ async def test_browser_sends_sealed_envelopes_and_receives_live(gateway, mosquit
     topics, device, browser, http, conv = await setup(gateway, mosquitto, prefix)
     host, port = mosquitto.url.removeprefix("mqtt://").split(":")
     try:
-        async with aiomqtt.Client(host, int(port)) as listener, \
-                Browser(gateway, http, grant_cursor=0) as web:
+        async with (
+            aiomqtt.Client(host, int(port)) as listener,
+            Browser(gateway, http, grant_cursor=0) as web,
+        ):
             await listener.subscribe(topics.msg(conv.cid), qos=1)
             hello = await web.next("hello")
             assert hello["pids"] == [browser.pid]
@@ -93,8 +105,9 @@ async def test_browser_sends_sealed_envelopes_and_receives_live(gateway, mosquit
             await web.next("caught_up")
 
             # a device's message arrives live, with its cursor
-            await publish_all(mosquitto.url, [(topics.msg(conv.cid),
-                                               conv.seal(device, "hello web"), False)])
+            await publish_all(
+                mosquitto.url, [(topics.msg(conv.cid), conv.seal(device, "hello web"), False)]
+            )
             frame = await web.next("envelope")
             opened = browser.engine.open(conv.cid, base64.b64decode(frame["data"]))
             assert opened is not None and opened.message.text == "hello web"
@@ -115,12 +128,16 @@ async def test_browser_sends_sealed_envelopes_and_receives_live(gateway, mosquit
             # presence of the device
             await publish_all(mosquitto.url, [(topics.status(device.pid), b"online", True)])
             presence = await web.next("presence")
-            assert presence == {"op": "presence", "pid": device.pid,
-                                "status": base64.b64encode(b"online").decode()}
+            assert presence == {
+                "op": "presence",
+                "pid": device.pid,
+                "status": base64.b64encode(b"online").decode(),
+            }
     finally:
         await http.aclose()
-    await eventually(lambda: gateway.state.metrics.ws_clients._value.get() == 0,
-                     "the socket to be unsubscribed")
+    await eventually(
+        lambda: gateway.state.metrics.ws_clients._value.get() == 0, "the socket to be unsubscribed"
+    )
 
 
 async def test_resume_from_a_cursor_misses_nothing(gateway, mosquitto, prefix):
@@ -158,15 +175,15 @@ async def test_bad_frames_and_forged_envelopes_are_refused(gateway, mosquitto, p
             await web.next("caught_up")
             theirs = conv.seal(device, "not yours to send")
             assert (await web.publish("msg", theirs, cid=conv.cid))["reason"] == "forbidden"
-            mine = Envelope.from_bytes(browser.engine.seal(conv.cid, TextMessage(sent_at=1,
-                                                                                 text="x")))
+            mine = Envelope.from_bytes(
+                browser.engine.seal(conv.cid, TextMessage(sent_at=1, text="x"))
+            )
             forged = dataclasses.replace(mine, step=mine.step + 50).to_bytes()
             assert (await web.publish("msg", forged, cid=conv.cid))["reason"] == "auth"
             unsigned = dataclasses.replace(mine, signature=None).to_bytes()
             assert (await web.publish("msg", unsigned, cid=conv.cid))["reason"] == "unsigned"
             assert (await web.publish("msg", b"\x07junk", cid=conv.cid))["reason"] == "version"
-            assert (await web.publish("msg", mine.to_bytes(), cid="nope"))["reason"] == \
-                "invalid_id"
+            assert (await web.publish("msg", mine.to_bytes(), cid="nope"))["reason"] == "invalid_id"
             assert (await web.publish("teleport", b"x"))["reason"] == "bad_frame"
             await web.ws.send("this is not json")
             assert (await web.next("error"))["reason"] == "bad_frame"
@@ -210,14 +227,17 @@ async def test_unauthenticated_and_cross_origin_sockets_are_refused(gateway):
     assert refused.value.response.status_code == 403
     http = await login(gateway, "olivia")
     try:
-        headers = {"Cookie": f"fc_session={http.cookies.get('fc_session')}",
-                   "Origin": "https://evil.example"}
+        headers = {
+            "Cookie": f"fc_session={http.cookies.get('fc_session')}",
+            "Origin": "https://evil.example",
+        }
         with pytest.raises(InvalidStatus):
             async with connect(f"{gateway.ws_base}/ws", additional_headers=headers):
                 pass
         with pytest.raises(InvalidStatus):
-            async with connect(f"{gateway.ws_base}/ws?cursor=-5",
-                               additional_headers={"Cookie": headers["Cookie"]}):
+            async with connect(
+                f"{gateway.ws_base}/ws?cursor=-5", additional_headers={"Cookie": headers["Cookie"]}
+            ):
                 pass
     finally:
         await http.aclose()
