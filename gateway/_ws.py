@@ -331,7 +331,7 @@ async def websocket_endpoint(ws: WebSocket) -> None:
     await ws.accept()
     sub = await gw.hub.subscribe(who.pids)
     session = _Session(ws, gw, who, sub)
-    tasks: list[asyncio.Task[None]] = []
+    tasks: list[asyncio.Task[Any]] = []
     try:
         start = cursor if cursor is not None else await gw.store.max_seq()
         await session.send(
@@ -348,7 +348,7 @@ async def websocket_endpoint(ws: WebSocket) -> None:
             asyncio.create_task(session.reader()),
             asyncio.create_task(session.writer()),
             asyncio.create_task(sub.overflowed.wait()),
-        ]  # type: ignore[arg-type]
+        ]
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         if tasks[2] in done and ws.client_state is WebSocketState.CONNECTED:
             await ws.close(CLOSE_LAGGING, "too slow: reconnect with your cursor")
