@@ -793,7 +793,7 @@ class Device:
                 pass  # the engine rejects and counts it below
             else:
                 key = (cid, epoch, index, chain)
-                high = self._high.get(key)
+                high = self._high_of(key)
                 if step in self._waiting.get(key, {}):
                     self._duplicate(cid, payload)  # a copy of one already waiting
                     return True
@@ -807,6 +807,16 @@ class Device:
         self._release(db, batch)
         return done
 
+    def _high_of(self, key: tuple[str, int, int, int]) -> int | None:
+        """The highest step shown of a sender chain; before the first, the step before
+        the one its grant starts at, so the chain's first envelopes are ordered too."""
+        high = self._high.get(key)
+        if high is None:
+            expected = self.engine.next_step(*key)
+            if expected is not None:
+                return expected - 1
+        return high
+
     def _release(self, db: sqlite3.Connection, batch: _Batch, *, expired: bool = False) -> None:
         """Open held envelopes whose turn came (or, ``expired``, whose wait is over)."""
         now = self._clock()
@@ -819,7 +829,8 @@ class Device:
                     continue
                 first = min(steps)
                 row, until = steps[first]
-                if first > self._high.get(key, first - 1) + 1 and not (expired and until <= now):
+                high = self._high_of(key)
+                if high is not None and first > high + 1 and not (expired and until <= now):
                     continue
                 del steps[first]
                 payload = self.state.held_payload(row)

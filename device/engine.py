@@ -325,6 +325,17 @@ class Engine:
         conv = self._convs.get(cid)
         return conv is not None and not conv.removed
 
+    def next_step(self, cid: str, epoch: int, sender_index: int, chain: int) -> int | None:
+        """The step a receiving chain expects next; ``None`` before its grant arrives.
+
+        Before any envelope of the chain was opened this is where its grant starts, so
+        a client can tell that an early envelope overtook earlier ones.
+        """
+        with self._lock:
+            conv = self._convs.get(cid)
+            receiving = conv.recv.get((epoch, sender_index, chain)) if conv else None
+            return None if receiving is None else receiving.step
+
     def owed_grants(self, cid: str) -> set[str]:
         """Members we still owe our chain to because their bundle is unknown."""
         return set(self._conv(cid).owed)

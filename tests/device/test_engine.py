@@ -418,3 +418,14 @@ def test_grant_whose_transcript_omits_the_recipients_mlkem_key_does_not_open():
     downgraded = make_grant(mesh["alice"].identity, x_only, cid, payload)
     with pytest.raises(CryptoError):  # transcript names bob's ML-KEM key, so it cannot open
         mesh["bob"].handle_grant(downgraded.to_bytes())
+
+
+def test_next_step_tells_where_a_granted_chain_starts(mesh):
+    cid = mesh.create("alice", "bob")
+    index = mesh["bob"].roster(cid).index_of(mesh["alice"].pid)
+    assert mesh["bob"].next_step(cid, 0, index, 0) == 0  # granted, nothing opened yet
+    envelopes = [mesh["alice"].seal(cid, text(str(i))) for i in range(3)]
+    mesh["bob"].open(cid, envelopes[2])  # overtook steps 0 and 1
+    assert mesh["bob"].next_step(cid, 0, index, 0) == 3
+    assert mesh["bob"].next_step(cid, 0, index, 9) is None  # no such chain granted
+    assert mesh["mallory"].next_step(cid, 0, index, 0) is None
