@@ -13,11 +13,51 @@ import sqlite3
 import threading
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from schemas.errors import KeyStoreError
 
-__all__ = ["KeyStore", "MemoryKeyStore", "SqliteKeyStore"]
+__all__ = [
+    "KeyStore",
+    "MemoryKeyStore",
+    "SqliteKeyStore",
+    "create_private_file",
+    "write_records",
+]
+
+
+def create_private_file(path: Path, what: str) -> None:
+    """Create ``path`` mode 0600 (before SQLite opens it, so it is never readable by others).
+
+    Raises:
+        KeyStoreError: it cannot be created, or an existing file is readable by others.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+        mode = path.stat().st_mode & 0o777
+    except OSError as exc:
+        raise KeyStoreError(f"cannot create {what} {path}: {exc}") from exc
+    if mode & 0o077:
+        raise KeyStoreError(
+            f"{what} {path} is readable by others (mode {mode:o}); run: chmod 600 {path}"
+        )
+
+
+def write_records(db: sqlite3.Connection, table: str, items: Mapping[str, Any]) -> None:
+    """Upsert ``key -> value`` rows of a two-column table; a ``None`` value deletes the key.
+
+    The caller holds the transaction; ``table`` is one of our own table names.
+    """
+    for key, value in items.items():
+        if value is None:
+            db.execute(f"DELETE FROM {table} WHERE key = ?", (key,))  # noqa: S608
+        else:
+            db.execute(
+                f"INSERT INTO {table} (key, value) VALUES (?, ?) "  # noqa: S608
+                "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
 
 
 class KeyStore(Protocol):
@@ -68,17 +108,8 @@ class SqliteKeyStore:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
+        create_private_file(self.path, "key store")
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            # Create the file 0600 before SQLite opens it, so it is never world-readable.
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-            os.close(fd)
-            mode = self.path.stat().st_mode & 0o777
-            if mode & 0o077:
-                raise KeyStoreError(
-                    f"key store {self.path} is readable by others (mode {mode:o}); "
-                    f"run: chmod 600 {self.path}"
-                )
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
@@ -118,15 +149,7 @@ class SqliteKeyStore:
             with self._lock:
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
-                    for key, value in items.items():
-                        if value is None:
-                            self._db.execute("DELETE FROM records WHERE key = ?", (key,))
-                        else:
-                            self._db.execute(
-                                "INSERT INTO records (key, value) VALUES (?, ?) "
-                                "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                                (key, value),
-                            )
+                    write_records(self._db, "records", items)
                     self._db.execute("COMMIT")
                 except BaseException:
                     self._db.execute("ROLLBACK")

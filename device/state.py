@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from device.keystore import create_private_file, write_records
 from schemas.errors import ConfigError, KeyStoreError
 
 __all__ = ["MAX_HELD", "DeviceState", "Gap", "OutboxRow", "ReceivedRow", "SentRow"]
@@ -155,16 +156,8 @@ class DeviceState:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path).expanduser()
+        create_private_file(self.path, "state file")
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            # Created 0600 before SQLite opens it, so it is never readable by others.
-            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
-            mode = self.path.stat().st_mode & 0o777
-            if mode & 0o077:
-                raise KeyStoreError(
-                    f"state file {self.path} is readable by others (mode {mode:o}); "
-                    f"run: chmod 600 {self.path}"
-                )
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
@@ -303,15 +296,7 @@ class DeviceState:
         """Write engine records; joins the caller's transaction when one is open."""
         try:
             with self.transaction() as db:
-                for key, value in items.items():
-                    if value is None:
-                        db.execute("DELETE FROM records WHERE key = ?", (key,))
-                    else:
-                        db.execute(
-                            "INSERT INTO records (key, value) VALUES (?, ?) "
-                            "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                            (key, value),
-                        )
+                write_records(db, "records", items)
         except sqlite3.Error as exc:
             raise KeyStoreError(f"state file write failed: {exc}") from exc
 
@@ -323,15 +308,7 @@ class DeviceState:
 
     def set_meta(self, values: Mapping[str, str | None]) -> None:
         with self.transaction() as db:
-            for key, value in values.items():
-                if value is None:
-                    db.execute("DELETE FROM meta WHERE key = ?", (key,))
-                else:
-                    db.execute(
-                        "INSERT INTO meta (key, value) VALUES (?, ?) "
-                        "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                        (key, value),
-                    )
+            write_records(db, "meta", values)
 
     # -- outbox and sent (callers hold a transaction for writes) -----------------------
 
