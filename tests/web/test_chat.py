@@ -181,7 +181,11 @@ def test_browser_founds_invites_and_removes(stack, browser):
 
 
 def test_no_plaintext_in_the_database_or_on_the_wire(chat, stack):
-    secrets = ["the vault code is 4711", "meet at the north gate", "Grüße aus dem Feld ✓"]
+    secrets = [
+        "the vault code is tango-4711-kilo",
+        "meet at the north gate",
+        "Grüße aus dem Feld ✓",
+    ]
     chat.alice.send(secrets[0])
     chat.bob.send(secrets[1])
     chat.device.send(chat.cid, secrets[2])
