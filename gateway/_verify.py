@@ -8,22 +8,51 @@ threads verify in parallel.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
+from functools import lru_cache
 
 from schemas import MAX_ENVELOPE_BYTES, Bundle, Envelope, Grant, Roster, TopicKind, Topics
-from schemas.envelope import parse, verify_envelope_signature
-from schemas.errors import FieldchatError, InvalidId, LimitExceeded, WireError
+from schemas.crypto import ed25519_verify
+from schemas.envelope import SIGNATURE_BYTES, parse
+from schemas.errors import CryptoError, FieldchatError, InvalidId, LimitExceeded, WireError
+from schemas.ids import decode_id
+from schemas.topics import Topic
 
 __all__ = [
     "MAX_STATUS_BYTES",
     "Parsed",
     "Rejected",
+    "TopicCache",
     "classify",
     "verify_signatures",
 ]
 
 MAX_STATUS_BYTES = 1024  # presence payloads are tiny; anything larger is refused
 _MAX_OBJECT_BYTES = 16_384  # bundles (1.3 KB with ML-KEM), rosters (≤ 256 members), grants
+_TOPIC_CACHE_MAX = 50_000
+
+
+class TopicCache:
+    """``Topics.parse`` with the answers kept (bounded, least recently added dropped).
+
+    Every message names its topic, and one conversation's topic repeats for each of
+    its envelopes: parsing and validating the ids again cost more than a dict lookup.
+    Refused topics are not kept (a flood of bad names must not evict good ones).
+    """
+
+    def __init__(self, topics: Topics) -> None:
+        self.topics = topics
+        self._known: OrderedDict[str, Topic] = OrderedDict()
+
+    def parse(self, topic: str) -> Topic:
+        """Raises: InvalidId (see ``Topics.parse``)."""
+        found = self._known.get(topic)
+        if found is None:
+            found = self._known[topic] = self.topics.parse(topic)
+            if len(self._known) > _TOPIC_CACHE_MAX:
+                self._known.popitem(last=False)
+        return found
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +81,7 @@ class Parsed:
 
 
 def classify(  # noqa: PLR0911, PLR0912 - one outcome per topic kind, flat on purpose
-    topics: Topics, topic: str, data: bytes, received_at: float
+    topics: Topics | TopicCache, topic: str, data: bytes, received_at: float
 ) -> Parsed | Rejected:
     """Parse one message by its topic; never raises.
 
@@ -98,12 +127,26 @@ def classify(  # noqa: PLR0911, PLR0912 - one outcome per topic kind, flat on pu
         return Rejected(WireError.reason, type(exc).__name__)
 
 
-def verify_signatures(jobs: list[tuple[bytes, str, bytes]]) -> list[str | None]:
-    """Verify ``(envelope bytes, cid, signer Ed25519 key)`` jobs; ``None`` or a reason."""
+@lru_cache(maxsize=4096)
+def _cid_bytes(cid: str) -> bytes:
+    return decode_id(cid, "cid")
+
+
+def verify_signatures(jobs: list[tuple[Envelope, bytes, str, bytes]]) -> list[str | None]:
+    """Verify ``(parsed envelope, its bytes, cid, signer Ed25519 key)`` jobs; ``None``
+    or a rejection reason each.
+
+    The check of ``schemas.envelope.verify_envelope_signature`` — the signature covers
+    ``header || ciphertext || cid`` (PROTOCOL.md §3.3) — on an envelope that
+    :func:`classify` parsed already, with the cid's bytes cached: parsing again and
+    decoding the cid cost ≈ 12 µs an envelope, on top of a ≈ 105 µs verify.
+    """
     out: list[str | None] = []
-    for data, cid, key in jobs:
+    for envelope, data, cid, key in jobs:
         try:
-            verify_envelope_signature(data, cid, key)
+            if envelope.signature is None:
+                raise CryptoError("authentication failed")
+            ed25519_verify(key, envelope.signature, data[:-SIGNATURE_BYTES] + _cid_bytes(cid))
         except FieldchatError as exc:
             out.append(exc.reason)
         else:
