@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 
 from broker import _codec as codec
@@ -26,6 +27,7 @@ from broker._engine import Engine
 from broker._errors import MalformedPacket, PacketTooLarge
 from broker._session import Message, Session
 from broker._transport import Transport
+from schemas.topics import Topic, TopicKind
 
 __all__ = ["Connection"]
 
@@ -255,11 +257,14 @@ class Connection:
         engine = self.engine
         identity = self.identity
         assert identity is not None
+        start = time.time_ns() if engine.tracer is not None else 0
         if packet.qos == 2 and packet.packet_id in self._qos2:  # a resent QoS 2: PUBREC again
             self._ack(codec.pubrec(packet.packet_id), None)
             return
         denial, roster = engine.rules.publish(identity, packet.topic, packet.payload)
         if denial is not None:
+            if start:
+                self._trace_route(packet, engine.parse(packet.topic), start, None, denial.value)
             self._denied(packet, denial)
             return
         if roster is not None:
@@ -271,13 +276,58 @@ class Connection:
         if packet.retain:
             wrote = engine.retain(packet.topic, packet.payload, packet.qos) or wrote
         if packet.qos == 0 or packet.packet_id is None:
+            if start:
+                self._trace_route(packet, parsed, start, None, None)
             return
         pending = engine.writer.committed() if wrote and engine.writer is not None else None
+        if start:
+            self._trace_route(packet, parsed, start, pending, None)
         if packet.qos == 1:
             self._ack(codec.puback(packet.packet_id), pending)
         else:
             self._qos2.add(packet.packet_id)
             self._ack(codec.pubrec(packet.packet_id), pending)
+
+    def _trace_route(
+        self,
+        packet: codec.Publish,
+        parsed: Topic | None,
+        start: int,
+        pending: asyncio.Future[None] | None,
+        denied: str | None,
+    ) -> None:
+        """The ``route`` span of a conversation envelope (docs/tracing.md).
+
+        It ends when the publisher's acknowledgement may go: after routing, or after
+        the commit of the queued copies it waits for (``fieldchat.broker.persisted``).
+        """
+        tracer = self.engine.tracer
+        if tracer is None or parsed is None or parsed.kind is not TopicKind.MSG:
+            return
+        cid = parsed.cid
+        assert cid is not None
+        attributes: dict[str, int | str | bool] = {
+            "messaging.operation.type": "receive",
+            "fieldchat.broker.qos": packet.qos,
+            "fieldchat.broker.fanout": 0 if denied else self.engine.fanout,
+            "fieldchat.broker.persisted": pending is not None,
+        }
+
+        def emit(_: object = None) -> None:
+            tracer.span(
+                "route",
+                cid,
+                packet.payload,
+                kind="consumer",
+                start_ns=start,
+                error=denied,
+                attributes=attributes,
+            )
+
+        if pending is None or pending.done():
+            emit()
+        else:
+            pending.add_done_callback(emit)
 
     def _denied(self, packet: codec.Publish, denial: Deny) -> None:
         engine = self.engine

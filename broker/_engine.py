@@ -16,6 +16,7 @@ from broker._config import BrokerConfig
 from broker._metrics import Metrics
 from broker._session import Message, Session
 from broker._store import Account, Store, WriteBehind
+from schemas import tracing
 from schemas.roster import Roster
 from schemas.topics import Topic, Topics
 
@@ -70,6 +71,8 @@ class Engine:
         self._parsed: dict[str, Topic | None] = {}
         self._data_version = -1
         self._drop_logged: dict[str, int] = {}
+        self.tracer = tracing.tracer("broker")  # None unless the entry point turned tracing on
+        self.fanout = 0  # sessions the last route() reached (a traced route's attribute)
         metrics.queued.set_function(
             lambda: float(sum(len(s.queue) + len(s.inflight) for s in self.sessions.values()))
         )
@@ -251,12 +254,15 @@ class Engine:
                 if subs[client_id] > targets.get(client_id, -1):
                     targets[client_id] = subs[client_id]
         wrote = False
+        fanout = 0
         sessions = self.sessions
         receive = self.rules.receive
         for client_id, sub_qos in targets.items():
             session = sessions.get(client_id)
             if session is not None and receive(session.identity, parsed):
                 wrote |= self.deliver(session, topic, payload, min(qos, sub_qos), retain=False)
+                fanout += 1
+        self.fanout = fanout
         return wrote
 
     def _pick(self, key: tuple[str, str], subs: dict[str, int]) -> str:

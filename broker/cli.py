@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import tomllib
 from collections.abc import Callable, Iterator
@@ -23,6 +24,7 @@ from broker._config import BrokerConfig
 from broker._mosquitto import write_mosquitto_config
 from broker._server import EmbeddedBroker
 from broker._store import Store
+from schemas import tracing
 from schemas.errors import ConfigError, FieldchatError
 
 __all__ = ["broker_app"]
@@ -77,6 +79,15 @@ def run(
     metrics_port: Annotated[int | None, typer.Option(help="Prometheus /metrics port.")] = None,
     prefix: Annotated[str | None, typer.Option(help="Topic prefix (default fc/v1).")] = None,
     log_level: Annotated[str, typer.Option(help="Python log level.")] = "INFO",
+    trace: Annotated[
+        bool,
+        typer.Option(
+            envvar="FIELDCHAT_TRACE",
+            help="Export OpenTelemetry traces (OTLP/HTTP; the OTEL_* variables apply). "
+            "Also on when OTEL_TRACES_EXPORTER or an OTLP endpoint is set. "
+            "Needs fieldchat[tracing]; see docs/tracing.md.",
+        ),
+    ] = False,
 ) -> None:
     """Run the broker until SIGINT/SIGTERM."""
     logging.basicConfig(
@@ -116,7 +127,11 @@ def run(
             config = BrokerConfig.model_validate(settings)
         except ValidationError as exc:
             raise ConfigError(f"invalid broker configuration: {exc}") from None
-        asyncio.run(_serve(config))
+        tracing.configure(tracing.TraceSettings.from_environ(os.environ, force=trace))
+        try:
+            asyncio.run(_serve(config))
+        finally:
+            tracing.shutdown()
 
 
 async def _serve(config: BrokerConfig) -> None:

@@ -13,8 +13,16 @@ _LISTENING = re.compile(r"listening on mqtt://127\.0\.0\.1:(\d+)")
 
 
 class BrokerProcess:
-    def __init__(self, data_dir: Path, port: int = 0, *, config: str | None = None) -> None:
-        args = [
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int = 0,
+        *,
+        config: str | None = None,
+        args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+    ) -> None:
+        argv = [
             sys.executable,
             "-c",
             "from fieldchat.cli import app; app()",
@@ -26,12 +34,13 @@ class BrokerProcess:
             str(port),
             "--log-level",
             "WARNING",
+            *args,
         ]
         if config is not None:
             path = data_dir.parent / f"{data_dir.name}.toml"
             path.write_text(config)
-            args += ["--config", str(path)]
-        self.proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True)
+            argv += ["--config", str(path)]
+        self.proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=env)
         deadline = time.monotonic() + 30
         self.port = 0
         assert self.proc.stderr is not None
