@@ -109,6 +109,14 @@ def _device(
             help="Tune the link for slow links (rare pings, batched receipts).",
         ),
     ] = None,
+    power_safe: Annotated[
+        bool | None,
+        typer.Option(
+            "--power-safe/--crash-safe",
+            envvar="FIELDCHAT_POWER_SAFE",
+            help="send returns once a power cut cannot lose the message (an fsync each).",
+        ),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log the link.")] = False,
 ) -> None:
     """A fieldchat participant. Settings: flags, FIELDCHAT_* variables, a TOML file."""
@@ -130,6 +138,7 @@ def _device(
         "cert_file": cert_file,
         "key_file": key_file,
         "low_bandwidth": low_bandwidth,
+        "power_safe": power_safe,
     }
 
 
@@ -160,6 +169,7 @@ def _device_for(on_event: object = None) -> Device:
             link=settings.link_options(),
             prefix=settings.prefix,
             on_event=on_event,  # type: ignore[arg-type]
+            power_safe=settings.power_safe,
         )
     except BaseException:
         state.close()

@@ -4,9 +4,10 @@
     paho thread ──message/ack──▶ queue ──▶ worker: open + store + ack, in batches
 
 Delivery (DESIGN.md, Delivery): a message is durable before :meth:`Device.send`
-returns and leaves in outbox order whenever a connection is up; rows are deleted
-only when the broker acknowledges them, so a crash or a lost connection means
-publishing again, never losing. Receivers commit every message (deduplicated on
+returns (against a crash of the process; with ``power_safe`` against a power cut
+too, see :mod:`device.state`) and leaves in outbox order whenever a connection is
+up; rows are deleted only when the broker acknowledges them, so a crash or a lost
+connection means publishing again, never losing. Receivers commit every message (deduplicated on
 ``(cid, epoch, sender, chain, step)``) *before* sending the PUBACK, so the broker
 redelivers what a crash interrupted and the screen still shows it once. Because a
 broker may acknowledge and then lose a message (Mosquitto between snapshots, aMQTT
@@ -30,6 +31,7 @@ import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -72,7 +74,7 @@ from schemas.errors import (
     UnknownParticipant,
 )
 from schemas.messages import MAX_RECEIPT_RANGES
-from schemas.topics import DEFAULT_PREFIX, TopicKind
+from schemas.topics import DEFAULT_PREFIX, Topic, TopicKind
 
 __all__ = ["ConversationInfo", "Device", "HistorySource", "SentMessage"]
 
@@ -81,6 +83,7 @@ log = logging.getLogger("fieldchat.device")
 MAX_QUEUE = 10_000  # inbound packets waiting for the worker; paho's thread blocks past it
 BATCH = 256  # inbound packets per transaction (one fsync)
 MAX_RESEND = 2_000  # own messages published again per reconnect
+MAX_TOPICS_PARSED = 1_024  # parsed topic names kept (a device sees few distinct ones)
 STATUS_ONLINE = b"online"
 STATUS_OFFLINE = b"offline"
 _TICK_S = 0.05
@@ -192,6 +195,9 @@ class Device:
         on_event: called on the worker thread for each :mod:`device.events` event.
         history: where to ask for missing ranges (the gateway, later).
         post_quantum: whether a new identity gets an ML-KEM-768 key.
+        power_safe: :meth:`send` returns only once its messages survive a power cut
+            (one fsync per call); by default they survive a crash of the process
+            at once and a power cut from the next fsync on (see :mod:`device.state`).
 
     Raises:
         KeyStoreError: the state file cannot be opened or is corrupt.
@@ -207,9 +213,11 @@ class Device:
         on_event: Callable[[Event], None] | None = None,
         history: HistorySource | None = None,
         post_quantum: bool = True,
+        power_safe: bool = False,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.state = state if isinstance(state, DeviceState) else DeviceState(Path(state))
+        self.power_safe = power_safe
         self.broker = broker or BrokerOptions()
         self.options = link or LinkOptions()
         self.topics = Topics(prefix)
@@ -249,6 +257,10 @@ class Device:
         self._resend: tuple[float, float] | None = None  # (due, published before)
         self._next_housekeeping = 0.0
         self._fatal: KeyStoreError | None = None
+        self._topics_parsed: dict[str, Topic] = {}
+        # Checks half of each received batch's signatures beside the worker (the
+        # thread starts on first use; see Engine.preverify).
+        self._verifier = ThreadPoolExecutor(1, thread_name_prefix="fieldchat-verify")
         self._worker: threading.Thread | None = None
         self._link: Link | None = None
         self._closed = False
@@ -284,6 +296,7 @@ class Device:
         if self._worker is not None:
             return self
         self.state.lock()
+        self.state.checkpoint_in_background()
         self._worker = threading.Thread(target=self._work, name="fieldchat-device", daemon=True)
         self._worker.start()
         protocol = self.state.get_meta("protocol") if self.broker.protocol == "auto" else None
@@ -313,6 +326,7 @@ class Device:
             self._queue.put(_Stop())
             self._worker.join(10)
             self._worker = None
+        self._verifier.shutdown()
         try:
             with self.state.transaction():
                 self._flush_receipts()
@@ -395,12 +409,15 @@ class Device:
         return self.send_many(cid, [text])[0]
 
     def send_many(self, cid: str, texts: Sequence[str]) -> list[SentMessage]:
-        """Like :meth:`send` for several texts, with one fsync for all of them.
+        """Like :meth:`send` for several texts, in one transaction.
 
-        The rows commit without an fsync, then one fsync of the WAL makes them
-        durable outside the state file's lock: the worker keeps publishing and
-        committing acknowledgements meanwhile, and concurrent senders share an fsync
-        (group commit). Nothing is published before that fsync.
+        The rows commit without an fsync: durable against a crash of the process
+        (SIGKILL included) when this returns, and published at once. An fsync (one
+        for the whole batch, outside the state file's lock, shared with concurrent
+        callers) happens before returning only when the batch wrote a chain
+        reservation (one send in ``RESERVE_STEPS``; nothing sealed under it is
+        published before) or, with ``power_safe``, always (and the worker publishes
+        nothing before it): then a power cut loses nothing ``send`` returned.
 
         Raises:
             UnknownConversation, NotAMember: not a member of ``cid``.
@@ -411,7 +428,10 @@ class Device:
         self._raise_fatal()
         topic = self.topics.msg(cid)
         out = []
-        with self._send_lock, self.state.transaction(durable=False) as db:
+        with (
+            self._send_lock,
+            self.state.transaction(durable=False, sync_outbox=self.power_safe) as db,
+        ):
             for text in texts:
                 now = self._clock()
                 envelope = self.engine.seal(cid, TextMessage(sent_at=int(now), text=text))
@@ -421,12 +441,13 @@ class Device:
                     db, cid, epoch, index, chain, step, text, topic, envelope, seq
                 )
                 out.append(SentMessage(row, cid, epoch, chain, step))
-        try:
-            self.state.sync()
-        except KeyStoreError as exc:
-            self._fatal = exc  # the worker publishes nothing it cannot sync either
-            raise
         self._wake()
+        if self.power_safe or self.state.reservation_unsynced:
+            try:
+                self.state.sync()
+            except KeyStoreError as exc:
+                self._fatal = exc  # the worker publishes nothing it cannot sync either
+                raise
         return out
 
     def mark_read(self, cid: str) -> int:
@@ -662,6 +683,14 @@ class Device:
     def _commit(self, items: list[_Msg | _Acked], batch: _Batch) -> None:
         if not items:
             return
+        envelopes = []
+        for item in items:
+            if isinstance(item, _Msg):
+                parsed = self._parse(item.topic)
+                if parsed is not None and parsed.kind is TopicKind.MSG and parsed.cid:
+                    envelopes.append((parsed.cid, item.payload))
+        if len(envelopes) > 1:
+            self.engine.preverify(envelopes, self._verifier)
         acked: list[int] = []
         # No fsync here: the batch is shown once committed (a process crash keeps it)
         # and made power-safe by one sync() before its PUBACKs leave (_after).
@@ -746,12 +775,24 @@ class Device:
 
     # -- inbound ----------------------------------------------------------------------
 
+    def _parse(self, topic: str) -> Topic | None:
+        """The parsed topic name (cached: the same few names carry every message)."""
+        parsed = self._topics_parsed.get(topic)
+        if parsed is None:
+            try:
+                parsed = self.topics.parse(topic)
+            except FieldchatError:
+                return None
+            if len(self._topics_parsed) >= MAX_TOPICS_PARSED:
+                self._topics_parsed.clear()
+            self._topics_parsed[topic] = parsed
+        return parsed
+
     def _on_message(
         self, db: sqlite3.Connection, topic: str, payload: bytes, batch: _Batch
     ) -> None:
-        try:
-            parsed = self.topics.parse(topic)
-        except FieldchatError:
+        parsed = self._parse(topic)
+        if parsed is None:
             self.counters["foreign_topic"] += 1
             return
         try:

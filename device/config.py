@@ -157,6 +157,7 @@ class DeviceSettings(BaseSettings):
     protocol: Protocol = "auto"
     low_bandwidth: bool = False
     keepalive: int | None = None
+    power_safe: bool = False  # send returns once a power cut cannot lose it (an fsync each)
 
     @classmethod
     def settings_customise_sources(

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from schemas.errors import KeyStoreError
 
 __all__ = [
+    "SEND_CHAIN_PREFIX",
     "KeyStore",
     "MemoryKeyStore",
     "SqliteKeyStore",
@@ -58,6 +59,13 @@ def write_records(db: sqlite3.Connection, table: str, items: Mapping[str, Any]) 
                 "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
                 (key, value),
             )
+
+
+# The engine's sending-chain records (reservations, PROTOCOL.md §6.3) live under this
+# prefix. A store that defers fsyncs (:class:`device.state.DeviceState`) still makes
+# them power-safe before anything sealed under them can leave: a reservation lost in
+# a power cut would mean steps, hence keys and nonces, used twice.
+SEND_CHAIN_PREFIX = "send/"
 
 
 class KeyStore(Protocol):

@@ -81,6 +81,9 @@ class Connection:
         self.receive_max = 65_535
         self.connected = False
         self._aliases: dict[str, int] = {}
+        # One PUBLISH properties object per alias, built once: paho only reads it, and
+        # building one per message cost about a tenth of the publishing thread's time.
+        self._alias_properties: dict[int, Properties] = {}
         self._alias_lock = threading.Lock()
         self.pending_subscribes: dict[int, list[str]] = {}
 
@@ -102,8 +105,11 @@ class Connection:
                     number = self._aliases[topic] = len(self._aliases) + 1
                     topic_out = topic
             if number is not None:
-                properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-                properties.TopicAlias = number
+                properties = self._alias_properties.get(number)
+                if properties is None:
+                    properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+                    properties.TopicAlias = number
+                    self._alias_properties[number] = properties
                 topic = topic_out
         info = self.client.publish(topic, payload, qos=1, retain=retain, properties=properties)
         return info.mid

@@ -18,8 +18,7 @@ transaction, lets the engine open envelopes inside it (the engine's own writes j
 the transaction, see :meth:`DeviceState.save`), inserts the received rows, and
 commits before acknowledging anything to the broker. Sending is symmetric: the
 chain reservation and the outbox row commit together, so an envelope exists on disk
-only with its step reserved. ``synchronous=FULL`` makes each commit one fsync;
-callers batch (one transaction per burst of received messages, ``send_many``).
+only with its step reserved.
 
 Two levels of durability (the WAL makes both atomic):
 
@@ -28,11 +27,21 @@ Two levels of durability (the WAL makes both atomic):
                                 frames are in the kernel), not a power cut, until the
                                 next :meth:`DeviceState.sync` or durable commit.
 
-The worker commits received batches and broker acknowledgements without an fsync,
-shows them, and calls :meth:`sync` (one fsync of the WAL, covering every earlier
-frame) before anything leaves the device that depends on them: a PUBACK, or an
-outbox row added by such a transaction. A power cut in between loses only state
-nobody outside has seen acknowledged, so the broker delivers it again.
+Whatever must not be lost in a power cut once the outside world has seen it is
+synced (one fsync of the WAL, covering every earlier frame) before it can leave:
+
+* a received batch is committed without an fsync and shown, and synced before its
+  PUBACKs leave (a power cut in between: the broker delivers it again);
+* outbox rows of a transaction opened with ``sync_outbox`` (grants and rosters the
+  worker writes, sends in power-safe mode) are synced before they are published;
+* a sending chain's reservation (records under ``SEND_CHAIN_PREFIX``) is synced
+  before anything of its transaction is published, whatever ``sync_outbox`` says:
+  a reservation lost after its steps were used would mean keys and nonces used
+  twice (PROTOCOL.md §6.3). It is one record write per ``RESERVE_STEPS`` sends.
+
+So ordinary outbox rows (:meth:`device.client.Device.send` by default) may be
+published before their fsync: a power cut can then lose a message the device has
+already sent (receivers have it; the sender's history does not), never reuse a step.
 """
 
 from __future__ import annotations
@@ -48,12 +57,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from device.keystore import create_private_file, write_records
+from device.keystore import SEND_CHAIN_PREFIX, create_private_file, write_records
 from schemas.errors import ConfigError, KeyStoreError
 
 __all__ = ["MAX_HELD", "DeviceState", "Gap", "OutboxRow", "ReceivedRow", "SentRow"]
 
 MAX_HELD = 10_000  # envelopes held for a missing grant; past it the oldest are dropped (logged)
+CHECKPOINT_INTERVAL_S = 0.2  # background WAL checkpoints (see checkpoint_in_background)
+# With background checkpoints, the committing thread checkpoints only past this many WAL
+# pages (SQLite's default is 1,000): a writer that never pauses still bounds the WAL.
+FALLBACK_AUTOCHECKPOINT_PAGES = 16_000
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (key TEXT PRIMARY KEY, value BLOB NOT NULL);
@@ -175,8 +188,12 @@ class DeviceState:
         self._written = 0  # commits without an fsync so far
         self._synced = 0  # ... of which this many are known durable
         self._txn_outbox = False  # the open transaction added an outbox row
-        self._outbox_gen = 0  # the last commit without fsync that added outbox rows
+        self._txn_chain = False  # ... or wrote a sending chain's reservation
+        self._outbox_gen = 0  # the last commit without fsync whose outbox rows wait for one
+        self._chain_gen = 0  # the last commit without fsync that wrote a reservation
         self._sync_lock = threading.Lock()
+        self._checkpointer: threading.Thread | None = None
+        self._checkpoint_stop = threading.Event()
         self.commits = 0
         self.fsyncs = 0
         for suffix in ("-wal", "-shm"):
@@ -187,11 +204,16 @@ class DeviceState:
     # -- transactions -----------------------------------------------------------------
 
     @contextmanager
-    def transaction(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
+    def transaction(
+        self, *, durable: bool = True, sync_outbox: bool = True
+    ) -> Iterator[sqlite3.Connection]:
         """One atomic unit; nested calls join the outer transaction (and its durability).
 
         ``durable``: fsync at COMMIT; without it the commit survives a process crash
         and becomes power-safe at the next :meth:`sync` or durable commit.
+        ``sync_outbox`` (without ``durable``): its outbox rows are synced before they
+        are published (:attr:`outbox_unsynced`); without it they may leave at once,
+        unless the transaction wrote a reservation (see the module docstring).
 
         Raises:
             KeyStoreError: SQLite failed (the transaction is rolled back).
@@ -214,7 +236,7 @@ class DeviceState:
             except sqlite3.Error as exc:
                 raise KeyStoreError(f"state file write failed: {exc}") from exc
             self._depth = 1
-            self._txn_outbox = False
+            self._txn_outbox = self._txn_chain = False
             try:
                 yield self._db
             except BaseException:
@@ -231,7 +253,10 @@ class DeviceState:
             self._written += 1
             if durable:  # the fsync of the WAL covers every earlier frame too
                 self._synced = self._written
-            elif self._txn_outbox:
+                return
+            if self._txn_chain:
+                self._chain_gen = self._written
+            if self._txn_outbox and (sync_outbox or self._txn_chain):
                 self._outbox_gen = self._written
 
     @property
@@ -241,8 +266,13 @@ class DeviceState:
 
     @property
     def outbox_unsynced(self) -> bool:
-        """Whether an outbox row was committed without an fsync (sync before publishing)."""
+        """Whether outbox rows that must be synced before publishing wait for an fsync."""
         return self._synced < self._outbox_gen
+
+    @property
+    def reservation_unsynced(self) -> bool:
+        """Whether a sending chain's reservation was committed without an fsync."""
+        return self._synced < self._chain_gen
 
     def sync(self) -> None:
         """Make every commit so far durable: one fsync of the WAL, if anything is pending.
@@ -296,6 +326,8 @@ class DeviceState:
         """Write engine records; joins the caller's transaction when one is open."""
         try:
             with self.transaction() as db:
+                if any(key.startswith(SEND_CHAIN_PREFIX) for key in items):
+                    self._txn_chain = True
                 write_records(db, "records", items)
         except sqlite3.Error as exc:
             raise KeyStoreError(f"state file write failed: {exc}") from exc
@@ -629,7 +661,43 @@ class DeviceState:
             ) from None
         self._lockfile = handle
 
+    def checkpoint_in_background(self, interval: float = CHECKPOINT_INTERVAL_S) -> None:
+        """Copy the WAL into the database from a thread of its own, every ``interval``.
+
+        SQLite otherwise checkpoints in whichever thread commits the 1,000th WAL page:
+        a ``send`` or a received batch then waits for 4 MB of copying and two fsyncs
+        (5-17 ms here, every ~160 sends). A PASSIVE checkpoint on a second connection
+        runs beside the writers and, like SQLite's own, syncs nothing earlier than a
+        commit already is.
+        """
+        if self._checkpointer is not None:
+            return
+        with self._lock:
+            self._db.execute(f"PRAGMA wal_autocheckpoint={FALLBACK_AUTOCHECKPOINT_PAGES}")
+        self._checkpointer = threading.Thread(
+            target=self._checkpoints, args=(interval,), name="fieldchat-checkpoint", daemon=True
+        )
+        self._checkpointer.start()
+
+    def _checkpoints(self, interval: float) -> None:
+        try:
+            db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        except sqlite3.Error:
+            return  # the committing threads' fallback checkpoints still bound the WAL
+        try:
+            while not self._checkpoint_stop.wait(interval):
+                try:
+                    db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                except sqlite3.Error:
+                    continue  # busy or I/O: the next round (or the fallback) catches up
+        finally:
+            db.close()
+
     def close(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpoint_stop.set()
+            self._checkpointer.join(10)
+            self._checkpointer = None
         with self._lock:
             self._db.close()
             if self._lockfile is not None:

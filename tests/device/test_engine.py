@@ -429,3 +429,34 @@ def test_next_step_tells_where_a_granted_chain_starts(mesh):
     assert mesh["bob"].next_step(cid, 0, index, 0) == 3
     assert mesh["bob"].next_step(cid, 0, index, 9) is None  # no such chain granted
     assert mesh["mallory"].next_step(cid, 0, index, 0) is None
+
+
+def test_preverified_batch_opens_in_order_and_a_forgery_still_fails_in_its_place(mesh):
+    from concurrent.futures import ThreadPoolExecutor
+
+    cid = mesh.create("alice", "bob", "carol")
+    envelopes = [mesh["alice"].seal(cid, text(f"m{i}")) for i in range(6)]
+    forged = bytearray(envelopes[3])
+    forged[-1] ^= 0x01  # the signature
+    envelopes[3] = bytes(forged)
+    carols = mesh["carol"].seal(cid, text("from carol"))
+    batch = [(cid, e) for e in [*envelopes, carols]]
+    with ThreadPoolExecutor(1) as pool:
+        assert mesh["bob"].preverify(batch, pool) == 6  # all but the forgery
+    opened = []
+    for _, envelope in batch:
+        try:
+            opened.append(mesh["bob"].open(cid, envelope).message.text)
+        except CryptoError:
+            opened.append("rejected")
+    assert opened == ["m0", "m1", "m2", "rejected", "m4", "m5", "from carol"]
+    # A verified envelope is not trusted again under another signer: Mallory's key in
+    # place of Alice's (a re-keyed chain) means checking again, and failing.
+    again = mesh["alice"].seal(cid, text("again"))
+    with ThreadPoolExecutor(1) as pool:
+        mesh["bob"].preverify([(cid, again), (cid, again)], pool)
+    _, _, epoch, sender, chain_no, _, _ = read_header(again)
+    chain = mesh["bob"]._convs[cid].recv[(epoch, sender, chain_no)]
+    chain.signer_key = mesh["mallory"].identity.bundle.ed25519
+    with pytest.raises(CryptoError):
+        mesh["bob"].open(cid, again)
