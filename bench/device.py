@@ -4,7 +4,8 @@ Run: ``.venv/bin/python bench/device.py`` (needs ``mosquitto`` on PATH or in
 /usr/sbin). The last line is a JSON object with ``e2e_msgs_per_s``,
 ``raw_paho_msgs_per_s``, ``throughput_ratio``, ``added_latency_p50_ms``,
 ``added_latency_p99_ms``, ``rss_mb_device``, ``rss_mb_bare_paho`` and
-``wire_bytes_per_message`` (per protocol and policy). Every loop is bounded in count
+``wire_bytes_per_message`` (per protocol and policy), and ``cpu_us_per_msg`` (CPU time
+per message of each throughput process, all its threads). Every loop is bounded in count
 and time. Throughput runs sender and receiver in separate processes (as the facts in
 issue 4 were measured), alternating with bare paho over rounds; latency runs both ends
 in one process so they share a clock, interleaved with bare paho (see ``_latency``).
@@ -29,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 # This file is named after what it measures, which shadows the ``device`` package
@@ -181,7 +183,7 @@ def _device(
     port: int,
     *,
     protocol: str = "auto",
-    on_event: object = None,
+    on_event: Callable[[Event], None] | None = None,
     link: LinkOptions = LINK,
 ) -> Device:
     device = Device(
@@ -189,7 +191,7 @@ def _device(
         BrokerOptions(port=port, protocol=protocol),  # type: ignore[arg-type]
         link=link,
         on_event=on_event,
-    )  # type: ignore[arg-type]
+    )
     device.start()
     device.wait_connected(10)
     return device
@@ -237,10 +239,12 @@ def role_raw_sub(port: int, n: int) -> None:
     client.subscribe("bench/raw", qos=1)
     client.loop_start()
     print("ready", flush=True)
+    cpu = time.process_time()
     done.wait(120)
+    cpu = time.process_time() - cpu
     client.disconnect()
     client.loop_stop()
-    print(json.dumps({"got": got, "last": last}), flush=True)
+    print(json.dumps({"got": got, "last": last, "cpu_s": cpu}), flush=True)
 
 
 def role_raw_pub(port: int, n: int, size: int) -> None:
@@ -250,8 +254,10 @@ def role_raw_pub(port: int, n: int, size: int) -> None:
     client.loop_start()
     payload = os.urandom(size)
     print(json.dumps({"start": time.time()}), flush=True)
+    cpu = time.process_time()
     infos = [client.publish("bench/raw", payload, qos=1) for _ in range(n)]
     infos[-1].wait_for_publish(60)
+    print(json.dumps({"cpu_s": time.process_time() - cpu}), flush=True)
     client.disconnect()
     client.loop_stop()
 
@@ -276,9 +282,11 @@ def role_e2e_recv(state: str, port: int, n: int) -> None:
     device.start()
     device.wait_connected(10)
     print("ready", flush=True)
+    cpu = time.process_time()
     done.wait(120)
+    cpu = time.process_time() - cpu
     device.close()
-    print(json.dumps({"got": got, "last": last}), flush=True)
+    print(json.dumps({"got": got, "last": last, "cpu_s": cpu}), flush=True)
 
 
 def role_e2e_send(state: str, port: int, n: int, cid: str) -> None:
@@ -286,9 +294,11 @@ def role_e2e_send(state: str, port: int, n: int, cid: str) -> None:
     device.start()
     device.wait_connected(10)
     print(json.dumps({"start": time.time()}), flush=True)
+    cpu = time.process_time()
     for _ in range(n // 50):
         device.send_many(cid, [TEXT] * 50)
     device.wait_drained(60)
+    print(json.dumps({"cpu_s": time.process_time() - cpu}), flush=True)
     device.close()
 
 
@@ -319,8 +329,13 @@ def _child(*args: str) -> subprocess.Popen[str]:
 
 
 def _result(proc: subprocess.Popen[str]) -> dict[str, float]:
+    """Every JSON line the child printed, merged."""
     out, _ = proc.communicate(timeout=180)
-    return json.loads(out.strip().splitlines()[-1])  # type: ignore[no-any-return]
+    merged: dict[str, float] = {}
+    for line in out.splitlines():
+        if line.startswith("{"):
+            merged.update(json.loads(line))
+    return merged
 
 
 def _wait_ready(proc: subprocess.Popen[str]) -> None:
@@ -330,12 +345,15 @@ def _wait_ready(proc: subprocess.Popen[str]) -> None:
         raise RuntimeError(f"child failed: {line!r}")
 
 
-def throughput(tmp: Path, port: int) -> tuple[float, float, float, int]:
-    """Median e2e and raw rates and the median of the per-round ratios.
+def throughput(tmp: Path, port: int) -> tuple[float, float, float, int, dict[str, float]]:
+    """Median e2e and raw rates, the median of the per-round ratios, and CPU per message.
 
     The machine is shared: each round runs the device pair and then bare paho right
     after it, so a ratio compares runs under about the same load, and the median of
-    ``THROUGHPUT_ROUNDS`` ratios is less at the mercy of one busy moment.
+    ``THROUGHPUT_ROUNDS`` ratios is less at the mercy of one busy moment. CPU time
+    (all threads of each process, from its start signal to its last message) tells
+    what the rates cannot on a busy machine: on 2 cores shared by sender, receiver
+    and broker, the ratio cannot beat raw CPU per message over ours.
     """
     alice, bob, cid, _ = _pair(tmp, port, Policy())
     alice.send(cid, TEXT)
@@ -344,25 +362,31 @@ def throughput(tmp: Path, port: int) -> tuple[float, float, float, int]:
     alice.close()
     bob.close()
     e2es, raws = [], []
+    cpu: dict[str, list[float]] = {"e2e_send": [], "e2e_recv": [], "raw_pub": [], "raw_sub": []}
     for _ in range(THROUGHPUT_ROUNDS):
         recv = _child("e2e-recv", str(b_path), str(port), str(N_THROUGHPUT))
         _wait_ready(recv)
         send = _child("e2e-send", str(a_path), str(port), str(N_THROUGHPUT), cid)
-        started = _result(send)["start"]
+        sent = _result(send)
         done = _result(recv)
-        e2es.append(done["got"] / (done["last"] - started))
+        e2es.append(done["got"] / (done["last"] - sent["start"]))
+        cpu["e2e_send"].append(sent["cpu_s"] / N_THROUGHPUT)
+        cpu["e2e_recv"].append(done["cpu_s"] / done["got"])
         sub = _child("raw-sub", str(port), str(N_THROUGHPUT), str(size))
         _wait_ready(sub)
         pub = _child("raw-pub", str(port), str(N_THROUGHPUT), str(size))
-        started = _result(pub)["start"]
+        sent = _result(pub)
         done = _result(sub)
-        raws.append(done["got"] / (done["last"] - started))
+        raws.append(done["got"] / (done["last"] - sent["start"]))
+        cpu["raw_pub"].append(sent["cpu_s"] / N_THROUGHPUT)
+        cpu["raw_sub"].append(done["cpu_s"] / done["got"])
     print(
         f"throughput rounds: e2e {[round(x) for x in e2es]}, raw {[round(x) for x in raws]}",
         file=sys.stderr,
     )
     ratio = statistics.median(e / r for e, r in zip(e2es, raws, strict=True))
-    return statistics.median(e2es), statistics.median(raws), ratio, size
+    cpu_us = {k: round(statistics.median(v) * 1e6, 1) for k, v in cpu.items()}
+    return statistics.median(e2es), statistics.median(raws), ratio, size, cpu_us
 
 
 def _pct(values: list[float], pct: int) -> float:
@@ -428,9 +452,16 @@ def main() -> None:
                 if ns.role == "latency":
                     print(json.dumps(_latency(Path(name), broker.port)))
                 else:
-                    e2e, raw, ratio, _ = throughput(Path(name), broker.port)
+                    e2e, raw, ratio, _, cpu_us = throughput(Path(name), broker.port)
                     print(
-                        json.dumps({"e2e": round(e2e), "raw": round(raw), "ratio": round(ratio, 3)})
+                        json.dumps(
+                            {
+                                "e2e": round(e2e),
+                                "raw": round(raw),
+                                "ratio": round(ratio, 3),
+                                "cpu_us_per_msg": cpu_us,
+                            }
+                        )
                     )
             finally:
                 broker.close()
@@ -439,7 +470,7 @@ def main() -> None:
         tmp = Path(name)
         broker = Broker(tmp)
         try:
-            e2e, raw, ratio, size = throughput(tmp, broker.port)
+            e2e, raw, ratio, size, cpu_us = throughput(tmp, broker.port)
             print(
                 f"throughput: e2e {e2e:.0f}/s, raw paho {raw:.0f}/s ({size} B payload)",
                 file=sys.stderr,
@@ -465,6 +496,7 @@ def main() -> None:
                 "e2e_msgs_per_s": round(e2e, 1),
                 "raw_paho_msgs_per_s": round(raw, 1),
                 "throughput_ratio": round(ratio, 3),
+                "cpu_us_per_msg": cpu_us,
                 "added_latency_p50_ms": _added(lat, "p50"),
                 "added_latency_p99_ms": _added(lat, "p99"),
                 "latency_ms": {k: round(v, 3) for k, v in lat.items()},
