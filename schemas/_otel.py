@@ -202,7 +202,7 @@ def make_pipeline(
             {"service.name": settings.service_name or f"fieldchat-{component}"}
         ),
         id_generator=ids,
-        shutdown_on_exit=True,  # a safety net; entry points call schemas.tracing.shutdown()
+        shutdown_on_exit=False,  # its exit hook may wait 30 s; schemas.tracing has a bounded one
     )
     exporter: SpanExporter = (
         OTLPSpanExporter() if settings.exporter == "otlp" else ConsoleSpanExporter()

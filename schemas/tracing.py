@@ -30,9 +30,12 @@ environment is read only there (:meth:`TraceSettings.from_environ`).
 
 from __future__ import annotations
 
+import atexit
 import hashlib
+import logging
 import struct
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol
@@ -46,6 +49,7 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
 
 __all__ = [
+    "STOP_TIMEOUT_S",
     "Component",
     "SpanKindName",
     "TraceIds",
@@ -65,6 +69,9 @@ SpanKindName = Literal["producer", "consumer", "server", "client", "internal"]
 TRACE_PERSON = b"fieldchat-trace1"  # BLAKE2b personalization: domain separation
 TAG_PERSON = b"fieldchat-ctag-1"  # the keyed conversation tag's
 _MAX_KEY_BYTES = 64  # BLAKE2b's key limit
+STOP_TIMEOUT_S = 3.0  # the most a stop waits for the collector to take the last spans
+
+log = logging.getLogger("fieldchat.tracing")
 _FIELDS = struct.Struct(">4I")  # epoch, sender, chain, step
 
 
@@ -272,12 +279,23 @@ class Tracing:
         for provider, _ in list(self._made.values()):
             provider.force_flush(int(timeout_s * 1000))
 
-    def shutdown(self) -> None:
-        """Flush and stop every pipeline; later spans are dropped."""
+    def shutdown(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
+        """Flush and stop every pipeline within ``timeout_s``; later spans are dropped.
+
+        Bounded because the SDK's own shutdown waits up to 30 s per pipeline while the
+        exporter retries an unreachable collector: a broker stopping under systemd or
+        Kubernetes must not wait on its tracing backend.
+        """
         with self._lock:
             made, self._made = list(self._made.values()), {}
-        for provider, _ in made:
-            provider.shutdown()
+        stops = [threading.Thread(target=p.shutdown, daemon=True) for p, _ in made]
+        for stop in stops:
+            stop.start()
+        deadline = time.monotonic() + timeout_s
+        for stop in stops:
+            stop.join(max(0.0, deadline - time.monotonic()))
+        if any(stop.is_alive() for stop in stops):
+            log.warning("tracing: the collector did not take the last spans in %.0f s", timeout_s)
 
 
 _process: Tracing | None = None  # set once by the entry point, like logging's root logger
@@ -287,7 +305,8 @@ def configure(settings: TraceSettings | None) -> None:
     """Turn tracing on for this process (``None``: leave it off). Entry points only.
 
     Call it before building the broker, gateway or device, which take their tracer
-    when they are made, and :func:`shutdown` before exit so queued spans leave.
+    when they are made. Queued spans leave at :func:`shutdown`, which also runs at
+    exit (an entry point that serves calls it when it stops).
 
     Raises:
         ConfigError: the ``tracing`` extra is not installed.
@@ -297,6 +316,8 @@ def configure(settings: TraceSettings | None) -> None:
         return
     if _process is not None:
         _process.shutdown()
+    else:
+        atexit.register(shutdown)  # bounded, unlike the SDK's own exit hook
     _process = Tracing(settings)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
 import time
 
 import pytest
@@ -175,3 +176,25 @@ def test_tracing_switched_off_sends_nothing_even_with_an_endpoint(tmp_path, off)
             alice.close()
             assert broker.terminate() == 0
         assert otlp.requests == 0
+
+
+def test_an_unreachable_collector_does_not_hold_up_a_stop(tmp_path):
+    data = tmp_path / "broker"
+    data.mkdir()
+    with Store(data / "broker.sqlite3") as store:
+        cred = store.enroll(ALICE.pid)
+    with socket.socket() as probe:  # a loopback port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    broker = BrokerProcess(data, env=otel_env(dead))
+    alice = Peer(broker.port, ALICE.pid, cred)
+    try:
+        alice.connect()
+        assert alice.publish(T.roster(X), ROSTER.to_bytes(), retain=True)
+        assert alice.publish(T.msg(X), sealed_text(X, 0, 1, SECRET))  # not held up either
+        time.sleep(0.5)  # the exporter is now retrying
+    finally:
+        alice.close()
+        started = time.monotonic()
+        assert broker.terminate() == 0
+    assert time.monotonic() - started < tracing.STOP_TIMEOUT_S + 3
