@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from device.chains import RESERVE_STEPS
 from device.config import BrokerOptions, LinkOptions
 from device.engine import BundleStatus, Engine, Opened, Publication
 from device.events import (
@@ -84,6 +85,9 @@ MAX_QUEUE = 10_000  # inbound packets waiting for the worker; paho's thread bloc
 BATCH = 256  # inbound packets per transaction (one fsync)
 MAX_RESEND = 2_000  # own messages published again per reconnect
 MAX_TOPICS_PARSED = 1_024  # parsed topic names kept (a device sees few distinct ones)
+# The worker reserves a chain's next steps (and fsyncs) once this few are left, so a
+# send rarely finds its window used up and waits for that fsync itself.
+RENEW_WHEN_LEFT = RESERVE_STEPS // 2
 STATUS_ONLINE = b"online"
 STATUS_OFFLINE = b"offline"
 _TICK_S = 0.05
@@ -441,8 +445,9 @@ class Device:
                     db, cid, epoch, index, chain, step, text, topic, envelope, seq
                 )
                 out.append(SentMessage(row, cid, epoch, chain, step))
+            reserved = self.state.reserving
         self._wake()
-        if self.power_safe or self.state.reservation_unsynced:
+        if self.power_safe or reserved:
             try:
                 self.state.sync()
             except KeyStoreError as exc:
@@ -1146,6 +1151,12 @@ class Device:
             conn.subscribe(pending, no_local=[t for t in pending if t.endswith("/msg")])
 
     def _tick(self) -> None:
+        if self.engine.reservations_low(RENEW_WHEN_LEFT):
+            # Made power-safe before the worker (the only publisher) goes on: nothing
+            # sealed under it can leave first (PROTOCOL.md §6.3).
+            with self.state.transaction(durable=False):
+                self.engine.renew_reservations(RENEW_WHEN_LEFT)
+            self.state.sync()
         now = self._clock()
         if now >= self._next_receipts:
             self._next_receipts = now + self.options.receipt_interval_s

@@ -354,6 +354,42 @@ class Engine:
             receiving = conv.recv.get((epoch, sender_index, chain)) if conv else None
             return None if receiving is None else receiving.step
 
+    def reservations_low(self, left: int) -> bool:
+        """Whether a sending chain in use has ``left`` or fewer reserved steps unused.
+
+        A chain not used since loading (none reserved in memory) is left alone: its
+        first :meth:`seal` reserves, so an idle device does not skip steps at every
+        start.
+        """
+        with self._lock:
+            return any(
+                conv.send is not None and 0 < conv.send.reserved - conv.send.step <= left
+                for conv in self._convs.values()
+                if not conv.removed
+            )
+
+    @_counted
+    def renew_reservations(self, left: int) -> int:
+        """Reserve the next window of every sending chain in use with ``left`` or fewer
+        reserved steps unused; how many chains.
+
+        Lets a client persist (and fsync) reservations ahead of need, off its sending
+        path, instead of in the :meth:`seal` that finds the window used up (§6.3).
+
+        Raises:
+            KeyStoreError: a reservation could not be persisted (none is adopted).
+        """
+        renewed = 0
+        for conv in self._convs.values():
+            chain = conv.send
+            if chain is None or conv.removed or not 0 < chain.reserved - chain.step <= left:
+                continue
+            until, chain_key, keys = chain.plan()
+            self.store.save(self._send_record(conv, (until, chain_key)))
+            chain.commit(until, chain_key, keys)
+            renewed += 1
+        return renewed
+
     def owed_grants(self, cid: str) -> set[str]:
         """Members we still owe our chain to because their bundle is unknown."""
         return set(self._conv(cid).owed)

@@ -270,6 +270,12 @@ class DeviceState:
         return self._synced < self._outbox_gen
 
     @property
+    def reserving(self) -> bool:
+        """Whether the open transaction wrote a sending chain's reservation (read it
+        inside the transaction)."""
+        return self._txn_chain
+
+    @property
     def reservation_unsynced(self) -> bool:
         """Whether a sending chain's reservation was committed without an fsync."""
         return self._synced < self._chain_gen
@@ -667,8 +673,8 @@ class DeviceState:
         SQLite otherwise checkpoints in whichever thread commits the 1,000th WAL page:
         a ``send`` or a received batch then waits for 4 MB of copying and two fsyncs
         (5-17 ms here, every ~160 sends). A PASSIVE checkpoint on a second connection
-        runs beside the writers and, like SQLite's own, syncs nothing earlier than a
-        commit already is.
+        runs beside the writers; it copies committed pages only, so what is durable
+        does not change (it fsyncs the WAL first: if anything, more is).
         """
         if self._checkpointer is not None:
             return

@@ -78,3 +78,24 @@ def test_rows_sealed_under_an_unsynced_reservation_wait_for_its_fsync(tmp_path):
         assert not state.reservation_unsynced
     finally:
         state.close()
+
+
+def test_a_reservation_renewed_ahead_is_never_reused_after_a_restart(tmp_path):
+    """The worker reserves a chain's next window before it runs out (Device._tick)."""
+    device, cid = _offline(tmp_path / "a.sqlite3")
+    left = RESERVE_STEPS // 2
+    assert not device.engine.reservations_low(left)  # a chain not used yet is left alone
+    steps = [device.send(cid, f"m{i}").step for i in range(RESERVE_STEPS - left + 1)]
+    assert device.engine.reservations_low(left)
+    with device.state.transaction(durable=False):
+        assert device.engine.renew_reservations(left) == 1
+    assert device.state.reservation_unsynced
+    device.state.sync()
+    assert not device.engine.reservations_low(left)
+    device.close()
+    device = Device(tmp_path / "a.sqlite3")
+    try:
+        # Resumed past the renewed window: later steps only, never one of before.
+        assert device.send(cid, "after restart").step == 2 * RESERVE_STEPS > max(steps)
+    finally:
+        device.close()
