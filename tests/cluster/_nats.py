@@ -30,8 +30,11 @@ from string import Template
 from typing import Any
 
 NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
-TEMPLATE = Path(__file__).resolve().parents[2] / "deploy" / "nats" / "node.conf.template"
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "nats"
+TEMPLATE = DEPLOY / "node.conf.template"
+MESSAGE_STREAM = DEPLOY / "mqtt-msgs.stream.json"
 ACCOUNT = "FIELDCHAT"
+OPERATOR = "fieldchat-ops"  # creates the MQTT message stream over the NATS port
 
 
 def free_port() -> int:
@@ -83,6 +86,48 @@ def gateway_permissions(prefix: str) -> dict[str, object]:
         "publish": {"allow": [f"{s}.>"]},
         "subscribe": {"allow": [f"{s}.>", "$MQTT.sub.>"]},
     }
+
+
+def operator_permissions() -> dict[str, object]:
+    """The operator user: the JetStream API of the account, nothing of fieldchat's."""
+    return {
+        "publish": {"allow": ["$JS.API.>"]},
+        "subscribe": {"allow": ["_INBOX.>"]},
+    }
+
+
+def nats_request(
+    port: int, user: str, password: str, subject: str, payload: bytes, timeout: float = 5.0
+) -> dict[str, Any]:
+    """One request/reply over the NATS client protocol (what ``nats req`` does).
+
+    The tests have no NATS client library; the protocol is text lines, and the
+    JetStream API answers every request with one JSON message.
+    """
+    inbox = f"_INBOX.{secrets.token_hex(8)}"
+    hello = {"user": user, "pass": password, "verbose": False, "pedantic": False}
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        reader = sock.makefile("rb")
+        if not reader.readline().startswith(b"INFO "):
+            raise RuntimeError("not a NATS server")
+        sock.sendall(
+            f"CONNECT {json.dumps(hello)}\r\nSUB {inbox} 1\r\n"
+            f"PUB {subject} {inbox} {len(payload)}\r\n".encode()
+            + payload
+            + b"\r\nPING\r\n"
+        )
+        for _ in range(100):  # bounded: PONG, the odd PING, then the reply
+            line = reader.readline()
+            if not line:
+                raise RuntimeError(f"NATS closed the connection before replying to {subject}")
+            if line.startswith(b"-ERR"):
+                raise RuntimeError(f"NATS refused {subject}: {line.decode().strip()}")
+            if line.startswith(b"PING"):
+                sock.sendall(b"PONG\r\n")
+            elif line.startswith(b"MSG "):
+                size = int(line.split()[-1])
+                return dict(json.loads(reader.read(size + 2)[:size]))
+    raise RuntimeError(f"no reply to {subject}")
 
 
 def accounts_conf(users: dict[str, tuple[str, dict[str, object]]]) -> str:
@@ -206,7 +251,7 @@ class Cluster:
         self.accounts = workdir / "accounts.conf"
         self.users: dict[str, tuple[str, dict[str, object]]] = {}
         workdir.mkdir(parents=True, exist_ok=True)
-        self._write_accounts()
+        self._add(OPERATOR, operator_permissions())
         for node in self.nodes:
             node.render([n for n in self.nodes if n is not node], self.accounts)
 
@@ -237,7 +282,51 @@ class Cluster:
         for node in self.nodes:
             node.start()
         self.wait_healthy(timeout)
+        self.create_message_stream(timeout)
         return self
+
+    def create_message_stream(self, timeout: float = 30.0) -> dict[str, Any]:
+        """Create ``$MQTT_msgs`` from ``deploy/nats/mqtt-msgs.stream.json`` before any
+        MQTT client connects, as the deploy recipe does (docs/cluster.md, "Node loss").
+
+        NATS's MQTT layer uses an existing ``$MQTT_msgs`` as it is; the one it would
+        create has interest retention, and 2.9.10 removes messages from it that a
+        subscriber whose node was lost still needs. The first request after the meta
+        leader election can time out, so it is retried until ``timeout``. Creating it
+        again with the same file is a no-op; a different existing one is an error.
+        """
+        body = MESSAGE_STREAM.read_bytes()
+        name = json.loads(body)["name"]
+        end = time.monotonic() + timeout
+        for _ in range(100):  # bounded: each attempt takes up to 5 s
+            try:
+                reply = nats_request(
+                    self.nodes[0].client_port,
+                    OPERATOR,
+                    self.users[OPERATOR][0],
+                    f"$JS.API.STREAM.CREATE.{name}",
+                    body,
+                )
+            except (OSError, RuntimeError) as exc:
+                reply = {"error": {"description": str(exc)}}
+            if "error" not in reply:
+                return reply
+            if time.monotonic() > end:
+                raise RuntimeError(f"cannot create the {name} stream: {reply['error']}")
+            time.sleep(0.5)
+        raise RuntimeError(f"cannot create the {name} stream")
+
+    def message_stream(self) -> dict[str, Any] | None:
+        """``$MQTT_msgs`` as JetStream monitoring shows it (config, state, leader)."""
+        for node in self.nodes:
+            if not node.running:
+                continue
+            info = node.varz("jsz?accounts=true&streams=true&config=true")
+            for account in info.get("account_details") or []:
+                for stream in account.get("stream_detail") or []:
+                    if stream.get("name") == "$MQTT_msgs":
+                        return dict(stream)
+        return None
 
     def wait_healthy(self, timeout: float = 30.0) -> None:
         """Every running node healthy (JetStream meta leader elected, streams current)."""

@@ -2,17 +2,20 @@
 
 Two devices, each in its own process (``tests/device/_peer.py``), on nodes 1 and 2;
 the gateway (``fieldchat gateway run``, SQLite, MQTT 3.1.1) on node 3. While both
-devices send, the node that hosts one of them is SIGKILLed (the leader of the MQTT
-message stream when that is node 1 or 2), the survivors keep serving, and the node
-is restarted on its old store. When the run settles, every message is on each
-receiving device's screen exactly once (by dedupe key) and archived exactly once.
+devices send, the node of one device is SIGKILLed (the one that does not lead the
+MQTT message stream, so the stream goes on storing what is sent to the device that
+lost its node), the survivors keep serving, and the node is restarted on its old
+store. When the run settles, every message is on each device's screen exactly once
+(by dedupe key) and archived exactly once.
+
+The cluster runs the deploy recipe: ``$MQTT_msgs`` created with limits retention
+before any MQTT client connects (docs/cluster.md, "Node loss").
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 import sys
 import time
@@ -31,17 +34,7 @@ from tests.cluster._nats import Cluster, Node
 from tests.cluster.conftest import GatewayProcess
 from tests.cluster.test_nats_rules import wait_retained
 
-pytestmark = [
-    pytest.mark.slow,
-    # Opt-in: NATS 2.9.10 lost queued QoS 1 messages or stalled the survivors in about 4 of
-    # 10 runs of this test (docs/cluster.md, "Limits"); a red CI would then say nothing
-    # about fieldchat. Run it with FIELDCHAT_CLUSTER_FAILOVER=1.
-    pytest.mark.skipif(
-        not os.environ.get("FIELDCHAT_CLUSTER_FAILOVER"),
-        reason="NATS node-loss test is opt-in (FIELDCHAT_CLUSTER_FAILOVER=1): NATS 2.9.10 "
-        "loses or stalls on node loss in some runs, see docs/cluster.md",
-    ),
-]
+pytestmark = pytest.mark.slow
 
 PREFIX = "fc/v1"
 PER_DEVICE = 150  # messages each device sends (300 in the run)
@@ -70,20 +63,6 @@ async def eventually(predicate: Any, what: str, timeout: float) -> Any:
         if time.monotonic() > end:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         await asyncio.sleep(0.1)
-
-
-def message_stream_leader(cluster: Cluster) -> str | None:
-    """The server name leading the ``$MQTT_msgs`` stream (JetStream monitoring)."""
-    for node in cluster.nodes:
-        if not node.running:
-            continue
-        info = node.varz("jsz?accounts=true&streams=true")
-        for account in info.get("account_details") or []:
-            for stream in account.get("stream_detail", []) or []:
-                if stream.get("name") == "$MQTT_msgs":
-                    leader = (stream.get("cluster") or {}).get("leader")
-                    return str(leader) if leader else None
-    return None
 
 
 class PeerProcess:
@@ -208,8 +187,13 @@ async def test_node_sigkill_mid_run_every_message_once_on_screen_and_in_archive(
             return len(await _archive(store, cid))
 
         await eventually(lambda: _at_least(archived, KILL_AFTER), "the run to start", 60)
-        leader = message_stream_leader(nats)
-        victim = next((n for n in nats.nodes[:2] if n.name == leader), nats.nodes[0])
+        # The device whose node dies must find, on its return, what was stored for it
+        # meanwhile: that is where NATS's own interest-retention stream lost messages.
+        stream = nats.message_stream() or {}
+        # NATS used the recipe's stream as it is: acknowledgements remove nothing.
+        assert stream.get("config", {}).get("retention") == "limits", stream.get("config")
+        leader = (stream.get("cluster") or {}).get("leader")
+        victim = next((n for n in nats.nodes[:2] if n.name != leader), nats.nodes[0])
         victim.kill()
         before = await archived()
         # The two survivors keep a quorum, so the device on the other node should go on
@@ -258,19 +242,11 @@ async def test_node_sigkill_mid_run_every_message_once_on_screen_and_in_archive(
         assert len({r.data for r in rows}) == len(rows)
         assert await store.pending_count() == 0
 
-        # Every message on screen. The survivor's device must have everything. The
-        # device on the killed node sometimes misses what was queued for it while its
-        # node was down, though the gateway archived it: NATS 2.9.10 lost it
-        # (docs/cluster.md, "Limits"), and the device has no history backfill yet.
-        survivor = "B" if on_victim == "A" else "A"
-        assert missing[survivor] == [], f"{survivor} never showed {missing[survivor][:5]}"
-        if missing[on_victim]:
-            pytest.xfail(
-                f"NATS 2.9.10 lost {len(missing[on_victim])} QoS 1 messages queued for the "
-                f"device on the SIGKILLed node {victim.name} ({missing[on_victim][0]}.."
-                f"{missing[on_victim][-1]}); archived once, never delivered to it"
-            )
+        # Every message on both screens, the device on the killed node included.
         for name in ("A", "B"):
+            gone = missing[name]
+            where = "on the killed node" if name == on_victim else "on a survivor"
+            assert gone == [], f"{name} ({where}) never showed {len(gone)}: {gone[:3]}.."
             assert results[name][1] == 0, results[name][2]
     finally:
         for peer in peers:
