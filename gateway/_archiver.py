@@ -58,7 +58,8 @@ MqttFactory = Callable[[], MqttClient]
 _CACHE_MAX = 20_000
 _RECONNECT_MAX_S = 10.0
 _SWEEP_LIMIT = 1000
-_CHEAP_SUFFIXES = ("/msg", "/status")  # parsed on the loop (see ``_process``)
+_CHEAP_SUFFIXES = ("/msg", "/status")  # parsed on the loop (see ``_classify``)
+_VERIFY_INLINE_MAX = 2  # envelopes verified on the loop rather than in the pool
 
 
 class ArchiveListener:
@@ -138,6 +139,7 @@ class Archiver:
         self._bundles: _Lru = _Lru()
         self._pool = ThreadPoolExecutor(settings.verify_workers, thread_name_prefix="fc-verify")
         self._pending_count = 0
+        self._last_batch = 0
         self.connected = asyncio.Event()
 
     # -- public ------------------------------------------------------------------------
@@ -247,18 +249,24 @@ class Archiver:
             await client.close()
 
     async def _collect(self, client: MqttClient, sweep_at: float) -> list[Publish]:
-        """Up to ``batch_max`` messages: wait for the first, then at most ``batch_wait_s``."""
+        """Up to ``batch_max`` messages: wait for the first, then at most ``batch_wait_s``
+        for more — but only during a burst. A lone message after a lone message is a
+        trickle (a conversation, not a flood): waiting would only delay it for every
+        live reader, so it goes at once."""
         if not await client.wait(max(0.0, sweep_at - time.monotonic()) + 0.01):
             return []
         limit = self.settings.batch_max
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.batch_wait_s
         batch = client.take(limit)
-        while len(batch) < limit:
+        trickle = len(batch) == 1 and self._last_batch == 1
+        self._last_batch = len(batch)
+        while len(batch) < limit and not trickle:
             left = deadline - loop.time()
             if left <= 0 or not await client.wait(left):
                 break
             batch += client.take(limit - len(batch))
+        self._last_batch = len(batch)
         return batch
 
     # -- processing --------------------------------------------------------------------
@@ -428,11 +436,16 @@ class Archiver:
                     )
         if not jobs:
             return
-        workers = self.settings.verify_workers
-        size = max(1, -(-len(jobs) // workers))
-        chunks = [jobs[i : i + size] for i in range(0, len(jobs), size)]
-        results = await asyncio.gather(*(self._in_thread(verify_signatures, c) for c in chunks))
-        flat = [r for chunk in results for r in chunk]
+        if len(jobs) <= _VERIFY_INLINE_MAX:
+            # A live message or two: verifying here (≈ 0.1-0.2 ms each) beats two thread
+            # wake-ups, which on a busy machine each wait for a time slice (ms).
+            flat = verify_signatures(jobs)
+        else:
+            workers = self.settings.verify_workers
+            size = max(1, -(-len(jobs) // workers))
+            chunks = [jobs[i : i + size] for i in range(0, len(jobs), size)]
+            results = await asyncio.gather(*(self._in_thread(verify_signatures, c) for c in chunks))
+            flat = [r for chunk in results for r in chunk]
         for (item, sender_pid), reason in zip(waiting, flat, strict=True):
             if reason is None:
                 self._archive(item, sender_pid, out)
