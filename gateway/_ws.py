@@ -10,6 +10,12 @@ everything archived after ``N`` in the account's conversations (and grants after
 largest seq seen is the cursor to resume with after a drop. Without ``cursor`` the
 stream starts at the present.
 
+With ``batch=1`` a client accepts a JSON **array** of the frames below wherever one
+frame could come, in order: when several live events wait for one socket, they leave
+as one WebSocket frame (one ``send()``; the system call, not Python, is most of a
+fan-out's cost per socket), so a gateway that fell behind catches up instead of
+falling further behind. Clients that do not ask get one frame per event.
+
 Server → browser::
 
     {"op":"hello","cursor":N,"grant_cursor":M,"pids":[…],"conversations":{cid:[pid…]}}
@@ -56,12 +62,13 @@ from schemas import MAX_ENVELOPE_BYTES, Bundle, Envelope, Grant, Roster, validat
 from schemas.envelope import verify_envelope_signature
 from schemas.errors import FieldchatError, LimitExceeded, NotAMember, SignatureRequired, WireError
 
-__all__ = ["MAX_BAD_FRAMES", "MAX_FRAME_BYTES", "websocket_endpoint"]
+__all__ = ["BATCH_FRAME_BYTES", "MAX_BAD_FRAMES", "MAX_FRAME_BYTES", "websocket_endpoint"]
 
 log = logging.getLogger("fieldchat.gateway.ws")
 
 MAX_FRAME_BYTES = 4 * MAX_ENVELOPE_BYTES // 3 + 1024  # a base64 envelope and its JSON
 MAX_BAD_FRAMES = 16
+BATCH_FRAME_BYTES = 65_536  # the largest array frame of a batch=1 client (but one event)
 _BACKFILL_PAGE = 500
 CLOSE_POLICY = 1008
 CLOSE_LAGGING = 4000  # resume from your cursor
@@ -125,6 +132,20 @@ def _frame(event: Event) -> dict[str, Any]:
     return {"op": "presence", "pid": event.pid, "status": _b64(event.status)}
 
 
+def _groups(texts: list[str]) -> list[list[str]]:
+    """Consecutive frames in groups of at most ``BATCH_FRAME_BYTES`` (one frame alone may
+    be larger): a batch bounds the syscalls, not the memory of a client."""
+    groups: list[list[str]] = [[]]
+    size = 0
+    for text in texts:
+        if groups[-1] and size + len(text) > BATCH_FRAME_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append(text)
+        size += len(text) + 1
+    return groups
+
+
 class _BadFrame(FieldchatError):
     reason = "bad_frame"
 
@@ -141,8 +162,11 @@ def _cursor(ws: WebSocket, name: str) -> int | None:
 class _Session:
     """One connected browser."""
 
-    def __init__(self, ws: WebSocket, gw: Gateway, who: Caller, sub: Subscription) -> None:
+    def __init__(
+        self, ws: WebSocket, gw: Gateway, who: Caller, sub: Subscription, *, batch: bool = False
+    ) -> None:
         self.ws = ws
+        self.batch = batch
         self.gw = gw
         self.who = who
         self.sub = sub
@@ -191,6 +215,7 @@ class _Session:
             while not queue.empty():
                 events.append(queue.get_nowait())
             sent = 0
+            texts: list[str] = []
             for event in events:
                 if event.envelope is not None:
                     if event.envelope.seq <= self.sent_seq:
@@ -201,7 +226,13 @@ class _Session:
                     if event.grant.seq <= self.sent_grant:
                         continue
                     self.sent_grant = event.grant.seq
-                await send({"type": "websocket.send", "text": _encode(event)})
+                texts.append(_encode(event))
+            if self.batch and len(texts) > 1:
+                for group in _groups(texts):
+                    await send({"type": "websocket.send", "text": f"[{','.join(group)}]"})
+            else:
+                for text in texts:
+                    await send({"type": "websocket.send", "text": text})
             if sent:
                 self.gw.metrics.ws_sent.inc(sent)
 
@@ -330,7 +361,7 @@ async def websocket_endpoint(ws: WebSocket) -> None:
         return
     await ws.accept()
     sub = await gw.hub.subscribe(who.pids)
-    session = _Session(ws, gw, who, sub)
+    session = _Session(ws, gw, who, sub, batch=ws.query_params.get("batch") == "1")
     tasks: list[asyncio.Task[Any]] = []
     try:
         start = cursor if cursor is not None else await gw.store.max_seq()

@@ -32,8 +32,16 @@ pytestmark = pytest.mark.mosquitto
 class Browser:
     """A WebSocket client with the account's session cookie."""
 
-    def __init__(self, gw, http, cursor: int | None = None, grant_cursor: int | None = None):
-        query = []
+    def __init__(
+        self,
+        gw,
+        http,
+        cursor: int | None = None,
+        grant_cursor: int | None = None,
+        *,
+        batch: bool = False,
+    ):
+        query = ["batch=1"] if batch else []
         if cursor is not None:
             query.append(f"cursor={cursor}")
         if grant_cursor is not None:
@@ -244,3 +252,31 @@ async def test_unauthenticated_and_cross_origin_sockets_are_refused(gateway):
     m = gateway.state.metrics
     assert m.rejected_count("ws", "unauthenticated") == 1
     assert m.rejected_count("ws", "origin") == 1
+
+
+async def test_a_batching_client_gets_a_burst_as_one_array_in_order(gateway, mosquitto, prefix):
+    """``batch=1``: events that wait together for one socket leave as one JSON array
+    (one send); every envelope still arrives once, in seq order."""
+    topics, device, browser, http, conv = await setup(gateway, mosquitto, prefix)
+    sealed = [conv.seal(device, f"burst {i}") for i in range(30)]
+    try:
+        async with Browser(gateway, http, batch=True) as web:
+            await web.next("caught_up")
+            await publish_all(mosquitto.url, [(topics.msg(conv.cid), s, False) for s in sealed])
+            frames: list[dict] = []
+            arrays = 0
+            async with asyncio.timeout(30):
+                while len([f for f in frames if f["op"] == "envelope"]) < len(sealed):
+                    parsed = json.loads(await web.ws.recv())
+                    if isinstance(parsed, list):
+                        arrays += 1
+                        frames += parsed
+                    else:
+                        frames.append(parsed)
+            envelopes = [f for f in frames if f["op"] == "envelope"]
+            assert [base64.b64decode(f["data"]) for f in envelopes] == sealed
+            seqs = [f["seq"] for f in envelopes]
+            assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+            assert arrays >= 1  # the burst did not take 30 sends
+    finally:
+        await http.aclose()

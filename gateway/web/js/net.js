@@ -54,11 +54,27 @@ export class Bridge {
     if (this.ws) this.ws.close(1000);
   }
 
+  _frame(frame) {
+    if (frame === null || typeof frame !== "object") return;
+    if (frame.op === "ack" || frame.op === "error") {
+      const waiting = this.pending.get(frame.id);
+      if (waiting) {
+        this.pending.delete(frame.id);
+        clearTimeout(waiting.timer);
+        if (frame.op === "ack") waiting.resolve();
+        else waiting.reject(Object.assign(new Error(frame.detail || frame.reason), { reason: frame.reason }));
+        return;
+      }
+    }
+    this.onFrame(frame);
+  }
+
   _connect() {
     const { cursor, grantCursor } = this.cursors();
     const q = new URLSearchParams();
     if (cursor !== null && cursor !== undefined) q.set("cursor", cursor);
     q.set("grant_cursor", grantCursor || 0);
+    q.set("batch", "1"); // several frames may come as one JSON array (gateway/_ws.py)
     const scheme = location.protocol === "https:" ? "wss:" : "ws:";
     const ws = new WebSocket(`${scheme}//${location.host}/ws?${q}`);
     this.ws = ws;
@@ -69,19 +85,9 @@ export class Bridge {
       ping = setInterval(() => this._send({ op: "ping" }), PING_MS);
     };
     ws.onmessage = (event) => {
-      let frame;
-      try { frame = JSON.parse(event.data); } catch { return; }
-      if (frame.op === "ack" || frame.op === "error") {
-        const waiting = this.pending.get(frame.id);
-        if (waiting) {
-          this.pending.delete(frame.id);
-          clearTimeout(waiting.timer);
-          if (frame.op === "ack") waiting.resolve();
-          else waiting.reject(Object.assign(new Error(frame.detail || frame.reason), { reason: frame.reason }));
-          return;
-        }
-      }
-      this.onFrame(frame);
+      let parsed;
+      try { parsed = JSON.parse(event.data); } catch { return; }
+      for (const frame of Array.isArray(parsed) ? parsed : [parsed]) this._frame(frame);
     };
     ws.onclose = (event) => {
       clearInterval(ping);
