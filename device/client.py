@@ -1161,7 +1161,10 @@ class Device:
         if now >= self._next_receipts:
             self._next_receipts = now + self.options.receipt_interval_s
             if any(self._receipts.values()):
-                with self.state.transaction():
+                # No fsync under the state file's lock every interval: pending receipts
+                # live in memory until here, so a power cut loses them either way (the
+                # sender keeps those messages unconfirmed, as it would then).
+                with self.state.transaction(durable=False, sync_outbox=False):
                     self._flush_receipts()
                 self._pump()
         if self._resend is not None and now >= self._resend[0] and self._conn is not None:
@@ -1226,7 +1229,7 @@ class Device:
     def _housekeeping(self, now: float) -> None:
         old = self.state.unconfirmed(now - self.options.resend_window_s, 0.0, 10_000)
         stale = [g for g in self.state.gaps() if g.since < now - self.options.gap_timeout_s]
-        with self.state.transaction() as db:
+        with self.state.transaction(durable=False) as db:  # redone next time if lost
             self.state.forget_payloads(db, [row[0] for row in old])
             for gap in stale:
                 self.state.drop_gap(db, gap)
