@@ -29,9 +29,9 @@ import queue
 import sqlite3
 import threading
 import time
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -265,6 +265,12 @@ class Device:
         # Checks half of each received batch's signatures beside the worker (the
         # thread starts on first use; see Engine.preverify).
         self._verifier = ThreadPoolExecutor(1, thread_name_prefix="fieldchat-verify")
+        # PUBACKs of committed batches waiting for the fsync that makes them power-safe:
+        # (state generation to reach, acks). The fsync runs on its own thread so the
+        # worker opens and shows the next messages meanwhile (see _send_acks).
+        self._unacked: deque[tuple[int, list[tuple[Connection, int]]]] = deque()
+        self._syncer = ThreadPoolExecutor(1, thread_name_prefix="fieldchat-sync")
+        self._syncing: Future[None] | None = None
         self._worker: threading.Thread | None = None
         self._link: Link | None = None
         self._closed = False
@@ -331,6 +337,7 @@ class Device:
             self._worker.join(10)
             self._worker = None
         self._verifier.shutdown()
+        self._syncer.shutdown()
         try:
             with self.state.transaction():
                 self._flush_receipts()
@@ -650,6 +657,7 @@ class Device:
             stop = any(isinstance(item, _Stop) for item in items)
             try:
                 self._process(items)
+                self._send_acks()
                 if not stop:
                     self._pump()
                     self._tick()
@@ -726,10 +734,8 @@ class Device:
             self._emit(event)
         # Acknowledged only once durable: after a power cut the broker still has them.
         if batch.acks:
-            self.state.sync()
-        for conn, mid in batch.acks:
-            if conn.connected:
-                conn.ack(mid)
+            self._unacked.append((self.state.generation, batch.acks))
+            self._send_acks()
         if batch.subscribe:
             self._subscribe(sorted(batch.subscribe))
         if batch.unsubscribe:
@@ -742,6 +748,34 @@ class Device:
             self._retry_held()
         for cid in sorted(batch.backfill):
             self._backfill(cid)
+
+    def _send_acks(self) -> None:
+        """PUBACK, in order, what an fsync has made power-safe; start one for the rest.
+
+        One fsync at a time covers every batch committed before it started (group
+        commit), and the worker does not wait for it: under a busy disk a slow fsync
+        delays PUBACKs, not the next messages on screen.
+
+        Raises:
+            KeyStoreError: a background fsync failed (the device stops).
+        """
+        if self._fatal is not None:
+            raise self._fatal
+        synced = self.state.synced_generation
+        while self._unacked and self._unacked[0][0] <= synced:
+            _, acks = self._unacked.popleft()
+            for conn, mid in acks:
+                if conn.connected:
+                    conn.ack(mid)
+        if self._unacked and (self._syncing is None or self._syncing.done()):
+            self._syncing = self._syncer.submit(self._sync_for_acks)
+
+    def _sync_for_acks(self) -> None:
+        try:
+            self.state.sync()
+        except KeyStoreError as exc:
+            self._fatal = exc  # raised on the worker by _send_acks
+        self._wake()
 
     def _control(self, item: _Up | _Down, batch: _Batch) -> None:
         conn = item.conn

@@ -270,6 +270,16 @@ class DeviceState:
         return self._synced < self._outbox_gen
 
     @property
+    def generation(self) -> int:
+        """Commits so far (without an fsync): compare with :attr:`synced_generation`."""
+        return self._written
+
+    @property
+    def synced_generation(self) -> int:
+        """Commits so far known durable: every one up to the last :meth:`sync`."""
+        return self._synced
+
+    @property
     def reserving(self) -> bool:
         """Whether the open transaction wrote a sending chain's reservation (read it
         inside the transaction)."""
