@@ -32,7 +32,7 @@ from gateway._sql import open_store
 from gateway._state import Gateway
 from gateway._store import GatewayStore
 from gateway._web import web_app
-from gateway._ws import websocket_endpoint
+from gateway._ws import RAW_SEND_KEY, websocket_endpoint
 from schemas import Topics
 from schemas.errors import FieldchatError, InvalidId, ProtocolError, TransportError, WireError
 
@@ -69,6 +69,10 @@ class _Guard:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
+            if scope["type"] == "websocket":
+                # for the fan-out's direct writes (gateway._ws._Direct): the server's own
+                # send, before Starlette's wrappers
+                scope[RAW_SEND_KEY] = send
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}

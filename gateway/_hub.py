@@ -44,6 +44,7 @@ class Event:
     pid: str | None = None
     status: bytes | None = None
     text: str | None = None
+    wire: bytes | None = None  # the WebSocket frame of ``text``, built once too
 
 
 @dataclass(eq=False)

@@ -280,3 +280,15 @@ async def test_a_batching_client_gets_a_burst_as_one_array_in_order(gateway, mos
             assert arrays >= 1  # the burst did not take 30 sends
     finally:
         await http.aclose()
+
+
+@pytest.mark.parametrize("size", [0, 125, 126, 65_535, 65_536])
+def test_direct_frames_are_the_bytes_websockets_would_write(size):
+    """The fan-out writes ready-made frames (``gateway._ws._wire``): they must be what the
+    websockets library serialises for a server's text frame, at every length encoding."""
+    from websockets.frames import OP_TEXT, Frame
+
+    from gateway._ws import _wire
+
+    text = "é" * (size // 2) + "x" * (size % 2)
+    assert _wire(text) == Frame(OP_TEXT, text.encode()).serialize(mask=False)
