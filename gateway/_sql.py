@@ -14,7 +14,6 @@ Both implement :class:`~gateway._store.HistoryStore` and
 from __future__ import annotations
 
 import asyncio
-import logging
 import sqlite3
 import time
 from collections import OrderedDict
@@ -60,12 +59,9 @@ from schemas.errors import ConfigError
 
 __all__ = ["PostgresStore", "SqlStore", "SqliteStore", "open_store"]
 
-log = logging.getLogger("fieldchat.gateway.store")
-
 _ARCHIVE_LOCK = 0x66_63_61_72  # "fcar": pg_advisory_xact_lock key of archive commits
 _MIGRATE_LOCK = 0x66_63_6D_67  # "fcmg": gateways starting together migrate once
 _MEMBER_CACHE_MAX = 100_000
-_CHECKPOINT_EVERY_S = 1.0  # background WAL checkpoints of the SQLite archive
 _INSERT_ENVELOPE = (
     "INSERT INTO envelopes (cid, epoch, sender, sender_pid, chain, step, data, received_at) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"
@@ -578,11 +574,6 @@ class SqlStore:
         return [Account(int(r.id), r.username, bool(r.is_admin)) for r in rows]
 
 
-def _log_checkpoint_failure(future: asyncio.Future[None]) -> None:
-    if not future.cancelled() and future.exception() is not None:
-        log.warning("SQLite checkpoint failed: %r (the next one retries)", future.exception())
-
-
 class SqliteStore(SqlStore):
     """The embedded default: one SQLite file in WAL mode."""
 
@@ -594,9 +585,6 @@ class SqliteStore(SqlStore):
         self._reader_conn: sqlite3.Connection | None = None
         self._writer_conn: sqlite3.Connection | None = None
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="fc-sqlite-archive")
-        self._checkpointer = ThreadPoolExecutor(1, thread_name_prefix="fc-sqlite-checkpoint")
-        self._checkpoint: asyncio.Future[None] | None = None
-        self._checkpoint_at = 0.0
 
         @event.listens_for(engine.sync_engine, "connect")
         def _pragmas(dbapi_conn: Any, _record: Any) -> None:  # noqa: ANN401
@@ -622,7 +610,7 @@ class SqliteStore(SqlStore):
     # for a time slice: measured on 2 shared cores at load 4-5, a page read through a
     # reader thread had a p99 of 5.2-5.3 ms, inline 0.4-0.6 ms (median 0.27 vs 0.11).
     # Through SQLAlchemy and aiosqlite it was four hops (checkout, execute, fetch, reset).
-    # Writes stay on aiosqlite's thread (a commit may wait for a checkpoint or a lock).
+    # Writes stay in worker threads (a commit may wait for a checkpoint or a lock).
 
     def _reader(self) -> sqlite3.Connection:
         conn = self._reader_conn
@@ -685,7 +673,6 @@ class SqliteStore(SqlStore):
 
     async def close(self) -> None:
         self._writer.shutdown(wait=True)
-        self._checkpointer.shutdown(wait=True)
         for conn in (self._reader_conn, self._writer_conn):
             if conn is not None:
                 conn.close()
@@ -709,37 +696,8 @@ class SqliteStore(SqlStore):
             conn = sqlite3.connect(path, timeout=10, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA synchronous=NORMAL")  # as the engine's connections (above)
             conn.execute("PRAGMA foreign_keys=ON")
-            # No checkpoint inside an archive commit: see ``_checkpoint_soon``.
-            conn.execute("PRAGMA wal_autocheckpoint=0")
             self._writer_conn = conn
         return conn
-
-    def _checkpoint_soon(self) -> None:
-        """Copy the WAL back into the database in another thread, at most once a second.
-
-        SQLite checkpoints automatically inside the commit that fills the WAL to 1,000
-        pages, and a checkpoint syncs the database file: on this machine's disk that
-        commit took ≈ 140 ms every few seconds at 20 envelopes/s, and every live reader
-        waited for it. A PASSIVE checkpoint on its own connection lets commits go on
-        appending to the WAL meanwhile (SQLite WAL: one writer, checkpoints beside it).
-        """
-        now = time.monotonic()
-        if (self._checkpoint is not None and not self._checkpoint.done()) or (
-            now - self._checkpoint_at < _CHECKPOINT_EVERY_S
-        ):
-            return
-        self._checkpoint_at = now
-        path = self.engine.url.database
-
-        def run() -> None:
-            conn = sqlite3.connect(path or "", timeout=10, isolation_level=None)
-            try:
-                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-            finally:
-                conn.close()
-
-        self._checkpoint = asyncio.get_running_loop().run_in_executor(self._checkpointer, run)
-        self._checkpoint.add_done_callback(_log_checkpoint_failure)
 
     def _insert_batch(self, rows: list[tuple[Any, ...]]) -> tuple[int, int | None]:
         """In the writer thread: insert idempotently; (new rows, largest new seq)."""
@@ -780,7 +738,6 @@ class SqliteStore(SqlStore):
                 )
             except sqlite3.Error as exc:
                 raise StorageError(f"database error while archiving: {type(exc).__name__}") from exc
-        self._checkpoint_soon()
         return ArchiveResult(
             archived=archived,
             duplicates=len(rows) - archived,
