@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import socket
 import ssl
 import threading
 import time
@@ -311,6 +312,7 @@ class Link:
         except (TimeoutError, OSError) as exc:
             reason = exc.strerror or type(exc).__name__
             return self._fail(ConnectFailed(f"cannot reach broker at {where}: {reason}"))
+        _no_delay(client)
         deadline = time.monotonic() + self.options.connect_timeout_s
         reason = "connection lost"
         try:
@@ -371,6 +373,21 @@ class Link:
         log.info("link: %s", error)
         self.handler.link_failed(error)
         return "fail"
+
+
+def _no_delay(client: mqtt.Client) -> None:
+    """Send each packet at once (TCP_NODELAY; paho leaves Nagle's algorithm on).
+
+    With Nagle, a PUBLISH written while an earlier small packet of ours (a PUBACK) is
+    unacknowledged waits for the broker's delayed ACK: up to 40 ms on Linux. On MQTT
+    3.1.1 every own message comes back and is PUBACKed, so nearly every send waited
+    (median 17 ms here, instead of 0.7 ms); on MQTT 5, a send after PUBACKing a
+    receipt did.
+    """
+    sock = client.socket()
+    if isinstance(sock, socket.socket):  # ssl.SSLSocket too
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _close_client(client: mqtt.Client) -> None:
