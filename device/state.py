@@ -682,7 +682,7 @@ class DeviceState:
 
         SQLite otherwise checkpoints in whichever thread commits the 1,000th WAL page:
         a ``send`` or a received batch then waits for 4 MB of copying and two fsyncs
-        (5-17 ms here, every ~160 sends). A PASSIVE checkpoint on a second connection
+        (up to 17 ms here, every ~160 sends). A PASSIVE checkpoint on a second connection
         runs beside the writers; it copies committed pages only, so what is durable
         does not change (it fsyncs the WAL first: if anything, more is).
         """
