@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import queue
 import select
 import sys
@@ -25,7 +26,7 @@ from device.config import DeviceSettings, low_bandwidth_policy
 from device.events import Event, KeyChanged, MessageReceived, ReceiptReceived
 from device.history import GatewayHistory, gateway_base
 from device.state import DeviceState, ReceivedRow
-from schemas import Policy
+from schemas import Policy, tracing
 from schemas.errors import ConfigError, FieldchatError, TransportError
 
 __all__ = ["device_app"]
@@ -125,6 +126,8 @@ def _device(
         stream=sys.stderr,
         format="%(levelname)s %(message)s",
     )
+    with _errors():  # docs/tracing.md; queued spans leave at exit (bounded, 3 s)
+        tracing.configure(tracing.TraceSettings.from_environ(os.environ))
     _options.config = config
     _options.settings = None
     _options.flags = {

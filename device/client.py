@@ -62,6 +62,7 @@ from schemas import (
     ReceiptType,
     TextMessage,
     Topics,
+    tracing,
 )
 from schemas.envelope import EnvelopeKind, read_header
 from schemas.errors import (
@@ -233,6 +234,7 @@ class Device:
                 self.state, topics=self.topics, post_quantum=post_quantum
             )
         self.counters: Counter[str] = Counter()
+        self._tracer = tracing.tracer("device")  # docs/tracing.md; None when off
         self._queue: queue.Queue[_Item] = queue.Queue(MAX_QUEUE)
         self._send_lock = threading.Lock()
         self._receipts_lock = threading.Lock()  # never held while taking another lock
@@ -1172,6 +1174,8 @@ class Device:
                 mid = conn.publish(
                     row.topic, row.payload, retain=row.retain, alias=row.what in ("msg", "receipt")
                 )
+                if self._tracer is not None:
+                    self._tracer.publish(row.topic, row.payload)
                 self._inflight[mid] = row.seq
                 self._cursor = row.seq + 1
         now = self._clock()

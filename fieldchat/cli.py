@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Annotated, Any
@@ -15,6 +16,7 @@ from device.demo import run_local_demo
 from fieldchat.demo import run_demo
 from fieldchat.stack import StackOptions, run_stack
 from gateway._cli import gateway_app
+from schemas import tracing
 from schemas.errors import FieldchatError
 
 app = typer.Typer(
@@ -43,12 +45,15 @@ HttpPort = Annotated[
 def _serve(main: Coroutine[Any, Any, None]) -> None:
     """Run a stack until Ctrl-C; a FieldchatError is one line and exit code 1."""
     try:
+        tracing.configure(tracing.TraceSettings.from_environ(os.environ))  # docs/tracing.md
         asyncio.run(main)
     except KeyboardInterrupt:
         typer.echo("fieldchat stopped.")
     except FieldchatError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
+    finally:
+        tracing.shutdown()
 
 
 @app.command()
