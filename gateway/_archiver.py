@@ -47,7 +47,7 @@ from gateway._store import (
     RosterRecord,
 )
 from gateway._verify import Parsed, Rejected, TopicCache, classify, verify_signatures
-from schemas import Bundle, Envelope, Roster, TopicKind, Topics, verify_roster_chain
+from schemas import Bundle, Envelope, Roster, TopicKind, Topics, tracing, verify_roster_chain
 from schemas.errors import ConnectFailed, FieldchatError, NotAMember, TransportError
 
 __all__ = ["ArchiveListener", "Archiver", "MqttFactory", "mqtt_factory"]
@@ -141,6 +141,7 @@ class Archiver:
         self._pending_count = 0
         self._last_batch = 0
         self.connected = asyncio.Event()
+        self.tracer = tracing.tracer("gateway")  # docs/tracing.md; None when off
 
     # -- public ------------------------------------------------------------------------
 
@@ -479,6 +480,16 @@ class Archiver:
             return
         result = await self.store.commit(out)
         done = time.time()
+        if self.tracer is not None:
+            for e in out.envelopes:
+                self.tracer.span(
+                    "archive",
+                    e.cid,
+                    e.data,
+                    kind="consumer",
+                    start_ns=int(e.received_at * 1e9),
+                    attributes={"fieldchat.archive.batch": len(out.envelopes)},
+                )
         m = self.metrics
         m.archived.inc(result.archived)
         m.duplicates.inc(result.duplicates)

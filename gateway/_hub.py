@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from gateway._archiver import ArchiveListener
 from gateway._metrics import Metrics
 from gateway._store import HistoryStore, RosterRecord, StoredEnvelope, StoredGrant
+from schemas import tracing
 from schemas.errors import FieldchatError
 
 __all__ = ["Event", "Hub", "Subscription"]
@@ -85,6 +86,7 @@ class Hub(ArchiveListener):
         self._wake = asyncio.Event()
         self._cursor: int | None = None  # None while nobody listens
         self._grant_cursor: int | None = None
+        self.tracer = tracing.tracer("gateway")  # docs/tracing.md; None when off
 
     # -- ArchiveListener ---------------------------------------------------------------
 
@@ -154,9 +156,19 @@ class Hub(ArchiveListener):
             rows = await self.store.since(self._cursor, limit=_READ_LIMIT)
             for row in rows:
                 event = Event("envelope", envelope=row)
+                offered = 0
                 for sub in list(self._subs):
                     if row.cid in sub.conversations:
                         sub.offer(event)
+                        offered += 1
+                if self.tracer is not None and offered:  # one span per fan-out, not per socket
+                    self.tracer.span(
+                        "ws deliver",
+                        row.cid,
+                        row.data,
+                        kind="producer",
+                        attributes={"fieldchat.ws.subscribers": offered, "fieldchat.seq": row.seq},
+                    )
                 self._cursor = row.seq
             if len(rows) < _READ_LIMIT:
                 break

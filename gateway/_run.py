@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 
 import uvicorn
 
@@ -12,6 +13,7 @@ from gateway._accounts import Accounts
 from gateway._app import create_app
 from gateway._settings import GatewaySettings
 from gateway._sql import open_store
+from schemas import tracing
 
 __all__ = ["bootstrap_admin", "migrate", "serve"]
 
@@ -39,7 +41,11 @@ def serve(settings: GatewaySettings) -> None:
     # Everything imported and built so far lives as long as the process: keep it out
     # of the cyclic collector, so full collections under load stay short.
     gc.freeze()
-    uvicorn.Server(config).run()
+    tracing.configure(tracing.TraceSettings.from_environ(os.environ))  # docs/tracing.md
+    try:
+        uvicorn.Server(config).run()
+    finally:
+        tracing.shutdown()
 
 
 def migrate(settings: GatewaySettings) -> int:

@@ -48,6 +48,7 @@ import base64
 import binascii
 import json
 import logging
+import time
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -349,7 +350,10 @@ class _Session:
         if kind == "msg":
             cid = validate_id(frame.get("cid"), "cid")
             await self._check_envelope(cid, data)
+            start = time.time_ns()
             await gw.archiver.publish(gw.topics.msg(cid), data)
+            if gw.archiver.tracer is not None:  # a browser's envelope: its root span here
+                gw.archiver.tracer.publish(gw.topics.msg(cid), data, start_ns=start)
         elif kind == "roster":
             roster = Roster.from_bytes(data)
             if roster.signer not in mine:
