@@ -95,6 +95,25 @@ class SendChain:
         self.key = chain_key
         self.reserved = until
 
+    def forget(self, reserved: int, chain_key: bytes) -> None:
+        """Give up reservations past ``reserved`` (whose chain key is ``chain_key``):
+        their write rolled back, so the disk still says ``reserved``.
+
+        Steps already used stay used (what they sealed was rolled back too, never
+        published), so nothing is sealed twice even in memory; if they went past
+        ``reserved``, the chain waits at its current step with no step reserved, and
+        the next :meth:`plan` persists from there.
+        """
+        if self.step >= reserved:
+            self.key = advance(chain_key, self.step - reserved)
+            self.reserved = self.step
+            self.ahead.clear()
+        else:
+            for _ in range(self.reserved - reserved):
+                self.ahead.pop()
+            self.key = chain_key
+            self.reserved = reserved
+
     def next_key(self) -> tuple[int, bytes, bytes]:
         """Use the current step: ``(step, message key, nonce)``; needs a reservation."""
         step = self.step

@@ -384,9 +384,7 @@ class Engine:
             chain = conv.send
             if chain is None or conv.removed or not 0 < chain.reserved - chain.step <= left:
                 continue
-            until, chain_key, keys = chain.plan()
-            self.store.save(self._send_record(conv, (until, chain_key)))
-            chain.commit(until, chain_key, keys)
+            self._reserve(conv, chain)
             renewed += 1
         return renewed
 
@@ -729,9 +727,7 @@ class Engine:
         if chain is None or conv.removed:
             raise NotAMember(f"not a member of {cid}")
         if chain.step >= chain.reserved:
-            until, chain_key, keys = chain.plan()
-            self.store.save(self._send_record(conv, (until, chain_key)))
-            chain.commit(until, chain_key, keys)
+            self._reserve(conv, chain)
         policy = conv.rosters[conv.epoch].policy
         if policy.compress or policy.pad:
             plaintext, compressed, padded = encode_plaintext(
@@ -914,6 +910,24 @@ class Engine:
                 tuple(chain.skipped.items()),
             )
         )
+
+    def _reserve(self, conv: _Conversation, chain: SendChain) -> None:
+        """Persist the chain's next reservation, then use it (§6.3).
+
+        The write may join a transaction of the caller's that later fails (a full
+        disk at the next row): the store then undoes the adoption with it, so memory
+        never uses steps past a reservation the disk does not hold, which a restart
+        would hand out again.
+        """
+        until, chain_key, keys = chain.plan()
+        self.store.save(self._send_record(conv, (until, chain_key)))
+        persisted = chain.reserved, chain.key
+        chain.commit(until, chain_key, keys)
+        self.store.on_rollback(lambda: self._forget_reservation(chain, *persisted))
+
+    def _forget_reservation(self, chain: SendChain, reserved: int, chain_key: bytes) -> None:
+        with self._lock:
+            chain.forget(reserved, chain_key)
 
     def _send_record(
         self, conv: _Conversation, reservation: tuple[int, bytes] | None = None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -80,7 +80,20 @@ class KeyStore(Protocol):
         ...
 
     def save(self, items: Mapping[str, bytes | None]) -> None:
-        """Write all items atomically and durably before returning; ``None`` deletes."""
+        """Write all items atomically and durably before returning; ``None`` deletes.
+
+        A store may instead let the write join a transaction of its caller's
+        (:class:`device.state.DeviceState`): it is then kept only if that commits.
+        """
+        ...
+
+    def on_rollback(self, undo: Callable[[], None]) -> None:
+        """Call ``undo`` if the writes since the open transaction began roll back.
+
+        Lets the engine keep memory in step with the disk: what it adopted after a
+        :meth:`save` that joined a transaction is undone with it (PROTOCOL.md §6.3).
+        Stores whose :meth:`save` commits by itself never call it.
+        """
         ...
 
 
@@ -96,6 +109,9 @@ class MemoryKeyStore:
 
     def load_prefix(self, prefix: str) -> dict[str, bytes]:
         return {k: v for k, v in self._data.items() if k.startswith(prefix)}
+
+    def on_rollback(self, undo: Callable[[], None]) -> None:
+        """Nothing to undo: each :meth:`save` stands alone."""
 
     def save(self, items: Mapping[str, bytes | None]) -> None:
         self.writes += 1
@@ -164,6 +180,9 @@ class SqliteKeyStore:
                     raise
         except sqlite3.Error as exc:
             raise KeyStoreError(f"key store write failed: {exc}") from exc
+
+    def on_rollback(self, undo: Callable[[], None]) -> None:
+        """Nothing to undo: each :meth:`save` commits by itself."""
 
     def close(self) -> None:
         with self._lock:

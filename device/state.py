@@ -46,12 +46,13 @@ already sent (receivers have it; the sender's history does not), never reuse a s
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,6 +185,7 @@ class DeviceState:
         self._lock = threading.RLock()
         self._lockfile: IO[str] | None = None
         self._depth = 0
+        self._undo: list[Callable[[], None]] = []  # see on_rollback
         self._durable = True  # of the open transaction
         self._written = 0  # commits without an fsync so far
         self._synced = 0  # ... of which this many are known durable
@@ -237,18 +239,22 @@ class DeviceState:
                 raise KeyStoreError(f"state file write failed: {exc}") from exc
             self._depth = 1
             self._txn_outbox = self._txn_chain = False
+            self._undo = []
             try:
                 yield self._db
+            except sqlite3.Error as exc:
+                self._rollback()
+                raise KeyStoreError(f"state file write failed: {exc}") from exc
             except BaseException:
-                self._depth = 0
-                self._db.execute("ROLLBACK")
+                self._rollback()
                 raise
             self._depth = 0
             try:
                 self._db.execute("COMMIT")
             except sqlite3.Error as exc:
-                self._db.execute("ROLLBACK")
+                self._rollback()
                 raise KeyStoreError(f"state file write failed: {exc}") from exc
+            self._undo = []
             self.commits += 1
             self._written += 1
             if durable:  # the fsync of the WAL covers every earlier frame too
@@ -258,6 +264,27 @@ class DeviceState:
                 self._chain_gen = self._written
             if self._txn_outbox and (sync_outbox or self._txn_chain):
                 self._outbox_gen = self._written
+
+    def _rollback(self) -> None:
+        """Roll the open transaction back, then undo what was adopted in memory with it
+        (newest first: the engine's reservations, see :meth:`on_rollback`)."""
+        self._depth = 0
+        undo, self._undo = self._undo, []
+        try:
+            # SQLite may have rolled back by itself (after SQLITE_FULL or SQLITE_IOERR).
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
+        finally:
+            for step in reversed(undo):
+                step()
+
+    def on_rollback(self, undo: Callable[[], None]) -> None:
+        """Call ``undo`` if the open transaction rolls back (the KeyStore protocol).
+
+        Outside a transaction the last :meth:`save` has committed: nothing to undo.
+        """
+        if self._depth:
+            self._undo.append(undo)
 
     @property
     def unsynced(self) -> bool:

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from device.chains import RESERVE_STEPS
 from device.client import Device
+from device.engine import Engine
+from device.identity import Identity
 from device.keystore import SEND_CHAIN_PREFIX
 from device.state import DeviceState
+from schemas import KeyStoreError, Topics
 
 
 def _offline(path: object, *, power_safe: bool = False) -> tuple[Device, str]:
@@ -99,3 +105,85 @@ def test_a_reservation_renewed_ahead_is_never_reused_after_a_restart(tmp_path):
         assert device.send(cid, "after restart").step == 2 * RESERVE_STEPS > max(steps)
     finally:
         device.close()
+
+
+def _fail_on(path: object, text: str) -> None:
+    """Make SQLite itself refuse the ``sent`` row of ``text`` (as a full disk would)."""
+    db = sqlite3.connect(path)  # type: ignore[arg-type]
+    try:
+        db.execute(
+            "CREATE TRIGGER disk_full BEFORE INSERT ON sent WHEN NEW.text = "
+            f"'{text}' BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END"
+        )
+        db.commit()
+    finally:
+        db.close()
+
+
+def test_a_reservation_rolled_back_with_its_send_is_not_used(tmp_path):
+    """A write failing after the reservation in one send transaction: memory rolls back
+    with the disk, so no step is sealed twice after a restart (PROTOCOL.md §6.3)."""
+    path = tmp_path / "a.sqlite3"
+    peer = Engine(Identity.generate(post_quantum=False))
+    device = Device(path)
+    with device.state.transaction():
+        device.engine.learn_bundle(peer.identity.bundle.to_bytes())
+    peer.learn_bundle(device.engine.identity.bundle.to_bytes())
+    cid = device.create_conversation([peer.pid])
+    for row in device.outbox():  # the roster and the peer's grant, as the broker routes them
+        if row.retain:
+            peer.handle_roster(row.payload)
+        elif row.topic == Topics().inbox(peer.pid):
+            peer.handle_grant(row.payload)
+    device.send_many(cid, [f"a{i}" for i in range(RESERVE_STEPS)])  # steps 0..63: one window
+    record = device.state.load(f"{SEND_CHAIN_PREFIX}{cid}")
+    _fail_on(path, "boom")
+    with pytest.raises(KeyStoreError, match="disk is full"):
+        # The first text reserves steps 64..127 in the transaction, the second fails it.
+        device.send_many(cid, ["rolled back", "boom"])
+    assert device.state.load(f"{SEND_CHAIN_PREFIX}{cid}") == record
+    texts = [f"b{i}" for i in range(10)]
+    device.send_many(cid, texts)  # must reserve again, in its own transaction
+    # A crash: the device is dropped without closing; only what committed remains.
+    restarted = Device(path)
+    try:
+        texts += [f"c{i}" for i in range(RESERVE_STEPS + 10)]
+        for text in texts[10:]:
+            restarted.send(cid, text)
+        rows = restarted.state._read("SELECT step, text, payload FROM sent ORDER BY id")
+        steps = [step for step, _, _ in rows]
+        assert len(set(steps)) == len(steps) == RESERVE_STEPS + len(texts)
+        assert steps == sorted(steps)
+        opened = [peer.open(cid, bytes(payload)) for _, _, payload in rows]
+        assert [o.message.text for o in opened if o is not None] == [
+            f"a{i}" for i in range(RESERVE_STEPS)
+        ] + texts
+        assert [o.step for o in opened if o is not None] == steps
+    finally:
+        restarted.close()
+
+
+def test_a_renewal_rolled_back_keeps_the_window_persisted(tmp_path):
+    """The worker's renewal ahead of need (Device._tick), undone by a failing write."""
+    path = tmp_path / "a.sqlite3"
+    device, cid = _offline(path)
+    left = RESERVE_STEPS // 2
+    steps = [device.send(cid, f"m{i}").step for i in range(RESERVE_STEPS - left)]
+    _fail_on(path, "boom")
+
+    def renew_then_fail() -> None:
+        with device.state.transaction(durable=False) as db:
+            assert device.engine.renew_reservations(left) == 1
+            device.state.add_sent(db, cid, 0, 0, 0, -1, "boom", "t", b"", 0)
+
+    with pytest.raises(KeyStoreError, match="disk is full"):
+        renew_then_fail()
+    assert device.engine.reservations_low(left)  # still the window on disk
+    # The rest of the persisted window, then a reservation of its own; then a crash.
+    steps += [device.send(cid, f"n{i}").step for i in range(left + 1)]
+    assert steps == list(range(RESERVE_STEPS + 1))
+    restarted = Device(path)
+    try:
+        assert restarted.send(cid, "after restart").step == 2 * RESERVE_STEPS
+    finally:
+        restarted.close()
