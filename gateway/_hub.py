@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import Counter
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
@@ -82,6 +83,9 @@ class Hub(ArchiveListener):
         self.poll_s = poll_s
         self.queue_max = queue_max
         self.presence_of: dict[str, bytes] = {}
+        # Open sockets that announced each browser participant's presence: when the last
+        # one closes the gateway says "offline" for it, as a device's last will does.
+        self.announced: Counter[str] = Counter()
         self._subs: set[Subscription] = set()
         self._wake = asyncio.Event()
         self._cursor: int | None = None  # None while nobody listens
@@ -98,12 +102,18 @@ class Hub(ArchiveListener):
         for sub in list(self._subs):
             listed = sub.pids & set(record.members)
             known = record.cid in sub.conversations
+            met: set[str] = set()
             if listed:
+                met = set(record.members) - sub.peers
                 sub.conversations[record.cid] = record.members
             elif known:
                 del sub.conversations[record.cid]
             if listed or known:
                 sub.offer(event)
+            for pid in sorted(met):  # a new peer's presence now, not at the next connect
+                status = self.presence_of.get(pid)
+                if status is not None:
+                    sub.offer(Event("presence", pid=pid, status=status))
 
     def presence(self, pid: str, payload: bytes) -> None:
         if pid not in self.presence_of and len(self.presence_of) >= _PRESENCE_MAX:

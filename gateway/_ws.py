@@ -70,6 +70,7 @@ log = logging.getLogger("fieldchat.gateway.ws")
 
 MAX_FRAME_BYTES = 4 * MAX_ENVELOPE_BYTES // 3 + 1024  # a base64 envelope and its JSON
 MAX_BAD_FRAMES = 16
+STATUS_OFFLINE = b"offline"  # the payload of a device's last will (device/client.py)
 RAW_SEND_KEY = "fieldchat.raw_send"  # the server's own ASGI send (set by the app's guard)
 BATCH_FRAME_BYTES = 65_536  # the largest array frame of a batch=1 client (but one event)
 _BACKFILL_PAGE = 500
@@ -218,6 +219,20 @@ class _Session:
         self.sent_seq = 0
         self.sent_grant = 0
         self.bad_frames = 0
+        self.announced: set[str] = set()  # participants whose status this socket set
+
+    async def farewell(self) -> None:
+        """Say "offline" for each participant whose last announcing socket this was: a
+        closed tab must not stay "online" (a device's broker does this with its will)."""
+        hub, gw = self.gw.hub, self.gw
+        for pid in self.announced:
+            hub.announced[pid] -= 1
+            if hub.announced[pid] > 0:
+                continue
+            del hub.announced[pid]
+            if hub.presence_of.get(pid) != STATUS_OFFLINE:
+                await gw.publish_best_effort(gw.topics.status(pid), STATUS_OFFLINE, retain=True)
+        self.announced.clear()
 
     async def send(self, frame: dict[str, Any]) -> None:
         await self.ws.send_text(json.dumps(frame, separators=(",", ":")))
@@ -376,6 +391,9 @@ class _Session:
             if len(data) > MAX_STATUS_BYTES:
                 raise LimitExceeded("status too large")
             await gw.archiver.publish(gw.topics.status(pid), data, retain=True)
+            if pid not in self.announced:
+                self.announced.add(pid)
+                gw.hub.announced[pid] += 1
         else:
             raise _BadFrame("kind must be msg, roster, grant, bundle or status")
         gw.metrics.ws_published.labels(kind=kind).inc()
@@ -455,3 +473,4 @@ async def websocket_endpoint(ws: WebSocket) -> None:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         gw.hub.unsubscribe(sub)
+        await session.farewell()

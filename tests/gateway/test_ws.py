@@ -292,3 +292,52 @@ def test_direct_frames_are_the_bytes_websockets_would_write(size):
 
     text = "é" * (size // 2) + "x" * (size % 2)
     assert _wire(text) == Frame(OP_TEXT, text.encode()).serialize(mask=False)
+
+
+
+async def test_a_closed_tab_goes_offline_when_its_last_socket_closes(gateway, mosquitto, prefix):
+    topics, device, browser, http, conv = await setup(gateway, mosquitto, prefix)
+    presence = gateway.state.hub.presence_of
+
+    async def announce(web: Browser) -> None:
+        await web.next("caught_up")
+        assert (await web.publish("status", b"online", pid=browser.pid))["op"] == "ack"
+
+    try:
+        async with Browser(gateway, http) as first:
+            await announce(first)
+            async with Browser(gateway, http) as second:  # the same participant, two tabs
+                await announce(second)
+                await eventually(lambda: presence.get(browser.pid) == b"online", "online")
+            await asyncio.sleep(0.5)  # one tab closed: the other still shows it online
+            assert presence.get(browser.pid) == b"online"
+    finally:
+        await http.aclose()
+    # the last tab closed: "offline", retained for whoever connects later
+    await eventually(lambda: presence.get(browser.pid) == b"offline", "offline after close")
+    host, port = mosquitto.url.removeprefix("mqtt://").split(":")
+    async with aiomqtt.Client(host, int(port)) as late:
+        await late.subscribe(topics.status(browser.pid), qos=1)
+        async for message in late.messages:
+            assert message.retain and message.payload == b"offline"
+            break
+
+
+async def test_a_peer_added_later_shows_its_presence_at_once(gateway, mosquitto, prefix):
+    topics, device, browser, http, conv = await setup(gateway, mosquitto, prefix)
+    newcomer = Party(topics)
+    await publish_all(mosquitto.url, [(topics.status(newcomer.pid), b"online", True)])
+    await eventually(
+        lambda: gateway.state.hub.presence_of.get(newcomer.pid) == b"online", "newcomer status"
+    )
+    try:
+        async with Browser(gateway, http) as web:
+            await web.next("caught_up")
+            # a new conversation with the newcomer while the browser stays connected
+            later = converse(topics, [newcomer, browser])
+            await publish_all(mosquitto.url, pubs(later.publications))
+            frame = await web.next("presence")
+            assert frame["pid"] == newcomer.pid
+            assert base64.b64decode(frame["status"]) == b"online"
+    finally:
+        await http.aclose()
