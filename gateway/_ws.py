@@ -107,6 +107,9 @@ def _wire(text: str) -> bytes:
     return bytes((0x81, 127)) + size.to_bytes(8, "big") + payload
 
 
+_DIRECT_NEEDS = ("close_sent", "handshake_complete", "writable", "transport")
+
+
 class _Direct:
     """Writes ready-made frames straight to uvicorn's transport, when that is safe.
 
@@ -125,7 +128,10 @@ class _Direct:
 
     def __init__(self, raw_send: object) -> None:
         proto = getattr(raw_send, "__self__", None)
-        self._proto = proto if isinstance(proto, WebSocketsSansIOProtocol) else None
+        usable = isinstance(proto, WebSocketsSansIOProtocol) and all(
+            hasattr(proto, name) for name in _DIRECT_NEEDS
+        )  # another uvicorn may rename its internals: then the ASGI send, not a crash
+        self._proto = proto if usable else None
 
     def write(self, frame: bytes) -> bool:
         """True when ``frame`` went out; False: use the ASGI ``send``."""
