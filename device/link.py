@@ -72,7 +72,9 @@ class Will:
 
 
 class Connection:
-    """One MQTT connection (one paho client). Thread-safe for publish/subscribe/ack."""
+    """One MQTT connection (one paho client). Thread-safe for publish/subscribe/ack:
+    other threads only queue packets, the link thread writes them (see
+    :func:`_written_by_the_loop`)."""
 
     def __init__(self, number: int, client: mqtt.Client, protocol: str) -> None:
         self.number = number
@@ -230,6 +232,7 @@ class Link:
             manual_ack=True,
         )
         client.max_inflight_messages = 0  # the device windows its outbox itself
+        client.on_socket_register_write = _written_by_the_loop
         client.connect_timeout = self.options.connect_timeout_s
         username = self.broker.username or self.client_id
         password = self.broker.credential.get_secret_value() if self.broker.credential else None
@@ -373,6 +376,24 @@ class Link:
         log.info("link: %s", error)
         self.handler.link_failed(error)
         return "fail"
+
+
+def _written_by_the_loop(_c: mqtt.Client, _u: object, _s: object) -> None:
+    """Make the link thread the socket's only writer.
+
+    paho 2.2 has no lock around its outgoing packet queue's writer
+    (``Client._packet_write``: pop a packet, send what the socket takes, put the rest
+    back first). Without a network thread of paho's own (``loop_start``; we run
+    ``loop()`` on the link thread) and without this callback, ``_packet_queue``
+    writes at once on the calling thread: the worker's PUBLISHes and PUBACKs would
+    run that writer while the link thread's ``loop()`` runs it too, so one packet's
+    rest could follow another's start on a partial write (and an ``SSLSocket`` is not
+    safe to write from two threads at all). With a socket-register-write callback
+    set, paho only queues the packet and wakes ``loop()`` through its socket pair;
+    the link thread writes everything, in queue order. Nothing to register: the
+    link thread's ``select()`` already watches for writability whenever paho wants
+    to write.
+    """
 
 
 def _no_delay(client: mqtt.Client) -> None:

@@ -263,3 +263,43 @@ def test_packets_leave_at_once_without_waiting_for_the_brokers_delayed_ack(mosqu
         assert connection is not None
         sock = connection.client.socket()
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+
+def test_only_the_link_thread_writes_to_the_socket(mosquitto_devices: Devices) -> None:
+    """paho 2.2 has no lock around its packet writer, so the worker's PUBLISHes and
+    PUBACKs go through the link thread's loop (device/link.py, _written_by_the_loop):
+    two writers could interleave the rests of partly written packets."""
+    import threading
+
+    from device.client import Device
+
+    writers: dict[str, set[str]] = {}
+
+    def watch(device: Device) -> None:
+        connection = device._link.connection if device._link else None
+        assert connection is not None
+        client = connection.client
+        send = client._sock_send
+        seen = writers.setdefault(device.pid, set())
+
+        def recorded(buf: bytes) -> int:
+            seen.add(threading.current_thread().name)
+            return send(buf)
+
+        client._sock_send = recorded  # type: ignore[method-assign]
+
+    alice = mosquitto_devices.make("alice")
+    bob = mosquitto_devices.make("bob")
+    cid = alice.create_conversation([bob.pid])
+    wait_until(lambda: bob.engine.is_member(cid), 10, "bob joins")
+    watch(alice)
+    watch(bob)
+    lines = [f"m{i}" for i in range(300)]
+    for i in range(0, len(lines), 30):
+        alice.send_many(cid, lines[i : i + 30])
+        bob.send(cid, f"reply {i}")
+    wait_until(lambda: texts(bob, cid) == lines, 20, "bob receives all")
+    wait_until(lambda: len(texts(alice, cid)) == 10, 20, "alice receives the replies")
+    assert alice.wait_drained(10) and bob.wait_drained(10)
+    # PUBLISH (worker), PUBACK (sync thread), receipts: all written by the link thread.
+    assert writers == {alice.pid: {"fieldchat-link"}, bob.pid: {"fieldchat-link"}}
