@@ -89,6 +89,15 @@ MAX_TOPICS_PARSED = 1_024  # parsed topic names kept (a device sees few distinct
 # The worker reserves a chain's next steps (and fsyncs) once this few are left, so a
 # send rarely finds its window used up and waits for that fsync itself.
 RENEW_WHEN_LEFT = RESERVE_STEPS // 2
+# Tail checks (Device._tail): pages of this many envelopes, at most TAIL_PAGES per
+# conversation a round; rounds wait for TAIL_QUIET_S without inbound messages (a
+# reconnect's queued backlog arrives first) and follow each other TAIL_AGAIN_S apart
+# while the gateway has more, else LinkOptions.history_tail_s apart.
+TAIL_PAGE = 500
+TAIL_PAGES = 4
+TAIL_QUIET_S = 0.5
+TAIL_AGAIN_S = 1.0
+TAIL_CURSOR = "history_after/"  # meta key prefix: the history source's cursor per cid
 STATUS_ONLINE = b"online"
 STATUS_OFFLINE = b"offline"
 _TICK_S = 0.05
@@ -100,13 +109,16 @@ class HistorySource(Protocol):
 
     ``request`` returns the envelopes it has for the gap's range (possibly more);
     ``conversation`` what was archived for a conversation we just joined (sent before
-    our subscription existed). The device opens them like live ones, so duplicates
-    and forgeries cost nothing.
+    our subscription existed); ``since`` one page after a cursor the device keeps
+    (its tail checks: what was lost at the end of a run reveals no gap). The device
+    opens them like live ones, so duplicates and forgeries cost nothing.
     """
 
     def request(self, gap: Gap) -> Iterable[bytes]: ...
 
     def conversation(self, cid: str) -> Iterable[bytes]: ...
+
+    def since(self, cid: str, after: int, limit: int) -> tuple[list[bytes], int, bool]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,6 +274,8 @@ class Device:
         self._next_receipts = 0.0
         self._resend: tuple[float, float] | None = None  # (due, published before)
         self._next_housekeeping = 0.0
+        self._next_tail: float | None = None  # the next tail check; None before connecting
+        self._last_inbound = 0.0  # when the last message batch arrived
         self._fatal: KeyStoreError | None = None
         self._topics_parsed: dict[str, Topic] = {}
         # Checks half of each received batch's signatures beside the worker (the
@@ -682,6 +696,8 @@ class Device:
         for item in items:
             if isinstance(item, (_Msg, _Acked)):
                 pending.append(item)
+                if isinstance(item, _Msg):
+                    self._last_inbound = self._clock()
             elif isinstance(item, _Refused):
                 # The broker may learn our membership (from the roster) only after our
                 # SUBSCRIBE: try again soon, while we still want the topic.
@@ -798,9 +814,10 @@ class Device:
                 self._subs_pending.clear()
                 topics = sorted(self._subs)
             conn.subscribe(topics, no_local=[t for t in topics if t.endswith("/msg")])
+            now = self._clock()
             if self._link is not None and self._link.connects > 1:
-                now = self._clock()
                 self._resend = (now + self.options.resend_after_s, now)
+            self._next_tail = now  # once the backlog the broker kept has arrived
             self.counters["connects"] += 1
             batch.events.append(Connected(conn.protocol, item.session_present))
             log.info(
@@ -1218,6 +1235,13 @@ class Device:
         if now >= self._next_housekeeping:
             self._next_housekeeping = now + min(10.0, self.options.gap_timeout_s)
             self._housekeeping(now)
+        if (
+            self.history is not None
+            and self._next_tail is not None
+            and now >= self._next_tail
+            and now - self._last_inbound >= TAIL_QUIET_S
+        ):
+            self._next_tail = now + self._tail()
 
     def _flush_receipts(self) -> None:
         """Seal the pending receipts as one message per conversation and type."""
@@ -1292,6 +1316,53 @@ class Device:
             log.info("history request failed: %s", exc)
             return
         self._open_fetched(gap.cid, envelopes)
+
+    def _tail(self) -> float:
+        """Ask the history source for what it archived after our cursor, per
+        conversation; seconds until the next round.
+
+        Gap recovery needs a later message to reveal the gap: messages lost at the end
+        of a run (a broker's offline queue overflowing, Mosquitto's
+        ``max_queued_messages``, or a failover) would never be fetched. The cursor is
+        the source's (the gateway's sequence number), kept in the state file and
+        advanced after each page is committed, so a crash fetches a page again
+        (deduplicated) rather than skipping it. Envelopes of an epoch before ours whose
+        chain we hold no key for are skipped: no grant will ever come for them.
+        """
+        assert self.history is not None
+        more = False
+        for cid in self.engine.conversations():
+            if not self.engine.is_member(cid):
+                continue
+            key = f"{TAIL_CURSOR}{cid}"
+            after = int(self.state.get_meta(key) or 0)
+            epoch = self.engine.roster(cid).epoch
+            for _ in range(TAIL_PAGES):
+                try:
+                    envelopes, after_next, more_here = self.history.since(cid, after, TAIL_PAGE)
+                except FieldchatError as exc:
+                    self.counters["history_tail_failed"] += 1
+                    log.info("history tail of %s failed: %s", cid, exc)
+                    more_here = False
+                    break
+                self.counters["history_tail_fetched"] += len(envelopes)
+                self._open_fetched(cid, [e for e in envelopes if self._may_open(cid, epoch, e)])
+                if after_next != after:
+                    self.state.set_meta({key: str(after_next)})
+                    after = after_next
+                if not more_here:
+                    break
+            more = more or more_here
+        return TAIL_AGAIN_S if more else self.options.history_tail_s
+
+    def _may_open(self, cid: str, epoch: int, envelope: bytes) -> bool:
+        """Whether an archived envelope can ever be opened (not of an epoch before ours
+        from a chain we hold no key for)."""
+        try:
+            _, _, env_epoch, index, chain, _, _ = read_header(envelope)
+        except FieldchatError:
+            return True  # the engine rejects and counts it
+        return env_epoch >= epoch or self.engine.next_step(cid, env_epoch, index, chain) is not None
 
     def _backfill(self, cid: str) -> None:
         """On joining: what the conversation said before our subscription existed."""

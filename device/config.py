@@ -78,6 +78,10 @@ class LinkOptions(_Frozen):
     ``reorder_window_s``: a message that overtook a missing one of the same sender
     waits this long for it before it is shown (and the gap recorded).
     ``window``: PUBLISH packets in flight (unacknowledged) at once.
+    ``history_tail_s``: with a history source, how often an idle device asks it for
+    what was archived after its cursor (also shortly after each connect): messages
+    lost at the end of a run (a broker queue overflowing, a failover) reveal no gap.
+    A slow link wants it rarer (an empty answer is one small HTTP exchange a round).
     """
 
     keepalive_s: Annotated[int, Field(ge=5, le=65535)] = 60
@@ -92,6 +96,7 @@ class LinkOptions(_Frozen):
     reorder_window_s: Annotated[float, Field(ge=0)] = 2.0
     window: Annotated[int, Field(ge=1, le=1024)] = 64
     topic_aliases: bool = True
+    history_tail_s: Annotated[float, Field(gt=0)] = 60.0
 
     @classmethod
     def low_bandwidth(cls) -> LinkOptions:
@@ -104,6 +109,7 @@ class LinkOptions(_Frozen):
             receipt_interval_s=30.0,
             read_receipts=False,
             resend_after_s=60.0,
+            history_tail_s=900.0,
         )
 
 

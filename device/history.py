@@ -93,6 +93,26 @@ class GatewayHistory:
                 break
         return out
 
+    def since(self, cid: str, after: int, limit: int) -> tuple[list[bytes], int, bool]:
+        """One page of what was archived for ``cid`` after the gateway's cursor
+        ``after``, oldest first: ``(envelopes, next cursor, more)``. The caller keeps
+        the cursor (the device, durably: :meth:`device.client.Device` tail checks).
+
+        Raises:
+            NotAuthorized: the gateway refused us (not a member, unknown bundle).
+            TransportError: the gateway is unreachable or answered with an error.
+            WireError: the answer is not the documented JSON.
+        """
+        validate_id(cid, "cid")
+        limit = max(1, min(limit, PAGE))
+        page = self._get(f"/v1/conversations/{cid}/envelopes", f"after={after}&limit={limit}")
+        try:
+            items = page["items"]
+            envelopes = [base64.b64decode(item["envelope"], validate=True) for item in items]
+            return envelopes, int(page["next_after"]), bool(page["more"])
+        except (KeyError, TypeError, ValueError):
+            raise WireError("the gateway's history page is malformed") from None
+
     def _get(self, path: str, query: str) -> Any:  # noqa: ANN401 - JSON, checked by the caller
         stamp = str(int(self._clock()))
         signed = f"{SIGNING_LABEL}\nGET\n{path}?{query}\n{stamp}".encode()

@@ -60,6 +60,19 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str = "condi
         time.sleep(0.02)
 
 
+def stop_process(
+    proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, wait: float = 10
+) -> None:
+    """Send ``sig`` to a child still running, wait ``wait`` s, then SIGKILL it."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(wait)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
 class Mosquitto:
     """A Mosquitto process with persistence, a password file and a bounded queue."""
 
@@ -132,15 +145,8 @@ class Mosquitto:
         raise RuntimeError("mosquitto did not start")
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        if self.proc is not None:
+            stop_process(self.proc, sig)
         self.proc = None
 
     def kill(self) -> None:

@@ -160,6 +160,12 @@ def test_restarted_sender_leaves_a_gap_and_the_history_seam_is_asked(
             self.asked.append(gap)
             return []
 
+        def conversation(self, cid: str) -> list[bytes]:
+            return []
+
+        def since(self, cid: str, after: int, limit: int) -> tuple[list[bytes], int, bool]:
+            return [], after, False
+
     devices = Devices(tmp_path, mosquitto)
     history = History()
     try:

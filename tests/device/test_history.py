@@ -76,6 +76,16 @@ def test_pages_are_followed_signed_and_the_cursor_is_kept(gateway):
     ed25519_verify(me.public, signature, f"fieldchat-http-v1\nGET\n{path}\n1800000000".encode())
 
 
+def test_since_fetches_one_page_after_the_callers_cursor(gateway):
+    """The device's tail checks keep the cursor themselves (in the state file)."""
+    history = GatewayHistory(gateway, Identity.generate(post_quantum=False))
+    _Gateway.answers = [(200, page([b"three"], 12, True)), (200, page([b"x"], 3, False))]
+    assert history.since(CID, 11, 10_000) == ([b"three"], 12, True)
+    assert history.since(CID, 2, 1) == ([b"x"], 3, False)
+    paths = [path for path, _ in _Gateway.seen]
+    assert paths[0].endswith("after=11&limit=500") and paths[1].endswith("after=2&limit=1")
+
+
 @pytest.mark.parametrize(
     ("status", "body", "error"),
     [
