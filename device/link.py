@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import select
 import socket
 import ssl
 import threading
@@ -72,9 +73,19 @@ class Will:
 
 
 class Connection:
-    """One MQTT connection (one paho client). Thread-safe for publish/subscribe/ack:
-    other threads only queue packets, the link thread writes them (see
-    :func:`_written_by_the_loop`)."""
+    """One MQTT connection (one paho client). Thread-safe for publish/subscribe/ack.
+
+    paho-mqtt 2.2 has no lock around its outgoing packet writer
+    (``Client._packet_write``: pop a packet, send what the socket takes, put the
+    rest back first), and without a network thread of its own (``loop_start``; we
+    run the loop on the link thread) ``publish()`` and ``ack()`` write at once on
+    the calling thread. Two threads in that writer could interleave the rests of
+    partly written packets, and an ``SSLSocket`` must not be read and written by
+    two threads at once. So every call into paho that may touch the socket holds
+    :attr:`io`: the worker's PUBLISHes and PUBACKs (written at once, on its thread,
+    no hand-off) and each round of the link thread's loop (:func:`_loop_once`,
+    which waits in ``select()`` without it).
+    """
 
     def __init__(self, number: int, client: mqtt.Client, protocol: str) -> None:
         self.number = number
@@ -88,6 +99,7 @@ class Connection:
         # building one per message cost about a tenth of the publishing thread's time.
         self._alias_properties: dict[int, Properties] = {}
         self._alias_lock = threading.Lock()
+        self.io = threading.Lock()  # taken before _alias_lock, never after it
         self.pending_subscribes: dict[int, list[str]] = {}
 
     def publish(
@@ -114,18 +126,21 @@ class Connection:
                     properties.TopicAlias = number
                     self._alias_properties[number] = properties
                 topic = topic_out
-        info = self.client.publish(topic, payload, qos=1, retain=retain, properties=properties)
+        with self.io:
+            info = self.client.publish(topic, payload, qos=1, retain=retain, properties=properties)
         return info.mid
 
     def publish_status(self, topic: str, payload: bytes) -> mqtt.MQTTMessageInfo:
-        return self.client.publish(topic, payload, qos=1, retain=True)
+        with self.io:
+            return self.client.publish(topic, payload, qos=1, retain=True)
 
     def subscribe(self, topics: Sequence[str], *, no_local: Sequence[str] = ()) -> None:
         """Subscribe with QoS 1; ``no_local`` topics do not echo our own publishes (MQTT 5)."""
         local = set(no_local)
         for i in range(0, len(topics), _SUBSCRIBE_CHUNK):
             chunk = list(topics[i : i + _SUBSCRIBE_CHUNK])
-            with self._alias_lock:  # the SUBACK may arrive before subscribe() returns
+            # The SUBACK may arrive before subscribe() returns.
+            with self.io, self._alias_lock:
                 if self.protocol == "5":
                     _, mid = self.client.subscribe(
                         [(t, SubscribeOptions(qos=1, noLocal=t in local)) for t in chunk]
@@ -137,7 +152,8 @@ class Connection:
 
     def unsubscribe(self, topics: Sequence[str]) -> None:
         if topics:
-            self.client.unsubscribe(list(topics))
+            with self.io:
+                self.client.unsubscribe(list(topics))
 
     def ack(self, mid: int) -> None:
         """PUBACK a received message (manual acknowledgement, after it is durable).
@@ -145,8 +161,12 @@ class Connection:
         A connection closing meanwhile (paho's sockets already shut) drops the PUBACK:
         the broker delivers the message again, and the device's dedupe absorbs it.
         """
-        with contextlib.suppress(OSError, ValueError):
+        with self.io, contextlib.suppress(OSError, ValueError):
             self.client.ack(mid, 1)
+
+    def disconnect(self) -> None:
+        with self.io:
+            self.client.disconnect()
 
 
 class Link:
@@ -200,7 +220,7 @@ class Link:
         """Drop the current connection (tests, or after a protocol error)."""
         conn = self.connection
         if conn is not None:
-            conn.client.disconnect()
+            conn.disconnect()
 
     # -- the link thread --------------------------------------------------------------
 
@@ -232,7 +252,6 @@ class Link:
             manual_ack=True,
         )
         client.max_inflight_messages = 0  # the device windows its outbox itself
-        client.on_socket_register_write = _written_by_the_loop
         client.connect_timeout = self.options.connect_timeout_s
         username = self.broker.username or self.client_id
         password = self.broker.credential.get_secret_value() if self.broker.credential else None
@@ -320,7 +339,7 @@ class Link:
         reason = "connection lost"
         try:
             while not self._stop.is_set():
-                rc = client.loop(timeout=_LOOP_TIMEOUT_S)
+                rc = _loop_once(conn, _LOOP_TIMEOUT_S)
                 if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                     reason = mqtt.error_string(rc)
                     break
@@ -362,14 +381,14 @@ class Link:
                 self.farewell(conn)
                 end = time.monotonic() + 1.0
                 while time.monotonic() < end and conn.client.want_write():
-                    conn.client.loop(timeout=_LOOP_TIMEOUT_S)
+                    _loop_once(conn, _LOOP_TIMEOUT_S)
                 for _ in range(4):
-                    conn.client.loop(timeout=_LOOP_TIMEOUT_S)
+                    _loop_once(conn, _LOOP_TIMEOUT_S)
             except (OSError, ValueError):
                 return
-        conn.client.disconnect()
+        conn.disconnect()
         with contextlib.suppress(OSError, ValueError):
-            conn.client.loop(timeout=_LOOP_TIMEOUT_S)
+            _loop_once(conn, _LOOP_TIMEOUT_S)
 
     def _fail(self, error: TransportError) -> str:
         self.last_error = error
@@ -378,22 +397,39 @@ class Link:
         return "fail"
 
 
-def _written_by_the_loop(_c: mqtt.Client, _u: object, _s: object) -> None:
-    """Make the link thread the socket's only writer.
+def _loop_once(conn: Connection, timeout: float) -> MQTTErrorCode:
+    """One round of paho's ``Client.loop()``, with the socket's I/O under ``conn.io``.
 
-    paho 2.2 has no lock around its outgoing packet queue's writer
-    (``Client._packet_write``: pop a packet, send what the socket takes, put the rest
-    back first). Without a network thread of paho's own (``loop_start``; we run
-    ``loop()`` on the link thread) and without this callback, ``_packet_queue``
-    writes at once on the calling thread: the worker's PUBLISHes and PUBACKs would
-    run that writer while the link thread's ``loop()`` runs it too, so one packet's
-    rest could follow another's start on a partial write (and an ``SSLSocket`` is not
-    safe to write from two threads at all). With a socket-register-write callback
-    set, paho only queues the packet and wakes ``loop()`` through its socket pair;
-    the link thread writes everything, in queue order. Nothing to register: the
-    link thread's ``select()`` already watches for writability whenever paho wants
-    to write.
+    paho's documented external-loop use (``socket()``, ``want_write()``,
+    ``loop_read()``, ``loop_write()``, ``loop_misc()``): the wait in ``select()``
+    holds no lock, so the worker writes its PUBLISHes and PUBACKs meanwhile on its own
+    thread; reading, writing and keep-alive then run under the lock those writes
+    take too (see :class:`Connection`).
     """
+    client = conn.client
+    sock = client.socket()
+    if sock is None:
+        return MQTTErrorCode.MQTT_ERR_NO_CONN
+    with conn.io:
+        want = client.want_write()
+    # Bytes OpenSSL already decrypted do not make the socket readable again.
+    pending = sock.pending() if isinstance(sock, ssl.SSLSocket) else 0
+    try:
+        readable, _, _ = select.select(
+            [sock], [sock] if want else [], [], 0 if pending else timeout
+        )
+    except (OSError, ValueError, TypeError):  # closed meanwhile (a disconnect)
+        return MQTTErrorCode.MQTT_ERR_CONN_LOST
+    with conn.io:
+        if readable or pending:
+            rc = client.loop_read()
+            if rc or client.socket() is None:
+                return rc
+        if client.want_write():
+            rc = client.loop_write()
+            if rc or client.socket() is None:
+                return rc
+        return client.loop_misc()
 
 
 def _no_delay(client: mqtt.Client) -> None:

@@ -271,25 +271,25 @@ def test_packets_leave_at_once_without_waiting_for_the_brokers_delayed_ack(mosqu
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
 
 
-def test_only_the_link_thread_writes_to_the_socket(mosquitto_devices: Devices) -> None:
-    """paho 2.2 has no lock around its packet writer, so the worker's PUBLISHes and
-    PUBACKs go through the link thread's loop (device/link.py, _written_by_the_loop):
-    two writers could interleave the rests of partly written packets."""
+def test_every_socket_write_holds_the_connections_io_lock(mosquitto_devices: Devices) -> None:
+    """paho 2.2 has no lock around its packet writer: the worker's PUBLISHes and
+    PUBACKs and the link thread's loop each write under ``Connection.io``
+    (device/link.py), so two writers never interleave partly written packets."""
     import threading
 
     from device.client import Device
 
-    writers: dict[str, set[str]] = {}
+    writes: dict[str, list[tuple[str, bool]]] = {}
 
     def watch(device: Device) -> None:
         connection = device._link.connection if device._link else None
         assert connection is not None
         client = connection.client
         send = client._sock_send
-        seen = writers.setdefault(device.pid, set())
+        seen = writes.setdefault(device.pid, [])
 
         def recorded(buf: bytes) -> int:
-            seen.add(threading.current_thread().name)
+            seen.append((threading.current_thread().name, connection.io.locked()))
             return send(buf)
 
         client._sock_send = recorded  # type: ignore[method-assign]
@@ -307,5 +307,7 @@ def test_only_the_link_thread_writes_to_the_socket(mosquitto_devices: Devices) -
     wait_until(lambda: texts(bob, cid) == lines, 20, "bob receives all")
     wait_until(lambda: len(texts(alice, cid)) == 10, 20, "alice receives the replies")
     assert alice.wait_drained(10) and bob.wait_drained(10)
-    # PUBLISH (worker), PUBACK (sync thread), receipts: all written by the link thread.
-    assert writers == {alice.pid: {"fieldchat-link"}, bob.pid: {"fieldchat-link"}}
+    for seen in writes.values():
+        assert seen and all(locked for _, locked in seen)
+        # PUBLISH from the worker at once (no hand-off), PUBACKs from the sync thread.
+        assert "fieldchat-device" in {name for name, _ in seen}
