@@ -48,7 +48,13 @@ from gateway._store import (
 )
 from gateway._verify import Parsed, Rejected, TopicCache, classify, verify_signatures
 from schemas import Bundle, Envelope, Roster, TopicKind, Topics, tracing, verify_roster_chain
-from schemas.errors import ConnectFailed, FieldchatError, NotAMember, TransportError
+from schemas.errors import (
+    ConfigError,
+    ConnectFailed,
+    FieldchatError,
+    NotAMember,
+    TransportError,
+)
 
 __all__ = ["ArchiveListener", "Archiver", "MqttFactory", "mqtt_factory"]
 
@@ -75,12 +81,31 @@ class ArchiveListener:
         """A participant's retained status changed."""
 
 
+def mqtt_tls(settings: GatewaySettings) -> ssl.SSLContext | None:
+    """The TLS context for ``mqtts://`` (None for plain ``mqtt://``), built at start so a
+    missing or unreadable CA file is one clear error, not a reconnect loop.
+
+    Raises:
+        ConfigError: ``mqtt_ca_file`` without ``mqtts://``, or a CA file that cannot be read.
+    """
+    secure = settings.mqtt_url.startswith("mqtts:")
+    ca = settings.mqtt_ca_file
+    if ca is not None and not secure:
+        raise ConfigError("mqtt_ca_file is set but mqtt_url is not mqtts://")
+    if not secure:
+        return None
+    try:
+        return ssl.create_default_context(cafile=str(ca) if ca is not None else None)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot read the MQTT CA file {ca}: {exc}") from None
+
+
 def mqtt_factory(settings: GatewaySettings) -> MqttFactory:
     """The default MQTT client maker: persistent session, our Receive Maximum (v5)."""
+    tls = mqtt_tls(settings)
 
     def make() -> MqttClient:
         password = settings.mqtt_password.get_secret_value() if settings.mqtt_password else None
-        tls = ssl.create_default_context() if settings.mqtt_url.startswith("mqtts:") else None
         return MqttClient(
             settings.mqtt_host,
             settings.mqtt_port,

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from gateway._accounts import MAX_PASSWORD, MIN_PASSWORD
+from gateway._archiver import mqtt_tls
 from gateway._run import bootstrap_admin, migrate, serve
 from gateway._settings import GatewaySettings, load_settings
 from schemas.errors import FieldchatError
@@ -60,6 +61,9 @@ def run(
     ] = None,
     tls_certfile: Annotated[Path | None, typer.Option(help="TLS certificate (PEM).")] = None,
     tls_keyfile: Annotated[Path | None, typer.Option(help="TLS private key (PEM).")] = None,
+    mqtt_ca_file: Annotated[
+        Path | None, typer.Option(help="CA (PEM) of the broker's TLS certificate, for mqtts://.")
+    ] = None,
 ) -> None:
     """Serve the gateway. The broker password comes from FIELDCHAT_GATEWAY_MQTT_PASSWORD
     or the TOML file, never from a flag (flags show in process lists)."""
@@ -75,7 +79,13 @@ def run(
         share_group=share_group,
         tls_certfile=tls_certfile,
         tls_keyfile=tls_keyfile,
+        mqtt_ca_file=mqtt_ca_file,
     )
+    try:
+        mqtt_tls(settings)  # a bad CA file is one line now, not a failed startup later
+    except FieldchatError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     serve(settings)
 
 

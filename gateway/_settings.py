@@ -53,6 +53,9 @@ class GatewaySettings(BaseSettings):
     mqtt_username: str | None = None
     mqtt_password: SecretStr | None = None
     mqtt_client_id: str = "fieldchat-gateway"
+    # CA certificate(s) (PEM) that sign the broker's TLS certificate, for ``mqtts://`` to a
+    # broker with a private CA (Mosquitto with its own certificates); None: system trust.
+    mqtt_ca_file: Path | None = None
     # "5" (Mosquitto, clustered brokers: session expiry, Receive Maximum) or "3.1.1"
     # (the embedded aMQTT broker speaks only 3.1.1; persistence via clean_session=False).
     mqtt_protocol: Literal["5", "3.1.1"] = "5"

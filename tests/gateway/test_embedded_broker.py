@@ -13,17 +13,24 @@ from tests.gateway._support import FAST_ARGON2, Party, converse, eventually, log
 from tests.gateway.test_ws import Browser
 
 
-async def _publish_as(broker, party: Party, credential: str, items) -> None:
+async def _publish_as(broker, party: Party, credential: str, items, **client_kw) -> None:
     async with aiomqtt.Client(
         "127.0.0.1",
-        broker.port,
+        client_kw.pop("port", broker.port),
         identifier=party.pid,
         username=party.pid,
         password=credential,
         protocol=aiomqtt.ProtocolVersion.V311,
+        **client_kw,
     ) as client:
         for topic, payload, retain in items:
             await client.publish(topic, payload, qos=1, retain=retain)
+
+
+async def _publish_tls(broker, party: Party, credential: str, items, cafile) -> None:
+    """``_publish_as`` over the broker's TLS listener, trusting exactly ``cafile``."""
+    tls = aiomqtt.TLSParameters(ca_certs=str(cafile))
+    await _publish_as(broker, party, credential, items, port=broker.tls_port, tls_params=tls)
 
 
 async def test_archive_through_the_embedded_broker(embedded_broker, tmp_path):  # noqa: F811
