@@ -13,6 +13,23 @@ from tests.gateway._support import FAST_ARGON2, Party, converse, eventually, log
 from tests.gateway.test_ws import Browser
 
 
+def gateway_settings(broker, name: str, tmp_path, **overrides) -> GatewaySettings:
+    """A gateway of its own role on ``broker`` (MQTT 3.1.1), SQLite in ``tmp_path``."""
+    user, credential = broker.add_gateway(name)
+    fields = {
+        "mqtt_url": f"mqtt://127.0.0.1:{broker.port}",
+        "mqtt_protocol": "3.1.1",
+        "mqtt_username": user,
+        "mqtt_password": credential,
+        "mqtt_client_id": user,
+        "topic_prefix": broker.config.prefix,
+        "database_url": f"sqlite:///{tmp_path / 'h.db'}",
+        "feed_poll_s": 0.2,
+        **FAST_ARGON2,
+    }
+    return GatewaySettings(**(fields | overrides))
+
+
 async def _publish_as(broker, party: Party, credential: str, items, **client_kw) -> None:
     async with aiomqtt.Client(
         "127.0.0.1",
@@ -36,19 +53,7 @@ async def _publish_tls(broker, party: Party, credential: str, items, cafile) -> 
 async def test_archive_through_the_embedded_broker(embedded_broker, tmp_path):  # noqa: F811
     broker = embedded_broker
     topics = Topics(broker.config.prefix)
-    user, credential = broker.add_gateway("archive-1")
-    settings = GatewaySettings(
-        mqtt_url=f"mqtt://127.0.0.1:{broker.port}",
-        mqtt_protocol="3.1.1",
-        mqtt_username=user,
-        mqtt_password=credential,
-        mqtt_client_id=user,
-        topic_prefix=topics.prefix,
-        database_url=f"sqlite:///{tmp_path / 'h.db'}",
-        feed_poll_s=0.2,
-        pending_retry_s=1.0,
-        **FAST_ARGON2,
-    )
+    settings = gateway_settings(broker, "archive-1", tmp_path, pending_retry_s=1.0)
     device, web = Party(topics), Party(topics, post_quantum=False)
     conv = converse(topics, [device, web])
     async with serve_gateway(settings) as gw:

@@ -14,8 +14,8 @@ from gateway._archiver import mqtt_tls
 from schemas import Topics
 from schemas.errors import ConfigError
 from tests._tls import self_signed
-from tests.gateway._support import FAST_ARGON2, Party, converse, eventually, serve_gateway
-from tests.gateway.test_embedded_broker import _all, _publish_tls
+from tests.gateway._support import Party, converse, eventually, serve_gateway
+from tests.gateway.test_embedded_broker import _all, _publish_tls, gateway_settings
 
 
 @pytest.fixture
@@ -34,18 +34,12 @@ async def test_archive_over_tls_with_a_private_ca(embedded_broker, tmp_path, cer
     broker = embedded_broker
     certfile, _ = certificate
     topics = Topics(broker.config.prefix)
-    user, credential = broker.add_gateway("archive-tls")
-    settings = GatewaySettings(
+    settings = gateway_settings(
+        broker,
+        "archive-tls",
+        tmp_path,
         mqtt_url=f"mqtts://127.0.0.1:{broker.tls_port}",
         mqtt_ca_file=certfile,
-        mqtt_protocol="3.1.1",
-        mqtt_username=user,
-        mqtt_password=credential,
-        mqtt_client_id=user,
-        topic_prefix=topics.prefix,
-        database_url=f"sqlite:///{tmp_path / 'h.db'}",
-        feed_poll_s=0.2,
-        **FAST_ARGON2,
     )
     device, peer = Party(topics), Party(topics)
     conv = converse(topics, [device, peer])
