@@ -294,7 +294,6 @@ def test_direct_frames_are_the_bytes_websockets_would_write(size):
     assert _wire(text) == Frame(OP_TEXT, text.encode()).serialize(mask=False)
 
 
-
 async def test_a_closed_tab_goes_offline_when_its_last_socket_closes(gateway, mosquitto, prefix):
     topics, device, browser, http, conv = await setup(gateway, mosquitto, prefix)
     presence = gateway.state.hub.presence_of
