@@ -349,7 +349,3 @@ class Cluster:
 
     def mqtt_url(self, index: int) -> str:
         return f"mqtt://127.0.0.1:{self.nodes[index].mqtt_port}"
-
-
-def environment_without_fieldchat() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("FIELDCHAT_")}

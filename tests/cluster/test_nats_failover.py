@@ -31,8 +31,8 @@ from device.client import Device
 from device.config import BrokerOptions, LinkOptions
 from gateway import open_store
 from tests.cluster._nats import Cluster, Node
-from tests.cluster.conftest import GatewayProcess
 from tests.cluster.test_nats_rules import wait_retained
+from tests.gateway._support import GatewayProcess
 
 pytestmark = pytest.mark.slow
 

@@ -334,23 +334,28 @@ async def login(
 
 
 class GatewayProcess:
-    """``fieldchat gateway run`` in a child process, configured by a TOML file."""
+    """``fieldchat gateway run`` in a child process, configured by a TOML file.
+
+    The MQTT password goes in the TOML file (0600), never on the command line.
+    """
 
     def __init__(self, workdir: Path, **settings: Any) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
         self.config = workdir / "gateway.toml"
         lines = [f"port = {self.port}", 'host = "127.0.0.1"']
-        for key, value in settings.items():
-            lines.append(
-                f"{key} = {value!r}" if not isinstance(value, str) else f'{key} = "{value}"'
-            )
-        self.config.write_text(
-            "\n".join(lines).replace("True", "true").replace("False", "false") + "\n"
-        )
+        for key, value in {**FAST_ARGON2, **settings}.items():
+            if isinstance(value, bool):
+                lines.append(f"{key} = {'true' if value else 'false'}")
+            elif isinstance(value, str):
+                lines.append(f'{key} = "{value}"')
+            else:
+                lines.append(f"{key} = {value!r}")
+        self.config.write_text("\n".join(lines) + "\n")
+        self.config.chmod(0o600)
         self.log = workdir / "gateway.log"
         self.proc: subprocess.Popen[bytes] | None = None
-        self.base = f"http://127.0.0.1:{self.port}"
 
     def start(self) -> GatewayProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("FIELDCHAT_")}
@@ -371,18 +376,23 @@ class GatewayProcess:
             )
         return self
 
-    async def healthy(self) -> None:
+    async def healthy(self, timeout: float = 60.0) -> None:
+        """``/healthz`` 200: the database is open and the archiver is connected."""
+
         async def ok() -> bool:
             assert self.proc is not None
             if self.proc.poll() is not None:
-                raise AssertionError(f"gateway exited: {self.log.read_text()[-2000:]}")
+                raise AssertionError(f"gateway exited: {self.tail()}")
             try:
                 async with httpx.AsyncClient(timeout=2) as c:
                     return (await c.get(f"{self.base}/healthz")).status_code == 200
             except httpx.HTTPError:
                 return False
 
-        await eventually(ok, "the gateway to be healthy", timeout=60)
+        await eventually(ok, "the gateway to be healthy", timeout=timeout)
+
+    def tail(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
