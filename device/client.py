@@ -358,6 +358,8 @@ class Device:
             with self.state.transaction():
                 self._flush_receipts()
                 self.engine.flush()
+            # The next start resumes at the first unused step: no jump for receivers.
+            self.engine.park()
             self.state.sync()
         except FieldchatError as exc:
             log.warning("could not save state on close: %s", exc)

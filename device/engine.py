@@ -84,6 +84,9 @@ __all__ = [
 KEEP_EPOCHS = 4  # older epochs (rosters and receiving chains) are dropped
 MAX_PENDING_GRANTS = 256  # grants held per conversation until its roster arrives
 AUTO_FLUSH_OPENS = 1_000  # receiving-chain state is written at least this often
+# Unused reserved steps of a cleanly stopped engine (Engine.park), one record per
+# conversation, consumed at the next load.
+UNUSED_STEPS_PREFIX = "unused/"
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,6 +248,7 @@ class Engine:
         # Envelopes whose signature preverify() checked: bytes -> the signer key it
         # verified under. Replaced per batch, entries dropped as open() uses them.
         self._preverified: dict[bytes, bytes] = {}
+        self._parked = False  # park() ran: nothing more may be sealed
         self._load()
 
     @classmethod
@@ -722,6 +726,8 @@ class Engine:
                 raise
 
     def _seal(self, cid: str, message: Message) -> bytes:
+        if self._parked:
+            raise KeyStoreError("the engine stopped (parked at close): open it again to send")
         conv = self._conv(cid)
         chain = conv.send
         if chain is None or conv.removed:
@@ -871,6 +877,35 @@ class Engine:
         """Persist receiving-chain state changed since the last flush (batched writes)."""
         self._flush()
 
+    def park(self) -> int:
+        """On a clean stop, keep the reserved steps not used yet; how many chains.
+
+        Without this a restart resumes at the reservation (§6.3) and skips the unused
+        steps: receivers then see a jump, hold what follows for the missing steps
+        (``reorder_window_s``) and record a gap that never fills, after every restart
+        (each ``fieldchat device send`` is one). The record holds message keys of
+        steps never used, so forward secrecy is unchanged; the next load adopts and
+        deletes it durably before anything is sealed, so a crash after that start
+        falls back to the reservation. Nothing can be sealed after this call.
+
+        Raises:
+            KeyStoreError: the record could not be written (the next start then
+                resumes at the reservation, as after a crash).
+        """
+        with self._lock:
+            self._parked = True
+            items: dict[str, bytes | None] = {}
+            for conv in self._convs.values():
+                chain = conv.send
+                if chain is None or conv.removed or not chain.ahead:
+                    continue
+                items[f"{UNUSED_STEPS_PREFIX}{conv.cid}"] = pack(
+                    (chain.epoch, chain.chain, chain.step, tuple(chain.ahead))
+                )
+            if items:
+                self.store.save(items)
+            return len(items)
+
     def _flush(self) -> None:
         writes: dict[str, bytes | None] = {}
         for cid, key in self._dirty:
@@ -950,6 +985,29 @@ class Engine:
             )
         }
 
+    def _unpark(self) -> None:
+        """Adopt the unused steps :meth:`park` kept, if they still fit the reservation
+        on disk, then delete the records durably before anything can be sealed."""
+        parked = self.store.load_prefix(UNUSED_STEPS_PREFIX)
+        if not parked:
+            return
+        for key, raw in parked.items():
+            conv = self._convs.get(key.split("/", 1)[1])
+            chain = conv.send if conv is not None else None
+            epoch, chain_no, step, keys = fields(unpack(raw, "unused steps"), 4, "unused steps")
+            if (
+                chain is not None
+                and (epoch, chain_no) == (chain.epoch, chain.chain)
+                and chain.step == chain.reserved
+                and isinstance(step, int)
+                and isinstance(keys, tuple)
+                and 0 < len(keys) == chain.reserved - step
+                and all(isinstance(k, bytes) and len(k) == 32 for k in keys)
+            ):
+                chain.step = step
+                chain.ahead.extend(keys)
+        self.store.save(dict.fromkeys(parked))
+
     def _load(self) -> None:
         try:
             self._load_records()
@@ -985,6 +1043,7 @@ class Engine:
                 conv.prefixes = {}
                 conv.grant_base = tuple(grant_base) if grant_base else None
                 conv.owed = set(owed)
+        self._unpark()
         for key, raw in self.store.load_prefix("pending/").items():
             cid = key.split("/")[1]
             held = self._convs.get(cid)

@@ -141,11 +141,29 @@ def test_changed_key_is_reported_loudly_and_verify_checks_fingerprints(
     assert not alice.engine.is_verified(bob.pid)
 
 
-def test_restarted_sender_leaves_a_gap_and_the_history_seam_is_asked(
+CRASHING_DEVICE = """
+import os, sys
+from pydantic import SecretStr
+from device.client import Device
+from device.config import BrokerOptions
+broker = BrokerOptions(port=int(sys.argv[2]), credential=SecretStr(sys.argv[3]))
+device = Device(sys.argv[1], broker)
+device.start().wait_connected(10)
+device.send(sys.argv[4], "x")
+assert device.wait_drained(10)
+os._exit(0)  # no close: as a crash, the next start resumes at the reservation
+"""
+
+
+def test_a_clean_restart_leaves_no_gap_and_a_crash_asks_the_history_seam(
     tmp_path,
     mosquitto: Mosquitto,
 ) -> None:
-    from device.client import Device
+    import subprocess
+    import sys
+    import time
+
+    from device.chains import RESERVE_STEPS
     from device.events import GapDetected
     from device.state import Gap
     from tests.device.conftest import FAST
@@ -172,23 +190,48 @@ def test_restarted_sender_leaves_a_gap_and_the_history_seam_is_asked(
         alice = devices.make("alice")
         bob = devices.make("bob", start=False)
         bob.history = history
-        bob.options = FAST.model_copy(update={"gap_timeout_s": 0.5, "reorder_window_s": 0.3})
+        # A message past a missing step waits this long for it: "c" below must not.
+        bob.options = FAST.model_copy(update={"gap_timeout_s": 0.5, "reorder_window_s": 4.0})
         bob.start().wait_connected(10)
         cid = alice.create_conversation([bob.pid])
         wait_until(lambda: bob.engine.is_member(cid), 10, "bob joins")
         alice.send_many(cid, ["a", "b"])
         wait_until(lambda: texts(bob, cid) == ["a", "b"], 10, "first two")
-        # A restart resumes after the reserved steps: steps 2..63 never exist.
+
+        alice = devices.reopen(alice)  # a clean stop keeps the unused reserved steps
+        alice.wait_connected(10)
+        sent_at = time.monotonic()
+        alice.send(cid, "c")
+        wait_until(lambda: texts(bob, cid) == ["a", "b", "c"], 10, "after the clean restart")
+        assert time.monotonic() - sent_at < 3.0, "held back as if a step were missing"
+        assert not [e for e in devices.events[bob.pid] if isinstance(e, GapDetected)]
+
+        # A crash resumes at the reservation: steps 4..RESERVE_STEPS-1 never exist.
+        alice.close()  # reopened below
+        subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                CRASHING_DEVICE,
+                str(alice.state.path),
+                str(mosquitto.port),
+                mosquitto.user(alice.pid),
+                cid,
+            ],
+            check=True,
+            timeout=60,
+            capture_output=True,
+        )
+        wait_until(lambda: texts(bob, cid) == ["a", "b", "c", "x"], 10, "the crashed run's")
         alice = devices.reopen(alice)
         alice.wait_connected(10)
-        alice.send(cid, "c")
-        wait_until(lambda: texts(bob, cid) == ["a", "b", "c"], 10, "after the restart")
+        alice.send(cid, "d")
+        wait_until(lambda: texts(bob, cid)[-1:] == ["d"], 10, "after the crash")
         gaps = [e for e in devices.events[bob.pid] if isinstance(e, GapDetected)]
-        assert [(g.sender, g.first, g.last) for g in gaps] == [(alice.pid, 2, 63)]
+        assert [(g.sender, g.first, g.last) for g in gaps] == [(alice.pid, 4, RESERVE_STEPS - 1)]
         wait_until(lambda: history.asked, 15, "the history request")
-        assert (history.asked[0].first, history.asked[0].last) == (2, 63)
+        assert (history.asked[0].first, history.asked[0].last) == (4, RESERVE_STEPS - 1)
         assert bob.gaps() == []
-        assert isinstance(Device, type)
     finally:
         devices.close()
 

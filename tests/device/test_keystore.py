@@ -14,6 +14,7 @@ from device.chains import RESERVE_STEPS
 from device.engine import Engine
 from device.keystore import SqliteKeyStore
 from schemas import KeyStoreError, TextMessage
+from schemas._codec import pack
 from schemas.envelope import read_header
 
 
@@ -121,6 +122,57 @@ def test_a_crashed_sender_never_reuses_a_step(tmp_path):
             seen.add(step)
             assert bob.open(cid, data) is not None
     assert len(seen) == 5 + RESERVE_STEPS + 3 + 1 + 20
+
+
+def _pair_on_disk(tmp_path) -> tuple[Engine, Engine, str]:
+    alice = Engine.open_store(SqliteKeyStore(tmp_path / "alice.db"))
+    bob = Engine.open_store(SqliteKeyStore(tmp_path / "bob.db"))
+    alice.learn_bundle(bob.identity.bundle.to_bytes())
+    bob.learn_bundle(alice.identity.bundle.to_bytes())
+    cid, pubs = alice.create_conversation([bob.pid])
+    for pub in pubs:
+        if pub.topic.endswith("/roster"):
+            bob.handle_roster(pub.payload)
+        else:
+            bob.handle_grant(pub.payload)
+    return alice, bob, cid
+
+
+def _steps(engine: Engine, cid: str, count: int) -> list[int]:
+    return [
+        read_header(engine.seal(cid, TextMessage(sent_at=i, text=str(i))))[5] for i in range(count)
+    ]
+
+
+def test_a_parked_sender_resumes_at_its_first_unused_step(tmp_path):
+    """A clean stop keeps the reserved steps: receivers see no jump after a restart."""
+    alice, _, cid = _pair_on_disk(tmp_path)
+    assert _steps(alice, cid, 5) == [0, 1, 2, 3, 4]
+    assert alice.park() == 1
+    with pytest.raises(KeyStoreError, match="parked"):
+        alice.seal(cid, TextMessage(sent_at=9, text="too late"))
+
+    again = Engine.open_store(SqliteKeyStore(tmp_path / "alice.db"))
+    assert _steps(again, cid, RESERVE_STEPS) == list(range(5, 5 + RESERVE_STEPS))
+    # The record was consumed at load: a crash now resumes at the reservation, past
+    # every step this run may have used, never at 5 again.
+    assert not again.store.load_prefix("unused/")
+    crashed = Engine.open_store(SqliteKeyStore(tmp_path / "alice.db"))
+    assert _steps(crashed, cid, 1) == [2 * RESERVE_STEPS]
+
+
+def test_unused_steps_that_do_not_fit_the_reservation_are_ignored(tmp_path):
+    alice, _, cid = _pair_on_disk(tmp_path)
+    _steps(alice, cid, 3)
+    alice.park()
+    store = SqliteKeyStore(tmp_path / "alice.db")
+    (key,) = store.load_prefix("unused/")
+    store.save({key: pack((0, 0, 1, (b"k" * 32,)))})  # claims steps the disk never reserved
+    store.close()
+
+    again = Engine.open_store(SqliteKeyStore(tmp_path / "alice.db"))
+    assert _steps(again, cid, 1) == [RESERVE_STEPS]  # the reservation, as after a crash
+    assert not again.store.load_prefix("unused/")
 
 
 def test_grants_waiting_for_their_roster_survive_a_restart(tmp_path):

@@ -98,11 +98,22 @@ def test_a_reservation_renewed_ahead_is_never_reused_after_a_restart(tmp_path):
     assert device.state.reservation_unsynced
     device.state.sync()
     assert not device.engine.reservations_low(left)
-    device.close()
+    device.state.close()  # as a crash: nothing more is written (no Device.close)
     device = Device(tmp_path / "a.sqlite3")
     try:
         # Resumed past the renewed window: later steps only, never one of before.
         assert device.send(cid, "after restart").step == 2 * RESERVE_STEPS > max(steps)
+    finally:
+        device.close()
+
+
+def test_a_clean_close_resumes_at_the_first_unused_step(tmp_path):
+    device, cid = _offline(tmp_path / "a.sqlite3")
+    steps = [device.send(cid, f"m{i}").step for i in range(3)]
+    device.close()
+    device = Device(tmp_path / "a.sqlite3")
+    try:
+        assert device.send(cid, "after restart").step == max(steps) + 1
     finally:
         device.close()
 
