@@ -1,4 +1,4 @@
-"""The primitives layer: the only module that imports ``cryptography``.
+"""The primitives layer: the only module that imports ``cryptography`` (and PyNaCl).
 
 It lives in ``schemas`` rather than ``device`` because the broker and the gateway
 must verify roster and envelope signatures and may not import ``device`` (they
@@ -6,6 +6,12 @@ never hold keys). It is stateless: keys are passed in and nothing is kept, so
 ``schemas`` still stores no secrets. Every failure to authenticate or decrypt
 raises :class:`~schemas.errors.CryptoError` ``from None`` with one fixed message,
 so callers and attackers cannot tell which check failed (PROTOCOL.md §7).
+
+Ed25519 signatures are checked by libsodium (PyNaCl): 41 µs a verify here against
+OpenSSL's 86, and verification is the largest cost of every receiver and of the
+gateway's archive. libsodium is the stricter of the two (it also refuses small-order
+keys and ``R`` points, which OpenSSL accepts); signing stays with ``cryptography``
+(Ed25519 is deterministic: the same signature either way).
 
 The Wycheproof vectors run through these functions (tests/device/test_primitives.py).
 """
@@ -16,16 +22,15 @@ import hashlib
 import hmac
 from functools import lru_cache
 
-from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import mlkem
-from cryptography.hazmat.primitives.asymmetric.ed25519 import (
-    Ed25519PrivateKey,
-    Ed25519PublicKey,
-)
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from nacl.exceptions import CryptoError as NaclCryptoError
+from nacl.signing import VerifyKey
 
 from schemas.errors import CryptoError, LimitExceeded, WeakKey
 
@@ -123,12 +128,12 @@ def aead_open(key: bytes, nonce: bytes, sealed: bytes, aad: bytes) -> bytes:
 
 
 @lru_cache(maxsize=4096)
-def _ed25519_public(raw: bytes) -> Ed25519PublicKey:
-    return Ed25519PublicKey.from_public_bytes(raw)
+def _ed25519_public(raw: bytes) -> VerifyKey:
+    return VerifyKey(raw)
 
 
 def ed25519_verify(public: bytes, signature: bytes, data: bytes) -> None:
-    """Verify an Ed25519 signature (RFC 8032, as OpenSSL checks it).
+    """Verify an Ed25519 signature (RFC 8032, as libsodium checks it; GIL released).
 
     Public key objects are cached: a receiver verifies many envelopes per sender.
 
@@ -136,8 +141,8 @@ def ed25519_verify(public: bytes, signature: bytes, data: bytes) -> None:
         CryptoError: invalid key or signature.
     """
     try:
-        _ed25519_public(bytes(public)).verify(bytes(signature), data)
-    except (InvalidSignature, ValueError, TypeError):
+        _ed25519_public(bytes(public)).verify(bytes(data), bytes(signature))
+    except (NaclCryptoError, ValueError, TypeError):
         raise CryptoError(_AUTH_FAILED) from None
 
 
