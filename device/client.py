@@ -186,7 +186,26 @@ class _Stop:
     pass
 
 
-_Item = _Up | _Down | _Msg | _Acked | _Refused | _Wake | _Stop
+@dataclass(frozen=True, slots=True)
+class _Fetched:
+    """What the history thread fetched for ``cid``, opened on the worker.
+
+    ``cursor`` (a meta key and value) is saved once the envelopes are committed, so a
+    crash fetches the page again (deduplicated) rather than skipping it; ``tail``
+    marks a tail page (envelopes of chains we can never open are skipped);
+    ``next_tail`` ends a tail round: seconds until the next.
+    """
+
+    cid: str
+    envelopes: list[bytes]
+    what: str = "history_request"  # counted as <what>_fetched and <what>_failed
+    cursor: tuple[str, str] | None = None
+    tail: bool = False
+    error: str | None = None
+    next_tail: float | None = None
+
+
+_Item = _Up | _Down | _Msg | _Acked | _Refused | _Wake | _Stop | _Fetched
 
 
 @dataclass(slots=True)
@@ -275,6 +294,11 @@ class Device:
         self._resend: tuple[float, float] | None = None  # (due, published before)
         self._next_housekeeping = 0.0
         self._next_tail: float | None = None  # the next tail check; None before connecting
+        self._tail_running = False  # a tail round is with the history thread
+        # History requests (HTTP, seconds on a slow link) run on a thread of their own:
+        # the worker goes on sending and showing live messages meanwhile.
+        self._history_jobs: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self._history_thread: threading.Thread | None = None
         self._last_inbound = 0.0  # when the last message batch arrived
         self._fatal: KeyStoreError | None = None
         self._topics_parsed: dict[str, Topic] = {}
@@ -352,6 +376,7 @@ class Device:
             self._queue.put(_Stop())
             self._worker.join(10)
             self._worker = None
+        self._history_jobs.put(None)  # its thread is a daemon: a request in flight is dropped
         self._verifier.shutdown()
         self._syncer.shutdown()
         try:
@@ -710,6 +735,10 @@ class Device:
                 self._commit(pending, batch)
                 pending = []
                 self._control(item, batch)
+            elif isinstance(item, _Fetched):
+                self._commit(pending, batch)
+                pending = []
+                self._on_fetched(item)
         self._commit(pending, batch)
         self._after(batch)
 
@@ -1240,10 +1269,11 @@ class Device:
         if (
             self.history is not None
             and self._next_tail is not None
+            and not self._tail_running
             and now >= self._next_tail
             and now - self._last_inbound >= TAIL_QUIET_S
         ):
-            self._next_tail = now + self._tail()
+            self._start_tail()
 
     def _flush_receipts(self) -> None:
         """Seal the pending receipts as one message per conversation and type."""
@@ -1301,8 +1331,9 @@ class Device:
             self._ask_history(gap)
 
     def _ask_history(self, gap: Gap) -> None:
-        """Fetch a missing range from the gateway's history and open it."""
-        if self.history is None:
+        """Fetch a missing range from the gateway's history (on the history thread)."""
+        history = self.history
+        if history is None:
             self.counters["gaps_expired"] += 1
             log.info(
                 "gap %s %d..%d of %s not filled (no history source)",
@@ -1312,50 +1343,108 @@ class Device:
                 gap.sender,
             )
             return
-        try:
-            envelopes = list(self.history.request(gap))
-        except FieldchatError as exc:
-            log.info("history request failed: %s", exc)
-            return
-        self._open_fetched(gap.cid, envelopes)
+        self._in_history(gap.cid, "history_request", lambda: list(history.request(gap)))
 
-    def _tail(self) -> float:
+    def _backfill(self, cid: str) -> None:
+        """On joining: what the conversation said before our subscription existed."""
+        history = self.history
+        if history is not None:
+            self._in_history(cid, "backfill", lambda: list(history.conversation(cid)))
+
+    def _in_history(self, cid: str, what: str, fetch: Callable[[], list[bytes]]) -> None:
+        def job() -> None:
+            try:
+                envelopes = fetch()
+            except FieldchatError as exc:
+                self._hand_over(_Fetched(cid, [], what, error=str(exc)))
+            else:
+                self._hand_over(_Fetched(cid, envelopes, what))
+
+        self._history_job(job)
+
+    def _start_tail(self) -> None:
         """Ask the history source for what it archived after our cursor, per
-        conversation; seconds until the next round.
+        conversation (a round on the history thread; see :meth:`_tail_round`).
 
         Gap recovery needs a later message to reveal the gap: messages lost at the end
         of a run (a broker's offline queue overflowing, Mosquitto's
         ``max_queued_messages``, or a failover) would never be fetched. The cursor is
         the source's (the gateway's sequence number), kept in the state file and
         advanced after each page is committed, so a crash fetches a page again
-        (deduplicated) rather than skipping it. Envelopes of an epoch before ours whose
-        chain we hold no key for are skipped: no grant will ever come for them.
+        (deduplicated) rather than skipping it.
         """
+        cursors = [
+            (cid, int(self.state.get_meta(f"{TAIL_CURSOR}{cid}") or 0))
+            for cid in self.engine.conversations()
+            if self.engine.is_member(cid)
+        ]
+        self._tail_running = True
+        self._history_job(lambda: self._tail_round(cursors))
+
+    def _tail_round(self, cursors: list[tuple[str, int]]) -> None:
+        """On the history thread: up to TAIL_PAGES pages per conversation, each handed
+        to the worker with the cursor to save after it; then when to look again."""
         assert self.history is not None
         more = False
-        for cid in self.engine.conversations():
-            if not self.engine.is_member(cid):
-                continue
-            key = f"{TAIL_CURSOR}{cid}"
-            after = int(self.state.get_meta(key) or 0)
-            epoch = self.engine.roster(cid).epoch
+        for cid, start in cursors:
+            after = start
             for _ in range(TAIL_PAGES):
                 try:
                     envelopes, after_next, more_here = self.history.since(cid, after, TAIL_PAGE)
                 except FieldchatError as exc:
-                    self.counters["history_tail_failed"] += 1
-                    log.info("history tail of %s failed: %s", cid, exc)
+                    self._hand_over(_Fetched(cid, [], "history_tail", error=str(exc)))
                     more_here = False
                     break
-                self.counters["history_tail_fetched"] += len(envelopes)
-                self._open_fetched(cid, [e for e in envelopes if self._may_open(cid, epoch, e)])
-                if after_next != after:
-                    self.state.set_meta({key: str(after_next)})
-                    after = after_next
+                cursor = (f"{TAIL_CURSOR}{cid}", str(after_next)) if after_next != after else None
+                self._hand_over(_Fetched(cid, envelopes, "history_tail", cursor=cursor, tail=True))
+                after = after_next
                 if not more_here:
                     break
             more = more or more_here
-        return TAIL_AGAIN_S if more else self.options.history_tail_s
+        again = TAIL_AGAIN_S if more else self.options.history_tail_s
+        self._hand_over(_Fetched("", [], next_tail=again))
+
+    def _on_fetched(self, item: _Fetched) -> None:
+        """On the worker: open what the history thread fetched, then save its cursor."""
+        if item.error is not None:
+            self.counters[f"{item.what}_failed"] += 1
+            log.info("%s of %s failed: %s", item.what, item.cid, item.error)
+        if item.envelopes:
+            self.counters[f"{item.what}_fetched"] += len(item.envelopes)
+            envelopes = item.envelopes
+            if item.tail and self.engine.is_member(item.cid):
+                epoch = self.engine.roster(item.cid).epoch
+                envelopes = [e for e in envelopes if self._may_open(item.cid, epoch, e)]
+            self._open_fetched(item.cid, envelopes)
+        if item.cursor is not None:
+            self.state.set_meta({item.cursor[0]: item.cursor[1]})
+        if item.next_tail is not None:
+            self._tail_running = False
+            self._next_tail = self._clock() + item.next_tail
+
+    def _history_job(self, job: Callable[[], None]) -> None:
+        if self._history_thread is None:
+            self._history_thread = threading.Thread(
+                target=self._history_loop, name="fieldchat-history", daemon=True
+            )
+            self._history_thread.start()
+        self._history_jobs.put(job)
+
+    def _history_loop(self) -> None:
+        while (job := self._history_jobs.get()) is not None:
+            try:
+                job()
+            except Exception:  # the thread must outlive a bad source
+                log.exception("history job failed")
+
+    def _hand_over(self, item: _Fetched) -> None:
+        """Queue for the worker, waiting while its queue is full (never past close)."""
+        while not self._closed:
+            try:
+                self._queue.put(item, timeout=0.5)
+            except queue.Full:
+                continue
+            return
 
     def _may_open(self, cid: str, epoch: int, envelope: bytes) -> bool:
         """Whether an archived envelope can ever be opened (not of an epoch before ours
@@ -1365,18 +1454,6 @@ class Device:
         except FieldchatError:
             return True  # the engine rejects and counts it
         return env_epoch >= epoch or self.engine.next_step(cid, env_epoch, index, chain) is not None
-
-    def _backfill(self, cid: str) -> None:
-        """On joining: what the conversation said before our subscription existed."""
-        if self.history is None:
-            return
-        try:
-            envelopes = list(self.history.conversation(cid))
-        except FieldchatError as exc:
-            self.counters["backfill_failed"] += 1
-            log.info("history backfill of %s failed: %s", cid, exc)
-            return
-        self._open_fetched(cid, envelopes)
 
     def _open_fetched(self, cid: str, envelopes: list[bytes]) -> None:
         if not envelopes:

@@ -354,3 +354,59 @@ def test_every_socket_write_holds_the_connections_io_lock(mosquitto_devices: Dev
         assert seen and all(locked for _, locked in seen)
         # PUBLISH from the worker at once (no hand-off), PUBACKs from the sync thread.
         assert "fieldchat-device" in {name for name, _ in seen}
+
+
+def test_a_slow_history_source_does_not_hold_up_live_messages(
+    tmp_path, mosquitto: Mosquitto
+) -> None:
+    """History requests run beside the worker: a gateway answering in 4 s (a slow link)
+    delays nothing else."""
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from device.history import GatewayHistory
+    from tests.device.conftest import FAST
+
+    requests: list[tuple[float, float]] = []
+
+    class SlowGateway(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            began = time.monotonic()
+            time.sleep(4.0)
+            body = b'{"items": [], "next_after": 0, "more": false}'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            requests.append((began, time.monotonic()))
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), SlowGateway)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    devices = Devices(tmp_path, mosquitto)
+    try:
+        alice = devices.make("alice")
+        bob = devices.make("bob", start=False)
+        bob.options = FAST.model_copy(update={"history_tail_s": 0.5})
+        bob.history = GatewayHistory(
+            f"http://127.0.0.1:{server.server_address[1]}", bob.engine.identity
+        )
+        bob.start().wait_connected(10)
+        cid = alice.create_conversation([bob.pid])
+        wait_until(lambda: bob.engine.is_member(cid), 10, "bob joins")
+        time.sleep(1.0)  # a tail round (or the join's backfill) is waiting on the gateway
+        sent = time.monotonic()
+        alice.send(cid, "live")
+        wait_until(lambda: texts(bob, cid) == ["live"], 10, "the live message")
+        shown = time.monotonic()
+        assert shown - sent < 2.0
+        wait_until(lambda: bool(requests), 15, "a slow history answer")
+        assert any(began < sent and shown < ended for began, ended in requests)
+    finally:
+        devices.close()
+        server.shutdown()
+        server.server_close()
