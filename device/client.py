@@ -107,16 +107,12 @@ class HistorySource(Protocol):
     """Where missing envelopes are asked for: the gateway's history API
     (:class:`device.history.GatewayHistory`).
 
-    ``request`` returns the envelopes it has for the gap's range (possibly more);
-    ``conversation`` what was archived for a conversation we just joined (sent before
-    our subscription existed); ``since`` one page after a cursor the device keeps
-    (its tail checks: what was lost at the end of a run reveals no gap). The device
-    opens them like live ones, so duplicates and forgeries cost nothing.
+    ``since`` returns one page archived for a conversation after a cursor the device
+    keeps durably, per conversation: the one way the device fetches (tail rounds, gap
+    fills, a join's backfill), so nothing is fetched twice across restarts. The
+    device opens what it gets like live messages: duplicates and forgeries cost
+    nothing.
     """
-
-    def request(self, gap: Gap) -> Iterable[bytes]: ...
-
-    def conversation(self, cid: str) -> Iterable[bytes]: ...
 
     def since(self, cid: str, after: int, limit: int) -> tuple[list[bytes], int, bool]: ...
 
@@ -191,16 +187,13 @@ class _Fetched:
     """What the history thread fetched for ``cid``, opened on the worker.
 
     ``cursor`` (a meta key and value) is saved once the envelopes are committed, so a
-    crash fetches the page again (deduplicated) rather than skipping it; ``tail``
-    marks a tail page (envelopes of chains we can never open are skipped);
+    crash fetches the page again (deduplicated) rather than skipping it;
     ``next_tail`` ends a tail round: seconds until the next.
     """
 
     cid: str
     envelopes: list[bytes]
-    what: str = "history_request"  # counted as <what>_fetched and <what>_failed
     cursor: tuple[str, str] | None = None
-    tail: bool = False
     error: str | None = None
     next_tail: float | None = None
 
@@ -295,6 +288,7 @@ class Device:
         self._next_housekeeping = 0.0
         self._next_tail: float | None = None  # the next tail check; None before connecting
         self._tail_running = False  # a tail round is with the history thread
+        self._tail_rerun = False  # asked for while one ran: another at once after it
         # History requests (HTTP, seconds on a slow link) run on a thread of their own:
         # the worker goes on sending and showing live messages meanwhile.
         self._history_jobs: queue.Queue[Callable[[], None] | None] = queue.Queue()
@@ -795,8 +789,8 @@ class Device:
                 current.unsubscribe(sorted(batch.unsubscribe))
         if batch.retry_held:
             self._retry_held()
-        for cid in sorted(batch.backfill):
-            self._backfill(cid)
+        if batch.backfill:
+            self._backfill()
 
     def _send_acks(self) -> None:
         """PUBACK, in order, what an fsync has made power-safe; start one for the rest.
@@ -1331,9 +1325,9 @@ class Device:
             self._ask_history(gap)
 
     def _ask_history(self, gap: Gap) -> None:
-        """Fetch a missing range from the gateway's history (on the history thread)."""
-        history = self.history
-        if history is None:
+        """A gap outlived ``gap_timeout_s``: a tail round fetches what the gateway
+        archived after our cursor, the range included."""
+        if self.history is None:
             self.counters["gaps_expired"] += 1
             log.info(
                 "gap %s %d..%d of %s not filled (no history source)",
@@ -1343,24 +1337,20 @@ class Device:
                 gap.sender,
             )
             return
-        self._in_history(gap.cid, "history_request", lambda: list(history.request(gap)))
+        self.counters["gaps_asked"] += 1
+        self._tail_soon()
 
-    def _backfill(self, cid: str) -> None:
-        """On joining: what the conversation said before our subscription existed."""
-        history = self.history
-        if history is not None:
-            self._in_history(cid, "backfill", lambda: list(history.conversation(cid)))
+    def _backfill(self) -> None:
+        """On joining: what the conversation said before our subscription existed (a
+        tail round; the new conversation's cursor starts at the archive's start)."""
+        if self.history is not None:
+            self._tail_soon()
 
-    def _in_history(self, cid: str, what: str, fetch: Callable[[], list[bytes]]) -> None:
-        def job() -> None:
-            try:
-                envelopes = fetch()
-            except FieldchatError as exc:
-                self._hand_over(_Fetched(cid, [], what, error=str(exc)))
-            else:
-                self._hand_over(_Fetched(cid, envelopes, what))
-
-        self._history_job(job)
+    def _tail_soon(self) -> None:
+        if self._tail_running:
+            self._tail_rerun = True
+        else:
+            self._next_tail = self._clock()
 
     def _start_tail(self) -> None:
         """Ask the history source for what it archived after our cursor, per
@@ -1392,11 +1382,11 @@ class Device:
                 try:
                     envelopes, after_next, more_here = self.history.since(cid, after, TAIL_PAGE)
                 except FieldchatError as exc:
-                    self._hand_over(_Fetched(cid, [], "history_tail", error=str(exc)))
+                    self._hand_over(_Fetched(cid, [], error=str(exc)))
                     more_here = False
                     break
                 cursor = (f"{TAIL_CURSOR}{cid}", str(after_next)) if after_next != after else None
-                self._hand_over(_Fetched(cid, envelopes, "history_tail", cursor=cursor, tail=True))
+                self._hand_over(_Fetched(cid, envelopes, cursor=cursor))
                 after = after_next
                 if not more_here:
                     break
@@ -1407,12 +1397,12 @@ class Device:
     def _on_fetched(self, item: _Fetched) -> None:
         """On the worker: open what the history thread fetched, then save its cursor."""
         if item.error is not None:
-            self.counters[f"{item.what}_failed"] += 1
-            log.info("%s of %s failed: %s", item.what, item.cid, item.error)
+            self.counters["history_tail_failed"] += 1
+            log.info("history tail of %s failed: %s", item.cid, item.error)
         if item.envelopes:
-            self.counters[f"{item.what}_fetched"] += len(item.envelopes)
+            self.counters["history_tail_fetched"] += len(item.envelopes)
             envelopes = item.envelopes
-            if item.tail and self.engine.is_member(item.cid):
+            if self.engine.is_member(item.cid):
                 epoch = self.engine.roster(item.cid).epoch
                 envelopes = [e for e in envelopes if self._may_open(item.cid, epoch, e)]
             self._open_fetched(item.cid, envelopes)
@@ -1420,7 +1410,8 @@ class Device:
             self.state.set_meta({item.cursor[0]: item.cursor[1]})
         if item.next_tail is not None:
             self._tail_running = False
-            self._next_tail = self._clock() + item.next_tail
+            self._next_tail = self._clock() + (0.0 if self._tail_rerun else item.next_tail)
+            self._tail_rerun = False
 
     def _history_job(self, job: Callable[[], None]) -> None:
         if self._history_thread is None:
