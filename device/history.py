@@ -3,7 +3,7 @@
 Requests are signed with the device's identity key (docs/gateway.md, "device
 requests"): ``X-Fieldchat-Pid``, ``X-Fieldchat-Time`` and an Ed25519 signature over
 ``fieldchat-http-v1 \\n METHOD \\n PATH?QUERY \\n TIME``. Synchronous and stdlib-only
-(``urllib``): it runs on the device's worker thread, a Pi needs nothing more.
+(``urllib``): it runs on the device's history thread, a Pi needs nothing more.
 The envelopes it returns are opened like live ones, so a duplicate or a forgery
 from a misbehaving gateway costs a lookup, never a wrong message on screen.
 """
@@ -15,12 +15,11 @@ import json
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
 from device.identity import Identity
-from device.state import Gap
 from schemas import validate_id
 from schemas.errors import ConfigError, NotAuthorized, TransportError, WireError
 
@@ -63,10 +62,6 @@ class GatewayHistory:
         self.timeout = timeout
         self._clock = clock
         self._cursors: dict[str, int] = {}
-
-    def request(self, gap: Gap) -> Iterable[bytes]:
-        """Envelopes of ``gap``'s conversation archived since our cursor (the device dedupes)."""
-        return self.conversation(gap.cid)
 
     def conversation(self, cid: str) -> list[bytes]:
         """Everything archived for ``cid`` after our cursor, oldest first.
