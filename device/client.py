@@ -289,6 +289,7 @@ class Device:
         self._next_tail: float | None = None  # the next tail check; None before connecting
         self._tail_running = False  # a tail round is with the history thread
         self._tail_rerun = False  # asked for while one ran: another at once after it
+        self._tail_asked = False  # by a gap or a join: not waiting for a quiet link
         # History requests (HTTP, seconds on a slow link) run on a thread of their own:
         # the worker goes on sending and showing live messages meanwhile.
         self._history_jobs: queue.Queue[Callable[[], None] | None] = queue.Queue()
@@ -1265,7 +1266,7 @@ class Device:
             and self._next_tail is not None
             and not self._tail_running
             and now >= self._next_tail
-            and now - self._last_inbound >= TAIL_QUIET_S
+            and (self._tail_asked or now - self._last_inbound >= TAIL_QUIET_S)
         ):
             self._start_tail()
 
@@ -1347,6 +1348,9 @@ class Device:
             self._tail_soon()
 
     def _tail_soon(self) -> None:
+        """A round at once (or right after the one running), busy link or not: the
+        quiet wait is for a reconnect's backlog, which an expired gap is not."""
+        self._tail_asked = True
         if self._tail_running:
             self._tail_rerun = True
         else:
@@ -1369,6 +1373,7 @@ class Device:
             if self.engine.is_member(cid)
         ]
         self._tail_running = True
+        self._tail_asked = False
         self._history_job(lambda: self._tail_round(cursors))
 
     def _tail_round(self, cursors: list[tuple[str, int]]) -> None:
@@ -1376,23 +1381,27 @@ class Device:
         to the worker with the cursor to save after it; then when to look again."""
         assert self.history is not None
         more = False
-        for cid, start in cursors:
-            after = start
-            for _ in range(TAIL_PAGES):
-                try:
-                    envelopes, after_next, more_here = self.history.since(cid, after, TAIL_PAGE)
-                except FieldchatError as exc:
-                    self._hand_over(_Fetched(cid, [], error=str(exc)))
-                    more_here = False
-                    break
-                cursor = (f"{TAIL_CURSOR}{cid}", str(after_next)) if after_next != after else None
-                self._hand_over(_Fetched(cid, envelopes, cursor=cursor))
-                after = after_next
-                if not more_here:
-                    break
-            more = more or more_here
-        again = TAIL_AGAIN_S if more else self.options.history_tail_s
-        self._hand_over(_Fetched("", [], next_tail=again))
+        try:
+            for cid, start in cursors:
+                after = start
+                for _ in range(TAIL_PAGES):
+                    try:
+                        envelopes, after_next, more_here = self.history.since(cid, after, TAIL_PAGE)
+                    except FieldchatError as exc:
+                        self._hand_over(_Fetched(cid, [], error=str(exc)))
+                        more_here = False
+                        break
+                    cursor = (
+                        (f"{TAIL_CURSOR}{cid}", str(after_next)) if after_next != after else None
+                    )
+                    self._hand_over(_Fetched(cid, envelopes, cursor=cursor))
+                    after = after_next
+                    if not more_here:
+                        break
+                more = more or more_here
+        finally:  # whatever a source raised, rounds go on
+            again = TAIL_AGAIN_S if more else self.options.history_tail_s
+            self._hand_over(_Fetched("", [], next_tail=again))
 
     def _on_fetched(self, item: _Fetched) -> None:
         """On the worker: open what the history thread fetched, then save its cursor."""

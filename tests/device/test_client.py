@@ -226,8 +226,12 @@ def test_a_clean_restart_leaves_no_gap_and_a_crash_asks_the_history_seam(
         assert [(g.sender, g.first, g.last) for g in gaps] == [(alice.pid, 4, RESERVE_STEPS - 1)]
         asked = len(history.asked)  # the rounds after connecting and joining
         # The gap outlives gap_timeout_s: a tail round asks the gateway (no periodic
-        # round is due for an hour).
-        wait_until(lambda: len(history.asked) > asked, 15, "the history request")
+        # round is due for an hour), though alice keeps the link busy meanwhile.
+        end = time.monotonic() + 15
+        while len(history.asked) == asked and time.monotonic() < end:
+            alice.send(cid, "busy")
+            time.sleep(0.2)
+        assert len(history.asked) > asked, "no history request while the link was busy"
         assert history.asked[asked] == cid and bob.counters["gaps_asked"] == 1
         assert bob.gaps() == []
     finally:
