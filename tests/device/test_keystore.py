@@ -89,8 +89,7 @@ CRASHING_SENDER = textwrap.dedent(
 )
 
 
-def test_a_crashed_sender_never_reuses_a_step(tmp_path):
-    """The reservation is persisted before the envelope leaves, so steps only move on."""
+def _pair_on_disk(tmp_path) -> tuple[Engine, Engine, str]:
     alice = Engine.open_store(SqliteKeyStore(tmp_path / "alice.db"))
     bob = Engine.open_store(SqliteKeyStore(tmp_path / "bob.db"))
     alice.learn_bundle(bob.identity.bundle.to_bytes())
@@ -101,6 +100,12 @@ def test_a_crashed_sender_never_reuses_a_step(tmp_path):
             bob.handle_roster(pub.payload)
         else:
             bob.handle_grant(pub.payload)
+    return alice, bob, cid
+
+
+def test_a_crashed_sender_never_reuses_a_step(tmp_path):
+    """The reservation is persisted before the envelope leaves, so steps only move on."""
+    alice, bob, cid = _pair_on_disk(tmp_path)
     del alice
 
     seen: set[int] = set()
@@ -122,20 +127,6 @@ def test_a_crashed_sender_never_reuses_a_step(tmp_path):
             seen.add(step)
             assert bob.open(cid, data) is not None
     assert len(seen) == 5 + RESERVE_STEPS + 3 + 1 + 20
-
-
-def _pair_on_disk(tmp_path) -> tuple[Engine, Engine, str]:
-    alice = Engine.open_store(SqliteKeyStore(tmp_path / "alice.db"))
-    bob = Engine.open_store(SqliteKeyStore(tmp_path / "bob.db"))
-    alice.learn_bundle(bob.identity.bundle.to_bytes())
-    bob.learn_bundle(alice.identity.bundle.to_bytes())
-    cid, pubs = alice.create_conversation([bob.pid])
-    for pub in pubs:
-        if pub.topic.endswith("/roster"):
-            bob.handle_roster(pub.payload)
-        else:
-            bob.handle_grant(pub.payload)
-    return alice, bob, cid
 
 
 def _steps(engine: Engine, cid: str, count: int) -> list[int]:
@@ -173,6 +164,10 @@ def test_unused_steps_that_do_not_fit_the_reservation_are_ignored(tmp_path):
     again = Engine.open_store(SqliteKeyStore(tmp_path / "alice.db"))
     assert _steps(again, cid, 1) == [RESERVE_STEPS]  # the reservation, as after a crash
     assert not again.store.load_prefix("unused/")
+    again.park()
+    again.store.save({key: b"\xc1 not msgpack"})  # a damaged record does not stop a start
+    third = Engine.open_store(SqliteKeyStore(tmp_path / "alice.db"))
+    assert _steps(third, cid, 1) == [2 * RESERVE_STEPS]
 
 
 def test_grants_waiting_for_their_roster_survive_a_restart(tmp_path):

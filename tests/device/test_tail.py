@@ -8,11 +8,9 @@ device with a history source asks the gateway after each connect and while idle
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import os
-import subprocess
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,81 +19,36 @@ import pytest
 from device.client import Device
 from device.events import MessageReceived
 from device.history import GatewayHistory
-from tests.device.conftest import (
-    FAST,
-    FIELDCHAT,
-    Devices,
-    Mosquitto,
-    free_port,
-    stop_process,
-    texts,
-    wait_until,
-)
+from tests.device.conftest import FAST, Devices, Mosquitto, texts, wait_until
+from tests.gateway._support import GatewayProcess
 
 pytestmark = pytest.mark.mosquitto
 
 QUEUE = 10  # Mosquitto's max_queued_messages here: an offline session keeps this many
 
 
-class Gateway:
-    """``fieldchat gateway run`` on loopback, archiving from ``broker``."""
-
-    def __init__(self, workdir: Path, broker: Mosquitto) -> None:
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.config = workdir / "gateway.toml"
-        self.config.write_text(
-            f'host = "127.0.0.1"\nport = {self.port}\n'
-            f'database_url = "sqlite:///{workdir}/gateway.db"\n'
-            f'mqtt_url = "{broker.url}"\nmqtt_username = "gateway"\n'
-            f'mqtt_password = "{broker.user("gateway")}"\n'
-            f'mqtt_client_id = "gw-{os.urandom(4).hex()}"\n'
-        )
-        self.log = workdir / "gateway.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Gateway:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("FIELDCHAT_")}
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [FIELDCHAT, "gateway", "run", "--config", str(self.config)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-            )
-        end = time.monotonic() + 60
-        while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"gateway exited: {self.log.read_text()[-2000:]}")
-            with (
-                contextlib.suppress(OSError),
-                urllib.request.urlopen(f"{self.base}/healthz", timeout=2) as answer,
-            ):
-                if answer.status == 200:
-                    return self
-            time.sleep(0.1)
-        raise RuntimeError("gateway did not become healthy")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop_process(self.proc, wait=20)
-
-
 @pytest.fixture
-def stack(tmp_path: Path) -> Iterator[tuple[Mosquitto, Gateway, Devices]]:
+def stack(tmp_path: Path) -> Iterator[tuple[Mosquitto, GatewayProcess, Devices]]:
     broker = Mosquitto(tmp_path / "mosquitto", max_queued=QUEUE).start()
-    gateway = Gateway(tmp_path / "gateway", broker)
+    gateway = GatewayProcess(
+        tmp_path / "gateway",
+        database_url=f"sqlite:///{tmp_path}/gateway/gateway.db",
+        mqtt_url=broker.url,
+        mqtt_username="gateway",
+        mqtt_password=broker.user("gateway"),
+        mqtt_client_id=f"gw-{os.urandom(4).hex()}",
+    )
     devices = Devices(tmp_path, broker)
     try:
-        yield broker, gateway.start(), devices
+        asyncio.run(gateway.start().healthy())
+        yield broker, gateway, devices
     finally:
         devices.close()
         gateway.stop()
         broker.stop()
 
 
-def _with_history(devices: Devices, name: str, gateway: Gateway) -> Device:
+def _with_history(devices: Devices, name: str, gateway: GatewayProcess) -> Device:
     """A device that asks ``gateway`` for lost tails (every second while idle)."""
     device = devices.make(name, start=False)
     device.history = GatewayHistory(gateway.base, device.engine.identity)
