@@ -994,7 +994,10 @@ class Engine:
         for key, raw in parked.items():
             conv = self._convs.get(key.split("/", 1)[1])
             chain = conv.send if conv is not None else None
-            epoch, chain_no, step, keys = fields(unpack(raw, "unused steps"), 4, "unused steps")
+            try:
+                epoch, chain_no, step, keys = fields(unpack(raw, "unused steps"), 4, "unused")
+            except WireError:
+                continue  # an optimisation only: the reservation stands, as after a crash
             if (
                 chain is not None
                 and (epoch, chain_no) == (chain.epoch, chain.chain)
