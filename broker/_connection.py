@@ -144,7 +144,7 @@ class Connection:
         metrics = engine.metrics
         if connect.protocol_level != 4:  # MQTT 3.1.1 only (MQTT-3.1.2-2)
             self._refuse(_BAD_PROTOCOL, "protocol")
-        account = engine.accounts.get(connect.username or "")
+        account = engine.account(connect.username or "")
         ok = False
         if account is not None and connect.password is not None:
             ok = await asyncio.to_thread(verify_credential, connect.password, account.hash)

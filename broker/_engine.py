@@ -128,6 +128,19 @@ class Engine:
             self.store.close()
             self.store = None
 
+    def account(self, username: str) -> Account | None:
+        """The account of ``username``, reloading first when it is unknown.
+
+        A device enrolled by another process a moment ago (`fieldchat broker enroll`,
+        then a connect at once) must not wait for the accounts poll. A reload is one
+        PRAGMA unless the store changed.
+        """
+        account = self.accounts.get(username)
+        if account is None:
+            self.reload()
+            account = self.accounts.get(username)
+        return account
+
     def reload(self) -> None:
         """Apply account and override changes made by admin commands (any process)."""
         if self.store is None:

@@ -175,3 +175,18 @@ def test_revoke_and_reenroll_disconnect_at_once(broker_thread):
     broker_thread.revoke(ALICE.pid)
     assert alice.disconnected.wait(5)
     alice.close()
+
+
+def test_a_device_enrolled_by_another_process_connects_at_once(tmp_path, monkeypatch):
+    """`fieldchat broker enroll` then an immediate connect (the README's commands): the
+    login does not wait for the broker's periodic accounts poll."""
+    from broker import Store, _server
+
+    monkeypatch.setattr(_server, "_ADMIN_POLL_S", 3600.0)  # no poll during the test
+    config = make_config(tmp_path / "broker")
+    with BrokerThread(config) as broker:
+        with Store(config.db_path) as store:  # another connection, as another process
+            credential = store.enroll(ALICE.pid)
+        alice = Peer(broker.port, ALICE.pid, credential)
+        alice.connect()
+        alice.close()
