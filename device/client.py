@@ -32,7 +32,7 @@ import time
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -210,7 +210,7 @@ class _Batch:
     subscribe: set[str]
     unsubscribe: set[str]
     retry_held: bool = False
-    backfill: set[str] = field(default_factory=set)
+    joined: bool = False  # a conversation joined: its archive comes in a tail round
 
 
 class Device:
@@ -288,8 +288,9 @@ class Device:
         self._next_housekeeping = 0.0
         self._next_tail: float | None = None  # the next tail check; None before connecting
         self._tail_running = False  # a tail round is with the history thread
-        self._tail_rerun = False  # asked for while one ran: another at once after it
-        self._tail_asked = False  # by a gap or a join: not waiting for a quiet link
+        # A round asked for by a gap or a join (since the last one started): it does not
+        # wait for a quiet link, and follows at once a round that was running.
+        self._tail_asked = False
         # History requests (HTTP, seconds on a slow link) run on a thread of their own:
         # the worker goes on sending and showing live messages meanwhile.
         self._history_jobs: queue.Queue[Callable[[], None] | None] = queue.Queue()
@@ -790,7 +791,7 @@ class Device:
                 current.unsubscribe(sorted(batch.unsubscribe))
         if batch.retry_held:
             self._retry_held()
-        if batch.backfill:
+        if batch.joined:
             self._backfill()
 
     def _send_acks(self) -> None:
@@ -1130,7 +1131,7 @@ class Device:
             batch.subscribe |= {self.topics.roster(cid), self.topics.msg(cid)}
             batch.subscribe |= {self.topics.bundle(p) for p in roster.pids if p != self.pid}
             batch.events.append(Joined(cid, roster.epoch, roster.pids))
-            batch.backfill.add(cid)
+            batch.joined = True
         else:
             batch.unsubscribe.add(self.topics.msg(cid))
             batch.events.append(Removed(cid, roster.epoch))
@@ -1351,9 +1352,7 @@ class Device:
         """A round at once (or right after the one running), busy link or not: the
         quiet wait is for a reconnect's backlog, which an expired gap is not."""
         self._tail_asked = True
-        if self._tail_running:
-            self._tail_rerun = True
-        else:
+        if not self._tail_running:
             self._next_tail = self._clock()
 
     def _start_tail(self) -> None:
@@ -1419,8 +1418,7 @@ class Device:
             self.state.set_meta({item.cursor[0]: item.cursor[1]})
         if item.next_tail is not None:
             self._tail_running = False
-            self._next_tail = self._clock() + (0.0 if self._tail_rerun else item.next_tail)
-            self._tail_rerun = False
+            self._next_tail = self._clock() + (0.0 if self._tail_asked else item.next_tail)
 
     def _history_job(self, job: Callable[[], None]) -> None:
         if self._history_thread is None:
