@@ -27,6 +27,8 @@ from broker._engine import Engine
 from broker._errors import MalformedPacket, PacketTooLarge
 from broker._session import Message, Session
 from broker._transport import Transport
+from schemas.errors import FieldchatError
+from schemas.frame import split
 from schemas.topics import Topic, TopicKind
 
 __all__ = ["Connection"]
@@ -313,16 +315,22 @@ class Connection:
             "fieldchat.broker.persisted": pending is not None,
         }
 
+        try:  # one span per envelope, also of a frame (PROTOCOL.md §3.4)
+            envelopes = split(packet.payload)
+        except FieldchatError:
+            envelopes = [packet.payload]  # the tracer ignores what is not an envelope
+
         def emit(_: object = None) -> None:
-            tracer.span(
-                "route",
-                cid,
-                packet.payload,
-                kind="consumer",
-                start_ns=start,
-                error=denied,
-                attributes=attributes,
-            )
+            for envelope in envelopes:
+                tracer.span(
+                    "route",
+                    cid,
+                    envelope,
+                    kind="consumer",
+                    start_ns=start,
+                    error=denied,
+                    attributes=attributes,
+                )
 
         if pending is None or pending.done():
             emit()

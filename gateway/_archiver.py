@@ -46,7 +46,14 @@ from gateway._store import (
     PendingEnvelope,
     RosterRecord,
 )
-from gateway._verify import Parsed, Rejected, TopicCache, classify, verify_signatures
+from gateway._verify import (
+    Parsed,
+    Rejected,
+    TopicCache,
+    classify,
+    classify_all,
+    verify_signatures,
+)
 from schemas import Bundle, Envelope, Roster, TopicKind, Topics, tracing, verify_roster_chain
 from schemas.errors import (
     ConfigError,
@@ -312,8 +319,10 @@ class Archiver:
         (≈ 100 µs or more each): those go to the pool.
         """
         topics = self._topic_cache
-        parsed: list[Parsed | Rejected | None] = [
-            classify(topics, m.topic, m.payload, now) if m.topic.endswith(_CHEAP_SUFFIXES) else None
+        parsed: list[list[Parsed | Rejected] | None] = [
+            classify_all(topics, m.topic, m.payload, now)
+            if m.topic.endswith(_CHEAP_SUFFIXES)
+            else None
             for m in batch
         ]
         later = [i for i, p in enumerate(parsed) if p is None]
@@ -322,8 +331,8 @@ class Archiver:
                 lambda: [classify(topics, batch[i].topic, batch[i].payload, now) for i in later]
             )
             for i, p in zip(later, done, strict=True):
-                parsed[i] = p
-        return [p for p in parsed if p is not None]
+                parsed[i] = [p]
+        return [p for ps in parsed if ps is not None for p in ps]
 
     async def _process(self, batch: Sequence[Publish]) -> None:
         now = time.time()

@@ -11,6 +11,7 @@ import itertools
 import pytest
 
 from schemas import Envelope, Topics
+from schemas.frame import pack_frame
 from tests.gateway._support import (
     Party,
     converse,
@@ -164,3 +165,36 @@ async def test_grants_are_archived_for_their_recipient_only(gateway, mosquitto, 
         )
         assert r.status_code == 200
         assert sorted(r.json()[0]["members"]) == sorted([a.pid, b.pid])
+
+
+async def test_a_frame_is_archived_envelope_by_envelope(gateway, mosquitto, prefix):
+    """A frame (PROTOCOL.md §3.4) is only transport: each envelope in it is verified,
+    archived and served on its own; a forged one is refused without its neighbours,
+    and a malformed frame is refused whole and counted, valid frames around it kept."""
+    topics = Topics(prefix)
+    a, b = Party(topics), Party(topics)
+    conv = converse(topics, [a, b])
+    await publish_all(mosquitto.url, pubs(conv.publications))
+    good = [conv.seal(a if i % 2 else b, f"framed {i}") for i in range(7)]
+    valid = Envelope.from_bytes(conv.seal(a, "template"))
+    forged = dataclasses.replace(valid, step=valid.step + 100).to_bytes()
+    msg = topics.msg(conv.cid)
+    m = gateway.state.metrics
+    auth_before = m.rejected_count("mqtt", "auth")
+    malformed_before = m.rejected_count("mqtt", "malformed")
+    await publish_all(
+        mosquitto.url,
+        [
+            (msg, pack_frame([good[0], forged, good[1], good[2]]), False),
+            (msg, pack_frame([good[3], good[4]])[:-3], False),  # truncated: refused whole
+            (msg, pack_frame([good[5], good[6]]), False),
+        ],
+    )
+
+    await eventually(lambda: _count(gateway, conv.cid, 5), "the five framed envelopes")
+    rows = await archived(gateway, conv.cid)
+    assert sorted(r.data for r in rows) == sorted(good[:3] + good[5:])  # verbatim, unframed
+    await eventually(
+        lambda: m.rejected_count("mqtt", "malformed") > malformed_before, "the bad frame counted"
+    )
+    assert m.rejected_count("mqtt", "auth") == auth_before + 1  # only the forged envelope
