@@ -75,6 +75,7 @@ from schemas.errors import (
     UnknownConversation,
     UnknownParticipant,
 )
+from schemas.frame import MAX_FRAME_BYTES, pack_frame, part_bytes, split
 from schemas.messages import MAX_RECEIPT_RANGES
 from schemas.topics import DEFAULT_PREFIX, Topic, TopicKind
 
@@ -101,6 +102,7 @@ TAIL_CURSOR = "history_after/"  # meta key prefix: the history source's cursor p
 STATUS_ONLINE = b"online"
 STATUS_OFFLINE = b"offline"
 _TICK_S = 0.05
+_ENVELOPE_ROWS = ("msg", "receipt")  # outbox rows on c/{cid}/msg: what frames carry
 
 
 class HistorySource(Protocol):
@@ -269,7 +271,7 @@ class Device:
         self._changed = threading.Condition()
         self._bundle_seen: set[str] = set()
         self._conn: Connection | None = None
-        self._inflight: dict[int, int] = {}
+        self._inflight: dict[int, tuple[int, ...]] = {}  # packet id -> outbox seqs it carries
         self._cursor = 0
         self._high = self.state.high_steps()
         # Envelopes that overtook a missing step: chain -> step -> (held row, deadline).
@@ -746,7 +748,8 @@ class Device:
             if isinstance(item, _Msg):
                 parsed = self._parse(item.topic)
                 if parsed is not None and parsed.kind is TopicKind.MSG and parsed.cid:
-                    envelopes.append((parsed.cid, item.payload))
+                    with contextlib.suppress(FieldchatError):  # counted by _on_message
+                        envelopes += [(parsed.cid, e) for e in split(item.payload)]
         if len(envelopes) > 1:
             self.engine.preverify(envelopes, self._verifier)
         acked: list[int] = []
@@ -761,13 +764,13 @@ class Device:
                     continue
                 if item.conn is not self._conn:
                     continue
-                seq = self._inflight.pop(item.mid, None)
-                if seq is None:
+                seqs = self._inflight.pop(item.mid, None)
+                if seqs is None:
                     continue
                 if not item.ok:
-                    self.counters["refused_by_broker"] += 1
-                    log.warning("the broker refused outbox message %d; dropped", seq)
-                acked.append(seq)
+                    self.counters["refused_by_broker"] += len(seqs)
+                    log.warning("the broker refused outbox messages %s; dropped", list(seqs))
+                acked += seqs
             if acked:
                 self.state.acknowledged(db, acked, self._clock())
             self.engine.flush()
@@ -883,7 +886,14 @@ class Device:
         try:
             if parsed.kind is TopicKind.MSG:
                 assert parsed.cid is not None
-                self._open(db, parsed.cid, payload, batch)
+                for envelope in split(payload):  # a frame's envelopes each stand alone
+                    try:
+                        self._open(db, parsed.cid, envelope, batch)
+                    except KeyStoreError:
+                        raise
+                    except FieldchatError as exc:
+                        self.counters[f"rejected_{exc.reason}"] += 1
+                        log.debug("rejected an envelope on %s: %s", topic, exc)
             elif parsed.kind is TopicKind.ROSTER:
                 self._on_roster(db, payload, batch)
             elif parsed.kind is TopicKind.INBOX:
@@ -1211,17 +1221,22 @@ class Device:
         if len(self._inflight) < window and self.state.outbox_unsynced:
             self.state.sync()  # a grant or roster from a worker batch: durable first
         while len(self._inflight) < window:
-            rows = self.state.outbox_from(self._cursor, window - len(self._inflight))
+            per_frame = self.options.frame_envelopes
+            rows = self.state.outbox_from(self._cursor, (window - len(self._inflight)) * per_frame)
             if not rows:
                 break
-            for row in rows:
+            for group in _frames(rows, window - len(self._inflight), per_frame):
+                head = group[0]
+                payload = pack_frame([row.payload for row in group])
                 mid = conn.publish(
-                    row.topic, row.payload, retain=row.retain, alias=row.what in ("msg", "receipt")
+                    head.topic, payload, retain=head.retain, alias=head.what in _ENVELOPE_ROWS
                 )
                 if self._tracer is not None:
-                    self._tracer.publish(row.topic, row.payload)
-                self._inflight[mid] = row.seq
-                self._cursor = row.seq + 1
+                    for row in group:
+                        self._tracer.publish(row.topic, row.payload)
+                self._inflight[mid] = tuple(row.seq for row in group)
+                self._cursor = group[-1].seq + 1
+                self.counters["frames" if len(group) > 1 else "bare"] += 1
         now = self._clock()
         with self._subs_lock:
             due = {t for t, at in self._refused.items() if at <= now and t in self._subs}
@@ -1516,6 +1531,38 @@ class Device:
     def _raise_fatal(self) -> None:
         if self._fatal is not None:
             raise KeyStoreError(f"the device stopped after a state file failure: {self._fatal}")
+
+
+def _frames(rows: Sequence[OutboxRow], limit: int, per_frame: int) -> list[list[OutboxRow]]:
+    """At most ``limit`` PUBLISH packets for ``rows``, in order: up to ``per_frame``
+    consecutive envelopes of one conversation share a frame (PROTOCOL.md §3.4),
+    anything else travels alone.
+
+    Only what is queued already is grouped: nothing waits for company, so a lone message
+    leaves as at once as before, and a backlog (a burst, a link that came back) leaves
+    in a sixty-fourth of the packets, PUBACKs and topic names.
+    """
+    groups: list[list[OutboxRow]] = []
+    framed = 0  # bytes of the last group as a frame
+    for row in rows:
+        if groups and row.what in _ENVELOPE_ROWS and not row.retain:
+            group = groups[-1]
+            head = group[0]
+            if (
+                head.what in _ENVELOPE_ROWS
+                and not head.retain
+                and head.topic == row.topic
+                and len(group) < per_frame
+                and framed + part_bytes(len(row.payload)) <= MAX_FRAME_BYTES
+            ):
+                group.append(row)
+                framed += part_bytes(len(row.payload))
+                continue
+        if len(groups) == limit:
+            break
+        groups.append([row])
+        framed = 1 + part_bytes(len(row.payload))
+    return groups
 
 
 def _kind(message: TextMessage | Receipt | Control) -> int:

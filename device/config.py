@@ -21,6 +21,7 @@ from pydantic_settings import (
 )
 
 from schemas.errors import ConfigError
+from schemas.frame import MAX_FRAME_ENVELOPES
 from schemas.roster import Policy
 from schemas.topics import DEFAULT_PREFIX
 
@@ -78,6 +79,9 @@ class LinkOptions(_Frozen):
     ``reorder_window_s``: a message that overtook a missing one of the same sender
     waits this long for it before it is shown (and the gap recorded).
     ``window``: PUBLISH packets in flight (unacknowledged) at once.
+    ``frame_envelopes``: at most this many queued envelopes of one conversation leave
+    in one PUBLISH, a frame (PROTOCOL.md §3.4); 1 sends each alone, for a peer that
+    predates frames. Nothing waits to fill a frame: only a backlog is framed.
     ``history_tail_s``: with a history source, how often an idle device asks it for
     what was archived after its cursor (also shortly after each connect): messages
     lost at the end of a run (a broker queue overflowing, a failover) reveal no gap.
@@ -95,6 +99,7 @@ class LinkOptions(_Frozen):
     gap_timeout_s: Annotated[float, Field(gt=0)] = 30.0
     reorder_window_s: Annotated[float, Field(ge=0)] = 2.0
     window: Annotated[int, Field(ge=1, le=1024)] = 64
+    frame_envelopes: Annotated[int, Field(ge=1, le=MAX_FRAME_ENVELOPES)] = MAX_FRAME_ENVELOPES
     topic_aliases: bool = True
     history_tail_s: Annotated[float, Field(gt=0)] = 60.0
 

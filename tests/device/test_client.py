@@ -269,6 +269,36 @@ def test_leave_and_invite(devices: Devices) -> None:
     assert [i.member for i in bob.conversations() if i.cid == cid] in ([False], [True])
 
 
+def test_a_backlog_leaves_in_frames_and_arrives_in_order_exactly_once(devices: Devices) -> None:
+    """A burst is framed (PROTOCOL.md §3.4): up to 64 envelopes a PUBLISH, never more
+    bytes than one envelope may have, each envelope shown once in order; a peer that
+    predates frames is served bare by ``frame_envelopes=1``."""
+    from device.config import LinkOptions
+
+    alice = devices.make("alice")
+    bob = devices.make("bob")
+    cid = alice.create_conversation([bob.pid])
+    wait_until(lambda: bob.engine.is_member(cid), 10, "bob joins")
+    before = alice.counters["frames"]
+    lines = [f"burst {i}" for i in range(150)]
+    big = ["x" * 15_000 + str(i) for i in range(6)]  # four fit in one frame's 64 KiB
+    alice.send_many(cid, lines)
+    alice.send_many(cid, big)
+    wait_until(lambda: len(texts(bob, cid)) == 156, 20, "every message")
+    assert texts(bob, cid) == lines + big
+    assert alice.counters["frames"] - before >= 4  # 150 in 3 frames at least, big in 2
+    assert bob.counters["duplicate"] == 0
+
+    bare = LinkOptions(backoff_min_s=0.1, backoff_max_s=0.5, frame_envelopes=1)
+    alice = devices.reopen(alice, link=bare)
+    alice.wait_connected(10)
+    framed, sent_bare = alice.counters["frames"], alice.counters["bare"]
+    alice.send_many(cid, ["one by one"] * 20)
+    wait_until(lambda: len(texts(bob, cid)) == 176, 20, "the unframed burst")
+    assert alice.counters["frames"] == framed
+    assert alice.counters["bare"] - sent_bare >= 20
+
+
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])
 def test_low_bandwidth_conversation(mosquitto_devices: Devices, protocol: str) -> None:
     from device.config import LinkOptions, low_bandwidth_policy

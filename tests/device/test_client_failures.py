@@ -15,6 +15,7 @@ from device.engine import Engine
 from device.state import DeviceState
 from schemas.envelope import read_header
 from schemas.errors import FieldchatError
+from schemas.frame import split
 from tests.device.conftest import (
     Devices,
     Mosquitto,
@@ -53,7 +54,8 @@ class _Observer:
 
     @property
     def envelopes(self) -> list[bytes]:
-        return [p for t, p in self.messages if t.endswith("/msg")]
+        """Every envelope seen, a frame's (PROTOCOL.md §3.4) one by one."""
+        return [e for t, p in self.messages if t.endswith("/msg") for e in split(p)]
 
     def close(self) -> None:
         self.client.disconnect()
