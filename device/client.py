@@ -113,10 +113,13 @@ class HistorySource(Protocol):
     keeps durably, per conversation: the one way the device fetches (tail rounds, gap
     fills, a join's backfill), so nothing is fetched twice across restarts. The
     device opens what it gets like live messages: duplicates and forgeries cost
-    nothing.
+    nothing. ``from_epoch``: the oldest roster epoch the device holds keys of; a source
+    may skip what was archived before it began (the device could not open it).
     """
 
-    def since(self, cid: str, after: int, limit: int) -> tuple[list[bytes], int, bool]: ...
+    def since(
+        self, cid: str, after: int, limit: int, *, from_epoch: int = 0
+    ) -> tuple[list[bytes], int, bool]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -1382,7 +1385,11 @@ class Device:
         (deduplicated) rather than skipping it.
         """
         cursors = [
-            (cid, int(self.state.get_meta(f"{TAIL_CURSOR}{cid}") or 0))
+            (
+                cid,
+                int(self.state.get_meta(f"{TAIL_CURSOR}{cid}") or 0),
+                self.engine.oldest_epoch(cid),
+            )
             for cid in self.engine.conversations()
             if self.engine.is_member(cid)
         ]
@@ -1390,17 +1397,19 @@ class Device:
         self._tail_asked = False
         self._history_job(lambda: self._tail_round(cursors))
 
-    def _tail_round(self, cursors: list[tuple[str, int]]) -> None:
+    def _tail_round(self, cursors: list[tuple[str, int, int]]) -> None:
         """On the history thread: up to TAIL_PAGES pages per conversation, each handed
         to the worker with the cursor to save after it; then when to look again."""
         assert self.history is not None
         more = False
         try:
-            for cid, start in cursors:
+            for cid, start, from_epoch in cursors:
                 after = start
                 for _ in range(TAIL_PAGES):
                     try:
-                        envelopes, after_next, more_here = self.history.since(cid, after, TAIL_PAGE)
+                        envelopes, after_next, more_here = self.history.since(
+                            cid, after, TAIL_PAGE, from_epoch=from_epoch
+                        )
                     except FieldchatError as exc:
                         self._hand_over(_Fetched(cid, [], error=str(exc)))
                         more_here = False

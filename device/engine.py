@@ -358,6 +358,15 @@ class Engine:
             receiving = conv.recv.get((epoch, sender_index, chain)) if conv else None
             return None if receiving is None else receiving.step
 
+    def oldest_epoch(self, cid: str) -> int:
+        """The oldest roster epoch of ``cid`` we can open anything of: the current one,
+        or an older one we still hold a receiving chain of (0 when unknown)."""
+        with self._lock:
+            conv = self._convs.get(cid)
+            if conv is None:
+                return 0
+            return min([conv.epoch, *(epoch for epoch, _, _ in conv.recv)])
+
     def reservations_low(self, left: int) -> bool:
         """Whether a sending chain in use has ``left`` or fewer reserved steps unused.
 

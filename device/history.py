@@ -88,10 +88,14 @@ class GatewayHistory:
                 break
         return out
 
-    def since(self, cid: str, after: int, limit: int) -> tuple[list[bytes], int, bool]:
+    def since(
+        self, cid: str, after: int, limit: int, *, from_epoch: int = 0
+    ) -> tuple[list[bytes], int, bool]:
         """One page of what was archived for ``cid`` after the gateway's cursor
         ``after``, oldest first: ``(envelopes, next cursor, more)``. The caller keeps
         the cursor (the device, durably: :meth:`device.client.Device` tail checks).
+        With ``from_epoch``, the gateway starts no earlier than that epoch's first
+        envelope: a device that joined late does not download what it cannot open.
 
         Raises:
             NotAuthorized: the gateway refused us (not a member, unknown bundle).
@@ -100,7 +104,10 @@ class GatewayHistory:
         """
         validate_id(cid, "cid")
         limit = max(1, min(limit, PAGE))
-        page = self._get(f"/v1/conversations/{cid}/envelopes", f"after={after}&limit={limit}")
+        query = f"after={after}&limit={limit}"
+        if from_epoch:
+            query += f"&from_epoch={from_epoch}"
+        page = self._get(f"/v1/conversations/{cid}/envelopes", query)
         try:
             items = page["items"]
             envelopes = [base64.b64decode(item["envelope"], validate=True) for item in items]

@@ -209,16 +209,31 @@ async def history(
     before: Cursor = None,
     after: Cursor = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
+    from_epoch: Annotated[
+        int | None,
+        Query(
+            ge=0,
+            le=MAX_CURSOR,
+            description="With ``after``: start no earlier than this roster epoch's first "
+            "envelope (a member that joined at that epoch cannot open older ones).",
+        ),
+    ] = None,
 ) -> Response:
     """Archived envelopes of a conversation, cursor-paginated.
 
     Without cursors: the newest ``limit``, newest first. ``before=N``: the next older
     page, newest first. ``after=N``: envelopes archived after cursor N, oldest first —
     gap filling for a device or browser that was away (repeat while ``more``).
+    ``from_epoch=E`` (with ``after``) moves the cursor past the envelopes archived
+    before epoch E began, so a new member does not download what it cannot open.
     """
     if before is not None and after is not None:
         raise HTTPException(400, "give before or after, not both")
+    if from_epoch is not None and after is None:
+        raise HTTPException(400, "from_epoch goes with after")
     await _member(gw, cid, who)
+    if from_epoch is not None and after is not None:
+        after = max(after, await gw.store.epoch_start(cid, from_epoch))
     rows = await gw.store.history(cid, before=before, after=after, limit=limit)
     return _page(rows, limit=limit, after=after)
 

@@ -394,6 +394,20 @@ class SqlStore:
     async def max_seq(self) -> int:
         return int(await self._scalar(select(func.max(envelopes.c.seq)), "reading seq") or 0)
 
+    async def epoch_start(self, cid: str, epoch: int) -> int:
+        first = await self._scalar(
+            select(func.min(envelopes.c.seq)).where(
+                envelopes.c.cid == cid, envelopes.c.epoch >= epoch
+            ),
+            "reading history",
+        )
+        if first is not None:
+            return int(first) - 1
+        last = await self._scalar(
+            select(func.max(envelopes.c.seq)).where(envelopes.c.cid == cid), "reading history"
+        )
+        return int(last or 0)
+
     async def max_grant_seq(self) -> int:
         return int(await self._scalar(select(func.max(grants.c.seq)), "reading seq") or 0)
 

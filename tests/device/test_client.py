@@ -173,7 +173,9 @@ def test_a_clean_restart_leaves_no_gap_and_a_crash_asks_the_history_seam(
         def __init__(self) -> None:
             self.asked: list[str] = []
 
-        def since(self, cid: str, after: int, limit: int) -> tuple[list[bytes], int, bool]:
+        def since(
+            self, cid: str, after: int, limit: int, *, from_epoch: int = 0
+        ) -> tuple[list[bytes], int, bool]:
             self.asked.append(cid)
             return [], after, False
 

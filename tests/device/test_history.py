@@ -86,6 +86,16 @@ def test_since_fetches_one_page_after_the_callers_cursor(gateway):
     assert paths[0].endswith("after=11&limit=500") and paths[1].endswith("after=2&limit=1")
 
 
+def test_since_names_the_oldest_epoch_the_device_can_open(gateway):
+    history = GatewayHistory(gateway, Identity.generate(post_quantum=False))
+    _Gateway.answers = [(200, page([], 40, False)), (200, page([], 0, False))]
+    assert history.since(CID, 0, 50, from_epoch=3) == ([], 40, False)
+    assert history.since(CID, 0, 50, from_epoch=0) == ([], 0, False)
+    paths = [path for path, _ in _Gateway.seen]
+    assert paths[0].endswith("after=0&limit=50&from_epoch=3")
+    assert paths[1].endswith("after=0&limit=50")  # epoch 0: everything, as before
+
+
 @pytest.mark.parametrize(
     ("status", "body", "error"),
     [

@@ -99,3 +99,36 @@ def test_messages_the_broker_dropped_while_offline_come_from_the_gateway(stack) 
     time.sleep(1.5)  # a further idle round finds nothing new and shows nothing twice
     assert texts(bob, cid) == ["before", *lines]
     assert [e.text for e in events if isinstance(e, MessageReceived)] == lines
+
+
+def test_a_late_member_does_not_download_epochs_it_cannot_open(stack) -> None:
+    """The tail round names the oldest epoch the device holds keys of (``from_epoch``):
+    the gateway starts there, so a member invited into a long conversation does not
+    fetch its whole earlier history over a slow link only to drop it."""
+    _, gateway, devices = stack
+    alice = devices.make("alice")
+    bob = devices.make("bob")
+    cid = alice.create_conversation([bob.pid])
+    wait_until(lambda: bob.engine.is_member(cid), 10, "bob joins")
+    early = [f"early {i}" for i in range(40)]
+    alice.send_many(cid, early)
+    assert alice.wait_drained(10)
+    archive = GatewayHistory(gateway.base, alice.engine.identity)
+    archived: list[bytes] = []
+    end = time.monotonic() + 20
+    while len(archived) < len(early) and time.monotonic() < end:
+        archived += archive.conversation(cid)
+        time.sleep(0.1)
+    assert len(archived) >= len(early)
+
+    carol = _with_history(devices, "carol", gateway)
+    carol.wait_connected(10)
+    alice.invite(cid, [carol.pid])  # a new epoch: carol holds its keys only
+    wait_until(lambda: carol.engine.is_member(cid), 10, "carol joins")
+    assert carol.engine.oldest_epoch(cid) == alice.engine.roster(cid).epoch > 0
+    alice.send(cid, "welcome")
+    wait_until(lambda: texts(carol, cid) == ["welcome"], 10, "carol reads the new epoch")
+    wait_until(lambda: carol.counters["history_tail_fetched"] > 0, 10, "a tail round")
+    time.sleep(1.5)  # and another
+    assert carol.counters["history_tail_fetched"] < len(early)  # the new epoch's only
+    assert texts(carol, cid) == ["welcome"]

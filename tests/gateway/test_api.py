@@ -114,6 +114,9 @@ async def test_bad_queries_get_clear_errors(gateway, mosquitto, prefix):
             ("limit=1000000", 422),
             ("limit=0", 422),
             ("before=1&after=1", 400),
+            ("from_epoch=1", 400),
+            ("after=0&from_epoch=-1", 422),
+            ("after=0&from_epoch=abc", 422),
         ]:
             r = await http.get(f"{path}?{query}", headers=a.sign_request("GET", path, query))
             assert r.status_code == status, (query, r.text)
@@ -131,6 +134,10 @@ async def test_bad_queries_get_clear_errors(gateway, mosquitto, prefix):
         stale["x-fieldchat-time"] = "1000"
         assert (await http.get(path, headers=stale)).status_code == 401
         assert (await http.get(path, headers=a.sign_request("GET", path))).status_code == 200
+        query = "after=0&from_epoch=7"  # an epoch not begun yet: nothing, cursor kept
+        r = await http.get(f"{path}?{query}", headers=a.sign_request("GET", path, query))
+        assert r.status_code == 200
+        assert (r.json()["items"], r.json()["next_after"]) == ([], 0)
 
 
 async def test_another_accounts_cookie_cannot_read_a_conversation(gateway, mosquitto, prefix):

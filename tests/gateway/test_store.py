@@ -18,10 +18,10 @@ PID = "c" * 25 + "a"
 PID2 = "d" * 25 + "a"
 
 
-def env(step: int, cid: str = CID, sender: int = 0) -> NewEnvelope:
+def env(step: int, cid: str = CID, sender: int = 0, epoch: int = 0) -> NewEnvelope:
     return NewEnvelope(
         cid=cid,
-        epoch=0,
+        epoch=epoch,
         sender=sender,
         sender_pid=PID,
         chain=0,
@@ -48,6 +48,19 @@ async def test_archive_is_idempotent_and_pages_newest_first(store):
     assert {e.cid for e in await store.since(0, limit=100)} == {CID, OTHER}
     assert len(await store.since(0, cids=[OTHER])) == 1
     assert await store.max_seq() == max(e.seq for e in await store.since(0, limit=100))
+
+
+async def test_an_epochs_start_skips_what_a_later_member_cannot_open(store):
+    assert await store.epoch_start(CID, 1) == 0  # nothing archived yet
+    await store.commit(ArchiveBatch(envelopes=[env(i) for i in range(5)]))
+    assert await store.epoch_start(CID, 1) == await store.max_seq()  # past every envelope
+    await store.commit(ArchiveBatch(envelopes=[env(0, cid=OTHER, epoch=3)]))
+    await store.commit(ArchiveBatch(envelopes=[env(i, epoch=1) for i in range(3)]))
+    await store.commit(ArchiveBatch(envelopes=[env(9, epoch=0)]))  # a late one of epoch 0
+    start = await store.epoch_start(CID, 1)
+    rows = await store.history(CID, after=start, limit=100)
+    assert [(e.epoch, e.step) for e in rows] == [(1, 0), (1, 1), (1, 2), (0, 9)]
+    assert await store.epoch_start(CID, 0) == 0
 
 
 async def test_rosters_membership_and_grants(store):
