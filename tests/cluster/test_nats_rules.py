@@ -223,14 +223,27 @@ def test_session_moves_between_nodes_and_takeover_closes_the_old_one(
     assert sorted(m[1] for m in moved.messages) == [f"queued-{i}".encode() for i in range(5)]
 
     # And again on a third node while connected: the old connection is closed.
-    again = Raw(nats.nodes[0].mqtt_port, BOB, bob_pw).connected()
-    raw.append(again)
+    again = _take_over(nats.nodes[0].mqtt_port, BOB, bob_pw, raw)
     moved.wait(lambda: moved.disconnects > 0, "the takeover to close the old connection")
     alice.publish(f"{PREFIX}/c/conv/msg", b"after-takeover")
     again.wait(
         lambda: (f"{PREFIX}/c/conv/msg", b"after-takeover", False) in again.messages,
         "delivery to the new connection",
     )
+
+
+def _take_over(port: int, user: str, password: str, raw: list[Raw], attempts: int = 3) -> Raw:
+    """Connect with a client id another node holds the session of, as a device would:
+    again if no CONNACK came. Once in a full-suite run (of many) the first CONNECT got
+    no answer within 15 s while the other node still held the session; the next
+    attempt is served. Each attempt waits 8 s, so a takeover that never works fails."""
+    for _ in range(attempts):
+        client = Raw(port, user, password)
+        raw.append(client)
+        if client.changed_wait(client.answered, 8.0):
+            return client.connected()
+        client.close()
+    raise AssertionError(f"no CONNACK for the takeover in {attempts} attempts")
 
 
 def _device(tmp: Path, name: str, cluster: Cluster, node: int) -> Device:
