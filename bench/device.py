@@ -11,7 +11,9 @@ issue 4 were measured), alternating with bare paho over rounds; latency runs bot
 in one process so they share a clock, interleaved with bare paho (see ``_latency``).
 ``latency_ms`` gives the absolute percentiles behind the added ones; on MQTT 3.1.1
 ``*_own_echo`` is the part of the wire bytes spent on our own messages coming back
-(3.1.1 has no no-local option; MQTT 5 connections subscribe with it).
+(3.1.1 has no no-local option; MQTT 5 connections subscribe with it), and ``*_backlog``
+the bytes per message of 128 sent at once, as an outbox drains after an outage (frames),
+own echo excluded.
 
 ``bench/device.py latency`` or ``bench/device.py throughput`` runs one part alone.
 """
@@ -31,6 +33,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 # This file is named after what it measures, which shadows the ``device`` package
@@ -48,6 +51,7 @@ from device.events import Event, MessageReceived
 from schemas import Policy
 from schemas.envelope import EnvelopeKind, read_header
 from schemas.errors import FieldchatError
+from schemas.frame import split
 
 TEXT = "field report: pump 3 pressure nominal, valve 7 replaced, ok"  # 60 chars
 N_THROUGHPUT = 3_000
@@ -56,6 +60,7 @@ N_LATENCY = 200  # per stream and round, at 50 messages/s each: 4 s
 LATENCY_ROUNDS = 4
 LATENCY_WARMUP = 10
 N_WIRE = 400
+N_BACKLOG = 128  # sent at once: two full frames (PROTOCOL.md §3.4)
 LINK = LinkOptions(receipt_interval_s=1.0, backoff_min_s=0.1, backoff_max_s=1.0)
 
 
@@ -169,9 +174,8 @@ class Proxy:
             topic = packet[i + 2 : i + 2 + topic_len]
             start = i + 2 + topic_len + (2 if (packet[0] >> 1) & 3 else 0)
             with contextlib.suppress(FieldchatError):
-                if topic.endswith(b"/msg") and read_header(packet[start:])[0] is (
-                    EnvelopeKind.TEXT
-                ):
+                first = split(packet[start:])[0]  # a frame's kind is its envelopes' kind
+                if topic.endswith(b"/msg") and read_header(first)[0] is EnvelopeKind.TEXT:
                     with self._lock:
                         self.echo_bytes += len(packet) + 4
         return buf
@@ -291,8 +295,9 @@ def role_e2e_recv(state: str, port: int, n: int) -> None:
     print(json.dumps({"got": got, "last": last, "cpu_s": cpu}), flush=True)
 
 
-def role_e2e_send(state: str, port: int, n: int, cid: str) -> None:
-    device = Device(state, BrokerOptions(port=port), link=LINK)
+def role_e2e_send(state: str, port: int, n: int, cid: str, frame_envelopes: int) -> None:
+    link = LINK.model_copy(update={"frame_envelopes": frame_envelopes})
+    device = Device(state, BrokerOptions(port=port), link=link)
     device.start()
     device.wait_connected(10)
     print(json.dumps({"start": time.time()}), flush=True)
@@ -347,8 +352,22 @@ def _wait_ready(proc: subprocess.Popen[str]) -> None:
         raise RuntimeError(f"child failed: {line!r}")
 
 
-def throughput(tmp: Path, port: int) -> tuple[float, float, float, int, dict[str, float]]:
+@dataclass(frozen=True)
+class Throughput:
+    e2e: float
+    raw: float
+    ratio: float
+    ratio_unframed: float  # the device sending one envelope a PUBLISH (frame_envelopes=1)
+    size: int
+    cpu_us: dict[str, float]
+
+
+def throughput(tmp: Path, port: int) -> Throughput:
     """Median e2e and raw rates, the median of the per-round ratios, and CPU per message.
+
+    The device sends the burst as it sends any backlog, in frames (PROTOCOL.md §3.4);
+    the same run with frames off gives ``throughput_ratio_unframed``: what signing,
+    sealing and durability cost when every envelope pays for its own PUBLISH.
 
     The machine is shared: each round runs the device pair and then bare paho right
     after it, so a ratio compares runs under about the same load, and the median of
@@ -363,17 +382,28 @@ def throughput(tmp: Path, port: int) -> tuple[float, float, float, int, dict[str
     a_path, b_path = alice.state.path, bob.state.path
     alice.close()
     bob.close()
-    e2es, raws = [], []
-    cpu: dict[str, list[float]] = {"e2e_send": [], "e2e_recv": [], "raw_pub": [], "raw_sub": []}
+    e2es: list[float] = []
+    bares: list[float] = []
+    raws: list[float] = []
+    cpu: dict[str, list[float]] = {
+        "e2e_send": [],
+        "e2e_recv": [],
+        "unframed_send": [],
+        "unframed_recv": [],
+        "raw_pub": [],
+        "raw_sub": [],
+    }
     for _ in range(THROUGHPUT_ROUNDS):
-        recv = _child("e2e-recv", str(b_path), str(port), str(N_THROUGHPUT))
-        _wait_ready(recv)
-        send = _child("e2e-send", str(a_path), str(port), str(N_THROUGHPUT), cid)
-        sent = _result(send)
-        done = _result(recv)
-        e2es.append(done["got"] / (done["last"] - sent["start"]))
-        cpu["e2e_send"].append(sent["cpu_s"] / N_THROUGHPUT)
-        cpu["e2e_recv"].append(done["cpu_s"] / done["got"])
+        # as the device sends a backlog (frames of up to 64), then one envelope a PUBLISH
+        for frames, rates, label in ((64, e2es, "e2e"), (1, bares, "unframed")):
+            recv = _child("e2e-recv", str(b_path), str(port), str(N_THROUGHPUT))
+            _wait_ready(recv)
+            send = _child("e2e-send", str(a_path), str(port), str(N_THROUGHPUT), cid, str(frames))
+            sent = _result(send)
+            done = _result(recv)
+            rates.append(done["got"] / (done["last"] - sent["start"]))
+            cpu[f"{label}_send"].append(sent["cpu_s"] / N_THROUGHPUT)
+            cpu[f"{label}_recv"].append(done["cpu_s"] / done["got"])
         sub = _child("raw-sub", str(port), str(N_THROUGHPUT), str(size))
         _wait_ready(sub)
         pub = _child("raw-pub", str(port), str(N_THROUGHPUT), str(size))
@@ -383,12 +413,16 @@ def throughput(tmp: Path, port: int) -> tuple[float, float, float, int, dict[str
         cpu["raw_pub"].append(sent["cpu_s"] / N_THROUGHPUT)
         cpu["raw_sub"].append(done["cpu_s"] / done["got"])
     print(
-        f"throughput rounds: e2e {[round(x) for x in e2es]}, raw {[round(x) for x in raws]}",
+        f"throughput rounds: e2e {[round(x) for x in e2es]}, unframed "
+        f"{[round(x) for x in bares]}, raw {[round(x) for x in raws]}",
         file=sys.stderr,
     )
     ratio = statistics.median(e / r for e, r in zip(e2es, raws, strict=True))
+    unframed = statistics.median(e / r for e, r in zip(bares, raws, strict=True))
     cpu_us = {k: round(statistics.median(v) * 1e6, 1) for k, v in cpu.items()}
-    return statistics.median(e2es), statistics.median(raws), ratio, size, cpu_us
+    return Throughput(
+        statistics.median(e2es), statistics.median(raws), ratio, unframed, size, cpu_us
+    )
 
 
 def _pct(values: list[float], pct: int) -> float:
@@ -404,8 +438,9 @@ def rss(tmp: Path, port: int) -> tuple[float, float]:
     return dev, bare
 
 
-def wire(tmp: Path, port: int, protocol: str, policy: Policy) -> tuple[float, float]:
-    """Bytes per message the sender exchanges, and of those its own echo (3.1.1)."""
+def wire(tmp: Path, port: int, protocol: str, policy: Policy) -> tuple[float, float, float]:
+    """Bytes per message the sender exchanges, and of those its own echo (3.1.1); then
+    per message of a backlog of ``N_BACKLOG`` sent at once (frames), own echo excluded."""
     proxy = Proxy(port, echo=protocol == "3.1.1")
     try:
         alice, bob, cid, _ = _pair(tmp, port, policy, protocol=protocol, sender_port=proxy.port)
@@ -420,9 +455,14 @@ def wire(tmp: Path, port: int, protocol: str, policy: Policy) -> tuple[float, fl
         time.sleep(2.5)  # receipts for the run come back
         used = proxy.bytes - start
         echo = proxy.echo_bytes - echo_start
+        start, echo_start = proxy.bytes, proxy.echo_bytes
+        alice.send_many(cid, [TEXT] * N_BACKLOG)
+        alice.wait_drained(30)
+        time.sleep(2.5)
+        backlog = proxy.bytes - start - (proxy.echo_bytes - echo_start)
         alice.close()
         bob.close()
-        return used / N_WIRE, echo / N_WIRE
+        return used / N_WIRE, echo / N_WIRE, backlog / N_BACKLOG
     finally:
         proxy.close()
 
@@ -442,7 +482,7 @@ def main() -> None:
         role_e2e_recv(ns.args[0], int(ns.args[1]), int(ns.args[2]))
         return
     if ns.role == "e2e-send":
-        role_e2e_send(ns.args[0], int(ns.args[1]), int(ns.args[2]), ns.args[3])
+        role_e2e_send(ns.args[0], int(ns.args[1]), int(ns.args[2]), ns.args[3], int(ns.args[4]))
         return
     if ns.role == "rss":
         role_rss(ns.args[0], int(ns.args[1]), ns.args[2])
@@ -454,14 +494,15 @@ def main() -> None:
                 if ns.role == "latency":
                     print(json.dumps(_latency(Path(name), broker.port)))
                 else:
-                    e2e, raw, ratio, _, cpu_us = throughput(Path(name), broker.port)
+                    t = throughput(Path(name), broker.port)
                     print(
                         json.dumps(
                             {
-                                "e2e": round(e2e),
-                                "raw": round(raw),
-                                "ratio": round(ratio, 3),
-                                "cpu_us_per_msg": cpu_us,
+                                "e2e": round(t.e2e),
+                                "raw": round(t.raw),
+                                "ratio": round(t.ratio, 3),
+                                "ratio_unframed": round(t.ratio_unframed, 3),
+                                "cpu_us_per_msg": t.cpu_us,
                             }
                         )
                     )
@@ -472,9 +513,9 @@ def main() -> None:
         tmp = Path(name)
         broker = Broker(tmp)
         try:
-            e2e, raw, ratio, size, cpu_us = throughput(tmp, broker.port)
+            t = throughput(tmp, broker.port)
             print(
-                f"throughput: e2e {e2e:.0f}/s, raw paho {raw:.0f}/s ({size} B payload)",
+                f"throughput: e2e {t.e2e:.0f}/s, raw paho {t.raw:.0f}/s ({t.size} B payload)",
                 file=sys.stderr,
             )
             lat = _latency(tmp, broker.port)
@@ -485,20 +526,22 @@ def main() -> None:
                     (Policy(), "signed"),
                     (low_bandwidth_policy(), "low_bandwidth"),
                 ):
-                    used, echo = wire(tmp, broker.port, protocol, policy)
+                    used, echo, backlog = wire(tmp, broker.port, protocol, policy)
                     wires[f"{label}_{pname}"] = round(used, 1)
                     if echo:  # included above; what no-local would save (MQTT 5 only)
                         wires[f"{label}_{pname}_own_echo"] = round(echo, 1)
+                    wires[f"{label}_{pname}_backlog"] = round(backlog, 1)
             print(f"wire bytes per message: {wires}", file=sys.stderr)
         finally:
             broker.close()
     print(
         json.dumps(
             {
-                "e2e_msgs_per_s": round(e2e, 1),
-                "raw_paho_msgs_per_s": round(raw, 1),
-                "throughput_ratio": round(ratio, 3),
-                "cpu_us_per_msg": cpu_us,
+                "e2e_msgs_per_s": round(t.e2e, 1),
+                "raw_paho_msgs_per_s": round(t.raw, 1),
+                "throughput_ratio": round(t.ratio, 3),
+                "throughput_ratio_unframed": round(t.ratio_unframed, 3),
+                "cpu_us_per_msg": t.cpu_us,
                 "added_latency_p50_ms": _added(lat, "p50"),
                 "added_latency_p99_ms": _added(lat, "p99"),
                 "latency_ms": {k: round(v, 3) for k, v in lat.items()},

@@ -43,6 +43,7 @@ import tempfile
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -152,6 +153,7 @@ def publish_proc(
     client.loop_start()
     times = []
     start = time.monotonic()
+    cpu = time.process_time()
     infos = []
     for i, (topic, payload, retain) in enumerate(items):
         if rate:
@@ -164,7 +166,7 @@ def publish_proc(
         info.wait_for_publish(60)
     client.loop_stop()
     client.disconnect()
-    out.put((start, times))
+    out.put((start, times, (time.process_time() - cpu) / max(1, len(items))))
 
 
 def run_publisher(
@@ -189,7 +191,17 @@ def sealed_stream(n: int, topics: Topics) -> tuple[list, list]:
 # -- broker baseline and archive -------------------------------------------------------
 
 
-def broker_rate(port: int, prefix: str, stream: list) -> float:
+@dataclass(frozen=True)
+class Rate:
+    """Messages a second, and CPU seconds a message: the publisher's and this process's
+    (the bare subscriber's or the archiver's, all threads) over the stream."""
+
+    per_s: float
+    publisher_cpu: float
+    own_cpu: float
+
+
+def broker_rate(port: int, prefix: str, stream: list) -> Rate:
     topics = Topics(prefix)
     done = threading.Event()
     got = [0, 0.0]
@@ -206,18 +218,20 @@ def broker_rate(port: int, prefix: str, stream: list) -> float:
     sub.subscribe(topics.all_msgs(), qos=1)
     sub.loop_start()
     time.sleep(0.5)
+    cpu = time.process_time()
     proc, queue = run_publisher(port, stream)
-    start, _ = queue.get(timeout=300)
-    proc.join(60)
     done.wait(300)
+    cpu = time.process_time() - cpu
+    start, _, publisher_cpu = queue.get(timeout=300)
+    proc.join(60)
     sub.loop_stop()
     sub.disconnect()
-    return len(stream) / (got[1] - start)
+    return Rate(len(stream) / (got[1] - start), publisher_cpu, cpu / len(stream))
 
 
 async def archive_rate(
     port: int, prefix: str, database_url: str, setup: list, stream: list
-) -> float:
+) -> Rate:
     settings = GatewaySettings(
         mqtt_url=f"mqtt://127.0.0.1:{port}",
         topic_prefix=prefix,
@@ -240,6 +254,7 @@ async def archive_rate(
             if time.monotonic() > end:
                 raise RuntimeError("the roster was not archived")
             await asyncio.sleep(0.05)
+        cpu = time.process_time()
         proc, queue = run_publisher(port, stream)
         # Watched from now, not from the publisher's report: that comes only after its
         # paho loop stopped, which can take up to paho's 1 s select timeout, and was
@@ -248,11 +263,12 @@ async def archive_rate(
         while archiver.counters["archived"] < len(stream) and time.monotonic() < end:
             await asyncio.sleep(0.002)
         finished = time.monotonic()
-        start, _ = await asyncio.to_thread(queue.get, True, 300)
+        cpu = time.process_time() - cpu
+        start, _, publisher_cpu = await asyncio.to_thread(queue.get, True, 300)
         proc.join(60)
         if archiver.counters["archived"] < len(stream):
             raise RuntimeError(f"archived only {archiver.counters['archived']}")
-        return len(stream) / (finished - start)
+        return Rate(len(stream) / (finished - start), publisher_cpu, cpu / len(stream))
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
@@ -269,9 +285,13 @@ async def archive_rounds(
     fresh topic prefix (a new persistent session and an empty store), so a ratio
     compares runs under about the same load; the median of the per-round ratios is
     less at the mercy of one busy moment of the shared machine than a single pair.
+
+    ``archive_cpu_us_per_msg`` says what bounds the ratio on a machine the publisher,
+    the broker and the consumer keep busy: the rates follow the CPU each message costs
+    all three, and the archive verifies a signature (≈ 41 µs) the bare subscriber skips.
     """
-    brokers: list[float] = []
-    archives: list[float] = []
+    brokers: list[Rate] = []
+    archives: list[Rate] = []
     for r in range(rounds):
         gc.freeze()  # the benchmark's own data (streams of envelopes) is not the gateway's
         brokers.append(broker_rate(port, f"{prefix}b{r}", _retopic(stream, prefix, f"b{r}")))
@@ -284,14 +304,30 @@ async def archive_rounds(
                 _retopic(stream, prefix, f"s{r}"),
             )
         )
-        print(f"round {r}: broker {brokers[-1]:.0f}, sqlite {archives[-1]:.0f}", file=sys.stderr)
+        print(
+            f"round {r}: broker {brokers[-1].per_s:.0f}, sqlite {archives[-1].per_s:.0f}",
+            file=sys.stderr,
+        )
+
+    def us(values: list[float]) -> float:
+        return round(statistics.median(values) * 1e6, 1)
+
     return {
-        "broker_msgs_per_s": round(statistics.median(brokers)),
-        "archive_msgs_per_s_sqlite": round(statistics.median(archives)),
+        "broker_msgs_per_s": round(statistics.median(b.per_s for b in brokers)),
+        "archive_msgs_per_s_sqlite": round(statistics.median(a.per_s for a in archives)),
         "archive_ratio_sqlite": round(
-            statistics.median(a / b for a, b in zip(archives, brokers, strict=True)), 3
+            statistics.median(a.per_s / b.per_s for a, b in zip(archives, brokers, strict=True)),
+            3,
         ),
-        "archive_rounds": [[round(b), round(a)] for b, a in zip(brokers, archives, strict=True)],
+        "archive_rounds": [
+            [round(b.per_s), round(a.per_s)] for b, a in zip(brokers, archives, strict=True)
+        ],
+        "archive_cpu_us_per_msg": {
+            "publisher_broker_round": us([b.publisher_cpu for b in brokers]),
+            "bare_subscriber": us([b.own_cpu for b in brokers]),
+            "publisher_archive_round": us([a.publisher_cpu for a in archives]),
+            "archiver": us([a.own_cpu for a in archives]),
+        },
     }
 
 
@@ -690,7 +726,7 @@ async def ws_fanout(port: int, clients: int, seconds: int, rate: int) -> dict[st
             assert clients_proc.pid is not None
             cpu0 = (cpu_seconds(gw.pid), cpu_seconds(clients_proc.pid), time.monotonic())
             proc, queue = run_publisher(port, stream, rate=rate)
-            _, sent_at = await asyncio.to_thread(queue.get, True, seconds + 120)
+            _, sent_at, _ = await asyncio.to_thread(queue.get, True, seconds + 120)
             proc.join(30)
             await asyncio.sleep(1.0)  # the last envelopes' fan-out
             cpu1 = (cpu_seconds(gw.pid), cpu_seconds(clients_proc.pid), time.monotonic())
@@ -731,15 +767,14 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         if not args.skip_postgres:
             async with postgres_database() as pg:
                 if pg is not None:
-                    result["archive_msgs_per_s_postgres"] = round(
-                        await archive_rate(
-                            port,
-                            prefix + "p",
-                            pg,
-                            _retopic(setup, prefix, "p"),
-                            _retopic(stream, prefix, "p"),
-                        )
+                    pg_rate = await archive_rate(
+                        port,
+                        prefix + "p",
+                        pg,
+                        _retopic(setup, prefix, "p"),
+                        _retopic(stream, prefix, "p"),
                     )
+                    result["archive_msgs_per_s_postgres"] = round(pg_rate.per_s)
                     print("postgres", result["archive_msgs_per_s_postgres"], file=sys.stderr)
         api, direct = await history_latency(port, args.store_rows, args.history_requests)
         result["history_page_p99_ms"] = round(api, 2)
