@@ -12,6 +12,7 @@ from device.grants import accept_grant
 from schemas import Bundle, ChainGrant, Grant, Roster, TextMessage
 from schemas.crypto import aead_open, chain_step
 from schemas.envelope import read_header
+from schemas.frame import pack_frame, split
 from tests.vectors.generate import PATH, build, identity
 
 VECTORS = json.loads(PATH.read_text())
@@ -99,3 +100,13 @@ def test_rosters_decode_and_found_their_cid():
         roster = Roster.from_bytes(bytes.fromhex(conv["roster"]))
         verify_roster_chain(roster, None)
         assert roster.cid == conv["cid"]
+
+
+@pytest.mark.parametrize("vector", VECTORS["frames"], ids=lambda v: v["conversation"])
+def test_frame_vectors(vector):
+    """A frame is its envelopes, length-prefixed behind one marker byte (PROTOCOL.md §3.4)."""
+    envelopes = [bytes.fromhex(e) for e in vector["envelopes"]]
+    frame = bytes.fromhex(vector["frame"])
+    assert split(frame) == envelopes
+    assert pack_frame(envelopes) == frame
+    assert {e["envelope"] for e in VECTORS["envelopes"]} >= set(vector["envelopes"])

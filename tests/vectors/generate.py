@@ -22,6 +22,7 @@ from device.identity import Identity
 from schemas import ChainGrant, Policy, TextMessage
 from schemas.crypto import chain_step
 from schemas.envelope import read_header
+from schemas.frame import pack_frame
 
 PATH = Path(__file__).with_name("protocol.json")
 CLOCK = 1_700_000_000
@@ -136,6 +137,16 @@ def build(hybrid_grant: str | None = None) -> dict[str, Any]:
             )
     out["conversations"] = conversations
     out["envelopes"] = envelopes
+    # A device's backlog in one PUBLISH (PROTOCOL.md §3.4): each conversation's envelopes.
+    out["frames"] = [
+        {
+            "conversation": conv["label"],
+            "envelopes": [e["envelope"] for e in mine],
+            "frame": pack_frame([bytes.fromhex(e["envelope"]) for e in mine]).hex(),
+        }
+        for conv in conversations
+        if (mine := [e for e in envelopes if e["conversation"] == conv["label"]])
+    ]
 
     payload = ChainGrant(epoch=0, roster=bytes(32), sender=0, chain=0, step=5, key=bytes(32))
     x_grant = make_grant(alice, web.bundle, "a" * 26, payload, random=SeededRandom(b"grant"))
