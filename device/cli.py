@@ -67,7 +67,11 @@ def _device(
     ] = None,
     broker: Annotated[
         str | None,
-        typer.Option(envvar="FIELDCHAT_BROKER", help="mqtt://host:port or mqtts://host:port."),
+        typer.Option(
+            envvar="FIELDCHAT_BROKER",
+            help="mqtt://host:port or mqtts://host:port; several, comma-separated, for the "
+            "nodes of a cluster (tried in turn when one cannot be reached).",
+        ),
     ] = None,
     credential: Annotated[
         str | None,

@@ -423,9 +423,8 @@ class Device:
                 if left <= 0:
                     if error is not None:
                         raise type(error)(str(error))
-                    raise ConnectFailed(
-                        f"no connection to {self.broker.host}:{self.broker.port} in {timeout:g} s"
-                    )
+                    where = ", ".join(f"{h}:{p}" for h, p in self.broker.addresses)
+                    raise ConnectFailed(f"no connection to {where} in {timeout:g} s")
                 self._changed.wait(min(left, 0.1))
         self._raise_fatal()
 

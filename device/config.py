@@ -33,6 +33,7 @@ __all__ = [
     "TlsOptions",
     "low_bandwidth_policy",
     "parse_broker_url",
+    "parse_broker_urls",
 ]
 
 DEFAULT_STATE = Path("~/.local/share/fieldchat/device.sqlite3")
@@ -54,7 +55,12 @@ class TlsOptions(_Frozen):
 
 
 class BrokerOptions(_Frozen):
-    """Where and how to log in. ``username`` defaults to the device's pid."""
+    """Where and how to log in. ``username`` defaults to the device's pid.
+
+    ``fallbacks``: more ``(host, port)`` of the same broker (cluster nodes), tried in
+    turn when a connection to the current one cannot be made; the device stays with
+    the address that worked. Same credential and TLS settings for all.
+    """
 
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=1, le=65535)] = 1883
@@ -62,6 +68,11 @@ class BrokerOptions(_Frozen):
     username: str | None = None
     credential: SecretStr | None = None
     protocol: Protocol = "auto"
+    fallbacks: tuple[tuple[str, Annotated[int, Field(ge=1, le=65535)]], ...] = ()
+
+    @property
+    def addresses(self) -> tuple[tuple[str, int], ...]:
+        return ((self.host, self.port), *self.fallbacks)
 
 
 class LinkOptions(_Frozen):
@@ -125,6 +136,20 @@ def low_bandwidth_policy(*, sign_every: int = 32) -> Policy:
     members could forge them (DESIGN.md, Sender authentication).
     """
     return Policy(compress=True, sign_every=sign_every)
+
+
+def parse_broker_urls(urls: str) -> tuple[list[tuple[str, int]], bool]:
+    """A comma-separated list of broker URLs (cluster nodes) to addresses and TLS.
+
+    Raises:
+        ConfigError: a bad URL, or a list mixing mqtt:// and mqtts://.
+    """
+    parsed = [parse_broker_url(u.strip()) for u in urls.split(",") if u.strip()]
+    if not parsed:
+        raise ConfigError("no broker URL given")
+    if len({tls for _, _, tls in parsed}) > 1:
+        raise ConfigError("broker URLs mix mqtt:// and mqtts://: use one scheme for all nodes")
+    return [(host, port) for host, port, _ in parsed], parsed[0][2]
 
 
 def parse_broker_url(url: str) -> tuple[str, int, bool]:
@@ -213,7 +238,8 @@ class DeviceSettings(BaseSettings):
             ConfigError: bad broker URL.
         """
         url = self.broker or saved_broker or "mqtt://127.0.0.1:1883"
-        host, port, tls = parse_broker_url(url)
+        addresses, tls = parse_broker_urls(url)
+        (host, port), fallbacks = addresses[0], tuple(addresses[1:])
         tls_options = None
         if tls or self.ca_file or self.cert_file:
             tls_options = TlsOptions(
@@ -227,6 +253,7 @@ class DeviceSettings(BaseSettings):
             username=self.username,
             credential=credential,
             protocol=self.protocol,
+            fallbacks=fallbacks,
         )
 
     def link_options(self) -> LinkOptions:

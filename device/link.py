@@ -204,6 +204,7 @@ class Link:
         self.farewell: Callable[[Connection], object] | None = None
         self.last_error: TransportError | None = None
         self.connects = 0
+        self._address = 0  # index into broker.addresses: where the next CONNECT goes
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="fieldchat-link", daemon=True)
@@ -224,8 +225,14 @@ class Link:
 
     # -- the link thread --------------------------------------------------------------
 
+    @property
+    def address(self) -> tuple[str, int]:
+        """The broker address the link uses (or tries next)."""
+        return self.broker.addresses[self._address]
+
     def _run(self) -> None:
         failures = 0
+        count = len(self.broker.addresses)
         while not self._stop.is_set():
             outcome = self._connect_once()
             if self._stop.is_set():
@@ -236,6 +243,12 @@ class Link:
                 continue  # immediately retry with the other protocol
             else:
                 failures += 1
+                if count > 1:
+                    # Another node at once; the backoff only once all were tried.
+                    self._address = (self._address + 1) % count
+                    log.info("link: trying %s:%d next", *self.address)
+                    if failures % count:
+                        continue
             ceiling = min(
                 self.options.backoff_max_s, self.options.backoff_min_s * 2 ** min(failures, 20)
             )
@@ -315,20 +328,21 @@ class Link:
         client.on_subscribe = on_subscribe
         client.on_message = on_message
         client.on_publish = on_publish
-        where = f"{self.broker.host}:{self.broker.port}"
+        host, port = self.address
+        where = f"{host}:{port}"
         try:
             if conn.protocol == "5":
                 props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
                 props.SessionExpiryInterval = SESSION_EXPIRY_S
                 client.connect(
-                    self.broker.host,
-                    self.broker.port,
+                    host,
+                    port,
                     self.options.keepalive_s,
                     clean_start=False,
                     properties=props,
                 )
             else:
-                client.connect(self.broker.host, self.broker.port, self.options.keepalive_s)
+                client.connect(host, port, self.options.keepalive_s)
         except ssl.SSLError as exc:
             return self._fail(ConnectFailed(f"TLS handshake with {where} failed: {exc.reason}"))
         except (TimeoutError, OSError) as exc:

@@ -80,6 +80,14 @@ def test_errors_are_one_line_with_exit_codes(tmp_path: Path, mosquitto: Mosquitt
 
     out = run_cli(["whoami"], dict(env, FIELDCHAT_BROKER="http://example"))
     assert out.returncode == 2 and "use mqtt://host:port" in out.stderr
+    mixed = dict(env, FIELDCHAT_BROKER=f"{mosquitto.url},mqtts://127.0.0.1:8883")
+    out = run_cli(["whoami"], mixed)
+    assert out.returncode == 2 and "mix mqtt:// and mqtts://" in out.stderr
+
+    # cluster nodes, comma-separated: an unreachable one is passed over
+    nodes = dict(env, FIELDCHAT_BROKER=f"mqtt://127.0.0.1:{free_port()},{mosquitto.url}")
+    out = run_cli(["conv", "create", "--json", "--timeout", "10"], nodes)
+    assert out.returncode == 0, out.stderr
 
     out = run_cli(["verify", "bbbbbbbbbbbbbbbbbbbbbbbbba", "--timeout", "1"], env)
     assert out.returncode == 1 and "no bundle for bbbbbbbbbbbbbbbbbbbbbbbbba" in out.stderr

@@ -444,3 +444,40 @@ def test_a_slow_history_source_does_not_hold_up_live_messages(
         devices.close()
         server.shutdown()
         server.server_close()
+
+
+def test_a_list_of_cluster_nodes_is_tried_in_turn(tmp_path) -> None:
+    """``fallbacks``: a node that cannot be reached is skipped at once, and a node that
+    goes away hands the device to the next one (the nodes of one cluster)."""
+    from device.client import Device
+    from device.config import BrokerOptions
+    from tests.device.conftest import FAST, free_port
+
+    first = Mosquitto(tmp_path / "n1", anonymous=True).start()
+    second = Mosquitto(tmp_path / "n2", anonymous=True).start()
+    dead = free_port()
+    broker = BrokerOptions(
+        port=dead, fallbacks=(("127.0.0.1", first.port), ("127.0.0.1", second.port))
+    )
+    device = Device(tmp_path / "d.sqlite3", broker, link=FAST)
+    try:
+        device.start()
+        device.wait_connected(10)  # past the dead address without a backoff
+        assert device._link is not None
+        assert device._link.address == ("127.0.0.1", first.port)
+        first.stop()
+        wait_until(
+            lambda: (
+                device._link is not None
+                and device._link.address == ("127.0.0.1", second.port)
+                and device._conn is not None
+            ),
+            15,
+            "the device on the second node",
+        )
+        cid = device.create_conversation([])  # and it works there
+        assert device.wait_drained(10), cid
+    finally:
+        device.close()
+        first.stop()
+        second.stop()
