@@ -103,6 +103,7 @@ STATUS_ONLINE = b"online"
 STATUS_OFFLINE = b"offline"
 _TICK_S = 0.05
 _ENVELOPE_ROWS = ("msg", "receipt")  # outbox rows on c/{cid}/msg: what frames carry
+_PUBLISH_OVERHEAD = 32  # a PUBLISH's bytes besides topic and payload, generously (MQTT 5)
 
 
 class HistorySource(Protocol):
@@ -1227,7 +1228,10 @@ class Device:
             rows = self.state.outbox_from(self._cursor, (window - len(self._inflight)) * per_frame)
             if not rows:
                 break
-            for group in _frames(rows, window - len(self._inflight), per_frame):
+            budget = MAX_FRAME_BYTES
+            if conn.max_packet:  # the topic, fixed header, packet id and properties besides
+                budget = min(budget, conn.max_packet - len(rows[0].topic) - _PUBLISH_OVERHEAD)
+            for group in _frames(rows, window - len(self._inflight), per_frame, budget):
                 head = group[0]
                 payload = pack_frame([row.payload for row in group])
                 mid = conn.publish(
@@ -1541,13 +1545,18 @@ class Device:
             raise KeyStoreError(f"the device stopped after a state file failure: {self._fatal}")
 
 
-def _frames(rows: Sequence[OutboxRow], limit: int, per_frame: int) -> list[list[OutboxRow]]:
+def _frames(
+    rows: Sequence[OutboxRow], limit: int, per_frame: int, budget: int = MAX_FRAME_BYTES
+) -> list[list[OutboxRow]]:
     """At most ``limit`` PUBLISH packets for ``rows``, in order: up to ``per_frame``
-    consecutive envelopes of one conversation share a frame (PROTOCOL.md §3.4),
-    anything else travels alone.
+    consecutive envelopes of one conversation, ``budget`` bytes in all, share a frame
+    (PROTOCOL.md §3.4), anything else travels alone.
+
+    The budget is the broker's Maximum Packet Size where it announces one: an
+    envelope that fits alone must not be refused for travelling with others.
 
     Only what is queued already is grouped: nothing waits for company, so a lone message
-    leaves as at once as before, and a backlog (a burst, a link that came back) leaves
+    leaves at once, as before, and a backlog (a burst, a link that came back) leaves
     in a sixty-fourth of the packets, PUBACKs and topic names.
     """
     groups: list[list[OutboxRow]] = []
@@ -1561,7 +1570,7 @@ def _frames(rows: Sequence[OutboxRow], limit: int, per_frame: int) -> list[list[
                 and not head.retain
                 and head.topic == row.topic
                 and len(group) < per_frame
-                and framed + part_bytes(len(row.payload)) <= MAX_FRAME_BYTES
+                and framed + part_bytes(len(row.payload)) <= budget
             ):
                 group.append(row)
                 framed += part_bytes(len(row.payload))

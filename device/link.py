@@ -93,6 +93,7 @@ class Connection:
         self.protocol = protocol
         self.alias_max = 0
         self.receive_max = 65_535
+        self.max_packet = 0  # the broker's Maximum Packet Size (MQTT 5 CONNACK); 0: none
         self.connected = False
         self._aliases: dict[str, int] = {}
         # One PUBLISH properties object per alias, built once: paho only reads it, and
@@ -301,6 +302,7 @@ class Link:
                 if self.options.topic_aliases:
                     conn.alias_max = int(getattr(props, "TopicAliasMaximum", 0) or 0)
                 conn.receive_max = int(getattr(props, "ReceiveMaximum", 65_535) or 65_535)
+                conn.max_packet = int(getattr(props, "MaximumPacketSize", 0) or 0)
             conn.connected = True
             self.connection = conn
             self.connects += 1
