@@ -15,7 +15,17 @@ from gateway._settings import GatewaySettings
 from gateway._sql import open_store
 from schemas import tracing
 
-__all__ = ["bootstrap_admin", "migrate", "serve"]
+__all__ = ["GC_THRESHOLDS", "bootstrap_admin", "migrate", "serve"]
+
+# The cyclic collector's thresholds (CPython's default: 700, 10, 10). Each WebSocket
+# client keeps a few dozen long-lived objects (its tasks, protocol, queues); with
+# 1,000 of them, the default thresholds ran a full collection every ≈ 7 s during a
+# 20 msg/s fan-out, 90-140 ms each with the event loop stopped: every client got
+# the next messages that much later (bench/gateway.py's ws_fanout p99 was 92-114 ms,
+# p50 13). A young generation of 10,000 lets the per-message garbage die before it is
+# promoted, so the old generation grows slowly and no full collection ran in a 30 s
+# fan-out (p99 24-25 ms, BENCHMARKS.md). Cyclic garbage waits longer; nothing leaks.
+GC_THRESHOLDS = (10_000, 20, 100)
 
 
 def serve(settings: GatewaySettings) -> None:
@@ -41,6 +51,7 @@ def serve(settings: GatewaySettings) -> None:
     # Everything imported and built so far lives as long as the process: keep it out
     # of the cyclic collector, so full collections under load stay short.
     gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
     tracing.configure(tracing.TraceSettings.from_environ(os.environ))  # docs/tracing.md
     try:
         uvicorn.Server(config).run()
