@@ -101,8 +101,6 @@ def classify(  # noqa: PLR0911, PLR0912 - one outcome per topic kind, flat on pu
         if where.kind is TopicKind.MSG:
             if len(data) > MAX_ENVELOPE_BYTES:
                 raise LimitExceeded("envelope too large")
-            if data[:1] == _FRAME:
-                raise WireError("a frame where one envelope belongs (see classify_all)")
             envelope, _ = parse(data)
             return Parsed(where.kind, data, received_at, cid=where.cid, envelope=envelope)
         if not data and where.kind in (TopicKind.BUNDLE, TopicKind.ROSTER, TopicKind.STATUS):
