@@ -27,7 +27,7 @@ __all__ = ["GatewayHistory", "gateway_base"]
 
 SIGNING_LABEL = "fieldchat-http-v1"
 PAGE = 500
-MAX_PAGES = 40  # per call: 20,000 envelopes; the next gap or join continues from the cursor
+MAX_PAGES = 40  # per conversation() call: 20,000 envelopes; the next call goes on
 
 
 def gateway_base(url: str) -> str:
@@ -64,25 +64,19 @@ class GatewayHistory:
         self._cursors: dict[str, int] = {}
 
     def conversation(self, cid: str) -> list[bytes]:
-        """Everything archived for ``cid`` after our cursor, oldest first.
+        """Everything archived for ``cid`` after this object's own cursor, oldest first
+        (at most MAX_PAGES pages a call): a reader for tools and tests; the device
+        itself keeps its cursor durably and calls :meth:`since`.
 
         Raises:
             NotAuthorized: the gateway refused us (not a member, unknown bundle).
             TransportError: the gateway is unreachable or answered with an error.
             WireError: the answer is not the documented JSON.
         """
-        validate_id(cid, "cid")
         out: list[bytes] = []
-        after = self._cursors.get(cid, 0)
         for _ in range(MAX_PAGES):
-            page = self._get(f"/v1/conversations/{cid}/envelopes", f"after={after}&limit={PAGE}")
-            try:
-                items = page["items"]
-                out += [base64.b64decode(item["envelope"], validate=True) for item in items]
-                after = int(page["next_after"])
-                more = bool(page["more"])
-            except (KeyError, TypeError, ValueError):
-                raise WireError("the gateway's history page is malformed") from None
+            envelopes, after, more = self.since(cid, self._cursors.get(cid, 0), PAGE)
+            out += envelopes
             self._cursors[cid] = after
             if not more:
                 break
