@@ -4,7 +4,14 @@
     {prefix}/p/{pid}/status   retained  presence (the will message sets it offline)
     {prefix}/p/{pid}/inbox              key grants and invitations addressed to pid
     {prefix}/c/{cid}/roster   retained  signed membership list with its epoch
+    {prefix}/c/{cid}/propose            a roster submitted by its admin (below)
     {prefix}/c/{cid}/msg                encrypted envelopes of the conversation
+
+Members never write the retained roster themselves: they publish a new roster on
+``c/{cid}/propose``, and a component that verifies chains (the embedded broker, or
+the gateway on brokers that cannot read rosters: Mosquitto, NATS) republishes it,
+retained, on ``c/{cid}/roster`` once it chains to epoch 0. So on every broker only a
+verifier can replace or erase the roster that joiners trust (docs/security.md).
 
 The prefix is configurable (default ``fc/v1``) so that several deployments or test
 runs can share one broker without seeing each other.
@@ -32,11 +39,12 @@ class TopicKind(enum.StrEnum):
     STATUS = "status"
     INBOX = "inbox"
     ROSTER = "roster"
+    PROPOSE = "propose"
     MSG = "msg"
 
 
 _PARTICIPANT_KINDS = frozenset({TopicKind.BUNDLE, TopicKind.STATUS, TopicKind.INBOX})
-_CONVERSATION_KINDS = frozenset({TopicKind.ROSTER, TopicKind.MSG})
+_CONVERSATION_KINDS = frozenset({TopicKind.ROSTER, TopicKind.PROPOSE, TopicKind.MSG})
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +82,10 @@ class Topics:
     def roster(self, cid: str) -> str:
         return f"{self.prefix}/c/{validate_id(cid, 'cid')}/roster"
 
+    def propose(self, cid: str) -> str:
+        """Where an admin submits a new roster of ``cid`` for verification."""
+        return f"{self.prefix}/c/{validate_id(cid, 'cid')}/propose"
+
     def msg(self, cid: str) -> str:
         return f"{self.prefix}/c/{validate_id(cid, 'cid')}/msg"
 
@@ -86,6 +98,9 @@ class Topics:
 
     def all_rosters(self) -> str:
         return f"{self.prefix}/c/+/roster"
+
+    def all_proposals(self) -> str:
+        return f"{self.prefix}/c/+/propose"
 
     def all_msgs(self) -> str:
         return f"{self.prefix}/c/+/msg"
