@@ -5,20 +5,35 @@ Participants (username = pid):
 =========================  =================  ==================  ===================
 topic                      publish            subscribe           receive
 =========================  =================  ==================  ===================
-``p/{pid}/bundle|status``  own pid only       any pid (no ``+``)  yes
-``p/{pid}/inbox``          any pid            own pid only        own pid only
-``c/{cid}/roster``         member, and the    member              member
+``p/{pid}/bundle|status``  own pid only,      any pid (no ``+``)  yes
+                           not empty
+``p/{pid}/inbox``          any pid, not       own pid only        own pid only
+                           retained
+``c/{cid}/roster``         listed, and the    member              member
                            roster must chain
-``c/{cid}/msg``            member             member              member
+``c/{cid}/propose``        listed, and the    no (gateways only)  gateways only
+                           roster must chain;
+                           not retained
+``c/{cid}/msg``            member, not        member              member
+                           retained
 anything else, ``$…``,     no (disconnect)    no                  no
 wildcards
 =========================  =================  ==================  ===================
 
+"Listed": in the new roster or in the current one. An accepted proposal is adopted
+and retained on ``c/{cid}/roster`` by the broker itself (``Engine.retain_roster``),
+as if it had been published there retained; the proposal is only relayed to
+gateways. Nothing retained on inbox, msg or propose topics (they never hold state; a
+retained publish there can only be a bug or an attack: disconnect), and no empty
+payload on bundle, status, roster or propose topics (it would erase a key bundle or
+a conversation). A bundle or status above its size limit is refused.
+
 Gateways (username ``gw-<name>``) act for web participants, whose own access the
-gateway checks: they may publish to every fieldchat topic (rosters must still chain)
-and subscribe to concrete fieldchat topics, to the wildcard filters
-``{prefix}/c/+/msg``, ``c/+/roster``, ``p/+/bundle``, ``p/+/status``, ``p/+/inbox``,
-and to the same under ``$share/<group>/`` so replicas split the archive work.
+gateway checks: they may publish to every fieldchat topic (rosters must still chain,
+nothing retained where participants may not retain) and subscribe to concrete
+fieldchat topics, to the wildcard filters ``{prefix}/c/+/msg``, ``c/+/roster``,
+``c/+/propose``, ``p/+/bundle``, ``p/+/status``, ``p/+/inbox``, and to the same under
+``$share/<group>/`` so replicas split the archive work.
 
 Membership of ``cid`` = (pids of the current roster, plus ``allow`` overrides) minus
 ``deny`` overrides. Receive is checked again at every delivery (live, queued and
@@ -55,8 +70,10 @@ class Identity:
 class Deny(enum.StrEnum):
     """Why a publish or subscription was refused; the label of the denial counter.
 
-    ``FORBIDDEN`` and ``NOT_OWNER`` can only be bugs or attacks (the publisher is
-    disconnected); ``NOT_MEMBER`` and ``ROSTER`` can be races with a roster change.
+    ``FORBIDDEN``, ``NOT_OWNER`` and ``RETAINED`` can only be bugs or attacks (the
+    publisher is disconnected); ``NOT_MEMBER`` and ``ROSTER`` can be races with a
+    roster change. The others are acknowledged and dropped: a disconnect would make a
+    device resend them from its outbox forever.
     """
 
     FORBIDDEN = "forbidden_topic"
@@ -64,10 +81,18 @@ class Deny(enum.StrEnum):
     NOT_MEMBER = "not_member"
     ROSTER = "roster"
     TOO_MANY = "too_many_subscriptions"
+    RETAINED = "retained"
+    EMPTY = "empty_payload"
+    TOO_LARGE = "payload_size"
+    FOUNDING = "founding_quota"
 
     @property
     def is_race(self) -> bool:
         return self in (Deny.NOT_MEMBER, Deny.ROSTER)
+
+    @property
+    def disconnects(self) -> bool:
+        return self in (Deny.FORBIDDEN, Deny.NOT_OWNER, Deny.RETAINED)
 
 
 @dataclass
@@ -150,6 +175,7 @@ def gateway_filters(topics: Topics) -> frozenset[str]:
         {
             topics.all_msgs(),
             topics.all_rosters(),
+            topics.all_proposals(),
             topics.all_bundles(),
             topics.all_statuses(),
             f"{topics.prefix}/p/+/inbox",
@@ -157,13 +183,28 @@ def gateway_filters(topics: Topics) -> frozenset[str]:
     )
 
 
-class Rules:
-    """The ACL of the table above, over a :class:`Membership` view."""
+_NEVER_RETAINED = frozenset({TopicKind.INBOX, TopicKind.MSG, TopicKind.PROPOSE})
+_ROSTER_KINDS = frozenset({TopicKind.ROSTER, TopicKind.PROPOSE})
 
-    def __init__(self, topics: Topics, membership: Membership) -> None:
+
+class Rules:
+    """The ACL of the table above, over a :class:`Membership` view.
+
+    ``max_bundle_bytes`` and ``max_status_bytes``: :class:`~broker._config.Limits`.
+    """
+
+    def __init__(
+        self,
+        topics: Topics,
+        membership: Membership,
+        *,
+        max_bundle_bytes: int = 16 * 1024,
+        max_status_bytes: int = 1024,
+    ) -> None:
         self.topics = topics
         self.membership = membership
         self._gateway_filters = gateway_filters(topics)
+        self._max_size = {TopicKind.BUNDLE: max_bundle_bytes, TopicKind.STATUS: max_status_bytes}
 
     def parse(self, topic: str) -> Topic | None:
         try:
@@ -172,23 +213,44 @@ class Rules:
             return None
 
     def publish(
-        self, who: Identity, topic: str, payload: bytes
+        self, who: Identity, topic: str, payload: bytes, *, retain: bool = False
     ) -> tuple[Deny | None, Roster | None]:
         """Check a PUBLISH; return ``(denial or None, roster to adopt or None)``."""
         parsed = self.parse(topic)
         if parsed is None:
             return Deny.FORBIDDEN, None
-        if parsed.kind is TopicKind.ROSTER:
+        kind = parsed.kind
+        if retain and kind in _NEVER_RETAINED:
+            return Deny.RETAINED, None
+        if kind in _ROSTER_KINDS:
             return self._roster(who, parsed, payload)
-        if who.is_gateway:
-            return None, None
-        if parsed.kind in (TopicKind.BUNDLE, TopicKind.STATUS):
-            return (None if parsed.pid == who.username else Deny.NOT_OWNER), None
-        if parsed.kind is TopicKind.INBOX:
+        if kind in (TopicKind.BUNDLE, TopicKind.STATUS):
+            return self._own(who, parsed, payload), None
+        if who.is_gateway or kind is TopicKind.INBOX:
             return None, None
         assert parsed.cid is not None
         ok = self.membership.is_member(who.username, parsed.cid)
         return (None if ok else Deny.NOT_MEMBER), None
+
+    def _own(self, who: Identity, parsed: Topic, payload: bytes) -> Deny | None:
+        """A bundle or status: its owner's (or a gateway's), not empty, not too large."""
+        if not who.is_gateway:
+            if parsed.pid != who.username:
+                return Deny.NOT_OWNER
+            if not payload:  # a key bundle or presence is never cleared by its owner
+                return Deny.EMPTY
+        return Deny.TOO_LARGE if len(payload) > self._max_size[parsed.kind] else None
+
+    def will(self, who: Identity, topic: str, payload: bytes, *, retain: bool) -> Deny | None:
+        """Check a will, at CONNECT and again when it is published.
+
+        A will never changes a roster (it would be published unverified, later, after
+        the membership it was checked against may have changed).
+        """
+        parsed = self.parse(topic)
+        if parsed is not None and parsed.kind in _ROSTER_KINDS:
+            return Deny.FORBIDDEN
+        return self.publish(who, topic, payload, retain=retain)[0]
 
     def _roster(
         self, who: Identity, parsed: Topic, payload: bytes
@@ -225,6 +287,8 @@ class Rules:
             return Deny.FORBIDDEN
         if who.is_gateway:
             return None
+        if parsed.kind is TopicKind.PROPOSE:
+            return Deny.FORBIDDEN  # proposals are for the verifiers
         return (
             None
             if self.receive(who, parsed)
@@ -235,6 +299,8 @@ class Rules:
         """May ``who`` be sent a message on this (parsed) topic now?"""
         if who.is_gateway:
             return True
+        if parsed.kind is TopicKind.PROPOSE:
+            return False
         if parsed.cid is not None:
             return self.membership.is_member(who.username, parsed.cid)
         if parsed.kind is TopicKind.INBOX:

@@ -2,15 +2,23 @@
 
 Order of a CONNECT, fixing aMQTT 0.12.1 (which touches the session first):
 
-1. the CONNECT must arrive within ``connect_timeout_s`` (a silent socket is closed);
+1. the socket waits for its CONNECT among the *pending* connections: at most
+   ``max_pending_per_address`` of one address (more are closed at once) and
+   ``max_pending`` in all (the oldest is closed to make room), for at most
+   ``connect_timeout_s``;
 2. the credential is checked, and the client id must equal the username; a failure
    gets a CONNACK refusal and touches no session;
-3. the will topic must be one the client may publish to;
+3. the will must be one the client may publish (not retained on inbox/msg, never on
+   a roster or proposal); it is checked again when it is published, since the
+   membership it was checked against may have changed;
 4. only then is an existing connection of that client id closed (takeover, without
    its will: the client is still there) and the session resumed or replaced.
 
 Keep-alive: a client silent for 1.5 times its keep-alive (MQTT-3.1.2-24) is closed and
 its will is published, as for any close without DISCONNECT.
+
+Rate: after each PUBLISH of a participant, its :class:`~broker._quota.Throttle` may
+say to wait; the read loop then reads nothing more from that socket until then.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from broker._acl import Deny, Identity
 from broker._credentials import verify_credential
 from broker._engine import Engine
 from broker._errors import MalformedPacket, PacketTooLarge
+from broker._quota import address_key
 from broker._session import Message, Session
 from broker._transport import Transport
 from schemas.errors import FieldchatError
@@ -66,6 +75,7 @@ class Connection:
         self._watchdog: asyncio.TimerHandle | None = None
         self._acks: deque[tuple[bytes, asyncio.Future[None] | None]] = deque()
         self._qos2: set[int] = set()
+        self._throttle_logged = False
         self._closed = False
         self._loop = asyncio.get_running_loop()
 
@@ -94,18 +104,28 @@ class Connection:
         engine = self.engine
         if len(engine.connections) >= engine.limits.max_connections:
             raise _Close("max_connections")
+        admitted, evicted = engine.pending.admit(self, address_key(self.transport.host))
+        if not admitted:
+            log.info("%s: too many connections waiting for CONNECT from there", self._who())
+            raise _Close("pending_per_address")
+        if evicted is not None:
+            log.info("too many connections waiting for CONNECT: closing the oldest")
+            evicted.kick("pending_evicted")
         engine.connections.add(self)
         engine.metrics.connections.inc()
         try:
-            async with asyncio.timeout(engine.limits.connect_timeout_s):
-                ptype, _, body = await codec.read_packet(
-                    self.transport, engine.limits.max_packet_bytes
-                )
-        except TimeoutError:
-            raise _Close("connect_timeout") from None
-        if ptype != codec.CONNECT:  # MQTT-3.1.0-1
-            raise _Close("not_connect")
-        await self._connect(codec.parse_connect(body))
+            try:
+                async with asyncio.timeout(engine.limits.connect_timeout_s):
+                    ptype, _, body = await codec.read_packet(
+                        self.transport, engine.limits.max_packet_bytes
+                    )
+            except TimeoutError:
+                raise _Close("connect_timeout") from None
+            if ptype != codec.CONNECT:  # MQTT-3.1.0-1
+                raise _Close("not_connect")
+            await self._connect(codec.parse_connect(body))
+        finally:
+            engine.pending.discard(self)
         await self._read_loop()
 
     def _finish(self, reason: str) -> None:
@@ -114,6 +134,7 @@ class Connection:
         self._closed = True
         engine = self.engine
         engine.connections.discard(self)
+        engine.pending.discard(self)
         if self._watchdog is not None:
             self._watchdog.cancel()
         if reason not in ("closed", "disconnect", "network"):
@@ -141,9 +162,9 @@ class Connection:
 
     # CONNECT ------------------------------------------------------------------------
 
-    async def _connect(self, connect: codec.Connect) -> None:
+    async def _authenticate(self, connect: codec.Connect) -> Identity:
+        """Steps 2 and 3 of the module docstring; a refusal raises :class:`_Close`."""
         engine = self.engine
-        metrics = engine.metrics
         if connect.protocol_level != 4:  # MQTT 3.1.1 only (MQTT-3.1.2-2)
             self._refuse(_BAD_PROTOCOL, "protocol")
         account = engine.account(connect.username or "")
@@ -152,6 +173,8 @@ class Connection:
             ok = await asyncio.to_thread(verify_credential, connect.password, account.hash)
             # The account may have been revoked while we were hashing.
             ok = ok and engine.accounts.get(account.username) is account
+        if self._closed:  # evicted from the pending connections while we were hashing
+            raise _Close("pending_evicted")
         if not ok:
             log.info(
                 "login refused for %r from %s", (connect.username or "")[:64], self.transport.peer
@@ -162,12 +185,18 @@ class Connection:
         if connect.client_id != account.username:
             self._refuse(_ID_REJECTED, "client_id")
         identity = Identity(account.username, account.role)
-        if connect.will is not None:
-            denial, roster = engine.rules.publish(
-                identity, connect.will.topic, connect.will.payload
-            )
-            if denial is not None or roster is not None:
+        will = connect.will
+        if will is not None:
+            denial = engine.rules.will(identity, will.topic, will.payload, retain=will.retain)
+            if denial is not None:
+                log.info("%s: will on %r refused (%s)", identity.username, will.topic[:120], denial)
                 self._refuse(_NOT_AUTHORIZED, "will")
+        return identity
+
+    async def _connect(self, connect: codec.Connect) -> None:
+        engine = self.engine
+        metrics = engine.metrics
+        identity = await self._authenticate(connect)
         self.identity = identity
         self.will = connect.will
         # Authenticated: now, and only now, touch the session (takeover).
@@ -215,8 +244,18 @@ class Connection:
 
     def _publish_will(self, will: codec.Will) -> None:
         engine = self.engine
+        assert self.identity is not None
+        # Checked again now: the membership the CONNECT was checked against may be gone.
+        denial = engine.rules.will(self.identity, will.topic, will.payload, retain=will.retain)
         parsed = engine.parse(will.topic)
-        if parsed is None:
+        if denial is not None or parsed is None:
+            engine.metrics.denials.labels("will").inc()
+            log.info(
+                "%s: will on %r not published (%s)",
+                self.identity.username,
+                will.topic[:120],
+                denial.value if denial else "topic",
+            )
             return
         engine.metrics.messages_in.inc()
         engine.route(will.topic, will.payload, will.qos, parsed)
@@ -232,11 +271,19 @@ class Connection:
         transport = self.transport
         session = self.session
         assert session is not None
+        assert self.identity is not None
+        throttle = engine.throttle(self.identity)
+        loop = self._loop
         while not self._closed:
             ptype, flags, body = await read(transport, limit)
-            self._last_rx = self._loop.time()
+            self._last_rx = loop.time()
             if ptype == codec.PUBLISH:
                 self._on_publish(codec.parse_publish(flags, body))
+                if throttle is not None:
+                    wait, limit_name = throttle.take(len(body), self._last_rx)
+                    if wait > 0:
+                        self._throttled(wait, limit_name)
+                        await asyncio.sleep(wait)  # TCP pushback: the client's sends block
             elif ptype == codec.PUBACK:
                 if session.conn is self:
                     engine.acked(session, codec.packet_id_only(body))
@@ -255,6 +302,17 @@ class Connection:
             else:  # a second CONNECT (MQTT-3.1.0-2), or PUBREC/PUBCOMP we never asked for
                 raise MalformedPacket(f"unexpected packet type {ptype}")
 
+    def _throttled(self, wait: float, limit_name: str) -> None:
+        self.engine.metrics.throttled.labels(limit_name).inc()
+        if not self._throttle_logged:
+            self._throttle_logged = True
+            log.info(
+                "%s publishes faster than its quota (%s): reading it %.3f s later",
+                self._who(),
+                limit_name,
+                wait,
+            )
+
     def _on_publish(self, packet: codec.Publish) -> None:
         engine = self.engine
         identity = self.identity
@@ -263,7 +321,9 @@ class Connection:
         if packet.qos == 2 and packet.packet_id in self._qos2:  # a resent QoS 2: PUBREC again
             self._ack(codec.pubrec(packet.packet_id), None)
             return
-        denial, roster = engine.rules.publish(identity, packet.topic, packet.payload)
+        denial, roster = engine.authorize(
+            identity, packet.topic, packet.payload, retain=packet.retain
+        )
         if denial is not None:
             if start:
                 self._trace_route(packet, engine.parse(packet.topic), start, None, denial.value)
@@ -275,7 +335,10 @@ class Connection:
         assert parsed is not None
         engine.metrics.messages_in.inc()
         wrote = engine.route(packet.topic, packet.payload, packet.qos, parsed)
-        if packet.retain:
+        if parsed.kind is TopicKind.PROPOSE:
+            assert parsed.cid is not None
+            wrote = engine.retain_roster(parsed.cid, packet.payload) or wrote
+        elif packet.retain:
             wrote = engine.retain(packet.topic, packet.payload, packet.qos) or wrote
         if packet.qos == 0 or packet.packet_id is None:
             if start:
@@ -341,7 +404,7 @@ class Connection:
         engine = self.engine
         engine.metrics.denials.labels(denial.value).inc()
         log.info("%s may not publish to %r (%s)", self._who(), packet.topic[:120], denial.value)
-        if not denial.is_race or engine.config.on_not_member == "disconnect":
+        if denial.disconnects or (denial.is_race and engine.config.on_not_member == "disconnect"):
             raise _Close("denied_publish")
         if packet.qos == 1 and packet.packet_id is not None:
             self._ack(codec.puback(packet.packet_id), None)

@@ -9,16 +9,19 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from broker._acl import Identity, Membership, Rules
+from broker._acl import Deny, Identity, Membership, Rules
 from broker._config import BrokerConfig
 from broker._metrics import Metrics
+from broker._quota import FoundingQuota, Pending, Throttle
 from broker._session import Message, Session
 from broker._store import Account, Store, WriteBehind
 from schemas import tracing
 from schemas.roster import Roster
-from schemas.topics import Topic, Topics
+from schemas.topics import Topic, TopicKind, Topics
 
 if TYPE_CHECKING:
     from broker._connection import Connection
@@ -50,10 +53,13 @@ def matches(topic: str, topic_filter: str) -> bool:
 class Engine:
     """Routing and session state of one broker."""
 
-    def __init__(self, config: BrokerConfig, metrics: Metrics) -> None:
+    def __init__(
+        self, config: BrokerConfig, metrics: Metrics, *, clock: Callable[[], float] = time.time
+    ) -> None:
         self.config = config
-        self.limits = config.limits
+        self.limits = limits = config.limits
         self.metrics = metrics
+        self.clock = clock
         self.topics = Topics(config.prefix)
         self.sessions: dict[str, Session] = {}
         self.connections: set[Connection] = set()
@@ -64,7 +70,12 @@ class Engine:
         self.retained: dict[str, tuple[bytes, int]] = {}
         self.accounts: dict[str, Account] = {}
         self.membership = Membership()
-        self.rules = Rules(self.topics, self.membership)
+        self.rules = self._rules()
+        self.founding = FoundingQuota(limits.max_founded, limits.founding_window_s)
+        self.throttles: dict[str, Throttle] = {}
+        self.pending: Pending[Connection] = Pending(
+            per_address=limits.max_pending_per_address, total=limits.pending_cap
+        )
         self.store: Store | None = None
         self.writer: WriteBehind | None = None
         self._seq = 0
@@ -88,7 +99,9 @@ class Engine:
         self.store = Store(self.config.db_path)
         self.accounts = self.store.accounts()
         self.membership = Membership.build(self.store.rosters(), self.store.overrides())
-        self.rules = Rules(self.topics, self.membership)
+        self.rules = self._rules()
+        now = self.clock()
+        self.founding.load(self.store.founded(now - self.limits.founding_window_s), now)
         self._data_version = self.store.data_version()
         if not self.config.persistence:
             return
@@ -127,6 +140,14 @@ class Engine:
         if self.store is not None:
             self.store.close()
             self.store = None
+
+    def _rules(self) -> Rules:
+        return Rules(
+            self.topics,
+            self.membership,
+            max_bundle_bytes=self.limits.max_bundle_bytes,
+            max_status_bytes=self.limits.max_status_bytes,
+        )
 
     def account(self, username: str) -> Account | None:
         """The account of ``username``, reloading first when it is unknown.
@@ -177,14 +198,71 @@ class Engine:
 
     # membership -------------------------------------------------------------------
 
+    def authorize(
+        self, who: Identity, topic: str, payload: bytes, *, retain: bool
+    ) -> tuple[Deny | None, Roster | None]:
+        """:meth:`Rules.publish`, then the founding quota of a new conversation."""
+        denial, roster = self.rules.publish(who, topic, payload, retain=retain)
+        if (
+            roster is not None
+            and roster.epoch == 0
+            and not self.founding.allows(roster.signer, self.clock())
+        ):
+            log.warning(
+                "%s founded %d conversations in %.0f s: %s refused",
+                roster.signer,
+                self.limits.max_founded,
+                self.limits.founding_window_s,
+                roster.cid,
+            )
+            return Deny.FOUNDING, None
+        return denial, roster
+
     def adopt_roster(self, roster: Roster) -> None:
         lost = self.membership.adopt(roster)
+        if roster.epoch == 0:
+            now = self.clock()
+            self.founding.record(roster.signer, now)
+            if self.writer is not None:
+                self.writer.put("founded", roster.cid, roster.signer, now)
+            elif self.store is not None:
+                self.store.record_founded(roster.cid, roster.signer, now)
         if self.writer is not None:
             self.writer.put("roster", roster.cid, roster.epoch, roster.to_bytes())
         elif self.store is not None:
             self.store.record_roster(roster)
         log.info("conversation %s: roster epoch %d adopted", roster.cid, roster.epoch)
         self.revoke_membership(roster.cid, lost)
+
+    def retain_roster(self, cid: str, payload: bytes) -> bool:
+        """Make ``payload`` (an accepted roster of ``cid``) the retained roster.
+
+        A proposal becomes the roster here, routed to the roster's subscribers and
+        retained, as if it had been published on ``c/{cid}/roster`` with RETAIN; the
+        roster already retained is left alone. Returns whether the store was written.
+        """
+        topic = self.topics.roster(cid)
+        held = self.retained.get(topic)
+        if held is not None and held[0] == payload:
+            return False
+        wrote = self.route(topic, payload, 1, Topic(TopicKind.ROSTER, cid=cid))
+        return self.retain(topic, payload, 1) or wrote
+
+    def throttle(self, who: Identity) -> Throttle | None:
+        """The outbound quota of ``who`` (kept across its connections); none for gateways."""
+        limits = self.limits
+        if who.is_gateway or not (limits.rate_messages_per_s or limits.rate_bytes_per_s):
+            return None
+        throttle = self.throttles.get(who.username)
+        if throttle is None:
+            throttle = self.throttles[who.username] = Throttle(
+                time.monotonic(),
+                messages_per_s=limits.rate_messages_per_s,
+                messages_burst=limits.rate_messages_burst,
+                bytes_per_s=limits.rate_bytes_per_s,
+                bytes_burst=limits.rate_bytes_burst,
+            )
+        return throttle
 
     def revoke_membership(self, cid: str, pids: set[str] | frozenset[str]) -> None:
         """Remove the subscriptions of members who lost access to ``cid``."""

@@ -50,6 +50,12 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.throttled = Counter(
+            "fieldchat_broker_throttled",
+            "Pauses in reading a participant that published faster than its quota, by limit",
+            ["limit"],
+            registry=r,
+        )
         self.queued = Gauge(
             "fieldchat_broker_queued_messages",
             "QoS 1 messages waiting in sessions (queued or in flight)",

@@ -47,6 +47,8 @@ CREATE TABLE IF NOT EXISTS overrides(
     pid TEXT NOT NULL, cid TEXT NOT NULL, allow INTEGER NOT NULL, PRIMARY KEY(pid, cid));
 CREATE TABLE IF NOT EXISTS rosters(
     cid TEXT PRIMARY KEY, epoch INTEGER NOT NULL, data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS founded(
+    cid TEXT PRIMARY KEY, pid TEXT NOT NULL, at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS retained(
     topic TEXT PRIMARY KEY, payload BLOB NOT NULL, qos INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS sessions(
@@ -225,6 +227,16 @@ class Store:
                 (roster.cid, roster.epoch, roster.to_bytes()),
             )
 
+    def record_founded(self, cid: str, pid: str, at: float) -> None:
+        """Remember that ``pid`` founded ``cid`` at ``at`` (the founding quota)."""
+        with self._tx() as conn:
+            conn.execute("INSERT OR REPLACE INTO founded VALUES(?, ?, ?)", (cid, pid, at))
+
+    def founded(self, since: float) -> list[tuple[str, float]]:
+        """``(founder pid, when)`` of the conversations founded after ``since``."""
+        rows = self._conn.execute("SELECT pid, at FROM founded WHERE at > ?", (since,))
+        return [(pid, float(at)) for pid, at in rows]
+
     def rosters(self) -> dict[str, Roster]:
         out = {}
         for cid, data in self._conn.execute("SELECT cid, data FROM rosters"):
@@ -270,6 +282,7 @@ _SQL = {
     "session": "INSERT OR REPLACE INTO sessions VALUES(?, ?, ?)",
     "unsession": "DELETE FROM sessions WHERE client_id=?",
     "roster": "INSERT OR REPLACE INTO rosters VALUES(?, ?, ?)",
+    "founded": "INSERT OR REPLACE INTO founded VALUES(?, ?, ?)",
 }
 
 

@@ -24,9 +24,11 @@ class Transport(Protocol):
     """What a connection needs of its byte stream.
 
     ``readexactly`` raises ``asyncio.IncompleteReadError`` at end of stream.
+    ``host`` is the peer's address without the port (the per-address limits).
     """
 
     peer: str
+    host: str
 
     async def readexactly(self, n: int) -> bytes: ...
 
@@ -53,6 +55,7 @@ class TcpTransport:
         self._writer = writer
         self._transport = writer.transport
         peer = writer.get_extra_info("peername")
+        self.host = str(peer[0]) if isinstance(peer, tuple) else "?"
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?"
 
     async def readexactly(self, n: int) -> bytes:
@@ -85,6 +88,7 @@ class WsTransport:
         self._out = bytearray()
         self._flushing: asyncio.Task[None] | None = None
         addr = ws.remote_address
+        self.host = str(addr[0]) if isinstance(addr, tuple) else "?"
         self.peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else "?"
 
     async def readexactly(self, n: int) -> bytes:

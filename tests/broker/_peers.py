@@ -38,8 +38,9 @@ class Peer:
         transport: str = "tcp",
         tls: dict | None = None,
         host: str = "127.0.0.1",
+        bind: str = "",
     ) -> None:
-        self.port, self.host = port, host
+        self.port, self.host, self.bind = port, host, bind
         self.client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2,
             client_id=client_id if client_id is not None else (username or ""),
@@ -81,7 +82,7 @@ class Peer:
 
     def connect(self, *, expect_ok: bool = True) -> tuple[bool, int, bool]:
         """Connect and wait for CONNACK: ``(accepted, paho reason value, session present)``."""
-        self.client.connect(self.host, self.port, keepalive=self.keepalive)
+        self.client.connect(self.host, self.port, keepalive=self.keepalive, bind_address=self.bind)
         self.client.loop_start()
         try:
             result = self.connack.get(timeout=WAIT_S)

@@ -81,8 +81,10 @@ class Packet:
 
 
 class RawClient:
-    def __init__(self, port: int, timeout: float = 5.0) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    def __init__(self, port: int, timeout: float = 5.0, *, bind: str = "") -> None:
+        self.sock = socket.create_connection(
+            ("127.0.0.1", port), timeout=timeout, source_address=(bind, 0) if bind else None
+        )
         self._buf = b""
 
     def send(self, data: bytes) -> None:
