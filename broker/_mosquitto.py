@@ -15,6 +15,14 @@ Writes three files into a directory:
     for each conversation it belongs to, from the rosters the embedded broker learned
     and the ``allow``/``deny`` overrides. Mosquitto cannot verify signed rosters, so
     membership changes reach it only when this command runs again (then send SIGHUP).
+
+    Mosquitto cannot verify a roster either, so no participant may write one: members
+    *read* ``c/{cid}/roster`` and submit new rosters on ``c/{cid}/propose``, which
+    every participant may write (a new conversation's epoch 0 is proposed before any
+    ACL line lists it) and only gateways may read; the gateway verifies the chain and
+    republishes the roster, retained, on ``c/{cid}/roster``, which only gateways may
+    write (schemas/topics.py). Issue 13: with ``readwrite`` on the roster, a member
+    replaced it with one it signed, and could have erased it with an empty payload.
 """
 
 from __future__ import annotations
@@ -132,10 +140,12 @@ def write_mosquitto_config(
 def _acl(topics: Topics, accounts: Mapping[str, object], membership: Membership) -> str:
     p = topics.prefix
     out = [
-        "# Every account: its own p/ topics (%u = username = pid).",
+        "# Every account: its own p/ topics (%u = username = pid), and roster proposals",
+        "# (a gateway verifies them and writes the retained roster; members only read it).",
         f"pattern write {p}/p/%u/bundle",
         f"pattern write {p}/p/%u/status",
         f"pattern read {p}/p/%u/inbox",
+        f"pattern write {topics.all_proposals()}",
         "",
     ]
     by_pid: dict[str, list[str]] = {}
@@ -156,7 +166,7 @@ def _acl(topics: Topics, accounts: Mapping[str, object], membership: Membership)
             for cid in by_pid.get(username, []):
                 out += [
                     f"topic readwrite {topics.msg(cid)}",
-                    f"topic readwrite {topics.roster(cid)}",
+                    f"topic read {topics.roster(cid)}",
                 ]
         out.append("")
     return "\n".join(out) + "\n"

@@ -2,6 +2,10 @@
 
 World: alice founded conversation X with bob (signed epoch-0 roster, retained on
 ``c/X/roster``); carol is enrolled but not a member; ``gw-test`` is a gateway.
+
+Rosters: no participant writes ``c/X/roster`` on Mosquitto (it cannot verify them;
+members propose on ``c/X/propose`` and a gateway retains what chains), and ours
+refuses anything that does not chain; proposals reach gateways only.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ X = ROSTER_X.cid
 
 
 RETAINED_ROSTER = "retained roster of X"
+PROPOSAL = "X's roster proposed again by the observer"
 SYS = "any $SYS message"
 
 
@@ -31,7 +36,8 @@ class Case:
 
     A publish is checked by its delivery to the observer. A subscription is checked
     by what it delivers: after subscribing, ``probe`` is published by the observer
-    (or is X's retained roster, or any ``$SYS`` message) and must arrive exactly when
+    (or is X's retained roster, or X's current roster proposed again, which both
+    brokers relay to gateways, or any ``$SYS`` message) and must arrive exactly when
     the subscription is allowed. Brokers differ in the SUBACK of a refused
     subscription (ours: 0x80; Mosquitto 2.0.11 grants it and delivers nothing), so
     that code is checked only with ``strict_suback``.
@@ -60,6 +66,7 @@ CASES: list[Case] = [
     Case("bob", "publish", T.msg(X), True),
     Case("carol", "publish", T.msg(X), False),
     Case("carol", "publish", T.roster(X), False),
+    Case("bob", "publish", T.roster(X), False),  # members propose; only verifiers retain
     Case("gateway", "publish", T.msg(X), True),
     Case("gateway", "publish", T.inbox(CAROL.pid), True),
     # subscribe: own inbox, bundles/status, own conversations; no wildcards, no $SYS
@@ -76,9 +83,12 @@ CASES: list[Case] = [
     Case("carol", "subscribe", T.all_msgs(), False, T.msg(X)),
     Case("carol", "subscribe", "fc/v1/p/+/inbox", False, T.inbox(ALICE.pid)),
     Case("carol", "subscribe", "fc/v1/c/#", False, RETAINED_ROSTER),
+    Case("bob", "subscribe", T.propose(X), False, PROPOSAL),
+    Case("carol", "subscribe", T.all_proposals(), False, PROPOSAL),
     Case("gateway", "subscribe", T.all_msgs(), True, T.msg(X)),
     Case("gateway", "subscribe", f"$share/archive/{T.all_msgs()}", True, T.msg(X)),
     Case("gateway", "subscribe", T.all_rosters(), True, RETAINED_ROSTER),
+    Case("gateway", "subscribe", T.all_proposals(), True, PROPOSAL),
     Case("gateway", "subscribe", "#", False, SYS),
     Case("gateway", "subscribe", "$SYS/#", False, SYS),
 ]
@@ -130,11 +140,15 @@ def run_cases(
             peer = connect(case.actor)
             code = peer.subscribe(case.topic)
             payload = b"probe-%d\x00\xff" % next(counter)
-            if case.probe not in (None, RETAINED_ROSTER, SYS):
+            if case.probe == PROPOSAL:
+                assert observer.publish(T.propose(X), ROSTER_X.to_bytes())
+            elif case.probe not in (None, RETAINED_ROSTER, SYS):
                 assert observer.publish(case.probe, payload)
             got = peer.drain(0.4)
             if case.probe == RETAINED_ROSTER:
                 delivered = any(m.payload == ROSTER_X.to_bytes() for m in got)
+            elif case.probe == PROPOSAL:
+                delivered = any(m.topic == T.propose(X) for m in got)
             elif case.probe == SYS:
                 delivered = any(m.topic.startswith("$SYS") for m in got)
             else:
