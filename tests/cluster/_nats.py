@@ -52,7 +52,10 @@ def device_permissions(pid: str, prefix: str) -> dict[str, object]:
     """The fieldchat topic rules (DESIGN.md, Topics) for participant ``pid``, as NATS
     subject permissions. NATS cannot read rosters, so ``c/{cid}/…`` is open to every
     participant of the account: conversation membership is enforced end to end only
-    (ciphertext, signed rosters) and by the gateway's archive rules, not by NATS."""
+    (ciphertext, signed rosters) and by the gateway's archive rules, not by NATS.
+    For the same reason no participant may write a roster: it *proposes* one on
+    ``c/{cid}/propose`` (which only gateways may read), and the gateway, which
+    verifies the chain to epoch 0, republishes it retained on ``c/{cid}/roster``."""
     s = subject_prefix(prefix)
     return {
         "publish": {
@@ -60,7 +63,7 @@ def device_permissions(pid: str, prefix: str) -> dict[str, object]:
                 f"{s}.p.{pid}.bundle",
                 f"{s}.p.{pid}.status",
                 f"{s}.p.*.inbox",
-                f"{s}.c.*.roster",
+                f"{s}.c.*.propose",
                 f"{s}.c.*.msg",
             ]
         },

@@ -2,11 +2,13 @@
 
 Raw MQTT 3.1.1 clients (paho) on different nodes: credentials, the fieldchat topic
 rules as NATS permissions, retained messages and QoS 1 across nodes; then two real
-devices on two nodes founding a conversation and chatting.
+devices on two nodes founding a conversation (the gateway retains its roster) and
+chatting.
 """
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import threading
 from collections.abc import Callable, Iterator
@@ -21,6 +23,7 @@ from pydantic import SecretStr
 from device.client import Device
 from device.config import BrokerOptions, LinkOptions
 from tests.cluster._nats import Cluster
+from tests.gateway._support import GatewayProcess
 
 PREFIX = "fc/v1"
 ALICE = "a" * 26
@@ -202,6 +205,55 @@ def test_topic_rules_retained_and_qos1_across_nodes(nats: Cluster, raw: list[Raw
     assert late.messages[0][1:] == (b"alice-bundle-2", True)
 
 
+def test_only_gateways_write_rosters_participants_propose(nats: Cluster, raw: list[Raw]) -> None:
+    # Issue 13: NATS cannot verify rosters, so a participant must not be able to
+    # replace (or erase) the retained roster joiners trust; it proposes, and the
+    # gateway, which verifies the chain, retains.
+    alice_pw, bob_pw = nats.device(ALICE), nats.device(BOB)
+    gw_pw = nats.gateway("gw-archive-1")
+    nats.start()
+    roster, proposal = f"{PREFIX}/c/conv/roster", f"{PREFIX}/c/conv/propose"
+    gateway = Raw(nats.nodes[2].mqtt_port, "gw-archive-1", gw_pw).connected()
+    raw.append(gateway)
+    assert gateway.subscribe(f"{PREFIX}/c/+/propose") == 1
+    gateway.publish(roster, b"epoch-0 by the verifier", retain=True)
+
+    bob = Raw(nats.nodes[1].mqtt_port, BOB, bob_pw).connected()
+    raw.append(bob)
+    assert bob.subscribe(roster) == 1
+    bob.wait(lambda: (roster, b"epoch-0 by the verifier", True) in bob.messages, "the roster")
+    assert bob.subscribe(proposal) == 0x80  # proposals are for the verifier
+
+    alice = Raw(nats.nodes[0].mqtt_port, ALICE, alice_pw).connected()
+    raw.append(alice)
+    alice.publish(roster, b"forged by a member", retain=True)  # acknowledged and dropped
+    alice.publish(roster, b"", retain=True)  # an erasure, dropped too
+    gateway.publish(roster, b"epoch-1 by the verifier", retain=True)
+    bob.wait(lambda: (roster, b"epoch-1 by the verifier", False) in bob.messages, "epoch 1")
+    assert [m for m in bob.messages if m[1] in (b"forged by a member", b"")] == []
+    alice.publish(proposal, b"proposed by a member")
+    gateway.wait(
+        lambda: (proposal, b"proposed by a member", False) in gateway.messages,
+        "the proposal at the gateway (another node)",
+    )
+
+    # A late subscriber on alice's node gets the verifier's roster, never the member's
+    # (retained messages reach other nodes asynchronously: probe until epoch 1 shows).
+    seen = []
+    for _ in range(20):  # bounded: 20 probes of at most ~1.5 s
+        late = Raw(nats.nodes[0].mqtt_port, BOB, bob_pw, clean=True).connected()
+        try:
+            assert late.subscribe(roster) == 1
+            late.wait(late.received, "the retained roster on node 1")
+            seen.append(late.messages[0][1])
+        finally:
+            late.close()
+        if seen[-1] == b"epoch-1 by the verifier":
+            break
+    assert set(seen) <= {b"epoch-0 by the verifier", b"epoch-1 by the verifier"}
+    assert seen[-1] == b"epoch-1 by the verifier"
+
+
 def test_session_moves_between_nodes_and_takeover_closes_the_old_one(
     nats: Cluster, raw: list[Raw]
 ) -> None:
@@ -261,8 +313,21 @@ def _device(tmp: Path, name: str, cluster: Cluster, node: int) -> Device:
 def test_devices_on_two_nodes_chat(nats: Cluster, tmp_path: Path) -> None:
     alice = _device(tmp_path, "alice", nats, 0)
     bob = _device(tmp_path, "bob", nats, 1)
+    # NATS cannot verify rosters: the gateway (on node 3) is the one that retains them.
+    gateway = GatewayProcess(
+        tmp_path / "gateway",
+        mqtt_url=nats.mqtt_url(2),
+        mqtt_protocol="3.1.1",
+        mqtt_username="gw-archive",
+        mqtt_password=nats.gateway("gw-archive"),
+        mqtt_client_id="gw-archive",
+        topic_prefix=PREFIX,
+        database_url=f"sqlite:///{tmp_path / 'history.db'}",
+    )
     nats.start()
+    gateway.start()
     try:
+        asyncio.run(gateway.healthy())
         for device in (alice, bob):
             device.start()
             device.wait_connected(20)
@@ -281,6 +346,7 @@ def test_devices_on_two_nodes_chat(nats: Cluster, tmp_path: Path) -> None:
     finally:
         alice.close()
         bob.close()
+        gateway.stop()
 
 
 def wait_retained(cluster: Cluster, node: int, topic: str, user: str) -> None:
