@@ -102,9 +102,14 @@ class Connection:
 
     async def _serve(self) -> None:
         engine = self.engine
-        if len(engine.connections) >= engine.limits.max_connections:
+        pending = engine.pending
+        # Full: logged-in clients hold the rest. With the pending ones at their cap too,
+        # the oldest pending one makes room (below), so a flood cannot refuse a login.
+        if len(engine.connections) >= engine.limits.max_connections and len(pending) < (
+            pending.total
+        ):
             raise _Close("max_connections")
-        admitted, evicted = engine.pending.admit(self, address_key(self.transport.host))
+        admitted, evicted = pending.admit(self, address_key(self.transport.host))
         if not admitted:
             log.info("%s: too many connections waiting for CONNECT from there", self._who())
             raise _Close("pending_per_address")
@@ -125,7 +130,7 @@ class Connection:
                 raise _Close("not_connect")
             await self._connect(codec.parse_connect(body))
         finally:
-            engine.pending.discard(self)
+            pending.discard(self)
         await self._read_loop()
 
     def _finish(self, reason: str) -> None:

@@ -11,7 +11,7 @@ import socket
 import time
 
 from broker import BrokerThread
-from broker.testing import make_config
+from broker.testing import make_config, participant
 from schemas.topics import Topics
 from tests.broker._cases import ALICE, BOB
 from tests.broker._peers import Peer
@@ -75,6 +75,11 @@ def test_a_flood_from_many_addresses_ages_out_its_own_sockets(tmp_path):
     config = make_config(tmp_path / "b", max_connections=16, connect_timeout_s=30.0)
     with BrokerThread(config) as broker:  # at most 8 may wait for their CONNECT
         credential = broker.enroll(ALICE.pid)
+        online = []  # 8 logged-in clients: with the 8 pending ones, the broker is full
+        for n in range(8):
+            member = participant(40 + n)
+            online.append(Peer(broker.port, member.pid, broker.enroll(member.pid)))
+            online[-1].connect()
         idle = [s for i in range(8) for s in _idle(broker.port, f"127.0.0.{10 + i}", 2)]
         try:
             _served(broker, credential, "127.0.0.3")
@@ -83,9 +88,13 @@ def test_a_flood_from_many_addresses_ages_out_its_own_sockets(tmp_path):
             metrics = broker.broker.metrics
             drops = "fieldchat_broker_dropped_connections_total"
             assert metrics.value(drops, reason="pending_evicted") == 9
+            assert metrics.value(drops, reason="max_connections") == 0
+            assert not any(peer.disconnected.is_set() for peer in online)
         finally:
             for sock in idle:
                 sock.close()
+            for peer in online:
+                peer.close()
 
 
 def _flood(broker: BrokerThread, who: tuple[str, str], count: int, size: int) -> float:
