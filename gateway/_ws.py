@@ -64,7 +64,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from gateway._auth import Caller
-from gateway._errors import Forbidden
+from gateway._errors import Forbidden, TooManyRequests
 from gateway._hub import Event, Subscription
 from gateway._state import Gateway
 from gateway._verify import MAX_STATUS_BYTES
@@ -440,7 +440,10 @@ async def websocket_endpoint(ws: WebSocket) -> None:
         return
     # The session's verified participants only (issue 13), read afresh: they hold for
     # the socket's life, and a claim just made through another gateway must count.
-    who = await gw.auth(ws, fresh=True)
+    try:
+        who = await gw.auth(ws, fresh=True)
+    except TooManyRequests:  # signed headers past their budget: no account anyway
+        who = None
     if who is None or who.account is None:
         gw.metrics.reject("ws", "unauthenticated")
         await ws.close(CLOSE_UNAUTHENTICATED, "log in first")
