@@ -430,15 +430,20 @@ async def me(who: AccountDep) -> AccountOut:
     return _account_out(who)
 
 
+def _origin(request: Request, gw: Gateway) -> str:
+    """This gateway's origin, as claims are bound to it (docs/gateway.md, Which origin)."""
+    try:
+        return request_origin(request, gw.settings.public_origin)
+    except ValueError:
+        raise HTTPException(400, "the Host header is not a host[:port]") from None
+
+
 @router.post("/me/participants/challenge", status_code=201, tags=["accounts"])
 async def claim_challenge(request: Request, gw: GatewayDep, who: AccountDep) -> ChallengeOut:
     """A single-use challenge, bound to this account, valid ``claim_challenge_ttl_s``
     (120 s): sign it with the participant's identity key to claim it (next route)."""
     assert who.account is not None
-    try:
-        origin = request_origin(request, gw.settings.public_origin)
-    except ValueError:
-        raise HTTPException(400, "the Host header is not a host[:port]") from None
+    origin = _origin(request, gw)
     challenge = secrets.token_urlsafe(32)
     ttl = gw.settings.claim_challenge_ttl_s
     now = time.time()
@@ -464,18 +469,15 @@ async def add_participant(
     """Claim a participant for this account, proving its identity key: the bundle, a
     challenge from ``/v1/me/participants/challenge`` and the key's signature over
     ``"fieldchat-claim-v1\\n" ORIGIN "\\n" ACCOUNT_ID "\\n" PID "\\n" CHALLENGE`` (ORIGIN:
-    ``scheme://host[:port]`` of this gateway as the client reached it). The challenge
-    is consumed whatever the outcome. A pid another account proved is refused (409);
-    a claim made before proofs existed is taken over. The bundle is archived and
-    published, retained, on ``p/{pid}/bundle``."""
+    ``scheme://host[:port]`` of this gateway as the client reached it). A well-formed
+    claim consumes its challenge whatever the outcome. A pid another account proved
+    is refused (409); a claim made before proofs existed is taken over. The bundle is
+    archived and published, retained, on ``p/{pid}/bundle``."""
     assert who.account is not None
     data = _unb64(body.bundle)
     signature = _unb64(body.signature)
     parsed = Bundle.from_bytes(data)
-    try:
-        origin = request_origin(request, gw.settings.public_origin)
-    except ValueError:
-        raise HTTPException(400, "the Host header is not a host[:port]") from None
+    origin = _origin(request, gw)
     digest = hashlib.sha256(body.challenge.encode()).digest()
     if not await gw.store.take_challenge(digest, who.account.id, time.time()):
         raise _refuse_claim(gw, "unknown, used or expired challenge: ask for a new one")
