@@ -172,7 +172,8 @@ def token_hash(token: str) -> bytes:
 
 
 class Accounts:
-    """Registration, login and sessions over an :class:`AccountStore`."""
+    """Registration, login (limits, device cookies) and sessions over an
+    :class:`AccountStore`."""
 
     def __init__(self, store: AccountStore, settings: GatewaySettings) -> None:
         self.store = store

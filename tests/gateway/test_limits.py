@@ -244,7 +244,6 @@ async def test_failed_guesses_do_not_lock_the_user_out_of_their_own_browser(
     ):
         assert (await victim.post("/v1/accounts", json=creds)).status_code == 201
         assert (await victim.post("/v1/session", json=creds)).status_code == 200
-        assert "fc_device" in victim.cookies  # the browser is now a known client
         # distributed guessing: a new address each time, so only the user name counts
         codes = [
             (
@@ -260,8 +259,9 @@ async def test_failed_guesses_do_not_lock_the_user_out_of_their_own_browser(
         # an unknown client with the right password waits (OWASP: untrusted clients) …
         r = await stranger.post("/v1/session", json=creds)
         assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
-        # … the user's own browser does not
+        # … the user's own browser, known by its device cookie, does not
         assert (await victim.post("/v1/session", json=creds)).status_code == 200
+        assert "fc_device" in victim.cookies
         # a device cookie of another user, or a forged one, is an unknown client
         assert (
             await attacker.post("/v1/accounts", json={"username": "mallory", "password": PASSWORD})
