@@ -57,7 +57,7 @@ sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from device.engine import Engine
 from device.identity import Identity
-from gateway import GatewaySettings, open_store
+from gateway import GatewaySettings, claim_message, open_store
 from gateway._archiver import Archiver
 from gateway._metrics import Metrics
 from schemas import TextMessage, Topics
@@ -489,9 +489,15 @@ async def web_login(base: str, name: str, browser: Engine) -> str:
         creds = {"username": name, "password": "bench password"}
         await http.post("/v1/accounts", json=creds)
         await http.post("/v1/session", json=creds)
+        challenge = (await http.post("/v1/me/participants/challenge", json={})).json()
+        signed = claim_message(base, challenge["account"], browser.pid, challenge["challenge"])
         r = await http.post(
             "/v1/me/participants",
-            json={"bundle": base64.b64encode(browser.identity.bundle.to_bytes()).decode()},
+            json={
+                "bundle": base64.b64encode(browser.identity.bundle.to_bytes()).decode(),
+                "challenge": challenge["challenge"],
+                "signature": base64.b64encode(browser.identity.sign(signed)).decode(),
+            },
         )
         assert r.status_code == 201, r.text
         cookie = http.cookies.get("fc_session")

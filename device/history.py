@@ -1,8 +1,11 @@
 """The gateway's history API as the device's :class:`~device.client.HistorySource`.
 
-Requests are signed with the device's identity key (docs/gateway.md, "device
-requests"): ``X-Fieldchat-Pid``, ``X-Fieldchat-Time`` and an Ed25519 signature over
-``fieldchat-http-v1 \\n METHOD \\n PATH?QUERY \\n TIME``. Synchronous and stdlib-only
+Requests are signed with the device's identity key (docs/gateway.md, "Device
+authentication"): ``X-Fieldchat-Pid``, ``X-Fieldchat-Time``, a fresh random
+``X-Fieldchat-Nonce`` and an Ed25519 signature over
+``fieldchat-http-v2 \\n METHOD \\n HOST \\n PATH?QUERY \\n TIME \\n NONCE``, where HOST is
+the gateway's ``host[:port]`` as this device addresses it (lower case, no default
+port): a request is good for one gateway, once. Synchronous and stdlib-only
 (``urllib``): it runs on the device's history thread, a Pi needs nothing more.
 The envelopes it returns are opened like live ones, so a duplicate or a forgery
 from a misbehaving gateway costs a lookup, never a wrong message on screen.
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import json
+import secrets
 import time
 import urllib.error
 import urllib.request
@@ -25,7 +29,8 @@ from schemas.errors import ConfigError, NotAuthorized, TransportError, WireError
 
 __all__ = ["GatewayHistory", "gateway_base"]
 
-SIGNING_LABEL = "fieldchat-http-v1"
+SIGNING_LABEL = "fieldchat-http-v2"
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 PAGE = 500
 MAX_PAGES = 40  # per conversation() call: 20,000 envelopes; the next call goes on
 
@@ -40,6 +45,26 @@ def gateway_base(url: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ConfigError(f"gateway URL must be http(s)://host[:port], not {url[:80]!r}")
     return f"{parts.scheme}://{parts.netloc}"
+
+
+def signed_host(base: str) -> str:
+    """The HOST a request to ``base`` signs: ``host[:port]``, lower case, without the
+    scheme's default port (as the gateway's ``canonical_origin``).
+
+    Raises:
+        ConfigError: a port that is not a number.
+    """
+    parts = urlsplit(base)
+    host = (parts.hostname or "").lower()
+    if ":" in host:
+        host = f"[{host}]"
+    try:
+        port = parts.port
+    except ValueError:
+        raise ConfigError(f"gateway URL has a bad port: {base[:80]!r}") from None
+    if port is None or port == _DEFAULT_PORTS.get(parts.scheme):
+        return host
+    return f"{host}:{port}"
 
 
 class GatewayHistory:
@@ -58,6 +83,7 @@ class GatewayHistory:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.base = gateway_base(base_url)
+        self.host = signed_host(self.base)
         self.identity = identity
         self.timeout = timeout
         self._clock = clock
@@ -111,13 +137,15 @@ class GatewayHistory:
 
     def _get(self, path: str, query: str) -> Any:  # noqa: ANN401 - JSON, checked by the caller
         stamp = str(int(self._clock()))
-        signed = f"{SIGNING_LABEL}\nGET\n{path}?{query}\n{stamp}".encode()
+        nonce = secrets.token_urlsafe(16)  # the gateway accepts each nonce once
+        signed = f"{SIGNING_LABEL}\nGET\n{self.host}\n{path}?{query}\n{stamp}\n{nonce}".encode()
         signature = base64.urlsafe_b64encode(self.identity.sign(signed)).decode().rstrip("=")
         request = urllib.request.Request(  # noqa: S310 - the scheme is checked in __init__
             f"{self.base}{path}?{query}",
             headers={
                 "X-Fieldchat-Pid": self.identity.pid,
                 "X-Fieldchat-Time": stamp,
+                "X-Fieldchat-Nonce": nonce,
                 "X-Fieldchat-Signature": signature,
                 "Accept": "application/json",
             },

@@ -25,7 +25,7 @@ from fastapi import FastAPI
 from pydantic import SecretStr
 
 from broker import BrokerConfig, EmbeddedBroker, PortInUse
-from gateway import GatewaySettings, create_app
+from gateway import GatewaySettings, create_app, uvicorn_options
 from schemas.errors import ConfigError
 
 __all__ = ["Stack", "StackOptions", "open_stack", "run_stack"]
@@ -148,10 +148,10 @@ async def open_stack(options: StackOptions) -> AsyncIterator[Stack]:
                 app,
                 host=options.host,
                 port=options.http_port,
-                lifespan="on",
-                ws="websockets-sansio",
-                ws_per_message_deflate=False,
                 log_level="warning",
+                # as `gateway run`: WebSocket message limit, proxy headers only from
+                # FIELDCHAT_GATEWAY_FORWARDED_ALLOW_IPS (unset: none; issue 13)
+                **uvicorn_options(settings),
             )
         )
         serving = asyncio.ensure_future(server.serve())

@@ -6,8 +6,9 @@ only. See docs/gateway.md.
 
 from gateway._app import create_app
 from gateway._archiver import ArchiveListener, Archiver, MqttFactory, mqtt_factory
-from gateway._auth import SIGNING_LABEL, signed_message
-from gateway._errors import Forbidden, NameTaken, StorageError
+from gateway._auth import CLAIM_LABEL, SIGNING_LABEL, claim_message, signed_message
+from gateway._errors import ClaimRefused, Forbidden, NameTaken, StorageError, TooManyRequests
+from gateway._run import uvicorn_options
 from gateway._settings import GatewaySettings, load_settings
 from gateway._sql import PostgresStore, SqliteStore, open_store
 from gateway._store import (
@@ -22,6 +23,7 @@ from gateway._store import (
 )
 
 __all__ = [
+    "CLAIM_LABEL",
     "SIGNING_LABEL",
     "Account",
     "AccountStore",
@@ -29,6 +31,7 @@ __all__ = [
     "ArchiveListener",
     "ArchiveResult",
     "Archiver",
+    "ClaimRefused",
     "Forbidden",
     "GatewaySettings",
     "GatewayStore",
@@ -40,9 +43,12 @@ __all__ = [
     "StorageError",
     "StoredEnvelope",
     "StoredGrant",
+    "TooManyRequests",
+    "claim_message",
     "create_app",
     "load_settings",
     "mqtt_factory",
     "open_store",
     "signed_message",
+    "uvicorn_options",
 ]

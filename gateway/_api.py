@@ -8,22 +8,35 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
+import secrets
+import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from gateway._accounts import MAX_PASSWORD, MAX_USERNAME, MIN_PASSWORD, SESSION_COOKIE
-from gateway._auth import Caller, authenticate
-from gateway._errors import Forbidden
+from gateway._accounts import (
+    DEVICE_COOKIE,
+    MAX_PASSWORD,
+    MAX_USERNAME,
+    MIN_PASSWORD,
+    SESSION_COOKIE,
+    address_key,
+)
+from gateway._auth import Caller, claim_message, request_origin
+from gateway._errors import ClaimRefused, Forbidden, TooManyRequests
 from gateway._state import Gateway
 from gateway._store import StoredEnvelope
 from schemas import Bundle
+from schemas.crypto import ed25519_verify
+from schemas.errors import CryptoError
 
-__all__ = ["MAX_PAGE", "router"]
+__all__ = ["MAX_OPEN_CHALLENGES", "MAX_PAGE", "router"]
 
 MAX_PAGE = 500
+MAX_OPEN_CHALLENGES = 8  # unanswered claim challenges kept per account; older ones lapse
 MAX_CURSOR = 2**63 - 1
 _ITEM = (
     '{"seq":%d,"cid":"%s","epoch":%d,"sender":%d,"sender_pid":"%s","chain":%d,"step":%d,'
@@ -46,9 +59,7 @@ GatewayDep = Annotated[Gateway, Depends(gateway)]
 
 
 async def caller(request: Request, gw: GatewayDep) -> Caller:
-    found = await authenticate(
-        request, gw.accounts, gw.archiver.bundle, skew_s=gw.settings.request_clock_skew_s
-    )
+    found = await gw.auth(request)
     if found is None:
         raise HTTPException(401, "log in, or sign the request as a participant")
     return found
@@ -133,12 +144,42 @@ class AccountOut(_Out):
     id: int
     username: str
     is_admin: bool
-    pids: list[str]
+    pids: list[str] = Field(description="Participants the account proved it holds.")
+    unverified: list[str] = Field(
+        default=[],
+        description="Participants claimed before proofs existed: no rights until proven "
+        "(`POST /v1/me/participants`).",
+    )
+
+
+class ChallengeOut(_Out):
+    challenge: str = Field(description="Single use; sign it within `expires_in` seconds.")
+    account: int = Field(description="The account id the claim names.")
+    origin: str = Field(
+        description="The origin this gateway checks claims against. A client signs the "
+        "origin it connected to, never this value on trust."
+    )
+    expires_in: int
 
 
 class ParticipantIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     bundle: Annotated[str, Field(max_length=16_384, description="The signed bundle, base64.")]
+    challenge: Annotated[
+        str,
+        Field(
+            pattern=r"^[A-Za-z0-9_-]{43}$",
+            description="From `POST /v1/me/participants/challenge`.",
+        ),
+    ]
+    signature: Annotated[
+        str,
+        Field(
+            max_length=100,
+            description="Ed25519 signature (base64) by the bundle's identity key over "
+            '"fieldchat-claim-v1\\n" ORIGIN "\\n" ACCOUNT_ID "\\n" PID "\\n" CHALLENGE.',
+        ),
+    ]
 
 
 class ConversationsOut(_Out):
@@ -284,15 +325,32 @@ async def grants(
 def _account_out(who: Caller) -> AccountOut:
     assert who.account is not None
     a = who.account
-    return AccountOut(id=a.id, username=a.username, is_admin=a.is_admin, pids=list(a.pids))
+    return AccountOut(
+        id=a.id,
+        username=a.username,
+        is_admin=a.is_admin,
+        pids=list(a.pids),
+        unverified=list(a.unverified),
+    )
+
+
+def _client(request: Request) -> str:
+    """The client's address key: the peer, or what a trusted proxy forwarded
+    (``forwarded_allow_ips``; uvicorn rewrites the peer only for those)."""
+    return address_key(request.client.host if request.client else None)
 
 
 @router.post("/accounts", status_code=201, tags=["accounts"])
-async def register(body: Credentials, gw: GatewayDep) -> dict[str, Any]:
-    """Create a web account (when ``allow_registration``)."""
+async def register(body: Credentials, request: Request, gw: GatewayDep) -> dict[str, Any]:
+    """Create a web account (when ``allow_registration``). Limited per client address
+    (``register_attempts`` in ``register_window_s``; then 429 with ``Retry-After``)."""
     if not gw.settings.allow_registration:
         raise HTTPException(403, "registration is closed; ask an administrator")
-    account_id = await gw.accounts.create(body.username, body.password)
+    attempt = gw.accounts.registrations.acquire(_client(request))
+    try:
+        account_id = await gw.accounts.create(body.username, body.password)
+    finally:
+        attempt.done(record=True)  # taken or not, each one cost a hash
     return {"id": account_id, "username": body.username}
 
 
@@ -300,29 +358,35 @@ async def register(body: Credentials, gw: GatewayDep) -> dict[str, Any]:
 async def login(
     body: Credentials, request: Request, response: Response, gw: GatewayDep
 ) -> AccountOut:
-    """Log in: sets the ``fc_session`` cookie (HttpOnly, SameSite=Strict, Secure with TLS).
+    """Log in: sets the ``fc_session`` cookie (HttpOnly, SameSite=Strict, Secure with TLS)
+    and the ``fc_device`` cookie that marks this browser as the user's.
 
-    Failed attempts are limited per user name and per client address; past the limit
-    the answer is 429 with ``Retry-After``, before any password is checked.
+    A login with a valid ``fc_device`` of this user is limited per device cookie;
+    others per user name and per client address. Past a limit (attempts in flight
+    count) the answer is 429 with ``Retry-After``, before any password is checked.
     """
-    keys = (
-        f"user:{body.username.lower()}",
-        f"addr:{request.client.host if request.client else '?'}",
-    )
-    wait = gw.accounts.limiter.retry_after(*keys)
-    if wait > 0:
+    accounts = gw.accounts
+    device = await accounts.device_key(request.cookies.get(DEVICE_COOKIE), body.username)
+    keys = (device,) if device else (f"user:{body.username.lower()}", _client(request))
+    try:
+        attempt = accounts.logins.acquire(*keys)
+    except TooManyRequests:
         gw.metrics.logins.labels(outcome="limited").inc()
-        raise HTTPException(
-            429, "too many failed logins; wait", headers={"Retry-After": str(int(wait) + 1)}
-        )
-    account_id = await gw.accounts.check_password(body.username, body.password)
+        raise
+    failed = False
+    try:
+        account_id = await accounts.check_password(body.username, body.password)
+        failed = account_id is None
+    finally:
+        attempt.done(record=failed)  # a database error is no failed guess
     if account_id is None:
-        gw.accounts.limiter.failed(*keys)
         gw.metrics.logins.labels(outcome="failed").inc()
         raise HTTPException(401, "wrong user name or password")
-    gw.accounts.limiter.succeeded(keys[0])
+    if device:
+        accounts.logins.forget(device)
     gw.metrics.logins.labels(outcome="ok").inc()
-    token = await gw.accounts.new_session(account_id)
+    token = await accounts.new_session(account_id)
+    secure = gw.settings.secure_cookies
     response.set_cookie(
         SESSION_COOKIE,
         token,
@@ -330,7 +394,16 @@ async def login(
         path="/",
         httponly=True,
         samesite="strict",
-        secure=gw.settings.secure_cookies,
+        secure=secure,
+    )
+    response.set_cookie(
+        DEVICE_COOKIE,
+        await accounts.device_cookie(body.username),
+        max_age=gw.settings.device_cookie_ttl_s,
+        path="/v1/session",
+        httponly=True,
+        samesite="strict",
+        secure=secure,
     )
     account = await gw.store.account(account_id)
     assert account is not None
@@ -357,13 +430,64 @@ async def me(who: AccountDep) -> AccountOut:
     return _account_out(who)
 
 
+def _origin(request: Request, gw: Gateway) -> str:
+    """This gateway's origin, as claims are bound to it (docs/gateway.md, Which origin)."""
+    try:
+        return request_origin(request, gw.settings.public_origin)
+    except ValueError:
+        raise HTTPException(400, "the Host header is not a host[:port]") from None
+
+
+@router.post("/me/participants/challenge", status_code=201, tags=["accounts"])
+async def claim_challenge(request: Request, gw: GatewayDep, who: AccountDep) -> ChallengeOut:
+    """A single-use challenge, bound to this account, valid ``claim_challenge_ttl_s``
+    (120 s): sign it with the participant's identity key to claim it (next route)."""
+    assert who.account is not None
+    origin = _origin(request, gw)
+    challenge = secrets.token_urlsafe(32)
+    ttl = gw.settings.claim_challenge_ttl_s
+    now = time.time()
+    await gw.store.add_challenge(
+        hashlib.sha256(challenge.encode()).digest(),
+        who.account.id,
+        now + ttl,
+        now=now,
+        keep=MAX_OPEN_CHALLENGES,
+    )
+    return ChallengeOut(challenge=challenge, account=who.account.id, origin=origin, expires_in=ttl)
+
+
+def _refuse_claim(gw: Gateway, detail: str) -> ClaimRefused:
+    gw.metrics.reject("http", ClaimRefused.reason)
+    return ClaimRefused(detail)
+
+
 @router.post("/me/participants", status_code=201, tags=["accounts"])
-async def add_participant(body: ParticipantIn, gw: GatewayDep, who: AccountDep) -> BundleOut:
-    """Register a browser participant: its signed bundle (made in the browser) proves
-    the pid. The bundle is archived and published, retained, on ``p/{pid}/bundle``."""
+async def add_participant(
+    body: ParticipantIn, request: Request, gw: GatewayDep, who: AccountDep
+) -> BundleOut:
+    """Claim a participant for this account, proving its identity key: the bundle, a
+    challenge from ``/v1/me/participants/challenge`` and the key's signature over
+    ``"fieldchat-claim-v1\\n" ORIGIN "\\n" ACCOUNT_ID "\\n" PID "\\n" CHALLENGE`` (ORIGIN:
+    ``scheme://host[:port]`` of this gateway as the client reached it). A well-formed
+    claim consumes its challenge whatever the outcome. A pid another account proved
+    is refused (409); a claim made before proofs existed is taken over. The bundle is
+    archived and published, retained, on ``p/{pid}/bundle``."""
     assert who.account is not None
     data = _unb64(body.bundle)
+    signature = _unb64(body.signature)
     parsed = Bundle.from_bytes(data)
+    origin = _origin(request, gw)
+    digest = hashlib.sha256(body.challenge.encode()).digest()
+    if not await gw.store.take_challenge(digest, who.account.id, time.time()):
+        raise _refuse_claim(gw, "unknown, used or expired challenge: ask for a new one")
+    signed = claim_message(origin, who.account.id, parsed.pid, body.challenge)
+    try:
+        ed25519_verify(parsed.ed25519, signature, signed)
+    except CryptoError:
+        raise _refuse_claim(
+            gw, f"the signature does not prove {parsed.pid}'s key for {origin}"
+        ) from None
     await gw.store.add_participant(who.account.id, parsed.pid, data)
     gw.accounts.forget(who.account.id)
     gw.archiver.learn_bundle(parsed)

@@ -24,7 +24,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gateway._accounts import SESSION_COOKIE, Accounts
 from gateway._api import router
 from gateway._archiver import Archiver, MqttFactory
-from gateway._errors import Forbidden, NameTaken
+from gateway._auth import Authenticator, ReplayGuard
+from gateway._errors import Forbidden, NameTaken, TooManyRequests
 from gateway._hub import Hub
 from gateway._metrics import Metrics
 from gateway._settings import GatewaySettings
@@ -47,6 +48,8 @@ def _status_of(exc: FieldchatError) -> int:
         return 403
     if isinstance(exc, NameTaken):
         return 409
+    if isinstance(exc, TooManyRequests):
+        return 429
     if isinstance(exc, TransportError):
         return 503
     if isinstance(exc, (WireError, InvalidId, ProtocolError)):
@@ -114,6 +117,80 @@ async def _no_receive() -> Message:  # pragma: no cover - responses never read
     return {"type": "http.disconnect"}
 
 
+class _BodyLimit:
+    """At most ``max_bytes`` of request body on every route, as one pure ASGI middleware
+    (so ``gateway run``, ``fieldchat up`` and any other server get it).
+
+    A declared ``Content-Length`` over the limit is refused before a byte of the body is
+    read; a body without one (chunked) is read here, counting, and refused as soon as it
+    passes the limit, then handed to the app from memory. The 413 closes the connection
+    (``Connection: close``), so the rest of a large body is never read either.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int, metrics: Metrics) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length: bytes | None = None
+        chunked = False
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                length = value
+            elif name == b"transfer-encoding":
+                chunked = b"chunked" in value.lower()
+        if length is not None:
+            if not length.isdigit() or int(length) > self.max_bytes:
+                await self._refuse(send)
+                return
+            await self.app(scope, receive, send)
+            return
+        if not chunked:
+            await self.app(scope, receive, send)
+            return
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left: nothing to answer
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await self._refuse(send)
+                return
+            parts.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(parts)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, send: Send) -> None:
+        self.metrics.reject("http", "body_too_large")
+        response = JSONResponse(
+            {
+                "error": "body_too_large",
+                "detail": f"request bodies are limited to {self.max_bytes} bytes",
+            },
+            status_code=413,
+            headers={"connection": "close"},
+        )
+        await response({"type": "http"}, _no_receive, send)
+
+
 def create_app(
     settings: GatewaySettings,
     *,
@@ -140,14 +217,16 @@ def create_app(
             await db.migrate()
             hub = Hub(db, metrics, poll_s=settings.feed_poll_s, queue_max=settings.ws_queue_max)
             archiver = Archiver(settings, db, metrics, listener=hub, mqtt=mqtt)
+            accounts = Accounts(db, settings)
             app.state.gateway = Gateway(
                 settings=settings,
                 store=db,
-                accounts=Accounts(db, settings),
+                accounts=accounts,
                 metrics=metrics,
                 archiver=archiver,
                 hub=hub,
                 topics=Topics(settings.topic_prefix),
+                auth=Authenticator(settings, accounts, archiver.bundle, ReplayGuard(db), metrics),
             )
             tasks = [
                 asyncio.create_task(archiver.run(), name="fieldchat-archiver"),
@@ -169,8 +248,9 @@ def create_app(
         description=(
             "The gateway never decrypts. History endpoints accept a web session cookie "
             "or a participant-signed request (headers `X-Fieldchat-Pid`, `X-Fieldchat-Time`, "
-            "`X-Fieldchat-Signature`: Ed25519 over `fieldchat-http-v1\\nMETHOD\\nPATH?QUERY"
-            "\\nTIME`). Bytes are base64; cursors are server sequence numbers."
+            "`X-Fieldchat-Nonce`, `X-Fieldchat-Signature`: Ed25519 over "
+            "`fieldchat-http-v2\\nMETHOD\\nHOST\\nPATH?QUERY\\nTIME\\nNONCE`). Bytes are "
+            "base64; cursors are server sequence numbers."
         ),
         version="1",
         lifespan=lifespan,
@@ -178,11 +258,18 @@ def create_app(
     app.include_router(router)
     app.add_api_websocket_route("/ws", websocket_endpoint)
     app.add_middleware(_Guard, metrics=metrics)
+    app.add_middleware(_BodyLimit, max_bytes=settings.max_body_bytes, metrics=metrics)  # outermost
 
     @app.exception_handler(FieldchatError)
     async def _fieldchat_error(_request: Request, exc: FieldchatError) -> JSONResponse:
+        headers = None
+        if isinstance(exc, TooManyRequests):
+            metrics.reject("http", exc.reason)
+            headers = {"Retry-After": str(max(int(exc.retry_after + 0.999), 1))}
         return JSONResponse(
-            {"error": exc.reason, "detail": str(exc)[:200]}, status_code=_status_of(exc)
+            {"error": exc.reason, "detail": str(exc)[:200]},
+            status_code=_status_of(exc),
+            headers=headers,
         )
 
     @app.exception_handler(RequestValidationError)

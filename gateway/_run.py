@@ -6,6 +6,7 @@ import asyncio
 import gc
 import logging
 import os
+from typing import Any
 
 import uvicorn
 
@@ -15,7 +16,7 @@ from gateway._settings import GatewaySettings
 from gateway._sql import open_store
 from schemas import tracing
 
-__all__ = ["GC_THRESHOLDS", "bootstrap_admin", "migrate", "serve"]
+__all__ = ["GC_THRESHOLDS", "bootstrap_admin", "migrate", "serve", "uvicorn_options"]
 
 # The cyclic collector's thresholds (CPython's default: 700, 10, 10). Each WebSocket
 # client keeps a few dozen long-lived objects (its tasks, protocol, queues); with
@@ -28,6 +29,26 @@ __all__ = ["GC_THRESHOLDS", "bootstrap_admin", "migrate", "serve"]
 GC_THRESHOLDS = (10_000, 20, 100)
 
 
+def uvicorn_options(settings: GatewaySettings) -> dict[str, Any]:
+    """The uvicorn options of every way the gateway is served (``gateway run``,
+    ``fieldchat up``, the tests), besides where it listens."""
+    return {
+        "lifespan": "on",
+        "ws": "websockets-sansio",
+        # A message past this closes the socket (1009) before the app sees it; the app
+        # refuses frames over gateway._ws.MAX_FRAME_BYTES itself (docs/gateway.md, Limits).
+        "ws_max_size": settings.ws_max_message_bytes,
+        # Frames carry ciphertext (base64): permessage-deflate would compress each
+        # frame once per socket for almost no gain, the largest cost of a fan-out.
+        "ws_per_message_deflate": False,
+        # Proxy headers (X-Forwarded-For/-Proto) only from the proxies named: uvicorn's
+        # own default trusts them from 127.0.0.1, so anything on the machine could pick
+        # the address the login and registration limits see.
+        "proxy_headers": settings.forwarded_allow_ips is not None,
+        "forwarded_allow_ips": settings.forwarded_allow_ips,
+    }
+
+
 def serve(settings: GatewaySettings) -> None:
     """Run the gateway until SIGINT/SIGTERM (uvicorn handles both gracefully)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -35,18 +56,10 @@ def serve(settings: GatewaySettings) -> None:
         create_app(settings),
         host=settings.host,
         port=settings.port,
-        lifespan="on",
         ssl_certfile=str(settings.tls_certfile) if settings.tls_certfile else None,
         ssl_keyfile=str(settings.tls_keyfile) if settings.tls_keyfile else None,
         log_level="info",
-        ws="websockets-sansio",
-        # Behind a reverse proxy, trust its X-Forwarded-For (only from the addresses
-        # named), so the per-address login limit sees clients, not the proxy.
-        proxy_headers=settings.forwarded_allow_ips is not None,
-        forwarded_allow_ips=settings.forwarded_allow_ips,
-        # Frames carry ciphertext (base64): permessage-deflate would compress each
-        # frame once per socket for almost no gain, the largest cost of a fan-out.
-        ws_per_message_deflate=False,
+        **uvicorn_options(settings),
     )
     # Everything imported and built so far lives as long as the process: keep it out
     # of the cyclic collector, so full collections under load stay short.

@@ -24,18 +24,24 @@ from sqlalchemy import (
     String,
     Table,
     UniqueConstraint,
+    false,
+    inspect,
+    text,
 )
 
 __all__ = [
     "MIGRATIONS",
     "accounts",
     "bundles",
+    "claim_challenges",
     "conv_heads",
     "envelopes",
+    "gateway_secrets",
     "grants",
     "metadata",
     "participants",
     "pending",
+    "request_nonces",
     "roster_members",
     "rosters",
     "schema_version",
@@ -141,6 +147,9 @@ participants = Table(
     metadata,
     Column("pid", Id, primary_key=True),
     Column("account_id", ForeignKey("accounts.id", ondelete="CASCADE"), nullable=False, index=True),
+    # True once the account proved it holds the pid's identity key (a signed claim
+    # challenge); rows from before version 2 are False and give no rights until proven.
+    Column("verified", Boolean, nullable=False, server_default=false()),
 )
 
 sessions = Table(
@@ -152,11 +161,53 @@ sessions = Table(
 )
 
 
+# Single-use claim challenges (``POST /v1/me/participants/challenge``), by SHA-256.
+claim_challenges = Table(
+    "claim_challenges",
+    metadata,
+    Column("digest", LargeBinary, primary_key=True),
+    Column("account_id", ForeignKey("accounts.id", ondelete="CASCADE"), nullable=False, index=True),
+    Column("expires_at", Float, nullable=False),
+)
+
+# Nonces of participant-signed requests seen inside the clock window, shared by every
+# gateway on this database so a replay to another replica is refused too.
+request_nonces = Table(
+    "request_nonces",
+    metadata,
+    Column("pid", Id, primary_key=True),
+    Column("nonce", String(64), primary_key=True),
+    Column("expires_at", Float, nullable=False, index=True),
+)
+
+# Keys every gateway on this database shares (the device-cookie MAC key), made once.
+gateway_secrets = Table(
+    "gateway_secrets",
+    metadata,
+    Column("name", String(32), primary_key=True),
+    Column("value", LargeBinary, nullable=False),
+)
+
+
 def _v1_initial(conn: Connection) -> None:
     metadata.create_all(conn, tables=[t for t in metadata.sorted_tables if t is not schema_version])
+
+
+def _v2_claims(conn: Connection) -> None:
+    # Step 1 creates the tables of today's metadata, so on a fresh database the column
+    # and the tables exist already: add only what is missing. Existing participant rows
+    # get verified = false: they were claimed without proof (issue 13).
+    columns = {c["name"] for c in inspect(conn).get_columns("participants")}
+    if "verified" not in columns:
+        default = "0" if conn.dialect.name == "sqlite" else "false"
+        conn.execute(
+            text(f"ALTER TABLE participants ADD COLUMN verified BOOLEAN NOT NULL DEFAULT {default}")
+        )
+    metadata.create_all(conn, tables=[claim_challenges, request_nonces, gateway_secrets])
 
 
 # (version, what it does, step). Each runs in its own transaction with the version bump.
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "initial tables", _v1_initial),
+    (2, "proof of possession: verified participants, claim challenges, request nonces", _v2_claims),
 ]

@@ -22,7 +22,46 @@ from pydantic_settings import (
 from schemas import DEFAULT_PREFIX
 from schemas.errors import ConfigError
 
-__all__ = ["GatewaySettings", "load_settings"]
+__all__ = [
+    "MAX_BODY_BYTES",
+    "WS_MAX_MESSAGE_BYTES",
+    "GatewaySettings",
+    "canonical_origin",
+    "load_settings",
+]
+
+# The largest request body, on every route. The largest legitimate one is a claim
+# (``POST /v1/me/participants``): a bundle with ML-KEM is 1,327 bytes, 1,772 in base64,
+# plus a challenge and a signature: 1,951 bytes of JSON. 64 KiB leaves room for growth
+# and refuses the 200 MB bodies that raised a gateway's memory by 560 MB (issue 13).
+MAX_BODY_BYTES = 65_536
+# The largest WebSocket message uvicorn accepts before it closes the socket (1009).
+# The largest legitimate one is a publish of a 64 KiB envelope: 87,384 bytes of base64
+# in a JSON frame (``gateway._ws.MAX_FRAME_BYTES``, which the app checks itself).
+WS_MAX_MESSAGE_BYTES = 262_144
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def canonical_origin(scheme: str, netloc: str) -> str:
+    """``scheme://host[:port]``: lower case, the default port left out, so two spellings
+    of one origin compare equal (a claim and a signed request sign this form).
+
+    Raises:
+        ValueError: not http(s), or no host.
+    """
+    scheme = scheme.lower()
+    if scheme not in _DEFAULT_PORTS or not netloc or any(c in netloc for c in "/?#@ "):
+        raise ValueError(f"not an http(s) origin: {scheme}://{netloc[:80]}")
+    parts = urlsplit(f"{scheme}://{netloc}")
+    host = (parts.hostname or "").lower()
+    if not host:
+        raise ValueError(f"no host in {netloc[:80]!r}")
+    if ":" in host:  # IPv6 literal
+        host = f"[{host}]"
+    port = parts.port  # ValueError for a port that is not a number in range
+    if port is None or port == _DEFAULT_PORTS[scheme]:
+        return f"{scheme}://{host}"
+    return f"{scheme}://{host}:{port}"
 
 
 class GatewaySettings(BaseSettings):
@@ -44,6 +83,10 @@ class GatewaySettings(BaseSettings):
     # Reverse proxies whose X-Forwarded-For/-Proto is trusted (comma-separated
     # addresses, as uvicorn's --forwarded-allow-ips); None: no proxy headers are read.
     forwarded_allow_ips: str | None = None
+    # The origin browsers and devices use for this gateway (``https://chat.example.org``),
+    # which claims and signed requests are bound to. None: each request's own
+    # scheme and Host (see docs/gateway.md, "Which origin"); set it behind a proxy.
+    public_origin: str | None = None
     tls_certfile: Path | None = None
     tls_keyfile: Path | None = None
 
@@ -81,8 +124,17 @@ class GatewaySettings(BaseSettings):
     argon2_time_cost: Annotated[int, Field(ge=1, le=20)] = 3
     argon2_memory_kib: Annotated[int, Field(ge=8, le=4 * 1024 * 1024)] = 65536
     argon2_parallelism: Annotated[int, Field(ge=1, le=16)] = 4
-    login_attempts: Annotated[int, Field(ge=1)] = 5  # per user name and per address
+    # Failed logins per user name (from clients without a device cookie), per address
+    # and per device cookie, in the window; attempts in flight count (docs/gateway.md).
+    login_attempts: Annotated[int, Field(ge=1)] = 5
     login_window_s: Annotated[float, Field(gt=0)] = 60.0
+    device_cookie_ttl_s: Annotated[int, Field(ge=60)] = 365 * 24 * 3600
+    # Registrations per client address in the window (each costs an argon2 hash).
+    register_attempts: Annotated[int, Field(ge=1)] = 10
+    register_window_s: Annotated[float, Field(gt=0)] = 3600.0
+    claim_challenge_ttl_s: Annotated[int, Field(ge=10, le=3600)] = 120
+    max_body_bytes: Annotated[int, Field(ge=4096)] = MAX_BODY_BYTES
+    ws_max_message_bytes: Annotated[int, Field(ge=131_072)] = WS_MAX_MESSAGE_BYTES
     ws_queue_max: Annotated[int, Field(ge=1)] = 10_000
     request_clock_skew_s: Annotated[int, Field(ge=1)] = 300
 
@@ -93,6 +145,16 @@ class GatewaySettings(BaseSettings):
         if scheme not in ("sqlite", "postgresql", "postgres"):
             raise ValueError("database_url must be sqlite:///… or postgresql://…")
         return value
+
+    @field_validator("public_origin")
+    @classmethod
+    def _check_origin(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+            raise ValueError("public_origin is scheme://host[:port], nothing after it")
+        return canonical_origin(parts.scheme, parts.netloc)
 
     @field_validator("mqtt_url")
     @classmethod

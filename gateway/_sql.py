@@ -34,11 +34,14 @@ from gateway._schema import (
     MIGRATIONS,
     accounts,
     bundles,
+    claim_challenges,
     conv_heads,
     envelopes,
+    gateway_secrets,
     grants,
     participants,
     pending,
+    request_nonces,
     roster_members,
     rosters,
     schema_version,
@@ -65,6 +68,11 @@ _MEMBER_CACHE_MAX = 100_000
 _INSERT_ENVELOPE = (
     "INSERT INTO envelopes (cid, epoch, sender, sender_pid, chain, step, data, received_at) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"
+)
+_REMEMBER_NONCE = (
+    "INSERT INTO request_nonces (pid, nonce, expires_at) VALUES (?, ?, ?) "
+    "ON CONFLICT (pid, nonce) DO UPDATE SET expires_at = excluded.expires_at "
+    "WHERE request_nonces.expires_at <= ?"
 )
 _HISTORY_COLUMNS = "SELECT seq, cid, epoch, sender, sender_pid, chain, step, data FROM envelopes"
 _HISTORY_AFTER = _HISTORY_COLUMNS + " WHERE cid = ? AND seq > ? ORDER BY seq LIMIT ?"
@@ -511,20 +519,28 @@ class SqlStore:
         )
         if not rows:
             return None
-        pids = await self._rows(
-            select(participants.c.pid)
+        owned = await self._rows(
+            select(participants.c.pid, participants.c.verified)
             .where(participants.c.account_id == account_id)
             .order_by(participants.c.pid),
             "reading participants",
         )
         row = rows[0]
-        return Account(int(row.id), row.username, bool(row.is_admin), tuple(p.pid for p in pids))
+        return Account(
+            int(row.id),
+            row.username,
+            bool(row.is_admin),
+            pids=tuple(p.pid for p in owned if p.verified),
+            unverified=tuple(p.pid for p in owned if not p.verified),
+        )
 
     async def add_participant(self, account_id: int, pid: str, bundle: bytes) -> None:
-        """Own ``pid`` and keep its bundle (so its envelopes verify at once).
+        """Own ``pid``, verified, and keep its bundle (so its envelopes verify at once).
+        Call it only after the account proved it holds the pid's key: an unverified
+        claim by another account (schema 1, no proof) is taken over.
 
         Raises:
-            NameTaken: another account owns ``pid``.
+            NameTaken: another account proved it holds ``pid``.
             StorageError: the database failed.
         """
         created_at = Bundle.from_bytes(bundle).created_at
@@ -534,16 +550,25 @@ class SqlStore:
                 self._write_lock(),
                 self.engine.begin() as conn,
             ):
-                owner = (
+                found = (
                     await conn.execute(
-                        select(participants.c.account_id).where(participants.c.pid == pid)
+                        select(participants.c.account_id, participants.c.verified).where(
+                            participants.c.pid == pid
+                        )
                     )
-                ).scalar()
-                if owner is not None and owner != account_id:
+                ).first()
+                if found is not None and found.account_id != account_id and found.verified:
                     raise NameTaken(f"participant {pid} belongs to another account")
-                if owner is None:
+                if found is None:
                     await conn.execute(
-                        participants.insert(), {"pid": pid, "account_id": account_id}
+                        participants.insert(),
+                        {"pid": pid, "account_id": account_id, "verified": True},
+                    )
+                else:
+                    await conn.execute(
+                        update(participants)
+                        .where(participants.c.pid == pid)
+                        .values(account_id=account_id, verified=True)
                     )
                 stmt = self.dialect_insert(bundles)
                 await conn.execute(
@@ -558,6 +583,79 @@ class SqlStore:
             if isinstance(exc.__cause__, IntegrityError):
                 raise NameTaken(f"participant {pid} belongs to another account") from None
             raise
+
+    async def add_challenge(
+        self, digest: bytes, account_id: int, expires_at: float, *, now: float, keep: int
+    ) -> None:
+        async with _mapped("storing a challenge"), self._write_lock(), self.engine.begin() as conn:
+            await conn.execute(delete(claim_challenges).where(claim_challenges.c.expires_at <= now))
+            older = (
+                select(claim_challenges.c.digest)
+                .where(claim_challenges.c.account_id == account_id)
+                .order_by(claim_challenges.c.expires_at.desc())
+                .offset(max(keep - 1, 0))
+            )
+            await conn.execute(delete(claim_challenges).where(claim_challenges.c.digest.in_(older)))
+            await conn.execute(
+                claim_challenges.insert(),
+                {"digest": digest, "account_id": account_id, "expires_at": expires_at},
+            )
+
+    async def take_challenge(self, digest: bytes, account_id: int, now: float) -> bool:
+        async with _mapped("taking a challenge"), self._write_lock(), self.engine.begin() as conn:
+            result = await conn.execute(
+                delete(claim_challenges)
+                .where(
+                    claim_challenges.c.digest == digest,
+                    claim_challenges.c.account_id == account_id,
+                    claim_challenges.c.expires_at > now,
+                )
+                .returning(claim_challenges.c.digest)
+            )
+            return result.first() is not None
+
+    def _nonce_connection(self) -> AbstractAsyncContextManager[AsyncConnection]:
+        return self.engine.begin()
+
+    async def remember_nonce(self, pid: str, nonce: str, expires_at: float, now: float) -> bool:
+        # One statement: a new (pid, nonce) is inserted, an expired one renewed; a live
+        # one is left alone and returns no row. Atomic on both engines, so two gateways
+        # receiving the same request at once accept it once.
+        stmt = self.dialect_insert(request_nonces)
+        async with (
+            _mapped("recording a nonce"),
+            self._write_lock(),
+            self._nonce_connection() as conn,
+        ):
+            result = await conn.execute(
+                stmt.on_conflict_do_update(
+                    index_elements=[request_nonces.c.pid, request_nonces.c.nonce],
+                    set_={"expires_at": stmt.excluded.expires_at},
+                    where=request_nonces.c.expires_at <= now,
+                ).returning(request_nonces.c.pid),
+                {"pid": pid, "nonce": nonce, "expires_at": expires_at},
+            )
+            return result.first() is not None
+
+    async def purge_nonces(self, now: float) -> int:
+        async with _mapped("purging nonces"), self._write_lock(), self.engine.begin() as conn:
+            result = await conn.execute(
+                delete(request_nonces).where(request_nonces.c.expires_at <= now)
+            )
+            return int(result.rowcount or 0)
+
+    async def secret(self, name: str, candidate: bytes) -> bytes:
+        async with _mapped("reading a secret"), self._write_lock(), self.engine.begin() as conn:
+            await conn.execute(
+                self.dialect_insert(gateway_secrets).on_conflict_do_nothing(),
+                {"name": name, "value": candidate},
+            )
+            value = (
+                await conn.execute(
+                    select(gateway_secrets.c.value).where(gateway_secrets.c.name == name)
+                )
+            ).scalar_one()
+            return bytes(value)
 
     async def create_session(self, token_hash: bytes, account_id: int, expires_at: float) -> None:
         async with _mapped("creating a session"), self._write_lock(), self.engine.begin() as conn:
@@ -763,11 +861,37 @@ class SqliteStore(SqlStore):
     def _write_lock(self) -> AbstractAsyncContextManager[None]:
         return self._lock
 
+    # A nonce per signed request: one statement on the archive's plain connection in its
+    # writer thread (autocommit), one thread hop. Through SQLAlchemy and aiosqlite it was
+    # ≈ 0.5 ms a request with a p99 of ≈ 3.7 ms (2 shared cores).
+
+    def _remember(self, pid: str, nonce: str, expires_at: float, now: float) -> bool:
+        conn = self._archive_connection()
+        before = conn.total_changes
+        conn.execute(_REMEMBER_NONCE, (pid, nonce, expires_at, now))
+        return conn.total_changes > before
+
+    async def remember_nonce(self, pid: str, nonce: str, expires_at: float, now: float) -> bool:
+        loop = asyncio.get_running_loop()
+        async with self._lock:
+            try:
+                return await loop.run_in_executor(
+                    self._writer, self._remember, pid, nonce, expires_at, now
+                )
+            except sqlite3.Error as exc:
+                raise StorageError(
+                    f"database error while recording a nonce: {type(exc).__name__}"
+                ) from exc
+
 
 class PostgresStore(SqlStore):
     """PostgreSQL through asyncpg; several gateways may share one database."""
 
     dialect_insert = staticmethod(pg_dialect.insert)
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        super().__init__(engine)
+        self._nonces: AsyncEngine | None = None
 
     @classmethod
     def from_url(cls, url: str, *, pool_size: int = 10) -> PostgresStore:
@@ -778,6 +902,31 @@ class PostgresStore(SqlStore):
 
     async def _migration_lock(self, conn: AsyncConnection) -> None:
         await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATE_LOCK})
+
+    # A nonce per signed request, on an engine of its own: one statement in autocommit,
+    # without waiting for the WAL flush, on connections not pinged at checkout. Through
+    # the main engine (ping, BEGIN, INSERT, COMMIT with its flush) the check took a median
+    # ≈ 1 ms a request, p99 ≈ 10 ms on 2 shared cores; this way ≈ 0.4 ms, p99 ≈ 1 ms
+    # (a bare asyncpg statement: 0.15 ms). A crash of PostgreSQL forgets at most the
+    # last ≈ 0.6 s of nonces (three times wal_writer_delay): a request recorded just then
+    # could be replayed once, inside its window.
+
+    def _nonce_connection(self) -> AbstractAsyncContextManager[AsyncConnection]:
+        if self._nonces is None:
+            self._nonces = create_async_engine(
+                self.engine.url,
+                pool_size=2,
+                isolation_level="AUTOCOMMIT",
+                pool_reset_on_return=None,  # autocommit: no transaction to end
+                connect_args={"server_settings": {"synchronous_commit": "off"}},
+            )
+        return self._nonces.connect()
+
+    async def close(self) -> None:
+        if self._nonces is not None:
+            await self._nonces.dispose()
+            self._nonces = None
+        await super().close()
 
 
 def open_store(url: str) -> SqliteStore | PostgresStore:

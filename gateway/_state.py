@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from gateway._accounts import Accounts
 from gateway._archiver import Archiver
+from gateway._auth import Authenticator
 from gateway._hub import Hub
 from gateway._metrics import Metrics
 from gateway._settings import GatewaySettings
@@ -28,6 +29,7 @@ class Gateway:
     archiver: Archiver
     hub: Hub
     topics: Topics
+    auth: Authenticator
 
     async def publish_best_effort(self, topic: str, payload: bytes, *, retain: bool) -> bool:
         """Publish when the broker is reachable; log and return False otherwise."""

@@ -5,7 +5,8 @@ Two protocols, one implementation per database engine (``gateway._sql``):
 * :class:`HistoryStore` — ciphertext only: envelopes with their routing fields and a
   server sequence number (``seq``), envelopes waiting for a roster or bundle, rosters,
   bundles and inbox grants.
-* :class:`AccountStore` — web accounts, the browser participants they own, sessions.
+* :class:`AccountStore` — web accounts, the participants they proved they hold,
+  sessions, claim challenges, the nonces of signed requests and the shared secrets.
 
 ``seq`` is global and increases in commit order (PostgreSQL serialises archive
 commits, SQLite has one writer), so "everything after cursor N" never skips a row
@@ -143,10 +144,15 @@ class ArchiveResult:
 
 @dataclass(frozen=True, slots=True)
 class Account:
+    """A web account. ``pids``: the participants it proved it holds, the only ones it
+    may act and read for; ``unverified``: claimed before proofs existed (schema 2),
+    no rights until proven."""
+
     id: int
     username: str
     is_admin: bool
     pids: tuple[str, ...] = ()
+    unverified: tuple[str, ...] = ()
 
 
 class HistoryStore(Protocol):
@@ -231,7 +237,36 @@ class AccountStore(Protocol):
     async def account(self, account_id: int) -> Account | None: ...
 
     async def add_participant(self, account_id: int, pid: str, bundle: bytes) -> None:
-        """Raises: NameTaken: the pid belongs to another account."""
+        """Record ``pid`` as the account's, verified (call only after a proof of
+        possession); an unverified claim of another account is taken over.
+
+        Raises:
+            NameTaken: another account proved it holds the pid.
+        """
+        ...
+
+    async def add_challenge(
+        self, digest: bytes, account_id: int, expires_at: float, *, now: float, keep: int
+    ) -> None:
+        """Store a claim challenge (its SHA-256); drop expired ones and the account's
+        oldest beyond ``keep``."""
+        ...
+
+    async def take_challenge(self, digest: bytes, account_id: int, now: float) -> bool:
+        """Consume the account's unexpired challenge: True once, False ever after."""
+        ...
+
+    async def remember_nonce(self, pid: str, nonce: str, expires_at: float, now: float) -> bool:
+        """Record a signed request's nonce; False when ``(pid, nonce)`` is already
+        recorded and not expired at ``now`` (a replay)."""
+        ...
+
+    async def purge_nonces(self, now: float) -> int:
+        """Delete nonces expired at ``now``; return how many."""
+        ...
+
+    async def secret(self, name: str, candidate: bytes) -> bytes:
+        """The shared secret ``name``, set to ``candidate`` by whoever asks first."""
         ...
 
     async def create_session(

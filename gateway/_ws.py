@@ -37,8 +37,16 @@ Browser → server::
 A publish is checked before it goes out: an envelope's sender (roster index of its
 epoch) must be one of the account's participants and its signature must verify
 against that participant's bundle; a roster, grant or bundle must be signed by one.
-``ack`` follows the broker's PUBACK. Frames that are not the protocol get an
-``error``; after ``MAX_BAD_FRAMES`` the socket is closed (1008).
+"The account's participants" are those it proved it holds (``Account.pids``); a pid
+claimed without proof (before schema 2) gives a socket nothing. ``ack`` follows the
+broker's PUBACK. Frames that are not the protocol get an ``error``; after
+``MAX_BAD_FRAMES`` the socket is closed (1008).
+
+Size: uvicorn closes a socket whose message passes ``ws_max_message_bytes`` (256 KiB,
+close code 1009) before it reaches us (``gateway._run.uvicorn_options``, used by
+``gateway run`` and ``fieldchat up``); a text frame over ``MAX_FRAME_BYTES`` (a 64 KiB
+envelope in base64 and its JSON) gets an ``error`` (``limit``) before it is parsed,
+under any server.
 """
 
 from __future__ import annotations
@@ -55,8 +63,8 @@ from urllib.parse import urlsplit
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
-from gateway._auth import Caller, authenticate
-from gateway._errors import Forbidden
+from gateway._auth import Caller
+from gateway._errors import Forbidden, TooManyRequests
 from gateway._hub import Event, Subscription
 from gateway._state import Gateway
 from gateway._verify import MAX_STATUS_BYTES
@@ -430,9 +438,12 @@ async def websocket_endpoint(ws: WebSocket) -> None:
         gw.metrics.reject("ws", "origin")
         await ws.close(CLOSE_POLICY, "cross-origin WebSocket refused")
         return
-    who = await authenticate(
-        ws, gw.accounts, gw.archiver.bundle, skew_s=gw.settings.request_clock_skew_s
-    )
+    # The session's verified participants only (issue 13), read afresh: they hold for
+    # the socket's life, and a claim just made through another gateway must count.
+    try:
+        who = await gw.auth(ws, fresh=True)
+    except TooManyRequests:  # signed headers past their budget: no account anyway
+        who = None
     if who is None or who.account is None:
         gw.metrics.reject("ws", "unauthenticated")
         await ws.close(CLOSE_UNAUTHENTICATED, "log in first")

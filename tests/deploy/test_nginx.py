@@ -28,6 +28,7 @@ from tests.gateway._support import (
     FAST_ARGON2,
     GatewayProcess,
     Party,
+    claim,
     converse,
     eventually,
     free_port,
@@ -51,9 +52,12 @@ N_AFTER = 20
 
 def _replica(workdir: Path, mosquitto: Any, prefix: str, pg_url: str, name: str) -> GatewayProcess:
     # What the recipe sets on each replica: its own stable client id, one share group,
-    # Secure cookies although the replica itself speaks plain HTTP behind the proxy.
+    # Secure cookies although the replica itself speaks plain HTTP behind the proxy, and
+    # trust in the proxy's X-Forwarded-For/-Proto (the client's address for the limits,
+    # https for the origin that participant claims are bound to).
     return GatewayProcess(
         workdir / name,
+        forwarded_allow_ips="127.0.0.1",
         mqtt_url=mosquitto.url,
         topic_prefix=prefix,
         database_url=pg_url,
@@ -158,9 +162,7 @@ async def test_two_replicas_behind_nginx_with_tls(mosquitto, prefix, pg_url, tmp
             assert "httponly" in set_cookie
             assert r.headers["strict-transport-security"].startswith("max-age=")
             cookie = http.cookies["fc_session"]
-            r = await http.post(
-                "/v1/me/participants", json={"bundle": base64.b64encode(web.bundle).decode()}
-            )
+            r = await claim(http, web)  # signed for https://…: the origin the proxy serves
             assert r.status_code == 201, r.text
             # A forged Origin is still refused behind the proxy.
             r = await http.post(

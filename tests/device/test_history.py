@@ -17,6 +17,7 @@ import pytest
 
 from device.history import GatewayHistory
 from device.identity import Identity
+from gateway import signed_message
 from schemas import ConfigError, NotAuthorized, TransportError, WireError
 from schemas.crypto import ed25519_verify
 
@@ -70,10 +71,32 @@ def test_pages_are_followed_signed_and_the_cursor_is_kept(gateway):
     assert history.conversation(CID) == []
     paths = [path for path, _ in _Gateway.seen]
     assert paths[0].endswith("after=0&limit=500") and paths[2].endswith("after=9&limit=500")
-    path, headers = _Gateway.seen[0]
-    assert headers["X-Fieldchat-Pid"] == me.pid
-    signature = base64.urlsafe_b64decode(headers["X-Fieldchat-Signature"] + "==")
-    ed25519_verify(me.public, signature, f"fieldchat-http-v1\nGET\n{path}\n1800000000".encode())
+    host = gateway.removeprefix("http://").rstrip("/")
+    nonces = set()
+    for path, headers in _Gateway.seen:
+        assert headers["X-Fieldchat-Pid"] == me.pid
+        assert headers["Host"] == host
+        nonce = headers["X-Fieldchat-Nonce"]
+        nonces.add(nonce)
+        signature = base64.urlsafe_b64decode(headers["X-Fieldchat-Signature"] + "==")
+        signed = f"fieldchat-http-v2\nGET\n{host}\n{path}\n1800000000\n{nonce}".encode()
+        ed25519_verify(me.public, signature, signed)
+        # the gateway's own spelling of the signed bytes agrees
+        query = path.partition("?")[2]
+        assert signed == signed_message(
+            "GET", path.partition("?")[0], query, "1800000000", host=host, nonce=nonce
+        )
+    assert len(nonces) == 3  # a fresh nonce per request: the gateway accepts each once
+
+
+def test_the_signed_host_leaves_out_the_default_port():
+    me = Identity.generate(post_quantum=False)
+    assert GatewayHistory("https://Chat.Example:443/x", me).host == "chat.example"
+    assert GatewayHistory("http://chat.example:80", me).host == "chat.example"
+    assert GatewayHistory("http://127.0.0.1:8080/", me).host == "127.0.0.1:8080"
+    assert GatewayHistory("http://[::1]:8080/", me).host == "[::1]:8080"
+    with pytest.raises(ConfigError):
+        GatewayHistory("http://chat.example:http/", me)
 
 
 def test_since_fetches_one_page_after_the_callers_cursor(gateway):

@@ -7,6 +7,7 @@ import asyncio
 import base64
 import contextlib
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -26,7 +27,14 @@ import uvicorn
 
 from device.engine import Engine, Publication
 from device.identity import Identity
-from gateway import GatewaySettings, create_app, open_store, signed_message
+from gateway import (
+    GatewaySettings,
+    claim_message,
+    create_app,
+    open_store,
+    signed_message,
+    uvicorn_options,
+)
 from schemas import Topics
 
 MOSQUITTO = "/usr/sbin/mosquitto"
@@ -185,14 +193,39 @@ class Party:
     def bundle(self) -> bytes:
         return self.engine.identity.bundle.to_bytes()
 
-    def sign_request(self, method: str, path: str, query: str = "") -> dict[str, str]:
+    def sign_request(
+        self, method: str, path: str, query: str = "", *, host: str, nonce: str | None = None
+    ) -> dict[str, str]:
+        """Headers of a request signed for the gateway at ``host`` (``host[:port]``)."""
         stamp = str(int(time.time()))
-        sig = self.engine.identity.sign(signed_message(method, path, query, stamp))
+        nonce = nonce or secrets.token_urlsafe(16)
+        message = signed_message(method, path, query, stamp, host=host, nonce=nonce)
+        sig = self.engine.identity.sign(message)
         return {
             "x-fieldchat-pid": self.pid,
             "x-fieldchat-time": stamp,
+            "x-fieldchat-nonce": nonce,
             "x-fieldchat-signature": base64.urlsafe_b64encode(sig).decode().rstrip("="),
         }
+
+    def prove(self, challenge: dict[str, Any], origin: str) -> dict[str, str]:
+        """The body of ``POST /v1/me/participants``: this participant's bundle and its
+        signature over the challenge, for the gateway at ``origin``."""
+        message = claim_message(origin, challenge["account"], self.pid, challenge["challenge"])
+        return {
+            "bundle": base64.b64encode(self.bundle).decode(),
+            "challenge": challenge["challenge"],
+            "signature": base64.b64encode(self.engine.identity.sign(message)).decode(),
+        }
+
+
+async def claim(http: httpx.AsyncClient, party: Party, origin: str | None = None) -> httpx.Response:
+    """Claim ``party`` for the logged-in account of ``http``, with its proof of possession
+    for ``origin`` (default: the client's base URL)."""
+    r = await http.post("/v1/me/participants/challenge", json={})
+    assert r.status_code == 201, r.text
+    where = origin or str(http.base_url).rstrip("/")
+    return await http.post("/v1/me/participants", json=party.prove(r.json(), where))
 
 
 @dataclass
@@ -232,6 +265,19 @@ def converse(topics: Topics, parties: list[Party]) -> Conversation:
     return Conversation(cid, parties, out)
 
 
+async def archived_conversation(
+    gw: RunningGateway, mosquitto: Mosquitto, prefix: str
+) -> tuple[Party, Conversation]:
+    """A device (no account) in a conversation with one message of its archived."""
+    topics = Topics(prefix)
+    device, peer = Party(topics), Party(topics)
+    conv = converse(topics, [device, peer])
+    await publish_all(mosquitto.url, pubs(conv.publications))
+    await publish_all(mosquitto.url, [(topics.msg(conv.cid), conv.seal(device, "hi"), False)])
+    await eventually(lambda: gw.state.store.history(conv.cid), "the envelope archived")
+    return device, conv
+
+
 async def publish_all(url: str, items: list[tuple[str, bytes, bool]]) -> None:
     """Publish at QoS 1 with a throwaway client; returns after every PUBACK."""
     host, port = url.removeprefix("mqtt://").split(":")
@@ -252,8 +298,9 @@ class RunningGateway:
         self.app = app
         self.server = server
         self.port = port
-        self.base = f"http://127.0.0.1:{port}"
-        self.ws_base = f"ws://127.0.0.1:{port}"
+        self.host = f"127.0.0.1:{port}"  # what signed requests sign as HOST
+        self.base = f"http://{self.host}"
+        self.ws_base = f"ws://{self.host}"
 
     @property
     def state(self) -> Any:
@@ -267,7 +314,7 @@ class RunningGateway:
 async def serve_gateway(settings: GatewaySettings, **kw: Any) -> AsyncIterator[RunningGateway]:
     app = create_app(settings, **kw)
     config = uvicorn.Config(
-        app, host="127.0.0.1", port=0, lifespan="on", log_level="warning", ws="websockets-sansio"
+        app, host="127.0.0.1", port=0, log_level="warning", **uvicorn_options(settings)
     )
     server = uvicorn.Server(config)
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
@@ -323,9 +370,7 @@ async def login(
     r = await client.post("/v1/session", json={"username": username, "password": password})
     assert r.status_code == 200, r.text
     if party is not None:
-        r = await client.post(
-            "/v1/me/participants", json={"bundle": base64.b64encode(party.bundle).decode()}
-        )
+        r = await claim(client, party)
         assert r.status_code == 201, r.text
     return client
 

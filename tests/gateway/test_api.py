@@ -17,6 +17,7 @@ from schemas import Topics
 from tests.gateway._support import (
     FAST_ARGON2,
     Party,
+    claim,
     converse,
     eventually,
     free_port,
@@ -81,7 +82,8 @@ async def test_csrf_cross_origin_and_form_posts_are_refused(gateway, prefix):
     party = Party(Topics(prefix), post_quantum=False)
     http = await login(gateway, "frank")
     try:
-        body = {"bundle": base64.b64encode(party.bundle).decode()}
+        challenge = (await http.post("/v1/me/participants/challenge", json={})).json()
+        body = party.prove(challenge, gateway.base)
         r = await http.post(
             "/v1/me/participants", json=body, headers={"origin": "https://evil.example"}
         )
@@ -118,24 +120,32 @@ async def test_bad_queries_get_clear_errors(gateway, mosquitto, prefix):
             ("after=0&from_epoch=-1", 422),
             ("after=0&from_epoch=abc", 422),
         ]:
-            r = await http.get(f"{path}?{query}", headers=a.sign_request("GET", path, query))
+            r = await http.get(
+                f"{path}?{query}", headers=a.sign_request("GET", path, query, host=gateway.host)
+            )
             assert r.status_code == status, (query, r.text)
             assert "error" in r.json() or "detail" in r.json()
         r = await http.get(
             "/v1/conversations/not-an-id/envelopes",
-            headers=a.sign_request("GET", "/v1/conversations/not-an-id/envelopes"),
+            headers=a.sign_request(
+                "GET", "/v1/conversations/not-an-id/envelopes", host=gateway.host
+            ),
         )
         assert r.status_code == 422
         assert (await http.get(path)).status_code == 401  # no credentials
-        forged = a.sign_request("GET", path)
+        forged = a.sign_request("GET", path, host=gateway.host)
         forged["x-fieldchat-pid"] = b.pid  # a's signature, b's name
         assert (await http.get(path, headers=forged)).status_code == 401
-        stale = a.sign_request("GET", path)
+        stale = a.sign_request("GET", path, host=gateway.host)
         stale["x-fieldchat-time"] = "1000"
         assert (await http.get(path, headers=stale)).status_code == 401
-        assert (await http.get(path, headers=a.sign_request("GET", path))).status_code == 200
+        assert (
+            await http.get(path, headers=a.sign_request("GET", path, host=gateway.host))
+        ).status_code == 200
         query = "after=0&from_epoch=7"  # an epoch not begun yet: nothing, cursor kept
-        r = await http.get(f"{path}?{query}", headers=a.sign_request("GET", path, query))
+        r = await http.get(
+            f"{path}?{query}", headers=a.sign_request("GET", path, query, host=gateway.host)
+        )
         assert r.status_code == 200
         assert (r.json()["items"], r.json()["next_after"]) == ([], 0)
 
@@ -158,11 +168,18 @@ async def test_another_accounts_cookie_cannot_read_a_conversation(gateway, mosqu
         assert (await mallory_http.get(f"/v1/conversations/{conv.cid}/rosters")).status_code == 403
         assert (await mallory_http.get("/v1/conversations")).json()["conversations"] == {}
         assert conv.cid in (await bob_http.get("/v1/conversations")).json()["conversations"]
-        # mallory cannot claim bob's participant either
-        r = await mallory_http.post(
-            "/v1/me/participants", json={"bundle": base64.b64encode(bob.bundle).decode()}
-        )
-        assert r.status_code == 409
+        # mallory cannot claim bob's participant either: she cannot sign for it, and
+        # bob's other account, which can, finds it taken
+        challenge = (await mallory_http.post("/v1/me/participants/challenge", json={})).json()
+        forged = mallory.prove(challenge, gateway.base)  # her signature, bob's bundle
+        forged["bundle"] = base64.b64encode(bob.bundle).decode()
+        r = await mallory_http.post("/v1/me/participants", json=forged)
+        assert r.status_code == 403 and r.json()["error"] == "claim_refused"
+        bob_again = await login(gateway, "bob2")
+        try:
+            assert (await claim(bob_again, bob)).status_code == 409
+        finally:
+            await bob_again.aclose()
     finally:
         await bob_http.aclose()
         await mallory_http.aclose()

@@ -50,7 +50,7 @@ async def test_envelopes_are_archived_once_and_served_verbatim(gateway, mosquitt
         r = await http.get(
             path,
             params={"after": 0, "limit": 100},
-            headers=b.sign_request("GET", path, "after=0&limit=100"),
+            headers=b.sign_request("GET", path, "after=0&limit=100", host=gateway.host),
         )
     assert r.status_code == 200, r.text
     body = r.json()
@@ -147,7 +147,9 @@ async def test_grants_are_archived_for_their_recipient_only(gateway, mosquitto, 
 
     async def grants_of(party: Party) -> list[bytes]:
         async with gateway.client() as http:
-            r = await http.get("/v1/grants", headers=party.sign_request("GET", "/v1/grants"))
+            r = await http.get(
+                "/v1/grants", headers=party.sign_request("GET", "/v1/grants", host=gateway.host)
+            )
         assert r.status_code == 200, r.text
         return [base64.b64decode(g["grant"]) for g in r.json()["items"]]
 
@@ -157,11 +159,13 @@ async def test_grants_are_archived_for_their_recipient_only(gateway, mosquitto, 
     assert await grants_of(outsider) == []
     path = f"/v1/conversations/{conv.cid}/envelopes"
     async with gateway.client() as http:
-        r = await http.get(path, headers=outsider.sign_request("GET", path))
+        r = await http.get(path, headers=outsider.sign_request("GET", path, host=gateway.host))
         assert r.status_code == 403
         r = await http.get(
             f"/v1/conversations/{conv.cid}/rosters",
-            headers=b.sign_request("GET", f"/v1/conversations/{conv.cid}/rosters"),
+            headers=b.sign_request(
+                "GET", f"/v1/conversations/{conv.cid}/rosters", host=gateway.host
+            ),
         )
         assert r.status_code == 200
         assert sorted(r.json()[0]["members"]) == sorted([a.pid, b.pid])

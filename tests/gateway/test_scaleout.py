@@ -19,6 +19,7 @@ from tests.gateway._support import (
     FAST_ARGON2,
     GatewayProcess,
     Party,
+    claim,
     converse,
     eventually,
     publish_all,
@@ -58,9 +59,7 @@ async def _web_account(base: str, name: str, party: Party) -> None:
         assert r.status_code == 201, r.text
         r = await http.post("/v1/session", json={"username": name, "password": password})
         assert r.status_code == 200, r.text
-        r = await http.post(
-            "/v1/me/participants", json={"bundle": base64.b64encode(party.bundle).decode()}
-        )
+        r = await claim(http, party)
         assert r.status_code == 201, r.text
 
 

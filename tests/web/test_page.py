@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from device.identity import Identity
+from gateway import claim_message
 from gateway._web import CONTENT_SECURITY_POLICY, WEB_ROOT
 from tests.web._stack import ARTIFACTS
 from tests.web._ui import PASSWORD, PHONE, WebUser
@@ -80,9 +81,17 @@ def test_fingerprints_and_key_change_warning(stack, browser):
         )
 
         def register(identity: Identity) -> None:
+            challenge = kim.post("/v1/me/participants/challenge", json={}).json()
+            signed = claim_message(
+                stack.base, challenge["account"], identity.pid, challenge["challenge"]
+            )
             r = kim.post(
                 "/v1/me/participants",
-                json={"bundle": base64.b64encode(identity.bundle.to_bytes()).decode()},
+                json={
+                    "bundle": base64.b64encode(identity.bundle.to_bytes()).decode(),
+                    "challenge": challenge["challenge"],
+                    "signature": base64.b64encode(identity.sign(signed)).decode(),
+                },
             )
             assert r.status_code == 201, r.text
 

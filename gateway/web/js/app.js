@@ -1,9 +1,9 @@
 // The chat page. Message text only ever reaches the DOM through textContent (never as
 // HTML), and the page loads nothing but its own files (CSP in gateway/_web.py).
 
-import { FieldchatError, b64, fromB64, isValidId, utf8 } from "./bytes.js";
+import { FieldchatError, fromB64, isValidId, utf8 } from "./bytes.js";
 import { Engine } from "./engine.js";
-import { Bridge, HttpError, api } from "./net.js";
+import { Bridge, HttpError, api, claimParticipant } from "./net.js";
 import { openStore } from "./store.js";
 import { MSG, decodeRoster, readHeader, verifyRosterChain } from "./wire.js";
 
@@ -104,8 +104,9 @@ async function start(account) {
   S.store = await openStore(account.username);
   S.engine = await Engine.open(S.store);
   if (!account.pids.includes(S.engine.pid)) {
-    // A new browser for this account: register the participant it just made.
-    await api("POST", "/v1/me/participants", { bundle: b64(S.engine.bundle) });
+    // A new browser for this account (register the participant it just made), or one
+    // whose claim predates proofs (account.unverified): prove we hold its key.
+    await claimParticipant(S.engine.identity);
   }
   S.cursor = (await S.store.get("ui/cursor")) ?? null;
   S.grantCursor = (await S.store.get("ui/grantCursor")) ?? 0;

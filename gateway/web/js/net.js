@@ -1,7 +1,8 @@
 // The gateway: its HTTP API (session cookie) and the /ws bridge, which relays what this
 // browser sealed and streams envelopes, grants, rosters and presence (gateway/_ws.py).
 
-import { b64, fromB64 } from "./bytes.js";
+import { b64, fromB64, utf8 } from "./bytes.js";
+import { ed25519Sign } from "./crypto.js";
 
 export class HttpError extends Error {
   constructor(status, detail) {
@@ -20,6 +21,18 @@ export async function api(method, path, body) {
   const data = r.status === 204 ? null : await r.json().catch(() => null);
   if (!r.ok) throw new HttpError(r.status, data?.detail ?? data?.error);
   return data;
+}
+
+// Claim this browser's participant for the logged-in account, proving it holds the
+// identity key (gateway/_api.py, add_participant): the key signs a single-use challenge
+// together with this page's origin, the account and the pid. location.origin is the
+// origin the browser reached, so a look-alike site that relays challenges gets nothing
+// it could use here (it cannot reach this origin's keys anyway).
+export async function claimParticipant(identity) {
+  const { challenge, account } = await api("POST", "/v1/me/participants/challenge", {});
+  const signed = utf8(`fieldchat-claim-v1\n${location.origin}\n${account}\n${identity.pid}\n${challenge}`);
+  const signature = await ed25519Sign(identity.edPrivate, signed);
+  return api("POST", "/v1/me/participants", { bundle: b64(identity.bundle), challenge, signature: b64(signature) });
 }
 
 const PING_MS = 25000;
