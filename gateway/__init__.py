@@ -8,6 +8,7 @@ from gateway._app import create_app
 from gateway._archiver import ArchiveListener, Archiver, MqttFactory, mqtt_factory
 from gateway._auth import SIGNING_LABEL, signed_message
 from gateway._errors import Forbidden, NameTaken, StorageError
+from gateway._run import GatewayServer
 from gateway._settings import GatewaySettings, load_settings
 from gateway._sql import PostgresStore, SqliteStore, open_store
 from gateway._store import (
@@ -30,6 +31,7 @@ __all__ = [
     "ArchiveResult",
     "Archiver",
     "Forbidden",
+    "GatewayServer",
     "GatewaySettings",
     "GatewayStore",
     "HistoryStore",
