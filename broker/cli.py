@@ -10,7 +10,6 @@ import asyncio
 import json
 import logging
 import os
-import signal
 import tomllib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -26,6 +25,7 @@ from broker._server import EmbeddedBroker
 from broker._store import Store
 from schemas import tracing
 from schemas.errors import ConfigError, FieldchatError
+from schemas.signals import until_stopped
 
 __all__ = ["broker_app"]
 
@@ -89,7 +89,7 @@ def run(
         ),
     ] = False,
 ) -> None:
-    """Run the broker until SIGINT/SIGTERM."""
+    """Run the broker until SIGINT or SIGTERM (a clean stop: state saved, status 0)."""
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
@@ -129,19 +129,19 @@ def run(
             raise ConfigError(f"invalid broker configuration: {exc}") from None
         tracing.configure(tracing.TraceSettings.from_environ(os.environ, force=trace))
         try:
-            asyncio.run(_serve(config))
+            asyncio.run(until_stopped(_serve(config)))
+        except KeyboardInterrupt:  # a signal before until_stopped took them over
+            pass
         finally:
             tracing.shutdown()
+    typer.echo("fieldchat broker stopped: sessions, queues and retained messages saved.", err=True)
 
 
 async def _serve(config: BrokerConfig) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    """Serve until cancelled (SIGINT or SIGTERM); leaving the block saves the state."""
     async with EmbeddedBroker(config) as broker:
         typer.echo("fieldchat broker listening on " + " ".join(broker.urls()), err=True)
-        await stop.wait()
+        await asyncio.Event().wait()
 
 
 @broker_app.command()

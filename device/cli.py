@@ -1,7 +1,10 @@
 """``fieldchat device …``: the participant CLI. It parses options, builds settings and
 calls :class:`device.client.Device`; every :class:`~schemas.FieldchatError` becomes
 one line on stderr and a non-zero exit code (1: usage of fieldchat, 2: configuration,
-3: broker or network).
+3: broker or network). SIGINT and SIGTERM are the same stop (:mod:`schemas.signals`):
+the device closes (parks its reserved steps, saves its state, disconnects); ``listen``
+and ``chat`` then say they stopped and exit 0, a one-shot command says it was
+interrupted and exits 130.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import queue
 import select
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -28,6 +31,7 @@ from device.history import GatewayHistory, gateway_base
 from device.state import DeviceState, ReceivedRow
 from schemas import Policy, tracing
 from schemas.errors import ConfigError, FieldchatError, TransportError
+from schemas.signals import Interrupts
 
 __all__ = ["device_app"]
 
@@ -42,6 +46,14 @@ device_app.add_typer(conv_app, name="conv")
 JsonOut = Annotated[bool, typer.Option("--json", help="Machine-readable output (JSON lines).")]
 Timeout = Annotated[float, typer.Option(help="Seconds to wait for the broker.")]
 _CURSOR = "listen_cursor"
+# listen saves its cursor past a batch of rows before printing them (docs/device.md):
+# a SIGKILL or power cut between the two leaves at most this many rows unshown (they
+# stay in the state file); never one shown twice.
+LISTEN_BATCH = 64
+# SIGINT and SIGTERM raise KeyboardInterrupt while a command runs (process state, as
+# logging is); a second one while stopping forces the exit.
+_interrupts = Interrupts()
+INTERRUPTED = 130  # a one-shot command stopped by a signal: the shell's Ctrl-C status
 
 
 @dataclass
@@ -130,7 +142,7 @@ def _device(
         stream=sys.stderr,
         format="%(levelname)s %(message)s",
     )
-    with _errors():  # docs/tracing.md; queued spans leave at exit (bounded, 3 s)
+    with _failures():  # docs/tracing.md; queued spans leave at exit (bounded, 3 s)
         tracing.configure(tracing.TraceSettings.from_environ(os.environ))
     _options.config = config
     _options.settings = None
@@ -150,7 +162,7 @@ def _device(
 
 
 @contextlib.contextmanager
-def _errors() -> Iterator[None]:
+def _failures() -> Iterator[None]:
     """One line per failure a user can cause, and an exit code by kind."""
     try:
         yield
@@ -163,6 +175,31 @@ def _errors() -> Iterator[None]:
     except FieldchatError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
+
+
+@contextlib.contextmanager
+def _errors(service: str | None = None) -> Iterator[None]:
+    """A command's body: :func:`_failures`, and SIGINT or SIGTERM raise
+    KeyboardInterrupt inside (the ``finally`` blocks close the device). A ``service``
+    (listen, chat) stopped that way ends normally: one line, status 0; a one-shot
+    command says it was interrupted (status 130: what it did may be partial).
+    """
+    try:
+        with _interrupts.installed(), _failures():
+            yield
+    except KeyboardInterrupt:
+        if service is not None:
+            typer.echo(f"fieldchat device {service} stopped.", err=True)
+            raise typer.Exit(0) from None
+        typer.echo("fieldchat device: interrupted before it finished.", err=True)
+        raise typer.Exit(INTERRUPTED) from None
+
+
+def _close(device: Device) -> None:
+    """Close the device (park its reserved steps, save, disconnect) in one piece: a
+    first stop signal during it is held until it is done."""
+    with _interrupts.deferred():
+        device.close()
 
 
 def _device_for(on_event: object = None) -> Device:
@@ -186,7 +223,7 @@ def _device_for(on_event: object = None) -> Device:
         try:
             device.history = GatewayHistory(gateway, device.engine.identity)
         except BaseException:
-            device.close()
+            _close(device)
             raise
     return device
 
@@ -207,7 +244,7 @@ def _connected(timeout: float, on_event: object = None) -> Iterator[Device]:
         device.wait_connected(timeout)
         yield device
     finally:
-        device.close()
+        _close(device)
 
 
 def _finish(device: Device, timeout: float) -> None:
@@ -248,7 +285,7 @@ def init(
             existed = state.load("identity") is not None
             device = Device(state, prefix=settings.prefix, post_quantum=post_quantum)
             pid, fingerprint = device.pid, device.fingerprint()
-            device.close()
+            _close(device)
         except BaseException:
             state.close()
             raise
@@ -295,7 +332,7 @@ def whoami(
     with _errors():
         device = _device_for()
         pid, fingerprint = device.pid, device.fingerprint()
-        device.close()
+        _close(device)
     if pid_only:
         typer.echo(pid)
     elif json_out:
@@ -324,7 +361,7 @@ def verify(
             known = device.fingerprint(pid)
             ok = device.verify(pid, fingerprint) if fingerprint else None
         finally:
-            device.close()
+            _close(device)
     typer.echo(f"{pid}  {known}")
     if ok is False:
         typer.echo("error: FINGERPRINTS DIFFER: do not trust this participant", err=True)
@@ -390,7 +427,7 @@ def conv_list(json_out: JsonOut = False) -> None:
         device = _device_for()
         infos = device.conversations()
         me = device.pid
-        device.close()
+        _close(device)
     for info in infos:
         if json_out:
             typer.echo(
@@ -462,30 +499,36 @@ def send(
                 raise type(exc)(f"{exc}; {waiting} message(s) kept in the outbox") from None
             _finish(device, timeout)
         finally:
-            device.close()
+            _close(device)
 
 
-def _print(row: MessageReceived | ReceivedRow, json_out: bool) -> None:
-    if json_out:
-        if isinstance(row, MessageReceived):
-            data = row.to_json()
-        else:
-            data = {
-                "type": "message",
-                "id": row.id,
-                "cid": row.cid,
-                "sender": row.sender,
-                "text": row.text,
-                "sent_at": row.sent_at,
-                "epoch": row.epoch,
-                "sender_index": row.sender_index,
-                "chain": row.chain,
-                "step": row.step,
-            }
-        typer.echo(json.dumps(data))
-    else:
+def _line(row: MessageReceived | ReceivedRow, json_out: bool) -> str:
+    """One printed message. ``--json`` lines carry the ids that name a message on every
+    device (cid, sender, epoch, sender_index, chain, step) and its local row ``id``."""
+    if not json_out:
         clock = time.strftime("%H:%M:%S", time.localtime(row.sent_at or 0))
-        typer.echo(f"[{clock}] {row.sender[:8]}: {row.text}")
+        return f"[{clock}] {row.sender[:8]}: {row.text}"
+    if isinstance(row, MessageReceived):
+        return json.dumps(row.to_json())
+    return json.dumps(
+        {
+            "type": "message",
+            "id": row.id,
+            "cid": row.cid,
+            "sender": row.sender,
+            "text": row.text,
+            "sent_at": row.sent_at,
+            "epoch": row.epoch,
+            "sender_index": row.sender_index,
+            "chain": row.chain,
+            "step": row.step,
+        }
+    )
+
+
+def _print(rows: Sequence[MessageReceived | ReceivedRow], json_out: bool) -> None:
+    """Print ``rows`` in one write."""
+    sys.stdout.write("".join(_line(row, json_out) + "\n" for row in rows))
     sys.stdout.flush()
 
 
@@ -513,48 +556,55 @@ def listen(
     duration: Annotated[float | None, typer.Option(help="Exit after this many seconds.")] = None,
     timeout: Timeout = 10.0,
 ) -> None:
-    """Print messages as they arrive (each exactly once, across runs)."""
+    """Print messages as they arrive, each at most once across runs, until stopped."""
     events: queue.Queue[Event] = queue.Queue()
     shown = 0
-    with _errors():
+    with _errors("listen"):
         device = _device_for(events.put)
         try:
             if cid is not None and cid not in device.engine.conversations():
                 raise ConfigError(f"unknown conversation {cid}")
-            cursor = saved = int(device.state.get_meta(_CURSOR) or 0)
+            cursor = int(device.state.get_meta(_CURSOR) or 0)
             device.start()
             device.wait_connected(timeout)
             end = time.monotonic() + duration if duration is not None else None
             while count is None or shown < count:
                 # Stored rows past the cursor first: messages that arrived while another
                 # command (send, conv …) was running are shown here, once.
-                for row in device.messages(cid, after_id=cursor)[
-                    : None if count is None else count - shown
-                ]:
-                    _print(row, json_out)
-                    cursor = row.id
-                    shown += 1
-                if shown and cursor != saved:
-                    device.state.set_meta({_CURSOR: str(cursor)})
-                    saved = cursor
-                if count is not None and shown >= count:
-                    break
+                limit = LISTEN_BATCH if count is None else min(LISTEN_BATCH, count - shown)
+                rows = device.state.received(cid, after_id=cursor, limit=limit)
+                if rows:
+                    cursor = rows[-1].id
+                    # The cursor passes the rows before they are printed, so no kill
+                    # shows one twice (it printed them, then saved: issue 14); a
+                    # SIGKILL in between leaves this batch unshown, still stored. A
+                    # stop signal waits until the batch is out.
+                    with _interrupts.deferred():
+                        device.state.set_meta({_CURSOR: str(cursor)})
+                        _print(rows, json_out)
+                    shown += len(rows)
                 left = None if end is None else end - time.monotonic()
                 if left is not None and left <= 0:
                     break
+                if rows:
+                    continue  # more may be stored already
                 try:
                     event = events.get(timeout=0.5 if left is None else min(left, 0.5))
                 except queue.Empty:
                     continue
                 _note(event, json_out)
         finally:
-            device.close()
+            _close(device)
 
 
 @device_app.command()
 def chat(cid: str, timeout: Timeout = 10.0) -> None:
-    """Interactive chat: type lines to send them; incoming ones are printed."""
-    with _errors():
+    """Interactive chat: type lines to send them; incoming ones are printed.
+
+    Ctrl-D ends it and keeps its place (what it showed is not shown again); Ctrl-C or
+    SIGTERM stops it at once, keeping the outbox for the next command.
+    """
+    with _errors("chat"):
         device = _device_for()
         try:
             if cid not in device.engine.conversations():
@@ -564,14 +614,14 @@ def chat(cid: str, timeout: Timeout = 10.0) -> None:
             def on_event(event: Event) -> None:
                 nonlocal cursor
                 if isinstance(event, MessageReceived) and event.cid == cid and event.id > cursor:
-                    _print(event, json_out=False)
+                    _print([event], json_out=False)
                     cursor = event.id
                 else:
                     _note(event, json_out=False)
 
-            for row in device.messages(cid, after_id=cursor):
-                _print(row, json_out=False)
-                cursor = row.id
+            rows = device.messages(cid, after_id=cursor)
+            _print(rows, json_out=False)
+            cursor = rows[-1].id if rows else cursor
             device.on_event = on_event
             device.start()
             device.wait_connected(timeout)
@@ -584,7 +634,7 @@ def chat(cid: str, timeout: Timeout = 10.0) -> None:
             device.state.set_meta({_CURSOR: str(cursor)})
             _finish(device, timeout)
         finally:
-            device.close()
+            _close(device)
 
 
 @device_app.command()
@@ -593,7 +643,7 @@ def outbox(json_out: JsonOut = False) -> None:
     with _errors():
         device = _device_for()
         rows = device.outbox()
-        device.close()
+        _close(device)
     for row in rows:
         if json_out:
             typer.echo(

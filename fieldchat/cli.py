@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from typer.core import TyperGroup
 
 from broker.cli import broker_app
 from device.cli import device_app
@@ -18,9 +19,27 @@ from fieldchat.stack import StackOptions, run_stack
 from gateway._cli import gateway_app
 from schemas import tracing
 from schemas.errors import FieldchatError
+from schemas.signals import until_stopped
+
+
+class _Root(TyperGroup):
+    """The root command: a stop signal that reaches it (one before a command took the
+    signals over: while typer parses the command line) is a clean stop, one line and
+    status 0, not typer's silent 130. Long-running commands stop the same way
+    themselves; device one-shots say they were interrupted (status 130)."""
+
+    # ctx: click's Context, which typer vendors under a private module name.
+    def invoke(self, ctx: Any) -> Any:  # noqa: ANN401
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            typer.echo("fieldchat stopped.", err=True)
+            raise typer.Exit(0) from None
+
 
 app = typer.Typer(
     name="fieldchat",
+    cls=_Root,
     help="End-to-end encrypted chat over MQTT for devices, field technicians and web users.",
     no_args_is_help=True,
     add_completion=False,
@@ -42,18 +61,21 @@ HttpPort = Annotated[
 ]
 
 
-def _serve(main: Coroutine[Any, Any, None]) -> None:
-    """Run a stack until Ctrl-C; a FieldchatError is one line and exit code 1."""
+def _serve(main: Coroutine[Any, Any, None], stopped: str) -> None:
+    """Run a stack until SIGINT or SIGTERM, the same clean stop: the gateway and the
+    broker close, ``stopped`` is printed, status 0. A FieldchatError is one line and
+    status 1."""
     try:
         tracing.configure(tracing.TraceSettings.from_environ(os.environ))  # docs/tracing.md
-        asyncio.run(main)
-    except KeyboardInterrupt:
-        typer.echo("fieldchat stopped.")
+        asyncio.run(until_stopped(main))
+    except KeyboardInterrupt:  # a signal before until_stopped took them over
+        pass
     except FieldchatError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
     finally:
         tracing.shutdown()
+    typer.echo(stopped)
 
 
 @app.command()
@@ -63,9 +85,9 @@ def up(
     mqtt_port: MqttPort = 1883,
     http_port: HttpPort = 8080,
 ) -> None:
-    """Run the embedded broker and the gateway (SQLite) until Ctrl-C."""
+    """Run the embedded broker and the gateway (SQLite) until Ctrl-C or SIGTERM."""
     options = StackOptions(data_dir=data_dir, host=host, mqtt_port=mqtt_port, http_port=http_port)
-    _serve(run_stack(options, typer.echo))
+    _serve(run_stack(options, typer.echo), "fieldchat stopped: gateway and broker state saved.")
 
 
 @app.command()
@@ -84,7 +106,7 @@ def demo(
         run_local_demo(typer.echo, pause=pause)
         return
     options = StackOptions(data_dir=data_dir, host=host, mqtt_port=mqtt_port, http_port=http_port)
-    _serve(run_demo(options, typer.echo))
+    _serve(run_demo(options, typer.echo), "fieldchat demo stopped.")
 
 
 app.add_typer(broker_app, name="broker")

@@ -3,9 +3,9 @@
 The broker and the gateway keep their own state under ``data_dir`` (``broker/`` and
 ``gateway.db``); the gateway's broker credential is issued once and kept in
 ``gateway.credential`` (mode 0600), so the gateway's persistent MQTT session and
-queue survive restarts. Ctrl-C stops the gateway first (it commits what it has
-archived and acknowledges it), then the broker (which persists sessions, queues and
-retained messages).
+queue survive restarts. Ctrl-C or SIGTERM (the same clean stop) stops the gateway
+first (it acknowledges only what it committed to the archive), then the broker
+(which persists sessions, queues and retained messages).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from fastapi import FastAPI
 from pydantic import SecretStr
 
 from broker import BrokerConfig, EmbeddedBroker, PortInUse
-from gateway import GatewaySettings, create_app, uvicorn_options
+from gateway import GatewayServer, GatewaySettings, create_app, uvicorn_options
 from schemas.errors import ConfigError
 
 __all__ = ["Stack", "StackOptions", "open_stack", "run_stack"]
@@ -92,7 +92,7 @@ def _banner(web: str, mqtt: str, data_dir: Path) -> str:
             ' conv create PEER_PID) "hello from the Pi"',
             "",
             "PEER_PID: another device's pid (`whoami --pid`) or a web user's, shown on its page.",
-            "Ctrl-C stops everything; nothing is lost.",
+            "Ctrl-C (or SIGTERM) stops everything; nothing is lost.",
         ]
     )
 
@@ -143,7 +143,9 @@ async def open_stack(options: StackOptions) -> AsyncIterator[Stack]:
             mqtt_protocol="3.1.1",  # the embedded broker speaks MQTT 3.1.1
         )
         app = create_app(settings)
-        server = uvicorn.Server(
+        # The process owner handles the signals (run_stack: cancel, then this block's
+        # exit stops the gateway, then the broker); uvicorn must not.
+        server = GatewayServer(
             uvicorn.Config(
                 app,
                 host=options.host,
@@ -152,7 +154,8 @@ async def open_stack(options: StackOptions) -> AsyncIterator[Stack]:
                 # as `gateway run`: WebSocket message limit, proxy headers only from
                 # FIELDCHAT_GATEWAY_FORWARDED_ALLOW_IPS (unset: none; issue 13)
                 **uvicorn_options(settings),
-            )
+            ),
+            handle_signals=False,
         )
         serving = asyncio.ensure_future(server.serve())
         try:
@@ -169,7 +172,9 @@ async def open_stack(options: StackOptions) -> AsyncIterator[Stack]:
 
 
 async def run_stack(options: StackOptions, echo: Callable[[str], None] = print) -> None:
-    """Run broker and gateway until SIGINT/SIGTERM.
+    """Run broker and gateway until cancelled: :func:`schemas.signals.until_stopped`
+    cancels it on SIGINT or SIGTERM, and leaving :func:`open_stack` stops the gateway,
+    then the broker.
 
     Raises:
         PortInUse: the MQTT or web port is taken (the message says which flag to pass).
@@ -178,4 +183,3 @@ async def run_stack(options: StackOptions, echo: Callable[[str], None] = print) 
     async with open_stack(options) as stack:
         echo(_banner(stack.web_url, stack.mqtt_url, options.data_dir))
         await asyncio.shield(stack.serving)
-    echo("fieldchat stopped: gateway and broker state saved.")

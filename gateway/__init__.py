@@ -8,7 +8,7 @@ from gateway._app import create_app
 from gateway._archiver import ArchiveListener, Archiver, MqttFactory, mqtt_factory
 from gateway._auth import CLAIM_LABEL, SIGNING_LABEL, claim_message, signed_message
 from gateway._errors import ClaimRefused, Forbidden, NameTaken, StorageError, TooManyRequests
-from gateway._run import uvicorn_options
+from gateway._run import GatewayServer, uvicorn_options
 from gateway._settings import GatewaySettings, load_settings
 from gateway._sql import PostgresStore, SqliteStore, open_store
 from gateway._store import (
@@ -33,6 +33,7 @@ __all__ = [
     "Archiver",
     "ClaimRefused",
     "Forbidden",
+    "GatewayServer",
     "GatewaySettings",
     "GatewayStore",
     "HistoryStore",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -86,7 +87,10 @@ def run(
     except FieldchatError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
-    serve(settings)
+    # SIGINT or SIGTERM: uvicorn's graceful shutdown, then this line and status 0.
+    with contextlib.suppress(KeyboardInterrupt):  # one before the server handles them
+        serve(settings)
+    typer.echo("fieldchat gateway stopped: what it acknowledged is archived.", err=True)
 
 
 @gateway_app.command("migrate")

@@ -150,7 +150,11 @@ class Hub(ArchiveListener):
         """Follow the archive until cancelled."""
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self.poll_s)
+                # Not wait_for: on Python 3.11 it returns when the event is set as the
+                # task is cancelled, and the cancellation is lost: the gateway's stop
+                # then waited for the hub forever (a SIGTERM under load, issue 14).
+                async with asyncio.timeout(self.poll_s):
+                    await self._wake.wait()
             self._wake.clear()
             if not self._subs:
                 continue

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import uvicorn
@@ -15,8 +17,16 @@ from gateway._app import create_app
 from gateway._settings import GatewaySettings
 from gateway._sql import open_store
 from schemas import tracing
+from schemas.signals import stop_signals
 
-__all__ = ["GC_THRESHOLDS", "bootstrap_admin", "migrate", "serve", "uvicorn_options"]
+__all__ = [
+    "GC_THRESHOLDS",
+    "GatewayServer",
+    "bootstrap_admin",
+    "migrate",
+    "serve",
+    "uvicorn_options",
+]
 
 # The cyclic collector's thresholds (CPython's default: 700, 10, 10). Each WebSocket
 # client keeps a few dozen long-lived objects (its tasks, protocol, queues); with
@@ -49,8 +59,39 @@ def uvicorn_options(settings: GatewaySettings) -> dict[str, Any]:
     }
 
 
+class GatewayServer(uvicorn.Server):
+    """uvicorn's server, where SIGINT and SIGTERM are both a normal stop.
+
+    uvicorn handles the two itself and, once stopped, raises the signal again with
+    its default action: ``gateway run`` ended with status 143 on SIGTERM, and
+    ``fieldchat up`` died there, before its broker's clean shutdown. Here, with
+    ``handle_signals``, the first signal starts uvicorn's graceful shutdown (the
+    lifespan stops the archiver, which acknowledges only what it committed) and a
+    second one forces the exit (:mod:`schemas.signals`); without it, the process
+    owner handles them (``fieldchat up`` stops the gateway, then the broker).
+    """
+
+    def __init__(self, config: uvicorn.Config, *, handle_signals: bool = True) -> None:
+        super().__init__(config)
+        self.handle_signals = handle_signals
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # Replaces uvicorn's (public since 0.29; serve() runs everything inside it).
+        # tests/test_signals.py fails (status 143) if uvicorn stops calling it.
+        if not self.handle_signals:
+            yield
+            return
+        with stop_signals(self.stop):
+            yield
+
+    def stop(self) -> None:
+        """Start the graceful shutdown (what uvicorn does on its first signal)."""
+        self.should_exit = True
+
+
 def serve(settings: GatewaySettings) -> None:
-    """Run the gateway until SIGINT/SIGTERM (uvicorn handles both gracefully)."""
+    """Run the gateway until SIGINT or SIGTERM, then stop gracefully and return."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = uvicorn.Config(
         create_app(settings),
@@ -67,7 +108,7 @@ def serve(settings: GatewaySettings) -> None:
     gc.set_threshold(*GC_THRESHOLDS)
     tracing.configure(tracing.TraceSettings.from_environ(os.environ))  # docs/tracing.md
     try:
-        uvicorn.Server(config).run()
+        GatewayServer(config).run()
     finally:
         tracing.shutdown()
 

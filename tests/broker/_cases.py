@@ -165,3 +165,16 @@ def run_cases(
         for peer in peers:
             peer.close()
     return failures
+
+
+def set_up_conversation(port: int, creds: dict[str, str]) -> None:
+    """X's roster retained by alice; bob's persistent session subscribed to X's
+    messages, then offline: what alice publishes next is queued for him."""
+    alice = Peer(port, ALICE.pid, creds[ALICE.pid])
+    alice.connect()
+    assert alice.publish(T.roster(X), ROSTER_X.to_bytes(), retain=True)
+    alice.disconnect()
+    bob = Peer(port, BOB.pid, creds[BOB.pid], clean=False)
+    bob.connect()
+    assert bob.subscribe(T.msg(X)) == 1
+    bob.disconnect()

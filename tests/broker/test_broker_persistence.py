@@ -13,7 +13,7 @@ import pytest
 from broker import BrokerThread
 from broker.testing import make_config
 from schemas.topics import Topics
-from tests.broker._cases import ALICE, BOB, ROSTER_X, X
+from tests.broker._cases import ALICE, BOB, X, set_up_conversation
 from tests.broker._peers import Peer
 from tests.broker._process import BrokerProcess
 
@@ -63,24 +63,13 @@ def _receive_all(port: int, creds, count: int, timeout: float = 120) -> list[byt
         bob.disconnect()
 
 
-def _setup_conversation(port: int, creds) -> None:
-    alice = Peer(port, ALICE.pid, creds[ALICE.pid])
-    alice.connect()
-    assert alice.publish(T.roster(X), ROSTER_X.to_bytes(), retain=True)
-    alice.disconnect()
-    bob = Peer(port, BOB.pid, creds[BOB.pid], clean=False)
-    bob.connect()
-    assert bob.subscribe(T.msg(X)) == 1
-    bob.disconnect()
-
-
 @pytest.mark.slow
 def test_no_queued_message_lost_across_sigkill(tmp_path):
     data = tmp_path / "broker"
     creds = _enroll(data)
     broker = BrokerProcess(data)
     try:
-        _setup_conversation(broker.port, creds)
+        set_up_conversation(broker.port, creds)
         sent = _publish_many(broker.port, creds, 1000)
     finally:
         broker.kill()  # right after the last PUBACK: no clean shutdown, no flush
@@ -99,7 +88,7 @@ def test_more_than_65535_queued_messages_are_delivered(tmp_path):
     count = 66_000
     with BrokerThread(make_config(tmp_path / "broker")) as broker:
         creds = {ALICE.pid: broker.enroll(ALICE.pid), BOB.pid: broker.enroll(BOB.pid)}
-        _setup_conversation(broker.port, creds)
+        set_up_conversation(broker.port, creds)
         sent = _publish_many(broker.port, creds, count)
         received = _receive_all(broker.port, creds, count, timeout=180)
     assert len(received) == count
@@ -109,7 +98,7 @@ def test_more_than_65535_queued_messages_are_delivered(tmp_path):
 def test_queue_overflow_drops_oldest_and_counts(tmp_path, caplog):
     with BrokerThread(make_config(tmp_path / "broker", max_queued_messages=10)) as broker:
         creds = {ALICE.pid: broker.enroll(ALICE.pid), BOB.pid: broker.enroll(BOB.pid)}
-        _setup_conversation(broker.port, creds)
+        set_up_conversation(broker.port, creds)
         sent = _publish_many(broker.port, creds, 15)
         received = _receive_all(broker.port, creds, 10, timeout=10)
         drops = broker.broker.metrics.value("fieldchat_broker_queue_drops_total", reason="overflow")
