@@ -1497,6 +1497,8 @@ class Device:
         self._tail_running = True
         self._tail_asked = False
         self._history_job(lambda: self._tail_round(cursors))
+        for cid, have in self.engine.awaiting_rosters().items():  # a failed fetch, again
+            self._fetch_rosters(cid, have)
 
     def _tail_round(self, cursors: list[tuple[str, int, int]]) -> None:
         """On the history thread: up to TAIL_PAGES pages per conversation, each handed
@@ -1541,13 +1543,15 @@ class Device:
             try:
                 rosters = history.rosters(cid, from_epoch=have + 1)
             except FieldchatError as exc:
-                self._hand_over(_Fetched(cid, [], error=str(exc)))
+                self._hand_over(_Fetched(cid, [], error=str(exc), rosters=[]))
                 return
             self._hand_over(_Fetched(cid, [], rosters=rosters))
 
         self._history_job(job)
 
     def _on_fetched_rosters(self, cid: str, rosters: list[bytes]) -> None:
+        if not rosters:
+            return
         self.counters["rosters_fetched"] += len(rosters)
         batch = _Batch([], [], set(), set())
         with self.state.transaction() as db:
@@ -1568,8 +1572,11 @@ class Device:
         if item.rosters is not None:
             self._on_fetched_rosters(item.cid, item.rosters)
         if item.error is not None:
-            self.counters["history_tail_failed"] += 1
-            log.info("history tail of %s failed: %s", item.cid, item.error)
+            what = "rosters" if item.rosters is not None else "history tail"
+            self.counters[
+                "roster_fetch_failed" if item.rosters is not None else "history_tail_failed"
+            ] += 1
+            log.info("%s of %s failed: %s", what, item.cid, item.error)
         if item.envelopes:
             self.counters["history_tail_fetched"] += len(item.envelopes)
             envelopes = item.envelopes
