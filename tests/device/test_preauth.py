@@ -109,3 +109,18 @@ def test_a_grant_with_a_bad_signature_is_refused_before_any_key_agreement(monkey
     with pytest.raises(CryptoError):
         mesh["bob"].handle_grant(bytes(grant))
     assert agreed == []
+
+
+def test_a_held_far_unsigned_step_opens_once_a_signed_one_moves_the_chain():
+    """With ``sign_every`` = 1,024, a signed step verifies and jumps; what was held
+    further than 512 unsigned steps ahead is then within the window and opens."""
+    mesh = Mesh("alice", "bob")
+    cid = mesh.create("alice", "bob", sign_every=1024)
+    alice, bob = mesh["alice"], mesh["bob"]
+    sealed = [alice.seal(cid, TextMessage(sent_at=1, text=str(i))) for i in range(2_050)]
+    with pytest.raises(MissingKey):  # UnsignedJumpTooFar: held
+        bob.open(cid, sealed[1_500])
+    assert bob.open(cid, sealed[2_048]).signed  # verified first, then the jump of 2,048
+    index = bob.roster(cid).index_of(alice.pid)
+    assert bob.reach(cid, 0, index, 0) >= 1_500
+    assert bob.open(cid, sealed[1_500]).message.text == "1500"
