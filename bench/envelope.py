@@ -118,7 +118,6 @@ def preauth(trials: int) -> dict[str, float]:
 
     def forget_cache() -> None:  # a receiver that never derived ahead: the dearest state
         chain.marks.clear()
-        chain.pushed = -1
 
     far = junk(index, 24_999)  # 54 bytes, 24,999 steps ahead: issue 13's envelope
     reachable = junk(index, chain.step + MAX_UNSIGNED_JUMP)  # derived to, AES-GCM fails

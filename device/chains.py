@@ -17,9 +17,10 @@ A step is never reused because the sender persists a reservation before using it
 Work before authentication is bounded (PROTOCOL.md §6.4): a receiver derives at most
 MAX_UNSIGNED_JUMP chain steps for an envelope that nothing has authenticated yet (an
 unsigned one; a signed one is verified before any derivation). Keys derived on the
-way are cached every MARK_EVERY steps (``RecvChain.marks``), so junk aimed at the
-same far steps again costs at most MARK_EVERY steps, and an honest sender far ahead
-is reached MAX_UNSIGNED_JUMP steps per envelope it sends.
+way are cached every MARK_EVERY steps (``RecvChain.marks``), at most MAX_FORWARD_JUMP
+ahead of the chain: junk can make a receiver derive that far once per chain position,
+then any envelope costs at most MARK_EVERY steps; an honest sender far ahead is
+reached MAX_UNSIGNED_JUMP steps per envelope it sends.
 """
 
 from __future__ import annotations
@@ -145,9 +146,8 @@ class RecvChain:
     key fell out of the window, which tells an evicted step from a duplicate.
 
     ``marks`` caches chain keys ahead of ``step`` (at steps divisible by MARK_EVERY,
-    ascending), derived while trying envelopes not authenticated yet; ``pushed`` is
-    the furthest step that has extended them. Neither is persisted: a cache, holding
-    nothing the chain key does not already give.
+    ascending, contiguous), derived while trying envelopes not authenticated yet. Not
+    persisted: a cache, holding nothing the chain key does not already give.
     """
 
     epoch: int
@@ -160,7 +160,6 @@ class RecvChain:
     evicted: int = -1
     dirty: bool = False  # changed since the engine last persisted it
     marks: list[tuple[int, bytes]] = field(default_factory=list)
-    pushed: int = -1
 
     def reach(self) -> int:
         """The furthest step an unsigned envelope may have to be tried now: at most
@@ -267,11 +266,12 @@ class RecvChain:
 
     def _push(self, step: int) -> None:
         """Extend the cached keys towards ``step`` by at most MAX_UNSIGNED_JUMP steps,
-        once per new furthest step (a retried envelope, or junk aimed lower, costs
-        nothing), never past MAX_FORWARD_JUMP ahead of the chain."""
-        if step <= self.pushed:
-            return
-        self.pushed = step
+        never past MAX_FORWARD_JUMP ahead of the chain (there, nothing is derived).
+
+        Every envelope out of reach extends them, whatever step it names: a step
+        remembered as "already tried" would let one forged envelope far ahead stop an
+        honest sender's later envelopes from ever being reached.
+        """
         base, ck = self.marks[-1] if self.marks else (self.step, self.key)
         end = min(base + MAX_UNSIGNED_JUMP, step, self.step + MAX_FORWARD_JUMP)
         for s in range(base, end + 1):
