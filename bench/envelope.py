@@ -1,15 +1,21 @@
 """Envelope size and seal/open cost against the bare primitives, measured in one run.
 
-Prints one JSON object on its last line (keys of issue 2; results in BENCHMARKS.md).
-Usage: python bench/envelope.py [--rounds N]
+Prints one JSON object on its last line (keys of issues 2 and 13; results in
+BENCHMARKS.md). Usage: python bench/envelope.py [--rounds N]
 
 Each ratio is the median over rounds of (a batch of ours / the baseline batch timed
 right after it), so drift on a shared machine cancels out of it.
+
+``worst_preauth_envelope_ms`` (issue 13, item 5) is the largest of the ``preauth_*``
+cases: the receiving engine's CPU time (this thread's, so other processes do not
+count) for one envelope that nothing has authenticated, median over repeated trials,
+each from the state that makes it dearest (PROTOCOL.md §6.4).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -24,10 +30,15 @@ sys.path[0] = str(Path(__file__).resolve().parent.parent)
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from device.chains import MAX_UNSIGNED_JUMP
 from device.engine import Engine
 from device.grants import accept_grant, make_grant
 from device.identity import Identity
-from schemas import ChainGrant, Policy, TextMessage
+from schemas import ChainGrant, FieldchatError, Member, Policy, Roster, TextMessage
+from schemas.envelope import MAX_ENVELOPE_BYTES, EnvelopeKind, header_bytes
+from schemas.frame import MAX_FRAME_ENVELOPES, pack_frame, split
+from schemas.ids import encode_id
+from schemas.roster import MAX_MEMBERS
 
 TEXT = "Pump 3 pressure 4.2 bar, valve B closed, back on site at 14:30"[:60].ljust(60, ".")
 
@@ -50,7 +61,7 @@ def pair(policy: Policy) -> tuple[Engine, Engine, str]:
     cid, pubs = a.create_conversation([b.pid], policy=policy)
     more = []
     for pub in pubs:
-        if pub.topic.endswith("/roster"):
+        if pub.topic.endswith("/propose"):
             more += b.handle_roster(pub.payload)
         elif pub.topic.endswith(f"{b.pid}/inbox"):
             b.handle_grant(pub.payload)
@@ -75,6 +86,108 @@ def paired(
         theirs.append(b)
         ratios.append(a / b)
     return statistics.median(mine), statistics.median(theirs), statistics.median(ratios)
+
+
+def cpu_ms(
+    fn: Callable[[], object], trials: int, reset: Callable[[], object] = lambda: None
+) -> float:
+    """Median over ``trials`` of this thread's CPU time for ``fn`` (refusals expected),
+    ``reset`` run before each trial, outside the measurement."""
+    samples = []
+    for _ in range(trials):
+        reset()
+        start = time.thread_time()
+        with contextlib.suppress(FieldchatError):
+            fn()
+        samples.append((time.thread_time() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def junk(index: int, step: int, size: int = 54, *, signature: bytes = b"") -> bytes:
+    """A well-formed envelope of member ``index``'s epoch-0 chain that nobody sealed;
+    with ``signature`` (64 bytes) a signed one."""
+    head = header_bytes(EnvelopeKind.TEXT, 0, index, 0, step, signed=bool(signature))
+    return head + os.urandom(size - len(head) - len(signature)) + signature
+
+
+def preauth(trials: int) -> dict[str, float]:
+    """Receiver CPU for one unauthenticated envelope, in the worst cases known."""
+    a, b, cid = pair(Policy(sign_every=0))
+    index = b.roster(cid).index_of(a.pid)
+    chain = b._convs[cid].recv[(0, index, 0)]
+
+    def forget_cache() -> None:  # a receiver that never derived ahead: the dearest state
+        chain.marks.clear()
+
+    far = junk(index, 24_999)  # 54 bytes, 24,999 steps ahead: issue 13's envelope
+    reachable = junk(index, chain.step + MAX_UNSIGNED_JUMP)  # derived to, AES-GCM fails
+    largest = junk(index, chain.step, MAX_ENVELOPE_BYTES)  # AES-GCM over 64 KiB fails
+    spread = range(chain.step + MAX_UNSIGNED_JUMP, chain.step + 25_000, 390)
+    frame = pack_frame([junk(index, s) for s in spread][:MAX_FRAME_ENVELOPES])
+
+    def open_frame() -> None:
+        for envelope in split(frame):
+            with contextlib.suppress(FieldchatError):
+                b.open(cid, envelope)
+
+    a2, b2, cid2 = pair(Policy())  # signed: the signature is checked before any step
+    index2 = b2.roster(cid2).index_of(a2.pid)
+    # A real signature of the sender over other bytes: canonical, so the verification
+    # runs to the end before it fails (random bytes are refused at once).
+    other = a2.identity.sign(b"other bytes")
+    signed_far = junk(index2, 24_999, 118, signature=other)
+    signed_largest = junk(index2, 0, MAX_ENVELOPE_BYTES, signature=other)
+    out = {
+        "preauth_far_unsigned_ms": cpu_ms(lambda: b.open(cid, far), trials, forget_cache),
+        "preauth_reachable_junk_ms": cpu_ms(lambda: b.open(cid, reachable), trials, forget_cache),
+        "preauth_largest_bad_tag_ms": cpu_ms(lambda: b.open(cid, largest), trials),
+        "preauth_far_signed_bad_signature_ms": cpu_ms(lambda: b2.open(cid2, signed_far), trials),
+        "preauth_largest_signed_bad_signature_ms": cpu_ms(
+            lambda: b2.open(cid2, signed_largest), trials
+        ),
+        # 64 junk envelopes, each further than the last (each extends the cache)
+        "preauth_frame_per_envelope_ms": cpu_ms(open_frame, max(3, trials // 10), forget_cache)
+        / MAX_FRAME_ENVELOPES,
+    }
+    return {k: round(v, 3) for k, v in out.items()}
+
+
+def preauth_objects(trials: int) -> dict[str, float]:
+    """Grants and rosters refused or held before anything is trusted (not envelopes)."""
+    me = Identity.generate()
+    engine = Engine(me)
+    stranger = Identity.generate()
+    payload = ChainGrant(epoch=0, roster=bytes(32), sender=0, chain=0, step=0, key=bytes(32))
+    grant = make_grant(stranger, me.bundle, "a" * 26, payload).to_bytes()  # signed, hybrid
+    others = tuple(Member(pid=encode_id(i.to_bytes(16, "big"))) for i in range(MAX_MEMBERS - 1))
+    rosters = [
+        Roster.create(
+            cid="a" * 26,
+            epoch=7 + i,
+            nonce=b"",
+            prev=bytes(32),
+            members=(Member(pid=stranger.pid, admin=True), *others),
+            policy=Policy(),
+            issued_at=0,
+            signer_key=stranger.public,
+            sign=stranger.sign,
+        ).to_bytes()
+        for i in range(trials)
+    ]
+    forged = rosters[0][:-1] + bytes([rosters[0][-1] ^ 1])
+    held = iter(rosters)
+    return {
+        # a stranger's grant for a conversation we are not in: both key agreements run
+        # (the signature proves only the stranger's own key), then it is held (bounded)
+        "preauth_grant_ms": round(cpu_ms(lambda: engine.handle_grant(grant), trials), 3),
+        # a 256-member roster with a bad signature; one held for lack of its chain
+        "preauth_roster_bad_signature_ms": round(
+            cpu_ms(lambda: engine.handle_roster(forged), trials), 3
+        ),
+        "preauth_roster_held_ms": round(
+            cpu_ms(lambda: engine.handle_roster(next(held)), trials), 3
+        ),
+    }
 
 
 def main() -> None:
@@ -134,6 +247,10 @@ def main() -> None:
         accept_grant(recipient, make_grant(granter, recipient.bundle, "a" * 26, payload))
 
     results["grant_hybrid_us"] = round(median_us(grant, max(5, rounds // 10), batch=10), 1)
+    cases = preauth(max(20, rounds))
+    results |= cases
+    results["worst_preauth_envelope_ms"] = max(cases.values())
+    results |= preauth_objects(max(10, rounds // 5))
     print(json.dumps(results))
 
 

@@ -13,19 +13,30 @@ unique per key; deriving it from the step keeps it off the wire. Old chain keys 
 dropped as the chain advances, so a key stolen later cannot open earlier messages.
 A step is never reused because the sender persists a reservation before using it
 (see ``SendChain``).
+
+Work before authentication is bounded (PROTOCOL.md §6.4): a receiver derives at most
+MAX_UNSIGNED_JUMP chain steps for an envelope that nothing has authenticated yet (an
+unsigned one; a signed one is verified before any derivation). Keys derived on the
+way are cached every MARK_EVERY steps (``RecvChain.marks``), at most MAX_FORWARD_JUMP
+ahead of the chain: junk can make a receiver derive that far once per chain position,
+then any envelope costs at most MARK_EVERY steps; an honest sender far ahead is
+reached MAX_UNSIGNED_JUMP steps per envelope it sends.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_right, insort
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 from schemas.crypto import aead_open, chain_step
-from schemas.errors import ForwardJumpTooLarge, SkippedKeyMissing
+from schemas.errors import ForwardJumpTooLarge, SkippedKeyMissing, UnsignedJumpTooFar
 
 __all__ = [
+    "MARK_EVERY",
     "MAX_FORWARD_JUMP",
     "MAX_SKIPPED_KEYS",
+    "MAX_UNSIGNED_JUMP",
     "RESERVE_STEPS",
     "RecvChain",
     "SendChain",
@@ -36,6 +47,11 @@ __all__ = [
 
 MAX_SKIPPED_KEYS = 2_000  # per receiving chain, as libsignal's MAX_MESSAGE_KEYS
 MAX_FORWARD_JUMP = 25_000  # as libsignal's MAX_FORWARD_JUMPS
+# Steps derived for one envelope before it is authenticated: a chain step costs
+# 0.85-1.5 µs here (bench/envelope.py), so ≤ 0.8 ms; a receiver's CPU per forged
+# envelope stays under ~1 ms (issue 13, item 5). Far below the 25,000 of a signed jump.
+MAX_UNSIGNED_JUMP = 512
+MARK_EVERY = 64  # derived chain keys cached at steps divisible by this (RecvChain.marks)
 RESERVE_STEPS = 64  # steps a sender reserves per key-store write
 
 
@@ -128,6 +144,10 @@ class RecvChain:
     ``skipped`` keeps the chain keys of steps passed over (out-of-order delivery),
     oldest first, at most MAX_SKIPPED_KEYS; ``evicted`` is the highest step whose
     key fell out of the window, which tells an evicted step from a duplicate.
+
+    ``marks`` caches chain keys ahead of ``step`` (at steps divisible by MARK_EVERY,
+    ascending, contiguous), derived while trying envelopes not authenticated yet. Not
+    persisted: a cache, holding nothing the chain key does not already give.
     """
 
     epoch: int
@@ -139,15 +159,28 @@ class RecvChain:
     skipped: OrderedDict[int, bytes] = field(default_factory=OrderedDict)
     evicted: int = -1
     dirty: bool = False  # changed since the engine last persisted it
+    marks: list[tuple[int, bytes]] = field(default_factory=list)
 
-    def open(self, step: int, sealed: bytes, aad: bytes) -> bytes | None:
+    def reach(self) -> int:
+        """The furthest step an unsigned envelope may have to be tried now: at most
+        MAX_UNSIGNED_JUMP steps beyond the chain or its furthest cached key."""
+        return max(self.step, self.marks[-1][0] if self.marks else 0) + MAX_UNSIGNED_JUMP
+
+    def open(
+        self, step: int, sealed: bytes, aad: bytes, *, authenticated: bool = False
+    ) -> bytes | None:
         """Decrypt the envelope of ``step``; ``None`` when it was already opened.
 
         The chain moves (and skipped keys are stored) only after AES-GCM has
         authenticated the envelope, so forged envelopes cannot move it.
+        ``authenticated``: its signature was verified, so it may jump up to
+        MAX_FORWARD_JUMP steps; otherwise at most MAX_UNSIGNED_JUMP steps are
+        derived for it (from the chain or a cached key).
 
         Raises:
             ForwardJumpTooLarge: ``step`` is more than MAX_FORWARD_JUMP ahead.
+            UnsignedJumpTooFar: unsigned and beyond :meth:`reach` (hold and retry; the
+                cache was extended towards it by up to MAX_UNSIGNED_JUMP steps).
             SkippedKeyMissing: ``step`` is behind and its key left the window.
             CryptoError: the envelope does not authenticate.
         """
@@ -156,29 +189,11 @@ class RecvChain:
             plaintext = aead_open(out[:32], step.to_bytes(12, "big"), sealed, aad)
             self.key = out[32:]
             self.step = step + 1
+            if self.marks and self.marks[0][0] <= step:
+                self._drop_marks()
             return plaintext
         if step > self.step:
-            jump = step - self.step
-            if jump > MAX_FORWARD_JUMP:
-                raise ForwardJumpTooLarge(f"step {step} is {jump} ahead of the chain")
-            ck = self.key
-            passed: list[tuple[int, bytes]] = []
-            for s in range(self.step, step):
-                passed.append((s, ck))
-                ck = chain_step(ck)[32:]
-            out = chain_step(ck)
-            plaintext = aead_open(out[:32], nonce(step), sealed, aad)
-            skipped = self.skipped
-            for s, key in passed[-MAX_SKIPPED_KEYS:]:
-                skipped[s] = key
-            if len(passed) > MAX_SKIPPED_KEYS:
-                self.evicted = max(self.evicted, passed[-MAX_SKIPPED_KEYS - 1][0])
-            while len(skipped) > MAX_SKIPPED_KEYS:
-                old, _ = skipped.popitem(last=False)
-                self.evicted = max(self.evicted, old)
-            self.key = out[32:]
-            self.step = step + 1
-            return plaintext
+            return self._open_ahead(step, sealed, aad, authenticated=authenticated)
         skipped_key = self.skipped.get(step)
         if skipped_key is None:
             if step <= self.evicted:
@@ -187,3 +202,84 @@ class RecvChain:
         plaintext = aead_open(chain_step(skipped_key)[:32], nonce(step), sealed, aad)
         del self.skipped[step]
         return plaintext
+
+    def _open_ahead(self, step: int, sealed: bytes, aad: bytes, *, authenticated: bool) -> bytes:
+        jump = step - self.step
+        if jump > MAX_FORWARD_JUMP:
+            raise ForwardJumpTooLarge(f"step {step} is {jump} ahead of the chain")
+        base, ck = self._key_before(step)
+        if not authenticated and step - base > MAX_UNSIGNED_JUMP:
+            self._push(step)
+            raise UnsignedJumpTooFar(
+                f"unsigned step {step} is {jump} ahead of the chain (at most "
+                f"{MAX_UNSIGNED_JUMP} derived before authentication)"
+            )
+        # Keys of the steps passed over that the window will keep, collected on the way.
+        low = max(self.step, step - MAX_SKIPPED_KEYS)
+        passed: list[tuple[int, bytes]] = []
+        for s in range(base, step):
+            if s >= low:
+                passed.append((s, ck))
+            if s % MARK_EVERY == 0 and s > base:
+                self._mark(s, ck)  # junk aimed here again costs at most MARK_EVERY steps
+            ck = chain_step(ck)[32:]
+        out = chain_step(ck)
+        plaintext = aead_open(out[:32], nonce(step), sealed, aad)
+        # Authenticated from here on.
+        if base > low:  # the walk began at a cached key past the window's start
+            passed = self._keys(low, base) + passed
+        skipped = self.skipped
+        for s, key in passed:
+            skipped[s] = key
+        if low > self.step:
+            self.evicted = max(self.evicted, low - 1)
+        while len(skipped) > MAX_SKIPPED_KEYS:
+            old, _ = skipped.popitem(last=False)
+            self.evicted = max(self.evicted, old)
+        self.key = out[32:]
+        self.step = step + 1
+        self._drop_marks()
+        return plaintext
+
+    def _key_before(self, step: int) -> tuple[int, bytes]:
+        """The known chain key nearest below (or at) ``step``: ``(its step, key)``."""
+        i = bisect_right(self.marks, (step, b"\xff" * 33))
+        if i and self.marks[i - 1][0] >= self.step:
+            return self.marks[i - 1]
+        return self.step, self.key
+
+    def _keys(self, low: int, high: int) -> list[tuple[int, bytes]]:
+        """``(step, chain key)`` of the steps ``low .. high-1`` (after authentication)."""
+        base, ck = self._key_before(low)
+        out = []
+        for s in range(base, high):
+            if s >= low:
+                out.append((s, ck))
+            ck = chain_step(ck)[32:]
+        return out
+
+    def _mark(self, step: int, ck: bytes) -> None:
+        i = bisect_right(self.marks, (step, b""))
+        if i < len(self.marks) and self.marks[i][0] == step:
+            return
+        insort(self.marks, (step, ck))
+
+    def _push(self, step: int) -> None:
+        """Extend the cached keys towards ``step`` by at most MAX_UNSIGNED_JUMP steps,
+        never past MAX_FORWARD_JUMP ahead of the chain (there, nothing is derived).
+
+        Every envelope out of reach extends them, whatever step it names: a step
+        remembered as "already tried" would let one forged envelope far ahead stop an
+        honest sender's later envelopes from ever being reached.
+        """
+        base, ck = self.marks[-1] if self.marks else (self.step, self.key)
+        end = min(base + MAX_UNSIGNED_JUMP, step, self.step + MAX_FORWARD_JUMP)
+        for s in range(base, end + 1):
+            if s % MARK_EVERY == 0 and s > base:
+                self.marks.append((s, ck))
+            ck = chain_step(ck)[32:]
+
+    def _drop_marks(self) -> None:
+        """Forget cached keys the chain has passed."""
+        i = bisect_right(self.marks, (self.step, b""))
+        del self.marks[:i]

@@ -71,12 +71,15 @@ from schemas.errors import (
     KeyStoreError,
     MissingKey,
     NotAuthorized,
+    RosterPending,
     TransportError,
     UnknownConversation,
     UnknownParticipant,
+    UnsignedJumpTooFar,
 )
 from schemas.frame import MAX_FRAME_BYTES, pack_frame, part_bytes, split
 from schemas.messages import MAX_RECEIPT_RANGES
+from schemas.roster import is_roster
 from schemas.topics import DEFAULT_PREFIX, Topic, TopicKind
 
 __all__ = ["ConversationInfo", "Device", "HistorySource", "SentMessage"]
@@ -99,6 +102,9 @@ TAIL_PAGES = 4
 TAIL_QUIET_S = 0.5
 TAIL_AGAIN_S = 1.0
 TAIL_CURSOR = "history_after/"  # meta key prefix: the history source's cursor per cid
+# Rosters a chain waits for (PROTOCOL.md §5.2) are fetched from the history source at
+# most this often per conversation: a gateway that lacks them is not asked in a loop.
+ROSTER_FETCH_AGAIN_S = 5.0
 STATUS_ONLINE = b"online"
 STATUS_OFFLINE = b"offline"
 _TICK_S = 0.05
@@ -116,11 +122,17 @@ class HistorySource(Protocol):
     device opens what it gets like live messages: duplicates and forgeries cost
     nothing. ``from_epoch``: the oldest roster epoch the device holds keys of; a source
     may skip what was archived before it began (the device could not open it).
+
+    ``rosters`` returns the conversation's archived rosters, oldest epoch first: a
+    roster that does not chain to those the device holds waits for them (PROTOCOL.md
+    §5.2); the engine checks every one, so a wrong answer costs a check, not trust.
     """
 
     def since(
         self, cid: str, after: int, limit: int, *, from_epoch: int = 0
     ) -> tuple[list[bytes], int, bool]: ...
+
+    def rosters(self, cid: str, *, from_epoch: int = 0) -> list[bytes]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,6 +214,7 @@ class _Fetched:
     cursor: tuple[str, str] | None = None
     error: str | None = None
     next_tail: float | None = None
+    rosters: list[bytes] | None = None  # the answer to a roster fetch
 
 
 _Item = _Up | _Down | _Msg | _Acked | _Refused | _Wake | _Stop | _Fetched
@@ -238,7 +251,7 @@ class Device:
         KeyStoreError: the state file cannot be opened or is corrupt.
     """
 
-    def __init__(
+    def __init__(  # noqa: PLR0915 - one statement per attribute
         self,
         state: DeviceState | str | os.PathLike[str],
         broker: BrokerOptions | None = None,
@@ -282,6 +295,13 @@ class Device:
         self._waiting: dict[tuple[str, int, int, int], dict[int, tuple[int, float]]] = defaultdict(
             dict
         )
+        # Held unsigned envelopes too far ahead to derive before authentication
+        # (UnsignedJumpTooFar): chain -> step -> held row, retried once Engine.reach
+        # passes them, never in the wholesale retry (each costs up to ~1 ms to try).
+        self._unreached: dict[tuple[str, int, int, int], dict[int, int]] = defaultdict(dict)
+        self._advanced: set[tuple[str, int, int, int]] = set()  # chains to look at again
+        self._roster_fetches: dict[str, float] = {}  # cid -> when it may be fetched again
+        self._retried_at_start = False
         for row, cid, payload, until in self.state.held(reordering=True):
             with contextlib.suppress(FieldchatError):
                 _, _, epoch, index, chain, step, _ = read_header(payload)
@@ -851,6 +871,13 @@ class Device:
             if self._link is not None and self._link.connects > 1:
                 self._resend = (now + self.options.resend_after_s, now)
             self._next_tail = now  # once the backlog the broker kept has arrived
+            if not self._retried_at_start:
+                # What a previous run held (a key, a chain end, a far step) is tried once
+                # with this run's state; and chains that wait for rosters are fetched.
+                self._retried_at_start = True
+                batch.retry_held = True
+                for cid, have in self.engine.awaiting_rosters().items():
+                    self._fetch_rosters(cid, have)
             self.counters["connects"] += 1
             batch.events.append(Connected(conn.protocol, item.session_present))
             log.info(
@@ -899,6 +926,8 @@ class Device:
                         log.debug("rejected an envelope on %s: %s", topic, exc)
             elif parsed.kind is TopicKind.ROSTER:
                 self._on_roster(db, payload, batch)
+            elif parsed.kind is TopicKind.INBOX and is_roster(payload):
+                self._on_roster(db, payload, batch)  # an inviting admin's earlier rosters
             elif parsed.kind is TopicKind.INBOX:
                 self._on_grant(db, payload, batch)
             elif parsed.kind is TopicKind.BUNDLE:
@@ -975,9 +1004,43 @@ class Device:
                 payload = self.state.held_payload(row)
                 self.state.unhold(db, [row])
                 if payload is not None:
-                    with contextlib.suppress(FieldchatError):
-                        self._open_one(db, key[0], payload, batch)
+                    self._open_counted(db, key[0], payload, batch)
                 progress = True
+            if self._advanced and self._reach(db, batch):
+                progress = True
+
+    def _open_counted(
+        self, db: sqlite3.Connection, cid: str, payload: bytes, batch: _Batch
+    ) -> None:
+        """Open a held envelope; a refusal is counted (``rejected_<reason>``)."""
+        try:
+            self._open_one(db, cid, payload, batch)
+        except KeyStoreError:
+            raise
+        except FieldchatError as exc:
+            self.counters[f"rejected_{exc.reason}"] += 1
+
+    def _reach(self, db: sqlite3.Connection, batch: _Batch) -> bool:
+        """Try the held far-ahead envelopes of the chains that moved, once each comes
+        within the engine's reach (an honest sender far ahead is reached a few hundred
+        steps per envelope it sends; junk beyond reach is never tried again); whether
+        any was tried."""
+        tried = False
+        while self._advanced:
+            key = self._advanced.pop()
+            steps = self._unreached.get(key)
+            if not steps:
+                self._unreached.pop(key, None)
+                continue
+            limit = self.engine.reach(*key)
+            for step in sorted(s for s in steps if limit is not None and s <= limit):
+                row = steps.pop(step)
+                payload = self.state.held_payload(row)
+                self.state.unhold(db, [row])
+                if payload is not None:
+                    self._open_counted(db, key[0], payload, batch)
+                    tried = True
+        return tried
 
     def _duplicate(self, cid: str, payload: bytes) -> None:
         """A text seen before came again: its sender may have missed our receipt (a
@@ -1002,6 +1065,15 @@ class Device:
     def _open_one(self, db: sqlite3.Connection, cid: str, payload: bytes, batch: _Batch) -> bool:
         try:
             opened = self.engine.open(cid, payload)
+        except UnsignedJumpTooFar:
+            # Held until the chain, or the keys the engine derived towards it, come
+            # within reach (PROTOCOL.md §6.4); each try extended them.
+            held, dropped = self.state.hold(db, cid, payload)
+            self._dropped(dropped)
+            _, _, epoch, index, chain_no, step, _ = read_header(payload)
+            self._unreached[(cid, epoch, index, chain_no)][step] = held
+            self._advanced.add((cid, epoch, index, chain_no))
+            return False
         except MissingKey:
             _, dropped = self.state.hold(db, cid, payload)
             self._dropped(dropped)
@@ -1009,6 +1081,8 @@ class Device:
         if opened is None:
             self._duplicate(cid, payload)
             return True
+        if self._unreached:  # the chain moved: held far-ahead steps may be in reach now
+            self._advanced.add((cid, opened.epoch, opened.sender_index, opened.chain))
         message = opened.message
         text = message.text if isinstance(message, TextMessage) else None
         sent_at = message.sent_at if isinstance(message, TextMessage) else None
@@ -1122,7 +1196,16 @@ class Device:
 
     def _on_roster(self, db: sqlite3.Connection, payload: bytes, batch: _Batch) -> None:
         before = self._positions()
-        pubs = self.engine.handle_roster(payload)
+        try:
+            pubs = self.engine.handle_roster(payload)
+        except RosterPending as exc:
+            # Trusted for nothing until its chain is verified (PROTOCOL.md §5.2): the
+            # missing rosters come from the gateway, the inviting admin (inbox) or the
+            # retained roster; nothing is granted meanwhile.
+            self.counters["roster_pending"] += 1
+            batch.subscribe.add(self.topics.roster(exc.cid))
+            self._fetch_rosters(exc.cid, exc.have)
+            return
         self._queue_publications(db, pubs, None)
         for cid, position in self._positions().items():
             if before.get(cid) != position:
@@ -1153,6 +1236,8 @@ class Device:
         result = self.engine.handle_grant(payload)
         if result.needs_roster:
             batch.subscribe.add(self.topics.roster(result.cid))
+        if result.ends:
+            batch.retry_held = True  # envelopes that waited for these chain ends
         if result.installed:
             batch.retry_held = True
             # A member grants its chain only after subscribing to the conversation (its
@@ -1183,7 +1268,8 @@ class Device:
             self._queue_publications(db, self.engine.pay_owed_grants(), None)
 
     def _retry_held(self) -> None:
-        held = self.state.held()
+        unreached = {row for steps in self._unreached.values() for row in steps.values()}
+        held = [h for h in self.state.held() if h[0] not in unreached]
         if not held:
             return
         batch = _Batch([], [], set(), set())
@@ -1213,8 +1299,20 @@ class Device:
         self, db: sqlite3.Connection, pubs: list[Publication], cid: str | None
     ) -> None:
         for pub in pubs:
-            what = "roster" if pub.retain else "grant" if "/p/" in pub.topic else "msg"
-            self.state.add_outbox(db, pub.topic, pub.payload, retain=pub.retain, cid=cid, what=what)
+            self.state.add_outbox(
+                db, pub.topic, pub.payload, retain=pub.retain, cid=cid, what=self._what(pub)
+            )
+
+    def _what(self, pub: Publication) -> str:
+        """The outbox kind of a publication, from its topic and payload (not its retain
+        flag: rosters are proposed, not retained, PROTOCOL.md §5.2). Only ``msg`` and
+        ``receipt`` rows share frames (§3.4)."""
+        parsed = self._parse(pub.topic)
+        if parsed is None or parsed.kind in (TopicKind.ROSTER, TopicKind.PROPOSE):
+            return "roster"
+        if parsed.kind is TopicKind.INBOX:
+            return "roster" if is_roster(pub.payload) else "grant"
+        return "msg"
 
     def _pump(self) -> None:
         conn = self._conn
@@ -1399,6 +1497,8 @@ class Device:
         self._tail_running = True
         self._tail_asked = False
         self._history_job(lambda: self._tail_round(cursors))
+        for cid, have in self.engine.awaiting_rosters().items():  # a failed fetch, again
+            self._fetch_rosters(cid, have)
 
     def _tail_round(self, cursors: list[tuple[str, int, int]]) -> None:
         """On the history thread: up to TAIL_PAGES pages per conversation, each handed
@@ -1429,11 +1529,54 @@ class Device:
             again = TAIL_AGAIN_S if more else self.options.history_tail_s
             self._hand_over(_Fetched("", [], next_tail=again))
 
+    def _fetch_rosters(self, cid: str, have: int) -> None:
+        """Ask the history source for the rosters a chain waits for (on the history
+        thread, at most every ROSTER_FETCH_AGAIN_S per conversation)."""
+        history = self.history
+        now = self._clock()
+        if history is None or self._roster_fetches.get(cid, 0.0) > now:
+            return
+        self._roster_fetches[cid] = now + ROSTER_FETCH_AGAIN_S
+        self.counters["roster_fetches"] += 1
+
+        def job() -> None:
+            try:
+                rosters = history.rosters(cid, from_epoch=have + 1)
+            except FieldchatError as exc:
+                self._hand_over(_Fetched(cid, [], error=str(exc), rosters=[]))
+                return
+            self._hand_over(_Fetched(cid, [], rosters=rosters))
+
+        self._history_job(job)
+
+    def _on_fetched_rosters(self, cid: str, rosters: list[bytes]) -> None:
+        if not rosters:
+            return
+        self.counters["rosters_fetched"] += len(rosters)
+        batch = _Batch([], [], set(), set())
+        with self.state.transaction() as db:
+            for payload in rosters:
+                try:
+                    self._on_roster(db, payload, batch)
+                except KeyStoreError:
+                    raise
+                except FieldchatError as exc:
+                    self.counters[f"rejected_{exc.reason}"] += 1
+            self.engine.flush()
+        if self.engine.awaiting_rosters().get(cid) is not None:
+            log.info("rosters of %s fetched; its chain still waits for others", cid)
+        self._after(batch)
+
     def _on_fetched(self, item: _Fetched) -> None:
         """On the worker: open what the history thread fetched, then save its cursor."""
+        if item.rosters is not None:
+            self._on_fetched_rosters(item.cid, item.rosters)
         if item.error is not None:
-            self.counters["history_tail_failed"] += 1
-            log.info("history tail of %s failed: %s", item.cid, item.error)
+            what = "rosters" if item.rosters is not None else "history tail"
+            self.counters[
+                "roster_fetch_failed" if item.rosters is not None else "history_tail_failed"
+            ] += 1
+            log.info("%s of %s failed: %s", what, item.cid, item.error)
         if item.envelopes:
             self.counters["history_tail_fetched"] += len(item.envelopes)
             envelopes = item.envelopes

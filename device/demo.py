@@ -43,10 +43,12 @@ def run_local_demo(echo: Callable[[str], None] = print, *, pause: float = 0.0) -
             count += 1
             for engine in engines.values():
                 try:
-                    if topic.kind is TopicKind.ROSTER:
+                    # A proposed roster reaches everyone once a verifier retains it.
+                    if topic.kind in (TopicKind.ROSTER, TopicKind.PROPOSE):
                         queue += engine.handle_roster(pub.payload)
                     elif topic.kind is TopicKind.INBOX and topic.pid == engine.pid:
-                        engine.handle_grant(pub.payload)
+                        result = engine.handle_inbox(pub.payload)
+                        queue += result if isinstance(result, list) else []
                 except FieldchatError:
                     continue  # e.g. a removed member ignoring the roster that removes it
         return count

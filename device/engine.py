@@ -6,6 +6,12 @@ so the MQTT client, the gateway tests, the benchmarks and the vector generator a
 drive the same code. Every rejection raises a :class:`~schemas.FieldchatError`
 subclass and is counted in :attr:`Engine.counters` under its ``reason``; duplicates
 return ``None`` and are counted as ``duplicate``. See PROTOCOL.md §5-§7.
+
+Trust in rosters (§5.2): a roster is adopted only through a verified chain, from
+epoch 0 when joining and from the newest adopted roster when catching up; one that
+does not chain yet waits in a bounded pool (:class:`~schemas.errors.RosterPending`)
+and nothing is granted before its chain is verified. Every roster of a conversation
+is kept (each at most a few kilobytes); KEEP_EPOCHS bounds what opening needs.
 """
 
 from __future__ import annotations
@@ -55,12 +61,15 @@ from schemas.envelope import (
     step_bytes,
 )
 from schemas.errors import (
+    ChainClosed,
+    ChainEndUnknown,
     CryptoError,
     FieldchatError,
     GrantRejected,
     KeyStoreError,
     MissingKey,
     NotAMember,
+    RosterPending,
     RosterRejected,
     SignatureRequired,
     StaleEpoch,
@@ -68,11 +77,15 @@ from schemas.errors import (
     UnknownParticipant,
     WireError,
 )
+from schemas.grant import ChainEnd
 from schemas.messages import kind_of
+from schemas.roster import is_roster
 
 __all__ = [
     "KEEP_EPOCHS",
+    "MAX_JOINING",
     "MAX_PENDING_GRANTS",
+    "MAX_ROSTER_CANDIDATES",
     "BundleStatus",
     "BundleUpdate",
     "Engine",
@@ -81,12 +94,25 @@ __all__ = [
     "Publication",
 ]
 
-KEEP_EPOCHS = 4  # older epochs (rosters and receiving chains) are dropped
+# Epochs whose envelopes are still opened (receiving chains, chain ends); rosters of
+# older epochs are kept all the same: joiners and catching up need the whole chain.
+KEEP_EPOCHS = 4
 MAX_PENDING_GRANTS = 256  # grants held per conversation until its roster arrives
+# Rosters held per conversation until the epochs between arrive (§5.2): the pool
+# holds only those that overtook others (in-order ones are adopted at once); past
+# it the oldest held is dropped (counted ``roster_pool_evicted``; the gateway or the
+# retained roster brings it again).
+MAX_ROSTER_CANDIDATES = 64
+# Conversations known only from a roster pool, held grants or an unfinished chain
+# (not joined yet): past it the oldest such state is dropped (``joining_evicted``),
+# so rosters and grants sent to our inbox for invented conversations stay bounded.
+MAX_JOINING = 64
 AUTO_FLUSH_OPENS = 1_000  # receiving-chain state is written at least this often
 # Unused reserved steps of a cleanly stopped engine (Engine.park), one record per
 # conversation, consumed at the next load.
 UNUSED_STEPS_PREFIX = "unused/"
+CANDIDATE_PREFIX = "rosterpool/"  # rosters waiting for the epochs between (§5.2)
+ENDS_PREFIX = "ends/"  # chain ends stated by senders, one record per conversation (§6.4)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,20 +159,33 @@ class BundleUpdate:
 
 @dataclass(frozen=True, slots=True)
 class GrantResult:
-    """``needs_roster``: the grant is held until the roster of its epoch arrives."""
+    """``needs_roster``: the grant is held until the roster of its epoch arrives.
+    ``ends``: how many ends of the granter's earlier chains it taught us (envelopes
+    held for them, :class:`~schemas.errors.ChainEndUnknown`, can be retried)."""
 
     cid: str
     installed: bool
     needs_roster: bool = False
+    ends: int = 0
 
 
 @dataclass(slots=True)
 class _Conversation:
     cid: str
     cid_raw: bytes
-    epoch: int
-    rosters: dict[int, Roster]
+    epoch: int  # the epoch entered; -1 while joining (no verified roster lists us yet)
+    rosters: dict[int, Roster]  # every adopted roster: a verified chain up to ``tip``
     removed: bool = False
+    tip: int = -1  # the newest adopted roster (= epoch once joined)
+    # Rosters that do not chain yet (§5.2), by digest, oldest first.
+    candidates: dict[bytes, Roster] = field(default_factory=dict)
+    # Epochs older than ``epoch`` with a member removed since: their unsigned
+    # envelopes need the sender's stated chain end (§6.4).
+    closed: set[int] = field(default_factory=set)
+    # Chain ends stated by their senders: (epoch, sender index, chain) -> next step.
+    ends: dict[tuple[int, int, int], int] = field(default_factory=dict)
+    # Where our own sending chains of earlier epochs ended, stated in our grants.
+    sent_ends: tuple[ChainEnd, ...] = ()
     send: SendChain | None = None
     grant_base: tuple[int, bytes] | None = None  # (step, key) still owed to some members
     owed: set[str] = field(default_factory=set)
@@ -171,6 +210,18 @@ R = TypeVar("R")
 
 def _pending_key(cid: str, grant: bytes) -> str:
     return f"pending/{cid}/{sha256(grant).hex()[:32]}"
+
+
+def _roster_key(cid: str, epoch: int) -> str:
+    return f"roster/{cid}/{epoch:08d}"
+
+
+def _candidate_key(cid: str, digest: bytes) -> str:
+    return f"{CANDIDATE_PREFIX}{cid}/{digest.hex()[:32]}"
+
+
+def _ends_key(cid: str) -> str:
+    return f"{ENDS_PREFIX}{cid}"
 
 
 def _is_pq(roster: Roster, pid: str) -> bool:
@@ -358,6 +409,16 @@ class Engine:
             receiving = conv.recv.get((epoch, sender_index, chain)) if conv else None
             return None if receiving is None else receiving.step
 
+    def reach(self, cid: str, epoch: int, sender_index: int, chain: int) -> int | None:
+        """The furthest step of a receiving chain an unsigned envelope can be tried at
+        now (``None`` before its grant): one held as
+        :class:`~schemas.errors.UnsignedJumpTooFar` is worth retrying once this passes
+        its step (§6.4)."""
+        with self._lock:
+            conv = self._convs.get(cid)
+            receiving = conv.recv.get((epoch, sender_index, chain)) if conv else None
+            return None if receiving is None else receiving.reach()
+
     def oldest_epoch(self, cid: str) -> int:
         """The oldest roster epoch of ``cid`` we can open anything of: the current one,
         or an older one we still hold a receiving chain of (0 when unknown)."""
@@ -438,6 +499,7 @@ class Engine:
         verify_roster_chain(roster, None)
         conv = _Conversation(cid=cid, cid_raw=decode_id(cid), epoch=0, rosters={})
         self._convs[cid] = conv
+        self._adopt(conv, roster)
         return cid, [self._roster_publication(roster), *self._enter_epoch(conv, roster)]
 
     @_counted
@@ -496,7 +558,14 @@ class Engine:
             sign=self.identity.sign,
         )
         verify_roster_chain(roster, current)
-        return [self._roster_publication(roster), *self._enter_epoch(conv, roster)]
+        # A new member must verify the chain from epoch 0 before it trusts the roster
+        # (§5.2): the earlier rosters go to its inbox, one payload each, before its
+        # grants, so a device without a gateway gets them too.
+        earlier = [conv.rosters[e].to_bytes() for e in sorted(conv.rosters)]
+        joined = [p for p in roster.pids if p not in current.pids]
+        history = [Publication(self.topics.inbox(p), data) for p in joined for data in earlier]
+        self._adopt(conv, roster)
+        return [self._roster_publication(roster), *history, *self._enter_epoch(conv, roster)]
 
     def _members(self, pids: Sequence[str], admins: set[str], policy: Policy) -> tuple[Member, ...]:
         out = []
@@ -510,70 +579,194 @@ class Engine:
         return tuple(out)
 
     def _roster_publication(self, roster: Roster) -> Publication:
-        return Publication(self.topics.roster(roster.cid), roster.to_bytes(), True)
+        """A new roster goes to ``c/{cid}/propose``, not retained: a verifier (the
+        embedded broker, or the gateway) retains it on ``c/{cid}/roster`` once it
+        chains (schemas.topics)."""
+        return Publication(self.topics.propose(roster.cid), roster.to_bytes())
 
     @_counted
     def handle_roster(self, data: bytes) -> list[Publication]:
-        """Accept a roster from ``c/{cid}/roster``; return our grants for its epoch.
+        """Accept a roster (from ``c/{cid}/roster``, the inbox or the gateway); return
+        our grants for its epoch once we enter it.
+
+        A roster is adopted only through a verified chain (§5.2): from epoch 0 for a
+        conversation we have no roster of, else from the newest roster adopted. One
+        that does not chain yet is held and adopted once the epochs between arrive,
+        in any order (its arrival then returns the publications).
 
         Raises:
             WireError, CryptoError: malformed or badly signed.
-            RosterRejected: does not follow the known roster (forged, stale, bad signer).
-            NotAMember: a conversation we are not in.
+            RosterRejected: does not follow the adopted chain (forged, stale, bad signer).
+            RosterPending: held until the rosters between arrive: fetch them.
         """
+        return self._handle_roster(data)
+
+    def _handle_roster(self, data: bytes) -> list[Publication]:
         roster = Roster.from_bytes(data)
         conv = self._convs.get(roster.cid)
-        if conv is None or not conv.rosters:
-            if self.pid not in roster.pids:
-                raise NotAMember(f"not a member of {roster.cid}")
-            if roster.epoch == 0:
-                verify_roster_chain(roster, None)
-            # Joining later: the first roster seen is trusted as the base (it lists us
-            # and is signed); the broker only retains rosters that chain (PROTOCOL.md §5.2).
-            pending = conv.pending if conv else []
-            conv = _Conversation(
-                cid=roster.cid,
-                cid_raw=decode_id(roster.cid),
-                epoch=roster.epoch,
-                rosters={},
-                pending=pending,
-            )
-            self._convs[roster.cid] = conv
-            return self._enter_epoch(conv, roster)
-        if roster.epoch <= conv.epoch:
-            known = conv.rosters.get(roster.epoch)
-            if known is not None and known.digest() == roster.digest():
+        fresh = conv is None
+        if conv is None:
+            conv = self._joining(roster.cid)
+        try:
+            return self._take_roster(conv, roster)
+        except RosterRejected:
+            if fresh:
+                del self._convs[roster.cid]
+            raise
+
+    def _take_roster(self, conv: _Conversation, roster: Roster) -> list[Publication]:
+        known = conv.rosters.get(roster.epoch)
+        if known is not None:
+            if known.digest() == roster.digest():
                 self.counters["duplicate"] += 1
                 return []
-            raise RosterRejected(f"roster epoch {roster.epoch} is not newer than {conv.epoch}")
-        if roster.epoch == conv.epoch + 1:
-            verify_roster_chain(roster, conv.roster)
-        elif not conv.roster.is_admin(roster.signer):
-            raise RosterRejected(
-                f"roster epoch {roster.epoch} skips epochs and its signer is unknown"
+            raise RosterRejected(f"another roster of epoch {roster.epoch} is adopted")
+        if roster.epoch <= conv.tip:
+            raise RosterRejected(f"roster epoch {roster.epoch} is older than those kept")
+        if roster.epoch != conv.tip + 1:
+            self._hold_candidate(conv, roster)
+            raise RosterPending(
+                f"roster epoch {roster.epoch} of {roster.cid} waits for the epochs "
+                f"after {conv.tip}",
+                cid=roster.cid,
+                have=conv.tip,
+                want=roster.epoch,
             )
-        return self._enter_epoch(conv, roster)
+        verify_roster_chain(roster, conv.rosters.get(conv.tip))
+        self._adopt(conv, roster)
+        self._adopt_candidates(conv)
+        return self._follow_tip(conv)
 
-    def _enter_epoch(self, conv: _Conversation, roster: Roster) -> list[Publication]:
+    def awaiting_rosters(self) -> dict[str, int]:
+        """Conversations holding rosters that wait for missing epochs: cid -> the
+        newest epoch of the verified chain held (-1: none yet, epoch 0 is missing)."""
+        with self._lock:
+            return {cid: conv.tip for cid, conv in self._convs.items() if conv.candidates}
+
+    def _joining(self, cid: str) -> _Conversation:
+        """State for a conversation not joined yet, dropping the oldest such state
+        past MAX_JOINING."""
+        joining = [c for c in self._convs.values() if c.epoch < 0]
+        if len(joining) >= MAX_JOINING:
+            self._forget(joining[0])
+            self.counters["joining_evicted"] += 1
+        conv = _Conversation(cid=cid, cid_raw=decode_id(cid), epoch=-1, rosters={}, removed=True)
+        self._convs[cid] = conv
+        return conv
+
+    def _forget(self, conv: _Conversation) -> None:
+        """Drop a conversation we never joined, with everything stored about it."""
+        del self._convs[conv.cid]
+        writes: dict[str, bytes | None] = dict.fromkeys(
+            [_roster_key(conv.cid, e) for e in conv.rosters]
+            + [_candidate_key(conv.cid, d) for d in conv.candidates]
+            + [_pending_key(conv.cid, g) for g in conv.pending]
+        )
+        self.store.save(writes)
+
+    def _hold_candidate(self, conv: _Conversation, roster: Roster) -> None:
+        digest = roster.digest()
+        if digest in conv.candidates:
+            self.counters["duplicate"] += 1
+            return
+        writes: dict[str, bytes | None] = {_candidate_key(conv.cid, digest): roster.to_bytes()}
+        if len(conv.candidates) >= MAX_ROSTER_CANDIDATES:
+            oldest = next(iter(conv.candidates))
+            del conv.candidates[oldest]
+            writes[_candidate_key(conv.cid, oldest)] = None
+            self.counters["roster_pool_evicted"] += 1
+        conv.candidates[digest] = roster
+        self.store.save(writes)
+
+    def _adopt(self, conv: _Conversation, roster: Roster) -> None:
+        """Record a roster whose chain was verified (it becomes the tip)."""
         conv.rosters[roster.epoch] = roster
+        conv.tip = roster.epoch
         conv.pids[roster.epoch] = roster.pids
         conv.sign_every[roster.epoch] = roster.policy.sign_every
+        for old in sorted(conv.pids)[:-KEEP_EPOCHS]:
+            del conv.pids[old]
+            conv.sign_every.pop(old, None)
+        self.store.save({_roster_key(conv.cid, roster.epoch): roster.to_bytes()})
+
+    def _adopt_candidates(self, conv: _Conversation) -> None:
+        """Adopt held rosters that now chain, epoch after epoch; drop those left behind.
+
+        At most MAX_ROSTER_CANDIDATES chain checks per epoch adopted (digests come from
+        the pool's keys): bounded work for rosters nobody has authenticated yet.
+        """
+        while conv.candidates:
+            writes: dict[str, bytes | None] = {}
+            for digest in [d for d, r in conv.candidates.items() if r.epoch <= conv.tip]:
+                del conv.candidates[digest]  # behind the chain: another roster won
+                writes[_candidate_key(conv.cid, digest)] = None
+            successors = {r.prev for r in conv.candidates.values() if r.epoch == conv.tip + 2}
+            nxt = sorted(
+                ((d, r) for d, r in conv.candidates.items() if r.epoch == conv.tip + 1),
+                key=lambda item: item[0] not in successors,  # one a later roster extends first
+            )
+            tip = conv.rosters.get(conv.tip)
+            chosen = None
+            for digest, roster in nxt:
+                del conv.candidates[digest]
+                writes[_candidate_key(conv.cid, digest)] = None
+                try:
+                    verify_roster_chain(roster, tip)
+                except RosterRejected:
+                    self.counters[RosterRejected.reason] += 1
+                    continue
+                chosen = roster
+                break
+            self.store.save(writes)
+            if chosen is None:
+                return
+            self._adopt(conv, chosen)
+
+    def _follow_tip(self, conv: _Conversation) -> list[Publication]:
+        """Enter the newest adopted epoch: at once when we are in the conversation,
+        when joining only once a verified roster lists us."""
+        if conv.tip == conv.epoch or (
+            conv.epoch < 0 and self.pid not in conv.rosters[conv.tip].pids
+        ):
+            return []
+        return self._enter_epoch(conv, conv.rosters[conv.tip])
+
+    def _closed_epochs(self, conv: _Conversation) -> set[int]:
+        """Kept epochs before ours with a member that a later roster no longer lists."""
+        out = set()
+        for epoch, pids in conv.pids.items():
+            members = set(pids)
+            for later in range(epoch + 1, conv.epoch + 1):
+                roster = conv.rosters.get(later)
+                if roster is None or not members <= set(roster.pids):
+                    out.add(epoch)  # a roster we lack (an older store) counts as removal
+                    break
+        return out
+
+    def _enter_epoch(self, conv: _Conversation, roster: Roster) -> list[Publication]:
+        """Enter the epoch of an adopted roster: drop what removed members could use,
+        start our chain and grant it (with where our previous chain ended)."""
         conv.epoch = roster.epoch
         current = set(roster.pids)
-        writes: dict[str, bytes | None] = {
-            f"roster/{conv.cid}/{roster.epoch:08d}": roster.to_bytes(),
-        }
-        for old in sorted(conv.rosters)[:-KEEP_EPOCHS]:
-            del conv.rosters[old]
-            conv.pids.pop(old, None)
-            conv.sign_every.pop(old, None)
-            writes[f"roster/{conv.cid}/{old:08d}"] = None
+        writes: dict[str, bytes | None] = {}
         for key, chain in list(conv.recv.items()):
-            sender = conv.rosters.get(chain.epoch)
-            if sender is None or sender.member_at(chain.sender).pid not in current:
+            pids = conv.pids.get(chain.epoch)
+            if pids is None or pids[chain.sender] not in current:
                 del conv.recv[key]
                 self._dirty.discard((conv.cid, key))
                 writes[self._recv_key(conv.cid, key)] = None
+        ends = {k: v for k, v in conv.ends.items() if k in conv.recv}
+        if ends != conv.ends:
+            conv.ends = ends
+            writes[_ends_key(conv.cid)] = self._ends_record(conv)
+        conv.closed = self._closed_epochs(conv)
+        if conv.send is not None:
+            # Receivers accept unsigned envelopes of this chain below this step once
+            # someone has been removed (§6.4): every step we sealed is below it, also
+            # after a crash (we resumed at the reservation).
+            end = ChainEnd(epoch=conv.send.epoch, chain=conv.send.chain, next_step=conv.send.step)
+            keep = [e for e in conv.sent_ends if e.epoch > roster.epoch - KEEP_EPOCHS]
+            conv.sent_ends = (*keep, end)[-(KEEP_EPOCHS - 1) :]
         publications: list[Publication] = []
         if self.pid not in current:
             conv.removed = True
@@ -614,6 +807,7 @@ class Engine:
             chain=conv.send.chain,
             step=step,
             key=key,
+            ends=conv.sent_ends,
         )
         out = []
         for pid in sorted(conv.owed):
@@ -642,6 +836,12 @@ class Engine:
     # -- grants -----------------------------------------------------------------------
 
     @_counted
+    def handle_inbox(self, data: bytes) -> GrantResult | list[Publication]:
+        """Accept what arrived in our inbox: a grant (:meth:`handle_grant`'s result) or
+        a roster an inviting admin sent (:meth:`handle_roster`'s publications)."""
+        return self._handle_roster(data) if is_roster(data) else self._handle_grant(data)
+
+    @_counted
     def handle_grant(self, data: bytes) -> GrantResult:
         """Accept a grant from our inbox.
 
@@ -662,29 +862,23 @@ class Engine:
             # A grant for a conversation we have no roster of yet is held and checked
             # when the roster arrives (a browser may have founded the conversation).
             known = self._convs.get(grant.cid)
-            if known is not None and known.rosters and _is_pq(known.roster, grant.granter):
+            if known is not None and known.epoch >= 0 and _is_pq(known.roster, grant.granter):
                 raise GrantRejected("X25519-only grant to a post-quantum member (downgrade)")
         payload = accept_grant(self.identity, grant)
         conv = self._convs.get(grant.cid)
-        roster = conv.rosters.get(payload.epoch) if conv else None
-        if roster is None:
-            if conv is None or payload.epoch > conv.epoch:
-                if conv is None:
-                    conv = _Conversation(
-                        cid=grant.cid,
-                        cid_raw=decode_id(grant.cid),
-                        epoch=-1,
-                        rosters={},
-                        removed=True,
-                    )
-                    self._convs[grant.cid] = conv
-                if len(conv.pending) >= MAX_PENDING_GRANTS:
-                    raise GrantRejected(f"too many grants waiting for the roster of {grant.cid}")
-                conv.pending.append(bytes(data))
-                # Held durably: the inbox message is gone once the client acknowledges it.
-                self.store.save({_pending_key(grant.cid, data): bytes(data)})
-                return GrantResult(grant.cid, installed=False, needs_roster=True)
+        if conv is None or conv.epoch < 0 or payload.epoch > conv.epoch:
+            # Not entered yet: held until its roster is adopted through a verified chain.
+            if conv is None:
+                conv = self._joining(grant.cid)
+            if len(conv.pending) >= MAX_PENDING_GRANTS:
+                raise GrantRejected(f"too many grants waiting for the roster of {grant.cid}")
+            conv.pending.append(bytes(data))
+            # Held durably: the inbox message is gone once the client acknowledges it.
+            self.store.save({_pending_key(grant.cid, data): bytes(data)})
+            return GrantResult(grant.cid, installed=False, needs_roster=True)
+        if payload.epoch not in conv.pids:
             raise GrantRejected(f"grant for epoch {payload.epoch}, which is no longer kept")
+        roster = conv.rosters[payload.epoch]
         if roster.digest() != payload.roster:
             raise GrantRejected("grant for another roster of this epoch")
         try:
@@ -698,9 +892,9 @@ class Engine:
         if grant.mode is not GrantMode.HYBRID and member.pq and self.identity.mlkem_seed:
             raise GrantRejected("X25519-only grant to a post-quantum member (downgrade)")
         key = (payload.epoch, payload.sender, payload.chain)
-        if key in conv.recv:  # type: ignore[union-attr]
+        if key in conv.recv:
             self.counters["duplicate"] += 1
-            return GrantResult(grant.cid, installed=False)
+            return GrantResult(grant.cid, installed=False, ends=self._learn_ends(conv, payload))
         chain = RecvChain(
             payload.epoch,
             payload.sender,
@@ -709,9 +903,28 @@ class Engine:
             payload.key,
             grant.granter_key,
         )
-        conv.recv[key] = chain  # type: ignore[union-attr]
+        conv.recv[key] = chain
         self.store.save({self._recv_key(grant.cid, key): self._recv_record(chain)})
-        return GrantResult(grant.cid, installed=True)
+        return GrantResult(grant.cid, installed=True, ends=self._learn_ends(conv, payload))
+
+    def _learn_ends(self, conv: _Conversation, payload: ChainGrant) -> int:
+        """Record where the granter's earlier chains ended (§6.4), for chains we hold
+        (so the record stays within the receiving chains); how many changed. A lower
+        end stated again wins: a sender's end only ever refuses more."""
+        granter = conv.pids[payload.epoch][payload.sender]
+        learned = 0
+        for end in payload.ends:
+            pids = conv.pids.get(end.epoch)
+            if pids is None or granter not in pids:
+                continue
+            key = (end.epoch, pids.index(granter), end.chain)
+            known = conv.ends.get(key)
+            if key in conv.recv and (known is None or end.next_step < known):
+                conv.ends[key] = end.next_step
+                learned += 1
+        if learned:
+            self.store.save({_ends_key(conv.cid): self._ends_record(conv)})
+        return learned
 
     # -- messages ---------------------------------------------------------------------
 
@@ -775,7 +988,10 @@ class Engine:
         Raises:
             WireError, UnsupportedVersion, LimitExceeded: malformed bytes.
             CryptoError: tampered, wrong key, bad signature (opaque).
-            MissingKey: no grant (or roster) for this chain yet: hold and retry.
+            MissingKey: no grant (or roster) for this chain yet: hold and retry. Its
+                subclasses too: ChainEndUnknown (retry when the sender's next grant
+                arrives), UnsignedJumpTooFar (retry when :meth:`reach` passes the step).
+            ChainClosed: unsigned, old epoch, at or past the end its sender stated.
             StaleEpoch: from a member removed since; NotAMember: bad sender index.
             SignatureRequired, ForwardJumpTooLarge, SkippedKeyMissing: policy/limits.
             UnknownConversation: no state for ``cid``.
@@ -822,7 +1038,7 @@ class Engine:
             self._preverified = dict(verified)
         return len(verified)
 
-    def _open(self, cid: str, data: bytes) -> Opened | None:  # noqa: PLR0912
+    def _open(self, cid: str, data: bytes) -> Opened | None:  # noqa: PLR0912, PLR0915
         # One function on purpose: this is the per-message path (PROTOCOL.md §6.4).
         conv = self._convs.get(cid)
         if conv is None or conv.epoch < 0:
@@ -846,15 +1062,32 @@ class Engine:
             raise StaleEpoch(f"{sender} was removed after epoch {epoch}")
         chain = conv.recv.get((epoch, sender_index, chain_no))
         if chain is None:
+            if epoch < conv.epoch and self._pid not in pids:
+                raise StaleEpoch(f"epoch {epoch} is from before we joined")
             raise MissingKey(f"no grant yet for {sender} in epoch {epoch}")
         end = len(data)
-        if flags & FLAG_SIGNED:
+        signed = bool(flags & FLAG_SIGNED)
+        if signed:
+            # Verified before any chain step is derived (§6.4): a forged signature costs
+            # one verification, whatever step it names.
             end -= SIGNATURE_BYTES
             if self._preverified.pop(data, None) != chain.signer_key:
                 ed25519_verify(chain.signer_key, data[end:], data[:end] + conv.cid_raw)
-        elif (every := conv.sign_every[epoch]) and step % every == 0:
-            raise SignatureRequired("the conversation policy requires a signature")
-        plaintext = chain.open(step, data[header_len:end], data[:header_len] + conv.cid_raw)
+        else:
+            if (every := conv.sign_every[epoch]) and step % every == 0:
+                raise SignatureRequired("the conversation policy requires a signature")
+            if epoch in conv.closed:
+                # Someone removed since holds this epoch's chain keys (§6.4, §7).
+                stated = conv.ends.get((epoch, sender_index, chain_no))
+                if stated is None:
+                    raise ChainEndUnknown(f"{sender} has not stated the end of epoch {epoch}")
+                if step >= stated:
+                    raise ChainClosed(
+                        f"unsigned step {step} of epoch {epoch}: {sender} ended it at {stated}"
+                    )
+        plaintext = chain.open(
+            step, data[header_len:end], data[:header_len] + conv.cid_raw, authenticated=signed
+        )
         if plaintext is None:
             self.counters["duplicate"] += 1
             return None
@@ -873,9 +1106,7 @@ class Engine:
             )
         else:
             message = decode_plaintext(kind, plaintext)
-        return Opened(
-            cid, sender, epoch, sender_index, chain_no, step, message, bool(flags & FLAG_SIGNED)
-        )
+        return Opened(cid, sender, epoch, sender_index, chain_no, step, message, signed)
 
     def leave(self, cid: str) -> bytes:
         """A sealed LEAVE control: admins remove us in the next epoch on receipt."""
@@ -978,8 +1209,9 @@ class Engine:
     ) -> dict[str, bytes | None]:
         key = f"{SEND_CHAIN_PREFIX}{conv.cid}"
         chain = conv.send
+        ends = tuple((e.epoch, e.chain, e.next_step) for e in conv.sent_ends)
         if chain is None:
-            return {key: pack((conv.epoch, None, None, None, None, ()))}
+            return {key: pack((conv.epoch, None, None, None, None, (), ends))}
         reserved, chain_key = reservation or (chain.reserved, chain.key)
         return {
             key: pack(
@@ -990,9 +1222,14 @@ class Engine:
                     chain_key,
                     conv.grant_base,
                     tuple(sorted(conv.owed)),
+                    ends,
                 )
             )
         }
+
+    @staticmethod
+    def _ends_record(conv: _Conversation) -> bytes:
+        return pack(tuple((*key, step) for key, step in sorted(conv.ends.items())))
 
     def _unpark(self) -> None:
         """Adopt the unused steps :meth:`park` kept, if they still fit the reservation
@@ -1026,7 +1263,7 @@ class Engine:
         except (WireError, TypeError, ValueError, KeyError) as exc:
             raise KeyStoreError("the key store holds corrupt engine state") from exc
 
-    def _load_records(self) -> None:
+    def _load_records(self) -> None:  # noqa: PLR0912 - one pass per record kind
         for raw in self.store.load_prefix("bundle/").values():
             bundle = Bundle.from_bytes(raw)
             self._bundles[bundle.pid] = bundle
@@ -1036,18 +1273,27 @@ class Engine:
             roster = Roster.from_bytes(raw)
             conv = self._convs.get(roster.cid)
             if conv is None:
-                conv = _Conversation(roster.cid, decode_id(roster.cid), roster.epoch, {})
+                conv = _Conversation(roster.cid, decode_id(roster.cid), -1, {}, removed=True)
                 self._convs[roster.cid] = conv
             conv.rosters[roster.epoch] = roster
-            conv.pids[roster.epoch] = roster.pids
-            conv.sign_every[roster.epoch] = roster.policy.sign_every
-            conv.epoch = max(conv.epoch, roster.epoch)
+            conv.tip = max(conv.tip, roster.epoch)
+        for conv in self._convs.values():
+            for epoch in sorted(conv.rosters)[-KEEP_EPOCHS:]:
+                conv.pids[epoch] = conv.rosters[epoch].pids
+                conv.sign_every[epoch] = conv.rosters[epoch].policy.sign_every
         for key, raw in self.store.load_prefix(SEND_CHAIN_PREFIX).items():
             conv = self._convs[key.split("/", 1)[1]]
-            epoch, chain_no, reserved, reserved_key, grant_base, owed = fields(
-                unpack(raw, "send record"), 6, "send record"
+            record = unpack(raw, "send record")
+            if isinstance(record, tuple) and len(record) == 6:  # written before chain ends
+                record = (*record, ())
+            epoch, chain_no, reserved, reserved_key, grant_base, owed, ends = fields(
+                record, 7, "send record"
             )
+            # The epoch entered: the tip once joined (an older store may hold a newer
+            # roster it never entered; the engine then enters it on the next roster).
+            conv.epoch = epoch
             conv.removed = chain_no is None or self.pid not in conv.roster.pids
+            conv.sent_ends = tuple(ChainEnd(epoch=e, chain=c, next_step=n) for e, c, n in ends)
             if chain_no is not None and epoch == conv.epoch:
                 # Resume at the reservation: steps before it may have been used (§6.3).
                 conv.send = SendChain(epoch, chain_no, reserved, reserved_key, reserved)
@@ -1056,6 +1302,13 @@ class Engine:
                 conv.grant_base = tuple(grant_base) if grant_base else None
                 conv.owed = set(owed)
         self._unpark()
+        for _, raw in sorted(self.store.load_prefix(CANDIDATE_PREFIX).items()):
+            roster = Roster.from_bytes(raw)
+            held = self._convs.get(roster.cid)
+            if held is None:
+                held = _Conversation(roster.cid, decode_id(roster.cid), -1, {}, removed=True)
+                self._convs[roster.cid] = held
+            held.candidates[roster.digest()] = roster
         for key, raw in self.store.load_prefix("pending/").items():
             cid = key.split("/")[1]
             held = self._convs.get(cid)
@@ -1069,8 +1322,16 @@ class Engine:
                 unpack(raw, "recv record"), 8, "recv record"
             )
             conv = self._convs.get(cid)
-            if conv is None or epoch not in conv.rosters:
+            if conv is None or epoch not in conv.pids:
                 continue
             conv.recv[(epoch, sender, chain_no)] = RecvChain(
                 epoch, sender, chain_no, step, ck, signer, OrderedDict(skipped), evicted
             )
+        for key, raw in self.store.load_prefix(ENDS_PREFIX).items():
+            conv = self._convs.get(key[len(ENDS_PREFIX) :])
+            if conv is not None:
+                for epoch, sender, chain_no, step in unpack(raw, "chain ends"):
+                    conv.ends[(epoch, sender, chain_no)] = step
+        for conv in self._convs.values():
+            if conv.epoch >= 0:
+                conv.closed = self._closed_epochs(conv)

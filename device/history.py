@@ -135,6 +135,27 @@ class GatewayHistory:
         except (KeyError, TypeError, ValueError):
             raise WireError("the gateway's history page is malformed") from None
 
+    def rosters(self, cid: str, *, from_epoch: int = 0) -> list[bytes]:
+        """Every roster the gateway archived for ``cid``, oldest epoch first: the chain a
+        device verifies from epoch 0 before it trusts a roster (PROTOCOL.md §5.2).
+
+        ``from_epoch`` names the first epoch the device lacks (it is sent as the query;
+        the gateway may start there, today it answers them all). The rosters are
+        checked by the engine like any other: a wrong answer is refused there.
+
+        Raises:
+            NotAuthorized: the gateway refused us (no archived roster lists us).
+            TransportError: the gateway is unreachable or answered with an error.
+            WireError: the answer is not the documented JSON.
+        """
+        validate_id(cid, "cid")
+        answer = self._get(f"/v1/conversations/{cid}/rosters", f"from_epoch={max(0, from_epoch)}")
+        try:
+            items = sorted(answer, key=lambda item: int(item["epoch"]))
+            return [base64.b64decode(item["roster"], validate=True) for item in items]
+        except (KeyError, TypeError, ValueError):
+            raise WireError("the gateway's roster list is malformed") from None
+
     def _get(self, path: str, query: str) -> Any:  # noqa: ANN401 - JSON, checked by the caller
         stamp = str(int(self._clock()))
         nonce = secrets.token_urlsafe(16)  # the gateway accepts each nonce once

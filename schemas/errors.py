@@ -15,11 +15,15 @@ boundary, with ``raise Mapped(...) from exc``. Each class carries a short
     ├── ProtocolError                 authentic bytes that break a protocol rule
     │   ├── NotAMember                sender or recipient not in the roster
     │   ├── RosterRejected            roster not signed by an admin of the previous one
+    │   ├── RosterPending             roster held until the rosters it chains from arrive
     │   ├── GrantRejected             grant for the wrong recipient, epoch or roster
     │   ├── StaleEpoch                envelope of a removed member after rotation
+    │   ├── ChainClosed               unsigned step past the end its sender stated
     │   ├── ForwardJumpTooLarge       step beyond the forward-jump limit
     │   ├── SkippedKeyMissing         step behind the chain whose key is gone
     │   ├── MissingKey                no grant yet for this chain (may come later)
+    │   │   ├── ChainEndUnknown       unsigned old-epoch step, its chain's end not stated yet
+    │   │   └── UnsignedJumpTooFar    unsigned step too far ahead to derive before auth
     │   ├── SignatureRequired         policy says signed, envelope is not
     │   ├── UnknownConversation       no state for this cid
     │   └── UnknownParticipant        no bundle known for this pid
@@ -33,6 +37,8 @@ boundary, with ``raise Mapped(...) from exc``. Each class carries a short
 from __future__ import annotations
 
 __all__ = [
+    "ChainClosed",
+    "ChainEndUnknown",
     "ConfigError",
     "ConnectFailed",
     "CryptoError",
@@ -46,6 +52,7 @@ __all__ = [
     "NotAMember",
     "NotAuthorized",
     "ProtocolError",
+    "RosterPending",
     "RosterRejected",
     "SignatureRequired",
     "SkippedKeyMissing",
@@ -53,6 +60,7 @@ __all__ = [
     "TransportError",
     "UnknownConversation",
     "UnknownParticipant",
+    "UnsignedJumpTooFar",
     "UnsupportedVersion",
     "WeakKey",
     "WireError",
@@ -123,6 +131,25 @@ class RosterRejected(ProtocolError):
     reason = "roster"
 
 
+class RosterPending(ProtocolError):
+    """A roster that does not chain to the rosters held yet (PROTOCOL.md §5.2).
+
+    The engine keeps it (a bounded pool per conversation) and adopts it as soon as
+    the epochs between arrive, in any order; until then it trusts it for nothing.
+    Fetch the missing rosters: the gateway serves them
+    (``GET /v1/conversations/{cid}/rosters``), an admin who invites sends them to the
+    new member's inbox.
+    """
+
+    reason = "roster_pending"
+
+    def __init__(self, message: str, *, cid: str = "", have: int = -1, want: int = -1) -> None:
+        super().__init__(message)
+        self.cid = cid
+        self.have = have  # the newest epoch of the verified chain held (-1: none)
+        self.want = want  # the epoch of the roster held back
+
+
 class GrantRejected(ProtocolError):
     """A key grant that is not addressed to us or does not match the roster."""
 
@@ -133,6 +160,17 @@ class StaleEpoch(ProtocolError):
     """An envelope from an epoch whose sender has since been removed."""
 
     reason = "stale_epoch"
+
+
+class ChainClosed(ProtocolError):
+    """An unsigned envelope of an old epoch at or past the end its sender stated.
+
+    Once a roster removes a member, that member still holds the epoch's chain keys:
+    only steps the sender itself declared sealed (in its signed grant of the next
+    epoch, PROTOCOL.md §5.3, §6.4) are accepted unsigned.
+    """
+
+    reason = "chain_closed"
 
 
 class ForwardJumpTooLarge(ProtocolError):
@@ -154,6 +192,24 @@ class MissingKey(ProtocolError):
     """
 
     reason = "missing_key"
+
+
+class ChainEndUnknown(MissingKey):
+    """An unsigned envelope of an old epoch after a removal, whose sender has not
+    stated yet where that chain ended: hold it; the sender's grant of the new epoch
+    brings the end (PROTOCOL.md §6.4)."""
+
+    reason = "chain_end_unknown"
+
+
+class UnsignedJumpTooFar(MissingKey):
+    """An unsigned step further ahead than a receiver derives before authenticating.
+
+    Hold it: it opens once the chain (or the receiver's cache of derived keys) comes
+    within ``MAX_UNSIGNED_JUMP`` of it (PROTOCOL.md §6.4).
+    """
+
+    reason = "unsigned_jump"
 
 
 class SignatureRequired(ProtocolError):

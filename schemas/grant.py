@@ -5,6 +5,10 @@
 ``mode`` says how the AES-GCM key was agreed: ``HYBRID`` (X25519 + ML-KEM-768) or
 ``X25519`` (the recipient has no ML-KEM key; rosters mark such members). The
 signature by the granter's identity key covers every other byte.
+
+The sealed :class:`ChainGrant` also states where the granter's sending chains of
+earlier epochs ended (``ends``): once a roster removes a member, receivers accept an
+unsigned envelope of an earlier epoch only below that end (PROTOCOL.md §6.4, §7).
 """
 
 from __future__ import annotations
@@ -19,15 +23,18 @@ from schemas import _codec, _signed
 from schemas._codec import build
 from schemas._model import WireModel
 from schemas.crypto import MLKEM768_CIPHERTEXT_BYTES, ed25519_verify
-from schemas.errors import WireError
+from schemas.errors import LimitExceeded, WireError
 from schemas.ids import pid_for
 from schemas.kinds import ObjectKind
 from schemas.roster import Pid
 
-__all__ = ["ChainGrant", "Grant", "GrantMode"]
+__all__ = ["MAX_CHAIN_ENDS", "ChainEnd", "ChainGrant", "Grant", "GrantMode"]
 
 _FIELDS = 7
 MAX_GRANT_SEALED = 1024
+# Chain ends a grant may state: one per earlier epoch a receiver still opens
+# (device.engine.KEEP_EPOCHS - 1 = 3), with room for one more.
+MAX_CHAIN_ENDS = 4
 
 
 class GrantMode(enum.IntEnum):
@@ -143,10 +150,21 @@ class Grant(WireModel):
         return grant
 
 
+class ChainEnd(WireModel):
+    """Where one of the granter's earlier sending chains ended: ``next_step`` is the
+    first step it never sealed in ``(epoch, chain)`` (0 if it sealed none)."""
+
+    epoch: Annotated[int, Field(ge=0, lt=2**28)]
+    chain: Annotated[int, Field(ge=0, lt=2**28)]
+    next_step: Annotated[int, Field(ge=0, lt=2**28)]
+
+
 class ChainGrant(WireModel):
     """The plaintext of a grant: the granter's sending chain for one epoch, from ``step``.
 
     ``roster`` is the digest of that epoch's roster, binding the key to one membership.
+    ``ends``: where the granter's chains of earlier epochs ended (at most
+    MAX_CHAIN_ENDS, each of an epoch before ``epoch``, no chain twice).
     """
 
     epoch: Annotated[int, Field(ge=0, lt=2**28)]
@@ -155,16 +173,38 @@ class ChainGrant(WireModel):
     chain: Annotated[int, Field(ge=0, lt=2**28)]
     step: Annotated[int, Field(ge=0, lt=2**28)]
     key: Annotated[bytes, Field(min_length=32, max_length=32)]
+    ends: Annotated[tuple[ChainEnd, ...], Field(max_length=MAX_CHAIN_ENDS)] = ()
+
+    @model_validator(mode="after")
+    def _check_ends(self) -> ChainGrant:
+        if any(end.epoch >= self.epoch for end in self.ends):
+            raise ValueError("a chain end names an epoch before the grant's")
+        if len({(end.epoch, end.chain) for end in self.ends}) != len(self.ends):
+            raise ValueError("a chain end is stated twice")
+        return self
 
     def to_bytes(self) -> bytes:
-        return _codec.pack((self.epoch, self.roster, self.sender, self.chain, self.step, self.key))
+        ends = tuple((end.epoch, end.chain, end.next_step) for end in self.ends)
+        return _codec.pack(
+            (self.epoch, self.roster, self.sender, self.chain, self.step, self.key, ends)
+        )
 
     @classmethod
     def from_bytes(cls, data: bytes) -> ChainGrant:
-        """Raises: WireError: malformed."""
-        epoch, roster, sender, chain, step, key = _codec.fields(
-            _codec.unpack(data, "chain grant"), 6, "chain grant"
+        """Raises: WireError: malformed; LimitExceeded: more than MAX_CHAIN_ENDS ends."""
+        epoch, roster, sender, chain, step, key, raw_ends = _codec.fields(
+            _codec.unpack(data, "chain grant"), 7, "chain grant"
         )
+        if not isinstance(raw_ends, tuple):
+            raise WireError("chain grant ends must be an array")
+        if len(raw_ends) > MAX_CHAIN_ENDS:
+            raise LimitExceeded(f"a chain grant states at most {MAX_CHAIN_ENDS} chain ends")
+        ends = []
+        for raw in raw_ends:
+            end_epoch, end_chain, next_step = _codec.fields(raw, 3, "chain end")
+            ends.append(
+                build(ChainEnd, "chain end", epoch=end_epoch, chain=end_chain, next_step=next_step)
+            )
         return build(
             cls,
             "chain grant",
@@ -174,4 +214,5 @@ class ChainGrant(WireModel):
             chain=chain,
             step=step,
             key=key,
+            ends=tuple(ends),
         )

@@ -18,11 +18,12 @@ from schemas import _signed
 from schemas._codec import build, fields
 from schemas._model import WireModel
 from schemas.crypto import ed25519_verify, sha256
+from schemas.envelope import VERSION
 from schemas.errors import NotAMember, RosterRejected, WireError
 from schemas.ids import ID_BYTES, cid_for, is_valid_id, pid_for
 from schemas.kinds import ObjectKind
 
-__all__ = ["MAX_MEMBERS", "Member", "Policy", "Roster", "verify_roster_chain"]
+__all__ = ["MAX_MEMBERS", "Member", "Policy", "Roster", "is_roster", "verify_roster_chain"]
 
 MAX_MEMBERS = 256
 MAX_SIGN_EVERY = 1024
@@ -241,6 +242,13 @@ class Roster(WireModel):
         )
         ed25519_verify(roster.signer_key, signature, signed)
         return roster
+
+
+def is_roster(data: bytes) -> bool:
+    """Whether ``data`` is framed as a roster (version byte, kind 0x12), checking nothing
+    else: an inbox carries rosters besides grants (PROTOCOL.md §5.2), told apart by
+    their kind byte; :meth:`Roster.from_bytes` does the checks."""
+    return len(data) >= 2 and data[0] == VERSION and data[1] == ObjectKind.ROSTER
 
 
 def verify_roster_chain(new: Roster, prev: Roster | None) -> None:

@@ -102,6 +102,50 @@ def test_rosters_decode_and_found_their_cid():
         assert roster.cid == conv["cid"]
 
 
+@pytest.mark.parametrize("case", VECTORS["roster_chain"], ids=lambda c: c["why"][:30])
+def test_roster_chain_vectors(case):
+    """Each roster against the one it must follow (PROTOCOL.md §5.2): the chain rule a
+    joiner applies from epoch 0 and a member applies from its newest roster."""
+    from schemas import RosterRejected, verify_roster_chain
+
+    chain = [Roster.from_bytes(bytes.fromhex(c["roster"])) for c in VECTORS["roster_chain"]]
+    roster = Roster.from_bytes(bytes.fromhex(case["roster"]))
+    prev = chain[case["follows"]] if case["follows"] >= 0 else None
+    if case["chains"]:
+        verify_roster_chain(roster, prev)
+    else:
+        with pytest.raises(RosterRejected):
+            verify_roster_chain(roster, prev)
+
+
+def test_a_joiner_adopts_the_vector_chain_only_from_epoch_0():
+    """Bob, listed at every epoch, gets epoch 2 first: held until 0 and 1 arrive."""
+    from schemas import FieldchatError
+
+    cases = [c for c in VECTORS["roster_chain"] if c["chains"]]
+    bob = Engine(identity(2))
+    with pytest.raises(FieldchatError) as info:
+        bob.handle_roster(bytes.fromhex(cases[2]["roster"]))
+    assert info.value.reason == "roster_pending"
+    bob.handle_roster(bytes.fromhex(cases[0]["roster"]))
+    bob.handle_roster(bytes.fromhex(cases[1]["roster"]))
+    cid = VECTORS["conversations"][0]["cid"]
+    assert bob.roster(cid).to_bytes().hex() == cases[2]["roster"]
+
+
+def test_limits_match_the_code():
+    from device import chains, engine
+    from schemas import grant
+
+    assert VECTORS["limits"] == {
+        "keep_epochs": engine.KEEP_EPOCHS,
+        "max_chain_ends": grant.MAX_CHAIN_ENDS,
+        "max_forward_jump": chains.MAX_FORWARD_JUMP,
+        "max_unsigned_jump": chains.MAX_UNSIGNED_JUMP,
+        "mark_every": chains.MARK_EVERY,
+    }
+
+
 @pytest.mark.parametrize("vector", VECTORS["frames"], ids=lambda v: v["conversation"])
 def test_frame_vectors(vector):
     """A frame is its envelopes, length-prefixed behind one marker byte (PROTOCOL.md §3.4)."""

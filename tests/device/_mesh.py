@@ -1,7 +1,9 @@
 """An in-memory stand-in for the broker's routing, for engine tests (no network).
 
-It only routes what the engines publish: rosters to everyone who accepts them,
-grants to the addressed inbox. The real brokers are exercised by the client tests.
+It only routes what the engines publish: rosters proposed on ``c/{cid}/propose`` to
+everyone (as the verifier retaining them on ``c/{cid}/roster`` would; the engines
+check the chain themselves), inbox payloads (grants, rosters) to their addressee.
+The real brokers are exercised by the client tests.
 """
 
 from __future__ import annotations
@@ -33,10 +35,12 @@ class Mesh:
             topic = self.topics.parse(pub.topic)
             for name, engine in self.engines.items():
                 try:
-                    if topic.kind is TopicKind.ROSTER:
+                    if topic.kind in (TopicKind.ROSTER, TopicKind.PROPOSE):
                         queue += engine.handle_roster(pub.payload)
                     elif topic.kind is TopicKind.INBOX and topic.pid == engine.pid:
-                        engine.handle_grant(pub.payload)
+                        result = engine.handle_inbox(pub.payload)
+                        if isinstance(result, list):
+                            queue += result
                 except FieldchatError as exc:
                     self.errors.append((name, exc))
 

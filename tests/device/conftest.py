@@ -7,6 +7,7 @@ so tests can stop, restart and SIGKILL it without disturbing each other.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -26,9 +27,11 @@ from pydantic import SecretStr
 from device.client import Device
 from device.config import BrokerOptions, LinkOptions
 from device.events import Event
+from tests.device._verifier import RosterVerifier
 
 if TYPE_CHECKING:
     from broker import BrokerThread
+    from tests.gateway._support import GatewayProcess
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 MOSQUITTO_PASSWD = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
@@ -84,6 +87,7 @@ class Mosquitto:
         self.passwords.touch(mode=0o600)
         self.users: dict[str, str] = {}
         self.proc: subprocess.Popen[bytes] | None = None
+        self.verifier: RosterVerifier | None = None
         self.config = self.dir / "mosquitto.conf"
         self.config.write_text(
             f"listener {self.port} 127.0.0.1\n"
@@ -149,6 +153,19 @@ class Mosquitto:
             stop_process(self.proc, sig)
         self.proc = None
 
+    def verify_rosters(self) -> Mosquitto:
+        """Retain proposed rosters that chain, as the gateway does on Mosquitto
+        (``tests.device._verifier``); it outlives restarts of the broker."""
+        self.verifier = RosterVerifier(self.port, "verifier", self.user("verifier")).start()
+        return self
+
+    def close(self) -> None:
+        """Stop the broker and its verifier (end of a test)."""
+        self.stop()
+        if self.verifier is not None:
+            self.verifier.stop()
+            self.verifier = None
+
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
 
@@ -205,6 +222,7 @@ class Embedded:
             self.thread = None
 
     kill = stop
+    close = stop
 
 
 Broker = Mosquitto | Embedded
@@ -212,21 +230,21 @@ Broker = Mosquitto | Embedded
 
 @pytest.fixture
 def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
-    broker = Mosquitto(tmp_path / "mosquitto").start()
+    broker = Mosquitto(tmp_path / "mosquitto").start().verify_rosters()
     yield broker
-    broker.stop()
+    broker.close()
 
 
 @pytest.fixture(params=["mosquitto", "embedded"])
 def any_broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Broker]:
     """Each test twice: on Mosquitto and on the embedded broker."""
     broker: Broker = (
-        Mosquitto(tmp_path / "mosquitto")
+        Mosquitto(tmp_path / "mosquitto").start().verify_rosters()
         if request.param == "mosquitto"
-        else Embedded(tmp_path / "embedded")
-    ).start()
+        else Embedded(tmp_path / "embedded").start()
+    )
     yield broker
-    broker.stop()
+    broker.close()
 
 
 class Devices:
@@ -298,6 +316,35 @@ def mosquitto_devices(tmp_path: Path, mosquitto: Mosquitto) -> Iterator[Devices]
     made = Devices(tmp_path, mosquitto)
     yield made
     made.close()
+
+
+STACK_QUEUE = 10  # Mosquitto's max_queued_messages in gateway_stack
+
+
+@pytest.fixture
+def gateway_stack(tmp_path: Path) -> Iterator[tuple[Mosquitto, GatewayProcess, Devices]]:
+    """Mosquitto (its offline sessions keep STACK_QUEUE messages; the verifier retains
+    proposed rosters, as the gateway does on Mosquitto), a real gateway process on it,
+    and devices."""
+    from tests.gateway._support import GatewayProcess
+
+    broker = Mosquitto(tmp_path / "mosquitto", max_queued=STACK_QUEUE).start().verify_rosters()
+    gateway = GatewayProcess(
+        tmp_path / "gateway",
+        database_url=f"sqlite:///{tmp_path}/gateway/gateway.db",
+        mqtt_url=broker.url,
+        mqtt_username="gateway",
+        mqtt_password=broker.user("gateway"),
+        mqtt_client_id=f"gw-{os.urandom(4).hex()}",
+    )
+    devices = Devices(tmp_path, broker)
+    try:
+        asyncio.run(gateway.start().healthy())
+        yield broker, gateway, devices
+    finally:
+        devices.close()
+        gateway.stop()
+        broker.close()
 
 
 def texts(device: Device, cid: str | None = None) -> list[str]:

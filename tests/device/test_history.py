@@ -142,3 +142,22 @@ def test_unreachable_gateway_and_bad_urls():
     for url in ("ftp://x", "127.0.0.1:8080", "http://"):
         with pytest.raises(ConfigError):
             GatewayHistory(url, me)
+
+
+def test_rosters_are_fetched_signed_in_epoch_order(gateway):
+    """The chain a device verifies from epoch 0 (PROTOCOL.md §5.2): every archived
+    roster, whatever order the gateway lists them in; a bad answer is a typed error."""
+    me = Identity.generate(post_quantum=False)
+    history = GatewayHistory(gateway, me, clock=lambda: 1_800_000_000)
+    items = [
+        {"cid": CID, "epoch": epoch, "members": [], "roster": base64.b64encode(data).decode()}
+        for epoch, data in ((1, b"one"), (0, b"zero"))
+    ]
+    _Gateway.answers = [(200, json.dumps(items).encode()), (200, b'[{"epoch": 0}]')]
+    assert history.rosters(CID, from_epoch=1) == [b"zero", b"one"]
+    path, headers = _Gateway.seen[0]
+    assert path == f"/v1/conversations/{CID}/rosters?from_epoch=1"
+    signature = base64.urlsafe_b64decode(headers["X-Fieldchat-Signature"] + "==")
+    ed25519_verify(me.public, signature, f"fieldchat-http-v1\nGET\n{path}\n1800000000".encode())
+    with pytest.raises(WireError):
+        history.rosters(CID)

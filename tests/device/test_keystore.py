@@ -53,7 +53,7 @@ def test_engine_state_survives_a_restart(tmp_path):
     bob.learn_bundle(alice.identity.bundle.to_bytes())
     cid, pubs = alice.create_conversation([bob.pid])
     for pub in pubs:
-        if pub.topic.endswith("/roster"):
+        if pub.topic.endswith("/propose"):
             for reply in bob.handle_roster(pub.payload):
                 alice.handle_grant(reply.payload)
         else:
@@ -96,7 +96,7 @@ def _pair_on_disk(tmp_path) -> tuple[Engine, Engine, str]:
     bob.learn_bundle(alice.identity.bundle.to_bytes())
     cid, pubs = alice.create_conversation([bob.pid])
     for pub in pubs:
-        if pub.topic.endswith("/roster"):
+        if pub.topic.endswith("/propose"):
             bob.handle_roster(pub.payload)
         else:
             bob.handle_grant(pub.payload)
@@ -176,7 +176,7 @@ def test_grants_waiting_for_their_roster_survive_a_restart(tmp_path):
     alice.learn_bundle(bob.identity.bundle.to_bytes())
     bob.learn_bundle(alice.identity.bundle.to_bytes())
     cid, pubs = alice.create_conversation([bob.pid])
-    roster = next(p for p in pubs if p.topic.endswith("/roster"))
+    roster = next(p for p in pubs if p.topic.endswith("/propose"))
     grant = next(p for p in pubs if p.topic.endswith("/inbox"))
     assert bob.handle_grant(grant.payload).needs_roster
     del bob

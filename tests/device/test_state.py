@@ -142,7 +142,7 @@ def test_a_reservation_rolled_back_with_its_send_is_not_used(tmp_path):
     peer.learn_bundle(device.engine.identity.bundle.to_bytes())
     cid = device.create_conversation([peer.pid])
     for row in device.outbox():  # the roster and the peer's grant, as the broker routes them
-        if row.retain:
+        if row.what == "roster":
             peer.handle_roster(row.payload)
         elif row.topic == Topics().inbox(peer.pid):
             peer.handle_grant(row.payload)

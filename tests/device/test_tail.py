@@ -8,44 +8,24 @@ device with a history source asks the gateway after each connect and while idle
 
 from __future__ import annotations
 
-import asyncio
-import os
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from device.client import Device
 from device.events import MessageReceived
 from device.history import GatewayHistory
-from tests.device.conftest import FAST, Devices, Mosquitto, texts, wait_until
+from tests.device.conftest import FAST, STACK_QUEUE, Devices, Mosquitto, texts, wait_until
 from tests.gateway._support import GatewayProcess
 
 pytestmark = pytest.mark.mosquitto
 
-QUEUE = 10  # Mosquitto's max_queued_messages here: an offline session keeps this many
+QUEUE = STACK_QUEUE  # Mosquitto's max_queued_messages here: an offline session keeps this many
 
 
 @pytest.fixture
-def stack(tmp_path: Path) -> Iterator[tuple[Mosquitto, GatewayProcess, Devices]]:
-    broker = Mosquitto(tmp_path / "mosquitto", max_queued=QUEUE).start()
-    gateway = GatewayProcess(
-        tmp_path / "gateway",
-        database_url=f"sqlite:///{tmp_path}/gateway/gateway.db",
-        mqtt_url=broker.url,
-        mqtt_username="gateway",
-        mqtt_password=broker.user("gateway"),
-        mqtt_client_id=f"gw-{os.urandom(4).hex()}",
-    )
-    devices = Devices(tmp_path, broker)
-    try:
-        asyncio.run(gateway.start().healthy())
-        yield broker, gateway, devices
-    finally:
-        devices.close()
-        gateway.stop()
-        broker.stop()
+def stack(gateway_stack: tuple[Mosquitto, GatewayProcess, Devices]):
+    return gateway_stack
 
 
 def _with_history(devices: Devices, name: str, gateway: GatewayProcess) -> Device:

@@ -192,3 +192,39 @@ def test_models_are_strict_and_frozen():
     control = Control(op=ControlOp.LEAVE)
     with pytest.raises(ValidationError):
         control.op = ControlOp.REKEY  # type: ignore[misc]
+
+
+def test_chain_grants_state_a_bounded_list_of_earlier_chain_ends():
+    """PROTOCOL.md §5.3: ``ends`` is the 7th element, at most MAX_CHAIN_ENDS triples,
+    each of an earlier epoch; the 6-element form is refused (one encoding)."""
+    from schemas._codec import pack
+    from schemas.grant import MAX_CHAIN_ENDS, ChainEnd, ChainGrant
+
+    base = (5, bytes(32), 1, 0, 0, bytes(32))
+    ends = ((4, 0, 17), (2, 0, 0))
+    grant = ChainGrant.from_bytes(pack((*base, ends)))
+    assert grant.ends == (
+        ChainEnd(epoch=4, chain=0, next_step=17),
+        ChainEnd(epoch=2, chain=0, next_step=0),
+    )
+    assert ChainGrant.from_bytes(grant.to_bytes()) == grant
+    assert ChainGrant.from_bytes(pack((*base, ()))).ends == ()
+    with pytest.raises(LimitExceeded):
+        ChainGrant.from_bytes(pack((*base, tuple((e, 0, 1) for e in range(MAX_CHAIN_ENDS + 1)))))
+    for bad in (
+        base,  # no ends: the form before this rule
+        (*base, ((5, 0, 1),)),  # an end of the grant's own epoch
+        (*base, ((4, 0, 1), (4, 0, 2))),  # the same chain twice
+        (*base, ((4, 0),)),  # not a triple
+        (*base, ((4, 0, -1),)),
+        (*base, [4, 0, 1]),
+    ):
+        with pytest.raises(WireError):
+            ChainGrant.from_bytes(pack(bad))
+
+
+def test_inbox_payloads_tell_rosters_from_grants_by_their_kind_byte():
+    from schemas.roster import is_roster
+
+    assert is_roster(b"\x01\x12rest") and not is_roster(b"\x01\x10rest")
+    assert not is_roster(b"\x02\x12") and not is_roster(b"\x01") and not is_roster(b"")

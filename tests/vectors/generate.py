@@ -4,7 +4,8 @@
 
 Everything is deterministic (seeded randomness, fixed clock, deterministic Ed25519
 and AES-GCM) except ML-KEM encapsulation, whose randomness ``cryptography`` does not
-let us inject: hybrid grants are recorded once and checked by opening them.
+let us inject: hybrid grants are recorded once and checked by opening them (and
+recorded again when the recorded one no longer opens to the current payload).
 The browser client checks the same file.
 """
 
@@ -15,14 +16,15 @@ import json
 from pathlib import Path
 from typing import Any
 
-from device.chains import nonce, step_keys
-from device.engine import Engine
-from device.grants import make_grant
+from device.chains import MARK_EVERY, MAX_FORWARD_JUMP, MAX_UNSIGNED_JUMP, nonce, step_keys
+from device.engine import KEEP_EPOCHS, Engine
+from device.grants import accept_grant, make_grant
 from device.identity import Identity
-from schemas import ChainGrant, Policy, TextMessage
+from schemas import ChainGrant, FieldchatError, Grant, Member, Policy, Roster, TextMessage
 from schemas.crypto import chain_step
 from schemas.envelope import read_header
 from schemas.frame import pack_frame
+from schemas.grant import MAX_CHAIN_ENDS, ChainEnd
 
 PATH = Path(__file__).with_name("protocol.json")
 CLOCK = 1_700_000_000
@@ -90,6 +92,7 @@ def build(hybrid_grant: str | None = None) -> dict[str, Any]:
 
     envelopes = []
     conversations = []
+    chain_cases: list[dict[str, Any]] = []
     policies = {
         "signed": Policy(),
         "unsigned_compressed_padded": Policy(sign_every=0, compress=True, pad=True),
@@ -135,7 +138,10 @@ def build(hybrid_grant: str | None = None) -> dict[str, Any]:
                     "envelope": sealed.hex(),
                 }
             )
+        if label == "signed":
+            chain_cases = _roster_chain(engine, cid, bob)
     out["conversations"] = conversations
+    out["roster_chain"] = chain_cases
     out["envelopes"] = envelopes
     # A device's backlog in one PUBLISH (PROTOCOL.md §3.4): each conversation's envelopes.
     out["frames"] = [
@@ -148,7 +154,12 @@ def build(hybrid_grant: str | None = None) -> dict[str, Any]:
         if (mine := [e for e in envelopes if e["conversation"] == conv["label"]])
     ]
 
-    payload = ChainGrant(epoch=0, roster=bytes(32), sender=0, chain=0, step=5, key=bytes(32))
+    # A grant of epoch 3 stating where the granter's chains of epochs 2 and 1 ended
+    # (§5.3, §6.4): the receiver takes unsigned steps of those chains below them.
+    ends = (ChainEnd(epoch=2, chain=0, next_step=17), ChainEnd(epoch=1, chain=0, next_step=0))
+    payload = ChainGrant(
+        epoch=3, roster=bytes(32), sender=0, chain=0, step=5, key=bytes(32), ends=ends
+    )
     x_grant = make_grant(alice, web.bundle, "a" * 26, payload, random=SeededRandom(b"grant"))
     if hybrid_grant is None:
         hybrid_grant = make_grant(alice, bob.bundle, "a" * 26, payload).to_bytes().hex()
@@ -173,13 +184,84 @@ def build(hybrid_grant: str | None = None) -> dict[str, Any]:
             "deterministic": False,
         },
     ]
+    out["limits"] = {
+        "keep_epochs": KEEP_EPOCHS,
+        "max_chain_ends": MAX_CHAIN_ENDS,
+        "max_forward_jump": MAX_FORWARD_JUMP,
+        "max_unsigned_jump": MAX_UNSIGNED_JUMP,
+        "mark_every": MARK_EVERY,
+    }
     return out
+
+
+def _roster_chain(admin: Engine, cid: str, member: Identity) -> list[dict[str, Any]]:
+    """Epochs 1 and 2 after epoch 0 of ``cid`` (a policy change, a removal), and two
+    rosters that do not chain: each case names the roster it must follow (§5.2)."""
+    admin.set_policy(cid, Policy(pad=True))
+    admin.remove_members(
+        cid, [p for p in admin.roster(cid).pids if p not in (admin.pid, member.pid)]
+    )
+    rosters = [admin._convs[cid].rosters[e] for e in range(3)]
+    by_member = Roster.create(  # a member who is no admin signs the next epoch
+        cid=cid,
+        epoch=2,
+        nonce=b"",
+        prev=rosters[1].digest(),
+        members=(Member(pid=member.pid, admin=True, pq=True),),
+        policy=rosters[1].policy,
+        issued_at=CLOCK,
+        signer_key=member.bundle.ed25519,
+        sign=member.sign,
+    )
+    skipping = Roster.create(  # an admin's epoch 2 naming epoch 0 as its predecessor
+        cid=cid,
+        epoch=2,
+        nonce=b"",
+        prev=rosters[0].digest(),
+        members=rosters[2].members,
+        policy=rosters[2].policy,
+        issued_at=CLOCK,
+        signer_key=admin.identity.public,
+        sign=admin.identity.sign,
+    )
+    cases: list[dict[str, Any]] = [
+        {"roster": r.to_bytes().hex(), "follows": r.epoch - 1, "chains": True, "why": why}
+        for r, why in zip(
+            rosters, ("founds the conversation", "policy change", "removal"), strict=True
+        )
+    ]
+    cases += [
+        {
+            "roster": by_member.to_bytes().hex(),
+            "follows": 1,
+            "chains": False,
+            "why": "signed by a member who is no admin of epoch 1",
+        },
+        {
+            "roster": skipping.to_bytes().hex(),
+            "follows": 1,
+            "chains": False,
+            "why": "its prev is the digest of epoch 0, not of epoch 1",
+        },
+    ]
+    return cases
+
+
+def _opens(vector: dict[str, Any]) -> bool:
+    try:
+        granted = accept_grant(identity(2), Grant.from_bytes(bytes.fromhex(vector["grant"])))
+    except FieldchatError:
+        return False
+    return granted == ChainGrant.from_bytes(bytes.fromhex(vector["payload"]))
 
 
 def main() -> None:
     previous = json.loads(PATH.read_text()) if PATH.exists() else None
     recorded = previous["grants"][1]["grant"] if previous else None
-    PATH.write_text(json.dumps(build(recorded), indent=1, ensure_ascii=False) + "\n")
+    vectors = build(recorded)
+    if not _opens(vectors["grants"][1]):  # the payload changed: record a new one
+        vectors = build(None)
+    PATH.write_text(json.dumps(vectors, indent=1, ensure_ascii=False) + "\n")
     print(f"wrote {PATH}")
 
 
