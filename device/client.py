@@ -89,6 +89,9 @@ log = logging.getLogger("fieldchat.device")
 MAX_QUEUE = 10_000  # inbound packets waiting for the worker; paho's thread blocks past it
 BATCH = 256  # inbound packets per transaction (one fsync)
 MAX_RESEND = 2_000  # own messages published again per reconnect
+# A new member's grant: what it has not receipted this many receipt intervals later
+# is published again (it may have subscribed after we sent).
+GRANT_RESEND_RECEIPTS = 3
 MAX_TOPICS_PARSED = 1_024  # parsed topic names kept (a device sees few distinct ones)
 # The worker reserves a chain's next steps (and fsyncs) once this few are left, so a
 # send rarely finds its window used up and waits for that fsync itself.
@@ -311,6 +314,8 @@ class Device:
         )
         self._next_receipts = 0.0
         self._resend: tuple[float, float] | None = None  # (due, published before)
+        # (cid, member whose grant arrived) -> when to resend what it has not receipted.
+        self._grant_resends: dict[tuple[str, str], float] = {}
         self._next_housekeeping = 0.0
         self._next_tail: float | None = None  # the next tail check; None before connecting
         self._tail_running = False  # a tail round is with the history thread
@@ -1232,7 +1237,12 @@ class Device:
             batch.unsubscribe.add(self.topics.msg(cid))
             batch.events.append(Removed(cid, roster.epoch))
 
-    def _on_grant(self, db: sqlite3.Connection, payload: bytes, batch: _Batch) -> None:
+    def _on_grant(
+        self,
+        db: sqlite3.Connection,  # noqa: ARG002 - the inbound handlers share one signature
+        payload: bytes,
+        batch: _Batch,
+    ) -> None:
         result = self.engine.handle_grant(payload)
         if result.needs_roster:
             batch.subscribe.add(self.topics.roster(result.cid))
@@ -1242,13 +1252,32 @@ class Device:
             batch.retry_held = True
             # A member grants its chain only after subscribing to the conversation (its
             # SUBSCRIBE precedes its grants on one connection, so the broker has it):
-            # what we sent in this epoch before it was listening is published again.
+            # what we sent in this epoch before it was listening is published again —
+            # once its receipts for what did reach it have had time to come back
+            # (GRANT_RESEND_RECEIPTS intervals), so a burst sent while its grant was on
+            # the way is not sent twice.
             granter = Grant.from_bytes(payload).granter
-            epoch = self.engine.roster(result.cid).epoch
-            again = self.state.unreceipted(result.cid, epoch, granter, MAX_RESEND)
-            for topic, envelope in again:
-                self.state.add_outbox(db, topic, envelope, cid=result.cid, what="msg")
-            self.counters["resent"] += len(again)
+            due = self._clock() + GRANT_RESEND_RECEIPTS * self.options.receipt_interval_s
+            self._grant_resends.setdefault((result.cid, granter), due)
+
+    def _resend_to_granters(self, now: float) -> None:
+        """Publish again what members who granted us their chain have not receipted."""
+        due = [key for key, at in self._grant_resends.items() if at <= now]
+        if not due or self._conn is None:
+            return
+        resent = 0
+        with self.state.transaction() as db:
+            for cid, granter in due:
+                del self._grant_resends[(cid, granter)]
+                if not self.engine.is_member(cid):
+                    continue
+                epoch = self.engine.roster(cid).epoch
+                for topic, envelope in self.state.unreceipted(cid, epoch, granter, MAX_RESEND):
+                    self.state.add_outbox(db, topic, envelope, cid=cid, what="msg")
+                    resent += 1
+        self.counters["resent"] += resent
+        if resent:
+            self._pump()
 
     def _on_bundle(self, db: sqlite3.Connection, payload: bytes, batch: _Batch) -> None:
         update = self.engine.learn_bundle(payload)
@@ -1368,6 +1397,8 @@ class Device:
                 with self.state.transaction(durable=False, sync_outbox=False):
                     self._flush_receipts()
                 self._pump()
+        if self._grant_resends:
+            self._resend_to_granters(now)
         if self._resend is not None and now >= self._resend[0] and self._conn is not None:
             _, before = self._resend
             self._resend = None

@@ -158,6 +158,15 @@ def test_rosters_are_fetched_signed_in_epoch_order(gateway):
     path, headers = _Gateway.seen[0]
     assert path == f"/v1/conversations/{CID}/rosters?from_epoch=1"
     signature = base64.urlsafe_b64decode(headers["X-Fieldchat-Signature"] + "==")
-    ed25519_verify(me.public, signature, f"fieldchat-http-v1\nGET\n{path}\n1800000000".encode())
+    host = gateway.removeprefix("http://").rstrip("/")
+    signed = signed_message(
+        "GET",
+        path.partition("?")[0],
+        path.partition("?")[2],
+        "1800000000",
+        host=host,
+        nonce=headers["X-Fieldchat-Nonce"],
+    )
+    ed25519_verify(me.public, signature, signed)
     with pytest.raises(WireError):
         history.rosters(CID)
