@@ -423,7 +423,13 @@ class Archiver:
         fresh: bool,
         expire_before: float | None = None,
     ) -> None:
-        """Sort envelopes into archive, pending (fresh ones only) or rejected."""
+        """Sort envelopes into archive, pending (fresh ones only) or rejected.
+
+        An unsigned envelope the policy allows is archived as a *candidate* of its key:
+        the gateway cannot tell a member's junk from the sender's envelope, so it keeps
+        every distinct one and receivers pick (AES-GCM); a signed one is the only one
+        kept for its key, whatever came before it (``HistoryStore.commit``).
+        """
         jobs: list[tuple[Envelope, bytes, str, bytes]] = []
         waiting: list[tuple[_Work, str]] = []
         rosters, bundles = self._rosters, self._bundles
@@ -499,6 +505,7 @@ class Archiver:
                 step=env.step,
                 data=item.data,
                 received_at=item.received_at,
+                signed=env.signature is not None,  # verified by now, or allowed unsigned
             )
         )
         if item.pending_id is not None:

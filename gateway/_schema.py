@@ -8,6 +8,7 @@ list serves SQLite and PostgreSQL; a step that needs engine-specific SQL checks
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 
 from sqlalchemy import (
@@ -24,15 +25,21 @@ from sqlalchemy import (
     String,
     Table,
     UniqueConstraint,
+    inspect,
+    text,
 )
+
+from schemas.envelope import FLAG_SIGNED
 
 __all__ = [
     "MIGRATIONS",
     "accounts",
     "bundles",
+    "candidate_digest",
     "conv_heads",
     "envelopes",
     "grants",
+    "held_rosters",
     "metadata",
     "participants",
     "pending",
@@ -50,6 +57,13 @@ metadata = MetaData()
 
 schema_version = Table("fieldchat_schema", metadata, Column("version", Integer, nullable=False))
 
+# An envelope's key is (cid, epoch, sender, chain, step). A signed envelope proves its
+# sender, so the first one that verifies is the only one kept for its key (a partial
+# unique index: a redelivery or a second gateway inserts nothing). An unsigned one
+# proves nothing to the gateway: a member can publish junk under another member's key
+# first. So every distinct unsigned candidate is kept, deduplicated by the key and a
+# digest of its bytes, and receivers (who can authenticate with AES-GCM) pick. Each
+# row enters exactly one of the two unique indexes, as it entered one before.
 envelopes = Table(
     "envelopes",
     metadata,
@@ -62,8 +76,32 @@ envelopes = Table(
     Column("step", BigInteger, nullable=False),
     Column("data", LargeBinary, nullable=False),
     Column("received_at", Float, nullable=False),
-    UniqueConstraint("cid", "epoch", "sender", "chain", "step", name="envelopes_dedupe"),
+    Column("signed", Boolean, nullable=False),
+    Column("digest", LargeBinary, nullable=True),  # candidate_digest(data), unsigned rows only
     Index("envelopes_cid_seq", "cid", "seq"),
+    Index(
+        "envelopes_signed_key",
+        "cid",
+        "epoch",
+        "sender",
+        "chain",
+        "step",
+        unique=True,
+        sqlite_where=text("signed"),
+        postgresql_where=text("signed"),
+    ),
+    Index(
+        "envelopes_unsigned_candidate",
+        "cid",
+        "epoch",
+        "sender",
+        "chain",
+        "step",
+        "digest",
+        unique=True,
+        sqlite_where=text("NOT signed"),
+        postgresql_where=text("NOT signed"),
+    ),
     sqlite_autoincrement=True,
 )
 
@@ -86,6 +124,27 @@ rosters = Table(
     Column("epoch", BigInteger, primary_key=True),
     Column("digest", LargeBinary, nullable=False),
     Column("data", LargeBinary, nullable=False),
+    # Who signed it and when it was archived (NULL for rosters archived before v3):
+    # conversations founded per signer are counted from these (founding quota).
+    Column("signer", Id, nullable=True),
+    Column("archived_at", Float, nullable=True),
+    Index("rosters_signer", "signer", "archived_at"),
+)
+
+# Rosters that do not chain to an archived roster yet (their previous epoch has not
+# arrived): kept, bounded, until it does (then adopted) or ``pending_ttl_s`` passes.
+held_rosters = Table(
+    "held_rosters",
+    metadata,
+    Column("id", SeqType, primary_key=True, autoincrement=True),
+    Column("cid", Id, nullable=False),
+    Column("epoch", BigInteger, nullable=False),
+    Column("digest", LargeBinary, nullable=False),
+    Column("data", LargeBinary, nullable=False),
+    Column("source", String(16), nullable=False),
+    Column("received_at", Float, nullable=False),
+    UniqueConstraint("cid", "epoch", "digest", name="held_rosters_once"),
+    sqlite_autoincrement=True,
 )
 
 roster_members = Table(
@@ -152,11 +211,106 @@ sessions = Table(
 )
 
 
+CANDIDATE_DIGEST_BYTES = 16  # SHA-256, truncated: it only tells distinct bytes apart
+
+
+def candidate_digest(data: bytes) -> bytes:
+    """What tells two unsigned candidates of one key apart (``envelopes.digest``).
+
+    128 bits: a collision would need a second preimage of bytes nobody has seen yet
+    (the genuine envelope is published after the junk), not a birthday pair.
+    """
+    return hashlib.sha256(data).digest()[:CANDIDATE_DIGEST_BYTES]
+
+
 def _v1_initial(conn: Connection) -> None:
     metadata.create_all(conn, tables=[t for t in metadata.sorted_tables if t is not schema_version])
 
 
+_V3_COPY_PAGE = 2000  # rows per round trip while digests are computed for old rows
+
+
+def _v3_candidates(conn: Connection) -> None:
+    """Unsigned candidates per key, signers of rosters, held rosters (issue 13).
+
+    ``_v1_initial`` creates the tables as they are now, so on a fresh database every
+    part of this step finds its work done and skips it; it changes only databases
+    made before it.
+    """
+    found = inspect(conn)
+    if "signed" not in {c["name"] for c in found.get_columns("envelopes")}:
+        if conn.dialect.name == "sqlite":
+            _v3_envelopes_sqlite(conn)
+        else:
+            _v3_envelopes_postgres(conn)
+    if "signer" not in {c["name"] for c in found.get_columns("rosters")}:
+        conn.execute(text("ALTER TABLE rosters ADD COLUMN signer VARCHAR(26)"))
+        conn.execute(text("ALTER TABLE rosters ADD COLUMN archived_at FLOAT"))
+        for index in rosters.indexes:
+            index.create(conn)
+    held_rosters.create(conn, checkfirst=True)
+
+
+def _v3_envelopes_postgres(conn: Connection) -> None:
+    conn.execute(text("ALTER TABLE envelopes DROP CONSTRAINT IF EXISTS envelopes_dedupe"))
+    conn.execute(text("ALTER TABLE envelopes ADD COLUMN signed BOOLEAN"))
+    conn.execute(text("ALTER TABLE envelopes ADD COLUMN digest BYTEA"))
+    # The flags byte follows the version byte (PROTOCOL.md §3); FLAG_SIGNED is its top bit.
+    signed = f"(get_byte(data, 1) & {FLAG_SIGNED}) <> 0"
+    conn.execute(
+        text(
+            f"UPDATE envelopes SET signed = {signed}, digest = CASE WHEN {signed} THEN NULL "  # noqa: S608
+            f"ELSE substring(sha256(data) from 1 for {CANDIDATE_DIGEST_BYTES}) END"
+        )
+    )
+    conn.execute(text("ALTER TABLE envelopes ALTER COLUMN signed SET NOT NULL"))
+    for index in envelopes.indexes:
+        if index.name != "envelopes_cid_seq":
+            index.create(conn)
+
+
+def _v3_envelopes_sqlite(conn: Connection) -> None:
+    """SQLite cannot drop a table's UNIQUE constraint: copy the rows into the new table,
+    ``seq`` kept (it is every client's cursor), and the AUTOINCREMENT counter with them."""
+    top = conn.execute(text("SELECT seq FROM sqlite_sequence WHERE name = 'envelopes'")).scalar()
+    conn.execute(text("DROP INDEX envelopes_cid_seq"))
+    conn.execute(text("ALTER TABLE envelopes RENAME TO envelopes_v1"))
+    envelopes.create(conn)
+    columns = "seq, cid, epoch, sender, sender_pid, chain, step, data, received_at"
+    after = -1
+    while True:
+        rows = conn.execute(
+            text(
+                f"SELECT {columns} FROM envelopes_v1 WHERE seq > :after "  # noqa: S608 - constant
+                "ORDER BY seq LIMIT :n"
+            ),
+            {"after": after, "n": _V3_COPY_PAGE},
+        ).all()
+        if not rows:
+            break
+        conn.execute(
+            envelopes.insert(),
+            [
+                {
+                    **row._asdict(),
+                    "signed": bool(row.data[1] & FLAG_SIGNED),  # the flags byte (PROTOCOL.md §3)
+                    "digest": None if row.data[1] & FLAG_SIGNED else candidate_digest(row.data),
+                }
+                for row in rows
+            ],
+        )
+        after = rows[-1].seq
+    conn.execute(text("DROP TABLE envelopes_v1"))
+    if top is not None:
+        conn.execute(
+            text("UPDATE sqlite_sequence SET seq = max(seq, :top) WHERE name = 'envelopes'"),
+            {"top": top},
+        )
+
+
 # (version, what it does, step). Each runs in its own transaction with the version bump.
+# Version 2 belongs to the account tables (issue 13, another branch); 3 runs after it.
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "initial tables", _v1_initial),
+    (3, "unsigned envelope candidates, roster signers, held rosters", _v3_candidates),
 ]

@@ -34,9 +34,11 @@ from gateway._schema import (
     MIGRATIONS,
     accounts,
     bundles,
+    candidate_digest,
     conv_heads,
     envelopes,
     grants,
+    held_rosters,
     participants,
     pending,
     roster_members,
@@ -48,6 +50,7 @@ from gateway._store import (
     Account,
     ArchiveBatch,
     ArchiveResult,
+    HeldRoster,
     NewEnvelope,
     PendingEnvelope,
     RosterRecord,
@@ -62,9 +65,11 @@ __all__ = ["PostgresStore", "SqlStore", "SqliteStore", "open_store"]
 _ARCHIVE_LOCK = 0x66_63_61_72  # "fcar": pg_advisory_xact_lock key of archive commits
 _MIGRATE_LOCK = 0x66_63_6D_67  # "fcmg": gateways starting together migrate once
 _MEMBER_CACHE_MAX = 100_000
+# ON CONFLICT without a target: any unique index (the signed key, or an unsigned
+# candidate's key and digest) makes a copy a no-op (gateway/_schema.py, ``envelopes``).
 _INSERT_ENVELOPE = (
-    "INSERT INTO envelopes (cid, epoch, sender, sender_pid, chain, step, data, received_at) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"
+    "INSERT INTO envelopes (cid, epoch, sender, sender_pid, chain, step, data, received_at,"
+    " signed, digest) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"
 )
 _HISTORY_COLUMNS = "SELECT seq, cid, epoch, sender, sender_pid, chain, step, data FROM envelopes"
 _HISTORY_AFTER = _HISTORY_COLUMNS + " WHERE cid = ? AND seq > ? ORDER BY seq LIMIT ?"
@@ -90,6 +95,35 @@ async def _mapped(what: str) -> AsyncIterator[None]:
         yield
     except (SQLAlchemyError, OSError) as exc:
         raise StorageError(f"database error while {what}: {type(exc).__name__}") from exc
+
+
+def _envelope_row(e: NewEnvelope) -> tuple[Any, ...]:
+    """The columns of ``_INSERT_ENVELOPE``; unsigned candidates get their digest."""
+    digest = None if e.signed else candidate_digest(e.data)
+    return (
+        e.cid,
+        e.epoch,
+        e.sender,
+        e.sender_pid,
+        e.chain,
+        e.step,
+        e.data,
+        e.received_at,
+        e.signed,
+        digest,
+    )
+
+
+def _held(row: Any) -> HeldRoster:  # noqa: ANN401 - a SQLAlchemy Row
+    return HeldRoster(
+        cid=row.cid,
+        epoch=row.epoch,
+        digest=bytes(row.digest),
+        data=bytes(row.data),
+        source=row.source,
+        received_at=row.received_at,
+        id=row.id,
+    )
 
 
 def _envelope(row: Any) -> StoredEnvelope:  # noqa: ANN401 - a SQLAlchemy Row
@@ -186,7 +220,14 @@ class SqlStore:
                 result = await conn.execute(
                     ins(rosters).on_conflict_do_nothing().returning(rosters.c.cid),
                     [
-                        {"cid": r.cid, "epoch": r.epoch, "digest": r.digest, "data": r.data}
+                        {
+                            "cid": r.cid,
+                            "epoch": r.epoch,
+                            "digest": r.digest,
+                            "data": r.data,
+                            "signer": r.signer,
+                            "archived_at": r.archived_at,
+                        }
                         for r in batch.rosters
                     ],
                 )
@@ -241,6 +282,25 @@ class SqlStore:
                     ],
                 )
                 grant_count = len(result.all())
+            if batch.released:
+                await conn.execute(
+                    delete(held_rosters).where(held_rosters.c.id.in_(batch.released))
+                )
+            if batch.held:
+                await conn.execute(
+                    ins(held_rosters).on_conflict_do_nothing(),
+                    [
+                        {
+                            "cid": h.cid,
+                            "epoch": h.epoch,
+                            "digest": h.digest,
+                            "data": h.data,
+                            "source": h.source,
+                            "received_at": h.received_at,
+                        }
+                        for h in batch.held
+                    ],
+                )
             if batch.resolved:
                 await conn.execute(delete(pending).where(pending.c.id.in_(batch.resolved)))
             if batch.pending:
@@ -272,21 +332,21 @@ class SqlStore:
         self, conn: AsyncConnection, rows: Sequence[NewEnvelope]
     ) -> tuple[int, int | None]:
         """Insert idempotently; return (new rows, the largest new seq or None)."""
+        names = (
+            "cid",
+            "epoch",
+            "sender",
+            "sender_pid",
+            "chain",
+            "step",
+            "data",
+            "received_at",
+            "signed",
+            "digest",
+        )
         result = await conn.execute(
             self.dialect_insert(envelopes).on_conflict_do_nothing().returning(envelopes.c.seq),
-            [
-                {
-                    "cid": e.cid,
-                    "epoch": e.epoch,
-                    "sender": e.sender,
-                    "sender_pid": e.sender_pid,
-                    "chain": e.chain,
-                    "step": e.step,
-                    "data": e.data,
-                    "received_at": e.received_at,
-                }
-                for e in rows
-            ],
+            [dict(zip(names, _envelope_row(e), strict=True)) for e in rows],
         )
         seqs = [row[0] for row in result.all()]
         return len(seqs), max(seqs, default=None)
@@ -327,6 +387,58 @@ class SqlStore:
             )
             for r in rows
         ]
+
+    async def roster_head(self, cid: str) -> tuple[int, bytes] | None:
+        rows = await self._rows(
+            select(rosters.c.epoch, rosters.c.data)
+            .where(rosters.c.cid == cid)
+            .order_by(rosters.c.epoch.desc())
+            .limit(1),
+            "reading a roster",
+        )
+        return (int(rows[0].epoch), bytes(rows[0].data)) if rows else None
+
+    async def foundings(self, signer: str, *, since: float) -> int:
+        return int(
+            await self._scalar(
+                select(func.count())
+                .select_from(rosters)
+                .where(
+                    rosters.c.signer == signer,
+                    rosters.c.archived_at >= since,
+                    rosters.c.epoch == 0,
+                ),
+                "counting foundings",
+            )
+        )
+
+    async def held_rosters(
+        self, *, cids: Collection[str] = (), limit: int = 1000
+    ) -> list[HeldRoster]:
+        stmt = select(held_rosters).order_by(held_rosters.c.id).limit(limit)
+        if cids:
+            stmt = stmt.where(held_rosters.c.cid.in_(list(cids)))
+        return [_held(r) for r in await self._rows(stmt, "reading held rosters")]
+
+    async def held_counts(self, cid: str) -> tuple[int, int]:
+        count = func.count()
+        async with _mapped("counting held rosters"), self.engine.connect() as conn:
+            mine = (
+                await conn.execute(
+                    select(count).select_from(held_rosters).where(held_rosters.c.cid == cid)
+                )
+            ).scalar()
+            every = (await conn.execute(select(count).select_from(held_rosters))).scalar()
+        return int(mine or 0), int(every or 0)
+
+    async def pending_counts(self, cid: str) -> dict[tuple[int, int], int]:
+        rows = await self._rows(
+            select(pending.c.epoch, pending.c.sender, func.count().label("n"))
+            .where(pending.c.cid == cid)
+            .group_by(pending.c.epoch, pending.c.sender),
+            "counting pending envelopes",
+        )
+        return {(int(r.epoch), int(r.sender)): int(r.n) for r in rows}
 
     async def bundle(self, pid: str) -> bytes | None:
         data = await self._scalar(
@@ -713,8 +825,9 @@ class SqliteStore(SqlStore):
             self._writer_conn = conn
         return conn
 
-    def _insert_batch(self, rows: list[tuple[Any, ...]]) -> tuple[int, int | None]:
+    def _insert_batch(self, batch: list[NewEnvelope]) -> tuple[int, int | None]:
         """In the writer thread: insert idempotently; (new rows, largest new seq)."""
+        rows = [_envelope_row(e) for e in batch]  # here, not on the event loop
         conn = self._archive_connection()
         before = conn.total_changes
         conn.execute("BEGIN IMMEDIATE")
@@ -737,13 +850,18 @@ class SqliteStore(SqlStore):
         Raises:
             StorageError: nothing was written.
         """
-        others = batch.pending or batch.resolved or batch.rosters or batch.bundles or batch.grants
+        others = (
+            batch.pending
+            or batch.resolved
+            or batch.rosters
+            or batch.bundles
+            or batch.grants
+            or batch.held
+            or batch.released
+        )
         if not batch.envelopes or others:
             return await super().commit(batch)
-        rows = [
-            (e.cid, e.epoch, e.sender, e.sender_pid, e.chain, e.step, e.data, e.received_at)
-            for e in batch.envelopes
-        ]
+        rows = batch.envelopes
         loop = asyncio.get_running_loop()
         async with self._lock:
             try:
