@@ -27,7 +27,7 @@ import uvicorn
 from device.engine import Engine, Publication
 from device.identity import Identity
 from gateway import GatewaySettings, create_app, open_store, signed_message
-from schemas import Topics
+from schemas import Policy, Topics
 
 MOSQUITTO = "/usr/sbin/mosquitto"
 PG_ADMIN_URLS = (
@@ -207,7 +207,7 @@ class Conversation:
         return party.engine.seal(self.cid, TextMessage(sent_at=int(time.time()), text=text))
 
 
-def converse(topics: Topics, parties: list[Party]) -> Conversation:
+def converse(topics: Topics, parties: list[Party], *, policy: Policy | None = None) -> Conversation:
     """Found a conversation among ``parties`` (the first is the creator) and exchange
     rosters and grants in memory; return everything that must also go to MQTT."""
     for p in parties:
@@ -215,7 +215,7 @@ def converse(topics: Topics, parties: list[Party]) -> Conversation:
             if p is not q:
                 p.engine.learn_bundle(q.bundle)
     creator = parties[0]
-    cid, pubs = creator.engine.create_conversation([p.pid for p in parties[1:]])
+    cid, pubs = creator.engine.create_conversation([p.pid for p in parties[1:]], policy=policy)
     out = [p.engine.bundle_publication() for p in parties]
     queue = list(pubs)
     by_pid = {p.pid: p for p in parties}
