@@ -332,21 +332,23 @@ class SqlStore:
         self, conn: AsyncConnection, rows: Sequence[NewEnvelope]
     ) -> tuple[int, int | None]:
         """Insert idempotently; return (new rows, the largest new seq or None)."""
-        names = (
-            "cid",
-            "epoch",
-            "sender",
-            "sender_pid",
-            "chain",
-            "step",
-            "data",
-            "received_at",
-            "signed",
-            "digest",
-        )
         result = await conn.execute(
             self.dialect_insert(envelopes).on_conflict_do_nothing().returning(envelopes.c.seq),
-            [dict(zip(names, _envelope_row(e), strict=True)) for e in rows],
+            [
+                {
+                    "cid": e.cid,
+                    "epoch": e.epoch,
+                    "sender": e.sender,
+                    "sender_pid": e.sender_pid,
+                    "chain": e.chain,
+                    "step": e.step,
+                    "data": e.data,
+                    "received_at": e.received_at,
+                    "signed": e.signed,
+                    "digest": None if e.signed else candidate_digest(e.data),
+                }
+                for e in rows
+            ],
         )
         seqs = [row[0] for row in result.all()]
         return len(seqs), max(seqs, default=None)
