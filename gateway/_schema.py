@@ -33,6 +33,7 @@ from schemas.envelope import FLAG_SIGNED
 
 __all__ = [
     "MIGRATIONS",
+    "SIGNED_DIGEST",
     "accounts",
     "bundles",
     "candidate_digest",
@@ -58,12 +59,15 @@ metadata = MetaData()
 schema_version = Table("fieldchat_schema", metadata, Column("version", Integer, nullable=False))
 
 # An envelope's key is (cid, epoch, sender, chain, step). A signed envelope proves its
-# sender, so the first one that verifies is the only one kept for its key (a partial
-# unique index: a redelivery or a second gateway inserts nothing). An unsigned one
-# proves nothing to the gateway: a member can publish junk under another member's key
-# first. So every distinct unsigned candidate is kept, deduplicated by the key and a
-# digest of its bytes, and receivers (who can authenticate with AES-GCM) pick. Each
-# row enters exactly one of the two unique indexes, as it entered one before.
+# sender, so the first one that verifies is the only one kept for its key. An unsigned
+# one proves nothing to the gateway: a member can publish junk under another member's
+# key first. So every distinct unsigned candidate is kept, and receivers (who can
+# authenticate with AES-GCM) pick. One unique index does both: ``digest`` is empty for
+# a signed envelope (one row per key) and ``candidate_digest(data)`` for an unsigned
+# one (one row per key and bytes), so neither kind can block the other. A redelivery
+# or a second gateway inserts nothing. (Two partial indexes on a ``signed`` column
+# said the same and cost a SQLite insert ≈ 0.3 µs more: both WHERE clauses are
+# evaluated for every row.)
 envelopes = Table(
     "envelopes",
     metadata,
@@ -76,32 +80,9 @@ envelopes = Table(
     Column("step", BigInteger, nullable=False),
     Column("data", LargeBinary, nullable=False),
     Column("received_at", Float, nullable=False),
-    Column("signed", Boolean, nullable=False),
-    Column("digest", LargeBinary, nullable=True),  # candidate_digest(data), unsigned rows only
+    Column("digest", LargeBinary, nullable=False),  # b"" signed, else candidate_digest
     Index("envelopes_cid_seq", "cid", "seq"),
-    Index(
-        "envelopes_signed_key",
-        "cid",
-        "epoch",
-        "sender",
-        "chain",
-        "step",
-        unique=True,
-        sqlite_where=text("signed"),
-        postgresql_where=text("signed"),
-    ),
-    Index(
-        "envelopes_unsigned_candidate",
-        "cid",
-        "epoch",
-        "sender",
-        "chain",
-        "step",
-        "digest",
-        unique=True,
-        sqlite_where=text("NOT signed"),
-        postgresql_where=text("NOT signed"),
-    ),
+    Index("envelopes_candidate", "cid", "epoch", "sender", "chain", "step", "digest", unique=True),
     sqlite_autoincrement=True,
 )
 
@@ -223,6 +204,9 @@ def candidate_digest(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()[:CANDIDATE_DIGEST_BYTES]
 
 
+SIGNED_DIGEST = b""  # ``envelopes.digest`` of a signed envelope: one per key
+
+
 def _v1_initial(conn: Connection) -> None:
     metadata.create_all(conn, tables=[t for t in metadata.sorted_tables if t is not schema_version])
 
@@ -238,7 +222,7 @@ def _v3_candidates(conn: Connection) -> None:
     made before it.
     """
     found = inspect(conn)
-    if "signed" not in {c["name"] for c in found.get_columns("envelopes")}:
+    if "digest" not in {c["name"] for c in found.get_columns("envelopes")}:
         if conn.dialect.name == "sqlite":
             _v3_envelopes_sqlite(conn)
         else:
@@ -253,17 +237,15 @@ def _v3_candidates(conn: Connection) -> None:
 
 def _v3_envelopes_postgres(conn: Connection) -> None:
     conn.execute(text("ALTER TABLE envelopes DROP CONSTRAINT IF EXISTS envelopes_dedupe"))
-    conn.execute(text("ALTER TABLE envelopes ADD COLUMN signed BOOLEAN"))
-    conn.execute(text("ALTER TABLE envelopes ADD COLUMN digest BYTEA"))
+    conn.execute(text("ALTER TABLE envelopes ADD COLUMN digest BYTEA NOT NULL DEFAULT ''"))
+    conn.execute(text("ALTER TABLE envelopes ALTER COLUMN digest DROP DEFAULT"))
     # The flags byte follows the version byte (PROTOCOL.md §3); FLAG_SIGNED is its top bit.
-    signed = f"(get_byte(data, 1) & {FLAG_SIGNED}) <> 0"
     conn.execute(
         text(
-            f"UPDATE envelopes SET signed = {signed}, digest = CASE WHEN {signed} THEN NULL "  # noqa: S608
-            f"ELSE substring(sha256(data) from 1 for {CANDIDATE_DIGEST_BYTES}) END"
+            f"UPDATE envelopes SET digest = substring(sha256(data) from 1 for "  # noqa: S608
+            f"{CANDIDATE_DIGEST_BYTES}) WHERE (get_byte(data, 1) & {FLAG_SIGNED}) = 0"
         )
     )
-    conn.execute(text("ALTER TABLE envelopes ALTER COLUMN signed SET NOT NULL"))
     for index in envelopes.indexes:
         if index.name != "envelopes_cid_seq":
             index.create(conn)
@@ -293,8 +275,9 @@ def _v3_envelopes_sqlite(conn: Connection) -> None:
             [
                 {
                     **row._asdict(),
-                    "signed": bool(row.data[1] & FLAG_SIGNED),  # the flags byte (PROTOCOL.md §3)
-                    "digest": None if row.data[1] & FLAG_SIGNED else candidate_digest(row.data),
+                    "digest": SIGNED_DIGEST  # the flags byte (PROTOCOL.md §3)
+                    if row.data[1] & FLAG_SIGNED
+                    else candidate_digest(row.data),
                 }
                 for row in rows
             ],

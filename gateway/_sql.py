@@ -32,6 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from gateway._errors import NameTaken, StorageError
 from gateway._schema import (
     MIGRATIONS,
+    SIGNED_DIGEST,
     accounts,
     bundles,
     candidate_digest,
@@ -65,11 +66,11 @@ __all__ = ["PostgresStore", "SqlStore", "SqliteStore", "open_store"]
 _ARCHIVE_LOCK = 0x66_63_61_72  # "fcar": pg_advisory_xact_lock key of archive commits
 _MIGRATE_LOCK = 0x66_63_6D_67  # "fcmg": gateways starting together migrate once
 _MEMBER_CACHE_MAX = 100_000
-# ON CONFLICT without a target: any unique index (the signed key, or an unsigned
-# candidate's key and digest) makes a copy a no-op (gateway/_schema.py, ``envelopes``).
+# The unique index is the key and ``digest``: empty for a signed envelope (one per
+# key), the candidate digest of an unsigned one (gateway/_schema.py, ``envelopes``).
 _INSERT_ENVELOPE = (
     "INSERT INTO envelopes (cid, epoch, sender, sender_pid, chain, step, data, received_at,"
-    " signed, digest) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"
+    " digest) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"
 )
 _HISTORY_COLUMNS = "SELECT seq, cid, epoch, sender, sender_pid, chain, step, data FROM envelopes"
 _HISTORY_AFTER = _HISTORY_COLUMNS + " WHERE cid = ? AND seq > ? ORDER BY seq LIMIT ?"
@@ -97,21 +98,22 @@ async def _mapped(what: str) -> AsyncIterator[None]:
         raise StorageError(f"database error while {what}: {type(exc).__name__}") from exc
 
 
-def _envelope_row(e: NewEnvelope) -> tuple[Any, ...]:
-    """The columns of ``_INSERT_ENVELOPE``; unsigned candidates get their digest."""
-    digest = None if e.signed else candidate_digest(e.data)
-    return (
-        e.cid,
-        e.epoch,
-        e.sender,
-        e.sender_pid,
-        e.chain,
-        e.step,
-        e.data,
-        e.received_at,
-        e.signed,
-        digest,
-    )
+def _envelope_rows(batch: Sequence[NewEnvelope]) -> list[tuple[Any, ...]]:
+    """The columns of ``_INSERT_ENVELOPE`` (inline: the archive's hot path)."""
+    return [
+        (
+            e.cid,
+            e.epoch,
+            e.sender,
+            e.sender_pid,
+            e.chain,
+            e.step,
+            e.data,
+            e.received_at,
+            SIGNED_DIGEST if e.signed else candidate_digest(e.data),
+        )
+        for e in batch
+    ]
 
 
 def _held(row: Any) -> HeldRoster:  # noqa: ANN401 - a SQLAlchemy Row
@@ -344,8 +346,7 @@ class SqlStore:
                     "step": e.step,
                     "data": e.data,
                     "received_at": e.received_at,
-                    "signed": e.signed,
-                    "digest": None if e.signed else candidate_digest(e.data),
+                    "digest": SIGNED_DIGEST if e.signed else candidate_digest(e.data),
                 }
                 for e in rows
             ],
@@ -829,7 +830,7 @@ class SqliteStore(SqlStore):
 
     def _insert_batch(self, batch: list[NewEnvelope]) -> tuple[int, int | None]:
         """In the writer thread: insert idempotently; (new rows, largest new seq)."""
-        rows = [_envelope_row(e) for e in batch]  # here, not on the event loop
+        rows = _envelope_rows(batch)  # here, not on the event loop
         conn = self._archive_connection()
         before = conn.total_changes
         conn.execute("BEGIN IMMEDIATE")
