@@ -513,6 +513,10 @@ class Archiver:
             head = await self._head(cid)
             if head is not None and epoch < head:
                 await self._heal(cid, f"the retained roster is epoch {epoch}, not {head}")
+        elif verdict is Verdict.KNOWN and source.republished and epoch == await self._head(cid):
+            # proposed again (its admin retries, or another gateway adopted it first): the
+            # retained roster may still lack it (a republication lost with a gateway)
+            rosters.republish.append(out.rosters[-1])
 
     def _take(
         self,
