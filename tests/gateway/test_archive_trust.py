@@ -52,6 +52,8 @@ from tests.gateway._support import (
 )
 from tests.gateway.test_ws import Browser
 
+pytestmark = pytest.mark.mosquitto  # all but the first two (store only) need it
+
 CID = "a" * 25 + "a"
 PID = "c" * 25 + "a"
 
@@ -251,8 +253,6 @@ async def test_migration_3_keeps_every_envelope_and_cursor_and_admits_candidates
 
 
 # -- rosters --------------------------------------------------------------------------------
-
-pytestmark = pytest.mark.mosquitto
 
 
 async def test_a_roster_is_adopted_only_once_it_chains_to_epoch_0(gateway, mosquitto, prefix):
