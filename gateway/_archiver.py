@@ -15,11 +15,20 @@ Delivery contract (MQTT 5 §4.3.2, §4.6):
 Envelopes whose roster (of their epoch) or sender bundle has not arrived yet are
 stored as *pending* and acknowledged; they are verified and moved to the archive
 when the roster or bundle arrives (immediately, or by the periodic sweep when another
-gateway archived it), and dropped as ``unverifiable`` after ``pending_ttl_s``.
+gateway archived it), and dropped as ``unverifiable`` after ``pending_ttl_s``. Per
+conversation and per sender the pending store has quotas of its own.
+
+Rosters come from ``c/+/roster``, ``c/+/propose`` (an admin's submission), inboxes
+(the earlier rosters of a chain, sent to a new member) and browsers. One is adopted
+only when it chains to the archived epoch before it (``gateway._rosters``); one whose
+predecessor is missing is held until it arrives. A roster adopted from ``propose``
+is published, retained, on ``c/{cid}/roster``: on Mosquitto and NATS the gateway is
+the verifier that writes it. When the broker shows an older, refused or empty
+retained roster there, the gateway publishes its archived head again.
 
 With ``share_group`` set, envelopes come through ``$share/{group}/…/c/+/msg`` so
-gateways split them; rosters, bundles, presence and grants are plain subscriptions,
-every gateway needs all of them.
+gateways split them; rosters, proposals, bundles, presence and grants are plain
+subscriptions, every gateway needs all of them.
 """
 
 from __future__ import annotations
@@ -32,15 +41,18 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from gateway._metrics import Metrics
 from gateway._mqtt import MqttClient, Publish
+from gateway._quota import RefusalLog
+from gateway._rosters import Healer, RosterRefused, Source, Verdict, judge
 from gateway._settings import GatewaySettings
 from gateway._store import (
     ArchiveBatch,
     GrantRecord,
+    HeldRoster,
     HistoryStore,
     NewEnvelope,
     PendingEnvelope,
@@ -54,7 +66,7 @@ from gateway._verify import (
     classify_all,
     verify_signatures,
 )
-from schemas import Bundle, Envelope, Roster, TopicKind, Topics, tracing, verify_roster_chain
+from schemas import Bundle, Envelope, Roster, TopicKind, Topics, tracing
 from schemas.errors import (
     ConfigError,
     ConnectFailed,
@@ -73,6 +85,14 @@ _RECONNECT_MAX_S = 10.0
 _SWEEP_LIMIT = 1000
 _CHEAP_SUFFIXES = ("/msg", "/status")  # parsed on the loop (see ``_classify``)
 _VERIFY_INLINE_MAX = 2  # envelopes verified on the loop rather than in the pool
+_PROMOTE_ROUNDS = 16  # held-roster adoption rounds per call (each adopts at least one)
+_OUTGOING_MAX = 10_000  # conversations whose roster waits to be republished
+_REPUBLISH_ATTEMPTS = 5
+_SOURCES = {
+    TopicKind.ROSTER: Source.ROSTER,
+    TopicKind.PROPOSE: Source.PROPOSE,
+    TopicKind.INBOX: Source.INBOX,
+}
 
 
 class ArchiveListener:
@@ -172,6 +192,15 @@ class Archiver:
         self._pool = ThreadPoolExecutor(settings.verify_workers, thread_name_prefix="fc-verify")
         self._pending_count = 0
         self._last_batch = 0
+        self.refusals = RefusalLog(metrics)
+        self._healer = Healer()
+        self._heads: _Lru = _Lru()  # cid -> the newest archived epoch seen by this gateway
+        self._announced: _Lru = _Lru()  # (cid, epoch) rosters told to the listener
+        self._outgoing: dict[str, _Outgoing] = {}  # cid -> the roster to republish
+        self._publisher: asyncio.Task[None] | None = None
+        # cids whose roster was adopted outside the loop (a browser's): the loop adopts
+        # the held rosters and pending envelopes that waited for it
+        self._elsewhere: set[str] = set()
         self.connected = asyncio.Event()
         self.tracer = tracing.tracer("gateway")  # docs/tracing.md; None when off
 
@@ -253,6 +282,7 @@ class Archiver:
         inboxes = f"{t.prefix}/p/+/inbox"
         return [
             (t.all_rosters(), 1),
+            (t.all_proposals(), 1),
             (t.all_bundles(), 1),
             (t.all_statuses(), 1),
             (inboxes, 1),
@@ -268,6 +298,7 @@ class Archiver:
             self.connected.set()
             self.metrics.mqtt_connected.set(1)
             log.info("archiver connected as %s", self.settings.mqtt_client_id)
+            self._kick_publisher()  # what could not be republished before
             sweep_at = time.monotonic() + self.settings.pending_retry_s
             while True:
                 batch = await self._collect(client, sweep_at)
@@ -279,6 +310,10 @@ class Archiver:
                     sweep_at = time.monotonic() + self.settings.pending_retry_s
         finally:
             # What was read but not committed is not acknowledged: the broker redelivers.
+            publisher, self._publisher = self._publisher, None
+            if publisher is not None:
+                publisher.cancel()
+                await asyncio.gather(publisher, return_exceptions=True)
             await client.close()
 
     async def _collect(self, client: MqttClient, sweep_at: float) -> list[Publish]:
@@ -339,13 +374,14 @@ class Archiver:
         parsed = await self._classify(batch, now)
         out = ArchiveBatch()
         envelopes: list[Parsed] = []
-        new_rosters: list[RosterRecord] = []
+        rosters = _Rosters()
         for p in parsed:
             if isinstance(p, Rejected):
                 self._reject(p.reason)
                 log.debug("rejected %s: %s", p.reason, p.detail)
             elif p.cleared:
-                continue
+                if p.kind is TopicKind.ROSTER and p.cid is not None:
+                    await self._heal(p.cid, "the retained roster was erased")
             elif p.kind is TopicKind.MSG:
                 envelopes.append(p)
             elif p.kind is TopicKind.STATUS:
@@ -355,12 +391,8 @@ class Archiver:
                 assert p.bundle is not None
                 self.learn_bundle(p.bundle)
                 out.bundles.append((p.bundle.pid, p.bundle.created_at, p.data))
-            elif p.kind is TopicKind.ROSTER:
-                assert p.roster is not None
-                record = await self._accept_roster(p.roster, p.data)
-                if record is not None:
-                    out.rosters.append(record)
-                    new_rosters.append(record)
+            elif p.roster is not None:  # c/{cid}/roster, c/{cid}/propose, or an inbox
+                await self._accept_roster(p.roster, p.data, _SOURCES[p.kind], out, rosters, now)
             elif p.kind is TopicKind.INBOX:
                 assert p.grant is not None
                 g = p.grant
@@ -376,44 +408,290 @@ class Archiver:
         ]
         await self._resolve(work, out, fresh=True)
         await self._commit(out)
-        for record in new_rosters:
+        cids = self._adopted(rosters, out) | self._elsewhere
+        self._elsewhere = set()
+        if cids:
+            cids |= await self._promote(cids)
+        if cids or out.bundles:
+            await self._retry_pending(cids=cids, pids={b[0] for b in out.bundles})
+
+    def _adopted(self, rosters: _Rosters, out: ArchiveBatch) -> set[str]:
+        """After a commit: tell the listener, queue the republications; the cids with a
+        newly adopted roster."""
+        if out.held:
+            self.metrics.rosters_held.inc(len(out.held))
+        if out.released:
+            self.metrics.rosters_held.dec(len(out.released))
+        for record in rosters.announce:
             self.listener.roster(record)
-        if out.rosters or out.bundles:
-            await self._retry_pending(
-                cids={r.cid for r in out.rosters}, pids={b[0] for b in out.bundles}
+        for record in rosters.republish:
+            self._republish(record.cid, record.epoch, record.data)
+        return {r.cid for r in rosters.adopted}
+
+    # -- rosters -----------------------------------------------------------------------
+
+    async def _judge(self, roster: Roster) -> Verdict:
+        """:func:`gateway._rosters.judge` against the archive (see there for Raises)."""
+        cid, epoch = roster.cid, roster.epoch
+        known = await self.roster(cid, epoch)
+        prev = await self.roster(cid, epoch - 1) if known is None and epoch > 0 else None
+        following = await self.roster(cid, epoch + 1) if known is None else None
+        return judge(roster, known=known, prev=prev, following=following)
+
+    async def _check_founding(self, roster: Roster, now: float, out: ArchiveBatch) -> None:
+        """Raises: RosterRefused (``founding_quota``): its signer founded
+        ``founding_max`` conversations in the last ``founding_window_s``."""
+        signer = roster.signer
+        since = now - self.settings.founding_window_s
+        founded = await self.store.foundings(signer, since=since)
+        founded += sum(1 for r in out.rosters if r.epoch == 0 and r.signer == signer)
+        if founded >= self.settings.founding_max:
+            raise RosterRefused(
+                "founding_quota",
+                f"{signer} founded {founded} conversations in the last "
+                f"{self.settings.founding_window_s:.0f} s (founding_max)",
             )
 
-    async def _accept_roster(self, roster: Roster, data: bytes) -> RosterRecord | None:
-        """Check a roster against its archived neighbours; ``None`` when refused.
+    async def submit_roster(self, roster: Roster, data: bytes) -> None:
+        """Archive a browser's roster before it goes out on ``c/{cid}/roster``.
 
-        Chains are verified where the previous epoch is archived; a later epoch seen
-        without its predecessor (the gateway joined late, the broker retains only the
-        newest roster) is accepted as a base, as members do (PROTOCOL.md §5.2).
+        It must be the archived roster again, or found its conversation (within its
+        signer's founding quota), or chain to the archived roster of the epoch before.
+        Archived here, not when it comes back over MQTT, so the browser's next roster
+        (epoch 1 right after it founded the conversation) finds it. The caller
+        publishes it (the browser's ack follows the broker's PUBACK).
+
+        Raises:
+            RosterRefused: ``roster_conflict``, ``roster_unchained`` (the previous epoch
+                is not archived: publish the chain first), ``founding_quota``.
+            RosterRejected: it does not chain.
+            StorageError: the database failed.
         """
-        digest = roster.digest()
-        record = RosterRecord(roster.cid, roster.epoch, digest, roster.pids, data)
-        known = await self.roster(roster.cid, roster.epoch)
-        if known is not None:
-            if known.digest() != digest:
-                self._reject("roster_conflict")
-                return None
-            return record  # archived already (by us, or another gateway): still news here
+        verdict = await self._judge(roster)
+        if verdict is Verdict.HOLD:
+            raise RosterRefused(
+                "roster_unchained",
+                f"epoch {roster.epoch - 1} of {roster.cid} is not archived: "
+                "the roster cannot be checked against its chain",
+            )
+        now, out, rosters = time.time(), ArchiveBatch(), _Rosters()
+        if verdict is Verdict.ADOPT and roster.epoch == 0:
+            await self._check_founding(roster, now, out)
+        self._take(roster, data, verdict, Source.WS, out, rosters, now)
+        await self._commit(out)
+        self._elsewhere |= self._adopted(rosters, out)  # the archive loop follows up
+
+    async def _accept_roster(
+        self,
+        roster: Roster,
+        data: bytes,
+        source: Source,
+        out: ArchiveBatch,
+        rosters: _Rosters,
+        now: float,
+    ) -> None:
+        """Adopt, hold or refuse a roster (``gateway._rosters``): never "as a base".
+
+        A refusal is counted (and logged once per interval); a roster refused on
+        ``c/{cid}/roster`` may have replaced the retained one, so the head goes out again.
+        """
+        cid, epoch = roster.cid, roster.epoch
         try:
-            if roster.epoch == 0:
-                verify_roster_chain(roster, None)
-            else:
-                prev = await self.roster(roster.cid, roster.epoch - 1)
-                if prev is not None:
-                    verify_roster_chain(roster, prev)
-            nxt = await self.roster(roster.cid, roster.epoch + 1)
-            if nxt is not None and nxt.prev != digest:
-                self._reject("roster")
-                return None
+            verdict = await self._judge(roster)
+            if verdict is Verdict.ADOPT and epoch == 0 and source.founding_counted:
+                await self._check_founding(roster, now, out)
         except FieldchatError as exc:
-            self._reject(exc.reason)
-            return None
-        self._rosters.put((roster.cid, roster.epoch), roster)
-        return record
+            self.refusals.refuse(exc.reason, f"{source} roster of {cid} epoch {epoch}: {exc}")
+            if source is Source.ROSTER:
+                await self._heal(cid, f"a refused roster ({exc.reason}) is on its topic")
+            return
+        if verdict is Verdict.HOLD:
+            await self._hold(roster, data, source, out, now)
+            return
+        self._take(roster, data, verdict, source, out, rosters, now)
+        if verdict is Verdict.KNOWN and source is Source.ROSTER:
+            head = await self._head(cid)
+            if head is not None and epoch < head:
+                await self._heal(cid, f"the retained roster is epoch {epoch}, not {head}")
+        elif verdict is Verdict.KNOWN and source.republished and epoch == await self._head(cid):
+            # proposed again (its admin retries, or another gateway adopted it first): the
+            # retained roster may still lack it (a republication lost with a gateway)
+            rosters.republish.append(out.rosters[-1])
+
+    def _take(
+        self,
+        roster: Roster,
+        data: bytes,
+        verdict: Verdict,
+        source: Source,
+        out: ArchiveBatch,
+        rosters: _Rosters,
+        now: float,
+    ) -> None:
+        """Put an adopted (or known) roster in the batch and note what follows its commit."""
+        cid, epoch = roster.cid, roster.epoch
+        record = RosterRecord(
+            cid, epoch, roster.digest(), roster.pids, data, signer=roster.signer, archived_at=now
+        )
+        out.rosters.append(record)  # KNOWN too: idempotent, and it completes a failed commit
+        if verdict is Verdict.ADOPT:
+            self._rosters.put((cid, epoch), roster)
+            self._raise_head(cid, epoch)
+            rosters.adopted.append(record)
+            if source.republished:
+                rosters.republish.append(record)
+        if self._announced.get((cid, epoch)) != record.digest:
+            self._announced.put((cid, epoch), record.digest)
+            rosters.announce.append(record)
+
+    async def _hold(
+        self, roster: Roster, data: bytes, source: Source, out: ArchiveBatch, now: float
+    ) -> None:
+        """Keep a roster whose previous epoch is not archived, within the quotas."""
+        cid, digest = roster.cid, roster.digest()
+        if any(h.cid == cid and h.epoch == roster.epoch and h.digest == digest for h in out.held):
+            return
+        mine, every = await self.store.held_counts(cid)
+        mine += sum(1 for h in out.held if h.cid == cid)
+        every += len(out.held)
+        detail = f"{source} roster of {cid} epoch {roster.epoch} (its previous epoch is missing)"
+        if mine >= self.settings.held_rosters_per_conversation_max:
+            self.refusals.refuse("held_conversation_full", detail)
+        elif every >= self.settings.held_rosters_max:
+            self.refusals.refuse("held_full", detail)
+        else:
+            self.counters["held"] += 1
+            out.held.append(HeldRoster(cid, roster.epoch, digest, data, source.value, now))
+
+    async def _promote(self, cids: set[str], *, expire_before: float | None = None) -> set[str]:
+        """Adopt the held rosters whose previous epoch is archived now (epoch by epoch,
+        so a held chain is adopted whole); drop refused ones and, with
+        ``expire_before``, those held since before it. All conversations' when ``cids``
+        is empty. The cids with a newly adopted roster."""
+        adopted: set[str] = set()
+        for _ in range(_PROMOTE_ROUNDS):
+            held = await self.store.held_rosters(cids=cids, limit=_SWEEP_LIMIT)
+            if not held:
+                break
+            held.sort(key=lambda h: (h.cid, h.epoch, h.id or 0))
+            parsed = await self._in_thread(_parse_held, held)
+            out, rosters, now = ArchiveBatch(), _Rosters(), time.time()
+            for h, roster in zip(held, parsed, strict=True):
+                assert h.id is not None
+                if isinstance(roster, FieldchatError):
+                    self.refusals.refuse(roster.reason, f"held roster of {h.cid}: {roster}")
+                    out.released.append(h.id)
+                elif await self._promote_one(h, roster, out, rosters, now, expire_before):
+                    out.released.append(h.id)
+            if not out:
+                break
+            await self._commit(out)
+            fresh = self._adopted(rosters, out)
+            adopted |= fresh
+            if not fresh:
+                break
+            cids = fresh
+        return adopted
+
+    async def _promote_one(
+        self,
+        held: HeldRoster,
+        roster: Roster,
+        out: ArchiveBatch,
+        rosters: _Rosters,
+        now: float,
+        expire_before: float | None,
+    ) -> bool:
+        """Judge one held roster again; True when it leaves the held store."""
+        try:
+            verdict = await self._judge(roster)
+        except FieldchatError as exc:
+            self.refusals.refuse(exc.reason, f"held roster of {held.cid} epoch {held.epoch}")
+            return True
+        if verdict is Verdict.HOLD:
+            if expire_before is not None and held.received_at < expire_before:
+                self.refusals.refuse(
+                    "roster_expired",
+                    f"held roster of {held.cid} epoch {held.epoch}: its chain never arrived",
+                )
+                return True
+            return False
+        self._take(roster, held.data, verdict, Source(held.source), out, rosters, now)
+        return True
+
+    def _raise_head(self, cid: str, epoch: int) -> None:
+        known = self._heads.get(cid)
+        if known is None or known < epoch:
+            self._heads.put(cid, epoch)
+
+    async def _head(self, cid: str) -> int | None:
+        """The newest archived epoch of ``cid`` (cached; the archive only grows)."""
+        known = self._heads.get(cid)
+        if known is None:
+            head = await self.store.roster_head(cid)
+            if head is None:
+                return None
+            known = head[0]
+            self._raise_head(cid, known)
+        assert isinstance(known, int)
+        return known
+
+    async def _heal(self, cid: str, why: str) -> None:
+        """Publish the archived head of ``cid`` on its roster topic again (at most once
+        per ``HEAL_INTERVAL_S`` a conversation: see ``gateway._rosters.Healer``)."""
+        if not self._healer.due(cid):
+            return
+        head = await self.store.roster_head(cid)
+        if head is None:
+            return
+        log.info("republishing the roster of %s (epoch %d): %s", cid, head[0], why)
+        self.counters["healed"] += 1
+        self._republish(cid, head[0], head[1])
+
+    # -- republishing ------------------------------------------------------------------
+
+    def _republish(self, cid: str, epoch: int, data: bytes) -> None:
+        """Queue a roster for ``c/{cid}/roster`` (retained, QoS 1), newest epoch per cid.
+
+        Published by a task of its own, so the archive loop never waits for a PUBACK
+        (the client stops reading the socket while its inbox is full). One that fails
+        goes to the back of the queue and is tried again at the next connection or
+        republication, at most ``_REPUBLISH_ATTEMPTS`` times (then dropped, counted).
+        """
+        queued = self._outgoing.get(cid)
+        if queued is not None and queued.epoch > epoch:
+            return
+        if queued is None and len(self._outgoing) >= _OUTGOING_MAX:
+            self.refusals.refuse("republish_backlog", f"roster of {cid} epoch {epoch}")
+            return
+        self._outgoing[cid] = _Outgoing(epoch, data)
+        self._kick_publisher()
+
+    def _kick_publisher(self) -> None:
+        if not self._outgoing or not self.connected.is_set():
+            return
+        if self._publisher is None or self._publisher.done():
+            self._publisher = asyncio.create_task(self._publish_outgoing())
+
+    async def _publish_outgoing(self) -> None:
+        while self._outgoing:
+            cid, item = next(iter(self._outgoing.items()))
+            try:
+                await self.publish(self.topics.roster(cid), item.data, retain=True)
+            except TransportError as exc:
+                item.attempts += 1
+                if self._outgoing.get(cid) is item:
+                    del self._outgoing[cid]
+                    if item.attempts < _REPUBLISH_ATTEMPTS:
+                        self._outgoing[cid] = item  # to the back: others are not held up
+                    else:
+                        self.refusals.refuse("republish_failed", f"roster of {cid}: {exc}")
+                log.info("republishing the roster of %s failed (%s); later", cid, exc)
+                return
+            if self._outgoing.get(cid) is item:
+                del self._outgoing[cid]
+            self.counters["republished"] += 1
+            self.metrics.rosters_republished.inc()
 
     async def _resolve(  # noqa: PLR0912 - the verification decision table, kept in one place
         self,
@@ -423,9 +701,16 @@ class Archiver:
         fresh: bool,
         expire_before: float | None = None,
     ) -> None:
-        """Sort envelopes into archive, pending (fresh ones only) or rejected."""
+        """Sort envelopes into archive, pending (fresh ones only) or rejected.
+
+        An unsigned envelope the policy allows is archived as a *candidate* of its key:
+        the gateway cannot tell a member's junk from the sender's envelope, so it keeps
+        every distinct one and receivers pick (AES-GCM); a signed one is the only one
+        kept for its key, whatever came before it (``HistoryStore.commit``).
+        """
         jobs: list[tuple[Envelope, bytes, str, bytes]] = []
         waiting: list[tuple[_Work, str]] = []
+        pending_of: dict[str, Counter[tuple[int, int]]] = {}
         rosters, bundles = self._rosters, self._bundles
         for item in items:
             env = item.envelope
@@ -453,10 +738,11 @@ class Archiver:
             if expire_before is not None and item.received_at < expire_before:
                 self._settle(item, out, "unverifiable")
             elif fresh:
-                if self._pending_count + len(out.pending) >= self.settings.pending_max:
-                    self._reject("pending_full")
-                    log.warning(
-                        "pending store full (%d); refusing an envelope", self.settings.pending_max
+                refused = await self._pending_quota(item, out, pending_of)
+                if refused is not None:
+                    self.refusals.refuse(
+                        refused,
+                        f"a pending envelope of {item.cid} epoch {env.epoch} sender {env.sender}",
                     )
                 else:
                     out.pending.append(
@@ -487,6 +773,30 @@ class Archiver:
             else:
                 self._settle(item, out, reason)
 
+    async def _pending_quota(
+        self, item: _Work, out: ArchiveBatch, pending_of: dict[str, Counter[tuple[int, int]]]
+    ) -> str | None:
+        """Why a fresh envelope may not wait in the pending store, or None (counted in).
+
+        Three quotas: ``pending_max`` for every conversation together,
+        ``pending_per_conversation_max`` and ``pending_per_sender_max`` (per epoch and
+        sender index), so one member cannot fill what every conversation shares.
+        ``pending_of`` holds the counts of this batch's conversations, read once.
+        """
+        s = self.settings
+        if self._pending_count + len(out.pending) >= s.pending_max:
+            return "pending_full"
+        counts = pending_of.get(item.cid)
+        if counts is None:
+            counts = pending_of[item.cid] = Counter(await self.store.pending_counts(item.cid))
+        key = (item.envelope.epoch, item.envelope.sender)
+        if counts.total() >= s.pending_per_conversation_max:
+            return "pending_conversation_full"
+        if counts[key] >= s.pending_per_sender_max:
+            return "pending_sender_full"
+        counts[key] += 1
+        return None
+
     def _archive(self, item: _Work, sender_pid: str, out: ArchiveBatch) -> None:
         env = item.envelope
         out.envelopes.append(
@@ -499,6 +809,7 @@ class Archiver:
                 step=env.step,
                 data=item.data,
                 received_at=item.received_at,
+                signed=env.signature is not None,  # verified by now, or allowed unsigned
             )
         )
         if item.pending_id is not None:
@@ -549,8 +860,10 @@ class Archiver:
             await self._commit(out)
 
     async def _sweep(self) -> None:
-        """Retry every pending envelope (another gateway may have archived its roster)
-        and drop those older than ``pending_ttl_s``."""
+        """Retry every held roster and pending envelope (another gateway may have
+        archived what they wait for) and drop those older than ``pending_ttl_s``."""
+        await self._promote(set(), expire_before=time.time() - self.settings.pending_ttl_s)
+        self.metrics.rosters_held.set((await self.store.held_counts(""))[1])
         self._pending_count = await self.store.pending_count()
         self.metrics.pending.set(self._pending_count)
         if not self._pending_count:
@@ -579,3 +892,32 @@ class _Work:
     @classmethod
     def from_pending(cls, row: PendingEnvelope) -> _Work:
         return cls(row.cid, Envelope.from_bytes(row.data), row.data, row.received_at, row.id)
+
+
+@dataclass(slots=True)
+class _Outgoing:
+    """A roster waiting to go out on ``c/{cid}/roster``."""
+
+    epoch: int
+    data: bytes
+    attempts: int = 0
+
+
+@dataclass(slots=True)
+class _Rosters:
+    """What one batch did with rosters, acted on after its commit."""
+
+    adopted: list[RosterRecord] = field(default_factory=list)
+    announce: list[RosterRecord] = field(default_factory=list)  # to the listener (the hub)
+    republish: list[RosterRecord] = field(default_factory=list)  # verified here: retain them
+
+
+def _parse_held(held: list[HeldRoster]) -> list[Roster | FieldchatError]:
+    """Decode held rosters (their signatures again: in the pool)."""
+    out: list[Roster | FieldchatError] = []
+    for h in held:
+        try:
+            out.append(Roster.from_bytes(h.data))
+        except FieldchatError as exc:
+            out.append(exc)
+    return out

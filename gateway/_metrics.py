@@ -43,6 +43,16 @@ class Metrics:
         self.grants = Counter(
             "fieldchat_gateway_grants_archived", "Inbox grants archived.", registry=r
         )
+        self.rosters_held = Gauge(
+            "fieldchat_gateway_rosters_held",
+            "Rosters waiting for their previous epoch to be archived (never adopted before).",
+            registry=r,
+        )
+        self.rosters_republished = Counter(
+            "fieldchat_gateway_rosters_republished",
+            "Rosters the gateway published, retained, on c/{cid}/roster (verified by it).",
+            registry=r,
+        )
         self.archive_lag = Histogram(
             "fieldchat_gateway_archive_lag_seconds",
             "Receipt-to-commit time of the oldest envelope of each commit.",

@@ -116,6 +116,15 @@ class GatewaySettings(BaseSettings):
     pending_ttl_s: Annotated[float, Field(gt=0)] = 7 * 24 * 3600
     pending_retry_s: Annotated[float, Field(gt=0)] = 30.0
     pending_max: Annotated[int, Field(ge=1)] = 100_000
+    # Quotas that keep one member or one signer from using what all conversations share
+    # (issue 13; docs/gateway.md "Quotas"). Refusals are counted by reason in
+    # fieldchat_gateway_rejected_total and logged once a minute.
+    pending_per_conversation_max: Annotated[int, Field(ge=1)] = 2_000
+    pending_per_sender_max: Annotated[int, Field(ge=1)] = 500  # per (cid, epoch, sender index)
+    held_rosters_per_conversation_max: Annotated[int, Field(ge=1)] = 16
+    held_rosters_max: Annotated[int, Field(ge=1)] = 10_000
+    founding_max: Annotated[int, Field(ge=1)] = 100  # epoch-0 rosters per signer per window
+    founding_window_s: Annotated[float, Field(gt=0)] = 24 * 3600
     feed_poll_s: Annotated[float, Field(gt=0, le=60)] = 0.5
 
     allow_registration: bool = True

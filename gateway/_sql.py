@@ -32,13 +32,16 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from gateway._errors import NameTaken, StorageError
 from gateway._schema import (
     MIGRATIONS,
+    SIGNED_DIGEST,
     accounts,
     bundles,
+    candidate_digest,
     claim_challenges,
     conv_heads,
     envelopes,
     gateway_secrets,
     grants,
+    held_rosters,
     participants,
     pending,
     request_nonces,
@@ -51,6 +54,7 @@ from gateway._store import (
     Account,
     ArchiveBatch,
     ArchiveResult,
+    HeldRoster,
     NewEnvelope,
     PendingEnvelope,
     RosterRecord,
@@ -65,9 +69,11 @@ __all__ = ["PostgresStore", "SqlStore", "SqliteStore", "open_store"]
 _ARCHIVE_LOCK = 0x66_63_61_72  # "fcar": pg_advisory_xact_lock key of archive commits
 _MIGRATE_LOCK = 0x66_63_6D_67  # "fcmg": gateways starting together migrate once
 _MEMBER_CACHE_MAX = 100_000
+# The unique index is the key and ``digest``: empty for a signed envelope (one per
+# key), the candidate digest of an unsigned one (gateway/_schema.py, ``envelopes``).
 _INSERT_ENVELOPE = (
-    "INSERT INTO envelopes (cid, epoch, sender, sender_pid, chain, step, data, received_at) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"
+    "INSERT INTO envelopes (cid, epoch, sender, sender_pid, chain, step, data, received_at,"
+    " digest) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"
 )
 _REMEMBER_NONCE = (
     "INSERT INTO request_nonces (pid, nonce, expires_at) VALUES (?, ?, ?) "
@@ -98,6 +104,36 @@ async def _mapped(what: str) -> AsyncIterator[None]:
         yield
     except (SQLAlchemyError, OSError) as exc:
         raise StorageError(f"database error while {what}: {type(exc).__name__}") from exc
+
+
+def _envelope_rows(batch: Sequence[NewEnvelope]) -> list[tuple[Any, ...]]:
+    """The columns of ``_INSERT_ENVELOPE`` (inline: the archive's hot path)."""
+    return [
+        (
+            e.cid,
+            e.epoch,
+            e.sender,
+            e.sender_pid,
+            e.chain,
+            e.step,
+            e.data,
+            e.received_at,
+            SIGNED_DIGEST if e.signed else candidate_digest(e.data),
+        )
+        for e in batch
+    ]
+
+
+def _held(row: Any) -> HeldRoster:  # noqa: ANN401 - a SQLAlchemy Row
+    return HeldRoster(
+        cid=row.cid,
+        epoch=row.epoch,
+        digest=bytes(row.digest),
+        data=bytes(row.data),
+        source=row.source,
+        received_at=row.received_at,
+        id=row.id,
+    )
 
 
 def _envelope(row: Any) -> StoredEnvelope:  # noqa: ANN401 - a SQLAlchemy Row
@@ -194,7 +230,14 @@ class SqlStore:
                 result = await conn.execute(
                     ins(rosters).on_conflict_do_nothing().returning(rosters.c.cid),
                     [
-                        {"cid": r.cid, "epoch": r.epoch, "digest": r.digest, "data": r.data}
+                        {
+                            "cid": r.cid,
+                            "epoch": r.epoch,
+                            "digest": r.digest,
+                            "data": r.data,
+                            "signer": r.signer,
+                            "archived_at": r.archived_at,
+                        }
                         for r in batch.rosters
                     ],
                 )
@@ -249,6 +292,25 @@ class SqlStore:
                     ],
                 )
                 grant_count = len(result.all())
+            if batch.released:
+                await conn.execute(
+                    delete(held_rosters).where(held_rosters.c.id.in_(batch.released))
+                )
+            if batch.held:
+                await conn.execute(
+                    ins(held_rosters).on_conflict_do_nothing(),
+                    [
+                        {
+                            "cid": h.cid,
+                            "epoch": h.epoch,
+                            "digest": h.digest,
+                            "data": h.data,
+                            "source": h.source,
+                            "received_at": h.received_at,
+                        }
+                        for h in batch.held
+                    ],
+                )
             if batch.resolved:
                 await conn.execute(delete(pending).where(pending.c.id.in_(batch.resolved)))
             if batch.pending:
@@ -292,6 +354,7 @@ class SqlStore:
                     "step": e.step,
                     "data": e.data,
                     "received_at": e.received_at,
+                    "digest": SIGNED_DIGEST if e.signed else candidate_digest(e.data),
                 }
                 for e in rows
             ],
@@ -335,6 +398,58 @@ class SqlStore:
             )
             for r in rows
         ]
+
+    async def roster_head(self, cid: str) -> tuple[int, bytes] | None:
+        rows = await self._rows(
+            select(rosters.c.epoch, rosters.c.data)
+            .where(rosters.c.cid == cid)
+            .order_by(rosters.c.epoch.desc())
+            .limit(1),
+            "reading a roster",
+        )
+        return (int(rows[0].epoch), bytes(rows[0].data)) if rows else None
+
+    async def foundings(self, signer: str, *, since: float) -> int:
+        return int(
+            await self._scalar(
+                select(func.count())
+                .select_from(rosters)
+                .where(
+                    rosters.c.signer == signer,
+                    rosters.c.archived_at >= since,
+                    rosters.c.epoch == 0,
+                ),
+                "counting foundings",
+            )
+        )
+
+    async def held_rosters(
+        self, *, cids: Collection[str] = (), limit: int = 1000
+    ) -> list[HeldRoster]:
+        stmt = select(held_rosters).order_by(held_rosters.c.id).limit(limit)
+        if cids:
+            stmt = stmt.where(held_rosters.c.cid.in_(list(cids)))
+        return [_held(r) for r in await self._rows(stmt, "reading held rosters")]
+
+    async def held_counts(self, cid: str) -> tuple[int, int]:
+        count = func.count()
+        async with _mapped("counting held rosters"), self.engine.connect() as conn:
+            mine = (
+                await conn.execute(
+                    select(count).select_from(held_rosters).where(held_rosters.c.cid == cid)
+                )
+            ).scalar()
+            every = (await conn.execute(select(count).select_from(held_rosters))).scalar()
+        return int(mine or 0), int(every or 0)
+
+    async def pending_counts(self, cid: str) -> dict[tuple[int, int], int]:
+        rows = await self._rows(
+            select(pending.c.epoch, pending.c.sender, func.count().label("n"))
+            .where(pending.c.cid == cid)
+            .group_by(pending.c.epoch, pending.c.sender),
+            "counting pending envelopes",
+        )
+        return {(int(r.epoch), int(r.sender)): int(r.n) for r in rows}
 
     async def bundle(self, pid: str) -> bytes | None:
         data = await self._scalar(
@@ -811,8 +926,9 @@ class SqliteStore(SqlStore):
             self._writer_conn = conn
         return conn
 
-    def _insert_batch(self, rows: list[tuple[Any, ...]]) -> tuple[int, int | None]:
+    def _insert_batch(self, batch: list[NewEnvelope]) -> tuple[int, int | None]:
         """In the writer thread: insert idempotently; (new rows, largest new seq)."""
+        rows = _envelope_rows(batch)  # here, not on the event loop
         conn = self._archive_connection()
         before = conn.total_changes
         conn.execute("BEGIN IMMEDIATE")
@@ -835,13 +951,18 @@ class SqliteStore(SqlStore):
         Raises:
             StorageError: nothing was written.
         """
-        others = batch.pending or batch.resolved or batch.rosters or batch.bundles or batch.grants
+        others = (
+            batch.pending
+            or batch.resolved
+            or batch.rosters
+            or batch.bundles
+            or batch.grants
+            or batch.held
+            or batch.released
+        )
         if not batch.envelopes or others:
             return await super().commit(batch)
-        rows = [
-            (e.cid, e.epoch, e.sender, e.sender_pid, e.chain, e.step, e.data, e.received_at)
-            for e in batch.envelopes
-        ]
+        rows = batch.envelopes
         loop = asyncio.get_running_loop()
         async with self._lock:
             try:

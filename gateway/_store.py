@@ -3,8 +3,8 @@
 Two protocols, one implementation per database engine (``gateway._sql``):
 
 * :class:`HistoryStore` — ciphertext only: envelopes with their routing fields and a
-  server sequence number (``seq``), envelopes waiting for a roster or bundle, rosters,
-  bundles and inbox grants.
+  server sequence number (``seq``), envelopes waiting for a roster or bundle, rosters
+  (and those waiting for their previous epoch), bundles and inbox grants.
 * :class:`AccountStore` — web accounts, the participants they proved they hold,
   sessions, claim challenges, the nonces of signed requests and the shared secrets.
 
@@ -27,6 +27,7 @@ __all__ = [
     "ArchiveResult",
     "GatewayStore",
     "GrantRecord",
+    "HeldRoster",
     "HistoryStore",
     "NewEnvelope",
     "PendingEnvelope",
@@ -38,7 +39,12 @@ __all__ = [
 
 @dataclass(frozen=True, slots=True)
 class NewEnvelope:
-    """A verified envelope to archive, verbatim, with its routing fields."""
+    """A verified envelope to archive, verbatim, with its routing fields.
+
+    ``signed``: its signature verified, so it is the only one kept for its key
+    (cid, epoch, sender, chain, step). False: an unsigned candidate, kept next to any
+    other distinct candidate of its key (see ``HistoryStore.commit``).
+    """
 
     cid: str
     epoch: int
@@ -48,6 +54,7 @@ class NewEnvelope:
     step: int
     data: bytes
     received_at: float
+    signed: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +93,23 @@ class RosterRecord:
     digest: bytes
     members: tuple[str, ...]
     data: bytes
+    signer: str | None = None  # stored when archived: foundings per signer are counted
+    archived_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HeldRoster:
+    """A signed roster whose previous epoch is not archived yet: it cannot be checked
+    against the chain, so it waits (``source`` says where it came from: whether it is
+    republished once adopted). ``id`` is ``None`` before it is stored."""
+
+    cid: str
+    epoch: int
+    digest: bytes
+    data: bytes
+    source: str
+    received_at: float
+    id: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +136,8 @@ class ArchiveBatch:
     """Everything one archive commit writes, in one transaction.
 
     Rosters and bundles are written before envelopes; ``resolved`` are pending ids
-    that this batch settles (archived or rejected) and deletes.
+    that this batch settles (archived or rejected) and deletes; ``released`` are held
+    roster ids it settles (adopted, refused or expired) and deletes.
     """
 
     envelopes: list[NewEnvelope] = field(default_factory=list)
@@ -121,6 +146,8 @@ class ArchiveBatch:
     rosters: list[RosterRecord] = field(default_factory=list)
     bundles: list[tuple[str, int, bytes]] = field(default_factory=list)  # pid, created_at, data
     grants: list[GrantRecord] = field(default_factory=list)
+    held: list[HeldRoster] = field(default_factory=list)
+    released: list[int] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(
@@ -130,6 +157,8 @@ class ArchiveBatch:
             or self.rosters
             or self.bundles
             or self.grants
+            or self.held
+            or self.released
         )
 
 
@@ -170,12 +199,36 @@ class HistoryStore(Protocol):
         ...
 
     async def commit(self, batch: ArchiveBatch) -> ArchiveResult:
-        """Write one archive batch atomically; envelopes idempotently."""
+        """Write one archive batch atomically; envelopes idempotently: one signed
+        envelope per key (the first), and every distinct unsigned candidate of a key
+        (the same bytes once), none of which blocks the signed one."""
         ...
 
     async def roster(self, cid: str, epoch: int) -> bytes | None: ...
 
     async def rosters(self, cid: str) -> list[RosterRecord]: ...
+
+    async def roster_head(self, cid: str) -> tuple[int, bytes] | None:
+        """The newest archived roster of ``cid``: ``(epoch, bytes)``."""
+        ...
+
+    async def foundings(self, signer: str, *, since: float) -> int:
+        """Epoch-0 rosters signed by ``signer`` archived at ``since`` or later."""
+        ...
+
+    async def held_rosters(
+        self, *, cids: Collection[str] = (), limit: int = 1000
+    ) -> list[HeldRoster]:
+        """Held rosters of these conversations (all when empty), oldest first."""
+        ...
+
+    async def held_counts(self, cid: str) -> tuple[int, int]:
+        """Held rosters: ``(of cid, in all)``."""
+        ...
+
+    async def pending_counts(self, cid: str) -> dict[tuple[int, int], int]:
+        """Pending envelopes of ``cid`` by ``(epoch, sender index)``."""
+        ...
 
     async def bundle(self, pid: str) -> bytes | None: ...
 

@@ -18,6 +18,7 @@ from schemas.envelope import SIGNATURE_BYTES, parse
 from schemas.errors import CryptoError, FieldchatError, InvalidId, LimitExceeded, WireError
 from schemas.frame import FRAME_MARKER, split
 from schemas.ids import decode_id
+from schemas.kinds import ObjectKind
 from schemas.topics import Topic
 
 __all__ = [
@@ -35,6 +36,8 @@ _MAX_OBJECT_BYTES = 16_384  # bundles (1.3 KB with ML-KEM), rosters (≤ 256 mem
 _TOPIC_CACHE_MAX = 50_000
 _FRAME = bytes((FRAME_MARKER,))
 _MSG_SUFFIX = "/" + TopicKind.MSG.value
+_ROSTER_KINDS = (TopicKind.ROSTER, TopicKind.PROPOSE)
+_ROSTER_KIND = bytes((ObjectKind.ROSTER,))
 
 
 class TopicCache:
@@ -70,7 +73,11 @@ class Rejected:
 @dataclass(frozen=True, slots=True)
 class Parsed:
     """One received message after the structural checks (and, for signed key objects,
-    their signature check): exactly one of the payload fields is set."""
+    their signature check): exactly one of the payload fields is set.
+
+    A roster comes on ``c/{cid}/roster``, on ``c/{cid}/propose`` or, sent by an admin
+    to a new member with the earlier rosters of its chain, on ``p/{pid}/inbox``
+    (``kind`` says which; ``roster`` is set, ``grant`` is not)."""
 
     kind: TopicKind
     data: bytes
@@ -91,7 +98,8 @@ def classify(  # noqa: PLR0911, PLR0912 - one outcome per topic kind, flat on pu
 
     Bundles, rosters and grants are decoded with their signatures checked (their
     ``from_bytes`` does it); envelopes are only parsed here, their signature needs the
-    sender's bundle (see :func:`verify_signatures`).
+    sender's bundle (see :func:`verify_signatures`). An inbox payload is a grant or a
+    roster, told apart by its kind byte (PROTOCOL.md §3).
     """
     try:
         where = topics.parse(topic)
@@ -116,11 +124,16 @@ def classify(  # noqa: PLR0911, PLR0912 - one outcome per topic kind, flat on pu
             if bundle.pid != where.pid:
                 return Rejected("wrong_topic", "bundle of another pid")
             return Parsed(where.kind, data, received_at, pid=where.pid, bundle=bundle)
-        if where.kind is TopicKind.ROSTER:
+        if where.kind in _ROSTER_KINDS:
             roster = Roster.from_bytes(data)
             if roster.cid != where.cid:
                 return Rejected("wrong_topic", "roster of another conversation")
             return Parsed(where.kind, data, received_at, cid=where.cid, roster=roster)
+        if data[1:2] == _ROSTER_KIND:
+            roster = Roster.from_bytes(data)
+            return Parsed(
+                where.kind, data, received_at, pid=where.pid, cid=roster.cid, roster=roster
+            )
         grant = Grant.from_bytes(data)
         if grant.recipient != where.pid:
             return Rejected("wrong_topic", "grant for another recipient")

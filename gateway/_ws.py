@@ -38,9 +38,13 @@ A publish is checked before it goes out: an envelope's sender (roster index of i
 epoch) must be one of the account's participants and its signature must verify
 against that participant's bundle; a roster, grant or bundle must be signed by one.
 "The account's participants" are those it proved it holds (``Account.pids``); a pid
-claimed without proof (before schema 2) gives a socket nothing. ``ack`` follows the
-broker's PUBACK. Frames that are not the protocol get an ``error``; after
-``MAX_BAD_FRAMES`` the socket is closed (1008).
+claimed without proof (before schema 2) gives a socket nothing.
+A roster must also chain to the archive (found its conversation within its signer's
+quota, or follow the archived epoch before it; ``Archiver.submit_roster``): the
+gateway archives it and publishes it, retained, on ``c/{cid}/roster``, where on
+Mosquitto and NATS only a verifier may write.
+``ack`` follows the broker's PUBACK. Frames that are not the protocol get an
+``error``; after ``MAX_BAD_FRAMES`` the socket is closed (1008).
 
 Size: uvicorn closes a socket whose message passes ``ws_max_message_bytes`` (256 KiB,
 close code 1009) before it reaches us (``gateway._run.uvicorn_options``, used by
@@ -387,6 +391,7 @@ class _Session:
             roster = Roster.from_bytes(data)
             if roster.signer not in mine:
                 raise Forbidden("the roster is not signed by your participant")
+            await gw.archiver.submit_roster(roster, data)
             await gw.archiver.publish(gw.topics.roster(roster.cid), data, retain=True)
         elif kind == "grant":
             grant = Grant.from_bytes(data)

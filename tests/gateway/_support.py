@@ -35,7 +35,7 @@ from gateway import (
     signed_message,
     uvicorn_options,
 )
-from schemas import Topics
+from schemas import Policy, Topics
 
 MOSQUITTO = "/usr/sbin/mosquitto"
 PG_ADMIN_URLS = (
@@ -240,7 +240,7 @@ class Conversation:
         return party.engine.seal(self.cid, TextMessage(sent_at=int(time.time()), text=text))
 
 
-def converse(topics: Topics, parties: list[Party]) -> Conversation:
+def converse(topics: Topics, parties: list[Party], *, policy: Policy | None = None) -> Conversation:
     """Found a conversation among ``parties`` (the first is the creator) and exchange
     rosters and grants in memory; return everything that must also go to MQTT."""
     for p in parties:
@@ -248,7 +248,7 @@ def converse(topics: Topics, parties: list[Party]) -> Conversation:
             if p is not q:
                 p.engine.learn_bundle(q.bundle)
     creator = parties[0]
-    cid, pubs = creator.engine.create_conversation([p.pid for p in parties[1:]])
+    cid, pubs = creator.engine.create_conversation([p.pid for p in parties[1:]], policy=policy)
     out = [p.engine.bundle_publication() for p in parties]
     queue = list(pubs)
     by_pid = {p.pid: p for p in parties}
