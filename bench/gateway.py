@@ -127,7 +127,7 @@ def conversation(topics: Topics, *, browser: bool = False) -> tuple[Engine, Engi
     out = [a.bundle_publication(), b.bundle_publication()]
     for pub in pubs:
         out.append(pub)
-        if pub.topic.endswith("/roster"):
+        if pub.topic.endswith(("/roster", "/propose")):
             for back in b.handle_roster(pub.payload):
                 out.append(back)
                 a.handle_grant(back.payload)
@@ -248,7 +248,9 @@ async def archive_rate(
         proc, queue = run_publisher(port, setup)
         await asyncio.to_thread(queue.get, True, 60)
         proc.join(30)
-        cid = next(Topics(prefix).parse(t).cid for t, _, _ in setup if t.endswith("/roster"))
+        cid = next(
+            Topics(prefix).parse(t).cid for t, _, _ in setup if t.endswith(("/roster", "/propose"))
+        )
         end = time.monotonic() + 30
         while await store.roster(cid or "", 0) is None:
             if time.monotonic() > end:

@@ -30,7 +30,12 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 from schemas.crypto import aead_open, chain_step
-from schemas.errors import ForwardJumpTooLarge, SkippedKeyMissing, UnsignedJumpTooFar
+from schemas.errors import (
+    CryptoError,
+    ForwardJumpTooLarge,
+    SkippedKeyMissing,
+    UnsignedJumpTooFar,
+)
 
 __all__ = [
     "MARK_EVERY",
@@ -202,6 +207,36 @@ class RecvChain:
         plaintext = aead_open(chain_step(skipped_key)[:32], nonce(step), sealed, aad)
         del self.skipped[step]
         return plaintext
+
+    def authentic(self, step: int, sealed: bytes, aad: bytes) -> bool | None:
+        """Whether the envelope of ``step`` authenticates, changing nothing; ``None``
+        when that cannot be told cheaply (beyond :meth:`reach`, or behind with no key).
+
+        For a client that holds an envelope back for display order: only what is
+        genuine is held, so junk aimed at a step cannot stand in for the envelope
+        that comes later (at most MAX_UNSIGNED_JUMP steps derived, as for opening).
+        """
+        if step == self.step:
+            key = chain_step(self.key)[:32]
+        elif step > self.step:
+            if step - self.step > MAX_FORWARD_JUMP:
+                return None
+            base, ck = self._key_before(step)
+            if step - base > MAX_UNSIGNED_JUMP:
+                return None
+            for _ in range(base, step):
+                ck = chain_step(ck)[32:]
+            key = chain_step(ck)[:32]
+        else:
+            skipped_key = self.skipped.get(step)
+            if skipped_key is None:
+                return None
+            key = chain_step(skipped_key)[:32]
+        try:
+            aead_open(key, nonce(step), sealed, aad)
+        except CryptoError:
+            return False
+        return True
 
     def _open_ahead(self, step: int, sealed: bytes, aad: bytes, *, authenticated: bool) -> bytes:
         jump = step - self.step

@@ -89,6 +89,9 @@ log = logging.getLogger("fieldchat.device")
 MAX_QUEUE = 10_000  # inbound packets waiting for the worker; paho's thread blocks past it
 BATCH = 256  # inbound packets per transaction (one fsync)
 MAX_RESEND = 2_000  # own messages published again per reconnect
+# Distinct candidates of one step held for display order (unsigned junk beside the
+# genuine envelope; only those not refused by an authentication check wait).
+MAX_CANDIDATES_PER_STEP = 8
 # A new member's grant: what it has not receipted this many receipt intervals later
 # is published again (it may have subscribed after we sent).
 GRANT_RESEND_RECEIPTS = 3
@@ -294,21 +297,24 @@ class Device:
         self._inflight: dict[int, tuple[int, ...]] = {}  # packet id -> outbox seqs it carries
         self._cursor = 0
         self._high = self.state.high_steps()
-        # Envelopes that overtook a missing step: chain -> step -> (held row, deadline).
-        self._waiting: dict[tuple[str, int, int, int], dict[int, tuple[int, float]]] = defaultdict(
-            dict
+        # Envelopes that overtook a missing step: chain -> step -> [(held row, deadline)],
+        # every distinct candidate of a step that did not fail to authenticate (history
+        # may serve junk beside the genuine envelope: docs/gateway.md, "Receivers").
+        self._waiting: dict[tuple[str, int, int, int], dict[int, list[tuple[int, float]]]] = (
+            defaultdict(dict)
         )
         # Held unsigned envelopes too far ahead to derive before authentication
         # (UnsignedJumpTooFar): chain -> step -> held row, retried once Engine.reach
         # passes them, never in the wholesale retry (each costs up to ~1 ms to try).
-        self._unreached: dict[tuple[str, int, int, int], dict[int, int]] = defaultdict(dict)
+        self._unreached: dict[tuple[str, int, int, int], dict[int, list[int]]] = defaultdict(dict)
         self._advanced: set[tuple[str, int, int, int]] = set()  # chains to look at again
         self._roster_fetches: dict[str, float] = {}  # cid -> when it may be fetched again
         self._retried_at_start = False
         for row, cid, payload, until in self.state.held(reordering=True):
             with contextlib.suppress(FieldchatError):
                 _, _, epoch, index, chain, step, _ = read_header(payload)
-                self._waiting[(cid, epoch, index, chain)][step] = (row, until or 0.0)
+                waiting = self._waiting[(cid, epoch, index, chain)]
+                waiting.setdefault(step, []).append((row, until or 0.0))
         self._receipts: dict[tuple[str, ReceiptType], set[tuple[int, int, int, int]]] = defaultdict(
             set
         )
@@ -967,18 +973,45 @@ class Device:
             else:
                 key = (cid, epoch, index, chain)
                 high = self._high_of(key)
-                if step in self._waiting.get(key, {}):
-                    self._duplicate(cid, payload)  # a copy of one already waiting
-                    return True
-                if high is not None and step > high + 1:
-                    until = self._clock() + self.options.reorder_window_s
-                    row, dropped = self.state.hold(db, cid, payload, until)
-                    self._dropped(dropped)
-                    self._waiting[key][step] = (row, until)
-                    return True
+                waiting = self._waiting.get(key, {}).get(step)
+                if waiting is not None or (high is not None and step > high + 1):
+                    return self._wait(db, cid, key, step, payload, waiting)
         done = self._open_one(db, cid, payload, batch)
         self._release(db, batch)
         return done
+
+    def _wait(
+        self,
+        db: sqlite3.Connection,
+        cid: str,
+        key: tuple[str, int, int, int],
+        step: int,
+        payload: bytes,
+        waiting: list[tuple[int, float]] | None,
+    ) -> bool:
+        """Hold an envelope that overtook a missing step, if it may be genuine.
+
+        What fails to authenticate now is refused at once (counted ``rejected_auth``),
+        so junk for a step cannot take the place of the envelope that comes later; a
+        byte-identical copy of one waiting is a duplicate; other candidates wait side
+        by side (at most MAX_CANDIDATES_PER_STEP), released together in their turn.
+        """
+        if waiting is not None:
+            held = [self.state.held_payload(row) for row, _ in waiting]
+            if bytes(payload) in held:
+                self._duplicate(cid, payload)
+                return True
+            if len(waiting) >= MAX_CANDIDATES_PER_STEP:
+                self.counters["candidates_dropped"] += 1
+                return True
+        if self.engine.authentic(cid, payload) is False:
+            self.counters["rejected_auth"] += 1
+            return True
+        until = self._clock() + self.options.reorder_window_s
+        row, dropped = self.state.hold(db, cid, payload, until)
+        self._dropped(dropped)
+        self._waiting[key].setdefault(step, []).append((row, until))
+        return True
 
     def _high_of(self, key: tuple[str, int, int, int]) -> int | None:
         """The highest step shown of a sender chain; before the first, the step before
@@ -1001,15 +1034,15 @@ class Device:
                     del self._waiting[key]
                     continue
                 first = min(steps)
-                row, until = steps[first]
+                until = min(at for _, at in steps[first])
                 high = self._high_of(key)
                 if high is not None and first > high + 1 and not (expired and until <= now):
                     continue
-                del steps[first]
-                payload = self.state.held_payload(row)
-                self.state.unhold(db, [row])
-                if payload is not None:
-                    self._open_counted(db, key[0], payload, batch)
+                for row, _ in steps.pop(first):
+                    payload = self.state.held_payload(row)
+                    self.state.unhold(db, [row])
+                    if payload is not None:
+                        self._open_counted(db, key[0], payload, batch)
                 progress = True
             if self._advanced and self._reach(db, batch):
                 progress = True
@@ -1039,12 +1072,12 @@ class Device:
                 continue
             limit = self.engine.reach(*key)
             for step in sorted(s for s in steps if limit is not None and s <= limit):
-                row = steps.pop(step)
-                payload = self.state.held_payload(row)
-                self.state.unhold(db, [row])
-                if payload is not None:
-                    self._open_counted(db, key[0], payload, batch)
-                    tried = True
+                for row in steps.pop(step):  # every candidate held for that step
+                    payload = self.state.held_payload(row)
+                    self.state.unhold(db, [row])
+                    if payload is not None:
+                        self._open_counted(db, key[0], payload, batch)
+                        tried = True
         return tried
 
     def _duplicate(self, cid: str, payload: bytes) -> None:
@@ -1076,7 +1109,7 @@ class Device:
             held, dropped = self.state.hold(db, cid, payload)
             self._dropped(dropped)
             _, _, epoch, index, chain_no, step, _ = read_header(payload)
-            self._unreached[(cid, epoch, index, chain_no)][step] = held
+            self._unreached[(cid, epoch, index, chain_no)].setdefault(step, []).append(held)
             self._advanced.add((cid, epoch, index, chain_no))
             return False
         except MissingKey:
@@ -1297,7 +1330,9 @@ class Device:
             self._queue_publications(db, self.engine.pay_owed_grants(), None)
 
     def _retry_held(self) -> None:
-        unreached = {row for steps in self._unreached.values() for row in steps.values()}
+        unreached = {
+            row for steps in self._unreached.values() for rows in steps.values() for row in rows
+        }
         held = [h for h in self.state.held() if h[0] not in unreached]
         if not held:
             return
@@ -1403,7 +1438,12 @@ class Device:
             _, before = self._resend
             self._resend = None
             self._resend_unconfirmed(before)
-        if any(until <= now for steps in self._waiting.values() for _, until in steps.values()):
+        if any(
+            until <= now
+            for steps in self._waiting.values()
+            for candidates in steps.values()
+            for _, until in candidates
+        ):
             batch = _Batch([], [], set(), set())
             with self.state.transaction() as db:
                 self._release(db, batch, expired=True)

@@ -419,6 +419,34 @@ class Engine:
             receiving = conv.recv.get((epoch, sender_index, chain)) if conv else None
             return None if receiving is None else receiving.reach()
 
+    def authentic(self, cid: str, data: bytes) -> bool | None:
+        """Whether an envelope would authenticate now, changing no state: ``True`` or
+        ``False``, or ``None`` when that cannot be told yet (no key, malformed, too far
+        ahead to derive before authentication). Signed: its signature; unsigned: AES-GCM.
+
+        A client that holds envelopes back for per-sender order asks this first, so
+        that only genuine ones wait (several unsigned candidates may be served for one
+        step: docs/gateway.md, "Receivers").
+        """
+        with self._lock:
+            conv = self._convs.get(cid)
+            try:
+                _, flags, epoch, index, chain_no, step, header_len = read_header(data)
+            except FieldchatError:
+                return None
+            chain = conv.recv.get((epoch, index, chain_no)) if conv else None
+            if conv is None or chain is None:
+                return None
+            data = bytes(data)
+            if flags & FLAG_SIGNED:
+                end = len(data) - SIGNATURE_BYTES
+                try:
+                    ed25519_verify(chain.signer_key, data[end:], data[:end] + conv.cid_raw)
+                except CryptoError:
+                    return False
+                return True
+            return chain.authentic(step, data[header_len:], data[:header_len] + conv.cid_raw)
+
     def oldest_epoch(self, cid: str) -> int:
         """The oldest roster epoch of ``cid`` we can open anything of: the current one,
         or an older one we still hold a receiving chain of (0 when unknown)."""

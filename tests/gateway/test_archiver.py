@@ -95,7 +95,7 @@ async def test_bad_input_is_refused_counted_and_valid_survive(gateway, mosquitto
     forged = dataclasses.replace(valid, step=valid.step + 100)  # signature no longer covers it
     outsider = dataclasses.replace(valid, sender=9, step=valid.step + 1)
     unsigned = dataclasses.replace(valid, signature=None, step=valid.step + 2)
-    roster = next(p.payload for p in conv.publications if p.topic.endswith("/roster"))
+    roster = next(p.payload for p in conv.publications if p.topic.endswith(("/roster", "/propose")))
     bad_roster = bytearray(roster)
     bad_roster[-1] ^= 1
     msg = topics.msg(conv.cid)
