@@ -29,10 +29,18 @@ def chain_of(admin: Party, member: Party, epochs: int) -> list[Roster]:
     """Rosters 0..epochs-1 of one conversation, each signed by ``admin``."""
     admin.engine.learn_bundle(member.bundle)
     cid, pubs = admin.engine.create_conversation([member.pid])
-    out = [Roster.from_bytes(next(p.payload for p in pubs if p.topic.endswith("/roster")))]
+    out = [
+        Roster.from_bytes(
+            next(p.payload for p in pubs if p.topic.endswith(("/roster", "/propose")))
+        )
+    ]
     for _ in range(epochs - 1):
         pubs = admin.engine.set_policy(cid, Policy(sign_every=len(out) + 1))
-        out.append(Roster.from_bytes(next(p.payload for p in pubs if p.topic.endswith("/roster"))))
+        out.append(
+            Roster.from_bytes(
+                next(p.payload for p in pubs if p.topic.endswith(("/roster", "/propose")))
+            )
+        )
     return out
 
 

@@ -49,6 +49,7 @@ class Browser:
         self.url = f"{gw.ws_base}/ws" + ("?" + "&".join(query) if query else "")
         self.headers = {"Cookie": f"fc_session={http.cookies.get('fc_session')}"}
         self.ws = None
+        self.early: list[dict] = []  # frames that came before the ack a publish waited for
 
     async def __aenter__(self):
         self.ws = await connect(self.url, additional_headers=self.headers)
@@ -58,6 +59,11 @@ class Browser:
         await self.ws.close()
 
     async def next(self, op: str | None = None, timeout: float = 20) -> dict:
+        for i, frame in enumerate(self.early):
+            if op is None or frame["op"] == op:
+                del self.early[: i + 1]  # as next() would have skipped the others
+                return frame
+        self.early.clear()
         end = time.monotonic() + timeout
         while True:
             frame = json.loads(await asyncio.wait_for(self.ws.recv(), end - time.monotonic()))
@@ -78,9 +84,12 @@ class Browser:
             )
         )
         while True:
-            frame = await self.next()
+            frame = json.loads(await asyncio.wait_for(self.ws.recv(), 20))
             if frame.get("id") == ref and frame["op"] in ("ack", "error"):
                 return frame
+            # An envelope may be archived and fanned out before the broker's PUBACK
+            # reaches the gateway (a fast SQLite commit): keep it for next().
+            self.early.append(frame)
 
 
 async def setup(gateway, mosquitto, prefix):
