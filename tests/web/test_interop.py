@@ -236,6 +236,26 @@ def test_a_browser_invited_later_adopts_the_roster_only_through_the_chain(page):
     assert text(bob.open(cid, web.seal(cid, "thanks"))) == "thanks"
 
 
+def forged_epoch_1(roster0: Roster, signer: Identity, browser: str, outsider: str) -> Roster:
+    """Epoch 1 after ``roster0``, naming it as prev, adding the browser and an outsider,
+    signed by ``signer`` (a member who is no admin: it does not chain, §5.2)."""
+    return Roster.create(
+        cid=roster0.cid,
+        epoch=1,
+        nonce=b"",
+        prev=roster0.digest(),
+        members=(
+            *roster0.members,
+            Member(pid=browser, admin=False, pq=False),
+            Member(pid=outsider, admin=False, pq=True),
+        ),
+        policy=roster0.policy,
+        issued_at=roster0.issued_at,
+        signer_key=signer.public,
+        sign=signer.sign,
+    )
+
+
 def test_a_roster_a_member_forged_is_not_adopted_and_gets_no_grant(page):
     """Issue 13: a member who is no admin signs an epoch 1 listing the browser and an
     outsider. Seen first, it is held (trusted for nothing); once epoch 0 arrives it does
@@ -245,21 +265,7 @@ def test_a_roster_a_member_forged_is_not_adopted_and_gets_no_grant(page):
     introduce(web, alice, mallory, outsider)
     cid, pubs = alice.create_conversation([mallory.pid])
     roster0 = Roster.from_bytes(pubs[0].payload)
-    forged = Roster.create(
-        cid=cid,
-        epoch=1,
-        nonce=b"",
-        prev=roster0.digest(),
-        members=(
-            *roster0.members,
-            Member(pid=web.pid, admin=False, pq=False),
-            Member(pid=outsider.pid, admin=False, pq=True),
-        ),
-        policy=roster0.policy,
-        issued_at=roster0.issued_at,
-        signer_key=mallory.identity.public,
-        sign=mallory.identity.sign,
-    )
+    forged = forged_epoch_1(roster0, mallory.identity, web.pid, outsider.pid)
 
     assert web.try_roster(forged.to_bytes()) == {"error": "roster_pending"}
     assert web.try_roster(roster0.to_bytes()) == {"publications": []}  # not listed at 0
