@@ -1,12 +1,19 @@
 """A person using the chat page in Chromium: each user has a browser context of their own
 (own IndexedDB, own cookie), and every WebSocket frame the page sends or receives is
-recorded so the tests can look for plaintext on the wire."""
+recorded so the tests can look for plaintext on the wire.
+
+With ``relay=True`` the page's ``/ws`` runs through the test (Playwright's WebSocket
+routing, to the real gateway): a test can then stand in for a hostile network or
+gateway, dropping frames on their way to the page (:attr:`WebUser.drop`) or adding its
+own (:meth:`WebUser.inject`), through the page's own receive path."""
 
 from __future__ import annotations
 
 import base64
 import json
 import re
+import time
+from collections.abc import Callable
 from typing import Any
 
 from tests.web._stack import DEADLINE_S
@@ -18,7 +25,13 @@ PHONE = {"width": 390, "height": 780}
 
 class WebUser:
     def __init__(
-        self, browser: Any, base: str, name: str, *, viewport: dict[str, int] | None = None
+        self,
+        browser: Any,
+        base: str,
+        name: str,
+        *,
+        viewport: dict[str, int] | None = None,
+        relay: bool = False,
     ) -> None:
         self.name = name
         self.base = base
@@ -31,6 +44,47 @@ class WebUser:
         self.page = self.context.new_page()
         self._watch(self.page)
         self.pid = ""
+        self.socket: Any = None  # the page's side of the relayed /ws
+        self.sent: list[dict[str, Any]] = []  # frames the page sent through the relay
+        self.received: list[dict[str, Any]] = []  # frames the gateway sent it
+        self.dropped: list[dict[str, Any]] = []
+        self.drop: Callable[[dict[str, Any]], bool] = lambda frame: False
+        if relay:
+            self.page.route_web_socket(re.compile(r"/ws\?"), self._relay)
+
+    def _relay(self, ws: Any) -> None:
+        server = ws.connect_to_server()
+        self.socket = ws
+
+        def to_server(message: str | bytes) -> None:
+            self.sent.append(json.loads(message))
+            server.send(message)
+
+        def to_page(message: str | bytes) -> None:
+            parsed = json.loads(message)
+            frames = parsed if isinstance(parsed, list) else [parsed]
+            self.received += frames
+            kept = [f for f in frames if not self.drop(f)]
+            self.dropped += [f for f in frames if self.drop(f)]
+            if kept:
+                ws.send(json.dumps(kept if isinstance(parsed, list) else kept[0]))
+
+        ws.on_message(to_server)
+        server.on_message(to_page)
+
+    def inject(self, frame: dict[str, Any]) -> None:
+        """A frame for the page as if the gateway sent it (``relay=True``)."""
+        assert self.socket is not None, "relay=True, and the page connected"
+        self.socket.send(json.dumps(frame))
+
+    def relay_until(self, predicate: Callable[[], Any], what: str) -> None:
+        """Poll ``predicate`` with a deadline while the relay runs: Playwright calls the
+        relay only while the test is inside one of its calls (here a short wait)."""
+        end = time.monotonic() + DEADLINE_S
+        while not predicate():
+            if time.monotonic() > end:
+                raise AssertionError(f"timed out waiting for {what}")
+            self.page.wait_for_timeout(50)
 
     def _watch(self, page: Any) -> None:
         page.on("websocket", self._on_socket)

@@ -183,7 +183,7 @@ def test_browser_founds_invites_and_removes(stack, browser):
 def test_no_plaintext_in_the_database_or_on_the_wire(chat, stack):
     secrets = [
         "the vault code is tango-4711-kilo",
-        "meet at the north gate",
+        "meet at the north gatehouse",
         "Grüße aus dem Feld ✓",
     ]
     chat.alice.send(secrets[0])

@@ -1,18 +1,27 @@
 """The browser's engine and Python's exchange messages both ways: rosters, X25519-only
 grants in both directions, sealing and opening, and rotation when a member is removed.
 The bytes travel through the test process (no network), so a failure here is the
-protocol's, not the transport's."""
+protocol's, not the transport's.
+
+The trust rules of issue 13 both ways (PROTOCOL.md §5.2, §5.3, §6.4): a browser adopts a
+roster only through a chain from epoch 0, takes a removed member's unsigned old-epoch
+envelopes only below the end their sender stated (and states its own), and derives at
+most 512 chain steps for an envelope nothing has authenticated."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
 
 from device.engine import Engine, Opened, Publication
 from device.identity import Identity
-from schemas import Grant, GrantMode, Roster, TextMessage, Topics
+from schemas import Grant, GrantMode, Member, Policy, Roster, TextMessage, Topics
+from schemas.envelope import EnvelopeKind, header_bytes
 from schemas.errors import FieldchatError
+from schemas.roster import is_roster
+from tests.device.test_chain_ends import forge_as
 
 pytestmark = pytest.mark.chromium
 TOPICS = Topics()
@@ -45,6 +54,14 @@ class WebPeer:
     def open(self, cid: str, data: bytes) -> Any:
         """``{sender, text, kind}``, ``{error}`` or None (a duplicate or our own)."""
         return self.call("open", [cid, data.hex()])
+
+    def try_roster(self, data: bytes) -> dict[str, Any]:
+        """``{publications}`` or ``{error: reason}``."""
+        return dict(self.call("tryRoster", data.hex()))
+
+    def inbox(self, data: bytes) -> dict[str, Any]:
+        """A roster: ``{publications}``; a grant: ``{installed, ends}``; or ``{error}``."""
+        return dict(self.call("inbox", data.hex()))
 
 
 @pytest.fixture
@@ -159,3 +176,223 @@ def test_browser_founds_removes_and_the_removed_cannot_read(page):
         bob.open(cid, from_alice)
     # bob's envelopes of the old epoch are refused by the browser now (stale epoch).
     assert web.open(cid, late) == {"error": "stale_epoch"}
+
+
+def introduce(web: WebPeer, *engines: Engine) -> None:
+    """Everyone learns everyone's bundle (as from the retained bundle topics)."""
+    for e in engines:
+        e.learn_bundle(web.bundle)
+        web.learn(e.identity.bundle.to_bytes())
+        for other in engines:
+            if other is not e:
+                e.learn_bundle(other.identity.bundle.to_bytes())
+
+
+def found(admin: Engine, members: list[Engine], web: WebPeer | None, **policy: Any) -> str:
+    """``admin`` founds a conversation with ``members`` (and the browser, when given);
+    everyone takes the roster of epoch 0 and every grant."""
+    engines = {e.pid: e for e in (admin, *members)}
+    pids = [e.pid for e in members] + ([web.pid] if web else [])
+    cid, pubs = admin.create_conversation(pids, policy=Policy(**policy))
+    grants = list(pubs[1:])
+    for e in members:
+        grants += e.handle_roster(pubs[0].payload)
+    if web is not None:
+        for g in web.roster(pubs[0].payload):
+            engines[g["recipient"]].handle_grant(bytes.fromhex(g["data"]))
+    for p in grants:
+        where = TOPICS.parse(p.topic)
+        if web is not None and where.pid == web.pid:
+            assert web.grant(p.payload)["installed"]
+        else:
+            engines[str(where.pid)].handle_grant(p.payload)
+    return cid
+
+
+def test_a_browser_invited_later_adopts_the_roster_only_through_the_chain(page):
+    """The roster that invites the browser at epoch 1 comes first (the retained topic): it
+    is held and nothing is granted until epoch 0, from the admin's inbox message, makes
+    the chain verify; then the browser joins and reads."""
+    web = WebPeer(page)
+    alice, bob = Engine(Identity.generate()), Engine(Identity.generate())
+    introduce(web, alice, bob)
+    cid = found(alice, [bob], None)
+    invite = alice.add_members(cid, [web.pid])
+    bob.handle_roster(invite[0].payload)
+    to_web = [p.payload for p in invite if p.topic == TOPICS.inbox(web.pid)]
+    history = [p for p in to_web if is_roster(p)]
+    assert [Roster.from_bytes(r).epoch for r in history] == [0]
+
+    assert web.try_roster(invite[0].payload) == {"error": "roster_pending"}
+    assert web.call("conversations") == []
+    grants = web.inbox(history[0])["publications"]
+    assert sorted(g["recipient"] for g in grants) == sorted([alice.pid, bob.pid])
+    for g in grants:
+        {alice.pid: alice, bob.pid: bob}[g["recipient"]].handle_grant(bytes.fromhex(g["data"]))
+    for grant in [p for p in to_web if not is_roster(p)]:
+        assert web.inbox(grant) == {"installed": True, "ends": 0}
+    hello = alice.seal(cid, TextMessage(sent_at=1, text="welcome"))
+    assert web.open(cid, hello)["text"] == "welcome"
+    assert text(bob.open(cid, web.seal(cid, "thanks"))) == "thanks"
+
+
+def forged_epoch_1(roster0: Roster, signer: Identity, browser: str, outsider: str) -> Roster:
+    """Epoch 1 after ``roster0``, naming it as prev, adding the browser and an outsider,
+    signed by ``signer`` (a member who is no admin: it does not chain, §5.2)."""
+    return Roster.create(
+        cid=roster0.cid,
+        epoch=1,
+        nonce=b"",
+        prev=roster0.digest(),
+        members=(
+            *roster0.members,
+            Member(pid=browser, admin=False, pq=False),
+            Member(pid=outsider, admin=False, pq=True),
+        ),
+        policy=roster0.policy,
+        issued_at=roster0.issued_at,
+        signer_key=signer.public,
+        sign=signer.sign,
+    )
+
+
+def test_a_roster_a_member_forged_is_not_adopted_and_gets_no_grant(page):
+    """Issue 13: a member who is no admin signs an epoch 1 listing the browser and an
+    outsider. Seen first, it is held (trusted for nothing); once epoch 0 arrives it does
+    not chain and is dropped. Nothing is granted: the outsider reads nothing."""
+    web = WebPeer(page)
+    alice, mallory, outsider = (Engine(Identity.generate()) for _ in range(3))
+    introduce(web, alice, mallory, outsider)
+    cid, pubs = alice.create_conversation([mallory.pid])
+    roster0 = Roster.from_bytes(pubs[0].payload)
+    forged = forged_epoch_1(roster0, mallory.identity, web.pid, outsider.pid)
+
+    assert web.try_roster(forged.to_bytes()) == {"error": "roster_pending"}
+    assert web.try_roster(roster0.to_bytes()) == {"publications": []}  # not listed at 0
+    assert web.call("conversations") == []
+    assert web.call("counters")["roster"] == 1  # the forged epoch 1, dropped
+    assert web.try_roster(forged.to_bytes()) == {"error": "roster"}  # and refused from now on
+
+
+def test_a_removed_member_cannot_pass_unsigned_envelopes_off_as_a_remaining_one(page):
+    """Issue 13, item 4, the browser receiving: Carol, removed at epoch 1, keeps Bob's
+    epoch-0 chain key and seals "from Bob" at a step Bob never used. The browser holds
+    that and Bob's genuine late envelope until Bob's epoch-1 grant states his end, then
+    shows the genuine one and refuses the forgery."""
+    web = WebPeer(page)
+    alice, bob, carol = (Engine(Identity.generate()) for _ in range(3))
+    introduce(web, alice, bob, carol)
+    cid = found(alice, [bob, carol], web, sign_every=0)
+    assert web.open(cid, bob.seal(cid, TextMessage(sent_at=1, text="b0")))["text"] == "b0"
+    late = bob.seal(cid, TextMessage(sent_at=1, text="late, sealed before the removal"))
+
+    removal = alice.remove_members(cid, [carol.pid])
+    web.roster(removal[0].payload)
+    bobs = bob.handle_roster(removal[0].payload)
+    carol.handle_roster(removal[0].payload)
+    forgery = forge_as(carol, cid, bob, 2, "from bob: pay carol")
+
+    assert web.open(cid, late) == {"error": "chain_end_unknown"}
+    assert web.open(cid, forgery) == {"error": "chain_end_unknown"}
+    bobs_grant = next(p.payload for p in bobs if p.topic == TOPICS.inbox(web.pid))
+    assert web.inbox(bobs_grant) == {"installed": True, "ends": 1}
+    assert web.open(cid, late)["text"].startswith("late")
+    assert web.open(cid, forgery) == {"error": "chain_closed"}
+    # Signed envelopes and the new epoch are not affected.
+    assert web.open(cid, bob.seal(cid, TextMessage(sent_at=2, text="epoch 1")))["text"] == "epoch 1"
+
+
+def test_the_browser_states_where_its_chain_ended_and_python_refuses_past_it(page):
+    """The other way: the browser's grants of the new epoch carry its epoch-0 end, so a
+    removed member's unsigned "from the browser" past it is refused by Python."""
+    web = WebPeer(page)
+    alice, carol = Engine(Identity.generate()), Engine(Identity.generate())
+    introduce(web, alice, carol)
+    made = web.call("createWith", [[alice.pid, carol.pid], {"sign_every": 0}])
+    cid, published = made["cid"], made["publications"]
+    for e in (alice, carol):
+        e.handle_roster(bytes.fromhex(published[0]["data"]))
+    for p in published[1:]:
+        {alice.pid: alice, carol.pid: carol}[p["recipient"]].handle_grant(bytes.fromhex(p["data"]))
+    first = web.seal(cid, "w0")
+    assert text(alice.open(cid, first)) == text(carol.open(cid, first)) == "w0"
+    late = web.seal(cid, "late")
+
+    removal = web.call("remove", [cid, [carol.pid]])
+    alice.handle_roster(bytes.fromhex(removal[0]["data"]))
+    carol.handle_roster(bytes.fromhex(removal[0]["data"]))
+    [grant] = [p for p in removal if p["kind"] == "grant"]
+    assert alice.handle_grant(bytes.fromhex(grant["data"])).ends == 1
+    assert text(alice.open(cid, late)) == "late"
+    with pytest.raises(FieldchatError) as info:
+        alice.open(cid, forge_as(carol, cid, web, 2, "from the browser: pay carol"))  # type: ignore[arg-type]
+    assert info.value.reason == "chain_closed"
+
+
+def junk(alice: Engine, cid: str, step: int, *, signed: bool = False, size: int = 40) -> bytes:
+    """A well-formed envelope of Alice's epoch-0 chain at ``step`` that nobody sealed."""
+    header = header_bytes(EnvelopeKind.TEXT, 0, 0, 0, step, signed=signed)
+    return header + os.urandom(size) + (os.urandom(64) if signed else b"")
+
+
+def test_an_unsigned_envelope_far_ahead_costs_the_browser_a_bounded_derivation(page, capsys):
+    """Issue 13, item 5: 24,999 steps ahead used to cost 25,000 chain steps (WebCrypto
+    HMACs) before AES-GCM refused it; now at most 513 for one envelope, and once the cache
+    reaches that far at most 64. The times (this machine's) are printed for the record."""
+    web = WebPeer(page)
+    alice = Engine(Identity.generate())
+    introduce(web, alice)
+    cid = found(alice, [], web, sign_every=0)
+
+    def cost(envelope: bytes) -> dict[str, Any]:
+        return dict(web.call("openCounted", [cid, envelope.hex()]))
+
+    first = cost(junk(alice, cid, 24_999))
+    assert first["answer"] == {"error": "unsigned_jump"}
+    assert first["steps"] <= 513
+    again = [cost(junk(alice, cid, 24_999)) for _ in range(60)]
+    assert {c["answer"]["error"] for c in again} <= {"unsigned_jump", "auth"}
+    assert max(c["steps"] for c in again) <= 513
+    cached = [cost(junk(alice, cid, s)) for s in (24_999, 12_345, 700)]
+    assert [c["answer"] for c in cached] == [{"error": "auth"}] * 3
+    assert max(c["steps"] for c in cached) <= 65
+    bad_signature = cost(junk(alice, cid, 24_999, signed=True))
+    assert (bad_signature["answer"], bad_signature["steps"]) == ({"error": "auth"}, 0)
+    largest = cost(junk(alice, cid, 100, size=65_000))
+    assert largest["answer"] == {"error": "auth"}
+    worst = {
+        "far unsigned, first": first["ms"],
+        "far unsigned, worst of 60 more": max(c["ms"] for c in again),
+        "cached, worst": max(c["ms"] for c in cached),
+        "far signed, bad signature": bad_signature["ms"],
+        "65 KB junk": largest["ms"],
+    }
+    with capsys.disabled():
+        print("\nbrowser pre-auth ms:", ", ".join(f"{k} {v:.2f}" for k, v in worst.items()))
+    # An honest envelope still opens: the junk moved nothing.
+    assert web.open(cid, alice.seal(cid, TextMessage(sent_at=1, text="real")))["text"] == "real"
+
+
+def test_an_honest_unsigned_sender_far_ahead_is_held_then_opened(page):
+    """2,000 unsigned envelopes lost: each later one lets the browser derive 512 steps
+    further, and what it held opens once within reach (as the page retries them)."""
+    web = WebPeer(page)
+    alice = Engine(Identity.generate())
+    introduce(web, alice)
+    cid = found(alice, [], web, sign_every=0)
+    for i in range(2_000):
+        alice.seal(cid, TextMessage(sent_at=1, text=f"lost {i}"))
+    after = [alice.seal(cid, TextMessage(sent_at=1, text=f"after {i}")) for i in range(6)]
+    held: dict[int, bytes] = {}
+    shown = []
+    for step, envelope in enumerate(after, start=2_000):
+        answer = web.open(cid, envelope)
+        if answer.get("error") == "unsigned_jump":
+            held[step] = envelope
+        else:
+            shown.append(answer["text"])
+        reach = web.call("reach", [cid, 0, 0, 0])
+        for s in [s for s in sorted(held) if s <= reach]:
+            shown.append(web.open(cid, held.pop(s))["text"])
+    assert sorted(shown) == [f"after {i}" for i in range(6)]
+    assert web.call("counters")["unsigned_jump"] == 3

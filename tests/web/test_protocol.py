@@ -34,6 +34,10 @@ def test_every_vector_check_ran(results):
     assert len(names) >= 30
     assert any(n.startswith("identity web") for n in names)
     assert any("X25519 grant" in n for n in names)
+    # The rules of issue 13 a browser must share with Python (PROTOCOL.md §5.2, §5.3, §8).
+    assert sum(n.startswith("roster chain:") for n in names) == len(VECTORS["roster_chain"]) + 3
+    assert any(n.startswith("chain grant: ends") for n in names)
+    assert any(n.startswith("limits:") for n in names)
 
 
 def test_vectors_pass_in_chromium(results):

@@ -5,10 +5,14 @@ import { FieldchatError, fromB64, isValidId, utf8 } from "./bytes.js";
 import { Engine } from "./engine.js";
 import { Bridge, HttpError, api, claimParticipant } from "./net.js";
 import { openStore } from "./store.js";
-import { MSG, decodeRoster, readHeader, verifyRosterChain } from "./wire.js";
+import { MSG, readHeader } from "./wire.js";
 
 const PAGE = 100; // envelopes per history page
-const MAX_HELD = 2000; // envelopes waiting for their grant or roster, per conversation
+const MAX_HELD = 2000; // envelopes waiting for their grant, roster or reach, per conversation
+// Refusals worth holding an envelope for (PROTOCOL.md §6.4): its key, roster or chain end
+// may come; `unsigned_jump` ones wait until the chain's reach passes them.
+const HOLD = new Set(["missing_key", "chain_end_unknown", "unsigned_jump", "unknown_conversation"]);
+const ROSTER_FETCH_AGAIN_MS = 5000; // per conversation, as a device's ROSTER_FETCH_AGAIN_S
 const RECEIPT_MS = 500;
 const RETRY_MS = 1000;
 const MAX_ATTEMPTS = 30; // publishes refused for a transient reason are retried this often
@@ -42,7 +46,9 @@ const S = {
   convs: new Map(), // cid -> {cid, members, removed, unread, messages: Map id->msg, loaded, historyBefore, historyDone}
   active: null,
   presence: new Map(),
-  held: new Map(), // cid -> [{seq, data}]
+  held: new Map(), // cid -> [{seq, data, far, epoch, sender, chain, step}]
+  rosterFetched: new Map(), // cid -> when its rosters were last fetched (ms)
+  rosterTimers: new Map(), // cid -> a fetch scheduled for when the last one is old enough
   receipts: new Map(), // `${cid}|${type}` -> Set of "epoch/sender/chain/step"
   keyChanged: new Map(), // pid -> previous fingerprint
   caughtUp: false,
@@ -156,10 +162,8 @@ async function onFrame(f) {
   switch (f.op) {
     case "hello":
       if (S.cursor === null) { S.cursor = f.cursor; await S.store.put("ui/cursor", S.cursor); }
-      for (const [cid, members] of Object.entries(f.conversations)) {
-        conv(cid).members = members;
-        await syncConversation(cid);
-      }
+      // The gateway's list of our conversations: only what the engine adopts counts.
+      for (const cid of Object.keys(f.conversations ?? {})) if (isValidId(cid)) await syncConversation(cid);
       await payOwed();
       renderList();
       break;
@@ -168,11 +172,11 @@ async function onFrame(f) {
       if (f.seq > (S.cursor ?? 0)) { S.cursor = f.seq; await S.store.put("ui/cursor", S.cursor); }
       break;
     case "grant":
-      await onGrant(fromB64(f.data));
+      await onInbox(f.cid, fromB64(f.data));
       if (f.seq > S.grantCursor) { S.grantCursor = f.seq; await S.store.put("ui/grantCursor", f.seq); }
       break;
     case "roster":
-      await onRoster(f.cid, fromB64(f.data));
+      await takeRoster(f.cid, fromB64(f.data), true);
       break;
     case "presence": {
       let text = "";
@@ -190,83 +194,90 @@ async function onFrame(f) {
   }
 }
 
-// The rosters of a conversation from the gateway, checked as one chain from epoch 0
-// (the engine verifies each signature and link as it goes; §5.2).
+// The rosters of a conversation from the gateway, oldest epoch first. The gateway is
+// trusted for none of them: the engine adopts a roster only as the next link of the chain
+// it verified from epoch 0, holds what does not chain yet and refuses the rest (§5.2).
 async function syncConversation(cid) {
-  const c = conv(cid);
+  S.rosterFetched.set(cid, Date.now());
   let rosters;
   try {
     rosters = await api("GET", `/v1/conversations/${cid}/rosters`);
   } catch {
     return;
   }
-  // The archive keeps every epoch: check the whole chain from the creator's epoch 0,
-  // even the epochs before we were invited (the engine alone trusts its first roster).
-  const decoded = [];
-  try {
-    for (const r of rosters) decoded.push(await decodeRoster(fromB64(r.roster)));
-    for (let i = 0; i < decoded.length; i++) {
-      if (i || decoded[0].epoch === 0) await verifyRosterChain(decoded[i], i ? decoded[i - 1] : null);
+  const tip = S.engine.convs.get(cid)?.tip ?? -1;
+  const publications = [];
+  for (const r of Array.isArray(rosters) ? rosters : []) {
+    if (!(r?.epoch > tip)) continue; // adopted already: another one would be refused
+    try {
+      publications.push(...await S.engine.handleRoster(fromB64(r.roster)));
+    } catch (err) {
+      if (!(err instanceof FieldchatError)) throw err;
     }
-  } catch (err) {
-    if (!(err instanceof FieldchatError)) throw err;
-    note(cid, "This conversation's membership history does not verify; it is ignored.");
-    return;
   }
-  const known = S.engine.convs.get(cid);
-  const from = known && known.rosters.size ? known.epoch : -1;
-  for (const r of decoded) if (r.epoch > from) await applyRoster(cid, r.bytes, false);
-  c.rosterSynced = true;
-  await fetchBundles(cid);
+  await afterRosters(cid, publications, false);
 }
 
-async function onRoster(cid, data) {
-  let roster;
-  try { roster = await decodeRoster(data); } catch { return; }
-  const known = S.engine.convs.get(cid);
-  if (!known || !known.rosters.size || roster.epoch > known.epoch + 1) {
-    await syncConversation(cid); // new to us, or we missed epochs: fetch the whole chain
-  } else {
-    await applyRoster(cid, data, true);
-    await fetchBundles(cid);
-  }
-  await payOwed();
-  renderList();
+// A roster held for the epochs before it: fetch them, at most every ROSTER_FETCH_AGAIN_MS
+// per conversation (then once more when that time has passed, if it still waits).
+async function wantRosters(cid) {
+  const wait = (S.rosterFetched.get(cid) ?? -Infinity) + ROSTER_FETCH_AGAIN_MS - Date.now();
+  if (wait <= 0) return syncConversation(cid);
+  if (S.rosterTimers.has(cid)) return;
+  S.rosterTimers.set(cid, setTimeout(() => serial(async () => {
+    S.rosterTimers.delete(cid);
+    if (S.engine.convs.get(cid)?.candidates.size) await wantRosters(cid);
+  }), wait));
 }
 
-async function applyRoster(cid, data, live) {
-  let publications = [];
+// A roster from the live feed or our inbox (an inviting admin sends the earlier ones).
+async function takeRoster(cid, data, live) {
+  let publications;
   try {
     publications = await S.engine.handleRoster(data);
   } catch (err) {
     if (!(err instanceof FieldchatError)) throw err;
+    if (err.reason === "roster_pending") await wantRosters(err.cid);
     return;
   }
+  await afterRosters(cid, publications, live);
+}
+
+// After rosters were taken: the members as the engine's current roster says, our grants
+// (and any owed to members whose bundles just came), and what waited for them.
+async function afterRosters(cid, publications, live) {
+  const engineConv = S.engine.convs.get(cid);
+  if (!isValidId(cid) || !engineConv || engineConv.epoch < 0) return;
   const c = conv(cid);
-  c.removed = !S.engine.isMember(cid);
-  const roster = S.engine.convs.get(cid)?.rosters.get(S.engine.convs.get(cid).epoch);
+  const wasRemoved = c.removed;
+  c.removed = engineConv.removed;
+  c.rosterSynced = true;
   const before = new Set(c.members);
-  if (roster) c.members = roster.members.map((m) => m.pid);
+  c.members = engineConv.rosters.get(engineConv.epoch).pids.slice();
   // The gateway tells a participant's presence to those who share a conversation with
   // it; new members learn ours when we say it again.
   if (S.caughtUp && c.members.some((p) => !before.has(p))) publishStatus("online");
   await saveConv(c);
-  await publishAll(publications);
-  if (live && c.removed) note(cid, "You were removed from this conversation.");
+  await fetchBundles(cid);
+  await publishAll([...publications, ...await S.engine.payOwedGrants()]);
+  if (live && c.removed && !wasRemoved) note(cid, "You were removed from this conversation.");
   await retryHeld(cid);
   renderList();
   if (S.active === cid) { renderHeader(); renderMembers(); }
 }
 
-async function onGrant(data) {
+// Our inbox: grants, and rosters an inviting admin sends (kind byte 0x12).
+async function onInbox(cid, data) {
   let result;
   try {
-    result = await S.engine.handleGrant(data);
+    result = await S.engine.handleInbox(data);
   } catch (err) {
     if (!(err instanceof FieldchatError)) throw err;
+    if (err.reason === "roster_pending") await wantRosters(err.cid);
     return;
   }
-  if (result.installed) await retryHeld(result.cid);
+  if (result.roster) await afterRosters(cid, result.publications, true);
+  else if (result.installed || result.ends) await retryHeld(result.cid);
 }
 
 async function fetchBundles(cid) {
@@ -301,6 +312,10 @@ async function payOwed() {
 
 const idOf = (cid, h) => `${cid}/${h.epoch}/${h.sender}/${h.chain}/${h.step}`;
 
+// One envelope, from the live feed, history or the held ones. The archive may hold several
+// unsigned candidates of one (epoch, sender, chain, step) besides the genuine one
+// (docs/gateway.md): a candidate that does not open leaves nothing behind (no message, no
+// receipt, nothing marked done), so the genuine one opens whichever comes first.
 async function onEnvelope(cid, seq, data, live) {
   let header;
   try { header = readHeader(data); } catch { return; }
@@ -320,10 +335,12 @@ async function onEnvelope(cid, seq, data, live) {
     opened = await S.engine.open(cid, data);
   } catch (err) {
     if (!(err instanceof FieldchatError)) throw err;
-    if (err.reason === "missing_key" || err.reason === "unknown_conversation") hold(cid, seq, data);
+    if (HOLD.has(err.reason)) hold(cid, seq, data, header, err.reason === "unsigned_jump");
+    if (err.reason === "unsigned_jump") await reachHeld(cid, header); // its try extended the reach
     return;
   }
   if (!opened) return;
+  await reachHeld(cid, header);
   const m = opened.message;
   if (m.kind === MSG.text) {
     const reading = live && S.active === cid && document.visibilityState === "visible";
@@ -339,20 +356,44 @@ async function onEnvelope(cid, seq, data, live) {
   }
 }
 
-function hold(cid, seq, data) {
+function hold(cid, seq, data, h, far) {
   const list = S.held.get(cid) ?? [];
+  if (seq != null && list.some((x) => x.seq === seq)) return; // the same archived envelope
   if (list.length >= MAX_HELD) list.shift(); // oldest dropped; history has it
-  list.push({ seq, data });
+  list.push({ seq, data, far, epoch: h.epoch, sender: h.sender, chain: h.chain, step: h.step });
   S.held.set(cid, list);
   S.store.put(`ui/held/${cid}`, list); // the cursor moves past it: keep it across a reload
 }
 
+function setHeld(cid, list) {
+  if (list.length) {
+    S.held.set(cid, list);
+    return S.store.put(`ui/held/${cid}`, list);
+  }
+  S.held.delete(cid);
+  return S.store.delete(`ui/held/${cid}`);
+}
+
+// After a roster or grant: try again what waited for keys, rosters or chain ends. Those
+// out of reach wait for their chain instead (reachHeld).
 async function retryHeld(cid) {
   const list = S.held.get(cid);
-  if (!list) return;
-  S.held.delete(cid);
-  await S.store.delete(`ui/held/${cid}`);
-  for (const { seq, data } of list) await onEnvelope(cid, seq, data, true);
+  if (!list?.some((x) => !x.far)) return;
+  await setHeld(cid, list.filter((x) => x.far));
+  for (const { seq, data } of list.filter((x) => !x.far)) await onEnvelope(cid, seq, data, true);
+}
+
+// After an envelope of a chain opened or extended its reach: try once more those of that
+// chain held as out of reach that are within it now (an honest sender far ahead is reached
+// 512 steps per envelope it sends; junk is tried once more and dropped).
+async function reachHeld(cid, h) {
+  const list = S.held.get(cid);
+  const reach = list ? S.engine.reach(cid, h.epoch, h.sender, h.chain) : null;
+  if (reach === null) return;
+  const due = (x) => x.far && x.epoch === h.epoch && x.sender === h.sender && x.chain === h.chain && x.step <= reach;
+  if (!list.some(due)) return;
+  await setHeld(cid, list.filter((x) => !due(x)));
+  for (const x of list.filter(due).sort((a, b) => a.step - b.step)) await onEnvelope(cid, x.seq, x.data, true);
 }
 
 async function onReceipt(cid, from, receipt) {
@@ -481,9 +522,15 @@ async function send(cid, text) {
   flushOutbox();
 }
 
+// What the engine wants published, in order: rosters (kind "roster": the gateway verifies
+// one and retains it on c/{cid}/roster, which we never write, §5.2), grants. The earlier
+// rosters an admin sends a new member's inbox (kind "inbox") have no /ws frame yet
+// (gateway/_ws.py takes only grants for inboxes): a new member with a gateway fetches them
+// there; a device without one holds the new roster until they come (docs/web.md).
 async function publishAll(publications) {
-  for (const p of publications) await S.store.queue({ kind: p.kind, data: p.data, attempts: 0 });
-  if (publications.length) flushOutbox();
+  const out = publications.filter((p) => p.kind !== "inbox");
+  for (const p of out) await S.store.queue({ kind: p.kind, data: p.data, attempts: 0 });
+  if (out.length) flushOutbox();
 }
 
 // The outbox leaves in order whenever the bridge is caught up; an entry is deleted only
@@ -586,7 +633,7 @@ function unreadOf(c) {
 
 function renderList() {
   const list = $("conversations");
-  const items = [...S.convs.values()].filter((c) => c.members.length || S.engine.convs.has(c.cid));
+  const items = [...S.convs.values()].filter((c) => S.engine.convs.get(c.cid)?.epoch >= 0); // entered
   list.replaceChildren(...items.map((c) => {
     const n = unreadOf(c);
     return h("li", { "data-cid": c.cid, class: c.cid === S.active ? "active" : "",

@@ -1,7 +1,7 @@
-// The primitives, WebCrypto only (as schemas/crypto.py is for Python). Every failure to
-// authenticate or decrypt throws one opaque CryptoError (PROTOCOL.md §7).
+// The primitives (as schemas/crypto.py is for Python): WebCrypto, but for the chain step.
+// Every failure to authenticate or decrypt throws one opaque CryptoError (PROTOCOL.md §7).
 
-import { CryptoError, concat, utf8 } from "./bytes.js";
+import { CryptoError, concat } from "./bytes.js";
 
 const subtle = globalThis.crypto.subtle;
 const ED = { name: "Ed25519" };
@@ -24,14 +24,10 @@ export async function hkdf(ikm, salt, info, length) {
   return new Uint8Array(bits);
 }
 
-// PROTOCOL.md §6.2: message key || next chain key = HMAC-SHA512(label, chain key).
-// The label is the HMAC key, so it is imported once; chain keys are data.
-let stepKey = null;
-export async function chainStep(chainKey) {
-  stepKey ??= await subtle.importKey(
-    "raw", utf8("fieldchat chain step v1"), { name: "HMAC", hash: "SHA-512" }, false, ["sign"]);
-  return new Uint8Array(await subtle.sign("HMAC", stepKey, chainKey));
-}
+// PROTOCOL.md §6.2: message key || next chain key = HMAC-SHA512(label, chain key), in
+// plain JavaScript (sha512.js says why: chain steps are the work a receiver does before
+// it can authenticate an envelope).
+export { chainStep } from "./sha512.js";
 
 export function stepNonce(step) {
   const n = new Uint8Array(12);

@@ -117,12 +117,15 @@ export async function decodeRoster(data) {
   }
   await ed25519Verify(signerKey, signature, signed);
   return {
-    cid, epoch, nonce, prev, members, issuedAt, signerKey, signature, bytes: data,
+    cid, epoch, nonce, prev, members, pids: members.map((m) => m.pid), issuedAt, signerKey, signature, bytes: data,
     policy: { signEvery, compress: !!(pflags & P_COMPRESS), pad: !!(pflags & P_PAD),
               requirePq: !!(pflags & P_REQUIRE_PQ) },
     signer: await pidFor(signerKey), digest: await sha256(data),
   };
 }
+
+// An inbox payload is a roster (an inviting admin sends the earlier ones, §5.2) or a grant.
+export const isRoster = (data) => data instanceof Uint8Array && data.length > 1 && data[1] === KIND.roster;
 
 export const isAdmin = (roster, pid) => roster.members.some((m) => m.pid === pid && m.admin);
 
@@ -169,17 +172,31 @@ export async function decodeGrant(data) {
            granter: await pidFor(granterKey) };
 }
 
+// ChainGrant (§5.3): the granter's chain of one epoch from `step`, and where its chains
+// of earlier epochs ended (`ends`: [epoch, chain, next step] each, at most MAX_CHAIN_ENDS,
+// each of an epoch before the grant's, no (epoch, chain) twice). The 6-element form of
+// before the ends is refused: a grant without them could not close an epoch (§6.4).
+export const MAX_CHAIN_ENDS = 4;
+
 export function chainGrantBytes(p) {
-  return pack([p.epoch, p.roster, p.sender, p.chain, p.step, p.key]);
+  return pack([p.epoch, p.roster, p.sender, p.chain, p.step, p.key, (p.ends ?? []).map((e) => [...e])]);
 }
 
 export function decodeChainGrant(data) {
-  const [epoch, roster, sender, chain, step, key] = fields(unpack(data, "chain grant"), 6, "chain grant");
+  const [epoch, roster, sender, chain, step, key, rawEnds] = fields(unpack(data, "chain grant"), 7, "chain grant");
   if (!isInt(epoch, 0, U28) || !isBytes(roster, 32) || !isInt(sender, 0, U28) ||
-      !isInt(chain, 0, U28) || !isInt(step, 0, U28) || !isBytes(key, 32)) {
+      !isInt(chain, 0, U28) || !isInt(step, 0, U28) || !isBytes(key, 32) || !Array.isArray(rawEnds)) {
     throw new WireError("invalid chain grant");
   }
-  return { epoch, roster, sender, chain, step, key };
+  if (rawEnds.length > MAX_CHAIN_ENDS) throw new LimitExceeded(`a chain grant states at most ${MAX_CHAIN_ENDS} chain ends`);
+  const ends = rawEnds.map((raw) => {
+    const end = fields(raw, 3, "chain end");
+    if (!end.every((n) => isInt(n, 0, U28))) throw new WireError("invalid chain end");
+    return end;
+  });
+  if (ends.some(([e]) => e >= epoch)) throw new WireError("a chain end must name an epoch before the grant's");
+  if (new Set(ends.map(([e, c]) => `${e}/${c}`)).size !== ends.length) throw new WireError("a chain end is stated twice");
+  return { epoch, roster, sender, chain, step, key, ends };
 }
 
 // Envelopes (§3) ---------------------------------------------------------------------------

@@ -6,34 +6,60 @@ import { Engine, MemoryStore } from "/js/engine.js";
 import { decodeGrant } from "/js/wire.js";
 
 const pubs = (list) => list.map((p) => ({ kind: p.kind, recipient: p.recipient ?? null, data: hex(p.data) }));
+const refusal = (err) => ({ error: err.reason ?? err.name });
+const policyOf = (p) => (p ? { signEvery: p.sign_every, compress: false, pad: false, requirePq: false } : null);
 
 export async function create() {
   const engine = await Engine.open(new MemoryStore());
+  const opened = (o) => (o ? { sender: o.sender, text: o.message.text ?? null, kind: o.message.kind } : null);
   const peer = {
     engine,
     pid: engine.pid,
     bundle: hex(engine.bundle),
     learnBundle: async (h) => (await engine.learnBundle(fromHex(h))).status,
     handleRoster: async (h) => pubs(await engine.handleRoster(fromHex(h))),
+    // {publications} or {error: reason}: a refused or held roster is an answer here.
+    tryRoster: async (h) => {
+      try { return { publications: pubs(await engine.handleRoster(fromHex(h))) }; } catch (err) { return refusal(err); }
+    },
     handleGrant: async (h) => {
       const r = await engine.handleGrant(fromHex(h));
       return { installed: r.installed, needsRoster: !!r.needsRoster };
+    },
+    grantEnds: async (h) => (await engine.handleGrant(fromHex(h))).ends,
+    inbox: async (h) => {
+      try {
+        const r = await engine.handleInbox(fromHex(h));
+        return r.roster ? { publications: pubs(r.publications) } : { installed: r.installed, ends: r.ends };
+      } catch (err) { return refusal(err); }
     },
     grantMode: async (h) => (await decodeGrant(fromHex(h))).mode,
     create: async (members) => {
       const { cid, publications } = await engine.createConversation(members);
       return { cid, publications: pubs(publications) };
     },
+    createWith: async ([members, policy]) => {
+      const { cid, publications } = await engine.createConversation(members, { policy: policyOf(policy) });
+      return { cid, publications: pubs(publications) };
+    },
+    conversations: async () => engine.conversations(),
+    counters: async () => ({ ...engine.counters }),
     remove: async ([cid, pids]) => pubs(await engine.removeMembers(cid, pids)),
     add: async ([cid, pids]) => pubs(await engine.addMembers(cid, pids)),
     seal: async ([cid, text]) => hex((await engine.seal(cid, { kind: 1, sentAt: 1700000000, text })).data),
+    reach: async ([cid, epoch, sender, chain]) => engine.reach(cid, epoch, sender, chain),
     open: async ([cid, h]) => {
-      try {
-        const o = await engine.open(cid, fromHex(h));
-        return o ? { sender: o.sender, text: o.message.text ?? null, kind: o.message.kind } : null;
-      } catch (err) {
-        return { error: err.reason ?? err.name };
-      }
+      try { return opened(await engine.open(cid, fromHex(h))); } catch (err) { return refusal(err); }
+    },
+    // Open `h` and say what it cost before the answer: chain steps derived and ms.
+    openCounted: async ([cid, h]) => {
+      const chains = await import("/js/chains.js").catch(() => ({ derived: { steps: NaN } }));
+      const data = fromHex(h);
+      const before = chains.derived.steps;
+      const start = performance.now();
+      let answer;
+      try { answer = opened(await engine.open(cid, data)); } catch (err) { answer = refusal(err); }
+      return { answer, ms: performance.now() - start, steps: chains.derived.steps - before };
     },
   };
   globalThis.peer = peer;

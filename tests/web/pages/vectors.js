@@ -3,6 +3,7 @@
 
 import * as bytes from "/js/bytes.js";
 import { chainStep, importPrivate, publicOfPrivate, stepNonce } from "/js/crypto.js";
+import * as engineModule from "/js/engine.js";
 import { Engine, MemoryStore, acceptGrant, identityFromSeed, makeGrant } from "/js/engine.js";
 import { pack, unpack } from "/js/msgpack.js";
 import * as wire from "/js/wire.js";
@@ -140,6 +141,65 @@ export async function check(v) {
     return (opened && opened.message.text === e.message.text) || "not opened";
   });
 
+  // The roster chain (§5.2): each case against the roster it follows, then through the
+  // engine of a joiner listed at every epoch (bob's Ed25519 key: only the pid matters here).
+  const chain = v.roster_chain;
+  const decoded = [];
+  for (const c of chain) decoded.push(await wire.decodeRoster(fromHex(c.roster)));
+  for (const [i, c] of chain.entries()) {
+    await run(`roster chain: ${c.why} (epoch ${decoded[i].epoch} after ${c.follows}) ${c.chains ? "chains" : "is refused"}`, async () => {
+      const prev = c.follows >= 0 ? decoded[c.follows] : null;
+      if (c.chains) { await wire.verifyRosterChain(decoded[i], prev); return true; }
+      return expectError(() => wire.verifyRosterChain(decoded[i], prev), bytes.ProtocolError, "roster");
+    });
+  }
+  const good = chain.filter((c) => c.chains).map((c) => fromHex(c.roster));
+  const bad = chain.filter((c) => !c.chains).map((c) => fromHex(c.roster));
+  const joiner = async () => {
+    const bob = v.identities.find((i) => i.name === "bob");
+    return Engine.open(new MemoryStore(), { identity: await identityFromSeed(fromHex(bob.seed), CLOCK) });
+  };
+  await run("roster chain: a joiner holds epoch 2 (roster_pending, nothing granted) until 0 and 1 arrive", async () => {
+    const engine = await joiner();
+    const err = await expectError(() => engine.handleRoster(good[2]), bytes.ProtocolError, "roster_pending");
+    if (err !== true) return err;
+    if (engine.conversations().length) return "entered an unchained roster";
+    await engine.handleRoster(good[0]);
+    await engine.handleRoster(good[1]);
+    const cid = v.conversations[0].cid;
+    return (hex(engine.roster(cid).bytes) === chain[2].roster && engine.isMember(cid)) || "epoch 2 not adopted";
+  });
+  await run("roster chain: at epoch 1 a non-admin's epoch 2 and one naming epoch 0 are refused", async () => {
+    const engine = await joiner();
+    await engine.handleRoster(good[0]);
+    await engine.handleRoster(good[1]);
+    for (const data of bad) {
+      const err = await expectError(() => engine.handleRoster(data), bytes.ProtocolError, "roster");
+      if (err !== true) return err;
+    }
+    return engine.roster(v.conversations[0].cid).epoch === 1 || "moved";
+  });
+  await run("roster chain: held rosters that do not chain are dropped when the gap fills", async () => {
+    const engine = await joiner();
+    await engine.handleRoster(good[0]);
+    for (const data of [...bad, good[2]]) {
+      const err = await expectError(() => engine.handleRoster(data), bytes.ProtocolError, "roster_pending");
+      if (err !== true) return err;
+    }
+    await engine.handleRoster(good[1]);
+    const conv = engine.convs.get(v.conversations[0].cid);
+    if (hex(conv.rosters.get(2).bytes) !== chain[2].roster) return "the genuine epoch 2 not adopted";
+    return (engine.counters.roster === 2 && !conv.candidates.size) || JSON.stringify(engine.counters);
+  });
+  await run("limits: the browser's are the vectors'", async () => {
+    const mine = {
+      keep_epochs: engineModule.KEEP_EPOCHS, max_chain_ends: wire.MAX_CHAIN_ENDS,
+      max_forward_jump: engineModule.MAX_FORWARD_JUMP, max_unsigned_jump: engineModule.MAX_UNSIGNED_JUMP,
+      mark_every: engineModule.MARK_EVERY,
+    };
+    return JSON.stringify(mine) === JSON.stringify(v.limits) || JSON.stringify(mine);
+  });
+
   const x = v.grants.find((g) => g.mode === "x25519");
   await run("X25519 grant: web accepts it; the browser re-creates it byte for byte", async () => {
     const webVec = v.identities.find((i) => i.name === "web");
@@ -154,6 +214,23 @@ export async function check(v) {
     const made = await makeGrant(aliceId, await wire.decodeBundle(fromHex(webVec.bundle)), x.cid,
                                  wire.decodeChainGrant(fromHex(x.payload)), eph);
     return hex(made) === x.grant || "re-created grant differs";
+  });
+  await run("chain grant: ends decode as stated and re-encode byte for byte", async () => {
+    const p = wire.decodeChainGrant(fromHex(x.payload));
+    if (JSON.stringify(p.ends) !== "[[2,0,17],[1,0,0]]") return JSON.stringify(p.ends);
+    return hex(wire.chainGrantBytes(p)) === x.payload || "re-encoded payload differs";
+  });
+  await run("chain grant: the 6-element form, 5 ends, an end of a later epoch, an end twice are refused", async () => {
+    const p = wire.decodeChainGrant(fromHex(x.payload));
+    const raw = (ends) => pack([p.epoch, p.roster, p.sender, p.chain, p.step, p.key, ends]);
+    const results = [
+      await expectError(() => wire.decodeChainGrant(pack([p.epoch, p.roster, p.sender, p.chain, p.step, p.key])), bytes.WireError),
+      await expectError(() => wire.decodeChainGrant(raw([[0, 0, 1], [1, 0, 1], [2, 0, 1], [0, 1, 1], [1, 1, 1]])), bytes.LimitExceeded),
+      await expectError(() => wire.decodeChainGrant(raw([[3, 0, 1]])), bytes.WireError),
+      await expectError(() => wire.decodeChainGrant(raw([[1, 0, 1], [1, 0, 2]])), bytes.WireError),
+      await expectError(() => wire.decodeChainGrant(raw([[1, 0]])), bytes.WireError),
+    ];
+    return results.every((r) => r === true) || JSON.stringify(results);
   });
   await run("hybrid grant: signature verifies; the browser (no ML-KEM) cannot be its recipient", async () => {
     const h = v.grants.find((g) => g.mode === "hybrid");
