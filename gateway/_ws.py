@@ -393,6 +393,7 @@ class _Session:
                 raise Forbidden("the roster is not signed by your participant")
             await gw.archiver.submit_roster(roster, data)
             await gw.archiver.publish(gw.topics.roster(roster.cid), data, retain=True)
+            await self._send_chain_to_joiners(roster)
         elif kind == "grant":
             grant = Grant.from_bytes(data)
             if grant.granter not in mine:
@@ -416,6 +417,22 @@ class _Session:
         else:
             raise _BadFrame("kind must be msg, roster, grant, bundle or status")
         gw.metrics.ws_published.labels(kind=kind).inc()
+
+    async def _send_chain_to_joiners(self, roster: Roster) -> None:
+        """Each member a browser's roster adds gets the earlier rosters of the chain on
+        its inbox, as a device admin sends them (PROTOCOL.md §5.2): a joiner without a
+        gateway verifies the chain from epoch 0 with them. Relayed here from the
+        archive (rosters prove themselves; who relays them does not matter), so the
+        page does not upload what the gateway holds already."""
+        if roster.epoch == 0:
+            return
+        earlier = [r for r in await self.gw.store.rosters(roster.cid) if r.epoch < roster.epoch]
+        before = next((r for r in earlier if r.epoch == roster.epoch - 1), None)
+        if before is None:
+            return
+        for pid in sorted(set(roster.pids) - set(before.members)):
+            for record in sorted(earlier, key=lambda r: r.epoch):
+                await self.gw.archiver.publish(self.gw.topics.inbox(pid), record.data)
 
     async def _check_envelope(self, cid: str, data: bytes) -> None:
         envelope = Envelope.from_bytes(data)
