@@ -28,28 +28,35 @@ import logging
 import time
 from collections import deque
 
-from broker import _codec as codec
 from broker._acl import Deny, Identity
 from broker._credentials import verify_credential
 from broker._engine import Engine
-from broker._errors import MalformedPacket, PacketTooLarge
 from broker._quota import address_key
 from broker._session import Message, Session
 from broker._transport import Transport
-from schemas.errors import FieldchatError
+from schemas import mqtt
+from schemas.errors import FieldchatError, MalformedPacket, PacketTooLarge, UnsupportedProtocol
 from schemas.frame import split
 from schemas.topics import Topic, TopicKind
 
 __all__ = ["Connection"]
 
+_PINGRESP = mqtt.encode(mqtt.Pingresp())
+
 log = logging.getLogger("broker")
 
 _ACCEPTED = 0
-_BAD_PROTOCOL = 1
+_BAD_PROTOCOL = 1  # 3.1.1; MQTT 5 says 0x84 Unsupported Protocol Version
 _ID_REJECTED = 2
 _BAD_CREDENTIALS = 4
 _NOT_AUTHORIZED = 5
 _SUBACK_FAILURE = 0x80
+_V5_REFUSALS = {  # the MQTT 5 reason code of each 3.1.1 CONNACK return code (§3.2.2.2)
+    _BAD_PROTOCOL: mqtt.ReasonCode.UNSUPPORTED_PROTOCOL_VERSION,
+    _ID_REJECTED: mqtt.ReasonCode.CLIENT_IDENTIFIER_NOT_VALID,
+    _BAD_CREDENTIALS: mqtt.ReasonCode.BAD_USER_NAME_OR_PASSWORD,
+    _NOT_AUTHORIZED: mqtt.ReasonCode.NOT_AUTHORIZED,
+}
 
 
 class _Close(Exception):
@@ -68,7 +75,9 @@ class Connection:
         self.transport = transport
         self.session: Session | None = None
         self.identity: Identity | None = None
-        self.will: codec.Will | None = None
+        self.will: mqtt.Will | None = None
+        self.level: int = mqtt.ProtocolLevel.V311
+        self._decoder = mqtt.Decoder(max_packet_size=engine.limits.max_packet_bytes)
         self.send_will = True
         self._keep_alive = 0.0
         self._last_rx = 0.0
@@ -92,7 +101,7 @@ class Connection:
         except MalformedPacket as exc:
             log.info("%s: malformed packet (%s); closing", self._who(), exc)
             reason = "malformed"
-        except (asyncio.IncompleteReadError, ConnectionError, OSError):
+        except (ConnectionError, OSError):
             reason = "network"
         except asyncio.CancelledError:
             reason = "shutdown"
@@ -121,17 +130,35 @@ class Connection:
         try:
             try:
                 async with asyncio.timeout(engine.limits.connect_timeout_s):
-                    ptype, _, body = await codec.read_packet(
-                        self.transport, engine.limits.max_packet_bytes
-                    )
+                    packets = await self._receive()
             except TimeoutError:
                 raise _Close("connect_timeout") from None
-            if ptype != codec.CONNECT:  # MQTT-3.1.0-1
+            except UnsupportedProtocol as exc:  # MQTT-3.1.2-2: CONNACK, then close
+                self.level = exc.level if exc.level == mqtt.ProtocolLevel.V5 else self.level
+                self._refuse(_BAD_PROTOCOL, "protocol")
+            connect = packets[0]
+            if not isinstance(connect, mqtt.Connect):  # MQTT-3.1.0-1
                 raise _Close("not_connect")
-            await self._connect(codec.parse_connect(body))
+            await self._connect(connect)
         finally:
             pending.discard(self)
-        await self._read_loop()
+        await self._read_loop(packets[1:])
+
+    async def _receive(self) -> list[mqtt.Packet]:
+        """The next packets from the socket: at least one, every complete one read.
+
+        Raises:
+            ConnectionError: the peer closed the connection.
+            MalformedPacket: not MQTT (PacketTooLarge: above the maximum, before the
+                body is read).
+        """
+        while True:
+            data = await self.transport.read()
+            if not data:
+                raise ConnectionError("closed by the peer")
+            packets = self._decoder.feed(data)
+            if packets:
+                return packets
 
     def _finish(self, reason: str) -> None:
         if self._closed:
@@ -167,10 +194,11 @@ class Connection:
 
     # CONNECT ------------------------------------------------------------------------
 
-    async def _authenticate(self, connect: codec.Connect) -> Identity:
+    async def _authenticate(self, connect: mqtt.Connect) -> Identity:
         """Steps 2 and 3 of the module docstring; a refusal raises :class:`_Close`."""
         engine = self.engine
-        if connect.protocol_level != 4:  # MQTT 3.1.1 only (MQTT-3.1.2-2)
+        self.level = connect.protocol_level
+        if connect.protocol_level != mqtt.ProtocolLevel.V311:  # MQTT-3.1.2-2
             self._refuse(_BAD_PROTOCOL, "protocol")
         account = engine.account(connect.username or "")
         ok = False
@@ -198,7 +226,7 @@ class Connection:
                 self._refuse(_NOT_AUTHORIZED, "will")
         return identity
 
-    async def _connect(self, connect: codec.Connect) -> None:
+    async def _connect(self, connect: mqtt.Connect) -> None:
         engine = self.engine
         metrics = engine.metrics
         identity = await self._authenticate(connect)
@@ -210,11 +238,11 @@ class Connection:
             log.info("%s connected again: closing its previous connection", identity.username)
             session.conn.kick("takeover")
         present = False
-        if session is not None and (connect.clean_session or not session.persistent):
+        if session is not None and (connect.clean_start or not session.persistent):
             engine.drop_session(session)
             session = None
         if session is None:
-            session = Session(identity.username, identity, persistent=not connect.clean_session)
+            session = Session(identity.username, identity, persistent=not connect.clean_start)
             engine.sessions[session.client_id] = session
         else:
             present = True
@@ -223,7 +251,7 @@ class Connection:
         self.session = session
         session.conn = self
         metrics.connected.inc()
-        self.transport.write(codec.connack(present, _ACCEPTED))
+        self.transport.write(mqtt.encode(mqtt.Connack(present, _ACCEPTED), self.level))
         self._keep_alive = connect.keep_alive * engine.limits.keepalive_factor
         self._last_rx = self._loop.time()
         if self._keep_alive:
@@ -235,7 +263,9 @@ class Connection:
 
     def _refuse(self, code: int, reason: str) -> None:
         self.engine.metrics.denials.labels(reason).inc()
-        self.transport.write(codec.connack(False, code))
+        if self.level == mqtt.ProtocolLevel.V5:
+            code = _V5_REFUSALS[code]
+        self.transport.write(mqtt.encode(mqtt.Connack(False, code), self.level))
         self.transport.close()
         raise _Close("refused")
 
@@ -247,7 +277,7 @@ class Connection:
             return
         self._watchdog = self._loop.call_later(self._keep_alive - idle, self._check_keep_alive)
 
-    def _publish_will(self, will: codec.Will) -> None:
+    def _publish_will(self, will: mqtt.Will) -> None:
         engine = self.engine
         assert self.identity is not None
         # Checked again now: the membership the CONNECT was checked against may be gone.
@@ -269,43 +299,46 @@ class Connection:
 
     # read loop ---------------------------------------------------------------------
 
-    async def _read_loop(self) -> None:
+    async def _read_loop(self, packets: list[mqtt.Packet]) -> None:  # noqa: PLR0912 - per type
         engine = self.engine
-        limit = engine.limits.max_packet_bytes
-        read = codec.read_packet
         transport = self.transport
         session = self.session
         assert session is not None
         assert self.identity is not None
         throttle = engine.throttle(self.identity)
         loop = self._loop
-        while not self._closed:
-            ptype, flags, body = await read(transport, limit)
+        while True:
+            for packet in packets:
+                if self._closed:
+                    return
+                if type(packet) is mqtt.Publish:
+                    self._on_publish(packet)
+                    if throttle is not None:
+                        size = len(packet.payload) + len(packet.topic)
+                        wait, limit_name = throttle.take(size, loop.time())
+                        if wait > 0:
+                            self._throttled(wait, limit_name)
+                            await asyncio.sleep(wait)  # TCP pushback: the client's sends block
+                elif isinstance(packet, mqtt.Puback):
+                    if session.conn is self:
+                        engine.acked(session, packet.packet_id)
+                elif isinstance(packet, mqtt.Pingreq):
+                    transport.write(_PINGRESP)
+                elif isinstance(packet, mqtt.Subscribe):
+                    self._on_subscribe(packet)
+                elif isinstance(packet, mqtt.Unsubscribe):
+                    self._on_unsubscribe(packet)
+                elif isinstance(packet, mqtt.Pubrel):
+                    self._qos2.discard(packet.packet_id)
+                    self._ack(mqtt.encode(mqtt.Pubcomp(packet.packet_id), self.level), None)
+                elif isinstance(packet, mqtt.Disconnect):
+                    raise _Close("disconnect")
+                else:  # a second CONNECT (MQTT-3.1.0-2), or what a server never receives
+                    raise MalformedPacket(f"unexpected {packet.type.name} from a client")
+            if self._closed:
+                return
+            packets = await self._receive()
             self._last_rx = loop.time()
-            if ptype == codec.PUBLISH:
-                self._on_publish(codec.parse_publish(flags, body))
-                if throttle is not None:
-                    wait, limit_name = throttle.take(len(body), self._last_rx)
-                    if wait > 0:
-                        self._throttled(wait, limit_name)
-                        await asyncio.sleep(wait)  # TCP pushback: the client's sends block
-            elif ptype == codec.PUBACK:
-                if session.conn is self:
-                    engine.acked(session, codec.packet_id_only(body))
-            elif ptype == codec.PINGREQ:
-                transport.write(codec.pingresp())
-            elif ptype == codec.SUBSCRIBE:
-                self._on_subscribe(*codec.parse_subscribe(body))
-            elif ptype == codec.UNSUBSCRIBE:
-                self._on_unsubscribe(*codec.parse_unsubscribe(body))
-            elif ptype == codec.PUBREL:
-                packet_id = codec.packet_id_only(body)
-                self._qos2.discard(packet_id)
-                self._ack(codec.pubcomp(packet_id), None)
-            elif ptype == codec.DISCONNECT:
-                raise _Close("disconnect")
-            else:  # a second CONNECT (MQTT-3.1.0-2), or PUBREC/PUBCOMP we never asked for
-                raise MalformedPacket(f"unexpected packet type {ptype}")
 
     def _throttled(self, wait: float, limit_name: str) -> None:
         self.engine.metrics.throttled.labels(limit_name).inc()
@@ -318,13 +351,13 @@ class Connection:
                 wait,
             )
 
-    def _on_publish(self, packet: codec.Publish) -> None:
+    def _on_publish(self, packet: mqtt.Publish) -> None:
         engine = self.engine
         identity = self.identity
         assert identity is not None
         start = time.time_ns() if engine.tracer is not None else 0
         if packet.qos == 2 and packet.packet_id in self._qos2:  # a resent QoS 2: PUBREC again
-            self._ack(codec.pubrec(packet.packet_id), None)
+            self._ack(mqtt.encode(mqtt.Pubrec(packet.packet_id), self.level), None)
             return
         denial, roster = engine.authorize(
             identity, packet.topic, packet.payload, retain=packet.retain
@@ -353,14 +386,14 @@ class Connection:
         if start:
             self._trace_route(packet, parsed, start, pending, None)
         if packet.qos == 1:
-            self._ack(codec.puback(packet.packet_id), pending)
+            self._ack(mqtt.encode(mqtt.Puback(packet.packet_id), self.level), pending)
         else:
             self._qos2.add(packet.packet_id)
-            self._ack(codec.pubrec(packet.packet_id), pending)
+            self._ack(mqtt.encode(mqtt.Pubrec(packet.packet_id), self.level), pending)
 
     def _trace_route(
         self,
-        packet: codec.Publish,
+        packet: mqtt.Publish,
         parsed: Topic | None,
         start: int,
         pending: asyncio.Future[None] | None,
@@ -405,17 +438,17 @@ class Connection:
         else:
             pending.add_done_callback(emit)
 
-    def _denied(self, packet: codec.Publish, denial: Deny) -> None:
+    def _denied(self, packet: mqtt.Publish, denial: Deny) -> None:
         engine = self.engine
         engine.metrics.denials.labels(denial.value).inc()
         log.info("%s may not publish to %r (%s)", self._who(), packet.topic[:120], denial.value)
         if denial.disconnects or (denial.is_race and engine.config.on_not_member == "disconnect"):
             raise _Close("denied_publish")
         if packet.qos == 1 and packet.packet_id is not None:
-            self._ack(codec.puback(packet.packet_id), None)
+            self._ack(mqtt.encode(mqtt.Puback(packet.packet_id), self.level), None)
         elif packet.qos == 2 and packet.packet_id is not None:
             self._qos2.add(packet.packet_id)
-            self._ack(codec.pubrec(packet.packet_id), None)
+            self._ack(mqtt.encode(mqtt.Pubrec(packet.packet_id), self.level), None)
 
     def _ack(self, data: bytes, pending: asyncio.Future[None] | None) -> None:
         """Acknowledge in PUBLISH order (MQTT-4.6.0-2), after ``pending`` commits."""
@@ -442,7 +475,7 @@ class Connection:
             acks.popleft()
             self.transport.write(data)
 
-    def _on_subscribe(self, packet_id: int, filters: list[tuple[str, int]]) -> None:
+    def _on_subscribe(self, packet: mqtt.Subscribe) -> None:
         engine = self.engine
         session = self.session
         identity = self.identity
@@ -450,7 +483,8 @@ class Connection:
         assert identity is not None
         codes: list[int] = []
         granted: list[tuple[str, int]] = []
-        for topic_filter, qos in filters:
+        for subscription in packet.subscriptions:
+            topic_filter, qos = subscription.topic_filter, subscription.qos
             denial = None if _valid_filter(topic_filter) else Deny.FORBIDDEN
             denial = denial or engine.rules.subscribe(identity, topic_filter)
             if denial is None and (
@@ -468,17 +502,17 @@ class Connection:
             codes.append(grant)
             granted.append((topic_filter, grant))
         engine.persist_session(session)
-        self.transport.write(codec.suback(packet_id, codes))
+        self.transport.write(mqtt.encode(mqtt.Suback(packet.packet_id, tuple(codes)), self.level))
         for topic_filter, qos in granted:  # MQTT-3.3.1-6, after the SUBACK
             engine.replay_retained(session, topic_filter, qos)
 
-    def _on_unsubscribe(self, packet_id: int, filters: list[str]) -> None:
+    def _on_unsubscribe(self, packet: mqtt.Unsubscribe) -> None:
         session = self.session
         assert session is not None
-        for topic_filter in filters:
+        for topic_filter in packet.topic_filters:
             self.engine.remove_subscription(session, topic_filter)
         self.engine.persist_session(session)
-        self.transport.write(codec.unsuback(packet_id))
+        self.transport.write(mqtt.encode(mqtt.Unsuback(packet.packet_id), self.level))
 
     # sending -------------------------------------------------------------------------
 
@@ -491,16 +525,14 @@ class Connection:
 
     def _write_publish(self, message: Message, packet_id: int, *, dup: bool) -> None:
         self.transport.write(
-            codec.publish(
+            mqtt.encode_publish(
                 message.topic_bytes, message.payload, 1, packet_id, retain=message.retain, dup=dup
             )
         )
         self.engine.metrics.messages_out.inc()
 
     def send_qos0(self, topic: str, payload: bytes, *, retain: bool) -> None:
-        self.transport.write(
-            codec.publish(topic.encode(), payload, 0, None, retain=retain, dup=False)
-        )
+        self.transport.write(mqtt.encode_publish(topic.encode(), payload, 0, None, retain=retain))
         self.engine.metrics.messages_out.inc()
 
 
