@@ -2,10 +2,14 @@
 
 Runs the same load against fieldchat's broker, stock aMQTT 0.12.1 (anonymous, no
 plugins beyond authentication: its fastest configuration) and Mosquitto (the
-generated configuration), each in its own process, and prints on its last line:
+generated configuration), each in its own process, over MQTT 3.1.1, then ours and
+Mosquitto again over MQTT 5 with topic aliases on (the publisher sends the topic once,
+then its alias; the subscriber accepts 10 aliases, so the broker does the same), and
+prints on its last line:
 
     {"msgs_per_s_ours": …, "msgs_per_s_stock_amqtt": …, "msgs_per_s_mosquitto": …,
-     "ratio_ours_vs_stock": …, …}
+     "ratio_ours_vs_stock": …, "ratio_ours_vs_mosquitto": …, "msgs_per_s_ours_v5": …,
+     "msgs_per_s_mosquitto_v5": …, "ratio_ours_vs_mosquitto_v5": …, …}
 
 The clients are raw asyncio MQTT clients (packets from the codec, schemas.mqtt) with a
 window of 100 unacknowledged PUBLISHes, so the clients cost less than the brokers.
@@ -221,9 +225,11 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
-def bench_ours(work: Path, count: int, timeout: float, *, persistent: bool) -> float:
+def bench_ours(
+    work: Path, count: int, timeout: float, *, persistent: bool, level: int = 4
+) -> float:
     alice, bob = participant(1), participant(2)
-    data = work / ("ours-p" if persistent else "ours")
+    data = work / f"ours-{level}{'-p' if persistent else ''}"
     with Store(data / "broker.sqlite3") as store:
         creds = {alice.pid: store.enroll(alice.pid), bob.pid: store.enroll(bob.pid)}
     port = _free_port()
@@ -254,6 +260,7 @@ def bench_ours(work: Path, count: int, timeout: float, *, persistent: bool) -> f
             count,
             timeout,
             persistent=persistent,
+            level=level,
         )
     finally:
         _stop(proc)
@@ -289,17 +296,19 @@ def bench_stock(count: int, timeout: float) -> float:
         _stop(proc)
 
 
-def bench_mosquitto(work: Path, count: int, timeout: float) -> float | None:
+def bench_mosquitto(work: Path, count: int, timeout: float, level: int = 4) -> float | None:
     binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     if not Path(binary).exists():
         return None
     alice, bob = participant(1), participant(2)
     port = _free_port()
-    with Store(work / "mosq-store" / "broker.sqlite3") as store:
+    with Store(work / f"mosq-store-{level}" / "broker.sqlite3") as store:
         creds = {alice.pid: store.enroll(alice.pid), bob.pid: store.enroll(bob.pid)}
         import getpass  # noqa: PLC0415
 
-        files = write_mosquitto_config(store, work / "mosquitto", port=port, user=getpass.getuser())
+        files = write_mosquitto_config(
+            store, work / f"mosquitto-{level}", port=port, user=getpass.getuser()
+        )
     proc = subprocess.Popen(
         [binary, "-c", str(files.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
@@ -312,9 +321,14 @@ def bench_mosquitto(work: Path, count: int, timeout: float) -> float | None:
             T.inbox(alice.pid),
             count,
             timeout,
+            level=level,
         )
     finally:
         _stop(proc)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 2) if a and b else None
 
 
 def main() -> None:
@@ -345,18 +359,26 @@ def main() -> None:
             f"ours (persistent subscriber, every message committed): {ours_persistent} msg/s",
             file=sys.stderr,
         )
+        ours_v5 = bench_ours(work, args.count, args.timeout, persistent=False, level=5)
+        print(f"ours, MQTT 5 with topic aliases: {ours_v5} msg/s", file=sys.stderr)
         stock = bench_stock(args.count, args.timeout)
         print(f"stock aMQTT 0.12.1: {stock} msg/s", file=sys.stderr)
         mosquitto = bench_mosquitto(work, args.count, args.timeout)
         print(f"mosquitto: {mosquitto} msg/s", file=sys.stderr)
+        mosquitto_v5 = bench_mosquitto(work, args.count, args.timeout, level=5)
+        print(f"mosquitto, MQTT 5 with topic aliases: {mosquitto_v5} msg/s", file=sys.stderr)
     print(
         json.dumps(
             {
                 "msgs_per_s_ours": ours,
                 "msgs_per_s_stock_amqtt": stock,
                 "msgs_per_s_mosquitto": mosquitto,
-                "ratio_ours_vs_stock": round(ours / stock, 2) if stock else None,
+                "ratio_ours_vs_stock": _ratio(ours, stock),
+                "ratio_ours_vs_mosquitto": _ratio(ours, mosquitto),
                 "msgs_per_s_ours_persistent_subscriber": ours_persistent,
+                "msgs_per_s_ours_v5": ours_v5,
+                "msgs_per_s_mosquitto_v5": mosquitto_v5,
+                "ratio_ours_vs_mosquitto_v5": _ratio(ours_v5, mosquitto_v5),
                 "count": args.count,
                 "payload_bytes": PAYLOAD,
                 "qos": 1,

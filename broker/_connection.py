@@ -17,6 +17,9 @@ Order of a CONNECT, fixing aMQTT 0.12.1 (which touches the session first):
 Keep-alive: a client silent for 1.5 times its keep-alive (MQTT-3.1.2-24) is closed and
 its will is published, as for any close without DISCONNECT.
 
+MQTT 3.1.1 and 5 share this path; what 5 adds (properties, reason codes, topic
+aliases, flow control, expiry) is decided in :mod:`broker._v5`.
+
 Rate: after each PUBLISH of a participant, its :class:`~broker._quota.Throttle` may
 say to wait; the read loop then reads nothing more from that socket until then.
 """
@@ -24,15 +27,17 @@ say to wait; the read loop then reads nothing more from that socket until then.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections import deque
 
+from broker import _v5 as v5
 from broker._acl import Deny, Identity
 from broker._credentials import verify_credential
 from broker._engine import Engine
 from broker._quota import address_key
-from broker._session import Message, Session
+from broker._session import Message, Session, SubOptions
 from broker._transport import Transport
 from schemas import mqtt
 from schemas.errors import FieldchatError, MalformedPacket, PacketTooLarge, UnsupportedProtocol
@@ -77,13 +82,19 @@ class Connection:
         self.identity: Identity | None = None
         self.will: mqtt.Will | None = None
         self.level: int = mqtt.ProtocolLevel.V311
-        self._decoder = mqtt.Decoder(max_packet_size=engine.limits.max_packet_bytes)
+        limits = engine.limits
+        self._decoder = mqtt.Decoder(max_packet_size=limits.max_packet_bytes)
+        # MQTT 5 flow control: what the client accepts from us (its CONNECT) …
+        self.window = limits.max_inflight
+        self._max_out: int | None = None
+        self._aliases_out = mqtt.OutboundAliases(0)
+        # … and what we accept from it (our CONNACK).
+        self._aliases_in = mqtt.InboundAliases(limits.topic_alias_maximum)
         self.send_will = True
         self._keep_alive = 0.0
         self._last_rx = 0.0
         self._watchdog: asyncio.TimerHandle | None = None
         self._acks: deque[tuple[bytes, asyncio.Future[None] | None]] = deque()
-        self._qos2: set[int] = set()
         self._throttle_logged = False
         self._closed = False
         self._loop = asyncio.get_running_loop()
@@ -96,10 +107,12 @@ class Connection:
             await self._serve()
         except _Close as close:
             reason = close.reason
-        except PacketTooLarge:
+        except PacketTooLarge as exc:
+            self._disconnect(exc.code)
             reason = "too_large"
         except MalformedPacket as exc:
             log.info("%s: malformed packet (%s); closing", self._who(), exc)
+            self._disconnect(exc.code)  # MQTT 5 §4.13.1: say why before closing
             reason = "malformed"
         except (ConnectionError, OSError):
             reason = "network"
@@ -133,8 +146,7 @@ class Connection:
                     packets = await self._receive()
             except TimeoutError:
                 raise _Close("connect_timeout") from None
-            except UnsupportedProtocol as exc:  # MQTT-3.1.2-2: CONNACK, then close
-                self.level = exc.level if exc.level == mqtt.ProtocolLevel.V5 else self.level
+            except UnsupportedProtocol:  # MQTT-3.1.2-2: CONNACK 0x01 (3.1.1 form), close
                 self._refuse(_BAD_PROTOCOL, "protocol")
             connect = packets[0]
             if not isinstance(connect, mqtt.Connect):  # MQTT-3.1.0-1
@@ -172,17 +184,40 @@ class Connection:
         if reason not in ("closed", "disconnect", "network"):
             engine.metrics.disconnects.labels(reason).inc()
         session = self.session
+        code = v5.DISCONNECT_REASONS.get(reason)
+        graceful = reason in ("disconnect", "refused")
+        if code is not None and session is not None and self.level == mqtt.ProtocolLevel.V5:
+            self._disconnect(code)
+            graceful = True  # let the DISCONNECT out before closing
         if session is not None and session.conn is self:
             engine.metrics.connected.dec()
             session.conn = None
             if self.will is not None and self.send_will and reason != "disconnect":
-                self._publish_will(self.will)
+                self._will_due(session, self.will)
             if not session.persistent:
                 engine.drop_session(session)
-        if reason in ("disconnect", "refused"):
+            else:
+                engine.offline(session)
+        if graceful:
             self.transport.close()
         else:
             self.transport.abort()
+
+    def _will_due(self, session: Session, will: mqtt.Will) -> None:
+        """Publish the will now, or after its Will Delay Interval (MQTT 5 §3.1.3.2.2)
+        if the session outlives the connection."""
+        delay = will.properties.will_delay_interval or 0
+        if delay and session.persistent:
+            self.engine.delay_will(
+                session, min(delay, session.expiry), lambda: self._publish_will(will)
+            )
+        else:
+            self._publish_will(will)
+
+    def _disconnect(self, code: int) -> None:
+        """A server DISCONNECT with ``code`` (MQTT 5 only; 3.1.1 just closes)."""
+        if self.level == mqtt.ProtocolLevel.V5 and self.session is not None:
+            self.transport.write(mqtt.encode(mqtt.Disconnect(code), self.level))
 
     def kick(self, reason: str) -> None:
         """Close from the broker side without the will (takeover, revocation, shutdown)."""
@@ -198,8 +233,8 @@ class Connection:
         """Steps 2 and 3 of the module docstring; a refusal raises :class:`_Close`."""
         engine = self.engine
         self.level = connect.protocol_level
-        if connect.protocol_level != mqtt.ProtocolLevel.V311:  # MQTT-3.1.2-2
-            self._refuse(_BAD_PROTOCOL, "protocol")
+        if connect.properties.authentication_method is not None:  # no enhanced auth
+            self._refuse(mqtt.ReasonCode.BAD_AUTHENTICATION_METHOD, "auth")
         account = engine.account(connect.username or "")
         ok = False
         if account is not None and connect.password is not None:
@@ -215,7 +250,8 @@ class Connection:
             await asyncio.sleep(engine.limits.auth_failure_delay_s)
             self._refuse(_BAD_CREDENTIALS, "auth")
         assert account is not None
-        if connect.client_id != account.username:
+        client_id = connect.client_id or self._assigned(account.username)
+        if client_id != account.username:
             self._refuse(_ID_REJECTED, "client_id")
         identity = Identity(account.username, account.role)
         will = connect.will
@@ -226,12 +262,18 @@ class Connection:
                 self._refuse(_NOT_AUTHORIZED, "will")
         return identity
 
+    def _assigned(self, username: str) -> str:
+        """MQTT 5 lets a client send an empty client id and take the one the server
+        assigns (MQTT-3.1.3-6, -7): ours is always the username. 3.1.1 refuses it."""
+        return username if self.level == mqtt.ProtocolLevel.V5 else ""
+
     async def _connect(self, connect: mqtt.Connect) -> None:
         engine = self.engine
         metrics = engine.metrics
         identity = await self._authenticate(connect)
         self.identity = identity
         self.will = connect.will
+        persistent, expiry = v5.session_expiry(connect)
         # Authenticated: now, and only now, touch the session (takeover).
         session = engine.sessions.get(identity.username)
         if session is not None and session.conn is not None:
@@ -242,29 +284,52 @@ class Connection:
             engine.drop_session(session)
             session = None
         if session is None:
-            session = Session(identity.username, identity, persistent=not connect.clean_start)
+            session = Session(identity.username, identity, persistent=persistent, expiry=expiry)
             engine.sessions[session.client_id] = session
         else:
             present = True
             session.identity = identity
+            session.expiry = expiry  # the new CONNECT's interval applies (MQTT-3.1.2-23)
+        engine.online(session)
         engine.persist_session(session)
         self.session = session
         session.conn = self
         metrics.connected.inc()
-        self.transport.write(mqtt.encode(mqtt.Connack(present, _ACCEPTED), self.level))
-        self._keep_alive = connect.keep_alive * engine.limits.keepalive_factor
+        keep_alive = connect.keep_alive
+        properties = mqtt.NO_PROPERTIES
+        if self.level == mqtt.ProtocolLevel.V5:
+            self._limits_of(connect.properties)
+            properties = v5.connack_properties(
+                engine.limits,
+                connect,
+                assigned=None if connect.client_id else identity.username,
+                inbox=None if identity.is_gateway else engine.topics.inbox(identity.username),
+            )
+            keep_alive = properties.server_keep_alive or keep_alive
+        connack = mqtt.Connack(present, _ACCEPTED, properties)
+        self.transport.write(mqtt.encode(connack, self.level))
+        self._keep_alive = keep_alive * engine.limits.keepalive_factor
         self._last_rx = self._loop.time()
         if self._keep_alive:
             self._watchdog = self._loop.call_later(self._keep_alive, self._check_keep_alive)
         # MQTT-4.4.0-1: resend unacknowledged PUBLISH packets (DUP set), in order.
         for packet_id, message in list(session.inflight.items()):
-            self._write_publish(message, packet_id, dup=True)
+            if not self._write_publish(message, packet_id, dup=True):
+                engine.acked(session, packet_id)  # expired meanwhile, or too large now
         engine.pump(session)
+
+    def _limits_of(self, properties: mqtt.Properties) -> None:
+        """What an MQTT 5 client's CONNECT allows us to send it (§3.1.2.11)."""
+        if properties.receive_maximum is not None:  # MQTT-3.3.4-9
+            self.window = min(self.window, properties.receive_maximum)
+        self._max_out = properties.maximum_packet_size  # MQTT-3.1.2-24
+        aliases = min(properties.topic_alias_maximum or 0, self.engine.limits.topic_alias_maximum)
+        self._aliases_out = mqtt.OutboundAliases(aliases)
 
     def _refuse(self, code: int, reason: str) -> None:
         self.engine.metrics.denials.labels(reason).inc()
         if self.level == mqtt.ProtocolLevel.V5:
-            code = _V5_REFUSALS[code]
+            code = _V5_REFUSALS.get(code, code)
         self.transport.write(mqtt.encode(mqtt.Connack(False, code), self.level))
         self.transport.close()
         raise _Close("refused")
@@ -293,7 +358,19 @@ class Connection:
             )
             return
         engine.metrics.messages_in.inc()
-        engine.route(will.topic, will.payload, will.qos, parsed)
+        properties = will.properties
+        expires_at = None
+        if properties.message_expiry_interval is not None:
+            expires_at = engine.clock() + properties.message_expiry_interval
+        engine.route(
+            will.topic,
+            will.payload,
+            will.qos,
+            parsed,
+            retain=will.retain,
+            properties=v5.forwarded(properties),
+            expires_at=expires_at,
+        )
         if will.retain:
             engine.retain(will.topic, will.payload, will.qos)
 
@@ -312,7 +389,10 @@ class Connection:
                 if self._closed:
                     return
                 if type(packet) is mqtt.Publish:
-                    self._on_publish(packet)
+                    received = packet
+                    if self.level == mqtt.ProtocolLevel.V5:
+                        received = self._v5_publish(packet)
+                    self._on_publish(received)
                     if throttle is not None:
                         size = len(packet.payload) + len(packet.topic)
                         wait, limit_name = throttle.take(size, loop.time())
@@ -329,10 +409,15 @@ class Connection:
                 elif isinstance(packet, mqtt.Unsubscribe):
                     self._on_unsubscribe(packet)
                 elif isinstance(packet, mqtt.Pubrel):
-                    self._qos2.discard(packet.packet_id)
+                    session.qos2_received.discard(packet.packet_id)
                     self._ack(mqtt.encode(mqtt.Pubcomp(packet.packet_id), self.level), None)
                 elif isinstance(packet, mqtt.Disconnect):
+                    if packet.reason_code == mqtt.ReasonCode.DISCONNECT_WITH_WILL:
+                        raise _Close("closed")  # MQTT 5 §3.14.2.1: the will is sent
+                    self.send_will = False
                     raise _Close("disconnect")
+                elif isinstance(packet, mqtt.Auth):  # enhanced authentication: not offered
+                    raise _Close("auth_method")
                 else:  # a second CONNECT (MQTT-3.1.0-2), or what a server never receives
                     raise MalformedPacket(f"unexpected {packet.type.name} from a client")
             if self._closed:
@@ -351,12 +436,30 @@ class Connection:
                 wait,
             )
 
-    def _on_publish(self, packet: mqtt.Publish) -> None:
+    def _v5_publish(self, packet: mqtt.Publish) -> mqtt.Publish:
+        """Resolve a topic alias (MQTT 5 §3.3.2.3.4) and check the Receive Maximum.
+
+        Raises:
+            MalformedPacket: a bad alias (0x94 / 0x82).
+            _Close: more unacknowledged QoS 1/2 PUBLISH than we allow (0x93).
+        """
+        if packet.qos and len(self._acks) >= self.engine.limits.receive_maximum:
+            raise _Close("receive_maximum")  # MQTT-3.3.4-8
+        if packet.properties.topic_alias is None:
+            return packet
+        topic = self._aliases_in.resolve(packet)
+        return dataclasses.replace(packet, topic=topic)
+
+    def _on_publish(self, packet: mqtt.Publish) -> None:  # noqa: PLR0912 - the publish path
         engine = self.engine
         identity = self.identity
+        session = self.session
         assert identity is not None
+        assert session is not None
         start = time.time_ns() if engine.tracer is not None else 0
-        if packet.qos == 2 and packet.packet_id in self._qos2:  # a resent QoS 2: PUBREC again
+        if packet.qos == 2 and packet.packet_id in session.qos2_received:
+            # Received before (maybe on an earlier connection): PUBREC again, deliver
+            # nothing (MQTT-4.3.3-10).
             self._ack(mqtt.encode(mqtt.Pubrec(packet.packet_id), self.level), None)
             return
         denial, roster = engine.authorize(
@@ -372,7 +475,21 @@ class Connection:
         parsed = engine.parse(packet.topic)
         assert parsed is not None
         engine.metrics.messages_in.inc()
-        wrote = engine.route(packet.topic, packet.payload, packet.qos, parsed)
+        properties, expires_at = packet.properties, None
+        if properties is not mqtt.NO_PROPERTIES:
+            if properties.message_expiry_interval is not None:
+                expires_at = engine.clock() + properties.message_expiry_interval
+            properties = v5.forwarded(properties)
+        wrote = engine.route(
+            packet.topic,
+            packet.payload,
+            packet.qos,
+            parsed,
+            sender=session.client_id,
+            retain=packet.retain,
+            properties=properties,
+            expires_at=expires_at,
+        )
         if parsed.kind is TopicKind.PROPOSE:
             assert parsed.cid is not None
             wrote = engine.retain_roster(parsed.cid, packet.payload) or wrote
@@ -388,7 +505,7 @@ class Connection:
         if packet.qos == 1:
             self._ack(mqtt.encode(mqtt.Puback(packet.packet_id), self.level), pending)
         else:
-            self._qos2.add(packet.packet_id)
+            session.qos2_received.add(packet.packet_id)
             self._ack(mqtt.encode(mqtt.Pubrec(packet.packet_id), self.level), pending)
 
     def _trace_route(
@@ -442,13 +559,19 @@ class Connection:
         engine = self.engine
         engine.metrics.denials.labels(denial.value).inc()
         log.info("%s may not publish to %r (%s)", self._who(), packet.topic[:120], denial.value)
+        # MQTT 5 says why: a negative PUBACK (or DISCONNECT) with the reason code.
+        code = v5.denial_code(denial) if self.level == mqtt.ProtocolLevel.V5 else 0
         if denial.disconnects or (denial.is_race and engine.config.on_not_member == "disconnect"):
+            self._disconnect(code)
             raise _Close("denied_publish")
+        session = self.session
+        assert session is not None
         if packet.qos == 1 and packet.packet_id is not None:
-            self._ack(mqtt.encode(mqtt.Puback(packet.packet_id), self.level), None)
+            self._ack(mqtt.encode(mqtt.Puback(packet.packet_id, code), self.level), None)
         elif packet.qos == 2 and packet.packet_id is not None:
-            self._qos2.add(packet.packet_id)
-            self._ack(mqtt.encode(mqtt.Pubrec(packet.packet_id), self.level), None)
+            if not code:  # refused QoS 2 ends at the PUBREC (MQTT-4.3.3-4 note)
+                session.qos2_received.add(packet.packet_id)
+            self._ack(mqtt.encode(mqtt.Pubrec(packet.packet_id, code), self.level), None)
 
     def _ack(self, data: bytes, pending: asyncio.Future[None] | None) -> None:
         """Acknowledge in PUBLISH order (MQTT-4.6.0-2), after ``pending`` commits."""
@@ -481,58 +604,133 @@ class Connection:
         identity = self.identity
         assert session is not None
         assert identity is not None
+        v5_level = self.level == mqtt.ProtocolLevel.V5
+        identifiers = packet.properties.subscription_identifiers
+        identifier = identifiers[0] if identifiers else None
         codes: list[int] = []
-        granted: list[tuple[str, int]] = []
+        replay: list[tuple[str, SubOptions]] = []
         for subscription in packet.subscriptions:
-            topic_filter, qos = subscription.topic_filter, subscription.qos
+            topic_filter = subscription.topic_filter
+            shared = topic_filter.startswith("$share/")
+            if shared and subscription.no_local:  # MQTT-3.8.3-4
+                raise MalformedPacket("No Local on a shared subscription", code=0x82)
             denial = None if _valid_filter(topic_filter) else Deny.FORBIDDEN
             denial = denial or engine.rules.subscribe(identity, topic_filter)
-            if denial is None and (
-                topic_filter not in session.subscriptions
+            new = topic_filter not in session.subscriptions
+            if (
+                denial is None
+                and new
                 and len(session.subscriptions) >= engine.limits.max_subscriptions
             ):
                 denial = Deny.TOO_MANY
             if denial is not None:
                 engine.metrics.denials.labels(denial.value).inc()
                 log.info("%s may not subscribe to %r (%s)", self._who(), topic_filter[:120], denial)
-                codes.append(_SUBACK_FAILURE)
+                if not v5_level:
+                    codes.append(_SUBACK_FAILURE)
+                elif not _valid_filter(topic_filter):
+                    codes.append(mqtt.ReasonCode.TOPIC_FILTER_INVALID)
+                elif denial is Deny.TOO_MANY:
+                    codes.append(mqtt.ReasonCode.QUOTA_EXCEEDED)
+                else:  # SUBACK's codes (§3.9.3): the ACL's refusals are 0x87
+                    codes.append(mqtt.ReasonCode.NOT_AUTHORIZED)
                 continue
-            grant = min(qos, 1)  # QoS 2 is granted as 1 (MQTT-3.9.3: the server may grant less)
-            engine.add_subscription(session, topic_filter, grant)
+            grant = min(subscription.qos, 1)  # QoS 2 is granted as 1 (MQTT-3.9.3)
+            options = SubOptions(
+                grant, subscription.no_local, subscription.retain_as_published, identifier
+            )
+            engine.add_subscription(session, topic_filter, options)
             codes.append(grant)
-            granted.append((topic_filter, grant))
+            handling = subscription.retain_handling  # MQTT-3.3.1-9, -10, -11
+            if handling == mqtt.RetainHandling.SEND_ON_SUBSCRIBE or (
+                handling == mqtt.RetainHandling.SEND_IF_NEW and new
+            ):
+                replay.append((topic_filter, options))
         engine.persist_session(session)
         self.transport.write(mqtt.encode(mqtt.Suback(packet.packet_id, tuple(codes)), self.level))
-        for topic_filter, qos in granted:  # MQTT-3.3.1-6, after the SUBACK
-            engine.replay_retained(session, topic_filter, qos)
+        for topic_filter, options in replay:  # MQTT-3.3.1-6, after the SUBACK
+            engine.replay_retained(session, topic_filter, options)
 
     def _on_unsubscribe(self, packet: mqtt.Unsubscribe) -> None:
         session = self.session
         assert session is not None
+        codes = []
         for topic_filter in packet.topic_filters:
-            self.engine.remove_subscription(session, topic_filter)
+            existed = self.engine.remove_subscription(session, topic_filter)
+            codes.append(0 if existed else mqtt.ReasonCode.NO_SUBSCRIPTION_EXISTED)
         self.engine.persist_session(session)
-        self.transport.write(mqtt.encode(mqtt.Unsuback(packet.packet_id), self.level))
+        if self.level != mqtt.ProtocolLevel.V5:
+            codes = []
+        self.transport.write(mqtt.encode(mqtt.Unsuback(packet.packet_id, tuple(codes)), self.level))
 
     # sending -------------------------------------------------------------------------
 
-    def send_message(self, message: Message) -> None:
+    def send_message(self, message: Message) -> int:
+        """Send a QoS 1 message in a new packet id; return the id (0: not sent, it
+        exceeds the client's Maximum Packet Size or expired, and counts as delivered,
+        MQTT-3.1.2-25)."""
         session = self.session
         assert session is not None
         packet_id = session.allocate_id()
+        if not self._write_publish(message, packet_id, dup=False):
+            return 0
         session.inflight[packet_id] = message
-        self._write_publish(message, packet_id, dup=False)
+        return packet_id
 
-    def _write_publish(self, message: Message, packet_id: int, *, dup: bool) -> None:
-        self.transport.write(
-            mqtt.encode_publish(
+    def _write_publish(self, message: Message, packet_id: int, *, dup: bool) -> bool:
+        if self.level == mqtt.ProtocolLevel.V5:
+            data = self._v5_bytes(message, 1, packet_id, dup=dup)
+            if data is None:
+                return False
+        else:
+            data = mqtt.encode_publish(
                 message.topic_bytes, message.payload, 1, packet_id, retain=message.retain, dup=dup
             )
-        )
+        self.transport.write(data)
         self.engine.metrics.messages_out.inc()
+        return True
 
-    def send_qos0(self, topic: str, payload: bytes, *, retain: bool) -> None:
-        self.transport.write(mqtt.encode_publish(topic.encode(), payload, 0, None, retain=retain))
+    def _v5_bytes(
+        self, message: Message, qos: int, packet_id: int | None, *, dup: bool
+    ) -> bytes | None:
+        """An MQTT 5 PUBLISH of ``message``: the topic as an alias once the client knows
+        it, the remaining expiry, the subscription identifiers; ``None`` if it may not
+        be sent (expired, or above the client's Maximum Packet Size: dropped, counted)."""
+        alias, known = self._aliases_out.alias(message.topic)
+        properties, expired = v5.publish_properties(message, alias, self.engine.clock())
+        if expired:
+            self.engine.metrics.queue_drops.labels("expired").inc()
+            return None
+        block = (
+            b"\x00"
+            if properties is mqtt.NO_PROPERTIES
+            else mqtt.encode_properties(properties, mqtt.PacketType.PUBLISH)
+        )
+        data = mqtt.encode_publish(
+            b"" if known else message.topic_bytes,
+            message.payload,
+            qos,
+            packet_id,
+            retain=message.retain,
+            dup=dup,
+            properties=block,
+        )
+        if self._max_out is not None and len(data) > self._max_out:
+            self.engine.metrics.queue_drops.labels("too_large_for_client").inc()
+            return None
+        return data
+
+    def send_qos0(
+        self, topic: str, payload: bytes, *, retain: bool, properties: mqtt.Properties
+    ) -> None:
+        if self.level == mqtt.ProtocolLevel.V5:
+            message = Message(0, topic, payload, retain=retain, properties=properties)
+            data = self._v5_bytes(message, 0, None, dup=False)
+            if data is None:
+                return
+        else:
+            data = mqtt.encode_publish(topic.encode(), payload, 0, None, retain=retain)
+        self.transport.write(data)
         self.engine.metrics.messages_out.inc()
 
 

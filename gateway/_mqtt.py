@@ -55,6 +55,7 @@ _MAX_PACKET = 1 << 20  # far above any fieldchat object (PROTOCOL.md §8); large
 _NOT_AUTHORIZED = frozenset({4, 5, 0x86, 0x87})  # bad credentials / not authorised (3.1.1, 5)
 _PINGREQ = mqtt.encode(mqtt.Pingreq())
 _CONNACK_KEY = (mqtt.PacketType.CONNACK, 0)
+_REFUSED_LEVEL = frozenset({0x01, mqtt.ReasonCode.UNSUPPORTED_PROTOCOL_VERSION})
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,13 +76,16 @@ class _Protocol(asyncio.Protocol):
         self.client = client
         self.decoder = mqtt.Decoder(level=client.level, max_packet_size=_MAX_PACKET)
         self.broken = False
+        self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it
-        self.client._transport = cast(asyncio.Transport, transport)
+        self.transport = self.client._transport = cast(asyncio.Transport, transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.client._lost(exc)
+        # a connection given up for another one (the 3.1.1 fallback) fails nothing
+        if self.client._transport is self.transport:
+            self.client._lost(exc)
 
     def data_received(self, data: bytes) -> None:
         if self.broken:
@@ -120,6 +124,9 @@ class MqttClient:
             broker's Server Keep Alive, when it sends one).
         session_expiry_s, receive_maximum: MQTT 5 CONNECT properties.
         inbox_max: unread messages beyond which the socket is not read.
+        fallback_311: with ``protocol="5"``, connect again with 3.1.1 when the broker
+            refuses MQTT 5 (CONNACK 0x84 or 0x01, or a close before any CONNACK, as
+            3.1.1-only brokers answer it); :attr:`v5` then says which was agreed.
     """
 
     def __init__(
@@ -136,8 +143,10 @@ class MqttClient:
         session_expiry_s: int = 0,
         receive_maximum: int = 65535,
         inbox_max: int = 65535,
+        fallback_311: bool = False,
     ) -> None:
         self.host, self.port = host, port
+        self.fallback_311 = fallback_311
         self.client_id = client_id
         self.v5 = protocol == "5"
         self.level = mqtt.ProtocolLevel.V5 if self.v5 else mqtt.ProtocolLevel.V311
@@ -185,9 +194,21 @@ class MqttClient:
             )
         except (OSError, TimeoutError) as exc:
             raise ConnectFailed(f"cannot reach the broker at {self.host}:{self.port}") from exc
-        reply = await self._request(_CONNACK_KEY, mqtt.encode(self._connect_packet()), timeout)
+        try:
+            reply = await self._request(_CONNACK_KEY, mqtt.encode(self._connect_packet()), timeout)
+        except ConnectFailed:
+            if not (self.v5 and self.fallback_311):
+                raise
+            reply = mqtt.Connack(False, mqtt.ReasonCode.UNSUPPORTED_PROTOCOL_VERSION)
         assert isinstance(reply, mqtt.Connack)
         code = reply.reason_code
+        if code in _REFUSED_LEVEL and self.v5 and self.fallback_311:
+            log.info("the broker refused MQTT 5 (code %d): connecting with MQTT 3.1.1", code)
+            self._close_transport()
+            self._transport, self._error = None, None
+            self.v5, self.level = False, mqtt.ProtocolLevel.V311
+            await self.connect(timeout)
+            return
         if code != 0:
             self._close_transport()
             if code in _NOT_AUTHORIZED:

@@ -51,7 +51,7 @@ from schemas.mqtt._packets import (
     Unsubscribe,
     Will,
 )
-from schemas.mqtt._properties import Property, encode_properties
+from schemas.mqtt._properties import Property, decode_properties, encode_properties
 from schemas.mqtt._stream import MAX_PACKET_SIZE, Decoder, InboundAliases, OutboundAliases
 from schemas.mqtt._wire import MAX_VARINT
 
@@ -90,6 +90,7 @@ __all__ = [
     "UnsupportedProtocol",
     "Will",
     "decode",
+    "decode_properties",
     "encode",
     "encode_properties",
     "encode_pubacks",

@@ -134,6 +134,8 @@ def _connack(_flags: int, body: bytes, level: int) -> Connack:
     present, code = bool(body[0]), body[1]
     if present and code:  # MQTT-3.2.2-4 (3.1.1), MQTT-3.2.2-6 (5)
         raise MalformedPacket("session present on a refused connection")
+    if len(body) == 2:  # also at level 5: a 3.1.1 server refusing our level (§3.1.2.2)
+        return Connack(present, code)
     properties, pos = _properties(body, 2, PacketType.CONNACK, level)
     _end(body, pos, "CONNACK")
     return Connack(present, code, properties)
