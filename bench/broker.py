@@ -127,15 +127,20 @@ async def publisher(args: argparse.Namespace) -> None:
                     window.release()
 
     task = asyncio.create_task(acks())
+    topic = args.topic.encode()
     for i in range(args.count):
         await window.acquire()
         stamp = (b"\x00" * 8 + struct.pack("!d", time.time())) if i == 0 else os.urandom(16)
         payload = stamp + b"\xa5" * (PAYLOAD - len(stamp))
+        block = None  # 3.1.1: no properties
         alias, known = args.aliases.alias(args.topic)
-        properties = mqtt.NO_PROPERTIES if alias is None else mqtt.Properties(topic_alias=alias)
-        topic = "" if known else args.topic
-        packet = mqtt.Publish(topic, payload, 1, False, False, i % 65535 + 1, properties)
-        writer.write(mqtt.encode(packet, args.level))
+        if args.level == mqtt.ProtocolLevel.V5:
+            block = b"\x00"
+            if alias is not None:
+                properties = mqtt.Properties(topic_alias=alias)
+                block = mqtt.encode_properties(properties, mqtt.PacketType.PUBLISH)
+        name = b"" if known else topic
+        writer.write(mqtt.encode_publish(name, payload, 1, i % 65535 + 1, properties=block))
         if i % WINDOW == 0:
             await writer.drain()
     await asyncio.wait_for(task, args.timeout)

@@ -27,7 +27,6 @@ say to wait; the read loop then reads nothing more from that socket until then.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 from collections import deque
@@ -47,6 +46,18 @@ from schemas.topics import Topic, TopicKind
 __all__ = ["Connection"]
 
 _PINGRESP = mqtt.encode(mqtt.Pingresp())
+# The property block of a PUBLISH that carries only a Topic Alias, by alias (§3.3.2.3.4),
+# made once per alias: at most Limits.topic_alias_maximum of them.
+_ALIAS_BLOCKS: dict[int, bytes] = {}
+
+
+def _alias_block(alias: int) -> bytes:
+    block = _ALIAS_BLOCKS.get(alias)
+    if block is None:
+        properties = mqtt.Properties(topic_alias=alias)
+        block = _ALIAS_BLOCKS[alias] = mqtt.encode_properties(properties, mqtt.PacketType.PUBLISH)
+    return block
+
 
 log = logging.getLogger("broker")
 
@@ -448,7 +459,17 @@ class Connection:
         if packet.properties.topic_alias is None:
             return packet
         topic = self._aliases_in.resolve(packet)
-        return dataclasses.replace(packet, topic=topic)
+        if topic is packet.topic:
+            return packet
+        return mqtt.Publish(  # not dataclasses.replace: this runs per aliased message
+            topic,
+            packet.payload,
+            packet.qos,
+            packet.retain,
+            packet.dup,
+            packet.packet_id,
+            packet.properties,
+        )
 
     def _on_publish(self, packet: mqtt.Publish) -> None:  # noqa: PLR0912 - the publish path
         engine = self.engine
@@ -697,15 +718,18 @@ class Connection:
         it, the remaining expiry, the subscription identifiers; ``None`` if it may not
         be sent (expired, or above the client's Maximum Packet Size: dropped, counted)."""
         alias, known = self._aliases_out.alias(message.topic)
-        properties, expired = v5.publish_properties(message, alias, self.engine.clock())
-        if expired:
-            self.engine.metrics.queue_drops.labels("expired").inc()
-            return None
-        block = (
-            b"\x00"
-            if properties is mqtt.NO_PROPERTIES
-            else mqtt.encode_properties(properties, mqtt.PacketType.PUBLISH)
-        )
+        if (
+            message.properties is mqtt.NO_PROPERTIES
+            and message.expires_at is None
+            and not message.identifiers
+        ):  # the common case, without building properties: at most an alias
+            block = b"\x00" if alias is None else _alias_block(alias)
+        else:
+            properties, expired = v5.publish_properties(message, alias, self.engine.clock())
+            if expired:
+                self.engine.metrics.queue_drops.labels("expired").inc()
+                return None
+            block = mqtt.encode_properties(properties, mqtt.PacketType.PUBLISH)
         data = mqtt.encode_publish(
             b"" if known else message.topic_bytes,
             message.payload,

@@ -103,8 +103,14 @@ def connack_properties(
 
 def forwarded(properties: mqtt.Properties) -> mqtt.Properties:
     """The properties of a received PUBLISH that go on to its subscribers."""
-    if properties is mqtt.NO_PROPERTIES:
-        return properties
+    if properties is mqtt.NO_PROPERTIES or (
+        properties.payload_format_indicator is None
+        and properties.content_type is None
+        and properties.response_topic is None
+        and properties.correlation_data is None
+        and not properties.user_properties
+    ):  # per message: no dict, no object when nothing goes on (a topic alias alone)
+        return mqtt.NO_PROPERTIES
     kept = {name: getattr(properties, name) for name in _FORWARDED}
     if not any(kept.values()):
         return mqtt.NO_PROPERTIES

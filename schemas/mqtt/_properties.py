@@ -126,9 +126,7 @@ _ORDER = [f.name for f in fields(Properties)]
 _FIXED = {_BYTE: struct.Struct("!B"), _TWO: struct.Struct("!H"), _FOUR: struct.Struct("!I")}
 
 
-def decode_properties(  # noqa: PLR0912 - one branch per wire type and rule of ยง2.2.2
-    data: bytes, pos: int, context: int
-) -> tuple[Properties, int]:
+def decode_properties(data: bytes, pos: int, context: int) -> tuple[Properties, int]:
     """Decode the property block at ``pos`` (its length first) for ``context``.
 
     ``context`` is the packet type, or :data:`WILL` for Will Properties.
@@ -143,6 +141,25 @@ def decode_properties(  # noqa: PLR0912 - one branch per wire type and rule of ย
         raise MalformedPacket("properties longer than the packet")
     if not length:
         return NO_PROPERTIES, pos
+    key = (context, bytes(data[pos:end]))
+    cached = _CACHE.get(key)
+    if cached is not None:
+        return cached, end
+    properties = _decode(data, pos, end, context)
+    if len(_CACHE) >= _CACHE_MAX:
+        _CACHE.clear()
+    _CACHE[key] = properties
+    return properties, end
+
+
+# Decoded blocks by their bytes: a stream repeats the same few (a topic alias, an
+# expiry), and building a Properties costs more than the rest of a PUBLISH. Properties
+# are immutable, so one object serves every packet that carries the same bytes.
+_CACHE_MAX = 1024
+_CACHE: dict[tuple[int, bytes], Properties] = {}
+
+
+def _decode(data: bytes, pos: int, end: int, context: int) -> Properties:  # noqa: PLR0912
     values: dict[str, Any] = {}
     while pos < end:
         ident, pos = read_varint(data, pos)
@@ -183,7 +200,7 @@ def decode_properties(  # noqa: PLR0912 - one branch per wire type and rule of ย
             values[name] = (value,)
         else:
             values[name] = value
-    return Properties(**values), pos
+    return Properties(**values)
 
 
 def encode_properties(  # noqa: PLR0912 - one branch per wire type and rule of ยง2.2.2
