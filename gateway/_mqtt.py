@@ -91,20 +91,16 @@ class _Protocol(asyncio.Protocol):
         if self.broken:
             return
         client = self.client
-        try:
-            packets = self.decoder.feed(data, Publish)
+        inbox = client._inbox
+        queued = len(inbox)
+        try:  # the hot path: one object per message, straight into the inbox
+            packets = self.decoder.feed(data, Publish, inbox)
         except MalformedPacket as exc:
             self.broken = True
             client._abort(f"malformed packet from the broker ({exc})")
             return
-        inbox = client._inbox
-        queued = len(inbox)
-        append = inbox.append
         for packet in packets:
-            if isinstance(packet, Publish):  # the hot path: one object per message
-                append(packet)
-            else:
-                client._packet(packet)
+            client._packet(packet)
         client._received_at = time.monotonic()
         if len(inbox) > queued:
             client._arrived()
