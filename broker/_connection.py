@@ -37,28 +37,15 @@ from broker._credentials import verify_credential
 from broker._engine import Engine
 from broker._quota import address_key
 from broker._session import Message, Session, SubOptions
+from broker._trace import trace_route
 from broker._transport import Transport
 from schemas import mqtt
-from schemas.errors import FieldchatError, MalformedPacket, PacketTooLarge, UnsupportedProtocol
-from schemas.frame import split
+from schemas.errors import MalformedPacket, PacketTooLarge, UnsupportedProtocol
 from schemas.topics import Topic, TopicKind
 
 __all__ = ["Connection"]
 
 _PINGRESP = mqtt.encode(mqtt.Pingresp())
-# The property block of a PUBLISH that carries only a Topic Alias, by alias (§3.3.2.3.4),
-# made once per alias: at most Limits.topic_alias_maximum of them.
-_ALIAS_BLOCKS: dict[int, bytes] = {}
-
-
-def _alias_block(alias: int) -> bytes:
-    block = _ALIAS_BLOCKS.get(alias)
-    if block is None:
-        properties = mqtt.Properties(topic_alias=alias)
-        block = _ALIAS_BLOCKS[alias] = mqtt.encode_properties(properties, mqtt.PacketType.PUBLISH)
-    return block
-
-
 log = logging.getLogger("broker")
 
 _ACCEPTED = 0
@@ -537,44 +524,10 @@ class Connection:
         pending: asyncio.Future[None] | None,
         denied: str | None,
     ) -> None:
-        """The ``route`` span of a conversation envelope (docs/tracing.md).
-
-        It ends when the publisher's acknowledgement may go: after routing, or after
-        the commit of the queued copies it waits for (``fieldchat.broker.persisted``).
-        """
         tracer = self.engine.tracer
-        if tracer is None or parsed is None or parsed.kind is not TopicKind.MSG:
-            return
-        cid = parsed.cid
-        assert cid is not None
-        attributes: dict[str, int | str | bool] = {
-            "messaging.operation.type": "receive",
-            "fieldchat.broker.qos": packet.qos,
-            "fieldchat.broker.fanout": 0 if denied else self.engine.fanout,
-            "fieldchat.broker.persisted": pending is not None,
-        }
-
-        try:  # one span per envelope, also of a frame (PROTOCOL.md §3.4)
-            envelopes = split(packet.payload)
-        except FieldchatError:
-            envelopes = [packet.payload]  # the tracer ignores what is not an envelope
-
-        def emit(_: object = None) -> None:
-            for envelope in envelopes:
-                tracer.span(
-                    "route",
-                    cid,
-                    envelope,
-                    kind="consumer",
-                    start_ns=start,
-                    error=denied,
-                    attributes=attributes,
-                )
-
-        if pending is None or pending.done():
-            emit()
-        else:
-            pending.add_done_callback(emit)
+        if tracer is not None:
+            fanout = 0 if denied else self.engine.fanout
+            trace_route(tracer, packet, parsed, start, pending, denied, fanout)
 
     def _denied(self, packet: mqtt.Publish, denial: Deny) -> None:
         engine = self.engine
@@ -714,34 +667,19 @@ class Connection:
     def _v5_bytes(
         self, message: Message, qos: int, packet_id: int | None, *, dup: bool
     ) -> bytes | None:
-        """An MQTT 5 PUBLISH of ``message``: the topic as an alias once the client knows
-        it, the remaining expiry, the subscription identifiers; ``None`` if it may not
-        be sent (expired, or above the client's Maximum Packet Size: dropped, counted)."""
-        alias, known = self._aliases_out.alias(message.topic)
-        if (
-            message.properties is mqtt.NO_PROPERTIES
-            and message.expires_at is None
-            and not message.identifiers
-        ):  # the common case, without building properties: at most an alias
-            block = b"\x00" if alias is None else _alias_block(alias)
-        else:
-            properties, expired = v5.publish_properties(message, alias, self.engine.clock())
-            if expired:
-                self.engine.metrics.queue_drops.labels("expired").inc()
-                return None
-            block = mqtt.encode_properties(properties, mqtt.PacketType.PUBLISH)
-        data = mqtt.encode_publish(
-            b"" if known else message.topic_bytes,
-            message.payload,
+        """:func:`broker._v5.publish_bytes` for this client; what may not be sent is
+        counted (``queue_drops``) and ``None``."""
+        data, dropped = v5.publish_bytes(
+            message,
             qos,
             packet_id,
-            retain=message.retain,
             dup=dup,
-            properties=block,
+            aliases=self._aliases_out,
+            max_size=self._max_out,
+            now=self.engine.clock(),
         )
-        if self._max_out is not None and len(data) > self._max_out:
-            self.engine.metrics.queue_drops.labels("too_large_for_client").inc()
-            return None
+        if dropped:
+            self.engine.metrics.queue_drops.labels(dropped).inc()
         return data
 
     def send_qos0(

@@ -20,6 +20,7 @@ __all__ = [
     "connack_properties",
     "denial_code",
     "forwarded",
+    "publish_bytes",
     "publish_properties",
     "session_expiry",
 ]
@@ -146,3 +147,59 @@ def publish_properties(
         ),
         False,
     )
+
+
+# The property block of a PUBLISH that carries only a Topic Alias, by alias (§3.3.2.3.4),
+# made once per alias: at most Limits.topic_alias_maximum of them.
+_ALIAS_BLOCKS: dict[int, bytes] = {}
+
+
+def _alias_block(alias: int) -> bytes:
+    block = _ALIAS_BLOCKS.get(alias)
+    if block is None:
+        properties = mqtt.Properties(topic_alias=alias)
+        block = _ALIAS_BLOCKS[alias] = mqtt.encode_properties(properties, mqtt.PacketType.PUBLISH)
+    return block
+
+
+def publish_bytes(
+    message: Message,
+    qos: int,
+    packet_id: int | None,
+    *,
+    dup: bool,
+    aliases: mqtt.OutboundAliases,
+    max_size: int | None,
+    now: float,
+) -> tuple[bytes | None, str | None]:
+    """An MQTT 5 PUBLISH of ``message``, or ``(None, why)`` when it may not be sent.
+
+    The topic goes as its alias once the client knows it; the remaining expiry and
+    the subscription identifiers go along. Not sent: an expired message
+    (``"expired"``, MQTT-3.3.2-5) or one above the client's Maximum Packet Size
+    (``"too_large_for_client"``, MQTT-3.1.2-25).
+    """
+    alias, known = aliases.alias(message.topic)
+    if (
+        message.properties is mqtt.NO_PROPERTIES
+        and message.expires_at is None
+        and not message.identifiers
+    ):  # the common case, without building properties: at most an alias
+        block = b"\x00" if alias is None else _alias_block(alias)
+    else:
+        properties, expired = publish_properties(message, alias, now)
+        if expired:
+            return None, "expired"
+        block = mqtt.encode_properties(properties, mqtt.PacketType.PUBLISH)
+    data = mqtt.encode_publish(
+        b"" if known else message.topic_bytes,
+        message.payload,
+        qos,
+        packet_id,
+        retain=message.retain,
+        dup=dup,
+        properties=block,
+    )
+    if max_size is not None and len(data) > max_size:
+        return None, "too_large_for_client"
+    return data, None
