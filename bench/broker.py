@@ -2,12 +2,16 @@
 
 Runs the same load against fieldchat's broker, stock aMQTT 0.12.1 (anonymous, no
 plugins beyond authentication: its fastest configuration) and Mosquitto (the
-generated configuration), each in its own process, and prints on its last line:
+generated configuration), each in its own process, over MQTT 3.1.1, then ours and
+Mosquitto again over MQTT 5 with topic aliases on (the publisher sends the topic once,
+then its alias; the subscriber accepts 10 aliases, so the broker does the same), and
+prints on its last line:
 
     {"msgs_per_s_ours": …, "msgs_per_s_stock_amqtt": …, "msgs_per_s_mosquitto": …,
-     "ratio_ours_vs_stock": …, …}
+     "ratio_ours_vs_stock": …, "ratio_ours_vs_mosquitto": …, "msgs_per_s_ours_v5": …,
+     "msgs_per_s_mosquitto_v5": …, "ratio_ours_vs_mosquitto_v5": …, …}
 
-The clients are raw asyncio MQTT 3.1.1 clients (framing from broker._codec) with a
+The clients are raw asyncio MQTT clients (packets from the codec, schemas.mqtt) with a
 window of 100 unacknowledged PUBLISHes, so the clients cost less than the brokers.
 Rate = messages / (last received - first sent), measured by the subscriber.
 Every run is bounded: --count messages and --timeout seconds.
@@ -33,11 +37,11 @@ from pathlib import Path
 # This file is named broker.py: put the project root first so `broker` is the package.
 sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from broker import _codec as codec
-from broker._errors import MalformedPacket
 from broker._mosquitto import write_mosquitto_config
 from broker._store import Store
 from broker.testing import participant
+from schemas import mqtt
+from schemas.errors import MalformedPacket
 from schemas.topics import Topics
 
 PAYLOAD = 256
@@ -46,84 +50,97 @@ T = Topics()
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _string(s: str) -> bytes:
-    raw = s.encode()
-    return struct.pack("!H", len(raw)) + raw
-
-
-def _connect_packet(client_id: str, user: str | None, password: str | None, clean: bool) -> bytes:
-    flags = 0x02 if clean else 0
-    payload = _string(client_id)
-    if user is not None:
-        flags |= 0x80
-        payload += _string(user)
-    if password is not None:
-        flags |= 0x40
-        payload += _string(password)
-    body = _string("MQTT") + bytes((4, flags)) + struct.pack("!H", 60) + payload
-    return b"\x10" + bytes((len(body),)) + body
+async def _read(reader: asyncio.StreamReader, decoder: mqtt.Decoder) -> list[mqtt.Packet]:
+    while True:
+        data = await reader.read(65536)
+        if not data:
+            raise ConnectionError("closed by the broker")
+        packets = decoder.feed(data)
+        if packets:
+            return packets
 
 
 async def _open(
-    port: int, client_id: str, user: str | None, password: str | None, clean: bool = True
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(_connect_packet(client_id, user, password, clean))
-    ptype, _, body = await codec.read_packet(reader, 1 << 20)
-    if ptype != codec.CONNACK or body[1] != 0:
-        raise SystemExit(f"connection refused: {body!r}")
-    return reader, writer
+    args: argparse.Namespace, *, clean: bool = True
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, mqtt.Decoder, list[mqtt.Packet]]:
+    """Connect at ``args.level``; return the stream, its decoder and what followed the
+    CONNACK. MQTT 5 clients accept topic aliases (Topic Alias Maximum 10)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", args.port)
+    properties = mqtt.NO_PROPERTIES
+    if args.level == mqtt.ProtocolLevel.V5:
+        properties = mqtt.Properties(
+            topic_alias_maximum=10, session_expiry_interval=0 if clean else 3600
+        )
+    password = None if args.password is None else args.password.encode()
+    connect = mqtt.Connect(
+        args.client_id, clean, 60, args.user, password, None, args.level, properties
+    )
+    writer.write(mqtt.encode(connect))
+    decoder = mqtt.Decoder(level=args.level, max_packet_size=1 << 20)
+    connack, *rest = await _read(reader, decoder)
+    if not isinstance(connack, mqtt.Connack) or connack.reason_code:
+        raise SystemExit(f"connection refused: {connack!r}")
+    alias_maximum = connack.properties.topic_alias_maximum or 0
+    args.aliases = mqtt.OutboundAliases(alias_maximum if args.level == 5 else 0)
+    return reader, writer, decoder, rest
 
 
 async def subscriber(args: argparse.Namespace) -> None:
-    reader, writer = await _open(
-        args.port, args.client_id, args.user, args.password, clean=not args.persistent
-    )
-    body = struct.pack("!H", 1) + _string(args.topic) + b"\x01"
-    writer.write(b"\x82" + bytes((len(body),)) + body)
-    ptype, _, _ = await codec.read_packet(reader, 1 << 20)
-    assert ptype == codec.SUBACK
+    reader, writer, decoder, pending = await _open(args, clean=not args.persistent)
+    subscribe = mqtt.Subscribe(1, (mqtt.Subscription(args.topic, 1),))
+    writer.write(mqtt.encode(subscribe, args.level))
+    while not any(isinstance(p, mqtt.Suback) for p in pending):
+        pending = await _read(reader, decoder)
     print("ready", flush=True)
     received, first, last = 0, 0.0, 0.0
     try:
         async with asyncio.timeout(args.timeout):
             while received < args.count:
-                ptype, flags, body = await codec.read_packet(reader, 1 << 20)
-                if ptype != codec.PUBLISH:
-                    continue
-                packet = codec.parse_publish(flags, body)
-                if packet.payload[:8] == b"\x00" * 8 and received == 0:
-                    first = struct.unpack("!d", packet.payload[8:16])[0]
-                if packet.packet_id is not None:
-                    writer.write(codec.puback(packet.packet_id))
-                received += 1
+                acks = []
+                for packet in await _read(reader, decoder):
+                    if not isinstance(packet, mqtt.Publish):
+                        continue
+                    if packet.payload[:8] == b"\x00" * 8 and received == 0:
+                        first = struct.unpack("!d", packet.payload[8:16])[0]
+                    if packet.packet_id is not None:
+                        acks.append(packet.packet_id)
+                    received += 1
+                writer.write(mqtt.encode_pubacks(acks))
                 last = time.time()
-    except (TimeoutError, OSError, asyncio.IncompleteReadError, MalformedPacket) as exc:
+    except (TimeoutError, OSError, MalformedPacket) as exc:
         print(f"  subscriber stopped: {exc!r}", file=sys.stderr)
     writer.close()
     print(json.dumps({"received": received, "seconds": last - first if first else 0.0}), flush=True)
 
 
 async def publisher(args: argparse.Namespace) -> None:
-    reader, writer = await _open(args.port, args.client_id, args.user, args.password)
-    topic = args.topic.encode()
+    reader, writer, decoder, _ = await _open(args)
     window = asyncio.Semaphore(WINDOW)
     acked = 0
 
     async def acks() -> None:
         nonlocal acked
         while acked < args.count:
-            ptype, _, _ = await codec.read_packet(reader, 1 << 20)
-            if ptype == codec.PUBACK:
-                acked += 1
-                window.release()
+            for packet in await _read(reader, decoder):
+                if isinstance(packet, mqtt.Puback):
+                    acked += 1
+                    window.release()
 
     task = asyncio.create_task(acks())
+    topic = args.topic.encode()
     for i in range(args.count):
         await window.acquire()
         stamp = (b"\x00" * 8 + struct.pack("!d", time.time())) if i == 0 else os.urandom(16)
         payload = stamp + b"\xa5" * (PAYLOAD - len(stamp))
-        writer.write(codec.publish(topic, payload, 1, i % 65535 + 1, retain=False, dup=False))
+        block = None  # 3.1.1: no properties
+        alias, known = args.aliases.alias(args.topic)
+        if args.level == mqtt.ProtocolLevel.V5:
+            block = b"\x00"
+            if alias is not None:
+                properties = mqtt.Properties(topic_alias=alias)
+                block = mqtt.encode_properties(properties, mqtt.PacketType.PUBLISH)
+        name = b"" if known else topic
+        writer.write(mqtt.encode_publish(name, payload, 1, i % 65535 + 1, properties=block))
         if i % WINDOW == 0:
             await writer.drain()
     await asyncio.wait_for(task, args.timeout)
@@ -158,9 +175,12 @@ def _run_load(
     count: int,
     timeout: float,
     persistent: bool = False,
+    level: int = 4,
 ) -> float:
     me = [sys.executable, str(Path(__file__).resolve())]
     common = [
+        "--level",
+        str(level),
         "--port",
         str(port),
         "--topic",
@@ -210,9 +230,11 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
-def bench_ours(work: Path, count: int, timeout: float, *, persistent: bool) -> float:
+def bench_ours(
+    work: Path, count: int, timeout: float, *, persistent: bool, level: int = 4
+) -> float:
     alice, bob = participant(1), participant(2)
-    data = work / ("ours-p" if persistent else "ours")
+    data = work / f"ours-{level}{'-p' if persistent else ''}"
     with Store(data / "broker.sqlite3") as store:
         creds = {alice.pid: store.enroll(alice.pid), bob.pid: store.enroll(bob.pid)}
     port = _free_port()
@@ -243,6 +265,7 @@ def bench_ours(work: Path, count: int, timeout: float, *, persistent: bool) -> f
             count,
             timeout,
             persistent=persistent,
+            level=level,
         )
     finally:
         _stop(proc)
@@ -278,17 +301,19 @@ def bench_stock(count: int, timeout: float) -> float:
         _stop(proc)
 
 
-def bench_mosquitto(work: Path, count: int, timeout: float) -> float | None:
+def bench_mosquitto(work: Path, count: int, timeout: float, level: int = 4) -> float | None:
     binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     if not Path(binary).exists():
         return None
     alice, bob = participant(1), participant(2)
     port = _free_port()
-    with Store(work / "mosq-store" / "broker.sqlite3") as store:
+    with Store(work / f"mosq-store-{level}" / "broker.sqlite3") as store:
         creds = {alice.pid: store.enroll(alice.pid), bob.pid: store.enroll(bob.pid)}
         import getpass  # noqa: PLC0415
 
-        files = write_mosquitto_config(store, work / "mosquitto", port=port, user=getpass.getuser())
+        files = write_mosquitto_config(
+            store, work / f"mosquitto-{level}", port=port, user=getpass.getuser()
+        )
     proc = subprocess.Popen(
         [binary, "-c", str(files.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
@@ -301,9 +326,14 @@ def bench_mosquitto(work: Path, count: int, timeout: float) -> float | None:
             T.inbox(alice.pid),
             count,
             timeout,
+            level=level,
         )
     finally:
         _stop(proc)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 2) if a and b else None
 
 
 def main() -> None:
@@ -317,6 +347,7 @@ def main() -> None:
     parser.add_argument("--password")
     parser.add_argument("--topic")
     parser.add_argument("--persistent", action="store_true")
+    parser.add_argument("--level", type=int, choices=[4, 5], default=4)
     args = parser.parse_args()
     if args.role == "sub":
         asyncio.run(subscriber(args))
@@ -333,18 +364,26 @@ def main() -> None:
             f"ours (persistent subscriber, every message committed): {ours_persistent} msg/s",
             file=sys.stderr,
         )
+        ours_v5 = bench_ours(work, args.count, args.timeout, persistent=False, level=5)
+        print(f"ours, MQTT 5 with topic aliases: {ours_v5} msg/s", file=sys.stderr)
         stock = bench_stock(args.count, args.timeout)
         print(f"stock aMQTT 0.12.1: {stock} msg/s", file=sys.stderr)
         mosquitto = bench_mosquitto(work, args.count, args.timeout)
         print(f"mosquitto: {mosquitto} msg/s", file=sys.stderr)
+        mosquitto_v5 = bench_mosquitto(work, args.count, args.timeout, level=5)
+        print(f"mosquitto, MQTT 5 with topic aliases: {mosquitto_v5} msg/s", file=sys.stderr)
     print(
         json.dumps(
             {
                 "msgs_per_s_ours": ours,
                 "msgs_per_s_stock_amqtt": stock,
                 "msgs_per_s_mosquitto": mosquitto,
-                "ratio_ours_vs_stock": round(ours / stock, 2) if stock else None,
+                "ratio_ours_vs_stock": _ratio(ours, stock),
+                "ratio_ours_vs_mosquitto": _ratio(ours, mosquitto),
                 "msgs_per_s_ours_persistent_subscriber": ours_persistent,
+                "msgs_per_s_ours_v5": ours_v5,
+                "msgs_per_s_mosquitto_v5": mosquitto_v5,
+                "ratio_ours_vs_mosquitto_v5": _ratio(ours_v5, mosquitto_v5),
                 "count": args.count,
                 "payload_bytes": PAYLOAD,
                 "qos": 1,

@@ -57,6 +57,16 @@ class Limits(_Frozen):
     ML-KEM is ~1.3 KiB, a status a few bytes). With retained publishes refused on
     inbox and msg topics, a participant's retained state is its bundle, its status
     and the rosters of the conversations it founded (≤ 7.6 KiB each at 256 members).
+
+    MQTT 5 (CONNACK properties): ``max_packet_bytes`` is announced as the Maximum
+    Packet Size (the whole packet). ``topic_alias_maximum`` aliases per connection in
+    each direction (32: a device uses a handful of topics, a gateway a few per
+    conversation; each costs one dict entry). ``receive_maximum``: unacknowledged
+    QoS 1/2 PUBLISH packets a client may have towards us (65,535, the protocol's
+    default, is not announced: our PUBACK waits for a group commit of a few ms, and
+    the per-participant rate above is what bounds a flood). ``max_keepalive_s``: a
+    client asking for a longer keep-alive, or none, is told this one as Server Keep
+    Alive (0: none imposed; satellite devices choose long keep-alives on purpose).
     """
 
     max_packet_bytes: int = Field(default=131_072, ge=1024)  # > one 64 KiB envelope + header
@@ -78,6 +88,9 @@ class Limits(_Frozen):
     founding_window_s: float = Field(default=86_400.0, gt=0)
     max_bundle_bytes: int = Field(default=16 * 1024, ge=1024)
     max_status_bytes: int = Field(default=1024, ge=16)
+    topic_alias_maximum: int = Field(default=32, ge=0, le=65_535)
+    receive_maximum: int = Field(default=65_535, ge=1, le=65_535)
+    max_keepalive_s: int = Field(default=0, ge=0, le=65_535)
 
     @property
     def pending_cap(self) -> int:

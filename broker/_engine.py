@@ -17,9 +17,10 @@ from broker._acl import Deny, Identity, Membership, Rules
 from broker._config import BrokerConfig
 from broker._metrics import Metrics
 from broker._quota import FoundingQuota, Pending, Throttle
-from broker._session import Message, Session
-from broker._store import Account, Store, WriteBehind
-from schemas import tracing
+from broker._session import NEVER, Message, Session, SubOptions
+from broker._store import Account, Store, StoredMessage, WriteBehind
+from schemas import mqtt, tracing
+from schemas.errors import MalformedPacket
 from schemas.roster import Roster
 from schemas.topics import Topic, TopicKind, Topics
 
@@ -27,6 +28,30 @@ if TYPE_CHECKING:
     from broker._connection import Connection
 
 __all__ = ["Engine", "matches"]
+
+
+def _merge(
+    targets: dict[str, SubOptions],
+    extra: dict[str, tuple[int, bool, tuple[int, ...]]],
+    client_id: str,
+    options: SubOptions,
+) -> None:
+    """Add one matching subscription of ``client_id`` (see :meth:`Engine.route`)."""
+    held = targets.get(client_id)
+    if held is None:
+        targets[client_id] = options
+        return
+    qos, rap, identifiers = extra.get(client_id) or (
+        held.qos,
+        held.retain_as_published,
+        (held.identifier,) if held.identifier else (),
+    )
+    if options.identifier:
+        identifiers = (*identifiers, options.identifier)
+    extra[client_id] = (max(qos, options.qos), rap or options.retain_as_published, identifiers)
+    if held.no_local and not options.no_local:  # another subscription wants it back
+        targets[client_id] = SubOptions(held.qos, identifier=held.identifier)
+
 
 log = logging.getLogger("broker")
 
@@ -63,9 +88,9 @@ class Engine:
         self.topics = Topics(config.prefix)
         self.sessions: dict[str, Session] = {}
         self.connections: set[Connection] = set()
-        self.exact: dict[str, dict[str, int]] = {}
-        self.wild: dict[str, dict[str, int]] = {}
-        self.shared: dict[tuple[str, str], dict[str, int]] = {}
+        self.exact: dict[str, dict[str, SubOptions]] = {}
+        self.wild: dict[str, dict[str, SubOptions]] = {}
+        self.shared: dict[tuple[str, str], dict[str, SubOptions]] = {}
         self._next_in_group: dict[tuple[str, str], int] = {}
         self.retained: dict[str, tuple[bytes, int]] = {}
         self.accounts: dict[str, Account] = {}
@@ -84,6 +109,7 @@ class Engine:
         self._drop_logged: dict[str, int] = {}
         self.tracer = tracing.tracer("broker")  # None unless the entry point turned tracing on
         self.fanout = 0  # sessions the last route() reached (a traced route's attribute)
+        self._due_wills: dict[str, Callable[[], None]] = {}  # delayed wills, by client id
         metrics.queued.set_function(
             lambda: float(sum(len(s.queue) + len(s.inflight) for s in self.sessions.values()))
         )
@@ -106,32 +132,67 @@ class Engine:
         if not self.config.persistence:
             return
         self.retained = self.store.retained()
-        for client_id, (username, subscriptions) in self.store.sessions().items():
-            account = self.accounts.get(username)
-            if account is None or username != client_id:
+        self.writer = WriteBehind(self.config.db_path, loop)
+        expired: list[Session] = []
+        for client_id, row in self.store.sessions().items():
+            account = self.accounts.get(row.username)
+            if account is None or row.username != client_id:
                 continue
-            session = Session(client_id, Identity(username, account.role), persistent=True)
+            identity = Identity(row.username, account.role)
+            session = Session(client_id, identity, persistent=True, expiry=row.expiry)
             self.sessions[client_id] = session
-            for topic_filter, qos in subscriptions.items():
-                self.add_subscription(session, topic_filter, int(qos))
+            for topic_filter, options in row.subscriptions.items():
+                self.add_subscription(session, topic_filter, SubOptions.from_json(options))
+            if row.expires_at is not None:  # offline when we stopped: its expiry goes on
+                if row.expires_at <= now:
+                    expired.append(session)
+                else:
+                    session.expiry_timer = loop.call_later(
+                        row.expires_at - now, self.expire, session
+                    )
         restored = 0
         for client_id, stored in self.store.queued().items():
             maybe = self.sessions.get(client_id)
             for item in stored:
                 self._seq = max(self._seq, item.seq)
                 if maybe is not None:
-                    maybe.queue.append(
-                        Message(item.seq, item.topic, item.payload, retain=item.retain)
-                    )
-                    maybe.queued_bytes += len(item.payload)
-                    restored += 1
+                    restored += self._restore(maybe, item, now)
+        for session in expired:
+            log.info("session of %s expired while the broker was stopped", session.client_id)
+            self.drop_session(session)
         log.info(
             "restored %d sessions, %d queued messages, %d retained messages",
             len(self.sessions),
             restored,
             len(self.retained),
         )
-        self.writer = WriteBehind(self.config.db_path, loop)
+
+    def _restore(self, session: Session, item: StoredMessage, now: float) -> int:
+        """Put a stored message back: in flight under its packet id if it was sent
+        (resent with DUP on reconnect, MQTT-3.3.1-1, -4.4.0-1), else queued."""
+        if item.expires_at is not None and item.expires_at <= now:
+            self._forget(session, item.seq)
+            return 0
+        properties = mqtt.NO_PROPERTIES
+        if item.props:
+            try:
+                properties = mqtt.decode_properties(item.props, 0, mqtt.PacketType.PUBLISH)[0]
+            except MalformedPacket:
+                log.warning("stored properties of a message to %s no longer decode", session)
+        message = Message(
+            item.seq,
+            item.topic,
+            item.payload,
+            retain=item.retain,
+            properties=properties,
+            expires_at=item.expires_at,
+        )
+        if item.sent and item.sent not in session.inflight:
+            session.inflight[item.sent] = message
+        else:
+            session.queue.append(message)
+            session.queued_bytes += len(item.payload)
+        return 1
 
     def close(self) -> None:
         if self.writer is not None:
@@ -279,14 +340,45 @@ class Engine:
 
     # sessions and subscriptions ---------------------------------------------------
 
-    def persist_session(self, session: Session) -> None:
+    def persist_session(self, session: Session, *, expires_at: float | None = None) -> None:
+        """Store the session; ``expires_at``: when an offline session ends (None: not
+        offline, or never)."""
         if session.persistent and self.writer is not None:
             self.writer.put(
                 "session",
                 session.client_id,
                 session.identity.username,
-                json.dumps(session.subscriptions),
+                json.dumps({f: o.to_json() for f, o in session.subscriptions.items()}),
+                session.expiry,
+                expires_at,
             )
+
+    def offline(self, session: Session) -> None:
+        """The session's connection closed: start its Session Expiry Interval (MQTT 5)."""
+        if session.expiry == NEVER or not session.persistent:
+            return
+        loop = asyncio.get_running_loop()
+        session.expiry_timer = loop.call_later(session.expiry, self.expire, session)
+        self.persist_session(session, expires_at=self.clock() + session.expiry)
+
+    def online(self, session: Session) -> None:
+        """A connection took the session: stop its expiry and any delayed will."""
+        for timer in (session.expiry_timer, session.will_timer):
+            if timer is not None:
+                timer.cancel()
+        session.expiry_timer = session.will_timer = None
+
+    def expire(self, session: Session) -> None:
+        """The Session Expiry Interval passed: the session and its queue go (MQTT-4.1.0-2)."""
+        if session.conn is not None or self.sessions.get(session.client_id) is not session:
+            return
+        if session.will_timer is not None:  # the will goes at the latest now (MQTT-3.1.3-9)
+            callback = session.will_timer
+            session.will_timer = None
+            callback.cancel()
+            self._due_wills.pop(session.client_id, lambda: None)()
+        log.info("session of %s expired: %d queued messages freed", session, len(session.queue))
+        self.drop_session(session)
 
     def drop_session(self, session: Session) -> None:
         """Forget a session: subscriptions, queue, in-flight, stored state."""
@@ -299,11 +391,25 @@ class Engine:
             self.writer.put("queue*", session.client_id)
         session.queue.clear()
         session.inflight.clear()
+        self.online(session)  # cancels its timers
+        self._due_wills.pop(session.client_id, None)
 
-    def add_subscription(self, session: Session, topic_filter: str, qos: int) -> None:
+    def add_subscription(self, session: Session, topic_filter: str, options: SubOptions) -> None:
         key, index = self._index(topic_filter)
-        index.setdefault(key, {})[session.client_id] = qos
-        session.subscriptions[topic_filter] = qos
+        index.setdefault(key, {})[session.client_id] = options
+        session.subscriptions[topic_filter] = options
+
+    def delay_will(self, session: Session, delay: float, publish: Callable[[], None]) -> None:
+        """Publish a will after its Will Delay Interval unless the session is taken
+        again before (MQTT 5 §3.1.3.2.2); at the latest when the session ends."""
+
+        def due() -> None:
+            session.will_timer = None
+            if self._due_wills.pop(session.client_id, None) is not None:
+                publish()
+
+        self._due_wills[session.client_id] = publish
+        session.will_timer = asyncio.get_running_loop().call_later(delay, due)
 
     def remove_subscription(self, session: Session, topic_filter: str) -> bool:
         key, index = self._index(topic_filter)
@@ -314,7 +420,7 @@ class Engine:
                 del index[key]
         return session.subscriptions.pop(topic_filter, None) is not None
 
-    def _index(self, topic_filter: str) -> tuple[Any, dict[Any, dict[str, int]]]:
+    def _index(self, topic_filter: str) -> tuple[Any, dict[Any, dict[str, SubOptions]]]:
         if topic_filter.startswith("$share/"):
             _, group, real = topic_filter.split("/", 2)
             return (group, real), self.shared
@@ -324,39 +430,73 @@ class Engine:
 
     # routing ------------------------------------------------------------------------
 
-    def route(self, topic: str, payload: bytes, qos: int, parsed: Topic) -> bool:
+    def route(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int,
+        parsed: Topic,
+        *,
+        sender: str | None = None,
+        retain: bool = False,
+        properties: mqtt.Properties = mqtt.NO_PROPERTIES,
+        expires_at: float | None = None,
+    ) -> bool:
         """Deliver a message to every subscribed session allowed to receive it.
+
+        ``sender``: the publishing client id, whose No Local subscriptions are skipped
+        (MQTT-3.8.3-3); ``retain``: the PUBLISH's RETAIN, forwarded to Retain As
+        Published subscriptions (MQTT-3.3.1-12, -13). A session matched by several
+        subscriptions gets one copy at the highest QoS with all their Subscription
+        Identifiers (MQTT-3.3.4-3, -4).
 
         Returns whether queued copies were written to the store (the publisher's
         PUBACK then waits for the commit).
         """
-        targets: dict[str, int] = {}
+        targets: dict[str, SubOptions] = {}
+        extra: dict[str, tuple[int, bool, tuple[int, ...]]] = {}
         subs = self.exact.get(topic)
         if subs:
             targets.update(subs)
         for topic_filter, subs in self.wild.items():
             if matches(topic, topic_filter):
-                for client_id, sub_qos in subs.items():
-                    if sub_qos > targets.get(client_id, -1):
-                        targets[client_id] = sub_qos
+                for client_id, options in subs.items():
+                    _merge(targets, extra, client_id, options)
         for key, subs in self.shared.items():
             if subs and matches(topic, key[1]):
                 client_id = self._pick(key, subs)
-                if subs[client_id] > targets.get(client_id, -1):
-                    targets[client_id] = subs[client_id]
+                _merge(targets, extra, client_id, subs[client_id])
         wrote = False
         fanout = 0
         sessions = self.sessions
         receive = self.rules.receive
-        for client_id, sub_qos in targets.items():
+        for client_id, options in targets.items():
+            if options.no_local and client_id == sender:
+                continue
             session = sessions.get(client_id)
             if session is not None and receive(session.identity, parsed):
-                wrote |= self.deliver(session, topic, payload, min(qos, sub_qos), retain=False)
+                sub_qos, rap = options.qos, options.retain_as_published
+                identifiers: tuple[int, ...] = ()
+                if options.identifier:
+                    identifiers = (options.identifier,)
+                merged = extra.get(client_id)
+                if merged is not None:
+                    sub_qos, rap, identifiers = merged
+                wrote |= self.deliver(
+                    session,
+                    topic,
+                    payload,
+                    min(qos, sub_qos),
+                    retain=retain and rap,
+                    properties=properties,
+                    expires_at=expires_at,
+                    identifiers=identifiers,
+                )
                 fanout += 1
         self.fanout = fanout
         return wrote
 
-    def _pick(self, key: tuple[str, str], subs: dict[str, int]) -> str:
+    def _pick(self, key: tuple[str, str], subs: dict[str, SubOptions]) -> str:
         """Round robin over a shared group, preferring connected members."""
         members = sorted(subs)
         start = self._next_in_group.get(key, 0)
@@ -369,7 +509,16 @@ class Engine:
         return members[start % len(members)]
 
     def deliver(
-        self, session: Session, topic: str, payload: bytes, qos: int, *, retain: bool
+        self,
+        session: Session,
+        topic: str,
+        payload: bytes,
+        qos: int,
+        *,
+        retain: bool,
+        properties: mqtt.Properties = mqtt.NO_PROPERTIES,
+        expires_at: float | None = None,
+        identifiers: tuple[int, ...] = (),
     ) -> bool:
         """Send or queue one message for one session; QoS 0 is never queued offline."""
         conn = session.conn
@@ -378,30 +527,47 @@ class Engine:
                 if conn.transport.buffered() > _QOS0_BUFFER_MAX:
                     self.metrics.queue_drops.labels("slow_consumer").inc()
                 else:
-                    conn.send_qos0(topic, payload, retain=retain)
+                    conn.send_qos0(topic, payload, retain=retain, properties=properties)
             return False
         self._seq += 1
-        message = Message(self._seq, topic, payload, retain=retain)
-        wrote = False
-        if session.persistent and self.writer is not None:
-            self.writer.put(
-                "queue+", session.client_id, message.seq, topic, payload, 1, int(retain)
-            )
-            wrote = True
-        if (
-            conn is not None
-            and not session.queue
-            and len(session.inflight) < self.limits.max_inflight
-        ):
-            conn.send_message(message)
+        message = Message(
+            self._seq,
+            topic,
+            payload,
+            retain=retain,
+            properties=properties,
+            expires_at=expires_at,
+            identifiers=identifiers,
+        )
+        sent = 0
+        if conn is not None and not session.queue and len(session.inflight) < conn.window:
+            sent = conn.send_message(message)
         else:
             session.queue.append(message)
             session.queued_bytes += len(payload)
-            if (
-                len(session.queue) > self.limits.max_queued_messages
-                or session.queued_bytes > self.limits.max_queued_bytes
-            ):
-                self._overflow(session)
+        wrote = False
+        if session.persistent and self.writer is not None:
+            props = b""
+            if properties is not mqtt.NO_PROPERTIES:
+                props = mqtt.encode_properties(properties, mqtt.PacketType.PUBLISH)
+            self.writer.put(
+                "queue+",
+                session.client_id,
+                message.seq,
+                topic,
+                payload,
+                1,
+                int(retain),
+                props,
+                expires_at,
+                sent,
+            )
+            wrote = True
+        if not sent and (
+            len(session.queue) > self.limits.max_queued_messages
+            or session.queued_bytes > self.limits.max_queued_bytes
+        ):
+            self._overflow(session)
         return wrote
 
     def _overflow(self, session: Session) -> None:
@@ -412,8 +578,7 @@ class Engine:
         ):
             old = session.queue.popleft()
             session.queued_bytes -= len(old.payload)
-            if session.persistent and self.writer is not None:
-                self.writer.put("queue-", session.client_id, old.seq)
+            self._forget(session, old.seq)
             self.metrics.queue_drops.labels("overflow").inc()
             dropped = self._drop_logged.get(session.client_id, 0) + 1
             self._drop_logged[session.client_id] = dropped
@@ -427,13 +592,16 @@ class Engine:
                     dropped,
                 )
 
+    def _forget(self, session: Session, seq: int) -> None:
+        if session.persistent and self.writer is not None:
+            self.writer.put("queue-", session.client_id, seq)
+
     def acked(self, session: Session, packet_id: int) -> None:
         message = session.inflight.pop(packet_id, None)
         if message is None:
             log.debug("%s acknowledged unknown packet id %d", session.client_id, packet_id)
             return
-        if session.persistent and self.writer is not None:
-            self.writer.put("queue-", session.client_id, message.seq)
+        self._forget(session, message.seq)
         self.pump(session)
 
     def pump(self, session: Session) -> None:
@@ -441,16 +609,21 @@ class Engine:
         conn = session.conn
         if conn is None:
             return
-        window = self.limits.max_inflight
+        window = conn.window
+        now = self.clock()
         while session.queue and len(session.inflight) < window:
             message = session.queue.popleft()
             session.queued_bytes -= len(message.payload)
             parsed = self.parse(message.topic)
-            if parsed is None or not self.rules.receive(session.identity, parsed):
-                if session.persistent and self.writer is not None:
-                    self.writer.put("queue-", session.client_id, message.seq)
+            expired = message.expires_at is not None and message.expires_at <= now
+            if expired or parsed is None or not self.rules.receive(session.identity, parsed):
+                if expired:  # MQTT-3.3.2-5: an expired message is not delivered
+                    self.metrics.queue_drops.labels("expired").inc()
+                self._forget(session, message.seq)
                 continue
-            conn.send_message(message)
+            packet_id = conn.send_message(message)
+            if session.persistent and self.writer is not None:
+                self.writer.put("sent", packet_id, session.client_id, message.seq)
         if not session.queue:
             self._drop_logged.pop(session.client_id, None)
 
@@ -470,7 +643,7 @@ class Engine:
             self.writer.put("unretain", topic)
         return True
 
-    def replay_retained(self, session: Session, topic_filter: str, granted: int) -> None:
+    def replay_retained(self, session: Session, topic_filter: str, granted: SubOptions) -> None:
         """Send the retained messages matching a new subscription that ``session`` may read."""
         if topic_filter.startswith("$share/"):
             return  # shared subscriptions get no retained messages (MQTT 5 §4.8.2)
@@ -482,4 +655,12 @@ class Engine:
         for topic, (payload, qos) in found:
             parsed = self.parse(topic)
             if parsed is not None and self.rules.receive(session.identity, parsed):
-                self.deliver(session, topic, payload, min(qos, granted), retain=True)
+                identifiers = (granted.identifier,) if granted.identifier else ()
+                self.deliver(
+                    session,
+                    topic,
+                    payload,
+                    min(qos, granted.qos),
+                    retain=True,
+                    identifiers=identifiers,
+                )

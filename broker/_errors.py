@@ -3,14 +3,16 @@
 FieldchatError
 └── BrokerError                 the broker cannot do what was asked
     ├── PortInUse               a listener's address is already bound
-    ├── UnknownAccount          revoke/allow/deny of an account never enrolled
-    └── MalformedPacket         bytes on the wire that are not MQTT 3.1.1
-        └── PacketTooLarge      remaining length above ``Limits.max_packet_bytes``
+    └── UnknownAccount          revoke/allow/deny of an account never enrolled
+
+Malformed MQTT input raises the codec's :class:`schemas.errors.MalformedPacket`
+(and :class:`~schemas.errors.PacketTooLarge`, above ``Limits.max_packet_bytes``),
+re-exported here for the broker's callers.
 """
 
 from __future__ import annotations
 
-from schemas.errors import FieldchatError
+from schemas.errors import FieldchatError, MalformedPacket, PacketTooLarge
 
 __all__ = ["BrokerError", "MalformedPacket", "PacketTooLarge", "PortInUse", "UnknownAccount"]
 
@@ -31,15 +33,3 @@ class UnknownAccount(BrokerError):
     """An admin command named an account that was never enrolled."""
 
     reason = "unknown_account"
-
-
-class MalformedPacket(BrokerError):
-    """Bytes that are not a well-formed MQTT 3.1.1 control packet (MQTT §2, §3)."""
-
-    reason = "malformed"
-
-
-class PacketTooLarge(MalformedPacket):
-    """A packet whose remaining length exceeds the configured maximum."""
-
-    reason = "too_large"

@@ -34,12 +34,20 @@ from schemas.errors import ConfigError, FieldchatError
 from schemas.ids import validate_id
 from schemas.roster import Roster
 
-__all__ = ["Account", "Role", "Store", "StoredMessage", "WriteBehind", "gateway_username"]
+__all__ = [
+    "Account",
+    "Role",
+    "Store",
+    "StoredMessage",
+    "StoredSession",
+    "WriteBehind",
+    "gateway_username",
+]
 
 log = logging.getLogger(__name__)
 
 Role = Literal["participant", "gateway"]
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2  # 2: MQTT 5 session expiry; message properties, expiry, in-flight id
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS accounts(
     username TEXT PRIMARY KEY, role TEXT NOT NULL, hash TEXT NOT NULL, created_at INTEGER NOT NULL);
@@ -52,11 +60,20 @@ CREATE TABLE IF NOT EXISTS founded(
 CREATE TABLE IF NOT EXISTS retained(
     topic TEXT PRIMARY KEY, payload BLOB NOT NULL, qos INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS sessions(
-    client_id TEXT PRIMARY KEY, username TEXT NOT NULL, subscriptions TEXT NOT NULL);
+    client_id TEXT PRIMARY KEY, username TEXT NOT NULL, subscriptions TEXT NOT NULL,
+    expiry INTEGER NOT NULL DEFAULT 4294967295, expires_at REAL);
 CREATE TABLE IF NOT EXISTS queue(
     client_id TEXT NOT NULL, seq INTEGER NOT NULL, topic TEXT NOT NULL, payload BLOB NOT NULL,
-    qos INTEGER NOT NULL, retain INTEGER NOT NULL, PRIMARY KEY(client_id, seq)) WITHOUT ROWID;
+    qos INTEGER NOT NULL, retain INTEGER NOT NULL, props BLOB NOT NULL DEFAULT x'',
+    expires_at REAL, sent INTEGER NOT NULL DEFAULT 0, PRIMARY KEY(client_id, seq)) WITHOUT ROWID;
 """
+_MIGRATE_1_TO_2 = (  # columns of schema 2; rows of schema 1 take the defaults
+    "ALTER TABLE sessions ADD COLUMN expiry INTEGER NOT NULL DEFAULT 4294967295",
+    "ALTER TABLE sessions ADD COLUMN expires_at REAL",
+    "ALTER TABLE queue ADD COLUMN props BLOB NOT NULL DEFAULT x''",
+    "ALTER TABLE queue ADD COLUMN expires_at REAL",
+    "ALTER TABLE queue ADD COLUMN sent INTEGER NOT NULL DEFAULT 0",
+)
 _GATEWAY_PREFIX = "gw-"
 _GATEWAY_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-")
 
@@ -85,11 +102,24 @@ class Account:
 
 @dataclass(frozen=True, slots=True)
 class StoredMessage:
+    """A queued message as stored; ``sent`` is its packet id while in flight, else 0."""
+
     seq: int
     topic: str
     payload: bytes
     qos: int
     retain: bool
+    props: bytes = b""
+    expires_at: float | None = None
+    sent: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class StoredSession:
+    username: str
+    subscriptions: dict[str, int | list[int]]
+    expiry: int
+    expires_at: float | None
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -111,6 +141,9 @@ def connect(path: Path) -> sqlite3.Connection:
         if version > _SCHEMA_VERSION:
             conn.close()
             raise ConfigError(f"{path} was written by a newer fieldchat (schema {version})")
+        if version == 1:
+            for statement in _MIGRATE_1_TO_2:
+                conn.execute(statement)
         conn.executescript(_SCHEMA)
         conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
     except (sqlite3.Error, OSError) as exc:
@@ -252,18 +285,23 @@ class Store:
         rows = self._conn.execute("SELECT topic, payload, qos FROM retained").fetchall()
         return {t: (bytes(p), q) for t, p, q in rows}
 
-    def sessions(self) -> dict[str, tuple[str, dict[str, int]]]:
-        rows = self._conn.execute("SELECT client_id, username, subscriptions FROM sessions")
-        return {c: (u, json.loads(s)) for c, u, s in rows}
+    def sessions(self) -> dict[str, StoredSession]:
+        rows = self._conn.execute(
+            "SELECT client_id, username, subscriptions, expiry, expires_at FROM sessions"
+        )
+        return {c: StoredSession(u, json.loads(s), e, at) for c, u, s, e, at in rows}
 
     def queued(self) -> dict[str, list[StoredMessage]]:
         out: dict[str, list[StoredMessage]] = {}
         rows = self._conn.execute(
-            "SELECT client_id, seq, topic, payload, qos, retain FROM queue ORDER BY client_id, seq"
+            "SELECT client_id, seq, topic, payload, qos, retain, props, expires_at, sent"
+            " FROM queue ORDER BY client_id, seq"
         )
-        for client_id, seq, topic, payload, qos, retain in rows:
+        for client_id, seq, topic, payload, qos, retain, props, expires_at, sent in rows:
             out.setdefault(client_id, []).append(
-                StoredMessage(seq, topic, bytes(payload), qos, bool(retain))
+                StoredMessage(
+                    seq, topic, bytes(payload), qos, bool(retain), bytes(props), expires_at, sent
+                )
             )
         return out
 
@@ -274,12 +312,13 @@ class Store:
 
 # Write-behind operations, applied in order; consecutive ones of a kind are batched.
 _SQL = {
-    "queue+": "INSERT OR REPLACE INTO queue VALUES(?, ?, ?, ?, ?, ?)",
+    "queue+": "INSERT OR REPLACE INTO queue VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    "sent": "UPDATE queue SET sent=? WHERE client_id=? AND seq=?",
     "queue-": "DELETE FROM queue WHERE client_id=? AND seq=?",
     "queue*": "DELETE FROM queue WHERE client_id=?",
     "retain": "INSERT OR REPLACE INTO retained VALUES(?, ?, ?)",
     "unretain": "DELETE FROM retained WHERE topic=?",
-    "session": "INSERT OR REPLACE INTO sessions VALUES(?, ?, ?)",
+    "session": "INSERT OR REPLACE INTO sessions VALUES(?, ?, ?, ?, ?)",
     "unsession": "DELETE FROM sessions WHERE client_id=?",
     "roster": "INSERT OR REPLACE INTO rosters VALUES(?, ?, ?)",
     "founded": "INSERT OR REPLACE INTO founded VALUES(?, ?, ?)",

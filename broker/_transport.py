@@ -19,18 +19,21 @@ __all__ = ["TcpTransport", "Transport", "WsTransport"]
 
 log = logging.getLogger(__name__)
 
+_READ_SIZE = 65_536  # one read hands every complete packet in it to the decoder
+
 
 class Transport(Protocol):
     """What a connection needs of its byte stream.
 
-    ``readexactly`` raises ``asyncio.IncompleteReadError`` at end of stream.
+    ``read`` returns what arrived (one ``recv()`` or WebSocket frame), ``b""`` at end
+    of stream; the connection feeds it to its :class:`schemas.mqtt.Decoder`.
     ``host`` is the peer's address without the port (the per-address limits).
     """
 
     peer: str
     host: str
 
-    async def readexactly(self, n: int) -> bytes: ...
+    async def read(self) -> bytes: ...
 
     def write(self, data: bytes) -> None: ...
 
@@ -58,8 +61,8 @@ class TcpTransport:
         self.host = str(peer[0]) if isinstance(peer, tuple) else "?"
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?"
 
-    async def readexactly(self, n: int) -> bytes:
-        return await self._reader.readexactly(n)
+    async def read(self) -> bytes:
+        return await self._reader.read(_READ_SIZE)
 
     def write(self, data: bytes) -> None:
         if not self._transport.is_closing():
@@ -84,25 +87,20 @@ class WsTransport:
 
     def __init__(self, ws: ServerConnection) -> None:
         self._ws = ws
-        self._buf = bytearray()
         self._out = bytearray()
         self._flushing: asyncio.Task[None] | None = None
         addr = ws.remote_address
         self.host = str(addr[0]) if isinstance(addr, tuple) else "?"
         self.peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else "?"
 
-    async def readexactly(self, n: int) -> bytes:
-        while len(self._buf) < n:
-            try:
-                frame = await self._ws.recv()
-            except ConnectionClosed:
-                raise asyncio.IncompleteReadError(bytes(self._buf), n) from None
-            if isinstance(frame, str):  # MQTT-6.0.0-1: binary frames only
-                raise asyncio.IncompleteReadError(bytes(self._buf), n)
-            self._buf += frame
-        out = bytes(self._buf[:n])
-        del self._buf[:n]
-        return out
+    async def read(self) -> bytes:
+        try:
+            frame = await self._ws.recv()
+        except ConnectionClosed:
+            return b""
+        if isinstance(frame, str):  # MQTT-6.0.0-1: binary frames only
+            return b""
+        return frame
 
     def write(self, data: bytes) -> None:
         self._out += data

@@ -140,7 +140,8 @@ async def open_stack(options: StackOptions) -> AsyncIterator[Stack]:
             mqtt_username=username,
             mqtt_password=SecretStr(credential),
             mqtt_client_id=username,
-            mqtt_protocol="3.1.1",  # the embedded broker speaks MQTT 3.1.1
+            mqtt_protocol="5",  # falls back to 3.1.1 if a broker refuses it
+            mqtt_fallback_311=True,
         )
         app = create_app(settings)
         # The process owner handles the signals (run_stack: cancel, then this block's

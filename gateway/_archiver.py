@@ -145,6 +145,7 @@ def mqtt_factory(settings: GatewaySettings) -> MqttFactory:
             session_expiry_s=settings.session_expiry_s,
             receive_maximum=settings.receive_maximum,
             inbox_max=settings.receive_maximum,
+            fallback_311=settings.mqtt_fallback_311,
         )
 
     return make

@@ -11,7 +11,13 @@ small object, and the PUBACKs of a committed batch leave in one write.
 What the archiver needs, and nothing more:
 
 * CONNECT with a persistent session (3.1.1 ``clean_session=0``; 5 ``clean_start=0``,
-  Session Expiry Interval, Receive Maximum), user name and password, TLS.
+  Session Expiry Interval, Receive Maximum, Maximum Packet Size), user name and
+  password, TLS.
+* The broker's CONNACK limits (MQTT 5 §3.2.2.3), honoured: Receive Maximum bounds
+  our unacknowledged QoS 1 publishes; Maximum Packet Size refuses a publish the
+  broker would drop (``PacketTooLarge``, before it is sent); Server Keep Alive
+  replaces ours; Topic Alias Maximum lets our publishes name a topic by a two-byte
+  alias after its first use (:class:`schemas.mqtt.OutboundAliases`).
 * SUBSCRIBE (QoS 1) and receiving PUBLISH at QoS 0 or 1. We never send Topic Alias
   Maximum, so the broker may not use topic aliases towards us (MQTT 5 §3.1.2.11.8).
 * **Acknowledging when told**, not on receipt (:meth:`MqttClient.ack`): PUBACK after
@@ -19,7 +25,9 @@ What the archiver needs, and nothing more:
   the order :meth:`MqttClient.take` returned them.
 * PUBLISH at QoS 1 waiting for the PUBACK (browsers' envelopes), PINGREQ keep-alive.
 
-No QoS 2 (we subscribe at QoS 1, so the broker never sends it), no will message.
+Every packet is made and parsed by the one MQTT codec, :mod:`schemas.mqtt`; this
+module holds the client's logic only. No QoS 2 (we subscribe at QoS 1, so the
+broker never sends it), no will message.
 Flow control: beyond ``inbox_max`` unread messages the socket stops being read, so
 TCP pushes back on the broker; MQTT 5's Receive Maximum bounds it from the broker's
 side as well.
@@ -36,17 +44,18 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Literal, cast
 
-from schemas.errors import ConnectFailed, NotAuthorized, TransportError
+from schemas import mqtt
+from schemas.errors import ConnectFailed, MalformedPacket, NotAuthorized, TransportError
 
 __all__ = ["MqttClient", "Publish"]
 
 log = logging.getLogger("fieldchat.gateway.mqtt")
 
-_CONNECT, _CONNACK, _PUBLISH, _PUBACK = 0x10, 0x20, 0x30, 0x40
-_SUBSCRIBE, _SUBACK, _PINGREQ, _PINGRESP, _DISCONNECT = 0x82, 0x90, 0xC0, 0xD0, 0xE0
-_PROP_SESSION_EXPIRY, _PROP_RECEIVE_MAXIMUM = 0x11, 0x21
 _MAX_PACKET = 1 << 20  # far above any fieldchat object (PROTOCOL.md §8); larger is an error
 _NOT_AUTHORIZED = frozenset({4, 5, 0x86, 0x87})  # bad credentials / not authorised (3.1.1, 5)
+_PINGREQ = mqtt.encode(mqtt.Pingreq())
+_CONNACK_KEY = (mqtt.PacketType.CONNACK, 0)
+_REFUSED_LEVEL = frozenset({0x01, mqtt.ReasonCode.UNSUPPORTED_PROTOCOL_VERSION})
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,110 +69,38 @@ class Publish:
     retain: bool
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _string(data: bytes) -> bytes:
-    return len(data).to_bytes(2, "big") + data
-
-
-def _packet(first: int, body: bytes) -> bytes:
-    return bytes([first]) + _varint(len(body)) + body
-
-
-def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if pos >= len(data) or shift > 21:
-            raise ValueError("malformed variable byte integer")
-        byte = data[pos]
-        value |= (byte & 0x7F) << shift
-        pos += 1
-        if byte < 0x80:
-            return value, pos
-        shift += 7
-
-
-def _publish(first: int, body: bytes, v5: bool) -> Publish:
-    """Decode a PUBLISH body (MQTT 5 §3.3). Raises IndexError or ValueError if malformed."""
-    qos = (first >> 1) & 3
-    at = 2 + ((body[0] << 8) | body[1])
-    topic = body[2:at].decode()
-    mid = 0
-    if qos:
-        mid = (body[at] << 8) | body[at + 1]
-        at += 2
-    if v5:  # skip the properties: we never enable topic aliases (§3.1.2.11.8)
-        if body[at] < 0x80:
-            at += 1 + body[at]
-        else:
-            props, at = _read_varint(body, at)
-            at += props
-    if at > len(body):
-        raise ValueError("PUBLISH shorter than its fields")
-    return Publish(topic, body[at:], qos, mid, bool(first & 1))
-
-
 class _Protocol(asyncio.Protocol):
-    """Frames the byte stream into packets and hands them to the client."""
+    """Feeds the byte stream to the codec and hands the packets to the client."""
 
     def __init__(self, client: MqttClient) -> None:
         self.client = client
-        self.buffer = bytearray()
+        self.decoder = mqtt.Decoder(level=client.level, max_packet_size=_MAX_PACKET)
+        self.broken = False
+        self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it
-        self.client._transport = cast(asyncio.Transport, transport)
+        self.transport = self.client._transport = cast(asyncio.Transport, transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.client._lost(exc)
+        # a connection given up for another one (the 3.1.1 fallback) fails nothing
+        if self.client._transport is self.transport:
+            self.client._lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        buf = self.buffer
-        buf += data
-        pos, end = 0, len(buf)
+        if self.broken:
+            return
         client = self.client
-        inbox, v5 = client._inbox, client.v5
+        inbox = client._inbox
         queued = len(inbox)
-        while end - pos >= 2:
-            # remaining length: up to 4 bytes, 7 bits each (MQTT 5 §1.5.5)
-            size = shift = 0
-            at = pos + 1
-            while True:
-                if at >= end:
-                    size = -1
-                    break
-                byte = buf[at]
-                size |= (byte & 0x7F) << shift
-                at += 1
-                if byte < 0x80:
-                    break
-                shift += 7
-                if shift > 21:
-                    client._abort("malformed remaining length")
-                    return
-            if size < 0 or end - at < size:
-                if size > _MAX_PACKET:
-                    client._abort("packet too large")
-                    return
-                break
-            first, body = buf[pos], bytes(buf[at : at + size])
-            pos = at + size
-            if first & 0xF0 == _PUBLISH:  # the hot path: one object per message
-                try:
-                    inbox.append(_publish(first, body, v5))
-                except (IndexError, ValueError):
-                    client._abort("malformed PUBLISH from the broker")
-                    return
-            else:
-                client._packet(first, body)
-        del buf[:pos]
+        try:  # the hot path: one object per message, straight into the inbox
+            packets = self.decoder.feed(data, Publish, inbox)
+        except MalformedPacket as exc:
+            self.broken = True
+            client._abort(f"malformed packet from the broker ({exc})")
+            return
+        for packet in packets:
+            client._packet(packet)
         client._received_at = time.monotonic()
         if len(inbox) > queued:
             client._arrived()
@@ -179,9 +116,13 @@ class MqttClient:
         protocol: ``"5"`` or ``"3.1.1"``.
         username, password: credentials, when the broker asks for them.
         tls: an SSL context for ``mqtts``; ``None`` for plain TCP.
-        keepalive: seconds; a PINGREQ goes out at half of it.
+        keepalive: seconds; a PINGREQ goes out at half of it (MQTT 5: at half of the
+            broker's Server Keep Alive, when it sends one).
         session_expiry_s, receive_maximum: MQTT 5 CONNECT properties.
         inbox_max: unread messages beyond which the socket is not read.
+        fallback_311: with ``protocol="5"``, connect again with 3.1.1 when the broker
+            refuses MQTT 5 (CONNACK 0x84 or 0x01, or a close before any CONNACK, as
+            3.1.1-only brokers answer it); :attr:`v5` then says which was agreed.
     """
 
     def __init__(
@@ -198,10 +139,13 @@ class MqttClient:
         session_expiry_s: int = 0,
         receive_maximum: int = 65535,
         inbox_max: int = 65535,
+        fallback_311: bool = False,
     ) -> None:
         self.host, self.port = host, port
+        self.fallback_311 = fallback_311
         self.client_id = client_id
         self.v5 = protocol == "5"
+        self.level = mqtt.ProtocolLevel.V5 if self.v5 else mqtt.ProtocolLevel.V311
         self.username, self.password, self.tls = username, password, tls
         self.keepalive = keepalive
         self.session_expiry_s = session_expiry_s
@@ -211,12 +155,17 @@ class MqttClient:
         self._inbox: deque[Publish] = deque()
         self._paused = False
         self._waiter: asyncio.Future[None] | None = None
-        self._replies: dict[tuple[int, int], asyncio.Future[bytes]] = {}
+        self._replies: dict[tuple[int, int], asyncio.Future[mqtt.Packet]] = {}
         self._next_mid = 0
         self._error: TransportError | None = None
         self._received_at = time.monotonic()
         self._pinger: asyncio.Task[None] | None = None
         self.session_present = False
+        # What the broker's CONNACK allows us (MQTT 5 §3.2.2.3); 3.1.1 states no limits.
+        self.broker_receive_maximum = 65535
+        self.broker_max_packet_size: int | None = None
+        self._aliases = mqtt.OutboundAliases(0)
+        self._in_flight: asyncio.Semaphore | None = None
 
     # -- connection --------------------------------------------------------------------
 
@@ -241,32 +190,57 @@ class MqttClient:
             )
         except (OSError, TimeoutError) as exc:
             raise ConnectFailed(f"cannot reach the broker at {self.host}:{self.port}") from exc
-        reply = await self._request((_CONNACK, 0), self._connect_packet(), timeout)
-        code = reply[1] if len(reply) > 1 else 0xFF
+        try:
+            reply = await self._request(_CONNACK_KEY, mqtt.encode(self._connect_packet()), timeout)
+        except ConnectFailed:
+            if not (self.v5 and self.fallback_311):
+                raise
+            reply = mqtt.Connack(False, mqtt.ReasonCode.UNSUPPORTED_PROTOCOL_VERSION)
+        assert isinstance(reply, mqtt.Connack)
+        code = reply.reason_code
+        if code in _REFUSED_LEVEL and self.v5 and self.fallback_311:
+            log.info("the broker refused MQTT 5 (code %d): connecting with MQTT 3.1.1", code)
+            self._close_transport()
+            self._transport, self._error = None, None
+            self.v5, self.level = False, mqtt.ProtocolLevel.V311
+            await self.connect(timeout)
+            return
         if code != 0:
             self._close_transport()
             if code in _NOT_AUTHORIZED:
                 raise NotAuthorized(f"the broker refused our credentials (code {code})")
             raise ConnectFailed(f"the broker refused the connection (code {code})")
-        self.session_present = bool(reply[0] & 1)
+        self.session_present = reply.session_present
+        self._honour(reply.properties)
         self._pinger = asyncio.create_task(self._ping_loop())
 
-    def _connect_packet(self) -> bytes:
-        flags = 0  # clean session / clean start off: a persistent session
-        payload = _string(self.client_id.encode())
-        if self.username is not None:
-            flags |= 0x80
-            payload += _string(self.username.encode())
-        if self.password is not None:
-            flags |= 0x40
-            payload += _string(self.password.encode())
-        head = _string(b"MQTT") + bytes([5 if self.v5 else 4, flags])
-        head += self.keepalive.to_bytes(2, "big")
+    def _connect_packet(self) -> mqtt.Connect:
+        properties = mqtt.NO_PROPERTIES
         if self.v5:
-            props = bytes([_PROP_SESSION_EXPIRY]) + self.session_expiry_s.to_bytes(4, "big")
-            props += bytes([_PROP_RECEIVE_MAXIMUM]) + self.receive_maximum.to_bytes(2, "big")
-            head += _varint(len(props)) + props
-        return _packet(_CONNECT, head + payload)
+            properties = mqtt.Properties(
+                session_expiry_interval=self.session_expiry_s,
+                receive_maximum=self.receive_maximum,
+                maximum_packet_size=_MAX_PACKET,
+            )
+        return mqtt.Connect(
+            self.client_id,
+            clean_start=False,  # a persistent session
+            keep_alive=self.keepalive,
+            username=self.username,
+            password=None if self.password is None else self.password.encode(),
+            protocol_level=self.level,
+            properties=properties,
+        )
+
+    def _honour(self, properties: mqtt.Properties) -> None:
+        """Apply the limits of the broker's CONNACK (MQTT 5 §3.2.2.3)."""
+        if properties.receive_maximum is not None:
+            self.broker_receive_maximum = properties.receive_maximum
+        self._in_flight = asyncio.Semaphore(self.broker_receive_maximum)
+        self.broker_max_packet_size = properties.maximum_packet_size
+        if properties.server_keep_alive is not None:  # MQTT-3.2.2-21: use the broker's
+            self.keepalive = properties.server_keep_alive
+        self._aliases = mqtt.OutboundAliases(properties.topic_alias_maximum or 0)
 
     async def subscribe(self, subscriptions: list[tuple[str, int]], timeout: float = 10.0) -> None:
         """Subscribe and wait for the SUBACK; refused filters are logged.
@@ -275,18 +249,14 @@ class MqttClient:
             TransportError: the connection failed meanwhile.
         """
         mid = self._mid()
-        body = mid.to_bytes(2, "big") + (b"\x00" if self.v5 else b"")
-        for topic, qos in subscriptions:
-            body += _string(topic.encode()) + bytes([qos])
-        reply = await self._request((_SUBACK, mid), _packet(_SUBSCRIBE, body), timeout)
-        pos = 2
-        if self.v5:
-            try:
-                size, pos = _read_varint(reply, 2)
-            except ValueError:
-                raise ConnectFailed("malformed SUBACK from the broker") from None
-            pos += size
-        for (topic, _), code in zip(subscriptions, reply[pos:], strict=False):
+        packet = mqtt.Subscribe(
+            mid, tuple(mqtt.Subscription(topic, qos) for topic, qos in subscriptions)
+        )
+        reply = await self._request(
+            (mqtt.PacketType.SUBACK, mid), mqtt.encode(packet, self.level), timeout
+        )
+        assert isinstance(reply, mqtt.Suback)
+        for (topic, _), code in zip(subscriptions, reply.reason_codes, strict=False):
             if code >= 0x80:
                 log.warning("the broker refused our subscription to %s (code %d)", topic, code)
 
@@ -296,7 +266,7 @@ class MqttClient:
             self._pinger.cancel()
             await asyncio.gather(self._pinger, return_exceptions=True)
         if self._transport is not None and not self._transport.is_closing():
-            self._transport.write(bytes([_DISCONNECT, 0]))
+            self._transport.write(mqtt.encode(mqtt.Disconnect(), self.level))
         self._close_transport()
         self._lost(None)
 
@@ -339,7 +309,7 @@ class MqttClient:
         """PUBACK every QoS 1 message of ``messages``, in their order, in one write."""
         if self._transport is None or self._transport.is_closing():
             return  # not acknowledged: the broker redelivers after we reconnect
-        acks = b"".join(b"\x40\x02" + m.mid.to_bytes(2, "big") for m in messages if m.qos)
+        acks = mqtt.encode_pubacks([m.mid for m in messages if m.qos])
         if acks:
             self._transport.write(acks)
 
@@ -350,39 +320,63 @@ class MqttClient:
     ) -> None:
         """Publish at QoS 1 and wait for the broker's PUBACK.
 
+        At most the broker's Receive Maximum wait at once (MQTT-3.3.4-7); a topic
+        published before goes as its alias when the broker allows aliases.
+
         Raises:
-            ConnectFailed: not connected, or no PUBACK within ``timeout``.
+            ConnectFailed: not connected, no PUBACK within ``timeout``, or a packet
+                above the broker's Maximum Packet Size (MQTT-3.1.2-24: never sent).
             NotAuthorized: the broker refused it (MQTT 5 reason code 0x87).
         """
+        in_flight = self._in_flight
+        if in_flight is None:
+            raise ConnectFailed("not connected to the broker")
+        async with in_flight:
+            await self._publish(topic, payload, retain=retain, timeout=timeout)
+
+    async def _publish(self, topic: str, payload: bytes, *, retain: bool, timeout: float) -> None:
         mid = self._mid()
-        body = _string(topic.encode()) + mid.to_bytes(2, "big")
+        properties = mqtt.NO_PROPERTIES
+        name = topic
         if self.v5:
-            body += b"\x00"
-        first = _PUBLISH | 0x02 | (0x01 if retain else 0)
-        reply = await self._request((_PUBACK, mid), _packet(first, body + payload), timeout)
-        if len(reply) > 2 and reply[2] >= 0x80:
-            if reply[2] == 0x87:
+            alias, known = self._aliases.alias(topic)
+            if alias is not None:
+                properties = mqtt.Properties(topic_alias=alias)
+                name = "" if known else topic
+        packet = mqtt.encode(
+            mqtt.Publish(name, payload, 1, retain, False, mid, properties), self.level
+        )
+        limit = self.broker_max_packet_size
+        if limit is not None and len(packet) > limit:
+            raise ConnectFailed(
+                f"a publish of {len(packet)} bytes exceeds the broker's maximum of {limit}"
+            )
+        reply = await self._request((mqtt.PacketType.PUBACK, mid), packet, timeout)
+        assert isinstance(reply, mqtt.Puback)
+        if reply.reason_code >= 0x80:
+            if reply.reason_code == mqtt.ReasonCode.NOT_AUTHORIZED:
                 raise NotAuthorized(f"the broker refused our publish to {topic}")
-            raise ConnectFailed(f"the broker refused our publish (code {reply[2]})")
+            raise ConnectFailed(f"the broker refused our publish (code {reply.reason_code})")
 
     # -- internals ---------------------------------------------------------------------
 
     def _mid(self) -> int:
+        replies = self._replies
         for _ in range(65535):
             self._next_mid = self._next_mid % 65535 + 1
-            if (_PUBACK, self._next_mid) not in self._replies and (
-                _SUBACK,
+            if (mqtt.PacketType.PUBACK, self._next_mid) not in replies and (
+                mqtt.PacketType.SUBACK,
                 self._next_mid,
-            ) not in self._replies:
+            ) not in replies:
                 return self._next_mid
         raise ConnectFailed("no free MQTT packet identifier")
 
-    async def _request(self, key: tuple[int, int], packet: bytes, timeout: float) -> bytes:
+    async def _request(self, key: tuple[int, int], packet: bytes, timeout: float) -> mqtt.Packet:
         if self._error is not None:
             raise self._error
         if self._transport is None or self._transport.is_closing():
             raise ConnectFailed("not connected to the broker")
-        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[mqtt.Packet] = asyncio.get_running_loop().create_future()
         self._replies[key] = future
         try:
             self._transport.write(packet)
@@ -392,22 +386,21 @@ class MqttClient:
         finally:
             self._replies.pop(key, None)
 
-    def _packet(self, first: int, body: bytes) -> None:
-        kind = first & 0xF0
-        if kind in (_PUBACK, _SUBACK):
-            if len(body) >= 2:
-                future = self._replies.get((kind, (body[0] << 8) | body[1]))
-                if future is not None and not future.done():
-                    future.set_result(body)
-        elif kind == _CONNACK:
-            future = self._replies.get((_CONNACK, 0))
-            if future is not None and not future.done():
-                future.set_result(body)
-        elif kind == _DISCONNECT:
-            code = body[0] if body else 0
-            log.warning("the broker disconnected us (reason code %d)", code)
-        elif kind != _PINGRESP:
-            log.warning("unexpected MQTT packet type %#x from the broker", kind)
+    def _packet(self, packet: mqtt.Packet) -> None:
+        if isinstance(packet, mqtt.Puback | mqtt.Suback):
+            key = (packet.type, packet.packet_id)
+        elif isinstance(packet, mqtt.Connack):
+            key = _CONNACK_KEY
+        elif isinstance(packet, mqtt.Disconnect):
+            log.warning("the broker disconnected us (reason code %d)", packet.reason_code)
+            return
+        else:
+            if not isinstance(packet, mqtt.Pingresp):
+                log.warning("unexpected MQTT packet %s from the broker", packet.type.name)
+            return
+        future = self._replies.get(key)
+        if future is not None and not future.done():
+            future.set_result(packet)
 
     def _arrived(self) -> None:
         """New messages are in the inbox: wake the reader; stop reading when it is full."""
@@ -419,14 +412,13 @@ class MqttClient:
             self._transport.pause_reading()
 
     async def _ping_loop(self) -> None:
-        interval = max(1.0, self.keepalive / 2)
         while self._transport is not None and not self._transport.is_closing():
-            await asyncio.sleep(interval)
-            if time.monotonic() - self._received_at > self.keepalive * 1.5:
+            await asyncio.sleep(max(1.0, self.keepalive / 2))
+            if self.keepalive and time.monotonic() - self._received_at > self.keepalive * 1.5:
                 self._abort("the broker stopped answering")
                 return
             if self._transport is not None and not self._transport.is_closing():
-                self._transport.write(bytes([_PINGREQ, 0]))
+                self._transport.write(_PINGREQ)
 
     def _abort(self, why: str) -> None:
         self._error = ConnectFailed(why)

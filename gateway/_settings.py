@@ -99,9 +99,11 @@ class GatewaySettings(BaseSettings):
     # CA certificate(s) (PEM) that sign the broker's TLS certificate, for ``mqtts://`` to a
     # broker with a private CA (Mosquitto with its own certificates); None: system trust.
     mqtt_ca_file: Path | None = None
-    # "5" (Mosquitto, clustered brokers: session expiry, Receive Maximum) or "3.1.1"
-    # (the embedded aMQTT broker speaks only 3.1.1; persistence via clean_session=False).
+    # "5" (session expiry, Receive Maximum, reason codes; every broker fieldchat ships
+    # with, the embedded one included) or "3.1.1" (persistence via clean_session=False).
     mqtt_protocol: Literal["5", "3.1.1"] = "5"
+    # With "5": connect again with 3.1.1 when the broker refuses MQTT 5.
+    mqtt_fallback_311: bool = True
     topic_prefix: str = DEFAULT_PREFIX
     share_group: str | None = None
     # MQTT v5 session expiry: the broker keeps our queue this long while we are away.

@@ -8,7 +8,10 @@ boundary, with ``raise Mapped(...) from exc``. Each class carries a short
     FieldchatError
     ├── WireError                     bytes that are not a valid fieldchat object
     │   ├── UnsupportedVersion        first byte is not a version we speak
-    │   └── LimitExceeded             a size or count limit of PROTOCOL.md §8
+    │   ├── LimitExceeded             a size or count limit of PROTOCOL.md §8
+    │   └── MalformedPacket           bytes that are not an MQTT control packet
+    │       ├── PacketTooLarge        above the Maximum Packet Size in force
+    │       └── UnsupportedProtocol   a CONNECT of a protocol level we do not speak
     ├── InvalidId                     a pid/cid/topic that does not parse
     ├── CryptoError                   authentication or decryption failed (opaque)
     │   └── WeakKey                   all-zero X25519 shared secret, invalid public key
@@ -48,9 +51,11 @@ __all__ = [
     "InvalidId",
     "KeyStoreError",
     "LimitExceeded",
+    "MalformedPacket",
     "MissingKey",
     "NotAMember",
     "NotAuthorized",
+    "PacketTooLarge",
     "ProtocolError",
     "RosterPending",
     "RosterRejected",
@@ -61,6 +66,7 @@ __all__ = [
     "UnknownConversation",
     "UnknownParticipant",
     "UnsignedJumpTooFar",
+    "UnsupportedProtocol",
     "UnsupportedVersion",
     "WeakKey",
     "WireError",
@@ -89,6 +95,45 @@ class LimitExceeded(WireError):
     """A named size or count limit was exceeded (PROTOCOL.md §8)."""
 
     reason = "limit"
+
+
+class MalformedPacket(WireError):
+    """Bytes that are not a well-formed MQTT 3.1.1 or 5 control packet (``schemas.mqtt``).
+
+    ``code`` is the MQTT 5 reason code that names the fault (0x81 Malformed Packet,
+    0x82 Protocol Error, 0x95 Packet too large): a server sends it in its
+    DISCONNECT before closing (MQTT 5 §4.13).
+    """
+
+    reason = "malformed"
+    code = 0x81
+
+    def __init__(self, message: str, *, code: int | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+
+class PacketTooLarge(MalformedPacket):
+    """A remaining length above the Maximum Packet Size in force (checked before buffering)."""
+
+    reason = "too_large"
+    code = 0x95
+
+
+class UnsupportedProtocol(MalformedPacket):
+    """A CONNECT whose protocol level we do not speak; ``level`` says which (MQTT-3.1.2-2).
+
+    The server answers CONNACK 0x01 (3.1.1) or 0x84 (5) and closes, rather than
+    treating the rest of the CONNECT, whose layout it cannot know, as malformed.
+    """
+
+    reason = "protocol_version"
+    code = 0x84
+
+    def __init__(self, message: str, *, level: int) -> None:
+        super().__init__(message)
+        self.level = level
 
 
 class InvalidId(FieldchatError):

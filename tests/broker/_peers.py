@@ -1,4 +1,6 @@
-"""MQTT 3.1.1 test peers (paho on its own network thread), shared by the broker tests."""
+"""MQTT test peers (paho on its own network thread), shared by the broker tests: 3.1.1
+by default, MQTT 5 with ``protocol=mqtt.MQTTv5`` (a persistent session is then one with
+a Session Expiry Interval of an hour, as ``clean=False`` means in 3.1.1)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ import time
 from dataclasses import dataclass
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 WAIT_S = 5.0
 
@@ -23,7 +27,7 @@ class Received:
 
 
 class Peer:
-    """A synchronous MQTT 3.1.1 client for tests (paho on its own network thread)."""
+    """A synchronous MQTT client for tests (paho on its own network thread)."""
 
     def __init__(
         self,
@@ -39,13 +43,15 @@ class Peer:
         tls: dict | None = None,
         host: str = "127.0.0.1",
         bind: str = "",
+        protocol: int = mqtt.MQTTv311,
     ) -> None:
         self.port, self.host, self.bind = port, host, bind
+        self.protocol, self.clean = protocol, clean
         self.client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2,
             client_id=client_id if client_id is not None else (username or ""),
-            clean_session=clean,
-            protocol=mqtt.MQTTv311,
+            clean_session=clean if protocol != mqtt.MQTTv5 else None,
+            protocol=protocol,
             transport=transport,
             reconnect_on_failure=False,
         )
@@ -82,7 +88,22 @@ class Peer:
 
     def connect(self, *, expect_ok: bool = True) -> tuple[bool, int, bool]:
         """Connect and wait for CONNACK: ``(accepted, paho reason value, session present)``."""
-        self.client.connect(self.host, self.port, keepalive=self.keepalive, bind_address=self.bind)
+        if self.protocol == mqtt.MQTTv5:
+            properties = Properties(PacketTypes.CONNECT)
+            if not self.clean:
+                properties.SessionExpiryInterval = 3600
+            self.client.connect(
+                self.host,
+                self.port,
+                keepalive=self.keepalive,
+                bind_address=self.bind,
+                clean_start=self.clean,
+                properties=properties,
+            )
+        else:
+            self.client.connect(
+                self.host, self.port, keepalive=self.keepalive, bind_address=self.bind
+            )
         self.client.loop_start()
         try:
             result = self.connack.get(timeout=WAIT_S)
@@ -94,9 +115,11 @@ class Peer:
         return result
 
     def subscribe(self, topic: str, qos: int = 1) -> int:
-        """Subscribe and return the SUBACK code (0, 1, 2, or 128 for failure)."""
+        """Subscribe and return the SUBACK code (0, 1, 2, or 128 for failure: MQTT 5's
+        failure codes, which say why, are returned as 128 too)."""
         self.client.subscribe(topic, qos)
-        return self.subacks.get(timeout=WAIT_S)[0]
+        code = self.subacks.get(timeout=WAIT_S)[0]
+        return 128 if code >= 0x80 else code
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> bool:
         """Publish; for QoS 1, wait for the PUBACK. Returns whether it was acknowledged."""

@@ -1,11 +1,19 @@
 """A raw-socket MQTT 3.1.1 client for tests that need control paho does not give
-(no automatic PUBACK or PINGREQ, hand-made malformed packets)."""
+(no automatic PUBACK or PINGREQ, hand-made malformed packets).
+
+``RawClient(port, level=5)`` speaks MQTT 5 under the same 3.1.1 test code: what the
+test sends is re-encoded as MQTT 5 by the codec (a persistent CONNECT gets a Session
+Expiry Interval of an hour), and what the broker sends is shown in 3.1.1 form
+(properties and MQTT 5 reason codes of acknowledgements left out)."""
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import struct
 from dataclasses import dataclass
+
+from schemas import mqtt
 
 
 def remaining(n: int) -> bytes:
@@ -81,13 +89,16 @@ class Packet:
 
 
 class RawClient:
-    def __init__(self, port: int, timeout: float = 5.0, *, bind: str = "") -> None:
+    def __init__(self, port: int, timeout: float = 5.0, *, bind: str = "", level: int = 4) -> None:
         self.sock = socket.create_connection(
             ("127.0.0.1", port), timeout=timeout, source_address=(bind, 0) if bind else None
         )
         self._buf = b""
+        self.level = level
 
     def send(self, data: bytes) -> None:
+        if self.level == 5:
+            data = b"".join(_to_v5(p) for p in mqtt.Decoder(level=4).feed(data))
         self.sock.sendall(data)
 
     def _read(self, n: int) -> bytes:
@@ -102,20 +113,28 @@ class RawClient:
     def read(self) -> Packet:
         first = self._read(1)[0]
         length, shift = 0, 0
+        header = bytearray((first,))
         while True:
             byte = self._read(1)[0]
+            header.append(byte)
             length |= (byte & 0x7F) << shift
             shift += 7
             if not byte & 0x80:
                 break
-        return Packet(first >> 4, first & 0x0F, self._read(length))
+        body = self._read(length)
+        if self.level == 5:  # shown as 3.1.1
+            [packet] = mqtt.Decoder(level=5).feed(bytes(header) + body)
+            data = mqtt.encode(_to_v311(packet), 4)
+            [first, *_], body = data, data[len(data) - len(mqtt.encode(_to_v311(packet), 4)) :]
+            body = data[2:] if data[1] < 0x80 else data[3:]
+        return Packet(first >> 4, first & 0x0F, body)
 
     def login(self, client_id: str, username: str, password: str, **kw) -> bytes:
         """CONNECT and return the CONNACK body (``session present``, return code)."""
         self.send(connect_packet(client_id, username, password, **kw))
         packet = self.read()
         assert packet.type == 2, packet
-        return packet.body
+        return packet.body[:2]
 
     def closed_by_peer(self, timeout: float) -> bool:
         """True when the broker closes the socket within ``timeout`` seconds."""
@@ -131,3 +150,24 @@ class RawClient:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def _to_v5(packet: mqtt.Packet) -> bytes:
+    if isinstance(packet, mqtt.Connect):
+        properties = mqtt.NO_PROPERTIES
+        if not packet.clean_start:
+            properties = mqtt.Properties(session_expiry_interval=3600)
+        packet = dataclasses.replace(packet, protocol_level=5, properties=properties)
+    return mqtt.encode(packet, 5)
+
+
+def _to_v311(packet: mqtt.Packet) -> mqtt.Packet:
+    if isinstance(packet, mqtt.Connack):
+        return mqtt.Connack(packet.session_present, packet.reason_code)
+    if isinstance(packet, mqtt.Unsuback | mqtt.Disconnect):
+        return type(packet)(*([packet.packet_id] if isinstance(packet, mqtt.Unsuback) else []))
+    if hasattr(packet, "properties"):
+        packet = dataclasses.replace(packet, properties=mqtt.NO_PROPERTIES)
+    if isinstance(packet, mqtt.Puback | mqtt.Pubrec | mqtt.Pubrel | mqtt.Pubcomp):
+        packet = dataclasses.replace(packet, reason_code=0)
+    return packet

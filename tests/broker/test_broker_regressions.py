@@ -1,8 +1,9 @@
 """One regression test per aMQTT 0.12.1 defect of issue 3.
 
-Each runs against our broker; with ``FIELDCHAT_STOCK_AMQTT=1`` each also runs
-against stock aMQTT (tests/broker/_stock.py) where it must fail (strict xfail), which
-shows the test detects the defect.
+Each runs against our broker, over MQTT 3.1.1 and over MQTT 5 (``ours-v5``: the
+same test code, its peers speaking MQTT 5); with ``FIELDCHAT_STOCK_AMQTT=1`` each also
+runs against stock aMQTT (tests/broker/_stock.py) where it must fail (strict xfail),
+which shows the test detects the defect.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 import socket
 import time
 
+import paho.mqtt.client as paho
 import pytest
 
 from broker import BrokerThread
@@ -22,7 +24,7 @@ from tests.broker._raw import RawClient, puback_packet, publish_packet, subscrib
 from tests.broker._stock import StockThread
 
 T = Topics()
-FLAVORS = ["ours"]
+FLAVORS = ["ours", "ours-v5"]
 if os.environ.get("FIELDCHAT_STOCK_AMQTT") == "1":
     FLAVORS.append(
         pytest.param("stock", marks=pytest.mark.xfail(strict=True, reason="aMQTT 0.12.1 defect"))
@@ -30,8 +32,9 @@ if os.environ.get("FIELDCHAT_STOCK_AMQTT") == "1":
 
 
 class World:
-    def __init__(self, server) -> None:
+    def __init__(self, server, level: int = 4) -> None:
         self.server = server
+        self.level = level
         self.port = server.port
         self.creds = {
             "alice": (ALICE.pid, server.enroll(ALICE.pid)),
@@ -40,9 +43,11 @@ class World:
             "gateway": server.add_gateway("test"),
         }
         self.peers: list[Peer] = []
+        self.peer_protocol = paho.MQTTv5 if level == 5 else paho.MQTTv311
 
     def peer(self, who: str, **kw) -> Peer:
-        peer = Peer(self.server.port, *self.creds[who], **kw)
+        protocol = paho.MQTTv5 if self.level == 5 else paho.MQTTv311
+        peer = Peer(self.server.port, *self.creds[who], protocol=protocol, **kw)
         self.peers.append(peer)
         return peer
 
@@ -67,7 +72,7 @@ def make_world(request, tmp_path):
             server = BrokerThread(make_config(tmp_path / f"b{len(servers)}", **limits))
         server.start()
         servers.append(server)
-        world = World(server)
+        world = World(server, 5 if request.param == "ours-v5" else 4)
         worlds.append(world)
         return world
 
@@ -99,7 +104,7 @@ def test_wrong_password_does_not_touch_the_session(make_world):
     bob = w.peer("bob", clean=False)
     bob.connect()
     assert bob.subscribe(T.msg(X)) != 128
-    attacker = Peer(w.port, BOB.pid, "wrong password", clean=True)
+    attacker = Peer(w.port, BOB.pid, "wrong password", clean=True, protocol=w.peer_protocol)
     w.peers.append(attacker)
     accepted, _, _ = attacker.connect(expect_ok=False)
     assert not accepted
@@ -133,7 +138,7 @@ def test_silent_client_is_dropped_after_keepalive_and_its_will_sent(make_world):
     watcher = w.peer("alice")
     watcher.connect()
     assert watcher.subscribe(T.status(BOB.pid)) != 128
-    raw = RawClient(w.port)
+    raw = RawClient(w.port, level=w.level)
     user, password = w.creds["bob"]
     will = (T.status(BOB.pid), b"\x00offline", 1, True)
     assert raw.login(user, user, password, keepalive=1, will=will) == b"\x00\x00"
@@ -163,7 +168,7 @@ def test_idle_sockets_are_closed_and_do_not_lock_out_clients(make_world):
 
 
 def _persistent_subscriber(w, who="bob"):
-    raw = RawClient(w.port)
+    raw = RawClient(w.port, level=w.level)
     user, password = w.creds[who]
     raw.login(user, user, password, clean=False)
     raw.send(subscribe_packet(1, T.msg(X)))
@@ -182,7 +187,7 @@ def test_inflight_qos1_is_redelivered_on_reconnect(make_world):
     first = [raw.read().publish for _ in range(5)]  # received, never acknowledged
     assert [p[2] for p in first] == [b"m%d" % i for i in range(5)]
     raw.close()
-    raw = RawClient(w.port)
+    raw = RawClient(w.port, level=w.level)
     try:
         user, password = w.creds["bob"]
         assert raw.login(user, user, password, clean=False) == b"\x01\x00"
@@ -207,7 +212,7 @@ def test_inflight_qos1_survives_a_silent_subscriber_past_five_seconds(make_world
     assert len([raw.read() for _ in range(5)]) == 5
     time.sleep(6)  # stock aMQTT gives up on a PUBACK after 5 s and forgets the message
     raw.close()
-    raw = RawClient(w.port)
+    raw = RawClient(w.port, level=w.level)
     try:
         user, password = w.creds["bob"]
         raw.login(user, user, password, clean=False)
@@ -241,7 +246,7 @@ def test_oversize_packet_closes_the_connection(make_world):
     bob = w.peer("bob")
     bob.connect()
     assert bob.subscribe(T.msg(X)) != 128
-    raw = RawClient(w.port)
+    raw = RawClient(w.port, level=w.level)
     try:
         user, password = w.creds["alice"]
         raw.login(user, user, password)
@@ -269,7 +274,7 @@ def test_anonymous_and_wildcard_everything_are_refused(make_world, request):
     if "stock" in request.node.callspec.id:
         pytest.skip("the stock harness is not stock defaults")
     w = make_world()
-    anonymous = Peer(w.port, None, None, client_id="anon")
+    anonymous = Peer(w.port, None, None, client_id="anon", protocol=w.peer_protocol)
     w.peers.append(anonymous)
     assert not anonymous.connect(expect_ok=False)[0]
     carol = w.peer("carol")

@@ -10,7 +10,9 @@ import uuid
 import aiomqtt
 import pytest
 
+from broker.testing import broker_config, embedded_broker, participant  # noqa: F401
 from gateway._mqtt import MqttClient, Publish, _Protocol
+from schemas.errors import ConnectFailed
 
 pytestmark = pytest.mark.mosquitto
 
@@ -108,5 +110,63 @@ async def test_unacknowledged_messages_come_back_after_a_reconnect(mosquitto, pr
         again = await receive(client, 7)
         assert {m.payload for m in again} == {f"m{i}".encode() for i in range(4, 10)} | {b"own"}
         client.ack(again)
+    finally:
+        await client.close()
+
+
+async def test_mqtt5_falls_back_to_311_on_a_broker_that_refuses_it():
+    # Stock aMQTT 0.12.1 speaks 3.1.1 only: the client asked for 5 connects with 3.1.1.
+    from tests.broker._stock import StockThread
+
+    stock = StockThread()
+    stock.start()
+    try:
+        user, password = stock.add_gateway("fallback")
+        client = MqttClient(
+            "127.0.0.1",
+            stock.port,
+            client_id=user,
+            username=user,
+            password=password,
+            protocol="5",
+            fallback_311=True,
+        )
+        await client.connect()
+        try:
+            assert not client.v5
+            await client.subscribe([("fc/v1/p/+/status", 1)])
+            await client.publish(f"fc/v1/p/{participant(2).pid}/status", b"up", timeout=5)
+            assert await client.wait(5)
+            assert [m.payload for m in client.take(10)] == [b"up"]
+        finally:
+            await client.close()
+    finally:
+        stock.stop()
+
+
+async def test_connack_limits_are_honoured(embedded_broker):  # noqa: F811
+    # The embedded broker announces its Maximum Packet Size and Topic Alias Maximum;
+    # the client names a topic by its alias after the first publish and refuses,
+    # before sending, a publish the broker would refuse.
+    user, password = embedded_broker.add_gateway("limits")
+    client = MqttClient(
+        "127.0.0.1", embedded_broker.port, client_id=user, username=user, password=password
+    )
+    await client.connect()
+    try:
+        assert client.broker_max_packet_size == embedded_broker.config.limits.max_packet_bytes
+        topic = f"fc/v1/p/{participant(2).pid}/inbox"
+        await client.subscribe([(topic, 1)])
+        for payload in (b"one", b"two"):
+            await client.publish(topic, payload, timeout=5)
+        assert client._aliases.alias(topic) == (1, True)  # the second went as alias 1
+        got = []
+        async with asyncio.timeout(5):
+            while len(got) < 2:
+                await client.wait(5)
+                got += client.take(10)
+        assert [(m.topic, m.payload) for m in got] == [(topic, b"one"), (topic, b"two")]
+        with pytest.raises(ConnectFailed):
+            await client.publish(topic, b"x" * 200_000, timeout=5)
     finally:
         await client.close()

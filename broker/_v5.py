@@ -1,0 +1,205 @@
+"""What MQTT 5 adds to a connection, as pure functions: reason codes for our denials,
+the CONNACK's properties, the properties a PUBLISH carries on (MQTT 5 §3.3.2.3).
+
+Kept apart from :mod:`broker._connection` so that the connection only moves packets
+and each rule here reads (and is tested) on its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from broker._acl import Deny
+from broker._config import Limits
+from broker._session import NEVER, Message
+from schemas import mqtt
+
+__all__ = [
+    "DISCONNECT_REASONS",
+    "connack_properties",
+    "denial_code",
+    "forwarded",
+    "publish_bytes",
+    "publish_properties",
+    "session_expiry",
+]
+
+R = mqtt.ReasonCode
+
+# The reason code of a PUBACK/PUBREC or DISCONNECT for each denial (§2.4).
+_DENIAL_CODES = {
+    Deny.FORBIDDEN: R.TOPIC_NAME_INVALID,  # wildcards, $, outside the prefix
+    Deny.NOT_OWNER: R.NOT_AUTHORIZED,
+    Deny.NOT_MEMBER: R.NOT_AUTHORIZED,  # the device learns it is not in the conversation
+    Deny.ROSTER: R.NOT_AUTHORIZED,
+    Deny.RETAINED: R.RETAIN_NOT_SUPPORTED,
+    Deny.EMPTY: R.PAYLOAD_FORMAT_INVALID,
+    Deny.TOO_LARGE: R.QUOTA_EXCEEDED,
+    Deny.FOUNDING: R.QUOTA_EXCEEDED,
+    Deny.TOO_MANY: R.QUOTA_EXCEEDED,
+}
+
+# Server DISCONNECT reason codes for the broker's own closes (MQTT 5 §3.14.2.1).
+DISCONNECT_REASONS = {
+    "keepalive": R.KEEP_ALIVE_TIMEOUT,
+    "takeover": R.SESSION_TAKEN_OVER,
+    "revoked": R.NOT_AUTHORIZED,
+    "shutdown": R.SERVER_SHUTTING_DOWN,
+    "store_error": R.UNSPECIFIED_ERROR,
+    "receive_maximum": R.RECEIVE_MAXIMUM_EXCEEDED,
+    "auth_method": R.BAD_AUTHENTICATION_METHOD,
+}
+
+# What a server forwards of a PUBLISH unaltered (MQTT-3.3.2-15, -17, -18, -20; §3.3.2.3.7).
+_FORWARDED = (
+    "payload_format_indicator",
+    "content_type",
+    "response_topic",
+    "correlation_data",
+    "user_properties",
+)
+
+
+def denial_code(denial: Deny) -> int:
+    """The MQTT 5 reason code that tells a client why its publish or subscription was
+    refused."""
+    return _DENIAL_CODES.get(denial, R.NOT_AUTHORIZED)
+
+
+def session_expiry(connect: mqtt.Connect) -> tuple[bool, int]:
+    """``(persistent, expiry)``: 3.1.1 sessions without Clean Session never expire;
+    MQTT 5 sessions live for their Session Expiry Interval (0 by default: they end
+    with the connection, §3.1.2.11.2)."""
+    if connect.protocol_level != mqtt.ProtocolLevel.V5:
+        return not connect.clean_start, NEVER
+    expiry = connect.properties.session_expiry_interval or 0
+    return expiry > 0, expiry
+
+
+def connack_properties(
+    limits: Limits, connect: mqtt.Connect, *, assigned: str | None, inbox: str | None
+) -> mqtt.Properties:
+    """What the broker tells an MQTT 5 client about itself (§3.2.2.3).
+
+    Maximum Packet Size, Topic Alias Maximum and (when below the protocol's default)
+    Receive Maximum always; Server Keep Alive when the client asked for a longer one
+    than ``max_keepalive_s`` or none; the Assigned Client Identifier when we chose it;
+    Response Information (the client's own inbox topic, the one topic any participant
+    may publish to and only it may read) when asked for.
+    """
+    keep_alive = None
+    if limits.max_keepalive_s and not 0 < connect.keep_alive <= limits.max_keepalive_s:
+        keep_alive = limits.max_keepalive_s
+    asked = connect.properties.request_response_information == 1
+    return mqtt.Properties(
+        maximum_packet_size=limits.max_packet_bytes,
+        topic_alias_maximum=limits.topic_alias_maximum or None,
+        receive_maximum=limits.receive_maximum if limits.receive_maximum < 65_535 else None,
+        server_keep_alive=keep_alive,
+        assigned_client_identifier=assigned,
+        response_information=inbox if asked else None,
+    )
+
+
+def forwarded(properties: mqtt.Properties) -> mqtt.Properties:
+    """The properties of a received PUBLISH that go on to its subscribers."""
+    if properties is mqtt.NO_PROPERTIES or (
+        properties.payload_format_indicator is None
+        and properties.content_type is None
+        and properties.response_topic is None
+        and properties.correlation_data is None
+        and not properties.user_properties
+    ):  # per message: no dict, no object when nothing goes on (a topic alias alone)
+        return mqtt.NO_PROPERTIES
+    kept = {name: getattr(properties, name) for name in _FORWARDED}
+    if not any(kept.values()):
+        return mqtt.NO_PROPERTIES
+    return mqtt.Properties(**kept)
+
+
+def publish_properties(
+    message: Message, alias: int | None, now: float
+) -> tuple[mqtt.Properties, bool]:
+    """The properties of ``message`` as sent now, and whether it has expired.
+
+    The Message Expiry Interval sent is what remains of it (MQTT-3.3.2-6).
+    """
+    remaining = None
+    if message.expires_at is not None:
+        left = message.expires_at - now
+        if left <= 0:
+            return mqtt.NO_PROPERTIES, True
+        remaining = math.ceil(left)
+    if (
+        message.properties is mqtt.NO_PROPERTIES
+        and remaining is None
+        and not message.identifiers
+        and alias is None
+    ):
+        return mqtt.NO_PROPERTIES, False
+    return (
+        dataclasses.replace(
+            message.properties,
+            message_expiry_interval=remaining,
+            subscription_identifiers=message.identifiers,
+            topic_alias=alias,
+        ),
+        False,
+    )
+
+
+# The property block of a PUBLISH that carries only a Topic Alias, by alias (§3.3.2.3.4),
+# made once per alias: at most Limits.topic_alias_maximum of them.
+_ALIAS_BLOCKS: dict[int, bytes] = {}
+
+
+def _alias_block(alias: int) -> bytes:
+    block = _ALIAS_BLOCKS.get(alias)
+    if block is None:
+        properties = mqtt.Properties(topic_alias=alias)
+        block = _ALIAS_BLOCKS[alias] = mqtt.encode_properties(properties, mqtt.PacketType.PUBLISH)
+    return block
+
+
+def publish_bytes(
+    message: Message,
+    qos: int,
+    packet_id: int | None,
+    *,
+    dup: bool,
+    aliases: mqtt.OutboundAliases,
+    max_size: int | None,
+    now: float,
+) -> tuple[bytes | None, str | None]:
+    """An MQTT 5 PUBLISH of ``message``, or ``(None, why)`` when it may not be sent.
+
+    The topic goes as its alias once the client knows it; the remaining expiry and
+    the subscription identifiers go along. Not sent: an expired message
+    (``"expired"``, MQTT-3.3.2-5) or one above the client's Maximum Packet Size
+    (``"too_large_for_client"``, MQTT-3.1.2-25).
+    """
+    alias, known = aliases.alias(message.topic)
+    if (
+        message.properties is mqtt.NO_PROPERTIES
+        and message.expires_at is None
+        and not message.identifiers
+    ):  # the common case, without building properties: at most an alias
+        block = b"\x00" if alias is None else _alias_block(alias)
+    else:
+        properties, expired = publish_properties(message, alias, now)
+        if expired:
+            return None, "expired"
+        block = mqtt.encode_properties(properties, mqtt.PacketType.PUBLISH)
+    data = mqtt.encode_publish(
+        b"" if known else message.topic_bytes,
+        message.payload,
+        qos,
+        packet_id,
+        retain=message.retain,
+        dup=dup,
+        properties=block,
+    )
+    if max_size is not None and len(data) > max_size:
+        return None, "too_large_for_client"
+    return data, None
