@@ -1,9 +1,10 @@
-// The chat page. Message text only ever reaches the DOM through textContent (never as
-// HTML), and the page loads nothing but its own files (CSP in gateway/_web.py).
+// The page's session and protocol: its state, the /ws frames, rosters, envelopes opened
+// and held, receipts, the outbox, history pages. No DOM: ui.js draws the state and is
+// told what changed through the view it attaches (as engine.js knows no network).
 
 import { FieldchatError, fromB64, isValidId, utf8 } from "./bytes.js";
 import { Engine } from "./engine.js";
-import { Bridge, HttpError, api, claimParticipant } from "./net.js";
+import { Bridge, api, claimParticipant } from "./net.js";
 import { openStore } from "./store.js";
 import { MSG, readHeader } from "./wire.js";
 
@@ -17,26 +18,15 @@ const RECEIPT_MS = 500;
 const RETRY_MS = 1000;
 const MAX_ATTEMPTS = 30; // publishes refused for a transient reason are retried this often
 
-const $ = (id) => document.getElementById(id);
-
-function h(tag, attrs = {}, ...children) {
-  const el = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs)) {
-    if (k === "class") el.className = v;
-    else if (k.startsWith("data-")) el.setAttribute(k, v);
-    else if (k === "title") el.title = v;
-    else if (k === "onclick") el.addEventListener("click", v);
-    else el.setAttribute(k, v);
-  }
-  for (const c of children) {
-    if (c === null || c === undefined || c === false) continue;
-    el.append(typeof c === "string" || typeof c === "number" ? document.createTextNode(String(c)) : c);
-  }
-  return el;
-}
-
 const short = (pid) => pid.slice(0, 8);
-const time = (s) => new Date(s * 1000).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+
+// What the page draws when the state changes; ui.js attaches it at boot.
+const view = {
+  renderList() {}, renderHeader() {}, renderMembers() {}, renderMessage() {},
+  showConnection() {}, // the bridge's state, or "caught_up"
+};
+
+function attach(drawing) { Object.assign(view, drawing); }
 
 // -- state ----------------------------------------------------------------------------------
 
@@ -74,38 +64,17 @@ function conv(cid) {
   return c;
 }
 
-// -- boot -----------------------------------------------------------------------------------
+// -- session --------------------------------------------------------------------------------
 
-async function boot() {
-  bindUi();
-  try {
-    await start(await api("GET", "/v1/me"));
-  } catch (err) {
-    if (err instanceof HttpError && err.status === 401) showLogin();
-    else showLogin(String(err.message || err));
-  }
+const whoAmI = () => api("GET", "/v1/me");
+
+async function signIn(username, password, register) {
+  if (register) await api("POST", "/v1/accounts", { username, password });
+  return api("POST", "/v1/session", { username, password });
 }
 
-function showLogin(message = "") {
-  $("app").hidden = true;
-  $("login").hidden = false;
-  $("login-error").textContent = message;
-  $("username").focus();
-}
-
-async function login(register) {
-  const username = $("username").value.trim();
-  const password = $("password").value;
-  $("login-error").textContent = "";
-  try {
-    if (register) await api("POST", "/v1/accounts", { username, password });
-    await start(await api("POST", "/v1/session", { username, password }));
-  } catch (err) {
-    $("login-error").textContent = err.message || String(err);
-  }
-}
-
-async function start(account) {
+// The account's engine and what the page kept of its state (IndexedDB).
+async function openSession(account) {
   S.account = account;
   S.store = await openStore(account.username);
   S.engine = await Engine.open(S.store);
@@ -120,11 +89,10 @@ async function start(account) {
   for (const [, c] of await S.store.entries("ui/conv/")) Object.assign(conv(c.cid), c);
   for (const [key, list] of (await S.store.get("ui/receipts")) ?? []) S.receipts.set(key, new Set(list));
   for (const [key, list] of await S.store.entries("ui/held/")) S.held.set(key.slice(8), list);
-  $("login").hidden = true;
-  $("app").hidden = false;
-  $("me-name").textContent = account.username;
-  $("me-pid").textContent = S.engine.pid;
-  $("me-fp").textContent = await S.engine.fingerprintOf(S.engine.pid);
+}
+
+// The /ws bridge, from the stored cursors, and receipts sent every RECEIPT_MS.
+function connect() {
   S.bridge = new Bridge({
     onFrame: (f) => serial(() => onFrame(f)),
     onState: onConnection,
@@ -132,26 +100,28 @@ async function start(account) {
   });
   if (S.online) S.bridge.start();
   else onConnection("offline");
-  renderList();
   setInterval(() => serial(flushReceipts), RECEIPT_MS);
 }
 
+async function logOut() {
+  await publishStatus("offline");
+  S.bridge?.stop();
+  await api("DELETE", "/v1/session").catch(() => {});
+}
+
+function goOffline() { S.online = false; S.bridge?.stop(); onConnection("offline"); }
+
+function goOnline() { S.online = true; S.bridge?.start(); }
+
 function onConnection(state) {
   S.caughtUp = false;
-  const banner = $("banner");
-  $("connection").classList.toggle("online", false);
-  if (state === "unauthenticated") { S.bridge.stop(); showLogin("Your session ended; log in again."); return; }
-  banner.hidden = false;
-  banner.className = state === "offline" ? "banner offline" : "banner";
-  banner.textContent = state === "offline"
-    ? "Offline. Messages you write are kept and sent when the connection is back."
-    : "Connecting…";
+  if (state === "unauthenticated") S.bridge.stop();
+  view.showConnection(state);
 }
 
 function caughtUp() {
   S.caughtUp = true;
-  $("banner").hidden = true;
-  $("connection").classList.toggle("online", true);
+  view.showConnection("caught_up");
   publishStatus("online");
   flushOutbox();
 }
@@ -165,7 +135,7 @@ async function onFrame(f) {
       // The gateway's list of our conversations: only what the engine adopts counts.
       for (const cid of Object.keys(f.conversations ?? {})) if (isValidId(cid)) await syncConversation(cid);
       await payOwed();
-      renderList();
+      view.renderList();
       break;
     case "envelope":
       await onEnvelope(f.cid, f.seq, fromB64(f.data), true);
@@ -182,8 +152,8 @@ async function onFrame(f) {
       let text = "";
       try { text = new TextDecoder().decode(fromB64(f.status)); } catch { /* not ours to judge */ }
       S.presence.set(f.pid, text === "online");
-      renderHeader();
-      renderMembers();
+      view.renderHeader();
+      view.renderMembers();
       break;
     }
     case "caught_up":
@@ -262,8 +232,8 @@ async function afterRosters(cid, publications, live) {
   await publishAll([...publications, ...await S.engine.payOwedGrants()]);
   if (live && c.removed && !wasRemoved) note(cid, "You were removed from this conversation.");
   await retryHeld(cid);
-  renderList();
-  if (S.active === cid) { renderHeader(); renderMembers(); }
+  view.renderList();
+  if (S.active === cid) { view.renderHeader(); view.renderMembers(); }
 }
 
 // Our inbox: grants, and rosters an inviting admin sends (kind byte 0x12).
@@ -299,7 +269,7 @@ async function learnBundle(pid) {
   if (update.status === "key_changed") {
     S.keyChanged.set(pid, update.previousFingerprint);
     await S.store.put(`ui/keychanged/${pid}`, update.previousFingerprint);
-    renderHeader();
+    view.renderHeader();
   }
   return true;
 }
@@ -472,8 +442,8 @@ async function keep(m) {
   const c = conv(m.cid);
   c.messages.set(m.id, m);
   await S.store.putMessage(m);
-  if (S.active === m.cid) renderMessage(m);
-  else renderList();
+  if (S.active === m.cid) view.renderMessage(m);
+  else view.renderList();
 }
 
 function note(cid, text) {
@@ -594,8 +564,7 @@ async function createConversation(pids) {
   c.historyDone = true; // nothing before its first roster
   await saveConv(c);
   await publishAll(publications);
-  renderList();
-  await openConversation(cid);
+  return cid;
 }
 
 async function invite(cid, pid) {
@@ -613,142 +582,21 @@ async function afterRotation(cid) {
   const c = conv(cid);
   c.members = S.engine.roster(cid).members.map((m) => m.pid);
   await saveConv(c);
-  renderHeader();
-  renderMembers();
-  renderList();
+  view.renderHeader();
+  view.renderMembers();
+  view.renderList();
 }
 
-// -- rendering -----------------------------------------------------------------------------------
+// -- what the user did -------------------------------------------------------------------------
 
-function convName(c) {
-  const others = c.members.filter((p) => p !== S.engine.pid);
-  return others.length ? others.map(short).join(", ") : "Just you";
+// The user compared the fingerprint: the key change warning goes.
+async function markVerified(pid) {
+  await S.engine.markVerified(pid);
+  S.keyChanged.delete(pid);
+  await S.store.delete(`ui/keychanged/${pid}`);
 }
 
-function unreadOf(c) {
-  let n = 0;
-  for (const m of c.messages.values()) if (!m.mine && !m.note && !m.read) n++;
-  return n;
-}
-
-function renderList() {
-  const list = $("conversations");
-  const items = [...S.convs.values()].filter((c) => S.engine.convs.get(c.cid)?.epoch >= 0); // entered
-  list.replaceChildren(...items.map((c) => {
-    const n = unreadOf(c);
-    return h("li", { "data-cid": c.cid, class: c.cid === S.active ? "active" : "",
-                     onclick: () => serial(() => openConversation(c.cid)) },
-      h("span", { class: "name" }, convName(c)),
-      c.removed ? h("span", { class: "badge" }, "removed") : null,
-      n ? h("span", { class: "unread", "data-unread": n }, n) : null);
-  }));
-}
-
-function renderHeader() {
-  if (!S.active) return;
-  const c = conv(S.active);
-  $("conv-title").textContent = convName(c);
-  const online = c.members.filter((p) => p !== S.engine.pid && S.presence.get(p)).length;
-  $("conv-sub").textContent = `${c.members.length} members, ${online} online${c.removed ? " · you were removed" : ""}`;
-  const changed = c.members.filter((p) => S.keyChanged.has(p));
-  const warning = $("key-warning");
-  warning.hidden = !changed.length;
-  warning.textContent = changed.length
-    ? `⚠ The keys of ${changed.map(short).join(", ")} changed. Compare fingerprints again before trusting them.`
-    : "";
-  $("composer").hidden = c.removed;
-}
-
-async function renderMembers() {
-  if (!S.active || $("members").hidden) return;
-  const cid = S.active;
-  const c = conv(cid);
-  const engineConv = S.engine.convs.get(cid);
-  const roster = engineConv?.rosters.get(engineConv.epoch);
-  const admin = roster?.members.some((m) => m.pid === S.engine.pid && m.admin) && !c.removed;
-  const rows = [];
-  for (const m of roster?.members ?? []) {
-    const me = m.pid === S.engine.pid;
-    const fp = await S.engine.fingerprintOf(m.pid);
-    rows.push(h("li", { "data-pid": m.pid },
-      h("div", { class: "head" },
-        h("span", { class: `dot${me || S.presence.get(m.pid) ? " online" : ""}` }),
-        h("code", {}, m.pid), me ? h("span", { class: "badge" }, "you") : null,
-        m.admin ? h("span", { class: "badge" }, "admin") : null,
-        h("span", { class: `badge${m.pq ? " pq" : ""}` }, m.pq ? "post-quantum" : "X25519 only"),
-        S.keyChanged.has(m.pid) ? h("span", { class: "badge changed" }, "key changed") : null,
-        S.engine.verified.has(m.pid) ? h("span", { class: "badge pq" }, "verified") : null),
-      h("code", { class: "fp", "data-fingerprint": m.pid }, fp ?? "fingerprint unknown"),
-      h("div", { class: "row" },
-        !me && fp && !S.engine.verified.has(m.pid)
-          ? h("button", { class: "link", type: "button", onclick: () => serial(async () => {
-              await S.engine.markVerified(m.pid);
-              S.keyChanged.delete(m.pid);
-              await S.store.delete(`ui/keychanged/${m.pid}`);
-              renderHeader(); renderMembers();
-            }) }, "Mark verified")
-          : null,
-        admin && !me
-          ? h("button", { class: "link", type: "button", "data-remove": m.pid, onclick: () => serial(async () => {
-              try { await removeMember(cid, m.pid); } catch (err) { $("members-error").textContent = err.message; }
-            }) }, "Remove")
-          : null)));
-  }
-  if (S.active === cid) $("member-list").replaceChildren(...rows);
-  $("invite").hidden = !admin;
-}
-
-function messageNode(m) {
-  if (m.note) return h("li", { class: "note", "data-id": m.id }, h("span", { class: "text" }, m.text));
-  const state = m.mine ? (m.state ?? "sent") : null;
-  const label = { queued: "queued", sent: "✓ sent", delivered: "✓✓ delivered", read: "✓✓ read", failed: "not sent" };
-  return h("li", { class: m.mine ? "mine" : "", "data-id": m.id },
-    m.mine ? null : h("div", { class: "sender", title: m.sender }, short(m.sender)),
-    h("div", { class: "text" }, m.text),
-    h("div", { class: "meta" }, time(m.sentAt),
-      state ? h("span", { class: "state", "data-state": state }, ` ${label[state] ?? state}`) : null));
-}
-
-const order = (a, b) => (a.seq ?? Infinity) - (b.seq ?? Infinity) || (a.local ?? 0) - (b.local ?? 0) || (a.id < b.id ? -1 : 1);
-
-// Archive order (seq) is the order everyone sees; each sender's messages are kept in
-// step order within the places they take in it (the broker may reorder a burst).
-function arranged(c) {
-  const list = [...c.messages.values()].sort(order);
-  const chains = new Map();
-  list.forEach((m, i) => {
-    if (m.note || m.step === undefined) return;
-    const key = `${m.epoch}/${m.senderIndex}/${m.chain}`;
-    if (!chains.has(key)) chains.set(key, []);
-    chains.get(key).push(i);
-  });
-  const out = list.slice();
-  for (const places of chains.values()) {
-    const ms = places.map((i) => list[i]).sort((a, b) => a.step - b.step);
-    places.forEach((place, j) => { out[place] = ms[j]; });
-  }
-  return out;
-}
-
-function renderMessages() {
-  clearTimeout(S.renderTimer);
-  S.renderTimer = null;
-  if (!S.active) return;
-  const c = conv(S.active);
-  const scroller = $("scroller");
-  const atBottom = scroller.scrollHeight - scroller.scrollTop - scroller.clientHeight < 80;
-  $("messages").replaceChildren(...arranged(c).map(messageNode));
-  $("older").hidden = c.historyDone;
-  if (atBottom || S.stickToBottom) scroller.scrollTop = scroller.scrollHeight;
-  S.stickToBottom = false;
-}
-
-function renderMessage(m) {
-  S.renderTimer ??= setTimeout(renderMessages, 16);
-  if (m.mine) S.stickToBottom = true;
-  if (!m.mine && !m.note && !m.read && document.visibilityState === "visible") markRead(m.cid);
-}
-
+// The conversation is on screen: its messages are read (receipts sent with the next flush).
 async function markRead(cid) {
   const c = conv(cid);
   for (const m of c.messages.values()) {
@@ -758,105 +606,11 @@ async function markRead(cid) {
       addReceipt(cid, 2, m);
     }
   }
-  renderList();
+  view.renderList();
 }
 
-async function openConversation(cid) {
-  S.active = cid;
-  $("app").classList.add("in-conversation");
-  $("conversation").hidden = false;
-  $("empty").hidden = true;
-  $("members-error").textContent = "";
-  const c = await loadConv(cid);
-  if (!c.rosterSynced && S.engine.convs.get(cid)?.epoch === undefined) await syncConversation(cid);
-  renderHeader();
-  renderMessages();
-  $("scroller").scrollTop = $("scroller").scrollHeight;
-  if (!c.historyDone && c.historyBefore === null) {
-    await loadHistory(cid);
-    renderMessages();
-    $("scroller").scrollTop = $("scroller").scrollHeight;
-  }
-  for (const m of c.messages.values()) if (m.mine && m.state !== "queued") m.state = stateOf(c, m);
-  await markRead(cid);
-  renderMembers();
-  renderList();
-  $("compose").focus();
-}
-
-// -- UI events ------------------------------------------------------------------------------------
-
-function bindUi() {
-  $("login-form").addEventListener("submit", (e) => { e.preventDefault(); login(false); });
-  $("register-button").addEventListener("click", () => login(true));
-  $("logout").addEventListener("click", async () => {
-    await publishStatus("offline");
-    S.bridge?.stop();
-    await api("DELETE", "/v1/session").catch(() => {});
-    location.reload();
-  });
-  $("back").addEventListener("click", () => {
-    S.active = null;
-    $("app").classList.remove("in-conversation");
-    $("conversation").hidden = true;
-    $("empty").hidden = false;
-    renderList();
-  });
-  $("members-toggle").addEventListener("click", () => {
-    $("members").hidden = !$("members").hidden;
-    renderMembers();
-  });
-  $("new-conv").addEventListener("submit", (e) => {
-    e.preventDefault();
-    const pids = $("new-members").value.split(/[\s,]+/).filter(Boolean);
-    if (!pids.every(isValidId)) { alertIn("new-members", "Participant ids are 26 letters a-z and digits 2-7."); return; }
-    serial(async () => {
-      try { await createConversation(pids); $("new-members").value = ""; } catch (err) { alertIn("new-members", err.message); }
-    });
-  });
-  $("invite").addEventListener("submit", (e) => {
-    e.preventDefault();
-    const pid = $("invite-pid").value.trim();
-    const cid = S.active;
-    if (!isValidId(pid)) { $("members-error").textContent = "Not a participant id."; return; }
-    serial(async () => {
-      try { await invite(cid, pid); $("invite-pid").value = ""; } catch (err) { $("members-error").textContent = err.message; }
-    });
-  });
-  const submit = () => {
-    const text = $("compose").value;
-    if (!text.trim() || !S.active) return;
-    $("compose").value = "";
-    const cid = S.active;
-    serial(() => send(cid, text)).catch((err) => { $("compose").value = text; alertIn("compose", err.message); });
-  };
-  $("composer").addEventListener("submit", (e) => { e.preventDefault(); submit(); });
-  $("compose").addEventListener("keydown", (e) => {
-    if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); submit(); }
-  });
-  $("older").addEventListener("click", () => serial(async () => {
-    if (!S.active) return;
-    const scroller = $("scroller");
-    const from = scroller.scrollHeight - scroller.scrollTop;
-    await loadHistory(S.active);
-    renderMessages();
-    scroller.scrollTop = scroller.scrollHeight - from;
-  }));
-  $("scroller").addEventListener("scroll", () => {
-    if ($("scroller").scrollTop === 0 && S.active && !conv(S.active).historyDone) $("older").click();
-  });
-  window.addEventListener("offline", () => { S.online = false; S.bridge?.stop(); onConnection("offline"); });
-  window.addEventListener("online", () => { S.online = true; S.bridge?.start(); });
-  document.addEventListener("visibilitychange", () => {
-    if (document.visibilityState === "visible" && S.active) markRead(S.active);
-  });
-}
-
-function alertIn(id, message) {
-  const el = $(id);
-  el.setCustomValidity(message);
-  el.reportValidity();
-  setTimeout(() => el.setCustomValidity(""), 3000);
-}
-
-boot();
+export {
+  S, attach, conv, connect, createConversation, goOffline, goOnline, invite, loadConv, loadHistory,
+  logOut, markRead, markVerified, openSession, removeMember, send, serial, short, signIn, stateOf,
+  syncConversation, whoAmI,
+};
