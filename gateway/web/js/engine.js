@@ -10,108 +10,39 @@
 // between) and nothing is granted before its chain is verified. Every adopted roster is
 // kept; KEEP_EPOCHS bounds what is opened. Unsigned envelopes of an epoch someone was
 // removed after open only below the end their sender stated (§6.4, §7).
+//
+// The engine decides; what it decides about lives beside it: conversation.js (a
+// conversation's state, adopting held rosters, closed epochs), bundles.js (trust on first
+// use), identity.js and grants.js (keys, signed rosters, grants sealed and opened).
 
-import {
-  CryptoError, FieldchatError, concat, decodeId, equal, hex, protocolError, utf8,
-} from "./bytes.js";
+import { CryptoError, FieldchatError, concat, equal, protocolError } from "./bytes.js";
+import { Bundles } from "./bundles.js";
 import {
   MARK_EVERY, MAX_FORWARD_JUMP, MAX_SKIPPED_KEYS, MAX_UNSIGNED_JUMP, RecvChain,
 } from "./chains.js";
+import { KEEP_EPOCHS, MAX_ROSTER_CANDIDATES, Conversation, loadConversations } from "./conversation.js";
+import { aeadSeal, chainStep, ed25519Sign, ed25519Verify, randomBytes, stepNonce } from "./crypto.js";
+import { acceptGrant, makeGrant, payGrants } from "./grants.js";
+import { generateIdentity, identityFromSeed, signRoster } from "./identity.js";
+import { MemoryStore } from "./store.js";
 import {
-  aeadOpen, aeadSeal, chainStep, ed25519Sign, ed25519Verify, generateEphemeral,
-  generateIdentityKeys, hkdf, importPrivate, publicOfPrivate, randomBytes, sha256, stepNonce,
-  x25519,
-} from "./crypto.js";
-import {
-  FLAG, GRANT_MODE, MSG, bundleBody, chainGrantBytes, cidFor, decodeBundle, decodeChainGrant,
-  decodeGrant, decodePlaintext, decodeRoster, encodePlaintext, envelopeHeader, fingerprint,
-  grantBody, grantHeader, isAdmin, isRoster, pidFor, readHeader, rosterBody, verifyRosterChain,
+  FLAG, MSG, cidFor, decodeBundle, decodeGrant, decodePlaintext, decodeRoster, encodePlaintext,
+  envelopeHeader, fingerprint, isAdmin, isRoster, readHeader, verifyRosterChain,
 } from "./wire.js";
 
-export { MARK_EVERY, MAX_FORWARD_JUMP, MAX_SKIPPED_KEYS, MAX_UNSIGNED_JUMP };
-// Epochs whose envelopes are still opened (receiving chains, chain ends); older rosters
-// are kept all the same: joining and catching up need the whole chain.
-export const KEEP_EPOCHS = 4;
+// This module is the browser participant's whole API (tests/web/pages import it).
+export {
+  CryptoError, KEEP_EPOCHS, MARK_EVERY, MAX_FORWARD_JUMP, MAX_ROSTER_CANDIDATES, MAX_SKIPPED_KEYS, MAX_UNSIGNED_JUMP,
+  MemoryStore, acceptGrant, generateIdentity, identityFromSeed, makeGrant,
+};
 export const MAX_PENDING_GRANTS = 256; // grants held per conversation until its epoch is entered
-// Rosters held per conversation until the epochs between arrive; past it the oldest is
-// dropped (counted `roster_pool_evicted`; the gateway has it again).
-export const MAX_ROSTER_CANDIDATES = 64;
 // Conversations known only from held rosters or grants, or rosters not listing us; past
 // it the oldest such state is dropped (`joining_evicted`): an inbox flooded with rosters
 // and grants of invented conversations stays bounded.
 export const MAX_JOINING = 64;
 const FLUSH_MS = 200; // receiving-chain state is written in batches (§6.4)
-const GRANT_SALT = utf8("fieldchat grant v1");
-const IDENTITY_INFO = utf8("fieldchat identity v1");
 
 const rejected = (reason, why) => protocolError(reason, why);
-
-// A store that keeps everything in memory (vector checks, tests); IndexedDB has the same API.
-export class MemoryStore {
-  constructor() { this.map = new Map(); }
-  async get(key) { return this.map.get(key); }
-  async put(key, value) { this.map.set(key, structuredClone(value)); }
-  async delete(key) { this.map.delete(key); }
-  async entries(prefix) {
-    return [...this.map].filter(([k]) => k.startsWith(prefix)).map(([k, v]) => [k, structuredClone(v)]);
-  }
-}
-
-// Identities --------------------------------------------------------------------------------
-
-async function makeIdentity(keys, createdAt) {
-  const body = bundleBody(keys.edPublic, keys.xPublic, null, createdAt);
-  const bundle = concat(body, await ed25519Sign(keys.edPrivate, body));
-  return { ...keys, createdAt, bundle, pid: await pidFor(keys.edPublic) };
-}
-
-// A fresh identity; its private keys are non-extractable CryptoKeys.
-export async function generateIdentity(createdAt = Math.floor(Date.now() / 1000)) {
-  return makeIdentity(await generateIdentityKeys(), createdAt);
-}
-
-// The identity a 32-byte seed derives (PROTOCOL.md §2.1), without its ML-KEM key:
-// reproducible identities for the protocol vectors.
-export async function identityFromSeed(seed, createdAt) {
-  const okm = await hkdf(seed, null, IDENTITY_INFO, 64);
-  const ed = okm.slice(0, 32), x = okm.slice(32, 64);
-  return makeIdentity({
-    edPrivate: await importPrivate("ed25519", ed), edPublic: await publicOfPrivate("ed25519", ed),
-    xPrivate: await importPrivate("x25519", x), xPublic: await publicOfPrivate("x25519", x),
-  }, createdAt);
-}
-
-// Grants (§5.3) ------------------------------------------------------------------------------
-
-async function grantTranscript(mode, cid, granterKey, recipientPid, ephemeral, kem, x25519Pub, mlkem) {
-  return sha256(concat(grantHeader(mode, cid, granterKey, recipientPid, ephemeral, kem),
-                       x25519Pub, mlkem ?? new Uint8Array(0)));
-}
-
-// Seal `payload` to `recipient` (a decoded bundle), X25519 only. The transcript still
-// names the recipient's ML-KEM key when it has one, as Python's does.
-export async function makeGrant(identity, recipient, cid, payload, ephemeral = null) {
-  const eph = ephemeral ?? await generateEphemeral();
-  const shared = await x25519(eph.privateKey, recipient.x25519);
-  const mode = GRANT_MODE.x25519;
-  const th = await grantTranscript(mode, cid, identity.edPublic, recipient.pid, eph.publicRaw, null,
-                                   recipient.x25519, recipient.mlkem768);
-  const okm = await hkdf(shared, GRANT_SALT, th, 44);
-  const sealed = await aeadSeal(okm.subarray(0, 32), okm.subarray(32), chainGrantBytes(payload), th);
-  const body = grantBody({ mode, cid, granterKey: identity.edPublic, recipient: recipient.pid,
-                           ephemeral: eph.publicRaw, kemCiphertext: null, sealed });
-  return concat(body, await ed25519Sign(identity.edPrivate, body));
-}
-
-export async function acceptGrant(identity, grant) {
-  if (grant.recipient !== identity.pid) throw rejected("grant", "grant addressed to another participant");
-  if (grant.mode !== GRANT_MODE.x25519) throw rejected("grant", "hybrid grant but this participant has no ML-KEM key");
-  const shared = await x25519(identity.xPrivate, grant.ephemeral);
-  const th = await grantTranscript(grant.mode, grant.cid, grant.granterKey, identity.pid,
-                                   grant.ephemeral, null, identity.xPublic, null);
-  const okm = await hkdf(shared, GRANT_SALT, th, 44);
-  return decodeChainGrant(await aeadOpen(okm.subarray(0, 32), okm.subarray(32), grant.sealed, th));
-}
 
 // The engine -----------------------------------------------------------------------------------
 
@@ -121,8 +52,7 @@ export class Engine {
     this.pid = identity.pid;
     this.store = store;
     this.counters = {};
-    this.bundles = new Map();
-    this.verified = new Set();
+    this.bundles = new Bundles(store);
     this.convs = new Map();
     this._queue = Promise.resolve();
     this._dirty = new Set();
@@ -158,27 +88,7 @@ export class Engine {
   // -- bundles ------------------------------------------------------------------------------
 
   // Trust on first use; a newer bundle with other keys is accepted and reported loudly.
-  learnBundle(data) { return this._locked(() => this._learnBundle(data)); }
-
-  async _learnBundle(data) {
-    const bundle = await decodeBundle(data);
-    const known = this.bundles.get(bundle.pid);
-    const fp = await fingerprint(bundle);
-    let status;
-    if (!known) status = "new";
-    else if (equal(known.bytes, bundle.bytes)) return { pid: bundle.pid, status: "same", fingerprint: fp };
-    else if (bundle.createdAt <= known.createdAt) {
-      return { pid: bundle.pid, status: "older", fingerprint: await fingerprint(known) };
-    } else if (!equal(known.x25519, bundle.x25519) || !equal(known.mlkem768 ?? new Uint8Array(0), bundle.mlkem768 ?? new Uint8Array(0))) {
-      status = "key_changed";
-      this.verified.delete(bundle.pid);
-      await this.store.delete(`verified/${bundle.pid}`);
-    } else status = "updated";
-    this.bundles.set(bundle.pid, bundle);
-    await this.store.put(`bundle/${bundle.pid}`, data);
-    return { pid: bundle.pid, status, fingerprint: fp,
-             previousFingerprint: known ? await fingerprint(known) : null };
-  }
+  learnBundle(data) { return this._locked(() => this.bundles.learn(data)); }
 
   bundleOf(pid) { return pid === this.pid ? null : this.bundles.get(pid) ?? null; }
 
@@ -188,13 +98,9 @@ export class Engine {
     return b ? fingerprint(b) : null;
   }
 
-  markVerified(pid) {
-    return this._locked(async () => {
-      if (!this.bundles.has(pid)) throw rejected("unknown_participant", `no bundle known for ${pid}`);
-      this.verified.add(pid);
-      await this.store.put(`verified/${pid}`, true);
-    });
-  }
+  markVerified(pid) { return this._locked(() => this.bundles.markVerified(pid)); }
+
+  get verified() { return this.bundles.verified; }
 
   // -- conversations ---------------------------------------------------------------------------
 
@@ -219,20 +125,6 @@ export class Engine {
     return conv;
   }
 
-  _members(pids, admins, policy) {
-    return [...new Set(pids)].map((pid) => {
-      const bundle = pid === this.pid ? { postQuantum: false } : this.bundles.get(pid);
-      if (!bundle) throw rejected("unknown_participant", `no bundle known for ${pid}: fetch it first`);
-      if (policy.requirePq && !bundle.postQuantum) throw rejected("not_member", `${pid} has no ML-KEM key`);
-      return { pid, admin: admins.has(pid), pq: bundle.postQuantum };
-    });
-  }
-
-  async _signRoster(fields) {
-    const body = rosterBody({ ...fields, signerKey: this.identity.edPublic });
-    return decodeRoster(concat(body, await ed25519Sign(this.identity.edPrivate, body)));
-  }
-
   // Found a conversation with us as admin: its cid and what to publish. A new roster goes
   // out as kind "roster": through /ws the gateway, as the verifier, retains it on
   // c/{cid}/roster once it chains (§5.2); a participant never writes that topic itself.
@@ -241,15 +133,15 @@ export class Engine {
       const pol = policy ?? { signEvery: 1, compress: false, pad: false, requirePq: false };
       const nonce = randomBytes(16);
       const cid = await cidFor(this.pid, nonce);
-      const roster = await this._signRoster({
+      const roster = await signRoster(this.identity, {
         cid, epoch: 0, nonce, prev: new Uint8Array(0), policy: pol,
-        members: this._members([this.pid, ...members], new Set([this.pid]), pol),
+        members: this.bundles.members(this.pid, [this.pid, ...members], new Set([this.pid]), pol),
         issuedAt: Math.floor(Date.now() / 1000),
       });
       await verifyRosterChain(roster, null);
-      const conv = this._newConv(cid, 0);
+      const conv = new Conversation(cid, 0);
       this.convs.set(cid, conv);
-      await this._adopt(conv, roster);
+      await conv.adopt(this.store, roster);
       return { cid, publications: [{ kind: "roster", data: roster.bytes }, ...await this._enterEpoch(conv, roster)] };
     });
   }
@@ -285,26 +177,17 @@ export class Engine {
       throw rejected("not_member", `only an admin of ${conv.cid} can change its roster`);
     }
     if (![...admins].some((a) => pids.includes(a))) admins = new Set([pids.includes(this.pid) ? this.pid : pids[0]]);
-    const roster = await this._signRoster({
+    const roster = await signRoster(this.identity, {
       cid: conv.cid, epoch: current.epoch + 1, nonce: new Uint8Array(0), prev: current.digest,
-      members: this._members(pids, admins, policy), policy, issuedAt: Math.floor(Date.now() / 1000),
+      members: this.bundles.members(this.pid, pids, admins, policy), policy, issuedAt: Math.floor(Date.now() / 1000),
     });
     await verifyRosterChain(roster, current);
     const earlier = [...conv.rosters.keys()].sort((a, b) => a - b).map((e) => conv.rosters.get(e).bytes);
     const history = roster.pids.filter((p) => !current.pids.includes(p))
       .flatMap((recipient) => earlier.map((data) => ({ kind: "inbox", recipient, data })));
-    await this._adopt(conv, roster);
+    await conv.adopt(this.store, roster);
     return [{ kind: "roster", data: roster.bytes }, ...history, ...await this._enterEpoch(conv, roster)];
   }
-
-  _newConv(cid, epoch) {
-    return { cid, cidRaw: decodeId(cid), epoch, tip: -1, rosters: new Map(), kept: [],
-             candidates: new Map(), removed: epoch < 0, send: null, grantBase: null, owed: new Set(),
-             recv: new Map(), pending: [], closed: new Set(), ends: new Map(), sentEnds: [] };
-  }
-
-  // A kept roster (one of the newest KEEP_EPOCHS adopted), or undefined.
-  _kept(conv, epoch) { return conv.kept.includes(epoch) ? conv.rosters.get(epoch) : undefined; }
 
   // What arrived in our inbox: a roster an inviting admin sent (handleRoster's
   // publications) or a grant (handleGrant's result). Kind byte 0x12 is a roster (§5.2).
@@ -341,14 +224,14 @@ export class Engine {
     }
     if (roster.epoch <= conv.tip) throw rejected("roster", `roster epoch ${roster.epoch} is older than those kept`);
     if (roster.epoch !== conv.tip + 1) {
-      await this._holdCandidate(conv, roster);
+      await conv.holdCandidate(this.store, roster, (reason) => this.count(reason));
       throw Object.assign(
         rejected("roster_pending", `roster epoch ${roster.epoch} of ${roster.cid} waits for the epochs after ${conv.tip}`),
         { cid: roster.cid, have: conv.tip, want: roster.epoch });
     }
     await verifyRosterChain(roster, conv.rosters.get(conv.tip) ?? null);
-    await this._adopt(conv, roster);
-    await this._adoptCandidates(conv);
+    await conv.adopt(this.store, roster);
+    await conv.adoptCandidates(this.store, (reason) => this.count(reason));
     return this._followTip(conv);
   }
 
@@ -356,73 +239,13 @@ export class Engine {
   async _joining(cid) {
     const joining = [...this.convs.values()].filter((c) => c.epoch < 0);
     if (joining.length >= MAX_JOINING) {
-      await this._forget(joining[0]);
+      this.convs.delete(joining[0].cid);
+      await joining[0].forget(this.store);
       this.count("joining_evicted");
     }
-    const conv = this._newConv(cid, -1);
+    const conv = new Conversation(cid, -1);
     this.convs.set(cid, conv);
     return conv;
-  }
-
-  async _forget(conv) {
-    this.convs.delete(conv.cid);
-    for (const epoch of conv.rosters.keys()) await this.store.delete(rosterKey(conv.cid, epoch));
-    for (const digest of conv.candidates.keys()) await this.store.delete(poolKey(conv.cid, digest));
-    await this.store.delete(`conv/${conv.cid}`);
-  }
-
-  async _holdCandidate(conv, roster) {
-    const digest = hex(roster.digest);
-    if (conv.candidates.has(digest)) { this.count("duplicate"); return; }
-    if (conv.candidates.size >= MAX_ROSTER_CANDIDATES) {
-      const [oldest] = conv.candidates.keys();
-      conv.candidates.delete(oldest);
-      await this.store.delete(poolKey(conv.cid, oldest));
-      this.count("roster_pool_evicted");
-    }
-    conv.candidates.set(digest, roster);
-    await this.store.put(poolKey(conv.cid, digest), roster.bytes);
-  }
-
-  // Record a roster whose chain was verified: it becomes the tip. Stored once, apart from
-  // the conversation's record (which is written at every seal).
-  async _adopt(conv, roster) {
-    conv.rosters.set(roster.epoch, roster);
-    conv.tip = roster.epoch;
-    conv.kept = [...conv.kept, roster.epoch].sort((a, b) => a - b).slice(-KEEP_EPOCHS);
-    await this.store.put(rosterKey(conv.cid, roster.epoch), roster.bytes);
-  }
-
-  // Adopt held rosters that now chain, epoch after epoch (among several of the next epoch,
-  // first one a held roster of the epoch after names as prev); drop those left behind. At
-  // most MAX_ROSTER_CANDIDATES chain checks per epoch adopted.
-  async _adoptCandidates(conv) {
-    while (conv.candidates.size) {
-      for (const [digest, r] of [...conv.candidates]) {
-        if (r.epoch <= conv.tip) { conv.candidates.delete(digest); await this.store.delete(poolKey(conv.cid, digest)); }
-      }
-      const held = [...conv.candidates];
-      const successors = new Set(held.filter(([, r]) => r.epoch === conv.tip + 2).map(([, r]) => hex(r.prev)));
-      const next = held.filter(([, r]) => r.epoch === conv.tip + 1)
-        .sort(([a], [b]) => successors.has(b) - successors.has(a));
-      const tip = conv.rosters.get(conv.tip) ?? null;
-      let chosen = null;
-      for (const [digest, r] of next) {
-        conv.candidates.delete(digest);
-        await this.store.delete(poolKey(conv.cid, digest));
-        try {
-          await verifyRosterChain(r, tip);
-        } catch (err) {
-          if (err.reason !== "roster") throw err;
-          this.count("roster");
-          continue;
-        }
-        chosen = r;
-        break;
-      }
-      if (!chosen) return;
-      await this._adopt(conv, chosen);
-    }
   }
 
   // Enter the newest adopted epoch: at once when we are in the conversation, when joining
@@ -434,50 +257,11 @@ export class Engine {
     return this._enterEpoch(conv, tip);
   }
 
-  // Kept epochs before ours with a member a later roster no longer lists: someone removed
-  // since holds their chain keys (a roster we lack counts as a removal).
-  _closedEpochs(conv) {
-    const out = new Set();
-    for (const epoch of conv.kept) {
-      const members = conv.rosters.get(epoch).pids;
-      for (let later = epoch + 1; later <= conv.epoch; later++) {
-        const r = conv.rosters.get(later);
-        if (!r || !members.every((p) => r.pids.includes(p))) { out.add(epoch); break; }
-      }
-    }
-    return out;
-  }
-
   // Enter the epoch of an adopted roster: drop what removed members could use, record
   // where our sending chain ended, start a new chain and grant it.
   async _enterEpoch(conv, roster) {
-    conv.epoch = roster.epoch;
-    const current = new Set(roster.pids);
-    for (const [key, chain] of conv.recv) {
-      const r = this._kept(conv, chain.epoch);
-      if (!r || !current.has(r.pids[chain.sender])) conv.recv.delete(key);
-    }
-    for (const key of conv.ends.keys()) if (!conv.recv.has(key)) conv.ends.delete(key);
-    conv.closed = this._closedEpochs(conv);
-    if (conv.send) {
-      // Receivers take unsigned envelopes of this chain only below this step once someone
-      // was removed (§6.4): every step we sealed is below it (each is persisted first).
-      conv.sentEnds = [...conv.sentEnds, [conv.send.epoch, conv.send.chain, conv.send.step]].slice(-KEEP_EPOCHS);
-    }
-    let publications = [];
-    if (!current.has(this.pid)) {
-      conv.removed = true;
-      conv.send = null;
-      conv.grantBase = null;
-      conv.owed = new Set();
-    } else {
-      conv.removed = false;
-      const key0 = randomBytes(32);
-      conv.send = { epoch: roster.epoch, chain: 0, step: 0, key: key0 };
-      conv.grantBase = { step: 0, key: key0 };
-      conv.owed = new Set([...current].filter((p) => p !== this.pid));
-      publications = await this._payGrants(conv);
-    }
+    conv.enter(roster, this.pid, randomBytes(32));
+    const publications = conv.removed ? [] : await payGrants(this.identity, this.bundles, conv);
     await this._save(conv);
     const pending = conv.pending;
     conv.pending = [];
@@ -491,26 +275,6 @@ export class Engine {
     return publications;
   }
 
-  async _payGrants(conv) {
-    if (!conv.send || !conv.grantBase) return [];
-    const roster = conv.rosters.get(conv.epoch);
-    const payload = {
-      epoch: roster.epoch, roster: roster.digest, sender: roster.pids.indexOf(this.pid),
-      chain: conv.send.chain, step: conv.grantBase.step, key: conv.grantBase.key,
-      // The ends of the epochs receivers still open (§5.3): at most KEEP_EPOCHS - 1.
-      ends: conv.sentEnds.filter(([e]) => e > roster.epoch - KEEP_EPOCHS && e < roster.epoch),
-    };
-    const out = [];
-    for (const pid of [...conv.owed].sort()) {
-      const bundle = this.bundles.get(pid);
-      if (!bundle) continue;
-      out.push({ kind: "grant", recipient: pid, data: await makeGrant(this.identity, bundle, conv.cid, payload) });
-      conv.owed.delete(pid);
-    }
-    if (!conv.owed.size) conv.grantBase = null; // forget the initial chain key (§6.2)
-    return out;
-  }
-
   // Grants owed to members whose bundles have arrived since.
   payOwedGrants(cid = null) {
     return this._locked(async () => {
@@ -518,7 +282,7 @@ export class Engine {
       for (const conv of cid ? [this._conv(cid)] : [...this.convs.values()]) {
         if (conv.owed.size && conv.epoch >= 0) {
           const before = conv.owed.size;
-          out.push(...await this._payGrants(conv));
+          out.push(...await payGrants(this.identity, this.bundles, conv));
           if (conv.owed.size !== before) await this._save(conv);
         }
       }
@@ -544,7 +308,7 @@ export class Engine {
       await this._save(conv);
       return { cid: grant.cid, installed: false, needsRoster: true, ends: 0 };
     }
-    const roster = this._kept(conv, payload.epoch);
+    const roster = conv.kept(payload.epoch);
     if (!roster) throw rejected("grant", `grant for epoch ${payload.epoch}, which is no longer kept`);
     if (!equal(roster.digest, payload.roster)) throw rejected("grant", "grant for another roster of this epoch");
     const member = roster.members[payload.sender];
@@ -559,26 +323,9 @@ export class Engine {
                                          step: payload.step, key: payload.key, signer: grant.granterKey }));
       installed = true;
     }
-    const ends = this._learnEnds(conv, member.pid, payload.ends);
+    const ends = conv.learnEnds(member.pid, payload.ends);
     if (installed || ends) await this._save(conv);
     return { cid: grant.cid, installed, needsRoster: false, ends };
-  }
-
-  // Record where the granter's earlier chains ended, for chains we hold (§5.3); a lower
-  // end stated again wins: a sender's end only ever refuses more. How many changed.
-  _learnEnds(conv, granter, ends) {
-    let learned = 0;
-    for (const [epoch, chain, nextStep] of ends) {
-      const index = this._kept(conv, epoch)?.pids.indexOf(granter) ?? -1;
-      const key = `${epoch}/${index}/${chain}`;
-      if (index < 0 || !conv.recv.has(key)) continue;
-      const known = conv.ends.get(key);
-      if (known === undefined || nextStep < known) {
-        conv.ends.set(key, nextStep);
-        learned++;
-      }
-    }
-    return learned;
   }
 
   // -- messages --------------------------------------------------------------------------------
@@ -620,7 +367,7 @@ export class Engine {
     const h = readHeader(data);
     const conv = this.convs.get(cid);
     if (!conv || conv.epoch < 0) throw rejected("unknown_conversation", `unknown conversation ${String(cid).slice(0, 40)}`);
-    const roster = this._kept(conv, h.epoch);
+    const roster = conv.kept(h.epoch);
     if (!roster) {
       if (h.epoch > conv.epoch) throw rejected("missing_key", `roster of epoch ${h.epoch} not known yet`);
       throw rejected("stale_epoch", `epoch ${h.epoch} is no longer kept`);
@@ -689,64 +436,15 @@ export class Engine {
     });
   }
 
-  // The conversation's record; rosters (rosterKey) and held ones (poolKey) are stored
-  // apart, once each.
   async _save(conv) {
     this._dirty.delete(conv.cid);
-    await this.store.put(`conv/${conv.cid}`, {
-      cid: conv.cid, epoch: conv.epoch, removed: conv.removed,
-      send: conv.send, grantBase: conv.grantBase, owed: [...conv.owed],
-      recv: [...conv.recv.values()].map((c) => c.record), pending: conv.pending,
-      ends: [...conv.ends], sentEnds: conv.sentEnds,
-    });
+    await this.store.put(`conv/${conv.cid}`, conv.record);
   }
 
   async _load() {
-    for (const [, data] of await this.store.entries("bundle/")) {
-      const b = await decodeBundle(data);
-      this.bundles.set(b.pid, b);
-    }
-    for (const [key] of await this.store.entries("verified/")) this.verified.add(key.slice(9));
-    const held = (cid) => this.convs.get(cid) ?? this.convs.set(cid, this._newConv(cid, -1)).get(cid);
-    const records = await this.store.entries("conv/");
-    for (const [, rec] of records) {
-      const conv = this._newConv(rec.cid, rec.epoch);
-      Object.assign(conv, { removed: rec.removed, send: rec.send, grantBase: rec.grantBase,
-                            owed: new Set(rec.owed), pending: rec.pending,
-                            ends: new Map(rec.ends ?? []), sentEnds: rec.sentEnds ?? [] });
-      this.convs.set(conv.cid, conv);
-      // Written before rosters were stored apart: the newest KEEP_EPOCHS, adopted then.
-      for (const bytes of rec.rosters ?? []) {
-        const r = await decodeRoster(bytes);
-        await this.store.put(rosterKey(r.cid, r.epoch), bytes);
-        conv.rosters.set(r.epoch, r);
-      }
-    }
-    for (const [, bytes] of await this.store.entries("roster/")) {
-      const r = await decodeRoster(bytes);
-      held(r.cid).rosters.set(r.epoch, r);
-    }
-    for (const [, bytes] of await this.store.entries(POOL)) {
-      const r = await decodeRoster(bytes);
-      held(r.cid).candidates.set(hex(r.digest), r);
-    }
-    for (const conv of this.convs.values()) {
-      const epochs = [...conv.rosters.keys()].sort((a, b) => a - b);
-      conv.tip = epochs.length ? epochs[epochs.length - 1] : -1;
-      conv.kept = epochs.slice(-KEEP_EPOCHS);
-      if (conv.epoch >= 0 && !conv.rosters.has(conv.epoch)) conv.epoch = -1; // nothing to enter
-    }
-    for (const [, rec] of records) {
-      const conv = this.convs.get(rec.cid);
-      for (const c of rec.recv) if (this._kept(conv, c.epoch)) conv.recv.set(`${c.epoch}/${c.sender}/${c.chain}`, new RecvChain(c));
-      if (rec.rosters) await this._save(conv); // now without them
-      if (conv.epoch >= 0) conv.closed = this._closedEpochs(conv);
-    }
+    await this.bundles.load();
+    const { convs, resave } = await loadConversations(this.store);
+    this.convs = convs;
+    for (const conv of resave) await this._save(conv);
   }
 }
-
-const POOL = "rosterpool/";
-const rosterKey = (cid, epoch) => `roster/${cid}/${String(epoch).padStart(8, "0")}`;
-const poolKey = (cid, digest) => `${POOL}${cid}/${digest.slice(0, 32)}`;
-
-export { CryptoError };

@@ -30,7 +30,7 @@ export class Store {
 
   _tx(name, mode = "readonly") { return this.db.transaction(name, mode).objectStore(name); }
 
-  // The engine's store interface (same as MemoryStore in engine.js).
+  // The engine's store interface (same as MemoryStore below).
   get(key) { return promised(this._tx("kv").get(key)); }
   put(key, value) { return promised(this._tx("kv", "readwrite").put(value, key)); }
   delete(key) { return promised(this._tx("kv", "readwrite").delete(key)); }
@@ -51,4 +51,15 @@ export class Store {
   unqueue(n) { return promised(this._tx("outbox", "readwrite").delete(n)); }
 
   close() { this.db.close(); }
+}
+
+// A store that keeps everything in memory (vector checks, tests); IndexedDB has the same API.
+export class MemoryStore {
+  constructor() { this.map = new Map(); }
+  async get(key) { return this.map.get(key); }
+  async put(key, value) { this.map.set(key, structuredClone(value)); }
+  async delete(key) { this.map.delete(key); }
+  async entries(prefix) {
+    return [...this.map].filter(([k]) => k.startsWith(prefix)).map(([k, v]) => [k, structuredClone(v)]);
+  }
 }
