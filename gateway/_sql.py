@@ -35,6 +35,7 @@ from gateway._schema import (
     SIGNED_DIGEST,
     accounts,
     bundles,
+    canaries,
     candidate_digest,
     claim_challenges,
     conv_heads,
@@ -71,6 +72,7 @@ __all__ = ["PostgresStore", "SqlStore", "SqliteStore", "open_store"]
 _ARCHIVE_LOCK = 0x66_63_61_72  # "fcar": pg_advisory_xact_lock key of archive commits
 _MIGRATE_LOCK = 0x66_63_6D_67  # "fcmg": gateways starting together migrate once
 _MEMBER_CACHE_MAX = 100_000
+_CANARY_KEEP_S = 600.0  # a canary is looked for seconds after it was noted; keep 10 min
 # The unique index is the key and ``digest``: empty for a signed envelope (one per
 # key), the candidate digest of an unsigned one (gateway/_schema.py, ``envelopes``).
 _INSERT_ENVELOPE = (
@@ -572,6 +574,22 @@ class SqlStore:
 
     async def max_seq(self) -> int:
         return int(await self._scalar(select(func.max(envelopes.c.seq)), "reading seq") or 0)
+
+    async def record_canary(self, nonce: bytes, seen_at: float) -> None:
+        async with _mapped("noting a canary"), self._write_lock(), self.engine.begin() as conn:
+            await conn.execute(
+                delete(canaries).where(canaries.c.seen_at < seen_at - _CANARY_KEEP_S)
+            )
+            await conn.execute(
+                self.dialect_insert(canaries).on_conflict_do_nothing(),
+                {"nonce": nonce, "seen_at": seen_at},
+            )
+
+    async def canary_seen(self, nonce: bytes) -> bool:
+        found = await self._scalar(
+            select(canaries.c.seen_at).where(canaries.c.nonce == nonce), "looking for a canary"
+        )
+        return found is not None
 
     async def epoch_start(self, cid: str, epoch: int) -> int:
         first = await self._scalar(

@@ -34,6 +34,7 @@ __all__ = [
     "NewEnvelope",
     "PendingEnvelope",
     "RosterRecord",
+    "SecretStore",
     "StoredEnvelope",
     "StoredGrant",
 ]
@@ -206,7 +207,15 @@ class Account:
     unverified: tuple[str, ...] = ()
 
 
-class HistoryStore(Protocol):
+class SecretStore(Protocol):
+    """Keys every gateway on one database shares, each made once."""
+
+    async def secret(self, name: str, candidate: bytes) -> bytes:
+        """The shared secret ``name``, set to ``candidate`` by whoever asks first."""
+        ...
+
+
+class HistoryStore(SecretStore, Protocol):
     """The encrypted history. Every method may raise :class:`~schemas.TransportError`
     (database unreachable); nothing here decrypts or sees keys."""
 
@@ -311,8 +320,17 @@ class HistoryStore(Protocol):
         """True when any archived roster of ``cid`` lists one of ``pids``."""
         ...
 
+    async def record_canary(self, nonce: bytes, seen_at: float) -> None:
+        """Note that a routing canary arrived (any gateway may have sent it); forget
+        those noted long ago."""
+        ...
 
-class AccountStore(Protocol):
+    async def canary_seen(self, nonce: bytes) -> bool:
+        """True once some gateway on this database noted the canary ``nonce``."""
+        ...
+
+
+class AccountStore(SecretStore, Protocol):
     """Web accounts. Passwords arrive already hashed; session tokens as their SHA-256."""
 
     async def create_account(self, username: str, password_hash: str, *, is_admin: bool) -> int:
@@ -354,10 +372,6 @@ class AccountStore(Protocol):
 
     async def purge_nonces(self, now: float) -> int:
         """Delete nonces expired at ``now``; return how many."""
-        ...
-
-    async def secret(self, name: str, candidate: bytes) -> bytes:
-        """The shared secret ``name``, set to ``candidate`` by whoever asks first."""
         ...
 
     async def create_session(
