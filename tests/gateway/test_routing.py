@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import time
 import uuid
 
@@ -69,8 +70,9 @@ async def _publish_for(url: str, topic: str, items: list[bytes], every_s: float)
     return sent
 
 
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL], ids=["clean", "killed"])
 async def test_what_is_published_soon_after_a_mosquitto_restart_is_archived(
-    persistent_mosquitto, prefix, tmp_path
+    persistent_mosquitto, prefix, tmp_path, stop
 ):
     broker = persistent_mosquitto
     topics = Topics(prefix)
@@ -86,7 +88,8 @@ async def test_what_is_published_soon_after_a_mosquitto_restart_is_archived(
         await publish_all(broker.url, [(topics.msg(conv.cid), first, False)])
         await eventually(lambda: _archived(gw, conv.cid), "the first envelope archived")
 
-        broker.stop()  # SIGTERM: a clean stop; Mosquitto saves the archiver's session
+        await asyncio.sleep(1.5)  # an autosave (every second) has the archiver's session
+        broker.stop(stop)  # SIGTERM: a clean stop, the state saved; SIGKILL: a crash
         await eventually(lambda: not archiver.connected.is_set(), "the archiver to notice")
         await asyncio.sleep(DOWN_S)
         broker.start()
