@@ -504,7 +504,12 @@ class Archiver:
                     log.warning("routing canary still lost: reconnecting")
                     await client.close()  # the archive loop sees it and reconnects
                     return
-                await client.subscribe(shared)
+                try:
+                    await client.subscribe(shared)
+                except TransportError as exc:
+                    log.warning("subscribing again failed (%s): reconnecting", exc)
+                    await client.close()
+                    return
                 continue
             if seen and self._canary_failures:
                 log.info("routing canary back after %d failures", self._canary_failures)
