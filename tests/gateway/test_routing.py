@@ -88,7 +88,6 @@ async def test_what_is_published_soon_after_a_mosquitto_restart_is_archived(
         await publish_all(broker.url, [(topics.msg(conv.cid), first, False)])
         await eventually(lambda: _archived(gw, conv.cid), "the first envelope archived")
 
-        await asyncio.sleep(1.5)  # an autosave (every second) has the archiver's session
         broker.stop(stop)  # SIGTERM: a clean stop, the state saved; SIGKILL: a crash
         await eventually(lambda: not archiver.connected.is_set(), "the archiver to notice")
         await asyncio.sleep(DOWN_S)
@@ -107,9 +106,11 @@ async def test_what_is_published_soon_after_a_mosquitto_restart_is_archived(
             got = await _archived(gw, conv.cid)
             lost = [round(at, 1) for at, item in sent if item in due and item not in got]
             raise AssertionError(f"lost, published at (s after the restart): {lost}") from None
-        # Mosquitto said the session was there; its $share subscription was not, and
-        # the archiver subscribed again anyway
-        assert archiver.session_present is True
+        if stop == signal.SIGTERM:
+            # Mosquitto said the session was there (after a SIGKILL it may have died
+            # before its autosave); its $share subscription was not, and the archiver
+            # subscribed again anyway
+            assert archiver.session_present is True
 
 
 # -- the canary ---------------------------------------------------------------------------
