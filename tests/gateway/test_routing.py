@@ -161,7 +161,7 @@ async def test_a_lost_shared_subscription_is_found_by_the_canary_and_made_again(
         f"sqlite:///{tmp_path / 'h.db'}",
         share_group="archive",
         canary_interval_s=0.5,
-        canary_timeout_s=1.0,
+        canary_timeout_s=2.0,
     )
     async with serve_gateway(settings) as gw:
         archiver = gw.state.archiver
