@@ -29,13 +29,20 @@ retained roster there, the gateway publishes its archived head again.
 With ``share_group`` set, envelopes come through ``$share/{group}/…/c/+/msg`` so
 gateways split them; rosters, proposals, bundles, presence and grants are plain
 subscriptions, every gateway needs all of them.
+
+The broker must keep routing to the archiver (``gateway._routing``): it subscribes at
+every connection (Mosquitto forgets ``$share/`` subscriptions of a restored session),
+reconnects within 0.5 s of the broker coming back, and sends canaries through the
+shared subscription to find a subscription the broker dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
+import os
 import ssl
 import time
 from collections import Counter, OrderedDict
@@ -44,13 +51,22 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway._errors import Forbidden
 from gateway._metrics import Metrics
 from gateway._mqtt import MqttClient, Publish
 from gateway._quota import RefusalLog
 from gateway._rosters import Healer, RosterRefused, Source, Verdict, judge
+from gateway._routing import (
+    CANARY_CID,
+    CANARY_SECRET,
+    RECONNECT_REFUSED_S,
+    Backoff,
+    Canary,
+)
 from gateway._settings import GatewaySettings
 from gateway._store import (
     ArchiveBatch,
+    ArchiveResult,
     GrantRecord,
     HeldRoster,
     HistoryStore,
@@ -72,17 +88,22 @@ from schemas.errors import (
     ConnectFailed,
     FieldchatError,
     NotAMember,
+    NotAuthorized,
     TransportError,
 )
+from schemas.frame import FRAME_MARKER
 
-__all__ = ["ArchiveListener", "Archiver", "MqttFactory", "mqtt_factory"]
+__all__ = ["ArchiveListener", "Archiver", "MqttFactory", "Uploaded", "mqtt_factory"]
 
 log = logging.getLogger("fieldchat.gateway.archiver")
 
 MqttFactory = Callable[[], MqttClient]
 _CACHE_MAX = 20_000
-_RECONNECT_MAX_S = 10.0
+_CANARY_POLL_S = 0.1  # how often the sender looks in the database for its canary
+_CANARY_BACKLOG_FACTOR = 6  # a replica draining full batches waits up to 6 timeouts
+_CANARY_RECONNECT_AFTER = 3  # failures in a row (each followed by a resubscription)
 _SWEEP_LIMIT = 1000
+_FRAME = bytes((FRAME_MARKER,))
 _CHEAP_SUFFIXES = ("/msg", "/status")  # parsed on the loop (see ``_classify``)
 _VERIFY_INLINE_MAX = 2  # envelopes verified on the loop rather than in the pool
 _PROMOTE_ROUNDS = 16  # held-roster adoption rounds per call (each adopts at least one)
@@ -204,29 +225,55 @@ class Archiver:
         self._elsewhere: set[str] = set()
         self.connected = asyncio.Event()
         self.tracer = tracing.tracer("gateway")  # docs/tracing.md; None when off
+        self.session_present: bool | None = None  # what the broker said at the last CONNECT
+        self._canary: Canary | None = None  # made at the first connection (shared key)
+        self._canary_topic = self.topics.msg(CANARY_CID)
+        self._canary_waiting: dict[bytes, asyncio.Event] = {}  # nonces this replica sent
+        self._canary_failures = 0  # in a row
+        self._watcher: asyncio.Task[None] | None = None
+        self._backlog = False  # the last batch was full: draining a queue
+        self._outage: tuple[float, int] | None = None  # (since, failed attempts)
 
     # -- public ------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Archive until cancelled, reconnecting with backoff after broker failures."""
-        delay = 0.2
+        """Archive until cancelled, reconnecting after broker failures: at once, then
+        at most every ``RECONNECT_MAX_S`` (``gateway._routing.Backoff``; why there)."""
+        backoff = Backoff()
         self._pending_count = await self.store.pending_count()
         self.metrics.pending.set(self._pending_count)
         while True:
+            refused = False
             try:
                 await self._session()
+            except NotAuthorized as exc:
+                refused = True
+                log.warning(
+                    "the broker refused the archiver (%s); again in %.0f s",
+                    exc,
+                    RECONNECT_REFUSED_S,
+                )
             except TransportError as exc:
-                log.warning("archive failed (%s); reconnecting in %.1fs", exc, delay)
+                self._lost(exc)
             except Exception:  # a long-running loop: log and keep serving (STYLE.md)
-                log.exception("archiver failed; reconnecting in %.1fs", delay)
+                log.exception("archiver failed; reconnecting")
             finally:
                 if self.connected.is_set():
-                    delay = 0.2  # it worked for a while: retry promptly
+                    backoff.reset()  # it worked: the next attempt goes at once
                 self._client = None
                 self.connected.clear()
                 self.metrics.mqtt_connected.set(0)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, _RECONNECT_MAX_S)
+            await asyncio.sleep(RECONNECT_REFUSED_S if refused else backoff.next())
+
+    def _lost(self, exc: TransportError) -> None:
+        """Log the first failure of an outage; the attempts after it are counted, and
+        logged (at debug) one by one: twice a second would flood the log."""
+        if self._outage is None:
+            self._outage = (time.monotonic(), 1)
+            log.warning("archiver lost the broker (%s); reconnecting", exc)
+        else:
+            self._outage = (self._outage[0], self._outage[1] + 1)
+            log.debug("archiver still cannot reach the broker (%s)", exc)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -267,6 +314,73 @@ class Archiver:
         assert isinstance(found, Bundle)
         return found
 
+    async def upload(
+        self, cid: str, payloads: Sequence[bytes | None], pids: frozenset[str]
+    ) -> Uploaded:
+        """Archive envelopes a member uploads (``POST /v1/conversations/{cid}/envelopes``)
+        exactly as if they had come on ``c/{cid}/msg``: the same checks, candidates,
+        pending store and quotas, one commit, the live feed woken. Frames are refused
+        (envelopes only); ``None`` stands for an item that was not base64.
+
+        Raises:
+            Forbidden: an envelope's sender (its index in the roster of its epoch) is
+                not one of ``pids``: nothing of the request is archived.
+            StorageError: the database failed.
+        """
+        now = time.time()
+        topic = self.topics.msg(cid)
+        refused: list[tuple[int, str]] = []
+        work: list[_Work] = []
+        for index, data in enumerate(payloads):
+            reason: str | None = None
+            if data is None:
+                reason = "malformed"
+            elif data[:1] == _FRAME:
+                reason = "frame"
+            else:
+                parsed = classify(self._topic_cache, topic, data, now)
+                if isinstance(parsed, Rejected):
+                    reason = parsed.reason
+                else:
+                    assert parsed.envelope is not None
+                    reason = await self._uploader_is_sender(cid, index, parsed.envelope, pids)
+                    if reason is None:
+                        work.append(_Work(cid, parsed.envelope, data, now, index=index))
+            if reason is not None:
+                self._reject(reason, "http")
+                refused.append((index, reason))
+        sink = _Sink("http", refused)
+        out = ArchiveBatch()
+        await self._resolve(work, out, fresh=True, sink=sink)
+        result = await self._commit(out)
+        refused.sort()
+        return Uploaded(
+            archived=result.archived if result else 0,
+            duplicates=result.duplicates if result else 0,
+            pending=len(out.pending),
+            refused=refused,
+        )
+
+    async def _uploader_is_sender(
+        self, cid: str, index: int, envelope: Envelope, pids: frozenset[str]
+    ) -> str | None:
+        """Why an uploaded envelope is refused (``roster_unknown``, ``not_member``), or
+        None; raises Forbidden when its sender is not the uploader (see ``upload``)."""
+        roster = await self.roster(cid, envelope.epoch)
+        if roster is None:
+            return "roster_unknown"  # its sender cannot be told: the uploader tries later
+        try:
+            sender = roster.member_at(envelope.sender).pid
+        except NotAMember:
+            return "not_member"
+        if sender not in pids:
+            self._reject("not_sender", "http")
+            raise Forbidden(
+                f"envelope {index} is {sender}'s (epoch {envelope.epoch}, sender "
+                f"{envelope.sender}): upload only your own"
+            )
+        return None
+
     def learn_bundle(self, bundle: Bundle) -> None:
         """Cache a bundle the API just stored (browser registration)."""
         known = self._bundles.get(bundle.pid)
@@ -294,11 +408,25 @@ class Archiver:
         client = self._make_client()
         await client.connect()
         try:
+            # Subscribe again even when the broker says the session is present: Mosquitto
+            # 2.0.11 restores a session without its $share/ subscriptions (issue 14).
+            self.session_present = client.session_present
             await client.subscribe(self._subscriptions())
             self._client = client
             self.connected.set()
             self.metrics.mqtt_connected.set(1)
-            log.info("archiver connected as %s", self.settings.mqtt_client_id)
+            self.metrics.mqtt_connects.inc()
+            if self._outage is not None:
+                since, attempts = self._outage
+                self._outage = None
+                log.info(
+                    "archiver back after %.1f s (%d failed attempts), subscribed again",
+                    time.monotonic() - since,
+                    attempts,
+                )
+            else:
+                log.info("archiver connected as %s", self.settings.mqtt_client_id)
+            self._watcher = asyncio.create_task(self._watch_routing(client))
             self._kick_publisher()  # what could not be republished before
             sweep_at = time.monotonic() + self.settings.pending_retry_s
             while True:
@@ -311,10 +439,11 @@ class Archiver:
                     sweep_at = time.monotonic() + self.settings.pending_retry_s
         finally:
             # What was read but not committed is not acknowledged: the broker redelivers.
-            publisher, self._publisher = self._publisher, None
-            if publisher is not None:
-                publisher.cancel()
-                await asyncio.gather(publisher, return_exceptions=True)
+            tasks = [t for t in (self._publisher, self._watcher) if t is not None]
+            self._publisher = self._watcher = None
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             await client.close()
 
     async def _collect(self, client: MqttClient, sweep_at: float) -> list[Publish]:
@@ -336,7 +465,102 @@ class Archiver:
                 break
             batch += client.take(limit - len(batch))
         self._last_batch = len(batch)
+        self._backlog = len(batch) >= limit
         return batch
+
+    # -- routing canaries (gateway._routing) -------------------------------------------
+
+    async def _canary_codec(self) -> Canary:
+        if self._canary is None:
+            key = await self.store.secret(CANARY_SECRET, os.urandom(32))
+            self._canary = Canary(key)
+        return self._canary
+
+    async def _watch_routing(self, client: MqttClient) -> None:
+        """Send a canary now and every ``canary_interval_s``; when one does not come
+        back in time, count it, log the first of a run, subscribe to the envelopes
+        again and send the next at once; after ``_CANARY_RECONNECT_AFTER`` in a row,
+        reconnect."""
+        interval = self.settings.canary_interval_s
+        if interval <= 0:
+            return
+        shared = self._subscriptions()[-1:]  # the envelopes' filter (no retained messages)
+        while True:
+            try:
+                seen = await self._send_canary(client)
+            except FieldchatError as exc:  # the database: try again at the next round
+                log.warning("routing canary not checked: %s", exc)
+                seen = None
+            if seen is False:
+                self._canary_failures += 1
+                self.metrics.canary_failures.inc()
+                if self._canary_failures == 1:
+                    log.warning(
+                        "routing canary not back within %.1f s: the broker may have dropped "
+                        "the subscription to %s; subscribing again",
+                        self.settings.canary_timeout_s,
+                        shared[0][0],
+                    )
+                if self._canary_failures % _CANARY_RECONNECT_AFTER == 0:
+                    log.warning("routing canary still lost: reconnecting")
+                    await client.close()  # the archive loop sees it and reconnects
+                    return
+                try:
+                    await client.subscribe(shared)
+                except TransportError as exc:
+                    log.warning("subscribing again failed (%s): reconnecting", exc)
+                    await client.close()
+                    return
+                continue
+            if seen and self._canary_failures:
+                log.info("routing canary back after %d failures", self._canary_failures)
+                self._canary_failures = 0
+            await asyncio.sleep(interval)
+
+    async def _send_canary(self, client: MqttClient) -> bool | None:
+        """Publish a canary and wait for some gateway to receive it: True, False (not in
+        time), None (it could not be published: the session is ending)."""
+        canary = await self._canary_codec()
+        timeout = self.settings.canary_timeout_s
+        nonce, payload = canary.make()
+        arrived = self._canary_waiting[nonce] = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        deadline, latest = start + timeout, start + timeout * _CANARY_BACKLOG_FACTOR
+        try:
+            try:
+                await client.publish(self._canary_topic, payload, timeout=timeout)
+            except TransportError:
+                return None
+            while not (arrived.is_set() or await self.store.canary_seen(nonce)):
+                now = loop.time()
+                if now >= deadline:
+                    if not (self._backlog and now < latest):
+                        return False
+                    deadline = now + timeout  # draining a queue: the canary is in it
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(arrived.wait(), min(_CANARY_POLL_S, deadline - now))
+            self.metrics.canary_seconds.observe(loop.time() - start)
+            return True
+        finally:
+            del self._canary_waiting[nonce]
+
+    async def _take_canaries(self, batch: Sequence[Publish]) -> list[Publish]:
+        """Handle the canaries of a batch (never archived); the rest of it."""
+        canary = await self._canary_codec()
+        rest: list[Publish] = []
+        for m in batch:
+            if m.topic != self._canary_topic:
+                rest.append(m)
+                continue
+            nonce = canary.nonce_of(m.payload)
+            if nonce is None:
+                self._reject("canary")
+            elif nonce in self._canary_waiting:
+                self._canary_waiting[nonce].set()  # our own: no database needed
+            else:
+                await self.store.record_canary(nonce, time.time())  # another replica's
+        return rest
 
     # -- processing --------------------------------------------------------------------
 
@@ -371,6 +595,9 @@ class Archiver:
         return [p for ps in parsed if ps is not None for p in ps]
 
     async def _process(self, batch: Sequence[Publish]) -> None:
+        canary = self._canary_topic
+        if any(m.topic == canary for m in batch):  # ≈ 40 ns a message
+            batch = await self._take_canaries(batch)
         now = time.time()
         parsed = await self._classify(batch, now)
         out = ArchiveBatch()
@@ -701,8 +928,10 @@ class Archiver:
         *,
         fresh: bool,
         expire_before: float | None = None,
+        sink: _Sink | None = None,
     ) -> None:
-        """Sort envelopes into archive, pending (fresh ones only) or rejected.
+        """Sort envelopes into archive, pending (fresh ones only) or rejected (told to
+        ``sink`` when given: an upload's answer).
 
         An unsigned envelope the policy allows is archived as a *candidate* of its key:
         the gateway cannot tell a member's junk from the sender's envelope, so it keeps
@@ -722,11 +951,11 @@ class Archiver:
                 try:
                     sender_pid = roster.member_at(env.sender).pid
                 except NotAMember:
-                    self._settle(item, out, "not_member")
+                    self._settle(item, out, "not_member", sink)
                     continue
                 if env.signature is None:
                     if roster.policy.must_sign(env.step):
-                        self._settle(item, out, "unsigned")
+                        self._settle(item, out, "unsigned", sink)
                     else:
                         self._archive(item, sender_pid, out)
                     continue
@@ -737,13 +966,16 @@ class Archiver:
                     continue
             # roster or bundle missing: keep it
             if expire_before is not None and item.received_at < expire_before:
-                self._settle(item, out, "unverifiable")
+                self._settle(item, out, "unverifiable", sink)
             elif fresh:
                 refused = await self._pending_quota(item, out, pending_of)
                 if refused is not None:
+                    if sink is not None:
+                        sink.refused.append((item.index or 0, refused))
                     self.refusals.refuse(
                         refused,
                         f"a pending envelope of {item.cid} epoch {env.epoch} sender {env.sender}",
+                        source=sink.source if sink is not None else "mqtt",
                     )
                 else:
                     out.pending.append(
@@ -772,7 +1004,7 @@ class Archiver:
             if reason is None:
                 self._archive(item, sender_pid, out)
             else:
-                self._settle(item, out, reason)
+                self._settle(item, out, reason, sink)
 
     async def _pending_quota(
         self, item: _Work, out: ArchiveBatch, pending_of: dict[str, Counter[tuple[int, int]]]
@@ -816,14 +1048,20 @@ class Archiver:
         if item.pending_id is not None:
             out.resolved.append(item.pending_id)
 
-    def _settle(self, item: _Work, out: ArchiveBatch, reason: str) -> None:
-        self._reject(reason)
+    def _settle(
+        self, item: _Work, out: ArchiveBatch, reason: str, sink: _Sink | None = None
+    ) -> None:
+        if sink is None:
+            self._reject(reason)
+        else:
+            self._reject(reason, sink.source)
+            sink.refused.append((item.index or 0, reason))
         if item.pending_id is not None:
             out.resolved.append(item.pending_id)
 
-    async def _commit(self, out: ArchiveBatch) -> None:
+    async def _commit(self, out: ArchiveBatch) -> ArchiveResult | None:
         if not out:
-            return
+            return None
         result = await self.store.commit(out)
         done = time.time()
         if self.tracer is not None:
@@ -850,6 +1088,7 @@ class Archiver:
         m.pending.set(self._pending_count)
         if result.max_seq is not None or result.grants:
             self.listener.committed(result.max_seq, result.grants)
+        return result
 
     async def _retry_pending(self, *, cids: set[str], pids: set[str]) -> None:
         if self._pending_count == 0:
@@ -889,10 +1128,30 @@ class _Work:
     data: bytes
     received_at: float
     pending_id: int | None = None
+    index: int | None = None  # its position in an upload (``Archiver.upload``)
 
     @classmethod
     def from_pending(cls, row: PendingEnvelope) -> _Work:
         return cls(row.cid, Envelope.from_bytes(row.data), row.data, row.received_at, row.id)
+
+
+@dataclass(frozen=True, slots=True)
+class Uploaded:
+    """What ``Archiver.upload`` did: new rows, rows already archived, envelopes stored
+    as pending (their sender's bundle is missing), and ``(index, reason)`` refusals."""
+
+    archived: int
+    duplicates: int
+    pending: int
+    refused: list[tuple[int, str]]
+
+
+@dataclass(frozen=True, slots=True)
+class _Sink:
+    """Where ``_resolve`` tells an upload's refusals, and the metrics source to count."""
+
+    source: str
+    refused: list[tuple[int, str]]
 
 
 @dataclass(slots=True)

@@ -84,6 +84,23 @@ class Metrics:
             "1 while the archiver is connected to the broker.",
             registry=r,
         )
+        self.mqtt_connects = Counter(
+            "fieldchat_gateway_mqtt_connects",
+            "Connections the archiver made to the broker (each one subscribes again).",
+            registry=r,
+        )
+        self.canary_failures = Counter(
+            "fieldchat_gateway_canary_failures",
+            "Routing canaries that did not come back through the shared subscription in "
+            "time (the archiver then subscribed again).",
+            registry=r,
+        )
+        self.canary_seconds = Histogram(
+            "fieldchat_gateway_canary_seconds",
+            "Round trip of the routing canaries that came back.",
+            buckets=_LAG_BUCKETS,
+            registry=r,
+        )
         self.http_latency = Histogram(
             "fieldchat_gateway_http_request_seconds",
             "HTTP request latency.",

@@ -37,6 +37,7 @@ __all__ = [
     "SIGNED_DIGEST",
     "accounts",
     "bundles",
+    "canaries",
     "candidate_digest",
     "claim_challenges",
     "conv_heads",
@@ -218,6 +219,15 @@ request_nonces = Table(
     Column("expires_at", Float, nullable=False, index=True),
 )
 
+# Routing canaries (gateway._routing): the gateway that receives one through the
+# shared subscription notes it here, and the one that sent it looks. Rows live minutes.
+canaries = Table(
+    "canaries",
+    metadata,
+    Column("nonce", LargeBinary, primary_key=True),
+    Column("seen_at", Float, nullable=False, index=True),
+)
+
 # Keys every gateway on this database shares (the device-cookie MAC key), made once.
 gateway_secrets = Table(
     "gateway_secrets",
@@ -337,10 +347,16 @@ def _v3_envelopes_sqlite(conn: Connection) -> None:
         )
 
 
+def _v4_canaries(conn: Connection) -> None:
+    """The table of routing canaries (issue 14); ``_v1_initial`` made it on a fresh database."""
+    canaries.create(conn, checkfirst=True)
+
+
 # (version, what it does, step). Each runs in its own transaction with the version bump.
 # Version 2 belongs to the account tables (issue 13, another branch); 3 runs after it.
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "initial tables", _v1_initial),
     (2, "proof of possession: verified participants, claim challenges, request nonces", _v2_claims),
     (3, "unsigned envelope candidates, roster signers, held rosters", _v3_candidates),
+    (4, "routing canaries", _v4_canaries),
 ]

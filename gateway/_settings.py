@@ -112,6 +112,14 @@ class GatewaySettings(BaseSettings):
     # us; it bounds our in-memory queue because we acknowledge only after the commit.
     receive_maximum: Annotated[int, Field(ge=1, le=65535)] = 4096
 
+    # Routing canaries (gateway._routing; docs/gateway.md "Routing"): one at each
+    # connection, then every canary_interval_s (0: none), and a failure when it is not
+    # back within canary_timeout_s. A canary crosses the broker and a commit in
+    # milliseconds; 5 s leaves room for a slow commit on a busy machine, and a lost
+    # subscription is found within 35 s for a 32-byte publish and a row every 30 s.
+    canary_interval_s: Annotated[float, Field(ge=0)] = 30.0
+    canary_timeout_s: Annotated[float, Field(gt=0, le=300)] = 5.0
+
     batch_max: Annotated[int, Field(ge=1, le=10_000)] = 1000
     batch_wait_s: Annotated[float, Field(ge=0, le=5)] = 0.02
     verify_workers: Annotated[int, Field(ge=1, le=64)] = 2

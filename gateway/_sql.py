@@ -23,7 +23,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcon
 from typing import Any
 from urllib.parse import urlsplit
 
-from sqlalchemy import Select, and_, delete, event, func, select, text, update
+from sqlalchemy import Select, and_, case, delete, event, func, select, text, update
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
@@ -35,6 +35,7 @@ from gateway._schema import (
     SIGNED_DIGEST,
     accounts,
     bundles,
+    canaries,
     candidate_digest,
     claim_challenges,
     conv_heads,
@@ -54,6 +55,8 @@ from gateway._store import (
     Account,
     ArchiveBatch,
     ArchiveResult,
+    ChainSteps,
+    EnvelopeKey,
     HeldRoster,
     NewEnvelope,
     PendingEnvelope,
@@ -69,6 +72,7 @@ __all__ = ["PostgresStore", "SqlStore", "SqliteStore", "open_store"]
 _ARCHIVE_LOCK = 0x66_63_61_72  # "fcar": pg_advisory_xact_lock key of archive commits
 _MIGRATE_LOCK = 0x66_63_6D_67  # "fcmg": gateways starting together migrate once
 _MEMBER_CACHE_MAX = 100_000
+_CANARY_KEEP_S = 600.0  # a canary is looked for seconds after it was noted; keep 10 min
 # The unique index is the key and ``digest``: empty for a signed envelope (one per
 # key), the candidate digest of an unsigned one (gateway/_schema.py, ``envelopes``).
 _INSERT_ENVELOPE = (
@@ -85,6 +89,10 @@ _HISTORY_AFTER = _HISTORY_COLUMNS + " WHERE cid = ? AND seq > ? ORDER BY seq LIM
 _HISTORY_BEFORE = _HISTORY_COLUMNS + " WHERE cid = ? AND seq < ? ORDER BY seq DESC LIMIT ?"
 _HISTORY_NEWEST = _HISTORY_COLUMNS + " WHERE cid = ? ORDER BY seq DESC LIMIT ?"
 _SINCE = _HISTORY_COLUMNS + " WHERE seq > ? ORDER BY seq LIMIT ?"
+_HISTORY_KEYS = (
+    "SELECT seq, epoch, sender, chain, step FROM envelopes WHERE cid = ? AND seq > ?"
+    " ORDER BY seq LIMIT ?"
+)
 _ENVELOPE_COLUMNS = (
     envelopes.c.seq,
     envelopes.c.cid,
@@ -514,8 +522,74 @@ class SqlStore:
             stmt = stmt.where(envelopes.c.cid.in_(list(cids)))
         return [_envelope(r) for r in await self._rows(stmt, "reading new envelopes")]
 
+    async def history_keys(self, cid: str, *, after: int, limit: int) -> list[EnvelopeKey]:
+        stmt = (
+            select(
+                envelopes.c.seq,
+                envelopes.c.epoch,
+                envelopes.c.sender,
+                envelopes.c.chain,
+                envelopes.c.step,
+            )
+            .where(envelopes.c.cid == cid, envelopes.c.seq > after)
+            .order_by(envelopes.c.seq)
+            .limit(limit)
+        )
+        return [EnvelopeKey(*r) for r in await self._rows(stmt, "reading history")]
+
+    async def history_rows(self, cid: str, seqs: Collection[int]) -> list[StoredEnvelope]:
+        if not seqs:
+            return []
+        stmt = (
+            select(*_ENVELOPE_COLUMNS)
+            .where(envelopes.c.cid == cid, envelopes.c.seq.in_(list(seqs)))
+            .order_by(envelopes.c.seq)
+        )
+        return [_envelope(r) for r in await self._rows(stmt, "reading history")]
+
+    async def archived_digests(
+        self, cid: str, chains: Sequence[ChainSteps]
+    ) -> set[tuple[int, int, int, int, bytes]]:
+        # A signed row's digest column is empty (one per key): hash its bytes here. An
+        # unsigned row's column is already candidate_digest(data), the same function.
+        signed_data = case((envelopes.c.digest == SIGNED_DIGEST, envelopes.c.data), else_=None)
+        found: set[tuple[int, int, int, int, bytes]] = set()
+        async with _mapped("checking the archive"), self.engine.connect() as conn:
+            for epoch, sender, chain, steps in chains:
+                if not steps:
+                    continue
+                rows = await conn.execute(
+                    select(envelopes.c.step, envelopes.c.digest, signed_data.label("data")).where(
+                        envelopes.c.cid == cid,
+                        envelopes.c.epoch == epoch,
+                        envelopes.c.sender == sender,
+                        envelopes.c.chain == chain,
+                        envelopes.c.step.in_(list(steps)),
+                    )
+                )
+                for r in rows:
+                    digest = bytes(r.digest) or candidate_digest(bytes(r.data))
+                    found.add((epoch, sender, chain, int(r.step), digest))
+        return found
+
     async def max_seq(self) -> int:
         return int(await self._scalar(select(func.max(envelopes.c.seq)), "reading seq") or 0)
+
+    async def record_canary(self, nonce: bytes, seen_at: float) -> None:
+        async with _mapped("noting a canary"), self._write_lock(), self.engine.begin() as conn:
+            await conn.execute(
+                delete(canaries).where(canaries.c.seen_at < seen_at - _CANARY_KEEP_S)
+            )
+            await conn.execute(
+                self.dialect_insert(canaries).on_conflict_do_nothing(),
+                {"nonce": nonce, "seen_at": seen_at},
+            )
+
+    async def canary_seen(self, nonce: bytes) -> bool:
+        found = await self._scalar(
+            select(canaries.c.seen_at).where(canaries.c.nonce == nonce), "looking for a canary"
+        )
+        return found is not None
 
     async def epoch_start(self, cid: str, epoch: int) -> int:
         first = await self._scalar(
@@ -869,6 +943,19 @@ class SqliteStore(SqlStore):
         else:
             sql, params = _HISTORY_NEWEST, (cid, limit)
         return [StoredEnvelope(*row) for row in self._read(sql, params, "reading history")]
+
+    async def history_keys(self, cid: str, *, after: int, limit: int) -> list[EnvelopeKey]:
+        rows = self._read(_HISTORY_KEYS, (cid, after, limit), "reading history")
+        return [EnvelopeKey(*row) for row in rows]
+
+    async def history_rows(self, cid: str, seqs: Collection[int]) -> list[StoredEnvelope]:
+        wanted = list(seqs)
+        if not wanted:
+            return []
+        marks = ",".join("?" * len(wanted))  # placeholders only: values are bound
+        sql = f"{_HISTORY_COLUMNS} WHERE cid = ? AND seq IN ({marks}) ORDER BY seq"
+        rows = self._read(sql, (cid, *wanted), "reading history")
+        return [StoredEnvelope(*row) for row in rows]
 
     async def since(
         self, after: int, *, cids: Collection[str] | None = None, limit: int = 1000

@@ -18,13 +18,15 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 __all__ = [
     "Account",
     "AccountStore",
     "ArchiveBatch",
     "ArchiveResult",
+    "ChainSteps",
+    "EnvelopeKey",
     "GatewayStore",
     "GrantRecord",
     "HeldRoster",
@@ -32,6 +34,7 @@ __all__ = [
     "NewEnvelope",
     "PendingEnvelope",
     "RosterRecord",
+    "SecretStore",
     "StoredEnvelope",
     "StoredGrant",
 ]
@@ -67,6 +70,26 @@ class StoredEnvelope:
     chain: int
     step: int
     data: bytes
+
+
+class EnvelopeKey(NamedTuple):
+    """An archived envelope's cursor and key, without its bytes (what a tail that skips
+    the steps its caller holds scans first)."""
+
+    seq: int
+    epoch: int
+    sender: int
+    chain: int
+    step: int
+
+
+class ChainSteps(NamedTuple):
+    """Steps of one sending chain: ``(epoch, sender index, chain)`` and step numbers."""
+
+    epoch: int
+    sender: int
+    chain: int
+    steps: Collection[int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,7 +207,15 @@ class Account:
     unverified: tuple[str, ...] = ()
 
 
-class HistoryStore(Protocol):
+class SecretStore(Protocol):
+    """Keys every gateway on one database shares, each made once."""
+
+    async def secret(self, name: str, candidate: bytes) -> bytes:
+        """The shared secret ``name``, set to ``candidate`` by whoever asks first."""
+        ...
+
+
+class HistoryStore(SecretStore, Protocol):
     """The encrypted history. Every method may raise :class:`~schemas.TransportError`
     (database unreachable); nothing here decrypts or sees keys."""
 
@@ -252,6 +283,22 @@ class HistoryStore(Protocol):
         """Envelopes with ``seq > after`` in seq order, optionally of some conversations."""
         ...
 
+    async def history_keys(self, cid: str, *, after: int, limit: int) -> list[EnvelopeKey]:
+        """The keys of ``cid``'s envelopes with ``seq > after``, oldest first, no bytes."""
+        ...
+
+    async def history_rows(self, cid: str, seqs: Collection[int]) -> list[StoredEnvelope]:
+        """The envelopes of ``cid`` with these ``seq``, oldest first."""
+        ...
+
+    async def archived_digests(
+        self, cid: str, chains: Sequence[ChainSteps]
+    ) -> set[tuple[int, int, int, int, bytes]]:
+        """``(epoch, sender, chain, step, digest)`` of every archived envelope of these
+        steps, ``digest`` the first 16 bytes of the SHA-256 of its bytes (each unsigned
+        candidate of a key is its own entry)."""
+        ...
+
     async def epoch_start(self, cid: str, epoch: int) -> int:
         """The cursor just before the first envelope of ``cid`` of ``epoch`` or later;
         after its last envelope when it has none of those (0 when it has none at all)."""
@@ -273,8 +320,17 @@ class HistoryStore(Protocol):
         """True when any archived roster of ``cid`` lists one of ``pids``."""
         ...
 
+    async def record_canary(self, nonce: bytes, seen_at: float) -> None:
+        """Note that a routing canary arrived (any gateway may have sent it); forget
+        those noted long ago."""
+        ...
 
-class AccountStore(Protocol):
+    async def canary_seen(self, nonce: bytes) -> bool:
+        """True once some gateway on this database noted the canary ``nonce``."""
+        ...
+
+
+class AccountStore(SecretStore, Protocol):
     """Web accounts. Passwords arrive already hashed; session tokens as their SHA-256."""
 
     async def create_account(self, username: str, password_hash: str, *, is_admin: bool) -> int:
@@ -316,10 +372,6 @@ class AccountStore(Protocol):
 
     async def purge_nonces(self, now: float) -> int:
         """Delete nonces expired at ``now``; return how many."""
-        ...
-
-    async def secret(self, name: str, candidate: bytes) -> bytes:
-        """The shared secret ``name``, set to ``candidate`` by whoever asks first."""
         ...
 
     async def create_session(

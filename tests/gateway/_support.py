@@ -71,15 +71,23 @@ async def eventually(predicate: Any, what: str, timeout: float = DEADLINE_S) -> 
 
 
 class Mosquitto:
-    def __init__(self, workdir: Path) -> None:
+    """Mosquitto on an ephemeral port; ``persistence``: sessions and queues survive a
+    restart (saved at a clean stop and every second), as in production."""
+
+    def __init__(self, workdir: Path, *, persistence: bool = False) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         self.dir = workdir
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
+        saved = (
+            f"persistence true\npersistence_location {workdir}/\nautosave_interval 1\n"
+            if persistence
+            else "persistence false\n"
+        )
         (workdir / "mosquitto.conf").write_text(
             f"listener {self.port} 127.0.0.1\n"
             "allow_anonymous true\n"
-            "persistence false\n"
+            f"{saved}"
             # The archiver acknowledges after its commit: let the broker queue for it.
             "max_queued_messages 1000000\n"
             "max_inflight_messages 0\n"
@@ -109,9 +117,10 @@ class Mosquitto:
             time.sleep(0.05)
         raise RuntimeError("mosquitto did not start")
 
-    def stop(self) -> None:
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """Stop it: SIGTERM is a clean stop (state saved), SIGKILL a crash."""
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
+            self.proc.send_signal(sig)
             try:
                 self.proc.wait(5)
             except subprocess.TimeoutExpired:
