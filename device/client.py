@@ -51,6 +51,14 @@ from device.events import (
     Removed,
 )
 from device.link import Connection, Link, Will
+from device.repair import (
+    ASK_FRACTIONS,
+    MAX_REPAIR_PER_REQUEST,
+    ChainKey,
+    GapAsks,
+    Repairs,
+    lacking,
+)
 from device.state import DeviceState, Gap, OutboxRow, ReceivedRow, SentRow
 from schemas import (
     Control,
@@ -318,6 +326,11 @@ class Device:
         self._receipts: dict[tuple[str, ReceiptType], set[tuple[int, int, int, int]]] = defaultdict(
             set
         )
+        # Gap requests (PROTOCOL.md §4.1): which held chains to ask for their missing
+        # steps and when; which steps others asked us for to publish again. Made again
+        # in start(): the reorder window is read from the options then.
+        self._asks = GapAsks(self.options.reorder_window_s)
+        self._repairs = Repairs(self.options.reorder_window_s * ASK_FRACTIONS[1])
         self._next_receipts = 0.0
         self._resend: tuple[float, float] | None = None  # (due, published before)
         # (cid, member whose grant arrived) -> when to resend what it has not receipted.
@@ -380,6 +393,11 @@ class Device:
             return self
         self.state.lock()
         self.state.checkpoint_in_background()
+        self._asks = GapAsks(self.options.reorder_window_s)
+        self._repairs = Repairs(self.options.reorder_window_s * ASK_FRACTIONS[1])
+        now = self._clock()
+        for key in self._waiting:  # what a previous run held is asked for at once
+            self._lacking(key, now)
         self._worker = threading.Thread(target=self._work, name="fieldchat-device", daemon=True)
         self._worker.start()
         protocol = self.state.get_meta("protocol") if self.broker.protocol == "auto" else None
@@ -626,10 +644,9 @@ class Device:
         with self.state.transaction() as db:
             if roster.is_admin(self.pid) and len(roster.pids) > 1:
                 pubs = self.engine.remove_members(cid, [self.pid])
+                self._queue_publications(db, pubs, cid)
             else:
-                envelope = self.engine.leave(cid)
-                pubs = [Publication(self.topics.msg(cid), envelope)]
-            self._queue_publications(db, pubs, cid)
+                self._queue_own(db, cid, self.engine.leave(cid), "msg")
         self._wake()
 
     def conversations(self) -> list[ConversationInfo]:
@@ -1007,11 +1024,22 @@ class Device:
         if self.engine.authentic(cid, payload) is False:
             self.counters["rejected_auth"] += 1
             return True
-        until = self._clock() + self.options.reorder_window_s
+        now = self._clock()
+        until = now + self.options.reorder_window_s
         row, dropped = self.state.hold(db, cid, payload, until)
         self._dropped(dropped)
         self._waiting[key].setdefault(step, []).append((row, until))
+        self._lacking(key, now)
         return True
+
+    def _lacking(self, key: ChainKey, now: float) -> None:
+        """``key`` holds envelopes behind missing steps: ask its sender for them at
+        once (a MISSING receipt, on the next tick) and, with a history source, the
+        archive too (a tail round)."""
+        missing = lacking(self._high_of(key), self._waiting.get(key, {}))
+        if missing and self._asks.lacking(key, missing[-1][1], now) and self.history is not None:
+            self.counters["gaps_asked_history"] += 1
+            self._tail_soon()
 
     def _high_of(self, key: tuple[str, int, int, int]) -> int | None:
         """The highest step shown of a sender chain; before the first, the step before
@@ -1032,6 +1060,7 @@ class Device:
             for key, steps in list(self._waiting.items()):
                 if not steps:
                     del self._waiting[key]
+                    self._asks.settled(key)
                     continue
                 first = min(steps)
                 until = min(at for _, at in steps[first])
@@ -1188,6 +1217,20 @@ class Device:
             self.state.add_gap(db, gap)
             self._high[key] = step
             self.counters["gaps"] += 1
+            # Shown past the missing steps: they did not come within the reorder window
+            # (the sender did not answer our asks, the archive lacked them). If they
+            # come later they are shown late, out of this sender's order.
+            self.counters["reorder_gave_up"] += 1
+            log.warning(
+                "gave up waiting for steps %d..%d of %s in %s after %g s (reorder_window_s, "
+                "%d asks): later messages shown, these will show late if they come",
+                gap.first,
+                gap.last,
+                gap.sender,
+                gap.cid,
+                self.options.reorder_window_s,
+                self._asks.asks(key),
+            )
             batch.events.append(
                 GapDetected(gap.cid, gap.sender, gap.epoch, gap.chain, gap.first, gap.last)
             )
@@ -1199,6 +1242,9 @@ class Device:
     def _on_receipt(
         self, db: sqlite3.Connection, opened: Opened, receipt: Receipt, batch: _Batch
     ) -> None:
+        if receipt.type is ReceiptType.MISSING:
+            self._on_missing(db, opened, receipt)
+            return
         steps = 0
         mine: dict[tuple[int, int], bool] = {}
         for r in receipt.ranges:
@@ -1222,6 +1268,29 @@ class Device:
             batch.events.append(
                 ReceiptReceived(opened.cid, opened.sender, receipt.type.name.lower(), steps)
             )
+
+    def _on_missing(self, db: sqlite3.Connection, opened: Opened, receipt: Receipt) -> None:
+        """A member lacks steps (a gap request, PROTOCOL.md §4.1): publish again at
+        once those of ours we still keep, within the bounds of :class:`Repairs`."""
+        self.counters["gap_requests_received"] += 1
+        found: list[tuple[tuple[str, int, int, int, int], str, bytes]] = []
+        for r in receipt.ranges:  # only our own envelopes are kept: others' steps find none
+            left = MAX_REPAIR_PER_REQUEST - len(found)
+            if left <= 0:
+                break
+            for step, topic, payload in self.state.own_envelopes(
+                opened.cid, (r.epoch, r.sender, r.chain), r.first, r.last, left
+            ):
+                found.append(((opened.cid, r.epoch, r.sender, r.chain, step), topic, payload))
+        if not found:
+            return
+        allowed = set(self._repairs.allow([key for key, _, _ in found], self._clock()))
+        again = [(key, topic, payload) for key, topic, payload in found if key in allowed]
+        for key, topic, payload in again:
+            self.state.add_outbox(db, topic, payload, cid=key[0], what="msg")
+        self.counters["repaired"] += len(again)
+        if again:
+            log.info("published %d envelopes again that %s lacked", len(again), opened.sender)
 
     def _on_leave(self, db: sqlite3.Connection, opened: Opened) -> None:
         roster = self.engine.roster(opened.cid)
@@ -1434,6 +1503,8 @@ class Device:
                 self._pump()
         if self._grant_resends:
             self._resend_to_granters(now)
+        if len(self._asks) and self._conn is not None:
+            self._ask_gaps(now)
         if self._resend is not None and now >= self._resend[0] and self._conn is not None:
             _, before = self._resend
             self._resend = None
@@ -1473,11 +1544,44 @@ class Device:
                 ranges = _ranges(keys)
                 for i in range(0, len(ranges), MAX_RECEIPT_RANGES):
                     receipt = Receipt(type=rtype, ranges=tuple(ranges[i : i + MAX_RECEIPT_RANGES]))
-                    envelope = self.engine.seal(cid, receipt)
-                    self.state.add_outbox(
-                        db, self.topics.msg(cid), envelope, cid=cid, what="receipt"
-                    )
+                    self._queue_own(db, cid, self.engine.seal(cid, receipt), "receipt")
                     self.counters["receipts_sent"] += 1
+
+    def _ask_gaps(self, now: float) -> None:
+        """Ask the senders of held chains whose ask is due for the steps they lack: one
+        MISSING receipt per conversation (PROTOCOL.md §4.1), published at once."""
+        wanted: dict[str, list[ReceiptRange]] = defaultdict(list)
+        for key in self._asks.due(now):
+            missing = lacking(self._high_of(key), self._waiting.get(key, {}))
+            if not missing:
+                self._asks.settled(key)
+                continue
+            cid, epoch, index, chain = key
+            wanted[cid] += [
+                ReceiptRange(epoch=epoch, sender=index, chain=chain, first=first, last=last)
+                for first, last in missing
+            ]
+        if not wanted:
+            return
+        with self.state.transaction(durable=False, sync_outbox=False) as db:
+            for cid, ranges in wanted.items():
+                if not self.engine.is_member(cid):
+                    continue
+                # Lowest steps first; what does not fit is asked for in a later ask.
+                receipt = Receipt(
+                    type=ReceiptType.MISSING, ranges=tuple(ranges[:MAX_RECEIPT_RANGES])
+                )
+                self._queue_own(db, cid, self.engine.seal(cid, receipt), "receipt")
+                self.counters["gap_requests_sent"] += 1
+        self._pump()
+
+    def _queue_own(self, db: sqlite3.Connection, cid: str, envelope: bytes, what: str) -> None:
+        """An own receipt or control: into the outbox, and kept a while for gap
+        requests (texts are kept in ``sent``)."""
+        topic = self.topics.msg(cid)
+        seq = self.state.add_outbox(db, topic, envelope, cid=cid, what=what)
+        _, _, epoch, index, chain, step, _ = read_header(envelope)
+        self.state.add_kept(db, cid, (epoch, index, chain, step), topic, envelope, seq)
 
     def _resend_unconfirmed(self, before: float) -> None:
         """Publish again own messages some current member has not receipted."""
@@ -1511,6 +1615,7 @@ class Device:
         stale = [g for g in self.state.gaps() if g.since < now - self.options.gap_timeout_s]
         with self.state.transaction(durable=False) as db:  # redone next time if lost
             self.state.forget_payloads(db, [row[0] for row in old])
+            self.state.prune_kept(db, now - self.options.resend_window_s)
             for gap in stale:
                 self.state.drop_gap(db, gap)
         for gap in stale:

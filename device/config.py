@@ -84,11 +84,19 @@ class LinkOptions(_Frozen):
     ``receipt_interval_s``: delivered/read receipts are batched this long.
     ``resend_after_s``: after a reconnect, own messages published before it that
     some member has not receipted are published again this much later (the broker
-    may have lost them: Mosquitto's snapshot, aMQTT's in-flight QoS 1).
+    may have lost them: Mosquitto's snapshot, aMQTT's in-flight QoS 1). A loss that a
+    later envelope of ours reveals is asked for at once (a MISSING receipt); this
+    covers the last ones of a burst, which nothing reveals, and nothing is shown
+    after those to be out of order with them: waiting lets the receipts of what did
+    arrive come back first, so those are not sent twice.
     ``resend_window_s``: only messages this recent are resent that way; older ones
     are left to the gateway's history.
     ``reorder_window_s``: a message that overtook a missing one of the same sender
-    waits this long for it before it is shown (and the gap recorded).
+    waits this long for it before it is shown (and the gap recorded); meanwhile the
+    sender is asked for it four times (MISSING receipts at 0, ⅛, ⅜, ⅞ of it). A
+    repair takes a round trip to the sender and back: 3-5 ms on loopback, 2 RTT on a
+    slow link (BENCHMARKS.md ``gap_repair_ms``); 2 s holds a repair from the first
+    ask up to a 1 s round trip, from the third up to 0.6 s.
     ``window``: PUBLISH packets in flight (unacknowledged) at once.
     ``frame_envelopes``: at most this many queued envelopes of one conversation leave
     in one PUBLISH, a frame (PROTOCOL.md §3.4); 1 sends each alone, for a peer that
@@ -116,7 +124,9 @@ class LinkOptions(_Frozen):
 
     @classmethod
     def low_bandwidth(cls) -> LinkOptions:
-        """Slow-link tuning: rare pings, receipts batched for 30 s, no read receipts."""
+        """Slow-link tuning: rare pings, receipts batched for 30 s, no read receipts,
+        a 12 s reorder window (a repair within it from the first ask with round trips
+        up to 6 s, from the third up to 3.75 s: satellite and congested cellular)."""
         return cls(
             keepalive_s=600,
             connect_timeout_s=60.0,
@@ -125,6 +135,7 @@ class LinkOptions(_Frozen):
             receipt_interval_s=30.0,
             read_receipts=False,
             resend_after_s=60.0,
+            reorder_window_s=12.0,
             history_tail_s=900.0,
         )
 

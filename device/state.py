@@ -8,6 +8,8 @@ It holds the engine's key-store records (the same ``records`` table as
     sent      our own text messages (history; payload kept until every member receipted)
     received  messages of others, unique on the dedupe key (cid, epoch, sender, chain, step)
     receipts  delivered/read ranges other members sent us for our messages
+    kept      our own receipts and controls, kept a while to publish again when a
+              member asks for their steps (a MISSING receipt, PROTOCOL.md §4.1)
     held      envelopes whose grant or roster has not arrived yet (``until`` NULL), or
               that arrived ahead of a missing step and wait for it until ``until``
     gaps      missing step ranges per sender chain (to ask the gateway's history for)
@@ -61,9 +63,10 @@ from typing import IO, Any
 from device.keystore import SEND_CHAIN_PREFIX, create_private_file, write_records
 from schemas.errors import ConfigError, KeyStoreError
 
-__all__ = ["MAX_HELD", "DeviceState", "Gap", "OutboxRow", "ReceivedRow", "SentRow"]
+__all__ = ["MAX_HELD", "MAX_KEPT", "DeviceState", "Gap", "OutboxRow", "ReceivedRow", "SentRow"]
 
 MAX_HELD = 10_000  # envelopes held for a missing grant; past it the oldest are dropped (logged)
+MAX_KEPT = 10_000  # own receipts and controls kept for gap requests; past it the oldest go
 CHECKPOINT_INTERVAL_S = 0.2  # background WAL checkpoints (see checkpoint_in_background)
 # With background checkpoints, the committing thread checkpoints only past this many WAL
 # pages (SQLite's default is 1,000): a writer that never pauses still bounds the WAL.
@@ -83,6 +86,12 @@ CREATE TABLE IF NOT EXISTS sent (
     UNIQUE (cid, epoch, chain, step));
 CREATE INDEX IF NOT EXISTS sent_published ON sent (published_at) WHERE payload IS NOT NULL;
 CREATE INDEX IF NOT EXISTS sent_outbox ON sent (outbox_seq);
+CREATE TABLE IF NOT EXISTS kept (
+    cid TEXT NOT NULL, epoch INTEGER NOT NULL, sender_index INTEGER NOT NULL,
+    chain INTEGER NOT NULL, step INTEGER NOT NULL, topic TEXT NOT NULL, payload BLOB NOT NULL,
+    outbox_seq INTEGER NOT NULL, published_at REAL,
+    PRIMARY KEY (cid, epoch, chain, step));
+CREATE INDEX IF NOT EXISTS kept_outbox ON kept (outbox_seq);
 CREATE TABLE IF NOT EXISTS received (
     id INTEGER PRIMARY KEY AUTOINCREMENT, cid TEXT NOT NULL, epoch INTEGER NOT NULL,
     sender_index INTEGER NOT NULL, chain INTEGER NOT NULL, step INTEGER NOT NULL,
@@ -427,6 +436,59 @@ class DeviceState:
         assert cur.lastrowid is not None
         return cur.lastrowid
 
+    @staticmethod
+    def add_kept(
+        db: sqlite3.Connection,
+        cid: str,
+        header: tuple[int, int, int, int],
+        topic: str,
+        payload: bytes,
+        outbox_seq: int,
+    ) -> None:
+        """Keep an own receipt or control (``header``: epoch, sender index, chain,
+        step) for gap requests; texts are kept in ``sent``."""
+        epoch, sender_index, chain, step = header
+        db.execute(
+            "INSERT OR REPLACE INTO kept (cid, epoch, sender_index, chain, step, topic, payload,"
+            " outbox_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (cid, epoch, sender_index, chain, step, topic, payload, outbox_seq),
+        )
+
+    def own_envelopes(
+        self, cid: str, chain: tuple[int, int, int], first: int, last: int, limit: int
+    ) -> list[tuple[int, str, bytes]]:
+        """Own envelopes of ``chain`` (epoch, sender index, chain) with a step in
+        ``first..last`` that were published and are still kept (texts and the rest):
+        ``(step, topic, payload)``, lowest step first, at most ``limit``."""
+        epoch, sender_index, number = chain
+        where = (
+            "WHERE cid = ? AND epoch = ? AND sender_index = ? AND chain = ? AND step >= ? "
+            "AND step <= ? AND payload IS NOT NULL AND published_at IS NOT NULL"
+        )
+        args = (cid, epoch, sender_index, number, first, last)
+        rows = self._read(
+            f"SELECT step, topic, payload FROM sent {where} UNION ALL "  # noqa: S608 - constants
+            f"SELECT step, topic, payload FROM kept {where} ORDER BY step LIMIT ?",
+            (*args, *args, limit),
+        )
+        return [(int(step), str(topic), bytes(payload)) for step, topic, payload in rows]
+
+    @staticmethod
+    def prune_kept(db: sqlite3.Connection, published_before: float) -> int:
+        """Forget kept receipts and controls published before ``published_before``,
+        and the oldest beyond MAX_KEPT; how many went."""
+        gone = db.execute("DELETE FROM kept WHERE published_at < ?", (published_before,)).rowcount
+        (count,) = db.execute("SELECT COUNT(*) FROM kept").fetchone()
+        excess = int(count) - MAX_KEPT
+        if excess > 0:
+            db.execute(
+                "DELETE FROM kept WHERE rowid IN (SELECT rowid FROM kept ORDER BY outbox_seq "
+                "LIMIT ?)",
+                (excess,),
+            )
+            gone += excess
+        return int(gone)
+
     def outbox_from(self, seq: int, limit: int) -> list[OutboxRow]:
         """Rows with ``seq`` at least ``seq``, oldest first."""
         rows = self._read(
@@ -448,10 +510,12 @@ class DeviceState:
     def acknowledged(db: sqlite3.Connection, seqs: Sequence[int], at: float) -> None:
         """The broker acknowledged these outbox rows: drop them, date the sent rows."""
         db.executemany("DELETE FROM outbox WHERE seq = ?", [(s,) for s in seqs])
-        db.executemany(
-            "UPDATE sent SET published_at = ? WHERE outbox_seq = ? AND published_at IS NULL",
-            [(at, s) for s in seqs],
-        )
+        for table in ("sent", "kept"):
+            db.executemany(
+                f"UPDATE {table} SET published_at = ? "  # noqa: S608 - a constant
+                "WHERE outbox_seq = ? AND published_at IS NULL",
+                [(at, s) for s in seqs],
+            )
 
     def sent(self, cid: str | None = None, *, limit: int = 1_000_000) -> list[SentRow]:
         rows = self._read(
