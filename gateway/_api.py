@@ -27,6 +27,18 @@ from gateway._accounts import (
 )
 from gateway._auth import Caller, claim_message, request_origin
 from gateway._errors import ClaimRefused, Forbidden, TooManyRequests
+from gateway._reconcile import (
+    HAVE_MAX,
+    HAVE_SCAN_FACTOR,
+    CheckIn,
+    UploadIn,
+    body_digest,
+    check_chains,
+    decode_envelopes,
+    missing_steps,
+    parse_have,
+    skip_held,
+)
 from gateway._state import Gateway
 from gateway._store import StoredEnvelope
 from schemas import Bundle
@@ -100,6 +112,25 @@ class EnvelopePage(_Out):
     more: bool = Field(description="True when a full page was returned: ask again.")
     next_before: int | None = Field(description="Cursor for the next older page.")
     next_after: int | None = Field(description="Cursor for the next newer page.")
+
+
+class CheckOut(_Out):
+    missing: list[tuple[int, int, int, int]] = Field(
+        description="`[epoch, sender, chain, step]` the archive holds no envelope of with "
+        "exactly the digest named: upload them."
+    )
+
+
+class UploadOut(_Out):
+    archived: int = Field(description="Envelopes newly archived.")
+    duplicates: int = Field(description="Envelopes the archive held already.")
+    pending: int = Field(
+        description="Stored until the sender's bundle arrives (archived then, not lost)."
+    )
+    refused: list[tuple[int, str]] = Field(
+        description="`[index, reason]` of the envelopes refused, the reason a "
+        "`fieldchat_gateway_rejected_total` label."
+    )
 
 
 class RosterOut(_Out):
@@ -212,7 +243,13 @@ async def list_conversations(gw: GatewayDep, who: CallerDep) -> ConversationsOut
     return ConversationsOut(conversations={c: list(m) for c, m in found.items()})
 
 
-def _page(rows: list[StoredEnvelope], *, limit: int, after: int | None) -> Response:
+def _page(
+    rows: list[StoredEnvelope],
+    *,
+    limit: int,
+    after: int | None,
+    scanned: tuple[int, bool] | None = None,
+) -> Response:
     """An :class:`EnvelopePage` as JSON, written directly.
 
     The most frequent answer of the API: through pydantic each of up to 500 items
@@ -229,13 +266,16 @@ def _page(rows: list[StoredEnvelope], *, limit: int, after: int | None) -> Respo
     )
     nxt_before: int | None
     nxt_after: int | None
-    if after is not None:
+    more = len(rows) == limit
+    if scanned is not None:  # a tail that skipped rows: its cursor passed them
+        nxt_before, (nxt_after, more) = None, scanned
+    elif after is not None:
         nxt_before, nxt_after = None, (rows[-1].seq if rows else after)
     else:
         nxt_before = rows[-1].seq if rows else None
         nxt_after = rows[0].seq if rows else None
     tail = json.dumps(
-        {"more": len(rows) == limit, "next_before": nxt_before, "next_after": nxt_after},
+        {"more": more, "next_before": nxt_before, "next_after": nxt_after},
         separators=(",", ":"),
     )
     body = '{"items":[' + items + "]," + tail[1:]
@@ -259,6 +299,16 @@ async def history(
             "envelope (a member that joined at that epoch cannot open older ones).",
         ),
     ] = None,
+    have: Annotated[
+        str | None,
+        Query(
+            max_length=HAVE_MAX * 80,
+            description="With ``after``: ``EPOCH.SENDER.CHAIN.STEP,…`` (at most 256), the "
+            "highest step of each chain the caller holds contiguously. Rows of those chains "
+            "at or below it are skipped (``next_after`` still moves past them); at most "
+            "10 x ``limit`` rows are read per request, ``more`` says when to ask again.",
+        ),
+    ] = None,
 ) -> Response:
     """Archived envelopes of a conversation, cursor-paginated.
 
@@ -267,16 +317,111 @@ async def history(
     gap filling for a device or browser that was away (repeat while ``more``).
     ``from_epoch=E`` (with ``after``) moves the cursor past the envelopes archived
     before epoch E began, so a new member does not download what it cannot open.
+    ``have`` (with ``after``) skips the steps the caller holds: a device that missed
+    nothing pays one small answer.
     """
     if before is not None and after is not None:
         raise HTTPException(400, "give before or after, not both")
     if from_epoch is not None and after is None:
         raise HTTPException(400, "from_epoch goes with after")
+    if have is not None and after is None:
+        raise HTTPException(400, "have goes with after")
+    marks = parse_have(have) if have is not None else None
     await _member(gw, cid, who)
     if from_epoch is not None and after is not None:
         after = max(after, await gw.store.epoch_start(cid, from_epoch))
+    if marks is not None and after is not None:
+        scan = limit * HAVE_SCAN_FACTOR
+        keys = await gw.store.history_keys(cid, after=after, limit=scan + 1)
+        picked, cursor, more = skip_held(keys, marks, after=after, limit=limit, scan=scan)
+        rows = await gw.store.history_rows(cid, picked)
+        return _page(rows, limit=limit, after=after, scanned=(cursor, more))
     rows = await gw.store.history(cid, before=before, after=after, limit=limit)
     return _page(rows, limit=limit, after=after)
+
+
+BodySha256 = Annotated[
+    str | None,
+    Query(
+        pattern=r"^[A-Za-z0-9_-]{43}$",
+        description="SHA-256 of the exact body, base64url without padding. The signature "
+        "of a device's request covers the query, not the body: with this the body is "
+        "bound to it (send it; a mismatch is 400).",
+    ),
+]
+
+
+async def _bound_body(request: Request, digest: str | None) -> None:
+    if digest is not None and body_digest(await request.body()) != digest:
+        raise HTTPException(400, "the body does not match body_sha256")
+
+
+async def _sender_of_chains(gw: Gateway, cid: str, body: CheckIn, who: Caller) -> None:
+    """Raises Forbidden unless the caller is the sender of every chain named (the
+    roster of the chain's epoch maps its sender index to one of the caller's pids)."""
+    for c in body.chains:
+        roster = await gw.archiver.roster(cid, c.epoch)
+        pids = roster.pids if roster is not None else ()
+        if c.sender >= len(pids) or pids[c.sender] not in who.pids:
+            gw.metrics.reject("http", "not_sender")
+            raise Forbidden(
+                f"epoch {c.epoch} sender {c.sender} of {cid} is not yours"
+                + ("" if roster is not None else " (that roster is not archived)")
+            )
+
+
+@router.post("/conversations/{cid}/archive/check", tags=["reconciliation"])
+async def archive_check(
+    cid: IdPath,
+    body: CheckIn,
+    request: Request,
+    gw: GatewayDep,
+    who: CallerDep,
+    body_sha256: BodySha256 = None,
+) -> CheckOut:
+    """Which of the caller's own envelopes the archive lacks.
+
+    Name steps of your chains (at most 64 chains, 2,000 steps in all), each with the
+    first 16 bytes of the SHA-256 of the envelope you sent at it, standard base64; the
+    answer lists those the archive holds no envelope of with exactly those bytes (an
+    unsigned candidate of another digest at that step does not count). Upload them
+    with ``POST …/envelopes``. Every chain must be the caller's: 403 otherwise.
+    """
+    await _bound_body(request, body_sha256)
+    chains = check_chains(body)
+    await _member(gw, cid, who)
+    await _sender_of_chains(gw, cid, body, who)
+    archived = await gw.store.archived_digests(cid, chains)
+    return CheckOut(missing=missing_steps(body, archived))
+
+
+@router.post("/conversations/{cid}/envelopes", tags=["reconciliation"])
+async def upload(
+    cid: IdPath,
+    body: UploadIn,
+    request: Request,
+    gw: GatewayDep,
+    who: CallerDep,
+    body_sha256: BodySha256 = None,
+) -> UploadOut:
+    """Archive the caller's own envelopes (at most 64, envelopes not frames, base64),
+    exactly as the archiver would from ``c/{cid}/msg``: the same checks, unsigned
+    candidates, pending store and quotas; the live feed sees them at once.
+
+    An envelope of another sender makes the whole request 403 (nothing archived); each
+    other refusal is listed with its index and reason (``malformed``, ``frame``,
+    ``roster_unknown`` — its epoch's roster is not archived yet: try later —,
+    ``not_member``, ``unsigned``, ``auth``, ``limit``, ``pending_…_full``).
+    """
+    await _bound_body(request, body_sha256)
+    await _member(gw, cid, who)
+    done = await gw.archiver.upload(cid, decode_envelopes(body.envelopes), who.pids)
+    return UploadOut(
+        archived=done.archived,
+        duplicates=done.duplicates,
+        pending=done.pending,
+        refused=done.refused,
+    )
 
 
 @router.get("/conversations/{cid}/rosters", tags=["history"])

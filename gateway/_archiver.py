@@ -44,6 +44,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway._errors import Forbidden
 from gateway._metrics import Metrics
 from gateway._mqtt import MqttClient, Publish
 from gateway._quota import RefusalLog
@@ -51,6 +52,7 @@ from gateway._rosters import Healer, RosterRefused, Source, Verdict, judge
 from gateway._settings import GatewaySettings
 from gateway._store import (
     ArchiveBatch,
+    ArchiveResult,
     GrantRecord,
     HeldRoster,
     HistoryStore,
@@ -74,8 +76,9 @@ from schemas.errors import (
     NotAMember,
     TransportError,
 )
+from schemas.frame import FRAME_MARKER
 
-__all__ = ["ArchiveListener", "Archiver", "MqttFactory", "mqtt_factory"]
+__all__ = ["ArchiveListener", "Archiver", "MqttFactory", "Uploaded", "mqtt_factory"]
 
 log = logging.getLogger("fieldchat.gateway.archiver")
 
@@ -83,6 +86,7 @@ MqttFactory = Callable[[], MqttClient]
 _CACHE_MAX = 20_000
 _RECONNECT_MAX_S = 10.0
 _SWEEP_LIMIT = 1000
+_FRAME = bytes((FRAME_MARKER,))
 _CHEAP_SUFFIXES = ("/msg", "/status")  # parsed on the loop (see ``_classify``)
 _VERIFY_INLINE_MAX = 2  # envelopes verified on the loop rather than in the pool
 _PROMOTE_ROUNDS = 16  # held-roster adoption rounds per call (each adopts at least one)
@@ -265,6 +269,73 @@ class Archiver:
             self._bundles.put(pid, found)
         assert isinstance(found, Bundle)
         return found
+
+    async def upload(
+        self, cid: str, payloads: Sequence[bytes | None], pids: frozenset[str]
+    ) -> Uploaded:
+        """Archive envelopes a member uploads (``POST /v1/conversations/{cid}/envelopes``)
+        exactly as if they had come on ``c/{cid}/msg``: the same checks, candidates,
+        pending store and quotas, one commit, the live feed woken. Frames are refused
+        (envelopes only); ``None`` stands for an item that was not base64.
+
+        Raises:
+            Forbidden: an envelope's sender (its index in the roster of its epoch) is
+                not one of ``pids``: nothing of the request is archived.
+            StorageError: the database failed.
+        """
+        now = time.time()
+        topic = self.topics.msg(cid)
+        refused: list[tuple[int, str]] = []
+        work: list[_Work] = []
+        for index, data in enumerate(payloads):
+            reason: str | None = None
+            if data is None:
+                reason = "malformed"
+            elif data[:1] == _FRAME:
+                reason = "frame"
+            else:
+                parsed = classify(self._topic_cache, topic, data, now)
+                if isinstance(parsed, Rejected):
+                    reason = parsed.reason
+                else:
+                    assert parsed.envelope is not None
+                    reason = await self._uploader_is_sender(cid, index, parsed.envelope, pids)
+                    if reason is None:
+                        work.append(_Work(cid, parsed.envelope, data, now, index=index))
+            if reason is not None:
+                self._reject(reason, "http")
+                refused.append((index, reason))
+        sink = _Sink("http", refused)
+        out = ArchiveBatch()
+        await self._resolve(work, out, fresh=True, sink=sink)
+        result = await self._commit(out)
+        refused.sort()
+        return Uploaded(
+            archived=result.archived if result else 0,
+            duplicates=result.duplicates if result else 0,
+            pending=len(out.pending),
+            refused=refused,
+        )
+
+    async def _uploader_is_sender(
+        self, cid: str, index: int, envelope: Envelope, pids: frozenset[str]
+    ) -> str | None:
+        """Why an uploaded envelope is refused (``roster_unknown``, ``not_member``), or
+        None; raises Forbidden when its sender is not the uploader (see ``upload``)."""
+        roster = await self.roster(cid, envelope.epoch)
+        if roster is None:
+            return "roster_unknown"  # its sender cannot be told: the uploader tries later
+        try:
+            sender = roster.member_at(envelope.sender).pid
+        except NotAMember:
+            return "not_member"
+        if sender not in pids:
+            self._reject("not_sender", "http")
+            raise Forbidden(
+                f"envelope {index} is {sender}'s (epoch {envelope.epoch}, sender "
+                f"{envelope.sender}): upload only your own"
+            )
+        return None
 
     def learn_bundle(self, bundle: Bundle) -> None:
         """Cache a bundle the API just stored (browser registration)."""
@@ -700,8 +771,10 @@ class Archiver:
         *,
         fresh: bool,
         expire_before: float | None = None,
+        sink: _Sink | None = None,
     ) -> None:
-        """Sort envelopes into archive, pending (fresh ones only) or rejected.
+        """Sort envelopes into archive, pending (fresh ones only) or rejected (told to
+        ``sink`` when given: an upload's answer).
 
         An unsigned envelope the policy allows is archived as a *candidate* of its key:
         the gateway cannot tell a member's junk from the sender's envelope, so it keeps
@@ -721,11 +794,11 @@ class Archiver:
                 try:
                     sender_pid = roster.member_at(env.sender).pid
                 except NotAMember:
-                    self._settle(item, out, "not_member")
+                    self._settle(item, out, "not_member", sink)
                     continue
                 if env.signature is None:
                     if roster.policy.must_sign(env.step):
-                        self._settle(item, out, "unsigned")
+                        self._settle(item, out, "unsigned", sink)
                     else:
                         self._archive(item, sender_pid, out)
                     continue
@@ -736,13 +809,16 @@ class Archiver:
                     continue
             # roster or bundle missing: keep it
             if expire_before is not None and item.received_at < expire_before:
-                self._settle(item, out, "unverifiable")
+                self._settle(item, out, "unverifiable", sink)
             elif fresh:
                 refused = await self._pending_quota(item, out, pending_of)
                 if refused is not None:
+                    if sink is not None:
+                        sink.refused.append((item.index or 0, refused))
                     self.refusals.refuse(
                         refused,
                         f"a pending envelope of {item.cid} epoch {env.epoch} sender {env.sender}",
+                        source=sink.source if sink is not None else "mqtt",
                     )
                 else:
                     out.pending.append(
@@ -771,7 +847,7 @@ class Archiver:
             if reason is None:
                 self._archive(item, sender_pid, out)
             else:
-                self._settle(item, out, reason)
+                self._settle(item, out, reason, sink)
 
     async def _pending_quota(
         self, item: _Work, out: ArchiveBatch, pending_of: dict[str, Counter[tuple[int, int]]]
@@ -815,14 +891,20 @@ class Archiver:
         if item.pending_id is not None:
             out.resolved.append(item.pending_id)
 
-    def _settle(self, item: _Work, out: ArchiveBatch, reason: str) -> None:
-        self._reject(reason)
+    def _settle(
+        self, item: _Work, out: ArchiveBatch, reason: str, sink: _Sink | None = None
+    ) -> None:
+        if sink is None:
+            self._reject(reason)
+        else:
+            self._reject(reason, sink.source)
+            sink.refused.append((item.index or 0, reason))
         if item.pending_id is not None:
             out.resolved.append(item.pending_id)
 
-    async def _commit(self, out: ArchiveBatch) -> None:
+    async def _commit(self, out: ArchiveBatch) -> ArchiveResult | None:
         if not out:
-            return
+            return None
         result = await self.store.commit(out)
         done = time.time()
         if self.tracer is not None:
@@ -849,6 +931,7 @@ class Archiver:
         m.pending.set(self._pending_count)
         if result.max_seq is not None or result.grants:
             self.listener.committed(result.max_seq, result.grants)
+        return result
 
     async def _retry_pending(self, *, cids: set[str], pids: set[str]) -> None:
         if self._pending_count == 0:
@@ -888,10 +971,30 @@ class _Work:
     data: bytes
     received_at: float
     pending_id: int | None = None
+    index: int | None = None  # its position in an upload (``Archiver.upload``)
 
     @classmethod
     def from_pending(cls, row: PendingEnvelope) -> _Work:
         return cls(row.cid, Envelope.from_bytes(row.data), row.data, row.received_at, row.id)
+
+
+@dataclass(frozen=True, slots=True)
+class Uploaded:
+    """What ``Archiver.upload`` did: new rows, rows already archived, envelopes stored
+    as pending (their sender's bundle is missing), and ``(index, reason)`` refusals."""
+
+    archived: int
+    duplicates: int
+    pending: int
+    refused: list[tuple[int, str]]
+
+
+@dataclass(frozen=True, slots=True)
+class _Sink:
+    """Where ``_resolve`` tells an upload's refusals, and the metrics source to count."""
+
+    source: str
+    refused: list[tuple[int, str]]
 
 
 @dataclass(slots=True)

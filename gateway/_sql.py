@@ -23,7 +23,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcon
 from typing import Any
 from urllib.parse import urlsplit
 
-from sqlalchemy import Select, and_, delete, event, func, select, text, update
+from sqlalchemy import Select, and_, case, delete, event, func, select, text, update
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
@@ -54,6 +54,8 @@ from gateway._store import (
     Account,
     ArchiveBatch,
     ArchiveResult,
+    ChainSteps,
+    EnvelopeKey,
     HeldRoster,
     NewEnvelope,
     PendingEnvelope,
@@ -85,6 +87,10 @@ _HISTORY_AFTER = _HISTORY_COLUMNS + " WHERE cid = ? AND seq > ? ORDER BY seq LIM
 _HISTORY_BEFORE = _HISTORY_COLUMNS + " WHERE cid = ? AND seq < ? ORDER BY seq DESC LIMIT ?"
 _HISTORY_NEWEST = _HISTORY_COLUMNS + " WHERE cid = ? ORDER BY seq DESC LIMIT ?"
 _SINCE = _HISTORY_COLUMNS + " WHERE seq > ? ORDER BY seq LIMIT ?"
+_HISTORY_KEYS = (
+    "SELECT seq, epoch, sender, chain, step FROM envelopes WHERE cid = ? AND seq > ?"
+    " ORDER BY seq LIMIT ?"
+)
 _ENVELOPE_COLUMNS = (
     envelopes.c.seq,
     envelopes.c.cid,
@@ -514,6 +520,56 @@ class SqlStore:
             stmt = stmt.where(envelopes.c.cid.in_(list(cids)))
         return [_envelope(r) for r in await self._rows(stmt, "reading new envelopes")]
 
+    async def history_keys(self, cid: str, *, after: int, limit: int) -> list[EnvelopeKey]:
+        stmt = (
+            select(
+                envelopes.c.seq,
+                envelopes.c.epoch,
+                envelopes.c.sender,
+                envelopes.c.chain,
+                envelopes.c.step,
+            )
+            .where(envelopes.c.cid == cid, envelopes.c.seq > after)
+            .order_by(envelopes.c.seq)
+            .limit(limit)
+        )
+        return [EnvelopeKey(*r) for r in await self._rows(stmt, "reading history")]
+
+    async def history_rows(self, cid: str, seqs: Collection[int]) -> list[StoredEnvelope]:
+        if not seqs:
+            return []
+        stmt = (
+            select(*_ENVELOPE_COLUMNS)
+            .where(envelopes.c.cid == cid, envelopes.c.seq.in_(list(seqs)))
+            .order_by(envelopes.c.seq)
+        )
+        return [_envelope(r) for r in await self._rows(stmt, "reading history")]
+
+    async def archived_digests(
+        self, cid: str, chains: Sequence[ChainSteps]
+    ) -> set[tuple[int, int, int, int, bytes]]:
+        # A signed row's digest column is empty (one per key): hash its bytes here. An
+        # unsigned row's column is already candidate_digest(data), the same function.
+        signed_data = case((envelopes.c.digest == SIGNED_DIGEST, envelopes.c.data), else_=None)
+        found: set[tuple[int, int, int, int, bytes]] = set()
+        async with _mapped("checking the archive"), self.engine.connect() as conn:
+            for epoch, sender, chain, steps in chains:
+                if not steps:
+                    continue
+                rows = await conn.execute(
+                    select(envelopes.c.step, envelopes.c.digest, signed_data.label("data")).where(
+                        envelopes.c.cid == cid,
+                        envelopes.c.epoch == epoch,
+                        envelopes.c.sender == sender,
+                        envelopes.c.chain == chain,
+                        envelopes.c.step.in_(list(steps)),
+                    )
+                )
+                for r in rows:
+                    digest = bytes(r.digest) or candidate_digest(bytes(r.data))
+                    found.add((epoch, sender, chain, int(r.step), digest))
+        return found
+
     async def max_seq(self) -> int:
         return int(await self._scalar(select(func.max(envelopes.c.seq)), "reading seq") or 0)
 
@@ -869,6 +925,19 @@ class SqliteStore(SqlStore):
         else:
             sql, params = _HISTORY_NEWEST, (cid, limit)
         return [StoredEnvelope(*row) for row in self._read(sql, params, "reading history")]
+
+    async def history_keys(self, cid: str, *, after: int, limit: int) -> list[EnvelopeKey]:
+        rows = self._read(_HISTORY_KEYS, (cid, after, limit), "reading history")
+        return [EnvelopeKey(*row) for row in rows]
+
+    async def history_rows(self, cid: str, seqs: Collection[int]) -> list[StoredEnvelope]:
+        wanted = list(seqs)
+        if not wanted:
+            return []
+        marks = ",".join("?" * len(wanted))  # placeholders only: values are bound
+        sql = f"{_HISTORY_COLUMNS} WHERE cid = ? AND seq IN ({marks}) ORDER BY seq"
+        rows = self._read(sql, (cid, *wanted), "reading history")
+        return [StoredEnvelope(*row) for row in rows]
 
     async def since(
         self, after: int, *, cids: Collection[str] | None = None, limit: int = 1000

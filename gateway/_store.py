@@ -18,13 +18,15 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 __all__ = [
     "Account",
     "AccountStore",
     "ArchiveBatch",
     "ArchiveResult",
+    "ChainSteps",
+    "EnvelopeKey",
     "GatewayStore",
     "GrantRecord",
     "HeldRoster",
@@ -67,6 +69,26 @@ class StoredEnvelope:
     chain: int
     step: int
     data: bytes
+
+
+class EnvelopeKey(NamedTuple):
+    """An archived envelope's cursor and key, without its bytes (what a tail that skips
+    the steps its caller holds scans first)."""
+
+    seq: int
+    epoch: int
+    sender: int
+    chain: int
+    step: int
+
+
+class ChainSteps(NamedTuple):
+    """Steps of one sending chain: ``(epoch, sender index, chain)`` and step numbers."""
+
+    epoch: int
+    sender: int
+    chain: int
+    steps: Collection[int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,6 +272,22 @@ class HistoryStore(Protocol):
         self, after: int, *, cids: Collection[str] | None = None, limit: int = 1000
     ) -> list[StoredEnvelope]:
         """Envelopes with ``seq > after`` in seq order, optionally of some conversations."""
+        ...
+
+    async def history_keys(self, cid: str, *, after: int, limit: int) -> list[EnvelopeKey]:
+        """The keys of ``cid``'s envelopes with ``seq > after``, oldest first, no bytes."""
+        ...
+
+    async def history_rows(self, cid: str, seqs: Collection[int]) -> list[StoredEnvelope]:
+        """The envelopes of ``cid`` with these ``seq``, oldest first."""
+        ...
+
+    async def archived_digests(
+        self, cid: str, chains: Sequence[ChainSteps]
+    ) -> set[tuple[int, int, int, int, bytes]]:
+        """``(epoch, sender, chain, step, digest)`` of every archived envelope of these
+        steps, ``digest`` the first 16 bytes of the SHA-256 of its bytes (each unsigned
+        candidate of a key is its own entry)."""
         ...
 
     async def epoch_start(self, cid: str, epoch: int) -> int:
