@@ -15,7 +15,15 @@ in one process so they share a clock, interleaved with bare paho (see ``_latency
 the bytes per message of 128 sent at once, as an outbox drains after an outage (frames),
 own echo excluded.
 
-``bench/device.py latency`` or ``bench/device.py throughput`` runs one part alone.
+``gap_repair_ms`` is how long a message a broker dropped takes to reach the screen,
+in order, once a later one reveals the gap (MISSING receipts, PROTOCOL.md §4.1), on
+loopback and with 250 ms each way on every link; ``tail_bytes_after_reconnect`` the
+bytes of the tail round after a reconnect that missed nothing (target < 1 KB), and
+``archive_check_bytes_per_message`` what confirming own envelopes with the archive
+costs per envelope, by how many one check names (both through a gateway process).
+
+``bench/device.py latency``, ``throughput``, ``repair`` or ``reconcile`` runs one part
+alone.
 """
 
 from __future__ import annotations
@@ -50,6 +58,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from device.client import Device
 from device.config import BrokerOptions, LinkOptions, low_bandwidth_policy
 from device.events import Event, MessageReceived
+from device.history import GatewayHistory
+from device.reconcile import reconcile
 from schemas import Policy
 from schemas.envelope import EnvelopeKind, read_header
 from schemas.errors import FieldchatError
@@ -64,6 +74,7 @@ LATENCY_WARMUP = 10
 N_WIRE = 400
 N_BACKLOG = 128  # sent at once: two full frames (PROTOCOL.md §3.4)
 REPAIR_ROUNDS = 8
+N_TAIL = 100  # messages exchanged live before the reconnect whose tail is measured
 LINK = LinkOptions(receipt_interval_s=1.0, backoff_min_s=0.1, backoff_max_s=1.0)
 
 
@@ -650,6 +661,68 @@ def repairs(tmp: Path) -> dict[str, dict[str, float]]:
     return {"loopback": repair(tmp), "rtt_500ms": repair(tmp, one_way_s=0.25, rounds=3)}
 
 
+def reconciliation(tmp: Path) -> dict[str, object]:
+    """Bytes on the wire (HTTP request and answer, headers included, through a counting
+    relay in front of the gateway) of what the device asks the archive.
+
+    ``tail_bytes_after_reconnect``: the tail round after a reconnect of a device that
+    missed nothing (1 conversation, ``N_TAIL`` messages and their receipts exchanged
+    live before it: the device names what it holds, ``have``, and gets an empty page).
+    ``archive_check_bytes_per_message``: one archive check of N own envelopes the
+    archive has (nothing to upload), per envelope: what keeping own envelopes until
+    archived costs, by how many one check batches.
+    """
+    work = tmp / f"reconcile-{os.urandom(3).hex()}"
+    broker = Broker(work)
+    gateway = Gateway(work / "gateway", broker.port)
+    relay = Proxy(gateway.port)
+    base = f"http://127.0.0.1:{relay.port}"
+    link = LINK.model_copy(update={"history_tail_s": 3600.0, "archive_check_s": 0.5})
+    alice = _device(work / "a.db", broker.port, link=link)
+    bob = Device(work / "b.db", BrokerOptions(port=broker.port), link=link)
+    bob.history = GatewayHistory(base, bob.engine.identity)
+    bob.start().wait_connected(10)
+    checks: dict[str, float] = {}
+    try:
+        cid = alice.create_conversation([bob.pid])
+        _wait(lambda: bool(bob.engine.is_member(cid) and alice.engine._convs[cid].recv), 30, "join")
+        for _ in range(N_TAIL // 10):
+            alice.send_many(cid, [TEXT] * 10)
+            bob.send(cid, TEXT)
+        _wait(lambda: len(bob.messages(cid)) == N_TAIL, 30, "the messages, live")
+        _wait(lambda: len(alice.messages(cid)) == N_TAIL // 10, 30, "bob's, live")
+        _wait(lambda: not bob.receipts_pending and not bob.outbox(), 30, "bob's receipts out")
+        _wait(lambda: bob.state.unarchived_count() == 0, 60, "bob's envelopes archived")
+        bob.close()
+        bob = Device(work / "b.db", BrokerOptions(port=broker.port), link=link)
+        bob.history = GatewayHistory(base, bob.engine.identity)
+        before = relay.bytes
+        bob.start().wait_connected(10)
+        _wait(lambda: bob.counters["history_tail_rounds"] >= 1, 30, "the tail round")
+        tail = relay.bytes - before
+        if bob.counters["history_tail_fetched"]:
+            raise RuntimeError("the tail of a device that missed nothing fetched envelopes")
+        archive = GatewayHistory(base, alice.engine.identity)
+        for n in (1, 10, 100, 1_000):
+            alice.send_many(cid, [TEXT] * n)
+            alice.wait_drained(30)
+            time.sleep(0.5)  # archived: the archiver commits every 20 ms
+            rows = [r for r in alice.state.unarchived(time.time(), 10_000) if r.cid == cid][-n:]
+            before = relay.bytes
+            outcome = reconcile(archive, rows)
+            if outcome.errors or outcome.uploaded or outcome.checked != n:
+                raise RuntimeError(f"archive check of {n}: {outcome}")
+            checks[str(n)] = round((relay.bytes - before) / n, 1)
+    finally:
+        alice.close()
+        bob.close()
+        relay.close()
+        gateway.close()
+        broker.close()
+    print(f"tail after reconnect: {tail} B; archive check B/message: {checks}", file=sys.stderr)
+    return {"tail_bytes_after_reconnect": tail, "archive_check_bytes_per_message": checks}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("role", nargs="?", default="main")
@@ -673,6 +746,10 @@ def main() -> None:
     if ns.role == "repair":
         with tempfile.TemporaryDirectory() as name:
             print(json.dumps({"gap_repair_ms": repairs(Path(name))}))
+        return
+    if ns.role == "reconcile":
+        with tempfile.TemporaryDirectory() as name:
+            print(json.dumps(reconciliation(Path(name))))
         return
     if ns.role in ("latency", "throughput"):  # one part alone, while tuning
         with tempfile.TemporaryDirectory() as name:
@@ -721,6 +798,8 @@ def main() -> None:
             print(f"wire bytes per message: {wires}", file=sys.stderr)
         finally:
             broker.close()
+        repaired = repairs(tmp)
+        reconciled = reconciliation(tmp)
     print(
         json.dumps(
             {
@@ -735,6 +814,8 @@ def main() -> None:
                 "rss_mb_device": round(rss_dev, 1),
                 "rss_mb_bare_paho": round(rss_paho, 1),
                 "wire_bytes_per_message": wires,
+                "gap_repair_ms": repaired,
+                **reconciled,
             }
         )
     )

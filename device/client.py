@@ -51,6 +51,15 @@ from device.events import (
     Removed,
 )
 from device.link import Connection, Link, Will
+from device.reconcile import (
+    ARCHIVE_AGAIN_S,
+    ARCHIVE_ROUND,
+    ARCHIVE_SETTLE_S,
+    Outcome,
+    Reconciling,
+    reconcile,
+    tail_marks,
+)
 from device.repair import (
     ASK_FRACTIONS,
     MAX_REPAIR_PER_REQUEST,
@@ -59,7 +68,7 @@ from device.repair import (
     Repairs,
     lacking,
 )
-from device.state import DeviceState, Gap, OutboxRow, ReceivedRow, SentRow
+from device.state import REFUSED, DeviceState, Gap, OutboxRow, ReceivedRow, SentRow
 from schemas import (
     Control,
     ControlOp,
@@ -116,6 +125,7 @@ TAIL_PAGES = 4
 TAIL_QUIET_S = 0.5
 TAIL_AGAIN_S = 1.0
 TAIL_CURSOR = "history_after/"  # meta key prefix: the history source's cursor per cid
+MAX_GAPS_FOR_TAIL = 1_024  # expired gaps the next tail round still names the chain below
 # Rosters a chain waits for (PROTOCOL.md §5.2) are fetched from the history source at
 # most this often per conversation: a gateway that lacks them is not asked in a loop.
 ROSTER_FETCH_AGAIN_S = 5.0
@@ -231,7 +241,16 @@ class _Fetched:
     rosters: list[bytes] | None = None  # the answer to a roster fetch
 
 
-_Item = _Up | _Down | _Msg | _Acked | _Refused | _Wake | _Stop | _Fetched
+@dataclass(frozen=True, slots=True)
+class _Archived:
+    """What a reconciliation round with the archive found (``more``: it had a full
+    round of own envelopes to name: the next comes soon)."""
+
+    outcome: Outcome
+    more: bool
+
+
+_Item = _Up | _Down | _Msg | _Acked | _Refused | _Wake | _Stop | _Fetched | _Archived
 
 
 @dataclass(slots=True)
@@ -341,6 +360,15 @@ class Device:
         # A round asked for by a gap or a join (since the last one started): it does not
         # wait for a quiet link, and follows at once a round that was running.
         self._tail_asked = False
+        # Gaps dropped after gap_timeout_s: the next tail round still names the chain
+        # below them (tail_marks), so the archive sends what they lacked.
+        self._gaps_for_tail: list[Gap] = []
+        # Reconciling own envelopes with the archive (device.reconcile): the next
+        # round, None when none is planned (without a gateway, never).
+        self._archive_due: float | None = None
+        self._archive_running = False
+        # After a connect the first round waits for the outbox to drain, until this.
+        self._archive_drain_until = 0.0
         # History requests (HTTP, seconds on a slow link) run on a thread of their own:
         # the worker goes on sending and showing live messages meanwhile.
         self._history_jobs: queue.Queue[Callable[[], None] | None] = queue.Queue()
@@ -788,6 +816,8 @@ class Device:
                 self._commit(pending, batch)
                 pending = []
                 self._on_fetched(item)
+            elif isinstance(item, _Archived):
+                self._on_archived(item)
         self._commit(pending, batch)
         self._after(batch)
 
@@ -899,6 +929,9 @@ class Device:
             if self._link is not None and self._link.connects > 1:
                 self._resend = (now + self.options.resend_after_s, now)
             self._next_tail = now  # once the backlog the broker kept has arrived
+            if self._archive is not None:  # once the outbox drained and settled
+                self._archive_due = now + ARCHIVE_SETTLE_S
+                self._archive_drain_until = now + self.options.archive_check_s
             if not self._retried_at_start:
                 # What a previous run held (a key, a chain end, a far step) is tried once
                 # with this run's state; and chains that wait for rosters are fetched.
@@ -990,6 +1023,10 @@ class Device:
             else:
                 key = (cid, epoch, index, chain)
                 high = self._high_of(key)
+                if high is not None and key not in self._high:
+                    # Shown through the step before the grant's first: a loss of the
+                    # first steps is a gap like any other (recorded, asked for).
+                    self._high[key] = high
                 waiting = self._waiting.get(key, {}).get(step)
                 if waiting is not None or (high is not None and step > high + 1):
                     return self._wait(db, cid, key, step, payload, waiting)
@@ -1524,6 +1561,13 @@ class Device:
             self._next_housekeeping = now + min(10.0, self.options.gap_timeout_s)
             self._housekeeping(now)
         if (
+            self._archive_due is not None
+            and now >= self._archive_due
+            and not self._archive_running
+            and self._conn is not None
+        ):
+            self._start_archive(now)
+        if (
             self.history is not None
             and self._next_tail is not None
             and not self._tail_running
@@ -1604,18 +1648,20 @@ class Device:
         with self.state.transaction() as db:
             for cid, topic, payload in again:
                 self.state.add_outbox(db, topic, payload, cid=cid, what="msg")
-            self.state.forget_payloads(db, done)
+            self.state.forget_payloads(db, done, keep_unarchived=self._archive is not None)
         if again:
             self.counters["resent"] += len(again)
             log.info("published %d unreceipted messages again after reconnecting", len(again))
         self._pump()
 
     def _housekeeping(self, now: float) -> None:
-        old = self.state.unconfirmed(now - self.options.resend_window_s, 0.0, 10_000)
         stale = [g for g in self.state.gaps() if g.since < now - self.options.gap_timeout_s]
+        # With a gateway, own envelopes stay until the archive confirmed them too.
+        keep = self._archive is not None
+        old = now - self.options.resend_window_s
         with self.state.transaction(durable=False) as db:  # redone next time if lost
-            self.state.forget_payloads(db, [row[0] for row in old])
-            self.state.prune_kept(db, now - self.options.resend_window_s)
+            self.state.forget_old_payloads(db, old, keep_unarchived=keep)
+            self.state.prune_kept(db, old, keep_unarchived=keep)
             for gap in stale:
                 self.state.drop_gap(db, gap)
         for gap in stale:
@@ -1635,6 +1681,8 @@ class Device:
             )
             return
         self.counters["gaps_asked"] += 1
+        if len(self._gaps_for_tail) < MAX_GAPS_FOR_TAIL:
+            self._gaps_for_tail.append(gap)
         self._tail_soon()
 
     def _backfill(self) -> None:
@@ -1670,25 +1718,48 @@ class Device:
             for cid in self.engine.conversations()
             if self.engine.is_member(cid)
         ]
+        marks = {cid: self._tail_marks(cid, epoch) for cid, _, epoch in cursors}
+        self._gaps_for_tail.clear()
         self._tail_running = True
         self._tail_asked = False
-        self._history_job(lambda: self._tail_round(cursors))
+        self._history_job(lambda: self._tail_round(cursors, marks))
         for cid, have in self.engine.awaiting_rosters().items():  # a failed fetch, again
             self._fetch_rosters(cid, have)
 
-    def _tail_round(self, cursors: list[tuple[str, int, int]]) -> None:
+    def _tail_marks(self, cid: str, from_epoch: int) -> list[tuple[int, int, int, int]]:
+        """``have`` for ``cid``'s tail (device.reconcile.tail_marks): what the archive
+        need not send, from what was shown, the gaps and our own steps. Empty without
+        a source that reconciles (a plain source is asked without it)."""
+        if self._archive is None:
+            return []
+        held = {(e, s, c): h for (k, e, s, c), h in self._high.items() if k == cid}
+        gaps = [*self.state.gaps(cid), *(g for g in self._gaps_for_tail if g.cid == cid)]
+        return tail_marks(held, gaps, self.state.own_high(cid), from_epoch=from_epoch)
+
+    def _tail_round(
+        self,
+        cursors: list[tuple[str, int, int]],
+        marks: dict[str, list[tuple[int, int, int, int]]],
+    ) -> None:
         """On the history thread: up to TAIL_PAGES pages per conversation, each handed
         to the worker with the cursor to save after it; then when to look again."""
-        assert self.history is not None
+        history = self.history
+        assert history is not None
+        archive = history if isinstance(history, Reconciling) else None
         more = False
         try:
             for cid, start, from_epoch in cursors:
                 after = start
                 for _ in range(TAIL_PAGES):
                     try:
-                        envelopes, after_next, more_here = self.history.since(
-                            cid, after, TAIL_PAGE, from_epoch=from_epoch
-                        )
+                        if archive is not None and marks.get(cid):
+                            envelopes, after_next, more_here = archive.since(
+                                cid, after, TAIL_PAGE, from_epoch=from_epoch, have=marks[cid]
+                            )
+                        else:
+                            envelopes, after_next, more_here = history.since(
+                                cid, after, TAIL_PAGE, from_epoch=from_epoch
+                            )
                     except FieldchatError as exc:
                         self._hand_over(_Fetched(cid, [], error=str(exc)))
                         more_here = False
@@ -1704,6 +1775,71 @@ class Device:
         finally:  # whatever a source raised, rounds go on
             again = TAIL_AGAIN_S if more else self.options.history_tail_s
             self._hand_over(_Fetched("", [], next_tail=again))
+
+    # -- reconciling own envelopes with the archive (device.reconcile) -----------------
+
+    @property
+    def _archive(self) -> Reconciling | None:
+        """The history source when it reconciles (a gateway): then own envelopes are
+        kept until archived. ``history`` may be set after construction."""
+        history = self.history
+        return history if isinstance(history, Reconciling) else None
+
+    def _start_archive(self, now: float) -> None:
+        """A round on the history thread: check what the archive lacks of our own
+        envelopes published at least ARCHIVE_SETTLE_S ago, oldest first, and upload it.
+        After a connect it waits for the outbox to drain first (for at most
+        ``archive_check_s``: a device that never stops sending still checks)."""
+        archive = self._archive
+        if archive is None:
+            self._archive_due = None
+            return
+        if now < self._archive_drain_until and self.state.outbox_count():
+            self._archive_due = now + TAIL_QUIET_S  # what a reconnect queued goes first
+            return
+        self._archive_drain_until = 0.0
+        rows = self.state.unarchived(now - ARCHIVE_SETTLE_S, ARCHIVE_ROUND)
+        if not rows:  # nothing to confirm: look again later (a local query, no request)
+            self._archive_due = now + self.options.archive_check_s
+            return
+        self._archive_running = True
+        more = len(rows) >= ARCHIVE_ROUND
+
+        def job() -> None:
+            outcome = Outcome(errors=["the round failed (see the log)"])
+            try:
+                outcome = reconcile(archive, rows)
+            finally:  # whatever happened, the worker plans the next round
+                self._hand_over(_Archived(outcome, more))
+
+        self._history_job(job)
+
+    def _on_archived(self, item: _Archived) -> None:
+        """On the worker: record what the archive confirmed; plan the next round."""
+        outcome = item.outcome
+        gone = {cid for cid in outcome.unauthorized if not self.engine.is_member(cid)}
+        with self.state.transaction(durable=False) as db:
+            self.state.mark_archived(db, outcome.confirmed)
+            self.state.mark_archived(db, [key for key, _ in outcome.refused], REFUSED)
+            for cid in gone:  # not a member any more: the gateway will never take them
+                self.state.give_up_archive(db, cid)
+        self.counters["archive_checked"] += outcome.checked
+        self.counters["archive_uploaded"] += outcome.uploaded
+        if outcome.uploaded:
+            log.info("uploaded %d own envelopes the archive lacked", outcome.uploaded)
+        if outcome.refused:
+            self.counters["archive_refused"] += len(outcome.refused)
+            log.warning(
+                "the archive refused %d own envelopes for good (first: %s, %s)",
+                len(outcome.refused),
+                *outcome.refused[0],
+            )
+        if outcome.errors:
+            self.counters["archive_check_failed"] += 1
+            log.info("archive check: %s", "; ".join(outcome.errors[:3]))
+        self._archive_running = False
+        again = ARCHIVE_AGAIN_S if item.more and not outcome.errors else None
+        self._archive_due = self._clock() + (again or self.options.archive_check_s)
 
     def _fetch_rosters(self, cid: str, have: int) -> None:
         """Ask the history source for the rosters a chain waits for (on the history
@@ -1763,6 +1899,7 @@ class Device:
         if item.cursor is not None:
             self.state.set_meta({item.cursor[0]: item.cursor[1]})
         if item.next_tail is not None:
+            self.counters["history_tail_rounds"] += 1
             self._tail_running = False
             self._next_tail = self._clock() + (0.0 if self._tail_asked else item.next_tail)
 
@@ -1781,7 +1918,7 @@ class Device:
             except Exception:  # the thread must outlive a bad source
                 log.exception("history job failed")
 
-    def _hand_over(self, item: _Fetched) -> None:
+    def _hand_over(self, item: _Fetched | _Archived) -> None:
         """Queue for the worker, waiting while its queue is full (never past close)."""
         while not self._closed:
             try:

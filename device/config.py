@@ -105,6 +105,12 @@ class LinkOptions(_Frozen):
     what was archived after its cursor (also shortly after each connect): messages
     lost at the end of a run (a broker queue overflowing, a failover) reveal no gap.
     A slow link wants it rarer (an empty answer is one small HTTP exchange a round).
+    ``archive_check_s``: with a gateway, own envelopes are kept until the archive has
+    them; while some are not confirmed, the device checks this often (and after each
+    reconnect once its outbox drained) and uploads what the archive lacks. Every
+    own envelope is named once, by 16 bytes of its digest: ≈ 40 bytes of request
+    each, plus ≈ 1 KB of HTTP per check, so a rarer check batches more (BENCHMARKS.md
+    ``archive_check_bytes_per_message``).
     """
 
     keepalive_s: Annotated[int, Field(ge=5, le=65535)] = 60
@@ -121,6 +127,7 @@ class LinkOptions(_Frozen):
     frame_envelopes: Annotated[int, Field(ge=1, le=MAX_FRAME_ENVELOPES)] = MAX_FRAME_ENVELOPES
     topic_aliases: bool = True
     history_tail_s: Annotated[float, Field(gt=0)] = 60.0
+    archive_check_s: Annotated[float, Field(gt=0)] = 30.0
 
     @classmethod
     def low_bandwidth(cls) -> LinkOptions:
@@ -137,6 +144,7 @@ class LinkOptions(_Frozen):
             resend_after_s=60.0,
             reorder_window_s=12.0,
             history_tail_s=900.0,
+            archive_check_s=900.0,
         )
 
 
