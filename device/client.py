@@ -363,6 +363,7 @@ class Device:
         # Gaps dropped after gap_timeout_s: the next tail round still names the chain
         # below them (tail_marks), so the archive sends what they lacked.
         self._gaps_for_tail: list[Gap] = []
+        self._gap_tail_after = 0.0  # a gap may start a tail round from then on
         # Reconciling own envelopes with the archive (device.reconcile): the next
         # round, None when none is planned (without a gateway, never).
         self._archive_due: float | None = None
@@ -1074,7 +1075,15 @@ class Device:
         once (a MISSING receipt, on the next tick) and, with a history source, the
         archive too (a tail round)."""
         missing = lacking(self._high_of(key), self._waiting.get(key, {}))
-        if missing and self._asks.lacking(key, missing[-1][1], now) and self.history is not None:
+        if (
+            missing
+            and self._asks.lacking(key, missing[-1][1], now)
+            and self.history is not None
+            and now >= self._gap_tail_after
+        ):
+            # At most one round a TAIL_AGAIN_S for gaps: under heavy loss every chain
+            # starts episodes, and one round (a request per conversation) serves them all.
+            self._gap_tail_after = now + TAIL_AGAIN_S
             self.counters["gaps_asked_history"] += 1
             self._tail_soon()
 

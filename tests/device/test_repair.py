@@ -202,3 +202,62 @@ def test_messages_mosquitto_acknowledged_then_lost_to_a_sigkill_are_shown_in_ord
     finally:
         devices.close()
         broker.close()
+
+
+class _Archive:
+    """A history source that serves what the test puts in it (the gateway's archive,
+    minus the network: a plain ``since``, no reconciliation)."""
+
+    def __init__(self) -> None:
+        self.envelopes: list[bytes] = []
+        self.asked: list[float] = []
+
+    def since(
+        self, cid: str, after: int, limit: int, *, from_epoch: int = 0
+    ) -> tuple[list[bytes], int, bool]:
+        self.asked.append(time.monotonic())
+        return self.envelopes[after : after + limit], len(self.envelopes), False
+
+    def rosters(self, cid: str, *, from_epoch: int = 0) -> list[bytes]:
+        return []
+
+
+@pytest.mark.mosquitto
+def test_a_gap_the_sender_cannot_answer_is_filled_from_the_archive_at_once(
+    tmp_path: Path,
+) -> None:
+    """The sender no longer keeps the message a broker dropped (it went offline, or
+    forgot it): nobody answers the MISSING receipt, but the receiver also starts a tail
+    round at once and the archive has the lost message, shown in order. It used to be asked for only
+    after ``gap_timeout_s``, long after the later message was shown."""
+    broker = Mosquitto(tmp_path / "mosquitto", max_queued=1).start().verify_rosters()
+    devices = Devices(tmp_path, broker)
+    archive = _Archive()
+    try:
+        alice, bob, cid = _talking(devices)
+        bob.close()
+        devices.open.remove(bob)
+        for line in ("m1", "m2"):  # Bob's session keeps one: m2 is dropped
+            alice.send(cid, line)
+            assert alice.wait_drained(10)
+        events = devices.events[bob.pid]
+        again = Device(bob.state.path, bob.broker, link=DEFAULTS, on_event=events.append)
+        again.history = archive
+        devices.open.append(again)
+        bob = again.start()
+        bob.wait_connected(10)
+        wait_until(lambda: texts(bob, cid) == ["hello", "m1"], 10, "the one Mosquitto kept")
+        wait_until(lambda: bool(archive.asked), 10, "the round after connecting")
+        wait_until(lambda: not bob._tail_running, 10, "no round running")
+        ((m2,),) = alice.state._read("SELECT payload FROM sent WHERE text = 'm2'")
+        archive.envelopes.append(bytes(m2))  # archived (the gateway got it)
+        with alice.state.transaction() as db:  # as a sender that no longer has it
+            db.execute("UPDATE sent SET payload = NULL WHERE text = 'm2'")
+        asked = len(archive.asked)
+        alice.send(cid, "m3")
+        wait_until(lambda: texts(bob, cid) == ["hello", "m1", "m2", "m3"], 10, "m2 then m3")
+        assert len(archive.asked) > asked  # asked at once, not after gap_timeout_s
+        _order_kept(bob, cid, ["m1", "m2", "m3"], events)
+    finally:
+        devices.close()
+        broker.close()
