@@ -92,6 +92,24 @@ def test_a_sender_answers_each_step_once_per_interval_and_within_bounds() -> Non
 DEFAULTS = LinkOptions(backoff_min_s=0.1, backoff_max_s=1.0, receipt_interval_s=0.2)
 
 
+class _Archive:
+    """A history source that serves what the test puts in it (the gateway's archive,
+    minus the network: a plain ``since``, no reconciliation)."""
+
+    def __init__(self) -> None:
+        self.envelopes: list[bytes] = []
+        self.asked: list[float] = []
+
+    def since(
+        self, cid: str, after: int, limit: int, *, from_epoch: int = 0
+    ) -> tuple[list[bytes], int, bool]:
+        self.asked.append(time.monotonic())
+        return self.envelopes[after : after + limit], len(self.envelopes), False
+
+    def rosters(self, cid: str, *, from_epoch: int = 0) -> list[bytes]:
+        return []
+
+
 def _talking(devices: Devices) -> tuple[Device, Device, str]:
     """Alice and Bob in a conversation, "hello" delivered and receipted; the resend a
     new member's grant brings is over, so only a gap request can repair a loss."""
@@ -106,14 +124,31 @@ def _talking(devices: Devices) -> tuple[Device, Device, str]:
     return alice, bob, cid
 
 
-def _back(devices: Devices, bob: Device) -> Device:
+def _back(devices: Devices, bob: Device, history: _Archive | None = None) -> Device:
     """Bob's device again, after ``bob.close()`` and whatever the broker lost."""
     again = Device(
         bob.state.path, bob.broker, link=DEFAULTS, on_event=devices.events[bob.pid].append
     )
+    again.history = history
     devices.open.append(again)
     again.start().wait_connected(10)
     return again
+
+
+def _m2_dropped(devices: Devices) -> tuple[Device, Device, str, bytes]:
+    """Bob offline behind a session that keeps one message: m1 waits, m2 is dropped,
+    and Alice no longer keeps m2 (as a sender that forgot it): she cannot answer.
+    Also m2's envelope, for an archive that got it."""
+    alice, bob, cid = _talking(devices)
+    bob.close()
+    devices.open.remove(bob)
+    for line in ("m1", "m2"):
+        alice.send(cid, line)
+        assert alice.wait_drained(10)
+    ((m2,),) = alice.state._read("SELECT payload FROM sent WHERE text = 'm2'")
+    with alice.state.transaction() as db:
+        db.execute("UPDATE sent SET payload = NULL WHERE text = 'm2'")
+    return alice, bob, cid, bytes(m2)
 
 
 def _order_kept(device: Device, cid: str, expected: list[str], events: list) -> None:
@@ -204,60 +239,62 @@ def test_messages_mosquitto_acknowledged_then_lost_to_a_sigkill_are_shown_in_ord
         broker.close()
 
 
-class _Archive:
-    """A history source that serves what the test puts in it (the gateway's archive,
-    minus the network: a plain ``since``, no reconciliation)."""
-
-    def __init__(self) -> None:
-        self.envelopes: list[bytes] = []
-        self.asked: list[float] = []
-
-    def since(
-        self, cid: str, after: int, limit: int, *, from_epoch: int = 0
-    ) -> tuple[list[bytes], int, bool]:
-        self.asked.append(time.monotonic())
-        return self.envelopes[after : after + limit], len(self.envelopes), False
-
-    def rosters(self, cid: str, *, from_epoch: int = 0) -> list[bytes]:
-        return []
-
-
 @pytest.mark.mosquitto
 def test_a_gap_the_sender_cannot_answer_is_filled_from_the_archive_at_once(
     tmp_path: Path,
 ) -> None:
     """The sender no longer keeps the message a broker dropped (it went offline, or
     forgot it): nobody answers the MISSING receipt, but the receiver also starts a tail
-    round at once and the archive has the lost message, shown in order. It used to be asked for only
-    after ``gap_timeout_s``, long after the later message was shown."""
+    round at once and the archive has the lost message, shown in order. It used to be
+    asked for only after ``gap_timeout_s``, long after the later message was shown."""
     broker = Mosquitto(tmp_path / "mosquitto", max_queued=1).start().verify_rosters()
     devices = Devices(tmp_path, broker)
     archive = _Archive()
     try:
-        alice, bob, cid = _talking(devices)
-        bob.close()
-        devices.open.remove(bob)
-        for line in ("m1", "m2"):  # Bob's session keeps one: m2 is dropped
-            alice.send(cid, line)
-            assert alice.wait_drained(10)
+        alice, bob, cid, m2 = _m2_dropped(devices)
         events = devices.events[bob.pid]
-        again = Device(bob.state.path, bob.broker, link=DEFAULTS, on_event=events.append)
-        again.history = archive
-        devices.open.append(again)
-        bob = again.start()
-        bob.wait_connected(10)
+        bob = _back(devices, bob, archive)
         wait_until(lambda: texts(bob, cid) == ["hello", "m1"], 10, "the one Mosquitto kept")
         wait_until(lambda: bool(archive.asked), 10, "the round after connecting")
         wait_until(lambda: not bob._tail_running, 10, "no round running")
-        ((m2,),) = alice.state._read("SELECT payload FROM sent WHERE text = 'm2'")
-        archive.envelopes.append(bytes(m2))  # archived (the gateway got it)
-        with alice.state.transaction() as db:  # as a sender that no longer has it
-            db.execute("UPDATE sent SET payload = NULL WHERE text = 'm2'")
+        archive.envelopes.append(m2)  # archived (the gateway got it)
         asked = len(archive.asked)
         alice.send(cid, "m3")
         wait_until(lambda: texts(bob, cid) == ["hello", "m1", "m2", "m3"], 10, "m2 then m3")
         assert len(archive.asked) > asked  # asked at once, not after gap_timeout_s
         _order_kept(bob, cid, ["m1", "m2", "m3"], events)
+    finally:
+        devices.close()
+        broker.close()
+
+
+@pytest.mark.mosquitto
+def test_a_gap_nobody_can_fill_is_given_up_loudly_after_the_window(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Neither the sender (it no longer keeps the message) nor an archive can answer:
+    the held message is shown when the reorder window ends, no later, and the device
+    says so — a GapDetected event, ``reorder_gave_up``, a warning naming the window."""
+    import logging
+
+    broker = Mosquitto(tmp_path / "mosquitto", max_queued=1).start().verify_rosters()
+    devices = Devices(tmp_path, broker)
+    caplog.set_level(logging.WARNING, logger="fieldchat.device")
+    try:
+        alice, bob, cid, _ = _m2_dropped(devices)
+        events = devices.events[bob.pid]
+        bob = _back(devices, bob)
+        wait_until(lambda: texts(bob, cid) == ["hello", "m1"], 10, "the one Mosquitto kept")
+        sent = time.monotonic()
+        alice.send(cid, "m3")
+        wait_until(lambda: texts(bob, cid) == ["hello", "m1", "m3"], 10, "m3, past the gap")
+        waited = time.monotonic() - sent
+        assert DEFAULTS.reorder_window_s <= waited < DEFAULTS.reorder_window_s + 1.0
+        gaps = [e for e in events if isinstance(e, GapDetected)]
+        assert [(g.sender, g.first, g.last) for g in gaps] == [(alice.pid, 2, 2)]
+        assert bob.counters["reorder_gave_up"] == 1
+        assert bob.counters["gap_requests_sent"] == 4  # at 0, 1/8, 3/8 and 7/8 of it
+        assert "after 2 s (reorder_window_s, 4 asks)" in caplog.text
     finally:
         devices.close()
         broker.close()
