@@ -15,7 +15,15 @@ in one process so they share a clock, interleaved with bare paho (see ``_latency
 the bytes per message of 128 sent at once, as an outbox drains after an outage (frames),
 own echo excluded.
 
-``bench/device.py latency`` or ``bench/device.py throughput`` runs one part alone.
+``gap_repair_ms`` is how long a message a broker dropped takes to reach the screen,
+in order, once a later one reveals the gap (MISSING receipts, PROTOCOL.md §4.1), on
+loopback and with 250 ms each way on every link; ``tail_bytes_after_reconnect`` the
+bytes of the tail round after a reconnect that missed nothing (target < 1 KB), and
+``archive_check_bytes_per_message`` what confirming own envelopes with the archive
+costs per envelope, by how many one check names (both through a gateway process).
+
+``bench/device.py latency``, ``throughput``, ``repair`` or ``reconcile`` runs one part
+alone.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import argparse
 import contextlib
 import json
 import os
+import queue
 import shutil
 import socket
 import statistics
@@ -32,6 +41,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +58,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from device.client import Device
 from device.config import BrokerOptions, LinkOptions, low_bandwidth_policy
 from device.events import Event, MessageReceived
+from device.history import GatewayHistory
+from device.reconcile import reconcile
 from schemas import Policy
 from schemas.envelope import EnvelopeKind, read_header
 from schemas.errors import FieldchatError
@@ -61,6 +73,8 @@ LATENCY_ROUNDS = 4
 LATENCY_WARMUP = 10
 N_WIRE = 400
 N_BACKLOG = 128  # sent at once: two full frames (PROTOCOL.md §3.4)
+REPAIR_ROUNDS = 8
+N_TAIL = 100  # messages exchanged live before the reconnect whose tail is measured
 LINK = LinkOptions(receipt_interval_s=1.0, backoff_min_s=0.1, backoff_max_s=1.0)
 
 
@@ -78,15 +92,16 @@ def _rss_mb() -> float:
 
 
 class Broker:
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, queued: int = 100_000, inflight: int = 100) -> None:
         self.port = _port()
+        workdir.mkdir(parents=True, exist_ok=True)
         conf = workdir / "mosquitto.conf"
         # set_tcp_nodelay as `fieldchat broker mosquitto-config` writes it (without it,
         # Nagle's algorithm delays 1 PUBLISH in 100 by 25-30 ms: broker/_mosquitto.py).
         conf.write_text(
             f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-            "max_queued_messages 100000\nmax_inflight_messages 100\nset_tcp_nodelay true\n"
-            + ("user root\n" if os.getuid() == 0 else "")
+            f"max_queued_messages {queued}\nmax_inflight_messages {inflight}\n"
+            "set_tcp_nodelay true\n" + ("user root\n" if os.getuid() == 0 else "")
         )
         binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         self.proc = subprocess.Popen(
@@ -107,22 +122,15 @@ class Broker:
         self.proc.wait(10)
 
 
-class Proxy:
-    """A TCP relay counting the bytes a client exchanges with the broker.
+class _Relay:
+    """A TCP relay on 127.0.0.1 to ``target``; subclasses move the bytes (``_relay``)."""
 
-    With ``echo``, it also counts the bytes of our own texts the broker sends back
-    to us on MQTT 3.1.1 (which has no no-local subscription option): each such
-    PUBLISH (parsed per MQTT 3.1.1 §3.3) plus the 4-byte PUBACK we answer it with.
-    """
-
-    def __init__(self, target: int, *, echo: bool = False) -> None:
+    def __init__(self, target: int) -> None:
         self.target = target
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
-        self.bytes = 0
-        self.echo_bytes = 0
-        self._echo = echo
-        self._lock = threading.Lock()
+
+    def start(self) -> None:
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -131,11 +139,36 @@ class Proxy:
                 client, _ = self.listener.accept()
             except OSError:
                 return
-            upstream = socket.create_connection(("127.0.0.1", self.target))
-            for a, b, down in ((client, upstream, False), (upstream, client, True)):
-                threading.Thread(
-                    target=self._pipe, args=(a, b, down and self._echo), daemon=True
-                ).start()
+            self._relay(client, socket.create_connection(("127.0.0.1", self.target)))
+
+    def _relay(self, client: socket.socket, upstream: socket.socket) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+class Proxy(_Relay):
+    """A TCP relay counting the bytes a client exchanges with the broker.
+
+    With ``echo``, it also counts the bytes of our own texts the broker sends back
+    to us on MQTT 3.1.1 (which has no no-local subscription option): each such
+    PUBLISH (parsed per MQTT 3.1.1 §3.3) plus the 4-byte PUBACK we answer it with.
+    """
+
+    def __init__(self, target: int, *, echo: bool = False) -> None:
+        super().__init__(target)
+        self.bytes = 0
+        self.echo_bytes = 0
+        self._echo = echo
+        self._lock = threading.Lock()
+        self.start()
+
+    def _relay(self, client: socket.socket, upstream: socket.socket) -> None:
+        for a, b, down in ((client, upstream, False), (upstream, client, True)):
+            threading.Thread(
+                target=self._pipe, args=(a, b, down and self._echo), daemon=True
+            ).start()
 
     def _pipe(self, src: socket.socket, dst: socket.socket, parse: bool) -> None:
         buf = b""
@@ -180,8 +213,85 @@ class Proxy:
                         self.echo_bytes += len(packet) + 4
         return buf
 
+
+_RUN_GATEWAY = "from fieldchat.cli import app; app()"
+
+
+class Gateway:
+    """``fieldchat gateway run`` on the bench's Mosquitto: it retains the rosters
+    members propose (PROTOCOL.md §5.2; Mosquitto cannot check them) and archives."""
+
+    def __init__(self, workdir: Path, mqtt_port: int) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.port = _port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        config = workdir / "gateway.toml"
+        config.write_text(
+            f'host = "127.0.0.1"\nport = {self.port}\n'
+            f'database_url = "sqlite:///{workdir}/gateway.db"\n'
+            f'mqtt_url = "mqtt://127.0.0.1:{mqtt_port}"\n'
+            f'mqtt_client_id = "bench-gw-{os.urandom(3).hex()}"\n'
+            "argon2_time_cost = 1\nargon2_memory_kib = 64\nargon2_parallelism = 1\n"
+        )
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FIELDCHAT_")}
+        self.log = (workdir / "gateway.log").open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _RUN_GATEWAY, "gateway", "run", "--config", str(config)],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        end = time.monotonic() + 60
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the gateway exited: see {workdir}/gateway.log")
+            with (
+                contextlib.suppress(OSError),
+                urllib.request.urlopen(f"{self.base}/healthz", timeout=2) as answer,
+            ):
+                if answer.status == 200:
+                    return
+            time.sleep(0.1)
+        raise RuntimeError("the gateway did not become healthy")
+
     def close(self) -> None:
-        self.listener.close()
+        self.proc.terminate()
+        self.proc.wait(20)
+        self.log.close()
+
+
+class DelayProxy(_Relay):
+    """A TCP relay that delivers every byte ``delay`` seconds after it arrived, in each
+    direction: a link with a round trip of twice that (bandwidth unlimited)."""
+
+    def __init__(self, target: int, delay: float) -> None:
+        super().__init__(target)
+        self.delay = delay
+        self.start()
+
+    def _relay(self, client: socket.socket, upstream: socket.socket) -> None:
+        for a, b in ((client, upstream), (upstream, client)):
+            chunks: queue.Queue[tuple[float, bytes] | None] = queue.Queue()
+            threading.Thread(target=self._read, args=(a, chunks), daemon=True).start()
+            threading.Thread(target=self._write, args=(b, chunks), daemon=True).start()
+
+    def _read(self, src: socket.socket, chunks: queue.Queue[tuple[float, bytes] | None]) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                chunks.put((time.monotonic() + self.delay, data))
+        chunks.put(None)
+
+    @staticmethod
+    def _write(dst: socket.socket, chunks: queue.Queue[tuple[float, bytes] | None]) -> None:
+        try:
+            while (item := chunks.get()) is not None:
+                time.sleep(max(0.0, item[0] - time.monotonic()))
+                dst.sendall(item[1])
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                dst.close()
 
 
 def _device(
@@ -467,6 +577,152 @@ def wire(tmp: Path, port: int, protocol: str, policy: Policy) -> tuple[float, fl
         proxy.close()
 
 
+def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    end = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > end:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(0.002)
+
+
+def repair(tmp: Path, *, one_way_s: float = 0.0, rounds: int = REPAIR_ROUNDS) -> dict[str, float]:
+    """How long a message a broker lost takes to reach the screen once a later one
+    reveals the gap (a MISSING receipt to the sender, PROTOCOL.md §4.1, and its answer).
+
+    Mosquitto keeps 10 messages of an offline session (``max_queued_messages``) and
+    drops the rest; the receiver comes back, shows the 10, and the sender sends one more: the
+    receiver holds it behind the gap, asks, the sender publishes the dropped ones
+    again, and all are shown in order. ``repair_p50_ms``: from that send to the last
+    repaired message on screen; ``deliver_p50_ms``: a plain message, send to screen,
+    on the same links; the repair itself is the difference (a round trip to the
+    sender and back). ``one_way_s``: each device's link delays every byte this long in
+    each direction (a round trip of twice that). Default timings (``LINK``: the
+    shipped ``reorder_window_s`` and ``resend_after_s``).
+    """
+    work = tmp / f"repair-{os.urandom(3).hex()}"
+    broker = Broker(work, queued=10)
+    gateway = Gateway(work / "gateway", broker.port)  # retains the proposed rosters
+    proxies = [DelayProxy(broker.port, one_way_s) for _ in range(2)] if one_way_s else []
+    port_a, port_b = (p.port for p in proxies) if proxies else (broker.port, broker.port)
+    shown: list[tuple[float, str, bool]] = []
+
+    def on_event(event: Event) -> None:
+        if isinstance(event, MessageReceived):
+            shown.append((time.perf_counter(), event.text, event.late))
+
+    b_path = tmp / f"rb-{os.urandom(3).hex()}.db"
+    alice = _device(tmp / f"ra-{os.urandom(3).hex()}.db", port_a)
+    bob = _device(b_path, port_b, on_event=on_event)
+    repairs: list[float] = []
+    delivers: list[float] = []
+    out_of_order = 0
+    try:
+        cid = alice.create_conversation([bob.pid])
+        _wait(lambda: bool(bob.engine.is_member(cid) and alice.engine._convs[cid].recv), 30, "join")
+        for r in range(rounds):
+            start = time.perf_counter()
+            alice.send(cid, f"plain {r}")
+            _wait(lambda r=r: any(t == f"plain {r}" for _, t, _ in shown), 30, "a plain message")
+            delivers.append(next(at for at, t, _ in shown if t == f"plain {r}") - start)
+            _wait(lambda: not alice.undelivered(cid) and not alice._grant_resends, 30, "receipts")
+            bob.close()
+            lines = [f"r{r}-{i:02d}" for i in range(15)]
+            for line in lines:  # one PUBLISH each: Mosquitto keeps 10 and drops the rest
+                alice.send(cid, line)
+                alice.wait_drained(30)
+            shown.clear()
+            bob = _device(b_path, port_b, on_event=on_event)
+            _wait(lambda r=r: any(t == f"r{r}-09" for _, t, _ in shown), 30, "the queued ones")
+            start = time.perf_counter()
+            alice.send(cid, f"r{r}-after")
+            _wait(lambda r=r: any(t == f"r{r}-after" for _, t, _ in shown), 30, "the repair")
+            repairs.append(max(at for at, _, _ in shown) - start)
+            got = [t for _, t, _ in shown]
+            out_of_order += sum(late for _, _, late in shown) + (got != [*lines, f"r{r}-after"])
+    finally:
+        alice.close()
+        bob.close()
+        for proxy in proxies:
+            proxy.close()
+        gateway.close()
+        broker.close()
+    out = {
+        "repair_p50_ms": round(statistics.median(repairs) * 1000, 1),
+        "repair_max_ms": round(max(repairs) * 1000, 1),
+        "deliver_p50_ms": round(statistics.median(delivers) * 1000, 1),
+        "rounds": rounds,
+        "out_of_order": out_of_order,
+    }
+    print(f"gap repair (one way {one_way_s * 1000:.0f} ms): {out}", file=sys.stderr)
+    return out
+
+
+def repairs(tmp: Path) -> dict[str, dict[str, float]]:
+    return {"loopback": repair(tmp), "rtt_500ms": repair(tmp, one_way_s=0.25, rounds=3)}
+
+
+def reconciliation(tmp: Path) -> dict[str, object]:
+    """Bytes on the wire (HTTP request and answer, headers included, through a counting
+    relay in front of the gateway) of what the device asks the archive.
+
+    ``tail_bytes_after_reconnect``: the tail round after a reconnect of a device that
+    missed nothing (1 conversation, ``N_TAIL`` messages and their receipts exchanged
+    live before it: the device names what it holds, ``have``, and gets an empty page).
+    ``archive_check_bytes_per_message``: one archive check of N own envelopes the
+    archive has (nothing to upload), per envelope: what keeping own envelopes until
+    archived costs, by how many one check batches.
+    """
+    work = tmp / f"reconcile-{os.urandom(3).hex()}"
+    broker = Broker(work)
+    gateway = Gateway(work / "gateway", broker.port)
+    relay = Proxy(gateway.port)
+    base = f"http://127.0.0.1:{relay.port}"
+    link = LINK.model_copy(update={"history_tail_s": 3600.0, "archive_check_s": 0.5})
+    alice = _device(work / "a.db", broker.port, link=link)
+    bob = Device(work / "b.db", BrokerOptions(port=broker.port), link=link)
+    bob.history = GatewayHistory(base, bob.engine.identity)
+    bob.start().wait_connected(10)
+    checks: dict[str, float] = {}
+    try:
+        cid = alice.create_conversation([bob.pid])
+        _wait(lambda: bool(bob.engine.is_member(cid) and alice.engine._convs[cid].recv), 30, "join")
+        for _ in range(N_TAIL // 10):
+            alice.send_many(cid, [TEXT] * 10)
+            bob.send(cid, TEXT)
+        _wait(lambda: len(bob.messages(cid)) == N_TAIL, 30, "the messages, live")
+        _wait(lambda: len(alice.messages(cid)) == N_TAIL // 10, 30, "bob's, live")
+        _wait(lambda: not bob.receipts_pending and not bob.outbox(), 30, "bob's receipts out")
+        _wait(lambda: bob.state.unarchived_count() == 0, 60, "bob's envelopes archived")
+        bob.close()
+        bob = Device(work / "b.db", BrokerOptions(port=broker.port), link=link)
+        bob.history = GatewayHistory(base, bob.engine.identity)
+        before = relay.bytes
+        bob.start().wait_connected(10)
+        _wait(lambda: bob.counters["history_tail_rounds"] >= 1, 30, "the tail round")
+        tail = relay.bytes - before
+        if bob.counters["history_tail_fetched"]:
+            raise RuntimeError("the tail of a device that missed nothing fetched envelopes")
+        archive = GatewayHistory(base, alice.engine.identity)
+        for n in (1, 10, 100, 1_000):
+            alice.send_many(cid, [TEXT] * n)
+            alice.wait_drained(30)
+            time.sleep(0.5)  # archived: the archiver commits every 20 ms
+            rows = [r for r in alice.state.unarchived(time.time(), 10_000) if r.cid == cid][-n:]
+            before = relay.bytes
+            outcome = reconcile(archive, rows)
+            if outcome.errors or outcome.uploaded or outcome.checked != n:
+                raise RuntimeError(f"archive check of {n}: {outcome}")
+            checks[str(n)] = round((relay.bytes - before) / n, 1)
+    finally:
+        alice.close()
+        bob.close()
+        relay.close()
+        gateway.close()
+        broker.close()
+    print(f"tail after reconnect: {tail} B; archive check B/message: {checks}", file=sys.stderr)
+    return {"tail_bytes_after_reconnect": tail, "archive_check_bytes_per_message": checks}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("role", nargs="?", default="main")
@@ -486,6 +742,14 @@ def main() -> None:
         return
     if ns.role == "rss":
         role_rss(ns.args[0], int(ns.args[1]), ns.args[2])
+        return
+    if ns.role == "repair":
+        with tempfile.TemporaryDirectory() as name:
+            print(json.dumps({"gap_repair_ms": repairs(Path(name))}))
+        return
+    if ns.role == "reconcile":
+        with tempfile.TemporaryDirectory() as name:
+            print(json.dumps(reconciliation(Path(name))))
         return
     if ns.role in ("latency", "throughput"):  # one part alone, while tuning
         with tempfile.TemporaryDirectory() as name:
@@ -534,6 +798,8 @@ def main() -> None:
             print(f"wire bytes per message: {wires}", file=sys.stderr)
         finally:
             broker.close()
+        repaired = repairs(tmp)
+        reconciled = reconciliation(tmp)
     print(
         json.dumps(
             {
@@ -548,6 +814,8 @@ def main() -> None:
                 "rss_mb_device": round(rss_dev, 1),
                 "rss_mb_bare_paho": round(rss_paho, 1),
                 "wire_bytes_per_message": wires,
+                "gap_repair_ms": repaired,
+                **reconciled,
             }
         )
     )

@@ -51,7 +51,24 @@ from device.events import (
     Removed,
 )
 from device.link import Connection, Link, Will
-from device.state import DeviceState, Gap, OutboxRow, ReceivedRow, SentRow
+from device.reconcile import (
+    ARCHIVE_AGAIN_S,
+    ARCHIVE_ROUND,
+    ARCHIVE_SETTLE_S,
+    Outcome,
+    Reconciling,
+    reconcile,
+    tail_marks,
+)
+from device.repair import (
+    ASK_FRACTIONS,
+    MAX_REPAIR_PER_REQUEST,
+    ChainKey,
+    GapAsks,
+    Repairs,
+    lacking,
+)
+from device.state import REFUSED, DeviceState, Gap, OutboxRow, ReceivedRow, SentRow
 from schemas import (
     Control,
     ControlOp,
@@ -108,6 +125,7 @@ TAIL_PAGES = 4
 TAIL_QUIET_S = 0.5
 TAIL_AGAIN_S = 1.0
 TAIL_CURSOR = "history_after/"  # meta key prefix: the history source's cursor per cid
+MAX_GAPS_FOR_TAIL = 1_024  # expired gaps the next tail round still names the chain below
 # Rosters a chain waits for (PROTOCOL.md §5.2) are fetched from the history source at
 # most this often per conversation: a gateway that lacks them is not asked in a loop.
 ROSTER_FETCH_AGAIN_S = 5.0
@@ -223,7 +241,16 @@ class _Fetched:
     rosters: list[bytes] | None = None  # the answer to a roster fetch
 
 
-_Item = _Up | _Down | _Msg | _Acked | _Refused | _Wake | _Stop | _Fetched
+@dataclass(frozen=True, slots=True)
+class _Archived:
+    """What a reconciliation round with the archive found (``more``: it had a full
+    round of own envelopes to name: the next comes soon)."""
+
+    outcome: Outcome
+    more: bool
+
+
+_Item = _Up | _Down | _Msg | _Acked | _Refused | _Wake | _Stop | _Fetched | _Archived
 
 
 @dataclass(slots=True)
@@ -318,6 +345,11 @@ class Device:
         self._receipts: dict[tuple[str, ReceiptType], set[tuple[int, int, int, int]]] = defaultdict(
             set
         )
+        # Gap requests (PROTOCOL.md §4.1): which held chains to ask for their missing
+        # steps and when; which steps others asked us for to publish again. Made again
+        # in start(): the reorder window is read from the options then.
+        self._asks = GapAsks(self.options.reorder_window_s)
+        self._repairs = Repairs(self.options.reorder_window_s * ASK_FRACTIONS[1])
         self._next_receipts = 0.0
         self._resend: tuple[float, float] | None = None  # (due, published before)
         # (cid, member whose grant arrived) -> when to resend what it has not receipted.
@@ -328,6 +360,16 @@ class Device:
         # A round asked for by a gap or a join (since the last one started): it does not
         # wait for a quiet link, and follows at once a round that was running.
         self._tail_asked = False
+        # Gaps dropped after gap_timeout_s: the next tail round still names the chain
+        # below them (tail_marks), so the archive sends what they lacked.
+        self._gaps_for_tail: list[Gap] = []
+        self._gap_tail_after = 0.0  # a gap may start a tail round from then on
+        # Reconciling own envelopes with the archive (device.reconcile): the next
+        # round, None when none is planned (without a gateway, never).
+        self._archive_due: float | None = None
+        self._archive_running = False
+        # After a connect the first round waits for the outbox to drain, until this.
+        self._archive_drain_until = 0.0
         # History requests (HTTP, seconds on a slow link) run on a thread of their own:
         # the worker goes on sending and showing live messages meanwhile.
         self._history_jobs: queue.Queue[Callable[[], None] | None] = queue.Queue()
@@ -380,6 +422,11 @@ class Device:
             return self
         self.state.lock()
         self.state.checkpoint_in_background()
+        self._asks = GapAsks(self.options.reorder_window_s)
+        self._repairs = Repairs(self.options.reorder_window_s * ASK_FRACTIONS[1])
+        now = self._clock()
+        for key in self._waiting:  # what a previous run held is asked for at once
+            self._lacking(key, now)
         self._worker = threading.Thread(target=self._work, name="fieldchat-device", daemon=True)
         self._worker.start()
         protocol = self.state.get_meta("protocol") if self.broker.protocol == "auto" else None
@@ -626,10 +673,9 @@ class Device:
         with self.state.transaction() as db:
             if roster.is_admin(self.pid) and len(roster.pids) > 1:
                 pubs = self.engine.remove_members(cid, [self.pid])
+                self._queue_publications(db, pubs, cid)
             else:
-                envelope = self.engine.leave(cid)
-                pubs = [Publication(self.topics.msg(cid), envelope)]
-            self._queue_publications(db, pubs, cid)
+                self._queue_own(db, cid, self.engine.leave(cid), "msg")
         self._wake()
 
     def conversations(self) -> list[ConversationInfo]:
@@ -771,6 +817,8 @@ class Device:
                 self._commit(pending, batch)
                 pending = []
                 self._on_fetched(item)
+            elif isinstance(item, _Archived):
+                self._on_archived(item)
         self._commit(pending, batch)
         self._after(batch)
 
@@ -882,6 +930,9 @@ class Device:
             if self._link is not None and self._link.connects > 1:
                 self._resend = (now + self.options.resend_after_s, now)
             self._next_tail = now  # once the backlog the broker kept has arrived
+            if self._archive is not None:  # once the outbox drained and settled
+                self._archive_due = now + ARCHIVE_SETTLE_S
+                self._archive_drain_until = now + self.options.archive_check_s
             if not self._retried_at_start:
                 # What a previous run held (a key, a chain end, a far step) is tried once
                 # with this run's state; and chains that wait for rosters are fetched.
@@ -973,6 +1024,10 @@ class Device:
             else:
                 key = (cid, epoch, index, chain)
                 high = self._high_of(key)
+                if high is not None and key not in self._high:
+                    # Shown through the step before the grant's first: a loss of the
+                    # first steps is a gap like any other (recorded, asked for).
+                    self._high[key] = high
                 waiting = self._waiting.get(key, {}).get(step)
                 if waiting is not None or (high is not None and step > high + 1):
                     return self._wait(db, cid, key, step, payload, waiting)
@@ -1007,11 +1062,30 @@ class Device:
         if self.engine.authentic(cid, payload) is False:
             self.counters["rejected_auth"] += 1
             return True
-        until = self._clock() + self.options.reorder_window_s
+        now = self._clock()
+        until = now + self.options.reorder_window_s
         row, dropped = self.state.hold(db, cid, payload, until)
         self._dropped(dropped)
         self._waiting[key].setdefault(step, []).append((row, until))
+        self._lacking(key, now)
         return True
+
+    def _lacking(self, key: ChainKey, now: float) -> None:
+        """``key`` holds envelopes behind missing steps: ask its sender for them at
+        once (a MISSING receipt, on the next tick) and, with a history source, the
+        archive too (a tail round)."""
+        missing = lacking(self._high_of(key), self._waiting.get(key, {}))
+        if (
+            missing
+            and self._asks.lacking(key, missing[-1][1], now)
+            and self.history is not None
+            and now >= self._gap_tail_after
+        ):
+            # At most one round a TAIL_AGAIN_S for gaps: under heavy loss every chain
+            # starts episodes, and one round (a request per conversation) serves them all.
+            self._gap_tail_after = now + TAIL_AGAIN_S
+            self.counters["gaps_asked_history"] += 1
+            self._tail_soon()
 
     def _high_of(self, key: tuple[str, int, int, int]) -> int | None:
         """The highest step shown of a sender chain; before the first, the step before
@@ -1032,6 +1106,7 @@ class Device:
             for key, steps in list(self._waiting.items()):
                 if not steps:
                     del self._waiting[key]
+                    self._asks.settled(key)
                     continue
                 first = min(steps)
                 until = min(at for _, at in steps[first])
@@ -1188,6 +1263,20 @@ class Device:
             self.state.add_gap(db, gap)
             self._high[key] = step
             self.counters["gaps"] += 1
+            # Shown past the missing steps: they did not come within the reorder window
+            # (the sender did not answer our asks, the archive lacked them). If they
+            # come later they are shown late, out of this sender's order.
+            self.counters["reorder_gave_up"] += 1
+            log.warning(
+                "gave up waiting for steps %d..%d of %s in %s after %g s (reorder_window_s, "
+                "%d asks): later messages shown, these will show late if they come",
+                gap.first,
+                gap.last,
+                gap.sender,
+                gap.cid,
+                self.options.reorder_window_s,
+                self._asks.asks(key),
+            )
             batch.events.append(
                 GapDetected(gap.cid, gap.sender, gap.epoch, gap.chain, gap.first, gap.last)
             )
@@ -1199,6 +1288,9 @@ class Device:
     def _on_receipt(
         self, db: sqlite3.Connection, opened: Opened, receipt: Receipt, batch: _Batch
     ) -> None:
+        if receipt.type is ReceiptType.MISSING:
+            self._on_missing(db, opened, receipt)
+            return
         steps = 0
         mine: dict[tuple[int, int], bool] = {}
         for r in receipt.ranges:
@@ -1222,6 +1314,29 @@ class Device:
             batch.events.append(
                 ReceiptReceived(opened.cid, opened.sender, receipt.type.name.lower(), steps)
             )
+
+    def _on_missing(self, db: sqlite3.Connection, opened: Opened, receipt: Receipt) -> None:
+        """A member lacks steps (a gap request, PROTOCOL.md §4.1): publish again at
+        once those of ours we still keep, within the bounds of :class:`Repairs`."""
+        self.counters["gap_requests_received"] += 1
+        found: list[tuple[tuple[str, int, int, int, int], str, bytes]] = []
+        for r in receipt.ranges:  # only our own envelopes are kept: others' steps find none
+            left = MAX_REPAIR_PER_REQUEST - len(found)
+            if left <= 0:
+                break
+            for step, topic, payload in self.state.own_envelopes(
+                opened.cid, (r.epoch, r.sender, r.chain), r.first, r.last, left
+            ):
+                found.append(((opened.cid, r.epoch, r.sender, r.chain, step), topic, payload))
+        if not found:
+            return
+        allowed = set(self._repairs.allow([key for key, _, _ in found], self._clock()))
+        again = [(key, topic, payload) for key, topic, payload in found if key in allowed]
+        for key, topic, payload in again:
+            self.state.add_outbox(db, topic, payload, cid=key[0], what="msg")
+        self.counters["repaired"] += len(again)
+        if again:
+            log.info("published %d envelopes again that %s lacked", len(again), opened.sender)
 
     def _on_leave(self, db: sqlite3.Connection, opened: Opened) -> None:
         roster = self.engine.roster(opened.cid)
@@ -1434,6 +1549,8 @@ class Device:
                 self._pump()
         if self._grant_resends:
             self._resend_to_granters(now)
+        if len(self._asks) and self._conn is not None:
+            self._ask_gaps(now)
         if self._resend is not None and now >= self._resend[0] and self._conn is not None:
             _, before = self._resend
             self._resend = None
@@ -1452,6 +1569,13 @@ class Device:
         if now >= self._next_housekeeping:
             self._next_housekeeping = now + min(10.0, self.options.gap_timeout_s)
             self._housekeeping(now)
+        if (
+            self._archive_due is not None
+            and now >= self._archive_due
+            and not self._archive_running
+            and self._conn is not None
+        ):
+            self._start_archive(now)
         if (
             self.history is not None
             and self._next_tail is not None
@@ -1473,11 +1597,44 @@ class Device:
                 ranges = _ranges(keys)
                 for i in range(0, len(ranges), MAX_RECEIPT_RANGES):
                     receipt = Receipt(type=rtype, ranges=tuple(ranges[i : i + MAX_RECEIPT_RANGES]))
-                    envelope = self.engine.seal(cid, receipt)
-                    self.state.add_outbox(
-                        db, self.topics.msg(cid), envelope, cid=cid, what="receipt"
-                    )
+                    self._queue_own(db, cid, self.engine.seal(cid, receipt), "receipt")
                     self.counters["receipts_sent"] += 1
+
+    def _ask_gaps(self, now: float) -> None:
+        """Ask the senders of held chains whose ask is due for the steps they lack: one
+        MISSING receipt per conversation (PROTOCOL.md §4.1), published at once."""
+        wanted: dict[str, list[ReceiptRange]] = defaultdict(list)
+        for key in self._asks.due(now):
+            missing = lacking(self._high_of(key), self._waiting.get(key, {}))
+            if not missing:
+                self._asks.settled(key)
+                continue
+            cid, epoch, index, chain = key
+            wanted[cid] += [
+                ReceiptRange(epoch=epoch, sender=index, chain=chain, first=first, last=last)
+                for first, last in missing
+            ]
+        if not wanted:
+            return
+        with self.state.transaction(durable=False, sync_outbox=False) as db:
+            for cid, ranges in wanted.items():
+                if not self.engine.is_member(cid):
+                    continue
+                # Lowest steps first; what does not fit is asked for in a later ask.
+                receipt = Receipt(
+                    type=ReceiptType.MISSING, ranges=tuple(ranges[:MAX_RECEIPT_RANGES])
+                )
+                self._queue_own(db, cid, self.engine.seal(cid, receipt), "receipt")
+                self.counters["gap_requests_sent"] += 1
+        self._pump()
+
+    def _queue_own(self, db: sqlite3.Connection, cid: str, envelope: bytes, what: str) -> None:
+        """An own receipt or control: into the outbox, and kept a while for gap
+        requests (texts are kept in ``sent``)."""
+        topic = self.topics.msg(cid)
+        seq = self.state.add_outbox(db, topic, envelope, cid=cid, what=what)
+        _, _, epoch, index, chain, step, _ = read_header(envelope)
+        self.state.add_kept(db, cid, (epoch, index, chain, step), topic, envelope, seq)
 
     def _resend_unconfirmed(self, before: float) -> None:
         """Publish again own messages some current member has not receipted."""
@@ -1500,17 +1657,20 @@ class Device:
         with self.state.transaction() as db:
             for cid, topic, payload in again:
                 self.state.add_outbox(db, topic, payload, cid=cid, what="msg")
-            self.state.forget_payloads(db, done)
+            self.state.forget_payloads(db, done, keep_unarchived=self._archive is not None)
         if again:
             self.counters["resent"] += len(again)
             log.info("published %d unreceipted messages again after reconnecting", len(again))
         self._pump()
 
     def _housekeeping(self, now: float) -> None:
-        old = self.state.unconfirmed(now - self.options.resend_window_s, 0.0, 10_000)
         stale = [g for g in self.state.gaps() if g.since < now - self.options.gap_timeout_s]
+        # With a gateway, own envelopes stay until the archive confirmed them too.
+        keep = self._archive is not None
+        old = now - self.options.resend_window_s
         with self.state.transaction(durable=False) as db:  # redone next time if lost
-            self.state.forget_payloads(db, [row[0] for row in old])
+            self.state.forget_old_payloads(db, old, keep_unarchived=keep)
+            self.state.prune_kept(db, old, keep_unarchived=keep)
             for gap in stale:
                 self.state.drop_gap(db, gap)
         for gap in stale:
@@ -1530,6 +1690,8 @@ class Device:
             )
             return
         self.counters["gaps_asked"] += 1
+        if len(self._gaps_for_tail) < MAX_GAPS_FOR_TAIL:
+            self._gaps_for_tail.append(gap)
         self._tail_soon()
 
     def _backfill(self) -> None:
@@ -1565,25 +1727,48 @@ class Device:
             for cid in self.engine.conversations()
             if self.engine.is_member(cid)
         ]
+        marks = {cid: self._tail_marks(cid, epoch) for cid, _, epoch in cursors}
+        self._gaps_for_tail.clear()
         self._tail_running = True
         self._tail_asked = False
-        self._history_job(lambda: self._tail_round(cursors))
+        self._history_job(lambda: self._tail_round(cursors, marks))
         for cid, have in self.engine.awaiting_rosters().items():  # a failed fetch, again
             self._fetch_rosters(cid, have)
 
-    def _tail_round(self, cursors: list[tuple[str, int, int]]) -> None:
+    def _tail_marks(self, cid: str, from_epoch: int) -> list[tuple[int, int, int, int]]:
+        """``have`` for ``cid``'s tail (device.reconcile.tail_marks): what the archive
+        need not send, from what was shown, the gaps and our own steps. Empty without
+        a source that reconciles (a plain source is asked without it)."""
+        if self._archive is None:
+            return []
+        held = {(e, s, c): h for (k, e, s, c), h in self._high.items() if k == cid}
+        gaps = [*self.state.gaps(cid), *(g for g in self._gaps_for_tail if g.cid == cid)]
+        return tail_marks(held, gaps, self.state.own_high(cid), from_epoch=from_epoch)
+
+    def _tail_round(
+        self,
+        cursors: list[tuple[str, int, int]],
+        marks: dict[str, list[tuple[int, int, int, int]]],
+    ) -> None:
         """On the history thread: up to TAIL_PAGES pages per conversation, each handed
         to the worker with the cursor to save after it; then when to look again."""
-        assert self.history is not None
+        history = self.history
+        assert history is not None
+        archive = history if isinstance(history, Reconciling) else None
         more = False
         try:
             for cid, start, from_epoch in cursors:
                 after = start
                 for _ in range(TAIL_PAGES):
                     try:
-                        envelopes, after_next, more_here = self.history.since(
-                            cid, after, TAIL_PAGE, from_epoch=from_epoch
-                        )
+                        if archive is not None and marks.get(cid):
+                            envelopes, after_next, more_here = archive.since(
+                                cid, after, TAIL_PAGE, from_epoch=from_epoch, have=marks[cid]
+                            )
+                        else:
+                            envelopes, after_next, more_here = history.since(
+                                cid, after, TAIL_PAGE, from_epoch=from_epoch
+                            )
                     except FieldchatError as exc:
                         self._hand_over(_Fetched(cid, [], error=str(exc)))
                         more_here = False
@@ -1599,6 +1784,71 @@ class Device:
         finally:  # whatever a source raised, rounds go on
             again = TAIL_AGAIN_S if more else self.options.history_tail_s
             self._hand_over(_Fetched("", [], next_tail=again))
+
+    # -- reconciling own envelopes with the archive (device.reconcile) -----------------
+
+    @property
+    def _archive(self) -> Reconciling | None:
+        """The history source when it reconciles (a gateway): then own envelopes are
+        kept until archived. ``history`` may be set after construction."""
+        history = self.history
+        return history if isinstance(history, Reconciling) else None
+
+    def _start_archive(self, now: float) -> None:
+        """A round on the history thread: check what the archive lacks of our own
+        envelopes published at least ARCHIVE_SETTLE_S ago, oldest first, and upload it.
+        After a connect it waits for the outbox to drain first (for at most
+        ``archive_check_s``: a device that never stops sending still checks)."""
+        archive = self._archive
+        if archive is None:
+            self._archive_due = None
+            return
+        if now < self._archive_drain_until and self.state.outbox_count():
+            self._archive_due = now + TAIL_QUIET_S  # what a reconnect queued goes first
+            return
+        self._archive_drain_until = 0.0
+        rows = self.state.unarchived(now - ARCHIVE_SETTLE_S, ARCHIVE_ROUND)
+        if not rows:  # nothing to confirm: look again later (a local query, no request)
+            self._archive_due = now + self.options.archive_check_s
+            return
+        self._archive_running = True
+        more = len(rows) >= ARCHIVE_ROUND
+
+        def job() -> None:
+            outcome = Outcome(errors=["the round failed (see the log)"])
+            try:
+                outcome = reconcile(archive, rows)
+            finally:  # whatever happened, the worker plans the next round
+                self._hand_over(_Archived(outcome, more))
+
+        self._history_job(job)
+
+    def _on_archived(self, item: _Archived) -> None:
+        """On the worker: record what the archive confirmed; plan the next round."""
+        outcome = item.outcome
+        gone = {cid for cid in outcome.unauthorized if not self.engine.is_member(cid)}
+        with self.state.transaction(durable=False) as db:
+            self.state.mark_archived(db, outcome.confirmed)
+            self.state.mark_archived(db, [key for key, _ in outcome.refused], REFUSED)
+            for cid in gone:  # not a member any more: the gateway will never take them
+                self.state.give_up_archive(db, cid)
+        self.counters["archive_checked"] += outcome.checked
+        self.counters["archive_uploaded"] += outcome.uploaded
+        if outcome.uploaded:
+            log.info("uploaded %d own envelopes the archive lacked", outcome.uploaded)
+        if outcome.refused:
+            self.counters["archive_refused"] += len(outcome.refused)
+            log.warning(
+                "the archive refused %d own envelopes for good (first: %s, %s)",
+                len(outcome.refused),
+                *outcome.refused[0],
+            )
+        if outcome.errors:
+            self.counters["archive_check_failed"] += 1
+            log.info("archive check: %s", "; ".join(outcome.errors[:3]))
+        self._archive_running = False
+        again = ARCHIVE_AGAIN_S if item.more and not outcome.errors else None
+        self._archive_due = self._clock() + (again or self.options.archive_check_s)
 
     def _fetch_rosters(self, cid: str, have: int) -> None:
         """Ask the history source for the rosters a chain waits for (on the history
@@ -1658,6 +1908,7 @@ class Device:
         if item.cursor is not None:
             self.state.set_meta({item.cursor[0]: item.cursor[1]})
         if item.next_tail is not None:
+            self.counters["history_tail_rounds"] += 1
             self._tail_running = False
             self._next_tail = self._clock() + (0.0 if self._tail_asked else item.next_tail)
 
@@ -1676,7 +1927,7 @@ class Device:
             except Exception:  # the thread must outlive a bad source
                 log.exception("history job failed")
 
-    def _hand_over(self, item: _Fetched) -> None:
+    def _hand_over(self, item: _Fetched | _Archived) -> None:
         """Queue for the worker, waiting while its queue is full (never past close)."""
         while not self._closed:
             try:

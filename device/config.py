@@ -84,11 +84,19 @@ class LinkOptions(_Frozen):
     ``receipt_interval_s``: delivered/read receipts are batched this long.
     ``resend_after_s``: after a reconnect, own messages published before it that
     some member has not receipted are published again this much later (the broker
-    may have lost them: Mosquitto's snapshot, aMQTT's in-flight QoS 1).
+    may have lost them: Mosquitto's snapshot, aMQTT's in-flight QoS 1). A loss that a
+    later envelope of ours reveals is asked for at once (a MISSING receipt); this
+    covers the last ones of a burst, which nothing reveals, and nothing is shown
+    after those to be out of order with them: waiting lets the receipts of what did
+    arrive come back first, so those are not sent twice.
     ``resend_window_s``: only messages this recent are resent that way; older ones
     are left to the gateway's history.
     ``reorder_window_s``: a message that overtook a missing one of the same sender
-    waits this long for it before it is shown (and the gap recorded).
+    waits this long for it before it is shown (and the gap recorded); meanwhile the
+    sender is asked for it four times (MISSING receipts at 0, ⅛, ⅜, ⅞ of it). A
+    repair takes a round trip to the sender and back: 3-5 ms on loopback, 2 RTT on a
+    slow link (BENCHMARKS.md ``gap_repair_ms``); 2 s holds a repair from the first
+    ask up to a 1 s round trip, from the third up to 0.6 s.
     ``window``: PUBLISH packets in flight (unacknowledged) at once.
     ``frame_envelopes``: at most this many queued envelopes of one conversation leave
     in one PUBLISH, a frame (PROTOCOL.md §3.4); 1 sends each alone, for a peer that
@@ -97,6 +105,12 @@ class LinkOptions(_Frozen):
     what was archived after its cursor (also shortly after each connect): messages
     lost at the end of a run (a broker queue overflowing, a failover) reveal no gap.
     A slow link wants it rarer (an empty answer is one small HTTP exchange a round).
+    ``archive_check_s``: with a gateway, own envelopes are kept until the archive has
+    them; while some are not confirmed, the device checks this often (and after each
+    reconnect once its outbox drained) and uploads what the archive lacks. Every
+    own envelope is named once, by 16 bytes of its digest: ≈ 40 bytes of request
+    each, plus ≈ 1 KB of HTTP per check, so a rarer check batches more (BENCHMARKS.md
+    ``archive_check_bytes_per_message``).
     """
 
     keepalive_s: Annotated[int, Field(ge=5, le=65535)] = 60
@@ -113,10 +127,13 @@ class LinkOptions(_Frozen):
     frame_envelopes: Annotated[int, Field(ge=1, le=MAX_FRAME_ENVELOPES)] = MAX_FRAME_ENVELOPES
     topic_aliases: bool = True
     history_tail_s: Annotated[float, Field(gt=0)] = 60.0
+    archive_check_s: Annotated[float, Field(gt=0)] = 30.0
 
     @classmethod
     def low_bandwidth(cls) -> LinkOptions:
-        """Slow-link tuning: rare pings, receipts batched for 30 s, no read receipts."""
+        """Slow-link tuning: rare pings, receipts batched for 30 s, no read receipts,
+        a 12 s reorder window (a repair within it from the first ask with round trips
+        up to 6 s, from the third up to 3.75 s: satellite and congested cellular)."""
         return cls(
             keepalive_s=600,
             connect_timeout_s=60.0,
@@ -125,7 +142,9 @@ class LinkOptions(_Frozen):
             receipt_interval_s=30.0,
             read_receipts=False,
             resend_after_s=60.0,
+            reorder_window_s=12.0,
             history_tail_s=900.0,
+            archive_check_s=900.0,
         )
 
 

@@ -14,12 +14,14 @@ from a misbehaving gateway costs a lookup, never a wrong message on screen.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import secrets
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -27,12 +29,45 @@ from device.identity import Identity
 from schemas import validate_id
 from schemas.errors import ConfigError, NotAuthorized, TransportError, WireError
 
-__all__ = ["GatewayHistory", "gateway_base"]
+__all__ = ["Checked", "GatewayHistory", "Uploaded", "digest", "gateway_base"]
 
 SIGNING_LABEL = "fieldchat-http-v2"
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 PAGE = 500
 MAX_PAGES = 40  # per conversation() call: 20,000 envelopes; the next call goes on
+# The gateway's bounds (docs/gateway.md, "Reconciliation"): an archive check names at most
+# 64 chains and 2,000 steps (and its body fits 64 KiB: a step costs ≤ 38 bytes of JSON,
+# so 1,500 always fit); an upload carries at most 64 envelopes in a 64 KiB body (base64).
+CHECK_CHAINS = 64
+CHECK_STEPS = 1_500
+UPLOAD_ENVELOPES = 64
+UPLOAD_BYTES = 45_000  # raw envelope bytes per upload: 60 KB in base64, with room for JSON
+HAVE_MAX = 256  # chains named in one tail request's ``have``
+DIGEST_BYTES = 16
+
+Key = tuple[int, int, int, int]  # epoch, sender index, chain, step
+
+
+def digest(envelope: bytes) -> bytes:
+    """What an archive check names an envelope by: the first 16 bytes of its SHA-256."""
+    return hashlib.sha256(envelope).digest()[:DIGEST_BYTES]
+
+
+@dataclass(frozen=True, slots=True)
+class Checked:
+    """The answer to one archive check: the steps named that the archive lacks."""
+
+    missing: list[Key]
+
+
+@dataclass(frozen=True, slots=True)
+class Uploaded:
+    """The answer to one upload: counts, and ``(index, reason)`` of each refused."""
+
+    archived: int
+    duplicates: int
+    pending: int
+    refused: list[tuple[int, str]]
 
 
 def gateway_base(url: str) -> str:
@@ -109,13 +144,23 @@ class GatewayHistory:
         return out
 
     def since(
-        self, cid: str, after: int, limit: int, *, from_epoch: int = 0
+        self,
+        cid: str,
+        after: int,
+        limit: int,
+        *,
+        from_epoch: int = 0,
+        have: Sequence[Key] = (),
     ) -> tuple[list[bytes], int, bool]:
         """One page of what was archived for ``cid`` after the gateway's cursor
         ``after``, oldest first: ``(envelopes, next cursor, more)``. The caller keeps
         the cursor (the device, durably: :meth:`device.client.Device` tail checks).
         With ``from_epoch``, the gateway starts no earlier than that epoch's first
         envelope: a device that joined late does not download what it cannot open.
+        ``have``: ``(epoch, sender, chain, step)``, the highest step of each chain
+        the caller holds contiguously (at most 256): the gateway skips those steps and
+        still moves the cursor past them, so a device that missed nothing gets an
+        empty page (docs/gateway.md, "Reconciliation").
 
         Raises:
             NotAuthorized: the gateway refused us (not a member, unknown bundle).
@@ -127,7 +172,10 @@ class GatewayHistory:
         query = f"after={after}&limit={limit}"
         if from_epoch:
             query += f"&from_epoch={from_epoch}"
-        page = self._get(f"/v1/conversations/{cid}/envelopes", query)
+        if have:
+            marks = ",".join(".".join(str(n) for n in key) for key in list(have)[:HAVE_MAX])
+            query += f"&have={marks}"
+        page = self._request("GET", f"/v1/conversations/{cid}/envelopes", query)
         try:
             items = page["items"]
             envelopes = [base64.b64decode(item["envelope"], validate=True) for item in items]
@@ -149,27 +197,92 @@ class GatewayHistory:
             WireError: the answer is not the documented JSON.
         """
         validate_id(cid, "cid")
-        answer = self._get(f"/v1/conversations/{cid}/rosters", f"from_epoch={max(0, from_epoch)}")
+        answer = self._request(
+            "GET", f"/v1/conversations/{cid}/rosters", f"from_epoch={max(0, from_epoch)}"
+        )
         try:
             items = sorted(answer, key=lambda item: int(item["epoch"]))
             return [base64.b64decode(item["roster"], validate=True) for item in items]
         except (KeyError, TypeError, ValueError):
             raise WireError("the gateway's roster list is malformed") from None
 
-    def _get(self, path: str, query: str) -> Any:  # noqa: ANN401 - JSON, checked by the caller
+    def check_archive(self, cid: str, steps: Sequence[tuple[Key, bytes]]) -> Checked:
+        """Which of our own envelopes the archive lacks: ``steps`` names each by its
+        key and :func:`digest` (at most 64 chains, 1,500 steps: the caller batches).
+
+        Raises:
+            NotAuthorized: the gateway refused us (not a member, or a chain that is not
+                ours by the rosters it archived).
+            TransportError: the gateway is unreachable or answered with an error.
+            WireError: the answer is not the documented JSON.
+        """
+        validate_id(cid, "cid")
+        chains: dict[tuple[int, int, int], list[list[int | str]]] = {}
+        for (epoch, sender, chain, step), hashed in steps:
+            text = base64.b64encode(hashed).decode().rstrip("=")
+            chains.setdefault((epoch, sender, chain), []).append([step, text])
+        body = {
+            "chains": [
+                {"epoch": e, "sender": s, "chain": c, "steps": named}
+                for (e, s, c), named in chains.items()
+            ]
+        }
+        answer = self._request("POST", f"/v1/conversations/{cid}/archive/check", "", body)
+        try:
+            missing = [tuple(int(n) for n in key) for key in answer["missing"]]
+            return Checked([(e, s, c, st) for e, s, c, st in missing])
+        except (KeyError, TypeError, ValueError):
+            raise WireError("the gateway's archive check answer is malformed") from None
+
+    def upload(self, cid: str, envelopes: Sequence[bytes]) -> Uploaded:
+        """Archive our own envelopes (1 to 64, at most ≈ 45 KB: the caller batches).
+
+        Raises:
+            NotAuthorized: the gateway refused us (not a member, or not our envelopes).
+            TransportError: the gateway is unreachable or answered with an error.
+            WireError: the answer is not the documented JSON.
+        """
+        validate_id(cid, "cid")
+        body = {"envelopes": [base64.b64encode(e).decode() for e in envelopes]}
+        answer = self._request("POST", f"/v1/conversations/{cid}/envelopes", "", body)
+        try:
+            return Uploaded(
+                int(answer["archived"]),
+                int(answer["duplicates"]),
+                int(answer["pending"]),
+                [(int(i), str(reason)) for i, reason in answer["refused"]],
+            )
+        except (KeyError, TypeError, ValueError):
+            raise WireError("the gateway's upload answer is malformed") from None
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        query: str,
+        body: object = None,
+    ) -> Any:  # noqa: ANN401 - JSON, checked by the caller
+        data = None
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            # The signature covers the query, not the body: the body's digest goes in the
+            # query so a signed request binds its body (docs/gateway.md, body_sha256).
+            data = json.dumps(body, separators=(",", ":")).encode()
+            bound = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).decode().rstrip("=")
+            query = f"{query}&body_sha256={bound}" if query else f"body_sha256={bound}"
+            headers["Content-Type"] = "application/json"
         stamp = str(int(self._clock()))
         nonce = secrets.token_urlsafe(16)  # the gateway accepts each nonce once
-        signed = f"{SIGNING_LABEL}\nGET\n{self.host}\n{path}?{query}\n{stamp}\n{nonce}".encode()
-        signature = base64.urlsafe_b64encode(self.identity.sign(signed)).decode().rstrip("=")
+        signed = f"{SIGNING_LABEL}\n{method}\n{self.host}\n{path}?{query}\n{stamp}\n{nonce}"
+        signature = base64.urlsafe_b64encode(self.identity.sign(signed.encode()))
+        headers |= {
+            "X-Fieldchat-Pid": self.identity.pid,
+            "X-Fieldchat-Time": stamp,
+            "X-Fieldchat-Nonce": nonce,
+            "X-Fieldchat-Signature": signature.decode().rstrip("="),
+        }
         request = urllib.request.Request(  # noqa: S310 - the scheme is checked in __init__
-            f"{self.base}{path}?{query}",
-            headers={
-                "X-Fieldchat-Pid": self.identity.pid,
-                "X-Fieldchat-Time": stamp,
-                "X-Fieldchat-Nonce": nonce,
-                "X-Fieldchat-Signature": signature,
-                "Accept": "application/json",
-            },
+            f"{self.base}{path}?{query}", data=data, headers=headers, method=method
         )
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:  # noqa: S310

@@ -8,6 +8,8 @@ It holds the engine's key-store records (the same ``records`` table as
     sent      our own text messages (history; payload kept until every member receipted)
     received  messages of others, unique on the dedupe key (cid, epoch, sender, chain, step)
     receipts  delivered/read ranges other members sent us for our messages
+    kept      our own receipts and controls, kept a while to publish again when a
+              member asks for their steps (a MISSING receipt, PROTOCOL.md §4.1)
     held      envelopes whose grant or roster has not arrived yet (``until`` NULL), or
               that arrived ahead of a missing step and wait for it until ``until``
     gaps      missing step ranges per sender chain (to ask the gateway's history for)
@@ -61,9 +63,22 @@ from typing import IO, Any
 from device.keystore import SEND_CHAIN_PREFIX, create_private_file, write_records
 from schemas.errors import ConfigError, KeyStoreError
 
-__all__ = ["MAX_HELD", "DeviceState", "Gap", "OutboxRow", "ReceivedRow", "SentRow"]
+__all__ = [
+    "ARCHIVED",
+    "MAX_HELD",
+    "MAX_KEPT",
+    "NOT_ARCHIVED",
+    "REFUSED",
+    "DeviceState",
+    "Gap",
+    "OutboxRow",
+    "OwnEnvelope",
+    "ReceivedRow",
+    "SentRow",
+]
 
 MAX_HELD = 10_000  # envelopes held for a missing grant; past it the oldest are dropped (logged)
+MAX_KEPT = 10_000  # own receipts and controls kept for gap requests; past it the oldest go
 CHECKPOINT_INTERVAL_S = 0.2  # background WAL checkpoints (see checkpoint_in_background)
 # With background checkpoints, the committing thread checkpoints only past this many WAL
 # pages (SQLite's default is 1,000): a writer that never pauses still bounds the WAL.
@@ -83,6 +98,12 @@ CREATE TABLE IF NOT EXISTS sent (
     UNIQUE (cid, epoch, chain, step));
 CREATE INDEX IF NOT EXISTS sent_published ON sent (published_at) WHERE payload IS NOT NULL;
 CREATE INDEX IF NOT EXISTS sent_outbox ON sent (outbox_seq);
+CREATE TABLE IF NOT EXISTS kept (
+    cid TEXT NOT NULL, epoch INTEGER NOT NULL, sender_index INTEGER NOT NULL,
+    chain INTEGER NOT NULL, step INTEGER NOT NULL, topic TEXT NOT NULL, payload BLOB NOT NULL,
+    outbox_seq INTEGER NOT NULL, published_at REAL, archived INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (cid, epoch, chain, step));
+CREATE INDEX IF NOT EXISTS kept_outbox ON kept (outbox_seq);
 CREATE TABLE IF NOT EXISTS received (
     id INTEGER PRIMARY KEY AUTOINCREMENT, cid TEXT NOT NULL, epoch INTEGER NOT NULL,
     sender_index INTEGER NOT NULL, chain INTEGER NOT NULL, step INTEGER NOT NULL,
@@ -103,6 +124,29 @@ CREATE TABLE IF NOT EXISTS gaps (
     sender TEXT NOT NULL, since REAL NOT NULL,
     PRIMARY KEY (cid, epoch, sender_index, chain, first));
 """
+
+
+# Own envelopes the archive has not confirmed yet (``archived``: 0 not yet, 1 archived,
+# -1 refused for good), oldest first: what an archive check names.
+_UNARCHIVED_INDEXES = """
+CREATE INDEX IF NOT EXISTS sent_unarchived ON sent (published_at)
+    WHERE archived = 0 AND payload IS NOT NULL;
+CREATE INDEX IF NOT EXISTS kept_unarchived ON kept (published_at) WHERE archived = 0;
+"""
+ARCHIVED, NOT_ARCHIVED, REFUSED = 1, 0, -1
+_OWN_TABLES = ("sent", "kept")
+
+
+@dataclass(frozen=True, slots=True)
+class OwnEnvelope:
+    """An own envelope to reconcile with the archive (``sent`` or ``kept``)."""
+
+    cid: str
+    epoch: int
+    sender_index: int
+    chain: int
+    step: int
+    payload: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +222,10 @@ class DeviceState:
             self._db.execute("PRAGMA secure_delete=ON")
             self._db.execute("PRAGMA busy_timeout=10000")
             self._db.executescript(_SCHEMA)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(sent)")}
+            if "archived" not in columns:  # a state file from before archive checks
+                self._db.execute("ALTER TABLE sent ADD COLUMN archived INTEGER NOT NULL DEFAULT 0")
+            self._db.executescript(_UNARCHIVED_INDEXES)
         except sqlite3.Error as exc:
             raise KeyStoreError(f"cannot open state file {self.path}: {exc}") from exc
         except OSError as exc:
@@ -427,6 +475,65 @@ class DeviceState:
         assert cur.lastrowid is not None
         return cur.lastrowid
 
+    @staticmethod
+    def add_kept(
+        db: sqlite3.Connection,
+        cid: str,
+        header: tuple[int, int, int, int],
+        topic: str,
+        payload: bytes,
+        outbox_seq: int,
+    ) -> None:
+        """Keep an own receipt or control (``header``: epoch, sender index, chain,
+        step) for gap requests; texts are kept in ``sent``."""
+        epoch, sender_index, chain, step = header
+        db.execute(
+            "INSERT OR REPLACE INTO kept (cid, epoch, sender_index, chain, step, topic, payload,"
+            " outbox_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (cid, epoch, sender_index, chain, step, topic, payload, outbox_seq),
+        )
+
+    def own_envelopes(
+        self, cid: str, chain: tuple[int, int, int], first: int, last: int, limit: int
+    ) -> list[tuple[int, str, bytes]]:
+        """Own envelopes of ``chain`` (epoch, sender index, chain) with a step in
+        ``first..last`` that were published and are still kept (texts and the rest):
+        ``(step, topic, payload)``, lowest step first, at most ``limit``."""
+        epoch, sender_index, number = chain
+        where = (
+            "WHERE cid = ? AND epoch = ? AND sender_index = ? AND chain = ? AND step >= ? "
+            "AND step <= ? AND payload IS NOT NULL AND published_at IS NOT NULL"
+        )
+        args = (cid, epoch, sender_index, number, first, last)
+        rows = self._read(
+            f"SELECT step, topic, payload FROM sent {where} UNION ALL "  # noqa: S608 - constants
+            f"SELECT step, topic, payload FROM kept {where} ORDER BY step LIMIT ?",
+            (*args, *args, limit),
+        )
+        return [(int(step), str(topic), bytes(payload)) for step, topic, payload in rows]
+
+    @staticmethod
+    def prune_kept(
+        db: sqlite3.Connection, published_before: float, *, keep_unarchived: bool = False
+    ) -> int:
+        """Forget kept receipts and controls published before ``published_before`` (with
+        ``keep_unarchived``, only those the archive confirmed), and the oldest beyond
+        MAX_KEPT whatever the archive says; how many went."""
+        gone = db.execute(
+            "DELETE FROM kept WHERE published_at < ? AND (archived != 0 OR ? = 0)",
+            (published_before, int(keep_unarchived)),
+        ).rowcount
+        (count,) = db.execute("SELECT COUNT(*) FROM kept").fetchone()
+        excess = int(count) - MAX_KEPT
+        if excess > 0:
+            db.execute(
+                "DELETE FROM kept WHERE rowid IN (SELECT rowid FROM kept ORDER BY outbox_seq "
+                "LIMIT ?)",
+                (excess,),
+            )
+            gone += excess
+        return int(gone)
+
     def outbox_from(self, seq: int, limit: int) -> list[OutboxRow]:
         """Rows with ``seq`` at least ``seq``, oldest first."""
         rows = self._read(
@@ -448,10 +555,12 @@ class DeviceState:
     def acknowledged(db: sqlite3.Connection, seqs: Sequence[int], at: float) -> None:
         """The broker acknowledged these outbox rows: drop them, date the sent rows."""
         db.executemany("DELETE FROM outbox WHERE seq = ?", [(s,) for s in seqs])
-        db.executemany(
-            "UPDATE sent SET published_at = ? WHERE outbox_seq = ? AND published_at IS NULL",
-            [(at, s) for s in seqs],
-        )
+        for table in ("sent", "kept"):
+            db.executemany(
+                f"UPDATE {table} SET published_at = ? "  # noqa: S608 - a constant
+                "WHERE outbox_seq = ? AND published_at IS NULL",
+                [(at, s) for s in seqs],
+            )
 
     def sent(self, cid: str | None = None, *, limit: int = 1_000_000) -> list[SentRow]:
         rows = self._read(
@@ -502,9 +611,89 @@ class DeviceState:
         return {str(r[0]) for r in rows}
 
     @staticmethod
-    def forget_payloads(db: sqlite3.Connection, ids: Sequence[int]) -> None:
-        """Drop the kept ciphertext of messages that need no resending any more."""
-        db.executemany("UPDATE sent SET payload = NULL WHERE id = ?", [(i,) for i in ids])
+    def forget_payloads(
+        db: sqlite3.Connection, ids: Sequence[int], *, keep_unarchived: bool = False
+    ) -> None:
+        """Drop the kept ciphertext of messages that need no resending any more (with
+        ``keep_unarchived``, not of those the archive has not confirmed yet)."""
+        db.executemany(
+            "UPDATE sent SET payload = NULL WHERE id = ? AND (archived != 0 OR ? = 0)",
+            [(i, int(keep_unarchived)) for i in ids],
+        )
+
+    @staticmethod
+    def forget_old_payloads(
+        db: sqlite3.Connection, published_before: float, *, keep_unarchived: bool = False
+    ) -> int:
+        """Drop the ciphertext of own texts published before ``published_before`` (no
+        longer resent after a reconnect: ``resend_window_s``); with ``keep_unarchived``,
+        not of those the archive has not confirmed. How many."""
+        return int(
+            db.execute(
+                "UPDATE sent SET payload = NULL WHERE payload IS NOT NULL "
+                "AND published_at < ? AND (archived != 0 OR ? = 0)",
+                (published_before, int(keep_unarchived)),
+            ).rowcount
+        )
+
+    def unarchived(self, published_before: float, limit: int) -> list[OwnEnvelope]:
+        """Own envelopes (texts, receipts, controls) published before
+        ``published_before`` that the archive has not confirmed, oldest first."""
+        rows = self._read(
+            "SELECT * FROM ("
+            "SELECT published_at, cid, epoch, sender_index, chain, step, payload FROM sent "
+            "WHERE archived = 0 AND payload IS NOT NULL AND published_at < ? UNION ALL "
+            "SELECT published_at, cid, epoch, sender_index, chain, step, payload FROM kept "
+            "WHERE archived = 0 AND published_at < ?) ORDER BY published_at LIMIT ?",
+            (published_before, published_before, limit),
+        )
+        return [OwnEnvelope(str(c), e, i, ch, st, bytes(p)) for _, c, e, i, ch, st, p in rows]
+
+    def unarchived_count(self) -> int:
+        """Own envelopes published and kept that the archive has not confirmed."""
+        return sum(
+            int(
+                self._read(
+                    f"SELECT COUNT(*) FROM {table} WHERE archived = 0 "  # noqa: S608 - constant
+                    "AND payload IS NOT NULL AND published_at IS NOT NULL"
+                )[0][0]
+            )
+            for table in _OWN_TABLES
+        )
+
+    @staticmethod
+    def mark_archived(
+        db: sqlite3.Connection, keys: Sequence[tuple[str, int, int, int]], value: int = ARCHIVED
+    ) -> None:
+        """The archive confirmed (or, ``REFUSED``, refused for good) these own envelopes:
+        ``(cid, epoch, chain, step)``."""
+        for table in _OWN_TABLES:
+            db.executemany(
+                f"UPDATE {table} SET archived = ? "  # noqa: S608 - a constant
+                "WHERE cid = ? AND epoch = ? AND chain = ? AND step = ?",
+                [(value, *key) for key in keys],
+            )
+
+    @staticmethod
+    def give_up_archive(db: sqlite3.Connection, cid: str) -> None:
+        """No longer keep own envelopes of ``cid`` for the archive (we left it)."""
+        for table in _OWN_TABLES:
+            db.execute(
+                f"UPDATE {table} SET archived = ? WHERE cid = ? AND archived = ?",  # noqa: S608
+                (REFUSED, cid, NOT_ARCHIVED),
+            )
+
+    def own_high(self, cid: str) -> dict[tuple[int, int, int], int]:
+        """The highest step of each own sending chain of ``cid`` we hold a row of:
+        ``(epoch, sender index, chain) -> step`` (what a tail need not return)."""
+        rows = self._read(
+            "SELECT epoch, sender_index, chain, MAX(step) FROM ("
+            "SELECT epoch, sender_index, chain, step FROM sent WHERE cid = ? UNION ALL "
+            "SELECT epoch, sender_index, chain, step FROM kept WHERE cid = ?) "
+            "GROUP BY epoch, sender_index, chain",
+            (cid, cid),
+        )
+        return {(int(e), int(i), int(c)): int(m) for e, i, c, m in rows}
 
     @staticmethod
     def add_receipt(

@@ -75,8 +75,15 @@ class TextMessage:
 
 
 class ReceiptType(enum.IntEnum):
+    """What a receipt's ranges say (PROTOCOL.md §4.1).
+
+    ``MISSING`` is a gap request, not an acknowledgement: the ranges are steps the
+    receiver lacks and holds later envelopes for; the sender publishes them again.
+    """
+
     DELIVERED = 1
     READ = 2
+    MISSING = 3
 
 
 class ReceiptRange(WireModel):
@@ -106,6 +113,7 @@ class Control(WireModel):
 
 
 Message = TextMessage | Receipt | Control
+_RECEIPT_TYPES = frozenset(int(t) for t in ReceiptType)
 _KIND_OF: dict[type, EnvelopeKind] = {
     TextMessage: EnvelopeKind.TEXT,
     Receipt: EnvelopeKind.RECEIPT,
@@ -218,7 +226,7 @@ def decode_plaintext(
         rtype, raw_ranges = fields(value, 2, "receipt")
         if not isinstance(raw_ranges, tuple) or len(raw_ranges) > MAX_RECEIPT_RANGES:
             raise WireError("receipt ranges must be an array")
-        if rtype not in (1, 2) or isinstance(rtype, bool):
+        if rtype not in _RECEIPT_TYPES or isinstance(rtype, bool):
             raise WireError("unknown receipt type")
         ranges = []
         for raw in raw_ranges:

@@ -198,3 +198,45 @@ def test_a_renewal_rolled_back_keeps_the_window_persisted(tmp_path):
         assert restarted.send(cid, "after restart").step == 2 * RESERVE_STEPS
     finally:
         restarted.close()
+
+
+def test_own_envelopes_stay_until_archived_and_an_older_state_file_gains_the_column(tmp_path):
+    """With a gateway, own envelopes are kept until the archive confirmed them (issue 14):
+    the usual forgetting skips the unconfirmed; a state file from before the
+    ``archived`` column opens with every kept envelope still to confirm."""
+    path = tmp_path / "old.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript(
+        "CREATE TABLE sent (id INTEGER PRIMARY KEY AUTOINCREMENT, cid TEXT NOT NULL,"
+        " epoch INTEGER NOT NULL, sender_index INTEGER NOT NULL, chain INTEGER NOT NULL,"
+        " step INTEGER NOT NULL, text TEXT NOT NULL, sent_at REAL NOT NULL,"
+        " topic TEXT NOT NULL, payload BLOB, outbox_seq INTEGER NOT NULL, published_at REAL,"
+        " UNIQUE (cid, epoch, chain, step));"
+        "INSERT INTO sent VALUES (1, 'c', 0, 1, 0, 7, 'hi', 1.0, 't', x'01', 1, 10.0);"
+    )
+    db.commit()
+    db.close()
+    path.chmod(0o600)
+    state = DeviceState(path)
+    try:
+        (row,) = state.unarchived(published_before=100.0, limit=10)
+        assert (row.cid, row.sender_index, row.step, row.payload) == ("c", 1, 7, b"\x01")
+        with state.transaction() as tx:
+            state.add_kept(tx, "c", (0, 1, 0, 8), "t", b"\x02", 2)
+            state.acknowledged(tx, [2], 11.0)
+            assert state.forget_old_payloads(tx, 50.0, keep_unarchived=True) == 0
+            assert state.prune_kept(tx, 50.0, keep_unarchived=True) == 0
+        assert state.unarchived_count() == 2
+        assert state.own_envelopes("c", (0, 1, 0), 0, 100, 10) == [
+            (7, "t", b"\x01"),
+            (8, "t", b"\x02"),
+        ]
+        assert state.own_high("c") == {(0, 1, 0): 8}
+        with state.transaction() as tx:
+            state.mark_archived(tx, [("c", 0, 0, 7), ("c", 0, 0, 8)])
+            assert state.forget_old_payloads(tx, 50.0, keep_unarchived=True) == 1
+            assert state.prune_kept(tx, 50.0, keep_unarchived=True) == 1
+        assert state.unarchived_count() == 0
+        assert state.own_envelopes("c", (0, 1, 0), 0, 100, 10) == []
+    finally:
+        state.close()

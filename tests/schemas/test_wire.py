@@ -123,6 +123,10 @@ def test_bundle_rejects_a_bad_signature():
             type=ReceiptType.DELIVERED,
             ranges=(ReceiptRange(epoch=1, sender=2, chain=0, first=5, last=9),),
         ),
+        Receipt(  # a gap request (PROTOCOL.md §4.1)
+            type=ReceiptType.MISSING,
+            ranges=(ReceiptRange(epoch=0, sender=1, chain=0, first=3, last=3),),
+        ),
         Control(op=ControlOp.REKEY),
     ],
     ids=lambda m: type(m).__name__,
@@ -165,6 +169,18 @@ def test_plaintext_of_the_wrong_shape_is_a_wire_error():
     ):
         with pytest.raises(WireError):
             decode_plaintext(kind, pack(value))
+
+
+def test_receipt_types_are_delivered_read_and_missing_only():
+    """Type 3 is a gap request (PROTOCOL.md §4.1); any other type is a wire error."""
+    from schemas._codec import pack
+
+    ranges = ((0, 1, 0, 3, 4),)
+    missing = decode_plaintext(EnvelopeKind.RECEIPT, pack((3, ranges)))
+    assert isinstance(missing, Receipt) and missing.type is ReceiptType.MISSING
+    for bad in (0, 4, True):
+        with pytest.raises(WireError):
+            decode_plaintext(EnvelopeKind.RECEIPT, pack((bad, ranges)))
 
 
 def test_models_are_strict_and_frozen():

@@ -128,6 +128,29 @@ def test_python_founds_and_both_sides_talk(page):
     assert web.open(cid, bytes(tampered)) == {"error": "auth"}
 
 
+def test_the_browser_accepts_a_gap_request_and_goes_on(page):
+    """A device asks for steps it lacks with a receipt of type 3 (MISSING, PROTOCOL.md
+    §4.1); the browser opens it like any receipt (it used to refuse the type as
+    malformed) and opens what follows."""
+    from schemas import Receipt, ReceiptRange, ReceiptType
+
+    web = WebPeer(page)
+    device = Engine(Identity.generate())
+    device.learn_bundle(web.bundle)
+    web.learn(device.identity.bundle.to_bytes())
+    cid, pubs = device.create_conversation([web.pid])
+    for grant in web.roster(pubs[0].payload):
+        device.handle_grant(bytes.fromhex(grant["data"]))
+    web.grant(next(p for p in pubs if p.topic == TOPICS.inbox(web.pid)).payload)
+    ask = Receipt(
+        type=ReceiptType.MISSING,
+        ranges=(ReceiptRange(epoch=0, sender=1, chain=0, first=2, last=4),),
+    )
+    assert web.open(cid, device.seal(cid, ask)) == {"sender": device.pid, "text": None, "kind": 2}
+    after = device.seal(cid, TextMessage(sent_at=1700000000, text="after the ask"))
+    assert web.open(cid, after)["text"] == "after the ask"
+
+
 def test_browser_founds_removes_and_the_removed_cannot_read(page):
     web = WebPeer(page)
     alice, bob = Engine(Identity.generate()), Engine(Identity.generate(post_quantum=False))

@@ -367,6 +367,10 @@ async function reachHeld(cid, h) {
 }
 
 async function onReceipt(cid, from, receipt) {
+  // A gap request (type 3, PROTOCOL.md §4.1) names steps a member lacks, not ones it
+  // has: ignored here (the sender's device answers it; a browser keeps no outbox of
+  // its own envelopes to publish again).
+  if (receipt.type !== 1 && receipt.type !== 2) return;
   const c = await loadConv(cid);
   for (const [epoch, sender, chain, first, last] of receipt.ranges) {
     for (let step = first; step <= last && step - first < 10000; step++) {

@@ -298,7 +298,8 @@ export async function decodePlaintext(kind, data, { compressed = false, padded =
   }
   if (kind === MSG.receipt) {
     const [type, ranges] = fields(value, 2, "receipt");
-    if ((type !== 1 && type !== 2) || !Array.isArray(ranges) || !ranges.length ||
+    // 1 delivered, 2 read, 3 missing (a gap request: PROTOCOL.md §4.1).
+    if (![1, 2, 3].includes(type) || !Array.isArray(ranges) || !ranges.length ||
         ranges.length > MAX_RECEIPT_RANGES) throw new WireError("invalid receipt");
     for (const r of ranges) {
       fields(r, 5, "receipt range");
