@@ -1,0 +1,92 @@
+"""The chaos schedule: which process is stopped when, how, and for how long.
+
+Pure and seeded: the same seed, span and counts give the same schedule, so a run
+that found something can be repeated (the outcome still depends on timing).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from enum import StrEnum
+
+__all__ = ["DOWN_S", "Event", "Kind", "schedule"]
+
+# How long a stopped process stays down before it is started again: long enough for
+# peers to notice (reconnects, backoff), short enough that a soak of a few minutes
+# fits many events.
+DOWN_S = (0.5, 3.0)
+
+
+class Kind(StrEnum):
+    """What an event does. ``…_sigkill``: SIGKILL; ``…_graceful``: SIGTERM (what
+    systemd and `docker stop` send), then a restart either way."""
+
+    BROKER_SIGKILL = "broker_sigkill"
+    BROKER_GRACEFUL = "broker_graceful"
+    GATEWAY_SIGKILL = "gateway_sigkill"
+    DEVICE_SIGKILL = "device_sigkill"
+    DEVICE_GRACEFUL = "device_graceful"
+
+    @property
+    def role(self) -> str:
+        """The kind of process it targets: ``broker``, ``gateway`` or ``device``."""
+        return self.value.split("_", 1)[0]
+
+    @property
+    def graceful(self) -> bool:
+        return self.value.endswith("_graceful")
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """Stop ``target`` (an index among the processes of ``kind.role``) at ``at``
+    seconds into the sending phase; start it again ``down_s`` later."""
+
+    at: float
+    kind: Kind
+    target: int
+    down_s: float
+
+
+def schedule(
+    seed: int,
+    *,
+    start_s: float,
+    end_s: float,
+    counts: dict[Kind, int],
+    targets: dict[str, int],
+    down_s: tuple[float, float] = DOWN_S,
+) -> list[Event]:
+    """Spread ``counts`` events over ``[start_s, end_s)``, in a seeded random order.
+
+    Each event gets a slot of equal width and a random moment in its middle 60 %, so
+    events neither bunch up nor fall on a regular beat; the kinds are shuffled, the
+    targets drawn among ``targets[role]`` processes.
+
+    Raises:
+        ValueError: an event's role has no target, or the span is empty.
+    """
+    kinds = [kind for kind, n in sorted(counts.items()) for _ in range(n)]
+    if not kinds:
+        return []
+    if end_s <= start_s:
+        raise ValueError(f"empty chaos span [{start_s}, {end_s})")
+    for kind in set(kinds):
+        if targets.get(kind.role, 0) < 1:
+            raise ValueError(f"{kind} needs at least one {kind.role}")
+    rng = random.Random(seed)
+    rng.shuffle(kinds)
+    slot = (end_s - start_s) / len(kinds)
+    events = []
+    for i, kind in enumerate(kinds):
+        at = start_s + slot * (i + 0.2 + 0.6 * rng.random())
+        events.append(
+            Event(
+                at=round(at, 3),
+                kind=kind,
+                target=rng.randrange(targets[kind.role]),
+                down_s=round(rng.uniform(*down_s), 3),
+            )
+        )
+    return events
