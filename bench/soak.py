@@ -232,6 +232,7 @@ def soak(name: str, options: Options, seed: int) -> dict[str, Any]:
             else:
                 shutil.rmtree(root, ignore_errors=True)
         report["duration_s"] = round(time.monotonic() - began, 1)
+        _say(f"{name}: done in {report['duration_s']:g} s")
     return report
 
 

@@ -100,10 +100,16 @@ class SoakDevice(Device):
     def _soak_send(self) -> None:
         cfg = CONFIG
         stop_file, go_file = cfg.dir / "stop", cfg.dir / "go"
-        joined = self._wait(lambda: self.connected and all(map(self.engine.is_member, cfg.convs)))
+        joined = self._wait(
+            lambda: (
+                stop_file.exists()
+                or (self.connected and all(map(self.engine.is_member, cfg.convs)))
+            )
+        )
         if not joined:
             return
-        _write(cfg.dir / "ready" / cfg.name, str(time.time()))
+        if not stop_file.exists():
+            _write(cfg.dir / "ready" / cfg.name, str(time.time()))
         if not self._wait(lambda: go_file.exists() or stop_file.exists()):
             return
         # Numbering resumes after what the state file holds as sent: a SIGKILL right
