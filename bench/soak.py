@@ -92,7 +92,11 @@ def _say(message: str) -> None:
 
 @dataclass
 class Chaos:
-    """Applies the schedule, and restarts whatever died on its own (counted)."""
+    """Applies the schedule, and restarts whatever died on its own (counted).
+
+    A broker or gateway event waits until its process serves again before the next
+    event; a stopped device is started again in the background when its downtime is
+    over, so later events (a broker kill, say) can happen while it is away."""
 
     stack: Embedded | Scaled
     fleet: Fleet
@@ -101,11 +105,13 @@ class Chaos:
     graceful_exit_codes: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
     unexpected_exits: list[dict[str, Any]] = field(default_factory=list)
     skipped: int = 0
-
-    def targets(self, role: str) -> list[Proc]:
-        return self.fleet.procs() if role == "device" else self.stack.role(role)
+    away: list[tuple[float, Proc]] = field(default_factory=list)  # devices: when to start
 
     def monitor(self) -> None:
+        now = time.monotonic()
+        for entry in [e for e in self.away if e[0] <= now]:
+            self.away.remove(entry)
+            entry[1].start()
         for proc in self.registry.procs:
             code = proc.died()
             if code is None:
@@ -121,7 +127,10 @@ class Chaos:
         self.monitor()
 
     def apply(self, event: Event) -> None:
-        proc = self.targets(event.kind.role)[event.target]
+        proc = self._target(event)
+        if proc is None:
+            self.skipped += 1  # every device is away already
+            return
         if event.kind.graceful:
             code = proc.stop(signal.SIGTERM)
             self.graceful_exit_codes[proc.name].append(code)
@@ -129,8 +138,28 @@ class Chaos:
             proc.kill()
         self.kills[event.kind.value] += 1
         _say(f"{event.kind.value} {proc.name}; down {event.down_s:.1f} s")
+        if event.kind.role == "device":
+            self.away.append((time.monotonic() + event.down_s, proc))
+            return
         self.sleep_until(time.monotonic() + event.down_s)
         self._start(proc)
+
+    def _target(self, event: Event) -> Proc | None:
+        """The event's process; for a device already away, the next one that is up."""
+        if event.kind.role != "device":
+            return self.stack.role(event.kind.role)[event.target]
+        devices = self.fleet.procs()
+        for i in range(len(devices)):
+            proc = devices[(event.target + i) % len(devices)]
+            if proc.alive():
+                return proc
+        return None
+
+    def back(self) -> None:
+        """Start every device still away (the sending phase is over)."""
+        for _, proc in self.away:
+            proc.start()
+        self.away.clear()
 
     def _start(self, proc: Proc) -> None:
         proc.start()
@@ -207,6 +236,7 @@ def soak(name: str, options: Options, seed: int) -> dict[str, Any]:
                 continue
             chaos.apply(event)
         chaos.sleep_until(start + options.duration)
+        chaos.back()
         fleet.stop_sending()
         report["send_s"] = round(time.monotonic() - start, 1)
         report["skipped_events"] = chaos.skipped

@@ -7,15 +7,19 @@ that found something can be repeated (the outcome still depends on timing).
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
 __all__ = ["DOWN_S", "Event", "Kind", "schedule"]
 
-# How long a stopped process stays down before it is started again: long enough for
-# peers to notice (reconnects, backoff), short enough that a soak of a few minutes
-# fits many events.
-DOWN_S = (0.5, 3.0)
+# How long a stopped process stays down before it is started again, by role. Brokers
+# and gateways: long enough for peers to notice (reconnects, backoff), short enough
+# that a soak of a few minutes fits many events. Devices: up to longer than
+# Mosquitto's 10 s autosave, so a broker killed while a device is away can lose what
+# it queued for that device, as for a field device offline for a while; the soak
+# goes on meanwhile (the next events do not wait for a device to come back).
+DOWN_S = {"broker": (0.5, 3.0), "gateway": (0.5, 3.0), "device": (0.5, 15.0)}
 
 
 class Kind(StrEnum):
@@ -56,7 +60,7 @@ def schedule(
     end_s: float,
     counts: dict[Kind, int],
     targets: dict[str, int],
-    down_s: tuple[float, float] = DOWN_S,
+    down_s: Mapping[str, tuple[float, float]] = DOWN_S,
 ) -> list[Event]:
     """Spread ``counts`` events over ``[start_s, end_s)``, in a seeded random order.
 
@@ -86,7 +90,7 @@ def schedule(
                 at=round(at, 3),
                 kind=kind,
                 target=rng.randrange(targets[kind.role]),
-                down_s=round(rng.uniform(*down_s), 3),
+                down_s=round(rng.uniform(*down_s[kind.role]), 3),
             )
         )
     return events
