@@ -5,14 +5,17 @@ For each topology — ``embedded`` (``fieldchat up``: broker + gateway + SQLite)
 sharing one PostgreSQL database) — it starts the stack and N devices through the real
 CLI, puts them in one group conversation and one 1:1, and lets each device send
 numbered texts (``soak <device> <n>``) at a steady rate while a seeded schedule
-SIGKILLs and gracefully restarts (SIGTERM) the broker, SIGKILLs gateways and devices,
-and starts each again after a short random delay. Then it stops sending, waits (with
-a deadline) for things to settle, and checks every device's screen (what
-``fieldchat device listen --json`` printed, across restarts) and the archive (the
-gateway's history API) against what each sender accepted (its state file):
+SIGKILLs and gracefully restarts (SIGTERM) the broker and devices and SIGKILLs
+gateways, starting each again after a random downtime (bench/_soak/chaos.py: up to
+3 s for the stack, up to 15 s for a device, during which the chaos goes on). Then it
+stops sending, waits (with a deadline) for things to settle, and checks every
+device's screen (what ``fieldchat device listen --json`` printed, across restarts)
+and the archive (the gateway's history API) against what each sender accepted (its
+state file):
 
 * per screen: lost, duplicated, out of order (bench/_soak/check.py has the rules);
-* archive: accepted messages with no archived envelope, and duplicate envelopes.
+* archive: accepted messages with no archived envelope, duplicate envelopes, and
+  archived texts no sender accepted.
 
 Loopback only, ephemeral ports, temporary folders and database, all removed at the end
 (also on Ctrl-C, SIGTERM and the hard deadline); every child is stopped by its id.
@@ -23,7 +26,7 @@ where), 130 when interrupted.
 
 Usage: python bench/soak.py [--short] [--topology embedded|scaled|both] [--seed S]
        [--devices N] [--rate R] [--duration S] [--messages M] [--settle S]
-       [--broker-kills K] [--broker-restarts K] [--gateway-kills K]
+       [--broker-kills K] [--broker-away-kills K] [--broker-restarts K] [--gateway-kills K]
        [--device-kills K] [--device-restarts K] [--deadline S] [--report-only] [--keep]
 """
 
@@ -59,10 +62,11 @@ LONG = {
     "rate": 2.0,
     "duration": 720.0,
     "settle": 180.0,
-    "broker_kills": 8,
+    "broker_kills": 6,
+    "broker_away_kills": 4,
     "broker_restarts": 3,
     "gateway_kills": 8,
-    "device_kills": 12,
+    "device_kills": 10,
     "device_restarts": 2,
 }
 SHORT = {
@@ -70,7 +74,8 @@ SHORT = {
     "rate": 2.0,
     "duration": 35.0,
     "settle": 45.0,
-    "broker_kills": 2,
+    "broker_kills": 1,
+    "broker_away_kills": 1,
     "broker_restarts": 1,
     "gateway_kills": 2,
     "device_kills": 2,
@@ -127,6 +132,9 @@ class Chaos:
         self.monitor()
 
     def apply(self, event: Event) -> None:
+        if event.kind is Kind.BROKER_SIGKILL_AWAY:
+            self._away(event)
+            return
         proc = self._target(event)
         if proc is None:
             self.skipped += 1  # every device is away already
@@ -144,13 +152,37 @@ class Chaos:
         self.sleep_until(time.monotonic() + event.down_s)
         self._start(proc)
 
+    def _away(self, event: Event) -> None:
+        """A device SIGKILLed, the broker SIGKILLed while it is away, the device back
+        soon after the broker (chaos.LEAD_S says why)."""
+        device = self._device(event.device)
+        if device is not None:
+            device.kill()
+            self.kills[Kind.DEVICE_SIGKILL.value] += 1
+            _say(f"{event.kind.value}: {device.name} away; the broker goes in {event.lead_s:.1f} s")
+            self.sleep_until(time.monotonic() + event.lead_s)
+        broker = self.stack.role("broker")[0]
+        broker.kill()
+        self.kills[Kind.BROKER_SIGKILL.value] += 1
+        self.kills[event.kind.value] += 1
+        _say(f"{event.kind.value}: broker_sigkill {broker.name}; down {event.down_s:.1f} s")
+        self.sleep_until(time.monotonic() + event.down_s)
+        self._start(broker)
+        if device is not None:
+            self.sleep_until(time.monotonic() + event.back_s)
+            device.start()
+
     def _target(self, event: Event) -> Proc | None:
         """The event's process; for a device already away, the next one that is up."""
         if event.kind.role != "device":
             return self.stack.role(event.kind.role)[event.target]
+        return self._device(event.target)
+
+    def _device(self, index: int) -> Proc | None:
+        """Device ``index``, or the next one that is up when it is away; None if all are."""
         devices = self.fleet.procs()
         for i in range(len(devices)):
-            proc = devices[(event.target + i) % len(devices)]
+            proc = devices[(index + i) % len(devices)]
             if proc.alive():
                 return proc
         return None
@@ -387,6 +419,9 @@ def main() -> int:
     parser.add_argument("--messages", type=int, default=0, help="cap per device and conversation")
     parser.add_argument("--settle", type=float, help="seconds allowed to settle after sending")
     parser.add_argument("--broker-kills", type=int)
+    parser.add_argument(
+        "--broker-away-kills", type=int, help="broker SIGKILLs while a device is away"
+    )
     parser.add_argument("--broker-restarts", type=int, help="graceful (SIGTERM) restarts")
     parser.add_argument("--gateway-kills", type=int, help="scaled topology only")
     parser.add_argument("--device-kills", type=int)
@@ -406,6 +441,7 @@ def main() -> int:
         settle=float(value["settle"]),
         counts={
             Kind.BROKER_SIGKILL: int(value["broker_kills"]),
+            Kind.BROKER_SIGKILL_AWAY: int(value["broker_away_kills"]),
             Kind.BROKER_GRACEFUL: int(value["broker_restarts"]),
             Kind.GATEWAY_SIGKILL: int(value["gateway_kills"]),
             Kind.DEVICE_SIGKILL: int(value["device_kills"]),

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bench._soak.chaos import Kind, schedule
+from bench._soak.chaos import BACK_S, DOWN_S, LEAD_S, Kind, schedule
 from bench._soak.check import (
     ArchivedEnvelope,
     SentMessage,
@@ -99,19 +99,32 @@ def test_the_archive_is_matched_by_header_and_counts_holes_duplicates_and_strang
 
 
 def test_the_schedule_is_reproducible_and_has_what_was_asked():
-    counts = {Kind.BROKER_SIGKILL: 6, Kind.GATEWAY_SIGKILL: 6, Kind.DEVICE_SIGKILL: 10}
+    counts = {
+        Kind.BROKER_SIGKILL: 6,
+        Kind.BROKER_SIGKILL_AWAY: 3,
+        Kind.GATEWAY_SIGKILL: 6,
+        Kind.DEVICE_SIGKILL: 10,
+    }
     targets = {"broker": 1, "gateway": 2, "device": 5}
     one = schedule(7, start_s=10, end_s=100, counts=counts, targets=targets)
     assert one == schedule(7, start_s=10, end_s=100, counts=counts, targets=targets)
     assert one != schedule(8, start_s=10, end_s=100, counts=counts, targets=targets)
-    assert len(one) == 22
+    assert len(one) == 25
     assert {k: sum(e.kind == k for e in one) for k in counts} == counts
     assert all(10 <= e.at < 100 for e in one)
     assert [e.at for e in one] == sorted(e.at for e in one)
     assert all(0 <= e.target < targets[e.kind.role] for e in one)
     assert {e.target for e in one if e.kind.role == "gateway"} == {0, 1}
+    away = [e for e in one if e.kind is Kind.BROKER_SIGKILL_AWAY]
+    assert all(0 <= e.device < 5 and LEAD_S[0] <= e.lead_s <= LEAD_S[1] for e in away)
+    assert all(BACK_S[0] <= e.back_s <= BACK_S[1] for e in away)
+    assert all(e.down_s <= DOWN_S["device"][1] for e in one if e.kind.role == "device")
     with pytest.raises(ValueError, match="gateway"):
         schedule(7, start_s=0, end_s=10, counts={Kind.GATEWAY_SIGKILL: 1}, targets={"broker": 1})
+    with pytest.raises(ValueError, match="device"):
+        schedule(
+            7, start_s=0, end_s=10, counts={Kind.BROKER_SIGKILL_AWAY: 1}, targets={"broker": 1}
+        )
 
 
 # -- the short soak ----------------------------------------------------------------------
