@@ -75,7 +75,7 @@ def test_lost_duplicated_and_out_of_order_are_counted_per_screen():
     assert verdict.unexpected == 1  # z never sent anything
     assert verdict.unreadable_lines == 1
     assert ["group", "a", 2, "after", 3] in verdict.samples["out_of_order"]
-    assert ["d", "a", 1] in verdict.samples["lost"]
+    assert verdict.samples["lost"] == [["d", "a", 1, 1], ["group", "a", 4, 5]]
 
 
 def test_the_archive_is_matched_by_header_and_counts_holes_duplicates_and_strangers():
@@ -92,7 +92,7 @@ def test_the_archive_is_matched_by_header_and_counts_holes_duplicates_and_strang
     assert verdict.missing == 1  # step 1: a's message 2
     assert verdict.duplicates == 1
     assert verdict.unexpected == 1
-    assert verdict.samples["missing"] == [["g", "a", 2]]
+    assert verdict.samples["missing"] == [["g", "a", 2, 2]]
 
 
 # -- the schedule ------------------------------------------------------------------------

@@ -36,11 +36,12 @@ __all__ = [
     "check_archive",
     "check_screens",
     "parse_screen",
+    "runs",
     "soak_text",
 ]
 
 TEXT = re.compile(r"^soak (\S+) (\d+)$")
-SAMPLES = 10  # examples kept per finding, enough to start debugging from
+SAMPLES = 10  # examples (runs, for lost and missing) kept per finding, to start debugging from
 TEXT_KIND = int(EnvelopeKind.TEXT)
 
 
@@ -151,6 +152,7 @@ def check_screens(
     for message in sent:
         accepted[(message.cid, message.device)].add(message.n)
     verdicts: dict[str, ScreenVerdict] = {}
+    lost: list[tuple[str, str, int]] = []
     for device, (lines, unreadable) in screens.items():
         verdict = verdicts[device] = ScreenVerdict(unreadable_lines=unreadable)
         seen: Counter[tuple[str, str, int]] = Counter()
@@ -183,8 +185,23 @@ def check_screens(
                     verdict.expected += 1
                     if not seen[(cid, sender, n)]:
                         verdict.lost += 1
-                        verdict.sample("lost", [labels.get(cid, cid), sender, n])
+                        lost.append((labels.get(cid, cid), sender, n))
+        if lost:
+            verdict.samples["lost"] = runs(lost)[:SAMPLES]
+            lost.clear()
     return verdicts
+
+
+def runs(items: Iterable[tuple[str, str, int]]) -> list[list[Any]]:
+    """``(where, sender, n)`` as runs of consecutive ``n``: ``[where, sender, first,
+    last]`` (holes come in runs: a broker restart, a lost subscription)."""
+    out: list[list[Any]] = []
+    for where, sender, n in sorted(items):
+        if out and out[-1][:2] == [where, sender] and out[-1][3] == n - 1:
+            out[-1][3] = n
+        else:
+            out.append([where, sender, n, n])
+    return out
 
 
 @dataclass
@@ -220,11 +237,12 @@ def check_archive(
         if count > 1:
             verdict.duplicates += count - 1
             verdict.sample("duplicates", [labels.get(key[0], key[0]), *key[1:]])
+    missing = []
     for message in sent:
         verdict.expected += 1
         if not counts[message.key]:
             verdict.missing += 1
-            verdict.sample(
-                "missing", [labels.get(message.cid, message.cid), message.device, message.n]
-            )
+            missing.append((labels.get(message.cid, message.cid), message.device, message.n))
+    if missing:
+        verdict.samples["missing"] = runs(missing)[:SAMPLES]
     return verdict
