@@ -31,7 +31,7 @@ Rules: participants log in with username = client id = pid and the credential fr
 QoS 2 subscriptions are granted QoS 1. See ``docs/broker.md``.
 """
 
-from broker._acl import Deny, Identity, Membership, Rules
+from broker._acl import Deny, Membership, Principal, Rules
 from broker._config import BrokerConfig, Limits, TlsConfig
 from broker._errors import BrokerError, MalformedPacket, PacketTooLarge, PortInUse, UnknownAccount
 from broker._metrics import Metrics
@@ -45,13 +45,13 @@ __all__ = [
     "BrokerThread",
     "Deny",
     "EmbeddedBroker",
-    "Identity",
     "Limits",
     "MalformedPacket",
     "Membership",
     "Metrics",
     "PacketTooLarge",
     "PortInUse",
+    "Principal",
     "Rules",
     "Store",
     "TlsConfig",

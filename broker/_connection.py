@@ -32,10 +32,10 @@ import time
 from collections import deque
 
 from broker import _v5 as v5
-from broker._acl import Deny, Identity
+from broker._acl import Deny, Principal
 from broker._credentials import verify_credential
-from broker._engine import Engine
 from broker._quota import address_key
+from broker._router import Router
 from broker._session import Message, Session, SubOptions
 from broker._trace import trace_route
 from broker._transport import Transport
@@ -73,14 +73,14 @@ class _Close(Exception):
 class Connection:
     """Drives one transport until it closes."""
 
-    def __init__(self, engine: Engine, transport: Transport) -> None:
-        self.engine = engine
+    def __init__(self, router: Router, transport: Transport) -> None:
+        self.router = router
         self.transport = transport
         self.session: Session | None = None
-        self.identity: Identity | None = None
+        self.principal: Principal | None = None
         self.will: mqtt.Will | None = None
         self.level: int = mqtt.ProtocolLevel.V311
-        limits = engine.limits
+        limits = router.limits
         self._decoder = mqtt.Decoder(max_packet_size=limits.max_packet_bytes)
         # MQTT 5 flow control: what the client accepts from us (its CONNECT) …
         self.window = limits.max_inflight
@@ -121,11 +121,11 @@ class Connection:
             self._finish(reason)
 
     async def _serve(self) -> None:
-        engine = self.engine
-        pending = engine.pending
+        router = self.router
+        pending = router.pending
         # Full: logged-in clients hold the rest. With the pending ones at their cap too,
         # the oldest pending one makes room (below), so a flood cannot refuse a login.
-        if len(engine.connections) >= engine.limits.max_connections and len(pending) < (
+        if len(router.connections) >= router.limits.max_connections and len(pending) < (
             pending.total
         ):
             raise _Close("max_connections")
@@ -136,11 +136,11 @@ class Connection:
         if evicted is not None:
             log.info("too many connections waiting for CONNECT: closing the oldest")
             evicted.kick("pending_evicted")
-        engine.connections.add(self)
-        engine.metrics.connections.inc()
+        router.connections.add(self)
+        router.metrics.connections.inc()
         try:
             try:
-                async with asyncio.timeout(engine.limits.connect_timeout_s):
+                async with asyncio.timeout(router.limits.connect_timeout_s):
                     packets = await self._receive()
             except TimeoutError:
                 raise _Close("connect_timeout") from None
@@ -174,13 +174,13 @@ class Connection:
         if self._closed:
             return
         self._closed = True
-        engine = self.engine
-        engine.connections.discard(self)
-        engine.pending.discard(self)
+        router = self.router
+        router.connections.discard(self)
+        router.pending.discard(self)
         if self._watchdog is not None:
             self._watchdog.cancel()
         if reason not in ("closed", "disconnect", "network"):
-            engine.metrics.disconnects.labels(reason).inc()
+            router.metrics.disconnects.labels(reason).inc()
         session = self.session
         code = v5.DISCONNECT_REASONS.get(reason)
         graceful = reason in ("disconnect", "refused")
@@ -188,14 +188,14 @@ class Connection:
             self._disconnect(code)
             graceful = True  # let the DISCONNECT out before closing
         if session is not None and session.conn is self:
-            engine.metrics.connected.dec()
+            router.metrics.connected.dec()
             session.conn = None
             if self.will is not None and self.send_will and reason != "disconnect":
                 self._will_due(session, self.will)
             if not session.persistent:
-                engine.drop_session(session)
+                router.drop_session(session)
             else:
-                engine.offline(session)
+                router.offline(session)
         if graceful:
             self.transport.close()
         else:
@@ -206,7 +206,7 @@ class Connection:
         if the session outlives the connection."""
         delay = will.properties.will_delay_interval or 0
         if delay and session.persistent:
-            self.engine.delay_will(
+            self.router.delay_will(
                 session, min(delay, session.expiry), lambda: self._publish_will(will)
             )
         else:
@@ -223,42 +223,44 @@ class Connection:
         self._finish(reason)
 
     def _who(self) -> str:
-        return self.identity.username if self.identity else self.transport.peer
+        return self.principal.username if self.principal else self.transport.peer
 
     # CONNECT ------------------------------------------------------------------------
 
-    async def _authenticate(self, connect: mqtt.Connect) -> Identity:
+    async def _authenticate(self, connect: mqtt.Connect) -> Principal:
         """Steps 2 and 3 of the module docstring; a refusal raises :class:`_Close`."""
-        engine = self.engine
+        router = self.router
         self.level = connect.protocol_level
         if connect.properties.authentication_method is not None:  # no enhanced auth
             self._refuse(mqtt.ReasonCode.BAD_AUTHENTICATION_METHOD, "auth")
-        account = engine.account(connect.username or "")
+        account = router.account(connect.username or "")
         ok = False
         if account is not None and connect.password is not None:
             ok = await asyncio.to_thread(verify_credential, connect.password, account.hash)
             # The account may have been revoked while we were hashing.
-            ok = ok and engine.accounts.get(account.username) is account
+            ok = ok and router.accounts.get(account.username) is account
         if self._closed:  # evicted from the pending connections while we were hashing
             raise _Close("pending_evicted")
         if not ok:
             log.info(
                 "login refused for %r from %s", (connect.username or "")[:64], self.transport.peer
             )
-            await asyncio.sleep(engine.limits.auth_failure_delay_s)
+            await asyncio.sleep(router.limits.auth_failure_delay_s)
             self._refuse(_BAD_CREDENTIALS, "auth")
         assert account is not None
         client_id = connect.client_id or self._assigned(account.username)
         if client_id != account.username:
             self._refuse(_ID_REJECTED, "client_id")
-        identity = Identity(account.username, account.role)
+        principal = Principal(account.username, account.role)
         will = connect.will
         if will is not None:
-            denial = engine.rules.will(identity, will.topic, will.payload, retain=will.retain)
+            denial = router.rules.will(principal, will.topic, will.payload, retain=will.retain)
             if denial is not None:
-                log.info("%s: will on %r refused (%s)", identity.username, will.topic[:120], denial)
+                log.info(
+                    "%s: will on %r refused (%s)", principal.username, will.topic[:120], denial
+                )
                 self._refuse(_NOT_AUTHORIZED, "will")
-        return identity
+        return principal
 
     def _assigned(self, username: str) -> str:
         """MQTT 5 lets a client send an empty client id and take the one the server
@@ -266,30 +268,30 @@ class Connection:
         return username if self.level == mqtt.ProtocolLevel.V5 else ""
 
     async def _connect(self, connect: mqtt.Connect) -> None:
-        engine = self.engine
-        metrics = engine.metrics
-        identity = await self._authenticate(connect)
-        self.identity = identity
+        router = self.router
+        metrics = router.metrics
+        principal = await self._authenticate(connect)
+        self.principal = principal
         self.will = connect.will
         persistent, expiry = v5.session_expiry(connect)
         # Authenticated: now, and only now, touch the session (takeover).
-        session = engine.sessions.get(identity.username)
+        session = router.sessions.get(principal.username)
         if session is not None and session.conn is not None:
-            log.info("%s connected again: closing its previous connection", identity.username)
+            log.info("%s connected again: closing its previous connection", principal.username)
             session.conn.kick("takeover")
         present = False
         if session is not None and (connect.clean_start or not session.persistent):
-            engine.drop_session(session)
+            router.drop_session(session)
             session = None
         if session is None:
-            session = Session(identity.username, identity, persistent=persistent, expiry=expiry)
-            engine.sessions[session.client_id] = session
+            session = Session(principal.username, principal, persistent=persistent, expiry=expiry)
+            router.sessions[session.client_id] = session
         else:
             present = True
-            session.identity = identity
+            session.principal = principal
             session.expiry = expiry  # the new CONNECT's interval applies (MQTT-3.1.2-23)
-        engine.online(session)
-        engine.persist_session(session)
+        router.online(session)
+        router.persist_session(session)
         self.session = session
         session.conn = self
         metrics.connected.inc()
@@ -298,34 +300,34 @@ class Connection:
         if self.level == mqtt.ProtocolLevel.V5:
             self._limits_of(connect.properties)
             properties = v5.connack_properties(
-                engine.limits,
+                router.limits,
                 connect,
-                assigned=None if connect.client_id else identity.username,
-                inbox=None if identity.is_gateway else engine.topics.inbox(identity.username),
+                assigned=None if connect.client_id else principal.username,
+                inbox=None if principal.is_gateway else router.topics.inbox(principal.username),
             )
             keep_alive = properties.server_keep_alive or keep_alive
         connack = mqtt.Connack(present, _ACCEPTED, properties)
         self.transport.write(mqtt.encode(connack, self.level))
-        self._keep_alive = keep_alive * engine.limits.keepalive_factor
+        self._keep_alive = keep_alive * router.limits.keepalive_factor
         self._last_rx = self._loop.time()
         if self._keep_alive:
             self._watchdog = self._loop.call_later(self._keep_alive, self._check_keep_alive)
         # MQTT-4.4.0-1: resend unacknowledged PUBLISH packets (DUP set), in order.
         for packet_id, message in list(session.inflight.items()):
             if not self._write_publish(message, packet_id, dup=True):
-                engine.acked(session, packet_id)  # expired meanwhile, or too large now
-        engine.pump(session)
+                router.acked(session, packet_id)  # expired meanwhile, or too large now
+        router.pump(session)
 
     def _limits_of(self, properties: mqtt.Properties) -> None:
         """What an MQTT 5 client's CONNECT allows us to send it (§3.1.2.11)."""
         if properties.receive_maximum is not None:  # MQTT-3.3.4-9
             self.window = min(self.window, properties.receive_maximum)
         self._max_out = properties.maximum_packet_size  # MQTT-3.1.2-24
-        aliases = min(properties.topic_alias_maximum or 0, self.engine.limits.topic_alias_maximum)
+        aliases = min(properties.topic_alias_maximum or 0, self.router.limits.topic_alias_maximum)
         self._aliases_out = mqtt.OutboundAliases(aliases)
 
     def _refuse(self, code: int, reason: str) -> None:
-        self.engine.metrics.denials.labels(reason).inc()
+        self.router.metrics.denials.labels(reason).inc()
         if self.level == mqtt.ProtocolLevel.V5:
             code = _V5_REFUSALS.get(code, code)
         self.transport.write(mqtt.encode(mqtt.Connack(False, code), self.level))
@@ -341,26 +343,26 @@ class Connection:
         self._watchdog = self._loop.call_later(self._keep_alive - idle, self._check_keep_alive)
 
     def _publish_will(self, will: mqtt.Will) -> None:
-        engine = self.engine
-        assert self.identity is not None
+        router = self.router
+        assert self.principal is not None
         # Checked again now: the membership the CONNECT was checked against may be gone.
-        denial = engine.rules.will(self.identity, will.topic, will.payload, retain=will.retain)
-        parsed = engine.parse(will.topic)
+        denial = router.rules.will(self.principal, will.topic, will.payload, retain=will.retain)
+        parsed = router.parse(will.topic)
         if denial is not None or parsed is None:
-            engine.metrics.denials.labels("will").inc()
+            router.metrics.denials.labels("will").inc()
             log.info(
                 "%s: will on %r not published (%s)",
-                self.identity.username,
+                self.principal.username,
                 will.topic[:120],
                 denial.value if denial else "topic",
             )
             return
-        engine.metrics.messages_in.inc()
+        router.metrics.messages_in.inc()
         properties = will.properties
         expires_at = None
         if properties.message_expiry_interval is not None:
-            expires_at = engine.clock() + properties.message_expiry_interval
-        engine.route(
+            expires_at = router.clock() + properties.message_expiry_interval
+        router.route(
             will.topic,
             will.payload,
             will.qos,
@@ -370,17 +372,17 @@ class Connection:
             expires_at=expires_at,
         )
         if will.retain:
-            engine.retain(will.topic, will.payload, will.qos)
+            router.retain(will.topic, will.payload, will.qos)
 
     # read loop ---------------------------------------------------------------------
 
     async def _read_loop(self, packets: list[mqtt.Packet]) -> None:  # noqa: PLR0912 - per type
-        engine = self.engine
+        router = self.router
         transport = self.transport
         session = self.session
         assert session is not None
-        assert self.identity is not None
-        throttle = engine.throttle(self.identity)
+        assert self.principal is not None
+        throttle = router.throttle(self.principal)
         loop = self._loop
         while True:
             for packet in packets:
@@ -399,7 +401,7 @@ class Connection:
                             await asyncio.sleep(wait)  # TCP pushback: the client's sends block
                 elif isinstance(packet, mqtt.Puback):
                     if session.conn is self:
-                        engine.acked(session, packet.packet_id)
+                        router.acked(session, packet.packet_id)
                 elif isinstance(packet, mqtt.Pingreq):
                     transport.write(_PINGRESP)
                 elif isinstance(packet, mqtt.Subscribe):
@@ -424,7 +426,7 @@ class Connection:
             self._last_rx = loop.time()
 
     def _throttled(self, wait: float, limit_name: str) -> None:
-        self.engine.metrics.throttled.labels(limit_name).inc()
+        self.router.metrics.throttled.labels(limit_name).inc()
         if not self._throttle_logged:
             self._throttle_logged = True
             log.info(
@@ -441,7 +443,7 @@ class Connection:
             MalformedPacket: a bad alias (0x94 / 0x82).
             _Close: more unacknowledged QoS 1/2 PUBLISH than we allow (0x93).
         """
-        if packet.qos and len(self._acks) >= self.engine.limits.receive_maximum:
+        if packet.qos and len(self._acks) >= self.router.limits.receive_maximum:
             raise _Close("receive_maximum")  # MQTT-3.3.4-8
         if packet.properties.topic_alias is None:
             return packet
@@ -459,36 +461,36 @@ class Connection:
         )
 
     def _on_publish(self, packet: mqtt.Publish) -> None:  # noqa: PLR0912 - the publish path
-        engine = self.engine
-        identity = self.identity
+        router = self.router
+        principal = self.principal
         session = self.session
-        assert identity is not None
+        assert principal is not None
         assert session is not None
-        start = time.time_ns() if engine.tracer is not None else 0
+        start = time.time_ns() if router.tracer is not None else 0
         if packet.qos == 2 and packet.packet_id in session.qos2_received:
             # Received before (maybe on an earlier connection): PUBREC again, deliver
             # nothing (MQTT-4.3.3-10).
             self._ack(mqtt.encode(mqtt.Pubrec(packet.packet_id), self.level), None)
             return
-        denial, roster = engine.authorize(
-            identity, packet.topic, packet.payload, retain=packet.retain
+        denial, roster = router.authorize(
+            principal, packet.topic, packet.payload, retain=packet.retain
         )
         if denial is not None:
             if start:
-                self._trace_route(packet, engine.parse(packet.topic), start, None, denial.value)
+                self._trace_route(packet, router.parse(packet.topic), start, None, denial.value)
             self._denied(packet, denial)
             return
         if roster is not None:
-            engine.adopt_roster(roster)
-        parsed = engine.parse(packet.topic)
+            router.adopt_roster(roster)
+        parsed = router.parse(packet.topic)
         assert parsed is not None
-        engine.metrics.messages_in.inc()
+        router.metrics.messages_in.inc()
         properties, expires_at = packet.properties, None
         if properties is not mqtt.NO_PROPERTIES:
             if properties.message_expiry_interval is not None:
-                expires_at = engine.clock() + properties.message_expiry_interval
+                expires_at = router.clock() + properties.message_expiry_interval
             properties = v5.forwarded(properties)
-        wrote = engine.route(
+        wrote = router.route(
             packet.topic,
             packet.payload,
             packet.qos,
@@ -500,14 +502,14 @@ class Connection:
         )
         if parsed.kind is TopicKind.PROPOSE:
             assert parsed.cid is not None
-            wrote = engine.retain_roster(parsed.cid, packet.payload) or wrote
+            wrote = router.retain_roster(parsed.cid, packet.payload) or wrote
         elif packet.retain:
-            wrote = engine.retain(packet.topic, packet.payload, packet.qos) or wrote
+            wrote = router.retain(packet.topic, packet.payload, packet.qos) or wrote
         if packet.qos == 0 or packet.packet_id is None:
             if start:
                 self._trace_route(packet, parsed, start, None, None)
             return
-        pending = engine.writer.committed() if wrote and engine.writer is not None else None
+        pending = router.writer.committed() if wrote and router.writer is not None else None
         if start:
             self._trace_route(packet, parsed, start, pending, None)
         if packet.qos == 1:
@@ -524,18 +526,18 @@ class Connection:
         pending: asyncio.Future[None] | None,
         denied: str | None,
     ) -> None:
-        tracer = self.engine.tracer
+        tracer = self.router.tracer
         if tracer is not None:
-            fanout = 0 if denied else self.engine.fanout
+            fanout = 0 if denied else self.router.fanout
             trace_route(tracer, packet, parsed, start, pending, denied, fanout)
 
     def _denied(self, packet: mqtt.Publish, denial: Deny) -> None:
-        engine = self.engine
-        engine.metrics.denials.labels(denial.value).inc()
+        router = self.router
+        router.metrics.denials.labels(denial.value).inc()
         log.info("%s may not publish to %r (%s)", self._who(), packet.topic[:120], denial.value)
         # MQTT 5 says why: a negative PUBACK (or DISCONNECT) with the reason code.
         code = v5.denial_code(denial) if self.level == mqtt.ProtocolLevel.V5 else 0
-        if denial.disconnects or (denial.is_race and engine.config.on_not_member == "disconnect"):
+        if denial.disconnects or (denial.is_race and router.config.on_not_member == "disconnect"):
             self._disconnect(code)
             raise _Close("denied_publish")
         session = self.session
@@ -573,11 +575,11 @@ class Connection:
             self.transport.write(data)
 
     def _on_subscribe(self, packet: mqtt.Subscribe) -> None:
-        engine = self.engine
+        router = self.router
         session = self.session
-        identity = self.identity
+        principal = self.principal
         assert session is not None
-        assert identity is not None
+        assert principal is not None
         v5_level = self.level == mqtt.ProtocolLevel.V5
         identifiers = packet.properties.subscription_identifiers
         identifier = identifiers[0] if identifiers else None
@@ -589,16 +591,16 @@ class Connection:
             if shared and subscription.no_local:  # MQTT-3.8.3-4
                 raise MalformedPacket("No Local on a shared subscription", code=0x82)
             denial = None if _valid_filter(topic_filter) else Deny.FORBIDDEN
-            denial = denial or engine.rules.subscribe(identity, topic_filter)
+            denial = denial or router.rules.subscribe(principal, topic_filter)
             new = topic_filter not in session.subscriptions
             if (
                 denial is None
                 and new
-                and len(session.subscriptions) >= engine.limits.max_subscriptions
+                and len(session.subscriptions) >= router.limits.max_subscriptions
             ):
                 denial = Deny.TOO_MANY
             if denial is not None:
-                engine.metrics.denials.labels(denial.value).inc()
+                router.metrics.denials.labels(denial.value).inc()
                 log.info("%s may not subscribe to %r (%s)", self._who(), topic_filter[:120], denial)
                 if not v5_level:
                     codes.append(_SUBACK_FAILURE)
@@ -613,26 +615,26 @@ class Connection:
             options = SubOptions(
                 grant, subscription.no_local, subscription.retain_as_published, identifier
             )
-            engine.add_subscription(session, topic_filter, options)
+            router.add_subscription(session, topic_filter, options)
             codes.append(grant)
             handling = subscription.retain_handling  # MQTT-3.3.1-9, -10, -11
             if handling == mqtt.RetainHandling.SEND_ON_SUBSCRIBE or (
                 handling == mqtt.RetainHandling.SEND_IF_NEW and new
             ):
                 replay.append((topic_filter, options))
-        engine.persist_session(session)
+        router.persist_session(session)
         self.transport.write(mqtt.encode(mqtt.Suback(packet.packet_id, tuple(codes)), self.level))
         for topic_filter, options in replay:  # MQTT-3.3.1-6, after the SUBACK
-            engine.replay_retained(session, topic_filter, options)
+            router.replay_retained(session, topic_filter, options)
 
     def _on_unsubscribe(self, packet: mqtt.Unsubscribe) -> None:
         session = self.session
         assert session is not None
         codes = []
         for topic_filter in packet.topic_filters:
-            existed = self.engine.remove_subscription(session, topic_filter)
+            existed = self.router.remove_subscription(session, topic_filter)
             codes.append(0 if existed else mqtt.ReasonCode.NO_SUBSCRIPTION_EXISTED)
-        self.engine.persist_session(session)
+        self.router.persist_session(session)
         if self.level != mqtt.ProtocolLevel.V5:
             codes = []
         self.transport.write(mqtt.encode(mqtt.Unsuback(packet.packet_id, tuple(codes)), self.level))
@@ -661,7 +663,7 @@ class Connection:
                 message.topic_bytes, message.payload, 1, packet_id, retain=message.retain, dup=dup
             )
         self.transport.write(data)
-        self.engine.metrics.messages_out.inc()
+        self.router.metrics.messages_out.inc()
         return True
 
     def _v5_bytes(
@@ -676,10 +678,10 @@ class Connection:
             dup=dup,
             aliases=self._aliases_out,
             max_size=self._max_out,
-            now=self.engine.clock(),
+            now=self.router.clock(),
         )
         if dropped:
-            self.engine.metrics.queue_drops.labels(dropped).inc()
+            self.router.metrics.queue_drops.labels(dropped).inc()
         return data
 
     def send_qos0(
@@ -693,7 +695,7 @@ class Connection:
         else:
             data = mqtt.encode_publish(topic.encode(), payload, 0, None, retain=retain)
         self.transport.write(data)
-        self.engine.metrics.messages_out.inc()
+        self.router.metrics.messages_out.inc()
 
 
 def _valid_filter(topic_filter: str) -> bool:

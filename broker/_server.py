@@ -1,7 +1,7 @@
-"""The embedded broker: aMQTT's listeners feeding fieldchat's engine.
+"""The embedded broker: aMQTT's listeners feeding fieldchat's router.
 
 aMQTT 0.12.1 (pinned) provides the listener configuration, the TCP/TLS servers, the
-WebSocket server (``websockets``) and the TLS context. Its session engine is where
+WebSocket server (``websockets``) and the TLS context. Its session router is where
 the defects of issue 3 live (authentication after takeover, retained replay
 without ACL, no keep-alive, lost in-flight messages, unbounded and unpersisted
 queues), so :class:`_Listeners` overrides the connection entry points
@@ -29,9 +29,9 @@ from websockets.asyncio.server import ServerConnection
 
 from broker._config import BrokerConfig
 from broker._connection import Connection
-from broker._engine import Engine
 from broker._errors import BrokerError, PortInUse
 from broker._metrics import Metrics, serve_metrics
+from broker._router import Router
 from broker._store import Store
 from broker._transport import TcpTransport, WsTransport
 
@@ -44,9 +44,9 @@ _WS_FRAME_SLACK = 16
 
 
 class _Listeners(_AmqttBroker):  # type: ignore[misc]
-    def __init__(self, engine: Engine, listeners: dict[str, Any]) -> None:
+    def __init__(self, router: Router, listeners: dict[str, Any]) -> None:
         super().__init__({"listeners": listeners, "plugins": {}})
-        self._engine = engine
+        self._router = router
         self._handlers: set[asyncio.Task[Any]] = set()
 
     async def start(self) -> None:
@@ -62,7 +62,7 @@ class _Listeners(_AmqttBroker):  # type: ignore[misc]
     async def shutdown(self) -> None:
         self.transitions.shutdown()
         await self._close_servers()
-        for conn in list(self._engine.connections):
+        for conn in list(self._router.connections):
             conn.kick("shutdown")
         if self._handlers:
             await asyncio.wait(list(self._handlers), timeout=5)
@@ -85,7 +85,7 @@ class _Listeners(_AmqttBroker):  # type: ignore[misc]
         port: int,
         ssl_context: ssl.SSLContext | None,
     ) -> asyncio.Server | websockets.asyncio.server.Server:
-        limits = self._engine.limits
+        limits = self._router.limits
         try:
             if listener_type == ListenerType.WS:
                 return await websockets.serve(
@@ -135,7 +135,7 @@ class _Listeners(_AmqttBroker):  # type: ignore[misc]
         assert task is not None
         self._handlers.add(task)
         try:
-            await Connection(self._engine, transport).run()
+            await Connection(self._router, transport).run()
         except asyncio.CancelledError:
             raise
         except Exception:  # a connection's bug must not take the broker down
@@ -170,7 +170,7 @@ class EmbeddedBroker:
     def __init__(self, config: BrokerConfig) -> None:
         self.config = config
         self.metrics = Metrics()
-        self._engine: Engine | None = None
+        self._router: Router | None = None
         self._listeners: _Listeners | None = None
         self._metrics_server: asyncio.Server | None = None
         self._poller: asyncio.Task[None] | None = None
@@ -186,9 +186,9 @@ class EmbeddedBroker:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         config = self.config
-        engine = Engine(config, self.metrics)
-        engine.open(loop)
-        self._engine = engine
+        router = Router(config, self.metrics)
+        router.open(loop)
+        self._router = router
         self._admin = Store(config.db_path)
         listeners: dict[str, Any] = {
             "default": {"type": "tcp", "bind": f"{config.host}:{config.port}"}
@@ -210,7 +210,7 @@ class EmbeddedBroker:
                     ssl=True, certfile=str(config.tls.certfile), keyfile=str(config.tls.keyfile)
                 )
         try:
-            self._listeners = _Listeners(engine, listeners)
+            self._listeners = _Listeners(router, listeners)
             await self._listeners.start()
             if config.metrics_port is not None:
                 self._metrics_server = await serve_metrics(
@@ -241,9 +241,9 @@ class EmbeddedBroker:
         await self._close_state()
 
     async def _close_state(self) -> None:
-        if self._engine is not None:
-            await asyncio.to_thread(self._engine.close)
-            self._engine = None
+        if self._router is not None:
+            await asyncio.to_thread(self._router.close)
+            self._router = None
         if self._admin is not None:
             self._admin.close()
             self._admin = None
@@ -252,17 +252,17 @@ class EmbeddedBroker:
         while True:
             await asyncio.sleep(_ADMIN_POLL_S)
             try:
-                self.engine.reload()
+                self.router.reload()
             except Exception:  # the long-running loop logs and keeps serving
                 log.exception("reloading accounts failed")
 
     # addresses ---------------------------------------------------------------------
 
     @property
-    def engine(self) -> Engine:
-        if self._engine is None:
+    def router(self) -> Router:
+        if self._router is None:
             raise BrokerError("the broker is not running")
-        return self._engine
+        return self._router
 
     def _port(self, name: str) -> int | None:
         return self._listeners.bound_port(name) if self._listeners is not None else None
@@ -313,7 +313,7 @@ class EmbeddedBroker:
             InvalidId: not a pid.
         """
         credential = self._store().enroll(pid)
-        self.engine.reload()
+        self.router.reload()
         return credential
 
     def add_gateway(self, name: str) -> tuple[str, str]:
@@ -323,7 +323,7 @@ class EmbeddedBroker:
         replica its own name (``archive-1``, ``archive-2``) and one shared group.
         """
         username, credential = self._store().add_gateway(name)
-        self.engine.reload()
+        self.router.reload()
         return username, credential
 
     def revoke(self, username: str) -> None:
@@ -333,18 +333,18 @@ class EmbeddedBroker:
             UnknownAccount: no such account.
         """
         self._store().revoke(username)
-        self.engine.reload()
+        self.router.reload()
 
     def allow(self, pid: str, cid: str) -> None:
         """Make ``pid`` a member of ``cid`` whatever the roster says."""
         self._store().allow(pid, cid)
-        self.engine.reload()
+        self.router.reload()
 
     def deny(self, pid: str, cid: str) -> None:
         """Exclude ``pid`` from ``cid`` whatever the roster says (takes effect at once)."""
         self._store().deny(pid, cid)
-        self.engine.reload()
+        self.router.reload()
 
     def clear_override(self, pid: str, cid: str) -> None:
         self._store().clear_override(pid, cid)
-        self.engine.reload()
+        self.router.reload()

@@ -6,7 +6,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from broker._acl import Identity
+from broker._acl import Principal
 from schemas import mqtt
 
 if TYPE_CHECKING:
@@ -103,10 +103,10 @@ class Session:
         "conn",
         "expiry",
         "expiry_timer",
-        "identity",
         "inflight",
         "next_id",
         "persistent",
+        "principal",
         "qos2_received",
         "queue",
         "queued_bytes",
@@ -115,10 +115,10 @@ class Session:
     )
 
     def __init__(
-        self, client_id: str, identity: Identity, *, persistent: bool, expiry: int = NEVER
+        self, client_id: str, principal: Principal, *, persistent: bool, expiry: int = NEVER
     ) -> None:
         self.client_id = client_id
-        self.identity = identity
+        self.principal = principal
         self.persistent = persistent
         self.expiry = expiry
         self.expiry_timer: asyncio.TimerHandle | None = None

@@ -1,6 +1,6 @@
 """The routing core: sessions, subscriptions, retained messages, membership, state.
 
-One :class:`Engine` per broker, used only from the event loop thread (no locks).
+One :class:`Router` per broker, used only from the event loop thread (no locks).
 :class:`~broker._connection.Connection` drives it from the network.
 """
 
@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from broker._acl import Deny, Identity, Membership, Rules
+from broker._acl import Deny, Membership, Principal, Rules
 from broker._config import BrokerConfig
 from broker._metrics import Metrics
 from broker._quota import FoundingQuota, Pending, Throttle
@@ -27,7 +27,7 @@ from schemas.topics import Topic, TopicKind, Topics
 if TYPE_CHECKING:
     from broker._connection import Connection
 
-__all__ = ["Engine", "matches"]
+__all__ = ["Router", "matches"]
 
 
 def _merge(
@@ -36,7 +36,7 @@ def _merge(
     client_id: str,
     options: SubOptions,
 ) -> None:
-    """Add one matching subscription of ``client_id`` (see :meth:`Engine.route`)."""
+    """Add one matching subscription of ``client_id`` (see :meth:`Router.route`)."""
     held = targets.get(client_id)
     if held is None:
         targets[client_id] = options
@@ -75,7 +75,7 @@ def matches(topic: str, topic_filter: str) -> bool:
     return len(t_levels) == len(f_levels)
 
 
-class Engine:
+class Router:
     """Routing and session state of one broker."""
 
     def __init__(
@@ -138,8 +138,8 @@ class Engine:
             account = self.accounts.get(row.username)
             if account is None or row.username != client_id:
                 continue
-            identity = Identity(row.username, account.role)
-            session = Session(client_id, identity, persistent=True, expiry=row.expiry)
+            principal = Principal(row.username, account.role)
+            session = Session(client_id, principal, persistent=True, expiry=row.expiry)
             self.sessions[client_id] = session
             for topic_filter, options in row.subscriptions.items():
                 self.add_subscription(session, topic_filter, SubOptions.from_json(options))
@@ -260,7 +260,7 @@ class Engine:
     # membership -------------------------------------------------------------------
 
     def authorize(
-        self, who: Identity, topic: str, payload: bytes, *, retain: bool
+        self, who: Principal, topic: str, payload: bytes, *, retain: bool
     ) -> tuple[Deny | None, Roster | None]:
         """:meth:`Rules.publish`, then the founding quota of a new conversation."""
         denial, roster = self.rules.publish(who, topic, payload, retain=retain)
@@ -309,7 +309,7 @@ class Engine:
         wrote = self.route(topic, payload, 1, Topic(TopicKind.ROSTER, cid=cid))
         return self.retain(topic, payload, 1) or wrote
 
-    def throttle(self, who: Identity) -> Throttle | None:
+    def throttle(self, who: Principal) -> Throttle | None:
         """The outbound quota of ``who`` (kept across its connections); none for gateways."""
         limits = self.limits
         if who.is_gateway or not (limits.rate_messages_per_s or limits.rate_bytes_per_s):
@@ -329,7 +329,7 @@ class Engine:
         """Remove the subscriptions of members who lost access to ``cid``."""
         for pid in pids:
             session = self.sessions.get(pid)
-            if session is None or session.identity.is_gateway:
+            if session is None or session.principal.is_gateway:
                 continue
             for topic_filter in list(session.subscriptions):
                 parsed = self.parse(topic_filter)
@@ -347,7 +347,7 @@ class Engine:
             self.writer.put(
                 "session",
                 session.client_id,
-                session.identity.username,
+                session.principal.username,
                 json.dumps({f: o.to_json() for f, o in session.subscriptions.items()}),
                 session.expiry,
                 expires_at,
@@ -474,7 +474,7 @@ class Engine:
             if options.no_local and client_id == sender:
                 continue
             session = sessions.get(client_id)
-            if session is not None and receive(session.identity, parsed):
+            if session is not None and receive(session.principal, parsed):
                 sub_qos, rap = options.qos, options.retain_as_published
                 identifiers: tuple[int, ...] = ()
                 if options.identifier:
@@ -616,7 +616,7 @@ class Engine:
             session.queued_bytes -= len(message.payload)
             parsed = self.parse(message.topic)
             expired = message.expires_at is not None and message.expires_at <= now
-            if expired or parsed is None or not self.rules.receive(session.identity, parsed):
+            if expired or parsed is None or not self.rules.receive(session.principal, parsed):
                 if expired:  # MQTT-3.3.2-5: an expired message is not delivered
                     self.metrics.queue_drops.labels("expired").inc()
                 self._forget(session, message.seq)
@@ -654,7 +654,7 @@ class Engine:
             found = [(topic_filter, value)] if value is not None else []
         for topic, (payload, qos) in found:
             parsed = self.parse(topic)
-            if parsed is not None and self.rules.receive(session.identity, parsed):
+            if parsed is not None and self.rules.receive(session.principal, parsed):
                 identifiers = (granted.identifier,) if granted.identifier else ()
                 self.deliver(
                     session,
