@@ -18,7 +18,20 @@ from broker._config import BrokerConfig
 from broker._metrics import Metrics
 from broker._quota import FoundingQuota, Pending, Throttle
 from broker._session import NEVER, Message, Session, SubOptions
-from broker._store import Account, Store, StoredMessage, WriteBehind
+from broker._store import Account, Store, StoredMessage
+from broker._writebehind import (
+    FoundedSave,
+    QueueAdd,
+    QueueClear,
+    QueueRemove,
+    QueueSent,
+    RetainClear,
+    RetainSet,
+    RosterSave,
+    SessionDelete,
+    SessionSave,
+    WriteBehind,
+)
 from schemas import mqtt, tracing
 from schemas.errors import MalformedPacket
 from schemas.roster import Roster
@@ -285,11 +298,11 @@ class Router:
             now = self.clock()
             self.founding.record(roster.signer, now)
             if self.writer is not None:
-                self.writer.put("founded", roster.cid, roster.signer, now)
+                self.writer.put(FoundedSave(roster.cid, roster.signer, now))
             elif self.store is not None:
                 self.store.record_founded(roster.cid, roster.signer, now)
         if self.writer is not None:
-            self.writer.put("roster", roster.cid, roster.epoch, roster.to_bytes())
+            self.writer.put(RosterSave(roster.cid, roster.epoch, roster.to_bytes()))
         elif self.store is not None:
             self.store.record_roster(roster)
         log.info("conversation %s: roster epoch %d adopted", roster.cid, roster.epoch)
@@ -345,12 +358,13 @@ class Router:
         offline, or never)."""
         if session.persistent and self.writer is not None:
             self.writer.put(
-                "session",
-                session.client_id,
-                session.principal.username,
-                json.dumps({f: o.to_json() for f, o in session.subscriptions.items()}),
-                session.expiry,
-                expires_at,
+                SessionSave(
+                    session.client_id,
+                    session.principal.username,
+                    json.dumps({f: o.to_json() for f, o in session.subscriptions.items()}),
+                    session.expiry,
+                    expires_at,
+                )
             )
 
     def offline(self, session: Session) -> None:
@@ -387,8 +401,8 @@ class Router:
         if self.sessions.get(session.client_id) is session:
             del self.sessions[session.client_id]
         if session.persistent and self.writer is not None:
-            self.writer.put("unsession", session.client_id)
-            self.writer.put("queue*", session.client_id)
+            self.writer.put(SessionDelete(session.client_id))
+            self.writer.put(QueueClear(session.client_id))
         session.queue.clear()
         session.inflight.clear()
         self.online(session)  # cancels its timers
@@ -551,16 +565,17 @@ class Router:
             if properties is not mqtt.NO_PROPERTIES:
                 props = mqtt.encode_properties(properties, mqtt.PacketType.PUBLISH)
             self.writer.put(
-                "queue+",
-                session.client_id,
-                message.seq,
-                topic,
-                payload,
-                1,
-                int(retain),
-                props,
-                expires_at,
-                sent,
+                QueueAdd(
+                    session.client_id,
+                    message.seq,
+                    topic,
+                    payload,
+                    1,
+                    int(retain),
+                    props,
+                    expires_at,
+                    sent,
+                )
             )
             wrote = True
         if not sent and (
@@ -594,7 +609,7 @@ class Router:
 
     def _forget(self, session: Session, seq: int) -> None:
         if session.persistent and self.writer is not None:
-            self.writer.put("queue-", session.client_id, seq)
+            self.writer.put(QueueRemove(session.client_id, seq))
 
     def acked(self, session: Session, packet_id: int) -> None:
         message = session.inflight.pop(packet_id, None)
@@ -623,7 +638,7 @@ class Router:
                 continue
             packet_id = conn.send_message(message)
             if session.persistent and self.writer is not None:
-                self.writer.put("sent", packet_id, session.client_id, message.seq)
+                self.writer.put(QueueSent(packet_id, session.client_id, message.seq))
         if not session.queue:
             self._drop_logged.pop(session.client_id, None)
 
@@ -638,9 +653,9 @@ class Router:
         if self.writer is None:
             return False
         if payload:
-            self.writer.put("retain", topic, payload, qos)
+            self.writer.put(RetainSet(topic, payload, qos))
         else:
-            self.writer.put("unretain", topic)
+            self.writer.put(RetainClear(topic))
         return True
 
     def replay_retained(self, session: Session, topic_filter: str, granted: SubOptions) -> None:
