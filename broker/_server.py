@@ -19,6 +19,8 @@ from broker._connection import Connection
 from broker._errors import BrokerError
 from broker._listeners import Kind, Listener, Listeners
 from broker._metrics import Metrics, serve_metrics
+from broker._outlet import Close
+from broker._quota import Admission
 from broker._router import Router
 from broker._store import Store
 from broker._transport import Transport
@@ -76,6 +78,12 @@ class EmbeddedBroker:
         self._metrics_server: asyncio.Server | None = None
         self._poller: asyncio.Task[None] | None = None
         self._admin: Store | None = None
+        limits = config.limits
+        self._admission: Admission[Connection] = Admission(
+            max_connections=limits.max_connections,
+            per_address=limits.max_pending_per_address,
+            pending=limits.pending_cap,
+        )
 
     async def __aenter__(self) -> EmbeddedBroker:
         await self.start()
@@ -108,7 +116,7 @@ class EmbeddedBroker:
         log.info("broker listening on %s", ", ".join(self.urls()))
 
     async def _serve(self, transport: Transport) -> None:
-        await Connection(self.router, transport).run()
+        await Connection(self.router, self._admission, transport).run()
 
     async def stop(self) -> None:
         if self._poller is not None:
@@ -122,8 +130,8 @@ class EmbeddedBroker:
             self._metrics_server = None
         if self._listeners is not None:
             await self._listeners.close()
-            for conn in list(self.router.connections):
-                conn.kick("shutdown")
+            for conn in list(self._admission.connections):
+                conn.kick(Close.SHUTDOWN)
             await self._listeners.drain(_SHUTDOWN_DRAIN_S)
             self._listeners = None
         await self._close_state()

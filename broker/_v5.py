@@ -12,6 +12,8 @@ import math
 
 from broker._acl import Deny
 from broker._config import Limits
+from broker._metrics import Drop
+from broker._outlet import Close
 from broker._session import NEVER, Message
 from schemas import mqtt
 
@@ -42,13 +44,13 @@ _DENIAL_CODES = {
 
 # Server DISCONNECT reason codes for the broker's own closes (MQTT 5 §3.14.2.1).
 DISCONNECT_REASONS = {
-    "keepalive": R.KEEP_ALIVE_TIMEOUT,
-    "takeover": R.SESSION_TAKEN_OVER,
-    "revoked": R.NOT_AUTHORIZED,
-    "shutdown": R.SERVER_SHUTTING_DOWN,
-    "store_error": R.UNSPECIFIED_ERROR,
-    "receive_maximum": R.RECEIVE_MAXIMUM_EXCEEDED,
-    "auth_method": R.BAD_AUTHENTICATION_METHOD,
+    Close.KEEPALIVE: R.KEEP_ALIVE_TIMEOUT,
+    Close.TAKEOVER: R.SESSION_TAKEN_OVER,
+    Close.REVOKED: R.NOT_AUTHORIZED,
+    Close.SHUTDOWN: R.SERVER_SHUTTING_DOWN,
+    Close.STORE_ERROR: R.UNSPECIFIED_ERROR,
+    Close.RECEIVE_MAXIMUM: R.RECEIVE_MAXIMUM_EXCEEDED,
+    Close.AUTH_METHOD: R.BAD_AUTHENTICATION_METHOD,
 }
 
 # What a server forwards of a PUBLISH unaltered (MQTT-3.3.2-15, -17, -18, -20; §3.3.2.3.7).
@@ -171,13 +173,13 @@ def publish_bytes(
     aliases: mqtt.OutboundAliases,
     max_size: int | None,
     now: float,
-) -> tuple[bytes | None, str | None]:
+) -> tuple[bytes | None, Drop | None]:
     """An MQTT 5 PUBLISH of ``message``, or ``(None, why)`` when it may not be sent.
 
     The topic goes as its alias once the client knows it; the remaining expiry and
     the subscription identifiers go along. Not sent: an expired message
-    (``"expired"``, MQTT-3.3.2-5) or one above the client's Maximum Packet Size
-    (``"too_large_for_client"``, MQTT-3.1.2-25).
+    (:attr:`Drop.EXPIRED`, MQTT-3.3.2-5) or one above the client's Maximum Packet Size
+    (:attr:`Drop.TOO_LARGE_FOR_CLIENT`, MQTT-3.1.2-25).
     """
     alias, known = aliases.alias(message.topic)
     if (
@@ -189,7 +191,7 @@ def publish_bytes(
     else:
         properties, expired = publish_properties(message, alias, now)
         if expired:
-            return None, "expired"
+            return None, Drop.EXPIRED
         block = mqtt.encode_properties(properties, mqtt.PacketType.PUBLISH)
     data = mqtt.encode_publish(
         b"" if known else message.topic_bytes,
@@ -201,5 +203,5 @@ def publish_bytes(
         properties=block,
     )
     if max_size is not None and len(data) > max_size:
-        return None, "too_large_for_client"
+        return None, Drop.TOO_LARGE_FOR_CLIENT
     return data, None
