@@ -33,16 +33,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
+from typing import NoReturn
 
 from broker import _v5 as v5
-from broker._acl import Deny, Principal
-from broker._credentials import verify_credential
+from broker._acks import Acks
+from broker._acl import Principal
+from broker._login import Evicted, Refusal, Refused, authenticate
 from broker._outlet import Close
 from broker._quota import Admission, Limit, address_key
 from broker._router import Published, Router
-from broker._session import Message, Session, SubOptions
-from broker._subscriptions import valid_filter
+from broker._session import Message, Session
 from broker._trace import trace_route
 from broker._transport import Transport
 from schemas import mqtt
@@ -55,17 +55,6 @@ _PINGRESP = mqtt.encode(mqtt.Pingresp())
 log = logging.getLogger("broker")
 
 _ACCEPTED = 0
-_BAD_PROTOCOL = 1  # 3.1.1; MQTT 5 says 0x84 Unsupported Protocol Version
-_ID_REJECTED = 2
-_BAD_CREDENTIALS = 4
-_NOT_AUTHORIZED = 5
-_SUBACK_FAILURE = 0x80
-_V5_REFUSALS = {  # the MQTT 5 reason code of each 3.1.1 CONNACK return code (§3.2.2.2)
-    _BAD_PROTOCOL: mqtt.ReasonCode.UNSUPPORTED_PROTOCOL_VERSION,
-    _ID_REJECTED: mqtt.ReasonCode.CLIENT_IDENTIFIER_NOT_VALID,
-    _BAD_CREDENTIALS: mqtt.ReasonCode.BAD_USER_NAME_OR_PASSWORD,
-    _NOT_AUTHORIZED: mqtt.ReasonCode.NOT_AUTHORIZED,
-}
 
 
 class _Close(Exception):
@@ -103,7 +92,7 @@ class Connection:
         self._keep_alive = 0.0
         self._last_rx = 0.0
         self._watchdog: asyncio.TimerHandle | None = None
-        self._acks: deque[tuple[bytes, asyncio.Future[None] | None]] = deque()
+        self._acks = Acks(transport.write, self._store_failed)
         self._throttle_logged = False
         self._closed = False
         self._loop = asyncio.get_running_loop()
@@ -149,7 +138,7 @@ class Connection:
             except TimeoutError:
                 raise _Close(Close.CONNECT_TIMEOUT) from None
             except UnsupportedProtocol:  # MQTT-3.1.2-2: CONNACK 0x01 (3.1.1 form), close
-                self._refuse(_BAD_PROTOCOL, "protocol")
+                self._refuse(Refusal.PROTOCOL)
             connect = packets[0]
             if not isinstance(connect, mqtt.Connect):  # MQTT-3.1.0-1
                 raise _Close(Close.NOT_CONNECT)
@@ -178,6 +167,7 @@ class Connection:
         if self._closed:
             return
         self._closed = True
+        self._acks.close()
         self.admission.leave(self)
         if self._watchdog is not None:
             self._watchdog.cancel()
@@ -212,62 +202,21 @@ class Connection:
 
     # CONNECT ------------------------------------------------------------------------
 
-    async def _authenticate(self, connect: mqtt.Connect) -> Principal:
-        """Steps 2 and 3 of the module docstring; a refusal raises :class:`_Close`."""
-        router = self.router
-        self.level = connect.protocol_level
-        if connect.properties.authentication_method is not None:  # no enhanced auth
-            self._refuse(mqtt.ReasonCode.BAD_AUTHENTICATION_METHOD, "auth")
-        account = router.account(connect.username or "")
-        ok = False
-        if account is not None and connect.password is not None:
-            ok = await asyncio.to_thread(verify_credential, connect.password, account.hash)
-            # The account may have been revoked while we were hashing.
-            ok = ok and router.account(account.username) is account
-        if self._closed:  # evicted from the pending connections while we were hashing
-            raise _Close(Close.PENDING_EVICTED)
-        if not ok:
-            log.info(
-                "login refused for %r from %s", (connect.username or "")[:64], self.transport.peer
-            )
-            await asyncio.sleep(router.limits.auth_failure_delay_s)
-            self._refuse(_BAD_CREDENTIALS, "auth")
-        assert account is not None
-        client_id = connect.client_id or self._assigned(account.username)
-        if client_id != account.username:
-            self._refuse(_ID_REJECTED, "client_id")
-        principal = Principal(account.username, account.role)
-        will = connect.will
-        if will is not None:
-            denial = router.access.rules.will(
-                principal, will.topic, will.payload, retain=will.retain
-            )
-            if denial is not None:
-                log.info(
-                    "%s: will on %r refused (%s)", principal.username, will.topic[:120], denial
-                )
-                self._refuse(_NOT_AUTHORIZED, "will")
-        return principal
-
-    def _assigned(self, username: str) -> str:
-        """MQTT 5 lets a client send an empty client id and take the one the server
-        assigns (MQTT-3.1.3-6, -7): ours is always the username. 3.1.1 refuses it."""
-        return username if self.level == mqtt.ProtocolLevel.V5 else ""
-
     async def _connect(self, connect: mqtt.Connect) -> None:
         router = self.router
-        principal = await self._authenticate(connect)
+        self.level = connect.protocol_level
+        try:
+            principal = await authenticate(
+                router, connect, peer=self.transport.peer, closed=lambda: self._closed
+            )
+        except Refused as refused:
+            self._refuse(refused.refusal)
+        except Evicted:
+            raise _Close(Close.PENDING_EVICTED) from None
         self.principal = principal
         self.will = connect.will
-        persistent, expiry = v5.session_expiry(connect)
         # Authenticated: now, and only now, touch the session (takeover).
-        session, present = router.attach(
-            principal,
-            self,
-            persistent=persistent,
-            expiry=expiry,
-            clean_start=connect.clean_start,
-        )
+        session, present = router.attach(principal, self, connect)
         self.session = session
         keep_alive = connect.keep_alive
         properties = mqtt.NO_PROPERTIES
@@ -296,12 +245,11 @@ class Connection:
         aliases = min(properties.topic_alias_maximum or 0, self.router.limits.topic_alias_maximum)
         self._aliases_out = mqtt.OutboundAliases(aliases)
 
-    def _refuse(self, code: int, denial: str) -> None:
-        """A CONNACK refusal (``denial``: the label of the denials counter)."""
-        self._metrics.denials.labels(denial).inc()
-        if self.level == mqtt.ProtocolLevel.V5:
-            code = _V5_REFUSALS.get(code, code)
-        self.transport.write(mqtt.encode(mqtt.Connack(False, code), self.level))
+    def _refuse(self, refusal: Refusal) -> NoReturn:
+        """A CONNACK refusal, counted; then close."""
+        self._metrics.denials.labels(refusal.label).inc()
+        connack = mqtt.Connack(False, refusal.code(self.level))
+        self.transport.write(mqtt.encode(connack, self.level))
         self.transport.close()
         raise _Close(Close.REFUSED)
 
@@ -349,7 +297,7 @@ class Connection:
                     self._on_unsubscribe(packet)
                 elif isinstance(packet, mqtt.Pubrel):
                     session.qos2_received.discard(packet.packet_id)
-                    self._ack(mqtt.encode(mqtt.Pubcomp(packet.packet_id), self.level), None)
+                    self._acks.send(mqtt.encode(mqtt.Pubcomp(packet.packet_id), self.level), None)
                 elif isinstance(packet, mqtt.Disconnect):
                     if packet.reason_code == mqtt.ReasonCode.DISCONNECT_WITH_WILL:
                         raise _Close(Close.CLOSED)  # MQTT 5 §3.14.2.1: the will is sent
@@ -384,20 +332,7 @@ class Connection:
         """
         if packet.qos and len(self._acks) >= self.router.limits.receive_maximum:
             raise _Close(Close.RECEIVE_MAXIMUM)  # MQTT-3.3.4-8
-        if packet.properties.topic_alias is None:
-            return packet
-        topic = self._aliases_in.resolve(packet)
-        if topic is packet.topic:
-            return packet
-        return mqtt.Publish(  # not dataclasses.replace: this runs per aliased message
-            topic,
-            packet.payload,
-            packet.qos,
-            packet.retain,
-            packet.dup,
-            packet.packet_id,
-            packet.properties,
-        )
+        return v5.resolve_alias(packet, self._aliases_in)
 
     def _on_publish(self, packet: mqtt.Publish) -> None:
         session = self.session
@@ -408,7 +343,7 @@ class Connection:
         if packet.qos == 2 and packet_id in session.qos2_received:
             # Received before (maybe on an earlier connection): PUBREC again, deliver
             # nothing (MQTT-4.3.3-10).
-            self._ack(mqtt.encode(mqtt.Pubrec(packet_id), self.level), None)
+            self._acks.send(mqtt.encode(mqtt.Pubrec(packet_id), self.level), None)
             return
         published = self.router.publish(self.principal, session, packet)
         if start:
@@ -416,10 +351,10 @@ class Connection:
         if published.denial is not None:
             self._denied(packet, published)
         elif packet.qos == 1 and packet_id is not None:
-            self._ack(mqtt.encode(mqtt.Puback(packet_id), self.level), published.pending)
+            self._acks.send(mqtt.encode(mqtt.Puback(packet_id), self.level), published.pending)
         elif packet.qos == 2 and packet_id is not None:
             session.qos2_received.add(packet_id)
-            self._ack(mqtt.encode(mqtt.Pubrec(packet_id), self.level), published.pending)
+            self._acks.send(mqtt.encode(mqtt.Pubrec(packet_id), self.level), published.pending)
 
     def _trace_route(self, packet: mqtt.Publish, published: Published, start: int) -> None:
         tracer = self.router.tracer
@@ -439,59 +374,28 @@ class Connection:
         session = self.session
         assert session is not None
         if packet.qos == 1 and packet.packet_id is not None:
-            self._ack(mqtt.encode(mqtt.Puback(packet.packet_id, code), self.level), None)
+            self._acks.send(mqtt.encode(mqtt.Puback(packet.packet_id, code), self.level), None)
         elif packet.qos == 2 and packet.packet_id is not None:
             if not code:  # refused QoS 2 ends at the PUBREC (MQTT-4.3.3-4 note)
                 session.qos2_received.add(packet.packet_id)
-            self._ack(mqtt.encode(mqtt.Pubrec(packet.packet_id, code), self.level), None)
+            self._acks.send(mqtt.encode(mqtt.Pubrec(packet.packet_id, code), self.level), None)
 
-    def _ack(self, data: bytes, pending: asyncio.Future[None] | None) -> None:
-        """Acknowledge in PUBLISH order (MQTT-4.6.0-2), after ``pending`` commits."""
-        if pending is None and not self._acks:
-            self.transport.write(data)
-            return
-        self._acks.append((data, pending))
-        if pending is not None and not pending.done():
-            pending.add_done_callback(self._flush_acks)
-        else:
-            self._flush_acks()
-
-    def _flush_acks(self, _: object = None) -> None:
-        acks = self._acks
-        while acks and not self._closed:
-            data, pending = acks[0]
-            if pending is not None:
-                if not pending.done():
-                    return
-                if pending.cancelled() or pending.exception() is not None:
-                    log.error("store write failed: closing %s without acknowledging", self._who())
-                    self._finish(Close.STORE_ERROR)
-                    return
-            acks.popleft()
-            self.transport.write(data)
+    def _store_failed(self) -> None:
+        log.error("store write failed: closing %s without acknowledging", self._who())
+        self._finish(Close.STORE_ERROR)
 
     def _on_subscribe(self, packet: mqtt.Subscribe) -> None:
         session = self.session
         assert session is not None
         results, replay = self.router.subscribe(session, packet)
+        v5_level = self.level == mqtt.ProtocolLevel.V5
         codes = [
-            self._suback_code(s.topic_filter, r)
+            v5.suback_code(s.topic_filter, r, v5_level=v5_level)
             for s, r in zip(packet.subscriptions, results, strict=True)
         ]
         self.transport.write(mqtt.encode(mqtt.Suback(packet.packet_id, tuple(codes)), self.level))
         for topic_filter, options in replay:  # MQTT-3.3.1-6, after the SUBACK
             self.router.replay_retained(session, topic_filter, options)
-
-    def _suback_code(self, topic_filter: str, result: SubOptions | Deny) -> int:
-        if isinstance(result, SubOptions):
-            return result.qos
-        if self.level != mqtt.ProtocolLevel.V5:
-            return _SUBACK_FAILURE
-        if not valid_filter(topic_filter):
-            return mqtt.ReasonCode.TOPIC_FILTER_INVALID
-        if result is Deny.TOO_MANY:
-            return mqtt.ReasonCode.QUOTA_EXCEEDED
-        return mqtt.ReasonCode.NOT_AUTHORIZED  # SUBACK's codes (§3.9.3): the ACL's refusals
 
     def _on_unsubscribe(self, packet: mqtt.Unsubscribe) -> None:
         session = self.session

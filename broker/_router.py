@@ -19,7 +19,6 @@ may do what), :class:`~broker._subscriptions.Subscriptions` (who gets a topic),
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -31,26 +30,19 @@ from broker._config import BrokerConfig
 from broker._delivery import Delivery
 from broker._metrics import Metrics
 from broker._outlet import Close, Outlet
-from broker._session import NEVER, Session, SubOptions
+from broker._retained import Retained
+from broker._session import Session, SubOptions
+from broker._sessions import Sessions
 from broker._store import Account, Store
-from broker._subscriptions import Subscriptions, matches, valid_filter
-from broker._v5 import forwarded
-from broker._writebehind import (
-    FoundedSave,
-    QueueClear,
-    RetainClear,
-    RetainSet,
-    RosterSave,
-    SessionDelete,
-    SessionSave,
-    WriteBehind,
-)
+from broker._subscriptions import Subscriptions, valid_filter
+from broker._v5 import forwarded, session_expiry
+from broker._writebehind import FoundedSave, RosterSave, WriteBehind
 from schemas import mqtt, tracing
 from schemas.errors import MalformedPacket
 from schemas.roster import Roster
 from schemas.topics import Topic, TopicKind
 
-__all__ = ["Published", "Routed", "Router", "matches"]
+__all__ = ["Published", "Routed", "Router"]
 
 log = logging.getLogger("broker")
 
@@ -90,16 +82,15 @@ class Router:
         self.clock = clock
         self.access = Access(config, clock)
         self.topics = self.access.topics
-        self.sessions: dict[str, Session] = {}
         self.subscriptions = Subscriptions()
-        self.retained: dict[str, tuple[bytes, int]] = {}
+        self.sessions = Sessions(self.subscriptions, metrics, clock, self.publish_will)
+        self.retained = Retained()
         self.delivery = Delivery(self.limits, metrics, clock, self._may_receive)
         self.store: Store | None = None
         self.writer: WriteBehind | None = None
         self.tracer = tracing.tracer("broker")  # None unless the entry point turned tracing on
-        self._due_wills: dict[str, Callable[[], None]] = {}  # delayed wills, by client id
         metrics.queued.set_function(
-            lambda: float(sum(len(s.queue) + len(s.inflight) for s in self.sessions.values()))
+            lambda: float(sum(len(s.queue) + len(s.inflight) for s in self.sessions))
         )
 
     # state ----------------------------------------------------------------------
@@ -115,25 +106,10 @@ class Router:
         if not self.config.persistence:
             return
         now = self.clock()
-        self.retained = store.retained()
-        self.writer = self.delivery.writer = WriteBehind(self.config.db_path, loop)
-        expired: list[Session] = []
-        for client_id, row in store.sessions().items():
-            account = self.access.accounts.get(row.username)
-            if account is None or row.username != client_id:
-                continue
-            principal = Principal(row.username, account.role)
-            session = Session(client_id, principal, persistent=True, expiry=row.expiry)
-            self.sessions[client_id] = session
-            for topic_filter, options in row.subscriptions.items():
-                self._add_subscription(session, topic_filter, SubOptions.from_json(options))
-            if row.expires_at is not None:  # offline when we stopped: its expiry goes on
-                if row.expires_at <= now:
-                    expired.append(session)
-                else:
-                    session.expiry_timer = loop.call_later(
-                        row.expires_at - now, self.expire, session
-                    )
+        self.retained.messages = store.retained()
+        self.writer = WriteBehind(self.config.db_path, loop)
+        self.sessions.writer = self.delivery.writer = self.retained.writer = self.writer
+        expired = self.sessions.load(store.sessions(), self.access.accounts, loop)
         restored = 0
         for client_id, stored in store.queued().items():
             maybe = self.sessions.get(client_id)
@@ -143,7 +119,7 @@ class Router:
                     restored += self.delivery.restore(maybe, item, now)
         for session in expired:
             log.info("session of %s expired while the broker was stopped", session.client_id)
-            self.drop_session(session)
+            self.sessions.drop(session)
         log.info(
             "restored %d sessions, %d queued messages, %d retained messages",
             len(self.sessions),
@@ -154,7 +130,8 @@ class Router:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
-            self.writer = self.delivery.writer = None
+            self.writer = None
+            self.sessions.writer = self.delivery.writer = self.retained.writer = None
         if self.store is not None:
             self.store.close()
             self.store = None
@@ -187,7 +164,7 @@ class Router:
                 log.info("credential of %s revoked or replaced: disconnecting it", username)
                 session.outlet.kick(Close.REVOKED)
             if username not in self.access.accounts:
-                self.drop_session(session)
+                self.sessions.drop(session)
         for cid, pids in changes.memberships.items():
             self.revoke_membership(cid, pids)
 
@@ -219,49 +196,28 @@ class Router:
             for topic_filter in list(session.subscriptions):
                 parsed = self.access.parse(topic_filter)
                 if parsed is not None and parsed.cid == cid:
-                    self._remove_subscription(session, topic_filter)
-            self.persist_session(session)
+                    self.sessions.remove_subscription(session, topic_filter)
+            self.sessions.persist(session)
             log.info("%s is no longer a member of %s: its subscriptions there are gone", pid, cid)
 
     # sessions -----------------------------------------------------------------------
 
     def attach(
-        self,
-        principal: Principal,
-        outlet: Outlet,
-        *,
-        persistent: bool,
-        expiry: int,
-        clean_start: bool,
+        self, principal: Principal, outlet: Outlet, connect: mqtt.Connect
     ) -> tuple[Session, bool]:
-        """Give ``principal``'s session to a connection that has just authenticated;
-        return it and whether it was there before (CONNACK's Session Present).
+        """Give ``principal``'s session to a connection that has just authenticated with
+        ``connect``; return it and whether it was there before (CONNACK's Session
+        Present).
 
         A connection holding it is closed first, without its will (takeover: the
         client is still there). Clean Start, or a session that was not persistent,
         starts afresh; a resumed session takes the new CONNECT's Session Expiry
         Interval (MQTT-3.1.2-23).
         """
-        session = self.sessions.get(principal.username)
-        if session is not None and session.outlet is not None:
-            log.info("%s connected again: closing its previous connection", principal.username)
-            session.outlet.kick(Close.TAKEOVER)
-        present = False
-        if session is not None and (clean_start or not session.persistent):
-            self.drop_session(session)
-            session = None
-        if session is None:
-            session = Session(principal.username, principal, persistent=persistent, expiry=expiry)
-            self.sessions[session.client_id] = session
-        else:
-            present = True
-            session.principal = principal
-            session.expiry = expiry
-        self._online(session)
-        self.persist_session(session)
-        session.outlet = outlet
-        self.metrics.connected.inc()
-        return session, present
+        persistent, expiry = session_expiry(connect)
+        return self.sessions.attach(
+            principal, outlet, persistent=persistent, expiry=expiry, clean_start=connect.clean_start
+        )
 
     def resume(self, session: Session) -> None:
         """After the CONNACK: resend what is in flight (DUP), then what is queued."""
@@ -269,93 +225,9 @@ class Router:
 
     def detach(self, session: Session, outlet: Outlet, will: mqtt.Will | None) -> None:
         """``outlet`` closed. If it still held ``session``: publish ``will`` (now, or
-        after its Will Delay Interval), then end the session or start its expiry."""
-        if session.outlet is not outlet:
-            return
-        self.metrics.connected.dec()
-        session.outlet = None
-        if will is not None:
-            delay = will.properties.will_delay_interval or 0
-            if delay and session.persistent:  # MQTT 5 §3.1.3.2.2
-                self._delay_will(session, min(delay, session.expiry), will)
-            else:
-                self.publish_will(session.principal, will)
-        if not session.persistent:
-            self.drop_session(session)
-        else:
-            self._offline(session)
-
-    def persist_session(self, session: Session, *, expires_at: float | None = None) -> None:
-        """Store the session; ``expires_at``: when an offline session ends (None: not
-        offline, or never)."""
-        if session.persistent and self.writer is not None:
-            subscriptions = {f: o.to_json() for f, o in session.subscriptions.items()}
-            self.writer.put(
-                SessionSave(
-                    session.client_id,
-                    session.principal.username,
-                    json.dumps(subscriptions),
-                    session.expiry,
-                    expires_at,
-                )
-            )
-
-    def _offline(self, session: Session) -> None:
-        """The session's connection closed: start its Session Expiry Interval (MQTT 5)."""
-        if session.expiry == NEVER or not session.persistent:
-            return
-        loop = asyncio.get_running_loop()
-        session.expiry_timer = loop.call_later(session.expiry, self.expire, session)
-        self.persist_session(session, expires_at=self.clock() + session.expiry)
-
-    def _online(self, session: Session) -> None:
-        """A connection took the session: stop its expiry and any delayed will."""
-        for timer in (session.expiry_timer, session.will_timer):
-            if timer is not None:
-                timer.cancel()
-        session.expiry_timer = session.will_timer = None
-
-    def expire(self, session: Session) -> None:
-        """The Session Expiry Interval passed: the session and its queue go (MQTT-4.1.0-2)."""
-        if session.outlet is not None or self.sessions.get(session.client_id) is not session:
-            return
-        if session.will_timer is not None:  # the will goes at the latest now (MQTT-3.1.3-9)
-            callback = session.will_timer
-            session.will_timer = None
-            callback.cancel()
-            self._due_wills.pop(session.client_id, lambda: None)()
-        log.info("session of %s expired: %d queued messages freed", session, len(session.queue))
-        self.drop_session(session)
-
-    def drop_session(self, session: Session) -> None:
-        """Forget a session: subscriptions, queue, in-flight, stored state."""
-        for topic_filter in list(session.subscriptions):
-            self._remove_subscription(session, topic_filter)
-        if self.sessions.get(session.client_id) is session:
-            del self.sessions[session.client_id]
-        if session.persistent and self.writer is not None:
-            self.writer.put(SessionDelete(session.client_id))
-            self.writer.put(QueueClear(session.client_id))
-        session.queue.clear()
-        session.inflight.clear()
-        self._online(session)  # cancels its timers
-        self._due_wills.pop(session.client_id, None)
-
-    def _delay_will(self, session: Session, delay: float, will: mqtt.Will) -> None:
-        """Publish a will after its Will Delay Interval unless the session is taken
-        again before (MQTT 5 §3.1.3.2.2); at the latest when the session ends."""
-        principal = session.principal
-
-        def publish() -> None:
-            self.publish_will(principal, will)
-
-        def due() -> None:
-            session.will_timer = None
-            if self._due_wills.pop(session.client_id, None) is not None:
-                publish()
-
-        self._due_wills[session.client_id] = publish
-        session.will_timer = asyncio.get_running_loop().call_later(delay, due)
+        after its Will Delay Interval, MQTT 5 §3.1.3.2.2), then end the session or
+        start its expiry."""
+        self.sessions.detach(session, outlet, will)
 
     def publish_will(self, principal: Principal, will: mqtt.Will) -> None:
         """Publish a will, checked again now: the membership its CONNECT was checked
@@ -387,17 +259,9 @@ class Router:
             expires_at=expires_at,
         )
         if will.retain:
-            self.retain(will.topic, will.payload, will.qos)
+            self.retained.set(will.topic, will.payload, will.qos)
 
     # subscriptions -----------------------------------------------------------------
-
-    def _add_subscription(self, session: Session, topic_filter: str, options: SubOptions) -> None:
-        self.subscriptions.add(session.client_id, topic_filter, options)
-        session.subscriptions[topic_filter] = options
-
-    def _remove_subscription(self, session: Session, topic_filter: str) -> bool:
-        self.subscriptions.remove(session.client_id, topic_filter)
-        return session.subscriptions.pop(topic_filter, None) is not None
 
     def subscribe(
         self, session: Session, packet: mqtt.Subscribe
@@ -437,20 +301,20 @@ class Router:
             options = SubOptions(
                 grant, subscription.no_local, subscription.retain_as_published, identifier
             )
-            self._add_subscription(session, topic_filter, options)
+            self.sessions.add_subscription(session, topic_filter, options)
             results.append(options)
             handling = subscription.retain_handling
             if handling == mqtt.RetainHandling.SEND_ON_SUBSCRIBE or (
                 handling == mqtt.RetainHandling.SEND_IF_NEW and new
             ):
                 replay.append((topic_filter, options))
-        self.persist_session(session)
+        self.sessions.persist(session)
         return results, replay
 
     def unsubscribe(self, session: Session, topic_filters: tuple[str, ...]) -> list[bool]:
         """Remove each filter; return whether each existed."""
-        existed = [self._remove_subscription(session, f) for f in topic_filters]
-        self.persist_session(session)
+        existed = [self.sessions.remove_subscription(session, f) for f in topic_filters]
+        self.sessions.persist(session)
         return existed
 
     # publishing ---------------------------------------------------------------------
@@ -493,7 +357,7 @@ class Router:
             assert parsed.cid is not None
             stored = self.retain_roster(parsed.cid, packet.payload) or stored
         elif packet.retain:
-            stored = self.retain(packet.topic, packet.payload, packet.qos) or stored
+            stored = self.retained.set(packet.topic, packet.payload, packet.qos) or stored
         pending = None
         if stored and packet.qos and self.writer is not None:
             pending = self.writer.committed()
@@ -522,7 +386,7 @@ class Router:
         targets, merged = self.subscriptions.match(topic, self._connected)
         stored = False
         fanout = 0
-        sessions = self.sessions
+        sessions = self.sessions.by_id
         receive = self.access.rules.receive
         deliver = self.delivery.deliver
         for client_id, options in targets.items():
@@ -559,18 +423,6 @@ class Router:
 
     # retained ---------------------------------------------------------------------
 
-    def retain(self, topic: str, payload: bytes, qos: int) -> bool:
-        """Store or clear (empty payload, MQTT-3.3.1-10) a retained message; return
-        whether the store was written."""
-        if payload:
-            self.retained[topic] = (payload, qos)
-        else:
-            self.retained.pop(topic, None)
-        if self.writer is None:
-            return False
-        self.writer.put(RetainSet(topic, payload, qos) if payload else RetainClear(topic))
-        return True
-
     def retain_roster(self, cid: str, payload: bytes) -> bool:
         """Make ``payload`` (an accepted roster of ``cid``) the retained roster.
 
@@ -583,18 +435,13 @@ class Router:
         if held is not None and held[0] == payload:
             return False
         stored = self.route(topic, payload, 1, Topic(TopicKind.ROSTER, cid=cid)).stored
-        return self.retain(topic, payload, 1) or stored
+        return self.retained.set(topic, payload, 1) or stored
 
     def replay_retained(self, session: Session, topic_filter: str, granted: SubOptions) -> None:
         """Send the retained messages matching a new subscription that ``session`` may read."""
         if topic_filter.startswith("$share/"):
             return  # shared subscriptions get no retained messages (MQTT 5 §4.8.2)
-        if "+" in topic_filter or "#" in topic_filter:
-            found = [(t, v) for t, v in self.retained.items() if matches(t, topic_filter)]
-        else:
-            value = self.retained.get(topic_filter)
-            found = [(topic_filter, value)] if value is not None else []
-        for topic, (payload, qos) in found:
+        for topic, payload, qos in self.retained.matching(topic_filter):
             if self._may_receive(session, topic):
                 identifiers = (granted.identifier,) if granted.identifier else ()
                 self.delivery.deliver(

@@ -14,7 +14,8 @@ from broker._acl import Deny
 from broker._config import Limits
 from broker._metrics import Drop
 from broker._outlet import Close
-from broker._session import NEVER, Message
+from broker._session import NEVER, Message, SubOptions
+from broker._subscriptions import valid_filter
 from schemas import mqtt
 
 __all__ = [
@@ -24,10 +25,13 @@ __all__ = [
     "forwarded",
     "publish_bytes",
     "publish_properties",
+    "resolve_alias",
     "session_expiry",
+    "suback_code",
 ]
 
 R = mqtt.ReasonCode
+_SUBACK_FAILURE = 0x80  # 3.1.1's only refusal code
 
 # The reason code of a PUBACK/PUBREC or DISCONNECT for each denial (§2.4).
 _DENIAL_CODES = {
@@ -67,6 +71,43 @@ def denial_code(denial: Deny) -> int:
     """The MQTT 5 reason code that tells a client why its publish or subscription was
     refused."""
     return _DENIAL_CODES.get(denial, R.NOT_AUTHORIZED)
+
+
+def suback_code(topic_filter: str, result: SubOptions | Deny, *, v5_level: bool) -> int:
+    """A SUBACK's code for one filter: the granted QoS, or why not (§3.9.3: a bad
+    filter 0x8F, too many subscriptions 0x97, the ACL's refusals 0x87; 3.1.1 has only
+    0x80)."""
+    if isinstance(result, SubOptions):
+        return result.qos
+    if not v5_level:
+        return _SUBACK_FAILURE
+    if not valid_filter(topic_filter):
+        return R.TOPIC_FILTER_INVALID
+    if result is Deny.TOO_MANY:
+        return R.QUOTA_EXCEEDED
+    return R.NOT_AUTHORIZED
+
+
+def resolve_alias(packet: mqtt.Publish, aliases: mqtt.InboundAliases) -> mqtt.Publish:
+    """A received PUBLISH with its topic alias resolved (MQTT 5 §3.3.2.3.4).
+
+    Raises:
+        MalformedPacket: a bad alias (0x94 / 0x82).
+    """
+    if packet.properties.topic_alias is None:
+        return packet
+    topic = aliases.resolve(packet)
+    if topic is packet.topic:
+        return packet
+    return mqtt.Publish(  # not dataclasses.replace: this runs per aliased message
+        topic,
+        packet.payload,
+        packet.qos,
+        packet.retain,
+        packet.dup,
+        packet.packet_id,
+        packet.properties,
+    )
 
 
 def session_expiry(connect: mqtt.Connect) -> tuple[bool, int]:
