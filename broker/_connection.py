@@ -38,7 +38,7 @@ from typing import NoReturn
 from broker import _v5 as v5
 from broker._acks import Acks
 from broker._acl import Principal
-from broker._login import Evicted, Refusal, Refused, authenticate
+from broker._login import Evicted, Refused, authenticate
 from broker._outlet import Close
 from broker._quota import Admission, Limit, address_key
 from broker._router import Published, Router
@@ -138,7 +138,7 @@ class Connection:
             except TimeoutError:
                 raise _Close(Close.CONNECT_TIMEOUT) from None
             except UnsupportedProtocol:  # MQTT-3.1.2-2: CONNACK 0x01 (3.1.1 form), close
-                self._refuse(Refusal.PROTOCOL)
+                self._refuse(v5.Refusal.PROTOCOL)
             connect = packets[0]
             if not isinstance(connect, mqtt.Connect):  # MQTT-3.1.0-1
                 raise _Close(Close.NOT_CONNECT)
@@ -245,7 +245,7 @@ class Connection:
         aliases = min(properties.topic_alias_maximum or 0, self.router.limits.topic_alias_maximum)
         self._aliases_out = mqtt.OutboundAliases(aliases)
 
-    def _refuse(self, refusal: Refusal) -> NoReturn:
+    def _refuse(self, refusal: v5.Refusal) -> NoReturn:
         """A CONNACK refusal, counted; then close."""
         self._metrics.denials.labels(refusal.label).inc()
         connack = mqtt.Connack(False, refusal.code(self.level))

@@ -1,46 +1,25 @@
 """Steps 2 and 3 of a CONNECT (:mod:`broker._connection`): the credential, the client
 id and the will are checked before any session is touched.
 
-A refusal is a value (:class:`Refusal`: its CONNACK code at each protocol level and
-the label it is counted under); the connection writes the CONNACK.
+A refusal is a value (:class:`~broker._v5.Refusal`: its CONNACK code at each protocol
+level and the label it is counted under); the connection writes the CONNACK.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 from collections.abc import Callable
 
 from broker._acl import Principal
 from broker._credentials import verify_credential
 from broker._router import Router
+from broker._v5 import Refusal
 from schemas import mqtt
 
-__all__ = ["Evicted", "Refusal", "Refused", "authenticate"]
+__all__ = ["Evicted", "Refused", "authenticate"]
 
 log = logging.getLogger("broker")
-
-R = mqtt.ReasonCode
-
-
-class Refusal(enum.Enum):
-    """Why a CONNECT is refused: ``(denials label, 3.1.1 return code, MQTT 5 reason code)``
-    (MQTT 5 §3.2.2.2 maps the 3.1.1 codes)."""
-
-    PROTOCOL = ("protocol", 0x01, R.UNSUPPORTED_PROTOCOL_VERSION)  # MQTT-3.1.2-2
-    CLIENT_ID = ("client_id", 0x02, R.CLIENT_IDENTIFIER_NOT_VALID)
-    CREDENTIALS = ("auth", 0x04, R.BAD_USER_NAME_OR_PASSWORD)
-    WILL = ("will", 0x05, R.NOT_AUTHORIZED)
-    AUTH_METHOD = ("auth", R.BAD_AUTHENTICATION_METHOD, R.BAD_AUTHENTICATION_METHOD)  # 5 only
-
-    def __init__(self, label: str, v311: int, v5: int) -> None:
-        self.label = label
-        self.v311 = v311
-        self.v5 = v5
-
-    def code(self, level: int) -> int:
-        return self.v5 if level == mqtt.ProtocolLevel.V5 else self.v311
 
 
 class Refused(Exception):

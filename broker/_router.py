@@ -35,7 +35,7 @@ from broker._session import Session, SubOptions
 from broker._sessions import Sessions
 from broker._store import Account, Store
 from broker._subscriptions import Subscriptions, valid_filter
-from broker._v5 import forwarded, session_expiry
+from broker._v5 import Refusal, forwarded, session_expiry
 from broker._writebehind import FoundedSave, RosterSave, WriteBehind
 from schemas import mqtt, tracing
 from schemas.errors import MalformedPacket
@@ -236,7 +236,7 @@ class Router:
         denial = rules.will(principal, will.topic, will.payload, retain=will.retain)
         parsed = self.access.parse(will.topic)
         if denial is not None or parsed is None:
-            self.metrics.denials.labels("will").inc()
+            self.metrics.denials.labels(Refusal.WILL.label).inc()
             log.info(
                 "%s: will on %r not published (%s)",
                 principal.username,

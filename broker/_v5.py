@@ -8,6 +8,7 @@ and each rule here reads (and is tested) on its own.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 
 from broker._acl import Deny
@@ -20,6 +21,7 @@ from schemas import mqtt
 
 __all__ = [
     "DISCONNECT_REASONS",
+    "Refusal",
     "connack_properties",
     "denial_code",
     "forwarded",
@@ -32,6 +34,26 @@ __all__ = [
 
 R = mqtt.ReasonCode
 _SUBACK_FAILURE = 0x80  # 3.1.1's only refusal code
+
+
+class Refusal(enum.Enum):
+    """Why a CONNECT is refused: ``(denials label, 3.1.1 return code, MQTT 5 reason code)``
+    (MQTT 5 §3.2.2.2 maps the 3.1.1 codes)."""
+
+    PROTOCOL = ("protocol", 0x01, R.UNSUPPORTED_PROTOCOL_VERSION)  # MQTT-3.1.2-2
+    CLIENT_ID = ("client_id", 0x02, R.CLIENT_IDENTIFIER_NOT_VALID)
+    CREDENTIALS = ("auth", 0x04, R.BAD_USER_NAME_OR_PASSWORD)
+    WILL = ("will", 0x05, R.NOT_AUTHORIZED)
+    AUTH_METHOD = ("auth", R.BAD_AUTHENTICATION_METHOD, R.BAD_AUTHENTICATION_METHOD)  # 5 only
+
+    def __init__(self, label: str, v311: int, v5: int) -> None:
+        self.label = label
+        self.v311 = v311
+        self.v5 = v5
+
+    def code(self, level: int) -> int:
+        return self.v5 if level == mqtt.ProtocolLevel.V5 else self.v311
+
 
 # The reason code of a PUBACK/PUBREC or DISCONNECT for each denial (§2.4).
 _DENIAL_CODES = {
