@@ -361,7 +361,7 @@ class Router:
         pending = None
         if stored and packet.qos and self.writer is not None:
             pending = self.writer.committed()
-        return Published(parsed, fanout=fanout, pending=pending)
+        return Published(parsed, None, False, fanout, pending)  # positional: per PUBLISH
 
     def route(
         self,
