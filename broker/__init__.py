@@ -1,4 +1,5 @@
-"""The embedded MQTT broker (hardened aMQTT 0.12.1) and generated Mosquitto configuration.
+"""The embedded MQTT 3.1.1 and 5 broker (ours; aMQTT 0.12.1 makes its TLS context) and
+generated Mosquitto configuration.
 
 Usage, asynchronous (the gateway's tests)::
 
@@ -27,11 +28,11 @@ Pytest fixtures: ``from broker.testing import *`` in a ``conftest.py`` gives
 Rules: participants log in with username = client id = pid and the credential from
 ``enroll``; gateways with ``gw-<name>``. Per-topic ACL as in :mod:`broker._acl`
 (conversation membership learned from the signed rosters relayed on
-``c/{cid}/roster``, with ``allow``/``deny`` overrides). Only MQTT 3.1.1 is spoken;
+``c/{cid}/roster``, with ``allow``/``deny`` overrides). MQTT 3.1.1 and 5 are spoken;
 QoS 2 subscriptions are granted QoS 1. See ``docs/broker.md``.
 """
 
-from broker._acl import Deny, Identity, Membership, Rules
+from broker._acl import Deny, Membership, Principal, Rules
 from broker._config import BrokerConfig, Limits, TlsConfig
 from broker._errors import BrokerError, MalformedPacket, PacketTooLarge, PortInUse, UnknownAccount
 from broker._metrics import Metrics
@@ -45,13 +46,13 @@ __all__ = [
     "BrokerThread",
     "Deny",
     "EmbeddedBroker",
-    "Identity",
     "Limits",
     "MalformedPacket",
     "Membership",
     "Metrics",
     "PacketTooLarge",
     "PortInUse",
+    "Principal",
     "Rules",
     "Store",
     "TlsConfig",

@@ -21,7 +21,7 @@ wildcards
 =========================  =================  ==================  ===================
 
 "Listed": in the new roster or in the current one. An accepted proposal is adopted
-and retained on ``c/{cid}/roster`` by the broker itself (``Engine.retain_roster``),
+and retained on ``c/{cid}/roster`` by the broker itself (``Router.retain_roster``),
 as if it had been published there retained; the proposal is only relayed to
 gateways. Nothing retained on inbox, msg or propose topics (they never hold state; a
 retained publish there can only be a bug or an attack: disconnect), and no empty
@@ -52,12 +52,14 @@ from schemas.errors import FieldchatError, InvalidId
 from schemas.roster import Roster, verify_roster_chain
 from schemas.topics import Topic, TopicKind, Topics
 
-__all__ = ["Deny", "Identity", "Membership", "Rules", "gateway_filters"]
+__all__ = ["Deny", "Membership", "Principal", "Rules", "gateway_filters"]
 
 
 @dataclass(frozen=True, slots=True)
-class Identity:
-    """An authenticated client."""
+class Principal:
+    """An authenticated client of the broker: its account's username (also its client
+    id) and role. Not a participant's keys (that is ``device.Identity``): the broker
+    never holds keys."""
 
     username: str
     role: Role
@@ -213,7 +215,7 @@ class Rules:
             return None
 
     def publish(
-        self, who: Identity, topic: str, payload: bytes, *, retain: bool = False
+        self, who: Principal, topic: str, payload: bytes, *, retain: bool = False
     ) -> tuple[Deny | None, Roster | None]:
         """Check a PUBLISH; return ``(denial or None, roster to adopt or None)``."""
         parsed = self.parse(topic)
@@ -232,7 +234,7 @@ class Rules:
         ok = self.membership.is_member(who.username, parsed.cid)
         return (None if ok else Deny.NOT_MEMBER), None
 
-    def _own(self, who: Identity, parsed: Topic, payload: bytes) -> Deny | None:
+    def _own(self, who: Principal, parsed: Topic, payload: bytes) -> Deny | None:
         """A bundle or status: its owner's (or a gateway's), not empty, not too large."""
         if not who.is_gateway:
             if parsed.pid != who.username:
@@ -241,7 +243,7 @@ class Rules:
                 return Deny.EMPTY
         return Deny.TOO_LARGE if len(payload) > self._max_size[parsed.kind] else None
 
-    def will(self, who: Identity, topic: str, payload: bytes, *, retain: bool) -> Deny | None:
+    def will(self, who: Principal, topic: str, payload: bytes, *, retain: bool) -> Deny | None:
         """Check a will, at CONNECT and again when it is published.
 
         A will never changes a roster (it would be published unverified, later, after
@@ -253,7 +255,7 @@ class Rules:
         return self.publish(who, topic, payload, retain=retain)[0]
 
     def _roster(
-        self, who: Identity, parsed: Topic, payload: bytes
+        self, who: Principal, parsed: Topic, payload: bytes
     ) -> tuple[Deny | None, Roster | None]:
         assert parsed.cid is not None
         if not payload:  # a roster is never cleared: that would erase the conversation
@@ -272,7 +274,7 @@ class Rules:
             return Deny.NOT_MEMBER, None
         return None, roster
 
-    def subscribe(self, who: Identity, topic_filter: str) -> Deny | None:
+    def subscribe(self, who: Principal, topic_filter: str) -> Deny | None:
         """Check one SUBSCRIBE filter."""
         if who.is_gateway:
             if topic_filter.startswith("$share/"):
@@ -295,7 +297,7 @@ class Rules:
             else (Deny.NOT_MEMBER if parsed.cid is not None else Deny.NOT_OWNER)
         )
 
-    def receive(self, who: Identity, parsed: Topic) -> bool:
+    def receive(self, who: Principal, parsed: Topic) -> bool:
         """May ``who`` be sent a message on this (parsed) topic now?"""
         if who.is_gateway:
             return True

@@ -5,20 +5,24 @@ Order of a CONNECT, fixing aMQTT 0.12.1 (which touches the session first):
 1. the socket waits for its CONNECT among the *pending* connections: at most
    ``max_pending_per_address`` of one address (more are closed at once) and
    ``max_pending`` in all (the oldest is closed to make room), for at most
-   ``connect_timeout_s``;
+   ``connect_timeout_s`` (:class:`~broker._quota.Admission`);
 2. the credential is checked, and the client id must equal the username; a failure
    gets a CONNACK refusal and touches no session;
 3. the will must be one the client may publish (not retained on inbox/msg, never on
    a roster or proposal); it is checked again when it is published, since the
    membership it was checked against may have changed;
-4. only then is an existing connection of that client id closed (takeover, without
-   its will: the client is still there) and the session resumed or replaced.
+4. only then does :meth:`Router.attach` close an existing connection of that client
+   id (takeover, without its will: the client is still there) and resume or replace
+   the session.
 
 Keep-alive: a client silent for 1.5 times its keep-alive (MQTT-3.1.2-24) is closed and
 its will is published, as for any close without DISCONNECT.
 
-MQTT 3.1.1 and 5 share this path; what 5 adds (properties, reason codes, topic
-aliases, flow control, expiry) is decided in :mod:`broker._v5`.
+The connection moves packets and calls the router, acting on the values it returns
+(:class:`~broker._router.Published`, the grants of a SUBSCRIBE); the router reaches
+it back only as the session's :class:`~broker._outlet.Outlet` (:meth:`send`,
+:meth:`kick`). MQTT 3.1.1 and 5 share this path; what 5 adds (properties, reason
+codes, topic aliases, flow control, expiry) is decided in :mod:`broker._v5`.
 
 Rate: after each PUBLISH of a participant, its :class:`~broker._quota.Throttle` may
 say to wait; the read loop then reads nothing more from that socket until then.
@@ -29,19 +33,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
+from typing import NoReturn
 
 from broker import _v5 as v5
-from broker._acl import Deny, Identity
-from broker._credentials import verify_credential
-from broker._engine import Engine
-from broker._quota import address_key
-from broker._session import Message, Session, SubOptions
+from broker._acks import Acks
+from broker._acl import Principal
+from broker._login import Evicted, Refused, authenticate
+from broker._outlet import Close
+from broker._quota import Admission, Limit, address_key
+from broker._router import Published, Router
+from broker._session import Message, Session
 from broker._trace import trace_route
 from broker._transport import Transport
 from schemas import mqtt
 from schemas.errors import MalformedPacket, PacketTooLarge, UnsupportedProtocol
-from schemas.topics import Topic, TopicKind
+from schemas.topics import Topic
 
 __all__ = ["Connection"]
 
@@ -49,38 +55,32 @@ _PINGRESP = mqtt.encode(mqtt.Pingresp())
 log = logging.getLogger("broker")
 
 _ACCEPTED = 0
-_BAD_PROTOCOL = 1  # 3.1.1; MQTT 5 says 0x84 Unsupported Protocol Version
-_ID_REJECTED = 2
-_BAD_CREDENTIALS = 4
-_NOT_AUTHORIZED = 5
-_SUBACK_FAILURE = 0x80
-_V5_REFUSALS = {  # the MQTT 5 reason code of each 3.1.1 CONNACK return code (§3.2.2.2)
-    _BAD_PROTOCOL: mqtt.ReasonCode.UNSUPPORTED_PROTOCOL_VERSION,
-    _ID_REJECTED: mqtt.ReasonCode.CLIENT_IDENTIFIER_NOT_VALID,
-    _BAD_CREDENTIALS: mqtt.ReasonCode.BAD_USER_NAME_OR_PASSWORD,
-    _NOT_AUTHORIZED: mqtt.ReasonCode.NOT_AUTHORIZED,
-}
 
 
 class _Close(Exception):
-    """Close the connection; ``reason`` labels the metric."""
+    """Close the connection for ``reason``."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: Close) -> None:
         super().__init__(reason)
         self.reason = reason
 
 
 class Connection:
-    """Drives one transport until it closes."""
+    """Drives one transport until it closes; the :class:`~broker._outlet.Outlet` of
+    its session while it holds one."""
 
-    def __init__(self, engine: Engine, transport: Transport) -> None:
-        self.engine = engine
+    def __init__(
+        self, router: Router, admission: Admission[Connection], transport: Transport
+    ) -> None:
+        self.router = router
+        self.admission = admission
         self.transport = transport
         self.session: Session | None = None
-        self.identity: Identity | None = None
+        self.principal: Principal | None = None
         self.will: mqtt.Will | None = None
         self.level: int = mqtt.ProtocolLevel.V311
-        limits = engine.limits
+        limits = router.limits
+        self._metrics = router.metrics
         self._decoder = mqtt.Decoder(max_packet_size=limits.max_packet_bytes)
         # MQTT 5 flow control: what the client accepts from us (its CONNECT) …
         self.window = limits.max_inflight
@@ -92,7 +92,7 @@ class Connection:
         self._keep_alive = 0.0
         self._last_rx = 0.0
         self._watchdog: asyncio.TimerHandle | None = None
-        self._acks: deque[tuple[bytes, asyncio.Future[None] | None]] = deque()
+        self._acks = Acks(transport.write, self._store_failed)
         self._throttle_logged = False
         self._closed = False
         self._loop = asyncio.get_running_loop()
@@ -100,58 +100,51 @@ class Connection:
     # lifecycle ------------------------------------------------------------------------
 
     async def run(self) -> None:
-        reason = "closed"
+        reason = Close.CLOSED
         try:
             await self._serve()
         except _Close as close:
             reason = close.reason
         except PacketTooLarge as exc:
             self._disconnect(exc.code)
-            reason = "too_large"
+            reason = Close.TOO_LARGE
         except MalformedPacket as exc:
             log.info("%s: malformed packet (%s); closing", self._who(), exc)
             self._disconnect(exc.code)  # MQTT 5 §4.13.1: say why before closing
-            reason = "malformed"
+            reason = Close.MALFORMED
         except (ConnectionError, OSError):
-            reason = "network"
+            reason = Close.NETWORK
         except asyncio.CancelledError:
-            reason = "shutdown"
+            reason = Close.SHUTDOWN
             raise
         finally:
             self._finish(reason)
 
     async def _serve(self) -> None:
-        engine = self.engine
-        pending = engine.pending
-        # Full: logged-in clients hold the rest. With the pending ones at their cap too,
-        # the oldest pending one makes room (below), so a flood cannot refuse a login.
-        if len(engine.connections) >= engine.limits.max_connections and len(pending) < (
-            pending.total
-        ):
-            raise _Close("max_connections")
-        admitted, evicted = pending.admit(self, address_key(self.transport.host))
-        if not admitted:
+        limits = self.router.limits
+        refusal, evicted = self.admission.admit(self, address_key(self.transport.host))
+        if refusal is Close.PENDING_PER_ADDRESS:
             log.info("%s: too many connections waiting for CONNECT from there", self._who())
-            raise _Close("pending_per_address")
+        if refusal is not None:
+            raise _Close(refusal)
         if evicted is not None:
             log.info("too many connections waiting for CONNECT: closing the oldest")
-            evicted.kick("pending_evicted")
-        engine.connections.add(self)
-        engine.metrics.connections.inc()
+            evicted.kick(Close.PENDING_EVICTED)
+        self._metrics.connections.inc()
         try:
             try:
-                async with asyncio.timeout(engine.limits.connect_timeout_s):
+                async with asyncio.timeout(limits.connect_timeout_s):
                     packets = await self._receive()
             except TimeoutError:
-                raise _Close("connect_timeout") from None
+                raise _Close(Close.CONNECT_TIMEOUT) from None
             except UnsupportedProtocol:  # MQTT-3.1.2-2: CONNACK 0x01 (3.1.1 form), close
-                self._refuse(_BAD_PROTOCOL, "protocol")
+                self._refuse(v5.Refusal.PROTOCOL)
             connect = packets[0]
             if not isinstance(connect, mqtt.Connect):  # MQTT-3.1.0-1
-                raise _Close("not_connect")
+                raise _Close(Close.NOT_CONNECT)
             await self._connect(connect)
         finally:
-            pending.discard(self)
+            self.admission.connected(self)
         await self._read_loop(packets[1:])
 
     async def _receive(self) -> list[mqtt.Packet]:
@@ -170,217 +163,113 @@ class Connection:
             if packets:
                 return packets
 
-    def _finish(self, reason: str) -> None:
+    def _finish(self, reason: Close) -> None:
         if self._closed:
             return
         self._closed = True
-        engine = self.engine
-        engine.connections.discard(self)
-        engine.pending.discard(self)
+        self._acks.close()
+        self.admission.leave(self)
         if self._watchdog is not None:
             self._watchdog.cancel()
-        if reason not in ("closed", "disconnect", "network"):
-            engine.metrics.disconnects.labels(reason).inc()
+        if reason.counted:
+            self._metrics.disconnects.labels(reason).inc()
         session = self.session
         code = v5.DISCONNECT_REASONS.get(reason)
-        graceful = reason in ("disconnect", "refused")
+        graceful = reason.graceful
         if code is not None and session is not None and self.level == mqtt.ProtocolLevel.V5:
             self._disconnect(code)
             graceful = True  # let the DISCONNECT out before closing
-        if session is not None and session.conn is self:
-            engine.metrics.connected.dec()
-            session.conn = None
-            if self.will is not None and self.send_will and reason != "disconnect":
-                self._will_due(session, self.will)
-            if not session.persistent:
-                engine.drop_session(session)
-            else:
-                engine.offline(session)
+        if session is not None:
+            will = self.will if self.send_will and reason is not Close.DISCONNECT else None
+            self.router.detach(session, self, will)
         if graceful:
             self.transport.close()
         else:
             self.transport.abort()
-
-    def _will_due(self, session: Session, will: mqtt.Will) -> None:
-        """Publish the will now, or after its Will Delay Interval (MQTT 5 §3.1.3.2.2)
-        if the session outlives the connection."""
-        delay = will.properties.will_delay_interval or 0
-        if delay and session.persistent:
-            self.engine.delay_will(
-                session, min(delay, session.expiry), lambda: self._publish_will(will)
-            )
-        else:
-            self._publish_will(will)
 
     def _disconnect(self, code: int) -> None:
         """A server DISCONNECT with ``code`` (MQTT 5 only; 3.1.1 just closes)."""
         if self.level == mqtt.ProtocolLevel.V5 and self.session is not None:
             self.transport.write(mqtt.encode(mqtt.Disconnect(code), self.level))
 
-    def kick(self, reason: str) -> None:
+    def kick(self, reason: Close) -> None:
         """Close from the broker side without the will (takeover, revocation, shutdown)."""
         self.send_will = False
         self._finish(reason)
 
     def _who(self) -> str:
-        return self.identity.username if self.identity else self.transport.peer
+        return self.principal.username if self.principal else self.transport.peer
 
     # CONNECT ------------------------------------------------------------------------
 
-    async def _authenticate(self, connect: mqtt.Connect) -> Identity:
-        """Steps 2 and 3 of the module docstring; a refusal raises :class:`_Close`."""
-        engine = self.engine
-        self.level = connect.protocol_level
-        if connect.properties.authentication_method is not None:  # no enhanced auth
-            self._refuse(mqtt.ReasonCode.BAD_AUTHENTICATION_METHOD, "auth")
-        account = engine.account(connect.username or "")
-        ok = False
-        if account is not None and connect.password is not None:
-            ok = await asyncio.to_thread(verify_credential, connect.password, account.hash)
-            # The account may have been revoked while we were hashing.
-            ok = ok and engine.accounts.get(account.username) is account
-        if self._closed:  # evicted from the pending connections while we were hashing
-            raise _Close("pending_evicted")
-        if not ok:
-            log.info(
-                "login refused for %r from %s", (connect.username or "")[:64], self.transport.peer
-            )
-            await asyncio.sleep(engine.limits.auth_failure_delay_s)
-            self._refuse(_BAD_CREDENTIALS, "auth")
-        assert account is not None
-        client_id = connect.client_id or self._assigned(account.username)
-        if client_id != account.username:
-            self._refuse(_ID_REJECTED, "client_id")
-        identity = Identity(account.username, account.role)
-        will = connect.will
-        if will is not None:
-            denial = engine.rules.will(identity, will.topic, will.payload, retain=will.retain)
-            if denial is not None:
-                log.info("%s: will on %r refused (%s)", identity.username, will.topic[:120], denial)
-                self._refuse(_NOT_AUTHORIZED, "will")
-        return identity
-
-    def _assigned(self, username: str) -> str:
-        """MQTT 5 lets a client send an empty client id and take the one the server
-        assigns (MQTT-3.1.3-6, -7): ours is always the username. 3.1.1 refuses it."""
-        return username if self.level == mqtt.ProtocolLevel.V5 else ""
-
     async def _connect(self, connect: mqtt.Connect) -> None:
-        engine = self.engine
-        metrics = engine.metrics
-        identity = await self._authenticate(connect)
-        self.identity = identity
+        router = self.router
+        self.level = connect.protocol_level
+        try:
+            principal = await authenticate(
+                router, connect, peer=self.transport.peer, closed=lambda: self._closed
+            )
+        except Refused as refused:
+            self._refuse(refused.refusal)
+        except Evicted:
+            raise _Close(Close.PENDING_EVICTED) from None
+        self.principal = principal
         self.will = connect.will
-        persistent, expiry = v5.session_expiry(connect)
         # Authenticated: now, and only now, touch the session (takeover).
-        session = engine.sessions.get(identity.username)
-        if session is not None and session.conn is not None:
-            log.info("%s connected again: closing its previous connection", identity.username)
-            session.conn.kick("takeover")
-        present = False
-        if session is not None and (connect.clean_start or not session.persistent):
-            engine.drop_session(session)
-            session = None
-        if session is None:
-            session = Session(identity.username, identity, persistent=persistent, expiry=expiry)
-            engine.sessions[session.client_id] = session
-        else:
-            present = True
-            session.identity = identity
-            session.expiry = expiry  # the new CONNECT's interval applies (MQTT-3.1.2-23)
-        engine.online(session)
-        engine.persist_session(session)
+        session, present = router.attach(principal, self, connect)
         self.session = session
-        session.conn = self
-        metrics.connected.inc()
         keep_alive = connect.keep_alive
         properties = mqtt.NO_PROPERTIES
         if self.level == mqtt.ProtocolLevel.V5:
             self._limits_of(connect.properties)
             properties = v5.connack_properties(
-                engine.limits,
+                router.limits,
                 connect,
-                assigned=None if connect.client_id else identity.username,
-                inbox=None if identity.is_gateway else engine.topics.inbox(identity.username),
+                assigned=None if connect.client_id else principal.username,
+                inbox=None if principal.is_gateway else router.topics.inbox(principal.username),
             )
             keep_alive = properties.server_keep_alive or keep_alive
         connack = mqtt.Connack(present, _ACCEPTED, properties)
         self.transport.write(mqtt.encode(connack, self.level))
-        self._keep_alive = keep_alive * engine.limits.keepalive_factor
+        self._keep_alive = keep_alive * router.limits.keepalive_factor
         self._last_rx = self._loop.time()
         if self._keep_alive:
             self._watchdog = self._loop.call_later(self._keep_alive, self._check_keep_alive)
-        # MQTT-4.4.0-1: resend unacknowledged PUBLISH packets (DUP set), in order.
-        for packet_id, message in list(session.inflight.items()):
-            if not self._write_publish(message, packet_id, dup=True):
-                engine.acked(session, packet_id)  # expired meanwhile, or too large now
-        engine.pump(session)
+        router.resume(session)  # MQTT-4.4.0-1: unacknowledged PUBLISH again, DUP set
 
     def _limits_of(self, properties: mqtt.Properties) -> None:
         """What an MQTT 5 client's CONNECT allows us to send it (§3.1.2.11)."""
         if properties.receive_maximum is not None:  # MQTT-3.3.4-9
             self.window = min(self.window, properties.receive_maximum)
         self._max_out = properties.maximum_packet_size  # MQTT-3.1.2-24
-        aliases = min(properties.topic_alias_maximum or 0, self.engine.limits.topic_alias_maximum)
+        aliases = min(properties.topic_alias_maximum or 0, self.router.limits.topic_alias_maximum)
         self._aliases_out = mqtt.OutboundAliases(aliases)
 
-    def _refuse(self, code: int, reason: str) -> None:
-        self.engine.metrics.denials.labels(reason).inc()
-        if self.level == mqtt.ProtocolLevel.V5:
-            code = _V5_REFUSALS.get(code, code)
-        self.transport.write(mqtt.encode(mqtt.Connack(False, code), self.level))
+    def _refuse(self, refusal: v5.Refusal) -> NoReturn:
+        """A CONNACK refusal, counted; then close."""
+        self._metrics.denials.labels(refusal.label).inc()
+        connack = mqtt.Connack(False, refusal.code(self.level))
+        self.transport.write(mqtt.encode(connack, self.level))
         self.transport.close()
-        raise _Close("refused")
+        raise _Close(Close.REFUSED)
 
     def _check_keep_alive(self) -> None:
         idle = self._loop.time() - self._last_rx
         if idle >= self._keep_alive:
             log.info("%s silent for %.1f s (keep-alive): closing", self._who(), idle)
-            self._finish("keepalive")
+            self._finish(Close.KEEPALIVE)
             return
         self._watchdog = self._loop.call_later(self._keep_alive - idle, self._check_keep_alive)
-
-    def _publish_will(self, will: mqtt.Will) -> None:
-        engine = self.engine
-        assert self.identity is not None
-        # Checked again now: the membership the CONNECT was checked against may be gone.
-        denial = engine.rules.will(self.identity, will.topic, will.payload, retain=will.retain)
-        parsed = engine.parse(will.topic)
-        if denial is not None or parsed is None:
-            engine.metrics.denials.labels("will").inc()
-            log.info(
-                "%s: will on %r not published (%s)",
-                self.identity.username,
-                will.topic[:120],
-                denial.value if denial else "topic",
-            )
-            return
-        engine.metrics.messages_in.inc()
-        properties = will.properties
-        expires_at = None
-        if properties.message_expiry_interval is not None:
-            expires_at = engine.clock() + properties.message_expiry_interval
-        engine.route(
-            will.topic,
-            will.payload,
-            will.qos,
-            parsed,
-            retain=will.retain,
-            properties=v5.forwarded(properties),
-            expires_at=expires_at,
-        )
-        if will.retain:
-            engine.retain(will.topic, will.payload, will.qos)
 
     # read loop ---------------------------------------------------------------------
 
     async def _read_loop(self, packets: list[mqtt.Packet]) -> None:  # noqa: PLR0912 - per type
-        engine = self.engine
+        router = self.router
         transport = self.transport
         session = self.session
         assert session is not None
-        assert self.identity is not None
-        throttle = engine.throttle(self.identity)
+        assert self.principal is not None
+        throttle = router.access.throttle(self.principal)
         loop = self._loop
         while True:
             for packet in packets:
@@ -393,13 +282,13 @@ class Connection:
                     self._on_publish(received)
                     if throttle is not None:
                         size = len(packet.payload) + len(packet.topic)
-                        wait, limit_name = throttle.take(size, loop.time())
+                        wait, limit = throttle.take(size, loop.time())
                         if wait > 0:
-                            self._throttled(wait, limit_name)
+                            self._throttled(wait, limit)
                             await asyncio.sleep(wait)  # TCP pushback: the client's sends block
                 elif isinstance(packet, mqtt.Puback):
-                    if session.conn is self:
-                        engine.acked(session, packet.packet_id)
+                    if session.outlet is self:
+                        router.acked(session, packet.packet_id)
                 elif isinstance(packet, mqtt.Pingreq):
                     transport.write(_PINGRESP)
                 elif isinstance(packet, mqtt.Subscribe):
@@ -408,14 +297,14 @@ class Connection:
                     self._on_unsubscribe(packet)
                 elif isinstance(packet, mqtt.Pubrel):
                     session.qos2_received.discard(packet.packet_id)
-                    self._ack(mqtt.encode(mqtt.Pubcomp(packet.packet_id), self.level), None)
+                    self._acks.send(mqtt.encode(mqtt.Pubcomp(packet.packet_id), self.level), None)
                 elif isinstance(packet, mqtt.Disconnect):
                     if packet.reason_code == mqtt.ReasonCode.DISCONNECT_WITH_WILL:
-                        raise _Close("closed")  # MQTT 5 §3.14.2.1: the will is sent
+                        raise _Close(Close.CLOSED)  # MQTT 5 §3.14.2.1: the will is sent
                     self.send_will = False
-                    raise _Close("disconnect")
+                    raise _Close(Close.DISCONNECT)
                 elif isinstance(packet, mqtt.Auth):  # enhanced authentication: not offered
-                    raise _Close("auth_method")
+                    raise _Close(Close.AUTH_METHOD)
                 else:  # a second CONNECT (MQTT-3.1.0-2), or what a server never receives
                     raise MalformedPacket(f"unexpected {packet.type.name} from a client")
             if self._closed:
@@ -423,14 +312,14 @@ class Connection:
             packets = await self._receive()
             self._last_rx = loop.time()
 
-    def _throttled(self, wait: float, limit_name: str) -> None:
-        self.engine.metrics.throttled.labels(limit_name).inc()
+    def _throttled(self, wait: float, limit: Limit) -> None:
+        self._metrics.throttled.labels(limit).inc()
         if not self._throttle_logged:
             self._throttle_logged = True
             log.info(
                 "%s publishes faster than its quota (%s): reading it %.3f s later",
                 self._who(),
-                limit_name,
+                limit,
                 wait,
             )
 
@@ -441,269 +330,107 @@ class Connection:
             MalformedPacket: a bad alias (0x94 / 0x82).
             _Close: more unacknowledged QoS 1/2 PUBLISH than we allow (0x93).
         """
-        if packet.qos and len(self._acks) >= self.engine.limits.receive_maximum:
-            raise _Close("receive_maximum")  # MQTT-3.3.4-8
-        if packet.properties.topic_alias is None:
-            return packet
-        topic = self._aliases_in.resolve(packet)
-        if topic is packet.topic:
-            return packet
-        return mqtt.Publish(  # not dataclasses.replace: this runs per aliased message
-            topic,
-            packet.payload,
-            packet.qos,
-            packet.retain,
-            packet.dup,
-            packet.packet_id,
-            packet.properties,
-        )
+        if packet.qos and len(self._acks) >= self.router.limits.receive_maximum:
+            raise _Close(Close.RECEIVE_MAXIMUM)  # MQTT-3.3.4-8
+        return v5.resolve_alias(packet, self._aliases_in)
 
-    def _on_publish(self, packet: mqtt.Publish) -> None:  # noqa: PLR0912 - the publish path
-        engine = self.engine
-        identity = self.identity
+    def _on_publish(self, packet: mqtt.Publish) -> None:
         session = self.session
-        assert identity is not None
         assert session is not None
-        start = time.time_ns() if engine.tracer is not None else 0
-        if packet.qos == 2 and packet.packet_id in session.qos2_received:
+        assert self.principal is not None
+        start = time.time_ns() if self.router.tracer is not None else 0
+        packet_id = packet.packet_id
+        if packet.qos == 2 and packet_id in session.qos2_received:
             # Received before (maybe on an earlier connection): PUBREC again, deliver
             # nothing (MQTT-4.3.3-10).
-            self._ack(mqtt.encode(mqtt.Pubrec(packet.packet_id), self.level), None)
+            self._acks.send(mqtt.encode(mqtt.Pubrec(packet_id), self.level), None)
             return
-        denial, roster = engine.authorize(
-            identity, packet.topic, packet.payload, retain=packet.retain
-        )
-        if denial is not None:
-            if start:
-                self._trace_route(packet, engine.parse(packet.topic), start, None, denial.value)
-            self._denied(packet, denial)
-            return
-        if roster is not None:
-            engine.adopt_roster(roster)
-        parsed = engine.parse(packet.topic)
-        assert parsed is not None
-        engine.metrics.messages_in.inc()
-        properties, expires_at = packet.properties, None
-        if properties is not mqtt.NO_PROPERTIES:
-            if properties.message_expiry_interval is not None:
-                expires_at = engine.clock() + properties.message_expiry_interval
-            properties = v5.forwarded(properties)
-        wrote = engine.route(
-            packet.topic,
-            packet.payload,
-            packet.qos,
-            parsed,
-            sender=session.client_id,
-            retain=packet.retain,
-            properties=properties,
-            expires_at=expires_at,
-        )
-        if parsed.kind is TopicKind.PROPOSE:
-            assert parsed.cid is not None
-            wrote = engine.retain_roster(parsed.cid, packet.payload) or wrote
-        elif packet.retain:
-            wrote = engine.retain(packet.topic, packet.payload, packet.qos) or wrote
-        if packet.qos == 0 or packet.packet_id is None:
-            if start:
-                self._trace_route(packet, parsed, start, None, None)
-            return
-        pending = engine.writer.committed() if wrote and engine.writer is not None else None
+        published = self.router.publish(self.principal, session, packet)
         if start:
-            self._trace_route(packet, parsed, start, pending, None)
-        if packet.qos == 1:
-            self._ack(mqtt.encode(mqtt.Puback(packet.packet_id), self.level), pending)
-        else:
-            session.qos2_received.add(packet.packet_id)
-            self._ack(mqtt.encode(mqtt.Pubrec(packet.packet_id), self.level), pending)
+            self._trace_route(packet, published, start)
+        if published.denial is not None:
+            self._denied(packet, published)
+        elif packet.qos == 1 and packet_id is not None:
+            self._acks.send(mqtt.encode(mqtt.Puback(packet_id), self.level), published.pending)
+        elif packet.qos == 2 and packet_id is not None:
+            session.qos2_received.add(packet_id)
+            self._acks.send(mqtt.encode(mqtt.Pubrec(packet_id), self.level), published.pending)
 
-    def _trace_route(
-        self,
-        packet: mqtt.Publish,
-        parsed: Topic | None,
-        start: int,
-        pending: asyncio.Future[None] | None,
-        denied: str | None,
-    ) -> None:
-        tracer = self.engine.tracer
+    def _trace_route(self, packet: mqtt.Publish, published: Published, start: int) -> None:
+        tracer = self.router.tracer
         if tracer is not None:
-            fanout = 0 if denied else self.engine.fanout
-            trace_route(tracer, packet, parsed, start, pending, denied, fanout)
+            denied = published.denial.value if published.denial is not None else None
+            parsed: Topic | None = published.parsed
+            trace_route(tracer, packet, parsed, start, published.pending, denied, published.fanout)
 
-    def _denied(self, packet: mqtt.Publish, denial: Deny) -> None:
-        engine = self.engine
-        engine.metrics.denials.labels(denial.value).inc()
-        log.info("%s may not publish to %r (%s)", self._who(), packet.topic[:120], denial.value)
-        # MQTT 5 says why: a negative PUBACK (or DISCONNECT) with the reason code.
-        code = v5.denial_code(denial) if self.level == mqtt.ProtocolLevel.V5 else 0
-        if denial.disconnects or (denial.is_race and engine.config.on_not_member == "disconnect"):
+    def _denied(self, packet: mqtt.Publish, published: Published) -> None:
+        """Tell the client (MQTT 5: a negative PUBACK or PUBREC, or DISCONNECT, with the
+        reason code; 3.1.1: an acknowledgement, or the close)."""
+        assert published.denial is not None
+        code = v5.denial_code(published.denial) if self.level == mqtt.ProtocolLevel.V5 else 0
+        if published.disconnect:
             self._disconnect(code)
-            raise _Close("denied_publish")
+            raise _Close(Close.DENIED_PUBLISH)
         session = self.session
         assert session is not None
         if packet.qos == 1 and packet.packet_id is not None:
-            self._ack(mqtt.encode(mqtt.Puback(packet.packet_id, code), self.level), None)
+            self._acks.send(mqtt.encode(mqtt.Puback(packet.packet_id, code), self.level), None)
         elif packet.qos == 2 and packet.packet_id is not None:
             if not code:  # refused QoS 2 ends at the PUBREC (MQTT-4.3.3-4 note)
                 session.qos2_received.add(packet.packet_id)
-            self._ack(mqtt.encode(mqtt.Pubrec(packet.packet_id, code), self.level), None)
+            self._acks.send(mqtt.encode(mqtt.Pubrec(packet.packet_id, code), self.level), None)
 
-    def _ack(self, data: bytes, pending: asyncio.Future[None] | None) -> None:
-        """Acknowledge in PUBLISH order (MQTT-4.6.0-2), after ``pending`` commits."""
-        if pending is None and not self._acks:
-            self.transport.write(data)
-            return
-        self._acks.append((data, pending))
-        if pending is not None and not pending.done():
-            pending.add_done_callback(self._flush_acks)
-        else:
-            self._flush_acks()
-
-    def _flush_acks(self, _: object = None) -> None:
-        acks = self._acks
-        while acks and not self._closed:
-            data, pending = acks[0]
-            if pending is not None:
-                if not pending.done():
-                    return
-                if pending.cancelled() or pending.exception() is not None:
-                    log.error("store write failed: closing %s without acknowledging", self._who())
-                    self._finish("store_error")
-                    return
-            acks.popleft()
-            self.transport.write(data)
+    def _store_failed(self) -> None:
+        log.error("store write failed: closing %s without acknowledging", self._who())
+        self._finish(Close.STORE_ERROR)
 
     def _on_subscribe(self, packet: mqtt.Subscribe) -> None:
-        engine = self.engine
         session = self.session
-        identity = self.identity
         assert session is not None
-        assert identity is not None
+        results, replay = self.router.subscribe(session, packet)
         v5_level = self.level == mqtt.ProtocolLevel.V5
-        identifiers = packet.properties.subscription_identifiers
-        identifier = identifiers[0] if identifiers else None
-        codes: list[int] = []
-        replay: list[tuple[str, SubOptions]] = []
-        for subscription in packet.subscriptions:
-            topic_filter = subscription.topic_filter
-            shared = topic_filter.startswith("$share/")
-            if shared and subscription.no_local:  # MQTT-3.8.3-4
-                raise MalformedPacket("No Local on a shared subscription", code=0x82)
-            denial = None if _valid_filter(topic_filter) else Deny.FORBIDDEN
-            denial = denial or engine.rules.subscribe(identity, topic_filter)
-            new = topic_filter not in session.subscriptions
-            if (
-                denial is None
-                and new
-                and len(session.subscriptions) >= engine.limits.max_subscriptions
-            ):
-                denial = Deny.TOO_MANY
-            if denial is not None:
-                engine.metrics.denials.labels(denial.value).inc()
-                log.info("%s may not subscribe to %r (%s)", self._who(), topic_filter[:120], denial)
-                if not v5_level:
-                    codes.append(_SUBACK_FAILURE)
-                elif not _valid_filter(topic_filter):
-                    codes.append(mqtt.ReasonCode.TOPIC_FILTER_INVALID)
-                elif denial is Deny.TOO_MANY:
-                    codes.append(mqtt.ReasonCode.QUOTA_EXCEEDED)
-                else:  # SUBACK's codes (§3.9.3): the ACL's refusals are 0x87
-                    codes.append(mqtt.ReasonCode.NOT_AUTHORIZED)
-                continue
-            grant = min(subscription.qos, 1)  # QoS 2 is granted as 1 (MQTT-3.9.3)
-            options = SubOptions(
-                grant, subscription.no_local, subscription.retain_as_published, identifier
-            )
-            engine.add_subscription(session, topic_filter, options)
-            codes.append(grant)
-            handling = subscription.retain_handling  # MQTT-3.3.1-9, -10, -11
-            if handling == mqtt.RetainHandling.SEND_ON_SUBSCRIBE or (
-                handling == mqtt.RetainHandling.SEND_IF_NEW and new
-            ):
-                replay.append((topic_filter, options))
-        engine.persist_session(session)
+        codes = [
+            v5.suback_code(s.topic_filter, r, v5_level=v5_level)
+            for s, r in zip(packet.subscriptions, results, strict=True)
+        ]
         self.transport.write(mqtt.encode(mqtt.Suback(packet.packet_id, tuple(codes)), self.level))
         for topic_filter, options in replay:  # MQTT-3.3.1-6, after the SUBACK
-            engine.replay_retained(session, topic_filter, options)
+            self.router.replay_retained(session, topic_filter, options)
 
     def _on_unsubscribe(self, packet: mqtt.Unsubscribe) -> None:
         session = self.session
         assert session is not None
-        codes = []
-        for topic_filter in packet.topic_filters:
-            existed = self.engine.remove_subscription(session, topic_filter)
-            codes.append(0 if existed else mqtt.ReasonCode.NO_SUBSCRIPTION_EXISTED)
-        self.engine.persist_session(session)
-        if self.level != mqtt.ProtocolLevel.V5:
-            codes = []
-        self.transport.write(mqtt.encode(mqtt.Unsuback(packet.packet_id, tuple(codes)), self.level))
-
-    # sending -------------------------------------------------------------------------
-
-    def send_message(self, message: Message) -> int:
-        """Send a QoS 1 message in a new packet id; return the id (0: not sent, it
-        exceeds the client's Maximum Packet Size or expired, and counts as delivered,
-        MQTT-3.1.2-25)."""
-        session = self.session
-        assert session is not None
-        packet_id = session.allocate_id()
-        if not self._write_publish(message, packet_id, dup=False):
-            return 0
-        session.inflight[packet_id] = message
-        return packet_id
-
-    def _write_publish(self, message: Message, packet_id: int, *, dup: bool) -> bool:
+        existed = self.router.unsubscribe(session, packet.topic_filters)
+        codes: tuple[int, ...] = ()
         if self.level == mqtt.ProtocolLevel.V5:
-            data = self._v5_bytes(message, 1, packet_id, dup=dup)
+            codes = tuple(0 if e else mqtt.ReasonCode.NO_SUBSCRIPTION_EXISTED for e in existed)
+        self.transport.write(mqtt.encode(mqtt.Unsuback(packet.packet_id, codes), self.level))
+
+    # the session's outlet --------------------------------------------------------------
+
+    def buffered(self) -> int:
+        return self.transport.buffered()
+
+    def send(self, message: Message, qos: int, packet_id: int | None, *, dup: bool) -> bool:
+        """Write a PUBLISH of ``message``; False (counted) when it may not go to this
+        client: expired, or above its Maximum Packet Size (MQTT 5)."""
+        if self.level == mqtt.ProtocolLevel.V5:
+            data, dropped = v5.publish_bytes(
+                message,
+                qos,
+                packet_id,
+                dup=dup,
+                aliases=self._aliases_out,
+                max_size=self._max_out,
+                now=self.router.clock(),
+            )
             if data is None:
+                self._metrics.queue_drops.labels(dropped).inc()
                 return False
         else:
             data = mqtt.encode_publish(
-                message.topic_bytes, message.payload, 1, packet_id, retain=message.retain, dup=dup
+                message.topic_bytes, message.payload, qos, packet_id, retain=message.retain, dup=dup
             )
         self.transport.write(data)
-        self.engine.metrics.messages_out.inc()
+        self._metrics.messages_out.inc()
         return True
-
-    def _v5_bytes(
-        self, message: Message, qos: int, packet_id: int | None, *, dup: bool
-    ) -> bytes | None:
-        """:func:`broker._v5.publish_bytes` for this client; what may not be sent is
-        counted (``queue_drops``) and ``None``."""
-        data, dropped = v5.publish_bytes(
-            message,
-            qos,
-            packet_id,
-            dup=dup,
-            aliases=self._aliases_out,
-            max_size=self._max_out,
-            now=self.engine.clock(),
-        )
-        if dropped:
-            self.engine.metrics.queue_drops.labels(dropped).inc()
-        return data
-
-    def send_qos0(
-        self, topic: str, payload: bytes, *, retain: bool, properties: mqtt.Properties
-    ) -> None:
-        if self.level == mqtt.ProtocolLevel.V5:
-            message = Message(0, topic, payload, retain=retain, properties=properties)
-            data = self._v5_bytes(message, 0, None, dup=False)
-            if data is None:
-                return
-        else:
-            data = mqtt.encode_publish(topic.encode(), payload, 0, None, retain=retain)
-        self.transport.write(data)
-        self.engine.metrics.messages_out.inc()
-
-
-def _valid_filter(topic_filter: str) -> bool:
-    """MQTT §4.7.1: non-empty; ``#`` only alone as the last level; ``+`` only alone."""
-    if not topic_filter:
-        return False
-    levels = topic_filter.split("/")
-    for i, level in enumerate(levels):
-        if "#" in level and (level != "#" or i != len(levels) - 1):
-            return False
-        if "+" in level and level != "+":
-            return False
-    return True

@@ -3,7 +3,8 @@
 FieldchatError
 └── BrokerError                 the broker cannot do what was asked
     ├── PortInUse               a listener's address is already bound
-    └── UnknownAccount          revoke/allow/deny of an account never enrolled
+    ├── UnknownAccount          revoke/allow/deny of an account never enrolled
+    └── AmqttChanged            aMQTT lacks an internal the broker uses (broker._amqtt)
 
 Malformed MQTT input raises the codec's :class:`schemas.errors.MalformedPacket`
 (and :class:`~schemas.errors.PacketTooLarge`, above ``Limits.max_packet_bytes``),

@@ -4,14 +4,24 @@ can run in one process, as they do in tests)."""
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-__all__ = ["Metrics", "serve_metrics"]
+__all__ = ["Drop", "Metrics", "serve_metrics"]
 
 log = logging.getLogger(__name__)
+
+
+class Drop(enum.StrEnum):
+    """Why a message was not delivered; the label of ``fieldchat_broker_queue_drops``."""
+
+    OVERFLOW = "overflow"  # the session's queue was full: its oldest message went
+    SLOW_CONSUMER = "slow_consumer"  # QoS 0 to a socket far behind
+    EXPIRED = "expired"  # its Message Expiry Interval passed (MQTT-3.3.2-5)
+    TOO_LARGE_FOR_CLIENT = "too_large_for_client"  # above its Maximum Packet Size
 
 
 class Metrics:

@@ -4,19 +4,31 @@
   participant; the connection stops reading its socket for as long as
   :meth:`Throttle.take` says, so a flood is slowed by TCP pushback, never dropped.
 * :class:`FoundingQuota`: conversations founded per participant in a sliding window.
-* :class:`Pending`: connections waiting for their CONNECT, per address and in all.
+* :class:`Pending`: connections waiting for their CONNECT, per address and in all;
+  :class:`Admission`: those and every other connection (``max_connections``).
 
 Limits and their defaults: :class:`broker._config.Limits` (docs/broker.md, "Limits").
 """
 
 from __future__ import annotations
 
+import enum
 import ipaddress
 from collections import deque
 from collections.abc import Iterable
 from typing import Generic, TypeVar
 
-__all__ = ["FoundingQuota", "Pending", "Throttle", "TokenBucket", "address_key"]
+from broker._outlet import Close
+
+__all__ = [
+    "Admission",
+    "FoundingQuota",
+    "Limit",
+    "Pending",
+    "Throttle",
+    "TokenBucket",
+    "address_key",
+]
 
 T = TypeVar("T")
 
@@ -48,6 +60,13 @@ class TokenBucket:
         return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
 
 
+class Limit(enum.StrEnum):
+    """Which bucket of a :class:`Throttle` made a client wait (``throttled{limit}``)."""
+
+    MESSAGES = "messages"
+    BYTES = "bytes"
+
+
 class Throttle:
     """The outbound rate of one participant: PUBLISH packets and bytes."""
 
@@ -67,13 +86,13 @@ class Throttle:
         )
         self._bytes = TokenBucket(bytes_per_s, bytes_burst, now) if bytes_per_s > 0 else None
 
-    def take(self, size: int, now: float) -> tuple[float, str]:
-        """Charge one PUBLISH of ``size`` bytes: ``(seconds to wait, "messages"|"bytes")``."""
+    def take(self, size: int, now: float) -> tuple[float, Limit]:
+        """Charge one PUBLISH of ``size`` bytes: ``(seconds to wait, the limit that binds)``."""
         by_count = self._messages.take(1, now) if self._messages is not None else 0.0
         by_size = self._bytes.take(size, now) if self._bytes is not None else 0.0
         if by_size > by_count:
-            return by_size, "bytes"
-        return by_count, "messages"
+            return by_size, Limit.BYTES
+        return by_count, Limit.MESSAGES
 
 
 class FoundingQuota:
@@ -168,3 +187,39 @@ class Pending(Generic[T]):
             self._by_address[key] = left
         else:
             del self._by_address[key]
+
+
+class Admission(Generic[T]):
+    """The broker's sockets: all of them (``max_connections``) and, among them, those
+    still waiting for their CONNECT (:class:`Pending`).
+
+    When every connection is taken, a new socket is refused unless the waiting ones
+    are at their cap too: then the oldest waiting one makes room (:meth:`admit`), so
+    a flood of idle sockets can never refuse a real client's login.
+    """
+
+    def __init__(self, *, max_connections: int, per_address: int, pending: int) -> None:
+        self.max_connections = max_connections
+        self.connections: set[T] = set()
+        self.pending: Pending[T] = Pending(per_address=per_address, total=pending)
+
+    def admit(self, item: T, key: str) -> tuple[Close | None, T | None]:
+        """``(refusal, evicted)``: with a refusal nothing changed; else ``item`` is
+        counted and waits, and ``evicted`` is a waiting item that lost its place
+        (close it)."""
+        pending = self.pending
+        if len(self.connections) >= self.max_connections and len(pending) < pending.total:
+            return Close.MAX_CONNECTIONS, None
+        admitted, evicted = pending.admit(item, key)
+        if not admitted:
+            return Close.PENDING_PER_ADDRESS, None
+        self.connections.add(item)
+        return None, evicted
+
+    def connected(self, item: T) -> None:
+        """``item`` sent its CONNECT: it no longer waits."""
+        self.pending.discard(item)
+
+    def leave(self, item: T) -> None:
+        self.connections.discard(item)
+        self.pending.discard(item)

@@ -1,156 +1,59 @@
-"""The embedded broker: aMQTT's listeners feeding fieldchat's engine.
+"""The embedded broker: our listeners feeding our router, and its admin calls.
 
-aMQTT 0.12.1 (pinned) provides the listener configuration, the TCP/TLS servers, the
-WebSocket server (``websockets``) and the TLS context. Its session engine is where
-the defects of issue 3 live (authentication after takeover, retained replay
-without ACL, no keep-alive, lost in-flight messages, unbounded and unpersisted
-queues), so :class:`_Listeners` overrides the connection entry points
-(``stream_connected``, ``ws_connected``) to hand every socket to
-:class:`~broker._connection.Connection`, and ``start``/``shutdown`` so that the
-aMQTT broadcast loop and session monitor (unused) are not started. Creating a
-server maps "address in use" to :class:`PortInUse` and closes the listeners that
-did bind, instead of logging and running on half-started.
+:class:`EmbeddedBroker` owns the :class:`~broker._router.Router` (sessions,
+subscriptions, state), the :class:`~broker._listeners.Listeners` (asyncio and
+``websockets`` servers; the TLS context is aMQTT's, :mod:`broker._amqtt`) and the
+poll that applies admin changes made by other processes. Each accepted socket is a
+:class:`~broker._connection.Connection`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
-import ssl
-from typing import Any
 
-import websockets
-import websockets.asyncio.server
-from amqtt.broker import Broker as _AmqttBroker
-from amqtt.contexts import ListenerType
-from websockets.asyncio.server import ServerConnection
-
+from broker._amqtt import tls_context
 from broker._config import BrokerConfig
 from broker._connection import Connection
-from broker._engine import Engine
-from broker._errors import BrokerError, PortInUse
+from broker._errors import BrokerError
+from broker._listeners import Kind, Listener, Listeners
 from broker._metrics import Metrics, serve_metrics
+from broker._outlet import Close
+from broker._quota import Admission
+from broker._router import Router
 from broker._store import Store
-from broker._transport import TcpTransport, WsTransport
+from broker._transport import Transport
 
 __all__ = ["EmbeddedBroker"]
 
 log = logging.getLogger("broker")
 
 _ADMIN_POLL_S = 1.0
-_WS_FRAME_SLACK = 16
+_SHUTDOWN_DRAIN_S = 5.0
 
 
-class _Listeners(_AmqttBroker):  # type: ignore[misc]
-    def __init__(self, engine: Engine, listeners: dict[str, Any]) -> None:
-        super().__init__({"listeners": listeners, "plugins": {}})
-        self._engine = engine
-        self._handlers: set[asyncio.Task[Any]] = set()
+def _listeners(config: BrokerConfig) -> list[Listener]:
+    """The listeners ``config`` asks for.
 
-    async def start(self) -> None:
-        self.transitions.start()
-        try:
-            await self._start_listeners()
-        except BaseException:
-            await self._close_servers()
-            self.transitions.starting_fail()
-            raise
-        self.transitions.starting_success()
-
-    async def shutdown(self) -> None:
-        self.transitions.shutdown()
-        await self._close_servers()
-        for conn in list(self._engine.connections):
-            conn.kick("shutdown")
-        if self._handlers:
-            await asyncio.wait(list(self._handlers), timeout=5)
-        self.transitions.stopping_success()
-
-    async def _close_servers(self) -> None:
-        for server in self._servers.values():
-            server.instance.close()
-        for server in self._servers.values():
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(5):
-                    await server.instance.wait_closed()
-        self._servers.clear()
-
-    async def _create_server_instance(
-        self,
-        listener_name: str,
-        listener_type: ListenerType,
-        address: str | None,
-        port: int,
-        ssl_context: ssl.SSLContext | None,
-    ) -> asyncio.Server | websockets.asyncio.server.Server:
-        limits = self._engine.limits
-        try:
-            if listener_type == ListenerType.WS:
-                return await websockets.serve(
-                    lambda ws: self.ws_connected(ws, listener_name),
-                    address,
-                    port,
-                    ssl=ssl_context,
-                    subprotocols=[websockets.Subprotocol("mqtt")],
-                    max_size=limits.max_packet_bytes + _WS_FRAME_SLACK,
-                    open_timeout=limits.connect_timeout_s,
-                )
-            return await asyncio.start_server(
-                lambda r, w: self.stream_connected(r, w, listener_name),
-                address,
-                port,
-                ssl=ssl_context,
-                ssl_handshake_timeout=limits.connect_timeout_s if ssl_context else None,
-            )
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                raise PortInUse(
-                    f"{listener_name} listener: {address}:{port} is already in use by another "
-                    "process (on this machine Mosquitto holds 1883); pass --port with a free "
-                    "port, or 0 for any"
-                ) from exc
-            raise BrokerError(
-                f"{listener_name} listener cannot bind {address}:{port}: {exc}"
-            ) from exc
-
-    async def stream_connected(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        listener_name: str,  # noqa: ARG002 - aMQTT signature
-    ) -> None:
-        await self._serve(TcpTransport(reader, writer))
-
-    async def ws_connected(
-        self,
-        websocket: ServerConnection,
-        listener_name: str,  # noqa: ARG002 - aMQTT signature
-    ) -> None:
-        await self._serve(WsTransport(websocket))
-
-    async def _serve(self, transport: TcpTransport | WsTransport) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._handlers.add(task)
-        try:
-            await Connection(self._engine, transport).run()
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # a connection's bug must not take the broker down
-            log.exception("connection from %s failed", transport.peer)
-            transport.abort()
-        finally:
-            self._handlers.discard(task)
-
-    def bound_port(self, listener_name: str) -> int | None:
-        server = self._servers.get(listener_name)
-        if server is None:
-            return None
-        for sock in server.instance.sockets:
-            return int(sock.getsockname()[1])
-        return None
+    Raises:
+        BrokerError: WSS without the TLS certificate options.
+        ConfigError: the certificate or key cannot be used.
+    """
+    out = [Listener("default", Kind.TCP, config.host, config.port)]
+    tls = config.tls
+    if tls is not None:
+        out.append(
+            Listener("tls", Kind.TCP, config.host, tls.port, tls_context(tls.certfile, tls.keyfile))
+        )
+    if config.ws_port is not None:
+        context = None
+        if config.ws_tls:
+            if tls is None:
+                raise BrokerError("ws_tls needs the tls certificate options")
+            context = tls_context(tls.certfile, tls.keyfile)
+        out.append(Listener("ws", Kind.WS, config.host, config.ws_port, context))
+    return out
 
 
 class EmbeddedBroker:
@@ -170,11 +73,17 @@ class EmbeddedBroker:
     def __init__(self, config: BrokerConfig) -> None:
         self.config = config
         self.metrics = Metrics()
-        self._engine: Engine | None = None
-        self._listeners: _Listeners | None = None
+        self._router: Router | None = None
+        self._listeners: Listeners | None = None
         self._metrics_server: asyncio.Server | None = None
         self._poller: asyncio.Task[None] | None = None
         self._admin: Store | None = None
+        limits = config.limits
+        self._admission: Admission[Connection] = Admission(
+            max_connections=limits.max_connections,
+            per_address=limits.max_pending_per_address,
+            pending=limits.pending_cap,
+        )
 
     async def __aenter__(self) -> EmbeddedBroker:
         await self.start()
@@ -186,44 +95,28 @@ class EmbeddedBroker:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         config = self.config
-        engine = Engine(config, self.metrics)
-        engine.open(loop)
-        self._engine = engine
+        router = Router(config, self.metrics)
+        router.open(loop)
+        self._router = router
         self._admin = Store(config.db_path)
-        listeners: dict[str, Any] = {
-            "default": {"type": "tcp", "bind": f"{config.host}:{config.port}"}
-        }
-        if config.tls is not None:
-            tls = {
-                "ssl": True,
-                "certfile": str(config.tls.certfile),
-                "keyfile": str(config.tls.keyfile),
-            }
-            listeners["tls"] = {"type": "tcp", "bind": f"{config.host}:{config.tls.port}", **tls}
-        if config.ws_port is not None:
-            listeners["ws"] = {"type": "ws", "bind": f"{config.host}:{config.ws_port}"}
-            if config.ws_tls:
-                if config.tls is None:
-                    await self._close_state()
-                    raise BrokerError("ws_tls needs the tls certificate options")
-                listeners["ws"].update(
-                    ssl=True, certfile=str(config.tls.certfile), keyfile=str(config.tls.keyfile)
-                )
         try:
-            self._listeners = _Listeners(engine, listeners)
-            await self._listeners.start()
+            self._listeners = Listeners(self._serve, config.limits)
+            await self._listeners.start(_listeners(config))
             if config.metrics_port is not None:
                 self._metrics_server = await serve_metrics(
                     self.metrics, config.host, config.metrics_port
                 )
         except BaseException:
             if self._listeners is not None:
-                await self._listeners._close_servers()
+                await self._listeners.close()
             self._listeners = None
             await self._close_state()
             raise
         self._poller = loop.create_task(self._poll_admin_changes())
         log.info("broker listening on %s", ", ".join(self.urls()))
+
+    async def _serve(self, transport: Transport) -> None:
+        await Connection(self.router, self._admission, transport).run()
 
     async def stop(self) -> None:
         if self._poller is not None:
@@ -236,14 +129,17 @@ class EmbeddedBroker:
             await self._metrics_server.wait_closed()
             self._metrics_server = None
         if self._listeners is not None:
-            await self._listeners.shutdown()
+            await self._listeners.close()
+            for conn in list(self._admission.connections):
+                conn.kick(Close.SHUTDOWN)
+            await self._listeners.drain(_SHUTDOWN_DRAIN_S)
             self._listeners = None
         await self._close_state()
 
     async def _close_state(self) -> None:
-        if self._engine is not None:
-            await asyncio.to_thread(self._engine.close)
-            self._engine = None
+        if self._router is not None:
+            await asyncio.to_thread(self._router.close)
+            self._router = None
         if self._admin is not None:
             self._admin.close()
             self._admin = None
@@ -252,20 +148,20 @@ class EmbeddedBroker:
         while True:
             await asyncio.sleep(_ADMIN_POLL_S)
             try:
-                self.engine.reload()
+                self.router.reload()
             except Exception:  # the long-running loop logs and keeps serving
                 log.exception("reloading accounts failed")
 
     # addresses ---------------------------------------------------------------------
 
     @property
-    def engine(self) -> Engine:
-        if self._engine is None:
+    def router(self) -> Router:
+        if self._router is None:
             raise BrokerError("the broker is not running")
-        return self._engine
+        return self._router
 
     def _port(self, name: str) -> int | None:
-        return self._listeners.bound_port(name) if self._listeners is not None else None
+        return self._listeners.port(name) if self._listeners is not None else None
 
     @property
     def port(self) -> int:
@@ -313,7 +209,7 @@ class EmbeddedBroker:
             InvalidId: not a pid.
         """
         credential = self._store().enroll(pid)
-        self.engine.reload()
+        self.router.reload()
         return credential
 
     def add_gateway(self, name: str) -> tuple[str, str]:
@@ -323,7 +219,7 @@ class EmbeddedBroker:
         replica its own name (``archive-1``, ``archive-2``) and one shared group.
         """
         username, credential = self._store().add_gateway(name)
-        self.engine.reload()
+        self.router.reload()
         return username, credential
 
     def revoke(self, username: str) -> None:
@@ -333,18 +229,18 @@ class EmbeddedBroker:
             UnknownAccount: no such account.
         """
         self._store().revoke(username)
-        self.engine.reload()
+        self.router.reload()
 
     def allow(self, pid: str, cid: str) -> None:
         """Make ``pid`` a member of ``cid`` whatever the roster says."""
         self._store().allow(pid, cid)
-        self.engine.reload()
+        self.router.reload()
 
     def deny(self, pid: str, cid: str) -> None:
         """Exclude ``pid`` from ``cid`` whatever the roster says (takes effect at once)."""
         self._store().deny(pid, cid)
-        self.engine.reload()
+        self.router.reload()
 
     def clear_override(self, pid: str, cid: str) -> None:
         self._store().clear_override(pid, cid)
-        self.engine.reload()
+        self.router.reload()

@@ -6,13 +6,13 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from broker._acl import Identity
+from broker._acl import Principal
 from schemas import mqtt
 
 if TYPE_CHECKING:
     import asyncio
 
-    from broker._connection import Connection
+    from broker._outlet import Outlet
 
 __all__ = ["NEVER", "Message", "Session", "SubOptions"]
 
@@ -95,18 +95,19 @@ class Session:
     dropped on a timeout. ``queue`` holds what waits for the window or the client.
     ``qos2_received``: packet ids of QoS 2 PUBLISH packets received and not yet
     released (PUBREL), kept with the session so that a PUBLISH resent with DUP after
-    a reconnect is not delivered twice (MQTT-4.3.3-10, method B).
+    a reconnect is not delivered twice (MQTT-4.3.3-10, method B). ``outlet``: the
+    connection while one holds the session (set by :meth:`Router.attach`).
     """
 
     __slots__ = (
         "client_id",
-        "conn",
         "expiry",
         "expiry_timer",
-        "identity",
         "inflight",
         "next_id",
+        "outlet",
         "persistent",
+        "principal",
         "qos2_received",
         "queue",
         "queued_bytes",
@@ -115,10 +116,10 @@ class Session:
     )
 
     def __init__(
-        self, client_id: str, identity: Identity, *, persistent: bool, expiry: int = NEVER
+        self, client_id: str, principal: Principal, *, persistent: bool, expiry: int = NEVER
     ) -> None:
         self.client_id = client_id
-        self.identity = identity
+        self.principal = principal
         self.persistent = persistent
         self.expiry = expiry
         self.expiry_timer: asyncio.TimerHandle | None = None
@@ -129,7 +130,7 @@ class Session:
         self.inflight: dict[int, Message] = {}
         self.qos2_received: set[int] = set()
         self.next_id = 0
-        self.conn: Connection | None = None
+        self.outlet: Outlet | None = None
 
     def allocate_id(self) -> int:
         """A packet id not in flight (the window is far below 65,535)."""
@@ -139,5 +140,5 @@ class Session:
                 return self.next_id
 
     def __repr__(self) -> str:
-        state = "connected" if self.conn is not None else "offline"
+        state = "connected" if self.outlet is not None else "offline"
         return f"Session({self.client_id!r}, {state}, queued={len(self.queue)})"

@@ -6,21 +6,15 @@ Two ways in:
 * :class:`Store`: synchronous, one short transaction per call. The admin commands
   (``fieldchat broker enroll`` …, possibly in another process while the broker runs)
   and the broker's start-up load use it.
-* :class:`WriteBehind`: one thread that owns a connection and applies the broker's
-  writes in batches, one transaction per batch (group commit). The broker sends a
-  PUBACK for a QoS 1 message only after the batch holding its queued copies has
-  committed, so an acknowledged message survives a SIGKILL. WAL with
-  ``synchronous=NORMAL`` is durable against a process crash (not a power cut: that
-  would need ``FULL`` and an fsync per batch).
+* :class:`broker._writebehind.WriteBehind`: one thread that owns a connection and
+  applies the running broker's writes in group-committed batches.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import sqlite3
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,7 +23,7 @@ from pathlib import Path
 from typing import Literal
 
 from broker._credentials import hash_credential, new_credential
-from broker._errors import BrokerError, UnknownAccount
+from broker._errors import UnknownAccount
 from schemas.errors import ConfigError, FieldchatError
 from schemas.ids import validate_id
 from schemas.roster import Roster
@@ -40,7 +34,6 @@ __all__ = [
     "Store",
     "StoredMessage",
     "StoredSession",
-    "WriteBehind",
     "gateway_username",
 ]
 
@@ -308,119 +301,3 @@ class Store:
     def data_version(self) -> int:
         """Changes whenever another connection commits (SQLite ``PRAGMA data_version``)."""
         return int(self._conn.execute("PRAGMA data_version").fetchone()[0])
-
-
-# Write-behind operations, applied in order; consecutive ones of a kind are batched.
-_SQL = {
-    "queue+": "INSERT OR REPLACE INTO queue VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?)",
-    "sent": "UPDATE queue SET sent=? WHERE client_id=? AND seq=?",
-    "queue-": "DELETE FROM queue WHERE client_id=? AND seq=?",
-    "queue*": "DELETE FROM queue WHERE client_id=?",
-    "retain": "INSERT OR REPLACE INTO retained VALUES(?, ?, ?)",
-    "unretain": "DELETE FROM retained WHERE topic=?",
-    "session": "INSERT OR REPLACE INTO sessions VALUES(?, ?, ?, ?, ?)",
-    "unsession": "DELETE FROM sessions WHERE client_id=?",
-    "roster": "INSERT OR REPLACE INTO rosters VALUES(?, ?, ?)",
-    "founded": "INSERT OR REPLACE INTO founded VALUES(?, ?, ?)",
-}
-
-
-class WriteBehind:
-    """A thread applying the broker's writes in group-committed batches.
-
-    :meth:`put` never blocks the event loop; :meth:`committed` returns a future that
-    resolves once everything put so far is on disk (or fails with
-    :class:`BrokerError` if the batch could not be written: the broker then withholds
-    PUBACKs rather than acknowledge what it did not store).
-    """
-
-    def __init__(self, path: Path, loop: asyncio.AbstractEventLoop) -> None:
-        self._conn = connect(path)
-        self._loop = loop
-        self._cond = threading.Condition()
-        self._ops: list[tuple[str, tuple[object, ...]]] = []
-        self._waiter: asyncio.Future[None] | None = None
-        self._running = False
-        self._running_waiter: asyncio.Future[None] | None = None
-        self._closing = False
-        self.batches = 0
-        self._thread = threading.Thread(target=self._run, name="broker-store", daemon=True)
-        self._thread.start()
-
-    def put(self, kind: str, *args: object) -> None:
-        with self._cond:
-            self._ops.append((kind, args))
-            if len(self._ops) == 1:
-                self._cond.notify()
-
-    def committed(self) -> asyncio.Future[None]:
-        """A future for the commit of every operation put so far."""
-        with self._cond:
-            if self._ops:
-                if self._waiter is None:
-                    self._waiter = self._loop.create_future()
-                return self._waiter
-            if self._running:
-                if self._running_waiter is None:
-                    self._running_waiter = self._loop.create_future()
-                return self._running_waiter
-        done: asyncio.Future[None] = self._loop.create_future()
-        done.set_result(None)
-        return done
-
-    def close(self) -> None:
-        """Write what is pending, then stop the thread and close the connection."""
-        with self._cond:
-            self._closing = True
-            self._cond.notify()
-        self._thread.join(timeout=30)
-        self._conn.close()
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._ops and not self._closing:
-                    self._cond.wait()
-                if not self._ops and self._closing:
-                    return
-                ops, self._ops = self._ops, []
-                self._running_waiter, self._waiter = self._waiter, None
-                self._running = True
-            error = self._apply(ops)
-            with self._cond:
-                waiter, self._running_waiter = self._running_waiter, None
-                self._running = False
-                self.batches += 1
-            if waiter is not None:
-                try:
-                    self._loop.call_soon_threadsafe(_resolve, waiter, error)
-                except RuntimeError:  # the loop closed while we were writing
-                    log.debug("store batch committed after the event loop closed")
-
-    def _apply(self, ops: list[tuple[str, tuple[object, ...]]]) -> BaseException | None:
-        try:
-            self._conn.execute("BEGIN")
-            i = 0
-            while i < len(ops):
-                kind = ops[i][0]
-                j = i
-                while j < len(ops) and ops[j][0] == kind:
-                    j += 1
-                self._conn.executemany(_SQL[kind], [args for _, args in ops[i:j]])
-                i = j
-            self._conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            log.exception("broker store write failed; %d operations lost", len(ops))
-            if self._conn.in_transaction:
-                self._conn.execute("ROLLBACK")
-            return BrokerError(f"store write failed: {exc}")
-        return None
-
-
-def _resolve(waiter: asyncio.Future[None], error: BaseException | None) -> None:
-    if waiter.done():
-        return
-    if error is None:
-        waiter.set_result(None)
-    else:
-        waiter.set_exception(error)

@@ -1,8 +1,8 @@
 """Byte streams under one interface: TCP (plain or TLS) and WebSocket.
 
-aMQTT's adapters make every write awaitable and buffer WebSocket reads through a
-BytesIO per call; the broker writes from synchronous callbacks (PUBACK after a
-store commit), so these are synchronous to write and asynchronous only to read.
+The broker writes from synchronous callbacks (a PUBACK after a store commit), so these
+are synchronous to write and asynchronous only to read (aMQTT's adapters, which we no
+longer use, made every write awaitable and buffered WebSocket reads per call).
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from typing import Protocol
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
+
+from broker._amqtt import abort_websocket
 
 __all__ = ["TcpTransport", "Transport", "WsTransport"]
 
@@ -121,7 +123,7 @@ class WsTransport:
 
     def abort(self) -> None:
         self._out.clear()
-        self._ws.transport.abort()
+        abort_websocket(self._ws)
 
     def close(self) -> None:
         asyncio.get_running_loop().create_task(self._close())

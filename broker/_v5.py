@@ -8,24 +8,52 @@ and each rule here reads (and is tested) on its own.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 
 from broker._acl import Deny
 from broker._config import Limits
-from broker._session import NEVER, Message
+from broker._metrics import Drop
+from broker._outlet import Close
+from broker._session import NEVER, Message, SubOptions
+from broker._subscriptions import valid_filter
 from schemas import mqtt
 
 __all__ = [
     "DISCONNECT_REASONS",
+    "Refusal",
     "connack_properties",
     "denial_code",
     "forwarded",
     "publish_bytes",
     "publish_properties",
+    "resolve_alias",
     "session_expiry",
+    "suback_code",
 ]
 
 R = mqtt.ReasonCode
+_SUBACK_FAILURE = 0x80  # 3.1.1's only refusal code
+
+
+class Refusal(enum.Enum):
+    """Why a CONNECT is refused: ``(denials label, 3.1.1 return code, MQTT 5 reason code)``
+    (MQTT 5 §3.2.2.2 maps the 3.1.1 codes)."""
+
+    PROTOCOL = ("protocol", 0x01, R.UNSUPPORTED_PROTOCOL_VERSION)  # MQTT-3.1.2-2
+    CLIENT_ID = ("client_id", 0x02, R.CLIENT_IDENTIFIER_NOT_VALID)
+    CREDENTIALS = ("auth", 0x04, R.BAD_USER_NAME_OR_PASSWORD)
+    WILL = ("will", 0x05, R.NOT_AUTHORIZED)
+    AUTH_METHOD = ("auth", R.BAD_AUTHENTICATION_METHOD, R.BAD_AUTHENTICATION_METHOD)  # 5 only
+
+    def __init__(self, label: str, v311: int, v5: int) -> None:
+        self.label = label
+        self.v311 = v311
+        self.v5 = v5
+
+    def code(self, level: int) -> int:
+        return self.v5 if level == mqtt.ProtocolLevel.V5 else self.v311
+
 
 # The reason code of a PUBACK/PUBREC or DISCONNECT for each denial (§2.4).
 _DENIAL_CODES = {
@@ -42,13 +70,13 @@ _DENIAL_CODES = {
 
 # Server DISCONNECT reason codes for the broker's own closes (MQTT 5 §3.14.2.1).
 DISCONNECT_REASONS = {
-    "keepalive": R.KEEP_ALIVE_TIMEOUT,
-    "takeover": R.SESSION_TAKEN_OVER,
-    "revoked": R.NOT_AUTHORIZED,
-    "shutdown": R.SERVER_SHUTTING_DOWN,
-    "store_error": R.UNSPECIFIED_ERROR,
-    "receive_maximum": R.RECEIVE_MAXIMUM_EXCEEDED,
-    "auth_method": R.BAD_AUTHENTICATION_METHOD,
+    Close.KEEPALIVE: R.KEEP_ALIVE_TIMEOUT,
+    Close.TAKEOVER: R.SESSION_TAKEN_OVER,
+    Close.REVOKED: R.NOT_AUTHORIZED,
+    Close.SHUTDOWN: R.SERVER_SHUTTING_DOWN,
+    Close.STORE_ERROR: R.UNSPECIFIED_ERROR,
+    Close.RECEIVE_MAXIMUM: R.RECEIVE_MAXIMUM_EXCEEDED,
+    Close.AUTH_METHOD: R.BAD_AUTHENTICATION_METHOD,
 }
 
 # What a server forwards of a PUBLISH unaltered (MQTT-3.3.2-15, -17, -18, -20; §3.3.2.3.7).
@@ -65,6 +93,43 @@ def denial_code(denial: Deny) -> int:
     """The MQTT 5 reason code that tells a client why its publish or subscription was
     refused."""
     return _DENIAL_CODES.get(denial, R.NOT_AUTHORIZED)
+
+
+def suback_code(topic_filter: str, result: SubOptions | Deny, *, v5_level: bool) -> int:
+    """A SUBACK's code for one filter: the granted QoS, or why not (§3.9.3: a bad
+    filter 0x8F, too many subscriptions 0x97, the ACL's refusals 0x87; 3.1.1 has only
+    0x80)."""
+    if isinstance(result, SubOptions):
+        return result.qos
+    if not v5_level:
+        return _SUBACK_FAILURE
+    if not valid_filter(topic_filter):
+        return R.TOPIC_FILTER_INVALID
+    if result is Deny.TOO_MANY:
+        return R.QUOTA_EXCEEDED
+    return R.NOT_AUTHORIZED
+
+
+def resolve_alias(packet: mqtt.Publish, aliases: mqtt.InboundAliases) -> mqtt.Publish:
+    """A received PUBLISH with its topic alias resolved (MQTT 5 §3.3.2.3.4).
+
+    Raises:
+        MalformedPacket: a bad alias (0x94 / 0x82).
+    """
+    if packet.properties.topic_alias is None:
+        return packet
+    topic = aliases.resolve(packet)
+    if topic is packet.topic:
+        return packet
+    return mqtt.Publish(  # not dataclasses.replace: this runs per aliased message
+        topic,
+        packet.payload,
+        packet.qos,
+        packet.retain,
+        packet.dup,
+        packet.packet_id,
+        packet.properties,
+    )
 
 
 def session_expiry(connect: mqtt.Connect) -> tuple[bool, int]:
@@ -171,13 +236,13 @@ def publish_bytes(
     aliases: mqtt.OutboundAliases,
     max_size: int | None,
     now: float,
-) -> tuple[bytes | None, str | None]:
+) -> tuple[bytes | None, Drop | None]:
     """An MQTT 5 PUBLISH of ``message``, or ``(None, why)`` when it may not be sent.
 
     The topic goes as its alias once the client knows it; the remaining expiry and
     the subscription identifiers go along. Not sent: an expired message
-    (``"expired"``, MQTT-3.3.2-5) or one above the client's Maximum Packet Size
-    (``"too_large_for_client"``, MQTT-3.1.2-25).
+    (:attr:`Drop.EXPIRED`, MQTT-3.3.2-5) or one above the client's Maximum Packet Size
+    (:attr:`Drop.TOO_LARGE_FOR_CLIENT`, MQTT-3.1.2-25).
     """
     alias, known = aliases.alias(message.topic)
     if (
@@ -189,7 +254,7 @@ def publish_bytes(
     else:
         properties, expired = publish_properties(message, alias, now)
         if expired:
-            return None, "expired"
+            return None, Drop.EXPIRED
         block = mqtt.encode_properties(properties, mqtt.PacketType.PUBLISH)
     data = mqtt.encode_publish(
         b"" if known else message.topic_bytes,
@@ -201,5 +266,5 @@ def publish_bytes(
         properties=block,
     )
     if max_size is not None and len(data) > max_size:
-        return None, "too_large_for_client"
+        return None, Drop.TOO_LARGE_FOR_CLIENT
     return data, None

@@ -93,8 +93,6 @@ def run(
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
-    for noisy in ("transitions", "amqtt"):  # aMQTT's state machine logs every transition
-        logging.getLogger(noisy).setLevel(logging.WARNING)
     with _errors():
         settings: dict[str, Any] = {}
         if config_file is not None:

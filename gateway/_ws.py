@@ -65,7 +65,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
-from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from gateway._auth import Caller
 from gateway._errors import Forbidden, TooManyRequests
@@ -76,7 +75,21 @@ from schemas import MAX_ENVELOPE_BYTES, Bundle, Envelope, Grant, Roster, validat
 from schemas.envelope import verify_envelope_signature
 from schemas.errors import FieldchatError, LimitExceeded, NotAMember, SignatureRequired, WireError
 
-__all__ = ["BATCH_FRAME_BYTES", "MAX_BAD_FRAMES", "MAX_FRAME_BYTES", "websocket_endpoint"]
+try:  # uvicorn's own protocol class: internal, so guarded (see _Direct)
+    from uvicorn.protocols.websockets.websockets_sansio_impl import (
+        WebSocketsSansIOProtocol as _SansIO,
+    )
+except ImportError:  # another uvicorn: every frame through the ASGI send
+    _SansIO = None  # type: ignore[assignment, misc]
+
+__all__ = [
+    "BATCH_FRAME_BYTES",
+    "DIRECT_NEEDS",
+    "MAX_BAD_FRAMES",
+    "MAX_FRAME_BYTES",
+    "direct_missing",
+    "websocket_endpoint",
+]
 
 log = logging.getLogger("fieldchat.gateway.ws")
 
@@ -119,7 +132,36 @@ def _wire(text: str) -> bytes:
     return bytes((0x81, 127)) + size.to_bytes(8, "big") + payload
 
 
-_DIRECT_NEEDS = ("close_sent", "handshake_complete", "writable", "transport")
+# What _Direct reads of uvicorn's websockets-sansio protocol (uvicorn 0.55, websockets
+# 15, the version aMQTT pins), each with what it must offer. The only reach into
+# uvicorn's internals; tests/gateway/test_ws_direct.py checks every one on a live socket
+# and names the one that changed. If one changes, _Direct falls back to the ASGI send.
+DIRECT_NEEDS: dict[str, tuple[str, ...]] = {
+    "close_sent": (),  # a bool: our close frame went
+    "handshake_complete": (),  # a bool: the opening handshake is done
+    "writable": ("is_set",),  # an asyncio.Event, clear while the transport pushes back
+    "transport": ("write", "is_closing"),  # the asyncio transport
+}
+
+
+def direct_missing(proto: object) -> list[str]:
+    """What of :data:`DIRECT_NEEDS` ``proto`` lacks (``"writable.is_set"``…), or the
+    protocol class itself (``"WebSocketsSansIOProtocol"``) when it is not uvicorn's."""
+    if _SansIO is None or not isinstance(proto, _SansIO):
+        return ["WebSocketsSansIOProtocol"]
+    missing = []
+    for name, needs in DIRECT_NEEDS.items():
+        if not hasattr(proto, name):
+            missing.append(name)
+            continue
+        value = getattr(proto, name)
+        if value is None:  # transport: not connected yet, nothing to check
+            continue
+        missing += [f"{name}.{need}" for need in needs if not hasattr(value, need)]
+    return missing
+
+
+_warned_missing = False
 
 
 class _Direct:
@@ -136,14 +178,24 @@ class _Direct:
     frames carry no protocol state (uvicorn never fragments, and an uncompressed frame
     is valid even where permessage-deflate was agreed, RFC 7692 §6), and everything
     runs on the one event loop, so frames never interleave.
+
+    The protocol's attributes are uvicorn's internals (:data:`DIRECT_NEEDS`): if a
+    uvicorn lacks one, every frame goes through the ASGI ``send`` (slower, correct)
+    and a warning names what changed, once per process.
     """
 
     def __init__(self, raw_send: object) -> None:
+        global _warned_missing  # noqa: PLW0603 - one warning per process, not per socket
         proto = getattr(raw_send, "__self__", None)
-        usable = isinstance(proto, WebSocketsSansIOProtocol) and all(
-            hasattr(proto, name) for name in _DIRECT_NEEDS
-        )  # another uvicorn may rename its internals: then the ASGI send, not a crash
-        self._proto = proto if usable else None
+        missing = direct_missing(proto)
+        self._proto: Any = None if missing else proto
+        if missing and _SansIO is not None and isinstance(proto, _SansIO) and not _warned_missing:
+            _warned_missing = True
+            log.warning(
+                "uvicorn's WebSocketsSansIOProtocol has no %s: /ws frames go through the "
+                "ASGI send (see gateway._ws.DIRECT_NEEDS)",
+                ", ".join(missing),
+            )
 
     def write(self, frame: bytes) -> bool:
         """True when ``frame`` went out; False: use the ASGI ``send``."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from broker import Deny, Identity, Limits, Membership, Rules
+from broker import Deny, Limits, Membership, Principal, Rules
 from broker._acl import gateway_filters
 from broker._quota import FoundingQuota, Pending, Throttle, TokenBucket, address_key
 from broker.testing import found_roster, next_roster
@@ -13,11 +13,11 @@ from schemas.topics import Topics
 from tests.broker._cases import ALICE, BOB, CAROL, ROSTER_X, X
 
 T = Topics()
-GW = Identity("gw-test", "gateway")
+GW = Principal("gw-test", "gateway")
 
 
-def who(p) -> Identity:
-    return Identity(p.pid, "participant")
+def who(p) -> Principal:
+    return Principal(p.pid, "participant")
 
 
 def rules() -> Rules:
