@@ -90,7 +90,7 @@ class SoakDevice(Device):
         except Exception:
             log.exception("soak sender stopped")
 
-    def _wait(self, done: Any) -> bool:  # noqa: ANN401 - a predicate
+    def _soak_wait(self, done: Any) -> bool:  # noqa: ANN401 - a predicate
         """Poll ``done()``; False when the device is closing."""
         while not done():
             if self._soak_stop.wait(POLL_S):
@@ -100,7 +100,7 @@ class SoakDevice(Device):
     def _soak_send(self) -> None:
         cfg = CONFIG
         stop_file, go_file = cfg.dir / "stop", cfg.dir / "go"
-        joined = self._wait(
+        joined = self._soak_wait(
             lambda: (
                 stop_file.exists()
                 or (self.connected and all(map(self.engine.is_member, cfg.convs)))
@@ -110,7 +110,7 @@ class SoakDevice(Device):
             return
         if not stop_file.exists():
             _write(cfg.dir / "ready" / cfg.name, str(time.time()))
-        if not self._wait(lambda: go_file.exists() or stop_file.exists()):
+        if not self._soak_wait(lambda: go_file.exists() or stop_file.exists()):
             return
         # Numbering resumes after what the state file holds as sent: a SIGKILL right
         # after a send returned loses no number and reuses none.
@@ -133,7 +133,7 @@ class SoakDevice(Device):
                 due = time.monotonic()  # fell behind (a stalled machine): no burst to catch up
             if self._soak_stop.wait(max(0.0, due - time.monotonic())):
                 return
-        self._wait(stop_file.exists)
+        self._soak_wait(stop_file.exists)
         last = {cid: max(_numbers(self, cid), default=0) for cid in cfg.convs}
         _write(cfg.dir / "final" / f"{cfg.name}.json", json.dumps(last))
 
