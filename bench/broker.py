@@ -37,12 +37,12 @@ from pathlib import Path
 # This file is named broker.py: put the project root first so `broker` is the package.
 sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from broker._mosquitto import write_mosquitto_config
-from broker._store import Store
-from broker.testing import participant
-from schemas import mqtt
-from schemas.errors import MalformedPacket
-from schemas.topics import Topics
+from fieldchat.broker._mosquitto import write_mosquitto_config
+from fieldchat.broker._store import Store
+from fieldchat.broker.testing import participant
+from fieldchat.schemas import mqtt
+from fieldchat.schemas.errors import MalformedPacket
+from fieldchat.schemas.topics import Topics
 
 PAYLOAD = 256
 WINDOW = 100

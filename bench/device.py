@@ -55,15 +55,15 @@ sys.path.insert(0, str(_HERE.parent))
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from device.client import Device
-from device.config import BrokerOptions, LinkOptions, low_bandwidth_policy
-from device.events import Event, MessageReceived
-from device.history import GatewayHistory
-from device.reconcile import reconcile
-from schemas import Policy
-from schemas.envelope import EnvelopeKind, read_header
-from schemas.errors import FieldchatError
-from schemas.frame import split
+from fieldchat.device.client import Device
+from fieldchat.device.config import BrokerOptions, LinkOptions, low_bandwidth_policy
+from fieldchat.device.events import Event, MessageReceived
+from fieldchat.device.history import GatewayHistory
+from fieldchat.device.reconcile import reconcile
+from fieldchat.schemas import Policy
+from fieldchat.schemas.envelope import EnvelopeKind, read_header
+from fieldchat.schemas.errors import FieldchatError
+from fieldchat.schemas.frame import split
 
 TEXT = "field report: pump 3 pressure nominal, valve 7 replaced, ok"  # 60 chars
 N_THROUGHPUT = 3_000

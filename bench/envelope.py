@@ -30,15 +30,15 @@ sys.path[0] = str(Path(__file__).resolve().parent.parent)
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from device.chains import MAX_UNSIGNED_JUMP
-from device.engine import Engine
-from device.grants import accept_grant, make_grant
-from device.identity import Identity
-from schemas import ChainGrant, FieldchatError, Member, Policy, Roster, TextMessage
-from schemas.envelope import MAX_ENVELOPE_BYTES, EnvelopeKind, header_bytes
-from schemas.frame import MAX_FRAME_ENVELOPES, pack_frame, split
-from schemas.ids import encode_id
-from schemas.roster import MAX_MEMBERS
+from fieldchat.device.chains import MAX_UNSIGNED_JUMP
+from fieldchat.device.engine import Engine
+from fieldchat.device.grants import accept_grant, make_grant
+from fieldchat.device.identity import Identity
+from fieldchat.schemas import ChainGrant, FieldchatError, Member, Policy, Roster, TextMessage
+from fieldchat.schemas.envelope import MAX_ENVELOPE_BYTES, EnvelopeKind, header_bytes
+from fieldchat.schemas.frame import MAX_FRAME_ENVELOPES, pack_frame, split
+from fieldchat.schemas.ids import encode_id
+from fieldchat.schemas.roster import MAX_MEMBERS
 
 TEXT = "Pump 3 pressure 4.2 bar, valve B closed, back on site at 14:30"[:60].ljust(60, ".")
 

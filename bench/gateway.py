@@ -55,12 +55,12 @@ from paho.mqtt.enums import CallbackAPIVersion
 # This file is named like the package it measures: import the package, not itself.
 sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from device.engine import Engine
-from device.identity import Identity
-from gateway import GatewaySettings, claim_message, open_store
-from gateway._archiver import Archiver
-from gateway._metrics import Metrics
-from schemas import TextMessage, Topics
+from fieldchat.device.engine import Engine
+from fieldchat.device.identity import Identity
+from fieldchat.gateway import GatewaySettings, claim_message, open_store
+from fieldchat.gateway._archiver import Archiver
+from fieldchat.gateway._metrics import Metrics
+from fieldchat.schemas import TextMessage, Topics
 
 MOSQUITTO = "/usr/sbin/mosquitto"
 PG_ADMIN = ("postgresql://postgres@127.0.0.1:5432/test", "postgresql://root@127.0.0.1:5432/test")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from gateway._mqtt import MqttClient, _Protocol
+from fieldchat.gateway._mqtt import MqttClient, _Protocol
 
 TOPIC = "fc/v1/c/" + "a" * 26 + "/msg"
 CHUNK = 65536

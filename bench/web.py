@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from device.client import Device
+from fieldchat.device.client import Device
 from tests.web._stack import CHROMIUM, CHROMIUM_ARGS, Stack, chromium_missing, running_stack
 from tests.web._ui import PASSWORD, WebUser
 

@@ -3,7 +3,7 @@ generated Mosquitto configuration.
 
 Usage, asynchronous (the gateway's tests)::
 
-    from broker import BrokerConfig, EmbeddedBroker
+    from fieldchat.broker import BrokerConfig, EmbeddedBroker
 
     config = BrokerConfig(data_dir=tmp_path, port=0)          # 0: an ephemeral port
     async with EmbeddedBroker(config) as broker:
@@ -15,7 +15,7 @@ Usage, asynchronous (the gateway's tests)::
 
 Usage, synchronous (paho-mqtt tests)::
 
-    from broker import BrokerThread
+    from fieldchat.broker import BrokerThread
 
     with BrokerThread(BrokerConfig(data_dir=tmp_path, port=0)) as broker:
         credential = broker.enroll(pid)
@@ -23,22 +23,28 @@ Usage, synchronous (paho-mqtt tests)::
 
 Pytest fixtures: ``from broker.testing import *`` in a ``conftest.py`` gives
 ``broker_config``, ``broker_thread``, ``embedded_broker`` and ``mqtt_account``
-(see :mod:`broker.testing`).
+(see :mod:`fieldchat.broker.testing`).
 
 Rules: participants log in with username = client id = pid and the credential from
-``enroll``; gateways with ``gw-<name>``. Per-topic ACL as in :mod:`broker._acl`
+``enroll``; gateways with ``gw-<name>``. Per-topic ACL as in :mod:`fieldchat.broker._acl`
 (conversation membership learned from the signed rosters relayed on
 ``c/{cid}/roster``, with ``allow``/``deny`` overrides). MQTT 3.1.1 and 5 are spoken;
 QoS 2 subscriptions are granted QoS 1. See ``docs/broker.md``.
 """
 
-from broker._acl import Deny, Membership, Principal, Rules
-from broker._config import BrokerConfig, Limits, TlsConfig
-from broker._errors import BrokerError, MalformedPacket, PacketTooLarge, PortInUse, UnknownAccount
-from broker._metrics import Metrics
-from broker._server import EmbeddedBroker
-from broker._store import Store, gateway_username
-from broker._thread import BrokerThread
+from fieldchat.broker._acl import Deny, Membership, Principal, Rules
+from fieldchat.broker._config import BrokerConfig, Limits, TlsConfig
+from fieldchat.broker._errors import (
+    BrokerError,
+    MalformedPacket,
+    PacketTooLarge,
+    PortInUse,
+    UnknownAccount,
+)
+from fieldchat.broker._metrics import Metrics
+from fieldchat.broker._server import EmbeddedBroker
+from fieldchat.broker._store import Store, gateway_username
+from fieldchat.broker._thread import BrokerThread
 
 __all__ = [
     "BrokerConfig",

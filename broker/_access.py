@@ -14,12 +14,12 @@ import time
 from collections.abc import Callable
 from typing import NamedTuple
 
-from broker._acl import Deny, Membership, Principal, Rules
-from broker._config import BrokerConfig
-from broker._quota import FoundingQuota, Throttle
-from broker._store import Account, Store
-from schemas.roster import Roster
-from schemas.topics import Topic, Topics
+from fieldchat.broker._acl import Deny, Membership, Principal, Rules
+from fieldchat.broker._config import BrokerConfig
+from fieldchat.broker._quota import FoundingQuota, Throttle
+from fieldchat.broker._store import Account, Store
+from fieldchat.schemas.roster import Roster
+from fieldchat.schemas.topics import Topic, Topics
 
 __all__ = ["Access", "Changes"]
 

@@ -47,10 +47,10 @@ import enum
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from broker._store import Role
-from schemas.errors import FieldchatError, InvalidId
-from schemas.roster import Roster, verify_roster_chain
-from schemas.topics import Topic, TopicKind, Topics
+from fieldchat.broker._store import Role
+from fieldchat.schemas.errors import FieldchatError, InvalidId
+from fieldchat.schemas.roster import Roster, verify_roster_chain
+from fieldchat.schemas.topics import Topic, TopicKind, Topics
 
 __all__ = ["Deny", "Membership", "Principal", "Rules", "gateway_filters"]
 
@@ -58,7 +58,7 @@ __all__ = ["Deny", "Membership", "Principal", "Rules", "gateway_filters"]
 @dataclass(frozen=True, slots=True)
 class Principal:
     """An authenticated client of the broker: its account's username (also its client
-    id) and role. Not a participant's keys (that is ``device.Identity``): the broker
+    id) and role. Not a participant's keys (that is ``fieldchat.device.Identity``): the broker
     never holds keys."""
 
     username: str

@@ -11,7 +11,7 @@ serves the design's "aMQTT with TLS and WebSocket listeners": the TLS context of
 TLS and WSS listeners is aMQTT's, so it behaves as aMQTT's own broker does.
 
 **What is ours.** Everything else. The listeners are asyncio's TCP and TLS server and
-the ``websockets`` server, started by :mod:`broker._listeners` (until issue 15 we
+the ``websockets`` server, started by :mod:`fieldchat.broker._listeners` (until issue 15 we
 subclassed aMQTT's ``Broker`` to reach them, through its state machine
 ``transitions``, ``_start_listeners`` and ``_servers``, while our overrides already
 created every server: that subclass is gone). The MQTT codec (``schemas/mqtt/``),
@@ -40,8 +40,8 @@ from amqtt.contexts import ListenerConfig as _ListenerConfig
 from amqtt.errors import BrokerError as _AmqttBrokerError
 from websockets.asyncio.server import ServerConnection
 
-from broker._errors import BrokerError
-from schemas.errors import ConfigError
+from fieldchat.broker._errors import BrokerError
+from fieldchat.schemas.errors import ConfigError
 
 __all__ = [
     "AMQTT_VERSION",
@@ -59,10 +59,10 @@ AMQTT_VERSION = "0.12.1"  # pyproject.toml pins it; the version this seam was wr
 
 
 class AmqttChanged(BrokerError):
-    """aMQTT (or the ``websockets`` it pins) no longer has what :mod:`broker._amqtt` uses.
+    """aMQTT (or the ``websockets`` it pins) no longer has what :mod:`fieldchat.broker._amqtt` uses.
 
     The message names the attribute; install ``amqtt==0.12.1`` (pyproject.toml) or
-    adapt :mod:`broker._amqtt`.
+    adapt :mod:`fieldchat.broker._amqtt`.
     """
 
     reason = "amqtt_changed"

@@ -7,8 +7,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from schemas.errors import InvalidId
-from schemas.topics import DEFAULT_PREFIX, Topics
+from fieldchat.schemas.errors import InvalidId
+from fieldchat.schemas.topics import DEFAULT_PREFIX, Topics
 
 __all__ = ["BrokerConfig", "Limits", "TlsConfig"]
 
@@ -121,7 +121,7 @@ class BrokerConfig(_Frozen):
     ``p/…`` topics, topics outside the prefix) always disconnect.
 
     ``port=0`` (and ``ws_port=0``…) picks an ephemeral port; read the bound one
-    from :attr:`EmbeddedBroker.port`. ``data_dir`` holds ``broker.sqlite3``
+    from :attr:`EmbeddedBroker.port`. ``data_dir`` holds ``fieldchat.broker.sqlite3``
     (accounts, memberships, sessions, queues, retained messages).
     """
 

@@ -22,7 +22,7 @@ The connection moves packets and calls the router, acting on the values it retur
 (:class:`~broker._router.Published`, the grants of a SUBSCRIBE); the router reaches
 it back only as the session's :class:`~broker._outlet.Outlet` (:meth:`send`,
 :meth:`kick`). MQTT 3.1.1 and 5 share this path; what 5 adds (properties, reason
-codes, topic aliases, flow control, expiry) is decided in :mod:`broker._v5`.
+codes, topic aliases, flow control, expiry) is decided in :mod:`fieldchat.broker._v5`.
 
 Rate: after each PUBLISH of a participant, its :class:`~broker._quota.Throttle` may
 say to wait; the read loop then reads nothing more from that socket until then.
@@ -35,19 +35,19 @@ import logging
 import time
 from typing import NoReturn
 
-from broker import _v5 as v5
-from broker._acks import Acks
-from broker._acl import Principal
-from broker._login import Evicted, Refused, authenticate
-from broker._outlet import Close
-from broker._quota import Admission, Limit, address_key
-from broker._router import Published, Router
-from broker._session import Message, Session
-from broker._trace import trace_route
-from broker._transport import Transport
-from schemas import mqtt
-from schemas.errors import MalformedPacket, PacketTooLarge, UnsupportedProtocol
-from schemas.topics import Topic
+from fieldchat.broker import _v5 as v5
+from fieldchat.broker._acks import Acks
+from fieldchat.broker._acl import Principal
+from fieldchat.broker._login import Evicted, Refused, authenticate
+from fieldchat.broker._outlet import Close
+from fieldchat.broker._quota import Admission, Limit, address_key
+from fieldchat.broker._router import Published, Router
+from fieldchat.broker._session import Message, Session
+from fieldchat.broker._trace import trace_route
+from fieldchat.broker._transport import Transport
+from fieldchat.schemas import mqtt
+from fieldchat.schemas.errors import MalformedPacket, PacketTooLarge, UnsupportedProtocol
+from fieldchat.schemas.topics import Topic
 
 __all__ = ["Connection"]
 

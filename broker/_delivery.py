@@ -17,13 +17,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from broker._config import Limits
-from broker._metrics import Drop, Metrics
-from broker._session import Message, Session
-from broker._store import StoredMessage
-from broker._writebehind import QueueAdd, QueueRemove, QueueSent, WriteBehind
-from schemas import mqtt
-from schemas.errors import MalformedPacket
+from fieldchat.broker._config import Limits
+from fieldchat.broker._metrics import Drop, Metrics
+from fieldchat.broker._session import Message, Session
+from fieldchat.broker._store import StoredMessage
+from fieldchat.broker._writebehind import QueueAdd, QueueRemove, QueueSent, WriteBehind
+from fieldchat.schemas import mqtt
+from fieldchat.schemas.errors import MalformedPacket
 
 __all__ = ["Delivery"]
 

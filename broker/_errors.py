@@ -13,7 +13,7 @@ re-exported here for the broker's callers.
 
 from __future__ import annotations
 
-from schemas.errors import FieldchatError, MalformedPacket, PacketTooLarge
+from fieldchat.schemas.errors import FieldchatError, MalformedPacket, PacketTooLarge
 
 __all__ = ["BrokerError", "MalformedPacket", "PacketTooLarge", "PortInUse", "UnknownAccount"]
 

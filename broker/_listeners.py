@@ -1,7 +1,7 @@
 """The broker's servers: TCP, TLS and WebSocket listeners handing each socket to a handler.
 
 Ours since issue 15 (before, a subclass of aMQTT's ``Broker`` whose overrides created
-these same servers; aMQTT still makes the TLS context, :mod:`broker._amqtt`). Binding
+these same servers; aMQTT still makes the TLS context, :mod:`fieldchat.broker._amqtt`). Binding
 maps "address in use" to :class:`PortInUse` and closes the listeners that did bind,
 instead of running half-started. The TLS and WebSocket handshakes time out after
 ``connect_timeout_s``; a WebSocket frame above ``max_packet_bytes`` (plus a little) is
@@ -24,9 +24,9 @@ import websockets
 import websockets.asyncio.server
 from websockets.asyncio.server import ServerConnection
 
-from broker._config import Limits
-from broker._errors import BrokerError, PortInUse
-from broker._transport import TcpTransport, Transport, WsTransport
+from fieldchat.broker._config import Limits
+from fieldchat.broker._errors import BrokerError, PortInUse
+from fieldchat.broker._transport import TcpTransport, Transport, WsTransport
 
 __all__ = ["Kind", "Listener", "Listeners"]
 

@@ -1,4 +1,4 @@
-"""Steps 2 and 3 of a CONNECT (:mod:`broker._connection`): the credential, the client
+"""Steps 2 and 3 of a CONNECT (:mod:`fieldchat.broker._connection`): the credential, the client
 id and the will are checked before any session is touched.
 
 A refusal is a value (:class:`~broker._v5.Refusal`: its CONNACK code at each protocol
@@ -11,11 +11,11 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from broker._acl import Principal
-from broker._credentials import verify_credential
-from broker._router import Router
-from broker._v5 import Refusal
-from schemas import mqtt
+from fieldchat.broker._acl import Principal
+from fieldchat.broker._credentials import verify_credential
+from fieldchat.broker._router import Router
+from fieldchat.broker._v5 import Refusal
+from fieldchat.schemas import mqtt
 
 __all__ = ["Evicted", "Refused", "authenticate"]
 

@@ -1,4 +1,4 @@
-"""Mosquitto 2 configuration with the rules of :mod:`broker._acl`, for production.
+"""Mosquitto 2 configuration with the rules of :mod:`fieldchat.broker._acl`, for production.
 
 Writes three files into a directory:
 
@@ -32,10 +32,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from broker._acl import Membership, gateway_filters
-from broker._config import Limits
-from broker._store import Store
-from schemas.topics import Topics
+from fieldchat.broker._acl import Membership, gateway_filters
+from fieldchat.broker._config import Limits
+from fieldchat.broker._store import Store
+from fieldchat.schemas.topics import Topics
 
 __all__ = ["MosquittoFiles", "write_mosquitto_config"]
 
@@ -75,7 +75,7 @@ def write_mosquitto_config(
     Raises:
         ConfigError: a TLS port without certificate and key.
     """
-    from schemas.errors import ConfigError  # noqa: PLC0415 - only this path raises it
+    from fieldchat.schemas.errors import ConfigError  # noqa: PLC0415 - only this path raises it
 
     if tls_port is not None and (certfile is None or keyfile is None):
         raise ConfigError("a TLS listener needs --certfile and --keyfile")

@@ -14,7 +14,7 @@ import enum
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from broker._session import Message
+    from fieldchat.broker._session import Message
 
 __all__ = ["Close", "Outlet"]
 

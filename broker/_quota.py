@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Iterable
 from typing import Generic, TypeVar
 
-from broker._outlet import Close
+from fieldchat.broker._outlet import Close
 
 __all__ = [
     "Admission",

@@ -5,8 +5,8 @@ Pure but for the store writes it queues (:class:`~broker._writebehind.WriteBehin
 
 from __future__ import annotations
 
-from broker._subscriptions import matches
-from broker._writebehind import RetainClear, RetainSet, WriteBehind
+from fieldchat.broker._subscriptions import matches
+from fieldchat.broker._writebehind import RetainClear, RetainSet, WriteBehind
 
 __all__ = ["Retained"]
 

@@ -24,23 +24,23 @@ import time
 from collections.abc import Callable
 from typing import NamedTuple
 
-from broker._access import Access
-from broker._acl import Deny, Principal
-from broker._config import BrokerConfig
-from broker._delivery import Delivery
-from broker._metrics import Metrics
-from broker._outlet import Close, Outlet
-from broker._retained import Retained
-from broker._session import Session, SubOptions
-from broker._sessions import Sessions
-from broker._store import Account, Store
-from broker._subscriptions import Subscriptions, valid_filter
-from broker._v5 import Refusal, forwarded, session_expiry
-from broker._writebehind import FoundedSave, RosterSave, WriteBehind
-from schemas import mqtt, tracing
-from schemas.errors import MalformedPacket
-from schemas.roster import Roster
-from schemas.topics import Topic, TopicKind
+from fieldchat.broker._access import Access
+from fieldchat.broker._acl import Deny, Principal
+from fieldchat.broker._config import BrokerConfig
+from fieldchat.broker._delivery import Delivery
+from fieldchat.broker._metrics import Metrics
+from fieldchat.broker._outlet import Close, Outlet
+from fieldchat.broker._retained import Retained
+from fieldchat.broker._session import Session, SubOptions
+from fieldchat.broker._sessions import Sessions
+from fieldchat.broker._store import Account, Store
+from fieldchat.broker._subscriptions import Subscriptions, valid_filter
+from fieldchat.broker._v5 import Refusal, forwarded, session_expiry
+from fieldchat.broker._writebehind import FoundedSave, RosterSave, WriteBehind
+from fieldchat.schemas import mqtt, tracing
+from fieldchat.schemas.errors import MalformedPacket
+from fieldchat.schemas.roster import Roster
+from fieldchat.schemas.topics import Topic, TopicKind
 
 __all__ = ["Published", "Routed", "Router"]
 

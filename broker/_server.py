@@ -2,7 +2,7 @@
 
 :class:`EmbeddedBroker` owns the :class:`~broker._router.Router` (sessions,
 subscriptions, state), the :class:`~broker._listeners.Listeners` (asyncio and
-``websockets`` servers; the TLS context is aMQTT's, :mod:`broker._amqtt`) and the
+``websockets`` servers; the TLS context is aMQTT's, :mod:`fieldchat.broker._amqtt`) and the
 poll that applies admin changes made by other processes. Each accepted socket is a
 :class:`~broker._connection.Connection`.
 """
@@ -13,17 +13,17 @@ import asyncio
 import contextlib
 import logging
 
-from broker._amqtt import tls_context
-from broker._config import BrokerConfig
-from broker._connection import Connection
-from broker._errors import BrokerError
-from broker._listeners import Kind, Listener, Listeners
-from broker._metrics import Metrics, serve_metrics
-from broker._outlet import Close
-from broker._quota import Admission
-from broker._router import Router
-from broker._store import Store
-from broker._transport import Transport
+from fieldchat.broker._amqtt import tls_context
+from fieldchat.broker._config import BrokerConfig
+from fieldchat.broker._connection import Connection
+from fieldchat.broker._errors import BrokerError
+from fieldchat.broker._listeners import Kind, Listener, Listeners
+from fieldchat.broker._metrics import Metrics, serve_metrics
+from fieldchat.broker._outlet import Close
+from fieldchat.broker._quota import Admission
+from fieldchat.broker._router import Router
+from fieldchat.broker._store import Store
+from fieldchat.broker._transport import Transport
 
 __all__ = ["EmbeddedBroker"]
 

@@ -6,13 +6,13 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from broker._acl import Principal
-from schemas import mqtt
+from fieldchat.broker._acl import Principal
+from fieldchat.schemas import mqtt
 
 if TYPE_CHECKING:
     import asyncio
 
-    from broker._outlet import Outlet
+    from fieldchat.broker._outlet import Outlet
 
 __all__ = ["NEVER", "Message", "Session", "SubOptions"]
 

@@ -14,14 +14,14 @@ import json
 import logging
 from collections.abc import Callable, Iterator
 
-from broker._acl import Principal
-from broker._metrics import Metrics
-from broker._outlet import Close, Outlet
-from broker._session import NEVER, Session, SubOptions
-from broker._store import Account, StoredSession
-from broker._subscriptions import Subscriptions
-from broker._writebehind import QueueClear, SessionDelete, SessionSave, WriteBehind
-from schemas import mqtt
+from fieldchat.broker._acl import Principal
+from fieldchat.broker._metrics import Metrics
+from fieldchat.broker._outlet import Close, Outlet
+from fieldchat.broker._session import NEVER, Session, SubOptions
+from fieldchat.broker._store import Account, StoredSession
+from fieldchat.broker._subscriptions import Subscriptions
+from fieldchat.broker._writebehind import QueueClear, SessionDelete, SessionSave, WriteBehind
+from fieldchat.schemas import mqtt
 
 __all__ = ["Sessions"]
 

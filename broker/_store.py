@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from broker._credentials import hash_credential, new_credential
-from broker._errors import UnknownAccount
-from schemas.errors import ConfigError, FieldchatError
-from schemas.ids import validate_id
-from schemas.roster import Roster
+from fieldchat.broker._credentials import hash_credential, new_credential
+from fieldchat.broker._errors import UnknownAccount
+from fieldchat.schemas.errors import ConfigError, FieldchatError
+from fieldchat.schemas.ids import validate_id
+from fieldchat.schemas.roster import Roster
 
 __all__ = [
     "Account",

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from broker._session import SubOptions
+from fieldchat.broker._session import SubOptions
 
 __all__ = ["Match", "Merged", "Subscriptions", "matches", "valid_filter"]
 

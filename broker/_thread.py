@@ -9,9 +9,9 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import TypeVar
 
-from broker._config import BrokerConfig
-from broker._errors import BrokerError
-from broker._server import EmbeddedBroker
+from fieldchat.broker._config import BrokerConfig
+from fieldchat.broker._errors import BrokerError
+from fieldchat.broker._server import EmbeddedBroker
 
 __all__ = ["BrokerThread"]
 

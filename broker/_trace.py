@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 
-from schemas import mqtt
-from schemas.errors import FieldchatError
-from schemas.frame import split
-from schemas.topics import Topic, TopicKind
-from schemas.tracing import Tracer
+from fieldchat.schemas import mqtt
+from fieldchat.schemas.errors import FieldchatError
+from fieldchat.schemas.frame import split
+from fieldchat.schemas.topics import Topic, TopicKind
+from fieldchat.schemas.tracing import Tracer
 
 __all__ = ["trace_route"]
 

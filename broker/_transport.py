@@ -15,7 +15,7 @@ from typing import Protocol
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
-from broker._amqtt import abort_websocket
+from fieldchat.broker._amqtt import abort_websocket
 
 __all__ = ["TcpTransport", "Transport", "WsTransport"]
 

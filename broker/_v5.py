@@ -1,7 +1,7 @@
 """What MQTT 5 adds to a connection, as pure functions: reason codes for our denials,
 the CONNACK's properties, the properties a PUBLISH carries on (MQTT 5 §3.3.2.3).
 
-Kept apart from :mod:`broker._connection` so that the connection only moves packets
+Kept apart from :mod:`fieldchat.broker._connection` so that the connection only moves packets
 and each rule here reads (and is tested) on its own.
 """
 
@@ -11,13 +11,13 @@ import dataclasses
 import enum
 import math
 
-from broker._acl import Deny
-from broker._config import Limits
-from broker._metrics import Drop
-from broker._outlet import Close
-from broker._session import NEVER, Message, SubOptions
-from broker._subscriptions import valid_filter
-from schemas import mqtt
+from fieldchat.broker._acl import Deny
+from fieldchat.broker._config import Limits
+from fieldchat.broker._metrics import Drop
+from fieldchat.broker._outlet import Close
+from fieldchat.broker._session import NEVER, Message, SubOptions
+from fieldchat.broker._subscriptions import valid_filter
+from fieldchat.schemas import mqtt
 
 __all__ = [
     "DISCONNECT_REASONS",

@@ -24,8 +24,8 @@ import threading
 from pathlib import Path
 from typing import NamedTuple
 
-from broker._errors import BrokerError
-from broker._store import connect
+from fieldchat.broker._errors import BrokerError
+from fieldchat.broker._store import connect
 
 __all__ = [
     "FoundedSave",

@@ -19,13 +19,13 @@ from typing import Annotated, Any, TypeVar
 import typer
 from pydantic import ValidationError
 
-from broker._config import BrokerConfig
-from broker._mosquitto import write_mosquitto_config
-from broker._server import EmbeddedBroker
-from broker._store import Store
-from schemas import tracing
-from schemas.errors import ConfigError, FieldchatError
-from schemas.signals import until_stopped
+from fieldchat.broker._config import BrokerConfig
+from fieldchat.broker._mosquitto import write_mosquitto_config
+from fieldchat.broker._server import EmbeddedBroker
+from fieldchat.broker._store import Store
+from fieldchat.schemas import tracing
+from fieldchat.schemas.errors import ConfigError, FieldchatError
+from fieldchat.schemas.signals import until_stopped
 
 __all__ = ["broker_app"]
 

@@ -2,7 +2,7 @@
 
 In a ``conftest.py``::
 
-    from broker.testing import broker_config, broker_thread, embedded_broker  # noqa: F401
+    from fieldchat.broker.testing import broker_config, broker_thread, embedded_broker  # noqa: F401
 
 ``broker_config``: a :class:`BrokerConfig` on 127.0.0.1, ephemeral ports, data in
 ``tmp_path``, short CONNECT timeout. ``broker_thread``: a running
@@ -23,12 +23,12 @@ from pathlib import Path
 
 import pytest
 
-from broker._config import BrokerConfig, Limits
-from broker._server import EmbeddedBroker
-from broker._thread import BrokerThread
-from schemas.crypto import Signer
-from schemas.ids import cid_for, pid_for
-from schemas.roster import Member, Policy, Roster
+from fieldchat.broker._config import BrokerConfig, Limits
+from fieldchat.broker._server import EmbeddedBroker
+from fieldchat.broker._thread import BrokerThread
+from fieldchat.schemas.crypto import Signer
+from fieldchat.schemas.ids import cid_for, pid_for
+from fieldchat.schemas.roster import Member, Policy, Roster
 
 __all__ = [
     "Participant",

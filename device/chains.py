@@ -29,8 +29,8 @@ from bisect import bisect_right, insort
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
-from schemas.crypto import aead_open, chain_step
-from schemas.errors import (
+from fieldchat.schemas.crypto import aead_open, chain_step
+from fieldchat.schemas.errors import (
     CryptoError,
     ForwardJumpTooLarge,
     SkippedKeyMissing,

@@ -1,7 +1,7 @@
 """``fieldchat device …``: the participant CLI. It parses options, builds settings and
 calls :class:`device.client.Device`; every :class:`~schemas.FieldchatError` becomes
 one line on stderr and a non-zero exit code (1: usage of fieldchat, 2: configuration,
-3: broker or network). SIGINT and SIGTERM are the same stop (:mod:`schemas.signals`):
+3: broker or network). SIGINT and SIGTERM are the same stop (:mod:`fieldchat.schemas.signals`):
 the device closes (parks its reserved steps, saves its state, disconnects); ``listen``
 and ``chat`` then say they stopped and exit 0, a one-shot command says it was
 interrupted and exits 130.
@@ -24,14 +24,14 @@ from typing import Annotated
 
 import typer
 
-from device.client import Device
-from device.config import DeviceSettings, low_bandwidth_policy
-from device.events import Event, KeyChanged, MessageReceived, ReceiptReceived
-from device.history import GatewayHistory, gateway_base
-from device.state import DeviceState, ReceivedRow
-from schemas import Policy, tracing
-from schemas.errors import ConfigError, FieldchatError, TransportError
-from schemas.signals import Interrupts
+from fieldchat.device.client import Device
+from fieldchat.device.config import DeviceSettings, low_bandwidth_policy
+from fieldchat.device.events import Event, KeyChanged, MessageReceived, ReceiptReceived
+from fieldchat.device.history import GatewayHistory, gateway_base
+from fieldchat.device.state import DeviceState, ReceivedRow
+from fieldchat.schemas import Policy, tracing
+from fieldchat.schemas.errors import ConfigError, FieldchatError, TransportError
+from fieldchat.schemas.signals import Interrupts
 
 __all__ = ["device_app"]
 

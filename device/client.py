@@ -5,7 +5,7 @@
 
 Delivery (DESIGN.md, Delivery): a message is durable before :meth:`Device.send`
 returns (against a crash of the process; with ``power_safe`` against a power cut
-too, see :mod:`device.state`) and leaves in outbox order whenever a connection is
+too, see :mod:`fieldchat.device.state`) and leaves in outbox order whenever a connection is
 up; rows are deleted only when the broker acknowledges them, so a crash or a lost
 connection means publishing again, never losing. Receivers commit every message (deduplicated on
 ``(cid, epoch, sender, chain, step)``) *before* sending the PUBACK, so the broker
@@ -36,10 +36,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from device.chains import RESERVE_STEPS
-from device.config import BrokerOptions, LinkOptions
-from device.engine import BundleStatus, Engine, Opened, Publication
-from device.events import (
+from fieldchat.device.chains import RESERVE_STEPS
+from fieldchat.device.config import BrokerOptions, LinkOptions
+from fieldchat.device.engine import BundleStatus, Engine, Opened, Publication
+from fieldchat.device.events import (
     Connected,
     Disconnected,
     Event,
@@ -50,8 +50,8 @@ from device.events import (
     ReceiptReceived,
     Removed,
 )
-from device.link import Connection, Link, Will
-from device.reconcile import (
+from fieldchat.device.link import Connection, Link, Will
+from fieldchat.device.reconcile import (
     ARCHIVE_AGAIN_S,
     ARCHIVE_ROUND,
     ARCHIVE_SETTLE_S,
@@ -60,7 +60,7 @@ from device.reconcile import (
     reconcile,
     tail_marks,
 )
-from device.repair import (
+from fieldchat.device.repair import (
     ASK_FRACTIONS,
     MAX_REPAIR_PER_REQUEST,
     ChainKey,
@@ -68,8 +68,8 @@ from device.repair import (
     Repairs,
     lacking,
 )
-from device.state import REFUSED, DeviceState, Gap, OutboxRow, ReceivedRow, SentRow
-from schemas import (
+from fieldchat.device.state import REFUSED, DeviceState, Gap, OutboxRow, ReceivedRow, SentRow
+from fieldchat.schemas import (
     Control,
     ControlOp,
     Grant,
@@ -81,8 +81,8 @@ from schemas import (
     Topics,
     tracing,
 )
-from schemas.envelope import EnvelopeKind, read_header
-from schemas.errors import (
+from fieldchat.schemas.envelope import EnvelopeKind, read_header
+from fieldchat.schemas.errors import (
     ConnectFailed,
     FieldchatError,
     KeyStoreError,
@@ -94,10 +94,10 @@ from schemas.errors import (
     UnknownParticipant,
     UnsignedJumpTooFar,
 )
-from schemas.frame import MAX_FRAME_BYTES, pack_frame, part_bytes, split
-from schemas.messages import MAX_RECEIPT_RANGES
-from schemas.roster import is_roster
-from schemas.topics import DEFAULT_PREFIX, Topic, TopicKind
+from fieldchat.schemas.frame import MAX_FRAME_BYTES, pack_frame, part_bytes, split
+from fieldchat.schemas.messages import MAX_RECEIPT_RANGES
+from fieldchat.schemas.roster import is_roster
+from fieldchat.schemas.topics import DEFAULT_PREFIX, Topic, TopicKind
 
 __all__ = ["ConversationInfo", "Device", "HistorySource", "SentMessage"]
 
@@ -273,12 +273,12 @@ class Device:
         broker: where to connect and with which credential.
         link: timing, batching and low-bandwidth tuning.
         prefix: topic prefix shared by every participant of a deployment.
-        on_event: called on the worker thread for each :mod:`device.events` event.
+        on_event: called on the worker thread for each :mod:`fieldchat.device.events` event.
         history: where to ask for missing ranges (the gateway, later).
         post_quantum: whether a new identity gets an ML-KEM-768 key.
         power_safe: :meth:`send` returns only once its messages survive a power cut
             (one fsync per call); by default they survive a crash of the process
-            at once and a power cut from the next fsync on (see :mod:`device.state`).
+            at once and a power cut from the next fsync on (see :mod:`fieldchat.device.state`).
 
     Raises:
         KeyStoreError: the state file cannot be opened or is corrupt.

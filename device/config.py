@@ -20,10 +20,10 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from schemas.errors import ConfigError
-from schemas.frame import MAX_FRAME_ENVELOPES
-from schemas.roster import Policy
-from schemas.topics import DEFAULT_PREFIX
+from fieldchat.schemas.errors import ConfigError
+from fieldchat.schemas.frame import MAX_FRAME_ENVELOPES
+from fieldchat.schemas.roster import Policy
+from fieldchat.schemas.topics import DEFAULT_PREFIX
 
 __all__ = [
     "DEFAULT_STATE",

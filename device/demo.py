@@ -10,10 +10,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from device.engine import Engine, Publication
-from device.identity import Identity
-from schemas import Policy, TextMessage, TopicKind, Topics
-from schemas.errors import FieldchatError
+from fieldchat.device.engine import Engine, Publication
+from fieldchat.device.identity import Identity
+from fieldchat.schemas import Policy, TextMessage, TopicKind, Topics
+from fieldchat.schemas.errors import FieldchatError
 
 __all__ = ["run_local_demo"]
 

@@ -26,11 +26,11 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import NamedTuple, ParamSpec, TypeVar
 
-from device.chains import RecvChain, SendChain
-from device.grants import accept_grant, make_grant
-from device.identity import Identity
-from device.keystore import SEND_CHAIN_PREFIX, KeyStore, MemoryKeyStore
-from schemas import (
+from fieldchat.device.chains import RecvChain, SendChain
+from fieldchat.device.grants import accept_grant, make_grant
+from fieldchat.device.identity import Identity
+from fieldchat.device.keystore import SEND_CHAIN_PREFIX, KeyStore, MemoryKeyStore
+from fieldchat.schemas import (
     Bundle,
     ChainGrant,
     Control,
@@ -48,10 +48,10 @@ from schemas import (
     encode_plaintext,
     verify_roster_chain,
 )
-from schemas._codec import fields, pack, unpack
-from schemas._varint import encode as varint
-from schemas.crypto import aead_seal, ed25519_verify, sha256
-from schemas.envelope import (
+from fieldchat.schemas._codec import fields, pack, unpack
+from fieldchat.schemas._varint import encode as varint
+from fieldchat.schemas.crypto import aead_seal, ed25519_verify, sha256
+from fieldchat.schemas.envelope import (
     FLAG_COMPRESSED,
     FLAG_PADDED,
     FLAG_SIGNED,
@@ -60,7 +60,7 @@ from schemas.envelope import (
     read_header,
     step_bytes,
 )
-from schemas.errors import (
+from fieldchat.schemas.errors import (
     ChainClosed,
     ChainEndUnknown,
     CryptoError,
@@ -77,9 +77,9 @@ from schemas.errors import (
     UnknownParticipant,
     WireError,
 )
-from schemas.grant import ChainEnd
-from schemas.messages import kind_of
-from schemas.roster import is_roster
+from fieldchat.schemas.grant import ChainEnd
+from fieldchat.schemas.messages import kind_of
+from fieldchat.schemas.roster import is_roster
 
 __all__ = [
     "KEEP_EPOCHS",

@@ -19,9 +19,9 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
-from device.identity import Identity
-from schemas import Bundle, ChainGrant, Grant, GrantMode
-from schemas.crypto import (
+from fieldchat.device.identity import Identity
+from fieldchat.schemas import Bundle, ChainGrant, Grant, GrantMode
+from fieldchat.schemas.crypto import (
     aead_open,
     aead_seal,
     hkdf_sha256,
@@ -31,7 +31,7 @@ from schemas.crypto import (
     x25519_exchange,
     x25519_public_from_private,
 )
-from schemas.errors import CryptoError, GrantRejected
+from fieldchat.schemas.errors import CryptoError, GrantRejected
 
 __all__ = ["accept_grant", "make_grant"]
 

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from device.identity import Identity
-from schemas import validate_id
-from schemas.errors import ConfigError, NotAuthorized, TransportError, WireError
+from fieldchat.device.identity import Identity
+from fieldchat.schemas import validate_id
+from fieldchat.schemas.errors import ConfigError, NotAuthorized, TransportError, WireError
 
 __all__ = ["Checked", "GatewayHistory", "Uploaded", "digest", "gateway_base"]
 

@@ -10,16 +10,16 @@ import os
 import time
 from collections.abc import Callable
 
-from schemas import Bundle
-from schemas._codec import fields, pack, unpack
-from schemas.crypto import (
+from fieldchat.schemas import Bundle
+from fieldchat.schemas._codec import fields, pack, unpack
+from fieldchat.schemas.crypto import (
     MLKEM768_SEED_BYTES,
     Signer,
     hkdf_sha256,
     mlkem768_public_from_seed,
     x25519_public_from_private,
 )
-from schemas.errors import KeyStoreError, WireError
+from fieldchat.schemas.errors import KeyStoreError, WireError
 
 __all__ = ["Identity"]
 

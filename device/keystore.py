@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-from schemas.errors import KeyStoreError
+from fieldchat.schemas.errors import KeyStoreError
 
 __all__ = [
     "SEND_CHAIN_PREFIX",

@@ -33,8 +33,8 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from device.config import BrokerOptions, LinkOptions
-from schemas.errors import ConnectFailed, NotAuthorized, TransportError
+from fieldchat.device.config import BrokerOptions, LinkOptions
+from fieldchat.schemas.errors import ConnectFailed, NotAuthorized, TransportError
 
 __all__ = ["SESSION_EXPIRY_S", "Connection", "Link", "LinkHandler"]
 

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from device.history import (
+from fieldchat.device.history import (
     CHECK_CHAINS,
     CHECK_STEPS,
     HAVE_MAX,
@@ -31,8 +31,8 @@ from device.history import (
     Uploaded,
     digest,
 )
-from device.state import Gap, OwnEnvelope
-from schemas.errors import FieldchatError, NotAuthorized, TransportError
+from fieldchat.device.state import Gap, OwnEnvelope
+from fieldchat.schemas.errors import FieldchatError, NotAuthorized, TransportError
 
 __all__ = [
     "ARCHIVE_AGAIN_S",

@@ -60,8 +60,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from device.keystore import SEND_CHAIN_PREFIX, create_private_file, write_records
-from schemas.errors import ConfigError, KeyStoreError
+from fieldchat.device.keystore import SEND_CHAIN_PREFIX, create_private_file, write_records
+from fieldchat.schemas.errors import ConfigError, KeyStoreError
 
 __all__ = [
     "ARCHIVED",

@@ -7,7 +7,7 @@ second used to end in a traceback, and a SIGTERM in status 143. The kernel holds
 signals during the imports: a KeyboardInterrupt raised inside one can come out as
 another error (CPython reports one raised in a class's ``__set_name__`` as a
 RuntimeError), so it is raised here, once they are done. From there on the commands
-handle the signals (:mod:`schemas.signals`).
+handle the signals (:mod:`fieldchat.schemas.signals`).
 """
 
 from __future__ import annotations

@@ -1,25 +1,117 @@
-"""``fieldchat``: the root command. Each package contributes a sub-app; this only composes."""
+"""``fieldchat``: the root command. Each package contributes a sub-app; this only composes.
+
+The sub-apps are imported when their command runs, not before: a device command
+imports the device and nothing of the broker's or the gateway's stacks (which a
+device's ``pip install fieldchat`` does not install), and ``fieldchat --help`` imports
+none of them.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import importlib
 import os
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NamedTuple
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
-from broker.cli import broker_app
-from device.cli import device_app
-from device.demo import run_local_demo
-from fieldchat.demo import run_demo
-from fieldchat.stack import StackOptions, run_stack
-from gateway._cli import gateway_app
-from schemas import tracing
-from schemas.errors import FieldchatError
-from schemas.signals import until_stopped
+from fieldchat.schemas import tracing
+from fieldchat.schemas.errors import FieldchatError
+from fieldchat.schemas.signals import until_stopped
+
+if TYPE_CHECKING:
+    from fieldchat.stack import StackOptions
+
+
+class _SubApp(NamedTuple):
+    """A package's sub-app, imported on use; ``extra`` installs what it needs."""
+
+    target: str  # "module:attribute" of the typer app
+    help: str
+    extra: str | None
+
+
+_SUB_APPS = {
+    "broker": _SubApp(
+        "fieldchat.broker.cli:broker_app",
+        "The embedded MQTT broker: run it, enroll participants, write Mosquitto config.",
+        "broker",
+    ),
+    "device": _SubApp(
+        "fieldchat.device.cli:device_app",
+        "A fieldchat participant: identity, conversations, sending and listening.",
+        None,
+    ),
+    "gateway": _SubApp(
+        "fieldchat.gateway._cli:gateway_app",
+        "The gateway: encrypted history archive, history API, accounts, WebSocket bridge.",
+        "gateway",
+    ),
+}
+
+# What each extra installs, to tell a missing extra from a broken install.
+_EXTRA_MODULES = {
+    "broker": {"amqtt", "argon2", "prometheus_client"},
+    "gateway": {"fastapi", "uvicorn", "sqlalchemy", "aiosqlite", "asyncpg", "argon2"}
+    | {"prometheus_client", "starlette", "websockets", "httptools", "uvloop"},
+}
+_EXTRA_MODULES["server"] = _EXTRA_MODULES["broker"] | _EXTRA_MODULES["gateway"]
+
+
+def _missing_extra(name: str, extra: str, exc: ModuleNotFoundError) -> TyperCommand:
+    """A command that says which extra to install, instead of a traceback."""
+
+    def explain() -> None:
+        typer.echo(
+            f"error: 'fieldchat {name}' needs {exc.name}, which this install lacks: "
+            f"pip install 'fieldchat[{extra}]'",
+            err=True,
+        )
+        raise typer.Exit(1)
+
+    return TyperCommand(
+        name, callback=explain, help=_SUB_APPS[name].help, context_settings=_ANY_ARGS
+    )
+
+
+# The missing-extra command takes whatever the real one would have, to say its line.
+_ANY_ARGS = {"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []}
+
+
+# click's types are typer's private vendored copy: Any where they appear.
+def _load(name: str, sub: _SubApp) -> Any:  # noqa: ANN401
+    module, _, attribute = sub.target.partition(":")
+    try:
+        sub_app = getattr(importlib.import_module(module), attribute)
+    except ModuleNotFoundError as exc:
+        if sub.extra is None or exc.name not in _EXTRA_MODULES[sub.extra]:
+            raise
+        return _missing_extra(name, sub.extra, exc)
+    command = typer.main.get_command(sub_app)
+    command.name = name
+    return command
+
+
+class _Lazy(TyperCommand):
+    """Stands for a sub-app in listings (name and help only); parsing its arguments
+    imports the real one, which then runs."""
+
+    def __init__(self, name: str, sub: _SubApp) -> None:
+        super().__init__(name, help=sub.help, short_help=sub.help)
+        self.sub = sub
+
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: Any = None,  # noqa: ANN401
+        **extra: Any,  # noqa: ANN401 - click's own keyword arguments
+    ) -> Any:  # noqa: ANN401
+        real = _load(self.name or "", self.sub)
+        return real.make_context(info_name, args, parent=parent, **extra)
 
 
 class _Root(TyperGroup):
@@ -27,6 +119,13 @@ class _Root(TyperGroup):
     signals over: while typer parses the command line) is a clean stop, one line and
     status 0, not typer's silent 130. Long-running commands stop the same way
     themselves; device one-shots say they were interrupted (status 130)."""
+
+    def list_commands(self, ctx: Any) -> list[str]:  # noqa: ANN401
+        return sorted([*super().list_commands(ctx), *_SUB_APPS])
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:  # noqa: ANN401
+        sub = _SUB_APPS.get(cmd_name)
+        return _Lazy(cmd_name, sub) if sub else super().get_command(ctx, cmd_name)
 
     # ctx: click's Context, which typer vendors under a private module name.
     def invoke(self, ctx: Any) -> Any:  # noqa: ANN401
@@ -86,8 +185,11 @@ def up(
     http_port: HttpPort = 8080,
 ) -> None:
     """Run the embedded broker and the gateway (SQLite) until Ctrl-C or SIGTERM."""
-    options = StackOptions(data_dir=data_dir, host=host, mqtt_port=mqtt_port, http_port=http_port)
-    _serve(run_stack(options, typer.echo), "fieldchat stopped: gateway and broker state saved.")
+    stack = _import_server("up", "fieldchat.stack")
+    options = _options(stack, data_dir, host, mqtt_port, http_port)
+    _serve(
+        stack.run_stack(options, typer.echo), "fieldchat stopped: gateway and broker state saved."
+    )
 
 
 @app.command()
@@ -103,12 +205,39 @@ def demo(
 ) -> None:
     """The stack plus two devices chatting; web users who register are invited at once."""
     if local:
+        from fieldchat.device.demo import run_local_demo  # noqa: PLC0415 - device only
+
         run_local_demo(typer.echo, pause=pause)
         return
-    options = StackOptions(data_dir=data_dir, host=host, mqtt_port=mqtt_port, http_port=http_port)
-    _serve(run_demo(options, typer.echo), "fieldchat demo stopped.")
+    stack = _import_server("demo", "fieldchat.stack")
+    demos = _import_server("demo", "fieldchat.demo")
+    options = _options(stack, data_dir, host, mqtt_port, http_port)
+    _serve(demos.run_demo(options, typer.echo), "fieldchat demo stopped.")
 
 
-app.add_typer(broker_app, name="broker")
-app.add_typer(device_app, name="device")
-app.add_typer(gateway_app, name="gateway")
+def _import_server(command: str, module: str) -> Any:  # noqa: ANN401 - a module
+    """Import a module of the server stack, or say which extra installs it."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name not in _EXTRA_MODULES["server"]:
+            raise
+        typer.echo(
+            f"error: 'fieldchat {command}' needs {exc.name}, which this install lacks: "
+            "pip install 'fieldchat[server]'",
+            err=True,
+        )
+        raise typer.Exit(1) from None
+
+
+def _options(
+    stack: Any,  # noqa: ANN401 - the fieldchat.stack module
+    data_dir: Path,
+    host: str,
+    mqtt_port: int,
+    http_port: int,
+) -> StackOptions:
+    options: StackOptions = stack.StackOptions(
+        data_dir=data_dir, host=host, mqtt_port=mqtt_port, http_port=http_port
+    )
+    return options

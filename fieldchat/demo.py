@@ -19,12 +19,12 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
-from device.client import Device
-from device.config import BrokerOptions
-from device.history import GatewayHistory
+from fieldchat.device.client import Device
+from fieldchat.device.config import BrokerOptions
+from fieldchat.device.history import GatewayHistory
+from fieldchat.gateway import GatewayStore
+from fieldchat.schemas.errors import FieldchatError
 from fieldchat.stack import Stack, StackOptions, open_stack
-from gateway import GatewayStore
-from schemas.errors import FieldchatError
 
 __all__ = ["MAX_DEMO_MESSAGES", "run_demo"]
 

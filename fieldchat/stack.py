@@ -1,8 +1,8 @@
 """``fieldchat up``: the embedded broker and the gateway in one process, one data folder.
 
 The broker and the gateway keep their own state under ``data_dir`` (``broker/`` and
-``gateway.db``); the gateway's broker credential is issued once and kept in
-``gateway.credential`` (mode 0600), so the gateway's persistent MQTT session and
+``fieldchat.gateway.db``); the gateway's broker credential is issued once and kept in
+``fieldchat.gateway.credential`` (mode 0600), so the gateway's persistent MQTT session and
 queue survive restarts. Ctrl-C or SIGTERM (the same clean stop) stops the gateway
 first (it acknowledges only what it committed to the archive), then the broker
 (which persists sessions, queues and retained messages).
@@ -24,9 +24,9 @@ import uvicorn
 from fastapi import FastAPI
 from pydantic import SecretStr
 
-from broker import BrokerConfig, EmbeddedBroker, PortInUse
-from gateway import GatewayServer, GatewaySettings, create_app, uvicorn_options
-from schemas.errors import ConfigError
+from fieldchat.broker import BrokerConfig, EmbeddedBroker, PortInUse
+from fieldchat.gateway import GatewayServer, GatewaySettings, create_app, uvicorn_options
+from fieldchat.schemas.errors import ConfigError
 
 __all__ = ["Stack", "StackOptions", "open_stack", "run_stack"]
 

@@ -4,14 +4,20 @@ It never decrypts: it stores and relays ciphertext, verifying structure and sign
 only. See docs/gateway.md.
 """
 
-from gateway._app import create_app
-from gateway._archiver import ArchiveListener, Archiver, MqttFactory, mqtt_factory
-from gateway._auth import CLAIM_LABEL, SIGNING_LABEL, claim_message, signed_message
-from gateway._errors import ClaimRefused, Forbidden, NameTaken, StorageError, TooManyRequests
-from gateway._run import GatewayServer, uvicorn_options
-from gateway._settings import GatewaySettings, load_settings
-from gateway._sql import PostgresStore, SqliteStore, open_store
-from gateway._store import (
+from fieldchat.gateway._app import create_app
+from fieldchat.gateway._archiver import ArchiveListener, Archiver, MqttFactory, mqtt_factory
+from fieldchat.gateway._auth import CLAIM_LABEL, SIGNING_LABEL, claim_message, signed_message
+from fieldchat.gateway._errors import (
+    ClaimRefused,
+    Forbidden,
+    NameTaken,
+    StorageError,
+    TooManyRequests,
+)
+from fieldchat.gateway._run import GatewayServer, uvicorn_options
+from fieldchat.gateway._settings import GatewaySettings, load_settings
+from fieldchat.gateway._sql import PostgresStore, SqliteStore, open_store
+from fieldchat.gateway._store import (
     Account,
     AccountStore,
     ArchiveBatch,

@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 from argon2 import PasswordHasher, Type
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
-from gateway._errors import TooManyRequests
-from gateway._settings import GatewaySettings
-from gateway._store import Account, AccountStore
+from fieldchat.gateway._errors import TooManyRequests
+from fieldchat.gateway._settings import GatewaySettings
+from fieldchat.gateway._store import Account, AccountStore
 
 __all__ = [
     "DEVICE_COOKIE",

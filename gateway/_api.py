@@ -17,7 +17,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from gateway._accounts import (
+from fieldchat.gateway._accounts import (
     DEVICE_COOKIE,
     MAX_PASSWORD,
     MAX_USERNAME,
@@ -25,9 +25,9 @@ from gateway._accounts import (
     SESSION_COOKIE,
     address_key,
 )
-from gateway._auth import Caller, claim_message, request_origin
-from gateway._errors import ClaimRefused, Forbidden, TooManyRequests
-from gateway._reconcile import (
+from fieldchat.gateway._auth import Caller, claim_message, request_origin
+from fieldchat.gateway._errors import ClaimRefused, Forbidden, TooManyRequests
+from fieldchat.gateway._reconcile import (
     HAVE_MAX,
     HAVE_SCAN_FACTOR,
     CheckIn,
@@ -39,11 +39,11 @@ from gateway._reconcile import (
     parse_have,
     skip_held,
 )
-from gateway._state import Gateway
-from gateway._store import StoredEnvelope
-from schemas import Bundle
-from schemas.crypto import ed25519_verify
-from schemas.errors import CryptoError
+from fieldchat.gateway._state import Gateway
+from fieldchat.gateway._store import StoredEnvelope
+from fieldchat.schemas import Bundle
+from fieldchat.schemas.crypto import ed25519_verify
+from fieldchat.schemas.errors import CryptoError
 
 __all__ = ["MAX_OPEN_CHALLENGES", "MAX_PAGE", "router"]
 

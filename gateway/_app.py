@@ -21,21 +21,27 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway._accounts import SESSION_COOKIE, Accounts
-from gateway._api import router
-from gateway._archiver import Archiver, MqttFactory
-from gateway._auth import Authenticator, ReplayGuard
-from gateway._errors import Forbidden, NameTaken, TooManyRequests
-from gateway._hub import Hub
-from gateway._metrics import Metrics
-from gateway._settings import GatewaySettings
-from gateway._sql import open_store
-from gateway._state import Gateway
-from gateway._store import GatewayStore
-from gateway._web import web_app
-from gateway._ws import RAW_SEND_KEY, websocket_endpoint
-from schemas import Topics
-from schemas.errors import FieldchatError, InvalidId, ProtocolError, TransportError, WireError
+from fieldchat.gateway._accounts import SESSION_COOKIE, Accounts
+from fieldchat.gateway._api import router
+from fieldchat.gateway._archiver import Archiver, MqttFactory
+from fieldchat.gateway._auth import Authenticator, ReplayGuard
+from fieldchat.gateway._errors import Forbidden, NameTaken, TooManyRequests
+from fieldchat.gateway._hub import Hub
+from fieldchat.gateway._metrics import Metrics
+from fieldchat.gateway._settings import GatewaySettings
+from fieldchat.gateway._sql import open_store
+from fieldchat.gateway._state import Gateway
+from fieldchat.gateway._store import GatewayStore
+from fieldchat.gateway._web import web_app
+from fieldchat.gateway._ws import RAW_SEND_KEY, websocket_endpoint
+from fieldchat.schemas import Topics
+from fieldchat.schemas.errors import (
+    FieldchatError,
+    InvalidId,
+    ProtocolError,
+    TransportError,
+    WireError,
+)
 
 __all__ = ["create_app"]
 

@@ -4,7 +4,7 @@ Delivery contract (MQTT 5 §4.3.2, §4.6):
 
 * Persistent session (``clean_start=False`` and a session expiry), QoS 1, so the
   broker queues while we are away and redelivers what we did not acknowledge.
-* **PUBACK after commit.** Our own client (``gateway._mqtt``, which says why not
+* **PUBACK after commit.** Our own client (``fieldchat.gateway._mqtt``, which says why not
   aiomqtt) acknowledges only when told: after the batch is committed, in receive order
   as MQTT 5 §4.6 asks. A crash between commit and ack means a redelivery, which the
   unique key absorbs; a crash before the commit loses nothing because nothing was
@@ -20,7 +20,7 @@ conversation and per sender the pending store has quotas of its own.
 
 Rosters come from ``c/+/roster``, ``c/+/propose`` (an admin's submission), inboxes
 (the earlier rosters of a chain, sent to a new member) and browsers. One is adopted
-only when it chains to the archived epoch before it (``gateway._rosters``); one whose
+only when it chains to the archived epoch before it (``fieldchat.gateway._rosters``); one whose
 predecessor is missing is held until it arrives. A roster adopted from ``propose``
 is published, retained, on ``c/{cid}/roster``: on Mosquitto and NATS the gateway is
 the verifier that writes it. When the broker shows an older, refused or empty
@@ -30,7 +30,7 @@ With ``share_group`` set, envelopes come through ``$share/{group}/…/c/+/msg`` 
 gateways split them; rosters, proposals, bundles, presence and grants are plain
 subscriptions, every gateway needs all of them.
 
-The broker must keep routing to the archiver (``gateway._routing``): it subscribes at
+The broker must keep routing to the archiver (``fieldchat.gateway._routing``): it subscribes at
 every connection (Mosquitto forgets ``$share/`` subscriptions of a restored session),
 reconnects within 0.5 s of the broker coming back, and sends canaries through the
 shared subscription to find a subscription the broker dropped.
@@ -51,20 +51,20 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway._errors import Forbidden
-from gateway._metrics import Metrics
-from gateway._mqtt import MqttClient, Publish
-from gateway._quota import RefusalLog
-from gateway._rosters import Healer, RosterRefused, Source, Verdict, judge
-from gateway._routing import (
+from fieldchat.gateway._errors import Forbidden
+from fieldchat.gateway._metrics import Metrics
+from fieldchat.gateway._mqtt import MqttClient, Publish
+from fieldchat.gateway._quota import RefusalLog
+from fieldchat.gateway._rosters import Healer, RosterRefused, Source, Verdict, judge
+from fieldchat.gateway._routing import (
     CANARY_CID,
     CANARY_SECRET,
     RECONNECT_REFUSED_S,
     Backoff,
     Canary,
 )
-from gateway._settings import GatewaySettings
-from gateway._store import (
+from fieldchat.gateway._settings import GatewaySettings
+from fieldchat.gateway._store import (
     ArchiveBatch,
     ArchiveResult,
     GrantRecord,
@@ -74,7 +74,7 @@ from gateway._store import (
     PendingEnvelope,
     RosterRecord,
 )
-from gateway._verify import (
+from fieldchat.gateway._verify import (
     Parsed,
     Rejected,
     TopicCache,
@@ -82,8 +82,8 @@ from gateway._verify import (
     classify_all,
     verify_signatures,
 )
-from schemas import Bundle, Envelope, Roster, TopicKind, Topics, tracing
-from schemas.errors import (
+from fieldchat.schemas import Bundle, Envelope, Roster, TopicKind, Topics, tracing
+from fieldchat.schemas.errors import (
     ConfigError,
     ConnectFailed,
     FieldchatError,
@@ -91,7 +91,7 @@ from schemas.errors import (
     NotAuthorized,
     TransportError,
 )
-from schemas.frame import FRAME_MARKER
+from fieldchat.schemas.frame import FRAME_MARKER
 
 __all__ = ["ArchiveListener", "Archiver", "MqttFactory", "Uploaded", "mqtt_factory"]
 
@@ -718,7 +718,7 @@ class Archiver:
         rosters: _Rosters,
         now: float,
     ) -> None:
-        """Adopt, hold or refuse a roster (``gateway._rosters``): never "as a base".
+        """Adopt, hold or refuse a roster (``fieldchat.gateway._rosters``): never "as a base".
 
         A refusal is counted (and logged once per interval); a roster refused on
         ``c/{cid}/roster`` may have replaced the retained one, so the head goes out again.

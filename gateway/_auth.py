@@ -35,14 +35,14 @@ from typing import Protocol
 
 from starlette.requests import HTTPConnection
 
-from gateway._accounts import SESSION_COOKIE, Accounts
-from gateway._errors import TooManyRequests
-from gateway._metrics import Metrics
-from gateway._settings import GatewaySettings, canonical_origin
-from gateway._store import Account
-from schemas import Bundle, is_valid_id
-from schemas.crypto import ed25519_verify
-from schemas.errors import CryptoError
+from fieldchat.gateway._accounts import SESSION_COOKIE, Accounts
+from fieldchat.gateway._errors import TooManyRequests
+from fieldchat.gateway._metrics import Metrics
+from fieldchat.gateway._settings import GatewaySettings, canonical_origin
+from fieldchat.gateway._store import Account
+from fieldchat.schemas import Bundle, is_valid_id
+from fieldchat.schemas.crypto import ed25519_verify
+from fieldchat.schemas.errors import CryptoError
 
 __all__ = [
     "CLAIM_LABEL",

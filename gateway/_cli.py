@@ -9,11 +9,11 @@ from typing import Annotated
 
 import typer
 
-from gateway._accounts import MAX_PASSWORD, MIN_PASSWORD
-from gateway._archiver import mqtt_tls
-from gateway._run import bootstrap_admin, migrate, serve
-from gateway._settings import GatewaySettings, load_settings
-from schemas.errors import FieldchatError
+from fieldchat.gateway._accounts import MAX_PASSWORD, MIN_PASSWORD
+from fieldchat.gateway._archiver import mqtt_tls
+from fieldchat.gateway._run import bootstrap_admin, migrate, serve
+from fieldchat.gateway._settings import GatewaySettings, load_settings
+from fieldchat.schemas.errors import FieldchatError
 
 __all__ = ["gateway_app"]
 

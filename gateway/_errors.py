@@ -1,4 +1,4 @@
-"""Errors of the gateway, under the project hierarchy (``schemas.errors``).
+"""Errors of the gateway, under the project hierarchy (``fieldchat.schemas.errors``).
 
 FieldchatError
 ├── ProtocolError
@@ -12,7 +12,7 @@ FieldchatError
 
 from __future__ import annotations
 
-from schemas.errors import FieldchatError, ProtocolError, TransportError
+from fieldchat.schemas.errors import FieldchatError, ProtocolError, TransportError
 
 __all__ = ["ClaimRefused", "Forbidden", "NameTaken", "StorageError", "TooManyRequests"]
 

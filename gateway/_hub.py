@@ -18,11 +18,11 @@ from collections import Counter
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
-from gateway._archiver import ArchiveListener
-from gateway._metrics import Metrics
-from gateway._store import HistoryStore, RosterRecord, StoredEnvelope, StoredGrant
-from schemas import tracing
-from schemas.errors import FieldchatError
+from fieldchat.gateway._archiver import ArchiveListener
+from fieldchat.gateway._metrics import Metrics
+from fieldchat.gateway._store import HistoryStore, RosterRecord, StoredEnvelope, StoredGrant
+from fieldchat.schemas import tracing
+from fieldchat.schemas.errors import FieldchatError
 
 __all__ = ["Event", "Hub", "Subscription"]
 

@@ -25,7 +25,7 @@ What the archiver needs, and nothing more:
   the order :meth:`MqttClient.take` returned them.
 * PUBLISH at QoS 1 waiting for the PUBACK (browsers' envelopes), PINGREQ keep-alive.
 
-Every packet is made and parsed by the one MQTT codec, :mod:`schemas.mqtt`; this
+Every packet is made and parsed by the one MQTT codec, :mod:`fieldchat.schemas.mqtt`; this
 module holds the client's logic only. No QoS 2 (we subscribe at QoS 1, so the
 broker never sends it), no will message.
 Flow control: beyond ``inbox_max`` unread messages the socket stops being read, so
@@ -44,8 +44,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Literal, cast
 
-from schemas import mqtt
-from schemas.errors import ConnectFailed, MalformedPacket, NotAuthorized, TransportError
+from fieldchat.schemas import mqtt
+from fieldchat.schemas.errors import ConnectFailed, MalformedPacket, NotAuthorized, TransportError
 
 __all__ = ["MqttClient", "Publish"]
 

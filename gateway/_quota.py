@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from gateway._metrics import Metrics
+from fieldchat.gateway._metrics import Metrics
 
 __all__ = ["REFUSAL_LOG_INTERVAL_S", "RefusalLog"]
 

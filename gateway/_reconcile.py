@@ -26,8 +26,8 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from gateway._store import ChainSteps, EnvelopeKey
-from schemas.errors import LimitExceeded, WireError
+from fieldchat.gateway._store import ChainSteps, EnvelopeKey
+from fieldchat.schemas.errors import LimitExceeded, WireError
 
 __all__ = [
     "CHECK_CHAINS_MAX",

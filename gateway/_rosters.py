@@ -8,7 +8,7 @@ n - 1 is archived and n is signed by one of its admins and names its digest. A
 roster whose predecessor is missing is *held* (durably, bounded) until it arrives;
 it is never adopted "as a base".
 
-These are the rules alone, with an injected clock; ``gateway._archiver`` looks the
+These are the rules alone, with an injected clock; ``fieldchat.gateway._archiver`` looks the
 neighbours up and moves the bytes.
 """
 
@@ -19,8 +19,8 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from schemas import Roster, verify_roster_chain
-from schemas.errors import RosterRejected
+from fieldchat.schemas import Roster, verify_roster_chain
+from fieldchat.schemas.errors import RosterRejected
 
 __all__ = ["HEAL_INTERVAL_S", "Healer", "RosterRefused", "Source", "Verdict", "judge"]
 

@@ -33,7 +33,7 @@ import os
 import random
 from collections.abc import Callable
 
-from schemas.ids import encode_id
+from fieldchat.schemas.ids import encode_id
 
 __all__ = [
     "CANARY_CID",

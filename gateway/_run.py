@@ -12,12 +12,12 @@ from typing import Any
 
 import uvicorn
 
-from gateway._accounts import Accounts
-from gateway._app import create_app
-from gateway._settings import GatewaySettings
-from gateway._sql import open_store
-from schemas import tracing
-from schemas.signals import stop_signals
+from fieldchat.gateway._accounts import Accounts
+from fieldchat.gateway._app import create_app
+from fieldchat.gateway._settings import GatewaySettings
+from fieldchat.gateway._sql import open_store
+from fieldchat.schemas import tracing
+from fieldchat.schemas.signals import stop_signals
 
 __all__ = [
     "GC_THRESHOLDS",
@@ -67,7 +67,7 @@ class GatewayServer(uvicorn.Server):
     ``fieldchat up`` died there, before its broker's clean shutdown. Here, with
     ``handle_signals``, the first signal starts uvicorn's graceful shutdown (the
     lifespan stops the archiver, which acknowledges only what it committed) and a
-    second one forces the exit (:mod:`schemas.signals`); without it, the process
+    second one forces the exit (:mod:`fieldchat.schemas.signals`); without it, the process
     owner handles them (``fieldchat up`` stops the gateway, then the broker).
     """
 

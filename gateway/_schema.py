@@ -30,7 +30,7 @@ from sqlalchemy import (
     text,
 )
 
-from schemas.envelope import FLAG_SIGNED
+from fieldchat.schemas.envelope import FLAG_SIGNED
 
 __all__ = [
     "MIGRATIONS",

@@ -19,8 +19,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from schemas import DEFAULT_PREFIX
-from schemas.errors import ConfigError
+from fieldchat.schemas import DEFAULT_PREFIX
+from fieldchat.schemas.errors import ConfigError
 
 __all__ = [
     "MAX_BODY_BYTES",

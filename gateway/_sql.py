@@ -29,8 +29,8 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from gateway._errors import NameTaken, StorageError
-from gateway._schema import (
+from fieldchat.gateway._errors import NameTaken, StorageError
+from fieldchat.gateway._schema import (
     MIGRATIONS,
     SIGNED_DIGEST,
     accounts,
@@ -51,7 +51,7 @@ from gateway._schema import (
     schema_version,
     sessions,
 )
-from gateway._store import (
+from fieldchat.gateway._store import (
     Account,
     ArchiveBatch,
     ArchiveResult,
@@ -64,8 +64,8 @@ from gateway._store import (
     StoredEnvelope,
     StoredGrant,
 )
-from schemas import Bundle
-from schemas.errors import ConfigError
+from fieldchat.schemas import Bundle
+from fieldchat.schemas.errors import ConfigError
 
 __all__ = ["PostgresStore", "SqlStore", "SqliteStore", "open_store"]
 

@@ -5,15 +5,15 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from gateway._accounts import Accounts
-from gateway._archiver import Archiver
-from gateway._auth import Authenticator
-from gateway._hub import Hub
-from gateway._metrics import Metrics
-from gateway._settings import GatewaySettings
-from gateway._store import GatewayStore
-from schemas import Topics
-from schemas.errors import TransportError
+from fieldchat.gateway._accounts import Accounts
+from fieldchat.gateway._archiver import Archiver
+from fieldchat.gateway._auth import Authenticator
+from fieldchat.gateway._hub import Hub
+from fieldchat.gateway._metrics import Metrics
+from fieldchat.gateway._settings import GatewaySettings
+from fieldchat.gateway._store import GatewayStore
+from fieldchat.schemas import Topics
+from fieldchat.schemas.errors import TransportError
 
 __all__ = ["Gateway"]
 

@@ -12,14 +12,20 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
 
-from schemas import MAX_ENVELOPE_BYTES, Bundle, Envelope, Grant, Roster, TopicKind, Topics
-from schemas.crypto import ed25519_verify
-from schemas.envelope import SIGNATURE_BYTES, parse
-from schemas.errors import CryptoError, FieldchatError, InvalidId, LimitExceeded, WireError
-from schemas.frame import FRAME_MARKER, split
-from schemas.ids import decode_id
-from schemas.kinds import ObjectKind
-from schemas.topics import Topic
+from fieldchat.schemas import MAX_ENVELOPE_BYTES, Bundle, Envelope, Grant, Roster, TopicKind, Topics
+from fieldchat.schemas.crypto import ed25519_verify
+from fieldchat.schemas.envelope import SIGNATURE_BYTES, parse
+from fieldchat.schemas.errors import (
+    CryptoError,
+    FieldchatError,
+    InvalidId,
+    LimitExceeded,
+    WireError,
+)
+from fieldchat.schemas.frame import FRAME_MARKER, split
+from fieldchat.schemas.ids import decode_id
+from fieldchat.schemas.kinds import ObjectKind
+from fieldchat.schemas.topics import Topic
 
 __all__ = [
     "MAX_STATUS_BYTES",

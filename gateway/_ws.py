@@ -66,14 +66,20 @@ from urllib.parse import urlsplit
 
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from gateway._auth import Caller
-from gateway._errors import Forbidden, TooManyRequests
-from gateway._hub import Event, Subscription
-from gateway._state import Gateway
-from gateway._verify import MAX_STATUS_BYTES
-from schemas import MAX_ENVELOPE_BYTES, Bundle, Envelope, Grant, Roster, validate_id
-from schemas.envelope import verify_envelope_signature
-from schemas.errors import FieldchatError, LimitExceeded, NotAMember, SignatureRequired, WireError
+from fieldchat.gateway._auth import Caller
+from fieldchat.gateway._errors import Forbidden, TooManyRequests
+from fieldchat.gateway._hub import Event, Subscription
+from fieldchat.gateway._state import Gateway
+from fieldchat.gateway._verify import MAX_STATUS_BYTES
+from fieldchat.schemas import MAX_ENVELOPE_BYTES, Bundle, Envelope, Grant, Roster, validate_id
+from fieldchat.schemas.envelope import verify_envelope_signature
+from fieldchat.schemas.errors import (
+    FieldchatError,
+    LimitExceeded,
+    NotAMember,
+    SignatureRequired,
+    WireError,
+)
 
 try:  # uvicorn's own protocol class: internal, so guarded (see _Direct)
     from uvicorn.protocols.websockets.websockets_sansio_impl import (

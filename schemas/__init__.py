@@ -4,9 +4,9 @@ Pure: no I/O, no stored secrets. The one place that turns wire objects into byte
 and back (PROTOCOL.md).
 """
 
-from schemas.bundle import Bundle
-from schemas.envelope import MAX_ENVELOPE_BYTES, VERSION, Envelope, EnvelopeKind
-from schemas.errors import (
+from fieldchat.schemas.bundle import Bundle
+from fieldchat.schemas.envelope import MAX_ENVELOPE_BYTES, VERSION, Envelope, EnvelopeKind
+from fieldchat.schemas.errors import (
     ConfigError,
     ConnectFailed,
     CryptoError,
@@ -31,9 +31,9 @@ from schemas.errors import (
     WeakKey,
     WireError,
 )
-from schemas.grant import ChainGrant, Grant, GrantMode
-from schemas.ids import cid_for, decode_id, encode_id, is_valid_id, pid_for, validate_id
-from schemas.messages import (
+from fieldchat.schemas.grant import ChainGrant, Grant, GrantMode
+from fieldchat.schemas.ids import cid_for, decode_id, encode_id, is_valid_id, pid_for, validate_id
+from fieldchat.schemas.messages import (
     Control,
     ControlOp,
     Message,
@@ -44,8 +44,8 @@ from schemas.messages import (
     decode_plaintext,
     encode_plaintext,
 )
-from schemas.roster import MAX_MEMBERS, Member, Policy, Roster, verify_roster_chain
-from schemas.topics import DEFAULT_PREFIX, Topic, TopicKind, Topics
+from fieldchat.schemas.roster import MAX_MEMBERS, Member, Policy, Roster, verify_roster_chain
+from fieldchat.schemas.topics import DEFAULT_PREFIX, Topic, TopicKind, Topics
 
 __all__ = [
     "DEFAULT_PREFIX",

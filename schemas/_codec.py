@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import msgpack
 from pydantic import BaseModel, ValidationError
 
-from schemas.errors import LimitExceeded, WireError
+from fieldchat.schemas.errors import LimitExceeded, WireError
 
 T = TypeVar("T", bound=BaseModel)
 

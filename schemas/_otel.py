@@ -1,4 +1,4 @@
-"""The OpenTelemetry side of :mod:`schemas.tracing`; imported only when tracing is on.
+"""The OpenTelemetry side of :mod:`fieldchat.schemas.tracing`; imported only when tracing is on.
 
 Everything here needs the ``tracing`` extra (``opentelemetry-sdk`` and the OTLP/HTTP
 exporter), so nothing imports this module except :class:`schemas.tracing.Tracing`.
@@ -22,10 +22,10 @@ from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from schemas.envelope import FLAG_SIGNED, EnvelopeKind, read_header
-from schemas.errors import FieldchatError
-from schemas.ids import decode_id
-from schemas.tracing import (
+from fieldchat.schemas.envelope import FLAG_SIGNED, EnvelopeKind, read_header
+from fieldchat.schemas.errors import FieldchatError
+from fieldchat.schemas.ids import decode_id
+from fieldchat.schemas.tracing import (
     TAG_PERSON,
     Component,
     SpanKindName,

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from schemas import _codec
-from schemas.envelope import SIGNATURE_BYTES, VERSION
-from schemas.errors import UnsupportedVersion, WireError
-from schemas.kinds import ObjectKind
+from fieldchat.schemas import _codec
+from fieldchat.schemas.envelope import SIGNATURE_BYTES, VERSION
+from fieldchat.schemas.errors import UnsupportedVersion, WireError
+from fieldchat.schemas.kinds import ObjectKind
 
 
 def to_be_signed(kind: ObjectKind, body: Any) -> bytes:

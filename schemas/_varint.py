@@ -7,7 +7,7 @@ exactly one byte form (signatures and dedupe keys depend on that).
 
 from __future__ import annotations
 
-from schemas.errors import LimitExceeded, WireError
+from fieldchat.schemas.errors import LimitExceeded, WireError
 
 MAX_VARINT_BYTES = 4
 MAX_VARINT = (1 << (7 * MAX_VARINT_BYTES)) - 1  # 268,435,455

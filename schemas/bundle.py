@@ -8,12 +8,12 @@ from typing import Annotated
 
 from pydantic import Field
 
-from schemas import _signed
-from schemas._codec import build
-from schemas._model import WireModel
-from schemas.crypto import ed25519_verify
-from schemas.ids import pid_for
-from schemas.kinds import ObjectKind
+from fieldchat.schemas import _signed
+from fieldchat.schemas._codec import build
+from fieldchat.schemas._model import WireModel
+from fieldchat.schemas.crypto import ed25519_verify
+from fieldchat.schemas.ids import pid_for
+from fieldchat.schemas.kinds import ObjectKind
 
 __all__ = ["Bundle"]
 

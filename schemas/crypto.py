@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from nacl.exceptions import CryptoError as NaclCryptoError
 from nacl.signing import SigningKey, VerifyKey
 
-from schemas.errors import CryptoError, LimitExceeded, WeakKey
+from fieldchat.schemas.errors import CryptoError, LimitExceeded, WeakKey
 
 __all__ = [
     "AES_KEY_BYTES",

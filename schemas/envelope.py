@@ -18,10 +18,10 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from schemas import _varint
-from schemas.crypto import ed25519_verify
-from schemas.errors import CryptoError, LimitExceeded, UnsupportedVersion, WireError
-from schemas.ids import decode_id
+from fieldchat.schemas import _varint
+from fieldchat.schemas.crypto import ed25519_verify
+from fieldchat.schemas.errors import CryptoError, LimitExceeded, UnsupportedVersion, WireError
+from fieldchat.schemas.ids import decode_id
 
 __all__ = [
     "FLAG_COMPRESSED",

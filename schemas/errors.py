@@ -98,7 +98,7 @@ class LimitExceeded(WireError):
 
 
 class MalformedPacket(WireError):
-    """Bytes that are not a well-formed MQTT 3.1.1 or 5 control packet (``schemas.mqtt``).
+    """Bytes that are not a well-formed MQTT 3.1.1 or 5 control packet (``fieldchat.schemas.mqtt``).
 
     ``code`` is the MQTT 5 reason code that names the fault (0x81 Malformed Packet,
     0x82 Protocol Error, 0x95 Packet too large): a server sends it in its

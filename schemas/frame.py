@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from schemas import _varint
-from schemas.envelope import MAX_ENVELOPE_BYTES
-from schemas.errors import LimitExceeded, WireError
+from fieldchat.schemas import _varint
+from fieldchat.schemas.envelope import MAX_ENVELOPE_BYTES
+from fieldchat.schemas.errors import LimitExceeded, WireError
 
 __all__ = [
     "FRAME_MARKER",

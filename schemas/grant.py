@@ -19,14 +19,14 @@ from typing import Annotated
 
 from pydantic import Field, model_validator
 
-from schemas import _codec, _signed
-from schemas._codec import build
-from schemas._model import WireModel
-from schemas.crypto import MLKEM768_CIPHERTEXT_BYTES, ed25519_verify
-from schemas.errors import LimitExceeded, WireError
-from schemas.ids import pid_for
-from schemas.kinds import ObjectKind
-from schemas.roster import Pid
+from fieldchat.schemas import _codec, _signed
+from fieldchat.schemas._codec import build
+from fieldchat.schemas._model import WireModel
+from fieldchat.schemas.crypto import MLKEM768_CIPHERTEXT_BYTES, ed25519_verify
+from fieldchat.schemas.errors import LimitExceeded, WireError
+from fieldchat.schemas.ids import pid_for
+from fieldchat.schemas.kinds import ObjectKind
+from fieldchat.schemas.roster import Pid
 
 __all__ = ["MAX_CHAIN_ENDS", "ChainEnd", "ChainGrant", "Grant", "GrantMode"]
 

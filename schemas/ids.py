@@ -12,7 +12,7 @@ import base64
 import hashlib
 import re
 
-from schemas.errors import InvalidId
+from fieldchat.schemas.errors import InvalidId
 
 __all__ = [
     "ID_BYTES",

@@ -1,6 +1,6 @@
 """The second byte of every fieldchat object after the version byte (PROTOCOL.md §3).
 
-Envelope kinds (1-3) live in ``schemas.envelope``; the values here are the signed
+Envelope kinds (1-3) live in ``fieldchat.schemas.envelope``; the values here are the signed
 key-distribution objects. Distinct kind bytes domain-separate every signature.
 """
 

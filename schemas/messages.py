@@ -18,11 +18,11 @@ from typing import Annotated
 
 from pydantic import Field
 
-from schemas import _codec
-from schemas._codec import build, fields
-from schemas._model import WireModel
-from schemas.envelope import EnvelopeKind
-from schemas.errors import LimitExceeded, WireError
+from fieldchat.schemas import _codec
+from fieldchat.schemas._codec import build, fields
+from fieldchat.schemas._model import WireModel
+from fieldchat.schemas.envelope import EnvelopeKind
+from fieldchat.schemas.errors import LimitExceeded, WireError
 
 __all__ = [
     "MAX_PLAINTEXT_BYTES",

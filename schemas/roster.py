@@ -14,14 +14,14 @@ from typing import Annotated
 
 from pydantic import Field, model_validator
 
-from schemas import _signed
-from schemas._codec import build, fields
-from schemas._model import WireModel
-from schemas.crypto import ed25519_verify, sha256
-from schemas.envelope import VERSION
-from schemas.errors import NotAMember, RosterRejected, WireError
-from schemas.ids import ID_BYTES, cid_for, is_valid_id, pid_for
-from schemas.kinds import ObjectKind
+from fieldchat.schemas import _signed
+from fieldchat.schemas._codec import build, fields
+from fieldchat.schemas._model import WireModel
+from fieldchat.schemas.crypto import ed25519_verify, sha256
+from fieldchat.schemas.envelope import VERSION
+from fieldchat.schemas.errors import NotAMember, RosterRejected, WireError
+from fieldchat.schemas.ids import ID_BYTES, cid_for, is_valid_id, pid_for
+from fieldchat.schemas.kinds import ObjectKind
 
 __all__ = ["MAX_MEMBERS", "Member", "Policy", "Roster", "is_roster", "verify_roster_chain"]
 

@@ -23,8 +23,8 @@ import enum
 import re
 from dataclasses import dataclass
 
-from schemas.errors import InvalidId
-from schemas.ids import validate_id
+from fieldchat.schemas.errors import InvalidId
+from fieldchat.schemas.ids import validate_id
 
 __all__ = ["DEFAULT_PREFIX", "Topic", "TopicKind", "Topics"]
 

@@ -42,8 +42,8 @@ from typing import TYPE_CHECKING, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, SecretBytes
 
-from schemas.errors import ConfigError
-from schemas.ids import decode_id
+from fieldchat.schemas.errors import ConfigError
+from fieldchat.schemas.ids import decode_id
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
@@ -257,7 +257,7 @@ class Tracing:
 
     def __init__(self, settings: TraceSettings) -> None:
         try:
-            from schemas import _otel  # noqa: PLC0415 - the extra is optional: import on demand
+            from fieldchat.schemas import _otel  # noqa: PLC0415 - the extra is optional: import on demand
         except ImportError as exc:
             raise ConfigError(
                 f"tracing is on but {exc.name} is missing: pip install 'fieldchat[tracing]'"

@@ -25,7 +25,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
-from schemas import tracing
+from fieldchat.schemas import tracing
 
 KIND = {
     Span.SPAN_KIND_INTERNAL: "internal",

@@ -23,8 +23,8 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
-from broker import Store
-from schemas.topics import Topics
+from fieldchat.broker import Store
+from fieldchat.schemas.topics import Topics
 from tests.broker._cases import ALICE, BOB, X, set_up_conversation
 from tests.broker._peers import Peer
 

@@ -6,13 +6,13 @@ import json
 
 import pytest
 
-from device.chains import nonce, step_keys
-from device.engine import Engine
-from device.grants import accept_grant
-from schemas import Bundle, ChainGrant, Grant, Roster, TextMessage
-from schemas.crypto import aead_open, chain_step
-from schemas.envelope import read_header
-from schemas.frame import pack_frame, split
+from fieldchat.device.chains import nonce, step_keys
+from fieldchat.device.engine import Engine
+from fieldchat.device.grants import accept_grant
+from fieldchat.schemas import Bundle, ChainGrant, Grant, Roster, TextMessage
+from fieldchat.schemas.crypto import aead_open, chain_step
+from fieldchat.schemas.envelope import read_header
+from fieldchat.schemas.frame import pack_frame, split
 from tests.vectors.generate import PATH, build, identity
 
 VECTORS = json.loads(PATH.read_text())
@@ -58,8 +58,8 @@ def test_envelopes_open_with_the_granted_chain_key(vector):
     for _ in range(step):
         ck = step_keys(ck)[1]
     end = len(data) - (64 if flags & 0x80 else 0)
-    from schemas.ids import decode_id
-    from schemas.messages import decode_plaintext
+    from fieldchat.schemas.ids import decode_id
+    from fieldchat.schemas.messages import decode_plaintext
 
     plaintext = aead_open(
         step_keys(ck)[0], nonce(step), data[hlen:end], data[:hlen] + decode_id(vector["cid"])
@@ -94,7 +94,7 @@ def test_grant_vectors(vector):
 
 
 def test_rosters_decode_and_found_their_cid():
-    from schemas import verify_roster_chain
+    from fieldchat.schemas import verify_roster_chain
 
     for conv in VECTORS["conversations"]:
         roster = Roster.from_bytes(bytes.fromhex(conv["roster"]))
@@ -106,7 +106,7 @@ def test_rosters_decode_and_found_their_cid():
 def test_roster_chain_vectors(case):
     """Each roster against the one it must follow (PROTOCOL.md §5.2): the chain rule a
     joiner applies from epoch 0 and a member applies from its newest roster."""
-    from schemas import RosterRejected, verify_roster_chain
+    from fieldchat.schemas import RosterRejected, verify_roster_chain
 
     chain = [Roster.from_bytes(bytes.fromhex(c["roster"])) for c in VECTORS["roster_chain"]]
     roster = Roster.from_bytes(bytes.fromhex(case["roster"]))
@@ -120,7 +120,7 @@ def test_roster_chain_vectors(case):
 
 def test_a_joiner_adopts_the_vector_chain_only_from_epoch_0():
     """Bob, listed at every epoch, gets epoch 2 first: held until 0 and 1 arrive."""
-    from schemas import FieldchatError
+    from fieldchat.schemas import FieldchatError
 
     cases = [c for c in VECTORS["roster_chain"] if c["chains"]]
     bob = Engine(identity(2))
@@ -134,8 +134,8 @@ def test_a_joiner_adopts_the_vector_chain_only_from_epoch_0():
 
 
 def test_limits_match_the_code():
-    from device import chains, engine
-    from schemas import grant
+    from fieldchat.device import chains, engine
+    from fieldchat.schemas import grant
 
     assert VECTORS["limits"] == {
         "keep_epochs": engine.KEEP_EPOCHS,

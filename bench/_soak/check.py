@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from schemas.envelope import EnvelopeKind
+from fieldchat.schemas.envelope import EnvelopeKind
 
 __all__ = [
     "ArchiveVerdict",

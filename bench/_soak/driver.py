@@ -31,10 +31,10 @@ from typing import Any
 
 sys.path[0] = str(Path(__file__).resolve().parents[2])  # the checkout, not bench/_soak
 
-import device.cli
-from device.client import Device
+import fieldchat.device.cli
 from fieldchat.cli import app
-from schemas.errors import FieldchatError
+from fieldchat.device.client import Device
+from fieldchat.schemas.errors import FieldchatError
 
 log = logging.getLogger("soak.driver")
 
@@ -147,7 +147,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     # `listen` opens its Device through the name it imported; the app and its options
     # are otherwise exactly the `fieldchat` command's.
-    device.cli.Device = SoakDevice  # type: ignore[attr-defined]
+    fieldchat.device.cli.Device = SoakDevice  # type: ignore[attr-defined]
     sys.argv = ["fieldchat", *sys.argv[1:]]
     app()
 

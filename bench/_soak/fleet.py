@@ -16,11 +16,11 @@ from typing import Protocol, TypeVar
 
 from bench._soak.check import ArchivedEnvelope, ScreenLine, SentMessage, parse_screen
 from bench._soak.procs import FIELDCHAT, Proc, Registry, SoakError, run, wait_until
-from device.client import Device
-from device.history import GatewayHistory
-from device.identity import Identity
-from schemas.envelope import EnvelopeKind, read_header
-from schemas.errors import FieldchatError
+from fieldchat.device.client import Device
+from fieldchat.device.history import GatewayHistory
+from fieldchat.device.identity import Identity
+from fieldchat.schemas.envelope import EnvelopeKind, read_header
+from fieldchat.schemas.errors import FieldchatError
 
 __all__ = ["ArchiveReader", "Fleet", "Member", "Topology"]
 

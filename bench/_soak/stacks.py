@@ -422,7 +422,7 @@ async def _drop_database(admin_url: str, name: str) -> None:
 
 
 async def _rosters_archived(database_url: str, cids: list[str]) -> bool:
-    from gateway import open_store  # noqa: PLC0415
+    from fieldchat.gateway import open_store  # noqa: PLC0415
 
     store = open_store(database_url)
     try:

@@ -4,7 +4,7 @@ Why here: both the broker (which reads what clients send) and the gateway's arch
 client (which reads what brokers send) speak MQTT, and the dependency rule of
 STYLE.md lets both import ``schemas`` while forbidding the gateway to import the
 broker. The codec is, like the rest of ``schemas``, nothing but bytes and rules: it
-imports no project package beyond ``schemas.errors``, no third-party package, and
+imports no project package beyond ``fieldchat.schemas.errors``, no third-party package, and
 does no I/O. It is a subpackage rather than a module because it has four parts
 (packets, properties, packet bodies, framing) that read best apart.
 
@@ -23,9 +23,9 @@ does no I/O. It is a subpackage rather than a module because it has four parts
   aliases (MQTT 5 §3.3.2.3.4).
 """
 
-from schemas.errors import MalformedPacket, PacketTooLarge, UnsupportedProtocol
-from schemas.mqtt._codec import decode, encode, encode_pubacks, encode_publish
-from schemas.mqtt._packets import (
+from fieldchat.schemas.errors import MalformedPacket, PacketTooLarge, UnsupportedProtocol
+from fieldchat.schemas.mqtt._codec import decode, encode, encode_pubacks, encode_publish
+from fieldchat.schemas.mqtt._packets import (
     NO_PROPERTIES,
     Auth,
     Connack,
@@ -51,9 +51,9 @@ from schemas.mqtt._packets import (
     Unsubscribe,
     Will,
 )
-from schemas.mqtt._properties import Property, decode_properties, encode_properties
-from schemas.mqtt._stream import MAX_PACKET_SIZE, Decoder, InboundAliases, OutboundAliases
-from schemas.mqtt._wire import MAX_VARINT
+from fieldchat.schemas.mqtt._properties import Property, decode_properties, encode_properties
+from fieldchat.schemas.mqtt._stream import MAX_PACKET_SIZE, Decoder, InboundAliases, OutboundAliases
+from fieldchat.schemas.mqtt._wire import MAX_VARINT
 
 __all__ = [
     "MAX_PACKET_SIZE",

@@ -12,8 +12,8 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 
-from schemas.errors import MalformedPacket, UnsupportedProtocol
-from schemas.mqtt._packets import (
+from fieldchat.schemas.errors import MalformedPacket, UnsupportedProtocol
+from fieldchat.schemas.mqtt._packets import (
     NO_PROPERTIES,
     Auth,
     Connack,
@@ -38,8 +38,8 @@ from schemas.mqtt._packets import (
     Unsubscribe,
     Will,
 )
-from schemas.mqtt._properties import WILL, decode_properties, encode_properties
-from schemas.mqtt._wire import binary, encode_varint, read_binary, read_string, string
+from fieldchat.schemas.mqtt._properties import WILL, decode_properties, encode_properties
+from fieldchat.schemas.mqtt._wire import binary, encode_varint, read_binary, read_string, string
 
 __all__ = ["REQUIRED_FLAGS", "decode", "encode", "encode_pubacks", "encode_publish"]
 

@@ -15,9 +15,9 @@ from dataclasses import fields
 from enum import IntEnum
 from typing import Any
 
-from schemas.errors import MalformedPacket
-from schemas.mqtt._packets import NO_PROPERTIES, PacketType, Properties
-from schemas.mqtt._wire import (
+from fieldchat.schemas.errors import MalformedPacket
+from fieldchat.schemas.mqtt._packets import NO_PROPERTIES, PacketType, Properties
+from fieldchat.schemas.mqtt._wire import (
     MAX_VARINT,
     binary,
     encode_varint,

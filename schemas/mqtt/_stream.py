@@ -12,10 +12,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol, TypeVar, overload
 
-from schemas.errors import MalformedPacket, PacketTooLarge
-from schemas.mqtt._codec import decode
-from schemas.mqtt._packets import Connect, Packet, Publish
-from schemas.mqtt._wire import MAX_VARINT
+from fieldchat.schemas.errors import MalformedPacket, PacketTooLarge
+from fieldchat.schemas.mqtt._codec import decode
+from fieldchat.schemas.mqtt._packets import Connect, Packet, Publish
+from fieldchat.schemas.mqtt._wire import MAX_VARINT
 
 __all__ = ["MAX_PACKET_SIZE", "Decoder", "InboundAliases", "OutboundAliases"]
 

@@ -1,6 +1,6 @@
 """MQTT data representations (§1.5): Variable Byte Integer, UTF-8 string, binary data.
 
-The one place the MQTT Variable Byte Integer is written (``schemas._varint`` is the
+The one place the MQTT Variable Byte Integer is written (``fieldchat.schemas._varint`` is the
 envelope's LEB128, with its own canonical-form rule). MQTT allows at most four bytes
 (268,435,455) and, unlike the envelope, accepts a non-minimal encoding on input
 (§1.5.5 only says the encoder uses the minimum; rejecting would refuse packets of
@@ -9,8 +9,8 @@ some clients that other brokers accept).
 
 from __future__ import annotations
 
-from schemas import _varint
-from schemas.errors import LimitExceeded, MalformedPacket
+from fieldchat.schemas import _varint
+from fieldchat.schemas.errors import LimitExceeded, MalformedPacket
 
 __all__ = [
     "MAX_VARINT",

@@ -13,9 +13,9 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-from broker.testing import found_roster, participant
-from schemas.roster import Roster
-from schemas.topics import Topics
+from fieldchat.broker.testing import found_roster, participant
+from fieldchat.schemas.roster import Roster
+from fieldchat.schemas.topics import Topics
 from tests.broker._peers import Peer
 
 T = Topics()

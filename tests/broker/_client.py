@@ -7,7 +7,7 @@ from __future__ import annotations
 import socket
 import time
 
-from schemas import mqtt
+from fieldchat.schemas import mqtt
 
 WAIT_S = 5.0
 

@@ -13,7 +13,7 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from schemas import mqtt
+from fieldchat.schemas import mqtt
 
 
 def remaining(n: int) -> bytes:

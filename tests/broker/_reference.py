@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from broker import BrokerThread, Store
-from broker._mosquitto import write_mosquitto_config
-from broker.testing import make_config
-from schemas.topics import Topics
+from fieldchat.broker import BrokerThread, Store
+from fieldchat.broker._mosquitto import write_mosquitto_config
+from fieldchat.broker.testing import make_config
+from fieldchat.schemas.topics import Topics
 from tests.broker._cases import ALICE, BOB, CAROL, ROSTER_X
 from tests.broker._client import Client
 

@@ -20,7 +20,7 @@ from amqtt.contexts import Action
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.plugins.topic_checking import TopicAccessControlListPlugin
 
-from schemas.topics import Topics
+from fieldchat.schemas.topics import Topics
 
 T = Topics()
 

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from broker.testing import (  # noqa: F401 - fixtures re-exported for this package's tests
+from fieldchat.broker.testing import (  # noqa: F401 - fixtures re-exported for this package's tests
     broker_config,
     broker_thread,
     embedded_broker,

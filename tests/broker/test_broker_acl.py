@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import time
 
-from broker import Store
-from broker.testing import found_roster, next_roster, participant
-from schemas.topics import Topics
+from fieldchat.broker import Store
+from fieldchat.broker.testing import found_roster, next_roster, participant
+from fieldchat.schemas.topics import Topics
 from tests.broker._cases import ALICE, BOB, CAROL, ROSTER_X, X, run_cases
 from tests.broker._peers import Peer
 

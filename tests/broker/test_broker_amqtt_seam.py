@@ -16,9 +16,9 @@ import pytest
 import websockets
 from websockets.asyncio.server import ServerConnection
 
-from broker import BrokerConfig, EmbeddedBroker, TlsConfig
-from broker._amqtt import WS_TRANSPORT, AmqttChanged, abort_websocket, check, tls_context
-from schemas.errors import ConfigError
+from fieldchat.broker import BrokerConfig, EmbeddedBroker, TlsConfig
+from fieldchat.broker._amqtt import WS_TRANSPORT, AmqttChanged, abort_websocket, check, tls_context
+from fieldchat.schemas.errors import ConfigError
 from tests._tls import self_signed
 
 BROKER = Path(__file__).resolve().parents[2] / "broker"

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from broker import Store
-from schemas.topics import Topics
+from fieldchat.broker import Store
+from fieldchat.schemas.topics import Topics
 from tests.broker._cases import ALICE, BOB, CAROL
 from tests.broker._peers import Peer
 from tests.broker._process import BrokerProcess

@@ -10,7 +10,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from schemas.topics import Topics
+from fieldchat.schemas.topics import Topics
 from tests.broker._cases import ALICE, BOB, ROSTER_X, X
 from tests.broker._peers import Peer
 

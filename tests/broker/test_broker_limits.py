@@ -10,9 +10,9 @@ from __future__ import annotations
 import socket
 import time
 
-from broker import BrokerThread
-from broker.testing import make_config, participant
-from schemas.topics import Topics
+from fieldchat.broker import BrokerThread
+from fieldchat.broker.testing import make_config, participant
+from fieldchat.schemas.topics import Topics
 from tests.broker._cases import ALICE, BOB
 from tests.broker._peers import Peer
 from tests.broker._raw import RawClient, publish_packet

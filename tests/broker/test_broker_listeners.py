@@ -11,10 +11,10 @@ import urllib.request
 import pytest
 from typer.testing import CliRunner
 
-from broker import BrokerConfig, BrokerThread, EmbeddedBroker, PortInUse, TlsConfig
-from broker.testing import make_config
+from fieldchat.broker import BrokerConfig, BrokerThread, EmbeddedBroker, PortInUse, TlsConfig
+from fieldchat.broker.testing import make_config
 from fieldchat.cli import app
-from schemas.topics import Topics
+from fieldchat.schemas.topics import Topics
 from tests._tls import self_signed
 from tests.broker._cases import ALICE, BOB
 from tests.broker._peers import Peer
@@ -180,7 +180,7 @@ def test_revoke_and_reenroll_disconnect_at_once(broker_thread):
 def test_a_device_enrolled_by_another_process_connects_at_once(tmp_path, monkeypatch):
     """`fieldchat broker enroll` then an immediate connect (the README's commands): the
     login does not wait for the broker's periodic accounts poll."""
-    from broker import Store, _server
+    from fieldchat.broker import Store, _server
 
     monkeypatch.setattr(_server, "_ADMIN_POLL_S", 3600.0)  # no poll during the test
     config = make_config(tmp_path / "broker")

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from broker import Store
-from broker._mosquitto import write_mosquitto_config
-from broker.testing import found_roster, next_roster
-from schemas.topics import Topics
+from fieldchat.broker import Store
+from fieldchat.broker._mosquitto import write_mosquitto_config
+from fieldchat.broker.testing import found_roster, next_roster
+from fieldchat.schemas.topics import Topics
 from tests.broker._cases import ALICE, BOB, CAROL, ROSTER_X, X, run_cases
 from tests.broker._peers import Peer
 

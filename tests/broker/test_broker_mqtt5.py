@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from schemas import mqtt
-from schemas.topics import Topics
+from fieldchat.schemas import mqtt
+from fieldchat.schemas.topics import Topics
 from tests.broker._cases import BOB, CAROL, X
 from tests.broker._reference import Reference
 

@@ -9,17 +9,17 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from broker import Deny, Limits, Metrics, Principal
-from broker._acks import Acks
-from broker._delivery import Delivery
-from broker._outlet import Close
-from broker._quota import Admission
-from broker._router import Router
-from broker._session import Message, Session, SubOptions
-from broker._subscriptions import Subscriptions
-from broker.testing import make_config
-from schemas import mqtt
-from schemas.topics import Topics
+from fieldchat.broker import Deny, Limits, Metrics, Principal
+from fieldchat.broker._acks import Acks
+from fieldchat.broker._delivery import Delivery
+from fieldchat.broker._outlet import Close
+from fieldchat.broker._quota import Admission
+from fieldchat.broker._router import Router
+from fieldchat.broker._session import Message, Session, SubOptions
+from fieldchat.broker._subscriptions import Subscriptions
+from fieldchat.broker.testing import make_config
+from fieldchat.schemas import mqtt
+from fieldchat.schemas.topics import Topics
 from tests.broker._cases import ALICE, BOB, X
 
 T = Topics()

@@ -10,9 +10,9 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
-from broker import BrokerThread
-from broker.testing import make_config
-from schemas.topics import Topics
+from fieldchat.broker import BrokerThread
+from fieldchat.broker.testing import make_config
+from fieldchat.schemas.topics import Topics
 from tests.broker._cases import ALICE, BOB, X, set_up_conversation
 from tests.broker._peers import Peer
 from tests.broker._process import BrokerProcess
@@ -21,7 +21,7 @@ T = Topics()
 
 
 def _enroll(data_dir: Path) -> dict[str, str]:
-    from broker import Store
+    from fieldchat.broker import Store
 
     with Store(data_dir / "broker.sqlite3") as store:
         return {ALICE.pid: store.enroll(ALICE.pid), BOB.pid: store.enroll(BOB.pid)}

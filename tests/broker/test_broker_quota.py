@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from broker import Deny, Limits, Membership, Principal, Rules
-from broker._acl import gateway_filters
-from broker._quota import FoundingQuota, Pending, Throttle, TokenBucket, address_key
-from broker.testing import found_roster, next_roster
-from schemas.topics import Topics
+from fieldchat.broker import Deny, Limits, Membership, Principal, Rules
+from fieldchat.broker._acl import gateway_filters
+from fieldchat.broker._quota import FoundingQuota, Pending, Throttle, TokenBucket, address_key
+from fieldchat.broker.testing import found_roster, next_roster
+from fieldchat.schemas.topics import Topics
 from tests.broker._cases import ALICE, BOB, CAROL, ROSTER_X, X
 
 T = Topics()

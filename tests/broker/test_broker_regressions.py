@@ -15,9 +15,9 @@ import time
 import paho.mqtt.client as paho
 import pytest
 
-from broker import BrokerThread
-from broker.testing import make_config
-from schemas.topics import Topics
+from fieldchat.broker import BrokerThread
+from fieldchat.broker.testing import make_config
+from fieldchat.schemas.topics import Topics
 from tests.broker._cases import ALICE, BOB, CAROL, ROSTER_X, X
 from tests.broker._peers import Peer
 from tests.broker._raw import RawClient, puback_packet, publish_packet, subscribe_packet

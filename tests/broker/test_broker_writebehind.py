@@ -6,9 +6,9 @@ import asyncio
 
 import pytest
 
-from broker import Store
-from broker._writebehind import QueueAdd, RetainSet, WriteBehind
-from schemas.topics import Topics
+from fieldchat.broker import Store
+from fieldchat.broker._writebehind import QueueAdd, RetainSet, WriteBehind
+from fieldchat.schemas.topics import Topics
 from tests.broker._cases import ALICE
 
 T = Topics()

@@ -11,14 +11,14 @@ import time
 
 import pytest
 
-from broker import Store
-from broker.testing import found_roster, participant
-from schemas import tracing
-from schemas.crypto import aead_seal
-from schemas.envelope import EnvelopeKind, header_bytes
-from schemas.ids import decode_id
-from schemas.messages import TextMessage, encode_plaintext
-from schemas.topics import Topics
+from fieldchat.broker import Store
+from fieldchat.broker.testing import found_roster, participant
+from fieldchat.schemas import tracing
+from fieldchat.schemas.crypto import aead_seal
+from fieldchat.schemas.envelope import EnvelopeKind, header_bytes
+from fieldchat.schemas.ids import decode_id
+from fieldchat.schemas.messages import TextMessage, encode_plaintext
+from fieldchat.schemas.topics import Topics
 from tests._otlp import OtlpReceiver, ReceivedSpan
 from tests.broker._peers import Peer
 from tests.broker._process import BrokerProcess

@@ -27,9 +27,9 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
-from device.client import Device
-from device.config import BrokerOptions, LinkOptions
-from gateway import open_store
+from fieldchat.device.client import Device
+from fieldchat.device.config import BrokerOptions, LinkOptions
+from fieldchat.gateway import open_store
 from tests.cluster._nats import Cluster, Node
 from tests.cluster.test_nats_rules import wait_retained
 from tests.gateway._support import GatewayProcess

@@ -20,8 +20,8 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import SecretStr
 
-from device.client import Device
-from device.config import BrokerOptions, LinkOptions
+from fieldchat.device.client import Device
+from fieldchat.device.config import BrokerOptions, LinkOptions
 from tests.cluster._nats import Cluster
 from tests.gateway._support import GatewayProcess
 

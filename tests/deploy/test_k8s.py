@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from gateway import GatewaySettings
+from fieldchat.gateway import GatewaySettings
 from tests.deploy._commands import resolve
 
 kubernetes_validate = pytest.importorskip(

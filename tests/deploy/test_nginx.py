@@ -20,8 +20,8 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.typing import Origin
 
-from gateway import open_store
-from schemas import Topics
+from fieldchat.gateway import open_store
+from fieldchat.schemas import Topics
 from tests._tls import client_context, self_signed
 from tests.deploy._nginx import NGINX, Nginx, render
 from tests.gateway._support import (

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from device.engine import Engine, Publication
-from device.identity import Identity
-from schemas import FieldchatError, TopicKind, Topics
+from fieldchat.device.engine import Engine, Publication
+from fieldchat.device.identity import Identity
+from fieldchat.schemas import FieldchatError, TopicKind, Topics
 
 
 class Mesh:
@@ -45,7 +45,7 @@ class Mesh:
                     self.errors.append((name, exc))
 
     def create(self, creator: str, *members: str, **policy: object) -> str:
-        from schemas import Policy
+        from fieldchat.schemas import Policy
 
         cid, pubs = self[creator].create_conversation(
             [self[m].pid for m in members],

@@ -16,8 +16,8 @@ import time
 
 from pydantic import SecretStr
 
-from device.client import Device
-from device.config import BrokerOptions, LinkOptions
+from fieldchat.device.client import Device
+from fieldchat.device.config import BrokerOptions, LinkOptions
 
 _CURSOR = "peer_cursor"
 

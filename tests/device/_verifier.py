@@ -3,7 +3,7 @@
 Members publish new rosters on ``c/{cid}/propose``; on brokers that cannot check
 signatures (Mosquitto, NATS) the gateway verifies each chain and retains it on
 ``c/{cid}/roster`` (schemas.topics). The device tests run Mosquitto without a gateway,
-so this plays that part with the same rule (``schemas.verify_roster_chain``): a
+so this plays that part with the same rule (``fieldchat.schemas.verify_roster_chain``): a
 proposal is retained only when it extends the last roster retained for its
 conversation, from epoch 0. It speaks real MQTT to the real broker.
 """
@@ -15,7 +15,7 @@ import threading
 
 import paho.mqtt.client as mqtt
 
-from schemas import FieldchatError, Roster, verify_roster_chain
+from fieldchat.schemas import FieldchatError, Roster, verify_roster_chain
 
 # Proposal filters for topic prefixes of one to three levels ("fc/v1" in the tests).
 _FILTERS = [("/".join(["+"] * n) + "/c/+/propose", 1) for n in (1, 2, 3)]

@@ -24,13 +24,13 @@ from typing import TYPE_CHECKING
 import pytest
 from pydantic import SecretStr
 
-from device.client import Device
-from device.config import BrokerOptions, LinkOptions
-from device.events import Event
+from fieldchat.device.client import Device
+from fieldchat.device.config import BrokerOptions, LinkOptions
+from fieldchat.device.events import Event
 from tests.device._verifier import RosterVerifier
 
 if TYPE_CHECKING:
-    from broker import BrokerThread
+    from fieldchat.broker import BrokerThread
     from tests.gateway._support import GatewayProcess
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
@@ -175,13 +175,13 @@ class Mosquitto:
 
 
 class Embedded:
-    """The embedded broker (``broker.BrokerThread``) behind the same interface.
+    """The embedded broker (``fieldchat.broker.BrokerThread``) behind the same interface.
 
     It speaks MQTT 3.1.1 only, so devices on ``protocol="auto"`` fall back to it.
     """
 
     def __init__(self, workdir: Path) -> None:
-        from broker.testing import make_config
+        from fieldchat.broker.testing import make_config
 
         self.config = make_config(workdir)
         self.users: dict[str, str] = {}
@@ -207,7 +207,7 @@ class Embedded:
         return self.users[name]
 
     def start(self) -> Embedded:
-        from broker import BrokerThread
+        from fieldchat.broker import BrokerThread
 
         if self.port:
             self.config = self.config.model_copy(update={"port": self.port})

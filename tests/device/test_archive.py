@@ -17,12 +17,18 @@ import time
 
 import pytest
 
-from device.client import Device
-from device.history import CHECK_STEPS, UPLOAD_ENVELOPES, Checked, GatewayHistory, Uploaded
-from device.reconcile import reconcile, tail_marks
-from device.state import Gap, OwnEnvelope
-from schemas.envelope import EnvelopeKind, read_header
-from schemas.errors import TransportError
+from fieldchat.device.client import Device
+from fieldchat.device.history import (
+    CHECK_STEPS,
+    UPLOAD_ENVELOPES,
+    Checked,
+    GatewayHistory,
+    Uploaded,
+)
+from fieldchat.device.reconcile import reconcile, tail_marks
+from fieldchat.device.state import Gap, OwnEnvelope
+from fieldchat.schemas.envelope import EnvelopeKind, read_header
+from fieldchat.schemas.errors import TransportError
 from tests.device.conftest import FAST, STACK_QUEUE, Devices, Mosquitto, texts, wait_until
 from tests.gateway._support import GatewayProcess
 

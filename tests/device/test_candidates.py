@@ -14,9 +14,9 @@ import time
 
 import pytest
 
-from device.history import GatewayHistory
-from schemas import Policy, TextMessage
-from schemas.envelope import read_header
+from fieldchat.device.history import GatewayHistory
+from fieldchat.schemas import Policy, TextMessage
+from fieldchat.schemas.envelope import read_header
 from tests.device.conftest import Devices, Mosquitto, texts, wait_until
 from tests.gateway._support import GatewayProcess
 

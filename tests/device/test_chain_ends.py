@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import pytest
 
-from device.chains import step_keys
-from device.engine import Engine
-from device.keystore import MemoryKeyStore
-from schemas import FieldchatError, MissingKey, Policy, TextMessage, Topics
-from schemas.crypto import aead_seal
-from schemas.envelope import EnvelopeKind, header_bytes
-from schemas.ids import decode_id
-from schemas.messages import encode_plaintext
+from fieldchat.device.chains import step_keys
+from fieldchat.device.engine import Engine
+from fieldchat.device.keystore import MemoryKeyStore
+from fieldchat.schemas import FieldchatError, MissingKey, Policy, TextMessage, Topics
+from fieldchat.schemas.crypto import aead_seal
+from fieldchat.schemas.envelope import EnvelopeKind, header_bytes
+from fieldchat.schemas.ids import decode_id
+from fieldchat.schemas.messages import encode_plaintext
 from tests.device._mesh import Mesh
 
 TOPICS = Topics()

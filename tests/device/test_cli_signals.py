@@ -25,9 +25,9 @@ from typing import IO, Any
 
 import pytest
 
-from device.cli import LISTEN_BATCH
-from device.client import Device
-from device.events import ReceiptReceived
+from fieldchat.device.cli import LISTEN_BATCH
+from fieldchat.device.client import Device
+from fieldchat.device.events import ReceiptReceived
 from tests.device.conftest import (
     FIELDCHAT,
     Devices,

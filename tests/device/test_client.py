@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from device.events import Joined, MessageReceived, ReceiptReceived
+from fieldchat.device.events import Joined, MessageReceived, ReceiptReceived
 from tests.device.conftest import Devices, Mosquitto, texts, wait_until
 
 pytestmark = pytest.mark.mosquitto
@@ -42,9 +42,9 @@ def test_two_devices_talk_both_ways(devices: Devices) -> None:
 def test_wrong_credential_and_no_broker_are_typed_errors(tmp_path, mosquitto) -> None:
     from pydantic import SecretStr
 
-    from device.client import Device
-    from device.config import BrokerOptions
-    from schemas.errors import ConnectFailed, NotAuthorized
+    from fieldchat.device.client import Device
+    from fieldchat.device.config import BrokerOptions
+    from fieldchat.schemas.errors import ConnectFailed, NotAuthorized
     from tests.device.conftest import FAST, free_port
 
     with (
@@ -104,8 +104,8 @@ def test_changed_key_is_reported_loudly_and_verify_checks_fingerprints(
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
-    from device.events import KeyChanged
-    from device.identity import Identity
+    from fieldchat.device.events import KeyChanged
+    from fieldchat.device.identity import Identity
 
     devices = mosquitto_devices
     alice, bob = devices.make("alice"), devices.make("bob")
@@ -145,8 +145,8 @@ def test_changed_key_is_reported_loudly_and_verify_checks_fingerprints(
 CRASHING_DEVICE = """
 import os, sys
 from pydantic import SecretStr
-from device.client import Device
-from device.config import BrokerOptions
+from fieldchat.device.client import Device
+from fieldchat.device.config import BrokerOptions
 broker = BrokerOptions(port=int(sys.argv[2]), credential=SecretStr(sys.argv[3]))
 device = Device(sys.argv[1], broker)
 device.start().wait_connected(10)
@@ -164,8 +164,8 @@ def test_a_clean_restart_leaves_no_gap_and_a_crash_asks_the_history_seam(
     import sys
     import time
 
-    from device.chains import RESERVE_STEPS
-    from device.events import GapDetected
+    from fieldchat.device.chains import RESERVE_STEPS
+    from fieldchat.device.events import GapDetected
     from tests.device.conftest import FAST
 
     class History:
@@ -242,7 +242,7 @@ def test_a_clean_restart_leaves_no_gap_and_a_crash_asks_the_history_seam(
 
 
 def test_leave_and_invite(devices: Devices) -> None:
-    from device.events import Removed
+    from fieldchat.device.events import Removed
 
     alice, bob, carol = devices.make("alice"), devices.make("bob"), devices.make("carol")
     cid = alice.create_conversation([bob.pid])
@@ -276,7 +276,7 @@ def test_a_backlog_leaves_in_frames_and_arrives_in_order_exactly_once(devices: D
     """A burst is framed (PROTOCOL.md §3.4): up to 64 envelopes a PUBLISH, never more
     bytes than one envelope may have, each envelope shown once in order; a peer that
     predates frames is served bare by ``frame_envelopes=1``."""
-    from device.config import LinkOptions
+    from fieldchat.device.config import LinkOptions
 
     alice = devices.make("alice")
     bob = devices.make("bob")
@@ -304,7 +304,7 @@ def test_a_backlog_leaves_in_frames_and_arrives_in_order_exactly_once(devices: D
 
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])
 def test_low_bandwidth_conversation(mosquitto_devices: Devices, protocol: str) -> None:
-    from device.config import LinkOptions, low_bandwidth_policy
+    from fieldchat.device.config import LinkOptions, low_bandwidth_policy
 
     slow = LinkOptions.low_bandwidth().model_copy(
         update={"receipt_interval_s": 0.5, "backoff_min_s": 0.1}
@@ -355,7 +355,7 @@ def test_every_socket_write_holds_the_connections_io_lock(mosquitto_devices: Dev
     (device/link.py), so two writers never interleave partly written packets."""
     import threading
 
-    from device.client import Device
+    from fieldchat.device.client import Device
 
     writes: dict[str, list[tuple[str, bool]]] = {}
 
@@ -400,7 +400,7 @@ def test_a_slow_history_source_does_not_hold_up_live_messages(
     import time
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from device.history import GatewayHistory
+    from fieldchat.device.history import GatewayHistory
     from tests.device.conftest import FAST
 
     requests: list[tuple[float, float]] = []
@@ -450,8 +450,8 @@ def test_a_slow_history_source_does_not_hold_up_live_messages(
 def test_a_list_of_cluster_nodes_is_tried_in_turn(tmp_path) -> None:
     """``fallbacks``: a node that cannot be reached is skipped at once, and a node that
     goes away hands the device to the next one (the nodes of one cluster)."""
-    from device.client import Device
-    from device.config import BrokerOptions
+    from fieldchat.device.client import Device
+    from fieldchat.device.config import BrokerOptions
     from tests.device.conftest import FAST, free_port
 
     first = Mosquitto(tmp_path / "n1", anonymous=True).start()

@@ -11,11 +11,11 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from device.engine import Engine
-from device.state import DeviceState
-from schemas.envelope import read_header
-from schemas.errors import FieldchatError
-from schemas.frame import split
+from fieldchat.device.engine import Engine
+from fieldchat.device.state import DeviceState
+from fieldchat.schemas.envelope import read_header
+from fieldchat.schemas.errors import FieldchatError
+from fieldchat.schemas.frame import split
 from tests.device.conftest import (
     Devices,
     Mosquitto,

@@ -17,14 +17,14 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from device.chains import step_keys
-from device.client import Device
-from device.history import GatewayHistory
-from schemas import Policy, TextMessage, Topics
-from schemas.crypto import aead_seal
-from schemas.envelope import EnvelopeKind, header_bytes
-from schemas.ids import decode_id
-from schemas.messages import encode_plaintext
+from fieldchat.device.chains import step_keys
+from fieldchat.device.client import Device
+from fieldchat.device.history import GatewayHistory
+from fieldchat.schemas import Policy, TextMessage, Topics
+from fieldchat.schemas.crypto import aead_seal
+from fieldchat.schemas.envelope import EnvelopeKind, header_bytes
+from fieldchat.schemas.ids import decode_id
+from fieldchat.schemas.messages import encode_plaintext
 from tests.device.conftest import FAST, STACK_QUEUE, Devices, Mosquitto, texts, wait_until
 
 pytestmark = pytest.mark.mosquitto

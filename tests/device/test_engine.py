@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from device.chains import MAX_FORWARD_JUMP, MAX_SKIPPED_KEYS
-from device.engine import BundleStatus, Engine
-from device.grants import make_grant
-from device.identity import Identity
-from schemas import (
+from fieldchat.device.chains import MAX_FORWARD_JUMP, MAX_SKIPPED_KEYS
+from fieldchat.device.engine import BundleStatus, Engine
+from fieldchat.device.grants import make_grant
+from fieldchat.device.identity import Identity
+from fieldchat.schemas import (
     ChainGrant,
     CryptoError,
     FieldchatError,
@@ -31,7 +31,7 @@ from schemas import (
     UnknownConversation,
     WeakKey,
 )
-from schemas.envelope import FLAG_SIGNED, read_header
+from fieldchat.schemas.envelope import FLAG_SIGNED, read_header
 from tests.device._mesh import Mesh
 
 
@@ -94,7 +94,7 @@ def test_envelope_from_removed_member_after_rotation_is_rejected(mesh):
     # Carol still holds her epoch-0 chain; she keeps sending on it.
     conv = mesh["carol"]._convs[cid]
     conv.removed = False
-    from device.chains import SendChain
+    from fieldchat.device.chains import SendChain
 
     conv.send = SendChain(0, 0, 50, b"\x01" * 32, 50)
     stale = mesh["bob"]._convs[cid]
@@ -107,10 +107,10 @@ def test_envelope_from_removed_member_after_rotation_is_rejected(mesh):
 
 def _seal_with_old_chain(mesh: Mesh, cid: str) -> bytes:
     """An epoch-0 envelope carol could still produce after her removal."""
-    from schemas.crypto import aead_seal
-    from schemas.envelope import EnvelopeKind, header_bytes
-    from schemas.ids import decode_id
-    from schemas.messages import encode_plaintext
+    from fieldchat.schemas.crypto import aead_seal
+    from fieldchat.schemas.envelope import EnvelopeKind, header_bytes
+    from fieldchat.schemas.ids import decode_id
+    from fieldchat.schemas.messages import encode_plaintext
 
     carol = mesh["carol"]
     roster0 = mesh["bob"]._convs[cid].rosters[0]
@@ -186,7 +186,7 @@ def test_jump_past_the_forward_limit_is_rejected():
     conv = mesh["alice"]._convs[cid]
     chain = conv.send
     # Advance alice's chain past the limit without publishing anything.
-    from device.chains import advance
+    from fieldchat.device.chains import advance
 
     chain.key = advance(chain.key, MAX_FORWARD_JUMP + 2)
     chain.step = chain.reserved = MAX_FORWARD_JUMP + 2
@@ -343,7 +343,7 @@ def test_tofu_reports_key_changes_loudly():
     assert alice.learn_bundle(bob.bundle.to_bytes()).status is BundleStatus.NEW
     assert alice.learn_bundle(bob.bundle.to_bytes()).status is BundleStatus.SAME
     alice.mark_verified(bob.pid)
-    from schemas import Bundle
+    from fieldchat.schemas import Bundle
 
     rotated = Bundle.create(
         ed25519=bob.bundle.ed25519,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from schemas import FieldchatError, TextMessage
+from fieldchat.schemas import FieldchatError, TextMessage
 from tests.device._mesh import Mesh
 
 FUZZ = settings(

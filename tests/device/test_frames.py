@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from device.client import _frames
-from device.state import OutboxRow
-from schemas.frame import MAX_FRAME_BYTES, pack_frame
+from fieldchat.device.client import _frames
+from fieldchat.device.state import OutboxRow
+from fieldchat.schemas.frame import MAX_FRAME_BYTES, pack_frame
 
 MSG = "fc/v1/c/" + "a" * 26 + "/msg"
 OTHER = "fc/v1/c/" + "b" * 26 + "/msg"

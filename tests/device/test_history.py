@@ -15,11 +15,11 @@ from typing import ClassVar
 
 import pytest
 
-from device.history import GatewayHistory
-from device.identity import Identity
-from gateway import signed_message
-from schemas import ConfigError, NotAuthorized, TransportError, WireError
-from schemas.crypto import ed25519_verify
+from fieldchat.device.history import GatewayHistory
+from fieldchat.device.identity import Identity
+from fieldchat.gateway import signed_message
+from fieldchat.schemas import ConfigError, NotAuthorized, TransportError, WireError
+from fieldchat.schemas.crypto import ed25519_verify
 
 CID = "a" * 26
 

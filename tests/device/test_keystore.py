@@ -10,12 +10,12 @@ import textwrap
 
 import pytest
 
-from device.chains import RESERVE_STEPS
-from device.engine import Engine
-from device.keystore import SqliteKeyStore
-from schemas import KeyStoreError, TextMessage
-from schemas._codec import pack
-from schemas.envelope import read_header
+from fieldchat.device.chains import RESERVE_STEPS
+from fieldchat.device.engine import Engine
+from fieldchat.device.keystore import SqliteKeyStore
+from fieldchat.schemas import KeyStoreError, TextMessage
+from fieldchat.schemas._codec import pack
+from fieldchat.schemas.envelope import read_header
 
 
 def test_store_file_is_private(tmp_path):
@@ -74,9 +74,9 @@ def test_engine_state_survives_a_restart(tmp_path):
 CRASHING_SENDER = textwrap.dedent(
     """
     import os, sys
-    from device.engine import Engine
-    from device.keystore import SqliteKeyStore
-    from schemas import TextMessage
+    from fieldchat.device.engine import Engine
+    from fieldchat.device.keystore import SqliteKeyStore
+    from fieldchat.schemas import TextMessage
     engine = Engine.open_store(SqliteKeyStore(sys.argv[1]))
     cid = engine.conversations()[0]
     count = int(sys.argv[2])

@@ -13,15 +13,15 @@ import os
 
 import pytest
 
-from device import chains, grants
-from schemas import CryptoError, FieldchatError, MissingKey, TextMessage
-from schemas.envelope import EnvelopeKind, header_bytes, read_header
+from fieldchat.device import chains, grants
+from fieldchat.schemas import CryptoError, FieldchatError, MissingKey, TextMessage
+from fieldchat.schemas.envelope import EnvelopeKind, header_bytes, read_header
 from tests.device._mesh import Mesh
 
 
 @pytest.fixture
 def steps(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """How many chain steps the receiving side derives (``device.chains``)."""
+    """How many chain steps the receiving side derives (``fieldchat.device.chains``)."""
     count = [0]
     real = chains.chain_step
 

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from schemas.crypto import (
+from fieldchat.schemas.crypto import (
     aead_open,
     aead_seal,
     chain_step,
@@ -22,7 +22,7 @@ from schemas.crypto import (
     mlkem768_public_from_seed,
     x25519_exchange,
 )
-from schemas.errors import FieldchatError, WeakKey
+from fieldchat.schemas.errors import FieldchatError, WeakKey
 
 ROOT = Path(__file__).resolve().parents[2]
 WYCHEPROOF = Path(os.environ.get("FIELDCHAT_WYCHEPROOF", ROOT.parent / "shared/vectors/wycheproof"))

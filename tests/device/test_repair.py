@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from device.client import Device
-from device.config import LinkOptions
-from device.events import GapDetected, MessageReceived
-from device.repair import (
+from fieldchat.device.client import Device
+from fieldchat.device.config import LinkOptions
+from fieldchat.device.events import GapDetected, MessageReceived
+from fieldchat.device.repair import (
     MAX_REPAIR_PER_INTERVAL,
     MAX_REPAIR_PER_REQUEST,
     REPAIR_INTERVAL_S,

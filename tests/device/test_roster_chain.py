@@ -15,11 +15,11 @@ import random
 
 import pytest
 
-from device import engine as engine_module
-from device.engine import Engine, Publication
-from device.identity import Identity
-from device.keystore import MemoryKeyStore
-from schemas import (
+from fieldchat.device import engine as engine_module
+from fieldchat.device.engine import Engine, Publication
+from fieldchat.device.identity import Identity
+from fieldchat.device.keystore import MemoryKeyStore
+from fieldchat.schemas import (
     FieldchatError,
     Member,
     Policy,
@@ -29,7 +29,7 @@ from schemas import (
     TopicKind,
     Topics,
 )
-from schemas.kinds import ObjectKind
+from fieldchat.schemas.kinds import ObjectKind
 from tests.device._mesh import Mesh
 
 TOPICS = Topics()

@@ -10,13 +10,13 @@ import textwrap
 
 import pytest
 
-from device.chains import RESERVE_STEPS
-from device.client import Device
-from device.engine import Engine
-from device.identity import Identity
-from device.keystore import SEND_CHAIN_PREFIX
-from device.state import DeviceState
-from schemas import KeyStoreError, Topics
+from fieldchat.device.chains import RESERVE_STEPS
+from fieldchat.device.client import Device
+from fieldchat.device.engine import Engine
+from fieldchat.device.identity import Identity
+from fieldchat.device.keystore import SEND_CHAIN_PREFIX
+from fieldchat.device.state import DeviceState
+from fieldchat.schemas import KeyStoreError, Topics
 
 
 def _offline(path: object, *, power_safe: bool = False) -> tuple[Device, str]:
@@ -43,7 +43,7 @@ def test_send_needs_an_fsync_only_per_reservation_unless_power_safe(tmp_path):
 KILLED_SENDER = textwrap.dedent(
     """
     import os, signal, sys
-    from device.client import Device
+    from fieldchat.device.client import Device
     device = Device(sys.argv[1])
     cid = device.conversations()[0].cid
     for i in range(int(sys.argv[2])):

@@ -12,9 +12,9 @@ import time
 
 import pytest
 
-from device.client import Device
-from device.events import MessageReceived
-from device.history import GatewayHistory
+from fieldchat.device.client import Device
+from fieldchat.device.events import MessageReceived
+from fieldchat.device.history import GatewayHistory
 from tests.device.conftest import FAST, STACK_QUEUE, Devices, Mosquitto, texts, wait_until
 from tests.gateway._support import GatewayProcess
 

@@ -25,9 +25,9 @@ import httpx
 import pytest
 import uvicorn
 
-from device.engine import Engine, Publication
-from device.identity import Identity
-from gateway import (
+from fieldchat.device.engine import Engine, Publication
+from fieldchat.device.identity import Identity
+from fieldchat.gateway import (
     GatewaySettings,
     claim_message,
     create_app,
@@ -35,8 +35,8 @@ from gateway import (
     signed_message,
     uvicorn_options,
 )
-from schemas import Policy, Topics
-from schemas.roster import is_roster
+from fieldchat.schemas import Policy, Topics
+from fieldchat.schemas.roster import is_roster
 
 MOSQUITTO = "/usr/sbin/mosquitto"
 PG_ADMIN_URLS = (
@@ -245,7 +245,7 @@ class Conversation:
     publications: list[Publication] = field(default_factory=list)  # bundles, roster, grants
 
     def seal(self, party: Party, text: str) -> bytes:
-        from schemas import TextMessage
+        from fieldchat.schemas import TextMessage
 
         return party.engine.seal(self.cid, TextMessage(sent_at=int(time.time()), text=text))
 

@@ -12,8 +12,8 @@ import uvicorn
 from typer.testing import CliRunner
 
 from fieldchat.cli import app as cli
-from gateway import GatewaySettings, create_app
-from schemas import Topics
+from fieldchat.gateway import GatewaySettings, create_app
+from fieldchat.schemas import Topics
 from tests.gateway._support import (
     FAST_ARGON2,
     Party,

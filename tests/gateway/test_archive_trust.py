@@ -33,13 +33,13 @@ from sqlalchemy import (
     insert,
 )
 
-from device.history import GatewayHistory
-from gateway import ArchiveBatch, open_store
-from gateway._schema import MIGRATIONS, SeqType, metadata, schema_version
-from gateway._store import NewEnvelope
-from schemas import Envelope, Member, Policy, Roster, Topics
-from schemas.errors import FieldchatError
-from schemas.ids import decode_id
+from fieldchat.device.history import GatewayHistory
+from fieldchat.gateway import ArchiveBatch, open_store
+from fieldchat.gateway._schema import MIGRATIONS, SeqType, metadata, schema_version
+from fieldchat.gateway._store import NewEnvelope
+from fieldchat.schemas import Envelope, Member, Policy, Roster, Topics
+from fieldchat.schemas.errors import FieldchatError
+from fieldchat.schemas.ids import decode_id
 from tests.gateway._support import (
     Party,
     converse,

@@ -8,9 +8,9 @@ from __future__ import annotations
 import asyncio
 from collections import defaultdict
 
-from broker.testing import broker_config, embedded_broker  # noqa: F401 - fixtures
-from device.history import GatewayHistory
-from schemas import Grant, Policy, Topics
+from fieldchat.broker.testing import broker_config, embedded_broker  # noqa: F401 - fixtures
+from fieldchat.device.history import GatewayHistory
+from fieldchat.schemas import Grant, Policy, Topics
 from tests.gateway._support import Party, converse, eventually, serve_gateway
 from tests.gateway.test_archive_trust import junk, opened_texts, roster_of
 from tests.gateway.test_embedded_broker import _publish_as, gateway_settings

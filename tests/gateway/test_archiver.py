@@ -10,8 +10,8 @@ import itertools
 
 import pytest
 
-from schemas import Envelope, Topics
-from schemas.frame import pack_frame
+from fieldchat.schemas import Envelope, Topics
+from fieldchat.schemas.frame import pack_frame
 from tests.gateway._support import (
     Party,
     converse,

@@ -14,9 +14,9 @@ import pytest
 from sqlalchemy import text, update
 from websockets.asyncio.client import connect
 
-from gateway import NameTaken
-from gateway._schema import participants
-from schemas import Topics
+from fieldchat.gateway import NameTaken
+from fieldchat.gateway._schema import participants
+from fieldchat.schemas import Topics
 from tests.gateway._support import (
     Party,
     archived_conversation,
@@ -224,7 +224,7 @@ async def test_an_unverified_participant_gives_no_rights_until_proven(gateway, m
 
 
 def test_claim_message_is_the_documented_string():
-    from gateway import claim_message
+    from fieldchat.gateway import claim_message
 
     assert claim_message("https://chat.example", 7, "p" * 26, "c" * 43) == (
         b"fieldchat-claim-v1\nhttps://chat.example\n7\n" + b"p" * 26 + b"\n" + b"c" * 43

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import aiomqtt
 
-from broker.testing import broker_config, embedded_broker  # noqa: F401 - fixtures
-from gateway import GatewaySettings
-from schemas import TextMessage, Topics
+from fieldchat.broker.testing import broker_config, embedded_broker  # noqa: F401 - fixtures
+from fieldchat.gateway import GatewaySettings
+from fieldchat.schemas import TextMessage, Topics
 from tests.gateway._support import FAST_ARGON2, Party, converse, eventually, login, serve_gateway
 from tests.gateway.test_ws import Browser
 

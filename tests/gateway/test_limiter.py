@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from gateway import GatewaySettings, TooManyRequests
-from gateway._accounts import Accounts, Limiter, address_key
+from fieldchat.gateway import GatewaySettings, TooManyRequests
+from fieldchat.gateway._accounts import Accounts, Limiter, address_key
 
 
 class Clock:

@@ -24,7 +24,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from gateway._ws import MAX_FRAME_BYTES
+from fieldchat.gateway._ws import MAX_FRAME_BYTES
 from tests.fieldchat.test_up import FIELDCHAT, read_banner
 from tests.gateway._support import GatewayProcess, make_settings, serve_gateway
 

@@ -10,9 +10,9 @@ import uuid
 import aiomqtt
 import pytest
 
-from broker.testing import broker_config, embedded_broker, participant  # noqa: F401
-from gateway._mqtt import MqttClient, Publish, _Protocol
-from schemas.errors import ConnectFailed
+from fieldchat.broker.testing import broker_config, embedded_broker, participant  # noqa: F401
+from fieldchat.gateway._mqtt import MqttClient, Publish, _Protocol
+from fieldchat.schemas.errors import ConnectFailed
 
 pytestmark = pytest.mark.mosquitto
 

@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
-from broker import TlsConfig
-from broker.testing import embedded_broker, make_config  # noqa: F401 - fixture
+from fieldchat.broker import TlsConfig
+from fieldchat.broker.testing import embedded_broker, make_config  # noqa: F401 - fixture
 from fieldchat.cli import app
-from gateway import GatewaySettings
-from gateway._archiver import mqtt_tls
-from schemas import Topics
-from schemas.errors import ConfigError
+from fieldchat.gateway import GatewaySettings
+from fieldchat.gateway._archiver import mqtt_tls
+from fieldchat.schemas import Topics
+from fieldchat.schemas.errors import ConfigError
 from tests._tls import self_signed
 from tests.gateway._support import Party, converse, eventually, serve_gateway
 from tests.gateway.test_embedded_broker import _all, _publish_tls, gateway_settings

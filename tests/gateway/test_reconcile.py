@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from gateway._reconcile import (
+from fieldchat.gateway._reconcile import (
     CHECK_CHAINS_MAX,
     CHECK_STEPS_MAX,
     HAVE_MAX,
@@ -22,10 +22,10 @@ from gateway._reconcile import (
     parse_have,
     skip_held,
 )
-from gateway._store import EnvelopeKey
-from schemas import Envelope, Policy, Topics
-from schemas.errors import LimitExceeded, WireError
-from schemas.frame import pack_frame
+from fieldchat.gateway._store import EnvelopeKey
+from fieldchat.schemas import Envelope, Policy, Topics
+from fieldchat.schemas.errors import LimitExceeded, WireError
+from fieldchat.schemas.frame import pack_frame
 from tests.gateway._support import (
     Party,
     converse,

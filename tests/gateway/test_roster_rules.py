@@ -1,6 +1,6 @@
 """The gateway's roster rules without a broker or a database: which rosters it adopts,
 holds or refuses, when it republishes a head, and how refusals are counted and logged
-(``gateway._rosters``, ``gateway._quota``)."""
+(``fieldchat.gateway._rosters``, ``fieldchat.gateway._quota``)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import os
 
 import pytest
 
-from gateway._metrics import Metrics
-from gateway._quota import RefusalLog
-from gateway._rosters import Healer, RosterRefused, Source, Verdict, judge
-from schemas import Member, Policy, Roster, Topics
-from schemas.errors import RosterRejected
+from fieldchat.gateway._metrics import Metrics
+from fieldchat.gateway._quota import RefusalLog
+from fieldchat.gateway._rosters import Healer, RosterRefused, Source, Verdict, judge
+from fieldchat.schemas import Member, Policy, Roster, Topics
+from fieldchat.schemas.errors import RosterRejected
 from tests.gateway._support import Party
 
 

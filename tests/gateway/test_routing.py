@@ -14,9 +14,15 @@ import uuid
 import aiomqtt
 import pytest
 
-from gateway._routing import CANARY_CID, RECONNECT_FIRST_S, RECONNECT_MAX_S, Backoff, Canary
-from gateway._schema import canaries
-from schemas import Topics
+from fieldchat.gateway._routing import (
+    CANARY_CID,
+    RECONNECT_FIRST_S,
+    RECONNECT_MAX_S,
+    Backoff,
+    Canary,
+)
+from fieldchat.gateway._schema import canaries
+from fieldchat.schemas import Topics
 from tests.gateway._support import (
     Mosquitto,
     Party,

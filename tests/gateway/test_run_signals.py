@@ -11,9 +11,9 @@ import uuid
 
 import pytest
 
-from gateway import open_store
-from gateway._hub import Hub
-from gateway._metrics import Metrics
+from fieldchat.gateway import open_store
+from fieldchat.gateway._hub import Hub
+from fieldchat.gateway._metrics import Metrics
 from tests.gateway._support import (
     FAST_ARGON2,
     GatewayProcess,
@@ -38,7 +38,7 @@ async def _archived(store, cid: str) -> list[bytes]:
 
 
 async def test_sigterm_mid_stream_stops_cleanly_and_loses_nothing(mosquitto, prefix, tmp_path):
-    from schemas import Topics
+    from fieldchat.schemas import Topics
 
     topics = Topics(prefix)
     url = f"sqlite:///{tmp_path / 'history.db'}"

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from websockets.asyncio.client import connect
 
-from gateway import open_store
+from fieldchat.gateway import open_store
 from tests.gateway._support import (
     FAST_ARGON2,
     GatewayProcess,
@@ -77,7 +77,7 @@ async def _collect(ws, count: int) -> set[bytes]:
 
 @pytest.mark.postgres
 async def test_two_gateways_share_the_archive_exactly_once(mosquitto, prefix, pg_url, tmp_path):
-    from schemas import Topics
+    from fieldchat.schemas import Topics
 
     topics = Topics(prefix)
     gws = [
@@ -157,7 +157,7 @@ async def _all(store, cid: str, n: int):
 async def test_sigkill_mid_stream_then_restart_archives_everything_once(
     mosquitto, prefix, tmp_path
 ):
-    from schemas import Topics
+    from fieldchat.schemas import Topics
 
     topics = Topics(prefix)
     url = f"sqlite:///{tmp_path / 'history.db'}"

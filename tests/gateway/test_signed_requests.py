@@ -8,9 +8,9 @@ import asyncio
 
 import pytest
 
-from device.history import GatewayHistory
-from gateway import TooManyRequests
-from gateway._auth import ReplayGuard
+from fieldchat.device.history import GatewayHistory
+from fieldchat.gateway import TooManyRequests
+from fieldchat.gateway._auth import ReplayGuard
 from tests.gateway._support import (
     archived_conversation,
     eventually,

@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from gateway import ArchiveBatch, NameTaken
-from gateway._store import GrantRecord, NewEnvelope, PendingEnvelope, RosterRecord
-from schemas import Topics
+from fieldchat.gateway import ArchiveBatch, NameTaken
+from fieldchat.gateway._store import GrantRecord, NewEnvelope, PendingEnvelope, RosterRecord
+from fieldchat.schemas import Topics
 from tests.gateway._support import Party
 
 CID = "a" * 25 + "a"

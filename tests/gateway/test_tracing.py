@@ -2,9 +2,9 @@
 root), ``route``, ``archive`` and ``ws deliver``; a browser's envelope gets its root
 from the gateway that publishes it. No span carries the message.
 
-Enabled once the gateway hooks are applied (``gateway._archiver`` and ``gateway._hub``
-import :mod:`schemas.tracing`; ``gateway._ws`` uses the archiver's tracer); skipped
-until then.
+Enabled once the gateway hooks are applied (``fieldchat.gateway._archiver`` and
+``fieldchat.gateway._hub`` import :mod:`fieldchat.schemas.tracing`;
+``fieldchat.gateway._ws`` uses the archiver's tracer); skipped until then.
 """
 
 from __future__ import annotations
@@ -14,17 +14,17 @@ from types import SimpleNamespace
 import aiomqtt
 import pytest
 
-import gateway._archiver
-import gateway._hub
-from broker import EmbeddedBroker
-from broker.testing import make_config
-from schemas import Envelope, TextMessage, Topics, tracing
+import fieldchat.gateway._archiver
+import fieldchat.gateway._hub
+from fieldchat.broker import EmbeddedBroker
+from fieldchat.broker.testing import make_config
+from fieldchat.schemas import Envelope, TextMessage, Topics, tracing
 from tests._otlp import ReceivedSpan, traced_process
 from tests.gateway._support import Party, converse, login, make_settings, serve_gateway
 from tests.gateway.test_ws import Browser
 
 pytestmark = pytest.mark.skipif(
-    not all(hasattr(m, "tracing") for m in (gateway._archiver, gateway._hub)),
+    not all(hasattr(m, "tracing") for m in (fieldchat.gateway._archiver, fieldchat.gateway._hub)),
     reason="the gateway tracing hooks are not applied yet",
 )
 

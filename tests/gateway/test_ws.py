@@ -16,7 +16,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from schemas import Envelope, TextMessage, Topics
+from fieldchat.schemas import Envelope, TextMessage, Topics
 from tests.gateway._support import (
     Party,
     converse,
@@ -297,7 +297,7 @@ def test_direct_frames_are_the_bytes_websockets_would_write(size):
     websockets library serialises for a server's text frame, at every length encoding."""
     from websockets.frames import OP_TEXT, Frame
 
-    from gateway._ws import _wire
+    from fieldchat.gateway._ws import _wire
 
     text = "é" * (size // 2) + "x" * (size % 2)
     assert _wire(text) == Frame(OP_TEXT, text.encode()).serialize(mask=False)

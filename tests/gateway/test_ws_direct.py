@@ -19,8 +19,8 @@ import pytest
 import uvicorn
 import websockets
 
-import gateway._ws as ws_module
-from gateway._ws import DIRECT_NEEDS, _Direct, _wire, direct_missing
+import fieldchat.gateway._ws as ws_module
+from fieldchat.gateway._ws import DIRECT_NEEDS, _Direct, _wire, direct_missing
 
 
 class _Probe:

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from schemas import _varint
-from schemas.errors import LimitExceeded, WireError
-from schemas.frame import (
+from fieldchat.schemas import _varint
+from fieldchat.schemas.errors import LimitExceeded, WireError
+from fieldchat.schemas.frame import (
     FRAME_MARKER,
     MAX_FRAME_BYTES,
     MAX_FRAME_ENVELOPES,

@@ -8,8 +8,8 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from schemas import Bundle, Envelope, FieldchatError, Grant, Roster, Topics
-from schemas.messages import EnvelopeKind, decode_plaintext
+from fieldchat.schemas import Bundle, Envelope, FieldchatError, Grant, Roster, Topics
+from fieldchat.schemas.messages import EnvelopeKind, decode_plaintext
 
 FUZZ = settings(max_examples=10_000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -10,10 +10,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from schemas import mqtt
-from schemas.errors import FieldchatError, MalformedPacket, PacketTooLarge, UnsupportedProtocol
-from schemas.mqtt import PacketType, ProtocolLevel
-from schemas.mqtt._properties import _TABLE, WILL
+from fieldchat.schemas import mqtt
+from fieldchat.schemas.errors import (
+    FieldchatError,
+    MalformedPacket,
+    PacketTooLarge,
+    UnsupportedProtocol,
+)
+from fieldchat.schemas.mqtt import PacketType, ProtocolLevel
+from fieldchat.schemas.mqtt._properties import _TABLE, WILL
 
 SOME = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 MANY = settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -1,4 +1,4 @@
-"""``schemas.signals`` in real processes with real signals: SIGTERM stops like Ctrl-C,
+"""``fieldchat.schemas.signals`` in real processes with real signals: SIGTERM stops like Ctrl-C,
 a step held by ``deferred`` completes first, and a second signal while a clean stop
 hangs ends the process at once, loudly, with status 128 + the signal."""
 
@@ -13,7 +13,7 @@ import pytest
 
 SYNC = """
 import sys, time
-from schemas.signals import Interrupts
+from fieldchat.schemas.signals import Interrupts
 stops = Interrupts()
 with stops.installed():
     try:
@@ -27,7 +27,7 @@ with stops.installed():
 
 DEFERRED = """
 import time
-from schemas.signals import Interrupts
+from fieldchat.schemas.signals import Interrupts
 stops = Interrupts()
 with stops.installed():
     try:
@@ -43,7 +43,7 @@ with stops.installed():
 
 ASYNC = """
 import asyncio, sys
-from schemas.signals import until_stopped
+from fieldchat.schemas.signals import until_stopped
 
 async def main():
     try:

@@ -7,10 +7,10 @@ import sys
 
 import pytest
 
-from schemas import tracing
-from schemas.envelope import EnvelopeKind, header_bytes
-from schemas.errors import ConfigError
-from schemas.ids import encode_id
+from fieldchat.schemas import tracing
+from fieldchat.schemas.envelope import EnvelopeKind, header_bytes
+from fieldchat.schemas.errors import ConfigError
+from fieldchat.schemas.ids import encode_id
 from tests._otlp import OtlpReceiver
 
 CID = encode_id(bytes(range(16)))
@@ -103,10 +103,10 @@ def test_what_cannot_be_honoured_is_a_clear_error(environ):
 
 
 def test_without_the_extra_tracing_on_is_a_clear_error(monkeypatch):
-    import schemas
+    import fieldchat.schemas
 
-    monkeypatch.delitem(sys.modules, "schemas._otel", raising=False)
-    monkeypatch.delattr(schemas, "_otel", raising=False)  # as if never imported
+    monkeypatch.delitem(sys.modules, "fieldchat.schemas._otel", raising=False)
+    monkeypatch.delattr(fieldchat.schemas, "_otel", raising=False)  # as if never imported
     for name in [n for n in sys.modules if n.startswith("opentelemetry.sdk")] + [
         "opentelemetry.sdk"
     ]:

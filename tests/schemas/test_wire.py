@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from schemas import (
+from fieldchat.schemas import (
     Bundle,
     Control,
     ControlOp,
@@ -26,9 +26,9 @@ from schemas import (
     encode_plaintext,
     validate_id,
 )
-from schemas._varint import decode as varint_decode
-from schemas._varint import encode as varint_encode
-from schemas.messages import MAX_PLAINTEXT_BYTES, padme_length
+from fieldchat.schemas._varint import decode as varint_decode
+from fieldchat.schemas._varint import encode as varint_encode
+from fieldchat.schemas.messages import MAX_PLAINTEXT_BYTES, padme_length
 
 PID = encode_id(bytes(range(16)))
 CID = encode_id(bytes(range(16, 32)))
@@ -104,7 +104,7 @@ def test_envelope_round_trip_and_version_first():
 
 
 def test_bundle_rejects_a_bad_signature():
-    from device.identity import Identity
+    from fieldchat.device.identity import Identity
 
     bundle = Identity.from_seed(b"\x01" * 32).bundle
     data = bytearray(bundle.to_bytes())
@@ -134,7 +134,7 @@ def test_bundle_rejects_a_bad_signature():
 @pytest.mark.parametrize("compress", [False, True])
 @pytest.mark.parametrize("pad", [False, True])
 def test_plaintext_round_trip(message, compress, pad):
-    from schemas.messages import kind_of
+    from fieldchat.schemas.messages import kind_of
 
     data, compressed, padded = encode_plaintext(message, compress=compress, pad=pad)
     if pad:
@@ -157,7 +157,7 @@ def test_decompression_bomb_is_refused():
 
 
 def test_plaintext_of_the_wrong_shape_is_a_wire_error():
-    from schemas._codec import pack
+    from fieldchat.schemas._codec import pack
 
     for kind, value in (
         (EnvelopeKind.TEXT, (1,)),
@@ -173,7 +173,7 @@ def test_plaintext_of_the_wrong_shape_is_a_wire_error():
 
 def test_receipt_types_are_delivered_read_and_missing_only():
     """Type 3 is a gap request (PROTOCOL.md §4.1); any other type is a wire error."""
-    from schemas._codec import pack
+    from fieldchat.schemas._codec import pack
 
     ranges = ((0, 1, 0, 3, 4),)
     missing = decode_plaintext(EnvelopeKind.RECEIPT, pack((3, ranges)))
@@ -213,8 +213,8 @@ def test_models_are_strict_and_frozen():
 def test_chain_grants_state_a_bounded_list_of_earlier_chain_ends():
     """PROTOCOL.md §5.3: ``ends`` is the 7th element, at most MAX_CHAIN_ENDS triples,
     each of an earlier epoch; the 6-element form is refused (one encoding)."""
-    from schemas._codec import pack
-    from schemas.grant import MAX_CHAIN_ENDS, ChainEnd, ChainGrant
+    from fieldchat.schemas._codec import pack
+    from fieldchat.schemas.grant import MAX_CHAIN_ENDS, ChainEnd, ChainGrant
 
     base = (5, bytes(32), 1, 0, 0, bytes(32))
     ends = ((4, 0, 17), (2, 0, 0))
@@ -240,7 +240,7 @@ def test_chain_grants_state_a_bounded_list_of_earlier_chain_ends():
 
 
 def test_inbox_payloads_tell_rosters_from_grants_by_their_kind_byte():
-    from schemas.roster import is_roster
+    from fieldchat.schemas.roster import is_roster
 
     assert is_roster(b"\x01\x12rest") and not is_roster(b"\x01\x10rest")
     assert not is_roster(b"\x02\x12") and not is_roster(b"\x01") and not is_roster(b"")

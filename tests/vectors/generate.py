@@ -16,15 +16,21 @@ import json
 from pathlib import Path
 from typing import Any
 
-from device.chains import MARK_EVERY, MAX_FORWARD_JUMP, MAX_UNSIGNED_JUMP, nonce, step_keys
-from device.engine import KEEP_EPOCHS, Engine
-from device.grants import accept_grant, make_grant
-from device.identity import Identity
-from schemas import ChainGrant, FieldchatError, Grant, Member, Policy, Roster, TextMessage
-from schemas.crypto import chain_step
-from schemas.envelope import read_header
-from schemas.frame import pack_frame
-from schemas.grant import MAX_CHAIN_ENDS, ChainEnd
+from fieldchat.device.chains import (
+    MARK_EVERY,
+    MAX_FORWARD_JUMP,
+    MAX_UNSIGNED_JUMP,
+    nonce,
+    step_keys,
+)
+from fieldchat.device.engine import KEEP_EPOCHS, Engine
+from fieldchat.device.grants import accept_grant, make_grant
+from fieldchat.device.identity import Identity
+from fieldchat.schemas import ChainGrant, FieldchatError, Grant, Member, Policy, Roster, TextMessage
+from fieldchat.schemas.crypto import chain_step
+from fieldchat.schemas.envelope import read_header
+from fieldchat.schemas.frame import pack_frame
+from fieldchat.schemas.grant import MAX_CHAIN_ENDS, ChainEnd
 
 PATH = Path(__file__).with_name("protocol.json")
 CLOCK = 1_700_000_000

@@ -19,12 +19,12 @@ from pydantic import SecretStr
 from starlette.routing import Mount
 from starlette.staticfiles import StaticFiles
 
-from broker import BrokerThread
-from broker.testing import make_config
-from device.client import Device
-from device.config import BrokerOptions, LinkOptions
-from gateway import GatewaySettings, create_app
-from schemas.topics import DEFAULT_PREFIX
+from fieldchat.broker import BrokerThread
+from fieldchat.broker.testing import make_config
+from fieldchat.device.client import Device
+from fieldchat.device.config import BrokerOptions, LinkOptions
+from fieldchat.gateway import GatewaySettings, create_app
+from fieldchat.schemas.topics import DEFAULT_PREFIX
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [

@@ -15,12 +15,12 @@ from typing import Any
 
 import pytest
 
-from device.engine import Engine, Opened, Publication
-from device.identity import Identity
-from schemas import Grant, GrantMode, Member, Policy, Roster, TextMessage, Topics
-from schemas.envelope import EnvelopeKind, header_bytes
-from schemas.errors import FieldchatError
-from schemas.roster import is_roster
+from fieldchat.device.engine import Engine, Opened, Publication
+from fieldchat.device.identity import Identity
+from fieldchat.schemas import Grant, GrantMode, Member, Policy, Roster, TextMessage, Topics
+from fieldchat.schemas.envelope import EnvelopeKind, header_bytes
+from fieldchat.schemas.errors import FieldchatError
+from fieldchat.schemas.roster import is_roster
 from tests.device.test_chain_ends import forge_as
 
 pytestmark = pytest.mark.chromium
@@ -132,7 +132,7 @@ def test_the_browser_accepts_a_gap_request_and_goes_on(page):
     """A device asks for steps it lacks with a receipt of type 3 (MISSING, PROTOCOL.md
     §4.1); the browser opens it like any receipt (it used to refuse the type as
     malformed) and opens what follows."""
-    from schemas import Receipt, ReceiptRange, ReceiptType
+    from fieldchat.schemas import Receipt, ReceiptRange, ReceiptType
 
     web = WebPeer(page)
     device = Engine(Identity.generate())

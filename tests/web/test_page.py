@@ -10,9 +10,9 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from device.identity import Identity
-from gateway import claim_message
-from gateway._web import CONTENT_SECURITY_POLICY, WEB_ROOT
+from fieldchat.device.identity import Identity
+from fieldchat.gateway import claim_message
+from fieldchat.gateway._web import CONTENT_SECURITY_POLICY, WEB_ROOT
 from tests.web._stack import ARTIFACTS
 from tests.web._ui import PASSWORD, PHONE, WebUser
 

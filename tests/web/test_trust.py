@@ -14,8 +14,8 @@ import os
 
 import pytest
 
-from schemas import Grant, Policy
-from schemas.envelope import EnvelopeKind, header_bytes, read_header
+from fieldchat.schemas import Grant, Policy
+from fieldchat.schemas.envelope import EnvelopeKind, header_bytes, read_header
 from tests.device.test_chain_ends import forge_as
 from tests.web._stack import Stack, wait_until
 from tests.web._ui import WebUser
