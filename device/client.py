@@ -26,7 +26,6 @@ import contextlib
 import logging
 import os
 import queue
-import sqlite3
 import threading
 import time
 from collections import Counter, defaultdict, deque
@@ -68,7 +67,17 @@ from fieldchat.device.repair import (
     Repairs,
     lacking,
 )
-from fieldchat.device.state import REFUSED, DeviceState, Gap, OutboxRow, ReceivedRow, SentRow
+from fieldchat.device.rows import (
+    ENVELOPE_ROWS,
+    REFUSED,
+    Gap,
+    MessageKind,
+    OutboxKind,
+    OutboxRow,
+    ReceivedRow,
+    SentRow,
+)
+from fieldchat.device.state import DeviceState, StateTransaction
 from fieldchat.schemas import (
     Control,
     ControlOp,
@@ -132,7 +141,6 @@ ROSTER_FETCH_AGAIN_S = 5.0
 STATUS_ONLINE = b"online"
 STATUS_OFFLINE = b"offline"
 _TICK_S = 0.05
-_ENVELOPE_ROWS = ("msg", "receipt")  # outbox rows on c/{cid}/msg: what frames carry
 _PUBLISH_OVERHEAD = 32  # a PUBLISH's bytes besides topic and payload, generously (MQTT 5)
 
 
@@ -337,11 +345,11 @@ class Device:
         self._advanced: set[tuple[str, int, int, int]] = set()  # chains to look at again
         self._roster_fetches: dict[str, float] = {}  # cid -> when it may be fetched again
         self._retried_at_start = False
-        for row, cid, payload, until in self.state.held(reordering=True):
+        for held in self.state.held(reordering=True):
             with contextlib.suppress(FieldchatError):
-                _, _, epoch, index, chain, step, _ = read_header(payload)
-                waiting = self._waiting[(cid, epoch, index, chain)]
-                waiting.setdefault(step, []).append((row, until or 0.0))
+                _, _, epoch, index, chain, step, _ = read_header(held.payload)
+                waiting = self._waiting[(held.cid, epoch, index, chain)]
+                waiting.setdefault(step, []).append((held.id, held.until or 0.0))
         self._receipts: dict[tuple[str, ReceiptType], set[tuple[int, int, int, int]]] = defaultdict(
             set
         )
@@ -563,16 +571,14 @@ class Device:
         out = []
         with (
             self._send_lock,
-            self.state.transaction(durable=False, sync_outbox=self.power_safe) as db,
+            self.state.transaction(durable=False, sync_outbox=self.power_safe) as tx,
         ):
             for text in texts:
                 now = self._clock()
                 envelope = self.engine.seal(cid, TextMessage(sent_at=int(now), text=text))
                 _, _, epoch, index, chain, step, _ = read_header(envelope)
-                seq = self.state.add_outbox(db, topic, envelope, cid=cid, what="msg")
-                row = self.state.add_sent(
-                    db, cid, epoch, index, chain, step, text, topic, envelope, seq
-                )
+                seq = tx.add_outbox(topic, envelope, cid=cid, what=OutboxKind.MSG)
+                row = tx.add_sent(cid, epoch, index, chain, step, text, topic, envelope, seq)
                 out.append(SentMessage(row, cid, epoch, chain, step))
             reserved = self.state.reserving
         self._wake()
@@ -586,8 +592,8 @@ class Device:
 
     def mark_read(self, cid: str) -> int:
         """Mark received texts of ``cid`` read; queue read receipts. How many."""
-        with self.state.transaction() as db:
-            keys = self.state.mark_read(db, cid)
+        with self.state.transaction() as tx:
+            keys = tx.mark_read(cid)
         if self.options.read_receipts and keys:
             with self._receipts_lock:
                 self._receipts[(cid, ReceiptType.READ)].update(keys)
@@ -626,9 +632,9 @@ class Device:
             UnknownParticipant: a member's bundle could not be fetched.
         """
         self.fetch_bundles(members, timeout)
-        with self.state.transaction() as db:
+        with self.state.transaction() as tx:
             cid, pubs = self.engine.create_conversation(members, policy=policy)
-            self._queue_publications(db, pubs, cid)
+            self._queue_publications(tx, pubs, cid)
         self._follow(cid)
         return cid
 
@@ -641,8 +647,8 @@ class Device:
         """
         self.engine.roster(cid)
         self.fetch_bundles(pids, timeout)
-        with self.state.transaction() as db:
-            self._queue_publications(db, self.engine.add_members(cid, pids), cid)
+        with self.state.transaction() as tx:
+            self._queue_publications(tx, self.engine.add_members(cid, pids), cid)
         self._follow(cid)
 
     def remove(self, cid: str, pids: Sequence[str]) -> None:
@@ -651,14 +657,14 @@ class Device:
         Raises:
             UnknownConversation, NotAMember: no such conversation, or we are no admin.
         """
-        with self.state.transaction() as db:
-            self._queue_publications(db, self.engine.remove_members(cid, pids), cid)
+        with self.state.transaction() as tx:
+            self._queue_publications(tx, self.engine.remove_members(cid, pids), cid)
         self._wake()
 
     def set_policy(self, cid: str, policy: Policy) -> None:
         """Change the conversation's policy (admins only, a new epoch)."""
-        with self.state.transaction() as db:
-            self._queue_publications(db, self.engine.set_policy(cid, policy), cid)
+        with self.state.transaction() as tx:
+            self._queue_publications(tx, self.engine.set_policy(cid, policy), cid)
         self._wake()
 
     def leave(self, cid: str) -> None:
@@ -670,12 +676,12 @@ class Device:
             UnknownConversation, NotAMember: not a member of ``cid``.
         """
         roster = self.engine.roster(cid)
-        with self.state.transaction() as db:
+        with self.state.transaction() as tx:
             if roster.is_admin(self.pid) and len(roster.pids) > 1:
                 pubs = self.engine.remove_members(cid, [self.pid])
-                self._queue_publications(db, pubs, cid)
+                self._queue_publications(tx, pubs, cid)
             else:
-                self._queue_own(db, cid, self.engine.leave(cid), "msg")
+                self._queue_own(tx, cid, self.engine.leave(cid), OutboxKind.MSG)
         self._wake()
 
     def conversations(self) -> list[ConversationInfo]:
@@ -837,10 +843,10 @@ class Device:
         acked: list[int] = []
         # No fsync here: the batch is shown once committed (a process crash keeps it)
         # and made power-safe by one sync() before its PUBACKs leave (_after).
-        with self.state.transaction(durable=False) as db:
+        with self.state.transaction(durable=False) as tx:
             for item in items:
                 if isinstance(item, _Msg):
-                    self._on_message(db, item.topic, item.payload, batch)
+                    self._on_message(tx, item.topic, item.payload, batch)
                     if item.qos:
                         batch.acks.append((item.conn, item.mid))
                     continue
@@ -854,7 +860,7 @@ class Device:
                     log.warning("the broker refused outbox messages %s; dropped", list(seqs))
                 acked += seqs
             if acked:
-                self.state.acknowledged(db, acked, self._clock())
+                tx.acknowledged(acked, self._clock())
             self.engine.flush()
 
     def _after(self, batch: _Batch) -> None:
@@ -968,9 +974,7 @@ class Device:
             self._topics_parsed[topic] = parsed
         return parsed
 
-    def _on_message(
-        self, db: sqlite3.Connection, topic: str, payload: bytes, batch: _Batch
-    ) -> None:
+    def _on_message(self, tx: StateTransaction, topic: str, payload: bytes, batch: _Batch) -> None:
         parsed = self._parse(topic)
         if parsed is None:
             self.counters["foreign_topic"] += 1
@@ -980,20 +984,20 @@ class Device:
                 assert parsed.cid is not None
                 for envelope in split(payload):  # a frame's envelopes each stand alone
                     try:
-                        self._open(db, parsed.cid, envelope, batch)
+                        self._open(tx, parsed.cid, envelope, batch)
                     except KeyStoreError:
                         raise
                     except FieldchatError as exc:
                         self.counters[f"rejected_{exc.reason}"] += 1
                         log.debug("rejected an envelope on %s: %s", topic, exc)
             elif parsed.kind is TopicKind.ROSTER:
-                self._on_roster(db, payload, batch)
+                self._on_roster(tx, payload, batch)
             elif parsed.kind is TopicKind.INBOX and is_roster(payload):
-                self._on_roster(db, payload, batch)  # an inviting admin's earlier rosters
+                self._on_roster(tx, payload, batch)  # an inviting admin's earlier rosters
             elif parsed.kind is TopicKind.INBOX:
-                self._on_grant(db, payload, batch)
+                self._on_grant(tx, payload, batch)
             elif parsed.kind is TopicKind.BUNDLE:
-                self._on_bundle(db, payload, batch)
+                self._on_bundle(tx, payload, batch)
         except KeyStoreError:
             raise
         except FieldchatError as exc:
@@ -1002,7 +1006,7 @@ class Device:
 
     def _open(
         self,
-        db: sqlite3.Connection,
+        tx: StateTransaction,
         cid: str,
         payload: bytes,
         batch: _Batch,
@@ -1030,14 +1034,14 @@ class Device:
                     self._high[key] = high
                 waiting = self._waiting.get(key, {}).get(step)
                 if waiting is not None or (high is not None and step > high + 1):
-                    return self._wait(db, cid, key, step, payload, waiting)
-        done = self._open_one(db, cid, payload, batch)
-        self._release(db, batch)
+                    return self._wait(tx, cid, key, step, payload, waiting)
+        done = self._open_one(tx, cid, payload, batch)
+        self._release(tx, batch)
         return done
 
     def _wait(
         self,
-        db: sqlite3.Connection,
+        tx: StateTransaction,
         cid: str,
         key: tuple[str, int, int, int],
         step: int,
@@ -1064,7 +1068,7 @@ class Device:
             return True
         now = self._clock()
         until = now + self.options.reorder_window_s
-        row, dropped = self.state.hold(db, cid, payload, until)
+        row, dropped = tx.hold(cid, payload, until)
         self._dropped(dropped)
         self._waiting[key].setdefault(step, []).append((row, until))
         self._lacking(key, now)
@@ -1097,7 +1101,7 @@ class Device:
                 return expected - 1
         return high
 
-    def _release(self, db: sqlite3.Connection, batch: _Batch, *, expired: bool = False) -> None:
+    def _release(self, tx: StateTransaction, batch: _Batch, *, expired: bool = False) -> None:
         """Open held envelopes whose turn came (or, ``expired``, whose wait is over)."""
         now = self._clock()
         progress = True
@@ -1114,26 +1118,23 @@ class Device:
                 if high is not None and first > high + 1 and not (expired and until <= now):
                     continue
                 for row, _ in steps.pop(first):
-                    payload = self.state.held_payload(row)
-                    self.state.unhold(db, [row])
+                    payload = tx.take_held(row)
                     if payload is not None:
-                        self._open_counted(db, key[0], payload, batch)
+                        self._open_counted(tx, key[0], payload, batch)
                 progress = True
-            if self._advanced and self._reach(db, batch):
+            if self._advanced and self._reach(tx, batch):
                 progress = True
 
-    def _open_counted(
-        self, db: sqlite3.Connection, cid: str, payload: bytes, batch: _Batch
-    ) -> None:
+    def _open_counted(self, tx: StateTransaction, cid: str, payload: bytes, batch: _Batch) -> None:
         """Open a held envelope; a refusal is counted (``rejected_<reason>``)."""
         try:
-            self._open_one(db, cid, payload, batch)
+            self._open_one(tx, cid, payload, batch)
         except KeyStoreError:
             raise
         except FieldchatError as exc:
             self.counters[f"rejected_{exc.reason}"] += 1
 
-    def _reach(self, db: sqlite3.Connection, batch: _Batch) -> bool:
+    def _reach(self, tx: StateTransaction, batch: _Batch) -> bool:
         """Try the held far-ahead envelopes of the chains that moved, once each comes
         within the engine's reach (an honest sender far ahead is reached a few hundred
         steps per envelope it sends; junk beyond reach is never tried again); whether
@@ -1148,10 +1149,9 @@ class Device:
             limit = self.engine.reach(*key)
             for step in sorted(s for s in steps if limit is not None and s <= limit):
                 for row in steps.pop(step):  # every candidate held for that step
-                    payload = self.state.held_payload(row)
-                    self.state.unhold(db, [row])
+                    payload = tx.take_held(row)
                     if payload is not None:
-                        self._open_counted(db, key[0], payload, batch)
+                        self._open_counted(tx, key[0], payload, batch)
                         tried = True
         return tried
 
@@ -1175,20 +1175,20 @@ class Device:
             self.counters["held_dropped"] += count
             log.warning("held-envelope limit reached: %d oldest dropped", count)
 
-    def _open_one(self, db: sqlite3.Connection, cid: str, payload: bytes, batch: _Batch) -> bool:
+    def _open_one(self, tx: StateTransaction, cid: str, payload: bytes, batch: _Batch) -> bool:
         try:
             opened = self.engine.open(cid, payload)
         except UnsignedJumpTooFar:
             # Held until the chain, or the keys the engine derived towards it, come
             # within reach (PROTOCOL.md §6.4); each try extended them.
-            held, dropped = self.state.hold(db, cid, payload)
+            held, dropped = tx.hold(cid, payload)
             self._dropped(dropped)
             _, _, epoch, index, chain_no, step, _ = read_header(payload)
             self._unreached[(cid, epoch, index, chain_no)].setdefault(step, []).append(held)
             self._advanced.add((cid, epoch, index, chain_no))
             return False
         except MissingKey:
-            _, dropped = self.state.hold(db, cid, payload)
+            _, dropped = tx.hold(cid, payload)
             self._dropped(dropped)
             return False
         if opened is None:
@@ -1199,22 +1199,21 @@ class Device:
         message = opened.message
         text = message.text if isinstance(message, TextMessage) else None
         sent_at = message.sent_at if isinstance(message, TextMessage) else None
-        row = self.state.add_received(
-            db,
+        row = tx.add_received(
             cid,
             opened.epoch,
             opened.sender_index,
             opened.chain,
             opened.step,
             opened.sender,
-            int(_kind(message)),
+            _kind(message),
             sent_at,
             text,
         )
         if row is None:
             self._duplicate(cid, payload)
             return True
-        late = self._sequence(db, opened, batch)
+        late = self._sequence(tx, opened, batch)
         if isinstance(message, TextMessage):
             self.counters["received"] += 1
             key = (opened.epoch, opened.sender_index, opened.chain, opened.step)
@@ -1236,12 +1235,12 @@ class Device:
                 )
             )
         elif isinstance(message, Receipt):
-            self._on_receipt(db, opened, message, batch)
+            self._on_receipt(tx, opened, message, batch)
         elif isinstance(message, Control) and message.op is ControlOp.LEAVE:
-            self._on_leave(db, opened)
+            self._on_leave(tx, opened)
         return True
 
-    def _sequence(self, db: sqlite3.Connection, opened: Opened, batch: _Batch) -> bool:
+    def _sequence(self, tx: StateTransaction, opened: Opened, batch: _Batch) -> bool:
         """Per-sender sequence: record gaps, fill them; whether this one was late."""
         key = (opened.cid, opened.epoch, opened.sender_index, opened.chain)
         high = self._high.get(key)
@@ -1260,7 +1259,7 @@ class Device:
                 opened.sender,
                 self._clock(),
             )
-            self.state.add_gap(db, gap)
+            tx.add_gap(gap)
             self._high[key] = step
             self.counters["gaps"] += 1
             # Shown past the missing steps: they did not come within the reorder window
@@ -1281,15 +1280,15 @@ class Device:
                 GapDetected(gap.cid, gap.sender, gap.epoch, gap.chain, gap.first, gap.last)
             )
             return False
-        self.state.fill_gap(db, opened.cid, opened.epoch, opened.sender_index, opened.chain, step)
+        tx.fill_gap(opened.cid, opened.epoch, opened.sender_index, opened.chain, step)
         self.counters["late"] += 1
         return True
 
     def _on_receipt(
-        self, db: sqlite3.Connection, opened: Opened, receipt: Receipt, batch: _Batch
+        self, tx: StateTransaction, opened: Opened, receipt: Receipt, batch: _Batch
     ) -> None:
         if receipt.type is ReceiptType.MISSING:
-            self._on_missing(db, opened, receipt)
+            self._on_missing(tx, opened, receipt)
             return
         steps = 0
         mine: dict[tuple[int, int], bool] = {}
@@ -1299,8 +1298,7 @@ class Device:
                 mine[key] = self.state.was_sender(opened.cid, r.epoch, r.sender)
             if not mine[key]:
                 continue  # a receipt for another member's messages
-            self.state.add_receipt(
-                db,
+            tx.add_receipt(
                 opened.cid,
                 opened.sender,
                 int(receipt.type),
@@ -1315,7 +1313,7 @@ class Device:
                 ReceiptReceived(opened.cid, opened.sender, receipt.type.name.lower(), steps)
             )
 
-    def _on_missing(self, db: sqlite3.Connection, opened: Opened, receipt: Receipt) -> None:
+    def _on_missing(self, tx: StateTransaction, opened: Opened, receipt: Receipt) -> None:
         """A member lacks steps (a gap request, PROTOCOL.md §4.1): publish again at
         once those of ours we still keep, within the bounds of :class:`Repairs`."""
         self.counters["gap_requests_received"] += 1
@@ -1333,21 +1331,21 @@ class Device:
         allowed = set(self._repairs.allow([key for key, _, _ in found], self._clock()))
         again = [(key, topic, payload) for key, topic, payload in found if key in allowed]
         for key, topic, payload in again:
-            self.state.add_outbox(db, topic, payload, cid=key[0], what="msg")
+            tx.add_outbox(topic, payload, cid=key[0], what=OutboxKind.MSG)
         self.counters["repaired"] += len(again)
         if again:
             log.info("published %d envelopes again that %s lacked", len(again), opened.sender)
 
-    def _on_leave(self, db: sqlite3.Connection, opened: Opened) -> None:
+    def _on_leave(self, tx: StateTransaction, opened: Opened) -> None:
         roster = self.engine.roster(opened.cid)
         if opened.sender not in roster.pids:
             return
         acting = [m.pid for m in roster.members if m.admin and m.pid != opened.sender]
         if acting and acting[0] == self.pid:
             pubs = self.engine.remove_members(opened.cid, [opened.sender])
-            self._queue_publications(db, pubs, opened.cid)
+            self._queue_publications(tx, pubs, opened.cid)
 
-    def _on_roster(self, db: sqlite3.Connection, payload: bytes, batch: _Batch) -> None:
+    def _on_roster(self, tx: StateTransaction, payload: bytes, batch: _Batch) -> None:
         before = self._positions()
         try:
             pubs = self.engine.handle_roster(payload)
@@ -1359,7 +1357,7 @@ class Device:
             batch.subscribe.add(self.topics.roster(exc.cid))
             self._fetch_rosters(exc.cid, exc.have)
             return
-        self._queue_publications(db, pubs, None)
+        self._queue_publications(tx, pubs, None)
         for cid, position in self._positions().items():
             if before.get(cid) != position:
                 self._membership(cid, batch)
@@ -1387,7 +1385,7 @@ class Device:
 
     def _on_grant(
         self,
-        db: sqlite3.Connection,  # noqa: ARG002 - the inbound handlers share one signature
+        tx: StateTransaction,  # noqa: ARG002 - the inbound handlers share one signature
         payload: bytes,
         batch: _Batch,
     ) -> None:
@@ -1414,20 +1412,20 @@ class Device:
         if not due or self._conn is None:
             return
         resent = 0
-        with self.state.transaction() as db:
+        with self.state.transaction() as tx:
             for cid, granter in due:
                 del self._grant_resends[(cid, granter)]
                 if not self.engine.is_member(cid):
                     continue
                 epoch = self.engine.roster(cid).epoch
                 for topic, envelope in self.state.unreceipted(cid, epoch, granter, MAX_RESEND):
-                    self.state.add_outbox(db, topic, envelope, cid=cid, what="msg")
+                    tx.add_outbox(topic, envelope, cid=cid, what=OutboxKind.MSG)
                     resent += 1
         self.counters["resent"] += resent
         if resent:
             self._pump()
 
-    def _on_bundle(self, db: sqlite3.Connection, payload: bytes, batch: _Batch) -> None:
+    def _on_bundle(self, tx: StateTransaction, payload: bytes, batch: _Batch) -> None:
         update = self.engine.learn_bundle(payload)
         if update.status is BundleStatus.KEY_CHANGED:
             self.counters["key_changed"] += 1
@@ -1442,27 +1440,27 @@ class Device:
                 KeyChanged(update.pid, update.previous_fingerprint, update.fingerprint)
             )
         if update.status in (BundleStatus.NEW, BundleStatus.KEY_CHANGED, BundleStatus.UPDATED):
-            self._queue_publications(db, self.engine.pay_owed_grants(), None)
+            self._queue_publications(tx, self.engine.pay_owed_grants(), None)
 
     def _retry_held(self) -> None:
         unreached = {
             row for steps in self._unreached.values() for rows in steps.values() for row in rows
         }
-        held = [h for h in self.state.held() if h[0] not in unreached]
+        held = [h for h in self.state.held() if h.id not in unreached]
         if not held:
             return
         batch = _Batch([], [], set(), set())
-        with self.state.transaction() as db:
-            done = [i for i, cid, payload, _ in held if self._open_held(db, cid, payload, batch)]
-            self.state.unhold(db, done)
+        with self.state.transaction() as tx:
+            done = [h.id for h in held if self._open_held(tx, h.cid, h.payload, batch)]
+            tx.unhold(done)
             self.engine.flush()
         batch.retry_held = False
         self._after(batch)
 
-    def _open_held(self, db: sqlite3.Connection, cid: str, payload: bytes, batch: _Batch) -> bool:
+    def _open_held(self, tx: StateTransaction, cid: str, payload: bytes, batch: _Batch) -> bool:
         # The held copy is re-held by _open on MissingKey; drop this one either way then.
         try:
-            opened = self._open(db, cid, payload, batch)
+            opened = self._open(tx, cid, payload, batch)
         except KeyStoreError:
             raise
         except FieldchatError as exc:
@@ -1475,23 +1473,21 @@ class Device:
     # -- outbound ---------------------------------------------------------------------
 
     def _queue_publications(
-        self, db: sqlite3.Connection, pubs: list[Publication], cid: str | None
+        self, tx: StateTransaction, pubs: list[Publication], cid: str | None
     ) -> None:
         for pub in pubs:
-            self.state.add_outbox(
-                db, pub.topic, pub.payload, retain=pub.retain, cid=cid, what=self._what(pub)
-            )
+            tx.add_outbox(pub.topic, pub.payload, retain=pub.retain, cid=cid, what=self._what(pub))
 
-    def _what(self, pub: Publication) -> str:
+    def _what(self, pub: Publication) -> OutboxKind:
         """The outbox kind of a publication, from its topic and payload (not its retain
         flag: rosters are proposed, not retained, PROTOCOL.md §5.2). Only ``msg`` and
         ``receipt`` rows share frames (§3.4)."""
         parsed = self._parse(pub.topic)
         if parsed is None or parsed.kind in (TopicKind.ROSTER, TopicKind.PROPOSE):
-            return "roster"
+            return OutboxKind.ROSTER
         if parsed.kind is TopicKind.INBOX:
-            return "roster" if is_roster(pub.payload) else "grant"
-        return "msg"
+            return OutboxKind.ROSTER if is_roster(pub.payload) else OutboxKind.GRANT
+        return OutboxKind.MSG
 
     def _pump(self) -> None:
         conn = self._conn
@@ -1512,7 +1508,7 @@ class Device:
                 head = group[0]
                 payload = pack_frame([row.payload for row in group])
                 mid = conn.publish(
-                    head.topic, payload, retain=head.retain, alias=head.what in _ENVELOPE_ROWS
+                    head.topic, payload, retain=head.retain, alias=head.what in ENVELOPE_ROWS
                 )
                 if self._tracer is not None:
                     for row in group:
@@ -1562,8 +1558,8 @@ class Device:
             for _, until in candidates
         ):
             batch = _Batch([], [], set(), set())
-            with self.state.transaction() as db:
-                self._release(db, batch, expired=True)
+            with self.state.transaction() as tx:
+                self._release(tx, batch, expired=True)
                 self.engine.flush()
             self._after(batch)
         if now >= self._next_housekeeping:
@@ -1590,14 +1586,14 @@ class Device:
         with self._receipts_lock:
             pending = {k: v for k, v in self._receipts.items() if v}
             self._receipts.clear()
-        with self.state.transaction() as db:
+        with self.state.transaction() as tx:
             for (cid, rtype), keys in pending.items():
                 if not self.engine.is_member(cid):
                     continue
                 ranges = _ranges(keys)
                 for i in range(0, len(ranges), MAX_RECEIPT_RANGES):
                     receipt = Receipt(type=rtype, ranges=tuple(ranges[i : i + MAX_RECEIPT_RANGES]))
-                    self._queue_own(db, cid, self.engine.seal(cid, receipt), "receipt")
+                    self._queue_own(tx, cid, self.engine.seal(cid, receipt), OutboxKind.RECEIPT)
                     self.counters["receipts_sent"] += 1
 
     def _ask_gaps(self, now: float) -> None:
@@ -1616,7 +1612,7 @@ class Device:
             ]
         if not wanted:
             return
-        with self.state.transaction(durable=False, sync_outbox=False) as db:
+        with self.state.transaction(durable=False, sync_outbox=False) as tx:
             for cid, ranges in wanted.items():
                 if not self.engine.is_member(cid):
                     continue
@@ -1624,23 +1620,25 @@ class Device:
                 receipt = Receipt(
                     type=ReceiptType.MISSING, ranges=tuple(ranges[:MAX_RECEIPT_RANGES])
                 )
-                self._queue_own(db, cid, self.engine.seal(cid, receipt), "receipt")
+                self._queue_own(tx, cid, self.engine.seal(cid, receipt), OutboxKind.RECEIPT)
                 self.counters["gap_requests_sent"] += 1
         self._pump()
 
-    def _queue_own(self, db: sqlite3.Connection, cid: str, envelope: bytes, what: str) -> None:
+    def _queue_own(self, tx: StateTransaction, cid: str, envelope: bytes, what: OutboxKind) -> None:
         """An own receipt or control: into the outbox, and kept a while for gap
         requests (texts are kept in ``sent``)."""
         topic = self.topics.msg(cid)
-        seq = self.state.add_outbox(db, topic, envelope, cid=cid, what=what)
+        seq = tx.add_outbox(topic, envelope, cid=cid, what=what)
         _, _, epoch, index, chain, step, _ = read_header(envelope)
-        self.state.add_kept(db, cid, (epoch, index, chain, step), topic, envelope, seq)
+        tx.add_kept(cid, (epoch, index, chain, step), topic, envelope, seq)
 
     def _resend_unconfirmed(self, before: float) -> None:
         """Publish again own messages some current member has not receipted."""
         rows = self.state.unconfirmed(before, before - self.options.resend_window_s, MAX_RESEND)
         again, done = [], []
-        for rid, cid, topic, payload, epoch, chain, step in rows:
+        for row in rows:
+            rid, cid, topic, payload = row.id, row.cid, row.topic, row.payload
+            epoch, chain, step = row.epoch, row.chain, row.step
             try:
                 roster = self.engine.roster(cid)
             except FieldchatError:
@@ -1654,10 +1652,10 @@ class Device:
                 done.append(rid)
             else:
                 again.append((cid, topic, payload))
-        with self.state.transaction() as db:
+        with self.state.transaction() as tx:
             for cid, topic, payload in again:
-                self.state.add_outbox(db, topic, payload, cid=cid, what="msg")
-            self.state.forget_payloads(db, done, keep_unarchived=self._archive is not None)
+                tx.add_outbox(topic, payload, cid=cid, what=OutboxKind.MSG)
+            tx.forget_payloads(done, keep_unarchived=self._archive is not None)
         if again:
             self.counters["resent"] += len(again)
             log.info("published %d unreceipted messages again after reconnecting", len(again))
@@ -1668,11 +1666,11 @@ class Device:
         # With a gateway, own envelopes stay until the archive confirmed them too.
         keep = self._archive is not None
         old = now - self.options.resend_window_s
-        with self.state.transaction(durable=False) as db:  # redone next time if lost
-            self.state.forget_old_payloads(db, old, keep_unarchived=keep)
-            self.state.prune_kept(db, old, keep_unarchived=keep)
+        with self.state.transaction(durable=False) as tx:  # redone next time if lost
+            tx.forget_old_payloads(old, keep_unarchived=keep)
+            tx.prune_kept(old, keep_unarchived=keep)
             for gap in stale:
-                self.state.drop_gap(db, gap)
+                tx.drop_gap(gap)
         for gap in stale:
             self._ask_history(gap)
 
@@ -1827,11 +1825,11 @@ class Device:
         """On the worker: record what the archive confirmed; plan the next round."""
         outcome = item.outcome
         gone = {cid for cid in outcome.unauthorized if not self.engine.is_member(cid)}
-        with self.state.transaction(durable=False) as db:
-            self.state.mark_archived(db, outcome.confirmed)
-            self.state.mark_archived(db, [key for key, _ in outcome.refused], REFUSED)
+        with self.state.transaction(durable=False) as tx:
+            tx.mark_archived(outcome.confirmed)
+            tx.mark_archived([key for key, _ in outcome.refused], REFUSED)
             for cid in gone:  # not a member any more: the gateway will never take them
-                self.state.give_up_archive(db, cid)
+                tx.give_up_archive(cid)
         self.counters["archive_checked"] += outcome.checked
         self.counters["archive_uploaded"] += outcome.uploaded
         if outcome.uploaded:
@@ -1875,10 +1873,10 @@ class Device:
             return
         self.counters["rosters_fetched"] += len(rosters)
         batch = _Batch([], [], set(), set())
-        with self.state.transaction() as db:
+        with self.state.transaction() as tx:
             for payload in rosters:
                 try:
-                    self._on_roster(db, payload, batch)
+                    self._on_roster(tx, payload, batch)
                 except KeyStoreError:
                     raise
                 except FieldchatError as exc:
@@ -1949,10 +1947,10 @@ class Device:
         if not envelopes:
             return
         batch = _Batch([], [], set(), set())
-        with self.state.transaction() as db:
+        with self.state.transaction() as tx:
             for envelope in envelopes:
                 try:
-                    self._open(db, cid, envelope, batch)
+                    self._open(tx, cid, envelope, batch)
                 except KeyStoreError:
                     raise
                 except FieldchatError as exc:
@@ -2027,11 +2025,11 @@ def _frames(
     groups: list[list[OutboxRow]] = []
     framed = 0  # bytes of the last group as a frame
     for row in rows:
-        if groups and row.what in _ENVELOPE_ROWS and not row.retain:
+        if groups and row.what in ENVELOPE_ROWS and not row.retain:
             group = groups[-1]
             head = group[0]
             if (
-                head.what in _ENVELOPE_ROWS
+                head.what in ENVELOPE_ROWS
                 and not head.retain
                 and head.topic == row.topic
                 and len(group) < per_frame
@@ -2047,8 +2045,10 @@ def _frames(
     return groups
 
 
-def _kind(message: TextMessage | Receipt | Control) -> int:
-    return 1 if isinstance(message, TextMessage) else 2 if isinstance(message, Receipt) else 3
+def _kind(message: TextMessage | Receipt | Control) -> MessageKind:
+    if isinstance(message, TextMessage):
+        return MessageKind.TEXT
+    return MessageKind.RECEIPT if isinstance(message, Receipt) else MessageKind.CONTROL
 
 
 def _ranges(keys: set[tuple[int, int, int, int]]) -> list[ReceiptRange]:

@@ -31,7 +31,7 @@ from fieldchat.device.history import (
     Uploaded,
     digest,
 )
-from fieldchat.device.state import Gap, OwnEnvelope
+from fieldchat.device.rows import Gap, OwnEnvelope
 from fieldchat.schemas.errors import FieldchatError, NotAuthorized, TransportError
 
 __all__ = [

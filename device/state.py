@@ -56,11 +56,24 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 from fieldchat.device.keystore import SEND_CHAIN_PREFIX, create_private_file, write_records
+from fieldchat.device.rows import (
+    ARCHIVED,
+    NOT_ARCHIVED,
+    REFUSED,
+    Gap,
+    HeldRow,
+    OutboxKind,
+    OutboxRow,
+    OwnEnvelope,
+    ReceivedRow,
+    SentRow,
+    UnconfirmedRow,
+)
+from fieldchat.device.transaction import MAX_HELD, MAX_KEPT, OWN_TABLES, StateTransaction
 from fieldchat.schemas.errors import ConfigError, KeyStoreError
 
 __all__ = [
@@ -75,10 +88,9 @@ __all__ = [
     "OwnEnvelope",
     "ReceivedRow",
     "SentRow",
+    "StateTransaction",
 ]
 
-MAX_HELD = 10_000  # envelopes held for a missing grant; past it the oldest are dropped (logged)
-MAX_KEPT = 10_000  # own receipts and controls kept for gap requests; past it the oldest go
 CHECKPOINT_INTERVAL_S = 0.2  # background WAL checkpoints (see checkpoint_in_background)
 # With background checkpoints, the committing thread checkpoints only past this many WAL
 # pages (SQLite's default is 1,000): a writer that never pauses still bounds the WAL.
@@ -127,81 +139,12 @@ CREATE TABLE IF NOT EXISTS gaps (
 
 
 # Own envelopes the archive has not confirmed yet (``archived``: 0 not yet, 1 archived,
-# -1 refused for good), oldest first: what an archive check names.
+# -1 refused for good, device.rows), oldest first: what an archive check names.
 _UNARCHIVED_INDEXES = """
 CREATE INDEX IF NOT EXISTS sent_unarchived ON sent (published_at)
     WHERE archived = 0 AND payload IS NOT NULL;
 CREATE INDEX IF NOT EXISTS kept_unarchived ON kept (published_at) WHERE archived = 0;
 """
-ARCHIVED, NOT_ARCHIVED, REFUSED = 1, 0, -1
-_OWN_TABLES = ("sent", "kept")
-
-
-@dataclass(frozen=True, slots=True)
-class OwnEnvelope:
-    """An own envelope to reconcile with the archive (``sent`` or ``kept``)."""
-
-    cid: str
-    epoch: int
-    sender_index: int
-    chain: int
-    step: int
-    payload: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class OutboxRow:
-    seq: int
-    topic: str
-    payload: bytes
-    retain: bool
-    cid: str | None
-    what: str
-    created_at: float
-
-
-@dataclass(frozen=True, slots=True)
-class SentRow:
-    id: int
-    cid: str
-    epoch: int
-    chain: int
-    step: int
-    text: str
-    sent_at: float
-    published_at: float | None
-
-
-@dataclass(frozen=True, slots=True)
-class ReceivedRow:
-    """One stored message of another member (``text`` is ``None`` for receipts/controls)."""
-
-    id: int
-    cid: str
-    epoch: int
-    sender_index: int
-    chain: int
-    step: int
-    sender: str
-    kind: int
-    sent_at: int | None
-    text: str | None
-    received_at: float
-    read: bool
-
-
-@dataclass(frozen=True, slots=True)
-class Gap:
-    """Steps ``first..last`` of one sender chain that have not arrived (yet)."""
-
-    cid: str
-    epoch: int
-    sender_index: int
-    chain: int
-    first: int
-    last: int
-    sender: str
-    since: float
 
 
 class DeviceState:
@@ -212,8 +155,11 @@ class DeviceState:
             readable by others; from any method when SQLite fails.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, clock: Callable[[], float] = time.time
+    ) -> None:
         self.path = Path(path).expanduser()
+        self._clock = clock
         create_private_file(self.path, "state file")
         try:
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
@@ -231,6 +177,7 @@ class DeviceState:
         except OSError as exc:
             raise KeyStoreError(f"cannot open state file {self.path}: {exc.strerror}") from exc
         self._lock = threading.RLock()
+        self._tx = StateTransaction(self._db, clock, self._outbox_written)
         self._lockfile: IO[str] | None = None
         self._depth = 0
         self._undo: list[Callable[[], None]] = []  # see on_rollback
@@ -256,7 +203,7 @@ class DeviceState:
     @contextmanager
     def transaction(
         self, *, durable: bool = True, sync_outbox: bool = True
-    ) -> Iterator[sqlite3.Connection]:
+    ) -> Iterator[StateTransaction]:
         """One atomic unit; nested calls join the outer transaction (and its durability).
 
         ``durable``: fsync at COMMIT; without it the commit survives a process crash
@@ -272,7 +219,7 @@ class DeviceState:
             if self._depth:
                 self._depth += 1
                 try:
-                    yield self._db
+                    yield self._tx
                 finally:
                     self._depth -= 1
                 return
@@ -289,7 +236,7 @@ class DeviceState:
             self._txn_outbox = self._txn_chain = False
             self._undo = []
             try:
-                yield self._db
+                yield self._tx
             except sqlite3.Error as exc:
                 self._rollback()
                 raise KeyStoreError(f"state file write failed: {exc}") from exc
@@ -312,6 +259,9 @@ class DeviceState:
                 self._chain_gen = self._written
             if self._txn_outbox and (sync_outbox or self._txn_chain):
                 self._outbox_gen = self._written
+
+    def _outbox_written(self) -> None:
+        self._txn_outbox = True
 
     def _rollback(self) -> None:
         """Roll the open transaction back, then undo what was adopted in memory with it
@@ -416,10 +366,10 @@ class DeviceState:
     def save(self, items: Mapping[str, bytes | None]) -> None:
         """Write engine records; joins the caller's transaction when one is open."""
         try:
-            with self.transaction() as db:
+            with self.transaction():
                 if any(key.startswith(SEND_CHAIN_PREFIX) for key in items):
                     self._txn_chain = True
-                write_records(db, "records", items)
+                write_records(self._db, "records", items)
         except sqlite3.Error as exc:
             raise KeyStoreError(f"state file write failed: {exc}") from exc
 
@@ -430,68 +380,10 @@ class DeviceState:
         return str(rows[0][0]) if rows else None
 
     def set_meta(self, values: Mapping[str, str | None]) -> None:
-        with self.transaction() as db:
-            write_records(db, "meta", values)
+        with self.transaction():
+            write_records(self._db, "meta", values)
 
-    # -- outbox and sent (callers hold a transaction for writes) -----------------------
-
-    def add_outbox(
-        self,
-        db: sqlite3.Connection,
-        topic: str,
-        payload: bytes,
-        *,
-        retain: bool = False,
-        cid: str | None = None,
-        what: str = "msg",
-    ) -> int:
-        self._txn_outbox = True
-        cur = db.execute(
-            "INSERT INTO outbox (topic, payload, retain, cid, what, created_at) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            (topic, payload, int(retain), cid, what, time.time()),
-        )
-        assert cur.lastrowid is not None
-        return cur.lastrowid
-
-    @staticmethod
-    def add_sent(
-        db: sqlite3.Connection,
-        cid: str,
-        epoch: int,
-        sender_index: int,
-        chain: int,
-        step: int,
-        text: str,
-        topic: str,
-        payload: bytes,
-        outbox_seq: int,
-    ) -> int:
-        cur = db.execute(
-            "INSERT INTO sent (cid, epoch, sender_index, chain, step, text, sent_at, topic,"
-            " payload, outbox_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (cid, epoch, sender_index, chain, step, text, time.time(), topic, payload, outbox_seq),
-        )
-        assert cur.lastrowid is not None
-        return cur.lastrowid
-
-    @staticmethod
-    def add_kept(
-        db: sqlite3.Connection,
-        cid: str,
-        header: tuple[int, int, int, int],
-        topic: str,
-        payload: bytes,
-        outbox_seq: int,
-    ) -> None:
-        """Keep an own receipt or control (``header``: epoch, sender index, chain,
-        step) for gap requests; texts are kept in ``sent``."""
-        epoch, sender_index, chain, step = header
-        db.execute(
-            "INSERT OR REPLACE INTO kept (cid, epoch, sender_index, chain, step, topic, payload,"
-            " outbox_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (cid, epoch, sender_index, chain, step, topic, payload, outbox_seq),
-        )
+    # -- outbox and sent (written through StateTransaction) -----------------------------
 
     def own_envelopes(
         self, cid: str, chain: tuple[int, int, int], first: int, last: int, limit: int
@@ -512,28 +404,6 @@ class DeviceState:
         )
         return [(int(step), str(topic), bytes(payload)) for step, topic, payload in rows]
 
-    @staticmethod
-    def prune_kept(
-        db: sqlite3.Connection, published_before: float, *, keep_unarchived: bool = False
-    ) -> int:
-        """Forget kept receipts and controls published before ``published_before`` (with
-        ``keep_unarchived``, only those the archive confirmed), and the oldest beyond
-        MAX_KEPT whatever the archive says; how many went."""
-        gone = db.execute(
-            "DELETE FROM kept WHERE published_at < ? AND (archived != 0 OR ? = 0)",
-            (published_before, int(keep_unarchived)),
-        ).rowcount
-        (count,) = db.execute("SELECT COUNT(*) FROM kept").fetchone()
-        excess = int(count) - MAX_KEPT
-        if excess > 0:
-            db.execute(
-                "DELETE FROM kept WHERE rowid IN (SELECT rowid FROM kept ORDER BY outbox_seq "
-                "LIMIT ?)",
-                (excess,),
-            )
-            gone += excess
-        return int(gone)
-
     def outbox_from(self, seq: int, limit: int) -> list[OutboxRow]:
         """Rows with ``seq`` at least ``seq``, oldest first."""
         rows = self._read(
@@ -543,24 +413,19 @@ class DeviceState:
         )
         return [
             OutboxRow(
-                int(s), str(t), bytes(p), bool(r), None if c is None else str(c), str(w), float(at)
+                int(s),
+                str(t),
+                bytes(p),
+                bool(r),
+                None if c is None else str(c),
+                OutboxKind(w),
+                float(at),
             )
             for s, t, p, r, c, w, at in rows
         ]
 
     def outbox_count(self) -> int:
         return int(self._read("SELECT COUNT(*) FROM outbox")[0][0])
-
-    @staticmethod
-    def acknowledged(db: sqlite3.Connection, seqs: Sequence[int], at: float) -> None:
-        """The broker acknowledged these outbox rows: drop them, date the sent rows."""
-        db.executemany("DELETE FROM outbox WHERE seq = ?", [(s,) for s in seqs])
-        for table in ("sent", "kept"):
-            db.executemany(
-                f"UPDATE {table} SET published_at = ? "  # noqa: S608 - a constant
-                "WHERE outbox_seq = ? AND published_at IS NULL",
-                [(at, s) for s in seqs],
-            )
 
     def sent(self, cid: str | None = None, *, limit: int = 1_000_000) -> list[SentRow]:
         rows = self._read(
@@ -570,17 +435,19 @@ class DeviceState:
         )
         return [SentRow(*row) for row in rows]
 
-    def unconfirmed(
-        self, before: float, after: float, limit: int
-    ) -> list[tuple[int, str, str, bytes, int, int, int]]:
-        """Published own messages in ``(after, before)`` still keeping their payload:
-        ``(id, cid, topic, payload, epoch, chain, step)``, oldest first."""
-        return self._read(
+    def unconfirmed(self, before: float, after: float, limit: int) -> list[UnconfirmedRow]:
+        """Published own messages in ``(after, before)`` still keeping their payload,
+        oldest first."""
+        rows = self._read(
             "SELECT id, cid, topic, payload, epoch, chain, step FROM sent "
             "WHERE payload IS NOT NULL AND published_at IS NOT NULL "
             "AND published_at < ? AND published_at > ? ORDER BY id LIMIT ?",
             (before, after, limit),
         )
+        return [
+            UnconfirmedRow(int(i), str(c), str(t), bytes(p), int(e), int(ch), int(st))
+            for i, c, t, p, e, ch, st in rows
+        ]
 
     def was_sender(self, cid: str, epoch: int, sender_index: int) -> bool:
         """Whether we sent messages as ``sender_index`` in ``epoch`` of ``cid``."""
@@ -610,32 +477,6 @@ class DeviceState:
         )
         return {str(r[0]) for r in rows}
 
-    @staticmethod
-    def forget_payloads(
-        db: sqlite3.Connection, ids: Sequence[int], *, keep_unarchived: bool = False
-    ) -> None:
-        """Drop the kept ciphertext of messages that need no resending any more (with
-        ``keep_unarchived``, not of those the archive has not confirmed yet)."""
-        db.executemany(
-            "UPDATE sent SET payload = NULL WHERE id = ? AND (archived != 0 OR ? = 0)",
-            [(i, int(keep_unarchived)) for i in ids],
-        )
-
-    @staticmethod
-    def forget_old_payloads(
-        db: sqlite3.Connection, published_before: float, *, keep_unarchived: bool = False
-    ) -> int:
-        """Drop the ciphertext of own texts published before ``published_before`` (no
-        longer resent after a reconnect: ``resend_window_s``); with ``keep_unarchived``,
-        not of those the archive has not confirmed. How many."""
-        return int(
-            db.execute(
-                "UPDATE sent SET payload = NULL WHERE payload IS NOT NULL "
-                "AND published_at < ? AND (archived != 0 OR ? = 0)",
-                (published_before, int(keep_unarchived)),
-            ).rowcount
-        )
-
     def unarchived(self, published_before: float, limit: int) -> list[OwnEnvelope]:
         """Own envelopes (texts, receipts, controls) published before
         ``published_before`` that the archive has not confirmed, oldest first."""
@@ -658,30 +499,8 @@ class DeviceState:
                     "AND payload IS NOT NULL AND published_at IS NOT NULL"
                 )[0][0]
             )
-            for table in _OWN_TABLES
+            for table in OWN_TABLES
         )
-
-    @staticmethod
-    def mark_archived(
-        db: sqlite3.Connection, keys: Sequence[tuple[str, int, int, int]], value: int = ARCHIVED
-    ) -> None:
-        """The archive confirmed (or, ``REFUSED``, refused for good) these own envelopes:
-        ``(cid, epoch, chain, step)``."""
-        for table in _OWN_TABLES:
-            db.executemany(
-                f"UPDATE {table} SET archived = ? "  # noqa: S608 - a constant
-                "WHERE cid = ? AND epoch = ? AND chain = ? AND step = ?",
-                [(value, *key) for key in keys],
-            )
-
-    @staticmethod
-    def give_up_archive(db: sqlite3.Connection, cid: str) -> None:
-        """No longer keep own envelopes of ``cid`` for the archive (we left it)."""
-        for table in _OWN_TABLES:
-            db.execute(
-                f"UPDATE {table} SET archived = ? WHERE cid = ? AND archived = ?",  # noqa: S608
-                (REFUSED, cid, NOT_ARCHIVED),
-            )
 
     def own_high(self, cid: str) -> dict[tuple[int, int, int], int]:
         """The highest step of each own sending chain of ``cid`` we hold a row of:
@@ -695,45 +514,7 @@ class DeviceState:
         )
         return {(int(e), int(i), int(c)): int(m) for e, i, c, m in rows}
 
-    @staticmethod
-    def add_receipt(
-        db: sqlite3.Connection,
-        cid: str,
-        pid: str,
-        rtype: int,
-        epoch: int,
-        chain: int,
-        first: int,
-        last: int,
-    ) -> None:
-        db.execute(
-            "INSERT INTO receipts (cid, pid, type, epoch, chain, first, last, received_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (cid, pid, rtype, epoch, chain, first, last, time.time()),
-        )
-
     # -- received ---------------------------------------------------------------------
-
-    @staticmethod
-    def add_received(
-        db: sqlite3.Connection,
-        cid: str,
-        epoch: int,
-        sender_index: int,
-        chain: int,
-        step: int,
-        sender: str,
-        kind: int,
-        sent_at: int | None,
-        text: str | None,
-    ) -> int | None:
-        """Insert a received message; its id, or ``None`` when it is a duplicate."""
-        cur = db.execute(
-            "INSERT OR IGNORE INTO received (cid, epoch, sender_index, chain, step, sender, kind,"
-            " sent_at, text, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (cid, epoch, sender_index, chain, step, sender, kind, sent_at, text, time.time()),
-        )
-        return cur.lastrowid if cur.rowcount == 1 else None
 
     def received(
         self,
@@ -763,101 +544,21 @@ class DeviceState:
         )
         return {(str(c), int(e), int(s), int(ch)): int(m) for c, e, s, ch, m in rows}
 
-    @staticmethod
-    def mark_read(db: sqlite3.Connection, cid: str) -> list[tuple[int, int, int, int]]:
-        """Mark every unread text of ``cid`` read: ``(epoch, sender_index, chain, step)``."""
-        rows = db.execute(
-            "SELECT epoch, sender_index, chain, step FROM received "
-            "WHERE cid = ? AND read = 0 AND text IS NOT NULL",
-            (cid,),
-        ).fetchall()
-        db.execute("UPDATE received SET read = 1 WHERE cid = ? AND read = 0", (cid,))
-        return [(int(a), int(b), int(c), int(d)) for a, b, c, d in rows]
-
     # -- held envelopes ---------------------------------------------------------------
 
-    @staticmethod
-    def hold(
-        db: sqlite3.Connection, cid: str, payload: bytes, until: float | None = None
-    ) -> tuple[int, int]:
-        """Keep an envelope for later: its row id, and how many of the oldest rows
-        were dropped to stay within MAX_HELD (the caller logs them)."""
-        cur = db.execute(
-            "INSERT INTO held (cid, payload, held_at, until) VALUES (?, ?, ?, ?)",
-            (cid, payload, time.time(), until),
-        )
-        (count,) = db.execute("SELECT COUNT(*) FROM held").fetchone()
-        excess = int(count) - MAX_HELD
-        if excess > 0:
-            db.execute(
-                "DELETE FROM held WHERE id IN (SELECT id FROM held ORDER BY id LIMIT ?)",
-                (excess,),
-            )
-        assert cur.lastrowid is not None
-        return cur.lastrowid, max(0, excess)
-
-    def held(self, *, reordering: bool = False) -> list[tuple[int, str, bytes, float | None]]:
+    def held(self, *, reordering: bool = False) -> list[HeldRow]:
         """Held envelopes: waiting for a key, or (``reordering``) for a missing step."""
         rows = self._read(
             "SELECT id, cid, payload, until FROM held WHERE (until IS NULL) = ? ORDER BY id",
             (0 if reordering else 1,),
         )
-        return [(int(i), str(c), bytes(p), u) for i, c, p, u in rows]
+        return [HeldRow(int(i), str(c), bytes(p), u) for i, c, p, u in rows]
 
     def held_payload(self, row: int) -> bytes | None:
         rows = self._read("SELECT payload FROM held WHERE id = ?", (row,))
         return bytes(rows[0][0]) if rows else None
 
-    @staticmethod
-    def unhold(db: sqlite3.Connection, ids: Sequence[int]) -> None:
-        db.executemany("DELETE FROM held WHERE id = ?", [(i,) for i in ids])
-
     # -- gaps -------------------------------------------------------------------------
-
-    @staticmethod
-    def add_gap(db: sqlite3.Connection, gap: Gap) -> None:
-        db.execute(
-            "INSERT OR REPLACE INTO gaps (cid, epoch, sender_index, chain, first, last, sender,"
-            " since) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                gap.cid,
-                gap.epoch,
-                gap.sender_index,
-                gap.chain,
-                gap.first,
-                gap.last,
-                gap.sender,
-                gap.since,
-            ),
-        )
-
-    @staticmethod
-    def fill_gap(
-        db: sqlite3.Connection,
-        cid: str,
-        epoch: int,
-        sender_index: int,
-        chain: int,
-        step: int,
-    ) -> bool:
-        """Remove ``step`` from the gap containing it (splitting it); whether one did."""
-        row = db.execute(
-            "SELECT first, last, sender, since FROM gaps WHERE cid = ? AND epoch = ? AND "
-            "sender_index = ? AND chain = ? AND first <= ? AND last >= ?",
-            (cid, epoch, sender_index, chain, step, step),
-        ).fetchone()
-        if row is None:
-            return False
-        first, last, sender, since = row
-        db.execute(
-            "DELETE FROM gaps WHERE cid = ? AND epoch = ? AND sender_index = ? AND chain = ? "
-            "AND first = ?",
-            (cid, epoch, sender_index, chain, first),
-        )
-        for lo, hi in ((first, step - 1), (step + 1, last)):
-            if lo <= hi:
-                DeviceState.add_gap(db, Gap(cid, epoch, sender_index, chain, lo, hi, sender, since))
-        return True
 
     def gaps(self, cid: str | None = None) -> list[Gap]:
         rows = self._read(
@@ -866,14 +567,6 @@ class DeviceState:
             (cid, cid),
         )
         return [Gap(*row) for row in rows]
-
-    @staticmethod
-    def drop_gap(db: sqlite3.Connection, gap: Gap) -> None:
-        db.execute(
-            "DELETE FROM gaps WHERE cid = ? AND epoch = ? AND sender_index = ? AND chain = ? "
-            "AND first = ?",
-            (gap.cid, gap.epoch, gap.sender_index, gap.chain, gap.first),
-        )
 
     def lock(self) -> None:
         """Claim the state file for this process (one connection per identity).

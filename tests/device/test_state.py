@@ -72,11 +72,11 @@ def test_rows_sealed_under_an_unsynced_reservation_wait_for_its_fsync(tmp_path):
     state = DeviceState(tmp_path / "s.sqlite3")
     try:
         with state.transaction(durable=False, sync_outbox=False) as db:
-            state.add_outbox(db, "t", b"may leave before its fsync")
+            db.add_outbox("t", b"may leave before its fsync")
         assert not state.outbox_unsynced
         with state.transaction(durable=False, sync_outbox=False) as db:
             state.save({f"{SEND_CHAIN_PREFIX}cid": b"reservation"})
-            state.add_outbox(db, "t", b"sealed under it")
+            db.add_outbox("t", b"sealed under it")
         assert state.reservation_unsynced
         assert state.outbox_unsynced  # the worker syncs before publishing (Device._pump)
         state.sync()
@@ -185,7 +185,7 @@ def test_a_renewal_rolled_back_keeps_the_window_persisted(tmp_path):
     def renew_then_fail() -> None:
         with device.state.transaction(durable=False) as db:
             assert device.engine.renew_reservations(left) == 1
-            device.state.add_sent(db, cid, 0, 0, 0, -1, "boom", "t", b"", 0)
+            db.add_sent(cid, 0, 0, 0, -1, "boom", "t", b"", 0)
 
     with pytest.raises(KeyStoreError, match="disk is full"):
         renew_then_fail()
@@ -222,10 +222,10 @@ def test_own_envelopes_stay_until_archived_and_an_older_state_file_gains_the_col
         (row,) = state.unarchived(published_before=100.0, limit=10)
         assert (row.cid, row.sender_index, row.step, row.payload) == ("c", 1, 7, b"\x01")
         with state.transaction() as tx:
-            state.add_kept(tx, "c", (0, 1, 0, 8), "t", b"\x02", 2)
-            state.acknowledged(tx, [2], 11.0)
-            assert state.forget_old_payloads(tx, 50.0, keep_unarchived=True) == 0
-            assert state.prune_kept(tx, 50.0, keep_unarchived=True) == 0
+            tx.add_kept("c", (0, 1, 0, 8), "t", b"\x02", 2)
+            tx.acknowledged([2], 11.0)
+            assert tx.forget_old_payloads(50.0, keep_unarchived=True) == 0
+            assert tx.prune_kept(50.0, keep_unarchived=True) == 0
         assert state.unarchived_count() == 2
         assert state.own_envelopes("c", (0, 1, 0), 0, 100, 10) == [
             (7, "t", b"\x01"),
@@ -233,9 +233,9 @@ def test_own_envelopes_stay_until_archived_and_an_older_state_file_gains_the_col
         ]
         assert state.own_high("c") == {(0, 1, 0): 8}
         with state.transaction() as tx:
-            state.mark_archived(tx, [("c", 0, 0, 7), ("c", 0, 0, 8)])
-            assert state.forget_old_payloads(tx, 50.0, keep_unarchived=True) == 1
-            assert state.prune_kept(tx, 50.0, keep_unarchived=True) == 1
+            tx.mark_archived([("c", 0, 0, 7), ("c", 0, 0, 8)])
+            assert tx.forget_old_payloads(50.0, keep_unarchived=True) == 1
+            assert tx.prune_kept(50.0, keep_unarchived=True) == 1
         assert state.unarchived_count() == 0
         assert state.own_envelopes("c", (0, 1, 0), 0, 100, 10) == []
     finally:
