@@ -50,6 +50,8 @@ from fieldchat.device.events import (
     Removed,
 )
 from fieldchat.device.link import Connection, Link, Will
+from fieldchat.device.outbox import Inflight, frame_budget, frames, kind_of
+from fieldchat.device.receipts import ReceiptBook, missing_receipt, receipts
 from fieldchat.device.reconcile import (
     ARCHIVE_AGAIN_S,
     ARCHIVE_ROUND,
@@ -63,9 +65,7 @@ from fieldchat.device.repair import (
     ASK_FRACTIONS,
     MAX_REPAIR_PER_REQUEST,
     ChainKey,
-    GapAsks,
     Repairs,
-    lacking,
 )
 from fieldchat.device.rows import (
     ENVELOPE_ROWS,
@@ -77,6 +77,7 @@ from fieldchat.device.rows import (
     ReceivedRow,
     SentRow,
 )
+from fieldchat.device.sequencer import MAX_CANDIDATES_PER_STEP, Sequencer
 from fieldchat.device.state import DeviceState, StateTransaction
 from fieldchat.schemas import (
     Control,
@@ -103,8 +104,7 @@ from fieldchat.schemas.errors import (
     UnknownParticipant,
     UnsignedJumpTooFar,
 )
-from fieldchat.schemas.frame import MAX_FRAME_BYTES, pack_frame, part_bytes, split
-from fieldchat.schemas.messages import MAX_RECEIPT_RANGES
+from fieldchat.schemas.frame import pack_frame, split
 from fieldchat.schemas.roster import is_roster
 from fieldchat.schemas.topics import DEFAULT_PREFIX, Topic, TopicKind
 
@@ -115,9 +115,6 @@ log = logging.getLogger("fieldchat.device")
 MAX_QUEUE = 10_000  # inbound packets waiting for the worker; paho's thread blocks past it
 BATCH = 256  # inbound packets per transaction (one fsync)
 MAX_RESEND = 2_000  # own messages published again per reconnect
-# Distinct candidates of one step held for display order (unsigned junk beside the
-# genuine envelope; only those not refused by an authentication check wait).
-MAX_CANDIDATES_PER_STEP = 8
 # A new member's grant: what it has not receipted this many receipt intervals later
 # is published again (it may have subscribed after we sent).
 GRANT_RESEND_RECEIPTS = 3
@@ -141,7 +138,6 @@ ROSTER_FETCH_AGAIN_S = 5.0
 STATUS_ONLINE = b"online"
 STATUS_OFFLINE = b"offline"
 _TICK_S = 0.05
-_PUBLISH_OVERHEAD = 32  # a PUBLISH's bytes besides topic and payload, generously (MQTT 5)
 
 
 class HistorySource(Protocol):
@@ -321,7 +317,6 @@ class Device:
         self._tracer = tracing.tracer("device")  # docs/tracing.md; None when off
         self._queue: queue.Queue[_Item] = queue.Queue(MAX_QUEUE)
         self._send_lock = threading.Lock()
-        self._receipts_lock = threading.Lock()  # never held while taking another lock
         self._subs_lock = threading.Lock()
         self._subs: set[str] = set()
         self._subs_pending: set[str] = set()  # subscribed after the next outbox pump
@@ -329,36 +324,24 @@ class Device:
         self._changed = threading.Condition()
         self._bundle_seen: set[str] = set()
         self._conn: Connection | None = None
-        self._inflight: dict[int, tuple[int, ...]] = {}  # packet id -> outbox seqs it carries
-        self._cursor = 0
-        self._high = self.state.high_steps()
-        # Envelopes that overtook a missing step: chain -> step -> [(held row, deadline)],
-        # every distinct candidate of a step that did not fail to authenticate (history
-        # may serve junk beside the genuine envelope: docs/gateway.md, "Receivers").
-        self._waiting: dict[tuple[str, int, int, int], dict[int, list[tuple[int, float]]]] = (
-            defaultdict(dict)
+        self._inflight = Inflight()
+        # Each sender's order: what waits for a missing step (device.sequencer).
+        self._sequencer = Sequencer(
+            self.options.reorder_window_s,
+            lambda key: self.engine.next_step(*key),
+            self.state.high_steps(),
         )
-        # Held unsigned envelopes too far ahead to derive before authentication
-        # (UnsignedJumpTooFar): chain -> step -> held row, retried once Engine.reach
-        # passes them, never in the wholesale retry (each costs up to ~1 ms to try).
-        self._unreached: dict[tuple[str, int, int, int], dict[int, list[int]]] = defaultdict(dict)
-        self._advanced: set[tuple[str, int, int, int]] = set()  # chains to look at again
         self._roster_fetches: dict[str, float] = {}  # cid -> when it may be fetched again
         self._retried_at_start = False
         for held in self.state.held(reordering=True):
             with contextlib.suppress(FieldchatError):
                 _, _, epoch, index, chain, step, _ = read_header(held.payload)
-                waiting = self._waiting[(held.cid, epoch, index, chain)]
-                waiting.setdefault(step, []).append((held.id, held.until or 0.0))
-        self._receipts: dict[tuple[str, ReceiptType], set[tuple[int, int, int, int]]] = defaultdict(
-            set
-        )
-        # Gap requests (PROTOCOL.md §4.1): which held chains to ask for their missing
-        # steps and when; which steps others asked us for to publish again. Made again
-        # in start(): the reorder window is read from the options then.
-        self._asks = GapAsks(self.options.reorder_window_s)
+                key = (held.cid, epoch, index, chain)
+                self._sequencer.restore(key, step, held.id, held.until or 0.0)
+        self._receipts = ReceiptBook()  # owed, sealed every receipt_interval_s
+        # Gap requests (PROTOCOL.md §4.1): which steps others asked us for to publish
+        # again. Made again in start(): the reorder window is read from the options then.
         self._repairs = Repairs(self.options.reorder_window_s * ASK_FRACTIONS[1])
-        self._next_receipts = 0.0
         self._resend: tuple[float, float] | None = None  # (due, published before)
         # (cid, member whose grant arrived) -> when to resend what it has not receipted.
         self._grant_resends: dict[tuple[str, str], float] = {}
@@ -430,10 +413,10 @@ class Device:
             return self
         self.state.lock()
         self.state.checkpoint_in_background()
-        self._asks = GapAsks(self.options.reorder_window_s)
         self._repairs = Repairs(self.options.reorder_window_s * ASK_FRACTIONS[1])
         now = self._clock()
-        for key in self._waiting:  # what a previous run held is asked for at once
+        # What a previous run held is asked for at once.
+        for key in self._sequencer.restart(self.options.reorder_window_s):
             self._lacking(key, now)
         self._worker = threading.Thread(target=self._work, name="fieldchat-device", daemon=True)
         self._worker.start()
@@ -595,8 +578,7 @@ class Device:
         with self.state.transaction() as tx:
             keys = tx.mark_read(cid)
         if self.options.read_receipts and keys:
-            with self._receipts_lock:
-                self._receipts[(cid, ReceiptType.READ)].update(keys)
+            self._receipts.add(cid, ReceiptType.READ, keys)
         return len(keys)
 
     # -- conversations ----------------------------------------------------------------
@@ -731,8 +713,7 @@ class Device:
     @property
     def receipts_pending(self) -> bool:
         """Whether receipts wait for the next batch (``receipt_interval_s``)."""
-        with self._receipts_lock:
-            return any(self._receipts.values())
+        return self._receipts.pending
 
     def undelivered(self, cid: str) -> int:
         """Own messages of the current epoch some current member has not receipted yet."""
@@ -852,7 +833,7 @@ class Device:
                     continue
                 if item.conn is not self._conn:
                     continue
-                seqs = self._inflight.pop(item.mid, None)
+                seqs = self._inflight.acknowledged(item.mid)
                 if seqs is None:
                     continue
                 if not item.ok:
@@ -917,8 +898,7 @@ class Device:
         conn = item.conn
         if isinstance(item, _Up):
             self._conn = conn
-            self._inflight = {}
-            self._cursor = 0
+            self._inflight.reset()
             conn.publish(
                 self.topics.bundle(self.pid), self.engine.identity.bundle.to_bytes(), retain=True
             )
@@ -955,7 +935,7 @@ class Device:
             )
         elif conn is self._conn:
             self._conn = None
-            self._inflight = {}
+            self._inflight.reset()
             batch.events.append(Disconnected(item.reason))
             log.info("disconnected: %s", item.reason)
 
@@ -1027,14 +1007,8 @@ class Device:
                 pass  # the engine rejects and counts it below
             else:
                 key = (cid, epoch, index, chain)
-                high = self._high_of(key)
-                if high is not None and key not in self._high:
-                    # Shown through the step before the grant's first: a loss of the
-                    # first steps is a gap like any other (recorded, asked for).
-                    self._high[key] = high
-                waiting = self._waiting.get(key, {}).get(step)
-                if waiting is not None or (high is not None and step > high + 1):
-                    return self._wait(tx, cid, key, step, payload, waiting)
+                if self._sequencer.must_wait(key, step):
+                    return self._wait(tx, cid, key, step, payload)
         done = self._open_one(tx, cid, payload, batch)
         self._release(tx, batch)
         return done
@@ -1043,10 +1017,9 @@ class Device:
         self,
         tx: StateTransaction,
         cid: str,
-        key: tuple[str, int, int, int],
+        key: ChainKey,
         step: int,
         payload: bytes,
-        waiting: list[tuple[int, float]] | None,
     ) -> bool:
         """Hold an envelope that overtook a missing step, if it may be genuine.
 
@@ -1055,8 +1028,9 @@ class Device:
         byte-identical copy of one waiting is a duplicate; other candidates wait side
         by side (at most MAX_CANDIDATES_PER_STEP), released together in their turn.
         """
-        if waiting is not None:
-            held = [self.state.held_payload(row) for row, _ in waiting]
+        waiting = self._sequencer.candidates(key, step)
+        if waiting:
+            held = [self.state.held_payload(row) for row in waiting]
             if bytes(payload) in held:
                 self._duplicate(cid, payload)
                 return True
@@ -1070,36 +1044,25 @@ class Device:
         until = now + self.options.reorder_window_s
         row, dropped = tx.hold(cid, payload, until)
         self._dropped(dropped)
-        self._waiting[key].setdefault(step, []).append((row, until))
-        self._lacking(key, now)
+        if self._sequencer.wait(key, step, row, until, now):
+            self._episode(now)
         return True
 
     def _lacking(self, key: ChainKey, now: float) -> None:
-        """``key`` holds envelopes behind missing steps: ask its sender for them at
+        """``key`` may hold envelopes behind missing steps: ask its sender for them at
         once (a MISSING receipt, on the next tick) and, with a history source, the
         archive too (a tail round)."""
-        missing = lacking(self._high_of(key), self._waiting.get(key, {}))
-        if (
-            missing
-            and self._asks.lacking(key, missing[-1][1], now)
-            and self.history is not None
-            and now >= self._gap_tail_after
-        ):
+        if self._sequencer.lacking(key, now):
+            self._episode(now)
+
+    def _episode(self, now: float) -> None:
+        """A chain began to lack steps: with a history source, a tail round too."""
+        if self.history is not None and now >= self._gap_tail_after:
             # At most one round a TAIL_AGAIN_S for gaps: under heavy loss every chain
             # starts episodes, and one round (a request per conversation) serves them all.
             self._gap_tail_after = now + TAIL_AGAIN_S
             self.counters["gaps_asked_history"] += 1
             self._tail_soon()
-
-    def _high_of(self, key: tuple[str, int, int, int]) -> int | None:
-        """The highest step shown of a sender chain; before the first, the step before
-        the one its grant starts at, so the chain's first envelopes are ordered too."""
-        high = self._high.get(key)
-        if high is None:
-            expected = self.engine.next_step(*key)
-            if expected is not None:
-                return expected - 1
-        return high
 
     def _release(self, tx: StateTransaction, batch: _Batch, *, expired: bool = False) -> None:
         """Open held envelopes whose turn came (or, ``expired``, whose wait is over)."""
@@ -1107,22 +1070,13 @@ class Device:
         progress = True
         while progress:
             progress = False
-            for key, steps in list(self._waiting.items()):
-                if not steps:
-                    del self._waiting[key]
-                    self._asks.settled(key)
-                    continue
-                first = min(steps)
-                until = min(at for _, at in steps[first])
-                high = self._high_of(key)
-                if high is not None and first > high + 1 and not (expired and until <= now):
-                    continue
-                for row, _ in steps.pop(first):
+            for key, rows in self._sequencer.release(now, expired=expired):
+                for row in rows:
                     payload = tx.take_held(row)
                     if payload is not None:
                         self._open_counted(tx, key[0], payload, batch)
                 progress = True
-            if self._advanced and self._reach(tx, batch):
+            if self._sequencer.advanced and self._reach(tx, batch):
                 progress = True
 
     def _open_counted(self, tx: StateTransaction, cid: str, payload: bytes, batch: _Batch) -> None:
@@ -1140,19 +1094,12 @@ class Device:
         steps per envelope it sends; junk beyond reach is never tried again); whether
         any was tried."""
         tried = False
-        while self._advanced:
-            key = self._advanced.pop()
-            steps = self._unreached.get(key)
-            if not steps:
-                self._unreached.pop(key, None)
-                continue
-            limit = self.engine.reach(*key)
-            for step in sorted(s for s in steps if limit is not None and s <= limit):
-                for row in steps.pop(step):  # every candidate held for that step
-                    payload = tx.take_held(row)
-                    if payload is not None:
-                        self._open_counted(tx, key[0], payload, batch)
-                        tried = True
+        for key, rows in self._sequencer.reachable(lambda key: self.engine.reach(*key)):
+            for row in rows:
+                payload = tx.take_held(row)
+                if payload is not None:
+                    self._open_counted(tx, key[0], payload, batch)
+                    tried = True
         return tried
 
     def _duplicate(self, cid: str, payload: bytes) -> None:
@@ -1167,8 +1114,7 @@ class Device:
             with contextlib.suppress(FieldchatError):
                 if self.engine.roster(cid).member_at(index).pid == self.pid:
                     return  # our own echo
-            with self._receipts_lock:
-                self._receipts[(cid, ReceiptType.DELIVERED)].add((epoch, index, chain, step))
+            self._receipts.add(cid, ReceiptType.DELIVERED, [(epoch, index, chain, step)])
 
     def _dropped(self, count: int) -> None:
         if count:
@@ -1184,8 +1130,7 @@ class Device:
             held, dropped = tx.hold(cid, payload)
             self._dropped(dropped)
             _, _, epoch, index, chain_no, step, _ = read_header(payload)
-            self._unreached[(cid, epoch, index, chain_no)].setdefault(step, []).append(held)
-            self._advanced.add((cid, epoch, index, chain_no))
+            self._sequencer.hold_unreached((cid, epoch, index, chain_no), step, held)
             return False
         except MissingKey:
             _, dropped = tx.hold(cid, payload)
@@ -1194,8 +1139,8 @@ class Device:
         if opened is None:
             self._duplicate(cid, payload)
             return True
-        if self._unreached:  # the chain moved: held far-ahead steps may be in reach now
-            self._advanced.add((cid, opened.epoch, opened.sender_index, opened.chain))
+        # The chain moved: held far-ahead steps may be in reach now.
+        self._sequencer.moved((cid, opened.epoch, opened.sender_index, opened.chain))
         message = opened.message
         text = message.text if isinstance(message, TextMessage) else None
         sent_at = message.sent_at if isinstance(message, TextMessage) else None
@@ -1217,8 +1162,7 @@ class Device:
         if isinstance(message, TextMessage):
             self.counters["received"] += 1
             key = (opened.epoch, opened.sender_index, opened.chain, opened.step)
-            with self._receipts_lock:
-                self._receipts[(cid, ReceiptType.DELIVERED)].add(key)
+            self._receipts.add(cid, ReceiptType.DELIVERED, [key])
             batch.events.append(
                 MessageReceived(
                     row,
@@ -1243,24 +1187,19 @@ class Device:
     def _sequence(self, tx: StateTransaction, opened: Opened, batch: _Batch) -> bool:
         """Per-sender sequence: record gaps, fill them; whether this one was late."""
         key = (opened.cid, opened.epoch, opened.sender_index, opened.chain)
-        high = self._high.get(key)
         step = opened.step
-        if high is None or step == high + 1:
-            self._high[key] = step if high is None else max(high, step)
-            return False
-        if step > high + 1:
+        where = self._sequencer.record(key, step)
+        if where.gap is not None:
             gap = Gap(
                 opened.cid,
                 opened.epoch,
                 opened.sender_index,
                 opened.chain,
-                high + 1,
-                step - 1,
+                *where.gap,
                 opened.sender,
                 self._clock(),
             )
             tx.add_gap(gap)
-            self._high[key] = step
             self.counters["gaps"] += 1
             # Shown past the missing steps: they did not come within the reorder window
             # (the sender did not answer our asks, the archive lacked them). If they
@@ -1274,11 +1213,13 @@ class Device:
                 gap.sender,
                 gap.cid,
                 self.options.reorder_window_s,
-                self._asks.asks(key),
+                self._sequencer.asks.asks(key),
             )
             batch.events.append(
                 GapDetected(gap.cid, gap.sender, gap.epoch, gap.chain, gap.first, gap.last)
             )
+            return False
+        if not where.late:
             return False
         tx.fill_gap(opened.cid, opened.epoch, opened.sender_index, opened.chain, step)
         self.counters["late"] += 1
@@ -1443,9 +1384,7 @@ class Device:
             self._queue_publications(tx, self.engine.pay_owed_grants(), None)
 
     def _retry_held(self) -> None:
-        unreached = {
-            row for steps in self._unreached.values() for rows in steps.values() for row in rows
-        }
+        unreached = self._sequencer.unreached_rows()
         held = [h for h in self.state.held() if h.id not in unreached]
         if not held:
             return
@@ -1476,35 +1415,29 @@ class Device:
         self, tx: StateTransaction, pubs: list[Publication], cid: str | None
     ) -> None:
         for pub in pubs:
-            tx.add_outbox(pub.topic, pub.payload, retain=pub.retain, cid=cid, what=self._what(pub))
-
-    def _what(self, pub: Publication) -> OutboxKind:
-        """The outbox kind of a publication, from its topic and payload (not its retain
-        flag: rosters are proposed, not retained, PROTOCOL.md §5.2). Only ``msg`` and
-        ``receipt`` rows share frames (§3.4)."""
-        parsed = self._parse(pub.topic)
-        if parsed is None or parsed.kind in (TopicKind.ROSTER, TopicKind.PROPOSE):
-            return OutboxKind.ROSTER
-        if parsed.kind is TopicKind.INBOX:
-            return OutboxKind.ROSTER if is_roster(pub.payload) else OutboxKind.GRANT
-        return OutboxKind.MSG
+            tx.add_outbox(
+                pub.topic,
+                pub.payload,
+                retain=pub.retain,
+                cid=cid,
+                what=kind_of(self._parse(pub.topic), pub.payload),
+            )
 
     def _pump(self) -> None:
         conn = self._conn
         if conn is None or not conn.connected:
             return
         window = min(self.options.window, conn.receive_max)
-        if len(self._inflight) < window and self.state.outbox_unsynced:
+        if self._inflight.room(window) and self.state.outbox_unsynced:
             self.state.sync()  # a grant or roster from a worker batch: durable first
-        while len(self._inflight) < window:
+        while self._inflight.room(window):
             per_frame = self.options.frame_envelopes
-            rows = self.state.outbox_from(self._cursor, (window - len(self._inflight)) * per_frame)
+            room = self._inflight.room(window)
+            rows = self.state.outbox_from(self._inflight.cursor, room * per_frame)
             if not rows:
                 break
-            budget = MAX_FRAME_BYTES
-            if conn.max_packet:  # the topic, fixed header, packet id and properties besides
-                budget = min(budget, conn.max_packet - len(rows[0].topic) - _PUBLISH_OVERHEAD)
-            for group in _frames(rows, window - len(self._inflight), per_frame, budget):
+            budget = frame_budget(conn.max_packet, rows[0].topic)
+            for group in frames(rows, room, per_frame, budget):
                 head = group[0]
                 payload = pack_frame([row.payload for row in group])
                 mid = conn.publish(
@@ -1513,8 +1446,7 @@ class Device:
                 if self._tracer is not None:
                     for row in group:
                         self._tracer.publish(row.topic, row.payload)
-                self._inflight[mid] = tuple(row.seq for row in group)
-                self._cursor = group[-1].seq + 1
+                self._inflight.published(mid, group)
                 self.counters["frames" if len(group) > 1 else "bare"] += 1
         now = self._clock()
         with self._subs_lock:
@@ -1534,29 +1466,22 @@ class Device:
                 self.engine.renew_reservations(RENEW_WHEN_LEFT)
             self.state.sync()
         now = self._clock()
-        if now >= self._next_receipts:
-            self._next_receipts = now + self.options.receipt_interval_s
-            if any(self._receipts.values()):
-                # No fsync under the state file's lock every interval: pending receipts
-                # live in memory until here, so a power cut loses them either way (the
-                # sender keeps those messages unconfirmed, as it would then).
-                with self.state.transaction(durable=False, sync_outbox=False):
-                    self._flush_receipts()
-                self._pump()
+        if self._receipts.due(now, self.options.receipt_interval_s) and self._receipts.pending:
+            # No fsync under the state file's lock every interval: pending receipts live
+            # in memory until here, so a power cut loses them either way (the sender
+            # keeps those messages unconfirmed, as it would then).
+            with self.state.transaction(durable=False, sync_outbox=False):
+                self._flush_receipts()
+            self._pump()
         if self._grant_resends:
             self._resend_to_granters(now)
-        if len(self._asks) and self._conn is not None:
+        if len(self._sequencer.asks) and self._conn is not None:
             self._ask_gaps(now)
         if self._resend is not None and now >= self._resend[0] and self._conn is not None:
             _, before = self._resend
             self._resend = None
             self._resend_unconfirmed(before)
-        if any(
-            until <= now
-            for steps in self._waiting.values()
-            for candidates in steps.values()
-            for _, until in candidates
-        ):
+        if self._sequencer.expired(now):
             batch = _Batch([], [], set(), set())
             with self.state.transaction() as tx:
                 self._release(tx, batch, expired=True)
@@ -1583,16 +1508,10 @@ class Device:
 
     def _flush_receipts(self) -> None:
         """Seal the pending receipts as one message per conversation and type."""
-        with self._receipts_lock:
-            pending = {k: v for k, v in self._receipts.items() if v}
-            self._receipts.clear()
+        owed = self._receipts.take()
         with self.state.transaction() as tx:
-            for (cid, rtype), keys in pending.items():
-                if not self.engine.is_member(cid):
-                    continue
-                ranges = _ranges(keys)
-                for i in range(0, len(ranges), MAX_RECEIPT_RANGES):
-                    receipt = Receipt(type=rtype, ranges=tuple(ranges[i : i + MAX_RECEIPT_RANGES]))
+            for cid, receipt in receipts(owed):
+                if self.engine.is_member(cid):
                     self._queue_own(tx, cid, self.engine.seal(cid, receipt), OutboxKind.RECEIPT)
                     self.counters["receipts_sent"] += 1
 
@@ -1600,11 +1519,7 @@ class Device:
         """Ask the senders of held chains whose ask is due for the steps they lack: one
         MISSING receipt per conversation (PROTOCOL.md §4.1), published at once."""
         wanted: dict[str, list[ReceiptRange]] = defaultdict(list)
-        for key in self._asks.due(now):
-            missing = lacking(self._high_of(key), self._waiting.get(key, {}))
-            if not missing:
-                self._asks.settled(key)
-                continue
+        for key, missing in self._sequencer.due_asks(now):
             cid, epoch, index, chain = key
             wanted[cid] += [
                 ReceiptRange(epoch=epoch, sender=index, chain=chain, first=first, last=last)
@@ -1616,10 +1531,7 @@ class Device:
             for cid, ranges in wanted.items():
                 if not self.engine.is_member(cid):
                     continue
-                # Lowest steps first; what does not fit is asked for in a later ask.
-                receipt = Receipt(
-                    type=ReceiptType.MISSING, ranges=tuple(ranges[:MAX_RECEIPT_RANGES])
-                )
+                receipt = missing_receipt(ranges)
                 self._queue_own(tx, cid, self.engine.seal(cid, receipt), OutboxKind.RECEIPT)
                 self.counters["gap_requests_sent"] += 1
         self._pump()
@@ -1739,7 +1651,7 @@ class Device:
         a source that reconciles (a plain source is asked without it)."""
         if self._archive is None:
             return []
-        held = {(e, s, c): h for (k, e, s, c), h in self._high.items() if k == cid}
+        held = self._sequencer.shown(cid)
         gaps = [*self.state.gaps(cid), *(g for g in self._gaps_for_tail if g.cid == cid)]
         return tail_marks(held, gaps, self.state.own_high(cid), from_epoch=from_epoch)
 
@@ -2008,67 +1920,10 @@ class Device:
             raise KeyStoreError(f"the device stopped after a state file failure: {self._fatal}")
 
 
-def _frames(
-    rows: Sequence[OutboxRow], limit: int, per_frame: int, budget: int = MAX_FRAME_BYTES
-) -> list[list[OutboxRow]]:
-    """At most ``limit`` PUBLISH packets for ``rows``, in order: up to ``per_frame``
-    consecutive envelopes of one conversation, ``budget`` bytes in all, share a frame
-    (PROTOCOL.md §3.4), anything else travels alone.
-
-    The budget is the broker's Maximum Packet Size where it announces one: an
-    envelope that fits alone must not be refused for travelling with others.
-
-    Only what is queued already is grouped: nothing waits for company, so a lone message
-    leaves at once, as before, and a backlog (a burst, a link that came back) leaves
-    in a sixty-fourth of the packets, PUBACKs and topic names.
-    """
-    groups: list[list[OutboxRow]] = []
-    framed = 0  # bytes of the last group as a frame
-    for row in rows:
-        if groups and row.what in ENVELOPE_ROWS and not row.retain:
-            group = groups[-1]
-            head = group[0]
-            if (
-                head.what in ENVELOPE_ROWS
-                and not head.retain
-                and head.topic == row.topic
-                and len(group) < per_frame
-                and framed + part_bytes(len(row.payload)) <= budget
-            ):
-                group.append(row)
-                framed += part_bytes(len(row.payload))
-                continue
-        if len(groups) == limit:
-            break
-        groups.append([row])
-        framed = 1 + part_bytes(len(row.payload))
-    return groups
-
-
 def _kind(message: TextMessage | Receipt | Control) -> MessageKind:
     if isinstance(message, TextMessage):
         return MessageKind.TEXT
     return MessageKind.RECEIPT if isinstance(message, Receipt) else MessageKind.CONTROL
-
-
-def _ranges(keys: set[tuple[int, int, int, int]]) -> list[ReceiptRange]:
-    """Collapse ``(epoch, sender, chain, step)`` keys into inclusive step ranges.
-
-    Merged as plain lists, one validated model per range at the end: a model per key
-    (rebuilt at every merged step) was ≈ 7 % of a receiving device's CPU.
-    """
-    spans: list[list[int]] = []  # [epoch, sender, chain, first, last]
-    for epoch, sender, chain, step in sorted(keys):
-        if spans:
-            last = spans[-1]
-            if last[0] == epoch and last[1] == sender and last[2] == chain and last[4] + 1 == step:
-                last[4] = step
-                continue
-        spans.append([epoch, sender, chain, step, step])
-    return [
-        ReceiptRange(epoch=e, sender=s, chain=c, first=first, last=last)
-        for e, s, c, first, last in spans
-    ]
 
 
 def _digits(fingerprint: str) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fieldchat.device.client import _frames
+from fieldchat.device.outbox import frames as _frames
 from fieldchat.device.state import OutboxRow
 from fieldchat.schemas.frame import MAX_FRAME_BYTES, pack_frame
 
