@@ -33,7 +33,6 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 from fieldchat.device.chains import RESERVE_STEPS
 from fieldchat.device.config import BrokerOptions, LinkOptions
@@ -50,12 +49,13 @@ from fieldchat.device.events import (
     Removed,
 )
 from fieldchat.device.link import Connection, Link, Will
+from fieldchat.device.membership import Subscriptions, changed, conversation_topics, no_local
 from fieldchat.device.outbox import Inflight, frame_budget, frames, kind_of
 from fieldchat.device.receipts import ReceiptBook, missing_receipt, receipts
 from fieldchat.device.reconcile import (
-    ARCHIVE_AGAIN_S,
     ARCHIVE_ROUND,
     ARCHIVE_SETTLE_S,
+    ArchiveSchedule,
     Outcome,
     Reconciling,
     reconcile,
@@ -67,6 +67,7 @@ from fieldchat.device.repair import (
     ChainKey,
     Repairs,
 )
+from fieldchat.device.resend import Resends
 from fieldchat.device.rows import (
     ENVELOPE_ROWS,
     REFUSED,
@@ -79,6 +80,7 @@ from fieldchat.device.rows import (
 )
 from fieldchat.device.sequencer import MAX_CANDIDATES_PER_STEP, Sequencer
 from fieldchat.device.state import DeviceState, StateTransaction
+from fieldchat.device.tail import TAIL_CURSOR, Fetched, HistorySource, TailSchedule, tail_round
 from fieldchat.schemas import (
     Control,
     ControlOp,
@@ -122,45 +124,12 @@ MAX_TOPICS_PARSED = 1_024  # parsed topic names kept (a device sees few distinct
 # The worker reserves a chain's next steps (and fsyncs) once this few are left, so a
 # send rarely finds its window used up and waits for that fsync itself.
 RENEW_WHEN_LEFT = RESERVE_STEPS // 2
-# Tail checks (Device._tail): pages of this many envelopes, at most TAIL_PAGES per
-# conversation a round; rounds wait for TAIL_QUIET_S without inbound messages (a
-# reconnect's queued backlog arrives first) and follow each other TAIL_AGAIN_S apart
-# while the gateway has more, else LinkOptions.history_tail_s apart.
-TAIL_PAGE = 500
-TAIL_PAGES = 4
-TAIL_QUIET_S = 0.5
-TAIL_AGAIN_S = 1.0
-TAIL_CURSOR = "history_after/"  # meta key prefix: the history source's cursor per cid
-MAX_GAPS_FOR_TAIL = 1_024  # expired gaps the next tail round still names the chain below
 # Rosters a chain waits for (PROTOCOL.md §5.2) are fetched from the history source at
 # most this often per conversation: a gateway that lacks them is not asked in a loop.
 ROSTER_FETCH_AGAIN_S = 5.0
 STATUS_ONLINE = b"online"
 STATUS_OFFLINE = b"offline"
 _TICK_S = 0.05
-
-
-class HistorySource(Protocol):
-    """Where missing envelopes are asked for: the gateway's history API
-    (:class:`device.history.GatewayHistory`).
-
-    ``since`` returns one page archived for a conversation after a cursor the device
-    keeps durably, per conversation: the one way the device fetches (tail rounds, gap
-    fills, a join's backfill), so nothing is fetched twice across restarts. The
-    device opens what it gets like live messages: duplicates and forgeries cost
-    nothing. ``from_epoch``: the oldest roster epoch the device holds keys of; a source
-    may skip what was archived before it began (the device could not open it).
-
-    ``rosters`` returns the conversation's archived rosters, oldest epoch first: a
-    roster that does not chain to those the device holds waits for them (PROTOCOL.md
-    §5.2); the engine checks every one, so a wrong answer costs a check, not trust.
-    """
-
-    def since(
-        self, cid: str, after: int, limit: int, *, from_epoch: int = 0
-    ) -> tuple[list[bytes], int, bool]: ...
-
-    def rosters(self, cid: str, *, from_epoch: int = 0) -> list[bytes]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,23 +198,6 @@ class _Stop:
 
 
 @dataclass(frozen=True, slots=True)
-class _Fetched:
-    """What the history thread fetched for ``cid``, opened on the worker.
-
-    ``cursor`` (a meta key and value) is saved once the envelopes are committed, so a
-    crash fetches the page again (deduplicated) rather than skipping it;
-    ``next_tail`` ends a tail round: seconds until the next.
-    """
-
-    cid: str
-    envelopes: list[bytes]
-    cursor: tuple[str, str] | None = None
-    error: str | None = None
-    next_tail: float | None = None
-    rosters: list[bytes] | None = None  # the answer to a roster fetch
-
-
-@dataclass(frozen=True, slots=True)
 class _Archived:
     """What a reconciliation round with the archive found (``more``: it had a full
     round of own envelopes to name: the next comes soon)."""
@@ -254,7 +206,7 @@ class _Archived:
     more: bool
 
 
-_Item = _Up | _Down | _Msg | _Acked | _Refused | _Wake | _Stop | _Fetched | _Archived
+_Item = _Up | _Down | _Msg | _Acked | _Refused | _Wake | _Stop | Fetched | _Archived
 
 
 @dataclass(slots=True)
@@ -288,7 +240,7 @@ class Device:
         KeyStoreError: the state file cannot be opened or is corrupt.
     """
 
-    def __init__(  # noqa: PLR0915 - one statement per attribute
+    def __init__(
         self,
         state: DeviceState | str | os.PathLike[str],
         broker: BrokerOptions | None = None,
@@ -317,10 +269,6 @@ class Device:
         self._tracer = tracing.tracer("device")  # docs/tracing.md; None when off
         self._queue: queue.Queue[_Item] = queue.Queue(MAX_QUEUE)
         self._send_lock = threading.Lock()
-        self._subs_lock = threading.Lock()
-        self._subs: set[str] = set()
-        self._subs_pending: set[str] = set()  # subscribed after the next outbox pump
-        self._refused: dict[str, float] = {}  # topic -> when to subscribe again
         self._changed = threading.Condition()
         self._bundle_seen: set[str] = set()
         self._conn: Connection | None = None
@@ -342,30 +290,16 @@ class Device:
         # Gap requests (PROTOCOL.md §4.1): which steps others asked us for to publish
         # again. Made again in start(): the reorder window is read from the options then.
         self._repairs = Repairs(self.options.reorder_window_s * ASK_FRACTIONS[1])
-        self._resend: tuple[float, float] | None = None  # (due, published before)
-        # (cid, member whose grant arrived) -> when to resend what it has not receipted.
-        self._grant_resends: dict[tuple[str, str], float] = {}
+        self._resends = Resends()  # after a reconnect, after a member's grant
         self._next_housekeeping = 0.0
-        self._next_tail: float | None = None  # the next tail check; None before connecting
-        self._tail_running = False  # a tail round is with the history thread
-        # A round asked for by a gap or a join (since the last one started): it does not
-        # wait for a quiet link, and follows at once a round that was running.
-        self._tail_asked = False
-        # Gaps dropped after gap_timeout_s: the next tail round still names the chain
-        # below them (tail_marks), so the archive sends what they lacked.
-        self._gaps_for_tail: list[Gap] = []
-        self._gap_tail_after = 0.0  # a gap may start a tail round from then on
-        # Reconciling own envelopes with the archive (device.reconcile): the next
-        # round, None when none is planned (without a gateway, never).
-        self._archive_due: float | None = None
-        self._archive_running = False
-        # After a connect the first round waits for the outbox to drain, until this.
-        self._archive_drain_until = 0.0
+        self._tail = TailSchedule()  # asking the history source for its tail
+        # Reconciling own envelopes with the archive (device.reconcile; without a
+        # gateway, never).
+        self._archiving = ArchiveSchedule()
         # History requests (HTTP, seconds on a slow link) run on a thread of their own:
         # the worker goes on sending and showing live messages meanwhile.
         self._history_jobs: queue.Queue[Callable[[], None] | None] = queue.Queue()
         self._history_thread: threading.Thread | None = None
-        self._last_inbound = 0.0  # when the last message batch arrived
         self._fatal: KeyStoreError | None = None
         self._topics_parsed: dict[str, Topic] = {}
         # Checks half of each received batch's signatures beside the worker (the
@@ -380,7 +314,7 @@ class Device:
         self._worker: threading.Thread | None = None
         self._link: Link | None = None
         self._closed = False
-        self._init_subscriptions()
+        self._subs = Subscriptions(self._wanted_topics())
 
     # -- identity ---------------------------------------------------------------------
 
@@ -727,6 +661,16 @@ class Device:
     def gaps(self, cid: str | None = None) -> list[Gap]:
         return self.state.gaps(cid)
 
+    @property
+    def _grant_resends(self) -> dict[tuple[str, str], float]:
+        """Resends planned for members whose grant arrived (tests wait for none)."""
+        return self._resends.grants
+
+    @property
+    def _tail_running(self) -> bool:
+        """Whether a tail round is with the history thread (tests wait for none)."""
+        return self._tail.running
+
     # -- the link handler (paho thread: enqueue only) ----------------------------------
 
     def link_connected(self, conn: Connection, session_present: bool) -> None:
@@ -789,18 +733,17 @@ class Device:
             if isinstance(item, (_Msg, _Acked)):
                 pending.append(item)
                 if isinstance(item, _Msg):
-                    self._last_inbound = self._clock()
+                    self._tail.inbound(self._clock())
             elif isinstance(item, _Refused):
                 # The broker may learn our membership (from the roster) only after our
                 # SUBSCRIBE: try again soon, while we still want the topic.
-                for topic in item.topics:
-                    self._refused[topic] = self._clock() + 1.0
-                    self.counters["subscribe_refused"] += 1
+                self._subs.refused(item.topics, self._clock())
+                self.counters["subscribe_refused"] += len(item.topics)
             elif isinstance(item, (_Up, _Down)):
                 self._commit(pending, batch)
                 pending = []
                 self._control(item, batch)
-            elif isinstance(item, _Fetched):
+            elif isinstance(item, Fetched):
                 self._commit(pending, batch)
                 pending = []
                 self._on_fetched(item)
@@ -856,8 +799,7 @@ class Device:
         if batch.subscribe:
             self._subscribe(sorted(batch.subscribe))
         if batch.unsubscribe:
-            with self._subs_lock:
-                self._subs -= batch.unsubscribe
+            self._subs.remove(batch.unsubscribe)
             current = self._conn
             if current is not None:
                 current.unsubscribe(sorted(batch.unsubscribe))
@@ -906,19 +848,16 @@ class Device:
             # Outbox first (a new conversation's roster), then SUBSCRIBE: a broker that
             # learns membership from rosters then already knows us (same connection,
             # packets processed in order).
-            self._refused.clear()
+            self._subs.forget_refusals()
             self._pump()
-            with self._subs_lock:
-                self._subs_pending.clear()
-                topics = sorted(self._subs)
-            conn.subscribe(topics, no_local=[t for t in topics if t.endswith("/msg")])
+            topics = self._subs.connected()
+            conn.subscribe(topics, no_local=no_local(topics))
             now = self._clock()
             if self._link is not None and self._link.connects > 1:
-                self._resend = (now + self.options.resend_after_s, now)
-            self._next_tail = now  # once the backlog the broker kept has arrived
+                self._resends.reconnected(now, self.options.resend_after_s)
+            self._tail.connected(now)  # once the backlog the broker kept has arrived
             if self._archive is not None:  # once the outbox drained and settled
-                self._archive_due = now + ARCHIVE_SETTLE_S
-                self._archive_drain_until = now + self.options.archive_check_s
+                self._archiving.connected(now, self.options.archive_check_s)
             if not self._retried_at_start:
                 # What a previous run held (a key, a chain end, a far step) is tried once
                 # with this run's state; and chains that wait for rosters are fetched.
@@ -1057,12 +996,8 @@ class Device:
 
     def _episode(self, now: float) -> None:
         """A chain began to lack steps: with a history source, a tail round too."""
-        if self.history is not None and now >= self._gap_tail_after:
-            # At most one round a TAIL_AGAIN_S for gaps: under heavy loss every chain
-            # starts episodes, and one round (a request per conversation) serves them all.
-            self._gap_tail_after = now + TAIL_AGAIN_S
+        if self.history is not None and self._tail.gap_episode(now):
             self.counters["gaps_asked_history"] += 1
-            self._tail_soon()
 
     def _release(self, tx: StateTransaction, batch: _Batch, *, expired: bool = False) -> None:
         """Open held envelopes whose turn came (or, ``expired``, whose wait is over)."""
@@ -1299,9 +1234,8 @@ class Device:
             self._fetch_rosters(exc.cid, exc.have)
             return
         self._queue_publications(tx, pubs, None)
-        for cid, position in self._positions().items():
-            if before.get(cid) != position:
-                self._membership(cid, batch)
+        for cid in changed(before, self._positions()):
+            self._membership(cid, batch)
         batch.retry_held = True
 
     def _positions(self) -> dict[str, tuple[int, bool]]:
@@ -1316,8 +1250,7 @@ class Device:
         except UnknownConversation:
             return
         if self.engine.is_member(cid):
-            batch.subscribe |= {self.topics.roster(cid), self.topics.msg(cid)}
-            batch.subscribe |= {self.topics.bundle(p) for p in roster.pids if p != self.pid}
+            batch.subscribe |= conversation_topics(self.topics, cid, roster.pids, self.pid)
             batch.events.append(Joined(cid, roster.epoch, roster.pids))
             batch.joined = True
         else:
@@ -1344,18 +1277,20 @@ class Device:
             # (GRANT_RESEND_RECEIPTS intervals), so a burst sent while its grant was on
             # the way is not sent twice.
             granter = Grant.from_bytes(payload).granter
-            due = self._clock() + GRANT_RESEND_RECEIPTS * self.options.receipt_interval_s
-            self._grant_resends.setdefault((result.cid, granter), due)
+            self._resends.granted(
+                result.cid, granter, self._clock(), self.options.receipt_interval_s
+            )
 
     def _resend_to_granters(self, now: float) -> None:
         """Publish again what members who granted us their chain have not receipted."""
-        due = [key for key, at in self._grant_resends.items() if at <= now]
-        if not due or self._conn is None:
+        if self._conn is None:
+            return
+        due = self._resends.grants_due(now)
+        if not due:
             return
         resent = 0
         with self.state.transaction() as tx:
             for cid, granter in due:
-                del self._grant_resends[(cid, granter)]
                 if not self.engine.is_member(cid):
                     continue
                 epoch = self.engine.roster(cid).epoch
@@ -1449,14 +1384,9 @@ class Device:
                 self._inflight.published(mid, group)
                 self.counters["frames" if len(group) > 1 else "bare"] += 1
         now = self._clock()
-        with self._subs_lock:
-            due = {t for t, at in self._refused.items() if at <= now and t in self._subs}
-            pending = sorted(self._subs_pending | due)
-            self._subs_pending.clear()
-        for topic in due:
-            del self._refused[topic]
+        pending = self._subs.due(now)
         if pending:
-            conn.subscribe(pending, no_local=[t for t in pending if t.endswith("/msg")])
+            conn.subscribe(pending, no_local=no_local(pending))
 
     def _tick(self) -> None:
         if self.engine.reservations_low(RENEW_WHEN_LEFT):
@@ -1473,13 +1403,11 @@ class Device:
             with self.state.transaction(durable=False, sync_outbox=False):
                 self._flush_receipts()
             self._pump()
-        if self._grant_resends:
+        if self._resends.grants:
             self._resend_to_granters(now)
         if len(self._sequencer.asks) and self._conn is not None:
             self._ask_gaps(now)
-        if self._resend is not None and now >= self._resend[0] and self._conn is not None:
-            _, before = self._resend
-            self._resend = None
+        if self._conn is not None and (before := self._resends.reconnect_due(now)) is not None:
             self._resend_unconfirmed(before)
         if self._sequencer.expired(now):
             batch = _Batch([], [], set(), set())
@@ -1490,20 +1418,9 @@ class Device:
         if now >= self._next_housekeeping:
             self._next_housekeeping = now + min(10.0, self.options.gap_timeout_s)
             self._housekeeping(now)
-        if (
-            self._archive_due is not None
-            and now >= self._archive_due
-            and not self._archive_running
-            and self._conn is not None
-        ):
+        if self._archiving.is_due(now) and self._conn is not None:
             self._start_archive(now)
-        if (
-            self.history is not None
-            and self._next_tail is not None
-            and not self._tail_running
-            and now >= self._next_tail
-            and (self._tail_asked or now - self._last_inbound >= TAIL_QUIET_S)
-        ):
+        if self.history is not None and self._tail.due(now):
             self._start_tail()
 
     def _flush_receipts(self) -> None:
@@ -1600,22 +1517,13 @@ class Device:
             )
             return
         self.counters["gaps_asked"] += 1
-        if len(self._gaps_for_tail) < MAX_GAPS_FOR_TAIL:
-            self._gaps_for_tail.append(gap)
-        self._tail_soon()
+        self._tail.gap_expired(gap, self._clock())
 
     def _backfill(self) -> None:
         """On joining: what the conversation said before our subscription existed (a
         tail round; the new conversation's cursor starts at the archive's start)."""
         if self.history is not None:
-            self._tail_soon()
-
-    def _tail_soon(self) -> None:
-        """A round at once (or right after the one running), busy link or not: the
-        quiet wait is for a reconnect's backlog, which an expired gap is not."""
-        self._tail_asked = True
-        if not self._tail_running:
-            self._next_tail = self._clock()
+            self._tail.soon(self._clock())
 
     def _start_tail(self) -> None:
         """Ask the history source for what it archived after our cursor, per
@@ -1637,63 +1545,27 @@ class Device:
             for cid in self.engine.conversations()
             if self.engine.is_member(cid)
         ]
-        marks = {cid: self._tail_marks(cid, epoch) for cid, _, epoch in cursors}
-        self._gaps_for_tail.clear()
-        self._tail_running = True
-        self._tail_asked = False
-        self._history_job(lambda: self._tail_round(cursors, marks))
+        expired = self._tail.start()
+        marks = {cid: self._tail_marks(cid, epoch, expired) for cid, _, epoch in cursors}
+        history, idle_s = self.history, self.options.history_tail_s
+        assert history is not None
+        self._history_job(
+            lambda: tail_round(history, cursors, marks, self._hand_over, idle_s=idle_s)
+        )
         for cid, have in self.engine.awaiting_rosters().items():  # a failed fetch, again
             self._fetch_rosters(cid, have)
 
-    def _tail_marks(self, cid: str, from_epoch: int) -> list[tuple[int, int, int, int]]:
+    def _tail_marks(
+        self, cid: str, from_epoch: int, expired: list[Gap]
+    ) -> list[tuple[int, int, int, int]]:
         """``have`` for ``cid``'s tail (device.reconcile.tail_marks): what the archive
         need not send, from what was shown, the gaps and our own steps. Empty without
         a source that reconciles (a plain source is asked without it)."""
         if self._archive is None:
             return []
         held = self._sequencer.shown(cid)
-        gaps = [*self.state.gaps(cid), *(g for g in self._gaps_for_tail if g.cid == cid)]
+        gaps = [*self.state.gaps(cid), *(g for g in expired if g.cid == cid)]
         return tail_marks(held, gaps, self.state.own_high(cid), from_epoch=from_epoch)
-
-    def _tail_round(
-        self,
-        cursors: list[tuple[str, int, int]],
-        marks: dict[str, list[tuple[int, int, int, int]]],
-    ) -> None:
-        """On the history thread: up to TAIL_PAGES pages per conversation, each handed
-        to the worker with the cursor to save after it; then when to look again."""
-        history = self.history
-        assert history is not None
-        archive = history if isinstance(history, Reconciling) else None
-        more = False
-        try:
-            for cid, start, from_epoch in cursors:
-                after = start
-                for _ in range(TAIL_PAGES):
-                    try:
-                        if archive is not None and marks.get(cid):
-                            envelopes, after_next, more_here = archive.since(
-                                cid, after, TAIL_PAGE, from_epoch=from_epoch, have=marks[cid]
-                            )
-                        else:
-                            envelopes, after_next, more_here = history.since(
-                                cid, after, TAIL_PAGE, from_epoch=from_epoch
-                            )
-                    except FieldchatError as exc:
-                        self._hand_over(_Fetched(cid, [], error=str(exc)))
-                        more_here = False
-                        break
-                    cursor = (
-                        (f"{TAIL_CURSOR}{cid}", str(after_next)) if after_next != after else None
-                    )
-                    self._hand_over(_Fetched(cid, envelopes, cursor=cursor))
-                    after = after_next
-                    if not more_here:
-                        break
-                more = more or more_here
-        finally:  # whatever a source raised, rounds go on
-            again = TAIL_AGAIN_S if more else self.options.history_tail_s
-            self._hand_over(_Fetched("", [], next_tail=again))
 
     # -- reconciling own envelopes with the archive (device.reconcile) -----------------
 
@@ -1711,17 +1583,15 @@ class Device:
         ``archive_check_s``: a device that never stops sending still checks)."""
         archive = self._archive
         if archive is None:
-            self._archive_due = None
+            self._archiving.stop()
             return
-        if now < self._archive_drain_until and self.state.outbox_count():
-            self._archive_due = now + TAIL_QUIET_S  # what a reconnect queued goes first
+        if not self._archiving.drained(now, lambda: bool(self.state.outbox_count())):
             return
-        self._archive_drain_until = 0.0
         rows = self.state.unarchived(now - ARCHIVE_SETTLE_S, ARCHIVE_ROUND)
         if not rows:  # nothing to confirm: look again later (a local query, no request)
-            self._archive_due = now + self.options.archive_check_s
+            self._archiving.idle(now, self.options.archive_check_s)
             return
-        self._archive_running = True
+        self._archiving.started()
         more = len(rows) >= ARCHIVE_ROUND
 
         def job() -> None:
@@ -1756,9 +1626,12 @@ class Device:
         if outcome.errors:
             self.counters["archive_check_failed"] += 1
             log.info("archive check: %s", "; ".join(outcome.errors[:3]))
-        self._archive_running = False
-        again = ARCHIVE_AGAIN_S if item.more and not outcome.errors else None
-        self._archive_due = self._clock() + (again or self.options.archive_check_s)
+        self._archiving.finished(
+            self._clock(),
+            full=item.more,
+            failed=bool(outcome.errors),
+            check_s=self.options.archive_check_s,
+        )
 
     def _fetch_rosters(self, cid: str, have: int) -> None:
         """Ask the history source for the rosters a chain waits for (on the history
@@ -1774,9 +1647,9 @@ class Device:
             try:
                 rosters = history.rosters(cid, from_epoch=have + 1)
             except FieldchatError as exc:
-                self._hand_over(_Fetched(cid, [], error=str(exc), rosters=[]))
+                self._hand_over(Fetched(cid, [], error=str(exc), rosters=[]))
                 return
-            self._hand_over(_Fetched(cid, [], rosters=rosters))
+            self._hand_over(Fetched(cid, [], rosters=rosters))
 
         self._history_job(job)
 
@@ -1798,7 +1671,7 @@ class Device:
             log.info("rosters of %s fetched; its chain still waits for others", cid)
         self._after(batch)
 
-    def _on_fetched(self, item: _Fetched) -> None:
+    def _on_fetched(self, item: Fetched) -> None:
         """On the worker: open what the history thread fetched, then save its cursor."""
         if item.rosters is not None:
             self._on_fetched_rosters(item.cid, item.rosters)
@@ -1819,8 +1692,7 @@ class Device:
             self.state.set_meta({item.cursor[0]: item.cursor[1]})
         if item.next_tail is not None:
             self.counters["history_tail_rounds"] += 1
-            self._tail_running = False
-            self._next_tail = self._clock() + (0.0 if self._tail_asked else item.next_tail)
+            self._tail.finished(self._clock(), item.next_tail)
 
     def _history_job(self, job: Callable[[], None]) -> None:
         if self._history_thread is None:
@@ -1837,7 +1709,7 @@ class Device:
             except Exception:  # the thread must outlive a bad source
                 log.exception("history job failed")
 
-    def _hand_over(self, item: _Fetched | _Archived) -> None:
+    def _hand_over(self, item: Fetched | _Archived) -> None:
         """Queue for the worker, waiting while its queue is full (never past close)."""
         while not self._closed:
             try:
@@ -1872,34 +1744,29 @@ class Device:
 
     # -- subscriptions ----------------------------------------------------------------
 
-    def _init_subscriptions(self) -> None:
+    def _wanted_topics(self) -> set[str]:
+        """What this device follows at start: its inbox, and per conversation what
+        :func:`~fieldchat.device.membership.conversation_topics` says (only the roster
+        while its chain is pending)."""
         subs = {self.topics.inbox(self.pid)}
         for info in self.conversations():
             if info.epoch < 0:
                 subs.add(self.topics.roster(info.cid))
             elif info.member:
-                subs |= {self.topics.roster(info.cid), self.topics.msg(info.cid)}
-                subs |= {self.topics.bundle(p) for p in info.members if p != self.pid}
-        self._subs = subs
+                subs |= conversation_topics(self.topics, info.cid, info.members, self.pid)
+        return subs
 
     def _follow(self, cid: str) -> None:
         """Subscribe to a conversation we just changed, after its roster is published."""
         roster = self.engine.roster(cid)
-        topics = {self.topics.roster(cid), self.topics.msg(cid)}
-        topics |= {self.topics.bundle(p) for p in roster.pids if p != self.pid}
-        with self._subs_lock:
-            new = topics - self._subs
-            self._subs |= new
-            self._subs_pending |= new
+        self._subs.follow(conversation_topics(self.topics, cid, roster.pids, self.pid))
         self._wake()
 
     def _subscribe(self, topics: Sequence[str]) -> None:
-        with self._subs_lock:
-            new = [t for t in topics if t not in self._subs]
-            self._subs.update(new)
+        new = self._subs.add(topics)
         conn = self._conn
         if new and conn is not None:
-            conn.subscribe(new, no_local=[t for t in new if t.endswith("/msg")])
+            conn.subscribe(new, no_local=no_local(new))
 
     # -- helpers ----------------------------------------------------------------------
 

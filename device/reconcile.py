@@ -17,7 +17,7 @@ applies.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -36,9 +36,11 @@ from fieldchat.schemas.errors import FieldchatError, NotAuthorized, TransportErr
 
 __all__ = [
     "ARCHIVE_AGAIN_S",
+    "ARCHIVE_DRAIN_AGAIN_S",
     "ARCHIVE_ROUND",
     "ARCHIVE_SETTLE_S",
     "TRANSIENT_REFUSALS",
+    "ArchiveSchedule",
     "Outcome",
     "Reconciling",
     "reconcile",
@@ -52,6 +54,8 @@ ARCHIVE_AGAIN_S = 1.0
 # Only envelopes published this long ago are checked: the archiver commits in batches
 # (20 ms by default) and a check a moment after publishing would upload them again.
 ARCHIVE_SETTLE_S = 2.0
+# After a connect the first round waits for the outbox to drain, looking this often.
+ARCHIVE_DRAIN_AGAIN_S = 0.5
 # Upload refusals that may pass later (docs/gateway.md): the roster of the epoch is not
 # archived yet, or a pending store is full. Any other is final: the envelope is marked
 # refused and no longer kept for the archive (logged, counted ``archive_refused``).
@@ -81,6 +85,53 @@ class Reconciling(Protocol):
     def check_archive(self, cid: str, steps: Sequence[tuple[Key, bytes]]) -> Checked: ...
 
     def upload(self, cid: str, envelopes: Sequence[bytes]) -> Uploaded: ...
+
+
+class ArchiveSchedule:
+    """When the next reconciliation round runs (pure: ``now`` comes in).
+
+    After each (re)connect a round follows once the outbox drained (for at most
+    ``archive_check_s``: a device that never stops sending still checks), then every
+    ``archive_check_s`` while own envelopes wait for confirmation, and ARCHIVE_AGAIN_S
+    after a full round. One round at a time.
+    """
+
+    def __init__(self) -> None:
+        self.due: float | None = None  # the next round; None when none is planned
+        self.running = False
+        self._drain_until = 0.0
+
+    def connected(self, now: float, check_s: float) -> None:
+        self.due = now + ARCHIVE_SETTLE_S
+        self._drain_until = now + check_s
+
+    def is_due(self, now: float) -> bool:
+        return self.due is not None and now >= self.due and not self.running
+
+    def drained(self, now: float, outbox_waiting: Callable[[], bool]) -> bool:
+        """Whether a due round may look now: not while a reconnect's outbox drains
+        (``outbox_waiting``, asked only then); it looks again shortly."""
+        if now < self._drain_until and outbox_waiting():
+            self.due = now + ARCHIVE_DRAIN_AGAIN_S  # what a reconnect queued goes first
+            return False
+        self._drain_until = 0.0
+        return True
+
+    def idle(self, now: float, check_s: float) -> None:
+        """Nothing to confirm: look again later (a local query, no request)."""
+        self.due = now + check_s
+
+    def started(self) -> None:
+        self.running = True
+
+    def finished(self, now: float, *, full: bool, failed: bool, check_s: float) -> None:
+        """A round ended: the next soon after a full one that did not fail."""
+        self.running = False
+        self.due = now + (ARCHIVE_AGAIN_S if full and not failed else check_s)
+
+    def stop(self) -> None:
+        """No archive to reconcile with (any more)."""
+        self.due = None
 
 
 @dataclass(slots=True)

@@ -1,0 +1,53 @@
+"""When own messages are published again (docs/device.md, "Delivery model"). Pure:
+``now`` comes in; :class:`fieldchat.device.client.Device` finds and queues the rows.
+
+* After a reconnect, own texts some member has not receipted are published again
+  ``resend_after_s`` later (a broker may acknowledge and then lose: Mosquitto between
+  snapshots, aMQTT in flight); the wait lets the receipts of what did arrive come back
+  first, so those are not sent twice.
+* A member grants its chain only after subscribing: what we sent in that epoch before
+  it was listening is published again once its receipts for what did reach it have had
+  time to come back (``GRANT_RESEND_RECEIPTS`` receipt intervals).
+"""
+
+from __future__ import annotations
+
+__all__ = ["GRANT_RESEND_RECEIPTS", "Resends"]
+
+# A new member's grant: what it has not receipted this many receipt intervals later
+# is published again (it may have subscribed after we sent).
+GRANT_RESEND_RECEIPTS = 3
+
+
+class Resends:
+    """The resends planned: one after the last reconnect, one per granting member."""
+
+    def __init__(self) -> None:
+        self._reconnect: tuple[float, float] | None = None  # (due, published before)
+        # (cid, member whose grant arrived) -> when to resend what it has not receipted.
+        self.grants: dict[tuple[str, str], float] = {}
+
+    def reconnected(self, now: float, after_s: float) -> None:
+        """A reconnect (not the first connect): resend ``after_s`` from now what was
+        published before now and is still unreceipted."""
+        self._reconnect = (now + after_s, now)
+
+    def reconnect_due(self, now: float) -> float | None:
+        """When due: the time before which the messages to resend were published."""
+        if self._reconnect is None or now < self._reconnect[0]:
+            return None
+        _, before = self._reconnect
+        self._reconnect = None
+        return before
+
+    def granted(self, cid: str, granter: str, now: float, receipt_interval_s: float) -> None:
+        """``granter`` granted us its chain in ``cid`` (the first grant plans it)."""
+        due = now + GRANT_RESEND_RECEIPTS * receipt_interval_s
+        self.grants.setdefault((cid, granter), due)
+
+    def grants_due(self, now: float) -> list[tuple[str, str]]:
+        """``(cid, granter)`` whose resend is due, no longer planned."""
+        due = [key for key, at in self.grants.items() if at <= now]
+        for key in due:
+            del self.grants[key]
+        return due
