@@ -22,114 +22,49 @@ then engine).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import queue
 import threading
 import time
-from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from fieldchat.device.chains import RESERVE_STEPS
 from fieldchat.device.config import BrokerOptions, LinkOptions
-from fieldchat.device.engine import BundleStatus, Engine, Opened, Publication
-from fieldchat.device.events import (
-    Connected,
-    Disconnected,
-    Event,
-    GapDetected,
-    Joined,
-    KeyChanged,
-    MessageReceived,
-    ReceiptReceived,
-    Removed,
-)
+from fieldchat.device.context import Shared
+from fieldchat.device.engine import Engine
+from fieldchat.device.events import Event
 from fieldchat.device.link import Connection, Link, Will
-from fieldchat.device.membership import Subscriptions, changed, conversation_topics, no_local
-from fieldchat.device.outbox import Inflight, frame_budget, frames, kind_of
-from fieldchat.device.receipts import ReceiptBook, missing_receipt, receipts
-from fieldchat.device.reconcile import (
-    ARCHIVE_ROUND,
-    ARCHIVE_SETTLE_S,
-    ArchiveSchedule,
-    Outcome,
-    Reconciling,
-    reconcile,
-    tail_marks,
+from fieldchat.device.membership import Subscriptions, conversation_topics
+from fieldchat.device.receipts import ReceiptBook
+from fieldchat.device.rows import Gap, OutboxKind, OutboxRow, ReceivedRow, SentRow
+from fieldchat.device.state import DeviceState
+from fieldchat.device.tail import HistorySource
+from fieldchat.device.worker import (
+    STATUS_OFFLINE,
+    Acked,
+    Arrived,
+    Down,
+    Refused,
+    Up,
+    Worker,
 )
-from fieldchat.device.repair import (
-    ASK_FRACTIONS,
-    MAX_REPAIR_PER_REQUEST,
-    ChainKey,
-    Repairs,
-)
-from fieldchat.device.resend import Resends
-from fieldchat.device.rows import (
-    ENVELOPE_ROWS,
-    REFUSED,
-    Gap,
-    MessageKind,
-    OutboxKind,
-    OutboxRow,
-    ReceivedRow,
-    SentRow,
-)
-from fieldchat.device.sequencer import MAX_CANDIDATES_PER_STEP, Sequencer
-from fieldchat.device.state import DeviceState, StateTransaction
-from fieldchat.device.tail import TAIL_CURSOR, Fetched, HistorySource, TailSchedule, tail_round
-from fieldchat.schemas import (
-    Control,
-    ControlOp,
-    Grant,
-    Policy,
-    Receipt,
-    ReceiptRange,
-    ReceiptType,
-    TextMessage,
-    Topics,
-    tracing,
-)
-from fieldchat.schemas.envelope import EnvelopeKind, read_header
+from fieldchat.schemas import Policy, ReceiptType, TextMessage, Topics
+from fieldchat.schemas.envelope import read_header
 from fieldchat.schemas.errors import (
     ConnectFailed,
     FieldchatError,
     KeyStoreError,
-    MissingKey,
     NotAuthorized,
-    RosterPending,
     TransportError,
     UnknownConversation,
     UnknownParticipant,
-    UnsignedJumpTooFar,
 )
-from fieldchat.schemas.frame import pack_frame, split
-from fieldchat.schemas.roster import is_roster
-from fieldchat.schemas.topics import DEFAULT_PREFIX, Topic, TopicKind
+from fieldchat.schemas.topics import DEFAULT_PREFIX
 
 __all__ = ["ConversationInfo", "Device", "HistorySource", "SentMessage"]
 
 log = logging.getLogger("fieldchat.device")
-
-MAX_QUEUE = 10_000  # inbound packets waiting for the worker; paho's thread blocks past it
-BATCH = 256  # inbound packets per transaction (one fsync)
-MAX_RESEND = 2_000  # own messages published again per reconnect
-# A new member's grant: what it has not receipted this many receipt intervals later
-# is published again (it may have subscribed after we sent).
-GRANT_RESEND_RECEIPTS = 3
-MAX_TOPICS_PARSED = 1_024  # parsed topic names kept (a device sees few distinct ones)
-# The worker reserves a chain's next steps (and fsyncs) once this few are left, so a
-# send rarely finds its window used up and waits for that fsync itself.
-RENEW_WHEN_LEFT = RESERVE_STEPS // 2
-# Rosters a chain waits for (PROTOCOL.md §5.2) are fetched from the history source at
-# most this often per conversation: a gateway that lacks them is not asked in a loop.
-ROSTER_FETCH_AGAIN_S = 5.0
-STATUS_ONLINE = b"online"
-STATUS_OFFLINE = b"offline"
-_TICK_S = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,74 +86,6 @@ class ConversationInfo:
     admins: tuple[str, ...]
     member: bool
     policy: Policy | None
-
-
-@dataclass(frozen=True, slots=True)
-class _Up:
-    conn: Connection
-    session_present: bool
-
-
-@dataclass(frozen=True, slots=True)
-class _Down:
-    conn: Connection
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class _Msg:
-    conn: Connection
-    mid: int
-    topic: str
-    payload: bytes
-    qos: int
-
-
-@dataclass(frozen=True, slots=True)
-class _Acked:
-    conn: Connection
-    mid: int
-    ok: bool
-
-
-@dataclass(frozen=True, slots=True)
-class _Refused:
-    conn: Connection
-    topics: list[str]
-
-
-@dataclass(frozen=True, slots=True)
-class _Wake:
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class _Stop:
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class _Archived:
-    """What a reconciliation round with the archive found (``more``: it had a full
-    round of own envelopes to name: the next comes soon)."""
-
-    outcome: Outcome
-    more: bool
-
-
-_Item = _Up | _Down | _Msg | _Acked | _Refused | _Wake | _Stop | Fetched | _Archived
-
-
-@dataclass(slots=True)
-class _Batch:
-    """Side effects of one worker transaction, applied after it commits."""
-
-    acks: list[tuple[Connection, int]]
-    events: list[Event]
-    subscribe: set[str]
-    unsubscribe: set[str]
-    retry_held: bool = False
-    joined: bool = False  # a conversation joined: its archive comes in a tail round
 
 
 class Device:
@@ -256,65 +123,41 @@ class Device:
         self.state = state if isinstance(state, DeviceState) else DeviceState(Path(state))
         self.power_safe = power_safe
         self.broker = broker or BrokerOptions()
-        self.options = link or LinkOptions()
         self.topics = Topics(prefix)
         self.on_event = on_event
-        self.history = history
         self._clock = clock
         with self.state.transaction():
             self.engine = Engine.open_store(
                 self.state, topics=self.topics, post_quantum=post_quantum
             )
-        self.counters: Counter[str] = Counter()
-        self._tracer = tracing.tracer("device")  # docs/tracing.md; None when off
-        self._queue: queue.Queue[_Item] = queue.Queue(MAX_QUEUE)
-        self._send_lock = threading.Lock()
-        self._changed = threading.Condition()
-        self._bundle_seen: set[str] = set()
-        self._conn: Connection | None = None
-        self._inflight = Inflight()
-        # Each sender's order: what waits for a missing step (device.sequencer).
-        self._sequencer = Sequencer(
-            self.options.reorder_window_s,
-            lambda key: self.engine.next_step(*key),
-            self.state.high_steps(),
+        self._shared = Shared(
+            self.state, self.engine, self.topics, link or LinkOptions(), history, clock
         )
-        self._roster_fetches: dict[str, float] = {}  # cid -> when it may be fetched again
-        self._retried_at_start = False
-        for held in self.state.held(reordering=True):
-            with contextlib.suppress(FieldchatError):
-                _, _, epoch, index, chain, step, _ = read_header(held.payload)
-                key = (held.cid, epoch, index, chain)
-                self._sequencer.restore(key, step, held.id, held.until or 0.0)
+        self.counters = self._shared.counters
+        self._send_lock = threading.Lock()
         self._receipts = ReceiptBook()  # owed, sealed every receipt_interval_s
-        # Gap requests (PROTOCOL.md §4.1): which steps others asked us for to publish
-        # again. Made again in start(): the reorder window is read from the options then.
-        self._repairs = Repairs(self.options.reorder_window_s * ASK_FRACTIONS[1])
-        self._resends = Resends()  # after a reconnect, after a member's grant
-        self._next_housekeeping = 0.0
-        self._tail = TailSchedule()  # asking the history source for its tail
-        # Reconciling own envelopes with the archive (device.reconcile; without a
-        # gateway, never).
-        self._archiving = ArchiveSchedule()
-        # History requests (HTTP, seconds on a slow link) run on a thread of their own:
-        # the worker goes on sending and showing live messages meanwhile.
-        self._history_jobs: queue.Queue[Callable[[], None] | None] = queue.Queue()
-        self._history_thread: threading.Thread | None = None
-        self._fatal: KeyStoreError | None = None
-        self._topics_parsed: dict[str, Topic] = {}
-        # Checks half of each received batch's signatures beside the worker (the
-        # thread starts on first use; see Engine.preverify).
-        self._verifier = ThreadPoolExecutor(1, thread_name_prefix="fieldchat-verify")
-        # PUBACKs of committed batches waiting for the fsync that makes them power-safe:
-        # (state generation to reach, acks). The fsync runs on its own thread so the
-        # worker opens and shows the next messages meanwhile (see _send_acks).
-        self._unacked: deque[tuple[int, list[tuple[Connection, int]]]] = deque()
-        self._syncer = ThreadPoolExecutor(1, thread_name_prefix="fieldchat-sync")
-        self._syncing: Future[None] | None = None
-        self._worker: threading.Thread | None = None
+        self._subs = Subscriptions(self._wanted_topics())
+        self._worker = Worker(self._shared, self._receipts, self._subs, self._emit)
         self._link: Link | None = None
         self._closed = False
-        self._subs = Subscriptions(self._wanted_topics())
+
+    @property
+    def options(self) -> LinkOptions:
+        """Timing, batching and low-bandwidth tuning (may be replaced before start)."""
+        return self._shared.options
+
+    @options.setter
+    def options(self, options: LinkOptions) -> None:
+        self._shared.options = options
+
+    @property
+    def history(self) -> HistorySource | None:
+        """Where missing envelopes are asked for (may be set before start)."""
+        return self._shared.history
+
+    @history.setter
+    def history(self, history: HistorySource | None) -> None:
+        self._shared.history = history
 
     # -- identity ---------------------------------------------------------------------
 
@@ -343,16 +186,10 @@ class Device:
         Raises:
             ConfigError: another process is using the same state file.
         """
-        if self._worker is not None:
+        if self._worker.started:
             return self
         self.state.lock()
         self.state.checkpoint_in_background()
-        self._repairs = Repairs(self.options.reorder_window_s * ASK_FRACTIONS[1])
-        now = self._clock()
-        # What a previous run held is asked for at once.
-        for key in self._sequencer.restart(self.options.reorder_window_s):
-            self._lacking(key, now)
-        self._worker = threading.Thread(target=self._work, name="fieldchat-device", daemon=True)
         self._worker.start()
         protocol = self.state.get_meta("protocol") if self.broker.protocol == "auto" else None
         self._link = Link(
@@ -367,6 +204,7 @@ class Device:
         self._link.farewell = lambda conn: conn.publish_status(
             self.topics.status(self.pid), STATUS_OFFLINE
         )
+        self._worker.link = self._link
         self._link.start()
         return self
 
@@ -377,16 +215,10 @@ class Device:
         self._closed = True
         if self._link is not None:
             self._link.stop()
-        if self._worker is not None:
-            self._queue.put(_Stop())
-            self._worker.join(10)
-            self._worker = None
-        self._history_jobs.put(None)  # its thread is a daemon: a request in flight is dropped
-        self._verifier.shutdown()
-        self._syncer.shutdown()
+        self._worker.stop()
         try:
             with self.state.transaction():
-                self._flush_receipts()
+                self._worker.outbound.flush_receipts()
                 self.engine.flush()
             # The next start resumes at the first unused step: no jump for receivers.
             self.engine.park()
@@ -400,6 +232,11 @@ class Device:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    @property
+    def _conn(self) -> Connection | None:
+        """The connection the worker publishes on (``None`` while down)."""
+        return self._worker.outbound.conn
 
     @property
     def connected(self) -> bool:
@@ -418,7 +255,7 @@ class Device:
             ConnectFailed: not connected within ``timeout`` (the last reason).
         """
         end = time.monotonic() + timeout
-        with self._changed:
+        with self._worker.changed:
             while self._conn is None:
                 error = self._link.last_error if self._link else None
                 if isinstance(error, NotAuthorized):
@@ -429,29 +266,29 @@ class Device:
                         raise type(error)(str(error))
                     where = ", ".join(f"{h}:{p}" for h, p in self.broker.addresses)
                     raise ConnectFailed(f"no connection to {where} in {timeout:g} s")
-                self._changed.wait(min(left, 0.1))
+                self._worker.changed.wait(min(left, 0.1))
         self._raise_fatal()
 
     def wait_drained(self, timeout: float = 10.0) -> bool:
         """Wait until the broker acknowledged the whole outbox; whether it did."""
         end = time.monotonic() + timeout
-        with self._changed:
+        with self._worker.changed:
             while self.state.outbox_count():
                 left = end - time.monotonic()
                 if left <= 0:
                     return False
-                self._changed.wait(min(left, 0.1))
+                self._worker.changed.wait(min(left, 0.1))
         return True
 
     def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
         """Wait until ``predicate()`` holds (checked whenever the worker made progress)."""
         end = time.monotonic() + timeout
-        with self._changed:
+        with self._worker.changed:
             while not predicate():
                 left = end - time.monotonic()
                 if left <= 0:
                     return False
-                self._changed.wait(min(left, 0.1))
+                self._worker.changed.wait(min(left, 0.1))
         return True
 
     # -- sending ----------------------------------------------------------------------
@@ -503,7 +340,7 @@ class Device:
             try:
                 self.state.sync()
             except KeyStoreError as exc:
-                self._fatal = exc  # the worker publishes nothing it cannot sync either
+                self._worker.fatal = exc  # the worker publishes nothing it cannot sync either
                 raise
         return out
 
@@ -550,7 +387,7 @@ class Device:
         self.fetch_bundles(members, timeout)
         with self.state.transaction() as tx:
             cid, pubs = self.engine.create_conversation(members, policy=policy)
-            self._queue_publications(tx, pubs, cid)
+            self._worker.outbound.queue_publications(tx, pubs, cid)
         self._follow(cid)
         return cid
 
@@ -564,7 +401,7 @@ class Device:
         self.engine.roster(cid)
         self.fetch_bundles(pids, timeout)
         with self.state.transaction() as tx:
-            self._queue_publications(tx, self.engine.add_members(cid, pids), cid)
+            self._worker.outbound.queue_publications(tx, self.engine.add_members(cid, pids), cid)
         self._follow(cid)
 
     def remove(self, cid: str, pids: Sequence[str]) -> None:
@@ -574,13 +411,13 @@ class Device:
             UnknownConversation, NotAMember: no such conversation, or we are no admin.
         """
         with self.state.transaction() as tx:
-            self._queue_publications(tx, self.engine.remove_members(cid, pids), cid)
+            self._worker.outbound.queue_publications(tx, self.engine.remove_members(cid, pids), cid)
         self._wake()
 
     def set_policy(self, cid: str, policy: Policy) -> None:
         """Change the conversation's policy (admins only, a new epoch)."""
         with self.state.transaction() as tx:
-            self._queue_publications(tx, self.engine.set_policy(cid, policy), cid)
+            self._worker.outbound.queue_publications(tx, self.engine.set_policy(cid, policy), cid)
         self._wake()
 
     def leave(self, cid: str) -> None:
@@ -595,9 +432,9 @@ class Device:
         with self.state.transaction() as tx:
             if roster.is_admin(self.pid) and len(roster.pids) > 1:
                 pubs = self.engine.remove_members(cid, [self.pid])
-                self._queue_publications(tx, pubs, cid)
+                self._worker.outbound.queue_publications(tx, pubs, cid)
             else:
-                self._queue_own(tx, cid, self.engine.leave(cid), OutboxKind.MSG)
+                self._worker.outbound.queue_own(tx, cid, self.engine.leave(cid), OutboxKind.MSG)
         self._wake()
 
     def conversations(self) -> list[ConversationInfo]:
@@ -664,1083 +501,35 @@ class Device:
     @property
     def _grant_resends(self) -> dict[tuple[str, str], float]:
         """Resends planned for members whose grant arrived (tests wait for none)."""
-        return self._resends.grants
+        return self._worker.outbound.resends.grants
 
     @property
     def _tail_running(self) -> bool:
         """Whether a tail round is with the history thread (tests wait for none)."""
-        return self._tail.running
+        return self._worker.rounds.tail.running
 
     # -- the link handler (paho thread: enqueue only) ----------------------------------
 
     def link_connected(self, conn: Connection, session_present: bool) -> None:
-        self._queue.put(_Up(conn, session_present))
+        self._worker.put(Up(conn, session_present))
 
     def link_message(
         self, conn: Connection, mid: int, topic: str, payload: bytes, qos: int
     ) -> None:
-        self._queue.put(_Msg(conn, mid, topic, payload, qos))
+        self._worker.put(Arrived(conn, mid, topic, payload, qos))
 
     def link_published(self, conn: Connection, mid: int, ok: bool) -> None:
-        self._queue.put(_Acked(conn, mid, ok))
+        self._worker.put(Acked(conn, mid, ok))
 
     def link_disconnected(self, conn: Connection, reason: str) -> None:
-        self._queue.put(_Down(conn, reason))
+        self._worker.put(Down(conn, reason))
 
     def link_refused(self, conn: Connection, topics: list[str]) -> None:
-        self._queue.put(_Refused(conn, topics))
+        self._worker.put(Refused(conn, topics))
 
     def link_failed(self, error: TransportError) -> None:  # noqa: ARG002 - read via the link
-        with self._changed:
-            self._changed.notify_all()
-
-    # -- the worker -------------------------------------------------------------------
-
-    def _work(self) -> None:
-        while True:
-            items: list[_Item] = []
-            with contextlib.suppress(queue.Empty):
-                items.append(self._queue.get(timeout=_TICK_S))
-            while items and len(items) < BATCH:
-                try:
-                    items.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            stop = any(isinstance(item, _Stop) for item in items)
-            try:
-                self._process(items)
-                self._send_acks()
-                if not stop:
-                    self._pump()
-                    self._tick()
-            except KeyStoreError as exc:
-                log.critical("state file failure, the device stops: %s", exc)
-                self._fatal = exc
-                if self._link is not None:
-                    threading.Thread(target=self._link.stop, daemon=True).start()
-                stop = True
-            except Exception:  # the worker must not die with the device still open
-                log.exception("device worker error")
-            with self._changed:
-                self._changed.notify_all()
-            if stop:
-                return
-
-    def _process(self, items: list[_Item]) -> None:
-        batch = _Batch([], [], set(), set())
-        pending: list[_Msg | _Acked] = []
-        for item in items:
-            if isinstance(item, (_Msg, _Acked)):
-                pending.append(item)
-                if isinstance(item, _Msg):
-                    self._tail.inbound(self._clock())
-            elif isinstance(item, _Refused):
-                # The broker may learn our membership (from the roster) only after our
-                # SUBSCRIBE: try again soon, while we still want the topic.
-                self._subs.refused(item.topics, self._clock())
-                self.counters["subscribe_refused"] += len(item.topics)
-            elif isinstance(item, (_Up, _Down)):
-                self._commit(pending, batch)
-                pending = []
-                self._control(item, batch)
-            elif isinstance(item, Fetched):
-                self._commit(pending, batch)
-                pending = []
-                self._on_fetched(item)
-            elif isinstance(item, _Archived):
-                self._on_archived(item)
-        self._commit(pending, batch)
-        self._after(batch)
-
-    def _commit(self, items: list[_Msg | _Acked], batch: _Batch) -> None:
-        if not items:
-            return
-        envelopes = []
-        for item in items:
-            if isinstance(item, _Msg):
-                parsed = self._parse(item.topic)
-                if parsed is not None and parsed.kind is TopicKind.MSG and parsed.cid:
-                    with contextlib.suppress(FieldchatError):  # counted by _on_message
-                        envelopes += [(parsed.cid, e) for e in split(item.payload)]
-        if len(envelopes) > 1:
-            self.engine.preverify(envelopes, self._verifier)
-        acked: list[int] = []
-        # No fsync here: the batch is shown once committed (a process crash keeps it)
-        # and made power-safe by one sync() before its PUBACKs leave (_after).
-        with self.state.transaction(durable=False) as tx:
-            for item in items:
-                if isinstance(item, _Msg):
-                    self._on_message(tx, item.topic, item.payload, batch)
-                    if item.qos:
-                        batch.acks.append((item.conn, item.mid))
-                    continue
-                if item.conn is not self._conn:
-                    continue
-                seqs = self._inflight.acknowledged(item.mid)
-                if seqs is None:
-                    continue
-                if not item.ok:
-                    self.counters["refused_by_broker"] += len(seqs)
-                    log.warning("the broker refused outbox messages %s; dropped", list(seqs))
-                acked += seqs
-            if acked:
-                tx.acknowledged(acked, self._clock())
-            self.engine.flush()
-
-    def _after(self, batch: _Batch) -> None:
-        # Shown once committed: a restarted process finds them stored and drops the
-        # broker's redelivery, so each is shown once.
-        for event in batch.events:
-            self._emit(event)
-        # Acknowledged only once durable: after a power cut the broker still has them.
-        if batch.acks:
-            self._unacked.append((self.state.generation, batch.acks))
-            self._send_acks()
-        if batch.subscribe:
-            self._subscribe(sorted(batch.subscribe))
-        if batch.unsubscribe:
-            self._subs.remove(batch.unsubscribe)
-            current = self._conn
-            if current is not None:
-                current.unsubscribe(sorted(batch.unsubscribe))
-        if batch.retry_held:
-            self._retry_held()
-        if batch.joined:
-            self._backfill()
-
-    def _send_acks(self) -> None:
-        """PUBACK, in order, what an fsync has made power-safe; start one for the rest.
-
-        One fsync at a time covers every batch committed before it started (group
-        commit), and the worker does not wait for it: under a busy disk a slow fsync
-        delays PUBACKs, not the next messages on screen.
-
-        Raises:
-            KeyStoreError: a background fsync failed (the device stops).
-        """
-        if self._fatal is not None:
-            raise self._fatal
-        synced = self.state.synced_generation
-        while self._unacked and self._unacked[0][0] <= synced:
-            _, acks = self._unacked.popleft()
-            for conn, mid in acks:
-                if conn.connected:
-                    conn.ack(mid)
-        if self._unacked and (self._syncing is None or self._syncing.done()):
-            self._syncing = self._syncer.submit(self._sync_for_acks)
-
-    def _sync_for_acks(self) -> None:
-        try:
-            self.state.sync()
-        except KeyStoreError as exc:
-            self._fatal = exc  # raised on the worker by _send_acks
-        self._wake()
-
-    def _control(self, item: _Up | _Down, batch: _Batch) -> None:
-        conn = item.conn
-        if isinstance(item, _Up):
-            self._conn = conn
-            self._inflight.reset()
-            conn.publish(
-                self.topics.bundle(self.pid), self.engine.identity.bundle.to_bytes(), retain=True
-            )
-            conn.publish_status(self.topics.status(self.pid), STATUS_ONLINE)
-            # Outbox first (a new conversation's roster), then SUBSCRIBE: a broker that
-            # learns membership from rosters then already knows us (same connection,
-            # packets processed in order).
-            self._subs.forget_refusals()
-            self._pump()
-            topics = self._subs.connected()
-            conn.subscribe(topics, no_local=no_local(topics))
-            now = self._clock()
-            if self._link is not None and self._link.connects > 1:
-                self._resends.reconnected(now, self.options.resend_after_s)
-            self._tail.connected(now)  # once the backlog the broker kept has arrived
-            if self._archive is not None:  # once the outbox drained and settled
-                self._archiving.connected(now, self.options.archive_check_s)
-            if not self._retried_at_start:
-                # What a previous run held (a key, a chain end, a far step) is tried once
-                # with this run's state; and chains that wait for rosters are fetched.
-                self._retried_at_start = True
-                batch.retry_held = True
-                for cid, have in self.engine.awaiting_rosters().items():
-                    self._fetch_rosters(cid, have)
-            self.counters["connects"] += 1
-            batch.events.append(Connected(conn.protocol, item.session_present))
-            log.info(
-                "connected (MQTT %s, session %s)",
-                conn.protocol,
-                "resumed" if item.session_present else "new",
-            )
-        elif conn is self._conn:
-            self._conn = None
-            self._inflight.reset()
-            batch.events.append(Disconnected(item.reason))
-            log.info("disconnected: %s", item.reason)
-
-    # -- inbound ----------------------------------------------------------------------
-
-    def _parse(self, topic: str) -> Topic | None:
-        """The parsed topic name (cached: the same few names carry every message)."""
-        parsed = self._topics_parsed.get(topic)
-        if parsed is None:
-            try:
-                parsed = self.topics.parse(topic)
-            except FieldchatError:
-                return None
-            if len(self._topics_parsed) >= MAX_TOPICS_PARSED:
-                self._topics_parsed.clear()
-            self._topics_parsed[topic] = parsed
-        return parsed
-
-    def _on_message(self, tx: StateTransaction, topic: str, payload: bytes, batch: _Batch) -> None:
-        parsed = self._parse(topic)
-        if parsed is None:
-            self.counters["foreign_topic"] += 1
-            return
-        try:
-            if parsed.kind is TopicKind.MSG:
-                assert parsed.cid is not None
-                for envelope in split(payload):  # a frame's envelopes each stand alone
-                    try:
-                        self._open(tx, parsed.cid, envelope, batch)
-                    except KeyStoreError:
-                        raise
-                    except FieldchatError as exc:
-                        self.counters[f"rejected_{exc.reason}"] += 1
-                        log.debug("rejected an envelope on %s: %s", topic, exc)
-            elif parsed.kind is TopicKind.ROSTER:
-                self._on_roster(tx, payload, batch)
-            elif parsed.kind is TopicKind.INBOX and is_roster(payload):
-                self._on_roster(tx, payload, batch)  # an inviting admin's earlier rosters
-            elif parsed.kind is TopicKind.INBOX:
-                self._on_grant(tx, payload, batch)
-            elif parsed.kind is TopicKind.BUNDLE:
-                self._on_bundle(tx, payload, batch)
-        except KeyStoreError:
-            raise
-        except FieldchatError as exc:
-            self.counters[f"rejected_{exc.reason}"] += 1
-            log.debug("rejected %s: %s", topic, exc)
-
-    def _open(
-        self,
-        tx: StateTransaction,
-        cid: str,
-        payload: bytes,
-        batch: _Batch,
-        *,
-        in_order: bool = True,
-    ) -> bool:
-        """Open and store an envelope, then any held ones it lets through, in step order.
-
-        With ``in_order``, an envelope more than one step ahead of its sender's chain is
-        held (up to ``reorder_window_s``) for the missing steps to arrive first: brokers
-        may reorder a redelivered backlog, and the screen keeps each sender's order.
-        False when it must wait for a key.
-        """
-        if in_order:
-            try:
-                _, _, epoch, index, chain, step, _ = read_header(payload)
-            except FieldchatError:
-                pass  # the engine rejects and counts it below
-            else:
-                key = (cid, epoch, index, chain)
-                if self._sequencer.must_wait(key, step):
-                    return self._wait(tx, cid, key, step, payload)
-        done = self._open_one(tx, cid, payload, batch)
-        self._release(tx, batch)
-        return done
-
-    def _wait(
-        self,
-        tx: StateTransaction,
-        cid: str,
-        key: ChainKey,
-        step: int,
-        payload: bytes,
-    ) -> bool:
-        """Hold an envelope that overtook a missing step, if it may be genuine.
-
-        What fails to authenticate now is refused at once (counted ``rejected_auth``),
-        so junk for a step cannot take the place of the envelope that comes later; a
-        byte-identical copy of one waiting is a duplicate; other candidates wait side
-        by side (at most MAX_CANDIDATES_PER_STEP), released together in their turn.
-        """
-        waiting = self._sequencer.candidates(key, step)
-        if waiting:
-            held = [self.state.held_payload(row) for row in waiting]
-            if bytes(payload) in held:
-                self._duplicate(cid, payload)
-                return True
-            if len(waiting) >= MAX_CANDIDATES_PER_STEP:
-                self.counters["candidates_dropped"] += 1
-                return True
-        if self.engine.authentic(cid, payload) is False:
-            self.counters["rejected_auth"] += 1
-            return True
-        now = self._clock()
-        until = now + self.options.reorder_window_s
-        row, dropped = tx.hold(cid, payload, until)
-        self._dropped(dropped)
-        if self._sequencer.wait(key, step, row, until, now):
-            self._episode(now)
-        return True
-
-    def _lacking(self, key: ChainKey, now: float) -> None:
-        """``key`` may hold envelopes behind missing steps: ask its sender for them at
-        once (a MISSING receipt, on the next tick) and, with a history source, the
-        archive too (a tail round)."""
-        if self._sequencer.lacking(key, now):
-            self._episode(now)
-
-    def _episode(self, now: float) -> None:
-        """A chain began to lack steps: with a history source, a tail round too."""
-        if self.history is not None and self._tail.gap_episode(now):
-            self.counters["gaps_asked_history"] += 1
-
-    def _release(self, tx: StateTransaction, batch: _Batch, *, expired: bool = False) -> None:
-        """Open held envelopes whose turn came (or, ``expired``, whose wait is over)."""
-        now = self._clock()
-        progress = True
-        while progress:
-            progress = False
-            for key, rows in self._sequencer.release(now, expired=expired):
-                for row in rows:
-                    payload = tx.take_held(row)
-                    if payload is not None:
-                        self._open_counted(tx, key[0], payload, batch)
-                progress = True
-            if self._sequencer.advanced and self._reach(tx, batch):
-                progress = True
-
-    def _open_counted(self, tx: StateTransaction, cid: str, payload: bytes, batch: _Batch) -> None:
-        """Open a held envelope; a refusal is counted (``rejected_<reason>``)."""
-        try:
-            self._open_one(tx, cid, payload, batch)
-        except KeyStoreError:
-            raise
-        except FieldchatError as exc:
-            self.counters[f"rejected_{exc.reason}"] += 1
-
-    def _reach(self, tx: StateTransaction, batch: _Batch) -> bool:
-        """Try the held far-ahead envelopes of the chains that moved, once each comes
-        within the engine's reach (an honest sender far ahead is reached a few hundred
-        steps per envelope it sends; junk beyond reach is never tried again); whether
-        any was tried."""
-        tried = False
-        for key, rows in self._sequencer.reachable(lambda key: self.engine.reach(*key)):
-            for row in rows:
-                payload = tx.take_held(row)
-                if payload is not None:
-                    self._open_counted(tx, key[0], payload, batch)
-                    tried = True
-        return tried
-
-    def _duplicate(self, cid: str, payload: bytes) -> None:
-        """A text seen before came again: its sender may have missed our receipt (a
-        broker lost it), so it is receipted again in the next batch."""
-        self.counters["duplicate"] += 1
-        try:
-            kind, _, epoch, index, chain, step, _ = read_header(payload)
-        except FieldchatError:
-            return
-        if kind is EnvelopeKind.TEXT and self.engine.is_member(cid):
-            with contextlib.suppress(FieldchatError):
-                if self.engine.roster(cid).member_at(index).pid == self.pid:
-                    return  # our own echo
-            self._receipts.add(cid, ReceiptType.DELIVERED, [(epoch, index, chain, step)])
-
-    def _dropped(self, count: int) -> None:
-        if count:
-            self.counters["held_dropped"] += count
-            log.warning("held-envelope limit reached: %d oldest dropped", count)
-
-    def _open_one(self, tx: StateTransaction, cid: str, payload: bytes, batch: _Batch) -> bool:
-        try:
-            opened = self.engine.open(cid, payload)
-        except UnsignedJumpTooFar:
-            # Held until the chain, or the keys the engine derived towards it, come
-            # within reach (PROTOCOL.md §6.4); each try extended them.
-            held, dropped = tx.hold(cid, payload)
-            self._dropped(dropped)
-            _, _, epoch, index, chain_no, step, _ = read_header(payload)
-            self._sequencer.hold_unreached((cid, epoch, index, chain_no), step, held)
-            return False
-        except MissingKey:
-            _, dropped = tx.hold(cid, payload)
-            self._dropped(dropped)
-            return False
-        if opened is None:
-            self._duplicate(cid, payload)
-            return True
-        # The chain moved: held far-ahead steps may be in reach now.
-        self._sequencer.moved((cid, opened.epoch, opened.sender_index, opened.chain))
-        message = opened.message
-        text = message.text if isinstance(message, TextMessage) else None
-        sent_at = message.sent_at if isinstance(message, TextMessage) else None
-        row = tx.add_received(
-            cid,
-            opened.epoch,
-            opened.sender_index,
-            opened.chain,
-            opened.step,
-            opened.sender,
-            _kind(message),
-            sent_at,
-            text,
-        )
-        if row is None:
-            self._duplicate(cid, payload)
-            return True
-        late = self._sequence(tx, opened, batch)
-        if isinstance(message, TextMessage):
-            self.counters["received"] += 1
-            key = (opened.epoch, opened.sender_index, opened.chain, opened.step)
-            self._receipts.add(cid, ReceiptType.DELIVERED, [key])
-            batch.events.append(
-                MessageReceived(
-                    row,
-                    cid,
-                    opened.sender,
-                    message.text,
-                    message.sent_at,
-                    opened.epoch,
-                    opened.sender_index,
-                    opened.chain,
-                    opened.step,
-                    opened.signed,
-                    late,
-                )
-            )
-        elif isinstance(message, Receipt):
-            self._on_receipt(tx, opened, message, batch)
-        elif isinstance(message, Control) and message.op is ControlOp.LEAVE:
-            self._on_leave(tx, opened)
-        return True
-
-    def _sequence(self, tx: StateTransaction, opened: Opened, batch: _Batch) -> bool:
-        """Per-sender sequence: record gaps, fill them; whether this one was late."""
-        key = (opened.cid, opened.epoch, opened.sender_index, opened.chain)
-        step = opened.step
-        where = self._sequencer.record(key, step)
-        if where.gap is not None:
-            gap = Gap(
-                opened.cid,
-                opened.epoch,
-                opened.sender_index,
-                opened.chain,
-                *where.gap,
-                opened.sender,
-                self._clock(),
-            )
-            tx.add_gap(gap)
-            self.counters["gaps"] += 1
-            # Shown past the missing steps: they did not come within the reorder window
-            # (the sender did not answer our asks, the archive lacked them). If they
-            # come later they are shown late, out of this sender's order.
-            self.counters["reorder_gave_up"] += 1
-            log.warning(
-                "gave up waiting for steps %d..%d of %s in %s after %g s (reorder_window_s, "
-                "%d asks): later messages shown, these will show late if they come",
-                gap.first,
-                gap.last,
-                gap.sender,
-                gap.cid,
-                self.options.reorder_window_s,
-                self._sequencer.asks.asks(key),
-            )
-            batch.events.append(
-                GapDetected(gap.cid, gap.sender, gap.epoch, gap.chain, gap.first, gap.last)
-            )
-            return False
-        if not where.late:
-            return False
-        tx.fill_gap(opened.cid, opened.epoch, opened.sender_index, opened.chain, step)
-        self.counters["late"] += 1
-        return True
-
-    def _on_receipt(
-        self, tx: StateTransaction, opened: Opened, receipt: Receipt, batch: _Batch
-    ) -> None:
-        if receipt.type is ReceiptType.MISSING:
-            self._on_missing(tx, opened, receipt)
-            return
-        steps = 0
-        mine: dict[tuple[int, int], bool] = {}
-        for r in receipt.ranges:
-            key = (r.epoch, r.sender)
-            if key not in mine:
-                mine[key] = self.state.was_sender(opened.cid, r.epoch, r.sender)
-            if not mine[key]:
-                continue  # a receipt for another member's messages
-            tx.add_receipt(
-                opened.cid,
-                opened.sender,
-                int(receipt.type),
-                r.epoch,
-                r.chain,
-                r.first,
-                r.last,
-            )
-            steps += r.last - r.first + 1
-        if steps:
-            batch.events.append(
-                ReceiptReceived(opened.cid, opened.sender, receipt.type.name.lower(), steps)
-            )
-
-    def _on_missing(self, tx: StateTransaction, opened: Opened, receipt: Receipt) -> None:
-        """A member lacks steps (a gap request, PROTOCOL.md §4.1): publish again at
-        once those of ours we still keep, within the bounds of :class:`Repairs`."""
-        self.counters["gap_requests_received"] += 1
-        found: list[tuple[tuple[str, int, int, int, int], str, bytes]] = []
-        for r in receipt.ranges:  # only our own envelopes are kept: others' steps find none
-            left = MAX_REPAIR_PER_REQUEST - len(found)
-            if left <= 0:
-                break
-            for step, topic, payload in self.state.own_envelopes(
-                opened.cid, (r.epoch, r.sender, r.chain), r.first, r.last, left
-            ):
-                found.append(((opened.cid, r.epoch, r.sender, r.chain, step), topic, payload))
-        if not found:
-            return
-        allowed = set(self._repairs.allow([key for key, _, _ in found], self._clock()))
-        again = [(key, topic, payload) for key, topic, payload in found if key in allowed]
-        for key, topic, payload in again:
-            tx.add_outbox(topic, payload, cid=key[0], what=OutboxKind.MSG)
-        self.counters["repaired"] += len(again)
-        if again:
-            log.info("published %d envelopes again that %s lacked", len(again), opened.sender)
-
-    def _on_leave(self, tx: StateTransaction, opened: Opened) -> None:
-        roster = self.engine.roster(opened.cid)
-        if opened.sender not in roster.pids:
-            return
-        acting = [m.pid for m in roster.members if m.admin and m.pid != opened.sender]
-        if acting and acting[0] == self.pid:
-            pubs = self.engine.remove_members(opened.cid, [opened.sender])
-            self._queue_publications(tx, pubs, opened.cid)
-
-    def _on_roster(self, tx: StateTransaction, payload: bytes, batch: _Batch) -> None:
-        before = self._positions()
-        try:
-            pubs = self.engine.handle_roster(payload)
-        except RosterPending as exc:
-            # Trusted for nothing until its chain is verified (PROTOCOL.md §5.2): the
-            # missing rosters come from the gateway, the inviting admin (inbox) or the
-            # retained roster; nothing is granted meanwhile.
-            self.counters["roster_pending"] += 1
-            batch.subscribe.add(self.topics.roster(exc.cid))
-            self._fetch_rosters(exc.cid, exc.have)
-            return
-        self._queue_publications(tx, pubs, None)
-        for cid in changed(before, self._positions()):
-            self._membership(cid, batch)
-        batch.retry_held = True
-
-    def _positions(self) -> dict[str, tuple[int, bool]]:
-        out = {}
-        for info in self.conversations():
-            out[info.cid] = (info.epoch, info.member)
-        return out
-
-    def _membership(self, cid: str, batch: _Batch) -> None:
-        try:
-            roster = self.engine.roster(cid)
-        except UnknownConversation:
-            return
-        if self.engine.is_member(cid):
-            batch.subscribe |= conversation_topics(self.topics, cid, roster.pids, self.pid)
-            batch.events.append(Joined(cid, roster.epoch, roster.pids))
-            batch.joined = True
-        else:
-            batch.unsubscribe.add(self.topics.msg(cid))
-            batch.events.append(Removed(cid, roster.epoch))
-
-    def _on_grant(
-        self,
-        tx: StateTransaction,  # noqa: ARG002 - the inbound handlers share one signature
-        payload: bytes,
-        batch: _Batch,
-    ) -> None:
-        result = self.engine.handle_grant(payload)
-        if result.needs_roster:
-            batch.subscribe.add(self.topics.roster(result.cid))
-        if result.ends:
-            batch.retry_held = True  # envelopes that waited for these chain ends
-        if result.installed:
-            batch.retry_held = True
-            # A member grants its chain only after subscribing to the conversation (its
-            # SUBSCRIBE precedes its grants on one connection, so the broker has it):
-            # what we sent in this epoch before it was listening is published again —
-            # once its receipts for what did reach it have had time to come back
-            # (GRANT_RESEND_RECEIPTS intervals), so a burst sent while its grant was on
-            # the way is not sent twice.
-            granter = Grant.from_bytes(payload).granter
-            self._resends.granted(
-                result.cid, granter, self._clock(), self.options.receipt_interval_s
-            )
-
-    def _resend_to_granters(self, now: float) -> None:
-        """Publish again what members who granted us their chain have not receipted."""
-        if self._conn is None:
-            return
-        due = self._resends.grants_due(now)
-        if not due:
-            return
-        resent = 0
-        with self.state.transaction() as tx:
-            for cid, granter in due:
-                if not self.engine.is_member(cid):
-                    continue
-                epoch = self.engine.roster(cid).epoch
-                for topic, envelope in self.state.unreceipted(cid, epoch, granter, MAX_RESEND):
-                    tx.add_outbox(topic, envelope, cid=cid, what=OutboxKind.MSG)
-                    resent += 1
-        self.counters["resent"] += resent
-        if resent:
-            self._pump()
-
-    def _on_bundle(self, tx: StateTransaction, payload: bytes, batch: _Batch) -> None:
-        update = self.engine.learn_bundle(payload)
-        if update.status is BundleStatus.KEY_CHANGED:
-            self.counters["key_changed"] += 1
-            log.warning(
-                "KEY CHANGED for %s: was %s, now %s — verify with `fieldchat device verify %s`",
-                update.pid,
-                update.previous_fingerprint,
-                update.fingerprint,
-                update.pid,
-            )
-            batch.events.append(
-                KeyChanged(update.pid, update.previous_fingerprint, update.fingerprint)
-            )
-        if update.status in (BundleStatus.NEW, BundleStatus.KEY_CHANGED, BundleStatus.UPDATED):
-            self._queue_publications(tx, self.engine.pay_owed_grants(), None)
-
-    def _retry_held(self) -> None:
-        unreached = self._sequencer.unreached_rows()
-        held = [h for h in self.state.held() if h.id not in unreached]
-        if not held:
-            return
-        batch = _Batch([], [], set(), set())
-        with self.state.transaction() as tx:
-            done = [h.id for h in held if self._open_held(tx, h.cid, h.payload, batch)]
-            tx.unhold(done)
-            self.engine.flush()
-        batch.retry_held = False
-        self._after(batch)
-
-    def _open_held(self, tx: StateTransaction, cid: str, payload: bytes, batch: _Batch) -> bool:
-        # The held copy is re-held by _open on MissingKey; drop this one either way then.
-        try:
-            opened = self._open(tx, cid, payload, batch)
-        except KeyStoreError:
-            raise
-        except FieldchatError as exc:
-            self.counters[f"rejected_{exc.reason}"] += 1
-            return True
-        if not opened:
-            self.counters["held_again"] += 1
-        return True
-
-    # -- outbound ---------------------------------------------------------------------
-
-    def _queue_publications(
-        self, tx: StateTransaction, pubs: list[Publication], cid: str | None
-    ) -> None:
-        for pub in pubs:
-            tx.add_outbox(
-                pub.topic,
-                pub.payload,
-                retain=pub.retain,
-                cid=cid,
-                what=kind_of(self._parse(pub.topic), pub.payload),
-            )
-
-    def _pump(self) -> None:
-        conn = self._conn
-        if conn is None or not conn.connected:
-            return
-        window = min(self.options.window, conn.receive_max)
-        if self._inflight.room(window) and self.state.outbox_unsynced:
-            self.state.sync()  # a grant or roster from a worker batch: durable first
-        while self._inflight.room(window):
-            per_frame = self.options.frame_envelopes
-            room = self._inflight.room(window)
-            rows = self.state.outbox_from(self._inflight.cursor, room * per_frame)
-            if not rows:
-                break
-            budget = frame_budget(conn.max_packet, rows[0].topic)
-            for group in frames(rows, room, per_frame, budget):
-                head = group[0]
-                payload = pack_frame([row.payload for row in group])
-                mid = conn.publish(
-                    head.topic, payload, retain=head.retain, alias=head.what in ENVELOPE_ROWS
-                )
-                if self._tracer is not None:
-                    for row in group:
-                        self._tracer.publish(row.topic, row.payload)
-                self._inflight.published(mid, group)
-                self.counters["frames" if len(group) > 1 else "bare"] += 1
-        now = self._clock()
-        pending = self._subs.due(now)
-        if pending:
-            conn.subscribe(pending, no_local=no_local(pending))
-
-    def _tick(self) -> None:
-        if self.engine.reservations_low(RENEW_WHEN_LEFT):
-            # Made power-safe before the worker (the only publisher) goes on: nothing
-            # sealed under it can leave first (PROTOCOL.md §6.3).
-            with self.state.transaction(durable=False):
-                self.engine.renew_reservations(RENEW_WHEN_LEFT)
-            self.state.sync()
-        now = self._clock()
-        if self._receipts.due(now, self.options.receipt_interval_s) and self._receipts.pending:
-            # No fsync under the state file's lock every interval: pending receipts live
-            # in memory until here, so a power cut loses them either way (the sender
-            # keeps those messages unconfirmed, as it would then).
-            with self.state.transaction(durable=False, sync_outbox=False):
-                self._flush_receipts()
-            self._pump()
-        if self._resends.grants:
-            self._resend_to_granters(now)
-        if len(self._sequencer.asks) and self._conn is not None:
-            self._ask_gaps(now)
-        if self._conn is not None and (before := self._resends.reconnect_due(now)) is not None:
-            self._resend_unconfirmed(before)
-        if self._sequencer.expired(now):
-            batch = _Batch([], [], set(), set())
-            with self.state.transaction() as tx:
-                self._release(tx, batch, expired=True)
-                self.engine.flush()
-            self._after(batch)
-        if now >= self._next_housekeeping:
-            self._next_housekeeping = now + min(10.0, self.options.gap_timeout_s)
-            self._housekeeping(now)
-        if self._archiving.is_due(now) and self._conn is not None:
-            self._start_archive(now)
-        if self.history is not None and self._tail.due(now):
-            self._start_tail()
-
-    def _flush_receipts(self) -> None:
-        """Seal the pending receipts as one message per conversation and type."""
-        owed = self._receipts.take()
-        with self.state.transaction() as tx:
-            for cid, receipt in receipts(owed):
-                if self.engine.is_member(cid):
-                    self._queue_own(tx, cid, self.engine.seal(cid, receipt), OutboxKind.RECEIPT)
-                    self.counters["receipts_sent"] += 1
-
-    def _ask_gaps(self, now: float) -> None:
-        """Ask the senders of held chains whose ask is due for the steps they lack: one
-        MISSING receipt per conversation (PROTOCOL.md §4.1), published at once."""
-        wanted: dict[str, list[ReceiptRange]] = defaultdict(list)
-        for key, missing in self._sequencer.due_asks(now):
-            cid, epoch, index, chain = key
-            wanted[cid] += [
-                ReceiptRange(epoch=epoch, sender=index, chain=chain, first=first, last=last)
-                for first, last in missing
-            ]
-        if not wanted:
-            return
-        with self.state.transaction(durable=False, sync_outbox=False) as tx:
-            for cid, ranges in wanted.items():
-                if not self.engine.is_member(cid):
-                    continue
-                receipt = missing_receipt(ranges)
-                self._queue_own(tx, cid, self.engine.seal(cid, receipt), OutboxKind.RECEIPT)
-                self.counters["gap_requests_sent"] += 1
-        self._pump()
-
-    def _queue_own(self, tx: StateTransaction, cid: str, envelope: bytes, what: OutboxKind) -> None:
-        """An own receipt or control: into the outbox, and kept a while for gap
-        requests (texts are kept in ``sent``)."""
-        topic = self.topics.msg(cid)
-        seq = tx.add_outbox(topic, envelope, cid=cid, what=what)
-        _, _, epoch, index, chain, step, _ = read_header(envelope)
-        tx.add_kept(cid, (epoch, index, chain, step), topic, envelope, seq)
-
-    def _resend_unconfirmed(self, before: float) -> None:
-        """Publish again own messages some current member has not receipted."""
-        rows = self.state.unconfirmed(before, before - self.options.resend_window_s, MAX_RESEND)
-        again, done = [], []
-        for row in rows:
-            rid, cid, topic, payload = row.id, row.cid, row.topic, row.payload
-            epoch, chain, step = row.epoch, row.chain, row.step
-            try:
-                roster = self.engine.roster(cid)
-            except FieldchatError:
-                done.append(rid)
-                continue
-            if roster.epoch != epoch or not self.engine.is_member(cid):
-                done.append(rid)
-                continue
-            want = set(roster.pids) - {self.pid}
-            if want <= self.state.receipted_by(cid, epoch, chain, step):
-                done.append(rid)
-            else:
-                again.append((cid, topic, payload))
-        with self.state.transaction() as tx:
-            for cid, topic, payload in again:
-                tx.add_outbox(topic, payload, cid=cid, what=OutboxKind.MSG)
-            tx.forget_payloads(done, keep_unarchived=self._archive is not None)
-        if again:
-            self.counters["resent"] += len(again)
-            log.info("published %d unreceipted messages again after reconnecting", len(again))
-        self._pump()
-
-    def _housekeeping(self, now: float) -> None:
-        stale = [g for g in self.state.gaps() if g.since < now - self.options.gap_timeout_s]
-        # With a gateway, own envelopes stay until the archive confirmed them too.
-        keep = self._archive is not None
-        old = now - self.options.resend_window_s
-        with self.state.transaction(durable=False) as tx:  # redone next time if lost
-            tx.forget_old_payloads(old, keep_unarchived=keep)
-            tx.prune_kept(old, keep_unarchived=keep)
-            for gap in stale:
-                tx.drop_gap(gap)
-        for gap in stale:
-            self._ask_history(gap)
-
-    def _ask_history(self, gap: Gap) -> None:
-        """A gap outlived ``gap_timeout_s``: a tail round fetches what the gateway
-        archived after our cursor, the range included."""
-        if self.history is None:
-            self.counters["gaps_expired"] += 1
-            log.info(
-                "gap %s %d..%d of %s not filled (no history source)",
-                gap.cid,
-                gap.first,
-                gap.last,
-                gap.sender,
-            )
-            return
-        self.counters["gaps_asked"] += 1
-        self._tail.gap_expired(gap, self._clock())
-
-    def _backfill(self) -> None:
-        """On joining: what the conversation said before our subscription existed (a
-        tail round; the new conversation's cursor starts at the archive's start)."""
-        if self.history is not None:
-            self._tail.soon(self._clock())
-
-    def _start_tail(self) -> None:
-        """Ask the history source for what it archived after our cursor, per
-        conversation (a round on the history thread; see :meth:`_tail_round`).
-
-        Gap recovery needs a later message to reveal the gap: messages lost at the end
-        of a run (a broker's offline queue overflowing, Mosquitto's
-        ``max_queued_messages``, or a failover) would never be fetched. The cursor is
-        the source's (the gateway's sequence number), kept in the state file and
-        advanced after each page is committed, so a crash fetches a page again
-        (deduplicated) rather than skipping it.
-        """
-        cursors = [
-            (
-                cid,
-                int(self.state.get_meta(f"{TAIL_CURSOR}{cid}") or 0),
-                self.engine.oldest_epoch(cid),
-            )
-            for cid in self.engine.conversations()
-            if self.engine.is_member(cid)
-        ]
-        expired = self._tail.start()
-        marks = {cid: self._tail_marks(cid, epoch, expired) for cid, _, epoch in cursors}
-        history, idle_s = self.history, self.options.history_tail_s
-        assert history is not None
-        self._history_job(
-            lambda: tail_round(history, cursors, marks, self._hand_over, idle_s=idle_s)
-        )
-        for cid, have in self.engine.awaiting_rosters().items():  # a failed fetch, again
-            self._fetch_rosters(cid, have)
-
-    def _tail_marks(
-        self, cid: str, from_epoch: int, expired: list[Gap]
-    ) -> list[tuple[int, int, int, int]]:
-        """``have`` for ``cid``'s tail (device.reconcile.tail_marks): what the archive
-        need not send, from what was shown, the gaps and our own steps. Empty without
-        a source that reconciles (a plain source is asked without it)."""
-        if self._archive is None:
-            return []
-        held = self._sequencer.shown(cid)
-        gaps = [*self.state.gaps(cid), *(g for g in expired if g.cid == cid)]
-        return tail_marks(held, gaps, self.state.own_high(cid), from_epoch=from_epoch)
-
-    # -- reconciling own envelopes with the archive (device.reconcile) -----------------
-
-    @property
-    def _archive(self) -> Reconciling | None:
-        """The history source when it reconciles (a gateway): then own envelopes are
-        kept until archived. ``history`` may be set after construction."""
-        history = self.history
-        return history if isinstance(history, Reconciling) else None
-
-    def _start_archive(self, now: float) -> None:
-        """A round on the history thread: check what the archive lacks of our own
-        envelopes published at least ARCHIVE_SETTLE_S ago, oldest first, and upload it.
-        After a connect it waits for the outbox to drain first (for at most
-        ``archive_check_s``: a device that never stops sending still checks)."""
-        archive = self._archive
-        if archive is None:
-            self._archiving.stop()
-            return
-        if not self._archiving.drained(now, lambda: bool(self.state.outbox_count())):
-            return
-        rows = self.state.unarchived(now - ARCHIVE_SETTLE_S, ARCHIVE_ROUND)
-        if not rows:  # nothing to confirm: look again later (a local query, no request)
-            self._archiving.idle(now, self.options.archive_check_s)
-            return
-        self._archiving.started()
-        more = len(rows) >= ARCHIVE_ROUND
-
-        def job() -> None:
-            outcome = Outcome(errors=["the round failed (see the log)"])
-            try:
-                outcome = reconcile(archive, rows)
-            finally:  # whatever happened, the worker plans the next round
-                self._hand_over(_Archived(outcome, more))
-
-        self._history_job(job)
-
-    def _on_archived(self, item: _Archived) -> None:
-        """On the worker: record what the archive confirmed; plan the next round."""
-        outcome = item.outcome
-        gone = {cid for cid in outcome.unauthorized if not self.engine.is_member(cid)}
-        with self.state.transaction(durable=False) as tx:
-            tx.mark_archived(outcome.confirmed)
-            tx.mark_archived([key for key, _ in outcome.refused], REFUSED)
-            for cid in gone:  # not a member any more: the gateway will never take them
-                tx.give_up_archive(cid)
-        self.counters["archive_checked"] += outcome.checked
-        self.counters["archive_uploaded"] += outcome.uploaded
-        if outcome.uploaded:
-            log.info("uploaded %d own envelopes the archive lacked", outcome.uploaded)
-        if outcome.refused:
-            self.counters["archive_refused"] += len(outcome.refused)
-            log.warning(
-                "the archive refused %d own envelopes for good (first: %s, %s)",
-                len(outcome.refused),
-                *outcome.refused[0],
-            )
-        if outcome.errors:
-            self.counters["archive_check_failed"] += 1
-            log.info("archive check: %s", "; ".join(outcome.errors[:3]))
-        self._archiving.finished(
-            self._clock(),
-            full=item.more,
-            failed=bool(outcome.errors),
-            check_s=self.options.archive_check_s,
-        )
-
-    def _fetch_rosters(self, cid: str, have: int) -> None:
-        """Ask the history source for the rosters a chain waits for (on the history
-        thread, at most every ROSTER_FETCH_AGAIN_S per conversation)."""
-        history = self.history
-        now = self._clock()
-        if history is None or self._roster_fetches.get(cid, 0.0) > now:
-            return
-        self._roster_fetches[cid] = now + ROSTER_FETCH_AGAIN_S
-        self.counters["roster_fetches"] += 1
-
-        def job() -> None:
-            try:
-                rosters = history.rosters(cid, from_epoch=have + 1)
-            except FieldchatError as exc:
-                self._hand_over(Fetched(cid, [], error=str(exc), rosters=[]))
-                return
-            self._hand_over(Fetched(cid, [], rosters=rosters))
-
-        self._history_job(job)
-
-    def _on_fetched_rosters(self, cid: str, rosters: list[bytes]) -> None:
-        if not rosters:
-            return
-        self.counters["rosters_fetched"] += len(rosters)
-        batch = _Batch([], [], set(), set())
-        with self.state.transaction() as tx:
-            for payload in rosters:
-                try:
-                    self._on_roster(tx, payload, batch)
-                except KeyStoreError:
-                    raise
-                except FieldchatError as exc:
-                    self.counters[f"rejected_{exc.reason}"] += 1
-            self.engine.flush()
-        if self.engine.awaiting_rosters().get(cid) is not None:
-            log.info("rosters of %s fetched; its chain still waits for others", cid)
-        self._after(batch)
-
-    def _on_fetched(self, item: Fetched) -> None:
-        """On the worker: open what the history thread fetched, then save its cursor."""
-        if item.rosters is not None:
-            self._on_fetched_rosters(item.cid, item.rosters)
-        if item.error is not None:
-            what = "rosters" if item.rosters is not None else "history tail"
-            self.counters[
-                "roster_fetch_failed" if item.rosters is not None else "history_tail_failed"
-            ] += 1
-            log.info("%s of %s failed: %s", what, item.cid, item.error)
-        if item.envelopes:
-            self.counters["history_tail_fetched"] += len(item.envelopes)
-            envelopes = item.envelopes
-            if self.engine.is_member(item.cid):
-                epoch = self.engine.roster(item.cid).epoch
-                envelopes = [e for e in envelopes if self._may_open(item.cid, epoch, e)]
-            self._open_fetched(item.cid, envelopes)
-        if item.cursor is not None:
-            self.state.set_meta({item.cursor[0]: item.cursor[1]})
-        if item.next_tail is not None:
-            self.counters["history_tail_rounds"] += 1
-            self._tail.finished(self._clock(), item.next_tail)
-
-    def _history_job(self, job: Callable[[], None]) -> None:
-        if self._history_thread is None:
-            self._history_thread = threading.Thread(
-                target=self._history_loop, name="fieldchat-history", daemon=True
-            )
-            self._history_thread.start()
-        self._history_jobs.put(job)
-
-    def _history_loop(self) -> None:
-        while (job := self._history_jobs.get()) is not None:
-            try:
-                job()
-            except Exception:  # the thread must outlive a bad source
-                log.exception("history job failed")
-
-    def _hand_over(self, item: Fetched | _Archived) -> None:
-        """Queue for the worker, waiting while its queue is full (never past close)."""
-        while not self._closed:
-            try:
-                self._queue.put(item, timeout=0.5)
-            except queue.Full:
-                continue
-            return
-
-    def _may_open(self, cid: str, epoch: int, envelope: bytes) -> bool:
-        """Whether an archived envelope can ever be opened (not of an epoch before ours
-        from a chain we hold no key for)."""
-        try:
-            _, _, env_epoch, index, chain, _, _ = read_header(envelope)
-        except FieldchatError:
-            return True  # the engine rejects and counts it
-        return env_epoch >= epoch or self.engine.next_step(cid, env_epoch, index, chain) is not None
-
-    def _open_fetched(self, cid: str, envelopes: list[bytes]) -> None:
-        if not envelopes:
-            return
-        batch = _Batch([], [], set(), set())
-        with self.state.transaction() as tx:
-            for envelope in envelopes:
-                try:
-                    self._open(tx, cid, envelope, batch)
-                except KeyStoreError:
-                    raise
-                except FieldchatError as exc:
-                    self.counters[f"rejected_{exc.reason}"] += 1
-            self.engine.flush()
-        self._after(batch)
+        with self._worker.changed:
+            self._worker.changed.notify_all()
 
     # -- subscriptions ----------------------------------------------------------------
 
@@ -1763,16 +552,12 @@ class Device:
         self._wake()
 
     def _subscribe(self, topics: Sequence[str]) -> None:
-        new = self._subs.add(topics)
-        conn = self._conn
-        if new and conn is not None:
-            conn.subscribe(new, no_local=no_local(new))
+        self._worker.subscribe(topics)
 
     # -- helpers ----------------------------------------------------------------------
 
     def _wake(self) -> None:
-        with contextlib.suppress(queue.Full):  # a wake-up is already pending
-            self._queue.put_nowait(_Wake())
+        self._worker.wake()
 
     def _emit(self, event: Event) -> None:
         if self.on_event is None:
@@ -1783,14 +568,9 @@ class Device:
             log.exception("on_event callback failed")
 
     def _raise_fatal(self) -> None:
-        if self._fatal is not None:
-            raise KeyStoreError(f"the device stopped after a state file failure: {self._fatal}")
-
-
-def _kind(message: TextMessage | Receipt | Control) -> MessageKind:
-    if isinstance(message, TextMessage):
-        return MessageKind.TEXT
-    return MessageKind.RECEIPT if isinstance(message, Receipt) else MessageKind.CONTROL
+        fatal = self._worker.fatal
+        if fatal is not None:
+            raise KeyStoreError(f"the device stopped after a state file failure: {fatal}")
 
 
 def _digits(fingerprint: str) -> str:

@@ -18,13 +18,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fieldchat.device.config import LinkOptions
-from fieldchat.device.engine import Engine
+from fieldchat.device.engine import Engine, Publication
 from fieldchat.device.events import Event
 from fieldchat.device.link import Connection
+from fieldchat.device.outbox import kind_of
 from fieldchat.device.reconcile import Reconciling
-from fieldchat.device.state import DeviceState
+from fieldchat.device.rows import OutboxKind
+from fieldchat.device.state import DeviceState, StateTransaction
 from fieldchat.device.tail import HistorySource
 from fieldchat.schemas import Topics
+from fieldchat.schemas.envelope import read_header
 from fieldchat.schemas.errors import FieldchatError
 from fieldchat.schemas.topics import Topic
 
@@ -104,6 +107,27 @@ class Part:
 
     def _parse(self, topic: str) -> Topic | None:
         return self._shared.parse(topic)
+
+    def queue_publications(
+        self, tx: StateTransaction, pubs: list[Publication], cid: str | None
+    ) -> None:
+        """Into the outbox: what the engine produced (rosters, grants, controls)."""
+        for pub in pubs:
+            tx.add_outbox(
+                pub.topic,
+                pub.payload,
+                retain=pub.retain,
+                cid=cid,
+                what=kind_of(self._parse(pub.topic), pub.payload),
+            )
+
+    def queue_own(self, tx: StateTransaction, cid: str, envelope: bytes, what: OutboxKind) -> None:
+        """An own receipt or control: into the outbox, and kept a while for gap
+        requests (texts are kept in ``sent``)."""
+        topic = self.topics.msg(cid)
+        seq = tx.add_outbox(topic, envelope, cid=cid, what=what)
+        _, _, epoch, index, chain, step, _ = read_header(envelope)
+        tx.add_kept(cid, (epoch, index, chain, step), topic, envelope, seq)
 
     def _rejected(self, exc: FieldchatError) -> None:
         """Count a refusal by its reason (``rejected_<reason>``)."""

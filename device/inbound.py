@@ -1,0 +1,455 @@
+"""What arrives, opened and shown in each sender's order (docs/device.md, "Delivery
+model"), on the device's worker thread, inside the worker's transaction.
+
+Envelopes are opened and stored (unique on ``(cid, epoch, sender, chain, step)``)
+with the engine's chain state in one transaction; one that overtook a missing step is
+held for the :class:`~fieldchat.device.sequencer.Sequencer` to release in turn, one
+that waits for a key or a roster is held until a roster or grant retries it. Receipts
+of our messages are recorded; a MISSING receipt publishes again what we keep
+(:class:`~fieldchat.device.repair.Repairs`). Rosters, grants and bundles go to the
+:class:`~fieldchat.device.rosters.RosterHandler`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+
+from fieldchat.device.context import Batch, Part, Shared
+from fieldchat.device.engine import Opened
+from fieldchat.device.events import GapDetected, MessageReceived, ReceiptReceived
+from fieldchat.device.receipts import ReceiptBook
+from fieldchat.device.repair import ASK_FRACTIONS, MAX_REPAIR_PER_REQUEST, Repairs
+from fieldchat.device.rosters import RosterHandler
+from fieldchat.device.rows import ChainKey, Gap, MessageKind, OutboxKind
+from fieldchat.device.sequencer import MAX_CANDIDATES_PER_STEP, Sequencer
+from fieldchat.device.state import StateTransaction
+from fieldchat.schemas import Control, ControlOp, Receipt, ReceiptType, TextMessage
+from fieldchat.schemas.envelope import EnvelopeKind, read_header
+from fieldchat.schemas.errors import (
+    FieldchatError,
+    KeyStoreError,
+    MissingKey,
+    UnsignedJumpTooFar,
+)
+from fieldchat.schemas.frame import split
+from fieldchat.schemas.roster import is_roster
+from fieldchat.schemas.topics import TopicKind
+
+__all__ = ["Inbound"]
+
+log = logging.getLogger("fieldchat.device")
+
+
+class Inbound(Part):
+    """Opens, orders and stores what arrives; answers gap requests.
+
+    Args:
+        shared: the device's state, engine and options.
+        sequencer: each sender's order (also read by the outbound asks and the tail).
+        receipts: where delivered receipts are owed.
+        rosters: applies rosters, grants and bundles.
+        episode: called when a chain begins to lack steps (a tail round may follow).
+    """
+
+    def __init__(
+        self,
+        shared: Shared,
+        sequencer: Sequencer,
+        receipts: ReceiptBook,
+        rosters: RosterHandler,
+        episode: Callable[[float], None],
+    ) -> None:
+        super().__init__(shared)
+        self.sequencer = sequencer
+        self.receipts = receipts
+        self.rosters = rosters
+        self._episode = episode
+        # Gap requests (PROTOCOL.md §4.1): which steps others asked us for to publish
+        # again. Made again in restart(): the reorder window is read then.
+        self._repairs = Repairs(self.options.reorder_window_s * ASK_FRACTIONS[1])
+
+    def restart(self) -> None:
+        """A run begins with the options as they are now: what a previous run held is
+        asked for at once."""
+        window = self.options.reorder_window_s
+        self._repairs = Repairs(window * ASK_FRACTIONS[1])
+        now = self._clock()
+        for key in self.sequencer.restart(window):
+            self.lacking(key, now)
+
+    def on_message(self, tx: StateTransaction, topic: str, payload: bytes, batch: Batch) -> None:
+        """Handle one PUBLISH that arrived (a frame of envelopes, a roster, a grant or
+        a bundle); a refusal is counted and logged, never raised (but state failures)."""
+        parsed = self._parse(topic)
+        if parsed is None:
+            self.counters["foreign_topic"] += 1
+            return
+        try:
+            if parsed.kind is TopicKind.MSG:
+                assert parsed.cid is not None
+                for envelope in split(payload):  # a frame's envelopes each stand alone
+                    try:
+                        self.open(tx, parsed.cid, envelope, batch)
+                    except KeyStoreError:
+                        raise
+                    except FieldchatError as exc:
+                        self._rejected(exc)
+                        log.debug("rejected an envelope on %s: %s", topic, exc)
+            elif parsed.kind is TopicKind.ROSTER:
+                self.rosters.on_roster(tx, payload, batch)
+            elif parsed.kind is TopicKind.INBOX and is_roster(payload):
+                self.rosters.on_roster(tx, payload, batch)  # an inviting admin's earlier rosters
+            elif parsed.kind is TopicKind.INBOX:
+                self.rosters.on_grant(tx, payload, batch)
+            elif parsed.kind is TopicKind.BUNDLE:
+                self.rosters.on_bundle(tx, payload, batch)
+        except KeyStoreError:
+            raise
+        except FieldchatError as exc:
+            self._rejected(exc)
+            log.debug("rejected %s: %s", topic, exc)
+
+    def open(
+        self,
+        tx: StateTransaction,
+        cid: str,
+        payload: bytes,
+        batch: Batch,
+        *,
+        in_order: bool = True,
+    ) -> bool:
+        """Open and store an envelope, then any held ones it lets through, in step order.
+
+        With ``in_order``, an envelope more than one step ahead of its sender's chain is
+        held (up to ``reorder_window_s``) for the missing steps to arrive first: brokers
+        may reorder a redelivered backlog, and the screen keeps each sender's order.
+        False when it must wait for a key.
+        """
+        if in_order:
+            try:
+                _, _, epoch, index, chain, step, _ = read_header(payload)
+            except FieldchatError:
+                pass  # the engine rejects and counts it below
+            else:
+                key = (cid, epoch, index, chain)
+                if self.sequencer.must_wait(key, step):
+                    return self._wait(tx, cid, key, step, payload)
+        done = self._open_one(tx, cid, payload, batch)
+        self.release(tx, batch)
+        return done
+
+    def _wait(
+        self,
+        tx: StateTransaction,
+        cid: str,
+        key: ChainKey,
+        step: int,
+        payload: bytes,
+    ) -> bool:
+        """Hold an envelope that overtook a missing step, if it may be genuine.
+
+        What fails to authenticate now is refused at once (counted ``rejected_auth``),
+        so junk for a step cannot take the place of the envelope that comes later; a
+        byte-identical copy of one waiting is a duplicate; other candidates wait side
+        by side (at most MAX_CANDIDATES_PER_STEP), released together in their turn.
+        """
+        waiting = self.sequencer.candidates(key, step)
+        if waiting:
+            held = [self.state.held_payload(row) for row in waiting]
+            if bytes(payload) in held:
+                self._duplicate(cid, payload)
+                return True
+            if len(waiting) >= MAX_CANDIDATES_PER_STEP:
+                self.counters["candidates_dropped"] += 1
+                return True
+        if self.engine.authentic(cid, payload) is False:
+            self.counters["rejected_auth"] += 1
+            return True
+        now = self._clock()
+        until = now + self.options.reorder_window_s
+        row, dropped = tx.hold(cid, payload, until)
+        self._dropped(dropped)
+        if self.sequencer.wait(key, step, row, until, now):
+            self._episode(now)
+        return True
+
+    def lacking(self, key: ChainKey, now: float) -> None:
+        """``key`` may hold envelopes behind missing steps: ask its sender for them at
+        once (a MISSING receipt, on the next tick) and, with a history source, the
+        archive too (a tail round)."""
+        if self.sequencer.lacking(key, now):
+            self._episode(now)
+
+    def release(self, tx: StateTransaction, batch: Batch, *, expired: bool = False) -> None:
+        """Open held envelopes whose turn came (or, ``expired``, whose wait is over)."""
+        now = self._clock()
+        progress = True
+        while progress:
+            progress = False
+            for key, rows in self.sequencer.release(now, expired=expired):
+                for row in rows:
+                    payload = tx.take_held(row)
+                    if payload is not None:
+                        self._open_counted(tx, key[0], payload, batch)
+                progress = True
+            if self.sequencer.advanced and self._reach(tx, batch):
+                progress = True
+
+    def _open_counted(self, tx: StateTransaction, cid: str, payload: bytes, batch: Batch) -> None:
+        """Open a held envelope; a refusal is counted (``rejected_<reason>``)."""
+        try:
+            self._open_one(tx, cid, payload, batch)
+        except KeyStoreError:
+            raise
+        except FieldchatError as exc:
+            self._rejected(exc)
+
+    def _reach(self, tx: StateTransaction, batch: Batch) -> bool:
+        """Try the held far-ahead envelopes of the chains that moved, once each comes
+        within the engine's reach (an honest sender far ahead is reached a few hundred
+        steps per envelope it sends; junk beyond reach is never tried again); whether
+        any was tried."""
+        tried = False
+        for key, rows in self.sequencer.reachable(lambda key: self.engine.reach(*key)):
+            for row in rows:
+                payload = tx.take_held(row)
+                if payload is not None:
+                    self._open_counted(tx, key[0], payload, batch)
+                    tried = True
+        return tried
+
+    def _duplicate(self, cid: str, payload: bytes) -> None:
+        """A text seen before came again: its sender may have missed our receipt (a
+        broker lost it), so it is receipted again in the next batch."""
+        self.counters["duplicate"] += 1
+        try:
+            kind, _, epoch, index, chain, step, _ = read_header(payload)
+        except FieldchatError:
+            return
+        if kind is EnvelopeKind.TEXT and self.engine.is_member(cid):
+            with contextlib.suppress(FieldchatError):
+                if self.engine.roster(cid).member_at(index).pid == self.pid:
+                    return  # our own echo
+            self.receipts.add(cid, ReceiptType.DELIVERED, [(epoch, index, chain, step)])
+
+    def _dropped(self, count: int) -> None:
+        if count:
+            self.counters["held_dropped"] += count
+            log.warning("held-envelope limit reached: %d oldest dropped", count)
+
+    def _open_one(self, tx: StateTransaction, cid: str, payload: bytes, batch: Batch) -> bool:
+        try:
+            opened = self.engine.open(cid, payload)
+        except UnsignedJumpTooFar:
+            # Held until the chain, or the keys the engine derived towards it, come
+            # within reach (PROTOCOL.md §6.4); each try extended them.
+            held, dropped = tx.hold(cid, payload)
+            self._dropped(dropped)
+            _, _, epoch, index, chain_no, step, _ = read_header(payload)
+            self.sequencer.hold_unreached((cid, epoch, index, chain_no), step, held)
+            return False
+        except MissingKey:
+            _, dropped = tx.hold(cid, payload)
+            self._dropped(dropped)
+            return False
+        if opened is None:
+            self._duplicate(cid, payload)
+            return True
+        # The chain moved: held far-ahead steps may be in reach now.
+        self.sequencer.moved((cid, opened.epoch, opened.sender_index, opened.chain))
+        message = opened.message
+        text = message.text if isinstance(message, TextMessage) else None
+        sent_at = message.sent_at if isinstance(message, TextMessage) else None
+        row = tx.add_received(
+            cid,
+            opened.epoch,
+            opened.sender_index,
+            opened.chain,
+            opened.step,
+            opened.sender,
+            _kind(message),
+            sent_at,
+            text,
+        )
+        if row is None:
+            self._duplicate(cid, payload)
+            return True
+        late = self._sequence(tx, opened, batch)
+        if isinstance(message, TextMessage):
+            self.counters["received"] += 1
+            key = (opened.epoch, opened.sender_index, opened.chain, opened.step)
+            self.receipts.add(cid, ReceiptType.DELIVERED, [key])
+            batch.events.append(
+                MessageReceived(
+                    row,
+                    cid,
+                    opened.sender,
+                    message.text,
+                    message.sent_at,
+                    opened.epoch,
+                    opened.sender_index,
+                    opened.chain,
+                    opened.step,
+                    opened.signed,
+                    late,
+                )
+            )
+        elif isinstance(message, Receipt):
+            self._on_receipt(tx, opened, message, batch)
+        elif isinstance(message, Control) and message.op is ControlOp.LEAVE:
+            self.rosters.on_leave(tx, opened)
+        return True
+
+    def _sequence(self, tx: StateTransaction, opened: Opened, batch: Batch) -> bool:
+        """Per-sender sequence: record gaps, fill them; whether this one was late."""
+        key = (opened.cid, opened.epoch, opened.sender_index, opened.chain)
+        step = opened.step
+        where = self.sequencer.record(key, step)
+        if where.gap is not None:
+            gap = Gap(
+                opened.cid,
+                opened.epoch,
+                opened.sender_index,
+                opened.chain,
+                *where.gap,
+                opened.sender,
+                self._clock(),
+            )
+            tx.add_gap(gap)
+            self.counters["gaps"] += 1
+            # Shown past the missing steps: they did not come within the reorder window
+            # (the sender did not answer our asks, the archive lacked them). If they
+            # come later they are shown late, out of this sender's order.
+            self.counters["reorder_gave_up"] += 1
+            log.warning(
+                "gave up waiting for steps %d..%d of %s in %s after %g s (reorder_window_s, "
+                "%d asks): later messages shown, these will show late if they come",
+                gap.first,
+                gap.last,
+                gap.sender,
+                gap.cid,
+                self.options.reorder_window_s,
+                self.sequencer.asks.asks(key),
+            )
+            batch.events.append(
+                GapDetected(gap.cid, gap.sender, gap.epoch, gap.chain, gap.first, gap.last)
+            )
+            return False
+        if not where.late:
+            return False
+        tx.fill_gap(opened.cid, opened.epoch, opened.sender_index, opened.chain, step)
+        self.counters["late"] += 1
+        return True
+
+    def _on_receipt(
+        self, tx: StateTransaction, opened: Opened, receipt: Receipt, batch: Batch
+    ) -> None:
+        if receipt.type is ReceiptType.MISSING:
+            self._on_missing(tx, opened, receipt)
+            return
+        steps = 0
+        mine: dict[tuple[int, int], bool] = {}
+        for r in receipt.ranges:
+            key = (r.epoch, r.sender)
+            if key not in mine:
+                mine[key] = self.state.was_sender(opened.cid, r.epoch, r.sender)
+            if not mine[key]:
+                continue  # a receipt for another member's messages
+            tx.add_receipt(
+                opened.cid,
+                opened.sender,
+                int(receipt.type),
+                r.epoch,
+                r.chain,
+                r.first,
+                r.last,
+            )
+            steps += r.last - r.first + 1
+        if steps:
+            batch.events.append(
+                ReceiptReceived(opened.cid, opened.sender, receipt.type.name.lower(), steps)
+            )
+
+    def _on_missing(self, tx: StateTransaction, opened: Opened, receipt: Receipt) -> None:
+        """A member lacks steps (a gap request, PROTOCOL.md §4.1): publish again at
+        once those of ours we still keep, within the bounds of :class:`Repairs`."""
+        self.counters["gap_requests_received"] += 1
+        found: list[tuple[tuple[str, int, int, int, int], str, bytes]] = []
+        for r in receipt.ranges:  # only our own envelopes are kept: others' steps find none
+            left = MAX_REPAIR_PER_REQUEST - len(found)
+            if left <= 0:
+                break
+            for step, topic, payload in self.state.own_envelopes(
+                opened.cid, (r.epoch, r.sender, r.chain), r.first, r.last, left
+            ):
+                found.append(((opened.cid, r.epoch, r.sender, r.chain, step), topic, payload))
+        if not found:
+            return
+        allowed = set(self._repairs.allow([key for key, _, _ in found], self._clock()))
+        again = [(key, topic, payload) for key, topic, payload in found if key in allowed]
+        for key, topic, payload in again:
+            tx.add_outbox(topic, payload, cid=key[0], what=OutboxKind.MSG)
+        self.counters["repaired"] += len(again)
+        if again:
+            log.info("published %d envelopes again that %s lacked", len(again), opened.sender)
+
+    def retry_held(self) -> Batch | None:
+        """Try again what waits for a key, a chain end or a roster (not what waits for
+        the engine's reach): after a roster, grant or restart; the side effects."""
+        unreached = self.sequencer.unreached_rows()
+        held = [h for h in self.state.held() if h.id not in unreached]
+        if not held:
+            return None
+        batch = Batch()
+        with self.state.transaction() as tx:
+            done = [h.id for h in held if self._open_held(tx, h.cid, h.payload, batch)]
+            tx.unhold(done)
+            self.engine.flush()
+        batch.retry_held = False
+        return batch
+
+    def _open_held(self, tx: StateTransaction, cid: str, payload: bytes, batch: Batch) -> bool:
+        # The held copy is re-held by _open on MissingKey; drop this one either way then.
+        try:
+            opened = self.open(tx, cid, payload, batch)
+        except KeyStoreError:
+            raise
+        except FieldchatError as exc:
+            self._rejected(exc)
+            return True
+        if not opened:
+            self.counters["held_again"] += 1
+        return True
+
+    def open_fetched(self, cid: str, envelopes: list[bytes]) -> Batch | None:
+        """Open what the history source sent, like live messages; the side effects."""
+        if not envelopes:
+            return None
+        batch = Batch()
+        with self.state.transaction() as tx:
+            for envelope in envelopes:
+                try:
+                    self.open(tx, cid, envelope, batch)
+                except KeyStoreError:
+                    raise
+                except FieldchatError as exc:
+                    self._rejected(exc)
+            self.engine.flush()
+        return batch
+
+    def may_open(self, cid: str, epoch: int, envelope: bytes) -> bool:
+        """Whether an archived envelope can ever be opened (not of an epoch before ours
+        from a chain we hold no key for)."""
+        try:
+            _, _, env_epoch, index, chain, _, _ = read_header(envelope)
+        except FieldchatError:
+            return True  # the engine rejects and counts it
+        return env_epoch >= epoch or self.engine.next_step(cid, env_epoch, index, chain) is not None
+
+
+def _kind(message: TextMessage | Receipt | Control) -> MessageKind:
+    if isinstance(message, TextMessage):
+        return MessageKind.TEXT
+    return MessageKind.RECEIPT if isinstance(message, Receipt) else MessageKind.CONTROL
