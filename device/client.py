@@ -35,18 +35,13 @@ from fieldchat.device.context import Shared
 from fieldchat.device.engine import Engine
 from fieldchat.device.events import Event
 from fieldchat.device.link import Connection, Link, Will
-from fieldchat.device.membership import Subscriptions, conversation_topics
+from fieldchat.device.membership import Subscriptions, conversation_topics, wanted_topics
 from fieldchat.device.receipts import ReceiptBook
 from fieldchat.device.rows import Gap, OutboxKind, OutboxRow, ReceivedRow, SentRow
 from fieldchat.device.state import DeviceState
 from fieldchat.device.tail import HistorySource
 from fieldchat.device.worker import (
     STATUS_OFFLINE,
-    Acked,
-    Arrived,
-    Down,
-    Refused,
-    Up,
     Worker,
 )
 from fieldchat.schemas import Policy, ReceiptType, TextMessage, Topics
@@ -56,7 +51,6 @@ from fieldchat.schemas.errors import (
     FieldchatError,
     KeyStoreError,
     NotAuthorized,
-    TransportError,
     UnknownConversation,
     UnknownParticipant,
 )
@@ -136,7 +130,13 @@ class Device:
         self.counters = self._shared.counters
         self._send_lock = threading.Lock()
         self._receipts = ReceiptBook()  # owed, sealed every receipt_interval_s
-        self._subs = Subscriptions(self._wanted_topics())
+        self._subs = Subscriptions(
+            wanted_topics(
+                self.topics,
+                self.pid,
+                [(c.cid, c.epoch, c.member, c.members) for c in self.conversations()],
+            )
+        )
         self._worker = Worker(self._shared, self._receipts, self._subs, self._emit)
         self._link: Link | None = None
         self._closed = False
@@ -196,7 +196,7 @@ class Device:
             self.pid,
             self.broker,
             self.options,
-            self,
+            self._worker,
             will=Will(self.topics.status(self.pid), STATUS_OFFLINE),
             protocol=protocol,
             on_protocol=lambda p: self.state.set_meta({"protocol": p}),
@@ -271,14 +271,7 @@ class Device:
 
     def wait_drained(self, timeout: float = 10.0) -> bool:
         """Wait until the broker acknowledged the whole outbox; whether it did."""
-        end = time.monotonic() + timeout
-        with self._worker.changed:
-            while self.state.outbox_count():
-                left = end - time.monotonic()
-                if left <= 0:
-                    return False
-                self._worker.changed.wait(min(left, 0.1))
-        return True
+        return self.wait_for(lambda: not self.state.outbox_count(), timeout)
 
     def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
         """Wait until ``predicate()`` holds (checked whenever the worker made progress)."""
@@ -508,42 +501,7 @@ class Device:
         """Whether a tail round is with the history thread (tests wait for none)."""
         return self._worker.rounds.tail.running
 
-    # -- the link handler (paho thread: enqueue only) ----------------------------------
-
-    def link_connected(self, conn: Connection, session_present: bool) -> None:
-        self._worker.put(Up(conn, session_present))
-
-    def link_message(
-        self, conn: Connection, mid: int, topic: str, payload: bytes, qos: int
-    ) -> None:
-        self._worker.put(Arrived(conn, mid, topic, payload, qos))
-
-    def link_published(self, conn: Connection, mid: int, ok: bool) -> None:
-        self._worker.put(Acked(conn, mid, ok))
-
-    def link_disconnected(self, conn: Connection, reason: str) -> None:
-        self._worker.put(Down(conn, reason))
-
-    def link_refused(self, conn: Connection, topics: list[str]) -> None:
-        self._worker.put(Refused(conn, topics))
-
-    def link_failed(self, error: TransportError) -> None:  # noqa: ARG002 - read via the link
-        with self._worker.changed:
-            self._worker.changed.notify_all()
-
     # -- subscriptions ----------------------------------------------------------------
-
-    def _wanted_topics(self) -> set[str]:
-        """What this device follows at start: its inbox, and per conversation what
-        :func:`~fieldchat.device.membership.conversation_topics` says (only the roster
-        while its chain is pending)."""
-        subs = {self.topics.inbox(self.pid)}
-        for info in self.conversations():
-            if info.epoch < 0:
-                subs.add(self.topics.roster(info.cid))
-            elif info.member:
-                subs |= conversation_topics(self.topics, info.cid, info.members, self.pid)
-        return subs
 
     def _follow(self, cid: str) -> None:
         """Subscribe to a conversation we just changed, after its roster is published."""

@@ -12,11 +12,18 @@ for again a second later while still wanted.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 from fieldchat.schemas import Topics
 
-__all__ = ["RESUBSCRIBE_S", "Subscriptions", "changed", "conversation_topics", "no_local"]
+__all__ = [
+    "RESUBSCRIBE_S",
+    "Subscriptions",
+    "changed",
+    "conversation_topics",
+    "no_local",
+    "wanted_topics",
+]
 
 RESUBSCRIBE_S = 1.0  # a refused topic is asked for again this much later
 
@@ -28,6 +35,21 @@ def conversation_topics(topics: Topics, cid: str, pids: Iterable[str], own: str)
     bundles."""
     out = {topics.roster(cid), topics.msg(cid)}
     return out | {topics.bundle(p) for p in pids if p != own}
+
+
+def wanted_topics(
+    topics: Topics, own: str, conversations: Iterable[tuple[str, int, bool, Sequence[str]]]
+) -> set[str]:
+    """What a device follows at start, from its conversations ``(cid, epoch, member,
+    members)``: its inbox, and what :func:`conversation_topics` says for each it is a
+    member of (only the roster while its chain is pending, epoch -1)."""
+    out = {topics.inbox(own)}
+    for cid, epoch, member, members in conversations:
+        if epoch < 0:
+            out.add(topics.roster(cid))
+        elif member:
+            out |= conversation_topics(topics, cid, members, own)
+    return out
 
 
 def changed(before: Mapping[str, Position], after: Mapping[str, Position]) -> list[str]:

@@ -35,7 +35,7 @@ from fieldchat.device.rounds import Archived, HistoryRounds
 from fieldchat.device.sequencer import Sequencer
 from fieldchat.device.tail import Fetched
 from fieldchat.schemas.envelope import read_header
-from fieldchat.schemas.errors import FieldchatError, KeyStoreError
+from fieldchat.schemas.errors import FieldchatError, KeyStoreError, TransportError
 from fieldchat.schemas.frame import split
 from fieldchat.schemas.topics import TopicKind
 
@@ -216,6 +216,29 @@ class Worker:
             except queue.Full:
                 continue
             return
+
+    # -- the link handler (paho thread: enqueue only) ----------------------------------
+
+    def link_connected(self, conn: Connection, session_present: bool) -> None:
+        self.put(Up(conn, session_present))
+
+    def link_message(
+        self, conn: Connection, mid: int, topic: str, payload: bytes, qos: int
+    ) -> None:
+        self.put(Arrived(conn, mid, topic, payload, qos))
+
+    def link_published(self, conn: Connection, mid: int, ok: bool) -> None:
+        self.put(Acked(conn, mid, ok))
+
+    def link_disconnected(self, conn: Connection, reason: str) -> None:
+        self.put(Down(conn, reason))
+
+    def link_refused(self, conn: Connection, topics: list[str]) -> None:
+        self.put(Refused(conn, topics))
+
+    def link_failed(self, error: TransportError) -> None:  # noqa: ARG002 - read via the link
+        with self.changed:
+            self.changed.notify_all()
 
     def subscribe(self, topics: Sequence[str]) -> None:
         """Want ``topics``; subscribe those new at once when connected."""
