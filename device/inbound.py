@@ -5,9 +5,8 @@ Envelopes are opened and stored (unique on ``(cid, epoch, sender, chain, step)``
 with the engine's chain state in one transaction; one that overtook a missing step is
 held for the :class:`~fieldchat.device.sequencer.Sequencer` to release in turn, one
 that waits for a key or a roster is held until a roster or grant retries it. Receipts
-of our messages are recorded; a MISSING receipt publishes again what we keep
-(:class:`~fieldchat.device.repair.Repairs`). Rosters, grants and bundles go to the
-:class:`~fieldchat.device.rosters.RosterHandler`.
+and gap requests go to the :class:`~fieldchat.device.receipt_handler.ReceiptHandler`,
+rosters, grants and bundles to the :class:`~fieldchat.device.rosters.RosterHandler`.
 """
 
 from __future__ import annotations
@@ -18,11 +17,11 @@ from collections.abc import Callable
 
 from fieldchat.device.context import Batch, Part, Shared
 from fieldchat.device.engine import Opened
-from fieldchat.device.events import GapDetected, MessageReceived, ReceiptReceived
+from fieldchat.device.events import GapDetected, MessageReceived
+from fieldchat.device.receipt_handler import ReceiptHandler
 from fieldchat.device.receipts import ReceiptBook
-from fieldchat.device.repair import ASK_FRACTIONS, MAX_REPAIR_PER_REQUEST, Repairs
 from fieldchat.device.rosters import RosterHandler
-from fieldchat.device.rows import ChainKey, Gap, MessageKind, OutboxKind
+from fieldchat.device.rows import ChainKey, Gap, MessageKind
 from fieldchat.device.sequencer import MAX_CANDIDATES_PER_STEP, Sequencer
 from fieldchat.device.state import StateTransaction
 from fieldchat.schemas import Control, ControlOp, Receipt, ReceiptType, TextMessage
@@ -66,15 +65,13 @@ class Inbound(Part):
         self.receipts = receipts
         self.rosters = rosters
         self._episode = episode
-        # Gap requests (PROTOCOL.md §4.1): which steps others asked us for to publish
-        # again. Made again in restart(): the reorder window is read then.
-        self._repairs = Repairs(self.options.reorder_window_s * ASK_FRACTIONS[1])
+        self.receipts_in = ReceiptHandler(shared)  # receipts of ours, gap requests
 
     def restart(self) -> None:
         """A run begins with the options as they are now: what a previous run held is
         asked for at once."""
         window = self.options.reorder_window_s
-        self._repairs = Repairs(window * ASK_FRACTIONS[1])
+        self.receipts_in.restart(window)
         now = self._clock()
         for key in self.sequencer.restart(window):
             self.lacking(key, now)
@@ -129,13 +126,16 @@ class Inbound(Part):
         """
         if in_order:
             try:
-                _, _, epoch, index, chain, step, _ = read_header(payload)
+                kind, _, epoch, index, chain, step, _ = read_header(payload)
             except FieldchatError:
                 pass  # the engine rejects and counts it below
             else:
                 key = (cid, epoch, index, chain)
                 if self.sequencer.must_wait(key, step):
-                    return self._wait(tx, cid, key, step, payload)
+                    held = self._wait(tx, cid, key, step, payload)
+                    if kind is EnvelopeKind.RECEIPT:
+                        self.receipts_in.answer_held_ask(tx, cid, (*key, step), payload)
+                    return held
         done = self._open_one(tx, cid, payload, batch)
         self.release(tx, batch)
         return done
@@ -297,7 +297,7 @@ class Inbound(Part):
                 )
             )
         elif isinstance(message, Receipt):
-            self._on_receipt(tx, opened, message, batch)
+            self.receipts_in.on_receipt(tx, opened, message, batch)
         elif isinstance(message, Control) and message.op is ControlOp.LEAVE:
             self.rosters.on_leave(tx, opened)
         return True
@@ -342,58 +342,6 @@ class Inbound(Part):
         tx.fill_gap(opened.cid, opened.epoch, opened.sender_index, opened.chain, step)
         self.counters["late"] += 1
         return True
-
-    def _on_receipt(
-        self, tx: StateTransaction, opened: Opened, receipt: Receipt, batch: Batch
-    ) -> None:
-        if receipt.type is ReceiptType.MISSING:
-            self._on_missing(tx, opened, receipt)
-            return
-        steps = 0
-        mine: dict[tuple[int, int], bool] = {}
-        for r in receipt.ranges:
-            key = (r.epoch, r.sender)
-            if key not in mine:
-                mine[key] = self.state.was_sender(opened.cid, r.epoch, r.sender)
-            if not mine[key]:
-                continue  # a receipt for another member's messages
-            tx.add_receipt(
-                opened.cid,
-                opened.sender,
-                int(receipt.type),
-                r.epoch,
-                r.chain,
-                r.first,
-                r.last,
-            )
-            steps += r.last - r.first + 1
-        if steps:
-            batch.events.append(
-                ReceiptReceived(opened.cid, opened.sender, receipt.type.name.lower(), steps)
-            )
-
-    def _on_missing(self, tx: StateTransaction, opened: Opened, receipt: Receipt) -> None:
-        """A member lacks steps (a gap request, PROTOCOL.md §4.1): publish again at
-        once those of ours we still keep, within the bounds of :class:`Repairs`."""
-        self.counters["gap_requests_received"] += 1
-        found: list[tuple[tuple[str, int, int, int, int], str, bytes]] = []
-        for r in receipt.ranges:  # only our own envelopes are kept: others' steps find none
-            left = MAX_REPAIR_PER_REQUEST - len(found)
-            if left <= 0:
-                break
-            for step, topic, payload in self.state.own_envelopes(
-                opened.cid, (r.epoch, r.sender, r.chain), r.first, r.last, left
-            ):
-                found.append(((opened.cid, r.epoch, r.sender, r.chain, step), topic, payload))
-        if not found:
-            return
-        allowed = set(self._repairs.allow([key for key, _, _ in found], self._clock()))
-        again = [(key, topic, payload) for key, topic, payload in found if key in allowed]
-        for key, topic, payload in again:
-            tx.add_outbox(topic, payload, cid=key[0], what=OutboxKind.MSG)
-        self.counters["repaired"] += len(again)
-        if again:
-            log.info("published %d envelopes again that %s lacked", len(again), opened.sender)
 
     def retry_held(self) -> Batch | None:
         """Try again what waits for a key, a chain end or a roster (not what waits for

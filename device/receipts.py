@@ -12,13 +12,13 @@ import threading
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 
-from fieldchat.device.rows import StepKey
+from fieldchat.device.rows import StepInConversation
 from fieldchat.schemas import Receipt, ReceiptRange, ReceiptType
 from fieldchat.schemas.messages import MAX_RECEIPT_RANGES
 
 __all__ = ["ReceiptBook", "missing_receipt", "ranges", "receipts"]
 
-Owed = dict[tuple[str, ReceiptType], set[StepKey]]
+Owed = dict[tuple[str, ReceiptType], set[StepInConversation]]
 
 
 class ReceiptBook:
@@ -29,7 +29,7 @@ class ReceiptBook:
         self._owed: Owed = defaultdict(set)
         self._next = 0.0
 
-    def add(self, cid: str, rtype: ReceiptType, keys: Iterable[StepKey]) -> None:
+    def add(self, cid: str, rtype: ReceiptType, keys: Iterable[StepInConversation]) -> None:
         """Owe ``rtype`` receipts for ``keys`` (``(epoch, sender, chain, step)``)."""
         with self._lock:
             self._owed[(cid, rtype)].update(keys)
@@ -55,7 +55,7 @@ class ReceiptBook:
         return owed
 
 
-def ranges(keys: Iterable[StepKey]) -> list[ReceiptRange]:
+def ranges(keys: Iterable[StepInConversation]) -> list[ReceiptRange]:
     """Collapse ``(epoch, sender, chain, step)`` keys into inclusive step ranges.
 
     Merged as plain lists, one validated model per range at the end: a model per key

@@ -24,7 +24,7 @@ __all__ = [
     "OwnEnvelope",
     "ReceivedRow",
     "SentRow",
-    "StepKey",
+    "StepInConversation",
 ]
 
 # Own envelopes the archive has not confirmed yet (``archived``: 0 not yet, 1 archived,
@@ -32,7 +32,7 @@ __all__ = [
 ARCHIVED, NOT_ARCHIVED, REFUSED = 1, 0, -1
 
 ChainKey = tuple[str, int, int, int]  # cid, epoch, sender index, chain
-StepKey = tuple[int, int, int, int]  # epoch, sender index, chain, step (within a cid)
+StepInConversation = tuple[int, int, int, int]  # epoch, sender index, chain, step (within a cid)
 
 
 class OutboxKind(StrEnum):

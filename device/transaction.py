@@ -11,7 +11,14 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable, Sequence
 
-from fieldchat.device.rows import ARCHIVED, NOT_ARCHIVED, REFUSED, Gap, OutboxKind, StepKey
+from fieldchat.device.rows import (
+    ARCHIVED,
+    NOT_ARCHIVED,
+    REFUSED,
+    Gap,
+    OutboxKind,
+    StepInConversation,
+)
 
 __all__ = ["MAX_HELD", "MAX_KEPT", "OWN_TABLES", "StateTransaction"]
 
@@ -93,7 +100,7 @@ class StateTransaction:
         return cur.lastrowid
 
     def add_kept(
-        self, cid: str, header: StepKey, topic: str, payload: bytes, outbox_seq: int
+        self, cid: str, header: StepInConversation, topic: str, payload: bytes, outbox_seq: int
     ) -> None:
         """Keep an own receipt or control (``header``: epoch, sender index, chain,
         step) for gap requests; texts are kept in ``sent``."""
@@ -216,7 +223,7 @@ class StateTransaction:
         )
         return cur.lastrowid if cur.rowcount == 1 else None
 
-    def mark_read(self, cid: str) -> list[StepKey]:
+    def mark_read(self, cid: str) -> list[StepInConversation]:
         """Mark every unread text of ``cid`` read: ``(epoch, sender_index, chain, step)``."""
         rows = self._db.execute(
             "SELECT epoch, sender_index, chain, step FROM received "

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import importlib
 import os
-import signal
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NamedTuple
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NamedTuple
 import typer
 from typer.core import TyperCommand, TyperGroup
 
+from fieldchat._startup import import_held
 from fieldchat.schemas import tracing
 from fieldchat.schemas.errors import FieldchatError
 from fieldchat.schemas.signals import until_stopped
@@ -52,8 +52,6 @@ _SUB_APPS = {
         "gateway",
     ),
 }
-
-_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 # What each extra installs, to tell a missing extra from a broken install.
 _EXTRA_MODULES = {
@@ -113,19 +111,8 @@ class _Lazy(TyperCommand):
         parent: Any = None,  # noqa: ANN401
         **extra: Any,  # noqa: ANN401 - click's own keyword arguments
     ) -> Any:  # noqa: ANN401
-        # The sub-app's imports take most of a second on a Pi or a busy machine: a stop
-        # signal in them is held, as __main__ holds one in the root's, and ends the
-        # command before it started (one line, status 0) instead of inside an import
-        # or with the root's line (tests/device/test_cli_signals.py).
-        held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
-        try:
-            real = _load(self.name or "", self.sub)
-        finally:
-            try:
-                signal.pthread_sigmask(signal.SIG_SETMASK, held)  # one that came is raised
-            except KeyboardInterrupt:
-                typer.echo("fieldchat stopped before it started.", err=True)
-                raise typer.Exit(0) from None
+        name = self.name or ""
+        real = import_held(lambda: _load(name, self.sub))
         return real.make_context(info_name, args, parent=parent, **extra)
 
 
