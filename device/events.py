@@ -7,24 +7,47 @@ is durable, in the order they happened. ``to_json`` gives the ``listen --json`` 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from enum import StrEnum
 from typing import Any, ClassVar
 
 __all__ = [
     "Connected",
     "Disconnected",
     "Event",
+    "EventType",
     "GapDetected",
     "Joined",
     "KeyChanged",
     "MessageReceived",
+    "ReceiptKind",
     "ReceiptReceived",
     "Removed",
 ]
 
 
+class EventType(StrEnum):
+    """An event's ``type`` in its JSON form (``listen --json``)."""
+
+    MESSAGE = "message"
+    RECEIPT = "receipt"
+    KEY_CHANGED = "key_changed"
+    JOINED = "joined"
+    REMOVED = "removed"
+    GAP = "gap"
+    CONNECTED = "connected"
+    DISCONNECTED = "disconnected"
+
+
+class ReceiptKind(StrEnum):
+    """What a member's receipt says of our messages."""
+
+    DELIVERED = "delivered"
+    READ = "read"
+
+
 @dataclass(frozen=True, slots=True)
 class _Base:
-    type: ClassVar[str] = "event"
+    type: ClassVar[EventType]
 
     def to_json(self) -> dict[str, Any]:
         return {"type": self.type, **asdict(self)}
@@ -34,7 +57,7 @@ class _Base:
 class MessageReceived(_Base):
     """A text from another member, shown exactly once (``id`` is its local row)."""
 
-    type: ClassVar[str] = "message"
+    type: ClassVar[EventType] = EventType.MESSAGE
     id: int
     cid: str
     sender: str
@@ -52,10 +75,10 @@ class MessageReceived(_Base):
 class ReceiptReceived(_Base):
     """A member received (``delivered``) or displayed (``read``) our messages."""
 
-    type: ClassVar[str] = "receipt"
+    type: ClassVar[EventType] = EventType.RECEIPT
     cid: str
     sender: str
-    kind: str
+    kind: ReceiptKind
     steps: int
 
 
@@ -63,7 +86,7 @@ class ReceiptReceived(_Base):
 class KeyChanged(_Base):
     """A known participant's keys changed: compare fingerprints out of band."""
 
-    type: ClassVar[str] = "key_changed"
+    type: ClassVar[EventType] = EventType.KEY_CHANGED
     pid: str
     previous_fingerprint: str | None
     fingerprint: str
@@ -73,7 +96,7 @@ class KeyChanged(_Base):
 class Joined(_Base):
     """We are a member of a conversation (invited, or a new epoch)."""
 
-    type: ClassVar[str] = "joined"
+    type: ClassVar[EventType] = EventType.JOINED
     cid: str
     epoch: int
     members: tuple[str, ...]
@@ -81,7 +104,7 @@ class Joined(_Base):
 
 @dataclass(frozen=True, slots=True)
 class Removed(_Base):
-    type: ClassVar[str] = "removed"
+    type: ClassVar[EventType] = EventType.REMOVED
     cid: str
     epoch: int
 
@@ -90,7 +113,7 @@ class Removed(_Base):
 class GapDetected(_Base):
     """Steps ``first..last`` of a member's chain are missing (lost or skipped)."""
 
-    type: ClassVar[str] = "gap"
+    type: ClassVar[EventType] = EventType.GAP
     cid: str
     sender: str
     epoch: int
@@ -101,14 +124,14 @@ class GapDetected(_Base):
 
 @dataclass(frozen=True, slots=True)
 class Connected(_Base):
-    type: ClassVar[str] = "connected"
+    type: ClassVar[EventType] = EventType.CONNECTED
     protocol: str
     session_present: bool
 
 
 @dataclass(frozen=True, slots=True)
 class Disconnected(_Base):
-    type: ClassVar[str] = "disconnected"
+    type: ClassVar[EventType] = EventType.DISCONNECTED
     reason: str
 
 

@@ -14,7 +14,7 @@ import logging
 
 from fieldchat.device.context import Batch, Part, Shared
 from fieldchat.device.engine import Opened
-from fieldchat.device.events import ReceiptReceived
+from fieldchat.device.events import ReceiptKind, ReceiptReceived
 from fieldchat.device.repair import ASK_FRACTIONS, MAX_REPAIR_PER_REQUEST, Repairs, StepKey
 from fieldchat.device.rows import OutboxKind
 from fieldchat.device.state import StateTransaction
@@ -74,7 +74,9 @@ class ReceiptHandler(Part):
             steps += r.last - r.first + 1
         if steps:
             batch.events.append(
-                ReceiptReceived(opened.cid, opened.sender, receipt.type.name.lower(), steps)
+                ReceiptReceived(
+                    opened.cid, opened.sender, ReceiptKind(receipt.type.name.lower()), steps
+                )
             )
 
     def answer_held_ask(
