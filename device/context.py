@@ -14,7 +14,8 @@ worker once the transaction committed.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from fieldchat.device.config import LinkOptions
@@ -28,7 +29,7 @@ from fieldchat.device.state import DeviceState, StateTransaction
 from fieldchat.device.tail import HistorySource
 from fieldchat.schemas import Topics
 from fieldchat.schemas.envelope import read_header
-from fieldchat.schemas.errors import FieldchatError
+from fieldchat.schemas.errors import FieldchatError, KeyStoreError
 from fieldchat.schemas.topics import Topic
 
 __all__ = ["MAX_TOPICS_PARSED", "Batch", "Part", "Shared"]
@@ -132,6 +133,17 @@ class Part:
     def _rejected(self, exc: FieldchatError) -> None:
         """Count a refusal by its reason (``rejected_<reason>``)."""
         self.counters[f"rejected_{exc.reason}"] += 1
+
+    @contextmanager
+    def _counting_refusals(self) -> Iterator[None]:
+        """A refusal inside (junk, a forgery, a rule) is counted, not raised: one bad
+        envelope must not stop the batch. A state file failure still is raised."""
+        try:
+            yield
+        except KeyStoreError:
+            raise
+        except FieldchatError as exc:
+            self._rejected(exc)
 
 
 @dataclass(slots=True)

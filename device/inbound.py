@@ -199,12 +199,8 @@ class Inbound(Part):
 
     def _open_counted(self, tx: StateTransaction, cid: str, payload: bytes, batch: Batch) -> None:
         """Open a held envelope; a refusal is counted (``rejected_<reason>``)."""
-        try:
+        with self._counting_refusals():
             self._open_one(tx, cid, payload, batch)
-        except KeyStoreError:
-            raise
-        except FieldchatError as exc:
-            self._rejected(exc)
 
     def _reach(self, tx: StateTransaction, batch: Batch) -> bool:
         """Try the held far-ahead envelopes of the chains that moved, once each comes
@@ -378,12 +374,8 @@ class Inbound(Part):
         batch = Batch()
         with self.state.transaction() as tx:
             for envelope in envelopes:
-                try:
+                with self._counting_refusals():
                     self.open(tx, cid, envelope, batch)
-                except KeyStoreError:
-                    raise
-                except FieldchatError as exc:
-                    self._rejected(exc)
             self.engine.flush()
         return batch
 

@@ -30,7 +30,7 @@ from fieldchat.device.reconcile import (
 )
 from fieldchat.device.rows import REFUSED, Gap
 from fieldchat.device.tail import TAIL_CURSOR, Fetched, TailSchedule, tail_round
-from fieldchat.schemas.errors import FieldchatError, KeyStoreError
+from fieldchat.schemas.errors import FieldchatError
 
 __all__ = ["ROSTER_FETCH_AGAIN_S", "Archived", "HistoryRounds"]
 
@@ -248,12 +248,8 @@ class HistoryRounds(Part):
         batch = Batch()
         with self.state.transaction() as tx:
             for payload in rosters:
-                try:
+                with self._counting_refusals():
                     self._inbound.rosters.on_roster(tx, payload, batch)
-                except KeyStoreError:
-                    raise
-                except FieldchatError as exc:
-                    self._rejected(exc)
             self.engine.flush()
         if self.engine.awaiting_rosters().get(cid) is not None:
             log.info("rosters of %s fetched; its chain still waits for others", cid)

@@ -21,8 +21,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from fieldchat.device.config import LinkOptions
-from fieldchat.device.context import Batch, Shared
+from fieldchat.device.context import Batch, Part, Shared
 from fieldchat.device.events import Connected, Disconnected, Event
 from fieldchat.device.inbound import Inbound
 from fieldchat.device.link import Connection, Link
@@ -101,7 +100,7 @@ class Stop:
 Item = Up | Down | Arrived | Acked | Refused | Wake | Stop | Fetched | Archived
 
 
-class Worker:
+class Worker(Part):
     """Owns the worker thread, the connection it publishes on and the parts it drives.
 
     Args:
@@ -118,12 +117,7 @@ class Worker:
         subscriptions: Subscriptions,
         emit: Callable[[Event], None],
     ) -> None:
-        self._shared = shared
-        self.state = shared.state
-        self.engine = shared.engine
-        self.topics = shared.topics
-        self.counters = shared.counters
-        self._clock = shared.clock
+        super().__init__(shared)
         self.subscriptions = subscriptions
         self._emit = emit
         # Each sender's order, with what a previous run held for it (device.sequencer).
@@ -161,14 +155,6 @@ class Worker:
         self._unacked: deque[tuple[int, list[tuple[Connection, int]]]] = deque()
         self._syncer = ThreadPoolExecutor(1, thread_name_prefix="fieldchat-sync")
         self._syncing: Future[None] | None = None
-
-    @property
-    def options(self) -> LinkOptions:
-        return self._shared.options
-
-    @property
-    def pid(self) -> str:
-        return self.engine.pid
 
     def _fetch_rosters(self, cid: str, have: int) -> None:
         self.rounds.fetch_rosters(cid, have)
@@ -313,7 +299,7 @@ class Worker:
         envelopes = []
         for item in items:
             if isinstance(item, Arrived):
-                parsed = self._shared.parse(item.topic)
+                parsed = self._parse(item.topic)
                 if parsed is not None and parsed.kind is TopicKind.MSG and parsed.cid:
                     with contextlib.suppress(FieldchatError):  # counted by _on_message
                         envelopes += [(parsed.cid, e) for e in split(item.payload)]
