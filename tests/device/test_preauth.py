@@ -16,7 +16,7 @@ import pytest
 from fieldchat.device import chains, grants
 from fieldchat.schemas import CryptoError, FieldchatError, MissingKey, TextMessage
 from fieldchat.schemas.envelope import EnvelopeKind, header_bytes, read_header
-from tests.device._mesh import Mesh
+from tests.device._mesh import Mesh, text_of
 
 
 @pytest.fixture
@@ -144,4 +144,4 @@ def test_a_held_far_unsigned_step_opens_once_a_signed_one_moves_the_chain():
     assert bob.open(cid, sealed[2_048]).signed  # verified first, then the jump of 2,048
     index = bob.roster(cid).index_of(alice.pid)
     assert bob.reach(cid, 0, index, 0) >= 1_500
-    assert bob.open(cid, sealed[1_500]).message.text == "1500"
+    assert text_of(bob.open(cid, sealed[1_500])) == "1500"
