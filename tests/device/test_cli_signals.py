@@ -206,7 +206,7 @@ def _pipe_full(fd: int) -> bool:
     return int.from_bytes(buf, "little") >= 4096
 
 
-def _drain(fd: int) -> list[dict[str, object]]:
+def _drain(fd: int) -> list[dict[str, Any]]:
     """Whole JSON message lines left in the pipe by a killed writer."""
     chunks = []
     while chunk := os.read(fd, 65536):

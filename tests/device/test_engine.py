@@ -185,6 +185,7 @@ def test_jump_past_the_forward_limit_is_rejected():
     cid = mesh.create("alice", "bob", sign_every=0)
     conv = mesh["alice"]._convs[cid]
     chain = conv.send
+    assert chain is not None
     # Advance alice's chain past the limit without publishing anything.
     from fieldchat.device.chains import advance
 
@@ -290,7 +291,9 @@ def test_signature_policy_every_nth():
     for i in range(8):
         envelope = mesh["alice"].seal(cid, text(str(i)))
         signed.append(bool(read_header(envelope)[1] & FLAG_SIGNED))
-        assert mesh["bob"].open(cid, envelope).signed == signed[-1]
+        opened = mesh["bob"].open(cid, envelope)
+        assert opened is not None
+        assert opened.signed == signed[-1]
     assert signed == [True, False, False, False, True, False, False, False]
 
 

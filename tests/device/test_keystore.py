@@ -55,8 +55,8 @@ def test_engine_state_survives_a_restart(tmp_path):
     cid, pubs = alice.create_conversation([bob.pid])
     for pub in pubs:
         if pub.topic.endswith("/propose"):
-            for reply in bob.handle_roster(pub.payload):
-                alice.handle_grant(reply.payload)
+            for grant in bob.handle_roster(pub.payload):
+                alice.handle_grant(grant.payload)
         else:
             bob.handle_grant(pub.payload)
     first = alice.seal(cid, TextMessage(sent_at=1, text="one"))
