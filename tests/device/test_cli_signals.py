@@ -109,7 +109,7 @@ def _next_message(lines: _Lines, timeout: float = 30) -> dict[str, object]:
         assert line, "listen ended"
         data = json.loads(line)
         if data["type"] == "message":
-            return data  # type: ignore[no-any-return]
+            return data
     raise AssertionError(f"no message in {timeout} s")
 
 
