@@ -18,8 +18,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from pydantic import SecretStr
@@ -376,8 +377,8 @@ def run_cli(
     )
 
 
-def start_cli(args: list[str], env: dict[str, str], **kwargs: object) -> subprocess.Popen[str]:
-    return subprocess.Popen(  # type: ignore[call-overload, no-any-return]
+def start_cli(args: list[str], env: dict[str, str], **kwargs: Any) -> subprocess.Popen[str]:
+    return subprocess.Popen(
         [FIELDCHAT, "device", *args],
         env=env,
         stdout=subprocess.PIPE,
@@ -477,7 +478,7 @@ def conversation(devices: Devices, *names: str) -> tuple[str, list[Device]]:
     made = [devices.make(name) for name in names]
     cid = made[0].create_conversation([d.pid for d in made[1:]])
     for device in made[1:]:
-        wait_until(lambda d=device: d.engine.is_member(cid), 15, "members join")
+        wait_until(partial(device.engine.is_member, cid), 15, "members join")
     # Every member holds every other member's chain before the processes take over.
     wait_until(
         lambda: all(len(d.engine._convs[cid].recv) == len(made) - 1 for d in made), 15, "grants"
