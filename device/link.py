@@ -7,7 +7,7 @@ publishes again everything the broker had not acknowledged. A fresh client per
 connection also makes MQTT 5 topic aliases safe (they are scoped to one connection,
 MQTT 5 §3.3.2.3.4, and paho would retransmit an aliased PUBLISH with an empty topic
 on a new connection) and lets ``protocol="auto"`` fall back to MQTT 3.1.1 when a
-broker (aMQTT) does not speak 5.
+broker (aMQTT) does not speak 5 (:mod:`fieldchat.device.fallback` decides when).
 
 Callbacks run on the link thread and must be quick: the device only enqueues.
 """
@@ -34,9 +34,10 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from fieldchat.device.config import BrokerOptions, LinkOptions
+from fieldchat.device.fallback import Outcome, ProtocolFallback
 from fieldchat.schemas.errors import ConnectFailed, NotAuthorized, TransportError
 
-__all__ = ["SESSION_EXPIRY_S", "Connection", "Link", "LinkHandler"]
+__all__ = ["SESSION_EXPIRY_S", "Connection", "Link", "LinkHandler", "Refusal"]
 
 log = logging.getLogger("fieldchat.device.link")
 
@@ -48,6 +49,16 @@ _BAD_CREDENTIALS = frozenset({134, 135, 138})
 _UNSUPPORTED_PROTOCOL = 132
 
 
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A broker's negative PUBACK (MQTT 5 §3.4.2.1: a reason code of 0x80 or more),
+    e.g. 0x87 Not authorized, 0x90 Topic Name invalid, 0x97 Quota exceeded. MQTT 3.1.1
+    has none: a broker there acknowledges, drops, or disconnects."""
+
+    code: int
+    name: str
+
+
 class LinkHandler(Protocol):
     """What the link tells the device (called on the link thread)."""
 
@@ -57,7 +68,8 @@ class LinkHandler(Protocol):
         self, conn: Connection, mid: int, topic: str, payload: bytes, qos: int
     ) -> None: ...
 
-    def link_published(self, conn: Connection, mid: int, ok: bool) -> None: ...
+    def link_published(self, conn: Connection, mid: int, refusal: Refusal | None) -> None:
+        """The broker acknowledged packet ``mid``; ``refusal`` when it refused it."""
 
     def link_disconnected(self, conn: Connection, reason: str) -> None: ...
 
@@ -195,8 +207,7 @@ class Link:
         self.options = options
         self.handler = handler
         self.will = will
-        self._protocol = protocol or ("3.1.1" if broker.protocol == "3.1.1" else "5")
-        self._on_protocol = on_protocol
+        self.levels = ProtocolFallback(broker.protocol, protocol, remember=on_protocol)
         self._rng = rng or random.SystemRandom()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -256,8 +267,8 @@ class Link:
             delay = max(0.05, self._rng.uniform(0, ceiling))  # full jitter
             self._stop.wait(delay)
 
-    def _new_client(self) -> mqtt.Client:
-        v5 = self._protocol == "5"
+    def _new_client(self, level: str) -> mqtt.Client:
+        v5 = level == "5"
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=self.client_id,
@@ -281,11 +292,12 @@ class Link:
             )
         return client
 
-    def _connect_once(self) -> str:  # noqa: PLR0911, PLR0912, PLR0915 - one connection's story
+    def _connect_once(self) -> str:  # noqa: PLR0912, PLR0915 - one connection's story
         """One connection from CONNECT to its end: ``ok``, ``fail`` or ``switch``."""
         self._number += 1
-        client = self._new_client()
-        conn = Connection(self._number, client, self._protocol)
+        level = self.levels.level()
+        client = self._new_client(level)
+        conn = Connection(self._number, client, level)
         state: dict[str, Any] = {"connack": None}
 
         def on_connect(
@@ -303,6 +315,7 @@ class Link:
                     conn.alias_max = int(getattr(props, "TopicAliasMaximum", 0) or 0)
                 conn.receive_max = int(getattr(props, "ReceiveMaximum", 65_535) or 65_535)
                 conn.max_packet = int(getattr(props, "MaximumPacketSize", 0) or 0)
+            self.levels.after(Outcome.CONNECTED)
             conn.connected = True
             self.connection = conn
             self.connects += 1
@@ -315,7 +328,8 @@ class Link:
         def on_publish(
             _c: mqtt.Client, _u: object, mid: int, rc: ReasonCode, _p: Properties | None
         ) -> None:
-            self.handler.link_published(conn, mid, not rc.is_failure)
+            refusal = Refusal(rc.value, rc.getName()) if rc.is_failure else None
+            self.handler.link_published(conn, mid, refusal)
 
         def on_subscribe(
             _c: mqtt.Client, _u: object, mid: int, codes: list[ReasonCode], _p: Properties | None
@@ -346,8 +360,10 @@ class Link:
             else:
                 client.connect(host, port, self.options.keepalive_s)
         except ssl.SSLError as exc:
+            self.levels.after(Outcome.OTHER)
             return self._fail(ConnectFailed(f"TLS handshake with {where} failed: {exc.reason}"))
         except (TimeoutError, OSError) as exc:
+            self.levels.after(Outcome.OTHER)
             reason = exc.strerror or type(exc).__name__
             return self._fail(ConnectFailed(f"cannot reach broker at {where}: {reason}"))
         _no_delay(client)
@@ -374,21 +390,16 @@ class Link:
         if connack == 0:
             self.handler.link_disconnected(conn, reason)
             return "ok"
-        if connack in _BAD_CREDENTIALS:
-            user = self.broker.username or self.client_id
-            return self._fail(NotAuthorized(f"broker at {where} refused the credential for {user}"))
-        if self.broker.protocol == "auto" and (connack is None or connack == _UNSUPPORTED_PROTOCOL):
-            # Reached the broker but got no usable CONNACK: try the other protocol.
-            self._protocol = "3.1.1" if self._protocol == "5" else "5"
-            if self._on_protocol is not None:
-                self._on_protocol(self._protocol)
-            self._fail(ConnectFailed(f"broker at {where} closed the connection ({reason})"))
-            return "switch" if self._protocol == "3.1.1" else "fail"
-        if connack is None:
-            return self._fail(ConnectFailed(f"broker at {where} closed the connection ({reason})"))
-        return self._fail(
-            ConnectFailed(f"broker at {where} refused the connection (code {connack})")
+        if self._stop.is_set():
+            return "fail"  # stopped while connecting: tells nothing of the broker
+        outcome, error = _ending(
+            connack, reason, where, level, self.broker.username or self.client_id
         )
+        again = self.levels.after(outcome)
+        if again:
+            log.info("link: MQTT %s next, at once (%s)", self.levels.level(), error)
+        self._fail(error)
+        return "switch" if again else "fail"
 
     def _goodbye(self, conn: Connection) -> None:
         """Clean disconnect: farewell publications, then DISCONNECT (no will)."""
@@ -411,6 +422,26 @@ class Link:
         log.info("link: %s", error)
         self.handler.link_failed(error)
         return "fail"
+
+
+def _ending(
+    connack: int | None, reason: str, where: str, level: str, user: str
+) -> tuple[Outcome, TransportError]:
+    """What a connection that never got CONNACK 0 tells of the protocol level, and the
+    error to report."""
+    if connack is None:
+        return Outcome.UNANSWERED, ConnectFailed(
+            f"broker at {where} closed the connection ({reason})"
+        )
+    if connack == _UNSUPPORTED_PROTOCOL:
+        return Outcome.REFUSED_LEVEL, ConnectFailed(
+            f"broker at {where} does not speak MQTT {level}"
+        )
+    if connack in _BAD_CREDENTIALS:
+        return Outcome.OTHER, NotAuthorized(f"broker at {where} refused the credential for {user}")
+    return Outcome.OTHER, ConnectFailed(
+        f"broker at {where} refused the connection (code {connack})"
+    )
 
 
 def _loop_once(conn: Connection, timeout: float) -> MQTTErrorCode:
