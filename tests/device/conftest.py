@@ -177,7 +177,7 @@ class Mosquitto:
 class Embedded:
     """The embedded broker (``fieldchat.broker.BrokerThread``) behind the same interface.
 
-    It speaks MQTT 3.1.1 only, so devices on ``protocol="auto"`` fall back to it.
+    It speaks MQTT 5 and 3.1.1; devices on ``protocol="auto"`` use 5 (issue 17).
     """
 
     def __init__(self, workdir: Path) -> None:

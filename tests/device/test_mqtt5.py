@@ -10,7 +10,10 @@ from pathlib import Path
 import pytest
 
 from fieldchat.device.client import Device
-from fieldchat.device.events import PublishRefused
+from fieldchat.device.events import Event, PublishRefused
+from fieldchat.schemas.envelope import EnvelopeKind, read_header
+from fieldchat.schemas.frame import split
+from tests.device._wire import V5, V311, Front
 from tests.device.conftest import FAST, Devices, Embedded, conversation, texts, wait_until
 
 NOT_AUTHORIZED = 0x87
@@ -106,3 +109,152 @@ def test_a_removed_member_s_queued_message_is_refused_not_resent(
     assert carol.wait_drained(5)
     assert carol.counters["refused_by_broker"] == 1
     assert "written after my removal" not in texts(alice, cid) + texts(bob, cid)
+
+
+# -- through a front that reads the packets -------------------------------------------
+
+
+def _through(
+    devices: Devices, embedded: Embedded, front: Front, name: str, *, start: bool = True
+) -> Device:
+    """A device that reaches the embedded broker through ``front``."""
+    probe = Device(devices.tmp / f"{name}.sqlite3", prefix="fc/v1")
+    pid = probe.pid
+    probe.close()
+    options = embedded.options(pid).model_copy(update={"port": front.port})
+    events: list[Event] = []
+    device = Device(
+        devices.tmp / f"{name}.sqlite3",
+        options,
+        link=FAST,
+        prefix="fc/v1",
+        on_event=events.append,
+    )
+    devices.events[device.pid] = events
+    devices.open.append(device)
+    if start:
+        device.start()
+        device.wait_connected(10)
+    return device
+
+
+def _kinds(publishes: list) -> list[EnvelopeKind]:
+    return [read_header(e)[0] for p in publishes for e in split(p.payload)]
+
+
+def test_conversation_topics_are_aliased_and_own_messages_not_echoed(
+    on_embedded: Devices, embedded: Embedded
+) -> None:
+    """Topic Alias (MQTT 5 §3.3.2.3.4): the conversation's topic travels once per
+    connection, then a two-byte alias; No Local (§3.8.3.1): alice's own messages do
+    not come back to her (on 3.1.1 every one did, and was PUBACKed)."""
+    front = Front(embedded.port)
+    try:
+        alice = _through(on_embedded, embedded, front, "alice")
+        bob = on_embedded.make("bob")
+        cid = alice.create_conversation([bob.pid])
+        wait_until(lambda: bob.engine.is_member(cid), 10, "bob joins")
+        wait_until(lambda: len(alice.engine._convs[cid].recv) == 1, 10, "bob's grant")
+        for i in range(30):
+            alice.send(cid, f"m{i}")
+            assert alice.wait_drained(5)  # one PUBLISH each, not a frame
+        wait_until(lambda: len(texts(bob, cid)) == 30, 10, "bob has them")
+        wait_until(lambda: not bob.receipts_pending and not bob.outbox(), 10, "receipts out")
+        link = front.last
+        assert link.level == V5
+        topic = alice.topics.msg(cid)
+        to_msg = [p for p in link.publishes() if p.properties.topic_alias is not None]
+        named = [p for p in to_msg if p.topic]
+        assert [p.topic for p in named] == [topic], "the topic once, with its alias"
+        alias = named[0].properties.topic_alias
+        texts_sent = [p for p in to_msg if _kinds([p]) == [EnvelopeKind.TEXT]]
+        assert len(texts_sent) == 30
+        assert all(p.topic == "" and p.properties.topic_alias == alias for p in texts_sent[1:])
+        assert not [p for p in link.publishes() if p.topic == topic and p not in named]
+        # No Local: what comes down on the conversation is bob's receipts, never our texts.
+        down = [p for p in link.publishes(down=True) if p.topic == topic]
+        assert down, "bob's receipts arrive"
+        assert EnvelopeKind.TEXT not in _kinds(down)
+    finally:
+        front.close()
+
+
+def test_the_broker_s_topic_alias_maximum_is_honoured(tmp_path: Path) -> None:
+    """A broker allowing one alias: the first conversation gets it, the second travels
+    with its topic name every time, and no alias above the maximum is ever sent."""
+    from fieldchat.broker.testing import make_config
+
+    embedded = Embedded(tmp_path / "embedded")
+    embedded.config = make_config(tmp_path / "embedded", topic_alias_maximum=1)
+    embedded.start()
+    front = Front(embedded.port)
+    devices = Devices(tmp_path, embedded)
+    try:
+        alice = _through(devices, embedded, front, "alice")
+        bob = devices.make("bob")
+        cids = [alice.create_conversation([bob.pid]) for _ in range(2)]
+        for cid in cids:
+            wait_until(lambda c=cid: len(alice.engine._convs[c].recv) == 1, 10, "grants")
+        for i in range(5):
+            for cid in cids:
+                alice.send(cid, f"m{i}")
+                assert alice.wait_drained(5)
+        wait_until(lambda: all(len(texts(bob, c)) == 5 for c in cids), 10, "bob has them")
+        publishes = front.last.publishes()
+        aliases = {p.properties.topic_alias for p in publishes} - {None}
+        assert aliases == {1}
+        second = alice.topics.msg(cids[1])
+        assert sum(p.topic == second for p in publishes) >= 5, "named every time"
+        assert all(p.properties.topic_alias is None for p in publishes if p.topic == second)
+    finally:
+        devices.close()
+        front.close()
+        embedded.close()
+
+
+@pytest.mark.parametrize("refusal", ["connack", "connack311"])
+def test_falls_back_to_3_1_1_on_a_broker_refusing_5(
+    on_embedded: Devices, embedded: Embedded, refusal: str
+) -> None:
+    """CONNACK 0x84 (an MQTT 5 server) or 3.1.1's return code 1 (a 3.1.1 server,
+    MQTT-3.1.2-2): 3.1.1 at once, remembered; the conversation works; the next start
+    goes straight to 3.1.1."""
+    front = Front(embedded.port, refuse_v5=refusal)
+    try:
+        alice = _through(on_embedded, embedded, front, "alice")
+        assert alice.protocol == "3.1.1"
+        assert front.levels == [V5, V311]
+        assert (alice.state.get_meta("protocol") or "").startswith("3.1.1 ")
+        bob = on_embedded.make("bob")
+        cid = alice.create_conversation([bob.pid])
+        wait_until(lambda: bob.engine.is_member(cid), 10, "bob joins")
+        alice.send(cid, "over 3.1.1")
+        wait_until(lambda: texts(bob, cid) == ["over 3.1.1"], 10, "bob receives")
+        again = on_embedded.reopen(alice)
+        again.wait_connected(10)
+        assert again.protocol == "3.1.1"
+        assert front.levels == [V5, V311, V311]
+    finally:
+        front.close()
+
+
+def test_one_connect_closed_without_connack_does_not_downgrade(
+    on_embedded: Devices, embedded: Embedded
+) -> None:
+    """A broker that sheds a socket before its CONNACK (the embedded broker evicts
+    pending sockets under a flood): one connection on 3.1.1, then 5 again; nothing
+    remembered. It used to store 3.1.1 for good."""
+    front = Front(embedded.port, close_v5_times=1)
+    try:
+        alice = _through(on_embedded, embedded, front, "alice")
+        assert front.levels == [V5, V311]
+        assert alice.protocol == "3.1.1"
+        assert alice._link is not None
+        connects = alice.counters["connects"]
+        alice._link.kick()
+        wait_until(lambda: alice.counters["connects"] > connects and alice.connected, 10)
+        assert alice.protocol == "5"
+        assert front.levels == [V5, V311, V5]
+        assert not (alice.state.get_meta("protocol") or "").startswith("3.1.1")
+    finally:
+        front.close()
