@@ -265,15 +265,18 @@ class Devices:
         protocol: str = "auto",
         start: bool = True,
         prefix: str = "fc/v1",
+        port: int | None = None,
     ) -> Device:
+        """``port``: connect there (a front for the broker, tests/device/_wire.py)."""
         path = self.tmp / f"{name}.sqlite3"
         probe = Device(path, prefix=prefix)  # learn the pid to enroll it
         pid = probe.pid
         probe.close()
         events: list[Event] = []
+        options = self.broker.options(pid, protocol=protocol)
         device = Device(
             path,
-            self.broker.options(pid, protocol=protocol),
+            options if port is None else options.model_copy(update={"port": port}),
             link=link,
             prefix=prefix,
             on_event=events.append,

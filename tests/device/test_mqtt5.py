@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from fieldchat.device.client import Device
-from fieldchat.device.events import Event, PublishRefused
+from fieldchat.device.events import PublishRefused
 from fieldchat.schemas.envelope import EnvelopeKind, read_header
 from fieldchat.schemas.frame import split
 from tests.device._wire import V5, V311, Front
@@ -114,30 +114,6 @@ def test_a_removed_member_s_queued_message_is_refused_not_resent(
 # -- through a front that reads the packets -------------------------------------------
 
 
-def _through(
-    devices: Devices, embedded: Embedded, front: Front, name: str, *, start: bool = True
-) -> Device:
-    """A device that reaches the embedded broker through ``front``."""
-    probe = Device(devices.tmp / f"{name}.sqlite3", prefix="fc/v1")
-    pid = probe.pid
-    probe.close()
-    options = embedded.options(pid).model_copy(update={"port": front.port})
-    events: list[Event] = []
-    device = Device(
-        devices.tmp / f"{name}.sqlite3",
-        options,
-        link=FAST,
-        prefix="fc/v1",
-        on_event=events.append,
-    )
-    devices.events[device.pid] = events
-    devices.open.append(device)
-    if start:
-        device.start()
-        device.wait_connected(10)
-    return device
-
-
 def _kinds(publishes: list) -> list[EnvelopeKind]:
     return [read_header(e)[0] for p in publishes for e in split(p.payload)]
 
@@ -150,7 +126,7 @@ def test_conversation_topics_are_aliased_and_own_messages_not_echoed(
     not come back to her (on 3.1.1 every one did, and was PUBACKed)."""
     front = Front(embedded.port)
     try:
-        alice = _through(on_embedded, embedded, front, "alice")
+        alice = on_embedded.make("alice", port=front.port)
         bob = on_embedded.make("bob")
         cid = alice.create_conversation([bob.pid])
         wait_until(lambda: bob.engine.is_member(cid), 10, "bob joins")
@@ -190,7 +166,7 @@ def test_the_broker_s_topic_alias_maximum_is_honoured(tmp_path: Path) -> None:
     front = Front(embedded.port)
     devices = Devices(tmp_path, embedded)
     try:
-        alice = _through(devices, embedded, front, "alice")
+        alice = devices.make("alice", port=front.port)
         bob = devices.make("bob")
         cids = [alice.create_conversation([bob.pid]) for _ in range(2)]
         for cid in cids:
@@ -221,7 +197,7 @@ def test_falls_back_to_3_1_1_on_a_broker_refusing_5(
     goes straight to 3.1.1."""
     front = Front(embedded.port, refuse_v5=refusal)
     try:
-        alice = _through(on_embedded, embedded, front, "alice")
+        alice = on_embedded.make("alice", port=front.port)
         assert alice.protocol == "3.1.1"
         assert front.levels == [V5, V311]
         assert (alice.state.get_meta("protocol") or "").startswith("3.1.1 ")
@@ -246,7 +222,7 @@ def test_one_connect_closed_without_connack_does_not_downgrade(
     remembered. It used to store 3.1.1 for good."""
     front = Front(embedded.port, close_v5_times=1)
     try:
-        alice = _through(on_embedded, embedded, front, "alice")
+        alice = on_embedded.make("alice", port=front.port)
         assert front.levels == [V5, V311]
         assert alice.protocol == "3.1.1"
         assert alice._link is not None
