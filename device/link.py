@@ -42,6 +42,10 @@ __all__ = ["SESSION_EXPIRY_S", "Connection", "Link", "LinkHandler", "Refusal"]
 log = logging.getLogger("fieldchat.device.link")
 
 SESSION_EXPIRY_S = 7 * 24 * 3600  # MQTT 5 session expiry: a week offline keeps the queue
+# The Topic Alias Maximum we announce (MQTT 5 §3.1.2.11.5): the broker may then name each
+# topic it sends us once and alias it after (a device reads a handful of topics; each
+# message it receives then carries 2 bytes of alias instead of a ≈ 38-byte name).
+INBOUND_ALIASES = 16
 _LOOP_TIMEOUT_S = 0.05
 _SUBSCRIBE_CHUNK = 64
 # CONNACK reason codes (MQTT 5 §3.2.2.2; paho maps 3.1.1 return codes 4/5 to 134/135).
@@ -112,6 +116,7 @@ class Connection:
         # building one per message cost about a tenth of the publishing thread's time.
         self._alias_properties: dict[int, Properties] = {}
         self._alias_lock = threading.Lock()
+        self._inbound: dict[int, str] = {}  # the broker's aliases (link thread only)
         self.io = threading.Lock()  # taken before _alias_lock, never after it
         self.pending_subscribes: dict[int, list[str]] = {}
 
@@ -142,6 +147,17 @@ class Connection:
         with self.io:
             info = self.client.publish(topic, payload, qos=1, retain=retain, properties=properties)
         return info.mid
+
+    def inbound_topic(self, topic: str, alias: int) -> str | None:
+        """The topic of a received PUBLISH that carries a Topic Alias: a name sets the
+        alias, an empty name uses it; ``None`` for an alias never set or out of range
+        (a protocol error, MQTT 5 §3.3.2.3.4)."""
+        if not 0 < alias <= INBOUND_ALIASES:
+            return None
+        if topic:
+            self._inbound[alias] = topic
+            return topic
+        return self._inbound.get(alias)
 
     def publish_status(self, topic: str, payload: bytes) -> mqtt.MQTTMessageInfo:
         with self.io:
@@ -322,8 +338,17 @@ class Link:
             self.last_error = None
             self.handler.link_connected(conn, flags.session_present)
 
-        def on_message(_c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
-            self.handler.link_message(conn, msg.mid, msg.topic, bytes(msg.payload), msg.qos)
+        def on_message(c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
+            topic = msg.topic
+            alias = getattr(msg.properties, "TopicAlias", None) if conn.protocol == "5" else None
+            if alias is not None:
+                named = conn.inbound_topic(topic, alias)
+                if named is None:  # already under conn.io: paho's own disconnect
+                    log.warning("link: the broker used topic alias %d, never set", alias)
+                    c.disconnect(ReasonCode(PacketTypes.DISCONNECT, "Topic alias invalid"))
+                    return
+                topic = named
+            self.handler.link_message(conn, msg.mid, topic, bytes(msg.payload), msg.qos)
 
         def on_publish(
             _c: mqtt.Client, _u: object, mid: int, rc: ReasonCode, _p: Properties | None
@@ -350,6 +375,7 @@ class Link:
             if conn.protocol == "5":
                 props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
                 props.SessionExpiryInterval = SESSION_EXPIRY_S
+                props.TopicAliasMaximum = INBOUND_ALIASES
                 client.connect(
                     host,
                     port,

@@ -36,6 +36,18 @@ class Link:
     def publishes(self, *, down: bool = False) -> list[mqtt.Publish]:
         return [p for p in (self.down if down else self.up) if isinstance(p, mqtt.Publish)]
 
+    def on(self, topic: str, *, down: bool = False) -> list[mqtt.Publish]:
+        """The PUBLISH packets to ``topic``, named or by its Topic Alias."""
+        aliases: dict[int, str] = {}
+        found = []
+        for p in self.publishes(down=down):
+            alias = p.properties.topic_alias
+            if alias is not None and p.topic:
+                aliases[alias] = p.topic
+            if (p.topic or aliases.get(alias or 0)) == topic:
+                found.append(p)
+        return found
+
 
 class Front:
     """Listens on 127.0.0.1 (``port``) and relays to the broker on ``target``."""

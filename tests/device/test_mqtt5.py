@@ -122,12 +122,14 @@ def test_conversation_topics_are_aliased_and_own_messages_not_echoed(
     on_embedded: Devices, embedded: Embedded
 ) -> None:
     """Topic Alias (MQTT 5 §3.3.2.3.4): the conversation's topic travels once per
-    connection, then a two-byte alias; No Local (§3.8.3.1): alice's own messages do
-    not come back to her (on 3.1.1 every one did, and was PUBACKed)."""
+    connection, then a two-byte alias, both ways (bob announces a Topic Alias Maximum,
+    so the broker aliases what it sends him); No Local (§3.8.3.1): alice's own
+    messages do not come back to her (on 3.1.1 every one did, and was PUBACKed)."""
     front = Front(embedded.port)
+    bob_front = Front(embedded.port)
     try:
         alice = on_embedded.make("alice", port=front.port)
-        bob = on_embedded.make("bob")
+        bob = on_embedded.make("bob", port=bob_front.port)
         cid = alice.create_conversation([bob.pid])
         wait_until(lambda: bob.engine.is_member(cid), 10, "bob joins")
         wait_until(lambda: len(alice.engine._convs[cid].recv) == 1, 10, "bob's grant")
@@ -139,20 +141,26 @@ def test_conversation_topics_are_aliased_and_own_messages_not_echoed(
         link = front.last
         assert link.level == V5
         topic = alice.topics.msg(cid)
-        to_msg = [p for p in link.publishes() if p.properties.topic_alias is not None]
-        named = [p for p in to_msg if p.topic]
-        assert [p.topic for p in named] == [topic], "the topic once, with its alias"
+        up = link.on(topic)
+        named = [p for p in up if p.topic]
+        assert len(named) == 1, "the topic once"
         alias = named[0].properties.topic_alias
-        texts_sent = [p for p in to_msg if _kinds([p]) == [EnvelopeKind.TEXT]]
+        assert alias is not None
+        texts_sent = [p for p in up if _kinds([p]) == [EnvelopeKind.TEXT]]
         assert len(texts_sent) == 30
         assert all(p.topic == "" and p.properties.topic_alias == alias for p in texts_sent[1:])
-        assert not [p for p in link.publishes() if p.topic == topic and p not in named]
         # No Local: what comes down on the conversation is bob's receipts, never our texts.
-        down = [p for p in link.publishes(down=True) if p.topic == topic]
+        down = link.on(topic, down=True)
         assert down, "bob's receipts arrive"
         assert EnvelopeKind.TEXT not in _kinds(down)
+        # What the broker sends bob: named once, then aliased; he shows all 30.
+        to_bob = bob_front.last.on(topic, down=True)
+        assert [p.topic for p in to_bob if p.topic] == [topic]
+        assert _kinds(to_bob).count(EnvelopeKind.TEXT) == 30
+        assert {p.properties.topic_alias for p in to_bob} == {to_bob[0].properties.topic_alias}
     finally:
         front.close()
+        bob_front.close()
 
 
 def test_the_broker_s_topic_alias_maximum_is_honoured(tmp_path: Path) -> None:
@@ -234,3 +242,16 @@ def test_one_connect_closed_without_connack_does_not_downgrade(
         assert not (alice.state.get_meta("protocol") or "").startswith("3.1.1")
     finally:
         front.close()
+
+
+def test_an_inbound_alias_never_set_or_out_of_range_is_refused() -> None:
+    """MQTT 5 §3.3.2.3.4: an alias must be named before it is used and lie within the
+    Topic Alias Maximum we announced; the link then disconnects (0x94)."""
+    from fieldchat.device.link import INBOUND_ALIASES, Connection
+
+    conn = Connection(1, None, "5")  # type: ignore[arg-type]
+    assert conn.inbound_topic("", 1) is None
+    assert conn.inbound_topic("fc/v1/c/x/msg", 1) == "fc/v1/c/x/msg"
+    assert conn.inbound_topic("", 1) == "fc/v1/c/x/msg"
+    assert conn.inbound_topic("t", 0) is None
+    assert conn.inbound_topic("t", INBOUND_ALIASES + 1) is None
