@@ -368,6 +368,7 @@ def _pair(
     *,
     protocol: str = "auto",
     sender_port: int | None = None,
+    receiver_port: int | None = None,
     embedded: Embedded | None = None,
 ) -> tuple[Device, Device, str, list[Event]]:
     events: list[Event] = []
@@ -379,7 +380,7 @@ def _pair(
     )
     bob = _device(
         tmp / f"b-{os.urandom(3).hex()}.db",
-        port,
+        receiver_port or port,
         protocol=protocol,
         on_event=events.append,
         embedded=embedded,
@@ -607,15 +608,33 @@ def rss(tmp: Path, port: int) -> tuple[float, float]:
     return dev, bare
 
 
+@dataclass(frozen=True)
+class Wire:
+    """Bytes on the wire per message (see :func:`wire`)."""
+
+    sender: float  # the sender's link, its own echo included (3.1.1)
+    own_echo: float  # of those, its own messages coming back (3.1.1 only)
+    backlog: float  # the sender's, per message of a backlog sent at once, echo excluded
+    receiver: float  # the receiver's link, steady state
+
+
 def wire(
     tmp: Path, port: int, protocol: str, policy: Policy, *, embedded: Embedded | None = None
-) -> tuple[float, float, float]:
-    """Bytes per message the sender exchanges, and of those its own echo (3.1.1); then
-    per message of a backlog of ``N_BACKLOG`` sent at once (frames), own echo excluded."""
+) -> Wire:
+    """Bytes per message on the sender's link (through a counting relay), and of those
+    its own echo (3.1.1); per message of a backlog of ``N_BACKLOG`` sent at once
+    (frames), own echo excluded; and on the receiver's link (its own relay)."""
     proxy = Proxy(port, echo=protocol == "3.1.1")
+    bob_proxy = Proxy(port)
     try:
         alice, bob, cid, _ = _pair(
-            tmp, port, policy, protocol=protocol, sender_port=proxy.port, embedded=embedded
+            tmp,
+            port,
+            policy,
+            protocol=protocol,
+            sender_port=proxy.port,
+            receiver_port=bob_proxy.port,
+            embedded=embedded,
         )
         for _ in range(20):  # warm-up: aliases assigned, first receipts exchanged
             alice.send(cid, TEXT)
@@ -625,7 +644,7 @@ def wire(
         _wait(lambda: not alice._grant_resends and not bob._grant_resends, 30, "join resends")
         _wait(lambda: len(bob.messages(cid)) >= 20, 30, "the warm-up")
         time.sleep(1.5)
-        start, echo_start = proxy.bytes, proxy.echo_bytes
+        start, echo_start, bob_start = proxy.bytes, proxy.echo_bytes, bob_proxy.bytes
         for _ in range(N_WIRE):
             alice.send(cid, TEXT)
             time.sleep(0.005)
@@ -633,6 +652,7 @@ def wire(
         time.sleep(2.5)  # receipts for the run come back
         used = proxy.bytes - start
         echo = proxy.echo_bytes - echo_start
+        received = bob_proxy.bytes - bob_start
         start, echo_start = proxy.bytes, proxy.echo_bytes
         alice.send_many(cid, [TEXT] * N_BACKLOG)
         alice.wait_drained(30)
@@ -640,15 +660,18 @@ def wire(
         backlog = proxy.bytes - start - (proxy.echo_bytes - echo_start)
         alice.close()
         bob.close()
-        return used / N_WIRE, echo / N_WIRE, backlog / N_BACKLOG
+        return Wire(used / N_WIRE, echo / N_WIRE, backlog / N_BACKLOG, received / N_WIRE)
     finally:
         proxy.close()
+        bob_proxy.close()
 
 
 def wire_bytes(tmp: Path, mosquitto_port: int) -> dict[str, float]:
     """``wire`` on Mosquitto (keys ``mqtt311_…``, ``mqtt5_aliases_…``) and on the
     embedded broker (``embedded_mqtt311_…``, ``embedded_mqtt5_…``: what a device on
-    ``fieldchat up`` pays), both protocol levels and policies."""
+    ``fieldchat up`` pays), both protocol levels and policies; ``…_receiver`` is the
+    receiver's link (on MQTT 5 the embedded broker aliases what it sends, Mosquitto
+    2.0.11 does not)."""
     wires: dict[str, float] = {}
     embedded = Embedded(tmp / f"embedded-{os.urandom(3).hex()}")
     try:
@@ -665,11 +688,12 @@ def wire_bytes(tmp: Path, mosquitto_port: int) -> dict[str, float]:
                     (Policy(), "signed"),
                     (low_bandwidth_policy(), "low_bandwidth"),
                 ):
-                    used, echo, backlog = wire(tmp, port, protocol, policy, embedded=broker)
-                    wires[f"{label}_{pname}"] = round(used, 1)
-                    if echo:  # included above; what no-local would save (MQTT 5 only)
-                        wires[f"{label}_{pname}_own_echo"] = round(echo, 1)
-                    wires[f"{label}_{pname}_backlog"] = round(backlog, 1)
+                    got = wire(tmp, port, protocol, policy, embedded=broker)
+                    wires[f"{label}_{pname}"] = round(got.sender, 1)
+                    if got.own_echo:  # included above; what no-local would save (MQTT 5 only)
+                        wires[f"{label}_{pname}_own_echo"] = round(got.own_echo, 1)
+                    wires[f"{label}_{pname}_backlog"] = round(got.backlog, 1)
+                    wires[f"{label}_{pname}_receiver"] = round(got.receiver, 1)
     finally:
         embedded.close()
     print(f"wire bytes per message: {wires}", file=sys.stderr)
