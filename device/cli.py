@@ -282,6 +282,7 @@ def init(
             if settings.broker:
                 settings.broker_options(None, None)  # validate the URL
                 saved["broker"] = settings.broker
+                saved["protocol"] = None  # a level remembered for the old broker goes
             if settings.credential:
                 saved["credential"] = settings.credential.get_secret_value()
             if settings.gateway:

@@ -170,3 +170,22 @@ def test_send_and_listen_show_a_publication_the_broker_refused(tmp_path: Path) -
         assert run_cli(["outbox", "--json"], env).stdout == ""
     finally:
         broker.close()
+
+
+def test_init_with_a_new_broker_forgets_a_remembered_protocol_level(tmp_path: Path) -> None:
+    """A fall back to 3.1.1 is remembered for the broker that refused 5, not the next."""
+    from fieldchat.device.state import DeviceState
+
+    state = str(tmp_path / "frank.sqlite3")
+    assert run_cli(["init"], cli_env(state=state)).returncode == 0
+    saved = DeviceState(state)
+    saved.set_meta({"protocol": "3.1.1 1764780000"})
+    saved.close()
+    out = run_cli(["init"], cli_env(state=state, broker="mqtt://127.0.0.1:1884"))
+    assert out.returncode == 0, out.stderr
+    saved = DeviceState(state)
+    try:
+        assert saved.get_meta("protocol") is None
+        assert saved.get_meta("broker") == "mqtt://127.0.0.1:1884"
+    finally:
+        saved.close()
