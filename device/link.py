@@ -204,6 +204,9 @@ class Link:
     Args:
         client_id: also the default username: the device's pid.
         will: published by the broker if we vanish (presence).
+        protocol: the level remembered by an earlier run (``on_protocol``'s value),
+            under ``broker.protocol == "auto"`` (:class:`ProtocolFallback`).
+        on_protocol: called with the value to remember when it changes.
     """
 
     def __init__(
