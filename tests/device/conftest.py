@@ -178,7 +178,7 @@ class Mosquitto:
 class Embedded:
     """The embedded broker (``fieldchat.broker.BrokerThread``) behind the same interface.
 
-    It speaks MQTT 3.1.1 only, so devices on ``protocol="auto"`` fall back to it.
+    It speaks MQTT 5 and 3.1.1; devices on ``protocol="auto"`` use 5 (issue 17).
     """
 
     def __init__(self, workdir: Path) -> None:
@@ -266,15 +266,18 @@ class Devices:
         protocol: str = "auto",
         start: bool = True,
         prefix: str = "fc/v1",
+        port: int | None = None,
     ) -> Device:
+        """``port``: connect there (a front for the broker, tests/device/_wire.py)."""
         path = self.tmp / f"{name}.sqlite3"
         probe = Device(path, prefix=prefix)  # learn the pid to enroll it
         pid = probe.pid
         probe.close()
         events: list[Event] = []
+        options = self.broker.options(pid, protocol=protocol)
         device = Device(
             path,
-            self.broker.options(pid, protocol=protocol),
+            options if port is None else options.model_copy(update={"port": port}),
             link=link,
             prefix=prefix,
             on_event=events.append,
