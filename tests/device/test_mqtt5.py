@@ -5,7 +5,9 @@ back to 3.1.1 on a broker that refuses 5."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -52,7 +54,7 @@ def test_a_publish_the_broker_refuses_is_surfaced_and_never_resent(
     embedded.thread.deny(alice.pid, cid)
 
     alice.send(cid, "after the broker said no")
-    wait_until(lambda: _refusals(on_embedded, alice.pid), 10, "the refusal")
+    wait_until(lambda: bool(_refusals(on_embedded, alice.pid)), 10, "the refusal")
     (refused,) = _refusals(on_embedded, alice.pid)
     assert (refused.cid, refused.what, refused.code, refused.messages) == (
         cid,
@@ -69,7 +71,11 @@ def test_a_publish_the_broker_refuses_is_surfaced_and_never_resent(
         connects = alice.counters["connects"]
         assert alice._link is not None
         alice._link.kick()
-        wait_until(lambda c=connects: alice.counters["connects"] > c and alice.connected, 10)
+
+        def back(c: int = connects) -> bool:
+            return alice.counters["connects"] > c and alice.connected
+
+        wait_until(back, 10)
         wait_until(lambda: alice._resend is None, FAST.resend_after_s + 5, "the resend round")
         assert alice.wait_drained(5)
     assert alice.counters["resent"] == 0
@@ -97,7 +103,7 @@ def test_a_removed_member_s_queued_message_is_refused_not_resent(
     on_embedded.open.append(carol)
     carol.send(cid, "written after my removal")  # she does not know yet
     carol.start()
-    wait_until(lambda: _refusals(on_embedded, carol.pid), 10, "the refusal")
+    wait_until(lambda: bool(_refusals(on_embedded, carol.pid)), 10, "the refusal")
     (refused,) = _refusals(on_embedded, carol.pid)
     assert (refused.cid, refused.code) == (cid, NOT_AUTHORIZED)
     assert carol.wait_drained(5)
@@ -114,7 +120,11 @@ def test_a_removed_member_s_queued_message_is_refused_not_resent(
 # -- through a front that reads the packets -------------------------------------------
 
 
-def _kinds(publishes: list) -> list[EnvelopeKind]:
+def _granted(device: Device, cid: str) -> bool:
+    return len(device.engine._convs[cid].recv) == 1
+
+
+def _kinds(publishes: list[Any]) -> list[EnvelopeKind]:
     return [read_header(e)[0] for p in publishes for e in split(p.payload)]
 
 
@@ -178,7 +188,7 @@ def test_the_broker_s_topic_alias_maximum_is_honoured(tmp_path: Path) -> None:
         bob = devices.make("bob")
         cids = [alice.create_conversation([bob.pid]) for _ in range(2)]
         for cid in cids:
-            wait_until(lambda c=cid: len(alice.engine._convs[c].recv) == 1, 10, "grants")
+            wait_until(partial(_granted, alice, cid), 10, "grants")
         for i in range(5):
             for cid in cids:
                 alice.send(cid, f"m{i}")
