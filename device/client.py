@@ -497,6 +497,11 @@ class Device:
         return self._worker.outbound.resends.grants
 
     @property
+    def _resend(self) -> tuple[float, float] | None:
+        """The resend planned after the last reconnect (tests wait for none)."""
+        return self._worker.outbound.resends.planned
+
+    @property
     def _tail_running(self) -> bool:
         """Whether a tail round is with the history thread (tests wait for none)."""
         return self._worker.rounds.tail.running

@@ -19,6 +19,7 @@ __all__ = [
     "Joined",
     "KeyChanged",
     "MessageReceived",
+    "PublishRefused",
     "ReceiptKind",
     "ReceiptReceived",
     "Removed",
@@ -34,6 +35,7 @@ class EventType(StrEnum):
     JOINED = "joined"
     REMOVED = "removed"
     GAP = "gap"
+    PUBLISH_REFUSED = "publish_refused"
     CONNECTED = "connected"
     DISCONNECTED = "disconnected"
 
@@ -123,6 +125,26 @@ class GapDetected(_Base):
 
 
 @dataclass(frozen=True, slots=True)
+class PublishRefused(_Base):
+    """The broker refused a publication for good (an MQTT 5 negative PUBACK, e.g.
+    0x87 Not authorized: we are not, or no longer, in ``cid`` as the broker sees it).
+
+    The ``messages`` outbox rows it carried (a frame carries several) left the outbox
+    and are never published again: not after a reconnect, not to answer a gap request,
+    not to the archive. ``what`` is their outbox kind (``msg``: texts and receipts;
+    ``roster``; ``grant``).
+    """
+
+    type: ClassVar[EventType] = EventType.PUBLISH_REFUSED
+    cid: str | None
+    topic: str
+    what: str
+    code: int
+    reason: str
+    messages: int
+
+
+@dataclass(frozen=True, slots=True)
 class Connected(_Base):
     type: ClassVar[EventType] = EventType.CONNECTED
     protocol: str
@@ -142,6 +164,7 @@ Event = (
     | Joined
     | Removed
     | GapDetected
+    | PublishRefused
     | Connected
     | Disconnected
 )

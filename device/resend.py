@@ -32,6 +32,11 @@ class Resends:
         published before now and is still unreceipted."""
         self._reconnect = (now + after_s, now)
 
+    @property
+    def planned(self) -> tuple[float, float] | None:
+        """The resend after the last reconnect: ``(due, published before)``, if any."""
+        return self._reconnect
+
     def reconnect_due(self, now: float) -> float | None:
         """When due: the time before which the messages to resend were published."""
         if self._reconnect is None or now < self._reconnect[0]:

@@ -17,6 +17,7 @@ from fieldchat.device.rows import (
     REFUSED,
     Gap,
     OutboxKind,
+    OutboxRow,
     StepInConversation,
 )
 
@@ -139,6 +140,32 @@ class StateTransaction:
                 "WHERE outbox_seq = ? AND published_at IS NULL",
                 [(at, s) for s in seqs],
             )
+
+    def refused(self, seqs: Sequence[int]) -> list[OutboxRow]:
+        """The broker refused these outbox rows for good (MQTT 5 negative PUBACK): they
+        leave the outbox and are never published again. An own text stays in ``sent``
+        (the local history) without its ciphertext and without a publication time
+        (neither resent, nor served to a gap request, nor given to the archive); an
+        own receipt or control leaves ``kept``. Returns the rows as they were."""
+        marks = ",".join("?" * len(seqs))
+        rows = [
+            OutboxRow(
+                int(s), str(t), bytes(p), bool(r), None if c is None else str(c), OutboxKind(w), at
+            )
+            for s, t, p, r, c, w, at in self._db.execute(
+                "SELECT seq, topic, payload, retain, cid, what, created_at FROM outbox "  # noqa: S608
+                f"WHERE seq IN ({marks}) ORDER BY seq",  # only placeholders go in
+                list(seqs),
+            )
+        ]
+        args = [(s,) for s in seqs]
+        self._db.executemany("DELETE FROM outbox WHERE seq = ?", args)
+        self._db.executemany("DELETE FROM kept WHERE outbox_seq = ?", args)
+        self._db.executemany(
+            "UPDATE sent SET payload = NULL, archived = ? WHERE outbox_seq = ?",
+            [(REFUSED, s) for s in seqs],
+        )
+        return rows
 
     def forget_payloads(self, ids: Sequence[int], *, keep_unarchived: bool = False) -> None:
         """Drop the kept ciphertext of messages that need no resending any more (with

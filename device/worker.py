@@ -24,10 +24,11 @@ from dataclasses import dataclass
 from fieldchat.device.context import Batch, Part, Shared
 from fieldchat.device.events import Connected, Disconnected, Event
 from fieldchat.device.inbound import Inbound
-from fieldchat.device.link import Connection, Link
+from fieldchat.device.link import Connection, Link, Refusal
 from fieldchat.device.membership import Subscriptions, no_local
 from fieldchat.device.outbound import Outbound
 from fieldchat.device.receipts import ReceiptBook
+from fieldchat.device.refusals import refuse
 from fieldchat.device.resend import Resends
 from fieldchat.device.rosters import RosterHandler
 from fieldchat.device.rounds import Archived, HistoryRounds
@@ -74,11 +75,11 @@ class Arrived:
 
 @dataclass(frozen=True, slots=True)
 class Acked:
-    """The broker's answer to one of our PUBLISHes (``ok``: it accepted it)."""
+    """The broker's answer to one of our PUBLISHes (``refusal``: it refused it)."""
 
     conn: Connection
     mid: int
-    ok: bool
+    refusal: Refusal | None  # a negative PUBACK (MQTT 5)
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,8 +214,8 @@ class Worker(Part):
     ) -> None:
         self.put(Arrived(conn, mid, topic, payload, qos))
 
-    def link_published(self, conn: Connection, mid: int, ok: bool) -> None:
-        self.put(Acked(conn, mid, ok))
+    def link_published(self, conn: Connection, mid: int, refusal: Refusal | None) -> None:
+        self.put(Acked(conn, mid, refusal))
 
     def link_disconnected(self, conn: Connection, reason: str) -> None:
         self.put(Down(conn, reason))
@@ -320,9 +321,10 @@ class Worker(Part):
                 seqs = self.outbound.inflight.acknowledged(item.mid)
                 if seqs is None:
                     continue
-                if not item.ok:
+                if item.refusal is not None:  # never published again (device/refusals.py)
                     self.counters["refused_by_broker"] += len(seqs)
-                    log.warning("the broker refused outbox messages %s; dropped", list(seqs))
+                    batch.events.append(refuse(tx, seqs, item.refusal))
+                    continue
                 acked += seqs
             if acked:
                 tx.acknowledged(acked, self._clock())

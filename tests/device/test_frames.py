@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fieldchat.device.outbox import frames as _frames
-from fieldchat.device.state import OutboxRow
+from fieldchat.device.rows import OutboxKind, OutboxRow
 from fieldchat.schemas.frame import MAX_FRAME_BYTES, pack_frame
 
 MSG = "fc/v1/c/" + "a" * 26 + "/msg"
@@ -11,7 +11,7 @@ OTHER = "fc/v1/c/" + "b" * 26 + "/msg"
 
 
 def _row(seq: int, size: int = 100, topic: str = MSG, what: str = "msg", retain: bool = False):
-    return OutboxRow(seq, topic, b"\x01" + bytes(size - 1), retain, None, what, 0.0)
+    return OutboxRow(seq, topic, b"\x01" + bytes(size - 1), retain, None, OutboxKind(what), 0.0)
 
 
 def _seqs(groups: list[list[OutboxRow]]) -> list[list[int]]:

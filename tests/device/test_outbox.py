@@ -34,7 +34,7 @@ def test_rows_are_told_apart_by_topic_and_payload_not_retain() -> None:
     assert kind_of(TOPICS.parse(TOPICS.roster(CID)), b"") is OutboxKind.ROSTER
     assert kind_of(TOPICS.parse(TOPICS.inbox(CID)), b"\x00") is OutboxKind.GRANT
     assert kind_of(None, b"") is OutboxKind.ROSTER
-    assert OutboxKind.MSG == "msg"  # stored as before: old state files read unchanged
+    assert str(OutboxKind.MSG) == "msg"  # stored as before: old state files read unchanged
 
 
 def test_a_broker_maximum_packet_size_bounds_the_frame() -> None:

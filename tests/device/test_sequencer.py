@@ -11,7 +11,9 @@ OTHER = ("c", 0, 2, 0)
 WINDOW = 2.0
 
 
-def _sequencer(expected: int | None = 0, shown: dict | None = None) -> Sequencer:
+def _sequencer(
+    expected: int | None = 0, shown: dict[tuple[str, int, int, int], int] | None = None
+) -> Sequencer:
     return Sequencer(WINDOW, lambda key: expected if key == KEY else None, shown)
 
 
