@@ -26,7 +26,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +37,7 @@ from fieldchat.device.events import Event
 from fieldchat.device.link import Connection, Link, Will
 from fieldchat.device.membership import Subscriptions, conversation_topics, wanted_topics
 from fieldchat.device.receipts import ReceiptBook
-from fieldchat.device.rows import Gap, OutboxKind, OutboxRow, ReceivedRow, SentRow
+from fieldchat.device.rows import ChainKey, Gap, OutboxKind, OutboxRow, ReceivedRow, SentRow
 from fieldchat.device.state import DeviceState
 from fieldchat.device.tail import HistorySource
 from fieldchat.device.worker import (
@@ -495,6 +495,15 @@ class Device:
     def _grant_resends(self) -> dict[tuple[str, str], float]:
         """Resends planned for members whose grant arrived (tests wait for none)."""
         return self._worker.outbound.resends.grants
+
+    @property
+    def _waiting(self) -> Mapping[ChainKey, Mapping[int, list[tuple[int, float]]]]:
+        """What is held for each sender's order (tests wait for it)."""
+        return self._worker.inbound.sequencer.waiting
+
+    def _tail_soon(self) -> None:
+        """A tail round at once, as a gap or a join asks for one (tests)."""
+        self._worker.rounds.tail.soon(self._clock())
 
     @property
     def _resend(self) -> tuple[float, float] | None:

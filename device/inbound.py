@@ -175,6 +175,12 @@ class Inbound(Part):
             self._episode(now)
         return True
 
+    def hold_again(self, now: float) -> None:
+        """On each connect, what is held waits a whole window more and its gaps are
+        asked for again (a window that ran out offline showed later messages first)."""
+        for key in self.sequencer.hold_again(now, self.options.reorder_window_s):
+            self.lacking(key, now)
+
     def lacking(self, key: ChainKey, now: float) -> None:
         """``key`` may hold envelopes behind missing steps: ask its sender for them at
         once (a MISSING receipt, on the next tick) and, with a history source, the
@@ -182,13 +188,16 @@ class Inbound(Part):
         if self.sequencer.lacking(key, now):
             self._episode(now)
 
-    def release(self, tx: StateTransaction, batch: Batch, *, expired: bool = False) -> None:
-        """Open held envelopes whose turn came (or, ``expired``, whose wait is over)."""
+    def release(
+        self, tx: StateTransaction, batch: Batch, *, expired: bool = False, grace: float = 0.0
+    ) -> None:
+        """Open held envelopes whose turn came (or, ``expired``, whose wait is over:
+        ``grace`` past their window)."""
         now = self._clock()
         progress = True
         while progress:
             progress = False
-            for key, rows in self.sequencer.release(now, expired=expired):
+            for key, rows in self.sequencer.release(now, expired=expired, grace=grace):
                 for row in rows:
                     payload = tx.take_held(row)
                     if payload is not None:

@@ -120,6 +120,11 @@ class Sequencer:
 
     # -- held for order -------------------------------------------------------------------
 
+    @property
+    def waiting(self) -> Mapping[ChainKey, Mapping[int, list[tuple[int, float]]]]:
+        """What is held for order: chain -> step -> ``[(held row, deadline)]``."""
+        return self._waiting
+
     def candidates(self, key: ChainKey, step: int) -> list[int]:
         """The held rows waiting as candidates for ``step``."""
         return [row for row, _ in self._waiting.get(key, {}).get(step, [])]
@@ -151,18 +156,34 @@ class Sequencer:
                 self.asks.settled(key)
         return out
 
-    def expired(self, now: float) -> bool:
-        """Whether some held envelope's wait is over."""
+    def hold_again(self, now: float, window_s: float) -> list[ChainKey]:
+        """A connect: what is held waits a whole window more (from ``now``), and its
+        asks start again; the chains holding something (to ask for at once, see
+        :meth:`lacking`). Offline nothing could be asked, and what revealed a gap may
+        have come through the history tail while the broker still held the missing
+        steps in our session: it delivers them right after the connect."""
+        later = now + window_s
+        for key, steps in self._waiting.items():
+            for step, candidates in steps.items():
+                steps[step] = [(row, max(until, later)) for row, until in candidates]
+            self.asks.settled(key)
+        return list(self._waiting)
+
+    def expired(self, now: float, grace: float = 0.0) -> bool:
+        """Whether some held envelope's wait is over (``grace`` past its window)."""
         return any(
-            until <= now
+            until + grace <= now
             for steps in self._waiting.values()
             for candidates in steps.values()
             for _, until in candidates
         )
 
-    def release(self, now: float, *, expired: bool = False) -> Iterator[tuple[ChainKey, list[int]]]:
+    def release(
+        self, now: float, *, expired: bool = False, grace: float = 0.0
+    ) -> Iterator[tuple[ChainKey, list[int]]]:
         """One pass over the chains: the rows of each chain's lowest held step whose
-        turn came (or, with ``expired``, whose wait is over), popped as they are
+        turn came (or, with ``expired``, whose wait is over: ``grace`` past it), popped
+        as they are
         yielded. Open each before taking the next: opening moves the chain on."""
         for key, steps in list(self._waiting.items()):
             if not steps:
@@ -172,7 +193,7 @@ class Sequencer:
             first = min(steps)
             until = min(at for _, at in steps[first])
             high = self.high_of(key)
-            if high is not None and first > high + 1 and not (expired and until <= now):
+            if high is not None and first > high + 1 and not (expired and until + grace <= now):
                 continue
             yield key, [row for row, _ in steps.pop(first)]
 

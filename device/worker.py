@@ -400,6 +400,7 @@ class Worker(Part):
             topics = self.subscriptions.connected()
             conn.subscribe(topics, no_local=no_local(topics))
             now = self._clock()
+            self.inbound.hold_again(now)
             if self.link is not None and self.link.connects > 1:
                 self.outbound.resends.reconnected(now, self.options.resend_after_s)
             self.rounds.connected(now)
@@ -429,10 +430,13 @@ class Worker(Part):
         self.outbound.renew_reservations()
         now = self._clock()
         self.outbound.owed(now)
-        if self.inbound.sequencer.expired(now):
+        # Offline, a window runs out only gap_timeout_s late: nothing can be asked for,
+        # and the broker may hold the missing steps in our session (Inbound.hold_again).
+        grace = 0.0 if self.outbound.conn is not None else self.options.gap_timeout_s
+        if self.inbound.sequencer.expired(now, grace):
             batch = Batch()
             with self.state.transaction() as tx:
-                self.inbound.release(tx, batch, expired=True)
+                self.inbound.release(tx, batch, expired=True, grace=grace)
                 self.engine.flush()
             self.apply(batch)
         if now >= self._next_housekeeping:

@@ -106,3 +106,27 @@ def test_far_ahead_rows_wait_for_the_engines_reach() -> None:
     seq.moved(KEY)
     assert list(seq.reachable(lambda key: 1024)) == [(KEY, [3])]
     assert seq.unreached_rows() == {4}
+
+
+def test_offline_a_window_runs_out_only_a_grace_later() -> None:
+    seq = _sequencer(shown={KEY: 0})
+    seq.wait(KEY, 2, row=4, until=WINDOW, now=0.0)
+    grace = 30.0  # gap_timeout_s while the link is down
+    assert not seq.expired(WINDOW + 1.0, grace)
+    assert list(seq.release(WINDOW + 1.0, expired=True, grace=grace)) == []
+    assert seq.expired(WINDOW + grace, grace)
+    assert list(seq.release(WINDOW + grace, expired=True, grace=grace)) == [(KEY, [4])]
+
+
+def test_a_connect_gives_what_is_held_a_whole_window_and_asks_again() -> None:
+    seq = _sequencer(shown={KEY: 0})
+    seq.wait(KEY, 3, row=9, until=WINDOW, now=0.0)
+    for t in (0.0, 0.25, 0.75, 1.75):
+        seq.due_asks(t)
+    assert seq.due_asks(5.0) == []  # every ask of the episode made
+    assert seq.hold_again(5.0, WINDOW) == [KEY]
+    assert seq.lacking(KEY, 5.0)  # a new episode: asked for at once
+    assert seq.due_asks(5.0) == [(KEY, [(1, 2)])]
+    assert not seq.expired(5.0 + WINDOW - 0.01)
+    assert seq.expired(5.0 + WINDOW)
+    assert seq.waiting == {KEY: {3: [(9, 5.0 + WINDOW)]}}
