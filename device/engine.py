@@ -49,16 +49,13 @@ from fieldchat.schemas import (
     verify_roster_chain,
 )
 from fieldchat.schemas._codec import fields, pack, unpack
-from fieldchat.schemas._varint import encode as varint
-from fieldchat.schemas.crypto import aead_seal, ed25519_verify, sha256
+from fieldchat.schemas.crypto import sha256
 from fieldchat.schemas.envelope import (
-    FLAG_COMPRESSED,
-    FLAG_PADDED,
-    FLAG_SIGNED,
-    SIGNATURE_BYTES,
-    VERSION,
+    ChainHeaders,
+    Header,
     read_header,
-    step_bytes,
+    seal_envelope,
+    verify_signature,
 )
 from fieldchat.schemas.errors import (
     ChainClosed,
@@ -191,10 +188,8 @@ class _Conversation:
     owed: set[str] = field(default_factory=set)
     recv: dict[tuple[int, int, int], RecvChain] = field(default_factory=dict)
     pending: list[bytes] = field(default_factory=list)
-    # Sealing fast path, set on entering an epoch: encoded ``epoch|sender|chain``,
-    # and the ``version|kind|epoch|sender|chain`` prefixes built from it per kind byte.
-    header_mid: bytes = b""
-    prefixes: dict[int, bytes] = field(default_factory=dict)
+    # Encodes our sending chain's headers (the sealing fast path), set on entering an epoch.
+    headers: ChainHeaders | None = None
     sign_every: dict[int, int] = field(default_factory=dict)
     # Opening fast path: member pids of each kept epoch, by sender index.
     pids: dict[int, tuple[str, ...]] = field(default_factory=dict)
@@ -229,17 +224,17 @@ def _is_pq(roster: Roster, pid: str) -> bool:
     return next((m.pq for m in roster.members if m.pid == pid), True)
 
 
-def _mid(roster: Roster, pid: str, chain: int) -> bytes:
-    return varint(roster.epoch) + varint(roster.index_of(pid)) + varint(chain)
+def _chain_headers(roster: Roster, pid: str, chain: int) -> ChainHeaders:
+    return ChainHeaders(roster.epoch, roster.index_of(pid), chain)
 
 
-def _verify_all(jobs: list[tuple[bytes, bytes, bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    """``(envelope, signer key)`` of the jobs ``(envelope, key, signature, signed bytes)``
+def _verify_all(jobs: list[tuple[bytes, bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """``(envelope, signer key)`` of the jobs ``(signed envelope, cid bytes, signer key)``
     whose signature verifies."""
     out = []
-    for data, key, signature, signed in jobs:
+    for data, cid_bytes, key in jobs:
         try:
-            ed25519_verify(key, signature, signed)
+            verify_signature(data, cid_bytes, key)
         except CryptoError:
             continue
         out.append((data, key))
@@ -419,33 +414,36 @@ class Engine:
             receiving = conv.recv.get((epoch, sender_index, chain)) if conv else None
             return None if receiving is None else receiving.reach()
 
-    def authentic(self, cid: str, data: bytes) -> bool | None:
+    def authentic(self, cid: str, data: bytes, header: Header | None = None) -> bool | None:
         """Whether an envelope would authenticate now, changing no state: ``True`` or
         ``False``, or ``None`` when that cannot be told yet (no key, malformed, too far
         ahead to derive before authentication). Signed: its signature; unsigned: AES-GCM.
 
         A client that holds envelopes back for per-sender order asks this first, so
         that only genuine ones wait (several unsigned candidates may be served for one
-        step: docs/gateway.md, "Receivers").
+        step: docs/gateway.md, "Receivers"). ``header``: ``data``'s, when the caller
+        parsed it already.
         """
         with self._lock:
             conv = self._convs.get(cid)
-            try:
-                _, flags, epoch, index, chain_no, step, header_len = read_header(data)
-            except FieldchatError:
-                return None
-            chain = conv.recv.get((epoch, index, chain_no)) if conv else None
+            if header is None:
+                try:
+                    header = read_header(data)
+                except FieldchatError:
+                    return None
+            chain = conv.recv.get(header.chain_id) if conv else None
             if conv is None or chain is None:
                 return None
             data = bytes(data)
-            if flags & FLAG_SIGNED:
-                end = len(data) - SIGNATURE_BYTES
+            if header.signed:
                 try:
-                    ed25519_verify(chain.signer_key, data[end:], data[:end] + conv.cid_raw)
+                    verify_signature(data, conv.cid_raw, chain.signer_key)
                 except CryptoError:
                     return False
                 return True
-            return chain.authentic(step, data[header_len:], data[:header_len] + conv.cid_raw)
+            return chain.authentic(
+                header.step, header.ciphertext(data), header.aad(data, conv.cid_raw)
+            )
 
     def oldest_epoch(self, cid: str) -> int:
         """The oldest roster epoch of ``cid`` we can open anything of: the current one,
@@ -805,8 +803,7 @@ class Engine:
             conv.removed = False
             key0 = self._random(32)
             conv.send = SendChain(roster.epoch, 0, 0, key0, 0)
-            conv.header_mid = _mid(roster, self.pid, 0)
-            conv.prefixes = {}
+            conv.headers = _chain_headers(roster, self.pid, 0)
             conv.grant_base = (0, key0)
             conv.owed = current - {self.pid}
             publications = self._pay_grants(conv)
@@ -980,7 +977,8 @@ class Engine:
             raise KeyStoreError("the engine stopped (parked at close): open it again to send")
         conv = self._conv(cid)
         chain = conv.send
-        if chain is None or conv.removed:
+        headers = conv.headers
+        if chain is None or headers is None or conv.removed:
             raise NotAMember(f"not a member of {cid}")
         if chain.step >= chain.reserved:
             self._reserve(conv, chain)
@@ -993,25 +991,17 @@ class Engine:
             plaintext, compressed, padded = encode_plaintext(message)
         step, key, nonce = chain.next_key()
         signed = policy.sign_every != 0 and step % policy.sign_every == 0
-        kind_byte = (
-            kind_of(message)
-            | (FLAG_SIGNED if signed else 0)
-            | (FLAG_COMPRESSED if compressed else 0)
-            | (FLAG_PADDED if padded else 0)
+        header = headers.encode(
+            kind_of(message), step, signed=signed, compressed=compressed, padded=padded
         )
-        prefix = conv.prefixes.get(kind_byte)
-        if prefix is None:
-            prefix = conv.prefixes[kind_byte] = bytes((VERSION, kind_byte)) + conv.header_mid
-        header = prefix + (bytes((step,)) if step < 0x80 else step_bytes(step))
-        body = header + aead_seal(key, nonce, plaintext, header + conv.cid_raw)
-        if signed:
-            return body + self.identity.sign(body + conv.cid_raw)
-        return body
+        sign = self.identity.sign if signed else None
+        return seal_envelope(header, conv.cid_raw, key, nonce, plaintext, sign)
 
-    def open(self, cid: str, data: bytes) -> Opened | None:
+    def open(self, cid: str, data: bytes, header: Header | None = None) -> Opened | None:
         """Authenticate and decrypt an envelope of ``cid``.
 
         Returns ``None`` for a duplicate or our own envelope echoed by the broker.
+        ``header``: ``data``'s, when the caller parsed it already (it is not parsed again).
 
         Raises:
             WireError, UnsupportedVersion, LimitExceeded: malformed bytes.
@@ -1026,7 +1016,7 @@ class Engine:
         """
         with self._lock:
             try:
-                return self._open(cid, data)
+                return self._open(cid, data, header)
             except FieldchatError as exc:
                 self.counters[exc.reason] += 1
                 raise
@@ -1042,22 +1032,20 @@ class Engine:
         everything else itself (a failed or unknown one raises there, in its place).
         How many verified.
         """
-        jobs: list[tuple[bytes, bytes, bytes, bytes]] = []
+        jobs: list[tuple[bytes, bytes, bytes]] = []
         with self._lock:
             for cid, raw in envelopes:
                 conv = self._convs.get(cid)
                 if conv is None:
                     continue
                 try:
-                    _, flags, epoch, sender_index, chain_no, _, _ = read_header(raw)
+                    header = read_header(raw)
                 except FieldchatError:
                     continue
-                chain = conv.recv.get((epoch, sender_index, chain_no))
-                if not flags & FLAG_SIGNED or chain is None:
+                chain = conv.recv.get(header.chain_id)
+                if not header.signed or chain is None:
                     continue
-                data = bytes(raw)
-                end = len(data) - SIGNATURE_BYTES
-                jobs.append((data, chain.signer_key, data[end:], data[:end] + conv.cid_raw))
+                jobs.append((bytes(raw), conv.cid_raw, chain.signer_key))
         if len(jobs) < 2:  # nothing to share between two threads
             return 0
         theirs = executor.submit(_verify_all, jobs[1::2])
@@ -1066,12 +1054,16 @@ class Engine:
             self._preverified = dict(verified)
         return len(verified)
 
-    def _open(self, cid: str, data: bytes) -> Opened | None:  # noqa: PLR0912, PLR0915
+    def _open(  # noqa: PLR0912, PLR0915
+        self, cid: str, data: bytes, header: Header | None
+    ) -> Opened | None:
         # One function on purpose: this is the per-message path (PROTOCOL.md §6.4).
         conv = self._convs.get(cid)
         if conv is None or conv.epoch < 0:
             raise UnknownConversation(f"unknown conversation {cid[:40]}")
-        kind, flags, epoch, sender_index, chain_no, step, header_len = read_header(data)
+        if header is None:
+            header = read_header(data)
+        epoch, sender_index, chain_no, step = header.epoch, header.sender, header.chain, header.step
         data = bytes(data)
         pids = conv.pids.get(epoch)
         if pids is None:
@@ -1093,14 +1085,12 @@ class Engine:
             if epoch < conv.epoch and self._pid not in pids:
                 raise StaleEpoch(f"epoch {epoch} is from before we joined")
             raise MissingKey(f"no grant yet for {sender} in epoch {epoch}")
-        end = len(data)
-        signed = bool(flags & FLAG_SIGNED)
+        signed = header.signed
         if signed:
             # Verified before any chain step is derived (§6.4): a forged signature costs
             # one verification, whatever step it names.
-            end -= SIGNATURE_BYTES
             if self._preverified.pop(data, None) != chain.signer_key:
-                ed25519_verify(chain.signer_key, data[end:], data[:end] + conv.cid_raw)
+                verify_signature(data, conv.cid_raw, chain.signer_key)
         else:
             if (every := conv.sign_every[epoch]) and step % every == 0:
                 raise SignatureRequired("the conversation policy requires a signature")
@@ -1114,7 +1104,7 @@ class Engine:
                         f"unsigned step {step} of epoch {epoch}: {sender} ended it at {stated}"
                     )
         plaintext = chain.open(
-            step, data[header_len:end], data[:header_len] + conv.cid_raw, authenticated=signed
+            step, header.ciphertext(data), header.aad(data, conv.cid_raw), authenticated=signed
         )
         if plaintext is None:
             self.counters["duplicate"] += 1
@@ -1125,15 +1115,12 @@ class Engine:
         self._opens_since_flush += 1
         if self._opens_since_flush >= AUTO_FLUSH_OPENS:
             self._flush()
-        if flags & (FLAG_COMPRESSED | FLAG_PADDED):
+        if header.compressed or header.padded:
             message = decode_plaintext(
-                kind,
-                plaintext,
-                compressed=bool(flags & FLAG_COMPRESSED),
-                padded=bool(flags & FLAG_PADDED),
+                header.kind, plaintext, compressed=header.compressed, padded=header.padded
             )
         else:
-            message = decode_plaintext(kind, plaintext)
+            message = decode_plaintext(header.kind, plaintext)
         return Opened(cid, sender, epoch, sender_index, chain_no, step, message, signed)
 
     def leave(self, cid: str) -> bytes:
@@ -1325,8 +1312,7 @@ class Engine:
             if chain_no is not None and epoch == conv.epoch:
                 # Resume at the reservation: steps before it may have been used (§6.3).
                 conv.send = SendChain(epoch, chain_no, reserved, reserved_key, reserved)
-                conv.header_mid = _mid(conv.roster, self.pid, chain_no)
-                conv.prefixes = {}
+                conv.headers = _chain_headers(conv.roster, self.pid, chain_no)
                 conv.grant_base = tuple(grant_base) if grant_base else None
                 conv.owed = set(owed)
         self._unpark()
