@@ -108,16 +108,7 @@ class Envelope:
         Raises:
             LimitExceeded: a number is out of the varint range.
         """
-        return header_bytes(
-            self.kind,
-            self.epoch,
-            self.sender,
-            self.chain,
-            self.step,
-            signed=self.signature is not None,
-            compressed=self.compressed,
-            padded=self.padded,
-        )
+        return _encode_header(self.kind_byte(), self.epoch, self.sender, self.chain, self.step)
 
     def to_bytes(self) -> bytes:
         """Encode for the wire.
@@ -183,6 +174,10 @@ def header_bytes(
         LimitExceeded: a number is out of the varint range.
     """
     kind_byte = _kind_byte(int(kind), signed=signed, compressed=compressed, padded=padded)
+    return _encode_header(kind_byte, epoch, sender, chain, step)
+
+
+def _encode_header(kind_byte: int, epoch: int, sender: int, chain: int, step: int) -> bytes:
     enc = _varint.encode
     return bytes((VERSION, kind_byte)) + enc(epoch) + enc(sender) + enc(chain) + enc(step)
 
@@ -219,30 +214,6 @@ class Header(NamedTuple):
         """
         return read_header(data)
 
-    @classmethod
-    def of(
-        cls,
-        kind: EnvelopeKind,
-        epoch: int,
-        sender: int,
-        chain: int,
-        step: int,
-        *,
-        signed: bool,
-        compressed: bool = False,
-        padded: bool = False,
-    ) -> Header:
-        """The header of an envelope about to be sealed.
-
-        Raises:
-            LimitExceeded: a number is out of the varint range.
-        """
-        encoded = header_bytes(
-            kind, epoch, sender, chain, step, signed=signed, compressed=compressed, padded=padded
-        )
-        flags = encoded[1] & _FLAGS_MASK
-        return cls(kind, flags, epoch, sender, chain, step, len(encoded))
-
     @property
     def signed(self) -> bool:
         return bool(self.flags & FLAG_SIGNED)
@@ -272,14 +243,8 @@ class Header(NamedTuple):
         Raises:
             LimitExceeded: a number is out of the varint range.
         """
-        enc = _varint.encode
-        return (
-            bytes((VERSION, self.flags | int(self.kind)))
-            + enc(self.epoch)
-            + enc(self.sender)
-            + enc(self.chain)
-            + enc(self.step)
-        )
+        kind_byte = self.flags | int(self.kind)
+        return _encode_header(kind_byte, self.epoch, self.sender, self.chain, self.step)
 
     def aad(self, data: bytes, cid_bytes: bytes) -> bytes:
         """The AES-GCM associated data of ``data``, the envelope this header was parsed
