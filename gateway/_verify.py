@@ -21,9 +21,9 @@ from fieldchat.schemas.errors import (
     LimitExceeded,
     WireError,
 )
-from fieldchat.schemas.frame import FRAME_MARKER, split
+from fieldchat.schemas.frame import is_frame, split
 from fieldchat.schemas.ids import decode_id
-from fieldchat.schemas.kinds import ObjectKind
+from fieldchat.schemas.roster import is_roster
 from fieldchat.schemas.topics import Topic
 
 __all__ = [
@@ -39,10 +39,8 @@ __all__ = [
 MAX_STATUS_BYTES = 1024  # presence payloads are tiny; anything larger is refused
 _MAX_OBJECT_BYTES = 16_384  # bundles (1.3 KB with ML-KEM), rosters (≤ 256 members), grants
 _TOPIC_CACHE_MAX = 50_000
-_FRAME = bytes((FRAME_MARKER,))
 _MSG_SUFFIX = "/" + TopicKind.MSG.value
 _ROSTER_KINDS = (TopicKind.ROSTER, TopicKind.PROPOSE)
-_ROSTER_KIND = bytes((ObjectKind.ROSTER,))
 
 
 class TopicCache:
@@ -134,7 +132,7 @@ def classify(  # noqa: PLR0911, PLR0912 - one outcome per topic kind, flat on pu
             if roster.cid != where.cid:
                 return Rejected("wrong_topic", "roster of another conversation")
             return Parsed(where.kind, data, received_at, cid=where.cid, roster=roster)
-        if data[1:2] == _ROSTER_KIND:
+        if is_roster(data):
             roster = Roster.from_bytes(data)
             return Parsed(
                 where.kind, data, received_at, pid=where.pid, cid=roster.cid, roster=roster
@@ -154,7 +152,7 @@ def classify_all(
 ) -> list[Parsed | Rejected]:
     """:func:`classify` for what MQTT delivers: a frame's envelopes (PROTOCOL.md §3.4)
     each become their own outcome, as if published one by one; never raises."""
-    if data[:1] != _FRAME or not topic.endswith(_MSG_SUFFIX):
+    if not is_frame(data) or not topic.endswith(_MSG_SUFFIX):
         return [classify(topics, topic, data, received_at)]
     try:
         parts = split(data)
