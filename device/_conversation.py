@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from fieldchat.device._records import candidate_key, pending_key, roster_key
+from fieldchat.device._records import candidate_key, held_grant_key, roster_key
 from fieldchat.device.chains import RecvChain, SendChain
 from fieldchat.device.keystore import KeyStore
 from fieldchat.schemas import Roster, decode_id
@@ -53,7 +53,7 @@ class Conversation:
     """What we hold of one conversation (PROTOCOL.md §6.6)."""
 
     cid: str
-    cid_raw: bytes
+    cid_bytes: bytes
     epoch: int  # the epoch entered; -1 while joining (no verified roster lists us yet)
     rosters: dict[int, Roster]  # every adopted roster: a verified chain up to ``tip``
     removed: bool = False
@@ -69,9 +69,9 @@ class Conversation:
     sent_ends: tuple[ChainEnd, ...] = ()
     send: SendChain | None = None
     grant_base: tuple[int, bytes] | None = None  # (step, key) still owed to some members
-    owed: set[str] = field(default_factory=set)
+    owed_to: set[str] = field(default_factory=set)
     recv: dict[ChainId, RecvChain] = field(default_factory=dict)
-    pending: list[bytes] = field(default_factory=list)
+    held_grants: list[bytes] = field(default_factory=list)
     # Encodes our sending chain's headers (the sealing fast path), set on entering an epoch.
     headers: ChainHeaders | None = None
     sign_every: dict[int, int] = field(default_factory=dict)
@@ -136,7 +136,7 @@ class Conversations:
 
     def found(self, cid: str) -> Conversation:
         """State for a conversation we found (we issue its epoch 0)."""
-        conv = Conversation(cid=cid, cid_raw=decode_id(cid), epoch=0, rosters={})
+        conv = Conversation(cid=cid, cid_bytes=decode_id(cid), epoch=0, rosters={})
         self.by_cid[cid] = conv
         return conv
 
@@ -155,7 +155,7 @@ class Conversations:
         if len(joining) >= MAX_JOINING:
             self.forget(joining[0])
             self._counters["joining_evicted"] += 1
-        conv = Conversation(cid=cid, cid_raw=decode_id(cid), epoch=-1, rosters={}, removed=True)
+        conv = Conversation(cid=cid, cid_bytes=decode_id(cid), epoch=-1, rosters={}, removed=True)
         self.by_cid[cid] = conv
         return conv
 
@@ -165,6 +165,6 @@ class Conversations:
         writes: dict[str, bytes | None] = dict.fromkeys(
             [roster_key(conv.cid, e) for e in conv.rosters]
             + [candidate_key(conv.cid, d) for d in conv.candidates]
-            + [pending_key(conv.cid, g) for g in conv.pending]
+            + [held_grant_key(conv.cid, g) for g in conv.held_grants]
         )
         self._store.save(writes)

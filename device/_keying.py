@@ -25,7 +25,7 @@ from fieldchat.device._records import (
     Writes,
     ends_key,
     ends_record,
-    pending_key,
+    held_grant_key,
     recv_key,
     recv_record,
     send_record,
@@ -127,21 +127,21 @@ class Keying:
             conv.removed = True
             conv.send = None
             conv.grant_base = None
-            conv.owed = set()
+            conv.owed_to = set()
         else:
             conv.removed = False
             key0 = self._random(32)
             conv.start_sending(roster, self._pid, SendChain(roster.epoch, 0, 0, key0, 0))
             conv.grant_base = (0, key0)
-            conv.owed = current - {self._pid}
+            conv.owed_to = current - {self._pid}
             publications = self._pay_grants(conv)
         writes.update(send_record(conv))
         self._store.save(writes)
-        pending, conv.pending = conv.pending, []
-        if pending:
+        held, conv.held_grants = conv.held_grants, []
+        if held:
             # Grants still early are held again (and re-saved) by receive_grant.
-            self._store.save({pending_key(conv.cid, data): None for data in pending})
-        for data in pending:
+            self._store.save({held_grant_key(conv.cid, data): None for data in held})
+        for data in held:
             try:
                 self.receive_grant(data)
             except FieldchatError as exc:
@@ -153,10 +153,10 @@ class Keying:
         out: list[Publication] = []
         convs = self._conversations
         for conv in [convs.joined(cid)] if cid else list(convs.by_cid.values()):
-            if conv.owed:
-                before = len(conv.owed)
+            if conv.owed_to:
+                before = len(conv.owed_to)
                 out += self._pay_grants(conv)
-                if len(conv.owed) != before:
+                if len(conv.owed_to) != before:
                     self._store.save(send_record(conv))
         return out
 
@@ -175,14 +175,14 @@ class Keying:
             ends=conv.sent_ends,
         )
         out = []
-        for pid in sorted(conv.owed):
+        for pid in sorted(conv.owed_to):
             bundle = self._bundles.get(pid)
             if bundle is None:
                 continue
             grant = make_grant(self._identity, bundle, conv.cid, payload, random=self._random)
             out.append(Publication(self._topics.inbox(pid), grant.to_bytes()))
-            conv.owed.discard(pid)
-        if not conv.owed:
+            conv.owed_to.discard(pid)
+        if not conv.owed_to:
             conv.grant_base = None  # forget the old chain key: forward secrecy (§6.2)
         return out
 
@@ -211,11 +211,11 @@ class Keying:
             # Not entered yet: held until its roster is adopted through a verified chain.
             if conv is None:
                 conv = self._conversations.joining(grant.cid)
-            if len(conv.pending) >= MAX_PENDING_GRANTS:
+            if len(conv.held_grants) >= MAX_PENDING_GRANTS:
                 raise GrantRejected(f"too many grants waiting for the roster of {grant.cid}")
-            conv.pending.append(bytes(data))
+            conv.held_grants.append(bytes(data))
             # Held durably: the inbox message is gone once the client acknowledges it.
-            self._store.save({pending_key(grant.cid, data): bytes(data)})
+            self._store.save({held_grant_key(grant.cid, data): bytes(data)})
             return GrantResult(grant.cid, installed=False, needs_roster=True)
         if payload.epoch not in conv.pids:
             raise GrantRejected(f"grant for epoch {payload.epoch}, which is no longer kept")

@@ -82,13 +82,13 @@ def _load_conversations(  # noqa: PLR0912 - one pass per record kind
             chain = SendChain(epoch, chain_no, reserved, reserved_key, reserved)
             conv.start_sending(conv.roster, pid, chain)
             conv.grant_base = tuple(grant_base) if grant_base else None
-            conv.owed = set(owed)
+            conv.owed_to = set(owed)
     _unpark(store, conversations)
     for _, raw in sorted(store.load_prefix(CANDIDATE_PREFIX).items()):
         roster = Roster.from_bytes(raw)
         conversations.held(roster.cid).candidates[roster.digest()] = roster
     for key, raw in store.load_prefix(PENDING_PREFIX).items():
-        conversations.held(key.split("/")[1]).pending.append(raw)
+        conversations.held(key.split("/")[1]).held_grants.append(raw)
     for key, raw in store.load_prefix(RECV_PREFIX).items():
         cid = key.split("/")[1]
         epoch, sender, chain_no, step, ck, signer, evicted, skipped = fields(

@@ -126,11 +126,13 @@ class Opener:
         data = bytes(data)
         if header.signed:
             try:
-                verify_signature(data, conv.cid_raw, chain.signer_key)
+                verify_signature(data, conv.cid_bytes, chain.signer_key)
             except CryptoError:
                 return False
             return True
-        return chain.authentic(header.step, header.ciphertext(data), header.aad(data, conv.cid_raw))
+        return chain.authentic(
+            header.step, header.ciphertext(data), header.aad(data, conv.cid_bytes)
+        )
 
     def signature_jobs(self, envelopes: Sequence[tuple[str, bytes]]) -> list[SignatureJob]:
         """The signatures of ``envelopes`` that :meth:`open` would check (engine lock held)."""
@@ -146,7 +148,7 @@ class Opener:
             chain = conv.recv.get(header.chain_id)
             if not header.signed or chain is None:
                 continue
-            jobs.append((bytes(raw), conv.cid_raw, chain.signer_key))
+            jobs.append((bytes(raw), conv.cid_bytes, chain.signer_key))
         return jobs
 
     @staticmethod
@@ -196,7 +198,7 @@ class Opener:
             # Verified before any chain step is derived (§6.4): a forged signature costs
             # one verification, whatever step it names.
             if self._preverified.pop(data, None) != chain.signer_key:
-                verify_signature(data, conv.cid_raw, chain.signer_key)
+                verify_signature(data, conv.cid_bytes, chain.signer_key)
         else:
             if (every := conv.sign_every[epoch]) and step % every == 0:
                 raise SignatureRequired("the conversation policy requires a signature")
@@ -210,7 +212,7 @@ class Opener:
                         f"unsigned step {step} of epoch {epoch}: {sender} ended it at {stated}"
                     )
         plaintext = chain.open(
-            step, header.ciphertext(data), header.aad(data, conv.cid_raw), authenticated=signed
+            step, header.ciphertext(data), header.aad(data, conv.cid_bytes), authenticated=signed
         )
         if plaintext is None:
             self._counters["duplicate"] += 1

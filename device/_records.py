@@ -40,7 +40,7 @@ def verified_key(pid: str) -> str:
     return f"{VERIFIED_PREFIX}{pid}"
 
 
-def pending_key(cid: str, grant: bytes) -> str:
+def held_grant_key(cid: str, grant: bytes) -> str:
     return f"{PENDING_PREFIX}{cid}/{sha256(grant).hex()[:32]}"
 
 
@@ -96,7 +96,7 @@ def send_record(conv: Conversation, reservation: tuple[int, bytes] | None = None
                 reserved,
                 chain_key,
                 conv.grant_base,
-                tuple(sorted(conv.owed)),
+                tuple(sorted(conv.owed_to)),
                 ends,
             )
         )

@@ -68,7 +68,7 @@ class Sealer:
             kind_of(message), step, signed=signed, compressed=compressed, padded=padded
         )
         sign = self._identity.sign if signed else None
-        return seal_envelope(header, conv.cid_raw, key, nonce, plaintext, sign)
+        return seal_envelope(header, conv.cid_bytes, key, nonce, plaintext, sign)
 
     def reservations_low(self, left: int) -> bool:
         """See :meth:`Engine.reservations_low`."""

@@ -288,7 +288,7 @@ class Engine:
 
     def owed_grants(self, cid: str) -> set[str]:
         """Members we still owe our chain to because their bundle is unknown."""
-        return set(self._conversations.joined(cid).owed)
+        return set(self._conversations.joined(cid).owed_to)
 
     @_counted
     def create_conversation(
