@@ -285,7 +285,12 @@ class ChainHeaders:
         self, kind: EnvelopeKind, step: int, *, signed: bool, compressed: bool, padded: bool
     ) -> bytes:
         """The header of ``step`` of this chain."""
-        kind_byte = _kind_byte(kind, signed=signed, compressed=compressed, padded=padded)
+        kind_byte = (  # as _kind_byte, inline: this is the per-message sealing path
+            kind
+            | (FLAG_SIGNED if signed else 0)
+            | (FLAG_COMPRESSED if compressed else 0)
+            | (FLAG_PADDED if padded else 0)
+        )
         prefix = self._prefixes.get(kind_byte)
         if prefix is None:
             prefix = self._prefixes[kind_byte] = bytes((VERSION, kind_byte)) + self._middle
