@@ -16,7 +16,13 @@ from fieldchat.device._conversation import ChainId, Conversations
 from fieldchat.device._records import Writes, recv_key, recv_record
 from fieldchat.device.keystore import KeyStore
 from fieldchat.schemas import Message, decode_plaintext
-from fieldchat.schemas.envelope import Header, read_header, verify_signature
+from fieldchat.schemas.envelope import (
+    FLAG_COMPRESSED,
+    FLAG_PADDED,
+    Header,
+    read_header,
+    verify_signature,
+)
 from fieldchat.schemas.errors import (
     ChainClosed,
     ChainEndUnknown,
@@ -32,6 +38,7 @@ from fieldchat.schemas.errors import (
 __all__ = ["AUTO_FLUSH_OPENS", "Opened", "Opener"]
 
 AUTO_FLUSH_OPENS = 1_000  # receiving-chain state is written at least this often
+_CODED = FLAG_COMPRESSED | FLAG_PADDED
 
 
 class Opened(NamedTuple):
@@ -223,7 +230,7 @@ class Opener:
         self._opens_since_flush += 1
         if self._opens_since_flush >= AUTO_FLUSH_OPENS:
             self.flush()
-        if header.compressed or header.padded:
+        if header.flags & _CODED:  # most plaintexts are neither: skip the keywords
             message = decode_plaintext(
                 header.kind, plaintext, compressed=header.compressed, padded=header.padded
             )
