@@ -15,10 +15,11 @@ from typing import NamedTuple
 from fieldchat.device._conversation import ChainId, Conversations
 from fieldchat.device._records import Writes, recv_key, recv_record
 from fieldchat.device.keystore import KeyStore
-from fieldchat.schemas import Message, decode_plaintext
+from fieldchat.schemas import Message, Receipt, decode_plaintext
 from fieldchat.schemas.envelope import (
     FLAG_COMPRESSED,
     FLAG_PADDED,
+    EnvelopeKind,
     Header,
     read_header,
     verify_signature,
@@ -140,6 +141,36 @@ class Opener:
         return chain.authentic(
             header.step, header.ciphertext(data), header.aad(data, conv.cid_bytes)
         )
+
+    def peek_receipt(
+        self, cid: str, data: bytes, header: Header | None
+    ) -> tuple[str, Receipt] | None:
+        """See :meth:`Engine.peek_receipt`."""
+        conv = self._convs.get(cid)
+        try:
+            header = header or read_header(data)
+        except FieldchatError:
+            return None
+        chain = conv.recv.get(header.chain_id) if conv else None
+        pids = conv.pids.get(header.epoch) if conv else None
+        if header.kind is not EnvelopeKind.RECEIPT or conv is None or chain is None:
+            return None
+        if pids is None or header.sender >= len(pids):
+            return None
+        data = bytes(data)
+        try:
+            if header.signed:
+                verify_signature(data, conv.cid_bytes, chain.signer_key)
+            aad = header.aad(data, conv.cid_bytes)
+            plaintext = chain.peek(header.step, header.ciphertext(data), aad)
+            message = None
+            if plaintext is not None:
+                message = decode_plaintext(
+                    header.kind, plaintext, compressed=header.compressed, padded=header.padded
+                )
+        except FieldchatError:  # CryptoError, WireError: not one to act on
+            return None
+        return (pids[header.sender], message) if isinstance(message, Receipt) else None
 
     def signature_jobs(self, envelopes: Sequence[tuple[str, bytes]]) -> list[SignatureJob]:
         """The signatures of ``envelopes`` that :meth:`open` would check (engine lock held)."""

@@ -47,7 +47,16 @@ from fieldchat.device._rosters import MAX_ROSTER_CANDIDATES, RosterChains
 from fieldchat.device._sealer import Sealer
 from fieldchat.device.identity import Identity
 from fieldchat.device.keystore import KeyStore, MemoryKeyStore
-from fieldchat.schemas import Bundle, Control, ControlOp, Message, Policy, Roster, Topics
+from fieldchat.schemas import (
+    Bundle,
+    Control,
+    ControlOp,
+    Message,
+    Policy,
+    Receipt,
+    Roster,
+    Topics,
+)
 from fieldchat.schemas.envelope import Header
 from fieldchat.schemas.errors import FieldchatError
 from fieldchat.schemas.roster import is_roster
@@ -256,6 +265,18 @@ class Engine:
         """
         with self._lock:
             return self._opener.authentic(cid, data, header)
+
+    def peek_receipt(
+        self, cid: str, data: bytes, header: Header | None = None
+    ) -> tuple[str, Receipt] | None:
+        """The sender and receipt inside an envelope that is held back for display
+        order, changing no state; ``None`` unless it is a receipt that authenticates
+        now. A gap request (a MISSING receipt) must be answered at once even when its
+        sender's chain has a gap of its own here: held until that gap fills or is
+        given up, the answer comes too late for the asker's reorder window.
+        ``header``: ``data``'s, when the caller parsed it already."""
+        with self._lock:
+            return self._opener.peek_receipt(cid, data, header)
 
     def oldest_epoch(self, cid: str) -> int:
         """The oldest roster epoch of ``cid`` we can open anything of: the current one,
