@@ -50,7 +50,7 @@ from fieldchat.device.events import (
     ReceiptReceived,
     Removed,
 )
-from fieldchat.device.link import Connection, Link, Will
+from fieldchat.device.link import Connection, Link, Refusal, Will
 from fieldchat.device.reconcile import (
     ARCHIVE_AGAIN_S,
     ARCHIVE_ROUND,
@@ -60,6 +60,7 @@ from fieldchat.device.reconcile import (
     reconcile,
     tail_marks,
 )
+from fieldchat.device.refusals import refuse
 from fieldchat.device.repair import (
     ASK_FRACTIONS,
     MAX_REPAIR_PER_REQUEST,
@@ -208,7 +209,7 @@ class _Msg:
 class _Acked:
     conn: Connection
     mid: int
-    ok: bool
+    refusal: Refusal | None  # a negative PUBACK (MQTT 5)
 
 
 @dataclass(frozen=True, slots=True)
@@ -755,8 +756,8 @@ class Device:
     ) -> None:
         self._queue.put(_Msg(conn, mid, topic, payload, qos))
 
-    def link_published(self, conn: Connection, mid: int, ok: bool) -> None:
-        self._queue.put(_Acked(conn, mid, ok))
+    def link_published(self, conn: Connection, mid: int, refusal: Refusal | None) -> None:
+        self._queue.put(_Acked(conn, mid, refusal))
 
     def link_disconnected(self, conn: Connection, reason: str) -> None:
         self._queue.put(_Down(conn, reason))
@@ -856,9 +857,10 @@ class Device:
                 seqs = self._inflight.pop(item.mid, None)
                 if seqs is None:
                     continue
-                if not item.ok:
+                if item.refusal is not None:  # never published again (device/refusals.py)
                     self.counters["refused_by_broker"] += len(seqs)
-                    log.warning("the broker refused outbox messages %s; dropped", list(seqs))
+                    batch.events.append(refuse(db, seqs, item.refusal))
+                    continue
                 acked += seqs
             if acked:
                 self.state.acknowledged(db, acked, self._clock())

@@ -16,7 +16,7 @@ import pytest
 
 from fieldchat.device.client import Device
 from fieldchat.device.config import LinkOptions
-from fieldchat.device.events import GapDetected, MessageReceived
+from fieldchat.device.events import Event, GapDetected, MessageReceived
 from fieldchat.device.repair import (
     MAX_REPAIR_PER_INTERVAL,
     MAX_REPAIR_PER_REQUEST,
@@ -151,7 +151,7 @@ def _m2_dropped(devices: Devices) -> tuple[Device, Device, str, bytes]:
     return alice, bob, cid, bytes(m2)
 
 
-def _order_kept(device: Device, cid: str, expected: list[str], events: list) -> None:
+def _order_kept(device: Device, cid: str, expected: list[str], events: list[Event]) -> None:
     shown = [e for e in events if isinstance(e, MessageReceived) and e.cid == cid]
     assert [e.text for e in shown][-len(expected) :] == expected
     assert not [e for e in shown if e.late], "shown out of the sender's order"
