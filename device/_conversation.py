@@ -112,6 +112,11 @@ class Conversation:
         return out
 
 
+def _not_joined(cid: str) -> Conversation:
+    """State for a conversation no verified roster has let us into yet (§6.6)."""
+    return Conversation(cid=cid, cid_bytes=decode_id(cid), epoch=-1, rosters={}, removed=True)
+
+
 class Conversations:
     """Every conversation we hold state of, by cid; joining ones bounded by MAX_JOINING."""
 
@@ -140,12 +145,11 @@ class Conversations:
         self.by_cid[cid] = conv
         return conv
 
-    def held(self, cid: str) -> Conversation:
+    def ensure(self, cid: str) -> Conversation:
         """The state of ``cid``, or new joining state for it (loading from the store)."""
         conv = self.by_cid.get(cid)
         if conv is None:
-            conv = Conversation(cid, decode_id(cid), -1, {}, removed=True)
-            self.by_cid[cid] = conv
+            conv = self.by_cid[cid] = _not_joined(cid)
         return conv
 
     def joining(self, cid: str) -> Conversation:
@@ -155,8 +159,7 @@ class Conversations:
         if len(joining) >= MAX_JOINING:
             self.forget(joining[0])
             self._counters["joining_evicted"] += 1
-        conv = Conversation(cid=cid, cid_bytes=decode_id(cid), epoch=-1, rosters={}, removed=True)
-        self.by_cid[cid] = conv
+        conv = self.by_cid[cid] = _not_joined(cid)
         return conv
 
     def forget(self, conv: Conversation) -> None:

@@ -58,7 +58,7 @@ def _load_conversations(  # noqa: PLR0912 - one pass per record kind
     convs = conversations.by_cid
     for _, raw in sorted(store.load_prefix(ROSTER_PREFIX).items()):
         roster = Roster.from_bytes(raw)
-        conv = conversations.held(roster.cid)
+        conv = conversations.ensure(roster.cid)
         conv.rosters[roster.epoch] = roster
         conv.tip = max(conv.tip, roster.epoch)
     for conv in convs.values():
@@ -86,9 +86,9 @@ def _load_conversations(  # noqa: PLR0912 - one pass per record kind
     _unpark(store, conversations)
     for _, raw in sorted(store.load_prefix(CANDIDATE_PREFIX).items()):
         roster = Roster.from_bytes(raw)
-        conversations.held(roster.cid).candidates[roster.digest()] = roster
+        conversations.ensure(roster.cid).candidates[roster.digest()] = roster
     for key, raw in store.load_prefix(PENDING_PREFIX).items():
-        conversations.held(key.split("/")[1]).held_grants.append(raw)
+        conversations.ensure(key.split("/")[1]).held_grants.append(raw)
     for key, raw in store.load_prefix(RECV_PREFIX).items():
         cid = key.split("/")[1]
         epoch, sender, chain_no, step, ck, signer, evicted, skipped = fields(
