@@ -19,6 +19,7 @@ from fieldchat.schemas import Message, Receipt, decode_plaintext
 from fieldchat.schemas.envelope import (
     FLAG_COMPRESSED,
     FLAG_PADDED,
+    FLAG_SIGNED,
     EnvelopeKind,
     Header,
     read_header,
@@ -138,9 +139,7 @@ class Opener:
             except CryptoError:
                 return False
             return True
-        return chain.authentic(
-            header.step, header.ciphertext(data), header.aad(data, conv.cid_bytes)
-        )
+        return chain.authentic(header.step, *header.sealed(data, conv.cid_bytes))
 
     def peek_receipt(
         self, cid: str, data: bytes, header: Header | None
@@ -161,8 +160,7 @@ class Opener:
         try:
             if header.signed:
                 verify_signature(data, conv.cid_bytes, chain.signer_key)
-            aad = header.aad(data, conv.cid_bytes)
-            plaintext = chain.peek(header.step, header.ciphertext(data), aad)
+            plaintext = chain.peek(header.step, *header.sealed(data, conv.cid_bytes))
             message = None
             if plaintext is not None:
                 message = decode_plaintext(
@@ -209,7 +207,8 @@ class Opener:
             raise UnknownConversation(f"unknown conversation {cid[:40]}")
         if header is None:
             header = read_header(data)
-        epoch, sender_index, chain_no, step = header.epoch, header.sender, header.chain, header.step
+        # The fields read once (the per-message path: a local is the cheapest read).
+        kind, flags, epoch, sender_index, chain_no, step, _header_size = header
         data = bytes(data)
         pids = conv.pids.get(epoch)
         if pids is None:
@@ -231,7 +230,7 @@ class Opener:
             if epoch < conv.epoch and self._pid not in pids:
                 raise StaleEpoch(f"epoch {epoch} is from before we joined")
             raise MissingKey(f"no grant yet for {sender} in epoch {epoch}")
-        signed = header.signed
+        signed = bool(flags & FLAG_SIGNED)
         if signed:
             # Verified before any chain step is derived (§6.4): a forged signature costs
             # one verification, whatever step it names.
@@ -249,9 +248,8 @@ class Opener:
                     raise ChainClosed(
                         f"unsigned step {step} of epoch {epoch}: {sender} ended it at {stated}"
                     )
-        plaintext = chain.open(
-            step, header.ciphertext(data), header.aad(data, conv.cid_bytes), authenticated=signed
-        )
+        ciphertext, aad = header.sealed(data, conv.cid_bytes)
+        plaintext = chain.open(step, ciphertext, aad, authenticated=signed)
         if plaintext is None:
             self._counters["duplicate"] += 1
             return None
@@ -261,12 +259,12 @@ class Opener:
         self._opens_since_flush += 1
         if self._opens_since_flush >= AUTO_FLUSH_OPENS:
             self.flush()
-        if header.flags & _CODED:  # most plaintexts are neither: skip the keywords
+        if flags & _CODED:  # most plaintexts are neither: skip the keywords
             message = decode_plaintext(
-                header.kind, plaintext, compressed=header.compressed, padded=header.padded
+                kind, plaintext, compressed=header.compressed, padded=header.padded
             )
         else:
-            message = decode_plaintext(header.kind, plaintext)
+            message = decode_plaintext(kind, plaintext)
         return Opened(cid, sender, epoch, sender_index, chain_no, step, message, signed)
 
     def flush(self) -> None:

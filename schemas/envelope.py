@@ -188,13 +188,14 @@ class Header(NamedTuple):
     Fields in wire order, then ``size``, the header's length in the bytes it was read
     from (or encodes to): the associated data and the ciphertext are slices of those
     bytes, so the opener never copies or re-encodes the header. A named tuple rather
-    than a dataclass: one is built per received envelope, and a tuple is the cheapest
-    immutable record Python builds (a frozen dataclass costs a ``__setattr__`` a field).
+    than a frozen dataclass: one is built per received envelope (≈ 0.2 µs here, where a
+    frozen dataclass costs a ``__setattr__`` a field), and code that indexes or unpacks
+    the 7-tuple ``read_header`` used to return keeps working.
     ``flags`` is the high three bits of the kind byte (:data:`FLAG_SIGNED` and others).
 
     Only this module knows the layout: :meth:`encode`, :meth:`parse` (the version byte
-    first), :meth:`aad` (§3.3) and, for signed envelopes, :func:`sign_envelope` and
-    :func:`verify_signature` (what the signature covers).
+    first), :meth:`sealed` (the associated data, §3.3) and, for signed envelopes,
+    :func:`seal_envelope` and :func:`verify_signature` (what the signature covers).
     """
 
     kind: EnvelopeKind
@@ -246,17 +247,16 @@ class Header(NamedTuple):
         kind_byte = self.flags | int(self.kind)
         return _encode_header(kind_byte, self.epoch, self.sender, self.chain, self.step)
 
-    def aad(self, data: bytes, cid_bytes: bytes) -> bytes:
-        """The AES-GCM associated data of ``data``, the envelope this header was parsed
-        from: ``header || cid_bytes`` (§3.3), so it cannot move to another conversation,
-        sender, chain or step, nor change its flags."""
-        return data[: self.size] + cid_bytes
-
-    def ciphertext(self, data: bytes) -> bytes:
-        """The ciphertext and tag of ``data``, the envelope this header was parsed from."""
-        if self.flags & FLAG_SIGNED:
-            return data[self.size : len(data) - SIGNATURE_BYTES]
-        return data[self.size :]
+    def sealed(self, data: bytes, cid_bytes: bytes) -> tuple[bytes, bytes]:
+        """What AES-GCM opens in ``data``, the envelope this header was parsed from:
+        ``(ciphertext and tag, associated data)``. The associated data is
+        ``header || cid_bytes`` (§3.3), so the envelope cannot move to another
+        conversation, sender, chain or step, nor change its flags. (One call for both:
+        this is the per-message opening path.)"""
+        size = self[6]  # self.size; indexing is the cheaper read
+        if self[1] & FLAG_SIGNED:
+            return data[size : len(data) - SIGNATURE_BYTES], data[:size] + cid_bytes
+        return data[size:], data[:size] + cid_bytes
 
 
 _new_header = tuple.__new__  # skips NamedTuple's Python-level __new__ on the opening path

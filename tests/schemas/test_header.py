@@ -78,10 +78,9 @@ def test_sealed_envelope_opens_with_the_header_slices(signed):
     sign = SIGNER.sign if signed else None
     data = seal_envelope(header_raw, CID_BYTES, KEY, NONCE, b"plaintext", sign)
     header = Header.parse(data)
-    assert header.aad(data, CID_BYTES) == header_raw + CID_BYTES
-    assert aead_open(KEY, NONCE, header.ciphertext(data), header.aad(data, CID_BYTES)) == (
-        b"plaintext"
-    )
+    ciphertext, aad = header.sealed(data, CID_BYTES)
+    assert aad == header_raw + CID_BYTES
+    assert aead_open(KEY, NONCE, ciphertext, aad) == b"plaintext"
     if signed:
         verify_signature(data, CID_BYTES, SIGNER.public)
         verify_envelope_signature(data, CID, SIGNER.public)
