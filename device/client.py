@@ -936,6 +936,7 @@ class Device:
                 topics = sorted(self._subs)
             conn.subscribe(topics, no_local=[t for t in topics if t.endswith("/msg")])
             now = self._clock()
+            self._hold_again(now)
             if self._link is not None and self._link.connects > 1:
                 self._resend = (now + self.options.resend_after_s, now)
             self._next_tail = now  # once the backlog the broker kept has arrived
@@ -1113,6 +1114,19 @@ class Device:
         self.counters["gap_requests_answered_held"] += 1
         self._on_missing(db, cid, peeked[0], peeked[1])
 
+    def _hold_again(self, now: float) -> None:
+        """On each connect, what is held waits a whole window more and its gaps are
+        asked for again. Offline, nothing could be asked, and what revealed a gap may
+        have come through the history tail (HTTP) while the broker still held the
+        missing steps in our session: it delivers them right after the connect. A
+        window that ran out offline showed the later messages first (the soak)."""
+        later = now + self.options.reorder_window_s
+        for key, steps in self._waiting.items():
+            for step, candidates in steps.items():
+                steps[step] = [(row, max(until, later)) for row, until in candidates]
+            self._asks.settled(key)
+            self._lacking(key, now)
+
     def _lacking(self, key: ChainKey, now: float) -> None:
         """``key`` holds envelopes behind missing steps: ask its sender for them at
         once (a MISSING receipt, on the next tick) and, with a history source, the
@@ -1140,8 +1154,11 @@ class Device:
                 return expected - 1
         return high
 
-    def _release(self, db: sqlite3.Connection, batch: _Batch, *, expired: bool = False) -> None:
-        """Open held envelopes whose turn came (or, ``expired``, whose wait is over)."""
+    def _release(
+        self, db: sqlite3.Connection, batch: _Batch, *, expired: bool = False, grace: float = 0.0
+    ) -> None:
+        """Open held envelopes whose turn came (or, ``expired``, whose wait is over:
+        ``grace`` past their window)."""
         now = self._clock()
         progress = True
         while progress:
@@ -1154,7 +1171,7 @@ class Device:
                 first = min(steps)
                 until = min(at for _, at in steps[first])
                 high = self._high_of(key)
-                if high is not None and first > high + 1 and not (expired and until <= now):
+                if high is not None and first > high + 1 and not (expired and until + grace <= now):
                     continue
                 for row, _ in steps.pop(first):
                     payload = self.state.held_payload(row)
@@ -1609,15 +1626,18 @@ class Device:
             _, before = self._resend
             self._resend = None
             self._resend_unconfirmed(before)
+        # Offline, a window runs out only gap_timeout_s late: nothing can be asked for,
+        # and the broker may hold the missing steps in our session (see _hold_again).
+        grace = 0.0 if self._conn is not None else self.options.gap_timeout_s
         if any(
-            until <= now
+            until + grace <= now
             for steps in self._waiting.values()
             for candidates in steps.values()
             for _, until in candidates
         ):
             batch = _Batch([], [], set(), set())
             with self.state.transaction() as db:
-                self._release(db, batch, expired=True)
+                self._release(db, batch, expired=True, grace=grace)
                 self.engine.flush()
             self._after(batch)
         if now >= self._next_housekeeping:

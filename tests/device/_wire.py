@@ -52,7 +52,14 @@ class Link:
 class Front:
     """Listens on 127.0.0.1 (``port``) and relays to the broker on ``target``."""
 
-    def __init__(self, target: int, *, refuse_v5: str | None = None, close_v5_times: int = 0):
+    def __init__(
+        self,
+        target: int,
+        *,
+        refuse_v5: str | None = None,
+        close_v5_times: int = 0,
+        port: int = 0,
+    ):
         self.target = target
         self.refuse_v5 = refuse_v5
         self.close_v5_left = close_v5_times
@@ -60,12 +67,16 @@ class Front:
         self.links: list[Link] = []
         self._lock = threading.Lock()
         self._sockets: list[socket.socket] = []
-        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener = socket.create_server(("127.0.0.1", port))  # port: again after close
         self.port = int(self.listener.getsockname()[1])
         threading.Thread(target=self._accept, daemon=True).start()
 
     def close(self) -> None:
+        """Stop listening and cut every relayed connection (shutdown wakes the relay
+        threads blocked in recv, which a close alone does not)."""
         for sock in [self.listener, *self._sockets]:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
             with contextlib.suppress(OSError):
                 sock.close()
 
