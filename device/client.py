@@ -83,7 +83,7 @@ from fieldchat.schemas import (
     Topics,
     tracing,
 )
-from fieldchat.schemas.envelope import EnvelopeKind, read_header
+from fieldchat.schemas.envelope import EnvelopeKind, Header, read_header
 from fieldchat.schemas.errors import (
     ConnectFailed,
     FieldchatError,
@@ -343,7 +343,7 @@ class Device:
         self._retried_at_start = False
         for row, cid, payload, until in self.state.held(reordering=True):
             with contextlib.suppress(FieldchatError):
-                _, _, epoch, index, chain, step, _ = read_header(payload)
+                epoch, index, chain, step = read_header(payload).dedupe_key
                 waiting = self._waiting[(cid, epoch, index, chain)]
                 waiting.setdefault(step, []).append((row, until or 0.0))
         self._receipts: dict[tuple[str, ReceiptType], set[tuple[int, int, int, int]]] = defaultdict(
@@ -574,7 +574,7 @@ class Device:
             for text in texts:
                 now = self._clock()
                 envelope = self.engine.seal(cid, TextMessage(sent_at=int(now), text=text))
-                _, _, epoch, index, chain, step, _ = read_header(envelope)
+                epoch, index, chain, step = read_header(envelope).dedupe_key
                 seq = self.state.add_outbox(db, topic, envelope, cid=cid, what="msg")
                 row = self.state.add_sent(
                     db, cid, epoch, index, chain, step, text, topic, envelope, seq
@@ -832,12 +832,14 @@ class Device:
         if not items:
             return
         envelopes = []
+        frames: dict[int, list[bytes]] = {}  # a _Msg's envelopes (by id), split once
         for item in items:
             if isinstance(item, _Msg):
                 parsed = self._parse(item.topic)
                 if parsed is not None and parsed.kind is TopicKind.MSG and parsed.cid:
                     with contextlib.suppress(FieldchatError):  # counted by _on_message
-                        envelopes += [(parsed.cid, e) for e in split(item.payload)]
+                        frames[id(item)] = split(item.payload)
+                        envelopes += [(parsed.cid, e) for e in frames[id(item)]]
         if len(envelopes) > 1:
             self.engine.preverify(envelopes, self._verifier)
         acked: list[int] = []
@@ -846,7 +848,7 @@ class Device:
         with self.state.transaction(durable=False) as db:
             for item in items:
                 if isinstance(item, _Msg):
-                    self._on_message(db, item.topic, item.payload, batch)
+                    self._on_message(db, item.topic, item.payload, batch, frames.get(id(item)))
                     if item.qos:
                         batch.acks.append((item.conn, item.mid))
                     continue
@@ -977,8 +979,14 @@ class Device:
         return parsed
 
     def _on_message(
-        self, db: sqlite3.Connection, topic: str, payload: bytes, batch: _Batch
+        self,
+        db: sqlite3.Connection,
+        topic: str,
+        payload: bytes,
+        batch: _Batch,
+        envelopes: list[bytes] | None = None,
     ) -> None:
+        """``envelopes``: those of ``payload``, when the frame was split already."""
         parsed = self._parse(topic)
         if parsed is None:
             self.counters["foreign_topic"] += 1
@@ -986,7 +994,8 @@ class Device:
         try:
             if parsed.kind is TopicKind.MSG:
                 assert parsed.cid is not None
-                for envelope in split(payload):  # a frame's envelopes each stand alone
+                # a frame's envelopes each stand alone
+                for envelope in split(payload) if envelopes is None else envelopes:
                     try:
                         self._open(db, parsed.cid, envelope, batch)
                     except KeyStoreError:
@@ -1024,25 +1033,26 @@ class Device:
         may reorder a redelivered backlog, and the screen keeps each sender's order.
         False when it must wait for a key.
         """
+        header = None
         if in_order:
             try:
-                kind, _, epoch, index, chain, step, _ = read_header(payload)
+                header = read_header(payload)  # parsed once: passed to the engine
             except FieldchatError:
                 pass  # the engine rejects and counts it below
             else:
-                key = (cid, epoch, index, chain)
+                key = (cid, *header.chain_id)
                 high = self._high_of(key)
                 if high is not None and key not in self._high:
                     # Shown through the step before the grant's first: a loss of the
                     # first steps is a gap like any other (recorded, asked for).
                     self._high[key] = high
-                waiting = self._waiting.get(key, {}).get(step)
-                if waiting is not None or (high is not None and step > high + 1):
-                    held = self._wait(db, cid, key, step, payload, waiting)
-                    if kind is EnvelopeKind.RECEIPT:
-                        self._answer_held_ask(db, cid, (*key, step), payload)
+                waiting = self._waiting.get(key, {}).get(header.step)
+                if waiting is not None or (high is not None and header.step > high + 1):
+                    held = self._wait(db, cid, key, header, payload, waiting)
+                    if header.kind is EnvelopeKind.RECEIPT:
+                        self._answer_held_ask(db, cid, (*key, header.step), payload, header)
                     return held
-        done = self._open_one(db, cid, payload, batch)
+        done = self._open_one(db, cid, payload, batch, header)
         self._release(db, batch)
         return done
 
@@ -1051,7 +1061,7 @@ class Device:
         db: sqlite3.Connection,
         cid: str,
         key: tuple[str, int, int, int],
-        step: int,
+        header: Header,
         payload: bytes,
         waiting: list[tuple[int, float]] | None,
     ) -> bool:
@@ -1065,24 +1075,29 @@ class Device:
         if waiting is not None:
             held = [self.state.held_payload(row) for row, _ in waiting]
             if bytes(payload) in held:
-                self._duplicate(cid, payload)
+                self._duplicate(cid, payload, header)
                 return True
             if len(waiting) >= MAX_CANDIDATES_PER_STEP:
                 self.counters["candidates_dropped"] += 1
                 return True
-        if self.engine.authentic(cid, payload) is False:
+        if self.engine.authentic(cid, payload, header) is False:
             self.counters["rejected_auth"] += 1
             return True
         now = self._clock()
         until = now + self.options.reorder_window_s
         row, dropped = self.state.hold(db, cid, payload, until)
         self._dropped(dropped)
-        self._waiting[key].setdefault(step, []).append((row, until))
+        self._waiting[key].setdefault(header.step, []).append((row, until))
         self._lacking(key, now)
         return True
 
     def _answer_held_ask(
-        self, db: sqlite3.Connection, cid: str, step_key: StepKey, payload: bytes
+        self,
+        db: sqlite3.Connection,
+        cid: str,
+        step_key: StepKey,
+        payload: bytes,
+        header: Header,
     ) -> None:
         """A gap request is answered when it arrives, even held behind a gap in its
         sender's own chain (a crash skips up to RESERVE_STEPS of it; a broker lost
@@ -1090,7 +1105,7 @@ class Device:
         asker had given up too, and the asker showed its messages out of order. The
         receipt is read without opening it; it is opened in its turn, and not
         answered twice."""
-        peeked = self.engine.peek_receipt(cid, payload)
+        peeked = self.engine.peek_receipt(cid, payload, header)
         if peeked is None or peeked[1].type is not ReceiptType.MISSING:
             return
         if len(self._answered_early) >= MAX_ANSWERED_EARLY:
@@ -1200,44 +1215,52 @@ class Device:
                         tried = True
         return tried
 
-    def _duplicate(self, cid: str, payload: bytes) -> None:
+    def _duplicate(self, cid: str, payload: bytes, header: Header | None = None) -> None:
         """A text seen before came again: its sender may have missed our receipt (a
         broker lost it), so it is receipted again in the next batch."""
         self.counters["duplicate"] += 1
         try:
-            kind, _, epoch, index, chain, step, _ = read_header(payload)
+            header = header or read_header(payload)
         except FieldchatError:
             return
-        if kind is EnvelopeKind.TEXT and self.engine.is_member(cid):
+        if header.kind is EnvelopeKind.TEXT and self.engine.is_member(cid):
             with contextlib.suppress(FieldchatError):
-                if self.engine.roster(cid).member_at(index).pid == self.pid:
+                if self.engine.roster(cid).member_at(header.sender).pid == self.pid:
                     return  # our own echo
             with self._receipts_lock:
-                self._receipts[(cid, ReceiptType.DELIVERED)].add((epoch, index, chain, step))
+                self._receipts[(cid, ReceiptType.DELIVERED)].add(header.dedupe_key)
 
     def _dropped(self, count: int) -> None:
         if count:
             self.counters["held_dropped"] += count
             log.warning("held-envelope limit reached: %d oldest dropped", count)
 
-    def _open_one(self, db: sqlite3.Connection, cid: str, payload: bytes, batch: _Batch) -> bool:
+    def _open_one(
+        self,
+        db: sqlite3.Connection,
+        cid: str,
+        payload: bytes,
+        batch: _Batch,
+        header: Header | None = None,
+    ) -> bool:
         try:
-            opened = self.engine.open(cid, payload)
+            opened = self.engine.open(cid, payload, header)
         except UnsignedJumpTooFar:
             # Held until the chain, or the keys the engine derived towards it, come
             # within reach (PROTOCOL.md §6.4); each try extended them.
             held, dropped = self.state.hold(db, cid, payload)
             self._dropped(dropped)
-            _, _, epoch, index, chain_no, step, _ = read_header(payload)
-            self._unreached[(cid, epoch, index, chain_no)].setdefault(step, []).append(held)
-            self._advanced.add((cid, epoch, index, chain_no))
+            header = header or read_header(payload)
+            chain = (cid, *header.chain_id)
+            self._unreached[chain].setdefault(header.step, []).append(held)
+            self._advanced.add(chain)
             return False
         except MissingKey:
             _, dropped = self.state.hold(db, cid, payload)
             self._dropped(dropped)
             return False
         if opened is None:
-            self._duplicate(cid, payload)
+            self._duplicate(cid, payload, header)
             return True
         if self._unreached:  # the chain moved: held far-ahead steps may be in reach now
             self._advanced.add((cid, opened.epoch, opened.sender_index, opened.chain))
@@ -1257,7 +1280,7 @@ class Device:
             text,
         )
         if row is None:
-            self._duplicate(cid, payload)
+            self._duplicate(cid, payload, header)
             return True
         late = self._sequence(db, opened, batch)
         if isinstance(message, TextMessage):
@@ -1684,8 +1707,7 @@ class Device:
         requests (texts are kept in ``sent``)."""
         topic = self.topics.msg(cid)
         seq = self.state.add_outbox(db, topic, envelope, cid=cid, what=what)
-        _, _, epoch, index, chain, step, _ = read_header(envelope)
-        self.state.add_kept(db, cid, (epoch, index, chain, step), topic, envelope, seq)
+        self.state.add_kept(db, cid, read_header(envelope).dedupe_key, topic, envelope, seq)
 
     def _resend_unconfirmed(self, before: float) -> None:
         """Publish again own messages some current member has not receipted."""
@@ -1991,10 +2013,10 @@ class Device:
         """Whether an archived envelope can ever be opened (not of an epoch before ours
         from a chain we hold no key for)."""
         try:
-            _, _, env_epoch, index, chain, _, _ = read_header(envelope)
+            chain_id = read_header(envelope).chain_id
         except FieldchatError:
             return True  # the engine rejects and counts it
-        return env_epoch >= epoch or self.engine.next_step(cid, env_epoch, index, chain) is not None
+        return chain_id[0] >= epoch or self.engine.next_step(cid, *chain_id) is not None
 
     def _open_fetched(self, cid: str, envelopes: list[bytes]) -> None:
         if not envelopes:
