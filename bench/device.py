@@ -254,7 +254,7 @@ class Proxy(_Relay):
             start = i + 2 + topic_len + (2 if (packet[0] >> 1) & 3 else 0)
             with contextlib.suppress(FieldchatError):
                 first = split(packet[start:])[0]  # a frame's kind is its envelopes' kind
-                if topic.endswith(b"/msg") and read_header(first)[0] is EnvelopeKind.TEXT:
+                if topic.endswith(b"/msg") and read_header(first).kind is EnvelopeKind.TEXT:
                     with self._lock:
                         self.echo_bytes += len(packet) + 4
         return buf

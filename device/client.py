@@ -35,10 +35,10 @@ from fieldchat.device.context import Shared
 from fieldchat.device.engine import Engine
 from fieldchat.device.events import Event
 from fieldchat.device.link import Connection, Link, Will
-from fieldchat.device.membership import Subscriptions, conversation_topics, wanted_topics
 from fieldchat.device.receipts import ReceiptBook
 from fieldchat.device.rows import ChainKey, Gap, OutboxKind, OutboxRow, ReceivedRow, SentRow
 from fieldchat.device.state import DeviceState
+from fieldchat.device.subscriptions import Subscriptions, conversation_topics, wanted_topics
 from fieldchat.device.tail import HistorySource
 from fieldchat.device.worker import (
     STATUS_OFFLINE,
@@ -323,7 +323,7 @@ class Device:
             for text in texts:
                 now = self._clock()
                 envelope = self.engine.seal(cid, TextMessage(sent_at=int(now), text=text))
-                _, _, epoch, index, chain, step, _ = read_header(envelope)
+                epoch, index, chain, step = read_header(envelope).dedupe_key
                 seq = tx.add_outbox(topic, envelope, cid=cid, what=OutboxKind.MSG)
                 row = tx.add_sent(cid, epoch, index, chain, step, text, topic, envelope, seq)
                 out.append(SentMessage(row, cid, epoch, chain, step))

@@ -127,8 +127,7 @@ class Part:
         requests (texts are kept in ``sent``)."""
         topic = self.topics.msg(cid)
         seq = tx.add_outbox(topic, envelope, cid=cid, what=what)
-        _, _, epoch, index, chain, step, _ = read_header(envelope)
-        tx.add_kept(cid, (epoch, index, chain, step), topic, envelope, seq)
+        tx.add_kept(cid, read_header(envelope).dedupe_key, topic, envelope, seq)
 
     def _rejected(self, exc: FieldchatError) -> None:
         """Count a refusal by its reason (``rejected_<reason>``)."""

@@ -25,7 +25,7 @@ from fieldchat.device.rows import ChainKey, Gap, MessageKind
 from fieldchat.device.sequencer import MAX_CANDIDATES_PER_STEP, Sequencer
 from fieldchat.device.state import StateTransaction
 from fieldchat.schemas import Control, ControlOp, Receipt, ReceiptType, TextMessage
-from fieldchat.schemas.envelope import EnvelopeKind, read_header
+from fieldchat.schemas.envelope import EnvelopeKind, Header, read_header
 from fieldchat.schemas.errors import (
     FieldchatError,
     KeyStoreError,
@@ -76,9 +76,17 @@ class Inbound(Part):
         for key in self.sequencer.restart(window):
             self.lacking(key, now)
 
-    def on_message(self, tx: StateTransaction, topic: str, payload: bytes, batch: Batch) -> None:
+    def on_message(
+        self,
+        tx: StateTransaction,
+        topic: str,
+        payload: bytes,
+        batch: Batch,
+        envelopes: list[bytes] | None = None,
+    ) -> None:
         """Handle one PUBLISH that arrived (a frame of envelopes, a roster, a grant or
-        a bundle); a refusal is counted and logged, never raised (but state failures)."""
+        a bundle); a refusal is counted and logged, never raised (but state failures).
+        ``envelopes``: those of ``payload``, when the frame was split already."""
         parsed = self._parse(topic)
         if parsed is None:
             self.counters["foreign_topic"] += 1
@@ -86,7 +94,8 @@ class Inbound(Part):
         try:
             if parsed.kind is TopicKind.MSG:
                 assert parsed.cid is not None
-                for envelope in split(payload):  # a frame's envelopes each stand alone
+                # a frame's envelopes each stand alone
+                for envelope in split(payload) if envelopes is None else envelopes:
                     try:
                         self.open(tx, parsed.cid, envelope, batch)
                     except KeyStoreError:
@@ -124,19 +133,21 @@ class Inbound(Part):
         may reorder a redelivered backlog, and the screen keeps each sender's order.
         False when it must wait for a key.
         """
+        header = None
         if in_order:
             try:
-                kind, _, epoch, index, chain, step, _ = read_header(payload)
+                header = read_header(payload)  # parsed once: passed to the engine
             except FieldchatError:
                 pass  # the engine rejects and counts it below
             else:
-                key = (cid, epoch, index, chain)
-                if self.sequencer.must_wait(key, step):
-                    held = self._wait(tx, cid, key, step, payload)
-                    if kind is EnvelopeKind.RECEIPT:
-                        self.receipts_in.answer_held_ask(tx, cid, (*key, step), payload)
+                key = (cid, *header.chain_id)
+                if self.sequencer.must_wait(key, header.step):
+                    held = self._wait(tx, cid, key, header, payload)
+                    if header.kind is EnvelopeKind.RECEIPT:
+                        step_key = (*key, header.step)
+                        self.receipts_in.answer_held_ask(tx, cid, step_key, payload, header)
                     return held
-        done = self._open_one(tx, cid, payload, batch)
+        done = self._open_one(tx, cid, payload, batch, header)
         self.release(tx, batch)
         return done
 
@@ -145,7 +156,7 @@ class Inbound(Part):
         tx: StateTransaction,
         cid: str,
         key: ChainKey,
-        step: int,
+        header: Header,
         payload: bytes,
     ) -> bool:
         """Hold an envelope that overtook a missing step, if it may be genuine.
@@ -155,23 +166,23 @@ class Inbound(Part):
         byte-identical copy of one waiting is a duplicate; other candidates wait side
         by side (at most MAX_CANDIDATES_PER_STEP), released together in their turn.
         """
-        waiting = self.sequencer.candidates(key, step)
+        waiting = self.sequencer.candidates(key, header.step)
         if waiting:
             held = [self.state.held_payload(row) for row in waiting]
             if bytes(payload) in held:
-                self._duplicate(cid, payload)
+                self._duplicate(cid, payload, header)
                 return True
             if len(waiting) >= MAX_CANDIDATES_PER_STEP:
                 self.counters["candidates_dropped"] += 1
                 return True
-        if self.engine.authentic(cid, payload) is False:
+        if self.engine.authentic(cid, payload, header) is False:
             self.counters["rejected_auth"] += 1
             return True
         now = self._clock()
         until = now + self.options.reorder_window_s
         row, dropped = tx.hold(cid, payload, until)
         self._dropped(dropped)
-        if self.sequencer.wait(key, step, row, until, now):
+        if self.sequencer.wait(key, header.step, row, until, now):
             self._episode(now)
         return True
 
@@ -225,42 +236,49 @@ class Inbound(Part):
                     tried = True
         return tried
 
-    def _duplicate(self, cid: str, payload: bytes) -> None:
+    def _duplicate(self, cid: str, payload: bytes, header: Header | None = None) -> None:
         """A text seen before came again: its sender may have missed our receipt (a
         broker lost it), so it is receipted again in the next batch."""
         self.counters["duplicate"] += 1
         try:
-            kind, _, epoch, index, chain, step, _ = read_header(payload)
+            header = header or read_header(payload)
         except FieldchatError:
             return
-        if kind is EnvelopeKind.TEXT and self.engine.is_member(cid):
+        if header.kind is EnvelopeKind.TEXT and self.engine.is_member(cid):
             with contextlib.suppress(FieldchatError):
-                if self.engine.roster(cid).member_at(index).pid == self.pid:
+                if self.engine.roster(cid).member_at(header.sender).pid == self.pid:
                     return  # our own echo
-            self.receipts.add(cid, ReceiptType.DELIVERED, [(epoch, index, chain, step)])
+            self.receipts.add(cid, ReceiptType.DELIVERED, [header.dedupe_key])
 
     def _dropped(self, count: int) -> None:
         if count:
             self.counters["held_dropped"] += count
             log.warning("held-envelope limit reached: %d oldest dropped", count)
 
-    def _open_one(self, tx: StateTransaction, cid: str, payload: bytes, batch: Batch) -> bool:
+    def _open_one(
+        self,
+        tx: StateTransaction,
+        cid: str,
+        payload: bytes,
+        batch: Batch,
+        header: Header | None = None,
+    ) -> bool:
         try:
-            opened = self.engine.open(cid, payload)
+            opened = self.engine.open(cid, payload, header)
         except UnsignedJumpTooFar:
             # Held until the chain, or the keys the engine derived towards it, come
             # within reach (PROTOCOL.md §6.4); each try extended them.
             held, dropped = tx.hold(cid, payload)
             self._dropped(dropped)
-            _, _, epoch, index, chain_no, step, _ = read_header(payload)
-            self.sequencer.hold_unreached((cid, epoch, index, chain_no), step, held)
+            header = header or read_header(payload)
+            self.sequencer.hold_unreached((cid, *header.chain_id), header.step, held)
             return False
         except MissingKey:
             _, dropped = tx.hold(cid, payload)
             self._dropped(dropped)
             return False
         if opened is None:
-            self._duplicate(cid, payload)
+            self._duplicate(cid, payload, header)
             return True
         # The chain moved: held far-ahead steps may be in reach now.
         self.sequencer.moved((cid, opened.epoch, opened.sender_index, opened.chain))
@@ -279,7 +297,7 @@ class Inbound(Part):
             text,
         )
         if row is None:
-            self._duplicate(cid, payload)
+            self._duplicate(cid, payload, header)
             return True
         late = self._sequence(tx, opened, batch)
         if isinstance(message, TextMessage):
@@ -392,10 +410,10 @@ class Inbound(Part):
         """Whether an archived envelope can ever be opened (not of an epoch before ours
         from a chain we hold no key for)."""
         try:
-            _, _, env_epoch, index, chain, _, _ = read_header(envelope)
+            chain_id = read_header(envelope).chain_id
         except FieldchatError:
             return True  # the engine rejects and counts it
-        return env_epoch >= epoch or self.engine.next_step(cid, env_epoch, index, chain) is not None
+        return chain_id[0] >= epoch or self.engine.next_step(cid, *chain_id) is not None
 
 
 def _kind(message: TextMessage | Receipt | Control) -> MessageKind:

@@ -17,12 +17,12 @@ from collections import defaultdict
 from fieldchat.device.chains import RESERVE_STEPS
 from fieldchat.device.context import Part, Shared
 from fieldchat.device.link import Connection
-from fieldchat.device.membership import Subscriptions, no_local
 from fieldchat.device.outbox import Inflight, frame_budget, frames
 from fieldchat.device.receipts import ReceiptBook, missing_receipt, receipts
 from fieldchat.device.resend import Resends
 from fieldchat.device.rows import ENVELOPE_ROWS, Gap, OutboxKind
 from fieldchat.device.sequencer import Sequencer
+from fieldchat.device.subscriptions import Subscriptions, no_local
 from fieldchat.schemas import ReceiptRange, tracing
 from fieldchat.schemas.errors import FieldchatError
 from fieldchat.schemas.frame import pack_frame

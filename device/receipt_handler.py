@@ -19,6 +19,7 @@ from fieldchat.device.repair import ASK_FRACTIONS, MAX_REPAIR_PER_REQUEST, Repai
 from fieldchat.device.rows import OutboxKind
 from fieldchat.device.state import StateTransaction
 from fieldchat.schemas import Receipt, ReceiptType
+from fieldchat.schemas.envelope import Header
 
 __all__ = ["MAX_ANSWERED_EARLY", "ReceiptHandler"]
 
@@ -80,7 +81,7 @@ class ReceiptHandler(Part):
             )
 
     def answer_held_ask(
-        self, tx: StateTransaction, cid: str, step_key: StepKey, payload: bytes
+        self, tx: StateTransaction, cid: str, step_key: StepKey, payload: bytes, header: Header
     ) -> None:
         """A gap request is answered when it arrives, even held behind a gap in its
         sender's own chain (a crash skips up to RESERVE_STEPS of it; a broker lost
@@ -88,7 +89,7 @@ class ReceiptHandler(Part):
         asker had given up too, and the asker showed its messages out of order. The
         receipt is read without opening it; it is opened in its turn, and not
         answered twice."""
-        peeked = self.engine.peek_receipt(cid, payload)
+        peeked = self.engine.peek_receipt(cid, payload, header)
         if peeked is None or peeked[1].type is not ReceiptType.MISSING:
             return
         if len(self._answered_early) >= MAX_ANSWERED_EARLY:

@@ -11,9 +11,9 @@ from collections.abc import Callable
 from fieldchat.device.context import Batch, Part, Shared
 from fieldchat.device.engine import BundleStatus, Opened
 from fieldchat.device.events import Joined, KeyChanged, Removed
-from fieldchat.device.membership import changed, conversation_topics
 from fieldchat.device.resend import Resends
 from fieldchat.device.state import StateTransaction
+from fieldchat.device.subscriptions import changed, conversation_topics
 from fieldchat.schemas import Grant
 from fieldchat.schemas.errors import RosterPending, UnknownConversation
 

@@ -25,7 +25,6 @@ from fieldchat.device.context import Batch, Part, Shared
 from fieldchat.device.events import Connected, Disconnected, Event
 from fieldchat.device.inbound import Inbound
 from fieldchat.device.link import Connection, Link, Refusal
-from fieldchat.device.membership import Subscriptions, no_local
 from fieldchat.device.outbound import Outbound
 from fieldchat.device.receipts import ReceiptBook
 from fieldchat.device.refusals import refuse
@@ -33,6 +32,7 @@ from fieldchat.device.resend import Resends
 from fieldchat.device.rosters import RosterHandler
 from fieldchat.device.rounds import Archived, HistoryRounds
 from fieldchat.device.sequencer import Sequencer
+from fieldchat.device.subscriptions import Subscriptions, no_local
 from fieldchat.device.tail import Fetched
 from fieldchat.schemas.envelope import read_header
 from fieldchat.schemas.errors import FieldchatError, KeyStoreError, TransportError
@@ -129,9 +129,9 @@ class Worker(Part):
         )
         for held in self.state.held(reordering=True):
             with contextlib.suppress(FieldchatError):
-                _, _, epoch, index, chain, step, _ = read_header(held.payload)
-                key = (held.cid, epoch, index, chain)
-                sequencer.restore(key, step, held.id, held.until or 0.0)
+                header = read_header(held.payload)
+                key = (held.cid, *header.chain_id)
+                sequencer.restore(key, header.step, held.id, held.until or 0.0)
         resends = Resends()
         # The rounds are made last (they open what they fetch through inbound): these
         # two reach them through the worker when called.
@@ -298,12 +298,14 @@ class Worker(Part):
         if not items:
             return
         envelopes = []
+        frames: dict[int, list[bytes]] = {}  # an Arrived's envelopes (by id), split once
         for item in items:
             if isinstance(item, Arrived):
                 parsed = self._parse(item.topic)
                 if parsed is not None and parsed.kind is TopicKind.MSG and parsed.cid:
-                    with contextlib.suppress(FieldchatError):  # counted by _on_message
-                        envelopes += [(parsed.cid, e) for e in split(item.payload)]
+                    with contextlib.suppress(FieldchatError):  # counted by on_message
+                        frames[id(item)] = split(item.payload)
+                        envelopes += [(parsed.cid, e) for e in frames[id(item)]]
         if len(envelopes) > 1:
             self.engine.preverify(envelopes, self._verifier)
         acked: list[int] = []
@@ -312,7 +314,8 @@ class Worker(Part):
         with self.state.transaction(durable=False) as tx:
             for item in items:
                 if isinstance(item, Arrived):
-                    self.inbound.on_message(tx, item.topic, item.payload, batch)
+                    envelopes_of = frames.get(id(item))
+                    self.inbound.on_message(tx, item.topic, item.payload, batch, envelopes_of)
                     if item.qos:
                         batch.acks.append((item.conn, item.mid))
                     continue

@@ -14,7 +14,10 @@ import asyncio
 import errno
 import json
 import os
+import shlex
+import shutil
 import socket
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -74,9 +77,23 @@ def _gateway_credential(data_dir: Path, broker: EmbeddedBroker) -> tuple[str, st
     return username, credential
 
 
+def command_name() -> str:
+    """How to call ``fieldchat``: the bare name when it is on the PATH, else the
+    absolute path of the one running (``…/.venv/bin/fieldchat`` after ``make run``):
+    printed commands must run as printed, in another terminal, venv activated or not."""
+    script = Path(sys.executable).with_name("fieldchat")
+    if not script.exists():
+        return "fieldchat"
+    found = shutil.which("fieldchat")
+    if found is not None and Path(found).resolve() == script.resolve():
+        return "fieldchat"
+    return shlex.quote(str(script.absolute()))
+
+
 def _banner(web: str, mqtt: str, data_dir: Path) -> str:
     broker_dir = data_dir / "broker"
     state = "pi.db"
+    fc = command_name()
     return "\n".join(
         [
             "fieldchat is up.",
@@ -85,10 +102,10 @@ def _banner(web: str, mqtt: str, data_dir: Path) -> str:
             f"  data  {data_dir}/",
             "",
             "Enroll a device and send a first message (in another terminal):",
-            f"  fieldchat device --state {state} --broker {mqtt} --gateway {web} init",
-            f'  fieldchat device --state {state} --credential "$(fieldchat broker enroll'
-            f' --data-dir {broker_dir} $(fieldchat device --state {state} whoami --pid))" init',
-            f"  fieldchat device --state {state} send $(fieldchat device --state {state}"
+            f"  {fc} device --state {state} --broker {mqtt} --gateway {web} init",
+            f'  {fc} device --state {state} --credential "$({fc} broker enroll'
+            f' --data-dir {broker_dir} $({fc} device --state {state} whoami --pid))" init',
+            f"  {fc} device --state {state} send $({fc} device --state {state}"
             ' conv create PEER_PID) "hello from the Pi"',
             "",
             "PEER_PID: another device's pid (`whoami --pid`) or a web user's, shown on its page.",

@@ -91,7 +91,7 @@ from fieldchat.schemas.errors import (
     NotAuthorized,
     TransportError,
 )
-from fieldchat.schemas.frame import FRAME_MARKER
+from fieldchat.schemas.frame import is_frame
 
 __all__ = ["ArchiveListener", "Archiver", "MqttFactory", "Uploaded", "mqtt_factory"]
 
@@ -103,7 +103,6 @@ _CANARY_POLL_S = 0.1  # how often the sender looks in the database for its canar
 _CANARY_BACKLOG_FACTOR = 6  # a replica draining full batches waits up to 6 timeouts
 _CANARY_RECONNECT_AFTER = 3  # failures in a row (each followed by a resubscription)
 _SWEEP_LIMIT = 1000
-_FRAME = bytes((FRAME_MARKER,))
 _CHEAP_SUFFIXES = ("/msg", "/status")  # parsed on the loop (see ``_classify``)
 _VERIFY_INLINE_MAX = 2  # envelopes verified on the loop rather than in the pool
 _PROMOTE_ROUNDS = 16  # held-roster adoption rounds per call (each adopts at least one)
@@ -335,7 +334,7 @@ class Archiver:
             reason: str | None = None
             if data is None:
                 reason = "malformed"
-            elif data[:1] == _FRAME:
+            elif is_frame(data):
                 reason = "frame"
             else:
                 parsed = classify(self._topic_cache, topic, data, now)

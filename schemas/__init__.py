@@ -5,7 +5,7 @@ and back (PROTOCOL.md).
 """
 
 from fieldchat.schemas.bundle import Bundle
-from fieldchat.schemas.envelope import MAX_ENVELOPE_BYTES, VERSION, Envelope, EnvelopeKind
+from fieldchat.schemas.envelope import MAX_ENVELOPE_BYTES, VERSION, Envelope, EnvelopeKind, Header
 from fieldchat.schemas.errors import (
     ConfigError,
     ConnectFailed,
@@ -67,6 +67,7 @@ __all__ = [
     "Grant",
     "GrantMode",
     "GrantRejected",
+    "Header",
     "InvalidId",
     "KeyStoreError",
     "LimitExceeded",

@@ -22,7 +22,7 @@ from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from fieldchat.schemas.envelope import FLAG_SIGNED, EnvelopeKind, read_header
+from fieldchat.schemas.envelope import EnvelopeKind, read_header
 from fieldchat.schemas.errors import FieldchatError
 from fieldchat.schemas.ids import decode_id
 from fieldchat.schemas.tracing import (
@@ -141,7 +141,7 @@ class EnvelopeTracer:
 
     def _fields(self, cid: str, envelope: bytes) -> tuple[TraceIds, dict[str, Any]] | None:
         try:
-            kind, flags, epoch, sender, chain, step, _ = read_header(envelope)
+            header = read_header(envelope)
             cid_bytes = self._cids.get(cid)
             if cid_bytes is None:
                 if len(self._cids) >= _CIDS_REMEMBERED:
@@ -149,18 +149,18 @@ class EnvelopeTracer:
                 cid_bytes = self._cids[cid] = decode_id(cid)
         except FieldchatError:
             return None
-        ids = derive(cid_bytes, epoch, sender, chain, step, self._key)
+        ids = derive(cid_bytes, header.epoch, header.sender, header.chain, header.step, self._key)
         if (ids.trace_id & _LOW64) >= self._bound:
             return None
         attributes: dict[str, Any] = {
             "messaging.system": "mqtt",
             "messaging.message.body.size": len(envelope),
-            "fieldchat.epoch": epoch,
-            "fieldchat.sender": sender,
-            "fieldchat.chain": chain,
-            "fieldchat.step": step,
-            "fieldchat.kind": _KIND_NAMES[kind],
-            "fieldchat.signed": bool(flags & FLAG_SIGNED),
+            "fieldchat.epoch": header.epoch,
+            "fieldchat.sender": header.sender,
+            "fieldchat.chain": header.chain,
+            "fieldchat.step": header.step,
+            "fieldchat.kind": _KIND_NAMES[header.kind],
+            "fieldchat.signed": header.signed,
         }
         if self._key:
             tag = hashlib.blake2b(cid_bytes, digest_size=8, key=self._key, person=TAG_PERSON)

@@ -16,10 +16,12 @@ decoder validates every field itself.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from fieldchat.schemas import _varint
-from fieldchat.schemas.crypto import ed25519_verify
+from fieldchat.schemas.crypto import aead_seal, ed25519_verify
 from fieldchat.schemas.errors import CryptoError, LimitExceeded, UnsupportedVersion, WireError
 from fieldchat.schemas.ids import decode_id
 
@@ -31,9 +33,15 @@ __all__ = [
     "SIGNATURE_BYTES",
     "TAG_BYTES",
     "VERSION",
+    "ChainHeaders",
     "Envelope",
     "EnvelopeKind",
+    "Header",
+    "header_bytes",
+    "read_header",
+    "seal_envelope",
     "verify_envelope_signature",
+    "verify_signature",
 ]
 
 VERSION = 0x01
@@ -87,12 +95,12 @@ class Envelope:
         return (self.epoch, self.sender, self.chain, self.step)
 
     def kind_byte(self) -> int:
-        flags = (
-            (FLAG_SIGNED if self.signature is not None else 0)
-            | (FLAG_COMPRESSED if self.compressed else 0)
-            | (FLAG_PADDED if self.padded else 0)
+        return _kind_byte(
+            int(self.kind),
+            signed=self.signature is not None,
+            compressed=self.compressed,
+            padded=self.padded,
         )
-        return flags | int(self.kind)
 
     def header(self) -> bytes:
         """The authenticated header (everything before the ciphertext).
@@ -100,16 +108,7 @@ class Envelope:
         Raises:
             LimitExceeded: a number is out of the varint range.
         """
-        return header_bytes(
-            self.kind,
-            self.epoch,
-            self.sender,
-            self.chain,
-            self.step,
-            signed=self.signature is not None,
-            compressed=self.compressed,
-            padded=self.padded,
-        )
+        return _encode_header(self.kind_byte(), self.epoch, self.sender, self.chain, self.step)
 
     def to_bytes(self) -> bytes:
         """Encode for the wire.
@@ -149,6 +148,15 @@ def step_bytes(step: int) -> bytes:
     return _varint.encode(step)
 
 
+def _kind_byte(kind: int, *, signed: bool, compressed: bool, padded: bool) -> int:
+    return (
+        kind
+        | (FLAG_SIGNED if signed else 0)
+        | (FLAG_COMPRESSED if compressed else 0)
+        | (FLAG_PADDED if padded else 0)
+    )
+
+
 def header_bytes(
     kind: EnvelopeKind,
     epoch: int,
@@ -160,14 +168,162 @@ def header_bytes(
     compressed: bool = False,
     padded: bool = False,
 ) -> bytes:
-    """Encode an envelope header without building an :class:`Envelope` (sealing path)."""
-    flags = (
-        (FLAG_SIGNED if signed else 0)
-        | (FLAG_COMPRESSED if compressed else 0)
-        | (FLAG_PADDED if padded else 0)
-    )
+    """Encode an envelope header without building an :class:`Envelope` or a :class:`Header`.
+
+    Raises:
+        LimitExceeded: a number is out of the varint range.
+    """
+    kind_byte = _kind_byte(int(kind), signed=signed, compressed=compressed, padded=padded)
+    return _encode_header(kind_byte, epoch, sender, chain, step)
+
+
+def _encode_header(kind_byte: int, epoch: int, sender: int, chain: int, step: int) -> bytes:
     enc = _varint.encode
-    return bytes((VERSION, flags | int(kind))) + enc(epoch) + enc(sender) + enc(chain) + enc(step)
+    return bytes((VERSION, kind_byte)) + enc(epoch) + enc(sender) + enc(chain) + enc(step)
+
+
+class Header(NamedTuple):
+    """An envelope's header as parsed (PROTOCOL.md §3.2), with the byte ranges it implies.
+
+    Fields in wire order, then ``size``, the header's length in the bytes it was read
+    from (or encodes to): the associated data and the ciphertext are slices of those
+    bytes, so the opener never copies or re-encodes the header. A named tuple rather
+    than a frozen dataclass: one is built per received envelope (≈ 0.2 µs here, where a
+    frozen dataclass costs a ``__setattr__`` a field), and code that indexes or unpacks
+    the 7-tuple ``read_header`` used to return keeps working.
+    ``flags`` is the high three bits of the kind byte (:data:`FLAG_SIGNED` and others).
+
+    Only this module knows the layout: :meth:`encode`, :meth:`parse` (the version byte
+    first), :meth:`sealed` (the associated data, §3.3) and, for signed envelopes,
+    :func:`seal_envelope` and :func:`verify_signature` (what the signature covers).
+    """
+
+    kind: EnvelopeKind
+    flags: int
+    epoch: int
+    sender: int  # the sender's index in the roster of ``epoch``
+    chain: int
+    step: int
+    size: int
+
+    @classmethod
+    def parse(cls, data: bytes) -> Header:
+        """The header of an envelope (nothing after it is decoded, the lengths are checked).
+
+        Raises:
+            UnsupportedVersion, LimitExceeded, WireError: see :meth:`Envelope.from_bytes`.
+        """
+        return read_header(data)
+
+    @property
+    def signed(self) -> bool:
+        return bool(self.flags & FLAG_SIGNED)
+
+    @property
+    def compressed(self) -> bool:
+        return bool(self.flags & FLAG_COMPRESSED)
+
+    @property
+    def padded(self) -> bool:
+        return bool(self.flags & FLAG_PADDED)
+
+    @property
+    def chain_id(self) -> tuple[int, int, int]:
+        """``(epoch, sender, chain)``: the sending chain, within its conversation."""
+        return (self.epoch, self.sender, self.chain)
+
+    @property
+    def dedupe_key(self) -> tuple[int, int, int, int]:
+        """``(epoch, sender, chain, step)``: unique per conversation (as
+        :attr:`Envelope.dedupe_key`)."""
+        return (self.epoch, self.sender, self.chain, self.step)
+
+    def encode(self) -> bytes:
+        """The header's bytes (what :meth:`parse` read).
+
+        Raises:
+            LimitExceeded: a number is out of the varint range.
+        """
+        kind_byte = self.flags | int(self.kind)
+        return _encode_header(kind_byte, self.epoch, self.sender, self.chain, self.step)
+
+    def sealed(self, data: bytes, cid_bytes: bytes) -> tuple[bytes, bytes]:
+        """What AES-GCM opens in ``data``, the envelope this header was parsed from:
+        ``(ciphertext and tag, associated data)``. The associated data is
+        ``header || cid_bytes`` (§3.3), so the envelope cannot move to another
+        conversation, sender, chain or step, nor change its flags. (One call for both:
+        this is the per-message opening path.)"""
+        size = self[6]  # self.size; indexing is the cheaper read
+        if self[1] & FLAG_SIGNED:
+            return data[size : len(data) - SIGNATURE_BYTES], data[:size] + cid_bytes
+        return data[size:], data[:size] + cid_bytes
+
+
+_new_header = tuple.__new__  # skips NamedTuple's Python-level __new__ on the opening path
+
+
+class ChainHeaders:
+    """Encodes the headers of one sending chain: the sealing path's encoder.
+
+    ``epoch | sender | chain`` is the same for every envelope of a chain, so it is
+    encoded once, and the ``version | kind byte`` prefix once per kind byte; sealing
+    then appends the step. Equal bytes to :func:`header_bytes` (the vectors check it).
+
+    Raises:
+        LimitExceeded: a number is out of the varint range (on construction, or a
+            step in :meth:`encode`).
+    """
+
+    __slots__ = ("_middle", "_prefixes")
+
+    def __init__(self, epoch: int, sender: int, chain: int) -> None:
+        enc = _varint.encode
+        self._middle = enc(epoch) + enc(sender) + enc(chain)
+        self._prefixes: dict[int, bytes] = {}
+
+    def encode(
+        self, kind: EnvelopeKind, step: int, *, signed: bool, compressed: bool, padded: bool
+    ) -> bytes:
+        """The header of ``step`` of this chain."""
+        kind_byte = (  # as _kind_byte, inline: this is the per-message sealing path
+            kind
+            | (FLAG_SIGNED if signed else 0)
+            | (FLAG_COMPRESSED if compressed else 0)
+            | (FLAG_PADDED if padded else 0)
+        )
+        prefix = self._prefixes.get(kind_byte)
+        if prefix is None:
+            prefix = self._prefixes[kind_byte] = bytes((VERSION, kind_byte)) + self._middle
+        return prefix + (bytes((step,)) if step < 0x80 else step_bytes(step))
+
+
+def seal_envelope(
+    header: bytes,
+    cid_bytes: bytes,
+    key: bytes,
+    nonce: bytes,
+    plaintext: bytes,
+    sign: Callable[[bytes], bytes] | None = None,
+) -> bytes:
+    """The envelope of ``plaintext`` under ``header`` (encoded): AES-GCM with the
+    associated data ``header || cid_bytes``, then, with ``sign`` (the header must say
+    SIGNED), the sender's Ed25519 signature over ``header || ciphertext || cid_bytes``
+    (PROTOCOL.md §3.3)."""
+    body = header + aead_seal(key, nonce, plaintext, header + cid_bytes)
+    if sign is None:
+        return body
+    return body + sign(body + cid_bytes)
+
+
+def verify_signature(data: bytes, cid_bytes: bytes, signer_key: bytes) -> None:
+    """Check the signature of ``data``, a signed envelope already parsed (its header
+    says SIGNED): Ed25519 over ``header || ciphertext || cid_bytes`` (§3.3).
+
+    Raises:
+        CryptoError: the signature does not verify (opaque).
+    """
+    end = len(data) - SIGNATURE_BYTES
+    ed25519_verify(signer_key, data[end:], data[:end] + cid_bytes)
 
 
 def _varint_at(data: bytes, pos: int) -> tuple[int, int]:
@@ -180,10 +336,10 @@ def _varint_at(data: bytes, pos: int) -> tuple[int, int]:
     return _varint.decode(data, pos)
 
 
-def read_header(data: bytes) -> tuple[EnvelopeKind, int, int, int, int, int, int]:
-    """Decode the header only: ``(kind, flags, epoch, sender, chain, step, header_len)``.
+def read_header(data: bytes) -> Header:
+    """Decode the header only (:meth:`Header.parse`).
 
-    The opener's fast path: no :class:`Envelope` is built, and the header length
+    The opener's fast path: no :class:`Envelope` is built, and the header's size
     lets it take the associated data as a slice of the received bytes.
 
     Raises:
@@ -219,7 +375,7 @@ def read_header(data: bytes) -> tuple[EnvelopeKind, int, int, int, int, int, int
     sig_len = SIGNATURE_BYTES if flags & FLAG_SIGNED else 0
     if size - sig_len - pos < TAG_BYTES:
         raise WireError("envelope too short for its ciphertext")
-    return kind, flags, epoch, sender, chain, step, pos
+    return _new_header(Header, (kind, flags, epoch, sender, chain, step, pos))
 
 
 def parse(data: bytes) -> tuple[Envelope, int]:
@@ -228,22 +384,22 @@ def parse(data: bytes) -> tuple[Envelope, int]:
     Raises:
         UnsupportedVersion, LimitExceeded, WireError: see :meth:`Envelope.from_bytes`.
     """
-    kind, flags, epoch, sender, chain, step, pos = read_header(data)
+    header = read_header(data)
     data = bytes(data)
-    signed = bool(flags & FLAG_SIGNED)
+    signed = header.signed
     end = len(data) - (SIGNATURE_BYTES if signed else 0)
     envelope = Envelope(
-        kind=kind,
-        epoch=epoch,
-        sender=sender,
-        chain=chain,
-        step=step,
-        ciphertext=data[pos:end],
+        kind=header.kind,
+        epoch=header.epoch,
+        sender=header.sender,
+        chain=header.chain,
+        step=header.step,
+        ciphertext=data[header.size : end],
         signature=data[end:] if signed else None,
-        compressed=bool(flags & FLAG_COMPRESSED),
-        padded=bool(flags & FLAG_PADDED),
+        compressed=header.compressed,
+        padded=header.padded,
     )
-    return envelope, pos
+    return envelope, header.size
 
 
 def verify_envelope_signature(data: bytes, cid: str, signer_key: bytes) -> None:
@@ -257,7 +413,6 @@ def verify_envelope_signature(data: bytes, cid: str, signer_key: bytes) -> None:
         WireError, UnsupportedVersion, LimitExceeded: malformed envelope.
         CryptoError: unsigned, or the signature does not verify.
     """
-    envelope, _ = parse(data)
-    if envelope.signature is None:
+    if not read_header(data).signed:
         raise CryptoError("authentication failed")
-    ed25519_verify(signer_key, envelope.signature, bytes(data[:-SIGNATURE_BYTES]) + decode_id(cid))
+    verify_signature(bytes(data), decode_id(cid), signer_key)

@@ -22,6 +22,7 @@ __all__ = [
     "FRAME_MARKER",
     "MAX_FRAME_BYTES",
     "MAX_FRAME_ENVELOPES",
+    "is_frame",
     "pack_frame",
     "part_bytes",
     "split",
@@ -30,6 +31,7 @@ __all__ = [
 FRAME_MARKER = 0xF1
 MAX_FRAME_ENVELOPES = 64
 MAX_FRAME_BYTES = MAX_ENVELOPE_BYTES  # a frame fits wherever one envelope of the limit does
+_MARKER = bytes((FRAME_MARKER,))
 
 
 def pack_frame(envelopes: Sequence[bytes]) -> bytes:
@@ -54,6 +56,12 @@ def pack_frame(envelopes: Sequence[bytes]) -> bytes:
     if len(out) > MAX_FRAME_BYTES:
         raise LimitExceeded(f"frame of {len(out)} bytes exceeds {MAX_FRAME_BYTES}")
     return out
+
+
+def is_frame(payload: bytes) -> bool:
+    """Whether a ``c/{cid}/msg`` payload is a frame rather than one envelope (its first
+    byte; :func:`split` does the checks)."""
+    return payload[:1] == _MARKER
 
 
 def part_bytes(size: int) -> int:

@@ -302,10 +302,10 @@ class ArchiveReader:
         return True
 
     def _add(self, cid: str, data: bytes) -> None:
-        kind, _flags, epoch, index, chain, step, _ = read_header(data)
-        self.rows.append(ArchivedEnvelope(cid, int(kind), epoch, index, chain, step))
-        if kind == EnvelopeKind.TEXT:
-            self.texts[(cid, index)].add((epoch, chain, step))
+        h = read_header(data)
+        self.rows.append(ArchivedEnvelope(cid, int(h.kind), h.epoch, h.sender, h.chain, h.step))
+        if h.kind == EnvelopeKind.TEXT:
+            self.texts[(cid, h.sender)].add((h.epoch, h.chain, h.step))
 
 
 def read_archive(base_urls: list[str], identity: Identity, cids: list[str]) -> ArchiveReader:

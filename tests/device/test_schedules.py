@@ -1,10 +1,9 @@
 """When the device asks the archive, reconciles, resends and subscribes again: the
-schedules of device.tail, device.reconcile, device.resend and device.membership, with
+schedules of device.tail, device.reconcile, device.resend and device.subscriptions, with
 explicit times (no broker, no gateway, no sleeps)."""
 
 from __future__ import annotations
 
-from fieldchat.device.membership import RESUBSCRIBE_S, Subscriptions, changed, no_local
 from fieldchat.device.reconcile import (
     ARCHIVE_AGAIN_S,
     ARCHIVE_DRAIN_AGAIN_S,
@@ -13,6 +12,7 @@ from fieldchat.device.reconcile import (
 )
 from fieldchat.device.resend import GRANT_RESEND_RECEIPTS, Resends
 from fieldchat.device.rows import Gap
+from fieldchat.device.subscriptions import RESUBSCRIBE_S, Subscriptions, changed, no_local
 from fieldchat.device.tail import (
     MAX_GAPS_FOR_TAIL,
     TAIL_AGAIN_S,

@@ -95,7 +95,11 @@ def test_the_gateway_credential_is_never_printed(tmp_path):
 def test_the_printed_commands_enroll_a_device_and_send_a_first_message(tmp_path):
     """Run the banner's commands as a newcomer would, with a second device as the peer."""
     proc = start(tmp_path, "--mqtt-port", "0", "--http-port", "0")
-    env = {**os.environ, "PATH": f"{FIELDCHAT.parent}{os.pathsep}{os.environ['PATH']}"}
+    # A newcomer's shell: the venv not activated, so `fieldchat` is not on the PATH.
+    path = os.pathsep.join(
+        p for p in os.environ["PATH"].split(os.pathsep) if Path(p).resolve() != FIELDCHAT.parent
+    )
+    env = {**os.environ, "PATH": path}
 
     def sh(command: str) -> str:
         done = subprocess.run(
@@ -112,16 +116,17 @@ def test_the_printed_commands_enroll_a_device_and_send_a_first_message(tmp_path)
 
     try:
         banner = read_banner(proc)
-        commands = [line.strip() for line in banner.splitlines() if line.startswith("  fieldchat")]
+        commands = [line.strip() for line in banner.splitlines() if " device --state " in line]
         assert len(commands) == 3
+        fc = commands[0].split()[0]  # the path of the running one: not on this PATH
         # The peer: another device set up with the same first two commands.
         for command in commands[:2]:
             sh(command.replace("pi.db", "peer.db"))
-        peer = sh("fieldchat device --state peer.db whoami --pid").strip()
+        peer = sh(f"{fc} device --state peer.db whoami --pid").strip()
         for command in commands[:2]:
             sh(command)
         sh(commands[2].replace("PEER_PID", peer))
-        received = sh("fieldchat device --state peer.db listen --json --count 1 --duration 60")
+        received = sh(f"{fc} device --state peer.db listen --json --count 1 --duration 60")
         assert "hello from the Pi" in received
     finally:
         proc.send_signal(signal.SIGINT)

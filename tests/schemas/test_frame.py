@@ -11,6 +11,7 @@ from fieldchat.schemas.frame import (
     FRAME_MARKER,
     MAX_FRAME_BYTES,
     MAX_FRAME_ENVELOPES,
+    is_frame,
     pack_frame,
     part_bytes,
     split,
@@ -75,3 +76,9 @@ def test_limits_are_enforced_on_both_sides() -> None:
         pack_frame([])
     with pytest.raises(WireError):
         pack_frame([_envelope(1), b""])
+
+
+def test_a_frame_is_told_from_an_envelope_by_its_first_byte() -> None:
+    one, two = _envelope(1), _envelope(2)
+    assert is_frame(pack_frame([one, two]))
+    assert not is_frame(pack_frame([one])) and not is_frame(b"")

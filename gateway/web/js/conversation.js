@@ -1,4 +1,4 @@
-// One conversation in the engine (as `_Conversation` in device/engine.py): its adopted
+// One conversation in the engine (as `Conversation` in device/_conversation.py): its adopted
 // rosters and the held ones, the epoch entered, our sending chain and the grants we owe,
 // the receiving chains and the ends their senders stated. The rules here need no keys:
 // which rosters are kept, which held ones chain now (§5.2), which epochs are closed (§6.4),

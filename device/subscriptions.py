@@ -1,6 +1,7 @@
-"""Membership bookkeeping: which topics a device follows, and what a roster changed.
-Pure apart from a lock (application threads follow conversations they create while
-the worker subscribes what rosters bring); ``now`` comes in.
+"""Which topics a device follows, and what a roster changed of them (the engine's
+membership rules are in :mod:`fieldchat.device._membership`). Pure apart from a lock
+(application threads follow conversations they create while the worker subscribes
+what rosters bring); ``now`` comes in.
 
 A member follows each conversation's roster and messages and its members' bundles;
 a conversation whose roster chain is still pending only its roster (PROTOCOL.md §5.2);

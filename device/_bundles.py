@@ -1,0 +1,77 @@
+"""The participants we know: their bundles, trusted on first use, and which of them
+were verified out of band (PROTOCOL.md §2)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from fieldchat.device._records import Writes, bundle_key, verified_key
+from fieldchat.device.keystore import KeyStore
+from fieldchat.schemas import Bundle
+from fieldchat.schemas.errors import UnknownParticipant
+
+__all__ = ["BundleStatus", "BundleUpdate", "Bundles"]
+
+
+class BundleStatus(enum.Enum):
+    NEW = "new"
+    SAME = "same"
+    UPDATED = "updated"  # newer bundle, same keys
+    KEY_CHANGED = "key_changed"  # newer bundle with different X25519/ML-KEM keys: warn loudly
+    OLDER = "older"  # an older bundle than the one known: ignored
+
+
+@dataclass(frozen=True, slots=True)
+class BundleUpdate:
+    pid: str
+    status: BundleStatus
+    fingerprint: str
+    previous_fingerprint: str | None = None
+
+
+class Bundles:
+    """Known bundles by pid (ours included) and the pids verified out of band."""
+
+    def __init__(self, own: Bundle, store: KeyStore) -> None:
+        self.by_pid: dict[str, Bundle] = {own.pid: own}
+        self.verified: set[str] = set()
+        self._store = store
+
+    def get(self, pid: str) -> Bundle | None:
+        return self.by_pid.get(pid)
+
+    def mark_verified(self, pid: str) -> None:
+        """Raises: UnknownParticipant: no bundle known for ``pid``."""
+        if pid not in self.by_pid:
+            raise UnknownParticipant(f"no bundle known for {pid}")
+        self.verified.add(pid)
+        self._store.save({verified_key(pid): self.by_pid[pid].fingerprint().encode()})
+
+    def learn(self, data: bytes) -> BundleUpdate:
+        """Accept a bundle (see :meth:`Engine.learn_bundle`).
+
+        Raises:
+            WireError, CryptoError: malformed or badly signed bundle.
+        """
+        bundle = Bundle.from_bytes(data)
+        known = self.by_pid.get(bundle.pid)
+        if known is None:
+            status = BundleStatus.NEW
+        elif known == bundle:
+            return BundleUpdate(bundle.pid, BundleStatus.SAME, bundle.fingerprint())
+        elif bundle.created_at <= known.created_at:
+            return BundleUpdate(bundle.pid, BundleStatus.OLDER, known.fingerprint())
+        elif (known.x25519, known.mlkem768) != (bundle.x25519, bundle.mlkem768):
+            status = BundleStatus.KEY_CHANGED
+            self.verified.discard(bundle.pid)
+        else:
+            status = BundleStatus.UPDATED
+        self.by_pid[bundle.pid] = bundle
+        writes: Writes = {bundle_key(bundle.pid): data}
+        if status is BundleStatus.KEY_CHANGED:
+            writes[verified_key(bundle.pid)] = None
+        self._store.save(writes)
+        return BundleUpdate(
+            bundle.pid, status, bundle.fingerprint(), known.fingerprint() if known else None
+        )
