@@ -194,35 +194,52 @@ def _insert_rosters(conn: Connection, batch: ArchiveBatch) -> int:
     return count
 
 
-def _insert_envelopes(conn: Connection, rows: Sequence[NewEnvelope]) -> tuple[int, int | None]:
-    """Insert idempotently (the unique key and ``digest``: gateway/_schema.py); return
-    (new rows, the largest new seq or None).
+# The envelope columns an insert sets, in the order of ``_envelope_row``.
+_ENVELOPE_KEYS = (
+    "cid",
+    "epoch",
+    "sender",
+    "sender_pid",
+    "chain",
+    "step",
+    "data",
+    "received_at",
+    "digest",
+)
+# SQLite's text of the one envelope insert (the statement below, compiled once): the
+# archive's hot write runs it as one driver ``executemany`` of plain tuples. Through
+# SQLAlchemy's parameter handling (a dict and bound-parameter processing per row) the
+# writer thread spent ≈ 2.5 times the CPU per envelope (BENCHMARKS.md).
+_SQLITE_INSERT_ENVELOPE = str(
+    sqlite_dialect.insert(envelopes)
+    .on_conflict_do_nothing()
+    .compile(dialect=sqlite_dialect.dialect(), column_keys=list(_ENVELOPE_KEYS))
+)
 
-    The new rows' numbers come back by ``RETURNING`` on PostgreSQL. On SQLite one
+
+def _envelope_row(e: NewEnvelope) -> tuple[Any, ...]:
+    """The values of ``_ENVELOPE_KEYS`` (the unique key and ``digest``: gateway/_schema.py)."""
+    digest = SIGNED_DIGEST if e.signed else candidate_digest(e.data)
+    return (e.cid, e.epoch, e.sender, e.sender_pid, e.chain, e.step, e.data, e.received_at, digest)
+
+
+def _insert_envelopes(conn: Connection, rows: Sequence[NewEnvelope]) -> tuple[int, int | None]:
+    """Insert idempotently; return (new rows, the largest new seq or None).
+
+    The new rows' numbers come back by ``RETURNING`` on PostgreSQL (SQLAlchemy sends
+    the batch as multi-row ``INSERT``s, 1,000 rows a statement). On SQLite one
     ``executemany`` without it is cheaper, and the numbers follow from the one writer:
     the rows this transaction added are the newest, and AUTOINCREMENT never reuses one.
     """
-    values = [
-        {
-            "cid": e.cid,
-            "epoch": e.epoch,
-            "sender": e.sender,
-            "sender_pid": e.sender_pid,
-            "chain": e.chain,
-            "step": e.step,
-            "data": e.data,
-            "received_at": e.received_at,
-            "digest": SIGNED_DIGEST if e.signed else candidate_digest(e.data),
-        }
-        for e in rows
-    ]
-    stmt = dialect_insert(conn, envelopes).on_conflict_do_nothing()
+    values = [_envelope_row(e) for e in rows]
     if conn.dialect.name == "sqlite":
-        added = int(conn.execute(stmt, values).rowcount)
+        added = int(conn.exec_driver_sql(_SQLITE_INSERT_ENVELOPE, values).rowcount)
         if not added:
             return 0, None
         return added, int(conn.execute(select(func.max(envelopes.c.seq))).scalar_one())
-    seqs = [row[0] for row in conn.execute(stmt.returning(envelopes.c.seq), values)]
+    stmt = pg_dialect.insert(envelopes).on_conflict_do_nothing().returning(envelopes.c.seq)
+    result = conn.execute(stmt, [dict(zip(_ENVELOPE_KEYS, v, strict=True)) for v in values])
+    seqs = [row[0] for row in result]
     return len(seqs), max(seqs, default=None)
 
 
