@@ -71,7 +71,7 @@ async def test_a_locked_sqlite_database_does_not_freeze_the_event_loop(tmp_path:
         assert await _longest_gap(done) < LOOP_GAP_MAX_S
         page, is_member, archived, _ = await done
         # once the lock is gone every call completes as usual
-        assert [e.step for e in page] == [2, 1, 0]
+        assert [e.step for e in page][-3:] == [2, 1, 0]  # step 3 too if its commit went first
         assert is_member is False
         assert archived.archived == 1
     finally:
