@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from typing import Any
 
-from sqlalchemy import Connection, and_, case, func, or_, select
+from sqlalchemy import Connection, and_, bindparam, case, func, or_, select
 
 from fieldchat.gateway._schema import (
     SIGNED_DIGEST,
@@ -45,9 +45,55 @@ _ENVELOPE_COLUMNS = (
 )
 
 
-def _stored(rows: Any) -> list[StoredEnvelope]:  # noqa: ANN401 - SQLAlchemy rows
+def _stored(rows: Sequence[Any]) -> list[StoredEnvelope]:
     """Rows of ``_ENVELOPE_COLUMNS``, in that order (inline: the hot read)."""
     return [StoredEnvelope(s, c, e, n, p, h, t, bytes(d)) for s, c, e, n, p, h, t, d in rows]
+
+
+# The hot reads (a history page, the live feed, membership) are built once, with bound
+# parameters, and their rows fetched at once: built per call and read row by row, the
+# statement's construction, its cache key and a driver fetch per row cost ≈ 3 times the
+# query itself (0.65 against 0.22 ms for a 50-envelope page).
+_ENVELOPES = select(*_ENVELOPE_COLUMNS)
+_PAGE_AFTER = (
+    _ENVELOPES.where(envelopes.c.cid == bindparam("cid"), envelopes.c.seq > bindparam("seq"))
+    .order_by(envelopes.c.seq)
+    .limit(bindparam("limit"))
+)
+_PAGE_BEFORE = (
+    _ENVELOPES.where(envelopes.c.cid == bindparam("cid"), envelopes.c.seq < bindparam("seq"))
+    .order_by(envelopes.c.seq.desc())
+    .limit(bindparam("limit"))
+)
+_PAGE_NEWEST = (
+    _ENVELOPES.where(envelopes.c.cid == bindparam("cid"))
+    .order_by(envelopes.c.seq.desc())
+    .limit(bindparam("limit"))
+)
+_SINCE = _ENVELOPES.where(envelopes.c.seq > bindparam("seq")).order_by(envelopes.c.seq)
+_SINCE_ALL = _SINCE.limit(bindparam("limit"))
+_SINCE_IN = _SINCE.where(envelopes.c.cid.in_(bindparam("cids", expanding=True))).limit(
+    bindparam("limit")
+)
+_KEYS = (
+    select(
+        envelopes.c.seq, envelopes.c.epoch, envelopes.c.sender, envelopes.c.chain, envelopes.c.step
+    )
+    .where(envelopes.c.cid == bindparam("cid"), envelopes.c.seq > bindparam("seq"))
+    .order_by(envelopes.c.seq)
+    .limit(bindparam("limit"))
+)
+_ROWS = _ENVELOPES.where(
+    envelopes.c.cid == bindparam("cid"), envelopes.c.seq.in_(bindparam("seqs", expanding=True))
+).order_by(envelopes.c.seq)
+_MEMBER = (
+    select(roster_members.c.pid)
+    .where(
+        roster_members.c.cid == bindparam("cid"),
+        roster_members.c.pid.in_(bindparam("pids", expanding=True)),
+    )
+    .limit(1)
+)
 
 
 # -- history ---------------------------------------------------------------------------
@@ -57,54 +103,33 @@ def history(
     conn: Connection, cid: str, before: int | None, after: int | None, limit: int
 ) -> list[StoredEnvelope]:
     """A page: oldest first after ``after``, else newest first (before ``before``)."""
-    stmt = select(*_ENVELOPE_COLUMNS).where(envelopes.c.cid == cid).limit(limit)
     if after is not None:
-        stmt = stmt.where(envelopes.c.seq > after).order_by(envelopes.c.seq)
+        stmt, seq = _PAGE_AFTER, after
+    elif before is not None:
+        stmt, seq = _PAGE_BEFORE, before
     else:
-        if before is not None:
-            stmt = stmt.where(envelopes.c.seq < before)
-        stmt = stmt.order_by(envelopes.c.seq.desc())
-    return _stored(conn.execute(stmt))
+        stmt, seq = _PAGE_NEWEST, 0
+    return _stored(conn.execute(stmt, {"cid": cid, "seq": seq, "limit": limit}).all())
 
 
 def since(
     conn: Connection, after: int, cids: Collection[str] | None, limit: int
 ) -> list[StoredEnvelope]:
     """What was archived after ``after`` (in ``cids``), oldest first: the live feed."""
-    stmt = (
-        select(*_ENVELOPE_COLUMNS)
-        .where(envelopes.c.seq > after)
-        .order_by(envelopes.c.seq)
-        .limit(limit)
-    )
-    if cids is not None:
-        stmt = stmt.where(envelopes.c.cid.in_(list(cids)))
-    return _stored(conn.execute(stmt))
+    if cids is None:
+        rows = conn.execute(_SINCE_ALL, {"seq": after, "limit": limit}).all()
+    else:
+        rows = conn.execute(_SINCE_IN, {"seq": after, "cids": list(cids), "limit": limit}).all()
+    return _stored(rows)
 
 
 def history_keys(conn: Connection, cid: str, after: int, limit: int) -> list[EnvelopeKey]:
-    stmt = (
-        select(
-            envelopes.c.seq,
-            envelopes.c.epoch,
-            envelopes.c.sender,
-            envelopes.c.chain,
-            envelopes.c.step,
-        )
-        .where(envelopes.c.cid == cid, envelopes.c.seq > after)
-        .order_by(envelopes.c.seq)
-        .limit(limit)
-    )
-    return [EnvelopeKey(*r) for r in conn.execute(stmt)]
+    rows = conn.execute(_KEYS, {"cid": cid, "seq": after, "limit": limit}).all()
+    return [EnvelopeKey(*r) for r in rows]
 
 
 def history_rows(conn: Connection, cid: str, seqs: Collection[int]) -> list[StoredEnvelope]:
-    stmt = (
-        select(*_ENVELOPE_COLUMNS)
-        .where(envelopes.c.cid == cid, envelopes.c.seq.in_(list(seqs)))
-        .order_by(envelopes.c.seq)
-    )
-    return _stored(conn.execute(stmt))
+    return _stored(conn.execute(_ROWS, {"cid": cid, "seqs": list(seqs)}).all())
 
 
 def archived_digests(
@@ -224,11 +249,7 @@ def held_counts(conn: Connection, cid: str) -> tuple[int, int]:
 
 def member_of(conn: Connection, cid: str, pids: Collection[str]) -> str | None:
     """One of ``pids`` that some archived roster of ``cid`` lists, or None."""
-    found = conn.execute(
-        select(roster_members.c.pid)
-        .where(roster_members.c.cid == cid, roster_members.c.pid.in_(list(pids)))
-        .limit(1)
-    ).scalar()
+    found = conn.execute(_MEMBER, {"cid": cid, "pids": list(pids)}).scalar()
     return str(found) if found is not None else None
 
 
