@@ -55,8 +55,10 @@ async def authenticate(
     ok = False
     if account is not None and connect.password is not None:
         ok = await asyncio.to_thread(verify_credential, connect.password, account.hash)
-        # The account may have been revoked while we were hashing.
-        ok = ok and router.access.accounts.get(account.username) is account
+        # The account may have been revoked or re-issued while we were hashing. A
+        # reload (another login, another process's enrollment) makes equal new objects:
+        # compare the values, not the objects.
+        ok = ok and router.access.accounts.get(account.username) == account
     if closed():
         raise Evicted
     if not ok or account is None:

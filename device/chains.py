@@ -216,9 +216,33 @@ class RecvChain:
         genuine is held, so junk aimed at a step cannot stand in for the envelope
         that comes later (at most MAX_UNSIGNED_JUMP steps derived, as for opening).
         """
+        key = self._peek_key(step)
+        if key is None:
+            return None
+        try:
+            aead_open(key, nonce(step), sealed, aad)
+        except CryptoError:
+            return False
+        return True
+
+    def peek(self, step: int, sealed: bytes, aad: bytes) -> bytes | None:
+        """The plaintext of ``step``, changing nothing (the envelope is opened for
+        good later, in its turn); ``None`` when it cannot be told cheaply or does not
+        authenticate. For the one message a held envelope must act on at once: a gap
+        request (device.client.Device, MISSING receipts)."""
+        key = self._peek_key(step)
+        if key is None:
+            return None
+        try:
+            return aead_open(key, nonce(step), sealed, aad)
+        except CryptoError:
+            return None
+
+    def _peek_key(self, step: int) -> bytes | None:
+        """The message key of ``step`` derived without storing anything."""
         if step == self.step:
-            key = chain_step(self.key)[:32]
-        elif step > self.step:
+            return chain_step(self.key)[:32]
+        if step > self.step:
             if step - self.step > MAX_FORWARD_JUMP:
                 return None
             base, ck = self._key_before(step)
@@ -226,17 +250,9 @@ class RecvChain:
                 return None
             for _ in range(base, step):
                 ck = chain_step(ck)[32:]
-            key = chain_step(ck)[:32]
-        else:
-            skipped_key = self.skipped.get(step)
-            if skipped_key is None:
-                return None
-            key = chain_step(skipped_key)[:32]
-        try:
-            aead_open(key, nonce(step), sealed, aad)
-        except CryptoError:
-            return False
-        return True
+            return chain_step(ck)[:32]
+        skipped_key = self.skipped.get(step)
+        return None if skipped_key is None else chain_step(skipped_key)[:32]
 
     def _open_ahead(self, step: int, sealed: bytes, aad: bytes, *, authenticated: bool) -> bytes:
         jump = step - self.step

@@ -66,6 +66,7 @@ from fieldchat.device.repair import (
     ChainKey,
     GapAsks,
     Repairs,
+    StepKey,
     lacking,
 )
 from fieldchat.device.state import REFUSED, DeviceState, Gap, OutboxRow, ReceivedRow, SentRow
@@ -109,6 +110,8 @@ MAX_RESEND = 2_000  # own messages published again per reconnect
 # Distinct candidates of one step held for display order (unsigned junk beside the
 # genuine envelope; only those not refused by an authentication check wait).
 MAX_CANDIDATES_PER_STEP = 8
+# Gap requests answered while held, remembered so their turn does not answer again.
+MAX_ANSWERED_EARLY = 4_096
 # A new member's grant: what it has not receipted this many receipt intervals later
 # is published again (it may have subscribed after we sent).
 GRANT_RESEND_RECEIPTS = 3
@@ -350,6 +353,8 @@ class Device:
         # in start(): the reorder window is read from the options then.
         self._asks = GapAsks(self.options.reorder_window_s)
         self._repairs = Repairs(self.options.reorder_window_s * ASK_FRACTIONS[1])
+        # Gap requests answered while held behind a gap (not answered again in turn).
+        self._answered_early: set[StepKey] = set()
         self._next_receipts = 0.0
         self._resend: tuple[float, float] | None = None  # (due, published before)
         # (cid, member whose grant arrived) -> when to resend what it has not receipted.
@@ -1018,7 +1023,7 @@ class Device:
         """
         if in_order:
             try:
-                _, _, epoch, index, chain, step, _ = read_header(payload)
+                kind, _, epoch, index, chain, step, _ = read_header(payload)
             except FieldchatError:
                 pass  # the engine rejects and counts it below
             else:
@@ -1030,7 +1035,10 @@ class Device:
                     self._high[key] = high
                 waiting = self._waiting.get(key, {}).get(step)
                 if waiting is not None or (high is not None and step > high + 1):
-                    return self._wait(db, cid, key, step, payload, waiting)
+                    held = self._wait(db, cid, key, step, payload, waiting)
+                    if kind is EnvelopeKind.RECEIPT:
+                        self._answer_held_ask(db, cid, (*key, step), payload)
+                    return held
         done = self._open_one(db, cid, payload, batch)
         self._release(db, batch)
         return done
@@ -1069,6 +1077,24 @@ class Device:
         self._waiting[key].setdefault(step, []).append((row, until))
         self._lacking(key, now)
         return True
+
+    def _answer_held_ask(
+        self, db: sqlite3.Connection, cid: str, step_key: StepKey, payload: bytes
+    ) -> None:
+        """A gap request is answered when it arrives, even held behind a gap in its
+        sender's own chain (a crash skips up to RESERVE_STEPS of it; a broker lost
+        some): answered only once that gap fills or is given up, it came after the
+        asker had given up too, and the asker showed its messages out of order. The
+        receipt is read without opening it; it is opened in its turn, and not
+        answered twice."""
+        peeked = self.engine.peek_receipt(cid, payload)
+        if peeked is None or peeked[1].type is not ReceiptType.MISSING:
+            return
+        if len(self._answered_early) >= MAX_ANSWERED_EARLY:
+            self._answered_early.clear()  # at worst some steps are published twice
+        self._answered_early.add(step_key)
+        self.counters["gap_requests_answered_held"] += 1
+        self._on_missing(db, cid, peeked[0], peeked[1])
 
     def _lacking(self, key: ChainKey, now: float) -> None:
         """``key`` holds envelopes behind missing steps: ask its sender for them at
@@ -1289,7 +1315,10 @@ class Device:
         self, db: sqlite3.Connection, opened: Opened, receipt: Receipt, batch: _Batch
     ) -> None:
         if receipt.type is ReceiptType.MISSING:
-            self._on_missing(db, opened, receipt)
+            if opened.dedupe_key in self._answered_early:
+                self._answered_early.discard(opened.dedupe_key)  # answered while held
+            else:
+                self._on_missing(db, opened.cid, opened.sender, receipt)
             return
         steps = 0
         mine: dict[tuple[int, int], bool] = {}
@@ -1315,7 +1344,7 @@ class Device:
                 ReceiptReceived(opened.cid, opened.sender, receipt.type.name.lower(), steps)
             )
 
-    def _on_missing(self, db: sqlite3.Connection, opened: Opened, receipt: Receipt) -> None:
+    def _on_missing(self, db: sqlite3.Connection, cid: str, asker: str, receipt: Receipt) -> None:
         """A member lacks steps (a gap request, PROTOCOL.md §4.1): publish again at
         once those of ours we still keep, within the bounds of :class:`Repairs`."""
         self.counters["gap_requests_received"] += 1
@@ -1325,9 +1354,9 @@ class Device:
             if left <= 0:
                 break
             for step, topic, payload in self.state.own_envelopes(
-                opened.cid, (r.epoch, r.sender, r.chain), r.first, r.last, left
+                cid, (r.epoch, r.sender, r.chain), r.first, r.last, left
             ):
-                found.append(((opened.cid, r.epoch, r.sender, r.chain, step), topic, payload))
+                found.append(((cid, r.epoch, r.sender, r.chain, step), topic, payload))
         if not found:
             return
         allowed = set(self._repairs.allow([key for key, _, _ in found], self._clock()))
@@ -1336,7 +1365,7 @@ class Device:
             self.state.add_outbox(db, topic, payload, cid=key[0], what="msg")
         self.counters["repaired"] += len(again)
         if again:
-            log.info("published %d envelopes again that %s lacked", len(again), opened.sender)
+            log.info("published %d envelopes again that %s lacked", len(again), asker)
 
     def _on_leave(self, db: sqlite3.Connection, opened: Opened) -> None:
         roster = self.engine.roster(opened.cid)

@@ -40,6 +40,7 @@ from fieldchat.schemas import (
     Member,
     Message,
     Policy,
+    Receipt,
     Roster,
     Topics,
     cid_for,
@@ -57,6 +58,7 @@ from fieldchat.schemas.envelope import (
     FLAG_SIGNED,
     SIGNATURE_BYTES,
     VERSION,
+    EnvelopeKind,
     read_header,
     step_bytes,
 )
@@ -446,6 +448,43 @@ class Engine:
                     return False
                 return True
             return chain.authentic(step, data[header_len:], data[:header_len] + conv.cid_raw)
+
+    def peek_receipt(self, cid: str, data: bytes) -> tuple[str, Receipt] | None:
+        """The sender and receipt inside an envelope that is held back for display
+        order, changing no state; ``None`` unless it is a receipt that authenticates
+        now. A gap request (a MISSING receipt) must be answered at once even when its
+        sender's chain has a gap of its own here: held until that gap fills or is
+        given up, the answer comes too late for the asker's reorder window."""
+        with self._lock:
+            conv = self._convs.get(cid)
+            try:
+                kind, flags, epoch, index, chain_no, step, header_len = read_header(data)
+            except FieldchatError:
+                return None
+            chain = conv.recv.get((epoch, index, chain_no)) if conv else None
+            pids = conv.pids.get(epoch) if conv else None
+            if kind is not EnvelopeKind.RECEIPT or conv is None or chain is None:
+                return None
+            if pids is None or index >= len(pids):
+                return None
+            data = bytes(data)
+            end = len(data) - (SIGNATURE_BYTES if flags & FLAG_SIGNED else 0)
+            try:
+                if flags & FLAG_SIGNED:
+                    ed25519_verify(chain.signer_key, data[end:], data[:end] + conv.cid_raw)
+                aad = data[:header_len] + conv.cid_raw
+                plaintext = chain.peek(step, data[header_len:end], aad)
+                message = None
+                if plaintext is not None:
+                    message = decode_plaintext(
+                        kind,
+                        plaintext,
+                        compressed=bool(flags & FLAG_COMPRESSED),
+                        padded=bool(flags & FLAG_PADDED),
+                    )
+            except FieldchatError:  # CryptoError, WireError: not one to act on
+                return None
+            return (pids[index], message) if isinstance(message, Receipt) else None
 
     def oldest_epoch(self, cid: str) -> int:
         """The oldest roster epoch of ``cid`` we can open anything of: the current one,

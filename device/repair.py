@@ -26,6 +26,7 @@ __all__ = [
     "ChainKey",
     "GapAsks",
     "Repairs",
+    "StepKey",
     "lacking",
 ]
 

@@ -190,3 +190,34 @@ def test_a_device_enrolled_by_another_process_connects_at_once(tmp_path, monkeyp
         alice = Peer(broker.port, ALICE.pid, credential)
         alice.connect()
         alice.close()
+
+
+def test_an_enrollment_while_a_credential_is_checked_does_not_refuse_it(tmp_path, monkeypatch):
+    """Devices enrolled in parallel (the soak's setup, a fleet's provisioning): while
+    one login's credential is hashed, another login reloads the accounts, which makes
+    new Account objects. The first login was refused as if revoked (an identity
+    comparison); only a changed or removed account is a revocation."""
+    from fieldchat.broker import Store, _login, _server
+    from fieldchat.broker._credentials import verify_credential
+
+    monkeypatch.setattr(_server, "_ADMIN_POLL_S", 3600.0)
+    config = make_config(tmp_path / "broker")
+    with BrokerThread(config) as broker:
+        with Store(config.db_path) as store:
+            credential = store.enroll(ALICE.pid)
+        bob_credential = ""
+
+        def verify_while_bob_enrolls_and_logs_in(password, hashed):
+            nonlocal bob_credential
+            with Store(config.db_path) as store:  # another process enrolls bob
+                bob_credential = store.enroll(BOB.pid)
+            bob = Peer(broker.port, BOB.pid, bob_credential)  # his login reloads
+            monkeypatch.setattr(_login, "verify_credential", verify_credential)
+            bob.connect()
+            bob.close()
+            return verify_credential(password, hashed)
+
+        monkeypatch.setattr(_login, "verify_credential", verify_while_bob_enrolls_and_logs_in)
+        alice = Peer(broker.port, ALICE.pid, credential)
+        alice.connect()
+        alice.close()

@@ -298,3 +298,39 @@ def test_a_gap_nobody_can_fill_is_given_up_loudly_after_the_window(
     finally:
         devices.close()
         broker.close()
+
+
+@pytest.mark.mosquitto
+def test_a_gap_request_held_behind_a_gap_in_its_senders_chain_is_answered_at_once(
+    tmp_path: Path,
+) -> None:
+    """The soak's out-of-order screens (issue 14): Bob's device crashed (its restart
+    skips the steps it had reserved: a gap in his chain that nothing fills) and his
+    broker dropped one of Alice's messages. His MISSING receipt, on his chain after
+    that gap, was held by Alice for display order like any envelope, and answered
+    only when her own reorder window gave up on his skipped steps — as late as his
+    window, which then showed "m3" before "m2". Alice answers a gap request at once."""
+    import sqlite3
+
+    broker = Mosquitto(tmp_path / "mosquitto", max_queued=1).start().verify_rosters()
+    devices = Devices(tmp_path, broker)
+    try:
+        alice, bob, cid = _talking(devices)
+        bob.close()
+        devices.open.remove(bob)
+        with sqlite3.connect(bob.state.path) as db:  # a crash: nothing parked
+            db.execute("DELETE FROM records WHERE key LIKE 'unused/%'")
+        for line in ("m1", "m2"):  # m2 exceeds his offline queue: dropped
+            alice.send(cid, line)
+            assert alice.wait_drained(10)
+        events = devices.events[bob.pid]
+        bob = _back(devices, bob)
+        wait_until(lambda: texts(bob, cid) == ["hello", "m1"], 10, "the one Mosquitto kept")
+        alice.send(cid, "m3")
+        wait_until(lambda: len(texts(bob, cid)) == 4, 10, "m2 and m3")
+        assert texts(bob, cid) == ["hello", "m1", "m2", "m3"]
+        _order_kept(bob, cid, ["m1", "m2", "m3"], events)
+        assert alice.counters["gap_requests_answered_held"] >= 1
+    finally:
+        devices.close()
+        broker.close()
