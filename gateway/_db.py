@@ -57,11 +57,6 @@ async def _mapped(what: str) -> AsyncIterator[None]:
 class Database(Protocol):
     """Runs query functions ``fn(connection, *args)``; both engines implement it."""
 
-    @property
-    def dialect(self) -> str:
-        """``"sqlite"`` or ``"postgresql"``."""
-        ...
-
     async def read(
         self,
         what: str,
@@ -111,8 +106,6 @@ class Database(Protocol):
 
 class SqliteDatabase:
     """One SQLite file in WAL mode, read and written in threads (see module docstring)."""
-
-    dialect = "sqlite"
 
     def __init__(self, path: str, *, readers: int = READ_THREADS) -> None:
         self.path = path
@@ -217,8 +210,6 @@ def _begin_immediate(conn: Connection) -> None:
 
 class PostgresDatabase:
     """PostgreSQL through asyncpg; several gateways may share one database."""
-
-    dialect = "postgresql"
 
     def __init__(self, url: str, *, pool_size: int = 10) -> None:
         self.engine: AsyncEngine = create_async_engine(url, pool_size=pool_size, pool_pre_ping=True)
