@@ -31,7 +31,7 @@ from fieldchat.gateway._store import NewEnvelope
 
 CID = "a" * 26
 PID = "c" * 26
-BATCH = 1000
+BATCH = int(os.environ.get("BENCH_STORE_BATCH", "1000"))
 PAGE = 50
 
 

@@ -205,7 +205,9 @@ def _reader_pragmas(dbapi_conn: Any, _record: Any) -> None:  # noqa: ANN401 - sq
 
 
 def _begin_immediate(conn: Connection) -> None:
-    conn.exec_driver_sql("BEGIN IMMEDIATE")
+    # On the driver's connection: through ``exec_driver_sql`` this statement alone cost
+    # a live stream's small batches ≈ 80 µs each.
+    conn.connection.driver_connection.execute("BEGIN IMMEDIATE")  # type: ignore[union-attr]
 
 
 class PostgresDatabase:

@@ -217,6 +217,9 @@ _SQLITE_INSERT_ENVELOPE = str(
 )
 
 
+_SQLITE_MAX_SEQ = str(select(func.max(envelopes.c.seq)).compile(dialect=sqlite_dialect.dialect()))
+
+
 def _envelope_row(e: NewEnvelope) -> tuple[Any, ...]:
     """The values of ``_ENVELOPE_KEYS`` (the unique key and ``digest``: gateway/_schema.py)."""
     digest = SIGNED_DIGEST if e.signed else candidate_digest(e.data)
@@ -233,10 +236,16 @@ def _insert_envelopes(conn: Connection, rows: Sequence[NewEnvelope]) -> tuple[in
     """
     values = [_envelope_row(e) for e in rows]
     if conn.dialect.name == "sqlite":
-        added = int(conn.exec_driver_sql(_SQLITE_INSERT_ENVELOPE, values).rowcount)
-        if not added:
-            return 0, None
-        return added, int(conn.execute(select(func.max(envelopes.c.seq))).scalar_one())
+        # On the driver's cursor, in this transaction: a SQLAlchemy execution costs
+        # ≈ 80 µs of its own, which a live stream of small batches pays per batch.
+        cursor = conn.connection.cursor()
+        try:
+            cursor.executemany(_SQLITE_INSERT_ENVELOPE, values)
+            added = int(cursor.rowcount)
+            top = int(cursor.execute(_SQLITE_MAX_SEQ).fetchone()[0]) if added else None
+        finally:
+            cursor.close()
+        return added, top
     stmt = pg_dialect.insert(envelopes).on_conflict_do_nothing().returning(envelopes.c.seq)
     result = conn.execute(stmt, [dict(zip(_ENVELOPE_KEYS, v, strict=True)) for v in values])
     seqs = [row[0] for row in result]
