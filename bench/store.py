@@ -1,13 +1,13 @@
 """The history store alone on SQLite (issue 15): what a commit and a page read cost.
 
 * ``commit_cpu_us_per_env`` / ``commit_wall_us_per_env``: 20,000 signed envelopes
-  committed in batches of 1,000 (the process's CPU, every thread, and wall time, per
-  envelope).
+  committed in batches of ``--batch`` (1,000; a live stream's are a few to tens) (the
+  process's CPU, every thread, and wall time, per envelope).
 * ``page_median_ms`` / ``page_p99_ms``: 2,000 reads of a 50-envelope page, as a
   browser's scroll asks them, from the event loop (the store's own thread hop
   included).
 
-Usage: python bench/store.py [--envelopes N] [--reads N]. Prints JSON.
+Usage: python bench/store.py [--envelopes N] [--batch N] [--reads N]. Prints JSON.
 """
 
 from __future__ import annotations
@@ -31,18 +31,17 @@ from fieldchat.gateway._store import NewEnvelope
 
 CID = "a" * 26
 PID = "c" * 26
-BATCH = int(os.environ.get("BENCH_STORE_BATCH", "1000"))
 PAGE = 50
 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
-    out: dict[str, Any] = {"envelopes": args.envelopes, "reads": args.reads}
+    out: dict[str, Any] = {"envelopes": args.envelopes, "batch": args.batch, "reads": args.reads}
     with tempfile.TemporaryDirectory() as work:
         store = open_store(f"sqlite:///{work}/history.db")
         await store.migrate()
         template = os.urandom(110)
         cpu, wall = time.process_time(), time.perf_counter()
-        for start in range(0, args.envelopes, BATCH):
+        for start in range(0, args.envelopes, args.batch):
             rows = [
                 NewEnvelope(
                     cid=CID,
@@ -54,7 +53,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                     data=b"\x01\x81" + i.to_bytes(4, "big") + template,  # signed (flags byte)
                     received_at=time.time(),
                 )
-                for i in range(start, min(args.envelopes, start + BATCH))
+                for i in range(start, min(args.envelopes, start + args.batch))
             ]
             await store.commit(ArchiveBatch(envelopes=rows))
         out["commit_wall_us_per_env"] = round(
@@ -78,5 +77,6 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--envelopes", type=int, default=20_000)
+    parser.add_argument("--batch", type=int, default=1_000)
     parser.add_argument("--reads", type=int, default=2_000)
     print(json.dumps(asyncio.run(main(parser.parse_args()))))
