@@ -22,8 +22,13 @@ bytes of the tail round after a reconnect that missed nothing (target < 1 KB), a
 ``archive_check_bytes_per_message`` what confirming own envelopes with the archive
 costs per envelope, by how many one check names (both through a gateway process).
 
-``bench/device.py latency``, ``throughput``, ``repair`` or ``reconcile`` runs one part
-alone.
+``wire_bytes_embedded_low_bandwidth`` is ``wire_bytes_per_message``'s
+``embedded_mqtt5_low_bandwidth``: a low-bandwidth device on the embedded broker (what
+``fieldchat up`` runs), MQTT 5 as ``protocol="auto"`` picks it, with aliases and No
+Local, so the own echo it includes is none (target ≤ 110; 282.4 on 3.1.1).
+
+``bench/device.py latency``, ``throughput``, ``wire``, ``repair`` or ``reconcile`` runs
+one part alone.
 """
 
 from __future__ import annotations
@@ -54,7 +59,9 @@ sys.path.insert(0, str(_HERE.parent))
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from pydantic import SecretStr
 
+from fieldchat.broker import BrokerConfig, BrokerThread
 from fieldchat.device.client import Device
 from fieldchat.device.config import BrokerOptions, LinkOptions, low_bandwidth_policy
 from fieldchat.device.events import Event, MessageReceived
@@ -64,6 +71,7 @@ from fieldchat.schemas import Policy
 from fieldchat.schemas.envelope import EnvelopeKind, read_header
 from fieldchat.schemas.errors import FieldchatError
 from fieldchat.schemas.frame import split
+from tests.device._verifier import RosterVerifier
 
 TEXT = "field report: pump 3 pressure nominal, valve 7 replaced, ok"  # 60 chars
 N_THROUGHPUT = 3_000
@@ -92,8 +100,21 @@ def _rss_mb() -> float:
 
 
 class Broker:
-    def __init__(self, workdir: Path, *, queued: int = 100_000, inflight: int = 100) -> None:
+    """A local Mosquitto. Mosquitto cannot check rosters, so members propose them and a
+    verifier retains those that chain (PROTOCOL.md §5.2): ``verify_rosters`` runs the
+    one the device tests use (tests/device/_verifier.py) in this process; without one
+    (and no gateway) nobody joins a conversation and the receivers get nothing."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        queued: int = 100_000,
+        inflight: int = 100,
+        verify_rosters: bool = True,
+    ) -> None:
         self.port = _port()
+        self.verifier: RosterVerifier | None = None
         workdir.mkdir(parents=True, exist_ok=True)
         conf = workdir / "mosquitto.conf"
         # set_tcp_nodelay as `fieldchat broker mosquitto-config` writes it (without it,
@@ -114,12 +135,37 @@ class Broker:
             except OSError:
                 time.sleep(0.02)
             else:
+                if verify_rosters:
+                    self.verifier = RosterVerifier(self.port, "verifier", "").start()
                 return
         raise RuntimeError("mosquitto did not start")
 
     def close(self) -> None:
+        if self.verifier is not None:
+            self.verifier.stop()
         self.proc.terminate()
         self.proc.wait(10)
+
+
+class Embedded:
+    """The embedded broker (``fieldchat broker run``'s engine) on a thread of this
+    process, MQTT 5 and 3.1.1; it verifies proposed rosters itself (no gateway)."""
+
+    def __init__(self, workdir: Path) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.thread = BrokerThread(BrokerConfig(data_dir=workdir, port=0))
+        self.thread.start()
+        self.port = self.thread.port
+
+    def credential(self, path: Path) -> SecretStr:
+        """Enroll the device whose state file is ``path``; its credential."""
+        probe = Device(path)
+        pid = probe.pid
+        probe.close()
+        return SecretStr(self.thread.enroll(pid))
+
+    def close(self) -> None:
+        self.thread.stop()
 
 
 class _Relay:
@@ -301,10 +347,12 @@ def _device(
     protocol: str = "auto",
     on_event: Callable[[Event], None] | None = None,
     link: LinkOptions = LINK,
+    embedded: Embedded | None = None,
 ) -> Device:
+    credential = embedded.credential(path) if embedded is not None else None
     device = Device(
         path,
-        BrokerOptions(port=port, protocol=protocol),  # type: ignore[arg-type]
+        BrokerOptions(port=port, protocol=protocol, credential=credential),  # type: ignore[arg-type]
         link=link,
         on_event=on_event,
     )
@@ -314,19 +362,31 @@ def _device(
 
 
 def _pair(
-    tmp: Path, port: int, policy: Policy, *, protocol: str = "auto", sender_port: int | None = None
+    tmp: Path,
+    port: int,
+    policy: Policy,
+    *,
+    protocol: str = "auto",
+    sender_port: int | None = None,
+    receiver_port: int | None = None,
+    embedded: Embedded | None = None,
 ) -> tuple[Device, Device, str, list[Event]]:
     events: list[Event] = []
-    alice = _device(tmp / f"a-{os.urandom(3).hex()}.db", sender_port or port, protocol=protocol)
+    alice = _device(
+        tmp / f"a-{os.urandom(3).hex()}.db",
+        sender_port or port,
+        protocol=protocol,
+        embedded=embedded,
+    )
     bob = _device(
-        tmp / f"b-{os.urandom(3).hex()}.db", port, protocol=protocol, on_event=events.append
+        tmp / f"b-{os.urandom(3).hex()}.db",
+        receiver_port or port,
+        protocol=protocol,
+        on_event=events.append,
+        embedded=embedded,
     )
     cid = alice.create_conversation([bob.pid], policy=policy)
-    end = time.monotonic() + 15
-    while not (bob.engine.is_member(cid) and alice.engine._convs[cid].recv) and (
-        time.monotonic() < end
-    ):
-        time.sleep(0.02)
+    _wait(lambda: bool(bob.engine.is_member(cid) and alice.engine._convs[cid].recv), 15, "join")
     time.sleep(0.3)
     return alice, bob, cid, events
 
@@ -548,16 +608,43 @@ def rss(tmp: Path, port: int) -> tuple[float, float]:
     return dev, bare
 
 
-def wire(tmp: Path, port: int, protocol: str, policy: Policy) -> tuple[float, float, float]:
-    """Bytes per message the sender exchanges, and of those its own echo (3.1.1); then
-    per message of a backlog of ``N_BACKLOG`` sent at once (frames), own echo excluded."""
+@dataclass(frozen=True)
+class Wire:
+    """Bytes on the wire per message (see :func:`wire`)."""
+
+    sender: float  # the sender's link, its own echo included (3.1.1)
+    own_echo: float  # of those, its own messages coming back (3.1.1 only)
+    backlog: float  # the sender's, per message of a backlog sent at once, echo excluded
+    receiver: float  # the receiver's link, steady state
+
+
+def wire(
+    tmp: Path, port: int, protocol: str, policy: Policy, *, embedded: Embedded | None = None
+) -> Wire:
+    """Bytes per message on the sender's link (through a counting relay), and of those
+    its own echo (3.1.1); per message of a backlog of ``N_BACKLOG`` sent at once
+    (frames), own echo excluded; and on the receiver's link (its own relay)."""
     proxy = Proxy(port, echo=protocol == "3.1.1")
+    bob_proxy = Proxy(port)
     try:
-        alice, bob, cid, _ = _pair(tmp, port, policy, protocol=protocol, sender_port=proxy.port)
+        alice, bob, cid, _ = _pair(
+            tmp,
+            port,
+            policy,
+            protocol=protocol,
+            sender_port=proxy.port,
+            receiver_port=bob_proxy.port,
+            embedded=embedded,
+        )
         for _ in range(20):  # warm-up: aliases assigned, first receipts exchanged
             alice.send(cid, TEXT)
+        # Steady state: what the join sends once (the re-send to a new member of what
+        # it may have missed, GRANT_RESEND_RECEIPTS receipt intervals after its grant)
+        # is over before counting starts.
+        _wait(lambda: not alice._grant_resends and not bob._grant_resends, 30, "join resends")
+        _wait(lambda: len(bob.messages(cid)) >= 20, 30, "the warm-up")
         time.sleep(1.5)
-        start, echo_start = proxy.bytes, proxy.echo_bytes
+        start, echo_start, bob_start = proxy.bytes, proxy.echo_bytes, bob_proxy.bytes
         for _ in range(N_WIRE):
             alice.send(cid, TEXT)
             time.sleep(0.005)
@@ -565,6 +652,7 @@ def wire(tmp: Path, port: int, protocol: str, policy: Policy) -> tuple[float, fl
         time.sleep(2.5)  # receipts for the run come back
         used = proxy.bytes - start
         echo = proxy.echo_bytes - echo_start
+        received = bob_proxy.bytes - bob_start
         start, echo_start = proxy.bytes, proxy.echo_bytes
         alice.send_many(cid, [TEXT] * N_BACKLOG)
         alice.wait_drained(30)
@@ -572,9 +660,44 @@ def wire(tmp: Path, port: int, protocol: str, policy: Policy) -> tuple[float, fl
         backlog = proxy.bytes - start - (proxy.echo_bytes - echo_start)
         alice.close()
         bob.close()
-        return used / N_WIRE, echo / N_WIRE, backlog / N_BACKLOG
+        return Wire(used / N_WIRE, echo / N_WIRE, backlog / N_BACKLOG, received / N_WIRE)
     finally:
         proxy.close()
+        bob_proxy.close()
+
+
+def wire_bytes(tmp: Path, mosquitto_port: int) -> dict[str, float]:
+    """``wire`` on Mosquitto (keys ``mqtt311_…``, ``mqtt5_aliases_…``) and on the
+    embedded broker (``embedded_mqtt311_…``, ``embedded_mqtt5_…``: what a device on
+    ``fieldchat up`` pays), both protocol levels and policies; ``…_receiver`` is the
+    receiver's link (on MQTT 5 the embedded broker aliases what it sends, Mosquitto
+    2.0.11 does not)."""
+    wires: dict[str, float] = {}
+    embedded = Embedded(tmp / f"embedded-{os.urandom(3).hex()}")
+    try:
+        for where, port, broker in (
+            ("", mosquitto_port, None),
+            ("embedded_", embedded.port, embedded),
+        ):
+            for protocol, level in (
+                ("3.1.1", "mqtt311"),
+                ("5", "mqtt5" if broker else "mqtt5_aliases"),
+            ):
+                label = where + level
+                for policy, pname in (
+                    (Policy(), "signed"),
+                    (low_bandwidth_policy(), "low_bandwidth"),
+                ):
+                    got = wire(tmp, port, protocol, policy, embedded=broker)
+                    wires[f"{label}_{pname}"] = round(got.sender, 1)
+                    if got.own_echo:  # included above; what no-local would save (MQTT 5 only)
+                        wires[f"{label}_{pname}_own_echo"] = round(got.own_echo, 1)
+                    wires[f"{label}_{pname}_backlog"] = round(got.backlog, 1)
+                    wires[f"{label}_{pname}_receiver"] = round(got.receiver, 1)
+    finally:
+        embedded.close()
+    print(f"wire bytes per message: {wires}", file=sys.stderr)
+    return wires
 
 
 def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
@@ -600,7 +723,7 @@ def repair(tmp: Path, *, one_way_s: float = 0.0, rounds: int = REPAIR_ROUNDS) ->
     shipped ``reorder_window_s`` and ``resend_after_s``).
     """
     work = tmp / f"repair-{os.urandom(3).hex()}"
-    broker = Broker(work, queued=10)
+    broker = Broker(work, queued=10, verify_rosters=False)
     gateway = Gateway(work / "gateway", broker.port)  # retains the proposed rosters
     proxies = [DelayProxy(broker.port, one_way_s) for _ in range(2)] if one_way_s else []
     port_a, port_b = (p.port for p in proxies) if proxies else (broker.port, broker.port)
@@ -673,8 +796,8 @@ def reconciliation(tmp: Path) -> dict[str, object]:
     archived costs, by how many one check batches.
     """
     work = tmp / f"reconcile-{os.urandom(3).hex()}"
-    broker = Broker(work)
-    gateway = Gateway(work / "gateway", broker.port)
+    broker = Broker(work, verify_rosters=False)
+    gateway = Gateway(work / "gateway", broker.port)  # retains the proposed rosters
     relay = Proxy(gateway.port)
     base = f"http://127.0.0.1:{relay.port}"
     link = LINK.model_copy(update={"history_tail_s": 3600.0, "archive_check_s": 0.5})
@@ -747,6 +870,22 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as name:
             print(json.dumps({"gap_repair_ms": repairs(Path(name))}))
         return
+    if ns.role == "wire":
+        with tempfile.TemporaryDirectory() as name:
+            broker = Broker(Path(name))
+            try:
+                wires = wire_bytes(Path(name), broker.port)
+            finally:
+                broker.close()
+            print(
+                json.dumps(
+                    {
+                        "wire_bytes_per_message": wires,
+                        "wire_bytes_embedded_low_bandwidth": wires["embedded_mqtt5_low_bandwidth"],
+                    }
+                )
+            )
+        return
     if ns.role == "reconcile":
         with tempfile.TemporaryDirectory() as name:
             print(json.dumps(reconciliation(Path(name))))
@@ -784,18 +923,7 @@ def main() -> None:
             )
             lat = _latency(tmp, broker.port)
             rss_dev, rss_paho = rss(tmp, broker.port)
-            wires = {}
-            for protocol, label in (("3.1.1", "mqtt311"), ("5", "mqtt5_aliases")):
-                for policy, pname in (
-                    (Policy(), "signed"),
-                    (low_bandwidth_policy(), "low_bandwidth"),
-                ):
-                    used, echo, backlog = wire(tmp, broker.port, protocol, policy)
-                    wires[f"{label}_{pname}"] = round(used, 1)
-                    if echo:  # included above; what no-local would save (MQTT 5 only)
-                        wires[f"{label}_{pname}_own_echo"] = round(echo, 1)
-                    wires[f"{label}_{pname}_backlog"] = round(backlog, 1)
-            print(f"wire bytes per message: {wires}", file=sys.stderr)
+            wires = wire_bytes(tmp, broker.port)
         finally:
             broker.close()
         repaired = repairs(tmp)
@@ -814,6 +942,7 @@ def main() -> None:
                 "rss_mb_device": round(rss_dev, 1),
                 "rss_mb_bare_paho": round(rss_paho, 1),
                 "wire_bytes_per_message": wires,
+                "wire_bytes_embedded_low_bandwidth": wires["embedded_mqtt5_low_bandwidth"],
                 "gap_repair_ms": repaired,
                 **reconciled,
             }

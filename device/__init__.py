@@ -24,6 +24,7 @@ if TYPE_CHECKING:
         Joined,
         KeyChanged,
         MessageReceived,
+        PublishRefused,
         ReceiptReceived,
         Removed,
     )
@@ -46,6 +47,7 @@ _HOMES = {
     "KeyChanged": "events",
     "LinkOptions": "config",
     "MessageReceived": "events",
+    "PublishRefused": "events",
     "ReceiptReceived": "events",
     "Removed": "events",
     "SentMessage": "client",
@@ -68,6 +70,7 @@ __all__ = [
     "KeyChanged",
     "LinkOptions",
     "MessageReceived",
+    "PublishRefused",
     "ReceiptReceived",
     "Removed",
     "SentMessage",

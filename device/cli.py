@@ -26,11 +26,17 @@ import typer
 
 from fieldchat.device.client import Device
 from fieldchat.device.config import DeviceSettings, low_bandwidth_policy
-from fieldchat.device.events import Event, KeyChanged, MessageReceived, ReceiptReceived
+from fieldchat.device.events import (
+    Event,
+    KeyChanged,
+    MessageReceived,
+    PublishRefused,
+    ReceiptReceived,
+)
 from fieldchat.device.history import GatewayHistory, gateway_base
 from fieldchat.device.state import DeviceState, ReceivedRow
 from fieldchat.schemas import Policy, tracing
-from fieldchat.schemas.errors import ConfigError, FieldchatError, TransportError
+from fieldchat.schemas.errors import ConfigError, FieldchatError, Refused, TransportError
 from fieldchat.schemas.signals import Interrupts
 
 __all__ = ["device_app"]
@@ -276,6 +282,7 @@ def init(
             if settings.broker:
                 settings.broker_options(None, None)  # validate the URL
                 saved["broker"] = settings.broker
+                saved["protocol"] = None  # a level remembered for the old broker goes
             if settings.credential:
                 saved["credential"] = settings.credential.get_secret_value()
             if settings.gateway:
@@ -482,8 +489,9 @@ def send(
     timeout: Timeout = 10.0,
 ) -> None:
     """Send a message (durable at once; delivered when the broker is reachable)."""
+    refused: list[PublishRefused] = []
     with _errors():
-        device = _device_for()
+        device = _device_for(lambda e: refused.append(e) if isinstance(e, PublishRefused) else None)
         try:
             if text is not None and text != "-":
                 device.send(cid, text)
@@ -500,6 +508,19 @@ def send(
             _finish(device, timeout)
         finally:
             _close(device)
+        if refused:  # checked after close: the worker has emitted all it committed
+            raise Refused(_refusal_line(refused))
+
+
+def _refusal_line(refused: Sequence[PublishRefused]) -> str:
+    """What ``send`` says when the broker refused some of what it sent."""
+    first = refused[0]
+    count = sum(r.messages for r in refused)
+    where = f"conversation {first.cid}" if first.cid else first.topic
+    return (
+        f"the broker refused {count} publication(s) to {where} "
+        f"(0x{first.code:02X} {first.reason}); they are not sent again"
+    )
 
 
 def _line(row: MessageReceived | ReceivedRow, json_out: bool) -> str:
@@ -544,7 +565,7 @@ def _note(event: Event, json_out: bool) -> None:
             f"fieldchat device verify {event.pid}",
             err=True,
         )
-    elif not isinstance(event, ReceiptReceived):
+    elif not isinstance(event, ReceiptReceived | PublishRefused):  # the latter: logged
         typer.echo(f"-- {event.type}: {event.to_json()}", err=True)
 
 

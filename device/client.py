@@ -50,7 +50,7 @@ from fieldchat.device.events import (
     ReceiptReceived,
     Removed,
 )
-from fieldchat.device.link import Connection, Link, Will
+from fieldchat.device.link import Connection, Link, Refusal, Will
 from fieldchat.device.reconcile import (
     ARCHIVE_AGAIN_S,
     ARCHIVE_ROUND,
@@ -60,6 +60,7 @@ from fieldchat.device.reconcile import (
     reconcile,
     tail_marks,
 )
+from fieldchat.device.refusals import refuse
 from fieldchat.device.repair import (
     ASK_FRACTIONS,
     MAX_REPAIR_PER_REQUEST,
@@ -208,7 +209,7 @@ class _Msg:
 class _Acked:
     conn: Connection
     mid: int
-    ok: bool
+    refusal: Refusal | None  # a negative PUBACK (MQTT 5)
 
 
 @dataclass(frozen=True, slots=True)
@@ -755,8 +756,8 @@ class Device:
     ) -> None:
         self._queue.put(_Msg(conn, mid, topic, payload, qos))
 
-    def link_published(self, conn: Connection, mid: int, ok: bool) -> None:
-        self._queue.put(_Acked(conn, mid, ok))
+    def link_published(self, conn: Connection, mid: int, refusal: Refusal | None) -> None:
+        self._queue.put(_Acked(conn, mid, refusal))
 
     def link_disconnected(self, conn: Connection, reason: str) -> None:
         self._queue.put(_Down(conn, reason))
@@ -854,9 +855,10 @@ class Device:
                 seqs = self._inflight.pop(item.mid, None)
                 if seqs is None:
                     continue
-                if not item.ok:
+                if item.refusal is not None:  # never published again (device/refusals.py)
                     self.counters["refused_by_broker"] += len(seqs)
-                    log.warning("the broker refused outbox messages %s; dropped", list(seqs))
+                    batch.events.append(refuse(db, seqs, item.refusal))
+                    continue
                 acked += seqs
             if acked:
                 self.state.acknowledged(db, acked, self._clock())
@@ -932,6 +934,7 @@ class Device:
                 topics = sorted(self._subs)
             conn.subscribe(topics, no_local=[t for t in topics if t.endswith("/msg")])
             now = self._clock()
+            self._hold_again(now)
             if self._link is not None and self._link.connects > 1:
                 self._resend = (now + self.options.resend_after_s, now)
             self._next_tail = now  # once the backlog the broker kept has arrived
@@ -1096,6 +1099,19 @@ class Device:
         self.counters["gap_requests_answered_held"] += 1
         self._on_missing(db, cid, peeked[0], peeked[1])
 
+    def _hold_again(self, now: float) -> None:
+        """On each connect, what is held waits a whole window more and its gaps are
+        asked for again. Offline, nothing could be asked, and what revealed a gap may
+        have come through the history tail (HTTP) while the broker still held the
+        missing steps in our session: it delivers them right after the connect. A
+        window that ran out offline showed the later messages first (the soak)."""
+        later = now + self.options.reorder_window_s
+        for key, steps in self._waiting.items():
+            for step, candidates in steps.items():
+                steps[step] = [(row, max(until, later)) for row, until in candidates]
+            self._asks.settled(key)
+            self._lacking(key, now)
+
     def _lacking(self, key: ChainKey, now: float) -> None:
         """``key`` holds envelopes behind missing steps: ask its sender for them at
         once (a MISSING receipt, on the next tick) and, with a history source, the
@@ -1123,8 +1139,11 @@ class Device:
                 return expected - 1
         return high
 
-    def _release(self, db: sqlite3.Connection, batch: _Batch, *, expired: bool = False) -> None:
-        """Open held envelopes whose turn came (or, ``expired``, whose wait is over)."""
+    def _release(
+        self, db: sqlite3.Connection, batch: _Batch, *, expired: bool = False, grace: float = 0.0
+    ) -> None:
+        """Open held envelopes whose turn came (or, ``expired``, whose wait is over:
+        ``grace`` past their window)."""
         now = self._clock()
         progress = True
         while progress:
@@ -1137,7 +1156,7 @@ class Device:
                 first = min(steps)
                 until = min(at for _, at in steps[first])
                 high = self._high_of(key)
-                if high is not None and first > high + 1 and not (expired and until <= now):
+                if high is not None and first > high + 1 and not (expired and until + grace <= now):
                     continue
                 for row, _ in steps.pop(first):
                     payload = self.state.held_payload(row)
@@ -1584,15 +1603,18 @@ class Device:
             _, before = self._resend
             self._resend = None
             self._resend_unconfirmed(before)
+        # Offline, a window runs out only gap_timeout_s late: nothing can be asked for,
+        # and the broker may hold the missing steps in our session (see _hold_again).
+        grace = 0.0 if self._conn is not None else self.options.gap_timeout_s
         if any(
-            until <= now
+            until + grace <= now
             for steps in self._waiting.values()
             for candidates in steps.values()
             for _, until in candidates
         ):
             batch = _Batch([], [], set(), set())
             with self.state.transaction() as db:
-                self._release(db, batch, expired=True)
+                self._release(db, batch, expired=True, grace=grace)
                 self.engine.flush()
             self._after(batch)
         if now >= self._next_housekeeping:

@@ -17,6 +17,7 @@ __all__ = [
     "Joined",
     "KeyChanged",
     "MessageReceived",
+    "PublishRefused",
     "ReceiptReceived",
     "Removed",
 ]
@@ -100,6 +101,26 @@ class GapDetected(_Base):
 
 
 @dataclass(frozen=True, slots=True)
+class PublishRefused(_Base):
+    """The broker refused a publication for good (an MQTT 5 negative PUBACK, e.g.
+    0x87 Not authorized: we are not, or no longer, in ``cid`` as the broker sees it).
+
+    The ``messages`` outbox rows it carried (a frame carries several) left the outbox
+    and are never published again: not after a reconnect, not to answer a gap request,
+    not to the archive. ``what`` is their outbox kind (``msg``: texts and receipts;
+    ``roster``; ``grant``).
+    """
+
+    type: ClassVar[str] = "publish_refused"
+    cid: str | None
+    topic: str
+    what: str
+    code: int
+    reason: str
+    messages: int
+
+
+@dataclass(frozen=True, slots=True)
 class Connected(_Base):
     type: ClassVar[str] = "connected"
     protocol: str
@@ -119,6 +140,7 @@ Event = (
     | Joined
     | Removed
     | GapDetected
+    | PublishRefused
     | Connected
     | Disconnected
 )

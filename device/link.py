@@ -7,7 +7,7 @@ publishes again everything the broker had not acknowledged. A fresh client per
 connection also makes MQTT 5 topic aliases safe (they are scoped to one connection,
 MQTT 5 §3.3.2.3.4, and paho would retransmit an aliased PUBLISH with an empty topic
 on a new connection) and lets ``protocol="auto"`` fall back to MQTT 3.1.1 when a
-broker (aMQTT) does not speak 5.
+broker (aMQTT) does not speak 5 (:mod:`fieldchat.device.fallback` decides when).
 
 Callbacks run on the link thread and must be quick: the device only enqueues.
 """
@@ -34,18 +34,33 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from fieldchat.device.config import BrokerOptions, LinkOptions
+from fieldchat.device.fallback import Outcome, ProtocolFallback
 from fieldchat.schemas.errors import ConnectFailed, NotAuthorized, TransportError
 
-__all__ = ["SESSION_EXPIRY_S", "Connection", "Link", "LinkHandler"]
+__all__ = ["SESSION_EXPIRY_S", "Connection", "Link", "LinkHandler", "Refusal"]
 
 log = logging.getLogger("fieldchat.device.link")
 
 SESSION_EXPIRY_S = 7 * 24 * 3600  # MQTT 5 session expiry: a week offline keeps the queue
+# The Topic Alias Maximum we announce (MQTT 5 §3.1.2.11.5): the broker may then name each
+# topic it sends us once and alias it after (a device reads a handful of topics; each
+# message it receives then carries 2 bytes of alias instead of a ≈ 38-byte name).
+INBOUND_ALIASES = 16
 _LOOP_TIMEOUT_S = 0.05
 _SUBSCRIBE_CHUNK = 64
 # CONNACK reason codes (MQTT 5 §3.2.2.2; paho maps 3.1.1 return codes 4/5 to 134/135).
 _BAD_CREDENTIALS = frozenset({134, 135, 138})
 _UNSUPPORTED_PROTOCOL = 132
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A broker's negative PUBACK (MQTT 5 §3.4.2.1: a reason code of 0x80 or more),
+    e.g. 0x87 Not authorized, 0x90 Topic Name invalid, 0x97 Quota exceeded. MQTT 3.1.1
+    has none: a broker there acknowledges, drops, or disconnects."""
+
+    code: int
+    name: str
 
 
 class LinkHandler(Protocol):
@@ -57,7 +72,8 @@ class LinkHandler(Protocol):
         self, conn: Connection, mid: int, topic: str, payload: bytes, qos: int
     ) -> None: ...
 
-    def link_published(self, conn: Connection, mid: int, ok: bool) -> None: ...
+    def link_published(self, conn: Connection, mid: int, refusal: Refusal | None) -> None:
+        """The broker acknowledged packet ``mid``; ``refusal`` when it refused it."""
 
     def link_disconnected(self, conn: Connection, reason: str) -> None: ...
 
@@ -100,6 +116,7 @@ class Connection:
         # building one per message cost about a tenth of the publishing thread's time.
         self._alias_properties: dict[int, Properties] = {}
         self._alias_lock = threading.Lock()
+        self._inbound: dict[int, str] = {}  # the broker's aliases (link thread only)
         self.io = threading.Lock()  # taken before _alias_lock, never after it
         self.pending_subscribes: dict[int, list[str]] = {}
 
@@ -130,6 +147,17 @@ class Connection:
         with self.io:
             info = self.client.publish(topic, payload, qos=1, retain=retain, properties=properties)
         return info.mid
+
+    def inbound_topic(self, topic: str, alias: int) -> str | None:
+        """The topic of a received PUBLISH that carries a Topic Alias: a name sets the
+        alias, an empty name uses it; ``None`` for an alias never set or out of range
+        (a protocol error, MQTT 5 §3.3.2.3.4)."""
+        if not 0 < alias <= INBOUND_ALIASES:
+            return None
+        if topic:
+            self._inbound[alias] = topic
+            return topic
+        return self._inbound.get(alias)
 
     def publish_status(self, topic: str, payload: bytes) -> mqtt.MQTTMessageInfo:
         with self.io:
@@ -176,6 +204,9 @@ class Link:
     Args:
         client_id: also the default username: the device's pid.
         will: published by the broker if we vanish (presence).
+        protocol: the level remembered by an earlier run (``on_protocol``'s value),
+            under ``broker.protocol == "auto"`` (:class:`ProtocolFallback`).
+        on_protocol: called with the value to remember when it changes.
     """
 
     def __init__(
@@ -195,8 +226,7 @@ class Link:
         self.options = options
         self.handler = handler
         self.will = will
-        self._protocol = protocol or ("3.1.1" if broker.protocol == "3.1.1" else "5")
-        self._on_protocol = on_protocol
+        self.levels = ProtocolFallback(broker.protocol, protocol, remember=on_protocol)
         self._rng = rng or random.SystemRandom()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -256,8 +286,8 @@ class Link:
             delay = max(0.05, self._rng.uniform(0, ceiling))  # full jitter
             self._stop.wait(delay)
 
-    def _new_client(self) -> mqtt.Client:
-        v5 = self._protocol == "5"
+    def _new_client(self, level: str) -> mqtt.Client:
+        v5 = level == "5"
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=self.client_id,
@@ -281,11 +311,12 @@ class Link:
             )
         return client
 
-    def _connect_once(self) -> str:  # noqa: PLR0911, PLR0912, PLR0915 - one connection's story
+    def _connect_once(self) -> str:  # noqa: PLR0912, PLR0915 - one connection's story
         """One connection from CONNECT to its end: ``ok``, ``fail`` or ``switch``."""
         self._number += 1
-        client = self._new_client()
-        conn = Connection(self._number, client, self._protocol)
+        level = self.levels.level()
+        client = self._new_client(level)
+        conn = Connection(self._number, client, level)
         state: dict[str, Any] = {"connack": None}
 
         def on_connect(
@@ -303,19 +334,30 @@ class Link:
                     conn.alias_max = int(getattr(props, "TopicAliasMaximum", 0) or 0)
                 conn.receive_max = int(getattr(props, "ReceiveMaximum", 65_535) or 65_535)
                 conn.max_packet = int(getattr(props, "MaximumPacketSize", 0) or 0)
+            self.levels.after(Outcome.CONNECTED)
             conn.connected = True
             self.connection = conn
             self.connects += 1
             self.last_error = None
             self.handler.link_connected(conn, flags.session_present)
 
-        def on_message(_c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
-            self.handler.link_message(conn, msg.mid, msg.topic, bytes(msg.payload), msg.qos)
+        def on_message(c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
+            topic = msg.topic
+            alias = getattr(msg.properties, "TopicAlias", None) if conn.protocol == "5" else None
+            if alias is not None:
+                named = conn.inbound_topic(topic, alias)
+                if named is None:  # already under conn.io: paho's own disconnect
+                    log.warning("link: the broker used topic alias %d, never set", alias)
+                    c.disconnect(ReasonCode(PacketTypes.DISCONNECT, "Topic alias invalid"))
+                    return
+                topic = named
+            self.handler.link_message(conn, msg.mid, topic, bytes(msg.payload), msg.qos)
 
         def on_publish(
             _c: mqtt.Client, _u: object, mid: int, rc: ReasonCode, _p: Properties | None
         ) -> None:
-            self.handler.link_published(conn, mid, not rc.is_failure)
+            refusal = Refusal(rc.value, rc.getName()) if rc.is_failure else None
+            self.handler.link_published(conn, mid, refusal)
 
         def on_subscribe(
             _c: mqtt.Client, _u: object, mid: int, codes: list[ReasonCode], _p: Properties | None
@@ -336,6 +378,7 @@ class Link:
             if conn.protocol == "5":
                 props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
                 props.SessionExpiryInterval = SESSION_EXPIRY_S
+                props.TopicAliasMaximum = INBOUND_ALIASES
                 client.connect(
                     host,
                     port,
@@ -346,8 +389,10 @@ class Link:
             else:
                 client.connect(host, port, self.options.keepalive_s)
         except ssl.SSLError as exc:
+            self.levels.after(Outcome.OTHER)
             return self._fail(ConnectFailed(f"TLS handshake with {where} failed: {exc.reason}"))
         except (TimeoutError, OSError) as exc:
+            self.levels.after(Outcome.OTHER)
             reason = exc.strerror or type(exc).__name__
             return self._fail(ConnectFailed(f"cannot reach broker at {where}: {reason}"))
         _no_delay(client)
@@ -374,21 +419,16 @@ class Link:
         if connack == 0:
             self.handler.link_disconnected(conn, reason)
             return "ok"
-        if connack in _BAD_CREDENTIALS:
-            user = self.broker.username or self.client_id
-            return self._fail(NotAuthorized(f"broker at {where} refused the credential for {user}"))
-        if self.broker.protocol == "auto" and (connack is None or connack == _UNSUPPORTED_PROTOCOL):
-            # Reached the broker but got no usable CONNACK: try the other protocol.
-            self._protocol = "3.1.1" if self._protocol == "5" else "5"
-            if self._on_protocol is not None:
-                self._on_protocol(self._protocol)
-            self._fail(ConnectFailed(f"broker at {where} closed the connection ({reason})"))
-            return "switch" if self._protocol == "3.1.1" else "fail"
-        if connack is None:
-            return self._fail(ConnectFailed(f"broker at {where} closed the connection ({reason})"))
-        return self._fail(
-            ConnectFailed(f"broker at {where} refused the connection (code {connack})")
+        if self._stop.is_set():
+            return "fail"  # stopped while connecting: tells nothing of the broker
+        outcome, error = _ending(
+            connack, reason, where, level, self.broker.username or self.client_id
         )
+        again = self.levels.after(outcome)
+        if again:
+            log.info("link: MQTT %s next, at once (%s)", self.levels.level(), error)
+        self._fail(error)
+        return "switch" if again else "fail"
 
     def _goodbye(self, conn: Connection) -> None:
         """Clean disconnect: farewell publications, then DISCONNECT (no will)."""
@@ -411,6 +451,26 @@ class Link:
         log.info("link: %s", error)
         self.handler.link_failed(error)
         return "fail"
+
+
+def _ending(
+    connack: int | None, reason: str, where: str, level: str, user: str
+) -> tuple[Outcome, TransportError]:
+    """What a connection that never got CONNACK 0 tells of the protocol level, and the
+    error to report."""
+    if connack is None:
+        return Outcome.UNANSWERED, ConnectFailed(
+            f"broker at {where} closed the connection ({reason})"
+        )
+    if connack == _UNSUPPORTED_PROTOCOL:
+        return Outcome.REFUSED_LEVEL, ConnectFailed(
+            f"broker at {where} does not speak MQTT {level}"
+        )
+    if connack in _BAD_CREDENTIALS:
+        return Outcome.OTHER, NotAuthorized(f"broker at {where} refused the credential for {user}")
+    return Outcome.OTHER, ConnectFailed(
+        f"broker at {where} refused the connection (code {connack})"
+    )
 
 
 def _loop_once(conn: Connection, timeout: float) -> MQTTErrorCode:

@@ -562,6 +562,33 @@ class DeviceState:
                 [(at, s) for s in seqs],
             )
 
+    @staticmethod
+    def refused(db: sqlite3.Connection, seqs: Sequence[int]) -> list[OutboxRow]:
+        """The broker refused these outbox rows for good (MQTT 5 negative PUBACK): they
+        leave the outbox and are never published again. An own text stays in ``sent``
+        (the local history) without its ciphertext and without a publication time
+        (neither resent, nor served to a gap request, nor given to the archive); an
+        own receipt or control leaves ``kept``. Returns the rows as they were."""
+        marks = ",".join("?" * len(seqs))
+        rows = [
+            OutboxRow(
+                int(s), str(t), bytes(p), bool(r), None if c is None else str(c), str(w), float(at)
+            )
+            for s, t, p, r, c, w, at in db.execute(
+                "SELECT seq, topic, payload, retain, cid, what, created_at FROM outbox "  # noqa: S608
+                f"WHERE seq IN ({marks}) ORDER BY seq",  # only placeholders go in
+                list(seqs),
+            )
+        ]
+        args = [(s,) for s in seqs]
+        db.executemany("DELETE FROM outbox WHERE seq = ?", args)
+        db.executemany("DELETE FROM kept WHERE outbox_seq = ?", args)
+        db.executemany(
+            "UPDATE sent SET payload = NULL, archived = ? WHERE outbox_seq = ?",
+            [(REFUSED, s) for s in seqs],
+        )
+        return rows
+
     def sent(self, cid: str | None = None, *, limit: int = 1_000_000) -> list[SentRow]:
         rows = self._read(
             "SELECT id, cid, epoch, chain, step, text, sent_at, published_at FROM sent "

@@ -1,35 +1,34 @@
 """The ``fieldchat`` console script (and ``python -m fieldchat``).
 
 SIGINT and SIGTERM are the same stop from the first instant (docs: "Stopping"), and
-a stop before a command ran is a clean one: one line, status 0. Importing the
-commands takes about a second (FastAPI, SQLAlchemy, cryptography); a Ctrl-C in that
-second used to end in a traceback, and a SIGTERM in status 143. The kernel holds both
-signals during the imports: a KeyboardInterrupt raised inside one can come out as
-another error (CPython reports one raised in a class's ``__set_name__`` as a
-RuntimeError), so it is raised here, once they are done. From there on the commands
-handle the signals (:mod:`fieldchat.schemas.signals`).
+a stop before a command ran is a clean one: one line, status 0. Importing the root
+command, and then the sub-app a command belongs to, happens with both signals held
+(:mod:`fieldchat._startup`); a Ctrl-C in that time used to end in a traceback, and a
+SIGTERM in status 143. From there on the commands handle the signals
+(:mod:`fieldchat.schemas.signals`).
 """
 
 from __future__ import annotations
 
 import signal
-import sys
+from typing import TYPE_CHECKING
 
-_STOP = {signal.SIGINT, signal.SIGTERM}
+if TYPE_CHECKING:
+    import typer
 
 
 def main() -> None:
     """Run the ``fieldchat`` command line."""
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # the same as Ctrl-C
-    try:
-        from fieldchat.cli import app  # noqa: PLC0415 - after the signals, on purpose
+    from fieldchat._startup import import_held  # noqa: PLC0415 - after the handler
 
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)  # one that came is raised here
-    except KeyboardInterrupt:
-        sys.stderr.write("fieldchat stopped before it started.\n")
-        raise SystemExit(0) from None
-    app()
+    import_held(_root)()
+
+
+def _root() -> typer.Typer:
+    from fieldchat.cli import app  # noqa: PLC0415 - with the signals held, on purpose
+
+    return app
 
 
 if __name__ == "__main__":

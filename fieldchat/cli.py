@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NamedTuple
 import typer
 from typer.core import TyperCommand, TyperGroup
 
+from fieldchat._startup import import_held
 from fieldchat.schemas import tracing
 from fieldchat.schemas.errors import FieldchatError
 from fieldchat.schemas.signals import until_stopped
@@ -110,7 +111,8 @@ class _Lazy(TyperCommand):
         parent: Any = None,  # noqa: ANN401
         **extra: Any,  # noqa: ANN401 - click's own keyword arguments
     ) -> Any:  # noqa: ANN401
-        real = _load(self.name or "", self.sub)
+        name = self.name or ""
+        real = import_held(lambda: _load(name, self.sub))
         return real.make_context(info_name, args, parent=parent, **extra)
 
 

@@ -34,7 +34,8 @@ boundary, with ``raise Mapped(...) from exc``. Each class carries a short
     ├── ConfigError                   bad configuration file, flag or variable
     └── TransportError                broker or network failure (mapped at the edge)
         ├── ConnectFailed
-        └── NotAuthorized
+        ├── NotAuthorized
+        └── Refused                   the broker refused a publication for good
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ __all__ = [
     "NotAuthorized",
     "PacketTooLarge",
     "ProtocolError",
+    "Refused",
     "RosterPending",
     "RosterRejected",
     "SignatureRequired",
@@ -303,3 +305,10 @@ class NotAuthorized(TransportError):
     """The broker refused the credentials or the operation."""
 
     reason = "not_authorized"
+
+
+class Refused(TransportError):
+    """The broker refused a publication for good (an MQTT 5 negative PUBACK, e.g.
+    0x87 Not authorized): sending it again would be refused again."""
+
+    reason = "refused"

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from fieldchat.broker import Store
 from fieldchat.schemas.topics import Topics
@@ -90,7 +91,7 @@ class _BusyPublisher:
 
     def __init__(self, port: int, credential: str) -> None:
         self.client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2,
+            CallbackAPIVersion.VERSION2,
             client_id=ALICE.pid,
             protocol=mqtt.MQTTv311,
             reconnect_on_failure=False,
@@ -137,7 +138,7 @@ class _BusyPublisher:
 
 def _acknowledged(info: mqtt.MQTTMessageInfo) -> bool:
     """PUBACKed (paho raises for a publish refused because the connection dropped)."""
-    queued = (mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS, mqtt.MQTTErrorCode.MQTT_ERR_AGAIN)
+    queued = (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_AGAIN)
     return info.rc in queued and info.is_published()
 
 

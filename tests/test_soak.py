@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -130,7 +131,7 @@ def test_the_schedule_is_reproducible_and_has_what_was_asked():
 # -- the short soak ----------------------------------------------------------------------
 
 
-def _short_soak(topology: str, tmp_path: Path) -> tuple[dict, str]:
+def _short_soak(topology: str, tmp_path: Path) -> tuple[dict[str, Any], str]:
     done = subprocess.run(
         [
             sys.executable,
@@ -160,7 +161,7 @@ def _short_soak(topology: str, tmp_path: Path) -> tuple[dict, str]:
     return report, summary
 
 
-def _assert_nothing_lost(report: dict, summary: str) -> None:
+def _assert_nothing_lost(report: dict[str, Any], summary: str) -> None:
     assert report["sent"] > 0 and report["expected_shown"] > 0, summary
     assert report["kills"].get("broker_sigkill", 0) >= 1, summary
     assert report["kills"].get("device_sigkill", 0) >= 1, summary

@@ -9,8 +9,10 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any, Literal
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -39,16 +41,16 @@ class Peer:
         clean: bool = True,
         keepalive: int = 60,
         will: tuple[str, bytes, int, bool] | None = None,
-        transport: str = "tcp",
-        tls: dict | None = None,
+        transport: Literal["tcp", "websockets", "unix"] = "tcp",
+        tls: dict[str, Any] | None = None,
         host: str = "127.0.0.1",
         bind: str = "",
-        protocol: int = mqtt.MQTTv311,
+        protocol: MQTTProtocolVersion = mqtt.MQTTv311,
     ) -> None:
         self.port, self.host, self.bind = port, host, bind
         self.protocol, self.clean = protocol, clean
         self.client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2,
+            CallbackAPIVersion.VERSION2,
             client_id=client_id if client_id is not None else (username or ""),
             clean_session=clean if protocol != mqtt.MQTTv5 else None,
             protocol=protocol,
@@ -174,6 +176,7 @@ class Peer:
         """Vanish without DISCONNECT (as a lost link): the broker sees the socket close."""
         sock = self.client.socket()
         if sock is not None:
+            assert isinstance(sock, socket.socket)  # TCP or TLS (an SSLSocket is one)
             sock.shutdown(socket.SHUT_RDWR)
         self.client.loop_stop()
         if sock is not None:

@@ -164,9 +164,11 @@ def _to_v5(packet: mqtt.Packet) -> bytes:
 def _to_v311(packet: mqtt.Packet) -> mqtt.Packet:
     if isinstance(packet, mqtt.Connack):
         return mqtt.Connack(packet.session_present, packet.reason_code)
-    if isinstance(packet, mqtt.Unsuback | mqtt.Disconnect):
-        return type(packet)(*([packet.packet_id] if isinstance(packet, mqtt.Unsuback) else []))
-    if hasattr(packet, "properties"):
+    if isinstance(packet, mqtt.Unsuback):
+        return mqtt.Unsuback(packet.packet_id)
+    if isinstance(packet, mqtt.Disconnect):
+        return mqtt.Disconnect()
+    if not isinstance(packet, mqtt.Pingreq | mqtt.Pingresp):  # the others carry properties
         packet = dataclasses.replace(packet, properties=mqtt.NO_PROPERTIES)
     if isinstance(packet, mqtt.Puback | mqtt.Pubrec | mqtt.Pubrel | mqtt.Pubcomp):
         packet = dataclasses.replace(packet, reason_code=0)

@@ -34,13 +34,13 @@ class StockState:
 STATE = StockState()  # one stock broker at a time (tests run serially)
 
 
-class PasswordPlugin(BaseAuthPlugin):
+class PasswordPlugin(BaseAuthPlugin):  # type: ignore[misc]  # aMQTT ships no types
     async def authenticate(self, *, session) -> bool | None:
         expected = STATE.passwords.get(session.username or "")
         return expected is not None and expected == session.password
 
 
-class AclPlugin(BaseTopicPlugin):
+class AclPlugin(BaseTopicPlugin):  # type: ignore[misc]  # aMQTT ships no types
     async def topic_filtering(self, *, session=None, topic=None, action=None) -> bool | None:
         rules = STATE.acl.get(session.username if session else "", {})
         allowed = rules.get(action, [])
@@ -102,6 +102,7 @@ class StockThread:
         self._thread.start()
         started.result(timeout=30)
         self._loop = loop
+        assert self._broker is not None
         sock = self._broker._servers["default"].instance.sockets[0]
         self._port = sock.getsockname()[1]
 

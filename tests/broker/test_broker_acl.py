@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from fieldchat.broker import Store
+from fieldchat.broker import BrokerThread, Store
 from fieldchat.broker.testing import found_roster, next_roster, participant
 from fieldchat.schemas.topics import Topics
 from tests.broker._cases import ALICE, BOB, CAROL, ROSTER_X, X, run_cases
@@ -174,7 +174,7 @@ def test_override_from_another_process_takes_effect(broker_thread, peers):
 # issue 13: rosters are proposed, retained state cannot be erased or misplaced -------
 
 
-def _denied(broker, reason: str) -> float:
+def _denied(broker: BrokerThread, reason: str) -> float:
     return broker.broker.metrics.value("fieldchat_broker_denials_total", reason=reason)
 
 

@@ -80,7 +80,7 @@ async def test_a_websocket_is_aborted_through_its_transport():
         await ws.wait_closed()
 
     async with websockets.serve(handler, "127.0.0.1", 0) as server:
-        port = server.sockets[0].getsockname()[1]
+        port = next(iter(server.sockets)).getsockname()[1]
         async with websockets.connect(f"ws://127.0.0.1:{port}") as client:
             async with asyncio.timeout(5):
                 assert await seen, f"{WS_TRANSPORT.owner}.{WS_TRANSPORT.name} is gone"

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
 from fieldchat.broker import BrokerThread
 from fieldchat.broker.testing import make_config
@@ -29,9 +30,7 @@ def _enroll(data_dir: Path) -> dict[str, str]:
 
 def _publish_many(port: int, creds, count: int) -> list[bytes]:
     """Publish ``count`` distinct binary QoS 1 messages; return them once all are PUBACKed."""
-    client = mqtt.Client(
-        mqtt.CallbackAPIVersion.VERSION2, client_id=ALICE.pid, protocol=mqtt.MQTTv311
-    )
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=ALICE.pid, protocol=mqtt.MQTTv311)
     client.username_pw_set(ALICE.pid, creds[ALICE.pid])
     client.max_inflight_messages_set(200)
     client.max_queued_messages_set(0)

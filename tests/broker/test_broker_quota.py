@@ -40,7 +40,7 @@ def test_throttle_reports_the_tighter_limit():
         0.0, messages_per_s=100, messages_burst=10, bytes_per_s=1000, bytes_burst=1000
     )
     wait, limit = throttle.take(3000, 0.0)
-    assert (limit, wait) == ("bytes", pytest.approx(2.0))
+    assert (limit, wait) == ("bytes", pytest.approx(2.0))  # type: ignore[comparison-overlap]
     off = Throttle(0.0, messages_per_s=0, messages_burst=1, bytes_per_s=0, bytes_burst=1024)
     assert off.take(10**9, 0.0) == (0.0, "messages")
 
@@ -98,7 +98,7 @@ def test_pending_caps_each_address_and_evicts_the_oldest_when_full():
     pending.discard("a2")
     pending.discard("a2")  # twice is harmless
     assert pending.count("A") == 0
-    assert Pending(per_address=0, total=5).admit("x", "A") == (True, None)  # 0: no cap
+    assert Pending[str](per_address=0, total=5).admit("x", "A") == (True, None)  # 0: no cap
 
 
 def test_address_key_groups_an_ipv6_slash_64():

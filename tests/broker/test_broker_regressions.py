@@ -24,7 +24,7 @@ from tests.broker._raw import RawClient, puback_packet, publish_packet, subscrib
 from tests.broker._stock import StockThread
 
 T = Topics()
-FLAVORS = ["ours", "ours-v5"]
+FLAVORS: list[object] = ["ours", "ours-v5"]
 if os.environ.get("FIELDCHAT_STOCK_AMQTT") == "1":
     FLAVORS.append(
         pytest.param("stock", marks=pytest.mark.xfail(strict=True, reason="aMQTT 0.12.1 defect"))
@@ -63,9 +63,10 @@ class World:
 
 @pytest.fixture(params=FLAVORS)
 def make_world(request, tmp_path):
-    servers = []
+    servers: list[BrokerThread | StockThread] = []
 
     def make(**limits):
+        server: BrokerThread | StockThread
         if request.param == "stock":
             server = StockThread(max_connections=int(limits.get("max_connections", -1)))
         else:
@@ -195,6 +196,7 @@ def test_inflight_qos1_is_redelivered_on_reconnect(make_world):
         assert [p[2] for p in again] == [b"m%d" % i for i in range(5)]
         assert all(p[3] for p in again)  # DUP set (MQTT-3.3.1-1)
         for p in again:
+            assert p[1] is not None  # QoS 1: a packet id
             raw.send(puback_packet(p[1]))
     finally:
         raw.close()

@@ -82,7 +82,9 @@ def test_publish_and_route_share_one_trace_without_leaking(tmp_path, monkeypatch
             for name, value in env.items():
                 if name.startswith(("OTEL_", "FIELDCHAT_")):
                     monkeypatch.setenv(name, value)
-            publisher = tracing.Tracing(tracing.TraceSettings.from_environ(os.environ))
+            settings = tracing.TraceSettings.from_environ(os.environ)
+            assert settings is not None
+            publisher = tracing.Tracing(settings)
             device = publisher.tracer("device")
             envelope = sealed_text(X, 0, 7, SECRET)
             device.publish(T.msg(X), envelope)

@@ -23,6 +23,7 @@ def exported() -> dict[str, set[str]]:
         for value in vars(metrics).values():
             if isinstance(value, MetricWrapperBase):
                 kind = value._type  # the library's own type name: counter, gauge, histogram
+                assert kind is not None
                 labels = set(value._labelnames) | ({"le"} if kind == "histogram" else set())
                 for suffix in SUFFIXES[kind]:
                     out[value._name + suffix] = labels

@@ -10,9 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from fieldchat.device.engine import Engine, Publication
+from fieldchat.device.engine import Engine, Opened, Publication
 from fieldchat.device.identity import Identity
-from fieldchat.schemas import FieldchatError, TopicKind, Topics
+from fieldchat.schemas import FieldchatError, TextMessage, TopicKind, Topics
+
+
+def text_of(opened: Opened | None) -> str:
+    """The text of an opened envelope, asserting it was a text message (for mypy too)."""
+    assert opened is not None
+    assert isinstance(opened.message, TextMessage)
+    return opened.message.text
 
 
 class Mesh:

@@ -14,6 +14,7 @@ import os
 import threading
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 
 from fieldchat.schemas import FieldchatError, Roster, verify_roster_chain
 
@@ -30,14 +31,15 @@ class RosterVerifier:
         self.refused = 0
         self._lock = threading.Lock()
         self.client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2,
+            CallbackAPIVersion.VERSION2,
             client_id=f"verifier-{os.urandom(4).hex()}",
             clean_session=False,  # proposals made while the broker restarts still come
         )
         self.client.username_pw_set(username, password)
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
-        self.client.reconnect_delay_set(0.1, 1.0)
+        # paho annotates these as int; it only compares and sleeps them, so floats work.
+        self.client.reconnect_delay_set(0.1, 1.0)  # type: ignore[arg-type]
 
     def start(self) -> RosterVerifier:
         self.client.connect_async("127.0.0.1", self.port, keepalive=10)
@@ -54,7 +56,7 @@ class RosterVerifier:
     def _on_message(self, client: mqtt.Client, _: object, message: mqtt.MQTTMessage) -> None:
         with self._lock:
             try:
-                roster = Roster.from_bytes(message.payload)
+                roster = Roster.from_bytes(bytes(message.payload))
                 known = self.retained.get(roster.cid)
                 if known is not None and known.digest() == roster.digest():
                     return  # proposed again: retained already

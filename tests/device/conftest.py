@@ -18,8 +18,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from pydantic import SecretStr
@@ -177,7 +178,7 @@ class Mosquitto:
 class Embedded:
     """The embedded broker (``fieldchat.broker.BrokerThread``) behind the same interface.
 
-    It speaks MQTT 3.1.1 only, so devices on ``protocol="auto"`` fall back to it.
+    It speaks MQTT 5 and 3.1.1; devices on ``protocol="auto"`` use 5 (issue 17).
     """
 
     def __init__(self, workdir: Path) -> None:
@@ -265,15 +266,18 @@ class Devices:
         protocol: str = "auto",
         start: bool = True,
         prefix: str = "fc/v1",
+        port: int | None = None,
     ) -> Device:
+        """``port``: connect there (a front for the broker, tests/device/_wire.py)."""
         path = self.tmp / f"{name}.sqlite3"
         probe = Device(path, prefix=prefix)  # learn the pid to enroll it
         pid = probe.pid
         probe.close()
         events: list[Event] = []
+        options = self.broker.options(pid, protocol=protocol)
         device = Device(
             path,
-            self.broker.options(pid, protocol=protocol),
+            options if port is None else options.model_copy(update={"port": port}),
             link=link,
             prefix=prefix,
             on_event=events.append,
@@ -376,8 +380,8 @@ def run_cli(
     )
 
 
-def start_cli(args: list[str], env: dict[str, str], **kwargs: object) -> subprocess.Popen[str]:
-    return subprocess.Popen(  # type: ignore[call-overload, no-any-return]
+def start_cli(args: list[str], env: dict[str, str], **kwargs: Any) -> subprocess.Popen[str]:
+    return subprocess.Popen(
         [FIELDCHAT, "device", *args],
         env=env,
         stdout=subprocess.PIPE,
@@ -477,7 +481,7 @@ def conversation(devices: Devices, *names: str) -> tuple[str, list[Device]]:
     made = [devices.make(name) for name in names]
     cid = made[0].create_conversation([d.pid for d in made[1:]])
     for device in made[1:]:
-        wait_until(lambda d=device: d.engine.is_member(cid), 15, "members join")
+        wait_until(partial(device.engine.is_member, cid), 15, "members join")
     # Every member holds every other member's chain before the processes take over.
     wait_until(
         lambda: all(len(d.engine._convs[cid].recv) == len(made) - 1 for d in made), 15, "grants"

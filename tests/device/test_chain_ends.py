@@ -20,7 +20,7 @@ from fieldchat.schemas.crypto import aead_seal
 from fieldchat.schemas.envelope import EnvelopeKind, header_bytes
 from fieldchat.schemas.ids import decode_id
 from fieldchat.schemas.messages import encode_plaintext
-from tests.device._mesh import Mesh
+from tests.device._mesh import Mesh, text_of
 
 TOPICS = Topics()
 
@@ -56,19 +56,19 @@ def test_a_removed_member_cannot_forge_unsigned_messages_of_a_remaining_one():
     alice, bob, carol = mesh["alice"], mesh["bob"], mesh["carol"]
     cid = mesh.create("alice", "bob", "carol", sign_every=0)
     first = bob.seal(cid, text("b0"))
-    assert alice.open(cid, first).message.text == carol.open(cid, first).message.text == "b0"
+    assert text_of(alice.open(cid, first)) == text_of(carol.open(cid, first)) == "b0"
     late = bob.seal(cid, text("b1, sealed before the rotation, delivered after"))
 
     mesh.deliver(alice.remove_members(cid, [carol.pid]))
     assert not carol.is_member(cid)
     forgery = forge_as(carol, cid, bob, 2, "from bob: pay Carol")
 
-    assert alice.open(cid, late).message.text.startswith("b1")  # sealed by Bob: fine
+    assert text_of(alice.open(cid, late)).startswith("b1")  # sealed by Bob: fine
     assert reason_of(alice, cid, forgery) == "chain_closed"  # Bob never sealed step 2
     assert alice.counters["chain_closed"] == 1
     assert alice.open(cid, forge_as(carol, cid, bob, 1, "again")) is None  # step 1: taken
     # Signed envelopes and the new epoch are unaffected.
-    assert alice.open(cid, bob.seal(cid, text("epoch 1"))).message.text == "epoch 1"
+    assert text_of(alice.open(cid, bob.seal(cid, text("epoch 1")))) == "epoch 1"
 
 
 def test_an_old_unsigned_envelope_waits_for_its_senders_end_then_opens():
@@ -93,7 +93,7 @@ def test_an_old_unsigned_envelope_waits_for_its_senders_end_then_opens():
         assert info.value.reason == "chain_end_unknown"
     grant = next(p for p in bobs if p.topic == TOPICS.inbox(dave.pid))
     assert dave.handle_grant(grant.payload).ends == 1
-    assert dave.open(cid, late).message.text == "late"
+    assert text_of(dave.open(cid, late)) == "late"
     assert reason_of(dave, cid, forgery) == "chain_closed"
 
 
@@ -104,7 +104,7 @@ def test_without_a_removal_old_unsigned_envelopes_need_no_end():
     late = bob.seal(cid, text("late"))
     pubs = alice.set_policy(cid, Policy(sign_every=0, pad=True))
     alice.handle_roster(pubs[0].payload)  # (its own: a duplicate)
-    assert alice.open(cid, late).message.text == "late"  # before any grant of Bob's
+    assert text_of(alice.open(cid, late)) == "late"  # before any grant of Bob's
 
 
 def test_signed_old_envelopes_need_no_end():
@@ -114,7 +114,7 @@ def test_signed_old_envelopes_need_no_end():
     late = bob.seal(cid, text("signed"))
     roster = alice.remove_members(cid, [carol.pid])[0].payload
     dave.handle_roster(roster)  # no grant from Bob yet
-    assert dave.open(cid, late).message.text == "signed"
+    assert text_of(dave.open(cid, late)) == "signed"
 
 
 def test_stated_ends_survive_a_restart_and_cover_steps_a_crash_may_have_used():

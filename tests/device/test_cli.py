@@ -131,3 +131,61 @@ def test_settings_from_a_toml_file(tmp_path: Path, mosquitto: Mosquitto) -> None
     bad.write_text("colour = 'blue'\n")
     out = run_cli(["whoami"], cli_env(config=str(bad)))
     assert out.returncode == 2 and out.stderr.startswith("error: invalid configuration")
+
+
+def test_send_and_listen_show_a_publication_the_broker_refused(tmp_path: Path) -> None:
+    """MQTT 5 negative PUBACK (issue 17): ``send`` says so in one line and exits 3 (a
+    broker refusal), ``listen --json`` prints a ``publish_refused`` line; neither
+    leaves the message in the outbox to be refused again."""
+    from tests.device.conftest import Embedded
+
+    broker = Embedded(tmp_path / "embedded").start()
+    try:
+        pid, env = _init(tmp_path, "erin", broker)
+        created = run_cli(["conv", "create", "--json"], env)
+        assert created.returncode == 0, created.stderr
+        cid = json.loads(created.stdout)["cid"]
+        assert broker.thread is not None
+        broker.thread.deny(pid, cid)
+
+        out = run_cli(["send", cid, "denied"], env)
+        assert out.returncode == 3
+        warning, error = out.stderr.strip().splitlines()  # the library's log, the command's
+        assert warning.startswith("WARNING the broker refused 1 msg publication(s)")
+        assert error == (
+            f"error: the broker refused 1 publication(s) to conversation {cid} "
+            "(0x87 Not authorized); they are not sent again"
+        )
+        assert run_cli(["outbox", "--json"], env).stdout == ""
+
+        offline = dict(env, FIELDCHAT_BROKER=f"mqtt://127.0.0.1:{free_port()}")
+        assert run_cli(["send", cid, "queued", "--timeout", "1"], offline).returncode == 3
+        listened = run_cli(["listen", "--json", "--duration", "3"], env)
+        assert listened.returncode == 0, listened.stderr
+        lines = [json.loads(line) for line in listened.stdout.splitlines() if line.strip()]
+        refused = [line for line in lines if line["type"] == "publish_refused"]
+        assert [(r["cid"], r["code"], r["reason"], r["messages"]) for r in refused] == [
+            (cid, 0x87, "Not authorized", 1)
+        ]
+        assert run_cli(["outbox", "--json"], env).stdout == ""
+    finally:
+        broker.close()
+
+
+def test_init_with_a_new_broker_forgets_a_remembered_protocol_level(tmp_path: Path) -> None:
+    """A fall back to 3.1.1 is remembered for the broker that refused 5, not the next."""
+    from fieldchat.device.state import DeviceState
+
+    state = str(tmp_path / "frank.sqlite3")
+    assert run_cli(["init"], cli_env(state=state)).returncode == 0
+    saved = DeviceState(state)
+    saved.set_meta({"protocol": "3.1.1 1764780000"})
+    saved.close()
+    out = run_cli(["init"], cli_env(state=state, broker="mqtt://127.0.0.1:1884"))
+    assert out.returncode == 0, out.stderr
+    saved = DeviceState(state)
+    try:
+        assert saved.get_meta("protocol") is None
+        assert saved.get_meta("broker") == "mqtt://127.0.0.1:1884"
+    finally:
+        saved.close()

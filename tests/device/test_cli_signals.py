@@ -109,7 +109,7 @@ def _next_message(lines: _Lines, timeout: float = 30) -> dict[str, object]:
         assert line, "listen ended"
         data = json.loads(line)
         if data["type"] == "message":
-            return data  # type: ignore[no-any-return]
+            return data
     raise AssertionError(f"no message in {timeout} s")
 
 
@@ -206,7 +206,7 @@ def _pipe_full(fd: int) -> bool:
     return int.from_bytes(buf, "little") >= 4096
 
 
-def _drain(fd: int) -> list[dict[str, object]]:
+def _drain(fd: int) -> list[dict[str, Any]]:
     """Whole JSON message lines left in the pipe by a killed writer."""
     chunks = []
     while chunk := os.read(fd, 65536):

@@ -180,6 +180,9 @@ def test_a_clean_restart_leaves_no_gap_and_a_crash_asks_the_history_seam(
             self.asked.append(cid)
             return [], after, False
 
+        def rosters(self, cid: str, *, from_epoch: int = 0) -> list[bytes]:
+            return []
+
     devices = Devices(tmp_path, mosquitto)
     history = History()
     try:
@@ -366,7 +369,7 @@ def test_every_socket_write_holds_the_connections_io_lock(mosquitto_devices: Dev
         send = client._sock_send
         seen = writes.setdefault(device.pid, [])
 
-        def recorded(buf: bytes) -> int:
+        def recorded(buf: bytes | bytearray) -> int:
             seen.append((threading.current_thread().name, connection.io.locked()))
             return send(buf)
 

@@ -11,12 +11,14 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from fieldchat.device.client import Device
 from fieldchat.device.engine import Engine
 from fieldchat.device.state import DeviceState
 from fieldchat.schemas.envelope import read_header
 from fieldchat.schemas.errors import FieldchatError
 from fieldchat.schemas.frame import split
 from tests.device.conftest import (
+    Broker,
     Devices,
     Mosquitto,
     Peer,
@@ -28,7 +30,7 @@ from tests.device.conftest import (
 pytestmark = pytest.mark.mosquitto
 
 
-def _peers(devices: Devices, cid: str, made: list) -> list[Peer]:
+def _peers(devices: Devices, cid: str, made: list[Device]) -> list[Peer]:
     peers = []
     for device in made:
         peers.append(Peer(device.state.path, devices.broker, device.pid, cid))
@@ -41,7 +43,7 @@ def _peers(devices: Devices, cid: str, made: list) -> list[Peer]:
 class _Observer:
     """A raw paho subscriber (enrolled like anyone) recording what crosses the broker."""
 
-    def __init__(self, broker: Mosquitto, topic: str) -> None:
+    def __init__(self, broker: Broker, topic: str) -> None:
         self.messages: list[tuple[str, bytes]] = []
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="observer")
         self.client.username_pw_set("observer", broker.user("observer"))

@@ -32,7 +32,7 @@ from fieldchat.schemas import (
     WeakKey,
 )
 from fieldchat.schemas.envelope import FLAG_SIGNED, read_header
-from tests.device._mesh import Mesh
+from tests.device._mesh import Mesh, text_of
 
 
 def text(s: str, t: int = 1) -> TextMessage:
@@ -145,7 +145,7 @@ def test_unsigned_tampering_is_caught_by_aes_gcm():
     with pytest.raises(CryptoError):
         mesh["bob"].open(cid, tampered)
     assert mesh["bob"].counters["auth"] == 1
-    assert mesh["bob"].open(cid, envelope).message.text == "no signature"
+    assert text_of(mesh["bob"].open(cid, envelope)) == "no signature"
 
 
 def test_swapped_sender_is_rejected(mesh):
@@ -172,12 +172,12 @@ def test_out_of_order_within_the_window_and_evicted_beyond_it():
     # held past MAX_UNSIGNED_JUMP, see test_far_unsigned_steps_...).
     cid = mesh.create("alice", "bob")
     envelopes = [mesh["alice"].seal(cid, text(str(i))) for i in range(MAX_SKIPPED_KEYS + 5)]
-    assert mesh["bob"].open(cid, envelopes[3]).message.text == "3"
-    assert mesh["bob"].open(cid, envelopes[1]).message.text == "1"
-    assert mesh["bob"].open(cid, envelopes[-1]).message.text == str(MAX_SKIPPED_KEYS + 4)
+    assert text_of(mesh["bob"].open(cid, envelopes[3])) == "3"
+    assert text_of(mesh["bob"].open(cid, envelopes[1])) == "1"
+    assert text_of(mesh["bob"].open(cid, envelopes[-1])) == str(MAX_SKIPPED_KEYS + 4)
     with pytest.raises(SkippedKeyMissing):
         mesh["bob"].open(cid, envelopes[0])
-    assert mesh["bob"].open(cid, envelopes[-2]).message.text == str(MAX_SKIPPED_KEYS + 3)
+    assert text_of(mesh["bob"].open(cid, envelopes[-2])) == str(MAX_SKIPPED_KEYS + 3)
 
 
 def test_jump_past_the_forward_limit_is_rejected():
@@ -185,6 +185,7 @@ def test_jump_past_the_forward_limit_is_rejected():
     cid = mesh.create("alice", "bob", sign_every=0)
     conv = mesh["alice"]._convs[cid]
     chain = conv.send
+    assert chain is not None
     # Advance alice's chain past the limit without publishing anything.
     from fieldchat.device.chains import advance
 
@@ -290,7 +291,9 @@ def test_signature_policy_every_nth():
     for i in range(8):
         envelope = mesh["alice"].seal(cid, text(str(i)))
         signed.append(bool(read_header(envelope)[1] & FLAG_SIGNED))
-        assert mesh["bob"].open(cid, envelope).signed == signed[-1]
+        opened = mesh["bob"].open(cid, envelope)
+        assert opened is not None
+        assert opened.signed == signed[-1]
     assert signed == [True, False, False, False, True, False, False, False]
 
 
@@ -309,7 +312,7 @@ def test_compression_and_padding_round_trip_and_hide_length():
     for n in (33, 40, 50, 60):
         envelope = mesh["alice"].seal(cid, text("ab" * n))
         sizes.add(len(envelope))
-        assert mesh["bob"].open(cid, envelope).message.text == "ab" * n
+        assert text_of(mesh["bob"].open(cid, envelope)) == "ab" * n
     assert len(sizes) < 4
 
 
@@ -332,9 +335,7 @@ def test_grants_arriving_before_the_roster_are_held():
     assert result.needs_roster and not result.installed
     replies = mesh["bob"].handle_roster(roster.payload)
     mesh.deliver(replies)
-    assert (
-        mesh["bob"].open(cid, mesh["alice"].seal(cid, text("in order"))).message.text == "in order"
-    )
+    assert text_of(mesh["bob"].open(cid, mesh["alice"].seal(cid, text("in order")))) == "in order"
 
 
 def test_tofu_reports_key_changes_loudly():
@@ -365,7 +366,7 @@ def test_browser_participant_without_mlkem_gets_x25519_grants_and_roster_says_so
     roster = mesh["web"].roster(cid)
     flags = {m.pid: m.pq for m in roster.members}
     assert flags == {mesh["alice"].pid: True, mesh["web"].pid: False}
-    assert mesh["web"].open(cid, mesh["alice"].seal(cid, text("hi web"))).message.text == "hi web"
+    assert text_of(mesh["web"].open(cid, mesh["alice"].seal(cid, text("hi web")))) == "hi web"
     with pytest.raises(NotAMember):
         mesh["alice"].create_conversation([mesh["web"].pid], policy=Policy(require_pq=True))
 
@@ -393,7 +394,7 @@ def test_browser_member_grants_x25519_to_post_quantum_members():
     assert not [e for _, e in mesh.errors if e.reason == "grant"]
     envelope = mesh["web"].seal(cid, text("from the browser"))
     for reader in ("alice", "bob"):
-        assert mesh[reader].open(cid, envelope).message.text == "from the browser"
+        assert text_of(mesh[reader].open(cid, envelope)) == "from the browser"
 
 
 def test_post_quantum_member_joins_a_conversation_a_browser_founded():
@@ -405,7 +406,7 @@ def test_post_quantum_member_joins_a_conversation_a_browser_founded():
     assert mesh["alice"].handle_grant(grant.payload).needs_roster
     mesh.deliver(mesh["alice"].handle_roster(roster.payload))
     envelope = mesh["web"].seal(cid, text("hello from the browser"))
-    assert mesh["alice"].open(cid, envelope).message.text == "hello from the browser"
+    assert text_of(mesh["alice"].open(cid, envelope)) == "hello from the browser"
 
 
 def test_grant_whose_transcript_omits_the_recipients_mlkem_key_does_not_open():

@@ -16,6 +16,7 @@ from fieldchat.device.keystore import SqliteKeyStore
 from fieldchat.schemas import KeyStoreError, TextMessage
 from fieldchat.schemas._codec import pack
 from fieldchat.schemas.envelope import read_header
+from tests.device._mesh import text_of
 
 
 def test_store_file_is_private(tmp_path):
@@ -54,21 +55,21 @@ def test_engine_state_survives_a_restart(tmp_path):
     cid, pubs = alice.create_conversation([bob.pid])
     for pub in pubs:
         if pub.topic.endswith("/propose"):
-            for reply in bob.handle_roster(pub.payload):
-                alice.handle_grant(reply.payload)
+            for grant in bob.handle_roster(pub.payload):
+                alice.handle_grant(grant.payload)
         else:
             bob.handle_grant(pub.payload)
     first = alice.seal(cid, TextMessage(sent_at=1, text="one"))
-    assert bob.open(cid, first).message.text == "one"
+    assert text_of(bob.open(cid, first)) == "one"
     bob.flush()
 
     bob_again = Engine.open_store(SqliteKeyStore(tmp_path / "bob.db"))
     assert bob_again.pid == bob.pid and bob_again.conversations() == [cid]
     assert bob_again.open(cid, first) is None  # the flushed chain remembers step 0
     second = alice.seal(cid, TextMessage(sent_at=2, text="two"))
-    assert bob_again.open(cid, second).message.text == "two"
+    assert text_of(bob_again.open(cid, second)) == "two"
     reply = bob_again.seal(cid, TextMessage(sent_at=3, text="back"))
-    assert alice.open(cid, reply).message.text == "back"
+    assert text_of(alice.open(cid, reply)) == "back"
 
 
 CRASHING_SENDER = textwrap.dedent(
@@ -185,5 +186,5 @@ def test_grants_waiting_for_their_roster_survive_a_restart(tmp_path):
     for reply in bob.handle_roster(roster.payload):
         alice.handle_grant(reply.payload)
     sealed = alice.seal(cid, TextMessage(sent_at=1, text="after restart"))
-    assert bob.open(cid, sealed).message.text == "after restart"
+    assert text_of(bob.open(cid, sealed)) == "after restart"
     assert not bob.store.load_prefix("pending/")

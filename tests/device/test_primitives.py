@@ -6,6 +6,7 @@ import hmac
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -28,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[2]
 WYCHEPROOF = Path(os.environ.get("FIELDCHAT_WYCHEPROOF", ROOT.parent / "shared/vectors/wycheproof"))
 
 
-def cases(name: str, **group_filter: object) -> list[tuple[dict, dict]]:
+def cases(name: str, **group_filter: object) -> list[tuple[dict[str, Any], dict[str, Any]]]:
     path = WYCHEPROOF / name
     if not path.exists():
         return []
@@ -41,7 +42,7 @@ def cases(name: str, **group_filter: object) -> list[tuple[dict, dict]]:
     ]
 
 
-def ids(case: tuple[dict, dict]) -> str:
+def ids(case: tuple[dict[str, Any], dict[str, Any]]) -> str:
     return f"tc{case[1]['tcId']}"
 
 

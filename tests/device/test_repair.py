@@ -16,7 +16,7 @@ import pytest
 
 from fieldchat.device.client import Device
 from fieldchat.device.config import LinkOptions
-from fieldchat.device.events import GapDetected, MessageReceived
+from fieldchat.device.events import Event, GapDetected, MessageReceived
 from fieldchat.device.repair import (
     MAX_REPAIR_PER_INTERVAL,
     MAX_REPAIR_PER_REQUEST,
@@ -25,7 +25,7 @@ from fieldchat.device.repair import (
     Repairs,
     lacking,
 )
-from tests.device.conftest import Devices, Mosquitto, texts, wait_until
+from tests.device.conftest import Devices, Embedded, Mosquitto, texts, wait_until
 
 KEY = ("cid", 0, 1, 0)
 
@@ -151,7 +151,7 @@ def _m2_dropped(devices: Devices) -> tuple[Device, Device, str, bytes]:
     return alice, bob, cid, bytes(m2)
 
 
-def _order_kept(device: Device, cid: str, expected: list[str], events: list) -> None:
+def _order_kept(device: Device, cid: str, expected: list[str], events: list[Event]) -> None:
     shown = [e for e in events if isinstance(e, MessageReceived) and e.cid == cid]
     assert [e.text for e in shown][-len(expected) :] == expected
     assert not [e for e in shown if e.late], "shown out of the sender's order"
@@ -334,3 +334,51 @@ def test_a_gap_request_held_behind_a_gap_in_its_senders_chain_is_answered_at_onc
     finally:
         devices.close()
         broker.close()
+
+
+def test_a_window_does_not_run_out_while_the_receiver_is_offline(tmp_path: Path) -> None:
+    """The soak's scaled out-of-order screens (issue 14): with its broker link down,
+    a receiver's history tail (HTTP) brought a later envelope, archived by a gateway
+    before the earlier ones; the broker held the earlier ones in the receiver's
+    session. The window ran out offline (no ask could be made) and the later one was
+    shown first; the earlier ones came right after the connect. Now a window runs out
+    offline only ``gap_timeout_s`` late, and each connect gives what is held a whole
+    window more: the session's backlog comes in that window, and all is in order."""
+    from tests.device._wire import Front
+
+    embedded = Embedded(tmp_path / "embedded").start()
+    devices = Devices(tmp_path, embedded)
+    front = Front(embedded.port)
+    archive = _Archive()
+    try:
+        alice = devices.make("alice", link=DEFAULTS)
+        bob = devices.make("bob", link=DEFAULTS, port=front.port)
+        bob.history = archive
+        cid = alice.create_conversation([bob.pid])
+        wait_until(lambda: bob.engine.is_member(cid), 10, "bob joins")
+        alice.send(cid, "hello")
+        wait_until(lambda: texts(bob, cid) == ["hello"], 10, "bob online")
+        wait_until(lambda: not alice._grant_resends, 10, "the grant's resend")
+        events = devices.events[bob.pid]
+
+        port = front.port
+        front.close()  # bob's link goes; his session keeps what alice sends now
+        wait_until(lambda: not bob.connected, 10, "bob offline")
+        for line in ("m1", "m2"):
+            alice.send(cid, line)
+            assert alice.wait_drained(10)
+        ((m2,),) = alice.state._read("SELECT payload FROM sent WHERE text = 'm2'")
+        archive.envelopes.append(bytes(m2))  # archived before m1 (another gateway)
+        bob._tail_soon()
+        wait_until(lambda: bool(bob._waiting), 10, "m2 from the tail, held for m1")
+        time.sleep(DEFAULTS.reorder_window_s + 1.0)  # a whole window, offline
+        assert texts(bob, cid) == ["hello"]
+
+        front = Front(embedded.port, port=port)  # back: the session delivers m1
+        wait_until(lambda: len(texts(bob, cid)) == 3, 15, "m1 and m2")
+        assert texts(bob, cid) == ["hello", "m1", "m2"]
+        _order_kept(bob, cid, ["m1", "m2"], events)
+    finally:
+        front.close()
+        devices.close()
+        embedded.close()

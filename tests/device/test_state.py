@@ -7,6 +7,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +18,7 @@ from fieldchat.device.identity import Identity
 from fieldchat.device.keystore import SEND_CHAIN_PREFIX
 from fieldchat.device.state import DeviceState
 from fieldchat.schemas import KeyStoreError, Topics
+from tests.device._mesh import text_of
 
 
 def _offline(path: object, *, power_safe: bool = False) -> tuple[Device, str]:
@@ -118,9 +120,9 @@ def test_a_clean_close_resumes_at_the_first_unused_step(tmp_path):
         device.close()
 
 
-def _fail_on(path: object, text: str) -> None:
+def _fail_on(path: Path, text: str) -> None:
     """Make SQLite itself refuse the ``sent`` row of ``text`` (as a full disk would)."""
-    db = sqlite3.connect(path)  # type: ignore[arg-type]
+    db = sqlite3.connect(path)
     try:
         db.execute(
             "CREATE TRIGGER disk_full BEFORE INSERT ON sent WHEN NEW.text = "
@@ -166,7 +168,7 @@ def test_a_reservation_rolled_back_with_its_send_is_not_used(tmp_path):
         assert len(set(steps)) == len(steps) == RESERVE_STEPS + len(texts)
         assert steps == sorted(steps)
         opened = [peer.open(cid, bytes(payload)) for _, _, payload in rows]
-        assert [o.message.text for o in opened if o is not None] == [
+        assert [text_of(o) for o in opened if o is not None] == [
             f"a{i}" for i in range(RESERVE_STEPS)
         ] + texts
         assert [o.step for o in opened if o is not None] == steps

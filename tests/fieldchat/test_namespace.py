@@ -11,6 +11,7 @@ import sys
 import venv
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -80,7 +81,7 @@ def test_the_public_entry_points_are_exported():
     assert {"Envelope", "Roster", "Topics", "FieldchatError"} <= set(schemas.__all__)
 
 
-def _run(argv: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+def _run(argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FIELDCHAT_")}
     return subprocess.run(
         argv, capture_output=True, text=True, timeout=300, check=False, env=env, **kwargs

@@ -45,8 +45,10 @@ def test_up_serves_web_and_mqtt_and_stops_cleanly(tmp_path):
     proc = start(tmp_path, "--mqtt-port", "0", "--http-port", "0")
     try:
         banner = read_banner(proc)
-        web = re.search(r"web\s+(http://\S+)", banner).group(1)
-        mqtt = re.search(r"mqtt\s+mqtt://127\.0\.0\.1:(\d+)", banner).group(1)
+        web_match = re.search(r"web\s+(http://\S+)", banner)
+        mqtt_match = re.search(r"mqtt\s+mqtt://127\.0\.0\.1:(\d+)", banner)
+        assert web_match is not None and mqtt_match is not None, banner
+        web, mqtt = web_match.group(1), mqtt_match.group(1)
         with urllib.request.urlopen(web + "healthz", timeout=10) as response:
             assert json.loads(response.read()) == {"broker": True, "database": True}
         with urllib.request.urlopen(web, timeout=10) as response:  # the browser client

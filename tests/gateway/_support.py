@@ -17,7 +17,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import aiomqtt
 import asyncpg
@@ -43,7 +43,11 @@ PG_ADMIN_URLS = (
     "postgresql://postgres@127.0.0.1:5432/test",
     "postgresql://root@127.0.0.1:5432/test",
 )
-FAST_ARGON2 = {"argon2_time_cost": 1, "argon2_memory_kib": 64, "argon2_parallelism": 1}
+FAST_ARGON2: dict[str, Any] = {
+    "argon2_time_cost": 1,
+    "argon2_memory_kib": 64,
+    "argon2_parallelism": 1,
+}
 DEADLINE_S = 30.0
 
 
@@ -327,7 +331,6 @@ async def serve_gateway(settings: GatewaySettings, **kw: Any) -> AsyncIterator[R
         app, host="127.0.0.1", port=0, log_level="warning", **uvicorn_options(settings)
     )
     server = uvicorn.Server(config)
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     task = asyncio.create_task(server.serve())
     await eventually(lambda: server.started or task.done(), "uvicorn to start")
     if task.done():
@@ -342,8 +345,15 @@ async def serve_gateway(settings: GatewaySettings, **kw: Any) -> AsyncIterator[R
         await asyncio.wait_for(task, 30)
 
 
+class HasMqttUrl(Protocol):
+    """What :func:`make_settings` reads of a broker: a Mosquitto, or a stand-in."""
+
+    @property
+    def url(self) -> str: ...
+
+
 def make_settings(
-    mosquitto: Mosquitto, prefix: str, database_url: str, **kw: Any
+    mosquitto: HasMqttUrl, prefix: str, database_url: str, **kw: Any
 ) -> GatewaySettings:
     values: dict[str, Any] = {
         "mqtt_url": mosquitto.url,

@@ -247,7 +247,6 @@ async def test_health_reports_an_unreachable_broker(tmp_path, prefix):
     server = uvicorn.Server(
         uvicorn.Config(create_app(settings), host="127.0.0.1", port=0, log_level="warning")
     )
-    server.install_signal_handlers = lambda: None
     task = asyncio.create_task(server.serve())
     await eventually(lambda: server.started, "uvicorn")
     port = server.servers[0].sockets[0].getsockname()[1]

@@ -38,7 +38,7 @@ from fieldchat.device.history import GatewayHistory
 from fieldchat.gateway import ArchiveBatch, open_store
 from fieldchat.gateway._schema import MIGRATIONS, SeqType, metadata, schema_version
 from fieldchat.gateway._store import NewEnvelope
-from fieldchat.schemas import Envelope, Member, Policy, Roster, Topics
+from fieldchat.schemas import Envelope, Member, Policy, Roster, TextMessage, Topics
 from fieldchat.schemas.errors import FieldchatError
 from fieldchat.schemas.ids import decode_id
 from tests.gateway._support import (
@@ -136,6 +136,7 @@ def opened_texts(party: Party, cid: str, envelopes: list[bytes]) -> list[str]:
         except FieldchatError:
             continue
         if opened is not None:
+            assert isinstance(opened.message, TextMessage)
             texts.append(opened.message.text)
     return texts
 

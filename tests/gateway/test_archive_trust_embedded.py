@@ -24,7 +24,8 @@ async def test_junk_first_and_inbox_rosters_through_the_embedded_broker(
     topics = Topics(broker.config.prefix)
     victim, reader, attacker, late = (Party(topics) for _ in range(4))
     conv = converse(topics, [victim, reader, attacker], policy=Policy(sign_every=4))
-    by_publisher: dict[str, list] = defaultdict(list)  # each publishes what it may
+    # each publishes what it may
+    by_publisher: dict[str, list[tuple[str, bytes, bool]]] = defaultdict(list)
     for p in conv.publications:
         where = topics.parse(p.topic)
         if where.kind == "inbox":
@@ -38,7 +39,7 @@ async def test_junk_first_and_inbox_rosters_through_the_embedded_broker(
     msg = topics.msg(conv.cid)
     async with serve_gateway(gateway_settings(broker, "trust-1", tmp_path)) as gw:
 
-        async def publish(party: Party, items: list) -> None:
+        async def publish(party: Party, items: list[tuple[str, bytes, bool]]) -> None:
             await _publish_as(broker, party, broker.enroll(party.pid), items)
 
         for pid, items in by_publisher.items():

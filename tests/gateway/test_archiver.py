@@ -10,7 +10,8 @@ import itertools
 
 import pytest
 
-from fieldchat.schemas import Envelope, Topics
+from fieldchat.gateway import StoredEnvelope
+from fieldchat.schemas import Envelope, TextMessage, Topics
 from fieldchat.schemas.frame import pack_frame
 from tests.gateway._support import (
     Party,
@@ -23,7 +24,7 @@ from tests.gateway._support import (
 pytestmark = pytest.mark.mosquitto
 
 
-async def archived(gw, cid: str) -> list:
+async def archived(gw, cid: str) -> list[StoredEnvelope]:
     return await gw.state.store.history(cid, after=0, limit=500)
 
 
@@ -60,6 +61,7 @@ async def test_envelopes_are_archived_once_and_served_verbatim(gateway, mosquitt
     for item in body["items"]:
         opened = b.engine.open(conv.cid, base64.b64decode(item["envelope"]))
         if opened is not None:
+            assert isinstance(opened.message, TextMessage)
             texts.append(opened.message.text)
     assert sorted(texts) == [f"from a {i}" for i in range(5)]
     assert {i["sender_pid"] for i in body["items"]} == {a.pid, b.pid}

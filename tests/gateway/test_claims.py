@@ -9,6 +9,7 @@ import asyncio
 import base64
 import hashlib
 import json
+from typing import Any
 
 import pytest
 from sqlalchemy import Connection, text, update
@@ -29,7 +30,7 @@ from tests.gateway._support import (
 pytestmark = pytest.mark.mosquitto
 
 
-async def _hello(gw, http) -> dict:
+async def _hello(gw, http) -> dict[str, Any]:
     """The first frame of a /ws with ``http``'s session cookie."""
     cookie = {"Cookie": f"fc_session={http.cookies.get('fc_session')}"}
     async with connect(f"{gw.ws_base}/ws?cursor=0", additional_headers=cookie) as ws:

@@ -9,6 +9,7 @@ import aiomqtt
 from fieldchat.broker.testing import broker_config, embedded_broker  # noqa: F401 - fixtures
 from fieldchat.gateway import GatewaySettings
 from fieldchat.schemas import TextMessage, Topics
+from tests.device._mesh import text_of
 from tests.gateway._support import FAST_ARGON2, Party, converse, eventually, login, serve_gateway
 from tests.gateway.test_ws import Browser
 
@@ -87,7 +88,7 @@ async def test_archive_through_the_embedded_broker(embedded_broker, tmp_path):  
                 assert (await socket.publish("msg", mine, cid=conv.cid))["op"] == "ack"
             rows = await eventually(lambda: _all(gw, conv.cid, 6), "the browser's envelope")
             assert mine in [r.data for r in rows]
-            assert device.engine.open(conv.cid, mine).message.text == "from the web"
+            assert text_of(device.engine.open(conv.cid, mine)) == "from the web"
         finally:
             await http.aclose()
 

@@ -49,7 +49,9 @@ class Served:
 
     def rss_kib(self) -> int:
         status = Path(f"/proc/{self.proc.pid}/status").read_text()
-        return int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.M).group(1))
+        found = re.search(r"^VmRSS:\s+(\d+) kB", status, re.M)
+        assert found is not None, status
+        return int(found.group(1))
 
 
 @contextlib.contextmanager
@@ -64,7 +66,10 @@ def fieldchat_up(tmp: Path, **env: str) -> Iterator[Served]:
         env={**clean, **env},
     )
     try:
-        web = re.search(r"web\s+(http://\S+)/", read_banner(proc)).group(1)
+        banner = read_banner(proc)
+        found = re.search(r"web\s+(http://\S+)/", banner)
+        assert found is not None, banner
+        web = found.group(1)
         yield Served("up", proc, web)
     finally:
         proc.send_signal(signal.SIGINT)

@@ -81,7 +81,7 @@ async def test_unacknowledged_messages_come_back_after_a_reconnect(mosquitto, pr
             "127.0.0.1",
             mosquitto.port,
             client_id=client_id,
-            protocol=protocol,  # type: ignore[arg-type]
+            protocol=protocol,
             session_expiry_s=60,
         )
         await client.connect()
@@ -160,7 +160,7 @@ async def test_connack_limits_are_honoured(embedded_broker):  # noqa: F811
         for payload in (b"one", b"two"):
             await client.publish(topic, payload, timeout=5)
         assert client._aliases.alias(topic) == (1, True)  # the second went as alias 1
-        got = []
+        got: list[Publish] = []
         async with asyncio.timeout(5):
             while len(got) < 2:
                 await client.wait(5)

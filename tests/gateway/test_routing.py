@@ -10,6 +10,7 @@ import logging
 import signal
 import time
 import uuid
+from functools import partial
 
 import aiomqtt
 import pytest
@@ -124,7 +125,7 @@ async def test_what_is_published_soon_after_a_mosquitto_restart_is_archived(
 
 def test_reconnect_delays_start_at_once_and_never_exceed_the_cap():
     for r in (0.0, 0.5, 0.999):
-        b = Backoff(rand=lambda r=r: r)
+        b = Backoff(rand=partial(float, r))  # always draws r
         delays = [b.next() for _ in range(40)]
         assert delays[0] <= RECONNECT_FIRST_S
         assert max(delays) <= RECONNECT_MAX_S

@@ -75,9 +75,9 @@ async def test_device_and_browser_envelopes_are_traced_to_the_websocket(tmp_path
                                 if p.topic != topics.bundle(web.pid):
                                     await client.publish(p.topic, p.payload, qos=1, retain=p.retain)
                             # this client stands in for a device: its root span, then the bytes
-                            root = tracing.tracer("device")
-                            assert root is not None
-                            root.publish(topics.msg(conv.cid), sealed)
+                            device_tracer = tracing.tracer("device")
+                            assert device_tracer is not None
+                            device_tracer.publish(topics.msg(conv.cid), sealed)
                             await client.publish(topics.msg(conv.cid), sealed, qos=1)
                         frame = await socket.next("envelope")
                         assert frame["cid"] == conv.cid

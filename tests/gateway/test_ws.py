@@ -10,10 +10,11 @@ import dataclasses
 import json
 import time
 import uuid
+from typing import Any
 
 import aiomqtt
 import pytest
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from fieldchat.schemas import Envelope, TextMessage, Topics
@@ -48,30 +49,34 @@ class Browser:
             query.append(f"grant_cursor={grant_cursor}")
         self.url = f"{gw.ws_base}/ws" + ("?" + "&".join(query) if query else "")
         self.headers = {"Cookie": f"fc_session={http.cookies.get('fc_session')}"}
-        self.ws = None
-        self.early: list[dict] = []  # frames that came before the ack a publish waited for
+        self.ws: ClientConnection | None = None
+        # frames that came before the ack a publish waited for
+        self.early: list[dict[str, Any]] = []
 
     async def __aenter__(self):
         self.ws = await connect(self.url, additional_headers=self.headers)
         return self
 
     async def __aexit__(self, *exc):
+        assert self.ws is not None
         await self.ws.close()
 
-    async def next(self, op: str | None = None, timeout: float = 20) -> dict:
+    async def next(self, op: str | None = None, timeout: float = 20) -> dict[str, Any]:
         for i, frame in enumerate(self.early):
             if op is None or frame["op"] == op:
                 del self.early[: i + 1]  # as next() would have skipped the others
                 return frame
         self.early.clear()
+        assert self.ws is not None
         end = time.monotonic() + timeout
         while True:
             frame = json.loads(await asyncio.wait_for(self.ws.recv(), end - time.monotonic()))
             if op is None or frame["op"] == op:
                 return frame
 
-    async def publish(self, kind: str, data: bytes, **fields) -> dict:
+    async def publish(self, kind: str, data: bytes, **fields) -> dict[str, Any]:
         ref = uuid.uuid4().hex[:8]
+        assert self.ws is not None
         await self.ws.send(
             json.dumps(
                 {
@@ -215,6 +220,7 @@ async def test_bad_frames_and_forged_envelopes_are_refused(gateway, mosquitto, p
             # enough garbage closes the socket
             with pytest.raises(ConnectionClosed) as closed:
                 await _send_garbage(web, 40)
+            assert closed.value.rcvd is not None
             assert closed.value.rcvd.code == 1008
         for reason in ("forbidden", "auth", "unsigned", "bad_frame"):
             assert m.rejected_count("ws", reason) >= 1, reason
@@ -272,7 +278,7 @@ async def test_a_batching_client_gets_a_burst_as_one_array_in_order(gateway, mos
         async with Browser(gateway, http, batch=True) as web:
             await web.next("caught_up")
             await publish_all(mosquitto.url, [(topics.msg(conv.cid), s, False) for s in sealed])
-            frames: list[dict] = []
+            frames: list[dict[str, Any]] = []
             arrays = 0
             async with asyncio.timeout(30):
                 while len([f for f in frames if f["op"] == "envelope"]) < len(sealed):

@@ -83,7 +83,7 @@ async def test_uvicorn_still_has_what_the_direct_writer_reads():
 
 
 def test_a_changed_uvicorn_protocol_falls_back_to_the_asgi_send(monkeypatch, caplog):
-    sansio = ws_module._SansIO
+    sansio = ws_module._SansIO  # type: ignore[attr-defined]  # uvicorn's class, as _ws got it
     assert sansio is not None
     bare = sansio.__new__(sansio)  # uvicorn's class, none of the attributes we read
     send = types.MethodType(lambda _self, _message: None, bare)

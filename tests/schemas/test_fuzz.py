@@ -9,7 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fieldchat.schemas import Bundle, Envelope, FieldchatError, Grant, Roster, Topics
-from fieldchat.schemas.messages import EnvelopeKind, decode_plaintext
+from fieldchat.schemas.envelope import EnvelopeKind
+from fieldchat.schemas.messages import decode_plaintext
 
 FUZZ = settings(max_examples=10_000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

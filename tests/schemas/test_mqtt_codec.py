@@ -5,6 +5,7 @@ the same. Bounded examples: the whole file runs in seconds."""
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -24,7 +25,7 @@ SOME = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCh
 MANY = settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 LEVELS = [ProtocolLevel.V311, ProtocolLevel.V5]
 
-text = st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\x00"), max_size=12)
+text = st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\x00"), max_size=12)
 packet_id = st.integers(1, 65535)
 byte = st.integers(0, 255)
 
@@ -47,7 +48,7 @@ def _value(kind: int, allowed: range | None) -> st.SearchStrategy:
 def properties(draw, context: int, level: int) -> mqtt.Properties:
     if level != ProtocolLevel.V5:
         return mqtt.NO_PROPERTIES
-    values = {}
+    values: dict[str, Any] = {}
     for name, kind, packets, allowed in _TABLE.values():
         if context not in packets or not draw(st.booleans()):
             continue
@@ -110,7 +111,9 @@ def packets(draw, level: int) -> mqtt.Packet:
             draw(props),
         )
     if kind in (PacketType.PUBACK, PacketType.PUBREC, PacketType.PUBREL, PacketType.PUBCOMP):
-        cls = {4: mqtt.Puback, 5: mqtt.Pubrec, 6: mqtt.Pubrel, 7: mqtt.Pubcomp}[kind]
+        acks: dict[int, type[mqtt.Puback | mqtt.Pubrec | mqtt.Pubrel | mqtt.Pubcomp]]
+        acks = {4: mqtt.Puback, 5: mqtt.Pubrec, 6: mqtt.Pubrel, 7: mqtt.Pubcomp}
+        cls = acks[kind]
         return cls(draw(packet_id), draw(reason(level)), draw(props))
     if kind == PacketType.SUBSCRIBE:
         subscription = st.builds(
@@ -144,7 +147,7 @@ def packets(draw, level: int) -> mqtt.Packet:
     return mqtt.Auth(draw(reason(level)), draw(props))
 
 
-def _decode_all(data: bytes, level: int, *, pieces: list[int] | None = None) -> list:
+def _decode_all(data: bytes, level: int, *, pieces: list[int] | None = None) -> list[mqtt.Packet]:
     decoder = mqtt.Decoder(level=level)
     cuts = [0, *(pieces or []), len(data)]
     out = []
@@ -189,7 +192,9 @@ def test_split_at_every_byte_boundary_decodes_the_same(level, data):
 def _feed_only_typed_errors(data: bytes, level: int | None) -> None:
     try:
         for packet in mqtt.Decoder(level=level, max_packet_size=4096).feed(data):
-            mqtt.encode(packet, packet.protocol_level if packet.type == 1 else level or 4)
+            mqtt.encode(
+                packet, packet.protocol_level if isinstance(packet, mqtt.Connect) else level or 4
+            )
     except MalformedPacket:
         pass
 
@@ -260,6 +265,7 @@ def test_repeated_properties_other_than_user_property_are_protocol_errors():
     assert caught.value.code == 0x82
     users = b"\x0e\x26\x00\x01k\x00\x01a\x26\x00\x01k\x00\x01b"
     connack = mqtt.decode(0x20, b"\x00\x00" + users, 5)
+    assert isinstance(connack, mqtt.Connack)
     assert connack.properties.user_properties == (("k", "a"), ("k", "b"))
 
 

@@ -96,8 +96,8 @@ def build(hybrid_grant: str | None = None) -> dict[str, Any]:
         ck = nxt
     out["chain"] = steps
 
-    envelopes = []
-    conversations = []
+    envelopes: list[dict[str, Any]] = []
+    conversations: list[dict[str, Any]] = []
     chain_cases: list[dict[str, Any]] = []
     policies = {
         "signed": Policy(),

@@ -5,6 +5,7 @@ proofs existed, issue 13): the page still registers, connects and chats."""
 from __future__ import annotations
 
 import sqlite3
+from typing import Any
 
 import httpx
 import pytest
@@ -15,7 +16,7 @@ from tests.web._ui import PASSWORD, WebUser
 pytestmark = pytest.mark.chromium
 
 
-def _me(stack, name: str) -> dict:
+def _me(stack, name: str) -> dict[str, Any]:
     with httpx.Client(base_url=stack.base, timeout=20) as http:
         r = http.post("/v1/session", json={"username": name, "password": PASSWORD})
         assert r.status_code == 200, r.text
