@@ -31,7 +31,8 @@ async def test_bundles_and_heads_are_read_once_and_newer_bundles_win() -> None:
     store = _Store({party.pid: party.bundle})
     pool = VerifyPool(1)
     try:
-        cache = ArchiveCache(store, pool)  # type: ignore[arg-type] - the two reads it makes
+        # a stand-in for the two reads the cache makes
+        cache = ArchiveCache(store, pool)  # type: ignore[arg-type]
         first = await cache.bundle(party.pid)
         assert first is not None and first.pid == party.pid
         assert await cache.bundle(party.pid) is first

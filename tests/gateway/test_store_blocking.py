@@ -7,6 +7,7 @@ import asyncio
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from fieldchat.gateway import ArchiveBatch, open_store
 from tests.gateway.test_store import CID, env
@@ -15,7 +16,7 @@ HOLD_S = 1.5  # how long another connection keeps the database locked
 LOOP_GAP_MAX_S = 0.5  # the longest the event loop may go without running a coroutine
 
 
-async def _longest_gap(until: asyncio.Task[object]) -> float:
+async def _longest_gap(until: asyncio.Future[Any]) -> float:
     """Tick every 10 ms until ``until`` is done; the longest wait between two ticks."""
     longest = 0.0
     last = time.monotonic()
