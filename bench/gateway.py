@@ -375,7 +375,7 @@ async def build_store(path: Path, rows: int, pid: str, conversations: int) -> li
     for start in range(0, rows, batch):
         db.executemany(
             "INSERT INTO envelopes (cid, epoch, sender, sender_pid, chain, step, data, "
-            "received_at) VALUES (?, 0, 0, ?, 0, ?, ?, ?)",
+            "received_at, digest) VALUES (?, 0, 0, ?, 0, ?, ?, ?, x'')",  # signed: no digest
             (
                 (cids[i % conversations], pid, i, i.to_bytes(8, "big") + template, now)
                 for i in range(start, min(rows, start + batch))

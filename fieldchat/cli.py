@@ -56,7 +56,7 @@ _SUB_APPS = {
 # What each extra installs, to tell a missing extra from a broken install.
 _EXTRA_MODULES = {
     "broker": {"amqtt", "argon2", "prometheus_client"},
-    "gateway": {"fastapi", "uvicorn", "sqlalchemy", "aiosqlite", "asyncpg", "argon2"}
+    "gateway": {"fastapi", "uvicorn", "sqlalchemy", "asyncpg", "argon2"}
     | {"prometheus_client", "starlette", "websockets", "httptools", "uvloop"},
 }
 _EXTRA_MODULES["server"] = _EXTRA_MODULES["broker"] | _EXTRA_MODULES["gateway"]

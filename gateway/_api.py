@@ -27,6 +27,7 @@ from fieldchat.gateway._accounts import (
 )
 from fieldchat.gateway._auth import Caller, claim_message, request_origin
 from fieldchat.gateway._errors import ClaimRefused, Forbidden, TooManyRequests
+from fieldchat.gateway._metrics import RejectSource
 from fieldchat.gateway._reconcile import (
     HAVE_MAX,
     HAVE_SCAN_FACTOR,
@@ -363,7 +364,7 @@ async def _sender_of_chains(gw: Gateway, cid: str, body: CheckIn, who: Caller) -
         roster = await gw.archiver.roster(cid, c.epoch)
         pids = roster.pids if roster is not None else ()
         if c.sender >= len(pids) or pids[c.sender] not in who.pids:
-            gw.metrics.reject("http", "not_sender")
+            gw.metrics.reject(RejectSource.HTTP, "not_sender")
             raise Forbidden(
                 f"epoch {c.epoch} sender {c.sender} of {cid} is not yours"
                 + ("" if roster is not None else " (that roster is not archived)")
@@ -603,7 +604,7 @@ async def claim_challenge(request: Request, gw: GatewayDep, who: AccountDep) -> 
 
 
 def _refuse_claim(gw: Gateway, detail: str) -> ClaimRefused:
-    gw.metrics.reject("http", ClaimRefused.reason)
+    gw.metrics.reject(RejectSource.HTTP, ClaimRefused.reason)
     return ClaimRefused(detail)
 
 

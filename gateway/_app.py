@@ -27,7 +27,7 @@ from fieldchat.gateway._archiver import Archiver, MqttFactory
 from fieldchat.gateway._auth import Authenticator, ReplayGuard
 from fieldchat.gateway._errors import Forbidden, NameTaken, TooManyRequests
 from fieldchat.gateway._hub import Hub
-from fieldchat.gateway._metrics import Metrics
+from fieldchat.gateway._metrics import Metrics, RejectSource
 from fieldchat.gateway._settings import GatewaySettings
 from fieldchat.gateway._sql import open_store
 from fieldchat.gateway._state import Gateway
@@ -185,7 +185,7 @@ class _BodyLimit:
         await self.app(scope, replay, send)
 
     async def _refuse(self, send: Send) -> None:
-        self.metrics.reject("http", "body_too_large")
+        self.metrics.reject(RejectSource.HTTP, "body_too_large")
         response = JSONResponse(
             {
                 "error": "body_too_large",
@@ -270,7 +270,7 @@ def create_app(
     async def _fieldchat_error(_request: Request, exc: FieldchatError) -> JSONResponse:
         headers = None
         if isinstance(exc, TooManyRequests):
-            metrics.reject("http", exc.reason)
+            metrics.reject(RejectSource.HTTP, exc.reason)
             headers = {"Retry-After": str(max(int(exc.retry_after + 0.999), 1))}
         return JSONResponse(
             {"error": exc.reason, "detail": str(exc)[:200]},

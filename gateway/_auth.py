@@ -37,7 +37,7 @@ from starlette.requests import HTTPConnection
 
 from fieldchat.gateway._accounts import SESSION_COOKIE, Accounts
 from fieldchat.gateway._errors import TooManyRequests
-from fieldchat.gateway._metrics import Metrics
+from fieldchat.gateway._metrics import Metrics, RejectSource
 from fieldchat.gateway._settings import GatewaySettings, canonical_origin
 from fieldchat.gateway._store import Account
 from fieldchat.schemas import Bundle, is_valid_id
@@ -201,7 +201,7 @@ class Authenticator:
         self.clock = clock
 
     def _refuse(self, reason: str) -> None:
-        self.metrics.reject("http", reason)
+        self.metrics.reject(RejectSource.HTTP, reason)
 
     async def __call__(self, conn: HTTPConnection, *, fresh: bool = False) -> Caller | None:
         """The caller of ``conn``, or ``None`` when it proves nothing; ``fresh``: read

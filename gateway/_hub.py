@@ -17,6 +17,7 @@ import logging
 from collections import Counter
 from collections.abc import Collection
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 from fieldchat.gateway._archiver import ArchiveListener
 from fieldchat.gateway._metrics import Metrics
@@ -24,22 +25,31 @@ from fieldchat.gateway._store import HistoryStore, RosterRecord, StoredEnvelope,
 from fieldchat.schemas import tracing
 from fieldchat.schemas.errors import FieldchatError
 
-__all__ = ["Event", "Hub", "Subscription"]
+__all__ = ["Event", "EventKind", "Hub", "Subscription"]
 
 log = logging.getLogger("fieldchat.gateway.hub")
 _READ_LIMIT = 1000
 _PRESENCE_MAX = 200_000
 
 
+class EventKind(StrEnum):
+    """What an :class:`Event` carries (and the ``op`` of its WebSocket frame)."""
+
+    ENVELOPE = "envelope"
+    GRANT = "grant"
+    ROSTER = "roster"
+    PRESENCE = "presence"
+
+
 @dataclass(eq=False, slots=True)
 class Event:
-    """One thing to send to a browser: ``kind`` is envelope, grant, roster or presence.
+    """One thing to send to a browser (``kind`` says which field holds it).
 
     ``text`` caches the encoded frame: one event goes to every socket of its
     conversation, so it is encoded once, not once per socket.
     """
 
-    kind: str
+    kind: EventKind
     envelope: StoredEnvelope | None = None
     grant: StoredGrant | None = None
     roster: RosterRecord | None = None
@@ -98,7 +108,7 @@ class Hub(ArchiveListener):
         self._wake.set()
 
     def roster(self, record: RosterRecord) -> None:
-        event = Event("roster", roster=record)
+        event = Event(EventKind.ROSTER, roster=record)
         for sub in list(self._subs):
             listed = sub.pids & set(record.members)
             known = record.cid in sub.conversations
@@ -113,13 +123,13 @@ class Hub(ArchiveListener):
             for pid in sorted(met):  # a new peer's presence now, not at the next connect
                 status = self.presence_of.get(pid)
                 if status is not None:
-                    sub.offer(Event("presence", pid=pid, status=status))
+                    sub.offer(Event(EventKind.PRESENCE, pid=pid, status=status))
 
     def presence(self, pid: str, payload: bytes) -> None:
         if pid not in self.presence_of and len(self.presence_of) >= _PRESENCE_MAX:
             self.presence_of.pop(next(iter(self.presence_of)))
         self.presence_of[pid] = payload
-        event = Event("presence", pid=pid, status=payload)
+        event = Event(EventKind.PRESENCE, pid=pid, status=payload)
         for sub in list(self._subs):
             if pid in sub.peers:
                 sub.offer(event)
@@ -169,7 +179,7 @@ class Hub(ArchiveListener):
         while self._subs and self._cursor is not None:
             rows = await self.store.since(self._cursor, limit=_READ_LIMIT)
             for row in rows:
-                event = Event("envelope", envelope=row)
+                event = Event(EventKind.ENVELOPE, envelope=row)
                 offered = 0
                 for sub in list(self._subs):
                     if row.cid in sub.conversations:
@@ -194,7 +204,7 @@ class Hub(ArchiveListener):
             return
         grants = await self.store.grants_for(pids, after=self._grant_cursor, limit=_READ_LIMIT)
         for grant in grants:
-            event = Event("grant", grant=grant)
+            event = Event(EventKind.GRANT, grant=grant)
             for sub in list(self._subs):
                 if grant.recipient in sub.pids:
                     sub.offer(event)

@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-__all__ = ["Metrics"]
+__all__ = ["Metrics", "RejectSource"]
+
+
+class RejectSource(StrEnum):
+    """Where a refused thing came from: the ``source`` label of
+    ``fieldchat_gateway_rejected_total``."""
+
+    MQTT = "mqtt"  # the archiver's subscriptions
+    HTTP = "http"  # the API (uploads, claims, signed requests, the body limit)
+    WS = "ws"  # a browser's WebSocket
+
 
 _LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 60, 600)
 _HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
@@ -112,7 +124,7 @@ class Metrics:
             "fieldchat_gateway_logins", "Login attempts by outcome.", ["outcome"], registry=r
         )
 
-    def reject(self, source: str, reason: str) -> None:
+    def reject(self, source: RejectSource, reason: str) -> None:
         self.rejected.labels(source=source, reason=reason).inc()
 
     def rejected_count(self, source: str, reason: str) -> float:

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from fieldchat.gateway._metrics import Metrics
+from fieldchat.gateway._metrics import Metrics, RejectSource
 
 __all__ = ["REFUSAL_LOG_INTERVAL_S", "RefusalLog"]
 
@@ -45,7 +45,7 @@ class RefusalLog:
     clock: Callable[[], float] = time.monotonic
     _reasons: dict[str, _Since] = field(default_factory=dict)
 
-    def refuse(self, reason: str, detail: str, *, source: str = "mqtt") -> bool:
+    def refuse(self, reason: str, detail: str, *, source: RejectSource = RejectSource.MQTT) -> bool:
         """Count one refusal; True when it was logged (the first of its interval)."""
         self.metrics.reject(source, reason)
         since = self._reasons.setdefault(reason, _Since())

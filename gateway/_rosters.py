@@ -8,8 +8,8 @@ n - 1 is archived and n is signed by one of its admins and names its digest. A
 roster whose predecessor is missing is *held* (durably, bounded) until it arrives;
 it is never adopted "as a base".
 
-These are the rules alone, with an injected clock; ``fieldchat.gateway._archiver`` looks the
-neighbours up and moves the bytes.
+These are the rules alone, with an injected clock; ``fieldchat.gateway._roster_keeper``
+looks the neighbours up and moves the bytes.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The storage interfaces of the gateway and the records that cross them.
 
-Two protocols, one implementation per database engine (``fieldchat.gateway._sql``):
+Two protocols, one implementation over both database engines (``fieldchat.gateway._sql``):
 
 * :class:`HistoryStore` — ciphertext only: envelopes with their routing fields and a
   server sequence number (``seq``), envelopes waiting for a roster or bundle, rosters

@@ -61,6 +61,7 @@ import binascii
 import json
 import logging
 import time
+from enum import StrEnum
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -68,7 +69,8 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from fieldchat.gateway._auth import Caller
 from fieldchat.gateway._errors import Forbidden, TooManyRequests
-from fieldchat.gateway._hub import Event, Subscription
+from fieldchat.gateway._hub import Event, EventKind, Subscription
+from fieldchat.gateway._metrics import RejectSource
 from fieldchat.gateway._state import Gateway
 from fieldchat.gateway._verify import MAX_STATUS_BYTES
 from fieldchat.schemas import MAX_ENVELOPE_BYTES, Bundle, Envelope, Grant, Roster, validate_id
@@ -214,8 +216,25 @@ class _Direct:
         return True
 
 
+class PublishKind(StrEnum):
+    """What a browser's ``publish`` frame carries (its ``kind``)."""
+
+    MSG = "msg"
+    ROSTER = "roster"
+    GRANT = "grant"
+    BUNDLE = "bundle"
+    STATUS = "status"
+
+
+def _publish_kind(value: object) -> PublishKind | None:
+    """None for anything else: refused where the frame is judged, after its data."""
+    if isinstance(value, str) and value in PublishKind.__members__.values():
+        return PublishKind(value)
+    return None
+
+
 def _frame(event: Event) -> dict[str, Any]:
-    if event.kind == "envelope":
+    if event.kind is EventKind.ENVELOPE:
         e = event.envelope
         assert e is not None
         return {
@@ -229,7 +248,7 @@ def _frame(event: Event) -> dict[str, Any]:
             "step": e.step,
             "data": _b64(e.data),
         }
-    if event.kind == "grant":
+    if event.kind is EventKind.GRANT:
         g = event.grant
         assert g is not None
         return {
@@ -240,7 +259,7 @@ def _frame(event: Event) -> dict[str, Any]:
             "granter": g.granter,
             "data": _b64(g.data),
         }
-    if event.kind == "roster":
+    if event.kind is EventKind.ROSTER:
         r = event.roster
         assert r is not None
         return {
@@ -320,7 +339,7 @@ class _Session:
         while cids:
             rows = await store.since(self.sent_seq, cids=cids, limit=_BACKFILL_PAGE)
             for row in rows:
-                await self.send(_frame(Event("envelope", envelope=row)))
+                await self.send(_frame(Event(EventKind.ENVELOPE, envelope=row)))
                 self.sent_seq = row.seq
             self.gw.metrics.ws_sent.inc(len(rows))
             if len(rows) < _BACKFILL_PAGE:
@@ -330,14 +349,14 @@ class _Session:
                 self.who.pids, after=self.sent_grant, limit=_BACKFILL_PAGE
             )
             for g in grants:
-                await self.send(_frame(Event("grant", grant=g)))
+                await self.send(_frame(Event(EventKind.GRANT, grant=g)))
                 self.sent_grant = g.seq
             if len(grants) < _BACKFILL_PAGE:
                 break
         for pid in self.sub.peers:
             status = self.gw.hub.presence_of.get(pid)
             if status is not None:
-                await self.send(_frame(Event("presence", pid=pid, status=status)))
+                await self.send(_frame(Event(EventKind.PRESENCE, pid=pid, status=status)))
         await self.send({"op": "caught_up", "cursor": self.sent_seq})
 
     async def writer(self) -> None:
@@ -418,7 +437,7 @@ class _Session:
                 else:
                     raise _BadFrame("unknown op")
             except FieldchatError as exc:
-                self.gw.metrics.reject("ws", exc.reason)
+                self.gw.metrics.reject(RejectSource.WS, exc.reason)
                 await self.send(
                     {"op": "error", "id": ref, "reason": exc.reason, "detail": str(exc)[:200]}
                 )
@@ -429,7 +448,7 @@ class _Session:
                         return
 
     async def publish(self, frame: dict[str, Any]) -> None:  # noqa: PLR0912 - one per kind
-        kind = frame.get("kind")
+        kind = _publish_kind(frame.get("kind"))
         raw = frame.get("data")
         if not isinstance(raw, str):
             raise _BadFrame("data must be a base64 string")
@@ -438,31 +457,31 @@ class _Session:
         except (binascii.Error, ValueError):
             raise _BadFrame("data is not base64") from None
         gw, mine = self.gw, self.who.pids
-        if kind == "msg":
+        if kind is PublishKind.MSG:
             cid = validate_id(frame.get("cid"), "cid")
             await self._check_envelope(cid, data)
             start = time.time_ns()
             await gw.archiver.publish(gw.topics.msg(cid), data)
             if gw.archiver.tracer is not None:  # a browser's envelope: its root span here
                 gw.archiver.tracer.publish(gw.topics.msg(cid), data, start_ns=start)
-        elif kind == "roster":
+        elif kind is PublishKind.ROSTER:
             roster = Roster.from_bytes(data)
             if roster.signer not in mine:
                 raise Forbidden("the roster is not signed by your participant")
             await gw.archiver.submit_roster(roster, data)
             await gw.archiver.publish(gw.topics.roster(roster.cid), data, retain=True)
             await self._send_chain_to_joiners(roster)
-        elif kind == "grant":
+        elif kind is PublishKind.GRANT:
             grant = Grant.from_bytes(data)
             if grant.granter not in mine:
                 raise Forbidden("the grant is not signed by your participant")
             await gw.archiver.publish(gw.topics.inbox(grant.recipient), data)
-        elif kind == "bundle":
+        elif kind is PublishKind.BUNDLE:
             bundle = Bundle.from_bytes(data)
             if bundle.pid not in mine:
                 raise Forbidden("not your participant's bundle")
             await gw.archiver.publish(gw.topics.bundle(bundle.pid), data, retain=True)
-        elif kind == "status":
+        elif kind is PublishKind.STATUS:
             pid = validate_id(frame.get("pid"), "pid")
             if pid not in mine:
                 raise Forbidden("not your participant")
@@ -515,7 +534,7 @@ async def websocket_endpoint(ws: WebSocket) -> None:
     """``/ws``: see the module docstring."""
     gw: Gateway = ws.app.state.gateway
     if not _same_origin(ws):
-        gw.metrics.reject("ws", "origin")
+        gw.metrics.reject(RejectSource.WS, "origin")
         await ws.close(CLOSE_POLICY, "cross-origin WebSocket refused")
         return
     # The session's verified participants only (issue 13), read afresh: they hold for
@@ -525,14 +544,14 @@ async def websocket_endpoint(ws: WebSocket) -> None:
     except TooManyRequests:  # signed headers past their budget: no account anyway
         who = None
     if who is None or who.account is None:
-        gw.metrics.reject("ws", "unauthenticated")
+        gw.metrics.reject(RejectSource.WS, "unauthenticated")
         await ws.close(CLOSE_UNAUTHENTICATED, "log in first")
         return
     try:
         cursor = _cursor(ws, "cursor")
         grant_cursor = _cursor(ws, "grant_cursor")
     except _BadFrame as exc:
-        gw.metrics.reject("ws", exc.reason)
+        gw.metrics.reject(RejectSource.WS, exc.reason)
         await ws.close(CLOSE_POLICY, str(exc))
         return
     await ws.accept()

@@ -24,6 +24,7 @@ import pytest
 from sqlalchemy import (
     BigInteger,
     Column,
+    Connection,
     Float,
     Index,
     LargeBinary,
@@ -222,14 +223,17 @@ async def test_migration_3_keeps_every_envelope_and_cursor_and_admits_candidates
     signed = b"\x01\x81\x00\x00\x00\x02" + b"s" * 94
     db = open_store(database_url)
     try:
-        async with db.engine.begin() as conn:
-            await conn.run_sync(legacy.create_all)
-            await conn.run_sync(lambda c: metadata.create_all(c, tables=[schema_version, *others]))
-            await conn.execute(insert(schema_version).values(version=1))
+
+        def schema_1(conn: Connection) -> None:
+            legacy.create_all(conn)
+            metadata.create_all(conn, tables=[schema_version, *others])
+            conn.execute(insert(schema_version).values(version=1))
             for step, data in ((1, unsigned), (2, signed), (3, signed[:-1] + b"t")):
                 row = dataclasses.asdict(envelope(step, data, signed=True))
                 del row["signed"]
-                await conn.execute(insert(legacy.tables["envelopes"]).values(**row))
+                conn.execute(insert(legacy.tables["envelopes"]).values(**row))
+
+        await db.db.write("making schema 1", schema_1)
         assert await db.migrate() == LATEST  # 3, and those after it
         before = await db.history(CID, after=0, limit=10)
         assert [(r.seq, r.step, r.data) for r in before] == [

@@ -12,7 +12,7 @@ import json
 from typing import Any
 
 import pytest
-from sqlalchemy import text, update
+from sqlalchemy import Connection, text, update
 from websockets.asyncio.client import connect
 
 from fieldchat.gateway import NameTaken
@@ -165,29 +165,34 @@ async def test_challenges_expire_and_only_the_newest_are_kept(store):
 async def _downgrade_to_schema_1(store) -> None:
     """Make the migrated test database look like one of schema version 1: participants
     without ``verified``, none of version 2's tables."""
-    async with store.engine.begin() as conn:
-        await conn.execute(text("DROP TABLE participants"))
-        await conn.execute(
+
+    def downgrade(conn: Connection) -> None:
+        conn.execute(text("DROP TABLE participants"))
+        conn.execute(
             text(
                 "CREATE TABLE participants (pid VARCHAR(26) NOT NULL PRIMARY KEY, "
                 "account_id BIGINT NOT NULL REFERENCES accounts (id) ON DELETE CASCADE)"
             )
         )
         for table in ("claim_challenges", "request_nonces", "gateway_secrets"):
-            await conn.execute(text(f"DROP TABLE {table}"))
-        await conn.execute(text("DELETE FROM fieldchat_schema"))
-        await conn.execute(text("INSERT INTO fieldchat_schema (version) VALUES (1)"))
+            conn.execute(text(f"DROP TABLE {table}"))
+        conn.execute(text("DELETE FROM fieldchat_schema"))
+        conn.execute(text("INSERT INTO fieldchat_schema (version) VALUES (1)"))
+
+    await store.db.write("downgrading", downgrade)
 
 
 async def test_claims_from_before_proofs_are_unverified_after_the_migration(store):
     party = Party(Topics("x/v1"), post_quantum=False)
     uid = await store.create_account("mallory", "hash", is_admin=False)
     await _downgrade_to_schema_1(store)
-    async with store.engine.begin() as conn:
-        await conn.execute(
+    await store.db.write(
+        "claiming without proof",
+        lambda conn: conn.execute(
             text("INSERT INTO participants (pid, account_id) VALUES (:p, :a)"),
             {"p": party.pid, "a": uid},
-        )
+        ),
+    )
     assert await store.migrate() >= 2
     account = await store.account(uid)
     assert account.pids == () and account.unverified == (party.pid,)
@@ -207,10 +212,12 @@ async def test_an_unverified_participant_gives_no_rights_until_proven(gateway, m
     http = await login(gateway, "early")
     try:
         assert (await claim(http, victim)).status_code == 201
-        async with gateway.state.store.engine.begin() as conn:
-            await conn.execute(
+        await gateway.state.store.db.write(
+            "unverifying",
+            lambda conn: conn.execute(
                 update(participants).where(participants.c.pid == victim.pid).values(verified=False)
-            )
+            ),
+        )
         gateway.state.accounts.forget((await http.get("/v1/me")).json()["id"])  # its cache
         me = (await http.get("/v1/me")).json()
         assert me["pids"] == [] and me["unverified"] == [victim.pid]

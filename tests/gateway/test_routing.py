@@ -246,6 +246,7 @@ async def test_replicas_of_a_share_group_find_each_others_canaries(mosquitto, pr
         assert _sample(one, "fieldchat_gateway_canary_failures_total") == 0
         assert _sample(two, "fieldchat_gateway_canary_failures_total") == 0
         # the broker split them: some came back through the other replica and the database
-        async with one.state.store.engine.connect() as conn:
-            noted = (await conn.execute(canaries.select())).all()
+        noted = await one.state.store.db.read(
+            "reading canaries", lambda conn: conn.execute(canaries.select()).all()
+        )
         assert noted
