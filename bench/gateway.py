@@ -59,7 +59,7 @@ from fieldchat.device.engine import Engine
 from fieldchat.device.identity import Identity
 from fieldchat.gateway import GatewaySettings, claim_message, open_store
 from fieldchat.gateway._archiver import Archiver
-from fieldchat.gateway._metrics import Metrics
+from fieldchat.gateway._metrics import GatewayMetrics
 from fieldchat.schemas import TextMessage, Topics
 
 MOSQUITTO = "/usr/sbin/mosquitto"
@@ -241,7 +241,7 @@ async def archive_rate(
     )
     store = open_store(database_url)
     await store.migrate()
-    archiver = Archiver(settings, store, Metrics())
+    archiver = Archiver(settings, store, GatewayMetrics())
     task = asyncio.create_task(archiver.run())
     try:
         await asyncio.wait_for(archiver.connected.wait(), 30)

@@ -41,7 +41,7 @@ from fieldchat.broker._errors import (
     PortInUse,
     UnknownAccount,
 )
-from fieldchat.broker._metrics import Metrics
+from fieldchat.broker._metrics import BrokerMetrics
 from fieldchat.broker._server import EmbeddedBroker
 from fieldchat.broker._store import Store, gateway_username
 from fieldchat.broker._thread import BrokerThread
@@ -49,13 +49,13 @@ from fieldchat.broker._thread import BrokerThread
 __all__ = [
     "BrokerConfig",
     "BrokerError",
+    "BrokerMetrics",
     "BrokerThread",
     "Deny",
     "EmbeddedBroker",
     "Limits",
     "MalformedPacket",
     "Membership",
-    "Metrics",
     "PacketTooLarge",
     "PortInUse",
     "Principal",

@@ -38,7 +38,7 @@ from typing import NoReturn
 from fieldchat.broker import _v5 as v5
 from fieldchat.broker._acks import Acks
 from fieldchat.broker._acl import Principal
-from fieldchat.broker._login import Evicted, Refused, authenticate
+from fieldchat.broker._login import Evicted, LoginRefused, authenticate
 from fieldchat.broker._outlet import Close
 from fieldchat.broker._quota import Admission, Limit, address_key
 from fieldchat.broker._router import Published, Router
@@ -209,7 +209,7 @@ class Connection:
             principal = await authenticate(
                 router, connect, peer=self.transport.peer, closed=lambda: self._closed
             )
-        except Refused as refused:
+        except LoginRefused as refused:
             self._refuse(refused.refusal)
         except Evicted:
             raise _Close(Close.PENDING_EVICTED) from None

@@ -18,7 +18,7 @@ import logging
 from collections.abc import Callable
 
 from fieldchat.broker._config import Limits
-from fieldchat.broker._metrics import Drop, Metrics
+from fieldchat.broker._metrics import BrokerMetrics, Drop
 from fieldchat.broker._session import Message, Session
 from fieldchat.broker._store import StoredMessage
 from fieldchat.broker._writebehind import QueueAdd, QueueRemove, QueueSent, WriteBehind
@@ -43,7 +43,7 @@ class Delivery:
     def __init__(
         self,
         limits: Limits,
-        metrics: Metrics,
+        metrics: BrokerMetrics,
         clock: Callable[[], float],
         may_receive: Callable[[Session, str], bool],
     ) -> None:

@@ -17,12 +17,12 @@ from fieldchat.broker._router import Router
 from fieldchat.broker._v5 import Refusal
 from fieldchat.schemas import mqtt
 
-__all__ = ["Evicted", "Refused", "authenticate"]
+__all__ = ["Evicted", "LoginRefused", "authenticate"]
 
 log = logging.getLogger("broker")
 
 
-class Refused(Exception):
+class LoginRefused(Exception):
     """The CONNECT is refused for :attr:`refusal`."""
 
     def __init__(self, refusal: Refusal) -> None:
@@ -46,11 +46,11 @@ async def authenticate(
     3.1.1 refuses it.
 
     Raises:
-        Refused: a refusal, touching nothing.
+        LoginRefused: a refusal, touching nothing.
         Evicted: ``closed()`` became true while the credential was checked.
     """
     if connect.properties.authentication_method is not None:  # no enhanced auth
-        raise Refused(Refusal.AUTH_METHOD)
+        raise LoginRefused(Refusal.AUTH_METHOD)
     account = router.account(connect.username or "")
     ok = False
     if account is not None and connect.password is not None:
@@ -64,10 +64,10 @@ async def authenticate(
     if not ok or account is None:
         log.info("login refused for %r from %s", (connect.username or "")[:64], peer)
         await asyncio.sleep(router.limits.auth_failure_delay_s)
-        raise Refused(Refusal.CREDENTIALS)
+        raise LoginRefused(Refusal.CREDENTIALS)
     assigned = account.username if connect.protocol_level == mqtt.ProtocolLevel.V5 else ""
     if (connect.client_id or assigned) != account.username:
-        raise Refused(Refusal.CLIENT_ID)
+        raise LoginRefused(Refusal.CLIENT_ID)
     principal = Principal(account.username, account.role)
     will = connect.will
     if will is not None:
@@ -75,5 +75,5 @@ async def authenticate(
         denial = rules.will(principal, will.topic, will.payload, retain=will.retain)
         if denial is not None:
             log.info("%s: will on %r refused (%s)", principal.username, will.topic[:120], denial)
-            raise Refused(Refusal.WILL)
+            raise LoginRefused(Refusal.WILL)
     return principal

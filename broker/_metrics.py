@@ -10,7 +10,7 @@ import logging
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-__all__ = ["Drop", "Metrics", "serve_metrics"]
+__all__ = ["BrokerMetrics", "Drop", "serve_metrics"]
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ class Drop(enum.StrEnum):
     TOO_LARGE_FOR_CLIENT = "too_large_for_client"  # above its Maximum Packet Size
 
 
-class Metrics:
+class BrokerMetrics:
     """The broker's counters and gauges (``fieldchat_broker_*``)."""
 
     def __init__(self) -> None:
@@ -81,7 +81,7 @@ class Metrics:
         return 0.0 if found is None else found
 
 
-async def serve_metrics(metrics: Metrics, host: str, port: int) -> asyncio.Server:
+async def serve_metrics(metrics: BrokerMetrics, host: str, port: int) -> asyncio.Server:
     """A minimal HTTP/1.0 endpoint: ``GET /metrics`` in the Prometheus text format."""
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -28,7 +28,7 @@ from fieldchat.broker._access import Access
 from fieldchat.broker._acl import Deny, Principal
 from fieldchat.broker._config import BrokerConfig
 from fieldchat.broker._delivery import Delivery
-from fieldchat.broker._metrics import Metrics
+from fieldchat.broker._metrics import BrokerMetrics
 from fieldchat.broker._outlet import Close, Outlet
 from fieldchat.broker._retained import Retained
 from fieldchat.broker._session import Session, SubOptions
@@ -74,7 +74,11 @@ class Router:
     """Sessions, subscriptions and retained messages of one broker."""
 
     def __init__(
-        self, config: BrokerConfig, metrics: Metrics, *, clock: Callable[[], float] = time.time
+        self,
+        config: BrokerConfig,
+        metrics: BrokerMetrics,
+        *,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.limits = config.limits

@@ -18,7 +18,7 @@ from fieldchat.broker._config import BrokerConfig
 from fieldchat.broker._connection import Connection
 from fieldchat.broker._errors import BrokerError
 from fieldchat.broker._listeners import Kind, Listener, Listeners
-from fieldchat.broker._metrics import Metrics, serve_metrics
+from fieldchat.broker._metrics import BrokerMetrics, serve_metrics
 from fieldchat.broker._outlet import Close
 from fieldchat.broker._quota import Admission
 from fieldchat.broker._router import Router
@@ -72,7 +72,7 @@ class EmbeddedBroker:
 
     def __init__(self, config: BrokerConfig) -> None:
         self.config = config
-        self.metrics = Metrics()
+        self.metrics = BrokerMetrics()
         self._router: Router | None = None
         self._listeners: Listeners | None = None
         self._metrics_server: asyncio.Server | None = None

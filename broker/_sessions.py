@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable, Iterator
 
 from fieldchat.broker._acl import Principal
-from fieldchat.broker._metrics import Metrics
+from fieldchat.broker._metrics import BrokerMetrics
 from fieldchat.broker._outlet import Close, Outlet
 from fieldchat.broker._session import NEVER, Session, SubOptions
 from fieldchat.broker._store import Account, StoredSession
@@ -36,7 +36,7 @@ class Sessions:
     def __init__(
         self,
         subscriptions: Subscriptions,
-        metrics: Metrics,
+        metrics: BrokerMetrics,
         clock: Callable[[], float],
         publish_will: PublishWill,
     ) -> None:

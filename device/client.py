@@ -34,7 +34,7 @@ from fieldchat.device.config import BrokerOptions, LinkOptions
 from fieldchat.device.context import Shared
 from fieldchat.device.engine import Engine
 from fieldchat.device.events import Event
-from fieldchat.device.link import Connection, Link, Will
+from fieldchat.device.link import LastWill, Link, LinkConnection
 from fieldchat.device.receipts import ReceiptBook
 from fieldchat.device.rows import ChainKey, Gap, OutboxKind, OutboxRow, ReceivedRow, SentRow
 from fieldchat.device.state import DeviceState
@@ -197,7 +197,7 @@ class Device:
             self.broker,
             self.options,
             self._worker,
-            will=Will(self.topics.status(self.pid), STATUS_OFFLINE),
+            will=LastWill(self.topics.status(self.pid), STATUS_OFFLINE),
             protocol=protocol,
             on_protocol=lambda p: self.state.set_meta({"protocol": p}),
         )
@@ -234,7 +234,7 @@ class Device:
         self.close()
 
     @property
-    def _conn(self) -> Connection | None:
+    def _conn(self) -> LinkConnection | None:
         """The connection the worker publishes on (``None`` while down)."""
         return self._worker.outbound.conn
 

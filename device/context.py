@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from fieldchat.device.config import LinkOptions
 from fieldchat.device.engine import Engine, Publication
 from fieldchat.device.events import Event
-from fieldchat.device.link import Connection
+from fieldchat.device.link import LinkConnection
 from fieldchat.device.outbox import kind_of
 from fieldchat.device.reconcile import Reconciling
 from fieldchat.device.rows import OutboxKind
@@ -149,7 +149,7 @@ class Part:
 class Batch:
     """Side effects of one worker transaction, applied after it commits."""
 
-    acks: list[tuple[Connection, int]] = field(default_factory=list)
+    acks: list[tuple[LinkConnection, int]] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
     subscribe: set[str] = field(default_factory=set)
     unsubscribe: set[str] = field(default_factory=set)

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from typing import Literal
 
-__all__ = ["PROBE_AFTER_S", "UNANSWERED_BEFORE_REMEMBERED", "Outcome", "ProtocolFallback"]
+__all__ = ["PROBE_AFTER_S", "UNANSWERED_BEFORE_REMEMBERED", "AttemptOutcome", "ProtocolFallback"]
 
 Level = Literal["5", "3.1.1"]
 
@@ -37,7 +37,7 @@ PROBE_AFTER_S = 24 * 3600.0
 UNANSWERED_BEFORE_REMEMBERED = 2
 
 
-class Outcome(enum.Enum):
+class AttemptOutcome(enum.Enum):
     """How one connection attempt ended, as far as the protocol level goes."""
 
     CONNECTED = "connected"  # CONNACK 0
@@ -69,7 +69,7 @@ class ProtocolFallback:
         self._clock = clock
         self._level: Level = "3.1.1" if configured == "3.1.1" else "5"
         self._since: float | None = None  # when 3.1.1 was remembered
-        self._fell_back: Outcome | None = None  # why this attempt is 3.1.1, if it is a try
+        self._fell_back: AttemptOutcome | None = None  # why this attempt is 3.1.1, if it is a try
         self._switched = False  # this attempt follows an immediate switch
         self._unanswered = 0  # 5 unanswered, then 3.1.1 worked: in a row
         self._stored = remembered
@@ -89,17 +89,17 @@ class ProtocolFallback:
             self._level = "5"  # probe: a refusal brings 3.1.1 back at once
         return self._level
 
-    def after(self, outcome: Outcome) -> bool:
+    def after(self, outcome: AttemptOutcome) -> bool:
         """Record how the attempt at :meth:`level` ended; whether to try again at once
         (with the other level) rather than after the backoff."""
         if not self.auto:
             return False
         switched, self._switched = self._switched, False
         fell_back, self._fell_back = self._fell_back, None
-        if outcome is Outcome.CONNECTED:
+        if outcome is AttemptOutcome.CONNECTED:
             self._connected(fell_back)
-        elif outcome is Outcome.OTHER:
-            if fell_back is Outcome.UNANSWERED:
+        elif outcome is AttemptOutcome.OTHER:
+            if fell_back is AttemptOutcome.UNANSWERED:
                 self._level = "5"  # the try told nothing; the next attempt is 5 again
         elif self._level == "5":
             if not switched:  # 3.1.1 next, at once
@@ -107,15 +107,15 @@ class ProtocolFallback:
         else:
             # 3.1.1 refused or unanswered: maybe a broker that speaks only 5 now.
             self._level, self._since = "5", None
-            self._switched = outcome is Outcome.REFUSED_LEVEL and not switched
+            self._switched = outcome is AttemptOutcome.REFUSED_LEVEL and not switched
         return self._switched
 
-    def _connected(self, fell_back: Outcome | None) -> None:
+    def _connected(self, fell_back: AttemptOutcome | None) -> None:
         if self._level == "5":
             self._unanswered, self._since = 0, None
             self._store("5")
             return
-        if fell_back is Outcome.UNANSWERED:
+        if fell_back is AttemptOutcome.UNANSWERED:
             self._unanswered += 1
             if self._unanswered < UNANSWERED_BEFORE_REMEMBERED:
                 self._level = "5"  # this connection only: the next one tries 5 again

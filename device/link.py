@@ -1,7 +1,7 @@
 """The MQTT link of a device: one thread that connects, runs paho's network loop and
 reconnects with exponential backoff and full jitter.
 
-Each connection is a fresh paho client (:class:`Connection`). The device's outbox,
+Each connection is a fresh paho client (:class:`LinkConnection`). The device's outbox,
 not paho's memory, is what survives a lost connection: after a reconnect the device
 publishes again everything the broker had not acknowledged. A fresh client per
 connection also makes MQTT 5 topic aliases safe (they are scoped to one connection,
@@ -34,10 +34,10 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from fieldchat.device.config import BrokerOptions, LinkOptions
-from fieldchat.device.fallback import Outcome, ProtocolFallback
+from fieldchat.device.fallback import AttemptOutcome, ProtocolFallback
 from fieldchat.schemas.errors import ConnectFailed, NotAuthorized, TransportError
 
-__all__ = ["SESSION_EXPIRY_S", "Connection", "Link", "LinkHandler", "Refusal"]
+__all__ = ["SESSION_EXPIRY_S", "Link", "LinkConnection", "LinkHandler", "PubackRefusal"]
 
 log = logging.getLogger("fieldchat.device.link")
 
@@ -54,7 +54,7 @@ _UNSUPPORTED_PROTOCOL = 132
 
 
 @dataclass(frozen=True, slots=True)
-class Refusal:
+class PubackRefusal:
     """A broker's negative PUBACK (MQTT 5 §3.4.2.1: a reason code of 0x80 or more),
     e.g. 0x87 Not authorized, 0x90 Topic Name invalid, 0x97 Quota exceeded. MQTT 3.1.1
     has none: a broker there acknowledges, drops, or disconnects."""
@@ -66,29 +66,29 @@ class Refusal:
 class LinkHandler(Protocol):
     """What the link tells the device (called on the link thread)."""
 
-    def link_connected(self, conn: Connection, session_present: bool) -> None: ...
+    def link_connected(self, conn: LinkConnection, session_present: bool) -> None: ...
 
     def link_message(
-        self, conn: Connection, mid: int, topic: str, payload: bytes, qos: int
+        self, conn: LinkConnection, mid: int, topic: str, payload: bytes, qos: int
     ) -> None: ...
 
-    def link_published(self, conn: Connection, mid: int, refusal: Refusal | None) -> None:
+    def link_published(self, conn: LinkConnection, mid: int, refusal: PubackRefusal | None) -> None:
         """The broker acknowledged packet ``mid``; ``refusal`` when it refused it."""
 
-    def link_disconnected(self, conn: Connection, reason: str) -> None: ...
+    def link_disconnected(self, conn: LinkConnection, reason: str) -> None: ...
 
-    def link_refused(self, conn: Connection, topics: list[str]) -> None: ...
+    def link_refused(self, conn: LinkConnection, topics: list[str]) -> None: ...
 
     def link_failed(self, error: TransportError) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
-class Will:
+class LastWill:
     topic: str
     payload: bytes
 
 
-class Connection:
+class LinkConnection:
     """One MQTT connection (one paho client). Thread-safe for publish/subscribe/ack.
 
     paho-mqtt 2.2 has no lock around its outgoing packet writer
@@ -216,7 +216,7 @@ class Link:
         options: LinkOptions,
         handler: LinkHandler,
         *,
-        will: Will | None = None,
+        will: LastWill | None = None,
         protocol: str | None = None,
         on_protocol: Callable[[str], None] | None = None,
         rng: random.Random | None = None,
@@ -231,8 +231,8 @@ class Link:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._number = 0
-        self.connection: Connection | None = None
-        self.farewell: Callable[[Connection], object] | None = None
+        self.connection: LinkConnection | None = None
+        self.farewell: Callable[[LinkConnection], object] | None = None
         self.last_error: TransportError | None = None
         self.connects = 0
         self._address = 0  # index into broker.addresses: where the next CONNECT goes
@@ -316,7 +316,7 @@ class Link:
         self._number += 1
         level = self.levels.level()
         client = self._new_client(level)
-        conn = Connection(self._number, client, level)
+        conn = LinkConnection(self._number, client, level)
         state: dict[str, Any] = {"connack": None}
 
         def on_connect(
@@ -334,7 +334,7 @@ class Link:
                     conn.alias_max = int(getattr(props, "TopicAliasMaximum", 0) or 0)
                 conn.receive_max = int(getattr(props, "ReceiveMaximum", 65_535) or 65_535)
                 conn.max_packet = int(getattr(props, "MaximumPacketSize", 0) or 0)
-            self.levels.after(Outcome.CONNECTED)
+            self.levels.after(AttemptOutcome.CONNECTED)
             conn.connected = True
             self.connection = conn
             self.connects += 1
@@ -356,7 +356,7 @@ class Link:
         def on_publish(
             _c: mqtt.Client, _u: object, mid: int, rc: ReasonCode, _p: Properties | None
         ) -> None:
-            refusal = Refusal(rc.value, rc.getName()) if rc.is_failure else None
+            refusal = PubackRefusal(rc.value, rc.getName()) if rc.is_failure else None
             self.handler.link_published(conn, mid, refusal)
 
         def on_subscribe(
@@ -389,10 +389,10 @@ class Link:
             else:
                 client.connect(host, port, self.options.keepalive_s)
         except ssl.SSLError as exc:
-            self.levels.after(Outcome.OTHER)
+            self.levels.after(AttemptOutcome.OTHER)
             return self._fail(ConnectFailed(f"TLS handshake with {where} failed: {exc.reason}"))
         except (TimeoutError, OSError) as exc:
-            self.levels.after(Outcome.OTHER)
+            self.levels.after(AttemptOutcome.OTHER)
             reason = exc.strerror or type(exc).__name__
             return self._fail(ConnectFailed(f"cannot reach broker at {where}: {reason}"))
         _no_delay(client)
@@ -430,7 +430,7 @@ class Link:
         self._fail(error)
         return "switch" if again else "fail"
 
-    def _goodbye(self, conn: Connection) -> None:
+    def _goodbye(self, conn: LinkConnection) -> None:
         """Clean disconnect: farewell publications, then DISCONNECT (no will)."""
         if self.farewell is not None:
             try:
@@ -455,32 +455,34 @@ class Link:
 
 def _ending(
     connack: int | None, reason: str, where: str, level: str, user: str
-) -> tuple[Outcome, TransportError]:
+) -> tuple[AttemptOutcome, TransportError]:
     """What a connection that never got CONNACK 0 tells of the protocol level, and the
     error to report."""
     if connack is None:
-        return Outcome.UNANSWERED, ConnectFailed(
+        return AttemptOutcome.UNANSWERED, ConnectFailed(
             f"broker at {where} closed the connection ({reason})"
         )
     if connack == _UNSUPPORTED_PROTOCOL:
-        return Outcome.REFUSED_LEVEL, ConnectFailed(
+        return AttemptOutcome.REFUSED_LEVEL, ConnectFailed(
             f"broker at {where} does not speak MQTT {level}"
         )
     if connack in _BAD_CREDENTIALS:
-        return Outcome.OTHER, NotAuthorized(f"broker at {where} refused the credential for {user}")
-    return Outcome.OTHER, ConnectFailed(
+        return AttemptOutcome.OTHER, NotAuthorized(
+            f"broker at {where} refused the credential for {user}"
+        )
+    return AttemptOutcome.OTHER, ConnectFailed(
         f"broker at {where} refused the connection (code {connack})"
     )
 
 
-def _loop_once(conn: Connection, timeout: float) -> MQTTErrorCode:
+def _loop_once(conn: LinkConnection, timeout: float) -> MQTTErrorCode:
     """One round of paho's ``Client.loop()``, with the socket's I/O under ``conn.io``.
 
     paho's documented external-loop use (``socket()``, ``want_write()``,
     ``loop_read()``, ``loop_write()``, ``loop_misc()``): the wait in ``select()``
     holds no lock, so the worker writes its PUBLISHes and PUBACKs meanwhile on its own
     thread; reading, writing and keep-alive then run under the lock those writes
-    take too (see :class:`Connection`).
+    take too (see :class:`LinkConnection`).
     """
     client = conn.client
     sock = client.socket()

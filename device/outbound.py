@@ -16,7 +16,7 @@ from collections import defaultdict
 
 from fieldchat.device.chains import RESERVE_STEPS
 from fieldchat.device.context import Part, Shared
-from fieldchat.device.link import Connection
+from fieldchat.device.link import LinkConnection
 from fieldchat.device.outbox import Inflight, frame_budget, frames
 from fieldchat.device.receipts import ReceiptBook, missing_receipt, receipts
 from fieldchat.device.resend import Resends
@@ -56,7 +56,7 @@ class Outbound(Part):
         self.receipts = receipts
         self.resends = resends
         self.subscriptions = subscriptions
-        self.conn: Connection | None = None
+        self.conn: LinkConnection | None = None
         self.inflight = Inflight()
         self._tracer = tracing.tracer("device")  # docs/tracing.md; None when off
 

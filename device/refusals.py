@@ -15,7 +15,7 @@ import logging
 from collections.abc import Sequence
 
 from fieldchat.device.events import PublishRefused
-from fieldchat.device.link import Refusal
+from fieldchat.device.link import PubackRefusal
 from fieldchat.device.transaction import StateTransaction
 
 __all__ = ["refuse"]
@@ -23,7 +23,7 @@ __all__ = ["refuse"]
 log = logging.getLogger("fieldchat.device")
 
 
-def refuse(tx: StateTransaction, seqs: Sequence[int], refusal: Refusal) -> PublishRefused:
+def refuse(tx: StateTransaction, seqs: Sequence[int], refusal: PubackRefusal) -> PublishRefused:
     """Drop the outbox rows ``seqs`` one PUBLISH carried (in the caller's transaction)
     and describe the refusal."""
     rows = tx.refused(seqs)

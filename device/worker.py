@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from fieldchat.device.context import Batch, Part, Shared
 from fieldchat.device.events import Connected, Disconnected, Event
 from fieldchat.device.inbound import Inbound
-from fieldchat.device.link import Connection, Link, Refusal
+from fieldchat.device.link import Link, LinkConnection, PubackRefusal
 from fieldchat.device.outbound import Outbound
 from fieldchat.device.receipts import ReceiptBook
 from fieldchat.device.refusals import refuse
@@ -52,13 +52,13 @@ _TICK_S = 0.05
 
 @dataclass(frozen=True, slots=True)
 class Up:
-    conn: Connection
+    conn: LinkConnection
     session_present: bool
 
 
 @dataclass(frozen=True, slots=True)
 class Down:
-    conn: Connection
+    conn: LinkConnection
     reason: str
 
 
@@ -66,7 +66,7 @@ class Down:
 class Arrived:
     """A PUBLISH the broker delivered (``mid`` to PUBACK once durable)."""
 
-    conn: Connection
+    conn: LinkConnection
     mid: int
     topic: str
     payload: bytes
@@ -77,14 +77,14 @@ class Arrived:
 class Acked:
     """The broker's answer to one of our PUBLISHes (``refusal``: it refused it)."""
 
-    conn: Connection
+    conn: LinkConnection
     mid: int
-    refusal: Refusal | None  # a negative PUBACK (MQTT 5)
+    refusal: PubackRefusal | None  # a negative PUBACK (MQTT 5)
 
 
 @dataclass(frozen=True, slots=True)
-class Refused:
-    conn: Connection
+class SubscribeRefused:
+    conn: LinkConnection
     topics: list[str]
 
 
@@ -98,7 +98,7 @@ class Stop:
     pass
 
 
-Item = Up | Down | Arrived | Acked | Refused | Wake | Stop | Fetched | Archived
+Item = Up | Down | Arrived | Acked | SubscribeRefused | Wake | Stop | Fetched | Archived
 
 
 class Worker(Part):
@@ -153,7 +153,7 @@ class Worker(Part):
         # PUBACKs of committed batches waiting for the fsync that makes them power-safe:
         # (state generation to reach, acks). The fsync runs on its own thread so the
         # worker opens and shows the next messages meanwhile (see _send_acks).
-        self._unacked: deque[tuple[int, list[tuple[Connection, int]]]] = deque()
+        self._unacked: deque[tuple[int, list[tuple[LinkConnection, int]]]] = deque()
         self._syncer = ThreadPoolExecutor(1, thread_name_prefix="fieldchat-sync")
         self._syncing: Future[None] | None = None
 
@@ -206,22 +206,22 @@ class Worker(Part):
 
     # -- the link handler (paho thread: enqueue only) ----------------------------------
 
-    def link_connected(self, conn: Connection, session_present: bool) -> None:
+    def link_connected(self, conn: LinkConnection, session_present: bool) -> None:
         self.put(Up(conn, session_present))
 
     def link_message(
-        self, conn: Connection, mid: int, topic: str, payload: bytes, qos: int
+        self, conn: LinkConnection, mid: int, topic: str, payload: bytes, qos: int
     ) -> None:
         self.put(Arrived(conn, mid, topic, payload, qos))
 
-    def link_published(self, conn: Connection, mid: int, refusal: Refusal | None) -> None:
+    def link_published(self, conn: LinkConnection, mid: int, refusal: PubackRefusal | None) -> None:
         self.put(Acked(conn, mid, refusal))
 
-    def link_disconnected(self, conn: Connection, reason: str) -> None:
+    def link_disconnected(self, conn: LinkConnection, reason: str) -> None:
         self.put(Down(conn, reason))
 
-    def link_refused(self, conn: Connection, topics: list[str]) -> None:
-        self.put(Refused(conn, topics))
+    def link_refused(self, conn: LinkConnection, topics: list[str]) -> None:
+        self.put(SubscribeRefused(conn, topics))
 
     def link_failed(self, error: TransportError) -> None:  # noqa: ARG002 - read via the link
         with self.changed:
@@ -274,7 +274,7 @@ class Worker(Part):
                 pending.append(item)
                 if isinstance(item, Arrived):
                     self.rounds.tail.inbound(self._clock())
-            elif isinstance(item, Refused):
+            elif isinstance(item, SubscribeRefused):
                 # The broker may learn our membership (from the roster) only after our
                 # SUBSCRIBE: try again soon, while we still want the topic.
                 self.subscriptions.refused(item.topics, self._clock())

@@ -27,7 +27,7 @@ from fieldchat.gateway._archiver import Archiver, MqttFactory
 from fieldchat.gateway._auth import Authenticator, ReplayGuard
 from fieldchat.gateway._errors import Forbidden, NameTaken, TooManyRequests
 from fieldchat.gateway._hub import Hub
-from fieldchat.gateway._metrics import Metrics, RejectSource
+from fieldchat.gateway._metrics import GatewayMetrics, RejectSource
 from fieldchat.gateway._settings import GatewaySettings
 from fieldchat.gateway._sql import open_store
 from fieldchat.gateway._state import Gateway
@@ -72,7 +72,7 @@ class _Guard:
     which a cross-site form cannot send without a CORS preflight we never grant.
     """
 
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: GatewayMetrics) -> None:
         self.app = app
         self.metrics = metrics
 
@@ -133,7 +133,7 @@ class _BodyLimit:
     (``Connection: close``), so the rest of a large body is never read either.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, metrics: GatewayMetrics) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.metrics = metrics
@@ -211,7 +211,7 @@ def create_app(
             (and closed at shutdown; an injected store is left open for its owner).
         mqtt: makes the archiver's MQTT client; default from the settings.
     """
-    metrics = Metrics()
+    metrics = GatewayMetrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

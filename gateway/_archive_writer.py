@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 
-from fieldchat.gateway._metrics import Metrics, RejectSource
+from fieldchat.gateway._metrics import GatewayMetrics, RejectSource
 from fieldchat.gateway._store import ArchiveBatch, ArchiveResult, HistoryStore, RosterRecord
 from fieldchat.schemas.tracing import Tracer
 
@@ -34,7 +34,7 @@ class ArchiveWriter:
     def __init__(
         self,
         store: HistoryStore,
-        metrics: Metrics,
+        metrics: GatewayMetrics,
         listener: ArchiveListener,
         counters: Counter[str],
         tracer: Tracer | None,

@@ -47,8 +47,8 @@ from collections.abc import Callable, Sequence
 from fieldchat.gateway._archive_cache import ArchiveCache, VerifyPool
 from fieldchat.gateway._archive_writer import ArchiveListener, ArchiveWriter
 from fieldchat.gateway._canary_watch import CanaryWatch
-from fieldchat.gateway._metrics import Metrics
-from fieldchat.gateway._mqtt import MqttClient, Publish
+from fieldchat.gateway._metrics import GatewayMetrics
+from fieldchat.gateway._mqtt import Delivered, MqttClient
 from fieldchat.gateway._publisher import BrokerPublisher, RosterRepublisher
 from fieldchat.gateway._quota import RefusalLog
 from fieldchat.gateway._roster_keeper import RosterKeeper, RosterNotes
@@ -132,7 +132,7 @@ class Archiver:
         self,
         settings: GatewaySettings,
         store: HistoryStore,
-        metrics: Metrics,
+        metrics: GatewayMetrics,
         *,
         listener: ArchiveListener | None = None,
         mqtt: MqttFactory | None = None,
@@ -337,7 +337,7 @@ class Archiver:
             )
             await client.close()
 
-    async def _collect(self, client: MqttClient, sweep_at: float) -> list[Publish]:
+    async def _collect(self, client: MqttClient, sweep_at: float) -> list[Delivered]:
         """Up to ``batch_max`` messages: wait for the first, then at most ``batch_wait_s``
         for more — but only during a burst. A lone message after a lone message is a
         trickle (a conversation, not a flood): waiting would only delay it for every
@@ -361,7 +361,7 @@ class Archiver:
 
     # -- processing --------------------------------------------------------------------
 
-    async def _classify(self, batch: Sequence[Publish], now: float) -> list[Parsed | Rejected]:
+    async def _classify(self, batch: Sequence[Delivered], now: float) -> list[Parsed | Rejected]:
         """Parse a batch in receive order.
 
         Envelopes and presence are parsed here, on the loop: a few µs each, less than a
@@ -384,7 +384,7 @@ class Archiver:
                 parsed[i] = [p]
         return [p for ps in parsed if ps is not None for p in ps]
 
-    async def _process(self, batch: Sequence[Publish]) -> None:
+    async def _process(self, batch: Sequence[Delivered]) -> None:
         canary = self._canaries.topic
         if any(m.topic == canary for m in batch):  # ≈ 40 ns a message
             batch = await self._canaries.take(batch)

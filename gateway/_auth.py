@@ -37,7 +37,7 @@ from starlette.requests import HTTPConnection
 
 from fieldchat.gateway._accounts import SESSION_COOKIE, Accounts
 from fieldchat.gateway._errors import TooManyRequests
-from fieldchat.gateway._metrics import Metrics, RejectSource
+from fieldchat.gateway._metrics import GatewayMetrics, RejectSource
 from fieldchat.gateway._settings import GatewaySettings, canonical_origin
 from fieldchat.gateway._store import Account
 from fieldchat.schemas import Bundle, is_valid_id
@@ -189,7 +189,7 @@ class Authenticator:
         accounts: Accounts,
         bundle_of: BundleLookup,
         guard: ReplayGuard,
-        metrics: Metrics,
+        metrics: GatewayMetrics,
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:

@@ -17,8 +17,8 @@ import os
 import time
 from collections.abc import Callable, Sequence
 
-from fieldchat.gateway._metrics import Metrics
-from fieldchat.gateway._mqtt import MqttClient, Publish
+from fieldchat.gateway._metrics import GatewayMetrics
+from fieldchat.gateway._mqtt import Delivered, MqttClient
 from fieldchat.gateway._routing import CANARY_CID, CANARY_SECRET, Canary
 from fieldchat.gateway._settings import GatewaySettings
 from fieldchat.gateway._store import HistoryStore
@@ -51,7 +51,7 @@ class CanaryWatch:
         self,
         settings: GatewaySettings,
         store: HistoryStore,
-        metrics: Metrics,
+        metrics: GatewayMetrics,
         topics: Topics,
         *,
         draining: Callable[[], bool],
@@ -141,10 +141,10 @@ class CanaryWatch:
         finally:
             del self._waiting[nonce]
 
-    async def take(self, batch: Sequence[Publish]) -> list[Publish]:
+    async def take(self, batch: Sequence[Delivered]) -> list[Delivered]:
         """Handle the canaries of a batch (never archived); the rest of it."""
         canary = await self._codec()
-        rest: list[Publish] = []
+        rest: list[Delivered] = []
         for m in batch:
             if m.topic != self.topic:
                 rest.append(m)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from fieldchat.gateway._archiver import ArchiveListener
-from fieldchat.gateway._metrics import Metrics
+from fieldchat.gateway._metrics import GatewayMetrics
 from fieldchat.gateway._store import HistoryStore, RosterRecord, StoredEnvelope, StoredGrant
 from fieldchat.schemas import tracing
 from fieldchat.schemas.errors import FieldchatError
@@ -86,7 +86,7 @@ class Hub(ArchiveListener):
     """Reads what the archive committed and offers it to the subscriptions."""
 
     def __init__(
-        self, store: HistoryStore, metrics: Metrics, *, poll_s: float, queue_max: int
+        self, store: HistoryStore, metrics: GatewayMetrics, *, poll_s: float, queue_max: int
     ) -> None:
         self.store = store
         self.metrics = metrics

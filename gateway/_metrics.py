@@ -6,7 +6,7 @@ from enum import StrEnum
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-__all__ = ["Metrics", "RejectSource"]
+__all__ = ["GatewayMetrics", "RejectSource"]
 
 
 class RejectSource(StrEnum):
@@ -22,7 +22,7 @@ _LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 
 _HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
 
-class Metrics:
+class GatewayMetrics:
     """The gateway's counters, gauges and histograms (``/metrics``)."""
 
     def __init__(self) -> None:

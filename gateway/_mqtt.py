@@ -47,7 +47,7 @@ from typing import Literal, cast
 from fieldchat.schemas import mqtt
 from fieldchat.schemas.errors import ConnectFailed, MalformedPacket, NotAuthorized, TransportError
 
-__all__ = ["MqttClient", "Publish"]
+__all__ = ["Delivered", "MqttClient"]
 
 log = logging.getLogger("fieldchat.gateway.mqtt")
 
@@ -59,7 +59,7 @@ _REFUSED_LEVEL = frozenset({0x01, mqtt.ReasonCode.UNSUPPORTED_PROTOCOL_VERSION})
 
 
 @dataclass(frozen=True, slots=True)
-class Publish:
+class Delivered:
     """One received PUBLISH. ``mid`` is the packet id (0 at QoS 0)."""
 
     topic: str
@@ -94,7 +94,7 @@ class _Protocol(asyncio.Protocol):
         inbox = client._inbox
         queued = len(inbox)
         try:  # the hot path: one object per message, straight into the inbox
-            packets = self.decoder.feed(data, Publish, inbox)
+            packets = self.decoder.feed(data, Delivered, inbox)
         except MalformedPacket as exc:
             self.broken = True
             client._abort(f"malformed packet from the broker ({exc})")
@@ -152,7 +152,7 @@ class MqttClient:
         self.receive_maximum = receive_maximum
         self.inbox_max = inbox_max
         self._transport: asyncio.Transport | None = None
-        self._inbox: deque[Publish] = deque()
+        self._inbox: deque[Delivered] = deque()
         self._paused = False
         self._waiter: asyncio.Future[None] | None = None
         self._replies: dict[tuple[int, int], asyncio.Future[mqtt.Packet]] = {}
@@ -295,7 +295,7 @@ class MqttClient:
             raise self._error
         return True
 
-    def take(self, limit: int) -> list[Publish]:
+    def take(self, limit: int) -> list[Delivered]:
         """Up to ``limit`` received messages, in receive order (not yet acknowledged)."""
         inbox = self._inbox
         count = min(limit, len(inbox))
@@ -305,7 +305,7 @@ class MqttClient:
             self._transport.resume_reading()
         return out
 
-    def ack(self, messages: list[Publish]) -> None:
+    def ack(self, messages: list[Delivered]) -> None:
         """PUBACK every QoS 1 message of ``messages``, in their order, in one write."""
         if self._transport is None or self._transport.is_closing():
             return  # not acknowledged: the broker redelivers after we reconnect

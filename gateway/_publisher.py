@@ -14,7 +14,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass
 
-from fieldchat.gateway._metrics import Metrics
+from fieldchat.gateway._metrics import GatewayMetrics
 from fieldchat.gateway._mqtt import MqttClient
 from fieldchat.gateway._quota import RefusalLog
 from fieldchat.schemas import Topics
@@ -80,7 +80,7 @@ class RosterRepublisher:
         topics: Topics,
         refusals: RefusalLog,
         counters: Counter[str],
-        metrics: Metrics,
+        metrics: GatewayMetrics,
     ) -> None:
         self._publisher = publisher
         self._topics = topics

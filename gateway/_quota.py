@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from fieldchat.gateway._metrics import Metrics, RejectSource
+from fieldchat.gateway._metrics import GatewayMetrics, RejectSource
 
 __all__ = ["REFUSAL_LOG_INTERVAL_S", "RefusalLog"]
 
@@ -40,7 +40,7 @@ class RefusalLog:
         clock: monotonic seconds (tests inject one).
     """
 
-    metrics: Metrics
+    metrics: GatewayMetrics
     interval_s: float = REFUSAL_LOG_INTERVAL_S
     clock: Callable[[], float] = time.monotonic
     _reasons: dict[str, _Since] = field(default_factory=dict)

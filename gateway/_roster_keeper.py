@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from fieldchat.gateway._archive_cache import ArchiveCache, Lru, VerifyPool
 from fieldchat.gateway._archive_writer import ArchiveListener, ArchiveWriter
-from fieldchat.gateway._metrics import Metrics
+from fieldchat.gateway._metrics import GatewayMetrics
 from fieldchat.gateway._publisher import RosterRepublisher
 from fieldchat.gateway._quota import RefusalLog
 from fieldchat.gateway._rosters import Healer, RosterRefused, Source, Verdict, judge
@@ -74,7 +74,7 @@ class RosterKeeper:
         return self._writer.store
 
     @property
-    def _metrics(self) -> Metrics:
+    def _metrics(self) -> GatewayMetrics:
         return self._writer.metrics
 
     @property

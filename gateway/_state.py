@@ -9,7 +9,7 @@ from fieldchat.gateway._accounts import Accounts
 from fieldchat.gateway._archiver import Archiver
 from fieldchat.gateway._auth import Authenticator
 from fieldchat.gateway._hub import Hub
-from fieldchat.gateway._metrics import Metrics
+from fieldchat.gateway._metrics import GatewayMetrics
 from fieldchat.gateway._settings import GatewaySettings
 from fieldchat.gateway._store import GatewayStore
 from fieldchat.schemas import Topics
@@ -25,7 +25,7 @@ class Gateway:
     settings: GatewaySettings
     store: GatewayStore
     accounts: Accounts
-    metrics: Metrics
+    metrics: GatewayMetrics
     archiver: Archiver
     hub: Hub
     topics: Topics

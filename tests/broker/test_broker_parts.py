@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from fieldchat.broker import Deny, Limits, Metrics, Principal
+from fieldchat.broker import BrokerMetrics, Deny, Limits, Principal
 from fieldchat.broker._acks import Acks
 from fieldchat.broker._delivery import Delivery
 from fieldchat.broker._outlet import Close
@@ -56,9 +56,9 @@ class Clock:
         return self.now
 
 
-def delivery(clock: Clock | None = None, **limits: int) -> tuple[Delivery, Metrics, set[str]]:
+def delivery(clock: Clock | None = None, **limits: int) -> tuple[Delivery, BrokerMetrics, set[str]]:
     """A delivery whose receivers may read every topic except those in the returned set."""
-    metrics = Metrics()
+    metrics = BrokerMetrics()
     forbidden: set[str] = set()
     parts = Delivery(
         Limits(**limits), metrics, clock or Clock(), lambda _s, topic: topic not in forbidden
@@ -211,7 +211,7 @@ async def test_acknowledgements_keep_publish_order_and_stop_at_a_failed_commit()
 
 async def test_the_router_decides_and_the_connection_acts_on_values(tmp_path):
     config = make_config(tmp_path).model_copy(update={"persistence": False})
-    router = Router(config, Metrics())
+    router = Router(config, BrokerMetrics())
     router.open(asyncio.get_running_loop())
     try:
         alice_p, bob_p = Principal(ALICE.pid, "participant"), Principal(BOB.pid, "participant")

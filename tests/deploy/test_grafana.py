@@ -9,8 +9,8 @@ from typing import Any
 
 from prometheus_client.metrics import MetricWrapperBase
 
-from fieldchat.broker._metrics import Metrics as BrokerMetrics
-from fieldchat.gateway._metrics import Metrics as GatewayMetrics
+from fieldchat.broker._metrics import BrokerMetrics
+from fieldchat.gateway._metrics import GatewayMetrics
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "fieldchat-dashboard.json"
 SUFFIXES = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count")}

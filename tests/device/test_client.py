@@ -354,7 +354,7 @@ def test_packets_leave_at_once_without_waiting_for_the_brokers_delayed_ack(mosqu
 
 def test_every_socket_write_holds_the_connections_io_lock(mosquitto_devices: Devices) -> None:
     """paho 2.2 has no lock around its packet writer: the worker's PUBLISHes and
-    PUBACKs and the link thread's loop each write under ``Connection.io``
+    PUBACKs and the link thread's loop each write under ``LinkConnection.io``
     (device/link.py), so two writers never interleave partly written packets."""
     import threading
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from fieldchat.device.fallback import PROBE_AFTER_S, Outcome, ProtocolFallback
+from fieldchat.device.fallback import PROBE_AFTER_S, AttemptOutcome, ProtocolFallback
 
 CONNECTED, REFUSED, UNANSWERED, OTHER = (
-    Outcome.CONNECTED,
-    Outcome.REFUSED_LEVEL,
-    Outcome.UNANSWERED,
-    Outcome.OTHER,
+    AttemptOutcome.CONNECTED,
+    AttemptOutcome.REFUSED_LEVEL,
+    AttemptOutcome.UNANSWERED,
+    AttemptOutcome.OTHER,
 )
 
 

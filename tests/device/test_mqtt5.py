@@ -257,9 +257,9 @@ def test_one_connect_closed_without_connack_does_not_downgrade(
 def test_an_inbound_alias_never_set_or_out_of_range_is_refused() -> None:
     """MQTT 5 §3.3.2.3.4: an alias must be named before it is used and lie within the
     Topic Alias Maximum we announced; the link then disconnects (0x94)."""
-    from fieldchat.device.link import INBOUND_ALIASES, Connection
+    from fieldchat.device.link import INBOUND_ALIASES, LinkConnection
 
-    conn = Connection(1, None, "5")  # type: ignore[arg-type]
+    conn = LinkConnection(1, None, "5")  # type: ignore[arg-type]
     assert conn.inbound_topic("", 1) is None
     assert conn.inbound_topic("fc/v1/c/x/msg", 1) == "fc/v1/c/x/msg"
     assert conn.inbound_topic("", 1) == "fc/v1/c/x/msg"

@@ -11,7 +11,7 @@ import aiomqtt
 import pytest
 
 from fieldchat.broker.testing import broker_config, embedded_broker, participant  # noqa: F401
-from fieldchat.gateway._mqtt import MqttClient, Publish, _Protocol
+from fieldchat.gateway._mqtt import Delivered, MqttClient, _Protocol
 from fieldchat.schemas.errors import ConnectFailed
 
 pytestmark = pytest.mark.mosquitto
@@ -57,7 +57,7 @@ def test_publish_packets_split_anywhere_parse_in_order(v5):
     got = client.take(1000)
     assert [m.payload for m in got] == payloads
     assert [m.mid for m in got] == list(range(1, 40))
-    assert got[0] == Publish("fc/v1/c/x1/msg", payloads[0], 1, 1, False)
+    assert got[0] == Delivered("fc/v1/c/x1/msg", payloads[0], 1, 1, False)
 
 
 def test_a_malformed_stream_closes_the_connection():
@@ -88,8 +88,8 @@ async def test_unacknowledged_messages_come_back_after_a_reconnect(mosquitto, pr
         await client.subscribe([(topic, 1)])
         return client
 
-    async def receive(client: MqttClient, n: int) -> list[Publish]:
-        got: list[Publish] = []
+    async def receive(client: MqttClient, n: int) -> list[Delivered]:
+        got: list[Delivered] = []
         async with asyncio.timeout(20):
             while len(got) < n:
                 if await client.wait(5):
@@ -160,7 +160,7 @@ async def test_connack_limits_are_honoured(embedded_broker):  # noqa: F811
         for payload in (b"one", b"two"):
             await client.publish(topic, payload, timeout=5)
         assert client._aliases.alias(topic) == (1, True)  # the second went as alias 1
-        got: list[Publish] = []
+        got: list[Delivered] = []
         async with asyncio.timeout(5):
             while len(got) < 2:
                 await client.wait(5)

@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from fieldchat.gateway._metrics import Metrics
+from fieldchat.gateway._metrics import GatewayMetrics
 from fieldchat.gateway._publisher import REPUBLISH_ATTEMPTS, BrokerPublisher, RosterRepublisher
 from fieldchat.gateway._quota import RefusalLog
 from fieldchat.schemas import Topics
@@ -34,8 +34,8 @@ class _Broker(BrokerPublisher):
         self.sent.append((topic, payload, retain))
 
 
-def _republisher(broker: BrokerPublisher) -> tuple[RosterRepublisher, Metrics, Counter[str]]:
-    metrics, counters = Metrics(), Counter[str]()
+def _republisher(broker: BrokerPublisher) -> tuple[RosterRepublisher, GatewayMetrics, Counter[str]]:
+    metrics, counters = GatewayMetrics(), Counter[str]()
     return (
         RosterRepublisher(broker, Topics("x"), RefusalLog(metrics), counters, metrics),
         metrics,

@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from fieldchat.gateway._metrics import Metrics
+from fieldchat.gateway._metrics import GatewayMetrics
 from fieldchat.gateway._quota import RefusalLog
 from fieldchat.gateway._rosters import Healer, RosterRefused, Source, Verdict, judge
 from fieldchat.schemas import Member, Policy, Roster, Topics
@@ -130,7 +130,7 @@ def test_the_healer_republishes_a_head_at_most_once_per_interval():
 
 def test_every_refusal_is_counted_and_each_reason_logged_once_per_interval(caplog):
     clock = Clock()
-    metrics = Metrics()
+    metrics = GatewayMetrics()
     refusals = RefusalLog(metrics, interval_s=60.0, clock=clock)
     with caplog.at_level(logging.WARNING, logger="fieldchat.gateway.quota"):
         logged = [refusals.refuse("pending_sender_full", f"envelope {i}") for i in range(5)]

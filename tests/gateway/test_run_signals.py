@@ -13,7 +13,7 @@ import pytest
 
 from fieldchat.gateway import open_store
 from fieldchat.gateway._hub import Hub
-from fieldchat.gateway._metrics import Metrics
+from fieldchat.gateway._metrics import GatewayMetrics
 from tests.gateway._support import (
     FAST_ARGON2,
     GatewayProcess,
@@ -100,7 +100,7 @@ async def test_the_live_feed_stops_when_cancelled_as_it_wakes(tmp_path):
     store = open_store(f"sqlite:///{tmp_path / 'history.db'}")
     try:
         await store.migrate()
-        hub = Hub(store, Metrics(), poll_s=60, queue_max=10)
+        hub = Hub(store, GatewayMetrics(), poll_s=60, queue_max=10)
         for _ in range(20):
             task = asyncio.create_task(hub.run())
             await asyncio.sleep(0)  # the hub waits to be woken
