@@ -641,7 +641,14 @@ def wire(
         # Steady state: what the join sends once (the re-send to a new member of what
         # it may have missed, GRANT_RESEND_RECEIPTS receipt intervals after its grant)
         # is over before counting starts.
-        _wait(lambda: not alice._grant_resends and not bob._grant_resends, 30, "join resends")
+        _wait(
+            lambda: (
+                not alice._worker.outbound.resends.grants
+                and not bob._worker.outbound.resends.grants
+            ),
+            30,
+            "join resends",
+        )
         _wait(lambda: len(bob.messages(cid)) >= 20, 30, "the warm-up")
         time.sleep(1.5)
         start, echo_start, bob_start = proxy.bytes, proxy.echo_bytes, bob_proxy.bytes
@@ -747,7 +754,11 @@ def repair(tmp: Path, *, one_way_s: float = 0.0, rounds: int = REPAIR_ROUNDS) ->
             alice.send(cid, f"plain {r}")
             _wait(lambda r=r: any(t == f"plain {r}" for _, t, _ in shown), 30, "a plain message")
             delivers.append(next(at for at, t, _ in shown if t == f"plain {r}") - start)
-            _wait(lambda: not alice.undelivered(cid) and not alice._grant_resends, 30, "receipts")
+            _wait(
+                lambda: not alice.undelivered(cid) and not alice._worker.outbound.resends.grants,
+                30,
+                "receipts",
+            )
             bob.close()
             lines = [f"r{r}-{i:02d}" for i in range(15)]
             for line in lines:  # one PUBLISH each: Mosquitto keeps 10 and drops the rest

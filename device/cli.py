@@ -17,24 +17,23 @@ import queue
 import select
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from fieldchat.device.cli_output import note, print_rows, refusal_line, render, write
 from fieldchat.device.client import Device
 from fieldchat.device.config import DeviceSettings, low_bandwidth_policy
 from fieldchat.device.events import (
     Event,
-    KeyChanged,
     MessageReceived,
     PublishRefused,
-    ReceiptReceived,
 )
 from fieldchat.device.history import GatewayHistory, gateway_base
-from fieldchat.device.state import DeviceState, ReceivedRow
+from fieldchat.device.state import DeviceState
 from fieldchat.schemas import Policy, tracing
 from fieldchat.schemas.errors import ConfigError, FieldchatError, Refused, TransportError
 from fieldchat.schemas.signals import Interrupts
@@ -509,73 +508,7 @@ def send(
         finally:
             _close(device)
         if refused:  # checked after close: the worker has emitted all it committed
-            raise Refused(_refusal_line(refused))
-
-
-def _refusal_line(refused: Sequence[PublishRefused]) -> str:
-    """What ``send`` says when the broker refused some of what it sent."""
-    first = refused[0]
-    count = sum(r.messages for r in refused)
-    where = f"conversation {first.cid}" if first.cid else first.topic
-    return (
-        f"the broker refused {count} publication(s) to {where} "
-        f"(0x{first.code:02X} {first.reason}); they are not sent again"
-    )
-
-
-def _line(row: MessageReceived | ReceivedRow, json_out: bool) -> str:
-    """One printed message. ``--json`` lines carry the ids that name a message on every
-    device (cid, sender, epoch, sender_index, chain, step) and its local row ``id``."""
-    if not json_out:
-        clock = time.strftime("%H:%M:%S", time.localtime(row.sent_at or 0))
-        return f"[{clock}] {row.sender[:8]}: {row.text}"
-    if isinstance(row, MessageReceived):
-        return json.dumps(row.to_json())
-    return json.dumps(
-        {
-            "type": "message",
-            "id": row.id,
-            "cid": row.cid,
-            "sender": row.sender,
-            "text": row.text,
-            "sent_at": row.sent_at,
-            "epoch": row.epoch,
-            "sender_index": row.sender_index,
-            "chain": row.chain,
-            "step": row.step,
-        }
-    )
-
-
-def _print(rows: Sequence[MessageReceived | ReceivedRow], json_out: bool) -> None:
-    """Print ``rows`` in one write."""
-    _write(_render(rows, json_out))
-
-
-def _render(rows: Sequence[MessageReceived | ReceivedRow], json_out: bool) -> bytes:
-    return "".join(_line(row, json_out) + "\n" for row in rows).encode()
-
-
-def _write(text: bytes) -> None:
-    sys.stdout.flush()  # whatever was written through sys.stdout comes first
-    sys.stdout.buffer.write(text)
-    sys.stdout.flush()
-
-
-def _note(event: Event, json_out: bool) -> None:
-    if isinstance(event, MessageReceived):
-        return
-    if json_out:
-        typer.echo(json.dumps(event.to_json()))
-        sys.stdout.flush()
-    elif isinstance(event, KeyChanged):
-        typer.echo(
-            f"WARNING: the keys of {event.pid} CHANGED. Compare fingerprints: "
-            f"fieldchat device verify {event.pid}",
-            err=True,
-        )
-    elif not isinstance(event, ReceiptReceived | PublishRefused):  # the latter: logged
-        typer.echo(f"-- {event.type}: {event.to_json()}", err=True)
+            raise Refused(refusal_line(refused))
 
 
 @device_app.command()
@@ -613,10 +546,10 @@ def listen(
                     # there is then one write call (a kill there is the only way a
                     # row goes unshown; the soak hit it once in 9,600 messages when
                     # rendering a batch came in between).
-                    text = _render(rows, json_out)
+                    text = render(rows, json_out)
                     with _interrupts.deferred():
                         device.state.set_meta({_CURSOR: str(cursor)})
-                        _write(text)
+                        write(text)
                     shown += len(rows)
                 left = None if end is None else end - time.monotonic()
                 if left is not None and left <= 0:
@@ -627,7 +560,7 @@ def listen(
                     event = events.get(timeout=0.5 if left is None else min(left, 0.5))
                 except queue.Empty:
                     continue
-                _note(event, json_out)
+                note(event, json_out)
         finally:
             _close(device)
 
@@ -649,13 +582,13 @@ def chat(cid: str, timeout: Timeout = 10.0) -> None:
             def on_event(event: Event) -> None:
                 nonlocal cursor
                 if isinstance(event, MessageReceived) and event.cid == cid and event.id > cursor:
-                    _print([event], json_out=False)
+                    print_rows([event], json_out=False)
                     cursor = event.id
                 else:
-                    _note(event, json_out=False)
+                    note(event, json_out=False)
 
             rows = device.messages(cid, after_id=cursor)
-            _print(rows, json_out=False)
+            print_rows(rows, json_out=False)
             cursor = rows[-1].id if rows else cursor
             device.on_event = on_event
             device.start()

@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from fieldchat.device.config import BrokerOptions, LinkOptions
@@ -36,22 +34,27 @@ from fieldchat.device.engine import Engine
 from fieldchat.device.events import Event
 from fieldchat.device.link import LastWill, Link, LinkConnection
 from fieldchat.device.receipts import ReceiptBook
-from fieldchat.device.rows import ChainKey, Gap, OutboxKind, OutboxRow, ReceivedRow, SentRow
+from fieldchat.device.rows import Gap, OutboxKind, OutboxRow, ReceivedRow, SentRow
 from fieldchat.device.state import DeviceState
 from fieldchat.device.subscriptions import Subscriptions, conversation_topics, wanted_topics
 from fieldchat.device.tail import HistorySource
+from fieldchat.device.texts import (
+    ConversationInfo,
+    SentMessage,
+    TextQueue,
+    conversation_infos,
+    fingerprint_of,
+    same_fingerprint,
+    undelivered_count,
+)
 from fieldchat.device.worker import (
     STATUS_OFFLINE,
     Worker,
 )
-from fieldchat.schemas import Policy, ReceiptType, TextMessage, Topics
-from fieldchat.schemas.envelope import read_header
+from fieldchat.schemas import Policy, ReceiptType, Topics
 from fieldchat.schemas.errors import (
-    ConnectFailed,
     FieldchatError,
     KeyStoreError,
-    NotAuthorized,
-    UnknownConversation,
     UnknownParticipant,
 )
 from fieldchat.schemas.topics import DEFAULT_PREFIX
@@ -59,27 +62,6 @@ from fieldchat.schemas.topics import DEFAULT_PREFIX
 __all__ = ["ConversationInfo", "Device", "HistorySource", "SentMessage"]
 
 log = logging.getLogger("fieldchat.device")
-
-
-@dataclass(frozen=True, slots=True)
-class SentMessage:
-    """An own message, durable in the outbox: ``id`` in ``sent``, its chain position."""
-
-    id: int
-    cid: str
-    epoch: int
-    chain: int
-    step: int
-
-
-@dataclass(frozen=True, slots=True)
-class ConversationInfo:
-    cid: str
-    epoch: int
-    members: tuple[str, ...]
-    admins: tuple[str, ...]
-    member: bool
-    policy: Policy | None
 
 
 class Device:
@@ -115,7 +97,6 @@ class Device:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.state = state if isinstance(state, DeviceState) else DeviceState(Path(state))
-        self.power_safe = power_safe
         self.broker = broker or BrokerOptions()
         self.topics = Topics(prefix)
         self.on_event = on_event
@@ -128,7 +109,7 @@ class Device:
             self.state, self.engine, self.topics, link or LinkOptions(), history, clock
         )
         self.counters = self._shared.counters
-        self._send_lock = threading.Lock()
+        self._texts = TextQueue(self.engine, self.state, self.topics, clock, power_safe=power_safe)
         self._receipts = ReceiptBook()  # owed, sealed every receipt_interval_s
         self._subs = Subscriptions(
             wanted_topics(
@@ -140,6 +121,15 @@ class Device:
         self._worker = Worker(self._shared, self._receipts, self._subs, self._emit)
         self._link: Link | None = None
         self._closed = False
+
+    @property
+    def power_safe(self) -> bool:
+        """Whether :meth:`send` returns only once a power cut cannot lose the message."""
+        return self._texts.power_safe
+
+    @power_safe.setter
+    def power_safe(self, value: bool) -> None:
+        self._texts.power_safe = value
 
     @property
     def options(self) -> LinkOptions:
@@ -171,14 +161,7 @@ class Device:
         Raises:
             UnknownParticipant: no bundle known for ``pid``.
         """
-        if pid is None or pid == self.pid:
-            return self.engine.identity.fingerprint()
-        bundle = self.engine.bundle_of(pid)
-        if bundle is None:
-            raise UnknownParticipant(f"no bundle known for {pid}: it has not connected yet")
-        return bundle.fingerprint()
-
-    # -- lifecycle --------------------------------------------------------------------
+        return fingerprint_of(self.engine, pid)
 
     def start(self) -> Device:
         """Start the worker and the link (connects in the background).
@@ -254,19 +237,7 @@ class Device:
             NotAuthorized: the broker refused our credential.
             ConnectFailed: not connected within ``timeout`` (the last reason).
         """
-        end = time.monotonic() + timeout
-        with self._worker.changed:
-            while self._conn is None:
-                error = self._link.last_error if self._link else None
-                if isinstance(error, NotAuthorized):
-                    raise error
-                left = end - time.monotonic()
-                if left <= 0:
-                    if error is not None:
-                        raise type(error)(str(error))
-                    where = ", ".join(f"{h}:{p}" for h, p in self.broker.addresses)
-                    raise ConnectFailed(f"no connection to {where} in {timeout:g} s")
-                self._worker.changed.wait(min(left, 0.1))
+        self._worker.wait_connected(self._link, self.broker.addresses, timeout)
         self._raise_fatal()
 
     def wait_drained(self, timeout: float = 10.0) -> bool:
@@ -314,22 +285,9 @@ class Device:
                 or synced (queued, not known durable: the device stops).
         """
         self._raise_fatal()
-        topic = self.topics.msg(cid)
-        out = []
-        with (
-            self._send_lock,
-            self.state.transaction(durable=False, sync_outbox=self.power_safe) as tx,
-        ):
-            for text in texts:
-                now = self._clock()
-                envelope = self.engine.seal(cid, TextMessage(sent_at=int(now), text=text))
-                epoch, index, chain, step = read_header(envelope).dedupe_key
-                seq = tx.add_outbox(topic, envelope, cid=cid, what=OutboxKind.MSG)
-                row = tx.add_sent(cid, epoch, index, chain, step, text, topic, envelope, seq)
-                out.append(SentMessage(row, cid, epoch, chain, step))
-            reserved = self.state.reserving
+        out, sync = self._texts.queue(cid, texts)
         self._wake()
-        if self.power_safe or reserved:
+        if sync:
             try:
                 self.state.sync()
             except KeyStoreError as exc:
@@ -431,24 +389,7 @@ class Device:
         self._wake()
 
     def conversations(self) -> list[ConversationInfo]:
-        out = []
-        for cid in self.engine.conversations():
-            try:
-                roster = self.engine.roster(cid)
-            except UnknownConversation:
-                out.append(ConversationInfo(cid, -1, (), (), member=False, policy=None))
-                continue
-            out.append(
-                ConversationInfo(
-                    cid,
-                    roster.epoch,
-                    roster.pids,
-                    tuple(m.pid for m in roster.members if m.admin),
-                    member=self.engine.is_member(cid),
-                    policy=roster.policy,
-                )
-            )
-        return out
+        return conversation_infos(self.engine)
 
     def verify(self, pid: str, fingerprint: str) -> bool:
         """Compare ``pid``'s fingerprint with one read out of band; mark it verified.
@@ -456,8 +397,7 @@ class Device:
         Raises:
             UnknownParticipant: no bundle known for ``pid``.
         """
-        known = self.fingerprint(pid)
-        if _digits(known) != _digits(fingerprint):
+        if not same_fingerprint(self.fingerprint(pid), fingerprint):
             return False
         with self.state.transaction():
             self.engine.mark_verified(pid)
@@ -481,39 +421,10 @@ class Device:
 
     def undelivered(self, cid: str) -> int:
         """Own messages of the current epoch some current member has not receipted yet."""
-        roster = self.engine.roster(cid)
-        missing: set[bytes] = set()
-        for pid in roster.pids:
-            if pid != self.pid:
-                missing |= {p for _, p in self.state.unreceipted(cid, roster.epoch, pid, 100_000)}
-        return len(missing)
+        return undelivered_count(self.engine, self.state, cid)
 
     def gaps(self, cid: str | None = None) -> list[Gap]:
         return self.state.gaps(cid)
-
-    @property
-    def _grant_resends(self) -> dict[tuple[str, str], float]:
-        """Resends planned for members whose grant arrived (tests wait for none)."""
-        return self._worker.outbound.resends.grants
-
-    @property
-    def _waiting(self) -> Mapping[ChainKey, Mapping[int, list[tuple[int, float]]]]:
-        """What is held for each sender's order (tests wait for it)."""
-        return self._worker.inbound.sequencer.waiting
-
-    def _tail_soon(self) -> None:
-        """A tail round at once, as a gap or a join asks for one (tests)."""
-        self._worker.rounds.tail.soon(self._clock())
-
-    @property
-    def _resend(self) -> tuple[float, float] | None:
-        """The resend planned after the last reconnect (tests wait for none)."""
-        return self._worker.outbound.resends.planned
-
-    @property
-    def _tail_running(self) -> bool:
-        """Whether a tail round is with the history thread (tests wait for none)."""
-        return self._worker.rounds.tail.running
 
     # -- subscriptions ----------------------------------------------------------------
 
@@ -543,7 +454,3 @@ class Device:
         fatal = self._worker.fatal
         if fatal is not None:
             raise KeyStoreError(f"the device stopped after a state file failure: {fatal}")
-
-
-def _digits(fingerprint: str) -> str:
-    return "".join(ch for ch in fingerprint if ch.isdigit())

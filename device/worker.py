@@ -16,6 +16,7 @@ import contextlib
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -35,7 +36,13 @@ from fieldchat.device.sequencer import Sequencer
 from fieldchat.device.subscriptions import Subscriptions, no_local
 from fieldchat.device.tail import Fetched
 from fieldchat.schemas.envelope import read_header
-from fieldchat.schemas.errors import FieldchatError, KeyStoreError, TransportError
+from fieldchat.schemas.errors import (
+    ConnectFailed,
+    FieldchatError,
+    KeyStoreError,
+    NotAuthorized,
+    TransportError,
+)
 from fieldchat.schemas.frame import split
 from fieldchat.schemas.topics import TopicKind
 
@@ -205,6 +212,24 @@ class Worker(Part):
             return
 
     # -- the link handler (paho thread: enqueue only) ----------------------------------
+
+    def wait_connected(
+        self, link: Link | None, addresses: Sequence[tuple[str, int]], timeout: float
+    ) -> None:
+        """Block until the worker has a connection (see ``Device.wait_connected``)."""
+        end = time.monotonic() + timeout
+        with self.changed:
+            while self.outbound.conn is None:
+                error = link.last_error if link else None
+                if isinstance(error, NotAuthorized):
+                    raise error
+                left = end - time.monotonic()
+                if left <= 0:
+                    if error is not None:
+                        raise type(error)(str(error))
+                    where = ", ".join(f"{h}:{p}" for h, p in addresses)
+                    raise ConnectFailed(f"no connection to {where} in {timeout:g} s")
+                self.changed.wait(min(left, 0.1))
 
     def link_connected(self, conn: LinkConnection, session_present: bool) -> None:
         self.put(Up(conn, session_present))

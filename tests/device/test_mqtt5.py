@@ -76,7 +76,11 @@ def test_a_publish_the_broker_refuses_is_surfaced_and_never_resent(
             return alice.counters["connects"] > c and alice.connected
 
         wait_until(back, 10)
-        wait_until(lambda: alice._resend is None, FAST.resend_after_s + 5, "the resend round")
+        wait_until(
+            lambda: alice._worker.outbound.resends.planned is None,
+            FAST.resend_after_s + 5,
+            "the resend round",
+        )
         assert alice.wait_drained(5)
     assert alice.counters["resent"] == 0
     assert alice.counters["refused_by_broker"] == 1
@@ -111,7 +115,11 @@ def test_a_removed_member_s_queued_message_is_refused_not_resent(
     connects = carol.counters["connects"]
     carol._link.kick()
     wait_until(lambda: carol.counters["connects"] > connects and carol.connected, 10)
-    wait_until(lambda: carol._resend is None, FAST.resend_after_s + 5, "the resend round")
+    wait_until(
+        lambda: carol._worker.outbound.resends.planned is None,
+        FAST.resend_after_s + 5,
+        "the resend round",
+    )
     assert carol.wait_drained(5)
     assert carol.counters["refused_by_broker"] == 1
     assert "written after my removal" not in texts(alice, cid) + texts(bob, cid)

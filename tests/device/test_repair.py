@@ -120,7 +120,7 @@ def _talking(devices: Devices) -> tuple[Device, Device, str]:
     alice.send(cid, "hello")
     wait_until(lambda: texts(bob, cid) == ["hello"], 10, "bob online")
     wait_until(lambda: alice.undelivered(cid) == 0, 10, "bob's receipt")
-    wait_until(lambda: not alice._grant_resends, 10, "the grant's resend")
+    wait_until(lambda: not alice._worker.outbound.resends.grants, 10, "the grant's resend")
     return alice, bob, cid
 
 
@@ -256,7 +256,7 @@ def test_a_gap_the_sender_cannot_answer_is_filled_from_the_archive_at_once(
         bob = _back(devices, bob, archive)
         wait_until(lambda: texts(bob, cid) == ["hello", "m1"], 10, "the one Mosquitto kept")
         wait_until(lambda: bool(archive.asked), 10, "the round after connecting")
-        wait_until(lambda: not bob._tail_running, 10, "no round running")
+        wait_until(lambda: not bob._worker.rounds.tail.running, 10, "no round running")
         archive.envelopes.append(m2)  # archived (the gateway got it)
         asked = len(archive.asked)
         alice.send(cid, "m3")
@@ -358,7 +358,7 @@ def test_a_window_does_not_run_out_while_the_receiver_is_offline(tmp_path: Path)
         wait_until(lambda: bob.engine.is_member(cid), 10, "bob joins")
         alice.send(cid, "hello")
         wait_until(lambda: texts(bob, cid) == ["hello"], 10, "bob online")
-        wait_until(lambda: not alice._grant_resends, 10, "the grant's resend")
+        wait_until(lambda: not alice._worker.outbound.resends.grants, 10, "the grant's resend")
         events = devices.events[bob.pid]
 
         port = front.port
@@ -369,8 +369,10 @@ def test_a_window_does_not_run_out_while_the_receiver_is_offline(tmp_path: Path)
             assert alice.wait_drained(10)
         ((m2,),) = alice.state._read("SELECT payload FROM sent WHERE text = 'm2'")
         archive.envelopes.append(bytes(m2))  # archived before m1 (another gateway)
-        bob._tail_soon()
-        wait_until(lambda: bool(bob._waiting), 10, "m2 from the tail, held for m1")
+        bob._worker.rounds.tail.soon(time.time())
+        wait_until(
+            lambda: bool(bob._worker.inbound.sequencer.waiting), 10, "m2 from the tail, held for m1"
+        )
         time.sleep(DEFAULTS.reorder_window_s + 1.0)  # a whole window, offline
         assert texts(bob, cid) == ["hello"]
 

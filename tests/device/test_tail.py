@@ -47,7 +47,7 @@ def test_messages_the_broker_dropped_while_offline_come_from_the_gateway(stack) 
     wait_until(lambda: texts(bob, cid) == ["before"], 10, "bob online")
     # A new member's grant brings one resend of what he has not receipted; over before
     # he goes, or it races the tail this test is about.
-    wait_until(lambda: not alice._grant_resends, 10, "the grant's resend")
+    wait_until(lambda: not alice._worker.outbound.resends.grants, 10, "the grant's resend")
     path, pid, events = bob.state.path, bob.pid, devices.events[bob.pid]
     bob.close()  # a clean disconnect: Mosquitto keeps his session, QUEUE messages of it
     devices.open.remove(bob)

@@ -1,0 +1,89 @@
+"""How the device commands print: one line per message (a person's line, or JSON with
+the ids that name it on every device), notes for events, and the refusal line of a
+``send`` the broker refused. Kept apart from the commands in :mod:`fieldchat.device.cli`."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Sequence
+
+import typer
+
+from fieldchat.device.events import (
+    Event,
+    KeyChanged,
+    MessageReceived,
+    PublishRefused,
+    ReceiptReceived,
+)
+from fieldchat.device.rows import ReceivedRow
+
+__all__ = ["note", "print_rows", "refusal_line", "render", "write"]
+
+
+def refusal_line(refused: Sequence[PublishRefused]) -> str:
+    """What ``send`` says when the broker refused some of what it sent."""
+    first = refused[0]
+    count = sum(r.messages for r in refused)
+    where = f"conversation {first.cid}" if first.cid else first.topic
+    return (
+        f"the broker refused {count} publication(s) to {where} "
+        f"(0x{first.code:02X} {first.reason}); they are not sent again"
+    )
+
+
+def _line(row: MessageReceived | ReceivedRow, json_out: bool) -> str:
+    """One printed message. ``--json`` lines carry the ids that name a message on every
+    device (cid, sender, epoch, sender_index, chain, step) and its local row ``id``."""
+    if not json_out:
+        clock = time.strftime("%H:%M:%S", time.localtime(row.sent_at or 0))
+        return f"[{clock}] {row.sender[:8]}: {row.text}"
+    if isinstance(row, MessageReceived):
+        return json.dumps(row.to_json())
+    return json.dumps(
+        {
+            "type": "message",
+            "id": row.id,
+            "cid": row.cid,
+            "sender": row.sender,
+            "text": row.text,
+            "sent_at": row.sent_at,
+            "epoch": row.epoch,
+            "sender_index": row.sender_index,
+            "chain": row.chain,
+            "step": row.step,
+        }
+    )
+
+
+def print_rows(rows: Sequence[MessageReceived | ReceivedRow], json_out: bool) -> None:
+    """Print ``rows`` in one write."""
+    write(render(rows, json_out))
+
+
+def render(rows: Sequence[MessageReceived | ReceivedRow], json_out: bool) -> bytes:
+    return "".join(_line(row, json_out) + "\n" for row in rows).encode()
+
+
+def write(text: bytes) -> None:
+    sys.stdout.flush()  # whatever was written through sys.stdout comes first
+    sys.stdout.buffer.write(text)
+    sys.stdout.flush()
+
+
+def note(event: Event, json_out: bool) -> None:
+    if isinstance(event, MessageReceived):
+        return
+    if json_out:
+        typer.echo(json.dumps(event.to_json()))
+        sys.stdout.flush()
+    elif isinstance(event, KeyChanged):
+        typer.echo(
+            f"WARNING: the keys of {event.pid} CHANGED. Compare fingerprints: "
+            f"fieldchat device verify {event.pid}",
+            err=True,
+        )
+    elif not isinstance(event, ReceiptReceived | PublishRefused):  # the latter: logged
+        typer.echo(f"-- {event.type}: {event.to_json()}", err=True)
