@@ -111,9 +111,12 @@ class _Lazy(TyperCommand):
         parent: Any = None,  # noqa: ANN401
         **extra: Any,  # noqa: ANN401 - click's own keyword arguments
     ) -> Any:  # noqa: ANN401
-        name = self.name or ""
-        real = import_held(lambda: _load(name, self.sub))
+        real = import_held(self.load)
         return real.make_context(info_name, args, parent=parent, **extra)
+
+    def load(self) -> Any:  # noqa: ANN401 - click's command, typer's private copy
+        """The real sub-app (imported now)."""
+        return _load(self.name or "", self.sub)
 
 
 class _Root(TyperGroup):
