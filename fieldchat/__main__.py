@@ -20,12 +20,14 @@ def main() -> None:
     """Run the ``fieldchat`` command line."""
     held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP)  # first of all
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # the same as Ctrl-C
+    from fieldchat._startup import STOPPED_BEFORE_START  # noqa: PLC0415 - signals held
+
     try:
         from fieldchat.cli import app  # noqa: PLC0415 - after the signals, on purpose
 
         signal.pthread_sigmask(signal.SIG_SETMASK, held)  # one that came is raised here
     except KeyboardInterrupt:
-        sys.stderr.write("fieldchat stopped before it started.\n")  # as _startup says it
+        sys.stderr.write(STOPPED_BEFORE_START + "\n")
         raise SystemExit(0) from None
     app()
 

@@ -13,7 +13,7 @@ import importlib
 import os
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NamedTuple
+from typing import TYPE_CHECKING, Annotated, Any, NamedTuple, NoReturn
 
 import typer
 from typer.core import TyperCommand, TyperGroup
@@ -62,24 +62,28 @@ _EXTRA_MODULES = {
 _EXTRA_MODULES["server"] = _EXTRA_MODULES["broker"] | _EXTRA_MODULES["gateway"]
 
 
-def _missing_extra(name: str, extra: str, exc: ModuleNotFoundError) -> TyperCommand:
-    """A command that says which extra to install, instead of a traceback."""
-
-    def explain() -> None:
-        typer.echo(
-            f"error: 'fieldchat {name}' needs {exc.name}, which this install lacks: "
-            f"pip install 'fieldchat[{extra}]'",
-            err=True,
-        )
-        raise typer.Exit(1)
-
-    return TyperCommand(
-        name, callback=explain, help=_SUB_APPS[name].help, context_settings=_ANY_ARGS
-    )
-
-
 # The missing-extra command takes whatever the real one would have, to say its line.
 _ANY_ARGS = {"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []}
+
+
+def _needs_extra(command: str, extra: str, exc: ModuleNotFoundError) -> NoReturn:
+    """One line naming the extra that installs what ``command`` lacks; status 1."""
+    typer.echo(
+        f"error: 'fieldchat {command}' needs {exc.name}, which this install lacks: "
+        f"pip install 'fieldchat[{extra}]'",
+        err=True,
+    )
+    raise typer.Exit(1)
+
+
+def _missing_extra(name: str, extra: str, exc: ModuleNotFoundError) -> TyperCommand:
+    """A command that says which extra to install, instead of a traceback."""
+    return TyperCommand(
+        name,
+        callback=lambda: _needs_extra(name, extra, exc),
+        help=_SUB_APPS[name].help,
+        context_settings=_ANY_ARGS,
+    )
 
 
 # click's types are typer's private vendored copy: Any where they appear.
@@ -227,12 +231,7 @@ def _import_server(command: str, module: str) -> Any:  # noqa: ANN401 - a module
     except ModuleNotFoundError as exc:
         if exc.name not in _EXTRA_MODULES["server"]:
             raise
-        typer.echo(
-            f"error: 'fieldchat {command}' needs {exc.name}, which this install lacks: "
-            "pip install 'fieldchat[server]'",
-            err=True,
-        )
-        raise typer.Exit(1) from None
+        _needs_extra(command, "server", exc)
 
 
 def _options(
