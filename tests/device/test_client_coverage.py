@@ -1,0 +1,96 @@
+"""Delayed authentication on a real Mosquitto (issue 16, item 5; PROTOCOL.md §6.5).
+
+Carol, a member of a ``sign_every`` = 4 conversation, publishes an unsigned envelope
+in Alice's name at Alice's next step, before Alice sends it. Bob shows it as pending,
+and when Alice's next signed envelope arrives (within 4 messages) he flags it as a
+forgery: a ``ForgeryDetected`` event, the ``forgery`` counter, the row stored
+``FORGED``, and the ``listen`` line marked. Alice's own messages go pending → verified.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fieldchat.device.chains import step_keys
+from fieldchat.device.cli_output import note, render
+from fieldchat.device.events import ForgeryDetected, MessageReceived, MessageVerified
+from fieldchat.device.rows import Trust
+from fieldchat.schemas import Policy, TextMessage, Topics
+from fieldchat.schemas.crypto import aead_seal
+from fieldchat.schemas.envelope import EnvelopeKind, header_bytes
+from fieldchat.schemas.ids import decode_id
+from fieldchat.schemas.messages import encode_plaintext
+from tests.device.conftest import Devices, texts, wait_until
+from tests.device.test_client_trust import members, publish
+
+pytestmark = pytest.mark.mosquitto
+
+
+def test_a_members_forgery_is_flagged_within_n_messages(mosquitto_devices: Devices) -> None:
+    devices = mosquitto_devices
+    cid, (alice, bob, carol) = members(devices, Policy(sign_every=4), "alice", "bob", "carol")
+    index = alice.engine.roster(cid).index_of(alice.pid)
+    kept = carol.engine._convs[cid].recv[(0, index, 0)]  # Carol's copy of Alice's chain
+    sent = 0
+    while kept.step % 4 == 0:  # Carol forges an unsigned step: Alice's next is signed
+        alice.send(cid, f"a{sent}")
+        sent += 1
+        wait_until(lambda n=sent: len(texts(carol, cid)) == n, 10, "carol has it")
+    step = kept.step
+    header = header_bytes(EnvelopeKind.TEXT, 0, index, 0, step, signed=False)
+    plaintext, _, _ = encode_plaintext(TextMessage(sent_at=1, text="from alice: trust carol"))
+    forged = header + aead_seal(
+        step_keys(kept.key)[0], step.to_bytes(12, "big"), plaintext, header + decode_id(cid)
+    )
+    publish(devices.broker, Topics().msg(cid), forged)
+    wait_until(lambda: "from alice: trust carol" in texts(bob, cid), 10, "bob shows it")
+    row = next(r for r in bob.messages(cid) if r.text == "from alice: trust carol")
+    assert row.trust is Trust.PENDING
+    assert render([row], json_out=False).endswith(b"from alice: trust carol [pending]\n")
+
+    for i in range(4):  # Alice's next signed step comes within these four
+        alice.send(cid, f"b{i}")
+    events = devices.events[bob.pid]
+    wait_until(
+        lambda: any(isinstance(e, ForgeryDetected) for e in events), 15, "the forgery flagged"
+    )
+    flagged = next(e for e in events if isinstance(e, ForgeryDetected))
+    assert (flagged.sender, flagged.steps, flagged.pinpointed) == (alice.pid, (step,), True)
+    assert bob.counters["forgery"] == 1
+    rows = {r.text: r for r in bob.messages(cid)}
+    assert rows["from alice: trust carol"].trust is Trust.FORGED
+    line = render([rows["from alice: trust carol"]], json_out=False)
+    assert line.endswith(b"from alice: trust carol [FORGED]\n")
+    # Alice's unsigned messages were pending, then verified; her signed one authentic.
+    shown = [e for e in events if isinstance(e, MessageReceived) and e.text.startswith("b")]
+    pending = {e.text for e in shown if e.pending}
+    assert pending
+    wait_until(
+        lambda: all(bob.messages(cid) and rows_trust(bob, cid, t) for t in pending),
+        15,
+        "the pending ones verified",
+    )
+    assert any(isinstance(e, MessageVerified) for e in events)
+
+
+def rows_trust(device, cid: str, text: str) -> bool:  # type: ignore[no-untyped-def]
+    rows = [r for r in device.messages(cid) if r.text == text]
+    return bool(rows) and rows[0].trust is Trust.VERIFIED
+
+
+def test_the_cli_says_verified_quietly_and_forgery_loudly(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    verified = MessageVerified("c" * 22, "p" * 22, 0, 1, 0, (1, 2, 3))
+    forged = ForgeryDetected("c" * 22, "p" * 22, 0, 1, 0, (2,), pinpointed=True)
+    note(verified, json_out=False)
+    note(forged, json_out=False)
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "-- verified: 3 pending message(s) from pppppppp (steps 1, 2, 3)"
+    assert err[1].startswith(f"FORGERY: message(s) shown as from {'p' * 22} in {'c' * 22}")
+    assert "steps 2) were NOT sent by them" in err[1]
+    note(forged, json_out=True)
+    out = json.loads(capsys.readouterr().out)
+    assert (out["type"], out["steps"], out["pinpointed"]) == ("forgery", [2], True)
