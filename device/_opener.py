@@ -284,14 +284,19 @@ class Opener:
                 raise StaleEpoch(f"epoch {epoch} is from before we joined")
             raise MissingKey(f"no grant yet for {sender} in epoch {epoch}")
         signed = bool(flags & FLAG_SIGNED)
+        cover = 0  # signed: the unsigned steps before it that it covers (§6.5)
+        covered = False  # unsigned under a policy that signs: pending until covered
         if signed:
+            cover = header.cover(data)
             # Verified before any chain step is derived (§6.4): a forged signature costs
             # one verification, whatever step it names.
             if self._preverified.pop(data, None) != chain.signer_key:
                 verify_signature(data, conv.cid_bytes, chain.signer_key)
         else:
-            if (every := conv.sign_every[epoch]) and step % every == 0:
-                raise SignatureRequired("the conversation policy requires a signature")
+            if every := conv.sign_every[epoch]:
+                if step % every == 0:
+                    raise SignatureRequired("the conversation policy requires a signature")
+                covered = True
             if epoch in conv.closed:
                 # Someone removed since holds this epoch's chain keys (§6.4, §7).
                 stated = conv.ends.get((epoch, sender_index, chain_no))
@@ -302,10 +307,8 @@ class Opener:
                         f"unsigned step {step} of epoch {epoch}: {sender} ended it at {stated}"
                     )
         ciphertext, aad = header.sealed(data, conv.cid_bytes)
-        chain_id = (epoch, sender_index, chain_no)
-        cover = header.cover(data) if signed else 0
-        covered = not signed and conv.sign_every[epoch] != 0
         if cover or covered:
+            chain_id = (epoch, sender_index, chain_no)
             coverage = self._coverage.get((cid, chain_id))
             if coverage is None:
                 coverage = self._coverage[(cid, chain_id)] = ChainCoverage()

@@ -80,17 +80,19 @@ class Sealer:
             plaintext, compressed, padded = encode_plaintext(message)
         step, key, nonce = chain.next_key()
         every = policy.sign_every
-        if every == 1:  # every envelope signed: nothing to cover (the default)
+        if every <= 1:  # 1 (the default): all signed; 0: none. Nothing is covered.
+            signed = every == 1
             header = headers.encode(
-                kind_of(message), step, signed=True, compressed=compressed, padded=padded
+                kind_of(message), step, signed=signed, compressed=compressed, padded=padded
             )
-            return seal_envelope(header, conv.cid_bytes, key, nonce, plaintext, self._identity.sign)
+            sign = self._identity.sign if signed else None
+            return seal_envelope(header, conv.cid_bytes, key, nonce, plaintext, sign)
         covering = self._covering.get(cid)
         if covering is None or covering.chain is not chain or covering.next_step != step:
             # A new chain, or steps skipped (a restart): cover from here on.
             covering = self._covering[cid] = _Covering(chain, step)
         covering.next_step = step + 1
-        if every and step % every == 0:
+        if step % every == 0:
             header = headers.encode(
                 kind_of(message),
                 step,
@@ -108,8 +110,7 @@ class Sealer:
             kind_of(message), step, signed=False, compressed=compressed, padded=padded
         )
         envelope = seal_envelope(header, conv.cid_bytes, key, nonce, plaintext)
-        if every:
-            covering.digests.append(envelope_digest(envelope))
+        covering.digests.append(envelope_digest(envelope))
         return envelope
 
     def reservations_low(self, left: int) -> bool:
