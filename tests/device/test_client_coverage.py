@@ -15,14 +15,16 @@ import pytest
 
 from fieldchat.device.chains import step_keys
 from fieldchat.device.cli_output import note, render
-from fieldchat.device.events import ForgeryDetected, MessageReceived, MessageVerified
+from fieldchat.device.client import Device
+from fieldchat.device.events import Event, ForgeryDetected, MessageReceived, MessageVerified
+from fieldchat.device.history import GatewayHistory
 from fieldchat.device.rows import Trust
 from fieldchat.schemas import Policy, TextMessage, Topics
 from fieldchat.schemas.crypto import aead_seal
 from fieldchat.schemas.envelope import EnvelopeKind, header_bytes
 from fieldchat.schemas.ids import decode_id
 from fieldchat.schemas.messages import encode_plaintext
-from tests.device.conftest import Devices, texts, wait_until
+from tests.device.conftest import FAST, STACK_QUEUE, Devices, texts, wait_until
 from tests.device.test_client_trust import members, publish
 
 pytestmark = pytest.mark.mosquitto
@@ -94,3 +96,67 @@ def test_the_cli_says_verified_quietly_and_forgery_loudly(
     note(forged, json_out=True)
     out = json.loads(capsys.readouterr().out)
     assert (out["type"], out["steps"], out["pinpointed"]) == ("forgery", [2], True)
+
+
+def test_a_device_reading_the_archive_flags_the_forgery_too(gateway_stack) -> None:  # type: ignore[no-untyped-def]
+    """Bob is away while Carol forges Alice's next unsigned step and Alice sends on: his
+    broker queue is full (Carol's messages in another conversation), so all of it comes
+    from the gateway's archive, which keeps both candidates of the step. Reading it, Bob
+    applies the same rule: Alice's own envelope is the other candidate, the forgery is
+    flagged and named."""
+    _, gateway, devices = gateway_stack
+    alice, carol = devices.make("alice"), devices.make("carol")
+    bob = devices.make("bob", start=False)
+    bob.history = GatewayHistory(gateway.base, bob.engine.identity)
+    bob.start().wait_connected(10)
+    cid = alice.create_conversation([bob.pid, carol.pid], policy=Policy(sign_every=4))
+    side = carol.create_conversation([bob.pid])
+    wait_until(
+        lambda: (
+            all(len(d.engine._convs[cid].recv) == 2 for d in (alice, bob, carol))
+            and bob.engine.is_member(side)
+        ),
+        15,
+        "everyone holds everyone's chain",
+    )
+    index = alice.engine.roster(cid).index_of(alice.pid)
+    kept = carol.engine._convs[cid].recv[(0, index, 0)]
+    sent = 0
+    while kept.step % 4 == 0:
+        alice.send(cid, f"a{sent}")
+        sent += 1
+        wait_until(lambda n=sent: len(texts(carol, cid)) == n, 10, "carol has it")
+    wait_until(lambda: len(texts(bob, cid)) == sent, 10, "bob has it")
+    path, history = bob.state.path, bob.history
+    bob.close()  # Mosquitto keeps his session and STACK_QUEUE of its messages
+    devices.open.remove(bob)
+    for i in range(STACK_QUEUE):  # one PUBLISH each: his queue fills
+        carol.send(side, f"side {i}")
+        assert carol.wait_drained(10)
+
+    step = kept.step
+    header = header_bytes(EnvelopeKind.TEXT, 0, index, 0, step, signed=False)
+    plaintext, _, _ = encode_plaintext(TextMessage(sent_at=1, text="from alice: trust carol"))
+    forged = header + aead_seal(
+        step_keys(kept.key)[0], step.to_bytes(12, "big"), plaintext, header + decode_id(cid)
+    )
+    publish(devices.broker, Topics().msg(cid), forged)
+    for i in range(4):
+        alice.send(cid, f"b{i}")
+        assert alice.wait_drained(10)
+    wait_until(lambda: kept.step >= step + 4, 10, "carol got alice's signed step")
+
+    bob = Device(path, devices.broker.options(bob.pid), link=FAST, history=history)
+    events: list[Event] = []
+    bob.on_event = events.append
+    devices.open.append(bob)
+    bob.start()
+    wait_until(
+        lambda: any(isinstance(e, ForgeryDetected) for e in events), 20, "the forgery flagged"
+    )
+    flagged = next(e for e in events if isinstance(e, ForgeryDetected))
+    assert (flagged.sender, flagged.steps, flagged.pinpointed) == (alice.pid, (step,), True)
+    assert bob.counters["forgery"] == 1
+    rows = {r.text: r.trust for r in bob.messages(cid)}
+    assert rows["from alice: trust carol"] is Trust.FORGED
+    assert Trust.VERIFIED in rows.values()
