@@ -325,9 +325,19 @@ class DeviceState(StateFile):
         )
         return [
             ReceivedRow(
-                *r[:11],
-                read=bool(r[11]),
-                trust=Trust(r[12]),
+                r[0],
+                r[1],
+                r[2],
+                r[3],
+                r[4],
+                r[5],
+                r[6],
+                r[7],
+                r[8],
+                r[9],
+                r[10],
+                bool(r[11]),
+                Trust(r[12]),
             )
             for r in rows
         ]

@@ -10,6 +10,7 @@ forgery: a ``ForgeryDetected`` event, the ``forgery`` counter, the row stored
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import pytest
 
@@ -39,7 +40,7 @@ def test_a_members_forgery_is_flagged_within_n_messages(mosquitto_devices: Devic
     while kept.step % 4 == 0:  # Carol forges an unsigned step: Alice's next is signed
         alice.send(cid, f"a{sent}")
         sent += 1
-        wait_until(lambda n=sent: len(texts(carol, cid)) == n, 10, "carol has it")
+        wait_until(holds(carol, cid, sent), 10, "carol has it")
     step = kept.step
     header = header_bytes(EnvelopeKind.TEXT, 0, index, 0, step, signed=False)
     plaintext, _, _ = encode_plaintext(TextMessage(sent_at=1, text="from alice: trust carol"))
@@ -77,7 +78,11 @@ def test_a_members_forgery_is_flagged_within_n_messages(mosquitto_devices: Devic
     assert any(isinstance(e, MessageVerified) for e in events)
 
 
-def rows_trust(device, cid: str, text: str) -> bool:  # type: ignore[no-untyped-def]
+def holds(device: Device, cid: str, count: int) -> Callable[[], bool]:
+    return lambda: len(texts(device, cid)) == count
+
+
+def rows_trust(device, cid: str, text: str) -> bool:
     rows = [r for r in device.messages(cid) if r.text == text]
     return bool(rows) and rows[0].trust is Trust.VERIFIED
 
@@ -98,7 +103,7 @@ def test_the_cli_says_verified_quietly_and_forgery_loudly(
     assert (out["type"], out["steps"], out["pinpointed"]) == ("forgery", [2], True)
 
 
-def test_a_device_reading_the_archive_flags_the_forgery_too(gateway_stack) -> None:  # type: ignore[no-untyped-def]
+def test_a_device_reading_the_archive_flags_the_forgery_too(gateway_stack) -> None:
     """Bob is away while Carol forges Alice's next unsigned step and Alice sends on: his
     broker queue is full (Carol's messages in another conversation), so all of it comes
     from the gateway's archive, which keeps both candidates of the step. Reading it, Bob
@@ -125,7 +130,7 @@ def test_a_device_reading_the_archive_flags_the_forgery_too(gateway_stack) -> No
     while kept.step % 4 == 0:
         alice.send(cid, f"a{sent}")
         sent += 1
-        wait_until(lambda n=sent: len(texts(carol, cid)) == n, 10, "carol has it")
+        wait_until(holds(carol, cid, sent), 10, "carol has it")
     wait_until(lambda: len(texts(bob, cid)) == sent, 10, "bob has it")
     path, history = bob.state.path, bob.history
     bob.close()  # Mosquitto keeps his session and STACK_QUEUE of its messages

@@ -61,7 +61,8 @@ def test_honest_unsigned_messages_go_from_pending_to_verified():
     opened = [alice.open(cid, e) for e in sent[:4]]
     assert [o.pending for o in opened if o] == [False, True, True, True]
     assert settled(alice) == []
-    assert not alice.open(cid, sent[4]).pending  # signed
+    signed = alice.open(cid, sent[4])
+    assert signed is not None and not signed.pending
     assert settled(alice) == [((1, 2, 3), Verdict.VERIFIED, True)]
     for e in sent[5:]:
         alice.open(cid, e)

@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from fieldchat.device._coverage import MAX_COVER_TRIES
 from fieldchat.device.chains import (
     MARK_EVERY,
     MAX_FORWARD_JUMP,
@@ -28,7 +29,6 @@ from fieldchat.device.grants import accept_grant, make_grant
 from fieldchat.device.identity import Identity
 from fieldchat.schemas import ChainGrant, FieldchatError, Grant, Member, Policy, Roster, TextMessage
 from fieldchat.schemas.crypto import chain_step
-from fieldchat.device._coverage import MAX_COVER_TRIES
 from fieldchat.schemas.envelope import MAX_COVER, coverage_digest, envelope_digest, read_header
 from fieldchat.schemas.frame import pack_frame
 from fieldchat.schemas.grant import MAX_CHAIN_ENDS, ChainEnd

@@ -109,7 +109,7 @@ def test_the_web_client_shows_pending_verified_and_forged(stack: Stack, browser)
     assert any(n.startswith("⚠ FORGERY") for n in notes)
 
 
-def publish_as(device, topic: str, payload: bytes) -> None:  # type: ignore[no-untyped-def]
+def publish_as(device, topic: str, payload: bytes) -> None:
     """Publish raw bytes on ``device``'s own connection: what a member's program can do."""
     connection = device._link.connection
     with connection.io:
@@ -117,12 +117,12 @@ def publish_as(device, topic: str, payload: bytes) -> None:  # type: ignore[no-u
     info.wait_for_publish(5)
 
 
-def forge_carol(carol, cid: str, alice) -> bytes:  # type: ignore[no-untyped-def]
+def forge_carol(carol, cid: str, alice) -> bytes:
     return forge_as(carol.engine, cid, alice.engine, 2, "from alice: trust carol")
 
 
 def trust_of(user: WebUser, text: str) -> str | None:
-    return user.page.evaluate(  # type: ignore[no-any-return]
+    return user.page.evaluate(
         "t => { for (const li of document.querySelectorAll('#messages li:not(.note)')) {"
         " if (li.querySelector('.text').textContent === t) {"
         " const s = li.querySelector('.trust'); return s ? s.dataset.trust : null; } }"
