@@ -149,6 +149,14 @@ class Opener:
         out, self._settled = self._settled, []
         return out
 
+    def _drop_stale_coverage(self) -> None:
+        """Forget the coverage of receiving chains no longer kept (old epochs, removed
+        members): one pass per new chain seen, so the table follows the chains."""
+        for cid, chain_id in list(self._coverage):
+            conv = self._convs.get(cid)
+            if conv is None or chain_id not in conv.recv:
+                del self._coverage[(cid, chain_id)]
+
     def _settle(self, cid: str, chain_id: ChainId, sender: str, done: list[Settled]) -> None:
         for steps, verdict, pinpointed in done:
             self._counters[f"coverage_{verdict}"] += len(steps)
@@ -311,6 +319,7 @@ class Opener:
             chain_id = (epoch, sender_index, chain_no)
             coverage = self._coverage.get((cid, chain_id))
             if coverage is None:
+                self._drop_stale_coverage()
                 coverage = self._coverage[(cid, chain_id)] = ChainCoverage()
             if covered and coverage.pending(step):
                 # Another candidate for a step still pending: kept if it authenticates,

@@ -57,7 +57,7 @@ def test_a_members_forgery_is_flagged_within_n_messages(mosquitto_devices: Devic
         alice.send(cid, f"b{i}")
     events = devices.events[bob.pid]
     wait_until(
-        lambda: any(isinstance(e, ForgeryDetected) for e in events), 15, "the forgery flagged"
+        lambda: any(isinstance(e, ForgeryDetected) for e in events), 30, "the forgery flagged"
     )
     flagged = next(e for e in events if isinstance(e, ForgeryDetected))
     assert (flagged.sender, flagged.steps, flagged.pinpointed) == (alice.pid, (step,), True)
@@ -157,7 +157,7 @@ def test_a_device_reading_the_archive_flags_the_forgery_too(gateway_stack) -> No
     devices.open.append(bob)
     bob.start()
     wait_until(
-        lambda: any(isinstance(e, ForgeryDetected) for e in events), 20, "the forgery flagged"
+        lambda: any(isinstance(e, ForgeryDetected) for e in events), 60, "the forgery flagged"
     )
     flagged = next(e for e in events if isinstance(e, ForgeryDetected))
     assert (flagged.sender, flagged.steps, flagged.pinpointed) == (alice.pid, (step,), True)

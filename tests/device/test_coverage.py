@@ -141,3 +141,18 @@ def test_sign_every_one_and_zero_show_nothing_pending():
         opened = [alice.open(cid, bob.seal(cid, text(str(i)))) for i in range(3)]
         assert [o.pending for o in opened if o] == [False, False, False]
         assert settled(alice) == []
+
+
+def test_after_a_sender_restart_the_signature_covers_only_what_came_since():
+    """The sender's coverage memory is not persisted (§6.5): its next signed envelope
+    covers the steps sealed since the restart; the earlier ones stay pending, never
+    flagged as forged."""
+    _, cid, alice, bob, _ = three()
+    before = [bob.seal(cid, text(f"b{i}")) for i in range(3)]  # 0 signed, 1-2 unsigned
+    bob._sealer._covering.clear()  # what a restart forgets
+    after = [bob.seal(cid, text(f"b{i}")) for i in range(3, 5)]
+    assert read_header(after[1]).cover(after[1]) == 1  # step 4 covers step 3 only
+    for e in before + after:
+        alice.open(cid, e)
+    assert settled(alice) == [((3,), Verdict.VERIFIED, True)]
+    assert alice.counters["coverage_forged"] == 0

@@ -129,3 +129,17 @@ def trust_of(user: WebUser, text: str) -> str | None:
         " return undefined; }",
         text,
     )
+
+
+def test_a_flood_of_forged_candidates_costs_the_browser_bounded_state(page):
+    cid, alice, carol, web = three(page)
+    sent = [alice.seal(cid, text(i)) for i in range(5)]
+    web.open(cid, sent[0])
+    for n in range(40):  # every one authenticates: Carol holds Alice's chain key
+        web.open(cid, forge_as(carol, cid, alice, 1, f"forged {n}"))
+    for e in sent[1:]:
+        web.open(cid, e)
+    counters = web.call("counters")
+    assert counters["candidate_kept"] == 16  # MAX_OTHERS; the rest are dropped
+    # Alice's own step 1 came 41st, past the bound: the window is flagged, not pinpointed.
+    assert web.call("takeSettled") == [[[1, 2, 3], "forged", False]]
