@@ -46,8 +46,9 @@ from fieldchat.schemas.topics import DEFAULT_PREFIX
 __all__ = ["EVENT_BUFFER", "AsyncDevice", "EventStream"]
 
 # Events a stream holds for a reader that is behind, before it drops (and says so).
-# A MessageReceived is ≈ 0.3-1 KB with its text: ≤ 1 MB a stream; a reader that
-# handles each event in a millisecond is a second behind a full receive burst.
+# A chat or sensor MessageReceived is ≈ 0.3-1 KB with its text: ≈ 1 MB a stream; at
+# most ≈ 64 MB if every text filled an envelope (MAX_ENVELOPE_BYTES). A reader that
+# takes a millisecond an event is a second behind when it overflows.
 EVENT_BUFFER = 1024
 # A blocking wait (connection, drained outbox, bundles) runs on a thread in slices this
 # long, so cancelling the task that awaits it frees the thread within one slice.
