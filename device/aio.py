@@ -236,14 +236,16 @@ class AsyncDevice:
 
     async def _close(self) -> None:
         self._phase = _Phase.CLOSING
-        # The writer runs this after every call submitted before (one thread, in order).
-        await asyncio.wrap_future(self._writer.submit(self._close_device))
-        self._writer.shutdown(wait=False)  # idle: its last task was the close
-        self._phase = _Phase.CLOSED
-        with self._events_lock:
-            streams = list(self._streams)
-        for stream in streams:
-            stream._end()
+        try:
+            # The writer runs this after every call submitted before (one thread, in order).
+            await asyncio.wrap_future(self._writer.submit(self._close_device))
+        finally:
+            self._writer.shutdown(wait=False)  # idle: its last task was the close
+            self._phase = _Phase.CLOSED
+            with self._events_lock:
+                streams = list(self._streams)
+            for stream in streams:
+                stream._end()
 
     def _close_device(self) -> None:
         """On the writer thread: waits out their slice (no new one starts: the phase

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -64,6 +66,18 @@ async def until(predicate: Callable[[], object], what: str, timeout: float = 15)
         if time.monotonic() > end:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         await asyncio.sleep(0.02)
+
+
+def writer_is_in_send() -> bool:
+    """Whether the AsyncDevice's writer thread is inside ``Device.send_many`` now."""
+    frames = sys._current_frames()
+    for thread in threading.enumerate():
+        frame = frames.get(thread.ident or 0) if thread.name.startswith("fieldchat-aio_") else None
+        while frame is not None:
+            if frame.f_code.co_name == "send_many":
+                return True
+            frame = frame.f_back
+    return False
 
 
 async def texts(device: AsyncDevice, cid: str) -> list[str]:
@@ -181,9 +195,9 @@ async def test_a_send_cancelled_while_running_finishes_and_one_not_started_does_
         holder.start()
         assert held.wait(5)
         running = asyncio.create_task(alice.send(cid, "first"))
-        await asyncio.sleep(0.3)
+        await until(writer_is_in_send, "the send to block on the held state file")
         queued = asyncio.create_task(alice.send(cid, "second"))
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0)  # its first step: submitted behind the running one
         running.cancel()
         queued.cancel()
         await asyncio.sleep(0.2)
@@ -351,6 +365,20 @@ async def test_a_cancelled_wait_is_prompt_and_use_before_start_is_refused(tmp_pa
         waiting.cancel()
         with pytest.raises(asyncio.CancelledError):
             await waiting
-        assert time.monotonic() - started < 0.5
+        assert time.monotonic() - started < 1.0  # one slice (0.1 s), not the 30 s asked
     with pytest.raises(RuntimeError, match="starts once"):
         await device.start()
+
+
+def test_the_sync_api_does_not_load_the_asyncio_one() -> None:
+    code = (
+        "import sys\n"
+        "import fieldchat.device\n"
+        "bare = ['asyncio' in sys.modules, 'fieldchat.device.aio' in sys.modules]\n"
+        "from fieldchat.device import Device\n"
+        "print(bare, 'fieldchat.device.aio' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.strip() == "[False, False] False"
