@@ -74,12 +74,14 @@ class EventStream(AsyncIterator[StreamEvent]):
     emitted before) or the stream is closed (at once).
     """
 
-    def __init__(self, lock: threading.Lock, limit: int) -> None:
+    def __init__(
+        self, lock: threading.Lock, limit: int, detach: Callable[[EventStream], None]
+    ) -> None:
         self._lock = lock  # the device's: the worker thread pushes under it
         self._backlog = Backlog(limit)
         self._ready = asyncio.Event()
         self._ended = False
-        self._detach: Callable[[EventStream], None] | None = None
+        self._detach = detach  # stops the device pushing to us
 
     @property
     def dropped(self) -> int:
@@ -108,8 +110,7 @@ class EventStream(AsyncIterator[StreamEvent]):
 
     def close(self) -> None:
         """Stop receiving; iteration ends at once (what was buffered is dropped)."""
-        if self._detach is not None:
-            self._detach(self)
+        self._detach(self)
         with self._lock:
             self._backlog.clear()
             self._ended = True
@@ -350,8 +351,7 @@ class AsyncDevice:
         """
         if self._phase in (_Phase.CLOSING, _Phase.CLOSED):
             raise RuntimeError("the AsyncDevice is closed")
-        stream = EventStream(self._events_lock, limit)
-        stream._detach = self._detach
+        stream = EventStream(self._events_lock, limit, self._detach)
         with self._events_lock:
             self._streams.add(stream)
         return stream

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from fieldchat.device.client import Device
-from tests.device.conftest import Devices, stop_process, texts, wait_until
+from tests.device.conftest import Devices, texts, wait_until
 
 pytestmark = pytest.mark.mosquitto
 
@@ -57,7 +57,7 @@ def test_the_sensor_posts_readings_and_answers_commands(mosquitto_devices: Devic
         def answers() -> list[str]:
             return [t for t in texts(operator, cid) if not t.startswith("load ")]
 
-        wait_until(readings, 20, "a reading")
+        wait_until(lambda: bool(readings()), 20, "a reading")
         # The last "help" comes after "not a command": once it is answered, the sensor
         # has seen (and left alone) the message that is not a command.
         operator.send_many(cid, ["help", "interval 30", "read", "not a command", "help"])
@@ -67,8 +67,12 @@ def test_the_sensor_posts_readings_and_answers_commands(mosquitto_devices: Devic
         assert re.fullmatch(r"read: load [\d.]+ [\d.]+ [\d.]+", answers()[2])
         assert answers()[3:] == [usage]
     finally:
-        stop_process(sensor, signal.SIGTERM)
-    out, err = sensor.communicate()
+        sensor.send_signal(signal.SIGTERM)  # a normal stop
+        try:
+            out, err = sensor.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            sensor.kill()
+            out, err = sensor.communicate()
     assert sensor.returncode == 0, err
     assert out.strip().endswith("sensor stopped")
     assert err == ""
