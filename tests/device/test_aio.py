@@ -19,6 +19,8 @@ from fieldchat.device import AsyncDevice, EventStream
 from fieldchat.device.client import Device
 from fieldchat.device.config import BrokerOptions
 from fieldchat.device.events import (
+    Connected,
+    Disconnected,
     EventsDropped,
     Joined,
     MessageReceived,
@@ -382,3 +384,41 @@ def test_the_sync_api_does_not_load_the_asyncio_one() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
     assert out.stdout.strip() == "[False, False] False"
+
+
+async def test_a_blocked_loop_does_not_stop_the_device(mosquitto: Mosquitto, tmp_path) -> None:
+    async with joined_pair(mosquitto, tmp_path) as (alice, bob, cid):
+        stream = bob.events(limit=4)
+        sent = [f"m{i}" for i in range(20)]
+        await alice.send_many(cid, sent)
+        # Block bob's event loop (as a careless callback would) until his device has
+        # stored everything: its worker receives, stores and acknowledges regardless.
+        end = time.monotonic() + 15
+        while len(bob.device.messages(cid)) < len(sent):
+            assert time.monotonic() < end, "bob's device stalled with its loop blocked"
+            time.sleep(0.02)  # blocking the loop is the point
+        got = [await anext(stream) for _ in range(5)]
+        assert [e.text for e in got[:4] if isinstance(e, MessageReceived)] == sent[:4]
+        marker = got[4]
+        assert isinstance(marker, EventsDropped)
+        assert (marker.count, marker.messages) == (16, 16)
+        assert stream.dropped == 16
+
+
+async def test_sends_are_accepted_offline_and_the_link_is_reported(
+    mosquitto: Mosquitto, tmp_path
+) -> None:
+    async with joined_pair(mosquitto, tmp_path) as (alice, bob, cid):
+        events = alice.events()
+        mosquitto.stop()
+        await next_of(events, Disconnected)
+        assert not alice.connected
+        await alice.send(cid, "written while the broker was away")
+        assert await alice.outbox()  # kept until the broker acknowledges it
+        assert await alice.undelivered(cid) == 1
+        mosquitto.start()
+        await next_of(events, Connected)
+        await alice.wait_connected(15)
+        assert await alice.wait_drained(15)
+        await until(lambda: bob.device.messages(cid), "bob receives")
+        assert await texts(bob, cid) == ["written while the broker was away"]
