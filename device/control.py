@@ -14,26 +14,43 @@ still delivers it when it runs again.
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
+import sys
+import tempfile
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from fieldchat.device.client import Device
 from fieldchat.device.config import low_bandwidth_policy
-from fieldchat.device.events import Event
+from fieldchat.device.events import (
+    Connected,
+    Disconnected,
+    Event,
+    GapDetected,
+    Joined,
+    KeyChanged,
+    MessageReceived,
+    PublishRefused,
+    ReceiptReceived,
+    Removed,
+)
 from fieldchat.device.idempotency import MAX_KEY_LENGTH
-from fieldchat.device.rpc import SERVER_ERROR, Method, Param, RpcError
+from fieldchat.device.rpc import APP_CODES, SERVER_ERROR, Method, Param, RpcError, openrpc
 from fieldchat.schemas import Policy
 from fieldchat.schemas.errors import ConfigError
 from fieldchat.schemas.messages import MAX_TEXT_BYTES
 
 __all__ = [
+    "EVENTS",
     "LISTEN_CURSOR",
     "MAX_TIMEOUT_S",
     "NOTIFICATION",
     "Caller",
     "Control",
+    "document",
     "event_json",
 ]
 
@@ -41,6 +58,18 @@ LISTEN_CURSOR = "listen_cursor"  # meta key shared with the standalone ``listen`
 MAX_TIMEOUT_S = 120.0  # the longest a method waits (bundles, the outbox)
 MAX_ROWS = 1_000  # messages returned by one call
 NOTIFICATION = "event"  # the method name of every notification
+# What a subscription streams: every event type of the device (docs/device.md, Events).
+EVENTS = (
+    MessageReceived,
+    ReceiptReceived,
+    KeyChanged,
+    Joined,
+    Removed,
+    GapDetected,
+    PublishRefused,
+    Connected,
+    Disconnected,
+)
 
 
 @dataclass
@@ -412,3 +441,51 @@ def _guarded(method: Method[Caller]) -> Method[Caller]:
         return inner(params, caller)
 
     return Method(method.name, method.summary, method.params, handler, method.result)
+
+
+# The JSON Schema of each annotation an event field has (a new one fails the schema test).
+_FIELD_SCHEMAS: dict[str, dict[str, Any]] = {
+    "int": {"type": "integer"},
+    "str": {"type": "string"},
+    "bool": {"type": "boolean"},
+    "str | None": {"type": ["string", "null"]},
+    "tuple[str, ...]": {"type": "array", "items": {"type": "string"}},
+    "ReceiptKind": {"enum": ["delivered", "read"]},
+}
+
+
+def document(control: Control) -> dict[str, Any]:
+    """The OpenRPC document of the daemon (docs/device-rpc.openrpc.json), with its
+    error codes and the ``event`` notification's types and fields."""
+    events = {
+        str(cls.type): {
+            "type": "object",
+            "properties": {
+                "type": {"const": str(cls.type)},
+                **{f.name: _FIELD_SCHEMAS[str(f.type)] for f in dataclasses.fields(cls)},
+            },
+        }
+        for cls in EVENTS
+    }
+    return openrpc(
+        "fieldchat device daemon (fieldchat device run)",
+        "1",
+        control.methods(),
+        {
+            "x-framing": "JSON-RPC 2.0, one JSON object or batch per line (UTF-8, \\n)",
+            "x-errors": {str(code): kind for _, code, kind in APP_CODES},
+            "x-notifications": {NOTIFICATION: {"params": {"oneOf": list(events.values())}}},
+        },
+    )
+
+
+if __name__ == "__main__":  # python -m fieldchat.device.control > docs/device-rpc.openrpc.json
+    import json
+
+    with tempfile.TemporaryDirectory() as tmp:
+        device = Device(Path(tmp) / "schema.sqlite3", post_quantum=False)
+        try:
+            json.dump(document(Control(device)), sys.stdout, indent=2, ensure_ascii=False)
+            sys.stdout.write("\n")
+        finally:
+            device.close()

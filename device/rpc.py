@@ -53,6 +53,7 @@ __all__ = [
     "RpcError",
     "error_line",
     "notification",
+    "openrpc",
 ]
 
 log = logging.getLogger("fieldchat.device.rpc")
@@ -316,3 +317,33 @@ class Dispatcher(Generic[C]):
 
 def _err(error: RpcError) -> dict[str, Any]:
     return {"error": error.to_json()}
+
+
+def openrpc(
+    title: str, version: str, methods: Sequence[Method[Any]], extra: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The OpenRPC 1.2 document of ``methods`` (docs/device-rpc.openrpc.json is this,
+    for the daemon's table; a test keeps them equal). ``extra``: ``x-`` members."""
+    return {
+        "openrpc": "1.2.6",
+        "info": {"title": title, "version": version},
+        "methods": [
+            {
+                "name": m.name,
+                "summary": m.summary,
+                "paramStructure": "either",
+                "params": [
+                    {
+                        "name": p.name,
+                        "summary": p.doc,
+                        "required": p.required,
+                        "schema": p.schema(),
+                    }
+                    for p in m.params
+                ],
+                "result": {"name": "result", "schema": dict(m.result)},
+            }
+            for m in sorted(methods, key=lambda m: m.name)
+        ],
+        **extra,
+    }

@@ -252,3 +252,89 @@ def test_tcp_needs_the_token(mosquitto_devices: Devices, mosquitto: Mosquitto) -
         assert daemon.stop() == 0
     assert not token_file.exists()
     assert texts(alice, cid) == ["over tcp"]
+
+
+def _event_schemas() -> dict[str, set[str]]:
+    doc = json.loads((Path(__file__).parents[2] / "docs" / "device-rpc.openrpc.json").read_text())
+    return {
+        e["properties"]["type"]["const"]: set(e["properties"])
+        for e in doc["x-notifications"]["event"]["params"]["oneOf"]
+    }
+
+
+def _until(client: ControlClient, kind: str, timeout: float = 30) -> dict[str, object]:
+    end = time.monotonic() + timeout
+    while (left := end - time.monotonic()) > 0:
+        event = client.next_event(left)
+        if event is not None and event["type"] == kind:
+            return event
+    raise AssertionError(f"no {kind} event in {timeout} s")
+
+
+def test_subscribers_get_events_as_notifications(
+    mosquitto_devices: Devices, mosquitto: Mosquitto
+) -> None:
+    cid, (alice, bob) = conversation(mosquitto_devices, "alice", "bob")
+    env = _daemon_env(mosquitto_devices, bob, mosquitto)
+    schemas = _event_schemas()
+    with DaemonProcess(env) as daemon, daemon.client() as everything, daemon.client() as other:
+        wait_until(lambda: everything.call("status")["connected"], 20, "the daemon connects")
+        assert everything.call("subscribe") == {"connected": True, "protocol": "5"}
+        other.call("subscribe", {"cids": ["bbbbbbbbbbbbbbbbbbbbbbbbbb"]})
+        alice.send(cid, "to the subscribers")
+        message = _until(everything, "message")
+        assert (message["cid"], message["sender"], message["text"]) == (
+            cid,
+            alice.pid,
+            "to the subscribers",
+        )
+        assert set(message) <= schemas["message"]
+        everything.call("send", {"cid": cid, "text": "back"})  # alice receipts it
+        got = _until(everything, "receipt")
+        assert got["sender"] == alice.pid and set(got) <= schemas["receipt"]
+        mosquitto.stop()
+        gone = _until(everything, "disconnected")
+        assert set(gone) <= schemas["disconnected"]
+        assert _until(other, "disconnected", 5)  # no cid: every subscriber gets it
+        mosquitto.start()
+        back = _until(everything, "connected")
+        assert set(back) <= schemas["connected"]
+        assert _until(other, "connected")
+        assert other.next_event(0.5) is None, "a message of another conversation came"
+        everything.call("unsubscribe")
+        alice.send(cid, "after unsubscribe")
+        wait_until(
+            lambda: any(m["text"] == "after unsubscribe" for m in everything.call("messages")),
+            20,
+            "the message is stored",
+        )
+        assert everything.next_event(0.3) is None
+
+
+def test_connections_are_bounded(mosquitto_devices: Devices, mosquitto: Mosquitto) -> None:
+    from fieldchat.device.daemon import MAX_CONNECTIONS
+
+    cid, (alice, bob) = conversation(mosquitto_devices, "alice", "bob")
+    env = _daemon_env(mosquitto_devices, bob, mosquitto)
+    with DaemonProcess(env) as daemon:
+        held = [daemon.client() for _ in range(MAX_CONNECTIONS)]
+        try:
+            for client in held:  # each is served (the server has accepted them all)
+                assert client.call("whoami")["pid"] == bob.pid
+            extra = _raw(daemon.socket)
+            line = extra.makefile("rb").readline()
+            assert json.loads(line)["error"]["code"] == -32000
+            assert b"too many connections" in line
+            extra.close()
+        finally:
+            for client in held:
+                client.close()
+        wait_until(lambda: _serves(daemon), 10, "a connection is free again")
+
+
+def _serves(daemon: DaemonProcess) -> bool:
+    with daemon.client() as client:
+        try:
+            return bool(client.call("whoami"))
+        except ConnectionError:
+            return False
