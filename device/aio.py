@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import threading
 import time
@@ -381,15 +382,20 @@ class AsyncDevice:
 
     # -- sending -----------------------------------------------------------------------
 
-    async def send(self, cid: str, text: str) -> SentMessage:
+    async def send(self, cid: str, text: str, *, idempotency_key: str | None = None) -> SentMessage:
         """Seal ``text`` for ``cid`` and make it durable; it leaves as soon as it can.
+
+        ``idempotency_key`` as in :meth:`Device.send`: a retry under the same key
+        queues nothing and returns the first message.
 
         Raises:
             UnknownConversation, NotAMember: not a member of ``cid``.
             LimitExceeded: the text is too long.
+            IdempotencyConflict: the key was used for another conversation or text.
             KeyStoreError: the state file could not be written (nothing was queued).
         """
-        return await self._call(self._open_device().send, cid, text)
+        send = functools.partial(self._open_device().send, idempotency_key=idempotency_key)
+        return await self._call(send, cid, text)
 
     async def send_many(self, cid: str, texts: Sequence[str]) -> list[SentMessage]:
         """Like :meth:`send` for several texts, in one transaction (all or none).

@@ -71,12 +71,12 @@ async def until(predicate: Callable[[], object], what: str, timeout: float = 15)
 
 
 def writer_is_in_send() -> bool:
-    """Whether the AsyncDevice's writer thread is inside ``Device.send_many`` now."""
+    """Whether the AsyncDevice's writer thread is inside ``Device._queue`` (send, send_many) now."""
     frames = sys._current_frames()
     for thread in threading.enumerate():
         frame = frames.get(thread.ident or 0) if thread.name.startswith("fieldchat-aio_") else None
         while frame is not None:
-            if frame.f_code.co_name == "send_many":
+            if frame.f_code.co_name == "_queue":  # Device.send and send_many both
                 return True
             frame = frame.f_back
     return False
