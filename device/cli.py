@@ -387,6 +387,13 @@ def conv_create(
     low_bandwidth: Annotated[
         bool, typer.Option("--low-bandwidth", help="Compressed, one signature in 32.")
     ] = False,
+    require_pq: Annotated[
+        bool,
+        typer.Option(
+            "--require-pq/--allow-x25519-only",
+            help="Admit only members with an ML-KEM-768 key (every grant hybrid).",
+        ),
+    ] = True,
     timeout: Timeout = 10.0,
     json_out: JsonOut = False,
 ) -> None:
@@ -395,7 +402,7 @@ def conv_create(
         low_bandwidth_policy()
         if low_bandwidth
         else Policy(compress=compress, sign_every=sign_every)
-    )
+    ).model_copy(update={"require_pq": require_pq})
     with _errors(), _connected(timeout) as device:
         cid = device.create_conversation(members or [], policy=policy, timeout=timeout)
         _finish(device, timeout)

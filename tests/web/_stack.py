@@ -49,7 +49,8 @@ NO_MLKEM = """
       const alg = name === "generateKey" ? args[0] : args[2];
       const algName = typeof alg === "string" ? alg : alg && alg.name;
       if (/^ML-KEM/i.test(String(algName))) {
-        return Promise.reject(new DOMException("Algorithm: Unrecognized name", "NotSupportedError"));
+        const refusal = new DOMException("Algorithm: Unrecognized name", "NotSupportedError");
+        return Promise.reject(refusal);
       }
       return real.apply(this, args);
     };
