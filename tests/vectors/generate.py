@@ -318,7 +318,7 @@ def build(recorded: dict[str, str] | None = None) -> dict[str, Any]:
 def _roster_chain(admin: Engine, cid: str, member: Identity) -> list[dict[str, Any]]:
     """Epochs 1 and 2 after epoch 0 of ``cid`` (a policy change, a removal), and two
     rosters that do not chain: each case names the roster it must follow (§5.2)."""
-    admin.set_policy(cid, Policy(pad=True))
+    admin.set_policy(cid, Policy(pad=True, require_pq=False))
     admin.remove_members(
         cid, [p for p in admin.roster(cid).pids if p not in (admin.pid, member.pid)]
     )
