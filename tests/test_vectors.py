@@ -11,8 +11,8 @@ from fieldchat.device.engine import Engine
 from fieldchat.device.grants import accept_grant
 from fieldchat.schemas import Bundle, ChainGrant, Grant, Roster, TextMessage
 from fieldchat.schemas.crypto import HybridSealed, aead_open, chain_step, hybrid_open
-from fieldchat.schemas.errors import CryptoError
 from fieldchat.schemas.envelope import read_header
+from fieldchat.schemas.errors import CryptoError
 from fieldchat.schemas.frame import pack_frame, split
 from tests.vectors.generate import PATH, build, identity, recorded_of
 
