@@ -3,7 +3,8 @@
 Three participants (a Pi, a technician's laptop, a browser; all three with ML-KEM-768,
 as browsers with WebCrypto ML-KEM have) form a conversation under the default policy
 (post-quantum members only, every grant hybrid), exchange messages, and one is
-removed; every step shows the bytes that would cross the broker, so a newcomer sees what the broker can and cannot see.
+removed; every step shows the bytes that would cross the broker, so a newcomer sees
+what the broker can and cannot see.
 """
 
 from __future__ import annotations
