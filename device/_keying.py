@@ -179,6 +179,10 @@ class Keying:
             bundle = self._bundles.get(pid)
             if bundle is None:
                 continue
+            if roster.policy.require_pq and bundle.mlkem768 is None:
+                # Every grant of such an epoch is hybrid (§5.2): owed until it has ML-KEM.
+                self._counters["not_post_quantum"] += 1
+                continue
             grant = make_grant(self._identity, bundle, conv.cid, payload, random=self._random)
             out.append(Publication(self._topics.inbox(pid), grant.to_bytes()))
             conv.owed_to.discard(pid)
@@ -232,6 +236,8 @@ class Keying:
             raise GrantRejected("grant for an epoch we are not a member of")
         if grant.mode is not GrantMode.HYBRID and member.pq and self._identity.mlkem_seed:
             raise GrantRejected("X25519-only grant to a post-quantum member (downgrade)")
+        if grant.mode is not GrantMode.HYBRID and roster.policy.require_pq:
+            raise GrantRejected("X25519-only grant in an epoch that requires post-quantum")
         key = (payload.epoch, payload.sender, payload.chain)
         if key in conv.recv:
             self._counters["duplicate"] += 1

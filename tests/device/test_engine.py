@@ -452,3 +452,41 @@ def test_preverified_batch_opens_in_order_and_a_forgery_still_fails_in_its_place
     chain.signer_key = mesh["mallory"].identity.bundle.ed25519
     with pytest.raises(CryptoError):
         mesh["bob"].open(cid, again)
+
+
+def test_every_member_keeps_an_epoch_that_requires_post_quantum_hybrid():
+    """An admin's roster requires post-quantum members yet lists one without ML-KEM (a
+    faulty or hostile admin: the engine itself never issues it). The members enforce the
+    policy too: nobody grants that member by X25519 only (it stays owed), and an
+    X25519-only grant from it is refused: no key of the epoch travels without ML-KEM."""
+    mesh = Mesh("alice", "bob", "web", post_quantum=["alice", "bob"])
+    cid = mesh.create("alice", "bob")
+    alice, bob, web = mesh["alice"], mesh["bob"], mesh["web"]
+    roster0 = alice.roster(cid)
+    roster1 = Roster.create(
+        cid=cid,
+        epoch=1,
+        nonce=b"",
+        prev=roster0.digest(),
+        members=(*roster0.members, Member(pid=web.pid, admin=False, pq=False)),
+        policy=roster0.policy,
+        issued_at=roster0.issued_at,
+        signer_key=alice.identity.public,
+        sign=alice.identity.sign,
+    )
+    assert roster1.policy.require_pq
+    web.handle_roster(roster0.to_bytes())
+    web.handle_roster(roster1.to_bytes())
+    from_bob = bob.handle_roster(roster1.to_bytes())
+    assert [p.topic for p in from_bob] == [mesh.topics.inbox(alice.pid)]  # none to web
+    assert bob.counters["not_post_quantum"] == 1
+    assert web.pid in bob.owed_grants(cid)
+    # Web's own grant to bob by X25519 only (as a browser without ML-KEM makes them; the
+    # roster does not mark web post-quantum, so only the policy refuses it).
+    payload = ChainGrant(
+        epoch=1, roster=roster1.digest(), sender=2, chain=0, step=0, key=b"\x05" * 32
+    )
+    x_only = bob.identity.bundle.model_copy(update={"mlkem768": None})
+    grant = make_grant(web.identity, x_only, cid, payload)
+    with pytest.raises(GrantRejected, match="requires post-quantum"):
+        bob.handle_grant(grant.to_bytes())

@@ -503,3 +503,35 @@ def test_a_browser_without_mlkem_is_x25519_only_and_the_policy_decides(page_with
         == "x25519 only"
     )
     assert text(device.open(cid, web.seal(cid, "back, x25519 only"))) == "back, x25519 only"
+
+
+def test_the_browser_keeps_an_epoch_that_requires_post_quantum_hybrid(page):
+    """An admin's roster requires post-quantum members yet lists one without ML-KEM. The
+    browser enforces the policy too: it grants that member nothing (owed) and refuses
+    an X25519-only grant from it."""
+    web = WebPeer(page)
+    alice, old = Engine(Identity.generate()), Engine(Identity.generate(post_quantum=False))
+    introduce(web, alice, old)
+    cid = found(alice, [], web)
+    roster0 = alice.roster(cid)
+    roster1 = Roster.create(
+        cid=cid,
+        epoch=1,
+        nonce=b"",
+        prev=roster0.digest(),
+        members=(*roster0.members, Member(pid=old.pid, admin=False, pq=False)),
+        policy=roster0.policy,
+        issued_at=roster0.issued_at,
+        signer_key=alice.identity.public,
+        sign=alice.identity.sign,
+    )
+    assert roster1.policy.require_pq
+    grants = web.roster(roster1.to_bytes())
+    assert [g["recipient"] for g in grants] == [alice.pid]  # none to the X25519-only member
+    assert web.call("counters").get("grant", 0) == 0
+    payload = ChainGrant(
+        epoch=1, roster=roster1.digest(), sender=2, chain=0, step=0, key=b"\x05" * 32
+    )
+    x_only = Bundle.from_bytes(web.bundle).model_copy(update={"mlkem768": None})
+    grant = make_grant(old.identity, x_only, cid, payload)
+    assert web.inbox(grant.to_bytes()) == {"error": "grant"}

@@ -335,6 +335,9 @@ export class Engine {
     if (member.pid !== grant.granter || member.pid === this.pid) throw rejected("grant", "grant signed by someone other than the chain's member");
     if (!roster.pids.includes(this.pid)) throw rejected("grant", "grant for an epoch we are not a member of");
     if (downgrade(roster)) throw rejected("grant", "X25519-only grant to a post-quantum member (downgrade)");
+    if (grant.mode !== GRANT_MODE.hybrid && roster.policy.requirePq) {
+      throw rejected("grant", "X25519-only grant in an epoch that requires post-quantum");
+    }
     const key = `${payload.epoch}/${payload.sender}/${payload.chain}`;
     let installed = false;
     if (conv.recv.has(key)) this.count("duplicate");

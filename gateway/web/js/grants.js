@@ -45,6 +45,9 @@ export async function payGrants(identity, bundles, conv) {
   for (const pid of [...conv.owed].sort()) {
     const bundle = bundles.get(pid);
     if (!bundle) continue;
+    // Every grant of an epoch that requires post-quantum members is hybrid (§5.2): a
+    // member without ML-KEM, or this browser without it, stays owed.
+    if (roster.policy.requirePq && !(bundle.mlkem768 && identity.kPublic)) continue;
     out.push({ kind: "grant", recipient: pid, data: await makeGrant(identity, bundle, conv.cid, payload) });
     conv.owed.delete(pid);
   }
