@@ -190,6 +190,18 @@ class Keying:
             conv.grant_base = None  # forget the old chain key: forward secrecy (§6.2)
         return out
 
+    def _check_x25519_only(self, granter_pq: bool, require_pq: bool) -> None:
+        """An X25519-only grant is refused from a post-quantum granter when we have ML-KEM
+        (a downgrade) and in an epoch that requires post-quantum members (§5.2, §5.3).
+
+        Raises:
+            GrantRejected: either.
+        """
+        if granter_pq and self._identity.mlkem_seed:
+            raise GrantRejected("X25519-only grant to a post-quantum member (downgrade)")
+        if require_pq:
+            raise GrantRejected("X25519-only grant in an epoch that requires post-quantum")
+
     def receive_grant(self, data: bytes) -> GrantResult:
         """Accept a grant from our inbox (see :meth:`Engine.handle_grant`).
 
@@ -234,10 +246,8 @@ class Keying:
             raise GrantRejected("grant signed by someone other than the chain's member")
         if self._pid not in roster.pids:
             raise GrantRejected("grant for an epoch we are not a member of")
-        if grant.mode is not GrantMode.HYBRID and member.pq and self._identity.mlkem_seed:
-            raise GrantRejected("X25519-only grant to a post-quantum member (downgrade)")
-        if grant.mode is not GrantMode.HYBRID and roster.policy.require_pq:
-            raise GrantRejected("X25519-only grant in an epoch that requires post-quantum")
+        if grant.mode is not GrantMode.HYBRID:
+            self._check_x25519_only(member.pq, roster.policy.require_pq)
         key = (payload.epoch, payload.sender, payload.chain)
         if key in conv.recv:
             self._counters["duplicate"] += 1
