@@ -213,7 +213,8 @@ class Keying:
         grant = Grant.from_bytes(data)
         if grant.mode is not GrantMode.HYBRID and self._identity.mlkem_seed is not None:
             # We publish an ML-KEM key. An X25519-only grant is right only from a
-            # member without ML-KEM (a browser); from anyone else it is a downgrade.
+            # member without ML-KEM (a browser lacking WebCrypto ML-KEM); from anyone
+            # else it is a downgrade.
             # Checked before decrypting against the newest roster, and after against
             # the grant's own epoch.
             # A grant for a conversation we have no roster of yet is held and checked
