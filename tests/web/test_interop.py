@@ -122,6 +122,11 @@ def test_python_founds_and_both_sides_talk(page):
     web = WebPeer(page)
     assert web.post_quantum
     assert Bundle.from_bytes(web.bundle).post_quantum
+    assert web.call("kemKey") == {
+        "type": "private",
+        "extractable": False,
+        "algorithm": "ML-KEM-768",
+    }
     device = Engine(Identity.generate())
     device.learn_bundle(web.bundle)
     assert web.learn(device.identity.bundle.to_bytes()) == "new"

@@ -35,6 +35,11 @@ export async function create() {
       } catch (err) { return refusal(err); }
     },
     mlkem: async () => (await import("/js/crypto.js")).mlkemSupported(),
+    // The identity's ML-KEM private key: a CryptoKey whose bytes script cannot read.
+    kemKey: async () => {
+      const k = engine.identity.kPrivate;
+      return k ? { type: k.type, extractable: k.extractable, algorithm: k.algorithm.name } : null;
+    },
     grantMode: async (h) => (await decodeGrant(fromHex(h))).mode,
     create: async (members) => {
       const { cid, publications } = await engine.createConversation(members);
