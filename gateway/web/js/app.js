@@ -300,8 +300,7 @@ async function onEnvelope(cid, seq, data, live) {
       await keep(stored);
     }
     if (own || stored.trust !== "pending") return;
-    // Another candidate of a step shown as pending: the engine keeps it if it authenticates,
-    // and the sender's covering signature tells which one it sent (PROTOCOL.md §6.5).
+    // Another candidate of a pending step: the engine may keep it (§6.5).
     try { await S.engine.open(cid, data); } catch (err) { if (!(err instanceof FieldchatError)) throw err; }
     await settle(cid);
     return;
@@ -333,9 +332,7 @@ async function onEnvelope(cid, seq, data, live) {
   await settle(cid);
 }
 
-// Delayed authentication (PROTOCOL.md §6.5): an unsigned message is shown "pending" until
-// its sender's next signed envelope covers it, then "verified", or flagged "forged" (with a
-// note: another member sealed it in the sender's name). After the message that completed it.
+// Pending unsigned messages verified or flagged forged (PROTOCOL.md §6.5).
 async function settle(cid) {
   for (const done of S.engine.takeSettled()) {
     for (const step of done.steps) {

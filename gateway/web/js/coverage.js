@@ -1,15 +1,9 @@
-// Delayed authentication of unsigned envelopes (device/_coverage.py; PROTOCOL.md §6.5).
-//
-// With sign_every = N only every Nth envelope is signed; an unsigned one proves only that
-// some member holding the chain key sealed it. Each signed envelope's AES-GCM tag also
-// covers the digests of the unsigned envelopes of its chain just before it (its header's
-// `cover` counts them), and its signature proves those tag bytes are the sender's. Once a
-// receiver holds the covered envelopes it knows whether what it showed is what the sender
-// sent: "verified", or "forged" by another member. Bounded state and work per chain, as in
-// Python: MAX_PENDING digests and keys, MAX_OTHERS further candidates, MAX_WAITING signed
-// envelopes, MAX_COVER_TRIES tag checks per signed envelope.
+// Delayed authentication (device/_coverage.py, _opener.py, _sealer.py; PROTOCOL.md §6.5):
+// unsigned messages pending until the sender's next signed envelope, whose tag covers
+// their digests, settles them "verified" or "forged". Bounded as in Python. engine.js
+// imports this module only for conversations that sign every Nth step.
 
-import { concat, equal } from "./bytes.js";
+import { CryptoError, concat, equal } from "./bytes.js";
 import { aeadOpen, sha256, stepNonce } from "./crypto.js";
 
 export const MAX_COVER = 1023;
@@ -19,6 +13,18 @@ export const MAX_WAITING = 4;
 export const MAX_COVER_TRIES = 64;
 
 const LABEL = new TextEncoder().encode("fieldchat coverage v1");
+
+// The plaintext of a signed envelope whose signature verified, without its tag: AES-GCM's
+// counter-mode part alone (NIST SP 800-38D §7.2, counter from nonce || 00000002). The
+// signature authenticates these bytes; the tag, whose associated data ends with the digest
+// of the envelopes it covers, is checked apart, once they are here (PROTOCOL.md §6.5).
+async function aeadDecryptSigned(key, nonce, sealed) {
+  if (sealed.length < 16) throw new CryptoError();
+  const k = await globalThis.crypto.subtle.importKey("raw", key, "AES-CTR", false, ["decrypt"]);
+  const counter = concat(nonce, Uint8Array.of(0, 0, 0, 2));
+  const body = sealed.subarray(0, sealed.length - 16);
+  return new Uint8Array(await globalThis.crypto.subtle.decrypt({ name: "AES-CTR", counter, length: 32 }, k, body));
+}
 
 export const envelopeDigest = (data) => sha256(data);
 
@@ -125,4 +131,50 @@ export class ChainCoverage {
     this.keys.delete(step);
     this.others.delete(step);
   }
+}
+
+// engine.seal: what our next envelope covers ({cover, digest} when signed; `add` the
+// envelope when not), per conversation in `map`; a new chain or skipped steps start over.
+export async function covering(map, cid, chain, step, signed) {
+  let c = map.get(cid);
+  if (!c || c.chain !== chain || c.next !== step) map.set(cid, c = { chain, next: step, digests: [] });
+  c.next = step + 1;
+  if (!signed) return { add: async (body) => { c.digests.push(await envelopeDigest(body)); } };
+  const out = { cover: c.digests.length, digest: await coverageDigest(c.digests) };
+  c.digests = [];
+  return out;
+}
+
+// engine._open for a covering signed or a covered unsigned envelope: its plaintext, null
+// (a duplicate) or undefined (another candidate of a pending step, kept if authentic).
+export async function openCovered(engine, cid, key, h, sender, chain, data, sealed, aad) {
+  const where = `${cid}/${key}`;
+  let coverage = engine.coverage.get(where);
+  if (!coverage) engine.coverage.set(where, coverage = new ChainCoverage());
+  const settle = (done) => {
+    for (const { steps, verdict, pinpointed } of done) {
+      engine.counters[`coverage_${verdict}`] = (engine.counters[`coverage_${verdict}`] || 0) + steps.length;
+      engine.settled.push({ cid, sender, epoch: h.epoch, senderIndex: h.sender, chain: h.chain, steps, verdict, pinpointed });
+    }
+  };
+  if (!h.cover && coverage.pending(h.step)) {
+    if (await coverage.candidate(h.step, await envelopeDigest(data), sealed, aad)) {
+      engine.count("candidate_kept");
+      settle(await coverage.retry(h.step));
+    } else {
+      engine.count("duplicate");
+    }
+    return undefined;
+  }
+  let messageKey = null;
+  const aead = async (k, n, s, a) => {
+    messageKey = k;
+    return h.cover ? aeadDecryptSigned(k, n, s) : aeadOpen(k, n, s, a);
+  };
+  const plaintext = await chain.open(h.step, sealed, aad, !!h.cover, aead);
+  if (plaintext !== null) {
+    settle(h.cover ? await coverage.signed(h.step, h.cover, messageKey, sealed, aad)
+                   : await coverage.unsigned(h.step, await envelopeDigest(data), messageKey));
+  }
+  return plaintext;
 }

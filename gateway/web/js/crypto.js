@@ -57,18 +57,6 @@ export async function aeadOpen(key, nonce, sealed, aad) {
   }
 }
 
-// The plaintext of a signed envelope whose signature verified, without its tag: AES-GCM's
-// counter-mode part alone (NIST SP 800-38D §7.2, counter from nonce || 00000002). The
-// signature authenticates these bytes; the tag, whose associated data ends with the digest
-// of the envelopes it covers, is checked apart, once they are here (PROTOCOL.md §6.5).
-export async function aeadDecryptSigned(key, nonce, sealed) {
-  if (sealed.length < 16) throw new CryptoError();
-  const k = await subtle.importKey("raw", key, "AES-CTR", false, ["decrypt"]);
-  const counter = concat(nonce, Uint8Array.of(0, 0, 0, 2));
-  const body = sealed.subarray(0, sealed.length - 16);
-  return new Uint8Array(await subtle.decrypt({ name: "AES-CTR", counter, length: 32 }, k, body));
-}
-
 // Ed25519 -------------------------------------------------------------------------------
 
 const verifyKeys = new Map(); // hex of public key -> CryptoKey (bounded)

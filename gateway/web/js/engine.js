@@ -23,10 +23,8 @@ import {
   MARK_EVERY, MAX_FORWARD_JUMP, MAX_SKIPPED_KEYS, MAX_UNSIGNED_JUMP, RecvChain,
 } from "./chains.js";
 import { KEEP_EPOCHS, MAX_ROSTER_CANDIDATES, Conversation, loadConversations } from "./conversation.js";
-import { ChainCoverage, MAX_COVER_TRIES, coverageDigest, envelopeDigest } from "./coverage.js";
 import {
-  aeadDecryptSigned, aeadOpen, aeadSeal, chainStep, ed25519Sign, ed25519Verify, hybridOpen, hybridSeal, mlkemSupported,
-  randomBytes, stepNonce,
+  aeadSeal, chainStep, ed25519Sign, ed25519Verify, hybridOpen, hybridSeal, mlkemSupported, randomBytes, stepNonce,
 } from "./crypto.js";
 import { acceptGrant, makeGrant, payGrants } from "./grants.js";
 import { generateIdentity, identityFromSeed, signRoster } from "./identity.js";
@@ -39,8 +37,7 @@ import {
 // This module is the browser participant's whole API (tests/web/pages import it).
 export {
   CryptoError, KEEP_EPOCHS, MARK_EVERY, MAX_FORWARD_JUMP, MAX_ROSTER_CANDIDATES, MAX_SKIPPED_KEYS, MAX_UNSIGNED_JUMP,
-  MAX_COVER_TRIES, MemoryStore, acceptGrant, generateIdentity, hybridOpen, hybridSeal, identityFromSeed, makeGrant,
-  mlkemSupported,
+  MemoryStore, acceptGrant, generateIdentity, hybridOpen, hybridSeal, identityFromSeed, makeGrant, mlkemSupported,
 };
 export const MAX_PENDING_GRANTS = 256; // grants held per conversation until its epoch is entered
 // Conversations known only from held rosters or grants, or rosters not listing us; past
@@ -50,6 +47,7 @@ export const MAX_JOINING = 64;
 const FLUSH_MS = 200; // receiving-chain state is written in batches (§6.4)
 
 const rejected = (reason, why) => protocolError(reason, why);
+const coverageModule = () => import("./coverage.js");
 
 // The engine -----------------------------------------------------------------------------------
 
@@ -64,27 +62,17 @@ export class Engine {
     this._queue = Promise.resolve();
     this._dirty = new Set();
     this._flushTimer = null;
-    // Delayed authentication (§6.5), in memory: per receiving chain ("cid/epoch/sender/
-    // chain") what awaits a covering signature; per conversation what our next signed
-    // envelope covers; settled verdicts until takeSettled().
+    // Delayed authentication (§6.5): coverage.js, loaded when a conversation needs it.
     this.coverage = new Map();
-    this._covering = new Map();
-    this._settled = [];
+    this.covering = new Map();
+    this.settled = [];
   }
 
-  // Pending unsigned messages settled since the last call (§6.5), oldest first: {cid,
-  // sender, epoch, senderIndex, chain, steps, verdict: "verified" | "forged", pinpointed}.
+  // Verdicts since the last call: {cid, sender, epoch, senderIndex, chain, steps, verdict, pinpointed}.
   takeSettled() {
-    const out = this._settled;
-    this._settled = [];
+    const out = this.settled;
+    this.settled = [];
     return out;
-  }
-
-  _settle(cid, h, sender, done) {
-    for (const { steps, verdict, pinpointed } of done) {
-      this.counters[`coverage_${verdict}`] = (this.counters[`coverage_${verdict}`] || 0) + steps.length;
-      this._settled.push({ cid, sender, epoch: h.epoch, senderIndex: h.sender, chain: h.chain, steps, verdict, pinpointed });
-    }
   }
 
   // The engine of the identity in `store`, generating one on first use.
@@ -396,25 +384,13 @@ export class Engine {
       const kindByte = message.kind | (signed ? FLAG.signed : 0) | (compressed ? FLAG.compressed : 0) |
                        (padded ? FLAG.padded : 0);
       const sender = roster.pids.indexOf(this.pid);
-      // Each signed envelope covers the unsigned ones this chain sealed since the last (§6.5).
-      let covering = this._covering.get(cid);
-      if (every > 1 && (!covering || covering.chain !== chain || covering.next !== step)) {
-        covering = { chain, next: step, digests: [] }; // a new chain, or steps skipped: from here
-        this._covering.set(cid, covering);
-      }
-      let cover = 0, coverage = new Uint8Array(0);
-      if (every > 1) {
-        covering.next = step + 1;
-        if (signed) {
-          cover = covering.digests.length;
-          coverage = await coverageDigest(covering.digests);
-          covering.digests = [];
-        }
-      }
-      const header = envelopeHeader(kindByte, roster.epoch, sender, chain.chain, step, cover);
-      const body = concat(header, await aeadSeal(out.subarray(0, 32), stepNonce(step), data, concat(header, conv.cidRaw, coverage)));
+      // Each signed envelope covers the unsigned ones of this chain since the last (§6.5).
+      const covering = every > 1 ? await (await coverageModule()).covering(this.covering, cid, chain, step, signed) : null;
+      const header = envelopeHeader(kindByte, roster.epoch, sender, chain.chain, step, covering?.cover ?? 0);
+      const aad = concat(header, conv.cidRaw, covering?.digest ?? new Uint8Array(0));
+      const body = concat(header, await aeadSeal(out.subarray(0, 32), stepNonce(step), data, aad));
       if (!signed) {
-        if (every > 1) covering.digests.push(await envelopeDigest(body));
+        await covering?.add(body);
         return { data: body, key: [cid, roster.epoch, sender, chain.chain, step] };
       }
       const sig = await ed25519Sign(this.identity.edPrivate, concat(body, conv.cidRaw));
@@ -471,33 +447,9 @@ export class Engine {
     const aad = concat(data.subarray(0, h.headerLength), conv.cidRaw);
     const covered = !signed && roster.policy.signEvery !== 0;
     let plaintext;
-    if (h.cover || covered) {
-      // Delayed authentication (§6.5): unsigned ones pending until a signed one covers them.
-      const where = `${cid}/${key}`;
-      let coverage = this.coverage.get(where);
-      if (!coverage) this.coverage.set(where, coverage = new ChainCoverage());
-      if (covered && coverage.pending(h.step)) {
-        // Another candidate for a pending step: kept if it authenticates.
-        if (await coverage.candidate(h.step, await envelopeDigest(data), sealed, aad)) {
-          this.count("candidate_kept");
-          this._settle(cid, h, sender, await coverage.retry(h.step));
-        } else {
-          this.count("duplicate");
-        }
-        return null;
-      }
-      let messageKey = null;
-      const aead = async (k, n, s, a) => {
-        messageKey = k;
-        return h.cover ? aeadDecryptSigned(k, n, s) : aeadOpen(k, n, s, a);
-      };
-      plaintext = await chain.open(h.step, sealed, aad, signed, aead);
-      if (plaintext !== null) {
-        const done = h.cover
-          ? await coverage.signed(h.step, h.cover, messageKey, sealed, aad)
-          : await coverage.unsigned(h.step, await envelopeDigest(data), messageKey);
-        this._settle(cid, h, sender, done);
-      }
+    if (h.cover || covered) { // pending until a signed envelope covers it (§6.5)
+      plaintext = await (await coverageModule()).openCovered(this, cid, key, h, sender, chain, data, sealed, aad);
+      if (plaintext === undefined) return null; // another candidate of a pending step
     } else {
       plaintext = await chain.open(h.step, sealed, aad, signed);
     }

@@ -211,7 +211,8 @@ export async function check(v) {
     const mine = {
       keep_epochs: engineModule.KEEP_EPOCHS, max_chain_ends: wire.MAX_CHAIN_ENDS,
       max_forward_jump: engineModule.MAX_FORWARD_JUMP, max_unsigned_jump: engineModule.MAX_UNSIGNED_JUMP,
-      mark_every: engineModule.MARK_EVERY, max_cover: wire.MAX_COVER, max_cover_tries: engineModule.MAX_COVER_TRIES,
+      mark_every: engineModule.MARK_EVERY, max_cover: wire.MAX_COVER,
+      max_cover_tries: (await import("/js/coverage.js")).MAX_COVER_TRIES,
     };
     return JSON.stringify(mine) === JSON.stringify(v.limits) || JSON.stringify(mine);
   });
