@@ -166,12 +166,45 @@ class ControlClient:
                 continue
             if message.get("id") != rid and message.get("id") is not None:
                 continue  # not ours (cannot happen: one call at a time)
-            error = message.get("error")
-            if error is not None:
-                raise DaemonError(
-                    int(error.get("code", 0)), str(error.get("message")), error.get("data")
-                )
+            self._raise(message)
             return message.get("result")
+
+    def call_many(self, method: str, params: list[dict[str, Any]]) -> list[Any]:
+        """Call ``method`` once per params, as one batch (one round trip); the results
+        in order. The daemon runs every call of a batch.
+
+        Raises:
+            DaemonError: the first error the daemon answered (the others ran).
+            DaemonGone: the connection ended first.
+        """
+        ids = [next(self._ids) for _ in params]
+        batch = [
+            {"jsonrpc": "2.0", "id": rid, "method": method, "params": p}
+            for rid, p in zip(ids, params, strict=True)
+        ]
+        self._sock.sendall(json.dumps(batch, separators=(",", ":")).encode() + b"\n")
+        while True:
+            message = self._next(None)
+            if message is None:  # pragma: no cover - no timeout given
+                continue
+            if "method" in message:
+                self._events.append(message.get("params") or {})
+                continue
+            replies = message.get("batch")
+            if replies is None:  # one error for the whole batch
+                self._raise(message)
+                return []  # pragma: no cover - a batch is answered by a list or an error
+            by_id = {r.get("id"): r for r in replies if isinstance(r, dict)}
+            for rid in ids:
+                self._raise(by_id.get(rid, {"error": {"message": "no reply to a call"}}))
+            return [by_id[rid].get("result") for rid in ids]
+
+    @staticmethod
+    def _raise(message: dict[str, Any]) -> None:
+        error = message.get("error")
+        if error is not None:
+            data = error.get("data")
+            raise DaemonError(int(error.get("code", 0)), str(error.get("message")), data)
 
     def next_event(self, timeout: float | None) -> dict[str, Any] | None:
         """The next ``event`` notification's params, or ``None`` after ``timeout``.
@@ -211,4 +244,4 @@ class ControlClient:
                 raise DaemonGone("the daemon sent a line longer than the client reads")
         line, _, self._buffer = self._buffer.partition(b"\n")
         message = json.loads(line)
-        return message if isinstance(message, dict) else {"result": message}
+        return message if isinstance(message, dict) else {"batch": message}

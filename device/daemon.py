@@ -95,10 +95,10 @@ def parse_tcp(value: str) -> tuple[str, int]:
 class _Connection:
     """One client: its :class:`Caller` and the bounded queue of lines to write."""
 
-    def __init__(self, caller: Caller, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, caller: Caller, writer: asyncio.StreamWriter, max_queued: int) -> None:
         self.caller = caller
         self.writer = writer
-        self.out: asyncio.Queue[bytes | None] = asyncio.Queue(MAX_QUEUED)
+        self.out: asyncio.Queue[bytes | None] = asyncio.Queue(max_queued)
         self.overflowed = False
 
     def push(self, line: bytes) -> None:
@@ -110,7 +110,7 @@ class _Connection:
         except asyncio.QueueFull:
             self.overflowed = True
             self.caller.subscribed = False
-            log.warning("a subscriber fell %d lines behind: disconnected", MAX_QUEUED)
+            log.warning("a subscriber fell %d lines behind: disconnected", self.out.maxsize)
             self.writer.transport.abort()  # its reader sees the end; nothing more is written
 
     def end(self) -> None:
@@ -126,6 +126,7 @@ class Daemon:
         device: the device, not started.
         tcp: also listen on this loopback ``(host, port)`` (port 0: any free port).
         ready: called with the addresses served once they accept connections.
+        max_queued: lines waiting for one connection before it is dropped.
     """
 
     def __init__(
@@ -134,8 +135,10 @@ class Daemon:
         *,
         tcp: tuple[str, int] | None = None,
         ready: Callable[[list[str]], None] | None = None,
+        max_queued: int = MAX_QUEUED,
     ) -> None:
         self.device = device
+        self.max_queued = max_queued
         self.tcp = tcp
         self.ready = ready
         self.path = socket_path(device.state.path)
@@ -234,7 +237,7 @@ class Daemon:
                 await writer.drain()
             writer.close()
             return
-        conn = _Connection(Caller(token=token), writer)
+        conn = _Connection(Caller(token=token), writer, self.max_queued)
         self._connections.add(conn)
         sender = asyncio.create_task(self._send(conn, writer))
         try:

@@ -19,7 +19,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import typer
 
@@ -139,14 +139,28 @@ def outbox(client: ControlClient, *, json_out: bool) -> None:
 
 
 def send(client: ControlClient, cid: str, text: str | None) -> None:
-    """One text, or stdin's lines (each accepted before the next is read)."""
+    """One text, or stdin's lines: what arrived together goes as one batch request."""
     with _failures(client):
         if text is not None and text != "-":
             client.call("send", {"cid": cid, "text": text})
             return
-        for line in sys.stdin:
-            if line.strip("\n"):
-                client.call("send", {"cid": cid, "text": line.rstrip("\n")})
+        for batch in _line_batches(sys.stdin):
+            client.call_many("send", [{"cid": cid, "text": line} for line in batch])
+
+
+def _line_batches(stream: TextIO, limit: int = 64) -> Iterator[list[str]]:
+    """Non-empty lines of ``stream``: those already readable together, at most ``limit``
+    at a time (a pipe's burst is one request; a person's line goes at once)."""
+    batch: list[str] = []
+    for line in stream:
+        if text := line.rstrip("\n"):
+            batch.append(text)
+        if len(batch) >= limit or not select.select([stream], [], [], 0)[0]:
+            if batch:
+                yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 # -- listen and chat ---------------------------------------------------------------------

@@ -3,20 +3,25 @@ against a real Mosquitto on 127.0.0.1."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import signal
 import socket
 import stat
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from fieldchat.device.client import Device
-from fieldchat.device.control_client import ControlClient, DaemonError, token_path
+from fieldchat.device.control_client import ControlClient, DaemonError, DaemonGone, token_path
+from fieldchat.device.daemon import Daemon
 from tests.device._daemon import DaemonProcess, Lines
 from tests.device.conftest import (
+    FAST,
     Devices,
     Mosquitto,
     cli_env,
@@ -79,10 +84,21 @@ def test_listen_send_and_chat_share_one_state_file_through_the_daemon(
             assert chat_out.next().endswith(": from alice\n")
             # One process owns the state file and the link: the daemon.
             assert daemon.proc is not None and daemon.proc.poll() is None
+            # They stop as they do standalone: Ctrl-D ends chat, SIGTERM listen.
+            chat.stdin.close()
+            assert chat.wait(30) == 0
+            listener.send_signal(signal.SIGTERM)
+            assert listener.wait(30) == 0
+            assert listener.stderr is not None
+            assert listener.stderr.read().strip() == "fieldchat device listen stopped."
         finally:
             for proc in (listener, chat):
-                proc.kill()
-                proc.communicate()
+                if proc.poll() is None:
+                    proc.kill()
+                proc.wait()
+                for stream in (proc.stdin, proc.stdout, proc.stderr):
+                    if stream is not None:
+                        stream.close()
     assert texts(alice, cid).count("from bob's send") == 1
 
 
@@ -136,25 +152,36 @@ def test_sigkill_of_the_daemon_mid_send_loses_nothing_accepted(
 ) -> None:
     cid, (alice, bob) = conversation(mosquitto_devices, "alice", "bob")
     env = _daemon_env(mosquitto_devices, bob, mosquitto)
-    accepted: list[str] = []
+    answered: list[str] = []
     daemon = DaemonProcess(env).start()
+
+    def burst(client: ControlClient) -> None:
+        for i in range(100_000):
+            try:
+                client.call("send", {"cid": cid, "text": f"burst {i}"})
+            except (DaemonGone, OSError):
+                return  # killed while this call was in flight: it may or may not count
+            answered.append(f"burst {i}")  # answered: committed to the outbox
+
     try:
         with daemon.client() as client:
-            for i in range(200):
-                text = f"burst {i}"
-                client.call("send", {"cid": cid, "text": text})
-                accepted.append(text)  # answered: committed to the outbox
-                if i == 120:
-                    assert daemon.proc is not None
-                    daemon.proc.kill()  # SIGKILL, mid-burst
-                    break
+            sender = threading.Thread(target=burst, args=(client,))
+            sender.start()
+            wait_until(lambda: len(answered) >= 150, 30, "sends answered")
+            assert daemon.proc is not None
+            daemon.proc.kill()  # SIGKILL, while sends are in flight
+            sender.join(30)
+            assert not sender.is_alive()
     finally:
         daemon.close()
     with DaemonProcess(env):  # the next daemon delivers what the killed one accepted
-        wait_until(lambda: set(accepted) <= set(texts(alice, cid)), 30, "every accepted message")
+        wait_until(lambda: set(answered) <= set(texts(alice, cid)), 30, "every accepted message")
+        time.sleep(0.5)  # and the one in flight at the kill, if it was committed
     got = texts(alice, cid)
-    assert sorted(got, key=lambda t: int(t.split()[1])) == accepted
     assert len(got) == len(set(got)), "a message was delivered twice"
+    in_flight = f"burst {len(answered)}"
+    assert set(got) - set(answered) <= {in_flight}
+    assert got[: len(answered)] == answered, "delivered out of order"
 
 
 def _raw(path: Path) -> socket.socket:
@@ -165,10 +192,12 @@ def _raw(path: Path) -> socket.socket:
 
 
 def _reply(sock: socket.socket, line: bytes) -> object:
+    """Send ``line``; the first line that comes back (a reply: no notifications here,
+    or only after it)."""
     sock.sendall(line)
     data = b""
-    while not data.endswith(b"\n"):
-        chunk = sock.recv(65536)
+    while b"\n" not in data:
+        chunk = sock.recv(1)
         assert chunk, "the daemon closed the connection"
         data += chunk
     return json.loads(data)
@@ -182,47 +211,50 @@ def test_malformed_requests_get_json_rpc_errors_and_the_daemon_keeps_serving(
     with DaemonProcess(env) as daemon:
         mode = daemon.socket.stat().st_mode
         assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o600
-        sock = _raw(daemon.socket)
-        cases = [
-            (b"{not json\n", -32700),
-            (b'\xff\xfe"\n', -32700),
-            (b'{"jsonrpc":"2.0","id":1}\n', -32600),
-            (b'{"jsonrpc":"1.0","id":1,"method":"whoami"}\n', -32600),
-            (b'{"jsonrpc":"2.0","id":1,"method":"nope"}\n', -32601),
-            (b'{"jsonrpc":"2.0","id":1,"method":"send","params":{"cid":1,"text":"x"}}\n', -32602),
-            (b'{"jsonrpc":"2.0","id":1,"method":"send","params":{"text":"x"}}\n', -32602),
-            (b'{"jsonrpc":"2.0","id":1,"method":"send","params":{"cid":"a","b":2}}\n', -32602),
-            (b"[]\n", -32600),
-        ]
-        for line, code in cases:
-            reply = _reply(sock, line)
-            assert isinstance(reply, dict) and reply["error"]["code"] == code, (line, reply)
-        unknown = b'{"jsonrpc":"2.0","id":"u","method":"send","params":{"cid":"%s","text":"x"}}\n'
-        reply = _reply(sock, unknown % b"aaaaaaaaaaaaaaaaaaaaaaaaaa")
-        assert isinstance(reply, dict)
-        assert reply["id"] == "u" and reply["error"]["code"] == 1003
-        assert reply["error"]["data"] == {"reason": "unknown_conversation", "kind": "protocol"}
-        # A batch: each request answered, notifications not; a bad one does not stop the rest.
-        batch = [
-            {"jsonrpc": "2.0", "id": 1, "method": "send", "params": {"cid": cid, "text": "b1"}},
-            {"jsonrpc": "2.0", "method": "send", "params": {"cid": cid, "text": "b2"}},
-            {"jsonrpc": "2.0", "id": 2, "method": "nope"},
-            {"jsonrpc": "2.0", "id": 3, "method": "send", "params": [cid, "b3"]},
-        ]
-        replies = _reply(sock, json.dumps(batch).encode() + b"\n")
-        assert isinstance(replies, list)
-        assert [r["id"] for r in replies] == [1, 2, 3]
-        assert "result" in replies[0] and replies[1]["error"]["code"] == -32601
-        # A line past the limit is refused and that connection closed; others go on.
-        long = _raw(daemon.socket)
-        reply = _reply(long, b"[" + b" " * (300 * 1024) + b"\n")
-        assert isinstance(reply, dict) and reply["error"]["code"] == -32600
-        assert long.recv(10) == b""
-        long.close()
-        wait_until(lambda: {"b1", "b2", "b3"} <= set(texts(alice, cid)), 20, "the batch")
-        with daemon.client() as client:
-            assert client.call("whoami")["pid"] == bob.pid
-        sock.close()
+        with contextlib.closing(_raw(daemon.socket)) as sock:
+            cases = [
+                (b"{not json\n", -32700),
+                (b'\xff\xfe"\n', -32700),
+                (b'{"jsonrpc":"2.0","id":1}\n', -32600),
+                (b'{"jsonrpc":"1.0","id":1,"method":"whoami"}\n', -32600),
+                (b'{"jsonrpc":"2.0","id":1,"method":"nope"}\n', -32601),
+                (
+                    b'{"jsonrpc":"2.0","id":1,"method":"send","params":{"cid":1,"text":"x"}}\n',
+                    -32602,
+                ),
+                (b'{"jsonrpc":"2.0","id":1,"method":"send","params":{"text":"x"}}\n', -32602),
+                (b'{"jsonrpc":"2.0","id":1,"method":"send","params":{"cid":"a","b":2}}\n', -32602),
+                (b"[]\n", -32600),
+            ]
+            for line, code in cases:
+                reply = _reply(sock, line)
+                assert isinstance(reply, dict) and reply["error"]["code"] == code, (line, reply)
+            unknown = (
+                b'{"jsonrpc":"2.0","id":"u","method":"send","params":{"cid":"%s","text":"x"}}\n'
+            )
+            reply = _reply(sock, unknown % b"aaaaaaaaaaaaaaaaaaaaaaaaaa")
+            assert isinstance(reply, dict)
+            assert reply["id"] == "u" and reply["error"]["code"] == 1003
+            assert reply["error"]["data"] == {"reason": "unknown_conversation", "kind": "protocol"}
+            # A batch: each request answered, notifications not; a bad one does not stop the rest.
+            batch = [
+                {"jsonrpc": "2.0", "id": 1, "method": "send", "params": {"cid": cid, "text": "b1"}},
+                {"jsonrpc": "2.0", "method": "send", "params": {"cid": cid, "text": "b2"}},
+                {"jsonrpc": "2.0", "id": 2, "method": "nope"},
+                {"jsonrpc": "2.0", "id": 3, "method": "send", "params": [cid, "b3"]},
+            ]
+            replies = _reply(sock, json.dumps(batch).encode() + b"\n")
+            assert isinstance(replies, list)
+            assert [r["id"] for r in replies] == [1, 2, 3]
+            assert "result" in replies[0] and replies[1]["error"]["code"] == -32601
+            # A line past the limit is refused and that connection closed; others go on.
+            with contextlib.closing(_raw(daemon.socket)) as long:
+                reply = _reply(long, b"[" + b" " * (300 * 1024) + b"\n")
+                assert isinstance(reply, dict) and reply["error"]["code"] == -32600
+                assert long.recv(10) == b""
+            wait_until(lambda: {"b1", "b2", "b3"} <= set(texts(alice, cid)), 20, "the batch")
+            with daemon.client() as client:
+                assert client.call("whoami")["pid"] == bob.pid
     assert sorted(texts(alice, cid)) == ["b1", "b2", "b3"]
 
 
@@ -321,11 +353,10 @@ def test_connections_are_bounded(mosquitto_devices: Devices, mosquitto: Mosquitt
         try:
             for client in held:  # each is served (the server has accepted them all)
                 assert client.call("whoami")["pid"] == bob.pid
-            extra = _raw(daemon.socket)
-            line = extra.makefile("rb").readline()
+            with contextlib.closing(_raw(daemon.socket)) as extra:
+                line = extra.makefile("rb").readline()
             assert json.loads(line)["error"]["code"] == -32000
             assert b"too many connections" in line
-            extra.close()
         finally:
             for client in held:
                 client.close()
@@ -338,3 +369,93 @@ def _serves(daemon: DaemonProcess) -> bool:
             return bool(client.call("whoami"))
         except ConnectionError:
             return False
+
+
+def test_every_device_command_goes_through_the_daemon(
+    mosquitto_devices: Devices, mosquitto: Mosquitto
+) -> None:
+    cid, (alice, bob, carol) = conversation(mosquitto_devices, "alice", "bob", "carol")
+    env = _daemon_env(mosquitto_devices, bob, mosquitto)
+    # A config file that does not exist fails every standalone command (status 2);
+    # through the daemon the command never reads settings, so it proves the route.
+    routed = dict(env, FIELDCHAT_CONFIG=str(Path(env["FIELDCHAT_STATE"]).with_name("none.toml")))
+    standalone = run_cli(["whoami"], dict(routed, FIELDCHAT_NO_DAEMON="1"))
+    assert standalone.returncode == 2 and "does not exist" in standalone.stderr
+    with DaemonProcess(env):
+
+        def ok(*args: str, stdin: str | None = None) -> str:
+            out = run_cli(list(args), routed, input=stdin)
+            assert out.returncode == 0, (args, out.stderr)
+            return out.stdout
+
+        assert json.loads(ok("whoami", "--json"))["pid"] == bob.pid
+        assert ok("whoami", "--pid").strip() == bob.pid
+        created = json.loads(ok("conv", "create", alice.pid, "--json"))["cid"]
+        wait_until(lambda: alice.engine.is_member(created), 20, "alice joins bob's conversation")
+        ok("conv", "invite", created, carol.pid)
+        wait_until(lambda: carol.engine.is_member(created), 20, "carol joins")
+        listed = [json.loads(line) for line in ok("conv", "list", "--json").splitlines()]
+        assert {c["cid"] for c in listed} == {cid, created}
+        members = next(c for c in listed if c["cid"] == created)["members"]
+        assert set(members) == {alice.pid, bob.pid, carol.pid}
+        assert ok("verify", alice.pid).split()[0] == alice.pid
+        fingerprint = alice.fingerprint()
+        assert ok("verify", alice.pid, fingerprint).splitlines()[-1] == "verified"
+        wrong = run_cli(["verify", alice.pid, "1" * 60], routed)
+        assert wrong.returncode == 1 and "FINGERPRINTS DIFFER" in wrong.stderr
+        ok("send", created, "one")
+        ok("send", created, stdin="two\nthree\n")
+        wait_until(lambda: texts(alice, created) == ["one", "two", "three"], 20, "the texts")
+        ok("outbox", "--json")
+        ok("conv", "remove", created, carol.pid)
+        wait_until(lambda: not carol.engine.is_member(created), 20, "carol removed")
+        ok("conv", "leave", cid)
+        unknown = run_cli(["send", "aaaaaaaaaaaaaaaaaaaaaaaaaa", "x"], routed)
+        assert unknown.returncode == 1
+        assert unknown.stderr.strip() == "error: unknown conversation aaaaaaaaaaaaaaaaaaaaaaaaaa"
+
+
+def test_a_subscriber_that_stops_reading_is_disconnected_not_buffered(
+    mosquitto_devices: Devices, mosquitto: Mosquitto, caplog: pytest.LogCaptureFixture
+) -> None:
+    cid, (alice, bob) = conversation(mosquitto_devices, "alice", "bob")
+    bob.close()
+    mosquitto_devices.open.remove(bob)
+    device = Device(bob.state.path, mosquitto.options(bob.pid), link=FAST)
+    served = threading.Event()
+    daemon = Daemon(device, ready=lambda _: served.set(), max_queued=4)
+    loop = asyncio.new_event_loop()
+    task = loop.create_task(daemon.serve())
+
+    def run() -> None:
+        with contextlib.suppress(asyncio.CancelledError):  # the stop below
+            loop.run_until_complete(task)
+
+    runner = threading.Thread(target=run)
+    runner.start()
+    try:
+        assert served.wait(20)
+        stuck = _raw(daemon.path)
+        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        try:
+            assert _reply(stuck, b'{"jsonrpc":"2.0","id":1,"method":"subscribe"}\n')
+            count = 3_000  # far more event bytes than the socket buffers and the queue hold
+            alice.send_many(cid, [f"flood {i}" for i in range(count)])
+            stuck.settimeout(60)
+            while stuck.recv(65536):  # what was written before the drop, then the end
+                pass
+        finally:
+            stuck.close()
+        assert "fell 4 lines behind: disconnected" in caplog.text
+        with ControlClient.connect(daemon.path) as client:  # type: ignore[union-attr]
+            wait_until(
+                lambda: len(client.call("messages", {"cid": cid, "limit": 1000})) == 1000,
+                60,
+                "the flood is stored",
+            )
+            assert client.call("listen.take", {"limit": 1})[0]["text"] == "flood 0"
+    finally:
+        loop.call_soon_threadsafe(task.cancel)
+        runner.join(30)
+        loop.close()
+    assert not daemon.path.exists()
