@@ -91,7 +91,8 @@ class DaemonGone(ConnectionError):
 class ControlClient:
     """One connection to a daemon. Not thread-safe; use one per thread."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, path: Path | None = None) -> None:
+        self.path = path  # the UNIX socket (None over TCP): where to connect again
         self._sock = sock
         self._buffer = b""
         self._events: deque[dict[str, Any]] = deque()
@@ -112,7 +113,7 @@ class ControlClient:
             sock.close()
             raise
         sock.settimeout(None)
-        return cls(sock)
+        return cls(sock, Path(path))
 
     @classmethod
     def connect_tcp(

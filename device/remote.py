@@ -45,6 +45,7 @@ __all__ = [
 ]
 
 _EXIT_CODES = {"config": 2, "transport": 3}
+DAEMON_RESTART_S = 60.0  # listen waits this long for a daemon that stopped to answer again
 _BATCH = 64  # messages taken per call by listen
 
 
@@ -57,8 +58,9 @@ def daemon_for(state: str | os.PathLike[str] | None, config: Path | None) -> Con
 
 
 @contextlib.contextmanager
-def _failures(client: ControlClient) -> Iterator[None]:
-    """The daemon's errors as one line and the standalone commands' exit codes."""
+def _failures(client: ControlClient, *, gone: bool = True) -> Iterator[None]:
+    """The daemon's errors as one line and the standalone commands' exit codes
+    (``gone``: also for a daemon that went away; else that propagates)."""
     try:
         with client:
             yield
@@ -66,6 +68,8 @@ def _failures(client: ControlClient) -> Iterator[None]:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(_EXIT_CODES.get(exc.kind, 1)) from None
     except (DaemonGone, ConnectionError) as exc:
+        if not gone:
+            raise DaemonGone(str(exc)) from None
         typer.echo(f"error: the device daemon went away: {exc}", err=True)
         raise typer.Exit(3) from None
 
@@ -202,13 +206,60 @@ def listen(
     duration: float | None,
 ) -> None:
     """Messages past the shared cursor (each shown once across every listen), then as
-    they arrive; events as notes."""
-    shown = 0
+    they arrive; events as notes. A daemon that restarts (``systemctl restart``) is
+    waited for, up to :data:`DAEMON_RESTART_S`; one that does not come back is exit 3."""
+    shown = [0]
     end = None if duration is None else time.monotonic() + duration
-    with _failures(client):
+    while True:
+        try:
+            _listen(client, cid, json_out=json_out, count=count, end=end, shown=shown)
+        except DaemonGone as exc:
+            again = _reconnect(client.path, end)
+            if again is None:
+                if end is not None and time.monotonic() >= end:
+                    return  # the duration ran out meanwhile
+                typer.echo(f"error: the device daemon went away: {exc}", err=True)
+                raise typer.Exit(3) from None
+            client = again
+        else:
+            return
+
+
+def _reconnect(path: Path | None, end: float | None) -> ControlClient | None:
+    """The daemon at ``path`` once it answers again, or ``None`` after
+    :data:`DAEMON_RESTART_S` (or at ``end``)."""
+    if path is None:
+        return None
+    typer.echo("-- the device daemon stopped; waiting for it to come back", err=True)
+    give_up = time.monotonic() + DAEMON_RESTART_S
+    if end is not None:
+        give_up = min(give_up, end)
+    while time.monotonic() < give_up:
+        time.sleep(0.2)
+        again = ControlClient.connect(path)
+        if again is not None:
+            return again
+    return None
+
+
+def _listen(
+    client: ControlClient,
+    cid: str | None,
+    *,
+    json_out: bool,
+    count: int | None,
+    end: float | None,
+    shown: list[int],
+) -> None:
+    """:func:`listen` on one connection; ``shown[0]`` counts what was printed.
+
+    Raises:
+        DaemonGone: the daemon stopped.
+    """
+    with _failures(client, gone=False):
         client.call("subscribe", {"cids": [cid]} if cid is not None else {})
-        while count is None or shown < count:
-            limit = _BATCH if count is None else min(_BATCH, count - shown)
+        while count is None or shown[0] < count:
+            limit = _BATCH if count is None else min(_BATCH, count - shown[0])
             params: dict[str, Any] = {"limit": limit}
             if cid is not None:
                 params["cid"] = cid
@@ -216,7 +267,7 @@ def listen(
             for row in rows:
                 _print_message(row, json_out)
             sys.stdout.flush()
-            shown += len(rows)
+            shown[0] += len(rows)
             if rows:
                 continue
             while True:  # until a message may be stored, or the time is up

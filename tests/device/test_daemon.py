@@ -459,3 +459,46 @@ def test_a_subscriber_that_stops_reading_is_disconnected_not_buffered(
         runner.join(30)
         loop.close()
     assert not daemon.path.exists()
+
+
+def test_listen_waits_for_a_daemon_that_restarts(
+    mosquitto_devices: Devices, mosquitto: Mosquitto
+) -> None:
+    cid, (alice, bob) = conversation(mosquitto_devices, "alice", "bob")
+    env = _daemon_env(mosquitto_devices, bob, mosquitto)
+    daemon = DaemonProcess(env).start()
+    listener = start_cli(["listen", "--json", "--count", "2"], env)
+    try:
+        out, err = Lines(listener.stdout), Lines(listener.stderr)
+        alice.send(cid, "before the restart")
+        assert _next_json(out, "message")["text"] == "before the restart"
+        assert daemon.stop() == 0  # systemctl restart: a stop, then a start
+        assert "waiting for it to come back" in err.next()
+        alice.send(cid, "while it was down")  # the broker keeps it for bob's session
+        with DaemonProcess(env):
+            assert _next_json(out, "message")["text"] == "while it was down"
+            assert listener.wait(30) == 0
+    finally:
+        if listener.poll() is None:
+            listener.kill()
+        listener.wait()
+        for stream in (listener.stdout, listener.stderr):
+            if stream is not None:
+                stream.close()
+        daemon.close()
+
+
+def test_the_daemon_accepts_sends_while_the_broker_is_down(
+    mosquitto_devices: Devices, mosquitto: Mosquitto
+) -> None:
+    cid, (alice, bob) = conversation(mosquitto_devices, "alice", "bob")
+    env = _daemon_env(mosquitto_devices, bob, mosquitto)
+    mosquitto.stop()
+    with DaemonProcess(env):  # it serves at once; the link keeps trying
+        sent = run_cli(["send", cid, "kept for later"], env)
+        assert sent.returncode == 0, sent.stderr
+        waiting = run_cli(["outbox", "--json"], env)
+        assert [json.loads(line)["cid"] for line in waiting.stdout.splitlines()] == [cid]
+        mosquitto.start()
+        wait_until(lambda: "kept for later" in texts(alice, cid), 30, "delivery after the broker")
+        assert run_cli(["outbox", "--json"], env).stdout == ""
