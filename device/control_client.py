@@ -18,6 +18,7 @@ import json
 import os
 import select
 import socket
+import struct
 import time
 from collections import deque
 from pathlib import Path
@@ -30,6 +31,8 @@ __all__ = [
     "ControlClient",
     "DaemonError",
     "DaemonGone",
+    "NotOurDaemon",
+    "peer_uid",
     "socket_path",
     "state_file",
     "token_path",
@@ -70,6 +73,15 @@ def state_file(flag: str | os.PathLike[str] | None, config: Path | None) -> Path
     return DEFAULT_STATE.expanduser()
 
 
+def peer_uid(sock: socket.socket) -> int | None:
+    """The uid of a UNIX socket's peer (SO_PEERCRED, Linux), or ``None`` elsewhere."""
+    option = getattr(socket, "SO_PEERCRED", None)
+    if option is None:
+        return None
+    _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, option, 12))
+    return int(uid)
+
+
 class DaemonError(Exception):
     """An error the daemon answered: JSON-RPC ``code``, ``message``, and ``data``
     (for device errors: ``reason`` and ``kind``: config, transport, protocol, ...)."""
@@ -88,20 +100,36 @@ class DaemonGone(ConnectionError):
     """The daemon closed the connection (it stopped) before answering."""
 
 
+class NotOurDaemon(ConnectionError):
+    """What answers on the socket runs as another user than the state file's owner:
+    not the daemon of this state file (a program listening in its place)."""
+
+
 class ControlClient:
     """One connection to a daemon. Not thread-safe; use one per thread."""
 
-    def __init__(self, sock: socket.socket, path: Path | None = None) -> None:
+    def __init__(
+        self, sock: socket.socket, path: Path | None = None, owner: int | None = None
+    ) -> None:
         self.path = path  # the UNIX socket (None over TCP): where to connect again
+        self.owner = owner  # the uid the daemon must run as (connect's check)
         self._sock = sock
         self._buffer = b""
         self._events: deque[dict[str, Any]] = deque()
         self._ids = itertools.count(1)
 
     @classmethod
-    def connect(cls, path: str | os.PathLike[str], *, timeout: float = 2.0) -> ControlClient | None:
+    def connect(
+        cls, path: str | os.PathLike[str], *, owner: int | None = None, timeout: float = 2.0
+    ) -> ControlClient | None:
         """Connect to the daemon at ``path``; ``None`` when none answers there (no
-        socket, or one left by a daemon that was killed)."""
+        socket, or one left by a daemon that was killed).
+
+        Raises:
+            NotOurDaemon: ``owner`` is given and the peer runs as another uid (Linux
+                SO_PEERCRED): in a directory others may write, someone else's program
+                could listen there and read what we send.
+        """
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(timeout)
         try:
@@ -112,8 +140,14 @@ class ControlClient:
         except OSError:
             sock.close()
             raise
+        uid = peer_uid(sock)
+        if owner is not None and uid is not None and uid != owner:
+            sock.close()
+            raise NotOurDaemon(
+                f"{path} is served by uid {uid}, not by the state file's owner (uid {owner})"
+            )
         sock.settimeout(None)
-        return cls(sock, Path(path))
+        return cls(sock, Path(path), owner)
 
     @classmethod
     def connect_tcp(

@@ -38,7 +38,7 @@ from pathlib import Path
 
 from fieldchat.device.client import Device
 from fieldchat.device.control import NOTIFICATION, Caller, Control, event_json
-from fieldchat.device.control_client import socket_path, token_path
+from fieldchat.device.control_client import peer_uid, socket_path, token_path
 from fieldchat.device.events import Event
 from fieldchat.device.rpc import (
     INVALID_REQUEST,
@@ -62,7 +62,8 @@ __all__ = [
 
 log = logging.getLogger("fieldchat.device.daemon")
 
-MAX_CONNECTIONS = 32  # served at once; one more is answered -32000 and closed
+MAX_CONNECTIONS = 32  # served at once per socket; one more is answered -32000 and closed
+AUTH_TIMEOUT_S = 5.0  # a TCP connection that has not authenticated by then is closed
 MAX_QUEUED = 1_000  # lines waiting to be written to one connection (replies, events)
 WORKERS = 8  # threads running methods (some wait for the broker up to their timeout)
 _SUN_PATH_MAX = 107  # bytes of a UNIX socket path (Linux sun_path, less the NUL)
@@ -146,6 +147,7 @@ class Daemon:
         self._control = Control(device)
         self._dispatcher = Dispatcher(self._control.methods())
         self._connections: set[_Connection] = set()
+        self._counts = {"unix": 0, "tcp": 0}
         self._pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="fieldchat-rpc")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._token: str | None = None
@@ -189,8 +191,11 @@ class Daemon:
             for conn in list(self._connections):
                 conn.writer.close()
             self._remove_files()
-            await loop.run_in_executor(self._pool, self.device.close)
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            # Methods that wait (drain, bundles) look at this between slices of their
+            # timeout: every running one ends within a second, then the device closes.
+            self._control.stopping = True
+            await asyncio.to_thread(self._pool.shutdown, wait=True, cancel_futures=True)
+            await asyncio.to_thread(self.device.close)
 
     async def _unix_server(self) -> asyncio.Server:
         path = self.path
@@ -204,7 +209,10 @@ class Daemon:
                 raise ConfigError(f"{path} exists and is not a socket: move it away")
             # The state file's lock (Device.start) is ours: a socket left there is
             # from a daemon that was killed.
-            path.unlink()
+            try:
+                path.unlink()
+            except PermissionError:
+                raise ConfigError(f"{path} belongs to someone else: remove it") from None
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)  # created 0600: no moment where others may connect
         try:
@@ -229,22 +237,27 @@ class Daemon:
     async def _client(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, token: str | None
     ) -> None:
-        if len(self._connections) >= MAX_CONNECTIONS:
-            log.warning("refused a connection: %d served already", MAX_CONNECTIONS)
-            error = RpcError(SERVER_ERROR, f"too many connections (at most {MAX_CONNECTIONS})")
+        kind = "unix" if token is None else "tcp"
+        refusal = self._refusal(kind, writer)
+        if refusal is not None:
+            log.warning("refused a %s connection: %s", kind, refusal)
             with contextlib.suppress(OSError):
-                writer.write(error_line(error))
+                writer.write(error_line(RpcError(SERVER_ERROR, refusal)))
                 await writer.drain()
-            writer.close()
+            await _close(reader, writer)
             return
         conn = _Connection(Caller(token=token), writer, self.max_queued)
         self._connections.add(conn)
+        self._counts[kind] += 1
         sender = asyncio.create_task(self._send(conn, writer))
         try:
             await self._read(conn, reader)
         except (ConnectionError, OSError):
             pass
+        except Exception:  # an entry point: log, and keep serving the others
+            log.exception("a control connection failed")
         finally:
+            self._counts[kind] -= 1
             self._connections.discard(conn)
             conn.caller.subscribed = False
             conn.end()
@@ -252,13 +265,35 @@ class Daemon:
                 sender.cancel()
             with contextlib.suppress(asyncio.CancelledError, ConnectionError, OSError):
                 await sender
-            writer.close()
+            if conn.overflowed:
+                writer.close()  # aborted already
+            else:
+                await _close(reader, writer)
+
+    def _refusal(self, kind: str, writer: asyncio.StreamWriter) -> str | None:
+        """Why a new connection is not served, or ``None``."""
+        if self._counts[kind] >= MAX_CONNECTIONS:
+            return f"too many connections (at most {MAX_CONNECTIONS})"
+        if kind == "unix":
+            # The socket's mode lets only its owner in; the peer's uid says so again,
+            # should the mode have been changed (root may always connect).
+            uid = _peer_uid(writer)
+            if uid is not None and uid not in (os.getuid(), 0):
+                return "not the daemon's user"
+        return None
 
     async def _read(self, conn: _Connection, reader: asyncio.StreamReader) -> None:
         loop = asyncio.get_running_loop()
         while not conn.overflowed and not conn.caller.closing:
             try:
-                line = await reader.readline()
+                if conn.caller.authorized:
+                    line = await reader.readline()
+                else:  # TCP: anyone on this machine may connect; auth comes first, soon
+                    line = await asyncio.wait_for(reader.readline(), AUTH_TIMEOUT_S)
+            except TimeoutError:
+                error = RpcError(SERVER_ERROR, "unauthorized: no auth in time")
+                await conn.out.put(error_line(error))
+                return
             except ValueError:  # asyncio's LimitOverrunError: no newline within the limit
                 error = RpcError(INVALID_REQUEST, f"line longer than {MAX_LINE} bytes")
                 await conn.out.put(error_line(error))
@@ -267,9 +302,12 @@ class Daemon:
                 return  # the client closed
             if not line.strip():
                 continue
-            reply = await loop.run_in_executor(
-                self._pool, self._dispatcher.handle, line, conn.caller
-            )
+            try:
+                reply = await loop.run_in_executor(
+                    self._pool, self._dispatcher.handle, line, conn.caller
+                )
+            except RuntimeError:  # the pool shut down: the daemon is stopping
+                return
             if reply is not None:
                 await conn.out.put(reply)
 
@@ -307,6 +345,30 @@ def run(open_device: Callable[[], Device], *, tcp: str | None = None) -> None:
     except KeyboardInterrupt:  # a signal before until_stopped took them over
         device.close()
     sys.stderr.write("fieldchat device run stopped.\n")
+
+
+LINGER_S = 1.0  # how long a closing connection's unread input is drained
+
+
+async def _close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Close after the client can read what was written: end our side, then drain what
+    it sent for up to :data:`LINGER_S`. Closing a socket with unread input makes the
+    kernel reset the connection, and the client may lose our last line (the error
+    that says why) before reading it."""
+    try:
+        if writer.can_write_eof():
+            writer.write_eof()
+        async with asyncio.timeout(LINGER_S):
+            while await reader.read(65536):
+                pass
+    except (TimeoutError, ValueError, ConnectionError, OSError):
+        pass
+    writer.close()
+
+
+def _peer_uid(writer: asyncio.StreamWriter) -> int | None:
+    sock = writer.get_extra_info("socket")
+    return None if sock is None else peer_uid(sock)
 
 
 def _write_private(path: Path, text: str) -> None:

@@ -27,6 +27,7 @@ from fieldchat.device.control_client import (
     ControlClient,
     DaemonError,
     DaemonGone,
+    NotOurDaemon,
     socket_path,
     state_file,
 )
@@ -54,7 +55,16 @@ def daemon_for(state: str | os.PathLike[str] | None, config: Path | None) -> Con
     runs: the command runs standalone). ``FIELDCHAT_NO_DAEMON=1`` forces standalone."""
     if os.environ.get("FIELDCHAT_NO_DAEMON") == "1":
         return None
-    return ControlClient.connect(socket_path(state_file(state, config)))
+    path = state_file(state, config)
+    try:
+        owner = path.stat().st_uid
+    except OSError:
+        return None  # no state file, no daemon of it
+    try:
+        return ControlClient.connect(socket_path(path), owner=owner)
+    except NotOurDaemon as exc:
+        typer.echo(f"error: {exc}: not the device daemon; nothing was sent", err=True)
+        raise typer.Exit(2) from None
 
 
 @contextlib.contextmanager
@@ -214,7 +224,7 @@ def listen(
         try:
             _listen(client, cid, json_out=json_out, count=count, end=end, shown=shown)
         except DaemonGone as exc:
-            again = _reconnect(client.path, end)
+            again = _reconnect(client, end)
             if again is None:
                 if end is not None and time.monotonic() >= end:
                     return  # the duration ran out meanwhile
@@ -225,10 +235,10 @@ def listen(
             return
 
 
-def _reconnect(path: Path | None, end: float | None) -> ControlClient | None:
-    """The daemon at ``path`` once it answers again, or ``None`` after
+def _reconnect(gone: ControlClient, end: float | None) -> ControlClient | None:
+    """The daemon ``gone`` was connected to, once it answers again, or ``None`` after
     :data:`DAEMON_RESTART_S` (or at ``end``)."""
-    if path is None:
+    if gone.path is None:
         return None
     typer.echo("-- the device daemon stopped; waiting for it to come back", err=True)
     give_up = time.monotonic() + DAEMON_RESTART_S
@@ -236,7 +246,11 @@ def _reconnect(path: Path | None, end: float | None) -> ControlClient | None:
         give_up = min(give_up, end)
     while time.monotonic() < give_up:
         time.sleep(0.2)
-        again = ControlClient.connect(path)
+        try:
+            again = ControlClient.connect(gone.path, owner=gone.owner)
+        except NotOurDaemon as exc:
+            typer.echo(f"error: {exc}: not the device daemon", err=True)
+            raise typer.Exit(2) from None
         if again is not None:
             return again
     return None

@@ -6,12 +6,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import shutil
 import signal
 import socket
 import stat
 import subprocess
+import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -502,3 +506,91 @@ def test_the_daemon_accepts_sends_while_the_broker_is_down(
         mosquitto.start()
         wait_until(lambda: "kept for later" in texts(alice, cid), 30, "delivery after the broker")
         assert run_cli(["outbox", "--json"], env).stdout == ""
+
+
+NOBODY = 65534
+SYSTEM_PYTHON = "/usr/bin/python3"  # readable by another user (the venv lives under /root)
+needs_root = pytest.mark.skipif(
+    os.getuid() != 0 or not os.access(SYSTEM_PYTHON, os.X_OK),
+    reason="runs a process as another user (root and /usr/bin/python3 needed)",
+)
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory every user may write (sticky, as /tmp): where a state file should not
+    be, and where another user can put a socket beside it."""
+    path = Path(tempfile.mkdtemp(prefix="fieldchat-shared-", dir="/tmp"))
+    path.chmod(0o1777)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+_FAKE_DAEMON = """
+import socket, sys
+server = socket.socket(socket.AF_UNIX)
+server.bind(sys.argv[1]); server.listen(); print("ready", flush=True)
+conn, _ = server.accept(); conn.settimeout(10)
+try:
+    print(repr(conn.recv(65536)), flush=True)
+except OSError:
+    print("nothing", flush=True)
+"""
+
+
+@needs_root
+def test_the_client_sends_nothing_to_a_socket_of_another_user(shared_dir: Path) -> None:
+    state = shared_dir / "pi.db"
+    Device(state, post_quantum=False).close()  # ours (root), 0600
+    fake = subprocess.Popen(
+        [SYSTEM_PYTHON, "-c", _FAKE_DAEMON, str(state) + ".sock"],
+        user=NOBODY,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert fake.stdout is not None and fake.stdout.readline() == "ready\n"
+        out = run_cli(["send", "aaaaaaaaaaaaaaaaaaaaaaaaaa", "a secret"], cli_env(state=str(state)))
+        assert out.returncode == 2
+        assert f"served by uid {NOBODY}, not by the state file's owner" in out.stderr
+        got, _ = fake.communicate(timeout=20)
+    finally:
+        if fake.poll() is None:
+            fake.kill()
+        fake.wait()
+    assert "a secret" not in got and got.strip() in ("b''", "nothing")
+
+
+_OTHER_CLIENT = """
+import socket, sys
+sock = socket.socket(socket.AF_UNIX); sock.connect(sys.argv[1])
+sock.sendall(b'{"jsonrpc":"2.0","id":1,"method":"whoami"}\\n')
+print(sock.makefile("rb").readline().decode(), flush=True)
+"""
+
+
+@needs_root
+def test_the_daemon_serves_no_other_user_even_if_its_socket_mode_changed(
+    shared_dir: Path, mosquitto: Mosquitto
+) -> None:
+    state = shared_dir / "pi.db"
+    Device(state, post_quantum=False).close()
+    env = cli_env(state=str(state), broker=mosquitto.url)
+    with DaemonProcess(env) as daemon:
+        daemon.socket.chmod(0o666)  # a mistake an operator could make
+        other = subprocess.run(
+            [SYSTEM_PYTHON, "-c", _OTHER_CLIENT, str(daemon.socket)],
+            user=NOBODY,
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
+        )
+        assert other.stdout, other.stderr
+        reply = json.loads(other.stdout)
+        assert reply["error"]["code"] == -32000
+        assert reply["error"]["message"] == "not the daemon's user"
+        with daemon.client() as client:  # its owner still is served
+            assert client.call("whoami")["state"] == str(state)
