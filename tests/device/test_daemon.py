@@ -122,7 +122,10 @@ def test_commands_run_standalone_when_no_daemon_answers(
     with DaemonProcess(env) as again:
         who = run_cli(["whoami", "--json"], env)
         assert json.loads(who.stdout)["pid"] == bob.pid
-        assert again.stop() == 0
+        assert again.proc is not None and again.proc.stderr is not None
+        again.proc.send_signal(signal.SIGINT)  # Ctrl-C: the same clean stop as SIGTERM
+        assert again.proc.wait(30) == 0
+        assert again.err.next().strip() == "fieldchat device run stopped."
     assert not daemon.socket.exists(), "a stopped daemon removes its socket"
 
 
@@ -594,3 +597,41 @@ def test_the_daemon_serves_no_other_user_even_if_its_socket_mode_changed(
         assert reply["error"]["message"] == "not the daemon's user"
         with daemon.client() as client:  # its owner still is served
             assert client.call("whoami")["state"] == str(state)
+
+
+def test_a_stop_is_not_held_by_a_method_that_waits(
+    mosquitto_devices: Devices, mosquitto: Mosquitto
+) -> None:
+    cid, (alice, bob) = conversation(mosquitto_devices, "alice", "bob")
+    env = _daemon_env(mosquitto_devices, bob, mosquitto)
+    mosquitto.stop()
+    daemon = DaemonProcess(env).start()
+    try:
+        with daemon.client() as client:
+            client.call("send", {"cid": cid, "text": "waits for the broker"})
+            outcome: list[object] = []
+
+            def drain() -> None:
+                try:
+                    outcome.append(client.call("drain", {"timeout": 120}))
+                except (DaemonGone, OSError) as exc:
+                    outcome.append(exc)
+
+            waiting = threading.Thread(target=drain)
+            waiting.start()
+            time.sleep(0.3)  # the drain is waiting
+            started = time.monotonic()
+            assert daemon.stop() == 0
+            assert time.monotonic() - started < 5, "the stop waited for the drain"
+            waiting.join(10)
+            # Answered "not drained" as the daemon stopped, or cut off by the stop.
+            assert len(outcome) == 1
+            answer = outcome[0]
+            assert isinstance(answer, DaemonGone | OSError) or (
+                isinstance(answer, dict) and answer["drained"] is False
+            )
+    finally:
+        daemon.close()
+    mosquitto.start()
+    with DaemonProcess(env):  # and the message it accepted is still delivered
+        wait_until(lambda: texts(alice, cid) == ["waits for the broker"], 30, "delivery")
