@@ -191,18 +191,9 @@ class ControlClient:
         request: dict[str, Any] = {"jsonrpc": "2.0", "id": rid, "method": method}
         if params:
             request["params"] = params
-        self._sock.sendall(json.dumps(request, separators=(",", ":")).encode() + b"\n")
-        while True:
-            message = self._next(None)
-            if message is None:  # pragma: no cover - no timeout given
-                continue
-            if "method" in message:
-                self._events.append(message.get("params") or {})
-                continue
-            if message.get("id") != rid and message.get("id") is not None:
-                continue  # not ours (cannot happen: one call at a time)
-            self._raise(message)
-            return message.get("result")
+        message = self._exchange(request)
+        self._raise(message)
+        return message.get("result")
 
     def call_many(self, method: str, params: list[dict[str, Any]]) -> list[Any]:
         """Call ``method`` once per params, as one batch (one round trip); the results
@@ -217,22 +208,27 @@ class ControlClient:
             {"jsonrpc": "2.0", "id": rid, "method": method, "params": p}
             for rid, p in zip(ids, params, strict=True)
         ]
-        self._sock.sendall(json.dumps(batch, separators=(",", ":")).encode() + b"\n")
+        message = self._exchange(batch)
+        replies = message.get("batch")
+        if replies is None:  # one error for the whole batch
+            self._raise(message)
+            return []  # pragma: no cover - a batch is answered by a list or an error
+        by_id = {r.get("id"): r for r in replies if isinstance(r, dict)}
+        for rid in ids:
+            self._raise(by_id.get(rid, {"error": {"message": "no reply to a call"}}))
+        return [by_id[rid].get("result") for rid in ids]
+
+    def _exchange(self, request: object) -> dict[str, Any]:
+        """Send one request line; the reply (notifications before it are queued).
+        Replies come in request order and one request is out at a time."""
+        self._sock.sendall(json.dumps(request, separators=(",", ":")).encode() + b"\n")
         while True:
             message = self._next(None)
             if message is None:  # pragma: no cover - no timeout given
                 continue
-            if "method" in message:
-                self._events.append(message.get("params") or {})
-                continue
-            replies = message.get("batch")
-            if replies is None:  # one error for the whole batch
-                self._raise(message)
-                return []  # pragma: no cover - a batch is answered by a list or an error
-            by_id = {r.get("id"): r for r in replies if isinstance(r, dict)}
-            for rid in ids:
-                self._raise(by_id.get(rid, {"error": {"message": "no reply to a call"}}))
-            return [by_id[rid].get("result") for rid in ids]
+            if "method" not in message:
+                return message
+            self._events.append(message.get("params") or {})
 
     @staticmethod
     def _raise(message: dict[str, Any]) -> None:

@@ -23,7 +23,7 @@ import pytest
 from fieldchat.device.client import Device
 from fieldchat.device.control_client import ControlClient, DaemonError, DaemonGone, token_path
 from fieldchat.device.daemon import Daemon
-from tests.device._daemon import DaemonProcess, Lines
+from tests.device._daemon import DaemonProcess, Lines, reap
 from tests.device.conftest import (
     FAST,
     Devices,
@@ -96,13 +96,8 @@ def test_listen_send_and_chat_share_one_state_file_through_the_daemon(
             assert listener.stderr is not None
             assert listener.stderr.read().strip() == "fieldchat device listen stopped."
         finally:
-            for proc in (listener, chat):
-                if proc.poll() is None:
-                    proc.kill()
-                proc.wait()
-                for stream in (proc.stdin, proc.stdout, proc.stderr):
-                    if stream is not None:
-                        stream.close()
+            reap(listener)
+            reap(chat)
     assert texts(alice, cid).count("from bob's send") == 1
 
 
@@ -486,12 +481,7 @@ def test_listen_waits_for_a_daemon_that_restarts(
             assert _next_json(out, "message")["text"] == "while it was down"
             assert listener.wait(30) == 0
     finally:
-        if listener.poll() is None:
-            listener.kill()
-        listener.wait()
-        for stream in (listener.stdout, listener.stderr):
-            if stream is not None:
-                stream.close()
+        reap(listener)
         daemon.close()
 
 
