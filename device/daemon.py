@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import logging
 import os
@@ -65,6 +66,7 @@ log = logging.getLogger("fieldchat.device.daemon")
 MAX_CONNECTIONS = 32  # served at once per socket; one more is answered -32000 and closed
 AUTH_TIMEOUT_S = 5.0  # a TCP connection that has not authenticated by then is closed
 MAX_QUEUED = 1_000  # lines waiting to be written to one connection (replies, events)
+SEND_TIMEOUT_S = 10.0  # a closing connection's queued lines must leave within this
 WORKERS = 8  # threads running methods (some wait for the broker up to their timeout)
 _SUN_PATH_MAX = 107  # bytes of a UNIX socket path (Linux sun_path, less the NUL)
 
@@ -149,7 +151,6 @@ class Daemon:
         self._connections: set[_Connection] = set()
         self._counts = {"unix": 0, "tcp": 0}
         self._pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="fieldchat-rpc")
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._token: str | None = None
         self._inode: int | None = None
 
@@ -159,8 +160,7 @@ class Daemon:
         Raises:
             ConfigError: the state file is in use, the socket path is taken or too long.
         """
-        self._loop = asyncio.get_running_loop()
-        loop = self._loop
+        loop = asyncio.get_running_loop()
 
         def on_event(event: Event) -> None:  # on the device's worker thread
             loop.call_soon_threadsafe(self._broadcast, event)
@@ -174,11 +174,17 @@ class Daemon:
             if self.tcp is not None:
                 self._token = secrets.token_urlsafe(32)
                 _write_private(self.token_file, self._token + "\n")
-                server = await asyncio.start_server(
-                    lambda r, w: self._client(r, w, token=self._token),
-                    *self.tcp,
-                    limit=MAX_LINE,
-                )
+                try:
+                    server = await asyncio.start_server(
+                        lambda r, w: self._client(r, w, token=self._token),
+                        *self.tcp,
+                        limit=MAX_LINE,
+                    )
+                except OSError as exc:
+                    host, port = self.tcp
+                    taken = exc.errno == errno.EADDRINUSE
+                    why = "address already in use" if taken else exc.strerror or str(exc)
+                    raise ConfigError(f"--tcp {host}:{port}: {why}") from exc
                 servers.append(server)
                 host, port = server.sockets[0].getsockname()[:2]
                 served.append(f"tcp {host}:{port}")
@@ -217,6 +223,9 @@ class Daemon:
         old = os.umask(0o177)  # created 0600: no moment where others may connect
         try:
             sock.bind(str(path))
+        except OSError as exc:
+            sock.close()
+            raise ConfigError(f"cannot create the control socket {path}: {exc.strerror}") from exc
         finally:
             os.umask(old)
         os.chmod(path, 0o600)
@@ -263,8 +272,12 @@ class Daemon:
             conn.end()
             if conn.overflowed:
                 sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError, ConnectionError, OSError):
-                await sender
+            # What is queued gets SEND_TIMEOUT_S to leave: a client that stopped
+            # reading does not keep this task (and its lines) forever.
+            with contextlib.suppress(
+                TimeoutError, asyncio.CancelledError, ConnectionError, OSError
+            ):
+                await asyncio.wait_for(sender, SEND_TIMEOUT_S)
             if conn.overflowed:
                 writer.close()  # aborted already
             else:

@@ -265,6 +265,12 @@ def test_tcp_needs_the_token(mosquitto_devices: Devices, mosquitto: Mosquitto) -
     env = _daemon_env(mosquitto_devices, bob, mosquitto)
     refused = run_cli(["run", "--tcp", "0.0.0.0:7000"], env)
     assert refused.returncode == 2 and "only a loopback address" in refused.stderr
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        busy = taken.getsockname()[1]
+        out = run_cli(["run", "--tcp", f"127.0.0.1:{busy}"], env)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.splitlines()[-1] == f"error: --tcp 127.0.0.1:{busy}: address already in use"
+    assert not (Path(env["FIELDCHAT_STATE"] + ".sock")).exists()
     port = free_port()
     with DaemonProcess(env, "--tcp", f"127.0.0.1:{port}") as daemon:
         assert daemon.served.endswith(f"tcp 127.0.0.1:{port}")
