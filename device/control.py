@@ -1,7 +1,7 @@
 """The device daemon's methods: the JSON-RPC method table over one running
 :class:`~fieldchat.device.client.Device`, and the one mapping of its events to JSON.
 
-:func:`methods` builds the table :class:`~fieldchat.device.rpc.Dispatcher` serves (and
+:meth:`Control.methods` builds the table :class:`~fieldchat.device.rpc.Dispatcher` serves (and
 docs/device-rpc.openrpc.json describes; a test keeps the two equal). Each handler
 gets the checked params and the caller's :class:`Caller` (its subscription, whether
 it authenticated). Handlers run on the daemon's worker threads, never on its event
@@ -46,6 +46,7 @@ from fieldchat.device.rpc import APP_CODES, SERVER_ERROR, Method, Param, RpcErro
 from fieldchat.schemas import Policy
 from fieldchat.schemas.errors import ConfigError, UnknownParticipant
 from fieldchat.schemas.messages import MAX_TEXT_BYTES
+from fieldchat.schemas.roster import MAX_SIGN_EVERY
 
 __all__ = [
     "EVENTS",
@@ -112,7 +113,7 @@ _PIDS = Param("pids", "string[]", "Participant ids.", max_length=256)
 _TIMEOUT = Param(
     "timeout",
     "number",
-    "Seconds to wait for the broker (bundles, the outbox); default 10.",
+    "Seconds to wait for the broker (bundles, the outbox); default 10, at most 120.",
     required=False,
     minimum=0,
 )
@@ -353,7 +354,15 @@ class Control:
                 (
                     Param("members", "string[]", "Pids to invite.", False, 256),
                     Param("compress", "boolean", "Compress plaintexts.", False),
-                    Param("sign_every", "integer", "Sign every Nth envelope.", False, None, 0),
+                    Param(
+                        "sign_every",
+                        "integer",
+                        "Sign every Nth envelope (0: none).",
+                        False,
+                        None,
+                        0,
+                        MAX_SIGN_EVERY,
+                    ),
                     Param("low_bandwidth", "boolean", "Compressed, one signature in 32.", False),
                     _TIMEOUT,
                 ),
@@ -389,7 +398,7 @@ class Control:
                 "(each message is taken once across listeners).",
                 (
                     Param("cid", "string", "Only this conversation.", False, 64),
-                    Param("limit", "integer", "At most this many (≤ 1000).", False, None, 1),
+                    Param("limit", "integer", "At most this many.", False, None, 1, MAX_ROWS),
                 ),
                 self.take,
                 _ROWS,
@@ -420,8 +429,8 @@ class Control:
                 "Stored received messages (no cursor moves).",
                 (
                     Param("cid", "string", "Only this conversation.", False, 64),
-                    Param("after_id", "integer", "Only rows after this id.", False, None, 0),
-                    Param("limit", "integer", "At most this many (≤ 1000).", False, None, 1),
+                    Param("after_id", "integer", "Only rows after this id.", False, None, 0, 2**62),
+                    Param("limit", "integer", "At most this many.", False, None, 1, MAX_ROWS),
                 ),
                 self.messages,
                 _ROWS,

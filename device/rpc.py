@@ -119,6 +119,7 @@ class Param:
     required: bool = True
     max_length: int | None = None  # strings: characters; lists: items
     minimum: float | None = None
+    maximum: float | None = None
 
     def check(self, value: object) -> None:
         """Raises:
@@ -139,6 +140,8 @@ class Param:
             raise RpcError(INVALID_PARAMS, f"parameter {self.name!r} is too long")
         if self.minimum is not None and value < self.minimum:  # type: ignore[operator]
             raise RpcError(INVALID_PARAMS, f"parameter {self.name!r} is below {self.minimum:g}")
+        if self.maximum is not None and value > self.maximum:  # type: ignore[operator]
+            raise RpcError(INVALID_PARAMS, f"parameter {self.name!r} is above {self.maximum:g}")
 
     def schema(self) -> dict[str, Any]:
         """Its JSON Schema (for the OpenRPC document)."""
@@ -151,6 +154,8 @@ class Param:
             out["maxItems" if self.kind == "string[]" else "maxLength"] = self.max_length
         if self.minimum is not None:
             out["minimum"] = self.minimum
+        if self.maximum is not None:
+            out["maximum"] = self.maximum
         return out
 
 

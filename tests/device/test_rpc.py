@@ -40,7 +40,7 @@ DISPATCH = Dispatcher(
             "",
             (
                 Param("s", "string", "", max_length=5),
-                Param("n", "integer", "", required=False, minimum=0),
+                Param("n", "integer", "", required=False, minimum=0, maximum=9),
                 Param("xs", "string[]", "", required=False),
                 Param("f", "number", "", required=False),
                 Param("b", "boolean", "", required=False),
@@ -118,6 +118,7 @@ def test_malformed_lines_get_their_json_rpc_error(line: bytes, code: int) -> Non
         ({"s": "a", "n": True}, "parameter 'n' must be integer"),
         ({"s": "a", "n": 1.5}, "parameter 'n' must be integer"),
         ({"s": "a", "n": -1}, "parameter 'n' is below 0"),
+        ({"s": "a", "n": 10}, "parameter 'n' is above 9"),
         ({"s": "a", "xs": ["a", 1]}, "parameter 'xs' must be string[]"),
         ({"s": "a", "f": "1"}, "parameter 'f' must be number"),
         ({"s": "a", "b": 0}, "parameter 'b' must be boolean"),
