@@ -223,9 +223,15 @@ def error_line(error: RpcError, request_id: object = None) -> bytes:
     return _dump({"jsonrpc": "2.0", "id": request_id, "error": error.to_json()})
 
 
+def _not_json(constant: str) -> None:
+    """Python's JSON reads NaN and Infinity; JSON has no such numbers (a NaN timeout
+    would never end a wait)."""
+    raise ValueError(f"{constant} is not JSON")
+
+
 def _text(obj: object) -> str:
     # ASCII: a lone surrogate (valid in a JSON string, not in UTF-8) stays escaped.
-    return json.dumps(obj, separators=(",", ":"))
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False)
 
 
 def _dump(obj: object) -> bytes:
@@ -252,7 +258,7 @@ class Dispatcher(Generic[C]):
     def handle(self, line: bytes, context: C) -> bytes | None:
         """The response line to one request line (a request or a batch)."""
         try:
-            message = json.loads(line)
+            message = json.loads(line, parse_constant=_not_json)
         except (UnicodeDecodeError, ValueError, RecursionError):
             return error_line(RpcError(PARSE_ERROR, "parse error: not a JSON line"))
         if isinstance(message, list):
