@@ -341,6 +341,9 @@ def test_subscribers_get_events_as_notifications(
         assert set(back) <= schemas["connected"]
         assert _until(other, "connected")
         assert other.next_event(0.5) is None, "a message of another conversation came"
+        invited = alice.create_conversation([bob.pid])  # bob's daemon joins it
+        joined = _until(everything, "joined")
+        assert joined["cid"] == invited and set(joined) <= schemas["joined"]
         everything.call("unsubscribe")
         alice.send(cid, "after unsubscribe")
         wait_until(
@@ -397,6 +400,18 @@ def test_every_device_command_goes_through_the_daemon(
             return out.stdout
 
         assert json.loads(ok("whoami", "--json"))["pid"] == bob.pid
+        if shutil.which("socat"):  # docs/device.md's shell example, as printed there
+            request = '{"jsonrpc":"2.0","id":1,"method":"whoami"}\n'
+            target = f"UNIX-CONNECT:{env['FIELDCHAT_STATE']}.sock"
+            shell = subprocess.run(
+                ["socat", "-", target],
+                input=request,
+                capture_output=True,
+                text=True,
+                timeout=20,
+                check=True,
+            )
+            assert json.loads(shell.stdout)["result"]["pid"] == bob.pid
         assert ok("whoami", "--pid").strip() == bob.pid
         created = json.loads(ok("conv", "create", alice.pid, "--json"))["cid"]
         wait_until(lambda: alice.engine.is_member(created), 20, "alice joins bob's conversation")
@@ -412,8 +427,9 @@ def test_every_device_command_goes_through_the_daemon(
         wrong = run_cli(["verify", alice.pid, "1" * 60], routed)
         assert wrong.returncode == 1 and "FINGERPRINTS DIFFER" in wrong.stderr
         ok("send", created, "one")
-        ok("send", created, stdin="two\nthree\n")
-        wait_until(lambda: texts(alice, created) == ["one", "two", "three"], 20, "the texts")
+        piped = [f"line {i}" for i in range(300)]  # batches of at most 64 requests
+        ok("send", created, stdin="".join(f"{line}\n" for line in piped))
+        wait_until(lambda: texts(alice, created) == ["one", *piped], 30, "the texts")
         ok("outbox", "--json")
         ok("conv", "remove", created, carol.pid)
         wait_until(lambda: not carol.engine.is_member(created), 20, "carol removed")
