@@ -232,6 +232,29 @@ class Control:
         drained = self._wait(lambda: not self.device.state.outbox_count(), _timeout(params))
         return {"drained": drained, "outbox": self.device.state.outbox_count()}
 
+    def delivery(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:  # noqa: ARG002
+        """Wait until the broker acknowledged the ``ids`` (``send`` results) and, with
+        ``acks``, that many members receipted each; where they are at the end."""
+        ids, acks = list(dict.fromkeys(params["ids"])), params.get("acks", 0)
+        state = self.device.state
+        known = {row.id for row in state.sent_rows(ids)}
+        if len(known) != len(ids):
+            missing = next(i for i in ids if i not in known)
+            raise ConfigError(f"no message {missing} was sent from this device")
+        progress = {"published": 0, "acknowledged": 0}
+
+        def done() -> bool:
+            rows = state.sent_rows(ids)
+            published = [row for row in rows if row.published_at is not None]
+            progress["published"] = len(published)
+            progress["acknowledged"] = sum(
+                len(state.receipted_by(r.cid, r.epoch, r.chain, r.step)) >= acks for r in published
+            )
+            return progress["acknowledged"] == len(ids)
+
+        delivered = self._wait(done, _timeout(params))
+        return {"delivered": delivered, **progress, "messages": len(ids)}
+
     def outbox(self, params: dict[str, Any], caller: Caller) -> list[dict[str, Any]]:  # noqa: ARG002
         return [
             {
@@ -385,6 +408,18 @@ class Control:
                 _EMPTY,
             ),
             Method("conversations", "Every known conversation.", (), self.conversations, _ROWS),
+            Method(
+                "delivery",
+                "Wait until the broker acknowledged these sent messages (and, with acks, "
+                "that many members receipted each), or the timeout.",
+                (
+                    Param("ids", "integer[]", "The id of each send's result.", max_length=1024),
+                    Param("acks", "integer", "Delivery receipts wanted.", False, None, 0, 1024),
+                    _TIMEOUT,
+                ),
+                self.delivery,
+                _EMPTY,
+            ),
             Method(
                 "drain",
                 "Wait until the broker acknowledged the whole outbox (or the timeout).",

@@ -82,7 +82,7 @@ APP_CODES: tuple[tuple[type[FieldchatError], int, str], ...] = (
     (FieldchatError, 1000, "error"),
 )
 
-Kind = Literal["string", "integer", "number", "boolean", "string[]", "object"]
+Kind = Literal["string", "integer", "number", "boolean", "string[]", "integer[]", "object"]
 
 
 class RpcError(Exception):
@@ -130,6 +130,10 @@ class Param:
             "number": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
             "boolean": lambda v: isinstance(v, bool),
             "string[]": lambda v: isinstance(v, list) and all(isinstance(i, str) for i in v),
+            "integer[]": lambda v: (
+                isinstance(v, list)
+                and all(isinstance(i, int) and not isinstance(i, bool) for i in v)
+            ),
             "object": lambda v: isinstance(v, dict),
         }[self.kind](value)
         if not ok:
@@ -145,13 +149,12 @@ class Param:
 
     def schema(self) -> dict[str, Any]:
         """Its JSON Schema (for the OpenRPC document)."""
+        array = self.kind.endswith("[]")
         out: dict[str, Any] = (
-            {"type": "array", "items": {"type": "string"}}
-            if self.kind == "string[]"
-            else {"type": self.kind}
+            {"type": "array", "items": {"type": self.kind[:-2]}} if array else {"type": self.kind}
         )
         if self.max_length is not None:
-            out["maxItems" if self.kind == "string[]" else "maxLength"] = self.max_length
+            out["maxItems" if array else "maxLength"] = self.max_length
         if self.minimum is not None:
             out["minimum"] = self.minimum
         if self.maximum is not None:

@@ -647,3 +647,22 @@ def test_a_stop_is_not_held_by_a_method_that_waits(
     mosquitto.start()
     with DaemonProcess(env):  # and the message it accepted is still delivered
         wait_until(lambda: texts(alice, cid) == ["waits for the broker"], 30, "delivery")
+
+
+def test_delivery_waits_for_the_broker_and_for_receipts(
+    mosquitto_devices: Devices, mosquitto: Mosquitto
+) -> None:
+    cid, (alice, bob) = conversation(mosquitto_devices, "alice", "bob")
+    env = _daemon_env(mosquitto_devices, bob, mosquitto)
+    with DaemonProcess(env) as daemon, daemon.client() as client:
+        wait_until(lambda: client.call("status")["connected"], 20, "the daemon connects")
+        sent = [client.call("send", {"cid": cid, "text": f"m{i}"})["id"] for i in range(3)]
+        done = client.call("delivery", {"ids": sent, "acks": 1, "timeout": 30})
+        assert done == {"delivered": True, "published": 3, "acknowledged": 3, "messages": 3}
+        assert texts(alice, cid) == ["m0", "m1", "m2"]
+        mosquitto.stop()
+        kept = client.call("send", {"cid": cid, "text": "kept"})["id"]
+        late = client.call("delivery", {"ids": [kept], "timeout": 0.5})
+        assert late == {"delivered": False, "published": 0, "acknowledged": 0, "messages": 1}
+        with pytest.raises(DaemonError, match="no message 999999 was sent"):
+            client.call("delivery", {"ids": [999_999]})
