@@ -60,11 +60,22 @@ def daemon_for(state: str | os.PathLike[str] | None, config: Path | None) -> Con
         owner = path.stat().st_uid
     except OSError:
         return None  # no state file, no daemon of it
+    sock = socket_path(path)
     try:
-        return ControlClient.connect(socket_path(path), owner=owner)
+        return ControlClient.connect(sock, owner=owner)
     except NotOurDaemon as exc:
         typer.echo(f"error: {exc}: not the device daemon; nothing was sent", err=True)
         raise typer.Exit(2) from None
+    except PermissionError:
+        typer.echo(
+            f"error: the device daemon at {sock} serves only its user: run this command "
+            f"as the state file's owner (uid {owner})",
+            err=True,
+        )
+        raise typer.Exit(2) from None
+    except OSError as exc:
+        typer.echo(f"error: cannot reach the device daemon at {sock}: {exc.strerror}", err=True)
+        raise typer.Exit(3) from None
 
 
 @contextlib.contextmanager

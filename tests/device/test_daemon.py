@@ -12,14 +12,17 @@ import signal
 import socket
 import stat
 import subprocess
+import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import typer
 
+from fieldchat.device import remote
 from fieldchat.device.client import Device
 from fieldchat.device.control_client import ControlClient, DaemonError, DaemonGone, token_path
 from fieldchat.device.daemon import Daemon
@@ -666,3 +669,41 @@ def test_delivery_waits_for_the_broker_and_for_receipts(
         assert late == {"delivered": False, "published": 0, "acknowledged": 0, "messages": 1}
         with pytest.raises(DaemonError, match="no message 999999 was sent"):
             client.call("delivery", {"ids": [999_999]})
+
+
+def _as_nobody(call: Callable[[], None]) -> tuple[int, str]:
+    """Run ``call`` in a forked child as uid/gid 65534 (the modules are loaded already);
+    its ``typer.Exit`` code and what it wrote to stderr."""
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child
+        code = 0
+        sys.stderr = os.fdopen(write, "w")  # what typer.echo(err=True) writes to
+        try:
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            call()
+        except typer.Exit as exc:
+            code = exc.exit_code
+        except BaseException:
+            code = 99
+        finally:
+            sys.stderr.flush()
+            os._exit(code)
+    os.close(write)
+    with os.fdopen(read) as stream:
+        err = stream.read()
+    _, status = os.waitpid(child, 0)
+    return os.waitstatus_to_exitcode(status), err
+
+
+@needs_root
+def test_another_user_is_told_the_daemon_serves_only_its_owner(
+    shared_dir: Path, mosquitto: Mosquitto
+) -> None:
+    state = shared_dir / "pi.db"
+    Device(state, post_quantum=False).close()
+    with DaemonProcess(cli_env(state=str(state), broker=mosquitto.url)):
+        code, err = _as_nobody(lambda: remote.daemon_for(state, None))
+    assert code == 2, err
+    assert "serves only its user: run this command as the state file's owner (uid 0)" in err
