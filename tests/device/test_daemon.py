@@ -671,7 +671,7 @@ def test_delivery_waits_for_the_broker_and_for_receipts(
             client.call("delivery", {"ids": [999_999]})
 
 
-def _as_nobody(call: Callable[[], None]) -> tuple[int, str]:
+def _as_nobody(call: Callable[[], object]) -> tuple[int, str]:
     """Run ``call`` in a forked child as uid/gid 65534 (the modules are loaded already);
     its ``typer.Exit`` code and what it wrote to stderr."""
     read, write = os.pipe()
