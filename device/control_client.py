@@ -116,7 +116,7 @@ class ControlClient:
         self.path = path  # the UNIX socket (None over TCP): where to connect again
         self.owner = owner  # the uid the daemon must run as (connect's check)
         self._sock = sock
-        self._buffer = b""
+        self._buffer = bytearray()
         self._events: deque[dict[str, Any]] = deque()
         self._ids = itertools.count(1)
 
@@ -268,15 +268,18 @@ class ControlClient:
         Raises:
             DaemonGone: the connection ended.
         """
-        while b"\n" not in self._buffer:
+        scanned = 0  # bytes of the buffer known to hold no newline
+        while (end := self._buffer.find(b"\n", scanned)) < 0:
+            scanned = len(self._buffer)
             if timeout is not None and not select.select([self._sock], [], [], timeout)[0]:
                 return None
             chunk = self._sock.recv(65536)
             if not chunk:
                 raise DaemonGone("the daemon closed the connection")
-            self._buffer += chunk
+            self._buffer += chunk  # a bytearray: appending does not copy what is there
             if len(self._buffer) > MAX_LINE:
                 raise DaemonGone("the daemon sent a line longer than the client reads")
-        line, _, self._buffer = self._buffer.partition(b"\n")
+        line = bytes(self._buffer[:end])
+        del self._buffer[: end + 1]
         message = json.loads(line)
         return message if isinstance(message, dict) else {"batch": message}

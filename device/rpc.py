@@ -109,6 +109,21 @@ class RpcError(Exception):
         raise AssertionError("FieldchatError is in APP_CODES")  # pragma: no cover
 
 
+def _integer(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON true is no 1
+
+
+_KIND_CHECKS: dict[str, Callable[[object], bool]] = {
+    "string": lambda v: isinstance(v, str),
+    "integer": _integer,
+    "number": lambda v: _integer(v) or isinstance(v, float),
+    "boolean": lambda v: isinstance(v, bool),
+    "string[]": lambda v: isinstance(v, list) and all(isinstance(i, str) for i in v),
+    "integer[]": lambda v: isinstance(v, list) and all(map(_integer, v)),
+    "object": lambda v: isinstance(v, dict),
+}
+
+
 @dataclass(frozen=True, slots=True)
 class Param:
     """A named parameter: its JSON type, whether required, bounds, and its doc line."""
@@ -124,19 +139,7 @@ class Param:
     def check(self, value: object) -> None:
         """Raises:
         RpcError: ``value`` is not of this parameter's type or out of bounds."""
-        ok = {
-            "string": lambda v: isinstance(v, str),
-            "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
-            "number": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
-            "boolean": lambda v: isinstance(v, bool),
-            "string[]": lambda v: isinstance(v, list) and all(isinstance(i, str) for i in v),
-            "integer[]": lambda v: (
-                isinstance(v, list)
-                and all(isinstance(i, int) and not isinstance(i, bool) for i in v)
-            ),
-            "object": lambda v: isinstance(v, dict),
-        }[self.kind](value)
-        if not ok:
+        if not _KIND_CHECKS[self.kind](value):
             raise RpcError(INVALID_PARAMS, f"parameter {self.name!r} must be {self.kind}")
         if not all(map(_utf8, value if isinstance(value, list) else [value])):
             raise RpcError(INVALID_PARAMS, f"parameter {self.name!r} is not valid Unicode")
