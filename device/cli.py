@@ -402,6 +402,13 @@ def conv_create(
     low_bandwidth: Annotated[
         bool, typer.Option("--low-bandwidth", help="Compressed, one signature in 32.")
     ] = False,
+    require_pq: Annotated[
+        bool,
+        typer.Option(
+            "--require-pq/--allow-x25519-only",
+            help="Admit only members with an ML-KEM-768 key (every grant hybrid).",
+        ),
+    ] = True,
     timeout: Timeout = 10.0,
     json_out: JsonOut = False,
 ) -> None:
@@ -410,11 +417,12 @@ def conv_create(
         low_bandwidth_policy()
         if low_bandwidth
         else Policy(compress=compress, sign_every=sign_every)
-    )
+    ).model_copy(update={"require_pq": require_pq})
     with _errors():
         if (daemon := _daemon()) is not None:
             params = {"members": members or [], "compress": compress, "sign_every": sign_every}
-            params |= {"low_bandwidth": low_bandwidth, "timeout": timeout}
+            params |= {"low_bandwidth": low_bandwidth, "require_pq": require_pq}
+            params |= {"timeout": timeout}
             remote.conv_create(daemon, params, json_out=json_out)
             return
     with _errors(), _connected(timeout) as device:

@@ -305,6 +305,8 @@ class Control:
             policy = Policy(
                 compress=params.get("compress", False), sign_every=params.get("sign_every", 1)
             )
+        # Post-quantum members only unless told otherwise (PROTOCOL.md §5.2).
+        policy = policy.model_copy(update={"require_pq": params.get("require_pq", True)})
         members = params.get("members", [])
         self._fetch(members, _timeout(params))
         cid = self.device.create_conversation(members, policy=policy, timeout=0.0)
@@ -387,6 +389,12 @@ class Control:
                         MAX_SIGN_EVERY,
                     ),
                     Param("low_bandwidth", "boolean", "Compressed, one signature in 32.", False),
+                    Param(
+                        "require_pq",
+                        "boolean",
+                        "Admit only members with an ML-KEM-768 key (default true).",
+                        False,
+                    ),
                     _TIMEOUT,
                 ),
                 self.create,
