@@ -418,11 +418,13 @@ def conv_create(
         if low_bandwidth
         else Policy(compress=compress, sign_every=sign_every)
     ).model_copy(update={"require_pq": require_pq})
-    if (daemon := _daemon()) is not None:
-        params = {"members": members or [], "compress": compress, "sign_every": sign_every}
-        params |= {"low_bandwidth": low_bandwidth, "require_pq": require_pq, "timeout": timeout}
-        remote.conv_create(daemon, params, json_out=json_out)
-        return
+    with _errors():
+        if (daemon := _daemon()) is not None:
+            params = {"members": members or [], "compress": compress, "sign_every": sign_every}
+            params |= {"low_bandwidth": low_bandwidth, "require_pq": require_pq}
+            params |= {"timeout": timeout}
+            remote.conv_create(daemon, params, json_out=json_out)
+            return
     with _errors(), _connected(timeout) as device:
         cid = device.create_conversation(members or [], policy=policy, timeout=timeout)
         _finish(device, timeout)
@@ -432,9 +434,10 @@ def conv_create(
 @conv_app.command("invite")
 def conv_invite(cid: str, pids: list[str], timeout: Timeout = 10.0) -> None:
     """Add members to a conversation (admins only)."""
-    if (daemon := _daemon()) is not None:
-        remote.conv_change(daemon, "invite", {"cid": cid, "pids": pids, "timeout": timeout})
-        return
+    with _errors():
+        if (daemon := _daemon()) is not None:
+            remote.conv_change(daemon, "invite", {"cid": cid, "pids": pids, "timeout": timeout})
+            return
     with _errors(), _connected(timeout) as device:
         device.invite(cid, pids, timeout=timeout)
         _finish(device, timeout)
@@ -443,9 +446,10 @@ def conv_invite(cid: str, pids: list[str], timeout: Timeout = 10.0) -> None:
 @conv_app.command("remove")
 def conv_remove(cid: str, pids: list[str], timeout: Timeout = 10.0) -> None:
     """Remove members; everyone left re-keys (admins only)."""
-    if (daemon := _daemon()) is not None:
-        remote.conv_change(daemon, "remove", {"cid": cid, "pids": pids})
-        return
+    with _errors():
+        if (daemon := _daemon()) is not None:
+            remote.conv_change(daemon, "remove", {"cid": cid, "pids": pids})
+            return
     with _errors(), _connected(timeout) as device:
         device.remove(cid, pids)
         _finish(device, timeout)
@@ -454,9 +458,10 @@ def conv_remove(cid: str, pids: list[str], timeout: Timeout = 10.0) -> None:
 @conv_app.command("leave")
 def conv_leave(cid: str, timeout: Timeout = 10.0) -> None:
     """Leave a conversation."""
-    if (daemon := _daemon()) is not None:
-        remote.conv_change(daemon, "leave", {"cid": cid})
-        return
+    with _errors():
+        if (daemon := _daemon()) is not None:
+            remote.conv_change(daemon, "leave", {"cid": cid})
+            return
     with _errors(), _connected(timeout) as device:
         device.leave(cid)
         _finish(device, timeout)
