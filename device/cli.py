@@ -24,9 +24,11 @@ from typing import Annotated
 
 import typer
 
+from fieldchat.device import remote
 from fieldchat.device.cli_output import note, print_rows, refusal_line, render, write
 from fieldchat.device.client import Device
 from fieldchat.device.config import DeviceSettings, low_bandwidth_policy
+from fieldchat.device.control_client import ControlClient
 from fieldchat.device.events import (
     Event,
     MessageReceived,
@@ -207,6 +209,13 @@ def _close(device: Device) -> None:
         device.close()
 
 
+def _daemon() -> ControlClient | None:
+    """The daemon serving this state file (``fieldchat device run``), or ``None``: the
+    command then runs standalone (docs/device.md, Daemon and control socket)."""
+    state = (_options.flags or {}).get("state")
+    return remote.daemon_for(state if isinstance(state, Path) else None, _options.config)
+
+
 def _device_for(on_event: object = None) -> Device:
     settings = _options.load()
     state = DeviceState(settings.state)
@@ -336,6 +345,9 @@ def whoami(
 ) -> None:
     """Print this device's pid and fingerprint."""
     with _errors():
+        if (daemon := _daemon()) is not None:
+            remote.whoami(daemon, json_out=json_out, pid_only=pid_only)
+            return
         device = _device_for()
         pid, fingerprint = device.pid, device.fingerprint()
         _close(device)
@@ -358,6 +370,9 @@ def verify(
 ) -> None:
     """Show PID's fingerprint, or compare it with one read out of band."""
     with _errors():
+        if (daemon := _daemon()) is not None:
+            remote.verify(daemon, pid, fingerprint, timeout)
+            return
         device = _device_for()
         try:
             if device.engine.bundle_of(pid) is None:
@@ -387,6 +402,13 @@ def conv_create(
     low_bandwidth: Annotated[
         bool, typer.Option("--low-bandwidth", help="Compressed, one signature in 32.")
     ] = False,
+    require_pq: Annotated[
+        bool,
+        typer.Option(
+            "--require-pq/--allow-x25519-only",
+            help="Admit only members with an ML-KEM-768 key (every grant hybrid).",
+        ),
+    ] = True,
     timeout: Timeout = 10.0,
     json_out: JsonOut = False,
 ) -> None:
@@ -395,7 +417,14 @@ def conv_create(
         low_bandwidth_policy()
         if low_bandwidth
         else Policy(compress=compress, sign_every=sign_every)
-    )
+    ).model_copy(update={"require_pq": require_pq})
+    with _errors():
+        if (daemon := _daemon()) is not None:
+            params = {"members": members or [], "compress": compress, "sign_every": sign_every}
+            params |= {"low_bandwidth": low_bandwidth, "require_pq": require_pq}
+            params |= {"timeout": timeout}
+            remote.conv_create(daemon, params, json_out=json_out)
+            return
     with _errors(), _connected(timeout) as device:
         cid = device.create_conversation(members or [], policy=policy, timeout=timeout)
         _finish(device, timeout)
@@ -405,6 +434,10 @@ def conv_create(
 @conv_app.command("invite")
 def conv_invite(cid: str, pids: list[str], timeout: Timeout = 10.0) -> None:
     """Add members to a conversation (admins only)."""
+    with _errors():
+        if (daemon := _daemon()) is not None:
+            remote.conv_change(daemon, "invite", {"cid": cid, "pids": pids, "timeout": timeout})
+            return
     with _errors(), _connected(timeout) as device:
         device.invite(cid, pids, timeout=timeout)
         _finish(device, timeout)
@@ -413,6 +446,10 @@ def conv_invite(cid: str, pids: list[str], timeout: Timeout = 10.0) -> None:
 @conv_app.command("remove")
 def conv_remove(cid: str, pids: list[str], timeout: Timeout = 10.0) -> None:
     """Remove members; everyone left re-keys (admins only)."""
+    with _errors():
+        if (daemon := _daemon()) is not None:
+            remote.conv_change(daemon, "remove", {"cid": cid, "pids": pids})
+            return
     with _errors(), _connected(timeout) as device:
         device.remove(cid, pids)
         _finish(device, timeout)
@@ -421,6 +458,10 @@ def conv_remove(cid: str, pids: list[str], timeout: Timeout = 10.0) -> None:
 @conv_app.command("leave")
 def conv_leave(cid: str, timeout: Timeout = 10.0) -> None:
     """Leave a conversation."""
+    with _errors():
+        if (daemon := _daemon()) is not None:
+            remote.conv_change(daemon, "leave", {"cid": cid})
+            return
     with _errors(), _connected(timeout) as device:
         device.leave(cid)
         _finish(device, timeout)
@@ -430,6 +471,9 @@ def conv_leave(cid: str, timeout: Timeout = 10.0) -> None:
 def conv_list(json_out: JsonOut = False) -> None:
     """List known conversations (no network)."""
     with _errors():
+        if (daemon := _daemon()) is not None:
+            remote.conv_list(daemon, json_out=json_out)
+            return
         device = _device_for()
         infos = device.conversations()
         me = device.pid
@@ -490,6 +534,9 @@ def send(
     """Send a message (durable at once; delivered when the broker is reachable)."""
     refused: list[PublishRefused] = []
     with _errors():
+        if (daemon := _daemon()) is not None:
+            remote.send(daemon, cid, text)
+            return
         device = _device_for(lambda e: refused.append(e) if isinstance(e, PublishRefused) else None)
         try:
             if text is not None and text != "-":
@@ -523,6 +570,9 @@ def listen(
     events: queue.Queue[Event] = queue.Queue()
     shown = 0
     with _errors("listen"):
+        if (daemon := _daemon()) is not None:
+            remote.listen(daemon, cid, json_out=json_out, count=count, duration=duration)
+            return
         device = _device_for(events.put)
         try:
             if cid is not None and cid not in device.engine.conversations():
@@ -573,6 +623,9 @@ def chat(cid: str, timeout: Timeout = 10.0) -> None:
     SIGTERM stops it at once, keeping the outbox for the next command.
     """
     with _errors("chat"):
+        if (daemon := _daemon()) is not None:
+            remote.chat(daemon, cid)
+            return
         device = _device_for()
         try:
             if cid not in device.engine.conversations():
@@ -609,6 +662,9 @@ def chat(cid: str, timeout: Timeout = 10.0) -> None:
 def outbox(json_out: JsonOut = False) -> None:
     """What is waiting for the broker (no network)."""
     with _errors():
+        if (daemon := _daemon()) is not None:
+            remote.outbox(daemon, json_out=json_out)
+            return
         device = _device_for()
         rows = device.outbox()
         _close(device)
@@ -634,3 +690,25 @@ def outbox(json_out: JsonOut = False) -> None:
             )
     if not json_out:
         typer.echo(f"{len(rows)} waiting", err=True)
+
+
+# -- the daemon --------------------------------------------------------------------------
+
+
+@device_app.command()
+def run(
+    tcp: Annotated[
+        str | None,
+        typer.Option(
+            help="Also serve the control socket on loopback TCP HOST:PORT (127.0.0.1:PORT; "
+            "clients present the token the daemon writes to STATE.token).",
+        ),
+    ] = None,
+) -> None:
+    """Run the device as a service: it owns the state file, stays connected, and serves
+    a JSON-RPC control socket (STATE.sock) that the other device commands then use.
+    SIGTERM or Ctrl-C stops it cleanly."""
+    from fieldchat.device import daemon  # noqa: PLC0415 - only this command serves
+
+    with _failures():
+        daemon.run(_device_for, tcp=tcp)

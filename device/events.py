@@ -2,6 +2,8 @@
 
 Events are delivered on the device's worker thread, after the state they describe
 is durable, in the order they happened. ``to_json`` gives the ``listen --json`` form.
+A stream that can fall behind (:meth:`fieldchat.device.aio.AsyncDevice.events`) adds
+one more kind, :class:`EventsDropped`, where it had to drop (``StreamEvent``).
 """
 
 from __future__ import annotations
@@ -15,14 +17,18 @@ __all__ = [
     "Disconnected",
     "Event",
     "EventType",
+    "EventsDropped",
+    "ForgeryDetected",
     "GapDetected",
     "Joined",
     "KeyChanged",
     "MessageReceived",
+    "MessageVerified",
     "PublishRefused",
     "ReceiptKind",
     "ReceiptReceived",
     "Removed",
+    "StreamEvent",
 ]
 
 
@@ -30,6 +36,8 @@ class EventType(StrEnum):
     """An event's ``type`` in its JSON form (``listen --json``)."""
 
     MESSAGE = "message"
+    VERIFIED = "verified"
+    FORGERY = "forgery"
     RECEIPT = "receipt"
     KEY_CHANGED = "key_changed"
     JOINED = "joined"
@@ -38,6 +46,7 @@ class EventType(StrEnum):
     PUBLISH_REFUSED = "publish_refused"
     CONNECTED = "connected"
     DISCONNECTED = "disconnected"
+    EVENTS_DROPPED = "events_dropped"
 
 
 class ReceiptKind(StrEnum):
@@ -71,6 +80,42 @@ class MessageReceived(_Base):
     step: int
     signed: bool
     late: bool = False  # it filled a gap: older than messages already shown
+    # Unsigned, in a conversation that signs every Nth step: not authenticated as the
+    # sender's yet (any member could have sealed it) until the sender's next signed
+    # envelope covers it: MessageVerified or ForgeryDetected follows (PROTOCOL.md §6.5).
+    pending: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class MessageVerified(_Base):
+    """Messages shown as pending (``steps`` of a member's chain) are verified: the
+    sender's next signed envelope covers exactly what was shown (PROTOCOL.md §6.5)."""
+
+    type: ClassVar[EventType] = EventType.VERIFIED
+    cid: str
+    sender: str
+    epoch: int
+    sender_index: int
+    chain: int
+    steps: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ForgeryDetected(_Base):
+    """Messages shown as ``sender``'s (``steps`` of its chain) were NOT sent by it:
+    another member holding the chain key forged them, and the sender's next signed
+    envelope proves it (PROTOCOL.md §6.5). ``pinpointed``: exactly these steps are
+    forged (the sender's own envelopes were found); otherwise at least one of them is.
+    Counted as ``coverage_forged``."""
+
+    type: ClassVar[EventType] = EventType.FORGERY
+    cid: str
+    sender: str
+    epoch: int
+    sender_index: int
+    chain: int
+    steps: tuple[int, ...]
+    pinpointed: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +204,8 @@ class Disconnected(_Base):
 
 Event = (
     MessageReceived
+    | MessageVerified
+    | ForgeryDetected
     | ReceiptReceived
     | KeyChanged
     | Joined
@@ -168,3 +215,24 @@ Event = (
     | Connected
     | Disconnected
 )
+
+
+@dataclass(frozen=True, slots=True)
+class EventsDropped(_Base):
+    """``count`` events were dropped here because this stream's consumer fell behind
+    (its buffer was full); the device itself lost nothing.
+
+    ``messages`` of them were :class:`MessageReceived`, stored rows ``first_id`` to
+    ``last_id``: ``Device.messages(after_id=first_id - 1)`` lists them again (with any
+    newer ones). Receipts, joins and the rest are in the state file's views too
+    (``conversations()``, ``undelivered()``, ``gaps()``).
+    """
+
+    type: ClassVar[EventType] = EventType.EVENTS_DROPPED
+    count: int
+    messages: int = 0
+    first_id: int | None = None
+    last_id: int | None = None
+
+
+StreamEvent = Event | EventsDropped

@@ -1,8 +1,10 @@
 // The end-to-end engine of a browser participant (device/engine.py in Python; PROTOCOL.md
 // §5-§7): conversations, rosters, grants, sending and receiving chains. Pure: no network;
 // state goes to an injected store (IndexedDB in the page, memory in the vector checks).
-// The browser has no ML-KEM: its bundle says so, the grants it receives and makes are
-// X25519-only, and rosters mark it as not post-quantum protected.
+// Where WebCrypto has ML-KEM-768 the identity has a key (`postQuantum`): it gets and makes
+// hybrid grants and refuses X25519-only ones from post-quantum members (a downgrade).
+// Where it has none the bundle says so, its grants are X25519 only, rosters mark it, and
+// a conversation that requires post-quantum members (the default policy) cannot list it.
 //
 // Trust in rosters (§5.2): a roster is adopted only through a verified chain, from epoch 0
 // when joining and from the newest adopted roster (the tip) when catching up; one that
@@ -21,19 +23,21 @@ import {
   MARK_EVERY, MAX_FORWARD_JUMP, MAX_SKIPPED_KEYS, MAX_UNSIGNED_JUMP, RecvChain,
 } from "./chains.js";
 import { KEEP_EPOCHS, MAX_ROSTER_CANDIDATES, Conversation, loadConversations } from "./conversation.js";
-import { aeadSeal, chainStep, ed25519Sign, ed25519Verify, randomBytes, stepNonce } from "./crypto.js";
+import {
+  aeadSeal, chainStep, ed25519Sign, ed25519Verify, hybridOpen, hybridSeal, mlkemSupported, randomBytes, stepNonce,
+} from "./crypto.js";
 import { acceptGrant, makeGrant, payGrants } from "./grants.js";
 import { generateIdentity, identityFromSeed, signRoster } from "./identity.js";
 import { MemoryStore } from "./store.js";
 import {
-  FLAG, MSG, cidFor, decodeBundle, decodeGrant, decodePlaintext, decodeRoster, encodePlaintext,
+  FLAG, GRANT_MODE, MSG, cidFor, decodeBundle, decodeGrant, decodePlaintext, decodeRoster, encodePlaintext,
   envelopeHeader, fingerprint, isAdmin, isRoster, readHeader, verifyRosterChain,
 } from "./wire.js";
 
 // This module is the browser participant's whole API (tests/web/pages import it).
 export {
   CryptoError, KEEP_EPOCHS, MARK_EVERY, MAX_FORWARD_JUMP, MAX_ROSTER_CANDIDATES, MAX_SKIPPED_KEYS, MAX_UNSIGNED_JUMP,
-  MemoryStore, acceptGrant, generateIdentity, identityFromSeed, makeGrant,
+  MemoryStore, acceptGrant, generateIdentity, hybridOpen, hybridSeal, identityFromSeed, makeGrant, mlkemSupported,
 };
 export const MAX_PENDING_GRANTS = 256; // grants held per conversation until its epoch is entered
 // Conversations known only from held rosters or grants, or rosters not listing us; past
@@ -43,6 +47,7 @@ export const MAX_JOINING = 64;
 const FLUSH_MS = 200; // receiving-chain state is written in batches (§6.4)
 
 const rejected = (reason, why) => protocolError(reason, why);
+const coverageModule = () => import("./coverage.js");
 
 // The engine -----------------------------------------------------------------------------------
 
@@ -57,6 +62,17 @@ export class Engine {
     this._queue = Promise.resolve();
     this._dirty = new Set();
     this._flushTimer = null;
+    // Delayed authentication (§6.5): coverage.js, loaded when a conversation needs it.
+    this.coverage = new Map();
+    this.covering = new Map();
+    this.settled = [];
+  }
+
+  // Verdicts since the last call: {cid, sender, epoch, senderIndex, chain, steps, verdict, pinpointed}.
+  takeSettled() {
+    const out = this.settled;
+    this.settled = [];
+    return out;
   }
 
   // The engine of the identity in `store`, generating one on first use.
@@ -84,6 +100,11 @@ export class Engine {
   count(reason) { this.counters[reason] = (this.counters[reason] || 0) + 1; }
 
   get bundle() { return this.identity.bundle; }
+
+  // Whether this identity has an ML-KEM-768 key (hybrid grants) or is X25519 only.
+  get postQuantum() { return !!this.identity.kPublic; }
+
+  get _self() { return { pid: this.pid, postQuantum: this.postQuantum }; }
 
   // -- bundles ------------------------------------------------------------------------------
 
@@ -130,12 +151,13 @@ export class Engine {
   // c/{cid}/roster once it chains (§5.2); a participant never writes that topic itself.
   createConversation(members = [], { policy = null } = {}) {
     return this._locked(async () => {
-      const pol = policy ?? { signEvery: 1, compress: false, pad: false, requirePq: false };
+      // Default policy (PROTOCOL.md §5.2): every envelope signed, post-quantum members only.
+      const pol = policy ?? { signEvery: 1, compress: false, pad: false, requirePq: true };
       const nonce = randomBytes(16);
       const cid = await cidFor(this.pid, nonce);
       const roster = await signRoster(this.identity, {
         cid, epoch: 0, nonce, prev: new Uint8Array(0), policy: pol,
-        members: this.bundles.members(this.pid, [this.pid, ...members], new Set([this.pid]), pol),
+        members: this.bundles.members(this._self, [this.pid, ...members], new Set([this.pid]), pol),
         issuedAt: Math.floor(Date.now() / 1000),
       });
       await verifyRosterChain(roster, null);
@@ -179,7 +201,7 @@ export class Engine {
     if (![...admins].some((a) => pids.includes(a))) admins = new Set([pids.includes(this.pid) ? this.pid : pids[0]]);
     const roster = await signRoster(this.identity, {
       cid: conv.cid, epoch: current.epoch + 1, nonce: new Uint8Array(0), prev: current.digest,
-      members: this.bundles.members(this.pid, pids, admins, policy), policy, issuedAt: Math.floor(Date.now() / 1000),
+      members: this.bundles.members(this._self, pids, admins, policy), policy, issuedAt: Math.floor(Date.now() / 1000),
     });
     await verifyRosterChain(roster, current);
     const earlier = [...conv.rosters.keys()].sort((a, b) => a - b).map((e) => conv.rosters.get(e).bytes);
@@ -298,6 +320,15 @@ export class Engine {
 
   async _handleGrant(data) {
     const grant = await decodeGrant(data);
+    // We publish an ML-KEM key: an X25519-only grant is right only from a member without
+    // one (a browser lacking ML-KEM); from a post-quantum member it is a downgrade.
+    // Checked before opening against our newest roster, after it against the grant's own.
+    const downgrade = (roster) => this.postQuantum && grant.mode !== GRANT_MODE.hybrid &&
+      !!roster?.members.find((m) => m.pid === grant.granter)?.pq;
+    const known = this.convs.get(grant.cid);
+    if (known && known.epoch >= 0 && downgrade(known.rosters.get(known.epoch))) {
+      throw rejected("grant", "X25519-only grant to a post-quantum member (downgrade)");
+    }
     const payload = await acceptGrant(this.identity, grant);
     let conv = this.convs.get(grant.cid);
     if (!conv || conv.epoch < 0 || payload.epoch > conv.epoch) {
@@ -315,6 +346,10 @@ export class Engine {
     if (!member) throw rejected("grant", "grant for a sender index outside the roster");
     if (member.pid !== grant.granter || member.pid === this.pid) throw rejected("grant", "grant signed by someone other than the chain's member");
     if (!roster.pids.includes(this.pid)) throw rejected("grant", "grant for an epoch we are not a member of");
+    if (downgrade(roster)) throw rejected("grant", "X25519-only grant to a post-quantum member (downgrade)");
+    if (grant.mode !== GRANT_MODE.hybrid && roster.policy.requirePq) {
+      throw rejected("grant", "X25519-only grant in an epoch that requires post-quantum");
+    }
     const key = `${payload.epoch}/${payload.sender}/${payload.chain}`;
     let installed = false;
     if (conv.recv.has(key)) this.count("duplicate");
@@ -349,9 +384,15 @@ export class Engine {
       const kindByte = message.kind | (signed ? FLAG.signed : 0) | (compressed ? FLAG.compressed : 0) |
                        (padded ? FLAG.padded : 0);
       const sender = roster.pids.indexOf(this.pid);
-      const header = envelopeHeader(kindByte, roster.epoch, sender, chain.chain, step);
-      const body = concat(header, await aeadSeal(out.subarray(0, 32), stepNonce(step), data, concat(header, conv.cidRaw)));
-      if (!signed) return { data: body, key: [cid, roster.epoch, sender, chain.chain, step] };
+      // Each signed envelope covers the unsigned ones of this chain since the last (§6.5).
+      const covering = every > 1 ? await (await coverageModule()).covering(this.covering, cid, chain, step, signed) : null;
+      const header = envelopeHeader(kindByte, roster.epoch, sender, chain.chain, step, covering?.cover ?? 0);
+      const aad = concat(header, conv.cidRaw, covering?.digest ?? new Uint8Array(0));
+      const body = concat(header, await aeadSeal(out.subarray(0, 32), stepNonce(step), data, aad));
+      if (!signed) {
+        await covering?.add(body);
+        return { data: body, key: [cid, roster.epoch, sender, chain.chain, step] };
+      }
       const sig = await ed25519Sign(this.identity.edPrivate, concat(body, conv.cidRaw));
       return { data: concat(body, sig), key: [cid, roster.epoch, sender, chain.chain, step] };
     });
@@ -402,13 +443,22 @@ export class Engine {
         if (h.step >= stated) throw rejected("chain_closed", `unsigned step ${h.step} of epoch ${h.epoch}: ${sender} ended it at ${stated}`);
       }
     }
-    const plaintext = await chain.open(h.step, data.subarray(h.headerLength, end),
-                                       concat(data.subarray(0, h.headerLength), conv.cidRaw), signed);
+    const sealed = data.subarray(h.headerLength, end);
+    const aad = concat(data.subarray(0, h.headerLength), conv.cidRaw);
+    const covered = !signed && roster.policy.signEvery !== 0;
+    let plaintext;
+    if (h.cover || covered) { // pending until a signed envelope covers it (§6.5)
+      plaintext = await (await coverageModule()).openCovered(this, cid, key, h, sender, chain, data, sealed, aad);
+      if (plaintext === undefined) return null; // another candidate of a pending step
+    } else {
+      plaintext = await chain.open(h.step, sealed, aad, signed);
+    }
     if (plaintext === null) { this.count("duplicate"); return null; }
     this._markDirty(cid);
     const message = await decodePlaintext(h.kind, plaintext,
       { compressed: !!(h.flags & FLAG.compressed), padded: !!(h.flags & FLAG.padded) });
-    return { cid, sender, epoch: h.epoch, senderIndex: h.sender, chain: h.chain, step: h.step, message, signed };
+    return { cid, sender, epoch: h.epoch, senderIndex: h.sender, chain: h.chain, step: h.step, message, signed,
+             pending: covered };
   }
 
   // Which participant sent an envelope (own ones included), without decrypting it.
