@@ -8,7 +8,9 @@ Connect with ``/ws?cursor=N&grant_cursor=M`` to resume: the gateway first sends
 everything archived after ``N`` in the account's conversations (and grants after
 ``M``), then ``caught_up``, then live events. Each envelope carries its ``seq``; the
 largest seq seen is the cursor to resume with after a drop. Without ``cursor`` the
-stream starts at the present.
+stream starts at the present: the ``hello``'s cursor, read after the handshake, so
+what is archived between the handshake and the ``hello`` is history (fetch it with
+``cursor=`` or the history API), not live.
 
 With ``batch=1`` a client accepts a JSON **array** of the frames below wherever one
 frame could come, in order: when several live events wait for one socket, they leave
