@@ -8,7 +8,6 @@ none of them.
 
 from __future__ import annotations
 
-import asyncio
 import importlib
 import os
 from collections.abc import Coroutine
@@ -19,9 +18,6 @@ import typer
 from typer.core import TyperCommand, TyperGroup
 
 from fieldchat._startup import import_held
-from fieldchat.schemas import tracing
-from fieldchat.schemas.errors import FieldchatError
-from fieldchat.schemas.signals import until_stopped
 
 if TYPE_CHECKING:
     from fieldchat.stack import StackOptions
@@ -173,6 +169,12 @@ def _serve(main: Coroutine[Any, Any, None], stopped: str) -> None:
     """Run a stack until SIGINT or SIGTERM, the same clean stop: the gateway and the
     broker close, ``stopped`` is printed, status 0. A FieldchatError is one line and
     status 1."""
+    import asyncio  # noqa: PLC0415 - the device commands' cold start does without these
+
+    from fieldchat.schemas import tracing  # noqa: PLC0415
+    from fieldchat.schemas.errors import FieldchatError  # noqa: PLC0415
+    from fieldchat.schemas.signals import until_stopped  # noqa: PLC0415
+
     try:
         tracing.configure(tracing.TraceSettings.from_environ(os.environ))  # docs/tracing.md
         asyncio.run(until_stopped(main))
