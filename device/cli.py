@@ -256,7 +256,7 @@ def _open_existing(path: Path) -> DeviceState:
     from fieldchat.device.state import DeviceState  # noqa: PLC0415 - the stack is loaded
 
     hint = f"create one with `fieldchat device --state {path} init`"
-    if not path.is_file():
+    if not path.expanduser().is_file():
         raise ConfigError(f"no state file {path} (no identity yet): {hint}")
     state = DeviceState(path)
     if state.load("identity") is None:

@@ -278,3 +278,16 @@ def test_ctrl_c_during_a_one_shot_command_is_one_line_and_130(
         seen.add(line)
     assert "fieldchat device: interrupted before it finished." in seen  # while connecting
     assert all(m["cid"] == cid for m in _outbox(env))
+
+
+def test_the_default_state_file_is_found_once_init_made_it(tmp_path: Path) -> None:
+    """The default (``~/.local/share/fieldchat/device.sqlite3``) is expanded when
+    looked for: after ``init``, ``whoami`` without ``--state`` finds it."""
+    env = dict(cli_env(), HOME=str(tmp_path))
+    assert run_cli(["whoami"], env).returncode == ExitCode.USAGE
+    made = run_cli(["init", "--json"], env)
+    assert made.returncode == 0, made.stderr
+    who = run_cli(["whoami", "--pid"], env)
+    assert who.returncode == 0, who.stderr
+    assert who.stdout.strip() == json.loads(made.stdout)["pid"]
+    assert (tmp_path / ".local/share/fieldchat/device.sqlite3").is_file()
