@@ -1,7 +1,8 @@
 """The participant side of fieldchat.
 
 Identity and key store, the pure E2E engine, and the paho-mqtt ``Device`` client
-with its durable outbox (see docs/device.md).
+with its durable outbox, and ``AsyncDevice``, the same device for asyncio (see
+docs/device.md).
 
 The names below are imported on first use (PEP 562), so importing one module of
 the package (the engine, say) does not load the MQTT client and its link.
@@ -13,6 +14,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from fieldchat.device.aio import AsyncDevice, EventStream
     from fieldchat.device.client import ConversationInfo, Device, SentMessage
     from fieldchat.device.config import BrokerOptions, DeviceSettings, LinkOptions, TlsOptions
     from fieldchat.device.engine import Engine
@@ -20,6 +22,7 @@ if TYPE_CHECKING:
         Connected,
         Disconnected,
         Event,
+        EventsDropped,
         GapDetected,
         Joined,
         KeyChanged,
@@ -27,11 +30,13 @@ if TYPE_CHECKING:
         PublishRefused,
         ReceiptReceived,
         Removed,
+        StreamEvent,
     )
     from fieldchat.device.history import GatewayHistory
     from fieldchat.device.identity import Identity
 
 _HOMES = {
+    "AsyncDevice": "aio",
     "BrokerOptions": "config",
     "Connected": "events",
     "ConversationInfo": "client",
@@ -40,6 +45,8 @@ _HOMES = {
     "Disconnected": "events",
     "Engine": "engine",
     "Event": "events",
+    "EventStream": "aio",
+    "EventsDropped": "events",
     "GapDetected": "events",
     "GatewayHistory": "history",
     "Identity": "identity",
@@ -51,10 +58,12 @@ _HOMES = {
     "ReceiptReceived": "events",
     "Removed": "events",
     "SentMessage": "client",
+    "StreamEvent": "events",
     "TlsOptions": "config",
 }
 
 __all__ = [
+    "AsyncDevice",
     "BrokerOptions",
     "Connected",
     "ConversationInfo",
@@ -63,6 +72,8 @@ __all__ = [
     "Disconnected",
     "Engine",
     "Event",
+    "EventStream",
+    "EventsDropped",
     "GapDetected",
     "GatewayHistory",
     "Identity",
@@ -74,6 +85,7 @@ __all__ = [
     "ReceiptReceived",
     "Removed",
     "SentMessage",
+    "StreamEvent",
     "TlsOptions",
 ]
 

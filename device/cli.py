@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from fieldchat.device import remote
 from fieldchat.schemas.errors import (
     ConfigError,
     FieldchatError,
@@ -37,12 +38,13 @@ from fieldchat.schemas.errors import (
     Refused,
     TransportError,
 )
-from fieldchat.schemas.exits import ExitCode, epilog
+from fieldchat.schemas.exits import ExitCode, epilog, for_kind
 from fieldchat.schemas.signals import Interrupts
 
 if TYPE_CHECKING:
     from fieldchat.device.client import Device, SentMessage
     from fieldchat.device.config import DeviceSettings
+    from fieldchat.device.control_client import ControlClient
     from fieldchat.device.events import Event, PublishRefused
     from fieldchat.device.state import DeviceState
 
@@ -265,6 +267,13 @@ def _open_existing(path: Path) -> DeviceState:
     return state
 
 
+def _daemon() -> ControlClient | None:
+    """The daemon serving this state file (``fieldchat device run``), or ``None``: the
+    command then runs standalone (docs/device.md, Daemon and control socket)."""
+    state = (_options.flags or {}).get("state")
+    return remote.daemon_for(state if isinstance(state, Path) else None, _options.config)
+
+
 def _device_for(on_event: object = None) -> Device:
     from fieldchat.device.client import Device  # noqa: PLC0415 - loaded by _options.load
     from fieldchat.device.history import GatewayHistory  # noqa: PLC0415
@@ -410,6 +419,9 @@ def whoami(
 ) -> None:
     """Print this device's pid and fingerprint."""
     with _errors():
+        if (daemon := _daemon()) is not None:
+            remote.whoami(daemon, json_out=json_out, pid_only=pid_only)
+            return
         device = _device_for()
         pid, fingerprint = device.pid, device.fingerprint()
         _close(device)
@@ -432,6 +444,9 @@ def verify(
 ) -> None:
     """Show PID's fingerprint, or compare it with one read out of band."""
     with _errors():
+        if (daemon := _daemon()) is not None:
+            remote.verify(daemon, pid, fingerprint, timeout)
+            return
         device = _device_for()
         try:
             if device.engine.bundle_of(pid) is None:
@@ -465,6 +480,11 @@ def conv_create(
     json_out: JsonOut = False,
 ) -> None:
     """Create a conversation (you are its admin) and print its id."""
+    if (daemon := _daemon()) is not None:
+        params = {"members": members or [], "compress": compress, "sign_every": sign_every}
+        params |= {"low_bandwidth": low_bandwidth, "timeout": timeout}
+        remote.conv_create(daemon, params, json_out=json_out)
+        return
     with _errors(), _connected(timeout) as device:
         from fieldchat.device.config import low_bandwidth_policy  # noqa: PLC0415 - loaded
         from fieldchat.schemas import Policy  # noqa: PLC0415
@@ -482,6 +502,9 @@ def conv_create(
 @conv_app.command("invite", epilog=ONLINE)
 def conv_invite(cid: str, pids: list[str], timeout: Timeout = 10.0) -> None:
     """Add members to a conversation (admins only)."""
+    if (daemon := _daemon()) is not None:
+        remote.conv_change(daemon, "invite", {"cid": cid, "pids": pids, "timeout": timeout})
+        return
     with _errors(), _connected(timeout) as device:
         device.invite(cid, pids, timeout=timeout)
         _finish(device, timeout)
@@ -490,6 +513,9 @@ def conv_invite(cid: str, pids: list[str], timeout: Timeout = 10.0) -> None:
 @conv_app.command("remove", epilog=ONLINE)
 def conv_remove(cid: str, pids: list[str], timeout: Timeout = 10.0) -> None:
     """Remove members; everyone left re-keys (admins only)."""
+    if (daemon := _daemon()) is not None:
+        remote.conv_change(daemon, "remove", {"cid": cid, "pids": pids})
+        return
     with _errors(), _connected(timeout) as device:
         device.remove(cid, pids)
         _finish(device, timeout)
@@ -498,6 +524,9 @@ def conv_remove(cid: str, pids: list[str], timeout: Timeout = 10.0) -> None:
 @conv_app.command("leave", epilog=ONLINE)
 def conv_leave(cid: str, timeout: Timeout = 10.0) -> None:
     """Leave a conversation."""
+    if (daemon := _daemon()) is not None:
+        remote.conv_change(daemon, "leave", {"cid": cid})
+        return
     with _errors(), _connected(timeout) as device:
         device.leave(cid)
         _finish(device, timeout)
@@ -507,6 +536,9 @@ def conv_leave(cid: str, timeout: Timeout = 10.0) -> None:
 def conv_list(json_out: JsonOut = False) -> None:
     """List known conversations (no network)."""
     with _errors():
+        if (daemon := _daemon()) is not None:
+            remote.conv_list(daemon, json_out=json_out)
+            return
         device = _device_for()
         infos = device.conversations()
         me = device.pid
@@ -594,6 +626,16 @@ def send(
     """Send a message (durable at once; delivered when the broker is reachable)."""
     refused: list[PublishRefused] = []
     with _errors():
+        if (daemon := _daemon()) is not None:
+            if acks:
+                raise ConfigError(
+                    "--acks needs the members' receipts, which the device daemon does not "
+                    "report: use --wait (the broker has it); nothing was sent"
+                )
+            remote.send(daemon, cid, text)
+            if wait:
+                _drained_through_daemon(timeout)
+            return
         _options.load()
         from fieldchat.device.cli_output import refusal_line  # noqa: PLC0415 - loaded
         from fieldchat.device.cli_wait import Delivery, deliver  # noqa: PLC0415
@@ -614,6 +656,37 @@ def send(
         typer.echo(kept.line(waited=wanted.broker), err=True)
         if wanted.broker:
             raise typer.Exit(NOT_YET)
+
+
+def _drained_through_daemon(timeout: float) -> None:
+    """``send --wait`` through the daemon: it delivers; wait until its outbox is empty
+    (the message sent included), else say it is kept and exit 75."""
+    daemon = _daemon()
+    if daemon is None:
+        typer.echo(
+            "fieldchat device: not delivered yet: the device daemon stopped; the message "
+            "is kept in the outbox, do not send it again",
+            err=True,
+        )
+        raise typer.Exit(NOT_YET)
+    from fieldchat.device.control_client import DaemonError  # noqa: PLC0415 - stdlib only
+
+    try:
+        with daemon:
+            drained = daemon.call("drain", {"timeout": timeout})
+    except DaemonError as exc:
+        typer.echo(f"error: {exc}; the message is kept in the outbox", err=True)
+        raise typer.Exit(for_kind(exc.kind)) from None
+    except ConnectionError:  # it stopped: the message is in the state file
+        drained = {"drained": False, "outbox": "its"}
+    if not drained["drained"]:
+        typer.echo(
+            f"fieldchat device: not delivered yet: {drained['outbox']} publication(s) kept in "
+            f"the outbox (not taken by the broker within {timeout:g} s); the device daemon "
+            "sends them; do not send them again",
+            err=True,
+        )
+        raise typer.Exit(NOT_YET)
 
 
 def _check_acks(device: Device, cid: str, acks: int) -> None:
@@ -685,6 +758,9 @@ def listen(
     events: queue.Queue[Event] = queue.Queue()
     shown = 0
     with _errors("listen"):
+        if (daemon := _daemon()) is not None:
+            remote.listen(daemon, cid, json_out=json_out, count=count, duration=duration)
+            return
         device = _device_for(events.put)
         from fieldchat.device.cli_output import note, render, write  # noqa: PLC0415 - loaded
         from fieldchat.device.events import Disconnected  # noqa: PLC0415
@@ -770,6 +846,9 @@ def chat(cid: str, timeout: Timeout = 10.0) -> None:
     SIGTERM stops it at once, keeping the outbox for the next command.
     """
     with _errors("chat"):
+        if (daemon := _daemon()) is not None:
+            remote.chat(daemon, cid)
+            return
         device = _device_for()
         from fieldchat.device.cli_output import note, print_rows  # noqa: PLC0415 - loaded
         from fieldchat.device.events import MessageReceived  # noqa: PLC0415
@@ -809,6 +888,9 @@ def chat(cid: str, timeout: Timeout = 10.0) -> None:
 def outbox(json_out: JsonOut = False) -> None:
     """What is waiting for the broker (no network)."""
     with _errors():
+        if (daemon := _daemon()) is not None:
+            remote.outbox(daemon, json_out=json_out)
+            return
         device = _device_for()
         rows = device.outbox()
         _close(device)
@@ -834,3 +916,25 @@ def outbox(json_out: JsonOut = False) -> None:
             )
     if not json_out:
         typer.echo(f"{len(rows)} waiting", err=True)
+
+
+# -- the daemon --------------------------------------------------------------------------
+
+
+@device_app.command()
+def run(
+    tcp: Annotated[
+        str | None,
+        typer.Option(
+            help="Also serve the control socket on loopback TCP HOST:PORT (127.0.0.1:PORT; "
+            "clients present the token the daemon writes to STATE.token).",
+        ),
+    ] = None,
+) -> None:
+    """Run the device as a service: it owns the state file, stays connected, and serves
+    a JSON-RPC control socket (STATE.sock) that the other device commands then use.
+    SIGTERM or Ctrl-C stops it cleanly."""
+    from fieldchat.device import daemon  # noqa: PLC0415 - only this command serves
+
+    with _failures():
+        daemon.run(_device_for, tcp=tcp)

@@ -40,22 +40,7 @@ def _line(row: MessageReceived | ReceivedRow, json_out: bool) -> str:
     if not json_out:
         clock = time.strftime("%H:%M:%S", time.localtime(row.sent_at or 0))
         return f"[{clock}] {row.sender[:8]}: {row.text}"
-    if isinstance(row, MessageReceived):
-        return json.dumps(row.to_json())
-    return json.dumps(
-        {
-            "type": "message",
-            "id": row.id,
-            "cid": row.cid,
-            "sender": row.sender,
-            "text": row.text,
-            "sent_at": row.sent_at,
-            "epoch": row.epoch,
-            "sender_index": row.sender_index,
-            "chain": row.chain,
-            "step": row.step,
-        }
-    )
+    return json.dumps(row.to_json())
 
 
 def print_rows(rows: Sequence[MessageReceived | ReceivedRow], json_out: bool) -> None:

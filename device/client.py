@@ -264,15 +264,21 @@ class Device:
 
     # -- sending ----------------------------------------------------------------------
 
-    def send(self, cid: str, text: str) -> SentMessage:
+    def send(self, cid: str, text: str, *, idempotency_key: str | None = None) -> SentMessage:
         """Seal ``text`` for ``cid`` and make it durable; it leaves as soon as it can.
+
+        With ``idempotency_key``, a send under a key used before (within the bounds of
+        :mod:`fieldchat.device.idempotency`, across restarts) queues nothing and returns
+        the first one's message, marked ``replayed``.
 
         Raises:
             UnknownConversation, NotAMember: not a member of ``cid``.
             LimitExceeded: the text is too long.
+            IdempotencyConflict: the key was used for another conversation or text.
+            ConfigError: an empty or too long key.
             KeyStoreError: the state file could not be written (nothing was queued).
         """
-        return self.send_many(cid, [text])[0]
+        return self._queue(cid, [text], idempotency_key)[0]
 
     def send_many(self, cid: str, texts: Sequence[str]) -> list[SentMessage]:
         """Like :meth:`send` for several texts, in one transaction.
@@ -291,8 +297,11 @@ class Device:
             KeyStoreError: the state file could not be written (nothing was queued)
                 or synced (queued, not known durable: the device stops).
         """
+        return self._queue(cid, texts, None)
+
+    def _queue(self, cid: str, texts: Sequence[str], key: str | None) -> list[SentMessage]:
         self._raise_fatal()
-        out, sync = self._texts.queue(cid, texts)
+        out, sync = self._texts.queue(cid, texts, key=key)
         self._wake()
         if sync:
             try:

@@ -2,6 +2,8 @@
 
 Events are delivered on the device's worker thread, after the state they describe
 is durable, in the order they happened. ``to_json`` gives the ``listen --json`` form.
+A stream that can fall behind (:meth:`fieldchat.device.aio.AsyncDevice.events`) adds
+one more kind, :class:`EventsDropped`, where it had to drop (``StreamEvent``).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ __all__ = [
     "Disconnected",
     "Event",
     "EventType",
+    "EventsDropped",
     "GapDetected",
     "Joined",
     "KeyChanged",
@@ -23,6 +26,7 @@ __all__ = [
     "ReceiptKind",
     "ReceiptReceived",
     "Removed",
+    "StreamEvent",
 ]
 
 
@@ -38,6 +42,7 @@ class EventType(StrEnum):
     PUBLISH_REFUSED = "publish_refused"
     CONNECTED = "connected"
     DISCONNECTED = "disconnected"
+    EVENTS_DROPPED = "events_dropped"
 
 
 class ReceiptKind(StrEnum):
@@ -168,3 +173,24 @@ Event = (
     | Connected
     | Disconnected
 )
+
+
+@dataclass(frozen=True, slots=True)
+class EventsDropped(_Base):
+    """``count`` events were dropped here because this stream's consumer fell behind
+    (its buffer was full); the device itself lost nothing.
+
+    ``messages`` of them were :class:`MessageReceived`, stored rows ``first_id`` to
+    ``last_id``: ``Device.messages(after_id=first_id - 1)`` lists them again (with any
+    newer ones). Receipts, joins and the rest are in the state file's views too
+    (``conversations()``, ``undelivered()``, ``gaps()``).
+    """
+
+    type: ClassVar[EventType] = EventType.EVENTS_DROPPED
+    count: int
+    messages: int = 0
+    first_id: int | None = None
+    last_id: int | None = None
+
+
+StreamEvent = Event | EventsDropped

@@ -109,6 +109,22 @@ class ReceivedRow:
     received_at: float
     read: bool
 
+    def to_json(self) -> dict[str, object]:
+        """The message in the form of its ``message`` event (``listen --json``, the
+        daemon's ``messages``): the ids that name it on every device and its row ``id``."""
+        return {
+            "type": "message",
+            "id": self.id,
+            "cid": self.cid,
+            "sender": self.sender,
+            "text": self.text,
+            "sent_at": self.sent_at,
+            "epoch": self.epoch,
+            "sender_index": self.sender_index,
+            "chain": self.chain,
+            "step": self.step,
+        }
+
 
 @dataclass(frozen=True, slots=True)
 class HeldRow:

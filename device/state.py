@@ -14,6 +14,7 @@ It holds the engine's key-store records (the same ``records`` table as
               that arrived ahead of a missing step and wait for it until ``until``
     gaps      missing step ranges per sender chain (to ask the gateway's history for)
     meta      small settings (saved broker URL and credential, detected protocol)
+    sends_once  idempotency keys of sends (:mod:`fieldchat.device.idempotency`)
 
 Atomicity is what makes delivery exactly-once on screen: the client opens a
 transaction, lets the engine open envelopes inside it (the engine's own writes join
@@ -33,6 +34,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Mapping
 
+from fieldchat.device.idempotency import SCHEMA as SENDS_ONCE_SCHEMA
 from fieldchat.device.keystore import SEND_CHAIN_PREFIX, write_records
 from fieldchat.device.rows import (
     ARCHIVED,
@@ -123,6 +125,7 @@ def _create_tables(db: sqlite3.Connection) -> None:
     if "archived" not in columns:  # a state file from before archive checks
         db.execute("ALTER TABLE sent ADD COLUMN archived INTEGER NOT NULL DEFAULT 0")
     db.executescript(_UNARCHIVED_INDEXES)
+    db.executescript(SENDS_ONCE_SCHEMA)
 
 
 class DeviceState(StateFile):

@@ -10,12 +10,13 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from fieldchat.device import idempotency
 from fieldchat.device.engine import Engine
 from fieldchat.device.rows import OutboxKind
 from fieldchat.device.state import DeviceState
 from fieldchat.schemas import Policy, TextMessage, Topics
 from fieldchat.schemas.envelope import read_header
-from fieldchat.schemas.errors import UnknownConversation, UnknownParticipant
+from fieldchat.schemas.errors import ConfigError, UnknownConversation, UnknownParticipant
 
 __all__ = [
     "ConversationInfo",
@@ -30,13 +31,15 @@ __all__ = [
 
 @dataclass(frozen=True, slots=True)
 class SentMessage:
-    """An own message, durable in the outbox: ``id`` in ``sent``, its chain position."""
+    """An own message, durable in the outbox: ``id`` in ``sent``, its chain position.
+    ``replayed``: a send with an idempotency key used before returned the first one's."""
 
     id: int
     cid: str
     epoch: int
     chain: int
     step: int
+    replayed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,15 +72,27 @@ class TextQueue:
         self.power_safe = power_safe
         self._lock = threading.Lock()
 
-    def queue(self, cid: str, texts: Sequence[str]) -> tuple[list[SentMessage], bool]:
+    def queue(
+        self, cid: str, texts: Sequence[str], *, key: str | None = None
+    ) -> tuple[list[SentMessage], bool]:
         """The rows written, and whether they must be synced before the caller returns
-        (``power_safe``, or a chain reservation was written with them)."""
+        (``power_safe``, or a chain reservation was written with them). With an
+        idempotency ``key`` (one text), a key seen before returns the first send's row
+        and writes nothing (:mod:`fieldchat.device.idempotency`)."""
         topic = self.topics.msg(cid)
         out = []
+        if key is not None:
+            idempotency.check_key(key)
+            if len(texts) != 1:
+                raise ConfigError("an idempotency key names one text")
         with (
             self._lock,
             self.state.transaction(durable=False, sync_outbox=self.power_safe) as tx,
         ):
+            if key is not None:
+                first = idempotency.lookup(tx, key, cid, texts[0], self.clock())
+                if first is not None:
+                    return [SentMessage(*first, replayed=True)], False
             for text in texts:
                 now = self.clock()
                 envelope = self.engine.seal(cid, TextMessage(sent_at=int(now), text=text))
@@ -85,6 +100,9 @@ class TextQueue:
                 seq = tx.add_outbox(topic, envelope, cid=cid, what=OutboxKind.MSG)
                 row = tx.add_sent(cid, epoch, index, chain, step, text, topic, envelope, seq)
                 out.append(SentMessage(row, cid, epoch, chain, step))
+            if key is not None:
+                sent = (row, cid, epoch, chain, step)
+                idempotency.remember(tx, key, cid, texts[0], sent, self.clock())
             reserved = self.state.reserving
         return out, self.power_safe or reserved
 

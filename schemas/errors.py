@@ -32,6 +32,7 @@ boundary, with ``raise Mapped(...) from exc``. Each class carries a short
     │   └── UnknownParticipant        no bundle known for this pid
     ├── KeyStoreError                 the key store failed or is corrupt
     ├── ConfigError                   bad configuration file, flag or variable
+    ├── IdempotencyConflict           an idempotency key reused for another request
     └── TransportError                broker or network failure (mapped at the edge)
         ├── ConnectFailed
         ├── NotAuthorized
@@ -49,6 +50,7 @@ __all__ = [
     "FieldchatError",
     "ForwardJumpTooLarge",
     "GrantRejected",
+    "IdempotencyConflict",
     "InvalidId",
     "KeyStoreError",
     "LimitExceeded",
@@ -287,6 +289,13 @@ class ConfigError(FieldchatError):
     """A configuration file, flag or environment variable is invalid."""
 
     reason = "config"
+
+
+class IdempotencyConflict(FieldchatError):
+    """A send's idempotency key was used before for a different conversation or text:
+    the first one stands, this one is not queued (``fieldchat.device.idempotency``)."""
+
+    reason = "idempotency_conflict"
 
 
 class TransportError(FieldchatError):

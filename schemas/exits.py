@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from enum import IntEnum
 
-__all__ = ["MEANINGS", "ExitCode", "epilog"]
+__all__ = ["MEANINGS", "ExitCode", "epilog", "for_kind"]
 
 
 class ExitCode(IntEnum):
@@ -48,3 +48,10 @@ def epilog(*codes: ExitCode) -> str:
     """The ``--help`` line listing ``codes`` (all of them when none are given)."""
     chosen = codes or tuple(ExitCode)
     return "Exit codes: " + "; ".join(f"{int(c)} {MEANINGS[c]}" for c in chosen) + "."
+
+
+def for_kind(kind: str) -> ExitCode:
+    """The code of an error by its kind, as the device daemon reports it (JSON-RPC
+    ``data.kind``, :mod:`fieldchat.device.rpc`): the standalone commands' mapping of
+    ConfigError, TransportError and the other FieldchatErrors."""
+    return {"config": ExitCode.USAGE, "transport": ExitCode.UNAVAILABLE}.get(kind, ExitCode.REFUSED)

@@ -1,0 +1,251 @@
+"""The device commands run through a daemon (``fieldchat device run``) that owns the
+state file: what ``fieldchat device send|listen|chat|conv …|outbox|verify|whoami``
+do when :func:`daemon_for` finds one answering on the state file's control socket.
+
+They print what the standalone commands print (:mod:`fieldchat.device.cli`) and exit
+with the same codes (1 usage of fieldchat, 2 configuration, 3 broker or network),
+but import only the standard library, typer and :mod:`~fieldchat.device.control_client`:
+no engine, cryptography, pydantic or paho. A command through the daemon returns once
+the daemon accepted its work (durable in the outbox); the daemon delivers it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from fieldchat.device.control_client import (
+    ControlClient,
+    DaemonError,
+    DaemonGone,
+    socket_path,
+    state_file,
+)
+from fieldchat.schemas.exits import ExitCode, for_kind
+
+__all__ = [
+    "chat",
+    "conv_change",
+    "conv_create",
+    "conv_list",
+    "daemon_for",
+    "listen",
+    "outbox",
+    "send",
+    "verify",
+    "whoami",
+]
+
+_BATCH = 64  # messages taken per call by listen
+
+
+def daemon_for(state: str | os.PathLike[str] | None, config: Path | None) -> ControlClient | None:
+    """A connection to the daemon of the command's state file, or ``None`` (none
+    runs: the command runs standalone). ``FIELDCHAT_NO_DAEMON=1`` forces standalone."""
+    if os.environ.get("FIELDCHAT_NO_DAEMON") == "1":
+        return None
+    return ControlClient.connect(socket_path(state_file(state, config)))
+
+
+@contextlib.contextmanager
+def _failures(client: ControlClient) -> Iterator[None]:
+    """The daemon's errors as one line and the standalone commands' exit codes."""
+    try:
+        with client:
+            yield
+    except DaemonError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(for_kind(exc.kind)) from None
+    except (DaemonGone, ConnectionError) as exc:
+        typer.echo(f"error: the device daemon went away: {exc}", err=True)
+        raise typer.Exit(ExitCode.UNAVAILABLE) from None
+
+
+def whoami(client: ControlClient, *, json_out: bool, pid_only: bool) -> None:
+    with _failures(client):
+        me = client.call("whoami")
+    if pid_only:
+        typer.echo(me["pid"])
+    elif json_out:
+        typer.echo(json.dumps({"pid": me["pid"], "fingerprint": me["fingerprint"]}))
+    else:
+        typer.echo(f"pid          {me['pid']}\nfingerprint  {me['fingerprint']}")
+
+
+def verify(client: ControlClient, pid: str, fingerprint: str | None, timeout: float) -> None:
+    params: dict[str, Any] = {"pid": pid, "timeout": timeout}
+    if fingerprint:
+        params["fingerprint"] = fingerprint
+    with _failures(client):
+        out = client.call("verify", params)
+    typer.echo(f"{pid}  {out['fingerprint']}")
+    if out["verified"] is False:
+        typer.echo("error: FINGERPRINTS DIFFER: do not trust this participant", err=True)
+        raise typer.Exit(1)
+    if out["verified"]:
+        typer.echo("verified")
+
+
+def conv_create(client: ControlClient, params: dict[str, Any], *, json_out: bool) -> None:
+    with _failures(client):
+        cid = client.call("conversation.create", params)["cid"]
+    typer.echo(json.dumps({"cid": cid}) if json_out else cid)
+
+
+def conv_change(client: ControlClient, method: str, params: dict[str, Any]) -> None:
+    """``conv invite|remove|leave``: ``conversation.<method>``."""
+    with _failures(client):
+        client.call(f"conversation.{method}", params)
+
+
+def conv_list(client: ControlClient, *, json_out: bool) -> None:
+    with _failures(client):
+        me = client.call("whoami")["pid"]
+        infos = client.call("conversations")
+    for info in infos:
+        if json_out:
+            typer.echo(json.dumps(info))
+            continue
+        state = "member" if info["member"] else "invited" if info["epoch"] < 0 else "left"
+        admin = " admin" if me in info["admins"] else ""
+        typer.echo(
+            f"{info['cid']}  epoch {info['epoch']}  {len(info['members'])} members  {state}{admin}"
+        )
+
+
+def outbox(client: ControlClient, *, json_out: bool) -> None:
+    with _failures(client):
+        rows = client.call("outbox")
+    for row in rows:
+        if json_out:
+            typer.echo(json.dumps(row))
+        else:
+            age = time.time() - row["queued_at"]
+            typer.echo(
+                f"{row['seq']:6d}  {row['what']:7s}  {row['cid'] or '-':26s}  "
+                f"{row['bytes']:5d} B  {age:6.0f} s ago"
+            )
+    if not json_out:
+        typer.echo(f"{len(rows)} waiting", err=True)
+
+
+def send(client: ControlClient, cid: str, text: str | None) -> None:
+    """One text, or stdin's lines (each accepted before the next is read)."""
+    with _failures(client):
+        if text is not None and text != "-":
+            client.call("send", {"cid": cid, "text": text})
+            return
+        for line in sys.stdin:
+            if line.strip("\n"):
+                client.call("send", {"cid": cid, "text": line.rstrip("\n")})
+
+
+# -- listen and chat ---------------------------------------------------------------------
+
+
+def _print_message(message: dict[str, Any], json_out: bool) -> None:
+    if json_out:
+        line = json.dumps(message)
+    else:
+        clock = time.strftime("%H:%M:%S", time.localtime(message.get("sent_at") or 0))
+        line = f"[{clock}] {str(message['sender'])[:8]}: {message['text']}"
+    sys.stdout.write(line + "\n")
+
+
+def _note(event: dict[str, Any], json_out: bool) -> None:
+    """An event that is not a message, as :func:`fieldchat.device.cli_output.note`."""
+    kind = event.get("type")
+    if kind == "message":
+        return
+    if json_out:
+        sys.stdout.write(json.dumps(event) + "\n")
+        sys.stdout.flush()
+    elif kind == "key_changed":
+        typer.echo(
+            f"WARNING: the keys of {event['pid']} CHANGED. Compare fingerprints: "
+            f"fieldchat device verify {event['pid']}",
+            err=True,
+        )
+    elif kind not in ("receipt", "publish_refused"):
+        typer.echo(f"-- {kind}: {event}", err=True)
+
+
+def listen(
+    client: ControlClient,
+    cid: str | None,
+    *,
+    json_out: bool,
+    count: int | None,
+    duration: float | None,
+) -> None:
+    """Messages past the shared cursor (each shown once across every listen), then as
+    they arrive; events as notes."""
+    shown = 0
+    end = None if duration is None else time.monotonic() + duration
+    with _failures(client):
+        client.call("subscribe", {"cids": [cid]} if cid is not None else {})
+        while count is None or shown < count:
+            limit = _BATCH if count is None else min(_BATCH, count - shown)
+            params: dict[str, Any] = {"limit": limit}
+            if cid is not None:
+                params["cid"] = cid
+            rows = client.call("listen.take", params)
+            for row in rows:
+                _print_message(row, json_out)
+            sys.stdout.flush()
+            shown += len(rows)
+            if rows:
+                continue
+            while True:  # until a message may be stored, or the time is up
+                left = None if end is None else end - time.monotonic()
+                if left is not None and left <= 0:
+                    return
+                event = client.next_event(0.5 if left is None else min(left, 0.5))
+                if event is None:
+                    continue
+                if event.get("type") == "message":
+                    break
+                _note(event, json_out)
+
+
+def chat(client: ControlClient, cid: str) -> None:
+    """Type lines to send them; messages of ``cid`` are printed as they arrive."""
+    with _failures(client):
+        me = client.call("whoami")["pid"]
+        client.call("subscribe", {"cids": [cid]})
+        cursor = int(client.call("listen.cursor")["cursor"])
+        for row in client.call("messages", {"cid": cid, "after_id": cursor}):
+            _print_message(row, json_out=False)
+            cursor = row["id"]
+        sys.stdout.flush()
+        typer.echo(f"-- chatting in {cid} as {me[:8]}; Ctrl-D to quit", err=True)
+        while True:
+            if not client.pending:
+                ready = select.select([sys.stdin, client], [], [])[0]
+                if sys.stdin in ready:
+                    line = sys.stdin.readline()
+                    if not line:
+                        break
+                    if line.strip():
+                        client.call("send", {"cid": cid, "text": line.rstrip("\n")})
+                    client.call("mark_read", {"cid": cid})
+                    continue
+            event = client.next_event(0)
+            if event is None:
+                continue
+            if event.get("type") == "message" and event.get("cid") == cid and event["id"] > cursor:
+                _print_message(event, json_out=False)
+                sys.stdout.flush()
+                cursor = event["id"]
+            else:
+                _note(event, json_out=False)
+        client.call("mark_read", {"cid": cid})
