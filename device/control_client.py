@@ -27,6 +27,7 @@ __all__ = [
     "DEFAULT_CONFIG",
     "DEFAULT_STATE",
     "MAX_LINE",
+    "SUN_PATH_MAX",
     "ControlClient",
     "DaemonError",
     "DaemonGone",
@@ -38,6 +39,7 @@ __all__ = [
 # The device's defaults (fieldchat.device.config reads these, with pydantic).
 DEFAULT_STATE = Path("~/.local/share/fieldchat/device.sqlite3")
 DEFAULT_CONFIG = Path("~/.config/fieldchat/device.toml")
+SUN_PATH_MAX = 107  # bytes of a UNIX socket path (Linux sun_path, less the NUL)
 MAX_LINE = 16 * 1024 * 1024  # a reply of 1,000 rows of the longest texts fits
 
 
@@ -101,6 +103,8 @@ class ControlClient:
     def connect(cls, path: str | os.PathLike[str], *, timeout: float = 2.0) -> ControlClient | None:
         """Connect to the daemon at ``path``; ``None`` when none answers there (no
         socket, or one left by a daemon that was killed)."""
+        if len(os.fsencode(path)) > SUN_PATH_MAX:
+            return None  # no daemon can listen there (it refuses such a path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(timeout)
         try:

@@ -38,7 +38,7 @@ from pathlib import Path
 
 from fieldchat.device.client import Device
 from fieldchat.device.control import NOTIFICATION, Caller, Control, event_json
-from fieldchat.device.control_client import socket_path, token_path
+from fieldchat.device.control_client import SUN_PATH_MAX, socket_path, token_path
 from fieldchat.device.events import Event
 from fieldchat.device.rpc import (
     INVALID_REQUEST,
@@ -65,7 +65,6 @@ log = logging.getLogger("fieldchat.device.daemon")
 MAX_CONNECTIONS = 32  # served at once; one more is answered -32000 and closed
 MAX_QUEUED = 1_000  # lines waiting to be written to one connection (replies, events)
 WORKERS = 8  # threads running methods (some wait for the broker up to their timeout)
-_SUN_PATH_MAX = 107  # bytes of a UNIX socket path (Linux sun_path, less the NUL)
 
 
 def parse_tcp(value: str) -> tuple[str, int]:
@@ -191,9 +190,9 @@ class Daemon:
 
     async def _unix_server(self) -> asyncio.Server:
         path = self.path
-        if len(os.fsencode(path)) > _SUN_PATH_MAX:
+        if len(os.fsencode(path)) > SUN_PATH_MAX:
             raise ConfigError(
-                f"the control socket path {path} is longer than {_SUN_PATH_MAX} bytes: "
+                f"the control socket path {path} is longer than {SUN_PATH_MAX} bytes: "
                 "move the state file to a shorter path"
             )
         with contextlib.suppress(FileNotFoundError):

@@ -29,6 +29,7 @@ def main() -> None:
         sys.stdout.buffer.write(kept)
         sys.stdout.flush()
         raise SystemExit(0)
+    _send_through_daemon(argv, held)
     try:
         from fieldchat.cli import app  # noqa: PLC0415 - after the signals, on purpose
 
@@ -36,6 +37,29 @@ def main() -> None:
     except KeyboardInterrupt:
         stopped_before_start()
     _help.run_and_keep(argv, app)
+
+
+def _send_through_daemon(argv: list[str], held: set[int | signal.Signals]) -> None:
+    """``device send CID TEXT`` to a running daemon without typer (fieldchat._fast);
+    returns when the command line is another or no daemon answers. Called with the
+    stop signals held (the imports); they are let through while the daemon answers."""
+    from fieldchat import _fast  # noqa: PLC0415 - signals held
+    from fieldchat.schemas.exits import ExitCode  # noqa: PLC0415
+
+    line = _fast.parse_send(argv)
+    try:
+        client = _fast.daemon_for(line) if line is not None else None
+    except OSError:  # a socket we may not use: the full command line says why
+        return
+    if line is None or client is None:
+        return
+    try:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)  # one that came is raised here
+        status = _fast.send(client, line)
+    except KeyboardInterrupt:
+        sys.stderr.write("fieldchat device: interrupted before it finished.\n")
+        raise SystemExit(ExitCode.INTERRUPTED) from None
+    raise SystemExit(status)
 
 
 if __name__ == "__main__":

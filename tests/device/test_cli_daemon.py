@@ -1,0 +1,97 @@
+"""The device commands as clients of ``fieldchat device run`` (issue 18, items 2 and
+3): ``send CID TEXT`` goes to the daemon without typer and without the device stack
+(fieldchat/_fast.py), with the same output and exit codes as the full command line;
+``--wait`` through the daemon; the commands' path to the daemon loads no
+cryptography, paho or asyncio."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from fieldchat.schemas.exits import ExitCode
+from tests.device._daemon import DaemonProcess
+from tests.device.conftest import (
+    Devices,
+    Mosquitto,
+    cli_env,
+    conversation,
+    run_cli,
+    texts,
+    wait_until,
+)
+
+pytestmark = pytest.mark.mosquitto
+
+HEAVY = ("cryptography", "nacl", "paho", "asyncio", "msgpack", "sqlite3")
+
+
+def _imported(stderr: str) -> set[str]:
+    """Top-level packages named in ``python -X importtime`` output."""
+    return {
+        line.rsplit("|", 1)[-1].strip().split(".")[0]
+        for line in stderr.splitlines()
+        if line.startswith("import time:")
+    }
+
+
+def _module_cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "fieldchat", "device", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_send_to_the_daemon_is_lean_and_as_the_full_command_line(
+    mosquitto_devices: Devices, mosquitto: Mosquitto
+) -> None:
+    cid, (alice, bob) = conversation(mosquitto_devices, "alice", "bob")
+    alice.close()
+    mosquitto_devices.open.remove(alice)
+    env = cli_env(
+        state=str(alice.state.path), broker=mosquitto.url, credential=mosquitto.user(alice.pid)
+    )
+    with DaemonProcess(env):
+        fast = _module_cli(["send", cid, "fast"], env)
+        assert (fast.returncode, fast.stdout) == (0, ""), fast.stderr
+        loaded = _imported(fast.stderr)
+        assert loaded.isdisjoint({*HEAVY, "typer", "pydantic", "rich"}), loaded
+        wait_until(lambda: texts(bob, cid) == ["fast"], 20, "bob has it")
+
+        # The same refusal, in the same line and code, fast or through typer.
+        unknown = "a" * 26
+        fast = run_cli(["send", unknown, "hi"], env)
+        full = run_cli(["send", unknown, "hi", "--timeout", "10"], env)  # a flag: typer
+        assert fast.returncode == full.returncode == ExitCode.REFUSED
+        assert fast.stderr == full.stderr
+        assert fast.stderr.startswith("error: unknown conversation")
+
+        # Other commands through the daemon: typer (so pydantic), never the device stack.
+        who = _module_cli(["whoami", "--pid"], env)
+        assert (who.returncode, who.stdout.strip()) == (0, alice.pid), who.stderr
+        assert _imported(who.stderr).isdisjoint(HEAVY)
+
+        waited = run_cli(["send", cid, "waited", "--wait", "--timeout", "20"], env)
+        assert (waited.returncode, waited.stderr) == (0, "")
+        acks = run_cli(["send", cid, "never", "--acks", "1"], env)
+        assert acks.returncode == ExitCode.USAGE
+        assert "nothing was sent" in acks.stderr
+
+        mosquitto.stop()
+        kept = run_cli(["send", cid, "kept", "--wait", "--timeout", "2"], env)
+        assert kept.returncode == ExitCode.NOT_YET, kept.stderr
+        assert kept.stderr.startswith("fieldchat device: not delivered yet: ")
+        plain = run_cli(["send", cid, "kept too"], env)
+        assert (plain.returncode, plain.stderr) == (0, "")  # accepted: the daemon delivers
+        mosquitto.start()
+        wait_until(
+            lambda: texts(bob, cid) == ["fast", "waited", "kept", "kept too"],
+            60,
+            "the daemon delivers what it kept, once",
+        )
