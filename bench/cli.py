@@ -181,9 +181,7 @@ def main() -> None:
             )
             daemon_s = rss = None
             if _has_daemon(env):
-                daemon_s, rss = _daemon_figures(
-                    workdir, alice, bob["FIELDCHAT_PID"], cid, args.runs
-                )
+                daemon_s, rss = _daemon_figures(alice, bob["FIELDCHAT_PID"], cid, args.runs)
         finally:
             broker.terminate()
             broker.wait(60)
