@@ -130,7 +130,8 @@ class _Recorder(io.TextIOBase):
         self.real = real
         self.kept: list[bytes] = []
 
-    def write(self, text: str | bytes) -> int:  # type: ignore[override] - click writes bytes too
+    # click writes bytes too (to a stream without .buffer), so it takes both
+    def write(self, text: str | bytes) -> int:
         if isinstance(text, bytes):
             self.kept.append(text)
             self.real.flush()
