@@ -6,8 +6,10 @@ cryptography, paho or asyncio."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -19,6 +21,7 @@ from tests.device.conftest import (
     cli_env,
     conversation,
     run_cli,
+    start_cli,
     texts,
     wait_until,
 )
@@ -95,3 +98,32 @@ def test_send_to_the_daemon_is_lean_and_as_the_full_command_line(
             60,
             "the daemon delivers what it kept, once",
         )
+
+
+def test_ctrl_c_while_the_daemon_does_not_answer_is_one_line_and_130(
+    mosquitto_devices: Devices, mosquitto: Mosquitto
+) -> None:
+    """A stopped (SIGSTOP) daemon still accepts connections (the kernel's backlog) and
+    never answers: Ctrl-C then ends send, fast or through typer, in one line."""
+    cid, (alice, _) = conversation(mosquitto_devices, "alice", "bob")
+    alice.close()
+    mosquitto_devices.open.remove(alice)
+    env = cli_env(
+        state=str(alice.state.path), broker=mosquitto.url, credential=mosquitto.user(alice.pid)
+    )
+    with DaemonProcess(env) as daemon:
+        assert daemon.proc is not None
+        daemon.proc.send_signal(signal.SIGSTOP)
+        try:
+            for args in (["send", cid, "stuck"], ["send", cid, "stuck", "--timeout", "5"]):
+                proc = start_cli(args, env)
+                time.sleep(2.0)  # connected, waiting for the answer
+                assert proc.poll() is None
+                proc.send_signal(signal.SIGINT)
+                _, err = proc.communicate(timeout=30)
+                assert proc.returncode == ExitCode.INTERRUPTED, err
+                assert err.strip().splitlines() == [
+                    "fieldchat device: interrupted before it finished."
+                ], err
+        finally:
+            daemon.proc.send_signal(signal.SIGCONT)
