@@ -314,14 +314,17 @@ def _saved_credential(path: Path) -> bool:
 
 
 @contextlib.contextmanager
-def _connected(timeout: float, on_event: object = None) -> Iterator[Device]:
+def _connected(
+    timeout: float, on_event: object = None, *, unchanged: str = "nothing was changed"
+) -> Iterator[Device]:
+    """The device, connected; a failure to connect says what it left as it was."""
     device = _device_for(on_event)
     try:
         device.start()
         try:
             device.wait_connected(timeout)
         except TransportError as exc:
-            raise type(exc)(f"{exc}; nothing was changed") from None
+            raise type(exc)(f"{exc}; {unchanged}") from None
         yield device
     finally:
         _close(device)
@@ -382,7 +385,11 @@ def init(
         if settings.credential or (settings.broker and _saved_credential(settings.state)):
             # Connect once: publish our bundle (retained) and open the persistent session
             # on our inbox, so others can invite us while we are away.
-            with _connected(10.0) as online:
+            saved_only = (
+                "the identity and settings are saved; the bundle is published by the "
+                "next command that connects"
+            )
+            with _connected(10.0, unchanged=saved_only) as online:
                 _finish(online, 10.0)
             registered = True
     if json_out:

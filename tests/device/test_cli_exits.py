@@ -291,3 +291,16 @@ def test_the_default_state_file_is_found_once_init_made_it(tmp_path: Path) -> No
     assert who.returncode == 0, who.stderr
     assert who.stdout.strip() == json.loads(made.stdout)["pid"]
     assert (tmp_path / ".local/share/fieldchat/device.sqlite3").is_file()
+
+
+def test_init_without_the_broker_says_what_it_saved(tmp_path: Path) -> None:
+    state = tmp_path / "dev.db"
+    env = cli_env(state=str(state), broker=f"mqtt://127.0.0.1:{free_port()}", credential="c")
+    out = run_cli(["init"], env, timeout=60)
+    assert out.returncode == ExitCode.UNAVAILABLE
+    (line,) = out.stderr.strip().splitlines()
+    assert line.endswith(
+        "; the identity and settings are saved; the bundle is published by the next "
+        "command that connects"
+    )
+    assert run_cli(["whoami", "--pid"], env).returncode == 0  # saved indeed
