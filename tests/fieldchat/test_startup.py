@@ -67,3 +67,31 @@ def test_parse_send_takes_only_the_plain_shape(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("FIELDCHAT_STATE", "env.db")
     line = parse_send(["device", "send", "cid", "x"])
     assert line is not None and line.state == "env.db"
+
+
+def test_make_run_installs_the_runtime_only() -> None:
+    """``make run`` installs the ``server`` extra, never the test tools (issue 18: it
+    took 61 s installing them); ``make test`` adds ``dev``."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    make = shutil.which("make")
+    if make is None:
+        pytest.skip("no make on this machine")
+    root = Path(__file__).resolve().parents[2]
+
+    def planned(target: str) -> str:
+        done = subprocess.run(
+            [make, "-C", str(root), "-B", "-n", target],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        return done.stdout
+
+    run = planned("run")
+    assert "pip install --quiet -e '.[server]'" in run
+    assert "[dev]" not in run and "pytest" not in run
+    assert "pip install --quiet -e '.[dev]'" in planned("test")
