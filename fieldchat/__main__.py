@@ -26,9 +26,7 @@ def main() -> None:
     argv = sys.argv[1:]
     kept = _help.cached_help(argv)
     if kept is not None:  # typer's own rendering, from the last time (fieldchat._help)
-        sys.stdout.buffer.write(kept)
-        sys.stdout.flush()
-        raise SystemExit(0)
+        raise SystemExit(_help.show(kept))
     _send_through_daemon(argv, held)
     try:
         from fieldchat.cli import app  # noqa: PLC0415 - after the signals, on purpose

@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MAX_ENTRIES", "cached_help", "help_words", "run_and_keep"]
+__all__ = ["MAX_ENTRIES", "cached_help", "help_words", "run_and_keep", "show"]
 
 MAX_ENTRIES = 64  # distinct (command line, terminal) pairs kept; the oldest go first
 # What rich and typer read from the environment to lay out and colour help.
@@ -120,6 +120,17 @@ def cached_help(argv: Sequence[str]) -> bytes | None:
         return (folder / _key(argv)).read_bytes()
     except OSError:
         return None
+
+
+def show(kept: bytes) -> int:
+    """Print kept help; the exit status (1 when the reader went away, as typer's)."""
+    try:
+        sys.stdout.buffer.write(kept)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `fieldchat … --help | head`: no traceback at exit either
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    return 0
 
 
 class _Recorder(io.TextIOBase):

@@ -61,3 +61,22 @@ def test_only_help_of_a_command_path_is_kept(tmp_path: Path) -> None:
     assert _kept(tmp_path) == []
     off = _run(["--help"], tmp_path, FIELDCHAT_HELP_CACHE="0")
     assert off.returncode == 0 and _kept(tmp_path) == []
+
+
+def test_kept_help_to_a_reader_that_went_away_is_quiet(tmp_path: Path) -> None:
+    """``fieldchat device --help | head -1``: no BrokenPipeError traceback."""
+    environ = dict(os.environ, XDG_CACHE_HOME=str(tmp_path))
+    assert _run(["device", "--help"], tmp_path).returncode == 0  # kept now
+    for _ in range(3):
+        proc = subprocess.Popen(
+            [FIELDCHAT, "device", "--help"],
+            env=environ,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert proc.stdout is not None and proc.stderr is not None
+        proc.stdout.close()
+        err = proc.stderr.read()
+        proc.stderr.close()
+        assert proc.wait(60) == 1
+        assert err == b""
