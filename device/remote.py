@@ -3,10 +3,11 @@ state file: what ``fieldchat device send|listen|chat|conv …|outbox|verify|whoa
 do when :func:`daemon_for` finds one answering on the state file's control socket.
 
 They print what the standalone commands print (:mod:`fieldchat.device.cli`) and exit
-with the same codes (1 usage of fieldchat, 2 configuration, 3 broker or network),
-but import only the standard library, typer and :mod:`~fieldchat.device.control_client`:
-no engine, cryptography, pydantic or paho. A command through the daemon returns once
-the daemon accepted its work (durable in the outbox); the daemon delivers it.
+with the same codes (:mod:`fieldchat.schemas.exits`, ``for_kind`` of the daemon's
+error kinds), but import only the standard library, typer and
+:mod:`~fieldchat.device.control_client`: no engine, cryptography, pydantic or paho. A
+command through the daemon returns once the daemon accepted its work (durable in the
+outbox); the daemon delivers it.
 """
 
 from __future__ import annotations
