@@ -2,9 +2,10 @@
 ``python -c "import paho.mqtt.client"`` takes in the same run, and the device
 daemon's memory.
 
-Each figure is the median wall time of ``--runs`` processes (after one warm-up run
-that is not counted: it fills the page cache and, for ``--help``, typer's kept
-rendering, ``fieldchat/_help.py``):
+Each run of a command is paired with a run of the paho import just before it, so
+both see the same load on a shared machine; a ratio is the median of ``--runs``
+pairs' ratios (after one warm-up pair that is not counted: it fills the page cache
+and, for ``--help``, typer's kept rendering, ``fieldchat/_help.py``):
 
 * ``cli_help_ratio``: ``fieldchat device --help``;
 * ``cli_help_uncached_ratio``: the same with ``FIELDCHAT_HELP_CACHE=0`` (typer renders);
@@ -31,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,18 +48,42 @@ def _env(workdir: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def _median_s(argv: list[str], env: dict[str, str], runs: int) -> float:
-    """Median wall time of ``argv`` over ``runs`` processes (one more, first, uncounted)."""
-    times = []
+PAHO = [sys.executable, "-c", "import paho.mqtt.client"]
+
+
+def _wall_s(argv: list[str], env: dict[str, str]) -> float:
+    start = time.perf_counter()
+    done = subprocess.run(argv, env=env, capture_output=True, check=False, timeout=120)
+    elapsed = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"{argv} failed ({done.returncode}): {done.stderr.decode()}")
+    return elapsed
+
+
+@dataclass(frozen=True)
+class Figure:
+    """A command's median wall time, the paho import's beside it, and the median of
+    the pairs' ratios."""
+
+    seconds: float
+    paho_seconds: float
+    ratio: float
+
+
+def _paired(argv: list[str], env: dict[str, str], runs: int) -> Figure:
+    """``argv`` over ``runs`` processes, each after a paho import (one more pair first,
+    uncounted)."""
+    pairs = []
     for i in range(runs + 1):
-        start = time.perf_counter()
-        done = subprocess.run(argv, env=env, capture_output=True, check=False, timeout=120)
-        elapsed = time.perf_counter() - start
-        if done.returncode != 0:
-            raise SystemExit(f"{argv} failed ({done.returncode}): {done.stderr.decode()}")
+        paho = _wall_s(PAHO, env)
+        seconds = _wall_s(argv, env)
         if i:
-            times.append(elapsed)
-    return statistics.median(times)
+            pairs.append((seconds, paho))
+    return Figure(
+        statistics.median(s for s, _ in pairs),
+        statistics.median(p for _, p in pairs),
+        statistics.median(s / p for s, p in pairs),
+    )
 
 
 def _cli(env: dict[str, str], *args: str) -> str:
@@ -127,7 +153,7 @@ def _rss_mb(pid: int) -> float:
 
 def _daemon_figures(
     alice: dict[str, str], bob_pid: str, cid: str, runs: int
-) -> tuple[float, float]:
+) -> tuple[Figure, float]:
     """Median ``send`` time through ``fieldchat device run``; its idle RSS (MB) with
     CONVERSATIONS conversations."""
     state = Path(alice["FIELDCHAT_STATE"])
@@ -145,7 +171,7 @@ def _daemon_figures(
             if daemon.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit(f"the daemon did not start: {daemon.communicate()[1]}")
             time.sleep(0.05)
-        seconds = _median_s([FIELDCHAT, "device", "send", cid, "through the daemon"], alice, runs)
+        seconds = _paired([FIELDCHAT, "device", "send", cid, "through the daemon"], alice, runs)
         existing = len(_cli(alice, "device", "conv", "list").splitlines())
         for _ in range(CONVERSATIONS - existing):
             _cli(alice, "device", "conv", "create", bob_pid)
@@ -157,16 +183,21 @@ def _daemon_figures(
     return seconds, rss
 
 
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=15, help="processes per figure (≥ 10)")
+    parser.add_argument("--runs", type=int, default=15, help="pairs per figure (≥ 10)")
     args = parser.parse_args()
+    daemon: Figure | None = None
+    rss = None
     with tempfile.TemporaryDirectory(prefix="fieldchat-bench-cli-") as tmp:
         workdir = Path(tmp)
         env = _env(workdir)
-        paho = _median_s([sys.executable, "-c", "import paho.mqtt.client"], env, args.runs)
-        help_s = _median_s([FIELDCHAT, "device", "--help"], env, args.runs)
-        uncached = _median_s(
+        help_ = _paired([FIELDCHAT, "device", "--help"], env, args.runs)
+        uncached = _paired(
             [FIELDCHAT, "device", "--help"], _env(workdir, FIELDCHAT_HELP_CACHE="0"), args.runs
         )
         broker, port = _broker(workdir, env)
@@ -176,27 +207,23 @@ def main() -> None:
             alice = _device(workdir, env, "alice", url)
             cid = _cli(alice, "device", "conv", "create", bob["FIELDCHAT_PID"])
             standalone = dict(alice, FIELDCHAT_NO_DAEMON="1")
-            send_s = _median_s(
-                [FIELDCHAT, "device", "send", cid, "standalone"], standalone, args.runs
-            )
-            daemon_s = rss = None
+            send = _paired([FIELDCHAT, "device", "send", cid, "standalone"], standalone, args.runs)
             if _has_daemon(env):
-                daemon_s, rss = _daemon_figures(alice, bob["FIELDCHAT_PID"], cid, args.runs)
+                daemon, rss = _daemon_figures(alice, bob["FIELDCHAT_PID"], cid, args.runs)
         finally:
             broker.terminate()
             broker.wait(60)
-        paho_paho = _median_s([sys.executable, "-c", "import paho.mqtt.client"], env, args.runs)
-    base = statistics.mean([paho, paho_paho])  # before and after: the load may drift
+    pahos = [f.paho_seconds for f in (help_, uncached, send, daemon) if f is not None]
     result = {
-        "paho_import_ms": round(base * 1000, 1),
-        "cli_help_ms": round(help_s * 1000, 1),
-        "cli_help_uncached_ms": round(uncached * 1000, 1),
-        "cli_send_standalone_ms": round(send_s * 1000, 1),
-        "cli_send_daemon_ms": None if daemon_s is None else round(daemon_s * 1000, 1),
-        "cli_help_ratio": round(help_s / base, 2),
-        "cli_help_uncached_ratio": round(uncached / base, 2),
-        "cli_send_standalone_ratio": round(send_s / base, 2),
-        "cli_send_daemon_ratio": None if daemon_s is None else round(daemon_s / base, 2),
+        "paho_import_ms": _ms(statistics.median(pahos)),
+        "cli_help_ms": _ms(help_.seconds),
+        "cli_help_uncached_ms": _ms(uncached.seconds),
+        "cli_send_standalone_ms": _ms(send.seconds),
+        "cli_send_daemon_ms": _ms(daemon.seconds if daemon else None),
+        "cli_help_ratio": round(help_.ratio, 2),
+        "cli_help_uncached_ratio": round(uncached.ratio, 2),
+        "cli_send_standalone_ratio": round(send.ratio, 2),
+        "cli_send_daemon_ratio": round(daemon.ratio, 2) if daemon else None,
         "daemon_rss_mb": None if rss is None else round(rss, 1),
         "runs": args.runs,
     }

@@ -20,21 +20,28 @@ def main() -> None:
     """Run the ``fieldchat`` command line."""
     held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP)  # first of all
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # the same as Ctrl-C
-    from fieldchat import _help  # noqa: PLC0415 - signals held
-    from fieldchat._startup import stopped_before_start  # noqa: PLC0415
+    from fieldchat._startup import stopped_before_start  # noqa: PLC0415 - signals held
 
     argv = sys.argv[1:]
-    kept = _help.cached_help(argv)
-    if kept is not None:  # typer's own rendering, from the last time (fieldchat._help)
-        raise SystemExit(_help.show(kept))
-    _send_through_daemon(argv, held)
+    asks_help = "--help" in argv[-1:]
+    if asks_help:
+        from fieldchat import _help  # noqa: PLC0415
+
+        kept = _help.cached_help(argv)
+        if kept is not None:  # typer's own rendering, from the last time (fieldchat._help)
+            raise SystemExit(_help.show(kept))
+    else:
+        _send_through_daemon(argv, held)
     try:
         from fieldchat.cli import app  # noqa: PLC0415 - after the signals, on purpose
 
         signal.pthread_sigmask(signal.SIG_SETMASK, held)  # one that came is raised here
     except KeyboardInterrupt:
         stopped_before_start()
-    _help.run_and_keep(argv, app)
+    if asks_help:
+        _help.run_and_keep(argv, app)
+    else:
+        app()
 
 
 def _send_through_daemon(argv: list[str], held: set[int | signal.Signals]) -> None:
