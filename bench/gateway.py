@@ -117,10 +117,10 @@ def start_mosquitto(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
 # -- participants and the stream -------------------------------------------------------
 
 
-def conversation(topics: Topics, *, browser: bool = False) -> tuple[Engine, Engine, str, list]:
+def conversation(topics: Topics) -> tuple[Engine, Engine, str, list]:
     """Two engines in one conversation; returns the publications to put on MQTT."""
     a = Engine(Identity.generate(), topics=topics)
-    b = Engine(Identity.generate(post_quantum=not browser), topics=topics)
+    b = Engine(Identity.generate(), topics=topics)
     a.learn_bundle(b.identity.bundle.to_bytes())
     b.learn_bundle(a.identity.bundle.to_bytes())
     cid, pubs = a.create_conversation([b.pid])
@@ -513,7 +513,7 @@ async def history_latency(port: int, rows: int, requests: int) -> tuple[float, f
     call alone (the same SQLite file opened here)."""
     work = Path(tempfile.mkdtemp(prefix="fc-hist-"))
     try:
-        browser = Engine(Identity.generate(post_quantum=False))
+        browser = Engine(Identity.generate())
         cids = await build_store(work / "history.db", rows, browser.pid, 1000)
         url = f"sqlite:///{work / 'history.db'}"
         prefix = f"h{uuid.uuid4().hex[:6]}/v1"
@@ -705,7 +705,7 @@ async def ws_fanout(port: int, clients: int, seconds: int, rate: int) -> dict[st
     url = f"sqlite:///{work / 'gw.db'}"
     try:
         async with gateway_process(work, port, prefix, url) as (gw, gw_port, base):
-            device, web, cid, setup = conversation(topics, browser=True)
+            device, web, cid, setup = conversation(topics)  # the browser has ML-KEM-768 too
             cookie = await web_login(base, "fanout", web)
             proc, queue = run_publisher(port, setup)
             await asyncio.to_thread(queue.get, True, 60)

@@ -179,12 +179,28 @@ class Keying:
             bundle = self._bundles.get(pid)
             if bundle is None:
                 continue
+            if roster.policy.require_pq and bundle.mlkem768 is None:
+                # Every grant of such an epoch is hybrid (§5.2): owed until it has ML-KEM.
+                self._counters["not_post_quantum"] += 1
+                continue
             grant = make_grant(self._identity, bundle, conv.cid, payload, random=self._random)
             out.append(Publication(self._topics.inbox(pid), grant.to_bytes()))
             conv.owed_to.discard(pid)
         if not conv.owed_to:
             conv.grant_base = None  # forget the old chain key: forward secrecy (§6.2)
         return out
+
+    def _check_x25519_only(self, granter_pq: bool, require_pq: bool) -> None:
+        """An X25519-only grant is refused from a post-quantum granter when we have ML-KEM
+        (a downgrade) and in an epoch that requires post-quantum members (§5.2, §5.3).
+
+        Raises:
+            GrantRejected: either.
+        """
+        if granter_pq and self._identity.mlkem_seed:
+            raise GrantRejected("X25519-only grant to a post-quantum member (downgrade)")
+        if require_pq:
+            raise GrantRejected("X25519-only grant in an epoch that requires post-quantum")
 
     def receive_grant(self, data: bytes) -> GrantResult:
         """Accept a grant from our inbox (see :meth:`Engine.handle_grant`).
@@ -197,7 +213,8 @@ class Keying:
         grant = Grant.from_bytes(data)
         if grant.mode is not GrantMode.HYBRID and self._identity.mlkem_seed is not None:
             # We publish an ML-KEM key. An X25519-only grant is right only from a
-            # member without ML-KEM (a browser); from anyone else it is a downgrade.
+            # member without ML-KEM (a browser lacking WebCrypto ML-KEM); from anyone
+            # else it is a downgrade.
             # Checked before decrypting against the newest roster, and after against
             # the grant's own epoch.
             # A grant for a conversation we have no roster of yet is held and checked
@@ -230,8 +247,8 @@ class Keying:
             raise GrantRejected("grant signed by someone other than the chain's member")
         if self._pid not in roster.pids:
             raise GrantRejected("grant for an epoch we are not a member of")
-        if grant.mode is not GrantMode.HYBRID and member.pq and self._identity.mlkem_seed:
-            raise GrantRejected("X25519-only grant to a post-quantum member (downgrade)")
+        if grant.mode is not GrantMode.HYBRID:
+            self._check_x25519_only(member.pq, roster.policy.require_pq)
         key = (payload.epoch, payload.sender, payload.chain)
         if key in conv.recv:
             self._counters["duplicate"] += 1

@@ -483,13 +483,20 @@ def conv_create(
     low_bandwidth: Annotated[
         bool, typer.Option("--low-bandwidth", help="Compressed, one signature in 32.")
     ] = False,
+    require_pq: Annotated[
+        bool,
+        typer.Option(
+            "--require-pq/--allow-x25519-only",
+            help="Admit only members with an ML-KEM-768 key (every grant hybrid).",
+        ),
+    ] = True,
     timeout: Timeout = 10.0,
     json_out: JsonOut = False,
 ) -> None:
     """Create a conversation (you are its admin) and print its id."""
     if (daemon := _daemon()) is not None:
         params = {"members": members or [], "compress": compress, "sign_every": sign_every}
-        params |= {"low_bandwidth": low_bandwidth, "timeout": timeout}
+        params |= {"low_bandwidth": low_bandwidth, "require_pq": require_pq, "timeout": timeout}
         remote.conv_create(daemon, params, json_out=json_out)
         return
     with _errors(), _connected(timeout) as device:
@@ -500,7 +507,7 @@ def conv_create(
             low_bandwidth_policy()
             if low_bandwidth
             else Policy(compress=compress, sign_every=sign_every)
-        )
+        ).model_copy(update={"require_pq": require_pq})
         cid = device.create_conversation(members or [], policy=policy, timeout=timeout)
         _finish(device, timeout)
     typer.echo(json.dumps({"cid": cid}) if json_out else cid)

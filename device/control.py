@@ -235,6 +235,8 @@ class Control:
             policy = Policy(
                 compress=params.get("compress", False), sign_every=params.get("sign_every", 1)
             )
+        # Post-quantum members only unless told otherwise (PROTOCOL.md §5.2).
+        policy = policy.model_copy(update={"require_pq": params.get("require_pq", True)})
         cid = self.device.create_conversation(
             params.get("members", []), policy=policy, timeout=_timeout(params)
         )
@@ -307,6 +309,12 @@ class Control:
                     Param("compress", "boolean", "Compress plaintexts.", False),
                     Param("sign_every", "integer", "Sign every Nth envelope.", False, None, 0),
                     Param("low_bandwidth", "boolean", "Compressed, one signature in 32.", False),
+                    Param(
+                        "require_pq",
+                        "boolean",
+                        "Admit only members with an ML-KEM-768 key (default true).",
+                        False,
+                    ),
                     _TIMEOUT,
                 ),
                 self.create,

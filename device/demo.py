@@ -1,8 +1,10 @@
 """A local, network-free walk through the protocol: what ``fieldchat demo --local`` prints.
 
-Three participants (a Pi, a technician's laptop, a browser without ML-KEM) form a
-conversation, exchange messages, and one is removed; every step shows the bytes
-that would cross the broker, so a newcomer sees what the broker can and cannot see.
+Three participants (a Pi, a technician's laptop, a browser; all three with ML-KEM-768,
+as browsers with WebCrypto ML-KEM have) form a conversation under the default policy
+(post-quantum members only, every grant hybrid), exchange messages, and one is
+removed; every step shows the bytes that would cross the broker, so a newcomer sees
+what the broker can and cannot see.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ __all__ = ["run_local_demo"]
 
 def run_local_demo(echo: Callable[[str], None] = print, *, pause: float = 0.0) -> dict[str, int]:
     """Run the demo, printing through ``echo``; return counts for scripts and tests."""
-    names = {"pump-pi": True, "tech-laptop": True, "web-ana": False}
+    names = {"pump-pi": True, "tech-laptop": True, "web-ana": True}
     engines = {n: Engine(Identity.generate(post_quantum=pq)) for n, pq in names.items()}
     by_pid = {e.pid: n for n, e in engines.items()}
     topics = Topics()
@@ -56,7 +58,10 @@ def run_local_demo(echo: Callable[[str], None] = print, *, pause: float = 0.0) -
     pi, laptop, web = engines["pump-pi"], engines["tech-laptop"], engines["web-ana"]
     cid, pubs = pi.create_conversation([laptop.pid, web.pid], policy=Policy())
     delivered = deliver(pubs)
-    echo(f"\npump-pi creates conversation {cid}: {delivered} publications (roster + grants)")
+    echo(
+        f"\npump-pi creates conversation {cid}: {delivered} publications (roster + grants;"
+        " post-quantum members only, every grant X25519 + ML-KEM-768)"
+    )
 
     def say(sender: Engine, text: str) -> None:
         envelope = sender.seal(cid, TextMessage(sent_at=int(time.time()), text=text))

@@ -29,8 +29,9 @@ _SEED_INFO = b"fieldchat identity v1"
 class Identity:
     """Secret keys of one participant and its signed bundle.
 
-    ``mlkem_seed`` is ``None`` for a participant without ML-KEM (as browsers are);
-    such a participant receives X25519-only grants.
+    ``mlkem_seed`` is ``None`` for a participant without ML-KEM (``init --no-pq``, or
+    a browser without WebCrypto ML-KEM); such a participant receives X25519-only
+    grants, and conversations that require post-quantum members do not admit it.
     """
 
     __slots__ = ("_signer", "bundle", "mlkem_seed", "pid", "x25519_private")

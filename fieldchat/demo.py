@@ -23,7 +23,7 @@ from fieldchat.device.client import Device
 from fieldchat.device.config import BrokerOptions
 from fieldchat.device.history import GatewayHistory
 from fieldchat.gateway import GatewayStore
-from fieldchat.schemas.errors import ConfigError, FieldchatError
+from fieldchat.schemas.errors import ConfigError, FieldchatError, NotAMember
 from fieldchat.stack import Stack, StackOptions, open_stack
 
 __all__ = ["DEMO_MARK", "MAX_DEMO_MESSAGES", "claim_data_dir", "run_demo"]
@@ -99,15 +99,27 @@ class _Demo:
             if self.stop.wait(4.0 if count else 1.0):
                 return
             try:
-                new = self.web_pids() - self.invited
-                if new:
-                    pump.invite(cid, sorted(new), timeout=10)
-                    self.invited |= new
-                    log.info("invited %d web participant(s)", len(new))
+                for pid in sorted(self.web_pids() - self.invited):
+                    self._invite(cid, pid)
                 if laptop.engine.is_member(cid):
                     self.devices[name].send(cid, f"{text} #{count + 1}")
             except (FieldchatError, TimeoutError) as exc:
                 log.warning("demo step skipped: %s", exc)
+
+    def _invite(self, cid: str, pid: str) -> None:
+        """Invite one web participant. The conversation requires post-quantum members
+        (the default policy): a browser without WebCrypto ML-KEM-768 is told apart in
+        the log and not asked again, and does not hold up the others."""
+        try:
+            self.devices["pump-pi"].invite(cid, [pid], timeout=10)
+            log.info("invited web participant %s", pid)
+        except NotAMember:
+            log.warning(
+                "web participant %s has no ML-KEM-768 key (its browser lacks WebCrypto"
+                " ML-KEM): the demo conversation admits post-quantum members only",
+                pid,
+            )
+        self.invited.add(pid)
 
     def close(self) -> None:
         self.stop.set()

@@ -20,7 +20,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
+from collections.abc import Callable
 from functools import lru_cache
+from typing import NamedTuple
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -41,6 +44,7 @@ __all__ = [
     "MLKEM768_SEED_BYTES",
     "NONCE_BYTES",
     "X25519_PUBLIC_BYTES",
+    "HybridSealed",
     "Signer",
     "aead_open",
     "aead_seal",
@@ -48,6 +52,8 @@ __all__ = [
     "ed25519_verify",
     "hkdf_sha256",
     "hmac_sha256",
+    "hybrid_open",
+    "hybrid_seal",
     "mlkem768_decapsulate",
     "mlkem768_encapsulate",
     "mlkem768_public_from_seed",
@@ -212,3 +218,115 @@ def mlkem768_decapsulate(seed: bytes, ciphertext: bytes) -> bytes:
         return mlkem.MLKEM768PrivateKey.from_seed_bytes(seed).decapsulate(ciphertext)
     except ValueError:
         raise CryptoError(_AUTH_FAILED) from None
+
+
+# The hybrid KEM (PROTOCOL.md §5.3) --------------------------------------------------------
+
+HYBRID_LABEL = b"fieldchat hybrid v1"
+_HYBRID, _X25519_ONLY = b"\x01", b"\x02"
+
+
+class HybridSealed(NamedTuple):
+    """What :func:`hybrid_seal` puts on the wire: the X25519 ephemeral public key, the
+    ML-KEM-768 ciphertext (``None`` for a recipient without ML-KEM) and the AEAD output."""
+
+    ephemeral: bytes
+    kem_ciphertext: bytes | None
+    sealed: bytes
+
+
+def _hybrid_keys(
+    shared: bytes,
+    ephemeral: bytes,
+    kem_ciphertext: bytes | None,
+    x25519_public: bytes,
+    mlkem768_public: bytes | None,
+    context: bytes,
+) -> tuple[bytes, bytes, bytes]:
+    """The combiner: ``key, nonce, th`` from both secrets and everything they depend on.
+
+    ``th = SHA-256(mode || ephemeral || kem_ct || x25519_pub || mlkem_pub || context)``
+    with mode 0x01 (hybrid: every field present, fixed lengths) or 0x02 (X25519 only:
+    no ML-KEM field), so the context, last, is unambiguous.
+    """
+    hybrid = kem_ciphertext is not None
+    if hybrid != (mlkem768_public is not None):
+        raise CryptoError(_AUTH_FAILED)
+    th = sha256(
+        (_HYBRID if hybrid else _X25519_ONLY)
+        + ephemeral
+        + (kem_ciphertext or b"")
+        + x25519_public
+        + (mlkem768_public or b"")
+        + context
+    )
+    okm = hkdf_sha256(shared, salt=HYBRID_LABEL, info=th, length=AES_KEY_BYTES + NONCE_BYTES)
+    return okm[:AES_KEY_BYTES], okm[AES_KEY_BYTES:], th
+
+
+def hybrid_seal(
+    *,
+    x25519_public: bytes,
+    mlkem768_public: bytes | None,
+    context: bytes,
+    plaintext: bytes,
+    random: Callable[[int], bytes] = os.urandom,
+) -> HybridSealed:
+    """Seal ``plaintext`` to a recipient's X25519 and (when given) ML-KEM-768 keys.
+
+    ``context`` is what the caller binds the secret to (who seals what to whom); the
+    opener must pass the same bytes. Hybrid when ``mlkem768_public`` is given (reading
+    it needs both X25519 and ML-KEM-768 broken), X25519 only otherwise.
+
+        ss_x         = X25519(ephemeral, x25519_public)          all-zero refused
+        ss_k, kem_ct = ML-KEM-768.Encaps(mlkem768_public)        hybrid only
+        th           = SHA-256(mode || ephemeral || kem_ct || x25519_public
+                               || mlkem768_public || context)
+        key || nonce = HKDF-SHA256(ss_x || ss_k, salt = "fieldchat hybrid v1", info = th, 44)
+        sealed       = AES-256-GCM(key, nonce, plaintext, aad = th)
+
+    Raises:
+        WeakKey: a recipient key is unusable (low-order point, bad ML-KEM key).
+    """
+    ephemeral_private = random(32)
+    ephemeral = x25519_public_from_private(ephemeral_private)
+    shared = x25519_exchange(ephemeral_private, x25519_public)
+    kem_ciphertext = None
+    if mlkem768_public is not None:
+        ss_k, kem_ciphertext = mlkem768_encapsulate(mlkem768_public)
+        shared += ss_k
+    key, nonce, th = _hybrid_keys(
+        shared, ephemeral, kem_ciphertext, x25519_public, mlkem768_public, context
+    )
+    return HybridSealed(ephemeral, kem_ciphertext, aead_seal(key, nonce, plaintext, th))
+
+
+def hybrid_open(
+    *,
+    x25519_private: bytes,
+    mlkem768_seed: bytes | None,
+    x25519_public: bytes,
+    mlkem768_public: bytes | None,
+    message: HybridSealed,
+    context: bytes,
+) -> bytes:
+    """Open what :func:`hybrid_seal` made for our keys (the public halves are ours too:
+    the combiner binds them). A hybrid message needs ``mlkem768_seed``; an X25519-only
+    one is opened as such (whether to accept that mode is the caller's policy).
+
+    Raises:
+        WeakKey: the ephemeral key is a low-order point.
+        CryptoError: wrong keys, context or a modified message (opaque); a hybrid
+            message without our ML-KEM key.
+    """
+    shared = x25519_exchange(x25519_private, message.ephemeral)
+    public_kem = None
+    if message.kem_ciphertext is not None:
+        if mlkem768_seed is None or mlkem768_public is None:
+            raise CryptoError(_AUTH_FAILED)
+        shared += mlkem768_decapsulate(mlkem768_seed, message.kem_ciphertext)
+        public_kem = mlkem768_public
+    key, nonce, th = _hybrid_keys(
+        shared, message.ephemeral, message.kem_ciphertext, x25519_public, public_kem, context
+    )
+    return aead_open(key, nonce, message.sealed, th)

@@ -66,16 +66,10 @@ class Grant(WireModel):
         return pid_for(self.granter_key)
 
     @staticmethod
-    def header_body(
-        mode: GrantMode,
-        cid: str,
-        granter_key: bytes,
-        recipient: str,
-        ephemeral: bytes,
-        kem_ciphertext: bytes | None,
-    ) -> bytes:
-        """The transcript of the key agreement: everything but the sealed payload."""
-        return _codec.pack((int(mode), cid, granter_key, recipient, ephemeral, kem_ciphertext))
+    def context(mode: GrantMode, cid: str, granter_key: bytes, recipient: str) -> bytes:
+        """What the hybrid KEM binds a grant's key to (PROTOCOL.md §5.3): its mode, the
+        conversation, the granter and the recipient; the combiner adds the keys."""
+        return _codec.pack((int(mode), cid, granter_key, recipient))
 
     @classmethod
     def create(

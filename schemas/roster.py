@@ -51,12 +51,15 @@ class Policy(WireModel):
     ``sign_every``: 1 signs every envelope (default); N signs steps divisible by N;
     0 signs none. Without a signature a member could forge another member's
     messages (outsiders still cannot, AES-GCM keeps them out).
+    ``require_pq`` (the default): every member has an ML-KEM-768 key, so every grant
+    is hybrid; a participant without one (a browser lacking WebCrypto ML-KEM) can
+    join only a conversation whose admin turned it off.
     """
 
     sign_every: Annotated[int, Field(ge=0, le=MAX_SIGN_EVERY)] = 1
     compress: bool = False
     pad: bool = False
-    require_pq: bool = False
+    require_pq: bool = True
 
     def must_sign(self, step: int) -> bool:
         return self.sign_every != 0 and step % self.sign_every == 0

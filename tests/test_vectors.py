@@ -10,17 +10,18 @@ from fieldchat.device.chains import nonce, step_keys
 from fieldchat.device.engine import Engine
 from fieldchat.device.grants import accept_grant
 from fieldchat.schemas import Bundle, ChainGrant, Grant, Roster, TextMessage
-from fieldchat.schemas.crypto import aead_open, chain_step
+from fieldchat.schemas.crypto import HybridSealed, aead_open, chain_step, hybrid_open
 from fieldchat.schemas.envelope import read_header
+from fieldchat.schemas.errors import CryptoError
 from fieldchat.schemas.frame import pack_frame, split
-from tests.vectors.generate import PATH, build, identity
+from tests.vectors.generate import PATH, build, identity, recorded_of
 
 VECTORS = json.loads(PATH.read_text())
 
 
 def test_file_matches_a_fresh_generation():
     """Every deterministic byte is reproduced from the seeds; hybrid grants are recorded."""
-    assert build(VECTORS["grants"][1]["grant"]) == VECTORS
+    assert build(recorded_of(VECTORS)) == VECTORS
 
 
 @pytest.mark.parametrize("vector", VECTORS["identities"], ids=lambda v: v["name"])
@@ -85,12 +86,44 @@ def test_envelopes_open_through_the_engine_of_each_recipient():
                 assert opened.sender == vector["sender_pid"]
 
 
-@pytest.mark.parametrize("vector", VECTORS["grants"], ids=lambda v: v["mode"])
+RECIPIENTS = {"bob": 2, "web": 3, "web_pq": 4}
+
+
+@pytest.mark.parametrize("vector", VECTORS["grants"], ids=lambda v: v["name"])
 def test_grant_vectors(vector):
-    recipient = identity(2) if vector["recipient"] == "bob" else identity(3, post_quantum=False)
+    tag = RECIPIENTS[vector["recipient"]]
+    recipient = identity(tag, post_quantum=tag != 3)
     grant = Grant.from_bytes(bytes.fromhex(vector["grant"]))
     assert grant.mode.name.lower() == vector["mode"]
     assert accept_grant(recipient, grant) == ChainGrant.from_bytes(bytes.fromhex(vector["payload"]))
+
+
+@pytest.mark.parametrize("vector", VECTORS["hybrid_kem"], ids=lambda v: v["name"])
+def test_hybrid_kem_vectors(vector):
+    """The combiner alone (PROTOCOL.md §5.3): the recipient of the seed opens it, and a
+    changed context or a transcript of the other mode does not."""
+    seed = bytes.fromhex(vector["recipient_seed"])
+    recipient = identity(seed[0], post_quantum=vector["mode"] == "hybrid")
+    kem_ct = vector["kem_ciphertext"]
+    message = HybridSealed(
+        bytes.fromhex(vector["ephemeral"]),
+        bytes.fromhex(kem_ct) if kem_ct else None,
+        bytes.fromhex(vector["sealed"]),
+    )
+
+    def open_with(context: bytes) -> bytes:
+        return hybrid_open(
+            x25519_private=recipient.x25519_private,
+            mlkem768_seed=recipient.mlkem_seed,
+            x25519_public=recipient.bundle.x25519,
+            mlkem768_public=recipient.bundle.mlkem768,
+            message=message,
+            context=context,
+        )
+
+    assert open_with(bytes.fromhex(vector["context"])).hex() == vector["plaintext"]
+    with pytest.raises(CryptoError):
+        open_with(bytes.fromhex(vector["context"]) + b"!")
 
 
 def test_rosters_decode_and_found_their_cid():

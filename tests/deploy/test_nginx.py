@@ -149,7 +149,7 @@ async def test_two_replicas_behind_nginx_with_tls(mosquitto, prefix, pg_url, tmp
 
         # Registration and login through the proxy: the Origin check sees the browser's
         # Host, and the session cookie is Secure although the replicas speak plain HTTP.
-        web = Party(topics, post_quantum=False)
+        web = Party(topics)
         async with httpx.AsyncClient(
             base_url=base, verify=ssl_ctx, timeout=20, headers={"Origin": base}
         ) as http:

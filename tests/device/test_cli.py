@@ -59,6 +59,36 @@ def test_walkthrough_two_devices_talk(tmp_path: Path, any_broker: Broker) -> Non
     assert json.loads(who.stdout)["pid"] == bob
 
 
+def test_conv_create_requires_post_quantum_members_unless_told_otherwise(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    """The default policy admits only members with ML-KEM-768 (PROTOCOL.md §5.2): an
+    identity made with ``--no-pq`` is refused, and ``--allow-x25519-only`` admits it."""
+    alice, alice_env = _init(tmp_path, "alice", mosquitto)
+    state = str(tmp_path / "old.sqlite3")
+    made = run_cli(["init", "--no-pq", "--json"], cli_env(state=state))
+    assert made.returncode == 0, made.stderr
+    old = json.loads(made.stdout)["pid"]
+    old_env = cli_env(state=state, broker=mosquitto.url, credential=mosquitto.user(old))
+    listener = start_cli(["listen", "--json", "--count", "1", "--duration", "60"], old_env)
+    try:
+        refused = run_cli(["conv", "create", old, "--timeout", "20"], alice_env)
+        assert refused.returncode != 0
+        assert "ML-KEM" in refused.stderr
+        allowed = run_cli(
+            ["conv", "create", old, "--allow-x25519-only", "--json", "--timeout", "20"], alice_env
+        )
+        assert allowed.returncode == 0, allowed.stderr
+        cid = json.loads(allowed.stdout)["cid"]
+        assert run_cli(["send", cid, "x25519 only"], alice_env).returncode == 0
+        lines = _read_json_lines(listener)
+    finally:
+        if listener.poll() is None:
+            listener.kill()
+            listener.communicate()
+    assert [m["text"] for m in lines if m["type"] == "message"] == ["x25519 only"]
+
+
 def test_errors_are_one_line_with_exit_codes(tmp_path: Path, mosquitto: Mosquitto) -> None:
     pid, env = _init(tmp_path, "carol", mosquitto)
 

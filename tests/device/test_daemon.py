@@ -338,3 +338,24 @@ def _serves(daemon: DaemonProcess) -> bool:
             return bool(client.call("whoami"))
         except ConnectionError:
             return False
+
+
+def test_conversation_create_requires_post_quantum_unless_told_otherwise(
+    mosquitto_devices: Devices, mosquitto: Mosquitto
+) -> None:
+    """``conversation.create`` passes ``require_pq`` (default true, PROTOCOL.md §5.2)."""
+    _, (alice, bob) = conversation(mosquitto_devices, "alice", "bob")
+    env = _daemon_env(mosquitto_devices, bob, mosquitto)
+    with DaemonProcess(env) as daemon, daemon.client() as client:
+        strict = client.call("conversation.create", {"members": [alice.pid], "timeout": 20})
+        lax = client.call(
+            "conversation.create", {"members": [alice.pid], "require_pq": False, "timeout": 20}
+        )
+    # On Mosquitto nobody verifies and retains a new roster (docs/cluster.md), so the
+    # rosters are read from the daemon's state file, as its founder adopted them.
+    founder = Device(bob.state.path)
+    try:
+        assert founder.engine.roster(strict["cid"]).policy.require_pq
+        assert not founder.engine.roster(lax["cid"]).policy.require_pq
+    finally:
+        founder.close()

@@ -222,7 +222,7 @@ def test_held_rosters_and_joining_conversations_are_bounded():
     assert len(bob._convs[cid].candidates) == limit
     assert bob.counters["roster_pool_evicted"] == 3
     for _ in range(engine_module.MAX_JOINING + 2):  # conversations invented to fill our state
-        other = Engine(Identity.generate(post_quantum=False))
+        other = Engine(Identity.generate())
         _, made = other.create_conversation()
         bob.handle_roster(made[0].payload)
     assert sum(c.epoch < 0 for c in bob._convs.values()) == engine_module.MAX_JOINING

@@ -137,7 +137,7 @@ def test_a_reservation_rolled_back_with_its_send_is_not_used(tmp_path):
     """A write failing after the reservation in one send transaction: memory rolls back
     with the disk, so no step is sealed twice after a restart (PROTOCOL.md §6.3)."""
     path = tmp_path / "a.sqlite3"
-    peer = Engine(Identity.generate(post_quantum=False))
+    peer = Engine(Identity.generate())
     device = Device(path)
     with device.state.transaction():
         device.engine.learn_bundle(peer.identity.bundle.to_bytes())

@@ -152,7 +152,7 @@ async def test_bad_queries_get_clear_errors(gateway, mosquitto, prefix):
 
 async def test_another_accounts_cookie_cannot_read_a_conversation(gateway, mosquitto, prefix):
     topics = Topics(prefix)
-    alice, bob, mallory = (Party(topics, post_quantum=False) for _ in range(3))
+    alice, bob, mallory = (Party(topics) for _ in range(3))
     conv = converse(topics, [alice, bob])
     await publish_all(mosquitto.url, pubs(conv.publications))
     await publish_all(mosquitto.url, [(topics.msg(conv.cid), conv.seal(alice, "hi"), False)])

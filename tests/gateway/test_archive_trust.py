@@ -399,7 +399,7 @@ async def _archived(gw, cid: str, data: bytes) -> bool:
 
 async def test_a_browser_roster_goes_out_only_when_it_chains(gateway, mosquitto, prefix):
     topics = Topics(prefix)
-    device, web, outsider = Party(topics), Party(topics, post_quantum=False), Party(topics)
+    device, web, outsider = Party(topics), Party(topics), Party(topics)
     http = await login(gateway, f"web{uuid.uuid4().hex[:6]}", web)
     conv = converse(topics, [device, web])
     r0 = roster_of(conv.publications)
@@ -455,7 +455,7 @@ async def test_history_and_the_live_feed_deliver_the_genuine_envelope_in_every_o
     must still open every genuine message."""
     topics = Topics(prefix)
     victim, reader, attacker = Party(topics), Party(topics), Party(topics)
-    web = Party(topics, post_quantum=False)
+    web = Party(topics)
     http = await login(gateway, f"web{uuid.uuid4().hex[:6]}", web)
     conv = converse(topics, [victim, reader, web, attacker], policy=Policy(sign_every=4))
     await publish_all(mosquitto.url, pubs(conv.publications))

@@ -30,7 +30,7 @@ async def archived(gw, cid: str) -> list[StoredEnvelope]:
 
 async def test_envelopes_are_archived_once_and_served_verbatim(gateway, mosquitto, prefix):
     topics = Topics(prefix)
-    a, b = Party(topics), Party(topics, post_quantum=False)
+    a, b = Party(topics), Party(topics)
     conv = converse(topics, [a, b])
     await publish_all(mosquitto.url, pubs(conv.publications))
     sealed = [conv.seal(a, f"from a {i}") for i in range(5)]

@@ -86,7 +86,7 @@ async def test_the_holder_of_the_key_claims_it_and_reads(gateway, mosquitto, pre
 
 async def test_a_challenge_is_single_use_bound_to_its_account_and_origin(gateway, prefix):
     topics = Topics(prefix)
-    alice, bob = Party(topics, post_quantum=False), Party(topics, post_quantum=False)
+    alice, bob = Party(topics), Party(topics)
     a = await login(gateway, "alice")
     b = await login(gateway, "bob")
     try:

@@ -55,7 +55,7 @@ async def test_archive_through_the_embedded_broker(embedded_broker, tmp_path):  
     broker = embedded_broker
     topics = Topics(broker.config.prefix)
     settings = gateway_settings(broker, "archive-1", tmp_path, pending_retry_s=1.0)
-    device, web = Party(topics), Party(topics, post_quantum=False)
+    device, web = Party(topics), Party(topics)
     conv = converse(topics, [device, web])
     async with serve_gateway(settings) as gw:
         http = await login(gw, "webuser", web)  # also publishes web's bundle via the gateway

@@ -96,7 +96,7 @@ async def test_two_gateways_share_the_archive_exactly_once(mosquitto, prefix, pg
     try:
         await asyncio.gather(*(g.healthy() for g in gws))
         device = Party(topics)
-        web1, web2 = Party(topics, post_quantum=False), Party(topics, post_quantum=False)
+        web1, web2 = Party(topics), Party(topics)
         await _web_account(gws[0].base, "web-one", web1)
         await _web_account(gws[1].base, "web-two", web2)
         conv = converse(topics, [device, web1, web2])

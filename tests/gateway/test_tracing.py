@@ -55,7 +55,7 @@ async def test_device_and_browser_envelopes_are_traced_to_the_websocket(tmp_path
                 mqtt_password=credential,
                 mqtt_client_id=user,
             )
-            device, web = Party(topics), Party(topics, post_quantum=False)
+            device, web = Party(topics), Party(topics)
             conv = converse(topics, [device, web])
             async with serve_gateway(settings) as gw:
                 http = await login(gw, "webuser", web)

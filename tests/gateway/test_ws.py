@@ -100,7 +100,7 @@ class Browser:
 async def setup(gateway, mosquitto, prefix):
     topics = Topics(prefix)
     device = Party(topics)
-    browser = Party(topics, post_quantum=False)  # WebCrypto has no ML-KEM
+    browser = Party(topics)  # a browser: WebCrypto ML-KEM-768 (PROTOCOL.md §2.1)
     http = await login(gateway, f"web{uuid.uuid4().hex[:6]}", browser)
     conv = converse(topics, [device, browser])
     await publish_all(mosquitto.url, pubs(conv.publications))

@@ -4,9 +4,9 @@
 
 Everything is deterministic (seeded randomness, fixed clock, deterministic Ed25519
 and AES-GCM) except ML-KEM encapsulation, whose randomness ``cryptography`` does not
-let us inject: hybrid grants are recorded once and checked by opening them (and
-recorded again when the recorded one no longer opens to the current payload).
-The browser client checks the same file.
+let us inject: what it makes (hybrid grants, hybrid KEM outputs) is recorded once and
+checked by opening it (and recorded again when the recorded one no longer opens to
+the current payload). The browser client checks the same file.
 """
 
 from __future__ import annotations
@@ -27,7 +27,18 @@ from fieldchat.device.engine import KEEP_EPOCHS, Engine
 from fieldchat.device.grants import accept_grant, make_grant
 from fieldchat.device.identity import Identity
 from fieldchat.schemas import ChainGrant, FieldchatError, Grant, Member, Policy, Roster, TextMessage
-from fieldchat.schemas.crypto import chain_step
+from fieldchat.schemas.crypto import (
+    HYBRID_LABEL,
+    HybridSealed,
+    chain_step,
+    hkdf_sha256,
+    hybrid_open,
+    hybrid_seal,
+    mlkem768_decapsulate,
+    sha256,
+    x25519_exchange,
+    x25519_public_from_private,
+)
 from fieldchat.schemas.envelope import read_header
 from fieldchat.schemas.frame import pack_frame
 from fieldchat.schemas.grant import MAX_CHAIN_ENDS, ChainEnd
@@ -67,15 +78,106 @@ def _identity_vector(name: str, tag: int, ident: Identity) -> dict[str, Any]:
     }
 
 
-def build(hybrid_grant: str | None = None) -> dict[str, Any]:
-    """The vectors; ``hybrid_grant`` reuses a recorded hybrid grant (hex) if given."""
+def _hybrid_vector(
+    name: str, tag: int, context: bytes, plaintext: bytes, recorded: dict[str, str]
+) -> dict[str, Any]:
+    """One output of the hybrid KEM (PROTOCOL.md §5.3) to identity ``tag``, with every
+    intermediate value; the X25519 ephemeral is seeded, an ML-KEM ciphertext recorded."""
+    recipient = identity(tag, post_quantum=tag != 3)
+    bundle = recipient.bundle
+    eph_private = SeededRandom(name.encode())(32)
+    kem = bundle.mlkem768
+    made = None
+    if name in recorded:
+        kem_ct, sealed = (bytes.fromhex(x) for x in recorded[name].split(":"))
+        made = HybridSealed(x25519_public_from_private(eph_private), kem_ct, sealed)
+        try:
+            opens = hybrid_open(
+                x25519_private=recipient.x25519_private,
+                mlkem768_seed=recipient.mlkem_seed,
+                x25519_public=bundle.x25519,
+                mlkem768_public=kem,
+                message=made,
+                context=context,
+            )
+        except FieldchatError:
+            opens = None
+        made = made if opens == plaintext else None
+    if made is None:
+        made = hybrid_seal(
+            x25519_public=bundle.x25519,
+            mlkem768_public=kem,
+            context=context,
+            plaintext=plaintext,
+            random=SeededRandom(name.encode()),
+        )
+    ss_x = x25519_exchange(eph_private, bundle.x25519)
+    ss_k = b""
+    if made.kem_ciphertext is not None and recipient.mlkem_seed is not None:
+        ss_k = mlkem768_decapsulate(recipient.mlkem_seed, made.kem_ciphertext)
+    # The combiner spelled out again (schemas.crypto._hybrid_keys): the vector shows
+    # each value a second implementation must reach.
+    th = sha256(
+        (b"\x01" if kem else b"\x02")
+        + made.ephemeral
+        + (made.kem_ciphertext or b"")
+        + bundle.x25519
+        + (kem or b"")
+        + context
+    )
+    okm = hkdf_sha256(ss_x + ss_k, salt=HYBRID_LABEL, info=th, length=44)
+    return {
+        "name": name,
+        "mode": "hybrid" if kem else "x25519",
+        "recipient_seed": (bytes([tag]) * 32).hex(),
+        "x25519_public": bundle.x25519.hex(),
+        "mlkem768_public_sha256": sha256(kem).hex() if kem else None,
+        "context": context.hex(),
+        "plaintext": plaintext.hex(),
+        "ephemeral_private": eph_private.hex(),
+        "ephemeral": made.ephemeral.hex(),
+        "kem_ciphertext": made.kem_ciphertext.hex() if made.kem_ciphertext else None,
+        "ss_x25519": ss_x.hex(),
+        "ss_mlkem768": ss_k.hex() if kem else None,
+        "transcript_hash": th.hex(),
+        "key": okm[:32].hex(),
+        "nonce": okm[32:].hex(),
+        "sealed": made.sealed.hex(),
+        "deterministic": kem is None,
+    }
+
+
+def _recorded_grant(
+    recorded: dict[str, str], name: str, recipient: Identity, payload: ChainGrant
+) -> str:
+    """A recorded hybrid grant to ``recipient`` if it still opens to ``payload``, else a new one."""
+    if name in recorded and _opens(recipient, recorded[name], payload):
+        return recorded[name]
+    return make_grant(identity(1), recipient.bundle, "a" * 26, payload).to_bytes().hex()
+
+
+def recorded_of(vectors: dict[str, Any]) -> dict[str, str]:
+    """What a vector file recorded (the ML-KEM outputs), by name, for :func:`build`."""
+    grants = vectors.get("grants", [])
+    out = {g["name"]: g["grant"] for g in grants if "name" in g and not g["deterministic"]}
+    for h in vectors.get("hybrid_kem", []):
+        if not h["deterministic"]:
+            out[h["name"]] = f"{h['kem_ciphertext']}:{h['sealed']}"
+    return out
+
+
+def build(recorded: dict[str, str] | None = None) -> dict[str, Any]:
+    """The vectors; ``recorded`` (from :func:`recorded_of`) reuses ML-KEM outputs."""
+    recorded = recorded or {}
     alice, bob, web = identity(1), identity(2), identity(3, post_quantum=False)
+    web_pq = identity(4)
     out: dict[str, Any] = {
         "about": "fieldchat protocol vectors v1; see PROTOCOL.md §9. All byte strings are hex.",
         "identities": [
             _identity_vector("alice", 1, alice),
             _identity_vector("bob", 2, bob),
             _identity_vector("web", 3, web),
+            _identity_vector("web_pq", 4, web_pq),
         ],
     }
 
@@ -99,9 +201,13 @@ def build(hybrid_grant: str | None = None) -> dict[str, Any]:
     envelopes: list[dict[str, Any]] = []
     conversations: list[dict[str, Any]] = []
     chain_cases: list[dict[str, Any]] = []
+    # The member "web" has no ML-KEM (a browser without it: the X25519 fallback, whose
+    # grants are deterministic), so these policies admit it: require_pq is off.
     policies = {
-        "signed": Policy(),
-        "unsigned_compressed_padded": Policy(sign_every=0, compress=True, pad=True),
+        "signed": Policy(require_pq=False),
+        "unsigned_compressed_padded": Policy(
+            sign_every=0, compress=True, pad=True, require_pq=False
+        ),
     }
     for label, policy in policies.items():
         engine = Engine(alice, clock=lambda: CLOCK, random=SeededRandom(label.encode()))
@@ -167,10 +273,9 @@ def build(hybrid_grant: str | None = None) -> dict[str, Any]:
         epoch=3, roster=bytes(32), sender=0, chain=0, step=5, key=bytes(32), ends=ends
     )
     x_grant = make_grant(alice, web.bundle, "a" * 26, payload, random=SeededRandom(b"grant"))
-    if hybrid_grant is None:
-        hybrid_grant = make_grant(alice, bob.bundle, "a" * 26, payload).to_bytes().hex()
     out["grants"] = [
         {
+            "name": "x25519 to web",
             "mode": "x25519",
             "granter": "alice",
             "recipient": "web",
@@ -180,15 +285,25 @@ def build(hybrid_grant: str | None = None) -> dict[str, Any]:
             "grant": x_grant.to_bytes().hex(),
             "deterministic": True,
         },
-        {
-            "mode": "hybrid",
-            "granter": "alice",
-            "recipient": "bob",
-            "cid": "a" * 26,
-            "payload": payload.to_bytes().hex(),
-            "grant": hybrid_grant,
-            "deterministic": False,
-        },
+        *(
+            {
+                "name": f"hybrid to {name}",
+                "mode": "hybrid",
+                "granter": "alice",
+                "recipient": name,
+                "cid": "a" * 26,
+                "payload": payload.to_bytes().hex(),
+                "grant": _recorded_grant(recorded, f"hybrid to {name}", who, payload),
+                "deterministic": False,
+            }
+            for name, who in (("bob", bob), ("web_pq", web_pq))
+        ),
+    ]
+    # The hybrid KEM alone (§5.3), both modes, with every intermediate value.
+    context = b"fieldchat vector context"
+    out["hybrid_kem"] = [
+        _hybrid_vector("hybrid kem to web_pq", 4, context, b"a secret for the browser", recorded),
+        _hybrid_vector("x25519 kem to web", 3, context, b"a secret, X25519 only", recorded),
     ]
     out["limits"] = {
         "keep_epochs": KEEP_EPOCHS,
@@ -203,7 +318,7 @@ def build(hybrid_grant: str | None = None) -> dict[str, Any]:
 def _roster_chain(admin: Engine, cid: str, member: Identity) -> list[dict[str, Any]]:
     """Epochs 1 and 2 after epoch 0 of ``cid`` (a policy change, a removal), and two
     rosters that do not chain: each case names the roster it must follow (§5.2)."""
-    admin.set_policy(cid, Policy(pad=True))
+    admin.set_policy(cid, Policy(pad=True, require_pq=False))
     admin.remove_members(
         cid, [p for p in admin.roster(cid).pids if p not in (admin.pid, member.pid)]
     )
@@ -253,20 +368,16 @@ def _roster_chain(admin: Engine, cid: str, member: Identity) -> list[dict[str, A
     return cases
 
 
-def _opens(vector: dict[str, Any]) -> bool:
+def _opens(recipient: Identity, grant: str, payload: ChainGrant) -> bool:
     try:
-        granted = accept_grant(identity(2), Grant.from_bytes(bytes.fromhex(vector["grant"])))
+        return accept_grant(recipient, Grant.from_bytes(bytes.fromhex(grant))) == payload
     except FieldchatError:
         return False
-    return granted == ChainGrant.from_bytes(bytes.fromhex(vector["payload"]))
 
 
 def main() -> None:
-    previous = json.loads(PATH.read_text()) if PATH.exists() else None
-    recorded = previous["grants"][1]["grant"] if previous else None
-    vectors = build(recorded)
-    if not _opens(vectors["grants"][1]):  # the payload changed: record a new one
-        vectors = build(None)
+    previous = json.loads(PATH.read_text()) if PATH.exists() else {}
+    vectors = build(recorded_of(previous))
     PATH.write_text(json.dumps(vectors, indent=1, ensure_ascii=False) + "\n")
     print(f"wrote {PATH}")
 

@@ -36,6 +36,27 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 PAGES = Path(__file__).with_name("pages")
+# An init script that takes ML-KEM away from a page's WebCrypto, as in a browser without
+# it: no encapsulateBits/decapsulateBits, and generateKey/importKey refuse the name.
+NO_MLKEM = """
+(() => {
+  const proto = SubtleCrypto.prototype;
+  delete proto.encapsulateBits;
+  delete proto.decapsulateBits;
+  for (const name of ["generateKey", "importKey"]) {
+    const real = proto[name];
+    proto[name] = function (...args) {
+      const alg = name === "generateKey" ? args[0] : args[2];
+      const algName = typeof alg === "string" ? alg : alg && alg.name;
+      if (/^ML-KEM/i.test(String(algName))) {
+        const refusal = new DOMException("Algorithm: Unrecognized name", "NotSupportedError");
+        return Promise.reject(refusal);
+      }
+      return real.apply(this, args);
+    };
+  }
+})();
+"""
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
 DEADLINE_S = 30.0
 FAST_ARGON2: dict[str, Any] = {

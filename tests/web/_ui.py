@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from tests.web._stack import DEADLINE_S
+from tests.web._stack import DEADLINE_S, NO_MLKEM
 
 TIMEOUT_MS = DEADLINE_S * 1000
 PASSWORD = "correct horse battery staple"
@@ -32,10 +32,13 @@ class WebUser:
         *,
         viewport: dict[str, int] | None = None,
         relay: bool = False,
+        mlkem: bool = True,
     ) -> None:
         self.name = name
         self.base = base
         self.context = browser.new_context(viewport=viewport or {"width": 1100, "height": 760})
+        if not mlkem:  # a browser whose WebCrypto has no ML-KEM-768
+            self.context.add_init_script(NO_MLKEM)
         self.context.set_default_timeout(TIMEOUT_MS)
         self.frames: list[str] = []
         self.dialogs: list[str] = []

@@ -26,9 +26,8 @@ class Chat:
         self.alice = WebUser(browser, stack.base, "alice").register()
         self.bob = WebUser(browser, stack.base, "bob").register()
         self.device = stack.device("pi")
-        # The device founds the conversation: a post-quantum device refuses an X25519-only
-        # grant that arrives before it knows the roster (device/engine.py), so a browser
-        # cannot yet found one with it (see docs/web.md).
+        # The device founds the conversation (default policy: post-quantum members only;
+        # both browsers have WebCrypto ML-KEM-768, so every grant is hybrid).
         self.cid = self.device.create_conversation([self.alice.pid, self.bob.pid], timeout=20)
         for user in (self.alice, self.bob):
             user.wait_conversation(self.cid)
@@ -111,13 +110,14 @@ def test_presence_of_members(chat):
     row = f'#member-list li[data-pid="{chat.device.pid}"] .dot.online'
     chat.alice.page.wait_for_selector(row)
     chat.alice.page.wait_for_selector(f'#member-list li[data-pid="{chat.bob.pid}"] .dot.online')
-    # The roster shows who is post-quantum protected: the device yes, browsers no.
+    # The roster shows who is post-quantum protected: everyone here (both browsers have
+    # WebCrypto ML-KEM-768; one without is shown "X25519 only", see below).
     badges = chat.alice.page.eval_on_selector_all(
         "#member-list li",
         "els => els.map(e => [e.dataset.pid, e.querySelector('.badge.pq') !== null"
         " && e.textContent.includes('post-quantum')])",
     )
-    assert dict(badges) == {chat.device.pid: True, chat.alice.pid: False, chat.bob.pid: False}
+    assert dict(badges) == {chat.device.pid: True, chat.alice.pid: True, chat.bob.pid: True}
     chat.device.close()
     chat.alice.page.wait_for_selector(row, state="detached")
 
@@ -262,3 +262,75 @@ def test_history_scroll_back_and_screenshot(chat, stack, browser):
     shown = alice.wait_texts(texts)
     assert [t for t in shown if t.startswith("report")] == texts
     alice.page.screenshot(path=str(ARTIFACTS / "web-history.png"))
+
+
+def test_a_browser_founds_a_post_quantum_conversation_with_a_device(stack, browser):
+    """Hybrid both ways over the real stack: the page founds the conversation (default
+    policy: post-quantum members only), its hybrid grant reaches the Python device
+    through its inbox, the device's hybrid grant reaches the page; both read, and again
+    after a reload, in a new epoch."""
+    carol = WebUser(browser, stack.base, "carol").register()
+    try:
+        assert "ML-KEM-768" in str(carol.page.text_content("#me-kem"))
+        assert carol.page.is_checked("#new-require-pq")
+        device = stack.device("pi")
+        cid = carol.create([device.pid])
+        wait_until(lambda: device.engine.is_member(cid), "the device to join")
+        roster = device.engine.roster(cid)
+        assert roster.policy.require_pq
+        assert all(m.pq for m in roster.members)
+        carol.send("from the page, hybrid")
+        wait_until(
+            lambda: device_texts(device, cid) == ["from the page, hybrid"], "the device to read"
+        )
+        device.send(cid, "from the device, hybrid")
+        carol.wait_texts(["from the page, hybrid", "from the device, hybrid"])
+        # The ML-KEM private key persists in IndexedDB (a non-extractable CryptoKey):
+        # after a reload the page opens the device's hybrid grant of a new epoch.
+        carol.reload()
+        assert "ML-KEM-768" in str(carol.page.text_content("#me-kem"))
+        carol.open(cid)
+        second = stack.device("pump")
+        carol.page.click("#members-toggle")
+        carol.page.fill("#invite-pid", second.pid)
+        carol.page.click("#invite button")
+        wait_until(lambda: second.engine.is_member(cid), "the second device to join")
+        wait_until(lambda: device.engine.roster(cid).epoch == 1, "the device to enter epoch 1")
+        device.send(cid, "epoch 1, after the reload")
+        carol.wait_texts(
+            ["from the page, hybrid", "from the device, hybrid", "epoch 1, after the reload"]
+        )
+        assert not carol.errors
+    finally:
+        carol.close()
+
+
+def test_a_browser_without_mlkem_says_so_and_the_policy_keeps_it_out(stack, browser):
+    """The fallback in the page: without WebCrypto ML-KEM the sidebar says X25519 only and
+    "post-quantum members only" cannot be chosen; a device's default conversation refuses
+    it; one whose admin turned the requirement off works, and the member list says
+    "X25519 only"."""
+    from fieldchat.schemas import Policy
+    from fieldchat.schemas.errors import NotAMember
+
+    erin = WebUser(browser, stack.base, "erin", mlkem=False).register()
+    try:
+        assert "X25519 only" in str(erin.page.text_content("#me-kem"))
+        assert "x25519" in str(erin.page.get_attribute("#me-kem", "class"))
+        assert not erin.page.is_checked("#new-require-pq")
+        assert erin.page.is_disabled("#new-require-pq")
+        device = stack.device("pi")
+        with pytest.raises(NotAMember):
+            device.create_conversation([erin.pid], timeout=20)
+        cid = device.create_conversation([erin.pid], policy=Policy(require_pq=False), timeout=20)
+        erin.wait_conversation(cid)
+        erin.open(cid)
+        device.send(cid, "to an X25519-only browser")
+        erin.wait_texts(["to an X25519-only browser"])
+        erin.page.click("#members-toggle")
+        badge = f'#member-list li[data-pid="{erin.pid}"] .badge'
+        erin.page.wait_for_selector(badge)
+        assert "X25519 only" in erin.page.locator(badge).all_text_contents()
+        assert not erin.errors
+    finally:
+        erin.close()

@@ -1,5 +1,7 @@
-"""The browser's engine and Python's exchange messages both ways: rosters, X25519-only
-grants in both directions, sealing and opening, and rotation when a member is removed.
+"""The browser's engine and Python's exchange messages both ways: rosters, hybrid
+(X25519 + ML-KEM-768) grants in both directions, and X25519-only ones with a browser
+whose WebCrypto lacks ML-KEM, under the roster's post-quantum policy; sealing and
+opening, and rotation when a member is removed.
 The bytes travel through the test process (no network), so a failure here is the
 protocol's, not the transport's.
 
@@ -16,12 +18,24 @@ from typing import Any
 import pytest
 
 from fieldchat.device.engine import Engine, Opened, Publication
+from fieldchat.device.grants import make_grant
 from fieldchat.device.identity import Identity
-from fieldchat.schemas import Grant, GrantMode, Member, Policy, Roster, TextMessage, Topics
+from fieldchat.schemas import (
+    Bundle,
+    ChainGrant,
+    Grant,
+    GrantMode,
+    Member,
+    Policy,
+    Roster,
+    TextMessage,
+    Topics,
+)
 from fieldchat.schemas.envelope import EnvelopeKind, header_bytes
-from fieldchat.schemas.errors import FieldchatError
+from fieldchat.schemas.errors import FieldchatError, NotAMember
 from fieldchat.schemas.roster import is_roster
 from tests.device.test_chain_ends import forge_as
+from tests.web._stack import NO_MLKEM
 
 pytestmark = pytest.mark.chromium
 TOPICS = Topics()
@@ -35,6 +49,7 @@ class WebPeer:
         made = page.evaluate("async () => (await import('/_tests/peer.js')).create()")
         self.pid: str = made["pid"]
         self.bundle = bytes.fromhex(made["bundle"])
+        self.post_quantum: bool = made["postQuantum"]
 
     def call(self, name: str, arg: Any = None) -> Any:
         return self.page.evaluate(f"async (a) => globalThis.peer.{name}(a)", arg)
@@ -72,6 +87,16 @@ def page(browser, stack):
     page.close()
 
 
+@pytest.fixture
+def page_without_mlkem(browser, stack):
+    """A page whose WebCrypto has no ML-KEM (an older browser): the fallback."""
+    page = browser.new_page()
+    page.add_init_script(NO_MLKEM)
+    page.goto(f"{stack.base}/_tests/harness.html")
+    yield page
+    page.close()
+
+
 def text(opened: Opened | None) -> str:
     assert opened is not None
     assert isinstance(opened.message, TextMessage)
@@ -91,20 +116,32 @@ def route(pubs: list[Publication], engines: dict[str, Engine], web: WebPeer) -> 
 
 
 def test_python_founds_and_both_sides_talk(page):
+    """Hybrid both ways: the browser publishes an ML-KEM-768 key (WebCrypto), Python's
+    grant to it is hybrid and the browser opens it; the browser's grant to Python is
+    hybrid and Python opens it. The default policy (require post-quantum) admits it."""
     web = WebPeer(page)
+    assert web.post_quantum
+    assert Bundle.from_bytes(web.bundle).post_quantum
+    assert web.call("kemKey") == {
+        "type": "private",
+        "extractable": False,
+        "algorithm": "ML-KEM-768",
+    }
     device = Engine(Identity.generate())
     device.learn_bundle(web.bundle)
     assert web.learn(device.identity.bundle.to_bytes()) == "new"
     cid, pubs = device.create_conversation([web.pid])
     roster = Roster.from_bytes(pubs[0].payload)
-    assert [m.pq for m in roster.members] == [True, False]  # the roster shows who is PQ
+    assert roster.policy.require_pq  # the default
+    assert [m.pq for m in roster.members] == [True, True]  # the roster shows who is PQ
     grant_to_web = next(p for p in pubs if p.topic == TOPICS.inbox(web.pid))
-    assert Grant.from_bytes(grant_to_web.payload).mode is GrantMode.X25519
+    assert Grant.from_bytes(grant_to_web.payload).mode is GrantMode.HYBRID
     web_grants = web.roster(roster.to_bytes())
     assert len(web_grants) == 1
-    assert web.call("grantMode", web_grants[0]["data"]) == GrantMode.X25519
+    assert web.call("grantMode", web_grants[0]["data"]) == GrantMode.HYBRID
+    assert Grant.from_bytes(bytes.fromhex(web_grants[0]["data"])).kem_ciphertext is not None
     assert web.grant(grant_to_web.payload) == {"installed": True, "needsRoster": False}
-    # Python accepts the browser's X25519-only grant: the roster says it has no ML-KEM.
+    # Python opens the browser's hybrid grant (ML-KEM-768 decapsulation included).
     assert device.handle_grant(bytes.fromhex(web_grants[0]["data"])).installed
 
     for i in range(3):
@@ -153,7 +190,7 @@ def test_the_browser_accepts_a_gap_request_and_goes_on(page):
 
 def test_browser_founds_removes_and_the_removed_cannot_read(page):
     web = WebPeer(page)
-    alice, bob = Engine(Identity.generate()), Engine(Identity.generate(post_quantum=False))
+    alice, bob = Engine(Identity.generate()), Engine(Identity.generate())
     engines = {alice.pid: alice, bob.pid: bob}
     for e in engines.values():
         e.learn_bundle(web.bundle)
@@ -165,7 +202,7 @@ def test_browser_founds_removes_and_the_removed_cannot_read(page):
     cid = made["cid"]
     published = made["publications"]
     roster0 = bytes.fromhex(published[0]["data"])
-    assert [m.pq for m in Roster.from_bytes(roster0).members] == [False, True, False]
+    assert [m.pq for m in Roster.from_bytes(roster0).members] == [True, True, True]
     for e in engines.values():
         route(e.handle_roster(roster0), engines, web)
     for p in published[1:]:
@@ -269,7 +306,7 @@ def forged_epoch_1(roster0: Roster, signer: Identity, browser: str, outsider: st
         prev=roster0.digest(),
         members=(
             *roster0.members,
-            Member(pid=browser, admin=False, pq=False),
+            Member(pid=browser, admin=False, pq=True),
             Member(pid=outsider, admin=False, pq=True),
         ),
         policy=roster0.policy,
@@ -419,3 +456,87 @@ def test_an_honest_unsigned_sender_far_ahead_is_held_then_opened(page):
             shown.append(web.open(cid, held.pop(s))["text"])
     assert sorted(shown) == [f"after {i}" for i in range(6)]
     assert web.call("counters")["unsigned_jump"] == 3
+
+
+def test_the_browser_refuses_an_x25519_only_grant_from_a_post_quantum_member(page):
+    """A downgrade: Alice (ML-KEM) seals a grant to the browser by X25519 only, as if it
+    had no ML-KEM key. Its roster marks Alice post-quantum, so the browser refuses it."""
+    web = WebPeer(page)
+    alice = Engine(Identity.generate())
+    introduce(web, alice)
+    cid = found(alice, [], web)
+    roster = alice.roster(cid)
+    payload = ChainGrant(
+        epoch=0, roster=roster.digest(), sender=0, chain=7, step=0, key=b"\x07" * 32
+    )
+    x_only = Bundle.from_bytes(web.bundle).model_copy(update={"mlkem768": None})
+    downgraded = make_grant(alice.identity, x_only, cid, payload)
+    assert downgraded.mode is GrantMode.X25519
+    assert web.inbox(downgraded.to_bytes()) == {"error": "grant"}
+
+
+def test_a_browser_without_mlkem_is_x25519_only_and_the_policy_decides(page_without_mlkem):
+    """The fallback: WebCrypto without ML-KEM. The browser's bundle has no ML-KEM key; the
+    default policy (require post-quantum) keeps it out of conversations, its own and
+    Python's; a conversation whose admin turned the requirement off works X25519 only,
+    both ways, and the roster says so."""
+    web = WebPeer(page_without_mlkem)
+    assert not web.post_quantum
+    assert not Bundle.from_bytes(web.bundle).post_quantum
+    assert web.call("mlkem") is False
+    device = Engine(Identity.generate())
+    introduce(web, device)
+
+    with pytest.raises(NotAMember):  # Python's admin, default policy
+        device.create_conversation([web.pid])
+    refused = web.call("tryCreate", [device.pid])  # the browser's own, default policy
+    assert refused["error"] == "not_member"
+    assert "ML-KEM" in refused["message"]
+    assert web.call("conversations") == []
+
+    cid, pubs = device.create_conversation([web.pid], policy=Policy(require_pq=False))
+    roster = Roster.from_bytes(pubs[0].payload)
+    assert [m.pq for m in roster.members] == [True, False]
+    grant_to_web = next(p for p in pubs if p.topic == TOPICS.inbox(web.pid))
+    assert Grant.from_bytes(grant_to_web.payload).mode is GrantMode.X25519
+    web_grants = web.roster(roster.to_bytes())
+    assert [web.call("grantMode", g["data"]) for g in web_grants] == [GrantMode.X25519]
+    assert web.grant(grant_to_web.payload)["installed"]
+    assert device.handle_grant(bytes.fromhex(web_grants[0]["data"])).installed
+    assert (
+        web.open(cid, device.seal(cid, TextMessage(sent_at=1, text="x25519 only")))["text"]
+        == "x25519 only"
+    )
+    assert text(device.open(cid, web.seal(cid, "back, x25519 only"))) == "back, x25519 only"
+
+
+def test_the_browser_keeps_an_epoch_that_requires_post_quantum_hybrid(page):
+    """An admin's roster requires post-quantum members yet lists one without ML-KEM. The
+    browser enforces the policy too: it grants that member nothing (owed) and refuses
+    an X25519-only grant from it."""
+    web = WebPeer(page)
+    alice, old = Engine(Identity.generate()), Engine(Identity.generate(post_quantum=False))
+    introduce(web, alice, old)
+    cid = found(alice, [], web)
+    roster0 = alice.roster(cid)
+    roster1 = Roster.create(
+        cid=cid,
+        epoch=1,
+        nonce=b"",
+        prev=roster0.digest(),
+        members=(*roster0.members, Member(pid=old.pid, admin=False, pq=False)),
+        policy=roster0.policy,
+        issued_at=roster0.issued_at,
+        signer_key=alice.identity.public,
+        sign=alice.identity.sign,
+    )
+    assert roster1.policy.require_pq
+    grants = web.roster(roster1.to_bytes())
+    assert [g["recipient"] for g in grants] == [alice.pid]  # none to the X25519-only member
+    assert web.call("counters").get("grant", 0) == 0
+    payload = ChainGrant(
+        epoch=1, roster=roster1.digest(), sender=2, chain=0, step=0, key=b"\x05" * 32
+    )
+    x_only = Bundle.from_bytes(web.bundle).model_copy(update={"mlkem768": None})
+    grant = make_grant(old.identity, x_only, cid, payload)
+    assert web.inbox(grant.to_bytes()) == {"error": "grant"}

@@ -61,13 +61,14 @@ def test_page_is_small_and_makes_no_third_party_request(stack, browser):
 
 
 def test_fingerprints_and_key_change_warning(stack, browser):
-    # kim: a participant whose X25519 key changes (same Ed25519 key, so the same pid)
-    seed = bytes(range(32))
+    # kim: a participant whose X25519 key changes (same Ed25519 key, so the same pid;
+    # an ML-KEM key, as the default policy admits only post-quantum members)
+    seed, kem = bytes(range(32)), b"\x03" * 64
     first = Identity(
-        ed25519_seed=seed, x25519_private=b"\x01" * 32, mlkem_seed=None, created_at=1_000
+        ed25519_seed=seed, x25519_private=b"\x01" * 32, mlkem_seed=kem, created_at=1_000
     )
     second = Identity(
-        ed25519_seed=seed, x25519_private=b"\x02" * 32, mlkem_seed=None, created_at=2_000
+        ed25519_seed=seed, x25519_private=b"\x02" * 32, mlkem_seed=kem, created_at=2_000
     )
     assert first.pid == second.pid
     with httpx.Client(base_url=stack.base, timeout=20) as kim:

@@ -34,6 +34,11 @@ def test_every_vector_check_ran(results):
     assert len(names) >= 30
     assert any(n.startswith("identity web") for n in names)
     assert any("X25519 grant" in n for n in names)
+    # Post-quantum browsers (PROTOCOL.md §2.1, §5.3): ML-KEM-768 keys from the seed, the
+    # hybrid grant and the hybrid KEM in both modes, with the same bytes as Python.
+    assert any(n.startswith("identity web_pq") for n in names)
+    assert any("opens Python's hybrid grant" in n for n in names)
+    assert sum(n.startswith("hybrid KEM ") for n in names) == len(VECTORS["hybrid_kem"])
     # The rules of issue 13 a browser must share with Python (PROTOCOL.md §5.2, §5.3, §8).
     assert sum(n.startswith("roster chain:") for n in names) == len(VECTORS["roster_chain"]) + 3
     assert any(n.startswith("chain grant: ends") for n in names)

@@ -558,11 +558,13 @@ async function publishStatus(text) {
 
 // -- conversations: create, invite, remove -----------------------------------------------------
 
-async function createConversation(pids) {
+// `requirePq` (the default): every member must have an ML-KEM-768 key (PROTOCOL.md §5.2).
+async function createConversation(pids, { requirePq = true } = {}) {
   for (const pid of pids) {
     if (!(await learnBundle(pid))) throw new Error(`No participant ${pid} is known to the gateway.`);
   }
-  const { cid, publications } = await S.engine.createConversation(pids);
+  const policy = { signEvery: 1, compress: false, pad: false, requirePq };
+  const { cid, publications } = await S.engine.createConversation(pids, { policy });
   const c = conv(cid);
   c.members = [S.engine.pid, ...pids];
   c.historyDone = true; // nothing before its first roster

@@ -48,13 +48,18 @@ export class Bundles extends Map {
     await this.store.put(`verified/${pid}`, true);
   }
 
-  // The roster entries of `pids` (§5.1), from their bundles; `self` (this browser: no
-  // ML-KEM) needs none.
+  // The roster entries of `pids` (§5.1), from their bundles; `self` ({pid, postQuantum}:
+  // this browser) needs none. A policy that requires post-quantum members admits none
+  // without an ML-KEM key, this browser included.
   members(self, pids, admins, policy) {
     return [...new Set(pids)].map((pid) => {
-      const bundle = pid === self ? { postQuantum: false } : this.get(pid);
+      const bundle = pid === self.pid ? { postQuantum: !!self.postQuantum } : this.get(pid);
       if (!bundle) throw protocolError("unknown_participant", `no bundle known for ${pid}: fetch it first`);
-      if (policy.requirePq && !bundle.postQuantum) throw protocolError("not_member", `${pid} has no ML-KEM key`);
+      if (policy.requirePq && !bundle.postQuantum) {
+        throw protocolError("not_member", pid === self.pid
+          ? "this browser has no ML-KEM-768 key and the policy requires post-quantum members"
+          : `${pid} has no ML-KEM key and the policy requires one`);
+      }
       return { pid, admin: admins.has(pid), pq: bundle.postQuantum };
     });
   }

@@ -6,6 +6,9 @@ import { CryptoError, concat } from "./bytes.js";
 const subtle = globalThis.crypto.subtle;
 const ED = { name: "Ed25519" };
 const X = { name: "X25519" };
+const MLKEM = { name: "ML-KEM-768" };
+export const MLKEM_PUBLIC_BYTES = 1184;
+export const MLKEM_CIPHERTEXT_BYTES = 1088;
 
 export const randomBytes = (n) => globalThis.crypto.getRandomValues(new Uint8Array(n));
 
@@ -102,12 +105,109 @@ export async function rawPublic(key) {
   return new Uint8Array(await subtle.exportKey("raw", key));
 }
 
-// Key pairs made in this browser: the private halves are not extractable.
+// ML-KEM-768 (FIPS 203) -------------------------------------------------------------------
+// WebCrypto's, where the browser has it ("Modern Algorithms in the Web Cryptography API":
+// generateKey / encapsulateBits / decapsulateBits, "raw-public" and "raw-seed" formats).
+
+let mlkemProbe = null;
+// Whether this browser can make and use ML-KEM-768 keys (asked once per page).
+export function mlkemSupported() {
+  mlkemProbe ??= (async () => {
+    if (typeof subtle.encapsulateBits !== "function" || typeof subtle.decapsulateBits !== "function") return false;
+    try {
+      await subtle.generateKey(MLKEM, false, ["encapsulateBits", "decapsulateBits"]);
+      return true;
+    } catch {
+      return false;
+    }
+  })();
+  return mlkemProbe;
+}
+
+async function mlkemPair(privateKey, publicKey) {
+  return { kPrivate: privateKey, kPublic: new Uint8Array(await subtle.exportKey("raw-public", publicKey)) };
+}
+
+async function generateMlkem() {
+  const pair = await subtle.generateKey(MLKEM, false, ["encapsulateBits", "decapsulateBits"]);
+  return mlkemPair(pair.privateKey, pair.publicKey);
+}
+
+// The ML-KEM-768 key of a 64-byte seed d || z (PROTOCOL.md §2.1), private half not extractable.
+export async function importMlkemSeed(seed) {
+  const privateKey = await subtle.importKey("raw-seed", seed, MLKEM, false, ["decapsulateBits"]);
+  return mlkemPair(privateKey, await subtle.getPublicKey(privateKey, ["encapsulateBits"]));
+}
+
+async function mlkemEncapsulate(publicRaw) {
+  let key;
+  try {
+    key = await subtle.importKey("raw-public", publicRaw, MLKEM, false, ["encapsulateBits"]);
+  } catch {
+    throw new CryptoError("weak_key"); // the modulus check of FIPS 203 §7.2
+  }
+  const out = await subtle.encapsulateBits(MLKEM, key);
+  return { shared: new Uint8Array(out.sharedKey), ciphertext: new Uint8Array(out.ciphertext) };
+}
+
+async function mlkemDecapsulate(privateKey, ciphertext) {
+  if (ciphertext.length !== MLKEM_CIPHERTEXT_BYTES) throw new CryptoError();
+  try {
+    return new Uint8Array(await subtle.decapsulateBits(MLKEM, privateKey, ciphertext));
+  } catch {
+    throw new CryptoError();
+  }
+}
+
+// The hybrid KEM (PROTOCOL.md §5.3; schemas/crypto.py hybrid_seal / hybrid_open) ---------------
+
+const HYBRID_LABEL = new TextEncoder().encode("fieldchat hybrid v1");
+
+// key, nonce and th from both secrets and everything they depend on: th = SHA-256(mode ||
+// ephemeral || kem_ct || x25519_pub || mlkem_pub || context), mode 0x01 hybrid, 0x02 X25519.
+async function hybridKeys(shared, ephemeral, kemCiphertext, x25519Public, mlkem768Public, context) {
+  const hybrid = kemCiphertext !== null;
+  const th = await sha256(concat(Uint8Array.of(hybrid ? 1 : 2), ephemeral, kemCiphertext ?? new Uint8Array(0),
+                                 x25519Public, hybrid ? mlkem768Public : new Uint8Array(0), context));
+  const okm = await hkdf(shared, HYBRID_LABEL, th, 44);
+  return { key: okm.subarray(0, 32), nonce: okm.subarray(32), th };
+}
+
+// Seal `plaintext` to a recipient's X25519 and (when given) ML-KEM-768 public keys, bound to
+// `context`: hybrid when `mlkem768Public` is given, X25519 only when it is null.
+export async function hybridSeal({ x25519Public, mlkem768Public = null, context, plaintext, ephemeral = null }) {
+  const eph = ephemeral ?? await generateEphemeral();
+  let shared = await x25519(eph.privateKey, x25519Public);
+  let kemCiphertext = null;
+  if (mlkem768Public) {
+    const kem = await mlkemEncapsulate(mlkem768Public);
+    shared = concat(shared, kem.shared);
+    kemCiphertext = kem.ciphertext;
+  }
+  const { key, nonce, th } = await hybridKeys(shared, eph.publicRaw, kemCiphertext, x25519Public, mlkem768Public, context);
+  return { ephemeral: eph.publicRaw, kemCiphertext, sealed: await aeadSeal(key, nonce, plaintext, th) };
+}
+
+// Open what hybridSeal made for our keys (`keys`: xPrivate, xPublic, kPrivate, kPublic; the
+// public halves too, as the combiner binds them). A hybrid message needs our ML-KEM key.
+export async function hybridOpen(keys, { ephemeral, kemCiphertext = null, sealed }, context) {
+  let shared = await x25519(keys.xPrivate, ephemeral);
+  if (kemCiphertext !== null) {
+    if (!keys.kPrivate || !keys.kPublic) throw new CryptoError();
+    shared = concat(shared, await mlkemDecapsulate(keys.kPrivate, kemCiphertext));
+  }
+  const { key, nonce, th } = await hybridKeys(shared, ephemeral, kemCiphertext, keys.xPublic, keys.kPublic, context);
+  return aeadOpen(key, nonce, sealed, th);
+}
+
+// Key pairs made in this browser: the private halves are not extractable. ML-KEM-768 where
+// the browser has it (kPrivate, kPublic), else null: the bundle then says X25519 only.
 export async function generateIdentityKeys() {
   const ed = await subtle.generateKey(ED, false, ["sign", "verify"]);
   const x = await subtle.generateKey(X, false, ["deriveBits"]);
+  const kem = await mlkemSupported() ? await generateMlkem() : { kPrivate: null, kPublic: null };
   return { edPrivate: ed.privateKey, edPublic: await rawPublic(ed.publicKey),
-           xPrivate: x.privateKey, xPublic: await rawPublic(x.publicKey) };
+           xPrivate: x.privateKey, xPublic: await rawPublic(x.publicKey), ...kem };
 }
 
 export async function generateEphemeral() {

@@ -1,8 +1,10 @@
 // The end-to-end engine of a browser participant (device/engine.py in Python; PROTOCOL.md
 // §5-§7): conversations, rosters, grants, sending and receiving chains. Pure: no network;
 // state goes to an injected store (IndexedDB in the page, memory in the vector checks).
-// The browser has no ML-KEM: its bundle says so, the grants it receives and makes are
-// X25519-only, and rosters mark it as not post-quantum protected.
+// Where WebCrypto has ML-KEM-768 the identity has a key (`postQuantum`): it gets and makes
+// hybrid grants and refuses X25519-only ones from post-quantum members (a downgrade).
+// Where it has none the bundle says so, its grants are X25519 only, rosters mark it, and
+// a conversation that requires post-quantum members (the default policy) cannot list it.
 //
 // Trust in rosters (§5.2): a roster is adopted only through a verified chain, from epoch 0
 // when joining and from the newest adopted roster (the tip) when catching up; one that
@@ -21,19 +23,21 @@ import {
   MARK_EVERY, MAX_FORWARD_JUMP, MAX_SKIPPED_KEYS, MAX_UNSIGNED_JUMP, RecvChain,
 } from "./chains.js";
 import { KEEP_EPOCHS, MAX_ROSTER_CANDIDATES, Conversation, loadConversations } from "./conversation.js";
-import { aeadSeal, chainStep, ed25519Sign, ed25519Verify, randomBytes, stepNonce } from "./crypto.js";
+import {
+  aeadSeal, chainStep, ed25519Sign, ed25519Verify, hybridOpen, hybridSeal, mlkemSupported, randomBytes, stepNonce,
+} from "./crypto.js";
 import { acceptGrant, makeGrant, payGrants } from "./grants.js";
 import { generateIdentity, identityFromSeed, signRoster } from "./identity.js";
 import { MemoryStore } from "./store.js";
 import {
-  FLAG, MSG, cidFor, decodeBundle, decodeGrant, decodePlaintext, decodeRoster, encodePlaintext,
+  FLAG, GRANT_MODE, MSG, cidFor, decodeBundle, decodeGrant, decodePlaintext, decodeRoster, encodePlaintext,
   envelopeHeader, fingerprint, isAdmin, isRoster, readHeader, verifyRosterChain,
 } from "./wire.js";
 
 // This module is the browser participant's whole API (tests/web/pages import it).
 export {
   CryptoError, KEEP_EPOCHS, MARK_EVERY, MAX_FORWARD_JUMP, MAX_ROSTER_CANDIDATES, MAX_SKIPPED_KEYS, MAX_UNSIGNED_JUMP,
-  MemoryStore, acceptGrant, generateIdentity, identityFromSeed, makeGrant,
+  MemoryStore, acceptGrant, generateIdentity, hybridOpen, hybridSeal, identityFromSeed, makeGrant, mlkemSupported,
 };
 export const MAX_PENDING_GRANTS = 256; // grants held per conversation until its epoch is entered
 // Conversations known only from held rosters or grants, or rosters not listing us; past
@@ -85,6 +89,11 @@ export class Engine {
 
   get bundle() { return this.identity.bundle; }
 
+  // Whether this identity has an ML-KEM-768 key (hybrid grants) or is X25519 only.
+  get postQuantum() { return !!this.identity.kPublic; }
+
+  get _self() { return { pid: this.pid, postQuantum: this.postQuantum }; }
+
   // -- bundles ------------------------------------------------------------------------------
 
   // Trust on first use; a newer bundle with other keys is accepted and reported loudly.
@@ -130,12 +139,13 @@ export class Engine {
   // c/{cid}/roster once it chains (§5.2); a participant never writes that topic itself.
   createConversation(members = [], { policy = null } = {}) {
     return this._locked(async () => {
-      const pol = policy ?? { signEvery: 1, compress: false, pad: false, requirePq: false };
+      // Default policy (PROTOCOL.md §5.2): every envelope signed, post-quantum members only.
+      const pol = policy ?? { signEvery: 1, compress: false, pad: false, requirePq: true };
       const nonce = randomBytes(16);
       const cid = await cidFor(this.pid, nonce);
       const roster = await signRoster(this.identity, {
         cid, epoch: 0, nonce, prev: new Uint8Array(0), policy: pol,
-        members: this.bundles.members(this.pid, [this.pid, ...members], new Set([this.pid]), pol),
+        members: this.bundles.members(this._self, [this.pid, ...members], new Set([this.pid]), pol),
         issuedAt: Math.floor(Date.now() / 1000),
       });
       await verifyRosterChain(roster, null);
@@ -179,7 +189,7 @@ export class Engine {
     if (![...admins].some((a) => pids.includes(a))) admins = new Set([pids.includes(this.pid) ? this.pid : pids[0]]);
     const roster = await signRoster(this.identity, {
       cid: conv.cid, epoch: current.epoch + 1, nonce: new Uint8Array(0), prev: current.digest,
-      members: this.bundles.members(this.pid, pids, admins, policy), policy, issuedAt: Math.floor(Date.now() / 1000),
+      members: this.bundles.members(this._self, pids, admins, policy), policy, issuedAt: Math.floor(Date.now() / 1000),
     });
     await verifyRosterChain(roster, current);
     const earlier = [...conv.rosters.keys()].sort((a, b) => a - b).map((e) => conv.rosters.get(e).bytes);
@@ -298,6 +308,15 @@ export class Engine {
 
   async _handleGrant(data) {
     const grant = await decodeGrant(data);
+    // We publish an ML-KEM key: an X25519-only grant is right only from a member without
+    // one (a browser lacking ML-KEM); from a post-quantum member it is a downgrade.
+    // Checked before opening against our newest roster, after it against the grant's own.
+    const downgrade = (roster) => this.postQuantum && grant.mode !== GRANT_MODE.hybrid &&
+      !!roster?.members.find((m) => m.pid === grant.granter)?.pq;
+    const known = this.convs.get(grant.cid);
+    if (known && known.epoch >= 0 && downgrade(known.rosters.get(known.epoch))) {
+      throw rejected("grant", "X25519-only grant to a post-quantum member (downgrade)");
+    }
     const payload = await acceptGrant(this.identity, grant);
     let conv = this.convs.get(grant.cid);
     if (!conv || conv.epoch < 0 || payload.epoch > conv.epoch) {
@@ -315,6 +334,10 @@ export class Engine {
     if (!member) throw rejected("grant", "grant for a sender index outside the roster");
     if (member.pid !== grant.granter || member.pid === this.pid) throw rejected("grant", "grant signed by someone other than the chain's member");
     if (!roster.pids.includes(this.pid)) throw rejected("grant", "grant for an epoch we are not a member of");
+    if (downgrade(roster)) throw rejected("grant", "X25519-only grant to a post-quantum member (downgrade)");
+    if (grant.mode !== GRANT_MODE.hybrid && roster.policy.requirePq) {
+      throw rejected("grant", "X25519-only grant in an epoch that requires post-quantum");
+    }
     const key = `${payload.epoch}/${payload.sender}/${payload.chain}`;
     let installed = false;
     if (conv.recv.has(key)) this.count("duplicate");

@@ -1,41 +1,33 @@
-// Grants (device/grants.py; PROTOCOL.md §5.3): a chain grant sealed to one member's
-// bundle, X25519 only (the browser has no ML-KEM), and opened with our X25519 key.
+// Grants (device/grants.py; PROTOCOL.md §5.3): a chain grant sealed to one member's bundle
+// with the hybrid KEM (crypto.js hybridSeal: X25519 + ML-KEM-768 when the recipient has
+// ML-KEM and so does this browser, X25519 only otherwise), and opened with our keys.
 
-import { concat, protocolError, utf8 } from "./bytes.js";
+import { concat, protocolError } from "./bytes.js";
 import { KEEP_EPOCHS } from "./conversation.js";
-import { aeadOpen, aeadSeal, ed25519Sign, generateEphemeral, hkdf, sha256, x25519 } from "./crypto.js";
-import { GRANT_MODE, chainGrantBytes, decodeChainGrant, grantBody, grantHeader } from "./wire.js";
+import { ed25519Sign, hybridOpen, hybridSeal } from "./crypto.js";
+import { GRANT_MODE, chainGrantBytes, decodeChainGrant, grantBody, grantContext } from "./wire.js";
 
-const GRANT_SALT = utf8("fieldchat grant v1");
-
-async function grantTranscript(mode, cid, granterKey, recipientPid, ephemeral, kem, x25519Pub, mlkem) {
-  return sha256(concat(grantHeader(mode, cid, granterKey, recipientPid, ephemeral, kem),
-                       x25519Pub, mlkem ?? new Uint8Array(0)));
-}
-
-// Seal `payload` to `recipient` (a decoded bundle), X25519 only. The transcript still
-// names the recipient's ML-KEM key when it has one, as Python's does.
+// Seal `payload` to `recipient` (a decoded bundle): hybrid when it has an ML-KEM key and we
+// can encapsulate (our identity has one, so this browser has WebCrypto ML-KEM).
 export async function makeGrant(identity, recipient, cid, payload, ephemeral = null) {
-  const eph = ephemeral ?? await generateEphemeral();
-  const shared = await x25519(eph.privateKey, recipient.x25519);
-  const mode = GRANT_MODE.x25519;
-  const th = await grantTranscript(mode, cid, identity.edPublic, recipient.pid, eph.publicRaw, null,
-                                   recipient.x25519, recipient.mlkem768);
-  const okm = await hkdf(shared, GRANT_SALT, th, 44);
-  const sealed = await aeadSeal(okm.subarray(0, 32), okm.subarray(32), chainGrantBytes(payload), th);
+  const hybrid = !!recipient.mlkem768 && !!identity.kPublic;
+  const mode = hybrid ? GRANT_MODE.hybrid : GRANT_MODE.x25519;
+  const out = await hybridSeal({
+    x25519Public: recipient.x25519, mlkem768Public: hybrid ? recipient.mlkem768 : null,
+    context: grantContext(mode, cid, identity.edPublic, recipient.pid), plaintext: chainGrantBytes(payload), ephemeral,
+  });
   const body = grantBody({ mode, cid, granterKey: identity.edPublic, recipient: recipient.pid,
-                           ephemeral: eph.publicRaw, kemCiphertext: null, sealed });
+                           ephemeral: out.ephemeral, kemCiphertext: out.kemCiphertext, sealed: out.sealed });
   return concat(body, await ed25519Sign(identity.edPrivate, body));
 }
 
 export async function acceptGrant(identity, grant) {
   if (grant.recipient !== identity.pid) throw protocolError("grant", "grant addressed to another participant");
-  if (grant.mode !== GRANT_MODE.x25519) throw protocolError("grant", "hybrid grant but this participant has no ML-KEM key");
-  const shared = await x25519(identity.xPrivate, grant.ephemeral);
-  const th = await grantTranscript(grant.mode, grant.cid, grant.granterKey, identity.pid,
-                                   grant.ephemeral, null, identity.xPublic, null);
-  const okm = await hkdf(shared, GRANT_SALT, th, 44);
-  return decodeChainGrant(await aeadOpen(okm.subarray(0, 32), okm.subarray(32), grant.sealed, th));
+  if (grant.mode === GRANT_MODE.hybrid && !identity.kPrivate) {
+    throw protocolError("grant", "hybrid grant but this participant has no ML-KEM key");
+  }
+  const plaintext = await hybridOpen(identity, grant, grantContext(grant.mode, grant.cid, grant.granterKey, grant.recipient));
+  return decodeChainGrant(plaintext);
 }
 
 // Our grants of the conversation's current epoch owed to members whose bundles we have
@@ -53,6 +45,9 @@ export async function payGrants(identity, bundles, conv) {
   for (const pid of [...conv.owed].sort()) {
     const bundle = bundles.get(pid);
     if (!bundle) continue;
+    // Every grant of an epoch that requires post-quantum members is hybrid (§5.2): a
+    // member without ML-KEM, or this browser without it, stays owed.
+    if (roster.policy.requirePq && !(bundle.mlkem768 && identity.kPublic)) continue;
     out.push({ kind: "grant", recipient: pid, data: await makeGrant(identity, bundle, conv.cid, payload) });
     conv.owed.delete(pid);
   }

@@ -62,6 +62,20 @@ async function login(register) {
   }
 }
 
+// Whether keys reach us post-quantum (PROTOCOL.md §2.1): with WebCrypto ML-KEM-768 the
+// identity has a key and grants are hybrid; without it, X25519 only, and conversations that
+// require post-quantum members (the default) cannot include this browser.
+function showKem() {
+  const pq = S.engine.postQuantum;
+  $("me-kem").className = pq ? "kem pq" : "kem x25519";
+  $("me-kem").textContent = pq
+    ? "Post-quantum: keys reach you by X25519 + ML-KEM-768."
+    : "X25519 only: this browser has no ML-KEM-768, so keys reach you without post-quantum " +
+      "protection, and conversations that require post-quantum members cannot include you.";
+  $("new-require-pq").checked = pq;
+  $("new-require-pq").disabled = !pq;
+}
+
 async function start(account) {
   await openSession(account);
   $("login").hidden = true;
@@ -69,6 +83,7 @@ async function start(account) {
   $("me-name").textContent = account.username;
   $("me-pid").textContent = S.engine.pid;
   $("me-fp").textContent = await S.engine.fingerprintOf(S.engine.pid);
+  showKem();
   connect();
   renderList();
 }
@@ -267,7 +282,7 @@ function bindUi() {
     if (!pids.every(isValidId)) { alertIn("new-members", "Participant ids are 26 letters a-z and digits 2-7."); return; }
     serial(async () => {
       try {
-        const cid = await createConversation(pids);
+        const cid = await createConversation(pids, { requirePq: $("new-require-pq").checked });
         renderList();
         await openConversation(cid);
         $("new-members").value = "";

@@ -147,8 +147,10 @@ export async function verifyRosterChain(next, prev) {
 
 // Grants (§5.3) ----------------------------------------------------------------------------
 
-export function grantHeader(mode, cid, granterKey, recipient, ephemeral, kem) {
-  return pack([mode, cid, granterKey, recipient, ephemeral, kem ?? null]);
+// What the hybrid KEM binds a grant's key to (schemas.grant.Grant.context): its mode, the
+// conversation, the granter and the recipient; the combiner adds the keys.
+export function grantContext(mode, cid, granterKey, recipient) {
+  return pack([mode, cid, granterKey, recipient]);
 }
 
 export function grantBody(g) {

@@ -7,7 +7,7 @@ import { decodeGrant } from "/js/wire.js";
 
 const pubs = (list) => list.map((p) => ({ kind: p.kind, recipient: p.recipient ?? null, data: hex(p.data) }));
 const refusal = (err) => ({ error: err.reason ?? err.name });
-const policyOf = (p) => (p ? { signEvery: p.sign_every, compress: false, pad: false, requirePq: false } : null);
+const policyOf = (p) => (p ? { signEvery: p.sign_every ?? 1, compress: false, pad: false, requirePq: p.require_pq ?? true } : null);
 
 export async function create() {
   const engine = await Engine.open(new MemoryStore());
@@ -16,6 +16,7 @@ export async function create() {
     engine,
     pid: engine.pid,
     bundle: hex(engine.bundle),
+    postQuantum: engine.postQuantum,
     learnBundle: async (h) => (await engine.learnBundle(fromHex(h))).status,
     handleRoster: async (h) => pubs(await engine.handleRoster(fromHex(h))),
     // {publications} or {error: reason}: a refused or held roster is an answer here.
@@ -33,6 +34,12 @@ export async function create() {
         return r.roster ? { publications: pubs(r.publications) } : { installed: r.installed, ends: r.ends };
       } catch (err) { return refusal(err); }
     },
+    mlkem: async () => (await import("/js/crypto.js")).mlkemSupported(),
+    // The identity's ML-KEM private key: a CryptoKey whose bytes script cannot read.
+    kemKey: async () => {
+      const k = engine.identity.kPrivate;
+      return k ? { type: k.type, extractable: k.extractable, algorithm: k.algorithm.name } : null;
+    },
     grantMode: async (h) => (await decodeGrant(fromHex(h))).mode,
     create: async (members) => {
       const { cid, publications } = await engine.createConversation(members);
@@ -41,6 +48,13 @@ export async function create() {
     createWith: async ([members, policy]) => {
       const { cid, publications } = await engine.createConversation(members, { policy: policyOf(policy) });
       return { cid, publications: pubs(publications) };
+    },
+    // {cid, publications} or {error: reason}: the default policy may refuse the members.
+    tryCreate: async (members) => {
+      try {
+        const { cid, publications } = await engine.createConversation(members);
+        return { cid, publications: pubs(publications) };
+      } catch (err) { return { ...refusal(err), message: err.message }; }
     },
     conversations: async () => engine.conversations(),
     counters: async () => ({ ...engine.counters }),
@@ -63,5 +77,5 @@ export async function create() {
     },
   };
   globalThis.peer = peer;
-  return { pid: peer.pid, bundle: peer.bundle };
+  return { pid: peer.pid, bundle: peer.bundle, postQuantum: peer.postQuantum };
 }

@@ -2,7 +2,9 @@
 // Returns one {name, ok, detail} per check; the Python test asserts them all.
 
 import * as bytes from "/js/bytes.js";
-import { chainStep, importPrivate, publicOfPrivate, stepNonce } from "/js/crypto.js";
+import {
+  chainStep, hybridOpen, hybridSeal, importMlkemSeed, importPrivate, mlkemSupported, publicOfPrivate, sha256, stepNonce,
+} from "/js/crypto.js";
 import * as engineModule from "/js/engine.js";
 import { Engine, MemoryStore, acceptGrant, identityFromSeed, makeGrant } from "/js/engine.js";
 import { pack, unpack } from "/js/msgpack.js";
@@ -39,12 +41,22 @@ export async function check(v) {
       return equal(again, fromHex(id.bundle)) || "re-encoded bundle differs";
     });
     await run(`identity ${id.name}: keys derived from the seed`, async () => {
-      const okm = await (await import("/js/crypto.js")).hkdf(fromHex(id.seed), null, bytes.utf8("fieldchat identity v1"), 64);
+      const okm = await (await import("/js/crypto.js")).hkdf(fromHex(id.seed), null, bytes.utf8("fieldchat identity v1"), 128);
       const ed = await publicOfPrivate("ed25519", okm.slice(0, 32));
       const x = await publicOfPrivate("x25519", okm.slice(32, 64));
-      return (hex(ed) === id.ed25519_public && hex(x) === id.x25519_public) || "derived keys differ";
+      if (hex(ed) !== id.ed25519_public || hex(x) !== id.x25519_public) return "derived keys differ";
+      if (!id.post_quantum) return true;
+      const kem = await importMlkemSeed(okm.slice(64, 128)); // WebCrypto "raw-seed" (d || z)
+      return hex(await sha256(kem.kPublic)) === id.mlkem768_public_sha256 || "ML-KEM-768 key differs";
     });
   }
+  await run("ML-KEM-768: this browser has it in WebCrypto", async () => (await mlkemSupported()) || "no ML-KEM-768");
+  await run("identity web_pq: the browser rebuilds the exact bundle, ML-KEM-768 key included", async () => {
+    const web = v.identities.find((i) => i.name === "web_pq");
+    const ident = await identityFromSeed(fromHex(web.seed), CLOCK, { postQuantum: true });
+    if (!ident.postQuantum || ident.kPrivate.extractable) return "ML-KEM key missing or extractable";
+    return (ident.pid === web.pid && hex(ident.bundle) === web.bundle) || "bundle differs";
+  });
   await run("identity web: the browser rebuilds the exact bundle from the seed", async () => {
     const web = v.identities.find((i) => i.name === "web");
     const ident = await identityFromSeed(fromHex(web.seed), CLOCK);
@@ -232,7 +244,7 @@ export async function check(v) {
     ];
     return results.every((r) => r === true) || JSON.stringify(results);
   });
-  await run("hybrid grant: signature verifies; the browser (no ML-KEM) cannot be its recipient", async () => {
+  await run("hybrid grant: signature verifies; a browser without ML-KEM cannot be its recipient", async () => {
     const h = v.grants.find((g) => g.mode === "hybrid");
     const grant = await wire.decodeGrant(fromHex(h.grant));
     if (grant.mode !== wire.GRANT_MODE.hybrid || grant.kemCiphertext.length !== 1088) return "mode";
@@ -240,6 +252,31 @@ export async function check(v) {
     const web = await identityFromSeed(fromHex(webVec.seed), CLOCK);
     return expectError(() => acceptGrant(web, { ...grant, recipient: web.pid }), bytes.ProtocolError, "grant");
   });
+  await run("hybrid grant: the browser with ML-KEM-768 (web_pq) opens Python's hybrid grant", async () => {
+    const h = v.grants.find((g) => g.mode === "hybrid" && g.recipient === "web_pq");
+    const webVec = v.identities.find((i) => i.name === "web_pq");
+    const web = await identityFromSeed(fromHex(webVec.seed), CLOCK, { postQuantum: true });
+    const payload = await acceptGrant(web, await wire.decodeGrant(fromHex(h.grant)));
+    return equal(wire.chainGrantBytes(payload), fromHex(h.payload)) || "payload";
+  });
+  for (const hk of v.hybrid_kem) {
+    await run(`hybrid KEM ${hk.name}: opens to the plaintext, not under another context`, async () => {
+      const me = await identityFromSeed(fromHex(hk.recipient_seed), CLOCK, { postQuantum: hk.mode === "hybrid" });
+      const message = { ephemeral: fromHex(hk.ephemeral), sealed: fromHex(hk.sealed),
+                        kemCiphertext: hk.kem_ciphertext ? fromHex(hk.kem_ciphertext) : null };
+      const opened = await hybridOpen(me, message, fromHex(hk.context));
+      if (hex(opened) !== hk.plaintext) return "plaintext";
+      const wrong = await expectError(() => hybridOpen(me, message, bytes.utf8("another context")), bytes.CryptoError);
+      if (wrong !== true) return `another context: ${wrong}`;
+      if (!hk.deterministic) return true;
+      // X25519 only: fully deterministic, so the browser seals the same bytes.
+      const eph = { privateKey: await importPrivate("x25519", fromHex(hk.ephemeral_private)),
+                    publicRaw: await publicOfPrivate("x25519", fromHex(hk.ephemeral_private)) };
+      const made = await hybridSeal({ x25519Public: fromHex(hk.x25519_public), context: fromHex(hk.context),
+                                     plaintext: fromHex(hk.plaintext), ephemeral: eph });
+      return (hex(made.ephemeral) === hk.ephemeral && hex(made.sealed) === hk.sealed) || "re-sealed bytes differ";
+    });
+  }
 
   // Refusals: each is a typed error, never a crash or a wrong plaintext.
   const signedEnv = fromHex(v.envelopes[0].envelope);
