@@ -38,7 +38,7 @@ from fieldchat.schemas.errors import (
     Refused,
     TransportError,
 )
-from fieldchat.schemas.exits import ExitCode, epilog, for_kind
+from fieldchat.schemas.exits import ExitCode, epilog
 from fieldchat.schemas.signals import Interrupts
 
 if TYPE_CHECKING:
@@ -494,11 +494,13 @@ def conv_create(
     json_out: JsonOut = False,
 ) -> None:
     """Create a conversation (you are its admin) and print its id."""
-    if (daemon := _daemon()) is not None:
-        params = {"members": members or [], "compress": compress, "sign_every": sign_every}
-        params |= {"low_bandwidth": low_bandwidth, "require_pq": require_pq, "timeout": timeout}
-        remote.conv_create(daemon, params, json_out=json_out)
-        return
+    with _errors():
+        if (daemon := _daemon()) is not None:
+            params = {"members": members or [], "compress": compress, "sign_every": sign_every}
+            params |= {"low_bandwidth": low_bandwidth, "require_pq": require_pq}
+            params |= {"timeout": timeout}
+            remote.conv_create(daemon, params, json_out=json_out)
+            return
     with _errors(), _connected(timeout) as device:
         from fieldchat.device.config import low_bandwidth_policy  # noqa: PLC0415 - loaded
         from fieldchat.schemas import Policy  # noqa: PLC0415
@@ -516,9 +518,10 @@ def conv_create(
 @conv_app.command("invite", epilog=ONLINE)
 def conv_invite(cid: str, pids: list[str], timeout: Timeout = 10.0) -> None:
     """Add members to a conversation (admins only)."""
-    if (daemon := _daemon()) is not None:
-        remote.conv_change(daemon, "invite", {"cid": cid, "pids": pids, "timeout": timeout})
-        return
+    with _errors():
+        if (daemon := _daemon()) is not None:
+            remote.conv_change(daemon, "invite", {"cid": cid, "pids": pids, "timeout": timeout})
+            return
     with _errors(), _connected(timeout) as device:
         device.invite(cid, pids, timeout=timeout)
         _finish(device, timeout)
@@ -527,9 +530,10 @@ def conv_invite(cid: str, pids: list[str], timeout: Timeout = 10.0) -> None:
 @conv_app.command("remove", epilog=ONLINE)
 def conv_remove(cid: str, pids: list[str], timeout: Timeout = 10.0) -> None:
     """Remove members; everyone left re-keys (admins only)."""
-    if (daemon := _daemon()) is not None:
-        remote.conv_change(daemon, "remove", {"cid": cid, "pids": pids})
-        return
+    with _errors():
+        if (daemon := _daemon()) is not None:
+            remote.conv_change(daemon, "remove", {"cid": cid, "pids": pids})
+            return
     with _errors(), _connected(timeout) as device:
         device.remove(cid, pids)
         _finish(device, timeout)
@@ -538,9 +542,10 @@ def conv_remove(cid: str, pids: list[str], timeout: Timeout = 10.0) -> None:
 @conv_app.command("leave", epilog=ONLINE)
 def conv_leave(cid: str, timeout: Timeout = 10.0) -> None:
     """Leave a conversation."""
-    if (daemon := _daemon()) is not None:
-        remote.conv_change(daemon, "leave", {"cid": cid})
-        return
+    with _errors():
+        if (daemon := _daemon()) is not None:
+            remote.conv_change(daemon, "leave", {"cid": cid})
+            return
     with _errors(), _connected(timeout) as device:
         device.leave(cid)
         _finish(device, timeout)
@@ -641,14 +646,13 @@ def send(
     refused: list[PublishRefused] = []
     with _errors():
         if (daemon := _daemon()) is not None:
-            if acks:
-                raise ConfigError(
-                    "--acks needs the members' receipts, which the device daemon does not "
-                    "report: use --wait (the broker has it); nothing was sent"
-                )
-            remote.send(daemon, cid, text)
-            if wait:
-                _drained_through_daemon(timeout)
+            if not (wait or acks):
+                remote.send(daemon, cid, text)
+                return
+            from fieldchat.device.remote_wait import send_and_wait  # noqa: PLC0415
+
+            batches = [[text]] if text is not None and text != "-" else _stdin_batches()
+            send_and_wait(daemon, cid, batches, timeout=timeout, acks=acks)
             return
         _options.load()
         from fieldchat.device.cli_output import refusal_line  # noqa: PLC0415 - loaded
@@ -670,37 +674,6 @@ def send(
         typer.echo(kept.line(waited=wanted.broker), err=True)
         if wanted.broker:
             raise typer.Exit(NOT_YET)
-
-
-def _drained_through_daemon(timeout: float) -> None:
-    """``send --wait`` through the daemon: it delivers; wait until its outbox is empty
-    (the message sent included), else say it is kept and exit 75."""
-    daemon = _daemon()
-    if daemon is None:
-        typer.echo(
-            "fieldchat device: not delivered yet: the device daemon stopped; the message "
-            "is kept in the outbox, do not send it again",
-            err=True,
-        )
-        raise typer.Exit(NOT_YET)
-    from fieldchat.device.control_client import DaemonError  # noqa: PLC0415 - stdlib only
-
-    try:
-        with daemon:
-            drained = daemon.call("drain", {"timeout": timeout})
-    except DaemonError as exc:
-        typer.echo(f"error: {exc}; the message is kept in the outbox", err=True)
-        raise typer.Exit(for_kind(exc.kind)) from None
-    except ConnectionError:  # it stopped: the message is in the state file
-        drained = {"drained": False, "outbox": "its"}
-    if not drained["drained"]:
-        typer.echo(
-            f"fieldchat device: not delivered yet: {drained['outbox']} publication(s) kept in "
-            f"the outbox (not taken by the broker within {timeout:g} s); the device daemon "
-            "sends them; do not send them again",
-            err=True,
-        )
-        raise typer.Exit(NOT_YET)
 
 
 def _check_acks(device: Device, cid: str, acks: int) -> None:

@@ -1,7 +1,7 @@
 """The device daemon's methods: the JSON-RPC method table over one running
 :class:`~fieldchat.device.client.Device`, and the one mapping of its events to JSON.
 
-:func:`methods` builds the table :class:`~fieldchat.device.rpc.Dispatcher` serves (and
+:meth:`Control.methods` builds the table :class:`~fieldchat.device.rpc.Dispatcher` serves (and
 docs/device-rpc.openrpc.json describes; a test keeps the two equal). Each handler
 gets the checked params and the caller's :class:`Caller` (its subscription, whether
 it authenticated). Handlers run on the daemon's worker threads, never on its event
@@ -14,11 +14,14 @@ still delivers it when it runs again.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hmac
 import sys
 import tempfile
 import threading
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,10 +41,12 @@ from fieldchat.device.events import (
     Removed,
 )
 from fieldchat.device.idempotency import MAX_KEY_LENGTH
+from fieldchat.device.rows import ReceivedRow
 from fieldchat.device.rpc import APP_CODES, SERVER_ERROR, Method, Param, RpcError, openrpc
 from fieldchat.schemas import Policy
-from fieldchat.schemas.errors import ConfigError
+from fieldchat.schemas.errors import ConfigError, UnknownParticipant
 from fieldchat.schemas.messages import MAX_TEXT_BYTES
+from fieldchat.schemas.roster import MAX_SIGN_EVERY
 
 __all__ = [
     "EVENTS",
@@ -57,6 +62,8 @@ __all__ = [
 LISTEN_CURSOR = "listen_cursor"  # meta key shared with the standalone ``listen``
 MAX_TIMEOUT_S = 120.0  # the longest a method waits (bundles, the outbox)
 MAX_ROWS = 1_000  # messages returned by one call
+MAX_REPLY_CHARS = 1_000_000  # text in one reply of messages (≤ 6 MB as JSON escapes)
+WAIT_SLICE_S = 0.5  # a waiting method checks whether the daemon stops this often
 NOTIFICATION = "event"  # the method name of every notification
 # What a subscription streams: every event type of the device (docs/device.md, Events).
 EVENTS = (
@@ -106,12 +113,23 @@ _PIDS = Param("pids", "string[]", "Participant ids.", max_length=256)
 _TIMEOUT = Param(
     "timeout",
     "number",
-    "Seconds to wait for the broker (bundles, the outbox); default 10.",
+    "Seconds to wait for the broker (bundles, the outbox); default 10, at most 120.",
     required=False,
     minimum=0,
 )
 _ROWS = {"type": "array", "items": {"type": "object"}}
 _EMPTY: dict[str, Any] = {"type": "object"}
+
+
+def _bounded(rows: list[ReceivedRow]) -> list[ReceivedRow]:
+    """The first rows whose texts add up to at most :data:`MAX_REPLY_CHARS` (at least
+    one): a reply stays a few megabytes, however long the texts."""
+    total = 0
+    for i, row in enumerate(rows):
+        total += len(row.text or "")
+        if total > MAX_REPLY_CHARS and i:
+            return rows[:i]
+    return rows
 
 
 def _timeout(params: dict[str, Any]) -> float:
@@ -123,7 +141,37 @@ class Control:
 
     def __init__(self, device: Device) -> None:
         self.device = device
+        self.stopping = False  # set by the daemon: waiting methods end within a slice
         self._cursor_lock = threading.Lock()
+
+    def _wait(self, done: Callable[[], bool], timeout: float) -> bool:
+        """Wait until ``done()`` holds, in slices of :data:`WAIT_SLICE_S`, so a
+        daemon that stops is never held by a long timeout; whether it holds."""
+        end = time.monotonic() + timeout
+        while not done():
+            left = end - time.monotonic()
+            if left <= 0 or self.stopping:
+                return False
+            self.device.wait_for(done, min(left, WAIT_SLICE_S))
+        return True
+
+    def _fetch(self, pids: Sequence[str], timeout: float) -> None:
+        """Learn the bundles of ``pids`` first, in slices (the device's own fetch
+        then finds them).
+
+        Raises:
+            UnknownParticipant: one did not arrive in time.
+        """
+        engine = self.device.engine
+        with contextlib.suppress(UnknownParticipant):
+            self.device.fetch_bundles(pids, 0.0)  # asks for them (subscribes)
+        if self._wait(lambda: all(engine.bundle_of(p) for p in pids), timeout):
+            return
+        absent = next(p for p in pids if engine.bundle_of(p) is None)
+        raise UnknownParticipant(
+            f"no bundle for {absent} within {timeout:g} s: has that device "
+            f"connected to this broker once?"
+        )
 
     # -- authentication and subscriptions ---------------------------------------------
 
@@ -160,8 +208,7 @@ class Control:
 
     def verify(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:  # noqa: ARG002
         pid, fingerprint = params["pid"], params.get("fingerprint")
-        if self.device.engine.bundle_of(pid) is None:
-            self.device.fetch_bundles([pid], _timeout(params))
+        self._fetch([pid], _timeout(params))
         known = self.device.fingerprint(pid)
         ok = self.device.verify(pid, fingerprint) if fingerprint else None
         return {"pid": pid, "fingerprint": known, "verified": ok}
@@ -182,8 +229,31 @@ class Control:
         }
 
     def drain(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:  # noqa: ARG002
-        drained = self.device.wait_drained(_timeout(params))
+        drained = self._wait(lambda: not self.device.state.outbox_count(), _timeout(params))
         return {"drained": drained, "outbox": self.device.state.outbox_count()}
+
+    def delivery(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:  # noqa: ARG002
+        """Wait until the broker acknowledged the ``ids`` (``send`` results) and, with
+        ``acks``, that many members receipted each; where they are at the end."""
+        ids, acks = list(dict.fromkeys(params["ids"])), params.get("acks", 0)
+        state = self.device.state
+        known = {row.id for row in state.sent_rows(ids)}
+        if len(known) != len(ids):
+            missing = next(i for i in ids if i not in known)
+            raise ConfigError(f"no message {missing} was sent from this device")
+        progress = {"published": 0, "acknowledged": 0}
+
+        def done() -> bool:
+            rows = state.sent_rows(ids)
+            published = [row for row in rows if row.published_at is not None]
+            progress["published"] = len(published)
+            progress["acknowledged"] = sum(
+                len(state.receipted_by(r.cid, r.epoch, r.chain, r.step)) >= acks for r in published
+            )
+            return progress["acknowledged"] == len(ids)
+
+        delivered = self._wait(done, _timeout(params))
+        return {"delivered": delivered, **progress, "messages": len(ids)}
 
     def outbox(self, params: dict[str, Any], caller: Caller) -> list[dict[str, Any]]:  # noqa: ARG002
         return [
@@ -237,13 +307,15 @@ class Control:
             )
         # Post-quantum members only unless told otherwise (PROTOCOL.md §5.2).
         policy = policy.model_copy(update={"require_pq": params.get("require_pq", True)})
-        cid = self.device.create_conversation(
-            params.get("members", []), policy=policy, timeout=_timeout(params)
-        )
+        members = params.get("members", [])
+        self._fetch(members, _timeout(params))
+        cid = self.device.create_conversation(members, policy=policy, timeout=0.0)
         return {"cid": cid}
 
     def invite(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:  # noqa: ARG002
-        self.device.invite(params["cid"], params["pids"], timeout=_timeout(params))
+        self.device.engine.roster(params["cid"])  # an unknown conversation says so first
+        self._fetch(params["pids"], _timeout(params))
+        self.device.invite(params["cid"], params["pids"], timeout=0.0)
         return {"cid": params["cid"], "epoch": self.device.engine.roster(params["cid"]).epoch}
 
     def remove(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:  # noqa: ARG002
@@ -263,7 +335,7 @@ class Control:
             after_id=params.get("after_id", 0),
             limit=min(params.get("limit", MAX_ROWS), MAX_ROWS),
         )
-        return [row.to_json() for row in rows]
+        return [row.to_json() for row in _bounded(rows)]
 
     def take(self, params: dict[str, Any], caller: Caller) -> list[dict[str, Any]]:  # noqa: ARG002
         """Rows past the shared listen cursor, which moves past them first: each
@@ -274,7 +346,7 @@ class Control:
         state = self.device.state
         with self._cursor_lock, state.transaction():
             cursor = int(state.get_meta(LISTEN_CURSOR) or 0)
-            rows = state.received(cid, after_id=cursor, limit=limit)
+            rows = _bounded(state.received(cid, after_id=cursor, limit=limit))
             if rows:
                 state.set_meta({LISTEN_CURSOR: str(rows[-1].id)})
         return [row.to_json() for row in rows]
@@ -307,7 +379,15 @@ class Control:
                 (
                     Param("members", "string[]", "Pids to invite.", False, 256),
                     Param("compress", "boolean", "Compress plaintexts.", False),
-                    Param("sign_every", "integer", "Sign every Nth envelope.", False, None, 0),
+                    Param(
+                        "sign_every",
+                        "integer",
+                        "Sign every Nth envelope (0: none).",
+                        False,
+                        None,
+                        0,
+                        MAX_SIGN_EVERY,
+                    ),
                     Param("low_bandwidth", "boolean", "Compressed, one signature in 32.", False),
                     Param(
                         "require_pq",
@@ -337,6 +417,18 @@ class Control:
             ),
             Method("conversations", "Every known conversation.", (), self.conversations, _ROWS),
             Method(
+                "delivery",
+                "Wait until the broker acknowledged these sent messages (and, with acks, "
+                "that many members receipted each), or the timeout.",
+                (
+                    Param("ids", "integer[]", "The id of each send's result.", max_length=1024),
+                    Param("acks", "integer", "Delivery receipts wanted.", False, None, 0, 1024),
+                    _TIMEOUT,
+                ),
+                self.delivery,
+                _EMPTY,
+            ),
+            Method(
                 "drain",
                 "Wait until the broker acknowledged the whole outbox (or the timeout).",
                 (_TIMEOUT,),
@@ -349,7 +441,7 @@ class Control:
                 "(each message is taken once across listeners).",
                 (
                     Param("cid", "string", "Only this conversation.", False, 64),
-                    Param("limit", "integer", "At most this many (≤ 1000).", False, None, 1),
+                    Param("limit", "integer", "At most this many.", False, None, 1, MAX_ROWS),
                 ),
                 self.take,
                 _ROWS,
@@ -380,8 +472,8 @@ class Control:
                 "Stored received messages (no cursor moves).",
                 (
                     Param("cid", "string", "Only this conversation.", False, 64),
-                    Param("after_id", "integer", "Only rows after this id.", False, None, 0),
-                    Param("limit", "integer", "At most this many (≤ 1000).", False, None, 1),
+                    Param("after_id", "integer", "Only rows after this id.", False, None, 0, 2**62),
+                    Param("limit", "integer", "At most this many.", False, None, 1, MAX_ROWS),
                 ),
                 self.messages,
                 _ROWS,

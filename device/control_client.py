@@ -18,6 +18,7 @@ import json
 import os
 import select
 import socket
+import struct
 import time
 from collections import deque
 from pathlib import Path
@@ -31,6 +32,8 @@ __all__ = [
     "ControlClient",
     "DaemonError",
     "DaemonGone",
+    "NotOurDaemon",
+    "peer_uid",
     "socket_path",
     "state_file",
     "token_path",
@@ -72,6 +75,15 @@ def state_file(flag: str | os.PathLike[str] | None, config: Path | None) -> Path
     return DEFAULT_STATE.expanduser()
 
 
+def peer_uid(sock: socket.socket) -> int | None:
+    """The uid of a UNIX socket's peer (SO_PEERCRED, Linux), or ``None`` elsewhere."""
+    option = getattr(socket, "SO_PEERCRED", None)
+    if option is None:
+        return None
+    _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, option, 12))
+    return int(uid)
+
+
 class DaemonError(Exception):
     """An error the daemon answered: JSON-RPC ``code``, ``message``, and ``data``
     (for device errors: ``reason`` and ``kind``: config, transport, protocol, ...)."""
@@ -90,19 +102,36 @@ class DaemonGone(ConnectionError):
     """The daemon closed the connection (it stopped) before answering."""
 
 
+class NotOurDaemon(ConnectionError):
+    """What answers on the socket runs as another user than the state file's owner:
+    not the daemon of this state file (a program listening in its place)."""
+
+
 class ControlClient:
     """One connection to a daemon. Not thread-safe; use one per thread."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(
+        self, sock: socket.socket, path: Path | None = None, owner: int | None = None
+    ) -> None:
+        self.path = path  # the UNIX socket (None over TCP): where to connect again
+        self.owner = owner  # the uid the daemon must run as (connect's check)
         self._sock = sock
-        self._buffer = b""
+        self._buffer = bytearray()
         self._events: deque[dict[str, Any]] = deque()
         self._ids = itertools.count(1)
 
     @classmethod
-    def connect(cls, path: str | os.PathLike[str], *, timeout: float = 2.0) -> ControlClient | None:
+    def connect(
+        cls, path: str | os.PathLike[str], *, owner: int | None = None, timeout: float = 2.0
+    ) -> ControlClient | None:
         """Connect to the daemon at ``path``; ``None`` when none answers there (no
-        socket, or one left by a daemon that was killed)."""
+        socket, or one left by a daemon that was killed).
+
+        Raises:
+            NotOurDaemon: ``owner`` is given and the peer runs as another uid (Linux
+                SO_PEERCRED): in a directory others may write, someone else's program
+                could listen there and read what we send.
+        """
         if len(os.fsencode(path)) > SUN_PATH_MAX:
             return None  # no daemon can listen there (it refuses such a path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -115,8 +144,14 @@ class ControlClient:
         except OSError:
             sock.close()
             raise
+        uid = peer_uid(sock)
+        if owner is not None and uid is not None and uid != owner:
+            sock.close()
+            raise NotOurDaemon(
+                f"{path} is served by uid {uid}, not by the state file's owner (uid {owner})"
+            )
         sock.settimeout(None)
-        return cls(sock)
+        return cls(sock, Path(path), owner)
 
     @classmethod
     def connect_tcp(
@@ -160,22 +195,51 @@ class ControlClient:
         request: dict[str, Any] = {"jsonrpc": "2.0", "id": rid, "method": method}
         if params:
             request["params"] = params
+        message = self._exchange(request)
+        self._raise(message)
+        return message.get("result")
+
+    def call_many(self, method: str, params: list[dict[str, Any]]) -> list[Any]:
+        """Call ``method`` once per params, as one batch (one round trip); the results
+        in order. The daemon runs every call of a batch.
+
+        Raises:
+            DaemonError: the first error the daemon answered (the others ran).
+            DaemonGone: the connection ended first.
+        """
+        ids = [next(self._ids) for _ in params]
+        batch = [
+            {"jsonrpc": "2.0", "id": rid, "method": method, "params": p}
+            for rid, p in zip(ids, params, strict=True)
+        ]
+        message = self._exchange(batch)
+        replies = message.get("batch")
+        if replies is None:  # one error for the whole batch
+            self._raise(message)
+            return []  # pragma: no cover - a batch is answered by a list or an error
+        by_id = {r.get("id"): r for r in replies if isinstance(r, dict)}
+        for rid in ids:
+            self._raise(by_id.get(rid, {"error": {"message": "no reply to a call"}}))
+        return [by_id[rid].get("result") for rid in ids]
+
+    def _exchange(self, request: object) -> dict[str, Any]:
+        """Send one request line; the reply (notifications before it are queued).
+        Replies come in request order and one request is out at a time."""
         self._sock.sendall(json.dumps(request, separators=(",", ":")).encode() + b"\n")
         while True:
             message = self._next(None)
             if message is None:  # pragma: no cover - no timeout given
                 continue
-            if "method" in message:
-                self._events.append(message.get("params") or {})
-                continue
-            if message.get("id") != rid and message.get("id") is not None:
-                continue  # not ours (cannot happen: one call at a time)
-            error = message.get("error")
-            if error is not None:
-                raise DaemonError(
-                    int(error.get("code", 0)), str(error.get("message")), error.get("data")
-                )
-            return message.get("result")
+            if "method" not in message:
+                return message
+            self._events.append(message.get("params") or {})
+
+    @staticmethod
+    def _raise(message: dict[str, Any]) -> None:
+        error = message.get("error")
+        if error is not None:
+            data = error.get("data")
+            raise DaemonError(int(error.get("code", 0)), str(error.get("message")), data)
 
     def next_event(self, timeout: float | None) -> dict[str, Any] | None:
         """The next ``event`` notification's params, or ``None`` after ``timeout``.
@@ -204,15 +268,18 @@ class ControlClient:
         Raises:
             DaemonGone: the connection ended.
         """
-        while b"\n" not in self._buffer:
+        scanned = 0  # bytes of the buffer known to hold no newline
+        while (end := self._buffer.find(b"\n", scanned)) < 0:
+            scanned = len(self._buffer)
             if timeout is not None and not select.select([self._sock], [], [], timeout)[0]:
                 return None
             chunk = self._sock.recv(65536)
             if not chunk:
                 raise DaemonGone("the daemon closed the connection")
-            self._buffer += chunk
+            self._buffer += chunk  # a bytearray: appending does not copy what is there
             if len(self._buffer) > MAX_LINE:
                 raise DaemonGone("the daemon sent a line longer than the client reads")
-        line, _, self._buffer = self._buffer.partition(b"\n")
+        line = bytes(self._buffer[:end])
+        del self._buffer[: end + 1]
         message = json.loads(line)
-        return message if isinstance(message, dict) else {"result": message}
+        return message if isinstance(message, dict) else {"batch": message}

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import logging
 import os
@@ -38,7 +39,7 @@ from pathlib import Path
 
 from fieldchat.device.client import Device
 from fieldchat.device.control import NOTIFICATION, Caller, Control, event_json
-from fieldchat.device.control_client import SUN_PATH_MAX, socket_path, token_path
+from fieldchat.device.control_client import SUN_PATH_MAX, peer_uid, socket_path, token_path
 from fieldchat.device.events import Event
 from fieldchat.device.rpc import (
     INVALID_REQUEST,
@@ -62,8 +63,10 @@ __all__ = [
 
 log = logging.getLogger("fieldchat.device.daemon")
 
-MAX_CONNECTIONS = 32  # served at once; one more is answered -32000 and closed
+MAX_CONNECTIONS = 32  # served at once per socket; one more is answered -32000 and closed
+AUTH_TIMEOUT_S = 5.0  # a TCP connection that has not authenticated by then is closed
 MAX_QUEUED = 1_000  # lines waiting to be written to one connection (replies, events)
+SEND_TIMEOUT_S = 10.0  # a closing connection's queued lines must leave within this
 WORKERS = 8  # threads running methods (some wait for the broker up to their timeout)
 
 
@@ -94,10 +97,10 @@ def parse_tcp(value: str) -> tuple[str, int]:
 class _Connection:
     """One client: its :class:`Caller` and the bounded queue of lines to write."""
 
-    def __init__(self, caller: Caller, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, caller: Caller, writer: asyncio.StreamWriter, max_queued: int) -> None:
         self.caller = caller
         self.writer = writer
-        self.out: asyncio.Queue[bytes | None] = asyncio.Queue(MAX_QUEUED)
+        self.out: asyncio.Queue[bytes | None] = asyncio.Queue(max_queued)
         self.overflowed = False
 
     def push(self, line: bytes) -> None:
@@ -109,7 +112,7 @@ class _Connection:
         except asyncio.QueueFull:
             self.overflowed = True
             self.caller.subscribed = False
-            log.warning("a subscriber fell %d lines behind: disconnected", MAX_QUEUED)
+            log.warning("a subscriber fell %d lines behind: disconnected", self.out.maxsize)
             self.writer.transport.abort()  # its reader sees the end; nothing more is written
 
     def end(self) -> None:
@@ -125,6 +128,7 @@ class Daemon:
         device: the device, not started.
         tcp: also listen on this loopback ``(host, port)`` (port 0: any free port).
         ready: called with the addresses served once they accept connections.
+        max_queued: lines waiting for one connection before it is dropped.
     """
 
     def __init__(
@@ -133,8 +137,10 @@ class Daemon:
         *,
         tcp: tuple[str, int] | None = None,
         ready: Callable[[list[str]], None] | None = None,
+        max_queued: int = MAX_QUEUED,
     ) -> None:
         self.device = device
+        self.max_queued = max_queued
         self.tcp = tcp
         self.ready = ready
         self.path = socket_path(device.state.path)
@@ -142,8 +148,8 @@ class Daemon:
         self._control = Control(device)
         self._dispatcher = Dispatcher(self._control.methods())
         self._connections: set[_Connection] = set()
+        self._counts = {"unix": 0, "tcp": 0}
         self._pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="fieldchat-rpc")
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._token: str | None = None
         self._inode: int | None = None
 
@@ -153,8 +159,7 @@ class Daemon:
         Raises:
             ConfigError: the state file is in use, the socket path is taken or too long.
         """
-        self._loop = asyncio.get_running_loop()
-        loop = self._loop
+        loop = asyncio.get_running_loop()
 
         def on_event(event: Event) -> None:  # on the device's worker thread
             loop.call_soon_threadsafe(self._broadcast, event)
@@ -168,11 +173,17 @@ class Daemon:
             if self.tcp is not None:
                 self._token = secrets.token_urlsafe(32)
                 _write_private(self.token_file, self._token + "\n")
-                server = await asyncio.start_server(
-                    lambda r, w: self._client(r, w, token=self._token),
-                    *self.tcp,
-                    limit=MAX_LINE,
-                )
+                try:
+                    server = await asyncio.start_server(
+                        lambda r, w: self._client(r, w, token=self._token),
+                        *self.tcp,
+                        limit=MAX_LINE,
+                    )
+                except OSError as exc:
+                    host, port = self.tcp
+                    taken = exc.errno == errno.EADDRINUSE
+                    why = "address already in use" if taken else exc.strerror or str(exc)
+                    raise ConfigError(f"--tcp {host}:{port}: {why}") from exc
                 servers.append(server)
                 host, port = server.sockets[0].getsockname()[:2]
                 served.append(f"tcp {host}:{port}")
@@ -185,8 +196,11 @@ class Daemon:
             for conn in list(self._connections):
                 conn.writer.close()
             self._remove_files()
-            await loop.run_in_executor(self._pool, self.device.close)
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            # Methods that wait (drain, bundles) look at this between slices of their
+            # timeout: every running one ends within a second, then the device closes.
+            self._control.stopping = True
+            await asyncio.to_thread(self._pool.shutdown, wait=True, cancel_futures=True)
+            await asyncio.to_thread(self.device.close)
 
     async def _unix_server(self) -> asyncio.Server:
         path = self.path
@@ -200,11 +214,17 @@ class Daemon:
                 raise ConfigError(f"{path} exists and is not a socket: move it away")
             # The state file's lock (Device.start) is ours: a socket left there is
             # from a daemon that was killed.
-            path.unlink()
+            try:
+                path.unlink()
+            except PermissionError:
+                raise ConfigError(f"{path} belongs to someone else: remove it") from None
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)  # created 0600: no moment where others may connect
         try:
             sock.bind(str(path))
+        except OSError as exc:
+            sock.close()
+            raise ConfigError(f"cannot create the control socket {path}: {exc.strerror}") from exc
         finally:
             os.umask(old)
         os.chmod(path, 0o600)
@@ -225,36 +245,67 @@ class Daemon:
     async def _client(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, token: str | None
     ) -> None:
-        if len(self._connections) >= MAX_CONNECTIONS:
-            log.warning("refused a connection: %d served already", MAX_CONNECTIONS)
-            error = RpcError(SERVER_ERROR, f"too many connections (at most {MAX_CONNECTIONS})")
+        kind = "unix" if token is None else "tcp"
+        refusal = self._refusal(kind, writer)
+        if refusal is not None:
+            log.warning("refused a %s connection: %s", kind, refusal)
             with contextlib.suppress(OSError):
-                writer.write(error_line(error))
+                writer.write(error_line(RpcError(SERVER_ERROR, refusal)))
                 await writer.drain()
-            writer.close()
+            await _close(reader, writer)
             return
-        conn = _Connection(Caller(token=token), writer)
+        conn = _Connection(Caller(token=token), writer, self.max_queued)
         self._connections.add(conn)
+        self._counts[kind] += 1
         sender = asyncio.create_task(self._send(conn, writer))
         try:
             await self._read(conn, reader)
         except (ConnectionError, OSError):
             pass
+        except Exception:  # an entry point: log, and keep serving the others
+            log.exception("a control connection failed")
         finally:
+            self._counts[kind] -= 1
             self._connections.discard(conn)
             conn.caller.subscribed = False
             conn.end()
             if conn.overflowed:
                 sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError, ConnectionError, OSError):
-                await sender
-            writer.close()
+            # What is queued gets SEND_TIMEOUT_S to leave: a client that stopped
+            # reading does not keep this task (and its lines) forever.
+            with contextlib.suppress(
+                TimeoutError, asyncio.CancelledError, ConnectionError, OSError
+            ):
+                await asyncio.wait_for(sender, SEND_TIMEOUT_S)
+            if conn.overflowed:
+                writer.close()  # aborted already
+            else:
+                await _close(reader, writer)
+
+    def _refusal(self, kind: str, writer: asyncio.StreamWriter) -> str | None:
+        """Why a new connection is not served, or ``None``."""
+        if self._counts[kind] >= MAX_CONNECTIONS:
+            return f"too many connections (at most {MAX_CONNECTIONS})"
+        if kind == "unix":
+            # The socket's mode lets only its owner in; the peer's uid says so again,
+            # should the mode have been changed (root may always connect).
+            uid = _peer_uid(writer)
+            if uid is not None and uid not in (os.getuid(), 0):
+                return "not the daemon's user"
+        return None
 
     async def _read(self, conn: _Connection, reader: asyncio.StreamReader) -> None:
         loop = asyncio.get_running_loop()
         while not conn.overflowed and not conn.caller.closing:
             try:
-                line = await reader.readline()
+                if conn.caller.authorized:
+                    line = await reader.readline()
+                else:  # TCP: anyone on this machine may connect; auth comes first, soon
+                    line = await asyncio.wait_for(reader.readline(), AUTH_TIMEOUT_S)
+            except TimeoutError:
+                error = RpcError(SERVER_ERROR, "unauthorized: no auth in time")
+                await conn.out.put(error_line(error))
+                return
             except ValueError:  # asyncio's LimitOverrunError: no newline within the limit
                 error = RpcError(INVALID_REQUEST, f"line longer than {MAX_LINE} bytes")
                 await conn.out.put(error_line(error))
@@ -263,9 +314,12 @@ class Daemon:
                 return  # the client closed
             if not line.strip():
                 continue
-            reply = await loop.run_in_executor(
-                self._pool, self._dispatcher.handle, line, conn.caller
-            )
+            try:
+                reply = await loop.run_in_executor(
+                    self._pool, self._dispatcher.handle, line, conn.caller
+                )
+            except RuntimeError:  # the pool shut down: the daemon is stopping
+                return
             if reply is not None:
                 await conn.out.put(reply)
 
@@ -303,6 +357,30 @@ def run(open_device: Callable[[], Device], *, tcp: str | None = None) -> None:
     except KeyboardInterrupt:  # a signal before until_stopped took them over
         device.close()
     sys.stderr.write("fieldchat device run stopped.\n")
+
+
+LINGER_S = 1.0  # how long a closing connection's unread input is drained
+
+
+async def _close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Close after the client can read what was written: end our side, then drain what
+    it sent for up to :data:`LINGER_S`. Closing a socket with unread input makes the
+    kernel reset the connection, and the client may lose our last line (the error
+    that says why) before reading it."""
+    try:
+        if writer.can_write_eof():
+            writer.write_eof()
+        async with asyncio.timeout(LINGER_S):
+            while await reader.read(65536):
+                pass
+    except (TimeoutError, ValueError, ConnectionError, OSError):
+        pass
+    writer.close()
+
+
+def _peer_uid(writer: asyncio.StreamWriter) -> int | None:
+    sock = writer.get_extra_info("socket")
+    return None if sock is None else peer_uid(sock)
 
 
 def _write_private(path: Path, text: str) -> None:

@@ -20,7 +20,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import typer
 
@@ -28,6 +28,7 @@ from fieldchat.device.control_client import (
     ControlClient,
     DaemonError,
     DaemonGone,
+    NotOurDaemon,
     socket_path,
     state_file,
 )
@@ -41,11 +42,13 @@ __all__ = [
     "daemon_for",
     "listen",
     "outbox",
+    "refusal",
     "send",
     "verify",
     "whoami",
 ]
 
+DAEMON_RESTART_S = 60.0  # listen waits this long for a daemon that stopped to answer again
 _BATCH = 64  # messages taken per call by listen
 
 
@@ -54,12 +57,41 @@ def daemon_for(state: str | os.PathLike[str] | None, config: Path | None) -> Con
     runs: the command runs standalone). ``FIELDCHAT_NO_DAEMON=1`` forces standalone."""
     if os.environ.get("FIELDCHAT_NO_DAEMON") == "1":
         return None
-    return ControlClient.connect(socket_path(state_file(state, config)))
+    path = state_file(state, config)
+    try:
+        owner = path.stat().st_uid
+    except OSError:
+        return None  # no state file, no daemon of it
+    sock = socket_path(path)
+    try:
+        return ControlClient.connect(sock, owner=owner)
+    except OSError as exc:
+        line, code = refusal(exc, sock, owner)
+        typer.echo(line, err=True)
+        raise typer.Exit(code) from None
+
+
+def refusal(exc: OSError, sock: Path, owner: int) -> tuple[str, ExitCode]:
+    """What a command says when connecting to ``sock`` failed with ``exc``, and its
+    exit code (also for ``fieldchat._fast``, which connects without typer)."""
+    if isinstance(exc, NotOurDaemon):
+        return f"error: {exc}: not the device daemon; nothing was sent", ExitCode.USAGE
+    if isinstance(exc, PermissionError):
+        return (
+            f"error: the device daemon at {sock} serves only its user: run this command "
+            f"as the state file's owner (uid {owner})",
+            ExitCode.USAGE,
+        )
+    return (
+        f"error: cannot reach the device daemon at {sock}: {exc.strerror}",
+        ExitCode.UNAVAILABLE,
+    )
 
 
 @contextlib.contextmanager
-def _failures(client: ControlClient) -> Iterator[None]:
-    """The daemon's errors as one line and the standalone commands' exit codes."""
+def _failures(client: ControlClient, *, gone: bool = True) -> Iterator[None]:
+    """The daemon's errors as one line and the standalone commands' exit codes
+    (``gone``: also for a daemon that went away; else that propagates)."""
     try:
         with client:
             yield
@@ -67,6 +99,8 @@ def _failures(client: ControlClient) -> Iterator[None]:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(for_kind(exc.kind)) from None
     except (DaemonGone, ConnectionError) as exc:
+        if not gone:
+            raise DaemonGone(str(exc)) from None
         typer.echo(f"error: the device daemon went away: {exc}", err=True)
         raise typer.Exit(ExitCode.UNAVAILABLE) from None
 
@@ -91,7 +125,7 @@ def verify(client: ControlClient, pid: str, fingerprint: str | None, timeout: fl
     typer.echo(f"{pid}  {out['fingerprint']}")
     if out["verified"] is False:
         typer.echo("error: FINGERPRINTS DIFFER: do not trust this participant", err=True)
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.REFUSED)
     if out["verified"]:
         typer.echo("verified")
 
@@ -140,14 +174,28 @@ def outbox(client: ControlClient, *, json_out: bool) -> None:
 
 
 def send(client: ControlClient, cid: str, text: str | None) -> None:
-    """One text, or stdin's lines (each accepted before the next is read)."""
+    """One text, or stdin's lines: what arrived together goes as one batch request."""
     with _failures(client):
         if text is not None and text != "-":
             client.call("send", {"cid": cid, "text": text})
             return
-        for line in sys.stdin:
-            if line.strip("\n"):
-                client.call("send", {"cid": cid, "text": line.rstrip("\n")})
+        for batch in _line_batches(sys.stdin):
+            client.call_many("send", [{"cid": cid, "text": line} for line in batch])
+
+
+def _line_batches(stream: TextIO, limit: int = 64) -> Iterator[list[str]]:
+    """Non-empty lines of ``stream``: those already readable together, at most ``limit``
+    at a time (a pipe's burst is one request; a person's line goes at once)."""
+    batch: list[str] = []
+    for line in stream:
+        if text := line.rstrip("\n"):
+            batch.append(text)
+        if len(batch) >= limit or not select.select([stream], [], [], 0)[0]:
+            if batch:
+                yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 # -- listen and chat ---------------------------------------------------------------------
@@ -189,13 +237,64 @@ def listen(
     duration: float | None,
 ) -> None:
     """Messages past the shared cursor (each shown once across every listen), then as
-    they arrive; events as notes."""
-    shown = 0
+    they arrive; events as notes. A daemon that restarts (``systemctl restart``) is
+    waited for, up to :data:`DAEMON_RESTART_S`; one that does not come back is exit 3."""
+    shown = [0]
     end = None if duration is None else time.monotonic() + duration
-    with _failures(client):
+    while True:
+        try:
+            _listen(client, cid, json_out=json_out, count=count, end=end, shown=shown)
+        except DaemonGone as exc:
+            again = _reconnect(client, end)
+            if again is None:
+                if end is not None and time.monotonic() >= end:
+                    return  # the duration ran out meanwhile
+                typer.echo(f"error: the device daemon went away: {exc}", err=True)
+                raise typer.Exit(ExitCode.UNAVAILABLE) from None
+            client = again
+        else:
+            return
+
+
+def _reconnect(gone: ControlClient, end: float | None) -> ControlClient | None:
+    """The daemon ``gone`` was connected to, once it answers again, or ``None`` after
+    :data:`DAEMON_RESTART_S` (or at ``end``)."""
+    if gone.path is None:
+        return None
+    typer.echo("-- the device daemon stopped; waiting for it to come back", err=True)
+    give_up = time.monotonic() + DAEMON_RESTART_S
+    if end is not None:
+        give_up = min(give_up, end)
+    while time.monotonic() < give_up:
+        time.sleep(0.2)
+        try:
+            again = ControlClient.connect(gone.path, owner=gone.owner)
+        except NotOurDaemon as exc:
+            typer.echo(f"error: {exc}: not the device daemon", err=True)
+            raise typer.Exit(ExitCode.USAGE) from None
+        if again is not None:
+            return again
+    return None
+
+
+def _listen(
+    client: ControlClient,
+    cid: str | None,
+    *,
+    json_out: bool,
+    count: int | None,
+    end: float | None,
+    shown: list[int],
+) -> None:
+    """:func:`listen` on one connection; ``shown[0]`` counts what was printed.
+
+    Raises:
+        DaemonGone: the daemon stopped.
+    """
+    with _failures(client, gone=False):
         client.call("subscribe", {"cids": [cid]} if cid is not None else {})
-        while count is None or shown < count:
-            limit = _BATCH if count is None else min(_BATCH, count - shown)
+        while count is None or shown[0] < count:
+            limit = _BATCH if count is None else min(_BATCH, count - shown[0])
             params: dict[str, Any] = {"limit": limit}
             if cid is not None:
                 params["cid"] = cid
@@ -203,7 +302,7 @@ def listen(
             for row in rows:
                 _print_message(row, json_out)
             sys.stdout.flush()
-            shown += len(rows)
+            shown[0] += len(rows)
             if rows:
                 continue
             while True:  # until a message may be stored, or the time is up

@@ -82,7 +82,7 @@ APP_CODES: tuple[tuple[type[FieldchatError], int, str], ...] = (
     (FieldchatError, 1000, "error"),
 )
 
-Kind = Literal["string", "integer", "number", "boolean", "string[]", "object"]
+Kind = Literal["string", "integer", "number", "boolean", "string[]", "integer[]", "object"]
 
 
 class RpcError(Exception):
@@ -109,6 +109,21 @@ class RpcError(Exception):
         raise AssertionError("FieldchatError is in APP_CODES")  # pragma: no cover
 
 
+def _integer(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON true is no 1
+
+
+_KIND_CHECKS: dict[str, Callable[[object], bool]] = {
+    "string": lambda v: isinstance(v, str),
+    "integer": _integer,
+    "number": lambda v: _integer(v) or isinstance(v, float),
+    "boolean": lambda v: isinstance(v, bool),
+    "string[]": lambda v: isinstance(v, list) and all(isinstance(i, str) for i in v),
+    "integer[]": lambda v: isinstance(v, list) and all(map(_integer, v)),
+    "object": lambda v: isinstance(v, dict),
+}
+
+
 @dataclass(frozen=True, slots=True)
 class Param:
     """A named parameter: its JSON type, whether required, bounds, and its doc line."""
@@ -119,19 +134,12 @@ class Param:
     required: bool = True
     max_length: int | None = None  # strings: characters; lists: items
     minimum: float | None = None
+    maximum: float | None = None
 
     def check(self, value: object) -> None:
         """Raises:
         RpcError: ``value`` is not of this parameter's type or out of bounds."""
-        ok = {
-            "string": lambda v: isinstance(v, str),
-            "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
-            "number": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
-            "boolean": lambda v: isinstance(v, bool),
-            "string[]": lambda v: isinstance(v, list) and all(isinstance(i, str) for i in v),
-            "object": lambda v: isinstance(v, dict),
-        }[self.kind](value)
-        if not ok:
+        if not _KIND_CHECKS[self.kind](value):
             raise RpcError(INVALID_PARAMS, f"parameter {self.name!r} must be {self.kind}")
         if not all(map(_utf8, value if isinstance(value, list) else [value])):
             raise RpcError(INVALID_PARAMS, f"parameter {self.name!r} is not valid Unicode")
@@ -139,18 +147,21 @@ class Param:
             raise RpcError(INVALID_PARAMS, f"parameter {self.name!r} is too long")
         if self.minimum is not None and value < self.minimum:  # type: ignore[operator]
             raise RpcError(INVALID_PARAMS, f"parameter {self.name!r} is below {self.minimum:g}")
+        if self.maximum is not None and value > self.maximum:  # type: ignore[operator]
+            raise RpcError(INVALID_PARAMS, f"parameter {self.name!r} is above {self.maximum:g}")
 
     def schema(self) -> dict[str, Any]:
         """Its JSON Schema (for the OpenRPC document)."""
+        array = self.kind.endswith("[]")
         out: dict[str, Any] = (
-            {"type": "array", "items": {"type": "string"}}
-            if self.kind == "string[]"
-            else {"type": self.kind}
+            {"type": "array", "items": {"type": self.kind[:-2]}} if array else {"type": self.kind}
         )
         if self.max_length is not None:
-            out["maxItems" if self.kind == "string[]" else "maxLength"] = self.max_length
+            out["maxItems" if array else "maxLength"] = self.max_length
         if self.minimum is not None:
             out["minimum"] = self.minimum
+        if self.maximum is not None:
+            out["maximum"] = self.maximum
         return out
 
 
@@ -218,9 +229,15 @@ def error_line(error: RpcError, request_id: object = None) -> bytes:
     return _dump({"jsonrpc": "2.0", "id": request_id, "error": error.to_json()})
 
 
+def _not_json(constant: str) -> None:
+    """Python's JSON reads NaN and Infinity; JSON has no such numbers (a NaN timeout
+    would never end a wait)."""
+    raise ValueError(f"{constant} is not JSON")
+
+
 def _text(obj: object) -> str:
     # ASCII: a lone surrogate (valid in a JSON string, not in UTF-8) stays escaped.
-    return json.dumps(obj, separators=(",", ":"))
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False)
 
 
 def _dump(obj: object) -> bytes:
@@ -247,7 +264,7 @@ class Dispatcher(Generic[C]):
     def handle(self, line: bytes, context: C) -> bytes | None:
         """The response line to one request line (a request or a batch)."""
         try:
-            message = json.loads(line)
+            message = json.loads(line, parse_constant=_not_json)
         except (UnicodeDecodeError, ValueError, RecursionError):
             return error_line(RpcError(PARSE_ERROR, "parse error: not a JSON line"))
         if isinstance(message, list):

@@ -32,7 +32,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 from fieldchat.device.idempotency import SCHEMA as SENDS_ONCE_SCHEMA
 from fieldchat.device.keystore import SEND_CHAIN_PREFIX, write_records
@@ -224,6 +224,16 @@ class DeviceState(StateFile):
             "SELECT id, cid, epoch, chain, step, text, sent_at, published_at FROM sent "
             "WHERE (? IS NULL OR cid = ?) ORDER BY id LIMIT ?",
             (cid, cid, limit),
+        )
+        return [SentRow(*row) for row in rows]
+
+    def sent_rows(self, ids: Sequence[int]) -> list[SentRow]:
+        """Own messages by their ``sent`` id (those that exist), in id order."""
+        marks = ",".join("?" * len(ids))
+        rows = self._read(
+            "SELECT id, cid, epoch, chain, step, text, sent_at, published_at FROM sent "  # noqa: S608 - placeholders only
+            f"WHERE id IN ({marks}) ORDER BY id",
+            tuple(ids),
         )
         return [SentRow(*row) for row in rows]
 

@@ -52,10 +52,7 @@ def _send_through_daemon(argv: list[str], held: set[int | signal.Signals]) -> No
     from fieldchat.schemas.exits import ExitCode  # noqa: PLC0415
 
     line = _fast.parse_send(argv)
-    try:
-        client = _fast.daemon_for(line) if line is not None else None
-    except OSError:  # a socket we may not use: the full command line says why
-        return
+    client = _fast.daemon_for(line) if line is not None else None
     if line is None or client is None:
         return
     try:

@@ -63,7 +63,15 @@ def parse_send(argv: Sequence[str]) -> SendLine | None:
 
 def daemon_for(line: SendLine) -> ControlClient | None:
     """A connection to the daemon of ``line``'s state file, or ``None`` when none
-    answers there (or ``FIELDCHAT_NO_DAEMON=1``): the command then runs standalone."""
+    answers there (or ``FIELDCHAT_NO_DAEMON=1``): the command then runs standalone.
+    As :func:`fieldchat.device.remote.daemon_for`, only a daemon running as the state
+    file's owner is one.
+
+    Raises:
+        SystemExit: something else answers there (``NotOurDaemon``) or the socket may
+            not be used; one line says so, as the full command line would (nothing was
+            sent).
+    """
     if os.environ.get("FIELDCHAT_NO_DAEMON") == "1":
         return None
     from fieldchat.device.control_client import (  # noqa: PLC0415 - only on this path
@@ -72,8 +80,20 @@ def daemon_for(line: SendLine) -> ControlClient | None:
         state_file,
     )
 
-    config = Path(line.config) if line.config else None
-    return ControlClient.connect(socket_path(state_file(line.state, config)))
+    path = state_file(line.state, Path(line.config) if line.config else None)
+    try:
+        owner = path.stat().st_uid
+    except OSError:
+        return None  # no state file, no daemon of it
+    sock = socket_path(path)
+    try:
+        return ControlClient.connect(sock, owner=owner)
+    except OSError as exc:  # as the full command line says it (it imports typer)
+        from fieldchat.device.remote import refusal  # noqa: PLC0415 - this case only
+
+        said, code = refusal(exc, sock, owner)
+        sys.stderr.write(said + "\n")
+        raise SystemExit(code) from None
 
 
 def send(client: ControlClient, line: SendLine) -> int:

@@ -13,6 +13,16 @@ from fieldchat.device.control_client import ControlClient, socket_path
 from tests.device.conftest import start_cli
 
 
+def reap(proc: subprocess.Popen[str]) -> None:
+    """Kill ``proc`` if it still runs, wait for it and close its pipes."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    for stream in (proc.stdin, proc.stdout, proc.stderr):
+        if stream is not None:
+            stream.close()
+
+
 class Lines:
     """A child's pipe read line by line on a thread, so every wait has a deadline."""
 
@@ -83,14 +93,8 @@ class DaemonProcess:
         return status
 
     def close(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
-            if stream is not None:
-                stream.close()
+        if self.proc is not None:
+            reap(self.proc)
         self.proc = None
 
     def __enter__(self) -> DaemonProcess:

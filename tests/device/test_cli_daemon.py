@@ -1,7 +1,7 @@
 """The device commands as clients of ``fieldchat device run`` (issue 18, items 2 and
 3): ``send CID TEXT`` goes to the daemon without typer and without the device stack
 (fieldchat/_fast.py), with the same output and exit codes as the full command line;
-``--wait`` through the daemon; the commands' path to the daemon loads no
+``--wait`` and ``--acks`` through the daemon; the commands' path to the daemon loads no
 cryptography, paho or asyncio."""
 
 from __future__ import annotations
@@ -82,9 +82,13 @@ def test_send_to_the_daemon_is_lean_and_as_the_full_command_line(
 
         waited = run_cli(["send", cid, "waited", "--wait", "--timeout", "20"], env)
         assert (waited.returncode, waited.stderr) == (0, "")
-        acks = run_cli(["send", cid, "never", "--acks", "1"], env)
-        assert acks.returncode == ExitCode.USAGE
-        assert "nothing was sent" in acks.stderr
+        acked = run_cli(["send", cid, "acknowledged", "--acks", "1", "--timeout", "30"], env)
+        assert (acked.returncode, acked.stderr) == (0, "")  # bob's delivery receipt came
+        piped = run_cli(["send", cid, "--wait"], env, input="piped one\npiped two\n")
+        assert (piped.returncode, piped.stderr) == (0, "")
+        too_many = run_cli(["send", cid, "never", "--acks", "2"], env)
+        assert too_many.returncode == ExitCode.USAGE
+        assert too_many.stderr.strip().endswith("has 1 other member(s); nothing was sent")
 
         mosquitto.stop()
         kept = run_cli(["send", cid, "kept", "--wait", "--timeout", "2"], env)
@@ -94,7 +98,10 @@ def test_send_to_the_daemon_is_lean_and_as_the_full_command_line(
         assert (plain.returncode, plain.stderr) == (0, "")  # accepted: the daemon delivers
         mosquitto.start()
         wait_until(
-            lambda: texts(bob, cid) == ["fast", "waited", "kept", "kept too"],
+            lambda: (
+                texts(bob, cid)
+                == ["fast", "waited", "acknowledged", "piped one", "piped two", "kept", "kept too"]
+            ),
             60,
             "the daemon delivers what it kept, once",
         )

@@ -264,9 +264,9 @@ def test_ctrl_c_during_a_one_shot_command_is_one_line_and_130(
         "fieldchat device: interrupted before it finished.",
     }
     seen = set()
-    # From 0.1 s: before, the interpreter itself may still be starting (site imports),
-    # where no Python code of ours runs yet.
-    for delay in (0.1, 0.2, 0.35, 0.5, 1.0, 2.0):
+    # From 0.3 s, as test_cli_signals: before, on a loaded machine, the interpreter may
+    # still be starting (site imports), where no Python code of ours runs yet.
+    for delay in (0.3, 0.4, 0.6, 1.0, 2.0):
         proc = start_cli(["send", cid, f"at {delay}", "--wait", "--timeout", "60"], env)
         time.sleep(delay)
         proc.send_signal(sig)

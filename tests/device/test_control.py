@@ -21,6 +21,7 @@ from fieldchat.device.control_client import (
 from fieldchat.device.control_client import socket_path, state_file, token_path
 from fieldchat.device.daemon import parse_tcp
 from fieldchat.schemas.errors import ConfigError
+from tests.device.conftest import cli_env, free_port, run_cli
 
 ROOT = Path(__file__).parents[2]
 SCHEMA = ROOT / "docs" / "device-rpc.openrpc.json"
@@ -117,3 +118,17 @@ def test_tcp_on_loopback_only(value: str, address: tuple[str, int]) -> None:
 def test_tcp_elsewhere_is_refused(value: str) -> None:
     with pytest.raises(ConfigError, match="--tcp"):
         parse_tcp(value)
+
+
+def test_a_state_path_too_long_for_a_socket_is_refused_by_run_and_commands_stay_standalone(
+    tmp_path: Path,
+) -> None:
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    env = cli_env(state=str(deep / "pi.db"), broker=f"mqtt://127.0.0.1:{free_port()}")
+    assert run_cli(["init"], env).returncode == 0  # only init makes an identity
+    out = run_cli(["run"], env)
+    assert out.returncode == 2
+    assert "is longer than 107 bytes: move the state file to a shorter path" in out.stderr
+    who = run_cli(["whoami", "--pid"], env)
+    assert who.returncode == 0 and len(who.stdout.strip()) == 26

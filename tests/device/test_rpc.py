@@ -6,6 +6,8 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fieldchat.device.rpc import MAX_BATCH, Dispatcher, Method, Param, RpcError, notification
 from fieldchat.schemas.errors import ConfigError, TransportError, UnknownConversation
@@ -40,7 +42,7 @@ DISPATCH = Dispatcher(
             "",
             (
                 Param("s", "string", "", max_length=5),
-                Param("n", "integer", "", required=False, minimum=0),
+                Param("n", "integer", "", required=False, minimum=0, maximum=9),
                 Param("xs", "string[]", "", required=False),
                 Param("f", "number", "", required=False),
                 Param("b", "boolean", "", required=False),
@@ -100,6 +102,8 @@ def test_notifications_run_and_get_no_answer() -> None:
         (b'{"jsonrpc":"2.0","id":true,"method":"echo"}', -32600),
         (b"[]", -32600),
         (b'{"jsonrpc":"2.0","id":1,"method":"nope"}', -32601),
+        (b'{"jsonrpc":"2.0","id":1,"method":"echo","params":{"s":"a","f":NaN}}', -32700),
+        (b'{"jsonrpc":"2.0","id":1,"method":"echo","params":{"s":"a","f":-Infinity}}', -32700),
     ],
 )
 def test_malformed_lines_get_their_json_rpc_error(line: bytes, code: int) -> None:
@@ -118,6 +122,7 @@ def test_malformed_lines_get_their_json_rpc_error(line: bytes, code: int) -> Non
         ({"s": "a", "n": True}, "parameter 'n' must be integer"),
         ({"s": "a", "n": 1.5}, "parameter 'n' must be integer"),
         ({"s": "a", "n": -1}, "parameter 'n' is below 0"),
+        ({"s": "a", "n": 10}, "parameter 'n' is above 9"),
         ({"s": "a", "xs": ["a", 1]}, "parameter 'xs' must be string[]"),
         ({"s": "a", "f": "1"}, "parameter 'f' must be number"),
         ({"s": "a", "b": 0}, "parameter 'b' must be boolean"),
@@ -195,3 +200,41 @@ def test_notification_lines() -> None:
 def test_two_methods_of_one_name_are_refused() -> None:
     with pytest.raises(ValueError, match="two methods"):
         Dispatcher([Method("a", "", (), _echo), Method("a", "", (), _echo)])
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+_requests = st.fixed_dictionaries(
+    {
+        "jsonrpc": st.sampled_from(["2.0", "1.0", 2]),
+        "method": st.sampled_from(["echo", "fail", "odd", "x", 1]),
+    },
+    optional={"id": _json, "params": _json},
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.one_of(
+        st.binary(max_size=64),
+        _json.map(lambda v: json.dumps(v).encode()),
+        _requests.map(lambda v: json.dumps(v).encode()),
+        st.lists(_requests, max_size=5).map(lambda v: json.dumps(v).encode()),
+    )
+)
+def test_any_line_gets_a_json_rpc_answer_or_none(line: bytes) -> None:
+    reply = DISPATCH.handle(line, [])
+    if reply is None:
+        return
+    assert reply.endswith(b"\n") and reply.count(b"\n") == 1
+    answers = json.loads(reply)
+    for answer in answers if isinstance(answers, list) else [answers]:
+        assert answer["jsonrpc"] == "2.0" and "id" in answer
+        assert ("result" in answer) != ("error" in answer)
+        if "error" in answer:
+            assert isinstance(answer["error"]["code"], int) and answer["error"]["message"]
