@@ -29,6 +29,7 @@ from fieldchat.device.control_client import (
     DaemonError,
     DaemonGone,
     NotOurDaemon,
+    daemon_of,
     socket_path,
     state_file,
 )
@@ -55,31 +56,26 @@ _BATCH = 64  # messages taken per call by listen
 def daemon_for(state: str | os.PathLike[str] | None, config: Path | None) -> ControlClient | None:
     """A connection to the daemon of the command's state file, or ``None`` (none
     runs: the command runs standalone). ``FIELDCHAT_NO_DAEMON=1`` forces standalone."""
-    if os.environ.get("FIELDCHAT_NO_DAEMON") == "1":
-        return None
     path = state_file(state, config)
     try:
-        owner = path.stat().st_uid
-    except OSError:
-        return None  # no state file, no daemon of it
-    sock = socket_path(path)
-    try:
-        return ControlClient.connect(sock, owner=owner)
+        return daemon_of(path)
     except OSError as exc:
-        line, code = refusal(exc, sock, owner)
+        line, code = refusal(exc, path)
         typer.echo(line, err=True)
         raise typer.Exit(code) from None
 
 
-def refusal(exc: OSError, sock: Path, owner: int) -> tuple[str, ExitCode]:
-    """What a command says when connecting to ``sock`` failed with ``exc``, and its
-    exit code (also for ``fieldchat._fast``, which connects without typer)."""
+def refusal(exc: OSError, state: Path) -> tuple[str, ExitCode]:
+    """What a command says when connecting to the daemon of ``state`` failed with
+    ``exc``, and its exit code (also for ``fieldchat._fast``, which connects without
+    typer)."""
+    sock = socket_path(state)
     if isinstance(exc, NotOurDaemon):
         return f"error: {exc}: not the device daemon; nothing was sent", ExitCode.USAGE
     if isinstance(exc, PermissionError):
         return (
             f"error: the device daemon at {sock} serves only its user: run this command "
-            f"as the state file's owner (uid {owner})",
+            f"as the state file's owner (uid {state.stat().st_uid})",
             ExitCode.USAGE,
         )
     return (

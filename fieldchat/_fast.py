@@ -72,26 +72,15 @@ def daemon_for(line: SendLine) -> ControlClient | None:
             not be used; one line says so, as the full command line would (nothing was
             sent).
     """
-    if os.environ.get("FIELDCHAT_NO_DAEMON") == "1":
-        return None
-    from fieldchat.device.control_client import (  # noqa: PLC0415 - only on this path
-        ControlClient,
-        socket_path,
-        state_file,
-    )
+    from fieldchat.device.control_client import daemon_of, state_file  # noqa: PLC0415
 
     path = state_file(line.state, Path(line.config) if line.config else None)
     try:
-        owner = path.stat().st_uid
-    except OSError:
-        return None  # no state file, no daemon of it
-    sock = socket_path(path)
-    try:
-        return ControlClient.connect(sock, owner=owner)
+        return daemon_of(path)
     except OSError as exc:  # as the full command line says it (it imports typer)
         from fieldchat.device.remote import refusal  # noqa: PLC0415 - this case only
 
-        said, code = refusal(exc, sock, owner)
+        said, code = refusal(exc, path)
         sys.stderr.write(said + "\n")
         raise SystemExit(code) from None
 
