@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from fieldchat._command import command_name
 from fieldchat.device import remote
 from fieldchat.schemas.errors import (
     ConfigError,
@@ -411,9 +412,10 @@ def init(
     if registered:
         typer.echo("registered   bundle published; invitations wait for this device")
     if not existed and not settings.credential:
+        fc = command_name()
         typer.echo(
-            f"next: on the broker run `fieldchat broker enroll {pid}`, then "
-            f"`fieldchat device --credential … init` to save the credential"
+            f"next: on the broker run `{fc} broker enroll {pid}`, then "
+            f"`{fc} device --credential … init` to save the credential"
         )
 
 

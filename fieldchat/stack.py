@@ -14,10 +14,7 @@ import asyncio
 import errno
 import json
 import os
-import shlex
-import shutil
 import socket
-import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -27,6 +24,7 @@ import uvicorn
 from fastapi import FastAPI
 from pydantic import SecretStr
 
+from fieldchat._command import command_name
 from fieldchat.broker import BrokerConfig, EmbeddedBroker, PortInUse
 from fieldchat.gateway import GatewayServer, GatewaySettings, create_app, uvicorn_options
 from fieldchat.schemas.errors import ConfigError
@@ -75,26 +73,6 @@ def _gateway_credential(data_dir: Path, broker: EmbeddedBroker) -> tuple[str, st
     with os.fdopen(fd, "w") as out:
         json.dump({"username": username, "credential": credential}, out)
     return username, credential
-
-
-def command_name(cwd: Path | None = None) -> str:
-    """How to call ``fieldchat``: the bare name when it is on the PATH, else the path
-    of the one running, relative when it lies under the current folder
-    (``.venv/bin/fieldchat`` after ``make run`` in the checkout), absolute otherwise:
-    printed commands must run as printed, in another terminal, venv activated or not
-    (the printed ``pi.db`` and ``--data-dir`` are relative to the same folder)."""
-    script = Path(sys.executable).with_name("fieldchat")
-    if not script.exists():
-        return "fieldchat"
-    found = shutil.which("fieldchat")
-    if found is not None and Path(found).resolve() == script.resolve():
-        return "fieldchat"
-    here = (cwd or Path.cwd()).absolute()
-    absolute = script.absolute()
-    if absolute.is_relative_to(here):
-        relative = absolute.relative_to(here)  # a path, never a name looked up on PATH
-        return shlex.quote(str(relative) if relative.parent != Path() else f"./{relative}")
-    return shlex.quote(str(absolute))
 
 
 def _banner(web: str, mqtt: str, data_dir: Path) -> str:

@@ -221,3 +221,11 @@ def test_init_with_a_new_broker_forgets_a_remembered_protocol_level(tmp_path: Pa
         assert saved.get_meta("broker") == "mqtt://127.0.0.1:1884"
     finally:
         saved.close()
+
+
+def test_an_event_line_is_written_for_a_person_not_as_a_python_repr():
+    from fieldchat.device.cli_output import event_line
+    from fieldchat.device.events import Connected
+
+    line = event_line(Connected(protocol="5", session_present=True))
+    assert line == "-- connected: protocol=5 session_present=True"

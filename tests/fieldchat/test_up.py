@@ -144,8 +144,10 @@ def test_the_printed_commands_enroll_a_device_and_send_a_first_message(tmp_path,
         for command in commands[:2]:
             sh(command.replace("pi.db", "peer.db"))
         peer = sh(f"{fc} device --state peer.db whoami --pid").strip()
-        for command in commands[:2]:
-            sh(command)
+        first = sh(commands[0])  # init's own next step runs as printed too
+        hinted = first.split("next: on the broker run `", 1)[1].split(" broker enroll ", 1)[0]
+        assert (cwd / hinted).resolve() == (cwd / fc).resolve(), first  # not a bare name
+        sh(commands[1])
         sh(commands[2].replace("PEER_PID", peer))
         received = sh(f"{fc} device --state peer.db listen --json --count 1 --duration 60")
         assert "hello from the Pi" in received
