@@ -15,12 +15,18 @@ from fieldchat.device.events import (
     Event,
     KeyChanged,
     MessageReceived,
+    PresenceChanged,
     PublishRefused,
     ReceiptReceived,
 )
 from fieldchat.device.rows import ReceivedRow
 
-__all__ = ["note", "print_rows", "refusal_line", "render", "write"]
+__all__ = ["note", "presence_line", "print_rows", "refusal_line", "render", "write"]
+
+
+def presence_line(pid: str, online: bool) -> str:
+    """The note for a member's presence change (``listen``, ``chat``)."""
+    return f"-- {pid[:8]} is {'online' if online else 'offline'}"
 
 
 def refusal_line(refused: Sequence[PublishRefused]) -> str:
@@ -70,5 +76,7 @@ def note(event: Event, json_out: bool) -> None:
             f"fieldchat device verify {event.pid}",
             err=True,
         )
+    elif isinstance(event, PresenceChanged):
+        typer.echo(presence_line(event.pid, event.online), err=True)
     elif not isinstance(event, ReceiptReceived | PublishRefused):  # the latter: logged
         typer.echo(f"-- {event.type}: {event.to_json()}", err=True)

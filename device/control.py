@@ -36,6 +36,7 @@ from fieldchat.device.events import (
     Joined,
     KeyChanged,
     MessageReceived,
+    PresenceChanged,
     PublishRefused,
     ReceiptReceived,
     Removed,
@@ -76,6 +77,7 @@ EVENTS = (
     PublishRefused,
     Connected,
     Disconnected,
+    PresenceChanged,
 )
 
 

@@ -22,6 +22,7 @@ __all__ = [
     "Joined",
     "KeyChanged",
     "MessageReceived",
+    "PresenceChanged",
     "PublishRefused",
     "ReceiptKind",
     "ReceiptReceived",
@@ -42,6 +43,7 @@ class EventType(StrEnum):
     PUBLISH_REFUSED = "publish_refused"
     CONNECTED = "connected"
     DISCONNECTED = "disconnected"
+    PRESENCE = "presence"
     EVENTS_DROPPED = "events_dropped"
 
 
@@ -162,6 +164,19 @@ class Disconnected(_Base):
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class PresenceChanged(_Base):
+    """A member of one of our conversations came online or went offline (its retained
+    status changed; ``offline`` also when its broker published its will). ``at``: when
+    this device learnt it (Unix seconds). Reported once per change, never for
+    ourselves; none while ``LinkOptions.presence`` is off."""
+
+    type: ClassVar[EventType] = EventType.PRESENCE
+    pid: str
+    online: bool
+    at: int
+
+
 Event = (
     MessageReceived
     | ReceiptReceived
@@ -172,6 +187,7 @@ Event = (
     | PublishRefused
     | Connected
     | Disconnected
+    | PresenceChanged
 )
 
 
