@@ -12,7 +12,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from fieldchat.device.client import Device
-from fieldchat.device.config import LinkOptions
+from fieldchat.device.config import DeviceSettings, LinkOptions
 from fieldchat.device.events import PresenceChanged
 from fieldchat.device.presence import MAX_STATUS_BYTES, parse_status
 from fieldchat.schemas.errors import InvalidStatus
@@ -161,6 +161,9 @@ def test_daemon_subscribers_and_listen_get_presence(
     )
     with DaemonProcess(env) as daemon, daemon.client() as client:
         wait_until(lambda: client.call("status")["connected"], 20, "the daemon connects")
+        wait_until(
+            lambda: client.call("presence") == {"presence": {alice.pid: True}}, 20, "alice seen"
+        )
         client.call("subscribe", {"cids": ["bbbbbbbbbbbbbbbbbbbbbbbbbb"]})  # no cid: comes
         listener = start_cli(["listen"], env)
         try:
@@ -177,5 +180,33 @@ def test_daemon_subscribers_and_listen_get_presence(
             assert set(event) == set(schema["properties"])
             while f"-- {alice.pid[:8]} is offline" not in (line := err.next(20)):
                 assert line, "listen ended"
+            assert client.call("presence") == {"presence": {alice.pid: False}}
         finally:
             reap(listener)
+
+
+def test_the_setting_comes_from_toml_and_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "device.toml"
+    config.write_text("presence = false\n")
+    assert DeviceSettings.load(config).link_options().presence is False
+    config.write_text("low_bandwidth = true\n")
+    assert DeviceSettings.load(config).link_options().presence is False
+    monkeypatch.setenv("FIELDCHAT_PRESENCE", "true")  # back on, on a slow link
+    slow = DeviceSettings.load(config).link_options()
+    assert slow.presence is True and slow.keepalive_s == LinkOptions.low_bandwidth().keepalive_s
+    monkeypatch.delenv("FIELDCHAT_PRESENCE")
+    config.write_text("")
+    assert DeviceSettings.load(config).link_options().presence is True
+
+
+def test_standalone_listen_notes_presence(capsys: pytest.CaptureFixture[str]) -> None:
+    from fieldchat.device.cli_output import note
+
+    pid = "kedyblxea2laxupjasojokxc3y"
+    note(PresenceChanged(pid, online=True, at=1), json_out=False)
+    note(PresenceChanged(pid, online=False, at=2), json_out=True)
+    out, err = capsys.readouterr()
+    assert err == "-- kedyblxe is online\n"
+    assert json.loads(out) == {"type": "presence", "pid": pid, "online": False, "at": 2}
