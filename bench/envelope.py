@@ -54,6 +54,36 @@ def median_us(fn: Callable[[], object], rounds: int, batch: int = 50) -> float:
     return statistics.median(samples)
 
 
+def delayed_authentication(message: TextMessage, plain_len: int, rounds: int) -> dict[str, float]:
+    """Delayed authentication (issue 16, item 5; PROTOCOL.md §6.5) with sign_every = 8:
+    the bytes of a covered unsigned envelope and of the signed one covering seven (its
+    cover byte counted), and seal + open per message over whole windows of 8, against
+    the same stream with sign_every = 0 and = 1 timed in the same rounds."""
+    a, b, cid = pair(Policy(sign_every=8))
+    window = [a.seal(cid, message) for _ in range(9)]
+    out: dict[str, float] = {
+        "overhead_covered_unsigned_bytes": len(window[1]) - plain_len,
+        "overhead_covering_signed_bytes": len(window[8]) - plain_len,
+    }
+    for e in window:
+        b.open(cid, e)
+    assert [s.verdict.value for s in b.take_settled()] == ["verified"]
+
+    def stream(a: Engine, b: Engine, cid: str) -> Callable[[], None]:
+        def run() -> None:
+            for _ in range(8):
+                b.open(cid, a.seal(cid, message))
+            b.take_settled()
+
+        return run
+
+    for every in (8, 0, 1):
+        a, b, cid = pair(Policy(sign_every=every))
+        per_window = median_us(stream(a, b, cid), max(5, rounds // 5), batch=10)
+        out[f"seal_open_every{every}_us"] = round(per_window / 8, 2)
+    return out
+
+
 def pair(policy: Policy) -> tuple[Engine, Engine, str]:
     a, b = Engine(Identity.generate()), Engine(Identity.generate())
     a.learn_bundle(b.identity.bundle.to_bytes())
@@ -239,6 +269,7 @@ def main() -> None:
         results[base_key] = round(base_us, 2)
         results[ratio_key] = round(ratio, 3)
     results["aesgcm_cached_key_us"] = round(median_us(bare_aes_cached, rounds), 2)
+    results |= delayed_authentication(message, plain_len, rounds)
 
     granter, recipient = Identity.generate(), Identity.generate()
     payload = ChainGrant(epoch=0, roster=bytes(32), sender=0, chain=0, step=0, key=os.urandom(32))

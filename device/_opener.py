@@ -13,15 +13,18 @@ from concurrent.futures import Executor
 from typing import NamedTuple
 
 from fieldchat.device._conversation import ChainId, Conversations
+from fieldchat.device._coverage import ChainCoverage, Settled, Verdict
 from fieldchat.device._records import Writes, recv_key, recv_record
 from fieldchat.device.keystore import KeyStore
 from fieldchat.schemas import Message, Receipt, decode_plaintext
+from fieldchat.schemas.crypto import aead_decrypt_signed, aead_open
 from fieldchat.schemas.envelope import (
     FLAG_COMPRESSED,
     FLAG_PADDED,
     FLAG_SIGNED,
     EnvelopeKind,
     Header,
+    envelope_digest,
     read_header,
     verify_signature,
 )
@@ -37,7 +40,7 @@ from fieldchat.schemas.errors import (
     UnknownConversation,
 )
 
-__all__ = ["AUTO_FLUSH_OPENS", "Opened", "Opener"]
+__all__ = ["AUTO_FLUSH_OPENS", "Opened", "Opener", "Settlement"]
 
 AUTO_FLUSH_OPENS = 1_000  # receiving-chain state is written at least this often
 _CODED = FLAG_COMPRESSED | FLAG_PADDED
@@ -54,10 +57,46 @@ class Opened(NamedTuple):
     step: int
     message: Message
     signed: bool
+    # Unsigned in a conversation that signs every Nth step: shown as pending until the
+    # sender's next signed envelope covers it (PROTOCOL.md §6.5; a Settlement follows).
+    pending: bool = False
 
     @property
     def dedupe_key(self) -> tuple[str, int, int, int, int]:
         return (self.cid, self.epoch, self.sender_index, self.chain, self.step)
+
+
+class Settlement(NamedTuple):
+    """Pending unsigned messages of one chain that a signed envelope settled (§6.5)."""
+
+    cid: str
+    sender: str
+    epoch: int
+    sender_index: int
+    chain: int
+    steps: tuple[int, ...]
+    verdict: Verdict
+    pinpointed: bool  # forgeries: exactly these steps (else: some of them)
+
+
+class _KeepKey:
+    """An ``Aead`` for RecvChain.open that also keeps the message key it was given."""
+
+    __slots__ = ("key", "signed")
+
+    def __init__(self, *, signed: bool) -> None:
+        self.key = b""
+        self.signed = signed
+
+    def __call__(self, key: bytes, nonce: bytes, sealed: bytes, aad: bytes) -> bytes:
+        self.key = key
+        if self.signed:  # the signature verified these bytes; the tag is checked apart
+            return aead_decrypt_signed(key, nonce, sealed)
+        return aead_open(key, nonce, sealed, aad)
+
+
+def _decrypt_signed(key: bytes, nonce: bytes, sealed: bytes, aad: bytes) -> bytes:  # noqa: ARG001
+    return aead_decrypt_signed(key, nonce, sealed)
 
 
 SignatureJob = tuple[bytes, bytes, bytes]
@@ -101,6 +140,27 @@ class Opener:
         # Envelopes whose signature preverify() checked: bytes -> the signer key it
         # verified under. Replaced per batch, entries dropped as open() uses them.
         self._preverified: dict[bytes, bytes] = {}
+        # Delayed authentication (§6.5): per receiving chain, in memory only.
+        self._coverage: dict[tuple[str, ChainId], ChainCoverage] = {}
+        self._settled: list[Settlement] = []
+
+    def take_settled(self) -> list[Settlement]:
+        """See :meth:`Engine.take_settled`."""
+        out, self._settled = self._settled, []
+        return out
+
+    def _drop_stale_coverage(self) -> None:
+        """Forget the coverage of receiving chains no longer kept (old epochs, removed
+        members): one pass per new chain seen, so the table follows the chains."""
+        for cid, chain_id in list(self._coverage):
+            conv = self._convs.get(cid)
+            if conv is None or chain_id not in conv.recv:
+                del self._coverage[(cid, chain_id)]
+
+    def _settle(self, cid: str, chain_id: ChainId, sender: str, done: list[Settled]) -> None:
+        for steps, verdict, pinpointed in done:
+            self._counters[f"coverage_{verdict}"] += len(steps)
+            self._settled.append(Settlement(cid, sender, *chain_id, steps, verdict, pinpointed))
 
     def next_step(self, cid: str, chain_id: ChainId) -> int | None:
         """See :meth:`Engine.next_step`."""
@@ -160,7 +220,8 @@ class Opener:
         try:
             if header.signed:
                 verify_signature(data, conv.cid_bytes, chain.signer_key)
-            plaintext = chain.peek(header.step, *header.sealed(data, conv.cid_bytes))
+            aead = _decrypt_signed if header.cover(data) else aead_open
+            plaintext = chain.peek(header.step, *header.sealed(data, conv.cid_bytes), aead=aead)
             message = None
             if plaintext is not None:
                 message = decode_plaintext(
@@ -231,14 +292,19 @@ class Opener:
                 raise StaleEpoch(f"epoch {epoch} is from before we joined")
             raise MissingKey(f"no grant yet for {sender} in epoch {epoch}")
         signed = bool(flags & FLAG_SIGNED)
+        cover = 0  # signed: the unsigned steps before it that it covers (§6.5)
+        covered = False  # unsigned under a policy that signs: pending until covered
         if signed:
+            cover = header.cover(data)
             # Verified before any chain step is derived (§6.4): a forged signature costs
             # one verification, whatever step it names.
             if self._preverified.pop(data, None) != chain.signer_key:
                 verify_signature(data, conv.cid_bytes, chain.signer_key)
         else:
-            if (every := conv.sign_every[epoch]) and step % every == 0:
-                raise SignatureRequired("the conversation policy requires a signature")
+            if every := conv.sign_every[epoch]:
+                if step % every == 0:
+                    raise SignatureRequired("the conversation policy requires a signature")
+                covered = True
             if epoch in conv.closed:
                 # Someone removed since holds this epoch's chain keys (§6.4, §7).
                 stated = conv.ends.get((epoch, sender_index, chain_no))
@@ -249,7 +315,31 @@ class Opener:
                         f"unsigned step {step} of epoch {epoch}: {sender} ended it at {stated}"
                     )
         ciphertext, aad = header.sealed(data, conv.cid_bytes)
-        plaintext = chain.open(step, ciphertext, aad, authenticated=signed)
+        if cover or covered:
+            chain_id = (epoch, sender_index, chain_no)
+            coverage = self._coverage.get((cid, chain_id))
+            if coverage is None:
+                self._drop_stale_coverage()
+                coverage = self._coverage[(cid, chain_id)] = ChainCoverage()
+            if covered and coverage.pending(step):
+                # Another candidate for a step still pending: kept if it authenticates,
+                # since the covering signature tells which one the sender sent.
+                if coverage.candidate(step, envelope_digest(data), ciphertext, aad):
+                    self._counters["candidate_kept"] += 1
+                    self._settle(cid, chain_id, sender, coverage.retry(step))
+                else:
+                    self._counters["duplicate"] += 1
+                return None
+            keep = _KeepKey(signed=bool(cover))
+            plaintext = chain.open(step, ciphertext, aad, authenticated=signed, aead=keep)
+            if plaintext is not None:
+                if cover:
+                    done = coverage.signed(step, cover, keep.key, ciphertext, aad)
+                else:
+                    done = coverage.unsigned(step, envelope_digest(data), keep.key)
+                self._settle(cid, chain_id, sender, done)
+        else:
+            plaintext = chain.open(step, ciphertext, aad, authenticated=signed)
         if plaintext is None:
             self._counters["duplicate"] += 1
             return None
@@ -265,7 +355,7 @@ class Opener:
             )
         else:
             message = decode_plaintext(kind, plaintext)
-        return Opened(cid, sender, epoch, sender_index, chain_no, step, message, signed)
+        return Opened(cid, sender, epoch, sender_index, chain_no, step, message, signed, covered)
 
     def flush(self) -> None:
         """Persist receiving-chain state changed since the last flush (batched writes)."""

@@ -4,11 +4,17 @@
 Steps are reserved in windows persisted before use: a crash resumes at the
 reservation, skipping unused steps rather than ever reusing a key or nonce. A clean
 stop (:meth:`Sealer.park`) keeps the unused steps for the next start instead.
+
+With ``sign_every`` = N, each signed envelope covers the unsigned ones sealed just
+before it on the same chain (PROTOCOL.md §6.5): their digests enter its associated
+data and its header counts them (``cover``). That state is in memory: after a
+restart the first signed envelope covers only what was sealed since.
 """
 
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass, field
 
 from fieldchat.device._conversation import Conversation, Conversations
 from fieldchat.device._records import Writes, send_record, unused_steps_key, unused_steps_record
@@ -16,11 +22,20 @@ from fieldchat.device.chains import SendChain
 from fieldchat.device.identity import Identity
 from fieldchat.device.keystore import KeyStore
 from fieldchat.schemas import Message, encode_plaintext
-from fieldchat.schemas.envelope import seal_envelope
+from fieldchat.schemas.envelope import coverage_digest, envelope_digest, seal_envelope
 from fieldchat.schemas.errors import KeyStoreError, NotAMember
 from fieldchat.schemas.messages import kind_of
 
 __all__ = ["Sealer"]
+
+
+@dataclass(slots=True)
+class _Covering:
+    """The unsigned envelopes a chain sealed since its last signed one (§6.5)."""
+
+    chain: SendChain
+    next_step: int
+    digests: list[bytes] = field(default_factory=list)
 
 
 class Sealer:
@@ -43,6 +58,7 @@ class Sealer:
         self._conversations = conversations
         self._lock = lock
         self._parked = False  # park() ran: nothing more may be sealed
+        self._covering: dict[str, _Covering] = {}
 
     def seal(self, cid: str, message: Message) -> bytes:
         """See :meth:`Engine.seal`."""
@@ -63,12 +79,39 @@ class Sealer:
         else:
             plaintext, compressed, padded = encode_plaintext(message)
         step, key, nonce = chain.next_key()
-        signed = policy.sign_every != 0 and step % policy.sign_every == 0
+        every = policy.sign_every
+        if every <= 1:  # 1 (the default): all signed; 0: none. Nothing is covered.
+            signed = every == 1
+            header = headers.encode(
+                kind_of(message), step, signed=signed, compressed=compressed, padded=padded
+            )
+            sign = self._identity.sign if signed else None
+            return seal_envelope(header, conv.cid_bytes, key, nonce, plaintext, sign)
+        covering = self._covering.get(cid)
+        if covering is None or covering.chain is not chain or covering.next_step != step:
+            # A new chain, or steps skipped (a restart): cover from here on.
+            covering = self._covering[cid] = _Covering(chain, step)
+        covering.next_step = step + 1
+        if step % every == 0:
+            header = headers.encode(
+                kind_of(message),
+                step,
+                signed=True,
+                compressed=compressed,
+                padded=padded,
+                cover=len(covering.digests),
+            )
+            coverage = coverage_digest(covering.digests)
+            covering.digests = []
+            return seal_envelope(
+                header, conv.cid_bytes, key, nonce, plaintext, self._identity.sign, coverage
+            )
         header = headers.encode(
-            kind_of(message), step, signed=signed, compressed=compressed, padded=padded
+            kind_of(message), step, signed=False, compressed=compressed, padded=padded
         )
-        sign = self._identity.sign if signed else None
-        return seal_envelope(header, conv.cid_bytes, key, nonce, plaintext, sign)
+        envelope = seal_envelope(header, conv.cid_bytes, key, nonce, plaintext)
+        covering.digests.append(envelope_digest(envelope))
+        return envelope
 
     def reservations_low(self, left: int) -> bool:
         """See :meth:`Engine.reservations_low`."""

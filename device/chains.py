@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from bisect import bisect_right, insort
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fieldchat.schemas.crypto import aead_open, chain_step
@@ -43,12 +44,17 @@ __all__ = [
     "MAX_SKIPPED_KEYS",
     "MAX_UNSIGNED_JUMP",
     "RESERVE_STEPS",
+    "Aead",
     "RecvChain",
     "SendChain",
     "advance",
     "nonce",
     "step_keys",
 ]
+
+Aead = Callable[[bytes, bytes, bytes, bytes], bytes]
+"""``(message key, nonce, ciphertext || tag, associated data) -> plaintext``: how a
+receiving chain opens an envelope (:func:`~fieldchat.schemas.crypto.aead_open`)."""
 
 MAX_SKIPPED_KEYS = 2_000  # per receiving chain, as libsignal's MAX_MESSAGE_KEYS
 MAX_FORWARD_JUMP = 25_000  # as libsignal's MAX_FORWARD_JUMPS
@@ -172,7 +178,13 @@ class RecvChain:
         return max(self.step, self.marks[-1][0] if self.marks else 0) + MAX_UNSIGNED_JUMP
 
     def open(
-        self, step: int, sealed: bytes, aad: bytes, *, authenticated: bool = False
+        self,
+        step: int,
+        sealed: bytes,
+        aad: bytes,
+        *,
+        authenticated: bool = False,
+        aead: Aead = aead_open,
     ) -> bytes | None:
         """Decrypt the envelope of ``step``; ``None`` when it was already opened.
 
@@ -180,7 +192,9 @@ class RecvChain:
         authenticated the envelope, so forged envelopes cannot move it.
         ``authenticated``: its signature was verified, so it may jump up to
         MAX_FORWARD_JUMP steps; otherwise at most MAX_UNSIGNED_JUMP steps are
-        derived for it (from the chain or a cached key).
+        derived for it (from the chain or a cached key). ``aead``: how the message key
+        opens it (the default, AES-GCM; the opener passes one that also keeps the key,
+        for delayed authentication, PROTOCOL.md §6.5).
 
         Raises:
             ForwardJumpTooLarge: ``step`` is more than MAX_FORWARD_JUMP ahead.
@@ -191,20 +205,20 @@ class RecvChain:
         """
         if step == self.step:  # in order: the common case
             out = chain_step(self.key)
-            plaintext = aead_open(out[:32], step.to_bytes(12, "big"), sealed, aad)
+            plaintext = aead(out[:32], step.to_bytes(12, "big"), sealed, aad)
             self.key = out[32:]
             self.step = step + 1
             if self.marks and self.marks[0][0] <= step:
                 self._drop_marks()
             return plaintext
         if step > self.step:
-            return self._open_ahead(step, sealed, aad, authenticated=authenticated)
+            return self._open_ahead(step, sealed, aad, authenticated=authenticated, aead=aead)
         skipped_key = self.skipped.get(step)
         if skipped_key is None:
             if step <= self.evicted:
                 raise SkippedKeyMissing(f"step {step} is older than the skipped-key window")
             return None
-        plaintext = aead_open(chain_step(skipped_key)[:32], nonce(step), sealed, aad)
+        plaintext = aead(chain_step(skipped_key)[:32], nonce(step), sealed, aad)
         del self.skipped[step]
         return plaintext
 
@@ -225,7 +239,7 @@ class RecvChain:
             return False
         return True
 
-    def peek(self, step: int, sealed: bytes, aad: bytes) -> bytes | None:
+    def peek(self, step: int, sealed: bytes, aad: bytes, *, aead: Aead = aead_open) -> bytes | None:
         """The plaintext of ``step``, changing nothing (the envelope is opened for
         good later, in its turn); ``None`` when it cannot be told cheaply or does not
         authenticate. For the one message a held envelope must act on at once: a gap
@@ -234,7 +248,7 @@ class RecvChain:
         if key is None:
             return None
         try:
-            return aead_open(key, nonce(step), sealed, aad)
+            return aead(key, nonce(step), sealed, aad)
         except CryptoError:
             return None
 
@@ -254,7 +268,9 @@ class RecvChain:
         skipped_key = self.skipped.get(step)
         return None if skipped_key is None else chain_step(skipped_key)[:32]
 
-    def _open_ahead(self, step: int, sealed: bytes, aad: bytes, *, authenticated: bool) -> bytes:
+    def _open_ahead(
+        self, step: int, sealed: bytes, aad: bytes, *, authenticated: bool, aead: Aead
+    ) -> bytes:
         jump = step - self.step
         if jump > MAX_FORWARD_JUMP:
             raise ForwardJumpTooLarge(f"step {step} is {jump} ahead of the chain")
@@ -275,7 +291,7 @@ class RecvChain:
                 self._mark(s, ck)  # junk aimed here again costs at most MARK_EVERY steps
             ck = chain_step(ck)[32:]
         out = chain_step(ck)
-        plaintext = aead_open(out[:32], nonce(step), sealed, aad)
+        plaintext = aead(out[:32], nonce(step), sealed, aad)
         # Authenticated from here on.
         if base > low:  # the walk began at a cached key past the window's start
             passed = self._keys(low, base) + passed

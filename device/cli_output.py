@@ -13,15 +13,56 @@ import typer
 
 from fieldchat.device.events import (
     Event,
+    ForgeryDetected,
     KeyChanged,
     MessageReceived,
+    MessageVerified,
     PresenceChanged,
     PublishRefused,
     ReceiptReceived,
 )
-from fieldchat.device.rows import ReceivedRow
+from fieldchat.device.rows import ReceivedRow, Trust
 
-__all__ = ["note", "presence_line", "print_rows", "refusal_line", "render", "write"]
+__all__ = [
+    "forgery_line",
+    "note",
+    "presence_line",
+    "print_rows",
+    "refusal_line",
+    "render",
+    "verified_line",
+    "write",
+]
+
+# What a person's line says of who sent it (PROTOCOL.md §6.5): nothing when signed.
+_MARKS = {
+    Trust.AUTHENTIC: "",
+    Trust.PENDING: " [pending]",
+    Trust.VERIFIED: " [verified]",
+    Trust.FORGED: " [FORGED]",
+}
+
+
+def _steps(steps: Sequence[int]) -> str:
+    return ", ".join(str(s) for s in steps)
+
+
+def verified_line(event: MessageVerified) -> str:
+    """What the device commands say when pending messages are verified."""
+    return (
+        f"-- verified: {len(event.steps)} pending message(s) from {event.sender[:8]} "
+        f"(steps {_steps(event.steps)})"
+    )
+
+
+def forgery_line(event: ForgeryDetected) -> str:
+    """What they say, loudly, when a member forged another member's messages."""
+    which = "were" if event.pinpointed else "include one or more that were"
+    return (
+        f"FORGERY: message(s) shown as from {event.sender} in {event.cid} "
+        f"(epoch {event.epoch}, steps {_steps(event.steps)}) {which} NOT sent by them: "
+        "another member of the conversation forged them"
+    )
 
 
 def presence_line(pid: str, online: bool) -> str:
@@ -43,9 +84,13 @@ def refusal_line(refused: Sequence[PublishRefused]) -> str:
 def _line(row: MessageReceived | ReceivedRow, json_out: bool) -> str:
     """One printed message. ``--json`` lines carry the ids that name a message on every
     device (cid, sender, epoch, sender_index, chain, step) and its local row ``id``."""
+    if isinstance(row, MessageReceived):
+        trust = Trust.PENDING if row.pending else Trust.AUTHENTIC
+    else:
+        trust = row.trust
     if not json_out:
         clock = time.strftime("%H:%M:%S", time.localtime(row.sent_at or 0))
-        return f"[{clock}] {row.sender[:8]}: {row.text}"
+        return f"[{clock}] {row.sender[:8]}: {row.text}{_MARKS[trust]}"
     return json.dumps(row.to_json())
 
 
@@ -70,6 +115,10 @@ def note(event: Event, json_out: bool) -> None:
     if json_out:
         typer.echo(json.dumps(event.to_json()))
         sys.stdout.flush()
+    elif isinstance(event, ForgeryDetected):
+        typer.echo(forgery_line(event), err=True)
+    elif isinstance(event, MessageVerified):
+        typer.echo(verified_line(event), err=True)
     elif isinstance(event, KeyChanged):
         typer.echo(
             f"WARNING: the keys of {event.pid} CHANGED. Compare fingerprints: "

@@ -32,10 +32,12 @@ from fieldchat.device.events import (
     Connected,
     Disconnected,
     Event,
+    ForgeryDetected,
     GapDetected,
     Joined,
     KeyChanged,
     MessageReceived,
+    MessageVerified,
     PresenceChanged,
     PublishRefused,
     ReceiptReceived,
@@ -69,6 +71,8 @@ NOTIFICATION = "event"  # the method name of every notification
 # What a subscription streams: every event type of the device (docs/device.md, Events).
 EVENTS = (
     MessageReceived,
+    MessageVerified,
+    ForgeryDetected,
     ReceiptReceived,
     KeyChanged,
     Joined,
@@ -562,6 +566,7 @@ _FIELD_SCHEMAS: dict[str, dict[str, Any]] = {
     "bool": {"type": "boolean"},
     "str | None": {"type": ["string", "null"]},
     "tuple[str, ...]": {"type": "array", "items": {"type": "string"}},
+    "tuple[int, ...]": {"type": "array", "items": {"type": "integer"}},
     "ReceiptKind": {"enum": ["delivered", "read"]},
 }
 

@@ -42,7 +42,7 @@ from fieldchat.device._conversation import (
 from fieldchat.device._keying import MAX_PENDING_GRANTS, GrantResult, Keying
 from fieldchat.device._loader import load_state
 from fieldchat.device._membership import Membership
-from fieldchat.device._opener import Opened, Opener
+from fieldchat.device._opener import Opened, Opener, Settlement
 from fieldchat.device._rosters import MAX_ROSTER_CANDIDATES, RosterChains
 from fieldchat.device._sealer import Sealer
 from fieldchat.device.identity import Identity
@@ -470,6 +470,12 @@ class Engine:
     def leave(self, cid: str) -> bytes:
         """A sealed LEAVE control: admins remove us in the next epoch on receipt."""
         return self.seal(cid, Control(op=ControlOp.LEAVE))
+
+    def take_settled(self) -> list[Settlement]:
+        """Pending unsigned messages settled since the last call (PROTOCOL.md §6.5):
+        verified, or forged by another member; oldest first."""
+        with self._lock:
+            return self._opener.take_settled()
 
     @_counted
     def flush(self) -> None:

@@ -18,10 +18,12 @@ __all__ = [
     "Event",
     "EventType",
     "EventsDropped",
+    "ForgeryDetected",
     "GapDetected",
     "Joined",
     "KeyChanged",
     "MessageReceived",
+    "MessageVerified",
     "PresenceChanged",
     "PublishRefused",
     "ReceiptKind",
@@ -35,6 +37,8 @@ class EventType(StrEnum):
     """An event's ``type`` in its JSON form (``listen --json``)."""
 
     MESSAGE = "message"
+    VERIFIED = "verified"
+    FORGERY = "forgery"
     RECEIPT = "receipt"
     KEY_CHANGED = "key_changed"
     JOINED = "joined"
@@ -78,6 +82,42 @@ class MessageReceived(_Base):
     step: int
     signed: bool
     late: bool = False  # it filled a gap: older than messages already shown
+    # Unsigned, in a conversation that signs every Nth step: not authenticated as the
+    # sender's yet (any member could have sealed it) until the sender's next signed
+    # envelope covers it: MessageVerified or ForgeryDetected follows (PROTOCOL.md §6.5).
+    pending: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class MessageVerified(_Base):
+    """Messages shown as pending (``steps`` of a member's chain) are verified: the
+    sender's next signed envelope covers exactly what was shown (PROTOCOL.md §6.5)."""
+
+    type: ClassVar[EventType] = EventType.VERIFIED
+    cid: str
+    sender: str
+    epoch: int
+    sender_index: int
+    chain: int
+    steps: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ForgeryDetected(_Base):
+    """Messages shown as ``sender``'s (``steps`` of its chain) were NOT sent by it:
+    another member holding the chain key forged them, and the sender's next signed
+    envelope proves it (PROTOCOL.md §6.5). ``pinpointed``: exactly these steps are
+    forged (the sender's own envelopes were found); otherwise at least one of them is.
+    Counted as ``coverage_forged``."""
+
+    type: ClassVar[EventType] = EventType.FORGERY
+    cid: str
+    sender: str
+    epoch: int
+    sender_index: int
+    chain: int
+    steps: tuple[int, ...]
+    pinpointed: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +219,8 @@ class PresenceChanged(_Base):
 
 Event = (
     MessageReceived
+    | MessageVerified
+    | ForgeryDetected
     | ReceiptReceived
     | KeyChanged
     | Joined

@@ -25,6 +25,7 @@ __all__ = [
     "ReceivedRow",
     "SentRow",
     "StepInConversation",
+    "Trust",
 ]
 
 # Own envelopes the archive has not confirmed yet (``archived``: 0 not yet, 1 archived,
@@ -92,6 +93,21 @@ class SentRow:
     published_at: float | None
 
 
+class Trust(IntEnum):
+    """Who a received message is known to come from (PROTOCOL.md §6.5), as stored.
+
+    ``AUTHENTIC``: signed, or in a conversation that does not sign every Nth step
+    (what rows written before delayed authentication hold). ``PENDING``: unsigned, any
+    member could have sealed it, until the sender's next signed envelope covers it:
+    then ``VERIFIED``, or ``FORGED`` (another member sealed it in the sender's name).
+    """
+
+    AUTHENTIC = 0
+    PENDING = 1
+    VERIFIED = 2
+    FORGED = 3
+
+
 @dataclass(frozen=True, slots=True)
 class ReceivedRow:
     """One stored message of another member (``text`` is ``None`` for receipts/controls)."""
@@ -108,6 +124,7 @@ class ReceivedRow:
     text: str | None
     received_at: float
     read: bool
+    trust: Trust = Trust.AUTHENTIC
 
     def to_json(self) -> dict[str, object]:
         """The message in the form of its ``message`` event (``listen --json``, the
@@ -123,6 +140,7 @@ class ReceivedRow:
             "sender_index": self.sender_index,
             "chain": self.chain,
             "step": self.step,
+            "trust": self.trust.name.lower(),  # PROTOCOL.md §6.5
         }
 
 

@@ -47,6 +47,7 @@ from fieldchat.device.rows import (
     OwnEnvelope,
     ReceivedRow,
     SentRow,
+    Trust,
     UnconfirmedRow,
 )
 from fieldchat.device.statefile import StateFile
@@ -93,6 +94,7 @@ CREATE TABLE IF NOT EXISTS received (
     sender_index INTEGER NOT NULL, chain INTEGER NOT NULL, step INTEGER NOT NULL,
     sender TEXT NOT NULL, kind INTEGER NOT NULL, sent_at INTEGER, text TEXT,
     received_at REAL NOT NULL, read INTEGER NOT NULL DEFAULT 0,
+    trust INTEGER NOT NULL DEFAULT 0,
     UNIQUE (cid, epoch, sender_index, chain, step));
 CREATE TABLE IF NOT EXISTS receipts (
     cid TEXT NOT NULL, pid TEXT NOT NULL, type INTEGER NOT NULL, epoch INTEGER NOT NULL,
@@ -124,6 +126,9 @@ def _create_tables(db: sqlite3.Connection) -> None:
     columns = {row[1] for row in db.execute("PRAGMA table_info(sent)")}
     if "archived" not in columns:  # a state file from before archive checks
         db.execute("ALTER TABLE sent ADD COLUMN archived INTEGER NOT NULL DEFAULT 0")
+    columns = {row[1] for row in db.execute("PRAGMA table_info(received)")}
+    if "trust" not in columns:  # a state file from before delayed authentication
+        db.execute("ALTER TABLE received ADD COLUMN trust INTEGER NOT NULL DEFAULT 0")
     db.executescript(_UNARCHIVED_INDEXES)
     db.executescript(SENDS_ONCE_SCHEMA)
 
@@ -327,13 +332,25 @@ class DeviceState(StateFile):
     ) -> list[ReceivedRow]:
         rows = self._read(
             "SELECT id, cid, epoch, sender_index, chain, step, sender, kind, sent_at, text,"
-            " received_at, read FROM received WHERE (? IS NULL OR cid = ?) AND id > ?"
+            " received_at, read, trust FROM received WHERE (? IS NULL OR cid = ?) AND id > ?"
             " AND text IS NOT NULL ORDER BY id LIMIT ?",
             (cid, cid, after_id, limit),
         )
         return [
             ReceivedRow(
-                r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10], bool(r[11])
+                r[0],
+                r[1],
+                r[2],
+                r[3],
+                r[4],
+                r[5],
+                r[6],
+                r[7],
+                r[8],
+                r[9],
+                r[10],
+                bool(r[11]),
+                Trust(r[12]),
             )
             for r in rows
         ]

@@ -19,6 +19,7 @@ from fieldchat.device.rows import (
     OutboxKind,
     OutboxRow,
     StepInConversation,
+    Trust,
 )
 
 __all__ = ["MAX_HELD", "MAX_KEPT", "OWN_TABLES", "StateTransaction"]
@@ -230,11 +231,12 @@ class StateTransaction:
         kind: int,
         sent_at: int | None,
         text: str | None,
+        trust: Trust = Trust.AUTHENTIC,
     ) -> int | None:
         """Insert a received message; its id, or ``None`` when it is a duplicate."""
         cur = self._db.execute(
             "INSERT OR IGNORE INTO received (cid, epoch, sender_index, chain, step, sender, kind,"
-            " sent_at, text, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " sent_at, text, received_at, trust) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 cid,
                 epoch,
@@ -246,9 +248,20 @@ class StateTransaction:
                 sent_at,
                 text,
                 self._clock(),
+                int(trust),
             ),
         )
         return cur.lastrowid if cur.rowcount == 1 else None
+
+    def settle(
+        self, cid: str, chain: tuple[int, int, int], steps: tuple[int, ...], trust: Trust
+    ) -> None:
+        """Record what delayed authentication found of pending messages (§6.5)."""
+        self._db.executemany(
+            "UPDATE received SET trust = ? WHERE cid = ? AND epoch = ? AND sender_index = ?"
+            " AND chain = ? AND step = ? AND trust = ?",
+            [(int(trust), cid, *chain, step, int(Trust.PENDING)) for step in steps],
+        )
 
     def mark_read(self, cid: str) -> list[StepInConversation]:
         """Mark every unread text of ``cid`` read: ``(epoch, sender_index, chain, step)``."""

@@ -29,6 +29,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import mlkem
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from nacl.exceptions import CryptoError as NaclCryptoError
@@ -46,6 +47,7 @@ __all__ = [
     "X25519_PUBLIC_BYTES",
     "HybridSealed",
     "Signer",
+    "aead_decrypt_signed",
     "aead_open",
     "aead_seal",
     "chain_step",
@@ -130,6 +132,26 @@ def aead_open(key: bytes, nonce: bytes, sealed: bytes, aad: bytes) -> bytes:
         return AESGCM(key).decrypt(nonce, sealed, aad)
     except (InvalidTag, ValueError, OverflowError):
         raise CryptoError(_AUTH_FAILED) from None
+
+
+def aead_decrypt_signed(key: bytes, nonce: bytes, sealed: bytes) -> bytes:
+    """The plaintext of ``sealed`` (ciphertext || tag, from :func:`aead_seal`) without
+    checking the tag: AES-GCM's counter-mode part alone (NIST SP 800-38D §7.2, the
+    counter starting at ``nonce || 00000002``).
+
+    Only for a signed envelope whose signature verified (PROTOCOL.md §6.5): the
+    signature already authenticates these exact bytes, and the tag, whose associated
+    data ends with the digest of the unsigned envelopes it covers, is checked apart
+    (:func:`aead_open`), possibly later, once those envelopes are there.
+
+    Raises:
+        CryptoError: shorter than a tag, or a key or nonce of the wrong length.
+    """
+    if len(sealed) < 16 or len(nonce) != NONCE_BYTES or len(key) != AES_KEY_BYTES:
+        raise CryptoError(_AUTH_FAILED)
+    counter = nonce + b"\x00\x00\x00\x02"
+    decryptor = Cipher(algorithms.AES(key), modes.CTR(counter)).decryptor()
+    return decryptor.update(sealed[:-16]) + decryptor.finalize()
 
 
 @lru_cache(maxsize=4096)

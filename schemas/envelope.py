@@ -1,12 +1,16 @@
 """The conversation envelope: the bytes published on ``c/{cid}/msg`` (PROTOCOL.md §3).
 
-    version u8 | kind u8 | epoch uv | sender uv | chain uv | step uv | ciphertext+tag | [sig 64]
+    version u8 | kind u8 | epoch uv | sender uv | chain uv | step uv | [cover uv]
+    | ciphertext+tag | [sig 64]
 
 ``kind`` holds the message kind in its low five bits and flags in its high three
 (signed, compressed, padded). ``sender`` is the member's index in the roster of
 ``epoch``, so the header names the sender in one byte instead of sixteen; the
 roster maps it to the pid. The header bytes together with the 16-byte ``cid`` are
 the AES-GCM associated data; a signature covers header, ciphertext and ``cid``.
+A signed envelope's header also says how many unsigned envelopes of its chain just
+before it it covers (``cover``): their digest (:func:`coverage_digest`) joins its
+associated data, so its tag checks them (delayed authentication, PROTOCOL.md §6.5).
 
 This is a slotted frozen dataclass, not a pydantic model: it sits on the per-message
 hot path where pydantic validation would cost more than the AES-GCM it wraps; its
@@ -16,12 +20,12 @@ decoder validates every field itself.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
 from fieldchat.schemas import _varint
-from fieldchat.schemas.crypto import aead_seal, ed25519_verify
+from fieldchat.schemas.crypto import aead_seal, ed25519_verify, sha256
 from fieldchat.schemas.errors import CryptoError, LimitExceeded, UnsupportedVersion, WireError
 from fieldchat.schemas.ids import decode_id
 
@@ -29,6 +33,7 @@ __all__ = [
     "FLAG_COMPRESSED",
     "FLAG_PADDED",
     "FLAG_SIGNED",
+    "MAX_COVER",
     "MAX_ENVELOPE_BYTES",
     "SIGNATURE_BYTES",
     "TAG_BYTES",
@@ -37,6 +42,8 @@ __all__ = [
     "Envelope",
     "EnvelopeKind",
     "Header",
+    "coverage_digest",
+    "envelope_digest",
     "header_bytes",
     "read_header",
     "seal_envelope",
@@ -48,6 +55,11 @@ VERSION = 0x01
 TAG_BYTES = 16
 SIGNATURE_BYTES = 64
 MAX_ENVELOPE_BYTES = 65_536
+# A signed envelope covers at most the sign_every - 1 unsigned steps before it
+# (schemas.roster.MAX_SIGN_EVERY = 1024), so a receiver keeps at most this many
+# pending digests per chain (PROTOCOL.md §6.5, §8).
+MAX_COVER = 1023
+_COVERAGE_LABEL = b"fieldchat coverage v1"
 
 FLAG_SIGNED = 0x80
 FLAG_COMPRESSED = 0x40
@@ -84,6 +96,7 @@ class Envelope:
     signature: bytes | None = None
     compressed: bool = False
     padded: bool = False
+    cover: int = 0  # signed only: the unsigned steps before this one it covers
 
     @property
     def signed(self) -> bool:
@@ -108,7 +121,9 @@ class Envelope:
         Raises:
             LimitExceeded: a number is out of the varint range.
         """
-        return _encode_header(self.kind_byte(), self.epoch, self.sender, self.chain, self.step)
+        return _encode_header(
+            self.kind_byte(), self.epoch, self.sender, self.chain, self.step, self.cover
+        )
 
     def to_bytes(self) -> bytes:
         """Encode for the wire.
@@ -122,6 +137,8 @@ class Envelope:
         sig = self.signature or b""
         if self.signature is not None and len(sig) != SIGNATURE_BYTES:
             raise WireError("signature must be 64 bytes")
+        if self.cover and self.signature is None:
+            raise WireError("only a signed envelope covers others")
         out = self.header() + self.ciphertext + sig
         if len(out) > MAX_ENVELOPE_BYTES:
             raise LimitExceeded(f"envelope of {len(out)} bytes exceeds {MAX_ENVELOPE_BYTES}")
@@ -167,19 +184,44 @@ def header_bytes(
     signed: bool,
     compressed: bool = False,
     padded: bool = False,
+    cover: int = 0,
 ) -> bytes:
     """Encode an envelope header without building an :class:`Envelope` or a :class:`Header`.
+    ``cover``: signed only, the unsigned steps just before this one it covers (§3.2).
 
     Raises:
-        LimitExceeded: a number is out of the varint range.
+        LimitExceeded: a number is out of the varint range, or ``cover`` above MAX_COVER.
     """
     kind_byte = _kind_byte(int(kind), signed=signed, compressed=compressed, padded=padded)
-    return _encode_header(kind_byte, epoch, sender, chain, step)
+    return _encode_header(kind_byte, epoch, sender, chain, step, cover)
 
 
-def _encode_header(kind_byte: int, epoch: int, sender: int, chain: int, step: int) -> bytes:
+def _encode_header(
+    kind_byte: int, epoch: int, sender: int, chain: int, step: int, cover: int = 0
+) -> bytes:
     enc = _varint.encode
-    return bytes((VERSION, kind_byte)) + enc(epoch) + enc(sender) + enc(chain) + enc(step)
+    out = bytes((VERSION, kind_byte)) + enc(epoch) + enc(sender) + enc(chain) + enc(step)
+    if not kind_byte & FLAG_SIGNED:
+        if cover:
+            raise WireError("only a signed envelope covers others")
+        return out
+    if not 0 <= cover <= MAX_COVER:
+        raise LimitExceeded(f"cover {cover} is above {MAX_COVER}")
+    return out + enc(cover)
+
+
+def envelope_digest(data: bytes) -> bytes:
+    """SHA-256 of an envelope's bytes: what a later signed envelope covers (§6.5)."""
+    return sha256(bytes(data))
+
+
+def coverage_digest(digests: Sequence[bytes]) -> bytes:
+    """The digest a signed envelope's associated data ends with when it covers the
+    envelopes of ``digests`` (their :func:`envelope_digest`, in step order; §3.3):
+    ``SHA-256("fieldchat coverage v1" || d_1 || … || d_n)``; empty for none."""
+    if not digests:
+        return b""
+    return sha256(_COVERAGE_LABEL + b"".join(digests))
 
 
 class Header(NamedTuple):
@@ -227,6 +269,21 @@ class Header(NamedTuple):
     def padded(self) -> bool:
         return bool(self.flags & FLAG_PADDED)
 
+    def cover(self, data: bytes) -> int:
+        """How many unsigned steps just before this one a signed envelope covers (0 for
+        an unsigned one), read from ``data``, the bytes this header was parsed from.
+
+        The cover varint ends the header, and ``parse`` checked it; it is at most two
+        bytes (MAX_COVER < 2^14) and the step before it ends with a byte below 0x80,
+        so a high bit on the byte before the last says the cover took two bytes. Read
+        on demand, so the tuple keeps its seven fields."""
+        if not self[1] & FLAG_SIGNED:
+            return 0
+        end = self[6]
+        if data[end - 2] & 0x80:
+            return (data[end - 2] & 0x7F) | (data[end - 1] << 7)
+        return data[end - 1]
+
     @property
     def chain_id(self) -> tuple[int, int, int]:
         """``(epoch, sender, chain)``: the sending chain, within its conversation."""
@@ -238,14 +295,14 @@ class Header(NamedTuple):
         :attr:`Envelope.dedupe_key`)."""
         return (self.epoch, self.sender, self.chain, self.step)
 
-    def encode(self) -> bytes:
-        """The header's bytes (what :meth:`parse` read).
+    def encode(self, cover: int = 0) -> bytes:
+        """The header's bytes (what :meth:`parse` read, with ``cover``: see :meth:`cover`).
 
         Raises:
             LimitExceeded: a number is out of the varint range.
         """
         kind_byte = self.flags | int(self.kind)
-        return _encode_header(kind_byte, self.epoch, self.sender, self.chain, self.step)
+        return _encode_header(kind_byte, self.epoch, self.sender, self.chain, self.step, cover)
 
     def sealed(self, data: bytes, cid_bytes: bytes) -> tuple[bytes, bytes]:
         """What AES-GCM opens in ``data``, the envelope this header was parsed from:
@@ -282,9 +339,16 @@ class ChainHeaders:
         self._prefixes: dict[int, bytes] = {}
 
     def encode(
-        self, kind: EnvelopeKind, step: int, *, signed: bool, compressed: bool, padded: bool
+        self,
+        kind: EnvelopeKind,
+        step: int,
+        *,
+        signed: bool,
+        compressed: bool,
+        padded: bool,
+        cover: int = 0,
     ) -> bytes:
-        """The header of ``step`` of this chain."""
+        """The header of ``step`` of this chain (``cover``: signed only, §3.2)."""
         kind_byte = (  # as _kind_byte, inline: this is the per-message sealing path
             kind
             | (FLAG_SIGNED if signed else 0)
@@ -294,7 +358,12 @@ class ChainHeaders:
         prefix = self._prefixes.get(kind_byte)
         if prefix is None:
             prefix = self._prefixes[kind_byte] = bytes((VERSION, kind_byte)) + self._middle
-        return prefix + (bytes((step,)) if step < 0x80 else step_bytes(step))
+        out = prefix + (bytes((step,)) if step < 0x80 else step_bytes(step))
+        if signed:
+            if not 0 <= cover <= MAX_COVER:
+                raise LimitExceeded(f"cover {cover} is above {MAX_COVER}")
+            return out + (bytes((cover,)) if cover < 0x80 else step_bytes(cover))
+        return out
 
 
 def seal_envelope(
@@ -304,12 +373,14 @@ def seal_envelope(
     nonce: bytes,
     plaintext: bytes,
     sign: Callable[[bytes], bytes] | None = None,
+    coverage: bytes = b"",
 ) -> bytes:
     """The envelope of ``plaintext`` under ``header`` (encoded): AES-GCM with the
-    associated data ``header || cid_bytes``, then, with ``sign`` (the header must say
-    SIGNED), the sender's Ed25519 signature over ``header || ciphertext || cid_bytes``
-    (PROTOCOL.md §3.3)."""
-    body = header + aead_seal(key, nonce, plaintext, header + cid_bytes)
+    associated data ``header || cid_bytes || coverage``, then, with ``sign`` (the header
+    must say SIGNED), the sender's Ed25519 signature over ``header || ciphertext ||
+    cid_bytes`` (PROTOCOL.md §3.3). ``coverage``: signed only, the
+    :func:`coverage_digest` of the unsigned envelopes its header's cover counts."""
+    body = header + aead_seal(key, nonce, plaintext, header + cid_bytes + coverage)
     if sign is None:
         return body
     return body + sign(body + cid_bytes)
@@ -366,6 +437,10 @@ def read_header(data: bytes) -> Header:
             sender, pos = _varint_at(data, pos)
             chain, pos = _varint_at(data, pos)
             step, pos = _varint_at(data, pos)
+        if kind_byte & FLAG_SIGNED:
+            cover, pos = _varint_at(data, pos)
+            if cover > MAX_COVER:
+                raise LimitExceeded(f"cover {cover} is above {MAX_COVER}")
     except IndexError:
         raise WireError("truncated envelope header") from None
     kind = _KINDS.get(kind_byte & _KIND_MASK)
@@ -398,6 +473,7 @@ def parse(data: bytes) -> tuple[Envelope, int]:
         signature=data[end:] if signed else None,
         compressed=header.compressed,
         padded=header.padded,
+        cover=header.cover(data),
     )
     return envelope, header.size
 

@@ -62,9 +62,9 @@ def test_envelopes_open_with_the_granted_chain_key(vector):
     from fieldchat.schemas.ids import decode_id
     from fieldchat.schemas.messages import decode_plaintext
 
-    plaintext = aead_open(
-        step_keys(ck)[0], nonce(step), data[hlen:end], data[:hlen] + decode_id(vector["cid"])
-    )
+    aad = data[:hlen] + decode_id(vector["cid"]) + bytes.fromhex(vector["coverage"])
+    assert read_header(data).cover(data) == vector["cover"]
+    plaintext = aead_open(step_keys(ck)[0], nonce(step), data[hlen:end], aad)
     message = decode_plaintext(
         kind, plaintext, compressed=bool(flags & 0x40), padded=bool(flags & 0x20)
     )
@@ -84,6 +84,9 @@ def test_envelopes_open_through_the_engine_of_each_recipient():
                 assert opened is not None
                 assert opened.message == TextMessage(**vector["message"])
                 assert opened.sender == vector["sender_pid"]
+        # Delayed authentication (§6.5): what was pending is verified by the signed step.
+        settled = [(s.steps, s.verdict.value) for s in web.take_settled()]
+        assert settled == ([((1, 2), "verified")] if conv["label"] == "every_third" else [])
 
 
 RECIPIENTS = {"bob": 2, "web": 3, "web_pq": 4}
@@ -167,8 +170,8 @@ def test_a_joiner_adopts_the_vector_chain_only_from_epoch_0():
 
 
 def test_limits_match_the_code():
-    from fieldchat.device import chains, engine
-    from fieldchat.schemas import grant
+    from fieldchat.device import _coverage, chains, engine
+    from fieldchat.schemas import envelope, grant
 
     assert VECTORS["limits"] == {
         "keep_epochs": engine.KEEP_EPOCHS,
@@ -176,6 +179,8 @@ def test_limits_match_the_code():
         "max_forward_jump": chains.MAX_FORWARD_JUMP,
         "max_unsigned_jump": chains.MAX_UNSIGNED_JUMP,
         "mark_every": chains.MARK_EVERY,
+        "max_cover": envelope.MAX_COVER,
+        "max_cover_tries": _coverage.MAX_COVER_TRIES,
     }
 
 

@@ -72,7 +72,7 @@ def junk(genuine: bytes) -> bytes:
     random ciphertext, no signature (a member holds no other member's signing key)."""
     env = Envelope.from_bytes(genuine)
     noise = os.urandom(len(env.ciphertext))
-    return dataclasses.replace(env, ciphertext=noise, signature=None).to_bytes()
+    return dataclasses.replace(env, ciphertext=noise, signature=None, cover=0).to_bytes()
 
 
 def signed_by(party: Party, cid: str, like: bytes, *, step: int) -> bytes:

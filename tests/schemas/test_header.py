@@ -9,14 +9,24 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fieldchat.schemas import CryptoError, Envelope, EnvelopeKind, WireError, encode_id
+from fieldchat.schemas import (
+    CryptoError,
+    Envelope,
+    EnvelopeKind,
+    LimitExceeded,
+    WireError,
+    encode_id,
+)
 from fieldchat.schemas.crypto import Signer, aead_open
 from fieldchat.schemas.envelope import (
     FLAG_SIGNED,
+    MAX_COVER,
     SIGNATURE_BYTES,
     TAG_BYTES,
     ChainHeaders,
     Header,
+    coverage_digest,
+    envelope_digest,
     header_bytes,
     read_header,
     seal_envelope,
@@ -106,3 +116,37 @@ def test_the_signature_covers_header_ciphertext_and_cid():
 def test_parse_refuses_what_cannot_hold_a_tag():
     with pytest.raises(WireError):
         Header.parse(header_bytes(EnvelopeKind.TEXT, 0, 0, 0, 0, signed=True) + bytes(TAG_BYTES))
+
+
+def test_a_signed_header_carries_its_cover_and_only_a_signed_one():
+    for cover in (0, 1, 127, 128, MAX_COVER):
+        raw = header_bytes(EnvelopeKind.TEXT, 0, 3, 0, 300, signed=True, cover=cover)
+        body = raw + bytes(TAG_BYTES) + bytes(64)
+        header = Header.parse(body)
+        assert header.size == len(raw)
+        assert header.cover(body) == cover
+        assert header.encode(cover) == raw
+        assert (
+            ChainHeaders(0, 3, 0).encode(
+                EnvelopeKind.TEXT, 300, signed=True, compressed=False, padded=False, cover=cover
+            )
+            == raw
+        )
+    unsigned = header_bytes(EnvelopeKind.TEXT, 0, 3, 0, 300, signed=False)
+    assert Header.parse(unsigned + bytes(TAG_BYTES)).cover(unsigned) == 0
+    with pytest.raises(WireError):
+        header_bytes(EnvelopeKind.TEXT, 0, 3, 0, 300, signed=False, cover=1)
+    with pytest.raises(LimitExceeded):
+        header_bytes(EnvelopeKind.TEXT, 0, 3, 0, 300, signed=True, cover=MAX_COVER + 1)
+    too_many = header_bytes(EnvelopeKind.TEXT, 0, 3, 0, 1, signed=True) + bytes(TAG_BYTES + 64)
+    with pytest.raises(LimitExceeded):  # 1024 as a cover
+        Header.parse(too_many[:6] + b"\x80\x08" + too_many[7:])
+    with pytest.raises(WireError):  # a non-minimal cover
+        Header.parse(too_many[:6] + b"\x81\x00" + too_many[7:])
+
+
+def test_coverage_digest_is_over_the_envelope_digests_in_order():
+    a, b = envelope_digest(b"one"), envelope_digest(b"two")
+    assert coverage_digest([]) == b""
+    assert coverage_digest([a, b]) != coverage_digest([b, a])
+    assert len(coverage_digest([a])) == 32

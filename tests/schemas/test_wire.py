@@ -91,7 +91,7 @@ def test_envelope_round_trip_and_version_first():
     )
     data = env.to_bytes()
     assert Envelope.from_bytes(data) == env
-    assert len(data) == 1 + 1 + 1 + 1 + 1 + 2 + 40 + 64
+    assert len(data) == 1 + 1 + 1 + 1 + 1 + 2 + 1 + 40 + 64  # signed: a cover byte
     with pytest.raises(UnsupportedVersion):
         Envelope.from_bytes(b"\x02" + data[1:])
     with pytest.raises(UnsupportedVersion):  # checked before anything else, even length

@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from fieldchat.device._coverage import MAX_COVER_TRIES
 from fieldchat.device.chains import (
     MARK_EVERY,
     MAX_FORWARD_JUMP,
@@ -39,7 +40,7 @@ from fieldchat.schemas.crypto import (
     x25519_exchange,
     x25519_public_from_private,
 )
-from fieldchat.schemas.envelope import read_header
+from fieldchat.schemas.envelope import MAX_COVER, coverage_digest, envelope_digest, read_header
 from fieldchat.schemas.frame import pack_frame
 from fieldchat.schemas.grant import MAX_CHAIN_ENDS, ChainEnd
 
@@ -208,6 +209,8 @@ def build(recorded: dict[str, str] | None = None) -> dict[str, Any]:
         "unsigned_compressed_padded": Policy(
             sign_every=0, compress=True, pad=True, require_pq=False
         ),
+        # Every third step signed: step 3 covers the unsigned steps 1 and 2 (§6.5).
+        "every_third": Policy(sign_every=3, require_pq=False),
     }
     for label, policy in policies.items():
         engine = Engine(alice, clock=lambda: CLOCK, random=SeededRandom(label.encode()))
@@ -230,9 +233,16 @@ def build(recorded: dict[str, str] | None = None) -> dict[str, Any]:
             }
         )
         texts = ["hello", "Pump 3 at 4.2 bar; valve B closed. Back on site 14:30 ✓", "x" * 300]
+        if policy.sign_every > 1:
+            texts.append("covers the two before")
+        sealed_so_far: list[bytes] = []
         for i, text in enumerate(texts):
             sealed = engine.seal(cid, TextMessage(sent_at=CLOCK + i, text=text))
-            kind, flags, epoch, sender, chain, step, hlen = read_header(sealed)
+            header = read_header(sealed)
+            kind, flags, epoch, sender, chain, step, hlen = header
+            cover = header.cover(sealed)
+            covered = sealed_so_far[len(sealed_so_far) - cover :] if cover else []
+            sealed_so_far.append(sealed)
             envelopes.append(
                 {
                     "conversation": label,
@@ -246,6 +256,10 @@ def build(recorded: dict[str, str] | None = None) -> dict[str, Any]:
                     "kind": int(kind),
                     "flags": flags,
                     "header": sealed[:hlen].hex(),
+                    # Signed only: how many unsigned steps before it it covers, and the
+                    # digest its associated data ends with (header || cid || coverage).
+                    "cover": cover,
+                    "coverage": coverage_digest([envelope_digest(e) for e in covered]).hex(),
                     "message": {"sent_at": CLOCK + i, "text": text},
                     "envelope": sealed.hex(),
                 }
@@ -311,6 +325,8 @@ def build(recorded: dict[str, str] | None = None) -> dict[str, Any]:
         "max_forward_jump": MAX_FORWARD_JUMP,
         "max_unsigned_jump": MAX_UNSIGNED_JUMP,
         "mark_every": MARK_EVERY,
+        "max_cover": MAX_COVER,
+        "max_cover_tries": MAX_COVER_TRIES,
     }
     return out
 

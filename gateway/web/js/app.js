@@ -292,12 +292,17 @@ async function onEnvelope(cid, seq, data, live) {
   const id = idOf(cid, header);
   const c = conv(cid);
   const stored = c.messages.get(id) ?? await S.store.message(id);
-  if (S.engine.senderOf(cid, data) === S.engine.pid || stored) {
+  const own = S.engine.senderOf(cid, data) === S.engine.pid;
+  if (own || stored) {
     if (stored && stored.seq == null) { // our own echo, or a copy now archived
       stored.seq = seq;
       if (stored.state === "queued") stored.state = "sent";
       await keep(stored);
     }
+    if (own || stored.trust !== "pending") return;
+    // Another candidate of a pending step: the engine may keep it (§6.5).
+    try { await S.engine.open(cid, data); } catch (err) { if (!(err instanceof FieldchatError)) throw err; }
+    await settle(cid);
     return;
   }
   let opened;
@@ -309,20 +314,37 @@ async function onEnvelope(cid, seq, data, live) {
     if (err.reason === "unsigned_jump") await reachHeld(cid, header); // its try extended the reach
     return;
   }
-  if (!opened) return;
+  if (!opened) { await settle(cid); return; } // another candidate may settle pending ones
   await reachHeld(cid, header);
   const m = opened.message;
   if (m.kind === MSG.text) {
     const reading = live && S.active === cid && document.visibilityState === "visible";
     await keep({ id, cid, seq, sender: opened.sender, sentAt: m.sentAt, text: m.text, mine: false,
                  read: reading, epoch: opened.epoch, senderIndex: opened.senderIndex,
-                 chain: opened.chain, step: opened.step });
+                 chain: opened.chain, step: opened.step, trust: opened.pending ? "pending" : undefined });
     addReceipt(cid, 1, opened);
     if (reading) addReceipt(cid, 2, opened);
   } else if (m.kind === MSG.receipt) {
     await onReceipt(cid, opened.sender, m);
   } else if (m.kind === MSG.control && m.op === 1) {
     note(cid, `${short(opened.sender)} left the conversation.`);
+  }
+  await settle(cid);
+}
+
+// Pending unsigned messages verified or flagged forged (PROTOCOL.md §6.5).
+async function settle(cid) {
+  for (const done of S.engine.takeSettled()) {
+    for (const step of done.steps) {
+      const id = `${cid}/${done.epoch}/${done.senderIndex}/${done.chain}/${step}`;
+      const m = conv(cid).messages.get(id) ?? await S.store.message(id);
+      if (m && m.trust === "pending") { m.trust = done.verdict; await keep(m); }
+    }
+    if (done.verdict === "forged") {
+      note(cid, `⚠ FORGERY: ${done.pinpointed ? "" : "one or more of "}${done.steps.length} ` +
+                `message(s) shown as from ${short(done.sender)} were NOT sent by them: another ` +
+                "member of this conversation forged them.");
+    }
   }
 }
 

@@ -47,28 +47,29 @@ export class RecvChain {
   // The plaintext of `step`, or null when it was opened already. `authenticated`: its
   // signature verified, so it may jump MAX_FORWARD_JUMP steps. Throws `forward_jump`,
   // `unsigned_jump` (a missing key: hold it until reach() passes it; the cache moved
-  // towards it), `old_step`, or CryptoError.
-  async open(step, sealed, aad, authenticated) {
+  // towards it), `old_step`, or CryptoError. `aead(key, nonce, sealed, aad)`: how the
+  // message key opens it (aeadOpen; engine.js passes one that also keeps the key, §6.5).
+  async open(step, sealed, aad, authenticated, aead = aeadOpen) {
     if (step === this.step) {
       const out = derive(this.key);
-      const plaintext = await aeadOpen(out.subarray(0, 32), stepNonce(step), sealed, aad);
+      const plaintext = await aead(out.subarray(0, 32), stepNonce(step), sealed, aad);
       this.key = out.slice(32);
       this.step = step + 1;
       this._dropMarks();
       return plaintext;
     }
-    if (step > this.step) return this._openAhead(step, sealed, aad, authenticated);
+    if (step > this.step) return this._openAhead(step, sealed, aad, authenticated, aead);
     const key = this.skipped.get(step);
     if (!key) {
       if (step <= this.evicted) throw protocolError("old_step", `step ${step} is older than the window`);
       return null; // a duplicate
     }
-    const plaintext = await aeadOpen(derive(key).subarray(0, 32), stepNonce(step), sealed, aad);
+    const plaintext = await aead(derive(key).subarray(0, 32), stepNonce(step), sealed, aad);
     this.skipped.delete(step);
     return plaintext;
   }
 
-  async _openAhead(step, sealed, aad, authenticated) {
+  async _openAhead(step, sealed, aad, authenticated, aead) {
     const jump = step - this.step;
     if (jump > MAX_FORWARD_JUMP) throw protocolError("forward_jump", `step ${step} is ${jump} ahead`);
     const [base, baseKey] = this._keyBefore(step);
@@ -86,7 +87,7 @@ export class RecvChain {
       ck = next(ck);
     }
     const out = derive(ck);
-    const plaintext = await aeadOpen(out.subarray(0, 32), stepNonce(step), sealed, aad);
+    const plaintext = await aead(out.subarray(0, 32), stepNonce(step), sealed, aad);
     // Authenticated from here on.
     if (base > low) passed = this._keys(low, base).concat(passed);
     for (const [s, k] of passed) this.skipped.set(s, k);

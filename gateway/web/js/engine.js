@@ -47,6 +47,7 @@ export const MAX_JOINING = 64;
 const FLUSH_MS = 200; // receiving-chain state is written in batches (§6.4)
 
 const rejected = (reason, why) => protocolError(reason, why);
+const coverageModule = () => import("./coverage.js");
 
 // The engine -----------------------------------------------------------------------------------
 
@@ -61,6 +62,17 @@ export class Engine {
     this._queue = Promise.resolve();
     this._dirty = new Set();
     this._flushTimer = null;
+    // Delayed authentication (§6.5): coverage.js, loaded when a conversation needs it.
+    this.coverage = new Map();
+    this.covering = new Map();
+    this.settled = [];
+  }
+
+  // Verdicts since the last call: {cid, sender, epoch, senderIndex, chain, steps, verdict, pinpointed}.
+  takeSettled() {
+    const out = this.settled;
+    this.settled = [];
+    return out;
   }
 
   // The engine of the identity in `store`, generating one on first use.
@@ -372,9 +384,15 @@ export class Engine {
       const kindByte = message.kind | (signed ? FLAG.signed : 0) | (compressed ? FLAG.compressed : 0) |
                        (padded ? FLAG.padded : 0);
       const sender = roster.pids.indexOf(this.pid);
-      const header = envelopeHeader(kindByte, roster.epoch, sender, chain.chain, step);
-      const body = concat(header, await aeadSeal(out.subarray(0, 32), stepNonce(step), data, concat(header, conv.cidRaw)));
-      if (!signed) return { data: body, key: [cid, roster.epoch, sender, chain.chain, step] };
+      // Each signed envelope covers the unsigned ones of this chain since the last (§6.5).
+      const covering = every > 1 ? await (await coverageModule()).covering(this.covering, cid, chain, step, signed) : null;
+      const header = envelopeHeader(kindByte, roster.epoch, sender, chain.chain, step, covering?.cover ?? 0);
+      const aad = concat(header, conv.cidRaw, covering?.digest ?? new Uint8Array(0));
+      const body = concat(header, await aeadSeal(out.subarray(0, 32), stepNonce(step), data, aad));
+      if (!signed) {
+        await covering?.add(body);
+        return { data: body, key: [cid, roster.epoch, sender, chain.chain, step] };
+      }
       const sig = await ed25519Sign(this.identity.edPrivate, concat(body, conv.cidRaw));
       return { data: concat(body, sig), key: [cid, roster.epoch, sender, chain.chain, step] };
     });
@@ -425,13 +443,22 @@ export class Engine {
         if (h.step >= stated) throw rejected("chain_closed", `unsigned step ${h.step} of epoch ${h.epoch}: ${sender} ended it at ${stated}`);
       }
     }
-    const plaintext = await chain.open(h.step, data.subarray(h.headerLength, end),
-                                       concat(data.subarray(0, h.headerLength), conv.cidRaw), signed);
+    const sealed = data.subarray(h.headerLength, end);
+    const aad = concat(data.subarray(0, h.headerLength), conv.cidRaw);
+    const covered = !signed && roster.policy.signEvery !== 0;
+    let plaintext;
+    if (h.cover || covered) { // pending until a signed envelope covers it (§6.5)
+      plaintext = await (await coverageModule()).openCovered(this, cid, key, h, sender, chain, data, sealed, aad);
+      if (plaintext === undefined) return null; // another candidate of a pending step
+    } else {
+      plaintext = await chain.open(h.step, sealed, aad, signed);
+    }
     if (plaintext === null) { this.count("duplicate"); return null; }
     this._markDirty(cid);
     const message = await decodePlaintext(h.kind, plaintext,
       { compressed: !!(h.flags & FLAG.compressed), padded: !!(h.flags & FLAG.padded) });
-    return { cid, sender, epoch: h.epoch, senderIndex: h.sender, chain: h.chain, step: h.step, message, signed };
+    return { cid, sender, epoch: h.epoch, senderIndex: h.sender, chain: h.chain, step: h.step, message, signed,
+             pending: covered };
   }
 
   // Which participant sent an envelope (own ones included), without decrypting it.

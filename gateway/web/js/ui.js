@@ -183,11 +183,14 @@ function messageNode(m) {
   if (m.note) return h("li", { class: "note", "data-id": m.id }, h("span", { class: "text" }, m.text));
   const state = m.mine ? (m.state ?? "sent") : null;
   const label = { queued: "queued", sent: "✓ sent", delivered: "✓✓ delivered", read: "✓✓ read", failed: "not sent" };
-  return h("li", { class: m.mine ? "mine" : "", "data-id": m.id },
+  // Unsigned messages of a conversation that signs every Nth step (PROTOCOL.md §6.5).
+  const trust = { pending: "… pending", verified: "✓ verified", forged: "⚠ FORGED" };
+  return h("li", { class: m.mine ? "mine" : (m.trust === "forged" ? "forged" : ""), "data-id": m.id },
     m.mine ? null : h("div", { class: "sender", title: m.sender }, short(m.sender)),
     h("div", { class: "text" }, m.text),
     h("div", { class: "meta" }, time(m.sentAt),
-      state ? h("span", { class: "state", "data-state": state }, ` ${label[state] ?? state}`) : null));
+      state ? h("span", { class: "state", "data-state": state }, ` ${label[state] ?? state}`) : null,
+      m.trust ? h("span", { class: "trust", "data-trust": m.trust }, ` ${trust[m.trust]}`) : null));
 }
 
 const order = (a, b) => (a.seq ?? Infinity) - (b.seq ?? Infinity) || (a.local ?? 0) - (b.local ?? 0) || (a.id < b.id ? -1 : 1);

@@ -15,6 +15,7 @@ export const FLAG = { signed: 0x80, compressed: 0x40, padded: 0x20 };
 export const TAG_BYTES = 16;
 export const SIG_BYTES = 64;
 export const MAX_ENVELOPE_BYTES = 65536;
+export const MAX_COVER = 1023; // unsigned steps a signed envelope covers (§6.5)
 export const MAX_PLAINTEXT_BYTES = 32768;
 export const MAX_TEXT_CHARS = 16384;
 export const MAX_RECEIPT_RANGES = 256;
@@ -203,8 +204,15 @@ export function decodeChainGrant(data) {
 
 // Envelopes (§3) ---------------------------------------------------------------------------
 
-export function envelopeHeader(kindByte, epoch, sender, chain, step) {
-  return concat(Uint8Array.of(VERSION, kindByte), varint(epoch), varint(sender), varint(chain), varint(step));
+// `cover` (signed only): the unsigned steps just before this one it covers (§3.2, §6.5).
+export function envelopeHeader(kindByte, epoch, sender, chain, step, cover = 0) {
+  const head = concat(Uint8Array.of(VERSION, kindByte), varint(epoch), varint(sender), varint(chain), varint(step));
+  if (!(kindByte & FLAG.signed)) {
+    if (cover) throw new WireError("only a signed envelope covers others");
+    return head;
+  }
+  if (cover < 0 || cover > MAX_COVER) throw new LimitExceeded(`cover ${cover} is above ${MAX_COVER}`);
+  return concat(head, varint(cover));
 }
 
 export function readHeader(data) {
@@ -218,12 +226,17 @@ export function readHeader(data) {
   [sender, pos] = readVarint(data, pos);
   [chain, pos] = readVarint(data, pos);
   [step, pos] = readVarint(data, pos);
+  let cover = 0;
+  if (kindByte & FLAG.signed) {
+    [cover, pos] = readVarint(data, pos);
+    if (cover > MAX_COVER) throw new LimitExceeded(`cover ${cover} is above ${MAX_COVER}`);
+  }
   const kind = kindByte & 0x1f;
   if (kind < 1 || kind > 3) throw new WireError(`unknown envelope kind ${kind}`);
   const flags = kindByte & 0xe0;
   const sig = flags & FLAG.signed ? SIG_BYTES : 0;
   if (data.length - sig - pos < TAG_BYTES) throw new WireError("envelope too short for its ciphertext");
-  return { kind, flags, epoch, sender, chain, step, headerLength: pos };
+  return { kind, flags, epoch, sender, chain, step, cover, headerLength: pos };
 }
 
 // Plaintexts (§4) --------------------------------------------------------------------------

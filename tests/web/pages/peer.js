@@ -58,6 +58,10 @@ export async function create() {
     },
     conversations: async () => engine.conversations(),
     counters: async () => ({ ...engine.counters }),
+    takeSettled: async () => engine.takeSettled().map((d) => [d.steps, d.verdict, d.pinpointed]),
+    pending: async ([cid, h]) => {
+      try { return !!(await engine.open(cid, fromHex(h)))?.pending; } catch (err) { return refusal(err); }
+    },
     remove: async ([cid, pids]) => pubs(await engine.removeMembers(cid, pids)),
     add: async ([cid, pids]) => pubs(await engine.addMembers(cid, pids)),
     seal: async ([cid, text]) => hex((await engine.seal(cid, { kind: 1, sentAt: 1700000000, text })).data),

@@ -95,7 +95,8 @@ export async function check(v) {
       const end = data.length - (h.flags & wire.FLAG.signed ? 64 : 0);
       const { aeadOpen } = await import("/js/crypto.js");
       const pt = await aeadOpen(mk, stepNonce(h.step), data.subarray(h.headerLength, end),
-                                bytes.concat(data.subarray(0, h.headerLength), bytes.decodeId(e.cid)));
+                                bytes.concat(data.subarray(0, h.headerLength), bytes.decodeId(e.cid), fromHex(e.coverage)));
+      if (h.cover !== e.cover) return "cover";
       const m = await wire.decodePlaintext(h.kind, pt, { compressed: !!(h.flags & 0x40), padded: !!(h.flags & 0x20) });
       return (m.text === e.message.text && m.sentAt === e.message.sent_at) || "message differs";
     });
@@ -120,6 +121,9 @@ export async function check(v) {
         if (!opened || opened.message.text !== e.message.text || opened.sender !== e.sender_pid) return `step ${e.step}`;
         if (opened.signed !== !!(e.flags & 0x80)) return "signed flag";
       }
+      // Delayed authentication (§6.5): what was pending is verified by the signed step.
+      const settled = JSON.stringify(engine.takeSettled().map((d) => [d.steps, d.verdict]));
+      if (settled !== (conv.label === "every_third" ? '[[[1,2],"verified"]]' : "[]")) return `settled ${settled}`;
       const again = await engine.open(conv.cid, fromHex(v.envelopes.find((x) => x.conversation === conv.label).envelope));
       if (again !== null) return "a replayed envelope opened twice";
       return engine.counters.duplicate === 1 || "duplicate not counted";
@@ -207,7 +211,8 @@ export async function check(v) {
     const mine = {
       keep_epochs: engineModule.KEEP_EPOCHS, max_chain_ends: wire.MAX_CHAIN_ENDS,
       max_forward_jump: engineModule.MAX_FORWARD_JUMP, max_unsigned_jump: engineModule.MAX_UNSIGNED_JUMP,
-      mark_every: engineModule.MARK_EVERY,
+      mark_every: engineModule.MARK_EVERY, max_cover: wire.MAX_COVER,
+      max_cover_tries: (await import("/js/coverage.js")).MAX_COVER_TRIES,
     };
     return JSON.stringify(mine) === JSON.stringify(v.limits) || JSON.stringify(mine);
   });

@@ -1,0 +1,158 @@
+"""Delayed authentication of unsigned steps (issue 16, item 5; PROTOCOL.md §6.5, §7).
+
+With ``sign_every`` = N any member holds the chain keys of the others, so it can seal
+an unsigned envelope in another member's name. Each signed envelope now covers the
+unsigned envelopes of its chain since the previous signature: receivers show those as
+pending, then verified, or flag the ones that are not the sender's.
+The forgery test fails before the fix: nothing ever settles, the forgery stays shown
+as the sender's.
+"""
+
+from __future__ import annotations
+
+import time
+
+from fieldchat.device._coverage import MAX_OTHERS, Verdict
+from fieldchat.device.chains import step_keys
+from fieldchat.device.engine import Engine
+from fieldchat.schemas import TextMessage
+from fieldchat.schemas.crypto import aead_seal
+from fieldchat.schemas.envelope import EnvelopeKind, header_bytes, read_header
+from fieldchat.schemas.ids import decode_id
+from fieldchat.schemas.messages import encode_plaintext
+from tests.device._mesh import Mesh, text_of
+
+
+def text(s: str) -> TextMessage:
+    return TextMessage(sent_at=1, text=s)
+
+
+def forge_as(member: Engine, cid: str, sender: Engine, step: int, words: str) -> bytes:
+    """An unsigned envelope in ``sender``'s name at ``step``, sealed by ``member`` with
+    the chain key of ``sender`` it holds as a member (it has not opened that step)."""
+    conv = member._convs[cid]
+    index = conv.rosters[conv.epoch].index_of(sender.pid)
+    chain = conv.recv[(conv.epoch, index, 0)]
+    ck = chain.key
+    for _ in range(step - chain.step):
+        ck = step_keys(ck)[1]
+    header = header_bytes(EnvelopeKind.TEXT, conv.epoch, index, 0, step, signed=False)
+    plaintext, _, _ = encode_plaintext(text(words))
+    return header + aead_seal(
+        step_keys(ck)[0], step.to_bytes(12, "big"), plaintext, header + decode_id(cid)
+    )
+
+
+def three(sign_every: int = 4) -> tuple[Mesh, str, Engine, Engine, Engine]:
+    mesh = Mesh("alice", "bob", "carol")
+    cid = mesh.create("alice", "bob", "carol", sign_every=sign_every)
+    return mesh, cid, mesh["alice"], mesh["bob"], mesh["carol"]
+
+
+def settled(engine: Engine) -> list[tuple[tuple[int, ...], Verdict, bool]]:
+    return [(s.steps, s.verdict, s.pinpointed) for s in engine.take_settled()]
+
+
+def test_honest_unsigned_messages_go_from_pending_to_verified():
+    _, cid, alice, bob, _ = three()
+    sent = [bob.seal(cid, text(f"b{i}")) for i in range(9)]
+    covers = [read_header(e).cover(e) for e in sent]
+    assert covers == [0, 0, 0, 0, 3, 0, 0, 0, 3]  # steps 4 and 8 cover the three before
+    opened = [alice.open(cid, e) for e in sent[:4]]
+    assert [o.pending for o in opened if o] == [False, True, True, True]
+    assert settled(alice) == []
+    signed = alice.open(cid, sent[4])
+    assert signed is not None and not signed.pending
+    assert settled(alice) == [((1, 2, 3), Verdict.VERIFIED, True)]
+    for e in sent[5:]:
+        alice.open(cid, e)
+    assert settled(alice) == [((5, 6, 7), Verdict.VERIFIED, True)]
+    assert alice.counters["coverage_verified"] == 6
+    assert alice.counters["coverage_forged"] == 0
+
+
+def test_a_member_forging_another_members_unsigned_step_is_flagged_within_n():
+    _, cid, alice, bob, carol = three()
+    sent = [bob.seal(cid, text(f"b{i}")) for i in range(5)]
+    forgery = forge_as(carol, cid, bob, 2, "from bob: pay Carol")
+    for e in (sent[0], sent[1], forgery):
+        alice.open(cid, e)
+    # Carol's envelope authenticates (she holds Bob's chain key): shown, pending.
+    assert alice.open(cid, sent[2]) is None  # Bob's own step 2 comes second: kept aside
+    assert alice.counters["candidate_kept"] == 1
+    alice.open(cid, sent[3])
+    assert settled(alice) == []
+    assert text_of(alice.open(cid, sent[4])) == "b4"  # Bob's next signed envelope
+    assert settled(alice) == [((1, 3), Verdict.VERIFIED, True), ((2,), Verdict.FORGED, True)]
+    assert alice.counters["coverage_forged"] == 1
+
+
+def test_a_forgery_whose_genuine_step_never_came_still_fails_coverage():
+    _, cid, alice, bob, carol = three()
+    sent = [bob.seal(cid, text(f"b{i}")) for i in range(5)]
+    forgery = forge_as(carol, cid, bob, 3, "forged")
+    for e in (*sent[:3], forgery, sent[4]):
+        alice.open(cid, e)
+    # The signature proves step 4 is Bob's; its tag does not match what was shown.
+    assert settled(alice) == [((1, 2, 3), Verdict.FORGED, False)]
+
+
+def test_missing_covered_envelopes_stay_pending_then_verify_when_repaired():
+    _, cid, alice, bob, _ = three()
+    sent = [bob.seal(cid, text(f"b{i}")) for i in range(5)]
+    for e in (sent[0], sent[1], sent[3], sent[4]):  # step 2 lost on the way
+        alice.open(cid, e)
+    assert settled(alice) == []  # the signed one waits for step 2
+    alice.open(cid, sent[2])  # gap repair or the archive brings it
+    assert settled(alice) == [((1, 2, 3), Verdict.VERIFIED, True)]
+
+
+def test_the_signed_envelope_first_then_the_covered_ones():
+    _, cid, alice, bob, _ = three()
+    sent = [bob.seal(cid, text(f"b{i}")) for i in range(5)]
+    for e in (sent[0], sent[4], sent[3], sent[1]):
+        alice.open(cid, e)
+    assert settled(alice) == []
+    alice.open(cid, sent[2])
+    assert settled(alice) == [((1, 2, 3), Verdict.VERIFIED, True)]
+
+
+def test_a_flood_of_forged_candidates_costs_bounded_state_and_work():
+    _, cid, alice, bob, carol = three(sign_every=8)
+    sent = [bob.seal(cid, text(f"b{i}")) for i in range(9)]
+    alice.open(cid, sent[0])
+    for step in range(1, 8):
+        for n in range(40):  # 280 forged candidates, every one authenticates
+            alice.open(cid, forge_as(carol, cid, bob, step, f"forged {step}.{n}"))
+    for e in sent[1:8]:
+        alice.open(cid, e)  # the genuine ones, last
+    assert alice.counters["candidate_kept"] == MAX_OTHERS
+    start = time.perf_counter()
+    alice.open(cid, sent[8])
+    elapsed = time.perf_counter() - start
+    verdicts = {v for _, v, _ in settled(alice)}
+    assert Verdict.FORGED in verdicts  # what was shown first was Carol's
+    assert elapsed < 0.05  # ≤ MAX_COVER_TRIES tag checks, not 41^7
+
+
+def test_sign_every_one_and_zero_show_nothing_pending():
+    for every in (0, 1):
+        _, cid, alice, bob, _ = three(sign_every=every)
+        opened = [alice.open(cid, bob.seal(cid, text(str(i)))) for i in range(3)]
+        assert [o.pending for o in opened if o] == [False, False, False]
+        assert settled(alice) == []
+
+
+def test_after_a_sender_restart_the_signature_covers_only_what_came_since():
+    """The sender's coverage memory is not persisted (§6.5): its next signed envelope
+    covers the steps sealed since the restart; the earlier ones stay pending, never
+    flagged as forged."""
+    _, cid, alice, bob, _ = three()
+    before = [bob.seal(cid, text(f"b{i}")) for i in range(3)]  # 0 signed, 1-2 unsigned
+    bob._sealer._covering.clear()  # what a restart forgets
+    after = [bob.seal(cid, text(f"b{i}")) for i in range(3, 5)]
+    assert read_header(after[1]).cover(after[1]) == 1  # step 4 covers step 3 only
+    for e in before + after:
+        alice.open(cid, e)
+    assert settled(alice) == [((3,), Verdict.VERIFIED, True)]
+    assert alice.counters["coverage_forged"] == 0
