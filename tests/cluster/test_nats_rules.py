@@ -205,6 +205,33 @@ def test_topic_rules_retained_and_qos1_across_nodes(nats: Cluster, raw: list[Raw
     assert late.messages[0][1:] == (b"alice-bundle-2", True)
 
 
+def test_a_member_reads_a_concrete_status_and_no_one_forges_it(
+    nats: Cluster, raw: list[Raw]
+) -> None:
+    # What a device following presence asks for (device/presence.py): one concrete
+    # p/{pid}/status per member, on any node; only its owner writes it.
+    alice_pw, bob_pw = nats.device(ALICE), nats.device(BOB)
+    nats.start()
+    alice = Raw(nats.nodes[0].mqtt_port, ALICE, alice_pw).connected()
+    raw.append(alice)
+    alice.publish(f"{PREFIX}/p/{ALICE}/status", b"online", retain=True)
+    bob = Raw(nats.nodes[1].mqtt_port, BOB, bob_pw).connected()
+    raw.append(bob)
+    assert bob.subscribe(f"{PREFIX}/p/{ALICE}/status") == 1
+    assert bob.subscribe(f"{PREFIX}/p/{BOB}/status") == 1
+    bob.wait(
+        lambda: (f"{PREFIX}/p/{ALICE}/status", b"online", True) in bob.messages,
+        "alice's retained status on another node",
+    )
+    alice.publish(f"{PREFIX}/p/{BOB}/status", b"offline", retain=True)  # forged
+    alice.publish(f"{PREFIX}/p/{ALICE}/status", b"offline", retain=True)
+    bob.wait(
+        lambda: (f"{PREFIX}/p/{ALICE}/status", b"offline", False) in bob.messages,
+        "alice's next status",
+    )
+    assert not [m for m in bob.messages if m[0] == f"{PREFIX}/p/{BOB}/status"]
+
+
 def test_only_gateways_write_rosters_participants_propose(nats: Cluster, raw: list[Raw]) -> None:
     # Issue 13: NATS cannot verify rosters, so a participant must not be able to
     # replace (or erase) the retained roster joiners trust; it proposes, and the
