@@ -109,6 +109,16 @@ def write(text: bytes) -> None:
     sys.stdout.flush()
 
 
+def event_line(event: Event) -> str:
+    """``-- connected: protocol=5 session_present=True``: an event for a person."""
+    fields = " ".join(
+        f"{key}={','.join(map(str, value)) if isinstance(value, list | tuple) else value}"
+        for key, value in event.to_json().items()
+        if key != "type"
+    )
+    return f"-- {event.type.value}: {fields}" if fields else f"-- {event.type.value}"
+
+
 def note(event: Event, json_out: bool) -> None:
     if isinstance(event, MessageReceived):
         return
@@ -128,4 +138,4 @@ def note(event: Event, json_out: bool) -> None:
     elif isinstance(event, PresenceChanged):
         typer.echo(presence_line(event.pid, event.online), err=True)
     elif not isinstance(event, ReceiptReceived | PublishRefused):  # the latter: logged
-        typer.echo(f"-- {event.type}: {event.to_json()}", err=True)
+        typer.echo(event_line(event), err=True)

@@ -55,6 +55,7 @@ from fieldchat.schemas import Policy, ReceiptType, Topics
 from fieldchat.schemas.errors import (
     FieldchatError,
     KeyStoreError,
+    TransportError,
     UnknownParticipant,
 )
 from fieldchat.schemas.topics import DEFAULT_PREFIX
@@ -224,6 +225,12 @@ class Device:
     @property
     def connected(self) -> bool:
         return self._conn is not None
+
+    @property
+    def last_error(self) -> TransportError | None:
+        """Why the last connection attempt failed (``None`` once one succeeded): what
+        ``listen`` says while it waits for the broker."""
+        return self._link.last_error if self._link is not None else None
 
     @property
     def protocol(self) -> str | None:
