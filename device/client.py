@@ -237,6 +237,11 @@ class Device:
         conn = self._conn
         return conn.protocol if conn else None
 
+    def presence(self) -> dict[str, bool]:
+        """Whether each member followed for presence was online at its last status
+        (docs/device.md, "Presence"); a member whose status has not arrived is absent."""
+        return self._worker.presence.online()
+
     def wait_connected(self, timeout: float = 10.0) -> None:
         """Block until connected.
 

@@ -220,6 +220,9 @@ def _note(event: dict[str, Any], json_out: bool) -> None:
             f"fieldchat device verify {event['pid']}",
             err=True,
         )
+    elif kind == "presence":
+        state = "online" if event["online"] else "offline"  # as cli_output.presence_line
+        typer.echo(f"-- {str(event['pid'])[:8]} is {state}", err=True)
     elif kind not in ("receipt", "publish_refused"):
         typer.echo(f"-- {kind}: {event}", err=True)
 
