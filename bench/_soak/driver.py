@@ -31,7 +31,7 @@ from typing import Any
 
 sys.path[0] = str(Path(__file__).resolve().parents[2])  # the checkout, not bench/_soak
 
-import fieldchat.device.cli
+import fieldchat.device.client
 from fieldchat.cli import app
 from fieldchat.device.client import Device
 from fieldchat.schemas.errors import FieldchatError
@@ -145,9 +145,10 @@ def _numbers(device: Device, cid: str) -> list[int]:
 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
-    # `listen` opens its Device through the name it imported; the app and its options
-    # are otherwise exactly the `fieldchat` command's.
-    fieldchat.device.cli.Device = SoakDevice  # type: ignore[attr-defined]
+    # `listen` imports Device from fieldchat.device.client when it opens the state file
+    # (the command line loads the device stack lazily); the app and its options are
+    # otherwise exactly the `fieldchat` command's.
+    fieldchat.device.client.Device = SoakDevice  # type: ignore[misc]
     sys.argv = ["fieldchat", *sys.argv[1:]]
     app()
 
