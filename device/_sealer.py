@@ -17,7 +17,7 @@ from fieldchat.device.identity import Identity
 from fieldchat.device.keystore import KeyStore
 from fieldchat.schemas import Message, encode_plaintext
 from fieldchat.schemas.envelope import seal_envelope
-from fieldchat.schemas.errors import KeyStoreError, NotAMember
+from fieldchat.schemas.errors import EpochKeyPending, KeyStoreError, NotAMember
 from fieldchat.schemas.messages import kind_of
 
 __all__ = ["Sealer"]
@@ -44,15 +44,17 @@ class Sealer:
         self._lock = lock
         self._parked = False  # park() ran: nothing more may be sealed
 
-    def seal(self, cid: str, message: Message) -> bytes:
-        """See :meth:`Engine.seal`."""
+    def seal(self, cid: str, message: Message, force_sign: bool = False) -> bytes:
+        """See :meth:`Engine.seal`. ``force_sign``: whatever the policy (ENDS, §6.5)."""
         if self._parked:
             raise KeyStoreError("the engine stopped (parked at close): open it again to send")
         conv = self._conversations.joined(cid)
         chain = conv.send
         headers = conv.headers
-        if chain is None or headers is None or conv.removed:
+        if conv.removed:
             raise NotAMember(f"not a member of {cid}")
+        if chain is None or headers is None:
+            raise EpochKeyPending(f"epoch {conv.epoch} of {cid}: its secret has not arrived")
         if chain.step >= chain.reserved:
             self._reserve(conv, chain)
         policy = conv.rosters[conv.epoch].policy
@@ -63,7 +65,7 @@ class Sealer:
         else:
             plaintext, compressed, padded = encode_plaintext(message)
         step, key, nonce = chain.next_key()
-        signed = policy.sign_every != 0 and step % policy.sign_every == 0
+        signed = force_sign or (policy.sign_every != 0 and step % policy.sign_every == 0)
         header = headers.encode(
             kind_of(message), step, signed=signed, compressed=compressed, padded=padded
         )

@@ -46,8 +46,7 @@ class Mesh:
                         queue += engine.handle_roster(pub.payload)
                     elif topic.kind is TopicKind.INBOX and topic.pid == engine.pid:
                         result = engine.handle_inbox(pub.payload)
-                        if isinstance(result, list):
-                            queue += result
+                        queue += result if isinstance(result, list) else result.publications
                 except FieldchatError as exc:
                     self.errors.append((name, exc))
 
