@@ -6,9 +6,11 @@ import pytest
 
 from fieldchat.device.chains import MAX_FORWARD_JUMP, MAX_SKIPPED_KEYS
 from fieldchat.device.engine import BundleStatus, Engine
+from fieldchat.device.epochs import make_delivery
 from fieldchat.device.grants import make_grant
-from fieldchat.device.identity import Identity
+from fieldchat.device.identity import PREKEY_ROTATE_S, Identity
 from fieldchat.schemas import (
+    Bundle,
     ChainGrant,
     CryptoError,
     FieldchatError,
@@ -207,10 +209,14 @@ def test_forged_roster_is_rejected(mesh):
         epoch=current.epoch + 1,
         nonce=b"",
         prev=current.digest(),
-        members=(Member(pid=mallory.pid, admin=True), Member(pid=mesh["bob"].pid)),
+        members=(
+            Member(key=mallory.identity.public, admin=True),
+            Member(key=mesh["bob"].identity.public),
+        ),
         policy=Policy(),
         issued_at=2,
         signer_key=mallory.identity.public,
+        commit=bytes(32),
         sign=mallory.identity.sign,
     )
     with pytest.raises(RosterRejected):
@@ -252,9 +258,21 @@ def test_downgraded_grant_to_a_post_quantum_member_is_rejected(mesh):
         step=0,
         key=b"\x06" * 32,
     )
-    bundle = mesh["bob"].identity.bundle
-    x_only = bundle.model_copy(update={"mlkem768": None})
-    downgraded = make_grant(mesh["alice"].identity, x_only, cid, payload)
+    downgraded = make_grant(mesh["alice"].identity, x25519_only(mesh["bob"]), cid, payload)
+    with pytest.raises(GrantRejected):
+        mesh["bob"].handle_grant(downgraded.to_bytes())
+
+
+def x25519_only(engine: Engine) -> Bundle:
+    """``engine``'s bundle with its prekey's ML-KEM key stripped (what a downgrading
+    sender would seal to)."""
+    bundle = engine.identity.bundle
+    return bundle.model_copy(update={"prekey": bundle.prekey.model_copy(update={"mlkem768": None})})
+
+
+def test_downgraded_delivery_to_a_post_quantum_prekey_is_rejected(mesh):
+    cid = mesh.create("alice", "bob")
+    downgraded = make_delivery(b"\x05" * 32, x25519_only(mesh["bob"]), cid, 0)
     with pytest.raises(GrantRejected):
         mesh["bob"].handle_grant(downgraded.to_bytes())
 
@@ -262,7 +280,7 @@ def test_downgraded_grant_to_a_post_quantum_member_is_rejected(mesh):
 def test_all_zero_x25519_shared_secret_is_rejected():
     """A grant whose ephemeral key is a low-order point gives the all-zero secret."""
     alice, bob = Identity.generate(), Identity.generate(post_quantum=False)
-    payload = ChainGrant(epoch=0, roster=bytes(32), sender=0, chain=0, step=0, key=bytes(32))
+    payload = ChainGrant(epoch=0, roster=bytes(32), sender=0, chain=1, step=0, key=bytes(32))
     grant = make_grant(alice, bob.bundle, "a" * 26, payload)
     low_order = bytes(32)  # the identity point
     body = grant.model_copy(update={"ephemeral": low_order})
@@ -271,6 +289,7 @@ def test_all_zero_x25519_shared_secret_is_rejected():
         cid=body.cid,
         granter_key=alice.public,
         recipient=body.recipient,
+        prekey_id=body.prekey_id,
         ephemeral=low_order,
         kem_ciphertext=None,
         sealed=body.sealed,
@@ -280,8 +299,9 @@ def test_all_zero_x25519_shared_secret_is_rejected():
     with pytest.raises(WeakKey):
         engine.handle_grant(forged.to_bytes())
     assert engine.counters["weak_key"] == 1
+    weak = bob.bundle.prekey.model_copy(update={"x25519": low_order})
     with pytest.raises(WeakKey):
-        make_grant(alice, bob.bundle.model_copy(update={"x25519": low_order}), "a" * 26, payload)
+        make_grant(alice, bob.bundle.model_copy(update={"prekey": weak}), "a" * 26, payload)
 
 
 def test_signature_policy_every_nth():
@@ -338,78 +358,31 @@ def test_grants_arriving_before_the_roster_are_held():
     assert text_of(mesh["bob"].open(cid, mesh["alice"].seal(cid, text("in order")))) == "in order"
 
 
-def test_tofu_reports_key_changes_loudly():
+def test_a_rotated_prekey_is_the_same_identity_and_an_older_one_is_ignored():
+    """Prekeys rotate (PROTOCOL.md §2.5): a newer bundle of a pid is an update, never a
+    key change (the pid is the hash of the identity key), and a bundle with an older
+    prekey is ignored, so nobody can roll a member back to a prekey it deleted."""
+    clock = [1_000.0]
     alice = Engine(Identity.generate())
-    bob = Identity.from_seed(b"\x09" * 32, created_at=10)
-    assert alice.learn_bundle(bob.bundle.to_bytes()).status is BundleStatus.NEW
-    assert alice.learn_bundle(bob.bundle.to_bytes()).status is BundleStatus.SAME
+    bob = Engine(Identity.from_seed(b"\x09" * 32, created_at=10), clock=lambda: clock[0])
+    first = bob.identity.bundle.to_bytes()
+    assert alice.learn_bundle(first).status is BundleStatus.NEW
+    assert alice.learn_bundle(first).status is BundleStatus.SAME
     alice.mark_verified(bob.pid)
-    from fieldchat.schemas import Bundle
-
-    rotated = Bundle.create(
-        ed25519=bob.bundle.ed25519,
-        x25519=b"\x42" * 32,
-        mlkem768=None,
-        created_at=20,
-        sign=bob.sign,
-    )
-    update = alice.learn_bundle(rotated.to_bytes())
-    assert update.status is BundleStatus.KEY_CHANGED
-    assert update.previous_fingerprint == bob.fingerprint()
-    assert not alice.is_verified(bob.pid)
-    assert alice.learn_bundle(bob.bundle.to_bytes()).status is BundleStatus.OLDER
+    clock[0] += PREKEY_ROTATE_S
+    (published,) = bob.maintain_prekeys()
+    update = alice.learn_bundle(published.payload)
+    assert update.status is BundleStatus.UPDATED
+    assert update.previous_fingerprint == update.fingerprint == bob.identity.fingerprint()
+    assert alice.is_verified(bob.pid)
+    assert alice.bundle_of(bob.pid).prekey.id == 2
+    assert alice.learn_bundle(first).status is BundleStatus.OLDER
+    assert alice.bundle_of(bob.pid).prekey.id == 2
 
 
-def test_browser_participant_without_mlkem_gets_x25519_grants_and_roster_says_so():
-    mesh = Mesh("alice", "web", post_quantum=["alice"])
-    cid = mesh.create("alice", "web")
-    roster = mesh["web"].roster(cid)
-    flags = {m.pid: m.pq for m in roster.members}
-    assert flags == {mesh["alice"].pid: True, mesh["web"].pid: False}
-    assert text_of(mesh["web"].open(cid, mesh["alice"].seal(cid, text("hi web")))) == "hi web"
-    with pytest.raises(NotAMember):
-        mesh["alice"].create_conversation([mesh["web"].pid], policy=Policy(require_pq=True))
-
-
-def test_add_member_later_reads_from_then_on_not_before(mesh):
-    cid = mesh.create("alice", "bob")
-    early = mesh["alice"].seal(cid, text("before carol"))
-    mesh.deliver(mesh["alice"].add_members(cid, [mesh["carol"].pid]))
-    late = mesh["alice"].seal(cid, text("with carol"))
-    assert mesh["carol"].open(cid, late).message.text == "with carol"
-    with pytest.raises(StaleEpoch):
-        mesh["carol"].open(cid, early)
-
-
-def test_non_admin_cannot_change_the_roster(mesh):
-    cid = mesh.create("alice", "bob")
-    with pytest.raises(NotAMember):
-        mesh["bob"].remove_members(cid, [mesh["alice"].pid])
-
-
-def test_browser_member_grants_x25519_to_post_quantum_members():
-    """A member without ML-KEM can only make X25519 grants; they are accepted from it."""
-    mesh = Mesh("alice", "bob", "web", post_quantum=["alice", "bob"])
-    cid = mesh.create("alice", "bob", "web")
-    assert not [e for _, e in mesh.errors if e.reason == "grant"]
-    envelope = mesh["web"].seal(cid, text("from the browser"))
-    for reader in ("alice", "bob"):
-        assert text_of(mesh[reader].open(cid, envelope)) == "from the browser"
-
-
-def test_post_quantum_member_joins_a_conversation_a_browser_founded():
-    """The browser's X25519 grant may arrive before the roster; it is held, then checked."""
-    mesh = Mesh("web", "alice", post_quantum=["alice"])
-    cid, pubs = mesh["web"].create_conversation([mesh["alice"].pid])
-    grant = next(p for p in pubs if p.topic.endswith("/inbox"))
-    roster = next(p for p in pubs if p.topic.endswith("/propose"))
-    assert mesh["alice"].handle_grant(grant.payload).needs_roster
-    mesh.deliver(mesh["alice"].handle_roster(roster.payload))
-    envelope = mesh["web"].seal(cid, text("hello from the browser"))
-    assert text_of(mesh["alice"].open(cid, envelope)) == "hello from the browser"
-
-
-def test_grant_whose_transcript_omits_the_recipients_mlkem_key_does_not_open():
+def test_a_grant_sealed_without_the_recipients_mlkem_key_does_not_open():
+    """An X25519-only seal to a prekey that has ML-KEM is a downgrade: refused before
+    anything is decrypted (and its transcript would not match either)."""
     mesh = Mesh("alice", "bob")
     cid, pubs = mesh["alice"].create_conversation([mesh["bob"].pid])
     roster_pub = next(p for p in pubs if p.topic.endswith("/propose"))
@@ -417,9 +390,8 @@ def test_grant_whose_transcript_omits_the_recipients_mlkem_key_does_not_open():
     payload = ChainGrant(
         epoch=0, roster=roster.digest(), sender=0, chain=4, step=0, key=b"\x07" * 32
     )
-    x_only = mesh["bob"].identity.bundle.model_copy(update={"mlkem768": None})
-    downgraded = make_grant(mesh["alice"].identity, x_only, cid, payload)
-    with pytest.raises(CryptoError):  # transcript names bob's ML-KEM key, so it cannot open
+    downgraded = make_grant(mesh["alice"].identity, x25519_only(mesh["bob"]), cid, payload)
+    with pytest.raises(GrantRejected):
         mesh["bob"].handle_grant(downgraded.to_bytes())
 
 

@@ -13,7 +13,7 @@ import os
 
 import pytest
 
-from fieldchat.device import chains, grants
+from fieldchat.device import chains, sealing
 from fieldchat.schemas import CryptoError, FieldchatError, MissingKey, TextMessage
 from fieldchat.schemas.crypto import chain_step
 from fieldchat.schemas.envelope import EnvelopeKind, header_bytes, read_header
@@ -122,12 +122,13 @@ def test_an_honest_unsigned_sender_far_ahead_is_reached_as_it_keeps_sending(conv
 
 def test_a_grant_with_a_bad_signature_is_refused_before_any_key_agreement(monkeypatch):
     mesh = Mesh("alice", "bob")
-    cid, pubs = mesh["alice"].create_conversation([mesh["bob"].pid])
+    cid = mesh.create("alice", "bob")
+    pubs = mesh["alice"].rekey_own_chain(cid)  # a grant: a member's own chain (§5.4)
     grant = bytearray(next(p.payload for p in pubs if p.topic.endswith("/inbox")))
     grant[-1] ^= 1
     agreed = []
-    monkeypatch.setattr(grants, "mlkem768_decapsulate", lambda *a: agreed.append(a))
-    monkeypatch.setattr(grants, "x25519_exchange", lambda *a: agreed.append(a))
+    monkeypatch.setattr(sealing, "mlkem768_decapsulate", lambda *a: agreed.append(a))
+    monkeypatch.setattr(sealing, "x25519_exchange", lambda *a: agreed.append(a))
     with pytest.raises(CryptoError):
         mesh["bob"].handle_grant(bytes(grant))
     assert agreed == []
