@@ -54,6 +54,12 @@ Seal = Callable[[str, Message, bool], bytes]
 """``(cid, message, force_sign) -> envelope``: the sealer, for our ENDS controls."""
 
 
+def _pq(roster: Roster, pid: str) -> bool:
+    """Whether ``roster`` lists ``pid`` as post-quantum (one it does not list counts as
+    such: only a roster's word lets a sender seal with X25519 alone)."""
+    return next((m.pq for m in roster.members if m.pid == pid), True)
+
+
 @dataclass(frozen=True, slots=True)
 class GrantResult:
     """``needs_roster``: the delivery or grant is held until the roster of its epoch
@@ -302,7 +308,9 @@ class Keying:
         roster = conv.rosters[delivery.epoch]
         if self._pid not in roster.pids:
             raise GrantRejected("delivery for an epoch we are not a member of")
-        secret = open_delivery(self._identity, delivery)
+        # X25519 only is right from an admin without ML-KEM (a browser, §5.3): the
+        # roster says which; from anyone else it is a downgrade.
+        secret = open_delivery(self._identity, delivery, x25519_ok=not _pq(roster, roster.signer))
         self.save_identity()  # the prekey's use count (rotation by count, §2.5)
         if epoch_commit(secret, conv.cid_bytes, delivery.epoch) != roster.commit:
             raise GrantRejected("delivery of another secret than its roster commits to")
@@ -321,9 +329,13 @@ class Keying:
         """A member's own re-keyed chain (chain >= 1), signed by it (§5.4)."""
         grant = Grant.from_bytes(data)
         conv = self._conversations.get(grant.cid)
-        payload = accept_grant(self._identity, grant)
+        if conv is None or not conv.joined:
+            return self._hold(grant.cid, data)  # opened once a roster lets us in
+        # X25519 only is right from a member without ML-KEM (§5.4): the roster says which.
+        x25519_ok = not _pq(conv.roster, grant.granter)
+        payload = accept_grant(self._identity, grant, x25519_ok=x25519_ok)
         self.save_identity()
-        if conv is None or not conv.joined or payload.epoch > conv.epoch:
+        if payload.epoch > conv.epoch:
             return self._hold(grant.cid, data)
         if payload.epoch not in conv.pids:
             raise GrantRejected(f"grant for epoch {payload.epoch}, which is no longer kept")

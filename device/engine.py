@@ -242,6 +242,13 @@ class Engine:
         conv = self._convs.get(cid)
         return conv is not None and not conv.removed
 
+    def keyed(self, cid: str) -> bool:
+        """Whether we can seal in ``cid`` now: a member whose current epoch's secret
+        has arrived (until then :meth:`seal` raises EpochKeyPending, §6.6)."""
+        with self._lock:
+            conv = self._convs.get(cid)
+            return conv is not None and not conv.removed and conv.send is not None
+
     def next_step(self, cid: str, epoch: int, sender_index: int, chain: int) -> int | None:
         """The step a receiving chain expects next; ``None`` before its grant arrives.
 

@@ -89,8 +89,9 @@ def make_delivery(
     )
 
 
-def open_delivery(identity: Identity, delivery: Delivery) -> bytes:
+def open_delivery(identity: Identity, delivery: Delivery, *, x25519_ok: bool = False) -> bytes:
     """The epoch secret in a delivery to ``identity`` (the commit is checked by the caller).
+    ``x25519_ok``: the admin who drew it has no ML-KEM (the roster says so).
 
     Raises:
         PrekeyUnknown: sealed to a prekey whose private keys are gone (or never ours).
@@ -107,6 +108,7 @@ def open_delivery(identity: Identity, delivery: Delivery) -> bytes:
         Sealed(delivery.mode, delivery.ephemeral, delivery.kem_ciphertext, delivery.sealed),
         label=_DELIVERY_LABEL,
         header=_header(delivery.cid_bytes, delivery.epoch, delivery.prekey_id, identity.pid),
+        x25519_ok=x25519_ok,
     )
     held.opens += 1
     return secret

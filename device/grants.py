@@ -62,8 +62,9 @@ def make_grant(
     )
 
 
-def accept_grant(recipient: Identity, grant: Grant) -> ChainGrant:
+def accept_grant(recipient: Identity, grant: Grant, *, x25519_ok: bool = False) -> ChainGrant:
     """Open a grant addressed to ``recipient`` (its signature was checked on decode).
+    ``x25519_ok``: its granter has no ML-KEM (the roster says so).
 
     Raises:
         GrantRejected: addressed to someone else, or in another mode than the prekey's.
@@ -84,6 +85,7 @@ def accept_grant(recipient: Identity, grant: Grant) -> ChainGrant:
         Sealed(grant.mode, grant.ephemeral, grant.kem_ciphertext, grant.sealed),
         label=_LABEL,
         header=_header(grant.cid, grant.granter_key, grant.recipient, grant.prekey_id),
+        x25519_ok=x25519_ok,
     )
     held.opens += 1
     return ChainGrant.from_bytes(plaintext)

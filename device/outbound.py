@@ -121,6 +121,10 @@ class Outbound(Part):
     def flush_receipts(self) -> None:
         """Seal the pending receipts as one message per conversation and type."""
         owed = self.receipts.take()
+        for cid, rtype in list(owed):
+            if self.engine.is_member(cid) and not self.engine.keyed(cid):
+                # The epoch's secret is on its way (PROTOCOL.md §6.6): the next batch.
+                self.receipts.add(cid, rtype, owed.pop((cid, rtype)))
         with self.state.transaction() as tx:
             for cid, receipt in receipts(owed):
                 if self.engine.is_member(cid):
@@ -141,8 +145,8 @@ class Outbound(Part):
             return
         with self.state.transaction(durable=False, sync_outbox=False) as tx:
             for cid, ranges in wanted.items():
-                if not self.engine.is_member(cid):
-                    continue
+                if not self.engine.keyed(cid):
+                    continue  # not a member, or the epoch's secret not here yet (asked again)
                 receipt = missing_receipt(ranges)
                 self.queue_own(tx, cid, self.engine.seal(cid, receipt), OutboxKind.RECEIPT)
                 self.counters["gap_requests_sent"] += 1

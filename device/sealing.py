@@ -92,8 +92,12 @@ def open_from_prekey(
     *,
     label: bytes,
     header: Header,
+    x25519_ok: bool = False,
 ) -> bytes:
     """Open what :func:`seal_to_prekey` sealed to ``prekey`` (whose private parts are given).
+
+    ``x25519_ok``: an X25519-only seal to a prekey with ML-KEM is accepted (its sender
+    has no ML-KEM: a browser without it, which the roster shows, PROTOCOL.md §5.3).
 
     Raises:
         GrantRejected: the mode does not match the prekey (an X25519-only seal to a
@@ -101,10 +105,13 @@ def open_from_prekey(
         WeakKey: the ephemeral key is a low-order point.
         CryptoError: it does not decrypt (opaque).
     """
-    if (sealed.mode is GrantMode.HYBRID) != (mlkem_seed is not None):
-        raise GrantRejected("sealed in another mode than the prekey's (downgrade or mismatch)")
+    hybrid = sealed.mode is GrantMode.HYBRID
+    if hybrid and mlkem_seed is None:
+        raise GrantRejected("a hybrid seal to a prekey without ML-KEM")
+    if not hybrid and mlkem_seed is not None and not x25519_ok:
+        raise GrantRejected("X25519-only seal to a post-quantum prekey (downgrade)")
     shared = x25519_exchange(x25519_private, sealed.ephemeral)
-    # Hybrid here (the check above), and the wire models give a hybrid seal its ciphertext.
+    # The wire models give a hybrid seal its ciphertext, and only a hybrid seal has one.
     if mlkem_seed is not None and sealed.kem_ciphertext is not None:
         shared += mlkem768_decapsulate(mlkem_seed, sealed.kem_ciphertext)
     th = _transcript(header(sealed.mode, sealed.ephemeral, sealed.kem_ciphertext), prekey)

@@ -8,25 +8,34 @@ import pytest
 
 from fieldchat.device.chains import nonce, step_keys
 from fieldchat.device.engine import Engine
+from fieldchat.device.epochs import chain_key, epoch_commit, open_delivery
 from fieldchat.device.grants import accept_grant
 from fieldchat.schemas import Bundle, ChainGrant, Grant, Roster, TextMessage
-from fieldchat.schemas.crypto import aead_open, chain_step
+from fieldchat.schemas.crypto import aead_open, chain_step, x25519_public_from_private
+from fieldchat.schemas.delivery import Delivery
 from fieldchat.schemas.envelope import read_header
 from fieldchat.schemas.frame import pack_frame, split
+from fieldchat.schemas.ids import decode_id
 from tests.vectors.generate import PATH, build, identity
 
 VECTORS = json.loads(PATH.read_text())
 
 
 def test_file_matches_a_fresh_generation():
-    """Every deterministic byte is reproduced from the seeds; hybrid grants are recorded."""
-    assert build(VECTORS["grants"][1]["grant"]) == VECTORS
+    """Every deterministic byte is reproduced from the seeds; the hybrid grant and
+    delivery are recorded."""
+    assert build(VECTORS["grants"][1]["grant"], VECTORS["deliveries"][1]["delivery"]) == VECTORS
 
 
 @pytest.mark.parametrize("vector", VECTORS["identities"], ids=lambda v: v["name"])
 def test_identity_vectors(vector):
     bundle = Bundle.from_bytes(bytes.fromhex(vector["bundle"]))
     assert bundle.pid == vector["pid"]
+    assert bundle.prekey.id == vector["prekey_id"]
+    assert (
+        x25519_public_from_private(bytes.fromhex(vector["prekey_x25519_private"])).hex()
+        == (vector["prekey_x25519_public"])
+    )
     assert bundle.fingerprint() == vector["fingerprint"]
     assert bundle.post_quantum == vector["post_quantum"]
 
@@ -70,13 +79,33 @@ def test_envelopes_open_with_the_granted_chain_key(vector):
     assert message == TextMessage(**vector["message"])
 
 
+@pytest.mark.parametrize("conv", VECTORS["conversations"], ids=lambda c: c["label"])
+def test_key_schedule_vectors(conv):
+    """The epoch secret gives the roster's commit and every member's chain 0 (§6.1)."""
+    secret = bytes.fromhex(conv["epoch_secret"])
+    roster = Roster.from_bytes(bytes.fromhex(conv["roster"]))
+    assert epoch_commit(secret, decode_id(conv["cid"]), roster.epoch).hex() == conv["commit"]
+    assert roster.commit.hex() == conv["commit"]
+    keys = [chain_key(secret, roster.digest(), i).hex() for i in range(len(roster.members))]
+    assert keys == conv["chain_keys"]
+
+
+@pytest.mark.parametrize("vector", VECTORS["deliveries"], ids=lambda v: v["mode"])
+def test_delivery_vectors(vector):
+    recipient = identity(2) if vector["recipient"] == "bob" else identity(3, post_quantum=False)
+    delivery = Delivery.from_bytes(bytes.fromhex(vector["delivery"]))
+    assert delivery.mode.name.lower() == vector["mode"]
+    assert (delivery.cid, delivery.epoch) == (vector["cid"], vector["epoch"])
+    assert open_delivery(recipient, delivery).hex() == vector["epoch_secret"]
+
+
 def test_envelopes_open_through_the_engine_of_each_recipient():
-    """Bob (hybrid grant) and the web participant (X25519 grant) open every envelope."""
+    """The web participant (X25519 delivery) opens every envelope."""
     for conv in VECTORS["conversations"]:
         web = Engine(identity(3, post_quantum=False))
         web.learn_bundle(bytes.fromhex(VECTORS["identities"][0]["bundle"]))
         web.handle_roster(bytes.fromhex(conv["roster"]))
-        assert web.handle_grant(bytes.fromhex(conv["grant_to_web_x25519"])).installed
+        assert web.handle_grant(bytes.fromhex(conv["delivery_to_web_x25519"])).installed
         for vector in VECTORS["envelopes"]:
             if vector["conversation"] == conv["label"]:
                 opened = web.open(conv["cid"], bytes.fromhex(vector["envelope"]))

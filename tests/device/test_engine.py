@@ -279,29 +279,30 @@ def test_downgraded_delivery_to_a_post_quantum_prekey_is_rejected(mesh):
 
 def test_all_zero_x25519_shared_secret_is_rejected():
     """A grant whose ephemeral key is a low-order point gives the all-zero secret."""
-    alice, bob = Identity.generate(), Identity.generate(post_quantum=False)
-    payload = ChainGrant(epoch=0, roster=bytes(32), sender=0, chain=1, step=0, key=bytes(32))
-    grant = make_grant(alice, bob.bundle, "a" * 26, payload)
+    mesh = Mesh("alice", "bob", post_quantum=["alice"])
+    alice, bob = mesh["alice"].identity, mesh["bob"]
+    cid = mesh.create("alice", "bob")
+    roster = bob.roster(cid)
+    payload = ChainGrant(epoch=0, roster=roster.digest(), sender=0, chain=1, step=0, key=bytes(32))
+    grant = make_grant(alice, bob.identity.bundle, cid, payload)
     low_order = bytes(32)  # the identity point
-    body = grant.model_copy(update={"ephemeral": low_order})
     forged = Grant.create(
-        mode=body.mode,
-        cid=body.cid,
+        mode=grant.mode,
+        cid=grant.cid,
         granter_key=alice.public,
-        recipient=body.recipient,
-        prekey_id=body.prekey_id,
+        recipient=grant.recipient,
+        prekey_id=grant.prekey_id,
         ephemeral=low_order,
         kem_ciphertext=None,
-        sealed=body.sealed,
+        sealed=grant.sealed,
         sign=alice.sign,
     )
-    engine = Engine(bob)
     with pytest.raises(WeakKey):
-        engine.handle_grant(forged.to_bytes())
-    assert engine.counters["weak_key"] == 1
-    weak = bob.bundle.prekey.model_copy(update={"x25519": low_order})
+        bob.handle_grant(forged.to_bytes())
+    assert bob.counters["weak_key"] == 1
+    weak = bob.identity.bundle.prekey.model_copy(update={"x25519": low_order})
     with pytest.raises(WeakKey):
-        make_grant(alice, bob.bundle.model_copy(update={"prekey": weak}), "a" * 26, payload)
+        make_grant(alice, bob.identity.bundle.model_copy(update={"prekey": weak}), cid, payload)
 
 
 def test_signature_policy_every_nth():
@@ -384,9 +385,8 @@ def test_a_grant_sealed_without_the_recipients_mlkem_key_does_not_open():
     """An X25519-only seal to a prekey that has ML-KEM is a downgrade: refused before
     anything is decrypted (and its transcript would not match either)."""
     mesh = Mesh("alice", "bob")
-    cid, pubs = mesh["alice"].create_conversation([mesh["bob"].pid])
-    roster_pub = next(p for p in pubs if p.topic.endswith("/propose"))
-    roster = Roster.from_bytes(roster_pub.payload)
+    cid = mesh.create("alice", "bob")
+    roster = mesh["bob"].roster(cid)
     payload = ChainGrant(
         epoch=0, roster=roster.digest(), sender=0, chain=4, step=0, key=b"\x07" * 32
     )

@@ -294,7 +294,7 @@ def test_a_delivery_of_a_secret_the_roster_does_not_commit_to_is_refused():
     """Bob, a member (no admin), sends Carol a secret of his own for the current epoch:
     had she taken it, she would send under keys Bob chose (§7)."""
     mesh = Mesh("alice", "bob", "carol")
-    bob, carol = mesh["bob"], mesh["carol"]
+    carol = mesh["carol"]
     cid = mesh.create("alice", "bob", "carol")
     mesh.deliver(mesh["alice"].set_policy(cid, Policy()))  # an epoch Carol has not keyed...
     forged = make_delivery(b"\x0b" * 32, carol.identity.bundle, cid, 1)

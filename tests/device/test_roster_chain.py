@@ -50,9 +50,7 @@ def forged(signer: Engine, base: Roster, *members: Engine, epoch: int | None = N
         epoch=base.epoch + 1 if epoch is None else epoch,
         nonce=b"",
         prev=base.digest(),
-        members=tuple(
-            Member(key=m.identity.public, admin=m is signer, pq=True) for m in members
-        ),
+        members=tuple(Member(key=m.identity.public, admin=m is signer, pq=True) for m in members),
         policy=base.policy,
         issued_at=2_000_000_000,
         signer_key=signer.identity.public,

@@ -85,6 +85,9 @@ class _Source:
     def rosters(self, cid: str, *, from_epoch: int = 0) -> list[bytes]:
         return []
 
+    def deliveries(self, cid: str) -> list[bytes]:
+        return []
+
 
 def test_a_tail_round_pages_from_the_cursor_and_says_when_to_look_again() -> None:
     source = _Source({0: ([b"a"], 5, True), 5: ([b"b"], 9, False), 7: ([], 7, False)})

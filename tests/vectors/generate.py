@@ -4,8 +4,10 @@
 
 Everything is deterministic (seeded randomness, fixed clock, deterministic Ed25519
 and AES-GCM) except ML-KEM encapsulation, whose randomness ``cryptography`` does not
-let us inject: hybrid grants are recorded once and checked by opening them (and
-recorded again when the recorded one no longer opens to the current payload).
+let us inject: the hybrid grant and the hybrid delivery are recorded once and checked
+by opening them (and recorded again when the recorded one no longer opens to the
+current payload). Prekeys come from seeded randomness, as an identity's never derive
+from its seed (PROTOCOL.md §2.4).
 The browser client checks the same file.
 """
 
@@ -24,13 +26,16 @@ from fieldchat.device.chains import (
     step_keys,
 )
 from fieldchat.device.engine import KEEP_EPOCHS, Engine
+from fieldchat.device.epochs import chain_key, epoch_commit, make_delivery, open_delivery
 from fieldchat.device.grants import accept_grant, make_grant
 from fieldchat.device.identity import Identity
 from fieldchat.schemas import ChainGrant, FieldchatError, Grant, Member, Policy, Roster, TextMessage
 from fieldchat.schemas.crypto import chain_step
+from fieldchat.schemas.delivery import Delivery
 from fieldchat.schemas.envelope import read_header
 from fieldchat.schemas.frame import pack_frame
 from fieldchat.schemas.grant import MAX_CHAIN_ENDS, ChainEnd
+from fieldchat.schemas.ids import decode_id
 
 PATH = Path(__file__).with_name("protocol.json")
 CLOCK = 1_700_000_000
@@ -49,29 +54,39 @@ class SeededRandom:
 
 
 def identity(tag: int, *, post_quantum: bool = True) -> Identity:
-    return Identity.from_seed(bytes([tag]) * 32, created_at=CLOCK, post_quantum=post_quantum)
+    return Identity.from_seed(
+        bytes([tag]) * 32,
+        created_at=CLOCK,
+        post_quantum=post_quantum,
+        random=SeededRandom(b"prekey" + bytes([tag])),
+    )
 
 
 def _identity_vector(name: str, tag: int, ident: Identity) -> dict[str, Any]:
     b = ident.bundle
+    prekey = ident.current
+    mlkem = b.prekey.mlkem768
     return {
         "name": name,
         "seed": (bytes([tag]) * 32).hex(),
         "post_quantum": b.post_quantum,
         "pid": ident.pid,
         "ed25519_public": b.ed25519.hex(),
-        "x25519_public": b.x25519.hex(),
-        "mlkem768_public_sha256": hashlib.sha256(b.mlkem768).hexdigest() if b.mlkem768 else None,
+        "prekey_id": b.prekey.id,
+        "prekey_x25519_public": b.prekey.x25519.hex(),
+        "prekey_x25519_private": prekey.x25519_private.hex(),
+        "prekey_mlkem_seed": prekey.mlkem_seed.hex() if prekey.mlkem_seed else None,
+        "prekey_mlkem768_public_sha256": hashlib.sha256(mlkem).hexdigest() if mlkem else None,
         "bundle": b.to_bytes().hex(),
         "fingerprint": b.fingerprint(),
     }
 
 
-def build(hybrid_grant: str | None = None) -> dict[str, Any]:
-    """The vectors; ``hybrid_grant`` reuses a recorded hybrid grant (hex) if given."""
+def build(hybrid_grant: str | None = None, hybrid_delivery: str | None = None) -> dict[str, Any]:
+    """The vectors; ``hybrid_grant`` and ``hybrid_delivery`` reuse recorded ones (hex)."""
     alice, bob, web = identity(1), identity(2), identity(3, post_quantum=False)
     out: dict[str, Any] = {
-        "about": "fieldchat protocol vectors v1; see PROTOCOL.md §9. All byte strings are hex.",
+        "about": "fieldchat protocol vectors v2; see PROTOCOL.md §9. All byte strings are hex.",
         "identities": [
             _identity_vector("alice", 1, alice),
             _identity_vector("bob", 2, bob),
@@ -104,23 +119,34 @@ def build(hybrid_grant: str | None = None) -> dict[str, Any]:
         "unsigned_compressed_padded": Policy(sign_every=0, compress=True, pad=True),
     }
     for label, policy in policies.items():
-        engine = Engine(alice, clock=lambda: CLOCK, random=SeededRandom(label.encode()))
+        random = SeededRandom(label.encode())
+        engine = Engine(alice, clock=lambda: CLOCK, random=random)
         for other in (bob, web):
             engine.learn_bundle(other.bundle.to_bytes())
         cid, pubs = engine.create_conversation([bob.pid, web.pid], policy=policy)
+        secret = SeededRandom(label.encode())  # the same draws: the nonce, then the secret
+        secret(16)
+        epoch_secret = secret(32)
         roster = engine.roster(cid)
+        assert roster.commit == epoch_commit(epoch_secret, decode_id(cid), 0)
         conv = engine._convs[cid]
         assert conv.send is not None
-        chain_key = conv.send.key
-        web_grant = next(p for p in pubs if p.topic.endswith(f"{web.pid}/inbox"))
+        sender_key = conv.send.key
+        web_delivery = next(p for p in pubs if p.topic.endswith(f"{web.pid}/inbox"))
         conversations.append(
             {
                 "label": label,
                 "cid": cid,
                 "roster": roster.to_bytes().hex(),
                 "creator": "alice",
-                "sender_chain_key": chain_key.hex(),
-                "grant_to_web_x25519": web_grant.payload.hex(),
+                "epoch_secret": epoch_secret.hex(),
+                "commit": roster.commit.hex(),
+                "chain_keys": [
+                    chain_key(epoch_secret, roster.digest(), i).hex()
+                    for i in range(len(roster.members))
+                ],
+                "sender_chain_key": sender_key.hex(),
+                "delivery_to_web_x25519": web_delivery.payload.hex(),
             }
         )
         texts = ["hello", "Pump 3 at 4.2 bar; valve B closed. Back on site 14:30 ✓", "x" * 300]
@@ -164,7 +190,7 @@ def build(hybrid_grant: str | None = None) -> dict[str, Any]:
     # (§5.3, §6.4): the receiver takes unsigned steps of those chains below them.
     ends = (ChainEnd(epoch=2, chain=0, next_step=17), ChainEnd(epoch=1, chain=0, next_step=0))
     payload = ChainGrant(
-        epoch=3, roster=bytes(32), sender=0, chain=0, step=5, key=bytes(32), ends=ends
+        epoch=3, roster=bytes(32), sender=0, chain=1, step=5, key=bytes(32), ends=ends
     )
     x_grant = make_grant(alice, web.bundle, "a" * 26, payload, random=SeededRandom(b"grant"))
     if hybrid_grant is None:
@@ -187,6 +213,32 @@ def build(hybrid_grant: str | None = None) -> dict[str, Any]:
             "cid": "a" * 26,
             "payload": payload.to_bytes().hex(),
             "grant": hybrid_grant,
+            "deterministic": False,
+        },
+    ]
+    # Epoch secrets sealed to a prekey (§5.3): X25519 (deterministic) and hybrid.
+    secret = bytes(range(100, 132))
+    x_delivery = make_delivery(secret, web.bundle, "a" * 26, 3, random=SeededRandom(b"delivery"))
+    if hybrid_delivery is None:
+        hybrid_delivery = make_delivery(secret, bob.bundle, "a" * 26, 3).to_bytes().hex()
+    out["deliveries"] = [
+        {
+            "mode": "x25519",
+            "recipient": "web",
+            "cid": "a" * 26,
+            "epoch": 3,
+            "ephemeral_private": SeededRandom(b"delivery")(32).hex(),
+            "epoch_secret": secret.hex(),
+            "delivery": x_delivery.to_bytes().hex(),
+            "deterministic": True,
+        },
+        {
+            "mode": "hybrid",
+            "recipient": "bob",
+            "cid": "a" * 26,
+            "epoch": 3,
+            "epoch_secret": secret.hex(),
+            "delivery": hybrid_delivery,
             "deterministic": False,
         },
     ]
@@ -213,10 +265,11 @@ def _roster_chain(admin: Engine, cid: str, member: Identity) -> list[dict[str, A
         epoch=2,
         nonce=b"",
         prev=rosters[1].digest(),
-        members=(Member(pid=member.pid, admin=True, pq=True),),
+        members=(Member(key=member.public, admin=True, pq=True),),
         policy=rosters[1].policy,
         issued_at=CLOCK,
         signer_key=member.bundle.ed25519,
+        commit=bytes(32),
         sign=member.sign,
     )
     skipping = Roster.create(  # an admin's epoch 2 naming epoch 0 as its predecessor
@@ -228,6 +281,7 @@ def _roster_chain(admin: Engine, cid: str, member: Identity) -> list[dict[str, A
         policy=rosters[2].policy,
         issued_at=CLOCK,
         signer_key=admin.identity.public,
+        commit=rosters[2].commit,
         sign=admin.identity.sign,
     )
     cases: list[dict[str, Any]] = [
@@ -261,12 +315,25 @@ def _opens(vector: dict[str, Any]) -> bool:
     return granted == ChainGrant.from_bytes(bytes.fromhex(vector["payload"]))
 
 
+def _delivery_opens(vector: dict[str, Any]) -> bool:
+    try:
+        secret = open_delivery(identity(2), Delivery.from_bytes(bytes.fromhex(vector["delivery"])))
+    except FieldchatError:
+        return False
+    return secret.hex() == vector["epoch_secret"]
+
+
 def main() -> None:
     previous = json.loads(PATH.read_text()) if PATH.exists() else None
-    recorded = previous["grants"][1]["grant"] if previous else None
-    vectors = build(recorded)
-    if not _opens(vectors["grants"][1]):  # the payload changed: record a new one
-        vectors = build(None)
+    grant = previous["grants"][1]["grant"] if previous else None
+    delivery = previous.get("deliveries", [{}, {}])[1].get("delivery") if previous else None
+    vectors = build(grant, delivery)
+    # A payload that changed, or a recipient whose prekey changed: record new ones.
+    if not _opens(vectors["grants"][1]):
+        grant = None
+    if not _delivery_opens(vectors["deliveries"][1]):
+        delivery = None
+    vectors = build(grant, delivery)
     PATH.write_text(json.dumps(vectors, indent=1, ensure_ascii=False) + "\n")
     print(f"wrote {PATH}")
 

@@ -1,5 +1,6 @@
 """The browser's engine and Python's exchange messages both ways: rosters, X25519-only
-grants in both directions, sealing and opening, and rotation when a member is removed.
+epoch-secret deliveries in both directions (the browser has no ML-KEM yet), sealing and
+opening, and new epochs when a member is removed.
 The bytes travel through the test process (no network), so a failure here is the
 protocol's, not the transport's.
 
@@ -17,7 +18,8 @@ import pytest
 
 from fieldchat.device.engine import Engine, Opened, Publication
 from fieldchat.device.identity import Identity
-from fieldchat.schemas import Grant, GrantMode, Member, Policy, Roster, TextMessage, Topics
+from fieldchat.schemas import Bundle, GrantMode, Member, Policy, Roster, TextMessage, Topics
+from fieldchat.schemas.delivery import Delivery
 from fieldchat.schemas.envelope import EnvelopeKind, header_bytes
 from fieldchat.schemas.errors import FieldchatError
 from fieldchat.schemas.roster import is_roster
@@ -46,6 +48,7 @@ class WebPeer:
         return list(self.call("handleRoster", data.hex()))
 
     def grant(self, data: bytes) -> dict[str, Any]:
+        """``{installed, needsRoster, publications}`` (publications: its ENDS, §6.5)."""
         return dict(self.call("handleGrant", data.hex()))
 
     def seal(self, cid: str, text: str) -> bytes:
@@ -79,7 +82,7 @@ def text(opened: Opened | None) -> str:
 
 
 def route(pubs: list[Publication], engines: dict[str, Engine], web: WebPeer) -> None:
-    """Deliver Python's grants to their recipients' inboxes (the browser's included)."""
+    """Deliver Python's deliveries to their recipients' inboxes (the browser's included)."""
     for p in pubs:
         where = TOPICS.parse(p.topic)
         assert where.kind == "inbox"
@@ -98,14 +101,15 @@ def test_python_founds_and_both_sides_talk(page):
     cid, pubs = device.create_conversation([web.pid])
     roster = Roster.from_bytes(pubs[0].payload)
     assert [m.pq for m in roster.members] == [True, False]  # the roster shows who is PQ
-    grant_to_web = next(p for p in pubs if p.topic == TOPICS.inbox(web.pid))
-    assert Grant.from_bytes(grant_to_web.payload).mode is GrantMode.X25519
-    web_grants = web.roster(roster.to_bytes())
-    assert len(web_grants) == 1
-    assert web.call("grantMode", web_grants[0]["data"]) == GrantMode.X25519
-    assert web.grant(grant_to_web.payload) == {"installed": True, "needsRoster": False}
-    # Python accepts the browser's X25519-only grant: the roster says it has no ML-KEM.
-    assert device.handle_grant(bytes.fromhex(web_grants[0]["data"])).installed
+    to_web = next(p for p in pubs if p.topic == TOPICS.inbox(web.pid))
+    assert Delivery.from_bytes(to_web.payload).mode is GrantMode.X25519  # its prekey: no ML-KEM
+    assert web.call("grantMode", to_web.payload.hex()) == GrantMode.X25519
+    assert web.roster(roster.to_bytes()) == []  # a member sends nothing: the admin keys it
+    assert web.grant(to_web.payload) == {
+        "installed": True,
+        "needsRoster": False,
+        "publications": [],
+    }
 
     for i in range(3):
         sealed = device.seal(cid, TextMessage(sent_at=1700000000 + i, text=f"from python {i} ✓"))
@@ -139,8 +143,7 @@ def test_the_browser_accepts_a_gap_request_and_goes_on(page):
     device.learn_bundle(web.bundle)
     web.learn(device.identity.bundle.to_bytes())
     cid, pubs = device.create_conversation([web.pid])
-    for grant in web.roster(pubs[0].payload):
-        device.handle_grant(bytes.fromhex(grant["data"]))
+    assert web.roster(pubs[0].payload) == []
     web.grant(next(p for p in pubs if p.topic == TOPICS.inbox(web.pid)).payload)
     ask = Receipt(
         type=ReceiptType.MISSING,
@@ -177,7 +180,7 @@ def test_browser_founds_removes_and_the_removed_cannot_read(page):
         web.open(cid, bob.seal(cid, TextMessage(sent_at=2, text="bob here")))["text"] == "bob here"
     )
 
-    # The browser (admin) removes bob: a new epoch, new chains for alice and the browser.
+    # The browser (admin) removes bob: a new epoch, its secret delivered to alice alone.
     removal = web.call("remove", [cid, [bob.pid]])
     roster1 = bytes.fromhex(removal[0]["data"])
     assert Roster.from_bytes(roster1).pids == (web.pid, alice.pid)
@@ -242,24 +245,22 @@ def test_a_browser_invited_later_adopts_the_roster_only_through_the_chain(page):
     cid = found(alice, [bob], None)
     invite = alice.add_members(cid, [web.pid])
     bob.handle_roster(invite[0].payload)
+    bob.handle_grant(next(p.payload for p in invite if p.topic == TOPICS.inbox(bob.pid)))
     to_web = [p.payload for p in invite if p.topic == TOPICS.inbox(web.pid)]
     history = [p for p in to_web if is_roster(p)]
     assert [Roster.from_bytes(r).epoch for r in history] == [0]
 
     assert web.try_roster(invite[0].payload) == {"error": "roster_pending"}
     assert web.call("conversations") == []
-    grants = web.inbox(history[0])["publications"]
-    assert sorted(g["recipient"] for g in grants) == sorted([alice.pid, bob.pid])
-    for g in grants:
-        {alice.pid: alice, bob.pid: bob}[g["recipient"]].handle_grant(bytes.fromhex(g["data"]))
-    for grant in [p for p in to_web if not is_roster(p)]:
-        assert web.inbox(grant) == {"installed": True, "ends": 0}
+    assert web.inbox(history[0])["publications"] == []  # adopted; the admin keys the epoch
+    for delivery in [p for p in to_web if not is_roster(p)]:
+        assert web.inbox(delivery) == {"installed": True, "ends": 0, "publications": []}
     hello = alice.seal(cid, TextMessage(sent_at=1, text="welcome"))
     assert web.open(cid, hello)["text"] == "welcome"
     assert text(bob.open(cid, web.seal(cid, "thanks"))) == "thanks"
 
 
-def forged_epoch_1(roster0: Roster, signer: Identity, browser: str, outsider: str) -> Roster:
+def forged_epoch_1(roster0: Roster, signer: Identity, browser: bytes, outsider: bytes) -> Roster:
     """Epoch 1 after ``roster0``, naming it as prev, adding the browser and an outsider,
     signed by ``signer`` (a member who is no admin: it does not chain, §5.2)."""
     return Roster.create(
@@ -269,12 +270,13 @@ def forged_epoch_1(roster0: Roster, signer: Identity, browser: str, outsider: st
         prev=roster0.digest(),
         members=(
             *roster0.members,
-            Member(pid=browser, admin=False, pq=False),
-            Member(pid=outsider, admin=False, pq=True),
+            Member(key=browser, admin=False, pq=False),
+            Member(key=outsider, admin=False, pq=True),
         ),
         policy=roster0.policy,
         issued_at=roster0.issued_at,
         signer_key=signer.public,
+        commit=bytes(32),
         sign=signer.sign,
     )
 
@@ -288,7 +290,8 @@ def test_a_roster_a_member_forged_is_not_adopted_and_gets_no_grant(page):
     introduce(web, alice, mallory, outsider)
     cid, pubs = alice.create_conversation([mallory.pid])
     roster0 = Roster.from_bytes(pubs[0].payload)
-    forged = forged_epoch_1(roster0, mallory.identity, web.pid, outsider.pid)
+    web_key = Bundle.from_bytes(web.bundle).ed25519
+    forged = forged_epoch_1(roster0, mallory.identity, web_key, outsider.identity.public)
 
     assert web.try_roster(forged.to_bytes()) == {"error": "roster_pending"}
     assert web.try_roster(roster0.to_bytes()) == {"publications": []}  # not listed at 0
@@ -300,8 +303,8 @@ def test_a_roster_a_member_forged_is_not_adopted_and_gets_no_grant(page):
 def test_a_removed_member_cannot_pass_unsigned_envelopes_off_as_a_remaining_one(page):
     """Issue 13, item 4, the browser receiving: Carol, removed at epoch 1, keeps Bob's
     epoch-0 chain key and seals "from Bob" at a step Bob never used. The browser holds
-    that and Bob's genuine late envelope until Bob's epoch-1 grant states his end, then
-    shows the genuine one and refuses the forgery."""
+    that and Bob's genuine late envelope until Bob's signed ENDS control of epoch 1 states
+    his end, then shows the genuine one and refuses the forgery."""
     web = WebPeer(page)
     alice, bob, carol = (Engine(Identity.generate()) for _ in range(3))
     introduce(web, alice, bob, carol)
@@ -310,15 +313,18 @@ def test_a_removed_member_cannot_pass_unsigned_envelopes_off_as_a_remaining_one(
     late = bob.seal(cid, TextMessage(sent_at=1, text="late, sealed before the removal"))
 
     removal = alice.remove_members(cid, [carol.pid])
+    deliveries = {p.topic: p.payload for p in removal[1:] if TOPICS.parse(p.topic).kind == "inbox"}
     web.roster(removal[0].payload)
-    bobs = bob.handle_roster(removal[0].payload)
+    assert web.grant(deliveries[TOPICS.inbox(web.pid)])["installed"]
+    bob.handle_roster(removal[0].payload)
+    (ends,) = bob.handle_grant(deliveries[TOPICS.inbox(bob.pid)]).publications
     carol.handle_roster(removal[0].payload)
     forgery = forge_as(carol, cid, bob, 2, "from bob: pay carol")
 
     assert web.open(cid, late) == {"error": "chain_end_unknown"}
     assert web.open(cid, forgery) == {"error": "chain_end_unknown"}
-    bobs_grant = next(p.payload for p in bobs if p.topic == TOPICS.inbox(web.pid))
-    assert web.inbox(bobs_grant) == {"installed": True, "ends": 1}
+    assert ends.topic == TOPICS.msg(cid)
+    assert web.open(cid, ends.payload) == {"sender": bob.pid, "text": None, "kind": 3}
     assert web.open(cid, late)["text"].startswith("late")
     assert web.open(cid, forgery) == {"error": "chain_closed"}
     # Signed envelopes and the new epoch are not affected.
@@ -326,8 +332,8 @@ def test_a_removed_member_cannot_pass_unsigned_envelopes_off_as_a_remaining_one(
 
 
 def test_the_browser_states_where_its_chain_ended_and_python_refuses_past_it(page):
-    """The other way: the browser's grants of the new epoch carry its epoch-0 end, so a
-    removed member's unsigned "from the browser" past it is refused by Python."""
+    """The other way: the browser's signed ENDS control of the new epoch states its epoch-0
+    end, so a removed member's unsigned "from the browser" past it is refused by Python."""
     web = WebPeer(page)
     alice, carol = Engine(Identity.generate()), Engine(Identity.generate())
     introduce(web, alice, carol)
@@ -344,8 +350,11 @@ def test_the_browser_states_where_its_chain_ended_and_python_refuses_past_it(pag
     removal = web.call("remove", [cid, [carol.pid]])
     alice.handle_roster(bytes.fromhex(removal[0]["data"]))
     carol.handle_roster(bytes.fromhex(removal[0]["data"]))
-    [grant] = [p for p in removal if p["kind"] == "grant"]
-    assert alice.handle_grant(bytes.fromhex(grant["data"])).ends == 1
+    [delivery] = [p for p in removal if p["kind"] == "grant"]
+    assert alice.handle_grant(bytes.fromhex(delivery["data"])).installed
+    [ends] = [p for p in removal if p["kind"] == "msg"]
+    assert ends["cid"] == cid
+    alice.open(cid, bytes.fromhex(ends["data"]))
     assert text(alice.open(cid, late)) == "late"
     with pytest.raises(FieldchatError) as info:
         alice.open(cid, forge_as(carol, cid, web, 2, "from the browser: pay carol"))  # type: ignore[arg-type]

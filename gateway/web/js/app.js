@@ -9,6 +9,7 @@ import { openStore } from "./store.js";
 import { MSG, readHeader } from "./wire.js";
 
 const PAGE = 100; // envelopes per history page
+const KEY_WAIT_TRIES = 100; // 10 s for an epoch's secret before a send gives up
 const MAX_HELD = 2000; // envelopes waiting for their grant, roster or reach, per conversation
 // Refusals worth holding an envelope for (PROTOCOL.md §6.4): its key, roster or chain end
 // may come; `unsigned_jump` ones wait until the chain's reach passes them.
@@ -78,6 +79,7 @@ async function openSession(account) {
   S.account = account;
   S.store = await openStore(account.username);
   S.engine = await Engine.open(S.store);
+  await publishAll(await S.engine.maintainPrekeys()); // a prekey due by time rotates (§2.5)
   if (!account.pids.includes(S.engine.pid)) {
     // A new browser for this account (register the participant it just made), or one
     // whose claim predates proofs (account.unverified): prove we hold its key.
@@ -247,7 +249,10 @@ async function onInbox(cid, data) {
     return;
   }
   if (result.roster) await afterRosters(cid, result.publications, true);
-  else if (result.installed || result.ends) await retryHeld(result.cid);
+  else {
+    if (result.publications?.length) await publishAll(result.publications); // our ENDS (§6.5)
+    if (result.installed || result.ends) await retryHeld(result.cid);
+  }
 }
 
 async function fetchBundles(cid) {
@@ -486,6 +491,11 @@ async function loadHistory(cid) {
 // -- sending ---------------------------------------------------------------------------------
 
 async function send(cid, text) {
+  // A new epoch whose secret is on its way from the admin (PROTOCOL.md §6.6): wait for it
+  // (one inbox hop) rather than seal in an epoch a member just removed could read.
+  for (let i = 0; i < KEY_WAIT_TRIES && S.engine.isMember(cid) && !S.engine.keyed(cid); i++) {
+    await new Promise((resolve) => setTimeout(resolve, 100));
+  }
   const sealed = await S.engine.seal(cid, { kind: MSG.text, sentAt: Math.floor(Date.now() / 1000), text });
   const [, epoch, sender, chain, step] = sealed.key;
   const id = sealed.key.join("/");
@@ -503,7 +513,10 @@ async function send(cid, text) {
 // there; a device without one holds the new roster until they come (docs/web.md).
 async function publishAll(publications) {
   const out = publications.filter((p) => p.kind !== "inbox");
-  for (const p of out) await S.store.queue({ kind: p.kind, data: p.data, attempts: 0 });
+  for (const p of out) {
+    // A delivery (kind "grant") names its recipient; an ENDS or UPDATE control its cid.
+    await S.store.queue({ kind: p.kind, data: p.data, cid: p.cid, recipient: p.recipient, attempts: 0 });
+  }
   if (out.length) flushOutbox();
 }
 
@@ -519,7 +532,10 @@ async function flushOutbox() {
       if (!items.length) break;
       const item = items[0];
       try {
-        await S.bridge.publish(item.kind, item.data, item.cid ? { cid: item.cid } : {});
+        const extra = {};
+        if (item.cid) extra.cid = item.cid;
+        if (item.recipient) extra.recipient = item.recipient;
+        await S.bridge.publish(item.kind, item.data, extra);
         await S.store.unqueue(item.n);
         if (item.id) await markSent(item.cid, item.id);
       } catch (err) {

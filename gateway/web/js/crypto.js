@@ -103,17 +103,17 @@ export async function rawPublic(key) {
 }
 
 // Key pairs made in this browser: the private halves are not extractable.
-export async function generateIdentityKeys() {
+export async function generateEdKeys() {
   const ed = await subtle.generateKey(ED, false, ["sign", "verify"]);
-  const x = await subtle.generateKey(X, false, ["deriveBits"]);
-  return { edPrivate: ed.privateKey, edPublic: await rawPublic(ed.publicKey),
-           xPrivate: x.privateKey, xPublic: await rawPublic(x.publicKey) };
+  return { privateKey: ed.privateKey, publicRaw: await rawPublic(ed.publicKey) };
 }
 
-export async function generateEphemeral() {
+export async function generateXKeys() {
   const x = await subtle.generateKey(X, false, ["deriveBits"]);
   return { privateKey: x.privateKey, publicRaw: await rawPublic(x.publicKey) };
 }
+
+export const generateEphemeral = generateXKeys;
 
 // Private keys from raw bytes, for the protocol vectors and for deterministic tests
 // (PROTOCOL.md §2.1 derives them from a seed). PKCS#8 wraps a 32-byte private key

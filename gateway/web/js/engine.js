@@ -1,8 +1,12 @@
 // The end-to-end engine of a browser participant (device/engine.py in Python; PROTOCOL.md
-// §5-§7): conversations, rosters, grants, sending and receiving chains. Pure: no network;
-// state goes to an injected store (IndexedDB in the page, memory in the vector checks).
-// The browser has no ML-KEM: its bundle says so, the grants it receives and makes are
+// §5-§7): conversations, rosters, epoch secrets, grants, sending and receiving chains. Pure:
+// no network; state goes to an injected store (IndexedDB in the page, memory in the vector
+// checks). The browser has no ML-KEM yet: its prekeys say so, what it seals and opens is
 // X25519-only, and rosters mark it as not post-quantum protected.
+//
+// Keys (§6.1): the admin who signs an epoch draws its secret (the roster commits to it)
+// and delivers it to every other member's prekey; every member's chain 0 derives from it.
+// Until a member has its delivery, it seals nothing (`epoch_key_pending`).
 //
 // Trust in rosters (§5.2): a roster is adopted only through a verified chain, from epoch 0
 // when joining and from the newest adopted roster (the tip) when catching up; one that
@@ -15,25 +19,30 @@
 // conversation's state, adopting held rosters, closed epochs), bundles.js (trust on first
 // use), identity.js and grants.js (keys, signed rosters, grants sealed and opened).
 
-import { CryptoError, FieldchatError, concat, equal, protocolError } from "./bytes.js";
+import { CryptoError, FieldchatError, concat, decodeId, equal, protocolError } from "./bytes.js";
 import { Bundles } from "./bundles.js";
 import {
   MARK_EVERY, MAX_FORWARD_JUMP, MAX_SKIPPED_KEYS, MAX_UNSIGNED_JUMP, RecvChain,
 } from "./chains.js";
 import { KEEP_EPOCHS, MAX_ROSTER_CANDIDATES, Conversation, loadConversations } from "./conversation.js";
-import { aeadSeal, chainStep, ed25519Sign, ed25519Verify, randomBytes, stepNonce } from "./crypto.js";
-import { acceptGrant, makeGrant, payGrants } from "./grants.js";
-import { generateIdentity, identityFromSeed, signRoster } from "./identity.js";
-import { MemoryStore } from "./store.js";
+import { aeadSeal, chainStep, ed25519Sign, ed25519Verify, randomBytes, sha256, stepNonce } from "./crypto.js";
 import {
-  FLAG, MSG, cidFor, decodeBundle, decodeGrant, decodePlaintext, decodeRoster, encodePlaintext,
-  envelopeHeader, fingerprint, isAdmin, isRoster, readHeader, verifyRosterChain,
+  acceptGrant, chainKey, epochCommit, makeDelivery, makeGrant, openDelivery, payDeliveries,
+} from "./grants.js";
+import { currentPrekey, generateIdentity, identityFromSeed, maintainPrekeys, signRoster } from "./identity.js";
+import { MemoryStore } from "./store.js";
+import { pack } from "./msgpack.js";
+import {
+  CONTROL, FLAG, MSG, cidFor, decodeBundle, decodeDelivery, decodeGrant, decodePlaintext, decodeRoster,
+  encodePlaintext, envelopeHeader, fingerprint, isAdmin, isDelivery, isRoster, prekeyFields, readHeader,
+  verifyRosterChain,
 } from "./wire.js";
 
 // This module is the browser participant's whole API (tests/web/pages import it).
 export {
   CryptoError, KEEP_EPOCHS, MARK_EVERY, MAX_FORWARD_JUMP, MAX_ROSTER_CANDIDATES, MAX_SKIPPED_KEYS, MAX_UNSIGNED_JUMP,
-  MemoryStore, acceptGrant, generateIdentity, identityFromSeed, makeGrant,
+  MemoryStore, acceptGrant, chainKey, epochCommit, generateIdentity, identityFromSeed, makeDelivery,
+  makeGrant, openDelivery,
 };
 export const MAX_PENDING_GRANTS = 256; // grants held per conversation until its epoch is entered
 // Conversations known only from held rosters or grants, or rosters not listing us; past
@@ -57,6 +66,7 @@ export class Engine {
     this._queue = Promise.resolve();
     this._dirty = new Set();
     this._flushTimer = null;
+    this._updates = new Map(); // cid -> Map(sender pid -> [prekey id, digest] | null) (§6.7)
   }
 
   // The engine of the identity in `store`, generating one on first use.
@@ -133,16 +143,17 @@ export class Engine {
       const pol = policy ?? { signEvery: 1, compress: false, pad: false, requirePq: false };
       const nonce = randomBytes(16);
       const cid = await cidFor(this.pid, nonce);
+      const secret = randomBytes(32);
       const roster = await signRoster(this.identity, {
         cid, epoch: 0, nonce, prev: new Uint8Array(0), policy: pol,
-        members: this.bundles.members(this.pid, [this.pid, ...members], new Set([this.pid]), pol),
-        issuedAt: Math.floor(Date.now() / 1000),
+        members: this.bundles.members(this.pid, this.identity.edPublic, [this.pid, ...members], new Set([this.pid]), pol),
+        issuedAt: Math.floor(Date.now() / 1000), commit: await epochCommit(secret, decodeId(cid), 0),
       });
       await verifyRosterChain(roster, null);
       const conv = new Conversation(cid, 0);
       this.convs.set(cid, conv);
       await conv.adopt(this.store, roster);
-      return { cid, publications: [{ kind: "roster", data: roster.bytes }, ...await this._enterEpoch(conv, roster)] };
+      return { cid, publications: [{ kind: "roster", data: roster.bytes }, ...await this._enterEpoch(conv, roster, secret)] };
     });
   }
 
@@ -156,7 +167,7 @@ export class Engine {
     });
   }
 
-  // A new epoch without `pids`: every remaining member re-keys (§6.1).
+  // A new epoch without `pids`: keyed by a new secret delivered to those who remain (§6.1).
   removeMembers(cid, pids) {
     return this._locked(async () => {
       const conv = this._conv(cid);
@@ -168,33 +179,47 @@ export class Engine {
     });
   }
 
+  // The same members and policy in a new epoch: a new secret (an update, §6.7).
+  renewEpoch(cid) {
+    return this._locked(async () => this._renew(this._conv(cid)));
+  }
+
+  async _renew(conv) {
+    const current = conv.rosters.get(conv.epoch);
+    const admins = new Set(current.members.filter((m) => m.admin).map((m) => m.pid));
+    return this._rotate(conv, [...current.pids], admins, current.policy);
+  }
+
   // The new roster, then the earlier rosters for each new member's inbox (kind "inbox",
   // one roster each: it must verify the chain from epoch 0 before it trusts the new one,
-  // §5.2), then our grants of the new epoch.
+  // §5.2), then the deliveries of the new epoch's secret (we drew it).
   async _rotate(conv, pids, admins, policy) {
     const current = conv.rosters.get(conv.epoch);
     if (conv.removed || !isAdmin(current, this.pid)) {
       throw rejected("not_member", `only an admin of ${conv.cid} can change its roster`);
     }
     if (![...admins].some((a) => pids.includes(a))) admins = new Set([pids.includes(this.pid) ? this.pid : pids[0]]);
+    const secret = randomBytes(32);
     const roster = await signRoster(this.identity, {
       cid: conv.cid, epoch: current.epoch + 1, nonce: new Uint8Array(0), prev: current.digest,
-      members: this.bundles.members(this.pid, pids, admins, policy), policy, issuedAt: Math.floor(Date.now() / 1000),
+      members: this.bundles.members(this.pid, this.identity.edPublic, pids, admins, policy), policy,
+      issuedAt: Math.floor(Date.now() / 1000), commit: await epochCommit(secret, conv.cidRaw, current.epoch + 1),
     });
     await verifyRosterChain(roster, current);
     const earlier = [...conv.rosters.keys()].sort((a, b) => a - b).map((e) => conv.rosters.get(e).bytes);
     const history = roster.pids.filter((p) => !current.pids.includes(p))
       .flatMap((recipient) => earlier.map((data) => ({ kind: "inbox", recipient, data })));
     await conv.adopt(this.store, roster);
-    return [{ kind: "roster", data: roster.bytes }, ...history, ...await this._enterEpoch(conv, roster)];
+    return [{ kind: "roster", data: roster.bytes }, ...history, ...await this._enterEpoch(conv, roster, secret)];
   }
 
   // What arrived in our inbox: a roster an inviting admin sent (handleRoster's
-  // publications) or a grant (handleGrant's result). Kind byte 0x12 is a roster (§5.2).
+  // publications), an epoch secret's delivery or a grant (handleGrant's result). Kind
+  // byte 0x12 is a roster (§5.2), 0x13 a delivery (§5.3), 0x10 a grant (§5.4).
   handleInbox(data) {
     return this._locked(async () => (isRoster(data)
       ? { roster: true, publications: await this._handleRoster(data) }
-      : this._handleGrant(data)));
+      : this._handleKey(data)));
   }
 
   // Take a roster (from the roster topic, the inbox or the gateway); return our grants
@@ -257,16 +282,23 @@ export class Engine {
     return this._enterEpoch(conv, tip);
   }
 
-  // Enter the epoch of an adopted roster: drop what removed members could use, record
-  // where our sending chain ended, start a new chain and grant it.
-  async _enterEpoch(conv, roster) {
-    conv.enter(roster, this.pid, randomBytes(32));
-    const publications = conv.removed ? [] : await payGrants(this.identity, this.bundles, conv);
+  // Enter the epoch of an adopted roster: drop what removed members could use and record
+  // where our sending chain ended. `secret`: we drew it (we signed the roster): key the
+  // epoch and deliver it; otherwise its delivery keys it when it comes.
+  async _enterEpoch(conv, roster, secret = null) {
+    conv.enter(roster, this.pid);
+    const publications = [];
+    if (secret && !conv.removed) {
+      conv.grantBase = { epoch: roster.epoch, secret };
+      conv.owed = new Set(roster.pids.filter((p) => p !== this.pid));
+      publications.push(...await this._keyEpoch(conv, roster, secret));
+      publications.push(...await payDeliveries(this.bundles, conv));
+    }
     await this._save(conv);
     const pending = conv.pending;
     conv.pending = [];
     for (const data of pending) {
-      try { await this._handleGrant(data); } catch (err) {
+      try { publications.push(...(await this._handleKey(data)).publications ?? []); } catch (err) {
         if (!(err instanceof FieldchatError)) throw err;
         this.count(err.reason);
       }
@@ -275,14 +307,43 @@ export class Engine {
     return publications;
   }
 
-  // Grants owed to members whose bundles have arrived since.
+  // Every member's chain 0 of `roster`'s epoch from its secret (§6.1): our sending chain
+  // (the current epoch only) and the others' receiving chains; then our ENDS control if due.
+  async _keyEpoch(conv, roster, secret) {
+    const sending = roster.epoch === conv.epoch && !conv.removed;
+    for (const [index, member] of roster.members.entries()) {
+      const key = await chainKey(secret, roster.digest, index);
+      if (member.pid === this.pid) {
+        if (sending && !conv.send) conv.send = { epoch: roster.epoch, chain: 0, step: 0, key };
+        continue;
+      }
+      const id = `${roster.epoch}/${index}/0`;
+      if (!conv.recv.has(id)) {
+        conv.recv.set(id, new RecvChain({ epoch: roster.epoch, sender: index, chain: 0, step: 0, key, signer: member.key }));
+      }
+    }
+    await this._save(conv);
+    return sending ? this._endsControl(conv) : [];
+  }
+
+  // Our signed ENDS control (§6.5) when this epoch closed an earlier one in which we sent
+  // under a policy that allowed unsigned steps: receivers need the ends to take our
+  // unsigned envelopes of it, which the member removed could forge.
+  async _endsControl(conv) {
+    const due = conv.sentEnds.filter(([e]) => conv.closed.has(e) && conv.kept(e)?.policy.signEvery !== 1);
+    if (!due.length) return [];
+    const sealed = await this._seal(conv, { kind: MSG.control, op: CONTROL.ends, ends: due }, true);
+    return [{ kind: "msg", cid: conv.cid, data: sealed.data }];
+  }
+
+  // Deliveries owed to members whose bundles have arrived since.
   payOwedGrants(cid = null) {
     return this._locked(async () => {
       const out = [];
       for (const conv of cid ? [this._conv(cid)] : [...this.convs.values()]) {
         if (conv.owed.size && conv.epoch >= 0) {
           const before = conv.owed.size;
-          out.push(...await payGrants(this.identity, this.bundles, conv));
+          out.push(...await payDeliveries(this.bundles, conv));
           if (conv.owed.size !== before) await this._save(conv);
         }
       }
@@ -290,42 +351,122 @@ export class Engine {
     });
   }
 
-  // -- grants ----------------------------------------------------------------------------------
+  // -- prekeys and updates (§2.5, §6.7) -------------------------------------------------------
 
-  // `ends`: how many ends of the granter's earlier chains it taught us (envelopes held for
-  // them, reason `chain_end_unknown`, can be retried).
-  handleGrant(data) { return this._locked(() => this._handleGrant(data)); }
+  // Rotate our prekey when due (time or use) and delete old ones past their grace; the
+  // bundle to publish when it rotated.
+  maintainPrekeys(options = {}) {
+    return this._locked(async () => {
+      const { rotated, pruned } = await maintainPrekeys(this.identity, options);
+      if (rotated || pruned) await this.store.put("identity", this.identity);
+      return rotated ? [{ kind: "bundle", data: this.identity.bundle }] : [];
+    });
+  }
+
+  // Recover from a suspected copy of our state: a new prekey (every older one deleted now)
+  // and a new epoch of each conversation we are in — ours where we are an admin, asked of
+  // an admin (UPDATE) elsewhere.
+  update() {
+    return this._locked(async () => {
+      await maintainPrekeys(this.identity, { force: true, dropOld: true });
+      await this.store.put("identity", this.identity);
+      const out = [{ kind: "bundle", data: this.identity.bundle }];
+      const prekey = currentPrekey(this.identity);
+      const digest = await sha256(pack(prekeyFields({ id: prekey.id, x25519: prekey.xPublic, mlkem768: null,
+                                                      createdAt: prekey.createdAt })));
+      for (const conv of [...this.convs.values()].sort((a, b) => (a.cid < b.cid ? -1 : 1))) {
+        if (conv.epoch < 0 || conv.removed) continue;
+        if (isAdmin(conv.rosters.get(conv.epoch), this.pid)) out.push(...await this._renew(conv));
+        else if (conv.send) {
+          const sealed = await this._seal(conv, { kind: MSG.control, op: CONTROL.update, prekeyId: prekey.id, prekeyDigest: digest });
+          out.push({ kind: "msg", cid: conv.cid, data: sealed.data });
+        }
+      }
+      return out;
+    });
+  }
+
+  // As an admin: a new epoch for each conversation with an UPDATE or REKEY we can answer
+  // now (an UPDATE once we hold the bundle with the prekey it names).
+  answerUpdates() {
+    return this._locked(async () => {
+      const out = [];
+      for (const [cid, asked] of [...this._updates]) {
+        const conv = this.convs.get(cid);
+        if (!conv || conv.removed || !isAdmin(conv.rosters.get(conv.epoch), this.pid)) { this._updates.delete(cid); continue; }
+        const ready = [...asked].filter(([pid, want]) => {
+          if (!want) return true;
+          const b = this.bundles.get(pid);
+          return !!b && b.prekey.id >= want[0];
+        }).map(([pid]) => pid);
+        if (!ready.length) continue;
+        for (const pid of ready) asked.delete(pid);
+        if (!asked.size) this._updates.delete(cid);
+        out.push(...await this._renew(conv));
+      }
+      return out;
+    });
+  }
+
+  // -- deliveries and grants -------------------------------------------------------------------
+
+  // A delivery (§5.3) or a grant (§5.4): {cid, installed, needsRoster, ends, publications}.
+  handleGrant(data) { return this._locked(() => this._handleKey(data)); }
+
+  _handleKey(data) { return isDelivery(data) ? this._handleDelivery(data) : this._handleGrant(data); }
+
+  // Not entered yet: held until its roster is adopted through a verified chain.
+  async _hold(cid, data, conv) {
+    conv ??= await this._joining(cid);
+    if (conv.pending.length >= MAX_PENDING_GRANTS) throw rejected("grant", "too many deliveries and grants waiting for their roster");
+    conv.pending.push(data);
+    await this._save(conv);
+    return { cid, installed: false, needsRoster: true, ends: 0, publications: [] };
+  }
+
+  async _handleDelivery(data) {
+    const d = decodeDelivery(data);
+    const conv = this.convs.get(d.cid);
+    if (!conv || conv.epoch < 0 || d.epoch > conv.epoch) return this._hold(d.cid, data, conv);
+    const roster = conv.kept(d.epoch);
+    if (!roster) throw rejected("grant", `delivery for epoch ${d.epoch}, which is no longer kept`);
+    if (!roster.pids.includes(this.pid)) throw rejected("grant", "delivery for an epoch we are not a member of");
+    const secret = await openDelivery(this.identity, d);
+    await this.store.put("identity", this.identity); // the prekey's use count (§2.5)
+    if (!equal(await epochCommit(secret, conv.cidRaw, d.epoch), roster.commit)) {
+      throw rejected("grant", "delivery of another secret than its roster commits to");
+    }
+    if (conv.keyed(roster, this.pid)) {
+      this.count("duplicate");
+      return { cid: d.cid, installed: false, needsRoster: false, ends: 0, publications: [] };
+    }
+    const publications = await this._keyEpoch(conv, roster, secret);
+    return { cid: d.cid, installed: true, needsRoster: false, ends: 0, publications };
+  }
 
   async _handleGrant(data) {
     const grant = await decodeGrant(data);
     const payload = await acceptGrant(this.identity, grant);
-    let conv = this.convs.get(grant.cid);
-    if (!conv || conv.epoch < 0 || payload.epoch > conv.epoch) {
-      // Not entered yet: held until its roster is adopted through a verified chain.
-      conv ??= await this._joining(grant.cid);
-      if (conv.pending.length >= MAX_PENDING_GRANTS) throw rejected("grant", "too many grants waiting for their roster");
-      conv.pending.push(data);
-      await this._save(conv);
-      return { cid: grant.cid, installed: false, needsRoster: true, ends: 0 };
-    }
+    await this.store.put("identity", this.identity);
+    const conv = this.convs.get(grant.cid);
+    if (!conv || conv.epoch < 0 || payload.epoch > conv.epoch) return this._hold(grant.cid, data, conv);
     const roster = conv.kept(payload.epoch);
     if (!roster) throw rejected("grant", `grant for epoch ${payload.epoch}, which is no longer kept`);
+    if (payload.chain === 0) throw rejected("grant", "chain 0 comes from the epoch secret, never from a grant");
     if (!equal(roster.digest, payload.roster)) throw rejected("grant", "grant for another roster of this epoch");
     const member = roster.members[payload.sender];
     if (!member) throw rejected("grant", "grant for a sender index outside the roster");
-    if (member.pid !== grant.granter || member.pid === this.pid) throw rejected("grant", "grant signed by someone other than the chain's member");
+    if (!equal(member.key, grant.granterKey) || member.pid === this.pid) throw rejected("grant", "grant signed by someone other than the chain's member");
     if (!roster.pids.includes(this.pid)) throw rejected("grant", "grant for an epoch we are not a member of");
     const key = `${payload.epoch}/${payload.sender}/${payload.chain}`;
-    let installed = false;
-    if (conv.recv.has(key)) this.count("duplicate");
-    else {
-      conv.recv.set(key, new RecvChain({ epoch: payload.epoch, sender: payload.sender, chain: payload.chain,
-                                         step: payload.step, key: payload.key, signer: grant.granterKey }));
-      installed = true;
+    if (conv.recv.has(key)) {
+      this.count("duplicate");
+      return { cid: grant.cid, installed: false, needsRoster: false, ends: 0, publications: [] };
     }
-    const ends = conv.learnEnds(member.pid, payload.ends);
-    if (installed || ends) await this._save(conv);
-    return { cid: grant.cid, installed, needsRoster: false, ends };
+    conv.recv.set(key, new RecvChain({ epoch: payload.epoch, sender: payload.sender, chain: payload.chain,
+                                       step: payload.step, key: payload.key, signer: member.key }));
+    await this._save(conv);
+    return { cid: grant.cid, installed: true, needsRoster: false, ends: 0, publications: [] };
   }
 
   // -- messages --------------------------------------------------------------------------------
@@ -333,10 +474,18 @@ export class Engine {
   // Encrypt (and per policy sign) a message: {kind, sentAt, text} | {kind, type, ranges} |
   // {kind, op}. The chain's next step is persisted before the envelope exists (§6.3).
   seal(cid, message) {
-    return this._locked(async () => {
-      const conv = this._conv(cid);
+    return this._locked(async () => this._seal(this._conv(cid), message));
+  }
+
+  // Whether we can seal in `cid` now (a member whose current epoch's secret is here).
+  keyed(cid) { const c = this.convs.get(cid); return !!c && c.epoch >= 0 && !c.removed && !!c.send; }
+
+  // `forceSign`: whatever the policy (an ENDS control, §6.5).
+  async _seal(conv, message, forceSign = false) {
+      const cid = conv.cid;
       const chain = conv.send;
-      if (!chain || conv.removed) throw rejected("not_member", `not a member of ${cid}`);
+      if (conv.removed) throw rejected("not_member", `not a member of ${cid}`);
+      if (!chain) throw rejected("epoch_key_pending", `epoch ${conv.epoch} of ${cid}: its secret has not arrived`);
       const roster = conv.rosters.get(conv.epoch);
       const { data, compressed, padded } = await encodePlaintext(message, roster.policy);
       const step = chain.step;
@@ -345,7 +494,7 @@ export class Engine {
       chain.key = out.slice(32);
       await this._save(conv);
       const every = roster.policy.signEvery;
-      const signed = every !== 0 && step % every === 0;
+      const signed = forceSign || (every !== 0 && step % every === 0);
       const kindByte = message.kind | (signed ? FLAG.signed : 0) | (compressed ? FLAG.compressed : 0) |
                        (padded ? FLAG.padded : 0);
       const sender = roster.pids.indexOf(this.pid);
@@ -354,7 +503,6 @@ export class Engine {
       if (!signed) return { data: body, key: [cid, roster.epoch, sender, chain.chain, step] };
       const sig = await ed25519Sign(this.identity.edPrivate, concat(body, conv.cidRaw));
       return { data: concat(body, sig), key: [cid, roster.epoch, sender, chain.chain, step] };
-    });
   }
 
   // Authenticate and decrypt; null for a duplicate or our own envelope (counted `own`).
@@ -408,7 +556,20 @@ export class Engine {
     this._markDirty(cid);
     const message = await decodePlaintext(h.kind, plaintext,
       { compressed: !!(h.flags & FLAG.compressed), padded: !!(h.flags & FLAG.padded) });
+    if (message.kind === MSG.control) await this._onControl(conv, sender, message, signed);
     return { cid, sender, epoch: h.epoch, senderIndex: h.sender, chain: h.chain, step: h.step, message, signed };
+  }
+
+  // ENDS (signed only: unsigned, any member could state another's end, §6.5) and, as an
+  // admin, UPDATE and REKEY requests (§6.7), answered by answerUpdates().
+  async _onControl(conv, sender, message, signed) {
+    if (message.op === CONTROL.ends) {
+      if (signed && conv.learnEnds(sender, message.ends)) await this._save(conv);
+    } else if ((message.op === CONTROL.update || message.op === CONTROL.rekey) && !conv.removed &&
+               isAdmin(conv.rosters.get(conv.epoch), this.pid)) {
+      if (!this._updates.has(conv.cid)) this._updates.set(conv.cid, new Map());
+      this._updates.get(conv.cid).set(sender, message.op === CONTROL.update ? [message.prekeyId, message.prekeyDigest] : null);
+    }
   }
 
   // Which participant sent an envelope (own ones included), without decrypting it.

@@ -1,61 +1,104 @@
-// Grants (device/grants.py; PROTOCOL.md §5.3): a chain grant sealed to one member's
-// bundle, X25519 only (the browser has no ML-KEM), and opened with our X25519 key.
+// Epoch secrets and grants (device/epochs.py, device/grants.py, device/sealing.py;
+// PROTOCOL.md §5.3-§5.4, §6.1). The admin who signs a roster draws the epoch's secret, the
+// roster commits to it, and the admin delivers it to each member's prekey; every member's
+// chain 0 derives from it. A member's own re-keyed chain (>= 1) is granted individually.
+// Sealing is X25519 only here (no ML-KEM in this browser yet); the transcript still names
+// the recipient's ML-KEM key when its prekey has one, as Python's does.
 
-import { concat, protocolError, utf8 } from "./bytes.js";
-import { KEEP_EPOCHS } from "./conversation.js";
+import { concat, decodeId, protocolError, utf8, varint } from "./bytes.js";
 import { aeadOpen, aeadSeal, ed25519Sign, generateEphemeral, hkdf, sha256, x25519 } from "./crypto.js";
-import { GRANT_MODE, chainGrantBytes, decodeChainGrant, grantBody, grantHeader } from "./wire.js";
+import { currentPrekey } from "./identity.js";
+import {
+  GRANT_MODE, chainGrantBytes, decodeChainGrant, deliveryBytes, deliveryHeader, grantBody, grantHeader,
+} from "./wire.js";
 
-const GRANT_SALT = utf8("fieldchat grant v1");
+const EPOCH_SALT = utf8("fieldchat epoch v2");
+const DELIVERY_LABEL = utf8("fieldchat delivery v2");
+const GRANT_LABEL = utf8("fieldchat grant v2");
 
-async function grantTranscript(mode, cid, granterKey, recipientPid, ephemeral, kem, x25519Pub, mlkem) {
-  return sha256(concat(grantHeader(mode, cid, granterKey, recipientPid, ephemeral, kem),
-                       x25519Pub, mlkem ?? new Uint8Array(0)));
+// The key schedule (§6.1): the roster's commit and each member's chain 0.
+export const epochCommit = (secret, cidRaw, epoch) =>
+  hkdf(secret, EPOCH_SALT, concat(utf8("commit"), cidRaw, varint(epoch)), 32);
+export const chainKey = (secret, rosterDigest, index) =>
+  hkdf(secret, EPOCH_SALT, concat(utf8("chain"), rosterDigest, varint(index)), 32);
+
+// The one hybrid-KEM seal of this module (device/sealing.py): X25519 only in this browser.
+async function seal(prekey, plaintext, label, header, ephemeral) {
+  const eph = ephemeral ?? await generateEphemeral();
+  const shared = await x25519(eph.privateKey, prekey.x25519);
+  const mode = GRANT_MODE.x25519;
+  const th = await sha256(concat(header(mode, eph.publicRaw, null), prekey.x25519,
+                                 prekey.mlkem768 ?? new Uint8Array(0)));
+  const okm = await hkdf(shared, label, th, 44);
+  return { mode, ephemeral: eph.publicRaw, sealed: await aeadSeal(okm.subarray(0, 32), okm.subarray(32), plaintext, th) };
 }
 
-// Seal `payload` to `recipient` (a decoded bundle), X25519 only. The transcript still
-// names the recipient's ML-KEM key when it has one, as Python's does.
+// Open with one of our prekeys; a hybrid seal needs ML-KEM, which this browser lacks.
+async function open(identity, prekeyId, mode, ephemeral, sealed, label, header) {
+  const held = identity.prekeys.find((p) => p.id === prekeyId);
+  if (!held) throw protocolError("prekey_unknown", `sealed to prekey ${prekeyId}, not held`);
+  if (mode !== GRANT_MODE.x25519) throw protocolError("grant", "hybrid seal but this participant has no ML-KEM key");
+  const shared = await x25519(held.xPrivate, ephemeral);
+  const th = await sha256(concat(header(mode, ephemeral, null), held.xPublic));
+  const okm = await hkdf(shared, label, th, 44);
+  const plaintext = await aeadOpen(okm.subarray(0, 32), okm.subarray(32), sealed, th);
+  held.opens += 1;
+  return plaintext;
+}
+
+const deliveryHeaderFor = (cidRaw, epoch, prekeyId, recipientPid) => (mode, eph, kem) =>
+  concat(deliveryHeader(mode, cidRaw, epoch, prekeyId, eph, kem), decodeId(recipientPid));
+
+// Seal an epoch secret to `recipient`'s current prekey (a decoded bundle).
+export async function makeDelivery(secret, recipient, cid, epoch, ephemeral = null) {
+  const cidRaw = decodeId(cid);
+  const prekey = recipient.prekey;
+  const s = await seal(prekey, secret, DELIVERY_LABEL, deliveryHeaderFor(cidRaw, epoch, prekey.id, recipient.pid), ephemeral);
+  return deliveryBytes({ mode: s.mode, cidRaw, epoch, prekeyId: prekey.id, ephemeral: s.ephemeral,
+                         kemCiphertext: null, sealed: s.sealed });
+}
+
+// The epoch secret in a decoded delivery to `identity` (the caller checks the commit).
+export async function openDelivery(identity, d) {
+  return open(identity, d.prekeyId, d.mode, d.ephemeral, d.sealed, DELIVERY_LABEL,
+              deliveryHeaderFor(d.cidRaw, d.epoch, d.prekeyId, identity.pid));
+}
+
+const grantHeaderFor = (cid, granterKey, recipient, prekeyId) => (mode, eph, kem) =>
+  grantHeader(mode, cid, granterKey, recipient, prekeyId, eph, kem);
+
+// Seal `payload` (a ChainGrant) to `recipient`'s current prekey and sign it.
 export async function makeGrant(identity, recipient, cid, payload, ephemeral = null) {
-  const eph = ephemeral ?? await generateEphemeral();
-  const shared = await x25519(eph.privateKey, recipient.x25519);
-  const mode = GRANT_MODE.x25519;
-  const th = await grantTranscript(mode, cid, identity.edPublic, recipient.pid, eph.publicRaw, null,
-                                   recipient.x25519, recipient.mlkem768);
-  const okm = await hkdf(shared, GRANT_SALT, th, 44);
-  const sealed = await aeadSeal(okm.subarray(0, 32), okm.subarray(32), chainGrantBytes(payload), th);
-  const body = grantBody({ mode, cid, granterKey: identity.edPublic, recipient: recipient.pid,
-                           ephemeral: eph.publicRaw, kemCiphertext: null, sealed });
+  const prekey = recipient.prekey;
+  const s = await seal(prekey, chainGrantBytes(payload), GRANT_LABEL,
+                       grantHeaderFor(cid, identity.edPublic, recipient.pid, prekey.id), ephemeral);
+  const body = grantBody({ mode: s.mode, cid, granterKey: identity.edPublic, recipient: recipient.pid,
+                           prekeyId: prekey.id, ephemeral: s.ephemeral, kemCiphertext: null, sealed: s.sealed });
   return concat(body, await ed25519Sign(identity.edPrivate, body));
 }
 
 export async function acceptGrant(identity, grant) {
   if (grant.recipient !== identity.pid) throw protocolError("grant", "grant addressed to another participant");
-  if (grant.mode !== GRANT_MODE.x25519) throw protocolError("grant", "hybrid grant but this participant has no ML-KEM key");
-  const shared = await x25519(identity.xPrivate, grant.ephemeral);
-  const th = await grantTranscript(grant.mode, grant.cid, grant.granterKey, identity.pid,
-                                   grant.ephemeral, null, identity.xPublic, null);
-  const okm = await hkdf(shared, GRANT_SALT, th, 44);
-  return decodeChainGrant(await aeadOpen(okm.subarray(0, 32), okm.subarray(32), grant.sealed, th));
+  const plaintext = await open(identity, grant.prekeyId, grant.mode, grant.ephemeral, grant.sealed, GRANT_LABEL,
+                               grantHeaderFor(grant.cid, grant.granterKey, grant.recipient, grant.prekeyId));
+  return decodeChainGrant(plaintext);
 }
 
-// Our grants of the conversation's current epoch owed to members whose bundles we have
-// (each is then no longer owed); once none is owed the initial chain key is forgotten (§6.2).
-export async function payGrants(identity, bundles, conv) {
-  if (!conv.send || !conv.grantBase) return [];
-  const roster = conv.rosters.get(conv.epoch);
-  const payload = {
-    epoch: roster.epoch, roster: roster.digest, sender: roster.pids.indexOf(identity.pid),
-    chain: conv.send.chain, step: conv.grantBase.step, key: conv.grantBase.key,
-    // The ends of the epochs receivers still open (§5.3): at most KEEP_EPOCHS - 1.
-    ends: conv.sentEnds.filter(([e]) => e > roster.epoch - KEEP_EPOCHS && e < roster.epoch),
-  };
+// Deliveries of the epoch secret still owed to members whose bundles we have (each is then
+// no longer owed); once none is owed the secret is forgotten (§6.1).
+export async function payDeliveries(bundles, conv) {
+  if (!conv.grantBase) return [];
+  const { epoch, secret } = conv.grantBase;
+  const roster = conv.rosters.get(epoch);
   const out = [];
   for (const pid of [...conv.owed].sort()) {
     const bundle = bundles.get(pid);
-    if (!bundle) continue;
-    out.push({ kind: "grant", recipient: pid, data: await makeGrant(identity, bundle, conv.cid, payload) });
+    if (!bundle || (roster.policy.requirePq && !bundle.postQuantum)) continue;
+    out.push({ kind: "grant", recipient: pid, data: await makeDelivery(secret, bundle, conv.cid, epoch) });
     conv.owed.delete(pid);
   }
-  if (!conv.owed.size) conv.grantBase = null; // forget the initial chain key (§6.2)
+  if (!conv.owed.size) conv.grantBase = null; // forget the secret (§6.1)
   return out;
 }
+
+export { currentPrekey };

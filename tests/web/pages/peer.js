@@ -3,9 +3,9 @@
 
 import { fromHex, hex } from "/js/bytes.js";
 import { Engine, MemoryStore } from "/js/engine.js";
-import { decodeGrant } from "/js/wire.js";
+import { decodeDelivery, decodeGrant, isDelivery } from "/js/wire.js";
 
-const pubs = (list) => list.map((p) => ({ kind: p.kind, recipient: p.recipient ?? null, data: hex(p.data) }));
+const pubs = (list) => list.map((p) => ({ kind: p.kind, recipient: p.recipient ?? null, cid: p.cid ?? null, data: hex(p.data) }));
 const refusal = (err) => ({ error: err.reason ?? err.name });
 const policyOf = (p) => (p ? { signEvery: p.sign_every, compress: false, pad: false, requirePq: false } : null);
 
@@ -24,16 +24,20 @@ export async function create() {
     },
     handleGrant: async (h) => {
       const r = await engine.handleGrant(fromHex(h));
-      return { installed: r.installed, needsRoster: !!r.needsRoster };
+      return { installed: r.installed, needsRoster: !!r.needsRoster, publications: pubs(r.publications ?? []) };
     },
     grantEnds: async (h) => (await engine.handleGrant(fromHex(h))).ends,
     inbox: async (h) => {
       try {
         const r = await engine.handleInbox(fromHex(h));
-        return r.roster ? { publications: pubs(r.publications) } : { installed: r.installed, ends: r.ends };
+        return r.roster ? { publications: pubs(r.publications) }
+          : { installed: r.installed, ends: r.ends, publications: pubs(r.publications ?? []) };
       } catch (err) { return refusal(err); }
     },
-    grantMode: async (h) => (await decodeGrant(fromHex(h))).mode,
+    grantMode: async (h) => (isDelivery(fromHex(h)) ? decodeDelivery(fromHex(h)) : await decodeGrant(fromHex(h))).mode,
+    update: async () => pubs(await engine.update()),
+    answerUpdates: async () => pubs(await engine.answerUpdates()),
+    keyed: async (cid) => engine.keyed(cid),
     create: async (members) => {
       const { cid, publications } = await engine.createConversation(members);
       return { cid, publications: pubs(publications) };

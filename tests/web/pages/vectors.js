@@ -4,12 +4,17 @@
 import * as bytes from "/js/bytes.js";
 import { chainStep, importPrivate, publicOfPrivate, stepNonce } from "/js/crypto.js";
 import * as engineModule from "/js/engine.js";
-import { Engine, MemoryStore, acceptGrant, identityFromSeed, makeGrant } from "/js/engine.js";
+import {
+  Engine, MemoryStore, acceptGrant, chainKey, epochCommit, identityFromSeed, makeDelivery, makeGrant, openDelivery,
+} from "/js/engine.js";
 import { pack, unpack } from "/js/msgpack.js";
 import * as wire from "/js/wire.js";
 
 const { fromHex, hex, equal } = bytes;
 const CLOCK = 1700000000;
+// A vector identity: its key from the seed, its first prekey as recorded (prekeys are
+// drawn, never derived from the seed: PROTOCOL.md §2.4).
+const ident = (vec) => identityFromSeed(fromHex(vec.seed), CLOCK, fromHex(vec.prekey_x25519_private));
 
 export async function check(v) {
   const results = [];
@@ -35,20 +40,21 @@ export async function check(v) {
       if (b.pid !== id.pid) return `pid ${b.pid}`;
       if ((await wire.fingerprint(b)) !== id.fingerprint) return "fingerprint";
       if (b.postQuantum !== id.post_quantum) return "post_quantum";
-      const again = bytes.concat(wire.bundleBody(b.ed25519, b.x25519, b.mlkem768, b.createdAt), b.signature);
+      if (b.prekey.id !== id.prekey_id || hex(b.prekey.x25519) !== id.prekey_x25519_public) return "prekey";
+      const again = bytes.concat(wire.bundleBody(b.ed25519, b.createdAt, b.prekey), b.signature);
       return equal(again, fromHex(id.bundle)) || "re-encoded bundle differs";
     });
-    await run(`identity ${id.name}: keys derived from the seed`, async () => {
-      const okm = await (await import("/js/crypto.js")).hkdf(fromHex(id.seed), null, bytes.utf8("fieldchat identity v1"), 64);
+    await run(`identity ${id.name}: the identity key from the seed, the prekey from its private key`, async () => {
+      const okm = await (await import("/js/crypto.js")).hkdf(fromHex(id.seed), null, bytes.utf8("fieldchat identity v2"), 32);
       const ed = await publicOfPrivate("ed25519", okm.slice(0, 32));
-      const x = await publicOfPrivate("x25519", okm.slice(32, 64));
-      return (hex(ed) === id.ed25519_public && hex(x) === id.x25519_public) || "derived keys differ";
+      const x = await publicOfPrivate("x25519", fromHex(id.prekey_x25519_private));
+      return (hex(ed) === id.ed25519_public && hex(x) === id.prekey_x25519_public) || "derived keys differ";
     });
   }
   await run("identity web: the browser rebuilds the exact bundle from the seed", async () => {
     const web = v.identities.find((i) => i.name === "web");
-    const ident = await identityFromSeed(fromHex(web.seed), CLOCK);
-    return (ident.pid === web.pid && hex(ident.bundle) === web.bundle) || "bundle differs";
+    const rebuilt = await ident(web);
+    return (rebuilt.pid === web.pid && hex(rebuilt.bundle) === web.bundle) || "bundle differs";
   });
 
   for (const c of v.chain) {
@@ -70,6 +76,40 @@ export async function check(v) {
     });
   }
 
+  for (const conv of v.conversations) {
+    await run(`key schedule ${conv.label}: the secret gives the roster's commit and every chain 0`, async () => {
+      const r = await wire.decodeRoster(fromHex(conv.roster));
+      const secret = fromHex(conv.epoch_secret);
+      if (hex(await epochCommit(secret, bytes.decodeId(conv.cid), r.epoch)) !== conv.commit) return "commit";
+      if (hex(r.commit) !== conv.commit) return "roster commit";
+      for (const [i, key] of conv.chain_keys.entries()) {
+        if (hex(await chainKey(secret, r.digest, i)) !== key) return `chain ${i}`;
+      }
+      return true;
+    });
+  }
+
+  const xd = v.deliveries.find((d) => d.mode === "x25519");
+  await run("X25519 delivery: web opens the epoch secret; the browser re-creates it byte for byte", async () => {
+    const webVec = v.identities.find((i) => i.name === "web");
+    const web = await ident(webVec);
+    const d = wire.decodeDelivery(fromHex(xd.delivery));
+    if (d.cid !== xd.cid || d.epoch !== xd.epoch || d.prekeyId !== webVec.prekey_id) return "fields";
+    if (hex(await openDelivery(web, d)) !== xd.epoch_secret) return "secret";
+    const eph = { privateKey: await importPrivate("x25519", fromHex(xd.ephemeral_private)),
+                  publicRaw: await publicOfPrivate("x25519", fromHex(xd.ephemeral_private)) };
+    const made = await makeDelivery(fromHex(xd.epoch_secret), await wire.decodeBundle(fromHex(webVec.bundle)),
+                                    xd.cid, xd.epoch, eph);
+    return hex(made) === xd.delivery || "re-created delivery differs";
+  });
+  await run("hybrid delivery: decodes; the browser (no ML-KEM) cannot open one", async () => {
+    const hd = v.deliveries.find((d) => d.mode === "hybrid");
+    const d = wire.decodeDelivery(fromHex(hd.delivery));
+    if (d.mode !== wire.GRANT_MODE.hybrid || d.kemCiphertext.length !== 1088) return "mode";
+    const web = await ident(v.identities.find((i) => i.name === "web"));
+    return expectError(() => openDelivery(web, d), bytes.ProtocolError, "grant");
+  });
+
   for (const e of v.envelopes) {
     await run(`envelope ${e.conversation} step ${e.step}: opens with the chain key alone`, async () => {
       const conv = v.conversations.find((c) => c.label === e.conversation);
@@ -90,18 +130,15 @@ export async function check(v) {
   }
 
   for (const conv of v.conversations) {
-    await run(`engine of web opens every envelope of ${conv.label} after its X25519 grant`, async () => {
+    await run(`engine of web opens every envelope of ${conv.label} after its X25519 delivery`, async () => {
       const webVec = v.identities.find((i) => i.name === "web");
       const alice = v.identities.find((i) => i.name === "alice");
-      const engine = await Engine.open(new MemoryStore(), { identity: await identityFromSeed(fromHex(webVec.seed), CLOCK) });
+      const engine = await Engine.open(new MemoryStore(), { identity: await ident(webVec) });
       await engine.learnBundle(fromHex(alice.bundle));
-      const grants = await engine.handleRoster(fromHex(conv.roster));
-      // web is a member of the epoch: it grants its own chain, X25519-only, to every
-      // member whose bundle it knows (alice here).
-      if (grants.length !== 1 || grants[0].recipient !== alice.pid) return "own grants";
-      const g = await wire.decodeGrant(grants[0].data);
-      if (g.mode !== wire.GRANT_MODE.x25519 || g.kemCiphertext !== null) return "own grant mode";
-      const result = await engine.handleGrant(fromHex(conv.grant_to_web_x25519));
+      const replies = await engine.handleRoster(fromHex(conv.roster));
+      // web is a member, not the admin who drew the epoch's secret: it sends nothing.
+      if (replies.length) return "publications";
+      const result = await engine.handleGrant(fromHex(conv.delivery_to_web_x25519));
       if (!result.installed) return "grant not installed";
       for (const e of v.envelopes.filter((x) => x.conversation === conv.label)) {
         const opened = await engine.open(conv.cid, fromHex(e.envelope));
@@ -117,10 +154,10 @@ export async function check(v) {
   await run("an envelope that overtakes earlier ones opens, and the earlier ones after it", async () => {
     const conv = v.conversations[0];
     const webVec = v.identities.find((i) => i.name === "web");
-    const engine = await Engine.open(new MemoryStore(), { identity: await identityFromSeed(fromHex(webVec.seed), CLOCK) });
+    const engine = await Engine.open(new MemoryStore(), { identity: await ident(webVec) });
     await engine.learnBundle(fromHex(v.identities[0].bundle));
     await engine.handleRoster(fromHex(conv.roster));
-    await engine.handleGrant(fromHex(conv.grant_to_web_x25519));
+    await engine.handleGrant(fromHex(conv.delivery_to_web_x25519));
     const envs = v.envelopes.filter((x) => x.conversation === conv.label).reverse();
     for (const e of envs) {
       const opened = await engine.open(conv.cid, fromHex(e.envelope));
@@ -129,11 +166,11 @@ export async function check(v) {
     return true;
   });
 
-  await run("a grant arriving before its roster is held and applied with the roster", async () => {
+  await run("a delivery arriving before its roster is held and applied with the roster", async () => {
     const conv = v.conversations[1];
     const webVec = v.identities.find((i) => i.name === "web");
-    const engine = await Engine.open(new MemoryStore(), { identity: await identityFromSeed(fromHex(webVec.seed), CLOCK) });
-    const held = await engine.handleGrant(fromHex(conv.grant_to_web_x25519));
+    const engine = await Engine.open(new MemoryStore(), { identity: await ident(webVec) });
+    const held = await engine.handleGrant(fromHex(conv.delivery_to_web_x25519));
     if (!held.needsRoster) return "not held";
     await engine.handleRoster(fromHex(conv.roster));
     const e = v.envelopes.find((x) => x.conversation === conv.label);
@@ -157,7 +194,7 @@ export async function check(v) {
   const bad = chain.filter((c) => !c.chains).map((c) => fromHex(c.roster));
   const joiner = async () => {
     const bob = v.identities.find((i) => i.name === "bob");
-    return Engine.open(new MemoryStore(), { identity: await identityFromSeed(fromHex(bob.seed), CLOCK) });
+    return Engine.open(new MemoryStore(), { identity: await ident(bob) });
   };
   await run("roster chain: a joiner holds epoch 2 (roster_pending, nothing granted) until 0 and 1 arrive", async () => {
     const engine = await joiner();
@@ -204,11 +241,11 @@ export async function check(v) {
   await run("X25519 grant: web accepts it; the browser re-creates it byte for byte", async () => {
     const webVec = v.identities.find((i) => i.name === "web");
     const alice = v.identities.find((i) => i.name === "alice");
-    const web = await identityFromSeed(fromHex(webVec.seed), CLOCK);
+    const web = await ident(webVec);
     const grant = await wire.decodeGrant(fromHex(x.grant));
     const payload = await acceptGrant(web, grant);
     if (!equal(wire.chainGrantBytes(payload), fromHex(x.payload))) return "payload";
-    const aliceId = await identityFromSeed(fromHex(alice.seed), CLOCK);
+    const aliceId = await ident(alice);
     const eph = { privateKey: await importPrivate("x25519", fromHex(x.ephemeral_private)),
                   publicRaw: await publicOfPrivate("x25519", fromHex(x.ephemeral_private)) };
     const made = await makeGrant(aliceId, await wire.decodeBundle(fromHex(webVec.bundle)), x.cid,
@@ -237,7 +274,7 @@ export async function check(v) {
     const grant = await wire.decodeGrant(fromHex(h.grant));
     if (grant.mode !== wire.GRANT_MODE.hybrid || grant.kemCiphertext.length !== 1088) return "mode";
     const webVec = v.identities.find((i) => i.name === "web");
-    const web = await identityFromSeed(fromHex(webVec.seed), CLOCK);
+    const web = await ident(webVec);
     return expectError(() => acceptGrant(web, { ...grant, recipient: web.pid }), bytes.ProtocolError, "grant");
   });
 
@@ -246,10 +283,10 @@ export async function check(v) {
   const prepared = async () => {
     const conv = v.conversations[0];
     const webVec = v.identities.find((i) => i.name === "web");
-    const engine = await Engine.open(new MemoryStore(), { identity: await identityFromSeed(fromHex(webVec.seed), CLOCK) });
+    const engine = await Engine.open(new MemoryStore(), { identity: await ident(webVec) });
     await engine.learnBundle(fromHex(v.identities[0].bundle));
     await engine.handleRoster(fromHex(conv.roster));
-    await engine.handleGrant(fromHex(conv.grant_to_web_x25519));
+    await engine.handleGrant(fromHex(conv.delivery_to_web_x25519));
     return [engine, conv.cid];
   };
   await run("a tampered ciphertext is refused opaquely and moves nothing", async () => {
