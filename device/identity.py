@@ -123,10 +123,13 @@ class Identity:
         self.pid = self.bundle.pid
 
     def _sign_bundle(self) -> Bundle:
+        # The bundle's time is its prekey's: it grows with each rotation, so whoever
+        # keeps the newest bundle by time (the gateway) keeps the newest prekey.
+        prekey = self.prekeys[-1].public
         return Bundle.create(
             ed25519=self._signer.public,
-            created_at=self.created_at,
-            prekey=self.prekeys[-1].public,
+            created_at=prekey.created_at,
+            prekey=prekey,
             sign=self._signer.sign,
         )
 
@@ -184,7 +187,8 @@ class Identity:
         §6.7): delete every older prekey now instead of after the grace period."""
         current = self.current
         current.superseded_at = now
-        fresh = PrekeySecret.draw(current.public.id + 1, now, self.post_quantum, random)
+        made = max(now, current.public.created_at + 1)  # strictly after the one before
+        fresh = PrekeySecret.draw(current.public.id + 1, made, self.post_quantum, random)
         self.prekeys = [fresh] if drop_old else [*self.prekeys, fresh]
         self.prune(now)
         self.bundle = self._sign_bundle()

@@ -111,7 +111,9 @@ def test_verify_checks_fingerprints_and_an_update_keeps_them(mosquitto_devices: 
     wait_until(
         lambda: bob.engine.roster(cid).epoch == 1 and bob.engine.keyed(cid), 10, "the new epoch"
     )
-    assert alice.engine.bundle_of(bob.pid).prekey.id == bob.engine.identity.current.public.id == 2
+    learned = alice.engine.bundle_of(bob.pid)
+    assert learned is not None
+    assert learned.prekey.id == bob.engine.identity.current.public.id == 2
     assert alice.engine.is_verified(bob.pid)
     bob.send(cid, "after the update")
     wait_until(lambda: texts(alice, cid) == ["after the update"], 10, "alice receives")

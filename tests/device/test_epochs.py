@@ -30,6 +30,7 @@ from fieldchat.schemas import (
     TextMessage,
     TopicKind,
     Topics,
+    crypto,
 )
 from fieldchat.schemas.delivery import Delivery, is_delivery
 from fieldchat.schemas.errors import EpochKeyPending, PrekeyUnknown
@@ -41,6 +42,13 @@ TOPICS = Topics()
 
 def text(s: str) -> TextMessage:
     return TextMessage(sent_at=1, text=s)
+
+
+def stolen(store: MemoryKeyStore) -> Identity:
+    """The identity record in ``store``, as a thief copying it would have it."""
+    record = store.load("identity")
+    assert record is not None
+    return Identity.from_secret_bytes(record)
 
 
 def deliveries_to(pubs: list[Publication], engine: Engine) -> list[bytes]:
@@ -121,19 +129,19 @@ def test_recorded_delivery_stays_closed_after_rotation_and_grace():
     bob.handle_roster(pubs[0].payload)
     (recorded,) = deliveries_to(pubs, bob)  # what an eavesdropper keeps
     assert bob.handle_grant(recorded).installed
-    stolen_then = Identity.from_secret_bytes(store.load("identity"))
+    stolen_then = stolen(store)
     secret_then = open_delivery(stolen_then, Delivery.from_bytes(recorded))
 
     clock[0] += PREKEY_ROTATE_S
     (bundle,) = bob.maintain_prekeys()
     assert bundle.retain and bundle.topic == TOPICS.bundle(bob.pid)
     # Within the grace period the old prekey still opens what is in flight.
-    thief = Identity.from_secret_bytes(store.load("identity"))
+    thief = stolen(store)
     assert open_delivery(thief, Delivery.from_bytes(recorded)) == secret_then
     clock[0] += PREKEY_GRACE_S  # prekey 2 is a week old too: it rotates; 1 is deleted
     (bundle,) = bob.maintain_prekeys()
 
-    thief = Identity.from_secret_bytes(store.load("identity"))
+    thief = stolen(store)
     assert [p.public.id for p in thief.prekeys] == [2, 3]
     delivery = Delivery.from_bytes(recorded)
     with pytest.raises(PrekeyUnknown):
@@ -308,13 +316,17 @@ def test_a_forged_delivery_costs_one_key_agreement(monkeypatch):
     cid = mesh.create("alice", "bob")
     forged = make_delivery(b"\x0c" * 32, mesh["bob"].identity.bundle, cid, 0)
     calls: list[str] = []
-    real_decaps, real_dh = sealing.mlkem768_decapsulate, sealing.x25519_exchange
-    monkeypatch.setattr(
-        sealing, "mlkem768_decapsulate", lambda *a: calls.append("mlkem") or real_decaps(*a)
-    )
-    monkeypatch.setattr(
-        sealing, "x25519_exchange", lambda *a: calls.append("x25519") or real_dh(*a)
-    )
+
+    def decapsulate(seed: bytes, ciphertext: bytes) -> bytes:
+        calls.append("mlkem")
+        return crypto.mlkem768_decapsulate(seed, ciphertext)
+
+    def exchange(private: bytes, public: bytes) -> bytes:
+        calls.append("x25519")
+        return crypto.x25519_exchange(private, public)
+
+    monkeypatch.setattr(sealing, "mlkem768_decapsulate", decapsulate)
+    monkeypatch.setattr(sealing, "x25519_exchange", exchange)
     with pytest.raises(GrantRejected):
         mesh["bob"].handle_grant(forged.to_bytes())
     assert calls == ["x25519", "mlkem"]

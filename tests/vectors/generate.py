@@ -124,9 +124,9 @@ def build(hybrid_grant: str | None = None, hybrid_delivery: str | None = None) -
         for other in (bob, web):
             engine.learn_bundle(other.bundle.to_bytes())
         cid, pubs = engine.create_conversation([bob.pid, web.pid], policy=policy)
-        secret = SeededRandom(label.encode())  # the same draws: the nonce, then the secret
-        secret(16)
-        epoch_secret = secret(32)
+        draws = SeededRandom(label.encode())  # the same draws: the nonce, then the secret
+        draws(16)
+        epoch_secret = draws(32)
         roster = engine.roster(cid)
         assert roster.commit == epoch_commit(epoch_secret, decode_id(cid), 0)
         conv = engine._convs[cid]

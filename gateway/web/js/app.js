@@ -41,7 +41,6 @@ const S = {
   rosterFetched: new Map(), // cid -> when its rosters were last fetched (ms)
   rosterTimers: new Map(), // cid -> a fetch scheduled for when the last one is old enough
   receipts: new Map(), // `${cid}|${type}` -> Set of "epoch/sender/chain/step"
-  keyChanged: new Map(), // pid -> previous fingerprint
   caughtUp: false,
   queue: Promise.resolve(),
   flushing: false,
@@ -79,7 +78,7 @@ async function openSession(account) {
   S.account = account;
   S.store = await openStore(account.username);
   S.engine = await Engine.open(S.store);
-  await publishAll(await S.engine.maintainPrekeys()); // a prekey due by time rotates (§2.5)
+  await publishAll(await S.engine.maintainPrekeys());
   if (!account.pids.includes(S.engine.pid)) {
     // A new browser for this account (register the participant it just made), or one
     // whose claim predates proofs (account.unverified): prove we hold its key.
@@ -87,7 +86,6 @@ async function openSession(account) {
   }
   S.cursor = (await S.store.get("ui/cursor")) ?? null;
   S.grantCursor = (await S.store.get("ui/grantCursor")) ?? 0;
-  for (const [key, prev] of await S.store.entries("ui/keychanged/")) S.keyChanged.set(key.slice(14), prev);
   for (const [, c] of await S.store.entries("ui/conv/")) Object.assign(conv(c.cid), c);
   for (const [key, list] of (await S.store.get("ui/receipts")) ?? []) S.receipts.set(key, new Set(list));
   for (const [key, list] of await S.store.entries("ui/held/")) S.held.set(key.slice(8), list);
@@ -250,7 +248,7 @@ async function onInbox(cid, data) {
   }
   if (result.roster) await afterRosters(cid, result.publications, true);
   else {
-    if (result.publications?.length) await publishAll(result.publications); // our ENDS (§6.5)
+    if (result.publications?.length) await publishAll(result.publications);
     if (result.installed || result.ends) await retryHeld(result.cid);
   }
 }
@@ -270,12 +268,7 @@ async function learnBundle(pid) {
   } catch {
     return false;
   }
-  const update = await S.engine.learnBundle(fromB64(found.bundle));
-  if (update.status === "key_changed") {
-    S.keyChanged.set(pid, update.previousFingerprint);
-    await S.store.put(`ui/keychanged/${pid}`, update.previousFingerprint);
-    view.renderHeader();
-  }
+  await S.engine.learnBundle(fromB64(found.bundle)); // a pid's key never changes (§2.3)
   return true;
 }
 
@@ -491,8 +484,7 @@ async function loadHistory(cid) {
 // -- sending ---------------------------------------------------------------------------------
 
 async function send(cid, text) {
-  // A new epoch whose secret is on its way from the admin (PROTOCOL.md §6.6): wait for it
-  // (one inbox hop) rather than seal in an epoch a member just removed could read.
+  // An epoch whose secret is on its way (PROTOCOL.md §6.6): wait, one inbox hop.
   for (let i = 0; i < KEY_WAIT_TRIES && S.engine.isMember(cid) && !S.engine.keyed(cid); i++) {
     await new Promise((resolve) => setTimeout(resolve, 100));
   }
@@ -514,7 +506,6 @@ async function send(cid, text) {
 async function publishAll(publications) {
   const out = publications.filter((p) => p.kind !== "inbox");
   for (const p of out) {
-    // A delivery (kind "grant") names its recipient; an ENDS or UPDATE control its cid.
     await S.store.queue({ kind: p.kind, data: p.data, cid: p.cid, recipient: p.recipient, attempts: 0 });
   }
   if (out.length) flushOutbox();
@@ -609,11 +600,9 @@ async function afterRotation(cid) {
 
 // -- what the user did -------------------------------------------------------------------------
 
-// The user compared the fingerprint: the key change warning goes.
+// The user compared the fingerprint.
 async function markVerified(pid) {
   await S.engine.markVerified(pid);
-  S.keyChanged.delete(pid);
-  await S.store.delete(`ui/keychanged/${pid}`);
 }
 
 // The conversation is on screen: its messages are read (receipts sent with the next flush).

@@ -1,12 +1,7 @@
 // The end-to-end engine of a browser participant (device/engine.py in Python; PROTOCOL.md
-// §5-§7): conversations, rosters, epoch secrets, grants, sending and receiving chains. Pure:
-// no network; state goes to an injected store (IndexedDB in the page, memory in the vector
-// checks). The browser has no ML-KEM yet: its prekeys say so, what it seals and opens is
-// X25519-only, and rosters mark it as not post-quantum protected.
-//
-// Keys (§6.1): the admin who signs an epoch draws its secret (the roster commits to it)
-// and delivers it to every other member's prekey; every member's chain 0 derives from it.
-// Until a member has its delivery, it seals nothing (`epoch_key_pending`).
+// §5-§7): conversations, rosters, epoch secrets, sending and receiving chains. Pure: no
+// network; state goes to an injected store (IndexedDB in the page, memory in the vector
+// checks). No ML-KEM here yet: X25519-only, and rosters mark the browser so.
 //
 // Trust in rosters (§5.2): a roster is adopted only through a verified chain, from epoch 0
 // when joining and from the newest adopted roster (the tip) when catching up; one that
@@ -27,7 +22,7 @@ import {
 import { KEEP_EPOCHS, MAX_ROSTER_CANDIDATES, Conversation, loadConversations } from "./conversation.js";
 import { aeadSeal, chainStep, ed25519Sign, ed25519Verify, randomBytes, sha256, stepNonce } from "./crypto.js";
 import {
-  acceptGrant, chainKey, epochCommit, makeDelivery, makeGrant, openDelivery, payDeliveries,
+  acceptGrant, chainKey, epochCommit, makeDelivery, openDelivery, payDeliveries,
 } from "./grants.js";
 import { currentPrekey, generateIdentity, identityFromSeed, maintainPrekeys, signRoster } from "./identity.js";
 import { MemoryStore } from "./store.js";
@@ -42,7 +37,7 @@ import {
 export {
   CryptoError, KEEP_EPOCHS, MARK_EVERY, MAX_FORWARD_JUMP, MAX_ROSTER_CANDIDATES, MAX_SKIPPED_KEYS, MAX_UNSIGNED_JUMP,
   MemoryStore, acceptGrant, chainKey, epochCommit, generateIdentity, identityFromSeed, makeDelivery,
-  makeGrant, openDelivery,
+  openDelivery,
 };
 export const MAX_PENDING_GRANTS = 256; // grants held per conversation until its epoch is entered
 // Conversations known only from held rosters or grants, or rosters not listing us; past
@@ -179,12 +174,7 @@ export class Engine {
     });
   }
 
-  // The same members and policy in a new epoch: a new secret (an update, §6.7).
-  renewEpoch(cid) {
-    return this._locked(async () => this._renew(this._conv(cid)));
-  }
-
-  async _renew(conv) {
+  async _renew(conv) { // the same members and policy, a new secret (§6.7)
     const current = conv.rosters.get(conv.epoch);
     const admins = new Set(current.members.filter((m) => m.admin).map((m) => m.pid));
     return this._rotate(conv, [...current.pids], admins, current.policy);
@@ -282,9 +272,7 @@ export class Engine {
     return this._enterEpoch(conv, tip);
   }
 
-  // Enter the epoch of an adopted roster: drop what removed members could use and record
-  // where our sending chain ended. `secret`: we drew it (we signed the roster): key the
-  // epoch and deliver it; otherwise its delivery keys it when it comes.
+  // Enter an adopted epoch (§6.6). `secret`: we drew it: key the epoch, deliver it.
   async _enterEpoch(conv, roster, secret = null) {
     conv.enter(roster, this.pid);
     const publications = [];
@@ -307,8 +295,7 @@ export class Engine {
     return publications;
   }
 
-  // Every member's chain 0 of `roster`'s epoch from its secret (§6.1): our sending chain
-  // (the current epoch only) and the others' receiving chains; then our ENDS control if due.
+  // Every member's chain 0 from the epoch's secret (§6.1); then our ENDS if due.
   async _keyEpoch(conv, roster, secret) {
     const sending = roster.epoch === conv.epoch && !conv.removed;
     for (const [index, member] of roster.members.entries()) {
@@ -326,9 +313,7 @@ export class Engine {
     return sending ? this._endsControl(conv) : [];
   }
 
-  // Our signed ENDS control (§6.5) when this epoch closed an earlier one in which we sent
-  // under a policy that allowed unsigned steps: receivers need the ends to take our
-  // unsigned envelopes of it, which the member removed could forge.
+  // Our signed ENDS (§6.5): an epoch we sent in unsigned steps was closed by a removal.
   async _endsControl(conv) {
     const due = conv.sentEnds.filter(([e]) => conv.closed.has(e) && conv.kept(e)?.policy.signEvery !== 1);
     if (!due.length) return [];
@@ -353,8 +338,7 @@ export class Engine {
 
   // -- prekeys and updates (§2.5, §6.7) -------------------------------------------------------
 
-  // Rotate our prekey when due (time or use) and delete old ones past their grace; the
-  // bundle to publish when it rotated.
+  // Rotate a due prekey, delete old ones past grace (§2.5); the bundle if it rotated.
   maintainPrekeys(options = {}) {
     return this._locked(async () => {
       const { rotated, pruned } = await maintainPrekeys(this.identity, options);
@@ -363,9 +347,8 @@ export class Engine {
     });
   }
 
-  // Recover from a suspected copy of our state: a new prekey (every older one deleted now)
-  // and a new epoch of each conversation we are in — ours where we are an admin, asked of
-  // an admin (UPDATE) elsewhere.
+  // A new prekey (the old ones deleted) and a new epoch everywhere: ours as an admin,
+  // asked for with UPDATE elsewhere (§6.7).
   update() {
     return this._locked(async () => {
       await maintainPrekeys(this.identity, { force: true, dropOld: true });
@@ -386,8 +369,7 @@ export class Engine {
     });
   }
 
-  // As an admin: a new epoch for each conversation with an UPDATE or REKEY we can answer
-  // now (an UPDATE once we hold the bundle with the prekey it names).
+  // As an admin: a new epoch for each UPDATE (once we hold the prekey it names) or REKEY.
   answerUpdates() {
     return this._locked(async () => {
       const out = [];
@@ -410,13 +392,12 @@ export class Engine {
 
   // -- deliveries and grants -------------------------------------------------------------------
 
-  // A delivery (§5.3) or a grant (§5.4): {cid, installed, needsRoster, ends, publications}.
+  // A delivery (§5.3) or a grant (§5.4).
   handleGrant(data) { return this._locked(() => this._handleKey(data)); }
 
   _handleKey(data) { return isDelivery(data) ? this._handleDelivery(data) : this._handleGrant(data); }
 
-  // Not entered yet: held until its roster is adopted through a verified chain.
-  async _hold(cid, data, conv) {
+  async _hold(cid, data, conv) { // until its roster is adopted
     conv ??= await this._joining(cid);
     if (conv.pending.length >= MAX_PENDING_GRANTS) throw rejected("grant", "too many deliveries and grants waiting for their roster");
     conv.pending.push(data);
@@ -477,32 +458,30 @@ export class Engine {
     return this._locked(async () => this._seal(this._conv(cid), message));
   }
 
-  // Whether we can seal in `cid` now (a member whose current epoch's secret is here).
   keyed(cid) { const c = this.convs.get(cid); return !!c && c.epoch >= 0 && !c.removed && !!c.send; }
 
-  // `forceSign`: whatever the policy (an ENDS control, §6.5).
   async _seal(conv, message, forceSign = false) {
-      const cid = conv.cid;
-      const chain = conv.send;
-      if (conv.removed) throw rejected("not_member", `not a member of ${cid}`);
-      if (!chain) throw rejected("epoch_key_pending", `epoch ${conv.epoch} of ${cid}: its secret has not arrived`);
-      const roster = conv.rosters.get(conv.epoch);
-      const { data, compressed, padded } = await encodePlaintext(message, roster.policy);
-      const step = chain.step;
-      const out = chainStep(chain.key);
-      chain.step = step + 1;
-      chain.key = out.slice(32);
-      await this._save(conv);
-      const every = roster.policy.signEvery;
-      const signed = forceSign || (every !== 0 && step % every === 0);
-      const kindByte = message.kind | (signed ? FLAG.signed : 0) | (compressed ? FLAG.compressed : 0) |
-                       (padded ? FLAG.padded : 0);
-      const sender = roster.pids.indexOf(this.pid);
-      const header = envelopeHeader(kindByte, roster.epoch, sender, chain.chain, step);
-      const body = concat(header, await aeadSeal(out.subarray(0, 32), stepNonce(step), data, concat(header, conv.cidRaw)));
-      if (!signed) return { data: body, key: [cid, roster.epoch, sender, chain.chain, step] };
-      const sig = await ed25519Sign(this.identity.edPrivate, concat(body, conv.cidRaw));
-      return { data: concat(body, sig), key: [cid, roster.epoch, sender, chain.chain, step] };
+    const cid = conv.cid;
+    const chain = conv.send;
+    if (conv.removed) throw rejected("not_member", `not a member of ${cid}`);
+    if (!chain) throw rejected("epoch_key_pending", `epoch ${conv.epoch} of ${cid}: its secret has not arrived`);
+    const roster = conv.rosters.get(conv.epoch);
+    const { data, compressed, padded } = await encodePlaintext(message, roster.policy);
+    const step = chain.step;
+    const out = chainStep(chain.key);
+    chain.step = step + 1;
+    chain.key = out.slice(32);
+    await this._save(conv);
+    const every = roster.policy.signEvery;
+    const signed = forceSign || (every !== 0 && step % every === 0);
+    const kindByte = message.kind | (signed ? FLAG.signed : 0) | (compressed ? FLAG.compressed : 0) |
+                     (padded ? FLAG.padded : 0);
+    const sender = roster.pids.indexOf(this.pid);
+    const header = envelopeHeader(kindByte, roster.epoch, sender, chain.chain, step);
+    const body = concat(header, await aeadSeal(out.subarray(0, 32), stepNonce(step), data, concat(header, conv.cidRaw)));
+    if (!signed) return { data: body, key: [cid, roster.epoch, sender, chain.chain, step] };
+    const sig = await ed25519Sign(this.identity.edPrivate, concat(body, conv.cidRaw));
+    return { data: concat(body, sig), key: [cid, roster.epoch, sender, chain.chain, step] };
   }
 
   // Authenticate and decrypt; null for a duplicate or our own envelope (counted `own`).
@@ -560,8 +539,7 @@ export class Engine {
     return { cid, sender, epoch: h.epoch, senderIndex: h.sender, chain: h.chain, step: h.step, message, signed };
   }
 
-  // ENDS (signed only: unsigned, any member could state another's end, §6.5) and, as an
-  // admin, UPDATE and REKEY requests (§6.7), answered by answerUpdates().
+  // ENDS, signed only (§6.5); as an admin, UPDATE and REKEY requests (§6.7).
   async _onControl(conv, sender, message, signed) {
     if (message.op === CONTROL.ends) {
       if (signed && conv.learnEnds(sender, message.ends)) await this._save(conv);

@@ -1,15 +1,11 @@
-// Epoch secrets and grants (device/epochs.py, device/grants.py, device/sealing.py;
-// PROTOCOL.md §5.3-§5.4, §6.1). The admin who signs a roster draws the epoch's secret, the
-// roster commits to it, and the admin delivers it to each member's prekey; every member's
-// chain 0 derives from it. A member's own re-keyed chain (>= 1) is granted individually.
-// Sealing is X25519 only here (no ML-KEM in this browser yet); the transcript still names
-// the recipient's ML-KEM key when its prekey has one, as Python's does.
+// Epoch secrets and grants to prekeys (device/epochs.py, grants.py, sealing.py; PROTOCOL.md
+// §5.3-§5.4, §6.1). X25519 only here; the transcript names an ML-KEM prekey as Python's does.
 
 import { concat, decodeId, protocolError, utf8, varint } from "./bytes.js";
-import { aeadOpen, aeadSeal, ed25519Sign, generateEphemeral, hkdf, sha256, x25519 } from "./crypto.js";
+import { aeadOpen, aeadSeal, generateEphemeral, hkdf, sha256, x25519 } from "./crypto.js";
 import { currentPrekey } from "./identity.js";
 import {
-  GRANT_MODE, chainGrantBytes, decodeChainGrant, deliveryBytes, deliveryHeader, grantBody, grantHeader,
+  GRANT_MODE, decodeChainGrant, deliveryBytes, deliveryHeader, grantHeader,
 } from "./wire.js";
 
 const EPOCH_SALT = utf8("fieldchat epoch v2");
@@ -22,7 +18,6 @@ export const epochCommit = (secret, cidRaw, epoch) =>
 export const chainKey = (secret, rosterDigest, index) =>
   hkdf(secret, EPOCH_SALT, concat(utf8("chain"), rosterDigest, varint(index)), 32);
 
-// The one hybrid-KEM seal of this module (device/sealing.py): X25519 only in this browser.
 async function seal(prekey, plaintext, label, header, ephemeral) {
   const eph = ephemeral ?? await generateEphemeral();
   const shared = await x25519(eph.privateKey, prekey.x25519);
@@ -33,7 +28,6 @@ async function seal(prekey, plaintext, label, header, ephemeral) {
   return { mode, ephemeral: eph.publicRaw, sealed: await aeadSeal(okm.subarray(0, 32), okm.subarray(32), plaintext, th) };
 }
 
-// Open with one of our prekeys; a hybrid seal needs ML-KEM, which this browser lacks.
 async function open(identity, prekeyId, mode, ephemeral, sealed, label, header) {
   const held = identity.prekeys.find((p) => p.id === prekeyId);
   if (!held) throw protocolError("prekey_unknown", `sealed to prekey ${prekeyId}, not held`);
@@ -67,16 +61,6 @@ export async function openDelivery(identity, d) {
 const grantHeaderFor = (cid, granterKey, recipient, prekeyId) => (mode, eph, kem) =>
   grantHeader(mode, cid, granterKey, recipient, prekeyId, eph, kem);
 
-// Seal `payload` (a ChainGrant) to `recipient`'s current prekey and sign it.
-export async function makeGrant(identity, recipient, cid, payload, ephemeral = null) {
-  const prekey = recipient.prekey;
-  const s = await seal(prekey, chainGrantBytes(payload), GRANT_LABEL,
-                       grantHeaderFor(cid, identity.edPublic, recipient.pid, prekey.id), ephemeral);
-  const body = grantBody({ mode: s.mode, cid, granterKey: identity.edPublic, recipient: recipient.pid,
-                           prekeyId: prekey.id, ephemeral: s.ephemeral, kemCiphertext: null, sealed: s.sealed });
-  return concat(body, await ed25519Sign(identity.edPrivate, body));
-}
-
 export async function acceptGrant(identity, grant) {
   if (grant.recipient !== identity.pid) throw protocolError("grant", "grant addressed to another participant");
   const plaintext = await open(identity, grant.prekeyId, grant.mode, grant.ephemeral, grant.sealed, GRANT_LABEL,
@@ -84,8 +68,7 @@ export async function acceptGrant(identity, grant) {
   return decodeChainGrant(plaintext);
 }
 
-// Deliveries of the epoch secret still owed to members whose bundles we have (each is then
-// no longer owed); once none is owed the secret is forgotten (§6.1).
+// Deliveries owed to members whose bundles we have; the secret forgotten once none is (§6.1).
 export async function payDeliveries(bundles, conv) {
   if (!conv.grantBase) return [];
   const { epoch, secret } = conv.grantBase;

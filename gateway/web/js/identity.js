@@ -1,9 +1,5 @@
-// A browser participant's identity (device/identity.py; PROTOCOL.md §2): an Ed25519 key and
-// its rotating prekeys, and the signed bundle that publishes the current prekey. The browser
-// has no ML-KEM yet: its prekeys carry nil, so rosters mark it as not post-quantum protected.
-// Prekeys are drawn fresh (never derived from a seed) and rotate by time and by use; an old
-// one's private key is deleted after its grace period (§2.5). The roster an admin issues is
-// signed here too.
+// A browser participant's identity (device/identity.py; PROTOCOL.md §2): an Ed25519 key, its
+// rotating prekeys (drawn, never derived; X25519 only) and the bundle; rosters signed here.
 
 import { concat, utf8 } from "./bytes.js";
 import { ed25519Sign, generateEdKeys, generateXKeys, hkdf, importPrivate, publicOfPrivate } from "./crypto.js";
@@ -21,7 +17,7 @@ const now = () => Math.floor(Date.now() / 1000);
 async function signBundle(identity) {
   const current = identity.prekeys[identity.prekeys.length - 1];
   const prekey = { id: current.id, x25519: current.xPublic, mlkem768: null, createdAt: current.createdAt };
-  const body = bundleBody(identity.edPublic, identity.createdAt, prekey);
+  const body = bundleBody(identity.edPublic, current.createdAt, prekey); // its time: the prekey's
   identity.bundle = concat(body, await ed25519Sign(identity.edPrivate, body));
   return identity;
 }
@@ -39,8 +35,7 @@ export async function generateIdentity(createdAt = now()) {
   return signBundle(identity);
 }
 
-// The identity a 32-byte seed derives (PROTOCOL.md §2.1) with a given first prekey (its
-// raw X25519 private key): reproducible identities for the protocol vectors.
+// The identity of a seed (§2.1) with a given first prekey: the protocol vectors.
 export async function identityFromSeed(seed, createdAt, prekeyPrivate, prekeyId = 1) {
   const ed = (await hkdf(seed, null, IDENTITY_INFO, 32)).slice(0, 32);
   const edPublic = await publicOfPrivate("ed25519", ed);
@@ -53,14 +48,13 @@ export async function identityFromSeed(seed, createdAt, prekeyPrivate, prekeyId 
 
 export const currentPrekey = (identity) => identity.prekeys[identity.prekeys.length - 1];
 
-// Rotate when due (by time or use) and delete prekeys past their grace; whether the bundle
-// changed (then publish it). `dropOld` (an update, §6.7): delete every older prekey now.
+// Rotate when due and delete prekeys past grace (§2.5); `dropOld`: an update (§6.7).
 export async function maintainPrekeys(identity, { at = now(), force = false, dropOld = false } = {}) {
   const current = currentPrekey(identity);
   const due = force || at - current.createdAt >= PREKEY_ROTATE_S || current.opens >= PREKEY_MAX_OPENS;
   if (due) {
     current.supersededAt = at;
-    const fresh = await drawPrekey(current.id + 1, at);
+    const fresh = await drawPrekey(current.id + 1, Math.max(at, current.createdAt + 1));
     identity.prekeys = dropOld ? [fresh] : [...identity.prekeys, fresh];
   }
   const old = identity.prekeys.slice(0, -1)

@@ -187,11 +187,6 @@ export function grantHeader(mode, cid, granterKey, recipient, prekeyId, ephemera
   return pack([mode, cid, granterKey, recipient, prekeyId, ephemeral, kem ?? null]);
 }
 
-export function grantBody(g) {
-  return signedBody(KIND.grant, [g.mode, g.cid, g.granterKey, g.recipient, g.prekeyId, g.ephemeral,
-                                 g.kemCiphertext ?? null, g.sealed]);
-}
-
 export async function decodeGrant(data) {
   const { body, signed, signature } = split(data, KIND.grant, 8, "grant");
   const [mode, cid, granterKey, recipient, prekeyId, ephemeral, kem, sealed] = body;
