@@ -190,7 +190,22 @@ class Keying:
         if sending:
             writes.update(send_record(conv))
         self._store.save(writes)
-        return self._ends_control(conv) if sending else []
+        if not sending:
+            return []
+        return self._joined_control(conv, roster) + self._ends_control(conv)
+
+    def _joined_control(self, conv: Conversation, roster: Roster) -> list[Publication]:
+        """A new member's JOINED control (§6.6), once keyed: members who sent in the
+        epoch before we subscribed hear we listen now and send that again (in v1 our
+        grants told them). Not from the admin who issued the roster, nor from a member
+        of the epoch before (it listened already)."""
+        before = conv.rosters.get(roster.epoch - 1)
+        if roster.signer == self._pid or (before is not None and self._pid in before.pids):
+            return []
+        if self.seal is None:
+            return []
+        envelope = self.seal(conv.cid, Control(op=ControlOp.JOINED), False)
+        return [Publication(self._topics.msg(conv.cid), envelope)]
 
     def _ends_control(self, conv: Conversation) -> list[Publication]:
         """Our signed ENDS control (§6.5) when this epoch closed an earlier one in which

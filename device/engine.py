@@ -242,6 +242,12 @@ class Engine:
         conv = self._convs.get(cid)
         return conv is not None and not conv.removed
 
+    def sending_step(self, cid: str) -> int | None:
+        """The next step of our sending chain in ``cid`` (None without one)."""
+        with self._lock:
+            conv = self._convs.get(cid)
+            return None if conv is None or conv.send is None else conv.send.step
+
     def keyed(self, cid: str) -> bool:
         """Whether we can seal in ``cid`` now: a member whose current epoch's secret
         has arrived (until then :meth:`seal` raises EpochKeyPending, §6.6)."""

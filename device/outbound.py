@@ -24,6 +24,7 @@ from fieldchat.device.rows import ENVELOPE_ROWS, Gap, OutboxKind
 from fieldchat.device.sequencer import Sequencer
 from fieldchat.device.subscriptions import Subscriptions, no_local
 from fieldchat.schemas import ReceiptRange, tracing
+from fieldchat.schemas.envelope import read_header
 from fieldchat.schemas.errors import FieldchatError
 from fieldchat.schemas.frame import pack_frame
 
@@ -180,17 +181,19 @@ class Outbound(Part):
         self.pump()
 
     def _resend_to_granters(self, now: float) -> None:
-        """Publish again what members who granted us their chain have not receipted."""
+        """Publish again what members we heard first have not receipted (sealed before)."""
         due = self.resends.grants_due(now)
         if not due:
             return
         resent = 0
         with self.state.transaction() as tx:
-            for cid, granter in due:
+            for cid, granter, upto in due:
                 if not self.engine.is_member(cid):
                     continue
                 epoch = self.engine.roster(cid).epoch
                 for topic, envelope in self.state.unreceipted(cid, epoch, granter, MAX_RESEND):
+                    if upto is not None and read_header(envelope).step >= upto:
+                        continue  # sealed after we heard it: it was listening
                     tx.add_outbox(topic, envelope, cid=cid, what=OutboxKind.MSG)
                     resent += 1
         self.counters["resent"] += resent

@@ -110,14 +110,14 @@ class RosterHandler(Part):
         key = (opened.cid, opened.epoch, opened.sender)
         if key not in self._heard and opened.sender != self.pid:
             self._heard.add(key)
-            self._listening(opened.cid, opened.sender)
+            self._listening(opened.cid, opened.sender, self.engine.sending_step(opened.cid))
 
-    def _listening(self, cid: str, pid: str) -> None:
+    def _listening(self, cid: str, pid: str, upto: int | None = None) -> None:
         """``pid`` listens to ``cid`` now: what we sent in this epoch before it did is
         published again — once its receipts for what did reach it have had time to come
         back (GRANT_RESEND_RECEIPTS intervals), so a burst sent while its key was on the
         way is not sent twice."""
-        self.resends.granted(cid, pid, self._clock(), self.options.receipt_interval_s)
+        self.resends.granted(cid, pid, self._clock(), self.options.receipt_interval_s, upto)
 
     def on_bundle(self, tx: StateTransaction, payload: bytes, batch: Batch) -> None:
         """A participant's bundle (retained): new, changed keys (loud), or updated;

@@ -109,6 +109,7 @@ class ControlOp(enum.IntEnum):
     REKEY = 2  # the sender asks an admin for a new epoch (e.g. after restoring state)
     ENDS = 3  # where the sender's chains of earlier epochs ended (PROTOCOL.md §6.5)
     UPDATE = 4  # the sender rotated its prekey: a new epoch, delivered to it (§6.7)
+    JOINED = 5  # a new member keyed its first epoch: it listens now (§6.6)
 
 
 class Control(WireModel):
@@ -277,7 +278,7 @@ def _decode_control(value: object) -> Control:
     if not isinstance(value, tuple) or not value:
         raise WireError("control must be a non-empty array")
     op = value[0]
-    if op not in (1, 2, 3, 4) or isinstance(op, bool):
+    if op not in (1, 2, 3, 4, 5) or isinstance(op, bool):
         raise WireError("unknown control op")
     if op == ControlOp.ENDS:
         _, raw_ends = fields(value, 2, "ends control")

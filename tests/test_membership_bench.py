@@ -21,9 +21,10 @@ def test_membership_bench_counts_one_delivery_per_member_and_meets_the_targets()
     )
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["protocol"] == "v2"
-    # Adding one to 10: the roster, the earlier roster to the newcomer's inbox and one
-    # delivery to each of the 10 others; removing one from 10: the roster and 8.
-    assert result["membership_publications_n10"] == 1 + 1 + 10
+    # Adding one to 10: the roster, the earlier roster to the newcomer's inbox, one
+    # delivery to each of the 10 others and the newcomer's JOINED control; removing one
+    # from 10: the roster and 8 deliveries.
+    assert result["membership_publications_n10"] == 1 + 1 + 10 + 1
     assert result["membership_remove_publications_n10"] == 1 + 8
     # Under sign_every = 4 every remaining member states its ends in one ENDS control.
     assert result["membership_remove_ends_controls_n10_sign4"] == 9

@@ -52,8 +52,8 @@ class Mesh:
                     elif topic.kind is TopicKind.BUNDLE and topic.pid != engine.pid:
                         engine.learn_bundle(pub.payload)
                         queue += engine.pay_owed_grants()
-                    elif topic.kind is TopicKind.MSG and topic.cid is not None:
-                        engine.open(topic.cid, pub.payload)
+                    elif topic.kind is TopicKind.MSG and topic.cid and engine.is_member(topic.cid):
+                        engine.open(topic.cid, pub.payload)  # to those subscribed
                 except FieldchatError as exc:
                     self.errors.append((name, exc))
 

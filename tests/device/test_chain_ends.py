@@ -70,12 +70,13 @@ def test_a_removed_member_cannot_forge_unsigned_messages_of_a_remaining_one():
 
     mesh.deliver(alice.remove_members(cid, [carol.pid]))
     assert not carol.is_member(cid)
-    forgery = forge_as(carol, cid, bob, 2, "from bob: pay Carol")
+    # Bob's steps: 0 his JOINED control (§6.6), 1 "b0", 2 "b1".
+    forgery = forge_as(carol, cid, bob, 3, "from bob: pay Carol")
 
     assert text_of(alice.open(cid, late)).startswith("b1")  # sealed by Bob: fine
-    assert reason_of(alice, cid, forgery) == "chain_closed"  # Bob never sealed step 2
+    assert reason_of(alice, cid, forgery) == "chain_closed"  # Bob never sealed step 3
     assert alice.counters["chain_closed"] == 1
-    assert alice.open(cid, forge_as(carol, cid, bob, 1, "again")) is None  # step 1: taken
+    assert alice.open(cid, forge_as(carol, cid, bob, 2, "again")) is None  # step 2: taken
     # Signed envelopes and the new epoch are unaffected.
     assert text_of(alice.open(cid, bob.seal(cid, text("epoch 1")))) == "epoch 1"
 
@@ -92,7 +93,7 @@ def test_an_old_unsigned_envelope_waits_for_its_senders_end_then_opens():
     deliveries = {p.topic: p.payload for p in pubs[1:]}
     (ends,) = bob.handle_grant(deliveries[TOPICS.inbox(bob.pid)]).publications
     assert dave.handle_grant(deliveries[TOPICS.inbox(dave.pid)]).installed
-    forgery = forge_as(carol, cid, bob, 1, "forged")
+    forgery = forge_as(carol, cid, bob, 2, "forged")  # 0: Bob's JOINED, 1: "late"
 
     # Bob's ENDS control of epoch 1 (his epoch-0 end) has not reached Dave yet.
     for envelope in (late, forgery):
@@ -101,7 +102,7 @@ def test_an_old_unsigned_envelope_waits_for_its_senders_end_then_opens():
         assert info.value.reason == "chain_end_unknown"
     assert ends.topic == TOPICS.msg(cid)
     dave.open(cid, ends.payload)
-    assert dave._convs[cid].ends == {(0, 1, 0): 1}
+    assert dave._convs[cid].ends == {(0, 1, 0): 2}
     assert text_of(dave.open(cid, late)) == "late"
     assert reason_of(dave, cid, forgery) == "chain_closed"
 

@@ -18,7 +18,17 @@ import pytest
 
 from fieldchat.device.engine import Engine, Opened, Publication
 from fieldchat.device.identity import Identity
-from fieldchat.schemas import Bundle, GrantMode, Member, Policy, Roster, TextMessage, Topics
+from fieldchat.schemas import (
+    Bundle,
+    Control,
+    ControlOp,
+    GrantMode,
+    Member,
+    Policy,
+    Roster,
+    TextMessage,
+    Topics,
+)
 from fieldchat.schemas.delivery import Delivery
 from fieldchat.schemas.envelope import EnvelopeKind, header_bytes
 from fieldchat.schemas.errors import FieldchatError
@@ -105,11 +115,13 @@ def test_python_founds_and_both_sides_talk(page):
     assert Delivery.from_bytes(to_web.payload).mode is GrantMode.X25519  # its prekey: no ML-KEM
     assert web.call("grantMode", to_web.payload.hex()) == GrantMode.X25519
     assert web.roster(roster.to_bytes()) == []  # a member sends nothing: the admin keys it
-    assert web.grant(to_web.payload) == {
-        "installed": True,
-        "needsRoster": False,
-        "publications": [],
-    }
+    keyed = web.grant(to_web.payload)
+    assert keyed["installed"] and not keyed["needsRoster"]
+    # Keyed, the browser (new in this epoch) says it listens: a JOINED control (§6.6).
+    [joined] = keyed["publications"]
+    assert (joined["kind"], joined["cid"]) == ("msg", cid)
+    said = device.open(cid, bytes.fromhex(joined["data"]))
+    assert said is not None and said.message == Control(op=ControlOp.JOINED)
 
     for i in range(3):
         sealed = device.seal(cid, TextMessage(sent_at=1700000000 + i, text=f"from python {i} ✓"))
@@ -254,7 +266,10 @@ def test_a_browser_invited_later_adopts_the_roster_only_through_the_chain(page):
     assert web.call("conversations") == []
     assert web.inbox(history[0])["publications"] == []  # adopted; the admin keys the epoch
     for delivery in [p for p in to_web if not is_roster(p)]:
-        assert web.inbox(delivery) == {"installed": True, "ends": 0, "publications": []}
+        keyed = web.inbox(delivery)
+        assert (keyed["installed"], [p["kind"] for p in keyed["publications"]]) == (True, ["msg"])
+        for engine in (alice, bob):  # its JOINED control
+            engine.open(cid, bytes.fromhex(keyed["publications"][0]["data"]))
     hello = alice.seal(cid, TextMessage(sent_at=1, text="welcome"))
     assert web.open(cid, hello)["text"] == "welcome"
     assert text(bob.open(cid, web.seal(cid, "thanks"))) == "thanks"
@@ -319,7 +334,7 @@ def test_a_removed_member_cannot_pass_unsigned_envelopes_off_as_a_remaining_one(
     bob.handle_roster(removal[0].payload)
     (ends,) = bob.handle_grant(deliveries[TOPICS.inbox(bob.pid)]).publications
     carol.handle_roster(removal[0].payload)
-    forgery = forge_as(carol, cid, bob, 2, "from bob: pay carol")
+    forgery = forge_as(carol, cid, bob, 3, "from bob: pay carol")  # 0: his JOINED
 
     assert web.open(cid, late) == {"error": "chain_end_unknown"}
     assert web.open(cid, forgery) == {"error": "chain_end_unknown"}

@@ -310,7 +310,12 @@ export class Engine {
       }
     }
     await this._save(conv);
-    return sending ? this._endsControl(conv) : [];
+    if (!sending) return [];
+    // New here (not the issuer, not in the epoch before): say we listen now (§6.6).
+    const before = conv.rosters.get(roster.epoch - 1);
+    const joined = roster.signer !== this.pid && !before?.pids.includes(this.pid);
+    const out = joined ? [{ kind: "msg", cid: conv.cid, data: (await this._seal(conv, { kind: MSG.control, op: CONTROL.joined })).data }] : [];
+    return [...out, ...await this._endsControl(conv)];
   }
 
   // Our signed ENDS (§6.5): an epoch we sent in unsigned steps was closed by a removal.

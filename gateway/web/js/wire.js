@@ -11,7 +11,7 @@ import { fields, pack, unpack } from "./msgpack.js";
 
 export const VERSION = 0x01;
 export const KIND = { grant: 0x10, bundle: 0x11, roster: 0x12, delivery: 0x13 };
-export const CONTROL = { leave: 1, rekey: 2, ends: 3, update: 4 };
+export const CONTROL = { leave: 1, rekey: 2, ends: 3, update: 4, joined: 5 };
 export const MSG = { text: 1, receipt: 2, control: 3 };
 export const FLAG = { signed: 0x80, compressed: 0x40, padded: 0x20 };
 export const TAG_BYTES = 16;
@@ -361,7 +361,7 @@ export async function decodePlaintext(kind, data, { compressed = false, padded =
     return { kind, op, prekeyId, prekeyDigest };
   }
   fields(value, 1, "control");
-  if (op !== CONTROL.leave && op !== CONTROL.rekey) throw new WireError("unknown control op");
+  if (![CONTROL.leave, CONTROL.rekey, CONTROL.joined].includes(op)) throw new WireError("unknown control op");
   return { kind, op };
 }
 
