@@ -3,8 +3,8 @@
 For a group of N members (N = 2, 10, 50, 200) it measures, with real engines and real
 keys (nothing stubbed), everything published because of one change until the group is
 quiet again: the roster proposal, the earlier rosters sent to a new member's inbox,
-every epoch-secret delivery, every control (ENDS, §6.5), anything else an engine
-returns. Bytes are topic + payload of each PUBLISH (the default ``fc/v1`` prefix),
+every epoch-secret delivery, every control (a new member's JOINED, §6.6; ENDS, §6.5),
+anything else an engine returns. Bytes are topic + payload of each PUBLISH (the default ``fc/v1`` prefix),
 counted once as published; the broker's fan-out to subscribers and the verifier's
 retained copy of the roster (one more roster) are not counted, as they are not
 per-member costs of the protocol. CPU is this process's CPU time
