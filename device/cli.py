@@ -1,10 +1,15 @@
 """``fieldchat device …``: the participant CLI. It parses options, builds settings and
 calls :class:`device.client.Device`; every :class:`~schemas.FieldchatError` becomes
-one line on stderr and a non-zero exit code (1: usage of fieldchat, 2: configuration,
-3: broker or network). SIGINT and SIGTERM are the same stop (:mod:`fieldchat.schemas.signals`):
-the device closes (parks its reserved steps, saves its state, disconnects); ``listen``
-and ``chat`` then say they stopped and exit 0, a one-shot command says it was
-interrupted and exits 130.
+one line on stderr and an exit code from the one table, :mod:`fieldchat.schemas.exits`
+(docs/device.md, "Exit codes"). SIGINT and SIGTERM are the same stop
+(:mod:`fieldchat.schemas.signals`): the device closes (parks its reserved steps, saves
+its state, disconnects); ``listen`` and ``chat`` then say they stopped and exit 0, a
+one-shot command says it was interrupted and exits 130.
+
+Cold start: importing this module loads typer and the standard library only (no
+pydantic, cryptography, paho or asyncio), so ``--help`` costs about as much as
+importing paho. A command imports the device stack when it opens a state file
+(:func:`_load_stack`), with a stop signal held meanwhile.
 """
 
 from __future__ import annotations
@@ -20,25 +25,29 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from fieldchat._command import command_name
 from fieldchat.device import remote
-from fieldchat.device.cli_output import note, print_rows, refusal_line, render, write
-from fieldchat.device.client import Device
-from fieldchat.device.config import DeviceSettings, low_bandwidth_policy
-from fieldchat.device.control_client import ControlClient
-from fieldchat.device.events import (
-    Event,
-    MessageReceived,
-    PublishRefused,
+from fieldchat.schemas.errors import (
+    ConfigError,
+    FieldchatError,
+    LimitExceeded,
+    ProtocolError,
+    Refused,
+    TransportError,
 )
-from fieldchat.device.history import GatewayHistory, gateway_base
-from fieldchat.device.state import DeviceState
-from fieldchat.schemas import Policy, tracing
-from fieldchat.schemas.errors import ConfigError, FieldchatError, Refused, TransportError
+from fieldchat.schemas.exits import ExitCode, epilog
 from fieldchat.schemas.signals import Interrupts
+
+if TYPE_CHECKING:
+    from fieldchat.device.client import Device, SentMessage
+    from fieldchat.device.config import DeviceSettings
+    from fieldchat.device.control_client import ControlClient
+    from fieldchat.device.events import Event, PublishRefused
+    from fieldchat.device.state import DeviceState
 
 __all__ = ["device_app"]
 
@@ -52,6 +61,11 @@ device_app.add_typer(conv_app, name="conv")
 
 JsonOut = Annotated[bool, typer.Option("--json", help="Machine-readable output (JSON lines).")]
 Timeout = Annotated[float, typer.Option(help="Seconds to wait for the broker.")]
+OK, REFUSED, USAGE, UNAVAILABLE, NOT_YET, INTERRUPTED = tuple(ExitCode)
+# What each kind of command can return (its --help ends with them).
+LOCAL = epilog(OK, REFUSED, USAGE, INTERRUPTED)  # no network
+ONLINE = epilog(OK, REFUSED, USAGE, UNAVAILABLE, INTERRUPTED)
+SERVICE = epilog(OK, REFUSED, USAGE, UNAVAILABLE)  # a stop signal is a clean stop: 0
 _CURSOR = "listen_cursor"
 # listen saves its cursor past a batch of rows before printing them (docs/device.md):
 # a SIGKILL or power cut between the two leaves at most this many rows unshown (they
@@ -60,7 +74,6 @@ LISTEN_BATCH = 64
 # SIGINT and SIGTERM raise KeyboardInterrupt while a command runs (process state, as
 # logging is); a second one while stopping forces the exit.
 _interrupts = Interrupts()
-INTERRUPTED = 130  # a one-shot command stopped by a signal: the shell's Ctrl-C status
 
 
 @dataclass
@@ -70,6 +83,9 @@ class _Options:
     settings: DeviceSettings | None = None
 
     def load(self) -> DeviceSettings:
+        _load_stack()
+        from fieldchat.device.config import DeviceSettings  # noqa: PLC0415 - loaded above
+
         if self.settings is None:
             self.settings = DeviceSettings.load(self.config, **(self.flags or {}))
         return self.settings
@@ -149,8 +165,6 @@ def _device(
         stream=sys.stderr,
         format="%(levelname)s %(message)s",
     )
-    with _failures():  # docs/tracing.md; queued spans leave at exit (bounded, 3 s)
-        tracing.configure(tracing.TraceSettings.from_environ(os.environ))
     _options.config = config
     _options.settings = None
     _options.flags = {
@@ -168,6 +182,32 @@ def _device(
     }
 
 
+_loaded = False
+
+
+def _load_stack() -> None:
+    """Import the device stack (pydantic, cryptography, paho) and turn tracing on
+    (docs/tracing.md; queued spans leave at exit, bounded, 3 s). A stop signal during
+    the imports is held until they are done (one raised inside an import can come out
+    as another error), then raised: the command says it was interrupted.
+
+    Raises:
+        ConfigError: tracing asked for in the environment but impossible.
+    """
+    global _loaded  # noqa: PLW0603 - once per process, like the imports themselves
+    if _loaded:
+        return
+    with _interrupts.deferred():
+        import fieldchat.device.cli_output  # noqa: PLC0415
+        import fieldchat.device.client  # noqa: PLC0415
+        import fieldchat.device.config  # noqa: PLC0415
+        import fieldchat.device.history  # noqa: PLC0415, F401
+        from fieldchat.schemas import tracing  # noqa: PLC0415
+
+        _loaded = True
+        tracing.configure(tracing.TraceSettings.from_environ(os.environ))
+
+
 @contextlib.contextmanager
 def _failures() -> Iterator[None]:
     """One line per failure a user can cause, and an exit code by kind."""
@@ -175,13 +215,13 @@ def _failures() -> Iterator[None]:
         yield
     except ConfigError as exc:
         typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        raise typer.Exit(USAGE) from None
     except TransportError as exc:
         typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(3) from None
+        raise typer.Exit(UNAVAILABLE) from None
     except FieldchatError as exc:
         typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
+        raise typer.Exit(REFUSED) from None
 
 
 @contextlib.contextmanager
@@ -209,6 +249,25 @@ def _close(device: Device) -> None:
         device.close()
 
 
+def _open_existing(path: Path) -> DeviceState:
+    """The state file at ``path``, which must hold an identity: only ``init`` creates
+    one (``whoami`` used to make a new identity in the default data directory).
+
+    Raises:
+        ConfigError: no state file there, or one without an identity.
+    """
+    from fieldchat.device.state import DeviceState  # noqa: PLC0415 - the stack is loaded
+
+    hint = f"create one with `fieldchat device --state {path} init`"
+    if not path.expanduser().is_file():
+        raise ConfigError(f"no state file {path} (no identity yet): {hint}")
+    state = DeviceState(path)
+    if state.load("identity") is None:
+        state.close()
+        raise ConfigError(f"state file {path} holds no identity yet: {hint}")
+    return state
+
+
 def _daemon() -> ControlClient | None:
     """The daemon serving this state file (``fieldchat device run``), or ``None``: the
     command then runs standalone (docs/device.md, Daemon and control socket)."""
@@ -217,8 +276,11 @@ def _daemon() -> ControlClient | None:
 
 
 def _device_for(on_event: object = None) -> Device:
+    from fieldchat.device.client import Device  # noqa: PLC0415 - loaded by _options.load
+    from fieldchat.device.history import GatewayHistory  # noqa: PLC0415
+
     settings = _options.load()
-    state = DeviceState(settings.state)
+    state = _open_existing(settings.state)
     try:
         broker = settings.broker_options(state.get_meta("broker"), state.get_meta("credential"))
         device = Device(
@@ -243,6 +305,8 @@ def _device_for(on_event: object = None) -> Device:
 
 
 def _saved_credential(path: Path) -> bool:
+    from fieldchat.device.state import DeviceState  # noqa: PLC0415 - the stack is loaded
+
     state = DeviceState(path)
     try:
         return state.get_meta("credential") is not None
@@ -251,30 +315,40 @@ def _saved_credential(path: Path) -> bool:
 
 
 @contextlib.contextmanager
-def _connected(timeout: float, on_event: object = None) -> Iterator[Device]:
+def _connected(
+    timeout: float, on_event: object = None, *, unchanged: str = "nothing was changed"
+) -> Iterator[Device]:
+    """The device, connected; a failure to connect says what it left as it was."""
     device = _device_for(on_event)
     try:
         device.start()
-        device.wait_connected(timeout)
+        try:
+            device.wait_connected(timeout)
+        except TransportError as exc:
+            raise type(exc)(f"{exc}; {unchanged}") from None
         yield device
     finally:
         _close(device)
 
 
 def _finish(device: Device, timeout: float) -> None:
-    """Wait until the broker has everything we queued."""
+    """Wait until the broker has everything we queued; what is left is kept in the
+    outbox, which is not a failure (exit 0): it leaves with the next command that
+    connects, and running this one again would do the change twice."""
     if not device.wait_drained(timeout):
         waiting = len(device.outbox())
-        raise TransportError(
-            f"{waiting} publication(s) still in the outbox after {timeout:g} s; "
-            "they leave with the next command that connects"
+        typer.echo(
+            f"fieldchat device: {waiting} publication(s) kept in the outbox after "
+            f"{timeout:g} s, will be sent when the broker takes them (by the next "
+            "device command that connects)",
+            err=True,
         )
 
 
 # -- identity ----------------------------------------------------------------------------
 
 
-@device_app.command()
+@device_app.command(epilog=ONLINE)
 def init(
     post_quantum: Annotated[
         bool, typer.Option("--pq/--no-pq", help="Give the identity an ML-KEM-768 key.")
@@ -284,6 +358,10 @@ def init(
     """Create this device's identity (once) and save the broker URL and credential."""
     with _errors():
         settings = _options.load()
+        from fieldchat.device.client import Device  # noqa: PLC0415 - loaded by _options.load
+        from fieldchat.device.history import gateway_base  # noqa: PLC0415
+        from fieldchat.device.state import DeviceState  # noqa: PLC0415
+
         state = DeviceState(settings.state)
         try:
             saved: dict[str, str | None] = {}
@@ -308,7 +386,11 @@ def init(
         if settings.credential or (settings.broker and _saved_credential(settings.state)):
             # Connect once: publish our bundle (retained) and open the persistent session
             # on our inbox, so others can invite us while we are away.
-            with _connected(10.0) as online:
+            saved_only = (
+                "the identity and settings are saved; the bundle is published by the "
+                "next command that connects"
+            )
+            with _connected(10.0, unchanged=saved_only) as online:
                 _finish(online, 10.0)
             registered = True
     if json_out:
@@ -330,13 +412,14 @@ def init(
     if registered:
         typer.echo("registered   bundle published; invitations wait for this device")
     if not existed and not settings.credential:
+        fc = command_name()
         typer.echo(
-            f"next: on the broker run `fieldchat broker enroll {pid}`, then "
-            f"`fieldchat device --credential … init` to save the credential"
+            f"next: on the broker run `{fc} broker enroll {pid}`, then "
+            f"`{fc} device --credential … init` to save the credential"
         )
 
 
-@device_app.command()
+@device_app.command(epilog=LOCAL)
 def whoami(
     json_out: JsonOut = False,
     pid_only: Annotated[
@@ -359,7 +442,7 @@ def whoami(
         typer.echo(f"pid          {pid}\nfingerprint  {fingerprint}")
 
 
-@device_app.command()
+@device_app.command(epilog=ONLINE)
 def verify(
     pid: str,
     fingerprint: Annotated[
@@ -394,7 +477,7 @@ def verify(
 # -- conversations -----------------------------------------------------------------------
 
 
-@conv_app.command("create")
+@conv_app.command("create", epilog=ONLINE)
 def conv_create(
     members: Annotated[list[str] | None, typer.Argument(help="Pids to invite.")] = None,
     compress: Annotated[bool, typer.Option(help="Compress plaintexts.")] = False,
@@ -413,11 +496,6 @@ def conv_create(
     json_out: JsonOut = False,
 ) -> None:
     """Create a conversation (you are its admin) and print its id."""
-    policy = (
-        low_bandwidth_policy()
-        if low_bandwidth
-        else Policy(compress=compress, sign_every=sign_every)
-    ).model_copy(update={"require_pq": require_pq})
     with _errors():
         if (daemon := _daemon()) is not None:
             params = {"members": members or [], "compress": compress, "sign_every": sign_every}
@@ -426,12 +504,20 @@ def conv_create(
             remote.conv_create(daemon, params, json_out=json_out)
             return
     with _errors(), _connected(timeout) as device:
+        from fieldchat.device.config import low_bandwidth_policy  # noqa: PLC0415 - loaded
+        from fieldchat.schemas import Policy  # noqa: PLC0415
+
+        policy = (
+            low_bandwidth_policy()
+            if low_bandwidth
+            else Policy(compress=compress, sign_every=sign_every)
+        ).model_copy(update={"require_pq": require_pq})
         cid = device.create_conversation(members or [], policy=policy, timeout=timeout)
         _finish(device, timeout)
     typer.echo(json.dumps({"cid": cid}) if json_out else cid)
 
 
-@conv_app.command("invite")
+@conv_app.command("invite", epilog=ONLINE)
 def conv_invite(cid: str, pids: list[str], timeout: Timeout = 10.0) -> None:
     """Add members to a conversation (admins only)."""
     with _errors():
@@ -443,7 +529,7 @@ def conv_invite(cid: str, pids: list[str], timeout: Timeout = 10.0) -> None:
         _finish(device, timeout)
 
 
-@conv_app.command("remove")
+@conv_app.command("remove", epilog=ONLINE)
 def conv_remove(cid: str, pids: list[str], timeout: Timeout = 10.0) -> None:
     """Remove members; everyone left re-keys (admins only)."""
     with _errors():
@@ -455,7 +541,7 @@ def conv_remove(cid: str, pids: list[str], timeout: Timeout = 10.0) -> None:
         _finish(device, timeout)
 
 
-@conv_app.command("leave")
+@conv_app.command("leave", epilog=ONLINE)
 def conv_leave(cid: str, timeout: Timeout = 10.0) -> None:
     """Leave a conversation."""
     with _errors():
@@ -467,7 +553,7 @@ def conv_leave(cid: str, timeout: Timeout = 10.0) -> None:
         _finish(device, timeout)
 
 
-@conv_app.command("list")
+@conv_app.command("list", epilog=LOCAL)
 def conv_list(json_out: JsonOut = False) -> None:
     """List known conversations (no network)."""
     with _errors():
@@ -523,50 +609,141 @@ def _stdin_batches(limit: int = 100) -> Iterator[list[str]]:
         yield batch
 
 
-@device_app.command()
+SendTimeout = Annotated[
+    float,
+    typer.Option(
+        help="Seconds to try to deliver (with --wait: to wait) before leaving it in the outbox."
+    ),
+]
+Wait = Annotated[
+    bool,
+    typer.Option(
+        "--wait",
+        help="Exit 0 only once the broker has the message (its PUBACK); 75 if it is "
+        "still in the outbox after --timeout.",
+    ),
+]
+Acks = Annotated[
+    int,
+    typer.Option(
+        "--acks",
+        min=0,
+        metavar="N",
+        help="Wait (implies --wait) until N members acknowledged it (delivery receipts).",
+    ),
+]
+
+
+@device_app.command(epilog=epilog(OK, REFUSED, USAGE, UNAVAILABLE, NOT_YET, INTERRUPTED))
 def send(
     cid: str,
     text: Annotated[
         str | None, typer.Argument(help="The text; omit or '-' to read lines from stdin.")
     ] = None,
-    timeout: Timeout = 10.0,
+    timeout: SendTimeout = 10.0,
+    wait: Wait = False,
+    acks: Acks = 0,
 ) -> None:
     """Send a message (durable at once; delivered when the broker is reachable)."""
     refused: list[PublishRefused] = []
     with _errors():
         if (daemon := _daemon()) is not None:
-            remote.send(daemon, cid, text)
+            if not (wait or acks):
+                remote.send(daemon, cid, text)
+                return
+            from fieldchat.device.remote_wait import send_and_wait  # noqa: PLC0415
+
+            batches = [[text]] if text is not None and text != "-" else _stdin_batches()
+            send_and_wait(daemon, cid, batches, timeout=timeout, acks=acks)
             return
+        _options.load()
+        from fieldchat.device.cli_output import refusal_line  # noqa: PLC0415 - loaded
+        from fieldchat.device.cli_wait import Delivery, deliver  # noqa: PLC0415
+        from fieldchat.device.events import PublishRefused  # noqa: PLC0415
+
         device = _device_for(lambda e: refused.append(e) if isinstance(e, PublishRefused) else None)
         try:
-            if text is not None and text != "-":
-                device.send(cid, text)
-                device.start()
-            else:
-                device.start()
-                for batch in _stdin_batches():
-                    device.send_many(cid, batch)
-            try:
-                device.wait_connected(timeout)
-            except TransportError as exc:
-                waiting = len(device.outbox())
-                raise type(exc)(f"{exc}; {waiting} message(s) kept in the outbox") from None
-            _finish(device, timeout)
+            if acks:
+                _check_acks(device, cid, acks)
+            sent = _queue(device, cid, text)
+            wanted = Delivery(sent, broker=wait or acks > 0, acks=acks)
+            kept = deliver(device, wanted, timeout, refused)
         finally:
             _close(device)
         if refused:  # checked after close: the worker has emitted all it committed
             raise Refused(refusal_line(refused))
+    if kept is not None:
+        typer.echo(kept.line(waited=wanted.broker), err=True)
+        if wanted.broker:
+            raise typer.Exit(NOT_YET)
 
 
-@device_app.command()
+def _check_acks(device: Device, cid: str, acks: int) -> None:
+    """``--acks N`` asks for no more members than the conversation has besides us.
+
+    Raises:
+        ConfigError: it does (nothing was sent).
+    """
+    infos = {info.cid: info for info in device.conversations()}
+    others = len(infos[cid].members) - 1 if cid in infos else acks
+    if acks > others:
+        raise ConfigError(
+            f"--acks {acks}: conversation {cid} has {others} other member(s); nothing was sent"
+        )
+
+
+def _queue(device: Device, cid: str, text: str | None) -> list[SentMessage]:
+    """Accept ``text`` (or stdin's lines) into the outbox and start the device.
+
+    Raises:
+        ProtocolError, LimitExceeded: refused; the message says what was sent before.
+    """
+    sent: list[SentMessage] = []
+    try:
+        if text is not None and text != "-":
+            sent += device.send_many(cid, [text])
+            device.start()
+        else:
+            device.start()
+            for batch in _stdin_batches():
+                sent += device.send_many(cid, batch)
+    except (ProtocolError, LimitExceeded) as exc:
+        before = f"the {len(sent)} line(s) before were accepted" if sent else "nothing was sent"
+        raise type(exc)(f"{exc}; {before}") from None
+    return sent
+
+
+ListenTimeout = Annotated[
+    float,
+    typer.Option(
+        help="Seconds without the broker before saying so once (with --exit-on-disconnect: "
+        "before giving up)."
+    ),
+]
+ExitOnDisconnect = Annotated[
+    bool,
+    typer.Option(
+        "--exit-on-disconnect",
+        help="Exit 3 when the broker is not reached within --timeout or the connection "
+        "drops, instead of waiting for it with backoff.",
+    ),
+]
+
+
+@device_app.command(epilog=SERVICE)
 def listen(
     cid: Annotated[str | None, typer.Argument(help="Only this conversation.")] = None,
     json_out: JsonOut = False,
     count: Annotated[int | None, typer.Option(help="Exit after this many messages.")] = None,
     duration: Annotated[float | None, typer.Option(help="Exit after this many seconds.")] = None,
-    timeout: Timeout = 10.0,
+    timeout: ListenTimeout = 10.0,
+    exit_on_disconnect: ExitOnDisconnect = False,
 ) -> None:
-    """Print messages as they arrive, each at most once across runs, until stopped."""
+    """Print messages as they arrive, each at most once across runs, until stopped.
+
+    Without the broker it keeps waiting (reconnecting with backoff) and shows what is
+    stored meanwhile; it says so once.
+    """
     events: queue.Queue[Event] = queue.Queue()
     shown = 0
     with _errors("listen"):
@@ -574,14 +751,20 @@ def listen(
             remote.listen(daemon, cid, json_out=json_out, count=count, duration=duration)
             return
         device = _device_for(events.put)
+        from fieldchat.device.cli_output import note, render, write  # noqa: PLC0415 - loaded
+        from fieldchat.device.events import Disconnected  # noqa: PLC0415
+
         try:
             if cid is not None and cid not in device.engine.conversations():
                 raise ConfigError(f"unknown conversation {cid}")
             cursor = int(device.state.get_meta(_CURSOR) or 0)
             device.start()
-            device.wait_connected(timeout)
+            if exit_on_disconnect:
+                device.wait_connected(timeout)
+            waiting = _BrokerWait(device, timeout)
             end = time.monotonic() + duration if duration is not None else None
             while count is None or shown < count:
+                waiting.check()
                 # Stored rows past the cursor first: messages that arrived while another
                 # command (send, conv …) was running are shown here, once.
                 limit = LISTEN_BATCH if count is None else min(LISTEN_BATCH, count - shown)
@@ -610,12 +793,41 @@ def listen(
                     event = events.get(timeout=0.5 if left is None else min(left, 0.5))
                 except queue.Empty:
                     continue
+                if exit_on_disconnect and isinstance(event, Disconnected):
+                    raise TransportError(f"the connection to the broker dropped ({event.reason})")
                 note(event, json_out)
         finally:
             _close(device)
 
 
-@device_app.command()
+class _BrokerWait:
+    """``listen``'s one line while it waits for the broker (the link reconnects with
+    backoff by itself), and one when the broker is there after all."""
+
+    def __init__(self, device: Device, after: float) -> None:
+        self.device = device
+        self.deadline = time.monotonic() + after
+        self.said = False
+
+    def check(self) -> None:
+        connected = self.device.connected
+        if self.said and connected:
+            typer.echo("fieldchat device listen: connected to the broker.", err=True)
+            self.said = False
+        elif not self.said and not connected:
+            error = self.device.last_error
+            if error is not None or time.monotonic() >= self.deadline:
+                why = f" ({error})" if error is not None else ""
+                typer.echo(
+                    f"fieldchat device listen: waiting for the broker{why}; retrying with "
+                    "backoff until it answers (stored messages are shown meanwhile).",
+                    err=True,
+                )
+                self.said = True
+                self.deadline = float("inf")  # then once per outage (the link says why)
+
+
+@device_app.command(epilog=SERVICE)
 def chat(cid: str, timeout: Timeout = 10.0) -> None:
     """Interactive chat: type lines to send them; incoming ones are printed.
 
@@ -627,6 +839,9 @@ def chat(cid: str, timeout: Timeout = 10.0) -> None:
             remote.chat(daemon, cid)
             return
         device = _device_for()
+        from fieldchat.device.cli_output import note, print_rows  # noqa: PLC0415 - loaded
+        from fieldchat.device.events import MessageReceived  # noqa: PLC0415
+
         try:
             if cid not in device.engine.conversations():
                 raise ConfigError(f"unknown conversation {cid}")
@@ -658,7 +873,7 @@ def chat(cid: str, timeout: Timeout = 10.0) -> None:
             _close(device)
 
 
-@device_app.command()
+@device_app.command(epilog=LOCAL)
 def outbox(json_out: JsonOut = False) -> None:
     """What is waiting for the broker (no network)."""
     with _errors():

@@ -17,12 +17,22 @@ from fieldchat.device.events import (
     KeyChanged,
     MessageReceived,
     MessageVerified,
+    PresenceChanged,
     PublishRefused,
     ReceiptReceived,
 )
 from fieldchat.device.rows import ReceivedRow, Trust
 
-__all__ = ["forgery_line", "note", "print_rows", "refusal_line", "render", "verified_line", "write"]
+__all__ = [
+    "forgery_line",
+    "note",
+    "presence_line",
+    "print_rows",
+    "refusal_line",
+    "render",
+    "verified_line",
+    "write",
+]
 
 # What a person's line says of who sent it (PROTOCOL.md §6.5): nothing when signed.
 _MARKS = {
@@ -53,6 +63,11 @@ def forgery_line(event: ForgeryDetected) -> str:
         f"(epoch {event.epoch}, steps {_steps(event.steps)}) {which} NOT sent by them: "
         "another member of the conversation forged them"
     )
+
+
+def presence_line(pid: str, online: bool) -> str:
+    """The note for a member's presence change (``listen``, ``chat``)."""
+    return f"-- {pid[:8]} is {'online' if online else 'offline'}"
 
 
 def refusal_line(refused: Sequence[PublishRefused]) -> str:
@@ -94,6 +109,16 @@ def write(text: bytes) -> None:
     sys.stdout.flush()
 
 
+def event_line(event: Event) -> str:
+    """``-- connected: protocol=5 session_present=True``: an event for a person."""
+    fields = " ".join(
+        f"{key}={','.join(map(str, value)) if isinstance(value, list | tuple) else value}"
+        for key, value in event.to_json().items()
+        if key != "type"
+    )
+    return f"-- {event.type.value}: {fields}" if fields else f"-- {event.type.value}"
+
+
 def note(event: Event, json_out: bool) -> None:
     if isinstance(event, MessageReceived):
         return
@@ -110,5 +135,7 @@ def note(event: Event, json_out: bool) -> None:
             f"fieldchat device verify {event.pid}",
             err=True,
         )
+    elif isinstance(event, PresenceChanged):
+        typer.echo(presence_line(event.pid, event.online), err=True)
     elif not isinstance(event, ReceiptReceived | PublishRefused):  # the latter: logged
-        typer.echo(f"-- {event.type}: {event.to_json()}", err=True)
+        typer.echo(event_line(event), err=True)

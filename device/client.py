@@ -55,6 +55,7 @@ from fieldchat.schemas import Policy, ReceiptType, Topics
 from fieldchat.schemas.errors import (
     FieldchatError,
     KeyStoreError,
+    TransportError,
     UnknownParticipant,
 )
 from fieldchat.schemas.topics import DEFAULT_PREFIX
@@ -229,9 +230,20 @@ class Device:
         return self._conn is not None
 
     @property
+    def last_error(self) -> TransportError | None:
+        """Why the last connection attempt failed (``None`` once one succeeded): what
+        ``listen`` says while it waits for the broker."""
+        return self._link.last_error if self._link is not None else None
+
+    @property
     def protocol(self) -> str | None:
         conn = self._conn
         return conn.protocol if conn else None
+
+    def presence(self) -> dict[str, bool]:
+        """Whether each member followed for presence was online at its last status
+        (docs/device.md, "Presence"); a member whose status has not arrived is absent."""
+        return self._worker.presence.online()
 
     def wait_connected(self, timeout: float = 10.0) -> None:
         """Block until connected.

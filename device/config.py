@@ -105,6 +105,10 @@ class LinkOptions(_Frozen):
     what was archived after its cursor (also shortly after each connect): messages
     lost at the end of a run (a broker queue overflowing, a failover) reveal no gap.
     A slow link wants it rarer (an empty answer is one small HTTP exchange a round).
+    ``presence``: follow the status topics of the members of our conversations and
+    report their changes (``PresenceChanged``); each change of a member costs one
+    retained PUBLISH of ≈ 45 bytes here (docs/device.md, "Presence"). Off in
+    :meth:`low_bandwidth`.
     ``archive_check_s``: with a gateway, own envelopes are kept until the archive has
     them; while some are not confirmed, the device checks this often (and after each
     reconnect once its outbox drained) and uploads what the archive lacks. Every
@@ -128,11 +132,12 @@ class LinkOptions(_Frozen):
     topic_aliases: bool = True
     history_tail_s: Annotated[float, Field(gt=0)] = 60.0
     archive_check_s: Annotated[float, Field(gt=0)] = 30.0
+    presence: bool = True
 
     @classmethod
     def low_bandwidth(cls) -> LinkOptions:
         """Slow-link tuning: rare pings, receipts batched for 30 s, no read receipts,
-        a 12 s reorder window (a repair within it from the first ask with round trips
+        no presence, a 12 s reorder window (a repair within it from the first ask with round trips
         up to 6 s, from the third up to 3.75 s: satellite and congested cellular)."""
         return cls(
             keepalive_s=600,
@@ -145,6 +150,7 @@ class LinkOptions(_Frozen):
             reorder_window_s=12.0,
             history_tail_s=900.0,
             archive_check_s=900.0,
+            presence=False,
         )
 
 
@@ -213,6 +219,7 @@ class DeviceSettings(BaseSettings):
     low_bandwidth: bool = False
     keepalive: int | None = None
     power_safe: bool = False  # send returns once a power cut cannot lose it (an fsync each)
+    presence: bool | None = None  # follow members' presence (None: the link profile's choice)
 
     @classmethod
     def settings_customise_sources(
@@ -279,4 +286,6 @@ class DeviceSettings(BaseSettings):
         base = LinkOptions.low_bandwidth() if self.low_bandwidth else LinkOptions()
         if self.keepalive is not None:
             base = base.model_copy(update={"keepalive_s": self.keepalive})
+        if self.presence is not None:
+            base = base.model_copy(update={"presence": self.presence})
         return base

@@ -38,6 +38,7 @@ from fieldchat.device.events import (
     KeyChanged,
     MessageReceived,
     MessageVerified,
+    PresenceChanged,
     PublishRefused,
     ReceiptReceived,
     Removed,
@@ -80,6 +81,7 @@ EVENTS = (
     PublishRefused,
     Connected,
     Disconnected,
+    PresenceChanged,
 )
 
 
@@ -206,6 +208,9 @@ class Control:
 
     def _link(self) -> dict[str, Any]:
         return {"connected": self.device.connected, "protocol": self.device.protocol}
+
+    def presence(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:  # noqa: ARG002
+        return {"presence": self.device.presence()}
 
     def status(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:  # noqa: ARG002
         return {**self._link(), "outbox": self.device.state.outbox_count()}
@@ -483,6 +488,13 @@ class Control:
                 _ROWS,
             ),
             Method("outbox", "What waits for the broker.", (), self.outbox, _ROWS),
+            Method(
+                "presence",
+                "Whether each followed member was last seen online (pid to boolean).",
+                (),
+                self.presence,
+                _EMPTY,
+            ),
             Method(
                 "send",
                 "Queue a text durably (answered once it is in the outbox).",

@@ -33,6 +33,7 @@ __all__ = [
     "DaemonError",
     "DaemonGone",
     "NotOurDaemon",
+    "daemon_of",
     "peer_uid",
     "socket_path",
     "state_file",
@@ -283,3 +284,22 @@ class ControlClient:
         del self._buffer[: end + 1]
         message = json.loads(line)
         return message if isinstance(message, dict) else {"batch": message}
+
+
+def daemon_of(state: Path) -> ControlClient | None:
+    """A connection to the daemon serving the state file ``state``, or ``None`` (no
+    state file, no daemon answering, or ``FIELDCHAT_NO_DAEMON=1``): only one running as
+    the state file's owner counts. What the CLI (:mod:`fieldchat.device.remote`) and its
+    typer-free path (``fieldchat._fast``) both connect with.
+
+    Raises:
+        NotOurDaemon: another user's program answers there (nothing was sent).
+        OSError: the socket may not be used (``PermissionError``) or is broken.
+    """
+    if os.environ.get("FIELDCHAT_NO_DAEMON") == "1":
+        return None
+    try:
+        owner = state.stat().st_uid
+    except OSError:
+        return None  # no state file, no daemon of it
+    return ControlClient.connect(socket_path(state), owner=owner)

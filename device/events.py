@@ -24,6 +24,7 @@ __all__ = [
     "KeyChanged",
     "MessageReceived",
     "MessageVerified",
+    "PresenceChanged",
     "PublishRefused",
     "ReceiptKind",
     "ReceiptReceived",
@@ -46,6 +47,7 @@ class EventType(StrEnum):
     PUBLISH_REFUSED = "publish_refused"
     CONNECTED = "connected"
     DISCONNECTED = "disconnected"
+    PRESENCE = "presence"
     EVENTS_DROPPED = "events_dropped"
 
 
@@ -202,6 +204,19 @@ class Disconnected(_Base):
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class PresenceChanged(_Base):
+    """A member of one of our conversations came online or went offline (its retained
+    status changed; ``offline`` also when its broker published its will). ``at``: when
+    this device learnt it (Unix seconds). Reported once per change, never for
+    ourselves; none while ``LinkOptions.presence`` is off."""
+
+    type: ClassVar[EventType] = EventType.PRESENCE
+    pid: str
+    online: bool
+    at: int
+
+
 Event = (
     MessageReceived
     | MessageVerified
@@ -214,6 +229,7 @@ Event = (
     | PublishRefused
     | Connected
     | Disconnected
+    | PresenceChanged
 )
 
 

@@ -3,10 +3,11 @@ state file: what ``fieldchat device send|listen|chat|conv …|outbox|verify|whoa
 do when :func:`daemon_for` finds one answering on the state file's control socket.
 
 They print what the standalone commands print (:mod:`fieldchat.device.cli`) and exit
-with the same codes (1 usage of fieldchat, 2 configuration, 3 broker or network),
-but import only the standard library, typer and :mod:`~fieldchat.device.control_client`:
-no engine, cryptography, pydantic or paho. A command through the daemon returns once
-the daemon accepted its work (durable in the outbox); the daemon delivers it.
+with the same codes (:mod:`fieldchat.schemas.exits`, ``for_kind`` of the daemon's
+error kinds), but import only the standard library, typer and
+:mod:`~fieldchat.device.control_client`: no engine, cryptography, pydantic or paho. A
+command through the daemon returns once the daemon accepted its work (durable in the
+outbox); the daemon delivers it.
 """
 
 from __future__ import annotations
@@ -28,9 +29,11 @@ from fieldchat.device.control_client import (
     DaemonError,
     DaemonGone,
     NotOurDaemon,
+    daemon_of,
     socket_path,
     state_file,
 )
+from fieldchat.schemas.exits import ExitCode, for_kind
 
 __all__ = [
     "chat",
@@ -40,12 +43,12 @@ __all__ = [
     "daemon_for",
     "listen",
     "outbox",
+    "refusal",
     "send",
     "verify",
     "whoami",
 ]
 
-_EXIT_CODES = {"config": 2, "transport": 3}
 DAEMON_RESTART_S = 60.0  # listen waits this long for a daemon that stopped to answer again
 _BATCH = 64  # messages taken per call by listen
 
@@ -53,29 +56,32 @@ _BATCH = 64  # messages taken per call by listen
 def daemon_for(state: str | os.PathLike[str] | None, config: Path | None) -> ControlClient | None:
     """A connection to the daemon of the command's state file, or ``None`` (none
     runs: the command runs standalone). ``FIELDCHAT_NO_DAEMON=1`` forces standalone."""
-    if os.environ.get("FIELDCHAT_NO_DAEMON") == "1":
-        return None
     path = state_file(state, config)
     try:
-        owner = path.stat().st_uid
-    except OSError:
-        return None  # no state file, no daemon of it
-    sock = socket_path(path)
-    try:
-        return ControlClient.connect(sock, owner=owner)
-    except NotOurDaemon as exc:
-        typer.echo(f"error: {exc}: not the device daemon; nothing was sent", err=True)
-        raise typer.Exit(2) from None
-    except PermissionError:
-        typer.echo(
-            f"error: the device daemon at {sock} serves only its user: run this command "
-            f"as the state file's owner (uid {owner})",
-            err=True,
-        )
-        raise typer.Exit(2) from None
+        return daemon_of(path)
     except OSError as exc:
-        typer.echo(f"error: cannot reach the device daemon at {sock}: {exc.strerror}", err=True)
-        raise typer.Exit(3) from None
+        line, code = refusal(exc, path)
+        typer.echo(line, err=True)
+        raise typer.Exit(code) from None
+
+
+def refusal(exc: OSError, state: Path) -> tuple[str, ExitCode]:
+    """What a command says when connecting to the daemon of ``state`` failed with
+    ``exc``, and its exit code (also for ``fieldchat._fast``, which connects without
+    typer)."""
+    sock = socket_path(state)
+    if isinstance(exc, NotOurDaemon):
+        return f"error: {exc}: not the device daemon; nothing was sent", ExitCode.USAGE
+    if isinstance(exc, PermissionError):
+        return (
+            f"error: the device daemon at {sock} serves only its user: run this command "
+            f"as the state file's owner (uid {state.stat().st_uid})",
+            ExitCode.USAGE,
+        )
+    return (
+        f"error: cannot reach the device daemon at {sock}: {exc.strerror}",
+        ExitCode.UNAVAILABLE,
+    )
 
 
 @contextlib.contextmanager
@@ -87,12 +93,12 @@ def _failures(client: ControlClient, *, gone: bool = True) -> Iterator[None]:
             yield
     except DaemonError as exc:
         typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(_EXIT_CODES.get(exc.kind, 1)) from None
+        raise typer.Exit(for_kind(exc.kind)) from None
     except (DaemonGone, ConnectionError) as exc:
         if not gone:
             raise DaemonGone(str(exc)) from None
         typer.echo(f"error: the device daemon went away: {exc}", err=True)
-        raise typer.Exit(3) from None
+        raise typer.Exit(ExitCode.UNAVAILABLE) from None
 
 
 def whoami(client: ControlClient, *, json_out: bool, pid_only: bool) -> None:
@@ -115,7 +121,7 @@ def verify(client: ControlClient, pid: str, fingerprint: str | None, timeout: fl
     typer.echo(f"{pid}  {out['fingerprint']}")
     if out["verified"] is False:
         typer.echo("error: FINGERPRINTS DIFFER: do not trust this participant", err=True)
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.REFUSED)
     if out["verified"]:
         typer.echo("verified")
 
@@ -214,6 +220,9 @@ def _note(event: dict[str, Any], json_out: bool) -> None:
             f"fieldchat device verify {event['pid']}",
             err=True,
         )
+    elif kind == "presence":
+        state = "online" if event["online"] else "offline"  # as cli_output.presence_line
+        typer.echo(f"-- {str(event['pid'])[:8]} is {state}", err=True)
     elif kind not in ("receipt", "publish_refused"):
         typer.echo(f"-- {kind}: {event}", err=True)
 
@@ -240,7 +249,7 @@ def listen(
                 if end is not None and time.monotonic() >= end:
                     return  # the duration ran out meanwhile
                 typer.echo(f"error: the device daemon went away: {exc}", err=True)
-                raise typer.Exit(3) from None
+                raise typer.Exit(ExitCode.UNAVAILABLE) from None
             client = again
         else:
             return
@@ -261,7 +270,7 @@ def _reconnect(gone: ControlClient, end: float | None) -> ControlClient | None:
             again = ControlClient.connect(gone.path, owner=gone.owner)
         except NotOurDaemon as exc:
             typer.echo(f"error: {exc}: not the device daemon", err=True)
-            raise typer.Exit(2) from None
+            raise typer.Exit(ExitCode.USAGE) from None
         if again is not None:
             return again
     return None

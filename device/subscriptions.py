@@ -101,6 +101,11 @@ class Subscriptions:
         """A new connection: refusals of the last one no longer apply."""
         self._refused.clear()
 
+    def wanted(self) -> frozenset[str]:
+        """Every topic wanted now (read only)."""
+        with self._lock:
+            return frozenset(self._wanted)
+
     def connected(self) -> list[str]:
         """Everything wanted, to subscribe on a new connection (nothing pending)."""
         with self._lock:

@@ -27,6 +27,7 @@ from fieldchat.device.events import Connected, Disconnected, Event
 from fieldchat.device.inbound import Inbound
 from fieldchat.device.link import Link, LinkConnection, PubackRefusal
 from fieldchat.device.outbound import Outbound
+from fieldchat.device.presence import STATUS_OFFLINE, STATUS_ONLINE, Presence
 from fieldchat.device.receipts import ReceiptBook
 from fieldchat.device.refusals import refuse
 from fieldchat.device.resend import Resends
@@ -39,6 +40,7 @@ from fieldchat.schemas.envelope import read_header
 from fieldchat.schemas.errors import (
     ConnectFailed,
     FieldchatError,
+    InvalidStatus,
     KeyStoreError,
     NotAuthorized,
     TransportError,
@@ -54,8 +56,6 @@ log = logging.getLogger("fieldchat.device")
 
 MAX_QUEUE = 10_000  # inbound packets waiting for the worker; paho's thread blocks past it
 BATCH = 256  # inbound packets per transaction (one fsync)
-STATUS_ONLINE = b"online"
-STATUS_OFFLINE = b"offline"
 _TICK_S = 0.05
 
 
@@ -148,6 +148,7 @@ class Worker(Part):
         self.inbound = Inbound(shared, sequencer, receipts, rosters, self._episode)
         self.outbound = Outbound(shared, sequencer, receipts, resends, subscriptions)
         self.rounds = HistoryRounds(shared, self.inbound, self.hand_over, self.apply)
+        self.presence = Presence(shared)
         self._queue: queue.Queue[Item] = queue.Queue(MAX_QUEUE)
         self.changed = threading.Condition()  # notified after every turn
         self.fatal: KeyStoreError | None = None
@@ -298,6 +299,8 @@ class Worker(Part):
         batch = Batch()
         pending: list[Arrived | Acked] = []
         for item in items:
+            if isinstance(item, Arrived) and self._status(item, batch):
+                continue
             if isinstance(item, (Arrived, Acked)):
                 pending.append(item)
                 if isinstance(item, Arrived):
@@ -319,6 +322,33 @@ class Worker(Part):
                 self.rounds.on_archived(item)
         self._commit(pending, batch)
         self.apply(batch)
+
+    def _status(self, item: Arrived, batch: Batch) -> bool:
+        """A member's presence status (device/presence.py); False: another topic."""
+        parsed = self._parse(item.topic)
+        if parsed is None or parsed.kind is not TopicKind.STATUS or parsed.pid is None:
+            return False
+        try:
+            event = self.presence.on_status(parsed.pid, item.payload, self._clock())
+        except InvalidStatus as exc:
+            self._rejected(exc)
+            log.debug("rejected the status on %s: %s", item.topic, exc)
+            event = None
+        if event is not None:
+            batch.events.append(event)
+        if item.qos:
+            batch.acks.append((item.conn, item.mid))
+        return True
+
+    def _follow_presence(self) -> None:
+        """Follow the status topics of the current members (device/presence.py)."""
+        follow, drop = self.presence.update()
+        if follow:
+            self.subscribe(follow)
+        if drop:
+            self.subscriptions.remove(drop)
+            if self.outbound.conn is not None:
+                self.outbound.conn.unsubscribe(drop)
 
     def _commit(self, items: list[Arrived | Acked], batch: Batch) -> None:
         """Open and store what arrived, drop what the broker acknowledged: one
@@ -384,6 +414,8 @@ class Worker(Part):
             self.apply(self.inbound.retry_held())
         if batch.joined:
             self.rounds.backfill()
+        if batch.subscribe or batch.unsubscribe:  # a roster changed (its members too)
+            self._follow_presence()
 
     def _send_acks(self) -> None:
         """PUBACK, in order, what an fsync has made power-safe; start one for the rest.
@@ -428,6 +460,9 @@ class Worker(Part):
             # learns membership from rosters then already knows us (same connection,
             # packets processed in order).
             self.subscriptions.forget_refusals()
+            follow, drop = self.presence.update()  # subscribed below with the rest
+            self.subscriptions.add(follow)
+            self.subscriptions.remove(drop)
             self.outbound.pump()
             topics = self.subscriptions.connected()
             conn.subscribe(topics, no_local=no_local(topics))
@@ -484,3 +519,5 @@ class Worker(Part):
             for gap in self.outbound.housekeeping(now):
                 self.rounds.ask_history(gap)
         self.rounds.tick(now, connected=self.outbound.conn is not None)
+        if self.presence.due(now):  # members the application added or removed
+            self._follow_presence()

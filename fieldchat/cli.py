@@ -8,7 +8,6 @@ none of them.
 
 from __future__ import annotations
 
-import asyncio
 import importlib
 import os
 from collections.abc import Coroutine
@@ -18,10 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NamedTuple, NoReturn
 import typer
 from typer.core import TyperCommand, TyperGroup
 
-from fieldchat._startup import import_held
-from fieldchat.schemas import tracing
-from fieldchat.schemas.errors import FieldchatError
-from fieldchat.schemas.signals import until_stopped
+from fieldchat._startup import import_held, stopped_before_start
 
 if TYPE_CHECKING:
     from fieldchat.stack import StackOptions
@@ -115,8 +111,10 @@ class _Lazy(TyperCommand):
         parent: Any = None,  # noqa: ANN401
         **extra: Any,  # noqa: ANN401 - click's own keyword arguments
     ) -> Any:  # noqa: ANN401
+        # Importing the sub-app, then parsing (typer imports its converters, pydantic,
+        # when it parses): with the stop signals held.
         real = import_held(self.load)
-        return real.make_context(info_name, args, parent=parent, **extra)
+        return import_held(lambda: real.make_context(info_name, args, parent=parent, **extra))
 
     def load(self) -> Any:  # noqa: ANN401 - click's command, typer's private copy
         """The real sub-app (imported now)."""
@@ -125,12 +123,24 @@ class _Lazy(TyperCommand):
 
 class _Root(TyperGroup):
     """The root command: a stop signal that reaches it (one before a command took the
-    signals over: while typer parses the command line) is a clean stop, one line and
-    status 0, not typer's silent 130. Long-running commands stop the same way
-    themselves; device one-shots say they were interrupted (status 130)."""
+    signals over: while typer parses the command line) is one line, not typer's
+    silent 130: status 0 for a service, 130 for a one-shot command, as once they run
+    (:func:`fieldchat._startup.stopped_before_start`)."""
 
     def list_commands(self, ctx: Any) -> list[str]:  # noqa: ANN401
         return sorted([*super().list_commands(ctx), *_SUB_APPS])
+
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: Any = None,  # noqa: ANN401
+        **extra: Any,  # noqa: ANN401 - click's own keyword arguments
+    ) -> Any:  # noqa: ANN401
+        """Parse with the stop signals held: typer imports its converters (pydantic)
+        while parsing, and a signal then would end in typer's silent status 130."""
+        parse = super().make_context
+        return import_held(lambda: parse(info_name, args, parent=parent, **extra))
 
     def get_command(self, ctx: Any, cmd_name: str) -> Any:  # noqa: ANN401
         sub = _SUB_APPS.get(cmd_name)
@@ -141,8 +151,7 @@ class _Root(TyperGroup):
         try:
             return super().invoke(ctx)
         except KeyboardInterrupt:
-            typer.echo("fieldchat stopped.", err=True)
-            raise typer.Exit(0) from None
+            stopped_before_start()
 
 
 app = typer.Typer(
@@ -173,6 +182,12 @@ def _serve(main: Coroutine[Any, Any, None], stopped: str) -> None:
     """Run a stack until SIGINT or SIGTERM, the same clean stop: the gateway and the
     broker close, ``stopped`` is printed, status 0. A FieldchatError is one line and
     status 1."""
+    import asyncio  # noqa: PLC0415 - the device commands' cold start does without these
+
+    from fieldchat.schemas import tracing  # noqa: PLC0415
+    from fieldchat.schemas.errors import FieldchatError  # noqa: PLC0415
+    from fieldchat.schemas.signals import until_stopped  # noqa: PLC0415
+
     try:
         tracing.configure(tracing.TraceSettings.from_environ(os.environ))  # docs/tracing.md
         asyncio.run(until_stopped(main))
@@ -203,7 +218,13 @@ def up(
 
 @app.command()
 def demo(
-    data_dir: DataDir = Path("fieldchat-data"),
+    data_dir: Annotated[
+        Path,
+        typer.Option(
+            envvar="FIELDCHAT_DEMO_DATA",
+            help="Folder for the demo's state: its own, never one `up` uses.",
+        ),
+    ] = Path("fieldchat-demo"),
     host: Host = "127.0.0.1",
     mqtt_port: MqttPort = 1883,
     http_port: HttpPort = 8080,

@@ -23,14 +23,18 @@ from fieldchat.device.client import Device
 from fieldchat.device.config import BrokerOptions
 from fieldchat.device.history import GatewayHistory
 from fieldchat.gateway import GatewayStore
-from fieldchat.schemas.errors import FieldchatError, NotAMember
+from fieldchat.schemas.errors import ConfigError, FieldchatError, NotAMember
 from fieldchat.stack import Stack, StackOptions, open_stack
 
-__all__ = ["MAX_DEMO_MESSAGES", "run_demo"]
+__all__ = ["DEMO_MARK", "MAX_DEMO_MESSAGES", "claim_data_dir", "run_demo"]
 
 log = logging.getLogger("fieldchat.demo")
 
 MAX_DEMO_MESSAGES = 2_000  # the chat stops by itself after this many
+# The demo writes scripted messages into its gateway's history: it marks its data
+# folder, and runs only in an empty folder or one it marked (issue 18: beside
+# `fieldchat up` it used to share fieldchat-data and filled a real user's history).
+DEMO_MARK = "fieldchat-demo"
 LINES = (
     ("pump-pi", "Pump 3 pressure 4.2 bar, flow nominal."),
     ("tech-laptop", "Thanks. Valve B still sticky?"),
@@ -123,12 +127,32 @@ class _Demo:
             device.close()
 
 
+def claim_data_dir(data_dir: Path) -> None:
+    """Make ``data_dir`` the demo's, or refuse one that holds other data (a running or
+    past ``fieldchat up``'s): the demo never writes into a real history.
+
+    Raises:
+        ConfigError: ``data_dir`` holds data the demo did not make.
+    """
+    mark = data_dir / DEMO_MARK
+    if data_dir.is_dir() and any(data_dir.iterdir()) and not mark.is_file():
+        raise ConfigError(
+            f"{data_dir} holds data the demo did not make (`fieldchat up`'s?); the demo "
+            "writes scripted messages into its history, so it runs in its own folder: "
+            "pass --data-dir with a new one (the default is fieldchat-demo)"
+        )
+    data_dir.mkdir(parents=True, exist_ok=True)
+    mark.write_text("made by `fieldchat demo`: its history holds scripted messages\n")
+
+
 async def run_demo(options: StackOptions, echo: Callable[[str], None] = print) -> None:
     """Run the stack and the chatting devices until SIGINT/SIGTERM.
 
     Raises:
-        PortInUse, ConfigError: as :func:`fieldchat.stack.run_stack`.
+        PortInUse, ConfigError: as :func:`fieldchat.stack.run_stack`, or a data
+            folder that is not the demo's (:func:`claim_data_dir`).
     """
+    claim_data_dir(options.data_dir)
     async with open_stack(options) as stack:
         demo = await asyncio.to_thread(
             _Demo, stack, options.data_dir / "demo", asyncio.get_running_loop()

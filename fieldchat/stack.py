@@ -14,10 +14,7 @@ import asyncio
 import errno
 import json
 import os
-import shlex
-import shutil
 import socket
-import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -27,6 +24,7 @@ import uvicorn
 from fastapi import FastAPI
 from pydantic import SecretStr
 
+from fieldchat._command import command_name
 from fieldchat.broker import BrokerConfig, EmbeddedBroker, PortInUse
 from fieldchat.gateway import GatewayServer, GatewaySettings, create_app, uvicorn_options
 from fieldchat.schemas.errors import ConfigError
@@ -75,19 +73,6 @@ def _gateway_credential(data_dir: Path, broker: EmbeddedBroker) -> tuple[str, st
     with os.fdopen(fd, "w") as out:
         json.dump({"username": username, "credential": credential}, out)
     return username, credential
-
-
-def command_name() -> str:
-    """How to call ``fieldchat``: the bare name when it is on the PATH, else the
-    absolute path of the one running (``…/.venv/bin/fieldchat`` after ``make run``):
-    printed commands must run as printed, in another terminal, venv activated or not."""
-    script = Path(sys.executable).with_name("fieldchat")
-    if not script.exists():
-        return "fieldchat"
-    found = shutil.which("fieldchat")
-    if found is not None and Path(found).resolve() == script.resolve():
-        return "fieldchat"
-    return shlex.quote(str(script.absolute()))
 
 
 def _banner(web: str, mqtt: str, data_dir: Path) -> str:

@@ -55,6 +55,7 @@ __all__ = [
     "GrantRejected",
     "IdempotencyConflict",
     "InvalidId",
+    "InvalidStatus",
     "KeyStoreError",
     "LimitExceeded",
     "MalformedPacket",
@@ -103,6 +104,13 @@ class LimitExceeded(WireError):
     """A named size or count limit was exceeded (PROTOCOL.md §8)."""
 
     reason = "limit"
+
+
+class InvalidStatus(WireError):
+    """A presence status (``p/{pid}/status``) that is not ``online`` or ``offline``,
+    or longer than any of them: another participant's bytes, refused and counted."""
+
+    reason = "status"
 
 
 class MalformedPacket(WireError):

@@ -14,7 +14,6 @@ ones back afterwards.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import signal
@@ -50,6 +49,8 @@ def stop_signals(on_stop: Callable[[], None]) -> Iterator[None]:
     if not _main_thread():
         yield
         return
+    import asyncio  # noqa: PLC0415 - a device command's cold start does without it
+
     loop = asyncio.get_running_loop()
     stopping = False
 
@@ -79,6 +80,8 @@ async def until_stopped(main: Coroutine[Any, Any, None]) -> bool:
     Cancelling is the clean stop: every ``finally`` and ``async with`` of ``main``
     runs, as in asyncio's own handling of a first Ctrl-C, and now of SIGTERM too.
     """
+    import asyncio  # noqa: PLC0415 - as in stop_signals
+
     task = asyncio.ensure_future(main)
     stopped = False
 

@@ -161,16 +161,23 @@ def test_credentials_and_protocol_version(nats: Cluster, raw: list[Raw]) -> None
     raw.append(Raw(port, ALICE, password).connected())
 
 
-def test_topic_rules_retained_and_qos1_across_nodes(nats: Cluster, raw: list[Raw]) -> None:
-    # Enrolled before the start: a reload (SIGHUP) applies asynchronously.
-    alice_pw, bob_pw, carol_pw = nats.device(ALICE), nats.device(BOB), nats.device(CAROL)
+def _alice_and_bob(nats: Cluster, raw: list[Raw], *others: str) -> tuple[Raw, Raw, list[str]]:
+    """Start the cluster with alice, bob and ``others`` enrolled (before the start: a
+    reload, SIGHUP, applies asynchronously); alice on node 1, bob on node 2, and the
+    passwords of ``others``."""
+    alice_pw, bob_pw = nats.device(ALICE), nats.device(BOB)
+    passwords = [nats.device(pid) for pid in others]
     nats.start()
     alice = Raw(nats.nodes[0].mqtt_port, ALICE, alice_pw).connected()
     raw.append(alice)
-    alice.publish(f"{PREFIX}/p/{ALICE}/bundle", b"alice-bundle-1", retain=True)
-
     bob = Raw(nats.nodes[1].mqtt_port, BOB, bob_pw).connected()
     raw.append(bob)
+    return alice, bob, passwords
+
+
+def test_topic_rules_retained_and_qos1_across_nodes(nats: Cluster, raw: list[Raw]) -> None:
+    alice, bob, (carol_pw,) = _alice_and_bob(nats, raw, CAROL)
+    alice.publish(f"{PREFIX}/p/{ALICE}/bundle", b"alice-bundle-1", retain=True)
     # Allowed: every bundle (retained, published on another node), conversations.
     assert bob.subscribe(f"{PREFIX}/p/+/bundle") == 1
     assert bob.subscribe(f"{PREFIX}/c/+/msg") == 1
@@ -203,6 +210,28 @@ def test_topic_rules_retained_and_qos1_across_nodes(nats: Cluster, raw: list[Raw
     assert late.subscribe(f"{PREFIX}/p/{ALICE}/bundle") == 1
     late.wait(lambda: bool(late.messages), "the retained bundle on node 3")
     assert late.messages[0][1:] == (b"alice-bundle-2", True)
+
+
+def test_a_member_reads_a_concrete_status_and_no_one_forges_it(
+    nats: Cluster, raw: list[Raw]
+) -> None:
+    # What a device following presence asks for (device/presence.py): one concrete
+    # p/{pid}/status per member, on any node; only its owner writes it.
+    alice, bob, _ = _alice_and_bob(nats, raw)
+    alice.publish(f"{PREFIX}/p/{ALICE}/status", b"online", retain=True)
+    assert bob.subscribe(f"{PREFIX}/p/{ALICE}/status") == 1
+    assert bob.subscribe(f"{PREFIX}/p/{BOB}/status") == 1
+    bob.wait(
+        lambda: (f"{PREFIX}/p/{ALICE}/status", b"online", True) in bob.messages,
+        "alice's retained status on another node",
+    )
+    alice.publish(f"{PREFIX}/p/{BOB}/status", b"offline", retain=True)  # forged
+    alice.publish(f"{PREFIX}/p/{ALICE}/status", b"offline", retain=True)
+    bob.wait(
+        lambda: (f"{PREFIX}/p/{ALICE}/status", b"offline", False) in bob.messages,
+        "alice's next status",
+    )
+    assert not [m for m in bob.messages if m[0] == f"{PREFIX}/p/{BOB}/status"]
 
 
 def test_only_gateways_write_rosters_participants_propose(nats: Cluster, raw: list[Raw]) -> None:

@@ -24,6 +24,7 @@ from fieldchat.device.events import (
     EventsDropped,
     Joined,
     MessageReceived,
+    PresenceChanged,
     ReceiptReceived,
     Removed,
     StreamEvent,
@@ -99,6 +100,9 @@ async def joined_pair(
         joins = bob.events()
         cid = await alice.create_conversation([bob.pid])
         await next_of(joins, Joined, lambda e: e.cid == cid)
+        # Then alice's presence (device/presence.py), before the tests count events.
+        seen = await next_of(joins, PresenceChanged, lambda e: e.pid == alice.pid)
+        assert isinstance(seen, PresenceChanged) and seen.online
         joins.close()
         yield alice, bob, cid
 

@@ -126,6 +126,7 @@ def test_a_state_path_too_long_for_a_socket_is_refused_by_run_and_commands_stay_
     deep = tmp_path / ("d" * 60) / ("e" * 60)
     deep.mkdir(parents=True)
     env = cli_env(state=str(deep / "pi.db"), broker=f"mqtt://127.0.0.1:{free_port()}")
+    assert run_cli(["init"], env).returncode == 0  # only init makes an identity
     out = run_cli(["run"], env)
     assert out.returncode == 2
     assert "is longer than 107 bytes: move the state file to a shorter path" in out.stderr
