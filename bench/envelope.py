@@ -37,7 +37,6 @@ from fieldchat.device.identity import Identity
 from fieldchat.schemas import ChainGrant, FieldchatError, Member, Policy, Roster, TextMessage
 from fieldchat.schemas.envelope import MAX_ENVELOPE_BYTES, EnvelopeKind, header_bytes
 from fieldchat.schemas.frame import MAX_FRAME_ENVELOPES, pack_frame, split
-from fieldchat.schemas.ids import encode_id
 from fieldchat.schemas.roster import MAX_MEMBERS
 
 TEXT = "Pump 3 pressure 4.2 bar, valve B closed, back on site at 14:30"[:60].ljust(60, ".")
@@ -187,19 +186,20 @@ def preauth_objects(trials: int) -> dict[str, float]:
     me = Identity.generate()
     engine = Engine(me)
     stranger = Identity.generate()
-    payload = ChainGrant(epoch=0, roster=bytes(32), sender=0, chain=0, step=0, key=bytes(32))
+    payload = ChainGrant(epoch=0, roster=bytes(32), sender=0, chain=1, step=0, key=bytes(32))
     grant = make_grant(stranger, me.bundle, "a" * 26, payload).to_bytes()  # signed, hybrid
-    others = tuple(Member(pid=encode_id(i.to_bytes(16, "big"))) for i in range(MAX_MEMBERS - 1))
+    others = tuple(Member(key=i.to_bytes(32, "big")) for i in range(1, MAX_MEMBERS))
     rosters = [
         Roster.create(
             cid="a" * 26,
             epoch=7 + i,
             nonce=b"",
             prev=bytes(32),
-            members=(Member(pid=stranger.pid, admin=True), *others),
+            members=(Member(key=stranger.public, admin=True), *others),
             policy=Policy(),
             issued_at=0,
             signer_key=stranger.public,
+            commit=bytes(32),
             sign=stranger.sign,
         ).to_bytes()
         for i in range(trials)

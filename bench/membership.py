@@ -3,30 +3,30 @@
 For a group of N members (N = 2, 10, 50, 200) it measures, with real engines and real
 keys (nothing stubbed), everything published because of one change until the group is
 quiet again: the roster proposal, the earlier rosters sent to a new member's inbox,
-every grant, anything else an engine returns. Bytes are topic + payload of each
-PUBLISH (the default ``fc/v1`` prefix), counted once as published; the broker's fan-out
-to subscribers and the verifier's retained copy of the roster (one more roster) are
-not counted, as they are not per-member costs of the protocol. CPU is this process's
-CPU time (``time.process_time``) for the whole change: the admin issuing the roster
-and every member processing it, its grants out and everyone else's in.
+every epoch-secret delivery, every control (a new member's JOINED, §6.6; ENDS, §6.5),
+anything else an engine returns. Bytes are topic + payload of each PUBLISH (the default
+``fc/v1`` prefix),
+counted once as published; the broker's fan-out to subscribers and the verifier's
+retained copy of the roster (one more roster) are not counted, as they are not
+per-member costs of the protocol. CPU is this process's CPU time
+(``time.process_time``) for the whole change: the admin issuing the roster and its
+deliveries and every member processing what reaches it.
 
 - ``membership_bytes_nN``, ``membership_cpu_ms_nN``: one member added to a group of N
   (N + 1 members afterwards).
 - ``membership_remove_bytes_nN``, ``membership_remove_cpu_ms_nN``: one member (not the
-  admin) removed from a group of N (N - 1 afterwards).
-- ``v1_*``: the same for protocol v1 (PROTOCOL.md §6.1: every remaining member grants
-  a new chain to every other member, n(n-1) grants). This code *is* v1, so they equal
-  the measured figures for the sizes measured; ``v1_model_*`` is the closed form
-  (roster + earlier rosters + n(n-1) x mean grant publication) from the sizes
-  measured at the largest N run, which must match the measurement and gives the
-  sizes not run.
+  admin) removed from a group of N (N - 1 afterwards), default policy (every envelope
+  signed: no ENDS control is due).
+- ``membership_remove_bytes_nN_sign4``: the same under ``sign_every = 4``, where every
+  remaining member states its chain ends in a signed ENDS control (§6.5).
 - ``membership_*_publications_nN``: how many PUBLISHes.
+- ``v1_*``: protocol v1 (every remaining member granted a new chain to every other
+  member: n(n-1) hybrid grants), measured through v1's engine at 3e91f83 for N = 2, 10,
+  50 (``V1_MEASURED``) and for other N from its closed form (roster + earlier roster +
+  n(n-1) x 1,417 bytes; 0.795 ms of CPU per grant), which matched the measured runs
+  within 0.01 %.
 
-N = 200 on v1 means 40,200 hybrid grants made and opened for one addition (and as
-many to set the group up): by default it is not run but given by the model
-(``membership_n200_source`` says which; ``--max-n 200`` runs it).
-
-Usage: python bench/membership.py [--sizes 2,10,50,200] [--max-n 50]
+Usage: python bench/membership.py [--sizes 2,10,50,200]
 Prints one JSON object on its last line (issue 16; results in BENCHMARKS.md).
 """
 
@@ -47,14 +47,40 @@ from fieldchat.device.engine import Engine, Publication
 from fieldchat.device.identity import Identity
 from fieldchat.schemas import (
     FieldchatError,
-    Member,
     Policy,
-    Roster,
     TopicKind,
     Topics,
-    cid_for,
 )
+from fieldchat.schemas.delivery import is_delivery
 from fieldchat.schemas.errors import RosterPending
+
+# Protocol v1 through its engine at 3e91f83 (bench/membership.py, 4 Dec 15:40 UTC):
+# N -> (add bytes, add CPU ms, remove bytes, remove CPU ms).
+V1_MEASURED = {
+    2: (9_053, 6.7, 245, 0.4),
+    10: (156_853, 102.0, 102_501, 68.4),
+    50: (3_616_497, 2_346.6, 3_334_423, 1_548.3),
+}
+V1_GRANT_PUBLICATION_BYTES = 1_417.0  # topic + payload of one hybrid v1 grant
+V1_GRANT_CPU_MS = 0.795  # made and opened
+# v1 roster publication = 216 + 29 bytes per member (epoch >= 1; epoch 0: 16 fewer).
+V1_ROSTER_BYTES, V1_ROSTER_MEMBER_BYTES = 216, 29
+
+
+def v1_figures(n: int) -> tuple[int, float, int, float]:
+    """v1's (add bytes, add CPU ms, remove bytes, remove CPU ms) for a group of n."""
+    if n in V1_MEASURED:
+        return V1_MEASURED[n]
+    roster = V1_ROSTER_BYTES + V1_ROSTER_MEMBER_BYTES * (n + 1)
+    history = V1_ROSTER_BYTES - 16 + V1_ROSTER_MEMBER_BYTES * n
+    removed = V1_ROSTER_BYTES + V1_ROSTER_MEMBER_BYTES * (n - 1)
+    add_grants, remove_grants = (n + 1) * n, (n - 1) * (n - 2)
+    return (
+        round(roster + history + add_grants * V1_GRANT_PUBLICATION_BYTES),
+        round(add_grants * V1_GRANT_CPU_MS, 1),
+        round(removed + remove_grants * V1_GRANT_PUBLICATION_BYTES),
+        round(remove_grants * V1_GRANT_CPU_MS, 1),
+    )
 
 
 @dataclass
@@ -63,22 +89,22 @@ class Traffic:
 
     publications: int = 0
     bytes: int = 0
-    grants: int = 0
-    grant_bytes: int = 0  # topic + payload of the inbox grants alone
-    rosters: int = 0
-    roster_bytes: int = 0
+    deliveries: int = 0
+    delivery_bytes: int = 0  # topic + payload of the inbox deliveries alone
+    controls: int = 0
+    control_bytes: int = 0  # envelopes on c/{cid}/msg (ENDS controls)
     cpu_s: float = 0.0
 
     def count(self, pub: Publication, kind: TopicKind) -> None:
         size = len(pub.topic.encode()) + len(pub.payload)
         self.publications += 1
         self.bytes += size
-        if kind is TopicKind.INBOX and pub.payload[1:2] == b"\x10":  # a grant (§5.3)
-            self.grants += 1
-            self.grant_bytes += size
-        else:
-            self.rosters += 1
-            self.roster_bytes += size
+        if kind is TopicKind.INBOX and is_delivery(pub.payload):
+            self.deliveries += 1
+            self.delivery_bytes += size
+        elif kind is TopicKind.MSG:
+            self.controls += 1
+            self.control_bytes += size
 
 
 class Group:
@@ -119,8 +145,7 @@ class Group:
                 try:
                     if topic.kind is TopicKind.INBOX:
                         result = engine.handle_inbox(pub.payload)
-                        if isinstance(result, list):
-                            queue += result
+                        queue += result if isinstance(result, list) else result.publications
                     else:
                         queue += engine.handle_roster(pub.payload)
                 except RosterPending:
@@ -165,95 +190,41 @@ class Group:
             assert not engine.owed_grants(self.cid)
 
 
-def v1_model(
-    n: int, *, grant_pub: float, history: int, roster_pub: dict[int, int]
-) -> tuple[int, int]:
-    """v1 bytes (add, remove) for a group of n from measured sizes (PROTOCOL.md §6.1):
-    the roster of the new epoch, on an addition the earlier roster (``history``: epoch
-    0 here) to the new member's inbox, and a grant from every member to every other."""
-    add = roster_pub[n + 1] + history + round((n + 1) * n * grant_pub)
-    remove = roster_pub[n - 1] + round((n - 1) * (n - 2) * grant_pub)
-    return add, remove
-
-
-def roster_publication_bytes(n: int, epoch: int, policy: Policy) -> int:
-    """Topic + payload of the proposal of an n-member roster of ``epoch`` (epoch 0
-    carries the 16-byte nonce, later ones the 32-byte digest of the one before)."""
-    identities = [Identity.generate() for _ in range(n)]
-    admin = identities[0]
-    nonce = bytes(16) if epoch == 0 else b""
-    roster = Roster.create(
-        cid=cid_for(admin.pid, bytes(16)),
-        epoch=epoch,
-        nonce=nonce,
-        prev=b"" if epoch == 0 else bytes(32),
-        members=tuple(Member(pid=i.pid, admin=i is admin, pq=True) for i in identities),
-        policy=policy,
-        issued_at=int(time.time()),
-        signer_key=admin.public,
-        sign=admin.sign,
-    )
-    return len(Topics().propose(roster.cid).encode()) + len(roster.to_bytes())
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="2,10,50,200")
-    parser.add_argument("--max-n", type=int, default=50, help="run v1 up to this N; model above")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
-    policy = Policy()  # the default: sign every envelope, hybrid grants required
-    results: dict[str, float | int | str] = {}
-    measured: dict[int, tuple[Traffic, Traffic]] = {}
+    policy = Policy()  # the default: sign every envelope
+    results: dict[str, float | int | str] = {"protocol": "v2"}
     for n in sizes:
-        if n > args.max_n:
-            continue
         started = time.monotonic()
         add = Group(n, policy=policy).add_one()
         remove = Group(n, policy=policy).remove_one()
-        measured[n] = (add, remove)
+        remove4 = Group(n, policy=Policy(sign_every=4)).remove_one()
         for label, traffic in (("", add), ("remove_", remove)):
             results[f"membership_{label}bytes_n{n}"] = traffic.bytes
             results[f"membership_{label}publications_n{n}"] = traffic.publications
             results[f"membership_{label}cpu_ms_n{n}"] = round(traffic.cpu_s * 1e3, 1)
-            results[f"v1_membership_{label}bytes_n{n}"] = traffic.bytes
-            results[f"v1_membership_{label}cpu_ms_n{n}"] = round(traffic.cpu_s * 1e3, 1)
+        results[f"membership_remove_bytes_n{n}_sign4"] = remove4.bytes
+        results[f"membership_remove_ends_controls_n{n}_sign4"] = remove4.controls
+        v1_add, v1_add_cpu, v1_remove, v1_remove_cpu = v1_figures(n)
+        results[f"v1_membership_bytes_n{n}"] = v1_add
+        results[f"v1_membership_cpu_ms_n{n}"] = v1_add_cpu
+        results[f"v1_membership_remove_bytes_n{n}"] = v1_remove
+        results[f"v1_membership_remove_cpu_ms_n{n}"] = v1_remove_cpu
+        results[f"v1_n{n}_source"] = "measured" if n in V1_MEASURED else "model"
+        if add.deliveries:
+            results[f"delivery_publication_bytes_n{n}"] = round(
+                add.delivery_bytes / add.deliveries, 1
+            )
         print(
             f"n={n}: add {add.publications} pubs {add.bytes} B {add.cpu_s * 1e3:.0f} ms; "
-            f"remove {remove.publications} pubs {remove.bytes} B {remove.cpu_s * 1e3:.0f} ms "
+            f"remove {remove.publications} pubs {remove.bytes} B {remove.cpu_s * 1e3:.0f} ms; "
+            f"remove (sign_every 4) {remove4.bytes} B, {remove4.controls} ENDS "
             f"({time.monotonic() - started:.1f} s wall)",
             file=sys.stderr,
         )
-    # The v1 closed form from the largest run's sizes, checked against every run.
-    largest = max(measured)
-    add_l, remove_l = measured[largest]
-    grant_pub = (add_l.grant_bytes + remove_l.grant_bytes) / (add_l.grants + remove_l.grants)
-    grant_cpu_ms = (add_l.cpu_s + remove_l.cpu_s) * 1e3 / (add_l.grants + remove_l.grants)
-    results["v1_grant_publication_bytes"] = round(grant_pub, 1)
-    results["v1_grant_cpu_ms"] = round(grant_cpu_ms, 3)  # made + opened, per grant
-    for n in sizes:
-        add_b, remove_b = v1_model(
-            n,
-            grant_pub=grant_pub,
-            history=roster_publication_bytes(n, 0, policy),
-            roster_pub={m: roster_publication_bytes(m, 1, policy) for m in (n - 1, n + 1)},
-        )
-        results[f"v1_model_membership_bytes_n{n}"] = add_b
-        results[f"v1_model_membership_remove_bytes_n{n}"] = remove_b
-        if n not in measured:
-            # Not run: the model, CPU scaled by the number of grants (n(n±1)).
-            results[f"membership_n{n}_source"] = "model"
-            results[f"membership_bytes_n{n}"] = add_b
-            results[f"membership_remove_bytes_n{n}"] = remove_b
-            results[f"v1_membership_bytes_n{n}"] = add_b
-            results[f"v1_membership_remove_bytes_n{n}"] = remove_b
-            results[f"v1_membership_cpu_ms_n{n}"] = round((n + 1) * n * grant_cpu_ms)
-            results[f"v1_membership_remove_cpu_ms_n{n}"] = round((n - 1) * (n - 2) * grant_cpu_ms)
-            results[f"membership_cpu_ms_n{n}"] = results[f"v1_membership_cpu_ms_n{n}"]
-            results[f"membership_remove_cpu_ms_n{n}"] = results[f"v1_membership_remove_cpu_ms_n{n}"]
-        else:
-            results[f"membership_n{n}_source"] = "measured"
-    results["protocol"] = "v1"
     print(json.dumps(results))
 
 

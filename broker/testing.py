@@ -60,8 +60,8 @@ def found_roster(
 ) -> Roster:
     """The epoch-0 roster of a new conversation, the creator an admin."""
     listed = (
-        Member(pid=creator.pid, admin=True),
-        *tuple(Member(pid=m.pid) for m in members if m.pid != creator.pid),
+        Member(key=creator.signer.public, admin=True),
+        *tuple(Member(key=m.signer.public) for m in members if m.pid != creator.pid),
     )
     return Roster.create(
         cid=cid_for(creator.pid, nonce),
@@ -72,6 +72,7 @@ def found_roster(
         policy=Policy(),
         issued_at=int(time.time()),
         signer_key=creator.signer.public,
+        commit=bytes(32),  # no epoch secret: these rosters test routing, not keys
         sign=creator.signer.sign,
     )
 
@@ -79,8 +80,8 @@ def found_roster(
 def next_roster(prev: Roster, signer: Participant, members: Sequence[Participant]) -> Roster:
     """The next epoch, signed by ``signer`` (an admin of ``prev``), ``signer`` admin again."""
     listed = (
-        Member(pid=signer.pid, admin=True),
-        *tuple(Member(pid=m.pid) for m in members if m.pid != signer.pid),
+        Member(key=signer.signer.public, admin=True),
+        *tuple(Member(key=m.signer.public) for m in members if m.pid != signer.pid),
     )
     return Roster.create(
         cid=prev.cid,
@@ -91,6 +92,7 @@ def next_roster(prev: Roster, signer: Participant, members: Sequence[Participant
         policy=prev.policy,
         issued_at=int(time.time()),
         signer_key=signer.signer.public,
+        commit=bytes(32),
         sign=signer.signer.sign,
     )
 

@@ -17,9 +17,11 @@ __all__ = ["BundleStatus", "BundleUpdate", "Bundles"]
 class BundleStatus(enum.Enum):
     NEW = "new"
     SAME = "same"
-    UPDATED = "updated"  # newer bundle, same keys
-    KEY_CHANGED = "key_changed"  # newer bundle with different X25519/ML-KEM keys: warn loudly
-    OLDER = "older"  # an older bundle than the one known: ignored
+    UPDATED = "updated"  # a newer prekey (rotation, PROTOCOL.md §2.5): the same identity
+    # The pid is the hash of the identity key, so a bundle of a pid cannot change it;
+    # kept for callers that warn on it (a new pid is a new identity, compared anew).
+    KEY_CHANGED = "key_changed"
+    OLDER = "older"  # an older prekey than the one known: ignored (no rollback)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,11 +62,8 @@ class Bundles:
             status = BundleStatus.NEW
         elif known == bundle:
             return BundleUpdate(bundle.pid, BundleStatus.SAME, bundle.fingerprint())
-        elif bundle.created_at <= known.created_at:
+        elif bundle.prekey.id <= known.prekey.id:
             return BundleUpdate(bundle.pid, BundleStatus.OLDER, known.fingerprint())
-        elif (known.x25519, known.mlkem768) != (bundle.x25519, bundle.mlkem768):
-            status = BundleStatus.KEY_CHANGED
-            self.verified.discard(bundle.pid)
         else:
             status = BundleStatus.UPDATED
         self.by_pid[bundle.pid] = bundle

@@ -77,7 +77,8 @@ def _load_conversations(  # noqa: PLR0912 - one pass per record kind
         conv.epoch = epoch
         conv.removed = chain_no is None or pid not in conv.roster.pids
         conv.sent_ends = tuple(ChainEnd(epoch=e, chain=c, next_step=n) for e, c, n in ends)
-        if chain_no is not None and epoch == conv.epoch:
+        # chain_no -1: waiting for the epoch secret (§6.6), which its delivery brings.
+        if chain_no is not None and chain_no >= 0 and epoch == conv.epoch:
             # Resume at the reservation: steps before it may have been used (§6.3).
             chain = SendChain(epoch, chain_no, reserved, reserved_key, reserved)
             conv.start_sending(conv.roster, pid, chain)

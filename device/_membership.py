@@ -1,5 +1,7 @@
 """The rosters we issue: founding a conversation and, as its admin, each new epoch
-(members added or removed, a new policy) (PROTOCOL.md §5.1-§5.2, §6.1)."""
+(members added or removed, a new policy, an update asked for) (PROTOCOL.md §5.1-§5.2,
+§6.1, §6.7). The admin who signs an epoch draws its secret: the roster commits to it
+and the admin delivers it to every other member."""
 
 from __future__ import annotations
 
@@ -9,9 +11,12 @@ from fieldchat.device._bundles import Bundles
 from fieldchat.device._conversation import Conversation, Conversations, Publication
 from fieldchat.device._keying import Keying
 from fieldchat.device._rosters import RosterChains
+from fieldchat.device.epochs import epoch_commit
 from fieldchat.device.identity import Identity
 from fieldchat.schemas import Member, Policy, Roster, Topics, cid_for, verify_roster_chain
+from fieldchat.schemas.delivery import EPOCH_SECRET_BYTES
 from fieldchat.schemas.errors import NotAMember, UnknownParticipant
+from fieldchat.schemas.ids import decode_id
 
 __all__ = ["Membership"]
 
@@ -49,6 +54,7 @@ class Membership:
         nonce = self._random(16)
         cid = cid_for(self._pid, nonce)
         admin_set = {self._pid, *admins}
+        secret = self._random(EPOCH_SECRET_BYTES)
         roster = Roster.create(
             cid=cid,
             epoch=0,
@@ -58,12 +64,13 @@ class Membership:
             policy=policy,
             issued_at=int(self._clock()),
             signer_key=self._identity.public,
+            commit=epoch_commit(secret, decode_id(cid), 0),
             sign=self._identity.sign,
         )
         verify_roster_chain(roster, None)
         conv = self._conversations.found(cid)
         self._rosters.adopt(conv, roster)
-        return cid, [self._publication(roster), *self._keying.enter_epoch(conv, roster)]
+        return cid, [self._publication(roster), *self._keying.enter_epoch(conv, roster, secret)]
 
     def add(self, cid: str, pids: Sequence[str]) -> list[Publication]:
         conv = self._conversations.joined(cid)
@@ -94,6 +101,7 @@ class Membership:
             raise NotAMember(f"only an admin of {conv.cid} can change its roster")
         if not admins & set(pids):
             admins = {self._pid} if self._pid in pids else {pids[0]}
+        secret = self._random(EPOCH_SECRET_BYTES)
         roster = Roster.create(
             cid=conv.cid,
             epoch=current.epoch + 1,
@@ -103,6 +111,7 @@ class Membership:
             policy=policy,
             issued_at=int(self._clock()),
             signer_key=self._identity.public,
+            commit=epoch_commit(secret, conv.cid_bytes, current.epoch + 1),
             sign=self._identity.sign,
         )
         verify_roster_chain(roster, current)
@@ -113,7 +122,10 @@ class Membership:
         joined = [p for p in roster.pids if p not in current.pids]
         history = [Publication(self._topics.inbox(p), data) for p in joined for data in earlier]
         self._rosters.adopt(conv, roster)
-        return [self._publication(roster), *history, *self._keying.enter_epoch(conv, roster)]
+        # We drew the secret: we key the epoch and deliver it (if the roster no longer
+        # lists us, we are removed: nothing is delivered and the secret is dropped).
+        entered = self._keying.enter_epoch(conv, roster, secret)
+        return [self._publication(roster), *history, *entered]
 
     def _members(self, pids: Sequence[str], admins: set[str], policy: Policy) -> tuple[Member, ...]:
         out = []
@@ -123,7 +135,7 @@ class Membership:
                 raise UnknownParticipant(f"no bundle known for {pid}: fetch it first")
             if policy.require_pq and not bundle.post_quantum:
                 raise NotAMember(f"{pid} has no ML-KEM key and the policy requires one")
-            out.append(Member(pid=pid, admin=pid in admins, pq=bundle.post_quantum))
+            out.append(Member(key=bundle.ed25519, admin=pid in admins, pq=bundle.post_quantum))
         return tuple(out)
 
     def _publication(self, roster: Roster) -> Publication:

@@ -81,12 +81,15 @@ def recv_record(chain: RecvChain) -> bytes:
 
 def send_record(conv: Conversation, reservation: tuple[int, bytes] | None = None) -> Writes:
     """Our sending chain of ``conv`` (with ``reservation`` instead of the chain's own:
-    the next one, persisted before it is used), the grants still owed, our chain ends."""
+    the next one, persisted before it is used), the epoch secret while deliveries of it
+    are owed (``grant_base`` = (epoch, secret)), our chain ends."""
     key = f"{SEND_CHAIN_PREFIX}{conv.cid}"
     chain = conv.send
     ends = tuple((e.epoch, e.chain, e.next_step) for e in conv.sent_ends)
     if chain is None:
-        return {key: pack((conv.epoch, None, None, None, None, (), ends))}
+        # -1: a member waiting for its epoch secret (§6.6); None: removed.
+        waiting = None if conv.removed else -1
+        return {key: pack((conv.epoch, waiting, None, None, None, (), ends))}
     reserved, chain_key = reservation or (chain.reserved, chain.key)
     return {
         key: pack(

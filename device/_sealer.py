@@ -23,7 +23,7 @@ from fieldchat.device.identity import Identity
 from fieldchat.device.keystore import KeyStore
 from fieldchat.schemas import Message, encode_plaintext
 from fieldchat.schemas.envelope import coverage_digest, envelope_digest, seal_envelope
-from fieldchat.schemas.errors import KeyStoreError, NotAMember
+from fieldchat.schemas.errors import EpochKeyPending, KeyStoreError, NotAMember
 from fieldchat.schemas.messages import kind_of
 
 __all__ = ["Sealer"]
@@ -60,15 +60,17 @@ class Sealer:
         self._parked = False  # park() ran: nothing more may be sealed
         self._covering: dict[str, _Covering] = {}
 
-    def seal(self, cid: str, message: Message) -> bytes:
-        """See :meth:`Engine.seal`."""
+    def seal(self, cid: str, message: Message, force_sign: bool = False) -> bytes:
+        """See :meth:`Engine.seal`. ``force_sign``: whatever the policy (ENDS, §6.5)."""
         if self._parked:
             raise KeyStoreError("the engine stopped (parked at close): open it again to send")
         conv = self._conversations.joined(cid)
         chain = conv.send
         headers = conv.headers
-        if chain is None or headers is None or conv.removed:
+        if conv.removed:
             raise NotAMember(f"not a member of {cid}")
+        if chain is None or headers is None:
+            raise EpochKeyPending(f"epoch {conv.epoch} of {cid}: its secret has not arrived")
         if chain.step >= chain.reserved:
             self._reserve(conv, chain)
         policy = conv.rosters[conv.epoch].policy
@@ -81,7 +83,7 @@ class Sealer:
         step, key, nonce = chain.next_key()
         every = policy.sign_every
         if every <= 1:  # 1 (the default): all signed; 0: none. Nothing is covered.
-            signed = every == 1
+            signed = every == 1 or force_sign
             header = headers.encode(
                 kind_of(message), step, signed=signed, compressed=compressed, padded=padded
             )
@@ -92,7 +94,7 @@ class Sealer:
             # A new chain, or steps skipped (a restart): cover from here on.
             covering = self._covering[cid] = _Covering(chain, step)
         covering.next_step = step + 1
-        if step % every == 0:
+        if force_sign or step % every == 0:
             header = headers.encode(
                 kind_of(message),
                 step,

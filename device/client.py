@@ -62,6 +62,9 @@ from fieldchat.schemas.topics import DEFAULT_PREFIX
 
 __all__ = ["ConversationInfo", "Device", "HistorySource", "SentMessage"]
 
+# How long a send waits for the secret of an epoch just entered (§6.6).
+KEY_WAIT_S = 10.0
+
 log = logging.getLogger("fieldchat.device")
 
 
@@ -306,6 +309,10 @@ class Device:
 
     def _queue(self, cid: str, texts: Sequence[str], key: str | None) -> list[SentMessage]:
         self._raise_fatal()
+        if self.engine.is_member(cid) and not self.engine.keyed(cid):
+            # A new epoch whose secret is on its way from the admin (§6.6): one inbox
+            # hop; sealing in the old epoch could let a member just removed read it.
+            self.wait_for(lambda: self.engine.keyed(cid), KEY_WAIT_S)
         out, sync = self._texts.queue(cid, texts, key=key)
         self._wake()
         if sync:
@@ -390,6 +397,18 @@ class Device:
         """Change the conversation's policy (admins only, a new epoch)."""
         with self.state.transaction() as tx:
             self._worker.outbound.queue_publications(tx, self.engine.set_policy(cid, policy), cid)
+        self._wake()
+
+    def update(self) -> None:
+        """Recover from a suspected copy of this device's state (PROTOCOL.md §6.7): a
+        new prekey (the old ones deleted), and a new epoch of every conversation keyed
+        to it — issued here where we are an admin, asked of an admin elsewhere.
+
+        Raises:
+            KeyStoreError: the new prekey could not be written.
+        """
+        with self.state.transaction() as tx:
+            self._worker.outbound.queue_publications(tx, self.engine.update(), None)
         self._wake()
 
     def leave(self, cid: str) -> None:

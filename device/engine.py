@@ -116,6 +116,11 @@ class Engine:
         random: Callable[[int], bytes] = os.urandom,
     ) -> None:
         self.identity = identity
+        self._clock = clock
+        self._random = random
+        # UPDATE and REKEY requests (§6.7) we answer as an admin: cid -> sender -> the
+        # prekey (id, digest) the new epoch must be delivered to (None: any).
+        self._updates: dict[str, dict[str, tuple[int, bytes] | None]] = {}
         self.store: KeyStore = store if store is not None else MemoryKeyStore()
         self.topics = topics or Topics()
         self.counters: Counter[str] = Counter()
@@ -148,6 +153,7 @@ class Engine:
         self._sealer = Sealer(
             identity, store=self.store, conversations=self._conversations, lock=self._lock
         )
+        self._keying.seal = self._sealer.seal
         self._opener = Opener(
             identity.pid,
             store=self.store,
@@ -235,6 +241,19 @@ class Engine:
     def is_member(self, cid: str) -> bool:
         conv = self._convs.get(cid)
         return conv is not None and not conv.removed
+
+    def sending_step(self, cid: str) -> int | None:
+        """The next step of our sending chain in ``cid`` (None without one)."""
+        with self._lock:
+            conv = self._convs.get(cid)
+            return None if conv is None or conv.send is None else conv.send.step
+
+    def keyed(self, cid: str) -> bool:
+        """Whether we can seal in ``cid`` now: a member whose current epoch's secret
+        has arrived (until then :meth:`seal` raises EpochKeyPending, §6.6)."""
+        with self._lock:
+            conv = self._convs.get(cid)
+            return conv is not None and not conv.removed and conv.send is not None
 
     def next_step(self, cid: str, epoch: int, sender_index: int, chain: int) -> int | None:
         """The step a receiving chain expects next; ``None`` before its grant arrives.
@@ -387,20 +406,136 @@ class Engine:
 
     @_counted
     def handle_inbox(self, data: bytes) -> GrantResult | list[Publication]:
-        """Accept what arrived in our inbox: a grant (:meth:`handle_grant`'s result) or
-        a roster an inviting admin sent (:meth:`handle_roster`'s publications)."""
-        return self._handle_roster(data) if is_roster(data) else self._keying.receive_grant(data)
+        """Accept what arrived in our inbox: a delivery or a grant
+        (:meth:`handle_grant`'s result) or a roster an inviting admin sent
+        (:meth:`handle_roster`'s publications)."""
+        return self._handle_roster(data) if is_roster(data) else self._keying.receive(data)
 
     @_counted
     def handle_grant(self, data: bytes) -> GrantResult:
-        """Accept a grant from our inbox.
+        """Accept an epoch secret's delivery or a member's re-keyed chain (a grant)
+        from our inbox; ``publications`` in the result are ours to publish (§6.5).
 
         Raises:
             WireError, CryptoError, WeakKey: malformed, forged or undecryptable.
+            PrekeyUnknown: sealed to a prekey whose private keys are gone: ask for a
+                new epoch (:meth:`request_epoch`).
             GrantRejected: not for us, from a non-member, for another roster or
-                downgraded to X25519 for a post-quantum member.
+                downgraded to X25519 for a post-quantum prekey.
         """
-        return self._keying.receive_grant(data)
+        return self._keying.receive(data)
+
+    # -- prekeys, updates, re-keys (PROTOCOL.md §2.5, §6.2, §6.7) -------------------------
+
+    @_counted
+    def maintain_prekeys(self) -> list[Publication]:
+        """Rotate the prekey when it is due (by time or by use) and delete superseded
+        prekeys past their grace period; the new bundle to publish if it rotated.
+
+        Raises:
+            KeyStoreError: the new prekeys could not be persisted (nothing changed).
+        """
+        now = int(self._clock())
+        rotated = self.identity.rotation_due(now)
+        if rotated:
+            self.identity.rotate(now, self._random)
+        pruned = self.identity.prune(now)
+        if rotated or pruned:
+            self._keying.save_identity()
+            self._bundles.by_pid[self.pid] = self.identity.bundle
+        return [self.bundle_publication()] if rotated else []
+
+    @_counted
+    def update(self) -> list[Publication]:
+        """Recover from a suspected copy of our state (§6.7): a new prekey (every older
+        one deleted now), then a new epoch of each conversation we are in, keyed to it —
+        issued by us where we are an admin, asked of an admin (UPDATE) elsewhere.
+
+        Raises:
+            KeyStoreError: the new prekey could not be persisted.
+        """
+        self.identity.rotate(int(self._clock()), self._random, drop_old=True)
+        self._keying.save_identity()
+        self._bundles.by_pid[self.pid] = self.identity.bundle
+        prekey = self.identity.current.public
+        out = [self.bundle_publication()]
+        request = Control(op=ControlOp.UPDATE, prekey_id=prekey.id, prekey_digest=prekey.digest())
+        for cid, conv in sorted(self._convs.items()):
+            if conv.removed or not conv.joined:
+                continue
+            if conv.roster.is_admin(self.pid):
+                out += self._membership.set_policy(cid, conv.roster.policy)
+            elif conv.send is not None:
+                out.append(Publication(self.topics.msg(cid), self._sealer.seal(cid, request)))
+        return out
+
+    @_counted
+    def request_epoch(self, cid: str) -> bytes:
+        """A REKEY control asking an admin for a new epoch (our delivery never came, or
+        its prekey is gone); the envelope to publish.
+
+        Raises:
+            EpochKeyPending: we have no key of the current epoch to seal it with.
+        """
+        return self._sealer.seal(cid, Control(op=ControlOp.REKEY))
+
+    @_counted
+    def rekey_own_chain(self, cid: str) -> list[Publication]:
+        """Our next chain of the current epoch, granted to every member (§6.2): after
+        losing our sending state, without an admin.
+
+        Raises:
+            NotAMember: we have no sending chain in ``cid``.
+        """
+        return self._keying.rekey_own_chain(self._conversations.joined(cid))
+
+    @_counted
+    def answer_updates(self) -> list[Publication]:
+        """As an admin: a new epoch for each conversation with an UPDATE or REKEY we
+        can answer now (an UPDATE once we hold the bundle with the prekey it names, so
+        the new secret never goes to the old, perhaps stolen, prekey)."""
+        out: list[Publication] = []
+        for cid, asked in list(self._updates.items()):
+            conv = self._convs.get(cid)
+            if conv is None or conv.removed or not conv.roster.is_admin(self.pid):
+                del self._updates[cid]
+                continue
+            ready = [pid for pid, want in asked.items() if self._prekey_ready(pid, want)]
+            if not ready:
+                continue
+            for pid in ready:
+                del asked[pid]
+            if not asked:
+                del self._updates[cid]
+            out += self._membership.set_policy(cid, conv.roster.policy)
+        return out
+
+    def _prekey_ready(self, pid: str, want: tuple[int, bytes] | None) -> bool:
+        if want is None:
+            return True
+        bundle = self._bundles.get(pid)
+        if bundle is None or bundle.prekey.id < want[0]:
+            return False
+        return bundle.prekey.id > want[0] or bundle.prekey.digest() == want[1]
+
+    def _on_control(self, opened: Opened) -> None:
+        """ENDS (signed only) and UPDATE/REKEY controls, which the engine itself acts on."""
+        message = opened.message
+        assert isinstance(message, Control)
+        conv = self._convs[opened.cid]
+        if message.op is ControlOp.ENDS:
+            if opened.signed:  # unsigned, any member could state another's end (§6.5)
+                self._keying.learn_ends(conv, opened.sender, message.ends)
+            return
+        if message.op in (ControlOp.UPDATE, ControlOp.REKEY) and (
+            not conv.removed and conv.roster.is_admin(self.pid)
+        ):
+            want = (
+                (message.prekey_id, message.prekey_digest)
+                if message.op is ControlOp.UPDATE
+                else None
+            )
+            self._updates.setdefault(opened.cid, {})[opened.sender] = want
 
     # -- messages ---------------------------------------------------------------------
 
@@ -442,10 +577,13 @@ class Engine:
         """
         with self._lock:
             try:
-                return self._opener.open(cid, data, header)
+                opened = self._opener.open(cid, data, header)
             except FieldchatError as exc:
                 self.counters[exc.reason] += 1
                 raise
+            if opened is not None and type(opened.message) is Control:
+                self._on_control(opened)
+            return opened
 
     def preverify(self, envelopes: Sequence[tuple[str, bytes]], executor: Executor) -> int:
         """Check the signatures of envelopes about to be opened, two threads at a time.

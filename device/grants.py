@@ -1,11 +1,10 @@
-"""Key grants: a chain key sealed to one member with the hybrid KEM (PROTOCOL.md §5.3).
+"""Key grants: a member's own re-keyed chain (chain >= 1) sealed to one member's
+prekey with the hybrid KEM of :mod:`fieldchat.device.sealing` (PROTOCOL.md §5.4):
+:func:`~fieldchat.schemas.crypto.hybrid_seal`, the one combiner of every key delivery.
 
-The sealing is :func:`~fieldchat.schemas.crypto.hybrid_seal` (X25519 + ML-KEM-768,
-one combiner for every key delivery, the browser's included), bound to the grant's
-context ``msgpack[mode, cid, granter_key, recipient]``; the whole grant is then signed
-by the granter. Hybrid when the recipient's bundle has an ML-KEM key, X25519 only when
-it has none (rosters mark such members, and a policy that requires post-quantum
-protection admits none).
+The whole grant is signed by the granter: unlike chain 0, which comes from the epoch
+secret that the roster commits to, a re-keyed chain is the member's own, and only its
+signature says so.
 """
 
 from __future__ import annotations
@@ -14,11 +13,20 @@ import os
 from collections.abc import Callable
 
 from fieldchat.device.identity import Identity
+from fieldchat.device.sealing import Context, Sealed, open_from_prekey, seal_to_prekey
 from fieldchat.schemas import Bundle, ChainGrant, Grant, GrantMode
-from fieldchat.schemas.crypto import HybridSealed, hybrid_open, hybrid_seal
-from fieldchat.schemas.errors import GrantRejected
+from fieldchat.schemas.errors import GrantRejected, PrekeyUnknown
 
 __all__ = ["accept_grant", "make_grant"]
+
+_LABEL = b"fieldchat grant v2"
+
+
+def _context(cid: str, granter_key: bytes, recipient: str, prekey_id: int) -> Context:
+    def context(mode: GrantMode) -> bytes:
+        return Grant.context(mode, cid, granter_key, recipient, prekey_id)
+
+    return context
 
 
 def make_grant(
@@ -29,50 +37,56 @@ def make_grant(
     *,
     random: Callable[[int], bytes] = os.urandom,
 ) -> Grant:
-    """Seal ``payload`` to ``recipient``: hybrid when it has ML-KEM, else X25519 only.
+    """Seal ``payload`` to ``recipient``'s current prekey and sign it.
 
     Raises:
-        WeakKey: the recipient's keys are unusable (low-order point, bad ML-KEM key).
+        WeakKey: the recipient's prekey is unusable (low-order point, bad ML-KEM key).
     """
-    mode = GrantMode.HYBRID if recipient.mlkem768 is not None else GrantMode.X25519
-    out = hybrid_seal(
-        x25519_public=recipient.x25519,
-        mlkem768_public=recipient.mlkem768,
-        context=Grant.context(mode, cid, granter.public, recipient.pid),
-        plaintext=payload.to_bytes(),
+    prekey = recipient.prekey
+    sealed = seal_to_prekey(
+        prekey,
+        payload.to_bytes(),
+        label=_LABEL,
+        context=_context(cid, granter.public, recipient.pid, prekey.id),
         random=random,
     )
     return Grant.create(
-        mode=mode,
+        mode=sealed.mode,
         cid=cid,
         granter_key=granter.public,
         recipient=recipient.pid,
-        ephemeral=out.ephemeral,
-        kem_ciphertext=out.kem_ciphertext,
-        sealed=out.sealed,
+        prekey_id=prekey.id,
+        ephemeral=sealed.ephemeral,
+        kem_ciphertext=sealed.kem_ciphertext,
+        sealed=sealed.sealed,
         sign=granter.sign,
     )
 
 
-def accept_grant(recipient: Identity, grant: Grant) -> ChainGrant:
+def accept_grant(recipient: Identity, grant: Grant, *, x25519_ok: bool = False) -> ChainGrant:
     """Open a grant addressed to ``recipient`` (its signature was checked on decode).
+    ``x25519_ok``: its granter has no ML-KEM (the roster says so).
 
     Raises:
-        GrantRejected: addressed to someone else, or hybrid without our ML-KEM key.
+        GrantRejected: addressed to someone else, or in another mode than the prekey's.
+        PrekeyUnknown: sealed to a prekey whose private keys are gone.
         WeakKey: the ephemeral key is a low-order point.
         CryptoError: it does not decrypt (opaque).
         WireError: the decrypted payload is malformed.
     """
     if grant.recipient != recipient.pid:
         raise GrantRejected("grant addressed to another participant")
-    if grant.mode is GrantMode.HYBRID and recipient.mlkem_seed is None:
-        raise GrantRejected("hybrid grant but this participant has no ML-KEM key")
-    plaintext = hybrid_open(
-        x25519_private=recipient.x25519_private,
-        mlkem768_seed=recipient.mlkem_seed,
-        x25519_public=recipient.bundle.x25519,
-        mlkem768_public=recipient.bundle.mlkem768,
-        message=HybridSealed(grant.ephemeral, grant.kem_ciphertext, grant.sealed),
-        context=Grant.context(grant.mode, grant.cid, grant.granter_key, grant.recipient),
+    held = recipient.prekey(grant.prekey_id)
+    if held is None:
+        raise PrekeyUnknown(f"grant sealed to prekey {grant.prekey_id}, not held")
+    plaintext = open_from_prekey(
+        held.public,
+        held.x25519_private,
+        held.mlkem_seed,
+        Sealed(grant.mode, grant.ephemeral, grant.kem_ciphertext, grant.sealed),
+        label=_LABEL,
+        context=_context(grant.cid, grant.granter_key, grant.recipient, grant.prekey_id),
+        x25519_ok=x25519_ok,
     )
+    held.opens += 1
     return ChainGrant.from_bytes(plaintext)

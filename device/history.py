@@ -27,9 +27,12 @@ from urllib.parse import urlsplit
 
 from fieldchat.device.identity import Identity
 from fieldchat.schemas import validate_id
+from fieldchat.schemas.delivery import is_delivery
 from fieldchat.schemas.errors import ConfigError, NotAuthorized, TransportError, WireError
 
 __all__ = ["Checked", "GatewayHistory", "Uploaded", "digest", "gateway_base"]
+
+MAX_DELIVERY_PAGES = 8  # of 500 inbox payloads each, per fetch of deliveries
 
 SIGNING_LABEL = "fieldchat-http-v2"
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -205,6 +208,31 @@ class GatewayHistory:
             return [base64.b64decode(item["roster"], validate=True) for item in items]
         except (KeyError, TypeError, ValueError):
             raise WireError("the gateway's roster list is malformed") from None
+
+    def deliveries(self, cid: str) -> list[bytes]:
+        """The epoch-secret deliveries the gateway archived for us in ``cid``, oldest
+        first (PROTOCOL.md §5.3): what a device whose inbox queue lost one fetches once it
+        has entered an epoch without its secret. At most MAX_DELIVERY_PAGES pages.
+
+        Raises:
+            NotAuthorized, TransportError, WireError: as :meth:`rosters`.
+        """
+        validate_id(cid, "cid")
+        out: list[bytes] = []
+        after = 0
+        for _ in range(MAX_DELIVERY_PAGES):
+            page = self._request("GET", "/v1/grants", f"after={after}&limit=500")
+            try:
+                for item in page["items"]:
+                    data = base64.b64decode(item["grant"], validate=True)
+                    if item["cid"] == cid and is_delivery(data):
+                        out.append(data)
+                after, more = int(page["next_after"]), bool(page["more"])
+            except (KeyError, TypeError, ValueError):
+                raise WireError("the gateway's grant page is malformed") from None
+            if not more:
+                break
+        return out
 
     def check_archive(self, cid: str, steps: Sequence[tuple[Key, bytes]]) -> Checked:
         """Which of our own envelopes the archive lacks: ``steps`` names each by its

@@ -284,6 +284,7 @@ class Inbound(Part):
             return True
         # The chain moved: held far-ahead steps may be in reach now.
         self.sequencer.moved((cid, opened.epoch, opened.sender_index, opened.chain))
+        self.rosters.heard(opened)
         message = opened.message
         text = message.text if isinstance(message, TextMessage) else None
         sent_at = message.sent_at if isinstance(message, TextMessage) else None
@@ -328,6 +329,10 @@ class Inbound(Part):
             self.receipts_in.on_receipt(tx, opened, message, batch)
         elif isinstance(message, Control) and message.op is ControlOp.LEAVE:
             self.rosters.on_leave(tx, opened)
+        elif isinstance(message, Control) and message.op in (ControlOp.UPDATE, ControlOp.REKEY):
+            self.rosters.on_epoch_request(tx)
+        elif isinstance(message, Control) and message.op is ControlOp.ENDS:
+            batch.retry_held = True  # unsigned old-epoch envelopes that waited for the ends
         self._take_settled(tx, batch)
         return True
 

@@ -24,6 +24,7 @@ from fieldchat.device.rows import ENVELOPE_ROWS, Gap, OutboxKind
 from fieldchat.device.sequencer import Sequencer
 from fieldchat.device.subscriptions import Subscriptions, no_local
 from fieldchat.schemas import ReceiptRange, tracing
+from fieldchat.schemas.envelope import read_header
 from fieldchat.schemas.errors import FieldchatError
 from fieldchat.schemas.frame import pack_frame
 
@@ -121,6 +122,10 @@ class Outbound(Part):
     def flush_receipts(self) -> None:
         """Seal the pending receipts as one message per conversation and type."""
         owed = self.receipts.take()
+        for cid, rtype in list(owed):
+            if self.engine.is_member(cid) and not self.engine.keyed(cid):
+                # The epoch's secret is on its way (PROTOCOL.md §6.6): the next batch.
+                self.receipts.add(cid, rtype, owed.pop((cid, rtype)))
         with self.state.transaction() as tx:
             for cid, receipt in receipts(owed):
                 if self.engine.is_member(cid):
@@ -141,8 +146,8 @@ class Outbound(Part):
             return
         with self.state.transaction(durable=False, sync_outbox=False) as tx:
             for cid, ranges in wanted.items():
-                if not self.engine.is_member(cid):
-                    continue
+                if not self.engine.keyed(cid):
+                    continue  # not a member, or the epoch's secret not here yet (asked again)
                 receipt = missing_receipt(ranges)
                 self.queue_own(tx, cid, self.engine.seal(cid, receipt), OutboxKind.RECEIPT)
                 self.counters["gap_requests_sent"] += 1
@@ -176,17 +181,19 @@ class Outbound(Part):
         self.pump()
 
     def _resend_to_granters(self, now: float) -> None:
-        """Publish again what members who granted us their chain have not receipted."""
+        """Publish again what members we heard first have not receipted (sealed before)."""
         due = self.resends.grants_due(now)
         if not due:
             return
         resent = 0
         with self.state.transaction() as tx:
-            for cid, granter in due:
+            for cid, granter, upto in due:
                 if not self.engine.is_member(cid):
                     continue
                 epoch = self.engine.roster(cid).epoch
                 for topic, envelope in self.state.unreceipted(cid, epoch, granter, MAX_RESEND):
+                    if upto is not None and read_header(envelope).step >= upto:
+                        continue  # sealed after we heard it: it was listening
                     tx.add_outbox(topic, envelope, cid=cid, what=OutboxKind.MSG)
                     resent += 1
         self.counters["resent"] += resent

@@ -25,7 +25,11 @@ def kind_of(topic: Topic | None, payload: bytes) -> OutboxKind:
     """The outbox kind of a publication, from its topic and payload (not its retain
     flag: rosters are proposed, not retained, PROTOCOL.md §5.2). Only ``msg`` and
     ``receipt`` rows share frames (§3.4)."""
-    if topic is None or topic.kind in (TopicKind.ROSTER, TopicKind.PROPOSE):
+    if topic is None or topic.kind in (
+        TopicKind.ROSTER,
+        TopicKind.PROPOSE,
+        TopicKind.BUNDLE,  # a rotated prekey (PROTOCOL.md §2.5): alone, as a roster
+    ):
         return OutboxKind.ROSTER
     if topic.kind is TopicKind.INBOX:
         return OutboxKind.ROSTER if is_roster(payload) else OutboxKind.GRANT

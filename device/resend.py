@@ -5,9 +5,10 @@
   ``resend_after_s`` later (a broker may acknowledge and then lose: Mosquitto between
   snapshots, aMQTT in flight); the wait lets the receipts of what did arrive come back
   first, so those are not sent twice.
-* A member grants its chain only after subscribing: what we sent in that epoch before
-  it was listening is published again once its receipts for what did reach it have had
-  time to come back (``GRANT_RESEND_RECEIPTS`` receipt intervals).
+* A member publishes only after subscribing: what we sent in an epoch before we first
+  heard it (its first envelope of the epoch, or its grant) is published again once its
+  receipts for what did reach it have had time to come back (``GRANT_RESEND_RECEIPTS``
+  receipt intervals). Only steps sealed before we heard it: what follows it receives.
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ class Resends:
 
     def __init__(self) -> None:
         self._reconnect: tuple[float, float] | None = None  # (due, published before)
-        # (cid, member whose grant arrived) -> when to resend what it has not receipted.
+        # (cid, member first heard) -> when to resend what it has not receipted.
         self.grants: dict[tuple[str, str], float] = {}
+        # The same key -> our first step sealed after we heard it (None: no bound).
+        self.upto: dict[tuple[str, str], int | None] = {}
 
     def reconnected(self, now: float, after_s: float) -> None:
         """A reconnect (not the first connect): resend ``after_s`` from now what was
@@ -45,14 +48,24 @@ class Resends:
         self._reconnect = None
         return before
 
-    def granted(self, cid: str, granter: str, now: float, receipt_interval_s: float) -> None:
-        """``granter`` granted us its chain in ``cid`` (the first grant plans it)."""
+    def granted(
+        self,
+        cid: str,
+        granter: str,
+        now: float,
+        receipt_interval_s: float,
+        upto: int | None = None,
+    ) -> None:
+        """``granter`` listens to ``cid`` (the first time we hear it plans the resend);
+        ``upto``: resend only our steps below it (those sealed before we heard it)."""
         due = now + GRANT_RESEND_RECEIPTS * receipt_interval_s
-        self.grants.setdefault((cid, granter), due)
+        if (cid, granter) not in self.grants:
+            self.grants[(cid, granter)] = due
+            self.upto[(cid, granter)] = upto
 
-    def grants_due(self, now: float) -> list[tuple[str, str]]:
-        """``(cid, granter)`` whose resend is due, no longer planned."""
+    def grants_due(self, now: float) -> list[tuple[str, str, int | None]]:
+        """``(cid, member, upto)`` whose resend is due, no longer planned."""
         due = [key for key, at in self.grants.items() if at <= now]
         for key in due:
             del self.grants[key]
-        return due
+        return [(cid, pid, self.upto.pop((cid, pid), None)) for cid, pid in due]

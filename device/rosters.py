@@ -15,6 +15,7 @@ from fieldchat.device.resend import Resends
 from fieldchat.device.state import StateTransaction
 from fieldchat.device.subscriptions import changed, conversation_topics
 from fieldchat.schemas import Grant
+from fieldchat.schemas.delivery import is_delivery
 from fieldchat.schemas.errors import RosterPending, UnknownConversation
 
 __all__ = ["RosterHandler"]
@@ -37,6 +38,7 @@ class RosterHandler(Part):
         super().__init__(shared)
         self.resends = resends
         self._fetch_rosters = fetch_rosters
+        self._heard: set[tuple[str, int, str]] = set()  # (cid, epoch, sender) seen
 
     def on_roster(self, tx: StateTransaction, payload: bytes, batch: Batch) -> None:
         """A roster (retained, proposed, from an inviting admin or the archive).
@@ -85,28 +87,37 @@ class RosterHandler(Part):
 
     def on_grant(
         self,
-        tx: StateTransaction,  # noqa: ARG002 - the inbound handlers share one signature
+        tx: StateTransaction,
         payload: bytes,
         batch: Batch,
     ) -> None:
         """A grant in our inbox: a member's chain keys or chain ends."""
         result = self.engine.handle_grant(payload)
+        self.queue_publications(tx, list(result.publications), result.cid)  # ENDS (§6.5)
         if result.needs_roster:
             batch.subscribe.add(self.topics.roster(result.cid))
         if result.ends:
             batch.retry_held = True  # envelopes that waited for these chain ends
-        if result.installed:
+        if result.installed and is_delivery(payload):
+            batch.retry_held = True  # the epoch is keyed: what waited for it opens
+        elif result.installed:
             batch.retry_held = True
-            # A member grants its chain only after subscribing to the conversation (its
-            # SUBSCRIBE precedes its grants on one connection, so the broker has it):
-            # what we sent in this epoch before it was listening is published again —
-            # once its receipts for what did reach it have had time to come back
-            # (GRANT_RESEND_RECEIPTS intervals), so a burst sent while its grant was on
-            # the way is not sent twice.
-            granter = Grant.from_bytes(payload).granter
-            self.resends.granted(
-                result.cid, granter, self._clock(), self.options.receipt_interval_s
-            )
+            self._listening(result.cid, Grant.from_bytes(payload).granter)
+
+    def heard(self, opened: Opened) -> None:
+        """An envelope of ``opened.sender`` opened: the first one of an epoch tells us
+        it is subscribed (its SUBSCRIBE precedes its envelopes on one connection)."""
+        key = (opened.cid, opened.epoch, opened.sender)
+        if key not in self._heard and opened.sender != self.pid:
+            self._heard.add(key)
+            self._listening(opened.cid, opened.sender, self.engine.sending_step(opened.cid))
+
+    def _listening(self, cid: str, pid: str, upto: int | None = None) -> None:
+        """``pid`` listens to ``cid`` now: what we sent in this epoch before it did is
+        published again — once its receipts for what did reach it have had time to come
+        back (GRANT_RESEND_RECEIPTS intervals), so a burst sent while its key was on the
+        way is not sent twice."""
+        self.resends.granted(cid, pid, self._clock(), self.options.receipt_interval_s, upto)
 
     def on_bundle(self, tx: StateTransaction, payload: bytes, batch: Batch) -> None:
         """A participant's bundle (retained): new, changed keys (loud), or updated;
@@ -126,6 +137,12 @@ class RosterHandler(Part):
             )
         if update.status in (BundleStatus.NEW, BundleStatus.KEY_CHANGED, BundleStatus.UPDATED):
             self.queue_publications(tx, self.engine.pay_owed_grants(), None)
+            # An UPDATE waits for the bundle with the prekey it names (§6.7).
+            self.queue_publications(tx, self.engine.answer_updates(), None)
+
+    def on_epoch_request(self, tx: StateTransaction) -> None:
+        """An UPDATE or REKEY control arrived: as an admin, answer what we can now."""
+        self.queue_publications(tx, self.engine.answer_updates(), None)
 
     def on_leave(self, tx: StateTransaction, opened: Opened) -> None:
         """A member leaves: the first other admin removes it in a new epoch."""

@@ -75,6 +75,7 @@ class HistoryRounds(Part):
         self.tail = TailSchedule()
         self.archiving = ArchiveSchedule()  # without a gateway, never
         self._roster_fetches: dict[str, float] = {}  # cid -> when it may be fetched again
+        self._delivery_fetches: dict[str, float] = {}  # the same, for missing deliveries
         # History requests (HTTP) run on a thread of their own, one at a time.
         self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue()
         self._thread: threading.Thread | None = None
@@ -151,6 +152,33 @@ class HistoryRounds(Part):
         self._job(lambda: tail_round(history, cursors, marks, self._hand_over, idle_s=idle_s))
         for cid, have in self.engine.awaiting_rosters().items():  # a failed fetch, again
             self.fetch_rosters(cid, have)
+        self.fetch_missing_deliveries()
+
+    def fetch_missing_deliveries(self) -> None:
+        """For each conversation whose current epoch we entered without its secret (the
+        inbox queue may have lost the delivery, PROTOCOL.md §6.6): fetch our deliveries
+        from the history source (at most every ROSTER_FETCH_AGAIN_S per conversation)."""
+        history = self.history
+        if history is None:
+            return
+        now = self._clock()
+        for cid in self.engine.conversations():
+            if not self.engine.is_member(cid) or self.engine.keyed(cid):
+                continue
+            if self._delivery_fetches.get(cid, 0.0) > now:
+                continue
+            self._delivery_fetches[cid] = now + ROSTER_FETCH_AGAIN_S
+            self.counters["delivery_fetches"] += 1
+
+            def job(cid: str = cid) -> None:
+                try:
+                    found = history.deliveries(cid)
+                except FieldchatError as exc:
+                    self._hand_over(Fetched(cid, [], error=str(exc), deliveries=[]))
+                    return
+                self._hand_over(Fetched(cid, [], deliveries=found))
+
+            self._job(job)
 
     def _tail_marks(
         self, cid: str, from_epoch: int, expired: list[Gap]
@@ -254,11 +282,24 @@ class HistoryRounds(Part):
         if self.engine.awaiting_rosters().get(cid) is not None:
             log.info("rosters of %s fetched; its chain still waits for others", cid)
         self._apply(batch)
+        self.fetch_missing_deliveries()  # entered an epoch whose delivery we lack?
+
+    def _on_fetched_deliveries(self, deliveries: list[bytes]) -> None:
+        self.counters["deliveries_fetched"] += len(deliveries)
+        batch = Batch()
+        with self.state.transaction() as tx:
+            for payload in deliveries:
+                with self._counting_refusals():
+                    self._inbound.rosters.on_grant(tx, payload, batch)
+            self.engine.flush()
+        self._apply(batch)
 
     def on_fetched(self, item: Fetched) -> None:
         """On the worker: open what the history thread fetched, then save its cursor."""
         if item.rosters is not None:
             self._on_fetched_rosters(item.cid, item.rosters)
+        if item.deliveries:
+            self._on_fetched_deliveries(item.deliveries)
         if item.error is not None:
             what = "rosters" if item.rosters is not None else "history tail"
             self.counters[

@@ -59,6 +59,9 @@ class HistorySource(Protocol):
     ``rosters`` returns the conversation's archived rosters, oldest epoch first: a
     roster that does not chain to those the device holds waits for them (PROTOCOL.md
     §5.2); the engine checks every one, so a wrong answer costs a check, not trust.
+    ``deliveries``: the epoch-secret deliveries archived for us in the conversation
+    (§5.3), for an epoch entered whose delivery the inbox queue lost; each is checked
+    against its roster's commit, so a wrong one is refused.
     """
 
     def since(
@@ -66,6 +69,8 @@ class HistorySource(Protocol):
     ) -> tuple[list[bytes], int, bool]: ...
 
     def rosters(self, cid: str, *, from_epoch: int = 0) -> list[bytes]: ...
+
+    def deliveries(self, cid: str) -> list[bytes]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +87,7 @@ class Fetched:
     cursor: tuple[str, str] | None = None
     error: str | None = None
     next_tail: float | None = None
+    deliveries: list[bytes] | None = None
     rosters: list[bytes] | None = None  # the answer to a roster fetch
 
 

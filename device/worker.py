@@ -50,6 +50,8 @@ from fieldchat.schemas.topics import TopicKind
 
 __all__ = ["BATCH", "MAX_QUEUE", "STATUS_OFFLINE", "STATUS_ONLINE", "Worker"]
 
+PREKEY_CHECK_S = 3_600.0  # how often the worker checks whether a prekey is due
+
 log = logging.getLogger("fieldchat.device")
 
 MAX_QUEUE = 10_000  # inbound packets waiting for the worker; paho's thread blocks past it
@@ -154,6 +156,7 @@ class Worker(Part):
         self.closed = False
         self._thread: threading.Thread | None = None
         self._retried_at_start = False
+        self._next_prekey_check = 0.0
         self._next_housekeeping = 0.0
         # Checks half of each received batch's signatures beside the worker (the
         # thread starts on first use; see Engine.preverify).
@@ -448,6 +451,7 @@ class Worker(Part):
         if isinstance(item, Up):
             self.outbound.conn = conn
             self.outbound.inflight.reset()
+            self.engine.maintain_prekeys()  # rotate a due prekey before publishing it
             conn.publish(
                 self.topics.bundle(self.pid), self.engine.identity.bundle.to_bytes(), retain=True
             )
@@ -502,6 +506,14 @@ class Worker(Part):
                 self.inbound.release(tx, batch, expired=True, grace=grace)
                 self.engine.flush()
             self.apply(batch)
+        if now >= self._next_prekey_check:
+            # Prekeys rotate by time and by use, and old ones are deleted after their
+            # grace period (PROTOCOL.md §2.5): checked hourly, the new bundle retained.
+            self._next_prekey_check = now + PREKEY_CHECK_S
+            pubs = self.engine.maintain_prekeys()
+            if pubs:
+                with self.state.transaction() as tx:
+                    self.outbound.queue_publications(tx, pubs, None)
         if now >= self._next_housekeeping:
             self._next_housekeeping = now + min(10.0, self.options.gap_timeout_s)
             for gap in self.outbound.housekeeping(now):

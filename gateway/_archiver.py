@@ -117,6 +117,18 @@ def mqtt_factory(settings: GatewaySettings) -> MqttFactory:
     return make
 
 
+def _grant_record(p: Parsed, now: float) -> GrantRecord:
+    """An inbox payload kept for a browser that is offline: a grant, or an epoch secret's
+    delivery (PROTOCOL.md §5.3: unsigned, no granter; its recipient is the inbox's)."""
+    digest = hashlib.sha256(p.data).digest()
+    if p.delivery is not None:
+        assert p.pid is not None
+        return GrantRecord(p.pid, p.delivery.cid, "", digest, p.data, now)
+    assert p.grant is not None
+    g = p.grant
+    return GrantRecord(g.recipient, g.cid, g.granter, digest, p.data, now)
+
+
 class Archiver:
     """Subscribes, sorts, batches, commits, acknowledges; reconnects forever.
 
@@ -412,13 +424,7 @@ class Archiver:
             elif p.roster is not None:  # c/{cid}/roster, c/{cid}/propose, or an inbox
                 await self._rosters.accept(p.roster, p.data, _SOURCES[p.kind], out, notes, now)
             elif p.kind is TopicKind.INBOX:
-                assert p.grant is not None
-                g = p.grant
-                out.grants.append(
-                    GrantRecord(
-                        g.recipient, g.cid, g.granter, hashlib.sha256(p.data).digest(), p.data, now
-                    )
-                )
+                out.grants.append(_grant_record(p, now))
         work = [
             Work(p.cid, p.envelope, p.data, now)
             for p in envelopes

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from fieldchat.schemas import MAX_ENVELOPE_BYTES, Bundle, Envelope, Grant, Roster, TopicKind, Topics
+from fieldchat.schemas.delivery import Delivery, is_delivery
 from fieldchat.schemas.envelope import parse, verify_signature
 from fieldchat.schemas.errors import (
     CryptoError,
@@ -91,6 +92,7 @@ class Parsed:
     roster: Roster | None = None
     bundle: Bundle | None = None
     grant: Grant | None = None
+    delivery: Delivery | None = None  # an epoch secret, sealed: only its recipient opens it
     cleared: bool = False  # empty retained payload: a retained message was deleted
 
 
@@ -136,6 +138,11 @@ def classify(  # noqa: PLR0911, PLR0912 - one outcome per topic kind, flat on pu
             roster = Roster.from_bytes(data)
             return Parsed(
                 where.kind, data, received_at, pid=where.pid, cid=roster.cid, roster=roster
+            )
+        if is_delivery(data):
+            delivery = Delivery.from_bytes(data)
+            return Parsed(
+                where.kind, data, received_at, pid=where.pid, cid=delivery.cid, delivery=delivery
             )
         grant = Grant.from_bytes(data)
         if grant.recipient != where.pid:

@@ -33,6 +33,7 @@ Browser → server::
 
     {"op":"publish","id":…,"kind":"msg","cid":…,"data":b64}   sealed envelope
     {"op":"publish","id":…,"kind":"roster"|"grant"|"bundle","data":b64}
+                                           a delivery (kind "grant") names its "recipient"
     {"op":"publish","id":…,"kind":"status","pid":…,"data":b64}
     {"op":"ping"}
 
@@ -76,6 +77,7 @@ from fieldchat.gateway._metrics import RejectSource
 from fieldchat.gateway._state import Gateway
 from fieldchat.gateway._verify import MAX_STATUS_BYTES
 from fieldchat.schemas import MAX_ENVELOPE_BYTES, Bundle, Envelope, Grant, Roster, validate_id
+from fieldchat.schemas.delivery import Delivery, is_delivery
 from fieldchat.schemas.envelope import verify_envelope_signature
 from fieldchat.schemas.errors import (
     FieldchatError,
@@ -473,6 +475,13 @@ class _Session:
             await gw.archiver.submit_roster(roster, data)
             await gw.archiver.publish(gw.topics.roster(roster.cid), data, retain=True)
             await self._send_chain_to_joiners(roster)
+        elif kind is PublishKind.GRANT and is_delivery(data):
+            # An epoch secret (PROTOCOL.md §5.3) names no sender and no recipient: the
+            # frame names the recipient; the roster's commit authenticates the content,
+            # so the gateway has nothing to check but the shape.
+            Delivery.from_bytes(data)
+            recipient = validate_id(frame.get("recipient"), "recipient")
+            await gw.archiver.publish(gw.topics.inbox(recipient), data)
         elif kind is PublishKind.GRANT:
             grant = Grant.from_bytes(data)
             if grant.granter not in mine:

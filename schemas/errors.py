@@ -20,13 +20,15 @@ boundary, with ``raise Mapped(...) from exc``. Each class carries a short
     │   ├── RosterRejected            roster not signed by an admin of the previous one
     │   ├── RosterPending             roster held until the rosters it chains from arrive
     │   ├── GrantRejected             grant for the wrong recipient, epoch or roster
+    │   │   └── PrekeyUnknown         sealed to a prekey we no longer (or never) held
     │   ├── StaleEpoch                envelope of a removed member after rotation
     │   ├── ChainClosed               unsigned step past the end its sender stated
     │   ├── ForwardJumpTooLarge       step beyond the forward-jump limit
     │   ├── SkippedKeyMissing         step behind the chain whose key is gone
     │   ├── MissingKey                no grant yet for this chain (may come later)
     │   │   ├── ChainEndUnknown       unsigned old-epoch step, its chain's end not stated yet
-    │   │   └── UnsignedJumpTooFar    unsigned step too far ahead to derive before auth
+    │   │   ├── UnsignedJumpTooFar    unsigned step too far ahead to derive before auth
+    │   │   └── EpochKeyPending       we entered an epoch whose secret has not arrived
     │   ├── SignatureRequired         policy says signed, envelope is not
     │   ├── UnknownConversation       no state for this cid
     │   └── UnknownParticipant        no bundle known for this pid
@@ -47,6 +49,7 @@ __all__ = [
     "ConfigError",
     "ConnectFailed",
     "CryptoError",
+    "EpochKeyPending",
     "FieldchatError",
     "ForwardJumpTooLarge",
     "GrantRejected",
@@ -60,6 +63,7 @@ __all__ = [
     "NotAMember",
     "NotAuthorized",
     "PacketTooLarge",
+    "PrekeyUnknown",
     "ProtocolError",
     "Refused",
     "RosterPending",
@@ -213,6 +217,14 @@ class GrantRejected(ProtocolError):
     reason = "grant"
 
 
+class PrekeyUnknown(GrantRejected):
+    """A delivery or grant sealed to a prekey whose private keys we do not hold: deleted
+    after its grace period (forward secrecy, PROTOCOL.md §2.5) or never ours. Ask an
+    admin for a new epoch (a REKEY control)."""
+
+    reason = "prekey_unknown"
+
+
 class StaleEpoch(ProtocolError):
     """An envelope from an epoch whose sender has since been removed."""
 
@@ -267,6 +279,14 @@ class UnsignedJumpTooFar(MissingKey):
     """
 
     reason = "unsigned_jump"
+
+
+class EpochKeyPending(MissingKey):
+    """We entered an epoch whose secret the admin has not delivered to us yet: nothing
+    can be sealed in it (the message waits, unsealed) and its envelopes are held until
+    the delivery arrives (PROTOCOL.md §6.6)."""
+
+    reason = "epoch_key_pending"
 
 
 class SignatureRequired(ProtocolError):

@@ -1,6 +1,8 @@
-"""Key grants: a chain key delivered to one member's inbox (PROTOCOL.md §5.3).
+"""Key grants: a member's own re-keyed chain (chain >= 1) delivered to one member's
+inbox, sealed to its prekey (PROTOCOL.md §5.4).
 
-    version | 0x10 | msgpack[mode, cid, granter_key, recipient, ephemeral, kem_ct, sealed] | sig
+    version | 0x10 | msgpack[mode, cid, granter_key, recipient, prekey_id, ephemeral,
+                             kem_ct, sealed] | sig
 
 ``mode`` says how the AES-GCM key was agreed: ``HYBRID`` (X25519 + ML-KEM-768) or
 ``X25519`` (the recipient has no ML-KEM key; rosters mark such members). The
@@ -30,7 +32,7 @@ from fieldchat.schemas.roster import Pid
 
 __all__ = ["MAX_CHAIN_ENDS", "ChainEnd", "ChainGrant", "Grant", "GrantMode"]
 
-_FIELDS = 7
+_FIELDS = 8
 MAX_GRANT_SEALED = 1024
 # Chain ends a grant may state: one per earlier epoch a receiver still opens
 # (device.engine.KEEP_EPOCHS - 1 = 3), with room for one more.
@@ -47,6 +49,7 @@ class Grant(WireModel):
     cid: Pid
     granter_key: Annotated[bytes, Field(min_length=32, max_length=32)]
     recipient: Pid
+    prekey_id: Annotated[int, Field(ge=1, lt=2**28)]
     ephemeral: Annotated[bytes, Field(min_length=32, max_length=32)]
     kem_ciphertext: bytes | None
     sealed: Annotated[bytes, Field(min_length=16, max_length=MAX_GRANT_SEALED)]
@@ -66,10 +69,13 @@ class Grant(WireModel):
         return pid_for(self.granter_key)
 
     @staticmethod
-    def context(mode: GrantMode, cid: str, granter_key: bytes, recipient: str) -> bytes:
-        """What the hybrid KEM binds a grant's key to (PROTOCOL.md §5.3): its mode, the
-        conversation, the granter and the recipient; the combiner adds the keys."""
-        return _codec.pack((int(mode), cid, granter_key, recipient))
+    def context(
+        mode: GrantMode, cid: str, granter_key: bytes, recipient: str, prekey_id: int
+    ) -> bytes:
+        """What the hybrid KEM binds a grant's key to (PROTOCOL.md §5.4): its mode, the
+        conversation, the granter, the recipient and its prekey; the combiner adds the
+        keys and the ciphertexts."""
+        return _codec.pack((int(mode), cid, granter_key, recipient, prekey_id))
 
     @classmethod
     def create(
@@ -79,6 +85,7 @@ class Grant(WireModel):
         cid: str,
         granter_key: bytes,
         recipient: str,
+        prekey_id: int,
         ephemeral: bytes,
         kem_ciphertext: bytes | None,
         sealed: bytes,
@@ -86,13 +93,14 @@ class Grant(WireModel):
     ) -> Grant:
         body = _signed.to_be_signed(
             ObjectKind.GRANT,
-            (int(mode), cid, granter_key, recipient, ephemeral, kem_ciphertext, sealed),
+            (int(mode), cid, granter_key, recipient, prekey_id, ephemeral, kem_ciphertext, sealed),
         )
         return cls(
             mode=mode,
             cid=cid,
             granter_key=granter_key,
             recipient=recipient,
+            prekey_id=prekey_id,
             ephemeral=ephemeral,
             kem_ciphertext=kem_ciphertext,
             sealed=sealed,
@@ -107,6 +115,7 @@ class Grant(WireModel):
                 self.cid,
                 self.granter_key,
                 self.recipient,
+                self.prekey_id,
                 self.ephemeral,
                 self.kem_ciphertext,
                 self.sealed,
@@ -125,7 +134,7 @@ class Grant(WireModel):
             CryptoError: the signature does not verify.
         """
         body, signed, signature = _signed.split(data, ObjectKind.GRANT, _FIELDS)
-        mode, cid, granter_key, recipient, ephemeral, kem_ct, sealed = body
+        mode, cid, granter_key, recipient, prekey_id, ephemeral, kem_ct, sealed = body
         if mode not in (1, 2) or isinstance(mode, bool):
             raise WireError(f"unknown grant mode {mode!r}"[:60])
         grant = build(
@@ -135,6 +144,7 @@ class Grant(WireModel):
             cid=cid,
             granter_key=granter_key,
             recipient=recipient,
+            prekey_id=prekey_id,
             ephemeral=ephemeral,
             kem_ciphertext=kem_ct,
             sealed=sealed,

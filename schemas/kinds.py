@@ -15,3 +15,4 @@ class ObjectKind(enum.IntEnum):
     GRANT = 0x10
     BUNDLE = 0x11
     ROSTER = 0x12
+    DELIVERY = 0x13  # unsigned: the roster commits to what it carries

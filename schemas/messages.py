@@ -16,13 +16,14 @@ import zlib
 from dataclasses import dataclass
 from typing import Annotated
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from fieldchat.schemas import _codec
 from fieldchat.schemas._codec import build, fields
 from fieldchat.schemas._model import WireModel
 from fieldchat.schemas.envelope import EnvelopeKind
 from fieldchat.schemas.errors import LimitExceeded, WireError
+from fieldchat.schemas.grant import MAX_CHAIN_ENDS, ChainEnd
 
 __all__ = [
     "MAX_PLAINTEXT_BYTES",
@@ -106,10 +107,32 @@ class Receipt(WireModel):
 class ControlOp(enum.IntEnum):
     LEAVE = 1  # the sender leaves; an admin publishes the next roster without it
     REKEY = 2  # the sender asks an admin for a new epoch (e.g. after restoring state)
+    ENDS = 3  # where the sender's chains of earlier epochs ended (PROTOCOL.md §6.5)
+    UPDATE = 4  # the sender rotated its prekey: a new epoch, delivered to it (§6.7)
+    JOINED = 5  # a new member keyed its first epoch: it listens now (§6.6)
 
 
 class Control(WireModel):
+    """``msgpack[op]``; ENDS: ``msgpack[3, [[epoch, chain, next_step], …]]``;
+    UPDATE: ``msgpack[4, prekey_id, prekey_digest]``."""
+
     op: ControlOp
+    ends: Annotated[tuple[ChainEnd, ...], Field(max_length=MAX_CHAIN_ENDS)] = ()
+    prekey_id: _U28 = 0
+    prekey_digest: bytes = b""
+
+    @model_validator(mode="after")
+    def _check_op(self) -> Control:
+        if self.op is not ControlOp.ENDS and self.ends:
+            raise ValueError("only an ENDS control states chain ends")
+        if len({(end.epoch, end.chain) for end in self.ends}) != len(self.ends):
+            raise ValueError("a chain end is stated twice")
+        if self.op is ControlOp.UPDATE:
+            if self.prekey_id < 1 or len(self.prekey_digest) != 32:
+                raise ValueError("an UPDATE names a prekey id and its 32-byte digest")
+        elif self.prekey_id or self.prekey_digest:
+            raise ValueError("only an UPDATE names a prekey")
+        return self
 
 
 Message = TextMessage | Receipt | Control
@@ -135,6 +158,11 @@ def _pack(message: Message) -> bytes:
                 tuple((r.epoch, r.sender, r.chain, r.first, r.last) for r in message.ranges),
             )
         )
+    if message.op is ControlOp.ENDS:
+        ends = tuple((e.epoch, e.chain, e.next_step) for e in message.ends)
+        return _codec.pack((int(message.op), ends))
+    if message.op is ControlOp.UPDATE:
+        return _codec.pack((int(message.op), message.prekey_id, message.prekey_digest))
     return _codec.pack((int(message.op),))
 
 
@@ -243,7 +271,30 @@ def decode_plaintext(
                 )
             )
         return build(Receipt, "receipt", type=ReceiptType(rtype), ranges=tuple(ranges))
-    (op,) = fields(value, 1, "control")
-    if op not in (1, 2) or isinstance(op, bool):
+    return _decode_control(value)
+
+
+def _decode_control(value: object) -> Control:
+    if not isinstance(value, tuple) or not value:
+        raise WireError("control must be a non-empty array")
+    op = value[0]
+    if op not in (1, 2, 3, 4, 5) or isinstance(op, bool):
         raise WireError("unknown control op")
+    if op == ControlOp.ENDS:
+        _, raw_ends = fields(value, 2, "ends control")
+        if not isinstance(raw_ends, tuple):
+            raise WireError("chain ends must be an array")
+        if len(raw_ends) > MAX_CHAIN_ENDS:
+            raise LimitExceeded(f"an ENDS control states at most {MAX_CHAIN_ENDS} chain ends")
+        ends = []
+        for raw in raw_ends:
+            epoch, chain, next_step = fields(raw, 3, "chain end")
+            ends.append(build(ChainEnd, "chain end", epoch=epoch, chain=chain, next_step=next_step))
+        return build(Control, "control", op=ControlOp.ENDS, ends=tuple(ends))
+    if op == ControlOp.UPDATE:
+        _, prekey_id, digest = fields(value, 3, "update control")
+        return build(
+            Control, "control", op=ControlOp.UPDATE, prekey_id=prekey_id, prekey_digest=digest
+        )
+    fields(value, 1, "control")
     return Control(op=ControlOp(op))

@@ -2,14 +2,17 @@
 
 Each roster names its epoch, the digest of the roster before it and the admin who
 signed it (with the admin's Ed25519 key, so anyone — the broker included — can
-check it without a bundle lookup). The epoch-0 roster claims its ``cid``:
-``cid = cid_for(signer pid, nonce)``. A member's position in ``members`` is its
-one-byte sender index in envelope headers of that epoch.
+check it without a bundle lookup). Members are listed by their Ed25519 keys (the pid
+is the key's hash), so every member's signatures can be checked from the roster
+alone. The epoch-0 roster claims its ``cid``: ``cid = cid_for(signer pid, nonce)``.
+A member's position in ``members`` is its sender index in envelope headers of that
+epoch. ``commit`` binds the epoch secret the signing admin delivers (PROTOCOL.md §6.1).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import cached_property
 from typing import Annotated
 
 from pydantic import Field, model_validator
@@ -27,7 +30,8 @@ __all__ = ["MAX_MEMBERS", "Member", "Policy", "Roster", "is_roster", "verify_ros
 
 MAX_MEMBERS = 256
 MAX_SIGN_EVERY = 1024
-_FIELDS = 8
+_FIELDS = 9
+COMMIT_BYTES = 32
 _ADMIN = 1
 _PQ = 2
 _P_COMPRESS = 1
@@ -38,11 +42,16 @@ Pid = Annotated[str, Field(min_length=26, max_length=26, pattern=r"^[a-z2-7]{25}
 
 
 class Member(WireModel):
-    """One roster entry. ``pq``: the member has an ML-KEM key and gets hybrid grants."""
+    """One roster entry: the member's Ed25519 key. ``pq``: its prekey has ML-KEM, so
+    deliveries to it are hybrid."""
 
-    pid: Pid
+    key: Annotated[bytes, Field(min_length=32, max_length=32)]
     admin: bool = False
     pq: bool = False
+
+    @property
+    def pid(self) -> str:
+        return pid_for(self.key)
 
 
 class Policy(WireModel):
@@ -74,13 +83,14 @@ class Roster(WireModel):
     policy: Policy
     issued_at: Annotated[int, Field(ge=0, lt=2**40)]
     signer_key: Annotated[bytes, Field(min_length=32, max_length=32)]
+    commit: Annotated[bytes, Field(min_length=COMMIT_BYTES, max_length=COMMIT_BYTES)]
     signature: Annotated[bytes, Field(min_length=64, max_length=64)]
 
     @model_validator(mode="after")
     def _check_shape(self) -> Roster:
         if not 1 <= len(self.members) <= MAX_MEMBERS:
             raise ValueError(f"a roster has 1 to {MAX_MEMBERS} members")
-        if len({m.pid for m in self.members}) != len(self.members):
+        if len({m.key for m in self.members}) != len(self.members):
             raise ValueError("duplicate member")
         if self.epoch == 0 and (len(self.nonce) != ID_BYTES or self.prev):
             raise ValueError("epoch 0 carries a 16-byte nonce and no prev")
@@ -92,9 +102,15 @@ class Roster(WireModel):
     def signer(self) -> str:
         return pid_for(self.signer_key)
 
-    @property
+    @cached_property
     def pids(self) -> tuple[str, ...]:
+        """The members' pids by sender index (computed once: each is a SHA-256)."""
         return tuple(m.pid for m in self.members)
+
+    @property
+    def keys(self) -> tuple[bytes, ...]:
+        """The members' Ed25519 keys, by sender index."""
+        return tuple(m.key for m in self.members)
 
     def index_of(self, pid: str) -> int:
         """The member's sender index in this epoch.
@@ -126,6 +142,7 @@ class Roster(WireModel):
         policy: Policy,
         issued_at: int,
         signer_key: bytes,
+        commit: bytes,
     ) -> bytes:
         pflags = (
             (_P_COMPRESS if policy.compress else 0)
@@ -139,10 +156,11 @@ class Roster(WireModel):
                 epoch,
                 nonce,
                 prev,
-                tuple((m.pid, (_ADMIN if m.admin else 0) | (_PQ if m.pq else 0)) for m in members),
+                tuple((m.key, (_ADMIN if m.admin else 0) | (_PQ if m.pq else 0)) for m in members),
                 (policy.sign_every, pflags),
                 issued_at,
                 signer_key,
+                commit,
             ),
         )
 
@@ -158,10 +176,11 @@ class Roster(WireModel):
         policy: Policy,
         issued_at: int,
         signer_key: bytes,
+        commit: bytes,
         sign: Callable[[bytes], bytes],
     ) -> Roster:
         """Build and sign (the signer's key is embedded)."""
-        body = cls.body(cid, epoch, nonce, prev, members, policy, issued_at, signer_key)
+        body = cls.body(cid, epoch, nonce, prev, members, policy, issued_at, signer_key, commit)
         return cls(
             cid=cid,
             epoch=epoch,
@@ -171,6 +190,7 @@ class Roster(WireModel):
             policy=policy,
             issued_at=issued_at,
             signer_key=signer_key,
+            commit=commit,
             signature=sign(body),
         )
 
@@ -184,6 +204,7 @@ class Roster(WireModel):
             self.policy,
             self.issued_at,
             self.signer_key,
+            self.commit,
         )
 
     def to_bytes(self) -> bytes:
@@ -202,19 +223,19 @@ class Roster(WireModel):
             CryptoError: the signature does not verify.
         """
         body, signed, signature = _signed.split(data, ObjectKind.ROSTER, _FIELDS)
-        cid, epoch, nonce, prev, raw_members, raw_policy, issued_at, signer_key = body
+        cid, epoch, nonce, prev, raw_members, raw_policy, issued_at, signer_key, commit = body
         members = []
         if not isinstance(raw_members, tuple) or len(raw_members) > MAX_MEMBERS:
             raise WireError("roster members must be an array")
         for raw in raw_members:
-            pid, flags = fields(raw, 2, "roster member")
+            key, flags = fields(raw, 2, "roster member")
             if not isinstance(flags, int) or isinstance(flags, bool) or flags & ~(_ADMIN | _PQ):
                 raise WireError("invalid roster member flags")
             members.append(
                 build(
                     Member,
                     "roster member",
-                    pid=pid,
+                    key=key,
                     admin=bool(flags & _ADMIN),
                     pq=bool(flags & _PQ),
                 )
@@ -241,6 +262,7 @@ class Roster(WireModel):
             policy=policy,
             issued_at=issued_at,
             signer_key=signer_key,
+            commit=commit,
             signature=signature,
         )
         ed25519_verify(roster.signer_key, signature, signed)

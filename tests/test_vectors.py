@@ -8,19 +8,30 @@ import pytest
 
 from fieldchat.device.chains import nonce, step_keys
 from fieldchat.device.engine import Engine
+from fieldchat.device.epochs import chain_key, epoch_commit, open_delivery
 from fieldchat.device.grants import accept_grant
 from fieldchat.schemas import Bundle, ChainGrant, Grant, Roster, TextMessage
-from fieldchat.schemas.crypto import HybridSealed, aead_open, chain_step, hybrid_open
+from fieldchat.schemas.crypto import (
+    HybridSealed,
+    aead_open,
+    chain_step,
+    hybrid_open,
+    x25519_public_from_private,
+)
+from fieldchat.schemas.delivery import Delivery
 from fieldchat.schemas.envelope import read_header
 from fieldchat.schemas.errors import CryptoError
 from fieldchat.schemas.frame import pack_frame, split
+from fieldchat.schemas.ids import decode_id
 from tests.vectors.generate import PATH, build, identity, recorded_of
 
 VECTORS = json.loads(PATH.read_text())
+RECIPIENTS = {"bob": 2, "web": 3, "web_pq": 4}
 
 
 def test_file_matches_a_fresh_generation():
-    """Every deterministic byte is reproduced from the seeds; hybrid grants are recorded."""
+    """Every deterministic byte is reproduced from the seeds; hybrid grants and
+    deliveries are recorded."""
     assert build(recorded_of(VECTORS)) == VECTORS
 
 
@@ -28,6 +39,11 @@ def test_file_matches_a_fresh_generation():
 def test_identity_vectors(vector):
     bundle = Bundle.from_bytes(bytes.fromhex(vector["bundle"]))
     assert bundle.pid == vector["pid"]
+    assert bundle.prekey.id == vector["prekey_id"]
+    assert (
+        x25519_public_from_private(bytes.fromhex(vector["prekey_x25519_private"])).hex()
+        == (vector["prekey_x25519_public"])
+    )
     assert bundle.fingerprint() == vector["fingerprint"]
     assert bundle.post_quantum == vector["post_quantum"]
 
@@ -71,13 +87,34 @@ def test_envelopes_open_with_the_granted_chain_key(vector):
     assert message == TextMessage(**vector["message"])
 
 
+@pytest.mark.parametrize("conv", VECTORS["conversations"], ids=lambda c: c["label"])
+def test_key_schedule_vectors(conv):
+    """The epoch secret gives the roster's commit and every member's chain 0 (§6.1)."""
+    secret = bytes.fromhex(conv["epoch_secret"])
+    roster = Roster.from_bytes(bytes.fromhex(conv["roster"]))
+    assert epoch_commit(secret, decode_id(conv["cid"]), roster.epoch).hex() == conv["commit"]
+    assert roster.commit.hex() == conv["commit"]
+    keys = [chain_key(secret, roster.digest(), i).hex() for i in range(len(roster.members))]
+    assert keys == conv["chain_keys"]
+
+
+@pytest.mark.parametrize("vector", VECTORS["deliveries"], ids=lambda v: v["name"])
+def test_delivery_vectors(vector):
+    tag = RECIPIENTS[vector["recipient"]]
+    recipient = identity(tag, post_quantum=tag != 3)
+    delivery = Delivery.from_bytes(bytes.fromhex(vector["delivery"]))
+    assert delivery.mode.name.lower() == vector["mode"]
+    assert (delivery.cid, delivery.epoch) == (vector["cid"], vector["epoch"])
+    assert open_delivery(recipient, delivery).hex() == vector["epoch_secret"]
+
+
 def test_envelopes_open_through_the_engine_of_each_recipient():
-    """Bob (hybrid grant) and the web participant (X25519 grant) open every envelope."""
+    """The web participant (X25519 delivery) opens every envelope."""
     for conv in VECTORS["conversations"]:
         web = Engine(identity(3, post_quantum=False))
         web.learn_bundle(bytes.fromhex(VECTORS["identities"][0]["bundle"]))
         web.handle_roster(bytes.fromhex(conv["roster"]))
-        assert web.handle_grant(bytes.fromhex(conv["grant_to_web_x25519"])).installed
+        assert web.handle_grant(bytes.fromhex(conv["delivery_to_web_x25519"])).installed
         for vector in VECTORS["envelopes"]:
             if vector["conversation"] == conv["label"]:
                 opened = web.open(conv["cid"], bytes.fromhex(vector["envelope"]))
@@ -87,9 +124,6 @@ def test_envelopes_open_through_the_engine_of_each_recipient():
         # Delayed authentication (§6.5): what was pending is verified by the signed step.
         settled = [(s.steps, s.verdict.value) for s in web.take_settled()]
         assert settled == ([((1, 2), "verified")] if conv["label"] == "every_third" else [])
-
-
-RECIPIENTS = {"bob": 2, "web": 3, "web_pq": 4}
 
 
 @pytest.mark.parametrize("vector", VECTORS["grants"], ids=lambda v: v["name"])
@@ -115,11 +149,12 @@ def test_hybrid_kem_vectors(vector):
     )
 
     def open_with(context: bytes) -> bytes:
+        held = recipient.current
         return hybrid_open(
-            x25519_private=recipient.x25519_private,
-            mlkem768_seed=recipient.mlkem_seed,
-            x25519_public=recipient.bundle.x25519,
-            mlkem768_public=recipient.bundle.mlkem768,
+            x25519_private=held.x25519_private,
+            mlkem768_seed=held.mlkem_seed,
+            x25519_public=held.public.x25519,
+            mlkem768_public=held.public.mlkem768,
             message=message,
             context=context,
         )

@@ -2,7 +2,9 @@
 
 It only routes what the engines publish: rosters proposed on ``c/{cid}/propose`` to
 everyone (as the verifier retaining them on ``c/{cid}/roster`` would; the engines
-check the chain themselves), inbox payloads (grants, rosters) to their addressee.
+check the chain themselves), inbox payloads (deliveries, grants, rosters) to their
+addressee, bundles to everyone, and the envelopes an engine publishes itself (ENDS
+and UPDATE controls) to everyone, who open them.
 The real brokers are exercised by the client tests.
 """
 
@@ -40,16 +42,25 @@ class Mesh:
         while queue:
             pub = queue.pop(0)
             topic = self.topics.parse(pub.topic)
-            for name, engine in self.engines.items():
+            for name, engine in list(self.engines.items()):
                 try:
                     if topic.kind in (TopicKind.ROSTER, TopicKind.PROPOSE):
                         queue += engine.handle_roster(pub.payload)
                     elif topic.kind is TopicKind.INBOX and topic.pid == engine.pid:
                         result = engine.handle_inbox(pub.payload)
-                        if isinstance(result, list):
-                            queue += result
+                        queue += result if isinstance(result, list) else result.publications
+                    elif topic.kind is TopicKind.BUNDLE and topic.pid != engine.pid:
+                        engine.learn_bundle(pub.payload)
+                        queue += engine.pay_owed_grants()
+                    elif topic.kind is TopicKind.MSG and topic.cid and engine.is_member(topic.cid):
+                        engine.open(topic.cid, pub.payload)  # to those subscribed
                 except FieldchatError as exc:
                     self.errors.append((name, exc))
+
+    def answer_updates(self) -> None:
+        """Every admin answers the UPDATE and REKEY requests it can (§6.7)."""
+        for engine in list(self.engines.values()):
+            self.deliver(engine.answer_updates())
 
     def create(self, creator: str, *members: str, **policy: object) -> str:
         from fieldchat.schemas import Policy

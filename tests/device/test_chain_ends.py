@@ -3,7 +3,7 @@
 
 A member removed at epoch e+1 still holds every chain key of epoch e. Without a
 signature, an envelope of epoch e proves only that its author held that key. Each
-remaining sender states, signed in its grants of the new epoch, where its epoch-e
+remaining sender states, in a signed ENDS control of the new epoch, where its epoch-e
 chain ended; receivers then take unsigned epoch-e steps only below that end.
 The attack test imports only what the code before the fix had.
 """
@@ -15,9 +15,18 @@ import pytest
 from fieldchat.device.chains import step_keys
 from fieldchat.device.engine import Engine
 from fieldchat.device.keystore import MemoryKeyStore
-from fieldchat.schemas import FieldchatError, MissingKey, Policy, TextMessage, Topics
+from fieldchat.schemas import (
+    Control,
+    ControlOp,
+    FieldchatError,
+    MissingKey,
+    Policy,
+    TextMessage,
+    Topics,
+)
 from fieldchat.schemas.crypto import aead_seal
-from fieldchat.schemas.envelope import EnvelopeKind, header_bytes
+from fieldchat.schemas.envelope import EnvelopeKind, header_bytes, read_header
+from fieldchat.schemas.grant import ChainEnd
 from fieldchat.schemas.ids import decode_id
 from fieldchat.schemas.messages import encode_plaintext
 from tests.device._mesh import Mesh, text_of
@@ -61,12 +70,13 @@ def test_a_removed_member_cannot_forge_unsigned_messages_of_a_remaining_one():
 
     mesh.deliver(alice.remove_members(cid, [carol.pid]))
     assert not carol.is_member(cid)
-    forgery = forge_as(carol, cid, bob, 2, "from bob: pay Carol")
+    # Bob's steps: 0 his JOINED control (§6.6), 1 "b0", 2 "b1".
+    forgery = forge_as(carol, cid, bob, 3, "from bob: pay Carol")
 
     assert text_of(alice.open(cid, late)).startswith("b1")  # sealed by Bob: fine
-    assert reason_of(alice, cid, forgery) == "chain_closed"  # Bob never sealed step 2
+    assert reason_of(alice, cid, forgery) == "chain_closed"  # Bob never sealed step 3
     assert alice.counters["chain_closed"] == 1
-    assert alice.open(cid, forge_as(carol, cid, bob, 1, "again")) is None  # step 1: taken
+    assert alice.open(cid, forge_as(carol, cid, bob, 2, "again")) is None  # step 2: taken
     # Signed envelopes and the new epoch are unaffected.
     assert text_of(alice.open(cid, bob.seal(cid, text("epoch 1")))) == "epoch 1"
 
@@ -78,23 +88,45 @@ def test_an_old_unsigned_envelope_waits_for_its_senders_end_then_opens():
     late = bob.seal(cid, text("late"))
     pubs = alice.remove_members(cid, [carol.pid])
     roster = pubs[0].payload
-    bobs = bob.handle_roster(roster)
-    mesh.deliver(dave.handle_roster(roster))
-    carol.handle_roster(roster)
-    for pub in pubs[1:]:
-        if pub.topic == TOPICS.inbox(dave.pid):
-            dave.handle_grant(pub.payload)
-    forgery = forge_as(carol, cid, bob, 1, "forged")
+    for engine in (bob, carol, dave):
+        engine.handle_roster(roster)
+    deliveries = {p.topic: p.payload for p in pubs[1:]}
+    (ends,) = bob.handle_grant(deliveries[TOPICS.inbox(bob.pid)]).publications
+    assert dave.handle_grant(deliveries[TOPICS.inbox(dave.pid)]).installed
+    forgery = forge_as(carol, cid, bob, 2, "forged")  # 0: Bob's JOINED, 1: "late"
 
-    # Bob's grant of epoch 1 (which states his epoch-0 end) has not reached Dave yet.
+    # Bob's ENDS control of epoch 1 (his epoch-0 end) has not reached Dave yet.
     for envelope in (late, forgery):
         with pytest.raises(MissingKey) as info:  # held by the device, retried later
             dave.open(cid, envelope)
         assert info.value.reason == "chain_end_unknown"
-    grant = next(p for p in bobs if p.topic == TOPICS.inbox(dave.pid))
-    assert dave.handle_grant(grant.payload).ends == 1
+    assert ends.topic == TOPICS.msg(cid)
+    dave.open(cid, ends.payload)
+    assert dave._convs[cid].ends == {(0, 1, 0): 2}
     assert text_of(dave.open(cid, late)) == "late"
     assert reason_of(dave, cid, forgery) == "chain_closed"
+
+
+def test_an_unsigned_ends_control_is_not_taken():
+    """Any member of the new epoch holds the new chains: without its sender's signature
+    an ENDS control could state another member's end (PROTOCOL.md §6.5)."""
+    mesh = Mesh("alice", "bob", "carol")
+    alice, bob = mesh["alice"], mesh["bob"]
+    cid = mesh.create("alice", "bob", "carol", sign_every=0)
+    pubs = alice.remove_members(cid, [mesh["carol"].pid])
+    alice_ends = [p for p in pubs if p.topic == TOPICS.msg(cid)]
+    assert len(alice_ends) == 1
+    assert read_header(alice_ends[0].payload).signed  # always signed, whatever the policy
+    bob.handle_roster(pubs[0].payload)
+    bob.handle_grant(next(p.payload for p in pubs if p.topic == TOPICS.inbox(bob.pid)))
+    unsigned = alice.seal(
+        cid, Control(op=ControlOp.ENDS, ends=(ChainEnd(epoch=0, chain=0, next_step=9),))
+    )
+    assert not read_header(unsigned).signed
+    bob.open(cid, unsigned)
+    assert bob._convs[cid].ends == {}
+    bob.open(cid, alice_ends[0].payload)
+    assert bob._convs[cid].ends == {(0, 0, 0): 0}
 
 
 def test_without_a_removal_old_unsigned_envelopes_need_no_end():

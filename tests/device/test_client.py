@@ -97,49 +97,26 @@ def test_redelivered_envelopes_show_once(mosquitto_devices: Devices) -> None:
     assert shown() == ["one", "two", "three"]
 
 
-def test_changed_key_is_reported_loudly_and_verify_checks_fingerprints(
-    mosquitto_devices: Devices,
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion
-
-    from fieldchat.device.events import KeyChanged
-    from fieldchat.device.identity import Identity
-
+def test_verify_checks_fingerprints_and_an_update_keeps_them(mosquitto_devices: Devices) -> None:
+    """The fingerprint is the identity key's (the pid's): a prekey rotated by an update
+    (PROTOCOL.md §6.7) is the same identity, still verified; Alice, the admin, answers
+    Bob's UPDATE with a new epoch keyed to his new prekey, and they talk on."""
     devices = mosquitto_devices
     alice, bob = devices.make("alice"), devices.make("bob")
     cid = alice.create_conversation([bob.pid])
     wait_until(lambda: bob.engine.is_member(cid), 10, "bob joins")
     assert not alice.verify(bob.pid, "00000 " * 12)
     assert alice.verify(bob.pid, bob.fingerprint())
-    assert alice.engine.is_verified(bob.pid)
-    # Someone with Bob's credential publishes a newer bundle: same pid, new keys.
-    old = bob.engine.identity
-    forged = Identity(
-        ed25519_seed=old._signer_seed(),
-        x25519_private=b"\x42" * 32,
-        mlkem_seed=None,
-        created_at=old.bundle.created_at + 10,
-    )
-    raw = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="impostor")
-    raw.username_pw_set(bob.pid, devices.broker.user(bob.pid))
-    raw.connect("127.0.0.1", devices.broker.port)
-    raw.loop_start()
-    try:
-        raw.publish(
-            alice.topics.bundle(bob.pid), forged.bundle.to_bytes(), qos=1, retain=True
-        ).wait_for_publish(5)
-    finally:
-        raw.disconnect()
-        raw.loop_stop()
+    bob.update()
     wait_until(
-        lambda: any(isinstance(e, KeyChanged) for e in devices.events[alice.pid]), 10, "the warning"
+        lambda: bob.engine.roster(cid).epoch == 1 and bob.engine.keyed(cid), 10, "the new epoch"
     )
-    warning = next(e for e in devices.events[alice.pid] if isinstance(e, KeyChanged))
-    assert warning.pid == bob.pid and warning.fingerprint != warning.previous_fingerprint
-    assert "KEY CHANGED" in caplog.text
-    assert not alice.engine.is_verified(bob.pid)
+    learned = alice.engine.bundle_of(bob.pid)
+    assert learned is not None
+    assert learned.prekey.id == bob.engine.identity.current.public.id == 2
+    assert alice.engine.is_verified(bob.pid)
+    bob.send(cid, "after the update")
+    wait_until(lambda: texts(alice, cid) == ["after the update"], 10, "alice receives")
 
 
 CRASHING_DEVICE = """
@@ -181,6 +158,9 @@ def test_a_clean_restart_leaves_no_gap_and_a_crash_asks_the_history_seam(
             return [], after, False
 
         def rosters(self, cid: str, *, from_epoch: int = 0) -> list[bytes]:
+            return []
+
+        def deliveries(self, cid: str) -> list[bytes]:
             return []
 
     devices = Devices(tmp_path, mosquitto)

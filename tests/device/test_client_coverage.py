@@ -118,7 +118,10 @@ def test_a_device_reading_the_archive_flags_the_forgery_too(gateway_stack) -> No
     side = carol.create_conversation([bob.pid])
     wait_until(
         lambda: (
-            all(len(d.engine._convs[cid].recv) == 2 for d in (alice, bob, carol))
+            all(
+                cid in d.engine._convs and len(d.engine._convs[cid].recv) == 2
+                for d in (alice, bob, carol)
+            )
             and bob.engine.is_member(side)
         ),
         15,

@@ -45,7 +45,9 @@ def forge_as(member: Engine, cid: str, sender: Engine, step: int, words: str) ->
 
 def three(sign_every: int = 4) -> tuple[Mesh, str, Engine, Engine, Engine]:
     mesh = Mesh("alice", "bob", "carol")
-    cid = mesh.create("alice", "bob", "carol", sign_every=sign_every)
+    # Bob, the sender of these tests, founds it: an issuer seals no JOINED control
+    # (PROTOCOL.md §6.6), so his texts start at step 0.
+    cid = mesh.create("bob", "alice", "carol", sign_every=sign_every)
     return mesh, cid, mesh["alice"], mesh["bob"], mesh["carol"]
 
 

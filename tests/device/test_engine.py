@@ -6,9 +6,11 @@ import pytest
 
 from fieldchat.device.chains import MAX_FORWARD_JUMP, MAX_SKIPPED_KEYS
 from fieldchat.device.engine import BundleStatus, Engine
+from fieldchat.device.epochs import epoch_commit, make_delivery
 from fieldchat.device.grants import make_grant
-from fieldchat.device.identity import Identity
+from fieldchat.device.identity import PREKEY_ROTATE_S, Identity
 from fieldchat.schemas import (
+    Bundle,
     ChainGrant,
     CryptoError,
     FieldchatError,
@@ -32,6 +34,7 @@ from fieldchat.schemas import (
     WeakKey,
 )
 from fieldchat.schemas.envelope import FLAG_SIGNED, read_header
+from fieldchat.schemas.ids import decode_id
 from tests.device._mesh import Mesh, text_of
 
 
@@ -207,10 +210,14 @@ def test_forged_roster_is_rejected(mesh):
         epoch=current.epoch + 1,
         nonce=b"",
         prev=current.digest(),
-        members=(Member(pid=mallory.pid, admin=True), Member(pid=mesh["bob"].pid)),
+        members=(
+            Member(key=mallory.identity.public, admin=True),
+            Member(key=mesh["bob"].identity.public),
+        ),
         policy=Policy(),
         issued_at=2,
         signer_key=mallory.identity.public,
+        commit=bytes(32),
         sign=mallory.identity.sign,
     )
     with pytest.raises(RosterRejected):
@@ -252,36 +259,51 @@ def test_downgraded_grant_to_a_post_quantum_member_is_rejected(mesh):
         step=0,
         key=b"\x06" * 32,
     )
-    bundle = mesh["bob"].identity.bundle
-    x_only = bundle.model_copy(update={"mlkem768": None})
-    downgraded = make_grant(mesh["alice"].identity, x_only, cid, payload)
+    downgraded = make_grant(mesh["alice"].identity, x25519_only(mesh["bob"]), cid, payload)
+    with pytest.raises(GrantRejected):
+        mesh["bob"].handle_grant(downgraded.to_bytes())
+
+
+def x25519_only(engine: Engine) -> Bundle:
+    """``engine``'s bundle with its prekey's ML-KEM key stripped (what a downgrading
+    sender would seal to)."""
+    bundle = engine.identity.bundle
+    return bundle.model_copy(update={"prekey": bundle.prekey.model_copy(update={"mlkem768": None})})
+
+
+def test_downgraded_delivery_to_a_post_quantum_prekey_is_rejected(mesh):
+    cid = mesh.create("alice", "bob")
+    downgraded = make_delivery(b"\x05" * 32, x25519_only(mesh["bob"]), cid, 0)
     with pytest.raises(GrantRejected):
         mesh["bob"].handle_grant(downgraded.to_bytes())
 
 
 def test_all_zero_x25519_shared_secret_is_rejected():
     """A grant whose ephemeral key is a low-order point gives the all-zero secret."""
-    alice, bob = Identity.generate(), Identity.generate(post_quantum=False)
-    payload = ChainGrant(epoch=0, roster=bytes(32), sender=0, chain=0, step=0, key=bytes(32))
-    grant = make_grant(alice, bob.bundle, "a" * 26, payload)
+    mesh = Mesh("alice", "bob", post_quantum=["alice"])
+    alice, bob = mesh["alice"].identity, mesh["bob"]
+    cid = mesh.create("alice", "bob", require_pq=False)
+    roster = bob.roster(cid)
+    payload = ChainGrant(epoch=0, roster=roster.digest(), sender=0, chain=1, step=0, key=bytes(32))
+    grant = make_grant(alice, bob.identity.bundle, cid, payload)
     low_order = bytes(32)  # the identity point
-    body = grant.model_copy(update={"ephemeral": low_order})
     forged = Grant.create(
-        mode=body.mode,
-        cid=body.cid,
+        mode=grant.mode,
+        cid=grant.cid,
         granter_key=alice.public,
-        recipient=body.recipient,
+        recipient=grant.recipient,
+        prekey_id=grant.prekey_id,
         ephemeral=low_order,
         kem_ciphertext=None,
-        sealed=body.sealed,
+        sealed=grant.sealed,
         sign=alice.sign,
     )
-    engine = Engine(bob)
     with pytest.raises(WeakKey):
-        engine.handle_grant(forged.to_bytes())
-    assert engine.counters["weak_key"] == 1
+        bob.handle_grant(forged.to_bytes())
+    assert bob.counters["weak_key"] == 1
+    weak = bob.identity.bundle.prekey.model_copy(update={"x25519": low_order})
     with pytest.raises(WeakKey):
-        make_grant(alice, bob.bundle.model_copy(update={"x25519": low_order}), "a" * 26, payload)
+        make_grant(alice, bob.identity.bundle.model_copy(update={"prekey": weak}), cid, payload)
 
 
 def test_signature_policy_every_nth():
@@ -338,26 +360,32 @@ def test_grants_arriving_before_the_roster_are_held():
     assert text_of(mesh["bob"].open(cid, mesh["alice"].seal(cid, text("in order")))) == "in order"
 
 
-def test_tofu_reports_key_changes_loudly():
+def test_a_rotated_prekey_is_the_same_identity_and_an_older_one_is_ignored():
+    """Prekeys rotate (PROTOCOL.md §2.5): a newer bundle of a pid is an update, never a
+    key change (the pid is the hash of the identity key), and a bundle with an older
+    prekey is ignored, so nobody can roll a member back to a prekey it deleted."""
+    clock = [1_000.0]
     alice = Engine(Identity.generate())
-    bob = Identity.from_seed(b"\x09" * 32, created_at=10)
-    assert alice.learn_bundle(bob.bundle.to_bytes()).status is BundleStatus.NEW
-    assert alice.learn_bundle(bob.bundle.to_bytes()).status is BundleStatus.SAME
+    bob = Engine(Identity.from_seed(b"\x09" * 32, created_at=10), clock=lambda: clock[0])
+    first = bob.identity.bundle.to_bytes()
+    assert alice.learn_bundle(first).status is BundleStatus.NEW
+    assert alice.learn_bundle(first).status is BundleStatus.SAME
     alice.mark_verified(bob.pid)
-    from fieldchat.schemas import Bundle
+    clock[0] += PREKEY_ROTATE_S
+    (published,) = bob.maintain_prekeys()
+    update = alice.learn_bundle(published.payload)
+    assert update.status is BundleStatus.UPDATED
+    assert update.previous_fingerprint == update.fingerprint == bob.identity.fingerprint()
+    assert alice.is_verified(bob.pid)
 
-    rotated = Bundle.create(
-        ed25519=bob.bundle.ed25519,
-        x25519=b"\x42" * 32,
-        mlkem768=None,
-        created_at=20,
-        sign=bob.sign,
-    )
-    update = alice.learn_bundle(rotated.to_bytes())
-    assert update.status is BundleStatus.KEY_CHANGED
-    assert update.previous_fingerprint == bob.fingerprint()
-    assert not alice.is_verified(bob.pid)
-    assert alice.learn_bundle(bob.bundle.to_bytes()).status is BundleStatus.OLDER
+    def prekey_id() -> int:
+        bundle = alice.bundle_of(bob.pid)
+        assert bundle is not None
+        return bundle.prekey.id
+
+    assert prekey_id() == 2
+    assert alice.learn_bundle(first).status is BundleStatus.OLDER
+    assert prekey_id() == 2
 
 
 def test_browser_participant_without_mlkem_gets_x25519_grants_and_roster_says_so():
@@ -412,6 +440,20 @@ def test_post_quantum_member_joins_a_conversation_a_browser_founded():
     assert text_of(mesh["alice"].open(cid, envelope)) == "hello from the browser"
 
 
+def test_a_grant_sealed_without_the_recipients_mlkem_key_does_not_open():
+    """An X25519-only seal to a prekey that has ML-KEM is a downgrade: refused before
+    anything is decrypted (and its transcript would not match either)."""
+    mesh = Mesh("alice", "bob")
+    cid = mesh.create("alice", "bob")
+    roster = mesh["bob"].roster(cid)
+    payload = ChainGrant(
+        epoch=0, roster=roster.digest(), sender=0, chain=4, step=0, key=b"\x07" * 32
+    )
+    downgraded = make_grant(mesh["alice"].identity, x25519_only(mesh["bob"]), cid, payload)
+    with pytest.raises(GrantRejected):
+        mesh["bob"].handle_grant(downgraded.to_bytes())
+
+
 def test_next_step_tells_where_a_granted_chain_starts(mesh):
     cid = mesh.create("alice", "bob")
     index = mesh["bob"].roster(cid).index_of(mesh["alice"].pid)
@@ -457,36 +499,37 @@ def test_preverified_batch_opens_in_order_and_a_forgery_still_fails_in_its_place
 def test_every_member_keeps_an_epoch_that_requires_post_quantum_hybrid():
     """An admin's roster requires post-quantum members yet lists one without ML-KEM (a
     faulty or hostile admin: the engine itself never issues it). The members enforce the
-    policy too: nobody grants that member by X25519 only (it stays owed), and an
-    X25519-only grant from it is refused: no key of the epoch travels without ML-KEM."""
+    policy too: a member's own re-key grants nothing to that member (counted), and an
+    X25519-only grant from it is refused though the roster marks it as not post-quantum:
+    no key of the epoch travels without ML-KEM."""
     mesh = Mesh("alice", "bob", "web", post_quantum=["alice", "bob"])
     cid = mesh.create("alice", "bob")
     alice, bob, web = mesh["alice"], mesh["bob"], mesh["web"]
     roster0 = alice.roster(cid)
+    secret = b"\x0a" * 32
     roster1 = Roster.create(
         cid=cid,
         epoch=1,
         nonce=b"",
         prev=roster0.digest(),
-        members=(*roster0.members, Member(pid=web.pid, admin=False, pq=False)),
+        members=(*roster0.members, Member(key=web.identity.public, admin=False, pq=False)),
         policy=roster0.policy,
         issued_at=roster0.issued_at,
         signer_key=alice.identity.public,
+        commit=epoch_commit(secret, decode_id(cid), 1),
         sign=alice.identity.sign,
     )
     assert roster1.policy.require_pq
-    web.handle_roster(roster0.to_bytes())
-    web.handle_roster(roster1.to_bytes())
-    from_bob = bob.handle_roster(roster1.to_bytes())
-    assert [p.topic for p in from_bob] == [mesh.topics.inbox(alice.pid)]  # none to web
+    bob.handle_roster(roster1.to_bytes())
+    assert bob.handle_grant(make_delivery(secret, bob.identity.bundle, cid, 1).to_bytes()).installed
+    grants = bob.rekey_own_chain(cid)
+    assert [p.topic for p in grants] == [mesh.topics.inbox(alice.pid)]  # none to web
     assert bob.counters["not_post_quantum"] == 1
-    assert web.pid in bob.owed_grants(cid)
     # Web's own grant to bob by X25519 only (as a browser without ML-KEM makes them; the
-    # roster does not mark web post-quantum, so only the policy refuses it).
+    # roster marks web as not post-quantum, so only the policy refuses it).
     payload = ChainGrant(
-        epoch=1, roster=roster1.digest(), sender=2, chain=0, step=0, key=b"\x05" * 32
+        epoch=1, roster=roster1.digest(), sender=2, chain=1, step=0, key=b"\x05" * 32
     )
-    x_only = bob.identity.bundle.model_copy(update={"mlkem768": None})
-    grant = make_grant(web.identity, x_only, cid, payload)
-    with pytest.raises(GrantRejected, match="requires post-quantum"):
+    grant = make_grant(web.identity, x25519_only(bob), cid, payload)
+    with pytest.raises(GrantRejected):
         bob.handle_grant(grant.to_bytes())

@@ -183,8 +183,8 @@ def test_grants_waiting_for_their_roster_survive_a_restart(tmp_path):
     del bob
 
     bob = Engine.open_store(SqliteKeyStore(tmp_path / "bob.db"))
-    for reply in bob.handle_roster(roster.payload):
-        alice.handle_grant(reply.payload)
+    (joined,) = bob.handle_roster(roster.payload)  # the held delivery keyed the epoch
+    assert alice.open(cid, joined.payload) is not None  # Bob's JOINED control (§6.6)
     sealed = alice.seal(cid, TextMessage(sent_at=1, text="after restart"))
     assert text_of(bob.open(cid, sealed)) == "after restart"
     assert not bob.store.load_prefix("pending/")

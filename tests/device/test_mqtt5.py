@@ -150,7 +150,11 @@ def test_conversation_topics_are_aliased_and_own_messages_not_echoed(
         bob = on_embedded.make("bob", port=bob_front.port)
         cid = alice.create_conversation([bob.pid])
         wait_until(lambda: bob.engine.is_member(cid), 10, "bob joins")
-        wait_until(lambda: len(alice.engine._convs[cid].recv) == 1, 10, "bob's grant")
+        wait_until(lambda: len(alice.engine._convs[cid].recv) == 1, 10, "bob's chain")
+        # Bob's JOINED control (step 0 of his chain, PROTOCOL.md §6.6) heard first, so
+        # nothing alice sends is published again for him.
+        (bobs,) = alice.engine._convs[cid].recv.values()
+        wait_until(lambda: bobs.step >= 1, 10, "bob's JOINED")
         for i in range(30):
             alice.send(cid, f"m{i}")
             assert alice.wait_drained(5)  # one PUBLISH each, not a frame

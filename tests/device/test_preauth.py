@@ -13,7 +13,7 @@ import os
 
 import pytest
 
-from fieldchat.device import chains, grants
+from fieldchat.device import chains, sealing
 from fieldchat.schemas import CryptoError, FieldchatError, MissingKey, TextMessage
 from fieldchat.schemas.crypto import chain_step
 from fieldchat.schemas.envelope import EnvelopeKind, header_bytes, read_header
@@ -92,6 +92,7 @@ def test_one_far_forgery_does_not_keep_an_honest_sender_out_of_reach(conversatio
 def test_a_far_signed_step_with_a_bad_signature_derives_nothing(steps):
     mesh = Mesh("alice", "bob")
     cid = mesh.create("alice", "bob")
+    steps[0] = 0  # what creating derived (Bob's JOINED sealed and opened) aside
     with pytest.raises(CryptoError):
         mesh["bob"].open(cid, junk((mesh, cid), 24_999, signed=True))
     assert steps[0] == 0
@@ -122,11 +123,12 @@ def test_an_honest_unsigned_sender_far_ahead_is_reached_as_it_keeps_sending(conv
 
 def test_a_grant_with_a_bad_signature_is_refused_before_any_key_agreement(monkeypatch):
     mesh = Mesh("alice", "bob")
-    cid, pubs = mesh["alice"].create_conversation([mesh["bob"].pid])
+    cid = mesh.create("alice", "bob")
+    pubs = mesh["alice"].rekey_own_chain(cid)  # a grant: a member's own chain (§5.4)
     grant = bytearray(next(p.payload for p in pubs if p.topic.endswith("/inbox")))
     grant[-1] ^= 1
     agreed = []
-    monkeypatch.setattr(grants, "hybrid_open", lambda **k: agreed.append(k))
+    monkeypatch.setattr(sealing, "hybrid_open", lambda **k: agreed.append(k))
     with pytest.raises(CryptoError):
         mesh["bob"].handle_grant(bytes(grant))
     assert agreed == []

@@ -109,6 +109,9 @@ class _Archive:
     def rosters(self, cid: str, *, from_epoch: int = 0) -> list[bytes]:
         return []
 
+    def deliveries(self, cid: str) -> list[bytes]:
+        return []
+
 
 def _talking(devices: Devices) -> tuple[Device, Device, str]:
     """Alice and Bob in a conversation, "hello" delivered and receipted; the resend a

@@ -43,17 +43,18 @@ def kinds(pubs: list[Publication]) -> list[TopicKind]:
     return [TOPICS.parse(p.topic).kind for p in pubs]
 
 
-def forged(signer: Engine, base: Roster, *pids: str, epoch: int | None = None) -> Roster:
-    """A roster ``signer`` signs on top of ``base``, listing ``pids``, itself as admin."""
+def forged(signer: Engine, base: Roster, *members: Engine, epoch: int | None = None) -> Roster:
+    """A roster ``signer`` signs on top of ``base``, listing ``members``, itself as admin."""
     return Roster.create(
         cid=base.cid,
         epoch=base.epoch + 1 if epoch is None else epoch,
         nonce=b"",
         prev=base.digest(),
-        members=tuple(Member(pid=p, admin=p == signer.pid, pq=True) for p in pids),
+        members=tuple(Member(key=m.identity.public, admin=m is signer, pq=True) for m in members),
         policy=base.policy,
         issued_at=2_000_000_000,
         signer_key=signer.identity.public,
+        commit=bytes(32),
         sign=signer.identity.sign,
     )
 
@@ -85,14 +86,14 @@ def pending(engine: Engine, data: bytes) -> FieldchatError:
 
 def test_an_invited_member_refuses_a_roster_a_non_admin_signed_and_grants_nothing():
     """Bob (a member, no admin) replaces the retained roster with one listing Mallory;
-    Carol, just invited, must neither trust it nor grant Mallory her chain key."""
+    Carol, just invited, must neither trust it nor send Mallory anything."""
     mesh = Mesh("alice", "bob", "carol", "mallory")
     alice, bob, carol, mallory = (mesh[n] for n in ("alice", "bob", "carol", "mallory"))
     cid, pubs = alice.create_conversation([bob.pid])
     mesh.deliver([p for p in pubs if p.topic != TOPICS.inbox(carol.pid)])
     invite = alice.add_members(cid, [carol.pid])
     roster1 = Roster.from_bytes(invite[0].payload)
-    evil = forged(bob, roster1, bob.pid, carol.pid, mallory.pid)
+    evil = forged(bob, roster1, bob, carol, mallory)
 
     # The forged roster reaches Carol first (the retained roster it replaced).
     replies = take(carol, evil.to_bytes())
@@ -107,8 +108,8 @@ def test_an_invited_member_refuses_a_roster_a_non_admin_signed_and_grants_nothin
             carol.handle_grant(pub.payload)
     assert carol.roster(cid) == roster1  # the forged epoch 2 did not chain: dropped
     assert mallory.pid not in carol.roster(cid).pids
-    assert grants_to(replies, mallory) == []
-    assert {TOPICS.parse(p.topic).pid for p in replies} == {alice.pid, bob.pid}
+    assert replies == []  # v2: only the admin who signs an epoch delivers its secret
+    assert text_of(carol.open(cid, alice.seal(cid, text("hi")))) == "hi"  # keyed by Alice
     assert carol.counters["roster"] >= 1  # the held forgery, refused once its turn came
     assert carol.awaiting_rosters() == {}
 
@@ -119,13 +120,14 @@ def test_a_roster_that_does_not_chain_is_refused_even_as_the_first_one_seen():
     cid, pubs = alice.create_conversation([bob.pid])
     roster0 = Roster.from_bytes(pubs[0].payload)
     # Mallory signs an "epoch 1" on top of the real epoch 0, listing Bob and herself.
-    replies = take(bob, forged(mallory, roster0, mallory.pid, bob.pid).to_bytes())
+    replies = take(bob, forged(mallory, roster0, mallory, bob).to_bytes())
     assert grants_to(replies, mallory) == []
     assert not bob.is_member(cid)
-    assert bob.handle_roster(roster0.to_bytes())  # epoch 0 chains: grants to Alice
+    assert bob.handle_roster(roster0.to_bytes()) == []  # epoch 0 chains: adopted
     assert bob.roster(cid) == roster0 and bob.awaiting_rosters() == {}
+    assert bob.is_member(cid)
     with pytest.raises(RosterRejected):  # as the next epoch, its signer is no admin
-        bob.handle_roster(forged(mallory, roster0, mallory.pid, bob.pid).to_bytes())
+        bob.handle_roster(forged(mallory, roster0, mallory, bob).to_bytes())
 
 
 def test_a_member_epochs_behind_needs_every_roster_between():
@@ -137,7 +139,7 @@ def test_a_member_epochs_behind_needs_every_roster_between():
     mesh.deliver(pubs)
     removal = alice.remove_members(cid, [dave.pid])  # Bob is offline: he misses it
     roster1 = Roster.from_bytes(removal[0].payload)
-    evil = forged(dave, roster1, dave.pid, bob.pid, mallory.pid)
+    evil = forged(dave, roster1, dave, bob, mallory)
     replies = take(bob, evil.to_bytes())
     assert grants_to(replies, mallory) == []
     assert bob.roster(cid).epoch == 0
@@ -166,8 +168,9 @@ def test_rosters_arriving_in_any_order_are_adopted_once_they_chain():
         else:
             replies = carol.handle_roster(rosters[i])
     assert carol.roster(cid).epoch == 3 and carol.is_member(cid)
-    assert {TOPICS.parse(p.topic).pid for p in replies} == {alice.pid, bob.pid}
-    # The held grant was applied once the epoch was entered.
+    # Only the admin who signed the epoch delivers anything; Carol, new, says she listens.
+    assert [TOPICS.parse(p.topic).kind for p in replies] == [TopicKind.MSG]
+    # The held delivery was applied once the epoch was entered.
     assert text_of(carol.open(cid, alice.seal(cid, text("welcome")))) == "welcome"
 
 
@@ -206,8 +209,8 @@ def test_held_rosters_survive_a_restart_and_are_adopted_when_the_gap_fills():
     pending(bob, rosters[1])
     again = Engine(mesh["bob"].identity, store=store)
     assert again.awaiting_rosters() == {cid: -1}
-    assert again.handle_roster(rosters[0])  # epoch 0, then the held epoch 1: joined
-    assert again.roster(cid).epoch == 1 and again.awaiting_rosters() == {}
+    again.handle_roster(rosters[0])  # epoch 0, then the held epoch 1: joined
+    assert again.roster(cid).epoch == 1 and again.is_member(cid) and again.awaiting_rosters() == {}
     assert not store.load_prefix("rosterpool/")
 
 
@@ -218,7 +221,7 @@ def test_held_rosters_and_joining_conversations_are_bounded():
     roster0 = Roster.from_bytes(pubs[0].payload)
     limit = engine_module.MAX_ROSTER_CANDIDATES
     for i in range(limit + 3):  # far epochs that never chain
-        pending(bob, forged(alice, roster0, alice.pid, bob.pid, epoch=5 + i).to_bytes())
+        pending(bob, forged(alice, roster0, alice, bob, epoch=5 + i).to_bytes())
     assert len(bob._convs[cid].candidates) == limit
     assert bob.counters["roster_pool_evicted"] == 3
     for _ in range(engine_module.MAX_JOINING + 2):  # conversations invented to fill our state

@@ -85,6 +85,9 @@ class _Source:
     def rosters(self, cid: str, *, from_epoch: int = 0) -> list[bytes]:
         return []
 
+    def deliveries(self, cid: str) -> list[bytes]:
+        return []
+
 
 def test_a_tail_round_pages_from_the_cursor_and_says_when_to_look_again() -> None:
     source = _Source({0: ([b"a"], 5, True), 5: ([b"b"], 9, False), 7: ([], 7, False)})
@@ -145,10 +148,11 @@ def test_resends_after_a_reconnect_and_after_a_members_grant() -> None:
     assert resends.reconnect_due(14.9) is None
     assert resends.reconnect_due(15.0) == 10.0  # what was published before the reconnect
     assert resends.reconnect_due(16.0) is None  # once
-    resends.granted("c", "bob", 0.0, receipt_interval_s=0.5)
-    resends.granted("c", "bob", 1.0, receipt_interval_s=0.5)  # the first grant plans it
+    resends.granted("c", "bob", 0.0, receipt_interval_s=0.5, upto=7)
+    resends.granted("c", "bob", 1.0, receipt_interval_s=0.5, upto=9)  # the first plans it
     assert resends.grants_due(GRANT_RESEND_RECEIPTS * 0.5 - 0.01) == []
-    assert resends.grants_due(GRANT_RESEND_RECEIPTS * 0.5) == [("c", "bob")]
+    # Only our steps below 7 (sealed before we heard bob) are sent again.
+    assert resends.grants_due(GRANT_RESEND_RECEIPTS * 0.5) == [("c", "bob", 7)]
     assert not resends.grants
 
 

@@ -93,10 +93,11 @@ def forged_roster(by: Party, cid: str, *, epoch: int, prev: bytes, members: list
         epoch=epoch,
         nonce=b"",
         prev=prev,
-        members=tuple(Member(pid=p.pid, admin=True) for p in members),
+        members=tuple(Member(key=p.engine.identity.public, admin=True) for p in members),
         policy=Policy(),
         issued_at=int(time.time()),
         signer_key=by.engine.identity.public,
+        commit=bytes(32),
         sign=by.engine.identity.sign,
     ).to_bytes()
 

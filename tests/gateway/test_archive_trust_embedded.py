@@ -11,6 +11,7 @@ from collections import defaultdict
 from fieldchat.broker.testing import broker_config, embedded_broker  # noqa: F401 - fixtures
 from fieldchat.device.history import GatewayHistory
 from fieldchat.schemas import Grant, Policy, Topics
+from fieldchat.schemas.delivery import Delivery, is_delivery
 from tests.gateway._support import Party, converse, eventually, serve_gateway
 from tests.gateway.test_archive_trust import junk, opened_texts, roster_of
 from tests.gateway.test_embedded_broker import _publish_as, gateway_settings
@@ -28,7 +29,9 @@ async def test_junk_first_and_inbox_rosters_through_the_embedded_broker(
     by_publisher: dict[str, list[tuple[str, bytes, bool]]] = defaultdict(list)
     for p in conv.publications:
         where = topics.parse(p.topic)
-        if where.kind == "inbox":
+        if where.kind == "inbox" and is_delivery(p.payload):
+            who = victim.pid  # the admin who drew the epoch secret (PROTOCOL.md §5.3)
+        elif where.kind == "inbox":
             who = Grant.from_bytes(p.payload).granter
         else:
             who = where.pid or victim.pid  # bundles: their owner; the roster: its creator
@@ -74,5 +77,6 @@ async def test_junk_first_and_inbox_rosters_through_the_embedded_broker(
         await eventually(lambda: gw.state.store.grants_for([late.pid]), "the new member's grant")
         assert [r.data for r in await gw.state.store.rosters(conv.cid)] == [r0, r1]
         for grant in await gw.state.store.grants_for([late.pid]):
-            Grant.from_bytes(grant.data)  # grants only: the rosters went to the rosters
+            # deliveries only: the rosters went to the rosters
+            assert Delivery.from_bytes(grant.data).cid == conv.cid
         assert m.rejected_count("mqtt", "malformed") == malformed

@@ -51,10 +51,11 @@ def forged(by: Party, like: Roster, *, epoch: int, prev: bytes) -> Roster:
         epoch=epoch,
         nonce=b"",
         prev=prev,
-        members=tuple(Member(pid=m.pid, admin=True) for m in like.members),
+        members=tuple(Member(key=m.key, admin=True) for m in like.members),
         policy=like.policy,
         issued_at=like.issued_at,
         signer_key=by.engine.identity.public,
+        commit=bytes(32),
         sign=by.engine.identity.sign,
     )
 
@@ -75,10 +76,11 @@ def test_epoch_0_is_adopted_when_it_founds_its_conversation(parties):
         epoch=0,
         nonce=r0.nonce,
         prev=b"",
-        members=(Member(pid=member.pid, admin=True),),
+        members=(Member(key=member.engine.identity.public, admin=True),),
         policy=r0.policy,
         issued_at=r0.issued_at,
         signer_key=member.engine.identity.public,
+        commit=bytes(32),
         sign=member.engine.identity.sign,
     )
     with pytest.raises(RosterRejected):

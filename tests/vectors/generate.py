@@ -4,9 +4,11 @@
 
 Everything is deterministic (seeded randomness, fixed clock, deterministic Ed25519
 and AES-GCM) except ML-KEM encapsulation, whose randomness ``cryptography`` does not
-let us inject: what it makes (hybrid grants, hybrid KEM outputs) is recorded once and
-checked by opening it (and recorded again when the recorded one no longer opens to
-the current payload). The browser client checks the same file.
+let us inject: what it makes (hybrid grants and deliveries, hybrid KEM outputs) is
+recorded once and checked by opening it (and recorded again when the recorded one no
+longer opens to the current payload). Prekeys come from seeded randomness, as an
+identity's never derive from its seed (PROTOCOL.md §2.4).
+The browser client checks the same file.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from fieldchat.device.chains import (
     step_keys,
 )
 from fieldchat.device.engine import KEEP_EPOCHS, Engine
+from fieldchat.device.epochs import chain_key, epoch_commit, make_delivery, open_delivery
 from fieldchat.device.grants import accept_grant, make_grant
 from fieldchat.device.identity import Identity
 from fieldchat.schemas import ChainGrant, FieldchatError, Grant, Member, Policy, Roster, TextMessage
@@ -40,9 +43,11 @@ from fieldchat.schemas.crypto import (
     x25519_exchange,
     x25519_public_from_private,
 )
+from fieldchat.schemas.delivery import Delivery
 from fieldchat.schemas.envelope import MAX_COVER, coverage_digest, envelope_digest, read_header
 from fieldchat.schemas.frame import pack_frame
 from fieldchat.schemas.grant import MAX_CHAIN_ENDS, ChainEnd
+from fieldchat.schemas.ids import decode_id
 
 PATH = Path(__file__).with_name("protocol.json")
 CLOCK = 1_700_000_000
@@ -61,19 +66,29 @@ class SeededRandom:
 
 
 def identity(tag: int, *, post_quantum: bool = True) -> Identity:
-    return Identity.from_seed(bytes([tag]) * 32, created_at=CLOCK, post_quantum=post_quantum)
+    return Identity.from_seed(
+        bytes([tag]) * 32,
+        created_at=CLOCK,
+        post_quantum=post_quantum,
+        random=SeededRandom(b"prekey" + bytes([tag])),
+    )
 
 
 def _identity_vector(name: str, tag: int, ident: Identity) -> dict[str, Any]:
     b = ident.bundle
+    prekey = ident.current
+    mlkem = b.prekey.mlkem768
     return {
         "name": name,
         "seed": (bytes([tag]) * 32).hex(),
         "post_quantum": b.post_quantum,
         "pid": ident.pid,
         "ed25519_public": b.ed25519.hex(),
-        "x25519_public": b.x25519.hex(),
-        "mlkem768_public_sha256": hashlib.sha256(b.mlkem768).hexdigest() if b.mlkem768 else None,
+        "prekey_id": b.prekey.id,
+        "prekey_x25519_public": b.prekey.x25519.hex(),
+        "prekey_x25519_private": prekey.x25519_private.hex(),
+        "prekey_mlkem_seed": prekey.mlkem_seed.hex() if prekey.mlkem_seed else None,
+        "prekey_mlkem768_public_sha256": hashlib.sha256(mlkem).hexdigest() if mlkem else None,
         "bundle": b.to_bytes().hex(),
         "fingerprint": b.fingerprint(),
     }
@@ -85,7 +100,8 @@ def _hybrid_vector(
     """One output of the hybrid KEM (PROTOCOL.md §5.3) to identity ``tag``, with every
     intermediate value; the X25519 ephemeral is seeded, an ML-KEM ciphertext recorded."""
     recipient = identity(tag, post_quantum=tag != 3)
-    bundle = recipient.bundle
+    bundle = recipient.bundle.prekey
+    held = recipient.current
     eph_private = SeededRandom(name.encode())(32)
     kem = bundle.mlkem768
     made = None
@@ -94,8 +110,8 @@ def _hybrid_vector(
         made = HybridSealed(x25519_public_from_private(eph_private), kem_ct, sealed)
         try:
             opens = hybrid_open(
-                x25519_private=recipient.x25519_private,
-                mlkem768_seed=recipient.mlkem_seed,
+                x25519_private=held.x25519_private,
+                mlkem768_seed=held.mlkem_seed,
                 x25519_public=bundle.x25519,
                 mlkem768_public=kem,
                 message=made,
@@ -114,8 +130,8 @@ def _hybrid_vector(
         )
     ss_x = x25519_exchange(eph_private, bundle.x25519)
     ss_k = b""
-    if made.kem_ciphertext is not None and recipient.mlkem_seed is not None:
-        ss_k = mlkem768_decapsulate(recipient.mlkem_seed, made.kem_ciphertext)
+    if made.kem_ciphertext is not None and held.mlkem_seed is not None:
+        ss_k = mlkem768_decapsulate(held.mlkem_seed, made.kem_ciphertext)
     # The combiner spelled out again (schemas.crypto._hybrid_keys): the vector shows
     # each value a second implementation must reach.
     th = sha256(
@@ -157,10 +173,22 @@ def _recorded_grant(
     return make_grant(identity(1), recipient.bundle, "a" * 26, payload).to_bytes().hex()
 
 
+def _recorded_delivery(
+    recorded: dict[str, str], name: str, recipient: Identity, secret: bytes
+) -> str:
+    """A recorded hybrid delivery to ``recipient`` if it opens to ``secret``, else a new one."""
+    if name in recorded and _delivery_opens(recipient, recorded[name], secret):
+        return recorded[name]
+    return make_delivery(secret, recipient.bundle, "a" * 26, 3).to_bytes().hex()
+
+
 def recorded_of(vectors: dict[str, Any]) -> dict[str, str]:
     """What a vector file recorded (the ML-KEM outputs), by name, for :func:`build`."""
     grants = vectors.get("grants", [])
     out = {g["name"]: g["grant"] for g in grants if "name" in g and not g["deterministic"]}
+    for d in vectors.get("deliveries", []):
+        if "name" in d and not d["deterministic"]:
+            out[d["name"]] = d["delivery"]
     for h in vectors.get("hybrid_kem", []):
         if not h["deterministic"]:
             out[h["name"]] = f"{h['kem_ciphertext']}:{h['sealed']}"
@@ -173,7 +201,7 @@ def build(recorded: dict[str, str] | None = None) -> dict[str, Any]:
     alice, bob, web = identity(1), identity(2), identity(3, post_quantum=False)
     web_pq = identity(4)
     out: dict[str, Any] = {
-        "about": "fieldchat protocol vectors v1; see PROTOCOL.md §9. All byte strings are hex.",
+        "about": "fieldchat protocol vectors v2; see PROTOCOL.md §9. All byte strings are hex.",
         "identities": [
             _identity_vector("alice", 1, alice),
             _identity_vector("bob", 2, bob),
@@ -213,23 +241,34 @@ def build(recorded: dict[str, str] | None = None) -> dict[str, Any]:
         "every_third": Policy(sign_every=3, require_pq=False),
     }
     for label, policy in policies.items():
-        engine = Engine(alice, clock=lambda: CLOCK, random=SeededRandom(label.encode()))
+        random = SeededRandom(label.encode())
+        engine = Engine(alice, clock=lambda: CLOCK, random=random)
         for other in (bob, web):
             engine.learn_bundle(other.bundle.to_bytes())
         cid, pubs = engine.create_conversation([bob.pid, web.pid], policy=policy)
+        draws = SeededRandom(label.encode())  # the same draws: the nonce, then the secret
+        draws(16)
+        epoch_secret = draws(32)
         roster = engine.roster(cid)
+        assert roster.commit == epoch_commit(epoch_secret, decode_id(cid), 0)
         conv = engine._convs[cid]
         assert conv.send is not None
-        chain_key = conv.send.key
-        web_grant = next(p for p in pubs if p.topic.endswith(f"{web.pid}/inbox"))
+        sender_key = conv.send.key
+        web_delivery = next(p for p in pubs if p.topic.endswith(f"{web.pid}/inbox"))
         conversations.append(
             {
                 "label": label,
                 "cid": cid,
                 "roster": roster.to_bytes().hex(),
                 "creator": "alice",
-                "sender_chain_key": chain_key.hex(),
-                "grant_to_web_x25519": web_grant.payload.hex(),
+                "epoch_secret": epoch_secret.hex(),
+                "commit": roster.commit.hex(),
+                "chain_keys": [
+                    chain_key(epoch_secret, roster.digest(), i).hex()
+                    for i in range(len(roster.members))
+                ],
+                "sender_chain_key": sender_key.hex(),
+                "delivery_to_web_x25519": web_delivery.payload.hex(),
             }
         )
         texts = ["hello", "Pump 3 at 4.2 bar; valve B closed. Back on site 14:30 ✓", "x" * 300]
@@ -284,7 +323,7 @@ def build(recorded: dict[str, str] | None = None) -> dict[str, Any]:
     # (§5.3, §6.4): the receiver takes unsigned steps of those chains below them.
     ends = (ChainEnd(epoch=2, chain=0, next_step=17), ChainEnd(epoch=1, chain=0, next_step=0))
     payload = ChainGrant(
-        epoch=3, roster=bytes(32), sender=0, chain=0, step=5, key=bytes(32), ends=ends
+        epoch=3, roster=bytes(32), sender=0, chain=1, step=5, key=bytes(32), ends=ends
     )
     x_grant = make_grant(alice, web.bundle, "a" * 26, payload, random=SeededRandom(b"grant"))
     out["grants"] = [
@@ -319,6 +358,35 @@ def build(recorded: dict[str, str] | None = None) -> dict[str, Any]:
         _hybrid_vector("hybrid kem to web_pq", 4, context, b"a secret for the browser", recorded),
         _hybrid_vector("x25519 kem to web", 3, context, b"a secret, X25519 only", recorded),
     ]
+    # Epoch secrets sealed to a prekey (§5.3): X25519 (deterministic) and hybrid.
+    secret = bytes(range(100, 132))
+    x_delivery = make_delivery(secret, web.bundle, "a" * 26, 3, random=SeededRandom(b"delivery"))
+    out["deliveries"] = [
+        {
+            "name": "x25519 delivery to web",
+            "mode": "x25519",
+            "recipient": "web",
+            "cid": "a" * 26,
+            "epoch": 3,
+            "ephemeral_private": SeededRandom(b"delivery")(32).hex(),
+            "epoch_secret": secret.hex(),
+            "delivery": x_delivery.to_bytes().hex(),
+            "deterministic": True,
+        },
+        *(
+            {
+                "name": f"hybrid delivery to {name}",
+                "mode": "hybrid",
+                "recipient": name,
+                "cid": "a" * 26,
+                "epoch": 3,
+                "epoch_secret": secret.hex(),
+                "delivery": _recorded_delivery(recorded, f"hybrid delivery to {name}", who, secret),
+                "deterministic": False,
+            }
+            for name, who in (("bob", bob), ("web_pq", web_pq))
+        ),
+    ]
     out["limits"] = {
         "keep_epochs": KEEP_EPOCHS,
         "max_chain_ends": MAX_CHAIN_ENDS,
@@ -344,10 +412,11 @@ def _roster_chain(admin: Engine, cid: str, member: Identity) -> list[dict[str, A
         epoch=2,
         nonce=b"",
         prev=rosters[1].digest(),
-        members=(Member(pid=member.pid, admin=True, pq=True),),
+        members=(Member(key=member.public, admin=True, pq=True),),
         policy=rosters[1].policy,
         issued_at=CLOCK,
         signer_key=member.bundle.ed25519,
+        commit=bytes(32),
         sign=member.sign,
     )
     skipping = Roster.create(  # an admin's epoch 2 naming epoch 0 as its predecessor
@@ -359,6 +428,7 @@ def _roster_chain(admin: Engine, cid: str, member: Identity) -> list[dict[str, A
         policy=rosters[2].policy,
         issued_at=CLOCK,
         signer_key=admin.identity.public,
+        commit=rosters[2].commit,
         sign=admin.identity.sign,
     )
     cases: list[dict[str, Any]] = [
@@ -387,6 +457,13 @@ def _roster_chain(admin: Engine, cid: str, member: Identity) -> list[dict[str, A
 def _opens(recipient: Identity, grant: str, payload: ChainGrant) -> bool:
     try:
         return accept_grant(recipient, Grant.from_bytes(bytes.fromhex(grant))) == payload
+    except FieldchatError:
+        return False
+
+
+def _delivery_opens(recipient: Identity, delivery: str, secret: bytes) -> bool:
+    try:
+        return open_delivery(recipient, Delivery.from_bytes(bytes.fromhex(delivery))) == secret
     except FieldchatError:
         return False
 

@@ -45,7 +45,13 @@ def three(page) -> tuple[str, Engine, Engine, WebPeer]:
     for p in carol.handle_roster(roster):
         if Topics().parse(p.topic).pid == alice.pid:
             alice.handle_grant(p.payload)
-    route(grants, {carol.pid: carol, alice.pid: alice}, web)
+    to_web = [p for p in grants if Topics().parse(p.topic).pid == web.pid]
+    route([p for p in grants if p not in to_web], {carol.pid: carol, alice.pid: alice}, web)
+    for p in to_web:
+        # Keyed, the browser (new in epoch 0) seals its JOINED control, step 0 (§6.6).
+        for joined in web.grant(p.payload)["publications"]:
+            for engine in (alice, carol):
+                engine.open(cid, bytes.fromhex(joined["data"]))
     for g in web_grants:
         for engine in (alice, carol):
             if g["recipient"] == engine.pid:
@@ -75,9 +81,10 @@ def test_python_to_browser_pending_then_verified_and_a_forgery_flagged(page):
 
 def test_browser_to_python_pending_then_verified(page):
     cid, alice, _, web = three(page)
+    # Steps 1-5: the browser's step 0 was its JOINED control (signed, covering nothing).
     sealed = [web.seal(cid, f"w{i}") for i in range(5)]
     opened = [alice.open(cid, e) for e in sealed]
-    assert [o.pending for o in opened if o] == [False, True, True, True, False]
+    assert [o.pending for o in opened if o] == [True, True, True, False, True]
     assert [(s.steps, s.verdict.value) for s in alice.take_settled()] == [((1, 2, 3), "verified")]
 
 

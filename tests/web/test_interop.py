@@ -1,7 +1,7 @@
 """The browser's engine and Python's exchange messages both ways: rosters, hybrid
-(X25519 + ML-KEM-768) grants in both directions, and X25519-only ones with a browser
-whose WebCrypto lacks ML-KEM, under the roster's post-quantum policy; sealing and
-opening, and rotation when a member is removed.
+(X25519 + ML-KEM-768) epoch-secret deliveries in both directions, and X25519-only ones
+with a browser whose WebCrypto lacks ML-KEM, under the roster's post-quantum policy;
+sealing and opening, and new epochs when a member is removed.
 The bytes travel through the test process (no network), so a failure here is the
 protocol's, not the transport's.
 
@@ -18,12 +18,14 @@ from typing import Any
 import pytest
 
 from fieldchat.device.engine import Engine, Opened, Publication
+from fieldchat.device.epochs import epoch_commit, make_delivery
 from fieldchat.device.grants import make_grant
 from fieldchat.device.identity import Identity
 from fieldchat.schemas import (
     Bundle,
     ChainGrant,
-    Grant,
+    Control,
+    ControlOp,
     GrantMode,
     Member,
     Policy,
@@ -31,8 +33,10 @@ from fieldchat.schemas import (
     TextMessage,
     Topics,
 )
+from fieldchat.schemas.delivery import Delivery
 from fieldchat.schemas.envelope import EnvelopeKind, header_bytes
 from fieldchat.schemas.errors import FieldchatError, NotAMember
+from fieldchat.schemas.ids import decode_id
 from fieldchat.schemas.roster import is_roster
 from tests.device.test_chain_ends import forge_as
 from tests.web._stack import NO_MLKEM
@@ -61,6 +65,7 @@ class WebPeer:
         return list(self.call("handleRoster", data.hex()))
 
     def grant(self, data: bytes) -> dict[str, Any]:
+        """``{installed, needsRoster, publications}`` (publications: its ENDS, §6.5)."""
         return dict(self.call("handleGrant", data.hex()))
 
     def seal(self, cid: str, text: str) -> bytes:
@@ -104,7 +109,7 @@ def text(opened: Opened | None) -> str:
 
 
 def route(pubs: list[Publication], engines: dict[str, Engine], web: WebPeer) -> None:
-    """Deliver Python's grants to their recipients' inboxes (the browser's included)."""
+    """Deliver Python's deliveries to their recipients' inboxes (the browser's included)."""
     for p in pubs:
         where = TOPICS.parse(p.topic)
         assert where.kind == "inbox"
@@ -134,15 +139,18 @@ def test_python_founds_and_both_sides_talk(page):
     roster = Roster.from_bytes(pubs[0].payload)
     assert roster.policy.require_pq  # the default
     assert [m.pq for m in roster.members] == [True, True]  # the roster shows who is PQ
-    grant_to_web = next(p for p in pubs if p.topic == TOPICS.inbox(web.pid))
-    assert Grant.from_bytes(grant_to_web.payload).mode is GrantMode.HYBRID
-    web_grants = web.roster(roster.to_bytes())
-    assert len(web_grants) == 1
-    assert web.call("grantMode", web_grants[0]["data"]) == GrantMode.HYBRID
-    assert Grant.from_bytes(bytes.fromhex(web_grants[0]["data"])).kem_ciphertext is not None
-    assert web.grant(grant_to_web.payload) == {"installed": True, "needsRoster": False}
-    # Python opens the browser's hybrid grant (ML-KEM-768 decapsulation included).
-    assert device.handle_grant(bytes.fromhex(web_grants[0]["data"])).installed
+    to_web = next(p for p in pubs if p.topic == TOPICS.inbox(web.pid))
+    delivery = Delivery.from_bytes(to_web.payload)
+    assert delivery.mode is GrantMode.HYBRID and delivery.kem_ciphertext is not None
+    assert web.call("grantMode", to_web.payload.hex()) == GrantMode.HYBRID
+    assert web.roster(roster.to_bytes()) == []  # a member sends nothing: the admin keys it
+    keyed = web.grant(to_web.payload)  # the browser decapsulates ML-KEM-768 (WebCrypto)
+    assert keyed["installed"] and not keyed["needsRoster"]
+    # Keyed, the browser (new in this epoch) says it listens: a JOINED control (§6.6).
+    [joined] = keyed["publications"]
+    assert (joined["kind"], joined["cid"]) == ("msg", cid)
+    said = device.open(cid, bytes.fromhex(joined["data"]))
+    assert said is not None and said.message == Control(op=ControlOp.JOINED)
 
     for i in range(3):
         sealed = device.seal(cid, TextMessage(sent_at=1700000000 + i, text=f"from python {i} ✓"))
@@ -176,8 +184,7 @@ def test_the_browser_accepts_a_gap_request_and_goes_on(page):
     device.learn_bundle(web.bundle)
     web.learn(device.identity.bundle.to_bytes())
     cid, pubs = device.create_conversation([web.pid])
-    for grant in web.roster(pubs[0].payload):
-        device.handle_grant(bytes.fromhex(grant["data"]))
+    assert web.roster(pubs[0].payload) == []
     web.grant(next(p for p in pubs if p.topic == TOPICS.inbox(web.pid)).payload)
     ask = Receipt(
         type=ReceiptType.MISSING,
@@ -206,7 +213,9 @@ def test_browser_founds_removes_and_the_removed_cannot_read(page):
     for e in engines.values():
         route(e.handle_roster(roster0), engines, web)
     for p in published[1:]:
-        engines[p["recipient"]].handle_grant(bytes.fromhex(p["data"]))
+        # The browser's deliveries are hybrid (WebCrypto ML-KEM-768): Python decapsulates.
+        assert Delivery.from_bytes(bytes.fromhex(p["data"])).mode is GrantMode.HYBRID
+        assert engines[p["recipient"]].handle_grant(bytes.fromhex(p["data"])).installed
     hello = web.seal(cid, "hello both")
     assert text(alice.open(cid, hello)) == "hello both"
     assert text(bob.open(cid, hello)) == "hello both"
@@ -214,7 +223,7 @@ def test_browser_founds_removes_and_the_removed_cannot_read(page):
         web.open(cid, bob.seal(cid, TextMessage(sent_at=2, text="bob here")))["text"] == "bob here"
     )
 
-    # The browser (admin) removes bob: a new epoch, new chains for alice and the browser.
+    # The browser (admin) removes bob: a new epoch, its secret delivered to alice alone.
     removal = web.call("remove", [cid, [bob.pid]])
     roster1 = bytes.fromhex(removal[0]["data"])
     assert Roster.from_bytes(roster1).pids == (web.pid, alice.pid)
@@ -279,24 +288,25 @@ def test_a_browser_invited_later_adopts_the_roster_only_through_the_chain(page):
     cid = found(alice, [bob], None)
     invite = alice.add_members(cid, [web.pid])
     bob.handle_roster(invite[0].payload)
+    bob.handle_grant(next(p.payload for p in invite if p.topic == TOPICS.inbox(bob.pid)))
     to_web = [p.payload for p in invite if p.topic == TOPICS.inbox(web.pid)]
     history = [p for p in to_web if is_roster(p)]
     assert [Roster.from_bytes(r).epoch for r in history] == [0]
 
     assert web.try_roster(invite[0].payload) == {"error": "roster_pending"}
     assert web.call("conversations") == []
-    grants = web.inbox(history[0])["publications"]
-    assert sorted(g["recipient"] for g in grants) == sorted([alice.pid, bob.pid])
-    for g in grants:
-        {alice.pid: alice, bob.pid: bob}[g["recipient"]].handle_grant(bytes.fromhex(g["data"]))
-    for grant in [p for p in to_web if not is_roster(p)]:
-        assert web.inbox(grant) == {"installed": True, "ends": 0}
+    assert web.inbox(history[0])["publications"] == []  # adopted; the admin keys the epoch
+    for delivery in [p for p in to_web if not is_roster(p)]:
+        keyed = web.inbox(delivery)
+        assert (keyed["installed"], [p["kind"] for p in keyed["publications"]]) == (True, ["msg"])
+        for engine in (alice, bob):  # its JOINED control
+            engine.open(cid, bytes.fromhex(keyed["publications"][0]["data"]))
     hello = alice.seal(cid, TextMessage(sent_at=1, text="welcome"))
     assert web.open(cid, hello)["text"] == "welcome"
     assert text(bob.open(cid, web.seal(cid, "thanks"))) == "thanks"
 
 
-def forged_epoch_1(roster0: Roster, signer: Identity, browser: str, outsider: str) -> Roster:
+def forged_epoch_1(roster0: Roster, signer: Identity, browser: bytes, outsider: bytes) -> Roster:
     """Epoch 1 after ``roster0``, naming it as prev, adding the browser and an outsider,
     signed by ``signer`` (a member who is no admin: it does not chain, §5.2)."""
     return Roster.create(
@@ -306,12 +316,13 @@ def forged_epoch_1(roster0: Roster, signer: Identity, browser: str, outsider: st
         prev=roster0.digest(),
         members=(
             *roster0.members,
-            Member(pid=browser, admin=False, pq=True),
-            Member(pid=outsider, admin=False, pq=True),
+            Member(key=browser, admin=False, pq=True),
+            Member(key=outsider, admin=False, pq=True),
         ),
         policy=roster0.policy,
         issued_at=roster0.issued_at,
         signer_key=signer.public,
+        commit=bytes(32),
         sign=signer.sign,
     )
 
@@ -325,7 +336,8 @@ def test_a_roster_a_member_forged_is_not_adopted_and_gets_no_grant(page):
     introduce(web, alice, mallory, outsider)
     cid, pubs = alice.create_conversation([mallory.pid])
     roster0 = Roster.from_bytes(pubs[0].payload)
-    forged = forged_epoch_1(roster0, mallory.identity, web.pid, outsider.pid)
+    web_key = Bundle.from_bytes(web.bundle).ed25519
+    forged = forged_epoch_1(roster0, mallory.identity, web_key, outsider.identity.public)
 
     assert web.try_roster(forged.to_bytes()) == {"error": "roster_pending"}
     assert web.try_roster(roster0.to_bytes()) == {"publications": []}  # not listed at 0
@@ -337,8 +349,8 @@ def test_a_roster_a_member_forged_is_not_adopted_and_gets_no_grant(page):
 def test_a_removed_member_cannot_pass_unsigned_envelopes_off_as_a_remaining_one(page):
     """Issue 13, item 4, the browser receiving: Carol, removed at epoch 1, keeps Bob's
     epoch-0 chain key and seals "from Bob" at a step Bob never used. The browser holds
-    that and Bob's genuine late envelope until Bob's epoch-1 grant states his end, then
-    shows the genuine one and refuses the forgery."""
+    that and Bob's genuine late envelope until Bob's signed ENDS control of epoch 1 states
+    his end, then shows the genuine one and refuses the forgery."""
     web = WebPeer(page)
     alice, bob, carol = (Engine(Identity.generate()) for _ in range(3))
     introduce(web, alice, bob, carol)
@@ -347,15 +359,18 @@ def test_a_removed_member_cannot_pass_unsigned_envelopes_off_as_a_remaining_one(
     late = bob.seal(cid, TextMessage(sent_at=1, text="late, sealed before the removal"))
 
     removal = alice.remove_members(cid, [carol.pid])
+    deliveries = {p.topic: p.payload for p in removal[1:] if TOPICS.parse(p.topic).kind == "inbox"}
     web.roster(removal[0].payload)
-    bobs = bob.handle_roster(removal[0].payload)
+    assert web.grant(deliveries[TOPICS.inbox(web.pid)])["installed"]
+    bob.handle_roster(removal[0].payload)
+    (ends,) = bob.handle_grant(deliveries[TOPICS.inbox(bob.pid)]).publications
     carol.handle_roster(removal[0].payload)
-    forgery = forge_as(carol, cid, bob, 2, "from bob: pay carol")
+    forgery = forge_as(carol, cid, bob, 3, "from bob: pay carol")  # 0: his JOINED
 
     assert web.open(cid, late) == {"error": "chain_end_unknown"}
     assert web.open(cid, forgery) == {"error": "chain_end_unknown"}
-    bobs_grant = next(p.payload for p in bobs if p.topic == TOPICS.inbox(web.pid))
-    assert web.inbox(bobs_grant) == {"installed": True, "ends": 1}
+    assert ends.topic == TOPICS.msg(cid)
+    assert web.open(cid, ends.payload) == {"sender": bob.pid, "text": None, "kind": 3}
     assert web.open(cid, late)["text"].startswith("late")
     assert web.open(cid, forgery) == {"error": "chain_closed"}
     # Signed envelopes and the new epoch are not affected.
@@ -363,8 +378,8 @@ def test_a_removed_member_cannot_pass_unsigned_envelopes_off_as_a_remaining_one(
 
 
 def test_the_browser_states_where_its_chain_ended_and_python_refuses_past_it(page):
-    """The other way: the browser's grants of the new epoch carry its epoch-0 end, so a
-    removed member's unsigned "from the browser" past it is refused by Python."""
+    """The other way: the browser's signed ENDS control of the new epoch states its epoch-0
+    end, so a removed member's unsigned "from the browser" past it is refused by Python."""
     web = WebPeer(page)
     alice, carol = Engine(Identity.generate()), Engine(Identity.generate())
     introduce(web, alice, carol)
@@ -381,8 +396,11 @@ def test_the_browser_states_where_its_chain_ended_and_python_refuses_past_it(pag
     removal = web.call("remove", [cid, [carol.pid]])
     alice.handle_roster(bytes.fromhex(removal[0]["data"]))
     carol.handle_roster(bytes.fromhex(removal[0]["data"]))
-    [grant] = [p for p in removal if p["kind"] == "grant"]
-    assert alice.handle_grant(bytes.fromhex(grant["data"])).ends == 1
+    [delivery] = [p for p in removal if p["kind"] == "grant"]
+    assert alice.handle_grant(bytes.fromhex(delivery["data"])).installed
+    [ends] = [p for p in removal if p["kind"] == "msg"]
+    assert ends["cid"] == cid
+    alice.open(cid, bytes.fromhex(ends["data"]))
     assert text(alice.open(cid, late)) == "late"
     with pytest.raises(FieldchatError) as info:
         alice.open(cid, forge_as(carol, cid, web, 2, "from the browser: pay carol"))  # type: ignore[arg-type]
@@ -458,28 +476,38 @@ def test_an_honest_unsigned_sender_far_ahead_is_held_then_opened(page):
     assert web.call("counters")["unsigned_jump"] == 3
 
 
-def test_the_browser_refuses_an_x25519_only_grant_from_a_post_quantum_member(page):
-    """A downgrade: Alice (ML-KEM) seals a grant to the browser by X25519 only, as if it
-    had no ML-KEM key. Its roster marks Alice post-quantum, so the browser refuses it."""
+def x25519_only(bundle: bytes) -> Bundle:
+    """A bundle with its prekey's ML-KEM key stripped (what a downgrading sender seals to)."""
+    b = Bundle.from_bytes(bundle)
+    return b.model_copy(update={"prekey": b.prekey.model_copy(update={"mlkem768": None})})
+
+
+def test_the_browser_refuses_an_x25519_only_delivery_from_a_post_quantum_member(page):
+    """A downgrade: Alice (ML-KEM) seals a delivery and a grant to the browser by X25519
+    only, as if it had no ML-KEM key. Her roster marks her post-quantum, so the browser
+    refuses both before opening them."""
     web = WebPeer(page)
     alice = Engine(Identity.generate())
     introduce(web, alice)
     cid = found(alice, [], web)
     roster = alice.roster(cid)
+    downgraded = make_delivery(b"\x05" * 32, x25519_only(web.bundle), cid, 0)
+    assert downgraded.mode is GrantMode.X25519
+    assert web.inbox(downgraded.to_bytes()) == {"error": "grant"}
     payload = ChainGrant(
         epoch=0, roster=roster.digest(), sender=0, chain=7, step=0, key=b"\x07" * 32
     )
-    x_only = Bundle.from_bytes(web.bundle).model_copy(update={"mlkem768": None})
-    downgraded = make_grant(alice.identity, x_only, cid, payload)
-    assert downgraded.mode is GrantMode.X25519
-    assert web.inbox(downgraded.to_bytes()) == {"error": "grant"}
+    grant = make_grant(alice.identity, x25519_only(web.bundle), cid, payload)
+    assert grant.mode is GrantMode.X25519
+    assert web.inbox(grant.to_bytes()) == {"error": "grant"}
 
 
 def test_a_browser_without_mlkem_is_x25519_only_and_the_policy_decides(page_without_mlkem):
-    """The fallback: WebCrypto without ML-KEM. The browser's bundle has no ML-KEM key; the
+    """The fallback: WebCrypto without ML-KEM. The browser's prekey has no ML-KEM key; the
     default policy (require post-quantum) keeps it out of conversations, its own and
     Python's; a conversation whose admin turned the requirement off works X25519 only,
-    both ways, and the roster says so."""
+    both ways (deliveries from Python's admin and from the browser's), and the roster
+    says so."""
     web = WebPeer(page_without_mlkem)
     assert not web.post_quantum
     assert not Bundle.from_bytes(web.bundle).post_quantum
@@ -497,46 +525,58 @@ def test_a_browser_without_mlkem_is_x25519_only_and_the_policy_decides(page_with
     cid, pubs = device.create_conversation([web.pid], policy=Policy(require_pq=False))
     roster = Roster.from_bytes(pubs[0].payload)
     assert [m.pq for m in roster.members] == [True, False]
-    grant_to_web = next(p for p in pubs if p.topic == TOPICS.inbox(web.pid))
-    assert Grant.from_bytes(grant_to_web.payload).mode is GrantMode.X25519
-    web_grants = web.roster(roster.to_bytes())
-    assert [web.call("grantMode", g["data"]) for g in web_grants] == [GrantMode.X25519]
-    assert web.grant(grant_to_web.payload)["installed"]
-    assert device.handle_grant(bytes.fromhex(web_grants[0]["data"])).installed
+    to_web = next(p for p in pubs if p.topic == TOPICS.inbox(web.pid))
+    assert Delivery.from_bytes(to_web.payload).mode is GrantMode.X25519
+    assert web.roster(roster.to_bytes()) == []
+    keyed = web.grant(to_web.payload)
+    assert keyed["installed"]
+    for p in keyed["publications"]:  # its JOINED control
+        device.open(cid, bytes.fromhex(p["data"]))
     assert (
         web.open(cid, device.seal(cid, TextMessage(sent_at=1, text="x25519 only")))["text"]
         == "x25519 only"
     )
     assert text(device.open(cid, web.seal(cid, "back, x25519 only"))) == "back, x25519 only"
 
+    # The browser as the admin: its delivery to Python's ML-KEM prekey is X25519 only,
+    # which Python accepts because the roster marks the browser as not post-quantum.
+    made = web.call("createWith", [[device.pid], {"require_pq": False}])
+    roster0 = bytes.fromhex(made["publications"][0]["data"])
+    device.handle_roster(roster0)
+    (delivery,) = [bytes.fromhex(p["data"]) for p in made["publications"][1:]]
+    assert Delivery.from_bytes(delivery).mode is GrantMode.X25519
+    assert device.handle_grant(delivery).installed
+    assert text(device.open(made["cid"], web.seal(made["cid"], "from x25519"))) == "from x25519"
+
 
 def test_the_browser_keeps_an_epoch_that_requires_post_quantum_hybrid(page):
     """An admin's roster requires post-quantum members yet lists one without ML-KEM. The
-    browser enforces the policy too: it grants that member nothing (owed) and refuses
-    an X25519-only grant from it."""
+    browser enforces the policy too: it refuses an X25519-only grant from that member,
+    though the roster marks it as not post-quantum."""
     web = WebPeer(page)
     alice, old = Engine(Identity.generate()), Engine(Identity.generate(post_quantum=False))
     introduce(web, alice, old)
     cid = found(alice, [], web)
     roster0 = alice.roster(cid)
+    secret = b"\x0b" * 32
     roster1 = Roster.create(
         cid=cid,
         epoch=1,
         nonce=b"",
         prev=roster0.digest(),
-        members=(*roster0.members, Member(pid=old.pid, admin=False, pq=False)),
+        members=(*roster0.members, Member(key=old.identity.public, admin=False, pq=False)),
         policy=roster0.policy,
         issued_at=roster0.issued_at,
         signer_key=alice.identity.public,
+        commit=epoch_commit(secret, decode_id(cid), 1),
         sign=alice.identity.sign,
     )
     assert roster1.policy.require_pq
-    grants = web.roster(roster1.to_bytes())
-    assert [g["recipient"] for g in grants] == [alice.pid]  # none to the X25519-only member
-    assert web.call("counters").get("grant", 0) == 0
+    assert web.roster(roster1.to_bytes()) == []
+    bundle = Bundle.from_bytes(web.bundle)
+    assert web.grant(make_delivery(secret, bundle, cid, 1).to_bytes())["installed"]
     payload = ChainGrant(
-        epoch=1, roster=roster1.digest(), sender=2, chain=0, step=0, key=b"\x05" * 32
+        epoch=1, roster=roster1.digest(), sender=2, chain=1, step=0, key=b"\x05" * 32
     )
-    x_only = Bundle.from_bytes(web.bundle).model_copy(update={"mlkem768": None})
-    grant = make_grant(old.identity, x_only, cid, payload)
+    grant = make_grant(old.identity, x25519_only(web.bundle), cid, payload)
     assert web.inbox(grant.to_bytes()) == {"error": "grant"}

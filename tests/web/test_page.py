@@ -4,6 +4,7 @@ warning shown when a member's key changes."""
 from __future__ import annotations
 
 import base64
+import os
 import re
 from urllib.parse import urlsplit
 
@@ -13,6 +14,7 @@ import pytest
 from fieldchat.device.identity import Identity
 from fieldchat.gateway import claim_message
 from fieldchat.gateway._web import CONTENT_SECURITY_POLICY, WEB_ROOT
+from fieldchat.schemas import Bundle
 from tests.web._stack import ARTIFACTS
 from tests.web._ui import PASSWORD, PHONE, WebUser
 
@@ -60,17 +62,12 @@ def test_page_is_small_and_makes_no_third_party_request(stack, browser):
         user.close()
 
 
-def test_fingerprints_and_key_change_warning(stack, browser):
-    # kim: a participant whose X25519 key changes (same Ed25519 key, so the same pid;
-    # an ML-KEM key, as the default policy admits only post-quantum members)
-    seed, kem = bytes(range(32)), b"\x03" * 64
-    first = Identity(
-        ed25519_seed=seed, x25519_private=b"\x01" * 32, mlkem_seed=kem, created_at=1_000
-    )
-    second = Identity(
-        ed25519_seed=seed, x25519_private=b"\x02" * 32, mlkem_seed=kem, created_at=2_000
-    )
-    assert first.pid == second.pid
+def test_fingerprints_stay_through_a_prekey_rotation(stack, browser):
+    """The fingerprint is the identity key's (PROTOCOL.md §2.3): kim rotates her prekey
+    (a newer bundle of the same pid, §2.5) and the page shows the same fingerprint, no
+    warning, and keeps it verified."""
+    kim_identity = Identity.from_seed(bytes(range(32)), created_at=1_000)
+    first = kim_identity.bundle
     with httpx.Client(base_url=stack.base, timeout=20) as kim:
         assert (
             kim.post("/v1/accounts", json={"username": "kim", "password": PASSWORD}).status_code
@@ -81,17 +78,17 @@ def test_fingerprints_and_key_change_warning(stack, browser):
             == 200
         )
 
-        def register(identity: Identity) -> None:
+        def register(bundle: Bundle) -> None:
             challenge = kim.post("/v1/me/participants/challenge", json={}).json()
             signed = claim_message(
-                stack.base, challenge["account"], identity.pid, challenge["challenge"]
+                stack.base, challenge["account"], kim_identity.pid, challenge["challenge"]
             )
             r = kim.post(
                 "/v1/me/participants",
                 json={
-                    "bundle": base64.b64encode(identity.bundle.to_bytes()).decode(),
+                    "bundle": base64.b64encode(bundle.to_bytes()).decode(),
                     "challenge": challenge["challenge"],
-                    "signature": base64.b64encode(identity.sign(signed)).decode(),
+                    "signature": base64.b64encode(kim_identity.sign(signed)).decode(),
                 },
             )
             assert r.status_code == 201, r.text
@@ -99,27 +96,21 @@ def test_fingerprints_and_key_change_warning(stack, browser):
         register(first)
         alice = WebUser(browser, stack.base, "alice", viewport=PHONE).register()
         try:
-            cid = alice.create([first.pid])
+            cid = alice.create([kim_identity.pid])
             alice.page.click("#members-toggle")
-            shown = alice.page.text_content(f'[data-fingerprint="{first.pid}"]')
-            assert shown == first.bundle.fingerprint()
-            assert alice.page.is_hidden("#key-warning")
-            register(second)
+            row = f'#member-list li[data-pid="{kim_identity.pid}"]'
+            shown = alice.page.text_content(f'[data-fingerprint="{kim_identity.pid}"]')
+            assert shown == first.fingerprint()
+            alice.page.click(f"{row} button:has-text('Mark verified')")
+            alice.page.wait_for_selector(f"{row} .badge.pq:has-text('verified')")
+            kim_identity.rotate(2_000, os.urandom)
+            register(kim_identity.bundle)
             alice.reload()
             alice.open(cid)
-            alice.page.wait_for_selector("#key-warning:not([hidden])")
-            warning = str(alice.page.text_content("#key-warning"))
-            assert first.pid[:8] in warning and "changed" in warning
             alice.page.click("#members-toggle")
-            row = f'#member-list li[data-pid="{first.pid}"]'
-            assert alice.page.text_content(f'[data-fingerprint="{first.pid}"]') == (
-                second.bundle.fingerprint()
-            )
-            assert "key changed" in str(alice.page.text_content(row))
-            ARTIFACTS.mkdir(exist_ok=True)
-            alice.page.screenshot(path=str(ARTIFACTS / "web-key-change-phone.png"))
-            alice.page.click(f"{row} button:has-text('Mark verified')")
-            alice.page.wait_for_selector("#key-warning", state="hidden")
+            assert alice.page.text_content(f'[data-fingerprint="{kim_identity.pid}"]') == shown
             assert "verified" in str(alice.page.text_content(row))
+            ARTIFACTS.mkdir(exist_ok=True)
+            alice.page.screenshot(path=str(ARTIFACTS / "web-fingerprint-phone.png"))
         finally:
             alice.close()

@@ -12,9 +12,11 @@ from __future__ import annotations
 import base64
 import os
 
+import httpx
 import pytest
 
-from fieldchat.schemas import Grant, Policy
+from fieldchat.schemas import Bundle, Grant, Policy
+from fieldchat.schemas.delivery import Delivery, is_delivery
 from fieldchat.schemas.envelope import EnvelopeKind, header_bytes, read_header
 from tests.device.test_chain_ends import forge_as
 from tests.web._stack import Stack, wait_until
@@ -73,13 +75,17 @@ def test_an_unchained_roster_from_a_hostile_gateway_gets_nothing_granted(stack: 
     """Issue 13: Mallory, a member who is no admin, signs an epoch 1 of Alice's
     conversation listing the browser and an outsider; a gateway serves it as the
     conversation's rosters (as one that took a later epoch "as a base" did) and pushes
-    it. The page must not join, and must grant its chain to nobody."""
+    it. The page must not join, and must send nothing for it (no delivery, no grant)."""
     web = WebUser(browser, stack.base, "web", relay=True).register()
     alice, mallory, outsider = (stack.device(n) for n in ("alice", "mallory", "outsider"))
     cid = alice.create_conversation([mallory.pid], timeout=20)
     wait_until(lambda: cid in [c.cid for c in mallory.conversations()], "mallory to join")
     roster0 = mallory.engine.roster(cid)
-    forged = forged_epoch_1(roster0, mallory.engine.identity, web.pid, outsider.pid)
+    web_bundle = httpx.get(f"{stack.base}/v1/participants/{web.pid}/bundle", timeout=10).json()
+    web_key = Bundle.from_bytes(base64.b64decode(web_bundle["bundle"])).ed25519
+    forged = forged_epoch_1(
+        roster0, mallory.engine.identity, web_key, outsider.engine.identity.public
+    )
     served = []
 
     def serve_forged(route) -> None:
@@ -103,12 +109,13 @@ def test_an_unchained_roster_from_a_hostile_gateway_gets_nothing_granted(stack: 
     outsider.send(other, "after the forged roster")
     shown(web, "after the forged roster")
     assert served  # the page asked for the chain, and got the unchained roster again
-    grants = [
-        Grant.from_bytes(base64.b64decode(f["data"]))
+    keys = [
+        base64.b64decode(f["data"])
         for f in web.sent
         if f.get("op") == "publish" and f.get("kind") == "grant"
     ]
-    assert [g for g in grants if g.cid == cid] == []
+    cids = [Delivery.from_bytes(k).cid if is_delivery(k) else Grant.from_bytes(k).cid for k in keys]
+    assert cid not in cids
     assert web.page.query_selector(f'#conversations li[data-cid="{cid}"]') is None
     web.close()
 
@@ -116,7 +123,8 @@ def test_an_unchained_roster_from_a_hostile_gateway_gets_nothing_granted(stack: 
 def test_a_removed_members_unsigned_old_epoch_forgery_is_not_shown(stack: Stack, browser):
     """Issue 13, item 4: Carol, removed, seals "from the pi" in epoch 0 with the pi's
     chain key she kept, past the step where the pi's chain ended, and a hostile relay
-    delivers it. The page refuses it once the pi's epoch-1 grant states the end."""
+    delivers it. The page refuses it once the pi's signed ENDS control of epoch 1 states
+    the end."""
     web = WebUser(browser, stack.base, "web", relay=True).register()
     pi, carol = stack.device("pi"), stack.device("carol")
     cid = pi.create_conversation([carol.pid, web.pid], policy=Policy(sign_every=0), timeout=20)

@@ -9,6 +9,7 @@ import { openStore } from "./store.js";
 import { MSG, readHeader } from "./wire.js";
 
 const PAGE = 100; // envelopes per history page
+const KEY_WAIT_TRIES = 100; // 10 s for an epoch's secret before a send gives up
 const MAX_HELD = 2000; // envelopes waiting for their grant, roster or reach, per conversation
 // Refusals worth holding an envelope for (PROTOCOL.md §6.4): its key, roster or chain end
 // may come; `unsigned_jump` ones wait until the chain's reach passes them.
@@ -40,7 +41,6 @@ const S = {
   rosterFetched: new Map(), // cid -> when its rosters were last fetched (ms)
   rosterTimers: new Map(), // cid -> a fetch scheduled for when the last one is old enough
   receipts: new Map(), // `${cid}|${type}` -> Set of "epoch/sender/chain/step"
-  keyChanged: new Map(), // pid -> previous fingerprint
   caughtUp: false,
   queue: Promise.resolve(),
   flushing: false,
@@ -78,6 +78,7 @@ async function openSession(account) {
   S.account = account;
   S.store = await openStore(account.username);
   S.engine = await Engine.open(S.store);
+  await publishAll(await S.engine.maintainPrekeys());
   if (!account.pids.includes(S.engine.pid)) {
     // A new browser for this account (register the participant it just made), or one
     // whose claim predates proofs (account.unverified): prove we hold its key.
@@ -85,7 +86,6 @@ async function openSession(account) {
   }
   S.cursor = (await S.store.get("ui/cursor")) ?? null;
   S.grantCursor = (await S.store.get("ui/grantCursor")) ?? 0;
-  for (const [key, prev] of await S.store.entries("ui/keychanged/")) S.keyChanged.set(key.slice(14), prev);
   for (const [, c] of await S.store.entries("ui/conv/")) Object.assign(conv(c.cid), c);
   for (const [key, list] of (await S.store.get("ui/receipts")) ?? []) S.receipts.set(key, new Set(list));
   for (const [key, list] of await S.store.entries("ui/held/")) S.held.set(key.slice(8), list);
@@ -247,7 +247,10 @@ async function onInbox(cid, data) {
     return;
   }
   if (result.roster) await afterRosters(cid, result.publications, true);
-  else if (result.installed || result.ends) await retryHeld(result.cid);
+  else {
+    if (result.publications?.length) await publishAll(result.publications);
+    if (result.installed || result.ends) await retryHeld(result.cid);
+  }
 }
 
 async function fetchBundles(cid) {
@@ -265,12 +268,7 @@ async function learnBundle(pid) {
   } catch {
     return false;
   }
-  const update = await S.engine.learnBundle(fromB64(found.bundle));
-  if (update.status === "key_changed") {
-    S.keyChanged.set(pid, update.previousFingerprint);
-    await S.store.put(`ui/keychanged/${pid}`, update.previousFingerprint);
-    view.renderHeader();
-  }
+  await S.engine.learnBundle(fromB64(found.bundle)); // a pid's key never changes (§2.3)
   return true;
 }
 
@@ -508,6 +506,10 @@ async function loadHistory(cid) {
 // -- sending ---------------------------------------------------------------------------------
 
 async function send(cid, text) {
+  // An epoch whose secret is on its way (PROTOCOL.md §6.6): wait, one inbox hop.
+  for (let i = 0; i < KEY_WAIT_TRIES && S.engine.isMember(cid) && !S.engine.keyed(cid); i++) {
+    await new Promise((resolve) => setTimeout(resolve, 100));
+  }
   const sealed = await S.engine.seal(cid, { kind: MSG.text, sentAt: Math.floor(Date.now() / 1000), text });
   const [, epoch, sender, chain, step] = sealed.key;
   const id = sealed.key.join("/");
@@ -525,7 +527,9 @@ async function send(cid, text) {
 // there; a device without one holds the new roster until they come (docs/web.md).
 async function publishAll(publications) {
   const out = publications.filter((p) => p.kind !== "inbox");
-  for (const p of out) await S.store.queue({ kind: p.kind, data: p.data, attempts: 0 });
+  for (const p of out) {
+    await S.store.queue({ kind: p.kind, data: p.data, cid: p.cid, recipient: p.recipient, attempts: 0 });
+  }
   if (out.length) flushOutbox();
 }
 
@@ -541,7 +545,10 @@ async function flushOutbox() {
       if (!items.length) break;
       const item = items[0];
       try {
-        await S.bridge.publish(item.kind, item.data, item.cid ? { cid: item.cid } : {});
+        const extra = {};
+        if (item.cid) extra.cid = item.cid;
+        if (item.recipient) extra.recipient = item.recipient;
+        await S.bridge.publish(item.kind, item.data, extra);
         await S.store.unqueue(item.n);
         if (item.id) await markSent(item.cid, item.id);
       } catch (err) {
@@ -617,11 +624,9 @@ async function afterRotation(cid) {
 
 // -- what the user did -------------------------------------------------------------------------
 
-// The user compared the fingerprint: the key change warning goes.
+// The user compared the fingerprint.
 async function markVerified(pid) {
   await S.engine.markVerified(pid);
-  S.keyChanged.delete(pid);
-  await S.store.delete(`ui/keychanged/${pid}`);
 }
 
 // The conversation is on screen: its messages are read (receipts sent with the next flush).

@@ -1,7 +1,7 @@
-// The bundles an engine knows, by pid (as learn_bundle in device/engine.py): trust on first
-// use, a newer bundle with other keys accepted and reported loudly (`key_changed`, which
-// also drops the mark), and the members whose fingerprint the user compared (`verified`).
-// Stored as `bundle/{pid}` and `verified/{pid}`.
+// The bundles an engine knows, by pid (as learn_bundle in device/engine.py): the identity
+// key is the pid's, so a newer bundle is a rotated prekey (`updated`, §2.5) and one with an
+// older prekey is ignored (no rollback); and the members whose fingerprint the user
+// compared (`verified`). Stored as `bundle/{pid}` and `verified/{pid}`.
 
 import { equal, protocolError } from "./bytes.js";
 import { decodeBundle, fingerprint } from "./wire.js";
@@ -21,7 +21,7 @@ export class Bundles extends Map {
     for (const [key] of await this.store.entries("verified/")) this.verified.add(key.slice(9));
   }
 
-  // Trust on first use; a newer bundle with other keys is accepted and reported loudly.
+  // A pid's first bundle, then each newer prekey; an older prekey is ignored.
   async learn(data) {
     const bundle = await decodeBundle(data);
     const known = this.get(bundle.pid);
@@ -29,12 +29,8 @@ export class Bundles extends Map {
     let status;
     if (!known) status = "new";
     else if (equal(known.bytes, bundle.bytes)) return { pid: bundle.pid, status: "same", fingerprint: fp };
-    else if (bundle.createdAt <= known.createdAt) {
+    else if (bundle.prekey.id <= known.prekey.id) {
       return { pid: bundle.pid, status: "older", fingerprint: await fingerprint(known) };
-    } else if (!equal(known.x25519, bundle.x25519) || !equal(known.mlkem768 ?? new Uint8Array(0), bundle.mlkem768 ?? new Uint8Array(0))) {
-      status = "key_changed";
-      this.verified.delete(bundle.pid);
-      await this.store.delete(`verified/${bundle.pid}`);
     } else status = "updated";
     this.set(bundle.pid, bundle);
     await this.store.put(`bundle/${bundle.pid}`, data);
@@ -48,19 +44,19 @@ export class Bundles extends Map {
     await this.store.put(`verified/${pid}`, true);
   }
 
-  // The roster entries of `pids` (§5.1), from their bundles; `self` ({pid, postQuantum}:
-  // this browser) needs none. A policy that requires post-quantum members admits none
-  // without an ML-KEM key, this browser included.
+  // The roster entries of `pids` (§5.1): each member's identity key, from its bundle;
+  // `self` ({pid, key, postQuantum}: this browser) needs none. A policy that requires
+  // post-quantum members admits none without an ML-KEM key, this browser included.
   members(self, pids, admins, policy) {
     return [...new Set(pids)].map((pid) => {
-      const bundle = pid === self.pid ? { postQuantum: !!self.postQuantum } : this.get(pid);
+      const bundle = pid === self.pid ? { postQuantum: !!self.postQuantum, ed25519: self.key } : this.get(pid);
       if (!bundle) throw protocolError("unknown_participant", `no bundle known for ${pid}: fetch it first`);
       if (policy.requirePq && !bundle.postQuantum) {
         throw protocolError("not_member", pid === self.pid
           ? "this browser has no ML-KEM-768 key and the policy requires post-quantum members"
           : `${pid} has no ML-KEM key and the policy requires one`);
       }
-      return { pid, admin: admins.has(pid), pq: bundle.postQuantum };
+      return { key: bundle.ed25519, pid, admin: admins.has(pid), pq: bundle.postQuantum };
     });
   }
 }

@@ -112,10 +112,10 @@ export class Conversation {
     return out;
   }
 
-  // Enter the epoch of an adopted roster: drop what removed members could use, record
-  // where our sending chain ended and, while the roster lists `pid` (us), start a new
-  // chain from `key0` whose grant we owe every other member.
-  enter(roster, pid, key0) {
+  // Enter the epoch of an adopted roster: drop what removed members could use and record
+  // where our sending chain ended. The new chains come from the epoch's secret (§6.1):
+  // until it is here (we drew it, or its delivery arrived) nothing is sealed.
+  enter(roster, pid) {
     this.epoch = roster.epoch;
     const current = new Set(roster.pids);
     for (const [key, chain] of this.recv) {
@@ -129,20 +129,20 @@ export class Conversation {
       // was removed (§6.4): every step we sealed is below it (each is persisted first).
       this.sentEnds = [...this.sentEnds, [this.send.epoch, this.send.chain, this.send.step]].slice(-KEEP_EPOCHS);
     }
-    if (!current.has(pid)) {
-      this.removed = true;
-      this.send = null;
-      this.grantBase = null;
-      this.owed = new Set();
-    } else {
-      this.removed = false;
-      this.send = { epoch: roster.epoch, chain: 0, step: 0, key: key0 };
-      this.grantBase = { step: 0, key: key0 };
-      this.owed = new Set([...current].filter((p) => p !== pid));
-    }
+    this.removed = !current.has(pid);
+    this.send = null;
+    this.grantBase = null;
+    this.owed = new Set();
   }
 
-  // Record where the granter's earlier chains ended, for chains we hold (§5.3); a lower
+  // Whether the epoch `roster` is keyed here: every other member's chain 0 held and, for
+  // the current epoch, our sending chain.
+  keyed(roster, pid) {
+    const others = roster.pids.every((p, i) => p === pid || this.recv.has(`${roster.epoch}/${i}/0`));
+    return others && (roster.epoch !== this.epoch || this.send !== null);
+  }
+
+  // Record where a sender's earlier chains ended, for chains we hold (§6.5); a lower
   // end stated again wins: a sender's end only ever refuses more. How many changed.
   learnEnds(granter, ends) {
     let learned = 0;

@@ -200,20 +200,23 @@ export async function hybridOpen(keys, { ephemeral, kemCiphertext = null, sealed
   return aeadOpen(key, nonce, sealed, th);
 }
 
-// Key pairs made in this browser: the private halves are not extractable. ML-KEM-768 where
-// the browser has it (kPrivate, kPublic), else null: the bundle then says X25519 only.
-export async function generateIdentityKeys() {
+// Key pairs made in this browser: the private halves are not extractable.
+export async function generateEdKeys() {
   const ed = await subtle.generateKey(ED, false, ["sign", "verify"]);
-  const x = await subtle.generateKey(X, false, ["deriveBits"]);
-  const kem = await mlkemSupported() ? await generateMlkem() : { kPrivate: null, kPublic: null };
-  return { edPrivate: ed.privateKey, edPublic: await rawPublic(ed.publicKey),
-           xPrivate: x.privateKey, xPublic: await rawPublic(x.publicKey), ...kem };
+  return { privateKey: ed.privateKey, publicRaw: await rawPublic(ed.publicKey) };
 }
 
-export async function generateEphemeral() {
+// A prekey's ML-KEM-768 pair where this browser has it ({kPrivate, kPublic}), else nulls.
+export async function generateKemKeys() {
+  return await mlkemSupported() ? generateMlkem() : { kPrivate: null, kPublic: null };
+}
+
+export async function generateXKeys() {
   const x = await subtle.generateKey(X, false, ["deriveBits"]);
   return { privateKey: x.privateKey, publicRaw: await rawPublic(x.publicKey) };
 }
+
+export const generateEphemeral = generateXKeys;
 
 // Private keys from raw bytes, for the protocol vectors and for deterministic tests
 // (PROTOCOL.md §2.1 derives them from a seed). PKCS#8 wraps a 32-byte private key

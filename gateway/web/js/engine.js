@@ -1,10 +1,11 @@
 // The end-to-end engine of a browser participant (device/engine.py in Python; PROTOCOL.md
-// §5-§7): conversations, rosters, grants, sending and receiving chains. Pure: no network;
-// state goes to an injected store (IndexedDB in the page, memory in the vector checks).
-// Where WebCrypto has ML-KEM-768 the identity has a key (`postQuantum`): it gets and makes
-// hybrid grants and refuses X25519-only ones from post-quantum members (a downgrade).
-// Where it has none the bundle says so, its grants are X25519 only, rosters mark it, and
-// a conversation that requires post-quantum members (the default policy) cannot list it.
+// §5-§7): conversations, rosters, epoch secrets, sending and receiving chains. Pure: no
+// network; state goes to an injected store (IndexedDB in the page, memory in the vector
+// checks). Where WebCrypto has ML-KEM-768 the prekeys have a key (`postQuantum`): the
+// browser gets and makes hybrid deliveries and refuses X25519-only ones from post-quantum
+// members (a downgrade). Where it has none the bundle says so, what it seals is X25519
+// only, rosters mark it, and a conversation that requires post-quantum members (the
+// default policy) cannot list it.
 //
 // Trust in rosters (§5.2): a roster is adopted only through a verified chain, from epoch 0
 // when joining and from the newest adopted roster (the tip) when catching up; one that
@@ -15,29 +16,29 @@
 //
 // The engine decides; what it decides about lives beside it: conversation.js (a
 // conversation's state, adopting held rosters, closed epochs), bundles.js (trust on first
-// use), identity.js and grants.js (keys, signed rosters, grants sealed and opened).
+// use), identity.js (keys, signed rosters) and grants.js (deliveries and grants sealed and
+// opened, updates; loaded when first needed).
 
-import { CryptoError, FieldchatError, concat, equal, protocolError } from "./bytes.js";
+import { CryptoError, FieldchatError, concat, decodeId, equal, protocolError } from "./bytes.js";
 import { Bundles } from "./bundles.js";
 import {
-  MARK_EVERY, MAX_FORWARD_JUMP, MAX_SKIPPED_KEYS, MAX_UNSIGNED_JUMP, RecvChain,
+  MARK_EVERY, MAX_FORWARD_JUMP, MAX_SKIPPED_KEYS, MAX_UNSIGNED_JUMP,
 } from "./chains.js";
 import { KEEP_EPOCHS, MAX_ROSTER_CANDIDATES, Conversation, loadConversations } from "./conversation.js";
 import {
   aeadSeal, chainStep, ed25519Sign, ed25519Verify, hybridOpen, hybridSeal, mlkemSupported, randomBytes, stepNonce,
 } from "./crypto.js";
-import { acceptGrant, makeGrant, payGrants } from "./grants.js";
-import { generateIdentity, identityFromSeed, signRoster } from "./identity.js";
+import { currentPrekey, generateIdentity, identityFromSeed, maintainPrekeys, signRoster } from "./identity.js";
 import { MemoryStore } from "./store.js";
 import {
-  FLAG, GRANT_MODE, MSG, cidFor, decodeBundle, decodeGrant, decodePlaintext, decodeRoster, encodePlaintext,
-  envelopeHeader, fingerprint, isAdmin, isRoster, readHeader, verifyRosterChain,
+  CONTROL, FLAG, MSG, cidFor, decodeBundle, decodePlaintext, decodeRoster, encodePlaintext, envelopeHeader,
+  fingerprint, isAdmin, isDelivery, isRoster, readHeader, verifyRosterChain,
 } from "./wire.js";
 
 // This module is the browser participant's whole API (tests/web/pages import it).
 export {
   CryptoError, KEEP_EPOCHS, MARK_EVERY, MAX_FORWARD_JUMP, MAX_ROSTER_CANDIDATES, MAX_SKIPPED_KEYS, MAX_UNSIGNED_JUMP,
-  MemoryStore, acceptGrant, generateIdentity, hybridOpen, hybridSeal, identityFromSeed, makeGrant, mlkemSupported,
+  MemoryStore, generateIdentity, hybridOpen, hybridSeal, identityFromSeed, mlkemSupported,
 };
 export const MAX_PENDING_GRANTS = 256; // grants held per conversation until its epoch is entered
 // Conversations known only from held rosters or grants, or rosters not listing us; past
@@ -48,6 +49,8 @@ const FLUSH_MS = 200; // receiving-chain state is written in batches (§6.4)
 
 const rejected = (reason, why) => protocolError(reason, why);
 const coverageModule = () => import("./coverage.js");
+// Keying (deliveries, grants, updates: grants.js), loaded once a conversation needs it.
+const keying = () => import("./grants.js");
 
 // The engine -----------------------------------------------------------------------------------
 
@@ -66,6 +69,7 @@ export class Engine {
     this.coverage = new Map();
     this.covering = new Map();
     this.settled = [];
+    this._updates = new Map(); // cid -> Map(sender pid -> [prekey id, digest] | null) (§6.7)
   }
 
   // Verdicts since the last call: {cid, sender, epoch, senderIndex, chain, steps, verdict, pinpointed}.
@@ -102,9 +106,15 @@ export class Engine {
   get bundle() { return this.identity.bundle; }
 
   // Whether this identity has an ML-KEM-768 key (hybrid grants) or is X25519 only.
-  get postQuantum() { return !!this.identity.kPublic; }
+  get postQuantum() { return !!currentPrekey(this.identity).kPublic; }
 
-  get _self() { return { pid: this.pid, postQuantum: this.postQuantum }; }
+  get _self() { return { pid: this.pid, key: this.identity.edPublic, postQuantum: this.postQuantum }; }
+
+  // An X25519-only seal is right only from a sender the roster marks as not post-quantum,
+  // and never in an epoch that requires post-quantum members (§5.2, §5.3).
+  _x25519Ok(roster, sender) {
+    return !!roster && !roster.policy.requirePq && !(roster.members.find((m) => m.pid === sender)?.pq ?? true);
+  }
 
   // -- bundles ------------------------------------------------------------------------------
 
@@ -155,16 +165,17 @@ export class Engine {
       const pol = policy ?? { signEvery: 1, compress: false, pad: false, requirePq: true };
       const nonce = randomBytes(16);
       const cid = await cidFor(this.pid, nonce);
+      const secret = randomBytes(32);
       const roster = await signRoster(this.identity, {
         cid, epoch: 0, nonce, prev: new Uint8Array(0), policy: pol,
         members: this.bundles.members(this._self, [this.pid, ...members], new Set([this.pid]), pol),
-        issuedAt: Math.floor(Date.now() / 1000),
+        issuedAt: Math.floor(Date.now() / 1000), commit: await (await keying()).epochCommit(secret, decodeId(cid), 0),
       });
       await verifyRosterChain(roster, null);
       const conv = new Conversation(cid, 0);
       this.convs.set(cid, conv);
       await conv.adopt(this.store, roster);
-      return { cid, publications: [{ kind: "roster", data: roster.bytes }, ...await this._enterEpoch(conv, roster)] };
+      return { cid, publications: [{ kind: "roster", data: roster.bytes }, ...await this._enterEpoch(conv, roster, secret)] };
     });
   }
 
@@ -178,7 +189,7 @@ export class Engine {
     });
   }
 
-  // A new epoch without `pids`: every remaining member re-keys (§6.1).
+  // A new epoch without `pids`: keyed by a new secret delivered to those who remain (§6.1).
   removeMembers(cid, pids) {
     return this._locked(async () => {
       const conv = this._conv(cid);
@@ -190,33 +201,42 @@ export class Engine {
     });
   }
 
+  async _renew(conv) { // the same members and policy, a new secret (§6.7)
+    const current = conv.rosters.get(conv.epoch);
+    const admins = new Set(current.members.filter((m) => m.admin).map((m) => m.pid));
+    return this._rotate(conv, [...current.pids], admins, current.policy);
+  }
+
   // The new roster, then the earlier rosters for each new member's inbox (kind "inbox",
   // one roster each: it must verify the chain from epoch 0 before it trusts the new one,
-  // §5.2), then our grants of the new epoch.
+  // §5.2), then the deliveries of the new epoch's secret (we drew it).
   async _rotate(conv, pids, admins, policy) {
     const current = conv.rosters.get(conv.epoch);
     if (conv.removed || !isAdmin(current, this.pid)) {
       throw rejected("not_member", `only an admin of ${conv.cid} can change its roster`);
     }
     if (![...admins].some((a) => pids.includes(a))) admins = new Set([pids.includes(this.pid) ? this.pid : pids[0]]);
+    const secret = randomBytes(32);
     const roster = await signRoster(this.identity, {
       cid: conv.cid, epoch: current.epoch + 1, nonce: new Uint8Array(0), prev: current.digest,
-      members: this.bundles.members(this._self, pids, admins, policy), policy, issuedAt: Math.floor(Date.now() / 1000),
+      members: this.bundles.members(this._self, pids, admins, policy), policy,
+      issuedAt: Math.floor(Date.now() / 1000), commit: await (await keying()).epochCommit(secret, conv.cidRaw, current.epoch + 1),
     });
     await verifyRosterChain(roster, current);
     const earlier = [...conv.rosters.keys()].sort((a, b) => a - b).map((e) => conv.rosters.get(e).bytes);
     const history = roster.pids.filter((p) => !current.pids.includes(p))
       .flatMap((recipient) => earlier.map((data) => ({ kind: "inbox", recipient, data })));
     await conv.adopt(this.store, roster);
-    return [{ kind: "roster", data: roster.bytes }, ...history, ...await this._enterEpoch(conv, roster)];
+    return [{ kind: "roster", data: roster.bytes }, ...history, ...await this._enterEpoch(conv, roster, secret)];
   }
 
   // What arrived in our inbox: a roster an inviting admin sent (handleRoster's
-  // publications) or a grant (handleGrant's result). Kind byte 0x12 is a roster (§5.2).
+  // publications), an epoch secret's delivery or a grant (handleGrant's result). Kind
+  // byte 0x12 is a roster (§5.2), 0x13 a delivery (§5.3), 0x10 a grant (§5.4).
   handleInbox(data) {
     return this._locked(async () => (isRoster(data)
       ? { roster: true, publications: await this._handleRoster(data) }
-      : this._handleGrant(data)));
+      : this._handleKey(data)));
   }
 
   // Take a roster (from the roster topic, the inbox or the gateway); return our grants
@@ -279,16 +299,21 @@ export class Engine {
     return this._enterEpoch(conv, tip);
   }
 
-  // Enter the epoch of an adopted roster: drop what removed members could use, record
-  // where our sending chain ended, start a new chain and grant it.
-  async _enterEpoch(conv, roster) {
-    conv.enter(roster, this.pid, randomBytes(32));
-    const publications = conv.removed ? [] : await payGrants(this.identity, this.bundles, conv);
+  // Enter an adopted epoch (§6.6). `secret`: we drew it: key the epoch, deliver it.
+  async _enterEpoch(conv, roster, secret = null) {
+    conv.enter(roster, this.pid);
+    const publications = [];
+    if (secret && !conv.removed) {
+      conv.grantBase = { epoch: roster.epoch, secret };
+      conv.owed = new Set(roster.pids.filter((p) => p !== this.pid));
+      publications.push(...await this._keyEpoch(conv, roster, secret));
+      publications.push(...await (await keying()).payDeliveries(this.identity, this.bundles, conv));
+    }
     await this._save(conv);
     const pending = conv.pending;
     conv.pending = [];
     for (const data of pending) {
-      try { await this._handleGrant(data); } catch (err) {
+      try { publications.push(...(await this._handleKey(data)).publications ?? []); } catch (err) {
         if (!(err instanceof FieldchatError)) throw err;
         this.count(err.reason);
       }
@@ -297,14 +322,16 @@ export class Engine {
     return publications;
   }
 
-  // Grants owed to members whose bundles have arrived since.
+  async _keyEpoch(conv, roster, secret) { return (await keying()).keyEpoch(this, conv, roster, secret); }
+
+  // Deliveries owed to members whose bundles have arrived since.
   payOwedGrants(cid = null) {
     return this._locked(async () => {
       const out = [];
       for (const conv of cid ? [this._conv(cid)] : [...this.convs.values()]) {
         if (conv.owed.size && conv.epoch >= 0) {
           const before = conv.owed.size;
-          out.push(...await payGrants(this.identity, this.bundles, conv));
+          out.push(...await (await keying()).payDeliveries(this.identity, this.bundles, conv));
           if (conv.owed.size !== before) await this._save(conv);
         }
       }
@@ -312,55 +339,40 @@ export class Engine {
     });
   }
 
-  // -- grants ----------------------------------------------------------------------------------
+  // -- prekeys and updates (§2.5, §6.7) -------------------------------------------------------
 
-  // `ends`: how many ends of the granter's earlier chains it taught us (envelopes held for
-  // them, reason `chain_end_unknown`, can be retried).
-  handleGrant(data) { return this._locked(() => this._handleGrant(data)); }
+  // Rotate a due prekey, delete old ones past grace (§2.5); the bundle if it rotated.
+  maintainPrekeys(options = {}) {
+    return this._locked(async () => {
+      const { rotated, pruned } = await maintainPrekeys(this.identity, options);
+      if (rotated || pruned) await this.store.put("identity", this.identity);
+      return rotated ? [{ kind: "bundle", data: this.identity.bundle }] : [];
+    });
+  }
 
-  async _handleGrant(data) {
-    const grant = await decodeGrant(data);
-    // We publish an ML-KEM key: an X25519-only grant is right only from a member without
-    // one (a browser lacking ML-KEM); from a post-quantum member it is a downgrade.
-    // Checked before opening against our newest roster, after it against the grant's own.
-    const downgrade = (roster) => this.postQuantum && grant.mode !== GRANT_MODE.hybrid &&
-      !!roster?.members.find((m) => m.pid === grant.granter)?.pq;
-    const known = this.convs.get(grant.cid);
-    if (known && known.epoch >= 0 && downgrade(known.rosters.get(known.epoch))) {
-      throw rejected("grant", "X25519-only grant to a post-quantum member (downgrade)");
-    }
-    const payload = await acceptGrant(this.identity, grant);
-    let conv = this.convs.get(grant.cid);
-    if (!conv || conv.epoch < 0 || payload.epoch > conv.epoch) {
-      // Not entered yet: held until its roster is adopted through a verified chain.
-      conv ??= await this._joining(grant.cid);
-      if (conv.pending.length >= MAX_PENDING_GRANTS) throw rejected("grant", "too many grants waiting for their roster");
-      conv.pending.push(data);
-      await this._save(conv);
-      return { cid: grant.cid, installed: false, needsRoster: true, ends: 0 };
-    }
-    const roster = conv.kept(payload.epoch);
-    if (!roster) throw rejected("grant", `grant for epoch ${payload.epoch}, which is no longer kept`);
-    if (!equal(roster.digest, payload.roster)) throw rejected("grant", "grant for another roster of this epoch");
-    const member = roster.members[payload.sender];
-    if (!member) throw rejected("grant", "grant for a sender index outside the roster");
-    if (member.pid !== grant.granter || member.pid === this.pid) throw rejected("grant", "grant signed by someone other than the chain's member");
-    if (!roster.pids.includes(this.pid)) throw rejected("grant", "grant for an epoch we are not a member of");
-    if (downgrade(roster)) throw rejected("grant", "X25519-only grant to a post-quantum member (downgrade)");
-    if (grant.mode !== GRANT_MODE.hybrid && roster.policy.requirePq) {
-      throw rejected("grant", "X25519-only grant in an epoch that requires post-quantum");
-    }
-    const key = `${payload.epoch}/${payload.sender}/${payload.chain}`;
-    let installed = false;
-    if (conv.recv.has(key)) this.count("duplicate");
-    else {
-      conv.recv.set(key, new RecvChain({ epoch: payload.epoch, sender: payload.sender, chain: payload.chain,
-                                         step: payload.step, key: payload.key, signer: grant.granterKey }));
-      installed = true;
-    }
-    const ends = conv.learnEnds(member.pid, payload.ends);
-    if (installed || ends) await this._save(conv);
-    return { cid: grant.cid, installed, needsRoster: false, ends };
+  // A new prekey (the old ones deleted) and a new epoch everywhere: ours as an admin,
+  // asked for with UPDATE elsewhere (§6.7).
+  update() { return this._locked(async () => (await keying()).update(this)); }
+
+  // As an admin: a new epoch for each UPDATE (once we hold the prekey it names) or REKEY.
+  answerUpdates() { return this._locked(async () => (await keying()).answerUpdates(this)); }
+
+  // -- deliveries and grants -------------------------------------------------------------------
+
+  // A delivery (§5.3) or a grant (§5.4).
+  handleGrant(data) { return this._locked(() => this._handleKey(data)); }
+
+  async _handleKey(data) {
+    const k = await keying();
+    return isDelivery(data) ? k.handleDelivery(this, data) : k.handleGrant(this, data);
+  }
+
+  async _hold(cid, data, conv) { // until its roster is adopted
+    conv ??= await this._joining(cid);
+    if (conv.pending.length >= MAX_PENDING_GRANTS) throw rejected("grant", "too many deliveries and grants waiting for their roster");
+    conv.pending.push(data);
+    await this._save(conv);
+    return { cid, installed: false, needsRoster: true, ends: 0, publications: [] };
   }
 
   // -- messages --------------------------------------------------------------------------------
@@ -368,34 +380,40 @@ export class Engine {
   // Encrypt (and per policy sign) a message: {kind, sentAt, text} | {kind, type, ranges} |
   // {kind, op}. The chain's next step is persisted before the envelope exists (§6.3).
   seal(cid, message) {
-    return this._locked(async () => {
-      const conv = this._conv(cid);
-      const chain = conv.send;
-      if (!chain || conv.removed) throw rejected("not_member", `not a member of ${cid}`);
-      const roster = conv.rosters.get(conv.epoch);
-      const { data, compressed, padded } = await encodePlaintext(message, roster.policy);
-      const step = chain.step;
-      const out = chainStep(chain.key);
-      chain.step = step + 1;
-      chain.key = out.slice(32);
-      await this._save(conv);
-      const every = roster.policy.signEvery;
-      const signed = every !== 0 && step % every === 0;
-      const kindByte = message.kind | (signed ? FLAG.signed : 0) | (compressed ? FLAG.compressed : 0) |
-                       (padded ? FLAG.padded : 0);
-      const sender = roster.pids.indexOf(this.pid);
-      // Each signed envelope covers the unsigned ones of this chain since the last (§6.5).
-      const covering = every > 1 ? await (await coverageModule()).covering(this.covering, cid, chain, step, signed) : null;
-      const header = envelopeHeader(kindByte, roster.epoch, sender, chain.chain, step, covering?.cover ?? 0);
-      const aad = concat(header, conv.cidRaw, covering?.digest ?? new Uint8Array(0));
-      const body = concat(header, await aeadSeal(out.subarray(0, 32), stepNonce(step), data, aad));
-      if (!signed) {
-        await covering?.add(body);
-        return { data: body, key: [cid, roster.epoch, sender, chain.chain, step] };
-      }
-      const sig = await ed25519Sign(this.identity.edPrivate, concat(body, conv.cidRaw));
-      return { data: concat(body, sig), key: [cid, roster.epoch, sender, chain.chain, step] };
-    });
+    return this._locked(async () => this._seal(this._conv(cid), message));
+  }
+
+  keyed(cid) { const c = this.convs.get(cid); return !!c && c.epoch >= 0 && !c.removed && !!c.send; }
+
+  // `forceSign`: whatever the policy (ENDS, §6.5).
+  async _seal(conv, message, forceSign = false) {
+    const cid = conv.cid;
+    const chain = conv.send;
+    if (conv.removed) throw rejected("not_member", `not a member of ${cid}`);
+    if (!chain) throw rejected("epoch_key_pending", `epoch ${conv.epoch} of ${cid}: its secret has not arrived`);
+    const roster = conv.rosters.get(conv.epoch);
+    const { data, compressed, padded } = await encodePlaintext(message, roster.policy);
+    const step = chain.step;
+    const out = chainStep(chain.key);
+    chain.step = step + 1;
+    chain.key = out.slice(32);
+    await this._save(conv);
+    const every = roster.policy.signEvery;
+    const signed = forceSign || (every !== 0 && step % every === 0);
+    const kindByte = message.kind | (signed ? FLAG.signed : 0) | (compressed ? FLAG.compressed : 0) |
+                     (padded ? FLAG.padded : 0);
+    const sender = roster.pids.indexOf(this.pid);
+    // Each signed envelope covers the unsigned ones of this chain since the last (§6.5).
+    const covering = every > 1 ? await (await coverageModule()).covering(this.covering, cid, chain, step, signed) : null;
+    const header = envelopeHeader(kindByte, roster.epoch, sender, chain.chain, step, covering?.cover ?? 0);
+    const aad = concat(header, conv.cidRaw, covering?.digest ?? new Uint8Array(0));
+    const body = concat(header, await aeadSeal(out.subarray(0, 32), stepNonce(step), data, aad));
+    if (!signed) {
+      await covering?.add(body);
+      return { data: body, key: [cid, roster.epoch, sender, chain.chain, step] };
+    }
+    const sig = await ed25519Sign(this.identity.edPrivate, concat(body, conv.cidRaw));
+    return { data: concat(body, sig), key: [cid, roster.epoch, sender, chain.chain, step] };
   }
 
   // Authenticate and decrypt; null for a duplicate or our own envelope (counted `own`).
@@ -457,8 +475,20 @@ export class Engine {
     this._markDirty(cid);
     const message = await decodePlaintext(h.kind, plaintext,
       { compressed: !!(h.flags & FLAG.compressed), padded: !!(h.flags & FLAG.padded) });
+    if (message.kind === MSG.control) await this._onControl(conv, sender, message, signed);
     return { cid, sender, epoch: h.epoch, senderIndex: h.sender, chain: h.chain, step: h.step, message, signed,
              pending: covered };
+  }
+
+  // ENDS, signed only (§6.5); as an admin, UPDATE and REKEY requests (§6.7).
+  async _onControl(conv, sender, message, signed) {
+    if (message.op === CONTROL.ends) {
+      if (signed && conv.learnEnds(sender, message.ends)) await this._save(conv);
+    } else if ((message.op === CONTROL.update || message.op === CONTROL.rekey) && !conv.removed &&
+               isAdmin(conv.rosters.get(conv.epoch), this.pid)) {
+      if (!this._updates.has(conv.cid)) this._updates.set(conv.cid, new Map());
+      this._updates.get(conv.cid).set(sender, message.op === CONTROL.update ? [message.prekeyId, message.prekeyDigest] : null);
+    }
   }
 
   // Which participant sent an envelope (own ones included), without decrypting it.

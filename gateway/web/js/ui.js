@@ -133,12 +133,6 @@ function renderHeader() {
   $("conv-title").textContent = convName(c);
   const online = c.members.filter((p) => p !== S.engine.pid && S.presence.get(p)).length;
   $("conv-sub").textContent = `${c.members.length} members, ${online} online${c.removed ? " · you were removed" : ""}`;
-  const changed = c.members.filter((p) => S.keyChanged.has(p));
-  const warning = $("key-warning");
-  warning.hidden = !changed.length;
-  warning.textContent = changed.length
-    ? `⚠ The keys of ${changed.map(short).join(", ")} changed. Compare fingerprints again before trusting them.`
-    : "";
   $("composer").hidden = c.removed;
 }
 
@@ -159,7 +153,6 @@ async function renderMembers() {
         h("code", {}, m.pid), me ? h("span", { class: "badge" }, "you") : null,
         m.admin ? h("span", { class: "badge" }, "admin") : null,
         h("span", { class: `badge${m.pq ? " pq" : ""}` }, m.pq ? "post-quantum" : "X25519 only"),
-        S.keyChanged.has(m.pid) ? h("span", { class: "badge changed" }, "key changed") : null,
         S.engine.verified.has(m.pid) ? h("span", { class: "badge pq" }, "verified") : null),
       h("code", { class: "fp", "data-fingerprint": m.pid }, fp ?? "fingerprint unknown"),
       h("div", { class: "row" },

@@ -1,5 +1,6 @@
-// The wire format in the browser (schemas/ in Python; PROTOCOL.md §2-§5): bundles, rosters,
-// grants, envelopes and plaintexts, encoded byte for byte as Python encodes them.
+// The wire format in the browser (schemas/ in Python; PROTOCOL.md §2-§5): bundles with their
+// prekeys, rosters, epoch-secret deliveries, grants, envelopes and plaintexts, encoded byte
+// for byte as Python encodes them.
 
 import {
   CryptoError, LimitExceeded, UnsupportedVersion, WireError, concat, decodeId, encodeId,
@@ -9,7 +10,8 @@ import { ed25519Verify, sha256, sha512 } from "./crypto.js";
 import { fields, pack, unpack } from "./msgpack.js";
 
 export const VERSION = 0x01;
-export const KIND = { grant: 0x10, bundle: 0x11, roster: 0x12 };
+export const KIND = { grant: 0x10, bundle: 0x11, roster: 0x12, delivery: 0x13 };
+export const CONTROL = { leave: 1, rekey: 2, ends: 3, update: 4, joined: 5 };
 export const MSG = { text: 1, receipt: 2, control: 3 };
 export const FLAG = { signed: 0x80, compressed: 0x40, padded: 0x20 };
 export const TAG_BYTES = 16;
@@ -23,11 +25,11 @@ export const MAX_MEMBERS = 256;
 export const MIN_PAD_BUCKET = 32;
 export const GRANT_MODE = { hybrid: 1, x25519: 2 };
 const MLKEM_PUBLIC = 1184;
-const MLKEM_CT = 1088;
-const U28 = 2 ** 28;
+export const MLKEM_CT = 1088;
+export const U28 = 2 ** 28;
 
-const isInt = (v, lo, hi) => Number.isInteger(v) && v >= lo && v < hi;
-const isBytes = (v, n) => v instanceof Uint8Array && (n === undefined || v.length === n);
+export const isInt = (v, lo, hi) => Number.isInteger(v) && v >= lo && v < hi;
+export const isBytes = (v, n) => v instanceof Uint8Array && (n === undefined || v.length === n);
 
 export async function pidFor(ed25519) {
   return encodeId((await sha256(ed25519)).subarray(0, 16));
@@ -41,7 +43,7 @@ export async function cidFor(creatorPid, nonce) {
 // Signed objects: version | kind | msgpack body | Ed25519 signature (schemas/_signed.py).
 const signedBody = (kind, body) => concat(Uint8Array.of(VERSION, kind), pack(body));
 
-function split(data, kind, count, what) {
+export function split(data, kind, count, what) {
   if (!(data instanceof Uint8Array) || !data.length) throw new WireError(`empty ${what}`);
   if (data[0] !== VERSION) throw new UnsupportedVersion(`unsupported ${what} version ${data[0]}`);
   if (data.length < 3 + SIG_BYTES || data[1] !== kind) throw new WireError(`not a ${what}`);
@@ -50,28 +52,32 @@ function split(data, kind, count, what) {
   return { body: fields(unpack(signed.subarray(2), what), count, what), signed, signature };
 }
 
-// Bundles (§2.2) ---------------------------------------------------------------------------
+// Bundles (§2.2): the identity key and the current prekey (§2.4), signed by the former.
 
-export function bundleBody(ed25519, x25519, mlkem768, createdAt) {
-  return signedBody(KIND.bundle, [ed25519, x25519, mlkem768 ?? null, createdAt]);
+export const prekeyFields = (p) => [p.id, p.x25519, p.mlkem768 ?? null, p.createdAt];
+
+export function bundleBody(ed25519, createdAt, prekey) {
+  return signedBody(KIND.bundle, [ed25519, createdAt, prekeyFields(prekey)]);
 }
 
 export async function decodeBundle(data) {
-  const { body, signed, signature } = split(data, KIND.bundle, 4, "bundle");
-  const [ed25519, x25519, mlkem768, createdAt] = body;
-  if (!isBytes(ed25519, 32) || !isBytes(x25519, 32) ||
-      !(mlkem768 === null || isBytes(mlkem768, MLKEM_PUBLIC)) || !isInt(createdAt, 0, 2 ** 40)) {
+  const { body, signed, signature } = split(data, KIND.bundle, 3, "bundle");
+  const [ed25519, createdAt, rawPrekey] = body;
+  const [id, x25519, mlkem768, prekeyCreatedAt] = fields(rawPrekey, 4, "prekey");
+  if (!isBytes(ed25519, 32) || !isInt(createdAt, 0, 2 ** 40) || !isInt(id, 1, U28) ||
+      !isBytes(x25519, 32) || !(mlkem768 === null || isBytes(mlkem768, MLKEM_PUBLIC)) ||
+      !isInt(prekeyCreatedAt, 0, 2 ** 40)) {
     throw new WireError("invalid bundle");
   }
   await ed25519Verify(ed25519, signature, signed);
-  return { ed25519, x25519, mlkem768, createdAt, signature, bytes: data,
-           pid: await pidFor(ed25519), postQuantum: mlkem768 !== null };
+  return { ed25519, createdAt, prekey: { id, x25519, mlkem768, createdAt: prekeyCreatedAt },
+           signature, bytes: data, pid: await pidFor(ed25519), postQuantum: mlkem768 !== null };
 }
 
-// PROTOCOL.md §2.3: twelve groups of five digits from SHA-512 over the public keys.
+// PROTOCOL.md §2.3: twelve groups of five digits from SHA-512 over the identity key (every
+// other key is signed by it).
 export async function fingerprint(bundle) {
-  const d = await sha512(concat(utf8("fieldchat fingerprint v1"), bundle.ed25519, bundle.x25519,
-                                bundle.mlkem768 ?? new Uint8Array(0)));
+  const d = await sha512(concat(utf8("fieldchat fingerprint v2"), bundle.ed25519));
   const groups = [];
   for (let i = 0; i < 12; i++) {
     let n = 0;
@@ -90,26 +96,26 @@ export function rosterBody(r) {
                  (r.policy.requirePq ? P_REQUIRE_PQ : 0);
   return signedBody(KIND.roster, [
     r.cid, r.epoch, r.nonce, r.prev,
-    r.members.map((m) => [m.pid, (m.admin ? M_ADMIN : 0) | (m.pq ? M_PQ : 0)]),
-    [r.policy.signEvery, pflags], r.issuedAt, r.signerKey,
+    r.members.map((m) => [m.key, (m.admin ? M_ADMIN : 0) | (m.pq ? M_PQ : 0)]),
+    [r.policy.signEvery, pflags], r.issuedAt, r.signerKey, r.commit,
   ]);
 }
 
 export async function decodeRoster(data) {
-  const { body, signed, signature } = split(data, KIND.roster, 8, "roster");
-  const [cid, epoch, nonce, prev, rawMembers, rawPolicy, issuedAt, signerKey] = body;
+  const { body, signed, signature } = split(data, KIND.roster, 9, "roster");
+  const [cid, epoch, nonce, prev, rawMembers, rawPolicy, issuedAt, signerKey, commit] = body;
   if (!isValidId(cid) || !isInt(epoch, 0, U28) || !isBytes(nonce) || !isBytes(prev) ||
-      !isInt(issuedAt, 0, 2 ** 40) || !isBytes(signerKey, 32)) {
+      !isInt(issuedAt, 0, 2 ** 40) || !isBytes(signerKey, 32) || !isBytes(commit, 32)) {
     throw new WireError("invalid roster");
   }
   if (!Array.isArray(rawMembers) || rawMembers.length < 1 || rawMembers.length > MAX_MEMBERS) {
     throw new WireError("a roster has 1 to 256 members");
   }
-  const members = rawMembers.map((raw) => {
-    const [pid, flags] = fields(raw, 2, "roster member");
-    if (!isValidId(pid) || !isInt(flags, 0, 4)) throw new WireError("invalid roster member");
-    return { pid, admin: !!(flags & M_ADMIN), pq: !!(flags & M_PQ) };
-  });
+  const members = await Promise.all(rawMembers.map(async (raw) => {
+    const [key, flags] = fields(raw, 2, "roster member");
+    if (!isBytes(key, 32) || !isInt(flags, 0, 4)) throw new WireError("invalid roster member");
+    return { key, pid: await pidFor(key), admin: !!(flags & M_ADMIN), pq: !!(flags & M_PQ) };
+  }));
   if (new Set(members.map((m) => m.pid)).size !== members.length) throw new WireError("duplicate member");
   const [signEvery, pflags] = fields(rawPolicy, 2, "roster policy");
   if (!isInt(signEvery, 0, 1025) || !isInt(pflags, 0, 8)) throw new WireError("invalid roster policy");
@@ -118,15 +124,18 @@ export async function decodeRoster(data) {
   }
   await ed25519Verify(signerKey, signature, signed);
   return {
-    cid, epoch, nonce, prev, members, pids: members.map((m) => m.pid), issuedAt, signerKey, signature, bytes: data,
+    cid, epoch, nonce, prev, members, pids: members.map((m) => m.pid), issuedAt, signerKey, commit, signature, bytes: data,
     policy: { signEvery, compress: !!(pflags & P_COMPRESS), pad: !!(pflags & P_PAD),
               requirePq: !!(pflags & P_REQUIRE_PQ) },
     signer: await pidFor(signerKey), digest: await sha256(data),
   };
 }
 
-// An inbox payload is a roster (an inviting admin sends the earlier ones, §5.2) or a grant.
+// An inbox payload is a roster (an inviting admin sends the earlier ones, §5.2), a delivery
+// (§5.3) or a grant (§5.4).
 export const isRoster = (data) => data instanceof Uint8Array && data.length > 1 && data[1] === KIND.roster;
+export const isDelivery = (data) => data instanceof Uint8Array && data.length > 1 && data[0] === VERSION &&
+  data[1] === KIND.delivery;
 
 export const isAdmin = (roster, pid) => roster.members.some((m) => m.pid === pid && m.admin);
 
@@ -146,61 +155,8 @@ export async function verifyRosterChain(next, prev) {
   if (!next.members.some((m) => m.admin)) reject("a roster needs at least one admin");
 }
 
-// Grants (§5.3) ----------------------------------------------------------------------------
-
-// What the hybrid KEM binds a grant's key to (schemas.grant.Grant.context): its mode, the
-// conversation, the granter and the recipient; the combiner adds the keys.
-export function grantContext(mode, cid, granterKey, recipient) {
-  return pack([mode, cid, granterKey, recipient]);
-}
-
-export function grantBody(g) {
-  return signedBody(KIND.grant, [g.mode, g.cid, g.granterKey, g.recipient, g.ephemeral,
-                                 g.kemCiphertext ?? null, g.sealed]);
-}
-
-export async function decodeGrant(data) {
-  const { body, signed, signature } = split(data, KIND.grant, 7, "grant");
-  const [mode, cid, granterKey, recipient, ephemeral, kem, sealed] = body;
-  if ((mode !== 1 && mode !== 2) || !isValidId(cid) || !isBytes(granterKey, 32) ||
-      !isValidId(recipient) || !isBytes(ephemeral, 32) || !isBytes(sealed) ||
-      sealed.length < 16 || sealed.length > 1024) {
-    throw new WireError("invalid grant");
-  }
-  if (mode === GRANT_MODE.hybrid ? !isBytes(kem, MLKEM_CT) : kem !== null) {
-    throw new WireError("grant mode and KEM ciphertext disagree");
-  }
-  await ed25519Verify(granterKey, signature, signed);
-  return { mode, cid, granterKey, recipient, ephemeral, kemCiphertext: kem, sealed, signature,
-           granter: await pidFor(granterKey) };
-}
-
-// ChainGrant (§5.3): the granter's chain of one epoch from `step`, and where its chains
-// of earlier epochs ended (`ends`: [epoch, chain, next step] each, at most MAX_CHAIN_ENDS,
-// each of an epoch before the grant's, no (epoch, chain) twice). The 6-element form of
-// before the ends is refused: a grant without them could not close an epoch (§6.4).
+// At most this many chain ends in an ENDS control or a ChainGrant (§6.5).
 export const MAX_CHAIN_ENDS = 4;
-
-export function chainGrantBytes(p) {
-  return pack([p.epoch, p.roster, p.sender, p.chain, p.step, p.key, (p.ends ?? []).map((e) => [...e])]);
-}
-
-export function decodeChainGrant(data) {
-  const [epoch, roster, sender, chain, step, key, rawEnds] = fields(unpack(data, "chain grant"), 7, "chain grant");
-  if (!isInt(epoch, 0, U28) || !isBytes(roster, 32) || !isInt(sender, 0, U28) ||
-      !isInt(chain, 0, U28) || !isInt(step, 0, U28) || !isBytes(key, 32) || !Array.isArray(rawEnds)) {
-    throw new WireError("invalid chain grant");
-  }
-  if (rawEnds.length > MAX_CHAIN_ENDS) throw new LimitExceeded(`a chain grant states at most ${MAX_CHAIN_ENDS} chain ends`);
-  const ends = rawEnds.map((raw) => {
-    const end = fields(raw, 3, "chain end");
-    if (!end.every((n) => isInt(n, 0, U28))) throw new WireError("invalid chain end");
-    return end;
-  });
-  if (ends.some(([e]) => e >= epoch)) throw new WireError("a chain end must name an epoch before the grant's");
-  if (new Set(ends.map(([e, c]) => `${e}/${c}`)).size !== ends.length) throw new WireError("a chain end is stated twice");
-  return { epoch, roster, sender, chain, step, key, ends };
-}
 
 // Envelopes (§3) ---------------------------------------------------------------------------
 
@@ -271,6 +227,8 @@ async function streamThrough(data, stream, limit) {
 function messageBody(m) {
   if (m.kind === MSG.text) return [m.sentAt, m.text];
   if (m.kind === MSG.receipt) return [m.type, m.ranges];
+  if (m.op === CONTROL.ends) return [m.op, m.ends.map((e) => [...e])];
+  if (m.op === CONTROL.update) return [m.op, m.prekeyId, m.prekeyDigest];
   return [m.op];
 }
 
@@ -322,8 +280,28 @@ export async function decodePlaintext(kind, data, { compressed = false, padded =
     }
     return { kind, type, ranges };
   }
-  const [op] = fields(value, 1, "control");
-  if (op !== 1 && op !== 2) throw new WireError("unknown control op");
+  // Controls (§4.1): LEAVE, REKEY; ENDS [3, ends] (§6.5); UPDATE [4, prekey id, digest] (§6.7).
+  if (!Array.isArray(value) || !value.length) throw new WireError("invalid control");
+  const op = value[0];
+  if (op === CONTROL.ends) {
+    const [, rawEnds] = fields(value, 2, "ends control");
+    if (!Array.isArray(rawEnds)) throw new WireError("chain ends must be an array");
+    if (rawEnds.length > MAX_CHAIN_ENDS) throw new LimitExceeded(`an ENDS control states at most ${MAX_CHAIN_ENDS} chain ends`);
+    const ends = rawEnds.map((raw) => {
+      const end = fields(raw, 3, "chain end");
+      if (!end.every((n) => isInt(n, 0, U28))) throw new WireError("invalid chain end");
+      return end;
+    });
+    if (new Set(ends.map(([e, c]) => `${e}/${c}`)).size !== ends.length) throw new WireError("a chain end is stated twice");
+    return { kind, op, ends };
+  }
+  if (op === CONTROL.update) {
+    const [, prekeyId, prekeyDigest] = fields(value, 3, "update control");
+    if (!isInt(prekeyId, 1, U28) || !isBytes(prekeyDigest, 32)) throw new WireError("invalid update control");
+    return { kind, op, prekeyId, prekeyDigest };
+  }
+  fields(value, 1, "control");
+  if (![CONTROL.leave, CONTROL.rekey, CONTROL.joined].includes(op)) throw new WireError("unknown control op");
   return { kind, op };
 }
 

@@ -3,9 +3,10 @@
 
 import { fromHex, hex } from "/js/bytes.js";
 import { Engine, MemoryStore } from "/js/engine.js";
-import { decodeGrant } from "/js/wire.js";
+import { decodeDelivery, decodeGrant } from "/js/grants.js";
+import { isDelivery } from "/js/wire.js";
 
-const pubs = (list) => list.map((p) => ({ kind: p.kind, recipient: p.recipient ?? null, data: hex(p.data) }));
+const pubs = (list) => list.map((p) => ({ kind: p.kind, recipient: p.recipient ?? null, cid: p.cid ?? null, data: hex(p.data) }));
 const refusal = (err) => ({ error: err.reason ?? err.name });
 const policyOf = (p) => (p ? { signEvery: p.sign_every ?? 1, compress: false, pad: false, requirePq: p.require_pq ?? true } : null);
 
@@ -25,22 +26,26 @@ export async function create() {
     },
     handleGrant: async (h) => {
       const r = await engine.handleGrant(fromHex(h));
-      return { installed: r.installed, needsRoster: !!r.needsRoster };
+      return { installed: r.installed, needsRoster: !!r.needsRoster, publications: pubs(r.publications ?? []) };
     },
     grantEnds: async (h) => (await engine.handleGrant(fromHex(h))).ends,
     inbox: async (h) => {
       try {
         const r = await engine.handleInbox(fromHex(h));
-        return r.roster ? { publications: pubs(r.publications) } : { installed: r.installed, ends: r.ends };
+        return r.roster ? { publications: pubs(r.publications) }
+          : { installed: r.installed, ends: r.ends, publications: pubs(r.publications ?? []) };
       } catch (err) { return refusal(err); }
     },
     mlkem: async () => (await import("/js/crypto.js")).mlkemSupported(),
-    // The identity's ML-KEM private key: a CryptoKey whose bytes script cannot read.
+    // The current prekey's ML-KEM private key: a CryptoKey whose bytes script cannot read.
     kemKey: async () => {
-      const k = engine.identity.kPrivate;
+      const k = engine.identity.prekeys[engine.identity.prekeys.length - 1].kPrivate;
       return k ? { type: k.type, extractable: k.extractable, algorithm: k.algorithm.name } : null;
     },
-    grantMode: async (h) => (await decodeGrant(fromHex(h))).mode,
+    grantMode: async (h) => (isDelivery(fromHex(h)) ? decodeDelivery(fromHex(h)) : await decodeGrant(fromHex(h))).mode,
+    update: async () => pubs(await engine.update()),
+    answerUpdates: async () => pubs(await engine.answerUpdates()),
+    keyed: async (cid) => engine.keyed(cid),
     create: async (members) => {
       const { cid, publications } = await engine.createConversation(members);
       return { cid, publications: pubs(publications) };

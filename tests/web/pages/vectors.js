@@ -6,12 +6,20 @@ import {
   chainStep, hybridOpen, hybridSeal, importMlkemSeed, importPrivate, mlkemSupported, publicOfPrivate, sha256, stepNonce,
 } from "/js/crypto.js";
 import * as engineModule from "/js/engine.js";
-import { Engine, MemoryStore, acceptGrant, identityFromSeed, makeGrant } from "/js/engine.js";
+import { Engine, MemoryStore, identityFromSeed } from "/js/engine.js";
+import * as keying from "/js/grants.js";
 import { pack, unpack } from "/js/msgpack.js";
-import * as wire from "/js/wire.js";
+import * as wireModule from "/js/wire.js";
 
 const { fromHex, hex, equal } = bytes;
+// The wire format: wire.js, and the deliveries and grants of the lazily loaded grants.js.
+const wire = { ...wireModule, ...keying };
+const { acceptGrant, chainKey, epochCommit, makeDelivery, openDelivery } = keying;
 const CLOCK = 1700000000;
+// A vector identity: its key from the seed, its first prekey as recorded (prekeys are
+// drawn, never derived from the seed: PROTOCOL.md §2.4).
+const ident = (vec) => identityFromSeed(fromHex(vec.seed), CLOCK, fromHex(vec.prekey_x25519_private),
+                                       { mlkemSeed: vec.prekey_mlkem_seed ? fromHex(vec.prekey_mlkem_seed) : null });
 
 export async function check(v) {
   const results = [];
@@ -37,30 +45,28 @@ export async function check(v) {
       if (b.pid !== id.pid) return `pid ${b.pid}`;
       if ((await wire.fingerprint(b)) !== id.fingerprint) return "fingerprint";
       if (b.postQuantum !== id.post_quantum) return "post_quantum";
-      const again = bytes.concat(wire.bundleBody(b.ed25519, b.x25519, b.mlkem768, b.createdAt), b.signature);
+      if (b.prekey.id !== id.prekey_id || hex(b.prekey.x25519) !== id.prekey_x25519_public) return "prekey";
+      const again = bytes.concat(wire.bundleBody(b.ed25519, b.createdAt, b.prekey), b.signature);
       return equal(again, fromHex(id.bundle)) || "re-encoded bundle differs";
     });
-    await run(`identity ${id.name}: keys derived from the seed`, async () => {
-      const okm = await (await import("/js/crypto.js")).hkdf(fromHex(id.seed), null, bytes.utf8("fieldchat identity v1"), 128);
+    await run(`identity ${id.name}: the identity key from the seed, the prekey from its private key`, async () => {
+      const okm = await (await import("/js/crypto.js")).hkdf(fromHex(id.seed), null, bytes.utf8("fieldchat identity v2"), 32);
       const ed = await publicOfPrivate("ed25519", okm.slice(0, 32));
-      const x = await publicOfPrivate("x25519", okm.slice(32, 64));
-      if (hex(ed) !== id.ed25519_public || hex(x) !== id.x25519_public) return "derived keys differ";
-      if (!id.post_quantum) return true;
-      const kem = await importMlkemSeed(okm.slice(64, 128)); // WebCrypto "raw-seed" (d || z)
-      return hex(await sha256(kem.kPublic)) === id.mlkem768_public_sha256 || "ML-KEM-768 key differs";
+      const x = await publicOfPrivate("x25519", fromHex(id.prekey_x25519_private));
+      return (hex(ed) === id.ed25519_public && hex(x) === id.prekey_x25519_public) || "derived keys differ";
     });
   }
   await run("ML-KEM-768: this browser has it in WebCrypto", async () => (await mlkemSupported()) || "no ML-KEM-768");
   await run("identity web_pq: the browser rebuilds the exact bundle, ML-KEM-768 key included", async () => {
     const web = v.identities.find((i) => i.name === "web_pq");
-    const ident = await identityFromSeed(fromHex(web.seed), CLOCK, { postQuantum: true });
-    if (!ident.postQuantum || ident.kPrivate.extractable) return "ML-KEM key missing or extractable";
-    return (ident.pid === web.pid && hex(ident.bundle) === web.bundle) || "bundle differs";
+    const rebuilt = await ident(web);
+    if (!rebuilt.postQuantum || rebuilt.prekeys[0].kPrivate.extractable) return "ML-KEM key missing or extractable";
+    return (rebuilt.pid === web.pid && hex(rebuilt.bundle) === web.bundle) || "bundle differs";
   });
   await run("identity web: the browser rebuilds the exact bundle from the seed", async () => {
     const web = v.identities.find((i) => i.name === "web");
-    const ident = await identityFromSeed(fromHex(web.seed), CLOCK);
-    return (ident.pid === web.pid && hex(ident.bundle) === web.bundle) || "bundle differs";
+    const rebuilt = await ident(web);
+    return (rebuilt.pid === web.pid && hex(rebuilt.bundle) === web.bundle) || "bundle differs";
   });
 
   for (const c of v.chain) {
@@ -81,6 +87,46 @@ export async function check(v) {
       return equal(again, fromHex(conv.roster)) || "re-encoded roster differs";
     });
   }
+
+  for (const conv of v.conversations) {
+    await run(`key schedule ${conv.label}: the secret gives the roster's commit and every chain 0`, async () => {
+      const r = await wire.decodeRoster(fromHex(conv.roster));
+      const secret = fromHex(conv.epoch_secret);
+      if (hex(await epochCommit(secret, bytes.decodeId(conv.cid), r.epoch)) !== conv.commit) return "commit";
+      if (hex(r.commit) !== conv.commit) return "roster commit";
+      for (const [i, key] of conv.chain_keys.entries()) {
+        if (hex(await chainKey(secret, r.digest, i)) !== key) return `chain ${i}`;
+      }
+      return true;
+    });
+  }
+
+  const xd = v.deliveries.find((d) => d.mode === "x25519");
+  await run("X25519 delivery: web opens the epoch secret; the browser re-creates it byte for byte", async () => {
+    const webVec = v.identities.find((i) => i.name === "web");
+    const web = await ident(webVec);
+    const d = wire.decodeDelivery(fromHex(xd.delivery));
+    if (d.cid !== xd.cid || d.epoch !== xd.epoch || d.prekeyId !== webVec.prekey_id) return "fields";
+    if (hex(await openDelivery(web, d)) !== xd.epoch_secret) return "secret";
+    const eph = { privateKey: await importPrivate("x25519", fromHex(xd.ephemeral_private)),
+                  publicRaw: await publicOfPrivate("x25519", fromHex(xd.ephemeral_private)) };
+    const alice = await ident(v.identities.find((i) => i.name === "alice"));
+    const made = await makeDelivery(alice, fromHex(xd.epoch_secret), await wire.decodeBundle(fromHex(webVec.bundle)),
+                                    xd.cid, xd.epoch, eph);
+    return hex(made) === xd.delivery || "re-created delivery differs";
+  });
+  await run("hybrid delivery: decodes; the browser (no ML-KEM) cannot open one", async () => {
+    const hd = v.deliveries.find((d) => d.mode === "hybrid" && d.recipient === "bob");
+    const d = wire.decodeDelivery(fromHex(hd.delivery));
+    if (d.mode !== wire.GRANT_MODE.hybrid || d.kemCiphertext.length !== 1088) return "mode";
+    const web = await ident(v.identities.find((i) => i.name === "web"));
+    return expectError(() => openDelivery(web, { ...d, prekeyId: web.prekeys[0].id }), bytes.ProtocolError, "grant");
+  });
+  await run("hybrid delivery: the browser with ML-KEM-768 (web_pq) opens Python's hybrid delivery", async () => {
+    const hd = v.deliveries.find((d) => d.mode === "hybrid" && d.recipient === "web_pq");
+    const web = await ident(v.identities.find((i) => i.name === "web_pq"));
+    return hex(await openDelivery(web, wire.decodeDelivery(fromHex(hd.delivery)))) === hd.epoch_secret || "secret";
+  });
 
   for (const e of v.envelopes) {
     await run(`envelope ${e.conversation} step ${e.step}: opens with the chain key alone`, async () => {
@@ -103,18 +149,15 @@ export async function check(v) {
   }
 
   for (const conv of v.conversations) {
-    await run(`engine of web opens every envelope of ${conv.label} after its X25519 grant`, async () => {
+    await run(`engine of web opens every envelope of ${conv.label} after its X25519 delivery`, async () => {
       const webVec = v.identities.find((i) => i.name === "web");
       const alice = v.identities.find((i) => i.name === "alice");
-      const engine = await Engine.open(new MemoryStore(), { identity: await identityFromSeed(fromHex(webVec.seed), CLOCK) });
+      const engine = await Engine.open(new MemoryStore(), { identity: await ident(webVec) });
       await engine.learnBundle(fromHex(alice.bundle));
-      const grants = await engine.handleRoster(fromHex(conv.roster));
-      // web is a member of the epoch: it grants its own chain, X25519-only, to every
-      // member whose bundle it knows (alice here).
-      if (grants.length !== 1 || grants[0].recipient !== alice.pid) return "own grants";
-      const g = await wire.decodeGrant(grants[0].data);
-      if (g.mode !== wire.GRANT_MODE.x25519 || g.kemCiphertext !== null) return "own grant mode";
-      const result = await engine.handleGrant(fromHex(conv.grant_to_web_x25519));
+      const replies = await engine.handleRoster(fromHex(conv.roster));
+      // web is a member, not the admin who drew the epoch's secret: it sends nothing.
+      if (replies.length) return "publications";
+      const result = await engine.handleGrant(fromHex(conv.delivery_to_web_x25519));
       if (!result.installed) return "grant not installed";
       for (const e of v.envelopes.filter((x) => x.conversation === conv.label)) {
         const opened = await engine.open(conv.cid, fromHex(e.envelope));
@@ -133,10 +176,10 @@ export async function check(v) {
   await run("an envelope that overtakes earlier ones opens, and the earlier ones after it", async () => {
     const conv = v.conversations[0];
     const webVec = v.identities.find((i) => i.name === "web");
-    const engine = await Engine.open(new MemoryStore(), { identity: await identityFromSeed(fromHex(webVec.seed), CLOCK) });
+    const engine = await Engine.open(new MemoryStore(), { identity: await ident(webVec) });
     await engine.learnBundle(fromHex(v.identities[0].bundle));
     await engine.handleRoster(fromHex(conv.roster));
-    await engine.handleGrant(fromHex(conv.grant_to_web_x25519));
+    await engine.handleGrant(fromHex(conv.delivery_to_web_x25519));
     const envs = v.envelopes.filter((x) => x.conversation === conv.label).reverse();
     for (const e of envs) {
       const opened = await engine.open(conv.cid, fromHex(e.envelope));
@@ -145,11 +188,11 @@ export async function check(v) {
     return true;
   });
 
-  await run("a grant arriving before its roster is held and applied with the roster", async () => {
+  await run("a delivery arriving before its roster is held and applied with the roster", async () => {
     const conv = v.conversations[1];
     const webVec = v.identities.find((i) => i.name === "web");
-    const engine = await Engine.open(new MemoryStore(), { identity: await identityFromSeed(fromHex(webVec.seed), CLOCK) });
-    const held = await engine.handleGrant(fromHex(conv.grant_to_web_x25519));
+    const engine = await Engine.open(new MemoryStore(), { identity: await ident(webVec) });
+    const held = await engine.handleGrant(fromHex(conv.delivery_to_web_x25519));
     if (!held.needsRoster) return "not held";
     await engine.handleRoster(fromHex(conv.roster));
     const e = v.envelopes.find((x) => x.conversation === conv.label);
@@ -173,7 +216,7 @@ export async function check(v) {
   const bad = chain.filter((c) => !c.chains).map((c) => fromHex(c.roster));
   const joiner = async () => {
     const bob = v.identities.find((i) => i.name === "bob");
-    return Engine.open(new MemoryStore(), { identity: await identityFromSeed(fromHex(bob.seed), CLOCK) });
+    return Engine.open(new MemoryStore(), { identity: await ident(bob) });
   };
   await run("roster chain: a joiner holds epoch 2 (roster_pending, nothing granted) until 0 and 1 arrive", async () => {
     const engine = await joiner();
@@ -218,19 +261,10 @@ export async function check(v) {
   });
 
   const x = v.grants.find((g) => g.mode === "x25519");
-  await run("X25519 grant: web accepts it; the browser re-creates it byte for byte", async () => {
-    const webVec = v.identities.find((i) => i.name === "web");
-    const alice = v.identities.find((i) => i.name === "alice");
-    const web = await identityFromSeed(fromHex(webVec.seed), CLOCK);
-    const grant = await wire.decodeGrant(fromHex(x.grant));
-    const payload = await acceptGrant(web, grant);
-    if (!equal(wire.chainGrantBytes(payload), fromHex(x.payload))) return "payload";
-    const aliceId = await identityFromSeed(fromHex(alice.seed), CLOCK);
-    const eph = { privateKey: await importPrivate("x25519", fromHex(x.ephemeral_private)),
-                  publicRaw: await publicOfPrivate("x25519", fromHex(x.ephemeral_private)) };
-    const made = await makeGrant(aliceId, await wire.decodeBundle(fromHex(webVec.bundle)), x.cid,
-                                 wire.decodeChainGrant(fromHex(x.payload)), eph);
-    return hex(made) === x.grant || "re-created grant differs";
+  await run("X25519 grant: web accepts it (a member's own re-keyed chain, §5.4)", async () => {
+    const web = await ident(v.identities.find((i) => i.name === "web"));
+    const payload = await acceptGrant(web, await wire.decodeGrant(fromHex(x.grant)));
+    return equal(wire.chainGrantBytes(payload), fromHex(x.payload)) || "payload";
   });
   await run("chain grant: ends decode as stated and re-encode byte for byte", async () => {
     const p = wire.decodeChainGrant(fromHex(x.payload));
@@ -254,19 +288,20 @@ export async function check(v) {
     const grant = await wire.decodeGrant(fromHex(h.grant));
     if (grant.mode !== wire.GRANT_MODE.hybrid || grant.kemCiphertext.length !== 1088) return "mode";
     const webVec = v.identities.find((i) => i.name === "web");
-    const web = await identityFromSeed(fromHex(webVec.seed), CLOCK);
+    const web = await ident(webVec);
     return expectError(() => acceptGrant(web, { ...grant, recipient: web.pid }), bytes.ProtocolError, "grant");
   });
   await run("hybrid grant: the browser with ML-KEM-768 (web_pq) opens Python's hybrid grant", async () => {
     const h = v.grants.find((g) => g.mode === "hybrid" && g.recipient === "web_pq");
     const webVec = v.identities.find((i) => i.name === "web_pq");
-    const web = await identityFromSeed(fromHex(webVec.seed), CLOCK, { postQuantum: true });
+    const web = await ident(webVec);
     const payload = await acceptGrant(web, await wire.decodeGrant(fromHex(h.grant)));
     return equal(wire.chainGrantBytes(payload), fromHex(h.payload)) || "payload";
   });
   for (const hk of v.hybrid_kem) {
     await run(`hybrid KEM ${hk.name}: opens to the plaintext, not under another context`, async () => {
-      const me = await identityFromSeed(fromHex(hk.recipient_seed), CLOCK, { postQuantum: hk.mode === "hybrid" });
+      const vec = v.identities.find((i) => i.seed === hk.recipient_seed);
+      const me = (await ident(vec)).prekeys[0];
       const message = { ephemeral: fromHex(hk.ephemeral), sealed: fromHex(hk.sealed),
                         kemCiphertext: hk.kem_ciphertext ? fromHex(hk.kem_ciphertext) : null };
       const opened = await hybridOpen(me, message, fromHex(hk.context));
@@ -288,10 +323,10 @@ export async function check(v) {
   const prepared = async () => {
     const conv = v.conversations[0];
     const webVec = v.identities.find((i) => i.name === "web");
-    const engine = await Engine.open(new MemoryStore(), { identity: await identityFromSeed(fromHex(webVec.seed), CLOCK) });
+    const engine = await Engine.open(new MemoryStore(), { identity: await ident(webVec) });
     await engine.learnBundle(fromHex(v.identities[0].bundle));
     await engine.handleRoster(fromHex(conv.roster));
-    await engine.handleGrant(fromHex(conv.grant_to_web_x25519));
+    await engine.handleGrant(fromHex(conv.delivery_to_web_x25519));
     return [engine, conv.cid];
   };
   await run("a tampered ciphertext is refused opaquely and moves nothing", async () => {
