@@ -98,6 +98,7 @@ class Hub(ArchiveListener):
         self.announced: Counter[str] = Counter()
         self._subs: set[Subscription] = set()
         self._wake = asyncio.Event()
+        self._starting = asyncio.Lock()  # one read of where the feed starts, not two
         self._cursor: int | None = None  # None while nobody listens
         self._grant_cursor: int | None = None
         self.tracer = tracing.tracer("gateway")  # docs/tracing.md; None when off
@@ -140,9 +141,13 @@ class Hub(ArchiveListener):
         """Register a client first, so nothing committed from now on can be missed;
         the caller then backfills from its own cursor and skips what it already sent."""
         conversations = await self.store.conversations_of(pids)
-        if self._cursor is None:
-            self._cursor = await self.store.max_seq()
-            self._grant_cursor = await self.store.max_grant_seq()
+        async with self._starting:
+            # Two first sockets at once both saw no cursor; the later read then moved
+            # the feed past rows committed between the reads, which the earlier
+            # socket, registered already, never got live.
+            if self._cursor is None:
+                self._cursor = await self.store.max_seq()
+                self._grant_cursor = await self.store.max_grant_seq()
         sub = Subscription(frozenset(pids), dict(conversations), asyncio.Queue(self.queue_max))
         self._subs.add(sub)
         self.metrics.ws_clients.set(len(self._subs))
