@@ -258,7 +258,7 @@ def _open_existing(path: Path) -> DeviceState:
     """
     from fieldchat.device.state import DeviceState  # noqa: PLC0415 - the stack is loaded
 
-    hint = f"create one with `fieldchat device --state {path} init`"
+    hint = f"create one with `{command_name()} device --state {path} init`"
     if not path.expanduser().is_file():
         raise ConfigError(f"no state file {path} (no identity yet): {hint}")
     state = DeviceState(path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import queue
+import shutil
 import signal
 import subprocess
 import threading
@@ -171,6 +172,9 @@ def test_read_only_commands_never_create_an_identity(tmp_path: Path, args: list[
         (line,) = out.stderr.strip().splitlines()
         assert line.startswith("error: no state file ") and "device --state" in line
         assert line.endswith(" init`")
+        command = line.split("create one with `", 1)[1].split(" device --state", 1)[0]
+        runnable = shutil.which(command, path=env.get("PATH")) or Path(command).is_file()
+        assert runnable, f"{command!r} would not run in this shell: {line}"
     assert not state.exists()
     assert list(home.rglob("*")) == []
 
