@@ -30,7 +30,7 @@ from fieldchat.device.tail import HistorySource
 from fieldchat.schemas import Topics
 from fieldchat.schemas.envelope import read_header
 from fieldchat.schemas.errors import FieldchatError, KeyStoreError
-from fieldchat.schemas.topics import Topic
+from fieldchat.schemas.topics import Topic, TopicKind
 
 __all__ = ["MAX_TOPICS_PARSED", "Batch", "Part", "Shared"]
 
@@ -112,15 +112,19 @@ class Part:
     def queue_publications(
         self, tx: StateTransaction, pubs: list[Publication], cid: str | None
     ) -> None:
-        """Into the outbox: what the engine produced (rosters, grants, controls)."""
+        """Into the outbox: what the engine produced (rosters, grants, controls).
+
+        An own envelope among them (a JOINED or ENDS control, §6.5/§6.6) is queued as
+        :meth:`queue_own` queues one: under its conversation, and kept for gap
+        requests and the archive like any own control (JOINED is step 0 of a new
+        member's chain: unanswerable, a lost one held every receiver a window)."""
         for pub in pubs:
-            tx.add_outbox(
-                pub.topic,
-                pub.payload,
-                retain=pub.retain,
-                cid=cid,
-                what=kind_of(self._parse(pub.topic), pub.payload),
-            )
+            topic = self._parse(pub.topic)
+            what = kind_of(topic, pub.payload)
+            if topic is not None and topic.kind is TopicKind.MSG and topic.cid is not None:
+                self.queue_own(tx, topic.cid, pub.payload, what)
+                continue
+            tx.add_outbox(pub.topic, pub.payload, retain=pub.retain, cid=cid, what=what)
 
     def queue_own(self, tx: StateTransaction, cid: str, envelope: bytes, what: OutboxKind) -> None:
         """An own receipt or control: into the outbox, and kept a while for gap
