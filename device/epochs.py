@@ -18,12 +18,11 @@ import os
 from collections.abc import Callable
 
 from fieldchat.device.identity import Identity
-from fieldchat.device.sealing import Context, Sealed, open_from_prekey, seal_to_prekey
+from fieldchat.device.sealing import Context, Sealed, open_with_held_prekey, seal_to_prekey
 from fieldchat.schemas import Bundle, GrantMode
 from fieldchat.schemas._varint import encode as uv
 from fieldchat.schemas.crypto import hkdf_sha256
 from fieldchat.schemas.delivery import Delivery
-from fieldchat.schemas.errors import PrekeyUnknown
 from fieldchat.schemas.ids import decode_id
 
 __all__ = ["chain_key", "epoch_commit", "make_delivery", "open_delivery"]
@@ -95,17 +94,12 @@ def open_delivery(identity: Identity, delivery: Delivery, *, x25519_ok: bool = F
         GrantRejected: the mode does not match the prekey (downgrade).
         WeakKey, CryptoError: it does not open (opaque).
     """
-    held = identity.prekey(delivery.prekey_id)
-    if held is None:
-        raise PrekeyUnknown(f"delivery sealed to prekey {delivery.prekey_id}, not held")
-    secret = open_from_prekey(
-        held.public,
-        held.x25519_private,
-        held.mlkem_seed,
+    return open_with_held_prekey(
+        identity,
+        delivery.prekey_id,
         Sealed(delivery.mode, delivery.ephemeral, delivery.kem_ciphertext, delivery.sealed),
+        what="delivery",
         label=_DELIVERY_LABEL,
         context=_context(delivery.cid_bytes, delivery.epoch, delivery.prekey_id, identity.pid),
         x25519_ok=x25519_ok,
     )
-    held.opens += 1
-    return secret

@@ -13,9 +13,9 @@ import os
 from collections.abc import Callable
 
 from fieldchat.device.identity import Identity
-from fieldchat.device.sealing import Context, Sealed, open_from_prekey, seal_to_prekey
+from fieldchat.device.sealing import Context, Sealed, open_with_held_prekey, seal_to_prekey
 from fieldchat.schemas import Bundle, ChainGrant, Grant, GrantMode
-from fieldchat.schemas.errors import GrantRejected, PrekeyUnknown
+from fieldchat.schemas.errors import GrantRejected
 
 __all__ = ["accept_grant", "make_grant"]
 
@@ -76,17 +76,13 @@ def accept_grant(recipient: Identity, grant: Grant, *, x25519_ok: bool = False) 
     """
     if grant.recipient != recipient.pid:
         raise GrantRejected("grant addressed to another participant")
-    held = recipient.prekey(grant.prekey_id)
-    if held is None:
-        raise PrekeyUnknown(f"grant sealed to prekey {grant.prekey_id}, not held")
-    plaintext = open_from_prekey(
-        held.public,
-        held.x25519_private,
-        held.mlkem_seed,
+    plaintext = open_with_held_prekey(
+        recipient,
+        grant.prekey_id,
         Sealed(grant.mode, grant.ephemeral, grant.kem_ciphertext, grant.sealed),
+        what="grant",
         label=_LABEL,
         context=_context(grant.cid, grant.granter_key, grant.recipient, grant.prekey_id),
         x25519_ok=x25519_ok,
     )
-    held.opens += 1
     return ChainGrant.from_bytes(plaintext)

@@ -15,11 +15,15 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from fieldchat.schemas import GrantMode
 from fieldchat.schemas.bundle import Prekey
 from fieldchat.schemas.crypto import HybridSealed, hybrid_open, hybrid_seal
-from fieldchat.schemas.errors import GrantRejected
+from fieldchat.schemas.errors import GrantRejected, PrekeyUnknown
+
+if TYPE_CHECKING:
+    from fieldchat.device.identity import Identity
 
 __all__ = ["Context", "Sealed", "open_from_prekey", "seal_to_prekey"]
 
@@ -93,3 +97,36 @@ def open_from_prekey(
         message=HybridSealed(sealed.ephemeral, sealed.kem_ciphertext, sealed.sealed),
         context=label + context(sealed.mode),
     )
+
+
+def open_with_held_prekey(
+    identity: Identity,
+    prekey_id: int,
+    sealed: Sealed,
+    *,
+    what: str,
+    label: bytes,
+    context: Context,
+    x25519_ok: bool = False,
+) -> bytes:
+    """:func:`open_from_prekey` with the prekey ``prekey_id`` that ``identity`` still
+    holds, counting the open towards its rotation (PROTOCOL.md §2.5).
+
+    Raises:
+        PrekeyUnknown: that prekey's private keys are not held (never, or deleted).
+        GrantRejected, WeakKey, CryptoError: as :func:`open_from_prekey`.
+    """
+    held = identity.prekey(prekey_id)
+    if held is None:
+        raise PrekeyUnknown(f"{what} sealed to prekey {prekey_id}, not held")
+    opened = open_from_prekey(
+        held.public,
+        held.x25519_private,
+        held.mlkem_seed,
+        sealed,
+        label=label,
+        context=context,
+        x25519_ok=x25519_ok,
+    )
+    held.opens += 1
+    return opened
