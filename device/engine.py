@@ -392,8 +392,9 @@ class Engine:
         return [] if grown is None else self._keying.follow_tip(grown)
 
     def awaiting_rosters(self) -> dict[str, int]:
-        """Conversations holding rosters that wait for missing epochs: cid -> the
-        newest epoch of the verified chain held (-1: none yet, epoch 0 is missing)."""
+        """Conversations whose rosters, deliveries or grants wait for missing epochs:
+        cid -> the newest epoch of the verified chain held (-1: none yet, epoch 0 is
+        missing)."""
         with self._lock:
             return self._rosters.awaiting()
 
