@@ -537,6 +537,10 @@ class Worker(Part):
         if self.outbound.conn is not None and now >= self._next_roster_wait:
             self._next_roster_wait = now + 1.0
             self._ask_rosters_again(self.outbound.conn, now)
+            if self.engine.epoch_requests_due():  # their turn may have come (§6.7)
+                with self.state.transaction() as tx:
+                    self.inbound.rosters.on_epoch_request(tx)
+                    self.engine.flush()
         if self.presence.due(now):  # members the application added or removed
             self._follow_presence()
 
