@@ -20,6 +20,7 @@ from tests.device.conftest import (
     Mosquitto,
     cli_env,
     conversation,
+    handed_over,
     run_cli,
     start_cli,
     texts,
@@ -112,12 +113,7 @@ def test_ctrl_c_while_the_daemon_does_not_answer_is_one_line_and_130(
 ) -> None:
     """A stopped (SIGSTOP) daemon still accepts connections (the kernel's backlog) and
     never answers: Ctrl-C then ends send, fast or through typer, in one line."""
-    cid, (alice, _) = conversation(mosquitto_devices, "alice", "bob")
-    alice.close()
-    mosquitto_devices.open.remove(alice)
-    env = cli_env(
-        state=str(alice.state.path), broker=mosquitto.url, credential=mosquitto.user(alice.pid)
-    )
+    cid, env, _ = handed_over(mosquitto_devices, mosquitto)
     with DaemonProcess(env) as daemon:
         assert daemon.proc is not None
         daemon.proc.send_signal(signal.SIGSTOP)
@@ -141,12 +137,7 @@ def test_listen_exit_on_disconnect_through_the_daemon(
 ) -> None:
     """``listen --exit-on-disconnect`` as standalone: exit 3 when the daemon loses the
     broker, and at once when it is not connected within ``--timeout``."""
-    cid, (alice, bob) = conversation(mosquitto_devices, "alice", "bob")
-    alice.close()
-    mosquitto_devices.open.remove(alice)
-    env = cli_env(
-        state=str(alice.state.path), broker=mosquitto.url, credential=mosquitto.user(alice.pid)
-    )
+    cid, env, bob = handed_over(mosquitto_devices, mosquitto)
     with DaemonProcess(env) as daemon:
         listener = start_cli(["listen", "--exit-on-disconnect", "--json"], env)
         try:
