@@ -25,7 +25,7 @@ from typing import IO, Any
 
 import pytest
 
-from fieldchat.device.cli import LISTEN_BATCH
+from fieldchat.device.cli_listen import LISTEN_BATCH
 from fieldchat.device.client import Device
 from fieldchat.device.events import ReceiptReceived
 from tests.device.conftest import (
