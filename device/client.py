@@ -28,15 +28,16 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
+from fieldchat.device.changes import Changes
 from fieldchat.device.config import BrokerOptions, LinkOptions
 from fieldchat.device.context import Shared
 from fieldchat.device.engine import Engine
 from fieldchat.device.events import Event
 from fieldchat.device.link import LastWill, Link, LinkConnection
 from fieldchat.device.receipts import ReceiptBook
-from fieldchat.device.rows import Gap, OutboxKind, OutboxRow, ReceivedRow, SentRow
+from fieldchat.device.rows import Gap, OutboxRow, ReceivedRow, SentRow
 from fieldchat.device.state import DeviceState
-from fieldchat.device.subscriptions import Subscriptions, conversation_topics, wanted_topics
+from fieldchat.device.subscriptions import Subscriptions, wanted_topics
 from fieldchat.device.tail import HistorySource
 from fieldchat.device.texts import (
     ConversationInfo,
@@ -56,7 +57,6 @@ from fieldchat.schemas.errors import (
     FieldchatError,
     KeyStoreError,
     TransportError,
-    UnknownParticipant,
 )
 from fieldchat.schemas.topics import DEFAULT_PREFIX
 
@@ -123,6 +123,7 @@ class Device:
             )
         )
         self._worker = Worker(self._shared, self._receipts, self._subs, self._emit)
+        self._changes = Changes(self._shared, self._worker)  # to conversations and keys
         self._link: Link | None = None
         self._closed = False
 
@@ -183,7 +184,7 @@ class Device:
             self.pid,
             self.broker,
             self.options,
-            self._worker,
+            self._worker.mailbox,
             will=LastWill(self.topics.status(self.pid), STATUS_OFFLINE),
             protocol=protocol,
             on_protocol=lambda p: self.state.set_meta({"protocol": p}),
@@ -265,14 +266,7 @@ class Device:
 
     def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
         """Wait until ``predicate()`` holds (checked whenever the worker made progress)."""
-        end = time.monotonic() + timeout
-        with self._worker.changed:
-            while not predicate():
-                left = end - time.monotonic()
-                if left <= 0:
-                    return False
-                self._worker.changed.wait(min(left, 0.1))
-        return True
+        return self._worker.wait_for(predicate, timeout)
 
     # -- sending ----------------------------------------------------------------------
 
@@ -343,17 +337,7 @@ class Device:
         Raises:
             UnknownParticipant: a bundle did not arrive in time.
         """
-        missing = [p for p in dict.fromkeys(pids) if self.engine.bundle_of(p) is None]
-        if not missing:
-            return
-        self._subscribe([self.topics.bundle(p) for p in missing])
-        self.wait_for(lambda: all(self.engine.bundle_of(p) for p in missing), timeout)
-        absent = [p for p in missing if self.engine.bundle_of(p) is None]
-        if absent:
-            raise UnknownParticipant(
-                f"no bundle for {absent[0]} within {timeout:g} s: has that device "
-                f"connected to this broker once?"
-            )
+        self._changes.fetch_bundles(pids, timeout)
 
     def create_conversation(
         self,
@@ -367,12 +351,7 @@ class Device:
         Raises:
             UnknownParticipant: a member's bundle could not be fetched.
         """
-        self.fetch_bundles(members, timeout)
-        with self.state.transaction() as tx:
-            cid, pubs = self.engine.create_conversation(members, policy=policy)
-            self._worker.outbound.queue_publications(tx, pubs, cid)
-        self._follow(cid)
-        return cid
+        return self._changes.create(members, policy, timeout)
 
     def invite(self, cid: str, pids: Sequence[str], *, timeout: float = 10.0) -> None:
         """Add members (admins only): a new epoch listing them, keys granted.
@@ -381,11 +360,7 @@ class Device:
             UnknownConversation, NotAMember: no such conversation, or we are no admin.
             UnknownParticipant: a bundle could not be fetched.
         """
-        self.engine.roster(cid)
-        self.fetch_bundles(pids, timeout)
-        with self.state.transaction() as tx:
-            self._worker.outbound.queue_publications(tx, self.engine.add_members(cid, pids), cid)
-        self._follow(cid)
+        self._changes.invite(cid, pids, timeout)
 
     def remove(self, cid: str, pids: Sequence[str]) -> None:
         """Remove members (admins only): a new epoch, every remaining member re-keys.
@@ -393,15 +368,11 @@ class Device:
         Raises:
             UnknownConversation, NotAMember: no such conversation, or we are no admin.
         """
-        with self.state.transaction() as tx:
-            self._worker.outbound.queue_publications(tx, self.engine.remove_members(cid, pids), cid)
-        self._wake()
+        self._changes.remove(cid, pids)
 
     def set_policy(self, cid: str, policy: Policy) -> None:
         """Change the conversation's policy (admins only, a new epoch)."""
-        with self.state.transaction() as tx:
-            self._worker.outbound.queue_publications(tx, self.engine.set_policy(cid, policy), cid)
-        self._wake()
+        self._changes.set_policy(cid, policy)
 
     def update(self) -> None:
         """Recover from a suspected copy of this device's state (PROTOCOL.md §6.7): a
@@ -411,9 +382,7 @@ class Device:
         Raises:
             KeyStoreError: the new prekey could not be written.
         """
-        with self.state.transaction() as tx:
-            self._worker.outbound.queue_publications(tx, self.engine.update(), None)
-        self._wake()
+        self._changes.update()
 
     def leave(self, cid: str) -> None:
         """Leave ``cid``: an admin removes us from the next epoch.
@@ -423,14 +392,7 @@ class Device:
         Raises:
             UnknownConversation, NotAMember: not a member of ``cid``.
         """
-        roster = self.engine.roster(cid)
-        with self.state.transaction() as tx:
-            if roster.is_admin(self.pid) and len(roster.pids) > 1:
-                pubs = self.engine.remove_members(cid, [self.pid])
-                self._worker.outbound.queue_publications(tx, pubs, cid)
-            else:
-                self._worker.outbound.queue_own(tx, cid, self.engine.leave(cid), OutboxKind.MSG)
-        self._wake()
+        self._changes.leave(cid)
 
     def conversations(self) -> list[ConversationInfo]:
         return conversation_infos(self.engine)
@@ -469,17 +431,6 @@ class Device:
 
     def gaps(self, cid: str | None = None) -> list[Gap]:
         return self.state.gaps(cid)
-
-    # -- subscriptions ----------------------------------------------------------------
-
-    def _follow(self, cid: str) -> None:
-        """Subscribe to a conversation we just changed, after its roster is published."""
-        roster = self.engine.roster(cid)
-        self._subs.follow(conversation_topics(self.topics, cid, roster.pids, self.pid))
-        self._wake()
-
-    def _subscribe(self, topics: Sequence[str]) -> None:
-        self._worker.subscribe(topics)
 
     # -- helpers ----------------------------------------------------------------------
 

@@ -14,18 +14,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import queue
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
 
+from fieldchat.device.acks import PowerSafeAcks
 from fieldchat.device.context import Batch, Part, Shared
 from fieldchat.device.events import Connected, Disconnected, Event
 from fieldchat.device.inbound import Inbound
-from fieldchat.device.link import Link, LinkConnection, PubackRefusal
+from fieldchat.device.link import Link, LinkConnection
+from fieldchat.device.mailbox import Acked, Arrived, Down, Item, Mailbox, Stop, SubscribeRefused, Up
 from fieldchat.device.outbound import Outbound
 from fieldchat.device.presence import STATUS_OFFLINE, STATUS_ONLINE, Presence
 from fieldchat.device.receipts import ReceiptBook
@@ -44,71 +43,15 @@ from fieldchat.schemas.errors import (
     InvalidStatus,
     KeyStoreError,
     NotAuthorized,
-    TransportError,
 )
 from fieldchat.schemas.frame import split
 from fieldchat.schemas.topics import TopicKind
 
-__all__ = ["BATCH", "MAX_QUEUE", "STATUS_OFFLINE", "STATUS_ONLINE", "Worker"]
+__all__ = ["STATUS_OFFLINE", "STATUS_ONLINE", "Worker"]
 
 PREKEY_CHECK_S = 3_600.0  # how often the worker checks whether a prekey is due
 
 log = logging.getLogger("fieldchat.device")
-
-MAX_QUEUE = 10_000  # inbound packets waiting for the worker; paho's thread blocks past it
-BATCH = 256  # inbound packets per transaction (one fsync)
-_TICK_S = 0.05
-
-
-@dataclass(frozen=True, slots=True)
-class Up:
-    conn: LinkConnection
-    session_present: bool
-
-
-@dataclass(frozen=True, slots=True)
-class Down:
-    conn: LinkConnection
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class Arrived:
-    """A PUBLISH the broker delivered (``mid`` to PUBACK once durable)."""
-
-    conn: LinkConnection
-    mid: int
-    topic: str
-    payload: bytes
-    qos: int
-
-
-@dataclass(frozen=True, slots=True)
-class Acked:
-    """The broker's answer to one of our PUBLISHes (``refusal``: it refused it)."""
-
-    conn: LinkConnection
-    mid: int
-    refusal: PubackRefusal | None  # a negative PUBACK (MQTT 5)
-
-
-@dataclass(frozen=True, slots=True)
-class SubscribeRefused:
-    conn: LinkConnection
-    topics: list[str]
-
-
-@dataclass(frozen=True, slots=True)
-class Wake:
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class Stop:
-    pass
-
-
-Item = Up | Down | Arrived | Acked | SubscribeRefused | Wake | Stop | Fetched | Archived
 
 
 class Worker(Part):
@@ -148,13 +91,13 @@ class Worker(Part):
         rosters = RosterHandler(shared, resends, self._fetch_rosters)
         self.inbound = Inbound(shared, sequencer, receipts, rosters, self._episode)
         self.outbound = Outbound(shared, sequencer, receipts, resends, subscriptions)
-        self.rounds = HistoryRounds(shared, self.inbound, self.hand_over, self.apply)
+        # What the link's and the history's threads hand the worker (the link's handler).
+        self.mailbox = Mailbox()
+        self.changed = self.mailbox.changed  # notified after every turn
+        self.rounds = HistoryRounds(shared, self.inbound, self.mailbox.hand_over, self.apply)
         self.presence = Presence(shared)
-        self._queue: queue.Queue[Item] = queue.Queue(MAX_QUEUE)
-        self.changed = threading.Condition()  # notified after every turn
         self.fatal: KeyStoreError | None = None
         self.link: Link | None = None
-        self.closed = False
         self._thread: threading.Thread | None = None
         self._retried_at_start = False
         self._next_prekey_check = 0.0
@@ -164,12 +107,9 @@ class Worker(Part):
         # Checks half of each received batch's signatures beside the worker (the
         # thread starts on first use; see Engine.preverify).
         self._verifier = ThreadPoolExecutor(1, thread_name_prefix="fieldchat-verify")
-        # PUBACKs of committed batches waiting for the fsync that makes them power-safe:
-        # (state generation to reach, acks). The fsync runs on its own thread so the
-        # worker opens and shows the next messages meanwhile (see _send_acks).
-        self._unacked: deque[tuple[int, list[tuple[LinkConnection, int]]]] = deque()
-        self._syncer = ThreadPoolExecutor(1, thread_name_prefix="fieldchat-sync")
-        self._syncing: Future[None] | None = None
+        # PUBACKs of committed batches wait for the fsync that makes them power-safe,
+        # which runs on its own thread: the worker shows the next messages meanwhile.
+        self.acks = PowerSafeAcks(shared, self.wake, self._sync_failed)
 
     def _fetch_rosters(self, cid: str, have: int) -> None:
         self.rounds.fetch_rosters(cid, have)
@@ -191,34 +131,29 @@ class Worker(Part):
 
     def stop(self) -> None:
         """Stop the thread after its turn, then the helpers (and the history thread)."""
-        self.closed = True
+        self.mailbox.closed = True
         if self._thread is not None:
-            self._queue.put(Stop())
+            self.mailbox.put(Stop())
             self._thread.join(10)
             self._thread = None
         self.rounds.close()
         self._verifier.shutdown()
-        self._syncer.shutdown()
-
-    def put(self, item: Item) -> None:
-        """Queue for the worker (the link's thread blocks while the queue is full)."""
-        self._queue.put(item)
+        self.acks.close()
 
     def wake(self) -> None:
         """A turn soon (the outbox has rows, a subscription is pending)."""
-        with contextlib.suppress(queue.Full):  # a wake-up is already pending
-            self._queue.put_nowait(Wake())
+        self.mailbox.wake()
 
-    def hand_over(self, item: Fetched | Archived) -> None:
-        """Queue for the worker, waiting while its queue is full (never past close)."""
-        while not self.closed:
-            try:
-                self._queue.put(item, timeout=0.5)
-            except queue.Full:
-                continue
-            return
-
-    # -- the link handler (paho thread: enqueue only) ----------------------------------
+    def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        """Wait until ``predicate()`` holds (checked whenever the worker made progress)."""
+        end = time.monotonic() + timeout
+        with self.changed:
+            while not predicate():
+                left = end - time.monotonic()
+                if left <= 0:
+                    return False
+                self.changed.wait(min(left, 0.1))
+        return True
 
     def wait_connected(
         self, link: Link | None, addresses: Sequence[tuple[str, int]], timeout: float
@@ -244,31 +179,6 @@ class Worker(Part):
                     raise ConnectFailed(f"no connection to {where} in {timeout:g} s")
                 self.changed.wait(min(left, 0.1))
 
-    def link_connected(self, conn: LinkConnection, session_present: bool) -> None:
-        self.put(Up(conn, session_present))
-
-    def link_message(
-        self, conn: LinkConnection, mid: int, topic: str, payload: bytes, qos: int
-    ) -> None:
-        self.put(Arrived(conn, mid, topic, payload, qos))
-
-    def link_published(self, conn: LinkConnection, mid: int, refusal: PubackRefusal | None) -> None:
-        self.put(Acked(conn, mid, refusal))
-
-    def link_disconnected(self, conn: LinkConnection, reason: str) -> None:
-        self.put(Down(conn, reason))
-
-    def link_refused(self, conn: LinkConnection, topics: list[str]) -> None:
-        self.put(SubscribeRefused(conn, topics))
-
-    def link_subscribed(self, conn: LinkConnection) -> None:  # noqa: ARG002 - read via conn
-        with self.changed:  # wait_connected waits for the SUBACKs
-            self.changed.notify_all()
-
-    def link_failed(self, error: TransportError) -> None:  # noqa: ARG002 - read via the link
-        with self.changed:
-            self.changed.notify_all()
-
     def subscribe(self, topics: Sequence[str]) -> None:
         """Want ``topics``; subscribe those new at once when connected."""
         new = self.subscriptions.add(topics)
@@ -279,14 +189,7 @@ class Worker(Part):
     def _work(self) -> None:
         """The worker thread: batches of what arrived, then what is due, until stopped."""
         while True:
-            items: list[Item] = []
-            with contextlib.suppress(queue.Empty):
-                items.append(self._queue.get(timeout=_TICK_S))
-            while items and len(items) < BATCH:
-                try:
-                    items.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
+            items = self.mailbox.take()
             stop = any(isinstance(item, Stop) for item in items)
             try:
                 self._process(items)
@@ -302,8 +205,7 @@ class Worker(Part):
                 stop = True
             except Exception:  # the worker must not die with the device still open
                 log.exception("device worker error")
-            with self.changed:
-                self.changed.notify_all()
+            self.mailbox.turned()
             if stop:
                 return
 
@@ -414,7 +316,7 @@ class Worker(Part):
             self._emit(event)
         # Acknowledged only once durable: after a power cut the broker still has them.
         if batch.acks:
-            self._unacked.append((self.state.generation, batch.acks))
+            self.acks.add(batch.acks)
             self._send_acks()
         if batch.subscribe:
             self.subscribe(sorted(batch.subscribe))
@@ -431,32 +333,17 @@ class Worker(Part):
             self._follow_presence()
 
     def _send_acks(self) -> None:
-        """PUBACK, in order, what an fsync has made power-safe; start one for the rest.
-
-        One fsync at a time covers every batch committed before it started (group
-        commit), and the worker does not wait for it: under a busy disk a slow fsync
-        delays PUBACKs, not the next messages on screen.
+        """PUBACK what an fsync has made power-safe (device/acks.py).
 
         Raises:
             KeyStoreError: a background fsync failed (the device stops).
         """
         if self.fatal is not None:
             raise self.fatal
-        synced = self.state.synced_generation
-        while self._unacked and self._unacked[0][0] <= synced:
-            _, acks = self._unacked.popleft()
-            for conn, mid in acks:
-                if conn.connected:
-                    conn.ack(mid)
-        if self._unacked and (self._syncing is None or self._syncing.done()):
-            self._syncing = self._syncer.submit(self._sync_for_acks)
+        self.acks.send()
 
-    def _sync_for_acks(self) -> None:
-        try:
-            self.state.sync()
-        except KeyStoreError as exc:
-            self.fatal = exc  # raised on the worker by _send_acks
-        self.wake()
+    def _sync_failed(self, exc: KeyStoreError) -> None:
+        self.fatal = exc  # raised on the worker by _send_acks
 
     def _control(self, item: Up | Down, batch: Batch) -> None:
         """A connection came up (publish bundle and status, outbox, subscribe) or went."""

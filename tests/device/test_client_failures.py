@@ -68,7 +68,7 @@ def test_three_devices_chat_and_an_outsider_reads_nothing(devices: Devices) -> N
     cid, made = conversation(devices, "alice", "bob", "carol")
     outsider = devices.make("dave")
     # The outsider subscribes wherever the broker lets it: the conversation's topics.
-    outsider._subscribe([outsider.topics.msg(cid), outsider.topics.roster(cid)])
+    outsider._worker.subscribe([outsider.topics.msg(cid), outsider.topics.roster(cid)])
     observer = None
     if isinstance(devices.broker, Mosquitto):
         observer = _Observer(devices.broker, f"{devices.broker_prefix}/#")
