@@ -158,3 +158,68 @@ def test_after_a_sender_restart_the_signature_covers_only_what_came_since():
         alice.open(cid, e)
     assert settled(alice) == [((3,), Verdict.VERIFIED, True)]
     assert alice.counters["coverage_forged"] == 0
+
+
+def reopen(mesh: Mesh, name: str) -> Engine:
+    """``name``'s engine read back from its key store, as after a restart (the device
+    flushes in the transaction of each batch of messages, and on close)."""
+    old = mesh[name]
+    old.flush()
+    mesh.engines[name] = Engine(old.identity, store=old.store)
+    return mesh[name]
+
+
+def test_a_message_pending_before_a_restart_is_verified_after_it():
+    mesh, cid, alice, bob, _ = three()
+    sent = [bob.seal(cid, text(f"b{i}")) for i in range(5)]
+    opened = [alice.open(cid, e) for e in sent[:4]]
+    assert [o.pending for o in opened if o] == [False, True, True, True]
+    alice = reopen(mesh, "alice")
+    assert text_of(alice.open(cid, sent[4])) == "b4"
+    assert settled(alice) == [((1, 2, 3), Verdict.VERIFIED, True)]
+    alice.flush()
+    assert list(alice.store.load_prefix("covered/")) == []  # settled: the records are gone
+
+
+def test_a_forgery_shown_before_a_restart_is_flagged_after_it():
+    mesh, cid, alice, bob, carol = three()
+    sent = [bob.seal(cid, text(f"b{i}")) for i in range(9)]
+    forgery = forge_as(carol, cid, bob, 2, "from bob: pay Carol")
+    for e in (sent[0], sent[1], forgery, sent[2], sent[3]):
+        alice.open(cid, e)  # Bob's own step 2, second, kept as a candidate
+    alice = reopen(mesh, "alice")
+    alice.open(cid, sent[4])
+    assert settled(alice) == [((1, 3), Verdict.VERIFIED, True), ((2,), Verdict.FORGED, True)]
+    # The next window: the signed envelope waits for a missing step across a restart.
+    for e in (sent[5], sent[7], sent[8]):
+        alice.open(cid, e)
+    alice = reopen(mesh, "alice")
+    forged = forge_as(carol, cid, bob, 6, "forged")
+    alice.open(cid, forged)
+    assert settled(alice) == [((5, 6, 7), Verdict.FORGED, False)]
+    assert alice.counters["coverage_forged"] == 3
+
+
+def test_corrupt_coverage_records_are_dropped_and_counted_at_load():
+    mesh, cid, alice, bob, _ = three()
+    sent = [bob.seal(cid, text(f"b{i}")) for i in range(5)]
+    for e in sent[:4]:
+        alice.open(cid, e)
+    alice.flush()
+    records = sorted(alice.store.load_prefix("covered/"))
+    assert len(records) == 3  # steps 1, 2, 3: one record each
+    alice.store.save(
+        {
+            records[1]: b"\x93not a record",  # step 2: msgpack junk
+            records[2]: b"\x00" * 100_000,  # step 3: oversized
+            f"covering/{cid}/0/0/0/4": b"\xc1",  # a waiting signature that does not parse
+        }
+    )
+    alice = reopen(mesh, "alice")
+    assert alice.counters["corrupt_record"] == 3
+    alice.open(cid, sent[4])  # steps 2 and 3 are forgotten: the signature waits for them
+    assert settled(alice) == []
+    alice.flush()
+    assert sorted(alice.store.load_prefix("covered/")) == records[:1]  # dropped from disk
+    assert sorted(alice.store.load_prefix("covering/")) == [f"covering/{cid}/0/0/0/4"]
+    assert reopen(mesh, "alice").counters["corrupt_record"] == 0
