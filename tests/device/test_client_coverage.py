@@ -78,6 +78,41 @@ def test_a_members_forgery_is_flagged_within_n_messages(mosquitto_devices: Devic
     assert any(isinstance(e, MessageVerified) for e in events)
 
 
+def test_messages_pending_when_the_receiver_stops_are_verified_after_its_restart(
+    mosquitto_devices: Devices,
+) -> None:
+    """Bob closes while Alice's unsigned messages are pending, and starts again before
+    her next signed envelope: it settles them (the coverage state is in his state file,
+    written with the messages). Before, they stayed pending for good."""
+    devices = mosquitto_devices
+    cid, (alice, bob) = members(devices, Policy(sign_every=4), "alice", "bob")
+    events = devices.events[bob.pid]
+    sent = 0
+    while not (shown := received(events)) or not shown[-1].pending:
+        alice.send(cid, f"a{sent}")
+        sent += 1
+        wait_until(holds(bob, cid, sent), 10, "bob has it")
+        assert sent < 8, "no unsigned message in two windows"
+    last_signed = max((e.step for e in shown if not e.pending), default=-1)
+    pending = [e for e in shown if e.pending and e.step > last_signed]  # not settled yet
+    assert all(r.trust is Trust.PENDING for r in bob.messages(cid) if r.step > last_signed)
+    bob = devices.reopen(bob)
+    bob.wait_connected(10)
+    restart = len(events)
+    for i in range(4):  # Alice's next signed step comes within these four
+        alice.send(cid, f"b{i}")
+    wait_until(
+        lambda: all(rows_trust(bob, cid, e.text) for e in pending), 20, "the pending ones verified"
+    )
+    verified = {s for e in events[restart:] if isinstance(e, MessageVerified) for s in e.steps}
+    assert {e.step for e in pending} <= verified
+    assert bob.counters["forgery"] == 0
+
+
+def received(events: list[Event]) -> list[MessageReceived]:
+    return [e for e in events if isinstance(e, MessageReceived)]
+
+
 def holds(device: Device, cid: str, count: int) -> Callable[[], bool]:
     return lambda: len(texts(device, cid)) == count
 
