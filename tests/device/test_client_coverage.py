@@ -25,7 +25,7 @@ from fieldchat.schemas.crypto import aead_seal
 from fieldchat.schemas.envelope import EnvelopeKind, header_bytes
 from fieldchat.schemas.ids import decode_id
 from fieldchat.schemas.messages import encode_plaintext
-from tests.device.conftest import FAST, STACK_QUEUE, Devices, texts, wait_until
+from tests.device.conftest import FAST, STACK_QUEUE, Devices, Peer, texts, wait_until
 from tests.device.test_client_trust import members, publish
 
 pytestmark = pytest.mark.mosquitto
@@ -107,6 +107,44 @@ def test_messages_pending_when_the_receiver_stops_are_verified_after_its_restart
     verified = {s for e in events[restart:] if isinstance(e, MessageVerified) for s in e.steps}
     assert {e.step for e in pending} <= verified
     assert bob.counters["forgery"] == 0
+
+
+def test_messages_pending_when_the_receiver_is_killed_are_verified_after_its_restart(
+    mosquitto_devices: Devices,
+) -> None:
+    """Bob's process is SIGKILLed (no flush, no clean stop) once it has stored Alice's
+    unsigned messages: the coverage state was committed with them, so the restarted
+    Bob settles them when her signed envelope comes."""
+    devices = mosquitto_devices
+    cid, (alice, bob) = members(devices, Policy(sign_every=4), "alice", "bob")
+    path = bob.state.path
+    devices.open.remove(bob)
+    bob.close()
+    peer = Peer(path, devices.broker, bob.pid, cid).start(expect=1_000, duration=60)  # runs on
+    try:
+        sent: list[str] = []
+        while not sent or (alice.engine.sending_step(cid) or 0) % 4 == 1:
+            sent.append(f"a{len(sent)}")  # until the last one sent is unsigned
+            alice.send(cid, sent[-1])
+            assert len(sent) < 8, "no unsigned step in two windows"
+        # Bob receipts what he stored: then it is committed, coverage records included.
+        wait_until(lambda: alice.undelivered(cid) == 0, 30, "bob stored them")
+        peer.kill()
+    finally:
+        if peer.proc is not None:
+            peer.kill()
+    events: list[Event] = []
+    bob = Device(path, devices.broker.options(bob.pid), link=FAST, on_event=events.append)
+    devices.open.append(bob)
+    bob.start().wait_connected(10)
+    pending = [r.text or "" for r in bob.messages(cid) if r.trust is Trust.PENDING]
+    assert pending, [(r.step, r.text, r.trust.name) for r in bob.messages(cid)]
+    for i in range(4):  # Alice's next signed step comes within these four
+        alice.send(cid, f"b{i}")
+    wait_until(
+        lambda: all(rows_trust(bob, cid, text) for text in pending), 20, "the pending verified"
+    )
+    assert any(isinstance(e, MessageVerified) for e in events)
 
 
 def received(events: list[Event]) -> list[MessageReceived]:
