@@ -393,15 +393,26 @@ class Opener:
             if chain is not None:
                 chain.dirty = False
                 writes[recv_key(cid, key)] = recv_record(chain)
-        if self._coverage_dirty or self._coverage_writes:
-            writes.update(self._coverage_writes)
-            self._write_coverage(writes)
+        coverage, self._coverage_writes = self._coverage_writes, {}
+        if self._coverage_dirty:
+            self._write_coverage(coverage)
+            self._coverage_dirty.clear()
+        writes.update(coverage)
         if writes:
-            self._store.save(writes)
+            try:
+                self._store.save(writes)
+            except BaseException:
+                self._unflushed(coverage)
+                raise
+            if coverage:  # memory stays ahead of a transaction that rolls back
+                self._store.on_rollback(lambda: self._unflushed(coverage))
         self._dirty.clear()
-        self._coverage_dirty.clear()
-        self._coverage_writes = {}
         self._opens_since_flush = 0
+
+    def _unflushed(self, coverage: Writes) -> None:
+        """Coverage records that did not reach the disk: written at the next flush
+        (unless a newer change of the same entry is due by then)."""
+        self._coverage_writes = {**coverage, **self._coverage_writes}
 
     def _write_coverage(self, writes: Writes) -> None:
         """The records of the coverage entries changed since the last flush: one per

@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import time
 
-from fieldchat.device._coverage import MAX_OTHERS, Verdict
+import pytest
+
+from fieldchat.device._coverage import MAX_OTHERS, MAX_WAITING, Verdict
 from fieldchat.device.chains import step_keys
 from fieldchat.device.engine import Engine
+from fieldchat.device.state import DeviceState
 from fieldchat.schemas import TextMessage
+from fieldchat.schemas._codec import pack, unpack
 from fieldchat.schemas.crypto import aead_seal
 from fieldchat.schemas.envelope import EnvelopeKind, header_bytes, read_header
 from fieldchat.schemas.ids import decode_id
@@ -158,6 +162,54 @@ def test_after_a_sender_restart_the_signature_covers_only_what_came_since():
         alice.open(cid, e)
     assert settled(alice) == [((3,), Verdict.VERIFIED, True)]
     assert alice.counters["coverage_forged"] == 0
+
+
+def test_coverage_records_of_a_rolled_back_transaction_are_written_again(tmp_path):
+    """The device flushes inside its transaction; if that rolls back, the coverage the
+    engine holds in memory is written by the next flush instead of being lost."""
+    mesh, cid, alice, bob, _ = three()
+    state = DeviceState(tmp_path / "alice.sqlite3")
+    try:
+        state.save(alice.store.load_prefix(""))  # alice's records so far, now on file
+        mesh.engines["alice"] = alice = Engine(alice.identity, store=state)
+        sent = [bob.seal(cid, text(f"b{i}")) for i in range(5)]
+
+        def failing_batch() -> None:
+            with state.transaction():
+                for e in sent[:4]:
+                    alice.open(cid, e)
+                alice.flush()
+                raise RuntimeError("the batch failed after the flush")
+
+        with pytest.raises(RuntimeError):
+            failing_batch()
+        assert list(state.load_prefix("covered/")) == []  # rolled back
+        alice.flush()
+        assert len(state.load_prefix("covered/")) == 3
+        alice = reopen(mesh, "alice")
+        alice.open(cid, sent[4])
+        assert settled(alice) == [((1, 2, 3), Verdict.VERIFIED, True)]
+    finally:
+        state.close()
+
+
+def test_too_many_waiting_signatures_on_disk_are_dropped_past_the_bound():
+    mesh, cid, alice, bob, _ = three()
+    sent = [bob.seal(cid, text(f"b{i}")) for i in range(5)]
+    alice.open(cid, sent[0])
+    alice.open(cid, sent[4])  # waits for steps 1..3
+    alice.flush()
+    ((key, raw),) = alice.store.load_prefix("covering/").items()
+    fields = unpack(raw, "test")
+    extra = {}
+    for step in range(8, 8 + 4 * MAX_WAITING, 4):  # as if more had waited
+        extra[key.rsplit("/", 1)[0] + f"/{step}"] = pack((*fields[:3], step, *fields[4:]))
+    alice.store.save(extra)
+    alice = reopen(mesh, "alice")
+    assert alice.counters["corrupt_record"] == 1  # the oldest, step 4, beyond MAX_WAITING
+    alice.flush()
+    assert key not in alice.store.load_prefix("covering/")
+    assert len(alice.store.load_prefix("covering/")) == MAX_WAITING
 
 
 def reopen(mesh: Mesh, name: str) -> Engine:
