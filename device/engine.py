@@ -552,9 +552,12 @@ class Engine:
         message = opened.message
         assert isinstance(message, Control)
         conv = self._convs[opened.cid]
+        if message.op.signed_only and not opened.signed:
+            # Unsigned, any member could have sealed it in the sender's name (§6.5).
+            self.counters["unsigned_control"] += 1
+            return
         if message.op is ControlOp.ENDS:
-            if opened.signed:  # unsigned, any member could state another's end (§6.5)
-                self._keying.learn_ends(conv, opened.sender, message.ends)
+            self._keying.learn_ends(conv, opened.sender, message.ends)
             return
         if message.op in (ControlOp.UPDATE, ControlOp.REKEY) and (
             not conv.removed and conv.roster.is_admin(self.pid)
