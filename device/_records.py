@@ -33,6 +33,9 @@ ENDS_PREFIX = "ends/"  # chain ends stated by senders, one record per conversati
 # changes and deleted when settled, so a message costs O(1) writes, never the chain's.
 COVERED_PREFIX = "covered/"
 COVERING_PREFIX = "covering/"
+# Our own unsigned envelopes since our last signed one, per conversation, kept by a
+# clean stop (Engine.park) so the next signed envelope covers them; consumed at load.
+SENT_COVER_PREFIX = "sentcover/"
 
 Writes = dict[str, bytes | None]
 """Records to write in one :meth:`KeyStore.save` (``None`` deletes)."""
@@ -122,6 +125,15 @@ def send_record(conv: Conversation, reservation: tuple[int, bytes] | None = None
 
 def ends_record(conv: Conversation) -> bytes:
     return pack(tuple((*key, step) for key, step in sorted(conv.ends.items())))
+
+
+def sent_cover_key(cid: str) -> str:
+    return f"{SENT_COVER_PREFIX}{cid}"
+
+
+def sent_cover_record(chain: SendChain, digests: list[bytes]) -> bytes:
+    """The digests of our unsigned envelopes just before ``chain``'s next step."""
+    return pack((chain.epoch, chain.chain, chain.step, tuple(digests)))
 
 
 def unused_steps_record(chain: SendChain) -> bytes:

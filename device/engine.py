@@ -178,6 +178,7 @@ class Engine:
             self._conversations,
         )
         self._opener.adopt_coverage(*load_coverage(self.store, self._conversations, self.counters))
+        self._sealer.adopt_parked_cover(self.counters)
 
     @classmethod
     def open_store(

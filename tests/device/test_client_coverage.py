@@ -188,6 +188,26 @@ def rows_trust(device, cid: str, text: str) -> bool:
     return bool(rows) and rows[0].trust is Trust.VERIFIED
 
 
+def test_messages_sent_one_process_at_a_time_are_verified(mosquitto_devices: Devices) -> None:
+    """Each standalone ``fieldchat device send`` opens the state, sends one message and
+    stops cleanly. The unsigned ones used to stay pending at the receivers for good:
+    the sender forgot their digests at each stop. A clean stop keeps them (§6.5)."""
+    devices = mosquitto_devices
+    cid, (alice, bob) = members(devices, Policy(sign_every=4), "alice", "bob")
+    for i in range(5):  # a new process for each message, as the CLI does
+        alice.send(cid, f"one at a time {i}")
+        assert alice.wait_drained(10)
+        alice = devices.reopen(alice)
+    wait_until(lambda: len(texts(bob, cid)) == 5, 15, "bob has them")
+    wait_until(
+        lambda: all(r.trust is not Trust.PENDING for r in bob.messages(cid)),
+        15,
+        "none left pending",
+    )
+    assert {r.trust for r in bob.messages(cid)} <= {Trust.VERIFIED, Trust.AUTHENTIC}
+    assert bob.counters["forgery"] == 0
+
+
 def test_the_cli_says_verified_quietly_and_forgery_loudly(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

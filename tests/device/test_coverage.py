@@ -150,10 +150,42 @@ def test_sign_every_one_and_zero_show_nothing_pending():
         assert settled(alice) == []
 
 
-def test_after_a_sender_restart_the_signature_covers_only_what_came_since():
-    """The sender's coverage memory is not persisted (§6.5): its next signed envelope
-    covers the steps sealed since the restart; the earlier ones stay pending, never
-    flagged as forged."""
+def test_after_a_clean_restart_the_sender_s_next_signature_covers_what_came_before():
+    """A clean stop (park) keeps the digests of our unsigned envelopes since our last
+    signed one: the next start's signed envelope covers them too. Each standalone
+    ``fieldchat device send`` is such a restart; before this, every message it sent
+    unsigned stayed pending at the receivers for good."""
+    mesh, cid, alice, bob, _ = three()
+    before = [bob.seal(cid, text(f"b{i}")) for i in range(3)]  # 0 signed, 1-2 unsigned
+    bob.flush()
+    bob.park()
+    bob = mesh.engines["bob"] = Engine(bob.identity, store=bob.store)
+    assert bob.store.load_prefix("sentcover/") == {}  # consumed at load
+    after = [bob.seal(cid, text(f"b{i}")) for i in range(3, 5)]
+    assert read_header(after[1]).cover(after[1]) == 3  # step 4 covers steps 1-3
+    for e in before + after:
+        alice.open(cid, e)
+    assert settled(alice) == [((1, 2, 3), Verdict.VERIFIED, True)]
+
+
+def test_a_malformed_sent_cover_record_is_counted_and_dropped():
+    _, cid, _, bob, _ = three()
+    bob.seal(cid, text("b0"))
+    bob.seal(cid, text("b1"))
+    bob.park()
+    (key,) = bob.store.load_prefix("sentcover/")
+    bob.store.save({key: b"\x93\x00"})
+    again = Engine(bob.identity, store=bob.store)
+    assert again.counters["corrupt_record"] == 1
+    assert again.store.load_prefix("sentcover/") == {}
+    signed = [again.seal(cid, text(f"b{i}")) for i in range(2, 5)][-1]
+    assert read_header(signed).cover(signed) == 2  # steps 2-3 only, as after a crash
+
+
+def test_after_a_sender_crash_the_signature_covers_only_what_came_since():
+    """Without a clean stop the sender's coverage memory is lost (§6.5): its next signed
+    envelope covers the steps sealed since the restart; the earlier ones stay pending,
+    never flagged as forged."""
     _, cid, alice, bob, _ = three()
     before = [bob.seal(cid, text(f"b{i}")) for i in range(3)]  # 0 signed, 1-2 unsigned
     bob._sealer._covering.clear()  # what a restart forgets
