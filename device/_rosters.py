@@ -60,9 +60,12 @@ class RosterChains:
 
     def awaiting(self) -> dict[str, int]:
         """cid -> the newest epoch of the verified chain, of conversations holding
-        rosters that wait for missing epochs (-1: none yet, epoch 0 is missing)."""
+        rosters that wait for missing epochs, or deliveries and grants that wait for
+        their epoch's roster (-1: none yet, epoch 0 is missing)."""
         return {
-            cid: conv.tip for cid, conv in self._conversations.by_cid.items() if conv.candidates
+            cid: conv.tip
+            for cid, conv in self._conversations.by_cid.items()
+            if conv.candidates or conv.held_grants
         }
 
     def adopt(self, conv: Conversation, roster: Roster) -> None:

@@ -24,7 +24,7 @@ from fieldchat.device.keystore import KeyStore
 from fieldchat.schemas import Message, encode_plaintext
 from fieldchat.schemas.envelope import coverage_digest, envelope_digest, seal_envelope
 from fieldchat.schemas.errors import EpochKeyPending, KeyStoreError, NotAMember
-from fieldchat.schemas.messages import kind_of
+from fieldchat.schemas.messages import Control, kind_of
 
 __all__ = ["Sealer"]
 
@@ -61,7 +61,10 @@ class Sealer:
         self._covering: dict[str, _Covering] = {}
 
     def seal(self, cid: str, message: Message, force_sign: bool = False) -> bytes:
-        """See :meth:`Engine.seal`. ``force_sign``: whatever the policy (ENDS, §6.5)."""
+        """See :meth:`Engine.seal`. ``force_sign``: whatever the policy; controls other
+        than JOINED always are (``ControlOp.signed_only``, §6.5)."""
+        if isinstance(message, Control) and message.op.signed_only:
+            force_sign = True
         if self._parked:
             raise KeyStoreError("the engine stopped (parked at close): open it again to send")
         conv = self._conversations.joined(cid)

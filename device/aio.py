@@ -299,12 +299,13 @@ class AsyncDevice:
         return self._open_device().protocol
 
     async def wait_connected(self, timeout: float = 10.0) -> None:
-        """Wait until connected to the broker.
+        """Wait until connected to the broker and subscribed (its SUBACKs arrived; see
+        :meth:`Device.wait_connected`).
 
         Raises:
             NotAuthorized: the broker refused our credential (at once).
-            ConnectFailed: not connected within ``timeout`` (with the last reason), or
-                the device closed meanwhile.
+            ConnectFailed: not connected or not subscribed within ``timeout`` (with the
+                last reason), or the device closed meanwhile.
         """
         device = self._open_device()
         end = time.monotonic() + timeout

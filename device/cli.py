@@ -748,7 +748,14 @@ def listen(
     shown = 0
     with _errors("listen"):
         if (daemon := _daemon()) is not None:
-            remote.listen(daemon, cid, json_out=json_out, count=count, duration=duration)
+            remote.listen(
+                daemon,
+                cid,
+                json_out=json_out,
+                count=count,
+                duration=duration,
+                exit_on_disconnect=timeout if exit_on_disconnect else None,
+            )
             return
         device = _device_for(events.put)
         from fieldchat.device.cli_output import note, render, write  # noqa: PLC0415 - loaded

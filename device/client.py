@@ -246,11 +246,15 @@ class Device:
         return self._worker.presence.online()
 
     def wait_connected(self, timeout: float = 10.0) -> None:
-        """Block until connected.
+        """Block until connected and the broker confirmed our subscriptions (SUBACK):
+        from then on what is published to us, an invitation to our inbox say, reaches
+        us. A broker may create a subscription well after a later PUBLISH of ours is
+        acknowledged (NATS builds a JetStream consumer for each).
 
         Raises:
             NotAuthorized: the broker refused our credential.
-            ConnectFailed: not connected within ``timeout`` (the last reason).
+            ConnectFailed: not connected, or not subscribed, within ``timeout`` (the
+                last reason).
         """
         self._worker.wait_connected(self._link, self.broker.addresses, timeout)
         self._raise_fatal()

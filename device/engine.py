@@ -66,6 +66,7 @@ __all__ = [
     "MAX_JOINING",
     "MAX_PENDING_GRANTS",
     "MAX_ROSTER_CANDIDATES",
+    "UPDATE_EPOCH_EVERY_S",
     "BundleStatus",
     "BundleUpdate",
     "Engine",
@@ -73,6 +74,12 @@ __all__ = [
     "Opened",
     "Publication",
 ]
+
+# An admin issues at most one epoch per conversation this often for UPDATE and REKEY
+# requests (§6.7): each costs a roster and n-1 deliveries (≈ 1.3 KB a member), and any
+# member can send requests, so unbounded answers would let one member spend everyone's
+# airtime. Requests arriving meanwhile wait and are answered together.
+UPDATE_EPOCH_EVERY_S = 60.0
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -121,6 +128,7 @@ class Engine:
         # UPDATE and REKEY requests (§6.7) we answer as an admin: cid -> sender -> the
         # prekey (id, digest) the new epoch must be delivered to (None: any).
         self._updates: dict[str, dict[str, tuple[int, bytes] | None]] = {}
+        self._updated_at: dict[str, float] = {}  # cid -> when we last answered requests
         self.store: KeyStore = store if store is not None else MemoryKeyStore()
         self.topics = topics or Topics()
         self.counters: Counter[str] = Counter()
@@ -392,8 +400,9 @@ class Engine:
         return [] if grown is None else self._keying.follow_tip(grown)
 
     def awaiting_rosters(self) -> dict[str, int]:
-        """Conversations holding rosters that wait for missing epochs: cid -> the
-        newest epoch of the verified chain held (-1: none yet, epoch 0 is missing)."""
+        """Conversations whose rosters, deliveries or grants wait for missing epochs:
+        cid -> the newest epoch of the verified chain held (-1: none yet, epoch 0 is
+        missing)."""
         with self._lock:
             return self._rosters.awaiting()
 
@@ -493,12 +502,18 @@ class Engine:
     def answer_updates(self) -> list[Publication]:
         """As an admin: a new epoch for each conversation with an UPDATE or REKEY we
         can answer now (an UPDATE once we hold the bundle with the prekey it names, so
-        the new secret never goes to the old, perhaps stolen, prekey)."""
+        the new secret never goes to the old, perhaps stolen, prekey), and at most one
+        every ``UPDATE_EPOCH_EVERY_S`` per conversation: later requests wait
+        (:meth:`epoch_requests_due`)."""
         out: list[Publication] = []
+        now = self._clock()
         for cid, asked in list(self._updates.items()):
             conv = self._convs.get(cid)
             if conv is None or conv.removed or not conv.roster.is_admin(self.pid):
                 del self._updates[cid]
+                continue
+            last = self._updated_at.get(cid)
+            if last is not None and now - last < UPDATE_EPOCH_EVERY_S:
                 continue
             ready = [pid for pid, want in asked.items() if self._prekey_ready(pid, want)]
             if not ready:
@@ -507,8 +522,20 @@ class Engine:
                 del asked[pid]
             if not asked:
                 del self._updates[cid]
+            self._updated_at[cid] = now
             out += self._membership.set_policy(cid, conv.roster.policy)
         return out
+
+    def epoch_requests_due(self) -> bool:
+        """Whether :meth:`answer_updates` would answer something now (a request whose
+        turn came while it waited, checked by the device every second)."""
+        with self._lock:
+            now = self._clock()
+            return any(
+                now - self._updated_at.get(cid, now - UPDATE_EPOCH_EVERY_S) >= UPDATE_EPOCH_EVERY_S
+                and any(self._prekey_ready(pid, want) for pid, want in asked.items())
+                for cid, asked in self._updates.items()
+            )
 
     def _prekey_ready(self, pid: str, want: tuple[int, bytes] | None) -> bool:
         if want is None:
@@ -523,9 +550,12 @@ class Engine:
         message = opened.message
         assert isinstance(message, Control)
         conv = self._convs[opened.cid]
+        if message.op.signed_only and not opened.signed:
+            # Unsigned, any member could have sealed it in the sender's name (§6.5).
+            self.counters["unsigned_control"] += 1
+            return
         if message.op is ControlOp.ENDS:
-            if opened.signed:  # unsigned, any member could state another's end (§6.5)
-                self._keying.learn_ends(conv, opened.sender, message.ends)
+            self._keying.learn_ends(conv, opened.sender, message.ends)
             return
         if message.op in (ControlOp.UPDATE, ControlOp.REKEY) and (
             not conv.removed and conv.roster.is_admin(self.pid)
@@ -536,6 +566,9 @@ class Engine:
                 else None
             )
             self._updates.setdefault(opened.cid, {})[opened.sender] = want
+            last = self._updated_at.get(opened.cid)
+            if last is not None and self._clock() - last < UPDATE_EPOCH_EVERY_S:
+                self.counters["epoch_request_deferred"] += 1
 
     # -- messages ---------------------------------------------------------------------
 

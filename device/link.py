@@ -79,6 +79,9 @@ class LinkHandler(Protocol):
 
     def link_refused(self, conn: LinkConnection, topics: list[str]) -> None: ...
 
+    def link_subscribed(self, conn: LinkConnection) -> None:
+        """A SUBACK arrived (refused topics were reported first)."""
+
     def link_failed(self, error: TransportError) -> None: ...
 
 
@@ -119,6 +122,9 @@ class LinkConnection:
         self._inbound: dict[int, str] = {}  # the broker's aliases (link thread only)
         self.io = threading.Lock()  # taken before _alias_lock, never after it
         self.pending_subscribes: dict[int, list[str]] = {}
+        # Set by the device once it sent the SUBSCRIBEs a new connection needs: with no
+        # SUBACK pending after that, what is published to us is routed to us.
+        self.ready = False
 
     def publish(
         self, topic: str, payload: bytes, *, retain: bool = False, alias: bool = False
@@ -367,6 +373,7 @@ class Link:
             refused = [t for t, rc in zip(topics, codes, strict=False) if rc.is_failure]
             if refused:
                 self.handler.link_refused(conn, refused)
+            self.handler.link_subscribed(conn)
 
         client.on_connect = on_connect
         client.on_subscribe = on_subscribe

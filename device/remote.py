@@ -234,15 +234,26 @@ def listen(
     json_out: bool,
     count: int | None,
     duration: float | None,
+    exit_on_disconnect: float | None = None,
 ) -> None:
     """Messages past the shared cursor (each shown once across every listen), then as
     they arrive; events as notes. A daemon that restarts (``systemctl restart``) is
-    waited for, up to :data:`DAEMON_RESTART_S`; one that does not come back is exit 3."""
+    waited for, up to :data:`DAEMON_RESTART_S`; one that does not come back is exit 3.
+    ``exit_on_disconnect``: exit 3 when the daemon is not connected to the broker
+    within that many seconds, or loses the connection (``listen --exit-on-disconnect``)."""
     shown = [0]
     end = None if duration is None else time.monotonic() + duration
     while True:
         try:
-            _listen(client, cid, json_out=json_out, count=count, end=end, shown=shown)
+            _listen(
+                client,
+                cid,
+                json_out=json_out,
+                count=count,
+                end=end,
+                shown=shown,
+                exit_on_disconnect=exit_on_disconnect,
+            )
         except DaemonGone as exc:
             again = _reconnect(client, end)
             if again is None:
@@ -284,6 +295,7 @@ def _listen(
     count: int | None,
     end: float | None,
     shown: list[int],
+    exit_on_disconnect: float | None,
 ) -> None:
     """:func:`listen` on one connection; ``shown[0]`` counts what was printed.
 
@@ -292,6 +304,8 @@ def _listen(
     """
     with _failures(client, gone=False):
         client.call("subscribe", {"cids": [cid]} if cid is not None else {})
+        if exit_on_disconnect is not None:
+            _wait_connected(client, exit_on_disconnect)
         while count is None or shown[0] < count:
             limit = _BATCH if count is None else min(_BATCH, count - shown[0])
             params: dict[str, Any] = {"limit": limit}
@@ -313,7 +327,29 @@ def _listen(
                     continue
                 if event.get("type") == "message":
                     break
+                if exit_on_disconnect is not None and event.get("type") == "disconnected":
+                    reason = event.get("reason", "")
+                    typer.echo(f"error: the connection to the broker dropped ({reason})", err=True)
+                    raise typer.Exit(ExitCode.UNAVAILABLE)
                 _note(event, json_out)
+
+
+def _wait_connected(client: ControlClient, timeout: float) -> None:
+    """Exit 3 unless the daemon is connected to the broker within ``timeout`` s (its
+    ``connected`` notification, or its status, polled as the notification may have
+    gone before we subscribed)."""
+    give_up = time.monotonic() + timeout
+    while not client.call("status")["connected"]:
+        left = give_up - time.monotonic()
+        if left <= 0:
+            typer.echo(
+                f"error: the device daemon is not connected to the broker ({timeout:g} s)",
+                err=True,
+            )
+            raise typer.Exit(ExitCode.UNAVAILABLE)
+        event = client.next_event(min(left, 0.5))
+        if event is not None and event.get("type") == "connected":
+            return
 
 
 def chat(client: ControlClient, cid: str) -> None:

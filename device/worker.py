@@ -31,6 +31,7 @@ from fieldchat.device.presence import STATUS_OFFLINE, STATUS_ONLINE, Presence
 from fieldchat.device.receipts import ReceiptBook
 from fieldchat.device.refusals import refuse
 from fieldchat.device.resend import Resends
+from fieldchat.device.roster_wait import RosterWait
 from fieldchat.device.rosters import RosterHandler
 from fieldchat.device.rounds import Archived, HistoryRounds
 from fieldchat.device.sequencer import Sequencer
@@ -158,6 +159,8 @@ class Worker(Part):
         self._retried_at_start = False
         self._next_prekey_check = 0.0
         self._next_housekeeping = 0.0
+        self.roster_wait = RosterWait()
+        self._next_roster_wait = 0.0
         # Checks half of each received batch's signatures beside the worker (the
         # thread starts on first use; see Engine.preverify).
         self._verifier = ThreadPoolExecutor(1, thread_name_prefix="fieldchat-verify")
@@ -220,18 +223,24 @@ class Worker(Part):
     def wait_connected(
         self, link: Link | None, addresses: Sequence[tuple[str, int]], timeout: float
     ) -> None:
-        """Block until the worker has a connection (see ``Device.wait_connected``)."""
+        """Block until the worker has a connection whose subscriptions the broker
+        confirmed (see ``Device.wait_connected``)."""
         end = time.monotonic() + timeout
         with self.changed:
-            while self.outbound.conn is None:
+            while (conn := self.outbound.conn) is None or not conn.ready or conn.pending_subscribes:
                 error = link.last_error if link else None
                 if isinstance(error, NotAuthorized):
                     raise error
                 left = end - time.monotonic()
                 if left <= 0:
+                    where = ", ".join(f"{h}:{p}" for h, p in addresses)
+                    if conn is not None:
+                        raise ConnectFailed(
+                            f"connected to {where}, but the broker did not confirm our "
+                            f"subscriptions in {timeout:g} s"
+                        )
                     if error is not None:
                         raise type(error)(str(error))
-                    where = ", ".join(f"{h}:{p}" for h, p in addresses)
                     raise ConnectFailed(f"no connection to {where} in {timeout:g} s")
                 self.changed.wait(min(left, 0.1))
 
@@ -251,6 +260,10 @@ class Worker(Part):
 
     def link_refused(self, conn: LinkConnection, topics: list[str]) -> None:
         self.put(SubscribeRefused(conn, topics))
+
+    def link_subscribed(self, conn: LinkConnection) -> None:  # noqa: ARG002 - read via conn
+        with self.changed:  # wait_connected waits for the SUBACKs
+            self.changed.notify_all()
 
     def link_failed(self, error: TransportError) -> None:  # noqa: ARG002 - read via the link
         with self.changed:
@@ -466,6 +479,8 @@ class Worker(Part):
             self.outbound.pump()
             topics = self.subscriptions.connected()
             conn.subscribe(topics, no_local=no_local(topics))
+            conn.ready = True
+            self.roster_wait.reconnected()
             now = self._clock()
             self.inbound.hold_again(now)
             if self.link is not None and self.link.connects > 1:
@@ -519,5 +534,25 @@ class Worker(Part):
             for gap in self.outbound.housekeeping(now):
                 self.rounds.ask_history(gap)
         self.rounds.tick(now, connected=self.outbound.conn is not None)
+        if self.outbound.conn is not None and now >= self._next_roster_wait:
+            self._next_roster_wait = now + 1.0
+            self._ask_rosters_again(self.outbound.conn, now)
+            if self.engine.epoch_requests_due():  # their turn may have come (§6.7)
+                with self.state.transaction() as tx:
+                    self.inbound.rosters.on_epoch_request(tx)
+                    self.engine.flush()
         if self.presence.due(now):  # members the application added or removed
             self._follow_presence()
+
+    def _ask_rosters_again(self, conn: LinkConnection, now: float) -> None:
+        """SUBSCRIBE again to the roster topics of conversations still waiting for a
+        roster, which makes the broker send the retained roster again (roster_wait.py
+        says why and how often); and ask the gateway, if one is configured."""
+        awaiting = self.engine.awaiting_rosters()
+        for cid in self.roster_wait.due(now, awaiting):
+            topic = self.topics.roster(cid)
+            self.counters["roster_asked_again"] += 1
+            log.info("still waiting for a roster of %s: asking the broker again", cid)
+            self.subscriptions.add([topic])
+            conn.subscribe([topic])
+            self.rounds.fetch_rosters(cid, awaiting[cid])

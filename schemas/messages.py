@@ -111,6 +111,14 @@ class ControlOp(enum.IntEnum):
     UPDATE = 4  # the sender rotated its prekey: a new epoch, delivered to it (§6.7)
     JOINED = 5  # a new member keyed its first epoch: it listens now (§6.6)
 
+    @property
+    def signed_only(self) -> bool:
+        """Sealed signed whatever the policy, and acted on only when signed (§6.5):
+        unsigned, any member could have sealed it in the sender's name, and each of
+        these makes an admin change the roster or issue an epoch, or a receiver accept
+        a chain end. JOINED is not: what it triggers (resends) is bounded per epoch."""
+        return self is not ControlOp.JOINED
+
 
 class Control(WireModel):
     """``msgpack[op]``; ENDS: ``msgpack[3, [[epoch, chain, next_step], …]]``;

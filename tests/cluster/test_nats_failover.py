@@ -139,7 +139,9 @@ def _found_conversation(alice: Device, bob: Device, cluster: Cluster) -> str:
     assert bob.wait_drained(20)  # his bundle is stored (retained, R3)
     wait_retained(cluster, 0, f"{PREFIX}/p/{bob.pid}/bundle", alice.pid)
     cid = alice.create_conversation([bob.pid], timeout=20)
-    assert bob.wait_for(lambda: bob.engine.is_member(cid), 30)
+    assert bob.wait_for(lambda: bob.engine.is_member(cid), 30), (
+        f"bob is no member: alice {dict(alice.counters)}, bob {dict(bob.counters)}"
+    )
     for device in (alice, bob):
         # Holds the other member's sending chain (its grant arrived).
         assert device.wait_for(partial(_has_peer_chain, device, cid), 30)

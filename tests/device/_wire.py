@@ -7,7 +7,9 @@ does not speak MQTT 5: ``"connack"`` answers a v5 CONNECT with CONNACK 0x84 (an 
 server's refusal), ``"connack311"`` with a 3.1.1 CONNACK of return code 1 (a 3.1.1
 server's, MQTT-3.1.2-2; aMQTT's), ``"close"`` closes it without a CONNACK; 3.1.1
 CONNECTs pass through to the real broker. ``close_v5_times`` closes only the first
-that many v5 CONNECTs (a broker shedding sockets, a link dropping).
+that many v5 CONNECTs (a broker shedding sockets, a link dropping). ``drop_down``
+plays a broker that loses what it should send: each packet to a client for which it
+answers true is not relayed (what is relayed is then re-encoded packet by packet).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fieldchat.schemas import mqtt
@@ -59,8 +62,11 @@ class Front:
         refuse_v5: str | None = None,
         close_v5_times: int = 0,
         port: int = 0,
+        drop_down: Callable[[mqtt.Packet], bool] | None = None,
     ):
         self.target = target
+        self.drop_down = drop_down
+        self.dropped: list[mqtt.Packet] = []
         self.refuse_v5 = refuse_v5
         self.close_v5_left = close_v5_times
         self.levels: list[int] = []  # the protocol level of every CONNECT, in order
@@ -134,6 +140,14 @@ class Front:
         with contextlib.suppress(OSError):
             client.close()
 
+    def _drop(self, packet: mqtt.Packet) -> bool:
+        assert self.drop_down is not None
+        with self._lock:
+            if self.drop_down(packet):
+                self.dropped.append(packet)
+                return True
+        return False
+
     def _pipe(
         self,
         src: socket.socket,
@@ -145,8 +159,13 @@ class Front:
         decoder = decoder or mqtt.Decoder(level=link.level)
         try:
             while data := src.recv(65536):
-                dst.sendall(data)
-                packets = decoder.feed(data)
+                if down and self.drop_down is not None:
+                    packets = decoder.feed(data)
+                    kept = [p for p in packets if not self._drop(p)]
+                    dst.sendall(b"".join(mqtt.encode(p, link.level) for p in kept))
+                else:
+                    dst.sendall(data)
+                    packets = decoder.feed(data)
                 with self._lock:
                     if down:
                         link.bytes_down += len(data)

@@ -507,3 +507,15 @@ def conversation(devices: Devices, *names: str) -> tuple[str, list[Device]]:
         lambda: all(len(d.engine._convs[cid].recv) == len(made) - 1 for d in made), 15, "grants"
     )
     return cid, made
+
+
+def handed_over(devices: Devices, mosquitto: Mosquitto) -> tuple[str, dict[str, str], Device]:
+    """Alice and Bob in a conversation; Alice's state handed to the CLI, Bob online
+    in-process (he receipts what he gets). Alice's environment and Bob."""
+    cid, (alice, bob) = conversation(devices, "alice", "bob")
+    alice.close()
+    devices.open.remove(alice)
+    env = cli_env(
+        state=str(alice.state.path), broker=mosquitto.url, credential=mosquitto.user(alice.pid)
+    )
+    return cid, env, bob

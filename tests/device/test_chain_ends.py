@@ -30,6 +30,7 @@ from fieldchat.schemas.grant import ChainEnd
 from fieldchat.schemas.ids import decode_id
 from fieldchat.schemas.messages import encode_plaintext
 from tests.device._mesh import Mesh, text_of
+from tests.device.test_coverage import forge_as as forge_in_epoch
 
 TOPICS = Topics()
 
@@ -119,12 +120,14 @@ def test_an_unsigned_ends_control_is_not_taken():
     assert read_header(alice_ends[0].payload).signed  # always signed, whatever the policy
     bob.handle_roster(pubs[0].payload)
     bob.handle_grant(next(p.payload for p in pubs if p.topic == TOPICS.inbox(bob.pid)))
-    unsigned = alice.seal(
-        cid, Control(op=ControlOp.ENDS, ends=(ChainEnd(epoch=0, chain=0, next_step=9),))
-    )
+    # Alice's own controls are always signed: Bob seals one at her next step with the
+    # chain key of hers he holds, as a member could.
+    forged_ends = Control(op=ControlOp.ENDS, ends=(ChainEnd(epoch=0, chain=0, next_step=9),))
+    unsigned = forge_in_epoch(bob, cid, alice, 1, forged_ends)
     assert not read_header(unsigned).signed
     bob.open(cid, unsigned)
     assert bob._convs[cid].ends == {}
+    assert bob.counters["unsigned_control"] == 1
     bob.open(cid, alice_ends[0].payload)
     assert bob._convs[cid].ends == {(0, 0, 0): 0}
 

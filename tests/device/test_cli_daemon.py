@@ -20,6 +20,7 @@ from tests.device.conftest import (
     Mosquitto,
     cli_env,
     conversation,
+    handed_over,
     run_cli,
     start_cli,
     texts,
@@ -112,12 +113,7 @@ def test_ctrl_c_while_the_daemon_does_not_answer_is_one_line_and_130(
 ) -> None:
     """A stopped (SIGSTOP) daemon still accepts connections (the kernel's backlog) and
     never answers: Ctrl-C then ends send, fast or through typer, in one line."""
-    cid, (alice, _) = conversation(mosquitto_devices, "alice", "bob")
-    alice.close()
-    mosquitto_devices.open.remove(alice)
-    env = cli_env(
-        state=str(alice.state.path), broker=mosquitto.url, credential=mosquitto.user(alice.pid)
-    )
+    cid, env, _ = handed_over(mosquitto_devices, mosquitto)
     with DaemonProcess(env) as daemon:
         assert daemon.proc is not None
         daemon.proc.send_signal(signal.SIGSTOP)
@@ -134,3 +130,33 @@ def test_ctrl_c_while_the_daemon_does_not_answer_is_one_line_and_130(
                 ], err
         finally:
             daemon.proc.send_signal(signal.SIGCONT)
+
+
+def test_listen_exit_on_disconnect_through_the_daemon(
+    mosquitto_devices: Devices, mosquitto: Mosquitto
+) -> None:
+    """``listen --exit-on-disconnect`` as standalone: exit 3 when the daemon loses the
+    broker, and at once when it is not connected within ``--timeout``."""
+    cid, env, bob = handed_over(mosquitto_devices, mosquitto)
+    with DaemonProcess(env) as daemon:
+        listener = start_cli(["listen", "--exit-on-disconnect", "--json"], env)
+        try:
+            bob.send(cid, "while connected")
+            line = listener.stdout.readline() if listener.stdout else ""
+            assert '"while connected"' in line, line
+            mosquitto.stop()
+            _, err = listener.communicate(timeout=60)
+        finally:
+            if listener.poll() is None:
+                listener.kill()
+                listener.communicate()
+        assert listener.returncode == ExitCode.UNAVAILABLE, err
+        assert (
+            err.strip().splitlines()[-1].startswith("error: the connection to the broker dropped")
+        ), err
+        out = run_cli(["listen", "--exit-on-disconnect", "--timeout", "1"], env)
+        assert out.returncode == ExitCode.UNAVAILABLE, out.stderr
+        assert out.stderr.strip() == (
+            "error: the device daemon is not connected to the broker (1 s)"
+        )
+        assert daemon.proc is not None and daemon.proc.poll() is None  # it keeps running

@@ -19,15 +19,14 @@ from typing import IO
 
 import pytest
 
-from fieldchat.device.client import Device
 from fieldchat.schemas.exits import MEANINGS, ExitCode
 from tests.device.conftest import (
     FIELDCHAT,
     Devices,
     Mosquitto,
     cli_env,
-    conversation,
     free_port,
+    handed_over,
     run_cli,
     start_cli,
     texts,
@@ -36,18 +35,6 @@ from tests.device.conftest import (
 )
 
 pytestmark = pytest.mark.mosquitto
-
-
-def _handed_over(devices: Devices, mosquitto: Mosquitto) -> tuple[str, dict[str, str], Device]:
-    """Alice and Bob in a conversation; Alice's state handed to the CLI, Bob online
-    in-process (he receipts what he gets). Alice's environment and Bob."""
-    cid, (alice, bob) = conversation(devices, "alice", "bob")
-    alice.close()
-    devices.open.remove(alice)
-    env = cli_env(
-        state=str(alice.state.path), broker=mosquitto.url, credential=mosquitto.user(alice.pid)
-    )
-    return cid, env, bob
 
 
 def _outbox(env: dict[str, str]) -> list[dict[str, object]]:
@@ -59,7 +46,7 @@ def _outbox(env: dict[str, str]) -> list[dict[str, object]]:
 def test_send_is_delivered_and_waits_for_the_broker_and_for_acks(
     mosquitto_devices: Devices, mosquitto: Mosquitto
 ) -> None:
-    cid, env, bob = _handed_over(mosquitto_devices, mosquitto)
+    cid, env, bob = handed_over(mosquitto_devices, mosquitto)
     out = run_cli(["send", cid, "plain"], env)
     assert (out.returncode, out.stderr) == (0, "")
     out = run_cli(["send", cid, "waited", "--wait"], env)
@@ -78,7 +65,7 @@ def test_send_is_delivered_and_waits_for_the_broker_and_for_acks(
 def test_a_broker_down_keeps_the_message_exit_0_and_75_under_wait(
     mosquitto_devices: Devices, mosquitto: Mosquitto
 ) -> None:
-    cid, env, bob = _handed_over(mosquitto_devices, mosquitto)
+    cid, env, bob = handed_over(mosquitto_devices, mosquitto)
     mosquitto.stop()
     out = run_cli(["send", cid, "kept", "--timeout", "1"], env)
     assert out.returncode == ExitCode.OK, out.stderr
@@ -106,7 +93,7 @@ def test_a_broker_down_keeps_the_message_exit_0_and_75_under_wait(
 def test_a_wrong_credential_after_the_message_was_kept_is_not_a_failure(
     mosquitto_devices: Devices, mosquitto: Mosquitto
 ) -> None:
-    cid, env, bob = _handed_over(mosquitto_devices, mosquitto)
+    cid, env, bob = handed_over(mosquitto_devices, mosquitto)
     wrong = dict(env, FIELDCHAT_CREDENTIAL="not-the-credential")
     out = run_cli(["send", cid, "held", "--timeout", "5"], wrong)
     assert out.returncode == ExitCode.OK, out.stderr
@@ -125,7 +112,7 @@ def test_a_wrong_credential_after_the_message_was_kept_is_not_a_failure(
 
 
 def test_errors_that_lost_nothing_say_so(mosquitto_devices: Devices, mosquitto: Mosquitto) -> None:
-    cid, env, _ = _handed_over(mosquitto_devices, mosquitto)
+    cid, env, _ = handed_over(mosquitto_devices, mosquitto)
     out = run_cli(["send", "aaaaaaaaaaaaaaaaaaaaaaaaaa", "hi", "--wait"], env)
     assert out.returncode == ExitCode.REFUSED
     assert out.stderr.strip().endswith("; nothing was sent")
@@ -210,7 +197,7 @@ class _Lines:
 def test_listen_waits_for_a_broker_started_late(
     mosquitto_devices: Devices, mosquitto: Mosquitto
 ) -> None:
-    cid, env, bob = _handed_over(mosquitto_devices, mosquitto)
+    cid, env, bob = handed_over(mosquitto_devices, mosquitto)
     mosquitto.stop()
     listener = start_cli(["listen", "--json", "--count", "1", "--timeout", "1"], env)
     try:
@@ -238,7 +225,7 @@ def test_listen_waits_for_a_broker_started_late(
 def test_listen_exit_on_disconnect_keeps_the_old_behaviour(
     mosquitto_devices: Devices, mosquitto: Mosquitto
 ) -> None:
-    cid, env, _ = _handed_over(mosquitto_devices, mosquitto)
+    cid, env, _ = handed_over(mosquitto_devices, mosquitto)
     listener = start_cli(["listen", "--exit-on-disconnect"], env)
     try:
         time.sleep(3)  # connected by now
@@ -262,7 +249,7 @@ def test_ctrl_c_during_a_one_shot_command_is_one_line_and_130(
 ) -> None:
     """From the imports to the connection attempts: one line, status 130, and what
     send accepted stays in the outbox."""
-    cid, env, _ = _handed_over(mosquitto_devices, mosquitto)
+    cid, env, _ = handed_over(mosquitto_devices, mosquitto)
     mosquitto.stop()
     lines = {
         "fieldchat: interrupted before it started; nothing was done.",

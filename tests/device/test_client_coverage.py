@@ -20,11 +20,11 @@ from fieldchat.device.client import Device
 from fieldchat.device.events import Event, ForgeryDetected, MessageReceived, MessageVerified
 from fieldchat.device.history import GatewayHistory
 from fieldchat.device.rows import Trust
-from fieldchat.schemas import Policy, TextMessage, Topics
+from fieldchat.schemas import Control, ControlOp, Policy, TextMessage, Topics
 from fieldchat.schemas.crypto import aead_seal
 from fieldchat.schemas.envelope import EnvelopeKind, header_bytes
 from fieldchat.schemas.ids import decode_id
-from fieldchat.schemas.messages import encode_plaintext
+from fieldchat.schemas.messages import encode_plaintext, kind_of
 from tests.device.conftest import FAST, STACK_QUEUE, Devices, texts, wait_until
 from tests.device.test_client_trust import members, publish
 
@@ -76,6 +76,34 @@ def test_a_members_forgery_is_flagged_within_n_messages(mosquitto_devices: Devic
         "the pending ones verified",
     )
     assert any(isinstance(e, MessageVerified) for e in events)
+
+
+def test_a_members_forged_leave_removes_nobody(mosquitto_devices: Devices) -> None:
+    """Carol seals an unsigned LEAVE in Bob's name (she holds his chain key). Alice, the
+    admin, used to remove Bob on it; LEAVE is acted on only when signed (§6.5)."""
+    devices = mosquitto_devices
+    cid, (alice, bob, carol) = members(devices, Policy(sign_every=4), "alice", "bob", "carol")
+    index = bob.engine.roster(cid).index_of(bob.pid)
+    kept = carol.engine._convs[cid].recv[(0, index, 0)]  # Carol's copy of Bob's chain
+    sent = 0
+    while kept.step % 4 == 0:  # Carol forges an unsigned step
+        bob.send(cid, f"b{sent}")
+        sent += 1
+        wait_until(holds(carol, cid, sent), 10, "carol has it")
+    step = kept.step
+    leave = Control(op=ControlOp.LEAVE)
+    header = header_bytes(kind_of(leave), 0, index, 0, step, signed=False)
+    plaintext, _, _ = encode_plaintext(leave)
+    forged = header + aead_seal(
+        step_keys(kept.key)[0], step.to_bytes(12, "big"), plaintext, header + decode_id(cid)
+    )
+    publish(devices.broker, Topics().msg(cid), forged)
+    wait_until(lambda: alice.engine.counters["unsigned_control"] == 1, 10, "alice ignores it")
+    assert alice.engine.roster(cid).epoch == 0 and bob.engine.is_member(cid)
+    bob.send(cid, "at the step carol used")  # a second candidate of that step (§6.5)
+    bob.send(cid, "still here")
+    wait_until(lambda: "still here" in texts(alice, cid), 10, "bob's next text")
+    assert alice.engine.roster(cid).epoch == 0
 
 
 def holds(device: Device, cid: str, count: int) -> Callable[[], bool]:

@@ -15,11 +15,11 @@ import time
 from fieldchat.device._coverage import MAX_OTHERS, Verdict
 from fieldchat.device.chains import step_keys
 from fieldchat.device.engine import Engine
-from fieldchat.schemas import TextMessage
+from fieldchat.schemas import Control, ControlOp, Message, TextMessage
 from fieldchat.schemas.crypto import aead_seal
-from fieldchat.schemas.envelope import EnvelopeKind, header_bytes, read_header
+from fieldchat.schemas.envelope import header_bytes, read_header
 from fieldchat.schemas.ids import decode_id
-from fieldchat.schemas.messages import encode_plaintext
+from fieldchat.schemas.messages import encode_plaintext, kind_of
 from tests.device._mesh import Mesh, text_of
 
 
@@ -27,17 +27,18 @@ def text(s: str) -> TextMessage:
     return TextMessage(sent_at=1, text=s)
 
 
-def forge_as(member: Engine, cid: str, sender: Engine, step: int, words: str) -> bytes:
+def forge_as(member: Engine, cid: str, sender: Engine, step: int, words: str | Message) -> bytes:
     """An unsigned envelope in ``sender``'s name at ``step``, sealed by ``member`` with
     the chain key of ``sender`` it holds as a member (it has not opened that step)."""
+    message = text(words) if isinstance(words, str) else words
     conv = member._convs[cid]
     index = conv.rosters[conv.epoch].index_of(sender.pid)
     chain = conv.recv[(conv.epoch, index, 0)]
     ck = chain.key
     for _ in range(step - chain.step):
         ck = step_keys(ck)[1]
-    header = header_bytes(EnvelopeKind.TEXT, conv.epoch, index, 0, step, signed=False)
-    plaintext, _, _ = encode_plaintext(text(words))
+    header = header_bytes(kind_of(message), conv.epoch, index, 0, step, signed=False)
+    plaintext, _, _ = encode_plaintext(message)
     return header + aead_seal(
         step_keys(ck)[0], step.to_bytes(12, "big"), plaintext, header + decode_id(cid)
     )
@@ -158,3 +159,32 @@ def test_after_a_sender_restart_the_signature_covers_only_what_came_since():
         alice.open(cid, e)
     assert settled(alice) == [((3,), Verdict.VERIFIED, True)]
     assert alice.counters["coverage_forged"] == 0
+
+
+def test_controls_that_change_membership_or_keys_are_signed_and_forgeries_ignored():
+    """LEAVE makes an admin remove the sender; UPDATE and REKEY make it issue an epoch
+    for everyone. Under sign_every = 4 Carol could seal them unsigned in Alice's name,
+    so they are always sealed signed and an unsigned one is ignored (and counted).
+    Before this, Carol's forged LEAVE got Alice removed by Bob, the admin."""
+    mesh, cid, alice, bob, carol = three(sign_every=4)
+    assert bob.roster(cid).is_admin(bob.pid) and not bob.roster(cid).is_admin(alice.pid)
+    send = alice._convs[cid].send
+    assert send is not None
+    while send.step % 4 == 0:  # Alice's next step is an unsigned one
+        alice.seal(cid, text("a"))
+    step = send.step
+    for op in (ControlOp.REKEY, ControlOp.LEAVE):
+        opened = bob.open(cid, forge_as(carol, cid, alice, step, Control(op=op)))
+        assert opened is not None and not opened.signed  # it opens: a member sealed it
+        step += 1
+    assert bob.counters["unsigned_control"] == 2
+    assert not bob.epoch_requests_due() and bob.answer_updates() == []
+    # Alice's own controls are signed whatever the policy, and acted on (her envelopes
+    # of the steps Carol used are not sent here: Bob would take them for duplicates).
+    while send.step < step:
+        alice.seal(cid, text("b"))
+    opened = bob.open(cid, alice.request_epoch(cid))
+    assert opened is not None and opened.signed
+    assert bob.answer_updates(), "a signed REKEY is answered"
+    leave = bob.open(cid, alice.leave(cid))
+    assert leave is not None and leave.signed

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from fieldchat.device.engine import Engine, Publication
+from fieldchat.device.engine import UPDATE_EPOCH_EVERY_S, Engine, Publication
 from fieldchat.device.epochs import make_delivery, open_delivery
 from fieldchat.device.identity import (
     MAX_OLD_PREKEYS,
@@ -255,6 +255,41 @@ def test_an_update_waits_for_the_new_prekey_before_an_epoch_is_keyed_to_it():
     (delivery,) = deliveries_to(pubs, bob)
     assert Delivery.from_bytes(delivery).prekey_id == 2
     assert alice.answer_updates() == []  # answered once
+
+
+def test_an_admin_answers_epoch_requests_at_most_once_a_minute_and_none_is_lost():
+    """Any member can send UPDATE or REKEY, and each answer costs a roster and n-1
+    deliveries: a member sending them in a loop must not make the admin spend everyone's
+    airtime. The first request is answered at once; those within UPDATE_EPOCH_EVERY_S
+    wait and are answered together when their turn comes."""
+    clock = [1_000.0]
+    mesh = Mesh("bob", "carol")
+    alice = mesh.engines["alice"] = Engine(Identity.generate(), clock=lambda: clock[0])
+    for name in ("bob", "carol"):
+        alice.learn_bundle(mesh[name].identity.bundle.to_bytes())
+        mesh[name].learn_bundle(alice.identity.bundle.to_bytes())
+    cid = mesh.create("alice", "bob", "carol")
+    alice.open(cid, mesh["bob"].request_epoch(cid))
+    first = alice.answer_updates()
+    assert deliveries_to(first, mesh["bob"]), "the first request is answered at once"
+    mesh.deliver(first)
+    assert alice.roster(cid).epoch == 1
+
+    for _ in range(20):  # a loop of requests from bob and one from carol
+        alice.open(cid, mesh["bob"].request_epoch(cid))
+    alice.open(cid, mesh["carol"].request_epoch(cid))
+    assert alice.counters["epoch_request_deferred"] == 21
+    assert not alice.epoch_requests_due()
+    assert alice.answer_updates() == []
+    clock[0] += UPDATE_EPOCH_EVERY_S - 1
+    assert not alice.epoch_requests_due() and alice.answer_updates() == []
+    clock[0] += 1
+    assert alice.epoch_requests_due()
+    second = alice.answer_updates()
+    mesh.deliver(second)
+    assert alice.roster(cid).epoch == 2, "one epoch for all 21 waiting requests"
+    assert deliveries_to(second, mesh["carol"]) and deliveries_to(second, mesh["bob"])
+    assert not alice.epoch_requests_due() and alice.answer_updates() == []
 
 
 def test_a_member_two_epochs_behind_catches_up_and_reads_both():

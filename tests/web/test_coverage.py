@@ -12,7 +12,7 @@ import pytest
 
 from fieldchat.device.engine import Engine
 from fieldchat.device.identity import Identity
-from fieldchat.schemas import Policy, TextMessage, Topics
+from fieldchat.schemas import Control, ControlOp, Policy, TextMessage, Topics
 from tests.device.test_coverage import forge_as
 from tests.web._stack import Stack, wait_until
 from tests.web._ui import WebUser
@@ -150,3 +150,19 @@ def test_a_flood_of_forged_candidates_costs_the_browser_bounded_state(page):
     assert counters["candidate_kept"] == 16  # MAX_OTHERS; the rest are dropped
     # Alice's own step 1 came 41st, past the bound: the window is flagged, not pinpointed.
     assert web.call("takeSettled") == [[[1, 2, 3], "forged", False]]
+
+
+def test_controls_are_signed_whatever_the_policy_and_unsigned_ones_ignored(page):
+    """LEAVE, REKEY, ENDS and UPDATE make an admin change the roster or issue an epoch:
+    under sign_every = 4 Carol could seal them unsigned in Alice's name, so the browser
+    ignores (and counts) an unsigned one, and seals its own signed (§6.5)."""
+    cid, alice, carol, web = three(page)
+    for i in range(2):  # Alice's steps 0 (signed) and 1: her step 2 is an unsigned one
+        alice.seal(cid, text(i))
+    web.open(cid, forge_as(carol, cid, alice, 2, Control(op=ControlOp.REKEY)))
+    assert web.call("counters").get("unsigned_control") == 1
+    # The browser, no admin here, asks for a new epoch with an UPDATE: signed.
+    (request,) = [p for p in web.call("update") if p["kind"] == "msg"]
+    opened = alice.open(cid, bytes.fromhex(request["data"]))
+    assert opened is not None and opened.signed
+    assert isinstance(opened.message, Control) and opened.message.op is ControlOp.UPDATE

@@ -324,7 +324,7 @@ async function onEnvelope(cid, seq, data, live) {
     if (reading) addReceipt(cid, 2, opened);
   } else if (m.kind === MSG.receipt) {
     await onReceipt(cid, opened.sender, m);
-  } else if (m.kind === MSG.control && m.op === 1) {
+  } else if (m.kind === MSG.control && m.op === 1 && opened.signed) {
     note(cid, `${short(opened.sender)} left the conversation.`);
   }
   await settle(cid);

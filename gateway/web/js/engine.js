@@ -48,6 +48,8 @@ export const MAX_JOINING = 64;
 const FLUSH_MS = 200; // receiving-chain state is written in batches (§6.4)
 
 const rejected = (reason, why) => protocolError(reason, why);
+// Controls sealed signed whatever the policy and acted on only when signed (§6.5).
+const signedOnly = (m) => m.kind === MSG.control && m.op !== CONTROL.joined;
 const coverageModule = () => import("./coverage.js");
 // Keying (deliveries, grants, updates: grants.js), loaded once a conversation needs it.
 const keying = () => import("./grants.js");
@@ -385,8 +387,9 @@ export class Engine {
 
   keyed(cid) { const c = this.convs.get(cid); return !!c && c.epoch >= 0 && !c.removed && !!c.send; }
 
-  // `forceSign`: whatever the policy (ENDS, §6.5).
+  // `forceSign`: whatever the policy; controls other than JOINED always are (§6.5).
   async _seal(conv, message, forceSign = false) {
+    if (signedOnly(message)) forceSign = true;
     const cid = conv.cid;
     const chain = conv.send;
     if (conv.removed) throw rejected("not_member", `not a member of ${cid}`);
@@ -480,10 +483,13 @@ export class Engine {
              pending: covered };
   }
 
-  // ENDS, signed only (§6.5); as an admin, UPDATE and REKEY requests (§6.7).
+  // Unsigned LEAVE, REKEY, ENDS, UPDATE are ignored: any member could seal them (§6.5).
+  // ENDS; as an admin, UPDATE and REKEY requests (§6.7).
   async _onControl(conv, sender, message, signed) {
-    if (message.op === CONTROL.ends) {
-      if (signed && conv.learnEnds(sender, message.ends)) await this._save(conv);
+    if (signedOnly(message) && !signed) {
+      this.count("unsigned_control");
+    } else if (message.op === CONTROL.ends) {
+      if (conv.learnEnds(sender, message.ends)) await this._save(conv);
     } else if ((message.op === CONTROL.update || message.op === CONTROL.rekey) && !conv.removed &&
                isAdmin(conv.rosters.get(conv.epoch), this.pid)) {
       if (!this._updates.has(conv.cid)) this._updates.set(conv.cid, new Map());

@@ -231,12 +231,17 @@ export async function update(engine) {
   return out;
 }
 
-// As an admin: a new epoch for each UPDATE (once we hold the prekey it names) or REKEY.
+// As an admin: a new epoch for each UPDATE (once we hold the prekey it names) or REKEY,
+// at most one per conversation every UPDATE_EPOCH_EVERY_S: later requests wait (§6.7).
+export const UPDATE_EPOCH_EVERY_S = 60;
 export async function answerUpdates(engine) {
   const out = [];
+  const now = Date.now() / 1000;
+  const answered = (engine._updatedAt ??= new Map());
   for (const [cid, asked] of [...engine._updates]) {
     const conv = engine.convs.get(cid);
     if (!conv || conv.removed || !isAdmin(conv.rosters.get(conv.epoch), engine.pid)) { engine._updates.delete(cid); continue; }
+    if (now - (answered.get(cid) ?? -Infinity) < UPDATE_EPOCH_EVERY_S) continue;
     const ready = [...asked].filter(([pid, want]) => {
       if (!want) return true;
       const b = engine.bundles.get(pid);
@@ -245,6 +250,7 @@ export async function answerUpdates(engine) {
     if (!ready.length) continue;
     for (const pid of ready) asked.delete(pid);
     if (!asked.size) engine._updates.delete(cid);
+    answered.set(cid, now);
     out.push(...await engine._renew(conv));
   }
   return out;
