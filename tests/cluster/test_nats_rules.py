@@ -179,6 +179,7 @@ def _alice_and_bob(nats: Cluster, raw: list[Raw], *others: str) -> tuple[Raw, Ra
 def test_topic_rules_retained_and_qos1_across_nodes(nats: Cluster, raw: list[Raw]) -> None:
     alice, bob, (carol_pw,) = _alice_and_bob(nats, raw, CAROL)
     alice.publish(f"{PREFIX}/p/{ALICE}/bundle", b"alice-bundle-1", retain=True)
+    wait_retained(nats, 1, f"{PREFIX}/p/{ALICE}/bundle", BOB)  # node 2 learnt it
     # Allowed: every bundle (retained, published on another node), conversations.
     assert bob.subscribe(f"{PREFIX}/p/+/bundle") == 1
     assert bob.subscribe(f"{PREFIX}/c/+/msg") == 1
@@ -228,6 +229,7 @@ def test_a_member_reads_a_concrete_status_and_no_one_forges_it(
     # p/{pid}/status per member, on any node; only its owner writes it.
     alice, bob, _ = _alice_and_bob(nats, raw)
     alice.publish(f"{PREFIX}/p/{ALICE}/status", b"online", retain=True)
+    wait_retained(nats, 1, f"{PREFIX}/p/{ALICE}/status", BOB)  # node 2 learnt it
     assert bob.subscribe(f"{PREFIX}/p/{ALICE}/status") == 1
     assert bob.subscribe(f"{PREFIX}/p/{BOB}/status") == 1
     bob.wait(
