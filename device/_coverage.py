@@ -10,7 +10,9 @@ showed is what the sender sent: *verified*, or a *forgery* by another member.
 A pure object per receiving chain, no clock and no I/O: the opener feeds it what it
 opened and gets back what got settled. Its state is bounded (MAX_PENDING digests and
 keys, MAX_OTHERS further candidates, MAX_WAITING signed envelopes, per chain), and so
-is its work: MAX_COVER_TRIES tag checks per signed envelope.
+is its work: MAX_COVER_TRIES tag checks per signed envelope. It notes which entries
+changed (:meth:`ChainCoverage.take_changes`), so the opener persists one record per
+pending step and per waiting signature, and a restart resumes where it was.
 """
 
 from __future__ import annotations
@@ -31,8 +33,10 @@ __all__ = [
     "MAX_PENDING",
     "MAX_WAITING",
     "ChainCoverage",
+    "Pending",
     "Settled",
     "Verdict",
+    "Waiting",
 ]
 
 MAX_PENDING = MAX_COVER  # unsigned steps waiting per chain (oldest dropped: stays pending)
@@ -60,8 +64,17 @@ class Settled(NamedTuple):
     pinpointed: bool = True
 
 
+class Pending(NamedTuple):
+    """One pending step as persisted: the shown candidate's digest, the step's message
+    key and the digests of the other authentic candidates."""
+
+    digest: bytes
+    key: bytes
+    others: tuple[bytes, ...]
+
+
 @dataclass(frozen=True, slots=True)
-class _Signed:
+class Waiting:
     """A signed envelope, signature verified, whose covered steps are not all here."""
 
     step: int
@@ -78,12 +91,16 @@ class ChainCoverage:
     ``shown``: step -> digest of the candidate opened (and shown as pending);
     ``keys``: step -> its message key, to authenticate another candidate of the step;
     ``others``: step -> digests of other candidates that authenticated (a member's).
+    ``changed``, ``changed_waiting``: steps whose entry changed since
+    :meth:`take_changes` (added, grown or forgotten).
     """
 
     shown: dict[int, bytes] = field(default_factory=dict)
     keys: dict[int, bytes] = field(default_factory=dict)
     others: dict[int, list[bytes]] = field(default_factory=dict)
-    waiting: dict[int, _Signed] = field(default_factory=dict)
+    waiting: dict[int, Waiting] = field(default_factory=dict)
+    changed: set[int] = field(default_factory=set)
+    changed_waiting: set[int] = field(default_factory=set)
 
     def pending(self, step: int) -> bool:
         """Whether ``step`` was opened unsigned and is not settled yet."""
@@ -93,6 +110,7 @@ class ChainCoverage:
         """An unsigned envelope of ``step`` opened (and shown as pending)."""
         self.shown[step] = digest
         self.keys[step] = key
+        self.changed.add(step)
         if len(self.shown) > MAX_PENDING:  # the oldest stays pending for good
             self._forget(min(self.shown))
         return self._retry(step)
@@ -109,6 +127,7 @@ class ChainCoverage:
         except CryptoError:
             return False
         self.others.setdefault(step, []).append(digest)
+        self.changed.add(step)
         return True
 
     def retry(self, step: int) -> list[Settled]:
@@ -119,11 +138,9 @@ class ChainCoverage:
         """A signed envelope (signature verified) covering ``cover`` steps before it."""
         if not cover:
             return []
-        signed = _Signed(step, cover, key, sealed, aad)
+        signed = Waiting(step, cover, key, sealed, aad)
         if any(s not in self.shown for s in range(step - cover, step)):
-            self.waiting[step] = signed
-            if len(self.waiting) > MAX_WAITING:
-                del self.waiting[min(self.waiting)]  # its steps stay pending
+            self._wait(signed)
             return []
         return self._settle(signed)
 
@@ -133,10 +150,11 @@ class ChainCoverage:
                 s in self.shown for s in range(signed.step - signed.cover, signed.step)
             ):
                 del self.waiting[signed.step]
+                self.changed_waiting.add(signed.step)
                 return self._settle(signed)
         return []
 
-    def _settle(self, signed: _Signed) -> list[Settled]:
+    def _settle(self, signed: Waiting) -> list[Settled]:
         steps = range(signed.step - signed.cover, signed.step)
         choices = [[self.shown[s], *self.others.get(s, ())] for s in steps]
         found: tuple[bytes, ...] | None = None
@@ -166,7 +184,50 @@ class ChainCoverage:
             self._forget(s)
         return out
 
+    def _wait(self, signed: Waiting) -> None:
+        self.waiting[signed.step] = signed
+        self.changed_waiting.add(signed.step)
+        if len(self.waiting) > MAX_WAITING:
+            oldest = min(self.waiting)
+            del self.waiting[oldest]  # its steps stay pending
+            self.changed_waiting.add(oldest)
+
     def _forget(self, step: int) -> None:
+        self.changed.add(step)
         self.shown.pop(step, None)
         self.keys.pop(step, None)
         self.others.pop(step, None)
+
+    # -- persistence (the opener writes, the loader reads; no I/O here) ---------------
+
+    def take_changes(self) -> tuple[list[int], list[int]]:
+        """The pending steps and the waiting signatures changed since the last call
+        (look each up with :meth:`entry` / :attr:`waiting`: gone means delete)."""
+        out = (sorted(self.changed), sorted(self.changed_waiting))
+        self.changed, self.changed_waiting = set(), set()
+        return out
+
+    def entry(self, step: int) -> Pending | None:
+        """What to persist of a pending ``step`` (``None``: settled or forgotten)."""
+        digest = self.shown.get(step)
+        if digest is None:
+            return None
+        return Pending(digest, self.keys[step], tuple(self.others.get(step, ())))
+
+    def restore(self, step: int, pending: Pending) -> bool:
+        """Adopt a persisted pending step; whether it fit the bounds (kept unchanged)."""
+        extra = sum(len(v) for v in self.others.values()) + len(pending.others)
+        if len(self.shown) >= MAX_PENDING or step in self.shown or extra > MAX_OTHERS:
+            return False
+        self.shown[step] = pending.digest
+        self.keys[step] = pending.key
+        if pending.others:
+            self.others[step] = list(pending.others)
+        return True
+
+    def restore_waiting(self, signed: Waiting) -> bool:
+        """Adopt a persisted waiting signature; whether it fit the bounds."""
+        if len(self.waiting) >= MAX_WAITING or signed.step in self.waiting:
+            return False
+        self.waiting[signed.step] = signed
+        return True

@@ -14,7 +14,15 @@ from typing import NamedTuple
 
 from fieldchat.device._conversation import ChainId, Conversations
 from fieldchat.device._coverage import ChainCoverage, Settled, Verdict
-from fieldchat.device._records import Writes, recv_key, recv_record
+from fieldchat.device._records import (
+    Writes,
+    covered_key,
+    covered_record,
+    covering_key,
+    covering_record,
+    recv_key,
+    recv_record,
+)
 from fieldchat.device.keystore import KeyStore
 from fieldchat.schemas import Message, Receipt, decode_plaintext
 from fieldchat.schemas.crypto import aead_decrypt_signed, aead_open
@@ -140,9 +148,20 @@ class Opener:
         # Envelopes whose signature preverify() checked: bytes -> the signer key it
         # verified under. Replaced per batch, entries dropped as open() uses them.
         self._preverified: dict[bytes, bytes] = {}
-        # Delayed authentication (§6.5): per receiving chain, in memory only.
+        # Delayed authentication (§6.5): per receiving chain, persisted by flush() with
+        # the chains (one record per changed entry); ``_coverage_writes``: deletions of
+        # dropped chains' and unusable records, due at the next flush.
         self._coverage: dict[tuple[str, ChainId], ChainCoverage] = {}
+        self._coverage_dirty: set[tuple[str, ChainId]] = set()
+        self._coverage_writes: Writes = {}
         self._settled: list[Settlement] = []
+
+    def adopt_coverage(
+        self, coverage: dict[tuple[str, ChainId], ChainCoverage], drop: list[str]
+    ) -> None:
+        """At load: the coverage state read back, and the records to delete."""
+        self._coverage = coverage
+        self._coverage_writes.update(dict.fromkeys(drop))
 
     def take_settled(self) -> list[Settlement]:
         """See :meth:`Engine.take_settled`."""
@@ -155,7 +174,12 @@ class Opener:
         for cid, chain_id in list(self._coverage):
             conv = self._convs.get(cid)
             if conv is None or chain_id not in conv.recv:
-                del self._coverage[(cid, chain_id)]
+                gone = self._coverage.pop((cid, chain_id))
+                self._coverage_dirty.discard((cid, chain_id))
+                for step in gone.shown.keys() | gone.changed:
+                    self._coverage_writes[covered_key(cid, chain_id, step)] = None
+                for step in gone.waiting.keys() | gone.changed_waiting:
+                    self._coverage_writes[covering_key(cid, chain_id, step)] = None
 
     def _settle(self, cid: str, chain_id: ChainId, sender: str, done: list[Settled]) -> None:
         for steps, verdict, pinpointed in done:
@@ -321,6 +345,7 @@ class Opener:
             if coverage is None:
                 self._drop_stale_coverage()
                 coverage = self._coverage[(cid, chain_id)] = ChainCoverage()
+            self._coverage_dirty.add((cid, chain_id))
             if covered and coverage.pending(step):
                 # Another candidate for a step still pending: kept if it authenticates,
                 # since the covering signature tells which one the sender sent.
@@ -358,7 +383,9 @@ class Opener:
         return Opened(cid, sender, epoch, sender_index, chain_no, step, message, signed, covered)
 
     def flush(self) -> None:
-        """Persist receiving-chain state changed since the last flush (batched writes)."""
+        """Persist receiving-chain state changed since the last flush (batched writes),
+        with the coverage entries changed since (in the same save, so a device's
+        transaction holds the messages, their chains and their coverage together)."""
         writes: Writes = {}
         for cid, key in self._dirty:
             conv = self._convs.get(cid)
@@ -366,7 +393,42 @@ class Opener:
             if chain is not None:
                 chain.dirty = False
                 writes[recv_key(cid, key)] = recv_record(chain)
+        coverage, self._coverage_writes = self._coverage_writes, {}
+        if self._coverage_dirty:
+            self._write_coverage(coverage)
+            self._coverage_dirty.clear()
+        writes.update(coverage)
         if writes:
-            self._store.save(writes)
+            try:
+                self._store.save(writes)
+            except BaseException:
+                self._unflushed(coverage)
+                raise
+            if coverage:  # memory stays ahead of a transaction that rolls back
+                self._store.on_rollback(lambda: self._unflushed(coverage))
         self._dirty.clear()
         self._opens_since_flush = 0
+
+    def _unflushed(self, coverage: Writes) -> None:
+        """Coverage records that did not reach the disk: written at the next flush
+        (unless a newer change of the same entry is due by then)."""
+        self._coverage_writes = {**coverage, **self._coverage_writes}
+
+    def _write_coverage(self, writes: Writes) -> None:
+        """The records of the coverage entries changed since the last flush: one per
+        pending step and per waiting signature, ``None`` for those settled or dropped."""
+        for cid, chain_id in self._coverage_dirty:
+            coverage = self._coverage.get((cid, chain_id))
+            conv = self._convs.get(cid)
+            if coverage is None or conv is None:
+                continue
+            steps, waiting = coverage.take_changes()
+            for step in steps:
+                entry = coverage.entry(step)
+                record = None if entry is None else covered_record(chain_id, step, entry)
+                writes[covered_key(cid, chain_id, step)] = record
+            for step in waiting:
+                signed = coverage.waiting.get(step)
+                writes[covering_key(cid, chain_id, step)] = (
+                    None if signed is None else covering_record(chain_id, signed, conv.cid_bytes)
+                )

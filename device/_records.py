@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from fieldchat.device._coverage import Pending, Waiting
 from fieldchat.device.chains import RecvChain, SendChain
 from fieldchat.device.keystore import SEND_CHAIN_PREFIX
 from fieldchat.schemas._codec import pack
@@ -27,6 +28,14 @@ RECV_PREFIX = "recv/"
 UNUSED_STEPS_PREFIX = "unused/"
 CANDIDATE_PREFIX = "rosterpool/"  # rosters waiting for the epochs between (§5.2)
 ENDS_PREFIX = "ends/"  # chain ends stated by senders, one record per conversation (§6.4)
+# Delayed authentication (§6.5), per receiving chain: one record per pending unsigned
+# step and one per signed envelope waiting for its covered steps, each written when it
+# changes and deleted when settled, so a message costs O(1) writes, never the chain's.
+COVERED_PREFIX = "covered/"
+COVERING_PREFIX = "covering/"
+# Our own unsigned envelopes since our last signed one, per conversation, kept by a
+# clean stop (Engine.park) so the next signed envelope covers them; consumed at load.
+SENT_COVER_PREFIX = "sentcover/"
 
 Writes = dict[str, bytes | None]
 """Records to write in one :meth:`KeyStore.save` (``None`` deletes)."""
@@ -58,6 +67,14 @@ def ends_key(cid: str) -> str:
 
 def recv_key(cid: str, chain: ChainId) -> str:
     return f"{RECV_PREFIX}{cid}/{chain[0]}/{chain[1]}/{chain[2]}"
+
+
+def covered_key(cid: str, chain: ChainId, step: int) -> str:
+    return f"{COVERED_PREFIX}{cid}/{chain[0]}/{chain[1]}/{chain[2]}/{step}"
+
+
+def covering_key(cid: str, chain: ChainId, step: int) -> str:
+    return f"{COVERING_PREFIX}{cid}/{chain[0]}/{chain[1]}/{chain[2]}/{step}"
 
 
 def unused_steps_key(cid: str) -> str:
@@ -110,5 +127,26 @@ def ends_record(conv: Conversation) -> bytes:
     return pack(tuple((*key, step) for key, step in sorted(conv.ends.items())))
 
 
+def sent_cover_key(cid: str) -> str:
+    return f"{SENT_COVER_PREFIX}{cid}"
+
+
+def sent_cover_record(chain: SendChain, digests: list[bytes]) -> bytes:
+    """The digests of our unsigned envelopes just before ``chain``'s next step."""
+    return pack((chain.epoch, chain.chain, chain.step, tuple(digests)))
+
+
 def unused_steps_record(chain: SendChain) -> bytes:
     return pack((chain.epoch, chain.chain, chain.step, tuple(chain.ahead)))
+
+
+def covered_record(chain: ChainId, step: int, pending: Pending) -> bytes:
+    return pack((*chain, step, pending.digest, pending.key, pending.others))
+
+
+def covering_record(chain: ChainId, signed: Waiting, cid_bytes: bytes) -> bytes:
+    """Its associated data without the trailing cid bytes (the record's name has the
+    cid): a record of the largest envelope then stays within the codec's object limit."""
+    assert signed.aad.endswith(cid_bytes)
+    header = signed.aad[: len(signed.aad) - len(cid_bytes)]
+    return pack((*chain, signed.step, signed.cover, signed.key, signed.sealed, header))

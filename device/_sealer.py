@@ -14,16 +14,26 @@ restart the first signed envelope covers only what was sealed since.
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from dataclasses import dataclass, field
 
 from fieldchat.device._conversation import Conversation, Conversations
-from fieldchat.device._records import Writes, send_record, unused_steps_key, unused_steps_record
+from fieldchat.device._records import (
+    SENT_COVER_PREFIX,
+    Writes,
+    send_record,
+    sent_cover_key,
+    sent_cover_record,
+    unused_steps_key,
+    unused_steps_record,
+)
 from fieldchat.device.chains import SendChain
 from fieldchat.device.identity import Identity
 from fieldchat.device.keystore import KeyStore
 from fieldchat.schemas import Message, encode_plaintext
-from fieldchat.schemas.envelope import coverage_digest, envelope_digest, seal_envelope
-from fieldchat.schemas.errors import EpochKeyPending, KeyStoreError, NotAMember
+from fieldchat.schemas._codec import fields, unpack
+from fieldchat.schemas.envelope import MAX_COVER, coverage_digest, envelope_digest, seal_envelope
+from fieldchat.schemas.errors import EpochKeyPending, KeyStoreError, NotAMember, WireError
 from fieldchat.schemas.messages import Control, kind_of
 
 __all__ = ["Sealer"]
@@ -141,14 +151,46 @@ class Sealer:
         """See :meth:`Engine.park`."""
         self._parked = True
         items: Writes = {}
+        parked = 0
         for conv in self._conversations.by_cid.values():
             chain = conv.send
-            if chain is None or conv.removed or not chain.ahead:
+            if chain is None or conv.removed:
                 continue
-            items[unused_steps_key(conv.cid)] = unused_steps_record(chain)
+            if chain.ahead:
+                items[unused_steps_key(conv.cid)] = unused_steps_record(chain)
+                parked += 1
+            covering = self._covering.get(conv.cid)
+            if covering is not None and covering.chain is chain and covering.digests:
+                items[sent_cover_key(conv.cid)] = sent_cover_record(chain, covering.digests)
         if items:
             self._store.save(items)
-        return len(items)
+        return parked
+
+    def adopt_parked_cover(self, counters: Counter[str]) -> None:
+        """What :meth:`park` kept of our unsigned envelopes, where the chain resumes at
+        the very next step (a clean stop): the next signed envelope covers them too
+        (§6.5). After a crash the chain resumes past a gap and cannot cover them; they
+        stay pending. The records are deleted before anything is sealed. A malformed
+        one is counted ``corrupt_record`` and dropped."""
+        parked = self._store.load_prefix(SENT_COVER_PREFIX)
+        if not parked:
+            return
+        for key, raw in parked.items():
+            cid = key.split("/", 1)[1]
+            conv = self._conversations.get(cid)
+            chain = conv.send if conv is not None and not conv.removed else None
+            try:
+                epoch, chain_no, step, digests = _parked_cover(raw)
+            except WireError:
+                counters["corrupt_record"] += 1
+                continue
+            if chain is not None and (epoch, chain_no, step) == (
+                chain.epoch,
+                chain.chain,
+                chain.step,
+            ):
+                self._covering[cid] = _Covering(chain, chain.step, digests)
+        self._store.save(dict.fromkeys(parked))
 
     def _reserve(self, conv: Conversation, chain: SendChain) -> None:
         """Persist the chain's next reservation, then use it (§6.3).
@@ -167,3 +209,19 @@ class Sealer:
     def _forget_reservation(self, chain: SendChain, reserved: int, chain_key: bytes) -> None:
         with self._lock:
             chain.forget(reserved, chain_key)
+
+
+def _parked_cover(raw: bytes) -> tuple[object, object, object, list[bytes]]:
+    """A sent-cover record's fields (:func:`_records.sent_cover_record`).
+
+    Raises:
+        WireError: not one, or not 1 to MAX_COVER 32-byte digests.
+    """
+    epoch, chain_no, step, digests = fields(unpack(raw, "sent cover"), 4, "sent cover")
+    if not (
+        isinstance(digests, tuple)
+        and 0 < len(digests) <= MAX_COVER
+        and all(isinstance(d, bytes) and len(d) == 32 for d in digests)
+    ):
+        raise WireError("sent cover: not a list of 32-byte digests")
+    return epoch, chain_no, step, list(digests)

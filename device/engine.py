@@ -39,6 +39,7 @@ from fieldchat.device._conversation import (
     Conversations,
     Publication,
 )
+from fieldchat.device._coverage_loader import load_coverage
 from fieldchat.device._keying import MAX_PENDING_GRANTS, GrantResult, Keying
 from fieldchat.device._loader import load_state
 from fieldchat.device._membership import Membership
@@ -176,6 +177,8 @@ class Engine:
             self._bundles.verified,
             self._conversations,
         )
+        self._opener.adopt_coverage(*load_coverage(self.store, self._conversations, self.counters))
+        self._sealer.adopt_parked_cover(self.counters)
 
     @classmethod
     def open_store(

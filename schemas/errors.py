@@ -33,6 +33,7 @@ boundary, with ``raise Mapped(...) from exc``. Each class carries a short
     │   ├── UnknownConversation       no state for this cid
     │   └── UnknownParticipant        no bundle known for this pid
     ├── KeyStoreError                 the key store failed or is corrupt
+    │   └── CorruptRecord             one optional record is corrupt: dropped, counted
     ├── ConfigError                   bad configuration file, flag or variable
     ├── IdempotencyConflict           an idempotency key reused for another request
     └── TransportError                broker or network failure (mapped at the edge)
@@ -48,6 +49,7 @@ __all__ = [
     "ChainEndUnknown",
     "ConfigError",
     "ConnectFailed",
+    "CorruptRecord",
     "CryptoError",
     "EpochKeyPending",
     "FieldchatError",
@@ -311,6 +313,13 @@ class KeyStoreError(FieldchatError):
     """The key store could not be read or written, or holds corrupt state."""
 
     reason = "keystore"
+
+
+class CorruptRecord(KeyStoreError):
+    """One record the engine can do without (it only resumes work in progress) is
+    corrupt or oversized: the loader drops it and counts it instead of refusing to start."""
+
+    reason = "corrupt_record"
 
 
 class ConfigError(FieldchatError):

@@ -331,6 +331,25 @@ class Cluster:
                         return dict(stream)
         return None
 
+    def consumers(self, stream: str = "$MQTT_msgs") -> list[dict[str, Any]] | None:
+        """The consumers of ``stream`` as their leaders report them (JetStream API), or
+        ``None`` while the API cannot answer for every one of them. A consumer's
+        ``push_bound`` is whether its leader sees a subscriber on its delivery subject."""
+        node = next(n for n in self.nodes if n.running)
+        try:
+            reply = nats_request(
+                node.client_port,
+                OPERATOR,
+                self.users[OPERATOR][0],
+                f"$JS.API.CONSUMER.LIST.{stream}",
+                b"{}",
+            )
+        except (OSError, RuntimeError):
+            return None
+        if "error" in reply or reply.get("missing"):
+            return None
+        return list(reply.get("consumers") or [])
+
     def wait_healthy(self, timeout: float = 30.0) -> None:
         """Every running node healthy (JetStream meta leader elected, streams current)."""
         end = time.monotonic() + timeout

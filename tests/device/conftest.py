@@ -391,6 +391,26 @@ def start_cli(args: list[str], env: dict[str, str], **kwargs: Any) -> subprocess
     )
 
 
+def wait_fieldchat_runs(proc: subprocess.Popen[Any], timeout: float = 30) -> None:
+    """Until the first line of ``fieldchat``'s ``main()`` ran in ``proc``: it holds
+    SIGTERM, then handles it (``/proc/PID/status``). Before, the interpreter is still
+    starting (site imports, no code of ours) and a stop signal ends it the default way;
+    that took 0.3 s on a loaded machine, where a SIGTERM sent 0.3 s after the start
+    ended one ``listen`` with status -15."""
+    term = 1 << (signal.SIGTERM - 1)
+
+    def runs() -> bool:
+        assert proc.poll() is None, f"fieldchat exited with status {proc.returncode}"
+        fields = dict(
+            line.split(":\t", 1)
+            for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines()
+            if ":\t" in line
+        )
+        return bool((int(fields["SigBlk"], 16) | int(fields["SigCgt"], 16)) & term)
+
+    wait_until(runs, timeout, "fieldchat's main() to run")
+
+
 PEER = str(Path(__file__).with_name("_peer.py"))
 
 

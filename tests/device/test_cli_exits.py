@@ -30,6 +30,7 @@ from tests.device.conftest import (
     run_cli,
     start_cli,
     texts,
+    wait_fieldchat_runs,
     wait_until,
 )
 
@@ -255,10 +256,11 @@ def test_ctrl_c_during_a_one_shot_command_is_one_line_and_130(
         "fieldchat device: interrupted before it finished.",
     }
     seen = set()
-    # From 0.3 s, as test_cli_signals: before, on a loaded machine, the interpreter may
-    # still be starting (site imports), where no Python code of ours runs yet.
-    for delay in (0.3, 0.4, 0.6, 1.0, 2.0):
+    # Counted from fieldchat's first line, as test_cli_signals: before it the
+    # interpreter is still starting (site imports), where no Python code of ours runs.
+    for delay in (0.0, 0.3, 0.4, 0.6, 1.0, 2.0):
         proc = start_cli(["send", cid, f"at {delay}", "--wait", "--timeout", "60"], env)
+        wait_fieldchat_runs(proc)
         time.sleep(delay)
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)

@@ -37,6 +37,7 @@ from tests.device.conftest import (
     free_port,
     run_cli,
     start_cli,
+    wait_fieldchat_runs,
     wait_until,
 )
 
@@ -178,13 +179,15 @@ def test_sigterm_stops_chat_cleanly(
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_stop_during_start_up_is_one_line_never_a_traceback(tmp_path: Path, sig: int) -> None:
-    """Signals from the imports (≈ 1 s) to the connection attempts: each a clean stop."""
+    """Signals from fieldchat's first line through the imports (≈ 1 s) to the
+    connection attempts: each a clean stop."""
     env = cli_env(state=str(tmp_path / "dev.sqlite3"))
     assert run_cli(["init"], env).returncode == 0
     # Nothing listens there: listen keeps trying to connect until the signal.
     env = dict(env, FIELDCHAT_BROKER=f"mqtt://127.0.0.1:{free_port()}", FIELDCHAT_CREDENTIAL="c")
-    for delay in (0.3, 0.7, 1.2, 2.0, 3.0):
+    for delay in (0.0, 0.3, 0.7, 1.2, 2.0, 3.0):
         with _running(["listen", "--timeout", "60"], env) as proc:
+            wait_fieldchat_runs(proc)  # the delays count from there, not from the exec
             time.sleep(delay)
             code = _stop(proc, sig)
             _, err = proc.communicate()

@@ -25,7 +25,7 @@ from fieldchat.schemas.crypto import aead_seal
 from fieldchat.schemas.envelope import EnvelopeKind, header_bytes
 from fieldchat.schemas.ids import decode_id
 from fieldchat.schemas.messages import encode_plaintext, kind_of
-from tests.device.conftest import FAST, STACK_QUEUE, Devices, texts, wait_until
+from tests.device.conftest import FAST, STACK_QUEUE, Devices, Peer, texts, wait_until
 from tests.device.test_client_trust import members, publish
 
 pytestmark = pytest.mark.mosquitto
@@ -78,6 +78,79 @@ def test_a_members_forgery_is_flagged_within_n_messages(mosquitto_devices: Devic
     assert any(isinstance(e, MessageVerified) for e in events)
 
 
+def test_messages_pending_when_the_receiver_stops_are_verified_after_its_restart(
+    mosquitto_devices: Devices,
+) -> None:
+    """Bob closes while Alice's unsigned messages are pending, and starts again before
+    her next signed envelope: it settles them (the coverage state is in his state file,
+    written with the messages). Before, they stayed pending for good."""
+    devices = mosquitto_devices
+    cid, (alice, bob) = members(devices, Policy(sign_every=4), "alice", "bob")
+    events = devices.events[bob.pid]
+    sent = 0
+    while not (shown := received(events)) or not shown[-1].pending:
+        alice.send(cid, f"a{sent}")
+        sent += 1
+        wait_until(holds(bob, cid, sent), 10, "bob has it")
+        assert sent < 8, "no unsigned message in two windows"
+    last_signed = max((e.step for e in shown if not e.pending), default=-1)
+    pending = [e for e in shown if e.pending and e.step > last_signed]  # not settled yet
+    assert all(r.trust is Trust.PENDING for r in bob.messages(cid) if r.step > last_signed)
+    bob = devices.reopen(bob)
+    bob.wait_connected(10)
+    restart = len(events)
+    for i in range(4):  # Alice's next signed step comes within these four
+        alice.send(cid, f"b{i}")
+    wait_until(
+        lambda: all(rows_trust(bob, cid, e.text) for e in pending), 20, "the pending ones verified"
+    )
+    verified = {s for e in events[restart:] if isinstance(e, MessageVerified) for s in e.steps}
+    assert {e.step for e in pending} <= verified
+    assert bob.counters["forgery"] == 0
+
+
+def test_messages_pending_when_the_receiver_is_killed_are_verified_after_its_restart(
+    mosquitto_devices: Devices,
+) -> None:
+    """Bob's process is SIGKILLed (no flush, no clean stop) once it has stored Alice's
+    unsigned messages: the coverage state was committed with them, so the restarted
+    Bob settles them when her signed envelope comes."""
+    devices = mosquitto_devices
+    cid, (alice, bob) = members(devices, Policy(sign_every=4), "alice", "bob")
+    path = bob.state.path
+    devices.open.remove(bob)
+    bob.close()
+    peer = Peer(path, devices.broker, bob.pid, cid).start(expect=1_000, duration=60)  # runs on
+    try:
+        sent: list[str] = []
+        while not sent or (alice.engine.sending_step(cid) or 0) % 4 == 1:
+            sent.append(f"a{len(sent)}")  # until the last one sent is unsigned
+            alice.send(cid, sent[-1])
+            assert len(sent) < 8, "no unsigned step in two windows"
+        # Bob receipts what he stored: then it is committed, coverage records included.
+        wait_until(lambda: alice.undelivered(cid) == 0, 30, "bob stored them")
+        peer.kill()
+    finally:
+        if peer.proc is not None:
+            peer.kill()
+    events: list[Event] = []
+    bob = Device(path, devices.broker.options(bob.pid), link=FAST, on_event=events.append)
+    devices.open.append(bob)
+    bob.start().wait_connected(10)
+    pending = [r.text or "" for r in bob.messages(cid) if r.trust is Trust.PENDING]
+    assert pending, [(r.step, r.text, r.trust.name) for r in bob.messages(cid)]
+    for i in range(4):  # Alice's next signed step comes within these four
+        alice.send(cid, f"b{i}")
+    wait_until(
+        lambda: all(rows_trust(bob, cid, text) for text in pending), 20, "the pending verified"
+    )
+    assert any(isinstance(e, MessageVerified) for e in events)
+
+
+def received(events: list[Event]) -> list[MessageReceived]:
+    return [e for e in events if isinstance(e, MessageReceived)]
+
+
 def test_a_members_forged_leave_removes_nobody(mosquitto_devices: Devices) -> None:
     """Carol seals an unsigned LEAVE in Bob's name (she holds his chain key). Alice, the
     admin, used to remove Bob on it; LEAVE is acted on only when signed (§6.5)."""
@@ -113,6 +186,26 @@ def holds(device: Device, cid: str, count: int) -> Callable[[], bool]:
 def rows_trust(device, cid: str, text: str) -> bool:
     rows = [r for r in device.messages(cid) if r.text == text]
     return bool(rows) and rows[0].trust is Trust.VERIFIED
+
+
+def test_messages_sent_one_process_at_a_time_are_verified(mosquitto_devices: Devices) -> None:
+    """Each standalone ``fieldchat device send`` opens the state, sends one message and
+    stops cleanly. The unsigned ones used to stay pending at the receivers for good:
+    the sender forgot their digests at each stop. A clean stop keeps them (§6.5)."""
+    devices = mosquitto_devices
+    cid, (alice, bob) = members(devices, Policy(sign_every=4), "alice", "bob")
+    for i in range(5):  # a new process for each message, as the CLI does
+        alice.send(cid, f"one at a time {i}")
+        assert alice.wait_drained(10)
+        alice = devices.reopen(alice)
+    wait_until(lambda: len(texts(bob, cid)) == 5, 15, "bob has them")
+    wait_until(
+        lambda: all(r.trust is not Trust.PENDING for r in bob.messages(cid)),
+        15,
+        "none left pending",
+    )
+    assert {r.trust for r in bob.messages(cid)} <= {Trust.VERIFIED, Trust.AUTHENTIC}
+    assert bob.counters["forgery"] == 0
 
 
 def test_the_cli_says_verified_quietly_and_forgery_loudly(

@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import time
 
-from fieldchat.device._coverage import MAX_OTHERS, Verdict
+import pytest
+
+from fieldchat.device._coverage import MAX_OTHERS, MAX_WAITING, Verdict
 from fieldchat.device.chains import step_keys
 from fieldchat.device.engine import Engine
+from fieldchat.device.state import DeviceState
 from fieldchat.schemas import Control, ControlOp, Message, TextMessage
+from fieldchat.schemas._codec import pack, unpack
 from fieldchat.schemas.crypto import aead_seal
 from fieldchat.schemas.envelope import header_bytes, read_header
 from fieldchat.schemas.ids import decode_id
@@ -146,10 +150,42 @@ def test_sign_every_one_and_zero_show_nothing_pending():
         assert settled(alice) == []
 
 
-def test_after_a_sender_restart_the_signature_covers_only_what_came_since():
-    """The sender's coverage memory is not persisted (§6.5): its next signed envelope
-    covers the steps sealed since the restart; the earlier ones stay pending, never
-    flagged as forged."""
+def test_after_a_clean_restart_the_sender_s_next_signature_covers_what_came_before():
+    """A clean stop (park) keeps the digests of our unsigned envelopes since our last
+    signed one: the next start's signed envelope covers them too. Each standalone
+    ``fieldchat device send`` is such a restart; before this, every message it sent
+    unsigned stayed pending at the receivers for good."""
+    mesh, cid, alice, bob, _ = three()
+    before = [bob.seal(cid, text(f"b{i}")) for i in range(3)]  # 0 signed, 1-2 unsigned
+    bob.flush()
+    bob.park()
+    bob = mesh.engines["bob"] = Engine(bob.identity, store=bob.store)
+    assert bob.store.load_prefix("sentcover/") == {}  # consumed at load
+    after = [bob.seal(cid, text(f"b{i}")) for i in range(3, 5)]
+    assert read_header(after[1]).cover(after[1]) == 3  # step 4 covers steps 1-3
+    for e in before + after:
+        alice.open(cid, e)
+    assert settled(alice) == [((1, 2, 3), Verdict.VERIFIED, True)]
+
+
+def test_a_malformed_sent_cover_record_is_counted_and_dropped():
+    _, cid, _, bob, _ = three()
+    bob.seal(cid, text("b0"))
+    bob.seal(cid, text("b1"))
+    bob.park()
+    (key,) = bob.store.load_prefix("sentcover/")
+    bob.store.save({key: b"\x93\x00"})
+    again = Engine(bob.identity, store=bob.store)
+    assert again.counters["corrupt_record"] == 1
+    assert again.store.load_prefix("sentcover/") == {}
+    signed = [again.seal(cid, text(f"b{i}")) for i in range(2, 5)][-1]
+    assert read_header(signed).cover(signed) == 2  # steps 2-3 only, as after a crash
+
+
+def test_after_a_sender_crash_the_signature_covers_only_what_came_since():
+    """Without a clean stop the sender's coverage memory is lost (§6.5): its next signed
+    envelope covers the steps sealed since the restart; the earlier ones stay pending,
+    never flagged as forged."""
     _, cid, alice, bob, _ = three()
     before = [bob.seal(cid, text(f"b{i}")) for i in range(3)]  # 0 signed, 1-2 unsigned
     bob._sealer._covering.clear()  # what a restart forgets
@@ -159,6 +195,119 @@ def test_after_a_sender_restart_the_signature_covers_only_what_came_since():
         alice.open(cid, e)
     assert settled(alice) == [((3,), Verdict.VERIFIED, True)]
     assert alice.counters["coverage_forged"] == 0
+
+
+def test_coverage_records_of_a_rolled_back_transaction_are_written_again(tmp_path):
+    """The device flushes inside its transaction; if that rolls back, the coverage the
+    engine holds in memory is written by the next flush instead of being lost."""
+    mesh, cid, alice, bob, _ = three()
+    state = DeviceState(tmp_path / "alice.sqlite3")
+    try:
+        state.save(alice.store.load_prefix(""))  # alice's records so far, now on file
+        mesh.engines["alice"] = alice = Engine(alice.identity, store=state)
+        sent = [bob.seal(cid, text(f"b{i}")) for i in range(5)]
+
+        def failing_batch() -> None:
+            with state.transaction():
+                for e in sent[:4]:
+                    alice.open(cid, e)
+                alice.flush()
+                raise RuntimeError("the batch failed after the flush")
+
+        with pytest.raises(RuntimeError):
+            failing_batch()
+        assert list(state.load_prefix("covered/")) == []  # rolled back
+        alice.flush()
+        assert len(state.load_prefix("covered/")) == 3
+        alice = reopen(mesh, "alice")
+        alice.open(cid, sent[4])
+        assert settled(alice) == [((1, 2, 3), Verdict.VERIFIED, True)]
+    finally:
+        state.close()
+
+
+def test_too_many_waiting_signatures_on_disk_are_dropped_past_the_bound():
+    mesh, cid, alice, bob, _ = three()
+    sent = [bob.seal(cid, text(f"b{i}")) for i in range(5)]
+    alice.open(cid, sent[0])
+    alice.open(cid, sent[4])  # waits for steps 1..3
+    alice.flush()
+    ((key, raw),) = alice.store.load_prefix("covering/").items()
+    fields = unpack(raw, "test")
+    extra = {}
+    for step in range(8, 8 + 4 * MAX_WAITING, 4):  # as if more had waited
+        extra[key.rsplit("/", 1)[0] + f"/{step}"] = pack((*fields[:3], step, *fields[4:]))
+    alice.store.save(extra)
+    alice = reopen(mesh, "alice")
+    assert alice.counters["corrupt_record"] == 1  # the oldest, step 4, beyond MAX_WAITING
+    alice.flush()
+    assert key not in alice.store.load_prefix("covering/")
+    assert len(alice.store.load_prefix("covering/")) == MAX_WAITING
+
+
+def reopen(mesh: Mesh, name: str) -> Engine:
+    """``name``'s engine read back from its key store, as after a restart (the device
+    flushes in the transaction of each batch of messages, and on close)."""
+    old = mesh[name]
+    old.flush()
+    mesh.engines[name] = Engine(old.identity, store=old.store)
+    return mesh[name]
+
+
+def test_a_message_pending_before_a_restart_is_verified_after_it():
+    mesh, cid, alice, bob, _ = three()
+    sent = [bob.seal(cid, text(f"b{i}")) for i in range(5)]
+    opened = [alice.open(cid, e) for e in sent[:4]]
+    assert [o.pending for o in opened if o] == [False, True, True, True]
+    alice = reopen(mesh, "alice")
+    assert text_of(alice.open(cid, sent[4])) == "b4"
+    assert settled(alice) == [((1, 2, 3), Verdict.VERIFIED, True)]
+    alice.flush()
+    assert list(alice.store.load_prefix("covered/")) == []  # settled: the records are gone
+
+
+def test_a_forgery_shown_before_a_restart_is_flagged_after_it():
+    mesh, cid, alice, bob, carol = three()
+    sent = [bob.seal(cid, text(f"b{i}")) for i in range(9)]
+    forgery = forge_as(carol, cid, bob, 2, "from bob: pay Carol")
+    for e in (sent[0], sent[1], forgery, sent[2], sent[3]):
+        alice.open(cid, e)  # Bob's own step 2, second, kept as a candidate
+    alice = reopen(mesh, "alice")
+    alice.open(cid, sent[4])
+    assert settled(alice) == [((1, 3), Verdict.VERIFIED, True), ((2,), Verdict.FORGED, True)]
+    # The next window: the signed envelope waits for a missing step across a restart.
+    for e in (sent[5], sent[7], sent[8]):
+        alice.open(cid, e)
+    alice = reopen(mesh, "alice")
+    forged = forge_as(carol, cid, bob, 6, "forged")
+    alice.open(cid, forged)
+    assert settled(alice) == [((5, 6, 7), Verdict.FORGED, False)]
+    assert alice.counters["coverage_forged"] == 3
+
+
+def test_corrupt_coverage_records_are_dropped_and_counted_at_load():
+    mesh, cid, alice, bob, _ = three()
+    sent = [bob.seal(cid, text(f"b{i}")) for i in range(5)]
+    for e in sent[:4]:
+        alice.open(cid, e)
+    alice.flush()
+    records = sorted(alice.store.load_prefix("covered/"))
+    assert len(records) == 3  # steps 1, 2, 3: one record each
+    alice.store.save(
+        {
+            records[1]: b"\x93not a record",  # step 2: msgpack junk
+            records[2]: b"\x00" * 100_000,  # step 3: oversized
+            f"covering/{cid}/0/0/0/4": b"\xc1",  # a waiting signature that does not parse
+        }
+    )
+    alice = reopen(mesh, "alice")
+    assert alice.counters["corrupt_record"] == 3
+    alice.open(cid, sent[4])  # steps 2 and 3 are forgotten: the signature waits for them
+    assert settled(alice) == []
+    alice.flush()
+    assert sorted(alice.store.load_prefix("covered/")) == records[:1]  # dropped from disk
+    assert sorted(alice.store.load_prefix("covering/")) == [f"covering/{cid}/0/0/0/4"]
+    assert reopen(mesh, "alice").counters["corrupt_record"] == 0
 
 
 def test_controls_that_change_membership_or_keys_are_signed_and_forgeries_ignored():

@@ -180,6 +180,40 @@ def test_browser_founds_invites_and_removes(stack, browser):
             user.close()
 
 
+def test_a_message_written_before_the_epochs_secret_leaves_when_it_comes(stack, browser):
+    """A new epoch's roster reaches a member a hop before its secret (the delivery comes
+    through the inbox); a message written in between waits for the secret, and the page
+    takes the frame that brings it meanwhile. (The wait once held the page's frame queue:
+    the delivery stayed behind it until the send gave up, 10 s later, unsent; on a loaded
+    machine that is the order test_browser_founds_invites_and_removes met.)"""
+    erin = WebUser(browser, stack.base, "erin", relay=True).register()
+    try:
+        pi = stack.device("pi")
+        cid = pi.create_conversation([erin.pid], timeout=20)
+        erin.wait_conversation(cid)
+        erin.open(cid)
+        pi.send(cid, "in epoch 0")
+        erin.wait_texts(["in epoch 0"])
+        erin.drop = lambda f: f.get("op") == "grant"  # epoch 1's secret, held back
+        pi.invite(cid, [stack.device("pump").pid], timeout=20)
+        erin.page.wait_for_function(  # erin's page took the roster of epoch 1
+            "() => document.querySelector('#conv-sub').textContent.startsWith('3 members')"
+        )
+        erin.relay_until(lambda: erin.dropped, "the delivery of epoch 1's secret")
+        erin.send("written before the secret came")
+        erin.drop = lambda f: False
+        for frame in erin.dropped:
+            erin.inject(frame)
+        erin.relay_until(
+            lambda: "written before the secret came" in device_texts(pi, cid), "pi to read it"
+        )
+        assert "written before the secret came" in erin.texts()
+        assert erin.page.input_value("#compose") == ""  # not handed back as unsent
+        assert not erin.errors
+    finally:
+        erin.close()
+
+
 def test_no_plaintext_in_the_database_or_on_the_wire(chat, stack):
     secrets = [
         "the vault code is tango-4711-kilo",

@@ -43,6 +43,7 @@ const S = {
   receipts: new Map(), // `${cid}|${type}` -> Set of "epoch/sender/chain/step"
   caughtUp: false,
   queue: Promise.resolve(),
+  sending: Promise.resolve(),
   flushing: false,
   online: navigator.onLine,
 };
@@ -505,11 +506,24 @@ async function loadHistory(cid) {
 
 // -- sending ---------------------------------------------------------------------------------
 
-async function send(cid, text) {
-  // An epoch whose secret is on its way (PROTOCOL.md §6.6): wait, one inbox hop.
-  for (let i = 0; i < KEY_WAIT_TRIES && S.engine.isMember(cid) && !S.engine.keyed(cid); i++) {
-    await new Promise((resolve) => setTimeout(resolve, 100));
-  }
+// Sends keep their order (S.sending). One for an epoch whose secret is on its way (PROTOCOL.md
+// §6.6, one inbox hop) waits outside `serial`, where the frame that brings it is queued.
+function send(cid, text) {
+  const turn = S.sending.then(async () => {
+    for (let i = 0; ; i++) {
+      const wait = await serial(async () => {
+        if (i < KEY_WAIT_TRIES && S.engine.isMember(cid) && !S.engine.keyed(cid)) return true;
+        await sealText(cid, text);
+      });
+      if (!wait) return;
+      await new Promise((resolve) => setTimeout(resolve, 100));
+    }
+  });
+  S.sending = turn.catch(() => {});
+  return turn;
+}
+
+async function sealText(cid, text) {
   const sealed = await S.engine.seal(cid, { kind: MSG.text, sentAt: Math.floor(Date.now() / 1000), text });
   const [, epoch, sender, chain, step] = sealed.key;
   const id = sealed.key.join("/");

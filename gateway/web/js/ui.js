@@ -299,7 +299,7 @@ function bindUi() {
     if (!text.trim() || !S.active) return;
     $("compose").value = "";
     const cid = S.active;
-    serial(() => send(cid, text)).catch((err) => { $("compose").value = text; alertIn("compose", err.message); });
+    send(cid, text).catch((err) => { $("compose").value = text; alertIn("compose", err.message); });
   };
   $("composer").addEventListener("submit", (e) => { e.preventDefault(); submit(); });
   $("compose").addEventListener("keydown", (e) => {
