@@ -305,12 +305,16 @@ class Device:
         """
         return self._queue(cid, texts, None)
 
+    def _wait_keyed(self, cid: str) -> None:
+        """A new epoch's secret is on its way from the admin (§6.6), one inbox hop:
+        wait for it up to KEY_WAIT_S rather than seal in the old epoch, which a member
+        just removed could read."""
+        if self.engine.is_member(cid) and not self.engine.keyed(cid):
+            self.wait_for(lambda: self.engine.keyed(cid), KEY_WAIT_S)
+
     def _queue(self, cid: str, texts: Sequence[str], key: str | None) -> list[SentMessage]:
         self._raise_fatal()
-        if self.engine.is_member(cid) and not self.engine.keyed(cid):
-            # A new epoch whose secret is on its way from the admin (§6.6): one inbox
-            # hop; sealing in the old epoch could let a member just removed read it.
-            self.wait_for(lambda: self.engine.keyed(cid), KEY_WAIT_S)
+        self._wait_keyed(cid)
         out, sync = self._texts.queue(cid, texts, key=key)
         self._wake()
         if sync:
@@ -391,7 +395,10 @@ class Device:
 
         Raises:
             UnknownConversation, NotAMember: not a member of ``cid``.
+            EpochKeyPending: a new epoch's secret did not arrive within KEY_WAIT_S
+                (the LEAVE is sealed in the current epoch, as a text is).
         """
+        self._wait_keyed(cid)
         self._changes.leave(cid)
 
     def conversations(self) -> list[ConversationInfo]:
