@@ -24,7 +24,7 @@ from fieldchat.device._records import (
     recv_record,
 )
 from fieldchat.device.keystore import KeyStore
-from fieldchat.schemas import Message, Receipt, decode_plaintext
+from fieldchat.schemas import Control, Message, Receipt, decode_plaintext
 from fieldchat.schemas.crypto import aead_decrypt_signed, aead_open
 from fieldchat.schemas.envelope import (
     FLAG_COMPRESSED,
@@ -72,6 +72,13 @@ class Opened(NamedTuple):
     @property
     def dedupe_key(self) -> tuple[str, int, int, int, int]:
         return (self.cid, self.epoch, self.sender_index, self.chain, self.step)
+
+    @property
+    def forgeable_control(self) -> bool:
+        """An unsigned control of a kind acted on only when signed (§6.5): any member
+        could have sealed it in the sender's name, so nobody acts on it."""
+        message = self.message
+        return isinstance(message, Control) and message.op.signed_only and not self.signed
 
 
 class Settlement(NamedTuple):

@@ -515,8 +515,7 @@ class Engine:
             if conv is None or conv.removed or not conv.roster.is_admin(self.pid):
                 del self._updates[cid]
                 continue
-            last = self._updated_at.get(cid)
-            if last is not None and now - last < UPDATE_EPOCH_EVERY_S:
+            if self._answered_lately(cid, now):
                 continue
             ready = [pid for pid, want in asked.items() if self._prekey_ready(pid, want)]
             if not ready:
@@ -535,10 +534,15 @@ class Engine:
         with self._lock:
             now = self._clock()
             return any(
-                now - self._updated_at.get(cid, now - UPDATE_EPOCH_EVERY_S) >= UPDATE_EPOCH_EVERY_S
+                not self._answered_lately(cid, now)
                 and any(self._prekey_ready(pid, want) for pid, want in asked.items())
                 for cid, asked in self._updates.items()
             )
+
+    def _answered_lately(self, cid: str, now: float) -> bool:
+        """Whether we answered requests of ``cid`` less than UPDATE_EPOCH_EVERY_S ago."""
+        last = self._updated_at.get(cid)
+        return last is not None and now - last < UPDATE_EPOCH_EVERY_S
 
     def _prekey_ready(self, pid: str, want: tuple[int, bytes] | None) -> bool:
         if want is None:
@@ -553,8 +557,7 @@ class Engine:
         message = opened.message
         assert isinstance(message, Control)
         conv = self._convs[opened.cid]
-        if message.op.signed_only and not opened.signed:
-            # Unsigned, any member could have sealed it in the sender's name (§6.5).
+        if opened.forgeable_control:
             self.counters["unsigned_control"] += 1
             return
         if message.op is ControlOp.ENDS:
@@ -569,8 +572,7 @@ class Engine:
                 else None
             )
             self._updates.setdefault(opened.cid, {})[opened.sender] = want
-            last = self._updated_at.get(opened.cid)
-            if last is not None and self._clock() - last < UPDATE_EPOCH_EVERY_S:
+            if self._answered_lately(opened.cid, self._clock()):
                 self.counters["epoch_request_deferred"] += 1
 
     # -- messages ---------------------------------------------------------------------

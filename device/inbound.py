@@ -327,7 +327,7 @@ class Inbound(Part):
             )
         elif isinstance(message, Receipt):
             self.receipts_in.on_receipt(tx, opened, message, batch)
-        elif isinstance(message, Control) and message.op.signed_only and not opened.signed:
+        elif opened.forgeable_control:
             pass  # any member could have sealed it (§6.5): counted by the engine
         elif isinstance(message, Control) and message.op is ControlOp.LEAVE:
             self.rosters.on_leave(tx, opened)

@@ -37,6 +37,14 @@ class Mesh:
     def __getitem__(self, name: str) -> Engine:
         return self.engines[name]
 
+    def join(self, name: str, engine: Engine) -> Engine:
+        """Add ``engine`` (its own clock or store) as ``name``; bundles known both ways."""
+        for other in self.engines.values():
+            other.learn_bundle(engine.identity.bundle.to_bytes())
+            engine.learn_bundle(other.identity.bundle.to_bytes())
+        self.engines[name] = engine
+        return engine
+
     def deliver(self, publications: Iterable[Publication]) -> None:
         queue = list(publications)
         while queue:

@@ -77,6 +77,13 @@ def stop_process(
             proc.wait(5)
 
 
+def reap(proc: subprocess.Popen[str]) -> None:
+    """Kill ``proc`` if it still runs and collect it: a failed test leaves no child."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
+
+
 class Mosquitto:
     """A Mosquitto process with persistence, a password file and a bounded queue."""
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.device.conftest import Broker, Mosquitto, cli_env, free_port, run_cli, start_cli
+from tests.device.conftest import Broker, Mosquitto, cli_env, free_port, reap, run_cli, start_cli
 
 pytestmark = pytest.mark.mosquitto
 
@@ -45,9 +45,7 @@ def test_walkthrough_two_devices_talk(tmp_path: Path, any_broker: Broker) -> Non
         assert piped.returncode == 0, piped.stderr
         lines = _read_json_lines(listener)
     finally:
-        if listener.poll() is None:
-            listener.kill()
-            listener.communicate()
+        reap(listener)
     messages = [m for m in lines if m["type"] == "message"]
     assert [(m["sender"], m["text"], m["cid"]) for m in messages] == [
         (alice, "hello from alice", cid),
@@ -83,9 +81,7 @@ def test_conv_create_requires_post_quantum_members_unless_told_otherwise(
         assert run_cli(["send", cid, "x25519 only"], alice_env).returncode == 0
         lines = _read_json_lines(listener)
     finally:
-        if listener.poll() is None:
-            listener.kill()
-            listener.communicate()
+        reap(listener)
     assert [m["text"] for m in lines if m["type"] == "message"] == ["x25519 only"]
 
 

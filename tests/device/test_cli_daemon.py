@@ -21,6 +21,7 @@ from tests.device.conftest import (
     cli_env,
     conversation,
     handed_over,
+    reap,
     run_cli,
     start_cli,
     texts,
@@ -147,9 +148,7 @@ def test_listen_exit_on_disconnect_through_the_daemon(
             mosquitto.stop()
             _, err = listener.communicate(timeout=60)
         finally:
-            if listener.poll() is None:
-                listener.kill()
-                listener.communicate()
+            reap(listener)
         assert listener.returncode == ExitCode.UNAVAILABLE, err
         assert (
             err.strip().splitlines()[-1].startswith("error: the connection to the broker dropped")

@@ -27,6 +27,7 @@ from tests.device.conftest import (
     cli_env,
     free_port,
     handed_over,
+    reap,
     run_cli,
     start_cli,
     texts,
@@ -211,9 +212,7 @@ def test_listen_waits_for_a_broker_started_late(
         bob.send(cid, "after the broker came back")
         out, rest = listener.communicate(timeout=60)
     finally:
-        if listener.poll() is None:
-            listener.kill()
-            listener.communicate()
+        reap(listener)
     assert listener.returncode == 0, rest
     assert [json.loads(line)["text"] for line in out.splitlines() if '"message"' in line] == [
         "after the broker came back"
@@ -233,9 +232,7 @@ def test_listen_exit_on_disconnect_keeps_the_old_behaviour(
         mosquitto.stop()
         _, err = listener.communicate(timeout=60)
     finally:
-        if listener.poll() is None:
-            listener.kill()
-            listener.communicate()
+        reap(listener)
     assert listener.returncode == ExitCode.UNAVAILABLE, err
     assert err.strip().splitlines()[-1].startswith("error: the connection to the broker dropped")
     out = run_cli(["listen", "--exit-on-disconnect", "--timeout", "1"], env)

@@ -171,9 +171,7 @@ def test_recorded_delivery_stays_closed_after_rotation_and_grace():
 def test_prekeys_rotate_by_use_and_keep_a_bounded_number_of_old_ones():
     clock = [5_000.0]
     mesh = Mesh("alice")
-    bob = mesh.engines["bob"] = Engine(Identity.generate(), clock=lambda: clock[0])
-    mesh["alice"].learn_bundle(bob.identity.bundle.to_bytes())
-    bob.learn_bundle(mesh["alice"].identity.bundle.to_bytes())
+    bob = mesh.join("bob", Engine(Identity.generate(), clock=lambda: clock[0]))
     cid = mesh.create("alice", "bob")
     assert bob.maintain_prekeys() == []  # one delivery opened: not due
     for _ in range(PREKEY_MAX_OPENS - 1):
@@ -195,10 +193,7 @@ def test_update_locks_out_a_copied_state():
     all traffic, but has no live access. It reads until Bob's update, nothing after."""
     mesh = Mesh("alice", "carol")
     store = MemoryKeyStore()
-    bob = mesh.engines["bob"] = Engine.open_store(store)
-    for engine in (mesh["alice"], mesh["carol"]):
-        engine.learn_bundle(bob.identity.bundle.to_bytes())
-        bob.learn_bundle(engine.identity.bundle.to_bytes())
+    bob = mesh.join("bob", Engine.open_store(store))
     cid = mesh.create("alice", "bob", "carol")
     bob.flush()
     copy = MemoryKeyStore()
@@ -264,10 +259,7 @@ def test_an_admin_answers_epoch_requests_at_most_once_a_minute_and_none_is_lost(
     wait and are answered together when their turn comes."""
     clock = [1_000.0]
     mesh = Mesh("bob", "carol")
-    alice = mesh.engines["alice"] = Engine(Identity.generate(), clock=lambda: clock[0])
-    for name in ("bob", "carol"):
-        alice.learn_bundle(mesh[name].identity.bundle.to_bytes())
-        mesh[name].learn_bundle(alice.identity.bundle.to_bytes())
+    alice = mesh.join("alice", Engine(Identity.generate(), clock=lambda: clock[0]))
     cid = mesh.create("alice", "bob", "carol")
     alice.open(cid, mesh["bob"].request_epoch(cid))
     first = alice.answer_updates()
@@ -370,10 +362,7 @@ def test_a_forged_delivery_costs_one_key_agreement(monkeypatch):
 def test_sealing_waits_for_the_delivery_and_the_wait_survives_a_restart():
     mesh = Mesh("alice", "carol")
     store = MemoryKeyStore()
-    bob = mesh.engines["bob"] = Engine.open_store(store)
-    for engine in (mesh["alice"], mesh["carol"]):
-        engine.learn_bundle(bob.identity.bundle.to_bytes())
-        bob.learn_bundle(engine.identity.bundle.to_bytes())
+    bob = mesh.join("bob", Engine.open_store(store))
     cid = mesh.create("alice", "bob", "carol")
     pubs = mesh["alice"].remove_members(cid, [mesh["carol"].pid])
     bob.handle_roster(pubs[0].payload)
