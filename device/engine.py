@@ -40,6 +40,7 @@ from fieldchat.device._conversation import (
     Publication,
 )
 from fieldchat.device._coverage_loader import load_coverage
+from fieldchat.device._epoch_requests import UPDATE_EPOCH_EVERY_S, EpochRequests
 from fieldchat.device._keying import MAX_PENDING_GRANTS, GrantResult, Keying
 from fieldchat.device._loader import load_state
 from fieldchat.device._membership import Membership
@@ -75,12 +76,6 @@ __all__ = [
     "Opened",
     "Publication",
 ]
-
-# An admin issues at most one epoch per conversation this often for UPDATE and REKEY
-# requests (§6.7): each costs a roster and n-1 deliveries (≈ 1.3 KB a member), and any
-# member can send requests, so unbounded answers would let one member spend everyone's
-# airtime. Requests arriving meanwhile wait and are answered together.
-UPDATE_EPOCH_EVERY_S = 60.0
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -126,15 +121,12 @@ class Engine:
         self.identity = identity
         self._clock = clock
         self._random = random
-        # UPDATE and REKEY requests (§6.7) we answer as an admin: cid -> sender -> the
-        # prekey (id, digest) the new epoch must be delivered to (None: any).
-        self._updates: dict[str, dict[str, tuple[int, bytes] | None]] = {}
-        self._updated_at: dict[str, float] = {}  # cid -> when we last answered requests
         self.store: KeyStore = store if store is not None else MemoryKeyStore()
         self.topics = topics or Topics()
         self.counters: Counter[str] = Counter()
         self._lock = threading.RLock()
         self._bundles = Bundles(identity.bundle, self.store)
+        self._requests = EpochRequests(self._bundles.get)  # UPDATE/REKEY we answer (§6.7)
         self._conversations = Conversations(self.store, self.counters)
         self._convs = self._conversations.by_cid  # read by tests and benchmarks
         dirty: set[tuple[str, ChainId]] = set()
@@ -504,53 +496,22 @@ class Engine:
     @_counted
     def answer_updates(self) -> list[Publication]:
         """As an admin: a new epoch for each conversation with an UPDATE or REKEY we
-        can answer now (an UPDATE once we hold the bundle with the prekey it names, so
-        the new secret never goes to the old, perhaps stolen, prekey), and at most one
-        every ``UPDATE_EPOCH_EVERY_S`` per conversation: later requests wait
-        (:meth:`epoch_requests_due`)."""
+        can answer now, at most one every ``UPDATE_EPOCH_EVERY_S`` per conversation
+        (:class:`~fieldchat.device._epoch_requests.EpochRequests` says which)."""
         out: list[Publication] = []
-        now = self._clock()
-        for cid, asked in list(self._updates.items()):
-            conv = self._convs.get(cid)
-            if conv is None or conv.removed or not conv.roster.is_admin(self.pid):
-                del self._updates[cid]
-                continue
-            if self._answered_lately(cid, now):
-                continue
-            ready = [pid for pid, want in asked.items() if self._prekey_ready(pid, want)]
-            if not ready:
-                continue
-            for pid in ready:
-                del asked[pid]
-            if not asked:
-                del self._updates[cid]
-            self._updated_at[cid] = now
-            out += self._membership.set_policy(cid, conv.roster.policy)
+        for cid in self._requests.take(self._clock(), self._admin_in):
+            out += self._membership.set_policy(cid, self._convs[cid].roster.policy)
         return out
 
     def epoch_requests_due(self) -> bool:
         """Whether :meth:`answer_updates` would answer something now (a request whose
         turn came while it waited, checked by the device every second)."""
         with self._lock:
-            now = self._clock()
-            return any(
-                not self._answered_lately(cid, now)
-                and any(self._prekey_ready(pid, want) for pid, want in asked.items())
-                for cid, asked in self._updates.items()
-            )
+            return self._requests.due(self._clock())
 
-    def _answered_lately(self, cid: str, now: float) -> bool:
-        """Whether we answered requests of ``cid`` less than UPDATE_EPOCH_EVERY_S ago."""
-        last = self._updated_at.get(cid)
-        return last is not None and now - last < UPDATE_EPOCH_EVERY_S
-
-    def _prekey_ready(self, pid: str, want: tuple[int, bytes] | None) -> bool:
-        if want is None:
-            return True
-        bundle = self._bundles.get(pid)
-        if bundle is None or bundle.prekey.id < want[0]:
-            return False
-        return bundle.prekey.id > want[0] or bundle.prekey.digest() == want[1]
+    def _admin_in(self, cid: str) -> bool:
+        conv = self._convs.get(cid)
+        return conv is not None and not conv.removed and conv.roster.is_admin(self.pid)
 
     def _on_control(self, opened: Opened) -> None:
         """ENDS (signed only) and UPDATE/REKEY controls, which the engine itself acts on."""
@@ -571,8 +532,7 @@ class Engine:
                 if message.op is ControlOp.UPDATE
                 else None
             )
-            self._updates.setdefault(opened.cid, {})[opened.sender] = want
-            if self._answered_lately(opened.cid, self._clock()):
+            if self._requests.ask(opened.cid, opened.sender, want, self._clock()):
                 self.counters["epoch_request_deferred"] += 1
 
     # -- messages ---------------------------------------------------------------------
