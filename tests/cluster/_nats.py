@@ -147,20 +147,29 @@ def accounts_conf(users: dict[str, tuple[str, dict[str, object]]]) -> str:
     return f"accounts: {json.dumps(body, indent=2)}\n"
 
 
+class PortTaken(RuntimeError):
+    """A node could not bind a port picked for it (another process took it first)."""
+
+
 class Node:
     """One ``nats-server`` process; its ports and store survive :meth:`kill`."""
 
     def __init__(self, workdir: Path, name: str) -> None:
         self.dir = workdir
         self.name = name
-        self.client_port = free_port()
-        self.http_port = free_port()
-        self.cluster_port = free_port()
-        self.mqtt_port = free_port()
+        self.pick_ports()
         self.config = workdir / "node.conf"
         self.log = workdir / "nats.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
+
+    def pick_ports(self) -> None:
+        """Free ephemeral ports, each free when picked (another process may take one
+        before the node binds it: :meth:`Cluster.start` then picks again)."""
+        self.client_port = free_port()
+        self.http_port = free_port()
+        self.cluster_port = free_port()
+        self.mqtt_port = free_port()
 
     def render(self, peers: list[Node], accounts_file: Path) -> None:
         routes = ",\n    ".join(f"nats-route://127.0.0.1:{p.cluster_port}" for p in peers)
@@ -282,11 +291,28 @@ class Cluster:
         return self._add(name, gateway_permissions(self.prefix))
 
     def start(self, timeout: float = 30.0) -> Cluster:
-        for node in self.nodes:
-            node.start()
-        self.wait_healthy(timeout)
+        for attempt in range(3):  # bounded: a port taken between pick and bind
+            for node in self.nodes:
+                node.start()
+            try:
+                self.wait_healthy(timeout)
+                break
+            except PortTaken:
+                if attempt == 2:
+                    raise
+                self._fresh_ports()
         self.create_message_stream(timeout)
         return self
+
+    def _fresh_ports(self) -> None:
+        """Stop every node, forget the store of this first start, pick new ports and
+        render the configurations again (each names its peers' cluster ports)."""
+        for node in self.nodes:
+            node.stop()
+            shutil.rmtree(node.dir / "jetstream", ignore_errors=True)
+            node.pick_ports()
+        for node in self.nodes:
+            node.render([n for n in self.nodes if n is not node], self.accounts)
 
     def create_message_stream(self, timeout: float = 30.0) -> dict[str, Any]:
         """Create ``$MQTT_msgs`` from ``deploy/nats/mqtt-msgs.stream.json`` before any
@@ -356,7 +382,10 @@ class Cluster:
         while True:
             for node in self.nodes:
                 if node.proc is not None and node.proc.poll() is not None:
-                    raise RuntimeError(f"nats-server {node.name} exited:\n{node.tail()}")
+                    tail = node.tail()
+                    if "address already in use" in tail.rsplit("--- start ", 1)[-1]:
+                        raise PortTaken(f"nats-server {node.name}: a port was taken")
+                    raise RuntimeError(f"nats-server {node.name} exited:\n{tail}")
             if all(node.healthy() for node in self.nodes if node.running):
                 return
             if time.monotonic() > end:
