@@ -131,12 +131,13 @@ def failures() -> Iterator[None]:
 @contextlib.contextmanager
 def errors(service: str | None = None) -> Iterator[None]:
     """A command's body: :func:`failures`, and SIGINT or SIGTERM raise
-    KeyboardInterrupt inside (the ``finally`` blocks close the device). A ``service``
+    KeyboardInterrupt inside (the ``finally`` blocks close the device; an error a
+    library made of it is recognised, :meth:`Interrupts.unwrapped`). A ``service``
     (listen, chat) stopped that way ends normally: one line, status 0; a one-shot
     command says it was interrupted (status 130: what it did may be partial).
     """
     try:
-        with interrupts.installed(), failures():
+        with interrupts.installed(), failures(), interrupts.unwrapped(typer.Exit):
             yield
     except KeyboardInterrupt:
         if service is not None:

@@ -19,8 +19,9 @@ _STOP = {signal.SIGINT, signal.SIGTERM}
 def main() -> None:
     """Run the ``fieldchat`` command line."""
     held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP)  # first of all
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # the same as Ctrl-C
-    from fieldchat._startup import stopped_before_start  # noqa: PLC0415 - signals held
+    from fieldchat._startup import handle_stops, stopped_before_start  # noqa: PLC0415 - held
+
+    handle_stops()  # SIGTERM the same as Ctrl-C
 
     argv = sys.argv[1:]
     asks_help = "--help" in argv[-1:]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from types import FrameType
 from typing import NoReturn, TypeVar
 
 from fieldchat.schemas.exits import ExitCode
@@ -51,6 +52,28 @@ VALUE_OPTIONS = frozenset(
         "--key-file",
     }
 )
+
+
+_stops_seen: list[int] = []
+
+
+def _raise_stop(signum: int, frame: FrameType | None) -> None:  # noqa: ARG001
+    _stops_seen.append(signum)
+    raise KeyboardInterrupt
+
+
+def handle_stops() -> None:
+    """Until a command takes them over: SIGINT and SIGTERM both raise
+    KeyboardInterrupt, and one that came is remembered (:func:`stop_came`)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _raise_stop)
+
+
+def stop_came() -> bool:
+    """Whether a stop signal reached :func:`handle_stops`'s handler: then an error
+    that follows is that stop, whatever a library made of it (pydantic-core raises
+    PydanticSerializationError for a KeyboardInterrupt raised in a serializer)."""
+    return bool(_stops_seen)
 
 
 def command_words(argv: Sequence[str]) -> tuple[str, ...]:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NamedTuple, NoReturn
 import typer
 from typer.core import TyperCommand, TyperGroup
 
-from fieldchat._startup import import_held, stopped_before_start
+from fieldchat._startup import import_held, stop_came, stopped_before_start
 
 if TYPE_CHECKING:
     from fieldchat.stack import StackOptions
@@ -152,6 +152,12 @@ class _Root(TyperGroup):
             return super().invoke(ctx)
         except KeyboardInterrupt:
             stopped_before_start()
+        except typer.Exit:
+            raise
+        except Exception:
+            if not stop_came():
+                raise
+            stopped_before_start()  # a stop a library turned into another error
 
 
 app = typer.Typer(

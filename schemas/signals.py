@@ -157,3 +157,20 @@ class Interrupts:
             self._deferring -= 1
         if before is None and self.signum is not None and not self._deferring:
             raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def unwrapped(self, *kept: type[BaseException]) -> Iterator[None]:
+        """Turn back into :class:`KeyboardInterrupt` an error a library made of ours.
+
+        pydantic-core catches every exception raised inside a serializer, ours
+        included, and raises ``PydanticSerializationError`` with only its name in the
+        text (seen in CI: a Ctrl-C while the settings were dumped ended in a
+        traceback). So once a stop signal came, any error but those ``kept`` (a
+        command's own exit) is that stop.
+        """
+        try:
+            yield
+        except Exception as exc:
+            if self.signum is None or isinstance(exc, kept):
+                raise
+            raise KeyboardInterrupt from exc

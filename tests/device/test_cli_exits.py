@@ -18,8 +18,11 @@ from pathlib import Path
 from typing import IO
 
 import pytest
+import typer
 
+from fieldchat.device.cli_common import errors
 from fieldchat.schemas.exits import MEANINGS, ExitCode
+from tests._interrupted import StoppedWhileDumped
 from tests.device.conftest import (
     FIELDCHAT,
     Devices,
@@ -268,6 +271,17 @@ def test_ctrl_c_during_a_one_shot_command_is_one_line_and_130(
         seen.add(line)
     assert "fieldchat device: interrupted before it finished." in seen  # while connecting
     assert all(m["cid"] == cid for m in _outbox(env))
+
+
+def test_a_stop_a_library_turned_into_another_error_is_still_one_line_and_130(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """pydantic-core raises PydanticSerializationError for a KeyboardInterrupt raised
+    in a serializer; the command still says it was interrupted, status 130."""
+    with pytest.raises(typer.Exit) as exited, errors():
+        StoppedWhileDumped(path=Path("pi.db")).model_dump()
+    assert exited.value.exit_code == ExitCode.INTERRUPTED
+    assert capsys.readouterr().err == "fieldchat device: interrupted before it finished.\n"
 
 
 def test_the_default_state_file_is_found_once_init_made_it(tmp_path: Path) -> None:

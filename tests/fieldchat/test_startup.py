@@ -5,12 +5,25 @@ device group's own."""
 
 from __future__ import annotations
 
+import signal
+from pathlib import Path
+
 import pytest
 import typer
 
+from fieldchat import _startup
 from fieldchat._fast import SendLine, parse_send
-from fieldchat._startup import SERVICES, VALUE_OPTIONS, command_words
+from fieldchat._startup import (
+    INTERRUPTED_BEFORE_START,
+    SERVICES,
+    STOP_SIGNALS,
+    VALUE_OPTIONS,
+    command_words,
+)
+from fieldchat.cli import _Root
 from fieldchat.device.cli import device_app
+from fieldchat.schemas.exits import ExitCode
+from tests._interrupted import StoppedWhileDumped
 
 
 def test_the_value_options_are_the_device_groups() -> None:
@@ -95,3 +108,31 @@ def test_make_run_installs_the_runtime_only() -> None:
     assert "pip install --quiet -e '.[server]'" in run
     assert "[dev]" not in run and "pytest" not in run
     assert "pip install --quiet -e '.[dev]'" in planned("test")
+
+
+def test_a_stop_a_library_turned_into_another_error_is_one_line_at_the_root(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pydantic-core raises PydanticSerializationError for the KeyboardInterrupt a
+    stop signal raised in a serializer; the root command still ends in one line."""
+    root = typer.Typer(cls=_Root)
+
+    @root.callback()
+    def _group() -> None:
+        pass
+
+    @root.command()
+    def settings() -> None:
+        StoppedWhileDumped(path=Path("fieldchat-data"), signum=signal.SIGTERM).model_dump()
+
+    monkeypatch.setattr(_startup, "_stops_seen", [])
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    try:
+        _startup.handle_stops()
+        with pytest.raises(SystemExit) as exited:
+            typer.main.get_command(root).main(["settings"], prog_name="fieldchat")
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    assert exited.value.code == ExitCode.INTERRUPTED
+    assert capsys.readouterr().err == INTERRUPTED_BEFORE_START + "\n"
