@@ -1,23 +1,12 @@
 """A device's ``publish`` span is the root of its envelope's trace; the embedded
-broker's ``route`` span joins it as a child, with nothing of the message in either.
-
-Enabled once the device hook is applied (``fieldchat.device.client`` imports
-:mod:`fieldchat.schemas.tracing`); until then it is skipped with that reason.
-"""
+broker's ``route`` span joins it as a child, with nothing of the message in either
+(the device's hook: ``Outbound.pump``, docs/tracing.md)."""
 
 from __future__ import annotations
 
-import pytest
-
-import fieldchat.device.client
 from fieldchat.schemas import tracing
 from tests._otlp import traced_process
 from tests.device.conftest import Devices, Embedded, texts, wait_until
-
-pytestmark = pytest.mark.skipif(
-    not hasattr(fieldchat.device.client, "tracing"),
-    reason="the device tracing hook is not applied yet",
-)
 
 SECRET = "wombat-lantern-4471"
 

@@ -1,32 +1,20 @@
 """One trace per envelope across device, embedded broker and gateway: ``publish`` (the
 root), ``route``, ``archive`` and ``ws deliver``; a browser's envelope gets its root
-from the gateway that publishes it. No span carries the message.
-
-Enabled once the gateway hooks are applied (``fieldchat.gateway._archiver`` and
-``fieldchat.gateway._hub`` import :mod:`fieldchat.schemas.tracing`;
-``fieldchat.gateway._ws`` uses the archiver's tracer); skipped until then.
-"""
+from the gateway that publishes it. No span carries the message (the gateway's hooks:
+``_archiver``, ``_hub`` and ``_ws``, docs/tracing.md)."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
 import aiomqtt
-import pytest
 
-import fieldchat.gateway._archiver
-import fieldchat.gateway._hub
 from fieldchat.broker import EmbeddedBroker
 from fieldchat.broker.testing import make_config
 from fieldchat.schemas import Envelope, TextMessage, Topics, tracing
 from tests._otlp import ReceivedSpan, traced_process
 from tests.gateway._support import Party, converse, login, make_settings, serve_gateway
 from tests.gateway.test_ws import Browser
-
-pytestmark = pytest.mark.skipif(
-    not all(hasattr(m, "tracing") for m in (fieldchat.gateway._archiver, fieldchat.gateway._hub)),
-    reason="the gateway tracing hooks are not applied yet",
-)
 
 SECRET = "pangolin-harmonica-5820"
 
