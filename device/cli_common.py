@@ -50,6 +50,7 @@ __all__ = [
     "interrupts",
     "load_stack",
     "open_existing",
+    "opened",
     "options",
     "running_daemon",
 ]
@@ -207,6 +208,17 @@ def device_for(on_event: object = None) -> Device:
             close(device)
             raise
     return device
+
+
+@contextlib.contextmanager
+def opened() -> Iterator[Device]:
+    """The device standalone and not connected (yet), closed in one piece afterwards,
+    also when the block fails."""
+    device = device_for()
+    try:
+        yield device
+    finally:
+        close(device)
 
 
 @contextlib.contextmanager

@@ -11,11 +11,10 @@ from fieldchat.device import remote
 from fieldchat.device.cli_common import (
     JsonOut,
     Timeout,
-    close,
     connected,
-    device_for,
     errors,
     finish,
+    opened,
     running_daemon,
 )
 
@@ -100,10 +99,9 @@ def conv_list(json_out: JsonOut = False) -> None:
         if (daemon := running_daemon()) is not None:
             remote.conv_list(daemon, json_out=json_out)
             return
-        device = device_for()
-        infos = device.conversations()
-        me = device.pid
-        close(device)
+        with opened() as device:
+            infos = device.conversations()
+            me = device.pid
     for info in infos:
         if json_out:
             typer.echo(

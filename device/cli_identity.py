@@ -16,9 +16,9 @@ from fieldchat.device.cli_common import (
     Timeout,
     close,
     connected,
-    device_for,
     errors,
     finish,
+    opened,
     options,
     running_daemon,
 )
@@ -107,9 +107,8 @@ def whoami(
         if (daemon := running_daemon()) is not None:
             remote.whoami(daemon, json_out=json_out, pid_only=pid_only)
             return
-        device = device_for()
-        pid, fingerprint = device.pid, device.fingerprint()
-        close(device)
+        with opened() as device:
+            pid, fingerprint = device.pid, device.fingerprint()
     if pid_only:
         typer.echo(pid)
     elif json_out:
@@ -131,16 +130,13 @@ def verify(
         if (daemon := running_daemon()) is not None:
             remote.verify(daemon, pid, fingerprint, timeout)
             return
-        device = device_for()
-        try:
+        with opened() as device:
             if device.engine.bundle_of(pid) is None:
                 device.start()
                 device.wait_connected(timeout)
                 device.fetch_bundles([pid], timeout)
             known = device.fingerprint(pid)
             ok = device.verify(pid, fingerprint) if fingerprint else None
-        finally:
-            close(device)
     typer.echo(f"{pid}  {known}")
     if ok is False:
         typer.echo("error: FINGERPRINTS DIFFER: do not trust this participant", err=True)

@@ -19,6 +19,7 @@ from fieldchat.device.cli_common import (
     errors,
     finish,
     interrupts,
+    opened,
     running_daemon,
 )
 from fieldchat.schemas.errors import ConfigError, TransportError
@@ -166,11 +167,10 @@ def chat(cid: str, timeout: Timeout = 10.0) -> None:
         if (daemon := running_daemon()) is not None:
             remote.chat(daemon, cid)
             return
-        device = device_for()
-        from fieldchat.device.cli_output import note, print_rows  # noqa: PLC0415 - loaded
-        from fieldchat.device.events import MessageReceived  # noqa: PLC0415
+        with opened() as device:
+            from fieldchat.device.cli_output import note, print_rows  # noqa: PLC0415 - loaded
+            from fieldchat.device.events import MessageReceived  # noqa: PLC0415
 
-        try:
             if cid not in device.engine.conversations():
                 raise ConfigError(f"unknown conversation {cid}")
             cursor = int(device.state.get_meta(_CURSOR) or 0)
@@ -197,5 +197,3 @@ def chat(cid: str, timeout: Timeout = 10.0) -> None:
             device.mark_read(cid)
             device.state.set_meta({_CURSOR: str(cursor)})
             finish(device, timeout)
-        finally:
-            close(device)

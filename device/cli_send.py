@@ -19,6 +19,7 @@ from fieldchat.device.cli_common import (
     close,
     device_for,
     errors,
+    opened,
     options,
     running_daemon,
 )
@@ -161,9 +162,8 @@ def outbox(json_out: JsonOut = False) -> None:
         if (daemon := running_daemon()) is not None:
             remote.outbox(daemon, json_out=json_out)
             return
-        device = device_for()
-        rows = device.outbox()
-        close(device)
+        with opened() as device:
+            rows = device.outbox()
     for row in rows:
         if json_out:
             typer.echo(
