@@ -14,10 +14,11 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from fieldchat.device.aio import AsyncDevice, EventStream
+    from fieldchat.device.aio import AsyncDevice
     from fieldchat.device.client import ConversationInfo, Device, SentMessage
     from fieldchat.device.config import BrokerOptions, DeviceSettings, LinkOptions, TlsOptions
     from fieldchat.device.engine import Engine
+    from fieldchat.device.event_streams import EventStream
     from fieldchat.device.events import (
         Connected,
         Disconnected,
@@ -48,7 +49,7 @@ _HOMES = {
     "Disconnected": "events",
     "Engine": "engine",
     "Event": "events",
-    "EventStream": "aio",
+    "EventStream": "event_streams",
     "EventsDropped": "events",
     "ForgeryDetected": "events",
     "GapDetected": "events",

@@ -9,7 +9,7 @@ awaitable methods and async event streams (docs/device.md, "asyncio").
 Nothing here speaks the protocol: the seal, the outbox, the link and the worker are
 the synchronous device's. A call never blocks the event loop, and the worker never
 waits for the loop: a stream whose reader falls behind drops and says so
-(:mod:`fieldchat.device.backlog`).
+(:mod:`fieldchat.device.event_streams`).
 """
 
 from __future__ import annotations
@@ -18,20 +18,17 @@ import asyncio
 import contextlib
 import functools
 import os
-import threading
 import time
-import weakref
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from enum import Enum
 from functools import partial
 from types import TracebackType
 from typing import TypeVar
 
-from fieldchat.device.backlog import Backlog
 from fieldchat.device.client import Device, HistorySource
 from fieldchat.device.config import BrokerOptions, LinkOptions
-from fieldchat.device.events import Event, StreamEvent
+from fieldchat.device.event_streams import EVENT_BUFFER, EventFanout, EventStream
 from fieldchat.device.rows import Gap, OutboxRow, ReceivedRow, SentRow
 from fieldchat.device.state import DeviceState
 from fieldchat.device.texts import ConversationInfo, SentMessage
@@ -46,11 +43,6 @@ from fieldchat.schemas.topics import DEFAULT_PREFIX
 
 __all__ = ["EVENT_BUFFER", "AsyncDevice", "EventStream"]
 
-# Events a stream holds for a reader that is behind, before it drops (and says so).
-# A chat or sensor MessageReceived is ≈ 0.3-1 KB with its text: ≈ 1 MB a stream; at
-# most ≈ 64 MB if every text filled an envelope (MAX_ENVELOPE_BYTES). A reader that
-# takes a millisecond an event is a second behind when it overflows.
-EVENT_BUFFER = 1024
 # A blocking wait (connection, drained outbox, bundles) runs on a thread in slices this
 # long, so cancelling the task that awaits it frees the thread within one slice.
 _SLICE_S = 0.1
@@ -63,78 +55,6 @@ class _Phase(Enum):
     OPEN = "open"
     CLOSING = "closing"
     CLOSED = "closed"
-
-
-class EventStream(AsyncIterator[StreamEvent]):
-    """The device's events from the moment the stream was made, in order.
-
-    Made by :meth:`AsyncDevice.events`. Holds up to ``limit`` events for a reader
-    that is behind; past that it drops the newest and yields one
-    :class:`~fieldchat.device.events.EventsDropped` where they went missing (counted in
-    :attr:`dropped`). Iteration ends when the device closes (after the events it
-    emitted before) or the stream is closed (at once).
-    """
-
-    def __init__(
-        self, lock: threading.Lock, limit: int, detach: Callable[[EventStream], None]
-    ) -> None:
-        self._lock = lock  # the device's: the worker thread pushes under it
-        self._backlog = Backlog(limit)
-        self._ready = asyncio.Event()
-        self._ended = False
-        self._detach = detach  # stops the device pushing to us
-
-    @property
-    def dropped(self) -> int:
-        """Events dropped so far because the reader was behind."""
-        with self._lock:
-            return self._backlog.dropped
-
-    def __aiter__(self) -> EventStream:
-        return self
-
-    async def __anext__(self) -> StreamEvent:
-        while True:
-            with self._lock:
-                if self._backlog:
-                    return self._backlog.pop()
-                if self._ended:
-                    raise StopAsyncIteration
-                self._ready.clear()
-            await self._ready.wait()
-
-    async def __aenter__(self) -> EventStream:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Stop receiving; iteration ends at once (what was buffered is dropped)."""
-        self._detach(self)
-        with self._lock:
-            self._backlog.clear()
-            self._ended = True
-        self._ready.set()
-
-    # -- called by AsyncDevice ---------------------------------------------------------
-
-    def _push(self, event: Event) -> bool:
-        """Under the device's lock, on the worker thread: whether a wake is needed."""
-        if self._ended:
-            return False
-        self._backlog.push(event)
-        return True
-
-    def _wake(self) -> None:
-        """On the loop: let a waiting reader look again."""
-        self._ready.set()
-
-    def _end(self) -> None:
-        """On the loop: the device closed; iteration ends once the backlog is read."""
-        with self._lock:
-            self._ended = True
-        self._ready.set()
 
 
 class AsyncDevice:
@@ -174,13 +94,14 @@ class AsyncDevice:
         power_safe: bool = False,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        self._events = EventFanout()
         self._make = partial(
             Device,
             state,
             broker,
             link=link,
             prefix=prefix,
-            on_event=self._on_event,
+            on_event=self._events.publish,
             history=history,
             post_quantum=post_quantum,
             power_safe=power_safe,
@@ -188,15 +109,9 @@ class AsyncDevice:
         )
         self._device: Device | None = None
         self._phase = _Phase.NEW
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="fieldchat-aio")
         self._waiter = ThreadPoolExecutor(2, thread_name_prefix="fieldchat-aio-wait")
         self._closing: asyncio.Task[None] | None = None
-        # Streams are held weakly: one a reader dropped (a `break` out of `async for`)
-        # stops costing anything once collected.
-        self._streams: weakref.WeakSet[EventStream] = weakref.WeakSet()
-        self._events_lock = threading.Lock()
-        self._wake_pending = False
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -210,7 +125,7 @@ class AsyncDevice:
         """
         if self._phase is not _Phase.NEW:
             raise RuntimeError(f"an AsyncDevice starts once (this one is {self._phase.value})")
-        self._loop = asyncio.get_running_loop()
+        self._events.loop = asyncio.get_running_loop()
         self._phase = _Phase.OPEN
         try:
             await self._run(self._writer, self._open)
@@ -244,10 +159,7 @@ class AsyncDevice:
         finally:
             self._writer.shutdown(wait=False)  # idle: its last task was the close
             self._phase = _Phase.CLOSED
-            with self._events_lock:
-                streams = list(self._streams)
-            for stream in streams:
-                stream._end()
+            self._events.end()
 
     def _close_device(self) -> None:
         """On the writer thread: waits out their slice (no new one starts: the phase
@@ -353,33 +265,7 @@ class AsyncDevice:
         """
         if self._phase in (_Phase.CLOSING, _Phase.CLOSED):
             raise RuntimeError("the AsyncDevice is closed")
-        stream = EventStream(self._events_lock, limit, self._detach)
-        with self._events_lock:
-            self._streams.add(stream)
-        return stream
-
-    def _detach(self, stream: EventStream) -> None:
-        with self._events_lock:
-            self._streams.discard(stream)
-
-    def _on_event(self, event: Event) -> None:
-        """On the worker thread: into every stream, and one wake-up for the loop."""
-        with self._events_lock:
-            pushed = [stream._push(event) for stream in self._streams]
-            if not any(pushed) or self._wake_pending:
-                return
-            self._wake_pending = True
-        loop = self._loop
-        if loop is not None:
-            with contextlib.suppress(RuntimeError):  # the loop closed under an open device
-                loop.call_soon_threadsafe(self._wake_streams)
-
-    def _wake_streams(self) -> None:
-        with self._events_lock:
-            self._wake_pending = False
-            streams = list(self._streams)
-        for stream in streams:
-            stream._wake()
+        return self._events.open(limit)
 
     # -- sending -----------------------------------------------------------------------
 

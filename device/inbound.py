@@ -15,15 +15,15 @@ import contextlib
 import logging
 from collections.abc import Callable
 
-from fieldchat.device._coverage import Verdict
 from fieldchat.device.context import Batch, Part, Shared
 from fieldchat.device.engine import Opened
-from fieldchat.device.events import ForgeryDetected, GapDetected, MessageReceived, MessageVerified
+from fieldchat.device.events import GapDetected, MessageReceived
 from fieldchat.device.receipt_handler import ReceiptHandler
 from fieldchat.device.receipts import ReceiptBook
 from fieldchat.device.rosters import RosterHandler
 from fieldchat.device.rows import ChainKey, Gap, MessageKind, Trust
 from fieldchat.device.sequencer import MAX_CANDIDATES_PER_STEP, Sequencer
+from fieldchat.device.settled import report_settled
 from fieldchat.device.state import StateTransaction
 from fieldchat.schemas import Control, ControlOp, Receipt, ReceiptType, TextMessage
 from fieldchat.schemas.envelope import EnvelopeKind, Header, read_header
@@ -280,7 +280,7 @@ class Inbound(Part):
             return False
         if opened is None:
             self._duplicate(cid, payload, header)
-            self._take_settled(tx, batch)
+            report_settled(self.engine.take_settled(), tx, batch, self.counters)
             return True
         # The chain moved: held far-ahead steps may be in reach now.
         self.sequencer.moved((cid, opened.epoch, opened.sender_index, opened.chain))
@@ -302,7 +302,7 @@ class Inbound(Part):
         )
         if row is None:
             self._duplicate(cid, payload, header)
-            self._take_settled(tx, batch)
+            report_settled(self.engine.take_settled(), tx, batch, self.counters)
             return True
         late = self._sequence(tx, opened, batch)
         if isinstance(message, TextMessage):
@@ -335,31 +335,8 @@ class Inbound(Part):
             self.rosters.on_epoch_request(tx)
         elif isinstance(message, Control) and message.op is ControlOp.ENDS:
             batch.retry_held = True  # unsigned old-epoch envelopes that waited for the ends
-        self._take_settled(tx, batch)
+        report_settled(self.engine.take_settled(), tx, batch, self.counters)
         return True
-
-    def _take_settled(self, tx: StateTransaction, batch: Batch) -> None:
-        """Report what the last open settled (PROTOCOL.md §6.5): after the message
-        that completed it, so a display shows the message before its verdict."""
-        for done in self.engine.take_settled():
-            chain = (done.epoch, done.sender_index, done.chain)
-            verified = done.verdict is Verdict.VERIFIED
-            tx.settle(done.cid, chain, done.steps, Trust.VERIFIED if verified else Trust.FORGED)
-            if verified:
-                batch.events.append(MessageVerified(*done[:6]))
-                continue
-            self.counters["forgery"] += len(done.steps)
-            log.error(
-                "FORGERY: steps %s of %s in %s (epoch %d, chain %d) were not sent by %s: "
-                "another member forged them",
-                list(done.steps),
-                done.sender,
-                done.cid,
-                done.epoch,
-                done.chain,
-                done.sender,
-            )
-            batch.events.append(ForgeryDetected(*done[:6], pinpointed=done.pinpointed))
 
     def _sequence(self, tx: StateTransaction, opened: Opened, batch: Batch) -> bool:
         """Per-sender sequence: record gaps, fill them; whether this one was late."""
